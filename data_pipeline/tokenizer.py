@@ -1,0 +1,254 @@
+"""SentencePiece tokenizer: lossless training settings and a thin loader.
+
+Lossless means ``decode(encode(doc)) == doc`` for every document, code and
+prose alike. SentencePiece gets there with these trainer settings (each one
+closes a way the default settings change text):
+
+- ``normalization_rule_name=identity``: no NFKC, so "ﬁ", full-width forms and
+  composed/decomposed accents come back as they went in.
+- ``remove_extra_whitespaces=false``: runs of spaces, leading and trailing
+  spaces survive (indentation is meaning in Python).
+- ``add_dummy_prefix=false``: no invented space in front of each document.
+- ``byte_fallback=true``: a character the vocabulary lacks becomes its UTF-8
+  bytes (<0xNN> pieces) instead of <unk>; control characters, emoji and
+  unseen scripts round-trip.
+- ``allow_whitespace_only_pieces=true`` and ``split_digits=true``: indentation
+  runs become single pieces; numbers are spelled digit by digit.
+- Reserved ids: 0 <unk>, 1 <s> (BOS), 2 </s> (EOS), 3 <pad>; extra special
+  tokens are control symbols (never produced from text, so a literal "</s>"
+  in a document stays text).
+
+SentencePiece escapes a space as U+2581 ("▁") and decodes every "▁" back to a
+space, so a document that itself contains U+2581 would not round-trip. This
+wrapper encodes that one character as its three byte-fallback pieces, which
+decode to the character itself.
+
+Training reads a bounded reservoir sample of documents (``sample_docs``, each
+cut to ``max_doc_chars``) so that memory does not grow with the corpus, and
+feeds them to the trainer as pieces of at most ``_CHUNK_CHARS`` characters
+split at line ends: newlines, tabs and indentation are kept inside the pieces.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import random
+import re
+import sys
+from collections.abc import Iterable, Iterator, Sequence
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import sentencepiece as spm
+
+from data_pipeline.errors import DataError
+
+UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
+# SentencePiece's whitespace marker; see the module docstring.
+_SPACE_MARK = "\u2581"
+# Trainer sentences: pieces of a document of at most this many characters
+# (4 bytes each at most, below max_sentence_length) split at line ends.
+_CHUNK_CHARS = 4096
+_MAX_SENTENCE_BYTES = 4 * _CHUNK_CHARS + 16
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class Tokenizer:
+    """A trained SentencePiece model. ``encode`` adds no BOS/EOS."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = str(path)
+        if not os.path.isfile(self.path):
+            raise DataError(f"tokenizer {self.path}: no such file")
+        self.sp = spm.SentencePieceProcessor()
+        try:
+            self.sp.LoadFromFile(self.path)
+        except (OSError, RuntimeError) as e:
+            raise DataError(f"tokenizer {self.path}: not a SentencePiece model ({str(e).splitlines()[0]})") from None
+        self.vocab_size: int = int(self.sp.get_piece_size())
+        self.eos_id: int = int(self.sp.eos_id())
+        self.bos_id: int = int(self.sp.bos_id())
+        self.pad_id: int = int(self.sp.pad_id())
+        self.unk_id: int = int(self.sp.unk_id())
+        if self.eos_id < 0:
+            raise DataError(f"tokenizer {self.path}: the model has no EOS piece (train it with mnemo tokenizer train)")
+        # Byte-fallback ids of U+2581 (empty if the model has no byte pieces).
+        mark = [self.sp.piece_to_id(f"<0x{b:02X}>") for b in _SPACE_MARK.encode("utf-8")]
+        self._mark_ids = mark if all(i != self.unk_id for i in mark) else []
+
+    @cached_property
+    def sha256(self) -> str:
+        return file_sha256(self.path)
+
+    @property
+    def token_dtype(self) -> np.dtype:
+        """uint16 when every id fits, else uint32."""
+        return np.dtype(np.uint16) if self.vocab_size <= 1 << 16 else np.dtype(np.uint32)
+
+    def encode(self, text: str) -> list[int]:
+        return self.encode_batch([text])[0].tolist()
+
+    def decode(self, ids: Sequence[int] | np.ndarray) -> str:
+        if isinstance(ids, np.ndarray):
+            ids = ids.tolist()
+        return self.sp.decode(list(ids))
+
+    def encode_batch(self, texts: list[str], num_threads: int = 1) -> list[np.ndarray]:
+        """Token ids (int32 arrays, no BOS/EOS) of each text, in order.
+
+        One C++ call for the whole batch: no per-token Python work.
+        """
+        out = self.sp.encode(texts, return_type="numpy", num_threads=num_threads)
+        if self._mark_ids:
+            for i, t in enumerate(texts):
+                if _SPACE_MARK in t:
+                    out[i] = self._encode_with_marks(t)
+        return out
+
+    def _encode_with_marks(self, text: str) -> np.ndarray:
+        parts = text.split(_SPACE_MARK)
+        pieces: list[np.ndarray] = []
+        mark = np.asarray(self._mark_ids, dtype=np.int32)
+        for k, ids in enumerate(self.sp.encode(parts, return_type="numpy", num_threads=1)):
+            if k:
+                pieces.append(mark)
+            pieces.append(ids)
+        return np.concatenate(pieces).astype(np.int32, copy=False)
+
+
+def reservoir_sample(docs: Iterable[str], k: int, seed: int, max_doc_chars: int) -> list[str]:
+    """A uniform sample of k documents (Algorithm R), in corpus order; memory O(k * max_doc_chars)."""
+    rng = random.Random(seed)
+    keep: list[tuple[int, str]] = []
+    for i, doc in enumerate(docs):
+        if i < k:
+            keep.append((i, doc[:max_doc_chars]))
+        else:
+            j = rng.randint(0, i)
+            if j < k:
+                keep[j] = (i, doc[:max_doc_chars])
+    keep.sort()
+    return [d for _, d in keep]
+
+
+def trainer_sentences(docs: Iterable[str], chunk_chars: int = _CHUNK_CHARS) -> Iterator[str]:
+    """Each document as pieces of <= chunk_chars characters, cut after newlines where possible."""
+    for doc in docs:
+        buf: list[str] = []
+        size = 0
+        for line in doc.splitlines(keepends=True):
+            while len(line) > chunk_chars:  # one very long line: hard cuts
+                if buf:
+                    yield "".join(buf)
+                    buf, size = [], 0
+                yield line[:chunk_chars]
+                line = line[chunk_chars:]
+            if size + len(line) > chunk_chars and buf:
+                yield "".join(buf)
+                buf, size = [], 0
+            buf.append(line)
+            size += len(line)
+        if buf:
+            yield "".join(buf)
+
+
+def trainer_options(vocab_size: int, model_type: str, special_tokens: Sequence[str] = (),
+                    num_threads: int | None = None) -> dict:
+    """The SentencePiece trainer settings (see the module docstring for why)."""
+    if model_type not in ("bpe", "unigram"):
+        raise DataError(f"--model-type {model_type!r}: choose bpe or unigram")
+    opts = dict(
+        model_type=model_type,
+        vocab_size=int(vocab_size),
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        add_dummy_prefix=False,
+        byte_fallback=True,
+        split_digits=True,
+        allow_whitespace_only_pieces=True,
+        split_by_whitespace=True,
+        max_sentencepiece_length=16,
+        max_sentence_length=_MAX_SENTENCE_BYTES,
+        character_coverage=0.9995,
+        # A small corpus may not support the requested size: take what it gives.
+        hard_vocab_limit=False,
+        unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID, pad_id=PAD_ID,
+        unk_piece="<unk>", bos_piece="<s>", eos_piece="</s>", pad_piece="<pad>",
+        num_threads=int(num_threads or os.cpu_count() or 1),
+        minloglevel=2,
+    )
+    if special_tokens:
+        reserved = {"<unk>", "<s>", "</s>", "<pad>"}
+        bad = [t for t in special_tokens if t in reserved or not t]
+        if bad:
+            raise DataError(f"special token {bad[0]!r} is reserved or empty")
+        opts["control_symbols"] = list(special_tokens)
+    return opts
+
+
+_TOO_SMALL = re.compile(r"Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)")
+
+
+def train_from_texts(texts: Iterable[str], out: str | os.PathLike, vocab_size: int, model_type: str = "bpe",
+                     special_tokens: Sequence[str] = (), num_threads: int | None = None) -> Tokenizer:
+    """Train on already sampled documents and write the model to ``out`` atomically."""
+    if vocab_size < 1:
+        raise DataError(f"--vocab-size must be positive, got {vocab_size}")
+    opts = trainer_options(vocab_size, model_type, special_tokens, num_threads)
+    sentences = trainer_sentences(t for t in texts if t.strip())
+    model = io.BytesIO()
+    try:
+        spm.SentencePieceTrainer.train(sentence_iterator=sentences, model_writer=model, **opts)
+    except RuntimeError as e:
+        msg = str(e)
+        m = _TOO_SMALL.search(msg)
+        if m:
+            raise DataError(f"--vocab-size {vocab_size} is too small for this corpus: SentencePiece needs at "
+                            f"least {m.group(2)} pieces (256 byte pieces, 4 special tokens and the corpus "
+                            f"characters)") from None
+        if "Corpus is empty" in msg or "No valid" in msg or "empty" in msg.lower():
+            raise DataError("tokenizer training: the corpus holds no non-empty documents") from None
+        raise DataError(f"tokenizer training failed: {msg.splitlines()[-1].strip()}") from None
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    tmp.write_bytes(model.getvalue())
+    os.replace(tmp, out)
+    tok = Tokenizer(out)
+    if tok.vocab_size < vocab_size:
+        print(f"mnemo: note: the corpus sample supports {tok.vocab_size} pieces; asked for {vocab_size}",
+              file=sys.stderr)
+    return tok
+
+
+def train_tokenizer(inputs: Sequence[str], out: str | os.PathLike, vocab_size: int, model_type: str = "bpe",
+                    sample_docs: int = 10_000, special_tokens: Sequence[str] = (), text_field: str = "text",
+                    id_field: str | None = None, seed: int = 0, max_doc_chars: int = 16_384, strict: bool = False,
+                    num_threads: int | None = None) -> Tokenizer:
+    """`mnemo tokenizer train`: sample documents from ``inputs`` and train SentencePiece.
+
+    Memory is bounded by ``sample_docs * max_doc_chars`` characters whatever
+    the corpus size (one pass over the corpus picks the sample).
+    """
+    from data_pipeline.readers import ReadStats, iter_documents, plan_inputs
+
+    if sample_docs < 1:
+        raise DataError(f"--sample-docs must be positive, got {sample_docs}")
+    files = plan_inputs(inputs, text_field=text_field, id_field=id_field)
+    stats = ReadStats()
+    texts = (d.text for d in iter_documents(files, text_field=text_field, id_field=id_field,
+                                            strict=strict, stats=stats))
+    sample = reservoir_sample(texts, sample_docs, seed, max_doc_chars)
+    if not sample:
+        raise DataError(f"no non-empty documents in {', '.join(map(str, inputs))}")
+    return train_from_texts(sample, out, vocab_size, model_type, special_tokens, num_threads)

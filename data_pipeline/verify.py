@@ -1,0 +1,210 @@
+"""`mnemo data verify` and `mnemo data inspect`: check and look at a prepared dataset.
+
+verify opens every shard named by index.json and checks, in order: the file
+exists and has the size index.json records, its hashes match, it decompresses
+to the recorded raw size and hashes, its sample count and offsets agree with
+the index, and every sample decodes to tokens of the manifest's dtype that
+end with EOS and stay below the vocabulary size. Then the totals (documents
+per part, tokens) are checked against manifest.json and the tokenizer copy
+against its sha256. The first problem raises DataError naming the shard.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+from data_pipeline.errors import DataError
+
+
+def read_json_file(path: str, what: str) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise DataError(f"{path}: missing ({what})") from None
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path}: unreadable {what} ({e})") from None
+
+
+def read_manifest(data_dir: str) -> dict:
+    """manifest.json of a dataset written by `mnemo prepare` (DataError if absent)."""
+    if not os.path.isdir(data_dir):
+        raise DataError(f"data dir {data_dir}: no such directory")
+    m = read_json_file(os.path.join(data_dir, "manifest.json"), "not a dataset written by mnemo prepare")
+    for key in ("tokenizer_sha256", "vocab_size", "eos_id", "token_dtype", "num_documents", "num_tokens"):
+        if key not in m:
+            raise DataError(f"{data_dir}/manifest.json: no {key!r} (not written by mnemo prepare?)")
+    return m
+
+
+def check_tokenizer(data_dir: str, tokenizer_sha256: str) -> dict:
+    """The manifest, if the data was tokenized with the tokenizer of this hash; else DataError."""
+    m = read_manifest(data_dir)
+    if m["tokenizer_sha256"] != tokenizer_sha256:
+        raise DataError(f"data dir {data_dir} was tokenized with tokenizer sha256 {m['tokenizer_sha256'][:12]}..., "
+                        f"not {tokenizer_sha256[:12]}... (the model's tokenizer)")
+    return m
+
+
+def _shard_bytes(data_dir: str, shard: dict) -> tuple[str, bytes]:
+    """(name, raw bytes) of one shard after the size/hash/decompression checks."""
+    from streaming.base.compression import decompress
+    from streaming.base.hashing import get_hash
+
+    zinfo, rinfo = shard.get("zip_data"), shard["raw_data"]
+    info = zinfo or rinfo
+    name = info["basename"]
+    path = os.path.join(data_dir, name)
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise DataError(f"shard {name}: missing") from None
+    if len(data) != info["bytes"]:
+        raise DataError(f"shard {name}: {len(data)} bytes, index.json says {info['bytes']} (truncated or replaced)")
+    for algo, want in (info.get("hashes") or {}).items():
+        if get_hash(algo, data) != want:
+            raise DataError(f"shard {name}: {algo} does not match index.json (corrupted)")
+    if zinfo:
+        try:
+            data = decompress(shard["compression"], data)
+        except Exception as e:  # zstd/gzip/... each raise their own error type
+            raise DataError(f"shard {name}: does not decompress ({e}) (corrupted)") from None
+        if len(data) != rinfo["bytes"]:
+            raise DataError(f"shard {name}: decompresses to {len(data)} bytes, index.json says {rinfo['bytes']}")
+        for algo, want in (rinfo.get("hashes") or {}).items():
+            if get_hash(algo, data) != want:
+                raise DataError(f"shard {name}: decompressed {algo} does not match index.json (corrupted)")
+    return name, data
+
+
+def iter_shard_samples(data_dir: str, index: dict) -> Iterator[tuple[str, int, dict[str, Any]]]:
+    """(shard name, part, sample dict) of every sample in index order, checking each shard first."""
+    from streaming.base.format.mds.reader import MDSReader
+
+    for shard in index.get("shards", []):
+        name, raw = _shard_bytes(data_dir, shard)
+        if len(raw) < 4:
+            raise DataError(f"shard {name}: too short to hold a sample count")
+        n = int(np.frombuffer(raw, np.uint32, 1)[0])
+        if n != shard["samples"]:
+            raise DataError(f"shard {name}: holds {n} samples, index.json says {shard['samples']}")
+        offsets = np.frombuffer(raw, np.uint32, n + 1, offset=4).astype(np.int64)
+        if offsets[-1] != len(raw) or (np.diff(offsets) < 0).any():
+            raise DataError(f"shard {name}: sample offsets are inconsistent (corrupted)")
+        obj = {k: v for k, v in shard.items()}
+        reader = MDSReader.from_json(data_dir, None, obj)
+        for i in range(n):
+            try:
+                sample = reader.decode_sample(raw[offsets[i]:offsets[i + 1]])
+            except Exception as e:  # a damaged sample can fail anywhere inside the decoder
+                raise DataError(f"shard {name}: sample {i} does not decode ({e})") from None
+            yield name, i, sample
+
+
+def verify(data_dir: str) -> dict:
+    """Check every shard and the totals; DataError naming the first bad shard. Returns a report."""
+    from data_pipeline.tokenizer import file_sha256
+
+    manifest = read_manifest(data_dir)
+    index = read_json_file(os.path.join(data_dir, "index.json"), "the merged shard index")
+    dtype = np.dtype(manifest["token_dtype"])
+    eos, vocab = int(manifest["eos_id"]), int(manifest["vocab_size"])
+    docs = tokens = 0
+    per_part: dict[str, int] = {}
+    for name, i, s in iter_shard_samples(data_dir, index):
+        t = s.get("tokens")
+        if not isinstance(t, np.ndarray) or t.dtype != dtype or t.ndim != 1 or t.size == 0:
+            raise DataError(f"shard {name}: sample {i} has no 1-D {dtype} tokens")
+        if int(t[-1]) != eos:
+            raise DataError(f"shard {name}: sample {i} does not end with EOS ({eos})")
+        if int(t.max()) >= vocab:
+            raise DataError(f"shard {name}: sample {i} has token id {int(t.max())} >= vocab size {vocab}")
+        docs += 1
+        tokens += t.size
+        part = name.split("/")[0]
+        per_part[part] = per_part.get(part, 0) + 1
+    for p in manifest.get("parts", []):
+        got = per_part.get(p["name"], 0)
+        if got != p["documents"]:
+            raise DataError(f"part {p['name']}: {got} samples in its shards, manifest.json says {p['documents']}")
+    if docs != manifest["num_documents"]:
+        raise DataError(f"{data_dir}: {docs} samples in the shards, manifest.json says {manifest['num_documents']}")
+    if tokens != manifest["num_tokens"]:
+        raise DataError(f"{data_dir}: {tokens} tokens in the shards, manifest.json says {manifest['num_tokens']}")
+    tok_path = os.path.join(data_dir, "tokenizer.model")
+    if not os.path.exists(tok_path):
+        raise DataError(f"{tok_path}: missing (the tokenizer copy)")
+    if file_sha256(tok_path) != manifest["tokenizer_sha256"]:
+        raise DataError(f"{tok_path}: sha256 differs from manifest.json")
+    return {"data_dir": data_dir, "ok": True, "shards": len(index.get("shards", [])), "documents": docs,
+            "tokens": tokens}
+
+
+def inspect(data_dir: str, num_samples: int = 3, max_chars: int = 300) -> dict:
+    """Counts, token-length percentiles and histogram, and a few decoded documents."""
+    from data_pipeline.tokenizer import Tokenizer
+
+    manifest = read_manifest(data_dir)
+    index = read_json_file(os.path.join(data_dir, "index.json"), "the merged shard index")
+    tok = Tokenizer(os.path.join(data_dir, "tokenizer.model"))
+    lengths: list[int] = []
+    samples: list[dict] = []
+    passkey = 0
+    for _name, _i, s in iter_shard_samples(data_dir, index):
+        t = s["tokens"]
+        lengths.append(int(t.size))
+        if s.get("source") == "passkey":
+            passkey += 1
+        if len(samples) < num_samples:
+            text = tok.decode(t[:-1])
+            samples.append({"doc_id": s["doc_id"], "source": s["source"], "tokens": int(t.size),
+                            "text": text[:max_chars] + ("..." if len(text) > max_chars else "")})
+    arr = np.asarray(lengths, dtype=np.int64)
+    pct = {f"p{q}": (int(np.percentile(arr, q)) if arr.size else 0) for q in (0, 10, 50, 90, 99, 100)}
+    hist: list[tuple[int, int, int]] = []
+    if arr.size:
+        top = int(np.ceil(np.log2(max(2, arr.max() + 1))))
+        edges = [0] + [1 << k for k in range(1, top + 1)]
+        counts, _ = np.histogram(arr, bins=edges)
+        hist = [(edges[k], edges[k + 1], int(c)) for k, c in enumerate(counts) if c]
+    return {
+        "data_dir": data_dir,
+        "documents": int(arr.size),
+        "passkey_documents": passkey,
+        "tokens": int(arr.sum()) if arr.size else 0,
+        "vocab_size": manifest["vocab_size"],
+        "token_dtype": manifest["token_dtype"],
+        "shards": len(index.get("shards", [])),
+        "skipped": manifest.get("skipped", {}),
+        "repaired": manifest.get("repaired", {}),
+        "length_percentiles": pct,
+        "length_mean": float(arr.mean()) if arr.size else 0.0,
+        "length_histogram": hist,
+        "samples": samples,
+    }
+
+
+def format_inspect(rep: dict) -> str:
+    lines = [f"{rep['data_dir']}: {rep['documents']:,} documents ({rep['passkey_documents']:,} passkey), "
+             f"{rep['tokens']:,} tokens, {rep['shards']} shards, vocab {rep['vocab_size']} ({rep['token_dtype']})"]
+    if rep["skipped"]:
+        lines.append("skipped: " + ", ".join(f"{k}={v}" for k, v in rep["skipped"].items()))
+    if rep["repaired"]:
+        lines.append("repaired: " + ", ".join(f"{k}={v}" for k, v in rep["repaired"].items()))
+    p = rep["length_percentiles"]
+    lines.append("tokens per document: " + " ".join(f"{k}={v}" for k, v in p.items())
+                 + f" mean={rep['length_mean']:.1f}")
+    if rep["length_histogram"]:
+        peak = max(c for _, _, c in rep["length_histogram"])
+        for lo, hi, c in rep["length_histogram"]:
+            lines.append(f"  [{lo:>8}, {hi:>8}) {c:>9,} {'#' * max(1, round(40 * c / peak))}")
+    for s in rep["samples"]:
+        lines.append(f"--- {s['doc_id']} ({s['source']}, {s['tokens']} tokens)")
+        lines.append(s["text"])
+    return "\n".join(lines)

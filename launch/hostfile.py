@@ -1,0 +1,105 @@
+"""DeepSpeed-format hostfiles: one ``host slots=N`` per line.
+
+    # comment lines and blank lines are ignored
+    worker-0 slots=8
+    worker-1 slots=8   # trailing comments too
+
+Host names are kept verbatim (they are only ever passed as one argv element
+or shell-quoted), but a name starting with ``-`` is refused because ssh would
+read it as an option.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from train.errors import UserError
+
+_LINE = re.compile(r"^(?P<host>\S+)\s+slots\s*=\s*(?P<slots>\S+)$")
+
+
+@dataclass(frozen=True)
+class Host:
+    name: str
+    slots: int
+    line: int  # 1-based line number in the hostfile, for error messages
+
+
+def parse_hostfile(path: str | Path) -> list[Host]:
+    """Parse a hostfile; raise UserError naming the file and line at fault."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except FileNotFoundError:
+        raise UserError(f"hostfile not found: {p}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"hostfile {p}: cannot read ({e})") from None
+    return parse_hostfile_text(text, str(p))
+
+
+def parse_hostfile_text(text: str, name: str = "hostfile") -> list[Host]:
+    hosts: list[Host] = []
+    seen: dict[str, int] = {}
+    for lineno, raw in enumerate(text.splitlines(), start=1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        m = _LINE.match(line)
+        if m is None:
+            raise UserError(f"{name}:{lineno}: malformed line {raw.strip()!r} (expected 'HOST slots=N')")
+        host, slots_s = m.group("host"), m.group("slots")
+        if not slots_s.isdigit() or int(slots_s) < 1:
+            raise UserError(f"{name}:{lineno}: slots must be a positive integer, got {slots_s!r}")
+        if host.startswith("-"):
+            raise UserError(f"{name}:{lineno}: host name {host!r} starts with '-' (ssh would read it as an option)")
+        if host in seen:
+            raise UserError(f"{name}:{lineno}: host {host!r} already listed on line {seen[host]}")
+        seen[host] = lineno
+        hosts.append(Host(host, int(slots_s), lineno))
+    if not hosts:
+        raise UserError(f"{name}: no hosts listed")
+    return hosts
+
+
+def _split_names(spec: str | None) -> list[str]:
+    return [h.strip() for h in (spec or "").split(",") if h.strip()]
+
+
+def select_hosts(hosts: list[Host], include: str | None, exclude: str | None) -> list[Host]:
+    """Apply ``--include`` / ``--exclude`` (comma-separated host names), keeping hostfile order."""
+    if include and exclude:
+        raise UserError("--include and --exclude are mutually exclusive")
+    known = {h.name for h in hosts}
+    inc, exc = _split_names(include), _split_names(exclude)
+    for flag, names in (("--include", inc), ("--exclude", exc)):
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            raise UserError(f"{flag}: host {unknown[0]!r} is not in the hostfile")
+    if inc:
+        chosen = [h for h in hosts if h.name in inc]
+    else:
+        chosen = [h for h in hosts if h.name not in exc]
+    if not chosen:
+        raise UserError("no hosts left after --include/--exclude")
+    return chosen
+
+
+def procs_per_node(hosts: list[Host], nproc_per_node: int | None) -> int:
+    """Processes started on every node: --nproc-per-node, or the smallest slot count.
+
+    torchrun needs the same count on each node, so unequal slots use the
+    smallest; asking for more than a host has is an error naming the host.
+    """
+    if nproc_per_node is None:
+        return min(h.slots for h in hosts)
+    if nproc_per_node < 1:
+        raise UserError(f"--nproc-per-node must be >= 1, got {nproc_per_node}")
+    for h in hosts:
+        if nproc_per_node > h.slots:
+            raise UserError(
+                f"--nproc-per-node {nproc_per_node} is more than the {h.slots} slot(s) of host {h.name!r} "
+                f"(hostfile line {h.line})"
+            )
+    return nproc_per_node

@@ -1,0 +1,191 @@
+"""Run one node's share of a job: torchrun as a child, its output teed to a log.
+
+The node launcher (this module, inside ``mnemo launch``) starts torchrun in a
+new session with SIGTERM, SIGUSR1 and SIGHUP ignored, copies every output line
+to the console and to ``<run.dir>/logs/node{i}.log``, and turns signals it
+receives into signals to the training workers:
+
+    SIGTERM, SIGUSR1  -> the same signal to each worker (the trainer saves a
+                         checkpoint and exits 0)
+    SIGHUP, SIGINT,   -> SIGTERM to each worker (save and stop); a second
+    EOF on stdin         SIGINT kills the whole process tree
+    (hostfile target)
+
+A worker may get a signal twice (under SLURM every process of a step gets a
+forwarded signal, and the launcher forwards it as well): the trainer's handler
+only sets a flag, so that is harmless. torchrun itself never gets them, so it
+does not stop the workers while they save.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import IO
+
+from launch.torchrun import NodePlan, node_env, torchrun_command
+
+_IGNORED_IN_TORCHRUN = (signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP)
+
+
+def _worker_pids(torchrun_pid: int) -> list[int]:
+    """Direct children of torchrun: its workers (one per local rank)."""
+    import psutil
+
+    try:
+        return [c.pid for c in psutil.Process(torchrun_pid).children(recursive=False)]
+    except psutil.Error:
+        return []
+
+
+def _kill_tree(pid: int) -> None:
+    import psutil
+
+    try:
+        procs = psutil.Process(pid).children(recursive=True) + [psutil.Process(pid)]
+    except psutil.Error:
+        return
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+
+
+class NodeRunner:
+    """Supervise one torchrun: tee its output, translate signals."""
+
+    def __init__(self, plan: NodePlan, stop_on_stdin_eof: bool = False, console: IO[str] | None = None):
+        self.plan = plan
+        self.stop_on_stdin_eof = stop_on_stdin_eof
+        self.console = console if console is not None else sys.stdout
+        self.proc: subprocess.Popen | None = None
+        self._pending: list[str] = []  # notes from signal handlers, written by the main loop
+        self._interrupts = 0
+
+    # -- signals ---------------------------------------------------------- #
+
+    def _forward(self, sig: signal.Signals, why: str) -> None:
+        assert self.proc is not None
+        pids = _worker_pids(self.proc.pid)
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        if not pids:
+            # Between restarts or during rendezvous: nothing to save, stop torchrun.
+            try:
+                os.kill(self.proc.pid, signal.SIGINT)
+            except ProcessLookupError:
+                pass
+        self._pending.append(f"{why}: sent {sig.name} to {len(pids)} worker(s)")
+
+    def _on_signal(self, signum: int, frame) -> None:
+        sig = signal.Signals(signum)
+        if sig == signal.SIGINT:
+            self._interrupts += 1
+            if self._interrupts > 1 and self.proc is not None:
+                self._pending.append("second SIGINT: killing torchrun and its workers")
+                _kill_tree(self.proc.pid)
+                return
+        fwd = sig if sig in (signal.SIGTERM, signal.SIGUSR1) else signal.SIGTERM
+        self._forward(fwd, f"got {sig.name}")
+
+    # -- output ----------------------------------------------------------- #
+
+    def _emit(self, log: IO[str], line: str) -> None:
+        log.write(line + "\n")
+        if self.console is not None:
+            try:
+                self.console.write(line + "\n")
+                self.console.flush()
+            except (OSError, ValueError):
+                self.console = None  # console gone (ssh closed): keep the log
+
+    def _note(self, log: IO[str], text: str) -> None:
+        self._emit(log, f"[launch node{self.plan.node_rank}] {text}")
+
+    # -- main ------------------------------------------------------------- #
+
+    def _spawn(self) -> subprocess.Popen:
+        env = dict(os.environ)
+        env.update(node_env(self.plan, os.environ))
+        # Ignored dispositions survive exec, handlers do not: torchrun (which
+        # does not register these) starts with them ignored.
+        old = {s: signal.signal(s, signal.SIG_IGN) for s in _IGNORED_IN_TORCHRUN}
+        try:
+            return subprocess.Popen(
+                torchrun_command(self.plan),
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # a terminal's Ctrl-C reaches the launcher only
+            )
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+
+    def run(self) -> int:
+        plan = self.plan
+        plan.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(plan.log_path, "a", buffering=1, errors="replace") as log:
+            stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+            slurm = os.environ.get("SLURM_JOB_ID")
+            where = f", slurm job {slurm} restart {os.environ.get('SLURM_RESTART_COUNT', '0')}" if slurm else ""
+            self._note(log, f"start {stamp}: node {plan.node_rank} of {plan.nnodes}, "
+                            f"{plan.nproc_per_node} rank(s), max restarts {plan.max_restarts}{where}")
+            self.proc = self._spawn()
+            handled = (signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP, signal.SIGINT)
+            old = {s: signal.signal(s, self._on_signal) for s in handled}
+            try:
+                rc = self._pump(log)
+            finally:
+                for s, h in old.items():
+                    signal.signal(s, h)
+            self._flush_notes(log)
+            self._note(log, f"torchrun exited with code {rc}")
+        return rc
+
+    def _flush_notes(self, log: IO[str]) -> None:
+        while self._pending:
+            self._note(log, self._pending.pop(0))
+
+    def _pump(self, log: IO[str]) -> int:
+        assert self.proc is not None and self.proc.stdout is not None
+        out_fd = self.proc.stdout.fileno()
+        fds = [out_fd]
+        if self.stop_on_stdin_eof:
+            fds.append(sys.stdin.fileno())
+        buf = b""
+        while True:
+            ready, _, _ = select.select(fds, [], [], 0.5)
+            self._flush_notes(log)
+            if out_fd in ready:
+                data = os.read(out_fd, 65536)
+                if not data:
+                    break
+                buf += data
+                *lines, buf = buf.split(b"\n")
+                for line in lines:
+                    self._emit(log, line.decode(errors="replace").rstrip("\r"))
+            if self.stop_on_stdin_eof and sys.stdin.fileno() in ready:
+                if not os.read(sys.stdin.fileno(), 4096):
+                    # The ssh connection to the orchestrator closed: stop gracefully.
+                    fds.remove(sys.stdin.fileno())
+                    self._forward(signal.SIGTERM, "stdin closed (launcher gone)")
+        if buf:
+            self._emit(log, buf.decode(errors="replace"))
+        rc = self.proc.wait()
+        return rc if rc >= 0 else 128 - rc
+
+
+def run_node(plan: NodePlan, stop_on_stdin_eof: bool = False) -> int:
+    """Start this node's torchrun and supervise it; returns its exit code."""
+    return NodeRunner(plan, stop_on_stdin_eof).run()

@@ -1,0 +1,239 @@
+"""The hostfile target: one node launcher per host, over ssh.
+
+On every selected host i (hostfile order) the orchestrator runs, over
+``ssh -o BatchMode=yes``, in the same working directory (a shared file system
+is assumed, as for the run directory):
+
+    cd CWD && exec env NCCL_...=... PATH=VENV/bin:"$PATH" VENV/bin/python \
+        -m train.cli launch CONFIG --nnodes N --node-rank i --master-addr HOST0 ...
+
+Every word is quoted with shlex for the remote shell; host names are only
+ever one argv element locally, never parsed by a shell. Before starting
+anything, every host is checked with ``ssh ... true`` in parallel (bounded by
+ConnectTimeout), so an unreachable host fails fast and by name.
+
+Stopping: closing a node's ssh stdin makes its launcher send SIGTERM to its
+workers (they save and exit). SIGINT/SIGTERM to the orchestrator closes them
+all; a second SIGINT kills the ssh clients.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import select
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+from launch.hostfile import Host
+from train.errors import UserError
+
+# Environment forwarded to every node: names with these prefixes, plus these names.
+FORWARD_PREFIXES = ("NCCL_", "MLFLOW_", "MNEMO_", "GLOO_", "TORCH_", "DS_", "FI_", "UCX_")
+FORWARD_NAMES = ("PYTHONPATH", "OMP_NUM_THREADS", "CUDA_DEVICE_MAX_CONNECTIONS", "HF_HOME")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+CONNECT_TIMEOUT_S = int(os.environ.get("MNEMO_SSH_CONNECT_TIMEOUT", "10"))
+
+
+def ssh_options() -> list[str]:
+    return ["-o", "BatchMode=yes", "-o", f"ConnectTimeout={CONNECT_TIMEOUT_S}"]
+
+
+def forwarded_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """The launcher's variables every node gets (sorted for stable output)."""
+    out = {
+        k: v
+        for k, v in environ.items()
+        if _ENV_NAME.match(k) and (k.startswith(FORWARD_PREFIXES) or k in FORWARD_NAMES)
+    }
+    return dict(sorted(out.items()))
+
+
+@dataclass
+class NodeCommand:
+    host: str
+    node_rank: int
+    remote: str  # the command string the remote shell runs
+
+    def ssh_argv(self, ssh: str = "ssh") -> list[str]:
+        # "--" ends ssh's options, so a host name is never read as one.
+        return [ssh, *ssh_options(), "--", self.host, self.remote]
+
+
+def remote_command(
+    *,
+    cwd: str,
+    python: str,
+    env: Mapping[str, str],
+    launch_args: list[str],
+) -> str:
+    """The shell string one node runs; ``launch_args`` follow ``-m train.cli launch``."""
+    venv_bin = str(Path(python).parent)
+    words = ["exec", "env"]
+    words += [f"{k}={shlex.quote(v)}" for k, v in env.items()]
+    # $PATH must expand remotely, so that one word is built by hand.
+    words.append(f"PATH={shlex.quote(venv_bin)}:\"$PATH\"")
+    words += [shlex.quote(w) for w in [python, "-m", "train.cli", "launch", *launch_args]]
+    return f"cd {shlex.quote(cwd)} && " + " ".join(words)
+
+
+def node_commands(
+    hosts: list[Host],
+    *,
+    config: str,
+    overrides: list[str],
+    nproc_per_node: int,
+    master_addr: str,
+    master_port: int,
+    rdzv_id: str,
+    max_restarts: int,
+    cwd: str,
+    python: str,
+    env: Mapping[str, str],
+) -> list[NodeCommand]:
+    cmds = []
+    for i, h in enumerate(hosts):
+        args = [
+            config, *overrides,
+            "--nnodes", str(len(hosts)),
+            "--node-rank", str(i),
+            "--nproc-per-node", str(nproc_per_node),
+            "--master-addr", master_addr,
+            "--master-port", str(master_port),
+            "--rdzv-id", rdzv_id,
+            "--max-restarts", str(max_restarts),
+            "--stop-on-stdin-eof",
+        ]
+        cmds.append(NodeCommand(h.name, i, remote_command(cwd=cwd, python=python, env=env, launch_args=args)))
+    return cmds
+
+
+def render(cmds: list[NodeCommand], ssh: str = "ssh") -> str:
+    out = []
+    for c in cmds:
+        out.append(f"# node {c.node_rank}: {c.host}")
+        out.append(shlex.join(c.ssh_argv(ssh)))
+    return "\n".join(out) + "\n"
+
+
+def find_ssh() -> str:
+    ssh = shutil.which("ssh")
+    if ssh is None:
+        raise UserError("ssh not found on PATH: the hostfile target starts one launcher per host over ssh")
+    return ssh
+
+
+def _probe(ssh: str, host: str) -> str | None:
+    """None if ``ssh host true`` works, else ssh's last error line."""
+    try:
+        r = subprocess.run(
+            [ssh, *ssh_options(), "--", host, "true"],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=CONNECT_TIMEOUT_S + 5,
+        )
+    except subprocess.TimeoutExpired:
+        return f"no answer within {CONNECT_TIMEOUT_S + 5} s"
+    if r.returncode == 0:
+        return None
+    lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
+    return lines[-1] if lines else f"ssh exited with code {r.returncode}"
+
+
+def check_reachable(hosts: list[Host], ssh: str) -> None:
+    """Raise UserError naming the first unreachable host (all probed in parallel)."""
+    with ThreadPoolExecutor(max_workers=min(32, len(hosts))) as pool:
+        errors = list(pool.map(lambda h: _probe(ssh, h.name), hosts))
+    for h, err in zip(hosts, errors):
+        if err is not None:
+            raise UserError(f"host {h.name!r} (hostfile line {h.line}) is unreachable over ssh: {err}")
+
+
+class _Orchestrator:
+    def __init__(self, cmds: list[NodeCommand], ssh: str):
+        self.cmds = cmds
+        self.ssh = ssh
+        self.procs: list[subprocess.Popen] = []
+        self.interrupts = 0
+
+    def _stop_all(self) -> None:
+        for p in self.procs:
+            if p.stdin is not None and not p.stdin.closed:
+                try:
+                    p.stdin.close()  # remote launcher sees EOF -> SIGTERM to its workers
+                except OSError:
+                    pass
+
+    def _on_signal(self, signum: int, frame) -> None:
+        self.interrupts += 1
+        if signum == signal.SIGINT and self.interrupts > 1:
+            for p in self.procs:
+                p.kill()
+        else:
+            self._stop_all()
+
+    def run(self) -> int:
+        for c in self.cmds:
+            self.procs.append(
+                subprocess.Popen(
+                    c.ssh_argv(self.ssh),
+                    stdin=subprocess.PIPE,  # held open; closing it stops that node
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            )
+        old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+        try:
+            self._pump()
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+        rcs = [p.wait() for p in self.procs]
+        failed = [(c, rc) for c, rc in zip(self.cmds, rcs) if rc != 0]
+        for c, rc in failed:
+            print(f"mnemo launch: node {c.node_rank} ({c.host}) exited with code {rc}", file=sys.stderr)
+        return failed[0][1] if failed else 0
+
+    def _pump(self) -> None:
+        fds = {p.stdout.fileno(): (c, p) for c, p in zip(self.cmds, self.procs)}
+        bufs = {fd: b"" for fd in fds}
+        while fds:
+            ready, _, _ = select.select(list(fds), [], [], 0.5)
+            for fd in ready:
+                c, _ = fds[fd]
+                data = os.read(fd, 65536)
+                if not data:
+                    if bufs[fd]:
+                        self._print(c, bufs[fd])
+                    del fds[fd]
+                    continue
+                bufs[fd] += data
+                *lines, bufs[fd] = bufs[fd].split(b"\n")
+                for line in lines:
+                    self._print(c, line)
+            # One node failing ends the job on the others too (they would
+            # otherwise wait for the rendezvous timeout).
+            if any(p.poll() not in (None, 0) for p in self.procs):
+                self._stop_all()
+
+    @staticmethod
+    def _print(c: NodeCommand, line: bytes) -> None:
+        try:
+            sys.stdout.write(f"{c.host}: {line.decode(errors='replace').rstrip(chr(13))}\n")
+            sys.stdout.flush()
+        except OSError:
+            pass
+
+
+def run_hostfile(cmds: list[NodeCommand], ssh: str) -> int:
+    return _Orchestrator(cmds, ssh).run()

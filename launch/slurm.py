@@ -1,0 +1,199 @@
+"""The SLURM target: an sbatch script in the run directory, submitted with sbatch.
+
+The script asks for N nodes with one task each and runs, with ``srun``, one
+node launcher per node (``mnemo launch --nnodes N --node-rank $SLURM_NODEID``),
+which starts torchrun there. The c10d rendezvous is at the first node of
+``scontrol show hostnames $SLURM_JOB_NODELIST`` (its NodeAddr).
+
+Preemption and time limits: ``--signal=B:USR1@<checkpoint.grace_period_s>``
+makes SLURM send SIGUSR1 to the batch shell; its trap forwards it to srun,
+which passes it to every node launcher, which passes it to the workers. The
+trainer then saves a checkpoint, writes ``<run.dir>/PREEMPTED`` and exits 0.
+When srun returns and that marker exists, the script deletes it and runs
+``scontrol requeue $SLURM_JOB_ID``: the job goes back to the queue
+(``--requeue``) and, when it starts again, ``mnemo train`` resumes from the
+latest checkpoint. A stale marker is deleted before training starts.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import shutil
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from launch.env import package_root
+from train.errors import UserError
+
+# minutes | minutes:seconds | hours:minutes:seconds | days-hours[:minutes[:seconds]]
+_TIME = re.compile(r"^(\d+|\d+:\d{1,2}|\d+:\d{1,2}:\d{1,2}|\d+-\d+(:\d{1,2}){0,2}|UNLIMITED|INFINITE)$")
+_SAFE_VALUE = re.compile(r"^[A-Za-z0-9_.,:@%+=/\-\[\]]+$")
+
+PREEMPTED_MARKER = "PREEMPTED"
+
+
+@dataclass
+class SlurmOptions:
+    config: str  # absolute
+    overrides: list[str]
+    run_dir: Path  # absolute
+    cwd: str
+    python: str
+    job_name: str
+    nodes: int = 1
+    nproc_per_node: int = 2
+    gpus_per_node: int | None = None
+    partition: str | None = None
+    account: str | None = None
+    time: str | None = None
+    signal_s: int = 120
+    # None: derived from the job id, so jobs sharing a node do not collide.
+    master_port: int | None = None
+    max_restarts: int = 0
+    sbatch_args: list[str] = field(default_factory=list)
+    package_root: str = field(default_factory=package_root)
+
+    @property
+    def script_path(self) -> Path:
+        return self.run_dir / "slurm" / "job.sbatch"
+
+
+def check_options(o: SlurmOptions) -> None:
+    if o.nodes < 1:
+        raise UserError(f"--nodes must be >= 1, got {o.nodes}")
+    if o.gpus_per_node is not None and o.gpus_per_node < 0:
+        raise UserError(f"--gpus-per-node must be >= 0, got {o.gpus_per_node}")
+    if o.time is not None and not _TIME.match(o.time):
+        raise UserError(f"--time {o.time!r} is not a SLURM time (MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS)")
+    for flag, v in (("--partition", o.partition), ("--account", o.account)):
+        if v is not None and not _SAFE_VALUE.match(v):
+            raise UserError(f"{flag} {v!r} contains characters SLURM does not allow")
+    for a in o.sbatch_args:
+        if not a.startswith("-") or "\n" in a or "\r" in a:
+            raise UserError(f"--sbatch-arg {a!r} must be one sbatch option such as --qos=high")
+
+
+def _directives(o: SlurmOptions) -> list[str]:
+    d = [
+        f"--job-name={o.job_name}",
+        f"--nodes={o.nodes}",
+        "--ntasks-per-node=1",
+    ]
+    if o.gpus_per_node:
+        d.append(f"--gpus-per-node={o.gpus_per_node}")
+    if o.partition:
+        d.append(f"--partition={o.partition}")
+    if o.account:
+        d.append(f"--account={o.account}")
+    if o.time:
+        d.append(f"--time={o.time}")
+    d += [
+        f"--signal=B:USR1@{o.signal_s}",
+        "--requeue",
+        "--open-mode=append",
+        f"--output={o.run_dir}/logs/slurm-%j.out",
+        f"--chdir={o.cwd}",
+        *o.sbatch_args,
+    ]
+    return [f"#SBATCH {_quote_directive(x)}" for x in d]
+
+
+def _quote_directive(opt: str) -> str:
+    """sbatch splits "#SBATCH" lines at blanks but honours double quotes."""
+    if not any(c.isspace() for c in opt):
+        return opt
+    name, _, value = opt.partition("=")
+    if '"' in value:
+        raise UserError(f"sbatch option {opt!r}: a value with both blanks and double quotes cannot be written")
+    return f'{name}="{value}"'
+
+
+def sbatch_script(o: SlurmOptions) -> str:
+    q = shlex.quote
+    launch = [o.python, "-m", "train.cli", "launch", o.config, *o.overrides]
+    launch_words = " ".join(q(w) for w in launch)
+    lines = [
+        "#!/bin/bash",
+        f"# Written by `mnemo launch --slurm` for {o.config}.",
+        "# Submit it again with: sbatch " + q(str(o.script_path)),
+        *_directives(o),
+        "",
+        "set -u",
+        f"RUN_DIR={q(str(o.run_dir))}",
+        f"VENV_BIN={q(str(Path(o.python).parent))}",
+        'export PATH="$VENV_BIN:$PATH"',
+        f"export PYTHONPATH={q(o.package_root)}${{PYTHONPATH:+:$PYTHONPATH}}",
+        "",
+        "# Rendezvous at the first node of the allocation (its address as SLURM knows it).",
+        'HEAD_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
+        "HEAD_ADDR=$(scontrol show node \"$HEAD_NODE\" | sed -n 's/.*NodeAddr=\\([^ ]*\\).*/\\1/p' | head -n 1)",
+        'MASTER_ADDR=${HEAD_ADDR:-$HEAD_NODE}',
+        "MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))" if o.master_port is None else f"MASTER_PORT={o.master_port}",
+        'echo "mnemo: job $SLURM_JOB_ID, SLURM_RESTART_COUNT=${SLURM_RESTART_COUNT:-0}, $SLURM_JOB_NUM_NODES node(s): $SLURM_JOB_NODELIST, rendezvous $MASTER_ADDR:$MASTER_PORT"',
+        "",
+        f'rm -f "$RUN_DIR/{PREEMPTED_MARKER}"  # stale marker of an earlier job',
+        "",
+        "# One node launcher per node; each starts torchrun with its node rank.",
+        "srun --nodes=\"$SLURM_JOB_NUM_NODES\" --ntasks=\"$SLURM_JOB_NUM_NODES\" --ntasks-per-node=1 \\",
+        "    ${SLURM_CPUS_PER_TASK:+--cpus-per-task=$SLURM_CPUS_PER_TASK} --kill-on-bad-exit=1 \\",
+        "    bash -c 'exec \"$@\" --node-rank \"$SLURM_NODEID\"' mnemo-node \\",
+        f"    {launch_words} \\",
+        f"    --nnodes \"$SLURM_JOB_NUM_NODES\" --nproc-per-node {o.nproc_per_node} \\",
+        "    --master-addr \"$MASTER_ADDR\" --master-port \"$MASTER_PORT\" --rdzv-id \"mnemo-$SLURM_JOB_ID\" \\",
+        f"    --max-restarts {o.max_restarts} &",
+        "SRUN_PID=$!",
+        "",
+        "# Preemption notice (--signal=B:USR1@...): pass it on; the trainer saves and exits.",
+        "forward_usr1() {",
+        '    echo "mnemo: got SIGUSR1, forwarding it to the training processes"',
+        '    kill -USR1 "$SRUN_PID" 2>/dev/null',
+        "}",
+        "trap forward_usr1 USR1",
+        "",
+        "# wait returns early when a trapped signal arrives: wait again until srun is gone.",
+        'while kill -0 "$SRUN_PID" 2>/dev/null; do wait "$SRUN_PID"; done',
+        'wait "$SRUN_PID"',
+        "RC=$?",
+        "",
+        f'if [ -f "$RUN_DIR/{PREEMPTED_MARKER}" ]; then',
+        '    echo "mnemo: training saved a checkpoint after a preemption signal; requeueing job $SLURM_JOB_ID"',
+        f'    rm -f "$RUN_DIR/{PREEMPTED_MARKER}"',
+        '    scontrol requeue "$SLURM_JOB_ID"',
+        "    exit 0",
+        "fi",
+        'echo "mnemo: training exited with code $RC"',
+        'exit "$RC"',
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_script(o: SlurmOptions) -> Path:
+    path = o.script_path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # SLURM does not create the output file's directory; without it the job's log is lost.
+    (o.run_dir / "logs").mkdir(parents=True, exist_ok=True)
+    path.write_text(sbatch_script(o))
+    path.chmod(0o755)
+    return path
+
+
+def find_sbatch() -> str:
+    sbatch = shutil.which("sbatch")
+    if sbatch is None:
+        raise UserError("sbatch not found on PATH; run with --dry-run to get the sbatch script and submit it yourself")
+    return sbatch
+
+
+def submit(script: Path, sbatch: str) -> str:
+    """Submit the script; return the job id (``sbatch --parsable`` prints ``id[;cluster]``)."""
+    r = subprocess.run([sbatch, "--parsable", str(script)], capture_output=True, text=True)
+    if r.returncode != 0:
+        msg = (r.stderr.strip().splitlines() or [f"exit code {r.returncode}"])[-1]
+        raise UserError(f"sbatch {script} failed: {msg}")
+    job_id = r.stdout.strip().split(";")[0]
+    if not job_id:
+        raise UserError(f"sbatch {script} printed no job id")
+    return job_id

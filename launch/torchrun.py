@@ -1,0 +1,137 @@
+"""The torchrun command line of one node's share of a job.
+
+Every target ends here: local runs one node, the hostfile target runs this on
+each host over ssh, the SLURM script runs it on each node with srun. Each rank
+runs ``python -m launch.worker CONFIG overrides``: it logs which rank and
+restart it is and then calls ``mnemo train`` in the same process.
+
+Rendezvous: one node uses torchrun's ``--standalone``; several nodes use the
+c10d backend on MASTER_ADDR:MASTER_PORT, hosted by node 0's agent
+(``is_host``). c10d (not static) is what lets ``--max-restarts`` restart all
+nodes' workers together after one fails.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shlex
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping
+
+from train.errors import UserError
+
+# Signals torchrun itself handles (and forwards to workers by stopping them).
+# SIGTERM / SIGUSR1 / SIGHUP are left out on purpose: the node launcher starts
+# torchrun with them ignored and delivers them to the workers itself, so that
+# a preemption signal makes the trainer save instead of making torchrun stop
+# the workers and SIGKILL them after a timeout.
+TORCHRUN_HANDLED_SIGNALS = "SIGINT,SIGQUIT"
+
+DEFAULT_MASTER_PORT = 29500
+
+
+@dataclass
+class NodePlan:
+    """Everything that decides the torchrun command of one node."""
+
+    config: str  # absolute path of the config file
+    overrides: list[str]
+    run_dir: Path  # absolute
+    nproc_per_node: int
+    nnodes: int = 1
+    node_rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: int = DEFAULT_MASTER_PORT
+    rdzv_id: str = "mnemo"
+    max_restarts: int = 0
+    python: str = field(default_factory=lambda: sys.executable)
+    # Module each rank runs (``python -m``); tests put a stand-in here.
+    worker_module: str = "launch.worker"
+
+    @property
+    def log_path(self) -> Path:
+        return self.run_dir / "logs" / f"node{self.node_rank}.log"
+
+    @property
+    def torchrun_log_dir(self) -> Path:
+        # torchrun's own per-rank copies: <dir>/<rdzv_id>_*/attempt_<k>/<local_rank>/std{out,err}.log
+        return self.run_dir / "logs" / "torchrun" / f"node{self.node_rank}"
+
+
+def default_rdzv_id(run_dir: str) -> str:
+    """A rendezvous id every node derives alike from the config's run.dir string."""
+    return "mnemo-" + hashlib.sha1(run_dir.encode()).hexdigest()[:10]
+
+
+def check_node_args(nnodes: int, node_rank: int, master_port: int, max_restarts: int) -> None:
+    if nnodes < 1:
+        raise UserError(f"--nnodes must be >= 1, got {nnodes}")
+    if not 0 <= node_rank < nnodes:
+        raise UserError(f"--node-rank must be in [0, {nnodes - 1}], got {node_rank}")
+    if not 1 <= master_port <= 65535:
+        raise UserError(f"--master-port must be in [1, 65535], got {master_port}")
+    if max_restarts < 0:
+        raise UserError(f"--max-restarts must be >= 0, got {max_restarts}")
+
+
+def _endpoint(addr: str, port: int) -> str:
+    host = f"[{addr}]" if ":" in addr and not addr.startswith("[") else addr
+    return f"{host}:{port}"
+
+
+def worker_args(plan: NodePlan) -> list[str]:
+    """What each rank runs, after torchrun's own options."""
+    return ["-m", plan.worker_module, plan.config, *plan.overrides]
+
+
+def torchrun_command(plan: NodePlan) -> list[str]:
+    cmd = [plan.python, "-m", "torch.distributed.run"]
+    if plan.nnodes == 1:
+        cmd += ["--standalone", "--nnodes", "1"]
+    else:
+        cmd += [
+            "--nnodes", str(plan.nnodes),
+            "--rdzv-backend", "c10d",
+            "--rdzv-endpoint", _endpoint(plan.master_addr, plan.master_port),
+            "--rdzv-id", plan.rdzv_id,
+            # On one host several agents would each think they are the host;
+            # say explicitly which one serves the store.
+            "--rdzv-conf", f"is_host={'true' if plan.node_rank == 0 else 'false'}",
+        ]
+    cmd += [
+        "--nproc-per-node", str(plan.nproc_per_node),
+        "--max-restarts", str(plan.max_restarts),
+        "--signals-to-handle", TORCHRUN_HANDLED_SIGNALS,
+        "--tee", "3",
+        "--log-dir", str(plan.torchrun_log_dir),
+        "--log-line-prefix-template", "[rank${rank}]: ",
+        *worker_args(plan),
+    ]
+    return cmd
+
+
+def node_env(plan: NodePlan, environ: Mapping[str, str]) -> dict[str, str]:
+    """Variables the node launcher adds to torchrun's environment."""
+    from launch.env import pythonpath_with_root
+
+    return {
+        "PYTHONPATH": pythonpath_with_root(environ),
+        "PYTHONUNBUFFERED": "1",
+        # With the rendezvous store shared with the workers (torch's default),
+        # a restarted worker group reads the previous attempt's addresses and
+        # fails to connect (pytorch issue 135712): give each attempt its own.
+        "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
+        "MNEMO_NODE_RANK": str(plan.node_rank),
+        "MNEMO_NNODES": str(plan.nnodes),
+    }
+
+
+def render_node(plan: NodePlan, environ: Mapping[str, str]) -> str:
+    """The dry-run text of one node: a comment and the exact shell line."""
+    env = " ".join(f"{k}={shlex.quote(v)}" for k, v in node_env(plan, environ).items())
+    return (
+        f"# node {plan.node_rank} of {plan.nnodes}: {plan.nproc_per_node} rank(s), log {plan.log_path}\n"
+        f"{env} {shlex.join(torchrun_command(plan))}\n"
+    )

@@ -1,0 +1,45 @@
+"""What torchrun runs on each rank: one log line, then ``mnemo train``.
+
+    python -m launch.worker CONFIG [dotted.key=value ...]
+
+The line says which node, rank and restart this is (torchrun's
+TORCHELASTIC_RESTART_COUNT, SLURM's SLURM_RESTART_COUNT), so a log shows
+every restart. Training runs in this same process.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from typing import Mapping
+
+
+def describe(environ: Mapping[str, str]) -> str:
+    g = environ.get
+    parts = [
+        f"node {g('MNEMO_NODE_RANK', '0')}/{g('MNEMO_NNODES', '1')}",
+        f"rank {g('RANK', '0')}/{g('WORLD_SIZE', '1')}",
+        f"local_rank {g('LOCAL_RANK', '0')}",
+        f"restart {g('TORCHELASTIC_RESTART_COUNT', '0')}",
+    ]
+    if "SLURM_JOB_ID" in environ:
+        parts.append(f"slurm job {g('SLURM_JOB_ID')} restart {g('SLURM_RESTART_COUNT', '0')}")
+    return "mnemo worker: " + ", ".join(parts)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    print(describe(os.environ), flush=True)
+    # The node launcher starts torchrun with these ignored (so that only the
+    # workers react to them); give the trainer the default dispositions back
+    # before it installs its own handlers.
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)
+    from train.cli import main as cli_main
+
+    return cli_main(["train", *argv])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,72 @@
+"""Named model sizes, their parameter counts and FLOPs per token.
+
+The counts are computed in closed form (no model is built) so that launchers
+and trackers can report them cheaply; tests check them against a direct count
+of a model built on the meta device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Size:
+    n_layers: int
+    d_model: int
+    n_heads: int
+    d_ff: int  # hidden width of the SwiGLU MLP
+    tie_embeddings: bool = True
+
+
+# Reference vocabulary for the nominal sizes in the comments.
+REFERENCE_VOCAB = 32000
+
+SIZES: dict[str, Size] = {
+    # ~1M params at vocab 4096: CI and unit tests, seconds on a CPU.
+    "debug": Size(n_layers=4, d_model=128, n_heads=4, d_ff=352),
+    # ~125M
+    "small": Size(n_layers=12, d_model=768, n_heads=12, d_ff=2048),
+    # ~350M
+    "medium": Size(n_layers=24, d_model=1024, n_heads=16, d_ff=2816),
+    # ~1.3B
+    "large": Size(n_layers=24, d_model=2048, n_heads=16, d_ff=5632, tie_embeddings=False),
+    # ~7B
+    "xl": Size(n_layers=32, d_model=4096, n_heads=32, d_ff=11008, tie_embeddings=False),
+}
+
+
+def ltm_layer_indices(n_layers: int, layers: list[int] | tuple[int, ...]) -> tuple[int, ...]:
+    """Normalize (possibly negative) layer indices to a sorted unique tuple."""
+    return tuple(sorted({(i + n_layers) if i < 0 else i for i in layers}))
+
+
+def param_count(size: Size, vocab_size: int, n_ltm_layers: int = 0) -> int:
+    """Exact number of trainable parameters of MemoryTransformer."""
+    d, f, h = size.d_model, size.d_ff, size.n_heads
+    per_layer = (
+        d  # attention RMSNorm weight
+        + 4 * d * d  # q, k, v, o projections (no biases)
+        + d  # MLP RMSNorm weight
+        + 3 * d * f  # SwiGLU: gate, up, down
+    )
+    ltm = n_ltm_layers * 2 * h  # per-head gate bias and temperature
+    emb = vocab_size * d
+    head = 0 if size.tie_embeddings else vocab_size * d
+    return size.n_layers * per_layer + ltm + emb + d + head  # + final norm
+
+
+def flops_per_token(size: Size, vocab_size: int, context: int, n_ltm_layers: int = 0, topk: int = 0) -> float:
+    """Training FLOPs per token (forward + backward = 3x forward).
+
+    Matmul FLOPs only (2 per multiply-add), as in the PaLM/Chinchilla MFU
+    convention: 6 * (non-embedding params + LM head) plus attention scores and
+    weighted sums over ``context`` keys (local segment + short-term memory),
+    plus ``topk`` retrieved keys in the long-term-memory layers. The kNN
+    search itself (a no-grad matmul over the store) is not counted: it is
+    overhead, not model FLOPs.
+    """
+    d, f = size.d_model, size.d_ff
+    dense = size.n_layers * (4 * d * d + 3 * d * f) + vocab_size * d  # LM head matmul
+    attn = size.n_layers * 2 * d * context + n_ltm_layers * 2 * d * topk  # QK^T and AV per token
+    return 6.0 * dense + 6.0 * attn

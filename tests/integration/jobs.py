@@ -1,0 +1,88 @@
+"""Helpers for integration tests: prepare a tiny corpus, run real multi-process jobs, read their logs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+PY = sys.executable
+DEBUG_CONFIG = str(REPO / "configs" / "debug.yaml")
+
+
+def job_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env.update({"PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
+    env.update(extra)
+    return env
+
+
+def train_cmd(nproc: int, overrides: list[str], config: str = DEBUG_CONFIG) -> list[str]:
+    """`mnemo train` under torchrun standalone (one rank: no torchrun)."""
+    if nproc == 1:
+        return [PY, "-m", "train.cli", "train", config, *overrides]
+    return [PY, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", "train.cli",
+            "train", config, *overrides]
+
+
+def run(cmd: list[str], timeout: float = 300, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    res = subprocess.run(cmd, cwd=REPO, env=env or job_env(), capture_output=True, text=True, timeout=timeout)
+    if check and res.returncode != 0:
+        raise AssertionError(f"command failed ({res.returncode}): {' '.join(cmd)}\n{res.stdout[-3000:]}\n{res.stderr[-6000:]}")
+    return res
+
+
+def start(cmd: list[str], env: dict | None = None, log: Path | None = None) -> subprocess.Popen:
+    out = open(log, "w") if log else subprocess.DEVNULL
+    return subprocess.Popen(cmd, cwd=REPO, env=env or job_env(), stdout=out, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def steps(run_dir: Path) -> list[dict]:
+    f = Path(run_dir) / "logs" / "steps.jsonl"
+    if not f.is_file():
+        return []
+    out = []
+    for line in f.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut by SIGKILL
+            pass
+    return out
+
+
+def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 240) -> None:
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if any(r["step"] >= step for r in steps(run_dir)):
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"job ended (rc {proc.returncode}) before step {step}")
+        time.sleep(0.05)
+    raise AssertionError(f"step {step} not reached in {timeout}s")
+
+
+def kill_group(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=60)
+
+
+def worker_pids(proc: subprocess.Popen) -> list[int]:
+    """PIDs of the training ranks (children of torchrun) of a job started with start()."""
+    import psutil
+
+    return [c.pid for c in psutil.Process(proc.pid).children(recursive=True) if "train.cli" in " ".join(c.cmdline())]
+
+
+def losses_by_step(run_dir: Path) -> dict[int, float]:
+    """Last logged loss of each step (a resumed run re-logs the steps it re-does)."""
+    return {r["step"]: r["loss"] for r in steps(run_dir)}

@@ -1,0 +1,148 @@
+"""train.tracking against a real `mlflow server` that dies mid-run and comes back.
+
+Also home of `start_mlflow_server` / `MlflowServer`, for other integration
+tests that need a tracking server (import with
+`from test_tracking_server import start_mlflow_server`: pytest puts this
+folder on sys.path).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+from train.tracking import HTTP_ENV_DEFAULTS, Tracker
+
+MLFLOW = str(Path(sys.executable).with_name("mlflow"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class MlflowServer:
+    """A `mlflow server` subprocess (sqlite backend, local artifacts) that can be stopped and restarted on its port."""
+
+    def __init__(self, root: Path, port: int | None = None) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.port = port or free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 90) -> None:
+        cmd = [
+            MLFLOW, "server",
+            "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
+            "--artifacts-destination", str(self.root / "artifacts"),
+            "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
+        ]
+        # The job runner starts ~8 huey worker processes: 3x slower start, unused here.
+        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+        log = open(self.root / "server.log", "ab")
+        # Own session: stop() kills the server's whole process group (uvicorn child included).
+        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                     start_new_session=True, cwd=self.root)
+        log.close()
+        deadline = time.monotonic() + timeout
+        import requests
+
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"mlflow server exited: see {self.root / 'server.log'}")
+            try:
+                if requests.get(self.uri + "/health", timeout=1).ok:
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(0.25)
+        self.stop()
+        raise TimeoutError(f"mlflow server not up after {timeout} s: see {self.root / 'server.log'}")
+
+    def stop(self, sig: int = signal.SIGKILL) -> None:
+        """Kill the server (SIGKILL by default: a crash, not a graceful shutdown)."""
+        if self.proc is None:
+            return
+        try:
+            os.killpg(self.proc.pid, sig)
+        except ProcessLookupError:
+            pass
+        self.proc.wait(timeout=30)
+        self.proc = None
+
+
+def start_mlflow_server(tmp_path: Path) -> tuple[str, Callable[[], None]]:
+    """Start a tracking server under tmp_path/mlflow_server; return (uri, stop)."""
+    server = MlflowServer(Path(tmp_path) / "mlflow_server")
+    server.start()
+    return server.uri, server.stop
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(240)
+def test_server_dies_and_returns_nothing_lost(tmp_path, monkeypatch, caplog):
+    for k, v in HTTP_ENV_DEFAULTS.items():  # what launch/ puts in the job's environment
+        monkeypatch.setenv(k, v)
+    server = MlflowServer(tmp_path / "server")
+    server.start()
+    try:
+        run_dir = tmp_path / "run"
+        run_dir.mkdir()
+        (run_dir / "config.yaml").write_text("train:\n  lr: 0.001\n")
+        (run_dir / "late.txt").write_text("logged while the server was down\n")
+        with caplog.at_level(logging.WARNING, logger="train.tracking"):
+            t = Tracker(run_dir=str(run_dir), uri=server.uri, experiment="it", run_name="outage",
+                        interval=0.1, retry_interval=0.5)
+            assert t.run_id
+            t.log_params({"train": {"lr": 0.001, "max_steps": 90}})
+            t.log_artifact(str(run_dir / "config.yaml"))
+
+            def steps(first: int, last: int) -> None:
+                for step in range(first, last + 1):
+                    t.log_metrics({"train/loss": 1.0 / step, "train/tokens_seen": 64.0 * step}, step=step)
+                    time.sleep(0.01)
+
+            steps(1, 30)
+            t.flush()
+            server.stop()  # the server crashes mid-run
+            t0 = time.perf_counter()
+            steps(31, 60)
+            t.log_artifact(str(run_dir / "late.txt"))
+            t.flush()
+            outage_loop_s = time.perf_counter() - t0
+            server.start()  # back on the same port
+            steps(61, 90)
+            t.close()
+        assert outage_loop_s < 5, f"logging blocked while the server was down ({outage_loop_s:.1f} s)"
+
+        from mlflow import MlflowClient
+
+        client = MlflowClient(server.uri)
+        run = client.get_run(t.run_id)
+        assert run.info.status == "FINISHED"
+        assert run.data.params == {"train.lr": "0.001", "train.max_steps": "90"}
+        for key in ("train/loss", "train/tokens_seen"):
+            got = sorted(m.step for m in client.get_metric_history(t.run_id, key))
+            assert got == list(range(1, 91)), key  # every step, each once
+        assert {a.path for a in client.list_artifacts(t.run_id)} == {"config.yaml", "late.txt"}
+        # Points logged during the outage were also written to the fallback file.
+        recs = [json.loads(line) for line in open(run_dir / "logs" / "metrics_fallback.jsonl")]
+        spilled = {r["step"] for r in recs if r["key"] == "train/loss" and r["run_id"] == t.run_id}
+        assert set(range(31, 61)) <= spilled
+        messages = [r.getMessage() for r in caplog.records]
+        assert sum("is unreachable" in m for m in messages) == 1, messages
+        assert sum("reachable again" in m for m in messages) == 1, messages
+    finally:
+        server.stop()

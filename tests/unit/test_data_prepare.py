@@ -1,0 +1,440 @@
+"""`mnemo prepare` (issue 3): round trip, worker-count independence, resume, bad input, manifest, remotes."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import multiprocessing as mp
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+import data_pipeline.prepare as prep
+from data_pipeline.errors import DataError
+from data_pipeline.prepare import prepare
+from data_pipeline.tokenizer import Tokenizer, train_tokenizer
+from data_pipeline.verify import iter_shard_samples, verify
+
+REPO = Path(__file__).resolve().parents[2]
+UNIT = 1500  # bytes per work unit: many units from a tiny corpus
+
+
+def make_corpus(root: Path) -> tuple[list[str], list[str]]:
+    """Inputs of every format (with bad input mixed in) and the documents expected, in order."""
+    expected: list[str] = []
+    code = root / "code"
+    (code / "pkg").mkdir(parents=True)
+    files = {}
+    for i in range(12):
+        body = (f"def f{i}(x):\n\t# tab {i}\n    return x * {i}  \n\n"
+                + "class C:\n    pass\n" * (i % 4)
+                + ("ctrl \x01\x1b[0m done\n" if i == 3 else "")
+                + ("unicode: 日本 ü 🎉 \u2581 marks\n" if i == 5 else ""))
+        rel = f"m{i:02d}.py" if i % 3 else f"pkg/p{i:02d}.py"
+        files[rel] = body
+    for rel in sorted(files):  # the directory walk is in sorted path order
+        (code / rel).write_text(files[rel])
+    expected += [files[rel] for rel in sorted(files, key=lambda r: r.split("/"))]
+
+    recs = [{"text": f"note {i}: " + "words " * (i % 7) + "\n  indented\n", "id": f"n{i}"} for i in range(30)]
+    lines = [json.dumps(r) for r in recs]
+    lines.insert(5, json.dumps({"text": "   "}))  # whitespace only: skipped
+    lines.insert(9, "{broken json")  # skipped
+    lines.insert(14, json.dumps({"body": "no text"}))  # skipped
+    (root / "notes.jsonl").write_text("\n".join(lines) + "\n")
+    expected += [r["text"] for r in recs]
+
+    more = [{"text": f"gz doc {i}\r\nline two"} for i in range(10)]
+    (root / "more.jsonl.gz").write_bytes(gzip.compress("".join(json.dumps(r) + "\n" for r in more).encode()))
+    expected += [r["text"] for r in more]
+
+    rows = [f"parquet row {i}\n" + "x" * (i * 3) for i in range(25)]
+    pq.write_table(pa.table({"text": rows, "id": [f"r{i}" for i in range(25)]}), root / "rows.parquet",
+                   row_group_size=4)
+    expected += rows
+
+    (root / "bad.txt").write_bytes(b"latin-1 caf\xe9 here\n")
+    expected.append("latin-1 caf\ufffd here\n")
+    (root / "empty.md").write_text(" \n\t\n")
+    inputs = [str(code), str(root / "notes.jsonl"), str(root / "more.jsonl.gz"), str(root / "rows.parquet"),
+              str(root / "bad.txt"), str(root / "empty.md")]
+    return inputs, expected
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("corpus")
+    inputs, expected = make_corpus(root)
+    model = root / "tok.model"
+    train_tokenizer(inputs, model, vocab_size=500)
+    return inputs, expected, str(model)
+
+
+def read_samples(out) -> list[dict]:
+    index = json.loads((Path(out) / "index.json").read_text())
+    return [s for _, _, s in iter_shard_samples(str(out), index)]
+
+
+def decoded(out) -> list[str]:
+    tok = Tokenizer(Path(out) / "tokenizer.model")
+    return [tok.decode(s["tokens"][:-1]) for s in read_samples(out)]
+
+
+def run(corpus, out, **kw):
+    inputs, _, model = corpus
+    kw.setdefault("tokenizer", model)
+    kw.setdefault("unit_bytes", UNIT)
+    kw.setdefault("workers", 1)
+    return prepare(inputs, str(out), **kw)
+
+
+# ----------------------------------------------------------------------------- round trip
+
+
+def test_round_trip_through_plain_streaming_dataset(corpus, tmp_path):
+    """Shards read back by streaming.StreamingDataset (no mnemo code) decode to the original text."""
+    import sentencepiece as spm
+    from streaming import StreamingDataset
+
+    inputs, expected, model = corpus
+    out = tmp_path / "out"
+    m = run(corpus, out, workers=2)
+    ds = StreamingDataset(local=str(out), shuffle=False, batch_size=1)
+    sp = spm.SentencePieceProcessor(model_file=str(out / "tokenizer.model"))
+    assert len(ds) == len(expected) == m["num_documents"]
+    got = [ds[i] for i in range(len(ds))]
+    # U+2581 is byte-encoded by mnemo's Tokenizer; plain SentencePiece decodes those bytes back to it.
+    assert [sp.decode(s["tokens"][:-1].tolist()) for s in got] == expected
+    for s in got:
+        assert s["tokens"].dtype == np.uint16 and s["tokens"][-1] == m["eos_id"] == sp.eos_id()
+        assert (int(s["answer_start"]), int(s["answer_len"])) == (-1, 0)
+    assert got[0]["source"].endswith("code/m01.py") and got[0]["doc_id"] == got[0]["source"]
+    assert got[12]["doc_id"] == "n0" or got[12]["doc_id"].endswith("notes.jsonl:1")
+    assert got[-1]["source"].endswith("bad.txt")
+    assert m["num_tokens"] == sum(len(s["tokens"]) for s in got)
+
+
+def test_manifest_fields(corpus, tmp_path):
+    inputs, expected, model = corpus
+    out = tmp_path / "out"
+    m = run(corpus, out)
+    on_disk = json.loads((out / "manifest.json").read_text())
+    assert on_disk["fingerprint"] == m["fingerprint"]
+    tok = Tokenizer(model)
+    assert m["tokenizer_sha256"] == tok.sha256 and m["tokenizer_path"] == os.path.abspath(model)
+    assert (out / "tokenizer.model").read_bytes() == Path(model).read_bytes()
+    assert (m["vocab_size"], m["eos_id"], m["token_dtype"]) == (tok.vocab_size, tok.eos_id, "uint16")
+    assert m["num_documents"] == len(expected) and m["num_passkey_documents"] == 0
+    assert m["skipped"] == {"empty": 2, "invalid_json": 1, "missing_text_field": 1}
+    assert m["repaired"] == {"invalid_utf8": 1}
+    assert any("notes.jsonl:10: invalid_json" in e for e in m["skipped_examples"])
+    fp = {Path(i["path"]).name: i for i in m["inputs"]}
+    assert fp["notes.jsonl"]["size"] == os.path.getsize(Path(inputs[1]))
+    assert fp["notes.jsonl"]["mtime_ns"] == os.stat(inputs[1]).st_mtime_ns
+    assert isinstance(m["mnemo_version"], str) and m["mnemo_version"]
+    assert sum(p["documents"] for p in m["parts"]) == m["num_documents"] and len(m["parts"]) > 5
+    assert not (out / ".mnemo-prepare").exists()  # state is removed once complete
+
+
+# ----------------------------------------------------------------------------- determinism
+
+
+def test_one_and_three_workers_give_identical_documents_and_shards(corpus, tmp_path):
+    a, b = tmp_path / "w1", tmp_path / "w3"
+    run(corpus, a, workers=1)
+    run(corpus, b, workers=3)
+    assert decoded(a) == decoded(b) == corpus[1]
+    ia, ib = (json.loads((d / "index.json").read_text()) for d in (a, b))
+    assert ia == ib  # same shards, same bytes (hashes), same order
+
+
+# ----------------------------------------------------------------------------- resume
+
+
+def _slow_units(monkeypatch, seconds: float) -> None:
+    orig = prep._run_unit
+
+    def slow(ctx, unit):
+        time.sleep(seconds)
+        return orig(ctx, unit)
+
+    monkeypatch.setattr(prep, "_run_unit", slow)  # fork: the workers inherit the patch
+
+
+def _markers(out: Path) -> set[str]:
+    d = out / ".mnemo-prepare" / "done"
+    return {p.name for p in d.glob("*.json")} if d.exists() else set()
+
+
+def test_killed_worker_then_rerun_keeps_finished_parts_and_each_doc_once(corpus, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    _slow_units(monkeypatch, 0.25)
+    killed: list[int] = []
+
+    def killer():
+        deadline = time.time() + 60
+        while time.time() < deadline and not _markers(out):
+            time.sleep(0.02)
+        kids = mp.active_children()
+        if kids:
+            os.kill(kids[0].pid, signal.SIGKILL)
+            killed.append(kids[0].pid)
+
+    t = threading.Thread(target=killer)
+    t.start()
+    with pytest.raises(DataError, match="worker process died.*rerun the same command"):
+        run(corpus, out, workers=2)
+    t.join()
+    assert killed
+    done = _markers(out)
+    assert done and not (out / "manifest.json").exists() and not (out / "index.json").exists()
+    kept = {n: (out / n[:-5] / "index.json").stat().st_mtime_ns for n in done}
+    m = run(corpus, out, workers=2)
+    assert decoded(out) == corpus[1]  # every document exactly once, in order
+    assert {n: (out / n[:-5] / "index.json").stat().st_mtime_ns for n in done} == kept  # not redone
+    assert m["num_documents"] == len(corpus[1])
+    verify(str(out))
+
+
+def _cli_child(args: list[str], log: Path) -> None:
+    """Child process: its own process group (like a shell job), stdout/stderr to ``log``, the real CLI."""
+    os.setsid()
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    sys.stdout = open(1, "w", closefd=False)  # pytest's capture replaced the Python-level streams
+    sys.stderr = open(2, "w", closefd=False)
+    from train.cli import main
+
+    rc = main(args)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(rc)
+
+
+def _start(corpus, out: Path, log: Path) -> mp.Process:
+    """`mnemo prepare ... --workers 2` in a forked child (no re-import of torch: seconds saved)."""
+    import streaming  # noqa: F401  (imported here once, inherited by the fork)
+    import train.cli  # noqa: F401
+
+    inputs, _, model = corpus
+    args = ["prepare", "--input", *inputs, "--out", str(out), "--tokenizer", model, "--workers", "2"]
+    proc = mp.get_context("fork").Process(target=_cli_child, args=(args, log))
+    proc.start()
+    return proc
+
+
+def _live_in_group(pgid: int) -> list[int]:
+    """Pids of running (not zombie) processes in process group ``pgid``."""
+    live = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[2]) == pgid and fields[0] != "Z":
+                live.append(int(d.name))
+    return live
+
+
+def _wait_markers(proc: mp.Process, out: Path, n: int) -> None:
+    deadline = time.time() + 60
+    while len(_markers(out)) < n:
+        assert proc.is_alive(), "conversion ended before it could be interrupted"
+        assert time.time() < deadline, "conversion never started"
+        time.sleep(0.02)
+
+
+def test_ctrl_c_and_kill_then_rerun_the_same_command(corpus, tmp_path, monkeypatch):
+    out, log = tmp_path / "out", tmp_path / "log"
+    _slow_units(monkeypatch, 0.3)
+    split = prep.split_units
+    monkeypatch.setattr(prep, "split_units", lambda files, unit_bytes=None: split(files, UNIT))
+    # Ctrl-C: SIGINT to the whole process group, as a terminal does.
+    proc = _start(corpus, out, log)
+    _wait_markers(proc, out, 1)
+    os.killpg(proc.pid, signal.SIGINT)
+    proc.join(60)
+    stderr = log.read_text()
+    assert proc.exitcode == 130, stderr
+    assert "mnemo: interrupted" in stderr and "Traceback" not in stderr
+    after_int = _markers(out)
+    assert after_int and not (out / "manifest.json").exists()
+    # The same command again, main process killed hard (kill -9) once it has done more.
+    proc = _start(corpus, out, log)
+    _wait_markers(proc, out, len(after_int) + 1)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.join(60)
+    assert proc.exitcode == -signal.SIGKILL
+    time.sleep(0.2)
+    assert _live_in_group(proc.pid) == []  # its workers died with it (no orphan keeps writing)
+    assert _markers(out) > after_int and not (out / "manifest.json").exists()
+    # The same command once more, to completion.
+    m = run(corpus, out, workers=2, unit_bytes=None)
+    assert decoded(out) == corpus[1]
+    assert m["num_documents"] == len(corpus[1])
+    verify(str(out))
+
+
+# ----------------------------------------------------------------------------- out dir rules
+
+
+def test_rerun_of_a_complete_dataset_is_a_no_op(corpus, tmp_path, capsys):
+    out = tmp_path / "out"
+    m1 = run(corpus, out)
+    shard = next(out.glob("part-00000/shard.*"))
+    before = shard.stat().st_mtime_ns
+    m2 = run(corpus, out, workers=3)
+    assert m2["fingerprint"] == m1["fingerprint"] and shard.stat().st_mtime_ns == before
+    assert "already complete" in capsys.readouterr().err
+
+
+def test_refuses_an_out_dir_with_a_different_dataset_unless_overwrite(corpus, tmp_path):
+    inputs, expected, model = corpus
+    out = tmp_path / "out"
+    run(corpus, out)
+    with pytest.raises(DataError, match="already holds a dataset.*--overwrite"):
+        prepare(inputs[:2], str(out), tokenizer=model, unit_bytes=UNIT, workers=1)
+    m = prepare(inputs[:2], str(out), tokenizer=model, unit_bytes=UNIT, workers=1, overwrite=True)
+    assert decoded(out) == expected[:42] and m["num_documents"] == 42
+    assert not list(out.glob("part-0001*"))  # the old dataset's extra parts are gone
+
+
+def test_refuses_an_unfinished_different_conversion_and_foreign_dirs(corpus, tmp_path):
+    out = tmp_path / "out"
+    (out / ".mnemo-prepare").mkdir(parents=True)
+    (out / ".mnemo-prepare" / "plan.json").write_text('{"fingerprint": "other"}')
+    with pytest.raises(DataError, match="unfinished conversion of other inputs"):
+        run(corpus, out)
+    run(corpus, out, overwrite=True)
+    foreign = tmp_path / "home"
+    foreign.mkdir()
+    (foreign / "thesis.tex").write_text("precious")
+    for overwrite in (False, True):
+        with pytest.raises(DataError, match="not empty and holds no mnemo dataset"):
+            run(corpus, foreign, overwrite=overwrite)
+    assert (foreign / "thesis.tex").read_text() == "precious"
+
+
+# ----------------------------------------------------------------------------- bad input end to end
+
+
+def test_bad_inputs_fail_before_any_work(corpus, tmp_path):
+    inputs, _, model = corpus
+    out = tmp_path / "out"
+    with pytest.raises(DataError, match="nope.jsonl: no such file"):
+        prepare(inputs + [str(tmp_path / "nope.jsonl")], str(out), tokenizer=model)
+    pq.write_table(pa.table({"content": ["a"], "n": [1]}), tmp_path / "wrong.parquet")
+    with pytest.raises(DataError, match=r"wrong.parquet: no column 'text'.*columns are: content, n"):
+        prepare(inputs + [str(tmp_path / "wrong.parquet")], str(out), tokenizer=model)
+    with pytest.raises(DataError, match="no such file"):
+        prepare(inputs, str(out), tokenizer=str(tmp_path / "none.model"))
+    assert not out.exists()
+
+
+def test_strict_stops_at_the_bad_line_across_processes(corpus, tmp_path):
+    with pytest.raises(DataError, match=r"notes.jsonl:10: not valid JSON \(--strict\)"):
+        run(corpus, tmp_path / "out", workers=2, strict=True)
+
+
+def test_all_documents_skipped_is_an_error(tmp_path, corpus):
+    (tmp_path / "e.jsonl").write_text('{"text": ""}\n{"x": 1}\n')
+    with pytest.raises(DataError, match=r"no documents.*empty=1.*missing_text_field=1"):
+        prepare([str(tmp_path / "e.jsonl")], str(tmp_path / "out"), tokenizer=corpus[2])
+
+
+# ----------------------------------------------------------------------------- tokenizer, dtype
+
+
+def test_trains_a_tokenizer_when_none_is_given(corpus, tmp_path):
+    out = tmp_path / "out"
+    m = run(corpus, out, tokenizer=None, vocab_size=450)
+    tok = Tokenizer(out / "tokenizer.model")
+    assert m["tokenizer_trained"] and m["tokenizer_sha256"] == tok.sha256 and tok.vocab_size <= 450
+    assert decoded(out) == corpus[1]
+
+
+def test_uint32_tokens_when_the_vocab_does_not_fit_uint16(corpus, tmp_path, monkeypatch):
+    tok = Tokenizer(corpus[2])
+    tok.vocab_size = 1 << 16
+    assert tok.token_dtype == np.uint16
+    tok.vocab_size = (1 << 16) + 1
+    assert tok.token_dtype == np.uint32
+    monkeypatch.setattr(Tokenizer, "token_dtype", property(lambda self: np.dtype(np.uint32)))
+    out = tmp_path / "out"
+    m = run(corpus, out)
+    assert m["token_dtype"] == "uint32" and m["columns"]["tokens"] == "ndarray:uint32"
+    samples = read_samples(out)
+    assert all(s["tokens"].dtype == np.uint32 for s in samples)
+    assert decoded(out) == corpus[1]
+    verify(str(out))
+
+
+# ----------------------------------------------------------------------------- remote, passkey, CLI
+
+
+def test_file_url_remote_output(corpus, tmp_path):
+    from streaming import StreamingDataset
+
+    remote = tmp_path / "remote"
+    staging = tmp_path / "staging"
+    m = run(corpus, f"file://{remote}", workers=2, staging=str(staging))
+    assert not staging.exists()  # uploaded, then the staging copy removed
+    assert (remote / "index.json").exists() and (remote / "manifest.json").exists()
+    assert m["tokenizer_sha256"] == Tokenizer(remote / "tokenizer.model").sha256
+    assert decoded(remote) == corpus[1]
+    ds = StreamingDataset(local=str(remote), shuffle=False, batch_size=1)
+    assert len(ds) == len(corpus[1])
+    verify(str(remote))
+    again = run(corpus, f"file://{remote}", staging=str(staging))  # complete: nothing to do
+    assert again["fingerprint"] == m["fingerprint"]
+
+
+def test_passkey_documents_are_appended(corpus, tmp_path):
+    pytest.importorskip("data_pipeline.passkey")
+    out = tmp_path / "out"
+    m = run(corpus, out, passkey_docs=4, passkey_max_distance=2, passkey_segment_len=64, seed=3)
+    samples = read_samples(out)
+    tok = Tokenizer(out / "tokenizer.model")
+    n = len(corpus[1])
+    assert m["num_documents"] == n + 4 and m["num_passkey_documents"] == 4
+    assert [tok.decode(s["tokens"][:-1]) for s in samples[:n]] == corpus[1]
+    for s in samples[n:]:
+        t, a, k = s["tokens"], int(s["answer_start"]), int(s["answer_len"])
+        assert s["source"] == "passkey" and t[-1] == tok.eos_id and k > 0
+        assert len(t) - 1 in {64 * (d + 1) for d in range(3)}
+        assert tok.decode(t[a:a + k]).isdigit()
+        assert tok.decode(t[a:a + k]) in tok.decode(t[:64])  # the key sits in segment 0
+    verify(str(out))
+    # the same seed gives the same documents
+    again = run(corpus, tmp_path / "again", passkey_docs=4, passkey_max_distance=2, passkey_segment_len=64, seed=3)
+    assert again["num_tokens"] == m["num_tokens"]
+    assert [s["tokens"].tolist() for s in read_samples(tmp_path / "again")[n:]] == [
+        s["tokens"].tolist() for s in samples[n:]]
+
+
+def test_cli_prepare_verify_inspect(corpus, tmp_path, capsys):
+    from train.cli import main
+
+    inputs, expected, model = corpus
+    out = tmp_path / "out"
+    assert main(["prepare", "--input", *inputs, "--out", str(out), "--tokenizer", model, "--workers", "1"]) == 0
+    cap = capsys.readouterr()
+    assert f"{len(expected)} documents" in cap.out and "invalid_json=1" in cap.err
+    assert main(["data", "verify", str(out)]) == 0
+    assert "OK" in capsys.readouterr().out
+    assert main(["data", "inspect", str(out), "--samples", "2"]) == 0
+    text = capsys.readouterr().out
+    assert "p50=" in text and "--- " in text and f"{len(expected)} documents" in text
+    rc = main(["prepare", "--input", str(tmp_path / "absent"), "--out", str(tmp_path / "o2")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.startswith("mnemo: error: input") and "\n" not in err

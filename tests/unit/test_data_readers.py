@@ -1,0 +1,243 @@
+"""Corpus readers (issue 3): every input format, work-unit splitting, and each bad input."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import zstandard
+
+from data_pipeline.errors import DataError
+from data_pipeline.readers import (Piece, ReadStats, iter_documents, iter_piece, iter_unit, plan_inputs,
+                                   split_units)
+
+
+def texts(corpus, **kw) -> list[str]:
+    return [d.text for d in iter_documents(corpus, **kw)]
+
+
+def write_jsonl(path, records, compress=None) -> None:
+    data = "".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records).encode()
+    if compress == "gz":
+        data = gzip.compress(data)
+    elif compress == "zst":
+        data = zstandard.ZstdCompressor().compress(data)
+    path.write_bytes(data)
+
+
+def test_directories_recursive_sorted_hidden_and_binaries_skipped(tmp_path):
+    d = tmp_path / "c"
+    (d / "sub" / "deeper").mkdir(parents=True)
+    (d / ".git").mkdir()
+    (d / "__pycache__").mkdir()
+    (d / "b.py").write_text("print('b')\n")
+    (d / "a.md").write_text("# A\n")
+    (d / "sub" / "c.txt").write_text("c text")
+    (d / "sub" / "deeper" / "d.rst").write_text("d\n=\n")
+    (d / "Makefile").write_text("all:\n\techo hi\n")
+    (d / ".git" / "config.txt").write_text("hidden")
+    (d / ".hidden.py").write_text("hidden")
+    (d / "__pycache__" / "b.cpython-311.pyc").write_bytes(b"\0\1\2")
+    (d / "image.png").write_bytes(b"\x89PNG\0\0")
+    corpus = plan_inputs([str(d)])
+    names = [os.path.relpath(f.path, d) for f in corpus.files]
+    assert names == ["Makefile", "a.md", "b.py", "sub/c.txt", "sub/deeper/d.rst"]
+    assert corpus.skipped_files == 1  # image.png; hidden entries and __pycache__ are not even counted
+    assert texts(corpus) == ["all:\n\techo hi\n", "# A\n", "print('b')\n", "c text", "d\n=\n"]
+
+
+def test_mixed_inputs_keep_the_given_order_and_dedupe(tmp_path):
+    (tmp_path / "x.txt").write_text("x")
+    (tmp_path / "y.txt").write_text("y")
+    (tmp_path / "g").mkdir()
+    (tmp_path / "g" / "1.py").write_text("one")
+    (tmp_path / "g" / "2.py").write_text("two")
+    corpus = plan_inputs([str(tmp_path / "y.txt"), str(tmp_path / "g" / "*.py"), str(tmp_path / "x.txt"),
+                          str(tmp_path / "y.txt")])
+    assert texts(corpus) == ["y", "one", "two", "x"]
+
+
+def test_explicit_unknown_extension_text_is_read_binary_is_an_error(tmp_path):
+    (tmp_path / "NOTES").write_text("plain notes")
+    assert texts(plan_inputs([str(tmp_path / "NOTES")])) == ["plain notes"]
+    (tmp_path / "blob.bin").write_bytes(b"abc\0def")
+    with pytest.raises(DataError, match="blob.bin: looks binary"):
+        plan_inputs([str(tmp_path / "blob.bin")])
+
+
+def test_jsonl_plain_gz_zst_with_ids(tmp_path):
+    recs = [{"text": f"doc {i}\n\tindented", "id": f"id-{i}", "n": i} for i in range(5)]
+    for suffix, comp in ((".jsonl", None), (".jsonl.gz", "gz"), (".jsonl.zst", "zst")):
+        p = tmp_path / f"c{suffix}"
+        write_jsonl(p, recs, comp)
+        docs = list(iter_documents(plan_inputs([str(p)]), id_field="id"))
+        assert [d.text for d in docs] == [r["text"] for r in recs]
+        assert [d.doc_id for d in docs] == [r["id"] for r in recs]
+        assert {d.source for d in docs} == {str(p)}
+    docs = list(iter_documents(plan_inputs([str(tmp_path / "c.jsonl")])))
+    assert [d.doc_id for d in docs] == [f"{tmp_path / 'c.jsonl'}:{i + 1}" for i in range(5)]  # file:line
+    # another text field, and a non-string id
+    p = tmp_path / "other.jsonl"
+    write_jsonl(p, [{"content": "hello", "n": 7}])
+    docs = list(iter_documents(plan_inputs([str(p)]), text_field="content", id_field="n"))
+    assert [(d.text, d.doc_id) for d in docs] == [("hello", "7")]
+
+
+def _parquet(path, n=50, group=7, name="text"):
+    table = pa.table({name: [f"row {i}\n  text" for i in range(n)], "id": [f"r{i}" for i in range(n)]})
+    pq.write_table(table, path, row_group_size=group)
+
+
+def test_parquet_rows_in_order_with_ids(tmp_path):
+    p = tmp_path / "c.parquet"
+    _parquet(p)
+    docs = list(iter_documents(plan_inputs([str(p)]), id_field="id"))
+    assert [d.text for d in docs] == [f"row {i}\n  text" for i in range(50)]
+    assert [d.doc_id for d in docs] == [f"r{i}" for i in range(50)]
+
+
+def test_parquet_without_text_column_names_file_and_columns(tmp_path):
+    p = tmp_path / "c.parquet"
+    _parquet(p, name="body")
+    with pytest.raises(DataError) as e:
+        plan_inputs([str(p)])
+    msg = str(e.value)
+    assert str(p) in msg and "'text'" in msg and "body, id" in msg
+    assert len(plan_inputs([str(p)], text_field="body").files) == 1
+    with pytest.raises(DataError, match="no column 'uid'"):
+        plan_inputs([str(p)], text_field="body", id_field="uid")
+
+
+def test_corrupt_parquet_is_an_error(tmp_path):
+    p = tmp_path / "bad.parquet"
+    p.write_bytes(b"PAR1 this is not parquet")
+    with pytest.raises(DataError, match="bad.parquet: not a readable Parquet"):
+        plan_inputs([str(p)])
+
+
+@pytest.mark.parametrize("unit_bytes", [1, 7, 40, 64, 333, 10_000])
+def test_jsonl_byte_ranges_cover_every_line_exactly_once(tmp_path, unit_bytes):
+    p = tmp_path / "c.jsonl"
+    recs = [{"text": "x" * (i % 13) + f" doc{i}"} for i in range(60)]
+    write_jsonl(p, recs)
+    corpus = plan_inputs([str(p)])
+    units = split_units(corpus.files, unit_bytes)
+    if unit_bytes < os.path.getsize(p):
+        assert len(units) > 1
+    got = [d.text for u in units for d in iter_unit(u)]
+    assert got == [r["text"] for r in recs]
+
+
+@pytest.mark.parametrize("unit_bytes", [1, 300, 10**9])
+def test_parquet_row_group_ranges_cover_every_row_exactly_once(tmp_path, unit_bytes):
+    p = tmp_path / "c.parquet"
+    _parquet(p, n=50, group=7)
+    units = split_units(plan_inputs([str(p)]).files, unit_bytes)
+    assert (len(units) > 1) == (unit_bytes < 10**9)
+    assert [d.text for u in units for d in iter_unit(u)] == [f"row {i}\n  text" for i in range(50)]
+
+
+def test_small_files_are_packed_into_units_in_order(tmp_path):
+    for i in range(10):
+        (tmp_path / f"{i}.txt").write_text("a" * 100)
+    units = split_units(plan_inputs([str(tmp_path)]).files, 350)
+    assert [len(u.pieces) for u in units] == [3, 3, 3, 1]
+    assert [u.name for u in units] == [f"part-{i:05d}" for i in range(4)]
+
+
+def test_invalid_utf8_is_replaced_and_counted(tmp_path):
+    (tmp_path / "bad.txt").write_bytes(b"caf\xe9 ok \xff\xfe end")
+    p = tmp_path / "bad.jsonl"
+    p.write_bytes(b'{"text": "good"}\n{"text": "bad \xff byte"}\n')
+    stats = ReadStats()
+    got = texts(plan_inputs([str(tmp_path / "bad.txt"), str(p)]), stats=stats)
+    assert got == ["caf\ufffd ok \ufffd\ufffd end", "good", "bad \ufffd byte"]
+    assert stats.counts == {"invalid_utf8": 2}
+    assert f"{p}:2: invalid_utf8" in stats.examples
+
+
+def test_lone_surrogate_escapes_are_replaced_and_counted(tmp_path):
+    p = tmp_path / "s.jsonl"
+    p.write_text('{"text": "a \\ud800 b \\ud83d\\ude00"}\n')
+    stats = ReadStats()
+    assert texts(plan_inputs([str(p)]), stats=stats) == ["a \ufffd b \U0001F600"]
+    assert stats.counts == {"invalid_utf8": 1}
+
+
+def test_empty_and_whitespace_documents_are_skipped_and_counted(tmp_path):
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "ws.md").write_text(" \n\t \r\n")
+    (tmp_path / "ok.txt").write_text(" ok ")
+    write_jsonl(tmp_path / "c.jsonl", [{"text": ""}, {"text": "  \n"}, {"text": "fine"}])
+    stats = ReadStats()
+    assert texts(plan_inputs([str(tmp_path)]), stats=stats) == ["fine", " ok "]
+    assert stats.counts == {"empty": 4}
+
+
+BAD_LINES = [
+    '{"text": "one"}',
+    'this is not json',
+    '{"text": "three"}',
+    '{"body": "no text field"}',
+    '["a", "list"]',
+    '{"text": 42}',
+    '',
+    '{"text": "eight"',
+    '{"text": "nine"}',
+]
+
+
+def test_bad_jsonl_lines_are_skipped_and_counted_with_file_and_line(tmp_path):
+    p = tmp_path / "c.jsonl"
+    write_jsonl(p, BAD_LINES)
+    stats = ReadStats()
+    assert texts(plan_inputs([str(p)]), stats=stats) == ["one", "three", "nine"]
+    assert stats.counts == {"invalid_json": 3, "missing_text_field": 1, "non_string_text": 1}
+    assert stats.examples == [f"{p}:2: invalid_json", f"{p}:4: missing_text_field", f"{p}:5: invalid_json",
+                              f"{p}:6: non_string_text", f"{p}:8: invalid_json"]
+
+
+def test_line_numbers_are_right_inside_later_byte_ranges(tmp_path):
+    p = tmp_path / "c.jsonl"
+    write_jsonl(p, [{"text": f"doc {i}"} for i in range(40)] + ["garbage"] + [{"text": "last"}])
+    units = split_units(plan_inputs([str(p)]).files, 50)
+    stats = ReadStats()
+    for u in units:
+        list(iter_unit(u, stats=stats))
+    assert stats.examples == [f"{p}:41: invalid_json"]
+    with pytest.raises(DataError, match=rf"{p}:41: not valid JSON \(--strict\)"):
+        for u in units:
+            list(iter_unit(u, strict=True))
+
+
+@pytest.mark.parametrize("line_no,needle", [(2, "not valid JSON"), (4, "no field 'text'"), (6, "is int")])
+def test_strict_makes_bad_lines_fatal_naming_file_and_line(tmp_path, line_no, needle):
+    p = tmp_path / "c.jsonl"
+    write_jsonl(p, ['{"text": "ok"}'] * (line_no - 1) + [BAD_LINES[line_no - 1], '{"text": "after"}'])
+    with pytest.raises(DataError, match=rf"{p}:{line_no}: .*{needle}"):
+        texts(plan_inputs([str(p)]), strict=True)
+
+
+def test_missing_inputs_fail_before_reading(tmp_path):
+    (tmp_path / "ok.txt").write_text("ok")
+    with pytest.raises(DataError, match="nope.txt: no such file or directory"):
+        plan_inputs([str(tmp_path / "ok.txt"), str(tmp_path / "nope.txt")])
+    with pytest.raises(DataError, match=r"\*.jsonl: no file matches"):
+        plan_inputs([str(tmp_path / "*.jsonl")])
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "x.png").write_bytes(b"\0")
+    with pytest.raises(DataError, match="no supported input files"):
+        plan_inputs([str(tmp_path / "d")])
+
+
+def test_missing_id_falls_back_to_position_and_is_counted(tmp_path):
+    p = tmp_path / "c.jsonl"
+    write_jsonl(p, [{"text": "a", "id": "A"}, {"text": "b"}])
+    stats = ReadStats()
+    docs = list(iter_piece(Piece(plan_inputs([str(p)]).files[0]), id_field="id", stats=stats))
+    assert [d.doc_id for d in docs] == ["A", f"{p}:2"]
+    assert stats.counts == {"missing_id": 1}

@@ -1,0 +1,178 @@
+"""Tokenizer (issue 3): lossless SentencePiece settings, reserved ids, sampling, errors."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from data_pipeline.errors import DataError
+from data_pipeline.tokenizer import (BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer, reservoir_sample, train_tokenizer,
+                                     trainer_sentences)
+
+CODE = '''import os
+
+
+class Thing:
+    """A thing."""
+
+    def __init__(self, x: int = 0) -> None:
+\tself.x = x  # tab-indented on purpose
+        if x > 10:
+            raise ValueError("too big: %d" % x)
+
+    def total(self, items):
+        return sum(i * 2 for i in items)   
+'''
+PROSE = ("The quick brown fox jumps over the lazy dog. It was 1984 and the clocks struck 13.\n"
+         "Naïve café owners paid €12.50 for crème brûlée.\r\n\n  Indented paragraph with  two spaces.\n")
+
+
+def _corpus(tmp_path, n: int = 40):
+    d = tmp_path / "corpus"
+    d.mkdir()
+    rng = random.Random(0)
+    for i in range(n):
+        words = " ".join(rng.choice(["alpha", "beta", "gamma", "delta", "return", "print(x)", "for i in range(3):"])
+                         for _ in range(60))
+        (d / f"f{i:03d}.py").write_text(CODE.replace("Thing", f"Thing{i}") + words + "\n")
+        (d / f"p{i:03d}.md").write_text(PROSE * (1 + i % 3) + words)
+    return d
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory) -> Tokenizer:
+    tmp = tmp_path_factory.mktemp("tok")
+    return train_tokenizer([str(_corpus(tmp))], tmp / "t.model", vocab_size=600)
+
+
+TRICKY = [
+    CODE,
+    PROSE,
+    "\tx\t\ty\n\n\n    z   \n",  # tabs, blank lines, trailing spaces
+    "  leading and trailing  ",
+    "ctrl \x00\x01\x07\x08\x0b\x0c\x1b[31mred\x1b[0m\x7f end",  # control characters
+    "unseen: 日本語のテキスト 🎉🚀 Ωμέγα ĳ ﬁ Å Å \u200b\u00a0\ufeff",  # unseen chars, NFKC-sensitive forms
+    "a\u2581b \u2581\u2581 c\u2581",  # SentencePiece's own whitespace marker
+    "literal specials: <s> </s> <pad> <unk> <0x41>",
+    "digits 1234567890 3.14159",
+    "\r\n\r\n",
+    " ",
+    "x",
+]
+
+
+@pytest.mark.parametrize("text", TRICKY)
+def test_decode_encode_is_identity(tok, text):
+    ids = tok.encode(text)
+    assert all(isinstance(i, int) for i in ids)
+    assert tok.decode(ids) == text
+    assert UNK_ID not in ids  # byte fallback, never <unk>
+
+
+def test_reserved_ids_and_no_bos_eos_added(tok):
+    assert (tok.unk_id, tok.bos_id, tok.eos_id, tok.pad_id) == (UNK_ID, BOS_ID, EOS_ID, PAD_ID)
+    ids = tok.encode("literal specials: <s> </s> <pad>")
+    assert not {BOS_ID, EOS_ID, PAD_ID} & set(ids)  # specials are never produced from text
+    assert tok.vocab_size <= 600 and tok.token_dtype.name == "uint16"
+    assert len(tok.sha256) == 64
+
+
+def test_batch_encode_matches_single(tok):
+    arrs = tok.encode_batch(TRICKY)
+    assert [a.tolist() for a in arrs] == [tok.encode(t) for t in TRICKY]
+    assert all(tok.decode(a) == t for a, t in zip(arrs, TRICKY))
+
+
+def test_digits_are_split(tok):
+    ids = tok.encode("1234567890")
+    assert len(ids) == 10
+
+
+def test_indentation_runs_become_pieces(tok):
+    # allow_whitespace_only_pieces: 8 spaces of indentation is not 8 tokens
+    assert len(tok.encode("        ")) < 8
+
+
+def test_unigram_is_lossless_too(tmp_path):
+    t = train_tokenizer([str(_corpus(tmp_path, 20))], tmp_path / "u.model", vocab_size=500, model_type="unigram")
+    for text in TRICKY:
+        assert t.decode(t.encode(text)) == text
+
+
+def test_special_tokens_are_reserved_control_symbols(tmp_path):
+    t = train_tokenizer([str(_corpus(tmp_path, 10))], tmp_path / "s.model", vocab_size=500,
+                        special_tokens=["<mask>", "<sep>"])
+    mask = t.sp.piece_to_id("<mask>")
+    assert mask not in (UNK_ID,) and t.sp.is_control(mask)
+    assert mask not in t.encode("a <mask> b")
+    assert t.decode(t.encode("a <mask> b")) == "a <mask> b"
+
+
+def test_vocab_too_small_is_a_clear_error(tmp_path):
+    with pytest.raises(DataError, match=r"--vocab-size 256 is too small.*at least \d+"):
+        train_tokenizer([str(_corpus(tmp_path, 5))], tmp_path / "x.model", vocab_size=256)
+    assert not (tmp_path / "x.model").exists()
+
+
+def test_vocab_larger_than_corpus_supports_gives_fewer_pieces(tmp_path, capsys):
+    t = train_tokenizer([str(_corpus(tmp_path, 3))], tmp_path / "big.model", vocab_size=20000)
+    assert 260 < t.vocab_size < 20000
+    assert "supports" in capsys.readouterr().err
+
+
+def test_trains_from_jsonl_text_field(tmp_path):
+    p = tmp_path / "c.jsonl"
+    p.write_text("".join(json.dumps({"body": PROSE + str(i)}) + "\n" for i in range(30)))
+    t = train_tokenizer([str(p)], tmp_path / "j.model", vocab_size=400, text_field="body")
+    assert t.decode(t.encode(PROSE)) == PROSE
+    with pytest.raises(DataError, match="no non-empty documents"):
+        train_tokenizer([str(p)], tmp_path / "k.model", vocab_size=400)  # field "text" is missing everywhere
+
+
+def test_missing_input_is_an_error(tmp_path):
+    with pytest.raises(DataError, match="nope: no such file"):
+        train_tokenizer([str(tmp_path / "nope")], tmp_path / "t.model", vocab_size=400)
+
+
+def test_bad_model_file_is_an_error(tmp_path):
+    (tmp_path / "bad.model").write_bytes(b"not a model")
+    with pytest.raises(DataError, match="bad.model"):
+        Tokenizer(tmp_path / "bad.model")
+    with pytest.raises(DataError, match="no such file"):
+        Tokenizer(tmp_path / "absent.model")
+
+
+def test_reservoir_sample_is_bounded_uniform_and_deterministic():
+    docs = [f"doc{i}" * 10 for i in range(5000)]
+    a = reservoir_sample(iter(docs), 100, seed=1, max_doc_chars=7)
+    assert a == reservoir_sample(iter(docs), 100, seed=1, max_doc_chars=7)
+    assert a != reservoir_sample(iter(docs), 100, seed=2, max_doc_chars=7)
+    assert len(a) == 100 and all(len(d) <= 7 for d in a)
+    # corpus order is kept, and the sample reaches the end of the corpus (not just a prefix)
+    idx = [docs.index(next(x for x in docs if x.startswith(d))) for d in a[:3]]
+    assert idx == sorted(idx)
+    picked = {int(d[3:].split("d")[0]) for d in reservoir_sample(iter(docs), 200, 0, 10_000)}
+    assert max(picked) > 4000 and min(picked) < 1000
+    assert reservoir_sample(iter(["a", "b"]), 10, 0, 5) == ["a", "b"]
+
+
+def test_trainer_sentences_keep_everything_in_bounded_pieces():
+    doc = ("line\twith tab\n" * 500) + "x" * 10_000 + "\n  tail  "
+    pieces = list(trainer_sentences([doc], chunk_chars=1000))
+    assert "".join(pieces) == doc
+    assert max(map(len, pieces)) <= 1000
+
+
+def test_cli_tokenizer_train(tmp_path, capsys):
+    from train.cli import main
+
+    rc = main(["tokenizer", "train", "--input", str(_corpus(tmp_path, 5)), "--vocab-size", "400", "--out",
+               str(tmp_path / "cli.model")])
+    assert rc == 0 and (tmp_path / "cli.model").exists()
+    assert "sha256=" in capsys.readouterr().out
+    rc = main(["tokenizer", "train", "--input", str(tmp_path / "missing"), "--vocab-size", "400", "--out",
+               str(tmp_path / "m.model")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.startswith("mnemo: error: input") and "missing" in err and "\n" not in err

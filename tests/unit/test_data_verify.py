@@ -1,0 +1,126 @@
+"""`mnemo data verify` / `inspect` (issue 3): a damaged shard is found and named."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from data_pipeline.errors import DataError
+from data_pipeline.prepare import prepare
+from data_pipeline.tokenizer import train_tokenizer
+from data_pipeline.verify import check_tokenizer, inspect, read_manifest, verify
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("v")
+    src = root / "src"
+    src.mkdir()
+    for i in range(30):
+        (src / f"f{i:02d}.py").write_text(f"def f{i}():\n    return {i}\n" * (1 + i))
+    train_tokenizer([str(src)], root / "t.model", vocab_size=400)
+    out = root / "data"
+    prepare([str(src)], str(out), tokenizer=str(root / "t.model"), workers=1, unit_bytes=2000)
+    return out
+
+
+@pytest.fixture
+def copy(dataset, tmp_path) -> Path:
+    d = tmp_path / "data"
+    shutil.copytree(dataset, d)
+    return d
+
+
+def _shard(d: Path, k: int = 1) -> tuple[str, Path]:
+    index = json.loads((d / "index.json").read_text())
+    name = index["shards"][k]["zip_data"]["basename"]
+    return name, d / name
+
+
+def test_good_dataset_verifies(dataset):
+    rep = verify(str(dataset))
+    m = read_manifest(str(dataset))
+    assert rep["ok"] and rep["documents"] == m["num_documents"] == 30 and rep["tokens"] == m["num_tokens"]
+    assert rep["shards"] > 3
+
+
+def test_flipped_byte_names_the_shard(copy):
+    name, path = _shard(copy)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=rf"shard {name}: sha1 does not match index.json \(corrupted\)"):
+        verify(str(copy))
+
+
+def test_truncated_shard_is_named(copy):
+    name, path = _shard(copy, 2)
+    path.write_bytes(path.read_bytes()[:-10])
+    with pytest.raises(DataError, match=rf"shard {name}: \d+ bytes, index.json says \d+ \(truncated"):
+        verify(str(copy))
+
+
+def test_missing_shard_is_named(copy):
+    name, path = _shard(copy, 0)
+    path.unlink()
+    with pytest.raises(DataError, match=rf"shard {name}: missing"):
+        verify(str(copy))
+
+
+def test_index_and_manifest_disagreeing_is_found(copy):
+    m = json.loads((copy / "manifest.json").read_text())
+    m["num_documents"] += 1
+    m["parts"] = []
+    (copy / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(DataError, match="30 samples in the shards, manifest.json says 31"):
+        verify(str(copy))
+
+
+def test_part_count_mismatch_names_the_part(copy):
+    m = json.loads((copy / "manifest.json").read_text())
+    m["parts"][1]["documents"] += 2
+    (copy / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(DataError, match="part part-00001: .* manifest.json says"):
+        verify(str(copy))
+
+
+def test_tokenizer_copy_must_match(copy):
+    (copy / "tokenizer.model").write_bytes(b"x")
+    with pytest.raises(DataError, match="tokenizer.model: sha256 differs"):
+        verify(str(copy))
+
+
+def test_not_a_dataset(tmp_path):
+    with pytest.raises(DataError, match="no such directory"):
+        verify(str(tmp_path / "nothing"))
+    with pytest.raises(DataError, match="manifest.json: missing"):
+        verify(str(tmp_path))
+
+
+def test_check_tokenizer(dataset):
+    m = read_manifest(str(dataset))
+    assert check_tokenizer(str(dataset), m["tokenizer_sha256"]) == m
+    with pytest.raises(DataError, match="was tokenized with tokenizer sha256"):
+        check_tokenizer(str(dataset), "0" * 64)
+
+
+def test_inspect_report(dataset):
+    rep = inspect(str(dataset), num_samples=2)
+    assert rep["documents"] == 30 and rep["passkey_documents"] == 0
+    p = rep["length_percentiles"]
+    assert p["p0"] <= p["p50"] <= p["p90"] <= p["p100"]
+    assert sum(c for _, _, c in rep["length_histogram"]) == 30
+    assert [s["text"][:9] for s in rep["samples"]] == ["def f0():", "def f1():"]
+
+
+def test_cli_verify_names_the_bad_shard(copy, capsys):
+    from train.cli import main
+
+    name, path = _shard(copy)
+    path.write_bytes(b"\0" * path.stat().st_size)
+    assert main(["data", "verify", str(copy)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("mnemo: error: shard ") and name in err and "\n" not in err

@@ -1,0 +1,410 @@
+"""Evaluation: bucketing against a hand-computed example, greedy scoring, passkey end to end, ablations.
+
+Most tests use tiny fake models with the MemoryTransformer call signature
+(``init_state``, ``model(tokens, state) -> (logits, state)``, ``state.reset``)
+whose behaviour is known exactly; the last ones run the real debug-size model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sysconfig
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from data_pipeline.tokenizer import Tokenizer, train_from_texts
+from train.config import Config
+from train.errors import UserError
+from train.evaluate import (ablation_table, bucket_lower, evaluate, flat_metrics, format_table, loss_by_position,
+                            passkey_report, plots, score_greedy, score_teacher_forced)
+
+V = 16
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny matmuls on a shared 2-core machine: a second thread only adds contention (10x slower seen).
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+class CountState:
+    """Per slot: tokens of the document the memory holds (all of them, or 0 without memory)."""
+
+    def __init__(self, count: torch.Tensor, memory: bool, history: list[list[int]]):
+        self.count, self.memory, self.history = count, memory, history
+
+    def reset(self, mask: torch.Tensor) -> "CountState":
+        hist = [[] if m else h for h, m in zip(self.history, mask.tolist())]
+        return CountState(torch.where(mask, torch.zeros_like(self.count), self.count), self.memory, hist)
+
+    def detach(self) -> "CountState":
+        return self
+
+
+class CountingModel:
+    """Predicts next = (token + 1) % V; the loss of that prediction is loss_fn(c), where
+    c = tokens of the document visible before the input token (memory + this call).
+
+    Logits: 0 for the predicted token, x elsewhere with (V-1) e^x + 1 = e^loss,
+    so -log_softmax[predicted] = loss exactly.
+    """
+
+    def __init__(self, loss_fn=lambda c: 1.0 + c):
+        self.loss_fn = loss_fn
+        self.calls: list[tuple[int, int]] = []
+
+    def init_state(self, batch_size, stm=True, ltm=True, device=None, dtype=None):
+        return CountState(torch.zeros(batch_size, dtype=torch.long), stm or ltm, [[] for _ in range(batch_size)])
+
+    def __call__(self, tokens: torch.Tensor, state: CountState):
+        B, T = tokens.shape
+        self.calls.append((B, T))
+        c = state.count[:, None] + torch.arange(T)[None]  # [B, T]
+        loss = torch.tensor([[self.loss_fn(int(v)) for v in row] for row in c], dtype=torch.float64)
+        x = torch.log((loss.exp() - 1) / (V - 1))  # [B, T]
+        logits = x[..., None].expand(B, T, V).clone()
+        logits.scatter_(-1, ((tokens + 1) % V)[..., None], 0.0)
+        new = state.count + T if state.memory else state.count
+        return logits.float(), CountState(new, state.memory, state.history)
+
+
+# Documents of the (token + 1) % V pattern: the prediction is always right.
+DOC_A = np.arange(7)  # 6 predictions at positions p = 0..5
+DOC_B = np.arange(3, 7)  # 3 predictions at p = 0..2
+DOC_C = np.arange(5, 10)  # 4 predictions at p = 0..3
+
+
+def test_bucket_lower():
+    T = 4
+    p = np.array([0, 3, 4, 7, 8, 15, 16, 31, 32, 63, 64, 1000, 4 * 2 ** 30 + 5])
+    want = np.array([0, 0, 4, 4, 8, 8, 16, 16, 32, 32, 64, 512, 4 * 2 ** 30])
+    assert bucket_lower(p, T).tolist() == want.tolist()
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 3])
+def test_loss_by_position_hand_computed(batch_size):
+    # T = 2, loss = 1 + p with memory. Buckets [0,2), [2,4), [4,8):
+    #   "0": A p=0,1 -> 1,2; B p=0,1 -> 1,2            mean 1.5
+    #   "2": A p=2,3 -> 3,4; B p=2 -> 3                 mean 10/3
+    #   "4": A p=4,5 -> 5,6                             mean 5.5
+    #   all: (21 + 6) / 9 = 3
+    r = loss_by_position(CountingModel(), [DOC_A, DOC_B], segment_len=2, batch_size=batch_size)
+    assert set(r) == {"0", "2", "4", "loss", "bits_per_token", "tokens"}
+    assert r["0"] == pytest.approx(1.5, abs=1e-5)
+    assert r["2"] == pytest.approx(10 / 3, abs=1e-5)
+    assert r["4"] == pytest.approx(5.5, abs=1e-5)
+    assert r["loss"] == pytest.approx(3.0, abs=1e-5)
+    assert r["bits_per_token"] == pytest.approx(3.0 / math.log(2), abs=1e-5)
+    assert r["tokens"] == 9
+
+
+def test_loss_by_position_without_memory_and_slot_reuse():
+    # Without memory the model sees only its segment: loss = 1 + (p mod 2).
+    #   "0": A 1,2; B 1,2 -> 1.5   "2": A 1,2; B 1 -> 4/3   "4": A 1,2 -> 1.5
+    r = loss_by_position(CountingModel(), [DOC_A, DOC_B], 2, 2, stm=False, ltm=False)
+    assert (r["0"], r["2"], r["4"]) == pytest.approx((1.5, 4 / 3, 1.5), abs=1e-5)
+    # With memory, a slot that takes a new document must start from zero:
+    # B ends first and its slot takes C (p = 0..3 -> 1,2,3,4).
+    r = loss_by_position(CountingModel(), [DOC_A, DOC_B, DOC_C], 2, 2)
+    assert r["0"] == pytest.approx((3 + 3 + 3) / 6, abs=1e-5)
+    assert r["2"] == pytest.approx((3 + 4 + 3 + 3 + 4) / 5, abs=1e-5)
+    assert r["4"] == pytest.approx(5.5, abs=1e-5)
+
+
+def test_loss_by_position_same_forward_calls():
+    docs = [np.arange(n) % V for n in (40, 9, 2, 1, 23, 17)]
+    m1, m2 = CountingModel(lambda c: 0.5), CountingModel(lambda c: 0.5)
+    a = loss_by_position(m1, docs, 4, 3)
+    b = loss_by_position(m2, docs, 4, 3)
+    assert a == b and m1.calls == m2.calls and len(m1.calls) > 0
+    assert all(c == (3, 4) for c in m1.calls)
+
+
+def test_ablation_table_flags():
+    t = ablation_table(CountingModel(), [DOC_A, DOC_B], 2, 2)
+    assert list(t) == ["memory", "no_ltm", "no_stm", "no_memory"]
+    assert t["memory"]["loss"] == pytest.approx(3.0, abs=1e-5)
+    assert t["no_memory"]["loss"] == pytest.approx(13 / 9, abs=1e-5)
+    # The fake keeps full memory when either kind is on.
+    assert t["no_ltm"]["loss"] == pytest.approx(3.0, abs=1e-5)
+
+
+# ------------------------------------------------------------------ greedy scoring
+
+
+def _sample(tokens, answer_start, answer_len):
+    return {"tokens": np.asarray(tokens, dtype=np.int64), "answer_start": answer_start, "answer_len": answer_len}
+
+
+def test_score_greedy_feeds_its_own_predictions():
+    m = CountingModel(lambda c: 0.5)  # next = token + 1, always the argmax
+    samples = [
+        _sample(list(range(10)), 7, 3),  # answer 7 8 9: right
+        _sample(list(range(8)) + [8, 5], 7, 3),  # answer 7 8 5: last digit wrong
+        _sample(list(range(7)) + [9, 10, 11], 7, 3),  # first wrong; teacher forcing would get 10, 11
+        _sample([3, 4, 5, 6, 7], 3, 2),  # another prompt length: its own batch
+    ]
+    preds = score_greedy(m, samples, segment_len=3, batch_size=8)
+    assert [p.tolist() for p in preds] == [[7, 8, 9], [7, 8, 9], [7, 8, 9], [6, 7]]
+    # Prompt 7 = segments 3, 3, then the partial last segment is re-read with each
+    # predicted token: [6], [6, 7], [6, 7, 8]. Prompt 3 = one segment, then [6].
+    assert m.calls == [(3, 3), (3, 3), (3, 1), (3, 2), (3, 3), (1, 3), (1, 1)]
+
+
+def test_teacher_forced_scoring_agrees_with_greedy_exact_match():
+    from train.evaluate import _cell_stats
+
+    samples = [_sample(list(range(10)), 7, 3), _sample(list(range(8)) + [8, 5], 7, 3),
+               _sample(list(range(7)) + [9, 10, 11], 7, 3)]
+    m = CountingModel(lambda c: 0.5)
+    exact_g, digit_g = _cell_stats(samples, score_greedy(m, samples, 3, 2))
+    preds, losses = score_teacher_forced(m, samples, 3, 2)
+    # Teacher forcing reads the true answer tokens: 9 -> 10 -> 11 are predicted after the first miss.
+    assert [p.tolist() for p in preds] == [[7, 8, 9], [7, 8, 9], [7, 10, 11]]
+    exact_t, digit_t = _cell_stats(samples, preds)
+    assert exact_g.tolist() == exact_t.tolist() == [True, False, False]
+    assert digit_g.tolist() == pytest.approx([1.0, 2 / 3, 0.0])
+    assert digit_t.tolist() == pytest.approx([1.0, 2 / 3, 2 / 3])
+    # Loss 0.5 where the target is the predicted token; 0.5 - x elsewhere (x = the other logits).
+    x = math.log((math.exp(0.5) - 1) / (V - 1))
+    assert losses[0].tolist() == pytest.approx([0.5] * 3, abs=1e-5)
+    assert losses[1].tolist() == pytest.approx([0.5, 0.5, 0.5 - x], abs=1e-5)
+    # One pass: segments [0,3) [3,6) and the partial [6, 9) (inputs end before the last answer token).
+    m.calls.clear()
+    score_teacher_forced(m, samples, 3, 8)
+    assert m.calls == [(3, 3), (3, 3), (3, 3)]
+
+
+class InductionState:
+    def __init__(self, history, memory):
+        self.history, self.memory = history, memory
+
+    def reset(self, mask):
+        return InductionState([[] if m else h for h, m in zip(self.history, mask.tolist())], self.memory)
+
+
+class InductionModel:
+    """Predicts the token that followed the longest earlier match (up to 8 tokens) of the
+    current context: a perfect copier over whatever its memory holds. Without memory
+    it sees only the tokens of the current call."""
+
+    def __init__(self, vocab: int):
+        self.V = vocab
+
+    def init_state(self, batch_size, stm=True, ltm=True, device=None, dtype=None):
+        return InductionState([[] for _ in range(batch_size)], stm or ltm)
+
+    @staticmethod
+    def _predict(a: np.ndarray, t: int) -> int:
+        """Next token after a[t]: what followed the latest earlier occurrence of the longest match."""
+        cand = np.arange(t)  # earlier positions j whose suffix may match the suffix ending at t
+        for k in range(8):
+            ok = cand[(cand - k >= 0) & (a[np.maximum(cand - k, 0)] == a[t - k])] if t - k >= 0 else cand[:0]
+            if ok.size == 0:
+                break
+            cand = ok
+        return int(a[cand.max() + 1]) if cand.size and cand.size < t else 0
+
+    def __call__(self, tokens, state):
+        B, T = tokens.shape
+        logits = torch.zeros(B, T, self.V)
+        hist = []
+        for b in range(B):
+            h = (state.history[b] if state.memory else []) + tokens[b].tolist()
+            a, off = np.asarray(h), len(h) - T
+            for i in range(T):
+                logits[b, i, self._predict(a, off + i)] = 5.0
+            hist.append(h)
+        return logits, InductionState(hist, state.memory)
+
+
+def _stdlib_texts(n: int = 10) -> list[str]:
+    files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[:n]
+    return [f.read_text(encoding="utf-8", errors="replace") for f in files]
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory) -> Tokenizer:
+    return train_from_texts(_stdlib_texts(), tmp_path_factory.mktemp("tok") / "t.model", vocab_size=600,
+                            num_threads=1)
+
+
+@pytest.fixture(scope="module")
+def corpus(tok) -> list[np.ndarray]:
+    return [np.append(np.asarray(tok.encode(t), dtype=np.int64), tok.eos_id) for t in _stdlib_texts()[2:8]]
+
+
+def test_passkey_end_to_end_memory_vs_none(tok, corpus):
+    m = InductionModel(tok.vocab_size)
+    rep = passkey_report(m, tok, corpus, 64, distances=[0, 1, 3], trials=6, seed=1, batch_size=4)
+    assert rep["accuracy"] == {"0": 1.0, "1": 1.0, "3": 1.0}
+    assert set(rep["by_depth"]["3"]) == {"start", "middle", "end"}
+    off = passkey_report(m, tok, corpus, 64, distances=[0, 1, 3], trials=6, seed=1, batch_size=4, stm=False,
+                         ltm=False)
+    assert off["accuracy"]["0"] == 1.0  # the key is in the question's own segment
+    assert off["accuracy"]["1"] == 0.0 and off["accuracy"]["3"] == 0.0
+    greedy = passkey_report(m, tok, corpus, 64, distances=[0, 1, 3], trials=6, seed=1, batch_size=4, stm=False,
+                            ltm=False, decode="greedy")
+    assert greedy["accuracy"] == off["accuracy"]
+    # Multi-key: the copier finds the door named in the question.
+    mk = passkey_report(m, tok, corpus, 128, distances=[2], trials=4, seed=1, batch_size=4, n_keys=3)
+    assert mk["accuracy"] == {"2": 1.0}
+    # Same seed, same documents: a deterministic report.
+    assert passkey_report(m, tok, corpus, 64, distances=[1], trials=3, seed=1) == \
+        passkey_report(m, tok, corpus, 64, distances=[1], trials=3, seed=1)
+
+
+def _cfg(T: int) -> Config:
+    cfg = Config()
+    cfg.model.segment_len = T
+    cfg.eval.max_docs = 4
+    cfg.eval.max_doc_tokens = 300
+    cfg.eval.passkey_trials = 3
+    cfg.eval.passkey_distances = [1, 2]
+    cfg.train.batch_size = 4
+    return cfg
+
+
+def test_evaluate_json_table_plots(tok, corpus, tmp_path):
+    res = evaluate(InductionModel(tok.vocab_size), tok, corpus, _cfg(64), seed=0)
+    json.dumps(res)  # JSON-ready
+    assert res["segment_len"] == 64 and res["num_docs"] == 4
+    assert list(res["loss_by_position"]) == ["0", "64", "128", "256"]  # 299 predictions per document
+    assert res["passkey"] == {"1": 1.0, "2": 1.0}
+    assert list(res["ablations"]) == ["memory", "no_ltm", "no_stm", "no_memory"]
+    assert res["passkey_by_depth"]["2"] == {"start": 1.0, "middle": 1.0, "end": 1.0}
+    text = format_table(res)
+    assert "[64, 128)" in text and "no_memory" in text and "passkey" in text
+    m = flat_metrics(res)
+    assert m["eval/passkey_d2"] == 1.0 and "eval/loss_pos_64" in m
+    paths = plots(res, tmp_path)
+    assert [Path(p).name for p in paths] == ["loss_by_position.png", "passkey_accuracy.png"]
+    assert all(Path(p).read_bytes()[:4] == b"\x89PNG" for p in paths)
+    res2 = evaluate(InductionModel(tok.vocab_size), tok, corpus, _cfg(64), ablations=False, passkey=False)
+    assert list(res2["ablations"]) == ["memory"] and "passkey" not in res2
+
+
+# ------------------------------------------------------------------ the real model
+
+
+def _real_model(vocab: int, T: int):
+    from model import MemoryTransformer, ModelArgs
+
+    torch.manual_seed(0)
+    return MemoryTransformer(ModelArgs(vocab_size=vocab, stm_length=T, ltm_kind="knn", ltm_capacity=512, ltm_topk=4,
+                                       ltm_layers=(2,))).eval()
+
+
+def test_real_model_batch_invariant_and_ablations():
+    T = 16
+    m = _real_model(200, T)
+    g = np.random.default_rng(0)
+    docs = [g.integers(4, 200, n) for n in (70, 33, 100, 17, 2, 50)]
+    one = loss_by_position(m, docs, T, 1)
+    three = loss_by_position(m, docs, T, 3)
+    assert set(one) == {"0", "16", "32", "64", "loss", "bits_per_token", "tokens"}
+    assert one["tokens"] == sum(len(d) - 1 for d in docs)
+    for k in one:
+        assert three[k] == pytest.approx(one[k], abs=1e-4), k
+    t = ablation_table(m, docs, T, 4)
+    losses = [t[n]["loss"] for n in ("memory", "no_ltm", "no_stm", "no_memory")]
+    assert len({round(x, 6) for x in losses}) == 4  # each switch changes something
+    # Segment 0 sees no memory: its bucket is the same in every column.
+    assert len({round(t[n]["loss_by_position"]["0"], 5) for n in t}) == 1
+
+
+def test_real_model_passkey(tok, corpus):
+    from train.evaluate import passkey_samples
+
+    m = _real_model(tok.vocab_size, 64)
+    acc = passkey_report(m, tok, corpus, 64, distances=[1, 2], trials=4, seed=0, batch_size=3)
+    assert set(acc["accuracy"]) == {"1", "2"}
+    assert all(0.0 <= v <= 1.0 for v in acc["accuracy"].values())
+    assert all(0.0 <= v <= 1.0 for v in acc["digit_accuracy"].values())
+    assert all(v > 0 for v in acc["answer_loss"].values())
+    # Rewrite each answer as the model's own greedy output: then teacher forcing must find
+    # every answer token as its argmax (exact match 1), and the original answers not.
+    samples = passkey_samples(tok, corpus, 64, 2, trials=5, seed=3)
+    greedy = score_greedy(m, samples, 64, 2)
+    for s, g in zip(samples, greedy):
+        s["tokens"] = s["tokens"].copy()
+        s["tokens"][s["answer_start"]:s["answer_start"] + s["answer_len"]] = g
+    preds, _ = score_teacher_forced(m, samples, 64, 4)
+    assert all(np.array_equal(p, g) for p, g in zip(preds, greedy))
+
+
+def _write_mds(root: Path, tok: Tokenizer, texts: list[str]) -> Path:
+    from streaming import MDSWriter
+
+    from data_pipeline.passkey import make_passkey_sample
+
+    cols = {"tokens": "ndarray:uint16", "doc_id": "str", "source": "str", "answer_start": "int32",
+            "answer_len": "int32"}
+    filler = np.concatenate([np.asarray(tok.encode(t)) for t in texts])
+    with MDSWriter(out=str(root), columns=cols, compression=None) as w:
+        for i, t in enumerate(texts):
+            ids = np.append(np.asarray(tok.encode(t), dtype=np.uint16), tok.eos_id).astype(np.uint16)
+            w.write({"tokens": ids, "doc_id": f"d{i}", "source": f"f{i}.py", "answer_start": -1, "answer_len": 0})
+        for i in range(4):
+            s = make_passkey_sample(tok, filler, 1, "start", 64, np.random.default_rng(i))
+            w.write({"tokens": s["tokens"].astype(np.uint16), "doc_id": f"p{i}", "source": "passkey",
+                     "answer_start": s["answer_start"], "answer_len": s["answer_len"]})
+    import shutil
+
+    shutil.copy(tok.path, root / "tokenizer.model")
+    (root / "manifest.json").write_text(json.dumps({"tokenizer_sha256": tok.sha256, "vocab_size": tok.vocab_size,
+                                                    "eos_id": tok.eos_id}))
+    return root
+
+
+def test_eval_cli(tok, tmp_path, capsys):
+    import argparse
+    import dataclasses
+
+    from safetensors.torch import save_file
+
+    from train.config import to_dict
+    from train.evaluate import register
+
+    T = 64
+    exp = tmp_path / "export"
+    exp.mkdir()
+    m = _real_model(tok.vocab_size, T)
+    save_file({k: v.contiguous() for k, v in m.state_dict().items() if k != "lm_head.weight"},
+              str(exp / "model.safetensors"))
+    (exp / "model_args.json").write_text(json.dumps(dataclasses.asdict(m.args)))
+    cfg = _cfg(T)
+    cfg.data.val_fraction = 0.5
+    (exp / "config.json").write_text(json.dumps(to_dict(cfg)))
+    import shutil
+
+    shutil.copy(tok.path, exp / "tokenizer.model")
+    data = _write_mds(tmp_path / "data", tok, [t[:3000] for t in _stdlib_texts(10)])
+
+    p = argparse.ArgumentParser()
+    register(p.add_subparsers())
+    out = tmp_path / "res.json"
+    args = p.parse_args(["eval", str(exp), "--data", str(data), "--json", str(out), "--max-docs", "3",
+                         "--passkey-trials", "3", "--distances", "1,2", "--batch-size", "4", "--plots",
+                         str(tmp_path / "plots"), "--device", "cpu"])
+    assert args.func(args) == 0
+    res = json.loads(out.read_text())
+    assert res["num_docs"] == 3 and set(res["passkey"]) == {"1", "2"}
+    assert list(res["ablations"]) == ["memory", "no_ltm", "no_stm", "no_memory"]
+    printed = capsys.readouterr().out
+    assert "loss by position" in printed and "passkey exact match" in printed
+    assert (tmp_path / "plots" / "passkey_accuracy.png").is_file()
+    # A data dir tokenized with another tokenizer is refused, naming the manifest.
+    (data / "manifest.json").write_text(json.dumps({"tokenizer_sha256": "0" * 64}))
+    with pytest.raises(UserError, match="manifest.json"):
+        args.func(args)
+    args = p.parse_args(["eval", str(exp), "--data", str(tmp_path / "missing")])
+    with pytest.raises(UserError, match="missing"):
+        args.func(args)

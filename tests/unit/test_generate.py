@@ -1,0 +1,170 @@
+"""Generation with memory: segment-faithful decoding, sampling, determinism, the CLI."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import io
+import json
+import sysconfig
+from pathlib import Path
+
+import pytest
+import torch
+
+from model import MemoryTransformer, ModelArgs
+from train.config import Config, to_dict
+from train.errors import UserError
+from train.generate import SegmentReader, TextStreamer, generate, register, sample_next
+
+T = 16
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny matmuls on a shared 2-core machine: a second thread only adds contention (10x slower seen).
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _model(vocab: int, seed: int = 0) -> MemoryTransformer:
+    torch.manual_seed(seed)
+    args = ModelArgs(vocab_size=vocab, stm_length=T, ltm_kind="knn", ltm_capacity=512, ltm_topk=4, ltm_layers=(2,))
+    return MemoryTransformer(args).eval()
+
+
+class _Tok:
+    eos_id = 2
+
+    def decode(self, ids):
+        return "".join(chr(97 + i % 26) for i in ids)
+
+
+def test_segment_reader_matches_training_segments():
+    # Tokens fed one at a time see exactly what teacher-forced training segments see.
+    m = _model(300)
+    x = torch.randint(4, 300, (2, 3 * T + 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        st, ref = m.init_state(2), []
+        for s0 in range(0, x.shape[1], T):
+            lg, st = m(x[:, s0:s0 + T], st)
+            ref.append(lg)
+        ref = torch.cat(ref, 1)  # [2, L, V]
+        r = SegmentReader(m, m.init_state(2), T)
+        got = torch.stack([r.feed(x[:, i:i + 1]) for i in range(x.shape[1])], 1)
+        assert torch.allclose(got, ref, atol=1e-4)
+        # Chunks of any size give the same last logits.
+        r2 = SegmentReader(m, m.init_state(2), T)
+        r2.feed(x[:, :5])
+        assert torch.allclose(r2.feed(x[:, 5:40]), ref[:, 39], atol=1e-4)
+        assert r2.pending.shape[1] == 40 % T
+        # step mode commits every call: the state holds every token once.
+        r3 = SegmentReader(m, m.init_state(2), T, mode="step")
+        for i in range(10):
+            r3.feed(x[:, i:i + 1])
+        assert r3.state.pos.tolist() == [10, 10]
+
+
+def test_sample_next():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.tensor([0.0, 3.0, 1.0, -1.0])
+    assert sample_next(logits, 0.0, 1.0, g) == 1
+    # top_p 0.5: only the most likely token (p ~ 0.84) survives.
+    assert {sample_next(logits, 1.0, 0.5, g) for _ in range(50)} == {1}
+    # no nucleus cut: several tokens appear
+    assert len({sample_next(logits, 2.0, 1.0, g) for _ in range(200)}) >= 3
+
+
+def test_generate_long_prompt_deterministic():
+    m = _model(300)
+    prompt = torch.randint(4, 300, (9 * T + 5,), generator=torch.Generator().manual_seed(2)).tolist()  # 10 segments
+    seen, segs = [], []
+    a = generate(m, _Tok(), prompt, T, 24, temperature=1.0, top_p=0.9, seed=5, on_token=seen.append,
+                 on_prompt_segment=lambda i, n: segs.append((i, n)), stop_at_eos=False)
+    b = generate(m, _Tok(), prompt, T, 24, temperature=1.0, top_p=0.9, seed=5, stop_at_eos=False)
+    c = generate(m, _Tok(), prompt, T, 24, temperature=1.0, top_p=0.9, seed=6, stop_at_eos=False)
+    assert len(a) == 24 and a == b and seen == a
+    assert a != c
+    assert segs == [(i, 10) for i in range(10)]
+    # Greedy continuation = argmax of the teacher-forced logits, token by token.
+    g = generate(m, _Tok(), prompt, T, 3, temperature=0.0, stop_at_eos=False)
+    full = torch.tensor(prompt + g)[None]
+    with torch.no_grad():
+        st, logits = m.init_state(1), []
+        for s0 in range(0, full.shape[1], T):
+            lg, st = m(full[:, s0:s0 + T], st)
+            logits.append(lg)
+        logits = torch.cat(logits, 1)[0]
+    assert [int(logits[len(prompt) - 1 + i].argmax()) for i in range(3)] == g
+    with pytest.raises(UserError, match="empty"):
+        generate(m, _Tok(), [], T, 3)
+
+
+def test_generate_stops_at_eos():
+    class EosModel:
+        def init_state(self, b, stm=True, ltm=True, device=None, dtype=None):
+            return None
+
+        def __call__(self, tokens, state):
+            lg = torch.zeros(*tokens.shape, 8)
+            lg[..., 2] = 10.0  # EOS always
+            return lg, state
+
+        def eval(self):
+            pass
+
+    assert generate(EosModel(), _Tok(), [5, 6], 4, 10, temperature=0.0) == []
+
+
+def test_text_streamer_holds_incomplete_characters():
+    class ByteTok:
+        def decode(self, ids):
+            return bytes(ids).decode("utf-8", errors="replace")
+
+    out = io.StringIO()
+    s = TextStreamer(ByteTok(), out)
+    for b in "hé!".encode("utf-8"):
+        s(b)
+    s.finish()
+    assert out.getvalue() == "hé!\n"
+
+
+def _export_dir(root: Path) -> Path:
+    """A random-init debug model as an export dir that load_for_inference reads."""
+    from safetensors.torch import save_file
+
+    from data_pipeline.tokenizer import train_from_texts
+
+    files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[:6]
+    tok = train_from_texts([f.read_text(encoding="utf-8", errors="replace") for f in files], root / "tokenizer.model",
+                           vocab_size=400, num_threads=1)
+    m = _model(tok.vocab_size)
+    sd = {k: v.contiguous() for k, v in m.state_dict().items() if k != "lm_head.weight"}
+    save_file(sd, str(root / "model.safetensors"))
+    (root / "model_args.json").write_text(json.dumps(dataclasses.asdict(m.args)))
+    cfg = Config()
+    cfg.model.segment_len = T
+    (root / "config.json").write_text(json.dumps(to_dict(cfg)))
+    return root
+
+
+def test_generate_cli(tmp_path, capsys):
+    exp = _export_dir(tmp_path)
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("def fibonacci(n):\n    a, b = 0, 1\n" * 12)  # > 8 segments of 16 tokens
+    p = argparse.ArgumentParser()
+    register(p.add_subparsers())
+
+    def run(*extra):
+        args = p.parse_args(["generate", str(exp), "--prompt-file", str(prompt), "--max-tokens", "20", *extra])
+        assert args.func(args) == 0
+        return capsys.readouterr()
+
+    first, second = run("--seed", "3"), run("--seed", "3")
+    assert first.out == second.out and len(first.out) > 1
+    assert "segments of 16" in first.err
+    args = p.parse_args(["generate", str(exp), "--prompt-file", str(tmp_path / "nope.txt")])
+    with pytest.raises(UserError, match="nope.txt"):
+        args.func(args)

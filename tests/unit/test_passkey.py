@@ -1,0 +1,147 @@
+"""The passkey generator: key present once, at the requested depth, D segments before the question."""
+
+from __future__ import annotations
+
+import sysconfig
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from data_pipeline.errors import DataError
+from data_pipeline.passkey import (KEY_PREFIX, KEY_SUFFIX, QUESTION, make_multikey_sample,
+                                   make_passkey_sample)
+from data_pipeline.tokenizer import Tokenizer, train_from_texts
+
+T = 128
+
+
+def _stdlib_texts(n: int = 12) -> list[str]:
+    files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[:n]
+    return [f.read_text(encoding="utf-8", errors="replace") for f in files]
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory) -> Tokenizer:
+    return train_from_texts(_stdlib_texts(), tmp_path_factory.mktemp("tok") / "t.model", vocab_size=600,
+                            num_threads=1)
+
+
+@pytest.fixture(scope="module")
+def filler(tok) -> np.ndarray:
+    # Real code with its digits (distractors) and EOS between documents.
+    docs = [np.append(np.asarray(tok.encode(t), dtype=np.int64), tok.eos_id) for t in _stdlib_texts()[3:9]]
+    return np.concatenate(docs)
+
+
+def _find(hay: np.ndarray, needle: list[int]) -> list[int]:
+    n = len(needle)
+    return [i for i in range(len(hay) - n + 1) if hay[i:i + n].tolist() == needle]
+
+
+@pytest.mark.parametrize("distance", [0, 1, 3])
+@pytest.mark.parametrize("depth", ["start", "middle", "end"])
+def test_passkey_layout(tok, filler, distance, depth):
+    rng = np.random.default_rng(distance * 10 + len(depth))
+    s = make_passkey_sample(tok, filler, distance, depth, T, rng)
+    toks, key = s["tokens"], s["key"]
+    assert toks.dtype == np.int64
+    assert len(toks) == (distance + 1) * T + 1 and toks[-1] == tok.eos_id
+    assert tok.eos_id not in toks[:-1].tolist()  # filler EOS dropped
+    assert len(key) == 5 and key.isdigit()
+
+    key_sent = tok.encode(KEY_PREFIX) + tok.encode(key) + tok.encode(KEY_SUFFIX)
+    starts = _find(toks, key_sent)
+    assert len(starts) == 1, "the key sentence appears exactly once"
+    k0 = starts[0]
+    assert k0 == s["key_offset"]
+    assert k0 + len(key_sent) <= T, "the key is in segment 0"
+    # The key's digits appear exactly twice: in the fact and in the answer.
+    assert len(_find(toks, tok.encode(key))) == 2
+
+    # The question is entirely in segment D; the answer digits are the last tokens before EOS.
+    q = tok.encode(QUESTION)
+    a0, alen = s["answer_start"], s["answer_len"]
+    assert a0 + alen == len(toks) - 1
+    assert alen == 5  # split_digits: one token per digit
+    assert tok.decode(toks[a0:a0 + alen]) == key
+    q0 = a0 - len(q)
+    assert toks[q0:a0].tolist() == q
+    assert q0 // T == distance and (a0 + alen - 1) // T == distance
+    if distance > 0:
+        # key segment 0, question segment D: D segments apart
+        assert q0 // T - k0 // T == distance
+    else:
+        assert k0 + len(key_sent) <= q0
+
+    # Depth: start = first token of the segment, end = flush with the free room's end.
+    room = T - (len(q) + alen if distance == 0 else 0)
+    want = {"start": 0, "middle": round((room - len(key_sent)) / 2), "end": room - len(key_sent)}[depth]
+    assert abs(k0 - want) <= 1
+
+    # The text reads as intended: decode of the document holds the sentences verbatim.
+    text = tok.decode(toks[:-1])
+    assert f"The pass key is {key}. Remember it." in text
+    assert text.endswith(f"What is the pass key? The pass key is {key}")
+    assert text.count(key) == 2
+
+
+def test_passkey_deterministic_and_varied(tok, filler):
+    a = make_passkey_sample(tok, filler, 2, "middle", T, np.random.default_rng(7))
+    b = make_passkey_sample(tok, filler, 2, "middle", T, np.random.default_rng(7))
+    c = make_passkey_sample(tok, filler, 2, "middle", T, np.random.default_rng(8))
+    assert np.array_equal(a["tokens"], b["tokens"]) and a["key"] == b["key"]
+    assert a["key"] != c["key"] or not np.array_equal(a["tokens"], c["tokens"])
+    # Filler is real corpus text at random offsets: not all from one place.
+    rng = np.random.default_rng(0)
+    keys = {make_passkey_sample(tok, filler, 1, "start", T, rng)["key"] for _ in range(20)}
+    assert len(keys) >= 18
+
+
+def test_passkey_list_of_documents_and_errors(tok, filler):
+    docs = [filler[:5000], filler[5000:9000]]
+    s = make_passkey_sample(tok, docs, 1, "end", T, np.random.default_rng(1))
+    assert len(s["tokens"]) == 2 * T + 1
+    with pytest.raises(DataError, match="segment length"):
+        make_passkey_sample(tok, filler, 0, "start", 20, np.random.default_rng(1))
+    with pytest.raises(DataError, match="depth"):
+        make_passkey_sample(tok, filler, 1, "bottom", T, np.random.default_rng(1))
+    with pytest.raises(DataError, match="filler"):
+        make_passkey_sample(tok, np.zeros(0, dtype=np.int64), 1, "start", T, np.random.default_rng(1))
+
+
+@pytest.mark.parametrize("distance,n_keys", [(0, 2), (2, 4), (3, 8)])
+def test_multikey_layout(tok, filler, distance, n_keys):
+    s = make_multikey_sample(tok, filler, distance, n_keys, T, np.random.default_rng(distance))
+    toks, key, door = s["tokens"], s["key"], s["door"]
+    assert len(toks) == (distance + 1) * T + 1 and toks[-1] == tok.eos_id
+    assert len(set(s["doors"])) == n_keys and door in s["doors"]
+    text = tok.decode(toks[:-1])
+    for d in s["doors"]:
+        assert text.count(f"The pass key of door {d} is ") == 1 + (d == door)
+    fact = tok.encode(f" The pass key of door {door} is ") + tok.encode(key) + tok.encode(". ")
+    starts = _find(toks, fact)
+    assert starts == [s["key_offset"]] and starts[0] + len(fact) <= T
+    a0, alen = s["answer_start"], s["answer_len"]
+    assert a0 + alen == len(toks) - 1 and tok.decode(toks[a0:a0 + alen]) == key
+    assert text.endswith(f"What is the pass key of door {door}? The pass key of door {door} is {key}")
+    assert (a0 - 1) // T == distance
+
+
+def test_multikey_too_many_facts(tok, filler):
+    with pytest.raises(DataError, match="do not fit"):
+        make_multikey_sample(tok, filler, 0, 6, T, np.random.default_rng(0))
+
+
+def test_tokenizer_that_does_not_round_trip_is_refused(filler):
+    class DummyPrefix:  # like SentencePiece with add_dummy_prefix: decode adds a space
+        eos_id = 2
+
+        def encode(self, text):
+            return [ord(c) for c in text]
+
+        def decode(self, ids):
+            return " " + "".join(map(chr, ids))
+
+    with pytest.raises(DataError, match="round-trip"):
+        make_passkey_sample(DummyPrefix(), filler, 1, "start", T, np.random.default_rng(0))

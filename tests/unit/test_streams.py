@@ -1,0 +1,194 @@
+"""Invariants of the document-stream loader (issue 4)."""
+
+from __future__ import annotations
+
+import copy
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from data_pipeline.split import heldout_mask
+from data_pipeline.streams import ArraySource, DocumentStreams
+
+EOS = 1
+PAD = 0
+
+
+def make_docs(n: int, seed: int = 0, lo: int = 2, hi: int = 60) -> list[np.ndarray]:
+    """Documents whose tokens encode (doc id, position) so that any mix-up shows."""
+    rng = np.random.default_rng(seed)
+    docs = []
+    for i in range(n):
+        length = int(rng.integers(lo, hi))
+        body = 1000 * (i + 1) + np.arange(length - 1) + 2
+        docs.append(np.concatenate([body, [EOS]]).astype(np.int64))
+    return docs
+
+
+def streams(source, rank=0, world=1, B=3, T=8, seed=7, val=0.0, **kw):
+    return DocumentStreams(source, batch_size=B, segment_len=T, rank=rank, world_size=world, seed=seed,
+                           val_fraction=val, pad_id=PAD, **kw)
+
+
+def reconstruct(batches, T) -> dict[tuple[int, int], list[int]]:
+    """(epoch, doc) -> the input+target tokens its segments delivered, in order."""
+    out: dict[tuple[int, int], list[int]] = {}
+    for bt in batches:
+        for b in range(bt.tokens.shape[0]):
+            key = (int(bt.epochs[b]), int(bt.doc_ids[b]))
+            n = int(bt.mask[b].sum())
+            seg = bt.tokens[b, : n + 1].tolist()
+            if bt.reset[b]:
+                assert key not in out, f"document {key} started twice"
+                assert int(bt.positions[b]) == 0
+                out[key] = seg
+            else:
+                assert key in out, f"slot continued document {key} without a reset"
+                # consecutive segments overlap by one token (last target = next input)
+                assert out[key][-1] == seg[0]
+                out[key].extend(seg[1:])
+    return out
+
+
+def run_until_epoch_done(s: DocumentStreams, epoch: int, max_batches: int = 10_000):
+    batches = []
+    while len(batches) < max_batches:
+        bt = next(s)
+        batches.append(bt)
+        if s.epoch > epoch and all(int(e) > epoch or not d for e, d in zip(bt.epochs, bt.mask.any(1))):
+            break
+    return batches
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_every_document_exactly_once_per_epoch(world):
+    docs = make_docs(41)
+    src = ArraySource(docs, shard_size=5)
+    T = 8
+    seen: dict[tuple[int, int], list[int]] = {}
+    for r in range(world):
+        s = streams(src, rank=r, world=world, T=T)
+        bs = [next(s) for _ in range(120)]
+        got = reconstruct(bs, T)
+        assert not (set(got) & set(seen)), "two ranks read the same document in one epoch"
+        seen.update(got)
+    epoch0 = {d for (e, d) in seen if e == 0}
+    assert epoch0 == set(range(len(docs)))
+    # Completed documents come out whole and unmixed.
+    for (e, d), toks in seen.items():
+        if e == 0 and len(toks) >= len(docs[d]):
+            assert toks[: len(docs[d])] == docs[d].tolist()
+
+
+def test_epochs_reshuffle_and_order_is_deterministic():
+    src = ArraySource(make_docs(30), shard_size=4)
+    a, b = streams(src), streams(src)
+    ba = [next(a) for _ in range(80)]
+    bb = [next(b) for _ in range(80)]
+    for x, y in zip(ba, bb):
+        assert torch.equal(x.tokens, y.tokens) and torch.equal(x.reset, y.reset)
+    from data_pipeline.streams import epoch_order
+
+    o0 = epoch_order(src.samples_per_shard, np.ones(30, bool), 7, 0)
+    o1 = epoch_order(src.samples_per_shard, np.ones(30, bool), 7, 1)
+    assert sorted(o0) == sorted(o1) == list(range(30)) and not np.array_equal(o0, o1)
+
+
+def test_reset_exactly_at_document_starts_and_padding_masked():
+    docs = make_docs(10, lo=2, hi=30)
+    src = ArraySource(docs)
+    T = 8
+    s = streams(src, B=2, T=T)
+    for _ in range(40):
+        bt = next(s)
+        for b in range(2):
+            d, o = int(bt.doc_ids[b]), int(bt.positions[b])
+            assert bool(bt.reset[b]) == (o == 0)
+            n_targets = min(T, len(docs[d]) - 1 - o)
+            assert int(bt.mask[b].sum()) == n_targets
+            assert bt.tokens[b, : n_targets + 1].tolist() == docs[d][o : o + n_targets + 1].tolist()
+            assert (bt.tokens[b, n_targets + 1 :] == PAD).all()
+
+
+def test_heldout_documents_never_trained():
+    docs = make_docs(200)
+    src = ArraySource(docs)
+    held = set(np.flatnonzero(heldout_mask(200, 0.1)).tolist())
+    assert 5 < len(held) < 40
+    s = streams(src, val=0.1, B=4)
+    ids = {int(d) for _ in range(300) for d in next(s).doc_ids}
+    assert not (ids & held)
+
+
+def test_answer_weight_marks_answer_targets():
+    doc = np.arange(2, 22, dtype=np.int64)  # 20 tokens
+    src = ArraySource([doc, doc.copy()], answers=[(15, 3), (-1, 0)])
+    s = streams(src, B=1, T=8, answer_weight=5.0)
+    b0, b1, b2 = next(s), next(s), next(s)
+    w = torch.cat([b0.weight[0], b1.weight[0], b2.weight[0]])
+    docs_ = [int(b0.doc_ids[0]), int(b1.doc_ids[0]), int(b2.doc_ids[0])]
+    if docs_[0] == 0:  # targets j -> token j+1: tokens 15,16,17 are targets 14,15,16
+        assert torch.equal(torch.nonzero(w == 5.0).flatten(), torch.tensor([14, 15, 16]))
+    else:
+        assert (w[:19] == 1).all()
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_resume_equals_uninterrupted_at_random_points(num_workers):
+    docs = make_docs(23, lo=2, hi=40)
+    src = ArraySource(docs, shard_size=4)
+    T, B, N = 8, 3, 140  # > 2 epochs
+    ref = streams(src, B=B, T=T, num_workers=num_workers)
+    ref_batches = [next(ref) for _ in range(N)]
+    rng = random.Random(0)
+    points = sorted(rng.sample(range(1, N - 1), 20))
+    for p in points:
+        s = streams(src, B=B, T=T, num_workers=num_workers)
+        for _ in range(p):
+            next(s)
+        state = copy.deepcopy(s.state_dict())
+        r = streams(src, B=B, T=T, num_workers=num_workers)
+        assert r.load_state_dict(state) is True
+        for i in range(p, min(N, p + 15)):
+            got, want = next(r), ref_batches[i]
+            for f in ("tokens", "mask", "reset", "doc_ids", "positions", "epochs"):
+                assert torch.equal(getattr(got, f), getattr(want, f)), (p, i, f)
+
+
+@pytest.mark.parametrize("old_world,new_world", [(2, 1), (1, 3), (3, 2)])
+def test_resume_on_other_world_size_loses_nothing_repeats_no_finished(old_world, new_world):
+    docs = make_docs(37, lo=2, hi=50)
+    src = ArraySource(docs, shard_size=6)
+    T, B = 8, 2
+    old = [streams(src, rank=r, world=old_world, B=B, T=T) for r in range(old_world)]
+    old_batches = [[next(s) for _ in range(25 + 7 * r)] for r, s in enumerate(old)]  # ranks at different points
+    states = [s.state_dict() for s in old]
+    finished, in_flight = set(), set()  # of (epoch, doc)
+    for r, bs in enumerate(old_batches):
+        for (e, d), toks in reconstruct(bs, T).items():
+            (finished if len(toks) >= len(docs[d]) else in_flight).add((e, d))
+    new = [streams(src, rank=r, world=new_world, B=B, T=T) for r in range(new_world)]
+    for s in new:
+        assert s.load_state_dict(states) is False
+    after: dict[tuple[int, int], list[int]] = {}
+    for s in new:
+        got = reconstruct([next(s) for _ in range(200)], T)
+        assert not (set(got) & set(after)), "two new ranks read the same document"
+        after.update(got)
+    for e in {e for e, _ in finished | in_flight}:
+        fin = {d for (ee, d) in finished if ee == e}
+        aft = {d for (ee, d) in after if ee == e}
+        assert not (aft & fin), "a finished document was repeated"
+        assert {d for (ee, d) in in_flight if ee == e} <= aft, "an in-flight document was lost"
+        assert fin | aft == set(range(len(docs))), "a document was lost"
+    for (e, d), toks in after.items():
+        assert toks[: min(len(toks), len(docs[d]))] == docs[d][: len(toks)].tolist()  # restarted from the start
+
+
+def test_fewer_documents_than_ranks_is_a_clear_error():
+    from data_pipeline.errors import DataError
+
+    with pytest.raises(DataError, match="fewer than the 4 ranks"):
+        streams(ArraySource(make_docs(3)), world=4)

@@ -1,0 +1,244 @@
+"""train.tracking against a real sqlite MLflow store (one store shared by the module: creating it takes seconds)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+from train.tracking import (
+    DEFAULT_EXPERIMENT,
+    PARENT_RUN_TAG,
+    Tracker,
+    memory_stats,
+    resolve_experiment,
+    resolve_uri,
+    system_tags,
+)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> str:
+    """URI of a sqlite store created through the default path (<run_dir>/mlflow.db)."""
+    run_dir = tmp_path_factory.mktemp("first_run")
+    t = Tracker(run_dir=str(run_dir), experiment="unit")
+    t.close()
+    assert (run_dir / "mlflow.db").exists()
+    return t.uri
+
+
+@pytest.fixture
+def client(store):
+    from mlflow import MlflowClient
+
+    return MlflowClient(store)
+
+
+def _steps(client, run_id: str, key: str) -> list[int]:
+    return [m.step for m in client.get_metric_history(run_id, key)]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_uri_and_experiment_precedence(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+    rel = Path("some/run")
+    assert resolve_uri("", rel) == "sqlite:///" + str(rel.resolve() / "mlflow.db")
+    assert resolve_experiment("") == DEFAULT_EXPERIMENT
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://env:5000")
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "env-exp")
+    assert resolve_uri("", rel) == "http://env:5000"
+    assert resolve_experiment("") == "env-exp"
+    assert resolve_uri("http://explicit:1", rel) == "http://explicit:1"
+    assert resolve_experiment("explicit") == "explicit"
+
+
+def test_params_metrics_tags_artifacts_land(store, client, tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    t = Tracker(run_dir=str(tmp_path), uri=store, experiment="unit", run_name="land", interval=0.1)
+    assert t.run_id
+    t.log_params({"model": {"size": "debug", "d": 64}, "train.lr": 1e-3, "long": "x" * 10_000})
+    t.set_tags({"mnemo.world_size": 2})
+    for step in range(1, 6):
+        t.log_metrics({"train/loss": 1.0 / step, "train/lr": 0.1}, step=step)
+    t.log_metrics({"train/loss": float("nan")}, step=6)  # a NaN loss must not break logging
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text("train:\n  lr: 0.001\n")
+    t.log_artifact(str(cfg))
+    fig = plt.figure()
+    plt.plot([0, 1], [1, 0])
+    t.log_figure(fig, "eval/loss_by_position")
+    t.close()
+
+    run = client.get_run(t.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.info.run_name == "land"
+    assert client.get_experiment(run.info.experiment_id).name == "unit"
+    p = run.data.params
+    assert p["model.size"] == "debug" and p["model.d"] == "64" and p["train.lr"] == "0.001"
+    assert 500 <= len(p["long"]) < 10_000  # truncated to MLflow's limit, not rejected
+    assert run.data.tags["mnemo.world_size"] == "2"
+    assert run.data.tags["mnemo.hostname"] == socket.gethostname()
+    assert _steps(client, t.run_id, "train/loss") == [1, 2, 3, 4, 5, 6]
+    assert math.isnan(run.data.metrics["train/loss"])
+    arts = {a.path for a in client.list_artifacts(t.run_id)}
+    assert arts == {"config.yaml", "figures"}
+    assert [a.path for a in client.list_artifacts(t.run_id, "figures/eval")] == [
+        "figures/eval/loss_by_position.png"
+    ]
+    # A local store keeps artifacts in the run directory, not in the current directory.
+    assert not Path("mlruns").exists()
+
+
+def test_resume_continues_run_without_duplicate_steps(store, client, tmp_path):
+    params = {"train.lr": 0.001, "train.max_steps": 20}
+    t1 = Tracker(run_dir=str(tmp_path), uri=store, experiment="unit", interval=0.1)
+    t1.log_params(params)
+    for step in range(1, 11):
+        t1.log_metrics({"train/loss": 10.0 - step}, step=step)
+    t1.log_metrics({"eval/loss": 3.0}, step=5)
+    t1.close("KILLED")  # the crash; the last checkpoint was at step 6
+    run_id = t1.run_id
+
+    t2 = Tracker(run_dir=str(tmp_path), uri=store, experiment="unit", resume_run_id=run_id,
+                 resume_step=6, interval=0.1)
+    assert t2.run_id == run_id
+    assert client.get_run(run_id).info.status == "RUNNING"
+    t2.log_params({**params, "train.max_steps": 30})  # same values pass; a changed one becomes a tag
+    for step in range(7, 16):  # steps 7..10 are re-done with equal values
+        t2.log_metrics({"train/loss": 10.0 - step}, step=step)
+    t2.log_metrics({"eval/loss": 2.0}, step=10)
+    t2.close()
+
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    hist = client.get_metric_history(run_id, "train/loss")
+    assert sorted(m.step for m in hist) == list(range(1, 16))
+    assert all(m.value == 10.0 - m.step for m in hist)
+    assert _steps(client, run_id, "eval/loss") == [5, 10]
+    assert run.data.params["train.max_steps"] == "20"
+    assert run.data.tags["mnemo.param_changed.train.max_steps"] == "30"
+    assert run.data.tags["mnemo.resume_count"] == "1"
+    assert run.data.tags["mnemo.last_resume_step"] == "6"
+    exp_id = run.info.experiment_id
+    runs = client.search_runs([exp_id], filter_string=f"attributes.run_id = '{run_id}'")
+    assert len(runs) == 1
+
+
+def test_resume_replays_points_only_in_fallback_file(store, client, tmp_path):
+    t1 = Tracker(run_dir=str(tmp_path), uri=store, experiment="unit", interval=0.1)
+    for step in range(1, 4):
+        t1.log_metrics({"train/loss": float(step)}, step=step)
+    t1.close("KILLED")
+    # Steps 4..6 were logged while the server was away, then the job died.
+    fallback = tmp_path / "logs" / "metrics_fallback.jsonl"
+    fallback.parent.mkdir(exist_ok=True)
+    with open(fallback, "a") as f:
+        for step in (2, 4, 5, 6, 6):  # 2 reached the server too; 6 was spilled twice
+            rec = {"run_id": t1.run_id, "key": "train/loss", "value": float(step), "step": step,
+                   "timestamp": 1000 + step}
+            f.write(json.dumps(rec) + "\n")
+        f.write('{"run_id": "other-run", "key": "train/loss", "value": 9.0, "step": 9, "timestamp": 9}\n')
+        f.write('{"run_id": "cut sho')  # a line cut by the crash
+
+    t2 = Tracker(run_dir=str(tmp_path), uri=store, experiment="unit", resume_run_id=t1.run_id,
+                 resume_step=5, interval=0.1)
+    for step in range(6, 8):  # step 6 re-done: already replayed
+        t2.log_metrics({"train/loss": float(step)}, step=step)
+    t2.close()
+    assert sorted(_steps(client, t1.run_id, "train/loss")) == [1, 2, 3, 4, 5, 6, 7]
+
+
+def test_new_run_from_checkpoint_gets_parent_tag(store, client, tmp_path):
+    t = Tracker(run_dir=str(tmp_path), uri=store, experiment="unit", parent_run_id="abc123")
+    t.close()
+    assert client.get_run(t.run_id).data.tags[PARENT_RUN_TAG] == "abc123"
+
+
+def test_missing_resume_run_starts_new_run_with_parent_tag(store, client, tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="train.tracking"):
+        t = Tracker(run_dir=str(tmp_path), uri=store, experiment="unit",
+                    resume_run_id="0123456789abcdef0123456789abcdef")
+    t.close()
+    assert t.run_id != "0123456789abcdef0123456789abcdef"
+    assert client.get_run(t.run_id).data.tags[PARENT_RUN_TAG] == "0123456789abcdef0123456789abcdef"
+    assert "not in" in caplog.text
+
+
+def test_other_ranks_and_disabled_are_noops(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    for t in (Tracker(run_dir=str(tmp_path / "r1"), rank=1),
+              Tracker(run_dir=str(tmp_path / "r0"), enabled=False)):
+        assert t.run_id is None
+        t0 = time.perf_counter()
+        t.log_params({"a": 1})
+        t.set_tags({"b": 2})
+        for step in range(1000):
+            t.log_metrics({"train/loss": 1.0}, step=step)
+        t.log_artifact(__file__)
+        t.log_figure(plt.figure(), "f")
+        t.flush()
+        t.close()
+        assert time.perf_counter() - t0 < 0.05
+    assert not (tmp_path / "r1").exists() and not (tmp_path / "r0").exists()
+
+
+def test_log_metrics_is_async_and_fast(store, client, tmp_path):
+    t = Tracker(run_dir=str(tmp_path), uri=store, experiment="unit", interval=0.05)
+    n = 500
+    t0 = time.perf_counter()
+    for step in range(n):
+        t.log_metrics({f"m{i}": step + i for i in range(10)}, step=step)
+    per_call = (time.perf_counter() - t0) / n
+    t.close()
+    assert per_call < 200e-6, f"log_metrics took {per_call * 1e6:.0f} us per call"
+    assert len(client.get_metric_history(t.run_id, "m9")) == n  # and everything arrived
+
+
+def test_unreachable_server_buffers_to_fallback_with_one_warning(tmp_path, caplog):
+    uri = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
+    with caplog.at_level(logging.WARNING, logger="train.tracking"):
+        t0 = time.perf_counter()
+        t = Tracker(run_dir=str(tmp_path), uri=uri, interval=0.05, retry_interval=0.1, max_buffer=50)
+        for step in range(100):
+            t.log_metrics({"train/loss": float(step), "train/lr": 0.1}, step=step)
+            if step % 20 == 0:
+                t.flush()
+        t.close()
+        elapsed = time.perf_counter() - t0
+    assert t.run_id is None  # the run could not be created
+    assert elapsed < 10, f"an unreachable server stalled the tracker for {elapsed:.1f} s"
+    recs = [json.loads(line) for line in open(tmp_path / "logs" / "metrics_fallback.jsonl")]
+    got = sorted((r["key"], r["step"]) for r in recs)
+    assert got == sorted((k, s) for s in range(100) for k in ("train/loss", "train/lr"))
+    unreachable = [r for r in caplog.records if "is unreachable" in r.getMessage()]
+    assert len(unreachable) == 1
+    assert sum("more than 50" in r.getMessage() for r in caplog.records) == 1
+    assert sum("never reached" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_system_tags_and_memory_stats():
+    tags = system_tags()
+    assert tags["mnemo.hostname"] == socket.gethostname()
+    assert tags["mnemo.torch_version"][0].isdigit()
+    assert tags["mnemo.deepspeed_version"][0].isdigit()
+    mem = memory_stats()
+    assert 0.001 < mem["sys/host_rss_gb"] < 1024

@@ -1,0 +1,422 @@
+"""The one typed config tree of a mnemo job.
+
+Precedence: dotted command-line overrides > YAML file > dataclass defaults.
+Every field is declared once, here, with a comment saying what it means.
+Unknown keys, wrong types and out-of-range values raise ``ConfigError`` whose
+message names the dotted key, before any process is spawned.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+from train.errors import UserError
+
+
+class ConfigError(UserError):
+    """A bad config: the message names the key (and file) at fault."""
+
+
+@dataclass
+class RunConfig:
+    # Run directory: checkpoints/, logs/, config.yaml, mlflow.db live here.
+    dir: str = "runs/debug"
+    # Human-readable run name (MLflow run name); empty = basename of run.dir.
+    name: str = ""
+
+
+@dataclass
+class DataConfig:
+    # MDS directory written by `mnemo prepare` (local path or remote URL).
+    path: str = ""
+    # SentencePiece model; empty = <data.path>/tokenizer.model.
+    tokenizer: str = ""
+    # Fraction of documents held out for evaluation (chosen by a fixed hash of
+    # the sample index, so the split never depends on seed or world size).
+    val_fraction: float = 0.01
+    # Threads that prefetch upcoming documents for the stream slots.
+    num_workers: int = 2
+    # Local cache dir for remote datasets; empty = <run.dir>/data_cache.
+    cache_dir: str = ""
+
+
+@dataclass
+class ShortMemoryConfig:
+    # M: tokens of the previous segments each layer attends to (0 = off).
+    length: int = 128
+
+
+@dataclass
+class LongMemoryConfig:
+    # none | knn (Memorizing-Transformer retrieval).
+    kind: Literal["none", "knn"] = "none"
+    # N: (key, value) pairs stored per slot and layer (FIFO beyond).
+    capacity: int = 4096
+    # k: keys retrieved per query.
+    topk: int = 16
+    # Layers (0-based; negative counts from the end) that have a long-term store.
+    layers: list[int] = field(default_factory=lambda: [-2])
+    # Initial temperature of the cosine-similarity memory attention.
+    temperature_init: float = 10.0
+
+
+@dataclass
+class MemoryConfig:
+    short: ShortMemoryConfig = field(default_factory=ShortMemoryConfig)
+    long: LongMemoryConfig = field(default_factory=LongMemoryConfig)
+    # k: gradients flow through memory across this many segments; one
+    # optimizer step consumes k consecutive segments (1 = detach every step).
+    bptt_segments: int = 1
+
+
+@dataclass
+class ModelConfig:
+    # Named size from model.sizes.SIZES (debug, small, medium, large, xl).
+    size: str = "debug"
+    # T: tokens per segment.
+    segment_len: int = 128
+    # Recompute each block's activations in backward (saves memory).
+    activation_checkpointing: bool = False
+    # torch.compile the model (GPU only; ignored on CPU).
+    compile: bool = False
+    # auto = bf16 on CUDA, fp32 on CPU.
+    dtype: Literal["auto", "fp32", "bf16"] = "auto"
+
+
+@dataclass
+class TrainConfig:
+    # B: stream slots (sequences) per rank.
+    batch_size: int = 8
+    max_steps: int = 100
+    lr: float = 1e-3
+    # Final LR of the cosine schedule, as a fraction of train.lr.
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 10
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    seed: int = 1234
+    log_interval: int = 10
+    # Stop training after this many seconds (0 = no limit); a checkpoint is
+    # written before stopping.
+    max_time_s: float = 0.0
+    # What a NaN/inf loss does: stop the run, or skip the optimizer step.
+    nan_policy: Literal["stop", "skip"] = "stop"
+    # auto = cuda if available, else cpu.
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Loss weight of synthetic passkey answer tokens (1 = plain LM loss).
+    answer_weight: float = 1.0
+
+
+@dataclass
+class ZeroConfig:
+    # DeepSpeed ZeRO stage: 1, 2 or 3.
+    stage: int = 2
+    # Build the model inside deepspeed.zero.Init (ZeRO-3 only) so that a large
+    # model is never materialized whole on one rank.
+    init_partitioned: bool = True
+
+
+@dataclass
+class CheckpointConfig:
+    # Save every N optimizer steps (0 = only at the end / on preemption).
+    interval: int = 50
+    # Keep the newest K complete checkpoints.
+    keep: int = 2
+    # Also keep every checkpoint whose step is a multiple of this (0 = none).
+    keep_every: int = 0
+    # auto (newest valid checkpoint of run.dir) | never | PATH to a checkpoint.
+    resume: str = "auto"
+    # Load through DeepSpeed's universal checkpoint format: auto = when the
+    # world size or ZeRO stage differs from the checkpoint's.
+    load_universal: Literal["auto", "always", "never"] = "auto"
+    # Seconds a preempted job (SIGTERM/SIGUSR1) has to save and exit.
+    grace_period_s: float = 120.0
+    # Seconds a collective may hang before the job aborts.
+    collective_timeout_s: float = 600.0
+
+
+@dataclass
+class TrackingConfig:
+    # MLflow tracking URI; empty = $MLFLOW_TRACKING_URI or sqlite:///<run.dir>/mlflow.db.
+    uri: str = ""
+    # Experiment; empty = $MLFLOW_EXPERIMENT_NAME or "mnemo".
+    experiment: str = ""
+    enabled: bool = True
+    # Peak FLOP/s of one device for MFU; 0 = known GPU table, none on CPU.
+    peak_flops: float = 0.0
+
+
+@dataclass
+class EvalConfig:
+    # Evaluate every N steps during training (0 = only at the end).
+    interval: int = 0
+    # Held-out documents read for loss-by-position.
+    max_docs: int = 32
+    # Tokens per held-out document at most (longer ones are cut).
+    max_doc_tokens: int = 8192
+    # Passkey trials per distance (0 = skip passkey evaluation).
+    passkey_trials: int = 0
+    # Distances D (in segments) between passkey and question.
+    passkey_distances: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    zero: ZeroConfig = field(default_factory=ZeroConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    # Start a NEW run from these weights (an export dir or a checkpoint):
+    # fresh optimizer, step 0, new MLflow run tagged with the parent's id.
+    init_from: str = ""
+
+
+# --------------------------------------------------------------------------- #
+# Loading
+
+
+def _field_types(cls) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Convert a YAML/CLI value to the declared type, or raise naming the key."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, choices))}")
+        return value
+    if origin in (list, typing.List):
+        (item_tp,) = typing.get_args(tp)
+        if isinstance(value, str):
+            value = yaml.safe_load(value) if value.strip() else []
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        raise ConfigError(f"{key}: union types are not supported")  # none declared
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
+            return False
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        try:
+            f = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
+        if f != int(f):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return int(f)
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+    if tp is str:
+        if value is None:
+            return ""
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    raise ConfigError(f"{key}: unsupported type {tp}")
+
+
+def _build(cls, data: dict, prefix: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+    types_ = _field_types(cls)
+    kwargs = {}
+    for k, v in data.items():
+        key = f"{prefix}{k}"
+        if k not in types_:
+            raise ConfigError(f"unknown config key '{key}' (known: {', '.join(sorted(types_))})")
+        tp = types_[k]
+        if dataclasses.is_dataclass(tp):
+            kwargs[k] = _build(tp, v or {}, key + ".")
+        else:
+            kwargs[k] = _coerce(v, tp, key)
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, dotted: str, value: str) -> None:
+    """Place a CLI override into the raw tree, checking the key exists."""
+    parts = dotted.split(".")
+    cls = Config
+    node = tree
+    for i, part in enumerate(parts):
+        types_ = _field_types(cls)
+        if part not in types_:
+            raise ConfigError(f"unknown config key '{'.'.join(parts[: i + 1])}'")
+        tp = types_[part]
+        last = i == len(parts) - 1
+        if dataclasses.is_dataclass(tp):
+            if last:
+                raise ConfigError(f"'{dotted}' is a section; set one of its keys")
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = node[part] = {}
+            node = child
+            cls = tp
+        else:
+            if not last:
+                raise ConfigError(f"'{'.'.join(parts[: i + 1])}' is not a section")
+            node[part] = value
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, str]]:
+    out = []
+    for o in overrides:
+        if "=" not in o:
+            raise ConfigError(f"override '{o}' is not of the form dotted.key=value")
+        k, v = o.split("=", 1)
+        out.append((k.strip(), v))
+    return out
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None) -> Config:
+    """Load YAML (if given), apply dotted overrides, validate. Raises ConfigError."""
+    tree: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            tree = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: invalid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{p}: top level must be a mapping")
+    for k, v in parse_overrides(overrides or []):
+        _set_dotted(tree, k, v)
+    try:
+        cfg = _build(Config, tree, "")
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}" if path else str(e)) from None
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Range and consistency checks that need no files."""
+    from model.sizes import SIZES
+
+    def need(cond: bool, key: str, msg: str):
+        if not cond:
+            raise ConfigError(f"{key}: {msg}")
+
+    need(cfg.model.size in SIZES, "model.size", f"unknown size {cfg.model.size!r} (known: {', '.join(SIZES)})")
+    need(cfg.model.segment_len >= 1, "model.segment_len", "must be >= 1")
+    need(cfg.memory.short.length >= 0, "memory.short.length", "must be >= 0")
+    need(cfg.memory.bptt_segments >= 1, "memory.bptt_segments", "must be >= 1")
+    lm = cfg.memory.long
+    if lm.kind != "none":
+        need(lm.capacity >= 1, "memory.long.capacity", "must be >= 1")
+        need(lm.topk >= 1, "memory.long.topk", "must be >= 1")
+        need(lm.topk <= lm.capacity, "memory.long.topk", "must be <= memory.long.capacity")
+        n_layers = SIZES[cfg.model.size].n_layers
+        for i, layer in enumerate(lm.layers):
+            need(-n_layers <= layer < n_layers, f"memory.long.layers[{i}]",
+                 f"layer {layer} out of range for {n_layers}-layer size {cfg.model.size!r}")
+        need(len(lm.layers) > 0, "memory.long.layers", "must name at least one layer")
+    need(cfg.train.batch_size >= 1, "train.batch_size", "must be >= 1")
+    need(cfg.train.max_steps >= 1, "train.max_steps", "must be >= 1")
+    need(cfg.train.lr > 0, "train.lr", "must be > 0")
+    need(0 <= cfg.train.min_lr_ratio <= 1, "train.min_lr_ratio", "must be in [0, 1]")
+    need(cfg.train.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
+    need(cfg.train.log_interval >= 1, "train.log_interval", "must be >= 1")
+    need(cfg.train.grad_clip >= 0, "train.grad_clip", "must be >= 0")
+    need(cfg.zero.stage in (1, 2, 3), "zero.stage", f"must be 1, 2 or 3, got {cfg.zero.stage}")
+    need(cfg.checkpoint.interval >= 0, "checkpoint.interval", "must be >= 0")
+    need(cfg.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
+    need(cfg.checkpoint.keep_every >= 0, "checkpoint.keep_every", "must be >= 0")
+    need(cfg.eval.interval >= 0, "eval.interval", "must be >= 0")
+    need(0 <= cfg.data.val_fraction < 1, "data.val_fraction", "must be in [0, 1)")
+    need(cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0")
+    need(bool(cfg.run.dir), "run.dir", "must not be empty")
+    need(all(d >= 1 for d in cfg.eval.passkey_distances), "eval.passkey_distances", "must be >= 1")
+
+
+def check_paths(cfg: Config) -> None:
+    """Checks that need the filesystem (data dir, tokenizer, init_from).
+
+    Run by `mnemo train` and `mnemo launch` before any rank is spawned.
+    """
+    path = cfg.data.path
+    if not path:
+        raise ConfigError("data.path: not set (a data dir written by `mnemo prepare`)")
+    if "://" not in path or path.startswith("file://"):
+        local = Path(path.removeprefix("file://"))
+        if not local.is_dir():
+            raise ConfigError(f"data.path: no such directory: {local}")
+        if not (local / "index.json").is_file():
+            raise ConfigError(f"data.path: {local} holds no MDS shards (index.json missing); run `mnemo prepare`")
+    tok = tokenizer_path(cfg)
+    if "://" not in tok and not Path(tok).is_file():
+        raise ConfigError(f"data.tokenizer: no such file: {tok}")
+    if cfg.init_from and not Path(cfg.init_from).exists():
+        raise ConfigError(f"init_from: no such file or directory: {cfg.init_from}")
+    r = cfg.checkpoint.resume
+    if r not in ("auto", "never") and not Path(r).is_dir():
+        raise ConfigError(f"checkpoint.resume: no such checkpoint directory: {r}")
+
+
+def tokenizer_path(cfg: Config) -> str:
+    if cfg.data.tokenizer:
+        return cfg.data.tokenizer
+    return str(Path(cfg.data.path.removeprefix("file://")) / "tokenizer.model")
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def from_dict(tree: dict) -> Config:
+    cfg = _build(Config, tree, "")
+    validate(cfg)
+    return cfg
+
+
+def flatten(cfg: Config | dict, prefix: str = "") -> dict[str, Any]:
+    """{'train.lr': 1e-3, ...}: the form MLflow params and diffs use."""
+    tree = to_dict(cfg) if dataclasses.is_dataclass(cfg) else cfg
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out

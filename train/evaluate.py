@@ -1,0 +1,700 @@
+"""Long-context evaluation: does the memory let the model use context beyond its segment?
+
+Three measurements, all reading documents segment by segment with memory,
+exactly as training does (segment s of a document is its tokens
+[sT, (s+1)T) as inputs and [sT+1, (s+1)T+1) as targets; a slot's memory is
+reset when it starts a new document):
+
+* loss by position: mean next-token loss bucketed by the position p of the
+  input token in its document (p tokens of the document precede it):
+  [0, T), [T, 2T), [2T, 4T), [4T, 8T), ... Bucket [0, T) is segment 0, where
+  memory holds nothing; later buckets show what memory adds.
+* ablations: the same documents with the memory as trained, long-term memory
+  off, short-term memory off, and both off (``MemoryTransformer.init_state``
+  flags; the weights are the same).
+* passkey retrieval: fresh synthetic documents (``data_pipeline.passkey``)
+  built on held-out filler, the key D segments before the question; greedy
+  decoding of the answer digits; exact-match accuracy per D and depth.
+
+Every function here is deterministic and makes the same sequence of forward
+calls for the same inputs, so all ranks of a ZeRO-3 job can call it together.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from data_pipeline.passkey import DEPTHS, filler_stream, make_multikey_sample, make_passkey_sample
+from train.errors import UserError
+from train.generate import SegmentReader
+
+LN2 = math.log(2.0)
+
+# name -> (stm, ltm) flags of init_state, in table order.
+ABLATIONS: dict[str, tuple[bool, bool]] = {
+    "memory": (True, True),
+    "no_ltm": (True, False),
+    "no_stm": (False, True),
+    "no_memory": (False, False),
+}
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def _core(model: Any) -> Any:
+    """The MemoryTransformer behind a possible DeepSpeed engine (it owns init_state/args)."""
+    return getattr(model, "module", model)
+
+
+def _device(model: Any) -> torch.device:
+    try:
+        return next(_core(model).parameters()).device
+    except (StopIteration, AttributeError):
+        return torch.device("cpu")
+
+
+def _has_memory(model: Any) -> tuple[bool, bool]:
+    """(has STM, has LTM) of the model's architecture; unknown models: both."""
+    args = getattr(_core(model), "args", None)
+    if args is None:
+        return True, True
+    return getattr(args, "stm_length", 1) > 0, getattr(args, "ltm_kind", "knn") != "none"
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    if enabled and sys.stderr.isatty():
+        from tqdm import tqdm
+
+        return tqdm(total=total, desc=desc, leave=False, file=sys.stderr)
+    return None
+
+
+class _eval_mode:
+    """model.eval() for the block, then the previous mode (evaluation runs mid-training)."""
+
+    def __init__(self, model: Any):
+        self.m = _core(model)
+        self.was_training = bool(getattr(self.m, "training", False))
+
+    def __enter__(self):
+        if hasattr(self.m, "eval"):
+            self.m.eval()
+
+    def __exit__(self, *exc):
+        if self.was_training and hasattr(self.m, "train"):
+            self.m.train()
+
+
+def bucket_lower(positions: np.ndarray, segment_len: int) -> np.ndarray:
+    """Lower bound of each position's bucket: [0,T), [T,2T), [2T,4T), [4T,8T), ...
+
+    positions [N] int (tokens of the document preceding the input token).
+    """
+    s = np.asarray(positions, dtype=np.int64) // segment_len
+    # frexp(s) = m * 2**e with m in [0.5, 1): floor(log2 s) = e - 1, exact for integers.
+    _, e = np.frexp(np.maximum(s, 1).astype(np.float64))
+    return np.where(s == 0, 0, segment_len * (np.int64(1) << (e.astype(np.int64) - 1)))
+
+
+# ---------------------------------------------------------- loss by position
+
+
+@torch.inference_mode()
+def _position_losses(model: Any, docs: Sequence[np.ndarray], segment_len: int, batch_size: int, stm: bool,
+                     ltm: bool, progress: bool = False) -> tuple[dict[int, float], dict[int, int]]:
+    """Summed loss and token count per bucket lower bound.
+
+    B slots read documents in order; a slot that finishes its document takes
+    the next one and its memory is reset. The tail segment of a document is
+    padded; padding comes after the real tokens, so causality keeps it out of
+    their predictions, and the slot is reset before its next document.
+    """
+    T = int(segment_len)
+    docs = [np.asarray(d, dtype=np.int64).reshape(-1) for d in docs]
+    docs = [d for d in docs if d.size >= 2]
+    sums: dict[int, float] = {}
+    counts: dict[int, int] = {}
+    if not docs:
+        return sums, counts
+    B = max(1, min(int(batch_size), len(docs)))
+    device = _device(model)
+    state = _core(model).init_state(B, stm=stm, ltm=ltm, device=device)
+    slot_doc = [-1] * B
+    slot_off = [0] * B
+    next_doc = 0
+    bar = _progress(sum(-(-(d.size - 1) // T) for d in docs), f"loss by position (stm={stm}, ltm={ltm})", progress)
+    while True:
+        reset = np.zeros(B, dtype=bool)
+        for b in range(B):
+            d = slot_doc[b]
+            if d >= 0 and slot_off[b] < docs[d].size - 1:
+                continue  # still inside its document
+            if next_doc < len(docs):
+                slot_doc[b], slot_off[b], reset[b] = next_doc, 0, True
+                next_doc += 1
+            else:
+                slot_doc[b] = -1
+        if all(d < 0 for d in slot_doc):
+            break
+        x = np.zeros((B, T), dtype=np.int64)
+        y = np.zeros((B, T), dtype=np.int64)
+        valid = np.zeros((B, T), dtype=bool)
+        pos = np.zeros((B, T), dtype=np.int64)
+        for b in range(B):
+            if slot_doc[b] < 0:
+                continue  # idle slot: reads padding, its outputs are ignored
+            o = slot_off[b]
+            chunk = docs[slot_doc[b]][o:o + T + 1]
+            n = chunk.size - 1
+            x[b, :n], y[b, :n], valid[b, :n] = chunk[:-1], chunk[1:], True
+            pos[b, :n] = o + np.arange(n)
+            slot_off[b] = o + T
+        if reset.any():
+            state = state.reset(torch.from_numpy(reset).to(device))
+        logits, state = model(torch.from_numpy(x).to(device), state)  # [B, T, V]
+        nll = F.cross_entropy(logits.float().flatten(0, 1), torch.from_numpy(y).to(device).flatten(),
+                              reduction="none").view(B, T).double().cpu().numpy()
+        lower = bucket_lower(pos[valid], T)
+        vals = nll[valid]
+        for lo in np.unique(lower):
+            sel = lower == lo
+            sums[int(lo)] = sums.get(int(lo), 0.0) + float(vals[sel].sum())
+            counts[int(lo)] = counts.get(int(lo), 0) + int(sel.sum())
+        if bar is not None:
+            bar.update(int(sum(d >= 0 for d in slot_doc)))
+    if bar is not None:
+        bar.close()
+    return sums, counts
+
+
+def _summarize(sums: dict[int, float], counts: dict[int, int]) -> dict[str, Any]:
+    total_n = sum(counts.values())
+    total = sum(sums.values()) / total_n if total_n else float("nan")
+    return {
+        "loss_by_position": {str(k): sums[k] / counts[k] for k in sorted(sums)},
+        "tokens_by_position": {str(k): counts[k] for k in sorted(counts)},
+        "loss": total,
+        "bits_per_token": total / LN2,
+        "tokens": total_n,
+    }
+
+
+def loss_by_position(model: Any, docs: Sequence[np.ndarray], segment_len: int, batch_size: int, stm: bool = True,
+                     ltm: bool = True) -> dict[str, float]:
+    """Mean loss per position bucket: {"0": x, "128": y, "256": z, ...} plus
+    "loss" (all tokens), "bits_per_token" and "tokens".
+
+    Bucket keys are the bucket's lower bound (digit strings); the other keys
+    are not digits. docs: token ids of whole documents (EOS last, as stored).
+    """
+    s = _summarize(*_position_losses(model, docs, segment_len, batch_size, stm, ltm))
+    out: dict[str, float] = dict(s["loss_by_position"])
+    out.update(loss=s["loss"], bits_per_token=s["bits_per_token"], tokens=float(s["tokens"]))
+    return out
+
+
+def ablation_table(model: Any, docs: Sequence[np.ndarray], segment_len: int, batch_size: int,
+                   names: Sequence[str] = tuple(ABLATIONS), progress: bool = False) -> dict[str, dict[str, Any]]:
+    """{ablation: {"loss_by_position", "tokens_by_position", "loss", "bits_per_token", "tokens"}}.
+
+    Memory the architecture does not have cannot be switched off, so
+    configurations that coincide (e.g. "no_ltm" of a model without LTM) are
+    computed once and share the result.
+    """
+    has_stm, has_ltm = _has_memory(model)
+    done: dict[tuple[bool, bool], dict[str, Any]] = {}
+    out = {}
+    for name in names:
+        stm, ltm = ABLATIONS[name]
+        key = (stm and has_stm, ltm and has_ltm)
+        if key not in done:
+            done[key] = _summarize(*_position_losses(model, docs, segment_len, batch_size, key[0], key[1], progress))
+        out[name] = done[key]
+    return out
+
+
+# ------------------------------------------------------------------ passkey
+
+
+@torch.inference_mode()
+def score_greedy(model: Any, samples: Sequence[dict], segment_len: int, batch_size: int, stm: bool = True,
+                 ltm: bool = True) -> list[np.ndarray]:
+    """Greedy answers: for each sample the answer_len tokens the model generates after its prompt.
+
+    The prompt (tokens[:answer_start]) is read segment by segment from the
+    document start, carrying the memory; then each answer token is the argmax
+    of the last logits and is fed back (``train.generate.SegmentReader``: the
+    tokens of the last segment see each other as in training, so a model
+    without short-term memory still sees the question). Samples with the same
+    prompt and answer length share a batch.
+    """
+    T = int(segment_len)
+    device = _device(model)
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, s in enumerate(samples):
+        groups.setdefault((int(s["answer_start"]), int(s["answer_len"])), []).append(i)
+    preds: list[np.ndarray | None] = [None] * len(samples)
+    for (start, alen), idx in groups.items():
+        for c in range(0, len(idx), batch_size):
+            chunk = idx[c:c + batch_size]
+            prompt = torch.from_numpy(np.stack([np.asarray(samples[i]["tokens"][:start], dtype=np.int64)
+                                                for i in chunk])).to(device)  # [b, P]
+            reader = SegmentReader(model, _core(model).init_state(len(chunk), stm=stm, ltm=ltm, device=device), T)
+            last = reader.feed(prompt)  # [b, V]
+            out = []
+            for j in range(alen):
+                nxt = last.argmax(-1)  # [b]
+                out.append(nxt)
+                if j + 1 < alen:
+                    last = reader.feed(nxt[:, None])
+            got = torch.stack(out, dim=1).cpu().numpy()  # [b, alen]
+            for r, i in enumerate(chunk):
+                preds[i] = got[r]
+    return preds  # type: ignore[return-value]
+
+
+@torch.inference_mode()
+def score_teacher_forced(model: Any, samples: Sequence[dict], segment_len: int, batch_size: int, stm: bool = True,
+                         ltm: bool = True) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """(argmax [answer_len], loss [answer_len]) at each answer token, reading the true tokens.
+
+    One pass over each document, segment by segment: no decoding loop. Greedy
+    decoding reproduces the answer exactly when every one of these argmaxes
+    is the answer token (by induction: each greedy step then sees the same
+    tokens as this pass), so exact match computed here equals greedy exact
+    match, at the cost of reading the document once.
+    """
+    T = int(segment_len)
+    device = _device(model)
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, s in enumerate(samples):
+        groups.setdefault((int(s["answer_start"]), int(s["answer_len"])), []).append(i)
+    preds: list[Any] = [None] * len(samples)
+    losses: list[Any] = [None] * len(samples)
+    for (start, alen), idx in groups.items():
+        end = start + alen - 1  # inputs: everything before the last answer token
+        for c in range(0, len(idx), batch_size):
+            chunk = idx[c:c + batch_size]
+            toks = torch.from_numpy(np.stack([np.asarray(samples[i]["tokens"][:start + alen], dtype=np.int64)
+                                              for i in chunk])).to(device)  # [b, start + alen]
+            state = _core(model).init_state(len(chunk), stm=stm, ltm=ltm, device=device)
+            picked = []
+            for s0 in range(0, end, T):
+                logits, state = model(toks[:, s0:min(s0 + T, end)], state)  # [b, <=T, V]
+                lo, hi = max(start - 1, s0), min(end, s0 + T)  # answer-predicting positions in this segment
+                if lo < hi:
+                    picked.append(logits[:, lo - s0:hi - s0].float())
+            lg = torch.cat(picked, dim=1)  # [b, alen, V]
+            truth = toks[:, start:start + alen]  # [b, alen]
+            nll = F.cross_entropy(lg.flatten(0, 1), truth.flatten(), reduction="none").view(len(chunk), alen)
+            am, nll = lg.argmax(-1).cpu().numpy(), nll.double().cpu().numpy()
+            for r, i in enumerate(chunk):
+                preds[i], losses[i] = am[r], nll[r]
+    return preds, losses
+
+
+def _cell_stats(samples: Sequence[dict], preds: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """(exact match [n] bool, fraction of answer tokens right [n])."""
+    exact, digit = [], []
+    for s, p in zip(samples, preds):
+        a0, n = int(s["answer_start"]), int(s["answer_len"])
+        truth = np.asarray(s["tokens"][a0:a0 + n])
+        hit = np.asarray(p) == truth
+        exact.append(bool(hit.all()))
+        digit.append(float(hit.mean()))
+    return np.array(exact), np.array(digit)
+
+
+def passkey_samples(tokenizer: Any, filler: Any, segment_len: int, distance: int, depths: Sequence[str] = tuple(DEPTHS),
+                    trials: int = 30, seed: int = 0, n_keys: int = 1) -> list[dict]:
+    """The ``trials`` documents of one distance: depths in turn, a function of (seed, D, n_keys) only."""
+    stream = filler_stream(filler)
+    rng = np.random.default_rng([int(seed), int(distance), int(n_keys)])
+    out = []
+    for i in range(trials):
+        dp = depths[i % len(depths)]
+        if n_keys == 1:
+            s = make_passkey_sample(tokenizer, stream, distance, dp, segment_len, rng)
+        else:
+            s = make_multikey_sample(tokenizer, stream, distance, n_keys, segment_len, rng, depth=dp)
+        s["depth"] = dp
+        out.append(s)
+    return out
+
+
+def passkey_report(model: Any, tokenizer: Any, filler_docs: Any, segment_len: int, distances: Sequence[int],
+                   depths: Sequence[str] = tuple(DEPTHS), trials: int = 30, seed: int = 0, batch_size: int = 16,
+                   n_keys: int = 1, stm: bool = True, ltm: bool = True, progress: bool = False,
+                   decode: str = "teacher_forced") -> dict[str, Any]:
+    """Passkey retrieval in detail.
+
+    ``trials`` documents per distance D, depths taken in turn (trial i at
+    depths[i % len(depths)]). n_keys > 1 uses the multi-key variant (several
+    "door" facts, the question names one). Samples depend only on (seed, D,
+    n_keys), so the memory model and a baseline see the same documents.
+    Exact match is that of greedy decoding; decode="teacher_forced" computes
+    it in one pass over each document (see score_teacher_forced), "greedy"
+    runs the decoding loop (slower; same exact match).
+    Returns {"accuracy": {D: acc}, "by_depth": {D: {depth: acc}},
+    "digit_accuracy": {D: fraction of answer tokens whose argmax is right
+    (teacher-forced; chance 0.1)}, "answer_loss": {D: nats per answer token}
+    (teacher-forced only), "trials": n}.
+    """
+    if decode not in ("teacher_forced", "greedy"):
+        raise ValueError(f"unknown decode {decode!r}")
+    T = int(segment_len)
+    stream = filler_stream(filler_docs)
+    acc, by_depth, digit_acc, ans_loss = {}, {}, {}, {}
+    bar = _progress(len(distances), "passkey" if n_keys == 1 else f"passkey ({n_keys} keys)", progress)
+    for D in distances:
+        samples = passkey_samples(tokenizer, stream, T, D, depths, trials, seed, n_keys)
+        if decode == "greedy":
+            preds = score_greedy(model, samples, T, batch_size, stm=stm, ltm=ltm)
+        else:
+            preds, losses = score_teacher_forced(model, samples, T, batch_size, stm=stm, ltm=ltm)
+            ans_loss[str(D)] = float(np.mean([x.mean() for x in losses])) if trials else float("nan")
+        exact, digit = _cell_stats(samples, preds)
+        cell = [s["depth"] for s in samples]
+        acc[str(D)] = float(exact.mean()) if trials else float("nan")
+        digit_acc[str(D)] = float(digit.mean()) if trials else float("nan")
+        by_depth[str(D)] = {dp: float(exact[[c == dp for c in cell]].mean()) for dp in depths if dp in cell}
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    rep = {"accuracy": acc, "by_depth": by_depth, "digit_accuracy": digit_acc, "trials": int(trials)}
+    if ans_loss:
+        rep["answer_loss"] = ans_loss
+    return rep
+
+
+def passkey_accuracy(model: Any, tokenizer: Any, filler_docs: Any, segment_len: int, distances: Sequence[int],
+                     depths: Sequence[str] = tuple(DEPTHS), trials: int = 30, seed: int = 0,
+                     batch_size: int = 16) -> dict[str, float]:
+    """{str(D): exact-match accuracy in [0, 1]} (see passkey_report for per-depth results)."""
+    return passkey_report(model, tokenizer, filler_docs, segment_len, distances, depths, trials, seed,
+                          batch_size)["accuracy"]
+
+
+# ------------------------------------------------------------------ evaluate
+
+
+def evaluate(model: Any, tokenizer: Any, heldout_docs: Sequence[np.ndarray], cfg: Any, *, ablations: bool = True,
+             passkey: bool = True, seed: int = 0, batch_size: int | None = None, max_docs: int | None = None,
+             passkey_trials: int | None = None, distances: Sequence[int] | None = None, multikey: int = 0,
+             progress: bool = False) -> dict[str, Any]:
+    """The evaluation of one model, as a JSON-ready dict.
+
+    heldout_docs: held-out corpus documents (no passkey documents); the
+    first ``max_docs`` (default cfg.eval.max_docs), cut to
+    cfg.eval.max_doc_tokens, are read for loss by position; all of them serve
+    as passkey filler. Defaults come from cfg.eval; cfg.model.segment_len is T.
+    Keys: segment_len, num_docs, loss_by_position {bucket: loss},
+    tokens_by_position, loss, bits_per_token, ablations {name: {...}},
+    passkey {D: acc}, passkey_by_depth, passkey_digit_accuracy,
+    passkey_answer_loss, passkey_trials, passkey_multikey (when multikey > 0), seconds.
+    """
+    T = int(cfg.model.segment_len)
+    B = int(batch_size or max(cfg.train.batch_size, 1))
+    max_docs = cfg.eval.max_docs if max_docs is None else max_docs
+    docs = [np.asarray(d, dtype=np.int64)[:cfg.eval.max_doc_tokens] for d in list(heldout_docs)[:max_docs]]
+    trials = cfg.eval.passkey_trials if passkey_trials is None else passkey_trials
+    dists = list(cfg.eval.passkey_distances if distances is None else distances)
+    result: dict[str, Any] = {"segment_len": T, "num_docs": len(docs)}
+    seconds: dict[str, float] = {}
+    with _eval_mode(model):
+        t0 = time.perf_counter()
+        names = list(ABLATIONS) if ablations else ["memory"]
+        table = ablation_table(model, docs, T, B, names, progress=progress)
+        seconds["loss_by_position"] = time.perf_counter() - t0
+        main = table["memory"]
+        result.update(loss_by_position=main["loss_by_position"], tokens_by_position=main["tokens_by_position"],
+                      loss=main["loss"], bits_per_token=main["bits_per_token"], num_tokens=main["tokens"])
+        result["ablations"] = {k: {kk: v[kk] for kk in ("loss_by_position", "loss", "bits_per_token")}
+                               for k, v in table.items()}
+        if passkey and trials > 0 and dists:
+            if not heldout_docs:
+                raise UserError("passkey evaluation needs held-out documents for filler; none given")
+            t0 = time.perf_counter()
+            rep = passkey_report(model, tokenizer, list(heldout_docs), T, dists, trials=trials, seed=seed,
+                                 batch_size=B, progress=progress)
+            seconds["passkey"] = time.perf_counter() - t0
+            result.update(passkey=rep["accuracy"], passkey_by_depth=rep["by_depth"],
+                          passkey_digit_accuracy=rep["digit_accuracy"], passkey_answer_loss=rep["answer_loss"],
+                          passkey_trials=rep["trials"])
+            if multikey > 0:
+                t0 = time.perf_counter()
+                mk = passkey_report(model, tokenizer, list(heldout_docs), T, dists, trials=trials, seed=seed,
+                                    batch_size=B, n_keys=multikey, progress=progress)
+                seconds["passkey_multikey"] = time.perf_counter() - t0
+                result.update(passkey_multikey=mk["accuracy"], passkey_multikey_keys=multikey)
+    result["seconds"] = seconds
+    return result
+
+
+def flat_metrics(result: dict[str, Any], prefix: str = "eval/") -> dict[str, float]:
+    """MLflow-style scalars: eval/loss, eval/loss_pos_512, eval/passkey_d8, eval/no_ltm/loss, ..."""
+    m: dict[str, float] = {}
+    for k in ("loss", "bits_per_token"):
+        if k in result:
+            m[prefix + k] = float(result[k])
+    for k, v in result.get("loss_by_position", {}).items():
+        m[f"{prefix}loss_pos_{k}"] = float(v)
+    for name, ab in result.get("ablations", {}).items():
+        if name != "memory":
+            m[f"{prefix}{name}/loss"] = float(ab["loss"])
+    for k, v in result.get("passkey", {}).items():
+        m[f"{prefix}passkey_d{k}"] = float(v)
+    for k, v in result.get("passkey_answer_loss", {}).items():
+        m[f"{prefix}passkey_answer_loss_d{k}"] = float(v)
+    for k, v in result.get("passkey_multikey", {}).items():
+        m[f"{prefix}passkey_multikey_d{k}"] = float(v)
+    return {k: v for k, v in m.items() if math.isfinite(v)}
+
+
+# --------------------------------------------------------------- reporting
+
+
+def _bucket_label(lo: int, T: int) -> str:
+    hi = T if lo == 0 else 2 * lo
+    return f"[{lo}, {hi})"
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """Readable tables: loss by position per ablation, passkey accuracy by distance and depth."""
+    T = int(result["segment_len"])
+    ab = result.get("ablations") or {"memory": result}
+    names = list(ab)
+    buckets = sorted({int(k) for v in ab.values() for k in v["loss_by_position"]})
+    counts = result.get("tokens_by_position", {})
+    lines = [f"loss by position (nats/token; T={T}; {result.get('num_docs', '?')} documents, "
+             f"{result.get('num_tokens', '?')} tokens)"]
+    head = f"{'preceding tokens':<20}{'tokens':>9}" + "".join(f"{n:>11}" for n in names)
+    lines.append(head)
+    for lo in buckets:
+        row = f"{_bucket_label(lo, T):<20}{counts.get(str(lo), ''):>9}"
+        for n in names:
+            v = ab[n]["loss_by_position"].get(str(lo))
+            row += f"{v:>11.4f}" if v is not None else f"{'-':>11}"
+        lines.append(row)
+    lines.append(f"{'all':<20}{'':>9}" + "".join(f"{ab[n]['loss']:>11.4f}" for n in names))
+    lines.append(f"{'bits/token':<20}{'':>9}" + "".join(f"{ab[n]['bits_per_token']:>11.4f}" for n in names))
+    if result.get("passkey"):
+        depths = list(DEPTHS)
+        lines.append("")
+        lines.append(f"passkey exact match of greedy decoding ({result.get('passkey_trials', '?')} trials per "
+                     f"distance; digits = per-token argmax accuracy, ans nll = answer loss, teacher-forced)")
+        mk = result.get("passkey_multikey") or {}
+        hdr = (f"{'D (segments)':<14}{'all':>8}" + "".join(f"{d:>8}" for d in depths) + f"{'digits':>8}"
+               + f"{'ans nll':>9}")
+        if mk:
+            hdr += f"{'%d keys' % result.get('passkey_multikey_keys', 0):>9}"
+        lines.append(hdr)
+        for D, acc in result["passkey"].items():
+            dd = result.get("passkey_by_depth", {}).get(D, {})
+            row = f"{D:<14}{acc:>8.3f}" + "".join(f"{dd[d]:>8.3f}" if d in dd else f"{'-':>8}" for d in depths)
+            row += f"{result.get('passkey_digit_accuracy', {}).get(D, float('nan')):>8.3f}"
+            row += f"{result.get('passkey_answer_loss', {}).get(D, float('nan')):>9.3f}"
+            if mk:
+                row += f"{mk.get(D, float('nan')):>9.3f}"
+            lines.append(row)
+    return "\n".join(lines)
+
+
+def plots(result: dict[str, Any], out_dir: str | Path) -> list[str]:
+    """PNG files: loss-by-position curves (one per ablation) and a passkey heat map (D x depth)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    T = int(result["segment_len"])
+    paths = []
+    ab = result.get("ablations") or {"memory": result}
+    fig, ax = plt.subplots(figsize=(7, 4))
+    buckets = sorted({int(k) for v in ab.values() for k in v["loss_by_position"]})
+    xs = {lo: i for i, lo in enumerate(buckets)}
+    for name, v in ab.items():
+        pts = sorted((xs[int(k)], y) for k, y in v["loss_by_position"].items())
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+    ax.set_xticks(range(len(buckets)), [_bucket_label(lo, T) for lo in buckets], rotation=30, ha="right",
+                  fontsize=8)
+    ax.set_xlabel("tokens of the document before the input token")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title(f"Loss by position (T={T})")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    p = out / "loss_by_position.png"
+    fig.savefig(p, dpi=100)
+    plt.close(fig)
+    paths.append(str(p))
+
+    if result.get("passkey_by_depth"):
+        dists = list(result["passkey_by_depth"])
+        depths = list(DEPTHS)
+        grid = np.array([[result["passkey_by_depth"][D].get(d, np.nan) for d in depths] for D in dists])
+        fig, ax = plt.subplots(figsize=(4.5, 0.45 * len(dists) + 1.5))
+        im = ax.imshow(grid, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
+        for i in range(len(dists)):
+            for j in range(len(depths)):
+                if np.isfinite(grid[i, j]):
+                    ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center",
+                            color="black" if grid[i, j] > 0.5 else "white", fontsize=8)
+        ax.set_xticks(range(len(depths)), depths)
+        ax.set_yticks(range(len(dists)), dists)
+        ax.set_xlabel("depth of the key in segment 0")
+        ax.set_ylabel("distance D (segments)")
+        ax.set_title("Passkey exact match")
+        fig.colorbar(im, ax=ax)
+        fig.tight_layout()
+        p = out / "passkey_accuracy.png"
+        fig.savefig(p, dpi=100)
+        plt.close(fig)
+        paths.append(str(p))
+    return paths
+
+
+# ------------------------------------------------------------------ data
+
+
+def read_heldout_docs(data_dir: str, val_fraction: float, max_docs: int | None = None,
+                      min_tokens: int = 0) -> list[np.ndarray]:
+    """Held-out corpus documents of an MDS dir (passkey documents skipped), in index order.
+
+    Reading stops once there are ``max_docs`` documents (None = no limit)
+    holding at least ``min_tokens`` tokens together (passkey filler wants
+    variety even when few documents are scored).
+    """
+    from streaming.base.util import clean_stale_shared_memory
+
+    from data_pipeline.split import heldout_mask
+    from data_pipeline.streams import MDSSource
+
+    path = Path(data_dir)
+    if not path.is_dir():
+        raise UserError(f"--data: no such directory: {path}")
+    if not (path / "index.json").is_file():
+        raise UserError(f"--data: {path} holds no MDS shards (index.json missing); run `mnemo prepare`")
+    clean_stale_shared_memory()
+    try:
+        src = MDSSource(str(path))
+    except ValueError as e:  # streaming refuses a local dir that a live dataset already uses
+        raise UserError(f"--data: cannot open {path}: {str(e).splitlines()[0]}") from None
+    idx = np.flatnonzero(heldout_mask(src.num_samples, val_fraction))
+    docs: list[np.ndarray] = []
+    n_tokens = 0
+    for i in idx:
+        item = src.get(int(i))
+        if item.get("source") == "passkey":
+            continue
+        docs.append(np.asarray(item["tokens"], dtype=np.int64))
+        n_tokens += docs[-1].size
+        if max_docs is not None and len(docs) >= max_docs and n_tokens >= min_tokens:
+            break
+    if not docs:
+        raise UserError(f"--data: {path} has no held-out corpus documents (data.val_fraction={val_fraction} "
+                        f"of {src.num_samples} samples)")
+    return docs
+
+
+# Held-out tokens read for passkey filler at least (more documents than --max-docs if need be).
+_FILLER_TOKENS = 1 << 20
+
+
+def _check_tokenizer(data_dir: str, tokenizer: Any) -> None:
+    manifest = Path(data_dir) / "manifest.json"
+    if not manifest.is_file():
+        return
+    want = json.loads(manifest.read_text()).get("tokenizer_sha256")
+    have = getattr(tokenizer, "sha256", None)
+    if want and have and want != have:
+        raise UserError(f"--data: {manifest} was tokenized with tokenizer {want[:12]}, the checkpoint uses "
+                        f"{have[:12]}")
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        out = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not out or any(x < 0 for x in out):
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 0, got {text!r}")
+    return out
+
+
+def _resolve_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device available")
+    return name
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from train.checkpoint import load_for_inference
+
+    data = Path(args.data)
+    if not (data / "index.json").is_file():  # before the (slower) model load
+        what = "no such directory" if not data.is_dir() else "no MDS shards (index.json missing)"
+        raise UserError(f"--data: {what}: {data}")
+    model, tokenizer, cfg = load_for_inference(args.checkpoint, device=_resolve_device(args.device))
+    _check_tokenizer(args.data, tokenizer)
+    max_docs = cfg.eval.max_docs if args.max_docs is None else args.max_docs
+    docs = read_heldout_docs(args.data, cfg.data.val_fraction, max_docs, min_tokens=_FILLER_TOKENS)
+    trials = args.passkey_trials
+    if trials is None:
+        trials = cfg.eval.passkey_trials or 30
+    t0 = time.perf_counter()
+    result = evaluate(model, tokenizer, docs, cfg, ablations=not args.no_ablations, passkey=trials > 0,
+                      seed=args.seed, batch_size=args.batch_size, max_docs=max_docs, passkey_trials=trials,
+                      distances=args.distances, multikey=args.multikey, progress=True)
+    result["checkpoint"] = str(args.checkpoint)
+    result["data"] = str(args.data)
+    print(format_table(result))
+    print(f"\n(evaluated in {time.perf_counter() - t0:.1f} s)")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    if args.plots:
+        for p in plots(result, args.plots):
+            print(f"wrote {p}")
+    return 0
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser("eval", help="long-context evaluation of a checkpoint",
+                              description="Loss by position (with memory ablations) on held-out documents and "
+                                          "passkey retrieval across D segments.")
+    p.add_argument("checkpoint", help="checkpoint step dir, run dir (latest checkpoint) or export dir")
+    p.add_argument("--data", required=True, help="MDS data dir from `mnemo prepare` (held-out documents are read)")
+    p.add_argument("--json", default=None, help="write the results as JSON to this file")
+    p.add_argument("--plots", default=None, metavar="DIR", help="write PNG plots into DIR")
+    p.add_argument("--max-docs", type=int, default=None, help="held-out documents for loss by position "
+                                                             "(default: eval.max_docs of the run)")
+    p.add_argument("--passkey-trials", type=int, default=None,
+                   help="passkey documents per distance (0 = skip; default: eval.passkey_trials or 30)")
+    p.add_argument("--distances", type=_int_list, default=[1, 2, 4, 8, 16, 32],
+                   help="passkey distances D in segments (default 1,2,4,8,16,32)")
+    p.add_argument("--multikey", type=int, default=0, metavar="K",
+                   help="also run the multi-key variant with K door facts per document")
+    p.add_argument("--batch-size", type=int, default=32, help="documents read in parallel (slots)")
+    p.add_argument("--no-ablations", action="store_true", help="only the memory as trained")
+    p.add_argument("--seed", type=int, default=0, help="seed of the passkey documents")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.set_defaults(func=_cmd_eval)

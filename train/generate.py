@@ -1,0 +1,220 @@
+"""Generation with memory: read an arbitrarily long prompt, then sample.
+
+Tokens reach the model exactly as a training document does: in segments of
+T tokens from the document start, each segment read with the memory state
+left by the previous one. ``SegmentReader`` keeps that invariant while tokens
+arrive one at a time: the state is only advanced when a segment is complete;
+the tokens of the segment in progress are re-read (from the state at the
+segment's start) together with each new token. So the state never holds a
+token twice, and the local context of every token is what it was in
+training: the segment so far plus the short-term memory. That costs a
+forward of up to T tokens per new token.
+
+``mode="step"`` is the cheap alternative: every new token is one 1-token
+forward carrying the state (the returned state already holds all earlier
+tokens). Its local context is then the short-term memory alone (the last M
+tokens), which differs from training, and a model without short-term memory
+sees nothing but the current token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from train.errors import UserError
+
+
+def _core(model: Any) -> Any:
+    return getattr(model, "module", model)
+
+
+def _device(model: Any) -> torch.device:
+    try:
+        return next(_core(model).parameters()).device
+    except (StopIteration, AttributeError):
+        return torch.device("cpu")
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> int:
+    """One token id from logits [V]: greedy when temperature <= 0, else nucleus sampling.
+
+    top_p keeps the smallest set of most likely tokens whose probability
+    reaches top_p (the most likely token is always kept).
+    """
+    if temperature <= 0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits.double() / temperature, dim=-1).cpu()  # [V], float64: stable cumsum
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(descending=True)
+        before = sorted_p.cumsum(0) - sorted_p  # mass of the tokens ranked above each token
+        sorted_p = torch.where(before < top_p, sorted_p, torch.zeros_like(sorted_p))
+        probs = torch.zeros_like(probs).scatter(0, order, sorted_p)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+class SegmentReader:
+    """Feeds token streams of B slots to the model segment by segment, as training does.
+
+    feed(tokens [B, n]) -> logits [B, V] at the last token fed. Complete
+    segments advance ``state``; the partial segment in progress is kept in
+    ``pending`` and re-read with the next tokens (mode "segment"), or each
+    call advances the state at once (mode "step").
+    """
+
+    def __init__(self, model: Any, state: Any, segment_len: int, mode: str = "segment"):
+        if mode not in ("segment", "step"):
+            raise ValueError(f"unknown decoding mode {mode!r} (segment or step)")
+        self.model, self.state, self.T, self.mode = model, state, int(segment_len), mode
+        self.pending: torch.Tensor | None = None  # [B, p], p < T: the segment in progress
+
+    def feed(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.mode == "step":
+            last = None
+            for s0 in range(0, tokens.shape[1], self.T):
+                logits, self.state = self.model(tokens[:, s0:s0 + self.T], self.state)
+                last = logits[:, -1]
+            return last
+        buf = tokens if self.pending is None else torch.cat((self.pending, tokens), dim=1)  # [B, p+n]
+        last = None
+        while buf.shape[1] >= self.T:
+            logits, self.state = self.model(buf[:, :self.T], self.state)  # a complete segment: commit
+            last, buf = logits[:, -1], buf[:, self.T:]
+        if buf.shape[1] > 0:
+            logits, _ = self.model(buf, self.state)  # partial: read again with the next tokens
+            last = logits[:, -1]
+        self.pending = buf if buf.shape[1] > 0 else None
+        return last
+
+
+@torch.inference_mode()
+def generate(model: Any, tokenizer: Any, prompt_ids: Sequence[int], segment_len: int, max_new_tokens: int,
+             temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
+             on_token: Callable[[int], None] | None = None, stop_at_eos: bool = True,
+             on_prompt_segment: Callable[[int, int], None] | None = None, mode: str = "segment") -> list[int]:
+    """Continue ``prompt_ids``; returns the new token ids (EOS ends it and is not returned).
+
+    on_token(id) is called as each token is chosen; on_prompt_segment(i, n)
+    after prompt segment i of n has been read. Deterministic for a fixed seed.
+    """
+    ids = [int(t) for t in prompt_ids]
+    if not ids:
+        raise UserError("generate: the prompt is empty")
+    T = int(segment_len)
+    device = _device(model)
+    core = _core(model)
+    was_training = bool(getattr(core, "training", False))
+    core.eval()
+    try:
+        gen = torch.Generator().manual_seed(int(seed))
+        prompt = torch.tensor(ids, dtype=torch.long, device=device)[None]  # [1, P]
+        reader = SegmentReader(model, core.init_state(1, device=device), T, mode)
+        n_seg = -(-len(ids) // T)
+        last = None
+        for i, s0 in enumerate(range(0, len(ids), T)):
+            last = reader.feed(prompt[:, s0:s0 + T])  # [1, V]
+            if on_prompt_segment is not None:
+                on_prompt_segment(i, n_seg)
+        out: list[int] = []
+        eos = getattr(tokenizer, "eos_id", None)
+        for _ in range(int(max_new_tokens)):
+            tok = sample_next(last[0].float(), temperature, top_p, gen)
+            if stop_at_eos and eos is not None and tok == eos:
+                break
+            out.append(tok)
+            if on_token is not None:
+                on_token(tok)
+            if len(out) == max_new_tokens:
+                break  # no forward for a token nobody will sample after
+            last = reader.feed(torch.tensor([[tok]], dtype=torch.long, device=device))
+        return out
+    finally:
+        if was_training:
+            core.train()
+
+
+class TextStreamer:
+    """Prints the decoded text of a growing token list as it grows.
+
+    SentencePiece decodes whole sequences (a character can span several byte
+    tokens), so the text is re-decoded and only the new suffix is written;
+    when a later token changes the tail (an incomplete UTF-8 byte run), the
+    unstable tail is held back until it settles.
+    """
+
+    def __init__(self, tokenizer: Any, stream=None):
+        self.tok, self.ids, self.printed = tokenizer, [], ""
+        self.stream = stream or sys.stdout
+
+    def __call__(self, token: int) -> None:
+        self.ids.append(int(token))
+        text = self.tok.decode(self.ids)
+        stable = text.rstrip("\ufffd")  # a replacement char may become a real one with the next byte
+        if stable.startswith(self.printed):
+            self.stream.write(stable[len(self.printed):])
+            self.stream.flush()
+            self.printed = stable
+
+    def finish(self) -> None:
+        text = self.tok.decode(self.ids)
+        if text.startswith(self.printed):
+            self.stream.write(text[len(self.printed):])
+        self.stream.write("\n")
+        self.stream.flush()
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from train.checkpoint import load_for_inference
+    from train.evaluate import _resolve_device
+
+    path = Path(args.prompt_file)
+    if not path.is_file():
+        raise UserError(f"--prompt-file: no such file: {path}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"--prompt-file: {path} is not UTF-8 text") from None
+    if args.max_tokens < 0:
+        raise UserError(f"--max-tokens: must be >= 0, got {args.max_tokens}")
+    if not 0.0 < args.top_p <= 1.0:
+        raise UserError(f"--top-p: must be in (0, 1], got {args.top_p}")
+    model, tokenizer, cfg = load_for_inference(args.checkpoint, device=_resolve_device(args.device))
+    ids = tokenizer.encode(text)
+    if not ids:
+        raise UserError(f"--prompt-file: {path} is empty")
+    T = int(cfg.model.segment_len)
+
+    def progress(i: int, n: int) -> None:
+        if sys.stderr.isatty():
+            print(f"\rreading prompt: segment {i + 1}/{n}", end="" if i + 1 < n else "\n", file=sys.stderr,
+                  flush=True)
+
+    print(f"prompt: {len(ids)} tokens = {-(-len(ids) // T)} segments of {T}", file=sys.stderr)
+    streamer = TextStreamer(tokenizer)
+    out = generate(model, tokenizer, ids, T, args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                   seed=args.seed, on_token=streamer, on_prompt_segment=progress, mode=args.decode)
+    streamer.finish()
+    print(f"({len(out)} tokens generated)", file=sys.stderr)
+    return 0
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser("generate", help="continue a prompt with memory",
+                              description="Read a prompt of any length through memory, segment by segment, "
+                                          "then sample a continuation, printing tokens as they come.")
+    p.add_argument("checkpoint", help="checkpoint step dir, run dir (latest checkpoint) or export dir")
+    p.add_argument("--prompt-file", required=True, help="UTF-8 text file with the prompt")
+    p.add_argument("--max-tokens", type=int, default=200, help="tokens to generate at most (default 200)")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
+    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (default 0.95)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--decode", choices=("segment", "step"), default="segment",
+                   help="segment: each token sees its segment as in training (re-reads up to T tokens per "
+                        "token); step: 1-token forwards, faster, local context = short-term memory only")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.set_defaults(func=_cmd_generate)

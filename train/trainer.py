@@ -1,0 +1,638 @@
+"""The training loop: one rank of a DeepSpeed ZeRO job over document streams.
+
+Per optimizer step, each rank reads ``memory.bptt_segments`` (k) consecutive
+segments from its stream slots, carrying the memory state from segment to
+segment (reset where a slot starts a new document), sums their losses,
+calls ``engine.backward`` once and ``engine.step``, then detaches the memory:
+gradients flow through memory across the k segments of a step and never
+further (truncated BPTT).
+
+Everything needed to continue exactly is checkpointed: the engine (weights,
+optimizer, ZeRO partitions, LR schedule), each rank's stream position and
+memory state, RNG states, counters and the MLflow run id.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import hashlib
+import json
+import logging
+import math
+import os
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from train.config import Config, check_paths, flatten, tokenizer_path, to_dict, to_yaml
+from train.errors import UserError
+
+log = logging.getLogger("mnemo.train")
+
+# Config keys whose change makes a resume unsafe (model shapes, data order).
+UNSAFE_KEYS = ("model.size", "model.segment_len", "memory.short.length", "memory.long.kind",
+               "memory.long.capacity", "memory.long.layers", "data.val_fraction", "train.seed")
+
+
+@dataclasses.dataclass
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    node_rank: int
+    num_nodes: int
+    restart: int
+
+
+def dist_info() -> DistInfo:
+    env = os.environ
+    world = int(env.get("WORLD_SIZE", "1"))
+    local_world = int(env.get("LOCAL_WORLD_SIZE", "1"))
+    rank = int(env.get("RANK", "0"))
+    return DistInfo(rank=rank, world_size=world, local_rank=int(env.get("LOCAL_RANK", "0")),
+                    local_world_size=local_world, node_rank=int(env.get("GROUP_RANK", rank // max(1, local_world))),
+                    num_nodes=max(1, world // max(1, local_world)),
+                    restart=int(env.get("TORCHELASTIC_RESTART_COUNT", env.get("SLURM_RESTART_COUNT", "0")) or 0))
+
+
+def sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def read_manifest(cfg: Config) -> dict[str, Any]:
+    p = Path(cfg.data.path.removeprefix("file://")) / "manifest.json"
+    if not p.is_file():
+        raise UserError(f"data.path: {p} is missing (write the data dir with `mnemo prepare`)")
+    return json.loads(p.read_text())
+
+
+def lr_lambda(cfg: Config):
+    warm, total, floor = cfg.train.warmup_steps, cfg.train.max_steps, cfg.train.min_lr_ratio
+
+    def f(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        progress = min(1.0, (step - warm) / max(1, total - warm))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return f
+
+
+def model_args_from_config(cfg: Config, vocab_size: int):
+    from model import ModelArgs
+
+    m = cfg.memory
+    return ModelArgs.from_size(cfg.model.size, vocab_size, stm_length=m.short.length, ltm_kind=m.long.kind,
+                               ltm_capacity=m.long.capacity, ltm_topk=m.long.topk, ltm_layers=tuple(m.long.layers),
+                               ltm_temperature_init=m.long.temperature_init)
+
+
+def deepspeed_config(cfg: Config, use_bf16: bool) -> dict[str, Any]:
+    zero: dict[str, Any] = {"stage": cfg.zero.stage}
+    if cfg.zero.stage == 3:
+        zero.update(stage3_gather_16bit_weights_on_model_save=False)
+    return {
+        "train_micro_batch_size_per_gpu": cfg.train.batch_size,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": cfg.train.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": use_bf16},
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float):
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        # ZeRO-3 partitioned parameters are empty 1-D tensors: use their real shape.
+        ndim = len(getattr(p, "ds_shape", p.shape))
+        (decay if ndim >= 2 else no_decay).append(p)  # norms, gates, temperatures: no decay
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(optimized loss, plain mean CE, number of real targets) of one segment.
+
+    logits [B, T, V]; targets, weight [B, T]. Both losses are normalized by the
+    number of real targets, so an answer weight > 1 only re-weights tokens.
+    """
+    ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none").view_as(weight)
+    mask = (weight > 0).float()
+    n = mask.sum()
+    denom = n.clamp(min=1.0)
+    return (ce * weight).sum() / denom, (ce * mask).sum() / denom, n
+
+
+class _Preemption:
+    """SIGTERM/SIGUSR1 set a flag; the loop saves at the end of the current step and exits 0."""
+
+    def __init__(self):
+        self.signal: int | None = None
+        self.at = 0.0
+        for s in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(s, self._handler)
+
+    def _handler(self, signum, frame):
+        if self.signal is None:
+            self.signal, self.at = signum, time.time()
+
+
+class StepLog:
+    """Per-step losses of rank 0 as JSON lines (<run.dir>/logs/steps.jsonl): tests and humans read it."""
+
+    def __init__(self, path: Path, enabled: bool):
+        self.f = None
+        if enabled:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.f = open(path, "a", buffering=1)
+
+    def write(self, rec: dict[str, Any]) -> None:
+        if self.f:
+            self.f.write(json.dumps(rec) + "\n")
+
+    def close(self):
+        if self.f:
+            self.f.close()
+
+
+def _check_resume_compatible(old_cfg: dict[str, Any], cfg: Config, meta: dict[str, Any], tok_sha: str,
+                             manifest: dict[str, Any], path: Path) -> list[str]:
+    old, new = flatten(old_cfg), flatten(cfg)
+    for key in UNSAFE_KEYS:
+        if old.get(key) != new.get(key):
+            raise UserError(f"{key}: changed from {old.get(key)!r} to {new.get(key)!r} since checkpoint {path}; "
+                            "resuming would be unsafe (use checkpoint.resume=never or a new run.dir)")
+    if meta.get("tokenizer_sha256") and meta["tokenizer_sha256"] != tok_sha:
+        raise UserError(f"data.tokenizer: differs from the tokenizer of checkpoint {path} (sha256 mismatch)")
+    if meta.get("num_documents") not in (None, manifest.get("num_documents")):
+        raise UserError(f"data.path: the dataset changed since checkpoint {path} "
+                        f"({meta['num_documents']} -> {manifest.get('num_documents')} documents)")
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(new) if old.get(k) != new.get(k)]
+
+
+def train(cfg: Config) -> dict[str, Any]:
+    """Run (or resume) training on this rank. Returns a summary (rank 0 meaningful)."""
+    check_paths(cfg)
+    info = dist_info()
+    run_dir = Path(cfg.run.dir)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format=f"[rank{info.rank}] %(asctime)s %(levelname)s %(name)s: %(message)s")
+    manifest = read_manifest(cfg)
+    tok_file = tokenizer_path(cfg)
+    tok_sha = sha256_file(tok_file)
+    if manifest.get("tokenizer_sha256") and manifest["tokenizer_sha256"] != tok_sha:
+        raise UserError(f"data.tokenizer: {tok_file} is not the tokenizer the data in {cfg.data.path} was made with "
+                        f"(sha256 {tok_sha[:12]} != manifest {manifest['tokenizer_sha256'][:12]})")
+    vocab_size = int(manifest["vocab_size"])
+
+    import deepspeed
+    import deepspeed.comm as dist
+
+    use_cuda = cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available())
+    if use_cuda:
+        torch.cuda.set_device(info.local_rank)
+    device = torch.device("cuda", info.local_rank) if use_cuda else torch.device("cpu")
+    use_bf16 = cfg.model.dtype == "bf16" or (cfg.model.dtype == "auto" and use_cuda)
+    deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo",
+                               timeout=datetime.timedelta(seconds=cfg.checkpoint.collective_timeout_s))
+    barrier = dist.barrier
+
+    if info.rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    ckpt = __import__("train.checkpoint", fromlist=["CheckpointManager"])
+    mgr = ckpt.CheckpointManager(run_dir, keep=cfg.checkpoint.keep, keep_every=cfg.checkpoint.keep_every,
+                                 rank=info.rank, world_size=info.world_size, barrier=barrier)
+
+    # ---- which checkpoint to resume from (decided before anyone cleans up)
+    resume_path: Path | None = None
+    if cfg.checkpoint.resume == "auto":
+        resume_path = mgr.latest()
+    elif cfg.checkpoint.resume != "never":
+        resume_path = ckpt.resolve_checkpoint(cfg.checkpoint.resume)
+    barrier()
+    mgr.clean_partials()
+    if resume_path is not None:
+        mgr.protected.add(resume_path.name)
+
+    torch.manual_seed(cfg.train.seed)
+    import random as _random
+
+    import numpy as np
+
+    _random.seed(cfg.train.seed + info.rank)
+    np.random.seed((cfg.train.seed + info.rank) % (1 << 32))
+
+    # ---- model and engine
+    from model import MemoryTransformer
+
+    args = model_args_from_config(cfg, vocab_size)
+    if cfg.zero.stage == 3 and cfg.zero.init_partitioned:
+        with deepspeed.zero.Init(config_dict_or_path=deepspeed_config(cfg, use_bf16)):
+            model = MemoryTransformer(args)
+    else:
+        model = MemoryTransformer(args)
+    n_params = model.expected_num_params()
+
+    parent_run_id = None
+    if cfg.init_from and resume_path is None:
+        parent_run_id = _init_from(model, cfg.init_from, cfg.zero.stage == 3)
+
+    if cfg.model.activation_checkpointing:
+        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
+
+        from model.transformer import Block
+
+        apply_activation_checkpointing(model, check_fn=lambda m: isinstance(m, Block))
+
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr,
+                                  betas=(cfg.train.beta1, cfg.train.beta2), eps=1e-8)
+    # A callable: DeepSpeed builds the schedule on its own (ZeRO-wrapped) optimizer.
+    def scheduler(opt):
+        return torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
+
+    ds_cfg = deepspeed_config(cfg, use_bf16)
+
+    old_meta: dict[str, Any] | None = None
+    universal = False
+    if resume_path is not None:
+        old_meta = ckpt.read_meta(resume_path)
+        changes = _check_resume_compatible(old_meta["config"], cfg, old_meta, tok_sha, manifest, resume_path)
+        reshaped = old_meta["world_size"] != info.world_size or old_meta["zero_stage"] != cfg.zero.stage
+        universal = {"always": True, "never": False, "auto": reshaped}[cfg.checkpoint.load_universal]
+        if universal:
+            ds_cfg["checkpoint"] = {"load_universal": True}
+        if info.rank == 0 and changes:
+            log.info("config changes since %s (safe): %s", resume_path.name, "; ".join(changes))
+
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg)
+    dtype = torch.bfloat16 if use_bf16 else torch.float32
+
+    # ---- data
+    from streaming.base.util import clean_stale_shared_memory
+
+    from data_pipeline.streams import DocumentStreams, MDSSource
+
+    # Collective: local rank 0 removes shared memory leaked by killed runs, the others wait.
+    clean_stale_shared_memory()
+    cache_dir = cfg.data.cache_dir or str(run_dir / "data_cache")
+    source = MDSSource(cfg.data.path, cache_dir=cache_dir)
+    streams = DocumentStreams(source, batch_size=cfg.train.batch_size, segment_len=cfg.model.segment_len,
+                              rank=info.rank, world_size=info.world_size, seed=cfg.train.seed,
+                              val_fraction=cfg.data.val_fraction, pad_id=int(manifest.get("pad_id", 0) or 0),
+                              answer_weight=cfg.train.answer_weight, num_workers=cfg.data.num_workers)
+    state = engine.module.init_state(cfg.train.batch_size, device=device, dtype=dtype)
+
+    step, tokens_seen, run_id = 0, 0, None
+    if resume_path is not None:
+        step, tokens_seen, run_id, state = _resume(engine, mgr, resume_path, old_meta, streams, state, info,
+                                                   universal, device)
+    # ---- tracking
+    from train.tracking import Tracker, memory_stats, system_tags
+
+    tracker = Tracker(run_dir=str(run_dir), uri=cfg.tracking.uri, experiment=cfg.tracking.experiment,
+                      run_name=cfg.run.name or run_dir.name, enabled=cfg.tracking.enabled, rank=info.rank,
+                      resume_run_id=run_id, parent_run_id=parent_run_id, resume_step=step)
+    run_id = tracker.run_id
+    if info.rank == 0:
+        if resume_path is None:
+            params = flatten(cfg)
+            params.update({"world_size": info.world_size, "num_nodes": info.num_nodes, "zero_stage": cfg.zero.stage,
+                           "model.num_params": n_params, "data.num_documents": manifest.get("num_documents"),
+                           "data.num_tokens": manifest.get("num_tokens"), "data.tokenizer_sha256": tok_sha,
+                           "model.flops_per_token": model.flops_per_token(cfg.model.segment_len)})
+            tracker.log_params(params)
+            tracker.set_tags(dict(system_tags(), **{"mnemo.hostname": socket.gethostname()}))
+            tracker.log_artifact(str(run_dir / "config.yaml"))
+            tracker.log_artifact(tok_file)
+            mf = Path(cfg.data.path.removeprefix("file://")) / "manifest.json"
+            tracker.log_artifact(str(mf))
+        tracker.set_tags({"mnemo.restart": str(info.restart), "mnemo.resumed_from": resume_path.name if resume_path else ""})
+        log.info("run %s: %d params, world %d (ZeRO %d, %s), resume from %s, restart %d", run_id, n_params,
+                 info.world_size, cfg.zero.stage, "cuda/bf16" if use_cuda else "cpu/" + str(dtype).split(".")[-1],
+                 resume_path, info.restart)
+
+    steplog = StepLog(run_dir / "logs" / "steps.jsonl", info.rank == 0)
+    preempt = _Preemption()
+    loop = _Loop(cfg, engine, streams, state, info, device, tracker, steplog, model_flops=model.flops_per_token(
+        cfg.model.segment_len), use_cuda=use_cuda)
+    meta_base = {"world_size": info.world_size, "zero_stage": cfg.zero.stage, "config": to_dict(cfg),
+                 "tokenizer_sha256": tok_sha, "manifest_sha256": sha256_file(str(Path(
+                     cfg.data.path.removeprefix("file://")) / "manifest.json")),
+                 "num_documents": manifest.get("num_documents"), "model_args": dataclasses.asdict(args),
+                 "num_params": n_params}
+
+    def save(step_: int, reason: str):
+        t0 = time.time()
+        rank_state = {"streams": streams.state_dict(), "memory": loop.state.state_dict(), "rng": ckpt.rng_state(),
+                      "step": step_, "tokens_seen": loop.tokens_seen}
+        meta = dict(meta_base, step=step_, tokens_seen=loop.tokens_seen, mlflow_run_id=run_id, reason=reason,
+                    time=time.time())
+        path = mgr.save(step_, engine, rank_state, meta, extra_files={"tokenizer.model": tok_file})
+        if info.rank == 0:
+            log.info("saved checkpoint %s (%s) in %.1fs", path, reason, time.time() - t0)
+        return path
+
+    loop.tokens_seen = tokens_seen
+    started = time.time()
+    last_saved = step if resume_path is not None else -1
+    exit_reason = "completed"
+    eval_result: dict[str, Any] = {}
+    try:
+        while step < cfg.train.max_steps:
+            ok = loop.train_step(step)
+            step += 1
+            if not ok:
+                exit_reason = "nan"
+                break
+            # All ranks agree on stopping: a signal or the time limit on any rank stops everyone.
+            stop_flags = torch.tensor([float(preempt.signal is not None),
+                                       float(cfg.train.max_time_s > 0 and time.time() - started > cfg.train.max_time_s)])
+            dist.all_reduce(stop_flags, op=dist.ReduceOp.MAX)
+            if cfg.eval.interval and step % cfg.eval.interval == 0 and step < cfg.train.max_steps:
+                eval_result = run_eval(cfg, engine.module, source, tok_file, tracker, step, info.rank)
+            if stop_flags[0] > 0:
+                save(step, "preempted")
+                last_saved = step
+                exit_reason = "preempted"
+                if info.rank == 0:
+                    (run_dir / "PREEMPTED").write_text(f"{step}\n")
+                break
+            if stop_flags[1] > 0:
+                exit_reason = "time_limit"
+                break
+            if cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0:
+                save(step, "interval")
+                last_saved = step
+        if exit_reason in ("completed", "time_limit") and last_saved != step:
+            save(step, exit_reason)
+        if exit_reason in ("completed", "time_limit"):
+            if info.rank == 0 and (run_dir / "PREEMPTED").exists():
+                (run_dir / "PREEMPTED").unlink()
+            eval_result = run_eval(cfg, engine.module, source, tok_file, tracker, step, info.rank)
+    finally:
+        steplog.close()
+        streams.close()
+        if info.rank == 0:
+            tracker.log_metrics(memory_stats(), step)
+            logs = run_dir / "logs"
+            for f in sorted(logs.glob("node*.log")) if logs.is_dir() else []:
+                tracker.log_artifact(str(f), "logs")
+        tracker.close("FAILED" if exit_reason == "nan" else "FINISHED" if exit_reason != "preempted" else "KILLED")
+    if exit_reason == "nan":
+        raise UserError(f"loss became NaN/inf at step {step} (train.nan_policy=stop); last checkpoint in {mgr.root}")
+    summary = {"step": step, "exit": exit_reason, "run_id": run_id, "checkpoint": str(mgr.latest()),
+               "run_dir": str(run_dir), "eval": eval_result, "tokens_seen": loop.tokens_seen}
+    if info.rank == 0:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+        log.info("done: %s", json.dumps({k: v for k, v in summary.items() if k != "eval"}, default=str))
+    return summary
+
+
+def _init_from(model, path: str, zero3: bool) -> str | None:
+    """Load consolidated weights (export dir or checkpoint) into a fresh model; return the parent run id."""
+    from train import checkpoint as ckpt
+
+    src = ckpt.resolve_checkpoint(path)
+    sd = ckpt.consolidated_state_dict(src)
+    if zero3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=0):
+            ckpt.load_weights(model, sd, str(src))
+    else:
+        ckpt.load_weights(model, sd, str(src))
+    meta = ckpt.read_meta(src) if ckpt.is_complete(src) else {}
+    if not meta and (src / "source.json").is_file():
+        meta = json.loads((src / "source.json").read_text())
+    return meta.get("mlflow_run_id")
+
+
+def _resume(engine, mgr, path: Path, meta: dict[str, Any], streams, state, info: DistInfo, universal: bool, device):
+    from train import checkpoint as ckpt
+
+    ds_dir = path / "ds"
+    tag = ckpt.DS_TAG
+    if universal:
+        from train.universal import UNIVERSAL_TAG, make_universal
+
+        if info.rank == 0:
+            make_universal(path)
+        import deepspeed.comm as dist
+
+        dist.barrier()
+        tag = UNIVERSAL_TAG
+    load_path, _ = engine.load_checkpoint(str(ds_dir), tag=tag, load_module_strict=True,
+                                          load_optimizer_states=True, load_lr_scheduler_states=True)
+    if load_path is None:
+        raise UserError(f"checkpoint {path}: DeepSpeed could not load {ds_dir}/{tag}")
+    same_world = meta["world_size"] == info.world_size
+    if same_world:
+        own = mgr.rank_state(path, info.rank)
+        exact = streams.load_state_dict(own["streams"])
+    else:
+        own = None
+        exact = streams.load_state_dict([s["streams"] for s in mgr.rank_states(path)])
+    if exact and own is not None:
+        state = state.load_state_dict(own["memory"]).to(device)
+        ckpt.set_rng_state(own["rng"])
+    # else: in-flight documents restart, so every slot starts with empty memory (fresh state)
+    if info.rank == 0:
+        log.info("resumed from %s at step %d (%s)", path, meta["step"],
+                 "exact" if exact else f"re-partitioned from {meta['world_size']} to {info.world_size} ranks")
+    return int(meta["step"]), int(meta.get("tokens_seen", 0)), meta.get("mlflow_run_id"), state
+
+
+class _Loop:
+    """The per-step work, kept apart from start-up and shutdown."""
+
+    def __init__(self, cfg: Config, engine, streams, state, info: DistInfo, device, tracker, steplog, model_flops: float,
+                 use_cuda: bool):
+        self.cfg, self.engine, self.streams, self.state = cfg, engine, streams, state
+        self.info, self.device, self.tracker, self.steplog = info, device, tracker, steplog
+        self.model_flops, self.use_cuda = model_flops, use_cuda
+        self.tokens_seen = 0
+        self._window = {"loss": 0.0, "n": 0, "tokens": 0, "real": 0, "resets": 0, "slots": 0, "data": 0.0,
+                        "fwd_bwd": 0.0, "optim": 0.0, "t0": time.time()}
+        self.peak = cfg.tracking.peak_flops or _device_peak_flops(use_cuda)
+
+    def train_step(self, step: int) -> bool:
+        import deepspeed.comm as dist
+
+        cfg, engine = self.cfg, self.engine
+        k = cfg.memory.bptt_segments
+        t0 = time.time()
+        batches = [next(self.streams) for _ in range(k)]
+        t1 = time.time()
+        total = 0.0
+        plain_sum = torch.zeros((), device=self.device)
+        n_sum = torch.zeros((), device=self.device)
+        state = self.state
+        for bt in batches:
+            state = state.reset(bt.reset.to(self.device))
+            tokens = bt.tokens.to(self.device, non_blocking=True)
+            logits, state = engine(tokens[:, :-1], state)
+            opt_loss, plain, n = lm_loss(logits, tokens[:, 1:], bt.weight.to(self.device))
+            total = total + opt_loss / k
+            plain_sum = plain_sum + plain.detach() * n
+            n_sum = n_sum + n
+        # Loss of this step averaged over ranks, weighted by real tokens.
+        stats = torch.stack([plain_sum, n_sum, torch.tensor(float(not torch.isfinite(total)), device=self.device)])
+        dist.all_reduce(stats)
+        bad = stats[2].item() > 0
+        if bad and cfg.train.nan_policy == "stop":
+            if self.info.rank == 0:
+                log.error("step %d: loss is NaN/inf; stopping (train.nan_policy=stop)", step + 1)
+                self.tracker.log_metrics({"train/nan": 1.0}, step + 1)
+            return False
+        if bad:
+            if self.info.rank == 0:
+                log.warning("step %d: loss is NaN/inf; skipping the update", step + 1)
+                self.tracker.log_metrics({"train/nan": 1.0}, step + 1)
+            self.state = state.detach().reset(torch.ones(state.batch_size, dtype=torch.bool))
+            return True
+        engine.backward(total)
+        t2 = time.time()
+        engine.step()
+        t3 = time.time()
+        self.state = state.detach()
+        loss = (stats[0] / stats[1].clamp(min=1)).item()
+        real = int(stats[1].item())
+        B, T = cfg.train.batch_size, cfg.model.segment_len
+        step_tokens = B * T * k * self.info.world_size
+        self.tokens_seen += step_tokens
+        w = self._window
+        w["loss"] += loss
+        w["n"] += 1
+        w["tokens"] += step_tokens
+        w["real"] += real
+        w["resets"] += int(sum(int(bt.reset.sum()) for bt in batches))
+        w["slots"] += B * k
+        w["data"] += t1 - t0
+        w["fwd_bwd"] += t2 - t1
+        w["optim"] += t3 - t2
+        if self.info.rank == 0:
+            self.steplog.write({"step": step + 1, "loss": loss, "restart": self.info.restart, "time": time.time()})
+        if (step + 1) % cfg.train.log_interval == 0 or step + 1 == cfg.train.max_steps:
+            self._log(step + 1, engine)
+        return True
+
+    def _log(self, step: int, engine) -> None:
+        w = self._window
+        dt = max(1e-9, time.time() - w["t0"])
+        loss = w["loss"] / w["n"]
+        tps = w["tokens"] / dt
+        grad_norm = engine.get_global_grad_norm()
+        metrics = {
+            "train/loss": loss,
+            "train/ppl": math.exp(min(loss, 50.0)),
+            "train/lr": engine.get_lr()[0],
+            "train/grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+            "train/tokens_per_s": tps,
+            "train/tokens_per_s_per_device": tps / self.info.world_size,
+            "train/tokens_seen": float(self.tokens_seen),
+            "train/epoch": float(self.streams.epoch),
+            "train/pad_fraction": 1.0 - w["real"] / max(1, w["tokens"]),
+            "time/data_s": w["data"] / w["n"],
+            "time/fwd_bwd_s": w["fwd_bwd"] / w["n"],
+            "time/optim_s": w["optim"] / w["n"],
+            "memory/reset_rate": w["resets"] / max(1, w["slots"]),
+        }
+        if self.peak:
+            metrics["train/mfu"] = tps / self.info.world_size * self.model_flops / self.peak
+        st = self.state
+        if st.ltm_capacity:
+            metrics["memory/ltm_fill"] = float(st.ltm_len.float().mean()) / st.ltm_capacity
+        module = engine.module
+        for i, blk in enumerate(module.blocks):
+            attn = getattr(blk, "attn", None) or getattr(getattr(blk, "_checkpoint_wrapped_module", None), "attn", None)
+            gate = getattr(attn, "ltm_gate", None)
+            if gate is not None and gate.numel() > 0:
+                metrics[f"memory/ltm_gate_l{i}"] = float(torch.sigmoid(gate.detach().float()).mean())
+        if self.info.rank == 0:
+            self.tracker.log_metrics(metrics, step)
+            eta = ""
+            log.info("step %d/%d loss %.4f lr %.2e grad %.3f tok/s %.0f data %.0f%%%s", step, self.cfg.train.max_steps,
+                     loss, metrics["train/lr"], metrics["train/grad_norm"], tps,
+                     100 * w["data"] / max(1e-9, w["data"] + w["fwd_bwd"] + w["optim"]), eta)
+        self._window = {"loss": 0.0, "n": 0, "tokens": 0, "real": 0, "resets": 0, "slots": 0, "data": 0.0,
+                        "fwd_bwd": 0.0, "optim": 0.0, "t0": time.time()}
+
+
+def _device_peak_flops(use_cuda: bool) -> float:
+    """Dense bf16 peak of known GPUs; 0 (unknown: MFU not logged) on CPU."""
+    if not use_cuda:
+        return 0.0
+    name = torch.cuda.get_device_name()
+    for key, peak in (("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("L40S", 362e12), ("A10", 125e12)):
+        if key in name:
+            return peak
+    return 0.0
+
+
+def heldout_docs(source, cfg: Config) -> list:
+    import numpy as np
+
+    from data_pipeline.split import heldout_mask
+
+    idx = np.flatnonzero(heldout_mask(source.num_samples, cfg.data.val_fraction))
+    docs = []
+    for i in idx:
+        item = source.get(int(i))
+        if item.get("source") == "passkey" or item.get("answer_len", 0) > 0:
+            continue
+        docs.append(np.asarray(item["tokens"])[: cfg.eval.max_doc_tokens])
+        if len(docs) >= cfg.eval.max_docs:
+            break
+    return docs
+
+
+def run_eval(cfg: Config, module, source, tok_file: str, tracker, step: int, rank: int) -> dict[str, Any]:
+    """Held-out evaluation on every rank (identical forwards, as ZeRO-3 needs), logged by rank 0."""
+    from data_pipeline.tokenizer import Tokenizer
+    from train import evaluate
+
+    docs = heldout_docs(source, cfg)
+    if not docs:
+        return {}
+    was_training = module.training
+    module.eval()
+    try:
+        result = evaluate.evaluate(module, Tokenizer(tok_file), docs, cfg, ablations=False,
+                                   passkey=cfg.eval.passkey_trials > 0, seed=cfg.train.seed)
+    finally:
+        module.train(was_training)
+    metrics = {}
+    if "loss" in result:
+        metrics["eval/loss"] = float(result["loss"])
+    for b, v in result.get("loss_by_position", {}).items():
+        metrics[f"eval/loss_pos_{b}"] = float(v)
+    for d, v in result.get("passkey", {}).items():
+        if not isinstance(v, dict):
+            metrics[f"eval/passkey_d{d}"] = float(v)
+    tracker.log_metrics(metrics, step)
+    if rank == 0:
+        out = Path(cfg.run.dir) / "eval" / f"step_{step:08d}"
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "eval.json").write_text(json.dumps(result, indent=1))
+        tracker.log_artifact(str(out / "eval.json"), f"eval/step_{step:08d}")
+        try:
+            for png in evaluate.plots(result, str(out)):
+                tracker.log_artifact(png, f"eval/step_{step:08d}")
+        except Exception as e:  # plots are a nicety; never fail training for them
+            log.warning("eval plots failed: %s", e)
+        log.info("eval at step %d: loss %.4f", step, metrics.get("eval/loss", float("nan")))
+    return result
