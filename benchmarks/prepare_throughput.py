@@ -13,7 +13,7 @@ Rates are tokens per second, EOS excluded on both sides; the import of
 streaming/torch (seconds, once per process) is outside the timings. Targets (issue 3):
 1 worker >= 0.85x raw; 2 workers >= 1.6x raw on 2 cores.
 
-    .venv/bin/python benchmarks/prepare_throughput.py [--limit-mb 10] [--workers 1 2] [--repeat 1]
+    .venv/bin/python benchmarks/prepare_throughput.py [--limit-mb 20] [--workers 1 2] [--repeat 3]
 """
 
 from __future__ import annotations
@@ -48,10 +48,10 @@ def stdlib_files(limit_bytes: int) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--limit-mb", type=float, default=10.0, help="MB of stdlib source to use (default 10)")
+    ap.add_argument("--limit-mb", type=float, default=20.0, help="MB of stdlib source to use (default 20)")
     ap.add_argument("--vocab-size", type=int, default=8192)
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
-    ap.add_argument("--repeat", type=int, default=2, help="rounds; each rate is the best of them (default 2)")
+    ap.add_argument("--repeat", type=int, default=3, help="rounds; each rate is the best of them (default 3)")
     args = ap.parse_args(argv)
 
     import sentencepiece as spm

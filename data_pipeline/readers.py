@@ -193,10 +193,11 @@ def expand_inputs(inputs: Sequence[str]) -> tuple[list[tuple[str, str]], list[st
         raise DataError("no --input given")
     found: list[tuple[str, str]] = []
     skipped: list[str] = []
-    seen: set[str] = set()
+    seen: set[tuple[int, int]] = set()
 
     def add(path: str, explicit: bool) -> None:
-        real = os.path.realpath(path)
+        st = os.stat(path)
+        real = (st.st_dev, st.st_ino)  # the same file named twice (or via a link) is read once
         if real in seen:
             return
         kind = file_kind(path, explicit)

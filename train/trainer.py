@@ -615,14 +615,7 @@ def run_eval(cfg: Config, module, source, tok_file: str, tracker, step: int, ran
                                    passkey=cfg.eval.passkey_trials > 0, seed=cfg.train.seed)
     finally:
         module.train(was_training)
-    metrics = {}
-    if "loss" in result:
-        metrics["eval/loss"] = float(result["loss"])
-    for b, v in result.get("loss_by_position", {}).items():
-        metrics[f"eval/loss_pos_{b}"] = float(v)
-    for d, v in result.get("passkey", {}).items():
-        if not isinstance(v, dict):
-            metrics[f"eval/passkey_d{d}"] = float(v)
+    metrics = evaluate.flat_metrics(result)
     tracker.log_metrics(metrics, step)
     if rank == 0:
         out = Path(cfg.run.dir) / "eval" / f"step_{step:08d}"

@@ -1,0 +1,32 @@
+# One-command set-up: `make demo` and `make test` create .venv if missing and install mnemo into it.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.mnemo-installed
+PYTEST_ARGS ?=
+
+.PHONY: install demo test test-unit clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# The main job on the built-in corpus (stdlib sources): tokenizer, shards, 2-rank
+# ZeRO-2 training of a memory model and a no-memory baseline, evaluation.
+demo: install
+	$(BIN)/python -m launch.demo
+
+# The whole suite. pytest's exit code 5 (no tests collected) is a failure.
+test: install
+	@$(BIN)/python -m pytest -q $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
+
+test-unit: install
+	$(BIN)/python -m pytest -q tests/unit
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,350 @@
+"""`mnemo launch --dry-run` on every target: golden output, shell validity, bad input.
+
+Goldens are compared after replacing machine paths with <PYTHON>, <BIN>,
+<ROOT> (the mnemo checkout) and <TMP> (the test's working directory).
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from launch.env import package_root
+from train.cli import main
+
+FORWARDED_PREFIXES = ("NCCL_", "MLFLOW_", "MNEMO_", "GLOO_", "TORCH_", "DS_", "FI_", "UCX_", "SLURM")
+
+
+@pytest.fixture
+def ws(tmp_path, monkeypatch):
+    """A working dir with a valid config (data dir checks pass) and a clean environment."""
+    for k in list(os.environ):
+        if k.startswith(FORWARDED_PREFIXES) or k in ("PYTHONPATH", "OMP_NUM_THREADS", "HF_HOME"):
+            monkeypatch.delenv(k)
+    monkeypatch.setenv("NCCL_DEBUG", "INFO")
+    monkeypatch.setenv("MNEMO_TAG", "a b")
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "index.json").write_text("{}")
+    (data / "tokenizer.model").write_text("")
+    (tmp_path / "c.yaml").write_text(f"run:\n  dir: runs/g\ndata:\n  path: {data}\n")
+    (tmp_path / "hosts").write_text("# two workers\nworker-0 slots=2\n\nworker-1 slots=2  # spare\n")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def normalize(text: str, tmp: Path) -> str:
+    py = sys.executable
+    for real, token in ((py, "<PYTHON>"), (str(Path(py).parent), "<BIN>"), (package_root(), "<ROOT>"), (str(tmp), "<TMP>")):
+        text = text.replace(real, token)
+    return text
+
+
+def launch(capsys, *argv: str) -> tuple[int, str, str]:
+    rc = main(["launch", *argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+GOLDEN_LOCAL = """\
+# node 0 of 1: 2 rank(s), log <TMP>/runs/g/logs/node0.log
+PYTHONPATH=<ROOT> PYTHONUNBUFFERED=1 TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 MNEMO_NODE_RANK=0 MNEMO_NNODES=1 <PYTHON> -m torch.distributed.run --standalone --nnodes 1 --nproc-per-node 2 --max-restarts 0 --signals-to-handle SIGINT,SIGQUIT --tee 3 --log-dir <TMP>/runs/g/logs/torchrun/node0 --log-line-prefix-template '[rank${rank}]: ' -m launch.worker <TMP>/c.yaml train.lr=0.01
+"""
+
+GOLDEN_NODE = """\
+# node 1 of 2: 2 rank(s), log <TMP>/runs/g/logs/node1.log
+PYTHONPATH=<ROOT> PYTHONUNBUFFERED=1 TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 MNEMO_NODE_RANK=1 MNEMO_NNODES=2 <PYTHON> -m torch.distributed.run --nnodes 2 --rdzv-backend c10d --rdzv-endpoint 10.0.0.1:29400 --rdzv-id mnemo-5dcd9b41fb --rdzv-conf is_host=false --nproc-per-node 2 --max-restarts 1 --signals-to-handle SIGINT,SIGQUIT --tee 3 --log-dir <TMP>/runs/g/logs/torchrun/node1 --log-line-prefix-template '[rank${rank}]: ' -m launch.worker <TMP>/c.yaml
+"""
+
+GOLDEN_HOSTFILE = """\
+# node 0: worker-0
+ssh -o BatchMode=yes -o ConnectTimeout=10 -- worker-0 'cd <TMP> && exec env MNEMO_TAG='"'"'a b'"'"' NCCL_DEBUG=INFO PYTHONPATH=<ROOT> PATH=<BIN>:"$PATH" <PYTHON> -m train.cli launch <TMP>/c.yaml train.lr=0.01 --nnodes 2 --node-rank 0 --nproc-per-node 2 --master-addr worker-0 --master-port 29500 --rdzv-id mnemo-5dcd9b41fb --max-restarts 0 --stop-on-stdin-eof'
+# node 1: worker-1
+ssh -o BatchMode=yes -o ConnectTimeout=10 -- worker-1 'cd <TMP> && exec env MNEMO_TAG='"'"'a b'"'"' NCCL_DEBUG=INFO PYTHONPATH=<ROOT> PATH=<BIN>:"$PATH" <PYTHON> -m train.cli launch <TMP>/c.yaml train.lr=0.01 --nnodes 2 --node-rank 1 --nproc-per-node 2 --master-addr worker-0 --master-port 29500 --rdzv-id mnemo-5dcd9b41fb --max-restarts 0 --stop-on-stdin-eof'
+"""
+
+GOLDEN_SLURM = """\
+#!/bin/bash
+# Written by `mnemo launch --slurm` for <TMP>/c.yaml.
+# Submit it again with: sbatch <TMP>/runs/g/slurm/job.sbatch
+#SBATCH --job-name=g
+#SBATCH --nodes=2
+#SBATCH --ntasks-per-node=1
+#SBATCH --gpus-per-node=4
+#SBATCH --partition=gpu
+#SBATCH --account=proj
+#SBATCH --time=2:00:00
+#SBATCH --signal=B:USR1@120
+#SBATCH --requeue
+#SBATCH --open-mode=append
+#SBATCH --output=<TMP>/runs/g/logs/slurm-%j.out
+#SBATCH --chdir=<TMP>
+#SBATCH --qos=high
+
+set -u
+RUN_DIR=<TMP>/runs/g
+VENV_BIN=<BIN>
+export PATH="$VENV_BIN:$PATH"
+export PYTHONPATH=<ROOT>${PYTHONPATH:+:$PYTHONPATH}
+
+# Rendezvous at the first node of the allocation (its address as SLURM knows it).
+HEAD_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+HEAD_ADDR=$(scontrol show node "$HEAD_NODE" | sed -n 's/.*NodeAddr=\\([^ ]*\\).*/\\1/p' | head -n 1)
+MASTER_ADDR=${HEAD_ADDR:-$HEAD_NODE}
+MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))
+echo "mnemo: job $SLURM_JOB_ID, SLURM_RESTART_COUNT=${SLURM_RESTART_COUNT:-0}, $SLURM_JOB_NUM_NODES node(s): $SLURM_JOB_NODELIST, rendezvous $MASTER_ADDR:$MASTER_PORT"
+
+rm -f "$RUN_DIR/PREEMPTED"  # stale marker of an earlier job
+
+# One node launcher per node; each starts torchrun with its node rank.
+srun --nodes="$SLURM_JOB_NUM_NODES" --ntasks="$SLURM_JOB_NUM_NODES" --ntasks-per-node=1 \\
+    ${SLURM_CPUS_PER_TASK:+--cpus-per-task=$SLURM_CPUS_PER_TASK} --kill-on-bad-exit=1 \\
+    bash -c 'exec "$@" --node-rank "$SLURM_NODEID"' mnemo-node \\
+    <PYTHON> -m train.cli launch <TMP>/c.yaml train.lr=0.01 \\
+    --nnodes "$SLURM_JOB_NUM_NODES" --nproc-per-node 4 \\
+    --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT" --rdzv-id "mnemo-$SLURM_JOB_ID" \\
+    --max-restarts 0 &
+SRUN_PID=$!
+
+# Preemption notice (--signal=B:USR1@...): pass it on; the trainer saves and exits.
+forward_usr1() {
+    echo "mnemo: got SIGUSR1, forwarding it to the training processes"
+    kill -USR1 "$SRUN_PID" 2>/dev/null
+}
+trap forward_usr1 USR1
+
+# wait returns early when a trapped signal arrives: wait again until srun is gone.
+while kill -0 "$SRUN_PID" 2>/dev/null; do wait "$SRUN_PID"; done
+wait "$SRUN_PID"
+RC=$?
+
+if [ -f "$RUN_DIR/PREEMPTED" ]; then
+    echo "mnemo: training saved a checkpoint after a preemption signal; requeueing job $SLURM_JOB_ID"
+    rm -f "$RUN_DIR/PREEMPTED"
+    scontrol requeue "$SLURM_JOB_ID"
+    exit 0
+fi
+echo "mnemo: training exited with code $RC"
+exit "$RC"
+"""
+
+
+def _torchrun_args(line: str) -> list[str]:
+    words = shlex.split(line)
+    i = words.index("torch.distributed.run")
+    return words[i + 1:]
+
+
+# --------------------------------------------------------------------------- #
+# Goldens
+
+
+def test_local_dry_run_golden(ws, capsys):
+    rc, out, _ = launch(capsys, "c.yaml", "--dry-run", "--nproc-per-node", "2", "train.lr=0.01")
+    assert rc == 0
+    assert normalize(out, ws) == GOLDEN_LOCAL
+    assert not (ws / "runs").exists(), "a dry run must start and write nothing"
+
+
+def test_node_dry_run_golden(ws, capsys):
+    rc, out, _ = launch(capsys, "c.yaml", "--dry-run", "--nnodes", "2", "--node-rank", "1", "--master-addr", "10.0.0.1",
+                        "--master-port", "29400", "--nproc-per-node", "2", "--max-restarts", "1")
+    assert rc == 0
+    assert normalize(out, ws) == GOLDEN_NODE
+
+
+def test_torchrun_accepts_the_generated_flags(ws, capsys):
+    """The printed torchrun options are real torchrun options (its own parser reads them)."""
+    from torch.distributed.run import get_args_parser
+
+    for extra in (["--nproc-per-node", "2"], ["--nnodes", "2", "--node-rank", "0", "--master-addr", "h", "--max-restarts", "3"]):
+        _, out, _ = launch(capsys, "c.yaml", "--dry-run", *extra)
+        line = [ln for ln in out.splitlines() if not ln.startswith("#")][0]
+        args = get_args_parser().parse_args(_torchrun_args(line))
+        assert args.module and args.training_script == "launch.worker"
+        assert args.tee == "3" and args.signals_to_handle == "SIGINT,SIGQUIT"
+        if "--nnodes" in extra:
+            assert (args.nnodes, args.rdzv_backend, args.rdzv_endpoint, args.max_restarts) == ("2", "c10d", "h:29500", 3)
+            assert args.rdzv_conf == "is_host=true"  # node 0 serves the rendezvous store
+
+
+def test_hostfile_dry_run_golden(ws, capsys):
+    rc, out, _ = launch(capsys, "c.yaml", "--hostfile", "hosts", "--dry-run", "train.lr=0.01")
+    assert rc == 0
+    assert normalize(out, ws) == GOLDEN_HOSTFILE
+    for line in out.splitlines():
+        if not line.startswith("#"):
+            subprocess.run(["bash", "-n", "-c", line], check=True)
+
+
+def test_hostfile_include_exclude_and_overrides(ws, capsys):
+    _, out, _ = launch(capsys, "c.yaml", "--hostfile", "hosts", "--include", "worker-1", "--master-addr", "10.1.1.1",
+                       "--master-port", "2222", "--nproc-per-node", "1", "--dry-run")
+    lines = [ln for ln in out.splitlines() if not ln.startswith("#")]
+    assert len(lines) == 1
+    ssh = shlex.split(lines[0])
+    assert ssh[ssh.index("--") + 1] == "worker-1"
+    remote = shlex.split(ssh[-1])
+    for flag, value in (("--nnodes", "1"), ("--node-rank", "0"), ("--master-addr", "10.1.1.1"),
+                        ("--master-port", "2222"), ("--nproc-per-node", "1")):
+        assert remote[remote.index(flag) + 1] == value
+    _, out, _ = launch(capsys, "c.yaml", "--hostfile", "hosts", "--exclude", "worker-0", "--dry-run")
+    assert "# node 0: worker-1" in out and "worker-0" not in out
+
+
+def test_slurm_dry_run_golden_and_bash_n(ws, capsys):
+    rc, out, err = launch(capsys, "c.yaml", "--slurm", "--nodes", "2", "--gpus-per-node", "4", "--partition", "gpu",
+                          "--account", "proj", "--time", "2:00:00", "--sbatch-arg=--qos=high", "--dry-run", "train.lr=0.01")
+    assert rc == 0
+    assert normalize(out, ws) == GOLDEN_SLURM
+    script = ws / "runs/g/slurm/job.sbatch"
+    assert script.read_text() == out, "the printed script is the one written into the run dir"
+    assert "not submitted" in err
+    assert (ws / "runs/g/logs").is_dir(), "SLURM does not create the --output directory itself"
+    subprocess.run(["bash", "-n", str(script)], check=True)
+
+
+def test_slurm_defaults_and_signal_time_from_config(ws, capsys):
+    rc, out, _ = launch(capsys, "c.yaml", "--slurm", "--dry-run", "checkpoint.grace_period_s=300", "--master-port", "4000")
+    assert rc == 0
+    assert "#SBATCH --nodes=1\n" in out and "#SBATCH --signal=B:USR1@300\n" in out
+    assert "--gpus-per-node" not in out and "--partition" not in out and "--time" not in out
+    assert "MASTER_PORT=4000\n" in out and "--nproc-per-node 2 " in out  # CPU default: 2 ranks
+
+
+# --------------------------------------------------------------------------- #
+# Quoting: host names and values are never executed
+
+
+def test_shell_metacharacters_in_hosts_are_quoted(ws, capsys):
+    evil = "n$(touch${IFS}PWNED);`touch${IFS}PWNED2`|x"
+    (ws / "evil").write_text(f"{evil} slots=1\nok slots=1\n")
+    rc, out, _ = launch(capsys, "c.yaml", "--hostfile", "evil", "--dry-run", "run.name=x'y")
+    assert rc == 0
+    lines = [ln for ln in out.splitlines() if not ln.startswith("#")]
+    ssh = shlex.split(lines[0])
+    assert ssh[ssh.index("--") + 1] == evil
+    # Run what the remote shell would run, with the python replaced by a stub
+    # that records its arguments: the host name arrives as one literal word.
+    stub = ws / "stub.sh"
+    stub.write_text('#!/bin/sh\nprintf "%s\\n" "$@" > "$ARGV_OUT"\n')
+    stub.chmod(0o755)
+    for i, line in enumerate(lines):
+        remote = shlex.split(line)[-1].replace(sys.executable, str(stub))
+        subprocess.run(["bash", "-c", remote], check=True, cwd=ws, env=dict(os.environ, ARGV_OUT=str(ws / f"argv{i}")))
+        argv = (ws / f"argv{i}").read_text().splitlines()
+        assert argv[argv.index("--master-addr") + 1] == evil
+        assert "run.name=x'y" in argv
+    assert not list(ws.glob("PWNED*")), "a host name was executed"
+
+
+def test_remote_command_forwards_environment(ws, capsys):
+    from launch.remote import remote_command
+
+    stub = ws / "stub.sh"
+    stub.write_text('#!/bin/sh\necho "$MNEMO_TAG|$NCCL_DEBUG|$PATH" > "$OUT"\n')
+    stub.chmod(0o755)
+    cmd = remote_command(cwd=str(ws), python=str(stub), env={"MNEMO_TAG": "a b; $(x)", "NCCL_DEBUG": "WARN"}, launch_args=["c.yaml"])
+    subprocess.run(["bash", "-c", cmd], check=True, env={"PATH": "/usr/bin:/bin", "OUT": str(ws / "env.out")})
+    tag, nccl, path = (ws / "env.out").read_text().strip().split("|")
+    assert (tag, nccl) == ("a b; $(x)", "WARN")
+    assert path == f"{ws}:/usr/bin:/bin"  # the venv's bin dir (here: the stub's dir) first
+
+
+# --------------------------------------------------------------------------- #
+# Bad input: one-line errors, nothing started
+
+
+def _fails(capsys, *argv: str) -> str:
+    rc, out, err = launch(capsys, *argv)
+    assert rc == 2, (rc, out, err)
+    assert err.startswith("mnemo: error: ") and err.count("\n") == 1, err
+    assert out == ""
+    return err
+
+
+def test_config_errors_fail_before_anything(ws, capsys):
+    assert "unknown config key 'train.lrr'" in _fails(capsys, "c.yaml", "--slurm", "train.lrr=1")
+    assert "data.path: no such directory" in _fails(capsys, "c.yaml", "--dry-run", "data.path=/nonexistent")
+    assert "config file not found" in _fails(capsys, "missing.yaml", "--hostfile", "hosts")
+    assert not (ws / "runs").exists()
+
+
+@pytest.mark.parametrize(
+    "argv, msg",
+    [
+        (["--hostfile", "hosts", "--slurm"], "--hostfile and --slurm are different targets"),
+        (["--include", "a"], "--include needs --hostfile"),
+        (["--partition", "p"], "--partition needs --slurm"),
+        (["--slurm", "--nnodes", "2"], "--nnodes cannot be combined with --slurm"),
+        (["--slurm", "--master-addr", "h"], "--master-addr cannot be combined with --slurm"),
+        (["--nnodes", "2", "--master-addr", "h"], "--nnodes > 1 needs --node-rank"),
+        (["--nnodes", "2", "--node-rank", "1"], "--nnodes > 1 needs --master-addr"),
+        (["--nnodes", "2", "--node-rank", "2", "--master-addr", "h"], "--node-rank must be in [0, 1]"),
+        (["--nnodes", "2", "--node-rank", "0", "--master-addr", "h", "--master-port", "70000"], "--master-port must be in"),
+        (["--max-restarts", "-1"], "--max-restarts must be >= 0"),
+        (["--nproc-per-node", "0"], "--nproc-per-node must be >= 1"),
+        (["--hostfile", "hosts", "--nproc-per-node", "3"], "more than the 2 slot(s) of host 'worker-0'"),
+        (["--hostfile", "nohosts"], "hostfile not found"),
+        (["--slurm", "--time", "2 hours"], "--time '2 hours' is not a SLURM time"),
+        (["--slurm", "--partition", "a;b"], "--partition 'a;b' contains characters"),
+        (["--slurm", "--sbatch-arg", "qos=high"], "must be one sbatch option"),
+    ],
+)
+def test_bad_flags(ws, capsys, argv, msg):
+    assert msg in _fails(capsys, "c.yaml", "--dry-run", *argv)
+
+
+def test_malformed_hostfile_names_line(ws, capsys):
+    (ws / "bad").write_text("# ok\nworker-0 slots=2\nworker-1 slots=\n")
+    assert "bad:3: malformed line 'worker-1 slots='" in _fails(capsys, "c.yaml", "--hostfile", "bad", "--dry-run")
+
+
+def test_sbatch_missing_tells_to_use_dry_run(ws, capsys, monkeypatch):
+    monkeypatch.setenv("PATH", str(ws))  # no sbatch here
+    err = _fails(capsys, "c.yaml", "--slurm")
+    assert "sbatch not found on PATH" in err and "--dry-run" in err
+    assert not (ws / "runs/g/slurm/job.sbatch").exists()
+
+
+def _fake_ssh(ws: Path) -> Path:
+    """An ssh that reaches host 'ok' (runs the command locally) and refuses the others."""
+    d = ws / "fakebin"
+    d.mkdir(exist_ok=True)
+    ssh = d / "ssh"
+    ssh.write_text(
+        "#!/bin/bash\n"
+        'while [ "$1" = -o ]; do shift 2; done\n'
+        '[ "$1" = -- ] && shift\n'
+        'host=$1; shift\n'
+        'if [ "$host" != ok ]; then echo "ssh: connect to host $host port 22: Connection refused" >&2; exit 255; fi\n'
+        'exec bash -c "$*"\n'
+    )
+    ssh.chmod(0o755)
+    return d
+
+
+def test_unreachable_host_fails_fast_by_name(ws, capsys, monkeypatch):
+    monkeypatch.setenv("PATH", f"{_fake_ssh(ws)}:{os.environ['PATH']}")
+    (ws / "two").write_text("ok slots=1\ndown-1 slots=1\n")
+    t0 = time.time()
+    err = _fails(capsys, "c.yaml", "--hostfile", "two")
+    assert "host 'down-1' (hostfile line 2) is unreachable over ssh: ssh: connect to host down-1 port 22: Connection refused" in err
+    assert time.time() - t0 < 10
+    assert not (ws / "runs").exists(), "nothing may start when a host is unreachable"
+
+
+@pytest.mark.skipif(shutil.which("ssh") is None, reason="no ssh client")
+def test_unreachable_host_with_real_ssh(ws, capsys):
+    (ws / "one").write_text("nonexistent-host.invalid slots=1\n")
+    t0 = time.time()
+    err = _fails(capsys, "c.yaml", "--hostfile", "one")
+    assert "host 'nonexistent-host.invalid' (hostfile line 1) is unreachable over ssh" in err
+    assert time.time() - t0 < 20

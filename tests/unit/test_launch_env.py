@@ -1,0 +1,50 @@
+"""Per-rank and forwarded environment (launch/env.py, launch/remote.py, launch/worker.py)."""
+
+from __future__ import annotations
+
+import os
+
+from launch.env import package_root, pythonpath_with_root, rank_env
+from launch.remote import forwarded_env
+from launch.worker import describe
+
+
+def test_bare_train_is_a_one_rank_job_on_cpu():
+    env = rank_env({}, use_cuda=False)
+    assert env["DS_ACCELERATOR"] == "cpu"
+    assert (env["RANK"], env["LOCAL_RANK"], env["WORLD_SIZE"], env["LOCAL_WORLD_SIZE"]) == ("0", "0", "1", "1")
+    assert 0 < int(env["MASTER_PORT"]) < 65536 and env["MASTER_ADDR"] == "127.0.0.1"
+
+
+def test_under_a_launcher_nothing_of_torchrun_is_overridden():
+    torchrun = {"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2",
+                "MASTER_ADDR": "h", "MASTER_PORT": "1234", "OMP_NUM_THREADS": "1"}
+    env = rank_env(torchrun, use_cuda=False)
+    assert env == {"DS_ACCELERATOR": "cpu"}
+    assert rank_env(torchrun, use_cuda=True) == {}
+
+
+def test_deepspeed_launcher_local_size_becomes_local_world_size():
+    env = rank_env({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_SIZE": "2"}, use_cuda=True)
+    assert env == {"LOCAL_WORLD_SIZE": "2"}
+
+
+def test_pythonpath_puts_mnemo_first_once():
+    root = package_root()
+    assert os.path.isfile(os.path.join(root, "launch", "env.py"))
+    assert pythonpath_with_root({}) == root
+    assert pythonpath_with_root({"PYTHONPATH": f"/x{os.pathsep}{root}{os.pathsep}/y"}) == os.pathsep.join([root, "/x", "/y"])
+
+
+def test_forwarded_env_picks_prefixes_and_names_only():
+    env = {"NCCL_IB_HCA": "mlx5", "MLFLOW_TRACKING_URI": "http://m:5000", "MNEMO_DEBUG": "1", "PYTHONPATH": "/p",
+           "HOME": "/root", "SSH_AUTH_SOCK": "/tmp/s", "NCCLX": "no", "OMP_NUM_THREADS": "4", "BAD-NAME": "x"}
+    assert forwarded_env(env) == {"MLFLOW_TRACKING_URI": "http://m:5000", "MNEMO_DEBUG": "1", "NCCL_IB_HCA": "mlx5",
+                                  "OMP_NUM_THREADS": "4", "PYTHONPATH": "/p"}
+
+
+def test_worker_line_names_node_rank_and_restarts():
+    line = describe({"MNEMO_NODE_RANK": "1", "MNEMO_NNODES": "2", "RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1",
+                     "TORCHELASTIC_RESTART_COUNT": "2", "SLURM_JOB_ID": "77", "SLURM_RESTART_COUNT": "1"})
+    assert line == "mnemo worker: node 1/2, rank 3/4, local_rank 1, restart 2, slurm job 77 restart 1"
+    assert describe({}) == "mnemo worker: node 0/1, rank 0/1, local_rank 0, restart 0"

@@ -1,0 +1,79 @@
+"""Hostfile parsing and host selection (launch/hostfile.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+from launch.hostfile import Host, parse_hostfile, parse_hostfile_text, procs_per_node, select_hosts
+from train.errors import UserError
+
+GOOD = """\
+# a comment
+worker-0 slots=8
+
+worker-1   slots = 4   # trailing comment
+10.0.0.7 slots=2
+"""
+
+
+def test_parses_hosts_slots_and_line_numbers():
+    hosts = parse_hostfile_text(GOOD, "hf")
+    assert hosts == [Host("worker-0", 8, 2), Host("worker-1", 4, 4), Host("10.0.0.7", 2, 5)]
+
+
+@pytest.mark.parametrize(
+    "text, line, what",
+    [
+        ("a slots=1\nb\n", 2, "malformed"),
+        ("a slots=1\n\n# x\nb slots=1 extra\n", 4, "malformed"),
+        ("a slot=1\n", 1, "malformed"),
+        ("a slots=0\n", 1, "positive integer"),
+        ("a slots=two\n", 1, "positive integer"),
+        ("a slots=-1\n", 1, "positive integer"),
+        ("a slots=1\na slots=2\n", 2, "already listed on line 1"),
+        ("-oProxyCommand=x slots=1\n", 1, "starts with '-'"),
+    ],
+)
+def test_bad_lines_name_the_line(text, line, what):
+    with pytest.raises(UserError) as e:
+        parse_hostfile_text(text, "hosts.txt")
+    assert f"hosts.txt:{line}:" in str(e.value)
+    assert what in str(e.value)
+
+
+def test_empty_and_missing_hostfile(tmp_path):
+    with pytest.raises(UserError, match="no hosts listed"):
+        parse_hostfile_text("# nothing\n\n", "hf")
+    with pytest.raises(UserError, match="hostfile not found: .*nope"):
+        parse_hostfile(tmp_path / "nope")
+
+
+def test_shell_metacharacters_are_kept_verbatim(tmp_path):
+    f = tmp_path / "hf"
+    f.write_text("node$(touch${IFS}pwned);x slots=1\n`id`|a slots=2\n")
+    hosts = parse_hostfile(f)
+    assert [h.name for h in hosts] == ["node$(touch${IFS}pwned);x", "`id`|a"]
+
+
+def test_include_exclude():
+    hosts = parse_hostfile_text(GOOD)
+    assert [h.name for h in select_hosts(hosts, "10.0.0.7,worker-0", None)] == ["worker-0", "10.0.0.7"]
+    assert [h.name for h in select_hosts(hosts, None, "worker-1")] == ["worker-0", "10.0.0.7"]
+    assert select_hosts(hosts, None, None) == hosts
+    with pytest.raises(UserError, match="--include: host 'nope' is not in the hostfile"):
+        select_hosts(hosts, "worker-0,nope", None)
+    with pytest.raises(UserError, match="--exclude: host 'x'"):
+        select_hosts(hosts, None, "x")
+    with pytest.raises(UserError, match="mutually exclusive"):
+        select_hosts(hosts, "worker-0", "worker-1")
+    with pytest.raises(UserError, match="no hosts left"):
+        select_hosts(hosts, None, "worker-0,worker-1,10.0.0.7")
+
+
+def test_procs_per_node_respects_slots():
+    hosts = parse_hostfile_text(GOOD)
+    assert procs_per_node(hosts, None) == 2  # the smallest slot count
+    assert procs_per_node(hosts, 2) == 2
+    with pytest.raises(UserError) as e:
+        procs_per_node(hosts, 3)
+    assert "more than the 2 slot(s) of host '10.0.0.7' (hostfile line 5)" in str(e.value)
