@@ -218,6 +218,7 @@ class Tracker:
         )
         self._closed = False
         self._child_dead = False
+        self._owner_pid = os.getpid()  # a forked child (DataLoader worker) must not close our sender
         self._q: queue.SimpleQueue[tuple] = queue.SimpleQueue()
         self._flushes: dict[int, threading.Event] = {}
         self._tokens = itertools.count()
@@ -305,7 +306,7 @@ class Tracker:
 
     def close(self, status: str = "FINISHED") -> None:
         """Send what is left, mark the run `status` (FINISHED | FAILED | KILLED), stop the sender."""
-        if self._off or self._closed:
+        if self._off or self._closed or os.getpid() != self._owner_pid:
             return
         self._closed = True
         atexit.unregister(self._atexit)

@@ -279,6 +279,8 @@ def train(cfg: Config) -> dict[str, Any]:
             log.info("config changes since %s (safe): %s", resume_path.name, "; ".join(changes))
 
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg)
+    if cfg.model.compile and use_cuda:
+        engine.compile()  # torch.compile of the wrapped module (CPU runs stay eager)
     dtype = torch.bfloat16 if use_bf16 else torch.float32
 
     # ---- data
@@ -384,6 +386,8 @@ def train(cfg: Config) -> dict[str, Any]:
                 (run_dir / "PREEMPTED").unlink()
             eval_result = run_eval(cfg, engine.module, source, tok_file, tracker, step, info.rank)
     finally:
+        if loop.bar is not None:
+            loop.bar.close()
         steplog.close()
         streams.close()
         if info.rank == 0:
@@ -468,6 +472,14 @@ class _Loop:
         self._window = {"loss": 0.0, "n": 0, "tokens": 0, "real": 0, "resets": 0, "slots": 0, "data": 0.0,
                         "fwd_bwd": 0.0, "optim": 0.0, "t0": time.time()}
         self.peak = cfg.tracking.peak_flops or _device_peak_flops(use_cuda)
+        if not self.peak and info.rank == 0:
+            log.info("MFU not logged: no peak FLOP/s known for this device (set tracking.peak_flops)")
+        # A progress bar when a person watches; periodic log lines otherwise (CI, SLURM logs).
+        self.bar = None
+        if info.rank == 0 and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=cfg.train.max_steps, desc="train", unit="step", dynamic_ncols=True)
 
     def train_step(self, step: int) -> bool:
         import deepspeed.comm as dist
@@ -526,6 +538,10 @@ class _Loop:
         w["optim"] += t3 - t2
         if self.info.rank == 0:
             self.steplog.write({"step": step + 1, "loss": loss, "restart": self.info.restart, "time": time.time()})
+            if self.bar is not None:
+                self.bar.n = step + 1
+                self.bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{step_tokens / max(1e-9, t3 - t0):.0f}",
+                                     refresh=True)
         if (step + 1) % cfg.train.log_interval == 0 or step + 1 == cfg.train.max_steps:
             self._log(step + 1, engine)
         return True
@@ -564,10 +580,16 @@ class _Loop:
                 metrics[f"memory/ltm_gate_l{i}"] = float(torch.sigmoid(gate.detach().float()).mean())
         if self.info.rank == 0:
             self.tracker.log_metrics(metrics, step)
-            eta = ""
-            log.info("step %d/%d loss %.4f lr %.2e grad %.3f tok/s %.0f data %.0f%%%s", step, self.cfg.train.max_steps,
-                     loss, metrics["train/lr"], metrics["train/grad_norm"], tps,
-                     100 * w["data"] / max(1e-9, w["data"] + w["fwd_bwd"] + w["optim"]), eta)
+            step_s = dt / w["n"]
+            eta = step_s * (self.cfg.train.max_steps - step)
+            msg = ("step %d/%d loss %.4f lr %.2e grad %.3f tok/s %.0f data %.0f%% eta %s" % (
+                step, self.cfg.train.max_steps, loss, metrics["train/lr"], metrics["train/grad_norm"], tps,
+                100 * w["data"] / max(1e-9, w["data"] + w["fwd_bwd"] + w["optim"]),
+                time.strftime("%H:%M:%S", time.gmtime(eta))))
+            if self.bar is not None:
+                self.bar.write(msg)
+            else:
+                log.info(msg)
         self._window = {"loss": 0.0, "n": 0, "tokens": 0, "real": 0, "resets": 0, "slots": 0, "data": 0.0,
                         "fwd_bwd": 0.0, "optim": 0.0, "t0": time.time()}
 

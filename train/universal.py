@@ -4,65 +4,242 @@
 with ``deepspeed.checkpoint.ds_to_universal --inject_missing_state`` into
 ``<step_dir>/ds/universal_state`` and returns the tag to load with
 ``"checkpoint": {"load_universal": true}``.
+
+DeepSpeed 0.19's converter writes a layout that depends on the *writing*
+stage, and its loaders expect a layout that depends on the *loading* stage:
+
+=========================  ==============================  ==============================
+                           written from ZeRO-1/2           written from ZeRO-3
+=========================  ==============================  ==============================
+zero/<param>/{fp32,...}.pt ``{"param": full shape, ...}``  bare flat 1-D tensor
+zero/<param>/step.pt       present                         missing
+zero/optimizer_state.pt    per-group ``param_groups``,     ``optimizer_state_dict`` (with
+                           ``ds_version``                  the step), no ``ds_version``
+model-states file          ``mp_rank_00_...``              ``zero_pp_rank_0_mp_rank_00_...``
+=========================  ==============================  ==============================
+
+The ZeRO-1/2 loader (``universal_checkpoint.load_hp_checkpoint_state``) needs
+the dicts, full shapes, ``step.pt`` and ``ds_version``; the ZeRO-3 loader
+(``DeepSpeedZeroOptimizer_Stage3.load_hp_checkpoint_state_from_checkpoint_dir_stage3``)
+accepts dicts or tensors but needs ``optimizer_state_dict["state"][0]["step"]``.
+``normalize_universal`` rewrites the converted folder into the union of both,
+so one conversion loads on any stage and any world size.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from train.checkpoint import COMPLETE, DS_TAG
+from train.checkpoint import COMPLETE, DS_TAG, _fsync_path, _fsync_tree, atomic_write_text
 from train.errors import UserError
 
+log = logging.getLogger("mnemo.checkpoint")
+
 UNIVERSAL_TAG = "universal_" + DS_TAG
+# Written into COMPLETE. A conversion marked otherwise (by an older mnemo, which
+# left a layout only some stages load) is redone instead of being trusted.
+FORMAT = "mnemo-universal 2"
+# Per-parameter tensors of the universal layout (besides step.pt).
+_STATE_KEYS = ("fp32", "exp_avg", "exp_avg_sq")
+# DeepSpeed's checkpoint keys (deepspeed.checkpoint.constants), spelled out here so
+# this module imports without deepspeed.
+_PARAM, _CAT_DIM, _PARAM_SHAPES = "param", "cat_dim", "param_shapes"
+_OPT_SD, _PARAM_GROUPS, _DS_VERSION = "optimizer_state_dict", "param_groups", "ds_version"
+
+
+def is_universal_complete(path: Path) -> bool:
+    """True if ``<path>/ds/universal_state`` is a finished conversion in the current format."""
+    marker = Path(path) / "ds" / UNIVERSAL_TAG / COMPLETE
+    return marker.is_file() and marker.read_text().strip() == FORMAT
 
 
 def make_universal(path: Path) -> str:
     """Convert a checkpoint's engine state to DeepSpeed's universal format (rank 0), once.
 
-    Returns the tag to load. Plain-engine checkpoints need --inject_missing_state.
+    Returns the tag to load (``UNIVERSAL_TAG``). The result loads on ZeRO stage
+    1, 2 or 3 at any world size, whatever stage and world size wrote the
+    checkpoint. Atomic (temporary directory, COMPLETE marker, rename) and
+    idempotent: a finished conversion is reused.
     """
-    import subprocess
-    import sys
-
     ds_dir = Path(path) / "ds"
-    tag = UNIVERSAL_TAG
-    out = ds_dir / tag
-    if (out / COMPLETE).is_file():
-        return tag
-    tmp = ds_dir / f".tmp-{tag}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(ds_dir / DS_TAG),
-           "--output_folder", str(tmp), "--inject_missing_state", "--num_extract_workers", "1",
+    src, out, tmp = ds_dir / DS_TAG, ds_dir / UNIVERSAL_TAG, ds_dir / f".tmp-{UNIVERSAL_TAG}"
+    if is_universal_complete(path):
+        return UNIVERSAL_TAG
+    if not src.is_dir():
+        raise UserError(f"checkpoint {path}: no DeepSpeed engine state in {src}")
+    t0 = time.time()
+    shutil.rmtree(tmp, ignore_errors=True)  # leftover of an interrupted conversion
+    _run_converter(src, tmp, path)
+    normalize_universal(tmp)
+    _fsync_tree(tmp)
+    (tmp / COMPLETE).write_text(FORMAT + "\n")
+    _fsync_path(tmp / COMPLETE)
+    shutil.rmtree(out, ignore_errors=True)  # an older-format conversion
+    os.replace(tmp, out)
+    _fsync_path(ds_dir)
+    # The converter points latest_universal at the folder it wrote (our temporary name).
+    atomic_write_text(ds_dir / "latest_universal", UNIVERSAL_TAG + "\n")
+    log.info("converted %s to a universal checkpoint in %.1fs", src, time.time() - t0)
+    return UNIVERSAL_TAG
+
+
+def _run_converter(src: Path, dst: Path, ckpt: Path) -> None:
+    # A subprocess: the converter holds every shard in memory at once and uses
+    # module-level state; neither should outlive the conversion in a training rank.
+    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(src),
+           "--output_folder", str(dst), "--inject_missing_state", "--num_extract_workers", "1",
            "--num_merge_workers", "1"]
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
-        tail = (res.stderr or res.stdout).strip().splitlines()[-1:] or ["?"]
-        raise UserError(f"checkpoint {path}: conversion to a universal checkpoint failed: {tail[0]}")
+        shutil.rmtree(dst, ignore_errors=True)
+        lines = [ln for ln in (res.stderr or res.stdout).strip().splitlines() if ln.strip()]
+        raise UserError(f"checkpoint {ckpt}: conversion to a universal checkpoint failed: "
+                        f"{lines[-1].strip() if lines else f'exit code {res.returncode}'}")
+
+
+# ---------------------------------------------------------------------------- normalization
+
+
+def normalize_universal(folder: Path) -> None:
+    """Rewrite a ``ds_to_universal`` output folder so ZeRO-1, -2 and -3 engines all load it.
+
+    Idempotent: running it on a normalized folder changes nothing.
+    """
+    folder = Path(folder)
+    zero_dir = folder / "zero"
+    _alias_model_states(folder)
+    groups = _param_shapes(folder)
+    opt_file = zero_dir / "optimizer_state.pt"
+    if not opt_file.is_file():
+        raise UserError(f"universal checkpoint {folder}: missing {opt_file.name}")
+    opt_sd: dict[str, Any] = torch.load(opt_file, map_location="cpu", weights_only=False)
+    steps = _group_steps(opt_sd, groups, zero_dir)
+    for gi, shapes in enumerate(groups):
+        for name, shape in shapes.items():
+            _normalize_param(zero_dir / name, torch.Size(shape), steps[gi])
+    torch.save(_normalize_optimizer_state(opt_sd, steps), opt_file)
+
+
+def _alias_model_states(folder: Path) -> None:
     # DeepSpeed names the model-states file after the *loading* engine's stage
     # (ZeRO-3: zero_pp_rank_0_mp_rank_XX_..., else mp_rank_XX_...) while the
     # converter keeps the writer's names: provide both so any stage can load.
-    for f in list(tmp.glob("*_model_states.pt")):
+    for f in sorted(folder.glob("*_model_states.pt")):
         m = re.match(r"^(?:zero_pp_rank_0_)?(mp_rank_\d+_model_states\.pt)$", f.name)
-        if m:
-            for alias in (m.group(1), "zero_pp_rank_0_" + m.group(1)):
-                if not (tmp / alias).exists():
-                    os.link(f, tmp / alias)
-    # A ZeRO-3 writer leaves no ds_version in the global optimizer state, which
-    # ZeRO-1/2 loaders require: record the converting DeepSpeed version.
-    opt_state = tmp / "zero" / "optimizer_state.pt"
-    if opt_state.is_file():
-        import deepspeed
+        if not m:
+            continue
+        for alias in (m.group(1), "zero_pp_rank_0_" + m.group(1)):
+            if not (folder / alias).exists():
+                try:
+                    os.link(f, folder / alias)
+                except OSError:  # a file system without hard links
+                    shutil.copyfile(f, folder / alias)
 
-        sd = torch.load(opt_state, map_location="cpu", weights_only=False)
-        if not sd.get("ds_version"):
-            sd["ds_version"] = deepspeed.__version__
-            torch.save(sd, opt_state)
-    (tmp / COMPLETE).write_text("ok\n")
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
-    return tag
+
+def _param_shapes(folder: Path) -> list[dict[str, torch.Size]]:
+    """Full shape of every trained parameter, per optimizer (sub-)group, from the model-states file.
+
+    ZeRO-1/2 and ZeRO-3 both record ``param_shapes`` (ZeRO-3: the unpartitioned
+    ``ds_shape``), in the order of the optimizer's flat groups.
+    """
+    f = folder / "mp_rank_00_model_states.pt"
+    if not f.is_file():
+        raise UserError(f"universal checkpoint {folder}: no model-states file (mp_rank_00_model_states.pt)")
+    sd = torch.load(f, map_location="cpu", weights_only=False)
+    shapes = sd.get(_PARAM_SHAPES)
+    if not shapes:
+        raise UserError(f"universal checkpoint {f}: no '{_PARAM_SHAPES}' (not a ZeRO checkpoint?)")
+    if isinstance(shapes, dict):  # a single group, as some writers store it
+        shapes = [shapes]
+    return [dict(g) for g in shapes]
+
+
+def _group_steps(opt_sd: dict[str, Any], groups: list[dict[str, torch.Size]], zero_dir: Path) -> list[Any]:
+    """Adam's step count per group: ZeRO-3 keeps it in optimizer_state_dict, ZeRO-1/2 in step.pt files."""
+    state = (opt_sd.get(_OPT_SD) or {}).get("state") or {}
+    steps: list[Any] = []
+    for gi, shapes in enumerate(groups):
+        step = state.get(gi, {}).get("step")
+        if step is None:
+            for name in shapes:
+                f = zero_dir / name / "step.pt"
+                if f.is_file():
+                    step = torch.load(f, map_location="cpu", weights_only=False)
+                    break
+        steps.append(step)
+    known = [float(s) for s in steps if s is not None]
+    if known and any(s != known[0] for s in known):
+        # The ZeRO-3 loader takes one step for every group; unequal ones cannot be restored.
+        raise UserError(f"universal checkpoint {zero_dir}: optimizer groups disagree on the step: {known}")
+    return steps
+
+
+def _normalize_param(d: Path, shape: torch.Size, step: Any) -> None:
+    """Make ``d``'s state files ``{"param": tensor of the full shape, "cat_dim": 0}`` and add step.pt."""
+    fp32 = d / "fp32.pt"
+    if not fp32.is_file():
+        raise UserError(f"universal checkpoint: no {fp32} for a trained parameter of shape {tuple(shape)}")
+    for key in _STATE_KEYS:
+        f = d / f"{key}.pt"
+        if not f.is_file():
+            # ZeRO made no optimizer state for a parameter that never had a gradient:
+            # zero moments are what Adam would have kept for it.
+            obj = torch.load(fp32, map_location="cpu", weights_only=False)
+            full = obj[_PARAM] if isinstance(obj, dict) else obj
+            torch.save({_PARAM: torch.zeros(shape, dtype=full.dtype), _CAT_DIM: 0}, f)
+            continue
+        obj = torch.load(f, map_location="cpu", weights_only=False)
+        changed = False
+        if torch.is_tensor(obj):  # ZeRO-3 writer: a bare flat tensor (numel,)
+            obj, changed = {_PARAM: obj}, True
+        param = obj[_PARAM]
+        if param.numel() != shape.numel():
+            raise UserError(f"universal checkpoint {f}: {param.numel()} values for a parameter of shape "
+                            f"{tuple(shape)}")
+        if param.shape != shape:
+            # The ZeRO-1/2 loader keeps a tensor whose shape equals the parameter's
+            # as a whole (tensor-parallel degree 1); a flat one it would try to split.
+            obj[_PARAM], changed = param.reshape(shape).contiguous(), True
+        if _CAT_DIM not in obj:
+            obj[_CAT_DIM], changed = 0, True
+        if changed:
+            torch.save(obj, f)
+    if step is not None and not (d / "step.pt").is_file():
+        torch.save(step, d / "step.pt")  # the ZeRO-1/2 loader reads Adam's step from here
+
+
+def _normalize_optimizer_state(opt_sd: dict[str, Any], steps: list[Any]) -> dict[str, Any]:
+    """Global optimizer state readable by both loaders, without the writer's flat shards."""
+    import deepspeed
+
+    groups = opt_sd.get(_PARAM_GROUPS) or (opt_sd.get(_OPT_SD) or {}).get(_PARAM_GROUPS)
+    if not groups:
+        raise UserError("universal checkpoint: optimizer_state.pt has no param_groups")
+    out = {k: v for k, v in opt_sd.items() if k not in (_OPT_SD, "fp32_flat_groups")}
+    out[_PARAM_GROUPS] = groups  # ZeRO-1/2: per-group hyperparameters, zipped with the engine's groups
+    # A ZeRO-3 writer leaves no ds_version, which ZeRO-1/2 loaders require.
+    out[_DS_VERSION] = opt_sd.get(_DS_VERSION) or deepspeed.__version__
+    # The ZeRO-3 loader copies the hyperparameters of group 0 into *every* group
+    # (it would give the no-decay group the decay group's weight_decay): keep only
+    # those all groups share, so the others stay as the loading engine built them.
+    common = {k: v for k, v in groups[0].items() if k != "params" and all(_same(g.get(k), v) for g in groups)}
+    out[_OPT_SD] = {"state": {gi: {"step": s} for gi, s in enumerate(steps) if s is not None},
+                    _PARAM_GROUPS: [dict(common, params=[])]}
+    return out
+
+
+def _same(a: Any, b: Any) -> bool:
+    try:
+        return bool(a == b)
+    except (RuntimeError, ValueError):  # tensors of several elements: treat as different
+        return False

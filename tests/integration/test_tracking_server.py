@@ -146,3 +146,37 @@ def test_server_dies_and_returns_nothing_lost(tmp_path, monkeypatch, caplog):
         assert sum("reachable again" in m for m in messages) == 1, messages
     finally:
         server.stop()
+
+
+_KILLED_TRAINER = """
+import os, signal, sys, time
+from train.tracking import Tracker
+t = Tracker(run_dir=sys.argv[1], experiment="killed", interval=60)  # sends nothing before the kill
+print(t.run_id, flush=True)
+for step in range(1, 51):
+    t.log_metrics({"train/loss": 1.0 / step}, step=step)
+time.sleep(1)  # a step's worth of time: the points reach the sender process (not MLflow yet)
+os.kill(os.getpid(), signal.SIGKILL)  # no flush, no close
+"""
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(120)
+def test_trainer_killed_sender_still_delivers(tmp_path):
+    run_dir = tmp_path / "run"
+    repo = Path(__file__).resolve().parents[2]
+    proc = subprocess.run([sys.executable, "-c", _KILLED_TRAINER, str(run_dir)], cwd=repo,
+                          capture_output=True, text=True, timeout=100)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    run_id = proc.stdout.split()[0]
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{run_dir / 'mlflow.db'}")
+    deadline = time.monotonic() + 30
+    while True:  # the orphaned sender finishes on its own
+        steps = sorted(m.step for m in client.get_metric_history(run_id, "train/loss"))
+        if steps == list(range(1, 51)) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert steps == list(range(1, 51))
+    assert client.get_run(run_id).info.status == "RUNNING"  # nobody said it finished

@@ -111,6 +111,15 @@ def test_sigkill_mid_run_resumes_bit_exactly(reference, tmp_path):
     a, b = final_weights(ref_dir), final_weights(run_dir)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
+    # MLflow: one run; every logged step at most once and none missing, though steps 21.. ran twice
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{run_dir / 'mlflow.db'}")
+    runs = mlflow.search_runs(search_all_experiments=True)
+    assert len(runs) == 1
+    hist = mlflow.MlflowClient().get_metric_history(runs.iloc[0].run_id, "train/loss")
+    assert sorted(m.step for m in hist) == list(range(5, STEPS + 1, 5))
+
 
 def test_crash_during_save_falls_back_to_previous_checkpoint(reference, tmp_path):
     stage, ref_dir = reference

@@ -117,7 +117,7 @@ def test_round_trip_through_plain_streaming_dataset(corpus, tmp_path):
         assert s["tokens"].dtype == np.uint16 and s["tokens"][-1] == m["eos_id"] == sp.eos_id()
         assert (int(s["answer_start"]), int(s["answer_len"])) == (-1, 0)
     assert got[0]["source"].endswith("code/m01.py") and got[0]["doc_id"] == got[0]["source"]
-    assert got[12]["doc_id"] == "n0" or got[12]["doc_id"].endswith("notes.jsonl:1")
+    assert got[12]["doc_id"] == f"{inputs[1]}:1" and got[12]["source"] == inputs[1]  # file:line without --id-field
     assert got[-1]["source"].endswith("bad.txt")
     assert m["num_tokens"] == sum(len(s["tokens"]) for s in got)
 
@@ -142,6 +142,16 @@ def test_manifest_fields(corpus, tmp_path):
     assert isinstance(m["mnemo_version"], str) and m["mnemo_version"]
     assert sum(p["documents"] for p in m["parts"]) == m["num_documents"] and len(m["parts"]) > 5
     assert not (out / ".mnemo-prepare").exists()  # state is removed once complete
+
+
+def test_id_field_is_carried_into_the_shards(corpus, tmp_path):
+    inputs, expected, _ = corpus
+    m = run(corpus, tmp_path / "out", id_field="id")
+    ids = [s["doc_id"] for s in read_samples(tmp_path / "out")]
+    assert ids[12:42] == [f"n{i}" for i in range(30)]
+    assert ids[52:77] == [f"r{i}" for i in range(25)]
+    assert ids[42] == f"{inputs[2]}:1"  # the .gz records have no id: position instead, counted
+    assert m["repaired"]["missing_id"] == 10
 
 
 # ----------------------------------------------------------------------------- determinism

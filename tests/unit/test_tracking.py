@@ -242,3 +242,26 @@ def test_system_tags_and_memory_stats():
     assert tags["mnemo.deepspeed_version"][0].isdigit()
     mem = memory_stats()
     assert 0.001 < mem["sys/host_rss_gb"] < 1024
+
+
+def test_sender_process_death_falls_back_to_file(store, client, tmp_path, caplog):
+    import os
+    import signal
+
+    with caplog.at_level(logging.WARNING, logger="train.tracking"):
+        t = Tracker(run_dir=str(tmp_path), uri=store, experiment="unit", interval=0.05)
+        t.log_metrics({"train/loss": 1.0}, step=1)
+        t.flush()
+        os.kill(t.sender_pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while not any("sender process died" in r.getMessage() for r in caplog.records):
+            assert time.monotonic() < deadline, "the sender's death went unnoticed"
+            time.sleep(0.05)
+        for step in range(2, 6):
+            t.log_metrics({"train/loss": float(step)}, step=step)
+        t.flush()  # returns at once: nobody to wait for
+        t.close()
+    assert _steps(client, t.run_id, "train/loss") == [1]
+    recs = [json.loads(line) for line in open(tmp_path / "logs" / "metrics_fallback.jsonl")]
+    assert [(r["run_id"], r["step"]) for r in recs] == [(t.run_id, s) for s in range(2, 6)]
+    assert sum("sender process died" in r.getMessage() for r in caplog.records) == 1

@@ -1,0 +1,126 @@
+"""Tokens/s delivered by the document-stream loader next to tokens/s consumed by training.
+
+One run, side by side, on the built-in corpus (stdlib sources):
+  (a) DocumentStreams over the MDS shards: T=512, B=8, one rank;
+  (b) a training step (forward + backward + AdamW) of the `debug` memory model
+      (STM M=512, LTM kNN N=8192, k=32) at the same T and B, one process.
+Targets (issue 4): loader >= 20x training, and >= 1M tokens/s.
+
+    .venv/bin/python benchmarks/loader_throughput.py [--data DIR] [--limit-mb 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import shutil
+import sys
+import sysconfig
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def build_corpus(limit_mb: float, out: Path) -> Path:
+    """Copy stdlib .py files (largest last) up to limit_mb into a corpus dir."""
+    src = out / "corpus"
+    src.mkdir(parents=True)
+    total = 0
+    for f in sorted(glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "**", "*.py"), recursive=True)):
+        size = os.path.getsize(f)
+        if total + size > limit_mb * 1e6:
+            break
+        shutil.copy(f, src / f"{total:010d}_{os.path.basename(f)}")
+        total += size
+    return src
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", help="an MDS dir from `mnemo prepare` (default: prepare a stdlib subset)")
+    ap.add_argument("--limit-mb", type=float, default=8.0)
+    ap.add_argument("--seconds", type=float, default=10.0, help="loader measuring time")
+    ap.add_argument("--train-steps", type=int, default=6)
+    args = ap.parse_args()
+
+    import numpy as np
+    import torch
+
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    tmp = Path(tempfile.mkdtemp(prefix="mnemo-loader-bench-"))
+    try:
+        data = args.data
+        if not data:
+            from data_pipeline.prepare import prepare
+
+            data = str(tmp / "data")
+            prepare([str(build_corpus(args.limit_mb, tmp))], data, vocab_size=4096, workers=os.cpu_count(),
+                    progress=False)
+        from streaming.base.util import clean_stale_shared_memory
+
+        from data_pipeline.streams import DocumentStreams, MDSSource
+
+        clean_stale_shared_memory()
+        T, B = 512, 8
+        src = MDSSource(data, cache_dir=str(tmp / "cache"))
+        vocab = int(__import__("json").loads((Path(data) / "manifest.json").read_text())["vocab_size"])
+
+        # (a) loader: count only real (unpadded) target tokens, like training does
+        streams = DocumentStreams(src, batch_size=B, segment_len=T, seed=0, num_workers=2)
+        next(streams)  # first shard access (decompression) is a one-off
+        n_batches, real, padded = 0, 0, 0
+        t0 = time.perf_counter()
+        while time.perf_counter() - t0 < args.seconds:
+            bt = next(streams)
+            n_batches += 1
+            real += int(bt.mask.sum())
+            padded += B * T
+        loader_s = time.perf_counter() - t0
+        streams.close()
+        loader_tps = padded / loader_s
+
+        # (b) training step of the debug memory model on the same batches
+        from model import MemoryTransformer, ModelArgs
+
+        margs = ModelArgs.from_size("debug", vocab, stm_length=512, ltm_kind="knn", ltm_capacity=8192, ltm_topk=32,
+                                    ltm_layers=(2,))
+        model = MemoryTransformer(margs)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        streams = DocumentStreams(src, batch_size=B, segment_len=T, seed=1)
+        state = model.init_state(B)
+        batches = [next(streams) for _ in range(args.train_steps + 1)]
+
+        def step(bt, state):
+            state = state.reset(bt.reset)
+            logits, state = model(bt.tokens[:, :-1], state)
+            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), bt.tokens[:, 1:].flatten(),
+                                                     reduction="none")
+            loss = (loss * bt.weight.flatten()).sum() / bt.mask.sum().clamp(min=1)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return state.detach()
+
+        state = step(batches[0], state)  # warm-up
+        t0 = time.perf_counter()
+        for bt in batches[1:]:
+            state = step(bt, state)
+        train_s = time.perf_counter() - t0
+        train_tps = args.train_steps * B * T / train_s
+
+        print(f"loader   : {loader_tps:,.0f} tokens/s  ({n_batches} batches of {B}x{T} in {loader_s:.1f}s, "
+              f"{1 - real / max(1, padded):.1%} padding)")
+        print(f"training : {train_tps:,.0f} tokens/s  (debug size, STM 512 + LTM 8192/k32, {args.train_steps} steps, "
+              f"{torch.get_num_threads()} threads)")
+        ratio = loader_tps / train_tps
+        print(f"ratio loader/training = {ratio:.1f}x (target >= 20x); loader >= 1M tokens/s: "
+              f"{'yes' if loader_tps >= 1e6 else 'NO'}")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

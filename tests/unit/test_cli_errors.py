@@ -1,0 +1,67 @@
+"""Bad input through the real `mnemo` entry point: one line naming the culprit, non-zero exit, no traceback."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def mnemo(*args: str, cwd=REPO) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "train.cli", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=120, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+
+
+def assert_one_line_error(res: subprocess.CompletedProcess, *needles: str) -> None:
+    assert res.returncode != 0
+    lines = [l for l in res.stderr.strip().splitlines() if l.strip()]
+    assert lines and lines[-1].startswith("mnemo: error:"), res.stderr
+    assert "Traceback" not in res.stderr, res.stderr
+    for n in needles:
+        assert n in lines[-1], (n, lines[-1])
+
+
+@pytest.fixture
+def data_dir(tmp_path):
+    d = tmp_path / "data"
+    d.mkdir()
+    return d
+
+
+def test_unknown_config_key(data_dir):
+    assert_one_line_error(mnemo("train", "configs/debug.yaml", "train.nokey=1"), "train.nokey")
+
+
+def test_missing_data_dir():
+    assert_one_line_error(mnemo("train", "configs/debug.yaml", "data.path=/nonexistent/mnemo-data"),
+                          "data.path", "/nonexistent/mnemo-data")
+
+
+def test_data_dir_without_shards(data_dir):
+    assert_one_line_error(mnemo("train", "configs/debug.yaml", f"data.path={data_dir}"), "index.json", str(data_dir))
+
+
+def test_missing_config_file():
+    assert_one_line_error(mnemo("train", "configs/nope.yaml"), "configs/nope.yaml")
+
+
+def test_missing_corpus_path(tmp_path):
+    assert_one_line_error(mnemo("prepare", "--input", str(tmp_path / "nope"), "--out", str(tmp_path / "o")),
+                          str(tmp_path / "nope"))
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
+
+
+def test_empty_corpus(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "blank.txt").write_text("   \n")
+    assert_one_line_error(mnemo("prepare", "--input", str(tmp_path / "empty"), "--out", str(tmp_path / "o"),
+                                "--vocab-size", "300"), str(tmp_path / "empty"))
+
+
+def test_launch_validates_before_spawning(tmp_path):
+    res = mnemo("launch", "configs/debug.yaml", "--nproc-per-node", "2", "--dry-run", "train.nokey=1")
+    assert_one_line_error(res, "train.nokey")
