@@ -423,14 +423,16 @@ def _run_units(ctx: UnitContext, pending: list[WorkUnit], workers: int, progress
         # Biggest units first (fewer idle workers at the end); the output order is the unit order regardless.
         futs = {ex.submit(_unit_entry, ctx, u): u for u in sorted(pending, key=lambda u: -u.est_bytes)}
         left = set(futs)
+        finished = 0
         while left:
             done, left = cf.wait(left, timeout=0.5, return_when=cf.FIRST_COMPLETED)
             for f in done:
                 try:
                     f.result()
                 except cf.process.BrokenProcessPool:
-                    raise DataError(f"a worker process died while converting {futs[f].name} (killed or out of "
-                                    f"memory); rerun the same command to resume") from None
+                    raise DataError(f"a worker process died (killed or out of memory); {finished} of {len(futs)} "
+                                    f"parts finished and are kept: rerun the same command to resume") from None
+                finished += 1
             progress.refresh()
     except BaseException:
         for p in list((getattr(ex, "_processes", None) or {}).values()):

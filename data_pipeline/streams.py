@@ -286,10 +286,12 @@ class DocumentStreams:
             if sd[key] != mine:
                 raise DataError(f"stream state: {key} {sd[key]} differs from this run's {mine}")
 
+    def same_shape(self, state: dict[str, Any]) -> bool:
+        """Was ``state`` saved by a loader of this world size, batch size and segment length?"""
+        return state["world_size"] == self.world and state["batch_size"] == self.B and state["segment_len"] == self.T
+
     def exact_resume_possible(self, states: list[dict[str, Any]]) -> bool:
-        s = states[0]
-        return len(states) == self.world and s["world_size"] == self.world and s["batch_size"] == self.B \
-            and s["segment_len"] == self.T
+        return len(states) == self.world and all(self.same_shape(s) for s in states)
 
     def load_state_dict(self, states: dict[str, Any] | list[dict[str, Any]]) -> bool:
         """Restore from this rank's state (same shape) or all old ranks' states.
@@ -303,8 +305,7 @@ class DocumentStreams:
             states = [states]
         for s in states:
             self._check_compatible(s)
-        if len(states) == 1 and states[0]["world_size"] == self.world and states[0]["rank"] == self.rank \
-                and states[0]["batch_size"] == self.B and states[0]["segment_len"] == self.T:
+        if len(states) == 1 and states[0]["rank"] == self.rank and self.same_shape(states[0]):
             mine = states[0]
         elif self.exact_resume_possible(states):
             mine = sorted(states, key=lambda s: s["rank"])[self.rank]

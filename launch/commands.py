@@ -45,7 +45,8 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "launch",
         help="start a training job: local ranks, a hostfile's nodes, or a SLURM job",
-        description=__doc__.split("\n\n")[0],
+        description="Start a training job from a config: local ranks, one node of many, every host of a "
+                    "hostfile (ssh), or a SLURM batch job. The config is validated before anything starts.",
     )
     p.__class__ = _IntermixedParser
     p.add_argument("config", help="config YAML")
@@ -60,7 +61,7 @@ def register(subparsers) -> None:
     g.add_argument("--nnodes", type=int, default=None, help="number of nodes of the job")
     g.add_argument("--node-rank", type=int, default=None, help="this node's index, 0..nnodes-1")
     g.add_argument("--master-addr", default=None, help="address of node 0 (the rendezvous)")
-    g.add_argument("--master-port", type=int, default=None, help="rendezvous port (default 29500; --slurm: 20000 + job id % 20000)")
+    g.add_argument("--master-port", type=int, default=None, help="rendezvous port (default 29500; --slurm: 20000 + job id %% 20000)")
     g.add_argument("--rdzv-id", default=None, help=argparse.SUPPRESS)
     g.add_argument("--stop-on-stdin-eof", action="store_true", help=argparse.SUPPRESS)
 

@@ -98,10 +98,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        # Normalize in fp32: bf16 sums of squares lose precision at large d.
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return xf.to(x.dtype) * self.weight
+        # F.rms_norm normalizes bf16 inputs in fp32 internally (bf16 sums of
+        # squares lose precision at large d) and is one fused kernel: ~4x faster
+        # than the composite on CPU, bit-identical to it in fp32.
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
 class SwiGLU(nn.Module):
@@ -138,18 +138,56 @@ def _right_aligned_valid(length: Tensor, capacity: int) -> Tensor:
     return idx[None, :] >= (capacity - length)[:, None]
 
 
-# Query rows scored against the whole store at once; bounds the [B, H, rows, N]
-# score tensor of the kNN search.
+def stm_attention_mask(stm_len: Tensor, M: int, T: int, dtype: torch.dtype) -> Tensor:
+    """Additive mask [B, 1, T, M+T] over the keys [short-term memory (M) ; this segment (T)].
+
+    Query i may attend key j iff ``M - stm_len[b] <= j <= M + i``: the valid
+    (right-aligned) memory entries, then this segment causally. Every row keeps
+    at least its own key, so no row is fully masked. Built once per forward and
+    shared by all layers; additive float because SDPA converts a bool mask to
+    one anyway, in every layer and again in backward.
+    """
+    j = torch.arange(M + T, device=stm_len.device)  # key index
+    i = torch.arange(T, device=stm_len.device)  # query index
+    ok = (j[None, None, :] >= (M - stm_len)[:, None, None]) & (j[None, None, :] <= M + i[None, :, None])  # [B, T, M+T]
+    return torch.full(ok.shape, float("-inf"), dtype=dtype, device=ok.device).masked_fill_(ok, 0.0)[:, None]
+
+
+# The kNN search covers only the newest entries of the store, rounded up to a
+# multiple of this many entries: a bounded number of distinct shapes (caching
+# allocator, torch.compile) for a few extra masked scores.
+_LTM_WINDOW_STEP = 512
+
+
+def ltm_search_window(max_len: int, capacity: int, topk: int) -> int:
+    """How many of the newest store entries the kNN search must score.
+
+    Valid entries are right-aligned, so the newest ``max_len`` (the longest
+    slot's fill) hold every valid key; entries outside are empty in every slot.
+    At least ``topk`` entries, so top-k has as many candidates as a search of
+    the whole store: results are then bit-identical to the full search (the
+    extra candidates are empty entries that both searches mark not-found).
+    """
+    window = max(max_len, topk, 1)
+    window = -(-window // _LTM_WINDOW_STEP) * _LTM_WINDOW_STEP
+    return min(capacity, window)
+
+
+# Query rows scored against the searched store at once; bounds the
+# [B, H, rows, window] score tensor of the kNN search.
 _KNN_SCORE_BUDGET = 1 << 26
 
 
-def knn_retrieve(q: Tensor, mem_k: Tensor, mem_v: Tensor, valid: Tensor, topk: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Exact top-k retrieval by cosine similarity.
+def knn_retrieve(q: Tensor, mem_k: Tensor, mem_v: Tensor, valid: Tensor | None, topk: int,
+                 window: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Exact top-k retrieval by cosine similarity over the newest ``window`` store entries.
 
     q       [B, H, T, Dh] unit-norm queries
     mem_k   [B, H, N, Dh] unit-norm keys; mem_v [B, H, N, Dh]
-    valid   [B, N] which store entries hold real keys
-    Returns keys [B, H, T, k, Dh], values [B, H, T, k, Dh], found [B, H, T, k] (bool).
+    window  how many of the newest (last) entries to search; None = all N
+    valid   [B, window] which searched entries hold real keys; None = all of them
+    Returns keys [B, H, T, k, Dh], values [B, H, T, k, Dh], found [B, H, T, k] (bool),
+    with k = min(topk, window).
 
     The search runs without gradient (an index lookup); the selected keys and
     values are gathered from the store so gradients still reach q (and the
@@ -157,23 +195,48 @@ def knn_retrieve(q: Tensor, mem_k: Tensor, mem_v: Tensor, valid: Tensor, topk: i
     """
     B, H, T, Dh = q.shape
     N = mem_k.shape[2]
-    k = min(topk, N)
-    rows = max(1, _KNN_SCORE_BUDGET // max(1, B * H * N))
+    W = N if window is None else window
+    k = min(topk, W)
+    keys_t = mem_k[:, :, N - W:].transpose(-1, -2)  # [B, H, Dh, W], a view: no copy of the store
+    rows = max(1, _KNN_SCORE_BUDGET // max(1, B * H * W))
     neg = torch.finfo(q.dtype).min
     with torch.no_grad():
         idx_chunks, found_chunks = [], []
         for t0 in range(0, T, rows):
-            s = torch.matmul(q[:, :, t0:t0 + rows], mem_k.transpose(-1, -2))  # [B, H, t, N]
-            s = s.masked_fill(~valid[:, None, None, :], neg)
+            s = torch.matmul(q[:, :, t0:t0 + rows], keys_t)  # [B, H, t, W]
+            if valid is not None:
+                s.masked_fill_(~valid[:, None, None, :], neg)  # in place on a fresh temporary: saves a copy
             top = s.topk(k, dim=-1)
             idx_chunks.append(top.indices)
             found_chunks.append(top.values > neg)
-        idx = torch.cat(idx_chunks, dim=2)  # [B, H, T, k]
+        idx = torch.cat(idx_chunks, dim=2)  # [B, H, T, k], into the window
         found = torch.cat(found_chunks, dim=2)  # [B, H, T, k]
-    gather_idx = idx.reshape(B, H, T * k, 1).expand(B, H, T * k, Dh)
-    sel_k = torch.gather(mem_k, 2, gather_idx).view(B, H, T, k, Dh)
-    sel_v = torch.gather(mem_v, 2, gather_idx).view(B, H, T, k, Dh)
+    # Gather rows of the whole store, flattened to [B*H*N, Dh]: index_select is
+    # ~2x faster than gather with an index expanded over Dh, in both directions.
+    base = (torch.arange(B * H, device=q.device) * N + (N - W)).view(B, H, 1, 1)
+    flat = (idx + base).reshape(-1)  # [B*H*T*k]
+    sel_k = mem_k.reshape(B * H * N, Dh).index_select(0, flat).view(B, H, T, k, Dh)
+    sel_v = mem_v.reshape(B * H * N, Dh).index_select(0, flat).view(B, H, T, k, Dh)
     return sel_k, sel_v, found
+
+
+def fifo_push(store: Tensor, new: Tensor) -> Tensor:
+    """The newest N entries of [store ; new]: store [B, H, N, Dh], new [B, H, T, Dh]."""
+    N, T = store.shape[2], new.shape[2]
+    if T >= N:
+        return new[:, :, T - N:]
+    return torch.cat((store[:, :, T:], new), dim=2)  # copies N entries, not N+T
+
+
+@dataclass(frozen=True)
+class SegmentContext:
+    """What every layer needs about the segment being read; built once per forward."""
+
+    cos: Tensor  # [B, 1, T, Dh/2] RoPE tables at the tokens' absolute document positions
+    sin: Tensor  # [B, 1, T, Dh/2]
+    stm_mask: Tensor | None  # [B, 1, T, M+T] additive mask over [STM ; segment]; None without STM
+    ltm_window: int  # newest long-term entries the kNN search scores (0: no long-term memory)
+    ltm_valid: Tensor | None  # [B, ltm_window] which of them hold keys; None: all do
 
 
 class Attention(nn.Module):
@@ -197,22 +260,18 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         return x.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, Dh]
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mem: LayerMemory, stm_len: Tensor,
-                ltm_len: Tensor) -> tuple[Tensor, LayerMemory]:
+    def forward(self, x: Tensor, ctx: SegmentContext, mem: LayerMemory) -> tuple[Tensor, LayerMemory]:
         B, T, D = x.shape
         q, k, v = self._heads(self.q(x)), self._heads(self.k(x)), self._heads(self.v(x))  # [B, H, T, Dh]
-        q_r, k_r = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q_r, k_r = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
 
         # ---- local attention over [short-term memory ; this segment]
         if mem.stm_k is not None:
             M = mem.stm_k.shape[2]
             keys = torch.cat((mem.stm_k, k_r), dim=2)  # [B, H, M+T, Dh]
             vals = torch.cat((mem.stm_v, v), dim=2)
-            mem_ok = _right_aligned_valid(stm_len, M)[:, None, None, :].expand(B, 1, T, M)  # [B, 1, T, M]
-            causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
-            mask = torch.cat((mem_ok, causal.expand(B, 1, T, T)), dim=-1)  # [B, 1, T, M+T]
-            local = F.scaled_dot_product_attention(q_r, keys, vals, attn_mask=mask)  # [B, H, T, Dh]
-            new_stm_k, new_stm_v = keys[:, :, -M:], vals[:, :, -M:]
+            local = F.scaled_dot_product_attention(q_r, keys, vals, attn_mask=ctx.stm_mask)  # [B, H, T, Dh]
+            new_stm_k, new_stm_v = keys[:, :, -M:], vals[:, :, -M:]  # the newest M, right-aligned
         else:
             local = F.scaled_dot_product_attention(q_r, k_r, v, is_causal=True)
             new_stm_k = new_stm_v = None
@@ -221,24 +280,28 @@ class Attention(nn.Module):
         new_ltm_k = new_ltm_v = None
         out = local
         if self.has_ltm and mem.ltm_k is not None:
-            N = mem.ltm_k.shape[2]
             qn, kn = F.normalize(q, dim=-1), F.normalize(k, dim=-1)  # no RoPE on the memory path
-            valid = _right_aligned_valid(ltm_len, N)  # [B, N]
-            sel_k, sel_v, found = knn_retrieve(qn, mem.ltm_k, mem.ltm_v, valid, self.topk)
-            temp = self.ltm_log_temp.exp().view(1, -1, 1, 1)
-            scores = torch.einsum("bhtd,bhtkd->bhtk", qn, sel_k) * temp  # [B, H, T, k]
-            scores = scores.masked_fill(~found, float("-inf"))
-            any_found = found.any(-1, keepdim=True)  # [B, H, T, 1]
-            p = torch.softmax(scores.masked_fill(~any_found, 0.0), dim=-1)
-            remote = torch.einsum("bhtk,bhtkd->bhtd", p, sel_v)  # [B, H, T, Dh]
+            remote, any_found = self._read_ltm(qn, mem, ctx)
             # Queries with an empty store use local attention alone.
-            g = torch.sigmoid(self.ltm_gate).view(1, -1, 1, 1) * any_found.to(q.dtype)
+            g = torch.sigmoid(self.ltm_gate).view(1, -1, 1, 1) * any_found.to(q.dtype)  # [B, H, T, 1]
             out = g * remote + (1 - g) * local
-            new_ltm_k = torch.cat((mem.ltm_k, kn), dim=2)[:, :, -N:]  # FIFO: keep the newest N
-            new_ltm_v = torch.cat((mem.ltm_v, v), dim=2)[:, :, -N:]
+            # This segment's keys enter the store only after it was searched:
+            # no token retrieves itself or a later token of its segment.
+            new_ltm_k, new_ltm_v = fifo_push(mem.ltm_k, kn), fifo_push(mem.ltm_v, v)
 
         y = self.o(out.transpose(1, 2).reshape(B, T, D))
         return y, LayerMemory(new_stm_k, new_stm_v, new_ltm_k, new_ltm_v)
+
+    def _read_ltm(self, qn: Tensor, mem: LayerMemory, ctx: SegmentContext) -> tuple[Tensor, Tensor]:
+        """Attention over each query's top-k stored keys: [B, H, T, Dh] and any_found [B, H, T, 1]."""
+        sel_k, sel_v, found = knn_retrieve(qn, mem.ltm_k, mem.ltm_v, ctx.ltm_valid, self.topk,
+                                           window=ctx.ltm_window)  # [B, H, T, k, Dh], found [B, H, T, k]
+        temp = self.ltm_log_temp.exp().view(1, -1, 1, 1)
+        scores = torch.einsum("bhtd,bhtkd->bhtk", qn, sel_k) * temp  # [B, H, T, k]
+        scores = scores.masked_fill(~found, float("-inf"))
+        any_found = found.any(-1, keepdim=True)  # [B, H, T, 1]
+        p = torch.softmax(scores.masked_fill(~any_found, 0.0), dim=-1)  # no NaN rows
+        return torch.einsum("bhtk,bhtkd->bhtd", p, sel_v), any_found
 
 
 class Block(nn.Module):
@@ -249,9 +312,8 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(args.d_model, args.norm_eps)
         self.mlp = SwiGLU(args.d_model, args.d_ff, args.init_std, args.init_std / math.sqrt(2 * args.n_layers))
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mem: LayerMemory, stm_len: Tensor,
-                ltm_len: Tensor) -> tuple[Tensor, LayerMemory]:
-        a, new_mem = self.attn(self.attn_norm(x), cos, sin, mem, stm_len, ltm_len)
+    def forward(self, x: Tensor, ctx: SegmentContext, mem: LayerMemory) -> tuple[Tensor, LayerMemory]:
+        a, new_mem = self.attn(self.attn_norm(x), ctx, mem)
         x = x + a
         x = x + self.mlp(self.mlp_norm(x))
         return x, new_mem
@@ -305,11 +367,10 @@ class MemoryTransformer(nn.Module):
         """tokens [B, T] -> logits [B, T, V] and the memory after reading these tokens."""
         B, T = tokens.shape
         x = self.tok_emb(tokens)  # [B, T, D]
-        pos = state.pos[:, None] + torch.arange(T, device=tokens.device)  # [B, T]
-        cos, sin = rope_tables(pos, self.args.head_dim, self.args.rope_base, x.dtype)  # [B, 1, T, Dh/2]
+        ctx = self._context(state, T, x.dtype)
         new_layers = []
         for block, mem in zip(self.blocks, state.layers):
-            x, new_mem = block(x, cos, sin, mem, state.stm_len, state.ltm_len)
+            x, new_mem = block(x, ctx, mem)
             new_layers.append(new_mem)
         logits = self.lm_head(self.norm(x))  # [B, T, V]
         new_state = MemoryState(
@@ -319,6 +380,23 @@ class MemoryTransformer(nn.Module):
             pos=state.pos + T,
         )
         return logits, new_state
+
+    def _context(self, state: MemoryState, T: int, dtype: torch.dtype) -> SegmentContext:
+        """Positions, masks and the kNN search window of this segment, shared by all layers."""
+        pos = state.pos[:, None] + torch.arange(T, device=state.pos.device)  # [B, T]
+        cos, sin = rope_tables(pos, self.args.head_dim, self.args.rope_base, dtype)  # [B, 1, T, Dh/2]
+        M, N = state.stm_capacity, state.ltm_capacity
+        stm_mask = stm_attention_mask(state.stm_len, M, T, dtype) if M else None
+        window, valid = 0, None
+        if N and self.args.active_ltm_layers and state.ltm_len.is_meta:  # shape-only tracing: search it all
+            window, valid = N, _right_aligned_valid(state.ltm_len, N)
+        elif N and self.args.active_ltm_layers:
+            # One host sync per forward (not per layer): the search window is a shape.
+            lo, hi = torch.stack((state.ltm_len.min(), state.ltm_len.max())).tolist()
+            window = ltm_search_window(int(hi), N, self.args.ltm_topk)
+            if lo < window:  # some searched entries are empty in some slot: mask them
+                valid = _right_aligned_valid(state.ltm_len, window)  # [B, window]
+        return SegmentContext(cos=cos, sin=sin, stm_mask=stm_mask, ltm_window=window, ltm_valid=valid)
 
     # ------------------------------------------------------------- accounting
     def num_params(self) -> int:

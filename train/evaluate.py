@@ -23,6 +23,7 @@ calls for the same inputs, so all ranks of a ZeRO-3 job can call it together.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -637,6 +638,24 @@ def _int_list(text: str) -> list[int]:
     return out
 
 
+def with_ltm_capacity(model: Any, capacity: int | None) -> Any:
+    """Size the long-term store of ``model`` for ``capacity`` entries per slot and layer.
+
+    The capacity is not a weight: only ``init_state`` reads it, so a model
+    trained with a small store can read a whole long document (passkey at
+    D segments needs D * T entries). None, or a model without long-term
+    memory: unchanged. Returns the model.
+    """
+    core = _core(model)
+    args = getattr(core, "args", None)
+    if capacity is None or args is None or args.ltm_kind == "none" or capacity == args.ltm_capacity:
+        return model
+    if capacity < args.ltm_topk:
+        raise UserError(f"--ltm-capacity {capacity}: must be >= the model's top-k ({args.ltm_topk})")
+    core.args = dataclasses.replace(args, ltm_capacity=int(capacity))
+    return model
+
+
 def _resolve_device(name: str) -> str:
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -653,6 +672,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         what = "no such directory" if not data.is_dir() else "no MDS shards (index.json missing)"
         raise UserError(f"--data: {what}: {data}")
     model, tokenizer, cfg = load_for_inference(args.checkpoint, device=_resolve_device(args.device))
+    with_ltm_capacity(model, args.ltm_capacity)
     _check_tokenizer(args.data, tokenizer)
     max_docs = cfg.eval.max_docs if args.max_docs is None else args.max_docs
     docs = read_heldout_docs(args.data, cfg.data.val_fraction, max_docs, min_tokens=_FILLER_TOKENS)
@@ -696,5 +716,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--batch-size", type=int, default=32, help="documents read in parallel (slots)")
     p.add_argument("--no-ablations", action="store_true", help="only the memory as trained")
     p.add_argument("--seed", type=int, default=0, help="seed of the passkey documents")
+    p.add_argument("--ltm-capacity", type=int, default=None, metavar="N",
+                   help="long-term store entries per slot and layer (default: as trained; passkey at distance D "
+                        "needs D * segment_len)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.set_defaults(func=_cmd_eval)

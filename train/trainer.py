@@ -213,7 +213,8 @@ def train(cfg: Config) -> dict[str, Any]:
     if info.rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
-    ckpt = __import__("train.checkpoint", fromlist=["CheckpointManager"])
+    from train import checkpoint as ckpt
+
     mgr = ckpt.CheckpointManager(run_dir, keep=cfg.checkpoint.keep, keep_every=cfg.checkpoint.keep_every,
                                  rank=info.rank, world_size=info.world_size, barrier=barrier)
 
@@ -443,12 +444,10 @@ def _resume(engine, mgr, path: Path, meta: dict[str, Any], streams, state, info:
                                           load_optimizer_states=True, load_lr_scheduler_states=True)
     if load_path is None:
         raise UserError(f"checkpoint {path}: DeepSpeed could not load {ds_dir}/{tag}")
-    same_world = meta["world_size"] == info.world_size
-    if same_world:
-        own = mgr.rank_state(path, info.rank)
+    own = mgr.rank_state(path, info.rank) if meta["world_size"] == info.world_size else None
+    if own is not None and streams.same_shape(own["streams"]):
         exact = streams.load_state_dict(own["streams"])
-    else:
-        own = None
+    else:  # world size or slots changed: re-partition from every old rank's state
         exact = streams.load_state_dict([s["streams"] for s in mgr.rank_states(path)])
     if exact and own is not None:
         state = state.load_state_dict(own["memory"]).to(device)

@@ -93,6 +93,24 @@ def make_universal(path: Path) -> str:
     return UNIVERSAL_TAG
 
 
+def finish_universal_load(engine) -> None:
+    """Call on every rank right after ``engine.load_checkpoint(..., tag=UNIVERSAL_TAG)``.
+
+    DeepSpeed 0.19's ZeRO-3 universal loader stores *one* step tensor in the
+    Adam state of every parameter group; torch's Adam increments it in place
+    once per group, so after the resume the bias correction ran ahead by the
+    number of groups per step (measured: 6 resumed steps on 2 groups moved the
+    step from 6 to 18, and the losses left the uninterrupted run's at the 3rd
+    resumed step). Give each group its own copy. A no-op for ZeRO-1/2, whose
+    loader reads one step.pt per parameter.
+    """
+    base = getattr(engine.optimizer, "optimizer", engine.optimizer)  # the torch optimizer inside ZeRO
+    for st in getattr(base, "state", {}).values():
+        step = st.get("step")
+        if torch.is_tensor(step):
+            st["step"] = step.clone()
+
+
 def _run_converter(src: Path, dst: Path, ckpt: Path) -> None:
     # A subprocess: the converter holds every shard in memory at once and uses
     # module-level state; neither should outlive the conversion in a training rank.

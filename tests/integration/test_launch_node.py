@@ -131,7 +131,7 @@ def test_hostfile_orchestrator_runs_and_stops_every_node(fake):
     SIGTERM to the orchestrator closes each node's ssh stdin; each node
     launcher then sends SIGTERM to its worker.
     """
-    from launch.remote import NodeCommand, run_hostfile
+    from launch.remote import NodeCommand
 
     tmp, env = fake
     ssh = tmp / "ssh"
@@ -151,7 +151,7 @@ def test_hostfile_orchestrator_runs_and_stops_every_node(fake):
     script = tmp / "orch.py"
     script.write_text(textwrap.dedent(f'''\
         import sys
-        from launch.remote import NodeCommand, run_hostfile
+        from launch.remote import NodeCommand
         cmds = [NodeCommand(h, i, r) for h, i, r in {[(c.host, c.node_rank, c.remote) for c in cmds]!r}]
         sys.exit(run_hostfile(cmds, {str(ssh)!r}))
     '''))

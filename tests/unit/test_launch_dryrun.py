@@ -146,6 +146,17 @@ def _torchrun_args(line: str) -> list[str]:
 # Goldens
 
 
+def test_help_lists_every_target(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["launch", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for flag in ("--nproc-per-node", "--hostfile", "--include", "--exclude", "--slurm", "--nodes", "--partition",
+                 "--account", "--time", "--gpus-per-node", "--sbatch-arg", "--nnodes", "--node-rank",
+                 "--master-addr", "--master-port", "--max-restarts", "--dry-run"):
+        assert flag in out
+
+
 def test_local_dry_run_golden(ws, capsys):
     rc, out, _ = launch(capsys, "c.yaml", "--dry-run", "--nproc-per-node", "2", "train.lr=0.01")
     assert rc == 0
