@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import sys
 import sysconfig
 import tempfile
@@ -77,36 +78,47 @@ def main(argv: list[str] | None = None) -> int:
                 texts.append(text)
         sp = spm.SentencePieceProcessor(model_file=model)
 
-        def raw() -> tuple[int, float]:
-            t = time.perf_counter()
-            ids = sp.encode(texts, num_threads=1, return_type="numpy")
-            return sum(len(a) for a in ids), time.perf_counter() - t
+        def cpu_seconds() -> float:
+            """CPU time of this process and its finished children (the prepare workers)."""
+            me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+            return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
-        def pipeline(w: int, r: int) -> tuple[int, float]:
+        def raw() -> tuple[int, float, float]:
+            t, c = time.perf_counter(), cpu_seconds()
+            ids = sp.encode(texts, num_threads=1, return_type="numpy")
+            return sum(len(a) for a in ids), time.perf_counter() - t, cpu_seconds() - c
+
+        def pipeline(w: int, r: int) -> tuple[int, float, float]:
             out = os.path.join(tmp, f"out-w{w}-{r}")
-            t = time.perf_counter()
+            t, c = time.perf_counter(), cpu_seconds()
             m = prepare(files, out, tokenizer=model, workers=w, progress=False)
-            dt = time.perf_counter() - t
-            return m["num_tokens"] - m["num_documents"], dt  # EOS excluded, as in the raw count
+            dt, dc = time.perf_counter() - t, cpu_seconds() - c
+            return m["num_tokens"] - m["num_documents"], dt, dc  # EOS excluded, as in the raw count
 
         # Rounds interleave the measurements so that load from other processes hits them alike;
-        # each rate is the best of its rounds.
+        # each rate is the best of its rounds. CPU time per token does not depend on that load.
         best: dict[str, float] = {}
+        cpu: dict[str, float] = {}
         raw_tokens = 0
         for r in range(args.repeat):
-            raw_tokens, dt = raw()
+            raw_tokens, dt, dc = raw()
             best["raw"] = max(best.get("raw", 0.0), raw_tokens / dt)
+            cpu["raw"] = min(cpu.get("raw", float("inf")), dc)
             for w in args.workers:
-                tokens, dt = pipeline(w, r)
+                tokens, dt, dc = pipeline(w, r)
                 assert tokens == raw_tokens, f"prepare wrote {tokens} tokens, raw encode gave {raw_tokens}"
                 best[f"w{w}"] = max(best.get(f"w{w}", 0.0), tokens / dt)
+                cpu[f"w{w}"] = min(cpu.get(f"w{w}", float("inf")), dc)
         print(f"raw SentencePieceProcessor.encode (1 process, 1 thread): {raw_tokens:,} tokens, "
-              f"{best['raw']:,.0f} tokens/s (best of {args.repeat})")
+              f"{best['raw']:,.0f} tokens/s (best of {args.repeat}), {1e9 * cpu['raw'] / raw_tokens:.0f} CPU-ns/token")
         for w in args.workers:
             ratio = best[f"w{w}"] / best["raw"]
             target = TARGETS.get(w)
             verdict = "" if target is None else f" (target >= {target}x: {'met' if ratio >= target else 'NOT met'})"
-            print(f"mnemo prepare --workers {w}: {best[f'w{w}']:,.0f} tokens/s = {ratio:.2f}x raw{verdict}")
+            print(f"mnemo prepare --workers {w}: {best[f'w{w}']:,.0f} tokens/s = {ratio:.2f}x raw{verdict}; "
+                  f"{1e9 * cpu[f'w{w}'] / raw_tokens:.0f} CPU-ns/token = {cpu['raw'] / cpu[f'w{w}']:.2f} of raw's "
+                  f"CPU efficiency")
+        print(f"load average during the run: {os.getloadavg()[0]:.2f} (1 min); wall-clock ratios need idle cores")
     return 0
 
 

@@ -669,7 +669,8 @@ def _train_tokenizer(loc: OutLocation, corpus: Corpus, text_field: str, id_field
     texts = (d.text for d in iter_documents(corpus, text_field, id_field, strict))
     sample = reservoir_sample(texts, sample_docs, seed, 16_384)
     if not sample:
-        raise DataError("no documents: every input document is empty or was skipped")
+        names = ", ".join(str(f.path) for f in corpus.files[:3]) if getattr(corpus, "files", None) else "the inputs"
+        raise DataError(f"no documents: every document of {names} is empty or was skipped")
     return train_from_texts(sample, dest, vocab_size, model_type)
 
 

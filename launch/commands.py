@@ -201,7 +201,9 @@ def _hostfile(args, cfg, config: str, run_dir: Path, cwd: str, port: int, rdzv_i
         max_restarts=args.max_restarts,
         cwd=cwd,
         python=sys.executable,
-        env={**remote.forwarded_env(os.environ), "PYTHONPATH": launch_env.pythonpath_with_root(os.environ)},
+        env={**remote.forwarded_env(os.environ),
+             "PYTHONPATH": launch_env.pythonpath_with_root(os.environ),
+             "PATH": launch_env.path_with_venv(os.environ, sys.executable)},
     )
     if args.dry_run:
         sys.stdout.write(remote.render(cmds))

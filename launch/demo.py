@@ -112,6 +112,8 @@ def prepare_data(s: DemoSettings, data_dir: Path, segment_len: int) -> dict[str,
 # ------------------------------------------------------------------ training
 
 
+# A rank's final exception line, or the CLI's one-line user error.
+_ERROR_LINE = re.compile(r"(\b[A-Z]\w*(Error|Exception): .*|mnemo: error: .*)$")
 _STEP_LINE = re.compile(r"mnemo\.train: (step \d+/\d+ .*|saved checkpoint .*|run \S+: .*)$")
 
 
@@ -136,7 +138,7 @@ def train_run(name: str, config: str, overrides: list[str], nproc: int, log_file
     env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     env.setdefault("PYTHONUNBUFFERED", "1")
     log_file.parent.mkdir(parents=True, exist_ok=True)
-    tail: list[str] = []
+    errors: list[str] = []
     with open(log_file, "w") as log:
         log.write(" ".join(cmd) + "\n")
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
@@ -144,13 +146,16 @@ def train_run(name: str, config: str, overrides: list[str], nproc: int, log_file
         assert proc.stdout is not None
         for line in proc.stdout:
             log.write(line)
-            tail = (tail + [line.rstrip()])[-30:]
+            e = _ERROR_LINE.search(line)
+            if e and e.group(0) not in errors and "ChildFailedError" not in line:
+                errors.append(e.group(0))
             m = _STEP_LINE.search(line)
             if m:
                 echo(f"  [{name}] {m.group(1)}")
         rc = proc.wait()
     if rc != 0:
-        echo("\n".join(tail))
+        for e in errors[:3]:
+            echo(f"  [{name}] {e}")
         raise UserError(f"demo: training the {name} model failed (exit {rc}); full log: {log_file}")
     run_dir = _override_value(overrides, "run.dir")
     summary = Path(run_dir) / "summary.json"
@@ -169,38 +174,115 @@ def _override_value(overrides: list[str], key: str) -> str:
 # ------------------------------------------------------------------ evaluation
 
 
-def evaluate_run(run_dir: Path, data_dir: Path, s: DemoSettings, segment_len: int) -> dict[str, Any]:
-    """The `mnemo eval --json` result of a run's latest checkpoint (ablations, passkey at s.distances).
-
-    The long-term store is sized to hold the longest passkey document
-    (max D * T entries), so D beyond the training capacity is a test of the
-    learned retrieval, not of the FIFO.
-    """
+def _load(run_dir: Path, capacity: int):
     import torch
 
     from train.checkpoint import load_for_inference
-    from train.evaluate import _FILLER_TOKENS, evaluate, read_heldout_docs, with_ltm_capacity
+    from train.evaluate import with_ltm_capacity
 
     torch.set_num_threads(1)  # small matrices on a busy 2-core machine: one thread is fastest
     model, tok, cfg = load_for_inference(str(run_dir))
-    cap = max(model.args.ltm_capacity, max(s.distances) * segment_len)
-    with_ltm_capacity(model, cap)
-    docs = read_heldout_docs(str(data_dir), cfg.data.val_fraction, s.eval_docs, min_tokens=_FILLER_TOKENS)
+    with_ltm_capacity(model, max(model.args.ltm_capacity, capacity))
+    return model, tok, cfg
+
+
+def eval_task(run_dir: str, data_dir: str, distances: list[int], loss_by_position: bool, trials: int,
+              eval_docs: int, batch: int, multikey: int, seed: int, segment_len: int) -> dict[str, Any]:
+    """One share of a checkpoint's evaluation, in the `mnemo eval --json` format.
+
+    loss_by_position=False: passkey only (the loss keys are left out). The
+    long-term store is sized for the longest passkey document of ``distances``
+    (max D * T entries), so a D beyond the training capacity tests the learned
+    retrieval, not the FIFO. Runs in a worker process of ``evaluate_runs``.
+    """
+    from train.evaluate import _FILLER_TOKENS, evaluate, passkey_report, read_heldout_docs
+
     t0 = time.perf_counter()
-    res = evaluate(model, tok, docs, cfg, ablations=True, passkey=s.passkey_trials > 0, seed=s.seed,
-                   batch_size=s.eval_batch, max_docs=s.eval_docs, passkey_trials=s.passkey_trials,
-                   distances=list(s.distances), multikey=s.multikey)
-    res["seconds"]["total"] = time.perf_counter() - t0
-    res["checkpoint"] = str(load_checkpoint_path(run_dir))
-    res["data"] = str(data_dir)
-    res["ltm_capacity"] = cap if model.args.ltm_kind != "none" else 0
+    model, tok, cfg = _load(Path(run_dir), max(distances, default=0) * segment_len)
+    docs = read_heldout_docs(data_dir, cfg.data.val_fraction, eval_docs, min_tokens=_FILLER_TOKENS)
+    if loss_by_position:
+        res = evaluate(model, tok, docs, cfg, ablations=True, passkey=trials > 0 and bool(distances), seed=seed,
+                       batch_size=batch, max_docs=eval_docs, passkey_trials=trials, distances=distances,
+                       multikey=multikey)
+    else:
+        res = {"segment_len": segment_len, "seconds": {}}
+        rep = passkey_report(model, tok, docs, segment_len, distances, trials=trials, seed=seed, batch_size=batch)
+        res.update(passkey=rep["accuracy"], passkey_by_depth=rep["by_depth"],
+                   passkey_digit_accuracy=rep["digit_accuracy"], passkey_answer_loss=rep["answer_loss"],
+                   passkey_trials=rep["trials"])
+        if multikey > 0:
+            mk = passkey_report(model, tok, docs, segment_len, distances, trials=trials, seed=seed,
+                                batch_size=batch, n_keys=multikey)
+            res.update(passkey_multikey=mk["accuracy"], passkey_multikey_keys=multikey)
+        res["seconds"]["passkey"] = time.perf_counter() - t0
+    res["ltm_capacity"] = model.args.ltm_capacity if model.args.ltm_kind != "none" else 0
+    res["seconds"]["task"] = time.perf_counter() - t0
     return res
 
 
-def load_checkpoint_path(run_dir: Path) -> Path:
-    from train.checkpoint import resolve_checkpoint
+_PASSKEY_KEYS = ("passkey", "passkey_by_depth", "passkey_digit_accuracy", "passkey_answer_loss", "passkey_multikey")
 
-    return resolve_checkpoint(str(run_dir))
+
+def merge_results(parts: list[dict[str, Any]], distances: list[int]) -> dict[str, Any]:
+    """One evaluation from shares: loss keys from the share that has them, passkey keys by D in order."""
+    out: dict[str, Any] = {}
+    for p in parts:
+        for k, v in p.items():
+            if k not in _PASSKEY_KEYS and k not in ("seconds", "ltm_capacity"):
+                out.setdefault(k, v)
+    for k in _PASSKEY_KEYS:
+        merged: dict[str, Any] = {}
+        for p in parts:
+            merged.update(p.get(k, {}))
+        if merged:
+            out[k] = {str(D): merged[str(D)] for D in distances if str(D) in merged}
+    out["ltm_capacity"] = max(p.get("ltm_capacity", 0) for p in parts)
+    out["seconds"] = {f"{k}_{i}": v for i, p in enumerate(parts) for k, v in p.get("seconds", {}).items()}
+    return out
+
+
+def evaluate_runs(runs: dict[str, Path], data_dir: Path, s: DemoSettings, segment_len: int,
+                  workers: int = 2) -> dict[str, dict[str, Any]]:
+    """Evaluate every run, in ``workers`` processes (one torch thread each).
+
+    The long-distance passkey documents of a model with long-term memory are
+    the most expensive share (the kNN search grows with the store), so they
+    run in their own task, beside the rest of that model and the others.
+    """
+    import concurrent.futures as cf
+    import multiprocessing as mp
+
+    from train.checkpoint import model_args_of, resolve_checkpoint
+
+    dists = sorted(set(s.distances))
+    tasks: list[tuple[str, list[int], bool]] = []
+    for name, run_dir in runs.items():
+        has_ltm = model_args_of(resolve_checkpoint(str(run_dir))).ltm_kind != "none"
+        if has_ltm and len(dists) > 1 and workers > 1:
+            tasks += [(name, dists[-1:], False), (name, dists[:-1], True)]
+        else:
+            tasks.append((name, dists, True))
+    # Longest first: the long-distance share, then whole models.
+    tasks.sort(key=lambda t: (t[2], t[0] != "memory"))
+    common = dict(data_dir=str(data_dir), trials=s.passkey_trials, eval_docs=s.eval_docs, batch=s.eval_batch,
+                  multikey=s.multikey, seed=s.seed, segment_len=segment_len)
+    results: dict[str, list[dict[str, Any]]] = {name: [] for name in runs}
+    if workers <= 1:
+        for name, d, lbp in tasks:
+            results[name].append(eval_task(str(runs[name]), distances=d, loss_by_position=lbp, **common))
+    else:
+        with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as ex:
+            futs = {ex.submit(eval_task, str(runs[name]), distances=d, loss_by_position=lbp, **common): name
+                    for name, d, lbp in tasks}
+            for f in cf.as_completed(futs):
+                results[futs[f]].append(f.result())
+    out = {}
+    for name, parts in results.items():
+        parts.sort(key=lambda p: "loss_by_position" not in p)  # the share with the loss table first
+        out[name] = merge_results(parts, dists)
+        out[name]["checkpoint"] = str(resolve_checkpoint(str(runs[name])))
+        out[name]["data"] = str(data_dir)
+    return out
 
 
 def long_context_loss(ev: dict[str, Any], min_tokens: int) -> float:
@@ -359,7 +441,7 @@ def run_demo(out_dir: str = "runs/demo", minutes: float = 9.0, echo: Callable[[s
 
     t0 = time.time()
     echo(f"[4/4] evaluation: held-out loss by position, passkey at D = {', '.join(map(str, s.distances))}")
-    ev = {name: evaluate_run(runs[name], data_dir, s, T) for name in ("memory", "baseline")}
+    ev = evaluate_runs(runs, data_dir, s, T, workers=min(2, os.cpu_count() or 1))
     t_eval = time.time() - t0
     summary: dict[str, Any] = {"segment_len": T, "memory": ev["memory"], "baseline": ev["baseline"]}
     summary["passkey_max_distance"] = s.passkey_max_distance

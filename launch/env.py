@@ -86,3 +86,20 @@ def pythonpath_with_root(environ: Mapping[str, str]) -> str:
     root = package_root()
     rest = [p for p in environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != root]
     return os.pathsep.join([root, *rest])
+
+
+def path_with_venv(environ: Mapping[str, str], python: str) -> str:
+    """PATH for the ranks: the launcher's own, with the venv's bin dir appended if missing.
+
+    Appended, not prepended: tools the user's PATH finds first stay first.
+    torch JIT-builds DeepSpeed ops with whichever ``ninja`` PATH finds, and two
+    ninja versions (system 1.11 and the venv's pip 1.13) hash build commands
+    differently, so every switch between them rebuilds the op (minutes on 2
+    cores). Ranks started by mnemo therefore see the same PATH order as a
+    plain ``mnemo train`` in the same shell.
+    """
+    venv_bin = str(Path(python).parent)
+    parts = [p for p in environ.get("PATH", "").split(os.pathsep) if p]
+    if venv_bin not in parts:
+        parts.append(venv_bin)
+    return os.pathsep.join(parts)

@@ -4,7 +4,7 @@ On every selected host i (hostfile order) the orchestrator runs, over
 ``ssh -o BatchMode=yes``, in the same working directory (a shared file system
 is assumed, as for the run directory):
 
-    cd CWD && exec env NCCL_...=... PATH=VENV/bin:"$PATH" VENV/bin/python \
+    cd CWD && exec env NCCL_...=... PATH=... VENV/bin/python \
         -m train.cli launch CONFIG --nnodes N --node-rank i --master-addr HOST0 ...
 
 Every word is quoted with shlex for the remote shell; host names are only
@@ -29,7 +29,6 @@ import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Mapping
 
 from launch.hostfile import Host
@@ -75,12 +74,13 @@ def remote_command(
     env: Mapping[str, str],
     launch_args: list[str],
 ) -> str:
-    """The shell string one node runs; ``launch_args`` follow ``-m train.cli launch``."""
-    venv_bin = str(Path(python).parent)
+    """The shell string one node runs; ``launch_args`` follow ``-m train.cli launch``.
+
+    ``env`` is set literally (PATH included: the launcher's, see
+    ``launch.env.path_with_venv``); everything else comes from the remote login.
+    """
     words = ["exec", "env"]
     words += [f"{k}={shlex.quote(v)}" for k, v in env.items()]
-    # $PATH must expand remotely, so that one word is built by hand.
-    words.append(f"PATH={shlex.quote(venv_bin)}:\"$PATH\"")
     words += [shlex.quote(w) for w in [python, "-m", "train.cli", "launch", *launch_args]]
     return f"cd {shlex.quote(cwd)} && " + " ".join(words)
 

@@ -114,9 +114,10 @@ def torchrun_command(plan: NodePlan) -> list[str]:
 
 def node_env(plan: NodePlan, environ: Mapping[str, str]) -> dict[str, str]:
     """Variables the node launcher adds to torchrun's environment."""
-    from launch.env import pythonpath_with_root
+    from launch.env import path_with_venv, pythonpath_with_root
 
     return {
+        "PATH": path_with_venv(environ, plan.python),
         "PYTHONPATH": pythonpath_with_root(environ),
         "PYTHONUNBUFFERED": "1",
         # With the rendezvous store shared with the workers (torch's default),

@@ -120,9 +120,11 @@ def _run_converter(src: Path, dst: Path, ckpt: Path) -> None:
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
         shutil.rmtree(dst, ignore_errors=True)
-        lines = [ln for ln in (res.stderr or res.stdout).strip().splitlines() if ln.strip()]
-        raise UserError(f"checkpoint {ckpt}: conversion to a universal checkpoint failed: "
-                        f"{lines[-1].strip() if lines else f'exit code {res.returncode}'}")
+        lines = [ln.strip() for ln in (res.stderr + "\n" + res.stdout).splitlines() if ln.strip()]
+        # The exception line of the traceback, not the progress bars printed around it.
+        errors = [ln for ln in lines if re.match(r"^[\w.]*(Error|Exception)\b", ln)]
+        why = (errors or lines or [f"exit code {res.returncode}"])[-1]
+        raise UserError(f"checkpoint {ckpt}: conversion to a universal checkpoint failed: {why}")
 
 
 # ---------------------------------------------------------------------------- normalization

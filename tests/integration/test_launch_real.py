@@ -22,11 +22,9 @@ from pathlib import Path
 import pytest
 
 from tests.integration.jobs import DEBUG_CONFIG, PY, REPO, job_env, losses_by_step, steps, wait_for_step
+from tests.integration.slurm_cluster import PRIVATE_SHM
 
 pytestmark = pytest.mark.integration
-
-PRIVATE_SHM = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
-               'mount -t tmpfs tmpfs /dev/shm && exec "$@"', "private-shm"]
 
 FAKE_SSH = """#!/bin/bash
 # Stand-in for ssh: every host is this machine.

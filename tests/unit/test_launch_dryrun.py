@@ -28,6 +28,7 @@ def ws(tmp_path, monkeypatch):
     for k in list(os.environ):
         if k.startswith(FORWARDED_PREFIXES) or k in ("PYTHONPATH", "OMP_NUM_THREADS", "HF_HOME"):
             monkeypatch.delenv(k)
+    monkeypatch.setenv("PATH", "/usr/local/bin:/usr/bin:/bin")
     monkeypatch.setenv("NCCL_DEBUG", "INFO")
     monkeypatch.setenv("MNEMO_TAG", "a b")
     data = tmp_path / "data"
@@ -55,19 +56,19 @@ def launch(capsys, *argv: str) -> tuple[int, str, str]:
 
 GOLDEN_LOCAL = """\
 # node 0 of 1: 2 rank(s), log <TMP>/runs/g/logs/node0.log
-PYTHONPATH=<ROOT> PYTHONUNBUFFERED=1 TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 MNEMO_NODE_RANK=0 MNEMO_NNODES=1 <PYTHON> -m torch.distributed.run --standalone --nnodes 1 --nproc-per-node 2 --max-restarts 0 --signals-to-handle SIGINT,SIGQUIT --tee 3 --log-dir <TMP>/runs/g/logs/torchrun/node0 --log-line-prefix-template '[rank${rank}]: ' -m launch.worker <TMP>/c.yaml train.lr=0.01
+PATH=/usr/local/bin:/usr/bin:/bin:<BIN> PYTHONPATH=<ROOT> PYTHONUNBUFFERED=1 TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 MNEMO_NODE_RANK=0 MNEMO_NNODES=1 <PYTHON> -m torch.distributed.run --standalone --nnodes 1 --nproc-per-node 2 --max-restarts 0 --signals-to-handle SIGINT,SIGQUIT --tee 3 --log-dir <TMP>/runs/g/logs/torchrun/node0 --log-line-prefix-template '[rank${rank}]: ' -m launch.worker <TMP>/c.yaml train.lr=0.01
 """
 
 GOLDEN_NODE = """\
 # node 1 of 2: 2 rank(s), log <TMP>/runs/g/logs/node1.log
-PYTHONPATH=<ROOT> PYTHONUNBUFFERED=1 TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 MNEMO_NODE_RANK=1 MNEMO_NNODES=2 <PYTHON> -m torch.distributed.run --nnodes 2 --rdzv-backend c10d --rdzv-endpoint 10.0.0.1:29400 --rdzv-id mnemo-5dcd9b41fb --rdzv-conf is_host=false --nproc-per-node 2 --max-restarts 1 --signals-to-handle SIGINT,SIGQUIT --tee 3 --log-dir <TMP>/runs/g/logs/torchrun/node1 --log-line-prefix-template '[rank${rank}]: ' -m launch.worker <TMP>/c.yaml
+PATH=/usr/local/bin:/usr/bin:/bin:<BIN> PYTHONPATH=<ROOT> PYTHONUNBUFFERED=1 TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 MNEMO_NODE_RANK=1 MNEMO_NNODES=2 <PYTHON> -m torch.distributed.run --nnodes 2 --rdzv-backend c10d --rdzv-endpoint 10.0.0.1:29400 --rdzv-id mnemo-5dcd9b41fb --rdzv-conf is_host=false --nproc-per-node 2 --max-restarts 1 --signals-to-handle SIGINT,SIGQUIT --tee 3 --log-dir <TMP>/runs/g/logs/torchrun/node1 --log-line-prefix-template '[rank${rank}]: ' -m launch.worker <TMP>/c.yaml
 """
 
 GOLDEN_HOSTFILE = """\
 # node 0: worker-0
-ssh -o BatchMode=yes -o ConnectTimeout=10 -- worker-0 'cd <TMP> && exec env MNEMO_TAG='"'"'a b'"'"' NCCL_DEBUG=INFO PYTHONPATH=<ROOT> PATH=<BIN>:"$PATH" <PYTHON> -m train.cli launch <TMP>/c.yaml train.lr=0.01 --nnodes 2 --node-rank 0 --nproc-per-node 2 --master-addr worker-0 --master-port 29500 --rdzv-id mnemo-5dcd9b41fb --max-restarts 0 --stop-on-stdin-eof'
+ssh -o BatchMode=yes -o ConnectTimeout=10 -- worker-0 'cd <TMP> && exec env MNEMO_TAG='"'"'a b'"'"' NCCL_DEBUG=INFO PYTHONPATH=<ROOT> PATH=/usr/local/bin:/usr/bin:/bin:<BIN> <PYTHON> -m train.cli launch <TMP>/c.yaml train.lr=0.01 --nnodes 2 --node-rank 0 --nproc-per-node 2 --master-addr worker-0 --master-port 29500 --rdzv-id mnemo-5dcd9b41fb --max-restarts 0 --stop-on-stdin-eof'
 # node 1: worker-1
-ssh -o BatchMode=yes -o ConnectTimeout=10 -- worker-1 'cd <TMP> && exec env MNEMO_TAG='"'"'a b'"'"' NCCL_DEBUG=INFO PYTHONPATH=<ROOT> PATH=<BIN>:"$PATH" <PYTHON> -m train.cli launch <TMP>/c.yaml train.lr=0.01 --nnodes 2 --node-rank 1 --nproc-per-node 2 --master-addr worker-0 --master-port 29500 --rdzv-id mnemo-5dcd9b41fb --max-restarts 0 --stop-on-stdin-eof'
+ssh -o BatchMode=yes -o ConnectTimeout=10 -- worker-1 'cd <TMP> && exec env MNEMO_TAG='"'"'a b'"'"' NCCL_DEBUG=INFO PYTHONPATH=<ROOT> PATH=/usr/local/bin:/usr/bin:/bin:<BIN> <PYTHON> -m train.cli launch <TMP>/c.yaml train.lr=0.01 --nnodes 2 --node-rank 1 --nproc-per-node 2 --master-addr worker-0 --master-port 29500 --rdzv-id mnemo-5dcd9b41fb --max-restarts 0 --stop-on-stdin-eof'
 """
 
 GOLDEN_SLURM = """\
@@ -91,7 +92,8 @@ GOLDEN_SLURM = """\
 set -u
 RUN_DIR=<TMP>/runs/g
 VENV_BIN=<BIN>
-export PATH="$VENV_BIN:$PATH"
+# The venv's tools are found, after the submitting shell's (sbatch exported its PATH).
+case ":$PATH:" in *":$VENV_BIN:"*) ;; *) export PATH="$PATH:$VENV_BIN" ;; esac
 export PYTHONPATH=<ROOT>${PYTHONPATH:+:$PYTHONPATH}
 
 # Rendezvous at the first node of the allocation (its address as SLURM knows it).
@@ -260,13 +262,19 @@ def test_remote_command_forwards_environment(ws, capsys):
     from launch.remote import remote_command
 
     stub = ws / "stub.sh"
-    stub.write_text('#!/bin/sh\necho "$MNEMO_TAG|$NCCL_DEBUG|$PATH" > "$OUT"\n')
+    stub.write_text('#!/bin/sh\necho "$MNEMO_TAG|$NCCL_DEBUG|$PATH|$(pwd)" > "$OUT"\n')
     stub.chmod(0o755)
-    cmd = remote_command(cwd=str(ws), python=str(stub), env={"MNEMO_TAG": "a b; $(x)", "NCCL_DEBUG": "WARN"}, launch_args=["c.yaml"])
-    subprocess.run(["bash", "-c", cmd], check=True, env={"PATH": "/usr/bin:/bin", "OUT": str(ws / "env.out")})
-    tag, nccl, path = (ws / "env.out").read_text().strip().split("|")
-    assert (tag, nccl) == ("a b; $(x)", "WARN")
-    assert path == f"{ws}:/usr/bin:/bin"  # the venv's bin dir (here: the stub's dir) first
+    env = {"MNEMO_TAG": "a b; $(x)", "NCCL_DEBUG": "WARN", "PATH": "/opt/x y/bin:/usr/bin:/bin"}
+    cmd = remote_command(cwd=str(ws), python=str(stub), env=env, launch_args=["c.yaml"])
+    subprocess.run(["bash", "-c", cmd], check=True, cwd="/", env={"PATH": "/usr/bin:/bin", "OUT": str(ws / "env.out")})
+    assert (ws / "env.out").read_text().strip().split("|") == ["a b; $(x)", "WARN", "/opt/x y/bin:/usr/bin:/bin", str(ws)]
+
+
+def test_ranks_path_is_the_launchers_with_the_venv_appended():
+    from launch.env import path_with_venv
+
+    assert path_with_venv({"PATH": "/usr/bin:/bin"}, "/v/bin/python") == "/usr/bin:/bin:/v/bin"
+    assert path_with_venv({"PATH": "/v/bin:/usr/bin"}, "/v/bin/python") == "/v/bin:/usr/bin"  # order kept
 
 
 # --------------------------------------------------------------------------- #

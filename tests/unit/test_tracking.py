@@ -63,7 +63,7 @@ def test_uri_and_experiment_precedence(tmp_path, monkeypatch):
     assert resolve_experiment("explicit") == "explicit"
 
 
-def test_params_metrics_tags_artifacts_land(store, client, tmp_path):
+def test_params_metrics_tags_artifacts_land_and_log_metrics_is_fast(store, client, tmp_path):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -76,6 +76,12 @@ def test_params_metrics_tags_artifacts_land(store, client, tmp_path):
     for step in range(1, 6):
         t.log_metrics({"train/loss": 1.0 / step, "train/lr": 0.1}, step=step)
     t.log_metrics({"train/loss": float("nan")}, step=6)  # a NaN loss must not break logging
+    n = 500
+    t0 = time.perf_counter()
+    for step in range(n):  # the asynchronous path: the caller only queues
+        t.log_metrics({f"m{i}": step + i for i in range(10)}, step=step)
+    per_call = (time.perf_counter() - t0) / n
+    assert per_call < 200e-6, f"log_metrics took {per_call * 1e6:.0f} us per call"
     cfg = tmp_path / "config.yaml"
     cfg.write_text("train:\n  lr: 0.001\n")
     t.log_artifact(str(cfg))
@@ -94,6 +100,7 @@ def test_params_metrics_tags_artifacts_land(store, client, tmp_path):
     assert run.data.tags["mnemo.world_size"] == "2"
     assert run.data.tags["mnemo.hostname"] == socket.gethostname()
     assert _steps(client, t.run_id, "train/loss") == [1, 2, 3, 4, 5, 6]
+    assert _steps(client, t.run_id, "m9") == list(range(n))  # all queued points arrived
     assert math.isnan(run.data.metrics["train/loss"])
     arts = {a.path for a in client.list_artifacts(t.run_id)}
     assert arts == {"config.yaml", "figures"}
@@ -201,18 +208,6 @@ def test_other_ranks_and_disabled_are_noops(tmp_path):
     assert not (tmp_path / "r1").exists() and not (tmp_path / "r0").exists()
 
 
-def test_log_metrics_is_async_and_fast(store, client, tmp_path):
-    t = Tracker(run_dir=str(tmp_path), uri=store, experiment="unit", interval=0.05)
-    n = 500
-    t0 = time.perf_counter()
-    for step in range(n):
-        t.log_metrics({f"m{i}": step + i for i in range(10)}, step=step)
-    per_call = (time.perf_counter() - t0) / n
-    t.close()
-    assert per_call < 200e-6, f"log_metrics took {per_call * 1e6:.0f} us per call"
-    assert len(client.get_metric_history(t.run_id, "m9")) == n  # and everything arrived
-
-
 def test_unreachable_server_buffers_to_fallback_with_one_warning(tmp_path, caplog):
     uri = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
     with caplog.at_level(logging.WARNING, logger="train.tracking"):
@@ -265,3 +260,10 @@ def test_sender_process_death_falls_back_to_file(store, client, tmp_path, caplog
     recs = [json.loads(line) for line in open(tmp_path / "logs" / "metrics_fallback.jsonl")]
     assert [(r["run_id"], r["step"]) for r in recs] == [(t.run_id, s) for s in range(2, 6)]
     assert sum("sender process died" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_bad_uri_is_a_user_error(tmp_path):
+    from train.errors import UserError
+
+    with pytest.raises(UserError, match="tracking.uri nosuchscheme://x"):
+        Tracker(run_dir=str(tmp_path), uri="nosuchscheme://x")

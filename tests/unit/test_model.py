@@ -1,0 +1,333 @@
+"""The memory transformer's invariants: causality, slot isolation, short-term
+memory equals block-sliding-window attention, kNN memory equals attention
+over the store, FIFO eviction, the searched window equals the full search,
+and MemoryState round trips. Tiny models, CPU, fp32."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import model.transformer as mt
+from model import MemoryState, MemoryTransformer, ModelArgs
+from model.transformer import SegmentContext, knn_retrieve
+
+V, T = 61, 8  # vocabulary, segment length
+
+
+def make(stm: int = T, ltm: bool = True, capacity: int = 64, topk: int = 4, n_layers: int = 3,
+         init_std: float = 0.1, seed: int = 0) -> MemoryTransformer:
+    """3 layers, d=32, 4 heads; long-term memory in layer 1. init_std 0.1 (not 0.02) so that
+    attention is far from uniform and a wrong mask shows in the logits."""
+    torch.manual_seed(seed)
+    args = ModelArgs(vocab_size=V, n_layers=n_layers, d_model=32, n_heads=4, d_ff=64, init_std=init_std,
+                     stm_length=stm, ltm_kind="knn" if ltm else "none", ltm_capacity=capacity, ltm_topk=topk,
+                     ltm_layers=(1,))
+    return MemoryTransformer(args).eval()
+
+
+@pytest.fixture(autouse=True)
+def fine_search_window(monkeypatch):
+    # Search windows step by 512 entries in production; step by 4 here so that
+    # these small stores exercise windows smaller than the store.
+    monkeypatch.setattr(mt, "_LTM_WINDOW_STEP", 4)
+
+
+def run(model: MemoryTransformer, tokens: torch.Tensor, state: MemoryState | None = None,
+        resets: dict[int, torch.Tensor] | None = None) -> tuple[torch.Tensor, MemoryState]:
+    """Read tokens [B, S*T] segment by segment: logits [B, S*T, V] and the final state."""
+    state = model.init_state(tokens.shape[0]) if state is None else state
+    out = []
+    for s in range(tokens.shape[1] // T):
+        if resets and s in resets:
+            state = state.reset(resets[s])
+        logits, state = model(tokens[:, s * T:(s + 1) * T], state)
+        out.append(logits)
+    return torch.cat(out, dim=1), state
+
+
+def tokens(B: int, S: int, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, V, (B, S * T), generator=torch.Generator().manual_seed(seed))
+
+
+# ---------------------------------------------------------------- causality
+
+
+@pytest.mark.parametrize("stm,capacity", [(T, 64), (2 * T, 64), (T // 2, 12)])
+def test_no_output_depends_on_a_later_token(stm, capacity):
+    """Perturbing token j changes nothing before j: within a segment, through
+    the short-term memory and through the long-term store (FIFO or not)."""
+    model = make(stm=stm, capacity=capacity)
+    x = tokens(2, 5)
+    with torch.no_grad():
+        ref, _ = run(model, x)
+        for j in (3, T, T + 5, 3 * T + 2, 5 * T - 1):
+            y = x.clone()
+            y[:, j] = (y[:, j] + 7) % V
+            out, _ = run(model, y)
+            assert torch.equal(out[:, :j], ref[:, :j]), j
+            assert not torch.allclose(out[:, j:], ref[:, j:]), j  # the change is seen from j on
+
+
+def test_long_term_memory_reaches_back_beyond_short_term_memory():
+    """With M < T, a token two segments back is out of the short-term memory's
+    reach at layer 0; the store still carries it (the test above would pass
+    vacuously if the store were never read)."""
+    x = tokens(1, 3)
+    y = x.clone()
+    y[:, 0] = (y[:, 0] + 5) % V
+    with torch.no_grad():
+        for ltm in (False, True):
+            model = make(stm=2, ltm=ltm, n_layers=2, topk=8)
+            a, _ = run(model, x)
+            b, _ = run(model, y)
+            changed = not torch.allclose(a[:, 2 * T:], b[:, 2 * T:], atol=0, rtol=0)
+            assert changed == ltm
+
+
+# ---------------------------------------------------------------- slot isolation
+
+
+def test_a_slot_never_sees_another_slot():
+    model = make(capacity=20)
+    x = tokens(3, 5)
+    y = x.clone()
+    y[0] = tokens(1, 5, seed=9)[0]  # slot 0 reads a different document
+    with torch.no_grad():
+        a, sa = run(model, x)
+        b, sb = run(model, y)
+    assert not torch.allclose(a[0], b[0])
+    assert torch.equal(a[1:], b[1:])
+    for name, ta in sa.state_dict().items():
+        tb = sb.state_dict()[name]
+        if ta.dim() > 1:
+            assert torch.equal(ta[1:], tb[1:]), name
+
+
+def test_after_reset_a_slot_equals_a_fresh_one():
+    model = make(capacity=20)
+    x = tokens(2, 4)
+    nxt = tokens(2, 2, seed=5)
+    with torch.no_grad():
+        _, state = run(model, x)
+        state = state.reset(torch.tensor([True, False]))
+        fresh = model.init_state(2)
+        for name, t in state.state_dict().items():
+            assert torch.equal(t[0], fresh.state_dict()[name][0]), name
+        after_reset, _ = run(model, nxt, state)
+        from_fresh, _ = run(model, nxt, fresh)
+    assert torch.equal(after_reset[0], from_fresh[0])
+    assert not torch.allclose(after_reset[1], from_fresh[1])  # slot 1 kept its memory
+
+
+def test_reset_leaves_the_state_it_was_given_untouched():
+    model = make()
+    with torch.no_grad():
+        _, state = run(model, tokens(2, 2))
+    before = state.state_dict()
+    state.reset(torch.tensor([True, True]))
+    assert state.equal(MemoryState.from_state_dict(before, len(state.layers)))
+
+
+# ---------------------------------------------------------------- short-term memory
+
+
+def _rope(x: torch.Tensor, pos: torch.Tensor, base: float) -> torch.Tensor:
+    """Rotate pairs (x[..., i], x[..., i + Dh/2]) by pos * base^(-2i/Dh); x [B, H, L, Dh], pos [L]."""
+    half = x.shape[-1] // 2
+    ang = pos.double()[:, None] * base ** (-torch.arange(half, dtype=torch.float64) * 2 / x.shape[-1])
+    cos, sin = ang.cos().float(), ang.sin().float()
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+
+
+def sliding_window_reference(model: MemoryTransformer, x: torch.Tensor, M: int, shift: int = 0) -> torch.Tensor:
+    """One pass over the whole sequence with the model's weights: the query at
+    position p of segment s = p // T attends keys [s*T - M + shift, p]."""
+    a = model.args
+    B, L = x.shape
+    H, Dh = a.n_heads, a.head_dim
+    p = torch.arange(L)
+    allowed = (p[None, :] <= p[:, None]) & (p[None, :] >= (p[:, None] // T) * T - M + shift)  # [L, L]
+    h = model.tok_emb(x)
+    for blk in model.blocks:
+        at, z = blk.attn, blk.attn_norm(h)
+        q, k, v = (proj(z).view(B, L, H, Dh).transpose(1, 2) for proj in (at.q, at.k, at.v))
+        q, k = _rope(q, p, a.rope_base), _rope(k, p, a.rope_base)
+        scores = (q @ k.transpose(-1, -2)) / math.sqrt(Dh)  # [B, H, L, L]
+        attn = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1) @ v
+        h = h + at.o(attn.transpose(1, 2).reshape(B, L, -1))
+        h = h + blk.mlp(blk.mlp_norm(h))
+    return model.lm_head(model.norm(h))
+
+
+@pytest.mark.parametrize("M", [T, 2 * T, 3 * T // 2])
+def test_short_term_memory_is_block_sliding_window_attention(M):
+    model = make(stm=M, ltm=False)
+    x = tokens(2, 5)
+    with torch.no_grad():
+        seg, _ = run(model, x)
+        ref = sliding_window_reference(model, x, M)
+        wrong = sliding_window_reference(model, x, M, shift=1)  # a window one key too short
+    assert torch.allclose(seg, ref, atol=1e-5, rtol=1e-4), (seg - ref).abs().max()
+    assert not torch.allclose(seg, wrong, atol=1e-4, rtol=1e-3)
+
+
+def test_positions_continue_across_segments():
+    # RoPE offsets come from state.pos: a document read in segments sees the
+    # same positions as if read at once (the reference above, M = 0 is plain
+    # block-local attention).
+    model = make(stm=0, ltm=False)
+    x = tokens(1, 3)
+    with torch.no_grad():
+        seg, state = run(model, x)
+        assert torch.allclose(seg, sliding_window_reference(model, x, 0), atol=1e-5, rtol=1e-4)
+    assert state.pos.tolist() == [3 * T]
+
+
+# ---------------------------------------------------------------- long-term memory
+
+
+def _store(B: int, H: int, N: int, Dh: int, lengths: list[int], seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    valid = mt._right_aligned_valid(torch.tensor(lengths), N)  # [B, N]
+    keep = valid[:, None, :, None].float()
+    k = F.normalize(torch.randn(B, H, N, Dh, generator=g), dim=-1) * keep  # empty entries are zeros
+    v = torch.randn(B, H, N, Dh, generator=g) * keep
+    q = F.normalize(torch.randn(B, H, T, Dh, generator=g), dim=-1)
+    return q, k, v, valid
+
+
+def _read(topk: int, q, k, v, valid, window: int | None = None):
+    """Memory attention [B, H, T, Dh] of an LTM layer whose store is (k, v)."""
+    N = k.shape[2]
+    model = make(capacity=N, topk=topk)
+    attn = model.blocks[1].attn
+    with torch.no_grad():
+        attn.ltm_log_temp.copy_(torch.log(torch.tensor([1.0, 3.0, 10.0, 30.0])))
+    W = N if window is None else window
+    ctx = SegmentContext(cos=None, sin=None, stm_mask=None, ltm_window=W, ltm_valid=valid[:, N - W:])
+    mem = mt.LayerMemory(ltm_k=k, ltm_v=v)
+    with torch.no_grad():
+        out, found = attn._read_ltm(q, mem, ctx)
+    return out, found, attn.ltm_log_temp.exp().view(1, -1, 1, 1)
+
+
+def test_knn_attention_with_k_equal_to_the_store_is_full_attention():
+    B, H, N, Dh = 3, 4, 24, 8
+    q, k, v, valid = _store(B, H, N, Dh, lengths=[24, 10, 0])
+    out, found, temp = _read(N, q, k, v, valid)
+    scores = (q @ k.transpose(-1, -2)) * temp  # [B, H, T, N]
+    full = torch.softmax(scores.masked_fill(~valid[:, None, None, :], float("-inf")), dim=-1) @ v
+    assert torch.allclose(out[:2], full[:2], atol=1e-6)
+    assert found[:2].all() and not found[2].any()  # slot 2 has an empty store
+
+
+def test_knn_attention_attends_over_the_top_k_keys():
+    B, H, N, Dh, topk = 2, 4, 40, 8, 5
+    q, k, v, valid = _store(B, H, N, Dh, lengths=[40, 17])
+    out, _, temp = _read(topk, q, k, v, valid)
+    scores = (q @ k.transpose(-1, -2)).masked_fill(~valid[:, None, None, :], float("-inf"))  # [B, H, T, N]
+    kth = scores.sort(dim=-1, descending=True).values[..., topk - 1:topk]  # k-th best per query
+    top = (scores >= kth) & valid[:, None, None, :]
+    ref = torch.softmax((scores * temp).masked_fill(~top, float("-inf")), dim=-1) @ v
+    assert torch.allclose(out, ref, atol=1e-6)
+
+
+@pytest.mark.parametrize("lengths", [[8192 - 5, 3000, 0, 77], [600, 40, 600, 599], [8192] * 4])
+def test_windowed_search_is_bit_identical_to_the_full_search(lengths, monkeypatch):
+    monkeypatch.setattr(mt, "_LTM_WINDOW_STEP", 512)  # as in production
+    B, H, N, Dh = 4, 2, 8192, 8
+    q, k, v, valid = _store(B, H, N, Dh, lengths)
+    W = mt.ltm_search_window(max(lengths), N, 16)
+    assert W < N or max(lengths) > N - 512
+    windowed = knn_retrieve(q, k, v, None if min(lengths) >= W else valid[:, N - W:], 16, window=W)
+    full = knn_retrieve(q, k, v, valid, 16)
+    for a, b in zip(windowed, full):
+        assert torch.equal(a, b)
+
+
+def test_model_with_searched_window_equals_model_searching_the_whole_store(monkeypatch):
+    model = make(capacity=40, topk=3)
+    x = tokens(3, 6)
+    resets = {2: torch.tensor([True, False, False]), 4: torch.tensor([False, True, False])}
+    with torch.no_grad():
+        a, sa = run(model, x, resets=resets)
+        monkeypatch.setattr(mt, "ltm_search_window", lambda max_len, capacity, topk: capacity)
+        b, sb = run(model, x, resets=resets)
+    assert torch.equal(a, b) and sa.equal(sb)
+
+
+def test_fifo_store_keeps_the_newest_n_keys():
+    # Layer 1 holds the store; its keys depend on layer 0 only, so a store of
+    # capacity 20 must equal the newest 20 entries of a store of capacity 64.
+    x = tokens(2, 4)  # 32 tokens per slot
+    with torch.no_grad():
+        _, small = run(make(capacity=20), x)
+        _, big = run(make(capacity=64), x)
+        _, tiny = run(make(capacity=5), x)  # smaller than one segment
+    for st, n in ((small, 20), (tiny, 5)):
+        assert st.ltm_len.tolist() == [n, n]
+        assert torch.equal(st.layers[1].ltm_k, big.layers[1].ltm_k[:, :, -n:])
+        assert torch.equal(st.layers[1].ltm_v, big.layers[1].ltm_v[:, :, -n:])
+    assert big.ltm_len.tolist() == [32, 32]
+    assert not big.layers[1].ltm_k[:, :, :32].any()  # not yet written: still empty
+    norms = big.layers[1].ltm_k[:, :, 32:].norm(dim=-1)
+    assert torch.allclose(norms, torch.ones_like(norms))  # keys are stored unit-norm
+    assert small.layers[0].ltm_k is None  # layer 0 has no store
+
+
+# ---------------------------------------------------------------- MemoryState
+
+
+def test_state_dict_round_trip_is_bit_exact():
+    model = make(capacity=20)
+    with torch.no_grad():
+        _, state = run(model, tokens(2, 3))
+    for st in (state, state.to(dtype=torch.bfloat16)):
+        buf = io.BytesIO()
+        torch.save(st.state_dict(), buf)
+        buf.seek(0)
+        loaded = model.init_state(2, dtype=st.layers[0].stm_k.dtype).load_state_dict(torch.load(buf))
+        assert loaded.equal(st)
+        assert loaded.layers[0].stm_k.dtype == st.layers[0].stm_k.dtype
+        for name, t in loaded.state_dict().items():
+            assert torch.equal(t, st.state_dict()[name]) and t.dtype == st.state_dict()[name].dtype, name
+    # The continuation from a loaded state equals the continuation from the original.
+    nxt = tokens(2, 1, seed=3)
+    with torch.no_grad():
+        a, _ = model(nxt, state)
+        b, _ = model(nxt, model.init_state(2).load_state_dict(state.state_dict()))
+    assert torch.equal(a, b)
+
+
+def test_load_state_dict_rejects_another_shape():
+    sd = make(capacity=20).init_state(2).state_dict()
+    with pytest.raises(ValueError, match="layers.1.ltm_k"):
+        make(capacity=24).init_state(2).load_state_dict(sd)
+    with pytest.raises(ValueError, match="batch size"):
+        make(capacity=20, stm=0, ltm=False).init_state(3).load_state_dict(
+            make(capacity=20, stm=0, ltm=False).init_state(2).state_dict())
+
+
+def test_detach_cuts_the_graph_and_keeps_the_values():
+    model = make(capacity=20).train()
+    _, state = run(model, tokens(1, 2))
+    assert state.layers[0].stm_k.requires_grad and state.layers[1].ltm_k.requires_grad
+    d = state.detach()
+    assert not any(t.requires_grad for t in d.state_dict().values())
+    assert not any(t.requires_grad for layer in d.layers for t in (layer.stm_k, layer.ltm_k) if t is not None)
+    assert d.equal(state)
+
+
+def test_ablation_states_leave_memories_out():
+    model = make()
+    assert model.init_state(2, stm=False).stm_capacity == 0
+    assert model.init_state(2, ltm=False).ltm_capacity == 0
+    with torch.no_grad():
+        logits, st = model(tokens(2, 1), model.init_state(2, stm=False, ltm=False))
+    assert logits.shape == (2, T, V) and st.pos.tolist() == [T, T]

@@ -1,0 +1,88 @@
+"""Named sizes: each builds on the meta device, and its closed-form parameter
+count and FLOPs per token agree with a direct count of the built model
+(parameters: sum of numel; FLOPs: torch's FlopCounterMode over one forward)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from model import SIZES, MemoryTransformer, ModelArgs, flops_per_token, param_count
+from model.sizes import REFERENCE_VOCAB
+
+VOCAB = REFERENCE_VOCAB
+T = 256  # tokens of the counted forward
+
+
+def meta_model(size: str, **kw) -> MemoryTransformer:
+    with torch.device("meta"):
+        return MemoryTransformer(ModelArgs.from_size(size, VOCAB, **kw))
+
+
+def counted_forward(model: MemoryTransformer, T: int) -> dict[str, int]:
+    """FLOPs by aten op of one forward of [1, T] tokens with empty memory, on the meta device.
+
+    On meta, SDPA runs its math decomposition, so attention shows up as two
+    bmm per layer over the full [T, keys] rectangle (masked entries included).
+    """
+    with torch.device("meta"):
+        tokens = torch.zeros(1, T, dtype=torch.long)
+        state = model.init_state(1)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        model(tokens, state)
+    return {str(op): int(n) for op, n in counter.get_flop_counts()["Global"].items()}
+
+
+def within(a: float, b: float, rel: float = 0.01) -> bool:
+    return abs(a - b) <= rel * abs(b)
+
+
+@pytest.mark.parametrize("size", sorted(SIZES))
+def test_size_builds_on_meta_and_param_count_is_exact(size):
+    for ltm in ("none", "knn"):
+        model = meta_model(size, ltm_kind=ltm, ltm_layers=(-2,))
+        assert all(p.is_meta for p in model.parameters())
+        direct = sum(p.numel() for p in model.parameters())  # tied weights counted once
+        n_ltm = 1 if ltm == "knn" else 0
+        assert direct == param_count(SIZES[size], VOCAB, n_ltm) == model.expected_num_params()
+
+
+@pytest.mark.parametrize("size", sorted(SIZES))
+def test_flops_per_token_matches_a_flop_counter(size):
+    counts = counted_forward(meta_model(size), T)
+    dense, attn = counts.get("aten.mm", 0), counts.get("aten.bmm", 0)
+    assert dense > 0 and attn > 0 and set(counts) <= {"aten.mm", "aten.bmm"}
+    # Only the causal part of the [T, T] rectangle is model work: (T+1)/2T of it.
+    direct = 3 * (dense + attn * (T + 1) / (2 * T)) / T  # training = forward + 2x backward
+    assert within(MemoryTransformer.flops_per_token(meta_model(size), T), direct)
+    assert within(flops_per_token(SIZES[size], VOCAB, context=T / 2), direct)
+
+
+def test_flops_with_short_and_long_term_memory():
+    M, N, k = 256, 1024, 16
+    base = meta_model("small", stm_length=M)
+    with_ltm = meta_model("small", stm_length=M, ltm_kind="knn", ltm_capacity=N, ltm_topk=k, ltm_layers=(3, -2))
+    c0, c1 = counted_forward(base, T), counted_forward(with_ltm, T)
+    # Short-term memory: every query also sees the M memory keys.
+    frac = (T * M + T * (T + 1) / 2) / (T * (M + T))
+    direct = 3 * (c0["aten.mm"] + c0["aten.bmm"] * frac) / T
+    assert within(base.flops_per_token(T), direct)
+    # Long-term memory adds, per LTM layer, the kNN search over the N stored
+    # keys (a no-grad lookup: not model FLOPs by convention, so taken out) and
+    # attention over the k retrieved keys.
+    d = SIZES["small"].d_model
+    search = 2 * 2 * T * N * d  # two LTM layers, [T, d] x [d, N] each
+    extra = 3 * (c1["aten.bmm"] - c0["aten.bmm"] - search) / T
+    assert c1["aten.mm"] == c0["aten.mm"]
+    assert extra > 0
+    assert within(with_ltm.flops_per_token(T) - base.flops_per_token(T), extra)
+
+
+def test_nominal_sizes_are_what_their_names_say():
+    # Nominal parameter counts at the reference vocabulary, +-15%.
+    nominal = {"small": 125e6, "medium": 350e6, "large": 1.3e9, "xl": 7e9}
+    for size, n in nominal.items():
+        assert abs(param_count(SIZES[size], VOCAB) - n) <= 0.15 * n, size
+    assert param_count(SIZES["debug"], 4096) < 2e6
