@@ -432,18 +432,31 @@ def _resume(engine, mgr, path: Path, meta: dict[str, Any], streams, state, info:
     ds_dir = path / "ds"
     tag = ckpt.DS_TAG
     if universal:
-        from train.universal import UNIVERSAL_TAG, make_universal
-
-        if info.rank == 0:
-            make_universal(path)
         import deepspeed.comm as dist
 
-        dist.barrier()
+        from train.universal import UNIVERSAL_TAG, make_universal
+
+        # Rank 0 converts once; all ranks learn whether it worked (no one waits out a timeout).
+        failed = ""
+        if info.rank == 0:
+            try:
+                make_universal(path)
+            except Exception as e:  # re-raised below on every rank, with rank 0's reason
+                failed = str(e).splitlines()[0] if str(e) else type(e).__name__
+        flag = torch.tensor([float(bool(failed))])
+        dist.all_reduce(flag)
+        if flag.item() > 0:
+            raise UserError(f"checkpoint {path}: conversion to a universal checkpoint failed"
+                            + (f": {failed}" if failed else " on rank 0"))
         tag = UNIVERSAL_TAG
     load_path, _ = engine.load_checkpoint(str(ds_dir), tag=tag, load_module_strict=True,
                                           load_optimizer_states=True, load_lr_scheduler_states=True)
     if load_path is None:
         raise UserError(f"checkpoint {path}: DeepSpeed could not load {ds_dir}/{tag}")
+    if universal:
+        from train.universal import finish_universal_load
+
+        finish_universal_load(engine)  # ZeRO-3: one Adam step counter per group, not one shared
     own = mgr.rank_state(path, info.rank) if meta["world_size"] == info.world_size else None
     if own is not None and streams.same_shape(own["streams"]):
         exact = streams.load_state_dict(own["streams"])
