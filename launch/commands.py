@@ -104,6 +104,8 @@ def _check_flags(args: argparse.Namespace) -> str:
         raise UserError(f"--max-restarts must be >= 0, got {args.max_restarts}")
     if args.nproc_per_node is not None and args.nproc_per_node < 1:
         raise UserError(f"--nproc-per-node must be >= 1, got {args.nproc_per_node}")
+    if args.nnodes is not None and args.nnodes < 1:
+        raise UserError(f"--nnodes must be >= 1, got {args.nnodes}")
     if args.hostfile or args.slurm:
         which = "--hostfile" if args.hostfile else "--slurm"
         for flag, v in (("--nnodes", args.nnodes), ("--node-rank", args.node_rank)):

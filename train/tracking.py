@@ -5,7 +5,7 @@ Only global rank 0 talks to MLflow; on every other rank (and with
 
 Design (see docs/tracking.md):
 - A sender *process* (spawned, not forked) owns the MlflowClient. The trainer
-  thread only appends small tuples to a deque (``log_metrics``: ~10 us); a
+  thread only appends small tuples to a deque (``log_metrics``: 10-50 us); a
   feeder thread hands them over through a pipe every 0.1 s. A process and
   not a thread because MLflow's client (SQLAlchemy for a sqlite store, JSON
   for a server) is pure Python holding the GIL: as a thread it added 7-11%

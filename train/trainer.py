@@ -22,7 +22,6 @@ import logging
 import math
 import os
 import signal
-import socket
 import sys
 import time
 from pathlib import Path
@@ -304,25 +303,24 @@ def train(cfg: Config) -> dict[str, Any]:
         step, tokens_seen, run_id, state = _resume(engine, mgr, resume_path, old_meta, streams, state, info,
                                                    universal, device)
     # ---- tracking
-    from train.tracking import Tracker, memory_stats, system_tags
+    from train.tracking import Tracker, memory_stats
 
     tracker = Tracker(run_dir=str(run_dir), uri=cfg.tracking.uri, experiment=cfg.tracking.experiment,
                       run_name=cfg.run.name or run_dir.name, enabled=cfg.tracking.enabled, rank=info.rank,
                       resume_run_id=run_id, parent_run_id=parent_run_id, resume_step=step)
     run_id = tracker.run_id
     if info.rank == 0:
-        if resume_path is None:
-            params = flatten(cfg)
-            params.update({"world_size": info.world_size, "num_nodes": info.num_nodes, "zero_stage": cfg.zero.stage,
-                           "model.num_params": n_params, "data.num_documents": manifest.get("num_documents"),
-                           "data.num_tokens": manifest.get("num_tokens"), "data.tokenizer_sha256": tok_sha,
-                           "model.flops_per_token": model.flops_per_token(cfg.model.segment_len)})
-            tracker.log_params(params)
-            tracker.set_tags(dict(system_tags(), **{"mnemo.hostname": socket.gethostname()}))
-            tracker.log_artifact(str(run_dir / "config.yaml"))
-            tracker.log_artifact(tok_file)
-            mf = Path(cfg.data.path.removeprefix("file://")) / "manifest.json"
-            tracker.log_artifact(str(mf))
+        # On resume too: params are write-once in MLflow, the tracker records changed ones as tags.
+        params = flatten(cfg)
+        params.update({"world_size": info.world_size, "num_nodes": info.num_nodes, "zero_stage": cfg.zero.stage,
+                       "model.num_params": n_params, "data.num_documents": manifest.get("num_documents"),
+                       "data.num_tokens": manifest.get("num_tokens"), "data.tokenizer_sha256": tok_sha,
+                       "model.flops_per_token": model.flops_per_token(cfg.model.segment_len)})
+        tracker.log_params(params)
+        tracker.log_artifact(str(run_dir / "config.yaml"))
+        tracker.log_artifact(tok_file)
+        mf = Path(cfg.data.path.removeprefix("file://")) / "manifest.json"
+        tracker.log_artifact(str(mf))
         tracker.set_tags({"mnemo.restart": str(info.restart), "mnemo.resumed_from": resume_path.name if resume_path else ""})
         log.info("run %s: %d params, world %d (ZeRO %d, %s), resume from %s, restart %d", run_id, n_params,
                  info.world_size, cfg.zero.stage, "cuda/bf16" if use_cuda else "cpu/" + str(dtype).split(".")[-1],
@@ -342,7 +340,9 @@ def train(cfg: Config) -> dict[str, Any]:
         t0 = time.time()
         rank_state = {"streams": streams.state_dict(), "memory": loop.state.state_dict(), "rng": ckpt.rng_state(),
                       "step": step_, "tokens_seen": loop.tokens_seen}
-        meta = dict(meta_base, step=step_, tokens_seen=loop.tokens_seen, mlflow_run_id=run_id, reason=reason,
+        # Read the run id now: if the tracking server was down at start-up, the run exists only later.
+        meta = dict(meta_base, step=step_, tokens_seen=loop.tokens_seen, mlflow_run_id=tracker.run_id or run_id,
+                    reason=reason,
                     time=time.time())
         path = mgr.save(step_, engine, rank_state, meta, extra_files={"tokenizer.model": tok_file})
         if info.rank == 0:

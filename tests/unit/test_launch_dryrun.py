@@ -310,6 +310,8 @@ def test_config_errors_fail_before_anything(ws, capsys):
         (["--nnodes", "2", "--node-rank", "0", "--master-addr", "h", "--master-port", "70000"], "--master-port must be in"),
         (["--max-restarts", "-1"], "--max-restarts must be >= 0"),
         (["--nproc-per-node", "0"], "--nproc-per-node must be >= 1"),
+        (["--nnodes", "0"], "--nnodes must be >= 1"),
+        (["--node-rank", "1"], "--node-rank 1 needs --nnodes > 1"),
         (["--hostfile", "hosts", "--nproc-per-node", "3"], "more than the 2 slot(s) of host 'worker-0'"),
         (["--hostfile", "nohosts"], "hostfile not found"),
         (["--slurm", "--time", "2 hours"], "--time '2 hours' is not a SLURM time"),
