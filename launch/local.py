@@ -25,7 +25,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import IO
 
 from launch.torchrun import NodePlan, node_env, torchrun_command

@@ -48,7 +48,8 @@ class DistInfo:
     local_world_size: int
     node_rank: int
     num_nodes: int
-    restart: int
+    restart: int  # torchrun worker-group restart (--max-restarts)
+    requeue: int  # SLURM requeue count of the job
 
 
 def dist_info() -> DistInfo:
@@ -59,7 +60,8 @@ def dist_info() -> DistInfo:
     return DistInfo(rank=rank, world_size=world, local_rank=int(env.get("LOCAL_RANK", "0")),
                     local_world_size=local_world, node_rank=int(env.get("GROUP_RANK", rank // max(1, local_world))),
                     num_nodes=max(1, world // max(1, local_world)),
-                    restart=int(env.get("TORCHELASTIC_RESTART_COUNT", env.get("SLURM_RESTART_COUNT", "0")) or 0))
+                    restart=int(env.get("TORCHELASTIC_RESTART_COUNT", "0") or 0),
+                    requeue=int(env.get("SLURM_RESTART_COUNT", "0") or 0))
 
 
 def sha256_file(path: str) -> str:
@@ -321,7 +323,8 @@ def train(cfg: Config) -> dict[str, Any]:
         tracker.log_artifact(tok_file)
         mf = Path(cfg.data.path.removeprefix("file://")) / "manifest.json"
         tracker.log_artifact(str(mf))
-        tracker.set_tags({"mnemo.restart": str(info.restart), "mnemo.resumed_from": resume_path.name if resume_path else ""})
+        tracker.set_tags({"mnemo.restart": str(info.restart), "mnemo.slurm_restart": str(info.requeue),
+                          "mnemo.resumed_from": resume_path.name if resume_path else ""})
         log.info("run %s: %d params, world %d (ZeRO %d, %s), resume from %s, restart %d", run_id, n_params,
                  info.world_size, cfg.zero.stage, "cuda/bf16" if use_cuda else "cpu/" + str(dtype).split(".")[-1],
                  resume_path, info.restart)
@@ -549,7 +552,8 @@ class _Loop:
         w["fwd_bwd"] += t2 - t1
         w["optim"] += t3 - t2
         if self.info.rank == 0:
-            self.steplog.write({"step": step + 1, "loss": loss, "restart": self.info.restart, "time": time.time()})
+            self.steplog.write({"step": step + 1, "loss": loss, "restart": self.info.restart,
+                               "requeue": self.info.requeue, "time": time.time()})
             if self.bar is not None:
                 self.bar.n = step + 1
                 self.bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{step_tokens / max(1e-9, t3 - t0):.0f}",

@@ -81,9 +81,11 @@ def _node(tmp: Path, env: dict, *, nnodes=1, node_rank=0, port=29500, restarts=0
                             stdin=subprocess.PIPE if stdin else subprocess.DEVNULL, text=True)
 
 
-def _wait_files(d: Path, pattern: str, n: int, timeout: float = 60) -> None:
+def _wait_files(d: Path, pattern: str, n: int, proc: subprocess.Popen, timeout: float = 60) -> None:
     t0 = time.time()
     while len(list(d.glob(pattern))) < n:
+        if proc.poll() is not None:
+            raise AssertionError(f"launcher exited ({proc.returncode}) early:\n{proc.stdout.read()}")
         assert time.time() - t0 < timeout, f"{pattern}: {len(list(d.glob(pattern)))}/{n} after {timeout}s"
         time.sleep(0.1)
 
@@ -91,7 +93,7 @@ def _wait_files(d: Path, pattern: str, n: int, timeout: float = 60) -> None:
 def test_usr1_reaches_each_worker_and_the_job_ends_cleanly(fake):
     tmp, env = fake
     p = _node(tmp, env)
-    _wait_files(tmp / "out", "ready.*", 2)
+    _wait_files(tmp / "out", "ready.*", 2, p)
     p.send_signal(signal.SIGUSR1)
     out, _ = p.communicate(timeout=60)
     assert p.returncode == 0, out
@@ -108,7 +110,7 @@ def test_sigterm_stops_workers_with_sigterm(fake):
     # SIGINT and SIGHUP take the same path (SIGTERM to each worker: save and stop).
     tmp, env = fake
     p = _node(tmp, env)
-    _wait_files(tmp / "out", "ready.*", 2)
+    _wait_files(tmp / "out", "ready.*", 2, p)
     p.send_signal(signal.SIGTERM)
     out, _ = p.communicate(timeout=60)
     assert p.returncode == 0, out
@@ -151,13 +153,13 @@ def test_hostfile_orchestrator_runs_and_stops_every_node(fake):
     script = tmp / "orch.py"
     script.write_text(textwrap.dedent(f'''\
         import sys
-        from launch.remote import NodeCommand
+        from launch.remote import NodeCommand, run_hostfile
         cmds = [NodeCommand(h, i, r) for h, i, r in {[(c.host, c.node_rank, c.remote) for c in cmds]!r}]
         sys.exit(run_hostfile(cmds, {str(ssh)!r}))
     '''))
     p = subprocess.Popen([sys.executable, str(script)], cwd=tmp, env=env, stdout=subprocess.PIPE,
                          stderr=subprocess.STDOUT, text=True)
-    _wait_files(tmp / "out", "ready.*", 2)
+    _wait_files(tmp / "out", "ready.*", 2, p)
     p.send_signal(signal.SIGTERM)
     out, _ = p.communicate(timeout=90)
     assert p.returncode == 0, out

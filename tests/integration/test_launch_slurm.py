@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.jobs import DEBUG_CONFIG, PY, REPO, job_env, run, steps
+from tests.integration.jobs import DEBUG_CONFIG, PY, job_env, run, steps
 from tests.integration.slurm_cluster import slurm_cluster  # noqa: F401  (fixture)
 
 pytestmark = [pytest.mark.integration, pytest.mark.slurm]
