@@ -56,6 +56,11 @@ def _free_port() -> int:
 
 def apply_rank_env() -> dict[str, str]:
     added = rank_env(os.environ, cuda_available())
+    # MLflow reads its HTTP retry/timeout settings only from the environment: bounded
+    # values keep a dead tracking server from stalling the tracker for minutes.
+    from train.tracking import HTTP_ENV_DEFAULTS
+
+    added.update({k: v for k, v in HTTP_ENV_DEFAULTS.items() if k not in os.environ})
     os.environ.update(added)
     return added
 
