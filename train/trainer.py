@@ -30,6 +30,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from train.bptt import bptt_window_loss
 from train.config import Config, check_paths, flatten, tokenizer_path, to_dict, to_yaml
 from train.errors import UserError
 
@@ -504,18 +505,20 @@ class _Loop:
         t0 = time.time()
         batches = [next(self.streams) for _ in range(k)]
         t1 = time.time()
-        total = 0.0
         plain_sum = torch.zeros((), device=self.device)
         n_sum = torch.zeros((), device=self.device)
-        state = self.state
-        for bt in batches:
-            state = state.reset(bt.reset.to(self.device))
-            tokens = bt.tokens.to(self.device, non_blocking=True)
-            logits, state = engine(tokens[:, :-1], state)
-            opt_loss, plain, n = lm_loss(logits, tokens[:, 1:], bt.weight.to(self.device))
-            total = total + opt_loss / k
+        tokens = [bt.tokens.to(self.device, non_blocking=True) for bt in batches]
+
+        def segment_loss(logits: torch.Tensor, i: int) -> torch.Tensor:
+            nonlocal plain_sum, n_sum
+            opt_loss, plain, n = lm_loss(logits, tokens[i][:, 1:], batches[i].weight.to(self.device))
             plain_sum = plain_sum + plain.detach() * n
             n_sum = n_sum + n
+            return opt_loss
+
+        # The truncated-BPTT rule (train/bptt.py): k segments, memory carried, one backward.
+        total, state = bptt_window_loss(engine, [t[:, :-1] for t in tokens], self.state, segment_loss,
+                                        resets=[bt.reset.to(self.device) for bt in batches])
         # Loss of this step averaged over ranks, weighted by real tokens.
         stats = torch.stack([plain_sum, n_sum, torch.tensor(float(not torch.isfinite(total)), device=self.device)])
         dist.all_reduce(stats)
@@ -529,13 +532,13 @@ class _Loop:
             if self.info.rank == 0:
                 log.warning("step %d: loss is NaN/inf; skipping the update", step + 1)
                 self.tracker.log_metrics({"train/nan": 1.0}, step + 1)
-            self.state = state.detach().reset(torch.ones(state.batch_size, dtype=torch.bool))
+            self.state = state.reset(torch.ones(state.batch_size, dtype=torch.bool))
             return True
         engine.backward(total)
         t2 = time.time()
         engine.step()
         t3 = time.time()
-        self.state = state.detach()
+        self.state = state
         loss = (stats[0] / stats[1].clamp(min=1)).item()
         real = int(stats[1].item())
         B, T = cfg.train.batch_size, cfg.model.segment_len
