@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from data_pipeline.passkey import DEPTHS, filler_stream, make_multikey_sample, make_passkey_sample
 from train.errors import UserError
-from train.generate import SegmentReader
+from train.generate import SegmentReader, _core, _device
 
 LN2 = math.log(2.0)
 
@@ -52,18 +52,6 @@ ABLATIONS: dict[str, tuple[bool, bool]] = {
 
 
 # ------------------------------------------------------------------ helpers
-
-
-def _core(model: Any) -> Any:
-    """The MemoryTransformer behind a possible DeepSpeed engine (it owns init_state/args)."""
-    return getattr(model, "module", model)
-
-
-def _device(model: Any) -> torch.device:
-    try:
-        return next(_core(model).parameters()).device
-    except (StopIteration, AttributeError):
-        return torch.device("cpu")
 
 
 def _has_memory(model: Any) -> tuple[bool, bool]:

@@ -31,6 +31,7 @@ from train.errors import UserError
 
 
 def _core(model: Any) -> Any:
+    """The MemoryTransformer behind a possible DeepSpeed engine (it owns init_state/args)."""
     return getattr(model, "module", model)
 
 

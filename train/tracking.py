@@ -50,6 +50,8 @@ from collections import deque
 from pathlib import Path
 from typing import Any, Callable
 
+from train.config import flatten
+
 log = logging.getLogger(__name__)
 
 DEFAULT_EXPERIMENT = "mnemo"
@@ -146,15 +148,6 @@ def memory_stats() -> dict[str, float]:
         out["sys/device_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
     return out
 
-
-def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def _append_points(f, run_id: str | None, step: int, ts: int, values: dict[str, float]) -> None:
@@ -264,7 +257,7 @@ class Tracker:
         """Log (possibly nested) params; values are stringified and truncated to MLflow's limit."""
         if self._off:
             return
-        self._buf.append(("params", {str(k): str(v) for k, v in _flatten(params).items()}))
+        self._buf.append(("params", {str(k): str(v) for k, v in flatten(params).items()}))
 
     def set_tags(self, tags: dict) -> None:
         if self._off:
