@@ -86,3 +86,12 @@ def worker_pids(proc: subprocess.Popen) -> list[int]:
 def losses_by_step(run_dir: Path) -> dict[int, float]:
     """Last logged loss of each step (a resumed run re-logs the steps it re-does)."""
     return {r["step"]: r["loss"] for r in steps(run_dir)}
+
+
+def mlflow_runs(run_dir: Path):
+    """(client, runs) of the job's default sqlite store, without touching the process-wide MLflow URI."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{Path(run_dir) / 'mlflow.db'}")
+    exps = [e.experiment_id for e in client.search_experiments()]
+    return client, client.search_runs(exps)

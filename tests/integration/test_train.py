@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.integration.jobs import (PY, REPO, job_env, kill_group, losses_by_step, run, start, steps, train_cmd,
-                                    wait_for_step, worker_pids)
+from tests.integration.jobs import (PY, REPO, job_env, kill_group, losses_by_step, mlflow_runs, run, start, steps,
+                                    train_cmd, wait_for_step, worker_pids)
 
 pytestmark = pytest.mark.integration
 
@@ -54,12 +54,9 @@ def test_learns_checkpoints_and_logs_one_mlflow_run(reference):
     assert ckpts[-1] == f"step_{STEPS:08d}" and (run_dir / "checkpoints" / ckpts[-1] / "COMPLETE").is_file()
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == ckpts[-1]
 
-    import mlflow
-
-    mlflow.set_tracking_uri(f"sqlite:///{run_dir / 'mlflow.db'}")
-    runs = mlflow.search_runs(search_all_experiments=True)
+    client, runs = mlflow_runs(run_dir)
     assert len(runs) == 1
-    hist = mlflow.MlflowClient().get_metric_history(runs.iloc[0].run_id, "train/loss")
+    hist = client.get_metric_history(runs[0].info.run_id, "train/loss")
     assert sorted(m.step for m in hist) == list(range(5, STEPS + 1, 5))
 
 
@@ -73,12 +70,9 @@ def test_relaunch_resumes_without_repeating_steps(reference, tmp_path):
     assert new == list(range(STEPS + 1, STEPS + 6)), new
     assert "resumed from" in res.stderr
 
-    import mlflow
-
-    mlflow.set_tracking_uri(f"sqlite:///{run_dir / 'mlflow.db'}")
-    runs = mlflow.search_runs(search_all_experiments=True)
+    client, runs = mlflow_runs(run_dir)
     assert len(runs) == 1
-    hist = mlflow.MlflowClient().get_metric_history(runs.iloc[0].run_id, "train/loss")
+    hist = client.get_metric_history(runs[0].info.run_id, "train/loss")
     assert sorted(m.step for m in hist) == list(range(5, STEPS + 6, 5))
 
 
@@ -112,12 +106,9 @@ def test_sigkill_mid_run_resumes_bit_exactly(reference, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
     # MLflow: one run; every logged step at most once and none missing, though steps 21.. ran twice
-    import mlflow
-
-    mlflow.set_tracking_uri(f"sqlite:///{run_dir / 'mlflow.db'}")
-    runs = mlflow.search_runs(search_all_experiments=True)
+    client, runs = mlflow_runs(run_dir)
     assert len(runs) == 1
-    hist = mlflow.MlflowClient().get_metric_history(runs.iloc[0].run_id, "train/loss")
+    hist = client.get_metric_history(runs[0].info.run_id, "train/loss")
     assert sorted(m.step for m in hist) == list(range(5, STEPS + 1, 5))
 
 
@@ -230,9 +221,5 @@ def test_export_matches_zero_to_fp32_and_eval_and_finetune(reference, tmp_path):
     start_loss = sum(ref[s] for s in range(1, 4)) / 3
     end_loss = sum(ref[s] for s in range(STEPS - 4, STEPS + 1)) / 5
     assert ft[1] < (start_loss + end_loss) / 2, f"fine-tune started at {ft[1]:.3f}, not near {end_loss:.3f}"
-    import mlflow
-
-    mlflow.set_tracking_uri(f"sqlite:///{ft_dir / 'mlflow.db'}")
-    runs = mlflow.search_runs(search_all_experiments=True)
-    parent = mlflow.search_runs(search_all_experiments=True).iloc[0]
-    assert len(runs) == 1 and parent["tags.mnemo.parent_run_id"]
+    _, runs = mlflow_runs(ft_dir)
+    assert len(runs) == 1 and runs[0].data.tags.get("mnemo.parent_run_id")
