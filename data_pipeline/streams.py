@@ -158,12 +158,14 @@ class DocumentStreams:
 
     def __init__(self, source: DocumentSource, *, batch_size: int, segment_len: int, rank: int = 0,
                  world_size: int = 1, seed: int = 0, val_fraction: float = 0.0, pad_id: int = 0,
-                 answer_weight: float = 1.0, num_workers: int = 0, prefetch: int = 64):
+                 answer_weight: float = 1.0, answer_context_weight: float = 1.0, num_workers: int = 0,
+                 prefetch: int = 64):
         self.source = source
         self.B, self.T = batch_size, segment_len
         self.rank, self.world = rank, world_size
         self.seed, self.val_fraction = seed, val_fraction
         self.pad_id, self.answer_weight = pad_id, answer_weight
+        self.answer_context_weight = answer_context_weight
         self.train_mask = ~heldout_mask(source.num_samples, val_fraction)
         n_train = int(self.train_mask.sum())
         if n_train < world_size:
@@ -228,6 +230,7 @@ class DocumentStreams:
         B, T = self.B, self.T
         tokens = np.full((B, T + 1), self.pad_id, dtype=np.int64)
         weight = np.zeros((B, T), dtype=np.float32)
+        real = np.zeros((B, T), dtype=bool)  # targets that are document tokens (not padding)
         reset = np.zeros(B, dtype=bool)
         doc_ids = np.zeros(B, dtype=np.int64)
         positions = np.zeros(B, dtype=np.int64)
@@ -245,16 +248,18 @@ class DocumentStreams:
             tokens[b, :len(chunk)] = chunk
             n_targets = len(chunk) - 1
             weight[b, :n_targets] = 1.0
+            real[b, :n_targets] = True
             a0, alen = slot.answer
-            if alen > 0 and self.answer_weight != 1.0:
+            if alen > 0 and (self.answer_weight != 1.0 or self.answer_context_weight != 1.0):
                 # target j (0-based in the segment) is token o + j + 1 of the document
                 tgt = np.arange(o + 1, o + 1 + n_targets)
-                weight[b, :n_targets][(tgt >= a0) & (tgt < a0 + alen)] = self.answer_weight
+                is_answer = (tgt >= a0) & (tgt < a0 + alen)
+                weight[b, :n_targets] = np.where(is_answer, self.answer_weight, self.answer_context_weight)
             doc_ids[b], positions[b], epochs[b] = slot.doc, o, slot.epoch
             slot.offset = o + T
         self.batches += 1
         w = torch.from_numpy(weight)
-        return SegmentBatch(tokens=torch.from_numpy(tokens), mask=w > 0, weight=w, reset=torch.from_numpy(reset),
+        return SegmentBatch(tokens=torch.from_numpy(tokens), mask=torch.from_numpy(real), weight=w, reset=torch.from_numpy(reset),
                             doc_ids=torch.from_numpy(doc_ids), positions=torch.from_numpy(positions),
                             epochs=torch.from_numpy(epochs))
 

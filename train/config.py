@@ -116,6 +116,11 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # Loss weight of synthetic passkey answer tokens (1 = plain LM loss).
     answer_weight: float = 1.0
+    # Loss weight of the other tokens of a document that has an answer span
+    # (passkey filler: random corpus slices glued together). 0 trains such
+    # documents on their answers only, which is what lets the copy circuit
+    # form early (docs/demo.md); corpus documents always weigh 1.
+    answer_context_weight: float = 1.0
 
 
 @dataclass
@@ -355,6 +360,8 @@ def validate(cfg: Config) -> None:
     need(cfg.train.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
     need(cfg.train.log_interval >= 1, "train.log_interval", "must be >= 1")
     need(cfg.train.grad_clip >= 0, "train.grad_clip", "must be >= 0")
+    need(cfg.train.answer_weight > 0, "train.answer_weight", "must be > 0")
+    need(cfg.train.answer_context_weight >= 0, "train.answer_context_weight", "must be >= 0")
     need(cfg.zero.stage in (1, 2, 3), "zero.stage", f"must be 1, 2 or 3, got {cfg.zero.stage}")
     need(cfg.checkpoint.interval >= 0, "checkpoint.interval", "must be >= 0")
     need(cfg.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")

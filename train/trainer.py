@@ -101,8 +101,14 @@ def model_args_from_config(cfg: Config, vocab_size: int):
                                ltm_temperature_init=m.long.temperature_init)
 
 
-def deepspeed_config(cfg: Config, use_bf16: bool) -> dict[str, Any]:
+def deepspeed_config(cfg: Config, use_bf16: bool, use_cuda: bool = False) -> dict[str, Any]:
     zero: dict[str, Any] = {"stage": cfg.zero.stage}
+    if cfg.zero.stage in (1, 2) and not use_cuda:
+        # DeepSpeed copies every gradient into one contiguous buffer as backward
+        # produces it, to spare the CUDA caching allocator fragmentation. A CPU
+        # allocator has no such problem, and the copy costs ~5% of a small
+        # model's step (benchmarks/train_loop_overhead.py).
+        zero["contiguous_gradients"] = False
     if cfg.zero.stage == 3:
         zero.update(stage3_gather_16bit_weights_on_model_save=False)
     return {
@@ -244,7 +250,7 @@ def train(cfg: Config) -> dict[str, Any]:
 
     args = model_args_from_config(cfg, vocab_size)
     if cfg.zero.stage == 3 and cfg.zero.init_partitioned:
-        with deepspeed.zero.Init(config_dict_or_path=deepspeed_config(cfg, use_bf16)):
+        with deepspeed.zero.Init(config_dict_or_path=deepspeed_config(cfg, use_bf16, use_cuda)):
             model = MemoryTransformer(args)
     else:
         model = MemoryTransformer(args)
@@ -267,7 +273,7 @@ def train(cfg: Config) -> dict[str, Any]:
     def scheduler(opt):
         return torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
 
-    ds_cfg = deepspeed_config(cfg, use_bf16)
+    ds_cfg = deepspeed_config(cfg, use_bf16, use_cuda)
 
     old_meta: dict[str, Any] | None = None
     universal = False
@@ -298,7 +304,8 @@ def train(cfg: Config) -> dict[str, Any]:
     streams = DocumentStreams(source, batch_size=cfg.train.batch_size, segment_len=cfg.model.segment_len,
                               rank=info.rank, world_size=info.world_size, seed=cfg.train.seed,
                               val_fraction=cfg.data.val_fraction, pad_id=int(manifest.get("pad_id", 0) or 0),
-                              answer_weight=cfg.train.answer_weight, num_workers=cfg.data.num_workers)
+                              answer_weight=cfg.train.answer_weight,
+                              answer_context_weight=cfg.train.answer_context_weight, num_workers=cfg.data.num_workers)
     state = engine.module.init_state(cfg.train.batch_size, device=device, dtype=dtype)
 
     step, tokens_seen, run_id = 0, 0, None

@@ -135,6 +135,20 @@ def test_answer_weight_marks_answer_targets():
         assert (w[:19] == 1).all()
 
 
+def test_answer_context_weight_applies_to_answer_documents_only():
+    doc = np.arange(2, 22, dtype=np.int64)  # 20 tokens: 19 targets
+    src = ArraySource([doc, doc.copy()], answers=[(15, 3), (-1, 0)])
+    s = streams(src, B=1, T=8, answer_weight=5.0, answer_context_weight=0.0)
+    seen = {}
+    for _ in range(6):
+        b = next(s)
+        seen.setdefault(int(b.doc_ids[0]), []).append(b.weight[0])
+    w_pk, w_corpus = torch.cat(seen[0])[:19], torch.cat(seen[1])[:19]
+    assert torch.equal(torch.nonzero(w_pk).flatten(), torch.tensor([14, 15, 16]))
+    assert (w_pk[14:17] == 5.0).all()
+    assert (w_corpus == 1.0).all()  # a document without an answer keeps its LM loss
+
+
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_resume_equals_uninterrupted_at_random_points(num_workers):
     docs = make_docs(23, lo=2, hi=40)
