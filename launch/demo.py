@@ -57,7 +57,7 @@ class DemoSettings:
     """Everything the demo decides; the defaults are `make demo`."""
 
     out_dir: str = "runs/demo"
-    minutes: float = 9.0
+    minutes: float = 6.0
     nproc_per_node: int = 2
     memory_config: str = MEMORY_CONFIG
     baseline_config: str = BASELINE_CONFIG
@@ -377,7 +377,7 @@ def _fmt_s(x: float) -> str:
     return f"{x:.0f} s"
 
 
-def run_demo(out_dir: str = "runs/demo", minutes: float = 9.0, echo: Callable[[str], None] = print,
+def run_demo(out_dir: str = "runs/demo", minutes: float = 6.0, echo: Callable[[str], None] = print,
              **kw: Any) -> dict[str, Any]:
     """Run the whole demo; returns the summary written to ``<out_dir>/summary.json``.
 
