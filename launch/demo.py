@@ -57,7 +57,7 @@ class DemoSettings:
     """Everything the demo decides; the defaults are `make demo`."""
 
     out_dir: str = "runs/demo"
-    minutes: float = 6.0
+    minutes: float = 7.5
     nproc_per_node: int = 2
     memory_config: str = MEMORY_CONFIG
     baseline_config: str = BASELINE_CONFIG
@@ -75,7 +75,7 @@ class DemoSettings:
     passkey_trials: int = 30
     eval_docs: int = 8
     eval_batch: int = 32
-    eval_reserve_s: float = 100.0
+    eval_reserve_s: float = 70.0
     multikey: int = 0
     # Extra dotted overrides for both runs (e.g. model.segment_len=64 for a smoke test).
     overrides: list[str] = field(default_factory=list)
@@ -377,7 +377,7 @@ def _fmt_s(x: float) -> str:
     return f"{x:.0f} s"
 
 
-def run_demo(out_dir: str = "runs/demo", minutes: float = 6.0, echo: Callable[[str], None] = print,
+def run_demo(out_dir: str = "runs/demo", minutes: float = 7.5, echo: Callable[[str], None] = print,
              **kw: Any) -> dict[str, Any]:
     """Run the whole demo; returns the summary written to ``<out_dir>/summary.json``.
 
