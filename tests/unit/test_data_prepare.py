@@ -217,6 +217,10 @@ def test_killed_worker_then_rerun_keeps_finished_parts_and_each_doc_once(corpus,
 def _cli_child(args: list[str], log: Path) -> None:
     """Child process: its own process group (like a shell job), stdout/stderr to ``log``, the real CLI."""
     os.setsid()
+    # A fresh `mnemo` process starts with Python's own SIGINT handler; this fork
+    # would otherwise inherit whatever the test process holds after earlier
+    # tests (in one CI run Ctrl-C did not reach the conversion).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
