@@ -69,7 +69,7 @@ def main() -> None:
         m_bare.load_state_dict(m_ds.state_dict())
         opt = torch.optim.AdamW(param_groups(m_ds, 0.1), lr=1e-3, betas=(0.9, 0.95))
         engine, _, _, _ = deepspeed.initialize(
-            model=m_ds, optimizer=opt, config=deepspeed_config(cfg, False),
+            model=m_ds, optimizer=opt, config=deepspeed_config(cfg, use_bf16=False, use_cuda=False),
             lr_scheduler=lambda o: torch.optim.lr_scheduler.LambdaLR(o, lr_lambda(cfg)))
         src = MDSSource(str(tmp / "data"), cache_dir=str(tmp / "cache"))
         streams = DocumentStreams(src, batch_size=args.batch_size, segment_len=args.segment_len, seed=0)
@@ -87,7 +87,7 @@ def main() -> None:
             nonlocal bare_state
             bare_state = bare_state.reset(bt.reset)
             logits, bare_state = m_bare(bt.tokens[:, :-1], bare_state)
-            loss, _, _ = lm_loss(logits, bt.tokens[:, 1:], bt.weight)
+            loss, _, _ = lm_loss(logits, bt.tokens[:, 1:], bt.weight, bt.mask)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(m_bare.parameters(), 1.0)
             bare_opt.step()

@@ -378,7 +378,7 @@ def _fmt_s(x: float) -> str:
     return f"{x:.0f} s"
 
 
-def run_demo(out_dir: str = "runs/demo", minutes: float = 7.5, echo: Callable[[str], None] = print,
+def run_demo(out_dir: str = DemoSettings.out_dir, minutes: float = DemoSettings.minutes, echo: Callable[[str], None] = print,
              **kw: Any) -> dict[str, Any]:
     """Run the whole demo; returns the summary written to ``<out_dir>/summary.json``.
 

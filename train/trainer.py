@@ -101,7 +101,7 @@ def model_args_from_config(cfg: Config, vocab_size: int):
                                ltm_temperature_init=m.long.temperature_init)
 
 
-def deepspeed_config(cfg: Config, use_bf16: bool, use_cuda: bool = False) -> dict[str, Any]:
+def deepspeed_config(cfg: Config, use_bf16: bool, use_cuda: bool) -> dict[str, Any]:
     zero: dict[str, Any] = {"stage": cfg.zero.stage}
     if cfg.zero.stage in (1, 2) and not use_cuda:
         # DeepSpeed copies every gradient into one contiguous buffer as backward
@@ -131,14 +131,17 @@ def param_groups(model: torch.nn.Module, weight_decay: float):
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def lm_loss(logits: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor,
+            mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(optimized loss, plain mean CE, number of real targets) of one segment.
 
-    logits [B, T, V]; targets, weight [B, T]. Both losses are normalized by the
-    number of real targets, so an answer weight > 1 only re-weights tokens.
+    logits [B, T, V]; targets, weight, mask [B, T] (mask: the target is a
+    document token, SegmentBatch.mask). Both losses are normalized by the
+    number of real targets, so answer weights only re-weight tokens, and the
+    plain loss covers every real target, weighted 0 or not.
     """
     ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none").view_as(weight)
-    mask = (weight > 0).float()
+    mask = mask.float()
     n = mask.sum()
     denom = n.clamp(min=1.0)
     return (ce * weight).sum() / denom, (ce * mask).sum() / denom, n
@@ -249,8 +252,9 @@ def train(cfg: Config) -> dict[str, Any]:
     from model import MemoryTransformer
 
     args = model_args_from_config(cfg, vocab_size)
+    ds_cfg = deepspeed_config(cfg, use_bf16, use_cuda)
     if cfg.zero.stage == 3 and cfg.zero.init_partitioned:
-        with deepspeed.zero.Init(config_dict_or_path=deepspeed_config(cfg, use_bf16, use_cuda)):
+        with deepspeed.zero.Init(config_dict_or_path=ds_cfg):
             model = MemoryTransformer(args)
     else:
         model = MemoryTransformer(args)
@@ -272,8 +276,6 @@ def train(cfg: Config) -> dict[str, Any]:
     # A callable: DeepSpeed builds the schedule on its own (ZeRO-wrapped) optimizer.
     def scheduler(opt):
         return torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
-
-    ds_cfg = deepspeed_config(cfg, use_bf16, use_cuda)
 
     old_meta: dict[str, Any] | None = None
     universal = False
@@ -518,7 +520,8 @@ class _Loop:
 
         def segment_loss(logits: torch.Tensor, i: int) -> torch.Tensor:
             nonlocal plain_sum, n_sum
-            opt_loss, plain, n = lm_loss(logits, tokens[i][:, 1:], batches[i].weight.to(self.device))
+            opt_loss, plain, n = lm_loss(logits, tokens[i][:, 1:], batches[i].weight.to(self.device),
+                                         batches[i].mask.to(self.device))
             plain_sum = plain_sum + plain.detach() * n
             n_sum = n_sum + n
             return opt_loss
