@@ -17,6 +17,8 @@ class Size:
     n_heads: int
     d_ff: int  # hidden width of the SwiGLU MLP
     tie_embeddings: bool = True
+    # "swiglu", or "gelu": a plain GELU MLP of hidden width 3/2 d_ff (the same parameter count).
+    mlp: str = "swiglu"
 
 
 # Reference vocabulary for the nominal sizes in the comments.
@@ -41,14 +43,23 @@ def ltm_layer_indices(n_layers: int, layers: list[int] | tuple[int, ...]) -> tup
     return tuple(sorted({(i + n_layers) if i < 0 else i for i in layers}))
 
 
+def mlp_hidden(size: Size) -> int:
+    """Hidden width of the MLP: d_ff for SwiGLU (3 matrices), 3/2 d_ff for GELU (2 matrices)."""
+    return size.d_ff if size.mlp == "swiglu" else 3 * size.d_ff // 2
+
+
+def mlp_params(size: Size) -> int:
+    return (3 if size.mlp == "swiglu" else 2) * size.d_model * mlp_hidden(size)
+
+
 def param_count(size: Size, vocab_size: int, n_ltm_layers: int = 0) -> int:
     """Exact number of trainable parameters of MemoryTransformer."""
-    d, f, h = size.d_model, size.d_ff, size.n_heads
+    d, h = size.d_model, size.n_heads
     per_layer = (
         d  # attention RMSNorm weight
         + 4 * d * d  # q, k, v, o projections (no biases)
         + d  # MLP RMSNorm weight
-        + 3 * d * f  # SwiGLU: gate, up, down
+        + mlp_params(size)  # SwiGLU: gate, up, down; GELU: up, down
     )
     ltm = n_ltm_layers * 2 * h  # per-head gate bias and temperature
     emb = vocab_size * d
@@ -66,7 +77,7 @@ def flops_per_token(size: Size, vocab_size: int, context: int, n_ltm_layers: int
     search itself (a no-grad matmul over the store) is not counted: it is
     overhead, not model FLOPs.
     """
-    d, f = size.d_model, size.d_ff
-    dense = size.n_layers * (4 * d * d + 3 * d * f) + vocab_size * d  # LM head matmul
+    d = size.d_model
+    dense = size.n_layers * (4 * d * d + mlp_params(size)) + vocab_size * d  # LM head matmul
     attn = size.n_layers * 2 * d * context + n_ltm_layers * 2 * d * topk  # QK^T and AV per token
     return 6.0 * dense + 6.0 * attn

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from model.memory import LayerMemory, MemoryState
-from model.sizes import SIZES, Size, flops_per_token, ltm_layer_indices, param_count
+from model.sizes import SIZES, Size, flops_per_token, ltm_layer_indices, mlp_hidden, param_count
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,13 @@ class ModelArgs:
     n_heads: int = 4
     d_ff: int = 352
     tie_embeddings: bool = True
+    # MLP: "swiglu" (hidden d_ff) or "gelu" (hidden 3/2 d_ff: the same parameters).
+    mlp: str = "swiglu"
     rope_base: float = 10000.0
+    # Weight init: "scaled" = normal(init_std), residual-output projections
+    # init_std / sqrt(2 * n_layers) (GPT-2); "fan_in" = PyTorch's nn.Linear /
+    # nn.Embedding scales: std 1/sqrt(3 * fan_in), embeddings N(0, 1) (untied).
+    init: str = "scaled"
     init_std: float = 0.02
     norm_eps: float = 1e-5
     # Short-term memory: M cached tokens per layer (0 = off).
@@ -54,6 +60,10 @@ class ModelArgs:
             raise ValueError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
         if (self.d_model // self.n_heads) % 2:
             raise ValueError("head dim must be even for RoPE")
+        if self.init not in ("scaled", "fan_in"):
+            raise ValueError(f"unknown init {self.init!r}")
+        if self.mlp not in ("swiglu", "gelu"):
+            raise ValueError(f"unknown MLP kind {self.mlp!r}")
         if self.ltm_kind not in ("none", "knn"):
             raise ValueError(f"unknown long-term memory kind {self.ltm_kind!r}")
         object.__setattr__(self, "ltm_layers", ltm_layer_indices(self.n_layers, self.ltm_layers))
@@ -61,8 +71,21 @@ class ModelArgs:
     @classmethod
     def from_size(cls, size: str | Size, vocab_size: int, **kw) -> "ModelArgs":
         s = SIZES[size] if isinstance(size, str) else size
-        return cls(vocab_size=vocab_size, n_layers=s.n_layers, d_model=s.d_model, n_heads=s.n_heads,
-                   d_ff=s.d_ff, tie_embeddings=s.tie_embeddings, **kw)
+        shape = dict(n_layers=s.n_layers, d_model=s.d_model, n_heads=s.n_heads, d_ff=s.d_ff,
+                     tie_embeddings=s.tie_embeddings)
+        return cls(vocab_size=vocab_size, **{**shape, **kw})  # kw may override tie_embeddings
+
+    def linear_std(self, fan_in: int, residual_out: bool = False) -> float:
+        """Init std of a weight with ``fan_in`` inputs; residual_out: it writes into the residual stream."""
+        if self.init == "fan_in":
+            return 1.0 / math.sqrt(3 * fan_in)
+        return self.init_std / math.sqrt(2 * self.n_layers) if residual_out else self.init_std
+
+    @property
+    def embedding_std(self) -> float:
+        if self.init == "fan_in":  # tied: the embedding is also the LM head, whose logits must start small
+            return self.linear_std(self.d_model) if self.tie_embeddings else 1.0
+        return self.init_std
 
     @property
     def head_dim(self) -> int:
@@ -73,7 +96,7 @@ class ModelArgs:
         return self.ltm_layers if self.ltm_kind != "none" else ()
 
     def size(self) -> Size:
-        return Size(self.n_layers, self.d_model, self.n_heads, self.d_ff, self.tie_embeddings)
+        return Size(self.n_layers, self.d_model, self.n_heads, self.d_ff, self.tie_embeddings, self.mlp)
 
 
 # ---------------------------------------------------------------- building blocks
@@ -102,6 +125,16 @@ class RMSNorm(nn.Module):
         # squares lose precision at large d) and is one fused kernel: ~4x faster
         # than the composite on CPU, bit-identical to it in fp32.
         return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+class GeluMLP(nn.Module):
+    def __init__(self, d: int, d_hidden: int, std: float, out_std: float):
+        super().__init__()
+        self.up = Linear(d, d_hidden, std)
+        self.down = Linear(d_hidden, d, out_std)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down(F.gelu(self.up(x)))
 
 
 class SwiGLU(nn.Module):
@@ -249,8 +282,8 @@ class SegmentContext:
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs, layer: int):
         super().__init__()
-        d, std = args.d_model, args.init_std
-        out_std = std / math.sqrt(2 * args.n_layers)  # scaled residual projections (GPT-2)
+        d = args.d_model
+        std, out_std = args.linear_std(d), args.linear_std(d, residual_out=True)
         self.n_heads, self.head_dim = args.n_heads, args.head_dim
         self.q = Linear(d, d, std)
         self.k = Linear(d, d, std)
@@ -317,7 +350,12 @@ class Block(nn.Module):
         self.attn_norm = RMSNorm(args.d_model, args.norm_eps)
         self.attn = Attention(args, layer)
         self.mlp_norm = RMSNorm(args.d_model, args.norm_eps)
-        self.mlp = SwiGLU(args.d_model, args.d_ff, args.init_std, args.init_std / math.sqrt(2 * args.n_layers))
+        hidden = mlp_hidden(args.size())
+        std, out_std = args.linear_std(args.d_model), args.linear_std(hidden, residual_out=True)
+        if args.mlp == "gelu":
+            self.mlp = GeluMLP(args.d_model, hidden, std, out_std)
+        else:
+            self.mlp = SwiGLU(args.d_model, hidden, std, out_std)
 
     def forward(self, x: Tensor, ctx: SegmentContext, mem: LayerMemory) -> tuple[Tensor, LayerMemory]:
         a, new_mem = self.attn(self.attn_norm(x), ctx, mem)
@@ -340,10 +378,10 @@ class MemoryTransformer(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
-        self.tok_emb = Embedding(args.vocab_size, args.d_model, args.init_std)
+        self.tok_emb = Embedding(args.vocab_size, args.d_model, args.embedding_std)
         self.blocks = nn.ModuleList(Block(args, i) for i in range(args.n_layers))
         self.norm = RMSNorm(args.d_model, args.norm_eps)
-        self.lm_head = Linear(args.d_model, args.vocab_size, args.init_std)
+        self.lm_head = Linear(args.d_model, args.vocab_size, args.linear_std(args.d_model))
         if args.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
 

@@ -90,6 +90,13 @@ class ModelConfig:
     compile: bool = False
     # auto = bf16 on CUDA, fp32 on CPU.
     dtype: Literal["auto", "fp32", "bf16"] = "auto"
+    # MLP of every block: SwiGLU, or a GELU MLP with the same parameter count.
+    mlp: Literal["swiglu", "gelu"] = "swiglu"
+    # Weight init: "scaled" (normal 0.02, residual projections / sqrt(2 L));
+    # "fan_in" (PyTorch's layer defaults: 1/sqrt(3 fan_in), embeddings N(0, 1)).
+    init: Literal["scaled", "fan_in"] = "scaled"
+    # Input embedding shared with the LM head: "auto" = the named size's choice.
+    embeddings: Literal["auto", "tied", "untied"] = "auto"
 
 
 @dataclass

@@ -37,8 +37,8 @@ from train.errors import UserError
 log = logging.getLogger("mnemo.train")
 
 # Config keys whose change makes a resume unsafe (model shapes, data order).
-UNSAFE_KEYS = ("model.size", "model.segment_len", "memory.short.length", "memory.long.kind",
-               "memory.long.capacity", "memory.long.layers", "data.val_fraction", "train.seed")
+UNSAFE_KEYS = ("model.size", "model.mlp", "model.embeddings", "model.segment_len", "memory.short.length",
+               "memory.long.kind", "memory.long.capacity", "memory.long.layers", "data.val_fraction", "train.seed")
 
 
 @dataclasses.dataclass
@@ -96,9 +96,11 @@ def model_args_from_config(cfg: Config, vocab_size: int):
     from model import ModelArgs
 
     m = cfg.memory
+    tie = {} if cfg.model.embeddings == "auto" else {"tie_embeddings": cfg.model.embeddings == "tied"}
     return ModelArgs.from_size(cfg.model.size, vocab_size, stm_length=m.short.length, ltm_kind=m.long.kind,
                                ltm_capacity=m.long.capacity, ltm_topk=m.long.topk, ltm_layers=tuple(m.long.layers),
-                               ltm_temperature_init=m.long.temperature_init)
+                               ltm_temperature_init=m.long.temperature_init, mlp=cfg.model.mlp, init=cfg.model.init,
+                               **tie)
 
 
 def deepspeed_config(cfg: Config, use_bf16: bool, use_cuda: bool) -> dict[str, Any]:

@@ -86,3 +86,34 @@ def test_nominal_sizes_are_what_their_names_say():
     for size, n in nominal.items():
         assert abs(param_count(SIZES[size], VOCAB) - n) <= 0.15 * n, size
     assert param_count(SIZES["debug"], 4096) < 2e6
+
+
+@pytest.mark.parametrize("size", ["debug", "small"])
+def test_gelu_mlp_and_untied_embeddings_are_counted_exactly(size):
+    model = meta_model(size, mlp="gelu", tie_embeddings=False, ltm_kind="knn", ltm_layers=(-2,))
+    direct = sum(p.numel() for p in model.parameters())
+    assert direct == model.expected_num_params()
+    # The GELU MLP (hidden 3/2 d_ff) has the SwiGLU MLP's parameters; untying adds one vocab x d matrix.
+    assert direct == param_count(SIZES[size], VOCAB, 1) + VOCAB * SIZES[size].d_model
+    counts = counted_forward(meta_model(size, mlp="gelu"), T)
+    direct_flops = 3 * (counts["aten.mm"] + counts["aten.bmm"] * (T + 1) / (2 * T)) / T
+    assert within(meta_model(size, mlp="gelu").flops_per_token(T), direct_flops)
+
+
+def test_fan_in_init_uses_each_layers_fan_in():
+    torch.manual_seed(0)
+    d = SIZES["small"].d_model
+    untied = MemoryTransformer(ModelArgs.from_size("debug", 4096, init="fan_in", mlp="gelu", tie_embeddings=False))
+    a = untied.args
+    assert within(untied.blocks[0].attn.q.weight.std().item(), (3 * a.d_model) ** -0.5, 0.05)
+    assert within(untied.blocks[0].mlp.down.weight.std().item(), (3 * 3 * a.d_ff // 2) ** -0.5, 0.05)
+    assert within(untied.tok_emb.weight.std().item(), 1.0, 0.05)
+    assert within(untied.lm_head.weight.std().item(), (3 * a.d_model) ** -0.5, 0.05)
+    # Tied, the embedding is the LM head too: it takes the head's scale, so first logits stay O(1).
+    tied = MemoryTransformer(ModelArgs.from_size("debug", 4096, init="fan_in"))
+    assert tied.lm_head.weight is tied.tok_emb.weight
+    assert within(tied.tok_emb.weight.std().item(), (3 * a.d_model) ** -0.5, 0.05)
+    # The default ("scaled") is unchanged: 0.02, residual projections / sqrt(2 L).
+    scaled = meta_model("small")
+    assert scaled.args.linear_std(d) == 0.02
+    assert scaled.args.linear_std(d, residual_out=True) == pytest.approx(0.02 / (2 * 12) ** 0.5)
