@@ -23,13 +23,13 @@ held-out documents, store sized for D = 32).
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
 
 T, B_DEFAULT = 128, 16
 
@@ -56,20 +56,21 @@ def run_recipe(recipe: str, tok, filler, heldout, steps: int, batch: int, seed: 
     import torch
 
     from data_pipeline.passkey import DEPTHS, make_passkey_sample
-    from model import MemoryTransformer, ModelArgs
+    from model import MemoryTransformer
+    from train.config import load_config
     from train.evaluate import passkey_report, with_ltm_capacity
-    from train.trainer import lm_loss, param_groups
+    from train.trainer import lm_loss, lr_lambda, model_args_from_config, param_groups
 
     mlp, init, emb = recipe.split("/")
+    # The demo's model and schedule; optimizer settings are mnemo's defaults.
+    cfg = load_config(REPO / "configs" / "demo.yaml", [f"model.mlp={mlp}", f"model.init={init}", f"model.embeddings={emb}",
+                                            f"train.max_steps={steps}"])
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    model = MemoryTransformer(ModelArgs.from_size(
-        "debug", tok.vocab_size, stm_length=T, ltm_kind="knn", ltm_capacity=1024, ltm_topk=16, ltm_layers=(2,),
-        mlp=mlp, init=init, tie_embeddings=emb == "tied"))
-    opt = torch.optim.AdamW(param_groups(model, 0.1), lr=2e-3, betas=(0.9, 0.95))
-    warm = 50
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: (s + 1) / warm if s < warm else
-                                              0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, (s - warm) / (steps - warm)))))
+    model = MemoryTransformer(model_args_from_config(cfg, tok.vocab_size))
+    tc = cfg.train
+    opt = torch.optim.AdamW(param_groups(model, tc.weight_decay), lr=tc.lr, betas=(tc.beta1, tc.beta2))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
     max_d, hist, clicked, reached8 = 1, [], None, None
     t0 = time.perf_counter()
     for step in range(1, steps + 1):
@@ -90,7 +91,7 @@ def run_recipe(recipe: str, tok, filler, heldout, steps: int, batch: int, seed: 
         loss = lm_loss(logits, targets, weight, torch.ones(batch, T, dtype=torch.bool))[0]
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
         opt.step()
         sched.step()
         if step % 2:  # a max-D batch: update the curriculum

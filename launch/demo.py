@@ -378,8 +378,8 @@ def _fmt_s(x: float) -> str:
     return f"{x:.0f} s"
 
 
-def run_demo(out_dir: str = DemoSettings.out_dir, minutes: float = DemoSettings.minutes, echo: Callable[[str], None] = print,
-             **kw: Any) -> dict[str, Any]:
+def run_demo(out_dir: str = DemoSettings.out_dir, minutes: float = DemoSettings.minutes,
+             echo: Callable[[str], None] = print, **kw: Any) -> dict[str, Any]:
     """Run the whole demo; returns the summary written to ``<out_dir>/summary.json``.
 
     Keyword arguments override DemoSettings fields (passkey_docs, max_steps,
