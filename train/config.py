@@ -100,6 +100,24 @@ class ModelConfig:
 
 
 @dataclass
+class PasskeyTrainConfig:
+    # Share of optimizer steps that train on passkey episodes instead of the
+    # corpus streams (0 = none; 0.5 alternates). train/episodes.py explains
+    # the episode and its curriculum.
+    fraction: float = 0.0
+    # Max distance D (segments from key to question) when training starts ...
+    start_distance: int = 1
+    # ... and the most the curriculum raises it to.
+    max_distance: int = 8
+    # Max D grows by one when the exact match of the last promote_window
+    # max-D episode steps averages above promote_exact.
+    promote_exact: float = 0.7
+    promote_window: int = 5
+    # Training documents read (once, at start-up) as the episodes' filler.
+    filler_docs: int = 256
+
+
+@dataclass
 class TrainConfig:
     # B: stream slots (sequences) per rank.
     batch_size: int = 8
@@ -128,6 +146,9 @@ class TrainConfig:
     # documents on their answers only, which is what lets the copy circuit
     # form early (docs/demo.md); corpus documents always weigh 1.
     answer_context_weight: float = 1.0
+    # Episodic passkey training beside the corpus (the answer is weighted
+    # answer_weight, the rest of the episode answer_context_weight).
+    passkey: PasskeyTrainConfig = field(default_factory=PasskeyTrainConfig)
 
 
 @dataclass
@@ -369,6 +390,13 @@ def validate(cfg: Config) -> None:
     need(cfg.train.grad_clip >= 0, "train.grad_clip", "must be >= 0")
     need(cfg.train.answer_weight > 0, "train.answer_weight", "must be > 0")
     need(cfg.train.answer_context_weight >= 0, "train.answer_context_weight", "must be >= 0")
+    pk = cfg.train.passkey
+    need(0 <= pk.fraction <= 1, "train.passkey.fraction", "must be in [0, 1]")
+    need(pk.start_distance >= 0, "train.passkey.start_distance", "must be >= 0")
+    need(pk.max_distance >= pk.start_distance, "train.passkey.max_distance", "must be >= train.passkey.start_distance")
+    need(0 <= pk.promote_exact < 1, "train.passkey.promote_exact", "must be in [0, 1)")
+    need(pk.promote_window >= 1, "train.passkey.promote_window", "must be >= 1")
+    need(pk.filler_docs >= 1, "train.passkey.filler_docs", "must be >= 1")
     need(cfg.zero.stage in (1, 2, 3), "zero.stage", f"must be 1, 2 or 3, got {cfg.zero.stage}")
     need(cfg.checkpoint.interval >= 0, "checkpoint.interval", "must be >= 0")
     need(cfg.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")

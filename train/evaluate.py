@@ -660,19 +660,25 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         what = "no such directory" if not data.is_dir() else "no MDS shards (index.json missing)"
         raise UserError(f"--data: {what}: {data}")
     model, tokenizer, cfg = load_for_inference(args.checkpoint, device=_resolve_device(args.device))
-    with_ltm_capacity(model, args.ltm_capacity)
     _check_tokenizer(args.data, tokenizer)
     max_docs = cfg.eval.max_docs if args.max_docs is None else args.max_docs
     docs = read_heldout_docs(args.data, cfg.data.val_fraction, max_docs, min_tokens=_FILLER_TOKENS)
     trials = args.passkey_trials
     if trials is None:
         trials = cfg.eval.passkey_trials or 30
+    capacity = args.ltm_capacity
+    if capacity is None and trials > 0 and args.distances and getattr(model.args, "ltm_kind", "none") != "none":
+        # A passkey at D segments needs D * T entries: a store of the trained size would have
+        # dropped the key before the question comes (FIFO), which tests the size, not retrieval.
+        capacity = max(model.args.ltm_capacity, max(args.distances) * cfg.model.segment_len)
+    with_ltm_capacity(model, capacity)
     t0 = time.perf_counter()
     result = evaluate(model, tokenizer, docs, cfg, ablations=not args.no_ablations, passkey=trials > 0,
                       seed=args.seed, batch_size=args.batch_size, max_docs=max_docs, passkey_trials=trials,
                       distances=args.distances, multikey=args.multikey, progress=True)
     result["checkpoint"] = str(args.checkpoint)
     result["data"] = str(args.data)
+    result["ltm_capacity"] = model.args.ltm_capacity if model.args.ltm_kind != "none" else 0
     print(format_table(result))
     print(f"\n(evaluated in {time.perf_counter() - t0:.1f} s)")
     if args.json:
@@ -705,7 +711,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--no-ablations", action="store_true", help="only the memory as trained")
     p.add_argument("--seed", type=int, default=0, help="seed of the passkey documents")
     p.add_argument("--ltm-capacity", type=int, default=None, metavar="N",
-                   help="long-term store entries per slot and layer (default: as trained; passkey at distance D "
-                        "needs D * segment_len)")
+                   help="long-term store entries per slot and layer (default: the trained size, or "
+                        "max(--distances) * segment_len if larger: a passkey at distance D needs D * segment_len)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.set_defaults(func=_cmd_eval)

@@ -311,11 +311,12 @@ def train(cfg: Config) -> dict[str, Any]:
                               answer_weight=cfg.train.answer_weight,
                               answer_context_weight=cfg.train.answer_context_weight, num_workers=cfg.data.num_workers)
     state = engine.module.init_state(cfg.train.batch_size, device=device, dtype=dtype)
+    episodes = _episodes(cfg, source, tok_file, info.rank)
 
     step, tokens_seen, run_id = 0, 0, None
     if resume_path is not None:
         step, tokens_seen, run_id, state = _resume(engine, mgr, resume_path, old_meta, streams, state, info,
-                                                   universal, device)
+                                                   universal, device, episodes)
     # ---- tracking
     from train.tracking import Tracker, memory_stats
 
@@ -344,7 +345,7 @@ def train(cfg: Config) -> dict[str, Any]:
     steplog = StepLog(run_dir / "logs" / "steps.jsonl", info.rank == 0)
     preempt = _Preemption()
     loop = _Loop(cfg, engine, streams, state, info, device, tracker, steplog, model_flops=model.flops_per_token(
-        cfg.model.segment_len), use_cuda=use_cuda)
+        cfg.model.segment_len), use_cuda=use_cuda, dtype=dtype, episodes=episodes)
     meta_base = {"world_size": info.world_size, "zero_stage": cfg.zero.stage, "config": to_dict(cfg),
                  "tokenizer_sha256": tok_sha, "manifest_sha256": sha256_file(str(Path(
                      cfg.data.path.removeprefix("file://")) / "manifest.json")),
@@ -355,6 +356,8 @@ def train(cfg: Config) -> dict[str, Any]:
         t0 = time.time()
         rank_state = {"streams": streams.state_dict(), "memory": loop.state.state_dict(), "rng": ckpt.rng_state(),
                       "step": step_, "tokens_seen": loop.tokens_seen}
+        if episodes is not None:
+            rank_state["episodes"] = episodes.state_dict()
         # Read the run id now: if the tracking server was down at start-up, the run exists only later.
         meta = dict(meta_base, step=step_, tokens_seen=loop.tokens_seen, mlflow_run_id=tracker.run_id or run_id,
                     reason=reason,
@@ -416,6 +419,8 @@ def train(cfg: Config) -> dict[str, Any]:
         raise UserError(f"loss became NaN/inf at step {step} (train.nan_policy=stop); last checkpoint in {mgr.root}")
     summary = {"step": step, "exit": exit_reason, "run_id": run_id, "checkpoint": str(mgr.latest()),
                "run_dir": str(run_dir), "eval": eval_result, "tokens_seen": loop.tokens_seen}
+    if episodes is not None:
+        summary["passkey_curriculum"] = episodes.summary()
     if info.rank == 0:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
         log.info("done: %s", json.dumps({k: v for k, v in summary.items() if k != "eval"}, default=str))
@@ -441,7 +446,23 @@ def _init_from(model, path: str, zero3: bool) -> str | None:
     return meta.get("mlflow_run_id")
 
 
-def _resume(engine, mgr, path: Path, meta: dict[str, Any], streams, state, info: DistInfo, universal: bool, device):
+def _episodes(cfg: Config, source, tok_file: str, rank: int):
+    """The passkey episode trainer of this rank, or None (train.passkey.fraction = 0)."""
+    pk = cfg.train.passkey
+    if pk.fraction <= 0:
+        return None
+    from data_pipeline.tokenizer import Tokenizer
+    from train.episodes import EpisodeSource, Episodes, PasskeyCurriculum, training_filler
+
+    filler = training_filler(source, cfg.data.val_fraction, pk.filler_docs, cfg.train.seed)
+    src = EpisodeSource(Tokenizer(tok_file), filler, cfg.model.segment_len, cfg.train.batch_size,
+                        cfg.train.answer_weight, cfg.train.answer_context_weight, cfg.train.seed, rank)
+    cur = PasskeyCurriculum(pk.start_distance, pk.max_distance, pk.promote_exact, pk.promote_window, cfg.train.seed)
+    return Episodes(src, cur, pk.fraction)
+
+
+def _resume(engine, mgr, path: Path, meta: dict[str, Any], streams, state, info: DistInfo, universal: bool, device,
+            episodes=None):
     from train import checkpoint as ckpt
 
     ds_dir = path / "ds"
@@ -480,6 +501,12 @@ def _resume(engine, mgr, path: Path, meta: dict[str, Any], streams, state, info:
     if exact and own is not None:
         state = state.load_state_dict(own["memory"]).to(device)
         ckpt.set_rng_state(own["rng"])
+    if episodes is not None:
+        # The curriculum is the same on every rank, so rank 0's serves any new world size;
+        # this rank's document generator continues only where this rank existed before.
+        saved = own if own is not None else mgr.rank_state(path, 0)
+        if "episodes" in saved:
+            episodes.load_state_dict(saved["episodes"], own_rank=own is not None)
     # else: in-flight documents restart, so every slot starts with empty memory (fresh state)
     if info.rank == 0:
         log.info("resumed from %s at step %d (%s)", path, meta["step"],
@@ -491,13 +518,15 @@ class _Loop:
     """The per-step work, kept apart from start-up and shutdown."""
 
     def __init__(self, cfg: Config, engine, streams, state, info: DistInfo, device, tracker, steplog, model_flops: float,
-                 use_cuda: bool):
+                 use_cuda: bool, dtype: torch.dtype = torch.float32, episodes=None):
         self.cfg, self.engine, self.streams, self.state = cfg, engine, streams, state
         self.info, self.device, self.tracker, self.steplog = info, device, tracker, steplog
         self.model_flops, self.use_cuda = model_flops, use_cuda
+        self.dtype, self.episodes = dtype, episodes
+        args = engine.module.args
+        self.has_memory = args.stm_length > 0 or args.ltm_kind != "none"
         self.tokens_seen = 0
-        self._window = {"loss": 0.0, "n": 0, "tokens": 0, "real": 0, "resets": 0, "slots": 0, "data": 0.0,
-                        "fwd_bwd": 0.0, "optim": 0.0, "t0": time.time()}
+        self._window = self._new_window()
         self.peak = cfg.tracking.peak_flops or _device_peak_flops(use_cuda)
         if not self.peak and info.rank == 0:
             log.info("MFU not logged: no peak FLOP/s known for this device (set tracking.peak_flops)")
@@ -508,7 +537,75 @@ class _Loop:
 
             self.bar = tqdm(total=cfg.train.max_steps, desc="train", unit="step", dynamic_ncols=True)
 
+    @staticmethod
+    def _new_window() -> dict[str, Any]:
+        return {"loss": 0.0, "n": 0, "tokens": 0, "real": 0, "resets": 0, "slots": 0, "data": 0.0, "fwd_bwd": 0.0,
+                "optim": 0.0, "t0": time.time(), "ep_s": 0.0, "ep_loss": 0.0, "ep_n": 0, "ep_exact": 0.0,
+                "ep_exact_n": 0}
+
     def train_step(self, step: int) -> bool:
+        """One optimizer step: a corpus step, or a passkey episode step (train.passkey.fraction)."""
+        if self.episodes is not None and self.episodes.is_step(step):
+            return self._episode_step(step)
+        return self._corpus_step(step)
+
+    def _finite_or_skip(self, step: int, bad: bool) -> str:
+        """'ok', or what a NaN/inf loss does under train.nan_policy: 'stop' | 'skip' (logged)."""
+        if not bad:
+            return "ok"
+        stop = self.cfg.train.nan_policy == "stop"
+        if self.info.rank == 0:
+            if stop:
+                log.error("step %d: loss is NaN/inf; stopping (train.nan_policy=stop)", step + 1)
+            else:
+                log.warning("step %d: loss is NaN/inf; skipping the update", step + 1)
+            self.tracker.log_metrics({"train/nan": 1.0}, step + 1)
+        return "stop" if stop else "skip"
+
+    def _episode_step(self, step: int) -> bool:
+        import deepspeed.comm as dist
+
+        t0 = time.time()
+        res = self.episodes.forward(self.engine, self.device, self.dtype, self.has_memory)
+        B = res.batch.tokens.shape[0]
+        nonfinite = torch.tensor(float(not torch.isfinite(res.loss)), device=self.device)
+        stats = torch.stack([res.plain_sum, res.n, nonfinite, res.exact, torch.tensor(float(B), device=self.device)])
+        dist.all_reduce(stats)
+        verdict = self._finite_or_skip(step, stats[2].item() > 0)
+        if verdict != "ok":
+            return verdict == "skip"
+        self.engine.backward(res.loss)
+        self.engine.step()
+        loss = (stats[0] / stats[1].clamp(min=1)).item()
+        exact = (stats[3] / stats[4]).item()
+        cur = self.episodes.curriculum
+        D = res.batch.distance
+        if res.batch.at_max:
+            window = (cur.history + [exact])[-cur.promote_window:]
+            if cur.update(exact, step + 1) and self.info.rank == 0:
+                log.info("step %d: passkey exact match %.2f at D=%d (mean of the last %d max-D steps); "
+                         "curriculum max D -> %d", step + 1, sum(window) / len(window), D, len(window), cur.current)
+        w = self._window
+        w["ep_s"] += time.time() - t0
+        w["ep_loss"] += loss
+        w["ep_n"] += 1
+        if res.batch.at_max:
+            w["ep_exact"] += exact
+            w["ep_exact_n"] += 1
+        if self.info.rank == 0:
+            self.steplog.write({"step": step + 1, "loss": loss, "kind": "passkey", "distance": D, "exact": exact,
+                                "restart": self.info.restart, "requeue": self.info.requeue, "time": time.time()})
+            if self.bar is not None:
+                self.bar.n = step + 1
+                self.bar.set_postfix(passkey_D=D, exact=f"{exact:.2f}", refresh=True)
+        self._maybe_log(step + 1)
+        return True
+
+    def _maybe_log(self, step: int) -> None:
+        if step % self.cfg.train.log_interval == 0 or step == self.cfg.train.max_steps:
+            self._log(step, self.engine)
+
+    def _corpus_step(self, step: int) -> bool:
         import deepspeed.comm as dist
 
         cfg, engine = self.cfg, self.engine
@@ -534,16 +631,10 @@ class _Loop:
         # Loss of this step averaged over ranks, weighted by real tokens.
         stats = torch.stack([plain_sum, n_sum, torch.tensor(float(not torch.isfinite(total)), device=self.device)])
         dist.all_reduce(stats)
-        bad = stats[2].item() > 0
-        if bad and cfg.train.nan_policy == "stop":
-            if self.info.rank == 0:
-                log.error("step %d: loss is NaN/inf; stopping (train.nan_policy=stop)", step + 1)
-                self.tracker.log_metrics({"train/nan": 1.0}, step + 1)
+        verdict = self._finite_or_skip(step, stats[2].item() > 0)
+        if verdict == "stop":
             return False
-        if bad:
-            if self.info.rank == 0:
-                log.warning("step %d: loss is NaN/inf; skipping the update", step + 1)
-                self.tracker.log_metrics({"train/nan": 1.0}, step + 1)
+        if verdict == "skip":
             self.state = state.reset(torch.ones(state.batch_size, dtype=torch.bool))
             return True
         engine.backward(total)
@@ -573,33 +664,46 @@ class _Loop:
                 self.bar.n = step + 1
                 self.bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{step_tokens / max(1e-9, t3 - t0):.0f}",
                                      refresh=True)
-        if (step + 1) % cfg.train.log_interval == 0 or step + 1 == cfg.train.max_steps:
-            self._log(step + 1, engine)
+        self._maybe_log(step + 1)
         return True
 
     def _log(self, step: int, engine) -> None:
         w = self._window
-        dt = max(1e-9, time.time() - w["t0"])
-        loss = w["loss"] / w["n"]
+        # Throughput is that of the corpus steps: episode steps are timed apart.
+        dt = max(1e-9, time.time() - w["t0"] - w["ep_s"])
+        n = max(1, w["n"])
+        loss = w["loss"] / n if w["n"] else float("nan")
         tps = w["tokens"] / dt
         grad_norm = engine.get_global_grad_norm()
         metrics = {
-            "train/loss": loss,
-            "train/ppl": math.exp(min(loss, 50.0)),
             "train/lr": engine.get_lr()[0],
             "train/grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-            "train/tokens_per_s": tps,
-            "train/tokens_per_s_per_device": tps / self.info.world_size,
             "train/tokens_seen": float(self.tokens_seen),
             "train/epoch": float(self.streams.epoch),
-            "train/pad_fraction": 1.0 - w["real"] / max(1, w["tokens"]),
-            "time/data_s": w["data"] / w["n"],
-            "time/fwd_bwd_s": w["fwd_bwd"] / w["n"],
-            "time/optim_s": w["optim"] / w["n"],
-            "memory/reset_rate": w["resets"] / max(1, w["slots"]),
         }
-        if self.peak:
-            metrics["train/mfu"] = tps / self.info.world_size * self.model_flops / self.peak
+        if w["n"]:
+            metrics.update({
+                "train/loss": loss,
+                "train/ppl": math.exp(min(loss, 50.0)),
+                "train/tokens_per_s": tps,
+                "train/tokens_per_s_per_device": tps / self.info.world_size,
+                "train/pad_fraction": 1.0 - w["real"] / max(1, w["tokens"]),
+                "time/data_s": w["data"] / n,
+                "time/fwd_bwd_s": w["fwd_bwd"] / n,
+                "time/optim_s": w["optim"] / n,
+                "memory/reset_rate": w["resets"] / max(1, w["slots"]),
+            })
+            if self.peak:
+                metrics["train/mfu"] = tps / self.info.world_size * self.model_flops / self.peak
+        if self.episodes is not None:
+            cur = self.episodes.curriculum
+            metrics["passkey/max_distance"] = float(cur.current)
+            metrics["passkey/clicked_at"] = float(cur.clicked_at)
+            if w["ep_n"]:
+                metrics["passkey/loss"] = w["ep_loss"] / w["ep_n"]
+                metrics["time/passkey_step_s"] = w["ep_s"] / w["ep_n"]
+            if w["ep_exact_n"]:
+                metrics["passkey/train_exact_at_max"] = w["ep_exact"] / w["ep_exact_n"]
         st = self.state
         if st.ltm_capacity:
             metrics["memory/ltm_fill"] = float(st.ltm_len.float().mean()) / st.ltm_capacity
@@ -611,18 +715,25 @@ class _Loop:
                 metrics[f"memory/ltm_gate_l{i}"] = float(torch.sigmoid(gate.detach().float()).mean())
         if self.info.rank == 0:
             self.tracker.log_metrics(metrics, step)
-            step_s = dt / w["n"]
+            step_s = (time.time() - w["t0"]) / max(1, w["n"] + w["ep_n"])
             eta = step_s * (self.cfg.train.max_steps - step)
-            msg = ("step %d/%d loss %.4f lr %.2e grad %.3f tok/s %.0f data %.0f%% eta %s" % (
-                step, self.cfg.train.max_steps, loss, metrics["train/lr"], metrics["train/grad_norm"], tps,
-                100 * w["data"] / max(1e-9, w["data"] + w["fwd_bwd"] + w["optim"]),
-                time.strftime("%H:%M:%S", time.gmtime(eta))))
+            msg = "step %d/%d" % (step, self.cfg.train.max_steps)
+            if w["n"]:
+                msg += " loss %.4f" % loss
+            msg += " lr %.2e grad %.3f" % (metrics["train/lr"], metrics["train/grad_norm"])
+            if w["n"]:
+                busy = max(1e-9, w["data"] + w["fwd_bwd"] + w["optim"])
+                msg += " tok/s %.0f data %.0f%%" % (tps, 100 * w["data"] / busy)
+            msg += " eta %s" % time.strftime("%H:%M:%S", time.gmtime(eta))
+            if "passkey/max_distance" in metrics:
+                msg += " | passkey loss %.3f exact@maxD %.2f max D %d" % (
+                    metrics.get("passkey/loss", float("nan")), metrics.get("passkey/train_exact_at_max", float("nan")),
+                    int(metrics["passkey/max_distance"]))
             if self.bar is not None:
                 self.bar.write(msg)
             else:
                 log.info(msg)
-        self._window = {"loss": 0.0, "n": 0, "tokens": 0, "real": 0, "resets": 0, "slots": 0, "data": 0.0,
-                        "fwd_bwd": 0.0, "optim": 0.0, "t0": time.time()}
+        self._window = self._new_window()
 
 
 def _device_peak_flops(use_cuda: bool) -> float:

@@ -26,7 +26,9 @@ STEPS = 40
 
 def overrides(data: Path, run_dir: Path, stage: int, *extra: str) -> list[str]:
     return [f"data.path={data}", f"run.dir={run_dir}", f"zero.stage={stage}", f"train.max_steps={STEPS}",
-            "checkpoint.interval=10", "checkpoint.keep=5", "train.log_interval=5", *extra]
+            "checkpoint.interval=10", "checkpoint.keep=5", "train.log_interval=5",
+            # Every 4th step a passkey episode: resume must continue its curriculum and documents exactly.
+            "train.passkey.fraction=0.25", *extra]
 
 
 @pytest.fixture(scope="module", params=[2, 3], ids=["zero2", "zero3"])

@@ -401,6 +401,12 @@ def test_eval_cli(tok, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "loss by position" in printed and "passkey exact match" in printed
     assert (tmp_path / "plots" / "passkey_accuracy.png").is_file()
+    assert res["ltm_capacity"] == 512  # as trained: D <= 2 needs only 2 * 64 entries
+    # A passkey 12 segments away needs 12 * 64 entries: the store grows by default, unless told.
+    for extra, cap in (([], 12 * T), (["--ltm-capacity", "600"], 600)):
+        a = p.parse_args(["eval", str(exp), "--data", str(data), "--json", str(out), "--max-docs", "1",
+                          "--passkey-trials", "1", "--distances", "12", "--no-ablations", "--device", "cpu", *extra])
+        assert a.func(a) == 0 and json.loads(out.read_text())["ltm_capacity"] == cap
     # A data dir tokenized with another tokenizer is refused, naming the manifest.
     (data / "manifest.json").write_text(json.dumps({"tokenizer_sha256": "0" * 64}))
     with pytest.raises(UserError, match="manifest.json"):

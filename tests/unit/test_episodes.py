@@ -1,0 +1,176 @@
+"""Episodic passkey training (train/episodes.py): schedule, curriculum, batches, the forward, resume."""
+
+from __future__ import annotations
+
+import sysconfig
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from data_pipeline.passkey import KEY_PREFIX
+from data_pipeline.streams import ArraySource
+from data_pipeline.tokenizer import Tokenizer, train_from_texts
+from train.episodes import EpisodeSource, Episodes, PasskeyCurriculum, is_episode_step, training_filler
+
+T, B = 64, 3
+
+
+def _stdlib_texts(n: int = 10) -> list[str]:
+    files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[:n]
+    return [f.read_text(encoding="utf-8", errors="replace") for f in files]
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory) -> Tokenizer:
+    return train_from_texts(_stdlib_texts(), tmp_path_factory.mktemp("tok") / "t.model", vocab_size=600,
+                            num_threads=1)
+
+
+@pytest.fixture(scope="module")
+def filler(tok) -> np.ndarray:
+    return np.concatenate([np.asarray(tok.encode(t), dtype=np.int64) for t in _stdlib_texts()[2:6]])
+
+
+def test_episode_steps_are_spread_evenly():
+    assert [is_episode_step(s, 0.5) for s in range(6)] == [False, True] * 3
+    assert not any(is_episode_step(s, 0.0) for s in range(50))
+    assert all(is_episode_step(s, 1.0) for s in range(50))
+    for f in (0.25, 0.3, 2 / 3, 0.9):
+        picks = [s for s in range(300) if is_episode_step(s, f)]
+        assert len(picks) == round(300 * f)
+        gaps = np.diff(picks)
+        assert gaps.max() - gaps.min() <= 1, f"fraction {f}: uneven gaps {sorted(set(gaps))}"
+
+
+def test_curriculum_alternates_and_promotes_on_the_window_mean():
+    c = PasskeyCurriculum(start_distance=1, max_distance=3, promote_exact=0.7, promote_window=3, seed=0)
+    draws = [c.next_distance() for _ in range(40)]
+    assert all(d == (1, True) for d in draws[0::2])  # every other batch is at max D
+    assert {d for d, at_max in draws[1::2]} == {0, 1} and not any(m for _, m in draws[1::2])
+    # Not before the window is full, then on the window's mean (strictly above the threshold).
+    assert not c.update(1.0, 10) and not c.update(1.0, 12)
+    assert c.current == 1 and c.clicked_at == 0
+    assert c.update(0.2, 14) is True  # mean(1, 1, 0.2) = 0.73 > 0.7
+    assert c.current == 2 and c.clicked_at == 14 and c.history == []
+    for s in range(3):
+        c.update(0.7, 20 + s)  # mean exactly 0.7: not above
+    assert c.current == 2
+    for s in range(3):
+        c.update(0.9, 30 + s)
+    assert c.current == 3 and c.clicked_at == 14
+    for s in range(5):
+        assert not c.update(1.0, 40 + s)  # capped at max_distance
+    assert c.current == 3
+
+
+def test_curriculum_state_round_trip_continues_identically():
+    a = PasskeyCurriculum(2, 8, 0.7, 5, seed=3)
+    for _ in range(7):
+        a.next_distance()
+        a.update(0.5, 1)
+    b = PasskeyCurriculum(2, 8, 0.7, 5, seed=3)
+    b.load_state_dict(a.state_dict())
+    assert [a.next_distance() for _ in range(30)] == [b.next_distance() for _ in range(30)]
+    assert a.state_dict()["history"] == b.state_dict()["history"]
+    # Identical on every rank: the distance stream has no rank in it.
+    c, d = PasskeyCurriculum(1, 8, 0.7, 5, seed=3), PasskeyCurriculum(1, 8, 0.7, 5, seed=3)
+    assert [c.next_distance() for _ in range(20)] == [d.next_distance() for _ in range(20)]
+
+
+@pytest.mark.parametrize("D", [0, 2])
+def test_episode_batch_marks_the_answer_digits_of_segment_d(tok, filler, D):
+    src = EpisodeSource(tok, filler, T, B, answer_weight=5.0, context_weight=0.5, seed=1, rank=0)
+    eb = src.batch(D, at_max=True)
+    assert eb.tokens.shape == (B, (D + 1) * T + 1) and eb.distance == D and eb.at_max
+    assert eb.weight.shape == eb.answer.shape == (B, T)
+    targets = eb.tokens[:, D * T + 1:(D + 1) * T + 1]
+    for i in range(B):
+        row = eb.tokens[i].tolist()
+        digits = tok.decode(targets[i][eb.answer[i]].tolist())
+        assert digits.isdigit() and len(digits) == 5
+        # The answer is the key stated in segment 0.
+        assert (KEY_PREFIX + digits) in tok.decode(row[:T])
+        assert row[-1] == tok.eos_id
+    assert set(eb.weight[eb.answer].tolist()) == {5.0} and set(eb.weight[~eb.answer].tolist()) == {0.5}
+
+
+def test_episode_source_rank_streams_differ_and_resume_exactly(tok, filler):
+    a = EpisodeSource(tok, filler, T, B, 5.0, 1.0, seed=1, rank=0)
+    other_rank = EpisodeSource(tok, filler, T, B, 5.0, 1.0, seed=1, rank=1)
+    assert not torch.equal(a.batch(1).tokens, other_rank.batch(1).tokens)
+    a.batch(2)
+    b = EpisodeSource(tok, filler, T, B, 5.0, 1.0, seed=1, rank=0)
+    b.load_state_dict(a.state_dict())
+    assert torch.equal(a.batch(3).tokens, b.batch(3).tokens)
+
+
+def test_episode_source_rejects_a_segment_too_short_for_the_question(tok, filler):
+    from data_pipeline.errors import DataError
+
+    with pytest.raises(DataError, match="segment"):
+        EpisodeSource(tok, filler, 8, B, 5.0, 1.0, seed=1, rank=0)
+
+
+class _Recorder:
+    """A model that records its calls and predicts from ``oracle`` (the whole episode) when told to."""
+
+    def __init__(self, vocab: int, oracle: bool):
+        self.vocab, self.oracle, self.calls, self.grad_calls, self.tokens = vocab, oracle, 0, 0, None
+
+    def init_state(self, batch_size, device=None, dtype=None):
+        return ("state", batch_size)
+
+    def __call__(self, seg, state):
+        self.calls += 1
+        self.grad_calls += int(torch.is_grad_enabled())
+        logits = torch.zeros(*seg.shape, self.vocab, requires_grad=True)
+        if self.oracle:
+            # Segment i's targets: the tokens one to the right of its inputs in the episode.
+            start = [j for j in range(0, self.tokens.shape[1] - seg.shape[1])
+                     if torch.equal(self.tokens[:, j:j + seg.shape[1]], seg)][0]
+            nxt = self.tokens[:, start + 1:start + 1 + seg.shape[1]]
+            logits = logits + 10 * torch.nn.functional.one_hot(nxt, self.vocab).float()
+        return logits, state
+
+
+@pytest.mark.parametrize("has_memory", [True, False])
+def test_forward_runs_d_segments_without_grad_then_one_with(tok, filler, has_memory):
+    cur = PasskeyCurriculum(start_distance=3, max_distance=3, promote_exact=0.7, promote_window=1, seed=0)
+    eps = Episodes(EpisodeSource(tok, filler, T, B, 5.0, 1.0, seed=1, rank=0), cur, fraction=1.0)
+    model = _Recorder(tok.vocab_size, oracle=False)
+    res = eps.forward(model, torch.device("cpu"), torch.float32, has_memory)  # the first batch is at max D = 3
+    assert res.batch.distance == 3
+    assert model.calls == (4 if has_memory else 1) and model.grad_calls == 1
+    assert res.loss.requires_grad and float(res.n) == B * T
+    assert res.exact.item() == 0  # uniform logits: argmax 0 is never the answer
+
+
+def test_forward_counts_exact_match_on_the_answer_only(tok, filler, monkeypatch):
+    cur = PasskeyCurriculum(start_distance=1, max_distance=1, promote_exact=0.7, promote_window=1, seed=0)
+    src = EpisodeSource(tok, filler, T, B, 5.0, 1.0, seed=1, rank=0)
+    eps = Episodes(src, cur, fraction=1.0)
+    model = _Recorder(tok.vocab_size, oracle=True)
+    real_batch = src.batch
+
+    def batch(D, at_max=False):
+        eb = real_batch(D, at_max)
+        model.tokens = eb.tokens
+        return eb
+
+    monkeypatch.setattr(src, "batch", batch)
+    res = eps.forward(model, torch.device("cpu"), torch.float32, True)
+    assert res.exact.item() == B
+
+
+def test_training_filler_skips_heldout_and_passkey_documents():
+    from data_pipeline.split import heldout_mask
+
+    docs = [np.full(5, i, dtype=np.int64) for i in range(40)]
+    # Documents 0-4 carry an answer span: synthetic passkey documents.
+    src = ArraySource(docs, answers=[(2, 1) if i < 5 else (-1, 0) for i in range(40)])
+    held = set(np.flatnonzero(heldout_mask(40, 0.25)).tolist())
+    got = set(training_filler(src, 0.25, max_docs=1000, seed=0).tolist())
+    assert got == set(range(5, 40)) - held
+    assert len(training_filler(src, 0.25, max_docs=3, seed=0)) == 15
