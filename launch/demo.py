@@ -4,13 +4,13 @@ Pipeline (everything under ``out_dir``, default ``runs/demo``):
 
 1. corpus: the running Python's standard-library ``.py`` files (top level,
    a size window, a fixed count; no downloads);
-2. ``data_pipeline.prepare.prepare``: a SentencePiece tokenizer, MDS shards,
-   plus synthetic passkey documents (key in segment 0, question D <= 8
-   segments later) mixed into the stream;
+2. ``data_pipeline.prepare.prepare``: a SentencePiece tokenizer and MDS
+   shards (synthetic passkey documents in the stream only on request);
 3. ``mnemo launch configs/demo.yaml --nproc-per-node 2``: 2 local ranks of
    DeepSpeed ZeRO-2 train the memory model (short-term XL cache + long-term
-   kNN store) under a time cap, then ``configs/demo_baseline.yaml`` (no
-   memory) for the same number of steps;
+   kNN store) under a time cap, most steps on passkey episodes with a
+   curriculum on the distance (``train.passkey``, train/episodes.py), then
+   ``configs/demo_baseline.yaml`` (no memory) for the same number of steps;
 4. both checkpoints are evaluated on held-out documents (``train.evaluate``:
    loss by position, memory ablations, passkey retrieval at D = 1..32 with
    the long-term store sized for the longest document), side by side;
@@ -45,9 +45,11 @@ MEMORY_CONFIG = "configs/demo.yaml"
 BASELINE_CONFIG = "configs/demo_baseline.yaml"
 DISTANCES = (1, 2, 4, 8, 16, 32)
 # Per-step cost of the baseline relative to the memory model; splits the
-# training budget. Measured on 2 ranks of 2 idle cores: 3.25 steps/s with
-# memory, 3.7 without (the 2-rank step's fixed costs dominate at this size).
-BASELINE_COST_RATIO = 0.9
+# training budget. Measured on 2 ranks of 2 idle cores, 1100 steps of which 80%
+# passkey episodes: 0.30 s per step with memory while D <= 2 (more as D grows:
+# the memory model reads D segments per episode, the baseline only the last),
+# 0.19 s without.
+BASELINE_COST_RATIO = 0.6
 # Seconds a 2-rank run spends outside its training loop (start-up of torchrun,
 # DeepSpeed, streaming and MLflow; final checkpoint, evaluation and shutdown).
 RUN_OVERHEAD_S = 55.0
@@ -58,14 +60,15 @@ class DemoSettings:
     """Everything the demo decides; the defaults are `make demo`."""
 
     out_dir: str = "runs/demo"
-    minutes: float = 7.5
+    minutes: float = 14.0
     nproc_per_node: int = 2
     memory_config: str = MEMORY_CONFIG
     baseline_config: str = BASELINE_CONFIG
-    # Corpus: top-level stdlib files within a size window, in name order.
-    corpus_files: int = 60
+    # Corpus: top-level stdlib files within a size window, in name order (~150
+    # files, ~4.5 MB: with less, a thousand steps memorize the training text).
+    corpus_files: int = 400
     corpus_min_bytes: int = 3_000
-    corpus_max_bytes: int = 20_000
+    corpus_max_bytes: int = 200_000
     vocab_size: int = 4096
     # Synthetic passkey documents in the corpus stream (0: retrieval is taught by the
     # configs' passkey episodes, train.passkey, which is what makes it click; docs/demo.md).
@@ -189,20 +192,20 @@ def _load(run_dir: Path, capacity: int):
     return model, tok, cfg
 
 
-def eval_task(run_dir: str, data_dir: str, distances: list[int], loss_by_position: bool, trials: int,
+def eval_task(run_dir: str, docs: list, distances: list[int], loss_by_position: bool, trials: int,
               eval_docs: int, batch: int, multikey: int, seed: int, segment_len: int) -> dict[str, Any]:
     """One share of a checkpoint's evaluation, in the `mnemo eval --json` format.
 
     loss_by_position=False: passkey only (the loss keys are left out). The
     long-term store is sized for the longest passkey document of ``distances``
     (max D * T entries), so a D beyond the training capacity tests the learned
-    retrieval, not the FIFO. Runs in a worker process of ``evaluate_runs``.
+    retrieval, not the FIFO. ``docs``: the held-out documents (scored, and the
+    passkey filler). Runs in a worker process of ``evaluate_runs``.
     """
-    from train.evaluate import _FILLER_TOKENS, evaluate, passkey_report, read_heldout_docs
+    from train.evaluate import evaluate, passkey_report
 
     t0 = time.perf_counter()
     model, tok, cfg = _load(Path(run_dir), max(distances, default=0) * segment_len)
-    docs = read_heldout_docs(data_dir, cfg.data.val_fraction, eval_docs, min_tokens=_FILLER_TOKENS)
     if loss_by_position:
         res = evaluate(model, tok, docs, cfg, ablations=True, passkey=trials > 0 and bool(distances), seed=seed,
                        batch_size=batch, max_docs=eval_docs, passkey_trials=trials, distances=distances,
@@ -255,8 +258,15 @@ def evaluate_runs(runs: dict[str, Path], data_dir: Path, s: DemoSettings, segmen
     import concurrent.futures as cf
     import multiprocessing as mp
 
-    from train.checkpoint import model_args_of, resolve_checkpoint
+    from train.checkpoint import config_of, model_args_of, resolve_checkpoint
+    from train.evaluate import _FILLER_TOKENS, read_heldout_docs
 
+    # Read once, here: two processes opening the same MDS dir at once race on
+    # streaming's shared memory (one cleans up what the other just created).
+    val_fractions = {config_of(resolve_checkpoint(str(d))).data.val_fraction for d in runs.values()}
+    if len(val_fractions) != 1:
+        raise UserError(f"demo: the runs hold out different documents (data.val_fraction {sorted(val_fractions)})")
+    docs = read_heldout_docs(str(data_dir), val_fractions.pop(), s.eval_docs, min_tokens=_FILLER_TOKENS)
     dists = sorted(set(s.distances))
     tasks: list[tuple[str, list[int], bool]] = []
     for name, run_dir in runs.items():
@@ -267,7 +277,7 @@ def evaluate_runs(runs: dict[str, Path], data_dir: Path, s: DemoSettings, segmen
             tasks.append((name, dists, True))
     # Longest first: the long-distance share, then whole models.
     tasks.sort(key=lambda t: (t[2], t[0] != "memory"))
-    common = dict(data_dir=str(data_dir), trials=s.passkey_trials, eval_docs=s.eval_docs, batch=s.eval_batch,
+    common = dict(docs=docs, trials=s.passkey_trials, eval_docs=s.eval_docs, batch=s.eval_batch,
                   multikey=s.multikey, seed=s.seed, segment_len=segment_len)
     results: dict[str, list[dict[str, Any]]] = {name: [] for name in runs}
     if workers <= 1:

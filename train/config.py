@@ -113,6 +113,9 @@ class PasskeyTrainConfig:
     # max-D episode steps averages above promote_exact.
     promote_exact: float = 0.7
     promote_window: int = 5
+    # Read the max-D episodes without the short-term memory (models with
+    # long-term memory), so that their key must come from the long-term store.
+    ltm_only_at_max: bool = False
     # Training documents read (once, at start-up) as the episodes' filler.
     filler_docs: int = 256
 

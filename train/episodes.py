@@ -149,8 +149,10 @@ class EpisodeResult:
 class Episodes:
     """What the trainer holds: this rank's document source, the shared curriculum, the step schedule."""
 
-    def __init__(self, source: EpisodeSource, curriculum: PasskeyCurriculum, fraction: float):
+    def __init__(self, source: EpisodeSource, curriculum: PasskeyCurriculum, fraction: float,
+                 ltm_only_at_max: bool = False):
         self.source, self.curriculum, self.fraction = source, curriculum, fraction
+        self.ltm_only_at_max = ltm_only_at_max
 
     def is_step(self, step: int) -> bool:
         return is_episode_step(step, self.fraction)
@@ -161,6 +163,10 @@ class Episodes:
         model  ``model(tokens [B, T], state) -> (logits [B, T, V], state)``, with ``init_state``
                on it or on its ``.module`` (a DeepSpeed engine)
         has_memory  False: the earlier segments cannot reach segment D, so they are not run.
+        A max-D batch runs without the short-term memory when ``ltm_only_at_max``
+        (a model with long-term memory only): its key can then only come from the
+        long-term store, so retrieval is learned from D = 1 on instead of after
+        the short-term cache has solved D = 1 (docs/demo.md).
         """
         from train.trainer import lm_loss
 
@@ -169,7 +175,11 @@ class Episodes:
         T, B = self.source.T, self.source.B
         tokens = eb.tokens.to(device)
         core = getattr(model, "module", model)
-        state = core.init_state(B, device=device, dtype=dtype)
+        has_ltm = getattr(getattr(core, "args", None), "ltm_kind", "none") != "none"
+        if self.ltm_only_at_max and at_max and has_ltm:
+            state = core.init_state(B, stm=False, device=device, dtype=dtype)
+        else:
+            state = core.init_state(B, device=device, dtype=dtype)
         if has_memory:
             with torch.no_grad():
                 for i in range(D):

@@ -458,7 +458,7 @@ def _episodes(cfg: Config, source, tok_file: str, rank: int):
     src = EpisodeSource(Tokenizer(tok_file), filler, cfg.model.segment_len, cfg.train.batch_size,
                         cfg.train.answer_weight, cfg.train.answer_context_weight, cfg.train.seed, rank)
     cur = PasskeyCurriculum(pk.start_distance, pk.max_distance, pk.promote_exact, pk.promote_window, cfg.train.seed)
-    return Episodes(src, cur, pk.fraction)
+    return Episodes(src, cur, pk.fraction, ltm_only_at_max=pk.ltm_only_at_max)
 
 
 def _resume(engine, mgr, path: Path, meta: dict[str, Any], streams, state, info: DistInfo, universal: bool, device,

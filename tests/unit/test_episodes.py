@@ -113,6 +113,26 @@ def test_episode_source_rejects_a_segment_too_short_for_the_question(tok, filler
         EpisodeSource(tok, filler, 8, B, 5.0, 1.0, seed=1, rank=0)
 
 
+def test_ltm_only_max_d_batches_leave_the_short_term_memory_out(tok, filler):
+    from model import MemoryTransformer, ModelArgs
+
+    model = MemoryTransformer(ModelArgs(vocab_size=tok.vocab_size, n_layers=2, d_model=32, n_heads=2, d_ff=64,
+                                        stm_length=T, ltm_kind="knn", ltm_capacity=4 * T, ltm_topk=4, ltm_layers=(1,)))
+    seen = []
+    real_init = model.init_state
+
+    def init_state(batch_size, **kw):
+        seen.append(kw.get("stm", True))
+        return real_init(batch_size, **kw)
+
+    model.init_state = init_state
+    cur = PasskeyCurriculum(start_distance=1, max_distance=1, promote_exact=0.7, promote_window=1, seed=0)
+    eps = Episodes(EpisodeSource(tok, filler, T, B, 5.0, 1.0, seed=1, rank=0), cur, 1.0, ltm_only_at_max=True)
+    at_max = [eps.forward(model, torch.device("cpu"), torch.float32, True).batch.at_max for _ in range(4)]
+    assert at_max == [True, False, True, False]
+    assert seen == [False, True, False, True]  # STM off exactly on the max-D batches
+
+
 class _Recorder:
     """A model that records its calls and predicts from ``oracle`` (the whole episode) when told to."""
 
