@@ -1,18 +1,18 @@
 """When does passkey retrieval "click"? Two model recipes, the same episodic curriculum, side by side.
 
-    python benchmarks/passkey_click.py [--steps 700] [--threads 2] [--recipes A,B]
+    python benchmarks/passkey_click.py [--steps 700] [--threads 2] [--recipes A,B] [--set KEY=VALUE ...]
 
 A recipe is MLP/init/embeddings, e.g. ``swiglu/scaled/tied`` (mnemo's default
 backbone at the debug size) and ``gelu/fan_in/untied`` (what the demo uses).
-Each is trained from the same seed on the same kind of episodes, in one
-process (2 threads, B = 16, AdamW lr 2e-3 with mnemo's defaults wd 0.1 and
-betas 0.9/0.95): the demo's data (stdlib corpus, vocab 4096, T = 128, STM 128,
-LTM 1024 in layer 2, k = 16). This is the curriculum of ../shared/MEMORY-NOTES.md:
-an episode is one passkey document of D + 1 segments; segments 0..D-1 only
-fill the memory (no gradient), the loss is the LM loss of segment D with the
-answer digits weighted 5x; half of the batches use D = max D, half a uniform
-D in [0, max D]; max D starts at 1 and grows by one when the training exact
-match at max D passes 0.7 (mean of 5 checks), up to 8.
+Each is trained from the same seed on the trainer's own passkey episodes
+(train/episodes.py) in one process, with everything else from
+configs/demo.yaml (``--set key=value`` overrides any of it): B = 16, AdamW
+lr 2e-3 (wd 0.1, betas 0.9/0.95), the demo's data (stdlib corpus, vocab 4096,
+T = 128, STM 128, LTM 1024 in layer 2, k = 16), the answer weighted 5 and the
+rest of the episode train.answer_context_weight, and the curriculum: half of
+the batches at D = max D, half a uniform D in [0, max D]; max D starts at 1
+and grows by one when the training exact match at max D passes 0.7 (mean of
+5 checks), up to 8 (../shared/MEMORY-NOTES.md).
 
 Prints, per recipe: the step at which the exact match first passes 0.7 at
 D = 1 (the copy circuit has formed), the step at which max D reaches 8, and
@@ -51,66 +51,51 @@ def load_data(data_dir: Path):
     return Tokenizer(str(data_dir / "tokenizer.model")), train, heldout
 
 
-def run_recipe(recipe: str, tok, filler, heldout, steps: int, batch: int, seed: int) -> dict:
-    import numpy as np
+def run_recipe(recipe: str, tok, filler, heldout, steps: int, batch: int, seed: int,
+               overrides: list[str] = ()) -> dict:
     import torch
 
-    from data_pipeline.passkey import DEPTHS, make_passkey_sample
     from model import MemoryTransformer
     from train.config import load_config
+    from train.episodes import EpisodeSource, Episodes, PasskeyCurriculum
     from train.evaluate import passkey_report, with_ltm_capacity
-    from train.trainer import lm_loss, lr_lambda, model_args_from_config, param_groups
+    from train.trainer import lr_lambda, model_args_from_config, param_groups
 
     mlp, init, emb = recipe.split("/")
-    # The demo's model and schedule; optimizer settings are mnemo's defaults.
-    cfg = load_config(REPO / "configs" / "demo.yaml", [f"model.mlp={mlp}", f"model.init={init}", f"model.embeddings={emb}",
-                                            f"train.max_steps={steps}"])
+    # The demo's model, schedule, episode weights and curriculum (configs/demo.yaml), with the recipe
+    # and any --set overrides; the episodes are the trainer's own (train/episodes.py).
+    cfg = load_config(REPO / "configs" / "demo.yaml", [f"model.mlp={mlp}", f"model.init={init}",
+                                                       f"model.embeddings={emb}", f"train.max_steps={steps}",
+                                                       *overrides])
     torch.manual_seed(seed)
-    rng = np.random.default_rng(seed)
     model = MemoryTransformer(model_args_from_config(cfg, tok.vocab_size))
-    tc = cfg.train
+    tc, pk = cfg.train, cfg.train.passkey
     opt = torch.optim.AdamW(param_groups(model, tc.weight_decay), lr=tc.lr, betas=(tc.beta1, tc.beta2))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
-    max_d, hist, clicked, reached8 = 1, [], None, None
+    episodes = Episodes(EpisodeSource(tok, filler, T, batch, tc.answer_weight, tc.answer_context_weight, seed, 0),
+                        PasskeyCurriculum(pk.start_distance, pk.max_distance, pk.promote_exact, pk.promote_window,
+                                          seed),
+                        fraction=1.0, ltm_only_at_max=pk.ltm_only_at_max)
+    cur, reached_max = episodes.curriculum, None
     t0 = time.perf_counter()
     for step in range(1, steps + 1):
-        D = max_d if step % 2 else int(rng.integers(0, max_d + 1))
-        samples = [make_passkey_sample(tok, filler, D, list(DEPTHS)[int(rng.integers(0, 3))], T, rng)
-                   for _ in range(batch)]
-        tokens = torch.from_numpy(np.stack([s["tokens"] for s in samples]))  # [B, (D+1)T + 1]
-        n_ans = samples[0]["answer_len"]
-        state = model.init_state(batch)
-        with torch.no_grad():
-            for i in range(D):
-                _, state = model(tokens[:, i * T:(i + 1) * T], state)
-        logits, _ = model(tokens[:, D * T:(D + 1) * T], state)  # [B, T, V]
-        targets = tokens[:, D * T + 1:(D + 1) * T + 1]
-        weight = torch.ones(batch, T)
-        answer = slice(T - n_ans - 1, T - 1)  # the answer digits are the last targets before EOS
-        weight[:, answer] = 5.0
-        loss = lm_loss(logits, targets, weight, torch.ones(batch, T, dtype=torch.bool))[0]
+        res = episodes.forward(model, torch.device("cpu"), torch.float32, has_memory=True)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        res.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
         opt.step()
         sched.step()
-        if step % 2:  # a max-D batch: update the curriculum
-            exact = float((logits[:, answer].argmax(-1) == targets[:, answer]).all(1).float().mean())
-            hist.append(exact)
-            if len(hist) >= 5 and sum(hist[-5:]) / 5 > 0.7:
-                clicked = clicked or step
-                if max_d < 8:
-                    max_d, hist = max_d + 1, []
-                    if max_d == 8:
-                        reached8 = step
+        if res.batch.at_max and cur.update(float(res.exact) / batch, step) and cur.current == pk.max_distance:
+            reached_max = step
         if step % 100 == 0:
-            print(f"  {recipe}: step {step} loss {loss.item():.3f} max D {max_d} ({time.perf_counter() - t0:.0f} s)",
-                  flush=True)
+            print(f"  {recipe}: step {step} loss {res.loss.item():.3f} max D {cur.current} "
+                  f"({time.perf_counter() - t0:.0f} s)", flush=True)
     model.eval()
     with torch.no_grad():
         with_ltm_capacity(model, 32 * T)
         rep = passkey_report(model, tok, heldout, T, [1, 8, 32], trials=48, seed=1, batch_size=24)
-    return {"clicked": clicked, "reached8": reached8, "exact": rep["accuracy"], "seconds": time.perf_counter() - t0}
+    return {"clicked": cur.clicked_at or None, "reached8": reached_max, "exact": rep["accuracy"],
+            "seconds": time.perf_counter() - t0}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -121,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--recipes", default="swiglu/scaled/tied,gelu/fan_in/untied")
     p.add_argument("--data", default=None, help="prepared demo data without passkey documents (default: a temp dir)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override for every recipe, e.g. train.answer_context_weight=1 (repeatable)")
     args = p.parse_args(argv)
 
     import torch
@@ -128,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         tok, filler, heldout = load_data(Path(args.data or tmp))
-        results = {r: run_recipe(r, tok, filler, heldout, args.steps, args.batch, args.seed)
+        results = {r: run_recipe(r, tok, filler, heldout, args.steps, args.batch, args.seed, args.set)
                    for r in args.recipes.split(",")}
     print(f"\nepisodic passkey curriculum, {args.steps} steps of B={args.batch}, seed {args.seed}:")
     print(f"{'recipe':<22}{'click step':>11}{'max D=8 at':>12}{'D=1':>7}{'D=8':>7}{'D=32':>7}{'seconds':>9}")

@@ -34,11 +34,10 @@ def test_demo_configs_differ_only_in_memory_and_run():
 def demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "demo"
     lines: list[str] = []
-    summary = run_demo(str(out), minutes=4, echo=lines.append, corpus_files=12, corpus_max_bytes=20_000,
-                       passkey_docs=40, vocab_size=512,
+    summary = run_demo(str(out), minutes=4, echo=lines.append, corpus_files=12, passkey_docs=40, vocab_size=512,
                        max_steps=4, passkey_trials=3, distances=(1, 2), eval_docs=2, eval_reserve_s=10,
                        overrides=["model.segment_len=64", "train.batch_size=2", "train.log_interval=2",
-                                  "train.warmup_steps=2"])
+                                  "train.warmup_steps=2", "train.passkey.fraction=0.8"])
     return out, summary, lines
 
 
@@ -64,7 +63,7 @@ def test_demo_writes_summary(demo):
     assert on_disk["memory"]["ltm_capacity"] >= 2 * 64 and on_disk["baseline"]["ltm_capacity"] == 0
     # Same number of steps, both checkpoints and MLflow runs exist.
     assert on_disk["steps"] == {"memory": 4, "baseline": 4}
-    # Both runs train on passkey episodes (train.passkey.fraction 0.8 of 4 steps: 3), the same ones.
+    # Both runs also train on passkey episodes (train.passkey.fraction 0.8 of 4 steps: 3).
     assert on_disk["passkey_curriculum"]["memory"]["episode_steps"] == 3
     assert on_disk["passkey_curriculum"]["baseline"]["episode_steps"] == 3
     for name in ("memory", "baseline"):
