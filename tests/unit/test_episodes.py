@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import sysconfig
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,26 +9,21 @@ import torch
 
 from data_pipeline.passkey import KEY_PREFIX
 from data_pipeline.streams import ArraySource
-from data_pipeline.tokenizer import Tokenizer, train_from_texts
+from data_pipeline.tokenizer import Tokenizer
 from train.episodes import EpisodeSource, Episodes, PasskeyCurriculum, is_episode_step, training_filler
+from tests.unit.stdlib import stdlib_texts, stdlib_tokenizer
 
 T, B = 64, 3
 
 
-def _stdlib_texts(n: int = 10) -> list[str]:
-    files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[:n]
-    return [f.read_text(encoding="utf-8", errors="replace") for f in files]
-
-
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory) -> Tokenizer:
-    return train_from_texts(_stdlib_texts(), tmp_path_factory.mktemp("tok") / "t.model", vocab_size=600,
-                            num_threads=1)
+    return stdlib_tokenizer(tmp_path_factory.mktemp("tok"), 10)
 
 
 @pytest.fixture(scope="module")
 def filler(tok) -> np.ndarray:
-    return np.concatenate([np.asarray(tok.encode(t), dtype=np.int64) for t in _stdlib_texts()[2:6]])
+    return np.concatenate([np.asarray(tok.encode(t), dtype=np.int64) for t in stdlib_texts(10)[2:6]])
 
 
 def test_episode_steps_are_spread_evenly():

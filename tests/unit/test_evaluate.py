@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import json
 import math
-import sysconfig
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from data_pipeline.tokenizer import Tokenizer, train_from_texts
+from data_pipeline.tokenizer import Tokenizer
+from tests.unit.stdlib import stdlib_texts, stdlib_tokenizer
 from train.config import Config
 from train.errors import UserError
 from train.evaluate import (ablation_table, bucket_lower, evaluate, flat_metrics, format_table, loss_by_position,
@@ -225,20 +225,14 @@ class InductionModel:
         return logits, InductionState(hist, state.memory)
 
 
-def _stdlib_texts(n: int = 10) -> list[str]:
-    files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[:n]
-    return [f.read_text(encoding="utf-8", errors="replace") for f in files]
-
-
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory) -> Tokenizer:
-    return train_from_texts(_stdlib_texts(), tmp_path_factory.mktemp("tok") / "t.model", vocab_size=600,
-                            num_threads=1)
+    return stdlib_tokenizer(tmp_path_factory.mktemp("tok"), 10)
 
 
 @pytest.fixture(scope="module")
 def corpus(tok) -> list[np.ndarray]:
-    return [np.append(np.asarray(tok.encode(t), dtype=np.int64), tok.eos_id) for t in _stdlib_texts()[2:8]]
+    return [np.append(np.asarray(tok.encode(t), dtype=np.int64), tok.eos_id) for t in stdlib_texts(10)[2:8]]
 
 
 def test_passkey_end_to_end_memory_vs_none(tok, corpus):
@@ -386,7 +380,7 @@ def test_eval_cli(tok, tmp_path, capsys):
     import shutil
 
     shutil.copy(tok.path, exp / "tokenizer.model")
-    data = _write_mds(tmp_path / "data", tok, [t[:3000] for t in _stdlib_texts(10)])
+    data = _write_mds(tmp_path / "data", tok, [t[:3000] for t in stdlib_texts(10)])
 
     p = argparse.ArgumentParser()
     register(p.add_subparsers())

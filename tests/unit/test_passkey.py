@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import sysconfig
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,26 +9,21 @@ import pytest
 from data_pipeline.errors import DataError
 from data_pipeline.passkey import (KEY_PREFIX, KEY_SUFFIX, QUESTION, make_multikey_sample,
                                    make_passkey_sample)
-from data_pipeline.tokenizer import Tokenizer, train_from_texts
+from data_pipeline.tokenizer import Tokenizer
+from tests.unit.stdlib import stdlib_texts, stdlib_tokenizer
 
 T = 128
 
 
-def _stdlib_texts(n: int = 12) -> list[str]:
-    files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[:n]
-    return [f.read_text(encoding="utf-8", errors="replace") for f in files]
-
-
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory) -> Tokenizer:
-    return train_from_texts(_stdlib_texts(), tmp_path_factory.mktemp("tok") / "t.model", vocab_size=600,
-                            num_threads=1)
+    return stdlib_tokenizer(tmp_path_factory.mktemp("tok"), 12)
 
 
 @pytest.fixture(scope="module")
 def filler(tok) -> np.ndarray:
     # Real code with its digits (distractors) and EOS between documents.
-    docs = [np.append(np.asarray(tok.encode(t), dtype=np.int64), tok.eos_id) for t in _stdlib_texts()[3:9]]
+    docs = [np.append(np.asarray(tok.encode(t), dtype=np.int64), tok.eos_id) for t in stdlib_texts(12)[3:9]]
     return np.concatenate(docs)
 
 

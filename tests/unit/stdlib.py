@@ -1,0 +1,19 @@
+"""Real text for unit tests: the first standard-library modules, and a small tokenizer trained on them."""
+
+from __future__ import annotations
+
+import sysconfig
+from pathlib import Path
+
+
+def stdlib_texts(n: int) -> list[str]:
+    """The first ``n`` top-level stdlib .py files by name, as text (real code, digits included)."""
+    files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[:n]
+    return [f.read_text(encoding="utf-8", errors="replace") for f in files]
+
+
+def stdlib_tokenizer(out_dir: Path, n: int, vocab_size: int = 600):
+    """A SentencePiece tokenizer (mnemo's settings) trained on ``stdlib_texts(n)``."""
+    from data_pipeline.tokenizer import train_from_texts
+
+    return train_from_texts(stdlib_texts(n), Path(out_dir) / "t.model", vocab_size=vocab_size, num_threads=1)
