@@ -145,9 +145,9 @@ class TrainConfig:
     # Loss weight of synthetic passkey answer tokens (1 = plain LM loss).
     answer_weight: float = 1.0
     # Loss weight of the other tokens of a document that has an answer span
-    # (passkey filler: random corpus slices glued together). 0 trains such
-    # documents on their answers only, which is what lets the copy circuit
-    # form early (docs/demo.md); corpus documents always weigh 1.
+    # (passkey filler: random corpus slices glued together), and of the
+    # filler of passkey episodes; 0 trains them on their answers only
+    # (docs/demo.md has what each setting did). Corpus documents weigh 1.
     answer_context_weight: float = 1.0
     # Episodic passkey training beside the corpus (the answer is weighted
     # answer_weight, the rest of the episode answer_context_weight).

@@ -34,6 +34,11 @@ def test_overrides_are_typed_and_win_over_the_file():
     (["memory.long.layers=[9]"], "memory.long.layers[0]: layer 9 out of range"),
     (["train.lr"], "not of the form dotted.key=value"),
     (["train=1"], "'train' is a section"),
+    (["train.passkey.fraction=1.5"], "train.passkey.fraction: must be in [0, 1]"),
+    (["train.passkey.start_distance=4", "train.passkey.max_distance=2"],
+     "train.passkey.max_distance: must be >= train.passkey.start_distance"),
+    (["train.passkey.promote_window=0"], "train.passkey.promote_window: must be >= 1"),
+    (["train.passkey.frac=0.5"], "unknown config key 'train.passkey.frac'"),
 ])
 def test_bad_overrides_name_the_key(override, needle):
     with pytest.raises(ConfigError) as e:
