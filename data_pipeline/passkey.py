@@ -43,6 +43,12 @@ class _Tokenizer(Protocol):
     def decode(self, ids: list[int]) -> str: ...
 
 
+def is_synthetic(item: dict[str, Any]) -> bool:
+    """A synthetic passkey document of an MDS dataset (its ``source`` says so, or it has an answer span):
+    not corpus text, so neither scored as held-out text nor used as passkey filler."""
+    return item.get("source") == "passkey" or int(item.get("answer_len", 0) or 0) > 0
+
+
 def depth_fraction(depth: str | float) -> float:
     """'start' | 'middle' | 'end' or a fraction in [0, 1] -> fraction of the free room."""
     if isinstance(depth, str):

@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from data_pipeline.passkey import DEPTHS, filler_stream, make_passkey_sample
+from data_pipeline.passkey import DEPTHS, filler_stream, is_synthetic, make_passkey_sample
 
 
 def is_episode_step(step: int, fraction: float) -> bool:
@@ -221,7 +221,7 @@ def training_filler(source: Any, val_fraction: float, max_docs: int, seed: int) 
         if held[i]:
             continue
         item = source.get(int(i))
-        if item.get("source") == "passkey" or int(item.get("answer_len", 0) or 0) > 0:
+        if is_synthetic(item):
             continue
         docs.append(np.asarray(item["tokens"], dtype=np.int64))
         if len(docs) >= max_docs:

@@ -750,13 +750,14 @@ def _device_peak_flops(use_cuda: bool) -> float:
 def heldout_docs(source, cfg: Config) -> list:
     import numpy as np
 
+    from data_pipeline.passkey import is_synthetic
     from data_pipeline.split import heldout_mask
 
     idx = np.flatnonzero(heldout_mask(source.num_samples, cfg.data.val_fraction))
     docs = []
     for i in idx:
         item = source.get(int(i))
-        if item.get("source") == "passkey" or item.get("answer_len", 0) > 0:
+        if is_synthetic(item):
             continue
         docs.append(np.asarray(item["tokens"])[: cfg.eval.max_doc_tokens])
         if len(docs) >= cfg.eval.max_docs:
