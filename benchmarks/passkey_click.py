@@ -85,8 +85,10 @@ def run_recipe(recipe: str, tok, filler, heldout, steps: int, batch: int, seed: 
         torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
         opt.step()
         sched.step()
-        if res.batch.at_max and cur.update(float(res.exact) / batch, step) and cur.current == pk.max_distance:
-            reached_max = step
+        if res.batch.at_max and cur.update(float(res.exact) / batch, step):
+            print(f"  {recipe}: step {step} max D -> {cur.current}", flush=True)
+            if cur.current == pk.max_distance:
+                reached_max = step
         if step % 100 == 0:
             print(f"  {recipe}: step {step} loss {res.loss.item():.3f} max D {cur.current} "
                   f"({time.perf_counter() - t0:.0f} s)", flush=True)

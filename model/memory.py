@@ -9,6 +9,9 @@ Layout (B = stream slots, H = heads, Dh = head dim):
                                   tokens of the slot's current document
   ltm_k, ltm_v   [B, H, N, Dh]   per long-term layer: unit-norm, un-rotated keys
                                   and values of the document so far (FIFO)
+  k_tail         [B, H, 1, Dh]   per joint long-term layer with smeared keys: the
+                                  raw key of the last token read (the next
+                                  segment's first key mixes it in)
   stm_len, ltm_len  [B]          valid entries; they are always the newest,
                                   i.e. the last ``len`` positions (right-aligned)
   pos            [B]             tokens of the current document already read
@@ -31,12 +34,13 @@ class LayerMemory:
     stm_v: Tensor | None = None  # [B, H, M, Dh]
     ltm_k: Tensor | None = None  # [B, H, N, Dh]
     ltm_v: Tensor | None = None  # [B, H, N, Dh]
+    k_tail: Tensor | None = None  # [B, H, 1, Dh]
 
     def _map(self, fn) -> "LayerMemory":
-        return LayerMemory(*(None if t is None else fn(t) for t in (self.stm_k, self.stm_v, self.ltm_k, self.ltm_v)))
+        return LayerMemory(*(None if t is None else fn(t) for t in (getattr(self, f) for f in _FIELDS)))
 
 
-_FIELDS = ("stm_k", "stm_v", "ltm_k", "ltm_v")
+_FIELDS = ("stm_k", "stm_v", "ltm_k", "ltm_v", "k_tail")
 
 
 @dataclass(frozen=True)

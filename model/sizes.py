@@ -52,8 +52,12 @@ def mlp_params(size: Size) -> int:
     return (3 if size.mlp == "swiglu" else 2) * size.d_model * mlp_hidden(size)
 
 
-def param_count(size: Size, vocab_size: int, n_ltm_layers: int = 0) -> int:
-    """Exact number of trainable parameters of MemoryTransformer."""
+def param_count(size: Size, vocab_size: int, n_ltm_layers: int = 0, gated: bool = True,
+                smeared: bool = False) -> int:
+    """Exact number of trainable parameters of MemoryTransformer.
+
+    gated: long-term layers have a per-head gate; smeared: and a per-head key-smear weight.
+    """
     d, h = size.d_model, size.n_heads
     per_layer = (
         d  # attention RMSNorm weight
@@ -61,7 +65,7 @@ def param_count(size: Size, vocab_size: int, n_ltm_layers: int = 0) -> int:
         + d  # MLP RMSNorm weight
         + mlp_params(size)  # SwiGLU: gate, up, down; GELU: up, down
     )
-    ltm = n_ltm_layers * 2 * h  # per-head gate bias and temperature
+    ltm = n_ltm_layers * (1 + int(gated) + int(smeared)) * h  # per-head temperature (gate, smear)
     emb = vocab_size * d
     head = 0 if size.tie_embeddings else vocab_size * d
     return size.n_layers * per_layer + ltm + emb + d + head  # + final norm

@@ -19,7 +19,7 @@ so building under ``deepspeed.zero.Init`` or on the meta device just works.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -54,6 +54,18 @@ class ModelArgs:
     ltm_topk: int = 16
     ltm_layers: tuple[int, ...] = field(default=(-2,))
     ltm_temperature_init: float = 10.0
+    # How a long-term layer combines memory with local attention: "gate" (a
+    # learned per-head gate mixes kNN attention with RoPE local attention,
+    # Memorizing Transformers) or "joint" (one softmax over [retrieved ; short-
+    # term ; this segment], every key scored by the same cosine similarity, no
+    # RoPE in that layer: what the layer learns to find nearby it finds at any
+    # distance).
+    ltm_mix: str = "joint"
+    # Smeared keys in the long-term layers (Olsson et al. 2022, "In-context
+    # learning and induction heads"): each key mixes in the previous token's
+    # key with a learned per-head weight, so a fact's tokens can be found by
+    # what precedes them without a previous-token head in an earlier layer.
+    ltm_smear_keys: bool = True
 
     def __post_init__(self):
         if self.d_model % self.n_heads:
@@ -64,6 +76,8 @@ class ModelArgs:
             raise ValueError(f"unknown init {self.init!r}")
         if self.mlp not in ("swiglu", "gelu"):
             raise ValueError(f"unknown MLP kind {self.mlp!r}")
+        if self.ltm_mix not in ("gate", "joint"):
+            raise ValueError(f"unknown long-term memory mix {self.ltm_mix!r}")
         if self.ltm_kind not in ("none", "knn"):
             raise ValueError(f"unknown long-term memory kind {self.ltm_kind!r}")
         object.__setattr__(self, "ltm_layers", ltm_layer_indices(self.n_layers, self.ltm_layers))
@@ -277,6 +291,7 @@ class SegmentContext:
     stm_mask: Tensor | None  # [B, 1, T, M+T] additive mask over [STM ; segment]; None without STM
     ltm_window: int  # newest long-term entries the kNN search scores (0: no long-term memory)
     ltm_valid: Tensor | None  # [B, ltm_window] which of them hold keys; None: all do
+    causal_mask: Tensor | None = None  # [T, T] additive causal mask (joint layers without STM); else None
 
 
 class Attention(nn.Module):
@@ -290,11 +305,18 @@ class Attention(nn.Module):
         self.v = Linear(d, d, std)
         self.o = Linear(d, d, out_std)
         self.has_ltm = layer in args.active_ltm_layers
+        self.joint = self.has_ltm and args.ltm_mix == "joint"
         if self.has_ltm:
             self.topk = args.ltm_topk
-            # Per-head sigmoid gate (0 -> 0.5) and log-temperature of memory attention.
-            self.ltm_gate = nn.Parameter(torch.zeros(args.n_heads))
+            if not self.joint:
+                # Per-head sigmoid gate (0 -> 0.5) mixing memory with local attention.
+                self.ltm_gate = nn.Parameter(torch.zeros(args.n_heads))
+            # Per-head log-temperature of the cosine-similarity attention.
             self.ltm_log_temp = nn.Parameter(torch.full((args.n_heads,), math.log(args.ltm_temperature_init)))
+        self.smear = self.has_ltm and args.ltm_smear_keys
+        if self.smear:
+            # Per-head logit of the previous key's weight in each key (0 -> half).
+            self.key_smear = nn.Parameter(torch.zeros(args.n_heads))
 
     def _heads(self, x: Tensor) -> Tensor:
         B, T, _ = x.shape
@@ -303,6 +325,12 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, ctx: SegmentContext, mem: LayerMemory) -> tuple[Tensor, LayerMemory]:
         B, T, D = x.shape
         q, k, v = self._heads(self.q(x)), self._heads(self.k(x)), self._heads(self.v(x))  # [B, H, T, Dh]
+        new_tail = None
+        if self.smear:
+            k, new_tail = self._smear(k, mem)
+        if self.joint:
+            out, new_mem = self._joint(q, k, v, ctx, mem)
+            return self.o(out.transpose(1, 2).reshape(B, T, D)), replace(new_mem, k_tail=new_tail)
         q_r, k_r = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
 
         # ---- local attention over [short-term memory ; this segment]
@@ -330,7 +358,54 @@ class Attention(nn.Module):
             new_ltm_k, new_ltm_v = fifo_push(mem.ltm_k, kn), fifo_push(mem.ltm_v, v)
 
         y = self.o(out.transpose(1, 2).reshape(B, T, D))
-        return y, LayerMemory(new_stm_k, new_stm_v, new_ltm_k, new_ltm_v)
+        return y, LayerMemory(new_stm_k, new_stm_v, new_ltm_k, new_ltm_v, new_tail)
+
+    def _smear(self, k: Tensor, mem: LayerMemory) -> tuple[Tensor, Tensor | None]:
+        """Smeared keys [B, H, T, Dh] and the raw key of the segment's last token (the memory's next k_tail).
+
+        The segment's first token takes its previous key from the memory; without one (a document's
+        start, or a state that carries no memory) there is none, as at a document's start.
+        """
+        tail = mem.k_tail if mem.k_tail is not None else torch.zeros_like(k[:, :, :1])  # [B, H, 1, Dh]
+        prev = torch.cat((tail, k[:, :, :-1]), dim=2)  # [B, H, T, Dh]
+        w = torch.sigmoid(self.key_smear).view(1, -1, 1, 1)
+        return k + w * (prev - k), (None if mem.k_tail is None else k[:, :, -1:])
+
+    def _joint(self, q: Tensor, k: Tensor, v: Tensor, ctx: SegmentContext,
+               mem: LayerMemory) -> tuple[Tensor, LayerMemory]:
+        """One softmax over [top-k of the store ; short-term memory ; this segment], by cosine similarity.
+
+        No RoPE here: a key scores the same wherever it is, so a head that
+        learns to find a fact in the last segment finds it in the store too.
+        The store search skips its newest entries that the short-term memory
+        also holds (ctx.ltm_valid), so no key is counted twice.
+        Returns the attention output [B, H, T, Dh] and the layer's new memory.
+        """
+        qn, kn = F.normalize(q, dim=-1), F.normalize(k, dim=-1)  # [B, H, T, Dh]
+        temp = self.ltm_log_temp.exp().view(1, -1, 1, 1)
+        qs = qn * temp
+        if mem.stm_k is not None:
+            M = mem.stm_k.shape[2]
+            keys = torch.cat((mem.stm_k, kn), dim=2)  # [B, H, M+T, Dh]
+            vals = torch.cat((mem.stm_v, v), dim=2)
+            mask = ctx.stm_mask  # [B, 1, T, M+T]
+            new_stm_k, new_stm_v = keys[:, :, -M:], vals[:, :, -M:]
+        else:
+            keys, vals, mask = kn, v, ctx.causal_mask  # mask [T, T]
+            new_stm_k = new_stm_v = None
+        scores = [qs @ keys.transpose(-1, -2) + mask]  # [B, H, T, M+T]
+        new_ltm_k = new_ltm_v = None
+        if mem.ltm_k is not None:
+            sel_k, sel_v, found = knn_retrieve(qn, mem.ltm_k, mem.ltm_v, ctx.ltm_valid, self.topk,
+                                               window=ctx.ltm_window)  # [B, H, T, k, Dh], found [B, H, T, k]
+            scores.append(torch.einsum("bhtd,bhtkd->bhtk", qs, sel_k).masked_fill(~found, float("-inf")))
+            new_ltm_k, new_ltm_v = fifo_push(mem.ltm_k, kn), fifo_push(mem.ltm_v, v)
+        p = torch.softmax(torch.cat(scores, dim=-1), dim=-1)  # every row keeps its own key: no NaN
+        L = keys.shape[2]
+        out = p[..., :L] @ vals  # [B, H, T, Dh]
+        if mem.ltm_k is not None:
+            out = out + torch.einsum("bhtk,bhtkd->bhtd", p[..., L:], sel_v)
+        return out, LayerMemory(new_stm_k, new_stm_v, new_ltm_k, new_ltm_v)
 
     def _read_ltm(self, qn: Tensor, mem: LayerMemory, ctx: SegmentContext) -> tuple[Tensor, Tensor]:
         """Attention over each query's top-k stored keys: [B, H, T, Dh] and any_found [B, H, T, 1]."""
@@ -403,13 +478,20 @@ class MemoryTransformer(nn.Module):
             if ltm and i in a.active_ltm_layers:
                 ltm_k = torch.zeros(B, H, a.ltm_capacity, Dh, device=device, dtype=dtype)
                 ltm_v = torch.zeros_like(ltm_k)
-            layers.append(LayerMemory(stm_k, stm_v, ltm_k, ltm_v))
+            k_tail = None
+            if a.ltm_smear_keys and i in a.active_ltm_layers and (stm_k is not None or ltm_k is not None):
+                k_tail = torch.zeros(B, H, 1, Dh, device=device, dtype=dtype)
+            layers.append(LayerMemory(stm_k, stm_v, ltm_k, ltm_v, k_tail))
         zero = torch.zeros(B, dtype=torch.long, device=device)
         return MemoryState(layers=tuple(layers), stm_len=zero, ltm_len=zero.clone(), pos=zero.clone())
 
     # ------------------------------------------------------------- forward
-    def forward(self, tokens: Tensor, state: MemoryState) -> tuple[Tensor, MemoryState]:
-        """tokens [B, T] -> logits [B, T, V] and the memory after reading these tokens."""
+    def forward(self, tokens: Tensor, state: MemoryState, logits: bool = True) -> tuple[Tensor | None, MemoryState]:
+        """tokens [B, T] -> logits [B, T, V] and the memory after reading these tokens.
+
+        logits=False reads the tokens into memory only and returns (None, state):
+        the LM head (at vocab 4096 and d 128 about 40% of a forward's FLOPs) is skipped.
+        """
         B, T = tokens.shape
         x = self.tok_emb(tokens)  # [B, T, D]
         ctx = self._context(state, T, x.dtype)
@@ -417,14 +499,14 @@ class MemoryTransformer(nn.Module):
         for block, mem in zip(self.blocks, state.layers):
             x, new_mem = block(x, ctx, mem)
             new_layers.append(new_mem)
-        logits = self.lm_head(self.norm(x))  # [B, T, V]
+        out = self.lm_head(self.norm(x)) if logits else None  # [B, T, V]
         new_state = MemoryState(
             layers=tuple(new_layers),
             stm_len=(state.stm_len + T).clamp(max=max(state.stm_capacity, 0)),
             ltm_len=(state.ltm_len + T).clamp(max=max(state.ltm_capacity, 0)),
             pos=state.pos + T,
         )
-        return logits, new_state
+        return out, new_state
 
     def _context(self, state: MemoryState, T: int, dtype: torch.dtype) -> SegmentContext:
         """Positions, masks and the kNN search window of this segment, shared by all layers."""
@@ -432,6 +514,10 @@ class MemoryTransformer(nn.Module):
         cos, sin = rope_tables(pos, self.args.head_dim, self.args.rope_base, dtype)  # [B, 1, T, Dh/2]
         M, N = state.stm_capacity, state.ltm_capacity
         stm_mask = stm_attention_mask(state.stm_len, M, T, dtype) if M else None
+        joint = self.args.ltm_mix == "joint" and bool(self.args.active_ltm_layers)
+        causal = None
+        if joint and not M:
+            causal = torch.full((T, T), float("-inf"), dtype=dtype, device=state.pos.device).triu_(1)
         window, valid = 0, None
         if N and self.args.active_ltm_layers and state.ltm_len.is_meta:  # shape-only tracing: search it all
             window, valid = N, _right_aligned_valid(state.ltm_len, N)
@@ -441,14 +527,21 @@ class MemoryTransformer(nn.Module):
             window = ltm_search_window(int(hi), N, self.args.ltm_topk)
             if lo < window:  # some searched entries are empty in some slot: mask them
                 valid = _right_aligned_valid(state.ltm_len, window)  # [B, window]
-        return SegmentContext(cos=cos, sin=sin, stm_mask=stm_mask, ltm_window=window, ltm_valid=valid)
+            if joint and M:
+                # The newest stm_len entries of the store are the short-term memory's tokens.
+                in_stm = _right_aligned_valid(state.stm_len, window)
+                valid = ~in_stm if valid is None else valid & ~in_stm
+        return SegmentContext(cos=cos, sin=sin, stm_mask=stm_mask, causal_mask=causal, ltm_window=window,
+                              ltm_valid=valid)
 
     # ------------------------------------------------------------- accounting
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
     def expected_num_params(self) -> int:
-        return param_count(self.args.size(), self.args.vocab_size, len(self.args.active_ltm_layers))
+        a = self.args
+        return param_count(a.size(), a.vocab_size, len(a.active_ltm_layers), gated=a.ltm_mix == "gate",
+                           smeared=a.ltm_smear_keys)
 
     def flops_per_token(self, segment_len: int) -> float:
         a = self.args

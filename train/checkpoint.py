@@ -234,6 +234,9 @@ def model_args_of(ckpt: Path):
     else:
         d = read_meta(ckpt)["model_args"]
     d["ltm_layers"] = tuple(d["ltm_layers"])
+    # Checkpoints written before these options existed hold the gated, unsmeared layer.
+    d.setdefault("ltm_mix", "gate")
+    d.setdefault("ltm_smear_keys", False)
     return ModelArgs(**d)
 
 

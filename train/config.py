@@ -67,6 +67,14 @@ class LongMemoryConfig:
     layers: list[int] = field(default_factory=lambda: [-2])
     # Initial temperature of the cosine-similarity memory attention.
     temperature_init: float = 10.0
+    # How a long-term layer combines the store with local attention: "gate"
+    # (a learned per-head gate mixes kNN attention with RoPE local attention)
+    # or "joint" (one softmax over retrieved, short-term and segment keys, all
+    # scored by cosine similarity, no RoPE in that layer). docs/memory.md.
+    mix: Literal["gate", "joint"] = "joint"
+    # Each key of a long-term layer mixes in the previous token's key (a
+    # learned weight per head), so facts are found by what precedes them.
+    smear_keys: bool = True
 
 
 @dataclass

@@ -160,7 +160,7 @@ class Episodes:
     def forward(self, model: Any, device: torch.device, dtype: torch.dtype, has_memory: bool) -> EpisodeResult:
         """Draw a batch at the curriculum's next D and run it: D segments without gradient, then segment D.
 
-        model  ``model(tokens [B, T], state) -> (logits [B, T, V], state)``, with ``init_state``
+        model  ``model(tokens [B, T], state, logits=True) -> (logits [B, T, V] or None, state)``, with ``init_state``
                on it or on its ``.module`` (a DeepSpeed engine)
         has_memory  False: the earlier segments cannot reach segment D, so they are not run.
         A max-D batch runs without the short-term memory when ``ltm_only_at_max``
@@ -183,7 +183,7 @@ class Episodes:
         if has_memory:
             with torch.no_grad():
                 for i in range(D):
-                    _, state = model(tokens[:, i * T:(i + 1) * T], state)
+                    _, state = model(tokens[:, i * T:(i + 1) * T], state, logits=False)
         logits, _ = model(tokens[:, D * T:(D + 1) * T], state)  # [B, T, V]
         targets = tokens[:, D * T + 1:(D + 1) * T + 1]  # [B, T]
         answer = eb.answer.to(device)

@@ -281,8 +281,8 @@ def score_teacher_forced(model: Any, samples: Sequence[dict], segment_len: int, 
             state = _core(model).init_state(len(chunk), stm=stm, ltm=ltm, device=device)
             picked = []
             for s0 in range(0, end, T):
-                logits, state = model(toks[:, s0:min(s0 + T, end)], state)  # [b, <=T, V]
                 lo, hi = max(start - 1, s0), min(end, s0 + T)  # answer-predicting positions in this segment
+                logits, state = model(toks[:, s0:min(s0 + T, end)], state, logits=lo < hi)  # [b, <=T, V]
                 if lo < hi:
                     picked.append(logits[:, lo - s0:hi - s0].float())
             lg = torch.cat(picked, dim=1)  # [b, alen, V]

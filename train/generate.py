@@ -78,14 +78,16 @@ class SegmentReader:
         if self.mode == "step":
             last = None
             for s0 in range(0, tokens.shape[1], self.T):
-                logits, self.state = self.model(tokens[:, s0:s0 + self.T], self.state)
-                last = logits[:, -1]
+                final = s0 + self.T >= tokens.shape[1]  # only the last segment's prediction is needed
+                logits, self.state = self.model(tokens[:, s0:s0 + self.T], self.state, logits=final)
+                last = logits[:, -1] if final else None
             return last
         buf = tokens if self.pending is None else torch.cat((self.pending, tokens), dim=1)  # [B, p+n]
         last = None
         while buf.shape[1] >= self.T:
-            logits, self.state = self.model(buf[:, :self.T], self.state)  # a complete segment: commit
-            last, buf = logits[:, -1], buf[:, self.T:]
+            final = buf.shape[1] == self.T  # nothing after it: its last prediction is the one returned
+            logits, self.state = self.model(buf[:, :self.T], self.state, logits=final)  # a complete segment: commit
+            last, buf = (logits[:, -1] if final else None), buf[:, self.T:]
         if buf.shape[1] > 0:
             logits, _ = self.model(buf, self.state)  # partial: read again with the next tokens
             last = logits[:, -1]

@@ -38,7 +38,8 @@ log = logging.getLogger("mnemo.train")
 
 # Config keys whose change makes a resume unsafe (model shapes, data order).
 UNSAFE_KEYS = ("model.size", "model.mlp", "model.embeddings", "model.segment_len", "memory.short.length",
-               "memory.long.kind", "memory.long.capacity", "memory.long.layers", "data.val_fraction", "train.seed")
+               "memory.long.kind", "memory.long.capacity", "memory.long.layers", "memory.long.mix",
+               "memory.long.smear_keys", "data.val_fraction", "train.seed")
 
 
 @dataclasses.dataclass
@@ -92,6 +93,11 @@ def lr_lambda(cfg: Config):
     return f
 
 
+# (attribute of a long-term layer's attention, metric name, transform): logged as memory/<name>_l<layer>.
+_LTM_SCALARS = (("ltm_gate", "ltm_gate", torch.sigmoid), ("ltm_log_temp", "ltm_temperature", torch.exp),
+                ("key_smear", "key_smear", torch.sigmoid))
+
+
 def model_args_from_config(cfg: Config, vocab_size: int):
     from model import ModelArgs
 
@@ -99,7 +105,9 @@ def model_args_from_config(cfg: Config, vocab_size: int):
     tie = {} if cfg.model.embeddings == "auto" else {"tie_embeddings": cfg.model.embeddings == "tied"}
     return ModelArgs.from_size(cfg.model.size, vocab_size, stm_length=m.short.length, ltm_kind=m.long.kind,
                                ltm_capacity=m.long.capacity, ltm_topk=m.long.topk, ltm_layers=tuple(m.long.layers),
-                               ltm_temperature_init=m.long.temperature_init, mlp=cfg.model.mlp, init=cfg.model.init,
+                               ltm_temperature_init=m.long.temperature_init, ltm_mix=m.long.mix,
+                               ltm_smear_keys=m.long.smear_keys,
+                               mlp=cfg.model.mlp, init=cfg.model.init,
                                **tie)
 
 
@@ -710,9 +718,11 @@ class _Loop:
         module = engine.module
         for i, blk in enumerate(module.blocks):
             attn = getattr(blk, "attn", None) or getattr(getattr(blk, "_checkpoint_wrapped_module", None), "attn", None)
-            gate = getattr(attn, "ltm_gate", None)
-            if gate is not None and gate.numel() > 0:
-                metrics[f"memory/ltm_gate_l{i}"] = float(torch.sigmoid(gate.detach().float()).mean())
+            # Per-head scalars of the long-term layers, averaged over heads (ZeRO-3 shards them: skipped there).
+            for attr, name, fn in _LTM_SCALARS:
+                p = getattr(attn, attr, None)
+                if p is not None and p.numel() > 0:
+                    metrics[f"memory/{name}_l{i}"] = float(fn(p.detach().float()).mean())
         if self.info.rank == 0:
             self.tracker.log_metrics(metrics, step)
             step_s = (time.time() - w["t0"]) / max(1, w["n"] + w["ep_n"])

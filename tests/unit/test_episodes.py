@@ -135,7 +135,7 @@ class _Recorder:
     def init_state(self, batch_size, device=None, dtype=None):
         return ("state", batch_size)
 
-    def __call__(self, seg, state):
+    def __call__(self, seg, state, logits=True):
         self.calls += 1
         self.grad_calls += int(torch.is_grad_enabled())
         logits = torch.zeros(*seg.shape, self.vocab, requires_grad=True)

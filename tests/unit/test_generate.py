@@ -107,7 +107,7 @@ def test_generate_stops_at_eos():
         def init_state(self, b, stm=True, ltm=True, device=None, dtype=None):
             return None
 
-        def __call__(self, tokens, state):
+        def __call__(self, tokens, state, logits=True):
             lg = torch.zeros(*tokens.shape, 8)
             lg[..., 2] = 10.0  # EOS always
             return lg, state

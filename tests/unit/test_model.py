@@ -20,13 +20,13 @@ V, T = 61, 8  # vocabulary, segment length
 
 
 def make(stm: int = T, ltm: bool = True, capacity: int = 64, topk: int = 4, n_layers: int = 3,
-         init_std: float = 0.1, seed: int = 0) -> MemoryTransformer:
+         init_std: float = 0.1, seed: int = 0, mix: str = "gate", smear: bool = False) -> MemoryTransformer:
     """3 layers, d=32, 4 heads; long-term memory in layer 1. init_std 0.1 (not 0.02) so that
     attention is far from uniform and a wrong mask shows in the logits."""
     torch.manual_seed(seed)
     args = ModelArgs(vocab_size=V, n_layers=n_layers, d_model=32, n_heads=4, d_ff=64, init_std=init_std,
                      stm_length=stm, ltm_kind="knn" if ltm else "none", ltm_capacity=capacity, ltm_topk=topk,
-                     ltm_layers=(1,))
+                     ltm_layers=(1,), ltm_mix=mix, ltm_smear_keys=smear)
     return MemoryTransformer(args).eval()
 
 
@@ -57,11 +57,12 @@ def tokens(B: int, S: int, seed: int = 1) -> torch.Tensor:
 # ---------------------------------------------------------------- causality
 
 
-@pytest.mark.parametrize("stm,capacity", [(T, 64), (2 * T, 64), (T // 2, 12)])
-def test_no_output_depends_on_a_later_token(stm, capacity):
+@pytest.mark.parametrize("mix,smear", [("gate", False), ("joint", False), ("joint", True), ("gate", True)])
+@pytest.mark.parametrize("stm,capacity", [(T, 64), (2 * T, 64), (T // 2, 12), (0, 64)])
+def test_no_output_depends_on_a_later_token(stm, capacity, mix, smear):
     """Perturbing token j changes nothing before j: within a segment, through
     the short-term memory and through the long-term store (FIFO or not)."""
-    model = make(stm=stm, capacity=capacity)
+    model = make(stm=stm, capacity=capacity, mix=mix, smear=smear)
     x = tokens(2, 5)
     with torch.no_grad():
         ref, _ = run(model, x)
@@ -145,18 +146,40 @@ def _rope(x: torch.Tensor, pos: torch.Tensor, base: float) -> torch.Tensor:
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
 
 
-def sliding_window_reference(model: MemoryTransformer, x: torch.Tensor, M: int, shift: int = 0) -> torch.Tensor:
+def sliding_window_reference(model: MemoryTransformer, x: torch.Tensor, M: int, shift: int = 0,
+                             joint_reach: int | None = None, stm_twice: bool = False) -> torch.Tensor:
     """One pass over the whole sequence with the model's weights: the query at
-    position p of segment s = p // T attends keys [s*T - M + shift, p]."""
+    position p of segment s = p // T attends keys [s*T - M + shift, p].
+
+    A joint long-term layer attends instead, without RoPE and by cosine
+    similarity times its temperature, over keys [s*T - joint_reach, p] (None:
+    the whole prefix), each counted once; ``stm_twice`` counts the keys of the
+    short-term window [s*T - M, s*T) twice there (what a store search that
+    did not skip them would do)."""
     a = model.args
     B, L = x.shape
     H, Dh = a.n_heads, a.head_dim
     p = torch.arange(L)
-    allowed = (p[None, :] <= p[:, None]) & (p[None, :] >= (p[:, None] // T) * T - M + shift)  # [L, L]
+    start = (p[:, None] // T) * T  # [L, 1] first position of the query's segment
+    allowed = (p[None, :] <= p[:, None]) & (p[None, :] >= start - M + shift)  # [L, L]
+    reach = L if joint_reach is None else joint_reach
+    prefix = (p[None, :] <= p[:, None]) & (p[None, :] >= start - reach)  # [L, L]
+    twice = (p[None, :] < start) & (p[None, :] >= start - M) & stm_twice  # [L, L]
     h = model.tok_emb(x)
     for blk in model.blocks:
         at, z = blk.attn, blk.attn_norm(h)
         q, k, v = (proj(z).view(B, L, H, Dh).transpose(1, 2) for proj in (at.q, at.k, at.v))
+        if at.joint:
+            if at.smear:  # each key mixes in the previous token's (none before the document's first)
+                prev = torch.cat((torch.zeros_like(k[:, :, :1]), k[:, :, :-1]), dim=2)
+                k = k + torch.sigmoid(at.key_smear).view(1, -1, 1, 1) * (prev - k)
+            temp = at.ltm_log_temp.exp().view(1, -1, 1, 1)
+            scores = (F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-1, -2)) * temp  # [B, H, L, L]
+            scores = scores + twice.float() * math.log(2.0)
+            attn = torch.softmax(scores.masked_fill(~prefix, float("-inf")), dim=-1) @ v
+            h = h + at.o(attn.transpose(1, 2).reshape(B, L, -1))
+            h = h + blk.mlp(blk.mlp_norm(h))
+            continue
         q, k = _rope(q, p, a.rope_base), _rope(k, p, a.rope_base)
         scores = (q @ k.transpose(-1, -2)) / math.sqrt(Dh)  # [B, H, L, L]
         attn = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1) @ v
@@ -262,6 +285,77 @@ def test_model_with_searched_window_equals_model_searching_the_whole_store(monke
     assert torch.equal(a, b) and sa.equal(sb)
 
 
+@pytest.mark.parametrize("smear", [False, True])
+@pytest.mark.parametrize("stm", [T, 2 * T, T // 2, 0])
+def test_joint_layer_with_k_covering_the_store_is_full_causal_attention(stm, smear):
+    """A joint long-term layer that retrieves every stored key attends over the
+    whole document once: the store (less what the short-term memory holds, so
+    no key counts twice), the short-term memory and the segment, all without
+    RoPE. Read segment by segment it equals one pass of that attention; the
+    other layers stay block-sliding windows of M."""
+    capacity = 64
+    model = make(stm=stm, capacity=capacity, topk=capacity, mix="joint", smear=smear)
+    with torch.no_grad():
+        model.blocks[1].attn.ltm_log_temp.copy_(torch.log(torch.tensor([1.0, 3.0, 10.0, 30.0])))
+        if smear:
+            model.blocks[1].attn.key_smear.copy_(torch.tensor([-2.0, 0.0, 1.0, 3.0]))
+    x = tokens(2, 5)
+    with torch.no_grad():
+        seg, _ = run(model, x)
+        ref = sliding_window_reference(model, x, stm)
+        assert torch.allclose(seg, ref, atol=1e-5, rtol=1e-4), (seg - ref).abs().max()
+        if stm:
+            twice = sliding_window_reference(model, x, stm, stm_twice=True)
+            assert not torch.allclose(seg, twice, atol=1e-4, rtol=1e-3)
+
+
+def test_joint_layer_sees_what_its_fifo_store_holds():
+    """No short-term memory and a store of 2 segments: the joint layer sees the
+    2T keys before its segment and the segment itself, causally."""
+    model = make(stm=0, capacity=2 * T, topk=2 * T, mix="joint")
+    x = tokens(2, 5)
+    with torch.no_grad():
+        seg, _ = run(model, x)
+        ref = sliding_window_reference(model, x, 0, joint_reach=2 * T)
+        whole = sliding_window_reference(model, x, 0)  # the whole prefix: wrong once the FIFO drops keys
+    assert torch.allclose(seg, ref, atol=1e-5, rtol=1e-4), (seg - ref).abs().max()
+    assert not torch.allclose(seg[:, 3 * T:], whole[:, 3 * T:], atol=1e-4, rtol=1e-3)
+
+
+def test_joint_layer_has_no_gate_and_counts_its_parameters():
+    model, smeared = make(mix="joint"), make(mix="joint", smear=True)
+    assert not hasattr(model.blocks[1].attn, "ltm_gate") and hasattr(make().blocks[1].attn, "ltm_gate")
+    assert model.num_params() == model.expected_num_params() == make().num_params() - model.args.n_heads
+    assert smeared.num_params() == smeared.expected_num_params() == make().num_params()
+
+
+def test_smeared_keys_carry_the_last_raw_key_across_segments_and_resets():
+    """The first key of a segment mixes in the previous segment's last raw key
+    (kept in the memory, as k_tail); after a reset, or in the no-memory
+    ablation, there is none, as at a document's start."""
+    model = make(mix="joint", smear=True)
+    x = tokens(2, 3)
+    with torch.no_grad():
+        _, state = run(model, x[:, :2 * T])
+        assert state.layers[1].k_tail.shape == (2, 4, 1, 8) and state.layers[0].k_tail is None
+        assert state.layers[1].k_tail.abs().sum() > 0
+        cut = state.reset(torch.tensor([True, False]))
+        assert not cut.layers[1].k_tail[0].any() and torch.equal(cut.layers[1].k_tail[1], state.layers[1].k_tail[1])
+        assert model.init_state(2, stm=False, ltm=False).layers[1].k_tail is None
+        a, _ = model(x[:, 2 * T:], state)
+        tail0 = replace_tail(state, torch.zeros_like(state.layers[1].k_tail))
+        b, _ = model(x[:, 2 * T:], tail0)
+    assert not torch.allclose(a[:, 0], b[:, 0])  # the first token saw the carried key
+
+
+def replace_tail(state: MemoryState, tail: torch.Tensor) -> MemoryState:
+    from dataclasses import replace
+
+    layers = list(state.layers)
+    layers[1] = replace(layers[1], k_tail=tail)
+    return replace(state, layers=tuple(layers))
+
+
 def test_fifo_store_keeps_the_newest_n_keys():
     # Layer 1 holds the store; its keys depend on layer 0 only, so a store of
     # capacity 20 must equal the newest 20 entries of a store of capacity 64.
@@ -331,3 +425,17 @@ def test_ablation_states_leave_memories_out():
     with torch.no_grad():
         logits, st = model(tokens(2, 1), model.init_state(2, stm=False, ltm=False))
     assert logits.shape == (2, T, V) and st.pos.tolist() == [T, T]
+
+
+def test_reading_without_logits_leaves_the_same_memory():
+    """logits=False (memory-filling reads: passkey episodes, prompts) skips the LM head and nothing else."""
+    model = make(mix="joint", smear=True)
+    x = tokens(2, 3)
+    with torch.no_grad():
+        full, a = run(model, x)
+        b = model.init_state(2)
+        for s in range(2):
+            none, b = model(x[:, s * T:(s + 1) * T], b, logits=False)
+            assert none is None
+        last, b = model(x[:, 2 * T:], b)
+    assert b.equal(a) and torch.equal(last, full[:, 2 * T:])
