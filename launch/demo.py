@@ -4,14 +4,15 @@ Pipeline (everything under ``out_dir``, default ``runs/demo``):
 
 1. corpus: the running Python's standard-library ``.py`` files (top level,
    a size window, a fixed count; no downloads);
-2. ``data_pipeline.prepare.prepare``: a SentencePiece tokenizer, MDS shards,
-   plus synthetic passkey documents (key in segment 0, question D <= 8
-   segments later) mixed into the stream;
+2. ``data_pipeline.prepare.prepare``: a SentencePiece tokenizer and MDS
+   shards (``passkey_docs`` > 0 also mixes synthetic passkey documents into
+   the stream);
 3. ``mnemo launch configs/demo.yaml --nproc-per-node 2``: 2 local ranks of
    DeepSpeed ZeRO-2 train the memory model (short-term XL cache + long-term
    kNN store) under a time cap, then ``configs/demo_baseline.yaml`` (no
-   memory) for the same number of steps (with ``train.passkey.fraction=F``
-   among the overrides, both also train on passkey episodes: docs/demo.md);
+   memory) for the same number of steps; 60% of both runs' steps are
+   synthetic passkey episodes (key in segment 0, question D <= 8 segments
+   later; ``train.passkey``, docs/demo.md), the rest read the corpus;
 4. both checkpoints are evaluated on held-out documents (``train.evaluate``:
    loss by position, memory ablations, passkey retrieval at D = 1..32 with
    the long-term store sized for the longest document), side by side;

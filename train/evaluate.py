@@ -616,16 +616,6 @@ def _check_tokenizer(data_dir: str, tokenizer: Any) -> None:
                         f"{have[:12]}")
 
 
-def _int_list(text: str) -> list[int]:
-    try:
-        out = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not out or any(x < 0 for x in out):
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 0, got {text!r}")
-    return out
-
-
 def with_ltm_capacity(model: Any, capacity: int | None) -> Any:
     """Size the long-term store of ``model`` for ``capacity`` entries per slot and layer.
 
@@ -689,29 +679,3 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         for p in plots(result, args.plots):
             print(f"wrote {p}")
     return 0
-
-
-def register(subparsers: Any) -> None:
-    p = subparsers.add_parser("eval", help="long-context evaluation of a checkpoint",
-                              description="Loss by position (with memory ablations) on held-out documents and "
-                                          "passkey retrieval across D segments.")
-    p.add_argument("checkpoint", help="checkpoint step dir, run dir (latest checkpoint) or export dir")
-    p.add_argument("--data", required=True, help="MDS data dir from `mnemo prepare` (held-out documents are read)")
-    p.add_argument("--json", default=None, help="write the results as JSON to this file")
-    p.add_argument("--plots", default=None, metavar="DIR", help="write PNG plots into DIR")
-    p.add_argument("--max-docs", type=int, default=None, help="held-out documents for loss by position "
-                                                             "(default: eval.max_docs of the run)")
-    p.add_argument("--passkey-trials", type=int, default=None,
-                   help="passkey documents per distance (0 = skip; default: eval.passkey_trials or 30)")
-    p.add_argument("--distances", type=_int_list, default=[1, 2, 4, 8, 16, 32],
-                   help="passkey distances D in segments (default 1,2,4,8,16,32)")
-    p.add_argument("--multikey", type=int, default=0, metavar="K",
-                   help="also run the multi-key variant with K door facts per document")
-    p.add_argument("--batch-size", type=int, default=32, help="documents read in parallel (slots)")
-    p.add_argument("--no-ablations", action="store_true", help="only the memory as trained")
-    p.add_argument("--seed", type=int, default=0, help="seed of the passkey documents")
-    p.add_argument("--ltm-capacity", type=int, default=None, metavar="N",
-                   help="long-term store entries per slot and layer (default: the trained size, or "
-                        "max(--distances) * segment_len if larger: a passkey at distance D needs D * segment_len)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.set_defaults(func=_cmd_eval)

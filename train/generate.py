@@ -204,20 +204,3 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     streamer.finish()
     print(f"({len(out)} tokens generated)", file=sys.stderr)
     return 0
-
-
-def register(subparsers: Any) -> None:
-    p = subparsers.add_parser("generate", help="continue a prompt with memory",
-                              description="Read a prompt of any length through memory, segment by segment, "
-                                          "then sample a continuation, printing tokens as they come.")
-    p.add_argument("checkpoint", help="checkpoint step dir, run dir (latest checkpoint) or export dir")
-    p.add_argument("--prompt-file", required=True, help="UTF-8 text file with the prompt")
-    p.add_argument("--max-tokens", type=int, default=200, help="tokens to generate at most (default 200)")
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
-    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (default 0.95)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--decode", choices=("segment", "step"), default="segment",
-                   help="segment: each token sees its segment as in training (re-reads up to T tokens per "
-                        "token); step: 1-token forwards, faster, local context = short-term memory only")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.set_defaults(func=_cmd_generate)

@@ -64,6 +64,8 @@ def test_learns_checkpoints_and_logs_one_mlflow_run(reference):
 
 def test_relaunch_resumes_without_repeating_steps(reference, tmp_path):
     stage, ref_dir = reference
+    if stage != 2:
+        pytest.skip("one stage is enough: ZeRO-3's resume is checked bit-exactly by the SIGKILL test")
     run_dir = tmp_path / "run"
     shutil.copytree(ref_dir, run_dir)
     res = run(train_cmd(2, overrides(_data_of(ref_dir), run_dir, stage, f"train.max_steps={STEPS + 5}")), timeout=300)
@@ -87,6 +89,8 @@ def _data_of(run_dir: Path) -> str:
 def test_sigkill_mid_run_resumes_bit_exactly(reference, tmp_path):
     """Every rank SIGKILLed at a random step between checkpoints; the relaunch equals the reference."""
     stage, ref_dir = reference
+    if stage != 3:
+        pytest.skip("one stage is enough: ZeRO-2's bit-exact resume is checked by the SIGTERM test")
     run_dir = tmp_path / "run"
     cmd = train_cmd(2, overrides(_data_of(ref_dir), run_dir, stage))
     kill_at = random.Random(stage).randint(22, 28)
@@ -167,6 +171,8 @@ def test_sigterm_saves_and_exits_zero_then_continues(reference, tmp_path):
 def test_resume_on_one_rank(reference, tmp_path):
     """2 ranks -> 1 rank through DeepSpeed's universal checkpoint (stage changes: test_universal.py)."""
     stage, ref_dir = reference
+    if stage != 3:
+        pytest.skip("one stage is enough: test_universal.py converts from both stages")
     run_dir = tmp_path / "run"
     shutil.copytree(ref_dir, run_dir)
     res = run(train_cmd(1, overrides(_data_of(ref_dir), run_dir, stage, f"train.max_steps={STEPS + 6}",

@@ -129,12 +129,16 @@ def test_conversions_hold_the_saved_weights_and_optimizer_state(resumed, referen
         assert {float(v) for v in universal_tensors(step_dir, "step").values()} == {float(SAVE)}
         per_source[case] = {k: universal_tensors(step_dir, k) for k in ("exp_avg", "exp_avg_sq")}
     # The ZeRO-3 and ZeRO-2 writers go through different converter paths; the two
-    # runs differ only in reduction order, so their Adam moments must agree.
+    # runs differ only in reduction order, so their Adam moments must agree: a
+    # converter that misplaced or mixed shards would be off by about the tensor's
+    # own norm. (Norms, not the largest element: Adam amplifies reduction-order
+    # noise in the few elements whose gradient is near zero.)
     for key in ("exp_avg", "exp_avg_sq"):
         for name, d3 in per_source["3to2"][key].items():
             a, b = d3["param"], per_source["2to3"][key][name]["param"]
             assert a.shape == b.shape and a.abs().max() > 0, (key, name)
-            assert (a - b).abs().max() <= 1e-3 * b.abs().max(), (key, name)
+            rel = float((a - b).norm() / b.norm())
+            assert rel <= 1e-3, (key, name, rel)
 
     # Idempotent: a finished conversion is reused, not redone.
     step_dir = ckpt(resumed["3to2"][0], SAVE)
