@@ -72,7 +72,8 @@ def run_recipe(recipe: str, tok, filler, heldout, steps: int, batch: int, seed: 
     tc, pk = cfg.train, cfg.train.passkey
     opt = torch.optim.AdamW(param_groups(model, tc.weight_decay), lr=tc.lr, betas=(tc.beta1, tc.beta2))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
-    episodes = Episodes(EpisodeSource(tok, filler, T, batch, tc.answer_weight, tc.answer_context_weight, seed, 0),
+    episodes = Episodes(EpisodeSource(tok, filler, T, batch, tc.answer_weight, tc.answer_context_weight, seed, 0,
+                                      max_keys=pk.max_keys),
                         PasskeyCurriculum(pk.start_distance, pk.max_distance, pk.promote_exact, pk.promote_window,
                                           seed),
                         fraction=1.0, ltm_only_at_max=pk.ltm_only_at_max)

@@ -126,6 +126,10 @@ class PasskeyTrainConfig:
     ltm_only_at_max: bool = False
     # Training documents read (once, at start-up) as the episodes' filler.
     filler_docs: int = 256
+    # Facts per episode document: 1 = "The pass key is NNNNN."; K > 1 = each
+    # document holds 1..K facts "The pass key of door N is NNNNN." and asks
+    # for one of them (the harder variant of `mnemo eval --multikey`).
+    max_keys: int = 1
 
 
 @dataclass
@@ -408,6 +412,7 @@ def validate(cfg: Config) -> None:
     need(0 <= pk.promote_exact < 1, "train.passkey.promote_exact", "must be in [0, 1)")
     need(pk.promote_window >= 1, "train.passkey.promote_window", "must be >= 1")
     need(pk.filler_docs >= 1, "train.passkey.filler_docs", "must be >= 1")
+    need(pk.max_keys >= 1, "train.passkey.max_keys", "must be >= 1")
     need(cfg.zero.stage in (1, 2, 3), "zero.stage", f"must be 1, 2 or 3, got {cfg.zero.stage}")
     need(cfg.checkpoint.interval >= 0, "checkpoint.interval", "must be >= 0")
     need(cfg.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")

@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from data_pipeline.passkey import DEPTHS, filler_stream, is_synthetic, make_passkey_sample
+from data_pipeline.passkey import DEPTHS, filler_stream, is_synthetic, make_multikey_sample, make_passkey_sample
 
 
 def is_episode_step(step: int, fraction: float) -> bool:
@@ -107,20 +107,29 @@ class EpisodeSource:
     """Fresh passkey documents for one rank: ``batch(D)`` -> EpisodeBatch."""
 
     def __init__(self, tokenizer: Any, filler: Any, segment_len: int, batch_size: int, answer_weight: float,
-                 context_weight: float, seed: int, rank: int):
+                 context_weight: float, seed: int, rank: int, max_keys: int = 1):
         self.tokenizer, self.T, self.B = tokenizer, int(segment_len), int(batch_size)
         self.answer_weight, self.context_weight = float(answer_weight), float(context_weight)
         self.filler = filler_stream(filler)
         self.depths = list(DEPTHS)
+        self.max_keys = int(max_keys)
         self.rng = np.random.default_rng([int(seed), int(rank), 0xE915])
         # Fail at start-up, not mid-run, when the segment cannot hold a key or a question.
         make_passkey_sample(tokenizer, self.filler, 0, "start", self.T, np.random.default_rng(0))
+        if self.max_keys > 1:
+            make_multikey_sample(tokenizer, self.filler, 0, self.max_keys, self.T, np.random.default_rng(0))
+
+    def _row(self, distance: int) -> dict:
+        """One document: with max_keys > 1, 1..max_keys door facts ("The pass key of door N is ...")."""
+        depth = self.depths[int(self.rng.integers(0, len(self.depths)))]
+        if self.max_keys == 1:
+            return make_passkey_sample(self.tokenizer, self.filler, distance, depth, self.T, self.rng)
+        keys = int(self.rng.integers(1, self.max_keys + 1))
+        return make_multikey_sample(self.tokenizer, self.filler, distance, keys, self.T, self.rng, depth=depth)
 
     def batch(self, distance: int, at_max: bool = False) -> EpisodeBatch:
         T = self.T
-        rows = [make_passkey_sample(self.tokenizer, self.filler, distance,
-                                    self.depths[int(self.rng.integers(0, len(self.depths)))], T, self.rng)
-                for _ in range(self.B)]
+        rows = [self._row(distance) for _ in range(self.B)]
         tokens = torch.from_numpy(np.stack([r["tokens"] for r in rows]))  # [B, (D+1)T + 1]
         answer = torch.zeros(self.B, T, dtype=torch.bool)
         for i, r in enumerate(rows):

@@ -464,7 +464,8 @@ def _episodes(cfg: Config, source, tok_file: str, rank: int):
 
     filler = training_filler(source, cfg.data.val_fraction, pk.filler_docs, cfg.train.seed)
     src = EpisodeSource(Tokenizer(tok_file), filler, cfg.model.segment_len, cfg.train.batch_size,
-                        cfg.train.answer_weight, cfg.train.answer_context_weight, cfg.train.seed, rank)
+                        cfg.train.answer_weight, cfg.train.answer_context_weight, cfg.train.seed, rank,
+                        max_keys=pk.max_keys)
     cur = PasskeyCurriculum(pk.start_distance, pk.max_distance, pk.promote_exact, pk.promote_window, cfg.train.seed)
     return Episodes(src, cur, pk.fraction, ltm_only_at_max=pk.ltm_only_at_max)
 

@@ -89,6 +89,33 @@ def test_episode_batch_marks_the_answer_digits_of_segment_d(tok, filler, D):
     assert set(eb.weight[eb.answer].tolist()) == {5.0} and set(eb.weight[~eb.answer].tolist()) == {0.5}
 
 
+@pytest.mark.parametrize("D", [0, 2])
+def test_multikey_episodes_ask_for_one_door_of_up_to_max_keys(tok, filler, D):
+    """train.passkey.max_keys = 2: rows hold 1 or 2 door facts; the answer is the key of the door asked for."""
+    import re
+
+    T2 = 2 * T  # room for two facts and the question in one segment at this test tokenizer
+    src = EpisodeSource(tok, filler, T2, 24, 5.0, 1.0, seed=1, rank=0, max_keys=2)
+    eb = src.batch(D)
+    targets = eb.tokens[:, D * T2 + 1:(D + 1) * T2 + 1]
+    counts = set()
+    for i in range(24):
+        text = tok.decode(eb.tokens[i].tolist())
+        facts = dict(re.findall(r"The pass key of door (\d+) is (\d{5})\. ", text))
+        door = re.findall(r"What is the pass key of door (\d+)\?", text)
+        assert len(door) == 1 and door[0] in facts, text
+        assert tok.decode(targets[i][eb.answer[i]].tolist()) == facts[door[0]]
+        counts.add(len(facts))
+    assert counts == {1, 2}
+
+
+def test_episode_source_rejects_more_keys_than_a_segment_holds(tok, filler):
+    from data_pipeline.errors import DataError
+
+    with pytest.raises(DataError, match="facts"):
+        EpisodeSource(tok, filler, T, B, 5.0, 1.0, seed=1, rank=0, max_keys=40)
+
+
 def test_episode_source_rank_streams_differ_and_resume_exactly(tok, filler):
     a = EpisodeSource(tok, filler, T, B, 5.0, 1.0, seed=1, rank=0)
     other_rank = EpisodeSource(tok, filler, T, B, 5.0, 1.0, seed=1, rank=1)
