@@ -42,7 +42,6 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
 from model import MemoryState, MemoryTransformer, ModelArgs, SIZES  # noqa: E402
-from model.memory import LayerMemory  # noqa: E402
 
 SIZE, T, B = "debug", 512, 4
 M, N, TOPK = 512, 8192, 32
@@ -61,7 +60,7 @@ def full_state(model: MemoryTransformer, batch: int) -> MemoryState:
     def fill(t: torch.Tensor | None) -> torch.Tensor | None:
         return None if t is None else F.normalize(torch.randn(t.shape, generator=g), dim=-1)
 
-    layers = tuple(LayerMemory(*(fill(t) for t in (m.stm_k, m.stm_v, m.ltm_k, m.ltm_v))) for m in empty.layers)
+    layers = tuple(m._map(fill) for m in empty.layers)
     full = torch.ones(batch, dtype=torch.long)
     return MemoryState(layers=layers, stm_len=full * empty.stm_capacity, ltm_len=full * empty.ltm_capacity,
                        pos=full * 100_000)

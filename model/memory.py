@@ -6,10 +6,12 @@ it per rank and detaches it at truncated-BPTT boundaries.
 
 Layout (B = stream slots, H = heads, Dh = head dim):
   stm_k, stm_v   [B, H, M, Dh]   per layer: rotated keys / values of the last M
-                                  tokens of the slot's current document
+                                  tokens of the slot's current document (in a
+                                  joint long-term layer, which has no RoPE: the
+                                  unit-norm keys)
   ltm_k, ltm_v   [B, H, N, Dh]   per long-term layer: unit-norm, un-rotated keys
                                   and values of the document so far (FIFO)
-  k_tail         [B, H, 1, Dh]   per joint long-term layer with smeared keys: the
+  k_tail         [B, H, 1, Dh]   per long-term layer with smeared keys: the
                                   raw key of the last token read (the next
                                   segment's first key mixes it in)
   stm_len, ltm_len  [B]          valid entries; they are always the newest,

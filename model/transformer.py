@@ -6,9 +6,12 @@ rotated keys/values of the last M tokens of the same slot's document, so RoPE
 positions stay correct across the segment boundary.
 Long-term memory (LTM, Memorizing Transformers): in selected layers each query
 retrieves its top-k keys (cosine similarity, exact, by chunked matmul) from a
-per-slot FIFO store of everything the slot has read in this document, attends
-over them with a learned per-head temperature, and a learned per-head gate mixes
-that with local attention.
+per-slot FIFO store of everything the slot has read in this document. In a
+"joint" layer (the default) there is no RoPE and one softmax, scaled by a
+learned per-head temperature, covers the retrieved keys, the short-term memory
+and the segment; in a "gate" layer the query attends over its retrieved keys
+and a learned per-head gate mixes that with RoPE local attention. Keys of
+long-term layers may be smeared with the previous token's key.
 
 The model is pure PyTorch: memory goes in and comes out of ``forward`` as a
 ``MemoryState``; nothing is detached, cached on modules or mutated in place.
@@ -383,7 +386,8 @@ class Attention(nn.Module):
         """
         qn, kn = F.normalize(q, dim=-1), F.normalize(k, dim=-1)  # [B, H, T, Dh]
         temp = self.ltm_log_temp.exp().view(1, -1, 1, 1)
-        qs = qn * temp
+        # Scores and softmax in fp32 (as SDPA does inside): at temperature 20, bf16 logits step by 0.125.
+        qs = (qn * temp).float()
         if mem.stm_k is not None:
             M = mem.stm_k.shape[2]
             keys = torch.cat((mem.stm_k, kn), dim=2)  # [B, H, M+T, Dh]
@@ -393,14 +397,14 @@ class Attention(nn.Module):
         else:
             keys, vals, mask = kn, v, ctx.causal_mask  # mask [T, T]
             new_stm_k = new_stm_v = None
-        scores = [qs @ keys.transpose(-1, -2) + mask]  # [B, H, T, M+T]
+        scores = [qs @ keys.float().transpose(-1, -2) + mask.float()]  # [B, H, T, M+T]
         new_ltm_k = new_ltm_v = None
         if mem.ltm_k is not None:
             sel_k, sel_v, found = knn_retrieve(qn, mem.ltm_k, mem.ltm_v, ctx.ltm_valid, self.topk,
                                                window=ctx.ltm_window)  # [B, H, T, k, Dh], found [B, H, T, k]
-            scores.append(torch.einsum("bhtd,bhtkd->bhtk", qs, sel_k).masked_fill(~found, float("-inf")))
+            scores.append(torch.einsum("bhtd,bhtkd->bhtk", qs, sel_k.float()).masked_fill(~found, float("-inf")))
             new_ltm_k, new_ltm_v = fifo_push(mem.ltm_k, kn), fifo_push(mem.ltm_v, v)
-        p = torch.softmax(torch.cat(scores, dim=-1), dim=-1)  # every row keeps its own key: no NaN
+        p = torch.softmax(torch.cat(scores, dim=-1), dim=-1).to(v.dtype)  # every row keeps its own key: no NaN
         L = keys.shape[2]
         out = p[..., :L] @ vals  # [B, H, T, Dh]
         if mem.ltm_k is not None:

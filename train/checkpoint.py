@@ -240,13 +240,27 @@ def model_args_of(ckpt: Path):
     return ModelArgs(**d)
 
 
+def saved_config_tree(tree: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's config tree, with what older releases did where they predate a key.
+
+    memory.long.mix and .smear_keys came with release 5; before, every
+    long-term layer was gated and unsmeared (the defaults are now joint and
+    smeared), so a missing key means the old behaviour, not the new default.
+    """
+    tree = json.loads(json.dumps(tree))  # a deep copy
+    long = tree.setdefault("memory", {}).setdefault("long", {})
+    long.setdefault("mix", "gate")
+    long.setdefault("smear_keys", False)
+    return tree
+
+
 def config_of(ckpt: Path):
     from train.config import from_dict
 
     ckpt = Path(ckpt)
     if (ckpt / "config.json").is_file():
-        return from_dict(json.loads((ckpt / "config.json").read_text()))
-    return from_dict(read_meta(ckpt)["config"])
+        return from_dict(saved_config_tree(json.loads((ckpt / "config.json").read_text())))
+    return from_dict(saved_config_tree(read_meta(ckpt)["config"]))
 
 
 def load_weights(model: torch.nn.Module, sd: dict[str, torch.Tensor], source: str) -> None:

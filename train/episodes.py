@@ -116,8 +116,11 @@ class EpisodeSource:
         self.rng = np.random.default_rng([int(seed), int(rank), 0xE915])
         # Fail at start-up, not mid-run, when the segment cannot hold a key or a question.
         make_passkey_sample(tokenizer, self.filler, 0, "start", self.T, np.random.default_rng(0))
-        if self.max_keys > 1:
-            make_multikey_sample(tokenizer, self.filler, 0, self.max_keys, self.T, np.random.default_rng(0))
+        if self.max_keys > 1:  # the most facts at every depth, facts placed at random: a few draws each
+            for depth in self.depths:
+                for seed in range(4):
+                    make_multikey_sample(tokenizer, self.filler, 0, self.max_keys, self.T,
+                                         np.random.default_rng(seed), depth=depth)
 
     def _row(self, distance: int) -> dict:
         """One document: with max_keys > 1, 1..max_keys door facts ("The pass key of door N is ...")."""

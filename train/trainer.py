@@ -40,6 +40,7 @@ log = logging.getLogger("mnemo.train")
 UNSAFE_KEYS = ("model.size", "model.mlp", "model.embeddings", "model.segment_len", "memory.short.length",
                "memory.long.kind", "memory.long.capacity", "memory.long.layers", "memory.long.mix",
                "memory.long.smear_keys", "data.val_fraction", "train.seed")
+_LTM_ONLY_KEYS = ("memory.long.mix", "memory.long.smear_keys")
 
 
 @dataclasses.dataclass
@@ -191,8 +192,12 @@ class StepLog:
 
 def _check_resume_compatible(old_cfg: dict[str, Any], cfg: Config, meta: dict[str, Any], tok_sha: str,
                              manifest: dict[str, Any], path: Path) -> list[str]:
-    old, new = flatten(old_cfg), flatten(cfg)
+    from train.checkpoint import saved_config_tree
+
+    old, new = flatten(saved_config_tree(old_cfg)), flatten(cfg)
     for key in UNSAFE_KEYS:
+        if key in _LTM_ONLY_KEYS and old.get("memory.long.kind") == new.get("memory.long.kind") == "none":
+            continue  # how a long-term layer works does not matter to a model that has none
         if old.get(key) != new.get(key):
             raise UserError(f"{key}: changed from {old.get(key)!r} to {new.get(key)!r} since checkpoint {path}; "
                             "resuming would be unsafe (use checkpoint.resume=never or a new run.dir)")

@@ -71,3 +71,28 @@ def test_round_trip_through_yaml_and_dict(tmp_path):
     assert from_dict(to_dict(cfg)) == cfg
     flat = flatten(cfg)
     assert flat["train.seed"] == 9 and flat["memory.long.capacity"] == cfg.memory.long.capacity
+
+
+def test_resume_check_reads_a_pre_release_5_config_as_the_gated_unsmeared_layer():
+    """Checkpoints written before memory.long.mix / smear_keys existed hold gated, unsmeared layers:
+    resuming them needs the config that says so, and a model without long-term memory resumes as is."""
+    from pathlib import Path
+
+    import pytest
+
+    from train.config import load_config, to_dict
+    from train.errors import UserError
+    from train.trainer import _check_resume_compatible
+
+    def old_tree(kind: str) -> dict:
+        tree = to_dict(load_config(None, [f"memory.long.kind={kind}"]))
+        del tree["memory"]["long"]["mix"], tree["memory"]["long"]["smear_keys"]
+        return tree
+
+    def check(tree, *overrides):
+        return _check_resume_compatible(tree, load_config(None, list(overrides)), {}, "sha", {}, Path("ckpt"))
+
+    with pytest.raises(UserError, match="memory.long.mix: changed from 'gate' to 'joint'"):
+        check(old_tree("knn"), "memory.long.kind=knn")
+    check(old_tree("knn"), "memory.long.kind=knn", "memory.long.mix=gate", "memory.long.smear_keys=false")
+    check(old_tree("none"), "memory.long.kind=none")

@@ -359,13 +359,12 @@ def _write_mds(root: Path, tok: Tokenizer, texts: list[str]) -> Path:
 
 
 def test_eval_cli(tok, tmp_path, capsys):
-    import argparse
     import dataclasses
 
     from safetensors.torch import save_file
 
     from train.config import to_dict
-    from train.evaluate import register
+    from train.cli import build_parser
 
     T = 64
     exp = tmp_path / "export"
@@ -382,8 +381,7 @@ def test_eval_cli(tok, tmp_path, capsys):
     shutil.copy(tok.path, exp / "tokenizer.model")
     data = _write_mds(tmp_path / "data", tok, [t[:3000] for t in stdlib_texts(10)])
 
-    p = argparse.ArgumentParser()
-    register(p.add_subparsers())
+    p = build_parser()  # the mnemo CLI's own parser
     out = tmp_path / "res.json"
     args = p.parse_args(["eval", str(exp), "--data", str(data), "--json", str(out), "--max-docs", "3",
                          "--passkey-trials", "3", "--distances", "1,2", "--batch-size", "4", "--plots",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import io
 import json
@@ -15,7 +14,8 @@ import torch
 from model import MemoryTransformer, ModelArgs
 from train.config import Config, to_dict
 from train.errors import UserError
-from train.generate import SegmentReader, TextStreamer, generate, register, sample_next
+from train.cli import build_parser
+from train.generate import SegmentReader, TextStreamer, generate, sample_next
 
 T = 16
 
@@ -154,8 +154,7 @@ def test_generate_cli(tmp_path, capsys):
     exp = _export_dir(tmp_path)
     prompt = tmp_path / "prompt.txt"
     prompt.write_text("def fibonacci(n):\n    a, b = 0, 1\n" * 12)  # > 8 segments of 16 tokens
-    p = argparse.ArgumentParser()
-    register(p.add_subparsers())
+    p = build_parser()  # the mnemo CLI's own parser
 
     def run(*extra):
         args = p.parse_args(["generate", str(exp), "--prompt-file", str(prompt), "--max-tokens", "20", *extra])
