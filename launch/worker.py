@@ -28,8 +28,31 @@ def describe(environ: Mapping[str, str]) -> str:
     return "mnemo worker: " + ", ".join(parts)
 
 
+def die_with_parent() -> None:
+    """Have the kernel SIGKILL this process when its parent (torchrun's agent) dies (Linux).
+
+    torchrun starts each worker in a session of its own, so a torchrun killed
+    without the chance to stop them (SIGKILL, the OOM killer) leaves the ranks
+    running, writing checkpoints into the run directory that a relaunch is
+    about to use. Checkpoints are atomic, so dying at any point loses at most
+    the steps since the last one.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # the parent was already gone when we asked
+        os._exit(1)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    die_with_parent()
     print(describe(os.environ), flush=True)
     # The node launcher starts torchrun with these ignored (so that only the
     # workers react to them); give the trainer the default dispositions back

@@ -7,7 +7,7 @@ import sysconfig
 
 import pytest
 
-from tests.integration.jobs import PY, REPO, run
+from tests.integration.jobs import PY, reference_overrides, run, train_cmd
 
 
 @pytest.fixture(scope="session")
@@ -28,3 +28,21 @@ def tiny_data(tmp_path_factory, tiny_corpus):
     run([PY, "-m", "train.cli", "prepare", "--input", str(tiny_corpus), "--out", str(out), "--vocab-size", "512",
          "--workers", "2"], timeout=300)
     return out
+
+
+@pytest.fixture(scope="session")
+def reference_run(tiny_data, tmp_path_factory):
+    """stage -> run dir of an uninterrupted 2-rank run (jobs.reference_overrides), built once per session.
+
+    Tests read it and copy it; none may write into it.
+    """
+    runs = {}
+
+    def get(stage: int):
+        if stage not in runs:
+            run_dir = tmp_path_factory.mktemp(f"ref{stage}") / "run"
+            run(train_cmd(2, reference_overrides(tiny_data, run_dir, stage)), timeout=400)
+            runs[stage] = run_dir
+        return runs[stage]
+
+    return get

@@ -69,11 +69,29 @@ def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: flo
 
 
 def kill_group(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
+    """Signal the process group of a job started with start(), and wait for its leader.
+
+    torchrun's workers run in sessions of their own: with sig = SIGKILL, they
+    are killed one by one first (they would outlive torchrun).
+    """
+    ranks = worker_pids(proc) if sig == signal.SIGKILL and proc.poll() is None else []
+    for pid in ranks:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
     try:
         os.killpg(proc.pid, sig)
     except ProcessLookupError:
         pass
     proc.wait(timeout=60)
+    import psutil
+
+    for pid in ranks:  # gone, not merely signalled, before the test looks at the run directory
+        try:
+            psutil.Process(pid).wait(timeout=30)
+        except psutil.Error:
+            pass
 
 
 def worker_pids(proc: subprocess.Popen) -> list[int]:
@@ -95,3 +113,22 @@ def mlflow_runs(run_dir: Path):
     client = MlflowClient(f"sqlite:///{Path(run_dir) / 'mlflow.db'}")
     exps = [e.experiment_id for e in client.search_experiments()]
     return client, client.search_runs(exps)
+
+
+# The shared reference job (conftest.reference_run): an uninterrupted 2-rank run per ZeRO stage that the
+# fault scenarios of test_train.py and the stage/world conversions of test_universal.py start from.
+REFERENCE_STEPS = 40
+
+
+def reference_overrides(data: Path, run_dir: Path, stage: int, *extra: str) -> list[str]:
+    return [f"data.path={data}", f"run.dir={run_dir}", f"zero.stage={stage}", f"train.max_steps={REFERENCE_STEPS}",
+            "checkpoint.interval=10", "checkpoint.keep=5", "train.log_interval=5",
+            # Every 4th step a passkey episode: resume must continue its curriculum and documents exactly.
+            "train.passkey.fraction=0.25", *extra]
+
+
+def data_of(run_dir: Path) -> str:
+    """The data.path a run was started with (from its saved config)."""
+    import yaml
+
+    return yaml.safe_load((Path(run_dir) / "config.yaml").read_text())["data"]["path"]

@@ -1,8 +1,9 @@
 """Resume on another world size AND another ZeRO stage through DeepSpeed's universal checkpoint (issue 6, item 6).
 
-Two 2-rank reference runs (ZeRO-3 and ZeRO-2, identical up to float
-reduction order) each save at step SAVE; each is resumed on 1 rank at the
-other stage with the same global batch (batch_size 8 = 2 x 4):
+The two 2-rank reference runs of test_train.py (conftest.reference_run:
+ZeRO-3 and ZeRO-2, identical up to float reduction order) are each cut back
+to their checkpoint at step SAVE and resumed on 1 rank at the other stage
+with the same global batch (batch_size 8 = 2 x 4):
 
     2 ranks ZeRO-3 --(universal)--> 1 rank ZeRO-2
     2 ranks ZeRO-2 --(universal)--> 1 rank ZeRO-3
@@ -14,25 +15,21 @@ weights, Adam moments and step, hence give the same resumed losses.
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.integration.jobs import losses_by_step, run, steps, train_cmd
+from tests.integration.jobs import data_of, losses_by_step, reference_overrides, run, steps, train_cmd
 
 pytestmark = pytest.mark.integration
 
-STEPS, SAVE = 10, 5
-# Cheap final eval, no MLflow server start-up: these runs are about the optimizer state.
-COMMON = ["checkpoint.keep=5", "train.log_interval=1", "tracking.enabled=false", "eval.max_docs=1",
-          "eval.max_doc_tokens=128"]
-
-
-def overrides(data: Path, run_dir: Path, stage: int, max_steps: int, *extra: str) -> list[str]:
-    return [f"data.path={data}", f"run.dir={run_dir}", f"zero.stage={stage}", f"train.max_steps={max_steps}",
-            f"checkpoint.interval={SAVE}", *COMMON, *extra]
+SAVE, STEPS = 10, 15  # the references' first checkpoint; 5 steps after the resume
+# Every step logged, cheap final eval, no MLflow: these runs are about the optimizer state.
+RESUME = [f"train.max_steps={STEPS}", "train.batch_size=8", "train.log_interval=1", "tracking.enabled=false",
+          "eval.max_docs=1", "eval.max_doc_tokens=128"]
 
 
 def ckpt(run_dir: Path, step: int) -> Path:
@@ -40,35 +37,41 @@ def ckpt(run_dir: Path, step: int) -> Path:
 
 
 @pytest.fixture(scope="module")
-def references(tiny_data, tmp_path_factory) -> dict[int, Path]:
-    """ZeRO stage -> a finished 2-rank run dir whose last checkpoint is at SAVE."""
-    out = {}
-    for stage in (3, 2):
-        run_dir = tmp_path_factory.mktemp(f"uref{stage}") / "run"
-        run(train_cmd(2, overrides(tiny_data, run_dir, stage, SAVE)), timeout=400)
-        out[stage] = run_dir
-    return out
+def references(reference_run) -> dict[int, Path]:
+    """ZeRO stage -> a finished 2-rank run dir with a checkpoint at SAVE."""
+    return {stage: reference_run(stage) for stage in (3, 2)}
 
 
-def resume_one_rank(data: Path, ref_dir: Path, run_dir: Path, stage: int) -> str:
-    """Relaunch a copy of ref_dir on 1 rank at `stage` up to STEPS (auto-resume from SAVE); returns stderr."""
+def cut_back(ref_dir: Path, run_dir: Path) -> None:
+    """Copy ref_dir as it was right after its save at SAVE: later checkpoints and step records dropped."""
     shutil.copytree(ref_dir, run_dir)
+    for d in (run_dir / "checkpoints").glob("step_*"):
+        if int(d.name.split("_")[1]) > SAVE:
+            shutil.rmtree(d)
+    (run_dir / "checkpoints" / "latest").write_text(ckpt(run_dir, SAVE).name + "\n")
+    log = run_dir / "logs" / "steps.jsonl"
+    log.write_text("".join(json.dumps(r) + "\n" for r in steps(run_dir) if r["step"] <= SAVE))
+
+
+def resume_one_rank(data: str, ref_dir: Path, run_dir: Path, stage: int) -> str:
+    """Relaunch a cut-back copy of ref_dir on 1 rank at `stage` up to STEPS (auto-resume from SAVE); returns stderr."""
+    cut_back(ref_dir, run_dir)
     ds = ckpt(run_dir, SAVE) / "ds"
     # Leftovers the conversion must not trust: an interrupted one, and one in an older layout.
     (ds / ".tmp-universal_state" / "zero").mkdir(parents=True)
     (ds / "universal_state").mkdir()
     (ds / "universal_state" / "COMPLETE").write_text("ok\n")
-    res = run(train_cmd(1, overrides(data, run_dir, stage, STEPS, "train.batch_size=8")), timeout=400)
+    res = run(train_cmd(1, reference_overrides(data, run_dir, stage, *RESUME)), timeout=400)
     return res.stderr
 
 
 @pytest.fixture(scope="module")
-def resumed(tiny_data, references, tmp_path_factory) -> dict[str, tuple[Path, str]]:
+def resumed(references, tmp_path_factory) -> dict[str, tuple[Path, str]]:
     """'3to2' and '2to3' -> (run dir, stderr) of the 1-rank resumes."""
     out = {}
     for src, dst in ((3, 2), (2, 3)):
         run_dir = tmp_path_factory.mktemp(f"u{src}to{dst}") / "run"
-        out[f"{src}to{dst}"] = run_dir, resume_one_rank(tiny_data, references[src], run_dir, dst)
+        out[f"{src}to{dst}"] = run_dir, resume_one_rank(data_of(references[src]), references[src], run_dir, dst)
     return out
 
 
@@ -95,7 +98,7 @@ def test_one_rank_other_stage_resumes_and_continues(resumed, references, case):
     src = int(case[0])
     assert "re-partitioned from 2 to 1 ranks" in stderr
     assert not (ckpt(run_dir, SAVE) / "ds" / ".tmp-universal_state").exists(), "interrupted conversion left behind"
-    new = steps(run_dir)[len(steps(references[src])):]  # the copied log holds the reference's steps
+    new = steps(run_dir)[SAVE:]  # the cut-back log holds the reference's steps 1..SAVE
     assert [r["step"] for r in new] == list(range(SAVE + 1, STEPS + 1))
     pre = losses_by_step(references[src])[SAVE]
     print(f"{case}: loss at save step {SAVE} {pre:.4f}; resumed "

@@ -1,0 +1,65 @@
+"""launch.worker: a rank does not outlive the torchrun agent that started it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+# The child: like a torchrun worker, in a session of its own; writes its pid, then sleeps.
+CHILD = """
+import os, sys, time
+sys.path.insert(0, {repo!r})
+if {die!r}:
+    from launch.worker import die_with_parent
+    die_with_parent()
+open({pidfile!r}, "w").write(str(os.getpid()))
+time.sleep(120)
+"""
+PARENT = "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', sys.argv[1]], " \
+         "start_new_session=True); time.sleep(120)"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _child_after_parent_sigkill(tmp_path: Path, die: bool) -> int:
+    pidfile = tmp_path / f"child-{die}.pid"
+    parent = subprocess.Popen([sys.executable, "-c", PARENT,
+                               CHILD.format(repo=str(REPO), die=die, pidfile=str(pidfile))])
+    deadline = time.time() + 30
+    while not (pidfile.is_file() and pidfile.read_text()):
+        assert time.time() < deadline, "the child did not start"
+        time.sleep(0.05)
+    pid = int(pidfile.read_text())
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    return pid
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_worker_dies_when_its_parent_is_killed(tmp_path):
+    orphan = _child_after_parent_sigkill(tmp_path, die=False)
+    try:
+        pid = _child_after_parent_sigkill(tmp_path, die=True)
+        deadline = time.time() + 10
+        while _alive(pid) and time.time() < deadline:
+            time.sleep(0.05)
+        assert not _alive(pid), "the worker outlived its SIGKILLed parent"
+        # Without die_with_parent the same child lives on (what torchrun's workers did).
+        assert _alive(orphan)
+    finally:
+        if _alive(orphan):
+            os.kill(orphan, signal.SIGKILL)
