@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
-from model import MemoryTransformer, ModelArgs  # noqa: E402
+from mnemo.model import MemoryTransformer, ModelArgs  # noqa: E402
 
 PEAK_BF16 = 989e12
 
@@ -83,7 +83,7 @@ def run_arm(a: argparse.Namespace, arm: str, device: torch.device) -> None:
     if a.activation_checkpointing:
         from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
 
-        from model.transformer import Block
+        from mnemo.model.transformer import Block
 
         apply_activation_checkpointing(model, check_fn=lambda m: isinstance(m, Block))
     decay = [p for p in model.parameters() if p.dim() >= 2]

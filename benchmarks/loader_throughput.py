@@ -54,14 +54,14 @@ def main() -> None:
     try:
         data = args.data
         if not data:
-            from data_pipeline.prepare import prepare
+            from mnemo.data_pipeline.prepare import prepare
 
             data = str(tmp / "data")
             prepare([str(build_corpus(args.limit_mb, tmp))], data, vocab_size=4096, workers=os.cpu_count(),
                     progress=False)
         from streaming.base.util import clean_stale_shared_memory
 
-        from data_pipeline.streams import DocumentStreams, MDSSource
+        from mnemo.data_pipeline.streams import DocumentStreams, MDSSource
 
         clean_stale_shared_memory()
         T, B = 512, 8
@@ -83,7 +83,7 @@ def main() -> None:
         loader_tps = padded / loader_s
 
         # (b) training step of the debug memory model on the same batches
-        from model import MemoryTransformer, ModelArgs
+        from mnemo.model import MemoryTransformer, ModelArgs
 
         margs = ModelArgs.from_size("debug", vocab, stm_length=512, ltm_kind="knn", ltm_capacity=8192, ltm_topk=32,
                                     ltm_layers=(2,))

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
-from model import MemoryState, MemoryTransformer, ModelArgs, SIZES  # noqa: E402
+from mnemo.model import MemoryState, MemoryTransformer, ModelArgs, SIZES  # noqa: E402
 
 SIZE, T, B = "debug", 512, 4
 M, N, TOPK = 512, 8192, 32

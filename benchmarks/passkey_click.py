@@ -37,10 +37,10 @@ T, B_DEFAULT = 128, 16
 def load_data(data_dir: Path):
     import numpy as np
 
-    from data_pipeline.split import heldout_mask
-    from data_pipeline.streams import MDSSource
-    from data_pipeline.tokenizer import Tokenizer
-    from launch.demo import DemoSettings, prepare_data
+    from mnemo.data_pipeline.split import heldout_mask
+    from mnemo.data_pipeline.streams import MDSSource
+    from mnemo.data_pipeline.tokenizer import Tokenizer
+    from mnemo.launch.demo import DemoSettings, prepare_data
 
     prepare_data(DemoSettings(passkey_docs=0), data_dir, T)
     src = MDSSource(str(data_dir))
@@ -55,11 +55,11 @@ def run_recipe(recipe: str, tok, filler, heldout, steps: int, batch: int, seed: 
                overrides: list[str] = ()) -> dict:
     import torch
 
-    from model import MemoryTransformer
-    from train.config import load_config
-    from train.episodes import EpisodeSource, Episodes, PasskeyCurriculum
-    from train.evaluate import passkey_report, with_ltm_capacity
-    from train.trainer import lr_lambda, model_args_from_config, param_groups
+    from mnemo.model import MemoryTransformer
+    from mnemo.train.config import load_config
+    from mnemo.train.episodes import EpisodeSource, Episodes, PasskeyCurriculum
+    from mnemo.train.evaluate import passkey_report, with_ltm_capacity
+    from mnemo.train.trainer import lr_lambda, model_args_from_config, param_groups
 
     mlp, init, emb = recipe.split("/")
     # The demo's model, schedule, episode weights and curriculum (configs/demo.yaml), with the recipe

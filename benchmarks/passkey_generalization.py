@@ -32,7 +32,7 @@ def _ints(text: str) -> list[int]:
 
 def measure(model, tok, filler, T: int, D: int, trials: int, batch: int, n_keys: int, seed: int) -> dict:
     """One row: passkey at distance D with the store sized for the whole document."""
-    from train.evaluate import passkey_report, with_ltm_capacity
+    from mnemo.train.evaluate import passkey_report, with_ltm_capacity
 
     with_ltm_capacity(model, max(D * T, model.args.ltm_topk))
     t0 = time.perf_counter()
@@ -59,8 +59,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from train.checkpoint import load_for_inference
-    from train.evaluate import _FILLER_TOKENS, read_heldout_docs
+    from mnemo.train.checkpoint import load_for_inference
+    from mnemo.train.evaluate import _FILLER_TOKENS, read_heldout_docs
 
     torch.set_num_threads(args.threads)
     model, tok, cfg = load_for_inference(args.checkpoint)

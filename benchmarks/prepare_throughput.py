@@ -58,8 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     import sentencepiece as spm
     import streaming  # noqa: F401  (imports torch: seconds, a fixed cost outside the measured pipeline)
 
-    from data_pipeline.prepare import prepare
-    from data_pipeline.tokenizer import train_tokenizer
+    from mnemo.data_pipeline.prepare import prepare
+    from mnemo.data_pipeline.tokenizer import train_tokenizer
 
     files = stdlib_files(int(args.limit_mb * (1 << 20)))
     size = sum(os.path.getsize(f) for f in files)

@@ -35,7 +35,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
-from train.tracking import Tracker, memory_stats  # noqa: E402
+from mnemo.train.tracking import Tracker, memory_stats  # noqa: E402
 
 
 def build(width: int, depth: int) -> tuple[nn.Module, torch.optim.Optimizer]:

@@ -40,22 +40,22 @@ def main() -> None:
         corpus.mkdir()
         for f in sorted(glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "*.py")))[:60]:
             shutil.copy(f, corpus)
-        from data_pipeline.prepare import prepare
+        from mnemo.data_pipeline.prepare import prepare
 
         prepare([str(corpus)], str(tmp / "data"), vocab_size=2048, progress=False)
 
-        from launch.env import apply_rank_env
+        from mnemo.launch.env import apply_rank_env
 
         apply_rank_env()
         import deepspeed
         import torch
 
-        from data_pipeline.streams import DocumentStreams, MDSSource
-        from train.config import load_config
-        from train.trainer import (_Loop, StepLog, deepspeed_config, dist_info, lm_loss, lr_lambda,
+        from mnemo.data_pipeline.streams import DocumentStreams, MDSSource
+        from mnemo.train.config import load_config
+        from mnemo.train.trainer import (_Loop, StepLog, deepspeed_config, dist_info, lm_loss, lr_lambda,
                                    model_args_from_config, param_groups)
-        from train.tracking import Tracker
-        from model import MemoryTransformer
+        from mnemo.train.tracking import Tracker
+        from mnemo.model import MemoryTransformer
 
         cfg = load_config(REPO / "configs/debug.yaml", [
             f"data.path={tmp / 'data'}", f"run.dir={tmp / 'run'}", f"model.segment_len={args.segment_len}",

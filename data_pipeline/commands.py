@@ -2,7 +2,7 @@
 
 Each handler calls one importable function and returns the exit code; heavy
 imports (sentencepiece, streaming, torch) happen inside the handlers so that
-`mnemo --help` stays fast. Errors are DataError, printed by train.cli as one line.
+`mnemo --help` stays fast. Errors are DataError, printed by mnemo.train.cli as one line.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ def _add_input_args(p: argparse.ArgumentParser) -> None:
 
 
 def _tokenizer_train(args: argparse.Namespace) -> int:
-    from data_pipeline.tokenizer import train_tokenizer
+    from mnemo.data_pipeline.tokenizer import train_tokenizer
 
     tok = train_tokenizer(args.input, args.out, args.vocab_size, model_type=args.model_type,
                           sample_docs=args.sample_docs, special_tokens=args.special_tokens or (),
@@ -30,7 +30,7 @@ def _tokenizer_train(args: argparse.Namespace) -> int:
 
 
 def _prepare(args: argparse.Namespace) -> int:
-    from data_pipeline.prepare import prepare
+    from mnemo.data_pipeline.prepare import prepare
 
     m = prepare(args.input, args.out, tokenizer=args.tokenizer, workers=args.workers, text_field=args.text_field,
                 id_field=args.id_field, strict=args.strict, overwrite=args.overwrite, vocab_size=args.vocab_size,
@@ -51,7 +51,7 @@ def _prepare(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from data_pipeline.verify import verify
+    from mnemo.data_pipeline.verify import verify
 
     rep = verify(args.data_dir)
     print(f"{args.data_dir}: OK ({rep['shards']} shards, {rep['documents']:,} documents, {rep['tokens']:,} tokens)")
@@ -59,7 +59,7 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from data_pipeline.verify import format_inspect, inspect
+    from mnemo.data_pipeline.verify import format_inspect, inspect
 
     rep = inspect(args.data_dir, num_samples=args.samples)
     print(json.dumps(rep, indent=1) if args.json else format_inspect(rep))

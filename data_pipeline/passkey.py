@@ -23,7 +23,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from data_pipeline.errors import DataError
+from mnemo.data_pipeline.errors import DataError
 
 # Pieces of text; each is encoded on its own. The surrounding spaces separate
 # the sentences from filler that may end or start mid-word.

@@ -45,9 +45,9 @@ from pathlib import Path
 
 import numpy as np
 
-from data_pipeline.errors import DataError
-from data_pipeline.readers import Corpus, Doc, ReadStats, WorkUnit, iter_unit, plan_inputs, split_units
-from data_pipeline.tokenizer import Tokenizer, file_sha256, reservoir_sample, train_from_texts
+from mnemo.data_pipeline.errors import DataError
+from mnemo.data_pipeline.readers import Corpus, Doc, ReadStats, WorkUnit, iter_unit, plan_inputs, split_units
+from mnemo.data_pipeline.tokenizer import Tokenizer, file_sha256, reservoir_sample, train_from_texts
 
 FORMAT_VERSION = 1
 STATE_DIR = ".mnemo-prepare"
@@ -464,7 +464,7 @@ def _filler_tokens(ctx: UnitContext, units: Sequence[WorkUnit], need: int) -> np
 
 def _passkey_samples(ctx: UnitContext, tok: Tokenizer, filler: np.ndarray, n: int, max_distance: int,
                      segment_len: int, seed: int) -> Iterator[dict]:
-    from data_pipeline.passkey import make_passkey_sample
+    from mnemo.data_pipeline.passkey import make_passkey_sample
 
     rng = np.random.default_rng(seed)
     dtype = np.dtype(ctx.token_dtype)
@@ -660,7 +660,7 @@ def _copy_tokenizer(loc: OutLocation, given: Tokenizer, given_bytes: bytes) -> T
 def _train_tokenizer(loc: OutLocation, corpus: Corpus, text_field: str, id_field: str | None, strict: bool,
                      vocab_size: int, model_type: str, sample_docs: int, seed: int) -> Tokenizer:
     """OUT/tokenizer.model trained on a sample of the corpus (kept across an interrupted run)."""
-    from data_pipeline.readers import iter_documents
+    from mnemo.data_pipeline.readers import iter_documents
 
     dest = os.path.join(loc.local, "tokenizer.model")
     if os.path.exists(dest):  # written atomically by an interrupted run of this same command

@@ -43,7 +43,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import IO, NamedTuple
 
-from data_pipeline.errors import DataError
+from mnemo.data_pipeline.errors import DataError
 
 TEXT_EXTENSIONS = frozenset("""
 .txt .text .md .markdown .rst .adoc .asciidoc .org .tex .bib .rtf

@@ -41,8 +41,8 @@ from typing import Any, Protocol, Sequence
 import numpy as np
 import torch
 
-from data_pipeline.errors import DataError
-from data_pipeline.split import heldout_mask
+from mnemo.data_pipeline.errors import DataError
+from mnemo.data_pipeline.split import heldout_mask
 
 STATE_VERSION = 1
 

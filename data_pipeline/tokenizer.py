@@ -44,7 +44,7 @@ from pathlib import Path
 import numpy as np
 import sentencepiece as spm
 
-from data_pipeline.errors import DataError
+from mnemo.data_pipeline.errors import DataError
 
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
 # SentencePiece's whitespace marker; see the module docstring.
@@ -240,7 +240,7 @@ def train_tokenizer(inputs: Sequence[str], out: str | os.PathLike, vocab_size: i
     Memory is bounded by ``sample_docs * max_doc_chars`` characters whatever
     the corpus size (one pass over the corpus picks the sample).
     """
-    from data_pipeline.readers import ReadStats, iter_documents, plan_inputs
+    from mnemo.data_pipeline.readers import ReadStats, iter_documents, plan_inputs
 
     if sample_docs < 1:
         raise DataError(f"--sample-docs must be positive, got {sample_docs}")

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from data_pipeline.errors import DataError
+from mnemo.data_pipeline.errors import DataError
 
 
 def read_json_file(path: str, what: str) -> dict:
@@ -109,7 +109,7 @@ def iter_shard_samples(data_dir: str, index: dict) -> Iterator[tuple[str, int, d
 
 def verify(data_dir: str) -> dict:
     """Check every shard and the totals; DataError naming the first bad shard. Returns a report."""
-    from data_pipeline.tokenizer import file_sha256
+    from mnemo.data_pipeline.tokenizer import file_sha256
 
     manifest = read_manifest(data_dir)
     index = read_json_file(os.path.join(data_dir, "index.json"), "the merged shard index")
@@ -148,7 +148,7 @@ def verify(data_dir: str) -> dict:
 
 def inspect(data_dir: str, num_samples: int = 3, max_chars: int = 300) -> dict:
     """Counts, token-length percentiles and histogram, and a few decoded documents."""
-    from data_pipeline.tokenizer import Tokenizer
+    from mnemo.data_pipeline.tokenizer import Tokenizer
 
     manifest = read_manifest(data_dir)
     index = read_json_file(os.path.join(data_dir, "index.json"), "the merged shard index")

@@ -19,7 +19,7 @@ import re
 import sys
 from pathlib import Path
 
-from train.errors import UserError
+from mnemo.train.errors import UserError
 
 
 class _IntermixedParser(argparse.ArgumentParser):
@@ -136,9 +136,9 @@ def _job_name(cfg, run_dir: Path) -> str:
 
 
 def launch(args: argparse.Namespace) -> int:
-    from launch import env as launch_env
-    from launch.torchrun import DEFAULT_MASTER_PORT, NodePlan, check_node_args, default_rdzv_id
-    from train.config import check_paths, load_config
+    from mnemo.launch import env as launch_env
+    from mnemo.launch.torchrun import DEFAULT_MASTER_PORT, NodePlan, check_node_args, default_rdzv_id
+    from mnemo.train.config import check_paths, load_config
 
     target = _check_flags(args)
     # Validate everything before starting or submitting anything.
@@ -174,19 +174,19 @@ def launch(args: argparse.Namespace) -> int:
         max_restarts=args.max_restarts,
     )
     if args.dry_run:
-        from launch.torchrun import render_node
+        from mnemo.launch.torchrun import render_node
 
         sys.stdout.write(render_node(plan, os.environ))
         return 0
-    from launch.local import run_node
+    from mnemo.launch.local import run_node
 
     return run_node(plan, stop_on_stdin_eof=args.stop_on_stdin_eof)
 
 
 def _hostfile(args, cfg, config: str, run_dir: Path, cwd: str, port: int, rdzv_id: str) -> int:
-    from launch import env as launch_env
-    from launch import remote
-    from launch.hostfile import parse_hostfile, procs_per_node, select_hosts
+    from mnemo.launch import env as launch_env
+    from mnemo.launch import remote
+    from mnemo.launch.hostfile import parse_hostfile, procs_per_node, select_hosts
 
     hosts = select_hosts(parse_hostfile(args.hostfile), args.include, args.exclude)
     nproc = procs_per_node(hosts, args.nproc_per_node)
@@ -217,7 +217,7 @@ def _hostfile(args, cfg, config: str, run_dir: Path, cwd: str, port: int, rdzv_i
 
 
 def _slurm(args, cfg, config: str, run_dir: Path, cwd: str, port: int | None) -> int:
-    from launch import slurm
+    from mnemo.launch import slurm
 
     opts = slurm.SlurmOptions(
         config=config,

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from train.errors import UserError
+from mnemo.train.errors import UserError
 
 REPO = Path(__file__).resolve().parent.parent
 MEMORY_CONFIG = "configs/demo.yaml"
@@ -108,7 +108,7 @@ def stdlib_corpus(n_files: int, min_bytes: int, max_bytes: int) -> list[str]:
 
 def prepare_data(s: DemoSettings, data_dir: Path, segment_len: int) -> dict[str, Any]:
     """Tokenizer + MDS shards + passkey documents (a no-op when data_dir is complete for these inputs)."""
-    from data_pipeline.prepare import prepare
+    from mnemo.data_pipeline.prepare import prepare
 
     files = stdlib_corpus(s.corpus_files, s.corpus_min_bytes, s.corpus_max_bytes)
     # One work unit for the whole (small) corpus: fewer, larger shards.
@@ -140,7 +140,7 @@ def train_run(name: str, config: str, overrides: list[str], nproc: int, log_file
 
     Every output line goes to ``log_file``; step lines are echoed with the run's name.
     """
-    cmd = [sys.executable, "-m", "train.cli", "launch", _resolve_config(config), "--nproc-per-node", str(nproc),
+    cmd = [sys.executable, "-m", "mnemo.train.cli", "launch", _resolve_config(config), "--nproc-per-node", str(nproc),
            *overrides]
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
@@ -185,8 +185,8 @@ def _override_value(overrides: list[str], key: str) -> str:
 def _load(run_dir: Path, capacity: int):
     import torch
 
-    from train.checkpoint import load_for_inference
-    from train.evaluate import with_ltm_capacity
+    from mnemo.train.checkpoint import load_for_inference
+    from mnemo.train.evaluate import with_ltm_capacity
 
     torch.set_num_threads(1)  # small matrices on a busy 2-core machine: one thread is fastest
     model, tok, cfg = load_for_inference(str(run_dir))
@@ -204,7 +204,7 @@ def eval_task(run_dir: str, docs: list, distances: list[int], loss_by_position: 
     retrieval, not the FIFO. ``docs``: the held-out documents (scored, and the
     passkey filler). Runs in a worker process of ``evaluate_runs``.
     """
-    from train.evaluate import evaluate, passkey_report
+    from mnemo.train.evaluate import evaluate, passkey_report
 
     t0 = time.perf_counter()
     model, tok, cfg = _load(Path(run_dir), max(distances, default=0) * segment_len)
@@ -260,8 +260,8 @@ def evaluate_runs(runs: dict[str, Path], data_dir: Path, s: DemoSettings, segmen
     import concurrent.futures as cf
     import multiprocessing as mp
 
-    from train.checkpoint import config_of, model_args_of, resolve_checkpoint
-    from train.evaluate import _FILLER_TOKENS, read_heldout_docs
+    from mnemo.train.checkpoint import config_of, model_args_of, resolve_checkpoint
+    from mnemo.train.evaluate import _FILLER_TOKENS, read_heldout_docs
 
     # Read once, here: two processes opening the same MDS dir at once race on
     # streaming's shared memory (one cleans up what the other just created).
@@ -374,7 +374,7 @@ def log_to_mlflow(uri: str, run_id: str | None, result: dict[str, Any], step: in
     import mlflow
     from mlflow.entities import Metric
 
-    from train.evaluate import flat_metrics
+    from mnemo.train.evaluate import flat_metrics
 
     client = mlflow.MlflowClient(tracking_uri=uri)
     ts = int(time.time() * 1000)
@@ -399,7 +399,7 @@ def run_demo(out_dir: str = DemoSettings.out_dir, minutes: float = DemoSettings.
     Keyword arguments override DemoSettings fields (passkey_docs, max_steps,
     passkey_trials, distances, nproc_per_node, overrides, ...).
     """
-    from train.config import load_config
+    from mnemo.train.config import load_config
 
     s = DemoSettings(out_dir=out_dir, minutes=minutes, **kw)
     t_start = time.time()
@@ -488,7 +488,7 @@ def run_demo(out_dir: str = DemoSettings.out_dir, minutes: float = DemoSettings.
     tg = summary["targets"]
     echo("targets: " + ", ".join(f"{k}={'yes' if v else 'NO'}" for k, v in tg.items() if isinstance(v, bool)))
     try:
-        from train.evaluate import plots
+        from mnemo.train.evaluate import plots
 
         for name in ("memory", "baseline"):
             pngs = plots(ev[name], str(out / "plots" / name))
@@ -517,7 +517,7 @@ def _int_tuple(text: str) -> tuple[int, ...]:
 
 def main(argv: list[str] | None = None) -> int:
     d = DemoSettings()
-    p = argparse.ArgumentParser(prog="python -m launch.demo", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m mnemo.launch.demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=d.out_dir, help=f"output directory (default {d.out_dir})")
     p.add_argument("--minutes", type=float, default=d.minutes, help=f"wall-clock budget (default {d.minutes:g})")
     p.add_argument("--max-steps", type=int, default=None, help="steps of both runs (default: configs/demo.yaml)")
@@ -530,7 +530,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keep", action="store_true", help="keep earlier runs in OUT (training resumes from them)")
     p.add_argument("overrides", nargs="*", metavar="dotted.key=value", help="config overrides for both runs")
     args = p.parse_args(argv)
-    from data_pipeline.errors import DataError
+    from mnemo.data_pipeline.errors import DataError
 
     try:
         run_demo(args.out, args.minutes, max_steps=args.max_steps, nproc_per_node=args.nproc_per_node,

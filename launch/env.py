@@ -58,7 +58,7 @@ def apply_rank_env() -> dict[str, str]:
     added = rank_env(os.environ, cuda_available())
     # MLflow reads its HTTP retry/timeout settings only from the environment: bounded
     # values keep a dead tracking server from stalling the tracker for minutes.
-    from train.tracking import HTTP_ENV_DEFAULTS
+    from mnemo.train.tracking import HTTP_ENV_DEFAULTS
 
     added.update({k: v for k, v in HTTP_ENV_DEFAULTS.items() if k not in os.environ})
     os.environ.update(added)
@@ -85,7 +85,7 @@ def package_root() -> str:
 def pythonpath_with_root(environ: Mapping[str, str]) -> str:
     """PYTHONPATH for processes the launcher starts: mnemo's root first.
 
-    Ranks run ``python -m launch.worker``; this makes that work from any
+    Ranks run ``python -m mnemo.launch.worker``; this makes that work from any
     working directory even when mnemo is not pip-installed.
     """
     root = package_root()

@@ -27,7 +27,7 @@ import sys
 import time
 from typing import IO
 
-from launch.torchrun import NodePlan, node_env, torchrun_command
+from mnemo.launch.torchrun import NodePlan, node_env, torchrun_command
 
 _IGNORED_IN_TORCHRUN = (signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP)
 

@@ -5,7 +5,7 @@ On every selected host i (hostfile order) the orchestrator runs, over
 is assumed, as for the run directory):
 
     cd CWD && exec env NCCL_...=... PATH=... VENV/bin/python \
-        -m train.cli launch CONFIG --nnodes N --node-rank i --master-addr HOST0 ...
+        -m mnemo.train.cli launch CONFIG --nnodes N --node-rank i --master-addr HOST0 ...
 
 Every word is quoted with shlex for the remote shell; host names are only
 ever one argv element locally, never parsed by a shell. Before starting
@@ -31,8 +31,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Mapping
 
-from launch.hostfile import Host
-from train.errors import UserError
+from mnemo.launch.hostfile import Host
+from mnemo.train.errors import UserError
 
 # Environment forwarded to every node: names with these prefixes, plus these names.
 FORWARD_PREFIXES = ("NCCL_", "MLFLOW_", "MNEMO_", "GLOO_", "TORCH_", "DS_", "FI_", "UCX_")
@@ -74,14 +74,14 @@ def remote_command(
     env: Mapping[str, str],
     launch_args: list[str],
 ) -> str:
-    """The shell string one node runs; ``launch_args`` follow ``-m train.cli launch``.
+    """The shell string one node runs; ``launch_args`` follow ``-m mnemo.train.cli launch``.
 
     ``env`` is set literally (PATH included: the launcher's, see
     ``launch.env.path_with_venv``); everything else comes from the remote login.
     """
     words = ["exec", "env"]
     words += [f"{k}={shlex.quote(v)}" for k, v in env.items()]
-    words += [shlex.quote(w) for w in [python, "-m", "train.cli", "launch", *launch_args]]
+    words += [shlex.quote(w) for w in [python, "-m", "mnemo.train.cli", "launch", *launch_args]]
     return f"cd {shlex.quote(cwd)} && " + " ".join(words)
 
 

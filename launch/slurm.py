@@ -24,8 +24,8 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from launch.env import package_root
-from train.errors import UserError
+from mnemo.launch.env import package_root
+from mnemo.train.errors import UserError
 
 # minutes | minutes:seconds | hours:minutes:seconds | days-hours[:minutes[:seconds]]
 _TIME = re.compile(r"^(\d+|\d+:\d{1,2}|\d+:\d{1,2}:\d{1,2}|\d+-\d+(:\d{1,2}){0,2}|UNLIMITED|INFINITE)$")
@@ -112,7 +112,7 @@ def _quote_directive(opt: str) -> str:
 
 def sbatch_script(o: SlurmOptions) -> str:
     q = shlex.quote
-    launch = [o.python, "-m", "train.cli", "launch", o.config, *o.overrides]
+    launch = [o.python, "-m", "mnemo.train.cli", "launch", o.config, *o.overrides]
     launch_words = " ".join(q(w) for w in launch)
     lines = [
         "#!/bin/bash",

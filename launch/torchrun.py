@@ -2,7 +2,7 @@
 
 Every target ends here: local runs one node, the hostfile target runs this on
 each host over ssh, the SLURM script runs it on each node with srun. Each rank
-runs ``python -m launch.worker CONFIG overrides``: it logs which rank and
+runs ``python -m mnemo.launch.worker CONFIG overrides``: it logs which rank and
 restart it is and then calls ``mnemo train`` in the same process.
 
 Rendezvous: one node uses torchrun's ``--standalone``; several nodes use the
@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
-from train.errors import UserError
+from mnemo.train.errors import UserError
 
 # Signals torchrun itself handles (and forwards to workers by stopping them).
 # SIGTERM / SIGUSR1 / SIGHUP are left out on purpose: the node launcher starts
@@ -48,7 +48,7 @@ class NodePlan:
     max_restarts: int = 0
     python: str = field(default_factory=lambda: sys.executable)
     # Module each rank runs (``python -m``); tests put a stand-in here.
-    worker_module: str = "launch.worker"
+    worker_module: str = "mnemo.launch.worker"
 
     @property
     def log_path(self) -> Path:
@@ -114,7 +114,7 @@ def torchrun_command(plan: NodePlan) -> list[str]:
 
 def node_env(plan: NodePlan, environ: Mapping[str, str]) -> dict[str, str]:
     """Variables the node launcher adds to torchrun's environment."""
-    from launch.env import path_with_venv, pythonpath_with_root
+    from mnemo.launch.env import path_with_venv, pythonpath_with_root
 
     return {
         "PATH": path_with_venv(environ, plan.python),

@@ -1,6 +1,6 @@
 """What torchrun runs on each rank: one log line, then ``mnemo train``.
 
-    python -m launch.worker CONFIG [dotted.key=value ...]
+    python -m mnemo.launch.worker CONFIG [dotted.key=value ...]
 
 The line says which node, rank and restart this is (torchrun's
 TORCHELASTIC_RESTART_COUNT, SLURM's SLURM_RESTART_COUNT), so a log shows
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     # before it installs its own handlers.
     for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP):
         signal.signal(sig, signal.SIG_DFL)
-    from train.cli import main as cli_main
+    from mnemo.train.cli import main as cli_main
 
     return cli_main(["train", *argv])
 

@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from model.memory import LayerMemory, MemoryState
-from model.sizes import SIZES, Size, flops_per_token, ltm_layer_indices, mlp_hidden, param_count
+from mnemo.model.memory import LayerMemory, MemoryState
+from mnemo.model.sizes import SIZES, Size, flops_per_token, ltm_layer_indices, mlp_hidden, param_count
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from train.errors import UserError
+from mnemo.train.errors import UserError
 
 log = logging.getLogger("mnemo.checkpoint")
 
@@ -226,7 +226,7 @@ def consolidated_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
 
 
 def model_args_of(ckpt: Path):
-    from model import ModelArgs
+    from mnemo.model import ModelArgs
 
     ckpt = Path(ckpt)
     if (ckpt / "model_args.json").is_file():
@@ -255,7 +255,7 @@ def saved_config_tree(tree: dict[str, Any]) -> dict[str, Any]:
 
 
 def config_of(ckpt: Path):
-    from train.config import from_dict
+    from mnemo.train.config import from_dict
 
     ckpt = Path(ckpt)
     if (ckpt / "config.json").is_file():
@@ -280,8 +280,8 @@ def load_weights(model: torch.nn.Module, sd: dict[str, torch.Tensor], source: st
 
 def load_for_inference(path: str | Path, device: str = "cpu"):
     """(model, tokenizer, cfg) from a checkpoint, run dir or export dir, without DeepSpeed engines."""
-    from data_pipeline.tokenizer import Tokenizer
-    from model import MemoryTransformer
+    from mnemo.data_pipeline.tokenizer import Tokenizer
+    from mnemo.model import MemoryTransformer
 
     ckpt = resolve_checkpoint(path)
     args = model_args_of(ckpt)

@@ -13,16 +13,16 @@ import sys
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from data_pipeline.errors import DataError
-    from train.errors import UserError
+    from mnemo.data_pipeline.errors import DataError
+    from mnemo.train.errors import UserError
 
     return (UserError, DataError, FileNotFoundError)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from data_pipeline import commands as data_commands
-    from launch import commands as launch_commands
-    from train import commands as train_commands
+    from mnemo.data_pipeline import commands as data_commands
+    from mnemo.launch import commands as launch_commands
+    from mnemo.train import commands as train_commands
 
     p = argparse.ArgumentParser(prog="mnemo", description="Pretrain transformer language models with memory.")
     p.add_argument("--debug", action="store_true", help="show tracebacks on errors")

@@ -25,16 +25,16 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_train(args) -> int:
-    from train.config import check_paths, load_config
+    from mnemo.train.config import check_paths, load_config
 
     cfg = load_config(args.config, args.overrides)
     check_paths(cfg)
     # The rank's environment (DS_ACCELERATOR, LOCAL_WORLD_SIZE, ...) must be set
     # before deepspeed or streaming are imported.
-    from launch.env import apply_rank_env
+    from mnemo.launch.env import apply_rank_env
 
     apply_rank_env()
-    from train.trainer import train
+    from mnemo.train.trainer import train
 
     summary = train(cfg)
     if summary.get("exit") == "preempted":
@@ -43,7 +43,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from train.checkpoint import export
+    from mnemo.train.checkpoint import export
 
     out = export(args.checkpoint, args.out)
     print(f"exported to {out}")
@@ -51,13 +51,13 @@ def cmd_export(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from train.evaluate import _cmd_eval
+    from mnemo.train.evaluate import _cmd_eval
 
     return _cmd_eval(args)
 
 
 def cmd_generate(args) -> int:
-    from train.generate import _cmd_generate
+    from mnemo.train.generate import _cmd_generate
 
     return _cmd_generate(args)
 

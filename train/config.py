@@ -19,7 +19,7 @@ from typing import Any, Literal
 import yaml
 
 
-from train.errors import UserError
+from mnemo.train.errors import UserError
 
 
 class ConfigError(UserError):
@@ -376,7 +376,7 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
 
 def validate(cfg: Config) -> None:
     """Range and consistency checks that need no files."""
-    from model.sizes import SIZES
+    from mnemo.model.sizes import SIZES
 
     def need(cond: bool, key: str, msg: str):
         if not cond:

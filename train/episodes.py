@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from data_pipeline.passkey import DEPTHS, filler_stream, is_synthetic, make_multikey_sample, make_passkey_sample
+from mnemo.data_pipeline.passkey import DEPTHS, filler_stream, is_synthetic, make_multikey_sample, make_passkey_sample
 
 
 def is_episode_step(step: int, fraction: float) -> bool:
@@ -180,7 +180,7 @@ class Episodes:
         long-term store, so retrieval is learned from D = 1 on instead of after
         the short-term cache has solved D = 1 (docs/demo.md).
         """
-        from train.trainer import lm_loss
+        from mnemo.train.trainer import lm_loss
 
         D, at_max = self.curriculum.next_distance()
         eb = self.source.batch(D, at_max)
@@ -224,7 +224,7 @@ def training_filler(source: Any, val_fraction: float, max_docs: int, seed: int) 
     here; synthetic passkey documents are skipped. The documents are a fixed
     function of (dataset, seed), the same on every rank.
     """
-    from data_pipeline.split import heldout_mask
+    from mnemo.data_pipeline.split import heldout_mask
 
     held = heldout_mask(source.num_samples, val_fraction)
     order = np.random.default_rng([int(seed), 0xF111]).permutation(source.num_samples)
@@ -239,7 +239,7 @@ def training_filler(source: Any, val_fraction: float, max_docs: int, seed: int) 
         if len(docs) >= max_docs:
             break
     if not docs:
-        from train.errors import UserError
+        from mnemo.train.errors import UserError
 
         raise UserError("train.passkey.fraction: the dataset has no training corpus documents to draw "
                         "passkey filler from")

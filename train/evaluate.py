@@ -12,7 +12,7 @@ reset when it starts a new document):
 * ablations: the same documents with the memory as trained, long-term memory
   off, short-term memory off, and both off (``MemoryTransformer.init_state``
   flags; the weights are the same).
-* passkey retrieval: fresh synthetic documents (``data_pipeline.passkey``)
+* passkey retrieval: fresh synthetic documents (``mnemo.data_pipeline.passkey``)
   built on held-out filler, the key D segments before the question; greedy
   decoding of the answer digits; exact-match accuracy per D and depth.
 
@@ -36,9 +36,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from data_pipeline.passkey import DEPTHS, filler_stream, make_multikey_sample, make_passkey_sample
-from train.errors import UserError
-from train.generate import SegmentReader, _core, _device
+from mnemo.data_pipeline.passkey import DEPTHS, filler_stream, make_multikey_sample, make_passkey_sample
+from mnemo.train.errors import UserError
+from mnemo.train.generate import SegmentReader, _core, _device
 
 LN2 = math.log(2.0)
 
@@ -571,8 +571,8 @@ def read_heldout_docs(data_dir: str, val_fraction: float, max_docs: int | None =
     """
     from streaming.base.util import clean_stale_shared_memory
 
-    from data_pipeline.split import heldout_mask
-    from data_pipeline.streams import MDSSource
+    from mnemo.data_pipeline.split import heldout_mask
+    from mnemo.data_pipeline.streams import MDSSource
 
     path = Path(data_dir)
     if not path.is_dir():
@@ -643,7 +643,7 @@ def _resolve_device(name: str) -> str:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from train.checkpoint import load_for_inference
+    from mnemo.train.checkpoint import load_for_inference
 
     data = Path(args.data)
     if not (data / "index.json").is_file():  # before the (slower) model load

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from train.errors import UserError
+from mnemo.train.errors import UserError
 
 
 def _core(model: Any) -> Any:
@@ -172,8 +172,8 @@ class TextStreamer:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from train.checkpoint import load_for_inference
-    from train.evaluate import _resolve_device
+    from mnemo.train.checkpoint import load_for_inference
+    from mnemo.train.evaluate import _resolve_device
 
     path = Path(args.prompt_file)
     if not path.is_file():

@@ -50,7 +50,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any, Callable
 
-from train.config import flatten
+from mnemo.train.config import flatten
 
 log = logging.getLogger(__name__)
 
@@ -358,7 +358,7 @@ class Tracker:
                 continue
             _, self._run_id, error = msg
             if error:
-                from train.errors import UserError
+                from mnemo.train.errors import UserError
 
                 self._proc.join(timeout=10)
                 self._off = True

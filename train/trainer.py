@@ -30,9 +30,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from train.bptt import bptt_window_loss
-from train.config import Config, check_paths, flatten, tokenizer_path, to_dict, to_yaml
-from train.errors import UserError
+from mnemo.train.bptt import bptt_window_loss
+from mnemo.train.config import Config, check_paths, flatten, tokenizer_path, to_dict, to_yaml
+from mnemo.train.errors import UserError
 
 log = logging.getLogger("mnemo.train")
 
@@ -100,7 +100,7 @@ _LTM_SCALARS = (("ltm_gate", "ltm_gate", torch.sigmoid), ("ltm_log_temp", "ltm_t
 
 
 def model_args_from_config(cfg: Config, vocab_size: int):
-    from model import ModelArgs
+    from mnemo.model import ModelArgs
 
     m = cfg.memory
     tie = {} if cfg.model.embeddings == "auto" else {"tie_embeddings": cfg.model.embeddings == "tied"}
@@ -192,7 +192,7 @@ class StepLog:
 
 def _check_resume_compatible(old_cfg: dict[str, Any], cfg: Config, meta: dict[str, Any], tok_sha: str,
                              manifest: dict[str, Any], path: Path) -> list[str]:
-    from train.checkpoint import saved_config_tree
+    from mnemo.train.checkpoint import saved_config_tree
 
     old, new = flatten(saved_config_tree(old_cfg)), flatten(cfg)
     for key in UNSAFE_KEYS:
@@ -239,7 +239,7 @@ def train(cfg: Config) -> dict[str, Any]:
     if info.rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
-    from train import checkpoint as ckpt
+    from mnemo.train import checkpoint as ckpt
 
     mgr = ckpt.CheckpointManager(run_dir, keep=cfg.checkpoint.keep, keep_every=cfg.checkpoint.keep_every,
                                  rank=info.rank, world_size=info.world_size, barrier=barrier)
@@ -264,7 +264,7 @@ def train(cfg: Config) -> dict[str, Any]:
     np.random.seed((cfg.train.seed + info.rank) % (1 << 32))
 
     # ---- model and engine
-    from model import MemoryTransformer
+    from mnemo.model import MemoryTransformer
 
     args = model_args_from_config(cfg, vocab_size)
     ds_cfg = deepspeed_config(cfg, use_bf16, use_cuda)
@@ -282,7 +282,7 @@ def train(cfg: Config) -> dict[str, Any]:
     if cfg.model.activation_checkpointing:
         from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
 
-        from model.transformer import Block
+        from mnemo.model.transformer import Block
 
         apply_activation_checkpointing(model, check_fn=lambda m: isinstance(m, Block))
 
@@ -312,7 +312,7 @@ def train(cfg: Config) -> dict[str, Any]:
     # ---- data
     from streaming.base.util import clean_stale_shared_memory
 
-    from data_pipeline.streams import DocumentStreams, MDSSource
+    from mnemo.data_pipeline.streams import DocumentStreams, MDSSource
 
     # Collective: local rank 0 removes shared memory leaked by killed runs, the others wait.
     clean_stale_shared_memory()
@@ -331,7 +331,7 @@ def train(cfg: Config) -> dict[str, Any]:
         step, tokens_seen, run_id, state = _resume(engine, mgr, resume_path, old_meta, streams, state, info,
                                                    universal, device, episodes)
     # ---- tracking
-    from train.tracking import Tracker, memory_stats
+    from mnemo.train.tracking import Tracker, memory_stats
 
     tracker = Tracker(run_dir=str(run_dir), uri=cfg.tracking.uri, experiment=cfg.tracking.experiment,
                       run_name=cfg.run.name or run_dir.name, enabled=cfg.tracking.enabled, rank=info.rank,
@@ -442,7 +442,7 @@ def train(cfg: Config) -> dict[str, Any]:
 
 def _init_from(model, path: str, zero3: bool) -> str | None:
     """Load consolidated weights (export dir or checkpoint) into a fresh model; return the parent run id."""
-    from train import checkpoint as ckpt
+    from mnemo.train import checkpoint as ckpt
 
     src = ckpt.resolve_checkpoint(path)
     sd = ckpt.consolidated_state_dict(src)
@@ -464,8 +464,8 @@ def _episodes(cfg: Config, source, tok_file: str, rank: int):
     pk = cfg.train.passkey
     if pk.fraction <= 0:
         return None
-    from data_pipeline.tokenizer import Tokenizer
-    from train.episodes import EpisodeSource, Episodes, PasskeyCurriculum, training_filler
+    from mnemo.data_pipeline.tokenizer import Tokenizer
+    from mnemo.train.episodes import EpisodeSource, Episodes, PasskeyCurriculum, training_filler
 
     filler = training_filler(source, cfg.data.val_fraction, pk.filler_docs, cfg.train.seed)
     src = EpisodeSource(Tokenizer(tok_file), filler, cfg.model.segment_len, cfg.train.batch_size,
@@ -477,14 +477,14 @@ def _episodes(cfg: Config, source, tok_file: str, rank: int):
 
 def _resume(engine, mgr, path: Path, meta: dict[str, Any], streams, state, info: DistInfo, universal: bool, device,
             episodes=None):
-    from train import checkpoint as ckpt
+    from mnemo.train import checkpoint as ckpt
 
     ds_dir = path / "ds"
     tag = ckpt.DS_TAG
     if universal:
         import deepspeed.comm as dist
 
-        from train.universal import UNIVERSAL_TAG, make_universal
+        from mnemo.train.universal import UNIVERSAL_TAG, make_universal
 
         # Rank 0 converts once; all ranks learn whether it worked (no one waits out a timeout).
         failed = ""
@@ -504,7 +504,7 @@ def _resume(engine, mgr, path: Path, meta: dict[str, Any], streams, state, info:
     if load_path is None:
         raise UserError(f"checkpoint {path}: DeepSpeed could not load {ds_dir}/{tag}")
     if universal:
-        from train.universal import finish_universal_load
+        from mnemo.train.universal import finish_universal_load
 
         finish_universal_load(engine)  # ZeRO-3: one Adam step counter per group, not one shared
     own = mgr.rank_state(path, info.rank) if meta["world_size"] == info.world_size else None
@@ -766,8 +766,8 @@ def _device_peak_flops(use_cuda: bool) -> float:
 def heldout_docs(source, cfg: Config) -> list:
     import numpy as np
 
-    from data_pipeline.passkey import is_synthetic
-    from data_pipeline.split import heldout_mask
+    from mnemo.data_pipeline.passkey import is_synthetic
+    from mnemo.data_pipeline.split import heldout_mask
 
     idx = np.flatnonzero(heldout_mask(source.num_samples, cfg.data.val_fraction))
     docs = []
@@ -783,8 +783,8 @@ def heldout_docs(source, cfg: Config) -> list:
 
 def run_eval(cfg: Config, module, source, tok_file: str, tracker, step: int, rank: int) -> dict[str, Any]:
     """Held-out evaluation on every rank (identical forwards, as ZeRO-3 needs), logged by rank 0."""
-    from data_pipeline.tokenizer import Tokenizer
-    from train import evaluate
+    from mnemo.data_pipeline.tokenizer import Tokenizer
+    from mnemo.train import evaluate
 
     docs = heldout_docs(source, cfg)
     if not docs:

@@ -40,8 +40,8 @@ from typing import Any
 
 import torch
 
-from train.checkpoint import COMPLETE, DS_TAG, _fsync_path, _fsync_tree, atomic_write_text
-from train.errors import UserError
+from mnemo.train.checkpoint import COMPLETE, DS_TAG, _fsync_path, _fsync_tree, atomic_write_text
+from mnemo.train.errors import UserError
 
 log = logging.getLogger("mnemo.checkpoint")
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from launch.demo import REPO, long_context_loss, run_demo, side_by_side
-from train.config import flatten, load_config
+from mnemo.launch.demo import REPO, long_context_loss, run_demo, side_by_side
+from mnemo.train.config import flatten, load_config
 
 pytestmark = pytest.mark.integration
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from launch.env import package_root
+from mnemo.launch.env import package_root
 
 pytestmark = pytest.mark.integration
 
@@ -44,8 +44,8 @@ print(f"fake rank {rank} got {','.join(got) or 'nothing'}", flush=True)
 NODE = '''
 import sys
 from pathlib import Path
-from launch.torchrun import NodePlan
-from launch.local import run_node
+from mnemo.launch.torchrun import NodePlan
+from mnemo.launch.local import run_node
 nnodes, node_rank, port, restarts, nproc = (int(a) for a in sys.argv[1:6])
 plan = NodePlan(config="c.yaml", overrides=[], run_dir=Path(sys.argv[6]), nproc_per_node=nproc, nnodes=nnodes,
                 node_rank=node_rank, master_addr="127.0.0.1", master_port=port, rdzv_id="fake",
@@ -133,7 +133,7 @@ def test_hostfile_orchestrator_runs_and_stops_every_node(fake):
     SIGTERM to the orchestrator closes each node's ssh stdin; each node
     launcher then sends SIGTERM to its worker.
     """
-    from launch.remote import NodeCommand
+    from mnemo.launch.remote import NodeCommand
 
     tmp, env = fake
     ssh = tmp / "ssh"
@@ -153,7 +153,7 @@ def test_hostfile_orchestrator_runs_and_stops_every_node(fake):
     script = tmp / "orch.py"
     script.write_text(textwrap.dedent(f'''\
         import sys
-        from launch.remote import NodeCommand, run_hostfile
+        from mnemo.launch.remote import NodeCommand, run_hostfile
         cmds = [NodeCommand(h, i, r) for h, i, r in {[(c.host, c.node_rank, c.remote) for c in cmds]!r}]
         sys.exit(run_hostfile(cmds, {str(ssh)!r}))
     '''))

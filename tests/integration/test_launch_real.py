@@ -44,7 +44,7 @@ def _free_port() -> int:
 
 
 def _launch(args: list[str], log: Path, env: dict, prefix: list[str] = ()) -> subprocess.Popen:
-    return subprocess.Popen([*prefix, PY, "-m", "train.cli", "launch", DEBUG_CONFIG, *args], cwd=REPO, env=env,
+    return subprocess.Popen([*prefix, PY, "-m", "mnemo.train.cli", "launch", DEBUG_CONFIG, *args], cwd=REPO, env=env,
                             stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
 
 
@@ -108,7 +108,7 @@ def _worker_pid(launcher: subprocess.Popen, rank: int) -> int:
 
     for c in psutil.Process(launcher.pid).children(recursive=True):
         try:
-            if "launch.worker" in " ".join(c.cmdline()) and c.environ().get("RANK") == str(rank):
+            if "mnemo.launch.worker" in " ".join(c.cmdline()) and c.environ().get("RANK") == str(rank):
                 return c.pid
         except psutil.Error:
             continue

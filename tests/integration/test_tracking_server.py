@@ -1,4 +1,4 @@
-"""train.tracking against a real `mlflow server` that dies mid-run and comes back.
+"""mnemo.train.tracking against a real `mlflow server` that dies mid-run and comes back.
 
 Also home of `start_mlflow_server` / `MlflowServer`, for other integration
 tests that need a tracking server (import with
@@ -21,7 +21,7 @@ from typing import Callable
 
 import pytest
 
-from train.tracking import HTTP_ENV_DEFAULTS, Tracker
+from mnemo.train.tracking import HTTP_ENV_DEFAULTS, Tracker
 
 MLFLOW = str(Path(sys.executable).with_name("mlflow"))
 
@@ -102,7 +102,7 @@ def test_server_dies_and_returns_nothing_lost(tmp_path, monkeypatch, caplog):
         run_dir.mkdir()
         (run_dir / "config.yaml").write_text("train:\n  lr: 0.001\n")
         (run_dir / "late.txt").write_text("logged while the server was down\n")
-        with caplog.at_level(logging.WARNING, logger="train.tracking"):
+        with caplog.at_level(logging.WARNING, logger="mnemo.train.tracking"):
             t = Tracker(run_dir=str(run_dir), uri=server.uri, experiment="it", run_name="outage",
                         interval=0.1, retry_interval=0.5)
             assert t.run_id
@@ -150,7 +150,7 @@ def test_server_dies_and_returns_nothing_lost(tmp_path, monkeypatch, caplog):
 
 _KILLED_TRAINER = """
 import os, signal, sys, time
-from train.tracking import Tracker
+from mnemo.train.tracking import Tracker
 t = Tracker(run_dir=sys.argv[1], experiment="killed", interval=60)  # sends nothing before the kill
 print(t.run_id, flush=True)
 for step in range(1, 51):

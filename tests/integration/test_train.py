@@ -31,7 +31,7 @@ def reference(request, reference_run):
 
 
 def final_weights(run_dir: Path, step: int = STEPS) -> dict[str, torch.Tensor]:
-    from train.checkpoint import consolidated_state_dict
+    from mnemo.train.checkpoint import consolidated_state_dict
 
     return consolidated_state_dict(run_dir / "checkpoints" / f"step_{step:08d}")
 
@@ -141,7 +141,7 @@ def test_export_matches_zero_to_fp32_and_eval_and_finetune(reference, tmp_path):
         pytest.skip("the ZeRO-3 checkpoint is the one that needs consolidation")
     ckpt = ref_dir / "checkpoints" / f"step_{STEPS:08d}"
     export_dir = tmp_path / "export"
-    run([PY, "-m", "train.cli", "export", str(ckpt), "--out", str(export_dir)])
+    run([PY, "-m", "mnemo.train.cli", "export", str(ckpt), "--out", str(export_dir)])
     from safetensors.torch import load_file
 
     ours = load_file(str(export_dir / "model.safetensors"))
@@ -156,10 +156,10 @@ def test_export_matches_zero_to_fp32_and_eval_and_finetune(reference, tmp_path):
         assert torch.equal(v, theirs[k].float()), k
 
     # eval of the export == eval of the DeepSpeed checkpoint
-    from train.checkpoint import load_for_inference
-    from train.evaluate import loss_by_position
-    from train.trainer import heldout_docs
-    from data_pipeline.streams import MDSSource
+    from mnemo.train.checkpoint import load_for_inference
+    from mnemo.train.evaluate import loss_by_position
+    from mnemo.train.trainer import heldout_docs
+    from mnemo.data_pipeline.streams import MDSSource
 
     m1, tok, cfg = load_for_inference(ckpt)
     m2, _, _ = load_for_inference(export_dir)

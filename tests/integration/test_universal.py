@@ -112,8 +112,8 @@ def test_one_rank_other_stage_resumes_and_continues(resumed, references, case):
 
 
 def test_conversions_hold_the_saved_weights_and_optimizer_state(resumed, references):
-    from train.checkpoint import consolidated_state_dict
-    from train.universal import FORMAT, UNIVERSAL_TAG, make_universal
+    from mnemo.train.checkpoint import consolidated_state_dict
+    from mnemo.train.universal import FORMAT, UNIVERSAL_TAG, make_universal
 
     per_source = {}
     for case in ("3to2", "2to3"):

@@ -14,6 +14,6 @@ def stdlib_texts(n: int) -> list[str]:
 
 def stdlib_tokenizer(out_dir: Path, n: int, vocab_size: int = 600):
     """A SentencePiece tokenizer (mnemo's settings) trained on ``stdlib_texts(n)``."""
-    from data_pipeline.tokenizer import train_from_texts
+    from mnemo.data_pipeline.tokenizer import train_from_texts
 
     return train_from_texts(stdlib_texts(n), Path(out_dir) / "t.model", vocab_size=vocab_size, num_threads=1)

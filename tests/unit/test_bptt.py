@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import model.transformer as mt
-from model import MemoryTransformer, ModelArgs
-from train.bptt import bptt_window_loss
+import mnemo.model.transformer as mt
+from mnemo.model import MemoryTransformer, ModelArgs
+from mnemo.train.bptt import bptt_window_loss
 
 V, T, B = 61, 8, 2
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from train.checkpoint import CheckpointManager, is_complete, resolve_checkpoint
-from train.errors import UserError
+from mnemo.train.checkpoint import CheckpointManager, is_complete, resolve_checkpoint
+from mnemo.train.errors import UserError
 
 
 class FakeEngine:

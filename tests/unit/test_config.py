@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from train.config import ConfigError, flatten, from_dict, load_config, to_dict, to_yaml
+from mnemo.train.config import ConfigError, flatten, from_dict, load_config, to_dict, to_yaml
 
 REPO_CONFIGS = ["configs/debug.yaml", "configs/small.yaml", "configs/medium.yaml", "configs/large.yaml"]
 
@@ -80,9 +80,9 @@ def test_resume_check_reads_a_pre_release_5_config_as_the_gated_unsmeared_layer(
 
     import pytest
 
-    from train.config import load_config, to_dict
-    from train.errors import UserError
-    from train.trainer import _check_resume_compatible
+    from mnemo.train.config import load_config, to_dict
+    from mnemo.train.errors import UserError
+    from mnemo.train.trainer import _check_resume_compatible
 
     def old_tree(kind: str) -> dict:
         tree = to_dict(load_config(None, [f"memory.long.kind={kind}"]))

@@ -17,11 +17,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-import data_pipeline.prepare as prep
-from data_pipeline.errors import DataError
-from data_pipeline.prepare import prepare
-from data_pipeline.tokenizer import Tokenizer, train_tokenizer
-from data_pipeline.verify import iter_shard_samples, verify
+import mnemo.data_pipeline.prepare as prep
+from mnemo.data_pipeline.errors import DataError
+from mnemo.data_pipeline.prepare import prepare
+from mnemo.data_pipeline.tokenizer import Tokenizer, train_tokenizer
+from mnemo.data_pipeline.verify import iter_shard_samples, verify
 
 REPO = Path(__file__).resolve().parents[2]
 UNIT = 1500  # bytes per work unit: many units from a tiny corpus
@@ -226,7 +226,7 @@ def _cli_child(args: list[str], log: Path) -> None:
     os.dup2(fd, 2)
     sys.stdout = open(1, "w", closefd=False)  # pytest's capture replaced the Python-level streams
     sys.stderr = open(2, "w", closefd=False)
-    from train.cli import main
+    from mnemo.train.cli import main
 
     rc = main(args)
     sys.stdout.flush()
@@ -237,7 +237,7 @@ def _cli_child(args: list[str], log: Path) -> None:
 def _start(corpus, out: Path, log: Path) -> mp.Process:
     """`mnemo prepare ... --workers 2` in a forked child (no re-import of torch: seconds saved)."""
     import streaming  # noqa: F401  (imported here once, inherited by the fork)
-    import train.cli  # noqa: F401
+    import mnemo.train.cli  # noqa: F401
 
     inputs, _, model = corpus
     args = ["prepare", "--input", *inputs, "--out", str(out), "--tokenizer", model, "--workers", "2"]
@@ -414,7 +414,7 @@ def test_file_url_remote_output(corpus, tmp_path):
 
 
 def test_passkey_documents_are_appended(corpus, tmp_path):
-    pytest.importorskip("data_pipeline.passkey")
+    pytest.importorskip("mnemo.data_pipeline.passkey")
     out = tmp_path / "out"
     m = run(corpus, out, passkey_docs=4, passkey_max_distance=2, passkey_segment_len=64, seed=3)
     samples = read_samples(out)
@@ -437,7 +437,7 @@ def test_passkey_documents_are_appended(corpus, tmp_path):
 
 
 def test_cli_prepare_verify_inspect(corpus, tmp_path, capsys):
-    from train.cli import main
+    from mnemo.train.cli import main
 
     inputs, expected, model = corpus
     out = tmp_path / "out"

@@ -11,8 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 import zstandard
 
-from data_pipeline.errors import DataError
-from data_pipeline.readers import (Piece, ReadStats, iter_documents, iter_piece, iter_unit, plan_inputs,
+from mnemo.data_pipeline.errors import DataError
+from mnemo.data_pipeline.readers import (Piece, ReadStats, iter_documents, iter_piece, iter_unit, plan_inputs,
                                    split_units)
 
 

@@ -7,8 +7,8 @@ import random
 
 import pytest
 
-from data_pipeline.errors import DataError
-from data_pipeline.tokenizer import (BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer, reservoir_sample, train_tokenizer,
+from mnemo.data_pipeline.errors import DataError
+from mnemo.data_pipeline.tokenizer import (BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer, reservoir_sample, train_tokenizer,
                                      trainer_sentences)
 
 CODE = '''import os
@@ -166,7 +166,7 @@ def test_trainer_sentences_keep_everything_in_bounded_pieces():
 
 
 def test_cli_tokenizer_train(tmp_path, capsys):
-    from train.cli import main
+    from mnemo.train.cli import main
 
     rc = main(["tokenizer", "train", "--input", str(_corpus(tmp_path, 5)), "--vocab-size", "400", "--out",
                str(tmp_path / "cli.model")])

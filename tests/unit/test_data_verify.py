@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from data_pipeline.errors import DataError
-from data_pipeline.prepare import prepare
-from data_pipeline.tokenizer import train_tokenizer
-from data_pipeline.verify import check_tokenizer, inspect, read_manifest, verify
+from mnemo.data_pipeline.errors import DataError
+from mnemo.data_pipeline.prepare import prepare
+from mnemo.data_pipeline.tokenizer import train_tokenizer
+from mnemo.data_pipeline.verify import check_tokenizer, inspect, read_manifest, verify
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +117,7 @@ def test_inspect_report(dataset):
 
 
 def test_cli_verify_names_the_bad_shard(copy, capsys):
-    from train.cli import main
+    from mnemo.train.cli import main
 
     name, path = _shard(copy)
     path.write_bytes(b"\0" * path.stat().st_size)

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from data_pipeline.passkey import KEY_PREFIX
-from data_pipeline.streams import ArraySource
-from data_pipeline.tokenizer import Tokenizer
-from train.episodes import EpisodeSource, Episodes, PasskeyCurriculum, is_episode_step, training_filler
+from mnemo.data_pipeline.passkey import KEY_PREFIX
+from mnemo.data_pipeline.streams import ArraySource
+from mnemo.data_pipeline.tokenizer import Tokenizer
+from mnemo.train.episodes import EpisodeSource, Episodes, PasskeyCurriculum, is_episode_step, training_filler
 from tests.unit.stdlib import stdlib_texts, stdlib_tokenizer
 
 T, B = 64, 3
@@ -110,7 +110,7 @@ def test_multikey_episodes_ask_for_one_door_of_up_to_max_keys(tok, filler, D):
 
 
 def test_episode_source_rejects_more_keys_than_a_segment_holds(tok, filler):
-    from data_pipeline.errors import DataError
+    from mnemo.data_pipeline.errors import DataError
 
     with pytest.raises(DataError, match="facts"):
         EpisodeSource(tok, filler, T, B, 5.0, 1.0, seed=1, rank=0, max_keys=40)
@@ -127,14 +127,14 @@ def test_episode_source_rank_streams_differ_and_resume_exactly(tok, filler):
 
 
 def test_episode_source_rejects_a_segment_too_short_for_the_question(tok, filler):
-    from data_pipeline.errors import DataError
+    from mnemo.data_pipeline.errors import DataError
 
     with pytest.raises(DataError, match="segment"):
         EpisodeSource(tok, filler, 8, B, 5.0, 1.0, seed=1, rank=0)
 
 
 def test_ltm_only_max_d_batches_leave_the_short_term_memory_out(tok, filler):
-    from model import MemoryTransformer, ModelArgs
+    from mnemo.model import MemoryTransformer, ModelArgs
 
     model = MemoryTransformer(ModelArgs(vocab_size=tok.vocab_size, n_layers=2, d_model=32, n_heads=2, d_ff=64,
                                         stm_length=T, ltm_kind="knn", ltm_capacity=4 * T, ltm_topk=4, ltm_layers=(1,)))
@@ -205,7 +205,7 @@ def test_forward_counts_exact_match_on_the_answer_only(tok, filler, monkeypatch)
 
 
 def test_training_filler_skips_heldout_and_passkey_documents():
-    from data_pipeline.split import heldout_mask
+    from mnemo.data_pipeline.split import heldout_mask
 
     docs = [np.full(5, i, dtype=np.int64) for i in range(40)]
     # Documents 0-4 carry an answer span: synthetic passkey documents.

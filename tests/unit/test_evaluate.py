@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 import torch
 
-from data_pipeline.tokenizer import Tokenizer
+from mnemo.data_pipeline.tokenizer import Tokenizer
 from tests.unit.stdlib import stdlib_texts, stdlib_tokenizer
-from train.config import Config
-from train.errors import UserError
-from train.evaluate import (ablation_table, bucket_lower, evaluate, flat_metrics, format_table, loss_by_position,
+from mnemo.train.config import Config
+from mnemo.train.errors import UserError
+from mnemo.train.evaluate import (ablation_table, bucket_lower, evaluate, flat_metrics, format_table, loss_by_position,
                             passkey_report, plots, score_greedy, score_teacher_forced)
 
 V = 16
@@ -159,7 +159,7 @@ def test_score_greedy_feeds_its_own_predictions():
 
 
 def test_teacher_forced_scoring_agrees_with_greedy_exact_match():
-    from train.evaluate import _cell_stats
+    from mnemo.train.evaluate import _cell_stats
 
     samples = [_sample(list(range(10)), 7, 3), _sample(list(range(8)) + [8, 5], 7, 3),
                _sample(list(range(7)) + [9, 10, 11], 7, 3)]
@@ -289,7 +289,7 @@ def test_evaluate_json_table_plots(tok, corpus, tmp_path):
 
 
 def _real_model(vocab: int, T: int):
-    from model import MemoryTransformer, ModelArgs
+    from mnemo.model import MemoryTransformer, ModelArgs
 
     torch.manual_seed(0)
     return MemoryTransformer(ModelArgs(vocab_size=vocab, stm_length=T, ltm_kind="knn", ltm_capacity=512, ltm_topk=4,
@@ -315,7 +315,7 @@ def test_real_model_batch_invariant_and_ablations():
 
 
 def test_real_model_passkey(tok, corpus):
-    from train.evaluate import passkey_samples
+    from mnemo.train.evaluate import passkey_samples
 
     m = _real_model(tok.vocab_size, 64)
     acc = passkey_report(m, tok, corpus, 64, distances=[1, 2], trials=4, seed=0, batch_size=3)
@@ -337,7 +337,7 @@ def test_real_model_passkey(tok, corpus):
 def _write_mds(root: Path, tok: Tokenizer, texts: list[str]) -> Path:
     from streaming import MDSWriter
 
-    from data_pipeline.passkey import make_passkey_sample
+    from mnemo.data_pipeline.passkey import make_passkey_sample
 
     cols = {"tokens": "ndarray:uint16", "doc_id": "str", "source": "str", "answer_start": "int32",
             "answer_len": "int32"}
@@ -363,8 +363,8 @@ def test_eval_cli(tok, tmp_path, capsys):
 
     from safetensors.torch import save_file
 
-    from train.config import to_dict
-    from train.cli import build_parser
+    from mnemo.train.config import to_dict
+    from mnemo.train.cli import build_parser
 
     T = 64
     exp = tmp_path / "export"

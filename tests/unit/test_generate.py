@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from model import MemoryTransformer, ModelArgs
-from train.config import Config, to_dict
-from train.errors import UserError
-from train.cli import build_parser
-from train.generate import SegmentReader, TextStreamer, generate, sample_next
+from mnemo.model import MemoryTransformer, ModelArgs
+from mnemo.train.config import Config, to_dict
+from mnemo.train.errors import UserError
+from mnemo.train.cli import build_parser
+from mnemo.train.generate import SegmentReader, TextStreamer, generate, sample_next
 
 T = 16
 
@@ -135,7 +135,7 @@ def _export_dir(root: Path) -> Path:
     """A random-init debug model as an export dir that load_for_inference reads."""
     from safetensors.torch import save_file
 
-    from data_pipeline.tokenizer import train_from_texts
+    from mnemo.data_pipeline.tokenizer import train_from_texts
 
     files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[:6]
     tok = train_from_texts([f.read_text(encoding="utf-8", errors="replace") for f in files], root / "tokenizer.model",

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from launch.env import package_root
-from train.cli import main
+from mnemo.launch.env import package_root
+from mnemo.train.cli import main
 
 FORWARDED_PREFIXES = ("NCCL_", "MLFLOW_", "MNEMO_", "GLOO_", "TORCH_", "DS_", "FI_", "UCX_", "SLURM")
 
@@ -56,19 +56,19 @@ def launch(capsys, *argv: str) -> tuple[int, str, str]:
 
 GOLDEN_LOCAL = """\
 # node 0 of 1: 2 rank(s), log <TMP>/runs/g/logs/node0.log
-PATH=/usr/local/bin:/usr/bin:/bin:<BIN> PYTHONPATH=<ROOT> PYTHONUNBUFFERED=1 TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 MNEMO_NODE_RANK=0 MNEMO_NNODES=1 <PYTHON> -m torch.distributed.run --standalone --nnodes 1 --nproc-per-node 2 --max-restarts 0 --signals-to-handle SIGINT,SIGQUIT --tee 3 --log-dir <TMP>/runs/g/logs/torchrun/node0 --log-line-prefix-template '[rank${rank}]: ' -m launch.worker <TMP>/c.yaml train.lr=0.01
+PATH=/usr/local/bin:/usr/bin:/bin:<BIN> PYTHONPATH=<ROOT> PYTHONUNBUFFERED=1 TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 MNEMO_NODE_RANK=0 MNEMO_NNODES=1 <PYTHON> -m torch.distributed.run --standalone --nnodes 1 --nproc-per-node 2 --max-restarts 0 --signals-to-handle SIGINT,SIGQUIT --tee 3 --log-dir <TMP>/runs/g/logs/torchrun/node0 --log-line-prefix-template '[rank${rank}]: ' -m mnemo.launch.worker <TMP>/c.yaml train.lr=0.01
 """
 
 GOLDEN_NODE = """\
 # node 1 of 2: 2 rank(s), log <TMP>/runs/g/logs/node1.log
-PATH=/usr/local/bin:/usr/bin:/bin:<BIN> PYTHONPATH=<ROOT> PYTHONUNBUFFERED=1 TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 MNEMO_NODE_RANK=1 MNEMO_NNODES=2 <PYTHON> -m torch.distributed.run --nnodes 2 --rdzv-backend c10d --rdzv-endpoint 10.0.0.1:29400 --rdzv-id mnemo-5dcd9b41fb --rdzv-conf is_host=false --nproc-per-node 2 --max-restarts 1 --signals-to-handle SIGINT,SIGQUIT --tee 3 --log-dir <TMP>/runs/g/logs/torchrun/node1 --log-line-prefix-template '[rank${rank}]: ' -m launch.worker <TMP>/c.yaml
+PATH=/usr/local/bin:/usr/bin:/bin:<BIN> PYTHONPATH=<ROOT> PYTHONUNBUFFERED=1 TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 MNEMO_NODE_RANK=1 MNEMO_NNODES=2 <PYTHON> -m torch.distributed.run --nnodes 2 --rdzv-backend c10d --rdzv-endpoint 10.0.0.1:29400 --rdzv-id mnemo-5dcd9b41fb --rdzv-conf is_host=false --nproc-per-node 2 --max-restarts 1 --signals-to-handle SIGINT,SIGQUIT --tee 3 --log-dir <TMP>/runs/g/logs/torchrun/node1 --log-line-prefix-template '[rank${rank}]: ' -m mnemo.launch.worker <TMP>/c.yaml
 """
 
 GOLDEN_HOSTFILE = """\
 # node 0: worker-0
-ssh -o BatchMode=yes -o ConnectTimeout=10 -- worker-0 'cd <TMP> && exec env MNEMO_TAG='"'"'a b'"'"' NCCL_DEBUG=INFO PYTHONPATH=<ROOT> PATH=/usr/local/bin:/usr/bin:/bin:<BIN> <PYTHON> -m train.cli launch <TMP>/c.yaml train.lr=0.01 --nnodes 2 --node-rank 0 --nproc-per-node 2 --master-addr worker-0 --master-port 29500 --rdzv-id mnemo-5dcd9b41fb --max-restarts 0 --stop-on-stdin-eof'
+ssh -o BatchMode=yes -o ConnectTimeout=10 -- worker-0 'cd <TMP> && exec env MNEMO_TAG='"'"'a b'"'"' NCCL_DEBUG=INFO PYTHONPATH=<ROOT> PATH=/usr/local/bin:/usr/bin:/bin:<BIN> <PYTHON> -m mnemo.train.cli launch <TMP>/c.yaml train.lr=0.01 --nnodes 2 --node-rank 0 --nproc-per-node 2 --master-addr worker-0 --master-port 29500 --rdzv-id mnemo-5dcd9b41fb --max-restarts 0 --stop-on-stdin-eof'
 # node 1: worker-1
-ssh -o BatchMode=yes -o ConnectTimeout=10 -- worker-1 'cd <TMP> && exec env MNEMO_TAG='"'"'a b'"'"' NCCL_DEBUG=INFO PYTHONPATH=<ROOT> PATH=/usr/local/bin:/usr/bin:/bin:<BIN> <PYTHON> -m train.cli launch <TMP>/c.yaml train.lr=0.01 --nnodes 2 --node-rank 1 --nproc-per-node 2 --master-addr worker-0 --master-port 29500 --rdzv-id mnemo-5dcd9b41fb --max-restarts 0 --stop-on-stdin-eof'
+ssh -o BatchMode=yes -o ConnectTimeout=10 -- worker-1 'cd <TMP> && exec env MNEMO_TAG='"'"'a b'"'"' NCCL_DEBUG=INFO PYTHONPATH=<ROOT> PATH=/usr/local/bin:/usr/bin:/bin:<BIN> <PYTHON> -m mnemo.train.cli launch <TMP>/c.yaml train.lr=0.01 --nnodes 2 --node-rank 1 --nproc-per-node 2 --master-addr worker-0 --master-port 29500 --rdzv-id mnemo-5dcd9b41fb --max-restarts 0 --stop-on-stdin-eof'
 """
 
 GOLDEN_SLURM = """\
@@ -109,7 +109,7 @@ rm -f "$RUN_DIR/PREEMPTED"  # stale marker of an earlier job
 srun --nodes="$SLURM_JOB_NUM_NODES" --ntasks="$SLURM_JOB_NUM_NODES" --ntasks-per-node=1 \\
     ${SLURM_CPUS_PER_TASK:+--cpus-per-task=$SLURM_CPUS_PER_TASK} --kill-on-bad-exit=1 \\
     bash -c 'exec "$@" --node-rank "$SLURM_NODEID"' mnemo-node \\
-    <PYTHON> -m train.cli launch <TMP>/c.yaml train.lr=0.01 \\
+    <PYTHON> -m mnemo.train.cli launch <TMP>/c.yaml train.lr=0.01 \\
     --nnodes "$SLURM_JOB_NUM_NODES" --nproc-per-node 4 \\
     --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT" --rdzv-id "mnemo-$SLURM_JOB_ID" \\
     --max-restarts 0 &
@@ -181,7 +181,7 @@ def test_torchrun_accepts_the_generated_flags(ws, capsys):
         _, out, _ = launch(capsys, "c.yaml", "--dry-run", *extra)
         line = [ln for ln in out.splitlines() if not ln.startswith("#")][0]
         args = get_args_parser().parse_args(_torchrun_args(line))
-        assert args.module and args.training_script == "launch.worker"
+        assert args.module and args.training_script == "mnemo.launch.worker"
         assert args.tee == "3" and args.signals_to_handle == "SIGINT,SIGQUIT"
         if "--nnodes" in extra:
             assert (args.nnodes, args.rdzv_backend, args.rdzv_endpoint, args.max_restarts) == ("2", "c10d", "h:29500", 3)
@@ -259,7 +259,7 @@ def test_shell_metacharacters_in_hosts_are_quoted(ws, capsys):
 
 
 def test_remote_command_forwards_environment(ws, capsys):
-    from launch.remote import remote_command
+    from mnemo.launch.remote import remote_command
 
     stub = ws / "stub.sh"
     stub.write_text('#!/bin/sh\necho "$MNEMO_TAG|$NCCL_DEBUG|$PATH|$(pwd)" > "$OUT"\n')
@@ -271,7 +271,7 @@ def test_remote_command_forwards_environment(ws, capsys):
 
 
 def test_ranks_path_is_the_launchers_with_the_venv_appended():
-    from launch.env import path_with_venv
+    from mnemo.launch.env import path_with_venv
 
     assert path_with_venv({"PATH": "/usr/bin:/bin"}, "/v/bin/python") == "/usr/bin:/bin:/v/bin"
     assert path_with_venv({"PATH": "/v/bin:/usr/bin"}, "/v/bin/python") == "/v/bin:/usr/bin"  # order kept

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import os
 
-from launch.env import package_root, pythonpath_with_root, rank_env
-from launch.remote import forwarded_env
-from launch.worker import describe
+from mnemo.launch.env import package_root, pythonpath_with_root, rank_env
+from mnemo.launch.remote import forwarded_env
+from mnemo.launch.worker import describe
 
 
 def test_bare_train_is_a_one_rank_job_on_cpu():

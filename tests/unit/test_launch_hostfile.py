@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from launch.hostfile import Host, parse_hostfile, parse_hostfile_text, procs_per_node, select_hosts
-from train.errors import UserError
+from mnemo.launch.hostfile import Host, parse_hostfile, parse_hostfile_text, procs_per_node, select_hosts
+from mnemo.train.errors import UserError
 
 GOOD = """\
 # a comment

@@ -12,9 +12,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import model.transformer as mt
-from model import MemoryState, MemoryTransformer, ModelArgs
-from model.transformer import SegmentContext, knn_retrieve
+import mnemo.model.transformer as mt
+from mnemo.model import MemoryState, MemoryTransformer, ModelArgs
+from mnemo.model.transformer import SegmentContext, knn_retrieve
 
 V, T = 61, 8  # vocabulary, segment length
 

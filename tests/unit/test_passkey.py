@@ -6,10 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from data_pipeline.errors import DataError
-from data_pipeline.passkey import (KEY_PREFIX, KEY_SUFFIX, QUESTION, make_multikey_sample,
+from mnemo.data_pipeline.errors import DataError
+from mnemo.data_pipeline.passkey import (KEY_PREFIX, KEY_SUFFIX, QUESTION, make_multikey_sample,
                                    make_passkey_sample)
-from data_pipeline.tokenizer import Tokenizer
+from mnemo.data_pipeline.tokenizer import Tokenizer
 from tests.unit.stdlib import stdlib_texts, stdlib_tokenizer
 
 T = 128

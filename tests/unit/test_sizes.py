@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from model import SIZES, MemoryTransformer, ModelArgs, flops_per_token, param_count
-from model.sizes import REFERENCE_VOCAB
+from mnemo.model import SIZES, MemoryTransformer, ModelArgs, flops_per_token, param_count
+from mnemo.model.sizes import REFERENCE_VOCAB
 
 VOCAB = REFERENCE_VOCAB
 T = 256  # tokens of the counted forward

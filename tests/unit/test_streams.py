@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from data_pipeline.split import heldout_mask
-from data_pipeline.streams import ArraySource, DocumentStreams
+from mnemo.data_pipeline.split import heldout_mask
+from mnemo.data_pipeline.streams import ArraySource, DocumentStreams
 
 EOS = 1
 PAD = 0
@@ -89,7 +89,7 @@ def test_epochs_reshuffle_and_order_is_deterministic():
     bb = [next(b) for _ in range(80)]
     for x, y in zip(ba, bb):
         assert torch.equal(x.tokens, y.tokens) and torch.equal(x.reset, y.reset)
-    from data_pipeline.streams import epoch_order
+    from mnemo.data_pipeline.streams import epoch_order
 
     o0 = epoch_order(src.samples_per_shard, np.ones(30, bool), 7, 0)
     o1 = epoch_order(src.samples_per_shard, np.ones(30, bool), 7, 1)
@@ -202,7 +202,7 @@ def test_resume_on_other_world_size_loses_nothing_repeats_no_finished(old_world,
 
 
 def test_fewer_documents_than_ranks_is_a_clear_error():
-    from data_pipeline.errors import DataError
+    from mnemo.data_pipeline.errors import DataError
 
     with pytest.raises(DataError, match="fewer than the 4 ranks"):
         streams(ArraySource(make_docs(3)), world=4)

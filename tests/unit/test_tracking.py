@@ -1,4 +1,4 @@
-"""train.tracking against a real sqlite MLflow store (one store shared by the module: creating it takes seconds)."""
+"""mnemo.train.tracking against a real sqlite MLflow store (one store shared by the module: creating it takes seconds)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from train.tracking import (
+from mnemo.train.tracking import (
     DEFAULT_EXPERIMENT,
     PARENT_RUN_TAG,
     Tracker,
@@ -177,7 +177,7 @@ def test_new_run_from_checkpoint_gets_parent_tag(store, client, tmp_path):
 
 
 def test_missing_resume_run_starts_new_run_with_parent_tag(store, client, tmp_path, caplog):
-    with caplog.at_level(logging.WARNING, logger="train.tracking"):
+    with caplog.at_level(logging.WARNING, logger="mnemo.train.tracking"):
         t = Tracker(run_dir=str(tmp_path), uri=store, experiment="unit",
                     resume_run_id="0123456789abcdef0123456789abcdef")
     t.close()
@@ -210,7 +210,7 @@ def test_other_ranks_and_disabled_are_noops(tmp_path):
 
 def test_unreachable_server_buffers_to_fallback_with_one_warning(tmp_path, caplog):
     uri = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
-    with caplog.at_level(logging.WARNING, logger="train.tracking"):
+    with caplog.at_level(logging.WARNING, logger="mnemo.train.tracking"):
         t0 = time.perf_counter()
         t = Tracker(run_dir=str(tmp_path), uri=uri, interval=0.05, retry_interval=0.1, max_buffer=50)
         for step in range(100):
@@ -243,7 +243,7 @@ def test_sender_process_death_falls_back_to_file(store, client, tmp_path, caplog
     import os
     import signal
 
-    with caplog.at_level(logging.WARNING, logger="train.tracking"):
+    with caplog.at_level(logging.WARNING, logger="mnemo.train.tracking"):
         t = Tracker(run_dir=str(tmp_path), uri=store, experiment="unit", interval=0.05)
         t.log_metrics({"train/loss": 1.0}, step=1)
         t.flush()
@@ -263,7 +263,7 @@ def test_sender_process_death_falls_back_to_file(store, client, tmp_path, caplog
 
 
 def test_bad_uri_is_a_user_error(tmp_path):
-    from train.errors import UserError
+    from mnemo.train.errors import UserError
 
     with pytest.raises(UserError, match="tracking.uri nosuchscheme://x"):
         Tracker(run_dir=str(tmp_path), uri="nosuchscheme://x")

@@ -1,4 +1,4 @@
-"""launch.worker: a rank does not outlive the torchrun agent that started it."""
+"""mnemo.launch.worker: a rank does not outlive the torchrun agent that started it."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ CHILD = """
 import os, sys, time
 sys.path.insert(0, {repo!r})
 if {die!r}:
-    from launch.worker import die_with_parent
+    from mnemo.launch.worker import die_with_parent
     die_with_parent()
 open({pidfile!r}, "w").write(str(os.getpid()))
 time.sleep(120)

@@ -1,0 +1,7 @@
+"""``python -m mnemo``: the same entry point as the ``mnemo`` command."""
+
+import sys
+
+from mnemo.train.cli import main
+
+sys.exit(main())
