@@ -14,11 +14,32 @@ REPO = Path(__file__).resolve().parents[2]
 PY = sys.executable
 DEBUG_CONFIG = str(REPO / "configs" / "debug.yaml")
 
+# Jobs start from a user's project folder holding the most common file names
+# in ML (train.py, model.py, model/, ...): each fails loudly when imported, so
+# every launch, SLURM job and demo run below also shows that mnemo never
+# imports a bare `train`, `model`, `launch` or `data_pipeline`.
+_SHADOWS = ("train.py", "model.py", "model/__init__.py", "launch.py", "data_pipeline.py", "train/__init__.py")
+
+
+def user_project_dir() -> Path:
+    """A folder (made once per process) whose would-be shadowing modules raise on import."""
+    import tempfile
+
+    root = Path(tempfile.gettempdir()) / f"mnemo-user-project-{os.getpid()}"
+    for name in _SHADOWS:
+        f = root / name
+        if not f.is_file():
+            f.parent.mkdir(parents=True, exist_ok=True)
+            f.write_text(f"raise ImportError('the user\\'s own {name} was imported instead of mnemo')\n")
+    return root
+
 
 def job_env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env.pop("MLFLOW_TRACKING_URI", None)
-    env.update({"PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
+    # No PYTHONPATH: jobs find mnemo the way a user's do, through the installed package.
+    env.pop("PYTHONPATH", None)
+    env.update({"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
     env.update(extra)
     return env
 
@@ -32,7 +53,7 @@ def train_cmd(nproc: int, overrides: list[str], config: str = DEBUG_CONFIG) -> l
 
 
 def run(cmd: list[str], timeout: float = 300, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
-    res = subprocess.run(cmd, cwd=REPO, env=env or job_env(), capture_output=True, text=True, timeout=timeout)
+    res = subprocess.run(cmd, cwd=user_project_dir(), env=env or job_env(), capture_output=True, text=True, timeout=timeout)
     if check and res.returncode != 0:
         raise AssertionError(f"command failed ({res.returncode}): {' '.join(cmd)}\n{res.stdout[-3000:]}\n{res.stderr[-6000:]}")
     return res
@@ -40,7 +61,7 @@ def run(cmd: list[str], timeout: float = 300, env: dict | None = None, check: bo
 
 def start(cmd: list[str], env: dict | None = None, log: Path | None = None) -> subprocess.Popen:
     out = open(log, "w") if log else subprocess.DEVNULL
-    return subprocess.Popen(cmd, cwd=REPO, env=env or job_env(), stdout=out, stderr=subprocess.STDOUT,
+    return subprocess.Popen(cmd, cwd=user_project_dir(), env=env or job_env(), stdout=out, stderr=subprocess.STDOUT,
                             start_new_session=True)
 
 

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
 
 from mnemo.launch.demo import REPO, long_context_loss, run_demo, side_by_side
 from mnemo.train.config import flatten, load_config
+from tests.integration.jobs import user_project_dir
 
 pytestmark = pytest.mark.integration
 
@@ -34,10 +36,16 @@ def test_demo_configs_differ_only_in_memory_and_run():
 def demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "demo"
     lines: list[str] = []
-    summary = run_demo(str(out), minutes=4, echo=lines.append, corpus_files=12, passkey_docs=40, vocab_size=512,
-                       max_steps=4, passkey_trials=3, distances=(1, 2), eval_docs=2, eval_reserve_s=10,
-                       overrides=["model.segment_len=64", "train.batch_size=2", "train.log_interval=2",
-                                  "train.warmup_steps=2", "train.passkey.fraction=0.8"])
+    # Run from a user's project folder whose train.py, model.py, model/ must never be imported.
+    cwd = os.getcwd()
+    os.chdir(user_project_dir())
+    try:
+        summary = run_demo(str(out), minutes=4, echo=lines.append, corpus_files=12, passkey_docs=40, vocab_size=512,
+                           max_steps=4, passkey_trials=3, distances=(1, 2), eval_docs=2, eval_reserve_s=10,
+                           overrides=["model.segment_len=64", "train.batch_size=2", "train.log_interval=2",
+                                      "train.warmup_steps=2", "train.passkey.fraction=0.8"])
+    finally:
+        os.chdir(cwd)
     return out, summary, lines
 
 

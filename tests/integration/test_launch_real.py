@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.jobs import DEBUG_CONFIG, PY, REPO, job_env, losses_by_step, steps, wait_for_step
+from tests.integration.jobs import DEBUG_CONFIG, PY, job_env, user_project_dir, losses_by_step, steps, wait_for_step
 from tests.integration.slurm_cluster import PRIVATE_SHM
 
 pytestmark = pytest.mark.integration
@@ -44,7 +44,7 @@ def _free_port() -> int:
 
 
 def _launch(args: list[str], log: Path, env: dict, prefix: list[str] = ()) -> subprocess.Popen:
-    return subprocess.Popen([*prefix, PY, "-m", "mnemo.train.cli", "launch", DEBUG_CONFIG, *args], cwd=REPO, env=env,
+    return subprocess.Popen([*prefix, PY, "-m", "mnemo.train.cli", "launch", DEBUG_CONFIG, *args], cwd=user_project_dir(), env=env,
                             stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
 
 
