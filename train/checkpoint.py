@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from mnemo.train.errors import UserError
+from mnemo.train.redact import redact_tree
 
 log = logging.getLogger("mnemo.checkpoint")
 
@@ -162,7 +163,8 @@ class CheckpointManager:
         _maybe_crash_in_save(step, self.rank)
         self._barrier()
         if self.rank == 0:
-            (tmp / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
+            # Credentials in URIs (tracking.uri in the config) are never saved.
+            (tmp / "meta.json").write_text(json.dumps(redact_tree(meta), indent=1, default=str))
             for fname, src in (extra_files or {}).items():
                 shutil.copyfile(src, tmp / fname)
             _fsync_tree(tmp)
@@ -312,7 +314,7 @@ def export(path: str | Path, out: str | Path) -> Path:
     (out / "model_args.json").write_text(json.dumps(dataclasses.asdict(args), indent=1))
     meta = read_meta(ckpt) if is_complete(ckpt) else {}
     if meta:
-        (out / "config.json").write_text(json.dumps(meta["config"], indent=1))
+        (out / "config.json").write_text(json.dumps(redact_tree(meta["config"]), indent=1))
         if (ckpt / "tokenizer.model").is_file():
             shutil.copy(ckpt / "tokenizer.model", out / "tokenizer.model")
         (out / "source.json").write_text(json.dumps(

@@ -459,7 +459,10 @@ def to_dict(cfg: Config) -> dict:
 
 
 def to_yaml(cfg: Config) -> str:
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    """The YAML written into run directories: credentials in URIs (tracking.uri) redacted."""
+    from mnemo.train.redact import redact_tree
+
+    return yaml.safe_dump(redact_tree(to_dict(cfg)), sort_keys=False)
 
 
 def from_dict(tree: dict) -> Config:

@@ -51,6 +51,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from mnemo.train.config import flatten
+from mnemo.train.redact import redact_uri
 
 log = logging.getLogger(__name__)
 
@@ -257,12 +258,13 @@ class Tracker:
         """Log (possibly nested) params; values are stringified and truncated to MLflow's limit."""
         if self._off:
             return
-        self._buf.append(("params", {str(k): str(v) for k, v in flatten(params).items()}))
+        # Credentials in values (tracking.uri=http://user:pass@host) are never logged.
+        self._buf.append(("params", {str(k): redact_uri(str(v)) for k, v in flatten(params).items()}))
 
     def set_tags(self, tags: dict) -> None:
         if self._off:
             return
-        self._buf.append(("tags", {str(k): str(v) for k, v in tags.items()}))
+        self._buf.append(("tags", {str(k): redact_uri(str(v)) for k, v in tags.items()}))
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         """Queue metric points at `step` (values must be Python numbers: no device sync here)."""
@@ -362,7 +364,8 @@ class Tracker:
 
                 self._proc.join(timeout=10)
                 self._off = True
-                raise UserError(f"tracking.uri {self.uri} (experiment {self.experiment!r}): {error}")
+                raise UserError(f"tracking.uri {redact_uri(self.uri)} (experiment {self.experiment!r}): "
+                                f"{redact_uri(error)}")
             return
 
     def _feed(self) -> None:
@@ -503,7 +506,9 @@ class _Sender:
         self._client = None
 
     def _log(self, level: int, fmt: str, *args: Any) -> None:
-        self._emit(("log", level, fmt % args))
+        # Every message of the sender: the URI and MLflow's errors (which
+        # quote request URLs) may carry the password of tracking.uri.
+        self._emit(("log", level, redact_uri(fmt % args)))
 
     # ---- main loop ----
 

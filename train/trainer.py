@@ -194,7 +194,12 @@ def _check_resume_compatible(old_cfg: dict[str, Any], cfg: Config, meta: dict[st
                              manifest: dict[str, Any], path: Path) -> list[str]:
     from mnemo.train.checkpoint import saved_config_tree
 
-    old, new = flatten(saved_config_tree(old_cfg)), flatten(cfg)
+    from mnemo.train.redact import redact_tree
+
+    # Checkpoints hold the config with credentials redacted (tracking.uri):
+    # compare, and report changes, in that form on both sides, so a password
+    # is neither a "change" nor printed.
+    old, new = flatten(redact_tree(saved_config_tree(old_cfg))), flatten(redact_tree(to_dict(cfg)))
     for key in UNSAFE_KEYS:
         if key in _LTM_ONLY_KEYS and old.get("memory.long.kind") == new.get("memory.long.kind") == "none":
             continue  # how a long-term layer works does not matter to a model that has none

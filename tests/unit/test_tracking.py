@@ -267,3 +267,40 @@ def test_bad_uri_is_a_user_error(tmp_path):
 
     with pytest.raises(UserError, match="tracking.uri nosuchscheme://x"):
         Tracker(run_dir=str(tmp_path), uri="nosuchscheme://x")
+
+
+# ---------------------------------------------------------------------------
+# Credentials in tracking.uri: used to connect, never logged or reported
+
+SECRET = "S3cr3tPassw0rd"
+
+
+def test_params_and_tags_hold_no_credentials(store, client, tmp_path):
+    t = Tracker(run_dir=str(tmp_path), uri=store, experiment="unit", run_name="secret", interval=0.1)
+    t.log_params({"tracking": {"uri": f"http://alice:{SECRET}@mlflow.example:5000"}, "train.lr": 1e-3})
+    t.set_tags({"mnemo.note": f"from https://{SECRET}@host/x"})
+    t.close()
+    run = client.get_run(t.run_id)
+    assert run.data.params["tracking.uri"] == "http://***@mlflow.example:5000"
+    assert run.data.params["train.lr"] == "0.001"
+    assert run.data.tags["mnemo.note"] == "from https://***@host/x"
+    assert SECRET not in json.dumps([run.data.params, run.data.tags])
+
+
+def test_unreachable_server_warnings_hide_the_password(tmp_path, caplog):
+    uri = f"http://alice:{SECRET}@127.0.0.1:{_free_port()}"  # nothing listens there
+    with caplog.at_level(logging.WARNING, logger="mnemo.train.tracking"):
+        t = Tracker(run_dir=str(tmp_path), uri=uri, interval=0.05, retry_interval=0.1)
+        assert t.uri == uri, "the real URI is what the tracker connects with"
+        t.log_metrics({"train/loss": 1.0}, step=1)
+        t.close()
+    assert any("is unreachable" in r.getMessage() for r in caplog.records)
+    assert "http://***@127.0.0.1" in caplog.text and SECRET not in caplog.text
+
+
+def test_bad_uri_error_hides_the_password(tmp_path):
+    from mnemo.train.errors import UserError
+
+    with pytest.raises(UserError) as e:
+        Tracker(run_dir=str(tmp_path), uri=f"nosuchscheme://alice:{SECRET}@x")
+    assert "tracking.uri nosuchscheme://***@x" in str(e.value) and SECRET not in str(e.value)

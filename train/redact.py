@@ -1,0 +1,78 @@
+"""Secrets: which values must never be printed, logged or saved, and how to hide them.
+
+One place for both questions. launch/ uses it for what it prints (``--dry-run``),
+puts on command lines (ssh, torchrun, sbatch scripts) and forwards to nodes;
+train/ for what it writes (``config.yaml``, checkpoint ``meta.json``, exported
+``config.json``), logs (MLflow params and tags, warnings) and reports (errors).
+The real values stay in memory and in the environment of the processes that
+use them: only their printed, logged and saved copies are redacted.
+
+Two kinds of secret:
+- credentials inside a URI, ``scheme://user:password@host/...`` (an MLflow
+  tracking URI with basic auth, a data URL): ``redact_uri`` replaces the whole
+  userinfo with ``***`` (a user name alone can be a token, as in
+  ``https://TOKEN@host``);
+- credential environment variables (``MLFLOW_TRACKING_PASSWORD``,
+  ``AWS_SECRET_ACCESS_KEY``, ...): ``is_secret_env`` says which ones launch
+  must send to nodes by a channel ``ps`` does not show.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+REDACTED = "***"
+
+# Credential variables by name. Launch forwards these to every node (MLflow
+# and its artifact stores read them on rank 0), never on a command line.
+SECRET_ENV_NAMES = frozenset({
+    "MLFLOW_TRACKING_PASSWORD",
+    "MLFLOW_TRACKING_TOKEN",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AZURE_STORAGE_ACCESS_KEY",
+    "AZURE_STORAGE_CONNECTION_STRING",
+    "AZURE_CLIENT_SECRET",
+    "HF_TOKEN",
+    "HUGGING_FACE_HUB_TOKEN",
+})
+# Any other variable whose name says it holds a credential is treated alike.
+_SECRET_NAME = re.compile(r"PASSWORD|PASSWD|SECRET|TOKEN|CREDENTIAL|API_?KEY|ACCESS_KEY|PRIVATE_KEY", re.I)
+
+# scheme://[userinfo@]host...: the authority ends at the first '/', '?', '#' or
+# blank; the userinfo is everything in it up to its last '@' (an unencoded '@'
+# in a password is common, and urllib splits at the last one too).
+_USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.\-]*://)[^/?#\s]*@")
+
+
+def redact_uri(text: str) -> str:
+    """``text`` with the userinfo of every ``scheme://user:pass@host`` in it replaced by ``***``.
+
+    Works on any string (a URI, a log line, an override ``key=value``);
+    text without credentials comes back unchanged, and redacting twice
+    changes nothing more.
+    """
+    return _USERINFO.sub(lambda m: f"{m['scheme']}{REDACTED}@", text)
+
+
+def has_credentials(text: str) -> bool:
+    """Does ``text`` hold a URI with a userinfo part?"""
+    return _USERINFO.search(text) is not None
+
+
+def redact_tree(obj: Any) -> Any:
+    """A copy of a (nested) dict/list tree with every string passed through ``redact_uri``."""
+    if isinstance(obj, dict):
+        return {k: redact_tree(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(redact_tree(v) for v in obj)
+    if isinstance(obj, str):
+        return redact_uri(obj)
+    return obj
+
+
+def is_secret_env(name: str, value: str = "") -> bool:
+    """Must this environment variable stay off command lines and out of printed output?"""
+    return name in SECRET_ENV_NAMES or _SECRET_NAME.search(name) is not None or has_credentials(value)
