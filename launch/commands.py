@@ -9,6 +9,11 @@
 The config is loaded and its paths checked before anything starts, so a typo
 fails in a second on the login node. ``--dry-run`` prints the exact commands
 (or the sbatch script) and starts nothing.
+
+Everything that goes into a command line or a generated script (the config
+path, run.dir, overrides, host names, forwarded variables) is refused if it
+holds a control character and shell-quoted otherwise. Credentials never go
+there: see ``secret_overrides`` and launch/remote.py.
 """
 
 from __future__ import annotations
@@ -64,6 +69,7 @@ def register(subparsers) -> None:
     g.add_argument("--master-port", type=int, default=None, help="rendezvous port (default 29500; --slurm: 20000 + job id %% 20000)")
     g.add_argument("--rdzv-id", default=None, help=argparse.SUPPRESS)
     g.add_argument("--stop-on-stdin-eof", action="store_true", help=argparse.SUPPRESS)
+    g.add_argument("--env-from-stdin", action="store_true", help=argparse.SUPPRESS)
 
     h = p.add_argument_group("hostfile (one launcher per host over ssh)")
     h.add_argument("--hostfile", default=None, help="DeepSpeed-format hostfile: 'HOST slots=N' per line")
@@ -130,6 +136,53 @@ def _run_dir(cfg, cwd: str) -> Path:
     return d if d.is_absolute() else Path(cwd) / d
 
 
+def secret_overrides(overrides: list[str]) -> tuple[list[str], dict[str, str]]:
+    """(overrides for command lines, variables to pass in the environment instead).
+
+    ``tracking.uri=http://user:pass@host`` would put the password into every
+    command line (ps on each node) and the sbatch script: it becomes
+    ``tracking.uri=`` (empty: the tracker then reads MLFLOW_TRACKING_URI) and
+    MLFLOW_TRACKING_URI carries the real URI, by the target's secret channel.
+    Any other override holding credentials has no such channel and is refused.
+    """
+    from mnemo.train.config import parse_overrides
+    from mnemo.train.redact import has_credentials, redact_uri
+
+    public, env = [], {}
+    for raw, (key, value) in zip(overrides, parse_overrides(overrides)):
+        if not has_credentials(value):
+            public.append(raw)
+        elif key == "tracking.uri":
+            env["MLFLOW_TRACKING_URI"] = value
+            public.append("tracking.uri=")
+        else:
+            raise UserError(f"{key}: {redact_uri(value)!r} carries credentials, which mnemo launch keeps off "
+                            "command lines; put them in the config file or the environment")
+    return public, env
+
+
+def _check_values(args: argparse.Namespace, cfg, run_dir: Path, cwd: str) -> None:
+    """No control character in anything that goes into a command line or a script (cfg None: the argv part)."""
+    from mnemo.launch.hostfile import check_host_name
+    from mnemo.launch.torchrun import check_line_safe
+
+    if cfg is None:  # before the config is read: what the command line gives
+        check_line_safe("config", os.path.abspath(args.config))
+        for ov in args.overrides:
+            check_line_safe(ov.partition("=")[0].strip() or "override", ov)
+        return
+    check_line_safe("run.dir", str(cfg.run.dir))
+    check_line_safe("run.dir", str(run_dir))
+    check_line_safe("working directory", cwd)
+    check_line_safe("python", sys.executable)
+    if args.master_addr is not None:
+        check_host_name(args.master_addr, "--master-addr")
+        if "@" in args.master_addr:
+            raise UserError(f"--master-addr: {args.master_addr!r} is an address, not an ssh destination")
+    if args.rdzv_id is not None:
+        check_line_safe("--rdzv-id", args.rdzv_id)
+
+
 def _job_name(cfg, run_dir: Path) -> str:
     name = cfg.run.name or run_dir.name or "mnemo"
     return re.sub(r"[^A-Za-z0-9_.\-]", "_", name)[:64]
@@ -141,7 +194,13 @@ def launch(args: argparse.Namespace) -> int:
     from mnemo.train.config import check_paths, load_config
 
     target = _check_flags(args)
+    if args.env_from_stdin:
+        # A node started over ssh: the orchestrator's secrets come first on stdin.
+        from mnemo.launch.remote import read_env_line
+
+        os.environ.update(read_env_line(sys.stdin.fileno()))
     # Validate everything before starting or submitting anything.
+    _check_values(args, None, Path(), "")
     cfg = load_config(args.config, args.overrides)
     check_paths(cfg)
     if getattr(args, "debug", False):
@@ -150,20 +209,22 @@ def launch(args: argparse.Namespace) -> int:
     cwd = os.getcwd()
     config = os.path.abspath(args.config)
     run_dir = _run_dir(cfg, cwd)
+    _check_values(args, cfg, run_dir, cwd)
+    overrides, secret_env = secret_overrides(list(args.overrides))
     port = args.master_port if args.master_port is not None else DEFAULT_MASTER_PORT
     rdzv_id = args.rdzv_id or default_rdzv_id(cfg.run.dir)
 
     if target == "hostfile":
-        return _hostfile(args, cfg, config, run_dir, cwd, port, rdzv_id)
+        return _hostfile(args, cfg, config, overrides, secret_env, run_dir, cwd, port, rdzv_id)
     if target == "slurm":
-        return _slurm(args, cfg, config, run_dir, cwd, args.master_port)
+        return _slurm(args, cfg, config, overrides, secret_env, run_dir, cwd, args.master_port)
 
     nnodes = args.nnodes or 1
     node_rank = args.node_rank or 0
     check_node_args(nnodes, node_rank, port, args.max_restarts)
     plan = NodePlan(
         config=config,
-        overrides=list(args.overrides),
+        overrides=overrides,
         run_dir=run_dir,
         nproc_per_node=args.nproc_per_node or launch_env.default_nproc_per_node(),
         nnodes=nnodes,
@@ -176,17 +237,23 @@ def launch(args: argparse.Namespace) -> int:
     if args.dry_run:
         from mnemo.launch.torchrun import render_node
 
+        if secret_env:
+            print(f"# in the environment, not shown (credentials): {', '.join(sorted(secret_env))}")
         sys.stdout.write(render_node(plan, os.environ))
         return 0
     from mnemo.launch.local import run_node
 
+    os.environ.update(secret_env)  # torchrun and the ranks inherit it
     return run_node(plan, stop_on_stdin_eof=args.stop_on_stdin_eof)
 
 
-def _hostfile(args, cfg, config: str, run_dir: Path, cwd: str, port: int, rdzv_id: str) -> int:
+def _hostfile(args, cfg, config: str, overrides: list[str], secret_env: dict[str, str], run_dir: Path, cwd: str,
+              port: int, rdzv_id: str) -> int:
     from mnemo.launch import env as launch_env
     from mnemo.launch import remote
     from mnemo.launch.hostfile import parse_hostfile, procs_per_node, select_hosts
+
+    from mnemo.launch.hostfile import address_of
 
     hosts = select_hosts(parse_hostfile(args.hostfile), args.include, args.exclude)
     nproc = procs_per_node(hosts, args.nproc_per_node)
@@ -195,15 +262,15 @@ def _hostfile(args, cfg, config: str, run_dir: Path, cwd: str, port: int, rdzv_i
     cmds = remote.node_commands(
         hosts,
         config=config,
-        overrides=list(args.overrides),
+        overrides=overrides,
         nproc_per_node=nproc,
-        master_addr=args.master_addr or hosts[0].name,
+        master_addr=args.master_addr or address_of(hosts[0].name),
         master_port=port,
         rdzv_id=rdzv_id,
         max_restarts=args.max_restarts,
         cwd=cwd,
         python=sys.executable,
-        env={**remote.forwarded_env(os.environ),
+        env={**remote.forwarded_env(os.environ), **secret_env,
              "PYTHONPATH": launch_env.pythonpath_with_root(os.environ),
              "PATH": launch_env.path_with_venv(os.environ, sys.executable)},
     )
@@ -216,12 +283,13 @@ def _hostfile(args, cfg, config: str, run_dir: Path, cwd: str, port: int, rdzv_i
     return remote.run_hostfile(cmds, ssh)
 
 
-def _slurm(args, cfg, config: str, run_dir: Path, cwd: str, port: int | None) -> int:
+def _slurm(args, cfg, config: str, overrides: list[str], secret_env: dict[str, str], run_dir: Path, cwd: str,
+           port: int | None) -> int:
     from mnemo.launch import slurm
 
     opts = slurm.SlurmOptions(
         config=config,
-        overrides=list(args.overrides),
+        overrides=overrides,
         run_dir=run_dir,
         cwd=cwd,
         python=sys.executable,
@@ -236,6 +304,7 @@ def _slurm(args, cfg, config: str, run_dir: Path, cwd: str, port: int | None) ->
         master_port=port,
         max_restarts=args.max_restarts,
         sbatch_args=list(args.sbatch_arg),
+        required_env=sorted(secret_env),
     )
     slurm.check_options(opts)
     if port is not None and not 1 <= port <= 65535:
@@ -247,7 +316,7 @@ def _slurm(args, cfg, config: str, run_dir: Path, cwd: str, port: int | None) ->
         return 0
     sbatch = slurm.find_sbatch()
     path = slurm.write_script(opts)
-    job_id = slurm.submit(path, sbatch)
+    job_id = slurm.submit(path, sbatch, env={**os.environ, **secret_env})
     print(f"submitted job {job_id}")
     print(f"mnemo launch: script {path}; log {run_dir / 'logs' / f'slurm-{job_id}.out'}", file=sys.stderr)
     return 0

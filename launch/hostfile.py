@@ -4,9 +4,12 @@
     worker-0 slots=8
     worker-1 slots=8   # trailing comments too
 
-Host names are kept verbatim (they are only ever passed as one argv element
-or shell-quoted), but a name starting with ``-`` is refused because ssh would
-read it as an option.
+Host names are kept verbatim (they are only ever passed as one argv element,
+after ssh's ``--``, or shell-quoted), and must look like one: an optional
+``user@``, then letters, digits, ``.``, ``-``, ``_``, ``:`` (IPv6) and ``[]``,
+not starting with ``-``. ssh substitutes the name into ``ProxyCommand``/``Match
+exec`` lines of the user's ssh_config, which a shell runs, so a name holding
+``$(...)``, quotes or ``;`` is refused rather than quoted.
 """
 
 from __future__ import annotations
@@ -18,6 +21,22 @@ from pathlib import Path
 from mnemo.train.errors import UserError
 
 _LINE = re.compile(r"^(?P<host>\S+)\s+slots\s*=\s*(?P<slots>\S+)$")
+_HOST = re.compile(r"^([A-Za-z0-9_][A-Za-z0-9._\-]*@)?[A-Za-z0-9_.:\[\]][A-Za-z0-9_.:\[\]\-]*$")
+
+
+def check_host_name(host: str, where: str) -> str:
+    """``host`` if ssh may be given it; else UserError naming ``where`` (file:line or flag)."""
+    if host.startswith("-"):
+        raise UserError(f"{where}: host name {host!r} starts with '-' (ssh would read it as an option)")
+    if not _HOST.match(host):
+        raise UserError(f"{where}: host name {host!r} is not a host name (letters, digits, '.', '-', '_', ':', "
+                        "'[]' and an optional 'user@' only)")
+    return host
+
+
+def address_of(host: str) -> str:
+    """The network address part of a hostfile name (``user@node-0`` -> ``node-0``)."""
+    return host.rpartition("@")[2]
 
 
 @dataclass(frozen=True)
@@ -52,8 +71,7 @@ def parse_hostfile_text(text: str, name: str = "hostfile") -> list[Host]:
         host, slots_s = m.group("host"), m.group("slots")
         if not slots_s.isdigit() or int(slots_s) < 1:
             raise UserError(f"{name}:{lineno}: slots must be a positive integer, got {slots_s!r}")
-        if host.startswith("-"):
-            raise UserError(f"{name}:{lineno}: host name {host!r} starts with '-' (ssh would read it as an option)")
+        check_host_name(host, f"{name}:{lineno}")
         if host in seen:
             raise UserError(f"{name}:{lineno}: host {host!r} already listed on line {seen[host]}")
         seen[host] = lineno

@@ -8,9 +8,19 @@ is assumed, as for the run directory):
         -m mnemo.train.cli launch CONFIG --nnodes N --node-rank i --master-addr HOST0 ...
 
 Every word is quoted with shlex for the remote shell; host names are only
-ever one argv element locally, never parsed by a shell. Before starting
-anything, every host is checked with ``ssh ... true`` in parallel (bounded by
-ConnectTimeout), so an unreachable host fails fast and by name.
+ever one argv element locally (after ssh's ``--``), never parsed by a shell.
+Before starting anything, every host is checked with ``ssh ... true`` in
+parallel (bounded by ConnectTimeout), so an unreachable host fails fast and
+by name.
+
+Secrets (``mnemo.train.redact.is_secret_env``: MLFLOW_TRACKING_PASSWORD,
+AWS_SECRET_ACCESS_KEY, a tracking URI with ``user:pass@``, ...) never go on
+the ssh command line, where ``ps`` on both hosts and ``--dry-run`` would show
+them. The remote launcher gets ``--env-from-stdin`` and the orchestrator
+writes them as the first line of the ssh connection's stdin, one JSON object;
+the launcher reads exactly that line (byte by byte, so nothing after it is
+consumed), puts the values into its environment, which torchrun and the
+ranks inherit, and then watches the rest of stdin for EOF as before.
 
 Stopping: closing a node's ssh stdin makes its launcher send SIGTERM to its
 workers (they save and exit). SIGINT/SIGTERM to the orchestrator closes them
@@ -19,6 +29,7 @@ all; a second SIGINT kills the ssh clients.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import select
@@ -32,11 +43,17 @@ from dataclasses import dataclass
 from typing import Mapping
 
 from mnemo.launch.hostfile import Host
+from mnemo.launch.torchrun import check_line_safe
 from mnemo.train.errors import UserError
+from mnemo.train.redact import SECRET_ENV_NAMES, is_secret_env
 
-# Environment forwarded to every node: names with these prefixes, plus these names.
+# Environment forwarded to every node: names with these prefixes, plus these
+# names (the credential variables of MLflow's artifact stores among them).
 FORWARD_PREFIXES = ("NCCL_", "MLFLOW_", "MNEMO_", "GLOO_", "TORCH_", "DS_", "FI_", "UCX_")
-FORWARD_NAMES = ("PYTHONPATH", "OMP_NUM_THREADS", "CUDA_DEVICE_MAX_CONNECTIONS", "HF_HOME")
+FORWARD_NAMES = ("PYTHONPATH", "OMP_NUM_THREADS", "CUDA_DEVICE_MAX_CONNECTIONS", "HF_HOME",
+                 *sorted(SECRET_ENV_NAMES))
+ENV_FROM_STDIN = "--env-from-stdin"
+_MAX_SECRET_LINE = 1 << 20  # bytes: far more than any set of credentials
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 CONNECT_TIMEOUT_S = int(os.environ.get("MNEMO_SSH_CONNECT_TIMEOUT", "10"))
@@ -56,15 +73,56 @@ def forwarded_env(environ: Mapping[str, str]) -> dict[str, str]:
     return dict(sorted(out.items()))
 
 
+def split_secret_env(env: Mapping[str, str]) -> tuple[dict[str, str], dict[str, str]]:
+    """(variables for the command line, secrets for the stdin channel)."""
+    public, secret = {}, {}
+    for k, v in env.items():
+        (secret if is_secret_env(k, v) else public)[k] = v
+    return public, secret
+
+
 @dataclass
 class NodeCommand:
     host: str
     node_rank: int
     remote: str  # the command string the remote shell runs
+    secrets: Mapping[str, str] | None = None  # sent on stdin, never in argv
 
     def ssh_argv(self, ssh: str = "ssh") -> list[str]:
         # "--" ends ssh's options, so a host name is never read as one.
         return [ssh, *ssh_options(), "--", self.host, self.remote]
+
+    def stdin_line(self) -> bytes:
+        """What the remote launcher reads first when it runs with --env-from-stdin."""
+        return (json.dumps(dict(self.secrets or {})) + "\n").encode()
+
+
+def read_env_line(fd: int, timeout: float = 120.0) -> dict[str, str]:
+    """Read the secrets line the orchestrator writes (``NodeCommand.stdin_line``) from ``fd``.
+
+    One byte at a time: the rest of stdin belongs to --stop-on-stdin-eof,
+    and a buffered read would swallow the EOF it waits for.
+    """
+    buf = bytearray()
+    while not buf.endswith(b"\n"):
+        ready, _, _ = select.select([fd], [], [], timeout)
+        if not ready:
+            raise UserError(f"{ENV_FROM_STDIN}: no environment line on stdin within {timeout:.0f} s")
+        b = os.read(fd, 1)
+        if not b:
+            raise UserError(f"{ENV_FROM_STDIN}: stdin closed before the environment line ended")
+        buf += b
+        if len(buf) > _MAX_SECRET_LINE:
+            raise UserError(f"{ENV_FROM_STDIN}: environment line longer than {_MAX_SECRET_LINE} bytes")
+    try:
+        env = json.loads(buf)
+    except ValueError:
+        env = None
+    if not isinstance(env, dict) or not all(
+        isinstance(k, str) and _ENV_NAME.match(k) and isinstance(v, str) for k, v in env.items()
+    ):
+        raise UserError(f"{ENV_FROM_STDIN}: stdin did not start with a JSON object of variable names to strings")
+    return env
 
 
 def remote_command(
@@ -78,7 +136,14 @@ def remote_command(
 
     ``env`` is set literally (PATH included: the launcher's, see
     ``launch.env.path_with_venv``); everything else comes from the remote login.
+    Every word is checked for control characters and shell-quoted.
     """
+    for k, v in env.items():
+        if not _ENV_NAME.match(k):
+            raise UserError(f"environment variable name {k!r} cannot be forwarded")
+        check_line_safe(k, v)
+    for key, v in (("working directory", cwd), ("python", python), *(("argument", a) for a in launch_args)):
+        check_line_safe(key, v)
     words = ["exec", "env"]
     words += [f"{k}={shlex.quote(v)}" for k, v in env.items()]
     words += [shlex.quote(w) for w in [python, "-m", "mnemo.train.cli", "launch", *launch_args]]
@@ -99,6 +164,7 @@ def node_commands(
     python: str,
     env: Mapping[str, str],
 ) -> list[NodeCommand]:
+    public_env, secrets = split_secret_env(env)
     cmds = []
     for i, h in enumerate(hosts):
         args = [
@@ -111,8 +177,10 @@ def node_commands(
             "--rdzv-id", rdzv_id,
             "--max-restarts", str(max_restarts),
             "--stop-on-stdin-eof",
+            *([ENV_FROM_STDIN] if secrets else []),
         ]
-        cmds.append(NodeCommand(h.name, i, remote_command(cwd=cwd, python=python, env=env, launch_args=args)))
+        cmds.append(NodeCommand(h.name, i, remote_command(cwd=cwd, python=python, env=public_env, launch_args=args),
+                                secrets=secrets))
     return cmds
 
 
@@ -120,6 +188,8 @@ def render(cmds: list[NodeCommand], ssh: str = "ssh") -> str:
     out = []
     for c in cmds:
         out.append(f"# node {c.node_rank}: {c.host}")
+        if c.secrets:
+            out.append(f"# sent on the connection's stdin, not shown: {', '.join(sorted(c.secrets))}")
         out.append(shlex.join(c.ssh_argv(ssh)))
     return "\n".join(out) + "\n"
 
@@ -183,15 +253,20 @@ class _Orchestrator:
 
     def run(self) -> int:
         for c in self.cmds:
-            self.procs.append(
-                subprocess.Popen(
-                    c.ssh_argv(self.ssh),
-                    stdin=subprocess.PIPE,  # held open; closing it stops that node
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                )
+            p = subprocess.Popen(
+                c.ssh_argv(self.ssh),
+                stdin=subprocess.PIPE,  # held open; closing it stops that node
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
+            self.procs.append(p)
+            if c.secrets:
+                try:
+                    p.stdin.write(c.stdin_line())
+                    p.stdin.flush()
+                except OSError:
+                    pass  # ssh already gone: its exit code reports it
         old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
         try:
             self._pump()

@@ -13,6 +13,15 @@ When srun returns and that marker exists, the script deletes it and runs
 ``scontrol requeue $SLURM_JOB_ID``: the job goes back to the queue
 (``--requeue``) and, when it starts again, ``mnemo train`` resumes from the
 latest checkpoint. A stale marker is deleted before training starts.
+
+Quoting: every value in the script body is shell-quoted (shlex.quote), every
+#SBATCH value escaped for sbatch's own parser (a backslash before blanks,
+quotes, ``\\`` and ``#``; ``%`` doubled in the --output pattern), and no value
+may hold a control character (a newline would end the #SBATCH header or start
+a command). Secrets are never written into the script: sbatch hands the
+submitting environment (MLFLOW_TRACKING_PASSWORD, ...) to the job, and a
+tracking.uri override with ``user:pass@`` travels as MLFLOW_TRACKING_URI in
+that environment; the script refuses to start without it.
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mnemo.launch.env import package_root
+from mnemo.launch.torchrun import check_line_safe
 from mnemo.train.errors import UserError
 
 # minutes | minutes:seconds | hours:minutes:seconds | days-hours[:minutes[:seconds]]
@@ -54,6 +64,9 @@ class SlurmOptions:
     max_restarts: int = 0
     sbatch_args: list[str] = field(default_factory=list)
     package_root: str = field(default_factory=package_root)
+    # Variables the job needs from the submitting environment (credentials
+    # kept out of the script); the script stops at once if one is missing.
+    required_env: list[str] = field(default_factory=list)
 
     @property
     def script_path(self) -> Path:
@@ -71,8 +84,17 @@ def check_options(o: SlurmOptions) -> None:
         if v is not None and not _SAFE_VALUE.match(v):
             raise UserError(f"{flag} {v!r} contains characters SLURM does not allow")
     for a in o.sbatch_args:
-        if not a.startswith("-") or "\n" in a or "\r" in a:
+        if not a.startswith("-"):
             raise UserError(f"--sbatch-arg {a!r} must be one sbatch option such as --qos=high")
+        check_line_safe("--sbatch-arg", a)
+    for key, v in (("config", o.config), ("run.dir", str(o.run_dir)), ("working directory", o.cwd),
+                   ("python", o.python), ("mnemo package root", o.package_root)):
+        check_line_safe(key, v)
+    for ov in o.overrides:
+        check_line_safe(ov.partition("=")[0], ov)
+    if "\\" in str(o.run_dir):
+        # In an --output pattern a backslash turns off %j: the log name would be literal.
+        raise UserError(f"run.dir: {str(o.run_dir)!r} contains a backslash, which SLURM's --output cannot hold")
 
 
 def _directives(o: SlurmOptions) -> list[str]:
@@ -93,21 +115,26 @@ def _directives(o: SlurmOptions) -> list[str]:
         f"--signal=B:USR1@{o.signal_s}",
         "--requeue",
         "--open-mode=append",
-        f"--output={o.run_dir}/logs/slurm-%j.out",
+        # '%' starts a SLURM filename pattern; '%%' is a literal one.
+        f"--output={str(o.run_dir).replace('%', '%%')}/logs/slurm-%j.out",
         f"--chdir={o.cwd}",
         *o.sbatch_args,
     ]
     return [f"#SBATCH {_quote_directive(x)}" for x in d]
 
 
+_DIRECTIVE_SPECIAL = frozenset(" \t\"'\\#")
+
+
 def _quote_directive(opt: str) -> str:
-    """sbatch splits "#SBATCH" lines at blanks but honours double quotes."""
-    if not any(c.isspace() for c in opt):
-        return opt
-    name, _, value = opt.partition("=")
-    if '"' in value:
-        raise UserError(f"sbatch option {opt!r}: a value with both blanks and double quotes cannot be written")
-    return f'{name}="{value}"'
+    """One word of an "#SBATCH" line, as sbatch's parser reads it back.
+
+    sbatch splits the line at blanks, removes single and double quotes,
+    takes a backslash as "the next character literally" and an unquoted '#'
+    as the start of a comment; a backslash before each of those characters
+    keeps the value exact.
+    """
+    return "".join("\\" + c if c in _DIRECTIVE_SPECIAL else c for c in opt)
 
 
 def sbatch_script(o: SlurmOptions) -> str:
@@ -126,6 +153,8 @@ def sbatch_script(o: SlurmOptions) -> str:
         "# The venv's tools are found, after the submitting shell's (sbatch exported its PATH).",
         'case ":$PATH:" in *":$VENV_BIN:"*) ;; *) export PATH="$PATH:$VENV_BIN" ;; esac',
         f"export PYTHONPATH={q(o.package_root)}${{PYTHONPATH:+:$PYTHONPATH}}",
+        *[f': "${{{name}:?is not set: export it before sbatch (it carries credentials, kept out of this script)}}"'
+          for name in o.required_env],
         "",
         "# Rendezvous at the first node of the allocation (its address as SLURM knows it).",
         'HEAD_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
@@ -188,9 +217,13 @@ def find_sbatch() -> str:
     return sbatch
 
 
-def submit(script: Path, sbatch: str) -> str:
-    """Submit the script; return the job id (``sbatch --parsable`` prints ``id[;cluster]``)."""
-    r = subprocess.run([sbatch, "--parsable", str(script)], capture_output=True, text=True)
+def submit(script: Path, sbatch: str, env: dict[str, str] | None = None) -> str:
+    """Submit the script; return the job id (``sbatch --parsable`` prints ``id[;cluster]``).
+
+    ``env``: sbatch's environment, which it hands to the job (its default
+    ``--export=ALL``): the channel for credentials kept out of the script.
+    """
+    r = subprocess.run([sbatch, "--parsable", str(script)], capture_output=True, text=True, env=env)
     if r.returncode != 0:
         msg = (r.stderr.strip().splitlines() or [f"exit code {r.returncode}"])[-1]
         raise UserError(f"sbatch {script} failed: {msg}")

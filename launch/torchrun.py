@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import shlex
 import sys
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
@@ -63,6 +64,25 @@ class NodePlan:
 def default_rdzv_id(run_dir: str) -> str:
     """A rendezvous id every node derives alike from the config's run.dir string."""
     return "mnemo-" + hashlib.sha1(run_dir.encode()).hexdigest()[:10]
+
+
+def check_line_safe(key: str, value: str) -> str:
+    """``value`` if it may go into a command line, a generated script or printed output; else UserError.
+
+    Everything launch/ builds is shell-quoted (shlex.quote), which makes any
+    character safe for the shell except where a line is the unit: a newline
+    in ``run.dir`` or the config path would start a new line in the sbatch
+    script (a command, and the end of its #SBATCH header), in a comment, or
+    in the --dry-run output. Control characters have no business in a path,
+    a host name or an override, so they are refused, naming ``key``.
+    """
+    for ch in value:
+        if unicodedata.category(ch) == "Cc":
+            from mnemo.train.redact import redact_uri
+
+            raise UserError(f"{key}: {redact_uri(value)!r} contains the control character {ch!r}; "
+                            "it cannot go into a command line or a generated script")
+    return value
 
 
 def check_node_args(nnodes: int, node_rank: int, master_port: int, max_restarts: int) -> None:
@@ -131,7 +151,10 @@ def node_env(plan: NodePlan, environ: Mapping[str, str]) -> dict[str, str]:
 
 def render_node(plan: NodePlan, environ: Mapping[str, str]) -> str:
     """The dry-run text of one node: a comment and the exact shell line."""
-    env = " ".join(f"{k}={shlex.quote(v)}" for k, v in node_env(plan, environ).items())
+    added = node_env(plan, environ)
+    for k, v in added.items():
+        check_line_safe(k, v)
+    env = " ".join(f"{k}={shlex.quote(v)}" for k, v in added.items())
     return (
         f"# node {plan.node_rank} of {plan.nnodes}: {plan.nproc_per_node} rank(s), log {plan.log_path}\n"
         f"{env} {shlex.join(torchrun_command(plan))}\n"

@@ -236,16 +236,13 @@ def test_slurm_defaults_and_signal_time_from_config(ws, capsys):
 # Quoting: host names and values are never executed
 
 
-def test_shell_metacharacters_in_hosts_are_quoted(ws, capsys):
-    evil = "n$(touch${IFS}PWNED);`touch${IFS}PWNED2`|x"
-    (ws / "evil").write_text(f"{evil} slots=1\nok slots=1\n")
-    rc, out, _ = launch(capsys, "c.yaml", "--hostfile", "evil", "--dry-run", "run.name=x'y")
+def test_shell_metacharacters_in_values_are_quoted(ws, capsys):
+    evil = "n$(touch${IFS}PWNED);`touch${IFS}PWNED2`|x'y\" z"
+    rc, out, _ = launch(capsys, "c.yaml", "--hostfile", "hosts", "--dry-run", f"run.name={evil}")
     assert rc == 0
     lines = [ln for ln in out.splitlines() if not ln.startswith("#")]
-    ssh = shlex.split(lines[0])
-    assert ssh[ssh.index("--") + 1] == evil
     # Run what the remote shell would run, with the python replaced by a stub
-    # that records its arguments: the host name arrives as one literal word.
+    # that records its arguments: the value arrives as one literal word.
     stub = ws / "stub.sh"
     stub.write_text('#!/bin/sh\nprintf "%s\\n" "$@" > "$ARGV_OUT"\n')
     stub.chmod(0o755)
@@ -253,9 +250,8 @@ def test_shell_metacharacters_in_hosts_are_quoted(ws, capsys):
         remote = shlex.split(line)[-1].replace(sys.executable, str(stub))
         subprocess.run(["bash", "-c", remote], check=True, cwd=ws, env=dict(os.environ, ARGV_OUT=str(ws / f"argv{i}")))
         argv = (ws / f"argv{i}").read_text().splitlines()
-        assert argv[argv.index("--master-addr") + 1] == evil
-        assert "run.name=x'y" in argv
-    assert not list(ws.glob("PWNED*")), "a host name was executed"
+        assert f"run.name={evil}" in argv
+    assert not list(ws.glob("PWNED*")), "a value was executed"
 
 
 def test_remote_command_forwards_environment(ws, capsys):

@@ -48,11 +48,17 @@ def test_empty_and_missing_hostfile(tmp_path):
         parse_hostfile(tmp_path / "nope")
 
 
-def test_shell_metacharacters_are_kept_verbatim(tmp_path):
-    f = tmp_path / "hf"
-    f.write_text("node$(touch${IFS}pwned);x slots=1\n`id`|a slots=2\n")
-    hosts = parse_hostfile(f)
-    assert [h.name for h in hosts] == ["node$(touch${IFS}pwned);x", "`id`|a"]
+@pytest.mark.parametrize("name", ["node$(touch${IFS}pwned)", "`id`", "a;b", "a|b", "a'b", 'a"b', "a\\b", "a%h"])
+def test_shell_metacharacters_in_host_names_are_refused(name):
+    # ssh puts the name into ProxyCommand/Match exec lines a shell runs: refused, not quoted.
+    with pytest.raises(UserError, match=r"hf:2: host name .* is not a host name"):
+        parse_hostfile_text(f"ok slots=1\n{name} slots=2\n", "hf")
+
+
+def test_ordinary_host_names_are_kept_verbatim():
+    names = ["worker-0", "node_1.cluster.local", "alice@gpu-3", "10.0.0.7", "[fe80::1]", "fe80::2"]
+    hosts = parse_hostfile_text("".join(f"{n} slots=1\n" for n in names), "hf")
+    assert [h.name for h in hosts] == names
 
 
 def test_include_exclude():

@@ -1,0 +1,424 @@
+"""Hostile values and secrets in everything `mnemo launch` generates, and secrets in what training saves.
+
+- Control characters (newline, carriage return, ...) in run.dir, the config
+  path, overrides, host names or forwarded variables: a one-line error naming
+  the key, exit 2, nothing written.
+- Shell metacharacters, quotes, blanks, '#', '%': quoted, and read back
+  exactly by bash (the sbatch script is executed with stand-ins for srun and
+  scontrol) and by sbatch's own #SBATCH parser (ported below).
+- A host name or address that ssh could read as an option, or that a shell
+  in the user's ssh_config would run: refused.
+- Credentials (MLFLOW_TRACKING_PASSWORD, a tracking.uri with user:pass@)
+  never reach stdout, stderr, the sbatch script or an ssh argv; they reach a
+  node on the ssh connection's stdin. config.yaml, meta.json and exported
+  config.json hold the URI redacted, and resuming with the real URI is not a
+  config change.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mnemo.train.cli import main
+
+SECRET = "S3cr3tPassw0rd"
+SECRET_URI = f"http://alice:{SECRET}@127.0.0.1:1"
+FORWARDED_PREFIXES = ("NCCL_", "MLFLOW_", "MNEMO_", "GLOO_", "TORCH_", "DS_", "FI_", "UCX_", "SLURM", "AWS_")
+
+
+@pytest.fixture
+def ws(tmp_path, monkeypatch):
+    """A working dir with a valid config, a two-host hostfile and a clean environment."""
+    for k in list(os.environ):
+        if k.startswith(FORWARDED_PREFIXES) or k in ("PYTHONPATH", "OMP_NUM_THREADS", "HF_HOME"):
+            monkeypatch.delenv(k)
+    monkeypatch.setenv("PATH", "/usr/local/bin:/usr/bin:/bin")
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "index.json").write_text("{}")
+    (data / "tokenizer.model").write_text("")
+    (tmp_path / "c.yaml").write_text(f"run:\n  dir: runs/g\ndata:\n  path: {data}\n")
+    (tmp_path / "hosts").write_text("worker-0 slots=1\nworker-1 slots=1\n")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def launch(capsys, *argv: str) -> tuple[int, str, str]:
+    rc = main(["launch", *argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def fails(capsys, *argv: str) -> str:
+    rc, out, err = launch(capsys, *argv)
+    assert rc == 2, (rc, out, err)
+    assert err.startswith("mnemo: error: ") and err.count("\n") == 1, err
+    assert out == ""
+    return err
+
+
+# --------------------------------------------------------------------------- #
+# Control characters: refused, naming the key
+
+
+@pytest.mark.parametrize("target", [["--slurm"], ["--hostfile", "hosts"], []])
+@pytest.mark.parametrize("ch", ["\n", "\r", "\x1b", "\t"])
+def test_control_character_in_run_dir_from_yaml(ws, capsys, target, ch):
+    # The YAML escape writes the character itself into run.dir: a line
+    # "rm -rf ~" before the #SBATCH header is what this must prevent.
+    (ws / "evil.yaml").write_text(
+        f'run:\n  dir: "runs/x{json.dumps(ch)[1:-1]}touch PWNED"\ndata:\n  path: {ws / "data"}\n')
+    err = fails(capsys, "evil.yaml", "--dry-run", *target)
+    assert err.startswith("mnemo: error: run.dir: ") and "control character" in err
+    assert not (ws / "runs").exists() and not list(ws.glob("runs*"))
+
+
+@pytest.mark.parametrize("target", [["--slurm"], ["--hostfile", "hosts"], []])
+def test_control_character_in_overrides(ws, capsys, target):
+    err = fails(capsys, "c.yaml", "--dry-run", *target, "run.dir=a\rb")
+    assert err.startswith("mnemo: error: run.dir: ") and "'\\r'" in err
+    err = fails(capsys, "c.yaml", "--dry-run", *target, "run.name=x\necho PWNED")
+    assert err.startswith("mnemo: error: run.name: ") and "'\\n'" in err
+    assert not (ws / "runs").exists()
+
+
+@pytest.mark.parametrize("target", [["--slurm"], ["--hostfile", "hosts"]])
+def test_control_character_in_config_path(ws, capsys, target):
+    (ws / "c\nd.yaml").write_text((ws / "c.yaml").read_text())
+    err = fails(capsys, "c\nd.yaml", "--dry-run", *target)
+    assert err.startswith("mnemo: error: config: ") and "control character" in err
+    assert not (ws / "runs").exists()
+
+
+def test_control_character_in_forwarded_variable(ws, capsys, monkeypatch):
+    monkeypatch.setenv("NCCL_SOCKET_IFNAME", "eth0\ntouch PWNED")
+    err = fails(capsys, "c.yaml", "--hostfile", "hosts", "--dry-run")
+    assert err.startswith("mnemo: error: NCCL_SOCKET_IFNAME: ")
+
+
+def test_control_character_in_sbatch_arg_and_rdzv_id(ws, capsys):
+    assert "--sbatch-arg" in fails(capsys, "c.yaml", "--slurm", "--dry-run", "--sbatch-arg=--qos=a\tb")
+    assert "--rdzv-id" in fails(capsys, "c.yaml", "--dry-run", "--rdzv-id", "x\ny")
+
+
+# --------------------------------------------------------------------------- #
+# Host names and addresses: never an ssh option, never a shell word
+
+
+@pytest.mark.parametrize("host, msg", [
+    ("-oProxyCommand=touch${IFS}PWNED", "starts with '-'"),
+    ("n$(touch${IFS}PWNED)", "is not a host name"),
+    ("`touch${IFS}PWNED`", "is not a host name"),
+    ("a;touch${IFS}PWNED", "is not a host name"),
+    ("a'b", "is not a host name"),
+    ("a\x1bb", "is not a host name"),
+])
+def test_hostile_host_names_are_refused(ws, capsys, host, msg):
+    (ws / "evil").write_text(f"ok slots=1\n{host} slots=1\n")
+    err = fails(capsys, "c.yaml", "--hostfile", "evil", "--dry-run")
+    assert "evil:2: host name" in err and msg in err
+
+
+@pytest.mark.parametrize("target", [["--hostfile", "hosts"], ["--nnodes", "2", "--node-rank", "1"]])
+def test_hostile_master_addr_is_refused(ws, capsys, target):
+    assert "starts with '-'" in fails(capsys, "c.yaml", "--dry-run", *target, "--master-addr=-oProxyCommand=x")
+    assert "is not a host name" in fails(capsys, "c.yaml", "--dry-run", *target, "--master-addr", "h;id")
+
+
+def test_ssh_gets_the_host_after_double_dash_and_master_addr_without_user(ws, capsys):
+    (ws / "u").write_text("alice@node-a slots=1\nnode-b slots=1\n")
+    rc, out, _ = launch(capsys, "c.yaml", "--hostfile", "u", "--dry-run")
+    assert rc == 0
+    ssh = shlex.split([ln for ln in out.splitlines() if not ln.startswith("#")][0])
+    assert ssh[ssh.index("--") + 1] == "alice@node-a"
+    remote = shlex.split(ssh[-1])
+    assert remote[remote.index("--master-addr") + 1] == "node-a"  # the rendezvous is an address, not user@host
+
+
+# --------------------------------------------------------------------------- #
+# The sbatch script: quoted values come back exactly
+
+
+def sbatch_directives(script: str) -> list[str]:
+    """The options sbatch reads from a script's "#SBATCH" lines (its parser, src/sbatch/opt.c, ported).
+
+    Parsing stops at the first line that is neither blank nor a comment; each
+    word: blanks split, quotes group and are removed, a backslash takes the
+    next character literally, an unquoted '#' ends the line.
+    """
+    opts: list[str] = []
+    for line in script.splitlines()[1:]:
+        if line.startswith("#SBATCH"):
+            rest = line[len("#SBATCH"):]
+            i = 0
+            while i < len(rest):
+                while i < len(rest) and rest[i].isspace():
+                    i += 1
+                if i == len(rest):
+                    break
+                word, quote = "", ""
+                while i < len(rest) and (quote or not rest[i].isspace()):
+                    c = rest[i]
+                    if c == "\\":
+                        word += rest[i + 1]
+                        i += 2
+                        continue
+                    if quote:
+                        if c == quote:
+                            quote = ""
+                        else:
+                            word += c
+                    elif c in "\"'":
+                        quote = c
+                    elif c == "#":
+                        i = len(rest)
+                        break
+                    else:
+                        word += c
+                    i += 1
+                assert not quote, f"unmatched quote in {line!r}"
+                if word:
+                    opts.append(word)
+        elif line.strip() and not line.startswith("#"):
+            break
+    return opts
+
+
+HOSTILE = "sp ace$(touch PWNED1)`touch PWNED2`;x'q\"#50%j"
+
+
+def _stubs(ws: Path) -> Path:
+    """srun and scontrol stand-ins: srun records its argv, one NUL-terminated word each."""
+    d = ws / "stubbin"
+    d.mkdir()
+    (d / "srun").write_text('#!/bin/bash\nprintf "%s\\0" "$@" > "$SRUN_ARGV"\n')
+    (d / "scontrol").write_text(
+        '#!/bin/bash\ncase "$2" in hostnames) echo node-a ;; node) echo "NodeName=node-a NodeAddr=10.0.0.5 x" ;; esac\n')
+    for f in d.iterdir():
+        f.chmod(0o755)
+    return d
+
+
+def test_sbatch_script_with_hostile_values_parses_back_exactly(tmp_path, capsys, monkeypatch):
+    ws = tmp_path / f"w{HOSTILE.replace('%', '')}"  # the working directory itself is hostile
+    ws.mkdir()
+    monkeypatch.chdir(ws)
+    for k in list(os.environ):
+        if k.startswith(FORWARDED_PREFIXES):
+            monkeypatch.delenv(k)
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "index.json").write_text("{}")
+    (data / "tokenizer.model").write_text("")
+    config = ws / f"c{HOSTILE.replace('%', '')}.yaml"
+    config.write_text(f"data:\n  path: {data}\n")
+    run_dir = f"runs/{HOSTILE}"
+    rc, out, err = launch(capsys, config.name, "--slurm", "--dry-run", f"run.dir={run_dir}",
+                          f"run.name={HOSTILE}", "--sbatch-arg=--comment=a b#c\"d'e")
+    assert rc == 0, err
+    script = ws / run_dir / "slurm" / "job.sbatch"
+    assert script.read_text() == out
+    subprocess.run(["bash", "-n", str(script)], check=True)
+
+    opts = sbatch_directives(out)
+    assert f"--output={ws / run_dir}".replace("%", "%%") + "/logs/slurm-%j.out" in opts
+    assert f"--chdir={ws}" in opts
+    assert "--comment=a b#c\"d'e" in opts
+    assert "--requeue" in opts and opts[-1] == "--comment=a b#c\"d'e", "a directive was cut or lost"
+
+    # Run the script itself with srun/scontrol stand-ins: bash reads back every value.
+    (ws / run_dir / "PREEMPTED").write_text("stale\n")  # the script deletes it through $RUN_DIR
+    env = {"PATH": f"{_stubs(tmp_path)}:/usr/bin:/bin", "SRUN_ARGV": str(tmp_path / "argv"),
+           "SLURM_JOB_ID": "77", "SLURM_JOB_NUM_NODES": "1", "SLURM_JOB_NODELIST": "node-a"}
+    r = subprocess.run(["bash", str(script)], cwd=ws, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert not (ws / run_dir / "PREEMPTED").exists(), "RUN_DIR did not come back exactly"
+    argv = (tmp_path / "argv").read_text().split("\0")[:-1]
+    i = argv.index("mnemo.train.cli")
+    assert argv[i + 1:i + 5] == ["launch", str(config), f"run.dir={run_dir}", f"run.name={HOSTILE}"]
+    assert argv[argv.index("--master-addr") + 1] == "10.0.0.5" and argv[argv.index("--rdzv-id") + 1] == "mnemo-77"
+    assert not list(tmp_path.rglob("PWNED*")), "a value was executed"
+
+
+def test_sbatch_run_dir_with_backslash_is_refused(ws, capsys):
+    assert "backslash" in fails(capsys, "c.yaml", "--slurm", "--dry-run", "run.dir=a\\b")
+
+
+# --------------------------------------------------------------------------- #
+# Secrets never printed, never on a command line
+
+
+def _no_secret(*texts: str) -> None:
+    for t in texts:
+        assert SECRET not in t, t
+
+
+@pytest.mark.parametrize("target", [["--slurm"], ["--hostfile", "hosts"], []])
+def test_dry_run_shows_no_secret(ws, capsys, monkeypatch, target):
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", SECRET)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
+    monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", SECRET)
+    rc, out, err = launch(capsys, "c.yaml", "--dry-run", *target, f"tracking.uri={SECRET_URI}")
+    assert rc == 0, err
+    script = ws / "runs/g/slurm/job.sbatch"
+    _no_secret(out, err, script.read_text() if script.exists() else "")
+    if target == ["--hostfile", "hosts"]:
+        assert "not shown: AWS_SECRET_ACCESS_KEY, MLFLOW_TRACKING_PASSWORD, MLFLOW_TRACKING_TOKEN, " \
+               "MLFLOW_TRACKING_URI" in out
+        for line in out.splitlines():
+            if not line.startswith("#"):
+                remote = shlex.split(shlex.split(line)[-1])
+                assert "tracking.uri=" in remote and "--env-from-stdin" in remote
+    if target == ["--slurm"]:
+        # The job takes the URI from the environment sbatch exports, and refuses to start without it.
+        assert ': "${MLFLOW_TRACKING_URI:?' in out and " tracking.uri= " in out
+
+
+def test_other_overrides_with_credentials_are_refused(ws, capsys):
+    err = fails(capsys, "c.yaml", "--dry-run", f"data.tokenizer=https://bob:{SECRET}@h/t.model")
+    assert err.startswith("mnemo: error: data.tokenizer: ") and "https://***@h/t.model" in err
+    _no_secret(err)
+
+
+def test_error_messages_redact_credentials(ws, capsys):
+    _no_secret(fails(capsys, "c.yaml", "--dry-run", "--slurm", f"tracking.uri={SECRET_URI}\n"))
+
+
+def _fake_ssh(ws: Path) -> Path:
+    """An ssh that records its argv (what ps shows) and runs the remote command here, stdin attached."""
+    d = ws / "fakebin"
+    d.mkdir()
+    ssh = d / "ssh"
+    ssh.write_text(
+        "#!/bin/bash\n"
+        'printf "%s\\0" "$@" >> "$SSH_ARGV"\n'
+        'while [ "$1" = -o ]; do shift 2; done\n'
+        '[ "$1" = -- ] && shift\n'
+        'shift\n'
+        'exec bash -c "$1"\n'
+    )
+    ssh.chmod(0o755)
+    return ssh
+
+
+def test_secrets_reach_the_node_on_stdin_not_argv(ws, monkeypatch):
+    from mnemo.launch import remote
+    from mnemo.launch.hostfile import parse_hostfile_text
+
+    # The node's python: records its argv and the first stdin line (what `mnemo launch --env-from-stdin` reads).
+    node = ws / "node.sh"
+    node.write_text('#!/bin/bash\nIFS= read -r line\nprintf "%s" "$line" > "$NODE_STDIN"\n'
+                    'printf "%s\\0" "$@" > "$NODE_ARGV"\n')
+    node.chmod(0o755)
+    ssh = _fake_ssh(ws)
+    monkeypatch.setenv("SSH_ARGV", str(ws / "ssh_argv"))
+    monkeypatch.setenv("NODE_STDIN", str(ws / "node_stdin"))
+    monkeypatch.setenv("NODE_ARGV", str(ws / "node_argv"))
+    env = remote.forwarded_env({"MLFLOW_TRACKING_PASSWORD": SECRET, "AWS_SESSION_TOKEN": SECRET,
+                                "MLFLOW_TRACKING_URI": SECRET_URI, "NCCL_DEBUG": "INFO", "HOME": "/root"})
+    assert set(env) == {"MLFLOW_TRACKING_PASSWORD", "AWS_SESSION_TOKEN", "MLFLOW_TRACKING_URI", "NCCL_DEBUG"}
+    cmds = remote.node_commands(parse_hostfile_text("n0 slots=1\n", "hf"), config=str(ws / "c.yaml"), overrides=[],
+                                nproc_per_node=1, master_addr="n0", master_port=29500, rdzv_id="r",
+                                max_restarts=0, cwd=str(ws), python=str(node), env=env)
+    assert remote.run_hostfile(cmds, str(ssh)) == 0
+    ssh_argv = (ws / "ssh_argv").read_text()
+    _no_secret(ssh_argv, (ws / "node_argv").read_text(), remote.render(cmds))
+    assert "NCCL_DEBUG=INFO" in ssh_argv and "--env-from-stdin" in (ws / "node_argv").read_text()
+    assert json.loads((ws / "node_stdin").read_text()) == {
+        "AWS_SESSION_TOKEN": SECRET, "MLFLOW_TRACKING_PASSWORD": SECRET, "MLFLOW_TRACKING_URI": SECRET_URI}
+
+
+def test_node_reads_exactly_the_secret_line_then_leaves_stdin(ws, capsys, monkeypatch):
+    """`mnemo launch --env-from-stdin` takes the first line into its environment; the rest stays unread."""
+    r, w = os.pipe()
+    os.write(w, json.dumps({"MLFLOW_TRACKING_PASSWORD": SECRET}).encode() + b"\nREST")
+
+    class _Stdin:
+        def fileno(self):
+            return r
+
+    monkeypatch.setattr(sys, "stdin", _Stdin())
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "placeholder")  # restored after the test
+    rc, out, err = launch(capsys, "c.yaml", "--dry-run", "--env-from-stdin")
+    assert rc == 0, err
+    assert os.environ["MLFLOW_TRACKING_PASSWORD"] == SECRET
+    _no_secret(out, err)
+    os.close(w)
+    assert os.read(r, 100) == b"REST", "the stop-on-EOF watcher must find the rest of stdin untouched"
+    os.close(r)
+
+
+def test_node_refuses_a_malformed_secret_line(ws, capsys, monkeypatch):
+    r, w = os.pipe()
+    os.write(w, b'{"BAD NAME": "x"}\n')
+
+    class _Stdin:
+        def fileno(self):
+            return r
+
+    monkeypatch.setattr(sys, "stdin", _Stdin())
+    assert "--env-from-stdin" in fails(capsys, "c.yaml", "--dry-run", "--env-from-stdin")
+    os.close(w)
+    os.close(r)
+
+
+# --------------------------------------------------------------------------- #
+# Secrets never saved; resuming with the real URI is not a change
+
+
+def test_redact_uri():
+    from mnemo.train.redact import has_credentials, is_secret_env, redact_tree, redact_uri
+
+    assert redact_uri(SECRET_URI) == "http://***@127.0.0.1:1"
+    assert redact_uri(f"https://tok{SECRET}@h/x?a=b") == "https://***@h/x?a=b"
+    assert redact_uri(f"http://u:p@ss{SECRET}@h/p@th") == "http://***@h/p@th"  # unencoded '@' in the password
+    assert redact_uri(f"see tracking.uri={SECRET_URI}, and http://h") == "see tracking.uri=http://***@127.0.0.1:1, and http://h"
+    for plain in ("http://h:5000", "sqlite:////tmp/a@b/mlflow.db", "user@host", "a b"):
+        assert redact_uri(plain) == plain and not has_credentials(plain)
+    assert redact_uri(redact_uri(SECRET_URI)) == redact_uri(SECRET_URI)
+    assert redact_tree({"a": [SECRET_URI, 1], "b": {"c": SECRET_URI}}) == {
+        "a": ["http://***@127.0.0.1:1", 1], "b": {"c": "http://***@127.0.0.1:1"}}
+    assert is_secret_env("MLFLOW_TRACKING_PASSWORD") and is_secret_env("AWS_SECRET_ACCESS_KEY")
+    assert is_secret_env("MY_API_KEY") and is_secret_env("MLFLOW_TRACKING_URI", SECRET_URI)
+    assert not is_secret_env("MLFLOW_TRACKING_URI", "http://h:5000") and not is_secret_env("NCCL_DEBUG", "INFO")
+
+
+def test_config_yaml_meta_json_and_export_hold_no_secret(tmp_path):
+    from mnemo.train.checkpoint import CheckpointManager, read_meta
+    from mnemo.train.config import load_config, to_dict, to_yaml
+
+    cfg = load_config(None, [f"tracking.uri={SECRET_URI}", "run.dir=r"])
+    assert cfg.tracking.uri == SECRET_URI, "the real URI stays in memory"
+    text = to_yaml(cfg)
+    _no_secret(text)
+    assert "http://***@127.0.0.1:1" in text
+
+    class FakeEngine:
+        def save_checkpoint(self, save_dir, tag, save_latest=True):
+            (Path(save_dir) / tag).mkdir(parents=True, exist_ok=True)
+
+    mgr = CheckpointManager(tmp_path)
+    path = mgr.save(5, FakeEngine(), {"step": 5}, {"step": 5, "config": to_dict(cfg), "note": SECRET_URI})
+    _no_secret((path / "meta.json").read_text())
+    assert read_meta(path)["config"]["tracking"]["uri"] == "http://***@127.0.0.1:1"
+
+
+def test_resume_with_the_real_uri_is_no_change_and_prints_no_secret():
+    from mnemo.train.config import load_config, to_dict
+    from mnemo.train.trainer import _check_resume_compatible
+
+    cfg = load_config(None, [f"tracking.uri={SECRET_URI}"])
+    saved = to_dict(cfg)
+    saved["tracking"]["uri"] = "http://***@127.0.0.1:1"  # what meta.json holds
+    assert _check_resume_compatible(saved, cfg, {}, "", {}, Path("ck")) == []
+    # A checkpoint written before redaction holds the real URI; a new one is reported redacted.
+    old = to_dict(load_config(None, [f"tracking.uri=http://bob:{SECRET}@h2"]))
+    changes = _check_resume_compatible(old, cfg, {}, "", {}, Path("ck"))
+    assert changes == ["tracking.uri: 'http://***@h2' -> 'http://***@127.0.0.1:1'"]
