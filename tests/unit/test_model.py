@@ -54,6 +54,22 @@ def tokens(B: int, S: int, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, V, (B, S * T), generator=torch.Generator().manual_seed(seed))
 
 
+def close(got: torch.Tensor, ref: torch.Tensor) -> bool:
+    """``got`` equals ``ref`` up to fp32 rounding in whatever order the two computations sum.
+
+    Both are fp32 computations of the same outputs (logits [B, L, V] or memory
+    reads [B, H, T, Dh]) in different orders (segment by segment vs one pass,
+    top-k vs a dense softmax). Rounding in any order is bounded by n * 6e-8 of
+    the summed terms' magnitude (n <= 64 here), so it stays far below 1e-4 of
+    the outputs' scale (measured: <= 1e-6 of it). The defects these tests must
+    catch (a window one key short, a key counted twice, a dropped or extra
+    retrieved key) move the outputs by >= 1e-2 of that scale. The bound is
+    relative to the largest |ref|, not per element: an element near zero
+    carries the rounding of the large terms it was summed from.
+    """
+    return got.shape == ref.shape and bool((got - ref).abs().max() <= 1e-4 * ref.abs().max())
+
+
 # ---------------------------------------------------------------- causality
 
 
@@ -71,7 +87,7 @@ def test_no_output_depends_on_a_later_token(stm, capacity, mix, smear):
             y[:, j] = (y[:, j] + 7) % V
             out, _ = run(model, y)
             assert torch.equal(out[:, :j], ref[:, :j]), j
-            assert not torch.allclose(out[:, j:], ref[:, j:]), j  # the change is seen from j on
+            assert not close(out[:, j:], ref[:, j:]), j  # the change is seen from j on
 
 
 def test_long_term_memory_reaches_back_beyond_short_term_memory():
@@ -101,7 +117,7 @@ def test_a_slot_never_sees_another_slot():
     with torch.no_grad():
         a, sa = run(model, x)
         b, sb = run(model, y)
-    assert not torch.allclose(a[0], b[0])
+    assert not close(a[0], b[0])
     assert torch.equal(a[1:], b[1:])
     for name, ta in sa.state_dict().items():
         tb = sb.state_dict()[name]
@@ -122,7 +138,7 @@ def test_after_reset_a_slot_equals_a_fresh_one():
         after_reset, _ = run(model, nxt, state)
         from_fresh, _ = run(model, nxt, fresh)
     assert torch.equal(after_reset[0], from_fresh[0])
-    assert not torch.allclose(after_reset[1], from_fresh[1])  # slot 1 kept its memory
+    assert not close(after_reset[1], from_fresh[1])  # slot 1 kept its memory
 
 
 def test_reset_leaves_the_state_it_was_given_untouched():
@@ -196,8 +212,8 @@ def test_short_term_memory_is_block_sliding_window_attention(M):
         seg, _ = run(model, x)
         ref = sliding_window_reference(model, x, M)
         wrong = sliding_window_reference(model, x, M, shift=1)  # a window one key too short
-    assert torch.allclose(seg, ref, atol=1e-5, rtol=1e-4), (seg - ref).abs().max()
-    assert not torch.allclose(seg, wrong, atol=1e-4, rtol=1e-3)
+    assert close(seg, ref), (seg - ref).abs().max()
+    assert not close(seg, wrong)
 
 
 def test_positions_continue_across_segments():
@@ -208,7 +224,7 @@ def test_positions_continue_across_segments():
     x = tokens(1, 3)
     with torch.no_grad():
         seg, state = run(model, x)
-        assert torch.allclose(seg, sliding_window_reference(model, x, 0), atol=1e-5, rtol=1e-4)
+        assert close(seg, sliding_window_reference(model, x, 0))
     assert state.pos.tolist() == [3 * T]
 
 
@@ -246,7 +262,7 @@ def test_knn_attention_with_k_equal_to_the_store_is_full_attention():
     out, found, temp = _read(N, q, k, v, valid)
     scores = (q @ k.transpose(-1, -2)) * temp  # [B, H, T, N]
     full = torch.softmax(scores.masked_fill(~valid[:, None, None, :], float("-inf")), dim=-1) @ v
-    assert torch.allclose(out[:2], full[:2], atol=1e-6)
+    assert close(out[:2], full[:2])
     assert found[:2].all() and not found[2].any()  # slot 2 has an empty store
 
 
@@ -258,7 +274,7 @@ def test_knn_attention_attends_over_the_top_k_keys():
     kth = scores.sort(dim=-1, descending=True).values[..., topk - 1:topk]  # k-th best per query
     top = (scores >= kth) & valid[:, None, None, :]
     ref = torch.softmax((scores * temp).masked_fill(~top, float("-inf")), dim=-1) @ v
-    assert torch.allclose(out, ref, atol=1e-6)
+    assert close(out, ref)
 
 
 @pytest.mark.parametrize("lengths", [[8192 - 5, 3000, 0, 77], [600, 40, 600, 599], [8192] * 4])
@@ -303,10 +319,10 @@ def test_joint_layer_with_k_covering_the_store_is_full_causal_attention(stm, sme
     with torch.no_grad():
         seg, _ = run(model, x)
         ref = sliding_window_reference(model, x, stm)
-        assert torch.allclose(seg, ref, atol=1e-5, rtol=1e-4), (seg - ref).abs().max()
+        assert close(seg, ref), (seg - ref).abs().max()
         if stm:
             twice = sliding_window_reference(model, x, stm, stm_twice=True)
-            assert not torch.allclose(seg, twice, atol=1e-4, rtol=1e-3)
+            assert not close(seg, twice)
 
 
 def test_joint_layer_sees_what_its_fifo_store_holds():
@@ -318,8 +334,8 @@ def test_joint_layer_sees_what_its_fifo_store_holds():
         seg, _ = run(model, x)
         ref = sliding_window_reference(model, x, 0, joint_reach=2 * T)
         whole = sliding_window_reference(model, x, 0)  # the whole prefix: wrong once the FIFO drops keys
-    assert torch.allclose(seg, ref, atol=1e-5, rtol=1e-4), (seg - ref).abs().max()
-    assert not torch.allclose(seg[:, 3 * T:], whole[:, 3 * T:], atol=1e-4, rtol=1e-3)
+    assert close(seg, ref), (seg - ref).abs().max()
+    assert not close(seg[:, 3 * T:], whole[:, 3 * T:])
 
 
 def test_joint_layer_has_no_gate_and_counts_its_parameters():
@@ -345,7 +361,7 @@ def test_smeared_keys_carry_the_last_raw_key_across_segments_and_resets():
         a, _ = model(x[:, 2 * T:], state)
         tail0 = replace_tail(state, torch.zeros_like(state.layers[1].k_tail))
         b, _ = model(x[:, 2 * T:], tail0)
-    assert not torch.allclose(a[:, 0], b[:, 0])  # the first token saw the carried key
+    assert not close(a[:, 0], b[:, 0])  # the first token saw the carried key
 
 
 def replace_tail(state: MemoryState, tail: torch.Tensor) -> MemoryState:
@@ -371,7 +387,7 @@ def test_fifo_store_keeps_the_newest_n_keys():
     assert big.ltm_len.tolist() == [32, 32]
     assert not big.layers[1].ltm_k[:, :, :32].any()  # not yet written: still empty
     norms = big.layers[1].ltm_k[:, :, 32:].norm(dim=-1)
-    assert torch.allclose(norms, torch.ones_like(norms))  # keys are stored unit-norm
+    assert close(norms, torch.ones_like(norms))  # keys are stored unit-norm
     assert small.layers[0].ltm_k is None  # layer 0 has no store
 
 
