@@ -181,6 +181,8 @@ def _check_values(args: argparse.Namespace, cfg, run_dir: Path, cwd: str) -> Non
             raise UserError(f"--master-addr: {args.master_addr!r} is an address, not an ssh destination")
     if args.rdzv_id is not None:
         check_line_safe("--rdzv-id", args.rdzv_id)
+        if args.rdzv_id.startswith("-"):
+            raise UserError(f"--rdzv-id {args.rdzv_id!r} starts with '-' (it would be read as an option)")
 
 
 def _job_name(cfg, run_dir: Path) -> str:

@@ -247,6 +247,39 @@ def test_sbatch_script_with_hostile_values_parses_back_exactly(tmp_path, capsys,
     assert not list(tmp_path.rglob("PWNED*")), "a value was executed"
 
 
+def test_hostfile_commands_with_hostile_values_run_exactly(tmp_path, capsys, monkeypatch):
+    ws = tmp_path / f"w{HOSTILE}"  # the working directory the remote shell cd's into
+    ws.mkdir()
+    monkeypatch.chdir(ws)
+    for k in list(os.environ):
+        if k.startswith(FORWARDED_PREFIXES):
+            monkeypatch.delenv(k)
+    monkeypatch.setenv("MNEMO_TAG", HOSTILE)
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "index.json").write_text("{}")
+    (data / "tokenizer.model").write_text("")
+    config = ws / f"c{HOSTILE}.yaml"
+    config.write_text(f"data:\n  path: {data}\n")
+    (ws / "hosts").write_text("n0 slots=1\n")
+    rc, out, err = launch(capsys, config.name, "--hostfile", "hosts", "--dry-run", f"run.dir=runs/{HOSTILE}",
+                          "--rdzv-id=-x", "--master-addr", "10.0.0.1")
+    assert rc == 2 and "--rdzv-id '-x' starts with '-'" in err
+    rc, out, err = launch(capsys, config.name, "--hostfile", "hosts", "--dry-run", f"run.dir=runs/{HOSTILE}")
+    assert rc == 0, err
+    line = [ln for ln in out.splitlines() if not ln.startswith("#")][0]
+    stub = tmp_path / "stub.sh"
+    stub.write_text('#!/bin/bash\nprintf "%s\\0" "$PWD" "$MNEMO_TAG" "$@" > "$ARGV_OUT"\n')
+    stub.chmod(0o755)
+    remote = shlex.split(line)[-1].replace(sys.executable, str(stub))
+    subprocess.run(["bash", "-c", remote], check=True, cwd="/",
+                   env={"PATH": "/usr/bin:/bin", "ARGV_OUT": str(tmp_path / "argv")})
+    cwd, tag, *argv = (tmp_path / "argv").read_text().split("\0")[:-1]
+    assert (cwd, tag) == (str(ws), HOSTILE)
+    assert argv[:5] == ["-m", "mnemo.train.cli", "launch", str(config), f"run.dir=runs/{HOSTILE}"]
+    assert not list(tmp_path.rglob("PWNED*")), "a value was executed"
+
+
 def test_sbatch_run_dir_with_backslash_is_refused(ws, capsys):
     assert "backslash" in fails(capsys, "c.yaml", "--slurm", "--dry-run", "run.dir=a\\b")
 
