@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import random
 import re
 import shutil
@@ -68,19 +69,112 @@ def atomic_write_text(path: Path, text: str) -> None:
     _fsync_path(path.parent)
 
 
-def rng_state() -> dict[str, Any]:
+def rng_state(device: torch.device | str = "cpu") -> dict[str, Any]:
+    """This rank's RNG states; on a GPU that of its own device only (``cuda``: a CPU ByteTensor).
+
+    Each rank drives one device: reading or setting every visible device's
+    generator would create a CUDA context on each of them, in every rank.
+    """
     st = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        st["cuda"] = torch.cuda.get_rng_state_all()
+    device = torch.device(device)
+    if device.type == "cuda":
+        st["cuda"] = torch.cuda.get_rng_state(device)
     return st
 
 
-def set_rng_state(st: dict[str, Any]) -> None:
+def set_rng_state(st: dict[str, Any], device: torch.device | str = "cpu") -> None:
     random.setstate(st["python"])
     np.random.set_state(st["numpy"])
     torch.set_rng_state(st["torch"])
-    if "cuda" in st and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(st["cuda"])
+    device = torch.device(device)
+    cuda = st.get("cuda")
+    if device.type == "cuda" and cuda is not None:
+        if isinstance(cuda, (list, tuple)):  # older checkpoints: every visible device's state
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            cuda = cuda[index] if index < len(cuda) else None
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda, device)
+
+
+# ------------------------------------------------------------------ loading torch files without running code
+# torch.load with weights_only=False unpickles arbitrary objects, so a crafted
+# .pt file runs code. Every torch file mnemo reads goes through weights_only
+# loads: tensors, containers, numbers, strings, plus the few non-tensor types
+# the files really hold (torch.serialization.get_unsafe_globals_in_checkpoint
+# on ZeRO-1/2/3 checkpoints, fp32 and bf16, their universal conversions, and
+# rank_*.pt): DeepSpeed's loss scaler, ZeRO stage enum and fragment addresses,
+# and numpy arrays of plain numbers (numpy's RNG state, the stream loader's
+# exclusion lists). Anything else, above all a callable, is refused.
+
+
+def _numpy_safe_globals() -> list[Any]:
+    multiarray = getattr(np, "_core", None) or np.core  # numpy 2 / numpy 1
+    plain = (np.bool_, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64,
+             np.float16, np.float32, np.float64)
+    return [multiarray.multiarray._reconstruct, np.ndarray, np.dtype, *{type(np.dtype(t)) for t in plain}]
+
+
+def _deepspeed_safe_globals() -> list[Any]:
+    import sys
+
+    if "deepspeed" not in sys.modules:  # nothing DeepSpeed wrote is read without DeepSpeed imported
+        return []
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+def _refused(where: Any, e: BaseException) -> UserError:
+    m = re.search(r"GLOBAL (\S+)|but got (<[^>]*>|\S+)", str(e))
+    what = (m.group(1) or m.group(2)) if m else str(e).strip().splitlines()[-1] if str(e).strip() else "?"
+    return UserError(f"{where}: refused to load a torch file that holds objects other than tensors and plain "
+                     f"data ({what}); only load checkpoints you trust")
+
+
+class weights_only_loads:
+    """Within this context every ``torch.load``, DeepSpeed's included, runs with weights_only=True.
+
+    DeepSpeed passes weights_only=False itself; TORCH_FORCE_WEIGHTS_ONLY_LOAD
+    overrides that (read by torch at each load, inherited by subprocesses).
+    A refused file raises UserError naming ``where``. Nests: only the
+    outermost context sets and restores the environment and the allowlist.
+    """
+
+    _depth = 0
+
+    def __init__(self, where: Any = "checkpoint"):
+        self.where = where
+
+    def __enter__(self):
+        cls = weights_only_loads
+        if cls._depth == 0:
+            cls._env = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+            cls._globals = torch.serialization.safe_globals(_numpy_safe_globals() + _deepspeed_safe_globals())
+            cls._globals.__enter__()
+        cls._depth += 1
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        cls = weights_only_loads
+        cls._depth -= 1
+        if cls._depth == 0:
+            cls._globals.__exit__(None, None, None)
+            if cls._env is None:
+                os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD", None)
+            else:
+                os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = cls._env
+        if exc_type is not None and issubclass(exc_type, pickle.UnpicklingError):
+            raise _refused(self.where, exc) from None
+        return False
+
+
+def load_torch_file(path: str | Path) -> Any:
+    """A torch file mnemo or DeepSpeed wrote, on CPU, without unpickling code (weights_only_loads)."""
+    with weights_only_loads(path):
+        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def is_complete(path: Path) -> bool:
@@ -191,10 +285,10 @@ class CheckpointManager:
     # ------------------------------------------------------------------ load
     def rank_states(self, path: Path) -> list[dict[str, Any]]:
         files = sorted(Path(path).glob("rank_*.pt"))
-        return [torch.load(f, map_location="cpu", weights_only=False) for f in files]
+        return [load_torch_file(f) for f in files]
 
     def rank_state(self, path: Path, rank: int) -> dict[str, Any]:
-        return torch.load(Path(path) / f"rank_{rank:05d}.pt", map_location="cpu", weights_only=False)
+        return load_torch_file(Path(path) / f"rank_{rank:05d}.pt")
 
 
 # ------------------------------------------------------------------ consolidated weights
@@ -203,7 +297,11 @@ class CheckpointManager:
 def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint step dir, a run dir (its latest checkpoint), or an export dir."""
     p = Path(path)
-    if (p / "model.safetensors").is_file() or is_complete(p):
+    if (p / "model.safetensors").is_file():
+        if (export_manifest(p) or {}).get("complete") is False:
+            raise UserError(f"{path}: an interrupted export (rerun `mnemo export ... --overwrite` into it)")
+        return p
+    if is_complete(p):
         return p
     mgr = CheckpointManager(p)
     if not mgr.root.is_dir():
@@ -223,7 +321,9 @@ def consolidated_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
         return load_file(str(ckpt / "model.safetensors"))
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt / "ds"), tag=DS_TAG)
+    # DeepSpeed's consolidation reads its files with weights_only=False: forced to True here.
+    with weights_only_loads(ckpt):
+        sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt / "ds"), tag=DS_TAG)
     return {k: v.float().contiguous() for k, v in sd.items()}
 
 
@@ -297,30 +397,161 @@ def load_for_inference(path: str | Path, device: str = "cpu"):
     return model, Tokenizer(str(tok_path)), cfg
 
 
-def export(path: str | Path, out: str | Path) -> Path:
-    """Consolidated weights (safetensors) + model args + config + tokenizer, no DeepSpeed needed to load."""
+# ------------------------------------------------------------------ export
+
+# Written last into every export folder: the files `mnemo export` wrote there
+# (name -> sha256) and the checkpoint they came from. An export replaces or
+# deletes only files a manifest lists; anything else in the folder is not its own.
+EXPORT_MANIFEST = "export.json"
+EXPORT_FORMAT = "mnemo-export 1"
+_EXPORT_NAMES = ("model.safetensors", "model_args.json", "config.json", "tokenizer.model", "source.json",
+                 EXPORT_MANIFEST)
+
+
+def export_manifest(folder: Path) -> dict[str, Any] | None:
+    """The manifest of a folder `mnemo export` wrote, or None (no folder, no manifest, not ours)."""
+    try:
+        m = json.loads((Path(folder) / EXPORT_MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    ok = isinstance(m, dict) and m.get("format") == EXPORT_FORMAT and isinstance(m.get("files"), dict)
+    return m if ok and all(n in _EXPORT_NAMES for n in m["files"]) else None
+
+
+def _within(a: Path, b: Path) -> bool:
+    a, b = a.resolve(), b.resolve()
+    return a == b or b in a.parents
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two directories in one step (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    import ctypes
+
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    return fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
+def _remove_export_files(folder: Path, names) -> None:
+    """Delete the listed export files of ``folder``, then the folder if that emptied it."""
+    for name in names:
+        if name in _EXPORT_NAMES:
+            (folder / name).unlink(missing_ok=True)
+    try:
+        folder.rmdir()
+    except OSError:
+        log.warning("left %s in place: it holds files mnemo export did not write", folder)
+
+
+def _recover_export_leftovers(out: Path) -> None:
+    """Undo what a killed export left beside ``out``: restore a replaced export, drop temporary folders."""
+    for d in sorted(out.parent.glob(f".{out.name}.mnemo-export-*")):
+        if not d.is_dir():
+            continue
+        old = d.name.startswith(f".{out.name}.mnemo-export-old-")
+        if old and not out.exists() and export_manifest(d) is not None:
+            os.replace(d, out)  # killed between moving the old export aside and moving the new one in
+            log.warning("restored %s from %s (an interrupted export)", out, d)
+        elif all(p.name in _EXPORT_NAMES for p in d.iterdir()):
+            log.warning("removing %s (left by an interrupted export)", d)
+            _remove_export_files(d, [p.name for p in d.iterdir()])
+
+
+def export(path: str | Path, out: str | Path, overwrite: bool = False) -> Path:
+    """Consolidated weights (safetensors) + model args + config + tokenizer, no DeepSpeed needed to load.
+
+    Atomic: the export is written into a temporary folder beside ``out`` and
+    renamed into place, so a crash leaves the previous ``out`` as it was. An
+    existing ``out`` is replaced only if it is an export of the same checkpoint
+    or ``overwrite`` is set, and then only the files its manifest lists are
+    replaced or deleted; a folder with other files is refused unless
+    ``overwrite`` (the export then goes beside them, file by file).
+    """
+    import dataclasses
+
     from safetensors.torch import save_file
 
     ckpt = resolve_checkpoint(path)
+    out = Path(out)
+    for src in dict.fromkeys((Path(path), ckpt)):
+        if _within(out, src):
+            raise UserError(f"--out {out}: is or is inside the checkpoint being exported ({src}); export elsewhere")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: exists and is not a directory")
+    if out.parent.is_dir():
+        _recover_export_leftovers(out)
+    meta = read_meta(ckpt) if is_complete(ckpt) else {}
+    source = {"checkpoint": str(ckpt.resolve()), "step": meta.get("step"), "mlflow_run_id": meta.get("mlflow_run_id")}
+    old = export_manifest(out)
+    present = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    foreign = [n for n in present if old is None or (n not in old["files"] and n != EXPORT_MANIFEST)]
+    if foreign and not overwrite:
+        raise UserError(f"--out {out}: holds files mnemo export did not write ({', '.join(foreign[:3])}"
+                        f"{', ...' if len(foreign) > 3 else ''}); pass --overwrite to export beside them")
+    clash = [n for n in foreign if n in _EXPORT_NAMES]
+    if clash:
+        raise UserError(f"--out {out}: holds {clash[0]} that mnemo export did not write (no {EXPORT_MANIFEST} "
+                        f"lists it); remove it or export elsewhere")
+    if old is not None and old.get("source", {}).get("checkpoint") != source["checkpoint"] and not overwrite:
+        raise UserError(f"--out {out}: holds the export of another checkpoint "
+                        f"({old.get('source', {}).get('checkpoint')}); pass --overwrite to replace it")
+
     sd = consolidated_state_dict(ckpt)
     args = model_args_of(ckpt)
     if args.tie_embeddings:
         sd.pop("lm_head.weight", None)  # safetensors refuses shared storage; re-tied on load
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in sd.items()}, str(out / "model.safetensors"))
-    import dataclasses
-
-    (out / "model_args.json").write_text(json.dumps(dataclasses.asdict(args), indent=1))
-    meta = read_meta(ckpt) if is_complete(ckpt) else {}
-    if meta:
-        (out / "config.json").write_text(json.dumps(redact_tree(meta["config"]), indent=1))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.mnemo-export-new-{os.getpid()}"
+    tmp.mkdir()
+    try:
+        save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp / "model.safetensors"))
+        (tmp / "model_args.json").write_text(json.dumps(dataclasses.asdict(args), indent=1))
+        if meta:
+            (tmp / "config.json").write_text(json.dumps(redact_tree(meta["config"]), indent=1))
+            (tmp / "source.json").write_text(json.dumps(source, indent=1))
+        elif (ckpt / "config.json").is_file():
+            shutil.copy(ckpt / "config.json", tmp / "config.json")
         if (ckpt / "tokenizer.model").is_file():
-            shutil.copy(ckpt / "tokenizer.model", out / "tokenizer.model")
-        (out / "source.json").write_text(json.dumps(
-            {"checkpoint": str(ckpt), "step": meta.get("step"), "mlflow_run_id": meta.get("mlflow_run_id")}, indent=1))
-    elif (ckpt / "config.json").is_file():
-        shutil.copy(ckpt / "config.json", out / "config.json")
-        if (ckpt / "tokenizer.model").is_file():
-            shutil.copy(ckpt / "tokenizer.model", out / "tokenizer.model")
+            shutil.copy(ckpt / "tokenizer.model", tmp / "tokenizer.model")
+        files = {p.name: _sha256(p) for p in sorted(tmp.iterdir())}
+        manifest = {"format": EXPORT_FORMAT, "files": files, "source": source}
+        (tmp / EXPORT_MANIFEST).write_text(json.dumps(manifest, indent=1))
+        _fsync_tree(tmp)
+        if not present:
+            os.replace(tmp, out)  # rename(2) also replaces an empty directory
+        elif not foreign:  # an earlier export, nothing else: swap the folders, then delete the old files
+            if not _exchange(tmp, out):
+                aside = out.parent / f".{out.name}.mnemo-export-old-{os.getpid()}"
+                os.replace(out, aside)  # a kill here is undone by the next export (_recover_export_leftovers)
+                os.replace(tmp, out)
+                tmp = aside
+            _remove_export_files(tmp, list(old["files"]) + [EXPORT_MANIFEST])
+        else:  # other files stay: move ours in one by one under a manifest that marks the export unfinished
+            listed = dict((old or {}).get("files", {}), **files)
+            atomic_write_text(out / EXPORT_MANIFEST, json.dumps(dict(manifest, files=listed, complete=False)))
+            for name in files:
+                os.replace(tmp / name, out / name)
+            for name in (old or {}).get("files", {}):
+                if name not in files:
+                    (out / name).unlink(missing_ok=True)
+            os.replace(tmp / EXPORT_MANIFEST, out / EXPORT_MANIFEST)
+            tmp.rmdir()
+        _fsync_path(out.parent)
+    finally:
+        if tmp.is_dir():
+            _remove_export_files(tmp, [p.name for p in tmp.iterdir()])
     return out

@@ -17,7 +17,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("export", help="consolidated weights + config + tokenizer, loadable without DeepSpeed")
     p.add_argument("checkpoint", help="checkpoint dir, run dir (latest checkpoint) or export dir")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="folder to write (created; must not be inside the checkpoint)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an export of another checkpoint in --out, or export beside files mnemo did not "
+                        "write (only files an earlier export wrote are ever replaced or deleted)")
     p.set_defaults(func=cmd_export)
 
     _register_eval(sub)
@@ -45,7 +48,7 @@ def cmd_train(args) -> int:
 def cmd_export(args) -> int:
     from mnemo.train.checkpoint import export
 
-    out = export(args.checkpoint, args.out)
+    out = export(args.checkpoint, args.out, overwrite=args.overwrite)
     print(f"exported to {out}")
     return 0
 

@@ -504,8 +504,9 @@ def _resume(engine, mgr, path: Path, meta: dict[str, Any], streams, state, info:
             raise UserError(f"checkpoint {path}: conversion to a universal checkpoint failed"
                             + (f": {failed}" if failed else " on rank 0"))
         tag = UNIVERSAL_TAG
-    load_path, _ = engine.load_checkpoint(str(ds_dir), tag=tag, load_module_strict=True,
-                                          load_optimizer_states=True, load_lr_scheduler_states=True)
+    with ckpt.weights_only_loads(ds_dir):  # DeepSpeed's loader unpickles with weights_only=False
+        load_path, _ = engine.load_checkpoint(str(ds_dir), tag=tag, load_module_strict=True,
+                                              load_optimizer_states=True, load_lr_scheduler_states=True)
     if load_path is None:
         raise UserError(f"checkpoint {path}: DeepSpeed could not load {ds_dir}/{tag}")
     if universal:

@@ -40,7 +40,7 @@ from typing import Any
 
 import torch
 
-from mnemo.train.checkpoint import COMPLETE, DS_TAG, _fsync_path, _fsync_tree, atomic_write_text
+from mnemo.train.checkpoint import COMPLETE, DS_TAG, _fsync_path, _fsync_tree, atomic_write_text, load_torch_file
 from mnemo.train.errors import UserError
 
 log = logging.getLogger("mnemo.checkpoint")
@@ -111,12 +111,27 @@ def finish_universal_load(engine) -> None:
             st["step"] = step.clone()
 
 
+_CONVERTER = """
+import runpy, sys
+import deepspeed  # before weights_only_loads: its allowlist names DeepSpeed's types
+from mnemo.train.checkpoint import weights_only_loads
+from mnemo.train.errors import UserError
+try:
+    with weights_only_loads(sys.argv[sys.argv.index("--input_folder") + 1]):
+        runpy.run_module("deepspeed.checkpoint.ds_to_universal", run_name="__main__", alter_sys=True)
+except UserError as e:
+    print(f"UserError: {e}", file=sys.stderr)
+    sys.exit(2)
+"""
+
+
 def _run_converter(src: Path, dst: Path, ckpt: Path) -> None:
     # A subprocess: the converter holds every shard in memory at once and uses
     # module-level state; neither should outlive the conversion in a training rank.
-    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(src),
-           "--output_folder", str(dst), "--inject_missing_state", "--num_extract_workers", "1",
-           "--num_merge_workers", "1"]
+    # The converter reads with weights_only=False: it runs inside weights_only_loads, so a
+    # crafted file is refused instead of unpickled (one worker each: no process pool).
+    cmd = [sys.executable, "-c", _CONVERTER, "--input_folder", str(src), "--output_folder", str(dst),
+           "--inject_missing_state", "--num_extract_workers", "1", "--num_merge_workers", "1"]
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
         shutil.rmtree(dst, ignore_errors=True)
@@ -124,6 +139,7 @@ def _run_converter(src: Path, dst: Path, ckpt: Path) -> None:
         # The exception line of the traceback, not the progress bars printed around it.
         errors = [ln for ln in lines if re.match(r"^[\w.]*(Error|Exception)\b", ln)]
         why = (errors or lines or [f"exit code {res.returncode}"])[-1]
+        why = re.sub(r"^[\w.]*UserError: ", "", why)  # a refusal of _CONVERTER: the message alone
         raise UserError(f"checkpoint {ckpt}: conversion to a universal checkpoint failed: {why}")
 
 
@@ -135,6 +151,8 @@ def normalize_universal(folder: Path) -> None:
 
     Idempotent: running it on a normalized folder changes nothing.
     """
+    import deepspeed  # noqa: F401  (load_torch_file allowlists DeepSpeed's types once it is imported)
+
     folder = Path(folder)
     zero_dir = folder / "zero"
     _alias_model_states(folder)
@@ -142,7 +160,7 @@ def normalize_universal(folder: Path) -> None:
     opt_file = zero_dir / "optimizer_state.pt"
     if not opt_file.is_file():
         raise UserError(f"universal checkpoint {folder}: missing {opt_file.name}")
-    opt_sd: dict[str, Any] = torch.load(opt_file, map_location="cpu", weights_only=False)
+    opt_sd: dict[str, Any] = load_torch_file(opt_file)
     steps = _group_steps(opt_sd, groups, zero_dir)
     for gi, shapes in enumerate(groups):
         for name, shape in shapes.items():
@@ -175,7 +193,7 @@ def _param_shapes(folder: Path) -> list[dict[str, torch.Size]]:
     f = folder / "mp_rank_00_model_states.pt"
     if not f.is_file():
         raise UserError(f"universal checkpoint {folder}: no model-states file (mp_rank_00_model_states.pt)")
-    sd = torch.load(f, map_location="cpu", weights_only=False)
+    sd = load_torch_file(f)
     shapes = sd.get(_PARAM_SHAPES)
     if not shapes:
         raise UserError(f"universal checkpoint {f}: no '{_PARAM_SHAPES}' (not a ZeRO checkpoint?)")
@@ -194,7 +212,7 @@ def _group_steps(opt_sd: dict[str, Any], groups: list[dict[str, torch.Size]], ze
             for name in shapes:
                 f = zero_dir / name / "step.pt"
                 if f.is_file():
-                    step = torch.load(f, map_location="cpu", weights_only=False)
+                    step = load_torch_file(f)
                     break
         steps.append(step)
     known = [float(s) for s in steps if s is not None]
@@ -214,11 +232,11 @@ def _normalize_param(d: Path, shape: torch.Size, step: Any) -> None:
         if not f.is_file():
             # ZeRO made no optimizer state for a parameter that never had a gradient:
             # zero moments are what Adam would have kept for it.
-            obj = torch.load(fp32, map_location="cpu", weights_only=False)
+            obj = load_torch_file(fp32)
             full = obj[_PARAM] if isinstance(obj, dict) else obj
             torch.save({_PARAM: torch.zeros(shape, dtype=full.dtype), _CAT_DIM: 0}, f)
             continue
-        obj = torch.load(f, map_location="cpu", weights_only=False)
+        obj = load_torch_file(f)
         changed = False
         if torch.is_tensor(obj):  # ZeRO-3 writer: a bare flat tensor (numel,)
             obj, changed = {_PARAM: obj}, True

@@ -1,0 +1,314 @@
+"""What mnemo reads from others never runs their code, and what it writes never destroys files it did not write.
+
+A crafted checkpoint folder whose torch files unpickle into a shell command
+is given to every command that loads checkpoints: the command must refuse it
+with one line and the command must never run. Exports are written atomically
+and replace only what an earlier export wrote.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from mnemo.model import MemoryTransformer, ModelArgs
+from mnemo.train import checkpoint as ckpt
+from mnemo.train.cli import main
+from mnemo.train.config import load_config, to_dict
+from mnemo.train.errors import UserError
+
+VOCAB = 64
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+class _RunsCommand:
+    """Unpickles into os.system(command): what a crafted .pt file can do under weights_only=False."""
+
+    def __init__(self, command: str):
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
+def _evil_pt(path: Path, marker: Path, **plain) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({**plain, "payload": _RunsCommand(f"touch {marker}")}, path)
+
+
+def _cfg():
+    return load_config("configs/debug.yaml", ["memory.long.kind=none", "memory.short.length=16",
+                                              "model.segment_len=16"])
+
+
+def _args(cfg) -> ModelArgs:
+    from mnemo.train.trainer import model_args_from_config
+
+    return model_args_from_config(cfg, VOCAB)
+
+
+@pytest.fixture
+def marker(tmp_path) -> Path:
+    return tmp_path / "the-pickle-ran"
+
+
+@pytest.fixture
+def crafted(tmp_path, marker) -> Path:
+    """A complete-looking checkpoint step dir whose every .pt file runs `touch <marker>` when unpickled."""
+    cfg = _cfg()
+    d = tmp_path / "run" / "checkpoints" / "step_00000002"
+    state = d / "ds" / ckpt.DS_TAG
+    for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt"):
+        _evil_pt(state / name, marker)
+    (d / "ds" / "latest").write_text(ckpt.DS_TAG)
+    _evil_pt(d / "rank_00000.pt", marker)
+    meta = {"step": 2, "world_size": 1, "zero_stage": 2, "config": to_dict(cfg),
+            "model_args": dataclasses.asdict(_args(cfg))}
+    (d / "meta.json").write_text(json.dumps(meta))
+    (d / ckpt.COMPLETE).write_text("1\n")
+    (d.parent / "latest").write_text(d.name + "\n")
+    return d
+
+
+def _assert_refused(rc: int, capsys, crafted: Path, marker: Path) -> None:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert not marker.exists(), "the crafted checkpoint's pickle ran"
+    assert rc == 2 and err and err[-1].startswith("mnemo: error:"), err
+    assert "refused to load" in err[-1] and str(crafted) in err[-1], err[-1]
+
+
+@pytest.mark.parametrize("which", ["step", "run"])
+def test_export_refuses_a_checkpoint_that_runs_code(crafted, marker, tmp_path, capsys, which):
+    src = crafted if which == "step" else crafted.parents[1]
+    rc = main(["export", str(src), "--out", str(tmp_path / "exported")])
+    _assert_refused(rc, capsys, crafted, marker)
+    assert not (tmp_path / "exported").exists()
+    assert not list(tmp_path.glob(".exported.*")), "a half-written export was left behind"
+
+
+def test_eval_refuses_a_checkpoint_that_runs_code(crafted, marker, tmp_path, capsys):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "index.json").write_text("{}")  # eval checks the data dir before loading the checkpoint
+    rc = main(["eval", str(crafted), "--data", str(data), "--device", "cpu"])
+    _assert_refused(rc, capsys, crafted, marker)
+
+
+def test_generate_refuses_a_checkpoint_that_runs_code(crafted, marker, tmp_path, capsys):
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("def f(x):\n")
+    rc = main(["generate", str(crafted), "--prompt-file", str(prompt), "--device", "cpu"])
+    _assert_refused(rc, capsys, crafted, marker)
+
+
+def test_init_from_refuses_a_checkpoint_that_runs_code(crafted, marker):
+    from mnemo.train.trainer import _init_from
+
+    model = MemoryTransformer(_args(_cfg()))
+    with pytest.raises(UserError, match="refused to load"):
+        _init_from(model, str(crafted), zero3=False)
+    assert not marker.exists()
+
+
+def test_resume_rank_state_refuses_a_file_that_runs_code(crafted, marker):
+    mgr = ckpt.CheckpointManager(crafted.parents[1])
+    with pytest.raises(UserError, match=r"rank_00000\.pt: refused to load .*posix\.system"):
+        mgr.rank_state(crafted, 0)
+    with pytest.raises(UserError, match="refused to load"):
+        mgr.rank_states(crafted)
+    assert not marker.exists()
+
+
+def test_deepspeeds_own_weights_only_false_is_overridden(tmp_path, marker):
+    # DeepSpeed's loaders (engine.load_checkpoint, zero_to_fp32, ds_to_universal) pass
+    # weights_only=False themselves; inside weights_only_loads that is overridden.
+    f = tmp_path / "optim_states.pt"
+    _evil_pt(f, marker)
+    with pytest.raises(UserError, match="refused to load"):
+        with ckpt.weights_only_loads(tmp_path):
+            torch.load(f, map_location="cpu", weights_only=False)
+    assert not marker.exists()
+    assert "TORCH_FORCE_WEIGHTS_ONLY_LOAD" not in os.environ  # restored on the way out
+
+
+def test_universal_normalization_refuses_files_that_run_code(tmp_path, marker):
+    from mnemo.train.universal import normalize_universal
+
+    folder = tmp_path / "universal"
+    _evil_pt(folder / "mp_rank_00_model_states.pt", marker, param_shapes=[{"w": torch.Size([2])}])
+    _evil_pt(folder / "zero" / "optimizer_state.pt", marker)
+    with pytest.raises(UserError, match="refused to load"):
+        normalize_universal(folder)
+    assert not marker.exists()
+
+
+def test_universal_conversion_refuses_files_that_run_code(crafted, marker):
+    # ds_to_universal runs in a subprocess; the refusal must reach it too.
+    from mnemo.train.universal import make_universal
+
+    with pytest.raises(UserError, match="refused to load"):
+        make_universal(crafted)
+    assert not marker.exists()
+    assert not (crafted / "ds" / "universal_state").exists()
+
+
+def test_what_real_checkpoints_hold_still_loads(tmp_path):
+    # rank_*.pt: RNG states (numpy's holds a uint32 array) and the stream loader's int64 arrays;
+    # DeepSpeed's optimizer files: its loss scaler, ZeRO stage enum and fragment addresses.
+    import deepspeed  # noqa: F401  (the allowlist names DeepSpeed's types once it is imported)
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    rank = {"rng": ckpt.rng_state(), "streams": {"excluded": {0: np.arange(5, dtype=np.int64)}},
+            "memory": {"pos": torch.zeros(2, dtype=torch.long)}}
+    torch.save(rank, tmp_path / "rank_00000.pt")
+    got = ckpt.load_torch_file(tmp_path / "rank_00000.pt")
+    assert (got["rng"]["numpy"][1] == np.random.get_state()[1]).all()
+    assert got["streams"]["excluded"][0].tolist() == [0, 1, 2, 3, 4]
+    ds = {"loss_scaler": LossScaler(1.0), "zero_stage": ZeroStageEnum.gradients,
+          "param_slice_mappings": [{"w": fragment_address(numel=4, start=0)}]}
+    torch.save(ds, tmp_path / "optim_states.pt")
+    with ckpt.weights_only_loads(tmp_path):
+        got = torch.load(tmp_path / "optim_states.pt", weights_only=False)
+    assert got["zero_stage"] == ZeroStageEnum.gradients and got["param_slice_mappings"][0]["w"].numel == 4
+
+
+def test_an_export_folder_is_read_without_unpickling(tmp_path, monkeypatch):
+    src = _export_dir(tmp_path / "a", seed=0)
+
+    def no_pickles(*a, **k):
+        raise AssertionError("torch.load called on an export folder")
+
+    monkeypatch.setattr(torch, "load", no_pickles)
+    sd = ckpt.consolidated_state_dict(src)
+    assert ckpt.model_args_of(src).vocab_size == VOCAB and "tok_emb.weight" in sd
+    assert ckpt.config_of(src).model.segment_len == 16
+
+
+# --------------------------------------------------------------------------- export
+
+
+def _export_dir(d: Path, seed: int) -> Path:
+    """An export folder (safetensors + JSON) of a fresh tiny model: a source that needs no DeepSpeed."""
+    cfg = _cfg()
+    args = _args(cfg)
+    torch.manual_seed(seed)
+    sd = MemoryTransformer(args).state_dict()
+    if args.tie_embeddings:
+        sd.pop("lm_head.weight", None)
+    d.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(d / "model.safetensors"))
+    (d / "model_args.json").write_text(json.dumps(dataclasses.asdict(args)))
+    (d / "config.json").write_text(json.dumps(to_dict(cfg)))
+    return d
+
+
+def _bytes(d: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(d.iterdir())}
+
+
+@pytest.fixture
+def two_models(tmp_path) -> tuple[Path, Path]:
+    return _export_dir(tmp_path / "model_a", 0), _export_dir(tmp_path / "model_b", 1)
+
+
+def test_export_into_another_models_export_is_refused_without_overwrite(two_models, tmp_path):
+    a, b = two_models
+    out = tmp_path / "out"
+    ckpt.export(a, out)
+    before = _bytes(out)
+    with pytest.raises(UserError, match=r"--out .*out: holds the export of another checkpoint .*--overwrite"):
+        ckpt.export(b, out)
+    assert _bytes(out) == before
+    ckpt.export(a, out)  # the same checkpoint again: nothing to lose
+    assert _bytes(out) == before
+    ckpt.export(b, out, overwrite=True)
+    assert (out / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
+    assert not list(tmp_path.glob(".out.*"))
+
+
+def test_export_keeps_files_it_did_not_write(two_models, tmp_path):
+    a, b = two_models
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match=r"holds files mnemo export did not write \(notes\.txt\)"):
+        ckpt.export(a, out)
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    ckpt.export(a, out, overwrite=True)
+    ckpt.export(b, out, overwrite=True)
+    assert (out / "notes.txt").read_text() == "mine"
+    assert (out / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
+    assert ckpt.resolve_checkpoint(out) == out  # a finished export, not an interrupted one
+
+
+def test_export_never_replaces_a_model_file_it_cannot_prove_it_wrote(two_models, tmp_path):
+    a, b = two_models
+    out = _export_dir(tmp_path / "out", seed=2)  # model.safetensors without a manifest
+    before = _bytes(out)
+    for overwrite in (False, True):
+        with pytest.raises(UserError, match="--out"):
+            ckpt.export(a, out, overwrite=overwrite)
+    assert _bytes(out) == before
+
+
+def test_a_failed_export_leaves_the_old_folder_intact(two_models, tmp_path, monkeypatch):
+    import safetensors.torch
+
+    a, b = two_models
+    out = tmp_path / "out"
+    ckpt.export(a, out)
+    before = _bytes(out)
+
+    def dies_half_way(tensors, filename, *args, **kw):
+        Path(filename).write_bytes(b"half a file")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", dies_half_way)
+    with pytest.raises(OSError, match="No space"):
+        ckpt.export(b, out, overwrite=True)
+    assert _bytes(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model_a", "model_b", "out"]
+
+
+def test_an_export_killed_between_its_renames_is_restored(two_models, tmp_path):
+    a, b = two_models
+    out = tmp_path / "out"
+    ckpt.export(a, out)
+    before = _bytes(out)
+    os.replace(out, tmp_path / ".out.mnemo-export-old-4242")  # the old export, moved aside, then a kill
+    with pytest.raises(UserError, match="another checkpoint"):
+        ckpt.export(b, out)
+    assert _bytes(out) == before and not list(tmp_path.glob(".out.*"))
+
+
+@pytest.mark.parametrize("where", ["same", "inside"])
+def test_export_out_inside_the_source_is_one_line_error(two_models, where, capsys):
+    a, _ = two_models
+    out = a if where == "same" else a / "sub"
+    before = _bytes(a)
+    rc = main(["export", str(a), "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith(f"mnemo: error: --out {out}: is or is inside"), err
+    assert _bytes(a) == before
+
+
+def test_export_out_inside_the_run_dir_is_refused(crafted, tmp_path):
+    run = crafted.parents[1]
+    with pytest.raises(UserError, match="inside the checkpoint being exported"):
+        ckpt.export(run, run / "exported")
