@@ -9,6 +9,7 @@ message names the dotted key, before any process is spawned.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -276,20 +277,25 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         if isinstance(value, int):
             return value
+        if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
+            return int(value)  # exactly: float() would round past 2**53
         try:
             f = float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
-        if f != int(f):
+        if not math.isfinite(f) or f != int(f):
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         return int(f)
     if tp is float:
         if isinstance(value, bool):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         try:
-            return float(value)
+            f = float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+        if not math.isfinite(f):  # no field means anything by nan or inf (0 is "no limit" where there is one)
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+        return f
     if tp is str:
         if value is None:
             return ""
@@ -392,15 +398,28 @@ def validate(cfg: Config) -> None:
         need(lm.topk >= 1, "memory.long.topk", "must be >= 1")
         need(lm.topk <= lm.capacity, "memory.long.topk", "must be <= memory.long.capacity")
         n_layers = SIZES[cfg.model.size].n_layers
+        seen: dict[int, int] = {}
         for i, layer in enumerate(lm.layers):
             need(-n_layers <= layer < n_layers, f"memory.long.layers[{i}]",
                  f"layer {layer} out of range for {n_layers}-layer size {cfg.model.size!r}")
+            # -1 and n_layers - 1 are the same layer: one store each, so no layer twice.
+            need(layer % n_layers not in seen, f"memory.long.layers[{i}]",
+                 f"layer {layer} is also memory.long.layers[{seen.get(layer % n_layers)}]")
+            seen[layer % n_layers] = i
         need(len(lm.layers) > 0, "memory.long.layers", "must name at least one layer")
+    need(lm.temperature_init > 0, "memory.long.temperature_init", "must be > 0 (its log is the initial parameter)")
     need(cfg.train.batch_size >= 1, "train.batch_size", "must be >= 1")
     need(cfg.train.max_steps >= 1, "train.max_steps", "must be >= 1")
     need(cfg.train.lr > 0, "train.lr", "must be > 0")
     need(0 <= cfg.train.min_lr_ratio <= 1, "train.min_lr_ratio", "must be in [0, 1]")
     need(cfg.train.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
+    need(cfg.train.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+    # AdamW's moment decay rates: 1 or more never forgets (and divides by 1 - beta**t = 0).
+    need(0 <= cfg.train.beta1 < 1, "train.beta1", "must be in [0, 1)")
+    need(0 <= cfg.train.beta2 < 1, "train.beta2", "must be in [0, 1)")
+    # torch.manual_seed takes [0, 2**64); numpy's default_rng refuses negative seeds.
+    need(0 <= cfg.train.seed < 2**64, "train.seed", "must be in [0, 2**64)")
+    need(cfg.train.max_time_s >= 0, "train.max_time_s", "must be >= 0 (0 = no limit)")
     need(cfg.train.log_interval >= 1, "train.log_interval", "must be >= 1")
     need(cfg.train.grad_clip >= 0, "train.grad_clip", "must be >= 0")
     need(cfg.train.answer_weight > 0, "train.answer_weight", "must be > 0")
@@ -417,7 +436,15 @@ def validate(cfg: Config) -> None:
     need(cfg.checkpoint.interval >= 0, "checkpoint.interval", "must be >= 0")
     need(cfg.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
     need(cfg.checkpoint.keep_every >= 0, "checkpoint.keep_every", "must be >= 0")
+    # SLURM's --signal=B:USR1@N takes at most 65535 s.
+    need(0 < cfg.checkpoint.grace_period_s <= 65535, "checkpoint.grace_period_s", "must be in (0, 65535]")
+    # A timeout is added to a nanosecond clock (int64, ~292 years): keep it far below that.
+    need(0 < cfg.checkpoint.collective_timeout_s <= 1e9, "checkpoint.collective_timeout_s", "must be in (0, 1e9]")
+    need(cfg.tracking.peak_flops >= 0, "tracking.peak_flops", "must be >= 0 (0 = known GPU table)")
     need(cfg.eval.interval >= 0, "eval.interval", "must be >= 0")
+    need(cfg.eval.max_docs >= 0, "eval.max_docs", "must be >= 0")
+    need(cfg.eval.max_doc_tokens >= 1, "eval.max_doc_tokens", "must be >= 1")
+    need(cfg.eval.passkey_trials >= 0, "eval.passkey_trials", "must be >= 0 (0 = no passkey evaluation)")
     need(0 <= cfg.data.val_fraction < 1, "data.val_fraction", "must be in [0, 1)")
     need(cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0")
     need(bool(cfg.run.dir), "run.dir", "must not be empty")

@@ -65,3 +65,21 @@ def test_empty_corpus(tmp_path):
 def test_launch_validates_before_spawning(tmp_path):
     res = mnemo("launch", "configs/debug.yaml", "--nproc-per-node", "2", "--dry-run", "train.nokey=1")
     assert_one_line_error(res, "train.nokey")
+
+
+@pytest.mark.parametrize("override,key", [("train.max_steps=inf", "train.max_steps"),
+                                          ("train.batch_size=nan", "train.batch_size"),
+                                          ("train.lr=nan", "train.lr"),
+                                          ("memory.long.layers=[2,2]", "memory.long.layers[1]")])
+def test_non_finite_and_duplicate_config_values(override, key):
+    assert_one_line_error(mnemo("train", "configs/debug.yaml", override), key)
+
+
+def test_export_into_its_own_source(tmp_path):
+    # An export folder as the source (no DeepSpeed needed): --out the same folder.
+    src = tmp_path / "exported"
+    src.mkdir()
+    (src / "model.safetensors").write_bytes(b"weights")
+    res = mnemo("export", str(src), "--out", str(src))
+    assert_one_line_error(res, "--out", str(src), "inside the checkpoint being exported")
+    assert (src / "model.safetensors").read_bytes() == b"weights"

@@ -96,3 +96,89 @@ def test_resume_check_reads_a_pre_release_5_config_as_the_gated_unsmeared_layer(
         check(old_tree("knn"), "memory.long.kind=knn")
     check(old_tree("knn"), "memory.long.kind=knn", "memory.long.mix=gate", "memory.long.smear_keys=false")
     check(old_tree("none"), "memory.long.kind=none")
+
+
+def _numeric_keys() -> list[tuple[str, type]]:
+    """(dotted key, int or float) of every number in the config tree, lists of numbers included."""
+    import dataclasses
+    import typing
+
+    from mnemo.train.config import Config
+
+    out = []
+
+    def walk(cls, prefix):
+        for f in dataclasses.fields(cls):
+            tp = typing.get_type_hints(cls)[f.name]
+            if dataclasses.is_dataclass(tp):
+                walk(tp, f"{prefix}{f.name}.")
+            elif tp in (int, float) or typing.get_args(tp) in ((int,), (float,)):
+                out.append((f"{prefix}{f.name}", tp))
+
+    walk(Config, "")
+    return out
+
+
+NUMERIC_KEYS = _numeric_keys()
+
+
+def test_the_numeric_key_list_is_the_whole_tree():
+    # A new number in the config tree joins the non-finite checks below by itself.
+    keys = dict(NUMERIC_KEYS)
+    assert {"train.lr", "train.max_steps", "memory.long.layers", "checkpoint.grace_period_s",
+            "train.passkey.promote_exact", "eval.passkey_distances"} <= set(keys)
+    assert len(keys) >= 40
+
+
+@pytest.mark.parametrize("key", [k for k, _ in NUMERIC_KEYS])
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", ".nan", "1e999"])
+def test_non_finite_numbers_are_refused_everywhere(key, value):
+    with pytest.raises(ConfigError) as e:
+        load_config("configs/debug.yaml", [f"{key}={value}"])
+    msg = str(e.value)
+    assert msg.startswith(f"configs/debug.yaml: {key}") and "expected" in msg and "\n" not in msg, msg
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("train.max_steps=inf", "train.max_steps: expected an integer, got 'inf'"),
+    ("train.batch_size=nan", "train.batch_size: expected an integer, got 'nan'"),
+    ("train.lr=inf", "train.lr: expected a finite number, got 'inf'"),
+    ("train.lr=0", "train.lr: must be > 0"),
+    ("train.beta1=1", "train.beta1: must be in [0, 1)"),
+    ("train.beta1=-0.1", "train.beta1: must be in [0, 1)"),
+    ("train.beta2=1.5", "train.beta2: must be in [0, 1)"),
+    ("train.weight_decay=-0.01", "train.weight_decay: must be >= 0"),
+    ("train.seed=-1", "train.seed: must be in [0, 2**64)"),
+    ("train.seed=18446744073709551616", "train.seed: must be in [0, 2**64)"),
+    ("train.max_time_s=-1", "train.max_time_s: must be >= 0"),
+    ("checkpoint.grace_period_s=0", "checkpoint.grace_period_s: must be in (0, 65535]"),
+    ("checkpoint.grace_period_s=-5", "checkpoint.grace_period_s: must be in (0, 65535]"),
+    ("checkpoint.grace_period_s=65536", "checkpoint.grace_period_s: must be in (0, 65535]"),
+    ("checkpoint.collective_timeout_s=0", "checkpoint.collective_timeout_s: must be in (0, 1e9]"),
+    ("checkpoint.collective_timeout_s=-1", "checkpoint.collective_timeout_s: must be in (0, 1e9]"),
+    ("checkpoint.collective_timeout_s=1e12", "checkpoint.collective_timeout_s: must be in (0, 1e9]"),
+    ("memory.long.temperature_init=0", "memory.long.temperature_init: must be > 0"),
+    ("memory.long.temperature_init=-2", "memory.long.temperature_init: must be > 0"),
+    ("memory.long.layers=[1,1]", "memory.long.layers[1]: layer 1 is also memory.long.layers[0]"),
+    ("memory.long.layers=[3,-1]", "memory.long.layers[1]: layer -1 is also memory.long.layers[0]"),
+    ("memory.long.layers=[nan]", "memory.long.layers[0]: expected an integer"),
+    ("eval.max_docs=-1", "eval.max_docs: must be >= 0"),
+    ("eval.max_doc_tokens=0", "eval.max_doc_tokens: must be >= 1"),
+    ("eval.passkey_trials=-1", "eval.passkey_trials: must be >= 0"),
+    ("tracking.peak_flops=-1", "tracking.peak_flops: must be >= 0"),
+    ("data.val_fraction=nan", "data.val_fraction: expected a finite number"),
+])
+def test_out_of_range_values_name_the_key(override, needle):
+    with pytest.raises(ConfigError) as e:
+        load_config("configs/debug.yaml", [override])
+    assert needle in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("override", [
+    "train.beta1=0", "train.beta2=0.999", "train.weight_decay=0", "train.seed=0", "train.seed=18446744073709551615",
+    "train.max_time_s=0", "checkpoint.grace_period_s=65535", "checkpoint.collective_timeout_s=1e9",
+    "memory.long.temperature_init=0.5", "memory.long.layers=[0,-1]", "eval.max_docs=0", "eval.passkey_trials=0",
+    "tracking.peak_flops=0", "train.max_steps=1e3",
+])
+def test_edge_values_inside_the_ranges_are_accepted(override):
+    load_config("configs/debug.yaml", [override])
