@@ -273,7 +273,7 @@ def _hostfile(args, cfg, config: str, overrides: list[str], secret_env: dict[str
         cwd=cwd,
         python=sys.executable,
         env={**remote.forwarded_env(os.environ), **secret_env,
-             "PYTHONPATH": launch_env.pythonpath_with_root(os.environ),
+             **({"PYTHONPATH": pythonpath} if (pythonpath := launch_env.pythonpath_with_root(os.environ)) else {}),
              "PATH": launch_env.path_with_venv(os.environ, sys.executable)},
     )
     if args.dry_run:

@@ -82,15 +82,30 @@ def package_root() -> str:
     return str(Path(__file__).resolve().parent.parent)
 
 
-def pythonpath_with_root(environ: Mapping[str, str]) -> str:
-    """PYTHONPATH for processes the launcher starts: mnemo's root first.
+def mnemo_installed() -> bool:
+    """Whether this interpreter has mnemo installed (pip, editable or not), so its ranks need no PYTHONPATH."""
+    from importlib import metadata
 
-    Ranks run ``python -m mnemo.launch.worker``; this makes that work from any
-    working directory even when mnemo is not pip-installed.
+    try:
+        metadata.distribution("mnemo")
+    except metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+def pythonpath_with_root(environ: Mapping[str, str]) -> str:
+    """PYTHONPATH for processes the launcher starts: mnemo's root first, only where mnemo is not installed.
+
+    Ranks run ``python -m mnemo.launch.worker``. An installed mnemo needs
+    nothing (and the checkout root on the path would make its bare folders,
+    ``train``, ``model``, ..., importable in the ranks); a checkout run without
+    installing needs its root.
     """
+    rest = [p for p in environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if mnemo_installed():
+        return os.pathsep.join(rest)
     root = package_root()
-    rest = [p for p in environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != root]
-    return os.pathsep.join([root, *rest])
+    return os.pathsep.join([root, *[p for p in rest if p != root]])
 
 
 def path_with_venv(environ: Mapping[str, str], python: str) -> str:

@@ -33,7 +33,7 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mnemo.launch.env import package_root
+from mnemo.launch.env import mnemo_installed, package_root
 from mnemo.launch.torchrun import check_line_safe
 from mnemo.train.errors import UserError
 
@@ -63,7 +63,8 @@ class SlurmOptions:
     master_port: int | None = None
     max_restarts: int = 0
     sbatch_args: list[str] = field(default_factory=list)
-    package_root: str = field(default_factory=package_root)
+    # Put on the ranks' PYTHONPATH only where mnemo is not installed ("" = nothing to add).
+    package_root: str = field(default_factory=lambda: "" if mnemo_installed() else package_root())
     # Variables the job needs from the submitting environment (credentials
     # kept out of the script); the script stops at once if one is missing.
     required_env: list[str] = field(default_factory=list)
@@ -152,7 +153,7 @@ def sbatch_script(o: SlurmOptions) -> str:
         f"VENV_BIN={q(str(Path(o.python).parent))}",
         "# The venv's tools are found, after the submitting shell's (sbatch exported its PATH).",
         'case ":$PATH:" in *":$VENV_BIN:"*) ;; *) export PATH="$PATH:$VENV_BIN" ;; esac',
-        f"export PYTHONPATH={q(o.package_root)}${{PYTHONPATH:+:$PYTHONPATH}}",
+        *([f"export PYTHONPATH={q(o.package_root)}${{PYTHONPATH:+:$PYTHONPATH}}"] if o.package_root else []),
         *[f': "${{{name}:?is not set: export it before sbatch (it carries credentials, kept out of this script)}}"'
           for name in o.required_env],
         "",

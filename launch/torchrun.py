@@ -136,9 +136,10 @@ def node_env(plan: NodePlan, environ: Mapping[str, str]) -> dict[str, str]:
     """Variables the node launcher adds to torchrun's environment."""
     from mnemo.launch.env import path_with_venv, pythonpath_with_root
 
+    pythonpath = pythonpath_with_root(environ)
     return {
         "PATH": path_with_venv(environ, plan.python),
-        "PYTHONPATH": pythonpath_with_root(environ),
+        **({"PYTHONPATH": pythonpath} if pythonpath else {}),
         "PYTHONUNBUFFERED": "1",
         # With the rendezvous store shared with the workers (torch's default),
         # a restarted worker group reads the previous attempt's addresses and

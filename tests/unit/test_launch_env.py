@@ -29,9 +29,16 @@ def test_deepspeed_launcher_local_size_becomes_local_world_size():
     assert env == {"LOCAL_WORLD_SIZE": "2"}
 
 
-def test_pythonpath_puts_mnemo_first_once():
+def test_pythonpath_adds_the_checkout_only_where_mnemo_is_not_installed(monkeypatch):
+    import mnemo.launch.env as env_mod
+
     root = package_root()
     assert os.path.isfile(os.path.join(root, "launch", "env.py"))
+    # Installed (this venv): the ranks find mnemo themselves; the checkout root would expose bare `train`, `model`.
+    assert env_mod.mnemo_installed()
+    assert pythonpath_with_root({}) == ""
+    assert pythonpath_with_root({"PYTHONPATH": "/x"}) == "/x"
+    monkeypatch.setattr(env_mod, "mnemo_installed", lambda: False)
     assert pythonpath_with_root({}) == root
     assert pythonpath_with_root({"PYTHONPATH": f"/x{os.pathsep}{root}{os.pathsep}/y"}) == os.pathsep.join([root, "/x", "/y"])
 
