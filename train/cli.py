@@ -47,8 +47,11 @@ def main(argv: list[str] | None = None) -> int:
     except _user_errors() as e:
         if debug:
             raise
+        from mnemo.train.redact import redact_uri
+
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"mnemo: error: {msg}", file=sys.stderr)
+        # A bad value may be a URI with credentials (tracking.uri, a data URL): never print them.
+        print(f"mnemo: error: {redact_uri(msg)}", file=sys.stderr)
         return 2
     return int(rc or 0)
 

@@ -455,3 +455,12 @@ def test_resume_with_the_real_uri_is_no_change_and_prints_no_secret():
     old = to_dict(load_config(None, [f"tracking.uri=http://bob:{SECRET}@h2"]))
     changes = _check_resume_compatible(old, cfg, {}, "", {}, Path("ck"))
     assert changes == ["tracking.uri: 'http://***@h2' -> 'http://***@127.0.0.1:1'"]
+
+
+def test_cli_errors_never_print_credentials(capsys):
+    # A bad value that is a URI with a password is named in the error, its userinfo hidden.
+    from mnemo.train.cli import main as cli_main
+
+    rc = cli_main(["train", "configs/debug.yaml", "tracking.enabled=http://u:S3CRET@127.0.0.1:1"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "tracking.enabled" in err and "S3CRET" not in err and "http://***@127.0.0.1:1" in err
