@@ -172,6 +172,41 @@ class _Preemption:
             self.signal, self.at = signum, time.time()
 
 
+def stop_requests(preempt: _Preemption, cfg: Config, started: float, device: torch.device) -> tuple[bool, bool]:
+    """(stop, time_up), the same on every rank after a step: a preemption signal or the time limit on any rank.
+
+    A collective (train/collectives.py) on ``device``, the engine's device.
+    """
+    from mnemo.train.collectives import any_true
+
+    stop, time_up = any_true([preempt.signal is not None,
+                              cfg.train.max_time_s > 0 and time.time() - started > cfg.train.max_time_s], device)
+    return stop, time_up
+
+
+def after_step(cfg: Config, step: int, stop: bool, time_up: bool) -> tuple[str, ...]:
+    """What the loop does after optimizer step ``step`` (steps done), in order: "eval", "save".
+
+    stop      a preemption signal reached some rank: save at once and nothing
+              else. The job has checkpoint.grace_period_s in all before it is
+              killed, and an evaluation first could outlast it (the evaluation
+              of this step is skipped; the resumed run evaluates at its next
+              interval).
+    time_up   train.max_time_s is spent: nothing here; the loop ends, saves and
+              evaluates once.
+    """
+    if stop:
+        return ("save",)
+    if time_up:
+        return ()
+    out = []
+    if cfg.eval.interval and step % cfg.eval.interval == 0 and step < cfg.train.max_steps:
+        out.append("eval")
+    if cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0:
+        out.append("save")
+    return tuple(out)
+
+
 class StepLog:
     """Per-step losses of rank 0 as JSON lines (<run.dir>/logs/steps.jsonl): tests and humans read it."""
 
@@ -230,16 +265,33 @@ def train(cfg: Config) -> dict[str, Any]:
     vocab_size = int(manifest["vocab_size"])
 
     import deepspeed
-    import deepspeed.comm as dist
+
+    from mnemo.train.collectives import process_group_backend
+    from mnemo.train.runlock import take_run_dir
 
     use_cuda = cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available())
     if use_cuda:
         torch.cuda.set_device(info.local_rank)
     device = torch.device("cuda", info.local_rank) if use_cuda else torch.device("cpu")
     use_bf16 = cfg.model.dtype == "bf16" or (cfg.model.dtype == "auto" and use_cuda)
-    deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo",
+    # Both device types: the trainer's own collectives may run on either (train/collectives.py).
+    deepspeed.init_distributed(dist_backend=process_group_backend(use_cuda),
                                timeout=datetime.timedelta(seconds=cfg.checkpoint.collective_timeout_s))
-    barrier = dist.barrier
+    # The run directory is this job's before anything is written into it (train/runlock.py).
+    lock = take_run_dir(run_dir, info.rank)
+    try:
+        return _train_locked(cfg, info, run_dir, manifest, tok_file, tok_sha, vocab_size, use_cuda, device, use_bf16)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train_locked(cfg: Config, info: DistInfo, run_dir: Path, manifest: dict[str, Any], tok_file: str, tok_sha: str,
+                  vocab_size: int, use_cuda: bool, device: torch.device, use_bf16: bool) -> dict[str, Any]:
+    """train() once this rank's job holds run_dir."""
+    import deepspeed
+
+    from mnemo.train.collectives import barrier
 
     if info.rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -372,7 +424,7 @@ def train(cfg: Config) -> dict[str, Any]:
 
     def save(step_: int, reason: str):
         t0 = time.time()
-        rank_state = {"streams": streams.state_dict(), "memory": loop.state.state_dict(), "rng": ckpt.rng_state(),
+        rank_state = {"streams": streams.state_dict(), "memory": loop.state.state_dict(), "rng": ckpt.rng_state(device),
                       "step": step_, "tokens_seen": loop.tokens_seen}
         if episodes is not None:
             rank_state["episodes"] = episodes.state_dict()
@@ -398,24 +450,21 @@ def train(cfg: Config) -> dict[str, Any]:
                 exit_reason = "nan"
                 break
             # All ranks agree on stopping: a signal or the time limit on any rank stops everyone.
-            stop_flags = torch.tensor([float(preempt.signal is not None),
-                                       float(cfg.train.max_time_s > 0 and time.time() - started > cfg.train.max_time_s)])
-            dist.all_reduce(stop_flags, op=dist.ReduceOp.MAX)
-            if cfg.eval.interval and step % cfg.eval.interval == 0 and step < cfg.train.max_steps:
+            stop, time_up = stop_requests(preempt, cfg, started, device)
+            actions = after_step(cfg, step, stop, time_up)
+            if "eval" in actions:
                 eval_result = run_eval(cfg, engine.module, source, tok_file, tracker, step, info.rank)
-            if stop_flags[0] > 0:
-                save(step, "preempted")
+            if "save" in actions:
+                save(step, "preempted" if stop else "interval")
                 last_saved = step
+            if stop:
                 exit_reason = "preempted"
                 if info.rank == 0:
                     (run_dir / "PREEMPTED").write_text(f"{step}\n")
                 break
-            if stop_flags[1] > 0:
+            if time_up:
                 exit_reason = "time_limit"
                 break
-            if cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0:
-                save(step, "interval")
-                last_saved = step
         if exit_reason in ("completed", "time_limit") and last_saved != step:
             save(step, exit_reason)
         if exit_reason in ("completed", "time_limit"):
@@ -434,7 +483,8 @@ def train(cfg: Config) -> dict[str, Any]:
                 tracker.log_artifact(str(f), "logs")
         tracker.close("FAILED" if exit_reason == "nan" else "FINISHED" if exit_reason != "preempted" else "KILLED")
     if exit_reason == "nan":
-        raise UserError(f"loss became NaN/inf at step {step} (train.nan_policy=stop); last checkpoint in {mgr.root}")
+        raise UserError(f"{loop.nonfinite or 'loss'} became NaN/inf at step {step} (train.nan_policy=stop); "
+                        f"nothing of that step was saved, last checkpoint in {mgr.root}")
     summary = {"step": step, "exit": exit_reason, "run_id": run_id, "checkpoint": str(mgr.latest()),
                "run_dir": str(run_dir), "eval": eval_result, "tokens_seen": loop.tokens_seen}
     if episodes is not None:
@@ -487,8 +537,7 @@ def _resume(engine, mgr, path: Path, meta: dict[str, Any], streams, state, info:
     ds_dir = path / "ds"
     tag = ckpt.DS_TAG
     if universal:
-        import deepspeed.comm as dist
-
+        from mnemo.train.collectives import broadcast_object
         from mnemo.train.universal import UNIVERSAL_TAG, make_universal
 
         # Rank 0 converts once; all ranks learn whether it worked (no one waits out a timeout).
@@ -498,11 +547,9 @@ def _resume(engine, mgr, path: Path, meta: dict[str, Any], streams, state, info:
                 make_universal(path)
             except Exception as e:  # re-raised below on every rank, with rank 0's reason
                 failed = str(e).splitlines()[0] if str(e) else type(e).__name__
-        flag = torch.tensor([float(bool(failed))])
-        dist.all_reduce(flag)
-        if flag.item() > 0:
-            raise UserError(f"checkpoint {path}: conversion to a universal checkpoint failed"
-                            + (f": {failed}" if failed else " on rank 0"))
+        failed = broadcast_object(failed, src=0)
+        if failed:
+            raise UserError(f"checkpoint {path}: conversion to a universal checkpoint failed: {failed}")
         tag = UNIVERSAL_TAG
     with ckpt.weights_only_loads(ds_dir):  # DeepSpeed's loader unpickles with weights_only=False
         load_path, _ = engine.load_checkpoint(str(ds_dir), tag=tag, load_module_strict=True,
@@ -520,7 +567,7 @@ def _resume(engine, mgr, path: Path, meta: dict[str, Any], streams, state, info:
         exact = streams.load_state_dict([s["streams"] for s in mgr.rank_states(path)])
     if exact and own is not None:
         state = state.load_state_dict(own["memory"]).to(device)
-        ckpt.set_rng_state(own["rng"])
+        ckpt.set_rng_state(own["rng"], device)
     if episodes is not None:
         # The curriculum is the same on every rank, so rank 0's serves any new world size;
         # this rank's document generator continues only where this rank existed before.
@@ -532,6 +579,29 @@ def _resume(engine, mgr, path: Path, meta: dict[str, Any], streams, state, info:
         log.info("resumed from %s at step %d (%s)", path, meta["step"],
                  "exact" if exact else f"re-partitioned from {meta['world_size']} to {info.world_size} ranks")
     return int(meta["step"]), int(meta.get("tokens_seen", 0)), meta.get("mlflow_run_id"), state
+
+
+def _fault_step(var: str, rank: int) -> int:
+    """Test seam: the optimizer step (1-based) named by ``var``=STEP:RANK for this rank, else 0."""
+    spec = os.environ.get(var, "")
+    step, _, r = spec.partition(":")
+    return int(step) if spec and r == str(rank) else 0
+
+
+class _InfGradient(torch.autograd.Function):
+    """Test seam (MNEMO_FAULT_INF_GRAD=STEP:RANK): the loss unchanged, every gradient behind it NaN/inf.
+
+    The trainer wraps that rank's loss of that optimizer step in it, so the
+    gradient check is exercised with a finite loss and a non-finite gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, loss):
+        return loss.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("inf")
 
 
 class _Loop:
@@ -546,6 +616,9 @@ class _Loop:
         args = engine.module.args
         self.has_memory = args.stm_length > 0 or args.ltm_kind != "none"
         self.tokens_seen = 0
+        self.nonfinite = ""  # what was NaN/inf at the step that stopped the run: "loss" | "gradient norm"
+        self.optim_s = 0.0
+        self.fault_inf_grad_step = _fault_step("MNEMO_FAULT_INF_GRAD", info.rank)
         self._window = self._new_window()
         self.peak = cfg.tracking.peak_flops or _device_peak_flops(use_cuda)
         if not self.peak and info.rank == 0:
@@ -569,33 +642,58 @@ class _Loop:
             return self._episode_step(step)
         return self._corpus_step(step)
 
-    def _finite_or_skip(self, step: int, bad: bool) -> str:
-        """'ok', or what a NaN/inf loss does under train.nan_policy: 'stop' | 'skip' (logged)."""
+    def _finite_or_skip(self, step: int, bad: bool, what: str = "loss", must_stop: bool = False) -> str:
+        """'ok', or what a NaN/inf ``what`` (loss, gradient norm) does under train.nan_policy: 'stop' | 'skip'."""
         if not bad:
             return "ok"
-        stop = self.cfg.train.nan_policy == "stop"
+        stop = must_stop or self.cfg.train.nan_policy == "stop"
+        self.nonfinite = what
         if self.info.rank == 0:
             if stop:
-                log.error("step %d: loss is NaN/inf; stopping (train.nan_policy=stop)", step + 1)
+                log.error("step %d: %s is NaN/inf; stopping (train.nan_policy=stop)", step + 1, what)
             else:
-                log.warning("step %d: loss is NaN/inf; skipping the update", step + 1)
+                log.warning("step %d: %s is NaN/inf; skipping the update", step + 1, what)
             self.tracker.log_metrics({"train/nan": 1.0}, step + 1)
         return "stop" if stop else "skip"
 
+    def _backward_and_step(self, step: int, loss: torch.Tensor) -> str:
+        """engine.backward + engine.step, then the gradient check: 'ok', 'stop' or 'skip'.
+
+        A finite loss can still have a NaN/inf gradient. DeepSpeed computes the
+        global gradient norm (all ranks, every ZeRO stage) inside step() and
+        leaves the weights, the optimizer and the LR schedule as they were when
+        it is not finite (its overflow path: skipped_steps + 1, norm reported
+        inf). The trainer then applies train.nan_policy like for a NaN loss;
+        with ``stop`` the loop ends before anything of this step is saved. Should
+        an engine ever apply such an update, the run stops whatever the policy.
+        """
+        if step + 1 == self.fault_inf_grad_step:
+            loss = _InfGradient.apply(loss)
+        skipped = self.engine.skipped_steps
+        self.engine.backward(loss)
+        t = time.time()
+        self.engine.step()
+        self.optim_s = time.time() - t
+        norm = self.engine.get_global_grad_norm()
+        if norm is None or math.isfinite(float(norm)):
+            return "ok"
+        return self._finite_or_skip(step, True, "gradient norm", must_stop=self.engine.skipped_steps == skipped)
+
     def _episode_step(self, step: int) -> bool:
-        import deepspeed.comm as dist
+        from mnemo.train.collectives import sum_
 
         t0 = time.time()
         res = self.episodes.forward(self.engine, self.device, self.dtype, self.has_memory)
         B = res.batch.tokens.shape[0]
-        nonfinite = torch.tensor(float(not torch.isfinite(res.loss)), device=self.device)
+        nonfinite = (~torch.isfinite(res.loss.detach())).float()
         stats = torch.stack([res.plain_sum, res.n, nonfinite, res.exact, torch.tensor(float(B), device=self.device)])
-        dist.all_reduce(stats)
+        sum_(stats)  # [5] on the engine's device
         verdict = self._finite_or_skip(step, stats[2].item() > 0)
         if verdict != "ok":
             return verdict == "skip"
-        self.engine.backward(res.loss)
-        self.engine.step()
+        verdict = self._backward_and_step(step, res.loss)
+        if verdict != "ok":
+            return verdict == "skip"
         loss = (stats[0] / stats[1].clamp(min=1)).item()
         exact = (stats[3] / stats[4]).item()
         cur = self.episodes.curriculum
@@ -626,7 +724,7 @@ class _Loop:
             self._log(step, self.engine)
 
     def _corpus_step(self, step: int) -> bool:
-        import deepspeed.comm as dist
+        from mnemo.train.collectives import sum_
 
         cfg, engine = self.cfg, self.engine
         k = cfg.memory.bptt_segments
@@ -649,19 +747,21 @@ class _Loop:
         total, state = bptt_window_loss(engine, [t[:, :-1] for t in tokens], self.state, segment_loss,
                                         resets=[bt.reset.to(self.device) for bt in batches])
         # Loss of this step averaged over ranks, weighted by real tokens.
-        stats = torch.stack([plain_sum, n_sum, torch.tensor(float(not torch.isfinite(total)), device=self.device)])
-        dist.all_reduce(stats)
+        stats = torch.stack([plain_sum, n_sum, (~torch.isfinite(total.detach())).float()])  # [3] on the device
+        sum_(stats)
         verdict = self._finite_or_skip(step, stats[2].item() > 0)
         if verdict == "stop":
             return False
         if verdict == "skip":
-            self.state = state.reset(torch.ones(state.batch_size, dtype=torch.bool))
+            self.state = state.reset(torch.ones(state.batch_size, dtype=torch.bool, device=self.device))
             return True
-        engine.backward(total)
-        t2 = time.time()
-        engine.step()
+        verdict = self._backward_and_step(step, total)
         t3 = time.time()
+        t2 = t3 - self.optim_s  # backward ends where the optimizer step begins
+        # The memory state of this window is finite (the loss was): it goes on, also after a skipped update.
         self.state = state
+        if verdict != "ok":
+            return verdict == "skip"
         loss = (stats[0] / stats[1].clamp(min=1)).item()
         real = int(stats[1].item())
         B, T = cfg.train.batch_size, cfg.model.segment_len

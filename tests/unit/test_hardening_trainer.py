@@ -1,0 +1,264 @@
+"""Trainer faults: a run directory held by one job, a stop request on an evaluation step, NaN/inf gradients.
+
+The trainer's pieces run in this process on a one-rank gloo group (DeepSpeed
+engines of the `debug` size on CPU): `train()` itself on a small dataset
+written once per module, and `_Loop` steps over stand-in batches.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.unit.stdlib import stdlib_texts
+
+REPO = Path(__file__).resolve().parents[2]
+DEBUG = REPO / "configs" / "debug.yaml"
+VOCAB = 400
+
+
+@pytest.fixture(scope="module")
+def world1():
+    """A one-rank process group in this process (what `mnemo train` without a launcher makes)."""
+    import deepspeed
+    import torch.distributed as dist
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(port)}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    yield
+    for s, h in handlers.items():  # the trainer installs its preemption handlers
+        signal.signal(s, h)
+    dist.destroy_process_group()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    from mnemo.data_pipeline.prepare import prepare
+
+    corpus = tmp_path_factory.mktemp("corpus")
+    for i, text in enumerate(stdlib_texts(12)):
+        (corpus / f"m{i:02d}.py").write_text(text)
+    out = tmp_path_factory.mktemp("data") / "mds"
+    prepare([str(corpus)], str(out), vocab_size=VOCAB, workers=1, progress=False)
+    return out
+
+
+def config(data: Path, run_dir: Path, *overrides: str):
+    from mnemo.train.config import load_config
+
+    return load_config(DEBUG, [f"data.path={data}", f"run.dir={run_dir}", "tracking.enabled=false",
+                               "train.log_interval=1", *overrides])
+
+
+# ----------------------------------------------------------------------------- one job per run directory
+
+HOLDER = """
+import sys, time
+from mnemo.train.runlock import RunLock
+RunLock(sys.argv[1]).acquire()
+print("held", flush=True)
+time.sleep(600)
+"""
+
+
+def hold(run_dir: Path) -> subprocess.Popen:
+    """Another job's owner process holding run_dir (it never lets go by itself)."""
+    p = subprocess.Popen([sys.executable, "-c", HOLDER, str(run_dir)], stdout=subprocess.PIPE, text=True,
+                         env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert p.stdout.readline().strip() == "held"
+    return p
+
+
+def test_run_lock_names_its_holder_and_dies_with_it(tmp_path):
+    from mnemo.train.runlock import RunDirBusy, RunLock
+
+    holder = hold(tmp_path / "run")
+    try:
+        with pytest.raises(RunDirBusy, match=rf"run\.dir: .*run is in use by another job \(host "
+                                             rf"{socket.gethostname()}, pid {holder.pid}, since "):
+            RunLock(tmp_path / "run").acquire()
+    finally:
+        holder.kill()  # SIGKILL: no cleanup code runs in the holder
+        holder.wait()
+    with RunLock(tmp_path / "run") as lock:  # the kernel released it: a relaunch is never blocked
+        assert f"pid {os.getpid()}" in RunLock(tmp_path / "run").path.read_text().replace('"pid": ', "pid ")
+        with pytest.raises(RunDirBusy):  # held by this process now, through another open file
+            RunLock(tmp_path / "run").acquire()
+    assert lock.fd is None
+    RunLock(tmp_path / "run").acquire()  # released on exit of the with block
+
+
+def test_second_job_on_a_held_run_dir_fails_before_writing_anything(world1, data, tmp_path):
+    """While another job holds run.dir, train() stops with a one-line error naming the holder and writes
+    nothing there; once the holder is SIGKILLed, the same command runs."""
+    from mnemo.train import trainer
+    from mnemo.train.runlock import RunDirBusy
+
+    run_dir = tmp_path / "run"
+    cfg = config(data, run_dir, "train.max_steps=2", "checkpoint.interval=0", "eval.max_docs=1")
+    holder = hold(run_dir)
+    try:
+        with pytest.raises(RunDirBusy, match=rf"is in use by another job \(host \S+, pid {holder.pid},"):
+            trainer.train(cfg)
+        assert sorted(p.name for p in run_dir.iterdir()) == ["run.lock"]  # no config, logs or checkpoints
+    finally:
+        holder.kill()
+        holder.wait()
+    assert trainer.train(cfg)["exit"] == "completed"
+
+
+def test_stop_request_on_an_evaluation_step_saves_without_evaluating(world1, data, tmp_path, monkeypatch):
+    """SIGTERM during a step that is both an evaluation and a checkpoint step: the checkpoint is written
+    and the evaluation is not run (it could outlast checkpoint.grace_period_s)."""
+    from mnemo.train import trainer
+    from mnemo.train.checkpoint import read_meta
+
+    run_dir = tmp_path / "run"
+    cfg = config(data, run_dir, "train.max_steps=6", "eval.interval=2", "checkpoint.interval=2")
+    evals: list[int] = []
+    monkeypatch.setattr(trainer, "run_eval", lambda *a, **k: evals.append(a[5]) or {})
+    step_once = trainer._Loop.train_step
+
+    def step_then_sigterm(self, step):
+        ok = step_once(self, step)
+        if step + 1 == 2:  # SIGTERM (what SLURM sends) arrives while step 2 runs
+            os.kill(os.getpid(), signal.SIGTERM)
+        return ok
+
+    monkeypatch.setattr(trainer._Loop, "train_step", step_then_sigterm)
+    summary = trainer.train(cfg)
+    assert summary["exit"] == "preempted" and summary["step"] == 2
+    assert evals == [], "the evaluation of the preempted step ran before the save"
+    assert read_meta(run_dir / "checkpoints" / "step_00000002")["reason"] == "preempted"
+    assert (run_dir / "PREEMPTED").read_text().strip() == "2"
+
+
+# ----------------------------------------------------------------------------- NaN/inf gradients
+
+
+class StandInStreams:
+    """Batches of random tokens for B slots (one long document per slot), in the shape DocumentStreams yields."""
+
+    epoch = 0
+
+    def __init__(self, B: int, T: int, vocab: int):
+        self.B, self.T, self.vocab, self.n = B, T, vocab, 0
+        self.g = torch.Generator().manual_seed(0)
+
+    def __next__(self):
+        from mnemo.data_pipeline.streams import SegmentBatch
+
+        B, T = self.B, self.T
+        batch = SegmentBatch(tokens=torch.randint(0, self.vocab, (B, T + 1), generator=self.g),
+                             mask=torch.ones(B, T, dtype=torch.bool), weight=torch.ones(B, T),
+                             reset=torch.full((B,), self.n == 0), doc_ids=torch.arange(B),
+                             positions=torch.full((B,), self.n * T), epochs=torch.zeros(B, dtype=torch.long))
+        self.n += 1
+        return batch
+
+
+class Metrics:
+    def __init__(self):
+        self.logged: list[tuple[int, dict]] = []
+
+    def log_metrics(self, metrics, step):
+        self.logged.append((step, dict(metrics)))
+
+
+@pytest.fixture(scope="module")
+def engine(world1, data, tmp_path_factory):
+    import deepspeed
+
+    from mnemo.model import MemoryTransformer
+    from mnemo.train import trainer
+
+    cfg = config(data, tmp_path_factory.mktemp("unused"))
+    model = MemoryTransformer(trainer.model_args_from_config(cfg, VOCAB))
+    opt = torch.optim.AdamW(trainer.param_groups(model, 0.1), lr=cfg.train.lr)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=trainer.deepspeed_config(cfg, False, False),
+                                      lr_scheduler=lambda o: torch.optim.lr_scheduler.LambdaLR(o, trainer.lr_lambda(cfg)))
+    return engine
+
+
+def make_loop(engine, data, tmp_path, policy: str):
+    from mnemo.train import trainer
+
+    cfg = config(data, tmp_path, f"train.nan_policy={policy}")
+    info = trainer.DistInfo(rank=0, world_size=1, local_rank=0, local_world_size=1, node_rank=0, num_nodes=1,
+                            restart=0, requeue=0)
+    B, T = cfg.train.batch_size, cfg.model.segment_len
+    state = engine.module.init_state(B)
+    steplog = trainer.StepLog(tmp_path / "steps.jsonl", True)
+    return trainer._Loop(cfg, engine, StandInStreams(B, T, VOCAB), state, info, torch.device("cpu"), Metrics(), steplog,
+                         model_flops=1.0, use_cuda=False)
+
+
+def weights(engine) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in engine.module.parameters()]
+
+
+def test_inf_gradient_with_stop_policy_stops_at_that_step(engine, data, tmp_path, monkeypatch):
+    # The trainer's test seam: every gradient of step 2 is NaN/inf, the loss stays finite.
+    monkeypatch.setenv("MNEMO_FAULT_INF_GRAD", "2:0")
+    loop = make_loop(engine, data, tmp_path, "stop")
+    assert loop.train_step(0)
+    before = weights(engine)
+    assert loop.train_step(1) is False  # the loop ends: train() then raises without saving
+    assert loop.nonfinite == "gradient norm"
+    assert all(torch.equal(a, b) for a, b in zip(before, weights(engine)))
+    assert loop.tracker.logged[-1] == (2, {"train/nan": 1.0})
+
+
+def test_inf_gradient_with_skip_policy_skips_the_update_and_goes_on(engine, data, tmp_path):
+    loop = make_loop(engine, data, tmp_path, "skip")
+    assert loop.train_step(0)
+    before, lr_steps = weights(engine), engine.lr_scheduler.last_epoch
+    # A NaN/inf in one weight's gradient only (a hook on it, not the trainer's seam): the loss is finite.
+    p = next(engine.module.parameters())
+    hook = p.register_hook(lambda g: torch.full_like(g, float("inf")))
+    try:
+        assert loop.train_step(1) is True
+    finally:
+        hook.remove()
+    assert all(torch.equal(a, b) for a, b in zip(before, weights(engine))), "the bad update was applied"
+    assert engine.lr_scheduler.last_epoch == lr_steps  # the schedule did not advance either
+    assert (2, {"train/nan": 1.0}) in loop.tracker.logged  # and the skip is reported
+    assert loop.train_step(2) is True
+    loop.steplog.close()
+    recorded = [json.loads(line)["step"] for line in (tmp_path / "steps.jsonl").read_text().splitlines()]
+    assert recorded == [1, 3]  # no loss recorded for the skipped step
+    assert not all(torch.equal(a, b) for a, b in zip(before, weights(engine)))  # training goes on
+
+
+# ----------------------------------------------------------------------------- what the loop does after a step
+
+
+def test_after_step_saves_first_and_only_on_a_stop_request(data, tmp_path):
+    from mnemo.train.trainer import after_step
+
+    cfg = config(data, tmp_path, "train.max_steps=100", "eval.interval=10", "checkpoint.interval=20")
+    assert after_step(cfg, 20, stop=False, time_up=False) == ("eval", "save")
+    assert after_step(cfg, 20, stop=True, time_up=False) == ("save",)
+    assert after_step(cfg, 10, stop=True, time_up=True) == ("save",)
+    assert after_step(cfg, 10, stop=False, time_up=True) == ()  # the loop ends, saves and evaluates once
+    assert after_step(cfg, 15, stop=False, time_up=False) == ()

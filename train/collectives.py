@@ -1,0 +1,85 @@
+"""Every collective of train/: the one place where ranks agree on something.
+
+Why one place. On a GPU the process group is NCCL for CUDA tensors, and a
+collective on a tensor of a device type the group has no backend for fails
+("No backend type associated with device type cpu"). So:
+
+- the group is initialized for both device types (``process_group_backend``:
+  ``cpu:gloo,cuda:nccl`` when CUDA is used, gloo on CPU), which also lets the
+  object collectives (``broadcast_object``) and barriers run where torch puts
+  them;
+- every tensor reduced here is created on the device passed in, the engine's
+  device (``cuda:<local rank>`` on a GPU, ``cpu`` otherwise), and read back
+  with one host copy (``.cpu()``).
+
+The functions call ``torch.distributed`` directly (DeepSpeed's ``deepspeed.comm``
+forwards to it on this group). Without an initialized process group (one
+process, e.g. ``mnemo eval``) they are the identity: one rank agrees with itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+
+def process_group_backend(use_cuda: bool) -> str:
+    """The ``backend`` for init_process_group: both device types on a GPU, gloo on CPU."""
+    return "cpu:gloo,cuda:nccl" if use_cuda else "gloo"
+
+
+def _dist():
+    import torch.distributed as dist
+
+    return dist if dist.is_available() and dist.is_initialized() else None
+
+
+def world_size() -> int:
+    dist = _dist()
+    return dist.get_world_size() if dist else 1
+
+
+def any_true(flags: Sequence[bool], device: torch.device | str) -> list[bool]:
+    """Per flag: whether it is set on any rank (one MAX all-reduce of a [len(flags)] tensor on ``device``)."""
+    dist = _dist()
+    if dist is None:
+        return [bool(f) for f in flags]
+    # Built on the host and copied: no device kernel per flag, one transfer each way.
+    t = torch.tensor([float(bool(f)) for f in flags], dtype=torch.float32).to(device)  # [n]
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [v > 0 for v in t.cpu().tolist()]
+
+
+def all_true(flags: Sequence[bool], device: torch.device | str) -> list[bool]:
+    """Per flag: whether it is set on every rank."""
+    return [not v for v in any_true([not f for f in flags], device)]
+
+
+def sum_(t: torch.Tensor) -> torch.Tensor:
+    """Sum ``t`` over ranks in place and return it. ``t`` lives on the engine's device already (step statistics)."""
+    dist = _dist()
+    if dist is not None:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """``obj`` of rank ``src`` on every rank (pickled; torch sends it over the group's CPU backend)."""
+    dist = _dist()
+    if dist is None:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def barrier() -> None:
+    """Wait for every rank (torch picks the device: the one bound at init on a GPU, else the CPU backend)."""
+    dist = _dist()
+    if dist is not None:
+        dist.barrier()
+
+
+__all__ = ["all_true", "any_true", "barrier", "broadcast_object", "process_group_backend", "sum_", "world_size"]

@@ -1,0 +1,115 @@
+"""A run directory belongs to one job at a time: an flock held by the job's owner process.
+
+Two jobs on one ``run.dir`` would delete each other's in-progress
+``.tmp-step_*`` directories, prune each other's checkpoints and overwrite
+``latest``. So before anything is written there, the process that owns the
+job (global rank 0; the trainer tells the other ranks the outcome with a
+collective) takes an exclusive ``fcntl.flock`` on ``<run.dir>/run.lock`` and
+writes who it is into the file (host, pid, start time).
+
+The lock lives exactly as long as that process: the kernel releases it when
+the process exits, however it exits (SIGKILL included), so a relaunch after a
+crash, a torchrun restart (``--max-restarts``: the old rank 0 is dead by then)
+and a SLURM requeue are never blocked by their own earlier incarnation, and
+there is no stale-lock file to clean up. The file itself stays (deleting a
+lock file races with the next job opening it). The descriptor is not
+inherited by the programs rank 0 starts (Python opens it non-inheritable).
+
+On a shared filesystem the lock covers every node: NFS (v3 with lockd, v4)
+implements flock with its byte-range locks; Lustre needs the ``flock`` mount
+option.
+"""
+
+from __future__ import annotations
+
+import datetime
+import errno
+import fcntl
+import json
+import os
+import socket
+from pathlib import Path
+
+from mnemo.train.errors import UserError
+
+LOCK_NAME = "run.lock"
+
+
+class RunDirBusy(UserError):
+    """Another live job holds the run directory."""
+
+
+def _holder_text(raw: str) -> str:
+    try:
+        h = json.loads(raw)
+        return f"host {h.get('host', '?')}, pid {h.get('pid', '?')}, since {h.get('started', '?')}"
+    except (json.JSONDecodeError, AttributeError):
+        return "holder unknown"
+
+
+class RunLock:
+    """Exclusive ownership of one run directory by this process (``acquire`` / ``release``)."""
+
+    def __init__(self, run_dir: str | Path):
+        self.path = Path(run_dir) / LOCK_NAME
+        self.fd: int | None = None
+
+    def acquire(self) -> None:
+        """Take the lock or raise RunDirBusy naming the holder. Creates run_dir if needed."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # O_RDWR without O_TRUNC: a job that finds the lock held must still read who holds it.
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            raw = os.pread(fd, 4096, 0).decode("utf-8", "replace")
+            os.close(fd)
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise
+            raise RunDirBusy(f"run.dir: {self.path.parent} is in use by another job ({_holder_text(raw)}); "
+                             "wait for it to end, stop it, or use another run.dir") from None
+        info = {"host": socket.gethostname(), "pid": os.getpid(),
+                "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
+        data = (json.dumps(info) + "\n").encode()
+        os.pwrite(fd, data, 0)  # then cut the previous holder's longer text: never an empty file to read
+        os.ftruncate(fd, len(data))
+        os.fsync(fd)
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+
+    def __enter__(self) -> RunLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def take_run_dir(run_dir: str | Path, rank: int) -> RunLock | None:
+    """Collective: global rank 0 takes the run directory's lock; every rank raises RunDirBusy if it could not.
+
+    Returns the held lock on rank 0 (release it when the job ends), None elsewhere.
+    """
+    from mnemo.train.collectives import broadcast_object
+
+    lock, error = None, None
+    if rank == 0:
+        lock = RunLock(run_dir)
+        try:
+            lock.acquire()
+        except UserError as e:
+            lock, error = None, str(e)
+    error = broadcast_object(error, src=0)
+    if error is not None:
+        if lock is not None:
+            lock.release()
+        raise RunDirBusy(error)
+    return lock
+
+
+__all__ = ["LOCK_NAME", "RunDirBusy", "RunLock", "take_run_dir"]
