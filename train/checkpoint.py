@@ -127,10 +127,11 @@ def _deepspeed_safe_globals() -> list[Any]:
 
 
 def _refused(where: Any, e: BaseException) -> UserError:
-    m = re.search(r"GLOBAL (\S+)|but got (<[^>]*>|\S+)", str(e))
-    what = (m.group(1) or m.group(2)) if m else str(e).strip().splitlines()[-1] if str(e).strip() else "?"
-    return UserError(f"{where}: refused to load a torch file that holds objects other than tensors and plain "
-                     f"data ({what}); only load checkpoints you trust")
+    # torch's message is a paragraph; its reason is the GLOBAL named or the unpickler's error line.
+    m = re.search(r"GLOBAL (\S+)|but got (<[^>]*>|\S+)|WeightsUnpickler error:\s*([^\n]+)", str(e))
+    what = next((g for g in m.groups() if g), "?").strip() if m else "not a torch file"
+    return UserError(f"{where}: refused to load a torch file ({what}): a checkpoint may hold only tensors and "
+                     f"plain data; load only checkpoints you trust")
 
 
 class weights_only_loads:
@@ -174,15 +175,26 @@ class weights_only_loads:
 def load_torch_file(path: str | Path) -> Any:
     """A torch file mnemo or DeepSpeed wrote, on CPU, without unpickling code (weights_only_loads)."""
     with weights_only_loads(path):
-        return torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except (RuntimeError, EOFError) as e:  # truncated or not a torch file at all
+            raise UserError(f"{path}: cannot read ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
 
 
 def is_complete(path: Path) -> bool:
     return (path / COMPLETE).is_file() and (path / "meta.json").is_file()
 
 
+def read_json(path: Path) -> Any:
+    """A JSON file of a checkpoint or export; UserError naming it when it is not JSON."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not valid JSON ({e})") from None
+
+
 def read_meta(path: Path) -> dict[str, Any]:
-    return json.loads((Path(path) / "meta.json").read_text())
+    return read_json(Path(path) / "meta.json")
 
 
 def _maybe_crash_in_save(step: int, rank: int) -> None:
@@ -316,14 +328,22 @@ def consolidated_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
     """fp32 weights of a checkpoint (any ZeRO stage) or an export dir, on CPU."""
     ckpt = Path(ckpt)
     if (ckpt / "model.safetensors").is_file():
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return load_file(str(ckpt / "model.safetensors"))
+        try:
+            return load_file(str(ckpt / "model.safetensors"))
+        except SafetensorError as e:
+            raise UserError(f"{ckpt / 'model.safetensors'}: cannot read ({e})") from None
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     # DeepSpeed's consolidation reads its files with weights_only=False: forced to True here.
     with weights_only_loads(ckpt):
-        sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt / "ds"), tag=DS_TAG)
+        try:
+            sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt / "ds"), tag=DS_TAG)
+        except (RuntimeError, EOFError, ValueError, FileNotFoundError) as e:  # truncated, missing or foreign files
+            why = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise UserError(f"{ckpt}: cannot read the DeepSpeed state ({why})") from None
     return {k: v.float().contiguous() for k, v in sd.items()}
 
 
@@ -331,15 +351,17 @@ def model_args_of(ckpt: Path):
     from mnemo.model import ModelArgs
 
     ckpt = Path(ckpt)
-    if (ckpt / "model_args.json").is_file():
-        d = json.loads((ckpt / "model_args.json").read_text())
-    else:
-        d = read_meta(ckpt)["model_args"]
-    d["ltm_layers"] = tuple(d["ltm_layers"])
-    # Checkpoints written before these options existed hold the gated, unsmeared layer.
-    d.setdefault("ltm_mix", "gate")
-    d.setdefault("ltm_smear_keys", False)
-    return ModelArgs(**d)
+    src = ckpt / "model_args.json" if (ckpt / "model_args.json").is_file() else ckpt / "meta.json"
+    d = read_json(src)
+    d = d if src.name == "model_args.json" else d.get("model_args") if isinstance(d, dict) else None
+    try:
+        d = dict(d, ltm_layers=tuple(d["ltm_layers"]))
+        # Checkpoints written before these options existed hold the gated, unsmeared layer.
+        d.setdefault("ltm_mix", "gate")
+        d.setdefault("ltm_smear_keys", False)
+        return ModelArgs(**d)
+    except (TypeError, KeyError, ValueError) as e:
+        raise UserError(f"{src}: not the model arguments of a mnemo model ({e})") from None
 
 
 def saved_config_tree(tree: dict[str, Any]) -> dict[str, Any]:
@@ -361,8 +383,12 @@ def config_of(ckpt: Path):
 
     ckpt = Path(ckpt)
     if (ckpt / "config.json").is_file():
-        return from_dict(saved_config_tree(json.loads((ckpt / "config.json").read_text())))
-    return from_dict(saved_config_tree(read_meta(ckpt)["config"]))
+        tree = read_json(ckpt / "config.json")
+    else:
+        tree = read_meta(ckpt).get("config")
+    if not isinstance(tree, dict):
+        raise UserError(f"{ckpt}: no config tree in its config.json or meta.json")
+    return from_dict(saved_config_tree(tree))
 
 
 def load_weights(model: torch.nn.Module, sd: dict[str, torch.Tensor], source: str) -> None:
@@ -510,8 +536,8 @@ def export(path: str | Path, out: str | Path, overwrite: bool = False) -> Path:
         raise UserError(f"--out {out}: holds the export of another checkpoint "
                         f"({old.get('source', {}).get('checkpoint')}); pass --overwrite to replace it")
 
+    args = model_args_of(ckpt)  # the small JSON first: a foreign folder fails before the weights load
     sd = consolidated_state_dict(ckpt)
-    args = model_args_of(ckpt)
     if args.tie_embeddings:
         sd.pop("lm_head.weight", None)  # safetensors refuses shared storage; re-tied on load
     out.parent.mkdir(parents=True, exist_ok=True)

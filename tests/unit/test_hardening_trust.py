@@ -138,9 +138,8 @@ def test_deepspeeds_own_weights_only_false_is_overridden(tmp_path, marker):
     # weights_only=False themselves; inside weights_only_loads that is overridden.
     f = tmp_path / "optim_states.pt"
     _evil_pt(f, marker)
-    with pytest.raises(UserError, match="refused to load"):
-        with ckpt.weights_only_loads(tmp_path):
-            torch.load(f, map_location="cpu", weights_only=False)
+    with pytest.raises(UserError, match="refused to load"), ckpt.weights_only_loads(tmp_path):
+        torch.load(f, map_location="cpu", weights_only=False)
     assert not marker.exists()
     assert "TORCH_FORCE_WEIGHTS_ONLY_LOAD" not in os.environ  # restored on the way out
 
@@ -258,7 +257,7 @@ def test_export_keeps_files_it_did_not_write(two_models, tmp_path):
 
 
 def test_export_never_replaces_a_model_file_it_cannot_prove_it_wrote(two_models, tmp_path):
-    a, b = two_models
+    a, _ = two_models
     out = _export_dir(tmp_path / "out", seed=2)  # model.safetensors without a manifest
     before = _bytes(out)
     for overwrite in (False, True):
@@ -312,3 +311,38 @@ def test_export_out_inside_the_run_dir_is_refused(crafted, tmp_path):
     run = crafted.parents[1]
     with pytest.raises(UserError, match="inside the checkpoint being exported"):
         ckpt.export(run, run / "exported")
+
+
+@pytest.mark.parametrize("damage,needle", [
+    ("meta_not_json", "meta.json: not valid JSON"),
+    ("model_args_foreign", "meta.json: not the model arguments of a mnemo model"),
+    ("pt_garbage", "refused to load a torch file"),
+    ("pt_truncated", "cannot read the DeepSpeed state"),
+])
+def test_a_damaged_checkpoint_is_one_line_error(crafted, tmp_path, capsys, damage, needle):
+    meta = crafted / "meta.json"
+    states = crafted / "ds" / ckpt.DS_TAG
+    if damage == "meta_not_json":
+        meta.write_text("{not json")
+    elif damage == "model_args_foreign":
+        m = json.loads(meta.read_text())
+        m["model_args"]["n_experts"] = 8
+        meta.write_text(json.dumps(m))
+    else:
+        for f in states.glob("*.pt"):
+            if damage == "pt_garbage":
+                f.write_bytes(bytes(range(256)) * 4)
+            else:  # a real torch file cut short (a copy that stopped half way)
+                torch.save({"w": torch.zeros(1000)}, f)
+                f.write_bytes(f.read_bytes()[:1500])
+    rc = main(["export", str(crafted), "--out", str(tmp_path / "exported")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err[-1].startswith("mnemo: error:") and needle in err[-1], err
+
+
+def test_a_damaged_export_folder_is_one_line_error(two_models, tmp_path, capsys):
+    a, _ = two_models
+    (a / "model.safetensors").write_bytes(b"not safetensors")
+    rc = main(["export", str(a), "--out", str(tmp_path / "again")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and "model.safetensors: cannot read" in err[-1], err
