@@ -262,3 +262,29 @@ def test_after_step_saves_first_and_only_on_a_stop_request(data, tmp_path):
     assert after_step(cfg, 10, stop=True, time_up=True) == ("save",)
     assert after_step(cfg, 10, stop=False, time_up=True) == ()  # the loop ends, saves and evaluates once
     assert after_step(cfg, 15, stop=False, time_up=False) == ()
+
+
+# ----------------------------------------------------------------------------- GPU state of one rank
+
+
+def test_rng_state_reads_and_restores_only_the_ranks_own_gpu(monkeypatch):
+    """Each rank saves and restores the CUDA generator of its own device, never all visible ones (that
+    would create a CUDA context on every GPU in every rank). Older checkpoints hold one state per visible
+    device: the rank's own is picked. torch.cuda's RNG functions are stand-ins here (no GPU in CI)."""
+    from mnemo.train import checkpoint as ckpt
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": calls.append(("get", str(device)))
+                        or torch.full((4,), 7, dtype=torch.uint8))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device="cuda": calls.append(
+        ("set", str(device), int(state[0]))))
+    for name in ("get_rng_state_all", "set_rng_state_all"):
+        monkeypatch.setattr(torch.cuda, name, lambda *a, **k: calls.append(("all",)))
+    st = ckpt.rng_state(torch.device("cuda", 1))
+    ckpt.set_rng_state(st, torch.device("cuda", 1))
+    old = dict(st, cuda=[torch.full((4,), i, dtype=torch.uint8) for i in range(3)])
+    ckpt.set_rng_state(old, torch.device("cuda", 2))
+    assert calls == [("get", "cuda:1"), ("set", "cuda:1", 7), ("set", "cuda:2", 2)]
+    calls.clear()
+    ckpt.set_rng_state(ckpt.rng_state(torch.device("cpu")), torch.device("cpu"))  # a CPU run touches no GPU state
+    assert calls == []
