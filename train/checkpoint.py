@@ -485,7 +485,9 @@ def _remove_export_files(folder: Path, names) -> None:
 
 def _recover_export_leftovers(out: Path) -> None:
     """Undo what a killed export left beside ``out``: restore a replaced export, drop temporary folders."""
-    for d in sorted(out.parent.glob(f".{out.name}.mnemo-export-*")):
+    import glob
+
+    for d in sorted(out.parent.glob(f".{glob.escape(out.name)}.mnemo-export-*")):
         if not d.is_dir():
             continue
         old = d.name.startswith(f".{out.name}.mnemo-export-old-")

@@ -346,3 +346,17 @@ def test_a_damaged_export_folder_is_one_line_error(two_models, tmp_path, capsys)
     rc = main(["export", str(a), "--out", str(tmp_path / "again")])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and "model.safetensors: cannot read" in err[-1], err
+
+
+def test_export_replaces_an_earlier_export_without_renameat2(two_models, tmp_path, monkeypatch):
+    # Where the one-step exchange is unsupported: two renames, the old files deleted after.
+    a, b = two_models
+    out = tmp_path / "out[1]"  # a glob metacharacter in the name: leftovers are still found by name
+    ckpt.export(a, out)
+    (tmp_path / ".out[1].mnemo-export-new-999").mkdir()  # a killed export's temporary folder
+    (tmp_path / ".out[1].mnemo-export-new-999" / "model.safetensors").write_bytes(b"half")
+    monkeypatch.setattr(ckpt, "_exchange", lambda x, y: False)
+    ckpt.export(b, out, overwrite=True)
+    assert (out / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
+    assert json.loads((out / "export.json").read_text())["source"]["checkpoint"] == str(b.resolve())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model_a", "model_b", "out[1]"]
