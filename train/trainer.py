@@ -454,6 +454,10 @@ def _train_locked(cfg: Config, info: DistInfo, run_dir: Path, manifest: dict[str
             actions = after_step(cfg, step, stop, time_up)
             if "eval" in actions:
                 eval_result = run_eval(cfg, engine.module, source, tok_file, tracker, step, info.rank)
+                # A signal that came during the evaluation: save now, not after one more step.
+                stop, time_up = stop_requests(preempt, cfg, started, device)
+                if stop:
+                    actions = after_step(cfg, step, stop, time_up)
             if "save" in actions:
                 save(step, "preempted" if stop else "interval")
                 last_saved = step

@@ -127,28 +127,43 @@ def test_second_job_on_a_held_run_dir_fails_before_writing_anything(world1, data
     assert trainer.train(cfg)["exit"] == "completed"
 
 
-def test_stop_request_on_an_evaluation_step_saves_without_evaluating(world1, data, tmp_path, monkeypatch):
-    """SIGTERM during a step that is both an evaluation and a checkpoint step: the checkpoint is written
-    and the evaluation is not run (it could outlast checkpoint.grace_period_s)."""
+@pytest.mark.parametrize("during", ["step", "eval"])
+def test_stop_request_on_an_evaluation_step_saves_at_once(world1, data, tmp_path, monkeypatch, during):
+    """SIGTERM on a step that is both an evaluation and a checkpoint step.
+
+    during="step": the signal comes while step 2 trains; the checkpoint is
+    written and the evaluation is not run (it could outlast
+    checkpoint.grace_period_s). during="eval": it comes while step 2's
+    evaluation runs (checkpoint.interval=0); the checkpoint is written right
+    after it, not one step later.
+    """
     from mnemo.train import trainer
     from mnemo.train.checkpoint import read_meta
 
     run_dir = tmp_path / "run"
-    cfg = config(data, run_dir, "train.max_steps=6", "eval.interval=2", "checkpoint.interval=2")
+    cfg = config(data, run_dir, "train.max_steps=6", "eval.interval=2",
+                 f"checkpoint.interval={2 if during == 'step' else 0}")
     evals: list[int] = []
-    monkeypatch.setattr(trainer, "run_eval", lambda *a, **k: evals.append(a[5]) or {})
+
+    def fake_eval(*a, **k):
+        evals.append(a[5])
+        if during == "eval":
+            os.kill(os.getpid(), signal.SIGTERM)
+        return {}
+
+    monkeypatch.setattr(trainer, "run_eval", fake_eval)
     step_once = trainer._Loop.train_step
 
     def step_then_sigterm(self, step):
         ok = step_once(self, step)
-        if step + 1 == 2:  # SIGTERM (what SLURM sends) arrives while step 2 runs
+        if during == "step" and step + 1 == 2:  # SIGTERM (what SLURM sends) arrives while step 2 runs
             os.kill(os.getpid(), signal.SIGTERM)
         return ok
 
     monkeypatch.setattr(trainer._Loop, "train_step", step_then_sigterm)
     summary = trainer.train(cfg)
     assert summary["exit"] == "preempted" and summary["step"] == 2
-    assert evals == [], "the evaluation of the preempted step ran before the save"
+    assert evals == ([] if during == "step" else [2]), "the evaluation of the preempted step ran before the save"
     assert read_meta(run_dir / "checkpoints" / "step_00000002")["reason"] == "preempted"
     assert (run_dir / "PREEMPTED").read_text().strip() == "2"
 
