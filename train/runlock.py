@@ -91,24 +91,26 @@ class RunLock:
 
 
 def take_run_dir(run_dir: str | Path, rank: int) -> RunLock | None:
-    """Collective: global rank 0 takes the run directory's lock; every rank raises RunDirBusy if it could not.
+    """Collective: global rank 0 takes the run directory's lock; every rank raises if it could not
+    (RunDirBusy: another job holds it; UserError: the lock file cannot be made).
 
     Returns the held lock on rank 0 (release it when the job ends), None elsewhere.
     """
     from mnemo.train.collectives import broadcast_object
 
-    lock, error = None, None
+    lock, error = None, None  # error: (busy, one-line message)
     if rank == 0:
         lock = RunLock(run_dir)
         try:
             lock.acquire()
-        except UserError as e:
-            lock, error = None, str(e)
+        except RunDirBusy as e:
+            lock, error = None, (True, str(e))
+        except OSError as e:  # every rank must hear of it, or the others wait out the collective timeout
+            lock, error = None, (False, f"run.dir: cannot lock {lock.path}: {e.strerror or e}")
     error = broadcast_object(error, src=0)
     if error is not None:
-        if lock is not None:
-            lock.release()
-        raise RunDirBusy(error)
+        busy, msg = error
+        raise (RunDirBusy if busy else UserError)(msg)
     return lock
 
 
