@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -24,11 +25,24 @@ from mnemo.data_pipeline.errors import DataError
 def read_json_file(path: str, what: str) -> dict:
     try:
         with open(path) as f:
-            return json.load(f)
+            obj = json.load(f)
     except FileNotFoundError:
         raise DataError(f"{path}: missing ({what})") from None
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:
         raise DataError(f"{path}: unreadable {what} ({e})") from None
+    if not isinstance(obj, dict):
+        raise DataError(f"{path}: not a JSON object ({what})")
+    return obj
+
+
+@contextmanager
+def _well_formed(data_dir: str) -> Iterator[None]:
+    """A field of index.json or manifest.json missing or of the wrong type is a DataError, not a traceback."""
+    try:
+        yield
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+        raise DataError(f"{data_dir}: index.json or manifest.json is malformed "
+                        f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
 
 
 def read_manifest(data_dir: str) -> dict:
@@ -62,11 +76,15 @@ def _shard_bytes(data_dir: str, shard: dict) -> tuple[str, bytes]:
     path = os.path.join(data_dir, name)
     try:
         with open(path, "rb") as f:
-            data = f.read()
+            size = os.fstat(f.fileno()).st_size
+            # The size first: a replaced file is never read into memory whole.
+            data = f.read(info["bytes"] + 1) if size == info["bytes"] else b""
     except FileNotFoundError:
         raise DataError(f"shard {name}: missing") from None
-    if len(data) != info["bytes"]:
-        raise DataError(f"shard {name}: {len(data)} bytes, index.json says {info['bytes']} (truncated or replaced)")
+    except OSError as e:
+        raise DataError(f"shard {name}: cannot be read ({e.strerror or e})") from None
+    if size != info["bytes"] or len(data) != info["bytes"]:
+        raise DataError(f"shard {name}: {size} bytes, index.json says {info['bytes']} (truncated or replaced)")
     for algo, want in (info.get("hashes") or {}).items():
         if get_hash(algo, data) != want:
             raise DataError(f"shard {name}: {algo} does not match index.json (corrupted)")
@@ -109,6 +127,11 @@ def iter_shard_samples(data_dir: str, index: dict) -> Iterator[tuple[str, int, d
 
 def verify(data_dir: str) -> dict:
     """Check every shard and the totals; DataError naming the first bad shard. Returns a report."""
+    with _well_formed(data_dir):
+        return _verify(data_dir)
+
+
+def _verify(data_dir: str) -> dict:
     from mnemo.data_pipeline.tokenizer import file_sha256
 
     manifest = read_manifest(data_dir)
@@ -148,6 +171,11 @@ def verify(data_dir: str) -> dict:
 
 def inspect(data_dir: str, num_samples: int = 3, max_chars: int = 300) -> dict:
     """Counts, token-length percentiles and histogram, and a few decoded documents."""
+    with _well_formed(data_dir):
+        return _inspect(data_dir, num_samples, max_chars)
+
+
+def _inspect(data_dir: str, num_samples: int, max_chars: int) -> dict:
     from mnemo.data_pipeline.tokenizer import Tokenizer
 
     manifest = read_manifest(data_dir)
