@@ -9,7 +9,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
+
+from mnemo.data_pipeline.readers import DEFAULT_MAX_DOC_BYTES
+
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def byte_count(text: str) -> int:
+    """'65536', '64K', '64MiB', '1g' -> bytes (K/M/G/T are powers of 1024)."""
+    m = re.fullmatch(r"\s*(\d+)\s*([kmgt]?)(?:i?b)?\s*", text, re.IGNORECASE)
+    if not m or int(m.group(1)) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive byte count (e.g. 1048576, 512K, 64M, 1G)")
+    return int(m.group(1)) * _UNITS[m.group(2).lower()]
 
 
 def _add_input_args(p: argparse.ArgumentParser) -> None:
@@ -17,6 +30,10 @@ def _add_input_args(p: argparse.ArgumentParser) -> None:
                    help="files, directories (recursive) or globs: text/source files, .jsonl[.gz|.zst], .parquet")
     p.add_argument("--text-field", default="text", metavar="NAME",
                    help="JSONL key / Parquet column holding the text (default: text)")
+    p.add_argument("--max-doc-bytes", type=byte_count, default=DEFAULT_MAX_DOC_BYTES, metavar="N",
+                   help="skip (and count as too_large) any document over N input bytes: a text file, a JSONL "
+                        "line, a Parquet cell; bounds the memory one document takes (K/M/G suffixes; "
+                        f"default {DEFAULT_MAX_DOC_BYTES >> 20}M)")
 
 
 def _tokenizer_train(args: argparse.Namespace) -> int:
@@ -24,7 +41,7 @@ def _tokenizer_train(args: argparse.Namespace) -> int:
 
     tok = train_tokenizer(args.input, args.out, args.vocab_size, model_type=args.model_type,
                           sample_docs=args.sample_docs, special_tokens=args.special_tokens or (),
-                          text_field=args.text_field, seed=args.seed)
+                          text_field=args.text_field, seed=args.seed, max_doc_bytes=args.max_doc_bytes)
     print(f"wrote {tok.path}: {tok.vocab_size} pieces, eos_id={tok.eos_id}, sha256={tok.sha256}")
     return 0
 
@@ -36,18 +53,31 @@ def _prepare(args: argparse.Namespace) -> int:
                 id_field=args.id_field, strict=args.strict, overwrite=args.overwrite, vocab_size=args.vocab_size,
                 model_type=args.model_type, sample_docs=args.sample_docs, passkey_docs=args.passkey_docs,
                 passkey_max_distance=args.passkey_max_distance, passkey_segment_len=args.segment_len,
-                seed=args.seed)
-    skipped = sum(m.get("skipped", {}).values())
+                seed=args.seed, max_doc_bytes=args.max_doc_bytes)
     line = (f"wrote {args.out}: {m['num_documents']:,} documents, {m['num_tokens']:,} tokens "
             f"({m['token_dtype']}, vocab {m['vocab_size']}), {m['num_shards']} shards")
     if m.get("num_passkey_documents"):
         line += f", {m['num_passkey_documents']} passkey documents"
     print(line)
-    if skipped or m.get("repaired"):
-        counts = {**m.get("skipped", {}), **m.get("repaired", {})}
-        print("skipped/repaired (see manifest.json): " + ", ".join(f"{k}={v}" for k, v in counts.items()),
-              file=sys.stderr)
+    summary = skip_summary(m)
+    if summary:
+        print(summary, file=sys.stderr)
     return 0
+
+
+def skip_summary(m: dict) -> str:
+    """One line: what was skipped and what was repaired, by reason ("" when nothing was)."""
+    parts = []
+    skipped, repaired = m.get("skipped") or {}, m.get("repaired") or {}
+    if skipped:
+        text = "skipped: " + ", ".join(f"{k}={v}" for k, v in skipped.items())
+        if skipped.get("too_large"):
+            text += (f" (too_large: documents over --max-doc-bytes {m.get('max_doc_bytes', 0):,} bytes, "
+                     f"left out whole, not split)")
+        parts.append(text)
+    if repaired:
+        parts.append("repaired: " + ", ".join(f"{k}={v}" for k, v in repaired.items()))
+    return "; ".join(parts) + " (see manifest.json)" if parts else ""
 
 
 def _verify(args: argparse.Namespace) -> int:

@@ -7,7 +7,14 @@ Layout of DATA_DIR::
     part-00001/ ...
     tokenizer.model   copy of the tokenizer used
     manifest.json     counts, tokenizer hash, input fingerprints, skipped docs
-    .mnemo-prepare/   only while unfinished: plan, done markers, temp dirs
+    .mnemo-outputs.json  the names above, written before any of them is created
+    .mnemo-prepare/   only while unfinished: plan, done markers, every temp file
+
+mnemo deletes only what it can prove it wrote: the entries listed in
+``.mnemo-outputs.json``, a list it writes (atomically) before creating any of
+them. An --out holding anything else is refused; --overwrite removes the
+listed entries and nothing else. Every temp file lives in the state dir, so a
+crash leaves nothing unlisted behind. --out must not be or contain an input.
 
 Each work unit (a few files, a byte range of a big JSONL or a row-group range
 of a Parquet file; see readers.py) is converted by one worker into a temp dir
@@ -35,6 +42,7 @@ import os
 import shutil
 import signal
 import sys
+import tempfile
 import time
 import urllib.parse
 import urllib.request
@@ -46,16 +54,21 @@ from pathlib import Path
 import numpy as np
 
 from mnemo.data_pipeline.errors import DataError
-from mnemo.data_pipeline.readers import Corpus, Doc, ReadStats, WorkUnit, iter_unit, plan_inputs, split_units
+from mnemo.data_pipeline.readers import (DEFAULT_MAX_DOC_BYTES, Corpus, Doc, ReadStats, WorkUnit,
+                                          check_max_doc_bytes, iter_unit, plan_inputs, split_units)
 from mnemo.data_pipeline.tokenizer import Tokenizer, file_sha256, reservoir_sample, train_from_texts
 
 FORMAT_VERSION = 1
 STATE_DIR = ".mnemo-prepare"
+# The list of entries of DATA_DIR that mnemo wrote (the only ones it ever deletes).
+OUTPUTS_FILE = ".mnemo-outputs.json"
 SHARD_SIZE_LIMIT = 1 << 26  # bytes of uncompressed samples per shard (64 MiB)
 SHARD_HASHES = ["sha1"]
 COMPRESSION = "zstd"
 # Reasons in ReadStats that mean a document was dropped (the others were repaired and kept).
-SKIP_REASONS = ("empty", "invalid_json", "missing_text_field", "non_string_text")
+SKIP_REASONS = ("empty", "invalid_json", "missing_text_field", "non_string_text", "too_large", "binary_file")
+# Reasons a whole input file was passed over (counted in "skipped" too).
+FILE_REASONS = ("unsupported_file", "unreadable_file")
 DEPTHS = ("start", "middle", "end")
 # Encode this many documents / characters per SentencePiece call.
 _BATCH_DOCS = 256
@@ -122,15 +135,16 @@ def resolve_out(out: str, staging: str | None = None) -> OutLocation:
 
 
 
-def _atomic_write(path: str, data: bytes) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
+def _atomic_write(path: str, data: bytes, tmp_dir: str | None = None) -> None:
+    """Write ``path`` whole or not at all; the temp file goes into ``tmp_dir`` (default: beside ``path``)."""
+    tmp = os.path.join(tmp_dir or os.path.dirname(path), f"{os.path.basename(path)}.tmp{os.getpid()}")
     with open(tmp, "wb") as f:
         f.write(data)
     os.replace(tmp, path)
 
 
-def _write_json(path: str, obj: dict) -> None:
-    _atomic_write(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
+def _write_json(path: str, obj: dict, tmp_dir: str | None = None) -> None:
+    _atomic_write(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode(), tmp_dir)
 
 
 def _read_json(path: str) -> dict | None:
@@ -151,41 +165,74 @@ def _fetch_remote_json(loc: OutLocation, name: str) -> dict | None:
         return _read_json(url)
     from streaming.base.storage.download import CloudDownloader
 
-    dest = os.path.join(loc.local, f".remote-{name}")
-    if os.path.exists(dest):
-        os.remove(dest)
-    try:
-        CloudDownloader.direct_download(url, dest, 60)
-    except Exception:  # no such object (each cloud raises its own type)
-        return None
-    try:
+    with tempfile.TemporaryDirectory(prefix="mnemo-") as tmp:  # never inside the staging dir
+        dest = os.path.join(tmp, name)
+        try:
+            CloudDownloader.direct_download(url, dest, 60)
+        except Exception:  # no such object (each cloud raises its own type)
+            return None
         return _read_json(dest)
-    finally:
-        os.remove(dest)
 
 
 # ----------------------------------------------------------------------------- claiming the out dir
 
 
-_OUR_ENTRIES = ("index.json", "manifest.json", "tokenizer.model", STATE_DIR)
+def out_entries(units: Sequence[WorkUnit], passkey: bool) -> list[str]:
+    """Every top-level entry a conversion of ``units`` may create in DATA_DIR."""
+    names = [STATE_DIR, "tokenizer.model", "index.json", "manifest.json"] + [u.name for u in units]
+    if passkey:
+        names.append(_passkey_name(units))
+    return names
 
 
-def _is_ours(name: str) -> bool:
-    return name in _OUR_ENTRIES or name.startswith("part-") or name.startswith("tokenizer.model.tmp")
+def _read_outputs(local: str) -> set[str] | None:
+    """Names listed in DATA_DIR/.mnemo-outputs.json, or None when mnemo never wrote there.
+
+    A complete dataset of a mnemo version that kept no such list is known by
+    its manifest: the parts it names and the fixed names.
+    """
+    path = os.path.join(local, OUTPUTS_FILE)
+    rec = _read_json(path)
+    if rec is None:
+        path = os.path.join(local, "manifest.json")
+        m = _read_json(path)
+        if not (isinstance(m, dict) and m.get("format") == "mnemo-mds" and isinstance(m.get("parts"), list)):
+            return None
+        rec = {"entries": [STATE_DIR, "tokenizer.model", "index.json", "manifest.json"]
+               + [p.get("name") if isinstance(p, dict) else None for p in m["parts"]]}
+    names = rec.get("entries") if isinstance(rec, dict) else None
+    if not isinstance(names, list) or not all(isinstance(n, str) and n not in ("", ".", "..") and "/" not in n
+                                              and os.sep not in n for n in names):
+        raise DataError(f"{path}: not a list of mnemo's outputs (edited by hand?); mnemo will not delete "
+                        f"anything on its word: empty the directory yourself or choose another --out")
+    return set(names)
 
 
-def _clear(local: str) -> None:
-    """Remove what a previous mnemo conversion wrote (and nothing else)."""
-    for name in os.listdir(local):
-        p = os.path.join(local, name)
-        if _is_ours(name):
-            shutil.rmtree(p) if os.path.isdir(p) and not os.path.islink(p) else os.remove(p)
+def _write_outputs(loc: OutLocation, names: Iterable[str]) -> None:
+    """List ``names`` as mnemo's own before any of them is created (the state dir must exist)."""
+    _write_json(os.path.join(loc.local, OUTPUTS_FILE), {"written_by": "mnemo prepare", "entries": sorted(names)},
+                tmp_dir=loc.state)
 
 
-def _claim_out(loc: OutLocation, fingerprint: str, overwrite: bool) -> dict | None:
-    """Make ``loc`` ours for this dataset. Returns the manifest when it is already complete."""
+def _remove(local: str, name: str) -> None:
+    p = os.path.join(local, name)
+    if os.path.isdir(p) and not os.path.islink(p):
+        shutil.rmtree(p)
+    elif os.path.lexists(p):
+        os.remove(p)
+
+
+def _claim_out(loc: OutLocation, fingerprint: str, overwrite: bool, names: Sequence[str]) -> dict | None:
+    """Make ``loc`` ours for this dataset (entries ``names``). Returns the manifest when it is already complete.
+
+    DATA_DIR must be new, empty, or hold nothing but what .mnemo-outputs.json
+    lists (a state dir alone is the leftover of a run killed before it wrote
+    that list). Starting afresh removes exactly the listed entries.
+    """
     done = (_fetch_remote_json(loc, "manifest.json") if loc.remote is not None
             else _read_json(os.path.join(loc.local, "manifest.json")))
+    if not (isinstance(done, dict) and done.get("format") == "mnemo-mds"):
+        done = None  # no dataset there (a manifest.json of something else is the user's file)
     if done is not None:
         if done.get("fingerprint") == fingerprint and not overwrite:
             return done
@@ -194,21 +241,49 @@ def _claim_out(loc: OutLocation, fingerprint: str, overwrite: bool) -> dict | No
                             f"pass --overwrite to replace it")
     try:
         os.makedirs(loc.local, exist_ok=True)
+        entries = os.listdir(loc.local)
     except OSError as e:
-        raise DataError(f"--out {loc.url}: cannot create {loc.local} ({e.strerror or e})") from None
-    plan = _read_json(os.path.join(loc.state, "plan.json"))
-    foreign = [n for n in os.listdir(loc.local) if not _is_ours(n) and not n.startswith(".remote-")]
+        raise DataError(f"--out {loc.url}: cannot create or list {loc.local} ({e.strerror or e})") from None
+    owned = _read_outputs(loc.local)
+    foreign = sorted(set(entries) - (owned or set()) - {OUTPUTS_FILE, STATE_DIR})
     if foreign:
-        raise DataError(f"--out {loc.url} is not empty and holds no mnemo dataset ({foreign[0]}, ...); "
-                        f"choose a new or empty directory")
+        more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
+        what = ("is not empty and holds no mnemo dataset" if owned is None
+                else "holds files this dataset's list of outputs does not name")
+        raise DataError(f"--out {loc.url} {what} ({foreign[0]}{more}); mnemo never deletes files it did not "
+                        f"write: choose a new or empty directory")
+    plan = _read_json(os.path.join(loc.state, "plan.json")) if owned is not None else None
     if plan is not None and plan.get("fingerprint") != fingerprint and not overwrite:
         raise DataError(f"--out {loc.url} holds an unfinished conversion of other inputs or settings; "
                         f"rerun that command to finish it, or pass --overwrite")
     if overwrite or plan is None or plan.get("fingerprint") != fingerprint:
-        _clear(loc.local)
+        for name in sorted(owned or ()):  # what an earlier conversion listed, and nothing else
+            _remove(loc.local, name)
         os.makedirs(loc.state, exist_ok=True)
+        _write_outputs(loc, names)
+        # Listed now, so ours: start it empty (a run killed before listing may have left temp files).
+        shutil.rmtree(loc.state)
+        os.makedirs(loc.state)
         _write_json(os.path.join(loc.state, "plan.json"), {"fingerprint": fingerprint})
+    elif not set(names) <= owned:
+        _write_outputs(loc, owned | set(names))
     return None
+
+
+def _check_out_apart(loc: OutLocation, corpus: Corpus) -> None:
+    """--out must not be, or contain, an input: prepare writes there and --overwrite deletes there."""
+    if loc.remote is None:
+        target = loc.local
+    elif urllib.parse.urlparse(loc.url).scheme == "file":
+        target = loc.remote
+    else:
+        return
+    out = os.path.realpath(target)
+    for f in corpus.files:
+        real = os.path.realpath(f.path)
+        if real == out or real.startswith(out.rstrip(os.sep) + os.sep):
+            raise DataError(f"--out {loc.url} contains the input {f.path}; the output must go to a directory "
+                            f"that holds no input: choose another --out")
 
 
 # ----------------------------------------------------------------------------- progress
@@ -278,6 +353,7 @@ class UnitContext:
     strict: bool
     local: str
     remote: str | None
+    max_doc_bytes: int = DEFAULT_MAX_DOC_BYTES
 
     @property
     def state(self) -> str:
@@ -316,7 +392,7 @@ def _corpus_samples(ctx: UnitContext, unit: WorkUnit, stats: ReadStats, counters
     tok = _get_tokenizer(ctx.tokenizer_path)
     dtype = np.dtype(ctx.token_dtype)
     eos = tok.eos_id
-    for batch in _batches(iter_unit(unit, ctx.text_field, ctx.id_field, ctx.strict, stats)):
+    for batch in _batches(iter_unit(unit, ctx.text_field, ctx.id_field, ctx.strict, stats, ctx.max_doc_bytes)):
         ids = tok.encode_batch([d.text for d in batch])
         ntok = 0
         for d, arr in zip(batch, ids):
@@ -529,7 +605,8 @@ def prepare(inputs: Sequence[str], out: str, tokenizer: str | None = None, worke
             text_field: str = "text", id_field: str | None = None, strict: bool = False, overwrite: bool = False,
             vocab_size: int = 8192, model_type: str = "bpe", sample_docs: int = 10_000, passkey_docs: int = 0,
             passkey_max_distance: int = 8, passkey_segment_len: int = 128, seed: int = 0,
-            unit_bytes: int | None = None, staging: str | None = None, progress: bool | None = None) -> dict:
+            unit_bytes: int | None = None, staging: str | None = None, progress: bool | None = None,
+            max_doc_bytes: int = DEFAULT_MAX_DOC_BYTES) -> dict:
     """Convert ``inputs`` into a mnemo MDS dataset at ``out``; returns the manifest.
 
     ``tokenizer``: an existing SentencePiece model; without it one is trained
@@ -538,18 +615,21 @@ def prepare(inputs: Sequence[str], out: str, tokenizer: str | None = None, worke
     ``unit_bytes``: input bytes per work unit (default: about 1/64 of the
     corpus, 1 MiB..256 MiB). ``staging``: local dir for a remote ``out``.
     ``progress``: show the bar (default: when stderr is a terminal).
+    ``max_doc_bytes``: bigger documents are skipped and counted (``too_large``).
     """
     workers = _default_workers() if workers is None else int(workers)
     if workers < 1:
         raise DataError(f"--workers must be >= 1, got {workers}")
     if passkey_docs < 0 or passkey_max_distance < 0 or passkey_segment_len < 1:
         raise DataError("--passkey-docs and --passkey-max-distance must be >= 0 and --segment-len >= 1")
+    max_doc_bytes = check_max_doc_bytes(max_doc_bytes)
     # Everything a user can get wrong is checked here, before any work.
     corpus = plan_inputs(inputs, text_field, id_field)
     given = Tokenizer(tokenizer) if tokenizer else None
     # Read now: --overwrite may clear OUT, and the model given may be OUT/tokenizer.model itself.
     given_bytes = Path(given.path).read_bytes() if given else b""
     loc = resolve_out(out, staging)
+    _check_out_apart(loc, corpus)
     units = split_units(corpus.files, unit_bytes)
     spec = {
         "format_version": FORMAT_VERSION,
@@ -564,8 +644,10 @@ def prepare(inputs: Sequence[str], out: str, tokenizer: str | None = None, worke
         "passkey": ({"docs": passkey_docs, "max_distance": passkey_max_distance,
                      "segment_len": passkey_segment_len, "seed": seed} if passkey_docs else None),
     }
+    if max_doc_bytes != DEFAULT_MAX_DOC_BYTES:  # absent at the default: older datasets keep their fingerprint
+        spec["max_doc_bytes"] = max_doc_bytes
     fingerprint = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
-    complete = _claim_out(loc, fingerprint, overwrite)
+    complete = _claim_out(loc, fingerprint, overwrite, out_entries(units, passkey_docs > 0))
     if complete is not None:
         _note(f"{loc.url} is already complete for these inputs (manifest.json); nothing to do")
         return complete
@@ -573,9 +655,10 @@ def prepare(inputs: Sequence[str], out: str, tokenizer: str | None = None, worke
     if given is not None:
         tok = _copy_tokenizer(loc, given, given_bytes)
     else:
-        tok = _train_tokenizer(loc, corpus, text_field, id_field, strict, vocab_size, model_type, sample_docs, seed)
+        tok = _train_tokenizer(loc, corpus, text_field, id_field, strict, vocab_size, model_type, sample_docs, seed,
+                               max_doc_bytes)
     ctx = UnitContext(os.path.join(loc.local, "tokenizer.model"), tok.token_dtype.name, text_field, id_field,
-                      strict, loc.local, loc.remote)
+                      strict, loc.local, loc.remote, max_doc_bytes)
     results = _convert(ctx, units, workers, progress)
     stats = _read_stats(corpus, units, results)
     num_corpus = sum(results[u.name]["documents"] for u in units)
@@ -589,7 +672,7 @@ def prepare(inputs: Sequence[str], out: str, tokenizer: str | None = None, worke
 
     _merge(loc, names)
     manifest = _manifest(loc, tok, given, spec, fingerprint, names, results, stats, num_corpus)
-    _write_json(os.path.join(loc.local, "manifest.json"), manifest)
+    _write_json(os.path.join(loc.local, "manifest.json"), manifest, tmp_dir=loc.state)
     if loc.remote is not None:
         _upload(loc, ["tokenizer.model", "manifest.json"])
         shutil.rmtree(loc.local, ignore_errors=True)
@@ -628,8 +711,8 @@ def _convert(ctx: UnitContext, units: list[WorkUnit], workers: int, progress: bo
 
 
 def _read_stats(corpus: Corpus, units: list[WorkUnit], results: dict[str, dict]) -> ReadStats:
-    stats = ReadStats(counts={"unsupported_file": corpus.skipped_files} if corpus.skipped_files else {},
-                      examples=[f"{p}: unsupported_file" for p in corpus.skipped_examples[:5]])
+    stats = ReadStats()
+    stats.merge(corpus.file_stats)
     for u in units:
         stats.merge(results[u.name]["stats"])
     return stats
@@ -638,11 +721,15 @@ def _read_stats(corpus: Corpus, units: list[WorkUnit], results: dict[str, dict])
 def _passkey_part(ctx: UnitContext, tok: Tokenizer, units: list[WorkUnit], n: int, max_distance: int,
                   segment_len: int, seed: int) -> str:
     """The part of synthetic passkey documents, after the corpus parts (written once)."""
-    name = f"part-{len(units):05d}"
+    name = _passkey_name(units)
     if _read_json(ctx.marker(name)) is None:
         filler = _filler_tokens(ctx, units, max(1 << 16, 4 * segment_len * (max_distance + 1)))
         _write_unit(ctx, name, _passkey_samples(ctx, tok, filler, n, max_distance, segment_len, seed), dict)
     return name
+
+
+def _passkey_name(units: Sequence[WorkUnit]) -> str:
+    return f"part-{len(units):05d}"
 
 
 def _format_counts(counts: dict[str, int]) -> str:
@@ -653,12 +740,13 @@ def _copy_tokenizer(loc: OutLocation, given: Tokenizer, given_bytes: bytes) -> T
     """OUT/tokenizer.model: a copy of the model given with --tokenizer."""
     dest = os.path.join(loc.local, "tokenizer.model")
     if not (os.path.exists(dest) and file_sha256(dest) == given.sha256):
-        _atomic_write(dest, given_bytes)
+        _atomic_write(dest, given_bytes, tmp_dir=loc.state)
     return Tokenizer(dest)
 
 
 def _train_tokenizer(loc: OutLocation, corpus: Corpus, text_field: str, id_field: str | None, strict: bool,
-                     vocab_size: int, model_type: str, sample_docs: int, seed: int) -> Tokenizer:
+                     vocab_size: int, model_type: str, sample_docs: int, seed: int,
+                     max_doc_bytes: int = DEFAULT_MAX_DOC_BYTES) -> Tokenizer:
     """OUT/tokenizer.model trained on a sample of the corpus (kept across an interrupted run)."""
     from mnemo.data_pipeline.readers import iter_documents
 
@@ -666,12 +754,18 @@ def _train_tokenizer(loc: OutLocation, corpus: Corpus, text_field: str, id_field
     if os.path.exists(dest):  # written atomically by an interrupted run of this same command
         return Tokenizer(dest)
     _note(f"training a {model_type} tokenizer (vocab {vocab_size}) on up to {sample_docs} sampled documents")
-    texts = (d.text for d in iter_documents(corpus, text_field, id_field, strict))
+    stats = ReadStats()
+    texts = (d.text for d in iter_documents(corpus, text_field, id_field, strict, stats, max_doc_bytes))
     sample = reservoir_sample(texts, sample_docs, seed, 16_384)
     if not sample:
         names = ", ".join(str(f.path) for f in corpus.files[:3]) if getattr(corpus, "files", None) else "the inputs"
-        raise DataError(f"no documents: every document of {names} is empty or was skipped")
-    return train_from_texts(sample, dest, vocab_size, model_type)
+        raise DataError(f"no documents: every document of {names} is empty or was skipped "
+                        f"({_format_counts(stats.counts)})")
+    # Trained inside the state dir (its temp file too), then moved into place whole.
+    staged = os.path.join(loc.state, "tokenizer.model")
+    train_from_texts(sample, staged, vocab_size, model_type)
+    os.replace(staged, dest)
+    return Tokenizer(dest)
 
 
 def _manifest(loc: OutLocation, tok: Tokenizer, given: Tokenizer | None, spec: dict, fingerprint: str,
@@ -707,9 +801,10 @@ def _manifest(loc: OutLocation, tok: Tokenizer, given: Tokenizer | None, spec: d
         "num_passkey_documents": num_docs - num_corpus,
         "num_shards": sum(p["shards"] for p in parts),
         "parts": parts,
-        "skipped": {k: v for k, v in sorted(stats.counts.items()) if k in SKIP_REASONS or k == "unsupported_file"},
+        "max_doc_bytes": spec.get("max_doc_bytes", DEFAULT_MAX_DOC_BYTES),
+        "skipped": {k: v for k, v in sorted(stats.counts.items()) if k in SKIP_REASONS or k in FILE_REASONS},
         "repaired": {k: v for k, v in sorted(stats.counts.items()) if k not in SKIP_REASONS
-                     and k != "unsupported_file"},
+                     and k not in FILE_REASONS},
         "skipped_examples": stats.examples,
         "passkey": spec["passkey"],
     }

@@ -3,7 +3,8 @@
 Inputs and what one document is:
 
 - text and source files (``TEXT_EXTENSIONS``, plus the names in
-  ``TEXT_FILENAMES``): one document per file, read as UTF-8;
+  ``TEXT_FILENAMES``): one document per file, read as UTF-8, or as UTF-16 /
+  UTF-32 / UTF-8 when the file starts with that byte order mark;
 - ``.jsonl``/``.ndjson`` and their ``.gz``/``.zst`` forms: one document per
   line, the string in ``text_field``;
 - ``.parquet``: one document per row, the string (or binary) column
@@ -11,10 +12,13 @@ Inputs and what one document is:
 
 Directories are walked recursively in sorted order; hidden entries (".git",
 ".venv", ...) and ``__pycache__`` are skipped, and so are files whose extension is none of the
-above (counted as ``unsupported_file``: images, archives, ``.pyc``...). A file
-named explicitly is read as text when its extension is unknown unless it
-looks binary (a NUL byte in its first 8 KiB), which is an error. Globs expand
-like directories.
+above (counted as ``unsupported_file``: images, archives, ``.pyc``...). Files
+a walk cannot read (broken symbolic links, no read permission, FIFOs and
+other non-regular files, unreadable subdirectories) are skipped and counted
+as ``unreadable_file``; named explicitly, they are an error. A file named
+explicitly is read as text when its extension is unknown unless it looks
+binary (a NUL byte in its first 8 KiB and no byte order mark), which is an
+error. Globs expand like directories.
 
 Bad input is counted in ``ReadStats`` (reason -> count, plus the first few
 "file:line: reason" examples) rather than fatal: invalid UTF-8 is decoded with
@@ -22,7 +26,17 @@ U+FFFD replacement (the document is kept and counted as ``invalid_utf8``);
 empty and whitespace-only documents are skipped (``empty``); a JSONL line that
 is not a JSON object (``invalid_json``), lacks the text field
 (``missing_text_field``) or holds a non-string there (``non_string_text``) is
-skipped, and with ``strict=True`` raises ``DataError`` naming file:line.
+skipped, and with ``strict=True`` raises ``DataError`` naming file:line. A text
+file that looks binary is skipped (``binary_file``).
+
+Memory: no document may take more than ``max_doc_bytes`` input bytes (a text
+file's size, a JSONL line without its newline, a Parquet cell's UTF-8 size).
+Bigger ones are skipped whole and counted as ``too_large``; text files and
+JSONL lines are read in bounded chunks, so a reader never holds more than
+about ``max_doc_bytes`` plus one chunk of one document (a Parquet record batch
+is read whole: Parquet has no smaller unit). A compressed stream that is
+truncated or corrupt, or a plain file that shrinks while it is read, is a
+``DataError`` naming the file: never a silent partial read.
 
 Work units: big files are split so that one huge file still spreads over
 workers: plain JSONL by byte ranges (a line belongs to the range holding its
@@ -34,11 +48,12 @@ number of workers), so the output is the same whatever ``--workers`` is.
 
 from __future__ import annotations
 
+import codecs
 import glob
-import gzip
 import io
 import json
 import os
+import stat
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import IO, NamedTuple
@@ -67,6 +82,14 @@ JSONL_SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".jsonl.gz": "jsonl.gz"
                   ".jsonl.zst": "jsonl.zst", ".jsonl.zstd": "jsonl.zst", ".ndjson.zst": "jsonl.zst"}
 PARQUET_SUFFIXES = (".parquet", ".pq")
 MAX_EXAMPLES = 20
+# Default of --max-doc-bytes: the most input bytes one document may take.
+DEFAULT_MAX_DOC_BYTES = 64 << 20
+# Bytes read per call from text files and JSONL streams.
+_CHUNK = 1 << 20
+# Byte order marks, longest first (the UTF-32 LE mark starts with the UTF-16 LE one): mark, codec, label.
+_BOMS = ((codecs.BOM_UTF32_LE, "utf-32-le", "utf32"), (codecs.BOM_UTF32_BE, "utf-32-be", "utf32"),
+         (codecs.BOM_UTF8, "utf-8", "utf8"), (codecs.BOM_UTF16_LE, "utf-16-le", "utf16"),
+         (codecs.BOM_UTF16_BE, "utf-16-be", "utf16"))
 # Guess of the decompressed size of compressed JSONL, for packing units only.
 _COMPRESSION_GUESS = 4
 
@@ -142,8 +165,12 @@ class WorkUnit:
 @dataclass
 class Corpus:
     files: list[InputFile]
-    skipped_files: int = 0
-    skipped_examples: list[str] = field(default_factory=list)
+    # Files the walk passed over: unsupported_file, unreadable_file (counts and first places).
+    file_stats: ReadStats = field(default_factory=ReadStats)
+
+    @property
+    def skipped_files(self) -> int:
+        return sum(self.file_stats.counts.values())
 
     @property
     def total_bytes(self) -> int:
@@ -167,52 +194,90 @@ def file_kind(path: str, explicit: bool) -> str | None:
         return "text"
     if not explicit:
         return None
-    with open(path, "rb") as f:
-        head = f.read(8192)
-    if b"\0" in head:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8192)
+    except OSError as e:
+        raise DataError(f"input {path}: cannot be read ({e.strerror or e})") from None
+    if _bom(head) is None and b"\0" in head:
         raise DataError(f"input {path}: looks binary and its extension is not a supported format "
                         f"(text/source files, .jsonl[.gz|.zst], .parquet)")
     return "text"
 
 
-def _walk(root: str) -> Iterator[str]:
-    """Files under ``root`` in sorted path order, hidden entries skipped."""
-    for dirpath, dirnames, filenames in os.walk(root):
+def _bom(head: bytes) -> tuple[int, str, str] | None:
+    """(length, codec, label) of the byte order mark ``head`` starts with, or None."""
+    for mark, codec, label in _BOMS:
+        if head.startswith(mark):
+            return len(mark), codec, label
+    return None
+
+
+def _walk(root: str, stats: ReadStats) -> Iterator[str]:
+    """Files under ``root`` in sorted path order, hidden entries skipped; unreadable dirs counted."""
+    def unreadable(e: OSError) -> None:
+        stats.note("unreadable_file", f"{e.filename} ({e.strerror or e})")
+
+    for dirpath, dirnames, filenames in os.walk(root, onerror=unreadable):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d != "__pycache__")
         for name in sorted(filenames):
             if not name.startswith("."):
                 yield os.path.join(dirpath, name)
 
 
-def expand_inputs(inputs: Sequence[str]) -> tuple[list[tuple[str, str]], list[str]]:
-    """Paths, directories and globs -> ([(path, kind)] in input order, [skipped files]).
+def _unreadable_reason(path: str) -> str | None:
+    """Why ``path`` cannot be read as an input file, or None when it can."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        if os.path.islink(path) and isinstance(e, FileNotFoundError):
+            return "broken symbolic link"
+        return e.strerror or str(e)
+    if not stat.S_ISREG(st.st_mode):
+        return "not a regular file"
+    if not os.access(path, os.R_OK):
+        return "permission denied"
+    return None
 
-    Every input is checked before anything is read: a missing path is a DataError.
+
+def expand_inputs(inputs: Sequence[str]) -> tuple[list[tuple[str, str, os.stat_result]], ReadStats]:
+    """Paths, directories and globs -> ([(path, kind, stat)] in input order, files passed over).
+
+    Every input is checked before anything is read: a missing, broken or
+    unreadable path named explicitly is a DataError; inside a directory or
+    glob it is skipped and counted (``unreadable_file``), like files of
+    unsupported types (``unsupported_file``).
     """
     if not inputs:
         raise DataError("no --input given")
-    found: list[tuple[str, str]] = []
-    skipped: list[str] = []
+    found: list[tuple[str, str, os.stat_result]] = []
+    stats = ReadStats()
     seen: set[tuple[int, int]] = set()
 
     def add(path: str, explicit: bool) -> None:
+        why = _unreadable_reason(path)
+        if why is not None:
+            if explicit:
+                raise DataError(f"input {path}: {why}")
+            stats.note("unreadable_file", f"{path} ({why})")
+            return
         st = os.stat(path)
         real = (st.st_dev, st.st_ino)  # the same file named twice (or via a link) is read once
         if real in seen:
             return
         kind = file_kind(path, explicit)
         if kind is None:
-            skipped.append(path)
+            stats.note("unsupported_file", path)
             return
         seen.add(real)
-        found.append((path, kind))
+        found.append((path, kind, st))
 
     for inp in inputs:
         inp = os.path.expanduser(str(inp))
         if os.path.isdir(inp):
-            for p in _walk(inp):
+            for p in _walk(inp, stats):
                 add(p, explicit=False)
-        elif os.path.isfile(inp):
+        elif os.path.lexists(inp):
             add(inp, explicit=True)
         elif any(c in inp for c in "*?["):
             matches = sorted(glob.glob(inp, recursive=True))
@@ -220,16 +285,16 @@ def expand_inputs(inputs: Sequence[str]) -> tuple[list[tuple[str, str]], list[st
                 raise DataError(f"input {inp}: no file matches this pattern")
             for m in matches:
                 if os.path.isdir(m):
-                    for p in _walk(m):
+                    for p in _walk(m, stats):
                         add(p, explicit=False)
-                elif os.path.isfile(m):
+                else:
                     add(m, explicit=False)
         else:
             raise DataError(f"input {inp}: no such file or directory")
     if not found:
-        raise DataError(f"no supported input files in {', '.join(map(str, inputs))} "
-                        f"({len(skipped)} files of unsupported types skipped)")
-    return found, skipped
+        counts = ", ".join(f"{n} {k.replace('_', ' ')}s" for k, n in sorted(stats.counts.items())) or "no files"
+        raise DataError(f"no supported input files in {', '.join(map(str, inputs))} ({counts} skipped)")
+    return found, stats
 
 
 def _parquet_meta(path: str, text_field: str, id_field: str | None) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -250,16 +315,15 @@ def _parquet_meta(path: str, text_field: str, id_field: str | None) -> tuple[tup
 
 def plan_inputs(inputs: Sequence[str], text_field: str = "text", id_field: str | None = None) -> Corpus:
     """Expand and stat every input; check Parquet schemas. Reads no documents."""
-    found, skipped = expand_inputs(inputs)
+    found, file_stats = expand_inputs(inputs)
     files = []
-    for path, kind in found:
-        st = os.stat(path)
+    for path, kind, st in found:
         gb: tuple[int, ...] = ()
         gr: tuple[int, ...] = ()
         if kind == "parquet":
             gb, gr = _parquet_meta(path, text_field, id_field)
         files.append(InputFile(path, kind, st.st_size, st.st_mtime_ns, gb, gr))
-    return Corpus(files, len(skipped), skipped[:MAX_EXAMPLES])
+    return Corpus(files, file_stats)
 
 
 # ----------------------------------------------------------------------------- work units
@@ -312,27 +376,76 @@ def split_units(files: Sequence[InputFile], unit_bytes: int | None = None) -> li
 
 # ----------------------------------------------------------------------------- reading documents
 
+_CODECS = {"jsonl.gz": "gzip", "jsonl.zst": "zstd"}
 
-def _decode(raw: bytes, where: str, stats: ReadStats) -> str:
+
+def _decode(raw: bytes, where: str, stats: ReadStats, codec: str = "utf-8", label: str = "utf8") -> str:
     try:
-        return raw.decode("utf-8")
+        return raw.decode(codec)
     except UnicodeDecodeError:
-        stats.note("invalid_utf8", where)
-        return raw.decode("utf-8", errors="replace")
+        stats.note(f"invalid_{label}", where)
+        return raw.decode(codec, errors="replace")
 
 
 def _is_blank(text: str) -> bool:
     return not text or text.isspace()
 
 
-def _read_text(f: InputFile, stats: ReadStats) -> Iterator[Doc]:
+def _utf8_name(path: str) -> str:
+    """``path`` as a string that encodes to UTF-8 (undecodable bytes of a file name become U+FFFD).
+
+    The MDS ``str`` columns are UTF-8: a name with such bytes (a surrogate
+    escape from the file system) would fail there.
+    """
+    try:
+        path.encode("utf-8")
+        return path
+    except UnicodeEncodeError:
+        return path.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+def _changed(f: InputFile, now: int) -> DataError:
+    return DataError(f"input {f.path}: {now:,} bytes now, {f.size:,} when the inputs were planned "
+                     f"(changed while being read); rerun when it no longer changes")
+
+
+def _read_text(f: InputFile, stats: ReadStats, max_doc_bytes: int) -> Iterator[Doc]:
+    chunks: list[bytes] = []
+    n = 0
     with open(f.path, "rb") as fh:
-        raw = fh.read()
-    text = _decode(raw, f.path, stats)
+        size = os.fstat(fh.fileno()).st_size
+        if size != f.size:
+            raise _changed(f, size)
+        if size > max_doc_bytes:
+            stats.note("too_large", f.path)
+            return
+        # Bounded reads: a file that grows past the bound while open is not read whole either.
+        while True:
+            block = fh.read(min(_CHUNK, max_doc_bytes + 1 - n))
+            if not block:
+                break
+            chunks.append(block)
+            n += len(block)
+            if n > max_doc_bytes:
+                raise _changed(f, n)
+    if n != f.size:
+        raise _changed(f, n)
+    raw = b"".join(chunks)
+    del chunks
+    bom = _bom(raw[:4])
+    if bom is None:
+        if b"\0" in raw[:8192]:
+            stats.note("binary_file", f.path)
+            return
+        text = _decode(raw, f.path, stats)
+    else:
+        k, codec, label = bom
+        text = _decode(raw[k:], f.path, stats, codec, label)
     if _is_blank(text):
         stats.note("empty", f.path)
         return
-    yield Doc(text, f.path, f.path, len(raw))
+    name = _utf8_name(f.path)
+    yield Doc(text, name, name, n)
 
 
 class _LineNumbers:
@@ -348,7 +461,7 @@ class _LineNumbers:
             n, left = 0, self.first_pos
             with open(self.path, "rb") as fh:
                 while left > 0:
-                    block = fh.read(min(left, 1 << 20))
+                    block = fh.read(min(left, _CHUNK))
                     if not block:
                         break
                     n += block.count(b"\n")
@@ -357,95 +470,161 @@ class _LineNumbers:
         return self._base + k
 
 
-def _open_lines(f: InputFile, start: int | None, stop: int | None) -> tuple[Iterator[bytes], _LineNumbers | None]:
-    """Lines of the piece, and how to number them (None: count from 1)."""
-    if f.kind == "jsonl.gz":
-        return _close_after(gzip.open(f.path, "rb")), None
-    if f.kind == "jsonl.zst":
-        import zstandard
+def _open_stream(f: InputFile) -> IO[bytes]:
+    """Buffered bytes of a JSONL file, decompressed for .gz/.zst.
 
-        raw = open(f.path, "rb")
-        reader = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True, closefd=True)
-        return _close_after(io.BufferedReader(reader, buffer_size=1 << 20)), None
-    fh = open(f.path, "rb", buffering=1 << 20)
-    start = start or 0
-    if start > 0:
-        # The line that straddles ``start`` belongs to the previous range.
-        fh.seek(start - 1)
-        if fh.read(1) != b"\n":
-            fh.readline()
-    pos = fh.tell()
-    return _range_lines(fh, pos, f.size if stop is None else stop), _LineNumbers(f.path, pos)
+    Compressed streams go through pyarrow, which raises OSError on a stream
+    that ends early or does not decode (Python's gzip raises EOFError or
+    zlib.error, and zstandard's stream reader ends silently at a truncation).
+    """
+    if f.kind == "jsonl":
+        fh: IO[bytes] = open(f.path, "rb", buffering=_CHUNK)
+        size = os.fstat(fh.fileno()).st_size
+    else:
+        import pyarrow as pa
 
-
-def _close_after(fh: IO[bytes]) -> Iterator[bytes]:
-    with fh:
-        yield from fh
+        raw = pa.OSFile(f.path)
+        size = raw.size()
+        fh = io.BufferedReader(pa.CompressedInputStream(raw, _CODECS[f.kind]), _CHUNK)
+    if size != f.size:
+        fh.close()
+        raise _changed(f, size)
+    return fh
 
 
-def _range_lines(fh: IO[bytes], pos: int, stop: int) -> Iterator[bytes]:
-    with fh:
-        while pos < stop:
-            line = fh.readline()
-            if not line:
-                return
-            pos += len(line)
-            yield line
+def _readline(f: InputFile, fh: IO[bytes], size: int) -> bytes:
+    try:
+        return fh.readline(size)
+    except OSError as e:
+        if f.kind == "jsonl":
+            raise
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise DataError(f"input {f.path}: truncated or corrupt {_CODECS[f.kind]} data ({msg}); "
+                        f"the file cannot be read to its end") from None
+
+
+def _skip_line(f: InputFile, fh: IO[bytes]) -> int:
+    """Bytes consumed skipping the rest of the current line, one chunk at a time."""
+    n = 0
+    while True:
+        block = _readline(f, fh, _CHUNK)
+        n += len(block)
+        if not block or block.endswith(b"\n"):
+            return n
+
+
+def _lines(f: InputFile, fh: IO[bytes], pos: int, stop: int | None, limit: int) -> Iterator[bytes | None]:
+    """Lines (newline kept) that start in [pos, stop), or to the end of the stream when ``stop`` is None.
+
+    A line of more than ``limit`` bytes (newline not counted) comes out as None,
+    skipped chunk by chunk, never held whole.
+    """
+    while stop is None or pos < stop:
+        line = _readline(f, fh, limit + 1)
+        if not line:
+            if stop is not None:  # the file is shorter than planned
+                raise _changed(f, pos)
+            return
+        n = len(line)
+        if n > limit and not line.endswith(b"\n"):
+            n += _skip_line(f, fh)
+            pos += n
+            yield None
+            continue
+        pos += n
+        yield line
+
+
+def _parse(line: bytes) -> tuple[object, str | None, bool]:
+    """(record, what is wrong with the line or None, whether invalid UTF-8 was replaced)."""
+    try:
+        return json.loads(line), None, False
+    except UnicodeDecodeError:
+        pass
+    except RecursionError:
+        return None, "JSON nested deeper than the parser's recursion limit", False
+    except ValueError:
+        return None, "not valid JSON", False
+    try:
+        return json.loads(line.decode("utf-8", errors="replace")), None, True
+    except RecursionError:
+        return None, "JSON nested deeper than the parser's recursion limit", True
+    except ValueError:
+        return None, "not valid JSON", True
 
 
 def _read_jsonl(f: InputFile, start: int | None, stop: int | None, text_field: str, id_field: str | None,
-                strict: bool, stats: ReadStats) -> Iterator[Doc]:
-    lines, numbers = _open_lines(f, start, stop)
+                strict: bool, stats: ReadStats, max_doc_bytes: int) -> Iterator[Doc]:
+    fh = _open_stream(f)
+    with fh:
+        pos = 0
+        if f.kind == "jsonl":
+            if start:
+                # The line that straddles ``start`` belongs to the previous range.
+                fh.seek(start - 1)
+                if fh.read(1) != b"\n":
+                    _skip_line(f, fh)
+            pos = fh.tell()
+            stop = f.size if stop is None else stop
+        else:
+            stop = None
+        numbers = _LineNumbers(f.path, pos) if f.kind == "jsonl" else None
+        source = _utf8_name(f.path)
 
-    def where(k: int) -> str:
-        return f"{f.path}:{numbers.at(k) if numbers else k + 1}"
+        def where(k: int) -> str:
+            return f"{source}:{numbers.at(k) if numbers else k + 1}"
 
-    def bad(k: int, reason: str, detail: str) -> None:
-        if strict:
-            raise DataError(f"{where(k)}: {detail} (--strict)")
-        stats.note(reason, where(k))
+        def bad(k: int, reason: str, detail: str) -> None:
+            if strict:
+                raise DataError(f"{where(k)}: {detail} (--strict)")
+            stats.note(reason, where(k))
 
-    for k, line in enumerate(lines):
-        if line.isspace():
-            continue
-        try:
-            rec = json.loads(line)
-        except UnicodeDecodeError:
-            stats.note("invalid_utf8", where(k))
-            try:
-                rec = json.loads(line.decode("utf-8", errors="replace"))
-            except ValueError:
-                bad(k, "invalid_json", "not valid JSON")
+        for k, line in enumerate(_lines(f, fh, pos, stop, max_doc_bytes)):
+            if line is None:
+                stats.note("too_large", where(k))
                 continue
-        except ValueError:
-            bad(k, "invalid_json", "not valid JSON")
-            continue
-        if not isinstance(rec, dict):
-            bad(k, "invalid_json", "not a JSON object")
-            continue
-        if text_field not in rec:
-            bad(k, "missing_text_field", f"no field {text_field!r} (--text-field)")
-            continue
-        text = rec[text_field]
-        if not isinstance(text, str):
-            bad(k, "non_string_text", f"field {text_field!r} is {type(text).__name__}, not a string")
-            continue
-        if not text.isascii():
-            text = _fix_surrogates(text, where(k), stats)
-        if _is_blank(text):
-            stats.note("empty", where(k))
-            continue
-        doc_id = _doc_id(rec.get(id_field) if id_field else None, id_field, where(k), stats)
-        yield Doc(text, doc_id, f.path, len(line))
+            if k == 0 and pos == 0:
+                bom = _bom(line[:4])
+                if bom is not None and bom[2] != "utf8":
+                    raise DataError(f"input {f.path}: {bom[2].upper().replace('UTF', 'UTF-')} text (byte order "
+                                    f"mark); JSONL must be UTF-8 (convert it, e.g. with iconv -t UTF-8)")
+                if bom is not None:
+                    line = line[bom[0]:]
+            if not line or line.isspace():
+                continue
+            rec, wrong, replaced = _parse(line)
+            if wrong is not None:
+                bad(k, "invalid_json", wrong)
+                continue
+            if not isinstance(rec, dict):
+                bad(k, "invalid_json", "not a JSON object")
+                continue
+            if text_field not in rec:
+                bad(k, "missing_text_field", f"no field {text_field!r} (--text-field)")
+                continue
+            text = rec[text_field]
+            if not isinstance(text, str):
+                bad(k, "non_string_text", f"field {text_field!r} is {type(text).__name__}, not a string")
+                continue
+            if replaced:
+                stats.note("invalid_utf8", where(k))
+            if not text.isascii():
+                text = _fix_surrogates(text, where(k), stats)
+            if _is_blank(text):
+                stats.note("empty", where(k))
+                continue
+            doc_id = _doc_id(rec.get(id_field) if id_field else None, id_field, where(k), stats)
+            yield Doc(text, doc_id, source, len(line))
 
 
-def _fix_surrogates(text: str, where: str, stats: ReadStats) -> str:
+def _fix_surrogates(text: str, where: str, stats: ReadStats | None) -> str:
     """JSON "\\ud800" escapes give lone surrogates, which are not UTF-8: replace them."""
     try:
         text.encode("utf-8")
         return text
     except UnicodeEncodeError:
-        stats.note("invalid_utf8", where)
+        if stats is not None:
+            stats.note("invalid_utf8", where)
         return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
 
 
@@ -454,68 +633,111 @@ def _doc_id(value: object, id_field: str | None, where: str, stats: ReadStats) -
         if id_field:
             stats.note("missing_id", where)
         return where
-    return value if isinstance(value, str) else json.dumps(value)
+    if isinstance(value, str):
+        return _fix_surrogates(value, where, None)
+    try:
+        return _fix_surrogates(json.dumps(value), where, None)
+    except (ValueError, TypeError, RecursionError):  # nested too deeply to print
+        stats.note("invalid_id", where)
+        return where
+
+
+def _utf8_len(text: str) -> int:
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+
+
+def _parquet_batches(f: InputFile, groups: list[int], cols: list[str], id_field: str | None
+                     ) -> Iterator[tuple[list, list]]:
+    """(texts, ids) of one record batch at a time; bad Parquet data is a DataError naming the file."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(f.path)
+        if pf.metadata.num_rows != sum(f.group_rows):
+            raise DataError(f"input {f.path}: {pf.metadata.num_rows:,} rows now, {sum(f.group_rows):,} when the "
+                            f"inputs were planned (changed while being read)")
+        for batch in pf.iter_batches(batch_size=1024, row_groups=groups, columns=cols):
+            texts = batch.column(cols[0]).to_pylist()
+            yield texts, batch.column(id_field).to_pylist() if id_field else [None] * len(texts)
+    except FileNotFoundError:
+        raise
+    except (pa.ArrowException, OSError, ValueError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise DataError(f"input {f.path}: corrupt Parquet data in row groups {groups[0]}-{groups[-1]} "
+                        f"({msg})") from None
 
 
 def _read_parquet(f: InputFile, start: int | None, stop: int | None, text_field: str, id_field: str | None,
-                  stats: ReadStats) -> Iterator[Doc]:
-    import pyarrow.parquet as pq
-
+                  stats: ReadStats, max_doc_bytes: int) -> Iterator[Doc]:
     lo = start or 0
     hi = len(f.group_rows) if stop is None else stop
     if hi <= lo:
         return
     row = sum(f.group_rows[:lo])
     cols = [text_field] + ([id_field] if id_field and id_field != text_field else [])
-    pf = pq.ParquetFile(f.path)
+    source = _utf8_name(f.path)
     # One record batch in memory at a time, never the whole file.
-    for batch in pf.iter_batches(batch_size=1024, row_groups=list(range(lo, hi)), columns=cols):
-        texts = batch.column(text_field).to_pylist()
-        ids = batch.column(id_field).to_pylist() if id_field else [None] * len(texts)
+    for texts, ids in _parquet_batches(f, list(range(lo, hi)), cols, id_field):
         for text, ident in zip(texts, ids):
-            where = f"{f.path}:row {row}"
+            where = f"{source}:row {row}"
             row += 1
             if text is None:
                 stats.note("missing_text_field", where)
                 continue
             if isinstance(text, bytes):
+                if len(text) > max_doc_bytes:
+                    stats.note("too_large", where)
+                    continue
                 text = _decode(text, where, stats)
             elif not isinstance(text, str):
                 stats.note("non_string_text", where)
                 continue
+            elif _utf8_len(text) > max_doc_bytes:
+                stats.note("too_large", where)
+                continue
             if _is_blank(text):
                 stats.note("empty", where)
                 continue
-            yield Doc(text, _doc_id(ident, id_field, where, stats), f.path, len(text))
+            yield Doc(text, _doc_id(ident, id_field, where, stats), source, len(text))
+
+
+def check_max_doc_bytes(max_doc_bytes: int) -> int:
+    if int(max_doc_bytes) < 1:
+        raise DataError(f"--max-doc-bytes must be at least 1, got {max_doc_bytes}")
+    return int(max_doc_bytes)
 
 
 def iter_piece(piece: Piece, text_field: str = "text", id_field: str | None = None, strict: bool = False,
-               stats: ReadStats | None = None) -> Iterator[Doc]:
-    """Documents of one piece of a file, in file order."""
+               stats: ReadStats | None = None, max_doc_bytes: int = DEFAULT_MAX_DOC_BYTES) -> Iterator[Doc]:
+    """Documents of one piece of a file, in file order (none bigger than ``max_doc_bytes``)."""
     stats = stats if stats is not None else ReadStats()
+    max_doc_bytes = check_max_doc_bytes(max_doc_bytes)
     f = piece.file
     try:
         if f.kind == "text":
-            yield from _read_text(f, stats)
+            yield from _read_text(f, stats, max_doc_bytes)
         elif f.kind == "parquet":
-            yield from _read_parquet(f, piece.start, piece.stop, text_field, id_field, stats)
+            yield from _read_parquet(f, piece.start, piece.stop, text_field, id_field, stats, max_doc_bytes)
         else:
-            yield from _read_jsonl(f, piece.start, piece.stop, text_field, id_field, strict, stats)
+            yield from _read_jsonl(f, piece.start, piece.stop, text_field, id_field, strict, stats, max_doc_bytes)
     except FileNotFoundError:
         raise DataError(f"input {f.path}: disappeared while reading") from None
     except (OSError, EOFError) as e:
-        raise DataError(f"input {f.path}: cannot be read ({e})") from None
+        msg = getattr(e, "strerror", None) or (str(e).splitlines()[0] if str(e) else type(e).__name__)
+        raise DataError(f"input {f.path}: cannot be read ({msg})") from None
 
 
 def iter_unit(unit: WorkUnit, text_field: str = "text", id_field: str | None = None, strict: bool = False,
-              stats: ReadStats | None = None) -> Iterator[Doc]:
+              stats: ReadStats | None = None, max_doc_bytes: int = DEFAULT_MAX_DOC_BYTES) -> Iterator[Doc]:
     for piece in unit.pieces:
-        yield from iter_piece(piece, text_field, id_field, strict, stats)
+        yield from iter_piece(piece, text_field, id_field, strict, stats, max_doc_bytes)
 
 
 def iter_documents(corpus: Corpus | Sequence[InputFile], text_field: str = "text", id_field: str | None = None,
-                   strict: bool = False, stats: ReadStats | None = None) -> Iterator[Doc]:
+                   strict: bool = False, stats: ReadStats | None = None,
+                   max_doc_bytes: int = DEFAULT_MAX_DOC_BYTES) -> Iterator[Doc]:
     """Every document of the corpus, in input order (one process)."""
     files = corpus.files if isinstance(corpus, Corpus) else corpus
     for f in files:
-        yield from iter_piece(Piece(f, None, None, _est_size(f)), text_field, id_field, strict, stats)
+        yield from iter_piece(Piece(f, None, None, _est_size(f)), text_field, id_field, strict, stats, max_doc_bytes)

@@ -234,20 +234,22 @@ def train_from_texts(texts: Iterable[str], out: str | os.PathLike, vocab_size: i
 def train_tokenizer(inputs: Sequence[str], out: str | os.PathLike, vocab_size: int, model_type: str = "bpe",
                     sample_docs: int = 10_000, special_tokens: Sequence[str] = (), text_field: str = "text",
                     id_field: str | None = None, seed: int = 0, max_doc_chars: int = 16_384, strict: bool = False,
-                    num_threads: int | None = None) -> Tokenizer:
+                    num_threads: int | None = None, max_doc_bytes: int | None = None) -> Tokenizer:
     """`mnemo tokenizer train`: sample documents from ``inputs`` and train SentencePiece.
 
     Memory is bounded by ``sample_docs * max_doc_chars`` characters whatever
-    the corpus size (one pass over the corpus picks the sample).
+    the corpus size (one pass over the corpus picks the sample); reading one
+    document takes at most about ``max_doc_bytes`` (bigger ones are skipped).
     """
-    from mnemo.data_pipeline.readers import ReadStats, iter_documents, plan_inputs
+    from mnemo.data_pipeline.readers import DEFAULT_MAX_DOC_BYTES, ReadStats, iter_documents, plan_inputs
 
     if sample_docs < 1:
         raise DataError(f"--sample-docs must be positive, got {sample_docs}")
     files = plan_inputs(inputs, text_field=text_field, id_field=id_field)
     stats = ReadStats()
     texts = (d.text for d in iter_documents(files, text_field=text_field, id_field=id_field,
-                                            strict=strict, stats=stats))
+                                            strict=strict, stats=stats,
+                                            max_doc_bytes=max_doc_bytes or DEFAULT_MAX_DOC_BYTES))
     sample = reservoir_sample(texts, sample_docs, seed, max_doc_chars)
     if not sample:
         raise DataError(f"no non-empty documents in {', '.join(map(str, inputs))}")

@@ -323,10 +323,17 @@ def test_refuses_an_out_dir_with_a_different_dataset_unless_overwrite(corpus, tm
     assert not list(out.glob("part-0001*"))  # the old dataset's extra parts are gone
 
 
-def test_refuses_an_unfinished_different_conversion_and_foreign_dirs(corpus, tmp_path):
+def test_refuses_an_unfinished_different_conversion_and_foreign_dirs(corpus, tmp_path, monkeypatch):
+    inputs, _, model = corpus
     out = tmp_path / "out"
-    (out / ".mnemo-prepare").mkdir(parents=True)
-    (out / ".mnemo-prepare" / "plan.json").write_text('{"fingerprint": "other"}')
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:  # a conversion of other inputs, stopped before any unit ran
+        m.setattr(prep, "_run_units", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            prepare(inputs[:2], str(out), tokenizer=model, unit_bytes=UNIT, workers=1)
     with pytest.raises(DataError, match="unfinished conversion of other inputs"):
         run(corpus, out)
     run(corpus, out, overwrite=True)

@@ -1,0 +1,394 @@
+"""`mnemo prepare` and the corpus readers against bad inputs and hostile files.
+
+Each bad input must end in a counted skip or a one-line error naming the file:
+never a traceback, a silent partial read, unbounded memory, or deleted user files.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import tracemalloc
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import zstandard
+
+import mnemo.data_pipeline.prepare as prep
+from mnemo.data_pipeline.errors import DataError
+from mnemo.data_pipeline.prepare import prepare
+from mnemo.data_pipeline.readers import ReadStats, iter_documents, plan_inputs
+from mnemo.data_pipeline.verify import iter_shard_samples
+from mnemo.train.cli import main
+from tests.unit.stdlib import stdlib_tokenizer
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> str:
+    return stdlib_tokenizer(tmp_path_factory.mktemp("tok"), 3, vocab_size=400).path
+
+
+def jsonl(n: int, start: int = 0) -> bytes:
+    return "".join(json.dumps({"text": f"document {i} " + "lorem ipsum " * 8}) + "\n"
+                   for i in range(start, start + n)).encode()
+
+
+def read(paths, **kw) -> tuple[list[str], ReadStats]:
+    stats = ReadStats()
+    return [d.text for d in iter_documents(plan_inputs([str(p) for p in paths]), stats=stats, **kw)], stats
+
+
+def cli(capsys, *args: str) -> tuple[int, str]:
+    """Exit code and stderr of `mnemo ARGS` run in process."""
+    capsys.readouterr()
+    rc = main([str(a) for a in args])
+    return rc, capsys.readouterr().err
+
+
+def one_error_line(err: str) -> str:
+    """The single `mnemo: error: ...` line of ``err`` (no traceback, nothing else)."""
+    lines = [ln for ln in err.splitlines() if ln.strip() and not ln.startswith("mnemo: training a")]
+    assert len(lines) == 1 and lines[0].startswith("mnemo: error: "), err
+    return lines[0]
+
+
+# ----------------------------------------------------------------------------- --out never holds user files
+
+
+def test_out_equal_to_the_input_dir_is_refused_and_the_input_kept(model, tmp_path, capsys):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "part-00000.jsonl").write_bytes(jsonl(50))  # a common corpus naming
+    before = (corpus / "part-00000.jsonl").read_bytes()
+    for extra in ([], ["--overwrite"]):
+        rc, err = cli(capsys, "prepare", "--input", corpus, "--out", corpus, "--tokenizer", model,
+                      "--workers", "1", *extra)
+        assert rc == 2 and "contains the input" in one_error_line(err) and "part-00000.jsonl" in err
+    # --out an ancestor of the input is the same thing.
+    with pytest.raises(DataError, match="contains the input"):
+        prepare([str(corpus)], str(tmp_path), tokenizer=model, workers=1, overwrite=True)
+    assert sorted(os.listdir(corpus)) == ["part-00000.jsonl"]
+    assert (corpus / "part-00000.jsonl").read_bytes() == before
+
+
+def test_out_holding_a_users_part_file_is_refused_and_the_file_kept(model, tmp_path, capsys):
+    (tmp_path / "in.jsonl").write_bytes(jsonl(20))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "part-00000.jsonl").write_text("the user's own corpus\n")
+    (out / "part-00001").mkdir()
+    (out / "part-00001" / "notes.txt").write_text("also theirs")
+    for extra in ([], ["--overwrite"]):
+        rc, err = cli(capsys, "prepare", "--input", tmp_path / "in.jsonl", "--out", out, "--tokenizer", model,
+                      "--workers", "1", *extra)
+        assert rc == 2 and "holds no mnemo dataset" in one_error_line(err)
+    assert (out / "part-00000.jsonl").read_text() == "the user's own corpus\n"
+    assert (out / "part-00001" / "notes.txt").read_text() == "also theirs"
+
+
+def test_overwrite_removes_only_the_listed_outputs(model, tmp_path):
+    (tmp_path / "a.jsonl").write_bytes(jsonl(40))
+    (tmp_path / "b.jsonl").write_bytes(jsonl(5, 100))
+    out = tmp_path / "out"
+    prepare([str(tmp_path / "a.jsonl")], str(out), tokenizer=model, workers=1, unit_bytes=1500)
+    listed = json.loads((out / prep.OUTPUTS_FILE).read_text())["entries"]
+    assert "part-00003" in listed and all((out / n).exists() for n in listed if n != prep.STATE_DIR)
+    # A file the user drops in, named like an output, makes --overwrite refuse rather than delete it.
+    (out / "part-00007-mine.txt").write_text("mine")
+    with pytest.raises(DataError, match=r"does not name \(part-00007-mine.txt\)"):
+        prepare([str(tmp_path / "b.jsonl")], str(out), tokenizer=model, workers=1, overwrite=True)
+    assert (out / "part-00007-mine.txt").read_text() == "mine"
+    (out / "part-00007-mine.txt").unlink()
+    m = prepare([str(tmp_path / "b.jsonl")], str(out), tokenizer=model, workers=1, overwrite=True)
+    assert m["num_documents"] == 5 and not (out / "part-00003").exists()
+    assert sorted(os.listdir(out)) == sorted([prep.OUTPUTS_FILE, "index.json", "manifest.json", "part-00000",
+                                              "tokenizer.model"])
+
+
+def test_a_dataset_without_a_list_of_outputs_is_known_by_its_manifest(model, tmp_path):
+    """Datasets written before mnemo kept .mnemo-outputs.json: the manifest names their parts."""
+    (tmp_path / "a.jsonl").write_bytes(jsonl(40))
+    out = tmp_path / "out"
+    prepare([str(tmp_path / "a.jsonl")], str(out), tokenizer=model, workers=1, unit_bytes=1500)
+    (out / prep.OUTPUTS_FILE).unlink()
+    (out / "part-00009").mkdir()  # not in the manifest: not mnemo's
+    with pytest.raises(DataError, match=r"holds files .* \(part-00009\)"):
+        prepare([str(tmp_path / "a.jsonl")], str(out), tokenizer=model, workers=1, overwrite=True)
+    (out / "part-00009").rmdir()
+    m = prepare([str(tmp_path / "a.jsonl")], str(out), tokenizer=model, workers=1, overwrite=True)
+    assert m["num_documents"] == 40 and (out / prep.OUTPUTS_FILE).exists()
+
+
+@pytest.mark.parametrize("crash_on", ["manifest.json", "tokenizer.model"])
+def test_crash_leftovers_do_not_block_a_rerun(model, tmp_path, monkeypatch, crash_on):
+    """A run killed while moving a finished file into place (its temp file written) reruns, with or without
+    --overwrite."""
+    (tmp_path / "a.jsonl").write_bytes(jsonl(30))
+    out = tmp_path / "out"
+    real_replace = os.replace
+
+    def dies(src, dst, *a, **k):
+        if os.path.basename(str(dst)) == crash_on:
+            raise KeyboardInterrupt  # stands for a kill between writing the temp file and renaming it
+        return real_replace(src, dst, *a, **k)
+
+    kw = dict(workers=1, vocab_size=300, sample_docs=100)
+    with monkeypatch.context() as m:
+        m.setattr(os, "replace", dies)
+        with pytest.raises(KeyboardInterrupt):
+            prepare([str(tmp_path / "a.jsonl")], str(out), **kw)
+    assert not (out / "manifest.json").exists()
+    assert prepare([str(tmp_path / "a.jsonl")], str(out), **kw)["num_documents"] == 30
+    with monkeypatch.context() as m:
+        m.setattr(os, "replace", dies)
+        with pytest.raises(KeyboardInterrupt):
+            prepare([str(tmp_path / "a.jsonl")], str(out), overwrite=True, **kw)
+    assert prepare([str(tmp_path / "a.jsonl")], str(out), overwrite=True, **kw)["num_documents"] == 30
+    assert not any(".tmp" in n for n in os.listdir(out))
+
+
+def test_a_run_killed_before_listing_its_outputs_reruns(model, tmp_path):
+    (tmp_path / "a.jsonl").write_bytes(jsonl(10))
+    out = tmp_path / "out"
+    (out / prep.STATE_DIR).mkdir(parents=True)
+    (out / prep.STATE_DIR / f"{prep.OUTPUTS_FILE}.tmp4242").write_text('{"entr')
+    m = prepare([str(tmp_path / "a.jsonl")], str(out), tokenizer=model, workers=1)
+    assert m["num_documents"] == 10 and not (out / prep.STATE_DIR).exists()
+
+
+# ----------------------------------------------------------------------------- compressed and Parquet damage
+
+
+def _damaged(tmp_path: Path, kind: str, damage: str) -> Path:
+    data = jsonl(2000)
+    if kind == "gz":
+        comp = bytearray(gzip.compress(data))
+    else:
+        comp = bytearray(zstandard.ZstdCompressor(write_checksum=True).compress(data))
+    if damage == "truncated":
+        comp = comp[: len(comp) // 3]
+    else:  # bytes flipped inside the compressed data (gzip: a bad deflate block; zstd: a bad block)
+        for j in range(24, 40):
+            comp[j] ^= 0xA5
+    p = tmp_path / f"docs.jsonl.{'gz' if kind == 'gz' else 'zst'}"
+    p.write_bytes(bytes(comp))
+    return p
+
+
+@pytest.mark.parametrize("kind", ["gz", "zst"])
+@pytest.mark.parametrize("damage", ["truncated", "corrupt"])
+def test_truncated_or_corrupt_compressed_jsonl_is_an_error_naming_the_file(tmp_path, kind, damage, capsys):
+    p = _damaged(tmp_path, kind, damage)
+    with pytest.raises(DataError, match=rf"input .*{p.name}: truncated or corrupt (gzip|zstd) data"):
+        read([p])
+    rc, err = cli(capsys, "prepare", "--input", p, "--out", tmp_path / "out", "--vocab-size", "300",
+                  "--workers", "1")
+    assert rc == 2 and p.name in one_error_line(err)
+    assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_multi_frame_and_empty_compressed_files_read_whole(tmp_path):
+    (tmp_path / "a.jsonl.zst").write_bytes(b"".join(zstandard.ZstdCompressor().compress(jsonl(3, i * 3))
+                                                    for i in range(3)))
+    (tmp_path / "b.jsonl.gz").write_bytes(gzip.compress(jsonl(2)) + gzip.compress(jsonl(2, 2)))
+    (tmp_path / "c.jsonl.gz").write_bytes(b"")
+    (tmp_path / "d.jsonl.zst").write_bytes(b"")
+    texts, stats = read([tmp_path])
+    assert [t.split()[1] for t in texts] == [str(i) for i in range(9)] + ["0", "1", "2", "3"]
+    assert stats.counts == {}
+
+
+def test_corrupt_parquet_pages_are_an_error_naming_the_file(tmp_path):
+    p = tmp_path / "rows.parquet"
+    pq.write_table(pa.table({"text": [f"row {i} " + "word " * 40 for i in range(2000)]}), p, row_group_size=500)
+    data = bytearray(p.read_bytes())
+    for j in range(2000, 2016):
+        data[j] ^= 0x5A
+    p.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=r"rows.parquet: corrupt Parquet data"):
+        read([p])
+
+
+# ----------------------------------------------------------------------------- bad lines
+
+
+def test_deeply_nested_json_line_is_counted_and_skipped(tmp_path, capsys):
+    p = tmp_path / "deep.jsonl"
+    p.write_bytes(jsonl(1) + b"[" * 100_000 + b"]" * 100_000 + b"\n" + jsonl(1, 1)
+                  + b'{"text": ' + b"[" * 100_000 + b"\n")
+    texts, stats = read([p])
+    assert len(texts) == 2 and stats.counts == {"invalid_json": 2}
+    assert stats.examples == [f"{p}:2: invalid_json", f"{p}:4: invalid_json"]
+    with pytest.raises(DataError, match=r"deep.jsonl:2: JSON nested deeper .* \(--strict\)"):
+        read([p], strict=True)
+    rc, err = cli(capsys, "prepare", "--input", p, "--out", tmp_path / "out", "--vocab-size", "300",
+                  "--workers", "1", "--strict")
+    assert rc == 2 and "deep.jsonl:2" in one_error_line(err)
+
+
+def test_odd_values_in_records_never_crash_the_writer(model, tmp_path):
+    """Lone surrogates in an id, a non-string text, an id of any JSON type, an undecodable file name."""
+    d = tmp_path / "in"
+    d.mkdir()
+    (d / "r.jsonl").write_text("\n".join([
+        json.dumps({"text": "one", "id": "\ud800x"}),
+        json.dumps({"text": {"nested": "no"}, "id": "b"}),
+        json.dumps({"text": "three", "id": [1, {"k": None}]}),
+        json.dumps({"text": "four", "id": 4.5}),
+    ]) + "\n")
+    with open(os.path.join(os.fsencode(d), b"caf\xe9.txt"), "wb") as f:  # not valid UTF-8
+        f.write(b"named in latin-1")
+    out = tmp_path / "out"
+    m = prepare([str(d)], str(out), tokenizer=model, workers=1, id_field="id")
+    assert m["num_documents"] == 4 and m["skipped"] == {"non_string_text": 1}
+    index = json.loads((out / "index.json").read_text())
+    samples = [s for _, _, s in iter_shard_samples(str(out), index)]
+    assert [s["doc_id"] for s in samples] == [f"{d}/caf\ufffd.txt", "\ufffdx", '[1, {"k": null}]', "4.5"]
+
+
+# ----------------------------------------------------------------------------- files a walk cannot read
+
+
+def test_broken_symlink_fifo_and_binary_text_are_skipped_and_counted(tmp_path, capsys):
+    d = tmp_path / "in"
+    d.mkdir()
+    (d / "a.txt").write_text("good text")
+    (d / "b.txt").symlink_to(tmp_path / "nowhere.txt")
+    os.mkfifo(d / "c.txt")  # opening it would block forever
+    (d / "d.txt").write_bytes(b"\x7fELF\x02\x01\x01\x00\x00\x00binary")
+    corpus = plan_inputs([str(d)])
+    assert [os.path.basename(f.path) for f in corpus.files] == ["a.txt", "d.txt"]
+    assert corpus.file_stats.counts == {"unreadable_file": 2}
+    assert corpus.file_stats.examples == [f"{d}/b.txt (broken symbolic link): unreadable_file",
+                                           f"{d}/c.txt (not a regular file): unreadable_file"]
+    texts, stats = read([d])
+    assert texts == ["good text"] and stats.counts == {"binary_file": 1}
+    rc, err = cli(capsys, "prepare", "--input", d / "b.txt", "--out", tmp_path / "o")
+    assert rc == 2 and one_error_line(err) == f"mnemo: error: input {d}/b.txt: broken symbolic link"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads every file")
+def test_unreadable_file_in_a_walk_is_counted_and_named_one_is_an_error(tmp_path):
+    d = tmp_path / "in"
+    d.mkdir()
+    (d / "a.txt").write_text("good")
+    (d / "secret.txt").write_text("no")
+    (d / "secret.txt").chmod(0)
+    assert read([d])[0] == ["good"] and plan_inputs([str(d)]).file_stats.counts == {"unreadable_file": 1}
+    with pytest.raises(DataError, match="secret.txt: permission denied"):
+        plan_inputs([str(d / "secret.txt")])
+
+
+@pytest.mark.parametrize("codec", ["utf-8-sig", "utf-16", "utf-16-le", "utf-16-be", "utf-32", "utf-32-be"])
+def test_text_files_with_a_byte_order_mark_are_decoded(tmp_path, codec):
+    text = "héllo wörld 日本 🎉\nline two\n"
+    p = tmp_path / "t.txt"
+    bom = {"utf-16-le": b"\xff\xfe", "utf-16-be": b"\xfe\xff", "utf-32-be": b"\x00\x00\xfe\xff"}.get(codec, b"")
+    p.write_bytes(bom + text.encode(codec))
+    texts, stats = read([p])
+    assert texts == [text] and stats.counts == {}
+    # Named explicitly with an unknown extension (NUL bytes in UTF-16/32) it is text, not "binary".
+    q = tmp_path / "t.notes"
+    q.write_bytes(p.read_bytes())
+    assert read([q])[0] == [text]
+
+
+def test_jsonl_byte_order_marks(tmp_path):
+    (tmp_path / "a.jsonl").write_bytes(b"\xef\xbb\xbf" + jsonl(2))
+    assert len(read([tmp_path / "a.jsonl"])[0]) == 2
+    (tmp_path / "b.jsonl").write_bytes(jsonl(2).decode().encode("utf-16"))
+    with pytest.raises(DataError, match=r"b.jsonl: UTF-16 text \(byte order mark\); JSONL must be UTF-8"):
+        read([tmp_path / "b.jsonl"])
+
+
+def test_input_that_changes_or_vanishes_after_planning_is_an_error(tmp_path):
+    (tmp_path / "a.jsonl").write_bytes(jsonl(50))
+    (tmp_path / "b.txt").write_text("text")
+    corpus = plan_inputs([str(tmp_path / "a.jsonl"), str(tmp_path / "b.txt")])
+    (tmp_path / "a.jsonl").write_bytes(jsonl(20))
+    with pytest.raises(DataError, match=r"a.jsonl: .* bytes now, .* when the inputs were planned"):
+        list(iter_documents(corpus))
+    (tmp_path / "a.jsonl").write_bytes(jsonl(50))
+    (tmp_path / "b.txt").unlink()
+    with pytest.raises(DataError, match=r"b.txt: disappeared while reading"):
+        list(iter_documents(corpus))
+
+
+# ----------------------------------------------------------------------------- --max-doc-bytes
+
+
+def test_documents_over_the_bound_are_skipped_and_counted(tmp_path):
+    d = tmp_path / "in"
+    d.mkdir()
+    (d / "big.txt").write_text("x" * 101)
+    (d / "fits.txt").write_text("y" * 100)
+    (d / "lines.jsonl").write_bytes(b'{"text": "' + b"z" * 200 + b'"}\n' + b'{"text": "ok"}\n'
+                                    + b'{"text": "' + b"w" * 86 + b'"}')  # the last line: exactly 100 bytes
+    pq.write_table(pa.table({"text": ["p" * 101, "small", "é" * 51]}), d / "rows.parquet")
+    (d / "c.jsonl.gz").write_bytes(gzip.compress(b'{"text": "' + b"q" * 5000 + b'"}\n{"text": "after"}\n'))
+    texts, stats = read([d], max_doc_bytes=100)
+    assert texts == ["after", "y" * 100, "ok", "w" * 86, "small"]
+    assert stats.counts == {"too_large": 5}
+    assert f"{d}/lines.jsonl:1: too_large" in stats.examples and f"{d}/rows.parquet:row 2: too_large" in stats.examples
+
+
+@pytest.mark.parametrize("suffix", ["jsonl", "jsonl.gz"])
+def test_a_long_line_is_skipped_without_being_held_whole(tmp_path, suffix):
+    line = b'{"text": "' + b"a" * (24 << 20) + b'"}\n'
+    data = jsonl(1) + line + jsonl(1, 1)
+    p = tmp_path / f"long.{suffix}"
+    p.write_bytes(gzip.compress(data, compresslevel=1) if suffix.endswith("gz") else data)
+    del line, data
+    tracemalloc.start()
+    try:
+        texts, stats = read([p], max_doc_bytes=1 << 20)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(texts) == 2 and stats.counts == {"too_large": 1}
+    assert peak < 8 << 20, f"peak {peak / 2**20:.1f} MiB for a 24 MiB line with a 1 MiB bound"
+
+
+def test_max_doc_bytes_flag(model, tmp_path, capsys):
+    (tmp_path / "a.jsonl").write_bytes(jsonl(3) + b'{"text": "' + b"v" * 3000 + b'"}\n')
+    out = tmp_path / "out"
+    rc, err = cli(capsys, "prepare", "--input", tmp_path / "a.jsonl", "--out", out, "--tokenizer", model,
+                  "--workers", "1", "--max-doc-bytes", "2K")
+    assert rc == 0
+    assert ("skipped: too_large=1 (too_large: documents over --max-doc-bytes 2,048 bytes, left out whole, "
+            "not split) (see manifest.json)") in err
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["num_documents"] == 3 and m["max_doc_bytes"] == 2048 and m["skipped"] == {"too_large": 1}
+    with pytest.raises(SystemExit):
+        main(["prepare", "--help"])
+    assert "--max-doc-bytes N" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["prepare", "--input", "x", "--out", "y", "--max-doc-bytes", "0"])
+    assert "not a positive byte count" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- data verify on damaged metadata
+
+
+def test_verify_and_inspect_report_malformed_metadata_in_one_line(model, tmp_path, capsys):
+    (tmp_path / "a.jsonl").write_bytes(jsonl(5))
+    out = tmp_path / "out"
+    prepare([str(tmp_path / "a.jsonl")], str(out), tokenizer=model, workers=1)
+    index, manifest = (out / "index.json").read_text(), (out / "manifest.json").read_text()
+    both = ("verify", "inspect")
+    for name, text, needle, commands in [
+            ("index.json", "[]", "index.json: not a JSON object", both),
+            ("index.json", '{"shards": [{}]}', "malformed (KeyError: 'raw_data')", both),
+            ("index.json", '{"shards": 5}', "malformed (TypeError", both),
+            ("manifest.json", "[1, 2]", "manifest.json: not a JSON object", both),
+            ("manifest.json", json.dumps({**json.loads(manifest), "token_dtype": "nope"}), "malformed (TypeError",
+             ("verify",))]:  # inspect only prints the dtype
+        (out / "index.json").write_text(index)
+        (out / "manifest.json").write_text(manifest)
+        (out / name).write_text(text)
+        for command in commands:
+            rc, err = cli(capsys, "data", command, out)
+            assert rc == 2 and needle in one_error_line(err), (name, text, command)
