@@ -1,11 +1,12 @@
 """Real training through `mnemo launch`: two nodes on one host, hostfile, restarts.
 
-- Two separate `mnemo launch --nnodes 2 --node-rank {0,1}` processes (one rank
-  each, ZeRO-3, 10 steps) give the same per-step losses as one node with two
-  ranks, started through the hostfile target (a stand-in ssh that runs the
-  remote command locally). Each "node" gets its own /dev/shm (a private mount
-  namespace): mosaicml-streaming keys its shared memory per host, so two
-  nodes on one host would otherwise collide.
+- The hostfile target with two "hosts" (a stand-in ssh that runs the remote
+  command locally), one rank each, ZeRO-3: each node runs `mnemo launch
+  --nnodes 2 --node-rank I --master-addr ...` (node 1 first: order must not
+  matter), and the job's per-step losses equal those of the shared one-node
+  two-rank reference run (conftest.reference_run) bit for bit. Each "node"
+  gets its own /dev/shm (a private mount namespace): mosaicml-streaming keys
+  its shared memory per host, so two nodes on one host would otherwise collide.
 - `--max-restarts 1` with one worker killed mid-run: the run completes and
   its step counter never goes back past the last checkpoint.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import signal
 import subprocess
 import time
@@ -21,17 +23,21 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.jobs import DEBUG_CONFIG, PY, job_env, user_project_dir, losses_by_step, steps, wait_for_step
+from tests.integration.jobs import (DEBUG_CONFIG, PY, REFERENCE_STEPS, data_of, job_env, losses_by_step,
+                                    reference_overrides, steps, user_project_dir, wait_for_step)
 from tests.integration.slurm_cluster import PRIVATE_SHM
 
 pytestmark = pytest.mark.integration
 
+# Stand-in for ssh: every host is this machine, each in its own /dev/shm; the
+# remote commands are recorded, and node 0 starts 3 s late (order must not matter).
 FAKE_SSH = """#!/bin/bash
-# Stand-in for ssh: every host is this machine.
 while [ "$1" = -o ]; do shift 2; done
 [ "$1" = -- ] && shift
-shift  # the host
-exec bash -c "$*"
+host="$1"; shift
+echo "$host: $*" >> "$(dirname "$0")/ssh.log"
+case "$*" in *"--node-rank 0 "*) sleep 3;; esac
+exec {private_shm} bash -c "$*"
 """
 
 
@@ -61,46 +67,41 @@ def _finish(procs: list[subprocess.Popen], logs: list[Path], timeout: float) -> 
                 p.wait()
 
 
-def test_two_nodes_on_one_host_match_one_node(tiny_data, tmp_path):
+def test_two_nodes_through_the_hostfile_match_one_node(reference_run, tmp_path):
     if subprocess.run(PRIVATE_SHM + ["true"], capture_output=True).returncode != 0:
         pytest.skip("cannot give each node its own /dev/shm here (unshare --mount needs root)")
-    common = [f"data.path={tiny_data}", "zero.stage=3", "train.max_steps=10", "checkpoint.interval=0",
-              "eval.max_docs=1", "eval.max_doc_tokens=128"]
+    ref = reference_run(3)  # one node, two ranks, ZeRO-3
     fakebin = tmp_path / "bin"
     fakebin.mkdir()
-    (fakebin / "ssh").write_text(FAKE_SSH)
+    (fakebin / "ssh").write_text(FAKE_SSH.format(private_shm=shlex.join(PRIVATE_SHM)))
     (fakebin / "ssh").chmod(0o755)
-    (tmp_path / "hosts").write_text("localhost slots=2\n")
-    env = job_env(NCCL_DEBUG="WARN")
-    one, two = tmp_path / "one", tmp_path / "two"
-    port = _free_port()
-    procs, logs = [], []
-    # One node, two ranks, through the hostfile target (ssh, remote command, env forwarding).
-    logs.append(tmp_path / "hostfile.out")
-    procs.append(_launch(["--hostfile", str(tmp_path / "hosts"), f"run.dir={one}", *common], logs[-1],
-                         dict(env, PATH=f"{fakebin}:{env['PATH']}")))
-    # Two nodes, one rank each, started by hand (node 1 first: order must not matter).
-    for rank in (1, 0):
-        logs.append(tmp_path / f"node{rank}.out")
-        procs.append(_launch(["--nnodes", "2", "--node-rank", str(rank), "--master-addr", "127.0.0.1",
-                              "--master-port", str(port), "--nproc-per-node", "1", f"run.dir={two}", *common],
-                             logs[-1], env, prefix=PRIVATE_SHM))
-    _finish(procs, logs, timeout=600)
+    (tmp_path / "hosts").write_text("localhost slots=1\n127.0.0.1 slots=1\n")
+    env = job_env(NCCL_DEBUG="WARN", PATH=f"{fakebin}:{os.environ['PATH']}")
+    two, log = tmp_path / "two", tmp_path / "hostfile.out"
+    p = _launch(["--hostfile", str(tmp_path / "hosts"), "--master-port", str(_free_port()),
+                 *reference_overrides(data_of(ref), two, 3, "checkpoint.interval=0", "eval.max_docs=1",
+                                      "eval.max_doc_tokens=128")], log, env)
+    _finish([p], [log], timeout=600)
 
-    ref, got = losses_by_step(one), losses_by_step(two)
-    assert sorted(ref) == sorted(got) == list(range(1, 11))
-    for s in ref:
-        assert got[s] == pytest.approx(ref[s], rel=1e-6, abs=1e-6), f"step {s}: {got[s]} != {ref[s]}"
-    assert ref[10] < ref[1]
+    # The same two-operand reductions in the same order as on one node: equal, not close.
+    want, got = losses_by_step(ref), losses_by_step(two)
+    assert sorted(got) == list(range(1, REFERENCE_STEPS + 1))
+    assert got == want, {s: (got[s], want[s]) for s in got if got[s] != want[s]}
 
-    # Per-node logs with rank-prefixed lines; the hostfile run forwarded NCCL_DEBUG and printed host-prefixed lines.
-    for rank in (0, 1):
-        log = (two / "logs" / f"node{rank}.log").read_text()
-        assert f"[launch node{rank}] start" in log
-        assert re.search(rf"\[rank[01]\]: mnemo worker: node {rank}/2, rank [01]/2, local_rank 0, restart 0", log)
-    hostfile_out = logs[0].read_text()
-    assert "localhost: [rank0]: mnemo worker: node 0/1, rank 0/2" in hostfile_out
-    assert (one / "logs" / "node0.log").is_file()
+    # Per-node logs with rank-prefixed lines; host-prefixed lines on the console; each node was
+    # started with the multi-node flags and the launcher's forwarded environment.
+    # (The rendezvous may give either node global rank 0.)
+    ranks = set()
+    for node, host in enumerate(("localhost", "127.0.0.1")):
+        node_log = (two / "logs" / f"node{node}.log").read_text()
+        assert f"[launch node{node}] start" in node_log
+        m = re.search(rf"\[rank([01])\]: mnemo worker: node {node}/2, rank \1/2, local_rank 0, restart 0", node_log)
+        assert m, node_log[-3000:]
+        ranks.add(m.group(1))
+        assert f"{host}: [rank{m.group(1)}]: mnemo worker: node {node}/2" in log.read_text()
+    assert ranks == {"0", "1"}
+    remote = [ln for ln in (fakebin / "ssh.log").read_text().splitlines() if "--node-rank" in ln]
+    assert len(remote) == 2 and all("NCCL_DEBUG=WARN" in ln and "--nnodes 2" in ln for ln in remote), remote
 
 
 def _worker_pid(launcher: subprocess.Popen, rank: int) -> int:
