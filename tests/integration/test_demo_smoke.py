@@ -1,7 +1,7 @@
 """The demo pipeline end to end, tiny: stdlib corpus -> shards with passkey documents -> a memory model and a
 no-memory baseline trained by real `mnemo launch` jobs -> evaluation -> runs/demo/summary.json (issues 2, 9).
 
-Sizes are cut to seconds (T=64, 4 steps, 3 passkey trials at D = 1, 2); the
+Sizes are cut to seconds (one rank, T=64, 4 steps, 3 passkey trials at D = 1, 2); the
 real demo is `make demo`. What is checked is the pipeline and the summary's
 shape, not what the model learned.
 """
@@ -40,8 +40,10 @@ def demo(tmp_path_factory):
     cwd = os.getcwd()
     os.chdir(user_project_dir())
     try:
+        # One rank per run: what is checked here is the pipeline; 2-rank launches are test_launch_real's.
         summary = run_demo(str(out), minutes=4, echo=lines.append, corpus_files=12, passkey_docs=40, vocab_size=512,
                            max_steps=4, passkey_trials=3, distances=(1, 2), eval_docs=2, eval_reserve_s=10,
+                           nproc_per_node=1,
                            overrides=["model.segment_len=64", "train.batch_size=2", "train.log_interval=2",
                                       "train.warmup_steps=2", "train.passkey.fraction=0.8"])
     finally:
