@@ -131,7 +131,10 @@ class MemoryState:
                     raise ValueError(f"memory state layers.{i}.{name}: shape {got} does not match {want}")
         if other.pos.shape != self.pos.shape:
             raise ValueError(f"memory state: batch size {other.pos.shape[0]} does not match {self.pos.shape[0]}")
-        return other.to(self.pos.device)
+        # Keys/values take this state's dtype: a bf16 run's state resumed in fp32 (or back) must
+        # match the model's activations (exact for bf16 -> fp32; rounded for fp32 -> bf16).
+        ref = next((t for layer in self.layers for t in (getattr(layer, f) for f in _FIELDS) if t is not None), None)
+        return other.to(self.pos.device, None if ref is None else ref.dtype)
 
     def equal(self, other: "MemoryState") -> bool:
         a, b = self.state_dict(), other.state_dict()

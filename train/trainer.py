@@ -355,6 +355,9 @@ def _train_locked(cfg: Config, info: DistInfo, run_dir: Path, manifest: dict[str
         old_meta = ckpt.read_meta(resume_path)
         changes = _check_resume_compatible(old_meta["config"], cfg, old_meta, tok_sha, manifest, resume_path)
         reshaped = old_meta["world_size"] != info.world_size or old_meta["zero_stage"] != cfg.zero.stage
+        # A bf16 run's optimizer shards are DeepSpeed's bf16_* files, an fp32 run's are not: a checkpoint
+        # resumed at the other precision is read through the universal (fp32, layout-free) form.
+        reshaped = reshaped or any((resume_path / "ds" / ckpt.DS_TAG).glob("bf16_*optim_states.pt")) != use_bf16
         universal = {"always": True, "never": False, "auto": reshaped}[cfg.checkpoint.load_universal]
         if universal:
             ds_cfg["checkpoint"] = {"load_universal": True}
