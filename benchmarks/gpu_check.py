@@ -54,6 +54,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--activation-checkpointing", action="store_true")
     ap.add_argument("--compile", action="store_true", help="torch.compile the model (GPU)")
     ap.add_argument("--cpu", action="store_true", help="smoke run on CPU (fp32, gloo); no MFU")
+    ap.add_argument("--json", default=None, metavar="FILE", help="also write the figures of every arm to FILE")
     a = ap.parse_args(argv)
     # A CPU smoke run checks the code path in seconds; a GPU run measures.
     for name, gpu, cpu in (("segment_len", 2048, 128), ("batch_size", 8, 2), ("ltm_capacity", 8192, 1024),
@@ -73,7 +74,7 @@ def model_args(a: argparse.Namespace, arm: str) -> ModelArgs:
     raise SystemExit(f"gpu_check: unknown arm {arm!r} (none, memory)")
 
 
-def run_arm(a: argparse.Namespace, arm: str, device: torch.device) -> None:
+def run_arm(a: argparse.Namespace, arm: str, device: torch.device) -> dict:
     import deepspeed
 
     use_bf16 = not a.cpu
@@ -134,10 +135,14 @@ def run_arm(a: argparse.Namespace, arm: str, device: torch.device) -> None:
           f"{'bf16' if use_bf16 else 'fp32'} ZeRO {a.zero} T={T} B={B}: {tps:,.0f} tokens/s, "
           f"{fpt / 1e9:.2f} GFLOP/token, MFU {mfu} vs {a.peak / 1e12:.0f} TFLOP/s{mem} "
           f"(loss {loss.item():.3f}, {a.steps} steps in {dt:.1f}s)", flush=True)
+    out = {"arm": arm, "size": a.size, "tokens_per_s": tps, "flops_per_token": fpt,
+           "mfu": None if a.cpu else tps * fpt / a.peak, "peak_flops": a.peak, "loss": loss.item(),
+           "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None}
     del engine, opt, model, state
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -159,8 +164,16 @@ def main(argv: list[str] | None = None) -> int:
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
         print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, deepspeed {deepspeed.__version__}")
-    for arm in a.arms.split(","):
-        run_arm(a, arm.strip(), device)
+    results = {arm.strip(): run_arm(a, arm.strip(), device) for arm in a.arms.split(",")}
+    if "none" in results and "memory" in results:
+        # What memory costs in throughput: tokens/s with STM + the kNN layer over tokens/s without.
+        ratio = results["memory"]["tokens_per_s"] / results["none"]["tokens_per_s"]
+        results["ratio_memory_to_none"] = ratio
+        print(f"gpu_check {a.size} tokens/s memory/none: {ratio:.3f}", flush=True)
+    if a.json:
+        import json
+
+        Path(a.json).write_text(json.dumps(results, indent=1) + "\n")
     return 0
 
 
