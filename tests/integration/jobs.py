@@ -122,6 +122,19 @@ def worker_pids(proc: subprocess.Popen) -> list[int]:
     return [c.pid for c in psutil.Process(proc.pid).children(recursive=True) if "mnemo.train.cli" in " ".join(c.cmdline())]
 
 
+def launch_worker_pid(launcher: subprocess.Popen, rank: int) -> int:
+    """PID of global rank `rank` of a local `mnemo launch` job started with start() (its torchrun agent has no RANK)."""
+    import psutil
+
+    for c in psutil.Process(launcher.pid).children(recursive=True):
+        try:
+            if "mnemo.launch.worker" in " ".join(c.cmdline()) and c.environ().get("RANK") == str(rank):
+                return c.pid
+        except psutil.Error:
+            continue
+    raise AssertionError(f"no worker of rank {rank} under the launcher")
+
+
 def losses_by_step(run_dir: Path) -> dict[int, float]:
     """Last logged loss of each step (a resumed run re-logs the steps it re-does)."""
     return {r["step"]: r["loss"] for r in steps(run_dir)}

@@ -1,4 +1,4 @@
-"""Real training through `mnemo launch`: two nodes on one host, hostfile, restarts.
+"""Real training through `mnemo launch`: two nodes on one host through the hostfile target.
 
 - The hostfile target with two "hosts" (a stand-in ssh that runs the remote
   command locally), one rank each, ZeRO-3: each node runs `mnemo launch
@@ -7,8 +7,7 @@
   two-rank reference run (conftest.reference_run) bit for bit. Each "node"
   gets its own /dev/shm (a private mount namespace): mosaicml-streaming keys
   its shared memory per host, so two nodes on one host would otherwise collide.
-- `--max-restarts 1` with one worker killed mid-run: the run completes and
-  its step counter never goes back past the last checkpoint.
+(`--max-restarts` with a worker killed mid-run: test_tracking_job.py.)
 """
 
 from __future__ import annotations
@@ -24,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from tests.integration.jobs import (DEBUG_CONFIG, PY, REFERENCE_STEPS, data_of, job_env, losses_by_step,
-                                    reference_overrides, steps, user_project_dir, wait_for_step)
+                                    reference_overrides, user_project_dir)
 from tests.integration.slurm_cluster import PRIVATE_SHM
 
 pytestmark = pytest.mark.integration
@@ -102,42 +101,3 @@ def test_two_nodes_through_the_hostfile_match_one_node(reference_run, tmp_path):
     assert ranks == {"0", "1"}
     remote = [ln for ln in (fakebin / "ssh.log").read_text().splitlines() if "--node-rank" in ln]
     assert len(remote) == 2 and all("NCCL_DEBUG=WARN" in ln and "--nnodes 2" in ln for ln in remote), remote
-
-
-def _worker_pid(launcher: subprocess.Popen, rank: int) -> int:
-    import psutil
-
-    for c in psutil.Process(launcher.pid).children(recursive=True):
-        try:
-            if "mnemo.launch.worker" in " ".join(c.cmdline()) and c.environ().get("RANK") == str(rank):
-                return c.pid
-        except psutil.Error:
-            continue
-    raise AssertionError(f"no worker of rank {rank} under the launcher")
-
-
-def test_max_restarts_resumes_from_the_last_checkpoint(tiny_data, tmp_path):
-    run = tmp_path / "run"
-    log = tmp_path / "launch.out"
-    p = _launch(["--nproc-per-node", "2", "--max-restarts", "1", f"data.path={tiny_data}", f"run.dir={run}",
-                 "train.max_steps=24", "checkpoint.interval=4", "eval.max_docs=1", "eval.max_doc_tokens=128"],
-                log, job_env())
-    try:
-        wait_for_step(run, 6, p)
-        os.kill(_worker_pid(p, 1), signal.SIGKILL)
-    except BaseException:
-        os.killpg(p.pid, signal.SIGKILL)
-        raise
-    _finish([p], [log], timeout=600)
-
-    records = steps(run)
-    boundary = next(i for i in range(1, len(records)) if records[i]["step"] <= records[i - 1]["step"])
-    before, after = records[:boundary], records[boundary:]
-    node_log = (run / "logs" / "node0.log").read_text()
-    head = node_log[: node_log.index("restart 1")]
-    saved_before = [int(s) for s in re.findall(r"saved checkpoint \S*step_0*(\d+)", head)]
-    assert saved_before, "no checkpoint was saved before the kill"
-    assert after[0]["step"] == max(saved_before) + 1, "resumed from the last complete checkpoint"
-    assert after[0]["step"] <= before[-1]["step"] + 1
-    assert [r["step"] for r in after] == list(range(after[0]["step"], 25)), "no step skipped, run completed"
-    assert "[rank1]: mnemo worker: node 0/1, rank 1/2, local_rank 1, restart 1" in node_log

@@ -1,13 +1,13 @@
 """mnemo.train.tracking against a real `mlflow server` that dies mid-run and comes back.
 
-Also home of `start_mlflow_server` / `MlflowServer`, for other integration
-tests that need a tracking server (import with
-`from test_tracking_server import start_mlflow_server`: pytest puts this
-folder on sys.path).
+Also home of `MlflowServer` and of the `mlflow_server` fixture, the one
+tracking server that the tracking tests share (import it with
+`from tests.integration.test_tracking_server import mlflow_server`).
 """
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
@@ -17,7 +17,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable
 
 import pytest
 
@@ -83,75 +82,85 @@ class MlflowServer:
         self.proc = None
 
 
-def start_mlflow_server(tmp_path: Path) -> tuple[str, Callable[[], None]]:
-    """Start a tracking server under tmp_path/mlflow_server; return (uri, stop)."""
-    server = MlflowServer(Path(tmp_path) / "mlflow_server")
-    server.start()
-    return server.uri, server.stop
+_SHARED: list[MlflowServer] = []
+
+
+@pytest.fixture
+def mlflow_server(tmp_path_factory) -> MlflowServer:
+    """The test session's one `mlflow server`, up.
+
+    Started on first use (its start-up, ~10-30 s on 2 cores, is paid once per
+    session) and killed when the session's process exits. A test that stops
+    it for an outage starts it again on the same port; one that fails with
+    it down gets it restarted here. Each test logs to its own experiment.
+    """
+    if not _SHARED:
+        _SHARED.append(MlflowServer(tmp_path_factory.mktemp("mlflow_server")))
+        atexit.register(_SHARED[0].stop)
+    server = _SHARED[0]
+    if server.proc is None or server.proc.poll() is not None:
+        server.start()
+    return server
 
 
 @pytest.mark.integration
 @pytest.mark.timeout(240)
-def test_server_dies_and_returns_nothing_lost(tmp_path, monkeypatch, caplog):
+def test_server_dies_and_returns_nothing_lost(mlflow_server, tmp_path, monkeypatch, caplog):
     for k, v in HTTP_ENV_DEFAULTS.items():  # what launch/ puts in the job's environment
         monkeypatch.setenv(k, v)
-    server = MlflowServer(tmp_path / "server")
-    server.start()
-    try:
-        run_dir = tmp_path / "run"
-        run_dir.mkdir()
-        (run_dir / "config.yaml").write_text("train:\n  lr: 0.001\n")
-        (run_dir / "late.txt").write_text("logged while the server was down\n")
-        with caplog.at_level(logging.WARNING, logger="mnemo.train.tracking"):
-            t = Tracker(run_dir=str(run_dir), uri=server.uri, experiment="it", run_name="outage",
-                        interval=0.1, retry_interval=0.5)
-            assert t.run_id
-            t.log_params({"train": {"lr": 0.001, "max_steps": 90}})
-            t.log_artifact(str(run_dir / "config.yaml"))
+    server = mlflow_server
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text("train:\n  lr: 0.001\n")
+    (run_dir / "late.txt").write_text("logged while the server was down\n")
+    with caplog.at_level(logging.WARNING, logger="mnemo.train.tracking"):
+        t = Tracker(run_dir=str(run_dir), uri=server.uri, experiment="it", run_name="outage",
+                    interval=0.1, retry_interval=0.5)
+        assert t.run_id
+        t.log_params({"train": {"lr": 0.001, "max_steps": 90}})
+        t.log_artifact(str(run_dir / "config.yaml"))
 
-            def steps(first: int, last: int) -> None:
-                for step in range(first, last + 1):
-                    t.log_metrics({"train/loss": 1.0 / step, "train/tokens_seen": 64.0 * step}, step=step)
-                    time.sleep(0.01)
+        def steps(first: int, last: int) -> None:
+            for step in range(first, last + 1):
+                t.log_metrics({"train/loss": 1.0 / step, "train/tokens_seen": 64.0 * step}, step=step)
+                time.sleep(0.01)
 
-            steps(1, 30)
-            t.flush()
-            server.stop()  # the server crashes mid-run
-            t0 = time.perf_counter()
-            steps(31, 60)
-            t.log_artifact(str(run_dir / "late.txt"))
-            t.flush()
-            outage_loop_s = time.perf_counter() - t0
-            server.start()  # back on the same port
-            steps(61, 90)
-            t.close()
-        assert outage_loop_s < 5, f"logging blocked while the server was down ({outage_loop_s:.1f} s)"
+        steps(1, 30)
+        t.flush()
+        server.stop()  # the server crashes mid-run
+        t0 = time.perf_counter()
+        steps(31, 60)
+        t.log_artifact(str(run_dir / "late.txt"))
+        t.flush()
+        outage_loop_s = time.perf_counter() - t0
+        server.start()  # back on the same port
+        steps(61, 90)
+        t.close()
+    assert outage_loop_s < 5, f"logging blocked while the server was down ({outage_loop_s:.1f} s)"
 
-        from mlflow import MlflowClient
+    from mlflow import MlflowClient
 
-        client = MlflowClient(server.uri)
-        run = client.get_run(t.run_id)
-        assert run.info.status == "FINISHED"
-        assert run.data.params == {"train.lr": "0.001", "train.max_steps": "90"}
-        for key in ("train/loss", "train/tokens_seen"):
-            got = sorted(m.step for m in client.get_metric_history(t.run_id, key))
-            assert got == list(range(1, 91)), key  # every step, each once
-        assert {a.path for a in client.list_artifacts(t.run_id)} == {"config.yaml", "late.txt"}
-        # Points logged during the outage were also written to the fallback file.
-        recs = [json.loads(line) for line in open(run_dir / "logs" / "metrics_fallback.jsonl")]
-        spilled = {r["step"] for r in recs if r["key"] == "train/loss" and r["run_id"] == t.run_id}
-        assert set(range(31, 61)) <= spilled
-        messages = [r.getMessage() for r in caplog.records]
-        assert sum("is unreachable" in m for m in messages) == 1, messages
-        assert sum("reachable again" in m for m in messages) == 1, messages
-    finally:
-        server.stop()
+    client = MlflowClient(server.uri)
+    run = client.get_run(t.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params == {"train.lr": "0.001", "train.max_steps": "90"}
+    for key in ("train/loss", "train/tokens_seen"):
+        got = sorted(m.step for m in client.get_metric_history(t.run_id, key))
+        assert got == list(range(1, 91)), key  # every step, each once
+    assert {a.path for a in client.list_artifacts(t.run_id)} == {"config.yaml", "late.txt"}
+    # Points logged during the outage were also written to the fallback file.
+    recs = [json.loads(line) for line in open(run_dir / "logs" / "metrics_fallback.jsonl")]
+    spilled = {r["step"] for r in recs if r["key"] == "train/loss" and r["run_id"] == t.run_id}
+    assert set(range(31, 61)) <= spilled
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("is unreachable" in m for m in messages) == 1, messages
+    assert sum("reachable again" in m for m in messages) == 1, messages
 
 
 _KILLED_TRAINER = """
 import os, signal, sys, time
 from mnemo.train.tracking import Tracker
-t = Tracker(run_dir=sys.argv[1], experiment="killed", interval=60)  # sends nothing before the kill
+t = Tracker(run_dir=sys.argv[1], uri=sys.argv[2], experiment="killed", interval=60)  # sends nothing before the kill
 print(t.run_id, flush=True)
 for step in range(1, 51):
     t.log_metrics({"train/loss": 1.0 / step}, step=step)
@@ -162,16 +171,16 @@ os.kill(os.getpid(), signal.SIGKILL)  # no flush, no close
 
 @pytest.mark.integration
 @pytest.mark.timeout(120)
-def test_trainer_killed_sender_still_delivers(tmp_path):
+def test_trainer_killed_sender_still_delivers(mlflow_server, tmp_path):
     run_dir = tmp_path / "run"
     repo = Path(__file__).resolve().parents[2]
-    proc = subprocess.run([sys.executable, "-c", _KILLED_TRAINER, str(run_dir)], cwd=repo,
+    proc = subprocess.run([sys.executable, "-c", _KILLED_TRAINER, str(run_dir), mlflow_server.uri], cwd=repo,
                           capture_output=True, text=True, timeout=100)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     run_id = proc.stdout.split()[0]
     from mlflow import MlflowClient
 
-    client = MlflowClient(f"sqlite:///{run_dir / 'mlflow.db'}")
+    client = MlflowClient(mlflow_server.uri)
     deadline = time.monotonic() + 30
     while True:  # the orphaned sender finishes on its own
         steps = sorted(m.step for m in client.get_metric_history(run_id, "train/loss"))
