@@ -151,7 +151,8 @@ class TrainConfig:
     # Stop training after this many seconds (0 = no limit); a checkpoint is
     # written before stopping.
     max_time_s: float = 0.0
-    # What a NaN/inf loss does: stop the run, or skip the optimizer step.
+    # What a NaN/inf loss or gradient norm does: stop the run (nothing of that
+    # step is saved), or skip the optimizer step.
     nan_policy: Literal["stop", "skip"] = "stop"
     # auto = cuda if available, else cpu.
     device: Literal["auto", "cpu", "cuda"] = "auto"
