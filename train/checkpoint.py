@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from mnemo.data_pipeline.tokenizer import file_sha256
 from mnemo.train.errors import UserError
 from mnemo.train.redact import redact_tree
 
@@ -111,7 +112,9 @@ def _numpy_safe_globals() -> list[Any]:
     multiarray = getattr(np, "_core", None) or np.core  # numpy 2 / numpy 1
     plain = (np.bool_, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64,
              np.float16, np.float32, np.float64)
-    return [multiarray.multiarray._reconstruct, np.ndarray, np.dtype, *{type(np.dtype(t)) for t in plain}]
+    # bytes: an empty array (the stream loader's exclusion list after a re-partitioning resume) pickles its
+    # data as a call of bytes().
+    return [multiarray.multiarray._reconstruct, np.ndarray, np.dtype, bytes, *{type(np.dtype(t)) for t in plain}]
 
 
 def _deepspeed_safe_globals() -> list[Any]:
@@ -449,16 +452,6 @@ def _within(a: Path, b: Path) -> bool:
     return a == b or b in a.parents
 
 
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _exchange(a: Path, b: Path) -> bool:
     """Swap two directories in one step (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
     import ctypes
@@ -555,7 +548,7 @@ def export(path: str | Path, out: str | Path, overwrite: bool = False) -> Path:
             shutil.copy(ckpt / "config.json", tmp / "config.json")
         if (ckpt / "tokenizer.model").is_file():
             shutil.copy(ckpt / "tokenizer.model", tmp / "tokenizer.model")
-        files = {p.name: _sha256(p) for p in sorted(tmp.iterdir())}
+        files = {p.name: file_sha256(p) for p in sorted(tmp.iterdir())}
         manifest = {"format": EXPORT_FORMAT, "files": files, "source": source}
         (tmp / EXPORT_MANIFEST).write_text(json.dumps(manifest, indent=1))
         _fsync_tree(tmp)

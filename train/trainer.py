@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import hashlib
 import json
 import logging
 import math
@@ -30,6 +29,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from mnemo.data_pipeline.tokenizer import file_sha256
 from mnemo.train.bptt import bptt_window_loss
 from mnemo.train.config import Config, check_paths, flatten, tokenizer_path, to_dict, to_yaml
 from mnemo.train.errors import UserError
@@ -65,14 +65,6 @@ def dist_info() -> DistInfo:
                     num_nodes=max(1, world // max(1, local_world)),
                     restart=int(env.get("TORCHELASTIC_RESTART_COUNT", "0") or 0),
                     requeue=int(env.get("SLURM_RESTART_COUNT", "0") or 0))
-
-
-def sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def read_manifest(cfg: Config) -> dict[str, Any]:
@@ -258,7 +250,7 @@ def train(cfg: Config) -> dict[str, Any]:
                         format=f"[rank{info.rank}] %(asctime)s %(levelname)s %(name)s: %(message)s")
     manifest = read_manifest(cfg)
     tok_file = tokenizer_path(cfg)
-    tok_sha = sha256_file(tok_file)
+    tok_sha = file_sha256(tok_file)
     if manifest.get("tokenizer_sha256") and manifest["tokenizer_sha256"] != tok_sha:
         raise UserError(f"data.tokenizer: {tok_file} is not the tokenizer the data in {cfg.data.path} was made with "
                         f"(sha256 {tok_sha[:12]} != manifest {manifest['tokenizer_sha256'][:12]})")
@@ -420,7 +412,7 @@ def _train_locked(cfg: Config, info: DistInfo, run_dir: Path, manifest: dict[str
     loop = _Loop(cfg, engine, streams, state, info, device, tracker, steplog, model_flops=model.flops_per_token(
         cfg.model.segment_len), use_cuda=use_cuda, dtype=dtype, episodes=episodes)
     meta_base = {"world_size": info.world_size, "zero_stage": cfg.zero.stage, "config": to_dict(cfg),
-                 "tokenizer_sha256": tok_sha, "manifest_sha256": sha256_file(str(Path(
+                 "tokenizer_sha256": tok_sha, "manifest_sha256": file_sha256(str(Path(
                      cfg.data.path.removeprefix("file://")) / "manifest.json")),
                  "num_documents": manifest.get("num_documents"), "model_args": dataclasses.asdict(args),
                  "num_params": n_params}
