@@ -232,3 +232,14 @@ def test_memory_state_takes_the_dtype_of_the_run_it_is_loaded_into():
         assert torch.equal(as_fp32[k], v.to(as_fp32[k].dtype)), k  # bf16 -> fp32 is exact
     back = model.init_state(2, dtype=torch.bfloat16).load_state_dict(as_fp32).state_dict()
     assert all(torch.equal(back[k], saved[k]) for k in saved)
+
+
+def test_rank_state_with_an_empty_exclusion_list_loads(tmp_path):
+    """In process: what a run resumed on another world size saves (an empty int64 array per slot) loads again."""
+    import numpy as np
+
+    from mnemo.train.checkpoint import load_torch_file
+
+    torch.save({"streams": {"excluded": {0: np.array([], dtype=np.int64)}}}, tmp_path / "rank_00000.pt")
+    got = load_torch_file(tmp_path / "rank_00000.pt")["streams"]["excluded"][0]
+    assert got.dtype == np.int64 and got.shape == (0,)
