@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# The whole pipeline once on one NVIDIA GPU, in minutes, printing every figure:
+# The whole pipeline once on one NVIDIA GPU, in minutes, printing every figure. Steps, in order:
 #
 #   env, install      the python that has torch + deepspeed ($PYTHON, ./.venv or python3); mnemo from this
 #                     checkout: installed, else `pip install -e .` offline into a --system-site-packages
 #                     venv, else PYTHONPATH (nothing is downloaded)
+#   mfu               benchmarks/gpu_check.sh: `medium` with and without memory (STM + one kNN layer):
+#                     tokens/s, their ratio, MFU against 989 TFLOP/s (dense bf16 of an H100/H200)
 #   prepare           `mnemo prepare` of a generated corpus (the python's own standard-library sources)
 #   train_zero2_kill  `mnemo train` of `small` with memory (STM + a kNN layer), bf16, ZeRO 2, SIGKILLed
 #                     between two checkpoints
@@ -11,14 +13,13 @@
 #   train_zero3       the same model at ZeRO 3
 #   eval              `mnemo eval`: loss by position, passkey retrieval
 #   generate, export  `mnemo generate`, `mnemo export`
-#   mfu               benchmarks/gpu_check.sh: `medium` with and without memory: tokens/s, their
-#                     ratio, MFU against 989 TFLOP/s (dense bf16 of an H100/H200)
 #
 # One line per step, `ok <step> <figure>` or `failed <step> <reason>`, then a summary.
-# Every step runs (a failed one does not stop the others) under its own timeout;
-# the exit status is 1 if any step failed. Logs: <work>/logs/<step>.log.
+# Every step runs (a failed one does not stop the others) under its own timeout,
+# and no step starts after GPU_E2E_BUDGET_S (GPU: 450 s); the exit status is 1
+# if any step failed. Logs: <work>/logs/<step>.log.
 #
-#   bash benchmarks/gpu_e2e.sh                  # one GPU (~5 minutes on an H200)
+#   bash benchmarks/gpu_e2e.sh                  # one GPU
 #   bash benchmarks/gpu_e2e.sh --cpu            # dry run on CPU: debug size, gloo, every step in seconds
 #   bash benchmarks/gpu_e2e.sh --work DIR       # data, runs and logs in DIR (default: a new temporary one)
 #   bash benchmarks/gpu_e2e.sh --work DIR --only eval,mfu   # again, only these steps (on DIR's data and runs)
@@ -39,7 +40,7 @@ else
             --cpu) CPU=1 ;;
             --work) WORK=${2:?--work needs a directory}; shift ;;
             --only) ONLY=,${2:?--only needs step names},; shift ;;
-            -h|--help) sed -n '2,24p' "$SELF" | sed 's/^# \{0,1\}//'; exit 0 ;;
+            -h|--help) sed -n '2,25p' "$SELF" | sed 's/^# \{0,1\}//'; exit 0 ;;
             *) echo "gpu_e2e: unknown argument: $1 (see --help)" >&2; exit 2 ;;
         esac
         shift
@@ -279,8 +280,14 @@ echo "gpu_e2e: $([ "$CPU" = 1 ] && echo "CPU dry run" || echo "GPU run") in $WOR
 
 FAILED=()
 N_OK=0
-run_step() {  # <name> <timeout s> (GPU_E2E_TIMEOUT_S, if set, replaces every step's)
-    local name=$1 limit=${GPU_E2E_TIMEOUT_S:-$2} t0=$SECONDS rc fig
+run_step() {  # <name> <timeout s> (GPU_E2E_TIMEOUT_S, if set, replaces every step's); within the budget
+    local name=$1 limit=${GPU_E2E_TIMEOUT_S:-$2} t0=$SECONDS rc fig left=$((BUDGET - SECONDS))
+    if [ "$left" -lt 10 ]; then
+        echo "failed $name skipped: the ${BUDGET} s budget is spent"
+        FAILED+=("$name")
+        return
+    fi
+    [ "$limit" -le "$left" ] || limit=$left
     timeout -k 10 "$limit" bash "$SELF" --step "$name" >"$WORK/logs/$name.out" 2>"$WORK/logs/$name.log"
     rc=$?
     if [ "$rc" = 0 ]; then
@@ -298,8 +305,12 @@ run_step() {  # <name> <timeout s> (GPU_E2E_TIMEOUT_S, if set, replaces every st
     fi
 }
 
-STEP_LIMITS=(install:180 prepare:240 train_zero2_kill:240 resume_zero2:240 train_zero3:240 eval:240 generate:120
-             export:120 mfu:300)
+# Limits on a GPU (twice as long on a CPU, often shared by other jobs); the MFU measurement, the scarcest
+# figure, comes first. The whole run stops starting steps after GPU_E2E_BUDGET_S (GPU: 7.5 minutes).
+STEP_LIMITS=(install:90 mfu:180 prepare:90 train_zero2_kill:120 resume_zero2:120 train_zero3:120 eval:90
+             generate:60 export:60)
+SCALE=$([ "$CPU" = 1 ] && echo 2 || echo 1)
+BUDGET=${GPU_E2E_BUDGET_S:-$([ "$CPU" = 1 ] && echo 1200 || echo 450)}
 SKIP=""
 if [ -z "$PY" ]; then
     echo "failed env no python here imports torch, deepspeed, streaming, sentencepiece, yaml and safetensors"
@@ -310,7 +321,7 @@ elif [ "$CPU" = 0 ] && ! "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.i
     FAILED+=(env)
     SKIP="no GPU"
 elif [ -z "$ONLY" ] || [ "${ONLY/,env,/}" != "$ONLY" ]; then
-    run_step env 120
+    run_step env 60
 fi
 for s in "${STEP_LIMITS[@]}"; do
     if [ -n "$ONLY" ] && [ "${ONLY/,${s%%:*},/}" = "$ONLY" ]; then
@@ -319,7 +330,7 @@ for s in "${STEP_LIMITS[@]}"; do
         echo "failed ${s%%:*} skipped: $SKIP"
         FAILED+=("${s%%:*}")
     else
-        run_step "${s%%:*}" "${s##*:}"
+        run_step "${s%%:*}" "$((${s##*:} * SCALE))"
     fi
 done
 echo "summary: $N_OK ok, ${#FAILED[@]} failed${FAILED:+ (${FAILED[*]})}; logs in $WORK/logs"
