@@ -33,7 +33,7 @@ def dir_bytes(p: Path) -> int:
 
 
 def save_throughput(size: str, repeats: int, tmp: Path) -> None:
-    from mnemo.launch.env import apply_rank_env
+    from mnemo.train.rankenv import apply_rank_env
 
     apply_rank_env()
     import deepspeed
@@ -88,9 +88,9 @@ def relaunch_latency(tmp: Path) -> None:
         shutil.copy(f, corpus)
     py = sys.executable
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    subprocess.run([py, "-m", "mnemo.train.cli", "prepare", "--input", str(corpus), "--out", str(tmp / "data"),
+    subprocess.run([py, "-m", "mnemo", "prepare", "--input", str(corpus), "--out", str(tmp / "data"),
                     "--vocab-size", "512"], check=True, env=env, capture_output=True, cwd=REPO)
-    base = [py, "-m", "mnemo.train.cli", "train", str(REPO / "configs/debug.yaml"), f"data.path={tmp / 'data'}",
+    base = [py, "-m", "mnemo", "train", str(REPO / "configs/debug.yaml"), f"data.path={tmp / 'data'}",
             f"run.dir={tmp / 'job'}", "checkpoint.interval=5", "tracking.enabled=false"]
     subprocess.run(base + ["train.max_steps=5"], check=True, env=env, capture_output=True, cwd=REPO)
     t0 = time.time()

@@ -127,11 +127,11 @@ EOF
 }
 
 step_install() {
-    if [ "$PY" = "$WORK/venv/bin/python" ] || (cd "$WORK" && "$PY" -c 'import mnemo.train.cli') 2>/dev/null; then
+    if [ "$PY" = "$WORK/venv/bin/python" ] || (cd "$WORK" && "$PY" -c 'import mnemo.cli') 2>/dev/null; then
         echo "mnemo importable by $PY"
     elif "$PY" -m venv --system-site-packages "$WORK/venv" &&
          "$WORK/venv/bin/python" -m pip install --no-index --no-deps --no-build-isolation -q -e "$REPO" &&
-         (cd "$WORK" && "$WORK/venv/bin/python" -c 'import mnemo.train.cli'); then
+         (cd "$WORK" && "$WORK/venv/bin/python" -c 'import mnemo.cli'); then
         echo "pip install -e (offline) into $WORK/venv"
     else
         echo "not installable offline: the next steps run mnemo from the checkout (PYTHONPATH)"
@@ -254,11 +254,11 @@ EOF
 
 if [ -n "$STEP" ]; then
     PY=$(cat "$WORK/python")
-    if [ -x "$WORK/venv/bin/python" ] && (cd "$WORK" && "$WORK/venv/bin/python" -c 'import mnemo.train.cli') 2>/dev/null; then
+    if [ -x "$WORK/venv/bin/python" ] && (cd "$WORK" && "$WORK/venv/bin/python" -c 'import mnemo.cli') 2>/dev/null; then
         PY=$WORK/venv/bin/python
     fi
     # Not installed: the checkout's mnemo/ maps the top-level folders (mnemo/__init__.py).
-    (cd "$WORK" && "$PY" -c 'import mnemo.train.cli') 2>/dev/null || export PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH}
+    (cd "$WORK" && "$PY" -c 'import mnemo.cli') 2>/dev/null || export PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH}
     cd "$WORK" || exit 1
     "step_$STEP"
     exit $?

@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from mnemo.train.checkpoint import load_for_inference
-    from mnemo.train.evaluate import _FILLER_TOKENS, read_heldout_docs
+    from mnemo.train.evaluate import FILLER_TOKENS, read_heldout_docs
 
     torch.set_num_threads(args.threads)
     model, tok, cfg = load_for_inference(args.checkpoint)
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.checkpoint}: the model has no long-term memory; nothing to generalize", file=sys.stderr)
         return 2
     T = cfg.model.segment_len
-    filler = read_heldout_docs(args.data, cfg.data.val_fraction, None, min_tokens=_FILLER_TOKENS)
+    filler = read_heldout_docs(args.data, cfg.data.val_fraction, None, min_tokens=FILLER_TOKENS)
     trained = cfg.memory.long.capacity
     print(f"passkey length generalization: {args.checkpoint} (T={T}, long-term store trained with {trained} "
           f"entries, top-k {model.args.ltm_topk}); store sized D*T at each D; {sum(len(d) for d in filler):,} "

@@ -1,6 +1,6 @@
 """The whole training loop's overhead: mnemo's step next to a bare PyTorch loop, in one run.
 
-mnemo: the trainer's own step (`train.trainer._Loop.train_step`): DeepSpeed
+mnemo: the trainer's own step (`train.trainer.TrainLoop.train_step`): DeepSpeed
 engine (1 rank, ZeRO 2), document streams, loss all-reduce, grad clipping,
 LR schedule, MLflow tracking on (sqlite), step log.
 bare: the same model, the same torch AdamW and clipping, the same batches
@@ -44,7 +44,7 @@ def main() -> None:
 
         prepare([str(corpus)], str(tmp / "data"), vocab_size=2048, progress=False)
 
-        from mnemo.launch.env import apply_rank_env
+        from mnemo.train.rankenv import apply_rank_env
 
         apply_rank_env()
         import deepspeed
@@ -52,8 +52,9 @@ def main() -> None:
 
         from mnemo.data_pipeline.streams import DocumentStreams, MDSSource
         from mnemo.train.config import load_config
-        from mnemo.train.trainer import (_Loop, StepLog, deepspeed_config, dist_info, lm_loss, lr_lambda,
-                                   model_args_from_config, param_groups)
+        from mnemo.train.losses import lm_loss
+        from mnemo.train.trainer import (StepLog, TrainLoop, deepspeed_config, dist_info, lr_lambda,
+                                         model_args_from_config, param_groups)
         from mnemo.train.tracking import Tracker
         from mnemo.model import MemoryTransformer
 
@@ -74,7 +75,7 @@ def main() -> None:
         src = MDSSource(str(tmp / "data"), cache_dir=str(tmp / "cache"))
         streams = DocumentStreams(src, batch_size=args.batch_size, segment_len=args.segment_len, seed=0)
         tracker = Tracker(run_dir=str(tmp / "run"), experiment="overhead")
-        loop = _Loop(cfg, engine, streams, engine.module.init_state(args.batch_size), dist_info(),
+        loop = TrainLoop(cfg, engine, streams, engine.module.init_state(args.batch_size), dist_info(),
                      torch.device("cpu"), tracker, StepLog(tmp / "run" / "logs" / "steps.jsonl", True),
                      model_flops=0.0, use_cuda=False)
 

@@ -2,7 +2,7 @@
 
 Each handler calls one importable function and returns the exit code; heavy
 imports (sentencepiece, streaming, torch) happen inside the handlers so that
-`mnemo --help` stays fast. Errors are DataError, printed by mnemo.train.cli as one line.
+`mnemo --help` stays fast. Errors are DataError, printed by mnemo.cli as one line.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def _add_input_args(p: argparse.ArgumentParser) -> None:
                         f"default {DEFAULT_MAX_DOC_BYTES >> 20}M)")
 
 
-def _tokenizer_train(args: argparse.Namespace) -> int:
+def cmd_tokenizer_train(args: argparse.Namespace) -> int:
     from mnemo.data_pipeline.tokenizer import train_tokenizer
 
     tok = train_tokenizer(args.input, args.out, args.vocab_size, model_type=args.model_type,
@@ -46,7 +46,7 @@ def _tokenizer_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _prepare(args: argparse.Namespace) -> int:
+def cmd_prepare(args: argparse.Namespace) -> int:
     from mnemo.data_pipeline.prepare import prepare
 
     m = prepare(args.input, args.out, tokenizer=args.tokenizer, workers=args.workers, text_field=args.text_field,
@@ -80,7 +80,7 @@ def skip_summary(m: dict) -> str:
     return "; ".join(parts) + " (see manifest.json)" if parts else ""
 
 
-def _verify(args: argparse.Namespace) -> int:
+def cmd_verify(args: argparse.Namespace) -> int:
     from mnemo.data_pipeline.verify import verify
 
     rep = verify(args.data_dir)
@@ -88,7 +88,7 @@ def _verify(args: argparse.Namespace) -> int:
     return 0
 
 
-def _inspect(args: argparse.Namespace) -> int:
+def cmd_inspect(args: argparse.Namespace) -> int:
     from mnemo.data_pipeline.verify import format_inspect, inspect
 
     rep = inspect(args.data_dir, num_samples=args.samples)
@@ -111,7 +111,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--special-tokens", nargs="+", metavar="TOK",
                    help="extra reserved tokens (control symbols, never produced from text)")
     t.add_argument("--seed", type=int, default=0)
-    t.set_defaults(func=_tokenizer_train)
+    t.set_defaults(func=cmd_tokenizer_train)
 
     # mnemo prepare
     p = subparsers.add_parser("prepare", help="tokenize a corpus into MDS shards")
@@ -134,7 +134,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="passkey question 0..D segments after the key (uniform)")
     p.add_argument("--segment-len", type=int, default=128, metavar="T", help="segment length of passkey documents")
     p.add_argument("--seed", type=int, default=0, metavar="S")
-    p.set_defaults(func=_prepare)
+    p.set_defaults(func=cmd_prepare)
 
     # mnemo data verify|inspect
     dp = subparsers.add_parser("data", help="check or look at a prepared dataset")
@@ -142,9 +142,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     dsub.required = True
     v = dsub.add_parser("verify", help="check every shard against index.json and manifest.json")
     v.add_argument("data_dir", metavar="DATA_DIR")
-    v.set_defaults(func=_verify)
+    v.set_defaults(func=cmd_verify)
     i = dsub.add_parser("inspect", help="counts, token-length histogram and a few decoded documents")
     i.add_argument("data_dir", metavar="DATA_DIR")
     i.add_argument("--samples", type=int, default=3, metavar="N", help="decoded documents to show (default 3)")
     i.add_argument("--json", action="store_true", help="print the report as JSON")
-    i.set_defaults(func=_inspect)
+    i.set_defaults(func=cmd_inspect)

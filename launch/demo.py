@@ -140,7 +140,7 @@ def train_run(name: str, config: str, overrides: list[str], nproc: int, log_file
 
     Every output line goes to ``log_file``; step lines are echoed with the run's name.
     """
-    cmd = [sys.executable, "-m", "mnemo.train.cli", "launch", _resolve_config(config), "--nproc-per-node", str(nproc),
+    cmd = [sys.executable, "-m", "mnemo", "launch", _resolve_config(config), "--nproc-per-node", str(nproc),
            *overrides]
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
@@ -261,14 +261,14 @@ def evaluate_runs(runs: dict[str, Path], data_dir: Path, s: DemoSettings, segmen
     import multiprocessing as mp
 
     from mnemo.train.checkpoint import config_of, model_args_of, resolve_checkpoint
-    from mnemo.train.evaluate import _FILLER_TOKENS, read_heldout_docs
+    from mnemo.train.evaluate import FILLER_TOKENS, read_heldout_docs
 
     # Read once, here: two processes opening the same MDS dir at once race on
     # streaming's shared memory (one cleans up what the other just created).
     val_fractions = {config_of(resolve_checkpoint(str(d))).data.val_fraction for d in runs.values()}
     if len(val_fractions) != 1:
         raise UserError(f"demo: the runs hold out different documents (data.val_fraction {sorted(val_fractions)})")
-    docs = read_heldout_docs(str(data_dir), val_fractions.pop(), s.eval_docs, min_tokens=_FILLER_TOKENS)
+    docs = read_heldout_docs(str(data_dir), val_fractions.pop(), s.eval_docs, min_tokens=FILLER_TOKENS)
     dists = sorted(set(s.distances))
     tasks: list[tuple[str, list[int], bool]] = []
     for name, run_dir in runs.items():

@@ -5,7 +5,7 @@ On every selected host i (hostfile order) the orchestrator runs, over
 is assumed, as for the run directory):
 
     cd CWD && exec env NCCL_...=... PATH=... VENV/bin/python \
-        -m mnemo.train.cli launch CONFIG --nnodes N --node-rank i --master-addr HOST0 ...
+        -m mnemo launch CONFIG --nnodes N --node-rank i --master-addr HOST0 ...
 
 Every word is quoted with shlex for the remote shell; host names are only
 ever one argv element locally (after ssh's ``--``), never parsed by a shell.
@@ -132,7 +132,7 @@ def remote_command(
     env: Mapping[str, str],
     launch_args: list[str],
 ) -> str:
-    """The shell string one node runs; ``launch_args`` follow ``-m mnemo.train.cli launch``.
+    """The shell string one node runs; ``launch_args`` follow ``-m mnemo launch``.
 
     ``env`` is set literally (PATH included: the launcher's, see
     ``launch.env.path_with_venv``); everything else comes from the remote login.
@@ -146,7 +146,7 @@ def remote_command(
         check_line_safe(key, v)
     words = ["exec", "env"]
     words += [f"{k}={shlex.quote(v)}" for k, v in env.items()]
-    words += [shlex.quote(w) for w in [python, "-m", "mnemo.train.cli", "launch", *launch_args]]
+    words += [shlex.quote(w) for w in [python, "-m", "mnemo", "launch", *launch_args]]
     return f"cd {shlex.quote(cwd)} && " + " ".join(words)
 
 

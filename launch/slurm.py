@@ -140,7 +140,7 @@ def _quote_directive(opt: str) -> str:
 
 def sbatch_script(o: SlurmOptions) -> str:
     q = shlex.quote
-    launch = [o.python, "-m", "mnemo.train.cli", "launch", o.config, *o.overrides]
+    launch = [o.python, "-m", "mnemo", "launch", o.config, *o.overrides]
     launch_words = " ".join(q(w) for w in launch)
     lines = [
         "#!/bin/bash",

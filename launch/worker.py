@@ -1,4 +1,4 @@
-"""What torchrun runs on each rank: one log line, then ``mnemo train``.
+"""What torchrun runs on each rank: one log line, then what ``mnemo train`` runs.
 
     python -m mnemo.launch.worker CONFIG [dotted.key=value ...]
 
@@ -59,9 +59,13 @@ def main(argv: list[str] | None = None) -> int:
     # before it installs its own handlers.
     for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP):
         signal.signal(sig, signal.SIG_DFL)
-    from mnemo.train.cli import main as cli_main
+    if not argv:
+        print("usage: python -m mnemo.launch.worker CONFIG [dotted.key=value ...]", file=sys.stderr)
+        return 2
+    from mnemo.train.commands import run_train
+    from mnemo.train.errors import exit_status
 
-    return cli_main(["train", *argv])
+    return exit_status(lambda: run_train(argv[0], argv[1:]), debug=os.environ.get("MNEMO_DEBUG") == "1")
 
 
 if __name__ == "__main__":

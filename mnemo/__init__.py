@@ -11,5 +11,5 @@ from pathlib import Path as _Path
 # Run from a source checkout without installing (benchmarks, `python -m mnemo`
 # in the repository): the subpackages are the checkout's top-level folders.
 _root = _Path(__file__).resolve().parent.parent
-if not (_Path(__file__).parent / "train").is_dir() and (_root / "train" / "cli.py").is_file():
+if not (_Path(__file__).parent / "train").is_dir() and (_root / "train" / "trainer.py").is_file():
     __path__.append(str(_root))  # noqa: F821 (the package's own __path__)

@@ -2,6 +2,6 @@
 
 import sys
 
-from mnemo.train.cli import main
+from mnemo.cli import main
 
 sys.exit(main())

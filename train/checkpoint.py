@@ -45,7 +45,7 @@ COMPLETE = "COMPLETE"
 DS_TAG = "state"
 
 
-def _fsync_path(path: Path) -> None:
+def fsync_path(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -53,11 +53,11 @@ def _fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def _fsync_tree(root: Path) -> None:
+def fsync_tree(root: Path) -> None:
     for dirpath, _, files in os.walk(root):
         for f in files:
-            _fsync_path(Path(dirpath) / f)
-        _fsync_path(Path(dirpath))
+            fsync_path(Path(dirpath) / f)
+        fsync_path(Path(dirpath))
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -67,7 +67,7 @@ def atomic_write_text(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_path(path.parent)
+    fsync_path(path.parent)
 
 
 def rng_state(device: torch.device | str = "cpu") -> dict[str, Any]:
@@ -276,13 +276,13 @@ class CheckpointManager:
             (tmp / "meta.json").write_text(json.dumps(redact_tree(meta), indent=1, default=str))
             for fname, src in (extra_files or {}).items():
                 shutil.copyfile(src, tmp / fname)
-            _fsync_tree(tmp)
+            fsync_tree(tmp)
             (tmp / COMPLETE).write_text(f"{time.time()}\n")
-            _fsync_path(tmp / COMPLETE)
+            fsync_path(tmp / COMPLETE)
             if final.exists():  # a stale copy of the same step from an earlier attempt
                 shutil.rmtree(final)
             os.replace(tmp, final)
-            _fsync_path(self.root)
+            fsync_path(self.root)
             atomic_write_text(self.root / "latest", name + "\n")
             self._prune()
         self._barrier()
@@ -551,7 +551,7 @@ def export(path: str | Path, out: str | Path, overwrite: bool = False) -> Path:
         files = {p.name: file_sha256(p) for p in sorted(tmp.iterdir())}
         manifest = {"format": EXPORT_FORMAT, "files": files, "source": source}
         (tmp / EXPORT_MANIFEST).write_text(json.dumps(manifest, indent=1))
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
         if not present:
             os.replace(tmp, out)  # rename(2) also replaces an empty directory
         elif not foreign:  # an earlier export, nothing else: swap the folders, then delete the old files
@@ -571,7 +571,7 @@ def export(path: str | Path, out: str | Path, overwrite: bool = False) -> Path:
                     (out / name).unlink(missing_ok=True)
             os.replace(tmp / EXPORT_MANIFEST, out / EXPORT_MANIFEST)
             tmp.rmdir()
-        _fsync_path(out.parent)
+        fsync_path(out.parent)
     finally:
         if tmp.is_dir():
             _remove_export_files(tmp, [p.name for p in tmp.iterdir()])

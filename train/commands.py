@@ -1,12 +1,16 @@
-"""`mnemo train`, `mnemo export`, `mnemo eval` and `mnemo generate`.
+"""`mnemo train`, `mnemo export`, `mnemo eval` and `mnemo generate`: their arguments and handlers.
 
-Only argparse here: torch, deepspeed and the rest are imported by the handler
+Only argparse and the standard library here: torch, deepspeed and the rest are imported by the handler
 that runs, so `mnemo --help` or a bad flag answers at once.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import sys
+import time
+from pathlib import Path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -28,13 +32,18 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_train(args) -> int:
+    return run_train(args.config, args.overrides)
+
+
+def run_train(config: str, overrides: list[str]) -> int:
+    """Train one rank (alone, or under a launcher: the worker calls this); the exit status."""
     from mnemo.train.config import check_paths, load_config
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(config, overrides)
     check_paths(cfg)
     # The rank's environment (DS_ACCELERATOR, LOCAL_WORLD_SIZE, ...) must be set
     # before deepspeed or streaming are imported.
-    from mnemo.launch.env import apply_rank_env
+    from mnemo.train.rankenv import apply_rank_env
 
     apply_rank_env()
     from mnemo.train.trainer import train
@@ -51,18 +60,6 @@ def cmd_export(args) -> int:
     out = export(args.checkpoint, args.out, overwrite=args.overwrite)
     print(f"exported to {out}")
     return 0
-
-
-def cmd_eval(args) -> int:
-    from mnemo.train.evaluate import _cmd_eval
-
-    return _cmd_eval(args)
-
-
-def cmd_generate(args) -> int:
-    from mnemo.train.generate import _cmd_generate
-
-    return _cmd_generate(args)
 
 
 def _int_list(text: str) -> list[int]:
@@ -116,3 +113,83 @@ def _register_generate(subparsers: argparse._SubParsersAction) -> None:
                         "token); step: 1-token forwards, faster, local context = short-term memory only")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.set_defaults(func=cmd_generate)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from mnemo.train.checkpoint import load_for_inference
+    from mnemo.train.errors import UserError
+    from mnemo.train.evaluate import (FILLER_TOKENS, check_data_tokenizer, evaluate, format_table, plots,
+                                      read_heldout_docs, with_ltm_capacity)
+    from mnemo.train.inference import resolve_device
+
+    data = Path(args.data)
+    if not (data / "index.json").is_file():  # before the (slower) model load
+        what = "no such directory" if not data.is_dir() else "no MDS shards (index.json missing)"
+        raise UserError(f"--data: {what}: {data}")
+    model, tokenizer, cfg = load_for_inference(args.checkpoint, device=resolve_device(args.device))
+    check_data_tokenizer(args.data, tokenizer)
+    max_docs = cfg.eval.max_docs if args.max_docs is None else args.max_docs
+    docs = read_heldout_docs(args.data, cfg.data.val_fraction, max_docs, min_tokens=FILLER_TOKENS)
+    trials = args.passkey_trials
+    if trials is None:
+        trials = cfg.eval.passkey_trials or 30
+    capacity = args.ltm_capacity
+    if capacity is None and trials > 0 and args.distances and getattr(model.args, "ltm_kind", "none") != "none":
+        # A passkey at D segments needs D * T entries: a store of the trained size would have
+        # dropped the key before the question comes (FIFO), which tests the size, not retrieval.
+        capacity = max(model.args.ltm_capacity, max(args.distances) * cfg.model.segment_len)
+    with_ltm_capacity(model, capacity)
+    t0 = time.perf_counter()
+    result = evaluate(model, tokenizer, docs, cfg, ablations=not args.no_ablations, passkey=trials > 0,
+                      seed=args.seed, batch_size=args.batch_size, max_docs=max_docs, passkey_trials=trials,
+                      distances=args.distances, multikey=args.multikey, progress=True)
+    result["checkpoint"] = str(args.checkpoint)
+    result["data"] = str(args.data)
+    result["ltm_capacity"] = model.args.ltm_capacity if model.args.ltm_kind != "none" else 0
+    print(format_table(result))
+    print(f"\n(evaluated in {time.perf_counter() - t0:.1f} s)")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    if args.plots:
+        for p in plots(result, args.plots):
+            print(f"wrote {p}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from mnemo.train.checkpoint import load_for_inference
+    from mnemo.train.errors import UserError
+    from mnemo.train.generate import TextStreamer, generate
+    from mnemo.train.inference import resolve_device
+
+    path = Path(args.prompt_file)
+    if not path.is_file():
+        raise UserError(f"--prompt-file: no such file: {path}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"--prompt-file: {path} is not UTF-8 text") from None
+    if args.max_tokens < 0:
+        raise UserError(f"--max-tokens: must be >= 0, got {args.max_tokens}")
+    if not 0.0 < args.top_p <= 1.0:
+        raise UserError(f"--top-p: must be in (0, 1], got {args.top_p}")
+    model, tokenizer, cfg = load_for_inference(args.checkpoint, device=resolve_device(args.device))
+    ids = tokenizer.encode(text)
+    if not ids:
+        raise UserError(f"--prompt-file: {path} is empty")
+    T = int(cfg.model.segment_len)
+
+    def progress(i: int, n: int) -> None:
+        if sys.stderr.isatty():
+            print(f"\rreading prompt: segment {i + 1}/{n}", end="" if i + 1 < n else "\n", file=sys.stderr,
+                  flush=True)
+
+    print(f"prompt: {len(ids)} tokens = {-(-len(ids) // T)} segments of {T}", file=sys.stderr)
+    streamer = TextStreamer(tokenizer)
+    out = generate(model, tokenizer, ids, T, args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                   seed=args.seed, on_token=streamer, on_prompt_segment=progress, mode=args.decode)
+    streamer.finish()
+    print(f"({len(out)} tokens generated)", file=sys.stderr)
+    return 0

@@ -180,7 +180,7 @@ class Episodes:
         long-term store, so retrieval is learned from D = 1 on instead of after
         the short-term cache has solved D = 1 (docs/demo.md).
         """
-        from mnemo.train.trainer import lm_loss
+        from mnemo.train.losses import lm_loss
 
         D, at_max = self.curriculum.next_distance()
         eb = self.source.batch(D, at_max)

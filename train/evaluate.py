@@ -22,7 +22,6 @@ calls for the same inputs, so all ranks of a ZeRO-3 job can call it together.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -38,7 +37,8 @@ import torch.nn.functional as F
 
 from mnemo.data_pipeline.passkey import DEPTHS, filler_stream, make_multikey_sample, make_passkey_sample
 from mnemo.train.errors import UserError
-from mnemo.train.generate import SegmentReader, _core, _device
+from mnemo.train.generate import SegmentReader
+from mnemo.train.inference import core_model, model_device
 
 LN2 = math.log(2.0)
 
@@ -56,7 +56,7 @@ ABLATIONS: dict[str, tuple[bool, bool]] = {
 
 def _has_memory(model: Any) -> tuple[bool, bool]:
     """(has STM, has LTM) of the model's architecture; unknown models: both."""
-    args = getattr(_core(model), "args", None)
+    args = getattr(core_model(model), "args", None)
     if args is None:
         return True, True
     return getattr(args, "stm_length", 1) > 0, getattr(args, "ltm_kind", "knn") != "none"
@@ -74,7 +74,7 @@ class _eval_mode:
     """model.eval() for the block, then the previous mode (evaluation runs mid-training)."""
 
     def __init__(self, model: Any):
-        self.m = _core(model)
+        self.m = core_model(model)
         self.was_training = bool(getattr(self.m, "training", False))
 
     def __enter__(self):
@@ -118,8 +118,8 @@ def _position_losses(model: Any, docs: Sequence[np.ndarray], segment_len: int, b
     if not docs:
         return sums, counts
     B = max(1, min(int(batch_size), len(docs)))
-    device = _device(model)
-    state = _core(model).init_state(B, stm=stm, ltm=ltm, device=device)
+    device = model_device(model)
+    state = core_model(model).init_state(B, stm=stm, ltm=ltm, device=device)
     slot_doc = [-1] * B
     slot_off = [0] * B
     next_doc = 0
@@ -230,7 +230,7 @@ def score_greedy(model: Any, samples: Sequence[dict], segment_len: int, batch_si
     prompt and answer length share a batch.
     """
     T = int(segment_len)
-    device = _device(model)
+    device = model_device(model)
     groups: dict[tuple[int, int], list[int]] = {}
     for i, s in enumerate(samples):
         groups.setdefault((int(s["answer_start"]), int(s["answer_len"])), []).append(i)
@@ -240,7 +240,7 @@ def score_greedy(model: Any, samples: Sequence[dict], segment_len: int, batch_si
             chunk = idx[c:c + batch_size]
             prompt = torch.from_numpy(np.stack([np.asarray(samples[i]["tokens"][:start], dtype=np.int64)
                                                 for i in chunk])).to(device)  # [b, P]
-            reader = SegmentReader(model, _core(model).init_state(len(chunk), stm=stm, ltm=ltm, device=device), T)
+            reader = SegmentReader(model, core_model(model).init_state(len(chunk), stm=stm, ltm=ltm, device=device), T)
             last = reader.feed(prompt)  # [b, V]
             out = []
             for j in range(alen):
@@ -266,7 +266,7 @@ def score_teacher_forced(model: Any, samples: Sequence[dict], segment_len: int, 
     match, at the cost of reading the document once.
     """
     T = int(segment_len)
-    device = _device(model)
+    device = model_device(model)
     groups: dict[tuple[int, int], list[int]] = {}
     for i, s in enumerate(samples):
         groups.setdefault((int(s["answer_start"]), int(s["answer_len"])), []).append(i)
@@ -278,7 +278,7 @@ def score_teacher_forced(model: Any, samples: Sequence[dict], segment_len: int, 
             chunk = idx[c:c + batch_size]
             toks = torch.from_numpy(np.stack([np.asarray(samples[i]["tokens"][:start + alen], dtype=np.int64)
                                               for i in chunk])).to(device)  # [b, start + alen]
-            state = _core(model).init_state(len(chunk), stm=stm, ltm=ltm, device=device)
+            state = core_model(model).init_state(len(chunk), stm=stm, ltm=ltm, device=device)
             picked = []
             for s0 in range(0, end, T):
                 lo, hi = max(start - 1, s0), min(end, s0 + T)  # answer-predicting positions in this segment
@@ -294,7 +294,7 @@ def score_teacher_forced(model: Any, samples: Sequence[dict], segment_len: int, 
     return preds, losses
 
 
-def _cell_stats(samples: Sequence[dict], preds: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+def cell_stats(samples: Sequence[dict], preds: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """(exact match [n] bool, fraction of answer tokens right [n])."""
     exact, digit = [], []
     for s, p in zip(samples, preds):
@@ -354,7 +354,7 @@ def passkey_report(model: Any, tokenizer: Any, filler_docs: Any, segment_len: in
         else:
             preds, losses = score_teacher_forced(model, samples, T, batch_size, stm=stm, ltm=ltm)
             ans_loss[str(D)] = float(np.mean([x.mean() for x in losses])) if trials else float("nan")
-        exact, digit = _cell_stats(samples, preds)
+        exact, digit = cell_stats(samples, preds)
         cell = [s["depth"] for s in samples]
         acc[str(D)] = float(exact.mean()) if trials else float("nan")
         digit_acc[str(D)] = float(digit.mean()) if trials else float("nan")
@@ -602,10 +602,10 @@ def read_heldout_docs(data_dir: str, val_fraction: float, max_docs: int | None =
 
 
 # Held-out tokens read for passkey filler at least (more documents than --max-docs if need be).
-_FILLER_TOKENS = 1 << 20
+FILLER_TOKENS = 1 << 20
 
 
-def _check_tokenizer(data_dir: str, tokenizer: Any) -> None:
+def check_data_tokenizer(data_dir: str, tokenizer: Any) -> None:
     manifest = Path(data_dir) / "manifest.json"
     if not manifest.is_file():
         return
@@ -624,7 +624,7 @@ def with_ltm_capacity(model: Any, capacity: int | None) -> Any:
     D segments needs D * T entries). None, or a model without long-term
     memory: unchanged. Returns the model.
     """
-    core = _core(model)
+    core = core_model(model)
     args = getattr(core, "args", None)
     if capacity is None or args is None or args.ltm_kind == "none" or capacity == args.ltm_capacity:
         return model
@@ -632,50 +632,3 @@ def with_ltm_capacity(model: Any, capacity: int | None) -> Any:
         raise UserError(f"--ltm-capacity {capacity}: must be >= the model's top-k ({args.ltm_topk})")
     core.args = dataclasses.replace(args, ltm_capacity=int(capacity))
     return model
-
-
-def _resolve_device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA device available")
-    return name
-
-
-def _cmd_eval(args: argparse.Namespace) -> int:
-    from mnemo.train.checkpoint import load_for_inference
-
-    data = Path(args.data)
-    if not (data / "index.json").is_file():  # before the (slower) model load
-        what = "no such directory" if not data.is_dir() else "no MDS shards (index.json missing)"
-        raise UserError(f"--data: {what}: {data}")
-    model, tokenizer, cfg = load_for_inference(args.checkpoint, device=_resolve_device(args.device))
-    _check_tokenizer(args.data, tokenizer)
-    max_docs = cfg.eval.max_docs if args.max_docs is None else args.max_docs
-    docs = read_heldout_docs(args.data, cfg.data.val_fraction, max_docs, min_tokens=_FILLER_TOKENS)
-    trials = args.passkey_trials
-    if trials is None:
-        trials = cfg.eval.passkey_trials or 30
-    capacity = args.ltm_capacity
-    if capacity is None and trials > 0 and args.distances and getattr(model.args, "ltm_kind", "none") != "none":
-        # A passkey at D segments needs D * T entries: a store of the trained size would have
-        # dropped the key before the question comes (FIFO), which tests the size, not retrieval.
-        capacity = max(model.args.ltm_capacity, max(args.distances) * cfg.model.segment_len)
-    with_ltm_capacity(model, capacity)
-    t0 = time.perf_counter()
-    result = evaluate(model, tokenizer, docs, cfg, ablations=not args.no_ablations, passkey=trials > 0,
-                      seed=args.seed, batch_size=args.batch_size, max_docs=max_docs, passkey_trials=trials,
-                      distances=args.distances, multikey=args.multikey, progress=True)
-    result["checkpoint"] = str(args.checkpoint)
-    result["data"] = str(args.data)
-    result["ltm_capacity"] = model.args.ltm_capacity if model.args.ltm_kind != "none" else 0
-    print(format_table(result))
-    print(f"\n(evaluated in {time.perf_counter() - t0:.1f} s)")
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {args.json}")
-    if args.plots:
-        for p in plots(result, args.plots):
-            print(f"wrote {p}")
-    return 0

@@ -19,27 +19,14 @@ sees nothing but the current token.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from mnemo.train.errors import UserError
-
-
-def _core(model: Any) -> Any:
-    """The MemoryTransformer behind a possible DeepSpeed engine (it owns init_state/args)."""
-    return getattr(model, "module", model)
-
-
-def _device(model: Any) -> torch.device:
-    try:
-        return next(_core(model).parameters()).device
-    except (StopIteration, AttributeError):
-        return torch.device("cpu")
+from mnemo.train.inference import core_model, model_device
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> int:
@@ -109,8 +96,8 @@ def generate(model: Any, tokenizer: Any, prompt_ids: Sequence[int], segment_len:
     if not ids:
         raise UserError("generate: the prompt is empty")
     T = int(segment_len)
-    device = _device(model)
-    core = _core(model)
+    device = model_device(model)
+    core = core_model(model)
     was_training = bool(getattr(core, "training", False))
     core.eval()
     try:
@@ -169,38 +156,3 @@ class TextStreamer:
             self.stream.write(text[len(self.printed):])
         self.stream.write("\n")
         self.stream.flush()
-
-
-def _cmd_generate(args: argparse.Namespace) -> int:
-    from mnemo.train.checkpoint import load_for_inference
-    from mnemo.train.evaluate import _resolve_device
-
-    path = Path(args.prompt_file)
-    if not path.is_file():
-        raise UserError(f"--prompt-file: no such file: {path}")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise UserError(f"--prompt-file: {path} is not UTF-8 text") from None
-    if args.max_tokens < 0:
-        raise UserError(f"--max-tokens: must be >= 0, got {args.max_tokens}")
-    if not 0.0 < args.top_p <= 1.0:
-        raise UserError(f"--top-p: must be in (0, 1], got {args.top_p}")
-    model, tokenizer, cfg = load_for_inference(args.checkpoint, device=_resolve_device(args.device))
-    ids = tokenizer.encode(text)
-    if not ids:
-        raise UserError(f"--prompt-file: {path} is empty")
-    T = int(cfg.model.segment_len)
-
-    def progress(i: int, n: int) -> None:
-        if sys.stderr.isatty():
-            print(f"\rreading prompt: segment {i + 1}/{n}", end="" if i + 1 < n else "\n", file=sys.stderr,
-                  flush=True)
-
-    print(f"prompt: {len(ids)} tokens = {-(-len(ids) // T)} segments of {T}", file=sys.stderr)
-    streamer = TextStreamer(tokenizer)
-    out = generate(model, tokenizer, ids, T, args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                   seed=args.seed, on_token=streamer, on_prompt_segment=progress, mode=args.decode)
-    streamer.finish()
-    print(f"({len(out)} tokens generated)", file=sys.stderr)
-    return 0

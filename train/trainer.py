@@ -27,12 +27,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from mnemo.data_pipeline.tokenizer import file_sha256
 from mnemo.train.bptt import bptt_window_loss
 from mnemo.train.config import Config, check_paths, flatten, tokenizer_path, to_dict, to_yaml
 from mnemo.train.errors import UserError
+from mnemo.train.losses import lm_loss
 
 log = logging.getLogger("mnemo.train")
 
@@ -134,22 +134,6 @@ def param_groups(model: torch.nn.Module, weight_decay: float):
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def lm_loss(logits: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor,
-            mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(optimized loss, plain mean CE, number of real targets) of one segment.
-
-    logits [B, T, V]; targets, weight, mask [B, T] (mask: the target is a
-    document token, SegmentBatch.mask). Both losses are normalized by the
-    number of real targets, so answer weights only re-weight tokens, and the
-    plain loss covers every real target, weighted 0 or not.
-    """
-    ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none").view_as(weight)
-    mask = mask.float()
-    n = mask.sum()
-    denom = n.clamp(min=1.0)
-    return (ce * weight).sum() / denom, (ce * mask).sum() / denom, n
-
-
 class _Preemption:
     """SIGTERM/SIGUSR1 set a flag; the loop saves at the end of the current step and exits 0."""
 
@@ -217,7 +201,7 @@ class StepLog:
             self.f.close()
 
 
-def _check_resume_compatible(old_cfg: dict[str, Any], cfg: Config, meta: dict[str, Any], tok_sha: str,
+def check_resume_compatible(old_cfg: dict[str, Any], cfg: Config, meta: dict[str, Any], tok_sha: str,
                              manifest: dict[str, Any], path: Path) -> list[str]:
     from mnemo.train.checkpoint import saved_config_tree
 
@@ -326,7 +310,7 @@ def _train_locked(cfg: Config, info: DistInfo, run_dir: Path, manifest: dict[str
 
     parent_run_id = None
     if cfg.init_from and resume_path is None:
-        parent_run_id = _init_from(model, cfg.init_from, cfg.zero.stage == 3)
+        parent_run_id = init_weights_from(model, cfg.init_from, cfg.zero.stage == 3)
 
     if cfg.model.activation_checkpointing:
         from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
@@ -345,7 +329,7 @@ def _train_locked(cfg: Config, info: DistInfo, run_dir: Path, manifest: dict[str
     universal = False
     if resume_path is not None:
         old_meta = ckpt.read_meta(resume_path)
-        changes = _check_resume_compatible(old_meta["config"], cfg, old_meta, tok_sha, manifest, resume_path)
+        changes = check_resume_compatible(old_meta["config"], cfg, old_meta, tok_sha, manifest, resume_path)
         reshaped = old_meta["world_size"] != info.world_size or old_meta["zero_stage"] != cfg.zero.stage
         # A bf16 run's optimizer shards are DeepSpeed's bf16_* files, an fp32 run's are not: a checkpoint
         # resumed at the other precision is read through the universal (fp32, layout-free) form.
@@ -409,7 +393,7 @@ def _train_locked(cfg: Config, info: DistInfo, run_dir: Path, manifest: dict[str
 
     steplog = StepLog(run_dir / "logs" / "steps.jsonl", info.rank == 0)
     preempt = _Preemption()
-    loop = _Loop(cfg, engine, streams, state, info, device, tracker, steplog, model_flops=model.flops_per_token(
+    loop = TrainLoop(cfg, engine, streams, state, info, device, tracker, steplog, model_flops=model.flops_per_token(
         cfg.model.segment_len), use_cuda=use_cuda, dtype=dtype, episodes=episodes)
     meta_base = {"world_size": info.world_size, "zero_stage": cfg.zero.stage, "config": to_dict(cfg),
                  "tokenizer_sha256": tok_sha, "manifest_sha256": file_sha256(str(Path(
@@ -494,7 +478,7 @@ def _train_locked(cfg: Config, info: DistInfo, run_dir: Path, manifest: dict[str
     return summary
 
 
-def _init_from(model, path: str, zero3: bool) -> str | None:
+def init_weights_from(model, path: str, zero3: bool) -> str | None:
     """Load consolidated weights (export dir or checkpoint) into a fresh model; return the parent run id."""
     from mnemo.train import checkpoint as ckpt
 
@@ -603,7 +587,7 @@ class _InfGradient(torch.autograd.Function):
         return grad * float("inf")
 
 
-class _Loop:
+class TrainLoop:
     """The per-step work, kept apart from start-up and shutdown."""
 
     def __init__(self, cfg: Config, engine, streams, state, info: DistInfo, device, tracker, steplog, model_flops: float,

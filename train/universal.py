@@ -40,7 +40,7 @@ from typing import Any
 
 import torch
 
-from mnemo.train.checkpoint import COMPLETE, DS_TAG, _fsync_path, _fsync_tree, atomic_write_text, load_torch_file
+from mnemo.train.checkpoint import COMPLETE, DS_TAG, atomic_write_text, fsync_path, fsync_tree, load_torch_file
 from mnemo.train.errors import UserError
 
 log = logging.getLogger("mnemo.checkpoint")
@@ -81,12 +81,12 @@ def make_universal(path: Path) -> str:
     shutil.rmtree(tmp, ignore_errors=True)  # leftover of an interrupted conversion
     _run_converter(src, tmp, path)
     normalize_universal(tmp)
-    _fsync_tree(tmp)
+    fsync_tree(tmp)
     (tmp / COMPLETE).write_text(FORMAT + "\n")
-    _fsync_path(tmp / COMPLETE)
+    fsync_path(tmp / COMPLETE)
     shutil.rmtree(out, ignore_errors=True)  # an older-format conversion
     os.replace(tmp, out)
-    _fsync_path(ds_dir)
+    fsync_path(ds_dir)
     # The converter points latest_universal at the folder it wrote (our temporary name).
     atomic_write_text(ds_dir / "latest_universal", UNIVERSAL_TAG + "\n")
     log.info("converted %s to a universal checkpoint in %.1fs", src, time.time() - t0)

@@ -12,7 +12,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def mnemo(*args: str, cwd=REPO) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mnemo.train.cli", *args], cwd=cwd, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "mnemo", *args], cwd=cwd, capture_output=True, text=True,
                           timeout=120, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
 
 

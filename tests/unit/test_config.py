@@ -82,7 +82,7 @@ def test_resume_check_reads_a_pre_release_5_config_as_the_gated_unsmeared_layer(
 
     from mnemo.train.config import load_config, to_dict
     from mnemo.train.errors import UserError
-    from mnemo.train.trainer import _check_resume_compatible
+    from mnemo.train.trainer import check_resume_compatible
 
     def old_tree(kind: str) -> dict:
         tree = to_dict(load_config(None, [f"memory.long.kind={kind}"]))
@@ -90,7 +90,7 @@ def test_resume_check_reads_a_pre_release_5_config_as_the_gated_unsmeared_layer(
         return tree
 
     def check(tree, *overrides):
-        return _check_resume_compatible(tree, load_config(None, list(overrides)), {}, "sha", {}, Path("ckpt"))
+        return check_resume_compatible(tree, load_config(None, list(overrides)), {}, "sha", {}, Path("ckpt"))
 
     with pytest.raises(UserError, match="memory.long.mix: changed from 'gate' to 'joint'"):
         check(old_tree("knn"), "memory.long.kind=knn")

@@ -226,7 +226,7 @@ def _cli_child(args: list[str], log: Path) -> None:
     os.dup2(fd, 2)
     sys.stdout = open(1, "w", closefd=False)  # pytest's capture replaced the Python-level streams
     sys.stderr = open(2, "w", closefd=False)
-    from mnemo.train.cli import main
+    from mnemo.cli import main
 
     rc = main(args)
     sys.stdout.flush()
@@ -237,7 +237,7 @@ def _cli_child(args: list[str], log: Path) -> None:
 def _start(corpus, out: Path, log: Path) -> mp.Process:
     """`mnemo prepare ... --workers 2` in a forked child (no re-import of torch: seconds saved)."""
     import streaming  # noqa: F401  (imported here once, inherited by the fork)
-    import mnemo.train.cli  # noqa: F401
+    import mnemo.cli  # noqa: F401
 
     inputs, _, model = corpus
     args = ["prepare", "--input", *inputs, "--out", str(out), "--tokenizer", model, "--workers", "2"]
@@ -444,7 +444,7 @@ def test_passkey_documents_are_appended(corpus, tmp_path):
 
 
 def test_cli_prepare_verify_inspect(corpus, tmp_path, capsys):
-    from mnemo.train.cli import main
+    from mnemo.cli import main
 
     inputs, expected, model = corpus
     out = tmp_path / "out"

@@ -166,7 +166,7 @@ def test_trainer_sentences_keep_everything_in_bounded_pieces():
 
 
 def test_cli_tokenizer_train(tmp_path, capsys):
-    from mnemo.train.cli import main
+    from mnemo.cli import main
 
     rc = main(["tokenizer", "train", "--input", str(_corpus(tmp_path, 5)), "--vocab-size", "400", "--out",
                str(tmp_path / "cli.model")])

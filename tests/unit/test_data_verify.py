@@ -117,7 +117,7 @@ def test_inspect_report(dataset):
 
 
 def test_cli_verify_names_the_bad_shard(copy, capsys):
-    from mnemo.train.cli import main
+    from mnemo.cli import main
 
     name, path = _shard(copy)
     path.write_bytes(b"\0" * path.stat().st_size)

@@ -164,16 +164,16 @@ def test_score_greedy_feeds_its_own_predictions():
 
 
 def test_teacher_forced_scoring_agrees_with_greedy_exact_match():
-    from mnemo.train.evaluate import _cell_stats
+    from mnemo.train.evaluate import cell_stats
 
     samples = [_sample(list(range(10)), 7, 3), _sample(list(range(8)) + [8, 5], 7, 3),
                _sample(list(range(7)) + [9, 10, 11], 7, 3)]
     m = CountingModel(lambda c: 0.5)
-    exact_g, digit_g = _cell_stats(samples, score_greedy(m, samples, 3, 2))
+    exact_g, digit_g = cell_stats(samples, score_greedy(m, samples, 3, 2))
     preds, losses = score_teacher_forced(m, samples, 3, 2)
     # Teacher forcing reads the true answer tokens: 9 -> 10 -> 11 are predicted after the first miss.
     assert [p.tolist() for p in preds] == [[7, 8, 9], [7, 8, 9], [7, 10, 11]]
-    exact_t, digit_t = _cell_stats(samples, preds)
+    exact_t, digit_t = cell_stats(samples, preds)
     assert exact_g.tolist() == exact_t.tolist() == [True, False, False]
     assert digit_g.tolist() == pytest.approx([1.0, 2 / 3, 0.0])
     assert digit_t.tolist() == pytest.approx([1.0, 2 / 3, 2 / 3])
@@ -373,7 +373,7 @@ def test_eval_cli(tok, tmp_path, capsys):
     from safetensors.torch import save_file
 
     from mnemo.train.config import to_dict
-    from mnemo.train.cli import build_parser
+    from mnemo.cli import build_parser
 
     T = 64
     exp = tmp_path / "export"

@@ -14,7 +14,7 @@ import torch
 from mnemo.model import MemoryTransformer, ModelArgs
 from mnemo.train.config import Config, to_dict
 from mnemo.train.errors import UserError
-from mnemo.train.cli import build_parser
+from mnemo.cli import build_parser
 from mnemo.train.generate import SegmentReader, TextStreamer, generate, sample_next
 
 T = 16

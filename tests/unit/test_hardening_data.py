@@ -22,7 +22,7 @@ from mnemo.data_pipeline.errors import DataError
 from mnemo.data_pipeline.prepare import prepare
 from mnemo.data_pipeline.readers import ReadStats, iter_documents, plan_inputs
 from mnemo.data_pipeline.verify import iter_shard_samples
-from mnemo.train.cli import main
+from mnemo.cli import main
 from tests.unit.stdlib import stdlib_tokenizer
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from mnemo.train.cli import main
+from mnemo.cli import main
 
 SECRET = "S3cr3tPassw0rd"
 SECRET_URI = f"http://alice:{SECRET}@127.0.0.1:1"
@@ -241,7 +241,8 @@ def test_sbatch_script_with_hostile_values_parses_back_exactly(tmp_path, capsys,
     assert r.returncode == 0, r.stderr
     assert not (ws / run_dir / "PREEMPTED").exists(), "RUN_DIR did not come back exactly"
     argv = (tmp_path / "argv").read_text().split("\0")[:-1]
-    i = argv.index("mnemo.train.cli")
+    i = argv.index("-m") + 1
+    assert argv[i] == "mnemo"
     assert argv[i + 1:i + 5] == ["launch", str(config), f"run.dir={run_dir}", f"run.name={HOSTILE}"]
     assert argv[argv.index("--master-addr") + 1] == "10.0.0.5" and argv[argv.index("--rdzv-id") + 1] == "mnemo-77"
     assert not list(tmp_path.rglob("PWNED*")), "a value was executed"
@@ -276,7 +277,7 @@ def test_hostfile_commands_with_hostile_values_run_exactly(tmp_path, capsys, mon
                    env={"PATH": "/usr/bin:/bin", "ARGV_OUT": str(tmp_path / "argv")})
     cwd, tag, *argv = (tmp_path / "argv").read_text().split("\0")[:-1]
     assert (cwd, tag) == (str(ws), HOSTILE)
-    assert argv[:5] == ["-m", "mnemo.train.cli", "launch", str(config), f"run.dir=runs/{HOSTILE}"]
+    assert argv[:5] == ["-m", "mnemo", "launch", str(config), f"run.dir=runs/{HOSTILE}"]
     assert not list(tmp_path.rglob("PWNED*")), "a value was executed"
 
 
@@ -445,21 +446,21 @@ def test_config_yaml_meta_json_and_export_hold_no_secret(tmp_path):
 
 def test_resume_with_the_real_uri_is_no_change_and_prints_no_secret():
     from mnemo.train.config import load_config, to_dict
-    from mnemo.train.trainer import _check_resume_compatible
+    from mnemo.train.trainer import check_resume_compatible
 
     cfg = load_config(None, [f"tracking.uri={SECRET_URI}"])
     saved = to_dict(cfg)
     saved["tracking"]["uri"] = "http://***@127.0.0.1:1"  # what meta.json holds
-    assert _check_resume_compatible(saved, cfg, {}, "", {}, Path("ck")) == []
+    assert check_resume_compatible(saved, cfg, {}, "", {}, Path("ck")) == []
     # A checkpoint written before redaction holds the real URI; a new one is reported redacted.
     old = to_dict(load_config(None, [f"tracking.uri=http://bob:{SECRET}@h2"]))
-    changes = _check_resume_compatible(old, cfg, {}, "", {}, Path("ck"))
+    changes = check_resume_compatible(old, cfg, {}, "", {}, Path("ck"))
     assert changes == ["tracking.uri: 'http://***@h2' -> 'http://***@127.0.0.1:1'"]
 
 
 def test_cli_errors_never_print_credentials(capsys):
     # A bad value that is a URI with a password is named in the error, its userinfo hidden.
-    from mnemo.train.cli import main as cli_main
+    from mnemo.cli import main as cli_main
 
     rc = cli_main(["train", "configs/debug.yaml", "tracking.enabled=http://u:S3CRET@127.0.0.1:1"])
     err = capsys.readouterr().err

@@ -2,7 +2,7 @@
 
 The trainer's pieces run in this process on a one-rank gloo group (DeepSpeed
 engines of the `debug` size on CPU): `train()` itself on a small dataset
-written once per module, and `_Loop` steps over stand-in batches.
+written once per module, and `TrainLoop` steps over stand-in batches.
 """
 
 from __future__ import annotations
@@ -152,7 +152,7 @@ def test_stop_request_on_an_evaluation_step_saves_at_once(world1, data, tmp_path
         return {}
 
     monkeypatch.setattr(trainer, "run_eval", fake_eval)
-    step_once = trainer._Loop.train_step
+    step_once = trainer.TrainLoop.train_step
 
     def step_then_sigterm(self, step):
         ok = step_once(self, step)
@@ -160,7 +160,7 @@ def test_stop_request_on_an_evaluation_step_saves_at_once(world1, data, tmp_path
             os.kill(os.getpid(), signal.SIGTERM)
         return ok
 
-    monkeypatch.setattr(trainer._Loop, "train_step", step_then_sigterm)
+    monkeypatch.setattr(trainer.TrainLoop, "train_step", step_then_sigterm)
     summary = trainer.train(cfg)
     assert summary["exit"] == "preempted" and summary["step"] == 2
     assert evals == ([] if during == "step" else [2]), "the evaluation of the preempted step ran before the save"
@@ -224,7 +224,7 @@ def make_loop(engine, data, tmp_path, policy: str):
     B, T = cfg.train.batch_size, cfg.model.segment_len
     state = engine.module.init_state(B)
     steplog = trainer.StepLog(tmp_path / "steps.jsonl", True)
-    return trainer._Loop(cfg, engine, StandInStreams(B, T, VOCAB), state, info, torch.device("cpu"), Metrics(), steplog,
+    return trainer.TrainLoop(cfg, engine, StandInStreams(B, T, VOCAB), state, info, torch.device("cpu"), Metrics(), steplog,
                          model_flops=1.0, use_cuda=False)
 
 

@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 
 from mnemo.model import MemoryTransformer, ModelArgs
 from mnemo.train import checkpoint as ckpt
-from mnemo.train.cli import main
+from mnemo.cli import main
 from mnemo.train.config import load_config, to_dict
 from mnemo.train.errors import UserError
 
@@ -116,11 +116,11 @@ def test_generate_refuses_a_checkpoint_that_runs_code(crafted, marker, tmp_path,
 
 
 def test_init_from_refuses_a_checkpoint_that_runs_code(crafted, marker):
-    from mnemo.train.trainer import _init_from
+    from mnemo.train.trainer import init_weights_from
 
     model = MemoryTransformer(_args(_cfg()))
     with pytest.raises(UserError, match="refused to load"):
-        _init_from(model, str(crafted), zero3=False)
+        init_weights_from(model, str(crafted), zero3=False)
     assert not marker.exists()
 
 

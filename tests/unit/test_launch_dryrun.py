@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from mnemo.launch.env import package_root
-from mnemo.train.cli import main
+from mnemo.cli import main
 
 FORWARDED_PREFIXES = ("NCCL_", "MLFLOW_", "MNEMO_", "GLOO_", "TORCH_", "DS_", "FI_", "UCX_", "SLURM")
 
@@ -66,9 +66,9 @@ PATH=/usr/local/bin:/usr/bin:/bin:<BIN> PYTHONUNBUFFERED=1 TORCH_DISABLE_SHARE_R
 
 GOLDEN_HOSTFILE = """\
 # node 0: worker-0
-ssh -o BatchMode=yes -o ConnectTimeout=10 -- worker-0 'cd <TMP> && exec env MNEMO_TAG='"'"'a b'"'"' NCCL_DEBUG=INFO PATH=/usr/local/bin:/usr/bin:/bin:<BIN> <PYTHON> -m mnemo.train.cli launch <TMP>/c.yaml train.lr=0.01 --nnodes 2 --node-rank 0 --nproc-per-node 2 --master-addr worker-0 --master-port 29500 --rdzv-id mnemo-5dcd9b41fb --max-restarts 0 --stop-on-stdin-eof'
+ssh -o BatchMode=yes -o ConnectTimeout=10 -- worker-0 'cd <TMP> && exec env MNEMO_TAG='"'"'a b'"'"' NCCL_DEBUG=INFO PATH=/usr/local/bin:/usr/bin:/bin:<BIN> <PYTHON> -m mnemo launch <TMP>/c.yaml train.lr=0.01 --nnodes 2 --node-rank 0 --nproc-per-node 2 --master-addr worker-0 --master-port 29500 --rdzv-id mnemo-5dcd9b41fb --max-restarts 0 --stop-on-stdin-eof'
 # node 1: worker-1
-ssh -o BatchMode=yes -o ConnectTimeout=10 -- worker-1 'cd <TMP> && exec env MNEMO_TAG='"'"'a b'"'"' NCCL_DEBUG=INFO PATH=/usr/local/bin:/usr/bin:/bin:<BIN> <PYTHON> -m mnemo.train.cli launch <TMP>/c.yaml train.lr=0.01 --nnodes 2 --node-rank 1 --nproc-per-node 2 --master-addr worker-0 --master-port 29500 --rdzv-id mnemo-5dcd9b41fb --max-restarts 0 --stop-on-stdin-eof'
+ssh -o BatchMode=yes -o ConnectTimeout=10 -- worker-1 'cd <TMP> && exec env MNEMO_TAG='"'"'a b'"'"' NCCL_DEBUG=INFO PATH=/usr/local/bin:/usr/bin:/bin:<BIN> <PYTHON> -m mnemo launch <TMP>/c.yaml train.lr=0.01 --nnodes 2 --node-rank 1 --nproc-per-node 2 --master-addr worker-0 --master-port 29500 --rdzv-id mnemo-5dcd9b41fb --max-restarts 0 --stop-on-stdin-eof'
 """
 
 GOLDEN_SLURM = """\
@@ -108,7 +108,7 @@ rm -f "$RUN_DIR/PREEMPTED"  # stale marker of an earlier job
 srun --nodes="$SLURM_JOB_NUM_NODES" --ntasks="$SLURM_JOB_NUM_NODES" --ntasks-per-node=1 \\
     ${SLURM_CPUS_PER_TASK:+--cpus-per-task=$SLURM_CPUS_PER_TASK} --kill-on-bad-exit=1 \\
     bash -c 'exec "$@" --node-rank "$SLURM_NODEID"' mnemo-node \\
-    <PYTHON> -m mnemo.train.cli launch <TMP>/c.yaml train.lr=0.01 \\
+    <PYTHON> -m mnemo launch <TMP>/c.yaml train.lr=0.01 \\
     --nnodes "$SLURM_JOB_NUM_NODES" --nproc-per-node 4 \\
     --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT" --rdzv-id "mnemo-$SLURM_JOB_ID" \\
     --max-restarts 0 &

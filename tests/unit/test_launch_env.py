@@ -1,12 +1,13 @@
-"""Per-rank and forwarded environment (launch/env.py, launch/remote.py, launch/worker.py)."""
+"""Per-rank and forwarded environment (train/rankenv.py, launch/env.py, launch/remote.py, launch/worker.py)."""
 
 from __future__ import annotations
 
 import os
 
-from mnemo.launch.env import package_root, pythonpath_with_root, rank_env
+from mnemo.launch.env import package_root, pythonpath_with_root
 from mnemo.launch.remote import forwarded_env
 from mnemo.launch.worker import describe
+from mnemo.train.rankenv import rank_env
 
 
 def test_bare_train_is_a_one_rank_job_on_cpu():

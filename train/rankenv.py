@@ -1,0 +1,65 @@
+"""Process environment of one training rank.
+
+Library code reads the environment; only this module writes it.
+``apply_rank_env()`` runs at the start of `mnemo train`, before deepspeed or
+streaming are imported (both read it at import time).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Mapping
+
+from mnemo.train.tracking import HTTP_ENV_DEFAULTS
+
+
+def cuda_available() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:  # pragma: no cover - torch always present in practice
+        return False
+
+
+def rank_env(environ: Mapping[str, str], use_cuda: bool) -> dict[str, str]:
+    """Variables to add for one rank, given what the launcher already set."""
+    out: dict[str, str] = {}
+    if not use_cuda and "DS_ACCELERATOR" not in environ:
+        # DeepSpeed would otherwise probe for CUDA and fail on a CPU machine.
+        out["DS_ACCELERATOR"] = "cpu"
+    # The deepspeed launcher sets LOCAL_SIZE, torchrun LOCAL_WORLD_SIZE;
+    # mosaicml-streaming needs the latter to lay out its shared memory.
+    if "LOCAL_WORLD_SIZE" not in environ:
+        if "LOCAL_SIZE" in environ:
+            out["LOCAL_WORLD_SIZE"] = environ["LOCAL_SIZE"]
+        elif "WORLD_SIZE" not in environ:
+            out["LOCAL_WORLD_SIZE"] = "1"
+    if "WORLD_SIZE" not in environ:
+        # A bare `mnemo train` is a one-rank job.
+        out.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+        if "MASTER_PORT" not in environ:
+            out["MASTER_PORT"] = str(_free_port())
+    # Avoid oversubscribing CPU cores: each local rank gets its share.
+    if not use_cuda and "OMP_NUM_THREADS" not in environ:
+        local = int(environ.get("LOCAL_WORLD_SIZE") or out.get("LOCAL_WORLD_SIZE") or 1)
+        out["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // max(1, local)))
+    return out
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def apply_rank_env() -> dict[str, str]:
+    added = rank_env(os.environ, cuda_available())
+    # MLflow reads its HTTP retry/timeout settings only from the environment: bounded
+    # values keep a dead tracking server from stalling the tracker for minutes.
+
+    added.update({k: v for k, v in HTTP_ENV_DEFAULTS.items() if k not in os.environ})
+    os.environ.update(added)
+    return added
