@@ -47,8 +47,8 @@ def job_env(**extra: str) -> dict[str, str]:
 def train_cmd(nproc: int, overrides: list[str], config: str = DEBUG_CONFIG) -> list[str]:
     """`mnemo train` under torchrun standalone (one rank: no torchrun)."""
     if nproc == 1:
-        return [PY, "-m", "mnemo.train.cli", "train", config, *overrides]
-    return [PY, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", "mnemo.train.cli",
+        return [PY, "-m", "mnemo", "train", config, *overrides]
+    return [PY, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", "mnemo",
             "train", config, *overrides]
 
 
@@ -119,7 +119,7 @@ def worker_pids(proc: subprocess.Popen) -> list[int]:
     """PIDs of the training ranks (children of torchrun) of a job started with start()."""
     import psutil
 
-    return [c.pid for c in psutil.Process(proc.pid).children(recursive=True) if "mnemo.train.cli" in " ".join(c.cmdline())]
+    return [c.pid for c in psutil.Process(proc.pid).children(recursive=True) if "-m mnemo train" in " ".join(c.cmdline())]
 
 
 def launch_worker_pid(launcher: subprocess.Popen, rank: int) -> int:

@@ -40,7 +40,7 @@ def test_slurm_job_trains_on_two_nodes_then_preempts_requeues_and_resumes(slurm_
     if not cluster.private_shm:
         pytest.skip("the two SLURM nodes cannot get their own /dev/shm here (mosaicml-streaming would collide)")
     run_dir = tmp_path / "run"
-    res = run([PY, "-m", "mnemo.train.cli", "launch", DEBUG_CONFIG, "--slurm", "--nodes", "2", "--nproc-per-node", "1",
+    res = run([PY, "-m", "mnemo", "launch", DEBUG_CONFIG, "--slurm", "--nodes", "2", "--nproc-per-node", "1",
                f"data.path={tiny_data}", f"run.dir={run_dir}", f"train.max_steps={MAX_STEPS}", "checkpoint.interval=5",
                "eval.max_docs=1", "eval.max_doc_tokens=128"], env=job_env(SLURM_CONF=str(cluster.conf)), timeout=60)
     m = re.search(r"^submitted job (\d+)$", res.stdout, re.M)

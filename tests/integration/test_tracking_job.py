@@ -30,7 +30,7 @@ STEPS = 30
 def test_one_run_per_job_through_outage_and_worker_restart(mlflow_server, tiny_data, tmp_path):  # noqa: F811
     server = mlflow_server
     run_dir = tmp_path / "run"
-    proc = start([PY, "-m", "mnemo.train.cli", "launch", DEBUG_CONFIG, "--nproc-per-node", "2", "--max-restarts", "1",
+    proc = start([PY, "-m", "mnemo", "launch", DEBUG_CONFIG, "--nproc-per-node", "2", "--max-restarts", "1",
                   f"data.path={tiny_data}", f"run.dir={run_dir}", f"train.max_steps={STEPS}", "train.log_interval=2",
                   "checkpoint.interval=10", f"tracking.uri={server.uri}", "tracking.experiment=job-test",
                   "zero.stage=2", "eval.max_docs=1", "eval.max_doc_tokens=128"], log=tmp_path / "launch.out")

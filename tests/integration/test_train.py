@@ -141,7 +141,7 @@ def test_export_matches_zero_to_fp32_and_eval_and_finetune(reference, tmp_path):
         pytest.skip("the ZeRO-3 checkpoint is the one that needs consolidation")
     ckpt = ref_dir / "checkpoints" / f"step_{STEPS:08d}"
     export_dir = tmp_path / "export"
-    run([PY, "-m", "mnemo.train.cli", "export", str(ckpt), "--out", str(export_dir)])
+    run([PY, "-m", "mnemo", "export", str(ckpt), "--out", str(export_dir)])
     from safetensors.torch import load_file
 
     ours = load_file(str(export_dir / "model.safetensors"))
