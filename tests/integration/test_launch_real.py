@@ -29,13 +29,13 @@ from tests.integration.slurm_cluster import PRIVATE_SHM
 pytestmark = pytest.mark.integration
 
 # Stand-in for ssh: every host is this machine, each in its own /dev/shm; the
-# remote commands are recorded, and node 0 starts 3 s late (order must not matter).
+# remote commands are recorded, and node 0 starts 1 s late (order must not matter).
 FAKE_SSH = """#!/bin/bash
 while [ "$1" = -o ]; do shift 2; done
 [ "$1" = -- ] && shift
 host="$1"; shift
 echo "$host: $*" >> "$(dirname "$0")/ssh.log"
-case "$*" in *"--node-rank 0 "*) sleep 3;; esac
+case "$*" in *"--node-rank 0 "*) sleep 1;; esac
 exec {private_shm} bash -c "$*"
 """
 
