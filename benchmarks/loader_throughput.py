@@ -4,7 +4,7 @@ One run, side by side, on the built-in corpus (stdlib sources):
   (a) DocumentStreams over the MDS shards: T=512, B=8, one rank;
   (b) a training step (forward + backward + AdamW) of the `debug` memory model
       (STM M=512, LTM kNN N=8192, k=32) at the same T and B, one process.
-Targets (issue 4): loader >= 20x training, and >= 1M tokens/s.
+Targets: loader >= 20x training, and >= 1M tokens/s.
 
     .venv/bin/python benchmarks/loader_throughput.py [--data DIR] [--limit-mb 8]
 """

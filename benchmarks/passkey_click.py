@@ -12,7 +12,7 @@ T = 128, STM 128, LTM 1024 in layer 2, k = 16), the answer weighted 5 and the
 rest of the episode train.answer_context_weight, and the curriculum: half of
 the batches at D = max D, half a uniform D in [0, max D]; max D starts at 1
 and grows by one when the training exact match at max D passes 0.7 (mean of
-5 checks), up to 8 (../shared/MEMORY-NOTES.md).
+5 checks), up to 8.
 
 Prints, per recipe: the step at which the exact match first passes 0.7 at
 D = 1 (the copy circuit has formed), the step at which max D reaches 8, and

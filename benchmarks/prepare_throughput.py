@@ -10,7 +10,7 @@ On the built-in corpus (the running Python's stdlib .py files, the first
       shards, merge the index, manifest) with each --workers value.
 
 Rates are tokens per second, EOS excluded on both sides; the import of
-streaming/torch (seconds, once per process) is outside the timings. Targets (issue 3):
+streaming/torch (seconds, once per process) is outside the timings. Targets:
 1 worker >= 0.85x raw; 2 workers >= 1.6x raw on 2 cores.
 
     .venv/bin/python benchmarks/prepare_throughput.py [--limit-mb 20] [--workers 1 2] [--repeat 3]

@@ -6,7 +6,7 @@ LR schedule, MLflow tracking on (sqlite), step log.
 bare: the same model, the same torch AdamW and clipping, the same batches
 (pre-read), a plain forward/backward/step loop.
 Blocks of steps alternate between the two to share the machine's noise.
-Target (issue 8): mnemo tokens/s >= 0.9x bare.
+Target: mnemo tokens/s >= 0.9x bare.
 
     .venv/bin/python benchmarks/train_loop_overhead.py [--blocks 4] [--steps 10]
 """

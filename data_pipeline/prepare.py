@@ -54,6 +54,7 @@ from pathlib import Path
 import numpy as np
 
 from mnemo.data_pipeline.errors import DataError
+from mnemo.data_pipeline.processes import die_with_parent
 from mnemo.data_pipeline.readers import (DEFAULT_MAX_DOC_BYTES, Corpus, Doc, ReadStats, WorkUnit,
                                           check_max_doc_bytes, iter_unit, plan_inputs, split_units)
 from mnemo.data_pipeline.tokenizer import Tokenizer, file_sha256, reservoir_sample, train_from_texts
@@ -69,7 +70,6 @@ COMPRESSION = "zstd"
 SKIP_REASONS = ("empty", "invalid_json", "missing_text_field", "non_string_text", "too_large", "binary_file")
 # Reasons a whole input file was passed over (counted in "skipped" too).
 FILE_REASONS = ("unsupported_file", "unreadable_file")
-DEPTHS = ("start", "middle", "end")
 # Encode this many documents / characters per SentencePiece call.
 _BATCH_DOCS = 256
 _BATCH_CHARS = 4 << 20
@@ -455,21 +455,10 @@ def _unit_entry(ctx: UnitContext, unit: WorkUnit) -> dict:
     return _run_unit(ctx, unit)
 
 
-def _die_with_parent() -> None:
-    """Linux: a worker gets SIGKILL when the main process dies (kill -9 leaves no orphans)."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
-def _init_worker(counters: _Counters) -> None:
+def _init_worker(counters: _Counters, parent: int) -> None:
     # Ctrl-C reaches the whole process group; the main process handles it.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _die_with_parent()
+    die_with_parent(parent)
     _worker["counters"] = counters
 
 
@@ -494,7 +483,7 @@ def _run_units(ctx: UnitContext, pending: list[WorkUnit], workers: int, progress
     # fork: workers start in milliseconds with the tokenizer module already imported.
     mpctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context("spawn")
     ex = cf.ProcessPoolExecutor(max_workers=min(workers, len(pending)), mp_context=mpctx,
-                                initializer=_init_worker, initargs=(counters,))
+                                initializer=_init_worker, initargs=(counters, os.getpid()))
     try:
         # Biggest units first (fewer idle workers at the end); the output order is the unit order regardless.
         futs = {ex.submit(_unit_entry, ctx, u): u for u in sorted(pending, key=lambda u: -u.est_bytes)}
@@ -540,13 +529,13 @@ def _filler_tokens(ctx: UnitContext, units: Sequence[WorkUnit], need: int) -> np
 
 def _passkey_samples(ctx: UnitContext, tok: Tokenizer, filler: np.ndarray, n: int, max_distance: int,
                      segment_len: int, seed: int) -> Iterator[dict]:
-    from mnemo.data_pipeline.passkey import make_passkey_sample
+    from mnemo.data_pipeline.passkey import DEPTHS, make_passkey_sample
 
     rng = np.random.default_rng(seed)
     dtype = np.dtype(ctx.token_dtype)
     for i in range(n):
         distance = int(rng.integers(0, max_distance + 1))
-        depth = DEPTHS[int(rng.integers(0, len(DEPTHS)))]
+        depth = list(DEPTHS)[int(rng.integers(0, len(DEPTHS)))]
         s = make_passkey_sample(tok, filler, distance, depth, segment_len, rng)
         yield {"tokens": np.asarray(s["tokens"]).astype(dtype), "doc_id": f"passkey-{i:06d}", "source": "passkey",
                "answer_start": int(s["answer_start"]), "answer_len": int(s["answer_len"])}

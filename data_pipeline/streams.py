@@ -42,6 +42,7 @@ import numpy as np
 import torch
 
 from mnemo.data_pipeline.errors import DataError
+from mnemo.data_pipeline.paths import is_remote, local_path
 from mnemo.data_pipeline.split import heldout_mask
 
 STATE_VERSION = 1
@@ -78,8 +79,8 @@ class MDSSource:
     def __init__(self, path: str, cache_dir: str | None = None):
         from streaming import StreamingDataset
 
-        remote = path if "://" in path and not path.startswith("file://") else None
-        local = cache_dir if remote else path.removeprefix("file://")
+        remote = path if is_remote(path) else None
+        local = cache_dir if remote else local_path(path)
         try:
             self.ds = StreamingDataset(remote=remote, local=local, shuffle=False, batch_size=1)
         except FileNotFoundError as e:
@@ -107,14 +108,6 @@ class SegmentBatch:
     doc_ids: torch.Tensor  # [B] int64: sample index of each slot's document (-1 = none)
     positions: torch.Tensor  # [B] int64: token offset of the segment inside its document
     epochs: torch.Tensor  # [B] int64: epoch of each slot's document
-
-    @property
-    def inputs(self) -> torch.Tensor:
-        return self.tokens[:, :-1]
-
-    @property
-    def targets(self) -> torch.Tensor:
-        return self.tokens[:, 1:]
 
 
 # ----------------------------------------------------------------- ordering

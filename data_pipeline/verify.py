@@ -56,13 +56,16 @@ def read_manifest(data_dir: str) -> dict:
     return m
 
 
-def check_tokenizer(data_dir: str, tokenizer_sha256: str) -> dict:
-    """The manifest, if the data was tokenized with the tokenizer of this hash; else DataError."""
-    m = read_manifest(data_dir)
-    if m["tokenizer_sha256"] != tokenizer_sha256:
-        raise DataError(f"data dir {data_dir} was tokenized with tokenizer sha256 {m['tokenizer_sha256'][:12]}..., "
-                        f"not {tokenizer_sha256[:12]}... (the model's tokenizer)")
-    return m
+def other_tokenizer(manifest: dict, tokenizer_sha256: str | None) -> str | None:
+    """The sha256 of the tokenizer the data was made with, when it is not ``tokenizer_sha256``; else None.
+
+    Unknown on either side (an older manifest, a tokenizer object without a
+    hash) is no mismatch. Callers raise, naming the setting at fault.
+    """
+    want = manifest.get("tokenizer_sha256")
+    if want and tokenizer_sha256 and want != tokenizer_sha256:
+        return want
+    return None
 
 
 def _shard_bytes(data_dir: str, shard: dict) -> tuple[str, bytes]:

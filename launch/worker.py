@@ -14,6 +14,8 @@ import signal
 import sys
 from typing import Mapping
 
+from mnemo.data_pipeline.processes import die_with_parent
+
 
 def describe(environ: Mapping[str, str]) -> str:
     g = environ.get
@@ -26,28 +28,6 @@ def describe(environ: Mapping[str, str]) -> str:
     if "SLURM_JOB_ID" in environ:
         parts.append(f"slurm job {g('SLURM_JOB_ID')} restart {g('SLURM_RESTART_COUNT', '0')}")
     return "mnemo worker: " + ", ".join(parts)
-
-
-def die_with_parent() -> None:
-    """Have the kernel SIGKILL this process when its parent (torchrun's agent) dies (Linux).
-
-    torchrun starts each worker in a session of its own, so a torchrun killed
-    without the chance to stop them (SIGKILL, the OOM killer) leaves the ranks
-    running, writing checkpoints into the run directory that a relaunch is
-    about to use. Checkpoints are atomic, so dying at any point loses at most
-    the steps since the last one.
-    """
-    if not sys.platform.startswith("linux"):
-        return
-    import ctypes
-
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        return
-    if os.getppid() == 1:  # the parent was already gone when we asked
-        os._exit(1)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -370,9 +370,9 @@ def model_args_of(ckpt: Path):
 def saved_config_tree(tree: dict[str, Any]) -> dict[str, Any]:
     """A checkpoint's config tree, with what older releases did where they predate a key.
 
-    memory.long.mix and .smear_keys came with release 5; before, every
-    long-term layer was gated and unsmeared (the defaults are now joint and
-    smeared), so a missing key means the old behaviour, not the new default.
+    memory.long.mix and .smear_keys are newer than some checkpoints; in
+    those, every long-term layer was gated and unsmeared (the defaults are now
+    joint and smeared), so a missing key means that behaviour, not the default.
     """
     tree = json.loads(json.dumps(tree))  # a deep copy
     long = tree.setdefault("memory", {}).setdefault("long", {})

@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 import yaml
 
-
+from mnemo.data_pipeline.paths import is_remote, local_path
 from mnemo.train.errors import UserError
 
 
@@ -460,8 +460,8 @@ def check_paths(cfg: Config) -> None:
     path = cfg.data.path
     if not path:
         raise ConfigError("data.path: not set (a data dir written by `mnemo prepare`)")
-    if "://" not in path or path.startswith("file://"):
-        local = Path(path.removeprefix("file://"))
+    if not is_remote(path):
+        local = Path(local_path(path))
         if not local.is_dir():
             raise ConfigError(f"data.path: no such directory: {local}")
         if not (local / "index.json").is_file():
@@ -479,7 +479,7 @@ def check_paths(cfg: Config) -> None:
 def tokenizer_path(cfg: Config) -> str:
     if cfg.data.tokenizer:
         return cfg.data.tokenizer
-    return str(Path(cfg.data.path.removeprefix("file://")) / "tokenizer.model")
+    return str(Path(local_path(cfg.data.path)) / "tokenizer.model")
 
 
 def to_dict(cfg: Config) -> dict:

@@ -5,8 +5,7 @@ suddenly: the answer loss sits at chance until a copy circuit forms, and
 whether it forms within a few hundred steps depends on what each batch asks
 (docs/demo.md has the measurements). Passkey documents mixed into the
 document stream did not get there in 700 steps, in eight variants. What did
-is the episode of ../shared/MEMORY-NOTES.md, reproduced by
-benchmarks/passkey_click.py:
+is the episode below, measured by benchmarks/passkey_click.py:
 
 - every row of the batch is one fresh passkey document of D + 1 segments
   (key in segment 0, question at the end of segment D, filler drawn anew

@@ -23,7 +23,6 @@ calls for the same inputs, so all ranks of a ZeRO-3 job can call it together.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import sys
 import time
@@ -369,14 +368,6 @@ def passkey_report(model: Any, tokenizer: Any, filler_docs: Any, segment_len: in
     return rep
 
 
-def passkey_accuracy(model: Any, tokenizer: Any, filler_docs: Any, segment_len: int, distances: Sequence[int],
-                     depths: Sequence[str] = tuple(DEPTHS), trials: int = 30, seed: int = 0,
-                     batch_size: int = 16) -> dict[str, float]:
-    """{str(D): exact-match accuracy in [0, 1]} (see passkey_report for per-depth results)."""
-    return passkey_report(model, tokenizer, filler_docs, segment_len, distances, depths, trials, seed,
-                          batch_size)["accuracy"]
-
-
 # ------------------------------------------------------------------ evaluate
 
 
@@ -606,12 +597,14 @@ FILLER_TOKENS = 1 << 20
 
 
 def check_data_tokenizer(data_dir: str, tokenizer: Any) -> None:
+    from mnemo.data_pipeline.verify import other_tokenizer, read_json_file
+
     manifest = Path(data_dir) / "manifest.json"
     if not manifest.is_file():
         return
-    want = json.loads(manifest.read_text()).get("tokenizer_sha256")
     have = getattr(tokenizer, "sha256", None)
-    if want and have and want != have:
+    want = other_tokenizer(read_json_file(str(manifest), "the dataset's manifest"), have)
+    if want:
         raise UserError(f"--data: {manifest} was tokenized with tokenizer {want[:12]}, the checkpoint uses "
                         f"{have[:12]}")
 

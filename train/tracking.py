@@ -59,10 +59,10 @@ DEFAULT_EXPERIMENT = "mnemo"
 PARENT_RUN_TAG = "mnemo.parent_run_id"
 FALLBACK_FILE = "logs/metrics_fallback.jsonl"
 
-# What a launcher should put in the job's environment (with setdefault, so a
+# What each rank puts in its own environment (with setdefault, so a
 # user's own values win). MLflow reads these from os.environ on every request
-# and offers no per-client argument; library code must not write os.environ
-# (STYLE.md 7), so launch/ applies them. Without them the health probe below
+# and offers no per-client argument; library code must not write os.environ,
+# so a rank applies them at start-up (train/rankenv.py). Without them the health probe below
 # still catches a dead server; they bound the rare request that is already in
 # flight when the server dies (default: 7 retries, backoff 2 s doubling up to
 # 120 s, 120 s timeout = minutes of a stuck sender, with points piling up).
@@ -281,19 +281,6 @@ class Tracker:
             log.warning("tracking: artifact %s does not exist; not logged", path)
             return
         self._buf.append(("artifact", str(Path(path).resolve()), artifact_path))
-
-    def log_figure(self, fig: Any, name: str) -> None:
-        """Log a matplotlib figure (saved as <run_dir>/figures/<name>.png) or a PNG path, under figures/."""
-        if self._off:
-            return
-        if isinstance(fig, (str, os.PathLike)):
-            self.log_artifact(str(fig), "figures")
-            return
-        rel = Path(name if name.endswith(".png") else name + ".png")
-        dest = self.run_dir / "figures" / rel
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(dest, dpi=100)
-        self.log_artifact(str(dest), str(Path("figures") / rel.parent) if rel.parent.parts else "figures")
 
     def flush(self, timeout: float = 30) -> None:
         """Wait until everything logged so far is on the server, or (server away) in the fallback file."""

@@ -28,7 +28,9 @@ from typing import Any
 
 import torch
 
+from mnemo.data_pipeline.paths import local_path
 from mnemo.data_pipeline.tokenizer import file_sha256
+from mnemo.data_pipeline.verify import other_tokenizer, read_manifest as read_data_manifest
 from mnemo.train.bptt import bptt_window_loss
 from mnemo.train.config import Config, check_paths, flatten, tokenizer_path, to_dict, to_yaml
 from mnemo.train.errors import UserError
@@ -68,10 +70,11 @@ def dist_info() -> DistInfo:
 
 
 def read_manifest(cfg: Config) -> dict[str, Any]:
-    p = Path(cfg.data.path.removeprefix("file://")) / "manifest.json"
+    data_dir = local_path(cfg.data.path)
+    p = Path(data_dir) / "manifest.json"
     if not p.is_file():
         raise UserError(f"data.path: {p} is missing (write the data dir with `mnemo prepare`)")
-    return json.loads(p.read_text())
+    return read_data_manifest(data_dir)
 
 
 def lr_lambda(cfg: Config):
@@ -235,9 +238,10 @@ def train(cfg: Config) -> dict[str, Any]:
     manifest = read_manifest(cfg)
     tok_file = tokenizer_path(cfg)
     tok_sha = file_sha256(tok_file)
-    if manifest.get("tokenizer_sha256") and manifest["tokenizer_sha256"] != tok_sha:
+    want = other_tokenizer(manifest, tok_sha)
+    if want:
         raise UserError(f"data.tokenizer: {tok_file} is not the tokenizer the data in {cfg.data.path} was made with "
-                        f"(sha256 {tok_sha[:12]} != manifest {manifest['tokenizer_sha256'][:12]})")
+                        f"(sha256 {tok_sha[:12]} != manifest {want[:12]})")
     vocab_size = int(manifest["vocab_size"])
 
     import deepspeed
@@ -383,7 +387,7 @@ def _train_locked(cfg: Config, info: DistInfo, run_dir: Path, manifest: dict[str
         tracker.log_params(params)
         tracker.log_artifact(str(run_dir / "config.yaml"))
         tracker.log_artifact(tok_file)
-        mf = Path(cfg.data.path.removeprefix("file://")) / "manifest.json"
+        mf = Path(local_path(cfg.data.path)) / "manifest.json"
         tracker.log_artifact(str(mf))
         tracker.set_tags({"mnemo.restart": str(info.restart), "mnemo.slurm_restart": str(info.requeue),
                           "mnemo.resumed_from": resume_path.name if resume_path else ""})
@@ -396,8 +400,7 @@ def _train_locked(cfg: Config, info: DistInfo, run_dir: Path, manifest: dict[str
     loop = TrainLoop(cfg, engine, streams, state, info, device, tracker, steplog, model_flops=model.flops_per_token(
         cfg.model.segment_len), use_cuda=use_cuda, dtype=dtype, episodes=episodes)
     meta_base = {"world_size": info.world_size, "zero_stage": cfg.zero.stage, "config": to_dict(cfg),
-                 "tokenizer_sha256": tok_sha, "manifest_sha256": file_sha256(str(Path(
-                     cfg.data.path.removeprefix("file://")) / "manifest.json")),
+                 "tokenizer_sha256": tok_sha, "manifest_sha256": file_sha256(str(Path(local_path(cfg.data.path)) / "manifest.json")),
                  "num_documents": manifest.get("num_documents"), "model_args": dataclasses.asdict(args),
                  "num_params": n_params}
 

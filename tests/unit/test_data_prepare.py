@@ -1,4 +1,4 @@
-"""`mnemo prepare` (issue 3): round trip, worker-count independence, resume, bad input, manifest, remotes."""
+"""`mnemo prepare`: round trip, worker-count independence, resume, bad input, manifest, remotes."""
 
 from __future__ import annotations
 

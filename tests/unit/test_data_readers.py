@@ -1,4 +1,4 @@
-"""Corpus readers (issue 3): every input format, work-unit splitting, and each bad input."""
+"""Corpus readers: every input format, work-unit splitting, and each bad input."""
 
 from __future__ import annotations
 

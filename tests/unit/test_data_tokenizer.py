@@ -1,4 +1,4 @@
-"""Tokenizer (issue 3): lossless SentencePiece settings, reserved ids, sampling, errors."""
+"""Tokenizer: lossless SentencePiece settings, reserved ids, sampling, errors."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Invariants of the document-stream loader (issue 4)."""
+"""Invariants of the document-stream loader."""
 
 from __future__ import annotations
 

@@ -63,3 +63,16 @@ def test_worker_dies_when_its_parent_is_killed(tmp_path):
     finally:
         if _alive(orphan):
             os.kill(orphan, signal.SIGKILL)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_child_whose_parent_is_already_gone_exits_at_once():
+    # `parent` is the pid the parent passed down: a different parent now means the real one died first.
+    code = ("import os, sys; sys.path.insert(0, {repo!r}); from mnemo.data_pipeline.processes import die_with_parent; "
+            "die_with_parent({parent}); print('alive')")
+    gone = subprocess.run([sys.executable, "-c", code.format(repo=str(REPO), parent="os.getppid() + 1")],
+                          capture_output=True, text=True, timeout=60)
+    assert (gone.returncode, gone.stdout) == (1, "")
+    here = subprocess.run([sys.executable, "-c", code.format(repo=str(REPO), parent="os.getppid()")],
+                          capture_output=True, text=True, timeout=60)
+    assert (here.returncode, here.stdout) == (0, "alive\n")

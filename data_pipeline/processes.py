@@ -1,0 +1,34 @@
+"""Child processes that do not outlive their parent."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def die_with_parent(parent: int | None = None) -> None:
+    """Have the kernel SIGKILL this process when its parent dies (Linux; elsewhere nothing).
+
+    A parent killed without the chance to stop its children (SIGKILL, the OOM
+    killer) would otherwise leave them running: torchrun's ranks writing
+    checkpoints into a run directory a relaunch is about to use, or `mnemo
+    prepare`'s pool workers writing shards. The request covers only a parent
+    that dies after it is made, so a parent already gone means exiting at
+    once: gone when this process's parent is no longer ``parent`` (the pid
+    the parent passed down), or, without it, when the parent is init (pid 1:
+    the orphan was re-parented).
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent if parent is not None else os.getppid() == 1:
+        os._exit(1)
