@@ -49,7 +49,7 @@ def read_manifest(data_dir: str) -> dict:
     """manifest.json of a dataset written by `mnemo prepare` (DataError if absent)."""
     if not os.path.isdir(data_dir):
         raise DataError(f"data dir {data_dir}: no such directory")
-    m = read_json_file(os.path.join(data_dir, "manifest.json"), "not a dataset written by mnemo prepare")
+    m = read_json_file(os.path.join(data_dir, "manifest.json"), "dataset manifest (written by mnemo prepare)")
     for key in ("tokenizer_sha256", "vocab_size", "eos_id", "token_dtype", "num_documents", "num_tokens"):
         if key not in m:
             raise DataError(f"{data_dir}/manifest.json: no {key!r} (not written by mnemo prepare?)")
