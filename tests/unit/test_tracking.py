@@ -76,7 +76,9 @@ def test_params_metrics_tags_artifacts_land_and_log_metrics_is_fast(store, clien
     for step in range(n):  # the asynchronous path: the caller only queues
         t.log_metrics({f"m{i}": step + i for i in range(10)}, step=step)
     per_call = (time.perf_counter() - t0) / n
-    assert per_call < 200e-6, f"log_metrics took {per_call * 1e6:.0f} us per call"
+    # What this must catch is a synchronous write per call: one MLflow log_batch of 10 metrics to a sqlite
+    # store costs ~5 ms here. 1 ms is 5x under that, and far above a queue put on a slow or busy machine.
+    assert per_call < 1e-3, f"log_metrics took {per_call * 1e6:.0f} us per call"
     cfg = tmp_path / "config.yaml"
     cfg.write_text("train:\n  lr: 0.001\n")
     t.log_artifact(str(cfg))
@@ -193,7 +195,8 @@ def test_other_ranks_and_disabled_are_noops(tmp_path):
         t.log_artifact(__file__)
         t.flush()
         t.close()
-        assert time.perf_counter() - t0 < 0.05
+        # No-ops: 1,000 synchronous writes would take ~5 s (see above); 1 s leaves any machine room.
+        assert time.perf_counter() - t0 < 1.0
     assert not (tmp_path / "r1").exists() and not (tmp_path / "r0").exists()
 
 
