@@ -46,7 +46,6 @@ def main() -> None:
     ap.add_argument("--train-steps", type=int, default=6)
     args = ap.parse_args()
 
-    import numpy as np
     import torch
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))

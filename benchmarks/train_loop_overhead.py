@@ -113,8 +113,9 @@ def main() -> None:
             t_bare += time.perf_counter() - t0
         tracker.close()
         tok = args.blocks * args.steps * args.batch_size * args.segment_len
-        print(f"bare PyTorch loop : {tok / t_bare:9.0f} tokens/s ({t_bare / (args.blocks * args.steps) * 1e3:.1f} ms/step)")
-        print(f"mnemo trainer step: {tok / t_mnemo:9.0f} tokens/s ({t_mnemo / (args.blocks * args.steps) * 1e3:.1f} ms/step, "
+        n_steps = args.blocks * args.steps
+        print(f"bare PyTorch loop : {tok / t_bare:9.0f} tokens/s ({t_bare / n_steps * 1e3:.1f} ms/step)")
+        print(f"mnemo trainer step: {tok / t_mnemo:9.0f} tokens/s ({t_mnemo / n_steps * 1e3:.1f} ms/step, "
               "DeepSpeed ZeRO 2, 1 rank, tracking on)")
         print(f"ratio mnemo/bare = {t_bare / t_mnemo:.3f} (target >= 0.9)")
     finally:

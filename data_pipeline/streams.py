@@ -61,7 +61,8 @@ class DocumentSource(Protocol):
 class ArraySource:
     """In-memory documents (tests, synthetic data)."""
 
-    def __init__(self, docs: Sequence[np.ndarray], shard_size: int = 0, answers: Sequence[tuple[int, int]] | None = None):
+    def __init__(self, docs: Sequence[np.ndarray], shard_size: int = 0,
+                 answers: Sequence[tuple[int, int]] | None = None):
         self.docs = [np.asarray(d) for d in docs]
         self.num_samples = len(self.docs)
         n, s = self.num_samples, shard_size or max(1, self.num_samples)
@@ -252,7 +253,8 @@ class DocumentStreams:
             slot.offset = o + T
         self.batches += 1
         w = torch.from_numpy(weight)
-        return SegmentBatch(tokens=torch.from_numpy(tokens), mask=torch.from_numpy(real), weight=w, reset=torch.from_numpy(reset),
+        return SegmentBatch(tokens=torch.from_numpy(tokens), mask=torch.from_numpy(real), weight=w,
+                            reset=torch.from_numpy(reset),
                             doc_ids=torch.from_numpy(doc_ids), positions=torch.from_numpy(positions),
                             epochs=torch.from_numpy(epochs))
 

@@ -66,7 +66,8 @@ def register(subparsers) -> None:
     g.add_argument("--nnodes", type=int, default=None, help="number of nodes of the job")
     g.add_argument("--node-rank", type=int, default=None, help="this node's index, 0..nnodes-1")
     g.add_argument("--master-addr", default=None, help="address of node 0 (the rendezvous)")
-    g.add_argument("--master-port", type=int, default=None, help="rendezvous port (default 29500; --slurm: 20000 + job id %% 20000)")
+    g.add_argument("--master-port", type=int, default=None,
+                   help="rendezvous port (default 29500; --slurm: 20000 + job id %% 20000)")
     g.add_argument("--rdzv-id", default=None, help=argparse.SUPPRESS)
     g.add_argument("--stop-on-stdin-eof", action="store_true", help=argparse.SUPPRESS)
     g.add_argument("--env-from-stdin", action="store_true", help=argparse.SUPPRESS)
@@ -118,7 +119,8 @@ def _check_flags(args: argparse.Namespace) -> str:
             if v is not None:
                 raise UserError(f"{flag} cannot be combined with {which} (it decides the nodes)")
         if args.slurm and args.master_addr is not None:
-            raise UserError("--master-addr cannot be combined with --slurm (the first node of the allocation is the rendezvous)")
+            raise UserError("--master-addr cannot be combined with --slurm "
+                            "(the first node of the allocation is the rendezvous)")
         return "hostfile" if args.hostfile else "slurm"
     if args.nnodes is not None and args.nnodes > 1:
         if args.node_rank is None:

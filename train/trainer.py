@@ -130,7 +130,7 @@ def deepspeed_config(cfg: Config, use_bf16: bool, use_cuda: bool) -> dict[str, A
 
 def param_groups(model: torch.nn.Module, weight_decay: float):
     decay, no_decay = [], []
-    for name, p in model.named_parameters():
+    for p in model.parameters():
         # ZeRO-3 partitioned parameters are empty 1-D tensors: use their real shape.
         ndim = len(getattr(p, "ds_shape", p.shape))
         (decay if ndim >= 2 else no_decay).append(p)  # norms, gates, temperatures: no decay
@@ -400,7 +400,8 @@ def _train_locked(cfg: Config, info: DistInfo, run_dir: Path, manifest: dict[str
     loop = TrainLoop(cfg, engine, streams, state, info, device, tracker, steplog, model_flops=model.flops_per_token(
         cfg.model.segment_len), use_cuda=use_cuda, dtype=dtype, episodes=episodes)
     meta_base = {"world_size": info.world_size, "zero_stage": cfg.zero.stage, "config": to_dict(cfg),
-                 "tokenizer_sha256": tok_sha, "manifest_sha256": file_sha256(str(Path(local_path(cfg.data.path)) / "manifest.json")),
+                 "tokenizer_sha256": tok_sha,
+                 "manifest_sha256": file_sha256(Path(local_path(cfg.data.path)) / "manifest.json"),
                  "num_documents": manifest.get("num_documents"), "model_args": dataclasses.asdict(args),
                  "num_params": n_params}
 
@@ -593,8 +594,8 @@ class _InfGradient(torch.autograd.Function):
 class TrainLoop:
     """The per-step work, kept apart from start-up and shutdown."""
 
-    def __init__(self, cfg: Config, engine, streams, state, info: DistInfo, device, tracker, steplog, model_flops: float,
-                 use_cuda: bool, dtype: torch.dtype = torch.float32, episodes=None):
+    def __init__(self, cfg: Config, engine, streams, state, info: DistInfo, device, tracker, steplog,
+                 model_flops: float, use_cuda: bool, dtype: torch.dtype = torch.float32, episodes=None):
         self.cfg, self.engine, self.streams, self.state = cfg, engine, streams, state
         self.info, self.device, self.tracker, self.steplog = info, device, tracker, steplog
         self.model_flops, self.use_cuda = model_flops, use_cuda

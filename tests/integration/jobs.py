@@ -52,10 +52,13 @@ def train_cmd(nproc: int, overrides: list[str], config: str = DEBUG_CONFIG) -> l
             "train", config, *overrides]
 
 
-def run(cmd: list[str], timeout: float = 300, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
-    res = subprocess.run(cmd, cwd=user_project_dir(), env=env or job_env(), capture_output=True, text=True, timeout=timeout)
+def run(cmd: list[str], timeout: float = 300, env: dict | None = None,
+        check: bool = True) -> subprocess.CompletedProcess:
+    res = subprocess.run(cmd, cwd=user_project_dir(), env=env or job_env(), capture_output=True, text=True,
+                         timeout=timeout)
     if check and res.returncode != 0:
-        raise AssertionError(f"command failed ({res.returncode}): {' '.join(cmd)}\n{res.stdout[-3000:]}\n{res.stderr[-6000:]}")
+        raise AssertionError(f"command failed ({res.returncode}): {' '.join(cmd)}\n"
+                             f"{res.stdout[-3000:]}\n{res.stderr[-6000:]}")
     return res
 
 
@@ -119,7 +122,8 @@ def worker_pids(proc: subprocess.Popen) -> list[int]:
     """PIDs of the training ranks (children of torchrun) of a job started with start()."""
     import psutil
 
-    return [c.pid for c in psutil.Process(proc.pid).children(recursive=True) if "-m mnemo train" in " ".join(c.cmdline())]
+    return [c.pid for c in psutil.Process(proc.pid).children(recursive=True)
+            if "-m mnemo train" in " ".join(c.cmdline())]
 
 
 def launch_worker_pid(launcher: subprocess.Popen, rank: int) -> int:

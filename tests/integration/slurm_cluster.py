@@ -112,6 +112,7 @@ class SlurmCluster:
         for d in ("state", "spool", "log"):
             (self.root / d).mkdir(parents=True, exist_ok=True)
         mem_kb = int(re.search(r"MemTotal:\s+(\d+)", Path("/proc/meminfo").read_text()).group(1))
+        mem_mb = int(mem_kb / 1024 * 0.8)  # RealMemory: 80% of this host's memory
         ports = [_free_port() for _ in range(3)]
         r = self.root
         self.conf.write_text(
@@ -143,7 +144,7 @@ SlurmdPidFile={r}/slurmd.%n.pid
 SlurmctldLogFile={r}/log/slurmctld.log
 SlurmdLogFile={r}/log/slurmd.%n.log
 SlurmdParameters=config_overrides
-NodeName=n[1-2] NodeHostname=localhost NodeAddr=127.0.0.1 Port=[{ports[1]},{ports[2]}] CPUs=4 RealMemory={int(mem_kb / 1024 * 0.8)}
+NodeName=n[1-2] NodeHostname=localhost NodeAddr=127.0.0.1 Port=[{ports[1]},{ports[2]}] CPUs=4 RealMemory={mem_mb}
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 """
         )

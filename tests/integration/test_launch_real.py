@@ -49,7 +49,8 @@ def _free_port() -> int:
 
 
 def _launch(args: list[str], log: Path, env: dict, prefix: list[str] = ()) -> subprocess.Popen:
-    return subprocess.Popen([*prefix, PY, "-m", "mnemo", "launch", DEBUG_CONFIG, *args], cwd=user_project_dir(), env=env,
+    return subprocess.Popen([*prefix, PY, "-m", "mnemo", "launch", DEBUG_CONFIG, *args], cwd=user_project_dir(),
+                            env=env,
                             stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
 
 

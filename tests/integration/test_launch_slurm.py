@@ -31,7 +31,8 @@ def _wait_for_step(cluster, job_id: str, run_dir: Path, step: int, timeout: floa
         if state in ("FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "COMPLETED"):
             break
         time.sleep(0.1)
-    logs = "\n".join(p.read_text()[-3000:] for p in sorted((run_dir / "logs").glob("*.log*")) + sorted((run_dir / "logs").glob("*.out")))
+    files = sorted((run_dir / "logs").glob("*.log*")) + sorted((run_dir / "logs").glob("*.out"))
+    logs = "\n".join(p.read_text()[-3000:] for p in files)
     raise AssertionError(f"job {job_id} ({cluster.job_field(job_id, 'JobState')}) did not reach step {step}:\n{logs}")
 
 
@@ -67,7 +68,8 @@ def test_slurm_job_trains_on_two_nodes_then_preempts_requeues_and_resumes(slurm_
     logs = {i: (run_dir / "logs" / f"node{i}.log").read_text() for i in (0, 1)}
     for i, log in logs.items():
         for restart in (0, 1):
-            assert re.search(rf"mnemo worker: node {i}/2, rank [01]/2, local_rank 0, restart 0, slurm job {job} restart {restart}", log)
+            assert re.search(rf"mnemo worker: node {i}/2, rank [01]/2, local_rank 0, restart 0, "
+                             rf"slurm job {job} restart {restart}", log)
         assert "got SIGUSR1: sent SIGUSR1 to 1 worker(s)" in log
     both = logs[0] + logs[1]
     saved = re.findall(r"saved checkpoint \S*step_0*(\d+) \(preempted\)", both)

@@ -18,7 +18,7 @@ def mnemo(*args: str, cwd=REPO) -> subprocess.CompletedProcess:
 
 def assert_one_line_error(res: subprocess.CompletedProcess, *needles: str) -> None:
     assert res.returncode != 0
-    lines = [l for l in res.stderr.strip().splitlines() if l.strip()]
+    lines = [line for line in res.stderr.strip().splitlines() if line.strip()]
     assert lines and lines[-1].startswith("mnemo: error:"), res.stderr
     assert "Traceback" not in res.stderr, res.stderr
     for n in needles:

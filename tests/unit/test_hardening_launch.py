@@ -200,7 +200,8 @@ def _stubs(ws: Path) -> Path:
     d.mkdir()
     (d / "srun").write_text('#!/bin/bash\nprintf "%s\\0" "$@" > "$SRUN_ARGV"\n')
     (d / "scontrol").write_text(
-        '#!/bin/bash\ncase "$2" in hostnames) echo node-a ;; node) echo "NodeName=node-a NodeAddr=10.0.0.5 x" ;; esac\n')
+        '#!/bin/bash\ncase "$2" in hostnames) echo node-a ;; '
+        'node) echo "NodeName=node-a NodeAddr=10.0.0.5 x" ;; esac\n')
     for f in d.iterdir():
         f.chmod(0o755)
     return d

@@ -210,8 +210,11 @@ def engine(world1, data, tmp_path_factory):
     cfg = config(data, tmp_path_factory.mktemp("unused"))
     model = MemoryTransformer(trainer.model_args_from_config(cfg, VOCAB))
     opt = torch.optim.AdamW(trainer.param_groups(model, 0.1), lr=cfg.train.lr)
+    def schedule(o):
+        return torch.optim.lr_scheduler.LambdaLR(o, trainer.lr_lambda(cfg))
+
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=trainer.deepspeed_config(cfg, False, False),
-                                      lr_scheduler=lambda o: torch.optim.lr_scheduler.LambdaLR(o, trainer.lr_lambda(cfg)))
+                                      lr_scheduler=schedule)
     return engine
 
 
@@ -224,8 +227,8 @@ def make_loop(engine, data, tmp_path, policy: str):
     B, T = cfg.train.batch_size, cfg.model.segment_len
     state = engine.module.init_state(B)
     steplog = trainer.StepLog(tmp_path / "steps.jsonl", True)
-    return trainer.TrainLoop(cfg, engine, StandInStreams(B, T, VOCAB), state, info, torch.device("cpu"), Metrics(), steplog,
-                         model_flops=1.0, use_cuda=False)
+    return trainer.TrainLoop(cfg, engine, StandInStreams(B, T, VOCAB), state, info, torch.device("cpu"), Metrics(),
+                             steplog, model_flops=1.0, use_cuda=False)
 
 
 def weights(engine) -> list[torch.Tensor]:

@@ -41,7 +41,8 @@ def test_pythonpath_adds_the_checkout_only_where_mnemo_is_not_installed(monkeypa
     assert pythonpath_with_root({"PYTHONPATH": "/x"}) == "/x"
     monkeypatch.setattr(env_mod, "mnemo_installed", lambda: False)
     assert pythonpath_with_root({}) == root
-    assert pythonpath_with_root({"PYTHONPATH": f"/x{os.pathsep}{root}{os.pathsep}/y"}) == os.pathsep.join([root, "/x", "/y"])
+    mixed = {"PYTHONPATH": f"/x{os.pathsep}{root}{os.pathsep}/y"}
+    assert pythonpath_with_root(mixed) == os.pathsep.join([root, "/x", "/y"])
 
 
 def test_forwarded_env_picks_prefixes_and_names_only():

@@ -43,7 +43,7 @@ def test_cli_and_worker_run_from_a_folder_holding_train_py_and_model(tmp_path):
     (tmp_path / "data" / "index.json").write_text("{}")
     (tmp_path / "data" / "tokenizer.model").write_bytes(b"")
     res = subprocess.run([sys.executable, "-m", "mnemo", "launch", DEBUG_CONFIG, "--slurm", "--dry-run",
-                          f"run.dir={tmp_path / 'run'}", f"data.path={tmp_path / 'data'}"], cwd=user, env=job_env(), capture_output=True, text=True,
-                         timeout=120)
+                          f"run.dir={tmp_path / 'run'}", f"data.path={tmp_path / 'data'}"],
+                         cwd=user, env=job_env(), capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert "-m mnemo launch" in res.stdout and " -m train." not in res.stdout

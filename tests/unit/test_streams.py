@@ -180,7 +180,7 @@ def test_resume_on_other_world_size_loses_nothing_repeats_no_finished(old_world,
     old_batches = [[next(s) for _ in range(25 + 7 * r)] for r, s in enumerate(old)]  # ranks at different points
     states = [s.state_dict() for s in old]
     finished, in_flight = set(), set()  # of (epoch, doc)
-    for r, bs in enumerate(old_batches):
+    for bs in old_batches:
         for (e, d), toks in reconstruct(bs, T).items():
             (finished if len(toks) >= len(docs[d]) else in_flight).add((e, d))
     new = [streams(src, rank=r, world=new_world, B=B, T=T) for r in range(new_world)]
@@ -197,7 +197,7 @@ def test_resume_on_other_world_size_loses_nothing_repeats_no_finished(old_world,
         assert not (aft & fin), "a finished document was repeated"
         assert {d for (ee, d) in in_flight if ee == e} <= aft, "an in-flight document was lost"
         assert fin | aft == set(range(len(docs))), "a document was lost"
-    for (e, d), toks in after.items():
+    for (_, d), toks in after.items():
         assert toks[: min(len(toks), len(docs[d]))] == docs[d][: len(toks)].tolist()  # restarted from the start
 
 

@@ -1,4 +1,7 @@
-"""mnemo.train.tracking against a real sqlite MLflow store (one store shared by the module: creating it takes seconds)."""
+"""mnemo.train.tracking against a real sqlite MLflow store.
+
+One store is shared by the module: creating it takes seconds.
+"""
 
 from __future__ import annotations
 
