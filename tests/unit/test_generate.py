@@ -20,13 +20,7 @@ from mnemo.train.generate import SegmentReader, TextStreamer, generate, sample_n
 T = 16
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny matmuls on a shared 2-core machine: a second thread only adds contention (10x slower seen).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(vocab: int, seed: int = 0) -> MemoryTransformer:

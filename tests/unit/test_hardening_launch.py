@@ -27,23 +27,18 @@ from pathlib import Path
 import pytest
 
 from mnemo.cli import main
+from tests.unit.launch_workspace import clear_forwarded_env, stub_data_dir
 
 SECRET = "S3cr3tPassw0rd"
 SECRET_URI = f"http://alice:{SECRET}@127.0.0.1:1"
-FORWARDED_PREFIXES = ("NCCL_", "MLFLOW_", "MNEMO_", "GLOO_", "TORCH_", "DS_", "FI_", "UCX_", "SLURM", "AWS_")
 
 
 @pytest.fixture
 def ws(tmp_path, monkeypatch):
     """A working dir with a valid config, a two-host hostfile and a clean environment."""
-    for k in list(os.environ):
-        if k.startswith(FORWARDED_PREFIXES) or k in ("PYTHONPATH", "OMP_NUM_THREADS", "HF_HOME"):
-            monkeypatch.delenv(k)
+    clear_forwarded_env(monkeypatch)
     monkeypatch.setenv("PATH", "/usr/local/bin:/usr/bin:/bin")
-    data = tmp_path / "data"
-    data.mkdir()
-    (data / "index.json").write_text("{}")
-    (data / "tokenizer.model").write_text("")
+    data = stub_data_dir(tmp_path / "data")
     (tmp_path / "c.yaml").write_text(f"run:\n  dir: runs/g\ndata:\n  path: {data}\n")
     (tmp_path / "hosts").write_text("worker-0 slots=1\nworker-1 slots=1\n")
     monkeypatch.chdir(tmp_path)
@@ -211,13 +206,8 @@ def test_sbatch_script_with_hostile_values_parses_back_exactly(tmp_path, capsys,
     ws = tmp_path / f"w{HOSTILE.replace('%', '')}"  # the working directory itself is hostile
     ws.mkdir()
     monkeypatch.chdir(ws)
-    for k in list(os.environ):
-        if k.startswith(FORWARDED_PREFIXES):
-            monkeypatch.delenv(k)
-    data = tmp_path / "data"
-    data.mkdir()
-    (data / "index.json").write_text("{}")
-    (data / "tokenizer.model").write_text("")
+    clear_forwarded_env(monkeypatch)
+    data = stub_data_dir(tmp_path / "data")
     config = ws / f"c{HOSTILE.replace('%', '')}.yaml"
     config.write_text(f"data:\n  path: {data}\n")
     run_dir = f"runs/{HOSTILE}"
@@ -253,14 +243,9 @@ def test_hostfile_commands_with_hostile_values_run_exactly(tmp_path, capsys, mon
     ws = tmp_path / f"w{HOSTILE}"  # the working directory the remote shell cd's into
     ws.mkdir()
     monkeypatch.chdir(ws)
-    for k in list(os.environ):
-        if k.startswith(FORWARDED_PREFIXES):
-            monkeypatch.delenv(k)
+    clear_forwarded_env(monkeypatch)
     monkeypatch.setenv("MNEMO_TAG", HOSTILE)
-    data = tmp_path / "data"
-    data.mkdir()
-    (data / "index.json").write_text("{}")
-    (data / "tokenizer.model").write_text("")
+    data = stub_data_dir(tmp_path / "data")
     config = ws / f"c{HOSTILE}.yaml"
     config.write_text(f"data:\n  path: {data}\n")
     (ws / "hosts").write_text("n0 slots=1\n")

@@ -18,23 +18,18 @@ import pytest
 
 from mnemo.launch.env import package_root
 from mnemo.cli import main
+from tests.unit.launch_workspace import clear_forwarded_env, stub_data_dir
 
-FORWARDED_PREFIXES = ("NCCL_", "MLFLOW_", "MNEMO_", "GLOO_", "TORCH_", "DS_", "FI_", "UCX_", "SLURM")
 
 
 @pytest.fixture
 def ws(tmp_path, monkeypatch):
     """A working dir with a valid config (data dir checks pass) and a clean environment."""
-    for k in list(os.environ):
-        if k.startswith(FORWARDED_PREFIXES) or k in ("PYTHONPATH", "OMP_NUM_THREADS", "HF_HOME"):
-            monkeypatch.delenv(k)
+    clear_forwarded_env(monkeypatch)
     monkeypatch.setenv("PATH", "/usr/local/bin:/usr/bin:/bin")
     monkeypatch.setenv("NCCL_DEBUG", "INFO")
     monkeypatch.setenv("MNEMO_TAG", "a b")
-    data = tmp_path / "data"
-    data.mkdir()
-    (data / "index.json").write_text("{}")
-    (data / "tokenizer.model").write_text("")
+    data = stub_data_dir(tmp_path / "data")
     (tmp_path / "c.yaml").write_text(f"run:\n  dir: runs/g\ndata:\n  path: {data}\n")
     (tmp_path / "hosts").write_text("# two workers\nworker-0 slots=2\n\nworker-1 slots=2  # spare\n")
     monkeypatch.chdir(tmp_path)

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from tests.integration.jobs import DEBUG_CONFIG, job_env, user_project_dir
+from tests.unit.launch_workspace import stub_data_dir
 
 BARE = ("train", "model", "launch", "data_pipeline")
 
@@ -39,9 +40,7 @@ def test_cli_and_worker_run_from_a_folder_holding_train_py_and_model(tmp_path):
     res = _py("import mnemo.launch.worker, mnemo.train.trainer, mnemo.data_pipeline.streams; print('ok')", user)
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr
     # The generated sbatch script starts `python -m mnemo`, never a bare module.
-    (tmp_path / "data").mkdir()
-    (tmp_path / "data" / "index.json").write_text("{}")
-    (tmp_path / "data" / "tokenizer.model").write_bytes(b"")
+    stub_data_dir(tmp_path / "data")
     res = subprocess.run([sys.executable, "-m", "mnemo", "launch", DEBUG_CONFIG, "--slurm", "--dry-run",
                           f"run.dir={tmp_path / 'run'}", f"data.path={tmp_path / 'data'}"],
                          cwd=user, env=job_env(), capture_output=True, text=True, timeout=120)
