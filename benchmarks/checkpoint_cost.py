@@ -46,8 +46,11 @@ def save_throughput(size: str, repeats: int, tmp: Path) -> None:
     args = ModelArgs.from_size(size, 32000, stm_length=64)
     model = MemoryTransformer(args)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config={
-        "train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 2}, "steps_per_print": 1 << 30})
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        optimizer=opt,
+        config={"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 2}, "steps_per_print": 1 << 30},
+    )
     tokens = torch.randint(0, 32000, (1, 16))
     logits, _ = engine(tokens, engine.module.init_state(1))
     engine.backward(logits.float().mean())
@@ -88,14 +91,29 @@ def relaunch_latency(tmp: Path) -> None:
         shutil.copy(f, corpus)
     py = sys.executable
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    subprocess.run([py, "-m", "mnemo", "prepare", "--input", str(corpus), "--out", str(tmp / "data"),
-                    "--vocab-size", "512"], check=True, env=env, capture_output=True, cwd=REPO)
-    base = [py, "-m", "mnemo", "train", str(REPO / "configs/debug.yaml"), f"data.path={tmp / 'data'}",
-            f"run.dir={tmp / 'job'}", "checkpoint.interval=5", "tracking.enabled=false"]
+    subprocess.run(
+        [py, "-m", "mnemo", "prepare", "--input", str(corpus), "--out", str(tmp / "data"), "--vocab-size", "512"],
+        check=True,
+        env=env,
+        capture_output=True,
+        cwd=REPO,
+    )
+    base = [
+        py,
+        "-m",
+        "mnemo",
+        "train",
+        str(REPO / "configs/debug.yaml"),
+        f"data.path={tmp / 'data'}",
+        f"run.dir={tmp / 'job'}",
+        "checkpoint.interval=5",
+        "tracking.enabled=false",
+    ]
     subprocess.run(base + ["train.max_steps=5"], check=True, env=env, capture_output=True, cwd=REPO)
     t0 = time.time()
-    proc = subprocess.Popen(base + ["train.max_steps=8"], env=env, cwd=REPO, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        base + ["train.max_steps=8"], env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     steps_file = tmp / "job" / "logs" / "steps.jsonl"
     first = None
     while proc.poll() is None and first is None:
@@ -110,8 +128,10 @@ def relaunch_latency(tmp: Path) -> None:
             rec = json.loads(line)
             if rec["step"] == 6:
                 first = rec["time"]
-    print(f"relaunch -> first resumed step: {first - t0:.1f}s (process start, imports, DeepSpeed init, "
-          f"checkpoint load, first step; 1 rank, debug size)")
+    print(
+        f"relaunch -> first resumed step: {first - t0:.1f}s (process start, imports, DeepSpeed init, "
+        f"checkpoint load, first step; 1 rank, debug size)"
+    )
 
 
 def main() -> None:

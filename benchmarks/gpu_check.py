@@ -48,8 +48,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--arms", default="none,memory")
     ap.add_argument("--zero", type=int, default=2, choices=[1, 2, 3])
     ap.add_argument("--steps", type=int, default=20, help="timed steps per arm")
-    ap.add_argument("--warmup", type=int, default=None,
-                    help="untimed steps per arm: fill the memory, warm kernels (default 5; 1 with --cpu)")
+    ap.add_argument(
+        "--warmup",
+        type=int,
+        default=None,
+        help="untimed steps per arm: fill the memory, warm kernels (default 5; 1 with --cpu)",
+    )
     ap.add_argument("--peak", type=float, default=PEAK_BF16, help="peak FLOP/s of the device for MFU")
     ap.add_argument("--activation-checkpointing", action="store_true")
     ap.add_argument("--compile", action="store_true", help="torch.compile the model (GPU)")
@@ -57,8 +61,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--json", default=None, metavar="FILE", help="also write the figures of every arm to FILE")
     a = ap.parse_args(argv)
     # A CPU smoke run checks the code path in seconds; a GPU run measures.
-    for name, gpu, cpu in (("segment_len", 2048, 128), ("batch_size", 8, 2), ("ltm_capacity", 8192, 1024),
-                           ("warmup", 5, 1)):
+    for name, gpu, cpu in (
+        ("segment_len", 2048, 128),
+        ("batch_size", 8, 2),
+        ("ltm_capacity", 8192, 1024),
+        ("warmup", 5, 1),
+    ):
         if getattr(a, name) is None:
             setattr(a, name, cpu if a.cpu else gpu)
     return a
@@ -69,8 +77,9 @@ def model_args(a: argparse.Namespace, arm: str) -> ModelArgs:
         return ModelArgs.from_size(a.size, a.vocab)
     if arm == "memory":
         M = a.segment_len if a.stm is None else a.stm
-        return ModelArgs.from_size(a.size, a.vocab, stm_length=M, ltm_kind="knn", ltm_capacity=a.ltm_capacity,
-                                   ltm_topk=a.ltm_topk)
+        return ModelArgs.from_size(
+            a.size, a.vocab, stm_length=M, ltm_kind="knn", ltm_capacity=a.ltm_capacity, ltm_topk=a.ltm_topk
+        )
     raise SystemExit(f"gpu_check: unknown arm {arm!r} (none, memory)")
 
 
@@ -89,8 +98,11 @@ def run_arm(a: argparse.Namespace, arm: str, device: torch.device) -> dict:
         apply_activation_checkpointing(model, check_fn=lambda m: isinstance(m, Block))
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=1e-4, fused=device.type == "cuda")
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=1e-4,
+        fused=device.type == "cuda",
+    )
     ds_config = {
         "train_micro_batch_size_per_gpu": a.batch_size,
         "gradient_accumulation_steps": 1,
@@ -129,15 +141,28 @@ def run_arm(a: argparse.Namespace, arm: str, device: torch.device) -> dict:
     fpt = model.flops_per_token(T)
     mfu = "n/a (CPU)" if a.cpu else f"{tps * fpt / a.peak:.1%}"
     mem = f", peak mem {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if device.type == "cuda" else ""
-    mem_desc = "no memory" if arm == "none" else (f"M={margs.stm_length}, LTM N={margs.ltm_capacity} "
-                                                  f"k={margs.ltm_topk} layers {list(margs.ltm_layers)}")
-    print(f"gpu_check {a.size} ({model.num_params() / 1e6:.0f}M params) {arm} [{mem_desc}] "
-          f"{'bf16' if use_bf16 else 'fp32'} ZeRO {a.zero} T={T} B={B}: {tps:,.0f} tokens/s, "
-          f"{fpt / 1e9:.2f} GFLOP/token, MFU {mfu} vs {a.peak / 1e12:.0f} TFLOP/s{mem} "
-          f"(loss {loss.item():.3f}, {a.steps} steps in {dt:.1f}s)", flush=True)
-    out = {"arm": arm, "size": a.size, "tokens_per_s": tps, "flops_per_token": fpt,
-           "mfu": None if a.cpu else tps * fpt / a.peak, "peak_flops": a.peak, "loss": loss.item(),
-           "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None}
+    mem_desc = (
+        "no memory"
+        if arm == "none"
+        else (f"M={margs.stm_length}, LTM N={margs.ltm_capacity} k={margs.ltm_topk} layers {list(margs.ltm_layers)}")
+    )
+    print(
+        f"gpu_check {a.size} ({model.num_params() / 1e6:.0f}M params) {arm} [{mem_desc}] "
+        f"{'bf16' if use_bf16 else 'fp32'} ZeRO {a.zero} T={T} B={B}: {tps:,.0f} tokens/s, "
+        f"{fpt / 1e9:.2f} GFLOP/token, MFU {mfu} vs {a.peak / 1e12:.0f} TFLOP/s{mem} "
+        f"(loss {loss.item():.3f}, {a.steps} steps in {dt:.1f}s)",
+        flush=True,
+    )
+    out = {
+        "arm": arm,
+        "size": a.size,
+        "tokens_per_s": tps,
+        "flops_per_token": fpt,
+        "mfu": None if a.cpu else tps * fpt / a.peak,
+        "peak_flops": a.peak,
+        "loss": loss.item(),
+        "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
+    }
     del engine, opt, model, state
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -148,8 +173,14 @@ def run_arm(a: argparse.Namespace, arm: str, device: torch.device) -> dict:
 def main(argv: list[str] | None = None) -> int:
     a = parse(argv)
     # A one-process "job": what a launcher would otherwise put in the environment.
-    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_WORLD_SIZE", "1"),
-                       ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29517")):
+    for key, value in (
+        ("RANK", "0"),
+        ("LOCAL_RANK", "0"),
+        ("WORLD_SIZE", "1"),
+        ("LOCAL_WORLD_SIZE", "1"),
+        ("MASTER_ADDR", "127.0.0.1"),
+        ("MASTER_PORT", "29517"),
+    ):
         os.environ.setdefault(key, value)
     if a.cpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")

@@ -56,8 +56,9 @@ def main() -> None:
             from mnemo.data_pipeline.prepare import prepare
 
             data = str(tmp / "data")
-            prepare([str(build_corpus(args.limit_mb, tmp))], data, vocab_size=4096, workers=os.cpu_count(),
-                    progress=False)
+            prepare(
+                [str(build_corpus(args.limit_mb, tmp))], data, vocab_size=4096, workers=os.cpu_count(), progress=False
+            )
         from streaming.base.util import clean_stale_shared_memory
 
         from mnemo.data_pipeline.streams import DocumentStreams, MDSSource
@@ -84,8 +85,9 @@ def main() -> None:
         # (b) training step of the debug memory model on the same batches
         from mnemo.model import MemoryTransformer, ModelArgs
 
-        margs = ModelArgs.from_size("debug", vocab, stm_length=512, ltm_kind="knn", ltm_capacity=8192, ltm_topk=32,
-                                    ltm_layers=(2,))
+        margs = ModelArgs.from_size(
+            "debug", vocab, stm_length=512, ltm_kind="knn", ltm_capacity=8192, ltm_topk=32, ltm_layers=(2,)
+        )
         model = MemoryTransformer(margs)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
         streams = DocumentStreams(src, batch_size=B, segment_len=T, seed=1)
@@ -95,8 +97,7 @@ def main() -> None:
         def step(bt, state):
             state = state.reset(bt.reset)
             logits, state = model(bt.tokens[:, :-1], state)
-            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), bt.tokens[:, 1:].flatten(),
-                                                     reduction="none")
+            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), bt.tokens[:, 1:].flatten(), reduction="none")
             loss = (loss * bt.weight.flatten()).sum() / bt.mask.sum().clamp(min=1)
             loss.backward()
             opt.step()
@@ -110,13 +111,19 @@ def main() -> None:
         train_s = time.perf_counter() - t0
         train_tps = args.train_steps * B * T / train_s
 
-        print(f"loader   : {loader_tps:,.0f} tokens/s  ({n_batches} batches of {B}x{T} in {loader_s:.1f}s, "
-              f"{1 - real / max(1, padded):.1%} padding)")
-        print(f"training : {train_tps:,.0f} tokens/s  (debug size, STM 512 + LTM 8192/k32, {args.train_steps} steps, "
-              f"{torch.get_num_threads()} threads)")
+        print(
+            f"loader   : {loader_tps:,.0f} tokens/s  ({n_batches} batches of {B}x{T} in {loader_s:.1f}s, "
+            f"{1 - real / max(1, padded):.1%} padding)"
+        )
+        print(
+            f"training : {train_tps:,.0f} tokens/s  (debug size, STM 512 + LTM 8192/k32, {args.train_steps} steps, "
+            f"{torch.get_num_threads()} threads)"
+        )
         ratio = loader_tps / train_tps
-        print(f"ratio loader/training = {ratio:.1f}x (target >= 20x); loader >= 1M tokens/s: "
-              f"{'yes' if loader_tps >= 1e6 else 'NO'}")
+        print(
+            f"ratio loader/training = {ratio:.1f}x (target >= 20x); loader >= 1M tokens/s: "
+            f"{'yes' if loader_tps >= 1e6 else 'NO'}"
+        )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -62,8 +62,9 @@ def full_state(model: MemoryTransformer, batch: int) -> MemoryState:
 
     layers = tuple(m._map(fill) for m in empty.layers)
     full = torch.ones(batch, dtype=torch.long)
-    return MemoryState(layers=layers, stm_len=full * empty.stm_capacity, ltm_len=full * empty.ltm_capacity,
-                       pos=full * 100_000)
+    return MemoryState(
+        layers=layers, stm_len=full * empty.stm_capacity, ltm_len=full * empty.ltm_capacity, pos=full * 100_000
+    )
 
 
 def train_step_fn(forward: Callable[[torch.Tensor], torch.Tensor], params, tokens: torch.Tensor):
@@ -89,7 +90,7 @@ def interleaved(arms: dict[str, Callable[[], None]], rounds: int, warmup: int = 
     wall: dict[str, list[float]] = {n: [] for n in names}
     cpu: dict[str, list[float]] = {n: [] for n in names}
     for r in range(rounds):
-        for n in names[r % len(names):] + names[:r % len(names)]:
+        for n in names[r % len(names) :] + names[: r % len(names)]:
             w0, c0 = time.perf_counter(), time.process_time()
             arms[n]()
             cpu[n].append(time.process_time() - c0)
@@ -100,15 +101,20 @@ def interleaved(arms: dict[str, Callable[[], None]], rounds: int, warmup: int = 
 def bench_training(vocab: int, rounds: int) -> None:
     tokens = torch.randint(0, vocab, (B, T + 1), generator=torch.Generator().manual_seed(2))
     arms = {}
-    for name, memory in (("none", {}), ("stm", dict(stm_length=M)),
-                         ("stm+ltm", dict(stm_length=M, ltm_kind="knn", ltm_capacity=N, ltm_topk=TOPK))):
+    for name, memory in (
+        ("none", {}),
+        ("stm", dict(stm_length=M)),
+        ("stm+ltm", dict(stm_length=M, ltm_kind="knn", ltm_capacity=N, ltm_topk=TOPK)),
+    ):
         model = build(vocab, **memory)
         state = full_state(model, B)
         arms[name] = train_step_fn(lambda x, m=model, s=state: m(x, s)[0], model.parameters(), tokens)
     res = interleaved(arms, rounds)
     w0, c0 = res["none"]
-    print(f"train step {SIZE} T={T} B={B} vocab={vocab}: none {w0:.3f}s, stm(M={M}) {res['stm'][0]:.3f}s, "
-          f"stm+ltm(N={N},k={TOPK}) {res['stm+ltm'][0]:.3f}s (medians of {rounds})")
+    print(
+        f"train step {SIZE} T={T} B={B} vocab={vocab}: none {w0:.3f}s, stm(M={M}) {res['stm'][0]:.3f}s, "
+        f"stm+ltm(N={N},k={TOPK}) {res['stm+ltm'][0]:.3f}s (medians of {rounds})"
+    )
     for name, target in (("stm", 1.3), ("stm+ltm", 1.6)):
         w, c = res[name]
         print(f"  {name}/none step time: {w / w0:.2f}x wall, {c / c0:.2f}x cpu (target <= {target}x)")
@@ -122,16 +128,29 @@ def bench_gpt2(vocab: int, rounds: int) -> None:
     ours = build(vocab)
     state = ours.init_state(B)
     torch.manual_seed(0)
-    cfg = GPT2Config(vocab_size=vocab, n_positions=T, n_embd=s.d_model, n_layer=s.n_layers, n_head=s.n_heads,
-                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, attn_implementation="sdpa")
+    cfg = GPT2Config(
+        vocab_size=vocab,
+        n_positions=T,
+        n_embd=s.d_model,
+        n_layer=s.n_layers,
+        n_head=s.n_heads,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        attn_implementation="sdpa",
+    )
     gpt2 = GPT2LMHeadModel(cfg)
-    arms = {"mnemo": train_step_fn(lambda x: ours(x, state)[0], ours.parameters(), tokens),
-            "gpt2": train_step_fn(lambda x: gpt2(input_ids=x).logits, gpt2.parameters(), tokens)}
+    arms = {
+        "mnemo": train_step_fn(lambda x: ours(x, state)[0], ours.parameters(), tokens),
+        "gpt2": train_step_fn(lambda x: gpt2(input_ids=x).logits, gpt2.parameters(), tokens),
+    }
     res = interleaved(arms, rounds)
     (wm, cm), (wg, cg) = res["mnemo"], res["gpt2"]
     n_ours, n_gpt2 = ours.num_params(), sum(p.numel() for p in gpt2.parameters())
-    print(f"vs GPT2LMHeadModel ({s.n_layers} layers, d={s.d_model}, {s.n_heads} heads, T={T}, B={B}, vocab={vocab}; "
-          f"params {n_ours} vs {n_gpt2}): mnemo {B * T / wm:.0f} tok/s, gpt2 {B * T / wg:.0f} tok/s")
+    print(
+        f"vs GPT2LMHeadModel ({s.n_layers} layers, d={s.d_model}, {s.n_heads} heads, T={T}, B={B}, vocab={vocab}; "
+        f"params {n_ours} vs {n_gpt2}): mnemo {B * T / wm:.0f} tok/s, gpt2 {B * T / wg:.0f} tok/s"
+    )
     print(f"  mnemo/gpt2 tokens/s: {wg / wm:.2f}x wall, {cg / cm:.2f}x cpu (target >= 1.0x)")
 
 
@@ -143,8 +162,8 @@ def bench_long_document(vocab: int, rounds: int, lengths: tuple[int, ...]) -> No
     def read(L: int) -> None:
         state = model.init_state(1)
         for s0 in range(0, L, T):
-            logits, state = model(doc[:, s0:s0 + T], state)
-            F.cross_entropy(logits[0], doc[0, s0 + 1:s0 + T + 1])
+            logits, state = model(doc[:, s0 : s0 + T], state)
+            F.cross_entropy(logits[0], doc[0, s0 + 1 : s0 + T + 1])
 
     read(lengths[0])  # warm-up: first-call costs (allocator, kernels) stay out of the timings
     res = interleaved({L: (lambda L=L: read(L)) for L in lengths}, rounds, warmup=0)
@@ -153,20 +172,31 @@ def bench_long_document(vocab: int, rounds: int, lengths: tuple[int, ...]) -> No
     for short, long in [*zip(lengths, lengths[1:]), (lengths[0], lengths[-1])]:
         (ws, cs), (wl, cl) = res[short], res[long]
         target = " (target <= 18, quadratic would be 256)" if long == 16 * short else ""
-        print(f"  time({long // 1024}k)/time({short // 1024}k): {wl / ws:.1f} wall, {cl / cs:.1f} cpu "
-              f"(tokens x{long // short}){target}")
+        print(
+            f"  time({long // 1024}k)/time({short // 1024}k): {wl / ws:.1f} wall, {cl / cs:.1f} cpu "
+            f"(tokens x{long // short}){target}"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--vocab", type=int, nargs="+", default=[4096, 32000],
-                    help="vocabulary sizes: 4096 (the demo tokenizer, `debug`'s own), 32000 (the sizes' reference); "
-                         "the long-document test uses the first")
+    ap.add_argument(
+        "--vocab",
+        type=int,
+        nargs="+",
+        default=[4096, 32000],
+        help="vocabulary sizes: 4096 (the demo tokenizer, `debug`'s own), 32000 (the sizes' reference); "
+        "the long-document test uses the first",
+    )
     ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds of the training-step arms")
     ap.add_argument("--doc-rounds", type=int, default=2, help="interleaved rounds of the long-document arms")
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch threads (default 1: on a shared 2-core machine, two threads spin against other "
-                         "processes and the ratios drift; 0 = torch's default)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (default 1: on a shared 2-core machine, two threads spin against other "
+        "processes and the ratios drift; 0 = torch's default)",
+    )
     ap.add_argument("--skip", nargs="*", default=[], choices=["train", "gpt2", "doc"])
     ap.add_argument("--size", default="debug", choices=sorted(SIZES), help="model size of every arm (default debug)")
     ap.add_argument("--batch", type=int, default=4, help="training batch size B (default 4)")

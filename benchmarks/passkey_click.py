@@ -51,8 +51,7 @@ def load_data(data_dir: Path):
     return Tokenizer(str(data_dir / "tokenizer.model")), train, heldout
 
 
-def run_recipe(recipe: str, tok, filler, heldout, steps: int, batch: int, seed: int,
-               overrides: list[str] = ()) -> dict:
+def run_recipe(recipe: str, tok, filler, heldout, steps: int, batch: int, seed: int, overrides: list[str] = ()) -> dict:
     import torch
 
     from mnemo.model import MemoryTransformer
@@ -64,19 +63,21 @@ def run_recipe(recipe: str, tok, filler, heldout, steps: int, batch: int, seed: 
     mlp, init, emb = recipe.split("/")
     # The demo's model, schedule, episode weights and curriculum (configs/demo.yaml), with the recipe
     # and any --set overrides; the episodes are the trainer's own (train/episodes.py).
-    cfg = load_config(REPO / "configs" / "demo.yaml", [f"model.mlp={mlp}", f"model.init={init}",
-                                                       f"model.embeddings={emb}", f"train.max_steps={steps}",
-                                                       *overrides])
+    cfg = load_config(
+        REPO / "configs" / "demo.yaml",
+        [f"model.mlp={mlp}", f"model.init={init}", f"model.embeddings={emb}", f"train.max_steps={steps}", *overrides],
+    )
     torch.manual_seed(seed)
     model = MemoryTransformer(model_args_from_config(cfg, tok.vocab_size))
     tc, pk = cfg.train, cfg.train.passkey
     opt = torch.optim.AdamW(param_groups(model, tc.weight_decay), lr=tc.lr, betas=(tc.beta1, tc.beta2))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
-    episodes = Episodes(EpisodeSource(tok, filler, T, batch, tc.answer_weight, tc.answer_context_weight, seed, 0,
-                                      max_keys=pk.max_keys),
-                        PasskeyCurriculum(pk.start_distance, pk.max_distance, pk.promote_exact, pk.promote_window,
-                                          seed),
-                        fraction=1.0, ltm_only_at_max=pk.ltm_only_at_max)
+    episodes = Episodes(
+        EpisodeSource(tok, filler, T, batch, tc.answer_weight, tc.answer_context_weight, seed, 0, max_keys=pk.max_keys),
+        PasskeyCurriculum(pk.start_distance, pk.max_distance, pk.promote_exact, pk.promote_window, seed),
+        fraction=1.0,
+        ltm_only_at_max=pk.ltm_only_at_max,
+    )
     cur, reached_max = episodes.curriculum, None
     t0 = time.perf_counter()
     for step in range(1, steps + 1):
@@ -91,14 +92,21 @@ def run_recipe(recipe: str, tok, filler, heldout, steps: int, batch: int, seed: 
             if cur.current == pk.max_distance:
                 reached_max = step
         if step % 100 == 0:
-            print(f"  {recipe}: step {step} loss {res.loss.item():.3f} max D {cur.current} "
-                  f"({time.perf_counter() - t0:.0f} s)", flush=True)
+            print(
+                f"  {recipe}: step {step} loss {res.loss.item():.3f} max D {cur.current} "
+                f"({time.perf_counter() - t0:.0f} s)",
+                flush=True,
+            )
     model.eval()
     with torch.no_grad():
         with_ltm_capacity(model, 32 * T)
         rep = passkey_report(model, tok, heldout, T, [1, 8, 32], trials=48, seed=1, batch_size=24)
-    return {"clicked": cur.clicked_at or None, "reached8": reached_max, "exact": rep["accuracy"],
-            "seconds": time.perf_counter() - t0}
+    return {
+        "clicked": cur.clicked_at or None,
+        "reached8": reached_max,
+        "exact": rep["accuracy"],
+        "seconds": time.perf_counter() - t0,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -109,8 +117,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--recipes", default="swiglu/scaled/tied,gelu/fan_in/untied")
     p.add_argument("--data", default=None, help="prepared demo data without passkey documents (default: a temp dir)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="config override for every recipe, e.g. train.answer_context_weight=1 (repeatable)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override for every recipe, e.g. train.answer_context_weight=1 (repeatable)",
+    )
     args = p.parse_args(argv)
 
     import torch
@@ -118,14 +131,18 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         tok, filler, heldout = load_data(Path(args.data or tmp))
-        results = {r: run_recipe(r, tok, filler, heldout, args.steps, args.batch, args.seed, args.set)
-                   for r in args.recipes.split(",")}
+        results = {
+            r: run_recipe(r, tok, filler, heldout, args.steps, args.batch, args.seed, args.set)
+            for r in args.recipes.split(",")
+        }
     print(f"\nepisodic passkey curriculum, {args.steps} steps of B={args.batch}, seed {args.seed}:")
     print(f"{'recipe':<22}{'click step':>11}{'max D=8 at':>12}{'D=1':>7}{'D=8':>7}{'D=32':>7}{'seconds':>9}")
     for r, res in results.items():
         e = res["exact"]
-        print(f"{r:<22}{str(res['clicked'] or '-'):>11}{str(res['reached8'] or '-'):>12}"
-              f"{e['1']:>7.2f}{e['8']:>7.2f}{e['32']:>7.2f}{res['seconds']:>9.0f}")
+        print(
+            f"{r:<22}{str(res['clicked'] or '-'):>11}{str(res['reached8'] or '-'):>12}"
+            f"{e['1']:>7.2f}{e['8']:>7.2f}{e['32']:>7.2f}{res['seconds']:>9.0f}"
+        )
     return 0
 
 

@@ -38,9 +38,18 @@ def measure(model, tok, filler, T: int, D: int, trials: int, batch: int, n_keys:
     t0 = time.perf_counter()
     rep = passkey_report(model, tok, filler, T, [D], trials=trials, seed=seed, batch_size=batch, n_keys=n_keys)
     k = str(D)
-    return {"D": D, "tokens": D * T, "keys": n_keys, "trials": trials, "exact": rep["accuracy"][k],
-            "by_depth": rep["by_depth"][k], "digits": rep["digit_accuracy"][k], "answer_nll": rep["answer_loss"][k],
-            "ltm_capacity": model.args.ltm_capacity, "seconds": time.perf_counter() - t0}
+    return {
+        "D": D,
+        "tokens": D * T,
+        "keys": n_keys,
+        "trials": trials,
+        "exact": rep["accuracy"][k],
+        "by_depth": rep["by_depth"][k],
+        "digits": rep["digit_accuracy"][k],
+        "answer_nll": rep["answer_loss"][k],
+        "ltm_capacity": model.args.ltm_capacity,
+        "seconds": time.perf_counter() - t0,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,11 +79,15 @@ def main(argv: list[str] | None = None) -> int:
     T = cfg.model.segment_len
     filler = read_heldout_docs(args.data, cfg.data.val_fraction, None, min_tokens=FILLER_TOKENS)
     trained = cfg.memory.long.capacity
-    print(f"passkey length generalization: {args.checkpoint} (T={T}, long-term store trained with {trained} "
-          f"entries, top-k {model.args.ltm_topk}); store sized D*T at each D; {sum(len(d) for d in filler):,} "
-          f"held-out filler tokens")
-    head = f"{'keys':>4} {'D':>6} {'tokens':>8} {'trials':>6} {'exact':>6} {'start':>6} {'middle':>6} {'end':>6} " \
-           f"{'digits':>6} {'ans nll':>8} {'seconds':>8}"
+    print(
+        f"passkey length generalization: {args.checkpoint} (T={T}, long-term store trained with {trained} "
+        f"entries, top-k {model.args.ltm_topk}); store sized D*T at each D; {sum(len(d) for d in filler):,} "
+        f"held-out filler tokens"
+    )
+    head = (
+        f"{'keys':>4} {'D':>6} {'tokens':>8} {'trials':>6} {'exact':>6} {'start':>6} {'middle':>6} {'end':>6} "
+        f"{'digits':>6} {'ans nll':>8} {'seconds':>8}"
+    )
     print(head, flush=True)
     rows = []
     plan = [(1, D) for D in args.distances]
@@ -84,12 +97,16 @@ def main(argv: list[str] | None = None) -> int:
         r = measure(model, tok, filler, T, D, args.trials, args.batch_size, n_keys, args.seed)
         rows.append(r)
         bd = r["by_depth"]
-        print(f"{n_keys:>4} {D:>6} {r['tokens']:>8} {r['trials']:>6} {r['exact']:>6.3f} "
-              + " ".join(f"{bd.get(d, float('nan')):>6.3f}" for d in ("start", "middle", "end"))
-              + f" {r['digits']:>6.3f} {r['answer_nll']:>8.3f} {r['seconds']:>8.1f}", flush=True)
+        print(
+            f"{n_keys:>4} {D:>6} {r['tokens']:>8} {r['trials']:>6} {r['exact']:>6.3f} "
+            + " ".join(f"{bd.get(d, float('nan')):>6.3f}" for d in ("start", "middle", "end"))
+            + f" {r['digits']:>6.3f} {r['answer_nll']:>8.3f} {r['seconds']:>8.1f}",
+            flush=True,
+        )
     if args.json:
-        Path(args.json).write_text(json.dumps({"checkpoint": args.checkpoint, "segment_len": T, "rows": rows},
-                                              indent=1) + "\n")
+        Path(args.json).write_text(
+            json.dumps({"checkpoint": args.checkpoint, "segment_len": T, "rows": rows}, indent=1) + "\n"
+        )
         print(f"wrote {args.json}")
     return 0
 

@@ -109,15 +109,19 @@ def main(argv: list[str] | None = None) -> int:
                 assert tokens == raw_tokens, f"prepare wrote {tokens} tokens, raw encode gave {raw_tokens}"
                 best[f"w{w}"] = max(best.get(f"w{w}", 0.0), tokens / dt)
                 cpu[f"w{w}"] = min(cpu.get(f"w{w}", float("inf")), dc)
-        print(f"raw SentencePieceProcessor.encode (1 process, 1 thread): {raw_tokens:,} tokens, "
-              f"{best['raw']:,.0f} tokens/s (best of {args.repeat}), {1e9 * cpu['raw'] / raw_tokens:.0f} CPU-ns/token")
+        print(
+            f"raw SentencePieceProcessor.encode (1 process, 1 thread): {raw_tokens:,} tokens, "
+            f"{best['raw']:,.0f} tokens/s (best of {args.repeat}), {1e9 * cpu['raw'] / raw_tokens:.0f} CPU-ns/token"
+        )
         for w in args.workers:
             ratio = best[f"w{w}"] / best["raw"]
             target = TARGETS.get(w)
             verdict = "" if target is None else f" (target >= {target}x: {'met' if ratio >= target else 'NOT met'})"
-            print(f"mnemo prepare --workers {w}: {best[f'w{w}']:,.0f} tokens/s = {ratio:.2f}x raw{verdict}; "
-                  f"{1e9 * cpu[f'w{w}'] / raw_tokens:.0f} CPU-ns/token = {cpu['raw'] / cpu[f'w{w}']:.2f} of raw's "
-                  f"CPU efficiency")
+            print(
+                f"mnemo prepare --workers {w}: {best[f'w{w}']:,.0f} tokens/s = {ratio:.2f}x raw{verdict}; "
+                f"{1e9 * cpu[f'w{w}'] / raw_tokens:.0f} CPU-ns/token = {cpu['raw'] / cpu[f'w{w}']:.2f} of raw's "
+                f"CPU efficiency"
+            )
         print(f"load average during the run: {os.getloadavg()[0]:.2f} (1 min); wall-clock ratios need idle cores")
     return 0
 

@@ -107,7 +107,7 @@ def main() -> int:
         for _ in range(10):  # warm-up: allocator, optimizer state
             train_step(model, opt, x, time.perf_counter())
         for r in range(args.blocks):
-            for on in ((True, False) if r % 2 else (False, True)):
+            for on in (True, False) if r % 2 else (False, True):
                 s_start = proc_cpu_s(tracker.sender_pid)
                 c_start = time.process_time()
                 t_start = t_last = time.perf_counter()
@@ -128,15 +128,21 @@ def main() -> int:
         sender_cpu += proc_cpu_s(tracker.sender_pid) - s_start
         tracker.close()
     on_steps = args.blocks * args.steps
-    print(f"uri: {uri}  model: MLP {args.depth}x{args.width}, batch {args.batch}  torch threads: "
-          f"{torch.get_num_threads()}  blocks: {args.blocks} x 2 x {args.steps} steps  "
-          f"points logged: {on_steps * 10} (10 per step)")
+    print(
+        f"uri: {uri}  model: MLP {args.depth}x{args.width}, batch {args.batch}  torch threads: "
+        f"{torch.get_num_threads()}  blocks: {args.blocks} x 2 x {args.steps} steps  "
+        f"points logged: {on_steps * 10} (10 per step)"
+    )
     for name, t in (("wall", wall), ("cpu ", cpu)):
         off, on = statistics.median(t[False]), statistics.median(t[True])
-        print(f"{name} step time: tracking off {off * 1e3:.2f} ms, on {on * 1e3:.2f} ms, "
-              f"ratio on/off {on / off:.4f} (target <= 1.02)")
-    print(f"log_metrics call: {call_s / on_steps * 1e6:.1f} us per step; "
-          f"sender process: {sender_cpu / on_steps * 1e3:.2f} ms CPU per logged step")
+        print(
+            f"{name} step time: tracking off {off * 1e3:.2f} ms, on {on * 1e3:.2f} ms, "
+            f"ratio on/off {on / off:.4f} (target <= 1.02)"
+        )
+    print(
+        f"log_metrics call: {call_s / on_steps * 1e6:.1f} us per step; "
+        f"sender process: {sender_cpu / on_steps * 1e3:.2f} ms CPU per logged step"
+    )
     return 0
 
 

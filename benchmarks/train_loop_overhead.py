@@ -53,15 +53,31 @@ def main() -> None:
         from mnemo.data_pipeline.streams import DocumentStreams, MDSSource
         from mnemo.train.config import load_config
         from mnemo.train.losses import lm_loss
-        from mnemo.train.trainer import (StepLog, TrainLoop, deepspeed_config, dist_info, lr_lambda,
-                                         model_args_from_config, param_groups)
+        from mnemo.train.trainer import (
+            StepLog,
+            TrainLoop,
+            deepspeed_config,
+            dist_info,
+            lr_lambda,
+            model_args_from_config,
+            param_groups,
+        )
         from mnemo.train.tracking import Tracker
         from mnemo.model import MemoryTransformer
 
-        cfg = load_config(REPO / "configs/debug.yaml", [
-            f"data.path={tmp / 'data'}", f"run.dir={tmp / 'run'}", f"model.segment_len={args.segment_len}",
-            f"train.batch_size={args.batch_size}", "zero.stage=2", "train.log_interval=5", "memory.short.length=128",
-            f"train.max_steps={10 ** 6}"])
+        cfg = load_config(
+            REPO / "configs/debug.yaml",
+            [
+                f"data.path={tmp / 'data'}",
+                f"run.dir={tmp / 'run'}",
+                f"model.segment_len={args.segment_len}",
+                f"train.batch_size={args.batch_size}",
+                "zero.stage=2",
+                "train.log_interval=5",
+                "memory.short.length=128",
+                f"train.max_steps={10**6}",
+            ],
+        )
         deepspeed.init_distributed(dist_backend="gloo")
         vocab = 2048
         margs = model_args_from_config(cfg, vocab)
@@ -70,14 +86,26 @@ def main() -> None:
         m_bare.load_state_dict(m_ds.state_dict())
         opt = torch.optim.AdamW(param_groups(m_ds, 0.1), lr=1e-3, betas=(0.9, 0.95))
         engine, _, _, _ = deepspeed.initialize(
-            model=m_ds, optimizer=opt, config=deepspeed_config(cfg, use_bf16=False, use_cuda=False),
-            lr_scheduler=lambda o: torch.optim.lr_scheduler.LambdaLR(o, lr_lambda(cfg)))
+            model=m_ds,
+            optimizer=opt,
+            config=deepspeed_config(cfg, use_bf16=False, use_cuda=False),
+            lr_scheduler=lambda o: torch.optim.lr_scheduler.LambdaLR(o, lr_lambda(cfg)),
+        )
         src = MDSSource(str(tmp / "data"), cache_dir=str(tmp / "cache"))
         streams = DocumentStreams(src, batch_size=args.batch_size, segment_len=args.segment_len, seed=0)
         tracker = Tracker(run_dir=str(tmp / "run"), experiment="overhead")
-        loop = TrainLoop(cfg, engine, streams, engine.module.init_state(args.batch_size), dist_info(),
-                     torch.device("cpu"), tracker, StepLog(tmp / "run" / "logs" / "steps.jsonl", True),
-                     model_flops=0.0, use_cuda=False)
+        loop = TrainLoop(
+            cfg,
+            engine,
+            streams,
+            engine.module.init_state(args.batch_size),
+            dist_info(),
+            torch.device("cpu"),
+            tracker,
+            StepLog(tmp / "run" / "logs" / "steps.jsonl", True),
+            model_flops=0.0,
+            use_cuda=False,
+        )
 
         bare_opt = torch.optim.AdamW(param_groups(m_bare, 0.1), lr=1e-3, betas=(0.9, 0.95))
         bare_sched = torch.optim.lr_scheduler.LambdaLR(bare_opt, lr_lambda(cfg))
@@ -115,8 +143,10 @@ def main() -> None:
         tok = args.blocks * args.steps * args.batch_size * args.segment_len
         n_steps = args.blocks * args.steps
         print(f"bare PyTorch loop : {tok / t_bare:9.0f} tokens/s ({t_bare / n_steps * 1e3:.1f} ms/step)")
-        print(f"mnemo trainer step: {tok / t_mnemo:9.0f} tokens/s ({t_mnemo / n_steps * 1e3:.1f} ms/step, "
-              "DeepSpeed ZeRO 2, 1 rank, tracking on)")
+        print(
+            f"mnemo trainer step: {tok / t_mnemo:9.0f} tokens/s ({t_mnemo / n_steps * 1e3:.1f} ms/step, "
+            "DeepSpeed ZeRO 2, 1 rank, tracking on)"
+        )
         print(f"ratio mnemo/bare = {t_bare / t_mnemo:.3f} (target >= 0.9)")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

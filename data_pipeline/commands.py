@@ -26,22 +26,45 @@ def byte_count(text: str) -> int:
 
 
 def _add_input_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--input", nargs="+", action="extend", required=True, metavar="PATH",
-                   help="files, directories (recursive) or globs: text/source files, .jsonl[.gz|.zst], .parquet")
-    p.add_argument("--text-field", default="text", metavar="NAME",
-                   help="JSONL key / Parquet column holding the text (default: text)")
-    p.add_argument("--max-doc-bytes", type=byte_count, default=DEFAULT_MAX_DOC_BYTES, metavar="N",
-                   help="skip (and count as too_large) any document over N input bytes: a text file, a JSONL "
-                        "line, a Parquet cell; bounds the memory one document takes (K/M/G suffixes; "
-                        f"default {DEFAULT_MAX_DOC_BYTES >> 20}M)")
+    p.add_argument(
+        "--input",
+        nargs="+",
+        action="extend",
+        required=True,
+        metavar="PATH",
+        help="files, directories (recursive) or globs: text/source files, .jsonl[.gz|.zst], .parquet",
+    )
+    p.add_argument(
+        "--text-field",
+        default="text",
+        metavar="NAME",
+        help="JSONL key / Parquet column holding the text (default: text)",
+    )
+    p.add_argument(
+        "--max-doc-bytes",
+        type=byte_count,
+        default=DEFAULT_MAX_DOC_BYTES,
+        metavar="N",
+        help="skip (and count as too_large) any document over N input bytes: a text file, a JSONL "
+        "line, a Parquet cell; bounds the memory one document takes (K/M/G suffixes; "
+        f"default {DEFAULT_MAX_DOC_BYTES >> 20}M)",
+    )
 
 
 def cmd_tokenizer_train(args: argparse.Namespace) -> int:
     from mnemo.data_pipeline.tokenizer import train_tokenizer
 
-    tok = train_tokenizer(args.input, args.out, args.vocab_size, model_type=args.model_type,
-                          sample_docs=args.sample_docs, special_tokens=args.special_tokens or (),
-                          text_field=args.text_field, seed=args.seed, max_doc_bytes=args.max_doc_bytes)
+    tok = train_tokenizer(
+        args.input,
+        args.out,
+        args.vocab_size,
+        model_type=args.model_type,
+        sample_docs=args.sample_docs,
+        special_tokens=args.special_tokens or (),
+        text_field=args.text_field,
+        seed=args.seed,
+        max_doc_bytes=args.max_doc_bytes,
+    )
     print(f"wrote {tok.path}: {tok.vocab_size} pieces, eos_id={tok.eos_id}, sha256={tok.sha256}")
     return 0
 
@@ -49,13 +72,28 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> int:
 def cmd_prepare(args: argparse.Namespace) -> int:
     from mnemo.data_pipeline.prepare import prepare
 
-    m = prepare(args.input, args.out, tokenizer=args.tokenizer, workers=args.workers, text_field=args.text_field,
-                id_field=args.id_field, strict=args.strict, overwrite=args.overwrite, vocab_size=args.vocab_size,
-                model_type=args.model_type, sample_docs=args.sample_docs, passkey_docs=args.passkey_docs,
-                passkey_max_distance=args.passkey_max_distance, passkey_segment_len=args.segment_len,
-                seed=args.seed, max_doc_bytes=args.max_doc_bytes)
-    line = (f"wrote {args.out}: {m['num_documents']:,} documents, {m['num_tokens']:,} tokens "
-            f"({m['token_dtype']}, vocab {m['vocab_size']}), {m['num_shards']} shards")
+    m = prepare(
+        args.input,
+        args.out,
+        tokenizer=args.tokenizer,
+        workers=args.workers,
+        text_field=args.text_field,
+        id_field=args.id_field,
+        strict=args.strict,
+        overwrite=args.overwrite,
+        vocab_size=args.vocab_size,
+        model_type=args.model_type,
+        sample_docs=args.sample_docs,
+        passkey_docs=args.passkey_docs,
+        passkey_max_distance=args.passkey_max_distance,
+        passkey_segment_len=args.segment_len,
+        seed=args.seed,
+        max_doc_bytes=args.max_doc_bytes,
+    )
+    line = (
+        f"wrote {args.out}: {m['num_documents']:,} documents, {m['num_tokens']:,} tokens "
+        f"({m['token_dtype']}, vocab {m['vocab_size']}), {m['num_shards']} shards"
+    )
     if m.get("num_passkey_documents"):
         line += f", {m['num_passkey_documents']} passkey documents"
     print(line)
@@ -72,8 +110,10 @@ def skip_summary(m: dict) -> str:
     if skipped:
         text = "skipped: " + ", ".join(f"{k}={v}" for k, v in skipped.items())
         if skipped.get("too_large"):
-            text += (f" (too_large: documents over --max-doc-bytes {m.get('max_doc_bytes', 0):,} bytes, "
-                     f"left out whole, not split)")
+            text += (
+                f" (too_large: documents over --max-doc-bytes {m.get('max_doc_bytes', 0):,} bytes, "
+                f"left out whole, not split)"
+            )
         parts.append(text)
     if repaired:
         parts.append("repaired: " + ", ".join(f"{k}={v}" for k, v in repaired.items()))
@@ -106,32 +146,59 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--vocab-size", type=int, required=True, metavar="N")
     t.add_argument("--out", required=True, metavar="F", help="model file to write (e.g. tokenizer.model)")
     t.add_argument("--model-type", choices=("bpe", "unigram"), default="bpe")
-    t.add_argument("--sample-docs", type=int, default=10_000, metavar="N",
-                   help="train on a uniform random sample of N documents (bounded memory; default 10000)")
-    t.add_argument("--special-tokens", nargs="+", metavar="TOK",
-                   help="extra reserved tokens (control symbols, never produced from text)")
+    t.add_argument(
+        "--sample-docs",
+        type=int,
+        default=10_000,
+        metavar="N",
+        help="train on a uniform random sample of N documents (bounded memory; default 10000)",
+    )
+    t.add_argument(
+        "--special-tokens",
+        nargs="+",
+        metavar="TOK",
+        help="extra reserved tokens (control symbols, never produced from text)",
+    )
     t.add_argument("--seed", type=int, default=0)
     t.set_defaults(func=cmd_tokenizer_train)
 
     # mnemo prepare
     p = subparsers.add_parser("prepare", help="tokenize a corpus into MDS shards")
     _add_input_args(p)
-    p.add_argument("--out", required=True, metavar="DATA_DIR",
-                   help="output dir, or a remote streaming can write to (s3://..., gs://..., file://...)")
-    p.add_argument("--tokenizer", metavar="F", help="existing SentencePiece model (default: train one into "
-                   "DATA_DIR/tokenizer.model)")
+    p.add_argument(
+        "--out",
+        required=True,
+        metavar="DATA_DIR",
+        help="output dir, or a remote streaming can write to (s3://..., gs://..., file://...)",
+    )
+    p.add_argument(
+        "--tokenizer",
+        metavar="F",
+        help="existing SentencePiece model (default: train one into DATA_DIR/tokenizer.model)",
+    )
     p.add_argument("--workers", type=int, default=None, metavar="N", help="processes (default: all cores)")
     p.add_argument("--id-field", default=None, metavar="NAME", help="JSONL key / Parquet column with document ids")
     p.add_argument("--strict", action="store_true", help="a bad JSONL line is an error (default: skip and count)")
     p.add_argument("--overwrite", action="store_true", help="replace a different dataset already in DATA_DIR")
-    p.add_argument("--vocab-size", type=int, default=8192, metavar="N",
-                   help="vocabulary of the tokenizer trained when --tokenizer is not given (default 8192)")
+    p.add_argument(
+        "--vocab-size",
+        type=int,
+        default=8192,
+        metavar="N",
+        help="vocabulary of the tokenizer trained when --tokenizer is not given (default 8192)",
+    )
     p.add_argument("--model-type", choices=("bpe", "unigram"), default="bpe")
     p.add_argument("--sample-docs", type=int, default=10_000, metavar="N")
-    p.add_argument("--passkey-docs", type=int, default=0, metavar="N",
-                   help="append N synthetic passkey documents after the corpus")
-    p.add_argument("--passkey-max-distance", type=int, default=8, metavar="D",
-                   help="passkey question 0..D segments after the key (uniform)")
+    p.add_argument(
+        "--passkey-docs", type=int, default=0, metavar="N", help="append N synthetic passkey documents after the corpus"
+    )
+    p.add_argument(
+        "--passkey-max-distance",
+        type=int,
+        default=8,
+        metavar="D",
+        help="passkey question 0..D segments after the key (uniform)",
+    )
     p.add_argument("--segment-len", type=int, default=128, metavar="T", help="segment length of passkey documents")
     p.add_argument("--seed", type=int, default=0, metavar="S")
     p.set_defaults(func=cmd_prepare)

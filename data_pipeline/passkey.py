@@ -92,10 +92,10 @@ def _take_filler(stream: np.ndarray, n: int, rng: np.random.Generator, eos_id: i
             return out
         want = n - filled
         start = int(rng.integers(0, max(1, stream.size - want + 1)))
-        piece = stream[start:start + want]
+        piece = stream[start : start + want]
         if eos_id is not None:
             piece = piece[piece != eos_id]
-        out[filled:filled + piece.size] = piece
+        out[filled : filled + piece.size] = piece
         filled += piece.size
     raise DataError("passkey filler: the filler documents hold no tokens other than EOS")
 
@@ -117,7 +117,7 @@ def _encode_digits(tokenizer: _Tokenizer, digits: str) -> np.ndarray:
 
 
 def _random_key(rng: np.random.Generator, n_digits: int = KEY_DIGITS) -> str:
-    return str(int(rng.integers(10 ** (n_digits - 1), 10 ** n_digits)))
+    return str(int(rng.integers(10 ** (n_digits - 1), 10**n_digits)))
 
 
 def _contains(haystack: np.ndarray, needle: np.ndarray) -> int:
@@ -132,13 +132,20 @@ def _contains(haystack: np.ndarray, needle: np.ndarray) -> int:
 def _offset(room: int, length: int, depth: str | float, what: str) -> int:
     """Start offset of a piece of ``length`` tokens placed at ``depth`` in ``room`` tokens."""
     if length > room:
-        raise DataError(f"passkey: {what} needs {length} tokens but the segment has room for {room} "
-                        f"(increase the segment length)")
+        raise DataError(
+            f"passkey: {what} needs {length} tokens but the segment has room for {room} (increase the segment length)"
+        )
     return int(round(depth_fraction(depth) * (room - length)))
 
 
-def make_passkey_sample(tokenizer: _Tokenizer, filler_ids: Any, distance: int, depth: str | float,
-                        segment_len: int, rng: np.random.Generator) -> dict:
+def make_passkey_sample(
+    tokenizer: _Tokenizer,
+    filler_ids: Any,
+    distance: int,
+    depth: str | float,
+    segment_len: int,
+    rng: np.random.Generator,
+) -> dict:
     """One passkey document.
 
     tokenizer   data_pipeline.tokenizer.Tokenizer (encode/decode/eos_id)
@@ -166,25 +173,34 @@ def make_passkey_sample(tokenizer: _Tokenizer, filler_ids: Any, distance: int, d
         room = T - (tail.size if distance == 0 else 0)
         key_off = _offset(room, key_sent.size, depth, "the key sentence")
         tokens = _take_filler(stream, n, rng, tokenizer.eos_id)
-        tokens[key_off:key_off + key_sent.size] = key_sent
-        tokens[n - tail.size:] = tail
+        tokens[key_off : key_off + key_sent.size] = key_sent
+        tokens[n - tail.size :] = tail
         # The key's digits must occur exactly twice: in the fact and in the answer.
         if _contains(tokens, digits) == 2:
             break
     else:
         raise DataError("passkey: could not draw a key absent from the filler in 100 tries")
     tokens = np.append(tokens, np.int64(tokenizer.eos_id))
-    return dict(tokens=tokens, answer_start=n - digits.size, answer_len=int(digits.size), key=key,
-                key_offset=key_off)
+    return dict(tokens=tokens, answer_start=n - digits.size, answer_len=int(digits.size), key=key, key_offset=key_off)
 
 
 def _door_fact(door: int) -> tuple[str, str, str]:
-    return (f" The pass key of door {door} is ", ". ",
-            f" What is the pass key of door {door}? The pass key of door {door} is ")
+    return (
+        f" The pass key of door {door} is ",
+        ". ",
+        f" What is the pass key of door {door}? The pass key of door {door} is ",
+    )
 
 
-def make_multikey_sample(tokenizer: _Tokenizer, filler_ids: Any, distance: int, n_keys: int, segment_len: int,
-                         rng: np.random.Generator, depth: str | float = "start") -> dict:
+def make_multikey_sample(
+    tokenizer: _Tokenizer,
+    filler_ids: Any,
+    distance: int,
+    n_keys: int,
+    segment_len: int,
+    rng: np.random.Generator,
+    depth: str | float = "start",
+) -> dict:
     """The harder variant: ``n_keys`` facts "The pass key of door 3 is NNNNN."
 
     The fact asked about sits in segment 0 at ``depth``; the other facts
@@ -218,10 +234,10 @@ def make_multikey_sample(tokenizer: _Tokenizer, filler_ids: Any, distance: int, 
         raise DataError(f"passkey: the question needs {tail.size} tokens, more than the segment length {T}")
 
     busy = np.zeros(n, dtype=bool)  # token slots already holding a fact or the question
-    busy[n - tail.size:] = True
+    busy[n - tail.size :] = True
     room0 = T - (tail.size if distance == 0 else 0)
     placed = {asked: _offset(room0, facts[asked].size, depth, "the key sentence")}
-    busy[placed[asked]:placed[asked] + facts[asked].size] = True
+    busy[placed[asked] : placed[asked] + facts[asked].size] = True
     for i in range(n_keys):
         if i == asked:
             continue
@@ -231,20 +247,29 @@ def make_multikey_sample(tokenizer: _Tokenizer, filler_ids: Any, distance: int, 
         starts = np.arange(n - L + 1)
         ok = (csum[starts + L] == csum[starts]) & (starts // T == (starts + L - 1) // T)
         if not ok.any():
-            raise DataError(f"passkey: {n_keys} facts and the question do not fit in {distance + 1} "
-                            f"segment(s) of {T} tokens (use fewer keys, a larger distance or segment_len)")
+            raise DataError(
+                f"passkey: {n_keys} facts and the question do not fit in {distance + 1} "
+                f"segment(s) of {T} tokens (use fewer keys, a larger distance or segment_len)"
+            )
         placed[i] = int(rng.choice(starts[ok]))
-        busy[placed[i]:placed[i] + L] = True
+        busy[placed[i] : placed[i] + L] = True
     for _ in range(100):
         tokens = _take_filler(stream, n, rng, tokenizer.eos_id)
         for i, lo in placed.items():
-            tokens[lo:lo + facts[i].size] = facts[i]
-        tokens[n - tail.size:] = tail
+            tokens[lo : lo + facts[i].size] = facts[i]
+        tokens[n - tail.size :] = tail
         # The asked key's digits: once in its fact, once in the answer.
         if _contains(tokens, digits[asked]) == 2:
             break
     else:
         raise DataError("passkey: could not draw filler free of the key in 100 tries")
     tokens = np.append(tokens, np.int64(tokenizer.eos_id))
-    return dict(tokens=tokens, answer_start=n - digits[asked].size, answer_len=int(digits[asked].size),
-                key=keys[asked], key_offset=placed[asked], door=doors[asked], doors=doors)
+    return dict(
+        tokens=tokens,
+        answer_start=n - digits[asked].size,
+        answer_len=int(digits[asked].size),
+        key=keys[asked],
+        key_offset=placed[asked],
+        door=doors[asked],
+        doors=doors,
+    )

@@ -55,8 +55,17 @@ import numpy as np
 
 from mnemo.data_pipeline.errors import DataError
 from mnemo.data_pipeline.processes import die_with_parent
-from mnemo.data_pipeline.readers import (DEFAULT_MAX_DOC_BYTES, Corpus, Doc, ReadStats, WorkUnit,
-                                          check_max_doc_bytes, iter_unit, plan_inputs, split_units)
+from mnemo.data_pipeline.readers import (
+    DEFAULT_MAX_DOC_BYTES,
+    Corpus,
+    Doc,
+    ReadStats,
+    WorkUnit,
+    check_max_doc_bytes,
+    iter_unit,
+    plan_inputs,
+    split_units,
+)
 from mnemo.data_pipeline.tokenizer import Tokenizer, file_sha256, reservoir_sample, train_from_texts
 
 FORMAT_VERSION = 1
@@ -77,8 +86,13 @@ _BATCH_CHARS = 4 << 20
 
 def columns(token_dtype: str) -> dict[str, str]:
     """MDS columns of a mnemo dataset (the contract other modules read)."""
-    return {"tokens": f"ndarray:{token_dtype}", "doc_id": "str", "source": "str",
-            "answer_start": "int32", "answer_len": "int32"}
+    return {
+        "tokens": f"ndarray:{token_dtype}",
+        "doc_id": "str",
+        "source": "str",
+        "answer_start": "int32",
+        "answer_len": "int32",
+    }
 
 
 def mnemo_version() -> str:
@@ -125,14 +139,15 @@ def resolve_out(out: str, staging: str | None = None) -> OutLocation:
         from streaming.base.storage.upload import UPLOADERS
 
         if scheme not in UPLOADERS:
-            raise DataError(f"--out {out}: unsupported remote scheme {scheme!r} "
-                            f"(supported: {', '.join(sorted(s for s in UPLOADERS if s))}, file)")
+            raise DataError(
+                f"--out {out}: unsupported remote scheme {scheme!r} "
+                f"(supported: {', '.join(sorted(s for s in UPLOADERS if s))}, file)"
+            )
         remote = out
     if staging is None:
         cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
         staging = os.path.join(cache, "mnemo", "prepare", hashlib.sha256(out.encode()).hexdigest()[:16])
     return OutLocation(out, os.path.abspath(staging), remote)
-
 
 
 def _atomic_write(path: str, data: bytes, tmp_dir: str | None = None) -> None:
@@ -198,20 +213,28 @@ def _read_outputs(local: str) -> set[str] | None:
         m = _read_json(path)
         if not (isinstance(m, dict) and m.get("format") == "mnemo-mds" and isinstance(m.get("parts"), list)):
             return None
-        rec = {"entries": [STATE_DIR, "tokenizer.model", "index.json", "manifest.json"]
-               + [p.get("name") if isinstance(p, dict) else None for p in m["parts"]]}
+        rec = {
+            "entries": [STATE_DIR, "tokenizer.model", "index.json", "manifest.json"]
+            + [p.get("name") if isinstance(p, dict) else None for p in m["parts"]]
+        }
     names = rec.get("entries") if isinstance(rec, dict) else None
-    if not isinstance(names, list) or not all(isinstance(n, str) and n not in ("", ".", "..") and "/" not in n
-                                              and os.sep not in n for n in names):
-        raise DataError(f"{path}: not a list of mnemo's outputs (edited by hand?); mnemo will not delete "
-                        f"anything on its word: empty the directory yourself or choose another --out")
+    if not isinstance(names, list) or not all(
+        isinstance(n, str) and n not in ("", ".", "..") and "/" not in n and os.sep not in n for n in names
+    ):
+        raise DataError(
+            f"{path}: not a list of mnemo's outputs (edited by hand?); mnemo will not delete "
+            f"anything on its word: empty the directory yourself or choose another --out"
+        )
     return set(names)
 
 
 def _write_outputs(loc: OutLocation, names: Iterable[str]) -> None:
     """List ``names`` as mnemo's own before any of them is created (the state dir must exist)."""
-    _write_json(os.path.join(loc.local, OUTPUTS_FILE), {"written_by": "mnemo prepare", "entries": sorted(names)},
-                tmp_dir=loc.state)
+    _write_json(
+        os.path.join(loc.local, OUTPUTS_FILE),
+        {"written_by": "mnemo prepare", "entries": sorted(names)},
+        tmp_dir=loc.state,
+    )
 
 
 def _remove(local: str, name: str) -> None:
@@ -229,16 +252,21 @@ def _claim_out(loc: OutLocation, fingerprint: str, overwrite: bool, names: Seque
     lists (a state dir alone is the leftover of a run killed before it wrote
     that list). Starting afresh removes exactly the listed entries.
     """
-    done = (_fetch_remote_json(loc, "manifest.json") if loc.remote is not None
-            else _read_json(os.path.join(loc.local, "manifest.json")))
+    done = (
+        _fetch_remote_json(loc, "manifest.json")
+        if loc.remote is not None
+        else _read_json(os.path.join(loc.local, "manifest.json"))
+    )
     if not (isinstance(done, dict) and done.get("format") == "mnemo-mds"):
         done = None  # no dataset there (a manifest.json of something else is the user's file)
     if done is not None:
         if done.get("fingerprint") == fingerprint and not overwrite:
             return done
         if not overwrite:
-            raise DataError(f"--out {loc.url} already holds a dataset made from other inputs or settings; "
-                            f"pass --overwrite to replace it")
+            raise DataError(
+                f"--out {loc.url} already holds a dataset made from other inputs or settings; "
+                f"pass --overwrite to replace it"
+            )
     try:
         os.makedirs(loc.local, exist_ok=True)
         entries = os.listdir(loc.local)
@@ -248,14 +276,21 @@ def _claim_out(loc: OutLocation, fingerprint: str, overwrite: bool, names: Seque
     foreign = sorted(set(entries) - (owned or set()) - {OUTPUTS_FILE, STATE_DIR})
     if foreign:
         more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
-        what = ("is not empty and holds no mnemo dataset" if owned is None
-                else "holds files this dataset's list of outputs does not name")
-        raise DataError(f"--out {loc.url} {what} ({foreign[0]}{more}); mnemo never deletes files it did not "
-                        f"write: choose a new or empty directory")
+        what = (
+            "is not empty and holds no mnemo dataset"
+            if owned is None
+            else "holds files this dataset's list of outputs does not name"
+        )
+        raise DataError(
+            f"--out {loc.url} {what} ({foreign[0]}{more}); mnemo never deletes files it did not "
+            f"write: choose a new or empty directory"
+        )
     plan = _read_json(os.path.join(loc.state, "plan.json")) if owned is not None else None
     if plan is not None and plan.get("fingerprint") != fingerprint and not overwrite:
-        raise DataError(f"--out {loc.url} holds an unfinished conversion of other inputs or settings; "
-                        f"rerun that command to finish it, or pass --overwrite")
+        raise DataError(
+            f"--out {loc.url} holds an unfinished conversion of other inputs or settings; "
+            f"rerun that command to finish it, or pass --overwrite"
+        )
     if overwrite or plan is None or plan.get("fingerprint") != fingerprint:
         for name in sorted(owned or ()):  # what an earlier conversion listed, and nothing else
             _remove(loc.local, name)
@@ -282,8 +317,10 @@ def _check_out_apart(loc: OutLocation, corpus: Corpus) -> None:
     for f in corpus.files:
         real = os.path.realpath(f.path)
         if real == out or real.startswith(out.rstrip(os.sep) + os.sep):
-            raise DataError(f"--out {loc.url} contains the input {f.path}; the output must go to a directory "
-                            f"that holds no input: choose another --out")
+            raise DataError(
+                f"--out {loc.url} contains the input {f.path}; the output must go to a directory "
+                f"that holds no input: choose another --out"
+            )
 
 
 # ----------------------------------------------------------------------------- progress
@@ -318,8 +355,15 @@ class _Progress:
         from tqdm import tqdm
 
         show = sys.stderr.isatty() if enabled is None else enabled
-        self.bar = tqdm(total=total, initial=initial, unit="B", unit_scale=True, desc="prepare",
-                        disable=not show, dynamic_ncols=True)
+        self.bar = tqdm(
+            total=total,
+            initial=initial,
+            unit="B",
+            unit_scale=True,
+            desc="prepare",
+            disable=not show,
+            dynamic_ncols=True,
+        )
         self.counters = counters
         self.start = time.monotonic()
         self.shown = 0
@@ -386,8 +430,7 @@ def _batches(docs: Iterable[Doc]) -> Iterator[list[Doc]]:
         yield batch
 
 
-def _corpus_samples(ctx: UnitContext, unit: WorkUnit, stats: ReadStats, counters: _Counters | None
-                    ) -> Iterator[dict]:
+def _corpus_samples(ctx: UnitContext, unit: WorkUnit, stats: ReadStats, counters: _Counters | None) -> Iterator[dict]:
     """Samples of one unit's documents: tokens with EOS appended, in document order."""
     tok = _get_tokenizer(ctx.tokenizer_path)
     dtype = np.dtype(ctx.token_dtype)
@@ -414,8 +457,15 @@ def _write_unit(ctx: UnitContext, name: str, samples: Iterable[dict], extra: Cal
     os.makedirs(os.path.dirname(tmp), exist_ok=True)
     remote = None if ctx.remote is None else ctx.remote.rstrip("/") + "/" + name
     out = tmp if remote is None else (tmp, remote)
-    writer = MDSWriter(columns=columns(ctx.token_dtype), out=out, compression=COMPRESSION, hashes=SHARD_HASHES,
-                       size_limit=SHARD_SIZE_LIMIT, keep_local=False, exist_ok=True)
+    writer = MDSWriter(
+        columns=columns(ctx.token_dtype),
+        out=out,
+        compression=COMPRESSION,
+        hashes=SHARD_HASHES,
+        size_limit=SHARD_SIZE_LIMIT,
+        keep_local=False,
+        exist_ok=True,
+    )
     docs = tokens = 0
     try:
         for s in samples:
@@ -445,8 +495,12 @@ def _write_unit(ctx: UnitContext, name: str, samples: Iterable[dict], extra: Cal
 def _run_unit(ctx: UnitContext, unit: WorkUnit) -> dict:
     stats = ReadStats()
     counters = _worker.get("counters")
-    result = _write_unit(ctx, unit.name, _corpus_samples(ctx, unit, stats, counters),
-                         lambda: {"stats": stats.to_json(), "bytes": unit.est_bytes})
+    result = _write_unit(
+        ctx,
+        unit.name,
+        _corpus_samples(ctx, unit, stats, counters),
+        lambda: {"stats": stats.to_json(), "bytes": unit.est_bytes},
+    )
     return result
 
 
@@ -465,8 +519,9 @@ def _init_worker(counters: _Counters, parent: int) -> None:
 # ----------------------------------------------------------------------------- running all units
 
 
-def _run_units(ctx: UnitContext, pending: list[WorkUnit], workers: int, progress: _Progress,
-               counters: _Counters) -> None:
+def _run_units(
+    ctx: UnitContext, pending: list[WorkUnit], workers: int, progress: _Progress, counters: _Counters
+) -> None:
     if not pending:
         return
     if workers <= 1 or len(pending) == 1:
@@ -482,8 +537,12 @@ def _run_units(ctx: UnitContext, pending: list[WorkUnit], workers: int, progress
         return
     # fork: workers start in milliseconds with the tokenizer module already imported.
     mpctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context("spawn")
-    ex = cf.ProcessPoolExecutor(max_workers=min(workers, len(pending)), mp_context=mpctx,
-                                initializer=_init_worker, initargs=(counters, os.getpid()))
+    ex = cf.ProcessPoolExecutor(
+        max_workers=min(workers, len(pending)),
+        mp_context=mpctx,
+        initializer=_init_worker,
+        initargs=(counters, os.getpid()),
+    )
     try:
         # Biggest units first (fewer idle workers at the end); the output order is the unit order regardless.
         futs = {ex.submit(_unit_entry, ctx, u): u for u in sorted(pending, key=lambda u: -u.est_bytes)}
@@ -495,8 +554,10 @@ def _run_units(ctx: UnitContext, pending: list[WorkUnit], workers: int, progress
                 try:
                     f.result()
                 except cf.process.BrokenProcessPool:
-                    raise DataError(f"a worker process died (killed or out of memory); {finished} of {len(futs)} "
-                                    f"parts finished and are kept: rerun the same command to resume") from None
+                    raise DataError(
+                        f"a worker process died (killed or out of memory); {finished} of {len(futs)} "
+                        f"parts finished and are kept: rerun the same command to resume"
+                    ) from None
                 finished += 1
             progress.refresh()
     except BaseException:
@@ -527,8 +588,9 @@ def _filler_tokens(ctx: UnitContext, units: Sequence[WorkUnit], need: int) -> np
     return np.concatenate(got)
 
 
-def _passkey_samples(ctx: UnitContext, tok: Tokenizer, filler: np.ndarray, n: int, max_distance: int,
-                     segment_len: int, seed: int) -> Iterator[dict]:
+def _passkey_samples(
+    ctx: UnitContext, tok: Tokenizer, filler: np.ndarray, n: int, max_distance: int, segment_len: int, seed: int
+) -> Iterator[dict]:
     from mnemo.data_pipeline.passkey import DEPTHS, make_passkey_sample
 
     rng = np.random.default_rng(seed)
@@ -537,8 +599,13 @@ def _passkey_samples(ctx: UnitContext, tok: Tokenizer, filler: np.ndarray, n: in
         distance = int(rng.integers(0, max_distance + 1))
         depth = list(DEPTHS)[int(rng.integers(0, len(DEPTHS)))]
         s = make_passkey_sample(tok, filler, distance, depth, segment_len, rng)
-        yield {"tokens": np.asarray(s["tokens"]).astype(dtype), "doc_id": f"passkey-{i:06d}", "source": "passkey",
-               "answer_start": int(s["answer_start"]), "answer_len": int(s["answer_len"])}
+        yield {
+            "tokens": np.asarray(s["tokens"]).astype(dtype),
+            "doc_id": f"passkey-{i:06d}",
+            "source": "passkey",
+            "answer_start": int(s["answer_start"]),
+            "answer_len": int(s["answer_len"]),
+        }
 
 
 # ----------------------------------------------------------------------------- merge + manifest
@@ -590,12 +657,27 @@ def _default_workers() -> int:
         return os.cpu_count() or 1
 
 
-def prepare(inputs: Sequence[str], out: str, tokenizer: str | None = None, workers: int | None = None,
-            text_field: str = "text", id_field: str | None = None, strict: bool = False, overwrite: bool = False,
-            vocab_size: int = 8192, model_type: str = "bpe", sample_docs: int = 10_000, passkey_docs: int = 0,
-            passkey_max_distance: int = 8, passkey_segment_len: int = 128, seed: int = 0,
-            unit_bytes: int | None = None, staging: str | None = None, progress: bool | None = None,
-            max_doc_bytes: int = DEFAULT_MAX_DOC_BYTES) -> dict:
+def prepare(
+    inputs: Sequence[str],
+    out: str,
+    tokenizer: str | None = None,
+    workers: int | None = None,
+    text_field: str = "text",
+    id_field: str | None = None,
+    strict: bool = False,
+    overwrite: bool = False,
+    vocab_size: int = 8192,
+    model_type: str = "bpe",
+    sample_docs: int = 10_000,
+    passkey_docs: int = 0,
+    passkey_max_distance: int = 8,
+    passkey_segment_len: int = 128,
+    seed: int = 0,
+    unit_bytes: int | None = None,
+    staging: str | None = None,
+    progress: bool | None = None,
+    max_doc_bytes: int = DEFAULT_MAX_DOC_BYTES,
+) -> dict:
     """Convert ``inputs`` into a mnemo MDS dataset at ``out``; returns the manifest.
 
     ``tokenizer``: an existing SentencePiece model; without it one is trained
@@ -627,11 +709,23 @@ def prepare(inputs: Sequence[str], out: str, tokenizer: str | None = None, worke
         "id_field": id_field,
         "unit_bytes": unit_bytes,
         "units": [u.describe() for u in units],
-        "tokenizer": ({"sha256": given.sha256} if given else
-                      {"train": {"vocab_size": vocab_size, "model_type": model_type, "sample_docs": sample_docs,
-                                 "seed": seed}}),
-        "passkey": ({"docs": passkey_docs, "max_distance": passkey_max_distance,
-                     "segment_len": passkey_segment_len, "seed": seed} if passkey_docs else None),
+        "tokenizer": (
+            {"sha256": given.sha256}
+            if given
+            else {
+                "train": {"vocab_size": vocab_size, "model_type": model_type, "sample_docs": sample_docs, "seed": seed}
+            }
+        ),
+        "passkey": (
+            {
+                "docs": passkey_docs,
+                "max_distance": passkey_max_distance,
+                "segment_len": passkey_segment_len,
+                "seed": seed,
+            }
+            if passkey_docs
+            else None
+        ),
     }
     if max_doc_bytes != DEFAULT_MAX_DOC_BYTES:  # absent at the default: older datasets keep their fingerprint
         spec["max_doc_bytes"] = max_doc_bytes
@@ -644,16 +738,27 @@ def prepare(inputs: Sequence[str], out: str, tokenizer: str | None = None, worke
     if given is not None:
         tok = _copy_tokenizer(loc, given, given_bytes)
     else:
-        tok = _train_tokenizer(loc, corpus, text_field, id_field, strict, vocab_size, model_type, sample_docs, seed,
-                               max_doc_bytes)
-    ctx = UnitContext(os.path.join(loc.local, "tokenizer.model"), tok.token_dtype.name, text_field, id_field,
-                      strict, loc.local, loc.remote, max_doc_bytes)
+        tok = _train_tokenizer(
+            loc, corpus, text_field, id_field, strict, vocab_size, model_type, sample_docs, seed, max_doc_bytes
+        )
+    ctx = UnitContext(
+        os.path.join(loc.local, "tokenizer.model"),
+        tok.token_dtype.name,
+        text_field,
+        id_field,
+        strict,
+        loc.local,
+        loc.remote,
+        max_doc_bytes,
+    )
     results = _convert(ctx, units, workers, progress)
     stats = _read_stats(corpus, units, results)
     num_corpus = sum(results[u.name]["documents"] for u in units)
     if num_corpus == 0:
-        raise DataError(f"no documents: every document of {', '.join(map(str, inputs))} was skipped "
-                        f"({_format_counts(stats.counts)})")
+        raise DataError(
+            f"no documents: every document of {', '.join(map(str, inputs))} was skipped "
+            f"({_format_counts(stats.counts)})"
+        )
     names = [u.name for u in units]
     if passkey_docs:
         names.append(_passkey_part(ctx, tok, units, passkey_docs, passkey_max_distance, passkey_segment_len, seed))
@@ -683,10 +788,13 @@ def _convert(ctx: UnitContext, units: list[WorkUnit], workers: int, progress: bo
         _note(f"resuming: {len(results)} of {len(units)} parts already done")
     import streaming  # noqa: F401  (imports torch: seconds; before the bar starts its clock and before forking)
 
-    counters = _Counters(shared=workers > 1 and len(pending) > 1,
-                         ctx=mp.get_context("fork") if "fork" in mp.get_all_start_methods() else None)
-    bar = _Progress(sum(u.est_bytes for u in units), sum(u.est_bytes for u in units if u.name in results),
-                    counters, progress)
+    counters = _Counters(
+        shared=workers > 1 and len(pending) > 1,
+        ctx=mp.get_context("fork") if "fork" in mp.get_all_start_methods() else None,
+    )
+    bar = _Progress(
+        sum(u.est_bytes for u in units), sum(u.est_bytes for u in units if u.name in results), counters, progress
+    )
     try:
         _run_units(ctx, pending, workers, bar, counters)
     finally:
@@ -707,8 +815,9 @@ def _read_stats(corpus: Corpus, units: list[WorkUnit], results: dict[str, dict])
     return stats
 
 
-def _passkey_part(ctx: UnitContext, tok: Tokenizer, units: list[WorkUnit], n: int, max_distance: int,
-                  segment_len: int, seed: int) -> str:
+def _passkey_part(
+    ctx: UnitContext, tok: Tokenizer, units: list[WorkUnit], n: int, max_distance: int, segment_len: int, seed: int
+) -> str:
     """The part of synthetic passkey documents, after the corpus parts (written once)."""
     name = _passkey_name(units)
     if _read_json(ctx.marker(name)) is None:
@@ -733,9 +842,18 @@ def _copy_tokenizer(loc: OutLocation, given: Tokenizer, given_bytes: bytes) -> T
     return Tokenizer(dest)
 
 
-def _train_tokenizer(loc: OutLocation, corpus: Corpus, text_field: str, id_field: str | None, strict: bool,
-                     vocab_size: int, model_type: str, sample_docs: int, seed: int,
-                     max_doc_bytes: int = DEFAULT_MAX_DOC_BYTES) -> Tokenizer:
+def _train_tokenizer(
+    loc: OutLocation,
+    corpus: Corpus,
+    text_field: str,
+    id_field: str | None,
+    strict: bool,
+    vocab_size: int,
+    model_type: str,
+    sample_docs: int,
+    seed: int,
+    max_doc_bytes: int = DEFAULT_MAX_DOC_BYTES,
+) -> Tokenizer:
     """OUT/tokenizer.model trained on a sample of the corpus (kept across an interrupted run)."""
     from mnemo.data_pipeline.readers import iter_documents
 
@@ -748,8 +866,9 @@ def _train_tokenizer(loc: OutLocation, corpus: Corpus, text_field: str, id_field
     sample = reservoir_sample(texts, sample_docs, seed, 16_384)
     if not sample:
         names = ", ".join(str(f.path) for f in corpus.files[:3]) if getattr(corpus, "files", None) else "the inputs"
-        raise DataError(f"no documents: every document of {names} is empty or was skipped "
-                        f"({_format_counts(stats.counts)})")
+        raise DataError(
+            f"no documents: every document of {names} is empty or was skipped ({_format_counts(stats.counts)})"
+        )
     # Trained inside the state dir (its temp file too), then moved into place whole.
     staged = os.path.join(loc.state, "tokenizer.model")
     train_from_texts(sample, staged, vocab_size, model_type)
@@ -757,14 +876,33 @@ def _train_tokenizer(loc: OutLocation, corpus: Corpus, text_field: str, id_field
     return Tokenizer(dest)
 
 
-def _manifest(loc: OutLocation, tok: Tokenizer, given: Tokenizer | None, spec: dict, fingerprint: str,
-              names: list[str], results: dict[str, dict], stats: ReadStats, num_corpus: int) -> dict:
-    parts = [{"name": n, "documents": results[n]["documents"], "tokens": results[n]["tokens"],
-              "shards": results[n].get("shards", 0)} for n in names]
+def _manifest(
+    loc: OutLocation,
+    tok: Tokenizer,
+    given: Tokenizer | None,
+    spec: dict,
+    fingerprint: str,
+    names: list[str],
+    results: dict[str, dict],
+    stats: ReadStats,
+    num_corpus: int,
+) -> dict:
+    parts = [
+        {
+            "name": n,
+            "documents": results[n]["documents"],
+            "tokens": results[n]["tokens"],
+            "shards": results[n].get("shards", 0),
+        }
+        for n in names
+    ]
     num_docs = sum(p["documents"] for p in parts)
     num_tokens = sum(p["tokens"] for p in parts)
-    tok_path = os.path.abspath(given.path) if given else (loc.remote_join("tokenizer.model") or
-                                                          os.path.join(loc.local, "tokenizer.model"))
+    tok_path = (
+        os.path.abspath(given.path)
+        if given
+        else (loc.remote_join("tokenizer.model") or os.path.join(loc.local, "tokenizer.model"))
+    )
     return {
         "format": "mnemo-mds",
         "format_version": FORMAT_VERSION,
@@ -792,8 +930,7 @@ def _manifest(loc: OutLocation, tok: Tokenizer, given: Tokenizer | None, spec: d
         "parts": parts,
         "max_doc_bytes": spec.get("max_doc_bytes", DEFAULT_MAX_DOC_BYTES),
         "skipped": {k: v for k, v in sorted(stats.counts.items()) if k in SKIP_REASONS or k in FILE_REASONS},
-        "repaired": {k: v for k, v in sorted(stats.counts.items()) if k not in SKIP_REASONS
-                     and k not in FILE_REASONS},
+        "repaired": {k: v for k, v in sorted(stats.counts.items()) if k not in SKIP_REASONS and k not in FILE_REASONS},
         "skipped_examples": stats.examples,
         "passkey": spec["passkey"],
     }

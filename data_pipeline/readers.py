@@ -60,7 +60,8 @@ from typing import IO, NamedTuple
 
 from mnemo.data_pipeline.errors import DataError
 
-TEXT_EXTENSIONS = frozenset("""
+TEXT_EXTENSIONS = frozenset(
+    """
 .txt .text .md .markdown .rst .adoc .asciidoc .org .tex .bib .rtf
 .py .pyi .pyx .pxd
 .c .h .cc .cpp .cxx .hpp .hh .hxx .inl .cu .cuh .m .mm
@@ -75,11 +76,32 @@ TEXT_EXTENSIONS = frozenset("""
 .yaml .yml .toml .ini .cfg .conf .properties
 .cmake .mk .make .dockerfile .nix .tf .hcl
 .f .f90 .f95 .for .pas .ada .adb .ads .cob .asm .s
-""".split())
-TEXT_FILENAMES = frozenset({"Makefile", "Dockerfile", "README", "LICENSE", "COPYING", "NOTICE", "CHANGELOG",
-                            "Jenkinsfile", "Rakefile", "Gemfile", "Vagrantfile"})
-JSONL_SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".jsonl.gz": "jsonl.gz", ".ndjson.gz": "jsonl.gz",
-                  ".jsonl.zst": "jsonl.zst", ".jsonl.zstd": "jsonl.zst", ".ndjson.zst": "jsonl.zst"}
+""".split()
+)
+TEXT_FILENAMES = frozenset(
+    {
+        "Makefile",
+        "Dockerfile",
+        "README",
+        "LICENSE",
+        "COPYING",
+        "NOTICE",
+        "CHANGELOG",
+        "Jenkinsfile",
+        "Rakefile",
+        "Gemfile",
+        "Vagrantfile",
+    }
+)
+JSONL_SUFFIXES = {
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".jsonl.gz": "jsonl.gz",
+    ".ndjson.gz": "jsonl.gz",
+    ".jsonl.zst": "jsonl.zst",
+    ".jsonl.zstd": "jsonl.zst",
+    ".ndjson.zst": "jsonl.zst",
+}
 PARQUET_SUFFIXES = (".parquet", ".pq")
 MAX_EXAMPLES = 20
 # Default of --max-doc-bytes: the most input bytes one document may take.
@@ -87,9 +109,13 @@ DEFAULT_MAX_DOC_BYTES = 64 << 20
 # Bytes read per call from text files and JSONL streams.
 _CHUNK = 1 << 20
 # Byte order marks, longest first (the UTF-32 LE mark starts with the UTF-16 LE one): mark, codec, label.
-_BOMS = ((codecs.BOM_UTF32_LE, "utf-32-le", "utf32"), (codecs.BOM_UTF32_BE, "utf-32-be", "utf32"),
-         (codecs.BOM_UTF8, "utf-8", "utf8"), (codecs.BOM_UTF16_LE, "utf-16-le", "utf16"),
-         (codecs.BOM_UTF16_BE, "utf-16-be", "utf16"))
+_BOMS = (
+    (codecs.BOM_UTF32_LE, "utf-32-le", "utf32"),
+    (codecs.BOM_UTF32_BE, "utf-32-be", "utf32"),
+    (codecs.BOM_UTF8, "utf-8", "utf8"),
+    (codecs.BOM_UTF16_LE, "utf-16-le", "utf16"),
+    (codecs.BOM_UTF16_BE, "utf-16-be", "utf16"),
+)
 # Guess of the decompressed size of compressed JSONL, for packing units only.
 _COMPRESSION_GUESS = 4
 
@@ -118,7 +144,7 @@ class ReadStats:
         for k, v in other.counts.items():
             self.counts[k] = self.counts.get(k, 0) + v
         room = MAX_EXAMPLES - len(self.examples)
-        self.examples.extend(other.examples[:max(0, room)])
+        self.examples.extend(other.examples[: max(0, room)])
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -200,8 +226,10 @@ def file_kind(path: str, explicit: bool) -> str | None:
     except OSError as e:
         raise DataError(f"input {path}: cannot be read ({e.strerror or e})") from None
     if _bom(head) is None and b"\0" in head:
-        raise DataError(f"input {path}: looks binary and its extension is not a supported format "
-                        f"(text/source files, .jsonl[.gz|.zst], .parquet)")
+        raise DataError(
+            f"input {path}: looks binary and its extension is not a supported format "
+            f"(text/source files, .jsonl[.gz|.zst], .parquet)"
+        )
     return "text"
 
 
@@ -215,6 +243,7 @@ def _bom(head: bytes) -> tuple[int, str, str] | None:
 
 def _walk(root: str, stats: ReadStats) -> Iterator[str]:
     """Files under ``root`` in sorted path order, hidden entries skipped; unreadable dirs counted."""
+
     def unreadable(e: OSError) -> None:
         stats.note("unreadable_file", f"{e.filename} ({e.strerror or e})")
 
@@ -405,8 +434,10 @@ def _utf8_name(path: str) -> str:
 
 
 def _changed(f: InputFile, now: int) -> DataError:
-    return DataError(f"input {f.path}: {now:,} bytes now, {f.size:,} when the inputs were planned "
-                     f"(changed while being read); rerun when it no longer changes")
+    return DataError(
+        f"input {f.path}: {now:,} bytes now, {f.size:,} when the inputs were planned "
+        f"(changed while being read); rerun when it no longer changes"
+    )
 
 
 def _read_text(f: InputFile, stats: ReadStats, max_doc_bytes: int) -> Iterator[Doc]:
@@ -499,8 +530,9 @@ def _readline(f: InputFile, fh: IO[bytes], size: int) -> bytes:
         if f.kind == "jsonl":
             raise
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise DataError(f"input {f.path}: truncated or corrupt {_CODECS[f.kind]} data ({msg}); "
-                        f"the file cannot be read to its end") from None
+        raise DataError(
+            f"input {f.path}: truncated or corrupt {_CODECS[f.kind]} data ({msg}); the file cannot be read to its end"
+        ) from None
 
 
 def _skip_line(f: InputFile, fh: IO[bytes]) -> int:
@@ -553,8 +585,16 @@ def _parse(line: bytes) -> tuple[object, str | None, bool]:
         return None, "not valid JSON", True
 
 
-def _read_jsonl(f: InputFile, start: int | None, stop: int | None, text_field: str, id_field: str | None,
-                strict: bool, stats: ReadStats, max_doc_bytes: int) -> Iterator[Doc]:
+def _read_jsonl(
+    f: InputFile,
+    start: int | None,
+    stop: int | None,
+    text_field: str,
+    id_field: str | None,
+    strict: bool,
+    stats: ReadStats,
+    max_doc_bytes: int,
+) -> Iterator[Doc]:
     fh = _open_stream(f)
     with fh:
         pos = 0
@@ -586,10 +626,12 @@ def _read_jsonl(f: InputFile, start: int | None, stop: int | None, text_field: s
             if k == 0 and pos == 0:
                 bom = _bom(line[:4])
                 if bom is not None and bom[2] != "utf8":
-                    raise DataError(f"input {f.path}: {bom[2].upper().replace('UTF', 'UTF-')} text (byte order "
-                                    f"mark); JSONL must be UTF-8 (convert it, e.g. with iconv -t UTF-8)")
+                    raise DataError(
+                        f"input {f.path}: {bom[2].upper().replace('UTF', 'UTF-')} text (byte order "
+                        f"mark); JSONL must be UTF-8 (convert it, e.g. with iconv -t UTF-8)"
+                    )
                 if bom is not None:
-                    line = line[bom[0]:]
+                    line = line[bom[0] :]
             if not line or line.isspace():
                 continue
             rec, wrong, replaced = _parse(line)
@@ -646,8 +688,9 @@ def _utf8_len(text: str) -> int:
     return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
 
 
-def _parquet_batches(f: InputFile, groups: list[int], cols: list[str], id_field: str | None
-                     ) -> Iterator[tuple[list, list]]:
+def _parquet_batches(
+    f: InputFile, groups: list[int], cols: list[str], id_field: str | None
+) -> Iterator[tuple[list, list]]:
     """(texts, ids) of one record batch at a time; bad Parquet data is a DataError naming the file."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -655,8 +698,10 @@ def _parquet_batches(f: InputFile, groups: list[int], cols: list[str], id_field:
     try:
         pf = pq.ParquetFile(f.path)
         if pf.metadata.num_rows != sum(f.group_rows):
-            raise DataError(f"input {f.path}: {pf.metadata.num_rows:,} rows now, {sum(f.group_rows):,} when the "
-                            f"inputs were planned (changed while being read)")
+            raise DataError(
+                f"input {f.path}: {pf.metadata.num_rows:,} rows now, {sum(f.group_rows):,} when the "
+                f"inputs were planned (changed while being read)"
+            )
         for batch in pf.iter_batches(batch_size=1024, row_groups=groups, columns=cols):
             texts = batch.column(cols[0]).to_pylist()
             yield texts, batch.column(id_field).to_pylist() if id_field else [None] * len(texts)
@@ -664,12 +709,20 @@ def _parquet_batches(f: InputFile, groups: list[int], cols: list[str], id_field:
         raise
     except (pa.ArrowException, OSError, ValueError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise DataError(f"input {f.path}: corrupt Parquet data in row groups {groups[0]}-{groups[-1]} "
-                        f"({msg})") from None
+        raise DataError(
+            f"input {f.path}: corrupt Parquet data in row groups {groups[0]}-{groups[-1]} ({msg})"
+        ) from None
 
 
-def _read_parquet(f: InputFile, start: int | None, stop: int | None, text_field: str, id_field: str | None,
-                  stats: ReadStats, max_doc_bytes: int) -> Iterator[Doc]:
+def _read_parquet(
+    f: InputFile,
+    start: int | None,
+    stop: int | None,
+    text_field: str,
+    id_field: str | None,
+    stats: ReadStats,
+    max_doc_bytes: int,
+) -> Iterator[Doc]:
     lo = start or 0
     hi = len(f.group_rows) if stop is None else stop
     if hi <= lo:
@@ -708,8 +761,14 @@ def check_max_doc_bytes(max_doc_bytes: int) -> int:
     return int(max_doc_bytes)
 
 
-def iter_piece(piece: Piece, text_field: str = "text", id_field: str | None = None, strict: bool = False,
-               stats: ReadStats | None = None, max_doc_bytes: int = DEFAULT_MAX_DOC_BYTES) -> Iterator[Doc]:
+def iter_piece(
+    piece: Piece,
+    text_field: str = "text",
+    id_field: str | None = None,
+    strict: bool = False,
+    stats: ReadStats | None = None,
+    max_doc_bytes: int = DEFAULT_MAX_DOC_BYTES,
+) -> Iterator[Doc]:
     """Documents of one piece of a file, in file order (none bigger than ``max_doc_bytes``)."""
     stats = stats if stats is not None else ReadStats()
     max_doc_bytes = check_max_doc_bytes(max_doc_bytes)
@@ -728,15 +787,26 @@ def iter_piece(piece: Piece, text_field: str = "text", id_field: str | None = No
         raise DataError(f"input {f.path}: cannot be read ({msg})") from None
 
 
-def iter_unit(unit: WorkUnit, text_field: str = "text", id_field: str | None = None, strict: bool = False,
-              stats: ReadStats | None = None, max_doc_bytes: int = DEFAULT_MAX_DOC_BYTES) -> Iterator[Doc]:
+def iter_unit(
+    unit: WorkUnit,
+    text_field: str = "text",
+    id_field: str | None = None,
+    strict: bool = False,
+    stats: ReadStats | None = None,
+    max_doc_bytes: int = DEFAULT_MAX_DOC_BYTES,
+) -> Iterator[Doc]:
     for piece in unit.pieces:
         yield from iter_piece(piece, text_field, id_field, strict, stats, max_doc_bytes)
 
 
-def iter_documents(corpus: Corpus | Sequence[InputFile], text_field: str = "text", id_field: str | None = None,
-                   strict: bool = False, stats: ReadStats | None = None,
-                   max_doc_bytes: int = DEFAULT_MAX_DOC_BYTES) -> Iterator[Doc]:
+def iter_documents(
+    corpus: Corpus | Sequence[InputFile],
+    text_field: str = "text",
+    id_field: str | None = None,
+    strict: bool = False,
+    stats: ReadStats | None = None,
+    max_doc_bytes: int = DEFAULT_MAX_DOC_BYTES,
+) -> Iterator[Doc]:
     """Every document of the corpus, in input order (one process)."""
     files = corpus.files if isinstance(corpus, Corpus) else corpus
     for f in files:

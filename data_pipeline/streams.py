@@ -61,8 +61,9 @@ class DocumentSource(Protocol):
 class ArraySource:
     """In-memory documents (tests, synthetic data)."""
 
-    def __init__(self, docs: Sequence[np.ndarray], shard_size: int = 0,
-                 answers: Sequence[tuple[int, int]] | None = None):
+    def __init__(
+        self, docs: Sequence[np.ndarray], shard_size: int = 0, answers: Sequence[tuple[int, int]] | None = None
+    ):
         self.docs = [np.asarray(d) for d in docs]
         self.num_samples = len(self.docs)
         n, s = self.num_samples, shard_size or max(1, self.num_samples)
@@ -128,7 +129,7 @@ def epoch_order(samples_per_shard: np.ndarray, train_mask: np.ndarray, seed: int
 
 def rank_block(order: np.ndarray, rank: int, world: int) -> np.ndarray:
     n = len(order)
-    return order[rank * n // world:(rank + 1) * n // world]
+    return order[rank * n // world : (rank + 1) * n // world]
 
 
 # ------------------------------------------------------------------ streams
@@ -150,10 +151,22 @@ class _Slot:
 class DocumentStreams:
     """B stream slots over this rank's partition; an infinite iterator of SegmentBatch."""
 
-    def __init__(self, source: DocumentSource, *, batch_size: int, segment_len: int, rank: int = 0,
-                 world_size: int = 1, seed: int = 0, val_fraction: float = 0.0, pad_id: int = 0,
-                 answer_weight: float = 1.0, answer_context_weight: float = 1.0, num_workers: int = 0,
-                 prefetch: int = 64):
+    def __init__(
+        self,
+        source: DocumentSource,
+        *,
+        batch_size: int,
+        segment_len: int,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        val_fraction: float = 0.0,
+        pad_id: int = 0,
+        answer_weight: float = 1.0,
+        answer_context_weight: float = 1.0,
+        num_workers: int = 0,
+        prefetch: int = 64,
+    ):
         self.source = source
         self.B, self.T = batch_size, segment_len
         self.rank, self.world = rank, world_size
@@ -208,7 +221,7 @@ class DocumentStreams:
         """Start reading the next documents of the queue in background threads."""
         epoch, cursor = self.epoch, self.cursor
         block = self._block(epoch)
-        upcoming = block[cursor:cursor + self._prefetch]
+        upcoming = block[cursor : cursor + self._prefetch]
         for doc in upcoming:
             doc = int(doc)
             if doc not in self._futures:
@@ -238,8 +251,8 @@ class DocumentStreams:
                 slot.answer = (int(item.get("answer_start", -1)), int(item.get("answer_len", 0)))
                 reset[b] = True
             o = slot.offset
-            chunk = slot.tokens[o:o + T + 1]
-            tokens[b, :len(chunk)] = chunk
+            chunk = slot.tokens[o : o + T + 1]
+            tokens[b, : len(chunk)] = chunk
             n_targets = len(chunk) - 1
             weight[b, :n_targets] = 1.0
             real[b, :n_targets] = True
@@ -253,10 +266,15 @@ class DocumentStreams:
             slot.offset = o + T
         self.batches += 1
         w = torch.from_numpy(weight)
-        return SegmentBatch(tokens=torch.from_numpy(tokens), mask=torch.from_numpy(real), weight=w,
-                            reset=torch.from_numpy(reset),
-                            doc_ids=torch.from_numpy(doc_ids), positions=torch.from_numpy(positions),
-                            epochs=torch.from_numpy(epochs))
+        return SegmentBatch(
+            tokens=torch.from_numpy(tokens),
+            mask=torch.from_numpy(real),
+            weight=w,
+            reset=torch.from_numpy(reset),
+            doc_ids=torch.from_numpy(doc_ids),
+            positions=torch.from_numpy(positions),
+            epochs=torch.from_numpy(epochs),
+        )
 
     # ---------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
@@ -280,8 +298,10 @@ class DocumentStreams:
         if sd.get("version") != STATE_VERSION:
             raise DataError(f"stream state version {sd.get('version')} is not {STATE_VERSION}")
         if sd["num_samples"] != self.source.num_samples:
-            raise DataError(f"data.path: the checkpoint was made on a dataset of {sd['num_samples']} documents, "
-                            f"this one has {self.source.num_samples}")
+            raise DataError(
+                f"data.path: the checkpoint was made on a dataset of {sd['num_samples']} documents, "
+                f"this one has {self.source.num_samples}"
+            )
         for key, mine in (("seed", self.seed), ("val_fraction", self.val_fraction)):
             if sd[key] != mine:
                 raise DataError(f"stream state: {key} {sd[key]} differs from this run's {mine}")
@@ -352,7 +372,7 @@ class DocumentStreams:
                 if int(s["epoch"]) > e:
                     consumed.append(block)
                 elif int(s["epoch"]) == e:
-                    consumed.append(block[:int(s["cursor"])])
+                    consumed.append(block[: int(s["cursor"])])
             done = np.concatenate(consumed) if consumed else np.zeros(0, dtype=np.int64)
             if e in in_flight:
                 done = done[~np.isin(done, np.fromiter(in_flight[e], dtype=np.int64))]

@@ -162,8 +162,9 @@ def trainer_sentences(docs: Iterable[str], chunk_chars: int = _CHUNK_CHARS) -> I
             yield "".join(buf)
 
 
-def trainer_options(vocab_size: int, model_type: str, special_tokens: Sequence[str] = (),
-                    num_threads: int | None = None) -> dict:
+def trainer_options(
+    vocab_size: int, model_type: str, special_tokens: Sequence[str] = (), num_threads: int | None = None
+) -> dict:
     """The SentencePiece trainer settings (see the module docstring for why)."""
     if model_type not in ("bpe", "unigram"):
         raise DataError(f"--model-type {model_type!r}: choose bpe or unigram")
@@ -182,8 +183,14 @@ def trainer_options(vocab_size: int, model_type: str, special_tokens: Sequence[s
         character_coverage=0.9995,
         # A small corpus may not support the requested size: take what it gives.
         hard_vocab_limit=False,
-        unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID, pad_id=PAD_ID,
-        unk_piece="<unk>", bos_piece="<s>", eos_piece="</s>", pad_piece="<pad>",
+        unk_id=UNK_ID,
+        bos_id=BOS_ID,
+        eos_id=EOS_ID,
+        pad_id=PAD_ID,
+        unk_piece="<unk>",
+        bos_piece="<s>",
+        eos_piece="</s>",
+        pad_piece="<pad>",
         num_threads=int(num_threads or os.cpu_count() or 1),
         minloglevel=2,
     )
@@ -199,8 +206,14 @@ def trainer_options(vocab_size: int, model_type: str, special_tokens: Sequence[s
 _TOO_SMALL = re.compile(r"Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)")
 
 
-def train_from_texts(texts: Iterable[str], out: str | os.PathLike, vocab_size: int, model_type: str = "bpe",
-                     special_tokens: Sequence[str] = (), num_threads: int | None = None) -> Tokenizer:
+def train_from_texts(
+    texts: Iterable[str],
+    out: str | os.PathLike,
+    vocab_size: int,
+    model_type: str = "bpe",
+    special_tokens: Sequence[str] = (),
+    num_threads: int | None = None,
+) -> Tokenizer:
     """Train on already sampled documents and write the model to ``out`` atomically."""
     if vocab_size < 1:
         raise DataError(f"--vocab-size must be positive, got {vocab_size}")
@@ -213,9 +226,11 @@ def train_from_texts(texts: Iterable[str], out: str | os.PathLike, vocab_size: i
         msg = str(e)
         m = _TOO_SMALL.search(msg)
         if m:
-            raise DataError(f"--vocab-size {vocab_size} is too small for this corpus: SentencePiece needs at "
-                            f"least {m.group(2)} pieces (256 byte pieces, 4 special tokens and the corpus "
-                            f"characters)") from None
+            raise DataError(
+                f"--vocab-size {vocab_size} is too small for this corpus: SentencePiece needs at "
+                f"least {m.group(2)} pieces (256 byte pieces, 4 special tokens and the corpus "
+                f"characters)"
+            ) from None
         if "Corpus is empty" in msg or "No valid" in msg or "empty" in msg.lower():
             raise DataError("tokenizer training: the corpus holds no non-empty documents") from None
         raise DataError(f"tokenizer training failed: {msg.splitlines()[-1].strip()}") from None
@@ -226,15 +241,27 @@ def train_from_texts(texts: Iterable[str], out: str | os.PathLike, vocab_size: i
     os.replace(tmp, out)
     tok = Tokenizer(out)
     if tok.vocab_size < vocab_size:
-        print(f"mnemo: note: the corpus sample supports {tok.vocab_size} pieces; asked for {vocab_size}",
-              file=sys.stderr)
+        print(
+            f"mnemo: note: the corpus sample supports {tok.vocab_size} pieces; asked for {vocab_size}", file=sys.stderr
+        )
     return tok
 
 
-def train_tokenizer(inputs: Sequence[str], out: str | os.PathLike, vocab_size: int, model_type: str = "bpe",
-                    sample_docs: int = 10_000, special_tokens: Sequence[str] = (), text_field: str = "text",
-                    id_field: str | None = None, seed: int = 0, max_doc_chars: int = 16_384, strict: bool = False,
-                    num_threads: int | None = None, max_doc_bytes: int | None = None) -> Tokenizer:
+def train_tokenizer(
+    inputs: Sequence[str],
+    out: str | os.PathLike,
+    vocab_size: int,
+    model_type: str = "bpe",
+    sample_docs: int = 10_000,
+    special_tokens: Sequence[str] = (),
+    text_field: str = "text",
+    id_field: str | None = None,
+    seed: int = 0,
+    max_doc_chars: int = 16_384,
+    strict: bool = False,
+    num_threads: int | None = None,
+    max_doc_bytes: int | None = None,
+) -> Tokenizer:
     """`mnemo tokenizer train`: sample documents from ``inputs`` and train SentencePiece.
 
     Memory is bounded by ``sample_docs * max_doc_chars`` characters whatever
@@ -247,9 +274,17 @@ def train_tokenizer(inputs: Sequence[str], out: str | os.PathLike, vocab_size: i
         raise DataError(f"--sample-docs must be positive, got {sample_docs}")
     files = plan_inputs(inputs, text_field=text_field, id_field=id_field)
     stats = ReadStats()
-    texts = (d.text for d in iter_documents(files, text_field=text_field, id_field=id_field,
-                                            strict=strict, stats=stats,
-                                            max_doc_bytes=max_doc_bytes or DEFAULT_MAX_DOC_BYTES))
+    texts = (
+        d.text
+        for d in iter_documents(
+            files,
+            text_field=text_field,
+            id_field=id_field,
+            strict=strict,
+            stats=stats,
+            max_doc_bytes=max_doc_bytes or DEFAULT_MAX_DOC_BYTES,
+        )
+    )
     sample = reservoir_sample(texts, sample_docs, seed, max_doc_chars)
     if not sample:
         raise DataError(f"no non-empty documents in {', '.join(map(str, inputs))}")

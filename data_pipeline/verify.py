@@ -41,8 +41,10 @@ def _well_formed(data_dir: str) -> Iterator[None]:
     try:
         yield
     except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
-        raise DataError(f"{data_dir}: index.json or manifest.json is malformed "
-                        f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
+        raise DataError(
+            f"{data_dir}: index.json or manifest.json is malformed "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+        ) from e
 
 
 def read_manifest(data_dir: str) -> dict:
@@ -122,7 +124,7 @@ def iter_shard_samples(data_dir: str, index: dict) -> Iterator[tuple[str, int, d
         reader = MDSReader.from_json(data_dir, None, obj)
         for i in range(n):
             try:
-                sample = reader.decode_sample(raw[offsets[i]:offsets[i + 1]])
+                sample = reader.decode_sample(raw[offsets[i] : offsets[i + 1]])
             except Exception as e:  # a damaged sample can fail anywhere inside the decoder
                 raise DataError(f"shard {name}: sample {i} does not decode ({e})") from None
             yield name, i, sample
@@ -168,8 +170,13 @@ def _verify(data_dir: str) -> dict:
         raise DataError(f"{tok_path}: missing (the tokenizer copy)")
     if file_sha256(tok_path) != manifest["tokenizer_sha256"]:
         raise DataError(f"{tok_path}: sha256 differs from manifest.json")
-    return {"data_dir": data_dir, "ok": True, "shards": len(index.get("shards", [])), "documents": docs,
-            "tokens": tokens}
+    return {
+        "data_dir": data_dir,
+        "ok": True,
+        "shards": len(index.get("shards", [])),
+        "documents": docs,
+        "tokens": tokens,
+    }
 
 
 def inspect(data_dir: str, num_samples: int = 3, max_chars: int = 300) -> dict:
@@ -194,8 +201,14 @@ def _inspect(data_dir: str, num_samples: int, max_chars: int) -> dict:
             passkey += 1
         if len(samples) < num_samples:
             text = tok.decode(t[:-1])
-            samples.append({"doc_id": s["doc_id"], "source": s["source"], "tokens": int(t.size),
-                            "text": text[:max_chars] + ("..." if len(text) > max_chars else "")})
+            samples.append(
+                {
+                    "doc_id": s["doc_id"],
+                    "source": s["source"],
+                    "tokens": int(t.size),
+                    "text": text[:max_chars] + ("..." if len(text) > max_chars else ""),
+                }
+            )
     arr = np.asarray(lengths, dtype=np.int64)
     pct = {f"p{q}": (int(np.percentile(arr, q)) if arr.size else 0) for q in (0, 10, 50, 90, 99, 100)}
     hist: list[tuple[int, int, int]] = []
@@ -222,15 +235,18 @@ def _inspect(data_dir: str, num_samples: int, max_chars: int) -> dict:
 
 
 def format_inspect(rep: dict) -> str:
-    lines = [f"{rep['data_dir']}: {rep['documents']:,} documents ({rep['passkey_documents']:,} passkey), "
-             f"{rep['tokens']:,} tokens, {rep['shards']} shards, vocab {rep['vocab_size']} ({rep['token_dtype']})"]
+    lines = [
+        f"{rep['data_dir']}: {rep['documents']:,} documents ({rep['passkey_documents']:,} passkey), "
+        f"{rep['tokens']:,} tokens, {rep['shards']} shards, vocab {rep['vocab_size']} ({rep['token_dtype']})"
+    ]
     if rep["skipped"]:
         lines.append("skipped: " + ", ".join(f"{k}={v}" for k, v in rep["skipped"].items()))
     if rep["repaired"]:
         lines.append("repaired: " + ", ".join(f"{k}={v}" for k, v in rep["repaired"].items()))
     p = rep["length_percentiles"]
-    lines.append("tokens per document: " + " ".join(f"{k}={v}" for k, v in p.items())
-                 + f" mean={rep['length_mean']:.1f}")
+    lines.append(
+        "tokens per document: " + " ".join(f"{k}={v}" for k, v in p.items()) + f" mean={rep['length_mean']:.1f}"
+    )
     if rep["length_histogram"]:
         peak = max(c for _, _, c in rep["length_histogram"])
         for lo, hi, c in rep["length_histogram"]:

@@ -51,23 +51,35 @@ def register(subparsers) -> None:
         "launch",
         help="start a training job: local ranks, a hostfile's nodes, or a SLURM job",
         description="Start a training job from a config: local ranks, one node of many, every host of a "
-                    "hostfile (ssh), or a SLURM batch job. The config is validated before anything starts.",
+        "hostfile (ssh), or a SLURM batch job. The config is validated before anything starts.",
     )
     p.__class__ = _IntermixedParser
     p.add_argument("config", help="config YAML")
     p.add_argument("overrides", nargs="*", metavar="dotted.key=value", help="config overrides")
-    p.add_argument("--nproc-per-node", type=int, default=None,
-                   help="ranks per node (default: GPUs per node, or 2 on CPU; hostfile: the slots)")
-    p.add_argument("--max-restarts", type=int, default=0,
-                   help="restarts of failed workers (torchrun elastic agent); training auto-resumes")
+    p.add_argument(
+        "--nproc-per-node",
+        type=int,
+        default=None,
+        help="ranks per node (default: GPUs per node, or 2 on CPU; hostfile: the slots)",
+    )
+    p.add_argument(
+        "--max-restarts",
+        type=int,
+        default=0,
+        help="restarts of failed workers (torchrun elastic agent); training auto-resumes",
+    )
     p.add_argument("--dry-run", action="store_true", help="print the exact commands or script, start nothing")
 
     g = p.add_argument_group("one node of a multi-node job")
     g.add_argument("--nnodes", type=int, default=None, help="number of nodes of the job")
     g.add_argument("--node-rank", type=int, default=None, help="this node's index, 0..nnodes-1")
     g.add_argument("--master-addr", default=None, help="address of node 0 (the rendezvous)")
-    g.add_argument("--master-port", type=int, default=None,
-                   help="rendezvous port (default 29500; --slurm: 20000 + job id %% 20000)")
+    g.add_argument(
+        "--master-port",
+        type=int,
+        default=None,
+        help="rendezvous port (default 29500; --slurm: 20000 + job id %% 20000)",
+    )
     g.add_argument("--rdzv-id", default=None, help=argparse.SUPPRESS)
     g.add_argument("--stop-on-stdin-eof", action="store_true", help=argparse.SUPPRESS)
     g.add_argument("--env-from-stdin", action="store_true", help=argparse.SUPPRESS)
@@ -84,8 +96,13 @@ def register(subparsers) -> None:
     s.add_argument("--account", default=None)
     s.add_argument("--time", default=None, help="time limit, e.g. 2-00:00:00")
     s.add_argument("--gpus-per-node", type=int, default=None)
-    s.add_argument("--sbatch-arg", action="append", default=[], metavar="OPT",
-                   help="extra '#SBATCH OPT' line, e.g. --sbatch-arg=--qos=high (repeatable)")
+    s.add_argument(
+        "--sbatch-arg",
+        action="append",
+        default=[],
+        metavar="OPT",
+        help="extra '#SBATCH OPT' line, e.g. --sbatch-arg=--qos=high (repeatable)",
+    )
     p.set_defaults(func=launch)
 
 
@@ -94,9 +111,14 @@ def register(subparsers) -> None:
 
 def _check_flags(args: argparse.Namespace) -> str:
     """Which target the flags ask for; raise on combinations that make no sense."""
-    slurm_only = {"--nodes": args.nodes, "--partition": args.partition, "--account": args.account,
-                  "--time": args.time, "--gpus-per-node": args.gpus_per_node,
-                  "--sbatch-arg": args.sbatch_arg or None}
+    slurm_only = {
+        "--nodes": args.nodes,
+        "--partition": args.partition,
+        "--account": args.account,
+        "--time": args.time,
+        "--gpus-per-node": args.gpus_per_node,
+        "--sbatch-arg": args.sbatch_arg or None,
+    }
     if args.hostfile and args.slurm:
         raise UserError("--hostfile and --slurm are different targets; give one")
     if not args.hostfile:
@@ -119,8 +141,9 @@ def _check_flags(args: argparse.Namespace) -> str:
             if v is not None:
                 raise UserError(f"{flag} cannot be combined with {which} (it decides the nodes)")
         if args.slurm and args.master_addr is not None:
-            raise UserError("--master-addr cannot be combined with --slurm "
-                            "(the first node of the allocation is the rendezvous)")
+            raise UserError(
+                "--master-addr cannot be combined with --slurm (the first node of the allocation is the rendezvous)"
+            )
         return "hostfile" if args.hostfile else "slurm"
     if args.nnodes is not None and args.nnodes > 1:
         if args.node_rank is None:
@@ -158,8 +181,10 @@ def secret_overrides(overrides: list[str]) -> tuple[list[str], dict[str, str]]:
             env["MLFLOW_TRACKING_URI"] = value
             public.append("tracking.uri=")
         else:
-            raise UserError(f"{key}: {redact_uri(value)!r} carries credentials, which mnemo launch keeps off "
-                            "command lines; put them in the config file or the environment")
+            raise UserError(
+                f"{key}: {redact_uri(value)!r} carries credentials, which mnemo launch keeps off "
+                "command lines; put them in the config file or the environment"
+            )
     return public, env
 
 
@@ -251,8 +276,17 @@ def launch(args: argparse.Namespace) -> int:
     return run_node(plan, stop_on_stdin_eof=args.stop_on_stdin_eof)
 
 
-def _hostfile(args, cfg, config: str, overrides: list[str], secret_env: dict[str, str], run_dir: Path, cwd: str,
-              port: int, rdzv_id: str) -> int:
+def _hostfile(
+    args,
+    cfg,
+    config: str,
+    overrides: list[str],
+    secret_env: dict[str, str],
+    run_dir: Path,
+    cwd: str,
+    port: int,
+    rdzv_id: str,
+) -> int:
     from mnemo.launch import env as launch_env
     from mnemo.launch import remote
     from mnemo.launch.hostfile import parse_hostfile, procs_per_node, select_hosts
@@ -274,9 +308,12 @@ def _hostfile(args, cfg, config: str, overrides: list[str], secret_env: dict[str
         max_restarts=args.max_restarts,
         cwd=cwd,
         python=sys.executable,
-        env={**remote.forwarded_env(os.environ), **secret_env,
-             **({"PYTHONPATH": pythonpath} if (pythonpath := launch_env.pythonpath_with_root(os.environ)) else {}),
-             "PATH": launch_env.path_with_venv(os.environ, sys.executable)},
+        env={
+            **remote.forwarded_env(os.environ),
+            **secret_env,
+            **({"PYTHONPATH": pythonpath} if (pythonpath := launch_env.pythonpath_with_root(os.environ)) else {}),
+            "PATH": launch_env.path_with_venv(os.environ, sys.executable),
+        },
     )
     if args.dry_run:
         sys.stdout.write(remote.render(cmds))
@@ -287,8 +324,9 @@ def _hostfile(args, cfg, config: str, overrides: list[str], secret_env: dict[str
     return remote.run_hostfile(cmds, ssh)
 
 
-def _slurm(args, cfg, config: str, overrides: list[str], secret_env: dict[str, str], run_dir: Path, cwd: str,
-           port: int | None) -> int:
+def _slurm(
+    args, cfg, config: str, overrides: list[str], secret_env: dict[str, str], run_dir: Path, cwd: str, port: int | None
+) -> int:
     from mnemo.launch import slurm
 
     opts = slurm.SlurmOptions(

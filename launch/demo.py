@@ -112,9 +112,18 @@ def prepare_data(s: DemoSettings, data_dir: Path, segment_len: int) -> dict[str,
 
     files = stdlib_corpus(s.corpus_files, s.corpus_min_bytes, s.corpus_max_bytes)
     # One work unit for the whole (small) corpus: fewer, larger shards.
-    return prepare(files, str(data_dir), vocab_size=s.vocab_size, workers=min(2, os.cpu_count() or 1),
-                   passkey_docs=s.passkey_docs, passkey_max_distance=s.passkey_max_distance,
-                   passkey_segment_len=segment_len, seed=s.seed, unit_bytes=64 << 20, progress=False)
+    return prepare(
+        files,
+        str(data_dir),
+        vocab_size=s.vocab_size,
+        workers=min(2, os.cpu_count() or 1),
+        passkey_docs=s.passkey_docs,
+        passkey_max_distance=s.passkey_max_distance,
+        passkey_segment_len=segment_len,
+        seed=s.seed,
+        unit_bytes=64 << 20,
+        progress=False,
+    )
 
 
 # ------------------------------------------------------------------ training
@@ -134,14 +143,14 @@ def _resolve_config(path: str) -> str:
     raise UserError(f"demo: config file not found: {path}")
 
 
-def train_run(name: str, config: str, overrides: list[str], nproc: int, log_file: Path,
-              echo: Callable[[str], None] = print) -> dict[str, Any]:
+def train_run(
+    name: str, config: str, overrides: list[str], nproc: int, log_file: Path, echo: Callable[[str], None] = print
+) -> dict[str, Any]:
     """One `mnemo launch` of ``config``; returns the run's summary.json (step, exit, run_id, checkpoint...).
 
     Every output line goes to ``log_file``; step lines are echoed with the run's name.
     """
-    cmd = [sys.executable, "-m", "mnemo", "launch", _resolve_config(config), "--nproc-per-node", str(nproc),
-           *overrides]
+    cmd = [sys.executable, "-m", "mnemo", "launch", _resolve_config(config), "--nproc-per-node", str(nproc), *overrides]
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     env.setdefault("PYTHONUNBUFFERED", "1")
@@ -149,8 +158,7 @@ def train_run(name: str, config: str, overrides: list[str], nproc: int, log_file
     errors: list[str] = []
     with open(log_file, "w") as log:
         log.write(" ".join(cmd) + "\n")
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                                bufsize=1)
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, bufsize=1)
         assert proc.stdout is not None
         for line in proc.stdout:
             log.write(line)
@@ -194,8 +202,18 @@ def _load(run_dir: Path, capacity: int):
     return model, tok, cfg
 
 
-def eval_task(run_dir: str, docs: list, distances: list[int], loss_by_position: bool, trials: int,
-              eval_docs: int, batch: int, multikey: int, seed: int, segment_len: int) -> dict[str, Any]:
+def eval_task(
+    run_dir: str,
+    docs: list,
+    distances: list[int],
+    loss_by_position: bool,
+    trials: int,
+    eval_docs: int,
+    batch: int,
+    multikey: int,
+    seed: int,
+    segment_len: int,
+) -> dict[str, Any]:
     """One share of a checkpoint's evaluation, in the `mnemo eval --json` format.
 
     loss_by_position=False: passkey only (the loss keys are left out). The
@@ -209,18 +227,34 @@ def eval_task(run_dir: str, docs: list, distances: list[int], loss_by_position: 
     t0 = time.perf_counter()
     model, tok, cfg = _load(Path(run_dir), max(distances, default=0) * segment_len)
     if loss_by_position:
-        res = evaluate(model, tok, docs, cfg, ablations=True, passkey=trials > 0 and bool(distances), seed=seed,
-                       batch_size=batch, max_docs=eval_docs, passkey_trials=trials, distances=distances,
-                       multikey=multikey)
+        res = evaluate(
+            model,
+            tok,
+            docs,
+            cfg,
+            ablations=True,
+            passkey=trials > 0 and bool(distances),
+            seed=seed,
+            batch_size=batch,
+            max_docs=eval_docs,
+            passkey_trials=trials,
+            distances=distances,
+            multikey=multikey,
+        )
     else:
         res = {"segment_len": segment_len, "seconds": {}}
         rep = passkey_report(model, tok, docs, segment_len, distances, trials=trials, seed=seed, batch_size=batch)
-        res.update(passkey=rep["accuracy"], passkey_by_depth=rep["by_depth"],
-                   passkey_digit_accuracy=rep["digit_accuracy"], passkey_answer_loss=rep["answer_loss"],
-                   passkey_trials=rep["trials"])
+        res.update(
+            passkey=rep["accuracy"],
+            passkey_by_depth=rep["by_depth"],
+            passkey_digit_accuracy=rep["digit_accuracy"],
+            passkey_answer_loss=rep["answer_loss"],
+            passkey_trials=rep["trials"],
+        )
         if multikey > 0:
-            mk = passkey_report(model, tok, docs, segment_len, distances, trials=trials, seed=seed,
-                                batch_size=batch, n_keys=multikey)
+            mk = passkey_report(
+                model, tok, docs, segment_len, distances, trials=trials, seed=seed, batch_size=batch, n_keys=multikey
+            )
             res.update(passkey_multikey=mk["accuracy"], passkey_multikey_keys=multikey)
         res["seconds"]["passkey"] = time.perf_counter() - t0
     res["ltm_capacity"] = model.args.ltm_capacity if model.args.ltm_kind != "none" else 0
@@ -249,8 +283,9 @@ def merge_results(parts: list[dict[str, Any]], distances: list[int]) -> dict[str
     return out
 
 
-def evaluate_runs(runs: dict[str, Path], data_dir: Path, s: DemoSettings, segment_len: int,
-                  workers: int = 2) -> dict[str, dict[str, Any]]:
+def evaluate_runs(
+    runs: dict[str, Path], data_dir: Path, s: DemoSettings, segment_len: int, workers: int = 2
+) -> dict[str, dict[str, Any]]:
     """Evaluate every run, in ``workers`` processes (one torch thread each).
 
     The long-distance passkey documents of a model with long-term memory are
@@ -279,16 +314,25 @@ def evaluate_runs(runs: dict[str, Path], data_dir: Path, s: DemoSettings, segmen
             tasks.append((name, dists, True))
     # Longest first: the long-distance share, then whole models.
     tasks.sort(key=lambda t: (t[2], t[0] != "memory"))
-    common = dict(docs=docs, trials=s.passkey_trials, eval_docs=s.eval_docs, batch=s.eval_batch,
-                  multikey=s.multikey, seed=s.seed, segment_len=segment_len)
+    common = dict(
+        docs=docs,
+        trials=s.passkey_trials,
+        eval_docs=s.eval_docs,
+        batch=s.eval_batch,
+        multikey=s.multikey,
+        seed=s.seed,
+        segment_len=segment_len,
+    )
     results: dict[str, list[dict[str, Any]]] = {name: [] for name in runs}
     if workers <= 1:
         for name, d, lbp in tasks:
             results[name].append(eval_task(str(runs[name]), distances=d, loss_by_position=lbp, **common))
     else:
         with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as ex:
-            futs = {ex.submit(eval_task, str(runs[name]), distances=d, loss_by_position=lbp, **common): name
-                    for name, d, lbp in tasks}
+            futs = {
+                ex.submit(eval_task, str(runs[name]), distances=d, loss_by_position=lbp, **common): name
+                for name, d, lbp in tasks
+            }
             for f in cf.as_completed(futs):
                 results[futs[f]].append(f.result())
     out = {}
@@ -334,8 +378,10 @@ def side_by_side(summary: dict[str, Any]) -> str:
     ab = mem.get("ablations", {})
     cols = [("memory", mem)] + [(n, ab[n]) for n in ("no_ltm", "no_stm", "no_memory") if n in ab] + [("baseline", base)]
     buckets = sorted({int(k) for _, e in cols for k in e["loss_by_position"]})
-    lines = [f"loss by position on {mem.get('num_docs', '?')} held-out documents (nats/token, T={T}; "
-             f"memory model as trained and with memory switched off; baseline = no-memory model, same steps)"]
+    lines = [
+        f"loss by position on {mem.get('num_docs', '?')} held-out documents (nats/token, T={T}; "
+        f"memory model as trained and with memory switched off; baseline = no-memory model, same steps)"
+    ]
     lines.append(f"{'preceding tokens':<18}{'tokens':>8}" + "".join(f"{n:>11}" for n, _ in cols))
     for lo in buckets:
         hi = T if lo == 0 else 2 * lo
@@ -350,20 +396,27 @@ def side_by_side(summary: dict[str, Any]) -> str:
     if mem.get("passkey"):
         cap = mem.get("ltm_capacity", "?")
         lines.append("")
-        lines.append(f"passkey exact match, greedy ({mem.get('passkey_trials', '?')} documents per distance; "
-                     f"trained at D <= {summary.get('passkey_max_distance', '?')}; memory model's long-term "
-                     f"store: {cap} entries)")
-        lines.append(f"{'D (segments)':<14}{'tokens':>8}{'memory':>9}{'baseline':>10}{'mem digits':>12}"
-                     f"{'base digits':>12}")
+        lines.append(
+            f"passkey exact match, greedy ({mem.get('passkey_trials', '?')} documents per distance; "
+            f"trained at D <= {summary.get('passkey_max_distance', '?')}; memory model's long-term "
+            f"store: {cap} entries)"
+        )
+        lines.append(
+            f"{'D (segments)':<14}{'tokens':>8}{'memory':>9}{'baseline':>10}{'mem digits':>12}{'base digits':>12}"
+        )
         for D, acc in mem["passkey"].items():
             b = base.get("passkey", {}).get(D, float("nan"))
             md = mem.get("passkey_digit_accuracy", {}).get(D, float("nan"))
             bd = base.get("passkey_digit_accuracy", {}).get(D, float("nan"))
             lines.append(f"{D:<14}{int(D) * T:>8}{acc:>9.3f}{b:>10.3f}{md:>12.3f}{bd:>12.3f}")
         if mem.get("passkey_multikey"):
-            lines.append(f"{mem.get('passkey_multikey_keys')} keys per document (memory / baseline): "
-                         + ", ".join(f"D={D}: {v:.3f} / {base.get('passkey_multikey', {}).get(D, float('nan')):.3f}"
-                                     for D, v in mem["passkey_multikey"].items()))
+            lines.append(
+                f"{mem.get('passkey_multikey_keys')} keys per document (memory / baseline): "
+                + ", ".join(
+                    f"D={D}: {v:.3f} / {base.get('passkey_multikey', {}).get(D, float('nan')):.3f}"
+                    for D, v in mem["passkey_multikey"].items()
+                )
+            )
     return "\n".join(lines)
 
 
@@ -380,7 +433,7 @@ def log_to_mlflow(uri: str, run_id: str | None, result: dict[str, Any], step: in
     ts = int(time.time() * 1000)
     metrics = [Metric(k, v, ts, step) for k, v in flat_metrics(result, prefix="demo/").items()]
     for i in range(0, len(metrics), 1000):
-        client.log_batch(run_id, metrics=metrics[i:i + 1000])
+        client.log_batch(run_id, metrics=metrics[i : i + 1000])
     for f in files:
         client.log_artifact(run_id, f, "demo")
 
@@ -392,8 +445,12 @@ def _fmt_s(x: float) -> str:
     return f"{x:.0f} s"
 
 
-def run_demo(out_dir: str = DemoSettings.out_dir, minutes: float = DemoSettings.minutes,
-             echo: Callable[[str], None] = print, **kw: Any) -> dict[str, Any]:
+def run_demo(
+    out_dir: str = DemoSettings.out_dir,
+    minutes: float = DemoSettings.minutes,
+    echo: Callable[[str], None] = print,
+    **kw: Any,
+) -> dict[str, Any]:
     """Run the whole demo; returns the summary written to ``<out_dir>/summary.json``.
 
     Keyword arguments override DemoSettings fields (passkey_docs, max_steps,
@@ -427,13 +484,17 @@ def run_demo(out_dir: str = DemoSettings.out_dir, minutes: float = DemoSettings.
     manifest = prepare_data(s, data_dir, T)
     t_prep = time.time() - t0
     n_pk = manifest.get("num_passkey_documents", 0)
-    echo(f"[1/4] data: {manifest['num_documents']:,} documents"
-         + (f" ({n_pk} passkey, D <= {s.passkey_max_distance})" if n_pk else "")
-         + f", {manifest['num_tokens']:,} tokens, vocab {manifest['vocab_size']} in {_fmt_s(t_prep)} -> {data_dir}")
+    echo(
+        f"[1/4] data: {manifest['num_documents']:,} documents"
+        + (f" ({n_pk} passkey, D <= {s.passkey_max_distance})" if n_pk else "")
+        + f", {manifest['num_tokens']:,} tokens, vocab {manifest['vocab_size']} in {_fmt_s(t_prep)} -> {data_dir}"
+    )
     pk = mem_cfg.train.passkey
     if pk.fraction > 0:
-        echo(f"      passkey episodes: {pk.fraction:.0%} of the steps of both runs, D from {pk.start_distance} "
-             f"up to {pk.max_distance} as retrieval succeeds (train.passkey)")
+        echo(
+            f"      passkey episodes: {pk.fraction:.0%} of the steps of both runs, D from {pk.start_distance} "
+            f"up to {pk.max_distance} as retrieval succeeds (train.passkey)"
+        )
 
     common = [f"data.path={data_dir}", f"tracking.uri={uri}", *s.overrides]
     # Training time: what is left after preparation, the evaluation reserve and two runs' overhead,
@@ -441,25 +502,44 @@ def run_demo(out_dir: str = DemoSettings.out_dir, minutes: float = DemoSettings.
     left = budget - (time.time() - t_start) - s.eval_reserve_s - 2 * RUN_OVERHEAD_S
     mem_cap = max(30.0, left / (1.0 + BASELINE_COST_RATIO))
     t0 = time.time()
-    echo(f"[2/4] memory model: {s.nproc_per_node} ranks, ZeRO-{mem_cfg.zero.stage}, up to {max_steps} steps or "
-         f"{_fmt_s(mem_cap)} of training")
-    mem_run = train_run("memory", s.memory_config,
-                        [*common, f"run.dir={runs['memory']}", f"train.max_steps={max_steps}",
-                         f"train.max_time_s={mem_cap:.0f}"], s.nproc_per_node, out / "logs" / "memory.log", echo)
+    echo(
+        f"[2/4] memory model: {s.nproc_per_node} ranks, ZeRO-{mem_cfg.zero.stage}, up to {max_steps} steps or "
+        f"{_fmt_s(mem_cap)} of training"
+    )
+    mem_run = train_run(
+        "memory",
+        s.memory_config,
+        [*common, f"run.dir={runs['memory']}", f"train.max_steps={max_steps}", f"train.max_time_s={mem_cap:.0f}"],
+        s.nproc_per_node,
+        out / "logs" / "memory.log",
+        echo,
+    )
     t_mem = time.time() - t0
     steps = int(mem_run["step"])
     echo(f"      {steps} steps ({mem_run['exit']}) in {_fmt_s(t_mem)} wall")
     cur = mem_run.get("passkey_curriculum")
     if cur:
-        echo("      passkey curriculum: " + (f"retrieval clicked at step {cur['clicked_at']}, " if cur["clicked_at"]
-                                               else "retrieval has not clicked, ") + f"max D {cur['max_distance']}")
+        echo(
+            "      passkey curriculum: "
+            + (
+                f"retrieval clicked at step {cur['clicked_at']}, "
+                if cur["clicked_at"]
+                else "retrieval has not clicked, "
+            )
+            + f"max D {cur['max_distance']}"
+        )
 
     base_cap = max(30.0, budget - (time.time() - t_start) - s.eval_reserve_s - RUN_OVERHEAD_S)
     t0 = time.time()
     echo(f"[3/4] baseline (no memory): {steps} steps (time cap {_fmt_s(base_cap)})")
-    base_run = train_run("baseline", s.baseline_config,
-                         [*common, f"run.dir={runs['baseline']}", f"train.max_steps={steps}",
-                          f"train.max_time_s={base_cap:.0f}"], s.nproc_per_node, out / "logs" / "baseline.log", echo)
+    base_run = train_run(
+        "baseline",
+        s.baseline_config,
+        [*common, f"run.dir={runs['baseline']}", f"train.max_steps={steps}", f"train.max_time_s={base_cap:.0f}"],
+        s.nproc_per_node,
+        out / "logs" / "baseline.log",
+        echo,
+    )
     t_base = time.time() - t0
     echo(f"      {base_run['step']} steps ({base_run['exit']}) in {_fmt_s(t_base)} wall")
 
@@ -468,14 +548,19 @@ def run_demo(out_dir: str = DemoSettings.out_dir, minutes: float = DemoSettings.
     ev = evaluate_runs(runs, data_dir, s, T, workers=min(2, os.cpu_count() or 1))
     t_eval = time.time() - t0
     summary: dict[str, Any] = {"segment_len": T, "memory": ev["memory"], "baseline": ev["baseline"]}
-    summary["passkey_max_distance"] = max(pk.max_distance if pk.fraction > 0 else 0,
-                                          s.passkey_max_distance if n_pk else 0)
-    summary["passkey_curriculum"] = {"memory": mem_run.get("passkey_curriculum"),
-                                     "baseline": base_run.get("passkey_curriculum")}
+    summary["passkey_max_distance"] = max(
+        pk.max_distance if pk.fraction > 0 else 0, s.passkey_max_distance if n_pk else 0
+    )
+    summary["passkey_curriculum"] = {
+        "memory": mem_run.get("passkey_curriculum"),
+        "baseline": base_run.get("passkey_curriculum"),
+    }
     summary["steps"] = {"memory": steps, "baseline": int(base_run["step"])}
     summary["exit"] = {"memory": mem_run["exit"], "baseline": base_run["exit"]}
-    summary["runs"] = {name: {"run_dir": str(runs[name]), "checkpoint": r["checkpoint"], "mlflow_run_id": r["run_id"]}
-                       for name, r in (("memory", mem_run), ("baseline", base_run))}
+    summary["runs"] = {
+        name: {"run_dir": str(runs[name]), "checkpoint": r["checkpoint"], "mlflow_run_id": r["run_id"]}
+        for name, r in (("memory", mem_run), ("baseline", base_run))
+    }
     summary["seconds"] = {"prepare": t_prep, "memory": t_mem, "baseline": t_base, "evaluate": t_eval}
     summary["targets"] = targets(summary)
     summary["seconds"]["total"] = time.time() - t_start
@@ -492,19 +577,24 @@ def run_demo(out_dir: str = DemoSettings.out_dir, minutes: float = DemoSettings.
 
         for name in ("memory", "baseline"):
             pngs = plots(ev[name], str(out / "plots" / name))
-            log_to_mlflow(uri, summary["runs"][name]["mlflow_run_id"], ev[name], summary["steps"][name],
-                          [str(path), *pngs])
+            log_to_mlflow(
+                uri, summary["runs"][name]["mlflow_run_id"], ev[name], summary["steps"][name], [str(path), *pngs]
+            )
     except Exception as e:  # the results are on disk already; tracking is a nicety here
         echo(f"(could not log the evaluation to MLflow: {e})")
     echo("")
     echo(f"summary: {path}")
     echo(f"checkpoints: {mem_run['checkpoint']}")
     echo(f"             {base_run['checkpoint']}")
-    echo(f"MLflow runs (experiment '{mem_cfg.tracking.experiment or 'mnemo'}'): memory {mem_run['run_id']}, "
-         f"baseline {base_run['run_id']} in {out / 'mlflow.db'}")
+    echo(
+        f"MLflow runs (experiment '{mem_cfg.tracking.experiment or 'mnemo'}'): memory {mem_run['run_id']}, "
+        f"baseline {base_run['run_id']} in {out / 'mlflow.db'}"
+    )
     echo(f"open the MLflow UI: {Path(sys.executable).parent / 'mlflow'} ui --backend-store-uri {uri}")
-    echo(f"demo wall time: {summary['seconds']['total']:.0f} s (prepare {t_prep:.0f}, memory {t_mem:.0f}, "
-         f"baseline {t_base:.0f}, evaluation {t_eval:.0f})")
+    echo(
+        f"demo wall time: {summary['seconds']['total']:.0f} s (prepare {t_prep:.0f}, memory {t_mem:.0f}, "
+        f"baseline {t_base:.0f}, evaluation {t_eval:.0f})"
+    )
     return summary
 
 
@@ -525,17 +615,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--passkey-docs", type=int, default=d.passkey_docs)
     p.add_argument("--passkey-trials", type=int, default=d.passkey_trials, help="evaluation documents per distance")
     p.add_argument("--distances", type=_int_tuple, default=d.distances, help="passkey distances (segments)")
-    p.add_argument("--multikey", type=int, default=d.multikey, metavar="K",
-                   help="also evaluate K keys per document (0 = off)")
+    p.add_argument(
+        "--multikey", type=int, default=d.multikey, metavar="K", help="also evaluate K keys per document (0 = off)"
+    )
     p.add_argument("--keep", action="store_true", help="keep earlier runs in OUT (training resumes from them)")
     p.add_argument("overrides", nargs="*", metavar="dotted.key=value", help="config overrides for both runs")
     args = p.parse_args(argv)
     from mnemo.data_pipeline.errors import DataError
 
     try:
-        run_demo(args.out, args.minutes, max_steps=args.max_steps, nproc_per_node=args.nproc_per_node,
-                 passkey_docs=args.passkey_docs, passkey_trials=args.passkey_trials, distances=args.distances,
-                 multikey=args.multikey, overrides=list(args.overrides), fresh=not args.keep)
+        run_demo(
+            args.out,
+            args.minutes,
+            max_steps=args.max_steps,
+            nproc_per_node=args.nproc_per_node,
+            passkey_docs=args.passkey_docs,
+            passkey_trials=args.passkey_trials,
+            distances=args.distances,
+            multikey=args.multikey,
+            overrides=list(args.overrides),
+            fresh=not args.keep,
+        )
     except (UserError, DataError) as e:
         print(f"mnemo demo: error: {str(e).strip().splitlines()[0]}", file=sys.stderr)
         return 2

@@ -29,8 +29,10 @@ def check_host_name(host: str, where: str) -> str:
     if host.startswith("-"):
         raise UserError(f"{where}: host name {host!r} starts with '-' (ssh would read it as an option)")
     if not _HOST.match(host):
-        raise UserError(f"{where}: host name {host!r} is not a host name (letters, digits, '.', '-', '_', ':', "
-                        "'[]' and an optional 'user@' only)")
+        raise UserError(
+            f"{where}: host name {host!r} is not a host name (letters, digits, '.', '-', '_', ':', "
+            "'[]' and an optional 'user@' only)"
+        )
     return host
 
 

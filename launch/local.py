@@ -138,8 +138,11 @@ class NodeRunner:
             stamp = time.strftime("%Y-%m-%d %H:%M:%S")
             slurm = os.environ.get("SLURM_JOB_ID")
             where = f", slurm job {slurm} restart {os.environ.get('SLURM_RESTART_COUNT', '0')}" if slurm else ""
-            self._note(log, f"start {stamp}: node {plan.node_rank} of {plan.nnodes}, "
-                            f"{plan.nproc_per_node} rank(s), max restarts {plan.max_restarts}{where}")
+            self._note(
+                log,
+                f"start {stamp}: node {plan.node_rank} of {plan.nnodes}, "
+                f"{plan.nproc_per_node} rank(s), max restarts {plan.max_restarts}{where}",
+            )
             self.proc = self._spawn()
             handled = (signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP, signal.SIGINT)
             old = {s: signal.signal(s, self._on_signal) for s in handled}

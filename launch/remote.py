@@ -50,8 +50,7 @@ from mnemo.train.redact import SECRET_ENV_NAMES, is_secret_env
 # Environment forwarded to every node: names with these prefixes, plus these
 # names (the credential variables of MLflow's artifact stores among them).
 FORWARD_PREFIXES = ("NCCL_", "MLFLOW_", "MNEMO_", "GLOO_", "TORCH_", "DS_", "FI_", "UCX_")
-FORWARD_NAMES = ("PYTHONPATH", "OMP_NUM_THREADS", "CUDA_DEVICE_MAX_CONNECTIONS", "HF_HOME",
-                 *sorted(SECRET_ENV_NAMES))
+FORWARD_NAMES = ("PYTHONPATH", "OMP_NUM_THREADS", "CUDA_DEVICE_MAX_CONNECTIONS", "HF_HOME", *sorted(SECRET_ENV_NAMES))
 ENV_FROM_STDIN = "--env-from-stdin"
 _MAX_SECRET_LINE = 1 << 20  # bytes: far more than any set of credentials
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -168,19 +167,30 @@ def node_commands(
     cmds = []
     for i, h in enumerate(hosts):
         args = [
-            config, *overrides,
-            "--nnodes", str(len(hosts)),
-            "--node-rank", str(i),
-            "--nproc-per-node", str(nproc_per_node),
-            "--master-addr", master_addr,
-            "--master-port", str(master_port),
-            "--rdzv-id", rdzv_id,
-            "--max-restarts", str(max_restarts),
+            config,
+            *overrides,
+            "--nnodes",
+            str(len(hosts)),
+            "--node-rank",
+            str(i),
+            "--nproc-per-node",
+            str(nproc_per_node),
+            "--master-addr",
+            master_addr,
+            "--master-port",
+            str(master_port),
+            "--rdzv-id",
+            rdzv_id,
+            "--max-restarts",
+            str(max_restarts),
             "--stop-on-stdin-eof",
             *([ENV_FROM_STDIN] if secrets else []),
         ]
-        cmds.append(NodeCommand(h.name, i, remote_command(cwd=cwd, python=python, env=public_env, launch_args=args),
-                                secrets=secrets))
+        cmds.append(
+            NodeCommand(
+                h.name, i, remote_command(cwd=cwd, python=python, env=public_env, launch_args=args), secrets=secrets
+            )
+        )
     return cmds
 
 

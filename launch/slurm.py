@@ -88,8 +88,13 @@ def check_options(o: SlurmOptions) -> None:
         if not a.startswith("-"):
             raise UserError(f"--sbatch-arg {a!r} must be one sbatch option such as --qos=high")
         check_line_safe("--sbatch-arg", a)
-    for key, v in (("config", o.config), ("run.dir", str(o.run_dir)), ("working directory", o.cwd),
-                   ("python", o.python), ("mnemo package root", o.package_root)):
+    for key, v in (
+        ("config", o.config),
+        ("run.dir", str(o.run_dir)),
+        ("working directory", o.cwd),
+        ("python", o.python),
+        ("mnemo package root", o.package_root),
+    ):
         check_line_safe(key, v)
     for ov in o.overrides:
         check_line_safe(ov.partition("=")[0], ov)
@@ -154,25 +159,27 @@ def sbatch_script(o: SlurmOptions) -> str:
         "# The venv's tools are found, after the submitting shell's (sbatch exported its PATH).",
         'case ":$PATH:" in *":$VENV_BIN:"*) ;; *) export PATH="$PATH:$VENV_BIN" ;; esac',
         *([f"export PYTHONPATH={q(o.package_root)}${{PYTHONPATH:+:$PYTHONPATH}}"] if o.package_root else []),
-        *[f': "${{{name}:?is not set: export it before sbatch (it carries credentials, kept out of this script)}}"'
-          for name in o.required_env],
+        *[
+            f': "${{{name}:?is not set: export it before sbatch (it carries credentials, kept out of this script)}}"'
+            for name in o.required_env
+        ],
         "",
         "# Rendezvous at the first node of the allocation (its address as SLURM knows it).",
         'HEAD_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
         "HEAD_ADDR=$(scontrol show node \"$HEAD_NODE\" | sed -n 's/.*NodeAddr=\\([^ ]*\\).*/\\1/p' | head -n 1)",
-        'MASTER_ADDR=${HEAD_ADDR:-$HEAD_NODE}',
+        "MASTER_ADDR=${HEAD_ADDR:-$HEAD_NODE}",
         "MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))" if o.master_port is None else f"MASTER_PORT={o.master_port}",
         'echo "mnemo: job $SLURM_JOB_ID, SLURM_RESTART_COUNT=${SLURM_RESTART_COUNT:-0}, $SLURM_JOB_NUM_NODES node(s): $SLURM_JOB_NODELIST, rendezvous $MASTER_ADDR:$MASTER_PORT"',  # noqa: E501
         "",
         f'rm -f "$RUN_DIR/{PREEMPTED_MARKER}"  # stale marker of an earlier job',
         "",
         "# One node launcher per node; each starts torchrun with its node rank.",
-        "srun --nodes=\"$SLURM_JOB_NUM_NODES\" --ntasks=\"$SLURM_JOB_NUM_NODES\" --ntasks-per-node=1 \\",
+        'srun --nodes="$SLURM_JOB_NUM_NODES" --ntasks="$SLURM_JOB_NUM_NODES" --ntasks-per-node=1 \\',
         "    ${SLURM_CPUS_PER_TASK:+--cpus-per-task=$SLURM_CPUS_PER_TASK} --kill-on-bad-exit=1 \\",
-        "    bash -c 'exec \"$@\" --node-rank \"$SLURM_NODEID\"' mnemo-node \\",
+        '    bash -c \'exec "$@" --node-rank "$SLURM_NODEID"\' mnemo-node \\',
         f"    {launch_words} \\",
-        f"    --nnodes \"$SLURM_JOB_NUM_NODES\" --nproc-per-node {o.nproc_per_node} \\",
-        "    --master-addr \"$MASTER_ADDR\" --master-port \"$MASTER_PORT\" --rdzv-id \"mnemo-$SLURM_JOB_ID\" \\",
+        f'    --nnodes "$SLURM_JOB_NUM_NODES" --nproc-per-node {o.nproc_per_node} \\',
+        '    --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT" --rdzv-id "mnemo-$SLURM_JOB_ID" \\',
         f"    --max-restarts {o.max_restarts} &",
         "SRUN_PID=$!",
         "",

@@ -80,8 +80,10 @@ def check_line_safe(key: str, value: str) -> str:
         if unicodedata.category(ch) == "Cc":
             from mnemo.train.redact import redact_uri
 
-            raise UserError(f"{key}: {redact_uri(value)!r} contains the control character {ch!r}; "
-                            "it cannot go into a command line or a generated script")
+            raise UserError(
+                f"{key}: {redact_uri(value)!r} contains the control character {ch!r}; "
+                "it cannot go into a command line or a generated script"
+            )
     return value
 
 
@@ -112,21 +114,32 @@ def torchrun_command(plan: NodePlan) -> list[str]:
         cmd += ["--standalone", "--nnodes", "1"]
     else:
         cmd += [
-            "--nnodes", str(plan.nnodes),
-            "--rdzv-backend", "c10d",
-            "--rdzv-endpoint", _endpoint(plan.master_addr, plan.master_port),
-            "--rdzv-id", plan.rdzv_id,
+            "--nnodes",
+            str(plan.nnodes),
+            "--rdzv-backend",
+            "c10d",
+            "--rdzv-endpoint",
+            _endpoint(plan.master_addr, plan.master_port),
+            "--rdzv-id",
+            plan.rdzv_id,
             # On one host several agents would each think they are the host;
             # say explicitly which one serves the store.
-            "--rdzv-conf", f"is_host={'true' if plan.node_rank == 0 else 'false'}",
+            "--rdzv-conf",
+            f"is_host={'true' if plan.node_rank == 0 else 'false'}",
         ]
     cmd += [
-        "--nproc-per-node", str(plan.nproc_per_node),
-        "--max-restarts", str(plan.max_restarts),
-        "--signals-to-handle", TORCHRUN_HANDLED_SIGNALS,
-        "--tee", "3",
-        "--log-dir", str(plan.torchrun_log_dir),
-        "--log-line-prefix-template", "[rank${rank}]: ",
+        "--nproc-per-node",
+        str(plan.nproc_per_node),
+        "--max-restarts",
+        str(plan.max_restarts),
+        "--signals-to-handle",
+        TORCHRUN_HANDLED_SIGNALS,
+        "--tee",
+        "3",
+        "--log-dir",
+        str(plan.torchrun_log_dir),
+        "--log-line-prefix-template",
+        "[rank${rank}]: ",
         *worker_args(plan),
     ]
     return cmd

@@ -52,8 +52,7 @@ def mlp_params(size: Size) -> int:
     return (3 if size.mlp == "swiglu" else 2) * size.d_model * mlp_hidden(size)
 
 
-def param_count(size: Size, vocab_size: int, n_ltm_layers: int = 0, gated: bool = True,
-                smeared: bool = False) -> int:
+def param_count(size: Size, vocab_size: int, n_ltm_layers: int = 0, gated: bool = True, smeared: bool = False) -> int:
     """Exact number of trainable parameters of MemoryTransformer.
 
     gated: long-term layers have a per-head gate; smeared: and a per-head key-smear weight.

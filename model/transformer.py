@@ -88,8 +88,9 @@ class ModelArgs:
     @classmethod
     def from_size(cls, size: str | Size, vocab_size: int, **kw) -> "ModelArgs":
         s = SIZES[size] if isinstance(size, str) else size
-        shape = dict(n_layers=s.n_layers, d_model=s.d_model, n_heads=s.n_heads, d_ff=s.d_ff,
-                     tie_embeddings=s.tie_embeddings)
+        shape = dict(
+            n_layers=s.n_layers, d_model=s.d_model, n_heads=s.n_heads, d_ff=s.d_ff, tie_embeddings=s.tie_embeddings
+        )
         return cls(vocab_size=vocab_size, **{**shape, **kw})  # kw may override tie_embeddings
 
     def linear_std(self, fan_in: int, residual_out: bool = False) -> float:
@@ -233,8 +234,9 @@ def _score_tile(device: torch.device) -> int:
     return 1 << 18 if device.type == "cpu" else 1 << 26
 
 
-def knn_retrieve(q: Tensor, mem_k: Tensor, mem_v: Tensor, valid: Tensor | None, topk: int,
-                 window: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
+def knn_retrieve(
+    q: Tensor, mem_k: Tensor, mem_v: Tensor, valid: Tensor | None, topk: int, window: int | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
     """Exact top-k retrieval by cosine similarity over the newest ``window`` store entries.
 
     q       [B, H, T, Dh] unit-norm queries
@@ -255,7 +257,7 @@ def knn_retrieve(q: Tensor, mem_k: Tensor, mem_v: Tensor, valid: Tensor | None, 
     neg = torch.finfo(q.dtype).min
     with torch.no_grad():
         qf = q.reshape(B * H, T, Dh)
-        keys_t = mem_k[:, :, N - W:].reshape(B * H, W, Dh).transpose(1, 2)  # [BH, Dh, W], a view of the store
+        keys_t = mem_k[:, :, N - W :].reshape(B * H, W, Dh).transpose(1, 2)  # [BH, Dh, W], a view of the store
         invalid = None if valid is None else (~valid).repeat_interleave(H, dim=0)[:, None, :]  # [BH, 1, W]
         idx = torch.empty(B * H, T, k, dtype=torch.long, device=q.device)
         top_vals = torch.empty(B * H, T, k, dtype=q.dtype, device=q.device)
@@ -263,10 +265,12 @@ def knn_retrieve(q: Tensor, mem_k: Tensor, mem_v: Tensor, valid: Tensor | None, 
         heads = max(1, _score_tile(q.device) // (rows * W))
         for h0 in range(0, B * H, heads):
             for t0 in range(0, T, rows):
-                s = torch.bmm(qf[h0:h0 + heads, t0:t0 + rows], keys_t[h0:h0 + heads])  # [heads, rows, W]
+                s = torch.bmm(qf[h0 : h0 + heads, t0 : t0 + rows], keys_t[h0 : h0 + heads])  # [heads, rows, W]
                 if invalid is not None:
-                    s.masked_fill_(invalid[h0:h0 + heads], neg)  # in place on a fresh temporary
-                torch.topk(s, k, dim=-1, out=(top_vals[h0:h0 + heads, t0:t0 + rows], idx[h0:h0 + heads, t0:t0 + rows]))
+                    s.masked_fill_(invalid[h0 : h0 + heads], neg)  # in place on a fresh temporary
+                torch.topk(
+                    s, k, dim=-1, out=(top_vals[h0 : h0 + heads, t0 : t0 + rows], idx[h0 : h0 + heads, t0 : t0 + rows])
+                )
         found = (top_vals > neg).view(B, H, T, k)
     # Gather rows of the whole store, flattened to [B*H*N, Dh]: index_select is
     # ~2x faster than gather with an index expanded over Dh, in both directions.
@@ -281,7 +285,7 @@ def fifo_push(store: Tensor, new: Tensor) -> Tensor:
     """The newest N entries of [store ; new]: store [B, H, N, Dh], new [B, H, T, Dh]."""
     N, T = store.shape[2], new.shape[2]
     if T >= N:
-        return new[:, :, T - N:]
+        return new[:, :, T - N :]
     return torch.cat((store[:, :, T:], new), dim=2)  # copies N entries, not N+T
 
 
@@ -374,8 +378,9 @@ class Attention(nn.Module):
         w = torch.sigmoid(self.key_smear).view(1, -1, 1, 1)
         return k + w * (prev - k), (None if mem.k_tail is None else k[:, :, -1:])
 
-    def _joint(self, q: Tensor, k: Tensor, v: Tensor, ctx: SegmentContext,
-               mem: LayerMemory) -> tuple[Tensor, LayerMemory]:
+    def _joint(
+        self, q: Tensor, k: Tensor, v: Tensor, ctx: SegmentContext, mem: LayerMemory
+    ) -> tuple[Tensor, LayerMemory]:
         """One softmax over [top-k of the store ; short-term memory ; this segment], by cosine similarity.
 
         No RoPE here: a key scores the same wherever it is, so a head that
@@ -400,8 +405,9 @@ class Attention(nn.Module):
         scores = [qs @ keys.float().transpose(-1, -2) + mask.float()]  # [B, H, T, M+T]
         new_ltm_k = new_ltm_v = None
         if mem.ltm_k is not None:
-            sel_k, sel_v, found = knn_retrieve(qn, mem.ltm_k, mem.ltm_v, ctx.ltm_valid, self.topk,
-                                               window=ctx.ltm_window)  # [B, H, T, k, Dh], found [B, H, T, k]
+            sel_k, sel_v, found = knn_retrieve(
+                qn, mem.ltm_k, mem.ltm_v, ctx.ltm_valid, self.topk, window=ctx.ltm_window
+            )  # [B, H, T, k, Dh], found [B, H, T, k]
             scores.append(torch.einsum("bhtd,bhtkd->bhtk", qs, sel_k.float()).masked_fill(~found, float("-inf")))
             new_ltm_k, new_ltm_v = fifo_push(mem.ltm_k, kn), fifo_push(mem.ltm_v, v)
         p = torch.softmax(torch.cat(scores, dim=-1), dim=-1).to(v.dtype)  # every row keeps its own key: no NaN
@@ -413,8 +419,9 @@ class Attention(nn.Module):
 
     def _read_ltm(self, qn: Tensor, mem: LayerMemory, ctx: SegmentContext) -> tuple[Tensor, Tensor]:
         """Attention over each query's top-k stored keys: [B, H, T, Dh] and any_found [B, H, T, 1]."""
-        sel_k, sel_v, found = knn_retrieve(qn, mem.ltm_k, mem.ltm_v, ctx.ltm_valid, self.topk,
-                                           window=ctx.ltm_window)  # [B, H, T, k, Dh], found [B, H, T, k]
+        sel_k, sel_v, found = knn_retrieve(
+            qn, mem.ltm_k, mem.ltm_v, ctx.ltm_valid, self.topk, window=ctx.ltm_window
+        )  # [B, H, T, k, Dh], found [B, H, T, k]
         temp = self.ltm_log_temp.exp().view(1, -1, 1, 1)
         scores = torch.einsum("bhtd,bhtkd->bhtk", qn, sel_k) * temp  # [B, H, T, k]
         scores = scores.masked_fill(~found, float("-inf"))
@@ -465,8 +472,9 @@ class MemoryTransformer(nn.Module):
             self.lm_head.weight = self.tok_emb.weight
 
     # ------------------------------------------------------------- memory
-    def init_state(self, batch_size: int, *, stm: bool = True, ltm: bool = True, device=None,
-                   dtype=None) -> MemoryState:
+    def init_state(
+        self, batch_size: int, *, stm: bool = True, ltm: bool = True, device=None, dtype=None
+    ) -> MemoryState:
         """Empty memory for ``batch_size`` slots; stm/ltm=False leave that memory out (ablations)."""
         a = self.args
         p = self.tok_emb.weight
@@ -535,8 +543,9 @@ class MemoryTransformer(nn.Module):
                 # The newest stm_len entries of the store are the short-term memory's tokens.
                 in_stm = _right_aligned_valid(state.stm_len, window)
                 valid = ~in_stm if valid is None else valid & ~in_stm
-        return SegmentContext(cos=cos, sin=sin, stm_mask=stm_mask, causal_mask=causal, ltm_window=window,
-                              ltm_valid=valid)
+        return SegmentContext(
+            cos=cos, sin=sin, stm_mask=stm_mask, causal_mask=causal, ltm_window=window, ltm_valid=valid
+        )
 
     # ------------------------------------------------------------- accounting
     def num_params(self) -> int:
@@ -544,8 +553,9 @@ class MemoryTransformer(nn.Module):
 
     def expected_num_params(self) -> int:
         a = self.args
-        return param_count(a.size(), a.vocab_size, len(a.active_ltm_layers), gated=a.ltm_mix == "gate",
-                           smeared=a.ltm_smear_keys)
+        return param_count(
+            a.size(), a.vocab_size, len(a.active_ltm_layers), gated=a.ltm_mix == "gate", smeared=a.ltm_smear_keys
+        )
 
     def flops_per_token(self, segment_len: int) -> float:
         a = self.args

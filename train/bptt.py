@@ -21,8 +21,13 @@ from typing import Any
 from torch import Tensor
 
 
-def bptt_window_loss(model: Any, segments: Sequence[Tensor], state: Any, loss_fn: Callable[[Tensor, int], Tensor],
-                     resets: Sequence[Tensor] | None = None) -> tuple[Tensor, Any]:
+def bptt_window_loss(
+    model: Any,
+    segments: Sequence[Tensor],
+    state: Any,
+    loss_fn: Callable[[Tensor, int], Tensor],
+    resets: Sequence[Tensor] | None = None,
+) -> tuple[Tensor, Any]:
     """Loss of one truncated-BPTT window and the memory state after it, detached.
 
     model     ``model(tokens [B, T], state) -> (logits [B, T, V], state)`` (a

@@ -110,8 +110,20 @@ def set_rng_state(st: dict[str, Any], device: torch.device | str = "cpu") -> Non
 
 def _numpy_safe_globals() -> list[Any]:
     multiarray = getattr(np, "_core", None) or np.core  # numpy 2 / numpy 1
-    plain = (np.bool_, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64,
-             np.float16, np.float32, np.float64)
+    plain = (
+        np.bool_,
+        np.int8,
+        np.int16,
+        np.int32,
+        np.int64,
+        np.uint8,
+        np.uint16,
+        np.uint32,
+        np.uint64,
+        np.float16,
+        np.float32,
+        np.float64,
+    )
     # bytes: an empty array (the stream loader's exclusion list after a re-partitioning resume) pickles its
     # data as a call of bytes().
     return [multiarray.multiarray._reconstruct, np.ndarray, np.dtype, bytes, *{type(np.dtype(t)) for t in plain}]
@@ -133,8 +145,10 @@ def _refused(where: Any, e: BaseException) -> UserError:
     # torch's message is a paragraph; its reason is the GLOBAL named or the unpickler's error line.
     m = re.search(r"GLOBAL (\S+)|but got (<[^>]*>|\S+)|WeightsUnpickler error:\s*([^\n]+)", str(e))
     what = next((g for g in m.groups() if g), "?").strip() if m else "not a torch file"
-    return UserError(f"{where}: refused to load a torch file ({what}): a checkpoint may hold only tensors and "
-                     f"plain data; load only checkpoints you trust")
+    return UserError(
+        f"{where}: refused to load a torch file ({what}): a checkpoint may hold only tensors and "
+        f"plain data; load only checkpoints you trust"
+    )
 
 
 class weights_only_loads:
@@ -210,8 +224,16 @@ def _maybe_crash_in_save(step: int, rank: int) -> None:
 
 
 class CheckpointManager:
-    def __init__(self, run_dir: str | Path, *, keep: int = 2, keep_every: int = 0, rank: int = 0,
-                 world_size: int = 1, barrier=None):
+    def __init__(
+        self,
+        run_dir: str | Path,
+        *,
+        keep: int = 2,
+        keep_every: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        barrier=None,
+    ):
         self.root = Path(run_dir) / "checkpoints"
         self.keep, self.keep_every = keep, keep_every
         self.rank, self.world = rank, world_size
@@ -228,8 +250,11 @@ class CheckpointManager:
     def partial_checkpoints(self) -> list[Path]:
         if not self.root.is_dir():
             return []
-        return sorted(p for p in self.root.iterdir()
-                      if p.is_dir() and (p.name.startswith(".tmp-") or (STEP_RE.match(p.name) and not is_complete(p))))
+        return sorted(
+            p
+            for p in self.root.iterdir()
+            if p.is_dir() and (p.name.startswith(".tmp-") or (STEP_RE.match(p.name) and not is_complete(p)))
+        )
 
     def latest(self) -> Path | None:
         """Newest complete checkpoint (``latest`` if it names a complete one)."""
@@ -253,8 +278,14 @@ class CheckpointManager:
         return removed
 
     # ------------------------------------------------------------------ save
-    def save(self, step: int, engine, rank_state: dict[str, Any], meta: dict[str, Any],
-             extra_files: dict[str, str] | None = None) -> Path:
+    def save(
+        self,
+        step: int,
+        engine,
+        rank_state: dict[str, Any],
+        meta: dict[str, Any],
+        extra_files: dict[str, str] | None = None,
+    ) -> Path:
         name = f"step_{step:08d}"
         final = self.root / name
         tmp = self.root / f".tmp-{name}"
@@ -290,7 +321,7 @@ class CheckpointManager:
 
     def _prune(self) -> None:
         done = self.complete_checkpoints()
-        keep = {p.name for p in done[-self.keep:]} | self.protected
+        keep = {p.name for p in done[-self.keep :]} | self.protected
         if self.keep_every:
             keep |= {p.name for p in done if int(STEP_RE.match(p.name).group(1)) % self.keep_every == 0}
         for p in done:
@@ -433,8 +464,14 @@ def load_for_inference(path: str | Path, device: str = "cpu"):
 # deletes only files a manifest lists; anything else in the folder is not its own.
 EXPORT_MANIFEST = "export.json"
 EXPORT_FORMAT = "mnemo-export 1"
-_EXPORT_NAMES = ("model.safetensors", "model_args.json", "config.json", "tokenizer.model", "source.json",
-                 EXPORT_MANIFEST)
+_EXPORT_NAMES = (
+    "model.safetensors",
+    "model_args.json",
+    "config.json",
+    "tokenizer.model",
+    "source.json",
+    EXPORT_MANIFEST,
+)
 
 
 def export_manifest(folder: Path) -> dict[str, Any] | None:
@@ -521,15 +558,21 @@ def export(path: str | Path, out: str | Path, overwrite: bool = False) -> Path:
     present = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
     foreign = [n for n in present if old is None or (n not in old["files"] and n != EXPORT_MANIFEST)]
     if foreign and not overwrite:
-        raise UserError(f"--out {out}: holds files mnemo export did not write ({', '.join(foreign[:3])}"
-                        f"{', ...' if len(foreign) > 3 else ''}); pass --overwrite to export beside them")
+        raise UserError(
+            f"--out {out}: holds files mnemo export did not write ({', '.join(foreign[:3])}"
+            f"{', ...' if len(foreign) > 3 else ''}); pass --overwrite to export beside them"
+        )
     clash = [n for n in foreign if n in _EXPORT_NAMES]
     if clash:
-        raise UserError(f"--out {out}: holds {clash[0]} that mnemo export did not write (no {EXPORT_MANIFEST} "
-                        f"lists it); remove it or export elsewhere")
+        raise UserError(
+            f"--out {out}: holds {clash[0]} that mnemo export did not write (no {EXPORT_MANIFEST} "
+            f"lists it); remove it or export elsewhere"
+        )
     if old is not None and old.get("source", {}).get("checkpoint") != source["checkpoint"] and not overwrite:
-        raise UserError(f"--out {out}: holds the export of another checkpoint "
-                        f"({old.get('source', {}).get('checkpoint')}); pass --overwrite to replace it")
+        raise UserError(
+            f"--out {out}: holds the export of another checkpoint "
+            f"({old.get('source', {}).get('checkpoint')}); pass --overwrite to replace it"
+        )
 
     args = model_args_of(ckpt)  # the small JSON first: a foreign folder fails before the weights load
     sd = consolidated_state_dict(ckpt)

@@ -22,9 +22,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="consolidated weights + config + tokenizer, loadable without DeepSpeed")
     p.add_argument("checkpoint", help="checkpoint dir, run dir (latest checkpoint) or export dir")
     p.add_argument("--out", required=True, help="folder to write (created; must not be inside the checkpoint)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace an export of another checkpoint in --out, or export beside files mnemo did not "
-                        "write (only files an earlier export wrote are ever replaced or deleted)")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an export of another checkpoint in --out, or export beside files mnemo did not "
+        "write (only files an earlier export wrote are ever replaced or deleted)",
+    )
     p.set_defaults(func=cmd_export)
 
     _register_eval(sub)
@@ -73,44 +76,76 @@ def _int_list(text: str) -> list[int]:
 
 
 def _register_eval(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("eval", help="long-context evaluation of a checkpoint",
-                              description="Loss by position (with memory ablations) on held-out documents and "
-                                          "passkey retrieval across D segments.")
+    p = subparsers.add_parser(
+        "eval",
+        help="long-context evaluation of a checkpoint",
+        description="Loss by position (with memory ablations) on held-out documents and "
+        "passkey retrieval across D segments.",
+    )
     p.add_argument("checkpoint", help="checkpoint step dir, run dir (latest checkpoint) or export dir")
     p.add_argument("--data", required=True, help="MDS data dir from `mnemo prepare` (held-out documents are read)")
     p.add_argument("--json", default=None, help="write the results as JSON to this file")
     p.add_argument("--plots", default=None, metavar="DIR", help="write PNG plots into DIR")
-    p.add_argument("--max-docs", type=int, default=None, help="held-out documents for loss by position "
-                                                             "(default: eval.max_docs of the run)")
-    p.add_argument("--passkey-trials", type=int, default=None,
-                   help="passkey documents per distance (0 = skip; default: eval.passkey_trials or 30)")
-    p.add_argument("--distances", type=_int_list, default=[1, 2, 4, 8, 16, 32],
-                   help="passkey distances D in segments (default 1,2,4,8,16,32)")
-    p.add_argument("--multikey", type=int, default=0, metavar="K",
-                   help="also run the multi-key variant with K door facts per document")
+    p.add_argument(
+        "--max-docs",
+        type=int,
+        default=None,
+        help="held-out documents for loss by position (default: eval.max_docs of the run)",
+    )
+    p.add_argument(
+        "--passkey-trials",
+        type=int,
+        default=None,
+        help="passkey documents per distance (0 = skip; default: eval.passkey_trials or 30)",
+    )
+    p.add_argument(
+        "--distances",
+        type=_int_list,
+        default=[1, 2, 4, 8, 16, 32],
+        help="passkey distances D in segments (default 1,2,4,8,16,32)",
+    )
+    p.add_argument(
+        "--multikey",
+        type=int,
+        default=0,
+        metavar="K",
+        help="also run the multi-key variant with K door facts per document",
+    )
     p.add_argument("--batch-size", type=int, default=32, help="documents read in parallel (slots)")
     p.add_argument("--no-ablations", action="store_true", help="only the memory as trained")
     p.add_argument("--seed", type=int, default=0, help="seed of the passkey documents")
-    p.add_argument("--ltm-capacity", type=int, default=None, metavar="N",
-                   help="long-term store entries per slot and layer (default: the trained size, or "
-                        "max(--distances) * segment_len if larger: a passkey at distance D needs D * segment_len)")
+    p.add_argument(
+        "--ltm-capacity",
+        type=int,
+        default=None,
+        metavar="N",
+        help="long-term store entries per slot and layer (default: the trained size, or "
+        "max(--distances) * segment_len if larger: a passkey at distance D needs D * segment_len)",
+    )
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.set_defaults(func=cmd_eval)
 
 
 def _register_generate(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("generate", help="continue a prompt with memory",
-                              description="Read a prompt of any length through memory, segment by segment, "
-                                          "then sample a continuation, printing tokens as they come.")
+    p = subparsers.add_parser(
+        "generate",
+        help="continue a prompt with memory",
+        description="Read a prompt of any length through memory, segment by segment, "
+        "then sample a continuation, printing tokens as they come.",
+    )
     p.add_argument("checkpoint", help="checkpoint step dir, run dir (latest checkpoint) or export dir")
     p.add_argument("--prompt-file", required=True, help="UTF-8 text file with the prompt")
     p.add_argument("--max-tokens", type=int, default=200, help="tokens to generate at most (default 200)")
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
     p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (default 0.95)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--decode", choices=("segment", "step"), default="segment",
-                   help="segment: each token sees its segment as in training (re-reads up to T tokens per "
-                        "token); step: 1-token forwards, faster, local context = short-term memory only")
+    p.add_argument(
+        "--decode",
+        choices=("segment", "step"),
+        default="segment",
+        help="segment: each token sees its segment as in training (re-reads up to T tokens per "
+        "token); step: 1-token forwards, faster, local context = short-term memory only",
+    )
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.set_defaults(func=cmd_generate)
 
@@ -118,8 +153,15 @@ def _register_generate(subparsers: argparse._SubParsersAction) -> None:
 def cmd_eval(args: argparse.Namespace) -> int:
     from mnemo.train.checkpoint import load_for_inference
     from mnemo.train.errors import UserError
-    from mnemo.train.evaluate import (FILLER_TOKENS, check_data_tokenizer, evaluate, format_table, plots,
-                                      read_heldout_docs, with_ltm_capacity)
+    from mnemo.train.evaluate import (
+        FILLER_TOKENS,
+        check_data_tokenizer,
+        evaluate,
+        format_table,
+        plots,
+        read_heldout_docs,
+        with_ltm_capacity,
+    )
     from mnemo.train.inference import resolve_device
 
     data = Path(args.data)
@@ -140,9 +182,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
         capacity = max(model.args.ltm_capacity, max(args.distances) * cfg.model.segment_len)
     with_ltm_capacity(model, capacity)
     t0 = time.perf_counter()
-    result = evaluate(model, tokenizer, docs, cfg, ablations=not args.no_ablations, passkey=trials > 0,
-                      seed=args.seed, batch_size=args.batch_size, max_docs=max_docs, passkey_trials=trials,
-                      distances=args.distances, multikey=args.multikey, progress=True)
+    result = evaluate(
+        model,
+        tokenizer,
+        docs,
+        cfg,
+        ablations=not args.no_ablations,
+        passkey=trials > 0,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        max_docs=max_docs,
+        passkey_trials=trials,
+        distances=args.distances,
+        multikey=args.multikey,
+        progress=True,
+    )
     result["checkpoint"] = str(args.checkpoint)
     result["data"] = str(args.data)
     result["ltm_capacity"] = model.args.ltm_capacity if model.args.ltm_kind != "none" else 0
@@ -183,13 +237,23 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     def progress(i: int, n: int) -> None:
         if sys.stderr.isatty():
-            print(f"\rreading prompt: segment {i + 1}/{n}", end="" if i + 1 < n else "\n", file=sys.stderr,
-                  flush=True)
+            print(f"\rreading prompt: segment {i + 1}/{n}", end="" if i + 1 < n else "\n", file=sys.stderr, flush=True)
 
     print(f"prompt: {len(ids)} tokens = {-(-len(ids) // T)} segments of {T}", file=sys.stderr)
     streamer = TextStreamer(tokenizer)
-    out = generate(model, tokenizer, ids, T, args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                   seed=args.seed, on_token=streamer, on_prompt_segment=progress, mode=args.decode)
+    out = generate(
+        model,
+        tokenizer,
+        ids,
+        T,
+        args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+        on_token=streamer,
+        on_prompt_segment=progress,
+        mode=args.decode,
+    )
     streamer.finish()
     print(f"({len(out)} tokens generated)", file=sys.stderr)
     return 0

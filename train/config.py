@@ -401,11 +401,17 @@ def validate(cfg: Config) -> None:
         n_layers = SIZES[cfg.model.size].n_layers
         seen: dict[int, int] = {}
         for i, layer in enumerate(lm.layers):
-            need(-n_layers <= layer < n_layers, f"memory.long.layers[{i}]",
-                 f"layer {layer} out of range for {n_layers}-layer size {cfg.model.size!r}")
+            need(
+                -n_layers <= layer < n_layers,
+                f"memory.long.layers[{i}]",
+                f"layer {layer} out of range for {n_layers}-layer size {cfg.model.size!r}",
+            )
             # -1 and n_layers - 1 are the same layer: one store each, so no layer twice.
-            need(layer % n_layers not in seen, f"memory.long.layers[{i}]",
-                 f"layer {layer} is also memory.long.layers[{seen.get(layer % n_layers)}]")
+            need(
+                layer % n_layers not in seen,
+                f"memory.long.layers[{i}]",
+                f"layer {layer} is also memory.long.layers[{seen.get(layer % n_layers)}]",
+            )
             seen[layer % n_layers] = i
         need(len(lm.layers) > 0, "memory.long.layers", "must name at least one layer")
     need(lm.temperature_init > 0, "memory.long.temperature_init", "must be > 0 (its log is the initial parameter)")

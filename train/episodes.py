@@ -63,8 +63,7 @@ class EpisodeBatch:
 class PasskeyCurriculum:
     """Max distance D of the episodes, raised as retrieval succeeds. Same on every rank."""
 
-    def __init__(self, start_distance: int, max_distance: int, promote_exact: float, promote_window: int,
-                 seed: int):
+    def __init__(self, start_distance: int, max_distance: int, promote_exact: float, promote_window: int, seed: int):
         self.max_distance, self.promote_exact, self.promote_window = max_distance, promote_exact, promote_window
         self.current = min(start_distance, max_distance)  # max D the episodes use now
         self.history: list[float] = []  # exact match of the max-D batches since the last promotion
@@ -82,7 +81,7 @@ class PasskeyCurriculum:
     def update(self, exact: float, step: int) -> bool:
         """Record a max-D batch's exact match (mean over ranks); True when max D was raised."""
         self.history.append(float(exact))
-        recent = self.history[-self.promote_window:]
+        recent = self.history[-self.promote_window :]
         if len(recent) < self.promote_window or sum(recent) / len(recent) <= self.promote_exact:
             return False
         self.clicked_at = self.clicked_at or step
@@ -93,8 +92,13 @@ class PasskeyCurriculum:
         return True
 
     def state_dict(self) -> dict[str, Any]:
-        return {"current": self.current, "history": list(self.history), "episodes": self.episodes,
-                "clicked_at": self.clicked_at, "rng": self.rng.bit_generator.state}
+        return {
+            "current": self.current,
+            "history": list(self.history),
+            "episodes": self.episodes,
+            "clicked_at": self.clicked_at,
+            "rng": self.rng.bit_generator.state,
+        }
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         self.current, self.history = int(sd["current"]), [float(x) for x in sd["history"]]
@@ -105,8 +109,18 @@ class PasskeyCurriculum:
 class EpisodeSource:
     """Fresh passkey documents for one rank: ``batch(D)`` -> EpisodeBatch."""
 
-    def __init__(self, tokenizer: Any, filler: Any, segment_len: int, batch_size: int, answer_weight: float,
-                 context_weight: float, seed: int, rank: int, max_keys: int = 1):
+    def __init__(
+        self,
+        tokenizer: Any,
+        filler: Any,
+        segment_len: int,
+        batch_size: int,
+        answer_weight: float,
+        context_weight: float,
+        seed: int,
+        rank: int,
+        max_keys: int = 1,
+    ):
         self.tokenizer, self.T, self.B = tokenizer, int(segment_len), int(batch_size)
         self.answer_weight, self.context_weight = float(answer_weight), float(context_weight)
         self.filler = filler_stream(filler)
@@ -118,8 +132,9 @@ class EpisodeSource:
         if self.max_keys > 1:  # the most facts at every depth, facts placed at random: a few draws each
             for depth in self.depths:
                 for seed in range(4):
-                    make_multikey_sample(tokenizer, self.filler, 0, self.max_keys, self.T,
-                                         np.random.default_rng(seed), depth=depth)
+                    make_multikey_sample(
+                        tokenizer, self.filler, 0, self.max_keys, self.T, np.random.default_rng(seed), depth=depth
+                    )
 
     def _row(self, distance: int) -> dict:
         """One document: with max_keys > 1, 1..max_keys door facts ("The pass key of door N is ...")."""
@@ -137,7 +152,7 @@ class EpisodeSource:
         for i, r in enumerate(rows):
             # The answer digits are the last tokens of segment D (before EOS); as
             # targets of segment D's inputs they sit at T-1-len .. T-2.
-            answer[i, T - 1 - r["answer_len"]:T - 1] = True
+            answer[i, T - 1 - r["answer_len"] : T - 1] = True
         weight = torch.where(answer, self.answer_weight, self.context_weight).float()
         return EpisodeBatch(tokens=tokens, weight=weight, answer=answer, distance=distance, at_max=at_max)
 
@@ -160,8 +175,9 @@ class EpisodeResult:
 class Episodes:
     """What the trainer holds: this rank's document source, the shared curriculum, the step schedule."""
 
-    def __init__(self, source: EpisodeSource, curriculum: PasskeyCurriculum, fraction: float,
-                 ltm_only_at_max: bool = False):
+    def __init__(
+        self, source: EpisodeSource, curriculum: PasskeyCurriculum, fraction: float, ltm_only_at_max: bool = False
+    ):
         self.source, self.curriculum, self.fraction = source, curriculum, fraction
         self.ltm_only_at_max = ltm_only_at_max
 
@@ -194,14 +210,13 @@ class Episodes:
         if has_memory:
             with torch.no_grad():
                 for i in range(D):
-                    _, state = model(tokens[:, i * T:(i + 1) * T], state, logits=False)
-        logits, _ = model(tokens[:, D * T:(D + 1) * T], state)  # [B, T, V]
-        targets = tokens[:, D * T + 1:(D + 1) * T + 1]  # [B, T]
+                    _, state = model(tokens[:, i * T : (i + 1) * T], state, logits=False)
+        logits, _ = model(tokens[:, D * T : (D + 1) * T], state)  # [B, T, V]
+        targets = tokens[:, D * T + 1 : (D + 1) * T + 1]  # [B, T]
         answer = eb.answer.to(device)
         loss, plain, n = lm_loss(logits, targets, eb.weight.to(device), torch.ones_like(answer))
         right = (logits.detach().argmax(-1) == targets) | ~answer
-        return EpisodeResult(loss=loss, plain_sum=plain.detach() * n, n=n, exact=right.all(1).sum().float(),
-                             batch=eb)
+        return EpisodeResult(loss=loss, plain_sum=plain.detach() * n, n=n, exact=right.all(1).sum().float(), batch=eb)
 
     def summary(self) -> dict[str, Any]:
         c = self.curriculum
@@ -240,10 +255,18 @@ def training_filler(source: Any, val_fraction: float, max_docs: int, seed: int) 
     if not docs:
         from mnemo.train.errors import UserError
 
-        raise UserError("train.passkey.fraction: the dataset has no training corpus documents to draw "
-                        "passkey filler from")
+        raise UserError(
+            "train.passkey.fraction: the dataset has no training corpus documents to draw passkey filler from"
+        )
     return np.concatenate(docs)
 
 
-__all__ = ["EpisodeBatch", "EpisodeResult", "EpisodeSource", "Episodes", "PasskeyCurriculum", "is_episode_step",
-           "training_filler"]
+__all__ = [
+    "EpisodeBatch",
+    "EpisodeResult",
+    "EpisodeSource",
+    "Episodes",
+    "PasskeyCurriculum",
+    "is_episode_step",
+    "training_filler",
+]

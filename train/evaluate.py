@@ -100,8 +100,15 @@ def bucket_lower(positions: np.ndarray, segment_len: int) -> np.ndarray:
 
 
 @torch.inference_mode()
-def _position_losses(model: Any, docs: Sequence[np.ndarray], segment_len: int, batch_size: int, stm: bool,
-                     ltm: bool, progress: bool = False) -> tuple[dict[int, float], dict[int, int]]:
+def _position_losses(
+    model: Any,
+    docs: Sequence[np.ndarray],
+    segment_len: int,
+    batch_size: int,
+    stm: bool,
+    ltm: bool,
+    progress: bool = False,
+) -> tuple[dict[int, float], dict[int, int]]:
     """Summed loss and token count per bucket lower bound.
 
     B slots read documents in order; a slot that finishes its document takes
@@ -144,7 +151,7 @@ def _position_losses(model: Any, docs: Sequence[np.ndarray], segment_len: int, b
             if slot_doc[b] < 0:
                 continue  # idle slot: reads padding, its outputs are ignored
             o = slot_off[b]
-            chunk = docs[slot_doc[b]][o:o + T + 1]
+            chunk = docs[slot_doc[b]][o : o + T + 1]
             n = chunk.size - 1
             x[b, :n], y[b, :n], valid[b, :n] = chunk[:-1], chunk[1:], True
             pos[b, :n] = o + np.arange(n)
@@ -152,8 +159,13 @@ def _position_losses(model: Any, docs: Sequence[np.ndarray], segment_len: int, b
         if reset.any():
             state = state.reset(torch.from_numpy(reset).to(device))
         logits, state = model(torch.from_numpy(x).to(device), state)  # [B, T, V]
-        nll = F.cross_entropy(logits.float().flatten(0, 1), torch.from_numpy(y).to(device).flatten(),
-                              reduction="none").view(B, T).double().cpu().numpy()
+        nll = (
+            F.cross_entropy(logits.float().flatten(0, 1), torch.from_numpy(y).to(device).flatten(), reduction="none")
+            .view(B, T)
+            .double()
+            .cpu()
+            .numpy()
+        )
         lower = bucket_lower(pos[valid], T)
         vals = nll[valid]
         for lo in np.unique(lower):
@@ -179,8 +191,9 @@ def _summarize(sums: dict[int, float], counts: dict[int, int]) -> dict[str, Any]
     }
 
 
-def loss_by_position(model: Any, docs: Sequence[np.ndarray], segment_len: int, batch_size: int, stm: bool = True,
-                     ltm: bool = True) -> dict[str, float]:
+def loss_by_position(
+    model: Any, docs: Sequence[np.ndarray], segment_len: int, batch_size: int, stm: bool = True, ltm: bool = True
+) -> dict[str, float]:
     """Mean loss per position bucket: {"0": x, "128": y, "256": z, ...} plus
     "loss" (all tokens), "bits_per_token" and "tokens".
 
@@ -193,8 +206,14 @@ def loss_by_position(model: Any, docs: Sequence[np.ndarray], segment_len: int, b
     return out
 
 
-def ablation_table(model: Any, docs: Sequence[np.ndarray], segment_len: int, batch_size: int,
-                   names: Sequence[str] = tuple(ABLATIONS), progress: bool = False) -> dict[str, dict[str, Any]]:
+def ablation_table(
+    model: Any,
+    docs: Sequence[np.ndarray],
+    segment_len: int,
+    batch_size: int,
+    names: Sequence[str] = tuple(ABLATIONS),
+    progress: bool = False,
+) -> dict[str, dict[str, Any]]:
     """{ablation: {"loss_by_position", "tokens_by_position", "loss", "bits_per_token", "tokens"}}.
 
     Memory the architecture does not have cannot be switched off, so
@@ -217,8 +236,9 @@ def ablation_table(model: Any, docs: Sequence[np.ndarray], segment_len: int, bat
 
 
 @torch.inference_mode()
-def score_greedy(model: Any, samples: Sequence[dict], segment_len: int, batch_size: int, stm: bool = True,
-                 ltm: bool = True) -> list[np.ndarray]:
+def score_greedy(
+    model: Any, samples: Sequence[dict], segment_len: int, batch_size: int, stm: bool = True, ltm: bool = True
+) -> list[np.ndarray]:
     """Greedy answers: for each sample the answer_len tokens the model generates after its prompt.
 
     The prompt (tokens[:answer_start]) is read segment by segment from the
@@ -236,9 +256,10 @@ def score_greedy(model: Any, samples: Sequence[dict], segment_len: int, batch_si
     preds: list[np.ndarray | None] = [None] * len(samples)
     for (start, alen), idx in groups.items():
         for c in range(0, len(idx), batch_size):
-            chunk = idx[c:c + batch_size]
-            prompt = torch.from_numpy(np.stack([np.asarray(samples[i]["tokens"][:start], dtype=np.int64)
-                                                for i in chunk])).to(device)  # [b, P]
+            chunk = idx[c : c + batch_size]
+            prompt = torch.from_numpy(
+                np.stack([np.asarray(samples[i]["tokens"][:start], dtype=np.int64) for i in chunk])
+            ).to(device)  # [b, P]
             reader = SegmentReader(model, core_model(model).init_state(len(chunk), stm=stm, ltm=ltm, device=device), T)
             last = reader.feed(prompt)  # [b, V]
             out = []
@@ -254,8 +275,9 @@ def score_greedy(model: Any, samples: Sequence[dict], segment_len: int, batch_si
 
 
 @torch.inference_mode()
-def score_teacher_forced(model: Any, samples: Sequence[dict], segment_len: int, batch_size: int, stm: bool = True,
-                         ltm: bool = True) -> tuple[list[np.ndarray], list[np.ndarray]]:
+def score_teacher_forced(
+    model: Any, samples: Sequence[dict], segment_len: int, batch_size: int, stm: bool = True, ltm: bool = True
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """(argmax [answer_len], loss [answer_len]) at each answer token, reading the true tokens.
 
     One pass over each document, segment by segment: no decoding loop. Greedy
@@ -274,18 +296,19 @@ def score_teacher_forced(model: Any, samples: Sequence[dict], segment_len: int, 
     for (start, alen), idx in groups.items():
         end = start + alen - 1  # inputs: everything before the last answer token
         for c in range(0, len(idx), batch_size):
-            chunk = idx[c:c + batch_size]
-            toks = torch.from_numpy(np.stack([np.asarray(samples[i]["tokens"][:start + alen], dtype=np.int64)
-                                              for i in chunk])).to(device)  # [b, start + alen]
+            chunk = idx[c : c + batch_size]
+            toks = torch.from_numpy(
+                np.stack([np.asarray(samples[i]["tokens"][: start + alen], dtype=np.int64) for i in chunk])
+            ).to(device)  # [b, start + alen]
             state = core_model(model).init_state(len(chunk), stm=stm, ltm=ltm, device=device)
             picked = []
             for s0 in range(0, end, T):
                 lo, hi = max(start - 1, s0), min(end, s0 + T)  # answer-predicting positions in this segment
-                logits, state = model(toks[:, s0:min(s0 + T, end)], state, logits=lo < hi)  # [b, <=T, V]
+                logits, state = model(toks[:, s0 : min(s0 + T, end)], state, logits=lo < hi)  # [b, <=T, V]
                 if lo < hi:
-                    picked.append(logits[:, lo - s0:hi - s0].float())
+                    picked.append(logits[:, lo - s0 : hi - s0].float())
             lg = torch.cat(picked, dim=1)  # [b, alen, V]
-            truth = toks[:, start:start + alen]  # [b, alen]
+            truth = toks[:, start : start + alen]  # [b, alen]
             nll = F.cross_entropy(lg.flatten(0, 1), truth.flatten(), reduction="none").view(len(chunk), alen)
             am, nll = lg.argmax(-1).cpu().numpy(), nll.double().cpu().numpy()
             for r, i in enumerate(chunk):
@@ -298,15 +321,23 @@ def cell_stats(samples: Sequence[dict], preds: Sequence[np.ndarray]) -> tuple[np
     exact, digit = [], []
     for s, p in zip(samples, preds):
         a0, n = int(s["answer_start"]), int(s["answer_len"])
-        truth = np.asarray(s["tokens"][a0:a0 + n])
+        truth = np.asarray(s["tokens"][a0 : a0 + n])
         hit = np.asarray(p) == truth
         exact.append(bool(hit.all()))
         digit.append(float(hit.mean()))
     return np.array(exact), np.array(digit)
 
 
-def passkey_samples(tokenizer: Any, filler: Any, segment_len: int, distance: int, depths: Sequence[str] = tuple(DEPTHS),
-                    trials: int = 30, seed: int = 0, n_keys: int = 1) -> list[dict]:
+def passkey_samples(
+    tokenizer: Any,
+    filler: Any,
+    segment_len: int,
+    distance: int,
+    depths: Sequence[str] = tuple(DEPTHS),
+    trials: int = 30,
+    seed: int = 0,
+    n_keys: int = 1,
+) -> list[dict]:
     """The ``trials`` documents of one distance: depths in turn, a function of (seed, D, n_keys) only."""
     stream = filler_stream(filler)
     rng = np.random.default_rng([int(seed), int(distance), int(n_keys)])
@@ -322,10 +353,22 @@ def passkey_samples(tokenizer: Any, filler: Any, segment_len: int, distance: int
     return out
 
 
-def passkey_report(model: Any, tokenizer: Any, filler_docs: Any, segment_len: int, distances: Sequence[int],
-                   depths: Sequence[str] = tuple(DEPTHS), trials: int = 30, seed: int = 0, batch_size: int = 16,
-                   n_keys: int = 1, stm: bool = True, ltm: bool = True, progress: bool = False,
-                   decode: str = "teacher_forced") -> dict[str, Any]:
+def passkey_report(
+    model: Any,
+    tokenizer: Any,
+    filler_docs: Any,
+    segment_len: int,
+    distances: Sequence[int],
+    depths: Sequence[str] = tuple(DEPTHS),
+    trials: int = 30,
+    seed: int = 0,
+    batch_size: int = 16,
+    n_keys: int = 1,
+    stm: bool = True,
+    ltm: bool = True,
+    progress: bool = False,
+    decode: str = "teacher_forced",
+) -> dict[str, Any]:
     """Passkey retrieval in detail.
 
     ``trials`` documents per distance D, depths taken in turn (trial i at
@@ -371,10 +414,22 @@ def passkey_report(model: Any, tokenizer: Any, filler_docs: Any, segment_len: in
 # ------------------------------------------------------------------ evaluate
 
 
-def evaluate(model: Any, tokenizer: Any, heldout_docs: Sequence[np.ndarray], cfg: Any, *, ablations: bool = True,
-             passkey: bool = True, seed: int = 0, batch_size: int | None = None, max_docs: int | None = None,
-             passkey_trials: int | None = None, distances: Sequence[int] | None = None, multikey: int = 0,
-             progress: bool = False) -> dict[str, Any]:
+def evaluate(
+    model: Any,
+    tokenizer: Any,
+    heldout_docs: Sequence[np.ndarray],
+    cfg: Any,
+    *,
+    ablations: bool = True,
+    passkey: bool = True,
+    seed: int = 0,
+    batch_size: int | None = None,
+    max_docs: int | None = None,
+    passkey_trials: int | None = None,
+    distances: Sequence[int] | None = None,
+    multikey: int = 0,
+    progress: bool = False,
+) -> dict[str, Any]:
     """The evaluation of one model, as a JSON-ready dict.
 
     heldout_docs: held-out corpus documents (no passkey documents); the
@@ -389,7 +444,7 @@ def evaluate(model: Any, tokenizer: Any, heldout_docs: Sequence[np.ndarray], cfg
     T = int(cfg.model.segment_len)
     B = int(batch_size or max(cfg.train.batch_size, 1))
     max_docs = cfg.eval.max_docs if max_docs is None else max_docs
-    docs = [np.asarray(d, dtype=np.int64)[:cfg.eval.max_doc_tokens] for d in list(heldout_docs)[:max_docs]]
+    docs = [np.asarray(d, dtype=np.int64)[: cfg.eval.max_doc_tokens] for d in list(heldout_docs)[:max_docs]]
     trials = cfg.eval.passkey_trials if passkey_trials is None else passkey_trials
     dists = list(cfg.eval.passkey_distances if distances is None else distances)
     result: dict[str, Any] = {"segment_len": T, "num_docs": len(docs)}
@@ -400,24 +455,53 @@ def evaluate(model: Any, tokenizer: Any, heldout_docs: Sequence[np.ndarray], cfg
         table = ablation_table(model, docs, T, B, names, progress=progress)
         seconds["loss_by_position"] = time.perf_counter() - t0
         main = table["memory"]
-        result.update(loss_by_position=main["loss_by_position"], tokens_by_position=main["tokens_by_position"],
-                      loss=main["loss"], bits_per_token=main["bits_per_token"], num_tokens=main["tokens"])
-        result["ablations"] = {k: {kk: v[kk] for kk in ("loss_by_position", "loss", "bits_per_token")}
-                               for k, v in table.items()}
+        result.update(
+            loss_by_position=main["loss_by_position"],
+            tokens_by_position=main["tokens_by_position"],
+            loss=main["loss"],
+            bits_per_token=main["bits_per_token"],
+            num_tokens=main["tokens"],
+        )
+        result["ablations"] = {
+            k: {kk: v[kk] for kk in ("loss_by_position", "loss", "bits_per_token")} for k, v in table.items()
+        }
         if passkey and trials > 0 and dists:
             if not heldout_docs:
                 raise UserError("passkey evaluation needs held-out documents for filler; none given")
             t0 = time.perf_counter()
-            rep = passkey_report(model, tokenizer, list(heldout_docs), T, dists, trials=trials, seed=seed,
-                                 batch_size=B, progress=progress)
+            rep = passkey_report(
+                model,
+                tokenizer,
+                list(heldout_docs),
+                T,
+                dists,
+                trials=trials,
+                seed=seed,
+                batch_size=B,
+                progress=progress,
+            )
             seconds["passkey"] = time.perf_counter() - t0
-            result.update(passkey=rep["accuracy"], passkey_by_depth=rep["by_depth"],
-                          passkey_digit_accuracy=rep["digit_accuracy"], passkey_answer_loss=rep["answer_loss"],
-                          passkey_trials=rep["trials"])
+            result.update(
+                passkey=rep["accuracy"],
+                passkey_by_depth=rep["by_depth"],
+                passkey_digit_accuracy=rep["digit_accuracy"],
+                passkey_answer_loss=rep["answer_loss"],
+                passkey_trials=rep["trials"],
+            )
             if multikey > 0:
                 t0 = time.perf_counter()
-                mk = passkey_report(model, tokenizer, list(heldout_docs), T, dists, trials=trials, seed=seed,
-                                    batch_size=B, n_keys=multikey, progress=progress)
+                mk = passkey_report(
+                    model,
+                    tokenizer,
+                    list(heldout_docs),
+                    T,
+                    dists,
+                    trials=trials,
+                    seed=seed,
+                    batch_size=B,
+                    n_keys=multikey,
+                    progress=progress,
+                )
                 seconds["passkey_multikey"] = time.perf_counter() - t0
                 result.update(passkey_multikey=mk["accuracy"], passkey_multikey_keys=multikey)
     result["seconds"] = seconds
@@ -459,8 +543,10 @@ def format_table(result: dict[str, Any]) -> str:
     names = list(ab)
     buckets = sorted({int(k) for v in ab.values() for k in v["loss_by_position"]})
     counts = result.get("tokens_by_position", {})
-    lines = [f"loss by position (nats/token; T={T}; {result.get('num_docs', '?')} documents, "
-             f"{result.get('num_tokens', '?')} tokens)"]
+    lines = [
+        f"loss by position (nats/token; T={T}; {result.get('num_docs', '?')} documents, "
+        f"{result.get('num_tokens', '?')} tokens)"
+    ]
     head = f"{'preceding tokens':<20}{'tokens':>9}" + "".join(f"{n:>11}" for n in names)
     lines.append(head)
     for lo in buckets:
@@ -474,11 +560,17 @@ def format_table(result: dict[str, Any]) -> str:
     if result.get("passkey"):
         depths = list(DEPTHS)
         lines.append("")
-        lines.append(f"passkey exact match of greedy decoding ({result.get('passkey_trials', '?')} trials per "
-                     f"distance; digits = per-token argmax accuracy, ans nll = answer loss, teacher-forced)")
+        lines.append(
+            f"passkey exact match of greedy decoding ({result.get('passkey_trials', '?')} trials per "
+            f"distance; digits = per-token argmax accuracy, ans nll = answer loss, teacher-forced)"
+        )
         mk = result.get("passkey_multikey") or {}
-        hdr = (f"{'D (segments)':<14}{'all':>8}" + "".join(f"{d:>8}" for d in depths) + f"{'digits':>8}"
-               + f"{'ans nll':>9}")
+        hdr = (
+            f"{'D (segments)':<14}{'all':>8}"
+            + "".join(f"{d:>8}" for d in depths)
+            + f"{'digits':>8}"
+            + f"{'ans nll':>9}"
+        )
         if mk:
             hdr += f"{'%d keys' % result.get('passkey_multikey_keys', 0):>9}"
         lines.append(hdr)
@@ -511,8 +603,7 @@ def plots(result: dict[str, Any], out_dir: str | Path) -> list[str]:
     for name, v in ab.items():
         pts = sorted((xs[int(k)], y) for k, y in v["loss_by_position"].items())
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
-    ax.set_xticks(range(len(buckets)), [_bucket_label(lo, T) for lo in buckets], rotation=30, ha="right",
-                  fontsize=8)
+    ax.set_xticks(range(len(buckets)), [_bucket_label(lo, T) for lo in buckets], rotation=30, ha="right", fontsize=8)
     ax.set_xlabel("tokens of the document before the input token")
     ax.set_ylabel("loss (nats/token)")
     ax.set_title(f"Loss by position (T={T})")
@@ -533,8 +624,15 @@ def plots(result: dict[str, Any], out_dir: str | Path) -> list[str]:
         for i in range(len(dists)):
             for j in range(len(depths)):
                 if np.isfinite(grid[i, j]):
-                    ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center",
-                            color="black" if grid[i, j] > 0.5 else "white", fontsize=8)
+                    ax.text(
+                        j,
+                        i,
+                        f"{grid[i, j]:.2f}",
+                        ha="center",
+                        va="center",
+                        color="black" if grid[i, j] > 0.5 else "white",
+                        fontsize=8,
+                    )
         ax.set_xticks(range(len(depths)), depths)
         ax.set_yticks(range(len(dists)), dists)
         ax.set_xlabel("depth of the key in segment 0")
@@ -552,8 +650,9 @@ def plots(result: dict[str, Any], out_dir: str | Path) -> list[str]:
 # ------------------------------------------------------------------ data
 
 
-def read_heldout_docs(data_dir: str, val_fraction: float, max_docs: int | None = None,
-                      min_tokens: int = 0) -> list[np.ndarray]:
+def read_heldout_docs(
+    data_dir: str, val_fraction: float, max_docs: int | None = None, min_tokens: int = 0
+) -> list[np.ndarray]:
     """Held-out corpus documents of an MDS dir (passkey documents skipped), in index order.
 
     Reading stops once there are ``max_docs`` documents (None = no limit)
@@ -587,8 +686,10 @@ def read_heldout_docs(data_dir: str, val_fraction: float, max_docs: int | None =
         if max_docs is not None and len(docs) >= max_docs and n_tokens >= min_tokens:
             break
     if not docs:
-        raise UserError(f"--data: {path} has no held-out corpus documents (data.val_fraction={val_fraction} "
-                        f"of {src.num_samples} samples)")
+        raise UserError(
+            f"--data: {path} has no held-out corpus documents (data.val_fraction={val_fraction} "
+            f"of {src.num_samples} samples)"
+        )
     return docs
 
 
@@ -605,8 +706,7 @@ def check_data_tokenizer(data_dir: str, tokenizer: Any) -> None:
     have = getattr(tokenizer, "sha256", None)
     want = other_tokenizer(read_json_file(str(manifest), "the dataset's manifest"), have)
     if want:
-        raise UserError(f"--data: {manifest} was tokenized with tokenizer {want[:12]}, the checkpoint uses "
-                        f"{have[:12]}")
+        raise UserError(f"--data: {manifest} was tokenized with tokenizer {want[:12]}, the checkpoint uses {have[:12]}")
 
 
 def with_ltm_capacity(model: Any, capacity: int | None) -> Any:

@@ -66,15 +66,15 @@ class SegmentReader:
             last = None
             for s0 in range(0, tokens.shape[1], self.T):
                 final = s0 + self.T >= tokens.shape[1]  # only the last segment's prediction is needed
-                logits, self.state = self.model(tokens[:, s0:s0 + self.T], self.state, logits=final)
+                logits, self.state = self.model(tokens[:, s0 : s0 + self.T], self.state, logits=final)
                 last = logits[:, -1] if final else None
             return last
         buf = tokens if self.pending is None else torch.cat((self.pending, tokens), dim=1)  # [B, p+n]
         last = None
         while buf.shape[1] >= self.T:
             final = buf.shape[1] == self.T  # nothing after it: its last prediction is the one returned
-            logits, self.state = self.model(buf[:, :self.T], self.state, logits=final)  # a complete segment: commit
-            last, buf = (logits[:, -1] if final else None), buf[:, self.T:]
+            logits, self.state = self.model(buf[:, : self.T], self.state, logits=final)  # a complete segment: commit
+            last, buf = (logits[:, -1] if final else None), buf[:, self.T :]
         if buf.shape[1] > 0:
             logits, _ = self.model(buf, self.state)  # partial: read again with the next tokens
             last = logits[:, -1]
@@ -83,10 +83,20 @@ class SegmentReader:
 
 
 @torch.inference_mode()
-def generate(model: Any, tokenizer: Any, prompt_ids: Sequence[int], segment_len: int, max_new_tokens: int,
-             temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
-             on_token: Callable[[int], None] | None = None, stop_at_eos: bool = True,
-             on_prompt_segment: Callable[[int, int], None] | None = None, mode: str = "segment") -> list[int]:
+def generate(
+    model: Any,
+    tokenizer: Any,
+    prompt_ids: Sequence[int],
+    segment_len: int,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    on_token: Callable[[int], None] | None = None,
+    stop_at_eos: bool = True,
+    on_prompt_segment: Callable[[int, int], None] | None = None,
+    mode: str = "segment",
+) -> list[int]:
     """Continue ``prompt_ids``; returns the new token ids (EOS ends it and is not returned).
 
     on_token(id) is called as each token is chosen; on_prompt_segment(i, n)
@@ -107,7 +117,7 @@ def generate(model: Any, tokenizer: Any, prompt_ids: Sequence[int], segment_len:
         n_seg = -(-len(ids) // T)
         last = None
         for i, s0 in enumerate(range(0, len(ids), T)):
-            last = reader.feed(prompt[:, s0:s0 + T])  # [1, V]
+            last = reader.feed(prompt[:, s0 : s0 + T])  # [1, V]
             if on_prompt_segment is not None:
                 on_prompt_segment(i, n_seg)
         out: list[int] = []
@@ -146,13 +156,13 @@ class TextStreamer:
         text = self.tok.decode(self.ids)
         stable = text.rstrip("\ufffd")  # a replacement char may become a real one with the next byte
         if stable.startswith(self.printed):
-            self.stream.write(stable[len(self.printed):])
+            self.stream.write(stable[len(self.printed) :])
             self.stream.flush()
             self.printed = stable
 
     def finish(self) -> None:
         text = self.tok.decode(self.ids)
         if text.startswith(self.printed):
-            self.stream.write(text[len(self.printed):])
+            self.stream.write(text[len(self.printed) :])
         self.stream.write("\n")
         self.stream.flush()

@@ -6,8 +6,9 @@ import torch
 import torch.nn.functional as F
 
 
-def lm_loss(logits: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor,
-            mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def lm_loss(
+    logits: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(optimized loss, plain mean CE, number of real targets) of one segment.
 
     logits [B, T, V]; targets, weight, mask [B, T] (mask: the target is a

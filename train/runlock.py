@@ -66,10 +66,15 @@ class RunLock:
             os.close(fd)
             if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 raise
-            raise RunDirBusy(f"run.dir: {self.path.parent} is in use by another job ({_holder_text(raw)}); "
-                             "wait for it to end, stop it, or use another run.dir") from None
-        info = {"host": socket.gethostname(), "pid": os.getpid(),
-                "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
+            raise RunDirBusy(
+                f"run.dir: {self.path.parent} is in use by another job ({_holder_text(raw)}); "
+                "wait for it to end, stop it, or use another run.dir"
+            ) from None
+        info = {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        }
         data = (json.dumps(info) + "\n").encode()
         os.pwrite(fd, data, 0)  # then cut the previous holder's longer text: never an empty file to read
         os.ftruncate(fd, len(data))

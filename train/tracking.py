@@ -150,7 +150,6 @@ def memory_stats() -> dict[str, float]:
     return out
 
 
-
 def _append_points(f, run_id: str | None, step: int, ts: int, values: dict[str, float]) -> None:
     """One JSON line per metric point: the fallback file format."""
     for key, value in values.items():
@@ -207,10 +206,17 @@ class Tracker:
         self.fallback_path = self.run_dir / FALLBACK_FILE
         self.run_dir.mkdir(parents=True, exist_ok=True)
         settings = dict(
-            run_dir=str(self.run_dir), uri=self.uri, experiment=self.experiment,
-            run_name=run_name or None, resume_run_id=resume_run_id, parent_run_id=parent_run_id,
-            resume_step=int(resume_step), interval=interval, retry_interval=retry_interval,
-            probe_timeout=probe_timeout, max_buffer=max_buffer,
+            run_dir=str(self.run_dir),
+            uri=self.uri,
+            experiment=self.experiment,
+            run_name=run_name or None,
+            resume_run_id=resume_run_id,
+            parent_run_id=parent_run_id,
+            resume_step=int(resume_step),
+            interval=interval,
+            retry_interval=retry_interval,
+            probe_timeout=probe_timeout,
+            max_buffer=max_buffer,
         )
         self._closed = False
         self._child_dead = False
@@ -230,8 +236,9 @@ class Tracker:
         ctx = multiprocessing.get_context("spawn")
         ops_recv, self._ops = ctx.Pipe(duplex=False)
         self._replies, reply_send = ctx.Pipe(duplex=False)
-        self._proc = ctx.Process(target=_sender_main, args=(settings, ops_recv, reply_send),
-                                 name="mnemo-tracking", daemon=True)
+        self._proc = ctx.Process(
+            target=_sender_main, args=(settings, ops_recv, reply_send), name="mnemo-tracking", daemon=True
+        )
         self._proc.start()
         ops_recv.close()
         reply_send.close()  # so that the reader sees EOF when the sender exits
@@ -334,8 +341,10 @@ class Tracker:
             left = deadline - time.monotonic()
             try:
                 if left <= 0 or not self._replies.poll(left):
-                    log.warning("tracking: MLflow run not opened within %.0f s; continuing, "
-                                "metrics are sent once it is", timeout)
+                    log.warning(
+                        "tracking: MLflow run not opened within %.0f s; continuing, metrics are sent once it is",
+                        timeout,
+                    )
                     return
                 msg = self._replies.recv()
             except (EOFError, OSError):
@@ -351,8 +360,9 @@ class Tracker:
 
                 self._proc.join(timeout=10)
                 self._off = True
-                raise UserError(f"tracking.uri {redact_uri(self.uri)} (experiment {self.experiment!r}): "
-                                f"{redact_uri(error)}")
+                raise UserError(
+                    f"tracking.uri {redact_uri(self.uri)} (experiment {self.experiment!r}): {redact_uri(error)}"
+                )
             return
 
     def _feed(self) -> None:
@@ -401,8 +411,7 @@ class Tracker:
         if self._child_dead:
             return
         self._child_dead = True
-        log.warning("tracking: the MLflow sender process died (%s); metrics now go only to %s",
-                    why, self.fallback_path)
+        log.warning("tracking: the MLflow sender process died (%s); metrics now go only to %s", why, self.fallback_path)
         for ev in list(self._flushes.values()):
             ev.set()
 
@@ -573,8 +582,13 @@ class _Sender:
             self._spill_all()
         self._bound_buffer()
         if final and self._pending_points:
-            self._log(logging.WARNING, "tracking: %d metric points never reached %s; they are in %s",
-                      self._pending_points, self.uri, self.fallback_path)
+            self._log(
+                logging.WARNING,
+                "tracking: %d metric points never reached %s; they are in %s",
+                self._pending_points,
+                self.uri,
+                self.fallback_path,
+            )
 
     def _attempt(self) -> None:
         """Set up if needed, then send pending ops in order until one fails."""
@@ -589,8 +603,13 @@ class _Sender:
                     raise
                 except Exception as e:  # not transient: keep only the fallback file from now on
                     self._broken = True
-                    self._log(logging.ERROR, "tracking: cannot open the MLflow run at %s (%s); "
-                              "metrics go only to %s", self.uri, e, self.fallback_path)
+                    self._log(
+                        logging.ERROR,
+                        "tracking: cannot open the MLflow run at %s (%s); metrics go only to %s",
+                        self.uri,
+                        e,
+                        self.fallback_path,
+                    )
                     return
             self._mark_up()
             while self._pending:
@@ -626,8 +645,13 @@ class _Sender:
                 return False
             for op in group:
                 self._spill(op)
-            self._log(logging.WARNING, "tracking: MLflow refused a %s request %d times, dropped it (%s)",
-                      group[0].kind, _MAX_REJECTS, e)
+            self._log(
+                logging.WARNING,
+                "tracking: MLflow refused a %s request %d times, dropped it (%s)",
+                group[0].kind,
+                _MAX_REJECTS,
+                e,
+            )
             return True
 
     def _send(self, group: list[_Op]) -> None:
@@ -656,8 +680,11 @@ class _Sender:
             self._params.update(new)
             if changed:
                 # MLflow params are write-once: record the new values as tags instead.
-                self._log(logging.WARNING, "tracking: params changed since the run began, logged as "
-                          "mnemo.param_changed.* tags: %s", ", ".join(sorted(changed)))
+                self._log(
+                    logging.WARNING,
+                    "tracking: params changed since the run began, logged as mnemo.param_changed.* tags: %s",
+                    ", ".join(sorted(changed)),
+                )
                 self._send_tags({f"mnemo.param_changed.{k}": v for k, v in changed.items()})
         elif op.kind == "tags":
             self._send_tags(op.payload)
@@ -704,8 +731,14 @@ class _Sender:
         except MlflowException as e:
             if e.error_code != "RESOURCE_DOES_NOT_EXIST":
                 raise
-            self._log(logging.WARNING, "tracking: run %s from the checkpoint is not in %s; starting "
-                      "a new run tagged %s=%s", run_id, self.uri, PARENT_RUN_TAG, run_id)
+            self._log(
+                logging.WARNING,
+                "tracking: run %s from the checkpoint is not in %s; starting a new run tagged %s=%s",
+                run_id,
+                self.uri,
+                PARENT_RUN_TAG,
+                run_id,
+            )
             self._parent_run_id = run_id
             return None
         self.run_id = run.info.run_id
@@ -716,8 +749,9 @@ class _Sender:
         self._pending.extendleft(reversed(self._replay_ops()))
         self._pending_points = sum(op.n_points() for op in self._pending)
         resumes = int(run.data.tags.get("mnemo.resume_count", "0")) + 1
-        self._send_tags({"mnemo.resume_count": str(resumes),
-                         "mnemo.last_resume_step": str(self._s["resume_step"]), **system_tags()})
+        self._send_tags(
+            {"mnemo.resume_count": str(resumes), "mnemo.last_resume_step": str(self._s["resume_step"]), **system_tags()}
+        )
         return run
 
     def _max_steps(self, run) -> dict[str, int]:
@@ -729,8 +763,7 @@ class _Sender:
         if latest is not None:
             return {m.key: m.step for m in latest}
         return {
-            key: max(m.step for m in self._client.get_metric_history(run.info.run_id, key))
-            for key in run.data.metrics
+            key: max(m.step for m in self._client.get_metric_history(run.info.run_id, key)) for key in run.data.metrics
         }
 
     def _replay_ops(self) -> list[_Op]:
@@ -752,14 +785,18 @@ class _Sender:
                     continue
                 seen.add((key, step))
                 by_step.setdefault((step, rec["timestamp"]), {})[key] = rec["value"]
-        ops = [_Op("metrics", (s, ts, vals), spilled=True, replay=True)
-               for (s, ts), vals in sorted(by_step.items())]
+        ops = [_Op("metrics", (s, ts, vals), spilled=True, replay=True) for (s, ts), vals in sorted(by_step.items())]
         for (step, _ts), vals in by_step.items():  # so re-done steps after the resume are dropped
             for key in vals:
                 self._baseline[key] = max(self._baseline.get(key, -1), step)
         if ops:
-            self._log(logging.WARNING, "tracking: replaying %d metric points of run %s from %s",
-                      len(seen), self.run_id, self.fallback_path)
+            self._log(
+                logging.WARNING,
+                "tracking: replaying %d metric points of run %s from %s",
+                len(seen),
+                self.run_id,
+                self.fallback_path,
+            )
         return ops
 
     def _create(self) -> None:
@@ -804,15 +841,24 @@ class _Sender:
     def _mark_down(self, reason: str) -> None:
         if self._up:
             self._up = False
-            self._log(logging.WARNING, "tracking: MLflow at %s is unreachable (%s); training continues, "
-                      "metrics are buffered and appended to %s until it is back", self.uri,
-                      reason[:200], self.fallback_path)
+            self._log(
+                logging.WARNING,
+                "tracking: MLflow at %s is unreachable (%s); training continues, "
+                "metrics are buffered and appended to %s until it is back",
+                self.uri,
+                reason[:200],
+                self.fallback_path,
+            )
 
     def _mark_up(self) -> None:
         if not self._up:
             self._up = True
-            self._log(logging.WARNING, "tracking: MLflow at %s is reachable again; sending %d buffered "
-                      "metric points", self.uri, self._pending_points)
+            self._log(
+                logging.WARNING,
+                "tracking: MLflow at %s is reachable again; sending %d buffered metric points",
+                self.uri,
+                self._pending_points,
+            )
 
     def _spill_all(self) -> None:
         for op in self._pending:
@@ -847,5 +893,9 @@ class _Sender:
             self._fallback_file.flush()
         if not self._overflow_warned:
             self._overflow_warned = True
-            self._log(logging.WARNING, "tracking: more than %d metric points waiting; older ones are "
-                      "kept only in %s", limit, self.fallback_path)
+            self._log(
+                logging.WARNING,
+                "tracking: more than %d metric points waiting; older ones are kept only in %s",
+                limit,
+                self.fallback_path,
+            )

@@ -39,9 +39,20 @@ from mnemo.train.losses import lm_loss
 log = logging.getLogger("mnemo.train")
 
 # Config keys whose change makes a resume unsafe (model shapes, data order).
-UNSAFE_KEYS = ("model.size", "model.mlp", "model.embeddings", "model.segment_len", "memory.short.length",
-               "memory.long.kind", "memory.long.capacity", "memory.long.layers", "memory.long.mix",
-               "memory.long.smear_keys", "data.val_fraction", "train.seed")
+UNSAFE_KEYS = (
+    "model.size",
+    "model.mlp",
+    "model.embeddings",
+    "model.segment_len",
+    "memory.short.length",
+    "memory.long.kind",
+    "memory.long.capacity",
+    "memory.long.layers",
+    "memory.long.mix",
+    "memory.long.smear_keys",
+    "data.val_fraction",
+    "train.seed",
+)
 _LTM_ONLY_KEYS = ("memory.long.mix", "memory.long.smear_keys")
 
 
@@ -62,11 +73,16 @@ def dist_info() -> DistInfo:
     world = int(env.get("WORLD_SIZE", "1"))
     local_world = int(env.get("LOCAL_WORLD_SIZE", "1"))
     rank = int(env.get("RANK", "0"))
-    return DistInfo(rank=rank, world_size=world, local_rank=int(env.get("LOCAL_RANK", "0")),
-                    local_world_size=local_world, node_rank=int(env.get("GROUP_RANK", rank // max(1, local_world))),
-                    num_nodes=max(1, world // max(1, local_world)),
-                    restart=int(env.get("TORCHELASTIC_RESTART_COUNT", "0") or 0),
-                    requeue=int(env.get("SLURM_RESTART_COUNT", "0") or 0))
+    return DistInfo(
+        rank=rank,
+        world_size=world,
+        local_rank=int(env.get("LOCAL_RANK", "0")),
+        local_world_size=local_world,
+        node_rank=int(env.get("GROUP_RANK", rank // max(1, local_world))),
+        num_nodes=max(1, world // max(1, local_world)),
+        restart=int(env.get("TORCHELASTIC_RESTART_COUNT", "0") or 0),
+        requeue=int(env.get("SLURM_RESTART_COUNT", "0") or 0),
+    )
 
 
 def read_manifest(cfg: Config) -> dict[str, Any]:
@@ -90,8 +106,11 @@ def lr_lambda(cfg: Config):
 
 
 # (attribute of a long-term layer's attention, metric name, transform): logged as memory/<name>_l<layer>.
-_LTM_SCALARS = (("ltm_gate", "ltm_gate", torch.sigmoid), ("ltm_log_temp", "ltm_temperature", torch.exp),
-                ("key_smear", "key_smear", torch.sigmoid))
+_LTM_SCALARS = (
+    ("ltm_gate", "ltm_gate", torch.sigmoid),
+    ("ltm_log_temp", "ltm_temperature", torch.exp),
+    ("key_smear", "key_smear", torch.sigmoid),
+)
 
 
 def model_args_from_config(cfg: Config, vocab_size: int):
@@ -99,12 +118,21 @@ def model_args_from_config(cfg: Config, vocab_size: int):
 
     m = cfg.memory
     tie = {} if cfg.model.embeddings == "auto" else {"tie_embeddings": cfg.model.embeddings == "tied"}
-    return ModelArgs.from_size(cfg.model.size, vocab_size, stm_length=m.short.length, ltm_kind=m.long.kind,
-                               ltm_capacity=m.long.capacity, ltm_topk=m.long.topk, ltm_layers=tuple(m.long.layers),
-                               ltm_temperature_init=m.long.temperature_init, ltm_mix=m.long.mix,
-                               ltm_smear_keys=m.long.smear_keys,
-                               mlp=cfg.model.mlp, init=cfg.model.init,
-                               **tie)
+    return ModelArgs.from_size(
+        cfg.model.size,
+        vocab_size,
+        stm_length=m.short.length,
+        ltm_kind=m.long.kind,
+        ltm_capacity=m.long.capacity,
+        ltm_topk=m.long.topk,
+        ltm_layers=tuple(m.long.layers),
+        ltm_temperature_init=m.long.temperature_init,
+        ltm_mix=m.long.mix,
+        ltm_smear_keys=m.long.smear_keys,
+        mlp=cfg.model.mlp,
+        init=cfg.model.init,
+        **tie,
+    )
 
 
 def deepspeed_config(cfg: Config, use_bf16: bool, use_cuda: bool) -> dict[str, Any]:
@@ -158,8 +186,9 @@ def stop_requests(preempt: _Preemption, cfg: Config, started: float, device: tor
     """
     from mnemo.train.collectives import any_true
 
-    stop, time_up = any_true([preempt.signal is not None,
-                              cfg.train.max_time_s > 0 and time.time() - started > cfg.train.max_time_s], device)
+    stop, time_up = any_true(
+        [preempt.signal is not None, cfg.train.max_time_s > 0 and time.time() - started > cfg.train.max_time_s], device
+    )
     return stop, time_up
 
 
@@ -204,8 +233,9 @@ class StepLog:
             self.f.close()
 
 
-def check_resume_compatible(old_cfg: dict[str, Any], cfg: Config, meta: dict[str, Any], tok_sha: str,
-                             manifest: dict[str, Any], path: Path) -> list[str]:
+def check_resume_compatible(
+    old_cfg: dict[str, Any], cfg: Config, meta: dict[str, Any], tok_sha: str, manifest: dict[str, Any], path: Path
+) -> list[str]:
     from mnemo.train.checkpoint import saved_config_tree
 
     from mnemo.train.redact import redact_tree
@@ -218,13 +248,17 @@ def check_resume_compatible(old_cfg: dict[str, Any], cfg: Config, meta: dict[str
         if key in _LTM_ONLY_KEYS and old.get("memory.long.kind") == new.get("memory.long.kind") == "none":
             continue  # how a long-term layer works does not matter to a model that has none
         if old.get(key) != new.get(key):
-            raise UserError(f"{key}: changed from {old.get(key)!r} to {new.get(key)!r} since checkpoint {path}; "
-                            "resuming would be unsafe (use checkpoint.resume=never or a new run.dir)")
+            raise UserError(
+                f"{key}: changed from {old.get(key)!r} to {new.get(key)!r} since checkpoint {path}; "
+                "resuming would be unsafe (use checkpoint.resume=never or a new run.dir)"
+            )
     if meta.get("tokenizer_sha256") and meta["tokenizer_sha256"] != tok_sha:
         raise UserError(f"data.tokenizer: differs from the tokenizer of checkpoint {path} (sha256 mismatch)")
     if meta.get("num_documents") not in (None, manifest.get("num_documents")):
-        raise UserError(f"data.path: the dataset changed since checkpoint {path} "
-                        f"({meta['num_documents']} -> {manifest.get('num_documents')} documents)")
+        raise UserError(
+            f"data.path: the dataset changed since checkpoint {path} "
+            f"({meta['num_documents']} -> {manifest.get('num_documents')} documents)"
+        )
     return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(new) if old.get(k) != new.get(k)]
 
 
@@ -233,15 +267,20 @@ def train(cfg: Config) -> dict[str, Any]:
     check_paths(cfg)
     info = dist_info()
     run_dir = Path(cfg.run.dir)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format=f"[rank{info.rank}] %(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO,
+        stream=sys.stderr,
+        format=f"[rank{info.rank}] %(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     manifest = read_manifest(cfg)
     tok_file = tokenizer_path(cfg)
     tok_sha = file_sha256(tok_file)
     want = other_tokenizer(manifest, tok_sha)
     if want:
-        raise UserError(f"data.tokenizer: {tok_file} is not the tokenizer the data in {cfg.data.path} was made with "
-                        f"(sha256 {tok_sha[:12]} != manifest {want[:12]})")
+        raise UserError(
+            f"data.tokenizer: {tok_file} is not the tokenizer the data in {cfg.data.path} was made with "
+            f"(sha256 {tok_sha[:12]} != manifest {want[:12]})"
+        )
     vocab_size = int(manifest["vocab_size"])
 
     import deepspeed
@@ -255,8 +294,10 @@ def train(cfg: Config) -> dict[str, Any]:
     device = torch.device("cuda", info.local_rank) if use_cuda else torch.device("cpu")
     use_bf16 = cfg.model.dtype == "bf16" or (cfg.model.dtype == "auto" and use_cuda)
     # Both device types: the trainer's own collectives may run on either (train/collectives.py).
-    deepspeed.init_distributed(dist_backend=process_group_backend(use_cuda),
-                               timeout=datetime.timedelta(seconds=cfg.checkpoint.collective_timeout_s))
+    deepspeed.init_distributed(
+        dist_backend=process_group_backend(use_cuda),
+        timeout=datetime.timedelta(seconds=cfg.checkpoint.collective_timeout_s),
+    )
     # The run directory is this job's before anything is written into it (train/runlock.py).
     lock = take_run_dir(run_dir, info.rank)
     try:
@@ -266,8 +307,18 @@ def train(cfg: Config) -> dict[str, Any]:
             lock.release()
 
 
-def _train_locked(cfg: Config, info: DistInfo, run_dir: Path, manifest: dict[str, Any], tok_file: str, tok_sha: str,
-                  vocab_size: int, use_cuda: bool, device: torch.device, use_bf16: bool) -> dict[str, Any]:
+def _train_locked(
+    cfg: Config,
+    info: DistInfo,
+    run_dir: Path,
+    manifest: dict[str, Any],
+    tok_file: str,
+    tok_sha: str,
+    vocab_size: int,
+    use_cuda: bool,
+    device: torch.device,
+    use_bf16: bool,
+) -> dict[str, Any]:
     """train() once this rank's job holds run_dir."""
     import deepspeed
 
@@ -278,8 +329,14 @@ def _train_locked(cfg: Config, info: DistInfo, run_dir: Path, manifest: dict[str
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
     from mnemo.train import checkpoint as ckpt
 
-    mgr = ckpt.CheckpointManager(run_dir, keep=cfg.checkpoint.keep, keep_every=cfg.checkpoint.keep_every,
-                                 rank=info.rank, world_size=info.world_size, barrier=barrier)
+    mgr = ckpt.CheckpointManager(
+        run_dir,
+        keep=cfg.checkpoint.keep,
+        keep_every=cfg.checkpoint.keep_every,
+        rank=info.rank,
+        world_size=info.world_size,
+        barrier=barrier,
+    )
 
     # ---- which checkpoint to resume from (decided before anyone cleans up)
     resume_path: Path | None = None
@@ -323,8 +380,10 @@ def _train_locked(cfg: Config, info: DistInfo, run_dir: Path, manifest: dict[str
 
         apply_activation_checkpointing(model, check_fn=lambda m: isinstance(m, Block))
 
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr,
-                                  betas=(cfg.train.beta1, cfg.train.beta2), eps=1e-8)
+    optimizer = torch.optim.AdamW(
+        param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr, betas=(cfg.train.beta1, cfg.train.beta2), eps=1e-8
+    )
+
     # A callable: DeepSpeed builds the schedule on its own (ZeRO-wrapped) optimizer.
     def scheduler(opt):
         return torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
@@ -358,63 +417,127 @@ def _train_locked(cfg: Config, info: DistInfo, run_dir: Path, manifest: dict[str
     clean_stale_shared_memory()
     cache_dir = cfg.data.cache_dir or str(run_dir / "data_cache")
     source = MDSSource(cfg.data.path, cache_dir=cache_dir)
-    streams = DocumentStreams(source, batch_size=cfg.train.batch_size, segment_len=cfg.model.segment_len,
-                              rank=info.rank, world_size=info.world_size, seed=cfg.train.seed,
-                              val_fraction=cfg.data.val_fraction, pad_id=int(manifest.get("pad_id", 0) or 0),
-                              answer_weight=cfg.train.answer_weight,
-                              answer_context_weight=cfg.train.answer_context_weight, num_workers=cfg.data.num_workers)
+    streams = DocumentStreams(
+        source,
+        batch_size=cfg.train.batch_size,
+        segment_len=cfg.model.segment_len,
+        rank=info.rank,
+        world_size=info.world_size,
+        seed=cfg.train.seed,
+        val_fraction=cfg.data.val_fraction,
+        pad_id=int(manifest.get("pad_id", 0) or 0),
+        answer_weight=cfg.train.answer_weight,
+        answer_context_weight=cfg.train.answer_context_weight,
+        num_workers=cfg.data.num_workers,
+    )
     state = engine.module.init_state(cfg.train.batch_size, device=device, dtype=dtype)
     episodes = _episodes(cfg, source, tok_file, info.rank)
 
     step, tokens_seen, run_id = 0, 0, None
     if resume_path is not None:
-        step, tokens_seen, run_id, state = _resume(engine, mgr, resume_path, old_meta, streams, state, info,
-                                                   universal, device, episodes)
+        step, tokens_seen, run_id, state = _resume(
+            engine, mgr, resume_path, old_meta, streams, state, info, universal, device, episodes
+        )
     # ---- tracking
     from mnemo.train.tracking import Tracker, memory_stats
 
-    tracker = Tracker(run_dir=str(run_dir), uri=cfg.tracking.uri, experiment=cfg.tracking.experiment,
-                      run_name=cfg.run.name or run_dir.name, enabled=cfg.tracking.enabled, rank=info.rank,
-                      resume_run_id=run_id, parent_run_id=parent_run_id, resume_step=step)
+    tracker = Tracker(
+        run_dir=str(run_dir),
+        uri=cfg.tracking.uri,
+        experiment=cfg.tracking.experiment,
+        run_name=cfg.run.name or run_dir.name,
+        enabled=cfg.tracking.enabled,
+        rank=info.rank,
+        resume_run_id=run_id,
+        parent_run_id=parent_run_id,
+        resume_step=step,
+    )
     run_id = tracker.run_id
     if info.rank == 0:
         # On resume too: params are write-once in MLflow, the tracker records changed ones as tags.
         params = flatten(cfg)
-        params.update({"world_size": info.world_size, "num_nodes": info.num_nodes, "zero_stage": cfg.zero.stage,
-                       "model.num_params": n_params, "data.num_documents": manifest.get("num_documents"),
-                       "data.num_tokens": manifest.get("num_tokens"), "data.tokenizer_sha256": tok_sha,
-                       "model.flops_per_token": model.flops_per_token(cfg.model.segment_len)})
+        params.update(
+            {
+                "world_size": info.world_size,
+                "num_nodes": info.num_nodes,
+                "zero_stage": cfg.zero.stage,
+                "model.num_params": n_params,
+                "data.num_documents": manifest.get("num_documents"),
+                "data.num_tokens": manifest.get("num_tokens"),
+                "data.tokenizer_sha256": tok_sha,
+                "model.flops_per_token": model.flops_per_token(cfg.model.segment_len),
+            }
+        )
         tracker.log_params(params)
         tracker.log_artifact(str(run_dir / "config.yaml"))
         tracker.log_artifact(tok_file)
         mf = Path(local_path(cfg.data.path)) / "manifest.json"
         tracker.log_artifact(str(mf))
-        tracker.set_tags({"mnemo.restart": str(info.restart), "mnemo.slurm_restart": str(info.requeue),
-                          "mnemo.resumed_from": resume_path.name if resume_path else ""})
-        log.info("run %s: %d params, world %d (ZeRO %d, %s), resume from %s, restart %d", run_id, n_params,
-                 info.world_size, cfg.zero.stage, "cuda/bf16" if use_cuda else "cpu/" + str(dtype).split(".")[-1],
-                 resume_path, info.restart)
+        tracker.set_tags(
+            {
+                "mnemo.restart": str(info.restart),
+                "mnemo.slurm_restart": str(info.requeue),
+                "mnemo.resumed_from": resume_path.name if resume_path else "",
+            }
+        )
+        log.info(
+            "run %s: %d params, world %d (ZeRO %d, %s), resume from %s, restart %d",
+            run_id,
+            n_params,
+            info.world_size,
+            cfg.zero.stage,
+            "cuda/bf16" if use_cuda else "cpu/" + str(dtype).split(".")[-1],
+            resume_path,
+            info.restart,
+        )
 
     steplog = StepLog(run_dir / "logs" / "steps.jsonl", info.rank == 0)
     preempt = _Preemption()
-    loop = TrainLoop(cfg, engine, streams, state, info, device, tracker, steplog, model_flops=model.flops_per_token(
-        cfg.model.segment_len), use_cuda=use_cuda, dtype=dtype, episodes=episodes)
-    meta_base = {"world_size": info.world_size, "zero_stage": cfg.zero.stage, "config": to_dict(cfg),
-                 "tokenizer_sha256": tok_sha,
-                 "manifest_sha256": file_sha256(Path(local_path(cfg.data.path)) / "manifest.json"),
-                 "num_documents": manifest.get("num_documents"), "model_args": dataclasses.asdict(args),
-                 "num_params": n_params}
+    loop = TrainLoop(
+        cfg,
+        engine,
+        streams,
+        state,
+        info,
+        device,
+        tracker,
+        steplog,
+        model_flops=model.flops_per_token(cfg.model.segment_len),
+        use_cuda=use_cuda,
+        dtype=dtype,
+        episodes=episodes,
+    )
+    meta_base = {
+        "world_size": info.world_size,
+        "zero_stage": cfg.zero.stage,
+        "config": to_dict(cfg),
+        "tokenizer_sha256": tok_sha,
+        "manifest_sha256": file_sha256(Path(local_path(cfg.data.path)) / "manifest.json"),
+        "num_documents": manifest.get("num_documents"),
+        "model_args": dataclasses.asdict(args),
+        "num_params": n_params,
+    }
 
     def save(step_: int, reason: str):
         t0 = time.time()
-        rank_state = {"streams": streams.state_dict(), "memory": loop.state.state_dict(), "rng": ckpt.rng_state(device),
-                      "step": step_, "tokens_seen": loop.tokens_seen}
+        rank_state = {
+            "streams": streams.state_dict(),
+            "memory": loop.state.state_dict(),
+            "rng": ckpt.rng_state(device),
+            "step": step_,
+            "tokens_seen": loop.tokens_seen,
+        }
         if episodes is not None:
             rank_state["episodes"] = episodes.state_dict()
         # Read the run id now: if the tracking server was down at start-up, the run exists only later.
-        meta = dict(meta_base, step=step_, tokens_seen=loop.tokens_seen, mlflow_run_id=tracker.run_id or run_id,
-                    reason=reason,
-                    time=time.time())
+        meta = dict(
+            meta_base,
+            step=step_,
+            tokens_seen=loop.tokens_seen,
+            mlflow_run_id=tracker.run_id or run_id,
+            reason=reason,
+            time=time.time(),
+        )
         path = mgr.save(step_, engine, rank_state, meta, extra_files={"tokenizer.model": tok_file})
         if info.rank == 0:
             log.info("saved checkpoint %s (%s) in %.1fs", path, reason, time.time() - t0)
@@ -470,10 +593,19 @@ def _train_locked(cfg: Config, info: DistInfo, run_dir: Path, manifest: dict[str
                 tracker.log_artifact(str(f), "logs")
         tracker.close("FAILED" if exit_reason == "nan" else "FINISHED" if exit_reason != "preempted" else "KILLED")
     if exit_reason == "nan":
-        raise UserError(f"{loop.nonfinite or 'loss'} became NaN/inf at step {step} (train.nan_policy=stop); "
-                        f"nothing of that step was saved, last checkpoint in {mgr.root}")
-    summary = {"step": step, "exit": exit_reason, "run_id": run_id, "checkpoint": str(mgr.latest()),
-               "run_dir": str(run_dir), "eval": eval_result, "tokens_seen": loop.tokens_seen}
+        raise UserError(
+            f"{loop.nonfinite or 'loss'} became NaN/inf at step {step} (train.nan_policy=stop); "
+            f"nothing of that step was saved, last checkpoint in {mgr.root}"
+        )
+    summary = {
+        "step": step,
+        "exit": exit_reason,
+        "run_id": run_id,
+        "checkpoint": str(mgr.latest()),
+        "run_dir": str(run_dir),
+        "eval": eval_result,
+        "tokens_seen": loop.tokens_seen,
+    }
     if episodes is not None:
         summary["passkey_curriculum"] = episodes.summary()
     if info.rank == 0:
@@ -510,15 +642,33 @@ def _episodes(cfg: Config, source, tok_file: str, rank: int):
     from mnemo.train.episodes import EpisodeSource, Episodes, PasskeyCurriculum, training_filler
 
     filler = training_filler(source, cfg.data.val_fraction, pk.filler_docs, cfg.train.seed)
-    src = EpisodeSource(Tokenizer(tok_file), filler, cfg.model.segment_len, cfg.train.batch_size,
-                        cfg.train.answer_weight, cfg.train.answer_context_weight, cfg.train.seed, rank,
-                        max_keys=pk.max_keys)
+    src = EpisodeSource(
+        Tokenizer(tok_file),
+        filler,
+        cfg.model.segment_len,
+        cfg.train.batch_size,
+        cfg.train.answer_weight,
+        cfg.train.answer_context_weight,
+        cfg.train.seed,
+        rank,
+        max_keys=pk.max_keys,
+    )
     cur = PasskeyCurriculum(pk.start_distance, pk.max_distance, pk.promote_exact, pk.promote_window, cfg.train.seed)
     return Episodes(src, cur, pk.fraction, ltm_only_at_max=pk.ltm_only_at_max)
 
 
-def _resume(engine, mgr, path: Path, meta: dict[str, Any], streams, state, info: DistInfo, universal: bool, device,
-            episodes=None):
+def _resume(
+    engine,
+    mgr,
+    path: Path,
+    meta: dict[str, Any],
+    streams,
+    state,
+    info: DistInfo,
+    universal: bool,
+    device,
+    episodes=None,
+):
     from mnemo.train import checkpoint as ckpt
 
     ds_dir = path / "ds"
@@ -539,8 +689,9 @@ def _resume(engine, mgr, path: Path, meta: dict[str, Any], streams, state, info:
             raise UserError(f"checkpoint {path}: conversion to a universal checkpoint failed: {failed}")
         tag = UNIVERSAL_TAG
     with ckpt.weights_only_loads(ds_dir):  # DeepSpeed's loader unpickles with weights_only=False
-        load_path, _ = engine.load_checkpoint(str(ds_dir), tag=tag, load_module_strict=True,
-                                              load_optimizer_states=True, load_lr_scheduler_states=True)
+        load_path, _ = engine.load_checkpoint(
+            str(ds_dir), tag=tag, load_module_strict=True, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
     if load_path is None:
         raise UserError(f"checkpoint {path}: DeepSpeed could not load {ds_dir}/{tag}")
     if universal:
@@ -563,8 +714,12 @@ def _resume(engine, mgr, path: Path, meta: dict[str, Any], streams, state, info:
             episodes.load_state_dict(saved["episodes"], own_rank=own is not None)
     # else: in-flight documents restart, so every slot starts with empty memory (fresh state)
     if info.rank == 0:
-        log.info("resumed from %s at step %d (%s)", path, meta["step"],
-                 "exact" if exact else f"re-partitioned from {meta['world_size']} to {info.world_size} ranks")
+        log.info(
+            "resumed from %s at step %d (%s)",
+            path,
+            meta["step"],
+            "exact" if exact else f"re-partitioned from {meta['world_size']} to {info.world_size} ranks",
+        )
     return int(meta["step"]), int(meta.get("tokens_seen", 0)), meta.get("mlflow_run_id"), state
 
 
@@ -594,8 +749,21 @@ class _InfGradient(torch.autograd.Function):
 class TrainLoop:
     """The per-step work, kept apart from start-up and shutdown."""
 
-    def __init__(self, cfg: Config, engine, streams, state, info: DistInfo, device, tracker, steplog,
-                 model_flops: float, use_cuda: bool, dtype: torch.dtype = torch.float32, episodes=None):
+    def __init__(
+        self,
+        cfg: Config,
+        engine,
+        streams,
+        state,
+        info: DistInfo,
+        device,
+        tracker,
+        steplog,
+        model_flops: float,
+        use_cuda: bool,
+        dtype: torch.dtype = torch.float32,
+        episodes=None,
+    ):
         self.cfg, self.engine, self.streams, self.state = cfg, engine, streams, state
         self.info, self.device, self.tracker, self.steplog = info, device, tracker, steplog
         self.model_flops, self.use_cuda = model_flops, use_cuda
@@ -619,9 +787,23 @@ class TrainLoop:
 
     @staticmethod
     def _new_window() -> dict[str, Any]:
-        return {"loss": 0.0, "n": 0, "tokens": 0, "real": 0, "resets": 0, "slots": 0, "data": 0.0, "fwd_bwd": 0.0,
-                "optim": 0.0, "t0": time.time(), "ep_s": 0.0, "ep_loss": 0.0, "ep_n": 0, "ep_exact": 0.0,
-                "ep_exact_n": 0}
+        return {
+            "loss": 0.0,
+            "n": 0,
+            "tokens": 0,
+            "real": 0,
+            "resets": 0,
+            "slots": 0,
+            "data": 0.0,
+            "fwd_bwd": 0.0,
+            "optim": 0.0,
+            "t0": time.time(),
+            "ep_s": 0.0,
+            "ep_loss": 0.0,
+            "ep_n": 0,
+            "ep_exact": 0.0,
+            "ep_exact_n": 0,
+        }
 
     def train_step(self, step: int) -> bool:
         """One optimizer step: a corpus step, or a passkey episode step (train.passkey.fraction)."""
@@ -686,10 +868,17 @@ class TrainLoop:
         cur = self.episodes.curriculum
         D = res.batch.distance
         if res.batch.at_max:
-            window = (cur.history + [exact])[-cur.promote_window:]
+            window = (cur.history + [exact])[-cur.promote_window :]
             if cur.update(exact, step + 1) and self.info.rank == 0:
-                log.info("step %d: passkey exact match %.2f at D=%d (mean of the last %d max-D steps); "
-                         "curriculum max D -> %d", step + 1, sum(window) / len(window), D, len(window), cur.current)
+                log.info(
+                    "step %d: passkey exact match %.2f at D=%d (mean of the last %d max-D steps); "
+                    "curriculum max D -> %d",
+                    step + 1,
+                    sum(window) / len(window),
+                    D,
+                    len(window),
+                    cur.current,
+                )
         w = self._window
         w["ep_s"] += time.time() - t0
         w["ep_loss"] += loss
@@ -698,8 +887,18 @@ class TrainLoop:
             w["ep_exact"] += exact
             w["ep_exact_n"] += 1
         if self.info.rank == 0:
-            self.steplog.write({"step": step + 1, "loss": loss, "kind": "passkey", "distance": D, "exact": exact,
-                                "restart": self.info.restart, "requeue": self.info.requeue, "time": time.time()})
+            self.steplog.write(
+                {
+                    "step": step + 1,
+                    "loss": loss,
+                    "kind": "passkey",
+                    "distance": D,
+                    "exact": exact,
+                    "restart": self.info.restart,
+                    "requeue": self.info.requeue,
+                    "time": time.time(),
+                }
+            )
             if self.bar is not None:
                 self.bar.n = step + 1
                 self.bar.set_postfix(passkey_D=D, exact=f"{exact:.2f}", refresh=True)
@@ -724,15 +923,21 @@ class TrainLoop:
 
         def segment_loss(logits: torch.Tensor, i: int) -> torch.Tensor:
             nonlocal plain_sum, n_sum
-            opt_loss, plain, n = lm_loss(logits, tokens[i][:, 1:], batches[i].weight.to(self.device),
-                                         batches[i].mask.to(self.device))
+            opt_loss, plain, n = lm_loss(
+                logits, tokens[i][:, 1:], batches[i].weight.to(self.device), batches[i].mask.to(self.device)
+            )
             plain_sum = plain_sum + plain.detach() * n
             n_sum = n_sum + n
             return opt_loss
 
         # The truncated-BPTT rule (train/bptt.py): k segments, memory carried, one backward.
-        total, state = bptt_window_loss(engine, [t[:, :-1] for t in tokens], self.state, segment_loss,
-                                        resets=[bt.reset.to(self.device) for bt in batches])
+        total, state = bptt_window_loss(
+            engine,
+            [t[:, :-1] for t in tokens],
+            self.state,
+            segment_loss,
+            resets=[bt.reset.to(self.device) for bt in batches],
+        )
         # Loss of this step averaged over ranks, weighted by real tokens.
         stats = torch.stack([plain_sum, n_sum, (~torch.isfinite(total.detach())).float()])  # [3] on the device
         sum_(stats)
@@ -765,12 +970,18 @@ class TrainLoop:
         w["fwd_bwd"] += t2 - t1
         w["optim"] += t3 - t2
         if self.info.rank == 0:
-            self.steplog.write({"step": step + 1, "loss": loss, "restart": self.info.restart,
-                               "requeue": self.info.requeue, "time": time.time()})
+            self.steplog.write(
+                {
+                    "step": step + 1,
+                    "loss": loss,
+                    "restart": self.info.restart,
+                    "requeue": self.info.requeue,
+                    "time": time.time(),
+                }
+            )
             if self.bar is not None:
                 self.bar.n = step + 1
-                self.bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{step_tokens / max(1e-9, t3 - t0):.0f}",
-                                     refresh=True)
+                self.bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{step_tokens / max(1e-9, t3 - t0):.0f}", refresh=True)
         self._maybe_log(step + 1)
         return True
 
@@ -789,17 +1000,19 @@ class TrainLoop:
             "train/epoch": float(self.streams.epoch),
         }
         if w["n"]:
-            metrics.update({
-                "train/loss": loss,
-                "train/ppl": math.exp(min(loss, 50.0)),
-                "train/tokens_per_s": tps,
-                "train/tokens_per_s_per_device": tps / self.info.world_size,
-                "train/pad_fraction": 1.0 - w["real"] / max(1, w["tokens"]),
-                "time/data_s": w["data"] / n,
-                "time/fwd_bwd_s": w["fwd_bwd"] / n,
-                "time/optim_s": w["optim"] / n,
-                "memory/reset_rate": w["resets"] / max(1, w["slots"]),
-            })
+            metrics.update(
+                {
+                    "train/loss": loss,
+                    "train/ppl": math.exp(min(loss, 50.0)),
+                    "train/tokens_per_s": tps,
+                    "train/tokens_per_s_per_device": tps / self.info.world_size,
+                    "train/pad_fraction": 1.0 - w["real"] / max(1, w["tokens"]),
+                    "time/data_s": w["data"] / n,
+                    "time/fwd_bwd_s": w["fwd_bwd"] / n,
+                    "time/optim_s": w["optim"] / n,
+                    "memory/reset_rate": w["resets"] / max(1, w["slots"]),
+                }
+            )
             if self.peak:
                 metrics["train/mfu"] = tps / self.info.world_size * self.model_flops / self.peak
         if self.episodes is not None:
@@ -836,8 +1049,10 @@ class TrainLoop:
             msg += " eta %s" % time.strftime("%H:%M:%S", time.gmtime(eta))
             if "passkey/max_distance" in metrics:
                 msg += " | passkey loss %.3f exact@maxD %.2f max D %d" % (
-                    metrics.get("passkey/loss", float("nan")), metrics.get("passkey/train_exact_at_max", float("nan")),
-                    int(metrics["passkey/max_distance"]))
+                    metrics.get("passkey/loss", float("nan")),
+                    metrics.get("passkey/train_exact_at_max", float("nan")),
+                    int(metrics["passkey/max_distance"]),
+                )
             if self.bar is not None:
                 self.bar.write(msg)
             else:
@@ -885,8 +1100,15 @@ def run_eval(cfg: Config, module, source, tok_file: str, tracker, step: int, ran
     was_training = module.training
     module.eval()
     try:
-        result = evaluate.evaluate(module, Tokenizer(tok_file), docs, cfg, ablations=False,
-                                   passkey=cfg.eval.passkey_trials > 0, seed=cfg.train.seed)
+        result = evaluate.evaluate(
+            module,
+            Tokenizer(tok_file),
+            docs,
+            cfg,
+            ablations=False,
+            passkey=cfg.eval.passkey_trials > 0,
+            seed=cfg.train.seed,
+        )
     finally:
         module.train(was_training)
     metrics = evaluate.flat_metrics(result)

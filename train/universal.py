@@ -130,8 +130,20 @@ def _run_converter(src: Path, dst: Path, ckpt: Path) -> None:
     # module-level state; neither should outlive the conversion in a training rank.
     # The converter reads with weights_only=False: it runs inside weights_only_loads, so a
     # crafted file is refused instead of unpickled (one worker each: no process pool).
-    cmd = [sys.executable, "-c", _CONVERTER, "--input_folder", str(src), "--output_folder", str(dst),
-           "--inject_missing_state", "--num_extract_workers", "1", "--num_merge_workers", "1"]
+    cmd = [
+        sys.executable,
+        "-c",
+        _CONVERTER,
+        "--input_folder",
+        str(src),
+        "--output_folder",
+        str(dst),
+        "--inject_missing_state",
+        "--num_extract_workers",
+        "1",
+        "--num_merge_workers",
+        "1",
+    ]
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
         shutil.rmtree(dst, ignore_errors=True)
@@ -242,8 +254,7 @@ def _normalize_param(d: Path, shape: torch.Size, step: Any) -> None:
             obj, changed = {_PARAM: obj}, True
         param = obj[_PARAM]
         if param.numel() != shape.numel():
-            raise UserError(f"universal checkpoint {f}: {param.numel()} values for a parameter of shape "
-                            f"{tuple(shape)}")
+            raise UserError(f"universal checkpoint {f}: {param.numel()} values for a parameter of shape {tuple(shape)}")
         if param.shape != shape:
             # The ZeRO-1/2 loader keeps a tensor whose shape equals the parameter's
             # as a whole (tensor-parallel degree 1); a flat one it would try to split.
@@ -271,8 +282,10 @@ def _normalize_optimizer_state(opt_sd: dict[str, Any], steps: list[Any]) -> dict
     # (it would give the no-decay group the decay group's weight_decay): keep only
     # those all groups share, so the others stay as the loading engine built them.
     common = {k: v for k, v in groups[0].items() if k != "params" and all(_same(g.get(k), v) for g in groups)}
-    out[_OPT_SD] = {"state": {gi: {"step": s} for gi, s in enumerate(steps) if s is not None},
-                    _PARAM_GROUPS: [dict(common, params=[])]}
+    out[_OPT_SD] = {
+        "state": {gi: {"step": s} for gi, s in enumerate(steps) if s is not None},
+        _PARAM_GROUPS: [dict(common, params=[])],
+    }
     return out
 
 

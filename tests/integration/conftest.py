@@ -25,8 +25,23 @@ def tiny_corpus(tmp_path_factory):
 def tiny_data(tmp_path_factory, tiny_corpus):
     """An MDS data dir written by `mnemo prepare` (vocab 512)."""
     out = tmp_path_factory.mktemp("data") / "mds"
-    run([PY, "-m", "mnemo", "prepare", "--input", str(tiny_corpus), "--out", str(out), "--vocab-size", "512",
-         "--workers", "2"], timeout=300)
+    run(
+        [
+            PY,
+            "-m",
+            "mnemo",
+            "prepare",
+            "--input",
+            str(tiny_corpus),
+            "--out",
+            str(out),
+            "--vocab-size",
+            "512",
+            "--workers",
+            "2",
+        ],
+        timeout=300,
+    )
     return out
 
 

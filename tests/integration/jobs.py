@@ -48,24 +48,38 @@ def train_cmd(nproc: int, overrides: list[str], config: str = DEBUG_CONFIG) -> l
     """`mnemo train` under torchrun standalone (one rank: no torchrun)."""
     if nproc == 1:
         return [PY, "-m", "mnemo", "train", config, *overrides]
-    return [PY, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", "mnemo",
-            "train", config, *overrides]
+    return [
+        PY,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        "-m",
+        "mnemo",
+        "train",
+        config,
+        *overrides,
+    ]
 
 
-def run(cmd: list[str], timeout: float = 300, env: dict | None = None,
-        check: bool = True) -> subprocess.CompletedProcess:
-    res = subprocess.run(cmd, cwd=user_project_dir(), env=env or job_env(), capture_output=True, text=True,
-                         timeout=timeout)
+def run(
+    cmd: list[str], timeout: float = 300, env: dict | None = None, check: bool = True
+) -> subprocess.CompletedProcess:
+    res = subprocess.run(
+        cmd, cwd=user_project_dir(), env=env or job_env(), capture_output=True, text=True, timeout=timeout
+    )
     if check and res.returncode != 0:
-        raise AssertionError(f"command failed ({res.returncode}): {' '.join(cmd)}\n"
-                             f"{res.stdout[-3000:]}\n{res.stderr[-6000:]}")
+        raise AssertionError(
+            f"command failed ({res.returncode}): {' '.join(cmd)}\n{res.stdout[-3000:]}\n{res.stderr[-6000:]}"
+        )
     return res
 
 
 def start(cmd: list[str], env: dict | None = None, log: Path | None = None) -> subprocess.Popen:
     out = open(log, "w") if log else subprocess.DEVNULL
-    return subprocess.Popen(cmd, cwd=user_project_dir(), env=env or job_env(), stdout=out, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    return subprocess.Popen(
+        cmd, cwd=user_project_dir(), env=env or job_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+    )
 
 
 def steps(run_dir: Path) -> list[dict]:
@@ -122,8 +136,9 @@ def worker_pids(proc: subprocess.Popen) -> list[int]:
     """PIDs of the training ranks (children of torchrun) of a job started with start()."""
     import psutil
 
-    return [c.pid for c in psutil.Process(proc.pid).children(recursive=True)
-            if "-m mnemo train" in " ".join(c.cmdline())]
+    return [
+        c.pid for c in psutil.Process(proc.pid).children(recursive=True) if "-m mnemo train" in " ".join(c.cmdline())
+    ]
 
 
 def launch_worker_pid(launcher: subprocess.Popen, rank: int) -> int:
@@ -159,10 +174,18 @@ REFERENCE_STEPS = 40
 
 
 def reference_overrides(data: Path, run_dir: Path, stage: int, *extra: str) -> list[str]:
-    return [f"data.path={data}", f"run.dir={run_dir}", f"zero.stage={stage}", f"train.max_steps={REFERENCE_STEPS}",
-            "checkpoint.interval=10", "checkpoint.keep=5", "train.log_interval=5",
-            # Every 4th step a passkey episode: resume must continue its curriculum and documents exactly.
-            "train.passkey.fraction=0.25", *extra]
+    return [
+        f"data.path={data}",
+        f"run.dir={run_dir}",
+        f"zero.stage={stage}",
+        f"train.max_steps={REFERENCE_STEPS}",
+        "checkpoint.interval=10",
+        "checkpoint.keep=5",
+        "train.log_interval=5",
+        # Every 4th step a passkey episode: resume must continue its curriculum and documents exactly.
+        "train.passkey.fraction=0.25",
+        *extra,
+    ]
 
 
 def data_of(run_dir: Path) -> str:

@@ -27,8 +27,16 @@ HERE = Path(__file__).resolve().parent
 NODES = ("n1", "n2")
 MUNGE_SOCKET_DIR = Path("/run/munge")
 # Run a command in a new mount namespace with its own empty /dev/shm.
-PRIVATE_SHM = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
-               'mount -t tmpfs tmpfs /dev/shm && exec "$@"', "private-shm"]
+PRIVATE_SHM = [
+    "unshare",
+    "--mount",
+    "--propagation",
+    "private",
+    "sh",
+    "-c",
+    'mount -t tmpfs tmpfs /dev/shm && exec "$@"',
+    "private-shm",
+]
 
 
 class SlurmUnavailable(Exception):

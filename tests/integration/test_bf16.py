@@ -42,10 +42,21 @@ UNI_STEPS, FP32_STEPS = 20, 22
 
 
 def overrides(data: Path, run_dir: Path, stage: int, *extra: str) -> list[str]:
-    return [f"data.path={data}", f"run.dir={run_dir}", f"zero.stage={stage}", "model.dtype=bf16",
-            f"train.max_steps={STEPS}", f"checkpoint.interval={SAVE}", "checkpoint.keep=5", "tracking.enabled=false",
-            # Every 4th step a passkey episode; the final eval runs passkey retrieval too (in bf16, on the engine).
-            "train.passkey.fraction=0.25", "eval.passkey_trials=2", "eval.passkey_distances=[1]", *extra]
+    return [
+        f"data.path={data}",
+        f"run.dir={run_dir}",
+        f"zero.stage={stage}",
+        "model.dtype=bf16",
+        f"train.max_steps={STEPS}",
+        f"checkpoint.interval={SAVE}",
+        "checkpoint.keep=5",
+        "tracking.enabled=false",
+        # Every 4th step a passkey episode; the final eval runs passkey retrieval too (in bf16, on the engine).
+        "train.passkey.fraction=0.25",
+        "eval.passkey_trials=2",
+        "eval.passkey_distances=[1]",
+        *extra,
+    ]
 
 
 def ckpt(run_dir: Path, step: int) -> Path:
@@ -104,8 +115,10 @@ def uni(tiny_data, z3, tmp_path_factory):
     """(run dir, stderr) of a copy of the z3 run resumed on 1 rank at ZeRO-2 (same global batch, 8 = 2 x 4)."""
     run_dir = tmp_path_factory.mktemp("bf16uni") / "run"
     shutil.copytree(z3[0], run_dir)
-    res = run(train_cmd(1, overrides(tiny_data, run_dir, 2, f"train.max_steps={UNI_STEPS}", "train.batch_size=8")),
-              timeout=300)
+    res = run(
+        train_cmd(1, overrides(tiny_data, run_dir, 2, f"train.max_steps={UNI_STEPS}", "train.batch_size=8")),
+        timeout=300,
+    )
     return run_dir, res.stderr
 
 
@@ -114,7 +127,7 @@ def test_zero3_sigkill_then_relaunch_redoes_the_lost_steps_bit_exactly(z3):
     killed_at = first[-1]["step"]
     assert latest == ckpt(run_dir, SAVE).name and KILL_AT <= killed_at < STEPS, (latest, killed_at)
     recs = steps(run_dir)
-    again = recs[len(first):]
+    again = recs[len(first) :]
     assert [r["step"] for r in again] == list(range(SAVE + 1, STEPS + 1)), "the relaunch did not resume at SAVE"
     # Steps SAVE+1..killed_at ran twice: before the kill and after the resume, from the same state.
     before = {r["step"]: r["loss"] for r in first if r["step"] > SAVE}
@@ -141,14 +154,17 @@ def test_zero2_resume_is_bit_exact_and_evaluates(z2):
     # The final eval (bf16 forwards on the engine, passkey included) of the two runs is the same too.
     ea, eb = eval_json(ref, STEPS), eval_json(resumed, STEPS)
     assert ea["num_tokens"] > 0 and 0 < ea["loss"] < 7 and set(ea["passkey"]) == {"1"}
-    assert (ea["loss"], ea["passkey"], ea["passkey_answer_loss"]) == (eb["loss"], eb["passkey"],
-                                                                      eb["passkey_answer_loss"])
+    assert (ea["loss"], ea["passkey"], ea["passkey_answer_loss"]) == (
+        eb["loss"],
+        eb["passkey"],
+        eb["passkey_answer_loss"],
+    )
 
 
 def test_universal_two_ranks_to_one_in_bf16(uni, z3):
     run_dir, stderr = uni
     assert "re-partitioned from 2 to 1 ranks" in stderr
-    assert [r["step"] for r in steps(run_dir)][-(UNI_STEPS - STEPS):] == list(range(STEPS + 1, UNI_STEPS + 1))
+    assert [r["step"] for r in steps(run_dir)][-(UNI_STEPS - STEPS) :] == list(range(STEPS + 1, UNI_STEPS + 1))
     pre = corpus_losses(z3[0], STEPS - 3, STEPS)
     post = corpus_losses(run_dir, STEPS + 1, UNI_STEPS)
     print(f"bf16 universal: corpus losses before {pre}, after {post}")
@@ -160,8 +176,21 @@ def test_resume_at_another_precision(uni, tiny_data, tmp_path):
     """A bf16 checkpoint resumed with model.dtype=fp32 (GPU run continued on CPU, where `auto` is fp32)."""
     run_dir = tmp_path / "run"
     shutil.copytree(uni[0], run_dir)
-    res = run(train_cmd(1, overrides(tiny_data, run_dir, 2, f"train.max_steps={FP32_STEPS}", "train.batch_size=8",
-                                     "model.dtype=fp32", "eval.passkey_trials=0")), timeout=300)
+    res = run(
+        train_cmd(
+            1,
+            overrides(
+                tiny_data,
+                run_dir,
+                2,
+                f"train.max_steps={FP32_STEPS}",
+                "train.batch_size=8",
+                "model.dtype=fp32",
+                "eval.passkey_trials=0",
+            ),
+        ),
+        timeout=300,
+    )
     assert f"resumed from {ckpt(run_dir, UNI_STEPS)} at step {UNI_STEPS}" in res.stderr
     assert [r["step"] for r in steps(run_dir)][-2:] == [UNI_STEPS + 1, FP32_STEPS]
     # The memory state carried over (bf16 -> fp32 is exact) and the run continued in fp32.
@@ -186,8 +215,9 @@ def test_export_eval_generate_of_the_bf16_result(uni, tiny_data, tmp_path):
     weights = load_file(str(out / "model.safetensors"))
     # The export holds the fp32 masters; the bf16 weights the run computed with (1 rank, ZeRO-2: whole
     # in the model states) are their rounding.
-    trained = torch.load(step_dir / "ds" / "state" / "mp_rank_00_model_states.pt", map_location="cpu",
-                         weights_only=False)["module"]
+    trained = torch.load(
+        step_dir / "ds" / "state" / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False
+    )["module"]
     assert {v.dtype for v in weights.values()} == {torch.float32}
     assert set(weights) <= set(trained) and len(weights) >= len(trained) - 1  # the tied LM head may be left out
     for k, v in weights.items():
@@ -198,8 +228,10 @@ def test_export_eval_generate_of_the_bf16_result(uni, tiny_data, tmp_path):
     docs = heldout_docs(MDSSource(str(tiny_data), cache_dir=str(tmp_path / "cache")), cfg)
     got = evaluate.evaluate(model, tok, docs, cfg, ablations=False, passkey=True, seed=cfg.train.seed)
     ran = eval_json(run_dir, UNI_STEPS)
-    print(f"eval loss: bf16 in training {ran['loss']:.5f}, fp32 of the export {got['loss']:.5f}; passkey answer "
-          f"loss {ran.get('passkey_answer_loss')} vs {got.get('passkey_answer_loss')}")
+    print(
+        f"eval loss: bf16 in training {ran['loss']:.5f}, fp32 of the export {got['loss']:.5f}; passkey answer "
+        f"loss {ran.get('passkey_answer_loss')} vs {got.get('passkey_answer_loss')}"
+    )
     assert got["num_tokens"] == ran["num_tokens"]
     # bf16 rounds each weight and activation by up to 2^-9 relative, but the mean over ~4k tokens averages
     # that out: measured |diff| ~ 1e-4 at loss ~5.2. A wrong or stale export (another step) is off by ~1%.
@@ -219,12 +251,14 @@ def test_memory_state_takes_the_dtype_of_the_run_it_is_loaded_into():
     """In process: a bf16 run's saved memory read by an fp32 run exactly, and an fp32 one rounded into bf16."""
     from mnemo.model import MemoryTransformer, ModelArgs
 
-    model = MemoryTransformer(ModelArgs.from_size("debug", 64, stm_length=8, ltm_kind="knn", ltm_capacity=16,
-                                                  ltm_topk=4))
+    model = MemoryTransformer(
+        ModelArgs.from_size("debug", 64, stm_length=8, ltm_kind="knn", ltm_capacity=16, ltm_topk=4)
+    )
     saved = model.init_state(2, dtype=torch.bfloat16).state_dict()
     gen = torch.Generator().manual_seed(0)
-    saved = {k: torch.randn(v.shape, generator=gen).to(v.dtype) if v.is_floating_point() else v + 3
-             for k, v in saved.items()}
+    saved = {
+        k: torch.randn(v.shape, generator=gen).to(v.dtype) if v.is_floating_point() else v + 3 for k, v in saved.items()
+    }
     as_fp32 = model.init_state(2, dtype=torch.float32).load_state_dict(saved).state_dict()
     assert as_fp32.keys() == saved.keys()
     for k, v in saved.items():

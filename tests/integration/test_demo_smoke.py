@@ -41,11 +41,27 @@ def demo(tmp_path_factory):
     os.chdir(user_project_dir())
     try:
         # One rank per run: what is checked here is the pipeline; 2-rank launches are test_launch_real's.
-        summary = run_demo(str(out), minutes=4, echo=lines.append, corpus_files=12, passkey_docs=40, vocab_size=512,
-                           max_steps=4, passkey_trials=3, distances=(1, 2), eval_docs=2, eval_reserve_s=10,
-                           nproc_per_node=1,
-                           overrides=["model.segment_len=64", "train.batch_size=2", "train.log_interval=2",
-                                      "train.warmup_steps=2", "train.passkey.fraction=0.8"])
+        summary = run_demo(
+            str(out),
+            minutes=4,
+            echo=lines.append,
+            corpus_files=12,
+            passkey_docs=40,
+            vocab_size=512,
+            max_steps=4,
+            passkey_trials=3,
+            distances=(1, 2),
+            eval_docs=2,
+            eval_reserve_s=10,
+            nproc_per_node=1,
+            overrides=[
+                "model.segment_len=64",
+                "train.batch_size=2",
+                "train.log_interval=2",
+                "train.warmup_steps=2",
+                "train.passkey.fraction=0.8",
+            ],
+        )
     finally:
         os.chdir(cwd)
     return out, summary, lines
@@ -97,9 +113,14 @@ def test_demo_mlflow_holds_both_runs_with_eval(demo):
 
 
 def test_side_by_side_and_long_context_loss():
-    ev = {"loss_by_position": {"0": 3.0, "64": 2.0, "256": 1.0, "512": 2.0},
-          "tokens_by_position": {"0": 10, "64": 10, "256": 30, "512": 10}, "loss": 2.0,
-          "passkey": {"8": 1.0}, "passkey_digit_accuracy": {"8": 1.0}, "passkey_trials": 3}
+    ev = {
+        "loss_by_position": {"0": 3.0, "64": 2.0, "256": 1.0, "512": 2.0},
+        "tokens_by_position": {"0": 10, "64": 10, "256": 30, "512": 10},
+        "loss": 2.0,
+        "passkey": {"8": 1.0},
+        "passkey_digit_accuracy": {"8": 1.0},
+        "passkey_trials": 3,
+    }
     # Tokens with >= 4T = 256 preceding tokens: (1.0 * 30 + 2.0 * 10) / 40.
     assert long_context_loss(ev, 256) == pytest.approx(1.25)
     text = side_by_side({"segment_len": 64, "memory": ev, "baseline": ev})

@@ -22,12 +22,28 @@ def test_cpu_dry_run_passes_every_step(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env.pop("PYTHONPATH", None)
     env.pop("MLFLOW_TRACKING_URI", None)
-    res = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_e2e.sh"), "--cpu", "--work", str(tmp_path)],
-                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    res = subprocess.run(
+        ["bash", str(REPO / "benchmarks" / "gpu_e2e.sh"), "--cpu", "--work", str(tmp_path)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     print(res.stdout)
     lines = res.stdout.splitlines()
-    steps = ["env", "install", "mfu", "prepare", "train_zero2_kill", "resume_zero2", "train_zero3", "eval", "generate",
-             "export"]
+    steps = [
+        "env",
+        "install",
+        "mfu",
+        "prepare",
+        "train_zero2_kill",
+        "resume_zero2",
+        "train_zero3",
+        "eval",
+        "generate",
+        "export",
+    ]
     assert [ln.split()[1] for ln in lines[1:-1]] == steps, res.stdout
     assert all(ln.startswith("ok ") for ln in lines[1:-1]), res.stdout
     assert lines[-1].startswith("summary: 10 ok, 0 failed;") and res.returncode == 0

@@ -21,7 +21,7 @@ from mnemo.launch.env import package_root
 
 pytestmark = pytest.mark.integration
 
-FAKE_WORKER = '''
+FAKE_WORKER = """
 import os, signal, sys, time
 rank = os.environ["RANK"]
 restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
@@ -39,9 +39,9 @@ while not got and time.time() < deadline:
 time.sleep(0.3)  # a second delivery of the signal would land here
 open(os.path.join(out, f"got.{rank}.{restart}"), "w").write(",".join(got))
 print(f"fake rank {rank} got {','.join(got) or 'nothing'}", flush=True)
-'''
+"""
 
-NODE = '''
+NODE = """
 import sys
 from pathlib import Path
 from mnemo.launch.torchrun import NodePlan
@@ -51,7 +51,7 @@ plan = NodePlan(config="c.yaml", overrides=[], run_dir=Path(sys.argv[6]), nproc_
                 node_rank=node_rank, master_addr="127.0.0.1", master_port=port, rdzv_id="fake",
                 max_restarts=restarts, worker_module="fakeworker")
 sys.exit(run_node(plan, stop_on_stdin_eof="--stdin" in sys.argv))
-'''
+"""
 
 
 def _free_port() -> int:
@@ -73,12 +73,27 @@ def fake(tmp_path):
 
 
 def _node(tmp: Path, env: dict, *, nnodes=1, node_rank=0, port=29500, restarts=0, nproc=2, stdin=False, **extra):
-    argv = [sys.executable, str(tmp / "node.py"), str(nnodes), str(node_rank), str(port), str(restarts), str(nproc),
-            str(tmp / "run")]
+    argv = [
+        sys.executable,
+        str(tmp / "node.py"),
+        str(nnodes),
+        str(node_rank),
+        str(port),
+        str(restarts),
+        str(nproc),
+        str(tmp / "run"),
+    ]
     if stdin:
         argv.append("--stdin")
-    return subprocess.Popen(argv, cwd=tmp, env=dict(env, **extra), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            stdin=subprocess.PIPE if stdin else subprocess.DEVNULL, text=True)
+    return subprocess.Popen(
+        argv,
+        cwd=tmp,
+        env=dict(env, **extra),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
+        text=True,
+    )
 
 
 def _wait_files(d: Path, pattern: str, n: int, proc: subprocess.Popen, timeout: float = 60) -> None:
@@ -137,13 +152,15 @@ def test_hostfile_orchestrator_runs_and_stops_every_node(fake):
 
     tmp, env = fake
     ssh = tmp / "ssh"
-    ssh.write_text(textwrap.dedent('''\
+    ssh.write_text(
+        textwrap.dedent("""\
         #!/bin/bash
         while [ "$1" = -o ]; do shift 2; done
         [ "$1" = -- ] && shift
         shift  # the host
         exec bash -c "$*"
-    '''))
+    """)
+    )
     ssh.chmod(0o755)
     port = _free_port()
     cmds = [
@@ -151,14 +168,17 @@ def test_hostfile_orchestrator_runs_and_stops_every_node(fake):
         for i in (0, 1)
     ]
     script = tmp / "orch.py"
-    script.write_text(textwrap.dedent(f'''\
+    script.write_text(
+        textwrap.dedent(f"""\
         import sys
         from mnemo.launch.remote import NodeCommand, run_hostfile
         cmds = [NodeCommand(h, i, r) for h, i, r in {[(c.host, c.node_rank, c.remote) for c in cmds]!r}]
         sys.exit(run_hostfile(cmds, {str(ssh)!r}))
-    '''))
-    p = subprocess.Popen([sys.executable, str(script)], cwd=tmp, env=env, stdout=subprocess.PIPE,
-                         stderr=subprocess.STDOUT, text=True)
+    """)
+    )
+    p = subprocess.Popen(
+        [sys.executable, str(script)], cwd=tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     _wait_files(tmp / "out", "ready.*", 2, p)
     p.send_signal(signal.SIGTERM)
     out, _ = p.communicate(timeout=90)

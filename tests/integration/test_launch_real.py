@@ -22,8 +22,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.jobs import (DEBUG_CONFIG, PY, REFERENCE_STEPS, data_of, job_env, losses_by_step,
-                                    reference_overrides, user_project_dir)
+from tests.integration.jobs import (
+    DEBUG_CONFIG,
+    PY,
+    REFERENCE_STEPS,
+    data_of,
+    job_env,
+    losses_by_step,
+    reference_overrides,
+    user_project_dir,
+)
 from tests.integration.slurm_cluster import PRIVATE_SHM
 
 pytestmark = pytest.mark.integration
@@ -49,9 +57,14 @@ def _free_port() -> int:
 
 
 def _launch(args: list[str], log: Path, env: dict, prefix: list[str] = ()) -> subprocess.Popen:
-    return subprocess.Popen([*prefix, PY, "-m", "mnemo", "launch", DEBUG_CONFIG, *args], cwd=user_project_dir(),
-                            env=env,
-                            stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    return subprocess.Popen(
+        [*prefix, PY, "-m", "mnemo", "launch", DEBUG_CONFIG, *args],
+        cwd=user_project_dir(),
+        env=env,
+        stdout=open(log, "w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
 
 
 def _finish(procs: list[subprocess.Popen], logs: list[Path], timeout: float) -> None:
@@ -78,9 +91,19 @@ def test_two_nodes_through_the_hostfile_match_one_node(reference_run, tmp_path):
     (tmp_path / "hosts").write_text("localhost slots=1\n127.0.0.1 slots=1\n")
     env = job_env(NCCL_DEBUG="WARN", PATH=f"{fakebin}:{os.environ['PATH']}")
     two, log = tmp_path / "two", tmp_path / "hostfile.out"
-    p = _launch(["--hostfile", str(tmp_path / "hosts"), "--master-port", str(_free_port()),
-                 *reference_overrides(data_of(ref), two, 3, "checkpoint.interval=0", "eval.max_docs=1",
-                                      "eval.max_doc_tokens=128")], log, env)
+    p = _launch(
+        [
+            "--hostfile",
+            str(tmp_path / "hosts"),
+            "--master-port",
+            str(_free_port()),
+            *reference_overrides(
+                data_of(ref), two, 3, "checkpoint.interval=0", "eval.max_docs=1", "eval.max_doc_tokens=128"
+            ),
+        ],
+        log,
+        env,
+    )
     _finish([p], [log], timeout=600)
 
     # The same two-operand reductions in the same order as on one node: equal, not close.

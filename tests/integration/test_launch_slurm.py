@@ -41,9 +41,28 @@ def test_slurm_job_trains_on_two_nodes_then_preempts_requeues_and_resumes(slurm_
     if not cluster.private_shm:
         pytest.skip("the two SLURM nodes cannot get their own /dev/shm here (mosaicml-streaming would collide)")
     run_dir = tmp_path / "run"
-    res = run([PY, "-m", "mnemo", "launch", DEBUG_CONFIG, "--slurm", "--nodes", "2", "--nproc-per-node", "1",
-               f"data.path={tiny_data}", f"run.dir={run_dir}", f"train.max_steps={MAX_STEPS}", "checkpoint.interval=5",
-               "eval.max_docs=1", "eval.max_doc_tokens=128"], env=job_env(SLURM_CONF=str(cluster.conf)), timeout=60)
+    res = run(
+        [
+            PY,
+            "-m",
+            "mnemo",
+            "launch",
+            DEBUG_CONFIG,
+            "--slurm",
+            "--nodes",
+            "2",
+            "--nproc-per-node",
+            "1",
+            f"data.path={tiny_data}",
+            f"run.dir={run_dir}",
+            f"train.max_steps={MAX_STEPS}",
+            "checkpoint.interval=5",
+            "eval.max_docs=1",
+            "eval.max_doc_tokens=128",
+        ],
+        env=job_env(SLURM_CONF=str(cluster.conf)),
+        timeout=60,
+    )
     m = re.search(r"^submitted job (\d+)$", res.stdout, re.M)
     assert m, res.stdout + res.stderr
     job = m.group(1)
@@ -68,8 +87,11 @@ def test_slurm_job_trains_on_two_nodes_then_preempts_requeues_and_resumes(slurm_
     logs = {i: (run_dir / "logs" / f"node{i}.log").read_text() for i in (0, 1)}
     for i, log in logs.items():
         for restart in (0, 1):
-            assert re.search(rf"mnemo worker: node {i}/2, rank [01]/2, local_rank 0, restart 0, "
-                             rf"slurm job {job} restart {restart}", log)
+            assert re.search(
+                rf"mnemo worker: node {i}/2, rank [01]/2, local_rank 0, restart 0, "
+                rf"slurm job {job} restart {restart}",
+                log,
+            )
         assert "got SIGUSR1: sent SIGUSR1 to 1 worker(s)" in log
     both = logs[0] + logs[1]
     saved = re.findall(r"saved checkpoint \S*step_0*(\d+) \(preempted\)", both)
@@ -80,5 +102,5 @@ def test_slurm_job_trains_on_two_nodes_then_preempts_requeues_and_resumes(slurm_
     records = [r["step"] for r in steps(run_dir)]
     first = records[: records.index(k) + 1]
     assert first == list(range(1, k + 1)), "the first start trained up to the preemption checkpoint"
-    assert records[len(first):] == list(range(k + 1, MAX_STEPS + 1)), "the requeued start resumed right after it"
+    assert records[len(first) :] == list(range(k + 1, MAX_STEPS + 1)), "the requeued start resumed right after it"
     assert (run_dir / "checkpoints" / "latest").exists()

@@ -17,8 +17,16 @@ import time
 import pytest
 from mlflow import MlflowClient
 
-from tests.integration.jobs import (DEBUG_CONFIG, PY, kill_group, launch_worker_pid, losses_by_step, start, steps,
-                                    wait_for_step)
+from tests.integration.jobs import (
+    DEBUG_CONFIG,
+    PY,
+    kill_group,
+    launch_worker_pid,
+    losses_by_step,
+    start,
+    steps,
+    wait_for_step,
+)
 from tests.integration.test_tracking_server import mlflow_server  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.integration
@@ -30,10 +38,30 @@ STEPS = 30
 def test_one_run_per_job_through_outage_and_worker_restart(mlflow_server, tiny_data, tmp_path):  # noqa: F811
     server = mlflow_server
     run_dir = tmp_path / "run"
-    proc = start([PY, "-m", "mnemo", "launch", DEBUG_CONFIG, "--nproc-per-node", "2", "--max-restarts", "1",
-                  f"data.path={tiny_data}", f"run.dir={run_dir}", f"train.max_steps={STEPS}", "train.log_interval=2",
-                  "checkpoint.interval=10", f"tracking.uri={server.uri}", "tracking.experiment=job-test",
-                  "zero.stage=2", "eval.max_docs=1", "eval.max_doc_tokens=128"], log=tmp_path / "launch.out")
+    proc = start(
+        [
+            PY,
+            "-m",
+            "mnemo",
+            "launch",
+            DEBUG_CONFIG,
+            "--nproc-per-node",
+            "2",
+            "--max-restarts",
+            "1",
+            f"data.path={tiny_data}",
+            f"run.dir={run_dir}",
+            f"train.max_steps={STEPS}",
+            "train.log_interval=2",
+            "checkpoint.interval=10",
+            f"tracking.uri={server.uri}",
+            "tracking.experiment=job-test",
+            "zero.stage=2",
+            "eval.max_docs=1",
+            "eval.max_doc_tokens=128",
+        ],
+        log=tmp_path / "launch.out",
+    )
     try:
         wait_for_step(run_dir, 6, proc)
         server.stop()  # the tracking server crashes mid-run ...
@@ -58,7 +86,7 @@ def test_one_run_per_job_through_outage_and_worker_restart(mlflow_server, tiny_d
     assert after[0]["step"] <= before[-1]["step"] + 1
     assert [r["step"] for r in after] == list(range(after[0]["step"], STEPS + 1)), "no step skipped, run completed"
     assert "[rank1]: mnemo worker: node 0/1, rank 1/2, local_rank 1, restart 1" in node_log
-    assert "resumed from" in node_log[node_log.index("restart 1"):]
+    assert "resumed from" in node_log[node_log.index("restart 1") :]
 
     client = MlflowClient(server.uri)
     exp = client.get_experiment_by_name("job-test")
@@ -85,8 +113,16 @@ def test_one_run_per_job_through_outage_and_worker_restart(mlflow_server, tiny_d
         assert key in params, key
     assert params["world_size"] == "2"
     metric_keys = set(r.data.metrics)
-    for key in ("train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "time/data_s",
-                "memory/reset_rate", "memory/ltm_fill", "eval/loss"):
+    for key in (
+        "train/loss",
+        "train/lr",
+        "train/grad_norm",
+        "train/tokens_per_s",
+        "time/data_s",
+        "memory/reset_rate",
+        "memory/ltm_fill",
+        "eval/loss",
+    ):
         assert key in metric_keys, key
     arts = {a.path for a in client.list_artifacts(r.info.run_id)}
     assert {"config.yaml", "tokenizer.model", "manifest.json"} <= arts, arts

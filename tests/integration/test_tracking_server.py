@@ -43,17 +43,26 @@ class MlflowServer:
 
     def start(self, timeout: float = 90) -> None:
         cmd = [
-            MLFLOW, "server",
-            "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
-            "--artifacts-destination", str(self.root / "artifacts"),
-            "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
+            MLFLOW,
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{self.root / 'mlflow.db'}",
+            "--artifacts-destination",
+            str(self.root / "artifacts"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--workers",
+            "1",
         ]
         # The job runner starts ~8 huey worker processes: 3x slower start, unused here.
         env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
         log = open(self.root / "server.log", "ab")
         # Own session: stop() kills the server's whole process group (uvicorn child included).
-        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                     start_new_session=True, cwd=self.root)
+        self.proc = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=self.root
+        )
         log.close()
         deadline = time.monotonic() + timeout
         import requests
@@ -114,8 +123,9 @@ def test_server_dies_and_returns_nothing_lost(mlflow_server, tmp_path, monkeypat
     (run_dir / "config.yaml").write_text("train:\n  lr: 0.001\n")
     (run_dir / "late.txt").write_text("logged while the server was down\n")
     with caplog.at_level(logging.WARNING, logger="mnemo.train.tracking"):
-        t = Tracker(run_dir=str(run_dir), uri=server.uri, experiment="it", run_name="outage",
-                    interval=0.1, retry_interval=0.5)
+        t = Tracker(
+            run_dir=str(run_dir), uri=server.uri, experiment="it", run_name="outage", interval=0.1, retry_interval=0.5
+        )
         assert t.run_id
         t.log_params({"train": {"lr": 0.001, "max_steps": 90}})
         t.log_artifact(str(run_dir / "config.yaml"))
@@ -174,8 +184,13 @@ os.kill(os.getpid(), signal.SIGKILL)  # no flush, no close
 def test_trainer_killed_sender_still_delivers(mlflow_server, tmp_path):
     run_dir = tmp_path / "run"
     repo = Path(__file__).resolve().parents[2]
-    proc = subprocess.run([sys.executable, "-c", _KILLED_TRAINER, str(run_dir), mlflow_server.uri], cwd=repo,
-                          capture_output=True, text=True, timeout=100)
+    proc = subprocess.run(
+        [sys.executable, "-c", _KILLED_TRAINER, str(run_dir), mlflow_server.uri],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        timeout=100,
+    )
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     run_id = proc.stdout.split()[0]
     from mlflow import MlflowClient

@@ -15,9 +15,23 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.integration.jobs import (PY, REFERENCE_STEPS, REPO, data_of, job_env, kill_group, losses_by_step,
-                                    mlflow_runs, reference_overrides, run, start, steps, train_cmd, wait_for_step,
-                                    worker_pids)
+from tests.integration.jobs import (
+    PY,
+    REFERENCE_STEPS,
+    REPO,
+    data_of,
+    job_env,
+    kill_group,
+    losses_by_step,
+    mlflow_runs,
+    reference_overrides,
+    run,
+    start,
+    steps,
+    train_cmd,
+    wait_for_step,
+    worker_pids,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -70,8 +84,9 @@ def test_crash_in_save_then_sigkill_resume_bit_exactly(reference, tmp_path):
     run_dir = tmp_path / "run"
     ck = run_dir / "checkpoints"
     cmd = train_cmd(2, overrides(data_of(ref_dir), run_dir, stage))
-    res = subprocess.run(cmd, cwd=REPO, env=job_env(MNEMO_FAULT_CRASH_IN_SAVE="20:1"), capture_output=True,
-                         text=True, timeout=300)
+    res = subprocess.run(
+        cmd, cwd=REPO, env=job_env(MNEMO_FAULT_CRASH_IN_SAVE="20:1"), capture_output=True, text=True, timeout=300
+    )
     assert res.returncode != 0
     assert (ck / "latest").read_text().strip() == "step_00000010"
     assert list(ck.glob(".tmp-step_00000020")), "the interrupted save should have left a partial directory"
@@ -91,12 +106,13 @@ def test_crash_in_save_then_sigkill_resume_bit_exactly(reference, tmp_path):
     run(cmd, timeout=300)
     assert not list(ck.glob(".tmp-*"))
     recs = steps(run_dir)
-    second = [r["step"] for r in recs[20 + done_before - 10:]]
+    second = [r["step"] for r in recs[20 + done_before - 10 :]]
     assert second == list(range(21, STEPS + 1)), "the second relaunch did not restart at the last checkpoint (20)"
     ref, got = losses_by_step(ref_dir), losses_by_step(run_dir)
     mismatched = [s for s in range(11, STEPS + 1) if got[s] != ref[s]]
-    assert not mismatched, f"losses differ after resume at steps {mismatched[:5]}: " \
-                           f"{[(got[s], ref[s]) for s in mismatched[:3]]}"
+    assert not mismatched, (
+        f"losses differ after resume at steps {mismatched[:5]}: {[(got[s], ref[s]) for s in mismatched[:3]]}"
+    )
     a, b = final_weights(ref_dir), final_weights(run_dir)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
@@ -171,8 +187,15 @@ def test_export_matches_zero_to_fp32_and_eval_and_finetune(reference, tmp_path):
 
     # fine-tune from the export: a new run that starts at the exported weights' loss
     ft_dir = tmp_path / "ft"
-    run(train_cmd(1, overrides(data_of(ref_dir), ft_dir, 2, "train.max_steps=3", f"init_from={export_dir}",
-                               "train.warmup_steps=3")), timeout=300)
+    run(
+        train_cmd(
+            1,
+            overrides(
+                data_of(ref_dir), ft_dir, 2, "train.max_steps=3", f"init_from={export_dir}", "train.warmup_steps=3"
+            ),
+        ),
+        timeout=300,
+    )
     ft = losses_by_step(ft_dir)
     ref = losses_by_step(ref_dir)
     start_loss = sum(ref[s] for s in range(1, 4)) / 3

@@ -29,8 +29,14 @@ pytestmark = pytest.mark.integration
 
 SAVE, STEPS = 10, 15  # the references' first checkpoint; 5 steps after the resume
 # Every step logged, cheap final eval, no MLflow: these runs are about the optimizer state.
-RESUME = [f"train.max_steps={STEPS}", "train.batch_size=8", "train.log_interval=1", "tracking.enabled=false",
-          "eval.max_docs=1", "eval.max_doc_tokens=128"]
+RESUME = [
+    f"train.max_steps={STEPS}",
+    "train.batch_size=8",
+    "train.log_interval=1",
+    "tracking.enabled=false",
+    "eval.max_docs=1",
+    "eval.max_doc_tokens=128",
+]
 
 
 def ckpt(run_dir: Path, step: int) -> Path:
@@ -101,8 +107,11 @@ def adam_steps(step_dir: Path) -> set[float]:
 def universal_tensors(step_dir: Path, key: str) -> dict[str, torch.Tensor]:
     zero = step_dir / "ds" / "universal_state" / "zero"
     # (The ZeRO-1/2 converter also leaves a weights-only folder for the tied LM head's alias.)
-    return {d.name: torch.load(d / f"{key}.pt", map_location="cpu", weights_only=False)
-            for d in sorted(zero.iterdir()) if (d / f"{key}.pt").is_file()}
+    return {
+        d.name: torch.load(d / f"{key}.pt", map_location="cpu", weights_only=False)
+        for d in sorted(zero.iterdir())
+        if (d / f"{key}.pt").is_file()
+    }
 
 
 @pytest.mark.parametrize("case", ["3to2", "2to3"])
@@ -114,8 +123,9 @@ def test_one_rank_other_stage_resumes_and_continues(resumed, references, case):
     new = steps(run_dir)[SAVE:]  # the cut-back log holds the reference's steps 1..SAVE
     assert [r["step"] for r in new] == list(range(SAVE + 1, STEPS + 1))
     pre = losses_by_step(references[src])[SAVE]
-    print(f"{case}: loss at save step {SAVE} {pre:.4f}; resumed "
-          + " ".join(f"{r['step']}:{r['loss']:.4f}" for r in new))
+    print(
+        f"{case}: loss at save step {SAVE} {pre:.4f}; resumed " + " ".join(f"{r['step']}:{r['loss']:.4f}" for r in new)
+    )
     assert new[0]["loss"] < pre * 1.10, f"loss jumped at the resume: {pre:.4f} -> {new[0]['loss']:.4f}"
     assert max(r["loss"] for r in new) < pre * 1.10
     # Adam's step survived the conversion (not restarted at 0) and advanced once per step

@@ -17,9 +17,21 @@ V, T, B = 61, 8, 2
 
 def make(stm: int, ltm: bool) -> MemoryTransformer:
     torch.manual_seed(0)
-    return MemoryTransformer(ModelArgs(vocab_size=V, n_layers=3, d_model=32, n_heads=4, d_ff=64, init_std=0.1,
-                                       stm_length=stm, ltm_kind="knn" if ltm else "none", ltm_capacity=64,
-                                       ltm_topk=4, ltm_layers=(1,)))
+    return MemoryTransformer(
+        ModelArgs(
+            vocab_size=V,
+            n_layers=3,
+            d_model=32,
+            n_heads=4,
+            d_ff=64,
+            init_std=0.1,
+            stm_length=stm,
+            ltm_kind="knn" if ltm else "none",
+            ltm_capacity=64,
+            ltm_topk=4,
+            ltm_layers=(1,),
+        )
+    )
 
 
 class EmbeddingTap:
@@ -39,7 +51,7 @@ def gradient_reach(model: MemoryTransformer, k: int, windows: int) -> list[bool]
     state = model.init_state(B)
     loss = None
     for w in range(windows):
-        window = segs[w * k:(w + 1) * k]
+        window = segs[w * k : (w + 1) * k]
         last = len(window) - 1
 
         def loss_fn(logits: torch.Tensor, i: int, window=window, last=last) -> torch.Tensor:
@@ -62,8 +74,8 @@ def test_loss_reaches_back_exactly_k_segments(stm, ltm, k, monkeypatch):
     monkeypatch.setattr(mt, "_LTM_WINDOW_STEP", 4)
     reach = gradient_reach(make(stm, ltm), k, windows=2)
     t = 2 * k - 1  # the last segment read
-    assert reach[t - k + 1:] == [True] * k  # segments t-k+1..t
-    assert reach[:t - k + 1] == [False] * (t - k + 1)  # t-k and earlier: exactly no gradient
+    assert reach[t - k + 1 :] == [True] * k  # segments t-k+1..t
+    assert reach[: t - k + 1] == [False] * (t - k + 1)  # t-k and earlier: exactly no gradient
 
 
 def test_without_truncation_the_loss_would_reach_further():

@@ -12,8 +12,14 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def mnemo(*args: str, cwd=REPO) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mnemo", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=120, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+    return subprocess.run(
+        [sys.executable, "-m", "mnemo", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
+    )
 
 
 def assert_one_line_error(res: subprocess.CompletedProcess, *needles: str) -> None:
@@ -37,8 +43,11 @@ def test_unknown_config_key(data_dir):
 
 
 def test_missing_data_dir():
-    assert_one_line_error(mnemo("train", "configs/debug.yaml", "data.path=/nonexistent/mnemo-data"),
-                          "data.path", "/nonexistent/mnemo-data")
+    assert_one_line_error(
+        mnemo("train", "configs/debug.yaml", "data.path=/nonexistent/mnemo-data"),
+        "data.path",
+        "/nonexistent/mnemo-data",
+    )
 
 
 def test_data_dir_without_shards(data_dir):
@@ -50,16 +59,19 @@ def test_missing_config_file():
 
 
 def test_missing_corpus_path(tmp_path):
-    assert_one_line_error(mnemo("prepare", "--input", str(tmp_path / "nope"), "--out", str(tmp_path / "o")),
-                          str(tmp_path / "nope"))
+    assert_one_line_error(
+        mnemo("prepare", "--input", str(tmp_path / "nope"), "--out", str(tmp_path / "o")), str(tmp_path / "nope")
+    )
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
 
 
 def test_empty_corpus(tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "blank.txt").write_text("   \n")
-    assert_one_line_error(mnemo("prepare", "--input", str(tmp_path / "empty"), "--out", str(tmp_path / "o"),
-                                "--vocab-size", "300"), str(tmp_path / "empty"))
+    assert_one_line_error(
+        mnemo("prepare", "--input", str(tmp_path / "empty"), "--out", str(tmp_path / "o"), "--vocab-size", "300"),
+        str(tmp_path / "empty"),
+    )
 
 
 def test_launch_validates_before_spawning(tmp_path):
@@ -67,10 +79,15 @@ def test_launch_validates_before_spawning(tmp_path):
     assert_one_line_error(res, "train.nokey")
 
 
-@pytest.mark.parametrize("override,key", [("train.max_steps=inf", "train.max_steps"),
-                                          ("train.batch_size=nan", "train.batch_size"),
-                                          ("train.lr=nan", "train.lr"),
-                                          ("memory.long.layers=[2,2]", "memory.long.layers[1]")])
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("train.max_steps=inf", "train.max_steps"),
+        ("train.batch_size=nan", "train.batch_size"),
+        ("train.lr=nan", "train.lr"),
+        ("memory.long.layers=[2,2]", "memory.long.layers[1]"),
+    ],
+)
 def test_non_finite_and_duplicate_config_values(override, key):
     assert_one_line_error(mnemo("train", "configs/debug.yaml", override), key)
 

@@ -16,30 +16,43 @@ def test_shipped_configs_load(path):
 
 
 def test_overrides_are_typed_and_win_over_the_file():
-    cfg = load_config("configs/debug.yaml", ["train.lr=1e-3", "train.max_steps=7", "memory.long.layers=[1,3]",
-                                             "tracking.enabled=false", "memory.long.kind=none"])
+    cfg = load_config(
+        "configs/debug.yaml",
+        [
+            "train.lr=1e-3",
+            "train.max_steps=7",
+            "memory.long.layers=[1,3]",
+            "tracking.enabled=false",
+            "memory.long.kind=none",
+        ],
+    )
     assert cfg.train.lr == 1e-3 and isinstance(cfg.train.lr, float)
     assert cfg.train.max_steps == 7 and cfg.memory.long.layers == [1, 3]
     assert cfg.tracking.enabled is False and cfg.memory.long.kind == "none"
 
 
-@pytest.mark.parametrize("override,needle", [
-    (["train.lrr=1"], "unknown config key 'train.lrr'"),
-    (["nosuch.key=1"], "unknown config key 'nosuch'"),
-    (["train.max_steps=ten"], "train.max_steps: expected an integer"),
-    (["train.max_steps=1.5"], "train.max_steps: expected an integer"),
-    (["zero.stage=4"], "zero.stage: must be 1, 2 or 3"),
-    (["memory.long.kind=lsh"], "memory.long.kind: 'lsh' is not one of none, knn"),
-    (["model.size=huge"], "model.size: unknown size 'huge'"),
-    (["memory.long.layers=[9]"], "memory.long.layers[0]: layer 9 out of range"),
-    (["train.lr"], "not of the form dotted.key=value"),
-    (["train=1"], "'train' is a section"),
-    (["train.passkey.fraction=1.5"], "train.passkey.fraction: must be in [0, 1]"),
-    (["train.passkey.start_distance=4", "train.passkey.max_distance=2"],
-     "train.passkey.max_distance: must be >= train.passkey.start_distance"),
-    (["train.passkey.promote_window=0"], "train.passkey.promote_window: must be >= 1"),
-    (["train.passkey.frac=0.5"], "unknown config key 'train.passkey.frac'"),
-])
+@pytest.mark.parametrize(
+    "override,needle",
+    [
+        (["train.lrr=1"], "unknown config key 'train.lrr'"),
+        (["nosuch.key=1"], "unknown config key 'nosuch'"),
+        (["train.max_steps=ten"], "train.max_steps: expected an integer"),
+        (["train.max_steps=1.5"], "train.max_steps: expected an integer"),
+        (["zero.stage=4"], "zero.stage: must be 1, 2 or 3"),
+        (["memory.long.kind=lsh"], "memory.long.kind: 'lsh' is not one of none, knn"),
+        (["model.size=huge"], "model.size: unknown size 'huge'"),
+        (["memory.long.layers=[9]"], "memory.long.layers[0]: layer 9 out of range"),
+        (["train.lr"], "not of the form dotted.key=value"),
+        (["train=1"], "'train' is a section"),
+        (["train.passkey.fraction=1.5"], "train.passkey.fraction: must be in [0, 1]"),
+        (
+            ["train.passkey.start_distance=4", "train.passkey.max_distance=2"],
+            "train.passkey.max_distance: must be >= train.passkey.start_distance",
+        ),
+        (["train.passkey.promote_window=0"], "train.passkey.promote_window: must be >= 1"),
+        (["train.passkey.frac=0.5"], "unknown config key 'train.passkey.frac'"),
+    ],
+)
 def test_bad_overrides_name_the_key(override, needle):
     with pytest.raises(ConfigError) as e:
         load_config("configs/debug.yaml", override)
@@ -125,8 +138,14 @@ NUMERIC_KEYS = _numeric_keys()
 def test_the_numeric_key_list_is_the_whole_tree():
     # A new number in the config tree joins the non-finite checks below by itself.
     keys = dict(NUMERIC_KEYS)
-    assert {"train.lr", "train.max_steps", "memory.long.layers", "checkpoint.grace_period_s",
-            "train.passkey.promote_exact", "eval.passkey_distances"} <= set(keys)
+    assert {
+        "train.lr",
+        "train.max_steps",
+        "memory.long.layers",
+        "checkpoint.grace_period_s",
+        "train.passkey.promote_exact",
+        "eval.passkey_distances",
+    } <= set(keys)
     assert len(keys) >= 40
 
 
@@ -139,46 +158,62 @@ def test_non_finite_numbers_are_refused_everywhere(key, value):
     assert msg.startswith(f"configs/debug.yaml: {key}") and "expected" in msg and "\n" not in msg, msg
 
 
-@pytest.mark.parametrize("override,needle", [
-    ("train.max_steps=inf", "train.max_steps: expected an integer, got 'inf'"),
-    ("train.batch_size=nan", "train.batch_size: expected an integer, got 'nan'"),
-    ("train.lr=inf", "train.lr: expected a finite number, got 'inf'"),
-    ("train.lr=0", "train.lr: must be > 0"),
-    ("train.beta1=1", "train.beta1: must be in [0, 1)"),
-    ("train.beta1=-0.1", "train.beta1: must be in [0, 1)"),
-    ("train.beta2=1.5", "train.beta2: must be in [0, 1)"),
-    ("train.weight_decay=-0.01", "train.weight_decay: must be >= 0"),
-    ("train.seed=-1", "train.seed: must be in [0, 2**64)"),
-    ("train.seed=18446744073709551616", "train.seed: must be in [0, 2**64)"),
-    ("train.max_time_s=-1", "train.max_time_s: must be >= 0"),
-    ("checkpoint.grace_period_s=0", "checkpoint.grace_period_s: must be in (0, 65535]"),
-    ("checkpoint.grace_period_s=-5", "checkpoint.grace_period_s: must be in (0, 65535]"),
-    ("checkpoint.grace_period_s=65536", "checkpoint.grace_period_s: must be in (0, 65535]"),
-    ("checkpoint.collective_timeout_s=0", "checkpoint.collective_timeout_s: must be in (0, 1e9]"),
-    ("checkpoint.collective_timeout_s=-1", "checkpoint.collective_timeout_s: must be in (0, 1e9]"),
-    ("checkpoint.collective_timeout_s=1e12", "checkpoint.collective_timeout_s: must be in (0, 1e9]"),
-    ("memory.long.temperature_init=0", "memory.long.temperature_init: must be > 0"),
-    ("memory.long.temperature_init=-2", "memory.long.temperature_init: must be > 0"),
-    ("memory.long.layers=[1,1]", "memory.long.layers[1]: layer 1 is also memory.long.layers[0]"),
-    ("memory.long.layers=[3,-1]", "memory.long.layers[1]: layer -1 is also memory.long.layers[0]"),
-    ("memory.long.layers=[nan]", "memory.long.layers[0]: expected an integer"),
-    ("eval.max_docs=-1", "eval.max_docs: must be >= 0"),
-    ("eval.max_doc_tokens=0", "eval.max_doc_tokens: must be >= 1"),
-    ("eval.passkey_trials=-1", "eval.passkey_trials: must be >= 0"),
-    ("tracking.peak_flops=-1", "tracking.peak_flops: must be >= 0"),
-    ("data.val_fraction=nan", "data.val_fraction: expected a finite number"),
-])
+@pytest.mark.parametrize(
+    "override,needle",
+    [
+        ("train.max_steps=inf", "train.max_steps: expected an integer, got 'inf'"),
+        ("train.batch_size=nan", "train.batch_size: expected an integer, got 'nan'"),
+        ("train.lr=inf", "train.lr: expected a finite number, got 'inf'"),
+        ("train.lr=0", "train.lr: must be > 0"),
+        ("train.beta1=1", "train.beta1: must be in [0, 1)"),
+        ("train.beta1=-0.1", "train.beta1: must be in [0, 1)"),
+        ("train.beta2=1.5", "train.beta2: must be in [0, 1)"),
+        ("train.weight_decay=-0.01", "train.weight_decay: must be >= 0"),
+        ("train.seed=-1", "train.seed: must be in [0, 2**64)"),
+        ("train.seed=18446744073709551616", "train.seed: must be in [0, 2**64)"),
+        ("train.max_time_s=-1", "train.max_time_s: must be >= 0"),
+        ("checkpoint.grace_period_s=0", "checkpoint.grace_period_s: must be in (0, 65535]"),
+        ("checkpoint.grace_period_s=-5", "checkpoint.grace_period_s: must be in (0, 65535]"),
+        ("checkpoint.grace_period_s=65536", "checkpoint.grace_period_s: must be in (0, 65535]"),
+        ("checkpoint.collective_timeout_s=0", "checkpoint.collective_timeout_s: must be in (0, 1e9]"),
+        ("checkpoint.collective_timeout_s=-1", "checkpoint.collective_timeout_s: must be in (0, 1e9]"),
+        ("checkpoint.collective_timeout_s=1e12", "checkpoint.collective_timeout_s: must be in (0, 1e9]"),
+        ("memory.long.temperature_init=0", "memory.long.temperature_init: must be > 0"),
+        ("memory.long.temperature_init=-2", "memory.long.temperature_init: must be > 0"),
+        ("memory.long.layers=[1,1]", "memory.long.layers[1]: layer 1 is also memory.long.layers[0]"),
+        ("memory.long.layers=[3,-1]", "memory.long.layers[1]: layer -1 is also memory.long.layers[0]"),
+        ("memory.long.layers=[nan]", "memory.long.layers[0]: expected an integer"),
+        ("eval.max_docs=-1", "eval.max_docs: must be >= 0"),
+        ("eval.max_doc_tokens=0", "eval.max_doc_tokens: must be >= 1"),
+        ("eval.passkey_trials=-1", "eval.passkey_trials: must be >= 0"),
+        ("tracking.peak_flops=-1", "tracking.peak_flops: must be >= 0"),
+        ("data.val_fraction=nan", "data.val_fraction: expected a finite number"),
+    ],
+)
 def test_out_of_range_values_name_the_key(override, needle):
     with pytest.raises(ConfigError) as e:
         load_config("configs/debug.yaml", [override])
     assert needle in str(e.value) and "\n" not in str(e.value), str(e.value)
 
 
-@pytest.mark.parametrize("override", [
-    "train.beta1=0", "train.beta2=0.999", "train.weight_decay=0", "train.seed=0", "train.seed=18446744073709551615",
-    "train.max_time_s=0", "checkpoint.grace_period_s=65535", "checkpoint.collective_timeout_s=1e9",
-    "memory.long.temperature_init=0.5", "memory.long.layers=[0,-1]", "eval.max_docs=0", "eval.passkey_trials=0",
-    "tracking.peak_flops=0", "train.max_steps=1e3",
-])
+@pytest.mark.parametrize(
+    "override",
+    [
+        "train.beta1=0",
+        "train.beta2=0.999",
+        "train.weight_decay=0",
+        "train.seed=0",
+        "train.seed=18446744073709551615",
+        "train.max_time_s=0",
+        "checkpoint.grace_period_s=65535",
+        "checkpoint.collective_timeout_s=1e9",
+        "memory.long.temperature_init=0.5",
+        "memory.long.layers=[0,-1]",
+        "eval.max_docs=0",
+        "eval.passkey_trials=0",
+        "tracking.peak_flops=0",
+        "train.max_steps=1e3",
+    ],
+)
 def test_edge_values_inside_the_ranges_are_accepted(override):
     load_config("configs/debug.yaml", [override])

@@ -34,10 +34,12 @@ def make_corpus(root: Path) -> tuple[list[str], list[str]]:
     (code / "pkg").mkdir(parents=True)
     files = {}
     for i in range(12):
-        body = (f"def f{i}(x):\n\t# tab {i}\n    return x * {i}  \n\n"
-                + "class C:\n    pass\n" * (i % 4)
-                + ("ctrl \x01\x1b[0m done\n" if i == 3 else "")
-                + ("unicode: 日本 ü 🎉 \u2581 marks\n" if i == 5 else ""))
+        body = (
+            f"def f{i}(x):\n\t# tab {i}\n    return x * {i}  \n\n"
+            + "class C:\n    pass\n" * (i % 4)
+            + ("ctrl \x01\x1b[0m done\n" if i == 3 else "")
+            + ("unicode: 日本 ü 🎉 \u2581 marks\n" if i == 5 else "")
+        )
         rel = f"m{i:02d}.py" if i % 3 else f"pkg/p{i:02d}.py"
         files[rel] = body
     for rel in sorted(files):  # the directory walk is in sorted path order
@@ -57,15 +59,22 @@ def make_corpus(root: Path) -> tuple[list[str], list[str]]:
     expected += [r["text"] for r in more]
 
     rows = [f"parquet row {i}\n" + "x" * (i * 3) for i in range(25)]
-    pq.write_table(pa.table({"text": rows, "id": [f"r{i}" for i in range(25)]}), root / "rows.parquet",
-                   row_group_size=4)
+    pq.write_table(
+        pa.table({"text": rows, "id": [f"r{i}" for i in range(25)]}), root / "rows.parquet", row_group_size=4
+    )
     expected += rows
 
     (root / "bad.txt").write_bytes(b"latin-1 caf\xe9 here\n")
     expected.append("latin-1 caf\ufffd here\n")
     (root / "empty.md").write_text(" \n\t\n")
-    inputs = [str(code), str(root / "notes.jsonl"), str(root / "more.jsonl.gz"), str(root / "rows.parquet"),
-              str(root / "bad.txt"), str(root / "empty.md")]
+    inputs = [
+        str(code),
+        str(root / "notes.jsonl"),
+        str(root / "more.jsonl.gz"),
+        str(root / "rows.parquet"),
+        str(root / "bad.txt"),
+        str(root / "empty.md"),
+    ]
     return inputs, expected
 
 
@@ -433,14 +442,15 @@ def test_passkey_documents_are_appended(corpus, tmp_path):
         t, a, k = s["tokens"], int(s["answer_start"]), int(s["answer_len"])
         assert s["source"] == "passkey" and t[-1] == tok.eos_id and k > 0
         assert len(t) - 1 in {64 * (d + 1) for d in range(3)}
-        assert tok.decode(t[a:a + k]).isdigit()
-        assert tok.decode(t[a:a + k]) in tok.decode(t[:64])  # the key sits in segment 0
+        assert tok.decode(t[a : a + k]).isdigit()
+        assert tok.decode(t[a : a + k]) in tok.decode(t[:64])  # the key sits in segment 0
     verify(str(out))
     # the same seed gives the same documents
     again = run(corpus, tmp_path / "again", passkey_docs=4, passkey_max_distance=2, passkey_segment_len=64, seed=3)
     assert again["num_tokens"] == m["num_tokens"]
     assert [s["tokens"].tolist() for s in read_samples(tmp_path / "again")[n:]] == [
-        s["tokens"].tolist() for s in samples[n:]]
+        s["tokens"].tolist() for s in samples[n:]
+    ]
 
 
 def test_cli_prepare_verify_inspect(corpus, tmp_path, capsys):

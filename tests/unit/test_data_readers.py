@@ -12,8 +12,15 @@ import pytest
 import zstandard
 
 from mnemo.data_pipeline.errors import DataError
-from mnemo.data_pipeline.readers import (Piece, ReadStats, iter_documents, iter_piece, iter_unit, plan_inputs,
-                                   split_units)
+from mnemo.data_pipeline.readers import (
+    Piece,
+    ReadStats,
+    iter_documents,
+    iter_piece,
+    iter_unit,
+    plan_inputs,
+    split_units,
+)
 
 
 def texts(corpus, **kw) -> list[str]:
@@ -56,8 +63,9 @@ def test_mixed_inputs_keep_the_given_order_and_dedupe(tmp_path):
     (tmp_path / "g").mkdir()
     (tmp_path / "g" / "1.py").write_text("one")
     (tmp_path / "g" / "2.py").write_text("two")
-    corpus = plan_inputs([str(tmp_path / "y.txt"), str(tmp_path / "g" / "*.py"), str(tmp_path / "x.txt"),
-                          str(tmp_path / "y.txt")])
+    corpus = plan_inputs(
+        [str(tmp_path / "y.txt"), str(tmp_path / "g" / "*.py"), str(tmp_path / "x.txt"), str(tmp_path / "y.txt")]
+    )
     assert texts(corpus) == ["y", "one", "two", "x"]
 
 
@@ -164,7 +172,7 @@ def test_lone_surrogate_escapes_are_replaced_and_counted(tmp_path):
     p = tmp_path / "s.jsonl"
     p.write_text('{"text": "a \\ud800 b \\ud83d\\ude00"}\n')
     stats = ReadStats()
-    assert texts(plan_inputs([str(p)]), stats=stats) == ["a \ufffd b \U0001F600"]
+    assert texts(plan_inputs([str(p)]), stats=stats) == ["a \ufffd b \U0001f600"]
     assert stats.counts == {"invalid_utf8": 1}
 
 
@@ -180,12 +188,12 @@ def test_empty_and_whitespace_documents_are_skipped_and_counted(tmp_path):
 
 BAD_LINES = [
     '{"text": "one"}',
-    'this is not json',
+    "this is not json",
     '{"text": "three"}',
     '{"body": "no text field"}',
     '["a", "list"]',
     '{"text": 42}',
-    '',
+    "",
     '{"text": "eight"',
     '{"text": "nine"}',
 ]
@@ -197,8 +205,13 @@ def test_bad_jsonl_lines_are_skipped_and_counted_with_file_and_line(tmp_path):
     stats = ReadStats()
     assert texts(plan_inputs([str(p)]), stats=stats) == ["one", "three", "nine"]
     assert stats.counts == {"invalid_json": 3, "missing_text_field": 1, "non_string_text": 1}
-    assert stats.examples == [f"{p}:2: invalid_json", f"{p}:4: missing_text_field", f"{p}:5: invalid_json",
-                              f"{p}:6: non_string_text", f"{p}:8: invalid_json"]
+    assert stats.examples == [
+        f"{p}:2: invalid_json",
+        f"{p}:4: missing_text_field",
+        f"{p}:5: invalid_json",
+        f"{p}:6: non_string_text",
+        f"{p}:8: invalid_json",
+    ]
 
 
 def test_line_numbers_are_right_inside_later_byte_ranges(tmp_path):

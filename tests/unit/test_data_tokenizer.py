@@ -8,8 +8,16 @@ import random
 import pytest
 
 from mnemo.data_pipeline.errors import DataError
-from mnemo.data_pipeline.tokenizer import (BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer, reservoir_sample, train_tokenizer,
-                                     trainer_sentences)
+from mnemo.data_pipeline.tokenizer import (
+    BOS_ID,
+    EOS_ID,
+    PAD_ID,
+    UNK_ID,
+    Tokenizer,
+    reservoir_sample,
+    train_tokenizer,
+    trainer_sentences,
+)
 
 CODE = '''import os
 
@@ -25,8 +33,10 @@ class Thing:
     def total(self, items):
         return sum(i * 2 for i in items)   
 '''
-PROSE = ("The quick brown fox jumps over the lazy dog. It was 1984 and the clocks struck 13.\n"
-         "Naïve café owners paid €12.50 for crème brûlée.\r\n\n  Indented paragraph with  two spaces.\n")
+PROSE = (
+    "The quick brown fox jumps over the lazy dog. It was 1984 and the clocks struck 13.\n"
+    "Naïve café owners paid €12.50 for crème brûlée.\r\n\n  Indented paragraph with  two spaces.\n"
+)
 
 
 def _corpus(tmp_path, n: int = 40):
@@ -34,8 +44,10 @@ def _corpus(tmp_path, n: int = 40):
     d.mkdir()
     rng = random.Random(0)
     for i in range(n):
-        words = " ".join(rng.choice(["alpha", "beta", "gamma", "delta", "return", "print(x)", "for i in range(3):"])
-                         for _ in range(60))
+        words = " ".join(
+            rng.choice(["alpha", "beta", "gamma", "delta", "return", "print(x)", "for i in range(3):"])
+            for _ in range(60)
+        )
         (d / f"f{i:03d}.py").write_text(CODE.replace("Thing", f"Thing{i}") + words + "\n")
         (d / f"p{i:03d}.md").write_text(PROSE * (1 + i % 3) + words)
     return d
@@ -102,8 +114,9 @@ def test_unigram_is_lossless_too(tmp_path):
 
 
 def test_special_tokens_are_reserved_control_symbols(tmp_path):
-    t = train_tokenizer([str(_corpus(tmp_path, 10))], tmp_path / "s.model", vocab_size=500,
-                        special_tokens=["<mask>", "<sep>"])
+    t = train_tokenizer(
+        [str(_corpus(tmp_path, 10))], tmp_path / "s.model", vocab_size=500, special_tokens=["<mask>", "<sep>"]
+    )
     mask = t.sp.piece_to_id("<mask>")
     assert mask not in (UNK_ID,) and t.sp.is_control(mask)
     assert mask not in t.encode("a <mask> b")
@@ -168,11 +181,31 @@ def test_trainer_sentences_keep_everything_in_bounded_pieces():
 def test_cli_tokenizer_train(tmp_path, capsys):
     from mnemo.cli import main
 
-    rc = main(["tokenizer", "train", "--input", str(_corpus(tmp_path, 5)), "--vocab-size", "400", "--out",
-               str(tmp_path / "cli.model")])
+    rc = main(
+        [
+            "tokenizer",
+            "train",
+            "--input",
+            str(_corpus(tmp_path, 5)),
+            "--vocab-size",
+            "400",
+            "--out",
+            str(tmp_path / "cli.model"),
+        ]
+    )
     assert rc == 0 and (tmp_path / "cli.model").exists()
     assert "sha256=" in capsys.readouterr().out
-    rc = main(["tokenizer", "train", "--input", str(tmp_path / "missing"), "--vocab-size", "400", "--out",
-               str(tmp_path / "m.model")])
+    rc = main(
+        [
+            "tokenizer",
+            "train",
+            "--input",
+            str(tmp_path / "missing"),
+            "--vocab-size",
+            "400",
+            "--out",
+            str(tmp_path / "m.model"),
+        ]
+    )
     err = capsys.readouterr().err.strip()
     assert rc == 2 and err.startswith("mnemo: error: input") and "missing" in err and "\n" not in err

@@ -78,7 +78,7 @@ def test_episode_batch_marks_the_answer_digits_of_segment_d(tok, filler, D):
     eb = src.batch(D, at_max=True)
     assert eb.tokens.shape == (B, (D + 1) * T + 1) and eb.distance == D and eb.at_max
     assert eb.weight.shape == eb.answer.shape == (B, T)
-    targets = eb.tokens[:, D * T + 1:(D + 1) * T + 1]
+    targets = eb.tokens[:, D * T + 1 : (D + 1) * T + 1]
     for i in range(B):
         row = eb.tokens[i].tolist()
         digits = tok.decode(targets[i][eb.answer[i]].tolist())
@@ -97,7 +97,7 @@ def test_multikey_episodes_ask_for_one_door_of_up_to_max_keys(tok, filler, D):
     T2 = 2 * T  # room for two facts and the question in one segment at this test tokenizer
     src = EpisodeSource(tok, filler, T2, 24, 5.0, 1.0, seed=1, rank=0, max_keys=2)
     eb = src.batch(D)
-    targets = eb.tokens[:, D * T2 + 1:(D + 1) * T2 + 1]
+    targets = eb.tokens[:, D * T2 + 1 : (D + 1) * T2 + 1]
     counts = set()
     for i in range(24):
         text = tok.decode(eb.tokens[i].tolist())
@@ -136,8 +136,20 @@ def test_episode_source_rejects_a_segment_too_short_for_the_question(tok, filler
 def test_ltm_only_max_d_batches_leave_the_short_term_memory_out(tok, filler):
     from mnemo.model import MemoryTransformer, ModelArgs
 
-    model = MemoryTransformer(ModelArgs(vocab_size=tok.vocab_size, n_layers=2, d_model=32, n_heads=2, d_ff=64,
-                                        stm_length=T, ltm_kind="knn", ltm_capacity=4 * T, ltm_topk=4, ltm_layers=(1,)))
+    model = MemoryTransformer(
+        ModelArgs(
+            vocab_size=tok.vocab_size,
+            n_layers=2,
+            d_model=32,
+            n_heads=2,
+            d_ff=64,
+            stm_length=T,
+            ltm_kind="knn",
+            ltm_capacity=4 * T,
+            ltm_topk=4,
+            ltm_layers=(1,),
+        )
+    )
     seen = []
     real_init = model.init_state
 
@@ -168,9 +180,12 @@ class _Recorder:
         logits = torch.zeros(*seg.shape, self.vocab, requires_grad=True)
         if self.oracle:
             # Segment i's targets: the tokens one to the right of its inputs in the episode.
-            start = [j for j in range(0, self.tokens.shape[1] - seg.shape[1])
-                     if torch.equal(self.tokens[:, j:j + seg.shape[1]], seg)][0]
-            nxt = self.tokens[:, start + 1:start + 1 + seg.shape[1]]
+            start = [
+                j
+                for j in range(0, self.tokens.shape[1] - seg.shape[1])
+                if torch.equal(self.tokens[:, j : j + seg.shape[1]], seg)
+            ][0]
+            nxt = self.tokens[:, start + 1 : start + 1 + seg.shape[1]]
             logits = logits + 10 * torch.nn.functional.one_hot(nxt, self.vocab).float()
         return logits, state
 

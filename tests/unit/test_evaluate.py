@@ -19,8 +19,18 @@ from mnemo.data_pipeline.tokenizer import Tokenizer
 from tests.unit.stdlib import stdlib_texts, stdlib_tokenizer
 from mnemo.train.config import Config
 from mnemo.train.errors import UserError
-from mnemo.train.evaluate import (ablation_table, bucket_lower, evaluate, flat_metrics, format_table, loss_by_position,
-                            passkey_report, plots, score_greedy, score_teacher_forced)
+from mnemo.train.evaluate import (
+    ablation_table,
+    bucket_lower,
+    evaluate,
+    flat_metrics,
+    format_table,
+    loss_by_position,
+    passkey_report,
+    plots,
+    score_greedy,
+    score_teacher_forced,
+)
 
 V = 16
 # The fake model's per-token losses go through fp32 logits [B, T, V] and an fp32
@@ -82,8 +92,8 @@ DOC_C = np.arange(5, 10)  # 4 predictions at p = 0..3
 
 def test_bucket_lower():
     T = 4
-    p = np.array([0, 3, 4, 7, 8, 15, 16, 31, 32, 63, 64, 1000, 4 * 2 ** 30 + 5])
-    want = np.array([0, 0, 4, 4, 8, 8, 16, 16, 32, 32, 64, 512, 4 * 2 ** 30])
+    p = np.array([0, 3, 4, 7, 8, 15, 16, 31, 32, 63, 64, 1000, 4 * 2**30 + 5])
+    want = np.array([0, 0, 4, 4, 8, 8, 16, 16, 32, 32, 64, 512, 4 * 2**30])
     assert bucket_lower(p, T).tolist() == want.tolist()
 
 
@@ -160,8 +170,11 @@ def test_score_greedy_feeds_its_own_predictions():
 def test_teacher_forced_scoring_agrees_with_greedy_exact_match():
     from mnemo.train.evaluate import cell_stats
 
-    samples = [_sample(list(range(10)), 7, 3), _sample(list(range(8)) + [8, 5], 7, 3),
-               _sample(list(range(7)) + [9, 10, 11], 7, 3)]
+    samples = [
+        _sample(list(range(10)), 7, 3),
+        _sample(list(range(8)) + [8, 5], 7, 3),
+        _sample(list(range(7)) + [9, 10, 11], 7, 3),
+    ]
     m = CountingModel(lambda c: 0.5)
     exact_g, digit_g = cell_stats(samples, score_greedy(m, samples, 3, 2))
     preds, losses = score_teacher_forced(m, samples, 3, 2)
@@ -239,19 +252,20 @@ def test_passkey_end_to_end_memory_vs_none(tok, corpus):
     rep = passkey_report(m, tok, corpus, 64, distances=[0, 1, 3], trials=6, seed=1, batch_size=4)
     assert rep["accuracy"] == {"0": 1.0, "1": 1.0, "3": 1.0}
     assert set(rep["by_depth"]["3"]) == {"start", "middle", "end"}
-    off = passkey_report(m, tok, corpus, 64, distances=[0, 1, 3], trials=6, seed=1, batch_size=4, stm=False,
-                         ltm=False)
+    off = passkey_report(m, tok, corpus, 64, distances=[0, 1, 3], trials=6, seed=1, batch_size=4, stm=False, ltm=False)
     assert off["accuracy"]["0"] == 1.0  # the key is in the question's own segment
     assert off["accuracy"]["1"] == 0.0 and off["accuracy"]["3"] == 0.0
-    greedy = passkey_report(m, tok, corpus, 64, distances=[0, 1, 3], trials=6, seed=1, batch_size=4, stm=False,
-                            ltm=False, decode="greedy")
+    greedy = passkey_report(
+        m, tok, corpus, 64, distances=[0, 1, 3], trials=6, seed=1, batch_size=4, stm=False, ltm=False, decode="greedy"
+    )
     assert greedy["accuracy"] == off["accuracy"]
     # Multi-key: the copier finds the door named in the question.
     mk = passkey_report(m, tok, corpus, 128, distances=[2], trials=4, seed=1, batch_size=4, n_keys=3)
     assert mk["accuracy"] == {"2": 1.0}
     # Same seed, same documents: a deterministic report.
-    assert passkey_report(m, tok, corpus, 64, distances=[1], trials=3, seed=1) == \
-        passkey_report(m, tok, corpus, 64, distances=[1], trials=3, seed=1)
+    assert passkey_report(m, tok, corpus, 64, distances=[1], trials=3, seed=1) == passkey_report(
+        m, tok, corpus, 64, distances=[1], trials=3, seed=1
+    )
 
 
 def _cfg(T: int) -> Config:
@@ -291,8 +305,9 @@ def _real_model(vocab: int, T: int):
     from mnemo.model import MemoryTransformer, ModelArgs
 
     torch.manual_seed(0)
-    return MemoryTransformer(ModelArgs(vocab_size=vocab, stm_length=T, ltm_kind="knn", ltm_capacity=512, ltm_topk=4,
-                                       ltm_layers=(2,))).eval()
+    return MemoryTransformer(
+        ModelArgs(vocab_size=vocab, stm_length=T, ltm_kind="knn", ltm_capacity=512, ltm_topk=4, ltm_layers=(2,))
+    ).eval()
 
 
 def test_real_model_batch_invariant_and_ablations():
@@ -332,7 +347,7 @@ def test_real_model_passkey(tok, corpus):
     greedy = score_greedy(m, samples, 64, 2)
     for s, g in zip(samples, greedy):
         s["tokens"] = s["tokens"].copy()
-        s["tokens"][s["answer_start"]:s["answer_start"] + s["answer_len"]] = g
+        s["tokens"][s["answer_start"] : s["answer_start"] + s["answer_len"]] = g
     preds, _ = score_teacher_forced(m, samples, 64, 4)
     assert all(np.array_equal(p, g) for p, g in zip(preds, greedy))
 
@@ -342,8 +357,13 @@ def _write_mds(root: Path, tok: Tokenizer, texts: list[str]) -> Path:
 
     from mnemo.data_pipeline.passkey import make_passkey_sample
 
-    cols = {"tokens": "ndarray:uint16", "doc_id": "str", "source": "str", "answer_start": "int32",
-            "answer_len": "int32"}
+    cols = {
+        "tokens": "ndarray:uint16",
+        "doc_id": "str",
+        "source": "str",
+        "answer_start": "int32",
+        "answer_len": "int32",
+    }
     filler = np.concatenate([np.asarray(tok.encode(t)) for t in texts])
     with MDSWriter(out=str(root), columns=cols, compression=None) as w:
         for i, t in enumerate(texts):
@@ -351,13 +371,21 @@ def _write_mds(root: Path, tok: Tokenizer, texts: list[str]) -> Path:
             w.write({"tokens": ids, "doc_id": f"d{i}", "source": f"f{i}.py", "answer_start": -1, "answer_len": 0})
         for i in range(4):
             s = make_passkey_sample(tok, filler, 1, "start", 64, np.random.default_rng(i))
-            w.write({"tokens": s["tokens"].astype(np.uint16), "doc_id": f"p{i}", "source": "passkey",
-                     "answer_start": s["answer_start"], "answer_len": s["answer_len"]})
+            w.write(
+                {
+                    "tokens": s["tokens"].astype(np.uint16),
+                    "doc_id": f"p{i}",
+                    "source": "passkey",
+                    "answer_start": s["answer_start"],
+                    "answer_len": s["answer_len"],
+                }
+            )
     import shutil
 
     shutil.copy(tok.path, root / "tokenizer.model")
-    (root / "manifest.json").write_text(json.dumps({"tokenizer_sha256": tok.sha256, "vocab_size": tok.vocab_size,
-                                                    "eos_id": tok.eos_id}))
+    (root / "manifest.json").write_text(
+        json.dumps({"tokenizer_sha256": tok.sha256, "vocab_size": tok.vocab_size, "eos_id": tok.eos_id})
+    )
     return root
 
 
@@ -373,8 +401,9 @@ def test_eval_cli(tok, tmp_path, capsys):
     exp = tmp_path / "export"
     exp.mkdir()
     m = _real_model(tok.vocab_size, T)
-    save_file({k: v.contiguous() for k, v in m.state_dict().items() if k != "lm_head.weight"},
-              str(exp / "model.safetensors"))
+    save_file(
+        {k: v.contiguous() for k, v in m.state_dict().items() if k != "lm_head.weight"}, str(exp / "model.safetensors")
+    )
     (exp / "model_args.json").write_text(json.dumps(dataclasses.asdict(m.args)))
     cfg = _cfg(T)
     cfg.data.val_fraction = 0.5
@@ -386,9 +415,28 @@ def test_eval_cli(tok, tmp_path, capsys):
 
     p = build_parser()  # the mnemo CLI's own parser
     out = tmp_path / "res.json"
-    args = p.parse_args(["eval", str(exp), "--data", str(data), "--json", str(out), "--max-docs", "3",
-                         "--passkey-trials", "3", "--distances", "1,2", "--batch-size", "4", "--plots",
-                         str(tmp_path / "plots"), "--device", "cpu"])
+    args = p.parse_args(
+        [
+            "eval",
+            str(exp),
+            "--data",
+            str(data),
+            "--json",
+            str(out),
+            "--max-docs",
+            "3",
+            "--passkey-trials",
+            "3",
+            "--distances",
+            "1,2",
+            "--batch-size",
+            "4",
+            "--plots",
+            str(tmp_path / "plots"),
+            "--device",
+            "cpu",
+        ]
+    )
     assert args.func(args) == 0
     res = json.loads(out.read_text())
     assert res["num_docs"] == 3 and set(res["passkey"]) == {"1", "2"}
@@ -399,8 +447,26 @@ def test_eval_cli(tok, tmp_path, capsys):
     assert res["ltm_capacity"] == 512  # as trained: D <= 2 needs only 2 * 64 entries
     # A passkey 12 segments away needs 12 * 64 entries: the store grows by default, unless told.
     for extra, cap in (([], 12 * T), (["--ltm-capacity", "600"], 600)):
-        a = p.parse_args(["eval", str(exp), "--data", str(data), "--json", str(out), "--max-docs", "1",
-                          "--passkey-trials", "1", "--distances", "12", "--no-ablations", "--device", "cpu", *extra])
+        a = p.parse_args(
+            [
+                "eval",
+                str(exp),
+                "--data",
+                str(data),
+                "--json",
+                str(out),
+                "--max-docs",
+                "1",
+                "--passkey-trials",
+                "1",
+                "--distances",
+                "12",
+                "--no-ablations",
+                "--device",
+                "cpu",
+                *extra,
+            ]
+        )
         assert a.func(a) == 0 and json.loads(out.read_text())["ltm_capacity"] == cap
     # A data dir tokenized with another tokenizer is refused, naming the manifest.
     (data / "manifest.json").write_text(json.dumps({"tokenizer_sha256": "0" * 64}))

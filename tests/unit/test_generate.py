@@ -43,11 +43,11 @@ def test_segment_reader_matches_training_segments():
     with torch.no_grad():
         st, ref = m.init_state(2), []
         for s0 in range(0, x.shape[1], T):
-            lg, st = m(x[:, s0:s0 + T], st)
+            lg, st = m(x[:, s0 : s0 + T], st)
             ref.append(lg)
         ref = torch.cat(ref, 1)  # [2, L, V]
         r = SegmentReader(m, m.init_state(2), T)
-        got = torch.stack([r.feed(x[:, i:i + 1]) for i in range(x.shape[1])], 1)
+        got = torch.stack([r.feed(x[:, i : i + 1]) for i in range(x.shape[1])], 1)
         assert torch.allclose(got, ref, atol=1e-4)
         # Chunks of any size give the same last logits.
         r2 = SegmentReader(m, m.init_state(2), T)
@@ -57,7 +57,7 @@ def test_segment_reader_matches_training_segments():
         # step mode commits every call: the state holds every token once.
         r3 = SegmentReader(m, m.init_state(2), T, mode="step")
         for i in range(10):
-            r3.feed(x[:, i:i + 1])
+            r3.feed(x[:, i : i + 1])
         assert r3.state.pos.tolist() == [10, 10]
 
 
@@ -75,8 +75,19 @@ def test_generate_long_prompt_deterministic():
     m = _model(300)
     prompt = torch.randint(4, 300, (9 * T + 5,), generator=torch.Generator().manual_seed(2)).tolist()  # 10 segments
     seen, segs = [], []
-    a = generate(m, _Tok(), prompt, T, 24, temperature=1.0, top_p=0.9, seed=5, on_token=seen.append,
-                 on_prompt_segment=lambda i, n: segs.append((i, n)), stop_at_eos=False)
+    a = generate(
+        m,
+        _Tok(),
+        prompt,
+        T,
+        24,
+        temperature=1.0,
+        top_p=0.9,
+        seed=5,
+        on_token=seen.append,
+        on_prompt_segment=lambda i, n: segs.append((i, n)),
+        stop_at_eos=False,
+    )
     b = generate(m, _Tok(), prompt, T, 24, temperature=1.0, top_p=0.9, seed=5, stop_at_eos=False)
     c = generate(m, _Tok(), prompt, T, 24, temperature=1.0, top_p=0.9, seed=6, stop_at_eos=False)
     assert len(a) == 24 and a == b and seen == a
@@ -88,7 +99,7 @@ def test_generate_long_prompt_deterministic():
     with torch.no_grad():
         st, logits = m.init_state(1), []
         for s0 in range(0, full.shape[1], T):
-            lg, st = m(full[:, s0:s0 + T], st)
+            lg, st = m(full[:, s0 : s0 + T], st)
             logits.append(lg)
         logits = torch.cat(logits, 1)[0]
     assert [int(logits[len(prompt) - 1 + i].argmax()) for i in range(3)] == g
@@ -132,8 +143,12 @@ def _export_dir(root: Path) -> Path:
     from mnemo.data_pipeline.tokenizer import train_from_texts
 
     files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[:6]
-    tok = train_from_texts([f.read_text(encoding="utf-8", errors="replace") for f in files], root / "tokenizer.model",
-                           vocab_size=400, num_threads=1)
+    tok = train_from_texts(
+        [f.read_text(encoding="utf-8", errors="replace") for f in files],
+        root / "tokenizer.model",
+        vocab_size=400,
+        num_threads=1,
+    )
     m = _model(tok.vocab_size)
     sd = {k: v.contiguous() for k, v in m.state_dict().items() if k != "lm_head.weight"}
     save_file(sd, str(root / "model.safetensors"))

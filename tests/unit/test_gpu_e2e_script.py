@@ -52,8 +52,10 @@ def test_a_step_over_its_time_limit_fails_and_is_killed(tmp_path):
     # The whole run's budget spent: the remaining steps are not started.
     res = e2e("--cpu", "--work", str(tmp_path), "--only", "prepare,eval", GPU_E2E_BUDGET_S="0")
     assert res.returncode == 1
-    assert res.stdout.splitlines()[1:3] == ["failed prepare skipped: the 0 s budget is spent",
-                                            "failed eval skipped: the 0 s budget is spent"]
+    assert res.stdout.splitlines()[1:3] == [
+        "failed prepare skipped: the 0 s budget is spent",
+        "failed eval skipped: the 0 s budget is spent",
+    ]
 
 
 def test_gpu_mode_without_a_gpu_reports_every_step_failed(tmp_path):
@@ -61,5 +63,7 @@ def test_gpu_mode_without_a_gpu_reports_every_step_failed(tmp_path):
     assert res.returncode == 1
     assert res.stdout.splitlines()[1:] == [
         f"failed env no CUDA GPU visible to {sys.executable} (a CPU dry run: --cpu)",
-        "failed install skipped: no GPU", "failed mfu skipped: no GPU",
-        f"summary: 0 ok, 3 failed (env install mfu); logs in {tmp_path}/logs"]
+        "failed install skipped: no GPU",
+        "failed mfu skipped: no GPU",
+        f"summary: 0 ok, 3 failed (env install mfu); logs in {tmp_path}/logs",
+    ]

@@ -32,8 +32,9 @@ def model(tmp_path_factory) -> str:
 
 
 def jsonl(n: int, start: int = 0) -> bytes:
-    return "".join(json.dumps({"text": f"document {i} " + "lorem ipsum " * 8}) + "\n"
-                   for i in range(start, start + n)).encode()
+    return "".join(
+        json.dumps({"text": f"document {i} " + "lorem ipsum " * 8}) + "\n" for i in range(start, start + n)
+    ).encode()
 
 
 def read(paths, **kw) -> tuple[list[str], ReadStats]:
@@ -64,8 +65,9 @@ def test_out_equal_to_the_input_dir_is_refused_and_the_input_kept(model, tmp_pat
     (corpus / "part-00000.jsonl").write_bytes(jsonl(50))  # a common corpus naming
     before = (corpus / "part-00000.jsonl").read_bytes()
     for extra in ([], ["--overwrite"]):
-        rc, err = cli(capsys, "prepare", "--input", corpus, "--out", corpus, "--tokenizer", model,
-                      "--workers", "1", *extra)
+        rc, err = cli(
+            capsys, "prepare", "--input", corpus, "--out", corpus, "--tokenizer", model, "--workers", "1", *extra
+        )
         assert rc == 2 and "contains the input" in one_error_line(err) and "part-00000.jsonl" in err
     # --out an ancestor of the input is the same thing.
     with pytest.raises(DataError, match="contains the input"):
@@ -82,8 +84,19 @@ def test_out_holding_a_users_part_file_is_refused_and_the_file_kept(model, tmp_p
     (out / "part-00001").mkdir()
     (out / "part-00001" / "notes.txt").write_text("also theirs")
     for extra in ([], ["--overwrite"]):
-        rc, err = cli(capsys, "prepare", "--input", tmp_path / "in.jsonl", "--out", out, "--tokenizer", model,
-                      "--workers", "1", *extra)
+        rc, err = cli(
+            capsys,
+            "prepare",
+            "--input",
+            tmp_path / "in.jsonl",
+            "--out",
+            out,
+            "--tokenizer",
+            model,
+            "--workers",
+            "1",
+            *extra,
+        )
         assert rc == 2 and "holds no mnemo dataset" in one_error_line(err)
     assert (out / "part-00000.jsonl").read_text() == "the user's own corpus\n"
     assert (out / "part-00001" / "notes.txt").read_text() == "also theirs"
@@ -104,8 +117,9 @@ def test_overwrite_removes_only_the_listed_outputs(model, tmp_path):
     (out / "part-00007-mine.txt").unlink()
     m = prepare([str(tmp_path / "b.jsonl")], str(out), tokenizer=model, workers=1, overwrite=True)
     assert m["num_documents"] == 5 and not (out / "part-00003").exists()
-    assert sorted(os.listdir(out)) == sorted([prep.OUTPUTS_FILE, "index.json", "manifest.json", "part-00000",
-                                              "tokenizer.model"])
+    assert sorted(os.listdir(out)) == sorted(
+        [prep.OUTPUTS_FILE, "index.json", "manifest.json", "part-00000", "tokenizer.model"]
+    )
 
 
 def test_a_dataset_without_a_list_of_outputs_is_known_by_its_manifest(model, tmp_path):
@@ -184,15 +198,15 @@ def test_truncated_or_corrupt_compressed_jsonl_is_an_error_naming_the_file(tmp_p
     p = _damaged(tmp_path, kind, damage)
     with pytest.raises(DataError, match=rf"input .*{p.name}: truncated or corrupt (gzip|zstd) data"):
         read([p])
-    rc, err = cli(capsys, "prepare", "--input", p, "--out", tmp_path / "out", "--vocab-size", "300",
-                  "--workers", "1")
+    rc, err = cli(capsys, "prepare", "--input", p, "--out", tmp_path / "out", "--vocab-size", "300", "--workers", "1")
     assert rc == 2 and p.name in one_error_line(err)
     assert not (tmp_path / "out" / "manifest.json").exists()
 
 
 def test_multi_frame_and_empty_compressed_files_read_whole(tmp_path):
-    (tmp_path / "a.jsonl.zst").write_bytes(b"".join(zstandard.ZstdCompressor().compress(jsonl(3, i * 3))
-                                                    for i in range(3)))
+    (tmp_path / "a.jsonl.zst").write_bytes(
+        b"".join(zstandard.ZstdCompressor().compress(jsonl(3, i * 3)) for i in range(3))
+    )
     (tmp_path / "b.jsonl.gz").write_bytes(gzip.compress(jsonl(2)) + gzip.compress(jsonl(2, 2)))
     (tmp_path / "c.jsonl.gz").write_bytes(b"")
     (tmp_path / "d.jsonl.zst").write_bytes(b"")
@@ -217,15 +231,17 @@ def test_corrupt_parquet_pages_are_an_error_naming_the_file(tmp_path):
 
 def test_deeply_nested_json_line_is_counted_and_skipped(tmp_path, capsys):
     p = tmp_path / "deep.jsonl"
-    p.write_bytes(jsonl(1) + b"[" * 100_000 + b"]" * 100_000 + b"\n" + jsonl(1, 1)
-                  + b'{"text": ' + b"[" * 100_000 + b"\n")
+    p.write_bytes(
+        jsonl(1) + b"[" * 100_000 + b"]" * 100_000 + b"\n" + jsonl(1, 1) + b'{"text": ' + b"[" * 100_000 + b"\n"
+    )
     texts, stats = read([p])
     assert len(texts) == 2 and stats.counts == {"invalid_json": 2}
     assert stats.examples == [f"{p}:2: invalid_json", f"{p}:4: invalid_json"]
     with pytest.raises(DataError, match=r"deep.jsonl:2: JSON nested deeper .* \(--strict\)"):
         read([p], strict=True)
-    rc, err = cli(capsys, "prepare", "--input", p, "--out", tmp_path / "out", "--vocab-size", "300",
-                  "--workers", "1", "--strict")
+    rc, err = cli(
+        capsys, "prepare", "--input", p, "--out", tmp_path / "out", "--vocab-size", "300", "--workers", "1", "--strict"
+    )
     assert rc == 2 and "deep.jsonl:2" in one_error_line(err)
 
 
@@ -233,12 +249,17 @@ def test_odd_values_in_records_never_crash_the_writer(model, tmp_path):
     """Lone surrogates in an id, a non-string text, an id of any JSON type, an undecodable file name."""
     d = tmp_path / "in"
     d.mkdir()
-    (d / "r.jsonl").write_text("\n".join([
-        json.dumps({"text": "one", "id": "\ud800x"}),
-        json.dumps({"text": {"nested": "no"}, "id": "b"}),
-        json.dumps({"text": "three", "id": [1, {"k": None}]}),
-        json.dumps({"text": "four", "id": 4.5}),
-    ]) + "\n")
+    (d / "r.jsonl").write_text(
+        "\n".join(
+            [
+                json.dumps({"text": "one", "id": "\ud800x"}),
+                json.dumps({"text": {"nested": "no"}, "id": "b"}),
+                json.dumps({"text": "three", "id": [1, {"k": None}]}),
+                json.dumps({"text": "four", "id": 4.5}),
+            ]
+        )
+        + "\n"
+    )
     with open(os.path.join(os.fsencode(d), b"caf\xe9.txt"), "wb") as f:  # not valid UTF-8
         f.write(b"named in latin-1")
     out = tmp_path / "out"
@@ -262,8 +283,10 @@ def test_broken_symlink_fifo_and_binary_text_are_skipped_and_counted(tmp_path, c
     corpus = plan_inputs([str(d)])
     assert [os.path.basename(f.path) for f in corpus.files] == ["a.txt", "d.txt"]
     assert corpus.file_stats.counts == {"unreadable_file": 2}
-    assert corpus.file_stats.examples == [f"{d}/b.txt (broken symbolic link): unreadable_file",
-                                           f"{d}/c.txt (not a regular file): unreadable_file"]
+    assert corpus.file_stats.examples == [
+        f"{d}/b.txt (broken symbolic link): unreadable_file",
+        f"{d}/c.txt (not a regular file): unreadable_file",
+    ]
     texts, stats = read([d])
     assert texts == ["good text"] and stats.counts == {"binary_file": 1}
     rc, err = cli(capsys, "prepare", "--input", d / "b.txt", "--out", tmp_path / "o")
@@ -325,8 +348,9 @@ def test_documents_over_the_bound_are_skipped_and_counted(tmp_path):
     d.mkdir()
     (d / "big.txt").write_text("x" * 101)
     (d / "fits.txt").write_text("y" * 100)
-    (d / "lines.jsonl").write_bytes(b'{"text": "' + b"z" * 200 + b'"}\n' + b'{"text": "ok"}\n'
-                                    + b'{"text": "' + b"w" * 86 + b'"}')  # the last line: exactly 100 bytes
+    (d / "lines.jsonl").write_bytes(
+        b'{"text": "' + b"z" * 200 + b'"}\n' + b'{"text": "ok"}\n' + b'{"text": "' + b"w" * 86 + b'"}'
+    )  # the last line: exactly 100 bytes
     pq.write_table(pa.table({"text": ["p" * 101, "small", "é" * 51]}), d / "rows.parquet")
     (d / "c.jsonl.gz").write_bytes(gzip.compress(b'{"text": "' + b"q" * 5000 + b'"}\n{"text": "after"}\n'))
     texts, stats = read([d], max_doc_bytes=100)
@@ -355,11 +379,25 @@ def test_a_long_line_is_skipped_without_being_held_whole(tmp_path, suffix):
 def test_max_doc_bytes_flag(model, tmp_path, capsys):
     (tmp_path / "a.jsonl").write_bytes(jsonl(3) + b'{"text": "' + b"v" * 3000 + b'"}\n')
     out = tmp_path / "out"
-    rc, err = cli(capsys, "prepare", "--input", tmp_path / "a.jsonl", "--out", out, "--tokenizer", model,
-                  "--workers", "1", "--max-doc-bytes", "2K")
+    rc, err = cli(
+        capsys,
+        "prepare",
+        "--input",
+        tmp_path / "a.jsonl",
+        "--out",
+        out,
+        "--tokenizer",
+        model,
+        "--workers",
+        "1",
+        "--max-doc-bytes",
+        "2K",
+    )
     assert rc == 0
-    assert ("skipped: too_large=1 (too_large: documents over --max-doc-bytes 2,048 bytes, left out whole, "
-            "not split) (see manifest.json)") in err
+    assert (
+        "skipped: too_large=1 (too_large: documents over --max-doc-bytes 2,048 bytes, left out whole, "
+        "not split) (see manifest.json)"
+    ) in err
     m = json.loads((out / "manifest.json").read_text())
     assert m["num_documents"] == 3 and m["max_doc_bytes"] == 2048 and m["skipped"] == {"too_large": 1}
     with pytest.raises(SystemExit):
@@ -380,12 +418,17 @@ def test_verify_and_inspect_report_malformed_metadata_in_one_line(model, tmp_pat
     index, manifest = (out / "index.json").read_text(), (out / "manifest.json").read_text()
     both = ("verify", "inspect")
     for name, text, needle, commands in [
-            ("index.json", "[]", "index.json: not a JSON object", both),
-            ("index.json", '{"shards": [{}]}', "malformed (KeyError: 'raw_data')", both),
-            ("index.json", '{"shards": 5}', "malformed (TypeError", both),
-            ("manifest.json", "[1, 2]", "manifest.json: not a JSON object", both),
-            ("manifest.json", json.dumps({**json.loads(manifest), "token_dtype": "nope"}), "malformed (TypeError",
-             ("verify",))]:  # inspect only prints the dtype
+        ("index.json", "[]", "index.json: not a JSON object", both),
+        ("index.json", '{"shards": [{}]}', "malformed (KeyError: 'raw_data')", both),
+        ("index.json", '{"shards": 5}', "malformed (TypeError", both),
+        ("manifest.json", "[1, 2]", "manifest.json: not a JSON object", both),
+        (
+            "manifest.json",
+            json.dumps({**json.loads(manifest), "token_dtype": "nope"}),
+            "malformed (TypeError",
+            ("verify",),
+        ),
+    ]:  # inspect only prints the dtype
         (out / "index.json").write_text(index)
         (out / "manifest.json").write_text(manifest)
         (out / name).write_text(text)

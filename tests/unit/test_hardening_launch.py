@@ -69,7 +69,8 @@ def test_control_character_in_run_dir_from_yaml(ws, capsys, target, ch):
     # The YAML escape writes the character itself into run.dir: a line
     # "rm -rf ~" before the #SBATCH header is what this must prevent.
     (ws / "evil.yaml").write_text(
-        f'run:\n  dir: "runs/x{json.dumps(ch)[1:-1]}touch PWNED"\ndata:\n  path: {ws / "data"}\n')
+        f'run:\n  dir: "runs/x{json.dumps(ch)[1:-1]}touch PWNED"\ndata:\n  path: {ws / "data"}\n'
+    )
     err = fails(capsys, "evil.yaml", "--dry-run", *target)
     assert err.startswith("mnemo: error: run.dir: ") and "control character" in err
     assert not (ws / "runs").exists() and not list(ws.glob("runs*"))
@@ -107,14 +108,17 @@ def test_control_character_in_sbatch_arg_and_rdzv_id(ws, capsys):
 # Host names and addresses: never an ssh option, never a shell word
 
 
-@pytest.mark.parametrize("host, msg", [
-    ("-oProxyCommand=touch${IFS}PWNED", "starts with '-'"),
-    ("n$(touch${IFS}PWNED)", "is not a host name"),
-    ("`touch${IFS}PWNED`", "is not a host name"),
-    ("a;touch${IFS}PWNED", "is not a host name"),
-    ("a'b", "is not a host name"),
-    ("a\x1bb", "is not a host name"),
-])
+@pytest.mark.parametrize(
+    "host, msg",
+    [
+        ("-oProxyCommand=touch${IFS}PWNED", "starts with '-'"),
+        ("n$(touch${IFS}PWNED)", "is not a host name"),
+        ("`touch${IFS}PWNED`", "is not a host name"),
+        ("a;touch${IFS}PWNED", "is not a host name"),
+        ("a'b", "is not a host name"),
+        ("a\x1bb", "is not a host name"),
+    ],
+)
 def test_hostile_host_names_are_refused(ws, capsys, host, msg):
     (ws / "evil").write_text(f"ok slots=1\n{host} slots=1\n")
     err = fails(capsys, "c.yaml", "--hostfile", "evil", "--dry-run")
@@ -151,7 +155,7 @@ def sbatch_directives(script: str) -> list[str]:
     opts: list[str] = []
     for line in script.splitlines()[1:]:
         if line.startswith("#SBATCH"):
-            rest = line[len("#SBATCH"):]
+            rest = line[len("#SBATCH") :]
             i = 0
             while i < len(rest):
                 while i < len(rest) and rest[i].isspace():
@@ -195,8 +199,8 @@ def _stubs(ws: Path) -> Path:
     d.mkdir()
     (d / "srun").write_text('#!/bin/bash\nprintf "%s\\0" "$@" > "$SRUN_ARGV"\n')
     (d / "scontrol").write_text(
-        '#!/bin/bash\ncase "$2" in hostnames) echo node-a ;; '
-        'node) echo "NodeName=node-a NodeAddr=10.0.0.5 x" ;; esac\n')
+        '#!/bin/bash\ncase "$2" in hostnames) echo node-a ;; node) echo "NodeName=node-a NodeAddr=10.0.0.5 x" ;; esac\n'
+    )
     for f in d.iterdir():
         f.chmod(0o755)
     return d
@@ -211,8 +215,15 @@ def test_sbatch_script_with_hostile_values_parses_back_exactly(tmp_path, capsys,
     config = ws / f"c{HOSTILE.replace('%', '')}.yaml"
     config.write_text(f"data:\n  path: {data}\n")
     run_dir = f"runs/{HOSTILE}"
-    rc, out, err = launch(capsys, config.name, "--slurm", "--dry-run", f"run.dir={run_dir}",
-                          f"run.name={HOSTILE}", "--sbatch-arg=--comment=a b#c\"d'e")
+    rc, out, err = launch(
+        capsys,
+        config.name,
+        "--slurm",
+        "--dry-run",
+        f"run.dir={run_dir}",
+        f"run.name={HOSTILE}",
+        "--sbatch-arg=--comment=a b#c\"d'e",
+    )
     assert rc == 0, err
     script = ws / run_dir / "slurm" / "job.sbatch"
     assert script.read_text() == out
@@ -226,15 +237,20 @@ def test_sbatch_script_with_hostile_values_parses_back_exactly(tmp_path, capsys,
 
     # Run the script itself with srun/scontrol stand-ins: bash reads back every value.
     (ws / run_dir / "PREEMPTED").write_text("stale\n")  # the script deletes it through $RUN_DIR
-    env = {"PATH": f"{_stubs(tmp_path)}:/usr/bin:/bin", "SRUN_ARGV": str(tmp_path / "argv"),
-           "SLURM_JOB_ID": "77", "SLURM_JOB_NUM_NODES": "1", "SLURM_JOB_NODELIST": "node-a"}
+    env = {
+        "PATH": f"{_stubs(tmp_path)}:/usr/bin:/bin",
+        "SRUN_ARGV": str(tmp_path / "argv"),
+        "SLURM_JOB_ID": "77",
+        "SLURM_JOB_NUM_NODES": "1",
+        "SLURM_JOB_NODELIST": "node-a",
+    }
     r = subprocess.run(["bash", str(script)], cwd=ws, env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert not (ws / run_dir / "PREEMPTED").exists(), "RUN_DIR did not come back exactly"
     argv = (tmp_path / "argv").read_text().split("\0")[:-1]
     i = argv.index("-m") + 1
     assert argv[i] == "mnemo"
-    assert argv[i + 1:i + 5] == ["launch", str(config), f"run.dir={run_dir}", f"run.name={HOSTILE}"]
+    assert argv[i + 1 : i + 5] == ["launch", str(config), f"run.dir={run_dir}", f"run.name={HOSTILE}"]
     assert argv[argv.index("--master-addr") + 1] == "10.0.0.5" and argv[argv.index("--rdzv-id") + 1] == "mnemo-77"
     assert not list(tmp_path.rglob("PWNED*")), "a value was executed"
 
@@ -249,8 +265,17 @@ def test_hostfile_commands_with_hostile_values_run_exactly(tmp_path, capsys, mon
     config = ws / f"c{HOSTILE}.yaml"
     config.write_text(f"data:\n  path: {data}\n")
     (ws / "hosts").write_text("n0 slots=1\n")
-    rc, out, err = launch(capsys, config.name, "--hostfile", "hosts", "--dry-run", f"run.dir=runs/{HOSTILE}",
-                          "--rdzv-id=-x", "--master-addr", "10.0.0.1")
+    rc, out, err = launch(
+        capsys,
+        config.name,
+        "--hostfile",
+        "hosts",
+        "--dry-run",
+        f"run.dir=runs/{HOSTILE}",
+        "--rdzv-id=-x",
+        "--master-addr",
+        "10.0.0.1",
+    )
     assert rc == 2 and "--rdzv-id '-x' starts with '-'" in err
     rc, out, err = launch(capsys, config.name, "--hostfile", "hosts", "--dry-run", f"run.dir=runs/{HOSTILE}")
     assert rc == 0, err
@@ -259,8 +284,9 @@ def test_hostfile_commands_with_hostile_values_run_exactly(tmp_path, capsys, mon
     stub.write_text('#!/bin/bash\nprintf "%s\\0" "$PWD" "$MNEMO_TAG" "$@" > "$ARGV_OUT"\n')
     stub.chmod(0o755)
     remote = shlex.split(line)[-1].replace(sys.executable, str(stub))
-    subprocess.run(["bash", "-c", remote], check=True, cwd="/",
-                   env={"PATH": "/usr/bin:/bin", "ARGV_OUT": str(tmp_path / "argv")})
+    subprocess.run(
+        ["bash", "-c", remote], check=True, cwd="/", env={"PATH": "/usr/bin:/bin", "ARGV_OUT": str(tmp_path / "argv")}
+    )
     cwd, tag, *argv = (tmp_path / "argv").read_text().split("\0")[:-1]
     assert (cwd, tag) == (str(ws), HOSTILE)
     assert argv[:5] == ["-m", "mnemo", "launch", str(config), f"run.dir=runs/{HOSTILE}"]
@@ -290,8 +316,10 @@ def test_dry_run_shows_no_secret(ws, capsys, monkeypatch, target):
     script = ws / "runs/g/slurm/job.sbatch"
     _no_secret(out, err, script.read_text() if script.exists() else "")
     if target == ["--hostfile", "hosts"]:
-        assert "not shown: AWS_SECRET_ACCESS_KEY, MLFLOW_TRACKING_PASSWORD, MLFLOW_TRACKING_TOKEN, " \
-               "MLFLOW_TRACKING_URI" in out
+        assert (
+            "not shown: AWS_SECRET_ACCESS_KEY, MLFLOW_TRACKING_PASSWORD, MLFLOW_TRACKING_TOKEN, "
+            "MLFLOW_TRACKING_URI" in out
+        )
         for line in out.splitlines():
             if not line.startswith("#"):
                 remote = shlex.split(shlex.split(line)[-1])
@@ -321,7 +349,7 @@ def _fake_ssh(ws: Path) -> Path:
         'printf "%s\\0" "$@" >> "$SSH_ARGV"\n'
         'while [ "$1" = -o ]; do shift 2; done\n'
         '[ "$1" = -- ] && shift\n'
-        'shift\n'
+        "shift\n"
         'exec bash -c "$1"\n'
     )
     ssh.chmod(0o755)
@@ -334,25 +362,46 @@ def test_secrets_reach_the_node_on_stdin_not_argv(ws, monkeypatch):
 
     # The node's python: records its argv and the first stdin line (what `mnemo launch --env-from-stdin` reads).
     node = ws / "node.sh"
-    node.write_text('#!/bin/bash\nIFS= read -r line\nprintf "%s" "$line" > "$NODE_STDIN"\n'
-                    'printf "%s\\0" "$@" > "$NODE_ARGV"\n')
+    node.write_text(
+        '#!/bin/bash\nIFS= read -r line\nprintf "%s" "$line" > "$NODE_STDIN"\nprintf "%s\\0" "$@" > "$NODE_ARGV"\n'
+    )
     node.chmod(0o755)
     ssh = _fake_ssh(ws)
     monkeypatch.setenv("SSH_ARGV", str(ws / "ssh_argv"))
     monkeypatch.setenv("NODE_STDIN", str(ws / "node_stdin"))
     monkeypatch.setenv("NODE_ARGV", str(ws / "node_argv"))
-    env = remote.forwarded_env({"MLFLOW_TRACKING_PASSWORD": SECRET, "AWS_SESSION_TOKEN": SECRET,
-                                "MLFLOW_TRACKING_URI": SECRET_URI, "NCCL_DEBUG": "INFO", "HOME": "/root"})
+    env = remote.forwarded_env(
+        {
+            "MLFLOW_TRACKING_PASSWORD": SECRET,
+            "AWS_SESSION_TOKEN": SECRET,
+            "MLFLOW_TRACKING_URI": SECRET_URI,
+            "NCCL_DEBUG": "INFO",
+            "HOME": "/root",
+        }
+    )
     assert set(env) == {"MLFLOW_TRACKING_PASSWORD", "AWS_SESSION_TOKEN", "MLFLOW_TRACKING_URI", "NCCL_DEBUG"}
-    cmds = remote.node_commands(parse_hostfile_text("n0 slots=1\n", "hf"), config=str(ws / "c.yaml"), overrides=[],
-                                nproc_per_node=1, master_addr="n0", master_port=29500, rdzv_id="r",
-                                max_restarts=0, cwd=str(ws), python=str(node), env=env)
+    cmds = remote.node_commands(
+        parse_hostfile_text("n0 slots=1\n", "hf"),
+        config=str(ws / "c.yaml"),
+        overrides=[],
+        nproc_per_node=1,
+        master_addr="n0",
+        master_port=29500,
+        rdzv_id="r",
+        max_restarts=0,
+        cwd=str(ws),
+        python=str(node),
+        env=env,
+    )
     assert remote.run_hostfile(cmds, str(ssh)) == 0
     ssh_argv = (ws / "ssh_argv").read_text()
     _no_secret(ssh_argv, (ws / "node_argv").read_text(), remote.render(cmds))
     assert "NCCL_DEBUG=INFO" in ssh_argv and "--env-from-stdin" in (ws / "node_argv").read_text()
     assert json.loads((ws / "node_stdin").read_text()) == {
-        "AWS_SESSION_TOKEN": SECRET, "MLFLOW_TRACKING_PASSWORD": SECRET, "MLFLOW_TRACKING_URI": SECRET_URI}
+        "AWS_SESSION_TOKEN": SECRET,
+        "MLFLOW_TRACKING_PASSWORD": SECRET,
+        "MLFLOW_TRACKING_URI": SECRET_URI,
+    }
 
 
 def test_node_reads_exactly_the_secret_line_then_leaves_stdin(ws, capsys, monkeypatch):
@@ -399,12 +448,17 @@ def test_redact_uri():
     assert redact_uri(SECRET_URI) == "http://***@127.0.0.1:1"
     assert redact_uri(f"https://tok{SECRET}@h/x?a=b") == "https://***@h/x?a=b"
     assert redact_uri(f"http://u:p@ss{SECRET}@h/p@th") == "http://***@h/p@th"  # unencoded '@' in the password
-    assert redact_uri(f"see tracking.uri={SECRET_URI}, and http://h") == "see tracking.uri=http://***@127.0.0.1:1, and http://h"
+    assert (
+        redact_uri(f"see tracking.uri={SECRET_URI}, and http://h")
+        == "see tracking.uri=http://***@127.0.0.1:1, and http://h"
+    )
     for plain in ("http://h:5000", "sqlite:////tmp/a@b/mlflow.db", "user@host", "a b"):
         assert redact_uri(plain) == plain and not has_credentials(plain)
     assert redact_uri(redact_uri(SECRET_URI)) == redact_uri(SECRET_URI)
     assert redact_tree({"a": [SECRET_URI, 1], "b": {"c": SECRET_URI}}) == {
-        "a": ["http://***@127.0.0.1:1", 1], "b": {"c": "http://***@127.0.0.1:1"}}
+        "a": ["http://***@127.0.0.1:1", 1],
+        "b": {"c": "http://***@127.0.0.1:1"},
+    }
     assert is_secret_env("MLFLOW_TRACKING_PASSWORD") and is_secret_env("AWS_SECRET_ACCESS_KEY")
     assert is_secret_env("MY_API_KEY") and is_secret_env("MLFLOW_TRACKING_URI", SECRET_URI)
     assert not is_secret_env("MLFLOW_TRACKING_URI", "http://h:5000") and not is_secret_env("NCCL_DEBUG", "INFO")

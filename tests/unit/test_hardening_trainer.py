@@ -34,8 +34,14 @@ def world1():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(port)}
+    env = {
+        "RANK": "0",
+        "WORLD_SIZE": "1",
+        "LOCAL_RANK": "0",
+        "LOCAL_WORLD_SIZE": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+    }
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
@@ -66,8 +72,9 @@ def data(tmp_path_factory):
 def config(data: Path, run_dir: Path, *overrides: str):
     from mnemo.train.config import load_config
 
-    return load_config(DEBUG, [f"data.path={data}", f"run.dir={run_dir}", "tracking.enabled=false",
-                               "train.log_interval=1", *overrides])
+    return load_config(
+        DEBUG, [f"data.path={data}", f"run.dir={run_dir}", "tracking.enabled=false", "train.log_interval=1", *overrides]
+    )
 
 
 # ----------------------------------------------------------------------------- one job per run directory
@@ -83,8 +90,12 @@ time.sleep(600)
 
 def hold(run_dir: Path) -> subprocess.Popen:
     """Another job's owner process holding run_dir (it never lets go by itself)."""
-    p = subprocess.Popen([sys.executable, "-c", HOLDER, str(run_dir)], stdout=subprocess.PIPE, text=True,
-                         env=dict(os.environ, PYTHONPATH=str(REPO)))
+    p = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(run_dir)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=str(REPO)),
+    )
     assert p.stdout.readline().strip() == "held"
     return p
 
@@ -94,8 +105,11 @@ def test_run_lock_names_its_holder_and_dies_with_it(tmp_path):
 
     holder = hold(tmp_path / "run")
     try:
-        with pytest.raises(RunDirBusy, match=rf"run\.dir: .*run is in use by another job \(host "
-                                             rf"{socket.gethostname()}, pid {holder.pid}, since "):
+        with pytest.raises(
+            RunDirBusy,
+            match=rf"run\.dir: .*run is in use by another job \(host "
+            rf"{socket.gethostname()}, pid {holder.pid}, since ",
+        ):
             RunLock(tmp_path / "run").acquire()
     finally:
         holder.kill()  # SIGKILL: no cleanup code runs in the holder
@@ -141,8 +155,9 @@ def test_stop_request_on_an_evaluation_step_saves_at_once(world1, data, tmp_path
     from mnemo.train.checkpoint import read_meta
 
     run_dir = tmp_path / "run"
-    cfg = config(data, run_dir, "train.max_steps=6", "eval.interval=2",
-                 f"checkpoint.interval={2 if during == 'step' else 0}")
+    cfg = config(
+        data, run_dir, "train.max_steps=6", "eval.interval=2", f"checkpoint.interval={2 if during == 'step' else 0}"
+    )
     evals: list[int] = []
 
     def fake_eval(*a, **k):
@@ -184,10 +199,15 @@ class StandInStreams:
         from mnemo.data_pipeline.streams import SegmentBatch
 
         B, T = self.B, self.T
-        batch = SegmentBatch(tokens=torch.randint(0, self.vocab, (B, T + 1), generator=self.g),
-                             mask=torch.ones(B, T, dtype=torch.bool), weight=torch.ones(B, T),
-                             reset=torch.full((B,), self.n == 0), doc_ids=torch.arange(B),
-                             positions=torch.full((B,), self.n * T), epochs=torch.zeros(B, dtype=torch.long))
+        batch = SegmentBatch(
+            tokens=torch.randint(0, self.vocab, (B, T + 1), generator=self.g),
+            mask=torch.ones(B, T, dtype=torch.bool),
+            weight=torch.ones(B, T),
+            reset=torch.full((B,), self.n == 0),
+            doc_ids=torch.arange(B),
+            positions=torch.full((B,), self.n * T),
+            epochs=torch.zeros(B, dtype=torch.long),
+        )
         self.n += 1
         return batch
 
@@ -210,11 +230,13 @@ def engine(world1, data, tmp_path_factory):
     cfg = config(data, tmp_path_factory.mktemp("unused"))
     model = MemoryTransformer(trainer.model_args_from_config(cfg, VOCAB))
     opt = torch.optim.AdamW(trainer.param_groups(model, 0.1), lr=cfg.train.lr)
+
     def schedule(o):
         return torch.optim.lr_scheduler.LambdaLR(o, trainer.lr_lambda(cfg))
 
-    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=trainer.deepspeed_config(cfg, False, False),
-                                      lr_scheduler=schedule)
+    engine, *_ = deepspeed.initialize(
+        model=model, optimizer=opt, config=trainer.deepspeed_config(cfg, False, False), lr_scheduler=schedule
+    )
     return engine
 
 
@@ -222,13 +244,24 @@ def make_loop(engine, data, tmp_path, policy: str):
     from mnemo.train import trainer
 
     cfg = config(data, tmp_path, f"train.nan_policy={policy}")
-    info = trainer.DistInfo(rank=0, world_size=1, local_rank=0, local_world_size=1, node_rank=0, num_nodes=1,
-                            restart=0, requeue=0)
+    info = trainer.DistInfo(
+        rank=0, world_size=1, local_rank=0, local_world_size=1, node_rank=0, num_nodes=1, restart=0, requeue=0
+    )
     B, T = cfg.train.batch_size, cfg.model.segment_len
     state = engine.module.init_state(B)
     steplog = trainer.StepLog(tmp_path / "steps.jsonl", True)
-    return trainer.TrainLoop(cfg, engine, StandInStreams(B, T, VOCAB), state, info, torch.device("cpu"), Metrics(),
-                             steplog, model_flops=1.0, use_cuda=False)
+    return trainer.TrainLoop(
+        cfg,
+        engine,
+        StandInStreams(B, T, VOCAB),
+        state,
+        info,
+        torch.device("cpu"),
+        Metrics(),
+        steplog,
+        model_flops=1.0,
+        use_cuda=False,
+    )
 
 
 def weights(engine) -> list[torch.Tensor]:
@@ -292,10 +325,14 @@ def test_rng_state_reads_and_restores_only_the_ranks_own_gpu(monkeypatch):
     from mnemo.train import checkpoint as ckpt
 
     calls = []
-    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": calls.append(("get", str(device)))
-                        or torch.full((4,), 7, dtype=torch.uint8))
-    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device="cuda": calls.append(
-        ("set", str(device), int(state[0]))))
+    monkeypatch.setattr(
+        torch.cuda,
+        "get_rng_state",
+        lambda device="cuda": calls.append(("get", str(device))) or torch.full((4,), 7, dtype=torch.uint8),
+    )
+    monkeypatch.setattr(
+        torch.cuda, "set_rng_state", lambda state, device="cuda": calls.append(("set", str(device), int(state[0])))
+    )
     for name in ("get_rng_state_all", "set_rng_state_all"):
         monkeypatch.setattr(torch.cuda, name, lambda *a, **k: calls.append(("all",)))
     st = ckpt.rng_state(torch.device("cuda", 1))

@@ -46,8 +46,9 @@ def _evil_pt(path: Path, marker: Path, **plain) -> None:
 
 
 def _cfg():
-    return load_config("configs/debug.yaml", ["memory.long.kind=none", "memory.short.length=16",
-                                              "model.segment_len=16"])
+    return load_config(
+        "configs/debug.yaml", ["memory.long.kind=none", "memory.short.length=16", "model.segment_len=16"]
+    )
 
 
 def _args(cfg) -> ModelArgs:
@@ -71,8 +72,13 @@ def crafted(tmp_path, marker) -> Path:
         _evil_pt(state / name, marker)
     (d / "ds" / "latest").write_text(ckpt.DS_TAG)
     _evil_pt(d / "rank_00000.pt", marker)
-    meta = {"step": 2, "world_size": 1, "zero_stage": 2, "config": to_dict(cfg),
-            "model_args": dataclasses.asdict(_args(cfg))}
+    meta = {
+        "step": 2,
+        "world_size": 1,
+        "zero_stage": 2,
+        "config": to_dict(cfg),
+        "model_args": dataclasses.asdict(_args(cfg)),
+    }
     (d / "meta.json").write_text(json.dumps(meta))
     (d / ckpt.COMPLETE).write_text("1\n")
     (d.parent / "latest").write_text(d.name + "\n")
@@ -168,14 +174,20 @@ def test_what_real_checkpoints_hold_still_loads(tmp_path):
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
 
-    rank = {"rng": ckpt.rng_state(), "streams": {"excluded": {0: np.arange(5, dtype=np.int64)}},
-            "memory": {"pos": torch.zeros(2, dtype=torch.long)}}
+    rank = {
+        "rng": ckpt.rng_state(),
+        "streams": {"excluded": {0: np.arange(5, dtype=np.int64)}},
+        "memory": {"pos": torch.zeros(2, dtype=torch.long)},
+    }
     torch.save(rank, tmp_path / "rank_00000.pt")
     got = ckpt.load_torch_file(tmp_path / "rank_00000.pt")
     assert (got["rng"]["numpy"][1] == np.random.get_state()[1]).all()
     assert got["streams"]["excluded"][0].tolist() == [0, 1, 2, 3, 4]
-    ds = {"loss_scaler": LossScaler(1.0), "zero_stage": ZeroStageEnum.gradients,
-          "param_slice_mappings": [{"w": fragment_address(numel=4, start=0)}]}
+    ds = {
+        "loss_scaler": LossScaler(1.0),
+        "zero_stage": ZeroStageEnum.gradients,
+        "param_slice_mappings": [{"w": fragment_address(numel=4, start=0)}],
+    }
     torch.save(ds, tmp_path / "optim_states.pt")
     with ckpt.weights_only_loads(tmp_path):
         got = torch.load(tmp_path / "optim_states.pt", weights_only=False)
@@ -308,12 +320,15 @@ def test_export_out_inside_the_run_dir_is_refused(crafted, tmp_path):
         ckpt.export(run, run / "exported")
 
 
-@pytest.mark.parametrize("damage,needle", [
-    ("meta_not_json", "meta.json: not valid JSON"),
-    ("model_args_foreign", "meta.json: not the model arguments of a mnemo model"),
-    ("pt_garbage", "refused to load a torch file"),
-    ("pt_truncated", "cannot read the DeepSpeed state"),
-])
+@pytest.mark.parametrize(
+    "damage,needle",
+    [
+        ("meta_not_json", "meta.json: not valid JSON"),
+        ("model_args_foreign", "meta.json: not the model arguments of a mnemo model"),
+        ("pt_garbage", "refused to load a torch file"),
+        ("pt_truncated", "cannot read the DeepSpeed state"),
+    ],
+)
 def test_a_damaged_checkpoint_is_one_line_error(crafted, tmp_path, capsys, damage, needle):
     meta = crafted / "meta.json"
     states = crafted / "ds" / ckpt.DS_TAG

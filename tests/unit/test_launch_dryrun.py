@@ -21,7 +21,6 @@ from mnemo.cli import main
 from tests.unit.launch_workspace import clear_forwarded_env, stub_data_dir
 
 
-
 @pytest.fixture
 def ws(tmp_path, monkeypatch):
     """A working dir with a valid config (data dir checks pass) and a clean environment."""
@@ -38,7 +37,12 @@ def ws(tmp_path, monkeypatch):
 
 def normalize(text: str, tmp: Path) -> str:
     py = sys.executable
-    for real, token in ((py, "<PYTHON>"), (str(Path(py).parent), "<BIN>"), (package_root(), "<ROOT>"), (str(tmp), "<TMP>")):
+    for real, token in (
+        (py, "<PYTHON>"),
+        (str(Path(py).parent), "<BIN>"),
+        (package_root(), "<ROOT>"),
+        (str(tmp), "<TMP>"),
+    ):
         text = text.replace(real, token)
     return text
 
@@ -135,7 +139,7 @@ exit "$RC"
 def _torchrun_args(line: str) -> list[str]:
     words = shlex.split(line)
     i = words.index("torch.distributed.run")
-    return words[i + 1:]
+    return words[i + 1 :]
 
 
 # --------------------------------------------------------------------------- #
@@ -147,9 +151,25 @@ def test_help_lists_every_target(capsys):
         main(["launch", "--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
-    for flag in ("--nproc-per-node", "--hostfile", "--include", "--exclude", "--slurm", "--nodes", "--partition",
-                 "--account", "--time", "--gpus-per-node", "--sbatch-arg", "--nnodes", "--node-rank",
-                 "--master-addr", "--master-port", "--max-restarts", "--dry-run"):
+    for flag in (
+        "--nproc-per-node",
+        "--hostfile",
+        "--include",
+        "--exclude",
+        "--slurm",
+        "--nodes",
+        "--partition",
+        "--account",
+        "--time",
+        "--gpus-per-node",
+        "--sbatch-arg",
+        "--nnodes",
+        "--node-rank",
+        "--master-addr",
+        "--master-port",
+        "--max-restarts",
+        "--dry-run",
+    ):
         assert flag in out
 
 
@@ -161,8 +181,23 @@ def test_local_dry_run_golden(ws, capsys):
 
 
 def test_node_dry_run_golden(ws, capsys):
-    rc, out, _ = launch(capsys, "c.yaml", "--dry-run", "--nnodes", "2", "--node-rank", "1", "--master-addr", "10.0.0.1",
-                        "--master-port", "29400", "--nproc-per-node", "2", "--max-restarts", "1")
+    rc, out, _ = launch(
+        capsys,
+        "c.yaml",
+        "--dry-run",
+        "--nnodes",
+        "2",
+        "--node-rank",
+        "1",
+        "--master-addr",
+        "10.0.0.1",
+        "--master-port",
+        "29400",
+        "--nproc-per-node",
+        "2",
+        "--max-restarts",
+        "1",
+    )
     assert rc == 0
     assert normalize(out, ws) == GOLDEN_NODE
 
@@ -171,14 +206,22 @@ def test_torchrun_accepts_the_generated_flags(ws, capsys):
     """The printed torchrun options are real torchrun options (its own parser reads them)."""
     from torch.distributed.run import get_args_parser
 
-    for extra in (["--nproc-per-node", "2"], ["--nnodes", "2", "--node-rank", "0", "--master-addr", "h", "--max-restarts", "3"]):
+    for extra in (
+        ["--nproc-per-node", "2"],
+        ["--nnodes", "2", "--node-rank", "0", "--master-addr", "h", "--max-restarts", "3"],
+    ):
         _, out, _ = launch(capsys, "c.yaml", "--dry-run", *extra)
         line = [ln for ln in out.splitlines() if not ln.startswith("#")][0]
         args = get_args_parser().parse_args(_torchrun_args(line))
         assert args.module and args.training_script == "mnemo.launch.worker"
         assert args.tee == "3" and args.signals_to_handle == "SIGINT,SIGQUIT"
         if "--nnodes" in extra:
-            assert (args.nnodes, args.rdzv_backend, args.rdzv_endpoint, args.max_restarts) == ("2", "c10d", "h:29500", 3)
+            assert (args.nnodes, args.rdzv_backend, args.rdzv_endpoint, args.max_restarts) == (
+                "2",
+                "c10d",
+                "h:29500",
+                3,
+            )
             assert args.rdzv_conf == "is_host=true"  # node 0 serves the rendezvous store
 
 
@@ -192,23 +235,57 @@ def test_hostfile_dry_run_golden(ws, capsys):
 
 
 def test_hostfile_include_exclude_and_overrides(ws, capsys):
-    _, out, _ = launch(capsys, "c.yaml", "--hostfile", "hosts", "--include", "worker-1", "--master-addr", "10.1.1.1",
-                       "--master-port", "2222", "--nproc-per-node", "1", "--dry-run")
+    _, out, _ = launch(
+        capsys,
+        "c.yaml",
+        "--hostfile",
+        "hosts",
+        "--include",
+        "worker-1",
+        "--master-addr",
+        "10.1.1.1",
+        "--master-port",
+        "2222",
+        "--nproc-per-node",
+        "1",
+        "--dry-run",
+    )
     lines = [ln for ln in out.splitlines() if not ln.startswith("#")]
     assert len(lines) == 1
     ssh = shlex.split(lines[0])
     assert ssh[ssh.index("--") + 1] == "worker-1"
     remote = shlex.split(ssh[-1])
-    for flag, value in (("--nnodes", "1"), ("--node-rank", "0"), ("--master-addr", "10.1.1.1"),
-                        ("--master-port", "2222"), ("--nproc-per-node", "1")):
+    for flag, value in (
+        ("--nnodes", "1"),
+        ("--node-rank", "0"),
+        ("--master-addr", "10.1.1.1"),
+        ("--master-port", "2222"),
+        ("--nproc-per-node", "1"),
+    ):
         assert remote[remote.index(flag) + 1] == value
     _, out, _ = launch(capsys, "c.yaml", "--hostfile", "hosts", "--exclude", "worker-0", "--dry-run")
     assert "# node 0: worker-1" in out and "worker-0" not in out
 
 
 def test_slurm_dry_run_golden_and_bash_n(ws, capsys):
-    rc, out, err = launch(capsys, "c.yaml", "--slurm", "--nodes", "2", "--gpus-per-node", "4", "--partition", "gpu",
-                          "--account", "proj", "--time", "2:00:00", "--sbatch-arg=--qos=high", "--dry-run", "train.lr=0.01")
+    rc, out, err = launch(
+        capsys,
+        "c.yaml",
+        "--slurm",
+        "--nodes",
+        "2",
+        "--gpus-per-node",
+        "4",
+        "--partition",
+        "gpu",
+        "--account",
+        "proj",
+        "--time",
+        "2:00:00",
+        "--sbatch-arg=--qos=high",
+        "--dry-run",
+        "train.lr=0.01",
+    )
     assert rc == 0
     assert normalize(out, ws) == GOLDEN_SLURM
     script = ws / "runs/g/slurm/job.sbatch"
@@ -219,7 +296,9 @@ def test_slurm_dry_run_golden_and_bash_n(ws, capsys):
 
 
 def test_slurm_defaults_and_signal_time_from_config(ws, capsys):
-    rc, out, _ = launch(capsys, "c.yaml", "--slurm", "--dry-run", "checkpoint.grace_period_s=300", "--master-port", "4000")
+    rc, out, _ = launch(
+        capsys, "c.yaml", "--slurm", "--dry-run", "checkpoint.grace_period_s=300", "--master-port", "4000"
+    )
     assert rc == 0
     assert "#SBATCH --nodes=1\n" in out and "#SBATCH --signal=B:USR1@300\n" in out
     assert "--gpus-per-node" not in out and "--partition" not in out and "--time" not in out
@@ -257,7 +336,12 @@ def test_remote_command_forwards_environment(ws, capsys):
     env = {"MNEMO_TAG": "a b; $(x)", "NCCL_DEBUG": "WARN", "PATH": "/opt/x y/bin:/usr/bin:/bin"}
     cmd = remote_command(cwd=str(ws), python=str(stub), env=env, launch_args=["c.yaml"])
     subprocess.run(["bash", "-c", cmd], check=True, cwd="/", env={"PATH": "/usr/bin:/bin", "OUT": str(ws / "env.out")})
-    assert (ws / "env.out").read_text().strip().split("|") == ["a b; $(x)", "WARN", "/opt/x y/bin:/usr/bin:/bin", str(ws)]
+    assert (ws / "env.out").read_text().strip().split("|") == [
+        "a b; $(x)",
+        "WARN",
+        "/opt/x y/bin:/usr/bin:/bin",
+        str(ws),
+    ]
 
 
 def test_ranks_path_is_the_launchers_with_the_venv_appended():
@@ -297,7 +381,10 @@ def test_config_errors_fail_before_anything(ws, capsys):
         (["--nnodes", "2", "--master-addr", "h"], "--nnodes > 1 needs --node-rank"),
         (["--nnodes", "2", "--node-rank", "1"], "--nnodes > 1 needs --master-addr"),
         (["--nnodes", "2", "--node-rank", "2", "--master-addr", "h"], "--node-rank must be in [0, 1]"),
-        (["--nnodes", "2", "--node-rank", "0", "--master-addr", "h", "--master-port", "70000"], "--master-port must be in"),
+        (
+            ["--nnodes", "2", "--node-rank", "0", "--master-addr", "h", "--master-port", "70000"],
+            "--master-port must be in",
+        ),
         (["--max-restarts", "-1"], "--max-restarts must be >= 0"),
         (["--nproc-per-node", "0"], "--nproc-per-node must be >= 1"),
         (["--nnodes", "0"], "--nnodes must be >= 1"),
@@ -334,7 +421,7 @@ def _fake_ssh(ws: Path) -> Path:
         "#!/bin/bash\n"
         'while [ "$1" = -o ]; do shift 2; done\n'
         '[ "$1" = -- ] && shift\n'
-        'host=$1; shift\n'
+        "host=$1; shift\n"
         'if [ "$host" != ok ]; then echo "ssh: connect to host $host port 22: Connection refused" >&2; exit 255; fi\n'
         'exec bash -c "$*"\n'
     )
@@ -347,7 +434,10 @@ def test_unreachable_host_fails_fast_by_name(ws, capsys, monkeypatch):
     (ws / "two").write_text("ok slots=1\ndown-1 slots=1\n")
     t0 = time.time()
     err = _fails(capsys, "c.yaml", "--hostfile", "two")
-    assert "host 'down-1' (hostfile line 2) is unreachable over ssh: ssh: connect to host down-1 port 22: Connection refused" in err
+    assert (
+        "host 'down-1' (hostfile line 2) is unreachable over ssh: ssh: connect to host down-1 port 22: Connection refused"
+        in err
+    )
     assert time.time() - t0 < 10
     assert not (ws / "runs").exists(), "nothing may start when a host is unreachable"
 

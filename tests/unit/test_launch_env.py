@@ -18,8 +18,15 @@ def test_bare_train_is_a_one_rank_job_on_cpu():
 
 
 def test_under_a_launcher_nothing_of_torchrun_is_overridden():
-    torchrun = {"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2",
-                "MASTER_ADDR": "h", "MASTER_PORT": "1234", "OMP_NUM_THREADS": "1"}
+    torchrun = {
+        "RANK": "3",
+        "LOCAL_RANK": "1",
+        "WORLD_SIZE": "4",
+        "LOCAL_WORLD_SIZE": "2",
+        "MASTER_ADDR": "h",
+        "MASTER_PORT": "1234",
+        "OMP_NUM_THREADS": "1",
+    }
     env = rank_env(torchrun, use_cuda=False)
     assert env == {"DS_ACCELERATOR": "cpu"}
     assert rank_env(torchrun, use_cuda=True) == {}
@@ -46,14 +53,38 @@ def test_pythonpath_adds_the_checkout_only_where_mnemo_is_not_installed(monkeypa
 
 
 def test_forwarded_env_picks_prefixes_and_names_only():
-    env = {"NCCL_IB_HCA": "mlx5", "MLFLOW_TRACKING_URI": "http://m:5000", "MNEMO_DEBUG": "1", "PYTHONPATH": "/p",
-           "HOME": "/root", "SSH_AUTH_SOCK": "/tmp/s", "NCCLX": "no", "OMP_NUM_THREADS": "4", "BAD-NAME": "x"}
-    assert forwarded_env(env) == {"MLFLOW_TRACKING_URI": "http://m:5000", "MNEMO_DEBUG": "1", "NCCL_IB_HCA": "mlx5",
-                                  "OMP_NUM_THREADS": "4", "PYTHONPATH": "/p"}
+    env = {
+        "NCCL_IB_HCA": "mlx5",
+        "MLFLOW_TRACKING_URI": "http://m:5000",
+        "MNEMO_DEBUG": "1",
+        "PYTHONPATH": "/p",
+        "HOME": "/root",
+        "SSH_AUTH_SOCK": "/tmp/s",
+        "NCCLX": "no",
+        "OMP_NUM_THREADS": "4",
+        "BAD-NAME": "x",
+    }
+    assert forwarded_env(env) == {
+        "MLFLOW_TRACKING_URI": "http://m:5000",
+        "MNEMO_DEBUG": "1",
+        "NCCL_IB_HCA": "mlx5",
+        "OMP_NUM_THREADS": "4",
+        "PYTHONPATH": "/p",
+    }
 
 
 def test_worker_line_names_node_rank_and_restarts():
-    line = describe({"MNEMO_NODE_RANK": "1", "MNEMO_NNODES": "2", "RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1",
-                     "TORCHELASTIC_RESTART_COUNT": "2", "SLURM_JOB_ID": "77", "SLURM_RESTART_COUNT": "1"})
+    line = describe(
+        {
+            "MNEMO_NODE_RANK": "1",
+            "MNEMO_NNODES": "2",
+            "RANK": "3",
+            "WORLD_SIZE": "4",
+            "LOCAL_RANK": "1",
+            "TORCHELASTIC_RESTART_COUNT": "2",
+            "SLURM_JOB_ID": "77",
+            "SLURM_RESTART_COUNT": "1",
+        }
+    )
     assert line == "mnemo worker: node 1/2, rank 3/4, local_rank 1, restart 2, slurm job 77 restart 1"
     assert describe({}) == "mnemo worker: node 0/1, rank 0/1, local_rank 0, restart 0"

@@ -72,7 +72,7 @@ def _imports(tree: ast.AST, module: str, is_package: bool, known: set[str]):
             base = node.module or ""
             if node.level:  # relative: resolve against this module's package
                 anchor = module.split(".") if is_package else module.split(".")[:-1]
-                anchor = anchor[:len(anchor) - (node.level - 1)]
+                anchor = anchor[: len(anchor) - (node.level - 1)]
                 base = ".".join([*anchor, base] if base else anchor)
             if not part_of(base):
                 continue
@@ -207,8 +207,15 @@ def test_the_checker_reports_a_forbidden_edge_a_circle_and_a_private_name():
     assert "import circle: mnemo.model.net -> mnemo.train.loop -> mnemo.model.net" in problems
     assert "private name: train/other.py:1 imports _hidden from mnemo.train.loop" in problems
     assert len(problems) == 3, problems
-    assert edges == Counter({("model", "train"): 1, ("train", "model"): 1, ("train", "train"): 1,
-                             ("launch", "train"): 1, ("launch", "data_pipeline"): 1})
+    assert edges == Counter(
+        {
+            ("model", "train"): 1,
+            ("train", "model"): 1,
+            ("train", "train"): 1,
+            ("launch", "train"): 1,
+            ("launch", "data_pipeline"): 1,
+        }
+    )
 
 
 def test_a_longer_circle_is_reported_in_order():

@@ -10,7 +10,24 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def test_ruff_check_is_clean():
-    res = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", str(REPO)], cwd=REPO,
-                         capture_output=True, text=True, timeout=300)
+    res = subprocess.run(
+        [sys.executable, "-m", "ruff", "check", "--no-cache", str(REPO)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert "No module named ruff" not in res.stderr, "ruff is missing: install the dev extra (pip install -e '.[dev]')"
+    assert res.returncode == 0, res.stdout[-5000:] + res.stderr[-2000:]
+
+
+def test_ruff_format_is_clean():
+    """Every file as `ruff format` writes it (pyproject.toml [tool.ruff]): run `ruff format .` to fix."""
+    res = subprocess.run(
+        [sys.executable, "-m", "ruff", "format", "--check", "--no-cache", str(REPO)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stdout[-5000:] + res.stderr[-2000:]

@@ -19,14 +19,35 @@ from mnemo.model.transformer import SegmentContext, knn_retrieve
 V, T = 61, 8  # vocabulary, segment length
 
 
-def make(stm: int = T, ltm: bool = True, capacity: int = 64, topk: int = 4, n_layers: int = 3,
-         init_std: float = 0.1, seed: int = 0, mix: str = "gate", smear: bool = False) -> MemoryTransformer:
+def make(
+    stm: int = T,
+    ltm: bool = True,
+    capacity: int = 64,
+    topk: int = 4,
+    n_layers: int = 3,
+    init_std: float = 0.1,
+    seed: int = 0,
+    mix: str = "gate",
+    smear: bool = False,
+) -> MemoryTransformer:
     """3 layers, d=32, 4 heads; long-term memory in layer 1. init_std 0.1 (not 0.02) so that
     attention is far from uniform and a wrong mask shows in the logits."""
     torch.manual_seed(seed)
-    args = ModelArgs(vocab_size=V, n_layers=n_layers, d_model=32, n_heads=4, d_ff=64, init_std=init_std,
-                     stm_length=stm, ltm_kind="knn" if ltm else "none", ltm_capacity=capacity, ltm_topk=topk,
-                     ltm_layers=(1,), ltm_mix=mix, ltm_smear_keys=smear)
+    args = ModelArgs(
+        vocab_size=V,
+        n_layers=n_layers,
+        d_model=32,
+        n_heads=4,
+        d_ff=64,
+        init_std=init_std,
+        stm_length=stm,
+        ltm_kind="knn" if ltm else "none",
+        ltm_capacity=capacity,
+        ltm_topk=topk,
+        ltm_layers=(1,),
+        ltm_mix=mix,
+        ltm_smear_keys=smear,
+    )
     return MemoryTransformer(args).eval()
 
 
@@ -37,15 +58,19 @@ def fine_search_window(monkeypatch):
     monkeypatch.setattr(mt, "_LTM_WINDOW_STEP", 4)
 
 
-def run(model: MemoryTransformer, tokens: torch.Tensor, state: MemoryState | None = None,
-        resets: dict[int, torch.Tensor] | None = None) -> tuple[torch.Tensor, MemoryState]:
+def run(
+    model: MemoryTransformer,
+    tokens: torch.Tensor,
+    state: MemoryState | None = None,
+    resets: dict[int, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, MemoryState]:
     """Read tokens [B, S*T] segment by segment: logits [B, S*T, V] and the final state."""
     state = model.init_state(tokens.shape[0]) if state is None else state
     out = []
     for s in range(tokens.shape[1] // T):
         if resets and s in resets:
             state = state.reset(resets[s])
-        logits, state = model(tokens[:, s * T:(s + 1) * T], state)
+        logits, state = model(tokens[:, s * T : (s + 1) * T], state)
         out.append(logits)
     return torch.cat(out, dim=1), state
 
@@ -102,7 +127,7 @@ def test_long_term_memory_reaches_back_beyond_short_term_memory():
             model = make(stm=2, ltm=ltm, n_layers=2, topk=8)
             a, _ = run(model, x)
             b, _ = run(model, y)
-            changed = not torch.allclose(a[:, 2 * T:], b[:, 2 * T:], atol=0, rtol=0)
+            changed = not torch.allclose(a[:, 2 * T :], b[:, 2 * T :], atol=0, rtol=0)
             assert changed == ltm
 
 
@@ -162,8 +187,14 @@ def _rope(x: torch.Tensor, pos: torch.Tensor, base: float) -> torch.Tensor:
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
 
 
-def sliding_window_reference(model: MemoryTransformer, x: torch.Tensor, M: int, shift: int = 0,
-                             joint_reach: int | None = None, stm_twice: bool = False) -> torch.Tensor:
+def sliding_window_reference(
+    model: MemoryTransformer,
+    x: torch.Tensor,
+    M: int,
+    shift: int = 0,
+    joint_reach: int | None = None,
+    stm_twice: bool = False,
+) -> torch.Tensor:
     """One pass over the whole sequence with the model's weights: the query at
     position p of segment s = p // T attends keys [s*T - M + shift, p].
 
@@ -249,7 +280,7 @@ def _read(topk: int, q, k, v, valid, window: int | None = None):
     with torch.no_grad():
         attn.ltm_log_temp.copy_(torch.log(torch.tensor([1.0, 3.0, 10.0, 30.0])))
     W = N if window is None else window
-    ctx = SegmentContext(cos=None, sin=None, stm_mask=None, ltm_window=W, ltm_valid=valid[:, N - W:])
+    ctx = SegmentContext(cos=None, sin=None, stm_mask=None, ltm_window=W, ltm_valid=valid[:, N - W :])
     mem = mt.LayerMemory(ltm_k=k, ltm_v=v)
     with torch.no_grad():
         out, found = attn._read_ltm(q, mem, ctx)
@@ -271,7 +302,7 @@ def test_knn_attention_attends_over_the_top_k_keys():
     q, k, v, valid = _store(B, H, N, Dh, lengths=[40, 17])
     out, _, temp = _read(topk, q, k, v, valid)
     scores = (q @ k.transpose(-1, -2)).masked_fill(~valid[:, None, None, :], float("-inf"))  # [B, H, T, N]
-    kth = scores.sort(dim=-1, descending=True).values[..., topk - 1:topk]  # k-th best per query
+    kth = scores.sort(dim=-1, descending=True).values[..., topk - 1 : topk]  # k-th best per query
     top = (scores >= kth) & valid[:, None, None, :]
     ref = torch.softmax((scores * temp).masked_fill(~top, float("-inf")), dim=-1) @ v
     assert close(out, ref)
@@ -284,7 +315,7 @@ def test_windowed_search_is_bit_identical_to_the_full_search(lengths, monkeypatc
     q, k, v, valid = _store(B, H, N, Dh, lengths)
     W = mt.ltm_search_window(max(lengths), N, 16)
     assert W < N or max(lengths) > N - 512
-    windowed = knn_retrieve(q, k, v, None if min(lengths) >= W else valid[:, N - W:], 16, window=W)
+    windowed = knn_retrieve(q, k, v, None if min(lengths) >= W else valid[:, N - W :], 16, window=W)
     full = knn_retrieve(q, k, v, valid, 16)
     for a, b in zip(windowed, full):
         assert torch.equal(a, b)
@@ -335,7 +366,7 @@ def test_joint_layer_sees_what_its_fifo_store_holds():
         ref = sliding_window_reference(model, x, 0, joint_reach=2 * T)
         whole = sliding_window_reference(model, x, 0)  # the whole prefix: wrong once the FIFO drops keys
     assert close(seg, ref), (seg - ref).abs().max()
-    assert not close(seg[:, 3 * T:], whole[:, 3 * T:])
+    assert not close(seg[:, 3 * T :], whole[:, 3 * T :])
 
 
 def test_joint_layer_has_no_gate_and_counts_its_parameters():
@@ -352,15 +383,15 @@ def test_smeared_keys_carry_the_last_raw_key_across_segments_and_resets():
     model = make(mix="joint", smear=True)
     x = tokens(2, 3)
     with torch.no_grad():
-        _, state = run(model, x[:, :2 * T])
+        _, state = run(model, x[:, : 2 * T])
         assert state.layers[1].k_tail.shape == (2, 4, 1, 8) and state.layers[0].k_tail is None
         assert state.layers[1].k_tail.abs().sum() > 0
         cut = state.reset(torch.tensor([True, False]))
         assert not cut.layers[1].k_tail[0].any() and torch.equal(cut.layers[1].k_tail[1], state.layers[1].k_tail[1])
         assert model.init_state(2, stm=False, ltm=False).layers[1].k_tail is None
-        a, _ = model(x[:, 2 * T:], state)
+        a, _ = model(x[:, 2 * T :], state)
         tail0 = replace_tail(state, torch.zeros_like(state.layers[1].k_tail))
-        b, _ = model(x[:, 2 * T:], tail0)
+        b, _ = model(x[:, 2 * T :], tail0)
     assert not close(a[:, 0], b[:, 0])  # the first token saw the carried key
 
 
@@ -421,7 +452,8 @@ def test_load_state_dict_rejects_another_shape():
         make(capacity=24).init_state(2).load_state_dict(sd)
     with pytest.raises(ValueError, match="batch size"):
         make(capacity=20, stm=0, ltm=False).init_state(3).load_state_dict(
-            make(capacity=20, stm=0, ltm=False).init_state(2).state_dict())
+            make(capacity=20, stm=0, ltm=False).init_state(2).state_dict()
+        )
 
 
 def test_detach_cuts_the_graph_and_keeps_the_values():
@@ -451,7 +483,7 @@ def test_reading_without_logits_leaves_the_same_memory():
         full, a = run(model, x)
         b = model.init_state(2)
         for s in range(2):
-            none, b = model(x[:, s * T:(s + 1) * T], b, logits=False)
+            none, b = model(x[:, s * T : (s + 1) * T], b, logits=False)
             assert none is None
-        last, b = model(x[:, 2 * T:], b)
-    assert b.equal(a) and torch.equal(last, full[:, 2 * T:])
+        last, b = model(x[:, 2 * T :], b)
+    assert b.equal(a) and torch.equal(last, full[:, 2 * T :])

@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 
 from mnemo.data_pipeline.errors import DataError
-from mnemo.data_pipeline.passkey import (KEY_PREFIX, KEY_SUFFIX, QUESTION, make_multikey_sample,
-                                   make_passkey_sample)
+from mnemo.data_pipeline.passkey import KEY_PREFIX, KEY_SUFFIX, QUESTION, make_multikey_sample, make_passkey_sample
 from mnemo.data_pipeline.tokenizer import Tokenizer
 from tests.unit.stdlib import stdlib_texts, stdlib_tokenizer
 
@@ -29,7 +28,7 @@ def filler(tok) -> np.ndarray:
 
 def _find(hay: np.ndarray, needle: list[int]) -> list[int]:
     n = len(needle)
-    return [i for i in range(len(hay) - n + 1) if hay[i:i + n].tolist() == needle]
+    return [i for i in range(len(hay) - n + 1) if hay[i : i + n].tolist() == needle]
 
 
 @pytest.mark.parametrize("distance", [0, 1, 3])
@@ -57,7 +56,7 @@ def test_passkey_layout(tok, filler, distance, depth):
     a0, alen = s["answer_start"], s["answer_len"]
     assert a0 + alen == len(toks) - 1
     assert alen == 5  # split_digits: one token per digit
-    assert tok.decode(toks[a0:a0 + alen]) == key
+    assert tok.decode(toks[a0 : a0 + alen]) == key
     q0 = a0 - len(q)
     assert toks[q0:a0].tolist() == q
     assert q0 // T == distance and (a0 + alen - 1) // T == distance
@@ -116,7 +115,7 @@ def test_multikey_layout(tok, filler, distance, n_keys):
     starts = _find(toks, fact)
     assert starts == [s["key_offset"]] and starts[0] + len(fact) <= T
     a0, alen = s["answer_start"], s["answer_len"]
-    assert a0 + alen == len(toks) - 1 and tok.decode(toks[a0:a0 + alen]) == key
+    assert a0 + alen == len(toks) - 1 and tok.decode(toks[a0 : a0 + alen]) == key
     assert text.endswith(f"What is the pass key of door {door}? The pass key of door {door} is {key}")
     assert (a0 - 1) // T == distance
 

@@ -28,8 +28,9 @@ def make_docs(n: int, seed: int = 0, lo: int = 2, hi: int = 60) -> list[np.ndarr
 
 
 def streams(source, rank=0, world=1, B=3, T=8, seed=7, val=0.0, **kw):
-    return DocumentStreams(source, batch_size=B, segment_len=T, rank=rank, world_size=world, seed=seed,
-                           val_fraction=val, pad_id=PAD, **kw)
+    return DocumentStreams(
+        source, batch_size=B, segment_len=T, rank=rank, world_size=world, seed=seed, val_fraction=val, pad_id=PAD, **kw
+    )
 
 
 def reconstruct(batches, T) -> dict[tuple[int, int], list[int]]:

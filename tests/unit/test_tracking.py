@@ -104,9 +104,7 @@ def test_params_metrics_tags_artifacts_land_and_log_metrics_is_fast(store, clien
     assert math.isnan(run.data.metrics["train/loss"])
     arts = {a.path for a in client.list_artifacts(t.run_id)}
     assert arts == {"config.yaml", "figures"}
-    assert [a.path for a in client.list_artifacts(t.run_id, "figures/eval")] == [
-        "figures/eval/loss_by_position.png"
-    ]
+    assert [a.path for a in client.list_artifacts(t.run_id, "figures/eval")] == ["figures/eval/loss_by_position.png"]
     # A local store keeps artifacts in the run directory, not in the current directory.
     assert not Path("mlruns").exists()
 
@@ -121,8 +119,7 @@ def test_resume_continues_run_without_duplicate_steps(store, client, tmp_path):
     t1.close("KILLED")  # the crash; the last checkpoint was at step 6
     run_id = t1.run_id
 
-    t2 = Tracker(run_dir=str(tmp_path), uri=store, experiment="unit", resume_run_id=run_id,
-                 resume_step=6, interval=0.1)
+    t2 = Tracker(run_dir=str(tmp_path), uri=store, experiment="unit", resume_run_id=run_id, resume_step=6, interval=0.1)
     assert t2.run_id == run_id
     assert client.get_run(run_id).info.status == "RUNNING"
     t2.log_params({**params, "train.max_steps": 30})  # same values pass; a changed one becomes a tag
@@ -156,14 +153,20 @@ def test_resume_replays_points_only_in_fallback_file(store, client, tmp_path):
     fallback.parent.mkdir(exist_ok=True)
     with open(fallback, "a") as f:
         for step in (2, 4, 5, 6, 6):  # 2 reached the server too; 6 was spilled twice
-            rec = {"run_id": t1.run_id, "key": "train/loss", "value": float(step), "step": step,
-                   "timestamp": 1000 + step}
+            rec = {
+                "run_id": t1.run_id,
+                "key": "train/loss",
+                "value": float(step),
+                "step": step,
+                "timestamp": 1000 + step,
+            }
             f.write(json.dumps(rec) + "\n")
         f.write('{"run_id": "other-run", "key": "train/loss", "value": 9.0, "step": 9, "timestamp": 9}\n')
         f.write('{"run_id": "cut sho')  # a line cut by the crash
 
-    t2 = Tracker(run_dir=str(tmp_path), uri=store, experiment="unit", resume_run_id=t1.run_id,
-                 resume_step=5, interval=0.1)
+    t2 = Tracker(
+        run_dir=str(tmp_path), uri=store, experiment="unit", resume_run_id=t1.run_id, resume_step=5, interval=0.1
+    )
     for step in range(6, 8):  # step 6 re-done: already replayed
         t2.log_metrics({"train/loss": float(step)}, step=step)
     t2.close()
@@ -178,8 +181,9 @@ def test_new_run_from_checkpoint_gets_parent_tag(store, client, tmp_path):
 
 def test_missing_resume_run_starts_new_run_with_parent_tag(store, client, tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="mnemo.train.tracking"):
-        t = Tracker(run_dir=str(tmp_path), uri=store, experiment="unit",
-                    resume_run_id="0123456789abcdef0123456789abcdef")
+        t = Tracker(
+            run_dir=str(tmp_path), uri=store, experiment="unit", resume_run_id="0123456789abcdef0123456789abcdef"
+        )
     t.close()
     assert t.run_id != "0123456789abcdef0123456789abcdef"
     assert client.get_run(t.run_id).data.tags[PARENT_RUN_TAG] == "0123456789abcdef0123456789abcdef"
@@ -187,8 +191,7 @@ def test_missing_resume_run_starts_new_run_with_parent_tag(store, client, tmp_pa
 
 
 def test_other_ranks_and_disabled_are_noops(tmp_path):
-    for t in (Tracker(run_dir=str(tmp_path / "r1"), rank=1),
-              Tracker(run_dir=str(tmp_path / "r0"), enabled=False)):
+    for t in (Tracker(run_dir=str(tmp_path / "r1"), rank=1), Tracker(run_dir=str(tmp_path / "r0"), enabled=False)):
         assert t.run_id is None
         t0 = time.perf_counter()
         t.log_params({"a": 1})

@@ -24,8 +24,10 @@ if {die!r}:
 open({pidfile!r}, "w").write(str(os.getpid()))
 time.sleep(120)
 """
-PARENT = "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', sys.argv[1]], " \
-         "start_new_session=True); time.sleep(120)"
+PARENT = (
+    "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', sys.argv[1]], "
+    "start_new_session=True); time.sleep(120)"
+)
 
 
 def _alive(pid: int) -> bool:
@@ -37,8 +39,9 @@ def _alive(pid: int) -> bool:
 
 def _child_after_parent_sigkill(tmp_path: Path, die: bool) -> int:
     pidfile = tmp_path / f"child-{die}.pid"
-    parent = subprocess.Popen([sys.executable, "-c", PARENT,
-                               CHILD.format(repo=str(REPO), die=die, pidfile=str(pidfile))])
+    parent = subprocess.Popen(
+        [sys.executable, "-c", PARENT, CHILD.format(repo=str(REPO), die=die, pidfile=str(pidfile))]
+    )
     deadline = time.time() + 30
     while not (pidfile.is_file() and pidfile.read_text()):
         assert time.time() < deadline, "the child did not start"
@@ -68,11 +71,21 @@ def test_worker_dies_when_its_parent_is_killed(tmp_path):
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
 def test_a_child_whose_parent_is_already_gone_exits_at_once():
     # `parent` is the pid the parent passed down: a different parent now means the real one died first.
-    code = ("import os, sys; sys.path.insert(0, {repo!r}); from mnemo.data_pipeline.processes import die_with_parent; "
-            "die_with_parent({parent}); print('alive')")
-    gone = subprocess.run([sys.executable, "-c", code.format(repo=str(REPO), parent="os.getppid() + 1")],
-                          capture_output=True, text=True, timeout=60)
+    code = (
+        "import os, sys; sys.path.insert(0, {repo!r}); from mnemo.data_pipeline.processes import die_with_parent; "
+        "die_with_parent({parent}); print('alive')"
+    )
+    gone = subprocess.run(
+        [sys.executable, "-c", code.format(repo=str(REPO), parent="os.getppid() + 1")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert (gone.returncode, gone.stdout) == (1, "")
-    here = subprocess.run([sys.executable, "-c", code.format(repo=str(REPO), parent="os.getppid()")],
-                          capture_output=True, text=True, timeout=60)
+    here = subprocess.run(
+        [sys.executable, "-c", code.format(repo=str(REPO), parent="os.getppid()")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert (here.returncode, here.stdout) == (0, "alive\n")
