@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     if not argv:
         print("usage: python -m mnemo.launch.worker CONFIG [dotted.key=value ...]", file=sys.stderr)
         return 2
-    from mnemo.train.commands import run_train
+    from mnemo.train.entry import run_train
     from mnemo.train.errors import exit_status
 
     return exit_status(lambda: run_train(argv[0], argv[1:]), debug=os.environ.get("MNEMO_DEBUG") == "1")

@@ -1,8 +1,9 @@
 """The one command-line entry point, ``mnemo``: the top layer.
 
-It only parses arguments and dispatches: each part below registers its
-sub-commands (``register(subparsers)``) and each sub-command calls one public
-function. Every user error is a one-line message and a non-zero exit;
+It only parses arguments and dispatches: ``COMMANDS`` below is the table of
+every sub-command, the function that adds its arguments and the handler that
+runs it (mnemo/commands/); each handler calls one public function of a part
+below. Every user error is a one-line message and a non-zero exit;
 ``--debug`` shows the traceback.
 """
 
@@ -12,19 +13,33 @@ import argparse
 import os
 import sys
 
+from mnemo.commands import evaluate, train
+
+# command -> (adds its parser and arguments, handler), in --help order.
+COMMANDS = {
+    "train": (train.add_train, train.cmd_train),
+    "export": (train.add_export, train.cmd_export),
+    "eval": (evaluate.add_eval, evaluate.cmd_eval),
+    "generate": (evaluate.add_generate, evaluate.cmd_generate),
+}
+
+
+def _add_commands(sub: argparse._SubParsersAction, table: dict) -> None:
+    for name, (add, handler) in table.items():
+        add(sub, name).set_defaults(func=handler)
+
 
 def build_parser() -> argparse.ArgumentParser:
     from mnemo.data_pipeline import commands as data_commands
     from mnemo.launch import commands as launch_commands
-    from mnemo.train import commands as train_commands
 
     p = argparse.ArgumentParser(prog="mnemo", description="Pretrain transformer language models with memory.")
     p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    # The dispatch table, in --help order.
-    for commands in (data_commands, train_commands, launch_commands):
-        commands.register(sub)
+    data_commands.register(sub)
+    _add_commands(sub, COMMANDS)
+    launch_commands.register(sub)
     return p
 
 

@@ -1,8 +1,4 @@
-"""`mnemo train`, `mnemo export`, `mnemo eval` and `mnemo generate`: their arguments and handlers.
-
-Only argparse and the standard library here: torch, deepspeed and the rest are imported by the handler
-that runs, so `mnemo --help` or a bad flag answers at once.
-"""
+"""``mnemo eval`` and ``mnemo generate``: their arguments and handlers."""
 
 from __future__ import annotations
 
@@ -11,58 +7,6 @@ import json
 import sys
 import time
 from pathlib import Path
-
-
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="train one rank (alone, or under a launcher)")
-    p.add_argument("config", help="YAML config (configs/*.yaml)")
-    p.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
-    p.set_defaults(func=cmd_train)
-
-    p = sub.add_parser("export", help="consolidated weights + config + tokenizer, loadable without DeepSpeed")
-    p.add_argument("checkpoint", help="checkpoint dir, run dir (latest checkpoint) or export dir")
-    p.add_argument("--out", required=True, help="folder to write (created; must not be inside the checkpoint)")
-    p.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="replace an export of another checkpoint in --out, or export beside files mnemo did not "
-        "write (only files an earlier export wrote are ever replaced or deleted)",
-    )
-    p.set_defaults(func=cmd_export)
-
-    _register_eval(sub)
-    _register_generate(sub)
-
-
-def cmd_train(args) -> int:
-    return run_train(args.config, args.overrides)
-
-
-def run_train(config: str, overrides: list[str]) -> int:
-    """Train one rank (alone, or under a launcher: the worker calls this); the exit status."""
-    from mnemo.train.config import check_paths, load_config
-
-    cfg = load_config(config, overrides)
-    check_paths(cfg)
-    # The rank's environment (DS_ACCELERATOR, LOCAL_WORLD_SIZE, ...) must be set
-    # before deepspeed or streaming are imported.
-    from mnemo.train.rankenv import apply_rank_env
-
-    apply_rank_env()
-    from mnemo.train.trainer import train
-
-    summary = train(cfg)
-    if summary.get("exit") == "preempted":
-        return 0
-    return 0
-
-
-def cmd_export(args) -> int:
-    from mnemo.train.checkpoint import export
-
-    out = export(args.checkpoint, args.out, overwrite=args.overwrite)
-    print(f"exported to {out}")
-    return 0
 
 
 def _int_list(text: str) -> list[int]:
@@ -75,9 +19,9 @@ def _int_list(text: str) -> list[int]:
     return out
 
 
-def _register_eval(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
-        "eval",
+def add_eval(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        name,
         help="long-context evaluation of a checkpoint",
         description="Loss by position (with memory ablations) on held-out documents and "
         "passkey retrieval across D segments.",
@@ -123,12 +67,12 @@ def _register_eval(subparsers: argparse._SubParsersAction) -> None:
         "max(--distances) * segment_len if larger: a passkey at distance D needs D * segment_len)",
     )
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.set_defaults(func=cmd_eval)
+    return p
 
 
-def _register_generate(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
-        "generate",
+def add_generate(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        name,
         help="continue a prompt with memory",
         description="Read a prompt of any length through memory, segment by segment, "
         "then sample a continuation, printing tokens as they come.",
@@ -147,7 +91,7 @@ def _register_generate(subparsers: argparse._SubParsersAction) -> None:
         "token); step: 1-token forwards, faster, local context = short-term memory only",
     )
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.set_defaults(func=cmd_generate)
+    return p
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

@@ -1,0 +1,39 @@
+"""``mnemo train`` and ``mnemo export``: their arguments and handlers."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_train(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help="train one rank (alone, or under a launcher)")
+    p.add_argument("config", help="YAML config (configs/*.yaml)")
+    p.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
+    return p
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from mnemo.train.entry import run_train
+
+    return run_train(args.config, args.overrides)
+
+
+def add_export(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help="consolidated weights + config + tokenizer, loadable without DeepSpeed")
+    p.add_argument("checkpoint", help="checkpoint dir, run dir (latest checkpoint) or export dir")
+    p.add_argument("--out", required=True, help="folder to write (created; must not be inside the checkpoint)")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an export of another checkpoint in --out, or export beside files mnemo did not "
+        "write (only files an earlier export wrote are ever replaced or deleted)",
+    )
+    return p
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from mnemo.train.checkpoint import export
+
+    out = export(args.checkpoint, args.out, overwrite=args.overwrite)
+    print(f"exported to {out}")
+    return 0

@@ -1,0 +1,22 @@
+"""Train one rank from a config file and overrides: what ``mnemo train`` and the launcher's worker run."""
+
+from __future__ import annotations
+
+
+def run_train(config: str, overrides: list[str]) -> int:
+    """Train one rank (alone, or under a launcher: the worker calls this); the exit status."""
+    from mnemo.train.config import check_paths, load_config
+
+    cfg = load_config(config, overrides)
+    check_paths(cfg)
+    # The rank's environment (DS_ACCELERATOR, LOCAL_WORLD_SIZE, ...) must be set
+    # before deepspeed or streaming are imported.
+    from mnemo.train.rankenv import apply_rank_env
+
+    apply_rank_env()
+    from mnemo.train.trainer import train
+
+    summary = train(cfg)
+    if summary.get("exit") == "preempted":
+        return 0
+    return 0
