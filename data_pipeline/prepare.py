@@ -17,7 +17,7 @@ listed entries and nothing else. Every temp file lives in the state dir, so a
 crash leaves nothing unlisted behind. --out must not be or contain an input.
 
 Each work unit (a few files, a byte range of a big JSONL or a row-group range
-of a Parquet file; see readers.py) is converted by one worker into a temp dir
+of a Parquet file; see inputs.py) is converted by one worker into a temp dir
 and renamed to ``part-NNNNN`` when complete, then a done marker is written.
 A rerun of the same command after Ctrl-C or kill keeps the marked units and
 redoes the rest; the merge and the manifest happen only when every unit is
@@ -54,18 +54,10 @@ from pathlib import Path
 import numpy as np
 
 from mnemo.data_pipeline.errors import DataError
+from mnemo.data_pipeline.files import atomic_write
 from mnemo.data_pipeline.processes import die_with_parent
-from mnemo.data_pipeline.readers import (
-    DEFAULT_MAX_DOC_BYTES,
-    Corpus,
-    Doc,
-    ReadStats,
-    WorkUnit,
-    check_max_doc_bytes,
-    iter_unit,
-    plan_inputs,
-    split_units,
-)
+from mnemo.data_pipeline.inputs import Corpus, ReadStats, WorkUnit, plan_inputs, split_units
+from mnemo.data_pipeline.readers import DEFAULT_MAX_DOC_BYTES, Doc, check_max_doc_bytes, iter_unit
 from mnemo.data_pipeline.tokenizer import Tokenizer, file_sha256, reservoir_sample, train_from_texts
 
 FORMAT_VERSION = 1
@@ -150,16 +142,8 @@ def resolve_out(out: str, staging: str | None = None) -> OutLocation:
     return OutLocation(out, os.path.abspath(staging), remote)
 
 
-def _atomic_write(path: str, data: bytes, tmp_dir: str | None = None) -> None:
-    """Write ``path`` whole or not at all; the temp file goes into ``tmp_dir`` (default: beside ``path``)."""
-    tmp = os.path.join(tmp_dir or os.path.dirname(path), f"{os.path.basename(path)}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
 def _write_json(path: str, obj: dict, tmp_dir: str | None = None) -> None:
-    _atomic_write(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode(), tmp_dir)
+    atomic_write(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode(), tmp_dir)
 
 
 def _read_json(path: str) -> dict | None:
@@ -838,7 +822,7 @@ def _copy_tokenizer(loc: OutLocation, given: Tokenizer, given_bytes: bytes) -> T
     """OUT/tokenizer.model: a copy of the model given with --tokenizer."""
     dest = os.path.join(loc.local, "tokenizer.model")
     if not (os.path.exists(dest) and file_sha256(dest) == given.sha256):
-        _atomic_write(dest, given_bytes, tmp_dir=loc.state)
+        atomic_write(dest, given_bytes, tmp_dir=loc.state)
     return Tokenizer(dest)
 
 

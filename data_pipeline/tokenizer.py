@@ -268,7 +268,8 @@ def train_tokenizer(
     the corpus size (one pass over the corpus picks the sample); reading one
     document takes at most about ``max_doc_bytes`` (bigger ones are skipped).
     """
-    from mnemo.data_pipeline.readers import DEFAULT_MAX_DOC_BYTES, ReadStats, iter_documents, plan_inputs
+    from mnemo.data_pipeline.inputs import ReadStats, plan_inputs
+    from mnemo.data_pipeline.readers import DEFAULT_MAX_DOC_BYTES, iter_documents
 
     if sample_docs < 1:
         raise DataError(f"--sample-docs must be positive, got {sample_docs}")

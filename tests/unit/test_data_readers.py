@@ -12,15 +12,8 @@ import pytest
 import zstandard
 
 from mnemo.data_pipeline.errors import DataError
-from mnemo.data_pipeline.readers import (
-    Piece,
-    ReadStats,
-    iter_documents,
-    iter_piece,
-    iter_unit,
-    plan_inputs,
-    split_units,
-)
+from mnemo.data_pipeline.inputs import Piece, ReadStats, plan_inputs, split_units
+from mnemo.data_pipeline.readers import iter_documents, iter_piece, iter_unit
 
 
 def texts(corpus, **kw) -> list[str]:

@@ -20,7 +20,8 @@ import zstandard
 import mnemo.data_pipeline.prepare as prep
 from mnemo.data_pipeline.errors import DataError
 from mnemo.data_pipeline.prepare import prepare
-from mnemo.data_pipeline.readers import ReadStats, iter_documents, plan_inputs
+from mnemo.data_pipeline.inputs import ReadStats, plan_inputs
+from mnemo.data_pipeline.readers import iter_documents
 from mnemo.data_pipeline.verify import iter_shard_samples
 from mnemo.cli import main
 from tests.unit.stdlib import stdlib_tokenizer

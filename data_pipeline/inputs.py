@@ -1,0 +1,375 @@
+"""Planning a corpus: files, directories and globs -> input files, split into work units.
+
+Which reader each file gets, by name:
+
+- text and source files (``TEXT_EXTENSIONS``, plus the names in
+  ``TEXT_FILENAMES``): ``text``, one document per file;
+- ``.jsonl``/``.ndjson`` and their ``.gz``/``.zst`` forms (``JSONL_SUFFIXES``):
+  ``jsonl``, ``jsonl.gz``, ``jsonl.zst``, one document per line;
+- ``.parquet``/``.pq``: ``parquet``, one document per row.
+
+Directories are walked recursively in sorted order; hidden entries (".git",
+".venv", ...) and ``__pycache__`` are skipped, and so are files whose extension is none of the
+above (counted as ``unsupported_file``: images, archives, ``.pyc``...). Files
+a walk cannot read (broken symbolic links, no read permission, FIFOs and
+other non-regular files, unreadable subdirectories) are skipped and counted
+as ``unreadable_file``; named explicitly, they are an error. A file named
+explicitly is read as text when its extension is unknown unless it looks
+binary (a NUL byte in its first 8 KiB and no byte order mark), which is an
+error. Globs expand like directories. Planning stats every file and reads
+each Parquet footer (schema, row groups), but no document: readers.py reads
+them.
+
+``ReadStats`` is the record of what was passed over, by reason: planning
+counts the files here, the readers add the documents.
+
+Work units: big files are split so that one huge file still spreads over
+workers: plain JSONL by byte ranges (a line belongs to the range holding its
+first byte), Parquet by row-group ranges. Compressed JSONL cannot be split
+(not seekable) and a text file is one document. Consecutive small pieces are
+packed into one unit. The plan depends only on the inputs (never on the
+number of workers), so the output is the same whatever ``--workers`` is.
+"""
+
+from __future__ import annotations
+
+import codecs
+import glob
+import os
+import stat
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+
+from mnemo.data_pipeline.errors import DataError
+
+TEXT_EXTENSIONS = frozenset(
+    """
+.txt .text .md .markdown .rst .adoc .asciidoc .org .tex .bib .rtf
+.py .pyi .pyx .pxd
+.c .h .cc .cpp .cxx .hpp .hh .hxx .inl .cu .cuh .m .mm
+.java .kt .kts .scala .groovy .gradle .clj .cljs .edn
+.go .rs .swift .dart .zig .nim .d .v .sv .vhd .vhdl
+.js .mjs .cjs .ts .tsx .jsx .vue .svelte
+.rb .php .pl .pm .lua .r .jl .ex .exs .erl .hrl .hs .lhs .ml .mli .fs .fsx .cs .vb
+.lisp .lsp .scm .ss .rkt .el .vim
+.sh .bash .zsh .fish .ps1 .bat .cmd .awk .sed
+.sql .graphql .proto .thrift
+.html .htm .xml .xsl .svg .css .scss .sass .less
+.yaml .yml .toml .ini .cfg .conf .properties
+.cmake .mk .make .dockerfile .nix .tf .hcl
+.f .f90 .f95 .for .pas .ada .adb .ads .cob .asm .s
+""".split()
+)
+TEXT_FILENAMES = frozenset(
+    {
+        "Makefile",
+        "Dockerfile",
+        "README",
+        "LICENSE",
+        "COPYING",
+        "NOTICE",
+        "CHANGELOG",
+        "Jenkinsfile",
+        "Rakefile",
+        "Gemfile",
+        "Vagrantfile",
+    }
+)
+JSONL_SUFFIXES = {
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".jsonl.gz": "jsonl.gz",
+    ".ndjson.gz": "jsonl.gz",
+    ".jsonl.zst": "jsonl.zst",
+    ".jsonl.zstd": "jsonl.zst",
+    ".ndjson.zst": "jsonl.zst",
+}
+PARQUET_SUFFIXES = (".parquet", ".pq")
+MAX_EXAMPLES = 20
+# Byte order marks, longest first (the UTF-32 LE mark starts with the UTF-16 LE one): mark, codec, label.
+_BOMS = (
+    (codecs.BOM_UTF32_LE, "utf-32-le", "utf32"),
+    (codecs.BOM_UTF32_BE, "utf-32-be", "utf32"),
+    (codecs.BOM_UTF8, "utf-8", "utf8"),
+    (codecs.BOM_UTF16_LE, "utf-16-le", "utf16"),
+    (codecs.BOM_UTF16_BE, "utf-16-be", "utf16"),
+)
+# Guess of the decompressed size of compressed JSONL, for packing units only.
+_COMPRESSION_GUESS = 4
+
+
+@dataclass
+class ReadStats:
+    """What was skipped or repaired, by reason, with the first few places."""
+
+    counts: dict[str, int] = field(default_factory=dict)
+    examples: list[str] = field(default_factory=list)
+
+    def note(self, reason: str, where: str) -> None:
+        self.counts[reason] = self.counts.get(reason, 0) + 1
+        if len(self.examples) < MAX_EXAMPLES:
+            self.examples.append(f"{where}: {reason}")
+
+    def merge(self, other: ReadStats | dict) -> None:
+        other = other if isinstance(other, ReadStats) else ReadStats(**other)
+        for k, v in other.counts.items():
+            self.counts[k] = self.counts.get(k, 0) + v
+        room = MAX_EXAMPLES - len(self.examples)
+        self.examples.extend(other.examples[: max(0, room)])
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class InputFile:
+    path: str  # as the user named it (joined under a directory)
+    kind: str  # text | jsonl | jsonl.gz | jsonl.zst | parquet
+    size: int
+    mtime_ns: int
+    # Parquet only: bytes and rows of each row group.
+    group_bytes: tuple[int, ...] = ()
+    group_rows: tuple[int, ...] = ()
+
+    def fingerprint(self) -> dict:
+        return {"path": os.path.abspath(self.path), "size": self.size, "mtime_ns": self.mtime_ns}
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Part of one file: a byte range (plain JSONL), a row-group range (Parquet) or all of it."""
+
+    file: InputFile
+    start: int | None = None
+    stop: int | None = None
+    est_bytes: int = 0
+
+
+@dataclass(frozen=True)
+class WorkUnit:
+    index: int
+    pieces: tuple[Piece, ...]
+    est_bytes: int
+
+    @property
+    def name(self) -> str:
+        return f"part-{self.index:05d}"
+
+    def describe(self) -> list[list]:
+        return [[p.file.path, p.start, p.stop] for p in self.pieces]
+
+
+@dataclass
+class Corpus:
+    files: list[InputFile]
+    # Files the walk passed over: unsupported_file, unreadable_file (counts and first places).
+    file_stats: ReadStats = field(default_factory=ReadStats)
+
+    @property
+    def skipped_files(self) -> int:
+        return sum(self.file_stats.counts.values())
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(est_size(f) for f in self.files)
+
+
+# ----------------------------------------------------------------------------- expanding inputs
+
+
+def file_kind(path: str, explicit: bool) -> str | None:
+    """The reader for ``path``, or None when a directory walk should skip it."""
+    name = os.path.basename(path)
+    low = name.lower()
+    for suf, kind in JSONL_SUFFIXES.items():
+        if low.endswith(suf):
+            return kind
+    if low.endswith(PARQUET_SUFFIXES):
+        return "parquet"
+    ext = os.path.splitext(low)[1]
+    if ext in TEXT_EXTENSIONS or name in TEXT_FILENAMES:
+        return "text"
+    if not explicit:
+        return None
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8192)
+    except OSError as e:
+        raise DataError(f"input {path}: cannot be read ({e.strerror or e})") from None
+    if byte_order_mark(head) is None and b"\0" in head:
+        raise DataError(
+            f"input {path}: looks binary and its extension is not a supported format "
+            f"(text/source files, .jsonl[.gz|.zst], .parquet)"
+        )
+    return "text"
+
+
+def byte_order_mark(head: bytes) -> tuple[int, str, str] | None:
+    """(length, codec, label) of the byte order mark ``head`` starts with, or None."""
+    for mark, codec, label in _BOMS:
+        if head.startswith(mark):
+            return len(mark), codec, label
+    return None
+
+
+def _walk(root: str, stats: ReadStats) -> Iterator[str]:
+    """Files under ``root`` in sorted path order, hidden entries skipped; unreadable dirs counted."""
+
+    def unreadable(e: OSError) -> None:
+        stats.note("unreadable_file", f"{e.filename} ({e.strerror or e})")
+
+    for dirpath, dirnames, filenames in os.walk(root, onerror=unreadable):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d != "__pycache__")
+        for name in sorted(filenames):
+            if not name.startswith("."):
+                yield os.path.join(dirpath, name)
+
+
+def _unreadable_reason(path: str) -> str | None:
+    """Why ``path`` cannot be read as an input file, or None when it can."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        if os.path.islink(path) and isinstance(e, FileNotFoundError):
+            return "broken symbolic link"
+        return e.strerror or str(e)
+    if not stat.S_ISREG(st.st_mode):
+        return "not a regular file"
+    if not os.access(path, os.R_OK):
+        return "permission denied"
+    return None
+
+
+def expand_inputs(inputs: Sequence[str]) -> tuple[list[tuple[str, str, os.stat_result]], ReadStats]:
+    """Paths, directories and globs -> ([(path, kind, stat)] in input order, files passed over).
+
+    Every input is checked before anything is read: a missing, broken or
+    unreadable path named explicitly is a DataError; inside a directory or
+    glob it is skipped and counted (``unreadable_file``), like files of
+    unsupported types (``unsupported_file``).
+    """
+    if not inputs:
+        raise DataError("no --input given")
+    found: list[tuple[str, str, os.stat_result]] = []
+    stats = ReadStats()
+    seen: set[tuple[int, int]] = set()
+
+    def add(path: str, explicit: bool) -> None:
+        why = _unreadable_reason(path)
+        if why is not None:
+            if explicit:
+                raise DataError(f"input {path}: {why}")
+            stats.note("unreadable_file", f"{path} ({why})")
+            return
+        st = os.stat(path)
+        real = (st.st_dev, st.st_ino)  # the same file named twice (or via a link) is read once
+        if real in seen:
+            return
+        kind = file_kind(path, explicit)
+        if kind is None:
+            stats.note("unsupported_file", path)
+            return
+        seen.add(real)
+        found.append((path, kind, st))
+
+    for inp in inputs:
+        inp = os.path.expanduser(str(inp))
+        if os.path.isdir(inp):
+            for p in _walk(inp, stats):
+                add(p, explicit=False)
+        elif os.path.lexists(inp):
+            add(inp, explicit=True)
+        elif any(c in inp for c in "*?["):
+            matches = sorted(glob.glob(inp, recursive=True))
+            if not matches:
+                raise DataError(f"input {inp}: no file matches this pattern")
+            for m in matches:
+                if os.path.isdir(m):
+                    for p in _walk(m, stats):
+                        add(p, explicit=False)
+                else:
+                    add(m, explicit=False)
+        else:
+            raise DataError(f"input {inp}: no such file or directory")
+    if not found:
+        counts = ", ".join(f"{n} {k.replace('_', ' ')}s" for k, n in sorted(stats.counts.items())) or "no files"
+        raise DataError(f"no supported input files in {', '.join(map(str, inputs))} ({counts} skipped)")
+    return found, stats
+
+
+def _parquet_meta(path: str, text_field: str, id_field: str | None) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as e:  # pyarrow raises several types for a bad footer
+        raise DataError(f"input {path}: not a readable Parquet file ({str(e).splitlines()[0]})") from None
+    names = pf.schema_arrow.names
+    for col, flag in ((text_field, "--text-field"), (id_field, "--id-field")):
+        if col is not None and col not in names:
+            raise DataError(f"input {path}: no column {col!r} ({flag}); its columns are: {', '.join(names)}")
+    md = pf.metadata
+    groups = [md.row_group(i) for i in range(md.num_row_groups)]
+    return tuple(g.total_byte_size for g in groups), tuple(g.num_rows for g in groups)
+
+
+def plan_inputs(inputs: Sequence[str], text_field: str = "text", id_field: str | None = None) -> Corpus:
+    """Expand and stat every input; check Parquet schemas. Reads no documents."""
+    found, file_stats = expand_inputs(inputs)
+    files = []
+    for path, kind, st in found:
+        gb: tuple[int, ...] = ()
+        gr: tuple[int, ...] = ()
+        if kind == "parquet":
+            gb, gr = _parquet_meta(path, text_field, id_field)
+        files.append(InputFile(path, kind, st.st_size, st.st_mtime_ns, gb, gr))
+    return Corpus(files, file_stats)
+
+
+# ----------------------------------------------------------------------------- work units
+
+
+def auto_unit_bytes(total_bytes: int) -> int:
+    """About 64 units per corpus, each between 1 MiB and 256 MiB of input."""
+    return int(min(256 << 20, max(1 << 20, total_bytes // 64)))
+
+
+def est_size(f: InputFile) -> int:
+    """Input bytes of ``f`` for packing units (compressed JSONL: a guess of its decompressed size)."""
+    return f.size * _COMPRESSION_GUESS if f.kind in ("jsonl.gz", "jsonl.zst") else f.size
+
+
+def _pieces(f: InputFile, unit_bytes: int) -> Iterator[Piece]:
+    if f.kind == "jsonl" and f.size > unit_bytes:
+        for start in range(0, f.size, unit_bytes):
+            stop = min(f.size, start + unit_bytes)
+            yield Piece(f, start, stop, stop - start)
+    elif f.kind == "parquet" and len(f.group_bytes) > 1:
+        lo, acc = 0, 0
+        for g, nb in enumerate(f.group_bytes):
+            if acc and acc + nb > unit_bytes:
+                yield Piece(f, lo, g, acc)
+                lo, acc = g, 0
+            acc += nb
+        yield Piece(f, lo, len(f.group_bytes), acc)
+    else:
+        yield Piece(f, None, None, est_size(f))
+
+
+def split_units(files: Sequence[InputFile], unit_bytes: int | None = None) -> list[WorkUnit]:
+    """Consecutive pieces packed into units of about ``unit_bytes`` (auto when None), in input order."""
+    if unit_bytes is None:
+        unit_bytes = auto_unit_bytes(sum(est_size(f) for f in files))
+    units: list[WorkUnit] = []
+    cur: list[Piece] = []
+    acc = 0
+    for f in files:
+        for p in _pieces(f, unit_bytes):
+            if cur and acc + p.est_bytes > unit_bytes:
+                units.append(WorkUnit(len(units), tuple(cur), acc))
+                cur, acc = [], 0
+            cur.append(p)
+            acc += p.est_bytes
+    if cur:
+        units.append(WorkUnit(len(units), tuple(cur), acc))
+    return units
