@@ -1,9 +1,9 @@
 """The one command-line entry point, ``mnemo``: the top layer.
 
 It only parses arguments and dispatches: ``COMMANDS`` below is the table of
-every sub-command, the function that adds its arguments and the handler that
-runs it (mnemo/commands/); each handler calls one public function of a part
-below. Every user error is a one-line message and a non-zero exit;
+every sub-command, the function that adds its parser and arguments, and the
+handler that runs it (mnemo/commands/); each handler calls one public function
+of a part below. Every user error is a one-line message and a non-zero exit;
 ``--debug`` shows the traceback.
 """
 
@@ -13,33 +13,42 @@ import argparse
 import os
 import sys
 
-from mnemo.commands import evaluate, train
+from mnemo.commands import data, evaluate, launch, train
 
-# command -> (adds its parser and arguments, handler), in --help order.
+# command -> (adds its parser and arguments, handler), in --help order. A group of
+# sub-commands maps to (adds its parser, its own table).
 COMMANDS = {
+    "tokenizer": (data.add_tokenizer, {"train": (data.add_tokenizer_train, data.cmd_tokenizer_train)}),
+    "prepare": (data.add_prepare, data.cmd_prepare),
+    "data": (
+        data.add_data,
+        {"verify": (data.add_verify, data.cmd_verify), "inspect": (data.add_inspect, data.cmd_inspect)},
+    ),
     "train": (train.add_train, train.cmd_train),
     "export": (train.add_export, train.cmd_export),
     "eval": (evaluate.add_eval, evaluate.cmd_eval),
     "generate": (evaluate.add_generate, evaluate.cmd_generate),
+    "launch": (launch.add_launch, launch.cmd_launch),
 }
 
 
 def _add_commands(sub: argparse._SubParsersAction, table: dict) -> None:
     for name, (add, handler) in table.items():
-        add(sub, name).set_defaults(func=handler)
+        p = add(sub, name)
+        if isinstance(handler, dict):  # a group: `mnemo data verify`
+            inner = p.add_subparsers(dest=f"{name}_command", metavar="COMMAND")
+            inner.required = True
+            _add_commands(inner, handler)
+        else:
+            p.set_defaults(func=handler)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from mnemo.data_pipeline import commands as data_commands
-    from mnemo.launch import commands as launch_commands
-
     p = argparse.ArgumentParser(prog="mnemo", description="Pretrain transformer language models with memory.")
     p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    data_commands.register(sub)
     _add_commands(sub, COMMANDS)
-    launch_commands.register(sub)
     return p
 
 

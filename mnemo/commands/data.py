@@ -1,8 +1,6 @@
-"""CLI of the data pipeline: `mnemo tokenizer train`, `mnemo prepare`, `mnemo data verify|inspect`.
+"""``mnemo tokenizer train``, ``mnemo prepare``, ``mnemo data verify|inspect``: their arguments and handlers.
 
-Each handler calls one importable function and returns the exit code; heavy
-imports (sentencepiece, streaming, torch) happen inside the handlers so that
-`mnemo --help` stays fast. Errors are DataError, printed by mnemo.cli as one line.
+Errors are DataError, printed by mnemo.cli as one line.
 """
 
 from __future__ import annotations
@@ -51,6 +49,33 @@ def _add_input_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_tokenizer(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:
+    return sub.add_parser(name, help="train a SentencePiece tokenizer")
+
+
+def add_tokenizer_train(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:
+    t = sub.add_parser(name, help="train a lossless SentencePiece model on a sample of the corpus")
+    _add_input_args(t)
+    t.add_argument("--vocab-size", type=int, required=True, metavar="N")
+    t.add_argument("--out", required=True, metavar="F", help="model file to write (e.g. tokenizer.model)")
+    t.add_argument("--model-type", choices=("bpe", "unigram"), default="bpe")
+    t.add_argument(
+        "--sample-docs",
+        type=int,
+        default=10_000,
+        metavar="N",
+        help="train on a uniform random sample of N documents (bounded memory; default 10000)",
+    )
+    t.add_argument(
+        "--special-tokens",
+        nargs="+",
+        metavar="TOK",
+        help="extra reserved tokens (control symbols, never produced from text)",
+    )
+    t.add_argument("--seed", type=int, default=0)
+    return t
+
+
 def cmd_tokenizer_train(args: argparse.Namespace) -> int:
     from mnemo.data_pipeline.tokenizer import train_tokenizer
 
@@ -67,6 +92,48 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> int:
     )
     print(f"wrote {tok.path}: {tok.vocab_size} pieces, eos_id={tok.eos_id}, sha256={tok.sha256}")
     return 0
+
+
+def add_prepare(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help="tokenize a corpus into MDS shards")
+    _add_input_args(p)
+    p.add_argument(
+        "--out",
+        required=True,
+        metavar="DATA_DIR",
+        help="output dir, or a remote streaming can write to (s3://..., gs://..., file://...)",
+    )
+    p.add_argument(
+        "--tokenizer",
+        metavar="F",
+        help="existing SentencePiece model (default: train one into DATA_DIR/tokenizer.model)",
+    )
+    p.add_argument("--workers", type=int, default=None, metavar="N", help="processes (default: all cores)")
+    p.add_argument("--id-field", default=None, metavar="NAME", help="JSONL key / Parquet column with document ids")
+    p.add_argument("--strict", action="store_true", help="a bad JSONL line is an error (default: skip and count)")
+    p.add_argument("--overwrite", action="store_true", help="replace a different dataset already in DATA_DIR")
+    p.add_argument(
+        "--vocab-size",
+        type=int,
+        default=8192,
+        metavar="N",
+        help="vocabulary of the tokenizer trained when --tokenizer is not given (default 8192)",
+    )
+    p.add_argument("--model-type", choices=("bpe", "unigram"), default="bpe")
+    p.add_argument("--sample-docs", type=int, default=10_000, metavar="N")
+    p.add_argument(
+        "--passkey-docs", type=int, default=0, metavar="N", help="append N synthetic passkey documents after the corpus"
+    )
+    p.add_argument(
+        "--passkey-max-distance",
+        type=int,
+        default=8,
+        metavar="D",
+        help="passkey question 0..D segments after the key (uniform)",
+    )
+    p.add_argument("--segment-len", type=int, default=128, metavar="T", help="segment length of passkey documents")
+    p.add_argument("--seed", type=int, default=0, metavar="S")
+    return p
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
@@ -120,6 +187,16 @@ def skip_summary(m: dict) -> str:
     return "; ".join(parts) + " (see manifest.json)" if parts else ""
 
 
+def add_data(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:
+    return sub.add_parser(name, help="check or look at a prepared dataset")
+
+
+def add_verify(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:
+    v = sub.add_parser(name, help="check every shard against index.json and manifest.json")
+    v.add_argument("data_dir", metavar="DATA_DIR")
+    return v
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     from mnemo.data_pipeline.verify import verify
 
@@ -128,90 +205,17 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_inspect(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:
+    i = sub.add_parser(name, help="counts, token-length histogram and a few decoded documents")
+    i.add_argument("data_dir", metavar="DATA_DIR")
+    i.add_argument("--samples", type=int, default=3, metavar="N", help="decoded documents to show (default 3)")
+    i.add_argument("--json", action="store_true", help="print the report as JSON")
+    return i
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     from mnemo.data_pipeline.verify import format_inspect, inspect
 
     rep = inspect(args.data_dir, num_samples=args.samples)
     print(json.dumps(rep, indent=1) if args.json else format_inspect(rep))
     return 0
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    # mnemo tokenizer train
-    tp = subparsers.add_parser("tokenizer", help="train a SentencePiece tokenizer")
-    tsub = tp.add_subparsers(dest="tokenizer_command", metavar="COMMAND")
-    tsub.required = True
-    t = tsub.add_parser("train", help="train a lossless SentencePiece model on a sample of the corpus")
-    _add_input_args(t)
-    t.add_argument("--vocab-size", type=int, required=True, metavar="N")
-    t.add_argument("--out", required=True, metavar="F", help="model file to write (e.g. tokenizer.model)")
-    t.add_argument("--model-type", choices=("bpe", "unigram"), default="bpe")
-    t.add_argument(
-        "--sample-docs",
-        type=int,
-        default=10_000,
-        metavar="N",
-        help="train on a uniform random sample of N documents (bounded memory; default 10000)",
-    )
-    t.add_argument(
-        "--special-tokens",
-        nargs="+",
-        metavar="TOK",
-        help="extra reserved tokens (control symbols, never produced from text)",
-    )
-    t.add_argument("--seed", type=int, default=0)
-    t.set_defaults(func=cmd_tokenizer_train)
-
-    # mnemo prepare
-    p = subparsers.add_parser("prepare", help="tokenize a corpus into MDS shards")
-    _add_input_args(p)
-    p.add_argument(
-        "--out",
-        required=True,
-        metavar="DATA_DIR",
-        help="output dir, or a remote streaming can write to (s3://..., gs://..., file://...)",
-    )
-    p.add_argument(
-        "--tokenizer",
-        metavar="F",
-        help="existing SentencePiece model (default: train one into DATA_DIR/tokenizer.model)",
-    )
-    p.add_argument("--workers", type=int, default=None, metavar="N", help="processes (default: all cores)")
-    p.add_argument("--id-field", default=None, metavar="NAME", help="JSONL key / Parquet column with document ids")
-    p.add_argument("--strict", action="store_true", help="a bad JSONL line is an error (default: skip and count)")
-    p.add_argument("--overwrite", action="store_true", help="replace a different dataset already in DATA_DIR")
-    p.add_argument(
-        "--vocab-size",
-        type=int,
-        default=8192,
-        metavar="N",
-        help="vocabulary of the tokenizer trained when --tokenizer is not given (default 8192)",
-    )
-    p.add_argument("--model-type", choices=("bpe", "unigram"), default="bpe")
-    p.add_argument("--sample-docs", type=int, default=10_000, metavar="N")
-    p.add_argument(
-        "--passkey-docs", type=int, default=0, metavar="N", help="append N synthetic passkey documents after the corpus"
-    )
-    p.add_argument(
-        "--passkey-max-distance",
-        type=int,
-        default=8,
-        metavar="D",
-        help="passkey question 0..D segments after the key (uniform)",
-    )
-    p.add_argument("--segment-len", type=int, default=128, metavar="T", help="segment length of passkey documents")
-    p.add_argument("--seed", type=int, default=0, metavar="S")
-    p.set_defaults(func=cmd_prepare)
-
-    # mnemo data verify|inspect
-    dp = subparsers.add_parser("data", help="check or look at a prepared dataset")
-    dsub = dp.add_subparsers(dest="data_command", metavar="COMMAND")
-    dsub.required = True
-    v = dsub.add_parser("verify", help="check every shard against index.json and manifest.json")
-    v.add_argument("data_dir", metavar="DATA_DIR")
-    v.set_defaults(func=cmd_verify)
-    i = dsub.add_parser("inspect", help="counts, token-length histogram and a few decoded documents")
-    i.add_argument("data_dir", metavar="DATA_DIR")
-    i.add_argument("--samples", type=int, default=3, metavar="N", help="decoded documents to show (default 3)")
-    i.add_argument("--json", action="store_true", help="print the report as JSON")
-    i.set_defaults(func=cmd_inspect)

@@ -1,0 +1,316 @@
+"""A training job from a config and a target: local ranks, one node of many, every host of a hostfile, or SLURM.
+
+The config is loaded and its paths checked before anything starts, so a typo
+fails in a second on the login node. A dry run prints the exact commands (or
+the sbatch script) and starts nothing.
+
+Everything that goes into a command line or a generated script (the config
+path, run.dir, overrides, host names, forwarded variables) is refused if it
+holds a control character and shell-quoted otherwise. Credentials never go
+there: see ``secret_overrides`` and launch/remote.py.
+
+Errors name the ``mnemo launch`` flag a field comes from: that is how the user gave it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mnemo.train.errors import UserError
+
+
+@dataclass
+class LaunchRequest:
+    """What ``mnemo launch`` was asked for: one field per flag (None: not given)."""
+
+    config: str
+    overrides: list[str] = field(default_factory=list)
+    nproc_per_node: int | None = None
+    max_restarts: int = 0
+    dry_run: bool = False
+    # one node of a multi-node job
+    nnodes: int | None = None
+    node_rank: int | None = None
+    master_addr: str | None = None
+    master_port: int | None = None
+    rdzv_id: str | None = None
+    stop_on_stdin_eof: bool = False
+    env_from_stdin: bool = False
+    # hostfile (one launcher per host over ssh)
+    hostfile: str | None = None
+    include: str | None = None
+    exclude: str | None = None
+    # SLURM (a batch script written into the run dir and submitted)
+    slurm: bool = False
+    nodes: int | None = None
+    partition: str | None = None
+    account: str | None = None
+    time: str | None = None
+    gpus_per_node: int | None = None
+    sbatch_args: list[str] = field(default_factory=list)
+    debug: bool = False  # the ranks print tracebacks too
+
+
+def _check_flags(req: LaunchRequest) -> str:
+    """Which target the flags ask for; raise on combinations that make no sense."""
+    slurm_only = {
+        "--nodes": req.nodes,
+        "--partition": req.partition,
+        "--account": req.account,
+        "--time": req.time,
+        "--gpus-per-node": req.gpus_per_node,
+        "--sbatch-arg": req.sbatch_args or None,
+    }
+    if req.hostfile and req.slurm:
+        raise UserError("--hostfile and --slurm are different targets; give one")
+    if not req.hostfile:
+        for flag, v in (("--include", req.include), ("--exclude", req.exclude)):
+            if v is not None:
+                raise UserError(f"{flag} needs --hostfile")
+    if not req.slurm:
+        for flag, v in slurm_only.items():
+            if v is not None:
+                raise UserError(f"{flag} needs --slurm")
+    if req.max_restarts < 0:
+        raise UserError(f"--max-restarts must be >= 0, got {req.max_restarts}")
+    if req.nproc_per_node is not None and req.nproc_per_node < 1:
+        raise UserError(f"--nproc-per-node must be >= 1, got {req.nproc_per_node}")
+    if req.nnodes is not None and req.nnodes < 1:
+        raise UserError(f"--nnodes must be >= 1, got {req.nnodes}")
+    if req.hostfile or req.slurm:
+        which = "--hostfile" if req.hostfile else "--slurm"
+        for flag, v in (("--nnodes", req.nnodes), ("--node-rank", req.node_rank)):
+            if v is not None:
+                raise UserError(f"{flag} cannot be combined with {which} (it decides the nodes)")
+        if req.slurm and req.master_addr is not None:
+            raise UserError(
+                "--master-addr cannot be combined with --slurm (the first node of the allocation is the rendezvous)"
+            )
+        return "hostfile" if req.hostfile else "slurm"
+    if req.nnodes is not None and req.nnodes > 1:
+        if req.node_rank is None:
+            raise UserError("--nnodes > 1 needs --node-rank (this node's index)")
+        if req.master_addr is None:
+            raise UserError("--nnodes > 1 needs --master-addr (the address of node 0)")
+        return "node"
+    if req.node_rank not in (None, 0):
+        raise UserError(f"--node-rank {req.node_rank} needs --nnodes > {req.node_rank}")
+    return "local"
+
+
+def _run_dir(cfg, cwd: str) -> Path:
+    d = Path(cfg.run.dir)
+    return d if d.is_absolute() else Path(cwd) / d
+
+
+def secret_overrides(overrides: list[str]) -> tuple[list[str], dict[str, str]]:
+    """(overrides for command lines, variables to pass in the environment instead).
+
+    ``tracking.uri=http://user:pass@host`` would put the password into every
+    command line (ps on each node) and the sbatch script: it becomes
+    ``tracking.uri=`` (empty: the tracker then reads MLFLOW_TRACKING_URI) and
+    MLFLOW_TRACKING_URI carries the real URI, by the target's secret channel.
+    Any other override holding credentials has no such channel and is refused.
+    """
+    from mnemo.train.config import parse_overrides
+    from mnemo.train.redact import has_credentials, redact_uri
+
+    public, env = [], {}
+    for raw, (key, value) in zip(overrides, parse_overrides(overrides)):
+        if not has_credentials(value):
+            public.append(raw)
+        elif key == "tracking.uri":
+            env["MLFLOW_TRACKING_URI"] = value
+            public.append("tracking.uri=")
+        else:
+            raise UserError(
+                f"{key}: {redact_uri(value)!r} carries credentials, which mnemo launch keeps off "
+                "command lines; put them in the config file or the environment"
+            )
+    return public, env
+
+
+def _check_values(req: LaunchRequest, cfg, run_dir: Path, cwd: str) -> None:
+    """No control character in anything that goes into a command line or a script (cfg None: the argv part)."""
+    from mnemo.launch.hostfile import check_host_name
+    from mnemo.launch.torchrun import check_line_safe
+
+    if cfg is None:  # before the config is read: what the command line gives
+        check_line_safe("config", os.path.abspath(req.config))
+        for ov in req.overrides:
+            check_line_safe(ov.partition("=")[0].strip() or "override", ov)
+        return
+    check_line_safe("run.dir", str(cfg.run.dir))
+    check_line_safe("run.dir", str(run_dir))
+    check_line_safe("working directory", cwd)
+    check_line_safe("python", sys.executable)
+    if req.master_addr is not None:
+        check_host_name(req.master_addr, "--master-addr")
+        if "@" in req.master_addr:
+            raise UserError(f"--master-addr: {req.master_addr!r} is an address, not an ssh destination")
+    if req.rdzv_id is not None:
+        check_line_safe("--rdzv-id", req.rdzv_id)
+        if req.rdzv_id.startswith("-"):
+            raise UserError(f"--rdzv-id {req.rdzv_id!r} starts with '-' (it would be read as an option)")
+
+
+def _job_name(cfg, run_dir: Path) -> str:
+    name = cfg.run.name or run_dir.name or "mnemo"
+    return re.sub(r"[^A-Za-z0-9_.\-]", "_", name)[:64]
+
+
+def launch(req: LaunchRequest) -> int:
+    """Validate everything, then start the ranks (or print what would start: ``dry_run``); the exit status."""
+    from mnemo.launch import env as launch_env
+    from mnemo.launch.torchrun import DEFAULT_MASTER_PORT, NodePlan, check_node_args, default_rdzv_id
+    from mnemo.train.config import check_paths, load_config
+
+    target = _check_flags(req)
+    if req.env_from_stdin:
+        # A node started over ssh: the orchestrator's secrets come first on stdin.
+        from mnemo.launch.remote import read_env_line
+
+        os.environ.update(read_env_line(sys.stdin.fileno()))
+    # Validate everything before starting or submitting anything.
+    _check_values(req, None, Path(), "")
+    cfg = load_config(req.config, req.overrides)
+    check_paths(cfg)
+    if req.debug:
+        os.environ["MNEMO_DEBUG"] = "1"  # ranks print tracebacks too
+
+    cwd = os.getcwd()
+    config = os.path.abspath(req.config)
+    run_dir = _run_dir(cfg, cwd)
+    _check_values(req, cfg, run_dir, cwd)
+    overrides, secret_env = secret_overrides(list(req.overrides))
+    port = req.master_port if req.master_port is not None else DEFAULT_MASTER_PORT
+    rdzv_id = req.rdzv_id or default_rdzv_id(cfg.run.dir)
+
+    if target == "hostfile":
+        return _hostfile(req, cfg, config, overrides, secret_env, run_dir, cwd, port, rdzv_id)
+    if target == "slurm":
+        return _slurm(req, cfg, config, overrides, secret_env, run_dir, cwd, req.master_port)
+
+    nnodes = req.nnodes or 1
+    node_rank = req.node_rank or 0
+    check_node_args(nnodes, node_rank, port, req.max_restarts)
+    plan = NodePlan(
+        config=config,
+        overrides=overrides,
+        run_dir=run_dir,
+        nproc_per_node=req.nproc_per_node or launch_env.default_nproc_per_node(),
+        nnodes=nnodes,
+        node_rank=node_rank,
+        master_addr=req.master_addr or "127.0.0.1",
+        master_port=port,
+        rdzv_id=rdzv_id,
+        max_restarts=req.max_restarts,
+    )
+    if req.dry_run:
+        from mnemo.launch.torchrun import render_node
+
+        if secret_env:
+            print(f"# in the environment, not shown (credentials): {', '.join(sorted(secret_env))}")
+        sys.stdout.write(render_node(plan, os.environ))
+        return 0
+    from mnemo.launch.local import run_node
+
+    os.environ.update(secret_env)  # torchrun and the ranks inherit it
+    return run_node(plan, stop_on_stdin_eof=req.stop_on_stdin_eof)
+
+
+def _hostfile(
+    req: LaunchRequest,
+    cfg,
+    config: str,
+    overrides: list[str],
+    secret_env: dict[str, str],
+    run_dir: Path,
+    cwd: str,
+    port: int,
+    rdzv_id: str,
+) -> int:
+    from mnemo.launch import env as launch_env
+    from mnemo.launch import remote
+    from mnemo.launch.hostfile import address_of, parse_hostfile, procs_per_node, select_hosts
+
+    hosts = select_hosts(parse_hostfile(req.hostfile), req.include, req.exclude)
+    nproc = procs_per_node(hosts, req.nproc_per_node)
+    if not 1 <= port <= 65535:
+        raise UserError(f"--master-port must be in [1, 65535], got {port}")
+    cmds = remote.node_commands(
+        hosts,
+        config=config,
+        overrides=overrides,
+        nproc_per_node=nproc,
+        master_addr=req.master_addr or address_of(hosts[0].name),
+        master_port=port,
+        rdzv_id=rdzv_id,
+        max_restarts=req.max_restarts,
+        cwd=cwd,
+        python=sys.executable,
+        env={
+            **remote.forwarded_env(os.environ),
+            **secret_env,
+            **({"PYTHONPATH": pythonpath} if (pythonpath := launch_env.pythonpath_with_root(os.environ)) else {}),
+            "PATH": launch_env.path_with_venv(os.environ, sys.executable),
+        },
+    )
+    if req.dry_run:
+        sys.stdout.write(remote.render(cmds))
+        return 0
+    ssh = remote.find_ssh()
+    remote.check_reachable(hosts, ssh)
+    print(f"mnemo launch: {len(hosts)} node(s) x {nproc} rank(s); logs in {run_dir / 'logs'}", file=sys.stderr)
+    return remote.run_hostfile(cmds, ssh)
+
+
+def _slurm(
+    req: LaunchRequest,
+    cfg,
+    config: str,
+    overrides: list[str],
+    secret_env: dict[str, str],
+    run_dir: Path,
+    cwd: str,
+    port: int | None,
+) -> int:
+    from mnemo.launch import slurm
+
+    opts = slurm.SlurmOptions(
+        config=config,
+        overrides=overrides,
+        run_dir=run_dir,
+        cwd=cwd,
+        python=sys.executable,
+        job_name=_job_name(cfg, run_dir),
+        nodes=req.nodes or 1,
+        nproc_per_node=req.nproc_per_node or req.gpus_per_node or 2,
+        gpus_per_node=req.gpus_per_node,
+        partition=req.partition,
+        account=req.account,
+        time=req.time,
+        signal_s=max(1, int(cfg.checkpoint.grace_period_s)),
+        master_port=port,
+        max_restarts=req.max_restarts,
+        sbatch_args=list(req.sbatch_args),
+        required_env=sorted(secret_env),
+    )
+    slurm.check_options(opts)
+    if port is not None and not 1 <= port <= 65535:
+        raise UserError(f"--master-port must be in [1, 65535], got {port}")
+    if req.dry_run:
+        path = slurm.write_script(opts)
+        sys.stdout.write(slurm.sbatch_script(opts))
+        print(f"mnemo launch: wrote {path} (not submitted: --dry-run)", file=sys.stderr)
+        return 0
+    sbatch = slurm.find_sbatch()
+    path = slurm.write_script(opts)
+    job_id = slurm.submit(path, sbatch, env={**os.environ, **secret_env})
+    print(f"submitted job {job_id}")
+    print(f"mnemo launch: script {path}; log {run_dir / 'logs' / f'slurm-{job_id}.out'}", file=sys.stderr)
+    return 0

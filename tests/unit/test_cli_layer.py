@@ -1,0 +1,85 @@
+"""Argument parsing lives in the CLI layer (mnemo/), nowhere below it.
+
+The parts (the folders pyproject.toml maps to mnemo.* besides mnemo itself)
+are libraries: their functions take values, not an argv or a Namespace.
+mnemo/cli.py and mnemo/commands/ parse and call one public function per
+command. A module below that is run as a script (``python -m ...``) may parse
+its own argv: list it in SCRIPTS with the reason.
+"""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+# Modules below the CLI layer that may import argparse: path -> why. launch/worker.py
+# (python -m mnemo.launch.worker, what torchrun starts) reads its argv by hand.
+SCRIPTS: dict[str, str] = {}
+
+# What the handlers import only when they run: `mnemo --help` and a bad flag never load them.
+HEAVY = ("torch", "deepspeed", "streaming", "sentencepiece", "mlflow", "numpy", "pyarrow", "safetensors")
+
+
+def part_folders() -> list[Path]:
+    """The folders that install as mnemo's parts (pyproject.toml package-dir), the CLI's own excluded."""
+    dirs = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
+    return sorted(REPO / folder for package, folder in dirs.items() if package != "mnemo")
+
+
+def imports_argparse(text: str, name: str) -> list[int]:
+    """Lines of ``name`` that import argparse (at module level or inside a function)."""
+    lines = []
+    for node in ast.walk(ast.parse(text, name)):
+        if isinstance(node, ast.Import) and any(a.name.split(".")[0] == "argparse" for a in node.names):
+            lines.append(node.lineno)
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "argparse":
+            lines.append(node.lineno)
+    return lines
+
+
+def test_no_argparse_below_the_cli_layer():
+    folders = part_folders()
+    assert {f.name for f in folders} >= {"train", "launch", "data_pipeline", "model"}, folders
+    found = []
+    for folder in folders:
+        for path in sorted(folder.rglob("*.py")):
+            rel = path.relative_to(REPO).as_posix()
+            if rel not in SCRIPTS:
+                found += [f"{rel}:{line}" for line in imports_argparse(path.read_text(), rel)]
+    assert not found, "argparse below the CLI layer (move the parsing into mnemo/commands/): " + ", ".join(found)
+    stale = [rel for rel in SCRIPTS if not imports_argparse((REPO / rel).read_text(), rel)]
+    assert not stale, f"listed in SCRIPTS but no longer importing argparse: {stale}"
+
+
+def test_the_checker_sees_both_import_forms():
+    assert imports_argparse("import os, argparse\n", "a.py") == [1]
+    assert imports_argparse("def f():\n    from argparse import Namespace\n", "b.py") == [2]
+    assert imports_argparse("import argparsex\nfrom x import argparse\n", "c.py") == []
+
+
+def test_every_help_loads_no_heavy_module():
+    code = f"""
+import contextlib, io, sys
+from mnemo.cli import COMMANDS, build_parser
+
+p = build_parser()
+argvs = [["--help"]]
+for name, (_, handler) in COMMANDS.items():
+    argvs.append([name, "--help"])
+    argvs += [[name, sub, "--help"] for sub in handler] if isinstance(handler, dict) else []
+for argv in argvs:
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        try:
+            p.parse_args(argv)
+        except SystemExit as e:
+            assert e.code == 0 and out.getvalue().startswith("usage: mnemo"), (argv, e.code)
+print(sorted({{m.split(".")[0] for m in sys.modules}} & set({HEAVY!r})))
+"""
+    res = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "[]", "mnemo --help imports " + res.stdout
