@@ -18,7 +18,7 @@ install: $(STAMP)
 # The main job on the built-in corpus (stdlib sources): tokenizer, shards, 2-rank
 # ZeRO-2 training of a memory model and a no-memory baseline, evaluation.
 demo: install
-	$(BIN)/python -m mnemo.launch.demo
+	$(BIN)/python -m mnemo.demo
 
 # The whole suite. pytest's exit code 5 (no tests collected) is a failure.
 test: install

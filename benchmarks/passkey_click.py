@@ -37,17 +37,15 @@ T, B_DEFAULT = 128, 16
 def load_data(data_dir: Path):
     import numpy as np
 
-    from mnemo.data_pipeline.split import heldout_mask
     from mnemo.data_pipeline.streams import MDSSource
     from mnemo.data_pipeline.tokenizer import Tokenizer
-    from mnemo.launch.demo import DemoSettings, prepare_data
+    from mnemo.demo import DemoSettings, prepare_data
+    from mnemo.evaluation.heldout import read_docs
 
     prepare_data(DemoSettings(passkey_docs=0), data_dir, T)
     src = MDSSource(str(data_dir))
-    held = heldout_mask(src.num_samples, 0.1)
-    docs = [np.asarray(src.get(i)["tokens"], dtype=np.int64) for i in range(src.num_samples)]
-    train = np.concatenate([d for d, h in zip(docs, held) if not h])
-    heldout = [d for d, h in zip(docs, held) if h]
+    train = np.concatenate(read_docs(src, 0.1, heldout=False))
+    heldout = read_docs(src, 0.1)
     return Tokenizer(str(data_dir / "tokenizer.model")), train, heldout
 
 
@@ -57,8 +55,9 @@ def run_recipe(recipe: str, tok, filler, heldout, steps: int, batch: int, seed: 
     from mnemo.model import MemoryTransformer
     from mnemo.train.config import load_config
     from mnemo.train.episodes import EpisodeSource, Episodes, PasskeyCurriculum
-    from mnemo.train.evaluate import passkey_report, with_ltm_capacity
-    from mnemo.train.trainer import lr_lambda, model_args_from_config, param_groups
+    from mnemo.evaluation.inference import with_ltm_capacity
+    from mnemo.evaluation.scoring import passkey_report
+    from mnemo.train.engine import lr_lambda, model_args_from_config, param_groups
 
     mlp, init, emb = recipe.split("/")
     # The demo's model, schedule, episode weights and curriculum (configs/demo.yaml), with the recipe

@@ -7,7 +7,7 @@ CHECKPOINT defaults to the demo's memory model (runs/demo/memory), DATA_DIR to
 runs/demo/data. For each distance D the long-term store is sized to hold the
 whole document (D * T entries per slot and layer), so what is measured is the
 learned retrieval among D * T candidates, not the FIFO. The passkey documents
-are built on held-out filler (``train.evaluate.passkey_report``; the same
+are built on held-out filler (``evaluation.scoring.passkey_report``; the same
 documents for a given seed). The multi-key variant hides K facts
 "The pass key of door N is NNNNN." and asks for one of them.
 
@@ -32,7 +32,8 @@ def _ints(text: str) -> list[int]:
 
 def measure(model, tok, filler, T: int, D: int, trials: int, batch: int, n_keys: int, seed: int) -> dict:
     """One row: passkey at distance D with the store sized for the whole document."""
-    from mnemo.train.evaluate import passkey_report, with_ltm_capacity
+    from mnemo.evaluation.inference import with_ltm_capacity
+    from mnemo.evaluation.scoring import passkey_report
 
     with_ltm_capacity(model, max(D * T, model.args.ltm_topk))
     t0 = time.perf_counter()
@@ -69,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from mnemo.train.checkpoint import load_for_inference
-    from mnemo.train.evaluate import FILLER_TOKENS, read_heldout_docs
+    from mnemo.evaluation.heldout import FILLER_TOKENS, read_heldout_docs
 
     torch.set_num_threads(args.threads)
     model, tok, cfg = load_for_inference(args.checkpoint)

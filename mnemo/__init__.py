@@ -1,9 +1,9 @@
 """mnemo: distributed pretraining of transformer language models with memory.
 
-The top-level folders ``train/``, ``model/``, ``launch/`` and ``data_pipeline/``
-install as ``mnemo.train``, ``mnemo.model``, ``mnemo.launch`` and
-``mnemo.data_pipeline`` (pyproject.toml maps them), so nothing of mnemo is
-importable under a bare name that a user's own files could shadow.
+The top-level folders ``train/``, ``model/``, ``launch/``, ``evaluation/`` and
+``data_pipeline/`` install as ``mnemo.train``, ``mnemo.model``, ``mnemo.launch``,
+``mnemo.evaluation`` and ``mnemo.data_pipeline`` (pyproject.toml maps them), so
+nothing of mnemo is importable under a bare name that a user's own files could shadow.
 """
 
 from pathlib import Path as _Path

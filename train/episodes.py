@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mnemo.data_pipeline.passkey import DEPTHS, filler_stream, is_synthetic, make_multikey_sample, make_passkey_sample
+from mnemo.data_pipeline.passkey import DEPTHS, filler_stream, make_multikey_sample, make_passkey_sample
 
 
 def is_episode_step(step: int, fraction: float) -> bool:
@@ -238,20 +238,10 @@ def training_filler(source: Any, val_fraction: float, max_docs: int, seed: int) 
     here; synthetic passkey documents are skipped. The documents are a fixed
     function of (dataset, seed), the same on every rank.
     """
-    from mnemo.data_pipeline.split import heldout_mask
+    from mnemo.evaluation.heldout import read_docs
 
-    held = heldout_mask(source.num_samples, val_fraction)
     order = np.random.default_rng([int(seed), 0xF111]).permutation(source.num_samples)
-    docs = []
-    for i in order:
-        if held[i]:
-            continue
-        item = source.get(int(i))
-        if is_synthetic(item):
-            continue
-        docs.append(np.asarray(item["tokens"], dtype=np.int64))
-        if len(docs) >= max_docs:
-            break
+    docs = read_docs(source, val_fraction, heldout=False, order=order, max_docs=max_docs)
     if not docs:
         from mnemo.train.errors import UserError
 

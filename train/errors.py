@@ -13,19 +13,20 @@ class UserError(Exception):
 def exit_status(command: Callable[[], int | None], debug: bool = False) -> int:
     """Run one command; its exit status.
 
-    A user error (UserError, DataError, a missing file) is one line
+    A user error (UserError, DataError, EvalError, a missing file) is one line
     ``mnemo: error: ...`` on stderr and status 2 (with ``debug``: raised, so
     the traceback shows); Ctrl-C is ``mnemo: interrupted`` and 130. The CLI
     and the launcher's worker (a rank under torchrun) both run commands so.
     """
     from mnemo.data_pipeline.errors import DataError
+    from mnemo.evaluation.errors import EvalError
 
     try:
         rc = command()
     except KeyboardInterrupt:
         print("mnemo: interrupted", file=sys.stderr)
         return 130
-    except (UserError, DataError, FileNotFoundError) as e:
+    except (UserError, DataError, EvalError, FileNotFoundError) as e:
         if debug:
             raise
         from mnemo.train.redact import redact_uri

@@ -13,46 +13,32 @@ log = logging.getLogger("mnemo.train")
 
 
 def heldout_docs(source, cfg: Config) -> list:
-    import numpy as np
+    """The held-out corpus documents a run scores: the first eval.max_docs, each cut to eval.max_doc_tokens."""
+    from mnemo.evaluation.heldout import read_docs
 
-    from mnemo.data_pipeline.passkey import is_synthetic
-    from mnemo.data_pipeline.split import heldout_mask
-
-    idx = np.flatnonzero(heldout_mask(source.num_samples, cfg.data.val_fraction))
-    docs = []
-    for i in idx:
-        item = source.get(int(i))
-        if is_synthetic(item):
-            continue
-        docs.append(np.asarray(item["tokens"])[: cfg.eval.max_doc_tokens])
-        if len(docs) >= cfg.eval.max_docs:
-            break
-    return docs
+    return read_docs(source, cfg.data.val_fraction, max_docs=cfg.eval.max_docs, max_doc_tokens=cfg.eval.max_doc_tokens)
 
 
 def run_eval(cfg: Config, module, source, tok_file: str, tracker, step: int, rank: int) -> dict[str, Any]:
     """Held-out evaluation on every rank (identical forwards, as ZeRO-3 needs), logged by rank 0."""
     from mnemo.data_pipeline.tokenizer import Tokenizer
-    from mnemo.train import evaluate
+    from mnemo.evaluation.evaluate import evaluate
+    from mnemo.evaluation.report import flat_metrics, plots
 
     docs = heldout_docs(source, cfg)
     if not docs:
         return {}
-    was_training = module.training
-    module.eval()
-    try:
-        result = evaluate.evaluate(
-            module,
-            Tokenizer(tok_file),
-            docs,
-            cfg,
-            ablations=False,
-            passkey=cfg.eval.passkey_trials > 0,
-            seed=cfg.train.seed,
-        )
-    finally:
-        module.train(was_training)
-    metrics = evaluate.flat_metrics(result)
+    # evaluate() runs the module in eval mode and restores training mode (evaluation.inference.eval_mode).
+    result = evaluate(
+        module,
+        Tokenizer(tok_file),
+        docs,
+        cfg,
+        ablations=False,
+        passkey=cfg.eval.passkey_trials > 0,
+        seed=cfg.train.seed,
+    )
+    metrics = flat_metrics(result)
     tracker.log_metrics(metrics, step)
     if rank == 0:
         out = Path(cfg.run.dir) / "eval" / f"step_{step:08d}"
@@ -60,7 +46,7 @@ def run_eval(cfg: Config, module, source, tok_file: str, tracker, step: int, ran
         (out / "eval.json").write_text(json.dumps(result, indent=1))
         tracker.log_artifact(str(out / "eval.json"), f"eval/step_{step:08d}")
         try:
-            for png in evaluate.plots(result, str(out)):
+            for png in plots(result, str(out)):
                 tracker.log_artifact(png, f"eval/step_{step:08d}")
         except Exception as e:  # plots are a nicety; never fail training for them
             log.warning("eval plots failed: %s", e)

@@ -97,16 +97,10 @@ def add_generate(sub: argparse._SubParsersAction, name: str) -> argparse.Argumen
 def cmd_eval(args: argparse.Namespace) -> int:
     from mnemo.train.checkpoint import load_for_inference
     from mnemo.train.errors import UserError
-    from mnemo.train.evaluate import (
-        FILLER_TOKENS,
-        check_data_tokenizer,
-        evaluate,
-        format_table,
-        plots,
-        read_heldout_docs,
-        with_ltm_capacity,
-    )
-    from mnemo.train.inference import resolve_device
+    from mnemo.evaluation.evaluate import evaluate
+    from mnemo.evaluation.heldout import FILLER_TOKENS, check_data_tokenizer, read_heldout_docs
+    from mnemo.evaluation.inference import resolve_device, with_ltm_capacity
+    from mnemo.evaluation.report import format_table, plots
 
     data = Path(args.data)
     if not (data / "index.json").is_file():  # before the (slower) model load
@@ -159,8 +153,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     from mnemo.train.checkpoint import load_for_inference
     from mnemo.train.errors import UserError
-    from mnemo.train.generate import TextStreamer, generate
-    from mnemo.train.inference import resolve_device
+    from mnemo.evaluation.generate import TextStreamer, generate
+    from mnemo.evaluation.inference import resolve_device
 
     path = Path(args.prompt_file)
     if not path.is_file():

@@ -204,10 +204,10 @@ def test_export_eval_generate_of_the_bf16_result(uni, tiny_data, tmp_path):
     from safetensors.torch import load_file
 
     from mnemo.data_pipeline.streams import MDSSource
-    from mnemo.train import evaluate
+    from mnemo.evaluation import evaluate
+    from mnemo.evaluation.generate import generate
     from mnemo.train.checkpoint import export, load_for_inference
-    from mnemo.train.generate import generate
-    from mnemo.train.trainer import heldout_docs
+    from mnemo.train.eval_hook import heldout_docs
 
     run_dir = uni[0]
     step_dir = ckpt(run_dir, UNI_STEPS)

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from mnemo.launch.demo import REPO, long_context_loss, run_demo, side_by_side
+from mnemo.demo import REPO, run_demo
+from mnemo.demo_report import long_context_loss, side_by_side
 from mnemo.train.config import flatten, load_config
 from tests.integration.jobs import user_project_dir
 

@@ -173,8 +173,8 @@ def test_export_matches_zero_to_fp32_and_eval_and_finetune(reference, tmp_path):
 
     # eval of the export == eval of the DeepSpeed checkpoint
     from mnemo.train.checkpoint import load_for_inference
-    from mnemo.train.evaluate import loss_by_position
-    from mnemo.train.trainer import heldout_docs
+    from mnemo.evaluation.scoring import loss_by_position
+    from mnemo.train.eval_hook import heldout_docs
     from mnemo.data_pipeline.streams import MDSSource
 
     m1, tok, cfg = load_for_inference(ckpt)

@@ -19,15 +19,14 @@ from mnemo.data_pipeline.tokenizer import Tokenizer
 from tests.unit.stdlib import stdlib_texts, stdlib_tokenizer
 from mnemo.train.config import Config
 from mnemo.train.errors import UserError
-from mnemo.train.evaluate import (
+from mnemo.evaluation.errors import EvalError
+from mnemo.evaluation.evaluate import evaluate
+from mnemo.evaluation.report import flat_metrics, format_table, plots
+from mnemo.evaluation.scoring import (
     ablation_table,
     bucket_lower,
-    evaluate,
-    flat_metrics,
-    format_table,
     loss_by_position,
     passkey_report,
-    plots,
     score_greedy,
     score_teacher_forced,
 )
@@ -168,7 +167,7 @@ def test_score_greedy_feeds_its_own_predictions():
 
 
 def test_teacher_forced_scoring_agrees_with_greedy_exact_match():
-    from mnemo.train.evaluate import cell_stats
+    from mnemo.evaluation.scoring import cell_stats
 
     samples = [
         _sample(list(range(10)), 7, 3),
@@ -333,7 +332,7 @@ def test_real_model_batch_invariant_and_ablations():
 
 
 def test_real_model_passkey(tok, corpus):
-    from mnemo.train.evaluate import passkey_samples
+    from mnemo.evaluation.scoring import passkey_samples
 
     m = _real_model(tok.vocab_size, 64)
     acc = passkey_report(m, tok, corpus, 64, distances=[1, 2], trials=4, seed=0, batch_size=3)
@@ -470,8 +469,41 @@ def test_eval_cli(tok, tmp_path, capsys):
         assert a.func(a) == 0 and json.loads(out.read_text())["ltm_capacity"] == cap
     # A data dir tokenized with another tokenizer is refused, naming the manifest.
     (data / "manifest.json").write_text(json.dumps({"tokenizer_sha256": "0" * 64}))
-    with pytest.raises(UserError, match="manifest.json"):
+    with pytest.raises(EvalError, match="manifest.json"):
         args.func(args)
     args = p.parse_args(["eval", str(exp), "--data", str(tmp_path / "missing")])
     with pytest.raises(UserError, match="missing"):
         args.func(args)
+
+
+def test_read_docs_splits_held_out_from_training_and_skips_synthetic_documents():
+    from mnemo.data_pipeline.split import heldout_mask
+    from mnemo.evaluation.heldout import read_docs
+
+    class Source:
+        num_samples = 40
+
+        def get(self, i):
+            # Every 5th document is synthetic: by its source, or (i % 10 == 5) only by its answer span.
+            synthetic = i % 5 == 0
+            return {
+                "tokens": np.arange(i, i + 10, dtype=np.uint16),
+                "source": "passkey" if synthetic and i % 10 == 0 else "corpus",
+                "answer_len": 5 if synthetic else 0,
+            }
+
+    src, f = Source(), 0.3
+    held = heldout_mask(src.num_samples, f)
+    corpus = [i for i in range(src.num_samples) if i % 5 != 0]
+    want_held = [i for i in corpus if held[i]]
+    want_train = [i for i in corpus if not held[i]]
+    assert want_held and want_train
+    got = read_docs(src, f)
+    assert [int(d[0]) for d in got] == want_held and all(d.dtype == np.int64 and d.size == 10 for d in got)
+    assert [int(d[0]) for d in read_docs(src, f, heldout=False)] == want_train
+    # Reading order, a document limit, a cut per document.
+    order = list(reversed(range(src.num_samples)))
+    got = read_docs(src, f, heldout=False, order=order, max_docs=3, max_doc_tokens=4)
+    assert [int(d[0]) for d in got] == want_train[::-1][:3] and all(d.size == 4 for d in got)
+    # max_docs is reached only once the documents hold min_tokens together.
+    assert len(read_docs(src, f, heldout=False, max_docs=1, min_tokens=25)) == 3

@@ -15,7 +15,8 @@ from mnemo.model import MemoryTransformer, ModelArgs
 from mnemo.train.config import Config, to_dict
 from mnemo.train.errors import UserError
 from mnemo.cli import build_parser
-from mnemo.train.generate import SegmentReader, TextStreamer, generate, sample_next
+from mnemo.evaluation.errors import EvalError
+from mnemo.evaluation.generate import SegmentReader, TextStreamer, generate, sample_next
 
 T = 16
 
@@ -103,7 +104,7 @@ def test_generate_long_prompt_deterministic():
             logits.append(lg)
         logits = torch.cat(logits, 1)[0]
     assert [int(logits[len(prompt) - 1 + i].argmax()) for i in range(3)] == g
-    with pytest.raises(UserError, match="empty"):
+    with pytest.raises(EvalError, match="empty"):
         generate(m, _Tok(), [], T, 3)
 
 

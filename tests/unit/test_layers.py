@@ -1,8 +1,11 @@
 """The package layers, checked on the source with ``ast``.
 
-    cli (mnemo/)                     parses arguments, one public function per command
-    launch/  train/  data_pipeline/  the work; launch may use train, train may use data_pipeline
-    model/                           the network, importing nothing of mnemo's
+    cli (mnemo/)      parses arguments, one public function per command; the demo; may use every part
+    launch/           starting jobs; may use train, evaluation, data_pipeline, model
+    train/            the training loop; may use evaluation (the in-run eval), data_pipeline, model
+    evaluation/       scoring, reports, held-out documents, generation; may use data_pipeline, model
+    data_pipeline/    corpus to shards, streams; nothing else of mnemo's
+    model/            the network, importing nothing of mnemo's
 
 Every import counts, at module level or inside a function (a function-level
 import is still a dependency, only a later one). Three kinds of problem:
@@ -23,15 +26,17 @@ FOLDERS = {
     "mnemo": ("mnemo", "cli"),
     "launch": ("mnemo.launch", "launch"),
     "train": ("mnemo.train", "train"),
+    "evaluation": ("mnemo.evaluation", "evaluation"),
     "data_pipeline": ("mnemo.data_pipeline", "data_pipeline"),
     "model": ("mnemo.model", "model"),
 }
 
 # part -> the parts it may import (its own included)
 ALLOWED = {
-    "cli": {"cli", "launch", "train", "data_pipeline", "model"},
-    "launch": {"launch", "train", "data_pipeline", "model"},
-    "train": {"train", "data_pipeline", "model"},
+    "cli": {"cli", "launch", "train", "evaluation", "data_pipeline", "model"},
+    "launch": {"launch", "train", "evaluation", "data_pipeline", "model"},
+    "train": {"train", "evaluation", "data_pipeline", "model"},
+    "evaluation": {"evaluation", "data_pipeline", "model"},
     "data_pipeline": {"data_pipeline"},
     "model": {"model"},
 }

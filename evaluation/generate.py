@@ -25,8 +25,8 @@ from typing import Any
 
 import torch
 
-from mnemo.train.errors import UserError
-from mnemo.train.inference import core_model, model_device
+from mnemo.evaluation.errors import EvalError
+from mnemo.evaluation.inference import core_model, eval_mode, model_device
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> int:
@@ -104,13 +104,11 @@ def generate(
     """
     ids = [int(t) for t in prompt_ids]
     if not ids:
-        raise UserError("generate: the prompt is empty")
+        raise EvalError("generate: the prompt is empty")
     T = int(segment_len)
     device = model_device(model)
     core = core_model(model)
-    was_training = bool(getattr(core, "training", False))
-    core.eval()
-    try:
+    with eval_mode(model):
         gen = torch.Generator().manual_seed(int(seed))
         prompt = torch.tensor(ids, dtype=torch.long, device=device)[None]  # [1, P]
         reader = SegmentReader(model, core.init_state(1, device=device), T, mode)
@@ -133,9 +131,6 @@ def generate(
                 break  # no forward for a token nobody will sample after
             last = reader.feed(torch.tensor([[tok]], dtype=torch.long, device=device))
         return out
-    finally:
-        if was_training:
-            core.train()
 
 
 class TextStreamer:

@@ -13,11 +13,12 @@ Pipeline (everything under ``out_dir``, default ``runs/demo``):
    memory) for the same number of steps; 60% of both runs' steps are
    synthetic passkey episodes (key in segment 0, question D <= 8 segments
    later; ``train.passkey``, docs/demo.md), the rest read the corpus;
-4. both checkpoints are evaluated on held-out documents (``train.evaluate``:
+4. both checkpoints are evaluated on held-out documents (``mnemo.evaluation``:
    loss by position, memory ablations, passkey retrieval at D = 1..32 with
    the long-term store sized for the longest document), side by side;
 5. ``<out_dir>/summary.json`` = {"segment_len": T, "memory": EVAL,
-   "baseline": EVAL, ...} and the evaluation is logged to both MLflow runs.
+   "baseline": EVAL, ...} and the evaluation is logged to both MLflow runs
+   (steps 4-5: ``mnemo.demo_report``).
 
 The wall-clock budget (``minutes``) covers steps 2-5: the two training runs
 share what preparation and the evaluation reserve leave, in proportion to
@@ -29,7 +30,6 @@ from __future__ import annotations
 import argparse
 import glob
 import json
-import math
 import os
 import re
 import shutil
@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from mnemo.demo_report import evaluate_runs, log_to_mlflow, side_by_side, targets
 from mnemo.train.errors import UserError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -187,257 +188,6 @@ def _override_value(overrides: list[str], key: str) -> str:
     raise KeyError(key)
 
 
-# ------------------------------------------------------------------ evaluation
-
-
-def _load(run_dir: Path, capacity: int):
-    import torch
-
-    from mnemo.train.checkpoint import load_for_inference
-    from mnemo.train.evaluate import with_ltm_capacity
-
-    torch.set_num_threads(1)  # small matrices on a busy 2-core machine: one thread is fastest
-    model, tok, cfg = load_for_inference(str(run_dir))
-    with_ltm_capacity(model, max(model.args.ltm_capacity, capacity))
-    return model, tok, cfg
-
-
-def eval_task(
-    run_dir: str,
-    docs: list,
-    distances: list[int],
-    loss_by_position: bool,
-    trials: int,
-    eval_docs: int,
-    batch: int,
-    multikey: int,
-    seed: int,
-    segment_len: int,
-) -> dict[str, Any]:
-    """One share of a checkpoint's evaluation, in the `mnemo eval --json` format.
-
-    loss_by_position=False: passkey only (the loss keys are left out). The
-    long-term store is sized for the longest passkey document of ``distances``
-    (max D * T entries), so a D beyond the training capacity tests the learned
-    retrieval, not the FIFO. ``docs``: the held-out documents (scored, and the
-    passkey filler). Runs in a worker process of ``evaluate_runs``.
-    """
-    from mnemo.train.evaluate import evaluate, passkey_report
-
-    t0 = time.perf_counter()
-    model, tok, cfg = _load(Path(run_dir), max(distances, default=0) * segment_len)
-    if loss_by_position:
-        res = evaluate(
-            model,
-            tok,
-            docs,
-            cfg,
-            ablations=True,
-            passkey=trials > 0 and bool(distances),
-            seed=seed,
-            batch_size=batch,
-            max_docs=eval_docs,
-            passkey_trials=trials,
-            distances=distances,
-            multikey=multikey,
-        )
-    else:
-        res = {"segment_len": segment_len, "seconds": {}}
-        rep = passkey_report(model, tok, docs, segment_len, distances, trials=trials, seed=seed, batch_size=batch)
-        res.update(
-            passkey=rep["accuracy"],
-            passkey_by_depth=rep["by_depth"],
-            passkey_digit_accuracy=rep["digit_accuracy"],
-            passkey_answer_loss=rep["answer_loss"],
-            passkey_trials=rep["trials"],
-        )
-        if multikey > 0:
-            mk = passkey_report(
-                model, tok, docs, segment_len, distances, trials=trials, seed=seed, batch_size=batch, n_keys=multikey
-            )
-            res.update(passkey_multikey=mk["accuracy"], passkey_multikey_keys=multikey)
-        res["seconds"]["passkey"] = time.perf_counter() - t0
-    res["ltm_capacity"] = model.args.ltm_capacity if model.args.ltm_kind != "none" else 0
-    res["seconds"]["task"] = time.perf_counter() - t0
-    return res
-
-
-_PASSKEY_KEYS = ("passkey", "passkey_by_depth", "passkey_digit_accuracy", "passkey_answer_loss", "passkey_multikey")
-
-
-def merge_results(parts: list[dict[str, Any]], distances: list[int]) -> dict[str, Any]:
-    """One evaluation from shares: loss keys from the share that has them, passkey keys by D in order."""
-    out: dict[str, Any] = {}
-    for p in parts:
-        for k, v in p.items():
-            if k not in _PASSKEY_KEYS and k not in ("seconds", "ltm_capacity"):
-                out.setdefault(k, v)
-    for k in _PASSKEY_KEYS:
-        merged: dict[str, Any] = {}
-        for p in parts:
-            merged.update(p.get(k, {}))
-        if merged:
-            out[k] = {str(D): merged[str(D)] for D in distances if str(D) in merged}
-    out["ltm_capacity"] = max(p.get("ltm_capacity", 0) for p in parts)
-    out["seconds"] = {f"{k}_{i}": v for i, p in enumerate(parts) for k, v in p.get("seconds", {}).items()}
-    return out
-
-
-def evaluate_runs(
-    runs: dict[str, Path], data_dir: Path, s: DemoSettings, segment_len: int, workers: int = 2
-) -> dict[str, dict[str, Any]]:
-    """Evaluate every run, in ``workers`` processes (one torch thread each).
-
-    The long-distance passkey documents of a model with long-term memory are
-    the most expensive share (the kNN search grows with the store), so they
-    run in their own task, beside the rest of that model and the others.
-    """
-    import concurrent.futures as cf
-    import multiprocessing as mp
-
-    from mnemo.train.checkpoint import config_of, model_args_of, resolve_checkpoint
-    from mnemo.train.evaluate import FILLER_TOKENS, read_heldout_docs
-
-    # Read once, here: two processes opening the same MDS dir at once race on
-    # streaming's shared memory (one cleans up what the other just created).
-    val_fractions = {config_of(resolve_checkpoint(str(d))).data.val_fraction for d in runs.values()}
-    if len(val_fractions) != 1:
-        raise UserError(f"demo: the runs hold out different documents (data.val_fraction {sorted(val_fractions)})")
-    docs = read_heldout_docs(str(data_dir), val_fractions.pop(), s.eval_docs, min_tokens=FILLER_TOKENS)
-    dists = sorted(set(s.distances))
-    tasks: list[tuple[str, list[int], bool]] = []
-    for name, run_dir in runs.items():
-        has_ltm = model_args_of(resolve_checkpoint(str(run_dir))).ltm_kind != "none"
-        if has_ltm and len(dists) > 1 and workers > 1:
-            tasks += [(name, dists[-1:], False), (name, dists[:-1], True)]
-        else:
-            tasks.append((name, dists, True))
-    # Longest first: the long-distance share, then whole models.
-    tasks.sort(key=lambda t: (t[2], t[0] != "memory"))
-    common = dict(
-        docs=docs,
-        trials=s.passkey_trials,
-        eval_docs=s.eval_docs,
-        batch=s.eval_batch,
-        multikey=s.multikey,
-        seed=s.seed,
-        segment_len=segment_len,
-    )
-    results: dict[str, list[dict[str, Any]]] = {name: [] for name in runs}
-    if workers <= 1:
-        for name, d, lbp in tasks:
-            results[name].append(eval_task(str(runs[name]), distances=d, loss_by_position=lbp, **common))
-    else:
-        with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as ex:
-            futs = {
-                ex.submit(eval_task, str(runs[name]), distances=d, loss_by_position=lbp, **common): name
-                for name, d, lbp in tasks
-            }
-            for f in cf.as_completed(futs):
-                results[futs[f]].append(f.result())
-    out = {}
-    for name, parts in results.items():
-        parts.sort(key=lambda p: "loss_by_position" not in p)  # the share with the loss table first
-        out[name] = merge_results(parts, dists)
-        out[name]["checkpoint"] = str(resolve_checkpoint(str(runs[name])))
-        out[name]["data"] = str(data_dir)
-    return out
-
-
-def long_context_loss(ev: dict[str, Any], min_tokens: int) -> float:
-    """Mean loss of the tokens with >= min_tokens preceding tokens (buckets at or above it, token-weighted)."""
-    num = den = 0.0
-    for k, v in ev["loss_by_position"].items():
-        n = ev["tokens_by_position"].get(k, 0)
-        if int(k) >= min_tokens and n:
-            num += v * n
-            den += n
-    return num / den if den else float("nan")
-
-
-def targets(summary: dict[str, Any]) -> dict[str, Any]:
-    """The issue's claims, checked: passkey >= 0.9 at D=8 and D=32 with memory, <= 0.2 without;
-    memory's loss on tokens with >= 4T context below the baseline's."""
-    T = summary["segment_len"]
-    mem, base = summary["memory"], summary["baseline"]
-    out: dict[str, Any] = {}
-    for D in ("8", "32"):
-        if D in mem.get("passkey", {}):
-            out[f"passkey_d{D}_memory_ge_0.9"] = mem["passkey"][D] >= 0.9
-            out[f"passkey_d{D}_baseline_le_0.2"] = base["passkey"][D] <= 0.2
-    lm, lb = long_context_loss(mem, 4 * T), long_context_loss(base, 4 * T)
-    out["loss_ge_4T"] = {"memory": lm, "baseline": lb}
-    out["loss_ge_4T_memory_lower"] = bool(lm < lb) if math.isfinite(lm) and math.isfinite(lb) else False
-    return out
-
-
-def side_by_side(summary: dict[str, Any]) -> str:
-    """The demo's table: loss by position (memory ablations and baseline), passkey accuracy by D."""
-    T = summary["segment_len"]
-    mem, base = summary["memory"], summary["baseline"]
-    ab = mem.get("ablations", {})
-    cols = [("memory", mem)] + [(n, ab[n]) for n in ("no_ltm", "no_stm", "no_memory") if n in ab] + [("baseline", base)]
-    buckets = sorted({int(k) for _, e in cols for k in e["loss_by_position"]})
-    lines = [
-        f"loss by position on {mem.get('num_docs', '?')} held-out documents (nats/token, T={T}; "
-        f"memory model as trained and with memory switched off; baseline = no-memory model, same steps)"
-    ]
-    lines.append(f"{'preceding tokens':<18}{'tokens':>8}" + "".join(f"{n:>11}" for n, _ in cols))
-    for lo in buckets:
-        hi = T if lo == 0 else 2 * lo
-        row = f"{f'[{lo}, {hi})':<18}{mem.get('tokens_by_position', {}).get(str(lo), ''):>8}"
-        for _, e in cols:
-            v = e["loss_by_position"].get(str(lo))
-            row += f"{v:>11.4f}" if v is not None else f"{'-':>11}"
-        lines.append(row)
-    lines.append(f"{'all':<18}{'':>8}" + "".join(f"{e['loss']:>11.4f}" for _, e in cols))
-    lm, lb = long_context_loss(mem, 4 * T), long_context_loss(base, 4 * T)
-    lines.append(f"{f'>= {4 * T} (4T)':<18}{'':>8}{lm:>11.4f}" + f"{'':>11}" * (len(cols) - 2) + f"{lb:>11.4f}")
-    if mem.get("passkey"):
-        cap = mem.get("ltm_capacity", "?")
-        lines.append("")
-        lines.append(
-            f"passkey exact match, greedy ({mem.get('passkey_trials', '?')} documents per distance; "
-            f"trained at D <= {summary.get('passkey_max_distance', '?')}; memory model's long-term "
-            f"store: {cap} entries)"
-        )
-        lines.append(
-            f"{'D (segments)':<14}{'tokens':>8}{'memory':>9}{'baseline':>10}{'mem digits':>12}{'base digits':>12}"
-        )
-        for D, acc in mem["passkey"].items():
-            b = base.get("passkey", {}).get(D, float("nan"))
-            md = mem.get("passkey_digit_accuracy", {}).get(D, float("nan"))
-            bd = base.get("passkey_digit_accuracy", {}).get(D, float("nan"))
-            lines.append(f"{D:<14}{int(D) * T:>8}{acc:>9.3f}{b:>10.3f}{md:>12.3f}{bd:>12.3f}")
-        if mem.get("passkey_multikey"):
-            lines.append(
-                f"{mem.get('passkey_multikey_keys')} keys per document (memory / baseline): "
-                + ", ".join(
-                    f"D={D}: {v:.3f} / {base.get('passkey_multikey', {}).get(D, float('nan')):.3f}"
-                    for D, v in mem["passkey_multikey"].items()
-                )
-            )
-    return "\n".join(lines)
-
-
-def log_to_mlflow(uri: str, run_id: str | None, result: dict[str, Any], step: int, files: list[str]) -> None:
-    """Add the demo's evaluation (demo/... metrics, JSON, plots) to a finished training run."""
-    if not run_id:
-        return
-    import mlflow
-    from mlflow.entities import Metric
-
-    from mnemo.train.evaluate import flat_metrics
-
-    client = mlflow.MlflowClient(tracking_uri=uri)
-    ts = int(time.time() * 1000)
-    metrics = [Metric(k, v, ts, step) for k, v in flat_metrics(result, prefix="demo/").items()]
-    for i in range(0, len(metrics), 1000):
-        client.log_batch(run_id, metrics=metrics[i : i + 1000])
-    for f in files:
-        client.log_artifact(run_id, f, "demo")
-
-
 # ------------------------------------------------------------------ the demo
 
 
@@ -545,7 +295,18 @@ def run_demo(
 
     t0 = time.time()
     echo(f"[4/4] evaluation: held-out loss by position, passkey at D = {', '.join(map(str, s.distances))}")
-    ev = evaluate_runs(runs, data_dir, s, T, workers=min(2, os.cpu_count() or 1))
+    ev = evaluate_runs(
+        runs,
+        data_dir,
+        T,
+        distances=s.distances,
+        trials=s.passkey_trials,
+        eval_docs=s.eval_docs,
+        batch=s.eval_batch,
+        multikey=s.multikey,
+        seed=s.seed,
+        workers=min(2, os.cpu_count() or 1),
+    )
     t_eval = time.time() - t0
     summary: dict[str, Any] = {"segment_len": T, "memory": ev["memory"], "baseline": ev["baseline"]}
     summary["passkey_max_distance"] = max(
@@ -573,7 +334,7 @@ def run_demo(
     tg = summary["targets"]
     echo("targets: " + ", ".join(f"{k}={'yes' if v else 'NO'}" for k, v in tg.items() if isinstance(v, bool)))
     try:
-        from mnemo.train.evaluate import plots
+        from mnemo.evaluation.report import plots
 
         for name in ("memory", "baseline"):
             pngs = plots(ev[name], str(out / "plots" / name))
@@ -607,7 +368,7 @@ def _int_tuple(text: str) -> tuple[int, ...]:
 
 def main(argv: list[str] | None = None) -> int:
     d = DemoSettings()
-    p = argparse.ArgumentParser(prog="python -m mnemo.launch.demo", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m mnemo.demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=d.out_dir, help=f"output directory (default {d.out_dir})")
     p.add_argument("--minutes", type=float, default=d.minutes, help=f"wall-clock budget (default {d.minutes:g})")
     p.add_argument("--max-steps", type=int, default=None, help="steps of both runs (default: configs/demo.yaml)")
@@ -622,6 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*", metavar="dotted.key=value", help="config overrides for both runs")
     args = p.parse_args(argv)
     from mnemo.data_pipeline.errors import DataError
+    from mnemo.evaluation.errors import EvalError
 
     try:
         run_demo(
@@ -636,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
             overrides=list(args.overrides),
             fresh=not args.keep,
         )
-    except (UserError, DataError) as e:
+    except (UserError, DataError, EvalError) as e:
         print(f"mnemo demo: error: {str(e).strip().splitlines()[0]}", file=sys.stderr)
         return 2
     return 0

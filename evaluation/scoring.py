@@ -22,12 +22,9 @@ calls for the same inputs, so all ranks of a ZeRO-3 job can call it together.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import sys
-import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -35,9 +32,8 @@ import torch
 import torch.nn.functional as F
 
 from mnemo.data_pipeline.passkey import DEPTHS, filler_stream, make_multikey_sample, make_passkey_sample
-from mnemo.train.errors import UserError
-from mnemo.train.generate import SegmentReader
-from mnemo.train.inference import core_model, model_device
+from mnemo.evaluation.generate import SegmentReader
+from mnemo.evaluation.inference import core_model, model_device
 
 LN2 = math.log(2.0)
 
@@ -67,22 +63,6 @@ def _progress(total: int, desc: str, enabled: bool):
 
         return tqdm(total=total, desc=desc, leave=False, file=sys.stderr)
     return None
-
-
-class _eval_mode:
-    """model.eval() for the block, then the previous mode (evaluation runs mid-training)."""
-
-    def __init__(self, model: Any):
-        self.m = core_model(model)
-        self.was_training = bool(getattr(self.m, "training", False))
-
-    def __enter__(self):
-        if hasattr(self.m, "eval"):
-            self.m.eval()
-
-    def __exit__(self, *exc):
-        if self.was_training and hasattr(self.m, "train"):
-            self.m.train()
 
 
 def bucket_lower(positions: np.ndarray, segment_len: int) -> np.ndarray:
@@ -243,7 +223,7 @@ def score_greedy(
 
     The prompt (tokens[:answer_start]) is read segment by segment from the
     document start, carrying the memory; then each answer token is the argmax
-    of the last logits and is fed back (``train.generate.SegmentReader``: the
+    of the last logits and is fed back (``evaluation.generate.SegmentReader``: the
     tokens of the last segment see each other as in training, so a model
     without short-term memory still sees the question). Samples with the same
     prompt and answer length share a batch.
@@ -409,319 +389,3 @@ def passkey_report(
     if ans_loss:
         rep["answer_loss"] = ans_loss
     return rep
-
-
-# ------------------------------------------------------------------ evaluate
-
-
-def evaluate(
-    model: Any,
-    tokenizer: Any,
-    heldout_docs: Sequence[np.ndarray],
-    cfg: Any,
-    *,
-    ablations: bool = True,
-    passkey: bool = True,
-    seed: int = 0,
-    batch_size: int | None = None,
-    max_docs: int | None = None,
-    passkey_trials: int | None = None,
-    distances: Sequence[int] | None = None,
-    multikey: int = 0,
-    progress: bool = False,
-) -> dict[str, Any]:
-    """The evaluation of one model, as a JSON-ready dict.
-
-    heldout_docs: held-out corpus documents (no passkey documents); the
-    first ``max_docs`` (default cfg.eval.max_docs), cut to
-    cfg.eval.max_doc_tokens, are read for loss by position; all of them serve
-    as passkey filler. Defaults come from cfg.eval; cfg.model.segment_len is T.
-    Keys: segment_len, num_docs, loss_by_position {bucket: loss},
-    tokens_by_position, loss, bits_per_token, ablations {name: {...}},
-    passkey {D: acc}, passkey_by_depth, passkey_digit_accuracy,
-    passkey_answer_loss, passkey_trials, passkey_multikey (when multikey > 0), seconds.
-    """
-    T = int(cfg.model.segment_len)
-    B = int(batch_size or max(cfg.train.batch_size, 1))
-    max_docs = cfg.eval.max_docs if max_docs is None else max_docs
-    docs = [np.asarray(d, dtype=np.int64)[: cfg.eval.max_doc_tokens] for d in list(heldout_docs)[:max_docs]]
-    trials = cfg.eval.passkey_trials if passkey_trials is None else passkey_trials
-    dists = list(cfg.eval.passkey_distances if distances is None else distances)
-    result: dict[str, Any] = {"segment_len": T, "num_docs": len(docs)}
-    seconds: dict[str, float] = {}
-    with _eval_mode(model):
-        t0 = time.perf_counter()
-        names = list(ABLATIONS) if ablations else ["memory"]
-        table = ablation_table(model, docs, T, B, names, progress=progress)
-        seconds["loss_by_position"] = time.perf_counter() - t0
-        main = table["memory"]
-        result.update(
-            loss_by_position=main["loss_by_position"],
-            tokens_by_position=main["tokens_by_position"],
-            loss=main["loss"],
-            bits_per_token=main["bits_per_token"],
-            num_tokens=main["tokens"],
-        )
-        result["ablations"] = {
-            k: {kk: v[kk] for kk in ("loss_by_position", "loss", "bits_per_token")} for k, v in table.items()
-        }
-        if passkey and trials > 0 and dists:
-            if not heldout_docs:
-                raise UserError("passkey evaluation needs held-out documents for filler; none given")
-            t0 = time.perf_counter()
-            rep = passkey_report(
-                model,
-                tokenizer,
-                list(heldout_docs),
-                T,
-                dists,
-                trials=trials,
-                seed=seed,
-                batch_size=B,
-                progress=progress,
-            )
-            seconds["passkey"] = time.perf_counter() - t0
-            result.update(
-                passkey=rep["accuracy"],
-                passkey_by_depth=rep["by_depth"],
-                passkey_digit_accuracy=rep["digit_accuracy"],
-                passkey_answer_loss=rep["answer_loss"],
-                passkey_trials=rep["trials"],
-            )
-            if multikey > 0:
-                t0 = time.perf_counter()
-                mk = passkey_report(
-                    model,
-                    tokenizer,
-                    list(heldout_docs),
-                    T,
-                    dists,
-                    trials=trials,
-                    seed=seed,
-                    batch_size=B,
-                    n_keys=multikey,
-                    progress=progress,
-                )
-                seconds["passkey_multikey"] = time.perf_counter() - t0
-                result.update(passkey_multikey=mk["accuracy"], passkey_multikey_keys=multikey)
-    result["seconds"] = seconds
-    return result
-
-
-def flat_metrics(result: dict[str, Any], prefix: str = "eval/") -> dict[str, float]:
-    """MLflow-style scalars: eval/loss, eval/loss_pos_512, eval/passkey_d8, eval/no_ltm/loss, ..."""
-    m: dict[str, float] = {}
-    for k in ("loss", "bits_per_token"):
-        if k in result:
-            m[prefix + k] = float(result[k])
-    for k, v in result.get("loss_by_position", {}).items():
-        m[f"{prefix}loss_pos_{k}"] = float(v)
-    for name, ab in result.get("ablations", {}).items():
-        if name != "memory":
-            m[f"{prefix}{name}/loss"] = float(ab["loss"])
-    for k, v in result.get("passkey", {}).items():
-        m[f"{prefix}passkey_d{k}"] = float(v)
-    for k, v in result.get("passkey_answer_loss", {}).items():
-        m[f"{prefix}passkey_answer_loss_d{k}"] = float(v)
-    for k, v in result.get("passkey_multikey", {}).items():
-        m[f"{prefix}passkey_multikey_d{k}"] = float(v)
-    return {k: v for k, v in m.items() if math.isfinite(v)}
-
-
-# --------------------------------------------------------------- reporting
-
-
-def _bucket_label(lo: int, T: int) -> str:
-    hi = T if lo == 0 else 2 * lo
-    return f"[{lo}, {hi})"
-
-
-def format_table(result: dict[str, Any]) -> str:
-    """Readable tables: loss by position per ablation, passkey accuracy by distance and depth."""
-    T = int(result["segment_len"])
-    ab = result.get("ablations") or {"memory": result}
-    names = list(ab)
-    buckets = sorted({int(k) for v in ab.values() for k in v["loss_by_position"]})
-    counts = result.get("tokens_by_position", {})
-    lines = [
-        f"loss by position (nats/token; T={T}; {result.get('num_docs', '?')} documents, "
-        f"{result.get('num_tokens', '?')} tokens)"
-    ]
-    head = f"{'preceding tokens':<20}{'tokens':>9}" + "".join(f"{n:>11}" for n in names)
-    lines.append(head)
-    for lo in buckets:
-        row = f"{_bucket_label(lo, T):<20}{counts.get(str(lo), ''):>9}"
-        for n in names:
-            v = ab[n]["loss_by_position"].get(str(lo))
-            row += f"{v:>11.4f}" if v is not None else f"{'-':>11}"
-        lines.append(row)
-    lines.append(f"{'all':<20}{'':>9}" + "".join(f"{ab[n]['loss']:>11.4f}" for n in names))
-    lines.append(f"{'bits/token':<20}{'':>9}" + "".join(f"{ab[n]['bits_per_token']:>11.4f}" for n in names))
-    if result.get("passkey"):
-        depths = list(DEPTHS)
-        lines.append("")
-        lines.append(
-            f"passkey exact match of greedy decoding ({result.get('passkey_trials', '?')} trials per "
-            f"distance; digits = per-token argmax accuracy, ans nll = answer loss, teacher-forced)"
-        )
-        mk = result.get("passkey_multikey") or {}
-        hdr = (
-            f"{'D (segments)':<14}{'all':>8}"
-            + "".join(f"{d:>8}" for d in depths)
-            + f"{'digits':>8}"
-            + f"{'ans nll':>9}"
-        )
-        if mk:
-            hdr += f"{'%d keys' % result.get('passkey_multikey_keys', 0):>9}"
-        lines.append(hdr)
-        for D, acc in result["passkey"].items():
-            dd = result.get("passkey_by_depth", {}).get(D, {})
-            row = f"{D:<14}{acc:>8.3f}" + "".join(f"{dd[d]:>8.3f}" if d in dd else f"{'-':>8}" for d in depths)
-            row += f"{result.get('passkey_digit_accuracy', {}).get(D, float('nan')):>8.3f}"
-            row += f"{result.get('passkey_answer_loss', {}).get(D, float('nan')):>9.3f}"
-            if mk:
-                row += f"{mk.get(D, float('nan')):>9.3f}"
-            lines.append(row)
-    return "\n".join(lines)
-
-
-def plots(result: dict[str, Any], out_dir: str | Path) -> list[str]:
-    """PNG files: loss-by-position curves (one per ablation) and a passkey heat map (D x depth)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    T = int(result["segment_len"])
-    paths = []
-    ab = result.get("ablations") or {"memory": result}
-    fig, ax = plt.subplots(figsize=(7, 4))
-    buckets = sorted({int(k) for v in ab.values() for k in v["loss_by_position"]})
-    xs = {lo: i for i, lo in enumerate(buckets)}
-    for name, v in ab.items():
-        pts = sorted((xs[int(k)], y) for k, y in v["loss_by_position"].items())
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
-    ax.set_xticks(range(len(buckets)), [_bucket_label(lo, T) for lo in buckets], rotation=30, ha="right", fontsize=8)
-    ax.set_xlabel("tokens of the document before the input token")
-    ax.set_ylabel("loss (nats/token)")
-    ax.set_title(f"Loss by position (T={T})")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    p = out / "loss_by_position.png"
-    fig.savefig(p, dpi=100)
-    plt.close(fig)
-    paths.append(str(p))
-
-    if result.get("passkey_by_depth"):
-        dists = list(result["passkey_by_depth"])
-        depths = list(DEPTHS)
-        grid = np.array([[result["passkey_by_depth"][D].get(d, np.nan) for d in depths] for D in dists])
-        fig, ax = plt.subplots(figsize=(4.5, 0.45 * len(dists) + 1.5))
-        im = ax.imshow(grid, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
-        for i in range(len(dists)):
-            for j in range(len(depths)):
-                if np.isfinite(grid[i, j]):
-                    ax.text(
-                        j,
-                        i,
-                        f"{grid[i, j]:.2f}",
-                        ha="center",
-                        va="center",
-                        color="black" if grid[i, j] > 0.5 else "white",
-                        fontsize=8,
-                    )
-        ax.set_xticks(range(len(depths)), depths)
-        ax.set_yticks(range(len(dists)), dists)
-        ax.set_xlabel("depth of the key in segment 0")
-        ax.set_ylabel("distance D (segments)")
-        ax.set_title("Passkey exact match")
-        fig.colorbar(im, ax=ax)
-        fig.tight_layout()
-        p = out / "passkey_accuracy.png"
-        fig.savefig(p, dpi=100)
-        plt.close(fig)
-        paths.append(str(p))
-    return paths
-
-
-# ------------------------------------------------------------------ data
-
-
-def read_heldout_docs(
-    data_dir: str, val_fraction: float, max_docs: int | None = None, min_tokens: int = 0
-) -> list[np.ndarray]:
-    """Held-out corpus documents of an MDS dir (passkey documents skipped), in index order.
-
-    Reading stops once there are ``max_docs`` documents (None = no limit)
-    holding at least ``min_tokens`` tokens together (passkey filler wants
-    variety even when few documents are scored).
-    """
-    from streaming.base.util import clean_stale_shared_memory
-
-    from mnemo.data_pipeline.split import heldout_mask
-    from mnemo.data_pipeline.streams import MDSSource
-
-    path = Path(data_dir)
-    if not path.is_dir():
-        raise UserError(f"--data: no such directory: {path}")
-    if not (path / "index.json").is_file():
-        raise UserError(f"--data: {path} holds no MDS shards (index.json missing); run `mnemo prepare`")
-    clean_stale_shared_memory()
-    try:
-        src = MDSSource(str(path))
-    except ValueError as e:  # streaming refuses a local dir that a live dataset already uses
-        raise UserError(f"--data: cannot open {path}: {str(e).splitlines()[0]}") from None
-    idx = np.flatnonzero(heldout_mask(src.num_samples, val_fraction))
-    docs: list[np.ndarray] = []
-    n_tokens = 0
-    for i in idx:
-        item = src.get(int(i))
-        if item.get("source") == "passkey":
-            continue
-        docs.append(np.asarray(item["tokens"], dtype=np.int64))
-        n_tokens += docs[-1].size
-        if max_docs is not None and len(docs) >= max_docs and n_tokens >= min_tokens:
-            break
-    if not docs:
-        raise UserError(
-            f"--data: {path} has no held-out corpus documents (data.val_fraction={val_fraction} "
-            f"of {src.num_samples} samples)"
-        )
-    return docs
-
-
-# Held-out tokens read for passkey filler at least (more documents than --max-docs if need be).
-FILLER_TOKENS = 1 << 20
-
-
-def check_data_tokenizer(data_dir: str, tokenizer: Any) -> None:
-    from mnemo.data_pipeline.verify import other_tokenizer, read_json_file
-
-    manifest = Path(data_dir) / "manifest.json"
-    if not manifest.is_file():
-        return
-    have = getattr(tokenizer, "sha256", None)
-    want = other_tokenizer(read_json_file(str(manifest), "the dataset's manifest"), have)
-    if want:
-        raise UserError(f"--data: {manifest} was tokenized with tokenizer {want[:12]}, the checkpoint uses {have[:12]}")
-
-
-def with_ltm_capacity(model: Any, capacity: int | None) -> Any:
-    """Size the long-term store of ``model`` for ``capacity`` entries per slot and layer.
-
-    The capacity is not a weight: only ``init_state`` reads it, so a model
-    trained with a small store can read a whole long document (passkey at
-    D segments needs D * T entries). None, or a model without long-term
-    memory: unchanged. Returns the model.
-    """
-    core = core_model(model)
-    args = getattr(core, "args", None)
-    if capacity is None or args is None or args.ltm_kind == "none" or capacity == args.ltm_capacity:
-        return model
-    if capacity < args.ltm_topk:
-        raise UserError(f"--ltm-capacity {capacity}: must be >= the model's top-k ({args.ltm_topk})")
-    core.args = dataclasses.replace(args, ltm_capacity=int(capacity))
-    return model

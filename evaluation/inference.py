@@ -1,0 +1,72 @@
+"""What evaluation and generation share about the model they run.
+
+The model is a MemoryTransformer, or a DeepSpeed engine wrapping one (all
+ranks of a ZeRO-3 job evaluate together).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from mnemo.evaluation.errors import EvalError
+
+
+def core_model(model: Any) -> Any:
+    """The MemoryTransformer behind a possible DeepSpeed engine (it owns init_state/args)."""
+    return getattr(model, "module", model)
+
+
+def model_device(model: Any) -> torch.device:
+    try:
+        return next(core_model(model).parameters()).device
+    except (StopIteration, AttributeError):
+        return torch.device("cpu")
+
+
+def resolve_device(name: str) -> str:
+    """The torch device name for --device auto|cpu|cuda; EvalError when CUDA is asked for and absent."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise EvalError("--device cuda: no CUDA device available")
+    return name
+
+
+@contextlib.contextmanager
+def eval_mode(model: Any) -> Iterator[None]:
+    """model.eval() for the block, then training mode again if it was training (evaluation runs mid-training).
+
+    Works on the core model of an engine; a stand-in without eval()/train() is left alone.
+    """
+    m = core_model(model)
+    was_training = bool(getattr(m, "training", False))
+    if hasattr(m, "eval"):
+        m.eval()
+    try:
+        yield
+    finally:
+        if was_training and hasattr(m, "train"):
+            m.train()
+
+
+def with_ltm_capacity(model: Any, capacity: int | None) -> Any:
+    """Size the long-term store of ``model`` for ``capacity`` entries per slot and layer.
+
+    The capacity is not a weight: only ``init_state`` reads it, so a model
+    trained with a small store can read a whole long document (passkey at
+    D segments needs D * T entries). None, or a model without long-term
+    memory: unchanged. Returns the model.
+    """
+    core = core_model(model)
+    args = getattr(core, "args", None)
+    if capacity is None or args is None or args.ltm_kind == "none" or capacity == args.ltm_capacity:
+        return model
+    if capacity < args.ltm_topk:
+        raise EvalError(f"--ltm-capacity {capacity}: must be >= the model's top-k ({args.ltm_topk})")
+    core.args = dataclasses.replace(args, ltm_capacity=int(capacity))
+    return model
