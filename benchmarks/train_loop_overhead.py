@@ -1,6 +1,6 @@
 """The whole training loop's overhead: mnemo's step next to a bare PyTorch loop, in one run.
 
-mnemo: the trainer's own step (`train.trainer.TrainLoop.train_step`): DeepSpeed
+mnemo: the trainer's own step (`train.loop.TrainLoop.train_step`): DeepSpeed
 engine (1 rank, ZeRO 2), document streams, loss all-reduce, grad clipping,
 LR schedule, MLflow tracking on (sqlite), step log.
 bare: the same model, the same torch AdamW and clipping, the same batches
@@ -53,15 +53,9 @@ def main() -> None:
         from mnemo.data_pipeline.streams import DocumentStreams, MDSSource
         from mnemo.train.config import load_config
         from mnemo.train.losses import lm_loss
-        from mnemo.train.trainer import (
-            StepLog,
-            TrainLoop,
-            deepspeed_config,
-            dist_info,
-            lr_lambda,
-            model_args_from_config,
-            param_groups,
-        )
+        from mnemo.train.engine import deepspeed_config, lr_lambda, model_args_from_config, param_groups
+        from mnemo.train.loop import StepLog, TrainLoop, dist_info
+        from mnemo.train.state import MemoryPart
         from mnemo.train.tracking import Tracker
         from mnemo.model import MemoryTransformer
 
@@ -98,7 +92,7 @@ def main() -> None:
             cfg,
             engine,
             streams,
-            engine.module.init_state(args.batch_size),
+            MemoryPart(engine.module.init_state(args.batch_size)),
             dist_info(),
             torch.device("cpu"),
             tracker,

@@ -561,3 +561,25 @@ class MemoryTransformer(nn.Module):
         a = self.args
         context = segment_len / 2 + a.stm_length  # mean keys per query: causal half + memory
         return flops_per_token(a.size(), a.vocab_size, context, len(a.active_ltm_layers), a.ltm_topk)
+
+    # ------------------------------------------------------------- what a trainer logs
+    def memory_scalars(self) -> dict[str, float]:
+        """Learned per-head scalars of the long-term layers, averaged over heads, by layer i.
+
+        ``ltm_gate_l{i}`` (sigmoid of the gate; gated layers), ``ltm_temperature_l{i}``
+        (exp of the log-temperature) and ``key_smear_l{i}`` (sigmoid; smeared layers).
+        A block wrapped by activation checkpointing still holds its Attention as a
+        submodule; a parameter ZeRO-3 partitioned away (empty on this rank) is left out.
+        """
+        out: dict[str, float] = {}
+        for i, block in enumerate(self.blocks):
+            attn = next((m for m in block.modules() if isinstance(m, Attention)), None)
+            for attr, name, fn in (
+                ("ltm_gate", "ltm_gate", torch.sigmoid),
+                ("ltm_log_temp", "ltm_temperature", torch.exp),
+                ("key_smear", "key_smear", torch.sigmoid),
+            ):
+                p = getattr(attn, attr, None)
+                if p is not None and p.numel() > 0:
+                    out[f"{name}_l{i}"] = float(fn(p.detach().float()).mean())
+        return out

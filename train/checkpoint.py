@@ -5,7 +5,8 @@ Layout of one checkpoint (a directory under <run.dir>/checkpoints/):
     step_00000120/
       ds/state/...            DeepSpeed engine: module, optimizer + ZeRO partitions, LR scheduler
       ds/universal_*/         (made on demand) DeepSpeed universal checkpoint for a world-size change
-      rank_00000.pt ...       per rank: stream-loader state, MemoryState, RNG states
+      rank_00000.pt ...       per rank: its Stateful parts (CheckpointManager.states): stream-loader
+                              state, MemoryState, RNG states, step, tokens_seen, passkey episodes
       meta.json               step, tokens, world size, ZeRO stage, MLflow run id, resolved config,
                               tokenizer and manifest hashes, model args
       COMPLETE                written last: a checkpoint without it does not exist
@@ -29,13 +30,15 @@ import re
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
+from mnemo.data_pipeline.files import atomic_write_text, fsync_path, fsync_tree
 from mnemo.data_pipeline.tokenizer import file_sha256
 from mnemo.train.errors import UserError
+from mnemo.train.faults import maybe_crash_in_save
 from mnemo.train.redact import redact_tree
 
 log = logging.getLogger("mnemo.checkpoint")
@@ -43,31 +46,6 @@ log = logging.getLogger("mnemo.checkpoint")
 STEP_RE = re.compile(r"^step_(\d{8})$")
 COMPLETE = "COMPLETE"
 DS_TAG = "state"
-
-
-def fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_tree(root: Path) -> None:
-    for dirpath, _, files in os.walk(root):
-        for f in files:
-            fsync_path(Path(dirpath) / f)
-        fsync_path(Path(dirpath))
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_path(path.parent)
 
 
 def rng_state(device: torch.device | str = "cpu") -> dict[str, Any]:
@@ -214,16 +192,38 @@ def read_meta(path: Path) -> dict[str, Any]:
     return read_json(Path(path) / "meta.json")
 
 
-def _maybe_crash_in_save(step: int, rank: int) -> None:
-    """Fault injection for tests: MNEMO_FAULT_CRASH_IN_SAVE=STEP:RANK kills that rank mid-save."""
-    spec = os.environ.get("MNEMO_FAULT_CRASH_IN_SAVE")
-    if spec and spec == f"{step}:{rank}":
-        import signal
+class Stateful(Protocol):
+    """A part of a rank's state that a checkpoint holds (streams, memory, RNG, counters, episodes)."""
 
-        os.kill(os.getpid(), signal.SIGKILL)
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, sd: dict[str, Any]) -> Any: ...
+
+
+# Parts whose entries sit at the top level of a rank file instead of under the part's name
+# (rank files hold "step" and "tokens_seen" beside "streams", "memory", ...).
+TOP_LEVEL_PARTS = ("counters",)
+
+
+def rank_file_of(states: dict[str, Stateful]) -> dict[str, Any]:
+    """What rank_XXXXX.pt holds: each part's state_dict under its name (TOP_LEVEL_PARTS: their entries)."""
+    out: dict[str, Any] = {}
+    for name, part in states.items():
+        if name in TOP_LEVEL_PARTS:
+            out.update(part.state_dict())
+        else:
+            out[name] = part.state_dict()
+    return out
 
 
 class CheckpointManager:
+    """Saves and finds checkpoints; saves and restores this rank's ``states`` (named Stateful parts).
+
+    The trainer's parts, keys of every rank file: ``streams`` (stream loader position), ``memory``
+    (the MemoryState the loop carries), ``rng``, ``counters`` (``step`` and ``tokens_seen`` at the top
+    level), ``episodes`` (only with passkey episodes on).
+    """
+
     def __init__(
         self,
         run_dir: str | Path,
@@ -233,12 +233,14 @@ class CheckpointManager:
         rank: int = 0,
         world_size: int = 1,
         barrier=None,
+        states: dict[str, Stateful] | None = None,
     ):
         self.root = Path(run_dir) / "checkpoints"
         self.keep, self.keep_every = keep, keep_every
         self.rank, self.world = rank, world_size
         self._barrier = barrier or (lambda: None)
         self.protected: set[str] = set()  # never deleted: the checkpoint this run resumed from
+        self.states: dict[str, Stateful] = dict(states or {})
 
     # ------------------------------------------------------------------ find
     def complete_checkpoints(self) -> list[Path]:
@@ -282,10 +284,13 @@ class CheckpointManager:
         self,
         step: int,
         engine,
-        rank_state: dict[str, Any],
+        rank_state: dict[str, Any] | None,
         meta: dict[str, Any],
         extra_files: dict[str, str] | None = None,
     ) -> Path:
+        """Commit a checkpoint of ``step``; this rank's file holds ``rank_state`` (None: rank_file_of(self.states))."""
+        if rank_state is None:
+            rank_state = rank_file_of(self.states)
         name = f"step_{step:08d}"
         final = self.root / name
         tmp = self.root / f".tmp-{name}"
@@ -300,7 +305,7 @@ class CheckpointManager:
             torch.save(rank_state, f)
             f.flush()
             os.fsync(f.fileno())
-        _maybe_crash_in_save(step, self.rank)
+        maybe_crash_in_save(step, self.rank)
         self._barrier()
         if self.rank == 0:
             # Credentials in URIs (tracking.uri in the config) are never saved.
@@ -335,6 +340,33 @@ class CheckpointManager:
 
     def rank_state(self, path: Path, rank: int) -> dict[str, Any]:
         return load_torch_file(Path(path) / f"rank_{rank:05d}.pt")
+
+    def restore(self, path: Path, meta: dict[str, Any]) -> bool:
+        """Load this rank's ``states`` from checkpoint ``path``; True when it continues exactly.
+
+        At the same world size and stream slots each part gets this rank's own
+        entry. Otherwise the streams are re-partitioned from every old rank's
+        state, in-flight documents restart, and memory and RNG are not restored
+        (every slot starts with empty memory). The passkey curriculum is the same
+        on every rank, so rank 0's serves a rank that did not exist before; the
+        episode document generator continues only where this rank existed.
+        ``counters`` come from meta.json (the same on every rank, at any world size).
+        """
+        parts = self.states
+        own = self.rank_state(path, self.rank) if meta["world_size"] == self.world else None
+        if own is not None and parts["streams"].same_shape(own["streams"]):
+            exact = parts["streams"].load_state_dict(own["streams"])
+        else:
+            exact = parts["streams"].load_state_dict([s["streams"] for s in self.rank_states(path)])
+        if exact and own is not None:
+            parts["memory"].load_state_dict(own["memory"])
+            parts["rng"].load_state_dict(own["rng"])
+        if "episodes" in parts:
+            saved = own if own is not None else self.rank_state(path, 0)
+            if "episodes" in saved:
+                parts["episodes"].load_state_dict(saved["episodes"], own_rank=own is not None)
+        parts["counters"].load_state_dict({"step": int(meta["step"]), "tokens_seen": int(meta.get("tokens_seen", 0))})
+        return exact
 
 
 # ------------------------------------------------------------------ consolidated weights

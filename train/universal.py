@@ -40,7 +40,8 @@ from typing import Any
 
 import torch
 
-from mnemo.train.checkpoint import COMPLETE, DS_TAG, atomic_write_text, fsync_path, fsync_tree, load_torch_file
+from mnemo.data_pipeline.files import atomic_write_text, fsync_path, fsync_tree
+from mnemo.train.checkpoint import COMPLETE, DS_TAG, load_torch_file
 from mnemo.train.errors import UserError
 
 log = logging.getLogger("mnemo.checkpoint")

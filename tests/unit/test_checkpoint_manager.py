@@ -64,3 +64,131 @@ def test_retention_keeps_newest_k_multiples_and_the_resumed_one(tmp_path):
 def test_resolve_rejects_non_checkpoints(tmp_path):
     with pytest.raises(UserError, match="not a mnemo checkpoint"):
         resolve_checkpoint(tmp_path)
+
+
+# ----------------------------------------------------------------------------- a rank's Stateful parts
+
+
+class StandInStreams:
+    """Stateful like DocumentStreams: one state per rank; a list of every old rank's state re-partitions."""
+
+    def __init__(self, slots: int = 2):
+        self.slots, self.loaded = slots, None
+
+    def state_dict(self):
+        return {"slots": self.slots, "pos": [7] * self.slots}
+
+    def same_shape(self, sd):
+        return sd["slots"] == self.slots
+
+    def load_state_dict(self, sd):
+        self.loaded = sd
+        return not isinstance(sd, list)  # exact only from this rank's own state
+
+
+class StandInEpisodes:
+    def __init__(self):
+        self.loaded = None
+
+    def state_dict(self):
+        return {"curriculum": {"current": 3}}
+
+    def load_state_dict(self, sd, own_rank=True):
+        self.loaded = (sd, own_rank)
+
+
+def rank_parts(episodes: bool = True):
+    """The trainer's parts of one rank (train/trainer.py Trainer.setup) with stand-in streams and episodes."""
+    import torch
+
+    from mnemo.model import MemoryTransformer, ModelArgs
+    from mnemo.train.state import Counters, MemoryPart, RNGState
+
+    args = ModelArgs(
+        vocab_size=16, n_layers=2, d_model=16, n_heads=2, d_ff=32, stm_length=4, ltm_kind="knn", ltm_capacity=8
+    )
+    memory = MemoryPart(MemoryTransformer(args).init_state(2), torch.device("cpu"))
+    parts = {"streams": StandInStreams(), "memory": memory, "rng": RNGState(), "counters": Counters()}
+    if episodes:
+        parts["episodes"] = StandInEpisodes()
+    return parts
+
+
+def old_rank_file(step: int, tokens_seen: int, memory_fill: float):
+    """A rank file as the trainer wrote it before its state was kept in Stateful parts (keys written by hand)."""
+    from mnemo.train.checkpoint import rng_state
+
+    parts = rank_parts()
+    st = parts["memory"].state
+    sd = {k: v.fill_(memory_fill) if v.is_floating_point() else v for k, v in st.state_dict().items()}
+    return {
+        "streams": {"slots": 2, "pos": [step] * 2},
+        "memory": sd,
+        "rng": rng_state("cpu"),
+        "step": step,
+        "tokens_seen": tokens_seen,
+        "episodes": {"curriculum": {"current": step}},
+    }
+
+
+def write_old_checkpoint(mgr, step: int, world_size: int) -> Path:
+    """A checkpoint of ``world_size`` ranks, rank files holding today's keys, written the old way (torch.save)."""
+    import torch
+
+    p = save(mgr, step)
+    for r in range(world_size):
+        torch.save(old_rank_file(step, 1000 * step, float(r + 1)), p / f"rank_{r:05d}.pt")
+    return p
+
+
+def test_rank_file_of_the_parts_has_exactly_the_keys_of_a_rank_file(tmp_path):
+    from mnemo.train.checkpoint import rank_file_of
+
+    for episodes in (True, False):
+        f = rank_file_of(rank_parts(episodes=episodes))
+        keys = ["streams", "memory", "rng", "step", "tokens_seen"] + (["episodes"] if episodes else [])
+        assert list(f) == keys
+    mgr = CheckpointManager(tmp_path, states=rank_parts())
+    mgr.states["counters"].step, mgr.states["counters"].tokens_seen = 4, 400
+    p = mgr.save(4, FakeEngine(), None, {"step": 4})
+    saved = mgr.rank_state(p, 0)
+    assert sorted(saved) == sorted(old_rank_file(4, 400, 0.0)) and (saved["step"], saved["tokens_seen"]) == (4, 400)
+
+
+def test_a_rank_file_written_before_stateful_parts_resumes_into_them(tmp_path):
+    """Same world size: every part gets this rank's entry (RNG restored, memory exactly the saved one)."""
+    import random
+
+    import torch
+
+    mgr = CheckpointManager(tmp_path)
+    p = write_old_checkpoint(mgr, 20, world_size=1)
+    old = mgr.rank_state(p, 0)
+    expected_draw = (random.setstate(old["rng"]["python"]), random.random())[1]
+    random.seed(12345)  # a different RNG state, which the restore must replace
+    parts = rank_parts()
+    mgr.states = parts
+    assert mgr.restore(p, {"step": 20, "tokens_seen": 20000, "world_size": 1}) is True
+    assert parts["streams"].loaded == old["streams"]
+    assert all(torch.equal(a, b) for a, b in zip(parts["memory"].state_dict().values(), old["memory"].values()))
+    assert random.random() == expected_draw
+    assert (parts["counters"].step, parts["counters"].tokens_seen) == (20, 20000)
+    assert parts["episodes"].loaded == (old["episodes"], True)
+
+
+def test_after_a_world_size_change_streams_are_repartitioned_and_memory_and_rng_start_fresh(tmp_path):
+    import torch
+
+    p = write_old_checkpoint(CheckpointManager(tmp_path), 30, world_size=2)
+    mgr = CheckpointManager(tmp_path, rank=2, world_size=3)  # rank 2 of 3: a rank the checkpoint has no file of
+    parts = rank_parts()
+    fresh = {k: v.clone() for k, v in parts["memory"].state_dict().items()}
+    rng_before = torch.get_rng_state()
+    mgr.states = parts
+    assert mgr.restore(p, {"step": 30, "tokens_seen": 30000, "world_size": 2}) is False
+    assert parts["streams"].loaded == [s["streams"] for s in mgr.rank_states(p)]  # both old ranks' states
+    assert all(torch.equal(fresh[k], v) for k, v in parts["memory"].state_dict().items())
+    assert torch.equal(torch.get_rng_state(), rng_before)
+    # The curriculum of rank 0 (this rank did not exist): its own document generator starts over.
+    assert parts["episodes"].loaded == (mgr.rank_state(p, 0)["episodes"], False)
+    assert (parts["counters"].step, parts["counters"].tokens_seen) == (30, 30000)

@@ -95,7 +95,7 @@ def test_resume_check_reads_a_pre_release_5_config_as_the_gated_unsmeared_layer(
 
     from mnemo.train.config import load_config, to_dict
     from mnemo.train.errors import UserError
-    from mnemo.train.trainer import check_resume_compatible
+    from mnemo.train.resume import check_resume_compatible
 
     def old_tree(kind: str) -> dict:
         tree = to_dict(load_config(None, [f"memory.long.kind={kind}"]))

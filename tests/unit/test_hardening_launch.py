@@ -486,7 +486,7 @@ def test_config_yaml_meta_json_and_export_hold_no_secret(tmp_path):
 
 def test_resume_with_the_real_uri_is_no_change_and_prints_no_secret():
     from mnemo.train.config import load_config, to_dict
-    from mnemo.train.trainer import check_resume_compatible
+    from mnemo.train.resume import check_resume_compatible
 
     cfg = load_config(None, [f"tracking.uri={SECRET_URI}"])
     saved = to_dict(cfg)

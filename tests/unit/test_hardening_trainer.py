@@ -167,7 +167,7 @@ def test_stop_request_on_an_evaluation_step_saves_at_once(world1, data, tmp_path
         return {}
 
     monkeypatch.setattr(trainer, "run_eval", fake_eval)
-    step_once = trainer.TrainLoop.train_step
+    step_once = trainer.Trainer.train_step
 
     def step_then_sigterm(self, step):
         ok = step_once(self, step)
@@ -175,7 +175,7 @@ def test_stop_request_on_an_evaluation_step_saves_at_once(world1, data, tmp_path
             os.kill(os.getpid(), signal.SIGTERM)
         return ok
 
-    monkeypatch.setattr(trainer.TrainLoop, "train_step", step_then_sigterm)
+    monkeypatch.setattr(trainer.Trainer, "train_step", step_then_sigterm)
     summary = trainer.train(cfg)
     assert summary["exit"] == "preempted" and summary["step"] == 2
     assert evals == ([] if during == "step" else [2]), "the evaluation of the preempted step ran before the save"
@@ -225,36 +225,37 @@ def engine(world1, data, tmp_path_factory):
     import deepspeed
 
     from mnemo.model import MemoryTransformer
-    from mnemo.train import trainer
+    from mnemo.train import engine as build
 
     cfg = config(data, tmp_path_factory.mktemp("unused"))
-    model = MemoryTransformer(trainer.model_args_from_config(cfg, VOCAB))
-    opt = torch.optim.AdamW(trainer.param_groups(model, 0.1), lr=cfg.train.lr)
+    model = MemoryTransformer(build.model_args_from_config(cfg, VOCAB))
+    opt = torch.optim.AdamW(build.param_groups(model, 0.1), lr=cfg.train.lr)
 
     def schedule(o):
-        return torch.optim.lr_scheduler.LambdaLR(o, trainer.lr_lambda(cfg))
+        return torch.optim.lr_scheduler.LambdaLR(o, build.lr_lambda(cfg))
 
     engine, *_ = deepspeed.initialize(
-        model=model, optimizer=opt, config=trainer.deepspeed_config(cfg, False, False), lr_scheduler=schedule
+        model=model, optimizer=opt, config=build.deepspeed_config(cfg, False, False), lr_scheduler=schedule
     )
     return engine
 
 
 def make_loop(engine, data, tmp_path, policy: str):
-    from mnemo.train import trainer
+    from mnemo.train import loop
+    from mnemo.train.state import MemoryPart
 
     cfg = config(data, tmp_path, f"train.nan_policy={policy}")
-    info = trainer.DistInfo(
+    info = loop.DistInfo(
         rank=0, world_size=1, local_rank=0, local_world_size=1, node_rank=0, num_nodes=1, restart=0, requeue=0
     )
     B, T = cfg.train.batch_size, cfg.model.segment_len
     state = engine.module.init_state(B)
-    steplog = trainer.StepLog(tmp_path / "steps.jsonl", True)
-    return trainer.TrainLoop(
+    steplog = loop.StepLog(tmp_path / "steps.jsonl", True)
+    return loop.TrainLoop(
         cfg,
         engine,
         StandInStreams(B, T, VOCAB),
-        state,
+        MemoryPart(state),
         info,
         torch.device("cpu"),
         Metrics(),
@@ -305,7 +306,7 @@ def test_inf_gradient_with_skip_policy_skips_the_update_and_goes_on(engine, data
 
 
 def test_after_step_saves_first_and_only_on_a_stop_request(data, tmp_path):
-    from mnemo.train.trainer import after_step
+    from mnemo.train.schedule import after_step
 
     cfg = config(data, tmp_path, "train.max_steps=100", "eval.interval=10", "checkpoint.interval=20")
     assert after_step(cfg, 20, stop=False, time_up=False) == ("eval", "save")

@@ -52,7 +52,7 @@ def _cfg():
 
 
 def _args(cfg) -> ModelArgs:
-    from mnemo.train.trainer import model_args_from_config
+    from mnemo.train.engine import model_args_from_config
 
     return model_args_from_config(cfg, VOCAB)
 
@@ -117,7 +117,7 @@ def test_generate_refuses_a_checkpoint_that_runs_code(crafted, marker, tmp_path,
 
 
 def test_init_from_refuses_a_checkpoint_that_runs_code(crafted, marker):
-    from mnemo.train.trainer import init_weights_from
+    from mnemo.train.engine import init_weights_from
 
     model = MemoryTransformer(_args(_cfg()))
     with pytest.raises(UserError, match="refused to load"):

@@ -487,3 +487,28 @@ def test_reading_without_logits_leaves_the_same_memory():
             assert none is None
         last, b = model(x[:, 2 * T :], b)
     assert b.equal(a) and torch.equal(last, full[:, 2 * T :])
+
+
+def test_memory_scalars_are_the_long_term_layers_per_head_means():
+    """What the trainer logs as memory/<name>_l<layer>: sigmoid(gate), exp(log-temperature), sigmoid(smear),
+    averaged over heads; the same through the activation-checkpoint wrapper; empty (ZeRO-3) params left out."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
+
+    model = make(smear=True)
+    attn = model.blocks[1].attn
+    with torch.no_grad():
+        attn.ltm_gate.copy_(torch.tensor([0.0, 1.0, -1.0, 2.0]))
+        attn.ltm_log_temp.copy_(torch.log(torch.tensor([1.0, 2.0, 3.0, 4.0])))
+    scalars = model.memory_scalars()
+    assert sorted(scalars) == ["key_smear_l1", "ltm_gate_l1", "ltm_temperature_l1"]
+    assert scalars["ltm_gate_l1"] == pytest.approx(float(torch.sigmoid(attn.ltm_gate.detach()).mean()))
+    assert scalars["ltm_temperature_l1"] == pytest.approx(2.5)
+    assert scalars["key_smear_l1"] == pytest.approx(0.5)
+    assert sorted(make(mix="joint").memory_scalars()) == ["ltm_temperature_l1"]  # joint layers have no gate
+    assert make(ltm=False).memory_scalars() == {}
+
+    apply_activation_checkpointing(model, check_fn=lambda m: isinstance(m, mt.Block))
+    assert not isinstance(model.blocks[1], mt.Block)  # wrapped
+    assert model.memory_scalars() == scalars
+    attn.ltm_gate.data = torch.empty(0)  # what a ZeRO-3 partitioned parameter looks like on a rank
+    assert sorted(model.memory_scalars()) == ["key_smear_l1", "ltm_temperature_l1"]

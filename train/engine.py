@@ -1,0 +1,95 @@
+"""What a run's DeepSpeed engine is built from: model arguments, parameter groups, LR schedule, DeepSpeed config."""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import torch
+
+from mnemo.train.config import Config
+
+
+def lr_lambda(cfg: Config):
+    """Linear warmup over train.warmup_steps, then cosine down to train.min_lr_ratio at train.max_steps."""
+    warm, total, floor = cfg.train.warmup_steps, cfg.train.max_steps, cfg.train.min_lr_ratio
+
+    def f(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        progress = min(1.0, (step - warm) / max(1, total - warm))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return f
+
+
+def model_args_from_config(cfg: Config, vocab_size: int):
+    from mnemo.model import ModelArgs
+
+    m = cfg.memory
+    tie = {} if cfg.model.embeddings == "auto" else {"tie_embeddings": cfg.model.embeddings == "tied"}
+    return ModelArgs.from_size(
+        cfg.model.size,
+        vocab_size,
+        stm_length=m.short.length,
+        ltm_kind=m.long.kind,
+        ltm_capacity=m.long.capacity,
+        ltm_topk=m.long.topk,
+        ltm_layers=tuple(m.long.layers),
+        ltm_temperature_init=m.long.temperature_init,
+        ltm_mix=m.long.mix,
+        ltm_smear_keys=m.long.smear_keys,
+        mlp=cfg.model.mlp,
+        init=cfg.model.init,
+        **tie,
+    )
+
+
+def deepspeed_config(cfg: Config, use_bf16: bool, use_cuda: bool) -> dict[str, Any]:
+    zero: dict[str, Any] = {"stage": cfg.zero.stage}
+    if cfg.zero.stage in (1, 2) and not use_cuda:
+        # DeepSpeed copies every gradient into one contiguous buffer as backward
+        # produces it, to spare the CUDA caching allocator fragmentation. A CPU
+        # allocator has no such problem, and the copy costs ~5% of a small
+        # model's step (benchmarks/train_loop_overhead.py).
+        zero["contiguous_gradients"] = False
+    if cfg.zero.stage == 3:
+        zero.update(stage3_gather_16bit_weights_on_model_save=False)
+    return {
+        "train_micro_batch_size_per_gpu": cfg.train.batch_size,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": cfg.train.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": use_bf16},
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float):
+    decay, no_decay = [], []
+    for p in model.parameters():
+        # ZeRO-3 partitioned parameters are empty 1-D tensors: use their real shape.
+        ndim = len(getattr(p, "ds_shape", p.shape))
+        (decay if ndim >= 2 else no_decay).append(p)  # norms, gates, temperatures: no decay
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def init_weights_from(model, path: str, zero3: bool) -> str | None:
+    """Load consolidated weights (export dir or checkpoint) into a fresh model; return the parent run id."""
+    from mnemo.train import checkpoint as ckpt
+
+    src = ckpt.resolve_checkpoint(path)
+    sd = ckpt.consolidated_state_dict(src)
+    if zero3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=0):
+            ckpt.load_weights(model, sd, str(src))
+    else:
+        ckpt.load_weights(model, sd, str(src))
+    meta = ckpt.read_meta(src) if ckpt.is_complete(src) else {}
+    if not meta and (src / "source.json").is_file():
+        meta = json.loads((src / "source.json").read_text())
+    return meta.get("mlflow_run_id")

@@ -1,0 +1,395 @@
+"""The per-step work of one rank: truncated-BPTT corpus steps, passkey episode steps, and their metrics.
+
+Per optimizer step, each rank reads ``memory.bptt_segments`` (k) consecutive
+segments from its stream slots, carrying the memory state from segment to
+segment (reset where a slot starts a new document), sums their losses,
+calls ``engine.backward`` once and ``engine.step``, then detaches the memory:
+gradients flow through memory across the k segments of a step and never
+further (truncated BPTT).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mnemo.train.bptt import bptt_window_loss
+from mnemo.train.config import Config
+from mnemo.train.faults import INF_GRAD, InfGradient, fault_step
+from mnemo.train.flops import device_peak_flops
+from mnemo.train.losses import lm_loss
+from mnemo.train.state import Counters, MemoryPart
+
+log = logging.getLogger("mnemo.train")
+
+
+@dataclasses.dataclass
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    node_rank: int
+    num_nodes: int
+    restart: int  # torchrun worker-group restart (--max-restarts)
+    requeue: int  # SLURM requeue count of the job
+
+
+def dist_info() -> DistInfo:
+    env = os.environ
+    world = int(env.get("WORLD_SIZE", "1"))
+    local_world = int(env.get("LOCAL_WORLD_SIZE", "1"))
+    rank = int(env.get("RANK", "0"))
+    return DistInfo(
+        rank=rank,
+        world_size=world,
+        local_rank=int(env.get("LOCAL_RANK", "0")),
+        local_world_size=local_world,
+        node_rank=int(env.get("GROUP_RANK", rank // max(1, local_world))),
+        num_nodes=max(1, world // max(1, local_world)),
+        restart=int(env.get("TORCHELASTIC_RESTART_COUNT", "0") or 0),
+        requeue=int(env.get("SLURM_RESTART_COUNT", "0") or 0),
+    )
+
+
+class StepLog:
+    """Per-step losses of rank 0 as JSON lines (<run.dir>/logs/steps.jsonl): tests and humans read it."""
+
+    def __init__(self, path: Path, enabled: bool):
+        self.f = None
+        if enabled:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.f = open(path, "a", buffering=1)
+
+    def write(self, rec: dict[str, Any]) -> None:
+        if self.f:
+            self.f.write(json.dumps(rec) + "\n")
+
+    def close(self):
+        if self.f:
+            self.f.close()
+
+
+class TrainLoop:
+    """The per-step work, kept apart from start-up and shutdown."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        engine,
+        streams,
+        memory: MemoryPart,
+        info: DistInfo,
+        device,
+        tracker,
+        steplog,
+        model_flops: float,
+        use_cuda: bool,
+        dtype: torch.dtype = torch.float32,
+        episodes=None,
+        counters: Counters | None = None,
+    ):
+        """``memory`` holds the memory state carried from step to step."""
+        self.cfg, self.engine, self.streams, self.memory = cfg, engine, streams, memory
+        self.info, self.device, self.tracker, self.steplog = info, device, tracker, steplog
+        self.model_flops, self.use_cuda = model_flops, use_cuda
+        self.dtype, self.episodes = dtype, episodes
+        args = engine.module.args
+        self.has_memory = args.stm_length > 0 or args.ltm_kind != "none"
+        self.counters = counters if counters is not None else Counters()
+        self.nonfinite = ""  # what was NaN/inf at the step that stopped the run: "loss" | "gradient norm"
+        self.optim_s = 0.0
+        self.fault_inf_grad_step = fault_step(INF_GRAD, info.rank)
+        self._window = self._new_window()
+        self.peak = cfg.tracking.peak_flops or device_peak_flops(use_cuda)
+        if not self.peak and info.rank == 0:
+            log.info("MFU not logged: no peak FLOP/s known for this device (set tracking.peak_flops)")
+        # A progress bar when a person watches; periodic log lines otherwise (CI, SLURM logs).
+        self.bar = None
+        if info.rank == 0 and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=cfg.train.max_steps, desc="train", unit="step", dynamic_ncols=True)
+
+    @staticmethod
+    def _new_window() -> dict[str, Any]:
+        return {
+            "loss": 0.0,
+            "n": 0,
+            "tokens": 0,
+            "real": 0,
+            "resets": 0,
+            "slots": 0,
+            "data": 0.0,
+            "fwd_bwd": 0.0,
+            "optim": 0.0,
+            "t0": time.time(),
+            "ep_s": 0.0,
+            "ep_loss": 0.0,
+            "ep_n": 0,
+            "ep_exact": 0.0,
+            "ep_exact_n": 0,
+        }
+
+    def train_step(self, step: int) -> bool:
+        """One optimizer step: a corpus step, or a passkey episode step (train.passkey.fraction)."""
+        if self.episodes is not None and self.episodes.is_step(step):
+            return self._episode_step(step)
+        return self._corpus_step(step)
+
+    def _finite_or_skip(self, step: int, bad: bool, what: str = "loss", must_stop: bool = False) -> str:
+        """'ok', or what a NaN/inf ``what`` (loss, gradient norm) does under train.nan_policy: 'stop' | 'skip'."""
+        if not bad:
+            return "ok"
+        stop = must_stop or self.cfg.train.nan_policy == "stop"
+        self.nonfinite = what
+        if self.info.rank == 0:
+            if stop:
+                log.error("step %d: %s is NaN/inf; stopping (train.nan_policy=stop)", step + 1, what)
+            else:
+                log.warning("step %d: %s is NaN/inf; skipping the update", step + 1, what)
+            self.tracker.log_metrics({"train/nan": 1.0}, step + 1)
+        return "stop" if stop else "skip"
+
+    def _backward_and_step(self, step: int, loss: torch.Tensor) -> str:
+        """engine.backward + engine.step, then the gradient check: 'ok', 'stop' or 'skip'.
+
+        A finite loss can still have a NaN/inf gradient. DeepSpeed computes the
+        global gradient norm (all ranks, every ZeRO stage) inside step() and
+        leaves the weights, the optimizer and the LR schedule as they were when
+        it is not finite (its overflow path: skipped_steps + 1, norm reported
+        inf). The trainer then applies train.nan_policy like for a NaN loss;
+        with ``stop`` the loop ends before anything of this step is saved. Should
+        an engine ever apply such an update, the run stops whatever the policy.
+        """
+        if step + 1 == self.fault_inf_grad_step:
+            loss = InfGradient.apply(loss)
+        skipped = self.engine.skipped_steps
+        self.engine.backward(loss)
+        t = time.time()
+        self.engine.step()
+        self.optim_s = time.time() - t
+        norm = self.engine.get_global_grad_norm()
+        if norm is None or math.isfinite(float(norm)):
+            return "ok"
+        return self._finite_or_skip(step, True, "gradient norm", must_stop=self.engine.skipped_steps == skipped)
+
+    def _episode_step(self, step: int) -> bool:
+        from mnemo.train.collectives import sum_
+
+        t0 = time.time()
+        res = self.episodes.forward(self.engine, self.device, self.dtype, self.has_memory)
+        B = res.batch.tokens.shape[0]
+        nonfinite = (~torch.isfinite(res.loss.detach())).float()
+        stats = torch.stack([res.plain_sum, res.n, nonfinite, res.exact, torch.tensor(float(B), device=self.device)])
+        sum_(stats)  # [5] on the engine's device
+        verdict = self._finite_or_skip(step, stats[2].item() > 0)
+        if verdict != "ok":
+            return verdict == "skip"
+        verdict = self._backward_and_step(step, res.loss)
+        if verdict != "ok":
+            return verdict == "skip"
+        loss = (stats[0] / stats[1].clamp(min=1)).item()
+        exact = (stats[3] / stats[4]).item()
+        cur = self.episodes.curriculum
+        D = res.batch.distance
+        if res.batch.at_max:
+            window = (cur.history + [exact])[-cur.promote_window :]
+            if cur.update(exact, step + 1) and self.info.rank == 0:
+                log.info(
+                    "step %d: passkey exact match %.2f at D=%d (mean of the last %d max-D steps); "
+                    "curriculum max D -> %d",
+                    step + 1,
+                    sum(window) / len(window),
+                    D,
+                    len(window),
+                    cur.current,
+                )
+        w = self._window
+        w["ep_s"] += time.time() - t0
+        w["ep_loss"] += loss
+        w["ep_n"] += 1
+        if res.batch.at_max:
+            w["ep_exact"] += exact
+            w["ep_exact_n"] += 1
+        if self.info.rank == 0:
+            self.steplog.write(
+                {
+                    "step": step + 1,
+                    "loss": loss,
+                    "kind": "passkey",
+                    "distance": D,
+                    "exact": exact,
+                    "restart": self.info.restart,
+                    "requeue": self.info.requeue,
+                    "time": time.time(),
+                }
+            )
+            if self.bar is not None:
+                self.bar.n = step + 1
+                self.bar.set_postfix(passkey_D=D, exact=f"{exact:.2f}", refresh=True)
+        self._maybe_log(step + 1)
+        return True
+
+    def _maybe_log(self, step: int) -> None:
+        if step % self.cfg.train.log_interval == 0 or step == self.cfg.train.max_steps:
+            self._log(step)
+
+    def _corpus_step(self, step: int) -> bool:
+        from mnemo.train.collectives import sum_
+
+        cfg, engine = self.cfg, self.engine
+        k = cfg.memory.bptt_segments
+        t0 = time.time()
+        batches = [next(self.streams) for _ in range(k)]
+        t1 = time.time()
+        plain_sum = torch.zeros((), device=self.device)
+        n_sum = torch.zeros((), device=self.device)
+        tokens = [bt.tokens.to(self.device, non_blocking=True) for bt in batches]
+
+        def segment_loss(logits: torch.Tensor, i: int) -> torch.Tensor:
+            nonlocal plain_sum, n_sum
+            opt_loss, plain, n = lm_loss(
+                logits, tokens[i][:, 1:], batches[i].weight.to(self.device), batches[i].mask.to(self.device)
+            )
+            plain_sum = plain_sum + plain.detach() * n
+            n_sum = n_sum + n
+            return opt_loss
+
+        # The truncated-BPTT rule (train/bptt.py): k segments, memory carried, one backward.
+        total, state = bptt_window_loss(
+            engine,
+            [t[:, :-1] for t in tokens],
+            self.memory.state,
+            segment_loss,
+            resets=[bt.reset.to(self.device) for bt in batches],
+        )
+        # Loss of this step averaged over ranks, weighted by real tokens.
+        stats = torch.stack([plain_sum, n_sum, (~torch.isfinite(total.detach())).float()])  # [3] on the device
+        sum_(stats)
+        verdict = self._finite_or_skip(step, stats[2].item() > 0)
+        if verdict == "stop":
+            return False
+        if verdict == "skip":
+            self.memory.state = state.reset(torch.ones(state.batch_size, dtype=torch.bool, device=self.device))
+            return True
+        verdict = self._backward_and_step(step, total)
+        t3 = time.time()
+        t2 = t3 - self.optim_s  # backward ends where the optimizer step begins
+        # The memory state of this window is finite (the loss was): it goes on, also after a skipped update.
+        self.memory.state = state
+        if verdict != "ok":
+            return verdict == "skip"
+        loss = (stats[0] / stats[1].clamp(min=1)).item()
+        real = int(stats[1].item())
+        B, T = cfg.train.batch_size, cfg.model.segment_len
+        step_tokens = B * T * k * self.info.world_size
+        self.counters.tokens_seen += step_tokens
+        w = self._window
+        w["loss"] += loss
+        w["n"] += 1
+        w["tokens"] += step_tokens
+        w["real"] += real
+        w["resets"] += int(sum(int(bt.reset.sum()) for bt in batches))
+        w["slots"] += B * k
+        w["data"] += t1 - t0
+        w["fwd_bwd"] += t2 - t1
+        w["optim"] += t3 - t2
+        if self.info.rank == 0:
+            self.steplog.write(
+                {
+                    "step": step + 1,
+                    "loss": loss,
+                    "restart": self.info.restart,
+                    "requeue": self.info.requeue,
+                    "time": time.time(),
+                }
+            )
+            if self.bar is not None:
+                self.bar.n = step + 1
+                self.bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{step_tokens / max(1e-9, t3 - t0):.0f}", refresh=True)
+        self._maybe_log(step + 1)
+        return True
+
+    def metrics(self) -> dict[str, float]:
+        """The step metrics, all assembled here: of the steps since the last log (the window) and the run so far."""
+        w, engine = self._window, self.engine
+        # Throughput is that of the corpus steps: episode steps are timed apart.
+        dt = max(1e-9, time.time() - w["t0"] - w["ep_s"])
+        n = max(1, w["n"])
+        tps = w["tokens"] / dt
+        grad_norm = engine.get_global_grad_norm()
+        metrics = {
+            "train/lr": engine.get_lr()[0],
+            "train/grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+            "train/tokens_seen": float(self.counters.tokens_seen),
+            "train/epoch": float(self.streams.epoch),
+        }
+        if w["n"]:
+            loss = w["loss"] / n
+            metrics.update(
+                {
+                    "train/loss": loss,
+                    "train/ppl": math.exp(min(loss, 50.0)),
+                    "train/tokens_per_s": tps,
+                    "train/tokens_per_s_per_device": tps / self.info.world_size,
+                    "train/pad_fraction": 1.0 - w["real"] / max(1, w["tokens"]),
+                    "time/data_s": w["data"] / n,
+                    "time/fwd_bwd_s": w["fwd_bwd"] / n,
+                    "time/optim_s": w["optim"] / n,
+                    "memory/reset_rate": w["resets"] / max(1, w["slots"]),
+                }
+            )
+            if self.peak:
+                metrics["train/mfu"] = tps / self.info.world_size * self.model_flops / self.peak
+        if self.episodes is not None:
+            cur = self.episodes.curriculum
+            metrics["passkey/max_distance"] = float(cur.current)
+            metrics["passkey/clicked_at"] = float(cur.clicked_at)
+            if w["ep_n"]:
+                metrics["passkey/loss"] = w["ep_loss"] / w["ep_n"]
+                metrics["time/passkey_step_s"] = w["ep_s"] / w["ep_n"]
+            if w["ep_exact_n"]:
+                metrics["passkey/train_exact_at_max"] = w["ep_exact"] / w["ep_exact_n"]
+        st = self.memory.state
+        if st.ltm_capacity:
+            metrics["memory/ltm_fill"] = float(st.ltm_len.float().mean()) / st.ltm_capacity
+        # Per-head scalars of the long-term layers, averaged over heads (ZeRO-3 shards them: left out there).
+        metrics.update({f"memory/{k}": v for k, v in engine.module.memory_scalars().items()})
+        return metrics
+
+    def _log(self, step: int) -> None:
+        metrics = self.metrics()
+        w = self._window
+        if self.info.rank == 0:
+            self.tracker.log_metrics(metrics, step)
+            step_s = (time.time() - w["t0"]) / max(1, w["n"] + w["ep_n"])
+            eta = step_s * (self.cfg.train.max_steps - step)
+            msg = "step %d/%d" % (step, self.cfg.train.max_steps)
+            if w["n"]:
+                msg += " loss %.4f" % metrics["train/loss"]
+            msg += " lr %.2e grad %.3f" % (metrics["train/lr"], metrics["train/grad_norm"])
+            if w["n"]:
+                busy = max(1e-9, w["data"] + w["fwd_bwd"] + w["optim"])
+                msg += " tok/s %.0f data %.0f%%" % (metrics["train/tokens_per_s"], 100 * w["data"] / busy)
+            msg += " eta %s" % time.strftime("%H:%M:%S", time.gmtime(eta))
+            if "passkey/max_distance" in metrics:
+                msg += " | passkey loss %.3f exact@maxD %.2f max D %d" % (
+                    metrics.get("passkey/loss", float("nan")),
+                    metrics.get("passkey/train_exact_at_max", float("nan")),
+                    int(metrics["passkey/max_distance"]),
+                )
+            if self.bar is not None:
+                self.bar.write(msg)
+            else:
+                log.info(msg)
+        self._window = self._new_window()
