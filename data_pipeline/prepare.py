@@ -1,20 +1,7 @@
 """`mnemo prepare`: corpus -> tokenized MDS shards, in parallel, resumable.
 
-Layout of DATA_DIR::
-
-    index.json        merged index (streaming.base.util.merge_index)
-    part-00000/       one MDS sub-dataset per work unit, in input order
-    part-00001/ ...
-    tokenizer.model   copy of the tokenizer used
-    manifest.json     counts, tokenizer hash, input fingerprints, skipped docs
-    .mnemo-outputs.json  the names above, written before any of them is created
-    .mnemo-prepare/   only while unfinished: plan, done markers, every temp file
-
-mnemo deletes only what it can prove it wrote: the entries listed in
-``.mnemo-outputs.json``, a list it writes (atomically) before creating any of
-them. An --out holding anything else is refused; --overwrite removes the
-listed entries and nothing else. Every temp file lives in the state dir, so a
-crash leaves nothing unlisted behind. --out must not be or contain an input.
+The output directory (layout, what mnemo may delete there, remote outputs) is
+outputs.py's; tokenizer.model and manifest.json are manifest.py's.
 
 Each work unit (a few files, a byte range of a big JSONL or a row-group range
 of a Parquet file; see inputs.py) is converted by one worker into a temp dir
@@ -24,11 +11,8 @@ redoes the rest; the merge and the manifest happen only when every unit is
 done. So each document lands exactly once, and the sample order is the input
 order whatever ``--workers`` is (units are planned from the inputs alone).
 
-A remote ``--out`` (``s3://``, ``gs://``..., or ``file://`` for a local
-directory used through the same upload path) is written through a local
-staging dir: each unit's MDSWriter uploads its shards with
-``out=(local, remote)``, and the merged index, manifest and tokenizer are
-uploaded at the end.
+For a remote ``--out``, each unit's MDSWriter uploads its shards with
+``out=(local, remote)`` from the local staging dir.
 """
 
 from __future__ import annotations
@@ -36,337 +20,49 @@ from __future__ import annotations
 import concurrent.futures as cf
 import hashlib
 import json
-import logging
 import multiprocessing as mp
 import os
 import shutil
 import signal
-import sys
-import tempfile
-import time
-import urllib.parse
-import urllib.request
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from mnemo.data_pipeline.errors import DataError
-from mnemo.data_pipeline.files import atomic_write
-from mnemo.data_pipeline.processes import die_with_parent
 from mnemo.data_pipeline.inputs import Corpus, ReadStats, WorkUnit, plan_inputs, split_units
+from mnemo.data_pipeline.manifest import (
+    FORMAT_VERSION,
+    build_manifest,
+    columns,
+    copy_tokenizer,
+    format_counts,
+    train_tokenizer_on_sample,
+)
+from mnemo.data_pipeline.outputs import (
+    STATE_DIR,
+    check_out_apart,
+    claim_out,
+    merge_parts,
+    out_entries,
+    passkey_part_name,
+    read_json,
+    resolve_out,
+    upload,
+    write_json,
+)
+from mnemo.data_pipeline.processes import die_with_parent
+from mnemo.data_pipeline.progress import Counters, Progress, note
 from mnemo.data_pipeline.readers import DEFAULT_MAX_DOC_BYTES, Doc, check_max_doc_bytes, iter_unit
-from mnemo.data_pipeline.tokenizer import Tokenizer, file_sha256, reservoir_sample, train_from_texts
+from mnemo.data_pipeline.tokenizer import Tokenizer
 
-FORMAT_VERSION = 1
-STATE_DIR = ".mnemo-prepare"
-# The list of entries of DATA_DIR that mnemo wrote (the only ones it ever deletes).
-OUTPUTS_FILE = ".mnemo-outputs.json"
 SHARD_SIZE_LIMIT = 1 << 26  # bytes of uncompressed samples per shard (64 MiB)
 SHARD_HASHES = ["sha1"]
 COMPRESSION = "zstd"
-# Reasons in ReadStats that mean a document was dropped (the others were repaired and kept).
-SKIP_REASONS = ("empty", "invalid_json", "missing_text_field", "non_string_text", "too_large", "binary_file")
-# Reasons a whole input file was passed over (counted in "skipped" too).
-FILE_REASONS = ("unsupported_file", "unreadable_file")
 # Encode this many documents / characters per SentencePiece call.
 _BATCH_DOCS = 256
 _BATCH_CHARS = 4 << 20
-
-
-def columns(token_dtype: str) -> dict[str, str]:
-    """MDS columns of a mnemo dataset (the contract other modules read)."""
-    return {
-        "tokens": f"ndarray:{token_dtype}",
-        "doc_id": "str",
-        "source": "str",
-        "answer_start": "int32",
-        "answer_len": "int32",
-    }
-
-
-def mnemo_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("mnemo")
-    except PackageNotFoundError:
-        return "0.1.0"
-
-
-def _note(msg: str) -> None:
-    print(f"mnemo: {msg}", file=sys.stderr, flush=True)
-
-
-# ----------------------------------------------------------------------------- output location
-
-
-@dataclass(frozen=True)
-class OutLocation:
-    url: str  # as given
-    local: str  # shards (local out) or the staging dir (remote out); holds the state dir
-    remote: str | None  # what streaming's uploaders take: a URL, or a plain path for file://
-
-    @property
-    def state(self) -> str:
-        return os.path.join(self.local, STATE_DIR)
-
-    def remote_join(self, name: str) -> str | None:
-        if self.remote is None:
-            return None
-        return self.remote.rstrip("/") + "/" + name
-
-
-def resolve_out(out: str, staging: str | None = None) -> OutLocation:
-    """A local dir, ``file://`` URL or a remote streaming can upload to."""
-    out = str(out)
-    scheme = urllib.parse.urlparse(out).scheme
-    if scheme == "":
-        return OutLocation(out, os.path.abspath(os.path.expanduser(out)), None)
-    if scheme == "file":
-        remote = urllib.request.url2pathname(urllib.parse.urlparse(out).path)
-    else:
-        from streaming.base.storage.upload import UPLOADERS
-
-        if scheme not in UPLOADERS:
-            raise DataError(
-                f"--out {out}: unsupported remote scheme {scheme!r} "
-                f"(supported: {', '.join(sorted(s for s in UPLOADERS if s))}, file)"
-            )
-        remote = out
-    if staging is None:
-        cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-        staging = os.path.join(cache, "mnemo", "prepare", hashlib.sha256(out.encode()).hexdigest()[:16])
-    return OutLocation(out, os.path.abspath(staging), remote)
-
-
-def _write_json(path: str, obj: dict, tmp_dir: str | None = None) -> None:
-    atomic_write(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode(), tmp_dir)
-
-
-def _read_json(path: str) -> dict | None:
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as e:
-        raise DataError(f"{path}: unreadable ({e})") from None
-
-
-def _fetch_remote_json(loc: OutLocation, name: str) -> dict | None:
-    """A small JSON file of the remote dataset, or None if it has none."""
-    url = loc.remote_join(name)
-    assert url is not None
-    if urllib.parse.urlparse(url).scheme == "":
-        return _read_json(url)
-    from streaming.base.storage.download import CloudDownloader
-
-    with tempfile.TemporaryDirectory(prefix="mnemo-") as tmp:  # never inside the staging dir
-        dest = os.path.join(tmp, name)
-        try:
-            CloudDownloader.direct_download(url, dest, 60)
-        except Exception:  # no such object (each cloud raises its own type)
-            return None
-        return _read_json(dest)
-
-
-# ----------------------------------------------------------------------------- claiming the out dir
-
-
-def out_entries(units: Sequence[WorkUnit], passkey: bool) -> list[str]:
-    """Every top-level entry a conversion of ``units`` may create in DATA_DIR."""
-    names = [STATE_DIR, "tokenizer.model", "index.json", "manifest.json"] + [u.name for u in units]
-    if passkey:
-        names.append(_passkey_name(units))
-    return names
-
-
-def _read_outputs(local: str) -> set[str] | None:
-    """Names listed in DATA_DIR/.mnemo-outputs.json, or None when mnemo never wrote there.
-
-    A complete dataset of a mnemo version that kept no such list is known by
-    its manifest: the parts it names and the fixed names.
-    """
-    path = os.path.join(local, OUTPUTS_FILE)
-    rec = _read_json(path)
-    if rec is None:
-        path = os.path.join(local, "manifest.json")
-        m = _read_json(path)
-        if not (isinstance(m, dict) and m.get("format") == "mnemo-mds" and isinstance(m.get("parts"), list)):
-            return None
-        rec = {
-            "entries": [STATE_DIR, "tokenizer.model", "index.json", "manifest.json"]
-            + [p.get("name") if isinstance(p, dict) else None for p in m["parts"]]
-        }
-    names = rec.get("entries") if isinstance(rec, dict) else None
-    if not isinstance(names, list) or not all(
-        isinstance(n, str) and n not in ("", ".", "..") and "/" not in n and os.sep not in n for n in names
-    ):
-        raise DataError(
-            f"{path}: not a list of mnemo's outputs (edited by hand?); mnemo will not delete "
-            f"anything on its word: empty the directory yourself or choose another --out"
-        )
-    return set(names)
-
-
-def _write_outputs(loc: OutLocation, names: Iterable[str]) -> None:
-    """List ``names`` as mnemo's own before any of them is created (the state dir must exist)."""
-    _write_json(
-        os.path.join(loc.local, OUTPUTS_FILE),
-        {"written_by": "mnemo prepare", "entries": sorted(names)},
-        tmp_dir=loc.state,
-    )
-
-
-def _remove(local: str, name: str) -> None:
-    p = os.path.join(local, name)
-    if os.path.isdir(p) and not os.path.islink(p):
-        shutil.rmtree(p)
-    elif os.path.lexists(p):
-        os.remove(p)
-
-
-def _claim_out(loc: OutLocation, fingerprint: str, overwrite: bool, names: Sequence[str]) -> dict | None:
-    """Make ``loc`` ours for this dataset (entries ``names``). Returns the manifest when it is already complete.
-
-    DATA_DIR must be new, empty, or hold nothing but what .mnemo-outputs.json
-    lists (a state dir alone is the leftover of a run killed before it wrote
-    that list). Starting afresh removes exactly the listed entries.
-    """
-    done = (
-        _fetch_remote_json(loc, "manifest.json")
-        if loc.remote is not None
-        else _read_json(os.path.join(loc.local, "manifest.json"))
-    )
-    if not (isinstance(done, dict) and done.get("format") == "mnemo-mds"):
-        done = None  # no dataset there (a manifest.json of something else is the user's file)
-    if done is not None:
-        if done.get("fingerprint") == fingerprint and not overwrite:
-            return done
-        if not overwrite:
-            raise DataError(
-                f"--out {loc.url} already holds a dataset made from other inputs or settings; "
-                f"pass --overwrite to replace it"
-            )
-    try:
-        os.makedirs(loc.local, exist_ok=True)
-        entries = os.listdir(loc.local)
-    except OSError as e:
-        raise DataError(f"--out {loc.url}: cannot create or list {loc.local} ({e.strerror or e})") from None
-    owned = _read_outputs(loc.local)
-    foreign = sorted(set(entries) - (owned or set()) - {OUTPUTS_FILE, STATE_DIR})
-    if foreign:
-        more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
-        what = (
-            "is not empty and holds no mnemo dataset"
-            if owned is None
-            else "holds files this dataset's list of outputs does not name"
-        )
-        raise DataError(
-            f"--out {loc.url} {what} ({foreign[0]}{more}); mnemo never deletes files it did not "
-            f"write: choose a new or empty directory"
-        )
-    plan = _read_json(os.path.join(loc.state, "plan.json")) if owned is not None else None
-    if plan is not None and plan.get("fingerprint") != fingerprint and not overwrite:
-        raise DataError(
-            f"--out {loc.url} holds an unfinished conversion of other inputs or settings; "
-            f"rerun that command to finish it, or pass --overwrite"
-        )
-    if overwrite or plan is None or plan.get("fingerprint") != fingerprint:
-        for name in sorted(owned or ()):  # what an earlier conversion listed, and nothing else
-            _remove(loc.local, name)
-        os.makedirs(loc.state, exist_ok=True)
-        _write_outputs(loc, names)
-        # Listed now, so ours: start it empty (a run killed before listing may have left temp files).
-        shutil.rmtree(loc.state)
-        os.makedirs(loc.state)
-        _write_json(os.path.join(loc.state, "plan.json"), {"fingerprint": fingerprint})
-    elif not set(names) <= owned:
-        _write_outputs(loc, owned | set(names))
-    return None
-
-
-def _check_out_apart(loc: OutLocation, corpus: Corpus) -> None:
-    """--out must not be, or contain, an input: prepare writes there and --overwrite deletes there."""
-    if loc.remote is None:
-        target = loc.local
-    elif urllib.parse.urlparse(loc.url).scheme == "file":
-        target = loc.remote
-    else:
-        return
-    out = os.path.realpath(target)
-    for f in corpus.files:
-        real = os.path.realpath(f.path)
-        if real == out or real.startswith(out.rstrip(os.sep) + os.sep):
-            raise DataError(
-                f"--out {loc.url} contains the input {f.path}; the output must go to a directory "
-                f"that holds no input: choose another --out"
-            )
-
-
-# ----------------------------------------------------------------------------- progress
-
-
-class _Counters:
-    """bytes, documents, tokens done; shared with worker processes when ``shared``."""
-
-    def __init__(self, shared: bool, ctx: mp.context.BaseContext | None = None):
-        self.arr = (ctx or mp).Array("q", 3, lock=True) if shared else [0, 0, 0]
-        self.shared = shared
-
-    def add(self, nbytes: int, docs: int, tokens: int) -> None:
-        if self.shared:
-            with self.arr.get_lock():
-                self.arr[0] += nbytes
-                self.arr[1] += docs
-                self.arr[2] += tokens
-        else:
-            self.arr[0] += nbytes
-            self.arr[1] += docs
-            self.arr[2] += tokens
-
-    def get(self) -> tuple[int, int, int]:
-        return int(self.arr[0]), int(self.arr[1]), int(self.arr[2])
-
-
-class _Progress:
-    """tqdm bar over input bytes with documents/s and tokens/s (on a terminal only)."""
-
-    def __init__(self, total: int, initial: int, counters: _Counters, enabled: bool | None):
-        from tqdm import tqdm
-
-        show = sys.stderr.isatty() if enabled is None else enabled
-        self.bar = tqdm(
-            total=total,
-            initial=initial,
-            unit="B",
-            unit_scale=True,
-            desc="prepare",
-            disable=not show,
-            dynamic_ncols=True,
-        )
-        self.counters = counters
-        self.start = time.monotonic()
-        self.shown = 0
-        self.last = 0.0
-
-    def refresh(self, force: bool = False) -> None:
-        now = time.monotonic()
-        if not force and now - self.last < 0.5:
-            return
-        self.last = now
-        nbytes, docs, tokens = self.counters.get()
-        el = max(now - self.start, 1e-9)
-        self.bar.set_postfix_str(f"{docs / el:,.0f} docs/s {tokens / el:,.0f} tok/s", refresh=False)
-        self.bar.update(nbytes - self.shown)
-        self.shown = nbytes
-
-    def close(self) -> None:
-        self.refresh(force=True)
-        self.bar.close()
 
 
 # ----------------------------------------------------------------------------- one work unit
@@ -414,7 +110,7 @@ def _batches(docs: Iterable[Doc]) -> Iterator[list[Doc]]:
         yield batch
 
 
-def _corpus_samples(ctx: UnitContext, unit: WorkUnit, stats: ReadStats, counters: _Counters | None) -> Iterator[dict]:
+def _corpus_samples(ctx: UnitContext, unit: WorkUnit, stats: ReadStats, counters: Counters | None) -> Iterator[dict]:
     """Samples of one unit's documents: tokens with EOS appended, in document order."""
     tok = _get_tokenizer(ctx.tokenizer_path)
     dtype = np.dtype(ctx.token_dtype)
@@ -472,7 +168,7 @@ def _write_unit(ctx: UnitContext, name: str, samples: Iterable[dict], extra: Cal
     result = {"name": name, "documents": docs, "tokens": tokens, "shards": len(writer.shards)}
     result.update(extra())
     os.makedirs(os.path.dirname(ctx.marker(name)), exist_ok=True)
-    _write_json(ctx.marker(name), result)
+    write_json(ctx.marker(name), result)
     return result
 
 
@@ -493,7 +189,7 @@ def _unit_entry(ctx: UnitContext, unit: WorkUnit) -> dict:
     return _run_unit(ctx, unit)
 
 
-def _init_worker(counters: _Counters, parent: int) -> None:
+def _init_worker(counters: Counters, parent: int) -> None:
     # Ctrl-C reaches the whole process group; the main process handles it.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     die_with_parent(parent)
@@ -503,9 +199,7 @@ def _init_worker(counters: _Counters, parent: int) -> None:
 # ----------------------------------------------------------------------------- running all units
 
 
-def _run_units(
-    ctx: UnitContext, pending: list[WorkUnit], workers: int, progress: _Progress, counters: _Counters
-) -> None:
+def _run_units(ctx: UnitContext, pending: list[WorkUnit], workers: int, progress: Progress, counters: Counters) -> None:
     if not pending:
         return
     if workers <= 1 or len(pending) == 1:
@@ -592,45 +286,6 @@ def _passkey_samples(
         }
 
 
-# ----------------------------------------------------------------------------- merge + manifest
-
-
-@contextmanager
-def _quiet_root_logger() -> Iterator[None]:
-    """merge_index calls logging.warning(...) for its temp dir; keep that off the terminal."""
-    root = logging.getLogger()
-    h = logging.NullHandler()
-    root.addHandler(h)
-    try:
-        yield
-    finally:
-        root.removeHandler(h)
-
-
-def _merge(loc: OutLocation, names: list[str]) -> None:
-    from streaming.base.util import merge_index
-
-    idx = os.path.join(loc.local, "index.json")
-    if os.path.exists(idx):
-        os.remove(idx)  # merge_index moves its result into place and refuses to replace a file
-    if loc.remote is None:
-        urls: list = [os.path.join(loc.local, n, "index.json") for n in names]
-        out: str | tuple[str, str] = loc.local
-    else:
-        urls = [(os.path.join(loc.local, n, "index.json"), loc.remote_join(n + "/index.json")) for n in names]
-        out = (loc.local, loc.remote)
-    with _quiet_root_logger():
-        merge_index(urls, out, keep_local=True)
-
-
-def _upload(loc: OutLocation, names: Sequence[str]) -> None:
-    from streaming.base.storage.upload import CloudUploader
-
-    cu = CloudUploader.get((loc.local, loc.remote), keep_local=True, exist_ok=True)
-    for n in names:
-        cu.upload_file(n)
-
-
 # ----------------------------------------------------------------------------- the command
 
 
@@ -684,7 +339,7 @@ def prepare(
     # Read now: --overwrite may clear OUT, and the model given may be OUT/tokenizer.model itself.
     given_bytes = Path(given.path).read_bytes() if given else b""
     loc = resolve_out(out, staging)
-    _check_out_apart(loc, corpus)
+    check_out_apart(loc, corpus)
     units = split_units(corpus.files, unit_bytes)
     spec = {
         "format_version": FORMAT_VERSION,
@@ -714,15 +369,15 @@ def prepare(
     if max_doc_bytes != DEFAULT_MAX_DOC_BYTES:  # absent at the default: older datasets keep their fingerprint
         spec["max_doc_bytes"] = max_doc_bytes
     fingerprint = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
-    complete = _claim_out(loc, fingerprint, overwrite, out_entries(units, passkey_docs > 0))
+    complete = claim_out(loc, fingerprint, overwrite, out_entries(units, passkey_docs > 0))
     if complete is not None:
-        _note(f"{loc.url} is already complete for these inputs (manifest.json); nothing to do")
+        note(f"{loc.url} is already complete for these inputs (manifest.json); nothing to do")
         return complete
 
     if given is not None:
-        tok = _copy_tokenizer(loc, given, given_bytes)
+        tok = copy_tokenizer(loc, given, given_bytes)
     else:
-        tok = _train_tokenizer(
+        tok = train_tokenizer_on_sample(
             loc, corpus, text_field, id_field, strict, vocab_size, model_type, sample_docs, seed, max_doc_bytes
         )
     ctx = UnitContext(
@@ -740,19 +395,18 @@ def prepare(
     num_corpus = sum(results[u.name]["documents"] for u in units)
     if num_corpus == 0:
         raise DataError(
-            f"no documents: every document of {', '.join(map(str, inputs))} was skipped "
-            f"({_format_counts(stats.counts)})"
+            f"no documents: every document of {', '.join(map(str, inputs))} was skipped ({format_counts(stats.counts)})"
         )
     names = [u.name for u in units]
     if passkey_docs:
         names.append(_passkey_part(ctx, tok, units, passkey_docs, passkey_max_distance, passkey_segment_len, seed))
-        results[names[-1]] = _read_json(ctx.marker(names[-1])) or {}
+        results[names[-1]] = read_json(ctx.marker(names[-1])) or {}
 
-    _merge(loc, names)
-    manifest = _manifest(loc, tok, given, spec, fingerprint, names, results, stats, num_corpus)
-    _write_json(os.path.join(loc.local, "manifest.json"), manifest, tmp_dir=loc.state)
+    merge_parts(loc, names)
+    manifest = build_manifest(loc, tok, given, spec, fingerprint, names, results, stats, num_corpus)
+    write_json(os.path.join(loc.local, "manifest.json"), manifest, tmp_dir=loc.state)
     if loc.remote is not None:
-        _upload(loc, ["tokenizer.model", "manifest.json"])
+        upload(loc, ["tokenizer.model", "manifest.json"])
         shutil.rmtree(loc.local, ignore_errors=True)
     else:
         shutil.rmtree(loc.state, ignore_errors=True)
@@ -764,19 +418,19 @@ def _convert(ctx: UnitContext, units: list[WorkUnit], workers: int, progress: bo
     shutil.rmtree(os.path.join(ctx.state, "tmp"), ignore_errors=True)  # leftovers of a killed run
     results: dict[str, dict] = {}
     for u in units:
-        r = _read_json(ctx.marker(u.name))
+        r = read_json(ctx.marker(u.name))
         if r is not None:
             results[u.name] = r
     pending = [u for u in units if u.name not in results]
     if results:
-        _note(f"resuming: {len(results)} of {len(units)} parts already done")
+        note(f"resuming: {len(results)} of {len(units)} parts already done")
     import streaming  # noqa: F401  (imports torch: seconds; before the bar starts its clock and before forking)
 
-    counters = _Counters(
+    counters = Counters(
         shared=workers > 1 and len(pending) > 1,
         ctx=mp.get_context("fork") if "fork" in mp.get_all_start_methods() else None,
     )
-    bar = _Progress(
+    bar = Progress(
         sum(u.est_bytes for u in units), sum(u.est_bytes for u in units if u.name in results), counters, progress
     )
     try:
@@ -784,7 +438,7 @@ def _convert(ctx: UnitContext, units: list[WorkUnit], workers: int, progress: bo
     finally:
         bar.close()
     for u in pending:
-        r = _read_json(ctx.marker(u.name))
+        r = read_json(ctx.marker(u.name))
         if r is None:
             raise DataError(f"{ctx.marker(u.name)}: missing after {u.name} finished (was the out dir changed?)")
         results[u.name] = r
@@ -803,118 +457,8 @@ def _passkey_part(
     ctx: UnitContext, tok: Tokenizer, units: list[WorkUnit], n: int, max_distance: int, segment_len: int, seed: int
 ) -> str:
     """The part of synthetic passkey documents, after the corpus parts (written once)."""
-    name = _passkey_name(units)
-    if _read_json(ctx.marker(name)) is None:
+    name = passkey_part_name(units)
+    if read_json(ctx.marker(name)) is None:
         filler = _filler_tokens(ctx, units, max(1 << 16, 4 * segment_len * (max_distance + 1)))
         _write_unit(ctx, name, _passkey_samples(ctx, tok, filler, n, max_distance, segment_len, seed), dict)
     return name
-
-
-def _passkey_name(units: Sequence[WorkUnit]) -> str:
-    return f"part-{len(units):05d}"
-
-
-def _format_counts(counts: dict[str, int]) -> str:
-    return ", ".join(f"{k}={v}" for k, v in sorted(counts.items())) or "none"
-
-
-def _copy_tokenizer(loc: OutLocation, given: Tokenizer, given_bytes: bytes) -> Tokenizer:
-    """OUT/tokenizer.model: a copy of the model given with --tokenizer."""
-    dest = os.path.join(loc.local, "tokenizer.model")
-    if not (os.path.exists(dest) and file_sha256(dest) == given.sha256):
-        atomic_write(dest, given_bytes, tmp_dir=loc.state)
-    return Tokenizer(dest)
-
-
-def _train_tokenizer(
-    loc: OutLocation,
-    corpus: Corpus,
-    text_field: str,
-    id_field: str | None,
-    strict: bool,
-    vocab_size: int,
-    model_type: str,
-    sample_docs: int,
-    seed: int,
-    max_doc_bytes: int = DEFAULT_MAX_DOC_BYTES,
-) -> Tokenizer:
-    """OUT/tokenizer.model trained on a sample of the corpus (kept across an interrupted run)."""
-    from mnemo.data_pipeline.readers import iter_documents
-
-    dest = os.path.join(loc.local, "tokenizer.model")
-    if os.path.exists(dest):  # written atomically by an interrupted run of this same command
-        return Tokenizer(dest)
-    _note(f"training a {model_type} tokenizer (vocab {vocab_size}) on up to {sample_docs} sampled documents")
-    stats = ReadStats()
-    texts = (d.text for d in iter_documents(corpus, text_field, id_field, strict, stats, max_doc_bytes))
-    sample = reservoir_sample(texts, sample_docs, seed, 16_384)
-    if not sample:
-        names = ", ".join(str(f.path) for f in corpus.files[:3]) if getattr(corpus, "files", None) else "the inputs"
-        raise DataError(
-            f"no documents: every document of {names} is empty or was skipped ({_format_counts(stats.counts)})"
-        )
-    # Trained inside the state dir (its temp file too), then moved into place whole.
-    staged = os.path.join(loc.state, "tokenizer.model")
-    train_from_texts(sample, staged, vocab_size, model_type)
-    os.replace(staged, dest)
-    return Tokenizer(dest)
-
-
-def _manifest(
-    loc: OutLocation,
-    tok: Tokenizer,
-    given: Tokenizer | None,
-    spec: dict,
-    fingerprint: str,
-    names: list[str],
-    results: dict[str, dict],
-    stats: ReadStats,
-    num_corpus: int,
-) -> dict:
-    parts = [
-        {
-            "name": n,
-            "documents": results[n]["documents"],
-            "tokens": results[n]["tokens"],
-            "shards": results[n].get("shards", 0),
-        }
-        for n in names
-    ]
-    num_docs = sum(p["documents"] for p in parts)
-    num_tokens = sum(p["tokens"] for p in parts)
-    tok_path = (
-        os.path.abspath(given.path)
-        if given
-        else (loc.remote_join("tokenizer.model") or os.path.join(loc.local, "tokenizer.model"))
-    )
-    return {
-        "format": "mnemo-mds",
-        "format_version": FORMAT_VERSION,
-        "fingerprint": fingerprint,
-        "mnemo_version": mnemo_version(),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "out": loc.url,
-        "tokenizer_path": tok_path,
-        "tokenizer_sha256": tok.sha256,
-        "tokenizer_trained": given is None,
-        "vocab_size": tok.vocab_size,
-        "eos_id": tok.eos_id,
-        "bos_id": tok.bos_id,
-        "pad_id": tok.pad_id,
-        "token_dtype": tok.token_dtype.name,
-        "columns": columns(tok.token_dtype.name),
-        "text_field": spec["text_field"],
-        "id_field": spec["id_field"],
-        "inputs": spec["inputs"],
-        "num_documents": num_docs,
-        "num_tokens": num_tokens,
-        "num_corpus_documents": num_corpus,
-        "num_passkey_documents": num_docs - num_corpus,
-        "num_shards": sum(p["shards"] for p in parts),
-        "parts": parts,
-        "max_doc_bytes": spec.get("max_doc_bytes", DEFAULT_MAX_DOC_BYTES),
-        "skipped": {k: v for k, v in sorted(stats.counts.items()) if k in SKIP_REASONS or k in FILE_REASONS},
-        "repaired": {k: v for k, v in sorted(stats.counts.items()) if k not in SKIP_REASONS and k not in FILE_REASONS},
-        "skipped_examples": stats.examples,
-        "passkey": spec["passkey"],
-    }

@@ -17,10 +17,10 @@ import pyarrow.parquet as pq
 import pytest
 import zstandard
 
-import mnemo.data_pipeline.prepare as prep
 from mnemo.data_pipeline.errors import DataError
 from mnemo.data_pipeline.prepare import prepare
 from mnemo.data_pipeline.inputs import ReadStats, plan_inputs
+from mnemo.data_pipeline.outputs import OUTPUTS_FILE, STATE_DIR
 from mnemo.data_pipeline.readers import iter_documents
 from mnemo.data_pipeline.verify import iter_shard_samples
 from mnemo.cli import main
@@ -108,8 +108,8 @@ def test_overwrite_removes_only_the_listed_outputs(model, tmp_path):
     (tmp_path / "b.jsonl").write_bytes(jsonl(5, 100))
     out = tmp_path / "out"
     prepare([str(tmp_path / "a.jsonl")], str(out), tokenizer=model, workers=1, unit_bytes=1500)
-    listed = json.loads((out / prep.OUTPUTS_FILE).read_text())["entries"]
-    assert "part-00003" in listed and all((out / n).exists() for n in listed if n != prep.STATE_DIR)
+    listed = json.loads((out / OUTPUTS_FILE).read_text())["entries"]
+    assert "part-00003" in listed and all((out / n).exists() for n in listed if n != STATE_DIR)
     # A file the user drops in, named like an output, makes --overwrite refuse rather than delete it.
     (out / "part-00007-mine.txt").write_text("mine")
     with pytest.raises(DataError, match=r"does not name \(part-00007-mine.txt\)"):
@@ -119,7 +119,7 @@ def test_overwrite_removes_only_the_listed_outputs(model, tmp_path):
     m = prepare([str(tmp_path / "b.jsonl")], str(out), tokenizer=model, workers=1, overwrite=True)
     assert m["num_documents"] == 5 and not (out / "part-00003").exists()
     assert sorted(os.listdir(out)) == sorted(
-        [prep.OUTPUTS_FILE, "index.json", "manifest.json", "part-00000", "tokenizer.model"]
+        [OUTPUTS_FILE, "index.json", "manifest.json", "part-00000", "tokenizer.model"]
     )
 
 
@@ -128,13 +128,13 @@ def test_a_dataset_without_a_list_of_outputs_is_known_by_its_manifest(model, tmp
     (tmp_path / "a.jsonl").write_bytes(jsonl(40))
     out = tmp_path / "out"
     prepare([str(tmp_path / "a.jsonl")], str(out), tokenizer=model, workers=1, unit_bytes=1500)
-    (out / prep.OUTPUTS_FILE).unlink()
+    (out / OUTPUTS_FILE).unlink()
     (out / "part-00009").mkdir()  # not in the manifest: not mnemo's
     with pytest.raises(DataError, match=r"holds files .* \(part-00009\)"):
         prepare([str(tmp_path / "a.jsonl")], str(out), tokenizer=model, workers=1, overwrite=True)
     (out / "part-00009").rmdir()
     m = prepare([str(tmp_path / "a.jsonl")], str(out), tokenizer=model, workers=1, overwrite=True)
-    assert m["num_documents"] == 40 and (out / prep.OUTPUTS_FILE).exists()
+    assert m["num_documents"] == 40 and (out / OUTPUTS_FILE).exists()
 
 
 @pytest.mark.parametrize("crash_on", ["manifest.json", "tokenizer.model"])
@@ -168,10 +168,10 @@ def test_crash_leftovers_do_not_block_a_rerun(model, tmp_path, monkeypatch, cras
 def test_a_run_killed_before_listing_its_outputs_reruns(model, tmp_path):
     (tmp_path / "a.jsonl").write_bytes(jsonl(10))
     out = tmp_path / "out"
-    (out / prep.STATE_DIR).mkdir(parents=True)
-    (out / prep.STATE_DIR / f"{prep.OUTPUTS_FILE}.tmp4242").write_text('{"entr')
+    (out / STATE_DIR).mkdir(parents=True)
+    (out / STATE_DIR / f"{OUTPUTS_FILE}.tmp4242").write_text('{"entr')
     m = prepare([str(tmp_path / "a.jsonl")], str(out), tokenizer=model, workers=1)
-    assert m["num_documents"] == 10 and not (out / prep.STATE_DIR).exists()
+    assert m["num_documents"] == 10 and not (out / STATE_DIR).exists()
 
 
 # ----------------------------------------------------------------------------- compressed and Parquet damage

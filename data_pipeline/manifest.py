@@ -1,0 +1,156 @@
+"""What a dataset of `mnemo prepare` holds besides its parts: tokenizer.model and manifest.json.
+
+The tokenizer is the model given with --tokenizer, copied, or one trained on a
+sample of the corpus. The manifest records the counts, the tokenizer's hash
+and ids, the input fingerprints, the MDS columns and what was skipped or
+repaired (by reason, with the first few places); verify and the trainer read it.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from mnemo.data_pipeline.errors import DataError
+from mnemo.data_pipeline.files import atomic_write
+from mnemo.data_pipeline.inputs import Corpus, ReadStats
+from mnemo.data_pipeline.outputs import OutLocation
+from mnemo.data_pipeline.progress import note
+from mnemo.data_pipeline.readers import DEFAULT_MAX_DOC_BYTES, iter_documents
+from mnemo.data_pipeline.tokenizer import Tokenizer, file_sha256, reservoir_sample, train_from_texts
+
+FORMAT_VERSION = 1
+# Reasons in ReadStats that mean a document was dropped (the others were repaired and kept).
+SKIP_REASONS = ("empty", "invalid_json", "missing_text_field", "non_string_text", "too_large", "binary_file")
+# Reasons a whole input file was passed over (counted in "skipped" too).
+FILE_REASONS = ("unsupported_file", "unreadable_file")
+
+
+def columns(token_dtype: str) -> dict[str, str]:
+    """MDS columns of a mnemo dataset (the contract other modules read)."""
+    return {
+        "tokens": f"ndarray:{token_dtype}",
+        "doc_id": "str",
+        "source": "str",
+        "answer_start": "int32",
+        "answer_len": "int32",
+    }
+
+
+def mnemo_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("mnemo")
+    except PackageNotFoundError:
+        return "0.1.0"
+
+
+def format_counts(counts: dict[str, int]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in sorted(counts.items())) or "none"
+
+
+# ----------------------------------------------------------------------------- tokenizer.model
+
+
+def copy_tokenizer(loc: OutLocation, given: Tokenizer, given_bytes: bytes) -> Tokenizer:
+    """OUT/tokenizer.model: a copy of the model given with --tokenizer."""
+    dest = os.path.join(loc.local, "tokenizer.model")
+    if not (os.path.exists(dest) and file_sha256(dest) == given.sha256):
+        atomic_write(dest, given_bytes, tmp_dir=loc.state)
+    return Tokenizer(dest)
+
+
+def train_tokenizer_on_sample(
+    loc: OutLocation,
+    corpus: Corpus,
+    text_field: str,
+    id_field: str | None,
+    strict: bool,
+    vocab_size: int,
+    model_type: str,
+    sample_docs: int,
+    seed: int,
+    max_doc_bytes: int = DEFAULT_MAX_DOC_BYTES,
+) -> Tokenizer:
+    """OUT/tokenizer.model trained on a sample of the corpus (kept across an interrupted run)."""
+    dest = os.path.join(loc.local, "tokenizer.model")
+    if os.path.exists(dest):  # written atomically by an interrupted run of this same command
+        return Tokenizer(dest)
+    note(f"training a {model_type} tokenizer (vocab {vocab_size}) on up to {sample_docs} sampled documents")
+    stats = ReadStats()
+    texts = (d.text for d in iter_documents(corpus, text_field, id_field, strict, stats, max_doc_bytes))
+    sample = reservoir_sample(texts, sample_docs, seed, 16_384)
+    if not sample:
+        names = ", ".join(str(f.path) for f in corpus.files[:3]) if getattr(corpus, "files", None) else "the inputs"
+        raise DataError(
+            f"no documents: every document of {names} is empty or was skipped ({format_counts(stats.counts)})"
+        )
+    # Trained inside the state dir (its temp file too), then moved into place whole.
+    staged = os.path.join(loc.state, "tokenizer.model")
+    train_from_texts(sample, staged, vocab_size, model_type)
+    os.replace(staged, dest)
+    return Tokenizer(dest)
+
+
+# ----------------------------------------------------------------------------- manifest.json
+
+
+def build_manifest(
+    loc: OutLocation,
+    tok: Tokenizer,
+    given: Tokenizer | None,
+    spec: dict,
+    fingerprint: str,
+    names: list[str],
+    results: dict[str, dict],
+    stats: ReadStats,
+    num_corpus: int,
+) -> dict:
+    parts = [
+        {
+            "name": n,
+            "documents": results[n]["documents"],
+            "tokens": results[n]["tokens"],
+            "shards": results[n].get("shards", 0),
+        }
+        for n in names
+    ]
+    num_docs = sum(p["documents"] for p in parts)
+    num_tokens = sum(p["tokens"] for p in parts)
+    tok_path = (
+        os.path.abspath(given.path)
+        if given
+        else (loc.remote_join("tokenizer.model") or os.path.join(loc.local, "tokenizer.model"))
+    )
+    return {
+        "format": "mnemo-mds",
+        "format_version": FORMAT_VERSION,
+        "fingerprint": fingerprint,
+        "mnemo_version": mnemo_version(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "out": loc.url,
+        "tokenizer_path": tok_path,
+        "tokenizer_sha256": tok.sha256,
+        "tokenizer_trained": given is None,
+        "vocab_size": tok.vocab_size,
+        "eos_id": tok.eos_id,
+        "bos_id": tok.bos_id,
+        "pad_id": tok.pad_id,
+        "token_dtype": tok.token_dtype.name,
+        "columns": columns(tok.token_dtype.name),
+        "text_field": spec["text_field"],
+        "id_field": spec["id_field"],
+        "inputs": spec["inputs"],
+        "num_documents": num_docs,
+        "num_tokens": num_tokens,
+        "num_corpus_documents": num_corpus,
+        "num_passkey_documents": num_docs - num_corpus,
+        "num_shards": sum(p["shards"] for p in parts),
+        "parts": parts,
+        "max_doc_bytes": spec.get("max_doc_bytes", DEFAULT_MAX_DOC_BYTES),
+        "skipped": {k: v for k, v in sorted(stats.counts.items()) if k in SKIP_REASONS or k in FILE_REASONS},
+        "repaired": {k: v for k, v in sorted(stats.counts.items()) if k not in SKIP_REASONS and k not in FILE_REASONS},
+        "skipped_examples": stats.examples,
+        "passkey": spec["passkey"],
+    }

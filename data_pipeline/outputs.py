@@ -1,0 +1,296 @@
+"""The output directory of `mnemo prepare`: where it is, what mnemo may write and delete there, finishing it.
+
+Layout of DATA_DIR::
+
+    index.json        merged index (streaming.base.util.merge_index)
+    part-00000/       one MDS sub-dataset per work unit, in input order
+    part-00001/ ...
+    tokenizer.model   copy of the tokenizer used
+    manifest.json     counts, tokenizer hash, input fingerprints, skipped docs
+    .mnemo-outputs.json  the names above, written before any of them is created
+    .mnemo-prepare/   only while unfinished: plan, done markers, every temp file
+
+mnemo deletes only what it can prove it wrote: the entries listed in
+``.mnemo-outputs.json``, a list it writes (atomically) before creating any of
+them. An --out holding anything else is refused; --overwrite removes the
+listed entries and nothing else. Every temp file lives in the state dir, so a
+crash leaves nothing unlisted behind. --out must not be or contain an input.
+
+A remote ``--out`` (``s3://``, ``gs://``..., or ``file://`` for a local
+directory used through the same upload path) is written through a local
+staging dir (``OutLocation.local``); the parts upload themselves as they are
+written, and ``merge_parts`` and ``upload`` send the merged index, manifest
+and tokenizer at the end.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import urllib.parse
+import urllib.request
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from mnemo.data_pipeline.errors import DataError
+from mnemo.data_pipeline.files import atomic_write
+from mnemo.data_pipeline.inputs import Corpus, WorkUnit
+
+STATE_DIR = ".mnemo-prepare"
+# The list of entries of DATA_DIR that mnemo wrote (the only ones it ever deletes).
+OUTPUTS_FILE = ".mnemo-outputs.json"
+
+
+# ----------------------------------------------------------------------------- output location
+
+
+@dataclass(frozen=True)
+class OutLocation:
+    url: str  # as given
+    local: str  # shards (local out) or the staging dir (remote out); holds the state dir
+    remote: str | None  # what streaming's uploaders take: a URL, or a plain path for file://
+
+    @property
+    def state(self) -> str:
+        return os.path.join(self.local, STATE_DIR)
+
+    def remote_join(self, name: str) -> str | None:
+        if self.remote is None:
+            return None
+        return self.remote.rstrip("/") + "/" + name
+
+
+def resolve_out(out: str, staging: str | None = None) -> OutLocation:
+    """A local dir, ``file://`` URL or a remote streaming can upload to."""
+    out = str(out)
+    scheme = urllib.parse.urlparse(out).scheme
+    if scheme == "":
+        return OutLocation(out, os.path.abspath(os.path.expanduser(out)), None)
+    if scheme == "file":
+        remote = urllib.request.url2pathname(urllib.parse.urlparse(out).path)
+    else:
+        from streaming.base.storage.upload import UPLOADERS
+
+        if scheme not in UPLOADERS:
+            raise DataError(
+                f"--out {out}: unsupported remote scheme {scheme!r} "
+                f"(supported: {', '.join(sorted(s for s in UPLOADERS if s))}, file)"
+            )
+        remote = out
+    if staging is None:
+        cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        staging = os.path.join(cache, "mnemo", "prepare", hashlib.sha256(out.encode()).hexdigest()[:16])
+    return OutLocation(out, os.path.abspath(staging), remote)
+
+
+def write_json(path: str, obj: dict, tmp_dir: str | None = None) -> None:
+    atomic_write(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode(), tmp_dir)
+
+
+def read_json(path: str) -> dict | None:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path}: unreadable ({e})") from None
+
+
+def _fetch_remote_json(loc: OutLocation, name: str) -> dict | None:
+    """A small JSON file of the remote dataset, or None if it has none."""
+    url = loc.remote_join(name)
+    assert url is not None
+    if urllib.parse.urlparse(url).scheme == "":
+        return read_json(url)
+    from streaming.base.storage.download import CloudDownloader
+
+    with tempfile.TemporaryDirectory(prefix="mnemo-") as tmp:  # never inside the staging dir
+        dest = os.path.join(tmp, name)
+        try:
+            CloudDownloader.direct_download(url, dest, 60)
+        except Exception:  # no such object (each cloud raises its own type)
+            return None
+        return read_json(dest)
+
+
+# ----------------------------------------------------------------------------- claiming the out dir
+
+
+def out_entries(units: Sequence[WorkUnit], passkey: bool) -> list[str]:
+    """Every top-level entry a conversion of ``units`` may create in DATA_DIR."""
+    names = [STATE_DIR, "tokenizer.model", "index.json", "manifest.json"] + [u.name for u in units]
+    if passkey:
+        names.append(passkey_part_name(units))
+    return names
+
+
+def passkey_part_name(units: Sequence[WorkUnit]) -> str:
+    return f"part-{len(units):05d}"
+
+
+def _read_outputs(local: str) -> set[str] | None:
+    """Names listed in DATA_DIR/.mnemo-outputs.json, or None when mnemo never wrote there.
+
+    A complete dataset of a mnemo version that kept no such list is known by
+    its manifest: the parts it names and the fixed names.
+    """
+    path = os.path.join(local, OUTPUTS_FILE)
+    rec = read_json(path)
+    if rec is None:
+        path = os.path.join(local, "manifest.json")
+        m = read_json(path)
+        if not (isinstance(m, dict) and m.get("format") == "mnemo-mds" and isinstance(m.get("parts"), list)):
+            return None
+        rec = {
+            "entries": [STATE_DIR, "tokenizer.model", "index.json", "manifest.json"]
+            + [p.get("name") if isinstance(p, dict) else None for p in m["parts"]]
+        }
+    names = rec.get("entries") if isinstance(rec, dict) else None
+    if not isinstance(names, list) or not all(
+        isinstance(n, str) and n not in ("", ".", "..") and "/" not in n and os.sep not in n for n in names
+    ):
+        raise DataError(
+            f"{path}: not a list of mnemo's outputs (edited by hand?); mnemo will not delete "
+            f"anything on its word: empty the directory yourself or choose another --out"
+        )
+    return set(names)
+
+
+def _write_outputs(loc: OutLocation, names: Iterable[str]) -> None:
+    """List ``names`` as mnemo's own before any of them is created (the state dir must exist)."""
+    write_json(
+        os.path.join(loc.local, OUTPUTS_FILE),
+        {"written_by": "mnemo prepare", "entries": sorted(names)},
+        tmp_dir=loc.state,
+    )
+
+
+def _remove(local: str, name: str) -> None:
+    p = os.path.join(local, name)
+    if os.path.isdir(p) and not os.path.islink(p):
+        shutil.rmtree(p)
+    elif os.path.lexists(p):
+        os.remove(p)
+
+
+def claim_out(loc: OutLocation, fingerprint: str, overwrite: bool, names: Sequence[str]) -> dict | None:
+    """Make ``loc`` ours for this dataset (entries ``names``). Returns the manifest when it is already complete.
+
+    DATA_DIR must be new, empty, or hold nothing but what .mnemo-outputs.json
+    lists (a state dir alone is the leftover of a run killed before it wrote
+    that list). Starting afresh removes exactly the listed entries.
+    """
+    done = (
+        _fetch_remote_json(loc, "manifest.json")
+        if loc.remote is not None
+        else read_json(os.path.join(loc.local, "manifest.json"))
+    )
+    if not (isinstance(done, dict) and done.get("format") == "mnemo-mds"):
+        done = None  # no dataset there (a manifest.json of something else is the user's file)
+    if done is not None:
+        if done.get("fingerprint") == fingerprint and not overwrite:
+            return done
+        if not overwrite:
+            raise DataError(
+                f"--out {loc.url} already holds a dataset made from other inputs or settings; "
+                f"pass --overwrite to replace it"
+            )
+    try:
+        os.makedirs(loc.local, exist_ok=True)
+        entries = os.listdir(loc.local)
+    except OSError as e:
+        raise DataError(f"--out {loc.url}: cannot create or list {loc.local} ({e.strerror or e})") from None
+    owned = _read_outputs(loc.local)
+    foreign = sorted(set(entries) - (owned or set()) - {OUTPUTS_FILE, STATE_DIR})
+    if foreign:
+        more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
+        what = (
+            "is not empty and holds no mnemo dataset"
+            if owned is None
+            else "holds files this dataset's list of outputs does not name"
+        )
+        raise DataError(
+            f"--out {loc.url} {what} ({foreign[0]}{more}); mnemo never deletes files it did not "
+            f"write: choose a new or empty directory"
+        )
+    plan = read_json(os.path.join(loc.state, "plan.json")) if owned is not None else None
+    if plan is not None and plan.get("fingerprint") != fingerprint and not overwrite:
+        raise DataError(
+            f"--out {loc.url} holds an unfinished conversion of other inputs or settings; "
+            f"rerun that command to finish it, or pass --overwrite"
+        )
+    if overwrite or plan is None or plan.get("fingerprint") != fingerprint:
+        for name in sorted(owned or ()):  # what an earlier conversion listed, and nothing else
+            _remove(loc.local, name)
+        os.makedirs(loc.state, exist_ok=True)
+        _write_outputs(loc, names)
+        # Listed now, so ours: start it empty (a run killed before listing may have left temp files).
+        shutil.rmtree(loc.state)
+        os.makedirs(loc.state)
+        write_json(os.path.join(loc.state, "plan.json"), {"fingerprint": fingerprint})
+    elif not set(names) <= owned:
+        _write_outputs(loc, owned | set(names))
+    return None
+
+
+def check_out_apart(loc: OutLocation, corpus: Corpus) -> None:
+    """--out must not be, or contain, an input: prepare writes there and --overwrite deletes there."""
+    if loc.remote is None:
+        target = loc.local
+    elif urllib.parse.urlparse(loc.url).scheme == "file":
+        target = loc.remote
+    else:
+        return
+    out = os.path.realpath(target)
+    for f in corpus.files:
+        real = os.path.realpath(f.path)
+        if real == out or real.startswith(out.rstrip(os.sep) + os.sep):
+            raise DataError(
+                f"--out {loc.url} contains the input {f.path}; the output must go to a directory "
+                f"that holds no input: choose another --out"
+            )
+
+
+# ----------------------------------------------------------------------------- finishing the out dir
+
+
+@contextmanager
+def _quiet_root_logger() -> Iterator[None]:
+    """merge_index calls logging.warning(...) for its temp dir; keep that off the terminal."""
+    root = logging.getLogger()
+    h = logging.NullHandler()
+    root.addHandler(h)
+    try:
+        yield
+    finally:
+        root.removeHandler(h)
+
+
+def merge_parts(loc: OutLocation, names: list[str]) -> None:
+    from streaming.base.util import merge_index
+
+    idx = os.path.join(loc.local, "index.json")
+    if os.path.exists(idx):
+        os.remove(idx)  # merge_index moves its result into place and refuses to replace a file
+    if loc.remote is None:
+        urls: list = [os.path.join(loc.local, n, "index.json") for n in names]
+        out: str | tuple[str, str] = loc.local
+    else:
+        urls = [(os.path.join(loc.local, n, "index.json"), loc.remote_join(n + "/index.json")) for n in names]
+        out = (loc.local, loc.remote)
+    with _quiet_root_logger():
+        merge_index(urls, out, keep_local=True)
+
+
+def upload(loc: OutLocation, names: Sequence[str]) -> None:
+    from streaming.base.storage.upload import CloudUploader
+
+    cu = CloudUploader.get((loc.local, loc.remote), keep_local=True, exist_ok=True)
+    for n in names:
+        cu.upload_file(n)
