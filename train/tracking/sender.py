@@ -1,442 +1,52 @@
-"""MLflow tracking for mnemo: one run per job, asynchronous, outage-proof.
+"""The sender process of tracking: owns the MlflowClient, opens the run, batches, sends, rides out outages.
 
-Only global rank 0 talks to MLflow; on every other rank (and with
-``enabled=False``) each method returns at once and nothing is started.
+``sender_main(settings, ops, replies)`` is the process's entry point, started
+by ``client.Tracker`` with the spawn start method (so it must stay a
+module-level function of an importable module). ``settings`` is a dict
+(run_dir, uri, experiment, run_name, resume_run_id, parent_run_id,
+resume_step, interval, retry_interval, probe_timeout, max_buffer); ``ops``
+and ``replies`` are the two pipe ends whose message tuples
+``mnemo.train.tracking.client`` describes. The process ignores SIGINT and
+SIGTERM (they are the trainer's) and ends when the trainer sends ``("stop",)``,
+closes the pipe or dies, after sending what it holds.
 
-Design (see docs/tracking.md):
-- A sender *process* (spawned, not forked) owns the MlflowClient. The trainer
-  thread only appends small tuples to a deque (``log_metrics``: 10-50 us); a
-  feeder thread hands them over through a pipe every 0.1 s. A process and
-  not a thread because MLflow's client (SQLAlchemy for a sqlite store, JSON
-  for a server) is pure Python holding the GIL: as a thread it added 7-11%
-  to the CPU time of a 12 ms CPU training step here, and more wall time (the
-  trainer waits for the GIL after each torch op); as a process the trainer's
-  CPU time per step is unchanged within noise (benchmarks/tracking_overhead.py).
-  A bonus: if the trainer is SIGKILLed, the sender sees the pipe close and
-  still sends what it holds.
-- The sender wakes every ``interval`` seconds and sends what arrived with
-  ``MlflowClient.log_batch`` (<= 1000 metrics / 100 params / 100 tags per call).
+- Start-up: create the run, or reopen ``resume_run_id``, then reply
+  ``("ready", run_id, error)``.
+- Every ``interval`` seconds (sooner for a flush or stop) what arrived is sent
+  with ``MlflowClient.log_batch`` (<= 1000 metrics / 100 params / 100 tags per
+  call); then each flush token is answered with ``("flushed", token)``.
 - Outages: before each send to an HTTP server the sender probes ``/health``
   with a short timeout, so a dead server is noticed at once instead of after
-  MLflow's own retry loop (7 retries, exponential backoff: minutes). While
-  the server is away, metric points stay in a bounded buffer and are appended
-  to ``<run_dir>/logs/metrics_fallback.jsonl``; when it comes back the buffer
-  is sent. One warning when it goes, one when it returns.
-- Resume: ``resume_run_id`` reopens that run; points at a step <= the step
-  the run already holds for that key are dropped (the trainer resumes
-  bit-exactly, so re-done steps repeat values already logged), and points of
-  that run that only reached the fallback file are replayed first.
+  MLflow's own retry loop. While it is away, metric points stay in a bounded
+  buffer (``max_buffer``) and are appended (spilled) to the fallback file;
+  when it comes back the buffer is sent. One warning when it goes, one when
+  it returns; every message goes back as ``("log", level, text)``, redacted.
+- Resume: points at a step <= the step the run already holds for that key
+  are dropped (a bit-exact resume repeats values already logged), and points
+  of that run that only reached the fallback file are replayed first.
 """
 
 from __future__ import annotations
 
-import atexit
 import dataclasses
-import importlib.metadata
-import itertools
 import json
 import logging
-import multiprocessing
 import os
-import platform
-import resource
 import signal
-import socket
-import subprocess
-import sys
-import threading
 import time
 from collections import deque
 from pathlib import Path
 from typing import Any, Callable
 
-from mnemo.train.config import flatten
 from mnemo.train.redact import redact_uri
-
-log = logging.getLogger(__name__)
-
-DEFAULT_EXPERIMENT = "mnemo"
-PARENT_RUN_TAG = "mnemo.parent_run_id"
-FALLBACK_FILE = "logs/metrics_fallback.jsonl"
-
-# What each rank puts in its own environment (with setdefault, so a
-# user's own values win). MLflow reads these from os.environ on every request
-# and offers no per-client argument; library code must not write os.environ,
-# so a rank applies them at start-up (train/rankenv.py). Without them the health probe below
-# still catches a dead server; they bound the rare request that is already in
-# flight when the server dies (default: 7 retries, backoff 2 s doubling up to
-# 120 s, 120 s timeout = minutes of a stuck sender, with points piling up).
-HTTP_ENV_DEFAULTS: dict[str, str] = {
-    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
-    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-    "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
-}
+from mnemo.train.tracking.common import FALLBACK_FILE, PARENT_RUN_TAG, append_points, system_tags
 
 _MAX_METRICS_PER_BATCH = 1000
 _MAX_PARAMS_TAGS_PER_BATCH = 100
 _MAX_REJECTS = 3  # a request the live server refuses this many times is dropped
-_FEED_PERIOD = 0.1  # seconds between hand-overs from the trainer process to the sender
 
 
-def resolve_uri(uri: str, run_dir: str | os.PathLike) -> str:
-    """Tracking URI: explicit > $MLFLOW_TRACKING_URI > sqlite file in the run dir."""
-    if uri:
-        return uri
-    if env := os.environ.get("MLFLOW_TRACKING_URI"):
-        return env
-    return "sqlite:///" + str(Path(run_dir).resolve() / "mlflow.db")
-
-
-def resolve_experiment(experiment: str) -> str:
-    """Experiment name: explicit > $MLFLOW_EXPERIMENT_NAME > "mnemo"."""
-    return experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
-
-
-def _git(args: list[str], cwd: Path) -> str | None:
-    try:
-        out = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=5)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() if out.returncode == 0 else None
-
-
-def _dist_version(name: str) -> str:
-    # importlib.metadata, not `import deepspeed`: importing it costs seconds
-    # and probes accelerators.
-    try:
-        return importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
-
-
-def system_tags() -> dict[str, str]:
-    """Host, code version and library versions, as run tags."""
-    tags = {
-        "mnemo.hostname": socket.gethostname(),
-        "mnemo.python_version": platform.python_version(),
-        "mnemo.platform": platform.platform(),
-        "mnemo.torch_version": _dist_version("torch"),
-        "mnemo.deepspeed_version": _dist_version("deepspeed"),
-        "mnemo.mlflow_version": _dist_version("mlflow"),
-        "mnemo.version": _dist_version("mnemo"),
-    }
-    code_dir = Path(__file__).resolve().parent
-    commit = _git(["rev-parse", "HEAD"], code_dir)
-    if commit:
-        tags["mnemo.git_commit"] = commit
-        tags["mlflow.source.git.commit"] = commit  # shown by the MLflow UI
-        dirty = _git(["status", "--porcelain", "--untracked-files=no"], code_dir)
-        if dirty is not None:
-            tags["mnemo.git_dirty"] = "true" if dirty else "false"
-    return tags
-
-
-def _host_rss_bytes() -> int:
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        # Not Linux: peak RSS is the best the stdlib offers (KiB on Linux, bytes on macOS).
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return peak if sys.platform == "darwin" else peak * 1024
-
-
-def memory_stats() -> dict[str, float]:
-    """{'sys/host_rss_gb': current RSS, 'sys/device_mem_gb': CUDA max allocated (if CUDA)}."""
-    out = {"sys/host_rss_gb": _host_rss_bytes() / 2**30}
-    torch = sys.modules.get("torch")  # never import torch (or create a CUDA context) just for this
-    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
-        out["sys/device_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
-    return out
-
-
-def _append_points(f, run_id: str | None, step: int, ts: int, values: dict[str, float]) -> None:
-    """One JSON line per metric point: the fallback file format."""
-    for key, value in values.items():
-        rec = {"run_id": run_id, "key": key, "value": value, "step": step, "timestamp": ts}
-        f.write(json.dumps(rec, allow_nan=True) + "\n")
-
-
-# ---------------------------------------------------------------------------
-# Trainer side
-# ---------------------------------------------------------------------------
-
-
-class Tracker:
-    """The job's MLflow run. Construct on every rank; only rank 0 does anything.
-
-    Args:
-        run_dir: the run directory (default sqlite store, fallback file, figures).
-        uri, experiment: see resolve_uri / resolve_experiment.
-        run_name: name of a new run (ignored on resume).
-        rank: global rank; only 0 logs.
-        resume_run_id: continue this run (id stored in the checkpoint).
-        parent_run_id: for a new run started from another run's checkpoint (fine-tune).
-        resume_step: the step the trainer resumes from (recorded as a tag).
-        interval: seconds between sends; retry_interval: seconds between probes
-        while the server is away; max_buffer: metric points the sender keeps in
-        memory; startup_timeout: how long to wait for the run to be opened.
-    """
-
-    def __init__(
-        self,
-        *,
-        run_dir: str,
-        uri: str = "",
-        experiment: str = "",
-        run_name: str = "",
-        enabled: bool = True,
-        rank: int = 0,
-        resume_run_id: str | None = None,
-        parent_run_id: str | None = None,
-        resume_step: int = 0,
-        interval: float = 1.0,
-        retry_interval: float = 5.0,
-        probe_timeout: float = 2.0,
-        max_buffer: int = 200_000,
-        startup_timeout: float = 120.0,
-    ) -> None:
-        self._run_id: str | None = None
-        self._off = not enabled or rank != 0
-        if self._off:
-            return
-        self.run_dir = Path(run_dir).resolve()
-        self.uri = resolve_uri(uri, self.run_dir)
-        self.experiment = resolve_experiment(experiment)
-        self.fallback_path = self.run_dir / FALLBACK_FILE
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        settings = dict(
-            run_dir=str(self.run_dir),
-            uri=self.uri,
-            experiment=self.experiment,
-            run_name=run_name or None,
-            resume_run_id=resume_run_id,
-            parent_run_id=parent_run_id,
-            resume_step=int(resume_step),
-            interval=interval,
-            retry_interval=retry_interval,
-            probe_timeout=probe_timeout,
-            max_buffer=max_buffer,
-        )
-        self._closed = False
-        self._child_dead = False
-        self._owner_pid = os.getpid()  # a forked child (DataLoader worker) must not close our sender
-        # The trainer thread only appends here (atomic, no lock, no wake-up);
-        # the feeder thread drains it every _FEED_PERIOD s. Waking the feeder
-        # per message made the woken thread preempt the trainer on a busy
-        # machine (ms per call); batching makes it one pickle and one write.
-        self._buf: deque[tuple] = deque()
-        self._feed_now = threading.Event()
-        self._flushes: dict[int, threading.Event] = {}
-        self._tokens = itertools.count()
-        self._fallback_file = None  # used here only if the sender process dies
-
-        # spawn, not fork: the trainer holds threads, CUDA and process groups
-        # that a forked child must not inherit.
-        ctx = multiprocessing.get_context("spawn")
-        ops_recv, self._ops = ctx.Pipe(duplex=False)
-        self._replies, reply_send = ctx.Pipe(duplex=False)
-        self._proc = ctx.Process(
-            target=_sender_main, args=(settings, ops_recv, reply_send), name="mnemo-tracking", daemon=True
-        )
-        self._proc.start()
-        ops_recv.close()
-        reply_send.close()  # so that the reader sees EOF when the sender exits
-        self._wait_ready(startup_timeout)
-        self._feeder = threading.Thread(target=self._feed, name="mnemo-tracking-feed", daemon=True)
-        self._reader = threading.Thread(target=self._read, name="mnemo-tracking-read", daemon=True)
-        self._feeder.start()
-        self._reader.start()
-        atexit.register(self._atexit)
-
-    @property
-    def run_id(self) -> str | None:
-        """The MLflow run id; None on ranks != 0, when disabled, or until the server was reached."""
-        return self._run_id
-
-    @property
-    def sender_pid(self) -> int | None:
-        """Pid of the sender process (diagnostics, benchmarks); None when not running."""
-        return None if self._off else self._proc.pid
-
-    # ---- public API: cheap, never raises for tracking trouble ----
-
-    def log_params(self, params: dict) -> None:
-        """Log (possibly nested) params; values are stringified and truncated to MLflow's limit."""
-        if self._off:
-            return
-        # Credentials in values (tracking.uri=http://user:pass@host) are never logged.
-        self._buf.append(("params", {str(k): redact_uri(str(v)) for k, v in flatten(params).items()}))
-
-    def set_tags(self, tags: dict) -> None:
-        if self._off:
-            return
-        self._buf.append(("tags", {str(k): redact_uri(str(v)) for k, v in tags.items()}))
-
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        """Queue metric points at `step` (values must be Python numbers: no device sync here)."""
-        if self._off:
-            return
-        ts = int(time.time() * 1000)
-        self._buf.append(("metrics", int(step), ts, {k: float(v) for k, v in metrics.items()}))
-
-    def log_artifact(self, path: str, artifact_path: str | None = None) -> None:
-        """Upload a file or directory. It is read later by the sender: keep it until flush()."""
-        if self._off:
-            return
-        if not os.path.exists(path):
-            log.warning("tracking: artifact %s does not exist; not logged", path)
-            return
-        self._buf.append(("artifact", str(Path(path).resolve()), artifact_path))
-
-    def flush(self, timeout: float = 30) -> None:
-        """Wait until everything logged so far is on the server, or (server away) in the fallback file."""
-        if self._off or self._closed or self._child_dead:
-            return
-        token = next(self._tokens)
-        done = self._flushes[token] = threading.Event()
-        self._buf.append(("flush", token))
-        self._feed_now.set()
-        if not done.wait(timeout):
-            log.warning("tracking: flush did not finish within %.0f s", timeout)
-        self._flushes.pop(token, None)
-
-    def close(self, status: str = "FINISHED") -> None:
-        """Send what is left, mark the run `status` (FINISHED | FAILED | KILLED), stop the sender."""
-        if self._off or self._closed or os.getpid() != self._owner_pid:
-            return
-        self._closed = True
-        atexit.unregister(self._atexit)
-        self._buf.append(("terminate", status))
-        self._buf.append(("stop",))
-        self._feed_now.set()
-        self._feeder.join(timeout=10)
-        self._proc.join(timeout=60)  # its last cycle: one probe, then sends or spills
-        if self._proc.is_alive():
-            log.warning("tracking: sender process still busy after 60 s; killing it")
-            self._proc.kill()
-            self._proc.join(timeout=10)
-        self._reader.join(timeout=10)
-        self._ops.close()
-        self._close_fallback()
-        self._off = True  # later calls are no-ops
-
-    def __enter__(self) -> Tracker:
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        self.close("FAILED" if exc_type else "FINISHED")
-
-    def _atexit(self) -> None:
-        # The trainer closes the tracker when it finishes; an interpreter
-        # exiting without close() means the job died on an exception.
-        self.close("FAILED")
-
-    # ---- plumbing ----
-
-    def _wait_ready(self, timeout: float) -> None:
-        """Receive the sender's startup messages until it reports the run opened (or deferred)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            left = deadline - time.monotonic()
-            try:
-                if left <= 0 or not self._replies.poll(left):
-                    log.warning(
-                        "tracking: MLflow run not opened within %.0f s; continuing, metrics are sent once it is",
-                        timeout,
-                    )
-                    return
-                msg = self._replies.recv()
-            except (EOFError, OSError):
-                self._proc.join(timeout=5)
-                self._on_child_death(f"exit code {self._proc.exitcode} at startup")
-                return
-            if msg[0] != "ready":
-                self._handle(msg)
-                continue
-            _, self._run_id, error = msg
-            if error:
-                from mnemo.train.errors import UserError
-
-                self._proc.join(timeout=10)
-                self._off = True
-                raise UserError(
-                    f"tracking.uri {redact_uri(self.uri)} (experiment {self.experiment!r}): {redact_uri(error)}"
-                )
-            return
-
-    def _feed(self) -> None:
-        """Move buffered messages into the pipe, a batch at a time: pickling and a full pipe
-        (sender busy) cost this thread only."""
-        while True:
-            self._feed_now.wait(_FEED_PERIOD)
-            self._feed_now.clear()
-            batch = []
-            while self._buf:
-                batch.append(self._buf.popleft())
-            if not batch:
-                continue
-            if not self._child_dead:
-                try:
-                    self._ops.send(batch)
-                except (OSError, ValueError):
-                    self._on_child_death("pipe closed")
-            if self._child_dead:
-                for msg in batch:
-                    self._keep_here(msg)
-            if any(msg[0] == "stop" for msg in batch):
-                return
-
-    def _read(self) -> None:
-        while True:
-            try:
-                msg = self._replies.recv()
-            except (EOFError, OSError):
-                if not self._closed:
-                    self._on_child_death(f"exit code {self._proc.exitcode}")
-                return
-            self._handle(msg)
-
-    def _handle(self, msg: tuple) -> None:
-        kind = msg[0]
-        if kind == "log":
-            log.log(msg[1], "%s", msg[2])  # the sender's warnings, through this process's logging
-        elif kind == "run_id":
-            self._run_id = msg[1]
-        elif kind == "flushed":
-            if ev := self._flushes.get(msg[1]):
-                ev.set()
-
-    def _on_child_death(self, why: str) -> None:
-        if self._child_dead:
-            return
-        self._child_dead = True
-        log.warning("tracking: the MLflow sender process died (%s); metrics now go only to %s", why, self.fallback_path)
-        for ev in list(self._flushes.values()):
-            ev.set()
-
-    def _keep_here(self, msg: tuple) -> None:
-        """Sender gone: append metric points to the fallback file from this process."""
-        if msg[0] != "metrics":
-            return
-        if self._fallback_file is None:
-            self.fallback_path.parent.mkdir(parents=True, exist_ok=True)
-            self._fallback_file = open(self.fallback_path, "a")
-        _append_points(self._fallback_file, self._run_id, *msg[1:])
-        self._fallback_file.flush()
-
-    def _close_fallback(self) -> None:
-        if self._fallback_file is not None:
-            self._fallback_file.close()
-            self._fallback_file = None
-
-
-# ---------------------------------------------------------------------------
-# Sender process
-# ---------------------------------------------------------------------------
-
-
-def _sender_main(settings: dict, ops, replies) -> None:
+def sender_main(settings: dict, ops, replies) -> None:
     """Entry point of the sender process."""
     # Ctrl-C and SIGTERM sent to the whole process group are the trainer's to
     # handle; this process ends when the trainer closes the pipe (or dies),
@@ -873,7 +483,7 @@ class _Sender:
         if self._fallback_file is None:
             self.fallback_path.parent.mkdir(parents=True, exist_ok=True)
             self._fallback_file = open(self.fallback_path, "a")
-        _append_points(self._fallback_file, self.run_id, *op.payload)
+        append_points(self._fallback_file, self.run_id, *op.payload)
         op.spilled = True
 
     def _bound_buffer(self) -> None:

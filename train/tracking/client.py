@@ -1,0 +1,315 @@
+"""The trainer side of tracking: ``Tracker``, which every rank constructs and only global rank 0 uses.
+
+On rank 0 ``Tracker`` starts the sender process (``sender.sender_main``,
+spawned, not forked) and talks to it through two one-way pipes:
+
+- ops (trainer -> sender): a list of message tuples per hand-over. The trainer
+  thread only appends tuples to a deque (``log_metrics``: 10-50 us); a feeder
+  thread sends what gathered every 0.1 s (at once for a flush or a close).
+  Messages: ``("params", {name: str})``, ``("tags", {name: str})``,
+  ``("metrics", step, timestamp_ms, {key: float})``,
+  ``("artifact", absolute_path, artifact_path | None)``, ``("flush", token)``,
+  ``("terminate", status)``, ``("stop",)``. Params and tag values are
+  redacted (``redact_uri``) before they are queued.
+- replies (sender -> trainer), one tuple each, read by a reader thread:
+  ``("ready", run_id | None, error | None)`` once at start-up (an error is the
+  user's to fix and becomes a ``UserError`` here), ``("run_id", run_id)``
+  when the run is opened, ``("flushed", token)`` when everything before that
+  flush is sent or spilled, ``("log", level, message)`` for the sender's
+  warnings, logged here. End of file on this pipe means the sender is gone.
+
+If the sender process dies, the tracker notices (end of file, or a broken
+pipe) and from then on appends metric points to the fallback file itself
+(``common.append_points``), so nothing logged is lost.
+"""
+
+from __future__ import annotations
+
+import atexit
+import itertools
+import logging
+import multiprocessing
+import os
+import threading
+import time
+from collections import deque
+from pathlib import Path
+
+from mnemo.train.config import flatten
+from mnemo.train.redact import redact_uri
+from mnemo.train.tracking.common import FALLBACK_FILE, append_points, resolve_experiment, resolve_uri
+from mnemo.train.tracking.sender import sender_main
+
+# The package's one logger (its name is what users filter on), also for the sender's messages.
+log = logging.getLogger(__package__)
+
+_FEED_PERIOD = 0.1  # seconds between hand-overs from the trainer process to the sender
+
+
+class Tracker:
+    """The job's MLflow run. Construct on every rank; only rank 0 does anything.
+
+    Args:
+        run_dir: the run directory (default sqlite store, fallback file, figures).
+        uri, experiment: see resolve_uri / resolve_experiment.
+        run_name: name of a new run (ignored on resume).
+        rank: global rank; only 0 logs.
+        resume_run_id: continue this run (id stored in the checkpoint).
+        parent_run_id: for a new run started from another run's checkpoint (fine-tune).
+        resume_step: the step the trainer resumes from (recorded as a tag).
+        interval: seconds between sends; retry_interval: seconds between probes
+        while the server is away; max_buffer: metric points the sender keeps in
+        memory; startup_timeout: how long to wait for the run to be opened.
+    """
+
+    def __init__(
+        self,
+        *,
+        run_dir: str,
+        uri: str = "",
+        experiment: str = "",
+        run_name: str = "",
+        enabled: bool = True,
+        rank: int = 0,
+        resume_run_id: str | None = None,
+        parent_run_id: str | None = None,
+        resume_step: int = 0,
+        interval: float = 1.0,
+        retry_interval: float = 5.0,
+        probe_timeout: float = 2.0,
+        max_buffer: int = 200_000,
+        startup_timeout: float = 120.0,
+    ) -> None:
+        self._run_id: str | None = None
+        self._off = not enabled or rank != 0
+        if self._off:
+            return
+        self.run_dir = Path(run_dir).resolve()
+        self.uri = resolve_uri(uri, self.run_dir)
+        self.experiment = resolve_experiment(experiment)
+        self.fallback_path = self.run_dir / FALLBACK_FILE
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        settings = dict(
+            run_dir=str(self.run_dir),
+            uri=self.uri,
+            experiment=self.experiment,
+            run_name=run_name or None,
+            resume_run_id=resume_run_id,
+            parent_run_id=parent_run_id,
+            resume_step=int(resume_step),
+            interval=interval,
+            retry_interval=retry_interval,
+            probe_timeout=probe_timeout,
+            max_buffer=max_buffer,
+        )
+        self._closed = False
+        self._child_dead = False
+        self._owner_pid = os.getpid()  # a forked child (DataLoader worker) must not close our sender
+        # The trainer thread only appends here (atomic, no lock, no wake-up);
+        # the feeder thread drains it every _FEED_PERIOD s. Waking the feeder
+        # per message made the woken thread preempt the trainer on a busy
+        # machine (ms per call); batching makes it one pickle and one write.
+        self._buf: deque[tuple] = deque()
+        self._feed_now = threading.Event()
+        self._flushes: dict[int, threading.Event] = {}
+        self._tokens = itertools.count()
+        self._fallback_file = None  # used here only if the sender process dies
+
+        # spawn, not fork: the trainer holds threads, CUDA and process groups
+        # that a forked child must not inherit.
+        ctx = multiprocessing.get_context("spawn")
+        ops_recv, self._ops = ctx.Pipe(duplex=False)
+        self._replies, reply_send = ctx.Pipe(duplex=False)
+        self._proc = ctx.Process(
+            target=sender_main, args=(settings, ops_recv, reply_send), name="mnemo-tracking", daemon=True
+        )
+        self._proc.start()
+        ops_recv.close()
+        reply_send.close()  # so that the reader sees EOF when the sender exits
+        self._wait_ready(startup_timeout)
+        self._feeder = threading.Thread(target=self._feed, name="mnemo-tracking-feed", daemon=True)
+        self._reader = threading.Thread(target=self._read, name="mnemo-tracking-read", daemon=True)
+        self._feeder.start()
+        self._reader.start()
+        atexit.register(self._atexit)
+
+    @property
+    def run_id(self) -> str | None:
+        """The MLflow run id; None on ranks != 0, when disabled, or until the server was reached."""
+        return self._run_id
+
+    @property
+    def sender_pid(self) -> int | None:
+        """Pid of the sender process (diagnostics, benchmarks); None when not running."""
+        return None if self._off else self._proc.pid
+
+    # ---- public API: cheap, never raises for tracking trouble ----
+
+    def log_params(self, params: dict) -> None:
+        """Log (possibly nested) params; values are stringified and truncated to MLflow's limit."""
+        if self._off:
+            return
+        # Credentials in values (tracking.uri=http://user:pass@host) are never logged.
+        self._buf.append(("params", {str(k): redact_uri(str(v)) for k, v in flatten(params).items()}))
+
+    def set_tags(self, tags: dict) -> None:
+        if self._off:
+            return
+        self._buf.append(("tags", {str(k): redact_uri(str(v)) for k, v in tags.items()}))
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        """Queue metric points at `step` (values must be Python numbers: no device sync here)."""
+        if self._off:
+            return
+        ts = int(time.time() * 1000)
+        self._buf.append(("metrics", int(step), ts, {k: float(v) for k, v in metrics.items()}))
+
+    def log_artifact(self, path: str, artifact_path: str | None = None) -> None:
+        """Upload a file or directory. It is read later by the sender: keep it until flush()."""
+        if self._off:
+            return
+        if not os.path.exists(path):
+            log.warning("tracking: artifact %s does not exist; not logged", path)
+            return
+        self._buf.append(("artifact", str(Path(path).resolve()), artifact_path))
+
+    def flush(self, timeout: float = 30) -> None:
+        """Wait until everything logged so far is on the server, or (server away) in the fallback file."""
+        if self._off or self._closed or self._child_dead:
+            return
+        token = next(self._tokens)
+        done = self._flushes[token] = threading.Event()
+        self._buf.append(("flush", token))
+        self._feed_now.set()
+        if not done.wait(timeout):
+            log.warning("tracking: flush did not finish within %.0f s", timeout)
+        self._flushes.pop(token, None)
+
+    def close(self, status: str = "FINISHED") -> None:
+        """Send what is left, mark the run `status` (FINISHED | FAILED | KILLED), stop the sender."""
+        if self._off or self._closed or os.getpid() != self._owner_pid:
+            return
+        self._closed = True
+        atexit.unregister(self._atexit)
+        self._buf.append(("terminate", status))
+        self._buf.append(("stop",))
+        self._feed_now.set()
+        self._feeder.join(timeout=10)
+        self._proc.join(timeout=60)  # its last cycle: one probe, then sends or spills
+        if self._proc.is_alive():
+            log.warning("tracking: sender process still busy after 60 s; killing it")
+            self._proc.kill()
+            self._proc.join(timeout=10)
+        self._reader.join(timeout=10)
+        self._ops.close()
+        self._close_fallback()
+        self._off = True  # later calls are no-ops
+
+    def __enter__(self) -> Tracker:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.close("FAILED" if exc_type else "FINISHED")
+
+    def _atexit(self) -> None:
+        # The trainer closes the tracker when it finishes; an interpreter
+        # exiting without close() means the job died on an exception.
+        self.close("FAILED")
+
+    # ---- plumbing ----
+
+    def _wait_ready(self, timeout: float) -> None:
+        """Receive the sender's startup messages until it reports the run opened (or deferred)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            try:
+                if left <= 0 or not self._replies.poll(left):
+                    log.warning(
+                        "tracking: MLflow run not opened within %.0f s; continuing, metrics are sent once it is",
+                        timeout,
+                    )
+                    return
+                msg = self._replies.recv()
+            except (EOFError, OSError):
+                self._proc.join(timeout=5)
+                self._on_child_death(f"exit code {self._proc.exitcode} at startup")
+                return
+            if msg[0] != "ready":
+                self._handle(msg)
+                continue
+            _, self._run_id, error = msg
+            if error:
+                from mnemo.train.errors import UserError
+
+                self._proc.join(timeout=10)
+                self._off = True
+                raise UserError(
+                    f"tracking.uri {redact_uri(self.uri)} (experiment {self.experiment!r}): {redact_uri(error)}"
+                )
+            return
+
+    def _feed(self) -> None:
+        """Move buffered messages into the pipe, a batch at a time: pickling and a full pipe
+        (sender busy) cost this thread only."""
+        while True:
+            self._feed_now.wait(_FEED_PERIOD)
+            self._feed_now.clear()
+            batch = []
+            while self._buf:
+                batch.append(self._buf.popleft())
+            if not batch:
+                continue
+            if not self._child_dead:
+                try:
+                    self._ops.send(batch)
+                except (OSError, ValueError):
+                    self._on_child_death("pipe closed")
+            if self._child_dead:
+                for msg in batch:
+                    self._keep_here(msg)
+            if any(msg[0] == "stop" for msg in batch):
+                return
+
+    def _read(self) -> None:
+        while True:
+            try:
+                msg = self._replies.recv()
+            except (EOFError, OSError):
+                if not self._closed:
+                    self._on_child_death(f"exit code {self._proc.exitcode}")
+                return
+            self._handle(msg)
+
+    def _handle(self, msg: tuple) -> None:
+        kind = msg[0]
+        if kind == "log":
+            log.log(msg[1], "%s", msg[2])  # the sender's warnings, through this process's logging
+        elif kind == "run_id":
+            self._run_id = msg[1]
+        elif kind == "flushed":
+            if ev := self._flushes.get(msg[1]):
+                ev.set()
+
+    def _on_child_death(self, why: str) -> None:
+        if self._child_dead:
+            return
+        self._child_dead = True
+        log.warning("tracking: the MLflow sender process died (%s); metrics now go only to %s", why, self.fallback_path)
+        for ev in list(self._flushes.values()):
+            ev.set()
+
+    def _keep_here(self, msg: tuple) -> None:
+        """Sender gone: append metric points to the fallback file from this process."""
+        if msg[0] != "metrics":
+            return
+        if self._fallback_file is None:
+            self.fallback_path.parent.mkdir(parents=True, exist_ok=True)
+            self._fallback_file = open(self.fallback_path, "a")
+        append_points(self._fallback_file, self._run_id, *msg[1:])
+        self._fallback_file.flush()
+
+    def _close_fallback(self) -> None:
+        if self._fallback_file is not None:
+            self._fallback_file.close()
+            self._fallback_file = None
