@@ -11,7 +11,9 @@ Two kinds of secret:
 - credentials inside a URI, ``scheme://user:password@host/...`` (an MLflow
   tracking URI with basic auth, a data URL): ``redact_uri`` replaces the whole
   userinfo with ``***`` (a user name alone can be a token, as in
-  ``https://TOKEN@host``);
+  ``https://TOKEN@host``), and the value of every query parameter whose name
+  says it holds a credential (``?token=...``, ``&access_token=``,
+  ``&password=``, a presigned URL's ``X-Amz-Signature=``, a SAS ``sig=``);
 - credential environment variables (``MLFLOW_TRACKING_PASSWORD``,
   ``AWS_SECRET_ACCESS_KEY``, ...): ``is_secret_env`` says which ones launch
   must send to nodes by a channel ``ps`` does not show.
@@ -48,20 +50,41 @@ _SECRET_NAME = re.compile(r"PASSWORD|PASSWD|SECRET|TOKEN|CREDENTIAL|API_?KEY|ACC
 # in a password is common, and urllib splits at the last one too).
 _USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.\-]*://)[^/?#\s]*@")
 
+# A query parameter, ``?name=value`` or ``&name=value``, also without a scheme
+# in front (an HTTP library's error quotes the request path only). The value
+# ends at the next parameter, the fragment, a blank or a quote.
+_QUERY_PARAM = re.compile(r"(?P<lead>[?&](?P<name>[^=&#?/\s'\"]+)=)(?P<value>[^&#\s'\"<>]+)")
+# Query names that hold a credential beyond _SECRET_NAME's (token, password,
+# secret, credential, api key...): a bare key, a signature (``sig`` of an
+# Azure SAS, ``X-Amz-Signature`` of a presigned S3 URL), as the name's last word.
+_SECRET_QUERY_NAME = re.compile(r"(?:^|[^A-Za-z])(?:KEY|SIG|SIGNATURE)$", re.I)
+
+
+def _secret_query_name(name: str) -> bool:
+    return _SECRET_NAME.search(name) is not None or _SECRET_QUERY_NAME.search(name) is not None
+
+
+def _hide_query_value(m: re.Match) -> str:
+    return f"{m['lead']}{REDACTED}" if _secret_query_name(m["name"]) else m[0]
+
 
 def redact_uri(text: str) -> str:
-    """``text`` with the userinfo of every ``scheme://user:pass@host`` in it replaced by ``***``.
+    """``text`` with the credentials of every URI in it replaced by ``***``.
 
-    Works on any string (a URI, a log line, an override ``key=value``);
-    text without credentials comes back unchanged, and redacting twice
-    changes nothing more.
+    The userinfo of ``scheme://user:pass@host`` and the values of query
+    parameters named like a credential (``?token=``, ``&password=``, ``&sig=``;
+    see ``_secret_query_name``) are hidden; the rest stays readable. Works on
+    any string (a URI, a log line, an override ``key=value``); text without
+    credentials comes back unchanged, and redacting twice changes nothing more.
     """
-    return _USERINFO.sub(lambda m: f"{m['scheme']}{REDACTED}@", text)
+    return _QUERY_PARAM.sub(_hide_query_value, _USERINFO.sub(lambda m: f"{m['scheme']}{REDACTED}@", text))
 
 
 def has_credentials(text: str) -> bool:
-    """Does ``text`` hold a URI with a userinfo part?"""
-    return _USERINFO.search(text) is not None
+    """Does ``text`` hold a URI with a userinfo part or a query parameter named like a credential?"""
+    if _USERINFO.search(text) is not None:
+        return True
+    return any(_secret_query_name(m["name"]) for m in _QUERY_PARAM.finditer(text))
 
 
 def redact_tree(obj: Any) -> Any:

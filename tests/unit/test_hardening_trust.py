@@ -370,3 +370,75 @@ def test_export_replaces_an_earlier_export_without_renameat2(two_models, tmp_pat
     assert (out / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
     assert json.loads((out / "export.json").read_text())["source"]["checkpoint"] == str(b.resolve())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model_a", "model_b", "out[1]"]
+
+
+# --------------------------------------------------------------------------- #
+# A credential in a URI's query string (?token=, &sig=) is hidden like a password in its userinfo
+
+TOKEN = "T0kenV4lue"
+TOKEN_URI = f"http://127.0.0.1:1/mlflow?user=bob&token={TOKEN}"
+TOKEN_URI_SHOWN = "http://127.0.0.1:1/mlflow?user=bob&token=***"
+
+
+def test_redact_uri_hides_query_credentials_and_keeps_the_rest():
+    from mnemo.train.redact import has_credentials, redact_tree, redact_uri
+
+    assert redact_uri(TOKEN_URI) == TOKEN_URI_SHOWN
+    shown = {
+        f"http://h/?access_token={TOKEN}#top": "http://h/?access_token=***#top",
+        f"https://h/x?a=1&Password={TOKEN}&b=2": "https://h/x?a=1&Password=***&b=2",
+        f"https://u:{TOKEN}@h/x?secret={TOKEN}": "https://***@h/x?secret=***",
+        f"s3://b/k?X-Amz-Credential={TOKEN}&X-Amz-Signature={TOKEN}&X-Amz-Date=1": (
+            "s3://b/k?X-Amz-Credential=***&X-Amz-Signature=***&X-Amz-Date=1"
+        ),
+        f"https://a.blob.core.windows.net/c?sv=2020&sig={TOKEN}&se=1": "https://a.blob.core.windows.net/c?sv=2020&sig=***&se=1",
+        f"see 'http://h/?key={TOKEN}' and http://h/?api_key={TOKEN}": "see 'http://h/?key=***' and http://h/?api_key=***",
+        # an HTTP library's error quotes the request path without the scheme
+        f"Max retries exceeded with url: /?token={TOKEN}/api/2.0/mlflow/runs/get": (
+            "Max retries exceeded with url: /?token=***"
+        ),
+    }
+    for text, expected in shown.items():
+        assert redact_uri(text) == expected and TOKEN not in expected
+        assert has_credentials(text) and redact_uri(expected) == expected
+    # Parameters whose names only contain the letters of a secret word stay, as does an empty value.
+    for plain in ("http://h/?monkey=1&keyword=2&design=3&user=bob", "http://h/?token=", "x=1&y=2"):
+        assert redact_uri(plain) == plain and not has_credentials(plain)
+    assert redact_tree({"a": [TOKEN_URI]}) == {"a": [TOKEN_URI_SHOWN]}
+
+
+def test_a_query_token_never_reaches_the_cli_error_line(capsys):
+    rc = main(["train", "configs/debug.yaml", f"tracking.enabled={TOKEN_URI}"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "tracking.enabled" in err and TOKEN not in err and TOKEN_URI_SHOWN in err
+
+
+def test_a_query_token_is_not_saved_in_config_yaml_or_checkpoint_meta(tmp_path):
+    from mnemo.train.config import to_yaml
+
+    cfg = load_config(None, [f"tracking.uri={TOKEN_URI}", "run.dir=r"])
+    assert cfg.tracking.uri == TOKEN_URI, "the real URI stays in memory"
+    text = to_yaml(cfg)
+    assert TOKEN not in text and TOKEN_URI_SHOWN in text
+
+    class FakeEngine:
+        def save_checkpoint(self, save_dir, tag, save_latest=True):
+            (Path(save_dir) / tag).mkdir(parents=True, exist_ok=True)
+
+    path = ckpt.CheckpointManager(tmp_path).save(
+        5, FakeEngine(), {"step": 5}, {"step": 5, "config": to_dict(cfg), "note": TOKEN_URI}
+    )
+    assert TOKEN not in (path / "meta.json").read_text()
+    assert ckpt.read_meta(path)["config"]["tracking"]["uri"] == TOKEN_URI_SHOWN
+
+
+def test_launch_keeps_a_query_token_off_command_lines():
+    from mnemo.launch.job import secret_overrides
+    from mnemo.train.redact import is_secret_env
+
+    public, env = secret_overrides([f"tracking.uri={TOKEN_URI}", "train.lr=0.1"])
+    assert public == ["tracking.uri=", "train.lr=0.1"] and env == {"MLFLOW_TRACKING_URI": TOKEN_URI}
+    assert is_secret_env("MLFLOW_TRACKING_URI", TOKEN_URI)
+    with pytest.raises(UserError) as e:
+        secret_overrides([f"data.tokenizer=https://h/t.model?sig={TOKEN}"])
+    assert TOKEN not in str(e.value) and "https://h/t.model?sig=***" in str(e.value)

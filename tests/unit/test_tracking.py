@@ -302,3 +302,22 @@ def test_bad_uri_error_hides_the_password(tmp_path):
     with pytest.raises(UserError) as e:
         Tracker(run_dir=str(tmp_path), uri=f"nosuchscheme://alice:{SECRET}@x")
     assert "tracking.uri nosuchscheme://***@x" in str(e.value) and SECRET not in str(e.value)
+
+
+def test_a_query_token_in_the_uri_is_never_logged_or_reported(store, client, tmp_path, caplog):
+    # The tracker connects with the real URI; params, tags and the sender's warnings show it redacted.
+    t = Tracker(run_dir=str(tmp_path / "a"), uri=store, experiment="unit", run_name="query-token", interval=0.1)
+    t.log_params({"tracking": {"uri": f"http://mlflow.example:5000/?token={SECRET}"}})
+    t.set_tags({"mnemo.note": f"from https://host/x?a=1&access_token={SECRET}"})
+    t.close()
+    run = client.get_run(t.run_id)
+    assert run.data.params["tracking.uri"] == "http://mlflow.example:5000/?token=***"
+    assert run.data.tags["mnemo.note"] == "from https://host/x?a=1&access_token=***"
+    uri = f"http://127.0.0.1:{_free_port()}/?token={SECRET}"  # nothing listens there
+    with caplog.at_level(logging.WARNING, logger="mnemo.train.tracking"):
+        t = Tracker(run_dir=str(tmp_path / "b"), uri=uri, interval=0.05, retry_interval=0.1)
+        assert t.uri == uri
+        t.log_metrics({"train/loss": 1.0}, step=1)
+        t.close()
+    assert any("is unreachable" in r.getMessage() for r in caplog.records)
+    assert "/?token=***" in caplog.text and SECRET not in caplog.text
