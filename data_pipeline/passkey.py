@@ -13,7 +13,9 @@ pieces, so the key sentence tokenizes inside the document exactly as it does
 alone, and the answer span is exactly the tokens of the key's digits. The same
 function feeds `mnemo prepare --passkey-docs N` (training data) and
 `mnemo eval` (fresh held-out samples), so training and evaluation share one
-format.
+format. Its building blocks (filler_stream, take_filler, encode_piece,
+encode_value, count_run, depth_fraction) also build the long-context tasks of
+``mnemo.data_pipeline.tasks``.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ DEPTHS: dict[str, float] = {"start": 0.0, "middle": 0.5, "end": 1.0}
 KEY_DIGITS = 5
 
 
-class _Tokenizer(Protocol):
+class PieceTokenizer(Protocol):
     eos_id: int
 
     def encode(self, text: str) -> list[int]: ...
@@ -78,7 +80,7 @@ def filler_stream(filler: Any) -> np.ndarray:
     return arr
 
 
-def _take_filler(stream: np.ndarray, n: int, rng: np.random.Generator, eos_id: int | None) -> np.ndarray:
+def take_filler(stream: np.ndarray, n: int, rng: np.random.Generator, eos_id: int | None) -> np.ndarray:
     """n tokens: slices of ``stream`` at random offsets, EOS dropped, wrapping when short.
 
     EOS is dropped because an end-of-document marker inside a passkey document
@@ -100,7 +102,7 @@ def _take_filler(stream: np.ndarray, n: int, rng: np.random.Generator, eos_id: i
     raise DataError("passkey filler: the filler documents hold no tokens other than EOS")
 
 
-def _encode(tokenizer: _Tokenizer, text: str) -> np.ndarray:
+def encode_piece(tokenizer: PieceTokenizer, text: str) -> np.ndarray:
     """Token ids of one piece; the document is these pieces concatenated, so each must decode
     back to itself (a tokenizer that adds a dummy prefix space would not)."""
     ids = np.asarray(tokenizer.encode(text), dtype=np.int64)
@@ -109,10 +111,11 @@ def _encode(tokenizer: _Tokenizer, text: str) -> np.ndarray:
     return ids
 
 
-def _encode_digits(tokenizer: _Tokenizer, digits: str) -> np.ndarray:
-    ids = _encode(tokenizer, digits)
+def encode_value(tokenizer: PieceTokenizer, text: str) -> np.ndarray:
+    """Token ids of a value (key digits, a word, a name): a piece that must not encode as nothing."""
+    ids = encode_piece(tokenizer, text)
     if ids.size == 0:
-        raise DataError(f"passkey: the tokenizer encodes the digits {digits!r} as nothing")
+        raise DataError(f"passkey: the tokenizer encodes the value {text!r} as nothing")
     return ids
 
 
@@ -120,7 +123,7 @@ def _random_key(rng: np.random.Generator, n_digits: int = KEY_DIGITS) -> str:
     return str(int(rng.integers(10 ** (n_digits - 1), 10**n_digits)))
 
 
-def _contains(haystack: np.ndarray, needle: np.ndarray) -> int:
+def count_run(haystack: np.ndarray, needle: np.ndarray) -> int:
     """Number of (possibly overlapping) occurrences of the token run ``needle``."""
     n = needle.size
     if haystack.size < n:
@@ -139,7 +142,7 @@ def _offset(room: int, length: int, depth: str | float, what: str) -> int:
 
 
 def make_passkey_sample(
-    tokenizer: _Tokenizer,
+    tokenizer: PieceTokenizer,
     filler_ids: Any,
     distance: int,
     depth: str | float,
@@ -159,12 +162,12 @@ def make_passkey_sample(
         raise DataError(f"passkey: distance must be >= 0, got {distance}")
     T = int(segment_len)
     stream = filler_stream(filler_ids)
-    prefix, suffix, question = (_encode(tokenizer, s) for s in (KEY_PREFIX, KEY_SUFFIX, QUESTION))
+    prefix, suffix, question = (encode_piece(tokenizer, s) for s in (KEY_PREFIX, KEY_SUFFIX, QUESTION))
     key, digits = "", np.zeros(0, dtype=np.int64)
     n = (distance + 1) * T
     for _ in range(100):
         key = _random_key(rng)
-        digits = _encode_digits(tokenizer, key)
+        digits = encode_value(tokenizer, key)
         key_sent = np.concatenate((prefix, digits, suffix))
         tail = np.concatenate((question, digits))
         if tail.size > T:
@@ -172,11 +175,11 @@ def make_passkey_sample(
         # Segment 0 shares its room with the question when D == 0.
         room = T - (tail.size if distance == 0 else 0)
         key_off = _offset(room, key_sent.size, depth, "the key sentence")
-        tokens = _take_filler(stream, n, rng, tokenizer.eos_id)
+        tokens = take_filler(stream, n, rng, tokenizer.eos_id)
         tokens[key_off : key_off + key_sent.size] = key_sent
         tokens[n - tail.size :] = tail
         # The key's digits must occur exactly twice: in the fact and in the answer.
-        if _contains(tokens, digits) == 2:
+        if count_run(tokens, digits) == 2:
             break
     else:
         raise DataError("passkey: could not draw a key absent from the filler in 100 tries")
@@ -193,7 +196,7 @@ def _door_fact(door: int) -> tuple[str, str, str]:
 
 
 def make_multikey_sample(
-    tokenizer: _Tokenizer,
+    tokenizer: PieceTokenizer,
     filler_ids: Any,
     distance: int,
     n_keys: int,
@@ -226,10 +229,10 @@ def make_multikey_sample(
     facts, digits = [], []
     for door, key in zip(doors, keys):
         pre, suf, _ = _door_fact(door)
-        d = _encode_digits(tokenizer, key)
+        d = encode_value(tokenizer, key)
         digits.append(d)
-        facts.append(np.concatenate((_encode(tokenizer, pre), d, _encode(tokenizer, suf))))
-    tail = np.concatenate((_encode(tokenizer, _door_fact(doors[asked])[2]), digits[asked]))
+        facts.append(np.concatenate((encode_piece(tokenizer, pre), d, encode_piece(tokenizer, suf))))
+    tail = np.concatenate((encode_piece(tokenizer, _door_fact(doors[asked])[2]), digits[asked]))
     if tail.size > T:
         raise DataError(f"passkey: the question needs {tail.size} tokens, more than the segment length {T}")
 
@@ -254,12 +257,12 @@ def make_multikey_sample(
         placed[i] = int(rng.choice(starts[ok]))
         busy[placed[i] : placed[i] + L] = True
     for _ in range(100):
-        tokens = _take_filler(stream, n, rng, tokenizer.eos_id)
+        tokens = take_filler(stream, n, rng, tokenizer.eos_id)
         for i, lo in placed.items():
             tokens[lo : lo + facts[i].size] = facts[i]
         tokens[n - tail.size :] = tail
         # The asked key's digits: once in its fact, once in the answer.
-        if _contains(tokens, digits[asked]) == 2:
+        if count_run(tokens, digits[asked]) == 2:
             break
     else:
         raise DataError("passkey: could not draw filler free of the key in 100 tries")
