@@ -1,0 +1,84 @@
+"""Confidence intervals: Wilson against known values, the bootstrap against the normal theory it approximates."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mnemo.evaluation.stats import bootstrap_mean_interval, wilson_interval
+
+
+@pytest.mark.parametrize(
+    "k,n,lo,hi",
+    [  # Wilson score intervals at z = 1.96 (Newcombe 1998; Brown, Cai & DasGupta 2001)
+        (0, 100, 0.0, 0.0370),
+        (97, 100, 0.9155, 0.9897),
+        (50, 100, 0.4038, 0.5962),
+        (100, 100, 0.9630, 1.0),
+        (81, 263, 0.2553, 0.3662),
+        (1, 10, 0.0179, 0.4042),
+    ],
+)
+def test_wilson_known_values(k, n, lo, hi):
+    got = wilson_interval(k, n)
+    assert got == pytest.approx((lo, hi), abs=6e-4)
+
+
+def test_wilson_properties():
+    for n in (1, 7, 30, 100, 1000):
+        for k in range(0, n + 1, max(1, n // 9)):
+            lo, hi = wilson_interval(k, n)
+            assert 0.0 <= lo <= k / n <= hi <= 1.0
+            # symmetric: k right is n - k wrong
+            lo2, hi2 = wilson_interval(n - k, n)
+            assert (lo, hi) == pytest.approx((1 - hi2, 1 - lo2), abs=1e-12)
+    # more trials, narrower; a wider z, wider
+    assert np.diff(wilson_interval(50, 100)) > np.diff(wilson_interval(500, 1000))
+    assert np.diff(wilson_interval(50, 100, z=2.58)) > np.diff(wilson_interval(50, 100))
+    assert wilson_interval(0, 100)[0] == 0.0 and wilson_interval(100, 100)[1] == 1.0
+
+
+@pytest.mark.parametrize("k,n,match", [(0, 0, "trials"), (3, -1, "trials"), (5, 4, "successes"), (-1, 4, "successes")])
+def test_wilson_rejects(k, n, match):
+    with pytest.raises(ValueError, match=match):
+        wilson_interval(k, n)
+
+
+def test_bootstrap_matches_normal_theory():
+    x = np.random.default_rng(1).normal(3.0, 2.0, size=400)
+    lo, hi = bootstrap_mean_interval(x, n_boot=2000, seed=0)
+    half = 1.96 * x.std(ddof=1) / np.sqrt(x.size)  # ~0.196
+    assert lo < x.mean() < hi
+    assert lo == pytest.approx(x.mean() - half, abs=0.03) and hi == pytest.approx(x.mean() + half, abs=0.03)
+    # a lower level is narrower, inside
+    lo90, hi90 = bootstrap_mean_interval(x, n_boot=2000, seed=0, level=0.9)
+    assert lo < lo90 < hi90 < hi
+
+
+def test_bootstrap_deterministic_and_edge_cases():
+    x = np.random.default_rng(2).random(57)
+    assert bootstrap_mean_interval(x, seed=3) == bootstrap_mean_interval(list(x), seed=3)
+    assert bootstrap_mean_interval(x, seed=3) != bootstrap_mean_interval(x, seed=4)
+    assert bootstrap_mean_interval([2.5] * 10) == (2.5, 2.5)
+    assert bootstrap_mean_interval([1.0]) == (1.0, 1.0)
+    # blocks of resamples (a long input) give the same interval as one block would
+    big = np.random.default_rng(5).random(50_000)
+    lo, hi = bootstrap_mean_interval(big, n_boot=200)
+    assert lo < big.mean() < hi and hi - lo < 0.01
+    # 0/1 values: close to Wilson away from the edges
+    hits = np.array([1.0] * 70 + [0.0] * 30)
+    assert bootstrap_mean_interval(hits, n_boot=4000) == pytest.approx(wilson_interval(70, 100), abs=0.02)
+
+
+@pytest.mark.parametrize(
+    "values,kw,match",
+    [
+        ([], {}, "no values"),
+        ([1.0, float("nan")], {}, "NaN"),
+        ([1.0], {"n_boot": 0}, "n_boot"),
+        ([1.0], {"level": 1.0}, "level"),
+    ],
+)
+def test_bootstrap_rejects(values, kw, match):
+    with pytest.raises(ValueError, match=match):
+        bootstrap_mean_interval(values, **kw)
