@@ -18,7 +18,15 @@ DEBUG_CONFIG = str(REPO / "configs" / "debug.yaml")
 # in ML (train.py, model.py, model/, ...): each fails loudly when imported, so
 # every launch, SLURM job and demo run below also shows that mnemo never
 # imports a bare `train`, `model`, `launch` or `data_pipeline`.
-_SHADOWS = ("train.py", "model.py", "model/__init__.py", "launch.py", "data_pipeline.py", "train/__init__.py")
+_SHADOWS = (
+    "train.py",
+    "model.py",
+    "model/__init__.py",
+    "launch.py",
+    "data_pipeline.py",
+    "evaluation.py",
+    "train/__init__.py",
+)
 
 
 def user_project_dir() -> Path:

@@ -13,7 +13,7 @@ from pathlib import Path
 from tests.integration.jobs import DEBUG_CONFIG, job_env, user_project_dir
 from tests.unit.launch_workspace import stub_data_dir
 
-BARE = ("train", "model", "launch", "data_pipeline")
+BARE = ("train", "model", "launch", "data_pipeline", "evaluation")
 
 
 def _py(code: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -66,3 +66,18 @@ def test_cli_and_worker_run_from_a_folder_holding_train_py_and_model(tmp_path):
     )
     assert res.returncode == 0, res.stderr
     assert "-m mnemo launch" in res.stdout and " -m train." not in res.stdout
+
+
+def test_every_package_folder_is_in_the_wheel():
+    """pyproject lists its packages one by one: a new subpackage left out works in an editable install only."""
+    import tomllib
+
+    repo = Path(__file__).resolve().parents[2]
+    tool = tomllib.loads((repo / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed = set(tool["packages"])
+    found = set()
+    for pkg, folder in tool["package-dir"].items():
+        for init in (repo / folder).rglob("__init__.py"):
+            rel = init.parent.relative_to(repo / folder).parts
+            found.add(".".join([pkg, *rel]))
+    assert found - listed == set(), f"package folders missing from [tool.setuptools] packages: {sorted(found - listed)}"
