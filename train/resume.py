@@ -1,11 +1,11 @@
-"""Whether a checkpoint may be resumed under this run's config, tokenizer and data."""
+"""Resuming a checkpoint: whether this run's config, tokenizer and data allow it, and in which form it is read."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-from mnemo.train.checkpoint import saved_config_tree
+from mnemo.train.checkpoint import DS_TAG, saved_config_tree
 from mnemo.train.config import Config, flatten, to_dict
 from mnemo.train.errors import UserError
 from mnemo.train.redact import redact_tree
@@ -52,3 +52,33 @@ def check_resume_compatible(
             f"({meta['num_documents']} -> {manifest.get('num_documents')} documents)"
         )
     return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(new) if old.get(k) != new.get(k)]
+
+
+def reads_universal(cfg: Config, meta: dict[str, Any], path: Path, world_size: int, use_bf16: bool) -> bool:
+    """Whether checkpoint ``path`` is loaded through DeepSpeed's universal form (checkpoint.load_universal)."""
+    reshaped = meta["world_size"] != world_size or meta["zero_stage"] != cfg.zero.stage
+    # A bf16 run's optimizer shards are DeepSpeed's bf16_* files, an fp32 run's are not: a checkpoint
+    # resumed at the other precision is read through the universal (fp32, layout-free) form.
+    reshaped = reshaped or any((path / "ds" / DS_TAG).glob("bf16_*optim_states.pt")) != use_bf16
+    return {"always": True, "never": False, "auto": reshaped}[cfg.checkpoint.load_universal]
+
+
+def universal_tag(path: Path, rank: int) -> str:
+    """Collective: rank 0 converts checkpoint ``path`` to the universal form once; the DeepSpeed tag to load.
+
+    Every rank learns whether the conversion worked (no one waits out a
+    timeout) and raises with rank 0's reason if it did not.
+    """
+    from mnemo.train.collectives import broadcast_object
+    from mnemo.train.universal import UNIVERSAL_TAG, make_universal
+
+    failed = ""
+    if rank == 0:
+        try:
+            make_universal(path)
+        except Exception as e:  # re-raised below on every rank, with rank 0's reason
+            failed = str(e).splitlines()[0] if str(e) else type(e).__name__
+    failed = broadcast_object(failed, src=0)
+    if failed:
+        raise UserError(f"checkpoint {path}: conversion to a universal checkpoint failed: {failed}")
+    return UNIVERSAL_TAG

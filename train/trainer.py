@@ -35,7 +35,7 @@ from mnemo.train.engine import deepspeed_config, init_weights_from, lr_lambda, m
 from mnemo.train.errors import UserError
 from mnemo.train.eval_hook import run_eval
 from mnemo.train.loop import StepLog, TrainLoop, dist_info
-from mnemo.train.resume import check_resume_compatible
+from mnemo.train.resume import check_resume_compatible, reads_universal, universal_tag
 from mnemo.train.schedule import Preemption, after_step, stop_requests
 from mnemo.train.state import Counters, MemoryPart, RNGState
 
@@ -198,8 +198,12 @@ class Trainer:
         self.old_meta: dict[str, Any] | None = None
         self.universal = False
         if self.resume_path is not None:
-            self.old_meta = ckpt.read_meta(self.resume_path)
-            self.universal = self._load_universal()
+            meta, path = ckpt.read_meta(self.resume_path), self.resume_path
+            changes = check_resume_compatible(meta["config"], cfg, meta, self.tok_sha, self.manifest, path)
+            if self.info.rank == 0 and changes:
+                log.info("config changes since %s (safe): %s", path.name, "; ".join(changes))
+            self.old_meta = meta
+            self.universal = reads_universal(cfg, meta, path, self.info.world_size, self.use_bf16)
             if self.universal:
                 ds_cfg["checkpoint"] = {"load_universal": True}
         self.engine, _, _, _ = deepspeed.initialize(
@@ -207,18 +211,6 @@ class Trainer:
         )
         if cfg.model.compile and self.use_cuda:
             self.engine.compile()  # torch.compile of the wrapped module (CPU runs stay eager)
-
-    def _load_universal(self) -> bool:
-        """Whether the checkpoint to resume is read through DeepSpeed's universal form (after the safety check)."""
-        cfg, meta, path = self.cfg, self.old_meta, self.resume_path
-        changes = check_resume_compatible(meta["config"], cfg, meta, self.tok_sha, self.manifest, path)
-        reshaped = meta["world_size"] != self.info.world_size or meta["zero_stage"] != cfg.zero.stage
-        # A bf16 run's optimizer shards are DeepSpeed's bf16_* files, an fp32 run's are not: a checkpoint
-        # resumed at the other precision is read through the universal (fp32, layout-free) form.
-        reshaped = reshaped or any((path / "ds" / ckpt.DS_TAG).glob("bf16_*optim_states.pt")) != self.use_bf16
-        if self.info.rank == 0 and changes:
-            log.info("config changes since %s (safe): %s", path.name, "; ".join(changes))
-        return {"always": True, "never": False, "auto": reshaped}[cfg.checkpoint.load_universal]
 
     def _build_data(self) -> None:
         """This rank's document streams and (train.passkey.fraction > 0) passkey episodes."""
@@ -272,22 +264,8 @@ class Trainer:
     def _resume(self) -> None:
         """The engine from the checkpoint's DeepSpeed state, then this rank's parts (CheckpointManager.restore)."""
         path, meta, info = self.resume_path, self.old_meta, self.info
-        ds_dir, tag = path / "ds", ckpt.DS_TAG
-        if self.universal:
-            from mnemo.train.collectives import broadcast_object
-            from mnemo.train.universal import UNIVERSAL_TAG, make_universal
-
-            # Rank 0 converts once; all ranks learn whether it worked (no one waits out a timeout).
-            failed = ""
-            if info.rank == 0:
-                try:
-                    make_universal(path)
-                except Exception as e:  # re-raised below on every rank, with rank 0's reason
-                    failed = str(e).splitlines()[0] if str(e) else type(e).__name__
-            failed = broadcast_object(failed, src=0)
-            if failed:
-                raise UserError(f"checkpoint {path}: conversion to a universal checkpoint failed: {failed}")
-            tag = UNIVERSAL_TAG
+        ds_dir = path / "ds"
+        tag = universal_tag(path, info.rank) if self.universal else ckpt.DS_TAG
         with ckpt.weights_only_loads(ds_dir):  # DeepSpeed's loader unpickles with weights_only=False
             load_path, _ = self.engine.load_checkpoint(
                 str(ds_dir), tag=tag, load_module_strict=True, load_optimizer_states=True, load_lr_scheduler_states=True
