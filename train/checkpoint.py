@@ -1,4 +1,4 @@
-"""Atomic, complete checkpoints and the code that finds, loads and prunes them.
+"""Atomic, complete checkpoints and the code that finds, loads and prunes them (writing an export: train/export.py).
 
 Layout of one checkpoint (a directory under <run.dir>/checkpoints/):
 
@@ -25,7 +25,6 @@ import json
 import logging
 import os
 import pickle
-import random
 import re
 import shutil
 import time
@@ -36,7 +35,6 @@ import numpy as np
 import torch
 
 from mnemo.data_pipeline.files import atomic_write_text, fsync_path, fsync_tree
-from mnemo.data_pipeline.tokenizer import file_sha256
 from mnemo.train.errors import UserError
 from mnemo.train.faults import maybe_crash_in_save
 from mnemo.train.redact import redact_tree
@@ -46,33 +44,6 @@ log = logging.getLogger("mnemo.checkpoint")
 STEP_RE = re.compile(r"^step_(\d{8})$")
 COMPLETE = "COMPLETE"
 DS_TAG = "state"
-
-
-def rng_state(device: torch.device | str = "cpu") -> dict[str, Any]:
-    """This rank's RNG states; on a GPU that of its own device only (``cuda``: a CPU ByteTensor).
-
-    Each rank drives one device: reading or setting every visible device's
-    generator would create a CUDA context on each of them, in every rank.
-    """
-    st = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    device = torch.device(device)
-    if device.type == "cuda":
-        st["cuda"] = torch.cuda.get_rng_state(device)
-    return st
-
-
-def set_rng_state(st: dict[str, Any], device: torch.device | str = "cpu") -> None:
-    random.setstate(st["python"])
-    np.random.set_state(st["numpy"])
-    torch.set_rng_state(st["torch"])
-    device = torch.device(device)
-    cuda = st.get("cuda")
-    if device.type == "cuda" and cuda is not None:
-        if isinstance(cuda, (list, tuple)):  # older checkpoints: every visible device's state
-            index = device.index if device.index is not None else torch.cuda.current_device()
-            cuda = cuda[index] if index < len(cuda) else None
-        if cuda is not None:
-            torch.cuda.set_rng_state(cuda, device)
 
 
 # ------------------------------------------------------------------ loading torch files without running code
@@ -496,7 +467,7 @@ def load_for_inference(path: str | Path, device: str = "cpu"):
 # deletes only files a manifest lists; anything else in the folder is not its own.
 EXPORT_MANIFEST = "export.json"
 EXPORT_FORMAT = "mnemo-export 1"
-_EXPORT_NAMES = (
+EXPORT_NAMES = (
     "model.safetensors",
     "model_args.json",
     "config.json",
@@ -513,141 +484,4 @@ def export_manifest(folder: Path) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     ok = isinstance(m, dict) and m.get("format") == EXPORT_FORMAT and isinstance(m.get("files"), dict)
-    return m if ok and all(n in _EXPORT_NAMES for n in m["files"]) else None
-
-
-def _within(a: Path, b: Path) -> bool:
-    a, b = a.resolve(), b.resolve()
-    return a == b or b in a.parents
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Swap two directories in one step (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
-    import ctypes
-
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).renameat2
-    except (OSError, AttributeError):
-        return False
-    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    at_fdcwd, rename_exchange = -100, 2
-    return fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
-
-
-def _remove_export_files(folder: Path, names) -> None:
-    """Delete the listed export files of ``folder``, then the folder if that emptied it."""
-    for name in names:
-        if name in _EXPORT_NAMES:
-            (folder / name).unlink(missing_ok=True)
-    try:
-        folder.rmdir()
-    except OSError:
-        log.warning("left %s in place: it holds files mnemo export did not write", folder)
-
-
-def _recover_export_leftovers(out: Path) -> None:
-    """Undo what a killed export left beside ``out``: restore a replaced export, drop temporary folders."""
-    import glob
-
-    for d in sorted(out.parent.glob(f".{glob.escape(out.name)}.mnemo-export-*")):
-        if not d.is_dir():
-            continue
-        old = d.name.startswith(f".{out.name}.mnemo-export-old-")
-        if old and not out.exists() and export_manifest(d) is not None:
-            os.replace(d, out)  # killed between moving the old export aside and moving the new one in
-            log.warning("restored %s from %s (an interrupted export)", out, d)
-        elif all(p.name in _EXPORT_NAMES for p in d.iterdir()):
-            log.warning("removing %s (left by an interrupted export)", d)
-            _remove_export_files(d, [p.name for p in d.iterdir()])
-
-
-def export(path: str | Path, out: str | Path, overwrite: bool = False) -> Path:
-    """Consolidated weights (safetensors) + model args + config + tokenizer, no DeepSpeed needed to load.
-
-    Atomic: the export is written into a temporary folder beside ``out`` and
-    renamed into place, so a crash leaves the previous ``out`` as it was. An
-    existing ``out`` is replaced only if it is an export of the same checkpoint
-    or ``overwrite`` is set, and then only the files its manifest lists are
-    replaced or deleted; a folder with other files is refused unless
-    ``overwrite`` (the export then goes beside them, file by file).
-    """
-    import dataclasses
-
-    from safetensors.torch import save_file
-
-    ckpt = resolve_checkpoint(path)
-    out = Path(out)
-    for src in dict.fromkeys((Path(path), ckpt)):
-        if _within(out, src):
-            raise UserError(f"--out {out}: is or is inside the checkpoint being exported ({src}); export elsewhere")
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out}: exists and is not a directory")
-    if out.parent.is_dir():
-        _recover_export_leftovers(out)
-    meta = read_meta(ckpt) if is_complete(ckpt) else {}
-    source = {"checkpoint": str(ckpt.resolve()), "step": meta.get("step"), "mlflow_run_id": meta.get("mlflow_run_id")}
-    old = export_manifest(out)
-    present = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
-    foreign = [n for n in present if old is None or (n not in old["files"] and n != EXPORT_MANIFEST)]
-    if foreign and not overwrite:
-        raise UserError(
-            f"--out {out}: holds files mnemo export did not write ({', '.join(foreign[:3])}"
-            f"{', ...' if len(foreign) > 3 else ''}); pass --overwrite to export beside them"
-        )
-    clash = [n for n in foreign if n in _EXPORT_NAMES]
-    if clash:
-        raise UserError(
-            f"--out {out}: holds {clash[0]} that mnemo export did not write (no {EXPORT_MANIFEST} "
-            f"lists it); remove it or export elsewhere"
-        )
-    if old is not None and old.get("source", {}).get("checkpoint") != source["checkpoint"] and not overwrite:
-        raise UserError(
-            f"--out {out}: holds the export of another checkpoint "
-            f"({old.get('source', {}).get('checkpoint')}); pass --overwrite to replace it"
-        )
-
-    args = model_args_of(ckpt)  # the small JSON first: a foreign folder fails before the weights load
-    sd = consolidated_state_dict(ckpt)
-    if args.tie_embeddings:
-        sd.pop("lm_head.weight", None)  # safetensors refuses shared storage; re-tied on load
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.mnemo-export-new-{os.getpid()}"
-    tmp.mkdir()
-    try:
-        save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp / "model.safetensors"))
-        (tmp / "model_args.json").write_text(json.dumps(dataclasses.asdict(args), indent=1))
-        if meta:
-            (tmp / "config.json").write_text(json.dumps(redact_tree(meta["config"]), indent=1))
-            (tmp / "source.json").write_text(json.dumps(source, indent=1))
-        elif (ckpt / "config.json").is_file():
-            shutil.copy(ckpt / "config.json", tmp / "config.json")
-        if (ckpt / "tokenizer.model").is_file():
-            shutil.copy(ckpt / "tokenizer.model", tmp / "tokenizer.model")
-        files = {p.name: file_sha256(p) for p in sorted(tmp.iterdir())}
-        manifest = {"format": EXPORT_FORMAT, "files": files, "source": source}
-        (tmp / EXPORT_MANIFEST).write_text(json.dumps(manifest, indent=1))
-        fsync_tree(tmp)
-        if not present:
-            os.replace(tmp, out)  # rename(2) also replaces an empty directory
-        elif not foreign:  # an earlier export, nothing else: swap the folders, then delete the old files
-            if not _exchange(tmp, out):
-                aside = out.parent / f".{out.name}.mnemo-export-old-{os.getpid()}"
-                os.replace(out, aside)  # a kill here is undone by the next export (_recover_export_leftovers)
-                os.replace(tmp, out)
-                tmp = aside
-            _remove_export_files(tmp, list(old["files"]) + [EXPORT_MANIFEST])
-        else:  # other files stay: move ours in one by one under a manifest that marks the export unfinished
-            listed = dict((old or {}).get("files", {}), **files)
-            atomic_write_text(out / EXPORT_MANIFEST, json.dumps(dict(manifest, files=listed, complete=False)))
-            for name in files:
-                os.replace(tmp / name, out / name)
-            for name in (old or {}).get("files", {}):
-                if name not in files:
-                    (out / name).unlink(missing_ok=True)
-            os.replace(tmp / EXPORT_MANIFEST, out / EXPORT_MANIFEST)
-            tmp.rmdir()
-        fsync_path(out.parent)
-    finally:
-        if tmp.is_dir():
-            _remove_export_files(tmp, [p.name for p in tmp.iterdir()])
-    return out
+    return m if ok and all(n in EXPORT_NAMES for n in m["files"]) else None

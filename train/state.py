@@ -9,11 +9,39 @@ carries, the RNG states and the step/token counters. CheckpointManager.restore
 from __future__ import annotations
 
 import dataclasses
+import random
 from typing import Any
 
 import torch
 
-from mnemo.train.checkpoint import rng_state, set_rng_state
+import numpy as np
+
+
+def rng_state(device: torch.device | str = "cpu") -> dict[str, Any]:
+    """This rank's RNG states; on a GPU that of its own device only (``cuda``: a CPU ByteTensor).
+
+    Each rank drives one device: reading or setting every visible device's
+    generator would create a CUDA context on each of them, in every rank.
+    """
+    st = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    device = torch.device(device)
+    if device.type == "cuda":
+        st["cuda"] = torch.cuda.get_rng_state(device)
+    return st
+
+
+def set_rng_state(st: dict[str, Any], device: torch.device | str = "cpu") -> None:
+    random.setstate(st["python"])
+    np.random.set_state(st["numpy"])
+    torch.set_rng_state(st["torch"])
+    device = torch.device(device)
+    cuda = st.get("cuda")
+    if device.type == "cuda" and cuda is not None:
+        if isinstance(cuda, (list, tuple)):  # older checkpoints: every visible device's state
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            cuda = cuda[index] if index < len(cuda) else None
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda, device)
 
 
 class MemoryPart:

@@ -32,7 +32,7 @@ def add_export(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentP
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from mnemo.train.checkpoint import export
+    from mnemo.train.export import export
 
     out = export(args.checkpoint, args.out, overwrite=args.overwrite)
     print(f"exported to {out}")

@@ -206,7 +206,8 @@ def test_export_eval_generate_of_the_bf16_result(uni, tiny_data, tmp_path):
     from mnemo.data_pipeline.streams import MDSSource
     from mnemo.evaluation import evaluate
     from mnemo.evaluation.generate import generate
-    from mnemo.train.checkpoint import export, load_for_inference
+    from mnemo.train.checkpoint import load_for_inference
+    from mnemo.train.export import export
     from mnemo.train.eval_hook import heldout_docs
 
     run_dir = uni[0]

@@ -116,7 +116,7 @@ def rank_parts(episodes: bool = True):
 
 def old_rank_file(step: int, tokens_seen: int, memory_fill: float):
     """A rank file as the trainer wrote it before its state was kept in Stateful parts (keys written by hand)."""
-    from mnemo.train.checkpoint import rng_state
+    from mnemo.train.state import rng_state
 
     parts = rank_parts()
     st = parts["memory"].state

@@ -12,7 +12,7 @@ copies ``.to(cuda)``). When a c10d op receives stand-ins, the mode asks the
 op's process group for its backend of the stand-in's device type (the real
 lookup, which raises for a device type it lacks) and runs that backend (gloo)
 on the CPU data. Two ranks each run the real function the trainer calls
-after every step (``trainer.stop_requests``: the stop flags), so a signal on
+after every step (``schedule.stop_requests``: the stop flags), so a signal on
 one rank only must stop both.
 
 Flags built on the CPU (what the trainer's loop did) reach c10d as CPU
@@ -110,7 +110,7 @@ WORKER = textwrap.dedent('''
     # What the trainer does after every step: rank 1 got SIGTERM, nobody is over the time limit.
     out = {}
     try:
-        from mnemo.train import trainer
+        from mnemo.train import schedule
         from mnemo.train.config import Config
 
         class Preempt:
@@ -118,7 +118,7 @@ WORKER = textwrap.dedent('''
 
         cfg = Config()
         with StandInMode():
-            out["agreed"] = list(trainer.stop_requests(Preempt(), cfg, started=0.0, device=CUDA))
+            out["agreed"] = list(schedule.stop_requests(Preempt(), cfg, started=0.0, device=CUDA))
     except Exception as e:
         out["error"] = str(e).splitlines()[0]
     out["collectives"] = COLLECTIVES

@@ -323,7 +323,7 @@ def test_rng_state_reads_and_restores_only_the_ranks_own_gpu(monkeypatch):
     """Each rank saves and restores the CUDA generator of its own device, never all visible ones (that
     would create a CUDA context on every GPU in every rank). Older checkpoints hold one state per visible
     device: the rank's own is picked. torch.cuda's RNG functions are stand-ins here (no GPU in CI)."""
-    from mnemo.train import checkpoint as ckpt
+    from mnemo.train import state as ckpt_state
 
     calls = []
     monkeypatch.setattr(
@@ -336,11 +336,13 @@ def test_rng_state_reads_and_restores_only_the_ranks_own_gpu(monkeypatch):
     )
     for name in ("get_rng_state_all", "set_rng_state_all"):
         monkeypatch.setattr(torch.cuda, name, lambda *a, **k: calls.append(("all",)))
-    st = ckpt.rng_state(torch.device("cuda", 1))
-    ckpt.set_rng_state(st, torch.device("cuda", 1))
+    st = ckpt_state.rng_state(torch.device("cuda", 1))
+    ckpt_state.set_rng_state(st, torch.device("cuda", 1))
     old = dict(st, cuda=[torch.full((4,), i, dtype=torch.uint8) for i in range(3)])
-    ckpt.set_rng_state(old, torch.device("cuda", 2))
+    ckpt_state.set_rng_state(old, torch.device("cuda", 2))
     assert calls == [("get", "cuda:1"), ("set", "cuda:1", 7), ("set", "cuda:2", 2)]
     calls.clear()
-    ckpt.set_rng_state(ckpt.rng_state(torch.device("cpu")), torch.device("cpu"))  # a CPU run touches no GPU state
+    ckpt_state.set_rng_state(
+        ckpt_state.rng_state(torch.device("cpu")), torch.device("cpu")
+    )  # a CPU run touches no GPU state
     assert calls == []

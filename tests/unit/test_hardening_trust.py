@@ -20,9 +20,11 @@ from safetensors.torch import save_file
 
 from mnemo.model import MemoryTransformer, ModelArgs
 from mnemo.train import checkpoint as ckpt
+from mnemo.train import export as export_mod
 from mnemo.cli import main
 from mnemo.train.config import load_config, to_dict
 from mnemo.train.errors import UserError
+from mnemo.train.state import rng_state
 
 VOCAB = 64
 
@@ -175,7 +177,7 @@ def test_what_real_checkpoints_hold_still_loads(tmp_path):
     from deepspeed.utils.tensor_fragment import fragment_address
 
     rank = {
-        "rng": ckpt.rng_state(),
+        "rng": rng_state(),
         "streams": {"excluded": {0: np.arange(5, dtype=np.int64)}},
         "memory": {"pos": torch.zeros(2, dtype=torch.long)},
     }
@@ -236,14 +238,14 @@ def two_models(tmp_path) -> tuple[Path, Path]:
 def test_export_into_another_models_export_is_refused_without_overwrite(two_models, tmp_path):
     a, b = two_models
     out = tmp_path / "out"
-    ckpt.export(a, out)
+    export_mod.export(a, out)
     before = _bytes(out)
     with pytest.raises(UserError, match=r"--out .*out: holds the export of another checkpoint .*--overwrite"):
-        ckpt.export(b, out)
+        export_mod.export(b, out)
     assert _bytes(out) == before
-    ckpt.export(a, out)  # the same checkpoint again: nothing to lose
+    export_mod.export(a, out)  # the same checkpoint again: nothing to lose
     assert _bytes(out) == before
-    ckpt.export(b, out, overwrite=True)
+    export_mod.export(b, out, overwrite=True)
     assert (out / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
     assert not list(tmp_path.glob(".out.*"))
 
@@ -254,10 +256,10 @@ def test_export_keeps_files_it_did_not_write(two_models, tmp_path):
     out.mkdir()
     (out / "notes.txt").write_text("mine")
     with pytest.raises(UserError, match=r"holds files mnemo export did not write \(notes\.txt\)"):
-        ckpt.export(a, out)
+        export_mod.export(a, out)
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
-    ckpt.export(a, out, overwrite=True)
-    ckpt.export(b, out, overwrite=True)
+    export_mod.export(a, out, overwrite=True)
+    export_mod.export(b, out, overwrite=True)
     assert (out / "notes.txt").read_text() == "mine"
     assert (out / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
     assert ckpt.resolve_checkpoint(out) == out  # a finished export, not an interrupted one
@@ -269,7 +271,7 @@ def test_export_never_replaces_a_model_file_it_cannot_prove_it_wrote(two_models,
     before = _bytes(out)
     for overwrite in (False, True):
         with pytest.raises(UserError, match="--out"):
-            ckpt.export(a, out, overwrite=overwrite)
+            export_mod.export(a, out, overwrite=overwrite)
     assert _bytes(out) == before
 
 
@@ -278,7 +280,7 @@ def test_a_failed_export_leaves_the_old_folder_intact(two_models, tmp_path, monk
 
     a, b = two_models
     out = tmp_path / "out"
-    ckpt.export(a, out)
+    export_mod.export(a, out)
     before = _bytes(out)
 
     def dies_half_way(tensors, filename, *args, **kw):
@@ -287,7 +289,7 @@ def test_a_failed_export_leaves_the_old_folder_intact(two_models, tmp_path, monk
 
     monkeypatch.setattr(safetensors.torch, "save_file", dies_half_way)
     with pytest.raises(OSError, match="No space"):
-        ckpt.export(b, out, overwrite=True)
+        export_mod.export(b, out, overwrite=True)
     assert _bytes(out) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model_a", "model_b", "out"]
 
@@ -295,11 +297,11 @@ def test_a_failed_export_leaves_the_old_folder_intact(two_models, tmp_path, monk
 def test_an_export_killed_between_its_renames_is_restored(two_models, tmp_path):
     a, b = two_models
     out = tmp_path / "out"
-    ckpt.export(a, out)
+    export_mod.export(a, out)
     before = _bytes(out)
     os.replace(out, tmp_path / ".out.mnemo-export-old-4242")  # the old export, moved aside, then a kill
     with pytest.raises(UserError, match="another checkpoint"):
-        ckpt.export(b, out)
+        export_mod.export(b, out)
     assert _bytes(out) == before and not list(tmp_path.glob(".out.*"))
 
 
@@ -317,7 +319,7 @@ def test_export_out_inside_the_source_is_one_line_error(two_models, where, capsy
 def test_export_out_inside_the_run_dir_is_refused(crafted, tmp_path):
     run = crafted.parents[1]
     with pytest.raises(UserError, match="inside the checkpoint being exported"):
-        ckpt.export(run, run / "exported")
+        export_mod.export(run, run / "exported")
 
 
 @pytest.mark.parametrize(
@@ -362,11 +364,11 @@ def test_export_replaces_an_earlier_export_without_renameat2(two_models, tmp_pat
     # Where the one-step exchange is unsupported: two renames, the old files deleted after.
     a, b = two_models
     out = tmp_path / "out[1]"  # a glob metacharacter in the name: leftovers are still found by name
-    ckpt.export(a, out)
+    export_mod.export(a, out)
     (tmp_path / ".out[1].mnemo-export-new-999").mkdir()  # a killed export's temporary folder
     (tmp_path / ".out[1].mnemo-export-new-999" / "model.safetensors").write_bytes(b"half")
-    monkeypatch.setattr(ckpt, "_exchange", lambda x, y: False)
-    ckpt.export(b, out, overwrite=True)
+    monkeypatch.setattr(export_mod, "_exchange", lambda x, y: False)
+    export_mod.export(b, out, overwrite=True)
     assert (out / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
     assert json.loads((out / "export.json").read_text())["source"]["checkpoint"] == str(b.resolve())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model_a", "model_b", "out[1]"]
