@@ -17,6 +17,8 @@ The model is pure PyTorch: memory goes in and comes out of ``forward`` as a
 ``MemoryState``; nothing is detached, cached on modules or mutated in place.
 Every parameter is initialized in the constructor of the module that owns it,
 so building under ``deepspeed.zero.Init`` or on the meta device just works.
+
+Over 500 lines: the whole network in one file, read top to bottom.
 """
 
 from __future__ import annotations

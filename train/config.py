@@ -4,6 +4,8 @@ Precedence: dotted command-line overrides > YAML file > dataclass defaults.
 Every field is declared once, here, with a comment saying what it means.
 Unknown keys, wrong types and out-of-range values raise ``ConfigError`` whose
 message names the dotted key, before any process is spawned.
+
+Over 500 lines: the whole tree, its defaults and every check are one place on purpose.
 """
 
 from __future__ import annotations

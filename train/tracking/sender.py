@@ -10,6 +10,8 @@ and ``replies`` are the two pipe ends whose message tuples
 SIGTERM (they are the trainer's) and ends when the trainer sends ``("stop",)``,
 closes the pipe or dies, after sending what it holds.
 
+Over 500 lines: one state machine (send, spill, replay, outage) that reads best whole.
+
 - Start-up: create the run, or reopen ``resume_run_id``, then reply
   ``("ready", run_id, error)``.
 - Every ``interval`` seconds (sooner for a flush or stop) what arrived is sent
