@@ -1,4 +1,4 @@
-"""Where the pieces of a task document go: facts packed from segment 0, distractors, the question last.
+"""A task document's pieces (Pieces: token ids of its texts) and where they go: facts from segment 0, the question last.
 
 ``layout`` takes a Draft (what the document says, from ``tasks``) and places it
 in whole segments of T tokens: the facts the answer depends on (the block)
@@ -11,15 +11,37 @@ wherever nothing was placed (``tasks.make_sample``).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from mnemo.data_pipeline.errors import DataError
+from mnemo.data_pipeline.passkey import PieceTokenizer, encode_piece, encode_value
 
 
 class TaskError(DataError, ValueError):
     """A bad task name or parameter, or a task that does not fit the segment length and distance: names which."""
+
+
+class Pieces:
+    """Token ids of text pieces, each encoded on its own (so it tokenizes the same wherever it is put)."""
+
+    def __init__(self, tokenizer: PieceTokenizer):
+        self.tok, self.cache = tokenizer, {}
+
+    def __call__(self, *parts: str) -> np.ndarray:
+        """Template text and values alternately: parts[0], parts[2], ... text; parts[1], parts[3], ... values."""
+        out = []
+        for i, text in enumerate(parts):
+            if (i % 2, text) not in self.cache:
+                enc = encode_piece if i % 2 == 0 else encode_value
+                self.cache[(i % 2, text)] = enc(self.tok, text)
+            out.append(self.cache[(i % 2, text)])
+        return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
+
+    def join(self, items: list[str]) -> np.ndarray:
+        """The list answer "a, b, c": items and separators encoded on their own."""
+        return self("", items[0], *[p for it in items[1:] for p in (", ", it)])
 
 
 @dataclass
@@ -32,6 +54,8 @@ class Ending:
     answer_text: str
     values: list[str]
     checks: list[tuple[np.ndarray, int]]  # (token run, its copies in the facts): no copy elsewhere but the tail
+    # (offset in question + answer, length) of every answer a model is trained on; empty = just the answer
+    trained: list[tuple[int, int]] = field(default_factory=list)
 
 
 @dataclass
@@ -45,20 +69,27 @@ class Draft:
     needle: Callable[[], np.ndarray] | None = None  # haystack=needles: a fresh distractor fact
 
 
-def pack_block(lengths: list[int], T: int, last_room: int, what: str, D: int) -> list[list[int]]:
-    """Block facts (in order) over as few segments as hold them, spread evenly: indices per segment."""
+def pack_block(
+    lengths: list[int], T: int, last_room: int, what: str, D: int, segments: int | None = None
+) -> list[list[int]]:
+    """Block facts (in order) over as few segments as hold them, spread evenly: indices per segment.
+
+    segments  a required number of segments instead (the episodes' fixed layout); with fewer facts
+              than segments the first ones stay empty, so the last fact still closes the block.
+    """
     n = len(lengths)
-    for m in range(1, n + 1):
-        sizes = [n // m + (1 if i < n % m else 0) for i in range(m)]
+    for m in range(1, n + 1) if segments is None else [int(segments)]:
+        sizes = [n // m + (1 if i < n % m else 0) for i in range(m)] if n >= m else [0] * (m - n) + [1] * n
         cuts = np.cumsum([0, *sizes])
         groups = [list(range(int(a), int(b))) for a, b in zip(cuts, cuts[1:])]
         rooms = [T] * (m - 1) + [last_room]
         if all(sum(lengths[i] for i in g) <= r for g, r in zip(groups, rooms)):
             return groups
     beside = " beside the question (distance 0)" if D == 0 else ""
+    into = "" if segments is None else f" {segments} segment(s) of"
     raise TaskError(
-        f"{what}: a fact of {max(lengths)} tokens does not fit in segment_len {T}{beside} "
-        "(use a larger segment_len or distance)"
+        f"{what}: {n} fact(s) of up to {max(lengths)} tokens do not fit in{into} segment_len {T}{beside} "
+        "(use a larger segment_len or distance, or fewer facts)"
     )
 
 
@@ -83,13 +114,16 @@ def spread(lengths: list[int], room: int, lead: int, rng: np.random.Generator) -
 
 
 def layout(
-    draft: Draft, T: int, D: int, depth: float, rng: np.random.Generator, what: str
+    draft: Draft, T: int, D: int, depth: float, rng: np.random.Generator, what: str, segments: int | None = None
 ) -> tuple[dict[int, np.ndarray], list[int], Ending, int, int]:
-    """(start -> fact tokens, start of each block fact, ending, n tokens, S: the segment of the last block fact)."""
+    """(start -> fact tokens, start of each block fact, ending, n tokens, S: the segment of the last block fact).
+
+    segments  the block's segments S + 1 when fixed (``pack_block``); None: as few as hold it.
+    """
     if draft.tail_bound > T:
         raise TaskError(f"{what}: the question and answer need {draft.tail_bound} tokens, more than segment_len {T}")
     lengths = [f.size for f in draft.block]
-    groups = pack_block(lengths, T, T - (draft.tail_bound if D == 0 else 0), what, D)
+    groups = pack_block(lengths, T, T - (draft.tail_bound if D == 0 else 0), what, D, segments)
     ending = draft.finish([s for s, g in enumerate(groups) for _ in g])
     S = len(groups) - 1
     tail = ending.question.size + ending.answer.size
@@ -97,6 +131,8 @@ def layout(
     placed: dict[int, np.ndarray] = {}
     block_at = [0] * len(lengths)
     for s, g in enumerate(groups):
+        if not g:  # a segment of a fixed layout left empty: filler (and distractors)
+            continue
         room = T - (tail if D == 0 and s == S else 0)
         sizes = [lengths[i] for i in g]
         for i, off in zip(g, spread(sizes, room, int(round(depth * (room - sum(sizes)))), rng)):

@@ -8,8 +8,9 @@ EOS), ``key`` (the answer text) and ``key_offset`` (where the last fact the
 answer depends on starts), plus ``task``, ``answer_text``, ``values`` (the
 answer's items), ``n_facts`` (fact sentences in the document, distractors
 included), ``fact_spans`` ([start, end) of every fact the answer depends on,
-in document order), ``question_start``, ``distance``, ``fact_segment`` and
-``n_segments``.
+in document order), ``question_start``, ``distance``, ``fact_segment``,
+``n_segments`` and ``answer_spans`` ((start, length) of every answer to train
+on, the scored one last).
 
 Distance. The facts the answer depends on are packed in order from segment 0
 (as few segments as they fit in, spread evenly; within a segment a lead of
@@ -46,9 +47,10 @@ FAMILIES (k, v, q = 4; n = 16; h = 4 hops, c = 1 distractor chain; values of
   names all q (in a random order): "What are the special magic numbers for
   tiger, lemon, ... and otter? In that order, they are:" v1, v2, ...
 * ``mqar`` (Zoology MQAR): ``n`` pairs "tiger: 4711." (word keys, ``digits``-digit
-  values, all distinct), then ``q`` queries: "What are the values of lemon,
-  tiger, ... and otter? In that order, they are:" v1, v2, ... At least one
-  queried pair lies in the last segment of the pairs, so D counts from there.
+  values, all distinct), then ``q`` of them again as queries "lemon: 1234.
+  tiger: 4711. ... otter:" 5678, each value right after its key. The answer
+  (scored) is the last query's value, a pair of the last segment of pairs (D
+  counts from there); ``answer_spans`` lists every query's value (trained).
 * ``variable_tracking`` (RULER VT): a chain of ``h`` hops "VAR QWERT = 41523.
   VAR ASDFG = VAR QWERT. ..." and ``c`` distractor chains of the same length
   (other names and values). "Which variables hold the value 41523? In order of
@@ -78,7 +80,7 @@ from typing import Any
 import numpy as np
 
 from mnemo.data_pipeline.errors import DataError
-from mnemo.data_pipeline.task_layout import Draft, Ending, TaskError, layout
+from mnemo.data_pipeline.task_layout import Draft, Ending, Pieces, TaskError, layout
 from mnemo.data_pipeline.passkey import (
     KEY_PREFIX,
     KEY_SUFFIX,
@@ -87,7 +89,6 @@ from mnemo.data_pipeline.passkey import (
     count_run,
     depth_fraction,
     encode_piece,
-    encode_value,
     filler_stream,
     make_passkey_sample,
     take_filler,
@@ -232,27 +233,6 @@ def parse_tasks(text: str) -> list[TaskSpec]:
 # ------------------------------------------------------------------ pieces
 
 
-class _Pieces:
-    """Token ids of text pieces, each encoded on its own (so it tokenizes the same wherever it is put)."""
-
-    def __init__(self, tokenizer: PieceTokenizer):
-        self.tok, self.cache = tokenizer, {}
-
-    def __call__(self, *parts: str) -> np.ndarray:
-        """Template text and values alternately: parts[0], parts[2], ... text; parts[1], parts[3], ... values."""
-        out = []
-        for i, text in enumerate(parts):
-            if (i % 2, text) not in self.cache:
-                enc = encode_piece if i % 2 == 0 else encode_value
-                self.cache[(i % 2, text)] = enc(self.tok, text)
-            out.append(self.cache[(i % 2, text)])
-        return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
-
-    def join(self, items: list[str]) -> np.ndarray:
-        """The list answer "a, b, c": items and separators encoded on their own."""
-        return self("", items[0], *[p for it in items[1:] for p in (", ", it)])
-
-
 def _value(kind: str, digits: int, rng: np.random.Generator) -> str:
     if kind == "number":
         return str(int(rng.integers(10 ** (digits - 1), 10**digits)))
@@ -302,7 +282,7 @@ def _name_list(lead: str, names: list[str]) -> list[str]:
     return [*parts, "? In that order, they are: "]
 
 
-def _draft_niah(spec: TaskSpec, P: _Pieces, rng: np.random.Generator) -> Draft:
+def _draft_niah(spec: TaskSpec, P: Pieces, rng: np.random.Generator) -> Draft:
     fam, kind, digits = spec.family, spec["value"], spec["digits"]
     n_keys = spec["k"] if fam == "niah_multikey" else spec["q"] if fam == "niah_multiquery" else 1
     n_vals = spec["v"] if fam == "niah_multivalue" else 1
@@ -349,35 +329,39 @@ def _draft_niah(spec: TaskSpec, P: _Pieces, rng: np.random.Generator) -> Draft:
     return _fixed(block, groups, ending, needle if needles else None)
 
 
-def _draft_mqar(spec: TaskSpec, P: _Pieces, rng: np.random.Generator) -> Draft:
+def _draft_mqar(spec: TaskSpec, P: Pieces, rng: np.random.Generator) -> Draft:
     n, q, digits = spec["n"], spec["q"], spec["digits"]
     taken: set[str] = set()
     keys = _words(n, rng, taken)
     values = _distinct(n, lambda: _value("number", digits, rng), taken, f"{digits}-digit values")
     block = [P(" ", k, ": ", v, ".") for k, v in zip(keys, values)]
-    # Question and answer of the q longest keys and values: a bound on any choice's length.
-    longest = sorted(range(n), key=lambda i: -P("", keys[i]).size)[:q]
-    widest = sorted(range(n), key=lambda i: -P("", values[i]).size)[:q]
-    bound = P(*_name_list(" What are the values of ", [keys[i] for i in longest])).size
-    bound += P.join([values[i] for i in widest]).size
+    # The queries repeat q pairs: the q longest pairs bound any choice's length.
+    bound = sum(sorted((f.size for f in block), reverse=True)[:q])
 
     def finish(segments: list[int]) -> Ending:
-        # One query among the pairs of the last segment, so D counts from there; the others anywhere.
+        # Zoology's queries: "key: value." for q of the pairs, each value right after its key. The last
+        # query (the scored one) is a pair of the last segment of pairs, so D counts from there.
         last = [i for i in range(n) if segments[i] == segments[-1]]
-        first = int(last[int(rng.integers(0, len(last)))])
-        rest = [i for i in range(n) if i != first]
-        picked = [first, *(int(i) for i in rng.choice(rest, size=q - 1, replace=False))]
-        order = [picked[int(j)] for j in rng.permutation(q)]
-        question = P(*_name_list(" What are the values of ", [keys[i] for i in order]))
-        items = [values[i] for i in order]
-        answer = P.join(items)
-        checks = [(P("", v), 1) for v in items] + ([(answer, 0)] if q > 1 else [])
-        return Ending(sorted(picked), question, answer, ", ".join(items), items, checks)
+        final = int(last[int(rng.integers(0, len(last)))])
+        rest = [i for i in range(n) if i != final]
+        order = [*(int(i) for i in rng.choice(rest, size=q - 1, replace=False)), final]
+        question: list[np.ndarray] = []
+        trained: list[tuple[int, int]] = []  # (offset in the tail, length) of each query's value
+        at = 0
+        for i in order:
+            head, value = P(" ", keys[i], ": "), P("", values[i])
+            trained.append((at + head.size, value.size))
+            piece = [head] if i == final else [head, value, P(".")]
+            question += piece
+            at += sum(x.size for x in piece)
+        checks = [(P("", values[i]), 1) for i in order]
+        answer = P("", values[final])
+        return Ending(sorted(order), np.concatenate(question), answer, values[final], [values[final]], checks, trained)
 
     return Draft(block, bound, finish, [])
 
 
-def _draft_vt(spec: TaskSpec, P: _Pieces, rng: np.random.Generator) -> Draft:
+def _draft_vt(spec: TaskSpec, P: Pieces, rng: np.random.Generator) -> Draft:
     hops, chains, digits = spec["h"], spec["c"] + 1, spec["digits"]
     taken: set[str] = set()
     caps = np.array(list("ABCDEFGHIJKLMNOPQRSTUVWXYZ"))
@@ -419,13 +403,16 @@ def make_sample(
     distance: int,
     rng: np.random.Generator,
     depth: str | float = "start",
+    fact_segment: int | None = None,
 ) -> dict:
     """One document of ``task`` (a TaskSpec, a name of TASKS or a ``name:param=value,...`` string).
 
-    filler      corpus token ids (1-D array or list of documents; pass one
-                array, filler_stream, when drawing many); unused by haystack=repeat
-    distance    D >= 0 segments between the last fact the answer depends on and the question
-    depth       'start' | 'middle' | 'end' or a fraction: where the facts sit in their segment
+    filler        corpus token ids (1-D array or list of documents; pass one
+                  array, filler_stream, when drawing many); unused by haystack=repeat
+    distance      D >= 0 segments between the last fact the answer depends on and the question
+    depth         'start' | 'middle' | 'end' or a fraction: where the facts sit in their segment
+    fact_segment  S fixed: the facts spread over segments 0..S (``task_sizes.fact_segments`` gives
+                  the S that holds any draw of a task); None: as few segments as hold this draw's facts
     Returns the passkey sample keys and more (module docstring).
     """
     specs = [task] if isinstance(task, TaskSpec) else parse_tasks(task)
@@ -442,6 +429,9 @@ def make_sample(
         frac = depth_fraction(depth)
     except DataError as e:
         raise TaskError(f"{what}: {e}") from None
+    fixed = None if fact_segment is None else int(fact_segment)
+    if fixed is not None and (fixed < 0 or (fixed and spec.family == "passkey")):
+        raise TaskError(f"{what}: fact_segment must be >= 0 (0 for passkey), got {fact_segment}")
     repeat = spec["haystack"] == "repeat"
     stream = None if repeat else filler_stream(filler)
     if spec.family == "passkey":
@@ -455,11 +445,12 @@ def make_sample(
         size = sum(encode_piece(tokenizer, t).size for t in (KEY_PREFIX, s["key"], KEY_SUFFIX))
         fact = [s["key_offset"], s["key_offset"] + size]
         s.update(task=what, answer_text=s["key"], values=[s["key"]], n_facts=1, fact_spans=[fact])
-        return dict(s, question_start=q0, distance=D, fact_segment=0, n_segments=D + 1)
-    P = _Pieces(tokenizer)
+        spans = [(s["answer_start"], s["answer_len"])]
+        return dict(s, question_start=q0, distance=D, fact_segment=0, n_segments=D + 1, answer_spans=spans)
+    P = Pieces(tokenizer)
     for _ in range(100):
         draft = _DRAFTS.get(spec.family, _draft_niah)(spec, P, rng)
-        placed, block_at, end, n, S = layout(draft, T, D, frac, rng, what)
+        placed, block_at, end, n, S = layout(draft, T, D, frac, rng, what, None if fixed is None else fixed + 1)
         tail = np.concatenate((end.question, end.answer))
         tokens = take_filler(repeated_filler(tokenizer, n) if repeat else stream, n, rng, tokenizer.eos_id)
         for lo, f in placed.items():
@@ -470,6 +461,8 @@ def make_sample(
     else:
         raise DataError(f"{what}: could not draw a document whose answer is unique in 100 tries")
     spans = [[block_at[i], block_at[i] + draft.block[i].size] for i in end.relevant]
+    q0 = n - tail.size
+    trained = [(q0 + off, size) for off, size in end.trained] or [(n - end.answer.size, int(end.answer.size))]
     return dict(
         tokens=np.append(tokens, np.int64(tokenizer.eos_id)),
         answer_start=n - end.answer.size,
@@ -485,4 +478,5 @@ def make_sample(
         distance=D,
         fact_segment=S,
         n_segments=S + D + 1,
+        answer_spans=trained,
     )

@@ -133,6 +133,12 @@ class PasskeyTrainConfig:
     # document holds 1..K facts "The pass key of door N is NNNNN." and asks
     # for one of them (the harder variant of `mnemo eval --multikey`).
     max_keys: int = 1
+    # Tasks of the episodes (data_pipeline/tasks.py names, `name:param=value`):
+    # each episode step draws one (same on every rank), each has its own
+    # curriculum on D and on its number of facts (train/episodes.py).
+    tasks: list[str] = field(default_factory=lambda: ["passkey"])
+    # Their relative frequencies, one > 0 per task (empty = equal).
+    task_weights: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -441,6 +447,18 @@ def validate(cfg: Config) -> None:
     need(pk.promote_window >= 1, "train.passkey.promote_window", "must be >= 1")
     need(pk.filler_docs >= 1, "train.passkey.filler_docs", "must be >= 1")
     need(pk.max_keys >= 1, "train.passkey.max_keys", "must be >= 1")
+    from mnemo.data_pipeline.tasks import parse_tasks
+
+    try:
+        specs = parse_tasks(",".join(pk.tasks)) if pk.tasks else []
+    except ValueError as e:
+        raise ConfigError(f"train.passkey.tasks: {pk.tasks}: {e}") from None
+    need(bool(specs), "train.passkey.tasks", "must name at least one task")
+    need(
+        not pk.task_weights or (len(pk.task_weights) == len(specs) and all(w > 0 for w in pk.task_weights)),
+        "train.passkey.task_weights",
+        f"{pk.task_weights}: one weight > 0 per task of train.passkey.tasks ({len(specs)}), or empty",
+    )
     need(cfg.zero.stage in (1, 2, 3), "zero.stage", f"must be 1, 2 or 3, got {cfg.zero.stage}")
     need(cfg.checkpoint.interval >= 0, "checkpoint.interval", "must be >= 0")
     need(cfg.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")

@@ -138,6 +138,7 @@ class TrainLoop:
             "ep_n": 0,
             "ep_exact": 0.0,
             "ep_exact_n": 0,
+            "ep_tasks": {},  # task name -> [loss sum, steps, exact sum at max D, max-D steps] (a mixture's)
         }
 
     def train_step(self, step: int) -> bool:
@@ -187,11 +188,16 @@ class TrainLoop:
         from mnemo.train.collectives import sum_
 
         t0 = time.time()
-        res = self.episodes.forward(self.engine, self.device, self.dtype, self.has_memory)
+        res = self.episodes.forward(self.engine, self.device, self.dtype, self.has_memory, step)
         B = res.batch.tokens.shape[0]
         nonfinite = (~torch.isfinite(res.loss.detach())).float()
-        stats = torch.stack([res.plain_sum, res.n, nonfinite, res.exact, torch.tensor(float(B), device=self.device)])
-        sum_(stats)  # [5] on the engine's device
+        # Every rank drew the same task, D and segment count (episodes.py); the sum checks it at no extra cost.
+        drawn = float(res.batch.n_segments * 1000 + res.batch.task)
+        extra = torch.tensor([float(B), drawn], device=self.device)
+        stats = torch.cat([torch.stack([res.plain_sum, res.n, nonfinite, res.exact]), extra])
+        sum_(stats)  # [6] on the engine's device
+        if stats[5].item() != drawn * self.info.world_size:
+            raise RuntimeError(f"step {step + 1}: the ranks drew different episode tasks or segment counts")
         verdict = self._finite_or_skip(step, stats[2].item() > 0)
         if verdict != "ok":
             return verdict == "skip"
@@ -200,15 +206,18 @@ class TrainLoop:
             return verdict == "skip"
         loss = (stats[0] / stats[1].clamp(min=1)).item()
         exact = (stats[3] / stats[4]).item()
-        cur = self.episodes.curriculum
+        k = res.batch.task
+        cur, name = self.episodes.curricula[k], self.episodes.names[k]
+        mixture = len(self.episodes.curricula) > 1 or name != "passkey"
         D = res.batch.distance
         if res.batch.at_max:
             window = (cur.history + [exact])[-cur.promote_window :]
             if cur.update(exact, step + 1) and self.info.rank == 0:
                 log.info(
-                    "step %d: passkey exact match %.2f at D=%d (mean of the last %d max-D steps); "
-                    "curriculum max D -> %d",
+                    "step %d: %s exact match %.2f at D=%d (mean of the last %d max-D steps); "
+                    "curriculum max D -> %d" + (", facts -> %d" % cur.facts if cur.max_facts > 1 else ""),
                     step + 1,
+                    name,
                     sum(window) / len(window),
                     D,
                     len(window),
@@ -221,12 +230,18 @@ class TrainLoop:
         if res.batch.at_max:
             w["ep_exact"] += exact
             w["ep_exact_n"] += 1
+        if mixture:
+            t = w["ep_tasks"].setdefault(name, [0.0, 0, 0.0, 0])
+            t[0], t[1] = t[0] + loss, t[1] + 1
+            if res.batch.at_max:
+                t[2], t[3] = t[2] + exact, t[3] + 1
         if self.info.rank == 0:
             self.steplog.write(
                 {
                     "step": step + 1,
                     "loss": loss,
                     "kind": "passkey",
+                    **({"task": name, "facts": res.batch.facts} if mixture else {}),
                     "distance": D,
                     "exact": exact,
                     "restart": self.info.restart,
@@ -360,6 +375,18 @@ class TrainLoop:
                 metrics["time/passkey_step_s"] = w["ep_s"] / w["ep_n"]
             if w["ep_exact_n"]:
                 metrics["passkey/train_exact_at_max"] = w["ep_exact"] / w["ep_exact_n"]
+            # A mixture (train.passkey.tasks): the names above are the first task's curriculum and all episode
+            # steps; each task also has its own (docs/tracking.md).
+            eps = self.episodes
+            if len(eps.curricula) > 1 or eps.names[0] != "passkey":
+                for name, c in zip(eps.names, eps.curricula):
+                    metrics[f"passkey/{name}/max_distance"] = float(c.current)
+                    metrics[f"passkey/{name}/facts"] = float(c.facts)
+                    loss_sum, n_steps, exact_sum, n_max = w["ep_tasks"].get(name, [0.0, 0, 0.0, 0])
+                    if n_steps:
+                        metrics[f"passkey/{name}/loss"] = loss_sum / n_steps
+                    if n_max:
+                        metrics[f"passkey/{name}/train_exact_at_max"] = exact_sum / n_max
         st = self.memory.state
         if st.ltm_capacity:
             metrics["memory/ltm_fill"] = float(st.ltm_len.float().mean()) / st.ltm_capacity
@@ -388,6 +415,13 @@ class TrainLoop:
                     metrics.get("passkey/train_exact_at_max", float("nan")),
                     int(metrics["passkey/max_distance"]),
                 )
+                for name in self.episodes.names if len(self.episodes.names) > 1 else []:
+                    msg += " | %s D %d facts %d exact %.2f" % (
+                        name,
+                        int(metrics[f"passkey/{name}/max_distance"]),
+                        int(metrics[f"passkey/{name}/facts"]),
+                        metrics.get(f"passkey/{name}/train_exact_at_max", float("nan")),
+                    )
             if self.bar is not None:
                 self.bar.write(msg)
             else:

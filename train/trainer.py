@@ -244,22 +244,21 @@ class Trainer:
         if pk.fraction <= 0:
             return None
         from mnemo.data_pipeline.tokenizer import Tokenizer
-        from mnemo.train.episodes import EpisodeSource, Episodes, PasskeyCurriculum, training_filler
+        from mnemo.train.episodes import build_episodes, training_filler
 
         filler = training_filler(self.source, cfg.data.val_fraction, pk.filler_docs, cfg.train.seed)
-        src = EpisodeSource(
+        tc = cfg.train
+        return build_episodes(
+            pk,
             Tokenizer(self.tok_file),
             filler,
             cfg.model.segment_len,
-            cfg.train.batch_size,
-            cfg.train.answer_weight,
-            cfg.train.answer_context_weight,
-            cfg.train.seed,
+            tc.batch_size,
+            tc.answer_weight,
+            tc.answer_context_weight,
+            tc.seed,
             self.info.rank,
-            max_keys=pk.max_keys,
         )
-        cur = PasskeyCurriculum(pk.start_distance, pk.max_distance, pk.promote_exact, pk.promote_window, cfg.train.seed)
-        return Episodes(src, cur, pk.fraction, ltm_only_at_max=pk.ltm_only_at_max)
 
     def _resume(self) -> None:
         """The engine from the checkpoint's DeepSpeed state, then this rank's parts (CheckpointManager.restore)."""

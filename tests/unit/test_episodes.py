@@ -10,7 +10,15 @@ import torch
 from mnemo.data_pipeline.passkey import KEY_PREFIX
 from mnemo.data_pipeline.streams import ArraySource
 from mnemo.data_pipeline.tokenizer import Tokenizer
-from mnemo.train.episodes import EpisodeSource, Episodes, PasskeyCurriculum, is_episode_step, training_filler
+from mnemo.train.episodes import (
+    EpisodeSource,
+    Episodes,
+    PasskeyCurriculum,
+    build_episodes,
+    is_episode_step,
+    task_specs,
+    training_filler,
+)
 from tests.unit.stdlib import stdlib_texts, stdlib_tokenizer
 
 T, B = 64, 3
@@ -209,8 +217,8 @@ def test_forward_counts_exact_match_on_the_answer_only(tok, filler, monkeypatch)
     model = _Recorder(tok.vocab_size, oracle=True)
     real_batch = src.batch
 
-    def batch(D, at_max=False):
-        eb = real_batch(D, at_max)
+    def batch(D, at_max=False, **kw):
+        eb = real_batch(D, at_max, **kw)
         model.tokens = eb.tokens
         return eb
 
@@ -229,3 +237,168 @@ def test_training_filler_skips_heldout_and_passkey_documents():
     got = set(training_filler(src, 0.25, max_docs=1000, seed=0).tolist())
     assert got == set(range(5, 40)) - held
     assert len(training_filler(src, 0.25, max_docs=3, seed=0)) == 15
+
+
+# ------------------------------------------------------------------ mixtures of tasks (train.passkey.tasks)
+
+TT = 256  # segment length of the task documents (the test tokenizer spends ~10 tokens on a word)
+MIX = ["niah_multikey:k=4", "mqar:n=16", "variable_tracking:h=2", "niah_multivalue:v=3", "niah_multiquery:q=2"]
+
+
+def _digest(src: EpisodeSource, cur: PasskeyCurriculum) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for i in range(8):
+        D, m = cur.next_distance()
+        if i == 3:
+            cur.update(1.0, 1)
+            cur.update(1.0, 2)
+        eb = src.batch(D, m)
+        for t in (eb.tokens, eb.weight, eb.answer):
+            h.update(t.numpy().tobytes())
+        h.update(bytes([D, m]))
+    return h.hexdigest()[:16]
+
+
+@pytest.mark.parametrize("max_keys,digest", [(1, "979c96de72c8c9de"), (2, "9a59c13dae60a1a7")])
+def test_default_tasks_give_the_batches_of_before(tok, filler, max_keys, digest):
+    """Frozen digests of the passkey episodes of before the mixtures (tokens, weights, answers, D draws)."""
+    src = EpisodeSource(tok, filler, T * max_keys, B, 5.0, 0.5, seed=1, rank=0, max_keys=max_keys)
+    assert _digest(src, PasskeyCurriculum(1, 4, 0.7, 2, seed=7)) == digest
+    src = EpisodeSource(tok, filler, T * max_keys, B, 5.0, 0.5, seed=1, rank=0, max_keys=max_keys, tasks=["passkey"])
+    assert _digest(src, PasskeyCurriculum(1, 4, 0.7, 2, seed=7, max_facts=1, stream=0)) == digest
+
+
+def _mixture(tok, filler, rank: int, tasks=MIX, weights=()) -> Episodes:
+    from mnemo.train.config import PasskeyTrainConfig
+
+    pk = PasskeyTrainConfig(fraction=1.0, start_distance=1, max_distance=4, tasks=list(tasks), task_weights=weights)
+    return build_episodes(pk, tok, filler, TT, 2, 5.0, 1.0, seed=3, rank=rank)
+
+
+def test_mixture_draws_the_same_tasks_and_segments_on_every_rank(tok, filler):
+    a, b = _mixture(tok, filler, 0), _mixture(tok, filler, 1)
+    picks = [a.pick(s) for s in range(60)]
+    assert picks == [b.pick(s) for s in range(60)] and set(picks) == set(range(len(MIX)))
+    for s in range(12):
+        k = a.pick(s)
+        da, db = a.curricula[k].next_distance(), b.curricula[k].next_distance()
+        assert da == db
+        ea, eb = a.source.batch(*da, task=k), b.source.batch(*db, task=k)
+        assert ea.tokens.shape == eb.tokens.shape and ea.n_segments == eb.n_segments
+        assert not torch.equal(ea.tokens, eb.tokens), "each rank draws its own documents"
+    # Weights steer the draw; a single task draws nothing.
+    w = _mixture(tok, filler, 0, tasks=MIX[:2], weights=[1.0, 9.0])
+    assert sum(w.pick(s) for s in range(200)) > 150
+    assert _mixture(tok, filler, 0, tasks=["mqar:n=4"]).pick(None) == 0
+    with pytest.raises(ValueError, match="step"):
+        a.pick(None)
+
+
+@pytest.mark.parametrize("name", [*MIX, "mqar:n=64", "passkey:haystack=repeat", "niah_single_word"])
+def test_segment_count_is_fixed_per_task_and_distance(tok, filler, name):
+    src = EpisodeSource(tok, filler, TT, 4, 5.0, 1.0, seed=0, rank=0, tasks=[name])
+    for D in (0, 1, 3):
+        n_seg = src.segments(0, D)
+        for facts in sorted({1, 2, src.max_facts(0)}):
+            for at_max in (True, False):
+                eb = src.batch(D, at_max, facts=facts)
+                assert eb.tokens.shape == (4, n_seg * TT + 1) and eb.n_segments == n_seg
+    if name == "mqar:n=64":
+        assert src.segments(0, 1) > 2, "64 pairs take more than one segment: S > 0 at every fact count"
+
+
+@pytest.mark.parametrize("name", [*MIX, "passkey", "niah_single_uuid", "mqar:n=8,q=4"])
+def test_every_task_weights_all_its_answer_spans(tok, filler, name):
+    src = EpisodeSource(tok, filler, TT, 3, 5.0, 0.5, seed=2, rank=0, tasks=[name])
+    rows = []
+    real_row = src._row
+    src._row = lambda *a: rows.append(real_row(*a)) or rows[-1]
+    eb = src.batch(2, True, facts=src.max_facts(0))
+    last = (eb.n_segments - 1) * TT
+    for i, r in enumerate(rows):
+        spans = r.get("answer_spans", [(r["answer_start"], r["answer_len"])])
+        want = torch.zeros(TT, dtype=torch.bool)
+        for a, n in spans:
+            want[a - last - 1 : a - last - 1 + n] = True
+        assert torch.equal(eb.weight[i] == 5.0, want) and bool((eb.weight[i][~want] == 0.5).all())
+        assert bool(want[eb.answer[i]].all()) and int(eb.answer[i].sum()) == r["answer_len"]
+        # The weighted targets are the answer tokens themselves.
+        targets = eb.tokens[i, last + 1 : last + 1 + TT]
+        assert targets[want].tolist() == [t for a, n in spans for t in r["tokens"][a : a + n].tolist()]
+        if name.startswith("mqar"):
+            assert len(spans) == min(4, src.tasks[0]["n"])
+
+
+def test_facts_curriculum_doubles_with_each_promotion_and_round_trips():
+    c = PasskeyCurriculum(1, 3, 0.5, 1, seed=0, max_facts=5, stream=2)
+    assert (c.current, c.facts) == (1, 1)
+    seen = []
+    for s in range(6):
+        c.update(1.0, s + 1)
+        seen.append((c.current, c.facts))
+    assert seen == [(2, 2), (3, 4), (3, 5), (3, 5), (3, 5), (3, 5)]
+    d = PasskeyCurriculum(1, 3, 0.5, 1, seed=0, max_facts=5, stream=2)
+    d.load_state_dict(c.state_dict())
+    assert (d.current, d.facts, d.clicked_at) == (3, 5, 1)
+    assert [c.next_distance() for _ in range(20)] == [d.next_distance() for _ in range(20)]
+    # Streams of the tasks differ; stream 0 is the pass key's draws of before.
+    assert PasskeyCurriculum(4, 9, 0.5, 1, seed=0, stream=0).rng.integers(0, 1 << 30) != c.rng.integers(0, 1 << 30)
+
+
+def test_mixture_state_round_trip_and_old_state(tok, filler):
+    tasks = ["passkey", *MIX[:2]]
+    a = _mixture(tok, filler, 0, tasks=tasks)
+    for s in range(9):
+        k = a.pick(s)
+        D, m = a.curricula[k].next_distance()
+        a.source.batch(D, m, task=k, facts=a.curricula[k].facts)
+        if m:
+            a.curricula[k].update(1.0, s + 1)
+    sd = a.state_dict()
+    b = _mixture(tok, filler, 0, tasks=tasks)
+    b.load_state_dict(sd)
+    assert [c.state_dict() for c in a.curricula] == [c.state_dict() for c in b.curricula]
+    for s in range(9, 15):
+        k = a.pick(s)
+        assert k == b.pick(s)
+        da, db = a.curricula[k].next_distance(), b.curricula[k].next_distance()
+        assert da == db
+        ea, eb = a.source.batch(*da, task=k), b.source.batch(*db, task=k)
+        assert torch.equal(ea.tokens, eb.tokens) and torch.equal(ea.weight, eb.weight)
+    # A checkpoint of before the mixtures: the pass key's curriculum only, no fact count.
+    old = PasskeyCurriculum(3, 8, 0.7, 5, seed=3)
+    old.update(0.5, 4)
+    old_sd = {k: v for k, v in old.state_dict().items() if k != "facts"}
+    c = _mixture(tok, filler, 0, tasks=tasks)
+    c.load_state_dict({"source": sd["source"], "curriculum": old_sd})
+    assert c.curricula[0].current == 3 and c.curricula[0].history == [0.5] and c.curricula[0].facts == 1
+    assert c.curricula[1].current == 1, "the other tasks start afresh"
+    single = Episodes(EpisodeSource(tok, filler, T, B, 5.0, 1.0, seed=1, rank=0), PasskeyCurriculum(1, 8, 0.7, 5, 3), 1)
+    single.load_state_dict({"source": single.source.state_dict(), "curriculum": old_sd})
+    assert single.curriculum.current == 3
+    # A mixture in a metric name: MLflow's characters only.
+    assert a.names == ["passkey", "niah_multikey_k4", "mqar_n16"]
+
+
+@pytest.mark.parametrize(
+    "override,match",
+    [
+        ("train.passkey.tasks=[needle]", r"train\.passkey\.tasks: \['needle'\]: unknown task"),
+        ("train.passkey.tasks=[mqar:n=0]", r"train\.passkey\.tasks: .*parameter n"),
+        ("train.passkey.tasks=[]", r"train\.passkey\.tasks: must name"),
+        ("train.passkey.task_weights=[1, 2]", r"train\.passkey\.task_weights: \[1\.0, 2\.0\]"),
+        ("train.passkey.task_weights=[0]", r"train\.passkey\.task_weights"),
+    ],
+)
+def test_task_config_is_checked(override, match):
+    from mnemo.train.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, [override])
+    cfg = load_config(
+        None, ["train.passkey.tasks=[niah_multikey:k=4, mqar:n=16, q=8]", "train.passkey.task_weights=[1, 3]"]
+    )
+    assert cfg.train.passkey.tasks == ["niah_multikey:k=4", "mqar:n=16", "q=8"]
+    assert [s.name for s in task_specs(cfg.train.passkey.tasks)] == ["niah_multikey:k=4", "mqar:n=16,q=8"]

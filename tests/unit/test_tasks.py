@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from mnemo.data_pipeline.passkey import count_run, make_passkey_sample
+from mnemo.data_pipeline.task_sizes import FACTS, fact_segments, with_facts
 from mnemo.data_pipeline.tasks import (
     REPEATED_FILLER,
     TASKS,
@@ -114,6 +115,10 @@ def _check(tok, s: dict, spec, D: int) -> None:
     assert all(facts), [tok.decode(toks[lo:hi].tolist()) for lo, hi in spans]
     question = tok.decode(toks[q0:a0].tolist())
     text = tok.decode(toks[:-1].tolist())
+    # The trained answers: the scored one last, all in the question's segment after the question start.
+    trained = [tuple(x) for x in s["answer_spans"]]
+    assert trained[-1] == (a0, alen) and all(q0 < a and a + n <= a0 + alen for a, n in trained)
+    assert trained == sorted(trained) and (fam == "mqar" or len(trained) == 1)
 
     # The answer follows from the facts at the stated places.
     if fam in ("passkey", "niah_single", "niah_multikey"):
@@ -123,7 +128,15 @@ def _check(tok, s: dict, spec, D: int) -> None:
     elif fam == "niah_multivalue":
         assert [f.group(2) for f in facts] == s["values"], "in order of appearance"
         assert len({f.group(1) for f in facts}) == 1 and f" for {facts[0].group(1)}? " in question
-    elif fam in ("niah_multiquery", "mqar"):
+    elif fam == "mqar":  # Zoology's queries "key: value." after the pairs; the last one's value is scored
+        told = {f.group(1): f.group(2) for f in facts}
+        asked = re.findall(r" (\w+): (\d*)\.?", question)
+        assert len(told) == len(facts) == len(asked) == spec["q"] and s["values"] == [s["answer_text"]]
+        assert all(told[k] == v for k, v in asked[:-1]) and asked[-1] == (asked[-1][0], "")
+        assert told[asked[-1][0]] == s["answer_text"]
+        queried = [tok.decode(toks[a : a + n].tolist()) for a, n in s["answer_spans"]]
+        assert queried == [told[k] for k, _ in asked], "every query's value is trained"
+    elif fam == "niah_multiquery":
         told = {f.group(1): f.group(2) for f in facts}
         assert len(told) == len(facts) == spec["q"]
         assert [told[k] for k in _question_keys(question)] == s["values"], "in the order of the question"
@@ -180,7 +193,7 @@ def test_distinct_keys_and_values(tok, filler):
         assert len({v for _, v in found}) == n
         assert len({k for k, _ in found}) == (1 if "multivalue" in name else n)
     s = make_sample("mqar_n256", tok, filler, T, 1, np.random.default_rng(1))
-    pairs = re.findall(r" (\w+): (\d{4})\.", tok.decode(s["tokens"][:-1].tolist()))
+    pairs = re.findall(r" (\w+): (\d{4})\.", tok.decode(s["tokens"][: s["question_start"]].tolist()))
     assert len(pairs) == s["n_facts"] == 256
     assert len({k for k, _ in pairs}) == len({v for _, v in pairs}) == 256
     assert s["n_segments"] == s["fact_segment"] + 2 and s["fact_segment"] > 0
@@ -287,3 +300,36 @@ def test_what_cannot_fit_is_refused(tok, filler):
     with pytest.raises(ValueError, match="digits"):  # 16 distinct one-digit values do not exist
         make_sample("niah_multikey:k=16,digits=1", tok, filler, T, 6, rng)
     assert issubclass(TaskError, ValueError)
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["niah_multikey:k=4", "niah_multivalue:v=4", "niah_multiquery:q=3", "mqar:n=64", "variable_tracking:h=3,c=2"],
+)
+def test_fixed_layout_holds_any_draw_and_fewer_facts(tok, filler, name):
+    """fact_segments(spec, D) bounds the segments: every draw, with any fewer facts, has S + D + 1 of them."""
+    spec = parse_tasks(name)[0]
+    family_count = FACTS[spec.family]
+    for D in (0, 1, 3):
+        S = fact_segments(spec, tok, T, D)
+        assert S >= fact_segments(spec, tok, T, D + 1), "more distance never needs more fact segments"
+        for count in sorted({1, 2, spec[family_count]}):
+            fewer = with_facts(spec, count)
+            assert fewer[family_count] == count and fewer.name == spec.name
+            for seed in range(3):
+                s = make_sample(fewer, tok, filler, T, D, np.random.default_rng(seed), depth="end", fact_segment=S)
+                assert s["n_segments"] == S + D + 1 and s["fact_segment"] == S
+                _check(tok, s, fewer, D)
+    if spec.family == "mqar":
+        assert fact_segments(spec, tok, T, 1) > 0 and with_facts(spec, 2)["q"] == 2
+    with pytest.raises(ValueError, match="fact_segment"):
+        make_sample("passkey", tok, filler, T, 1, np.random.default_rng(0), fact_segment=1)
+
+
+def test_mqar_queries_are_zoology_pairs(tok, filler):
+    s = make_sample("mqar:n=16,q=4", tok, filler, T, 2, np.random.default_rng(3))
+    tail = tok.decode(s["tokens"][s["question_start"] : -1].tolist())
+    assert re.fullmatch(r"( \w+: \d+\.){3} \w+: \d+", tail), tail
+    assert len(s["answer_spans"]) == 4 and s["answer_spans"][-1] == (s["answer_start"], s["answer_len"])
+    # Each value right after its key; only the last one is the scored answer.
+    assert tail.endswith(s["answer_text"]) and s["values"] == [s["answer_text"]]

@@ -1,0 +1,88 @@
+"""How many segments a task's facts take whatever is drawn, and a task with fewer facts: the episodes' fixed layouts.
+
+Training episodes (train/episodes.py) need every document of a task at
+distance D to have the same number of segments on every rank, whatever words,
+values and tokenizations were drawn: ``fact_segments`` bounds S (the segment
+of the last fact) from the task's parameters, and ``make_sample(...,
+fact_segment=S)`` spreads the facts over segments 0..S. ``with_facts`` gives
+the same task with fewer facts (the episodes' curriculum on the number of
+facts), which fits the same S.
+"""
+
+from __future__ import annotations
+
+from mnemo.data_pipeline.passkey import PieceTokenizer
+from mnemo.data_pipeline.task_layout import Pieces, TaskError
+from mnemo.data_pipeline.tasks import NAME_LETTERS, UUID_GROUPS, WORDS, TaskSpec, task
+
+# family -> the parameter counting the facts a question depends on or is hidden among (the facts curriculum)
+FACTS = {"niah_multikey": "k", "niah_multivalue": "v", "niah_multiquery": "q", "mqar": "n", "variable_tracking": "h"}
+
+
+def with_facts(spec: TaskSpec, count: int) -> TaskSpec:
+    """``spec`` with ``count`` facts (its FACTS parameter; MQAR's queries capped at its pairs), its name kept."""
+    if spec.family not in FACTS:
+        return spec
+    params = dict(spec.params)
+    params[FACTS[spec.family]] = int(count)
+    if spec.family == "mqar":
+        params["q"] = min(params["q"], int(count))
+    return TaskSpec(spec.name, spec.family, task(spec.family, **params).params)
+
+
+def fact_segments(spec: TaskSpec, tokenizer: PieceTokenizer, segment_len: int, distance: int) -> int:
+    """S for ``make_sample(fact_segment=S)``: the segments 0..S hold the block facts of any draw of ``spec``
+    (and of ``with_facts(spec, c)`` for any c below its count), whatever words and values are drawn, and the
+    S + D + 1 segments leave room for its distractor facts.
+
+    A function of (task, parameters, tokenizer, T, D) only: each fact is bounded by its template pieces
+    (encoded) plus the longest key word of WORDS plus one token per character of a number, name or uuid
+    (every token decodes to at least one character), and the question and answer likewise.
+    """
+    fam, T = spec.family, int(segment_len)
+    if fam == "passkey":
+        return 0
+    P = Pieces(tokenizer)
+    word = max(P("", w).size for w in WORDS)
+    sep = max(P(", ").size, P(" and ").size)
+    if fam == "mqar":
+        n = spec["n"]
+        fact = P(" ").size + word + P(": ").size + spec["digits"] + P(".").size
+        tail = spec["q"] * fact
+    elif fam == "variable_tracking":
+        n, name, value = spec["h"] + 1, NAME_LETTERS, spec["digits"]
+        fact = P(" VAR ").size + name + max(P(" = ").size + value, P(" = VAR ").size + name) + P(". ").size
+        lead = P(" Which variables hold the value ").size + P("? In order of assignment, they are: ").size
+        tail = lead + value + n * name + (n - 1) * sep
+    else:
+        kind = spec["value"]
+        value = {"number": spec["digits"], "word": word, "uuid": sum(UUID_GROUPS) + len(UUID_GROUPS) - 1}[kind]
+        n = spec["v"] if fam == "niah_multivalue" else spec["q"] if fam == "niah_multiquery" else 1
+        fact = P(f" One of the special magic {kind}s for ").size + word + P(" is: ").size + value + P(". ").size
+        texts = (f" What are all the special magic {kind}s for ", f"? The special magic {kind}s for ", " are: ")
+        asked = sum(P(t).size for t in texts) + 2 * word
+        texts = (f" What are the special magic {kind}s for ", "? In that order, they are: ")
+        listed = sum(P(t).size for t in texts) + n * word + n * sep
+        tail = max(asked, listed) + n * value + n * sep
+    # Distractor facts: they go anywhere before the question, each inside a free run of one segment.
+    others = 0  # needles (haystack=needles) fill what room is left: the k - 1 keys among them
+    if fam == "niah_multikey" and spec["haystack"] != "needles":
+        others = spec["k"] - 1
+    elif fam == "variable_tracking":
+        others = spec["c"] * n
+    D = int(distance)
+    last_room = T - (tail if D == 0 else 0)
+    for m in range(1, n + 2 * others + 2):
+        big, last = (-(-n // m), n // m) if n >= m else (1, 1)  # facts in the fullest and the last segment
+        # Distractors always find a run when the free room exceeds (distractors + runs) x the longest fact:
+        # a piece fails only when every run has less room left than the piece.
+        free = (m + D) * T - n * fact - tail
+        runs = n + m + D  # the block facts split their segments' free room; one run per other segment
+        if big * fact <= T and last * fact <= last_room and (not others or free >= (others + runs) * fact):
+            return m - 1
+    raise TaskError(
+        f"{spec.name}: {n} facts of up to {fact} tokens"
+        + (f" and {others} distractors" if others else "")
+        + f" do not fit in segment_len {T}"
+        + (" beside the question (distance 0)" if D == 0 else "")
+    )
