@@ -1,23 +1,53 @@
-"""The evaluation of one model: loss by position with memory ablations, and passkey retrieval.
+"""The evaluation of one model: loss by position with memory ablations, passkey retrieval and long-context tasks.
 
-`mnemo eval`, the trainer's in-run evaluation (``train.eval_hook``) and the
-demo run this; ``report`` prints and plots what it returns. It makes the same
-forward calls on every rank for the same inputs (ZeRO-3 gathers parameters
-collectively).
+`mnemo eval` (``evaluate_data_dir``), the trainer's in-run evaluation
+(``train.eval_hook``) and the demo run ``evaluate``; ``report`` prints and
+plots what it returns. It makes the same forward calls on every rank for the
+same inputs (ZeRO-3 gathers parameters collectively).
 """
 
 from __future__ import annotations
 
+import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from mnemo.evaluation.errors import EvalError
-from mnemo.evaluation.inference import eval_mode
-from mnemo.evaluation.report import passkey_result
+from mnemo.evaluation.inference import eval_mode, ltm_capacity_of, sized_ltm, with_ltm_capacity
+from mnemo.evaluation.report import format_table, passkey_result, plots
 from mnemo.evaluation.scoring import ABLATIONS, ablation_table
+from mnemo.evaluation.stats import bootstrap_ratio_interval
+from mnemo.evaluation.task_eval import longest_document, score_tasks, task_samples
+
+# Resamples of the documents behind each bootstrap interval of a loss (fixed seed: the same result every run).
+N_BOOT = 1000
+
+
+def loss_intervals(entry: dict[str, Any]) -> tuple[dict[str, float], dict[str, float]]:
+    """({bucket: lo}, {bucket: hi}): 95 % bootstrap interval of each bucket's loss, resampling documents."""
+    lo, hi = {}, {}
+    for k, sums in entry.get("doc_loss_sums", {}).items():
+        lo[k], hi[k] = bootstrap_ratio_interval(sums, entry["doc_token_counts"][k], n_boot=N_BOOT)
+    return lo, hi
+
+
+def paired_difference(a: dict[str, Any], b: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """{bucket: {diff, lo, hi}}: loss of ``a`` minus loss of ``b`` on the same documents, with a paired
+    bootstrap interval (the same resampled documents for both); negative = ``a`` predicts better."""
+    out = {}
+    for k, sums in a.get("doc_loss_sums", {}).items():
+        other = b.get("doc_loss_sums", {}).get(k)
+        counts = a["doc_token_counts"][k]
+        if other is None or other.shape != sums.shape or not np.array_equal(counts, b["doc_token_counts"][k]):
+            continue  # not the same tokens in this bucket: no pairing
+        diff = sums - other
+        lo, hi = bootstrap_ratio_interval(diff, counts, n_boot=N_BOOT)
+        out[k] = {"diff": float(diff.sum() / counts.sum()), "lo": lo, "hi": hi}
+    return out
 
 
 def evaluate(
@@ -35,17 +65,35 @@ def evaluate(
     distances: Sequence[int] | None = None,
     multikey: int = 0,
     progress: bool = False,
+    tasks: Sequence[Any] = (),
+    task_distances: Sequence[int] | None = None,
+    task_trials: int | None = None,
+    grow_ltm: bool = False,
+    baseline: Any = None,
+    baseline_segment_len: int | None = None,
 ) -> dict[str, Any]:
     """The evaluation of one model, as a JSON-ready dict.
 
     heldout_docs: held-out corpus documents (no passkey documents); the
     first ``max_docs`` (default cfg.eval.max_docs), cut to
     cfg.eval.max_doc_tokens, are read for loss by position; all of them serve
-    as passkey filler. Defaults come from cfg.eval; cfg.model.segment_len is T.
+    as passkey and task filler. Defaults come from cfg.eval; cfg.model.segment_len is T.
+    tasks: ``data_pipeline.tasks.TaskSpec``s scored at ``task_distances``
+    (default cfg.eval.task_distances) with ``task_trials`` documents each
+    (default cfg.eval.task_trials). grow_ltm: size the long-term store for
+    the longest passkey or task document for the evaluation (D * T entries for
+    a passkey at D) when the trained size is smaller; the size is restored after.
+    baseline: a second model (e.g. without memory, segment length
+    ``baseline_segment_len``, default T) read on the same documents.
     Keys: segment_len, num_docs, loss_by_position {bucket: loss},
-    tokens_by_position, loss, bits_per_token, ablations {name: {...}},
-    passkey {D: acc}, passkey_by_depth, passkey_digit_accuracy,
-    passkey_answer_loss, passkey_trials, passkey_multikey (when multikey > 0), seconds.
+    loss_by_position_lo/_hi (bootstrap over documents), tokens_by_position,
+    loss, bits_per_token, ablations {name: {...}}, memory_minus {"no_ltm" |
+    "baseline": {bucket: {diff, lo, hi}}}, passkey {D: acc}, passkey_lo,
+    passkey_hi (Wilson), passkey_by_depth, passkey_digit_accuracy,
+    passkey_answer_loss, passkey_trials, passkey_multikey (when multikey > 0),
+    tasks {name: {D: {exact, lo, hi, trials, token_acc, tokens}}}, baseline
+    {loss_by_position, loss, bits_per_token, tasks} (with a baseline),
+    ltm_capacity, seconds.
     """
     T = int(cfg.model.segment_len)
     B = int(batch_size or max(cfg.train.batch_size, 1))
@@ -55,14 +103,38 @@ def evaluate(
     dists = list(cfg.eval.passkey_distances if distances is None else distances)
     result: dict[str, Any] = {"segment_len": T, "num_docs": len(docs)}
     seconds: dict[str, float] = {}
-    with eval_mode(model):
+    samples: dict[str, dict[str, list[dict]]] = {}
+    if tasks:
+        if not heldout_docs:
+            raise EvalError("task evaluation needs held-out documents for filler; none given")
+        t0 = time.perf_counter()
+        samples = task_samples(
+            tasks,
+            tokenizer,
+            list(heldout_docs),
+            T,
+            list(getattr(cfg.eval, "task_distances", [1, 8]) if task_distances is None else task_distances),
+            int(getattr(cfg.eval, "task_trials", 100) if task_trials is None else task_trials),
+            seed,
+        )
+        seconds["task_documents"] = time.perf_counter() - t0
+    run_passkey = passkey and trials > 0 and bool(dists)
+    # A fact D segments back needs D * T entries: a store of the trained size would have dropped
+    # it before the question comes (FIFO), which tests the size, not retrieval.
+    need = max((max(dists) * T) if run_passkey else 0, longest_document(samples))
+    capacity = max(ltm_capacity_of(model), need) if grow_ltm and ltm_capacity_of(model) else None
+    with eval_mode(model), sized_ltm(model, capacity):
+        result["ltm_capacity"] = ltm_capacity_of(model)
         t0 = time.perf_counter()
         names = list(ABLATIONS) if ablations else ["memory"]
         table = ablation_table(model, docs, T, B, names, progress=progress)
         seconds["loss_by_position"] = time.perf_counter() - t0
         main = table["memory"]
+        lo, hi = loss_intervals(main)
         result.update(
             loss_by_position=main["loss_by_position"],
+            loss_by_position_lo=lo,
+            loss_by_position_hi=hi,
             tokens_by_position=main["tokens_by_position"],
             loss=main["loss"],
             bits_per_token=main["bits_per_token"],
@@ -71,7 +143,9 @@ def evaluate(
         result["ablations"] = {
             k: {kk: v[kk] for kk in ("loss_by_position", "loss", "bits_per_token")} for k, v in table.items()
         }
-        if passkey and trials > 0 and dists:
+        if "no_ltm" in table:
+            result["memory_minus"] = {"no_ltm": paired_difference(main, table["no_ltm"])}
+        if run_passkey:
             if not heldout_docs:
                 raise EvalError("passkey evaluation needs held-out documents for filler; none given")
             result.update(
@@ -89,5 +163,102 @@ def evaluate(
                     seconds=seconds,
                 )
             )
+        if samples:
+            t0 = time.perf_counter()
+            result["tasks"] = score_tasks(model, samples, T, B)
+            seconds["tasks"] = time.perf_counter() - t0
+    if baseline is not None:
+        Tb = int(baseline_segment_len or T)
+        t0 = time.perf_counter()
+        base_cap = max(ltm_capacity_of(baseline), need) if grow_ltm and ltm_capacity_of(baseline) else None
+        with eval_mode(baseline), sized_ltm(baseline, base_cap):
+            base = ablation_table(baseline, docs, Tb, B, ["memory"], progress=progress)["memory"]
+            result["baseline"] = {k: base[k] for k in ("loss_by_position", "loss", "bits_per_token")}
+            if Tb == T:  # the same buckets: a paired difference per bucket
+                result.setdefault("memory_minus", {})["baseline"] = paired_difference(main, base)
+            if samples:
+                result["baseline"]["tasks"] = score_tasks(baseline, samples, Tb, B)
+        seconds["baseline"] = time.perf_counter() - t0
     result["seconds"] = seconds
+    return result
+
+
+def evaluate_data_dir(
+    model: Any,
+    tokenizer: Any,
+    cfg: Any,
+    data_dir: str,
+    *,
+    max_docs: int | None = None,
+    passkey_trials: int | None = None,
+    distances: Sequence[int] = (1, 2, 4, 8, 16, 32),
+    multikey: int = 0,
+    tasks: Sequence[Any] = (),
+    batch_size: int = 32,
+    ablations: bool = True,
+    seed: int = 0,
+    ltm_capacity: int | None = None,
+    baseline: tuple[Any, Any, Any] | None = None,
+    json_out: str | None = None,
+    plots_dir: str | None = None,
+    labels: dict[str, str] | None = None,
+    echo: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """`mnemo eval`: evaluate a loaded model on the held-out documents of an MDS dir; print, write JSON and plots.
+
+    passkey_trials: passkey documents per distance (None: cfg.eval.passkey_trials
+    or 30; 0 skips the passkey), also the documents per (task, distance)
+    (None: cfg.eval.task_trials). ltm_capacity: the long-term store size
+    (None: the trained size, grown for the longest passkey or task document).
+    baseline: (model, tokenizer, cfg) of a second checkpoint read on the same documents
+    and task samples. labels: extra string keys of the JSON (checkpoint,
+    data). Returns the result (``evaluate``'s keys plus labels).
+    """
+    from mnemo.evaluation.heldout import FILLER_TOKENS, check_data_tokenizer, read_heldout_docs
+
+    check_data_tokenizer(data_dir, tokenizer)
+    base_model, base_tok, base_cfg = baseline if baseline is not None else (None, None, None)
+    if base_model is not None and getattr(base_tok, "sha256", None) != getattr(tokenizer, "sha256", None):
+        raise EvalError("--baseline: its tokenizer is not the checkpoint's (the same documents need the same tokens)")
+    max_docs = cfg.eval.max_docs if max_docs is None else max_docs
+    docs = read_heldout_docs(data_dir, cfg.data.val_fraction, max_docs, min_tokens=FILLER_TOKENS)
+    trials = passkey_trials
+    if trials is None:
+        trials = cfg.eval.passkey_trials or 30
+    n_task = cfg.eval.task_trials if passkey_trials is None else passkey_trials
+    if tasks and n_task < 1:
+        raise EvalError(f"--trials: must be >= 1 with --tasks, got {n_task}")
+    with_ltm_capacity(model, ltm_capacity)
+    t0 = time.perf_counter()
+    result = evaluate(
+        model,
+        tokenizer,
+        docs,
+        cfg,
+        ablations=ablations,
+        passkey=trials > 0,
+        seed=seed,
+        batch_size=batch_size,
+        max_docs=max_docs,
+        passkey_trials=trials,
+        distances=distances,
+        multikey=multikey,
+        progress=True,
+        tasks=tasks,
+        task_distances=distances,
+        task_trials=n_task,
+        grow_ltm=ltm_capacity is None,
+        baseline=base_model,
+        baseline_segment_len=int(base_cfg.model.segment_len) if base_cfg is not None else None,
+    )
+    result.update(labels or {})
+    echo(format_table(result))
+    echo(f"\n(evaluated in {time.perf_counter() - t0:.1f} s)")
+    if json_out:
+        Path(json_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_out).write_text(json.dumps(result, indent=2) + "\n")
+        echo(f"wrote {json_out}")
+    if plots_dir:
+        for p in plots(result, plots_dir):
+            echo(f"wrote {p}")
     return result

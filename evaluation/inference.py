@@ -70,3 +70,24 @@ def with_ltm_capacity(model: Any, capacity: int | None) -> Any:
         raise EvalError(f"--ltm-capacity {capacity}: must be >= the model's top-k ({args.ltm_topk})")
     core.args = dataclasses.replace(args, ltm_capacity=int(capacity))
     return model
+
+
+@contextlib.contextmanager
+def sized_ltm(model: Any, capacity: int | None) -> Iterator[None]:
+    """``with_ltm_capacity`` for the block, then the store size it had (evaluation mid-training must not resize it)."""
+    core = core_model(model)
+    before = getattr(core, "args", None)
+    with_ltm_capacity(model, capacity)
+    try:
+        yield
+    finally:
+        if before is not None:
+            core.args = before
+
+
+def ltm_capacity_of(model: Any) -> int:
+    """Entries per slot and layer of the model's long-term store; 0 without long-term memory."""
+    args = getattr(core_model(model), "args", None)
+    if args is None or getattr(args, "ltm_kind", "none") == "none":
+        return 0
+    return int(args.ltm_capacity)

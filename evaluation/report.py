@@ -17,6 +17,17 @@ import numpy as np
 
 from mnemo.data_pipeline.passkey import DEPTHS
 from mnemo.evaluation.scoring import passkey_report
+from mnemo.evaluation.stats import wilson_interval
+from mnemo.evaluation.task_eval import metric_name
+
+
+def wilson_bounds(exact_count: dict[str, int], trials: int) -> tuple[dict[str, float], dict[str, float]]:
+    """({D: lo}, {D: hi}): the 95 % Wilson interval of each distance's exact match (``stats.wilson_interval``)."""
+    lo, hi = {}, {}
+    for D, k in exact_count.items():
+        if trials > 0:
+            lo[D], hi[D] = wilson_interval(int(k), int(trials))
+    return lo, hi
 
 
 def passkey_result(
@@ -33,8 +44,9 @@ def passkey_result(
     progress: bool = False,
     seconds: dict[str, float] | None = None,
 ) -> dict[str, Any]:
-    """The passkey keys of a result: passkey {D: acc}, passkey_by_depth, passkey_digit_accuracy,
-    passkey_answer_loss, passkey_trials, and with multikey > 0 passkey_multikey and passkey_multikey_keys.
+    """The passkey keys of a result: passkey {D: acc}, passkey_lo and passkey_hi {D: 95 % Wilson bound},
+    passkey_by_depth, passkey_digit_accuracy, passkey_answer_loss, passkey_trials, and with multikey > 0
+    passkey_multikey (with passkey_multikey_lo/_hi) and passkey_multikey_keys.
 
     Teacher-forced ``passkey_report`` on ``filler_docs``; the wall time of each
     part goes into ``seconds`` ("passkey", "passkey_multikey") when given.
@@ -53,8 +65,11 @@ def passkey_result(
     )
     if seconds is not None:
         seconds["passkey"] = time.perf_counter() - t0
+    lo, hi = wilson_bounds(rep["exact_count"], rep["trials"])
     out = {
         "passkey": rep["accuracy"],
+        "passkey_lo": lo,
+        "passkey_hi": hi,
         "passkey_by_depth": rep["by_depth"],
         "passkey_digit_accuracy": rep["digit_accuracy"],
         "passkey_answer_loss": rep["answer_loss"],
@@ -76,27 +91,46 @@ def passkey_result(
         )
         if seconds is not None:
             seconds["passkey_multikey"] = time.perf_counter() - t0
-        out.update(passkey_multikey=mk["accuracy"], passkey_multikey_keys=multikey)
+        lo, hi = wilson_bounds(mk["exact_count"], mk["trials"])
+        out.update(passkey_multikey=mk["accuracy"], passkey_multikey_lo=lo, passkey_multikey_hi=hi)
+        out["passkey_multikey_keys"] = multikey
     return out
 
 
 def flat_metrics(result: dict[str, Any], prefix: str = "eval/") -> dict[str, float]:
-    """MLflow-style scalars: eval/loss, eval/loss_pos_512, eval/passkey_d8, eval/no_ltm/loss, ..."""
+    """MLflow-style scalars: eval/loss, eval/loss_pos_512 (+ _lo, _hi), eval/passkey_d8 (+ _lo, _hi),
+    eval/no_ltm/loss, eval/no_ltm/diff_pos_512 (+ _lo, _hi: memory - no_ltm), eval/task/<name>/d<D>/exact
+    (+ _lo, _hi), ..."""
     m: dict[str, float] = {}
     for k in ("loss", "bits_per_token"):
         if k in result:
             m[prefix + k] = float(result[k])
     for k, v in result.get("loss_by_position", {}).items():
         m[f"{prefix}loss_pos_{k}"] = float(v)
+    for side in ("lo", "hi"):
+        for k, v in result.get(f"loss_by_position_{side}", {}).items():
+            m[f"{prefix}loss_pos_{k}_{side}"] = float(v)
+    for other, by_bucket in result.get("memory_minus", {}).items():
+        for k, d in by_bucket.items():
+            m[f"{prefix}{other}/diff_pos_{k}"] = float(d["diff"])
+            m[f"{prefix}{other}/diff_pos_{k}_lo"] = float(d["lo"])
+            m[f"{prefix}{other}/diff_pos_{k}_hi"] = float(d["hi"])
     for name, ab in result.get("ablations", {}).items():
         if name != "memory":
             m[f"{prefix}{name}/loss"] = float(ab["loss"])
     for k, v in result.get("passkey", {}).items():
         m[f"{prefix}passkey_d{k}"] = float(v)
+    for side in ("lo", "hi"):
+        for k, v in result.get(f"passkey_{side}", {}).items():
+            m[f"{prefix}passkey_d{k}_{side}"] = float(v)
     for k, v in result.get("passkey_answer_loss", {}).items():
         m[f"{prefix}passkey_answer_loss_d{k}"] = float(v)
     for k, v in result.get("passkey_multikey", {}).items():
         m[f"{prefix}passkey_multikey_d{k}"] = float(v)
+    for name, by_d in result.get("tasks", {}).items():
+        for D, c in by_d.items():
+            for key, field in (("exact", "exact"), ("exact_lo", "lo"), ("exact_hi", "hi")):
+                m[f"{prefix}task/{metric_name(name)}/d{D}/{key}"] = float(c[field])
     return {k: v for k, v in m.items() if math.isfinite(v)}
 
 
@@ -140,8 +174,32 @@ def format_table(result: dict[str, Any]) -> str:
         f"loss by position (nats/token; T={T}; {result.get('num_docs', '?')} documents, "
         f"{result.get('num_tokens', '?')} tokens)"
     ]
-    lines += loss_table([(n, ab[n]) for n in names], T, result.get("tokens_by_position", {}))
-    lines.append(f"{'bits/token':<20}{'':>9}" + "".join(f"{ab[n]['bits_per_token']:>11.4f}" for n in names))
+    cols = [(n, ab[n]) for n in names]
+    if result.get("baseline"):
+        cols.append(("baseline", result["baseline"]))
+    table = loss_table(cols, T, result.get("tokens_by_position", {}))
+    # Intervals beside the losses: the memory column's bootstrap over documents, then paired
+    # differences memory - other (negative: the memory predicts better; the interval excludes 0 or not).
+    extra: list[tuple[str, dict[str, str]]] = []
+    lo, hi = result.get("loss_by_position_lo", {}), result.get("loss_by_position_hi", {})
+    if lo:
+        extra.append(("memory 95% CI", {k: f"[{lo[k]:.3f}, {hi[k]:.3f}]" for k in lo}))
+    for other, by_bucket in result.get("memory_minus", {}).items():
+        extra.append(
+            (
+                f"mem - {other} [95% CI]",
+                {k: f"{d['diff']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}]" for k, d in by_bucket.items()},
+            )
+        )
+    if extra:
+        width = [max(len(h), *(len(v) for v in col.values())) + 2 for h, col in extra]
+        table[0] += "".join(f"{h:>{w}}" for (h, _), w in zip(extra, width))
+        buckets = sorted({int(k) for _, e in cols for k in e["loss_by_position"]})
+        for i, b in enumerate(buckets):
+            table[1 + i] += "".join(f"{col.get(str(b), '-'):>{w}}" for (_, col), w in zip(extra, width))
+    lines += table
+    bits = [ab[n]["bits_per_token"] for n in names] + [e["bits_per_token"] for n, e in cols[len(names) :]]
+    lines.append(f"{'bits/token':<20}{'':>9}" + "".join(f"{b:>11.4f}" for b in bits))
     if result.get("passkey"):
         depths = list(DEPTHS)
         lines.append("")
@@ -150,8 +208,10 @@ def format_table(result: dict[str, Any]) -> str:
             f"distance; digits = per-token argmax accuracy, ans nll = answer loss, teacher-forced)"
         )
         mk = result.get("passkey_multikey") or {}
+        pk_lo, pk_hi = result.get("passkey_lo", {}), result.get("passkey_hi", {})
         hdr = (
             f"{'D (segments)':<14}{'all':>8}"
+            + (f"{'95% CI':>16}" if pk_lo else "")
             + "".join(f"{d:>8}" for d in depths)
             + f"{'digits':>8}"
             + f"{'ans nll':>9}"
@@ -161,17 +221,52 @@ def format_table(result: dict[str, Any]) -> str:
         lines.append(hdr)
         for D, acc in result["passkey"].items():
             dd = result.get("passkey_by_depth", {}).get(D, {})
-            row = f"{D:<14}{acc:>8.3f}" + "".join(f"{dd[d]:>8.3f}" if d in dd else f"{'-':>8}" for d in depths)
+            row = f"{D:<14}{acc:>8.3f}"
+            if pk_lo:
+                row += f"{f'[{pk_lo[D]:.3f}, {pk_hi[D]:.3f}]' if D in pk_lo else '-':>16}"
+            row += "".join(f"{dd[d]:>8.3f}" if d in dd else f"{'-':>8}" for d in depths)
             row += f"{result.get('passkey_digit_accuracy', {}).get(D, float('nan')):>8.3f}"
             row += f"{result.get('passkey_answer_loss', {}).get(D, float('nan')):>9.3f}"
             if mk:
                 row += f"{mk.get(D, float('nan')):>9.3f}"
             lines.append(row)
+    if result.get("tasks"):
+        lines.append("")
+        lines += task_table(result["tasks"], (result.get("baseline") or {}).get("tasks"))
     return "\n".join(lines)
 
 
+def task_table(tasks: dict[str, dict[str, dict]], baseline: dict[str, dict[str, dict]] | None = None) -> list[str]:
+    """Long-context tasks as text lines: task, D, tokens (longest document), exact match [95 % Wilson
+    interval] and per-token accuracy of the memory model, and of the baseline when given."""
+    trials = sorted({c["trials"] for by_d in tasks.values() for c in by_d.values()})
+    width = max([len("task"), *(len(n) for n in tasks)]) + 2
+    lines = [
+        f"long-context tasks: exact match of greedy decoding [95% Wilson interval] "
+        f"({'/'.join(map(str, trials))} trials per cell; tok acc = per-token argmax accuracy)",
+        f"{'task':<{width}}{'D':>5}{'tokens':>8}{'memory exact [lo, hi]':>26}{'tok acc':>9}"
+        + (f"{'baseline exact [lo, hi]':>26}{'tok acc':>9}" if baseline else ""),
+    ]
+
+    def cell(c: dict | None) -> str:
+        if c is None:
+            return f"{'-':>26}{'-':>9}"
+        e, lo, hi = c["exact"], c["lo"], c["hi"]
+        exact = f"{e:.3f} [{lo:.3f}, {hi:.3f}]"
+        return f"{exact:>26}{c['token_acc']:>9.3f}"
+
+    for name, by_d in tasks.items():
+        for D, c in by_d.items():
+            row = f"{name:<{width}}{D:>5}{c['tokens']:>8}" + cell(c)
+            if baseline:
+                row += cell(baseline.get(name, {}).get(D))
+            lines.append(row)
+    return lines
+
+
 def plots(result: dict[str, Any], out_dir: str | Path) -> list[str]:
-    """PNG files: loss-by-position curves (one per ablation) and a passkey heat map (D x depth)."""
+    """PNG files: loss-by-position curves (one per ablation), a passkey heat map (D x depth) and the
+    long-context tasks' exact match by distance (tasks_accuracy.png, with a result's "tasks")."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -226,6 +321,32 @@ def plots(result: dict[str, Any], out_dir: str | Path) -> list[str]:
         fig.colorbar(im, ax=ax)
         fig.tight_layout()
         p = out / "passkey_accuracy.png"
+        fig.savefig(p, dpi=100)
+        plt.close(fig)
+        paths.append(str(p))
+
+    if result.get("tasks"):
+        # Accuracy vs distance, one colour per task: memory solid, baseline dashed, Wilson bands.
+        fig, ax = plt.subplots(figsize=(7, 4))
+        base = (result.get("baseline") or {}).get("tasks") or {}
+        for i, (name, by_d) in enumerate(result["tasks"].items()):
+            color = f"C{i % 10}"
+            for what, cells, style in (("memory", by_d, "-"), ("baseline", base.get(name), "--")):
+                if not cells:
+                    continue
+                ds = sorted(cells, key=int)
+                x = [int(d) for d in ds]
+                ax.plot(x, [cells[d]["exact"] for d in ds], style, marker="o", color=color, label=f"{name} ({what})")
+                ax.fill_between(x, [cells[d]["lo"] for d in ds], [cells[d]["hi"] for d in ds], color=color, alpha=0.15)
+        ax.set_xscale("symlog", linthresh=1)
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_xlabel("distance D (segments) between the last fact and the question")
+        ax.set_ylabel("exact match")
+        ax.set_title("Long-context tasks (95% Wilson bands)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        p = out / "tasks_accuracy.png"
         fig.savefig(p, dpi=100)
         plt.close(fig)
         paths.append(str(p))

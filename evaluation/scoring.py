@@ -88,8 +88,8 @@ def _position_losses(
     stm: bool,
     ltm: bool,
     progress: bool = False,
-) -> tuple[dict[int, float], dict[int, int]]:
-    """Summed loss and token count per bucket lower bound.
+) -> tuple[dict[int, float], dict[int, int], dict[int, np.ndarray], dict[int, np.ndarray]]:
+    """Summed loss and token count per bucket lower bound, in all and per document ([n_docs] each).
 
     B slots read documents in order; a slot that finishes its document takes
     the next one and its memory is reset. The tail segment of a document is
@@ -101,8 +101,10 @@ def _position_losses(
     docs = [d for d in docs if d.size >= 2]
     sums: dict[int, float] = {}
     counts: dict[int, int] = {}
+    doc_sums: dict[int, np.ndarray] = {}  # bucket -> [n_docs] summed loss (bootstrap over documents)
+    doc_counts: dict[int, np.ndarray] = {}  # bucket -> [n_docs] tokens
     if not docs:
-        return sums, counts
+        return sums, counts, doc_sums, doc_counts
     B = max(1, min(int(batch_size), len(docs)))
     device = model_device(model)
     state = core_model(model).init_state(B, stm=stm, ltm=ltm, device=device)
@@ -148,27 +150,40 @@ def _position_losses(
         )
         lower = bucket_lower(pos[valid], T)
         vals = nll[valid]
+        which = np.broadcast_to(np.asarray(slot_doc, dtype=np.int64)[:, None], (B, T))[valid]  # document of each
         for lo in np.unique(lower):
             sel = lower == lo
             sums[int(lo)] = sums.get(int(lo), 0.0) + float(vals[sel].sum())
             counts[int(lo)] = counts.get(int(lo), 0) + int(sel.sum())
+            np.add.at(doc_sums.setdefault(int(lo), np.zeros(len(docs))), which[sel], vals[sel])
+            np.add.at(doc_counts.setdefault(int(lo), np.zeros(len(docs))), which[sel], 1.0)
         if bar is not None:
             bar.update(int(sum(d >= 0 for d in slot_doc)))
     if bar is not None:
         bar.close()
-    return sums, counts
+    return sums, counts, doc_sums, doc_counts
 
 
-def _summarize(sums: dict[int, float], counts: dict[int, int]) -> dict[str, Any]:
+def _summarize(
+    sums: dict[int, float],
+    counts: dict[int, int],
+    doc_sums: dict[int, np.ndarray] | None = None,
+    doc_counts: dict[int, np.ndarray] | None = None,
+) -> dict[str, Any]:
     total_n = sum(counts.values())
     total = sum(sums.values()) / total_n if total_n else float("nan")
-    return {
+    out = {
         "loss_by_position": {str(k): sums[k] / counts[k] for k in sorted(sums)},
         "tokens_by_position": {str(k): counts[k] for k in sorted(counts)},
         "loss": total,
         "bits_per_token": total / LN2,
         "tokens": total_n,
     }
+    if doc_sums is not None and doc_counts is not None:
+        # Per document and bucket (not JSON): what the bootstrap intervals resample.
+        out["doc_loss_sums"] = {str(k): doc_sums[k] for k in sorted(doc_sums)}
+        out["doc_token_counts"] = {str(k): doc_counts[k] for k in sorted(doc_counts)}
+    return out
 
 
 def loss_by_position(
@@ -180,7 +195,7 @@ def loss_by_position(
     Bucket keys are the bucket's lower bound (digit strings); the other keys
     are not digits. docs: token ids of whole documents (EOS last, as stored).
     """
-    s = _summarize(*_position_losses(model, docs, segment_len, batch_size, stm, ltm))
+    s = _summarize(*_position_losses(model, docs, segment_len, batch_size, stm, ltm)[:2])
     out: dict[str, float] = dict(s["loss_by_position"])
     out.update(loss=s["loss"], bits_per_token=s["bits_per_token"], tokens=float(s["tokens"]))
     return out
@@ -194,7 +209,8 @@ def ablation_table(
     names: Sequence[str] = tuple(ABLATIONS),
     progress: bool = False,
 ) -> dict[str, dict[str, Any]]:
-    """{ablation: {"loss_by_position", "tokens_by_position", "loss", "bits_per_token", "tokens"}}.
+    """{ablation: {"loss_by_position", "tokens_by_position", "loss", "bits_per_token", "tokens",
+    "doc_loss_sums", "doc_token_counts"}}: the last two {bucket: [n_docs] array} per document (not JSON).
 
     Memory the architecture does not have cannot be switched off, so
     configurations that coincide (e.g. "no_ltm" of a model without LTM) are
@@ -361,13 +377,13 @@ def passkey_report(
     Returns {"accuracy": {D: acc}, "by_depth": {D: {depth: acc}},
     "digit_accuracy": {D: fraction of answer tokens whose argmax is right
     (teacher-forced; chance 0.1)}, "answer_loss": {D: nats per answer token}
-    (teacher-forced only), "trials": n}.
+    (teacher-forced only), "trials": n, "exact_count": {D: documents answered exactly}}.
     """
     if decode not in ("teacher_forced", "greedy"):
         raise ValueError(f"unknown decode {decode!r}")
     T = int(segment_len)
     stream = filler_stream(filler_docs)
-    acc, by_depth, digit_acc, ans_loss = {}, {}, {}, {}
+    acc, by_depth, digit_acc, ans_loss, hits = {}, {}, {}, {}, {}
     bar = _progress(len(distances), "passkey" if n_keys == 1 else f"passkey ({n_keys} keys)", progress)
     for D in distances:
         samples = passkey_samples(tokenizer, stream, T, D, depths, trials, seed, n_keys)
@@ -379,13 +395,20 @@ def passkey_report(
         exact, digit = cell_stats(samples, preds)
         cell = [s["depth"] for s in samples]
         acc[str(D)] = float(exact.mean()) if trials else float("nan")
+        hits[str(D)] = int(exact.sum())
         digit_acc[str(D)] = float(digit.mean()) if trials else float("nan")
         by_depth[str(D)] = {dp: float(exact[[c == dp for c in cell]].mean()) for dp in depths if dp in cell}
         if bar is not None:
             bar.update(1)
     if bar is not None:
         bar.close()
-    rep = {"accuracy": acc, "by_depth": by_depth, "digit_accuracy": digit_acc, "trials": int(trials)}
+    rep = {
+        "accuracy": acc,
+        "by_depth": by_depth,
+        "digit_accuracy": digit_acc,
+        "trials": int(trials),
+        "exact_count": hits,
+    }
     if ans_loss:
         rep["answer_loss"] = ans_loss
     return rep

@@ -59,3 +59,44 @@ def bootstrap_mean_interval(
         means[b : b + idx.shape[0]] = x[idx].mean(axis=1)
     lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
     return float(lo), float(hi)
+
+
+def bootstrap_ratio_interval(
+    numerators: Sequence[float] | np.ndarray,
+    denominators: Sequence[float] | np.ndarray,
+    n_boot: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> tuple[float, float]:
+    """(lo, hi) percentile bootstrap interval of sum(numerators) / sum(denominators), resampling the pairs.
+
+    For a mean over units of unequal size (loss summed per document over its
+    tokens / the document's token count): whole units are resampled, so the
+    interval reflects the variation between documents, not between tokens.
+    A paired difference of two such means over the same units is the ratio
+    of the numerator differences. Units with a zero denominator are dropped.
+    Raises ValueError for mismatched lengths, no unit left, a non-finite
+    value, n_boot < 1 or level outside (0, 1).
+    """
+    num = np.asarray(numerators, dtype=np.float64).reshape(-1)
+    den = np.asarray(denominators, dtype=np.float64).reshape(-1)
+    if num.shape != den.shape:
+        raise ValueError(f"bootstrap_ratio_interval: {num.size} numerators but {den.size} denominators")
+    if not (np.isfinite(num).all() and np.isfinite(den).all()):
+        raise ValueError("bootstrap_ratio_interval: the values hold NaN or infinity")
+    keep = den != 0
+    num, den = num[keep], den[keep]
+    if num.size == 0:
+        raise ValueError("bootstrap_ratio_interval: no unit with a nonzero denominator")
+    if n_boot < 1:
+        raise ValueError(f"bootstrap_ratio_interval: n_boot must be >= 1, got {n_boot}")
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"bootstrap_ratio_interval: level must be in (0, 1), got {level}")
+    rng = np.random.default_rng(seed)
+    ratios = np.empty(n_boot)
+    rows = max(1, 4_000_000 // num.size)  # resamples per block, as bootstrap_mean_interval
+    for b in range(0, n_boot, rows):
+        idx = rng.integers(0, num.size, size=(min(rows, n_boot - b), num.size))  # [rows, n]
+        ratios[b : b + idx.shape[0]] = num[idx].sum(axis=1) / den[idx].sum(axis=1)
+    lo, hi = np.quantile(ratios, [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)

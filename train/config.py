@@ -227,6 +227,13 @@ class EvalConfig:
     passkey_trials: int = 0
     # Distances D (in segments) between passkey and question.
     passkey_distances: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
+    # Long-context tasks scored at each evaluation (names of mnemo.data_pipeline.tasks, each may take
+    # parameters: "niah_multikey:k=4"); empty = none. MLflow: eval/task/<name>/d<D>/exact (+ _lo, _hi).
+    tasks: list[str] = field(default_factory=list)
+    # Distances D (in segments) between the last fact and the question of each task.
+    task_distances: list[int] = field(default_factory=lambda: [1, 8])
+    # Documents per task and distance.
+    task_trials: int = 100
 
 
 @dataclass
@@ -476,6 +483,19 @@ def validate(cfg: Config) -> None:
     need(cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0")
     need(bool(cfg.run.dir), "run.dir", "must not be empty")
     need(all(d >= 1 for d in cfg.eval.passkey_distances), "eval.passkey_distances", "must be >= 1")
+    need(all(d >= 0 for d in cfg.eval.task_distances), "eval.task_distances", "must be >= 0")
+    need(cfg.eval.task_trials >= 1, "eval.task_trials", "must be >= 1")
+    if cfg.eval.tasks:  # the task generators (numpy): imported only when tasks are named
+        from mnemo.data_pipeline.errors import DataError
+        from mnemo.data_pipeline.tasks import parse_tasks
+
+        names: list[str] = []
+        for i, item in enumerate(cfg.eval.tasks):
+            try:
+                names += [spec.name for spec in parse_tasks(str(item))]
+            except DataError as e:
+                raise ConfigError(f"eval.tasks[{i}]: {str(e).splitlines()[0]}") from None
+            need(len(set(names)) == len(names), f"eval.tasks[{i}]", f"task {names[-1]!r} named twice")
 
 
 def check_paths(cfg: Config) -> None:

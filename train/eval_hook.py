@@ -24,10 +24,15 @@ def run_eval(cfg: Config, module, source, tok_file: str, tracker, step: int, ran
     from mnemo.data_pipeline.tokenizer import Tokenizer
     from mnemo.evaluation.evaluate import evaluate
     from mnemo.evaluation.report import flat_metrics, plots
+    from mnemo.evaluation.task_eval import task_specs
 
     docs = heldout_docs(source, cfg)
     if not docs:
         return {}
+    # Validated with the config; eval.task_distances and eval.task_trials are evaluate()'s defaults.
+    # The store keeps its trained size here (training goes on with it): a document longer than
+    # memory.long.capacity loses its first facts, as in training; `mnemo eval` sizes it for the longest.
+    tasks = task_specs(cfg.eval.tasks, "eval.tasks")
     # evaluate() runs the module in eval mode and restores training mode (evaluation.inference.eval_mode).
     result = evaluate(
         module,
@@ -37,6 +42,7 @@ def run_eval(cfg: Config, module, source, tok_file: str, tracker, step: int, ran
         ablations=False,
         passkey=cfg.eval.passkey_trials > 0,
         seed=cfg.train.seed,
+        tasks=tasks,
     )
     metrics = flat_metrics(result)
     tracker.log_metrics(metrics, step)

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import time
 from pathlib import Path
 
 
@@ -24,7 +22,7 @@ def add_eval(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentPar
         name,
         help="long-context evaluation of a checkpoint",
         description="Loss by position (with memory ablations) on held-out documents and "
-        "passkey retrieval across D segments.",
+        "passkey retrieval across D segments, and long-context tasks (--tasks).",
     )
     p.add_argument("checkpoint", help="checkpoint step dir, run dir (latest checkpoint) or export dir")
     p.add_argument("--data", required=True, help="MDS data dir from `mnemo prepare` (held-out documents are read)")
@@ -38,15 +36,32 @@ def add_eval(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentPar
     )
     p.add_argument(
         "--passkey-trials",
+        "--trials",
+        dest="passkey_trials",
         type=int,
         default=None,
-        help="passkey documents per distance (0 = skip; default: eval.passkey_trials or 30)",
+        help="documents per distance, of the passkey (0 = skip; default: eval.passkey_trials or 30) and of "
+        "each --tasks task (default: eval.task_trials)",
     )
     p.add_argument(
         "--distances",
         type=_int_list,
         default=[1, 2, 4, 8, 16, 32],
-        help="passkey distances D in segments (default 1,2,4,8,16,32)",
+        help="passkey and --tasks distances D in segments (default 1,2,4,8,16,32)",
+    )
+    p.add_argument(
+        "--tasks",
+        default=None,
+        metavar="NAME,...",
+        help="also score long-context tasks, e.g. niah_multikey:k=4,mqar:n=16,q=8,variable_tracking_h2 "
+        "(exact match per task and distance with 95%% Wilson intervals; names: mnemo.data_pipeline.tasks)",
+    )
+    p.add_argument(
+        "--baseline",
+        default=None,
+        metavar="CKPT",
+        help="a second checkpoint (e.g. without memory) read on the same documents: its loss by position, "
+        "the paired difference memory - baseline, and its task scores beside the memory's",
     )
     p.add_argument(
         "--multikey",
@@ -64,7 +79,8 @@ def add_eval(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentPar
         default=None,
         metavar="N",
         help="long-term store entries per slot and layer (default: the trained size, or "
-        "max(--distances) * segment_len if larger: a passkey at distance D needs D * segment_len)",
+        "max(--distances) * segment_len or the longest task document if larger: a passkey at distance D "
+        "needs D * segment_len)",
     )
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     return p
@@ -97,56 +113,40 @@ def add_generate(sub: argparse._SubParsersAction, name: str) -> argparse.Argumen
 def cmd_eval(args: argparse.Namespace) -> int:
     from mnemo.train.checkpoint import load_for_inference
     from mnemo.train.errors import UserError
-    from mnemo.evaluation.evaluate import evaluate
-    from mnemo.evaluation.heldout import FILLER_TOKENS, check_data_tokenizer, read_heldout_docs
-    from mnemo.evaluation.inference import resolve_device, with_ltm_capacity
-    from mnemo.evaluation.report import format_table, plots
+    from mnemo.evaluation.evaluate import evaluate_data_dir
+    from mnemo.evaluation.inference import resolve_device
+    from mnemo.evaluation.task_eval import task_specs
 
     data = Path(args.data)
     if not (data / "index.json").is_file():  # before the (slower) model load
         what = "no such directory" if not data.is_dir() else "no MDS shards (index.json missing)"
         raise UserError(f"--data: {what}: {data}")
-    model, tokenizer, cfg = load_for_inference(args.checkpoint, device=resolve_device(args.device))
-    check_data_tokenizer(args.data, tokenizer)
-    max_docs = cfg.eval.max_docs if args.max_docs is None else args.max_docs
-    docs = read_heldout_docs(args.data, cfg.data.val_fraction, max_docs, min_tokens=FILLER_TOKENS)
-    trials = args.passkey_trials
-    if trials is None:
-        trials = cfg.eval.passkey_trials or 30
-    capacity = args.ltm_capacity
-    if capacity is None and trials > 0 and args.distances and getattr(model.args, "ltm_kind", "none") != "none":
-        # A passkey at D segments needs D * T entries: a store of the trained size would have
-        # dropped the key before the question comes (FIFO), which tests the size, not retrieval.
-        capacity = max(model.args.ltm_capacity, max(args.distances) * cfg.model.segment_len)
-    with_ltm_capacity(model, capacity)
-    t0 = time.perf_counter()
-    result = evaluate(
+    tasks = task_specs([args.tasks]) if args.tasks else []
+    device = resolve_device(args.device)
+    model, tokenizer, cfg = load_for_inference(args.checkpoint, device=device)
+    baseline = load_for_inference(args.baseline, device=device) if args.baseline else None
+    labels = {"checkpoint": str(args.checkpoint), "data": str(args.data)}
+    if args.baseline:
+        labels["baseline_checkpoint"] = str(args.baseline)
+    evaluate_data_dir(
         model,
         tokenizer,
-        docs,
         cfg,
-        ablations=not args.no_ablations,
-        passkey=trials > 0,
-        seed=args.seed,
-        batch_size=args.batch_size,
-        max_docs=max_docs,
-        passkey_trials=trials,
+        args.data,
+        max_docs=args.max_docs,
+        passkey_trials=args.passkey_trials,
         distances=args.distances,
         multikey=args.multikey,
-        progress=True,
+        tasks=tasks,
+        batch_size=args.batch_size,
+        ablations=not args.no_ablations,
+        seed=args.seed,
+        ltm_capacity=args.ltm_capacity,
+        baseline=baseline,
+        json_out=args.json,
+        plots_dir=args.plots,
+        labels=labels,
     )
-    result["checkpoint"] = str(args.checkpoint)
-    result["data"] = str(args.data)
-    result["ltm_capacity"] = model.args.ltm_capacity if model.args.ltm_kind != "none" else 0
-    print(format_table(result))
-    print(f"\n(evaluated in {time.perf_counter() - t0:.1f} s)")
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {args.json}")
-    if args.plots:
-        for p in plots(result, args.plots):
-            print(f"wrote {p}")
     return 0
 
 

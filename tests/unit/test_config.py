@@ -186,6 +186,11 @@ def test_non_finite_numbers_are_refused_everywhere(key, value):
         ("eval.max_docs=-1", "eval.max_docs: must be >= 0"),
         ("eval.max_doc_tokens=0", "eval.max_doc_tokens: must be >= 1"),
         ("eval.passkey_trials=-1", "eval.passkey_trials: must be >= 0"),
+        ("eval.tasks=[niah_single_number, bogus]", "eval.tasks[1]: unknown task 'bogus'"),
+        ("eval.tasks=[mqar:n=0]", "eval.tasks[0]: mqar: parameter n must be >= 1"),
+        ("eval.tasks=[passkey, passkey]", "eval.tasks[1]: task 'passkey' named twice"),
+        ("eval.task_trials=0", "eval.task_trials: must be >= 1"),
+        ("eval.task_distances=[1,-1]", "eval.task_distances: must be >= 0"),
         ("tracking.peak_flops=-1", "tracking.peak_flops: must be >= 0"),
         ("data.val_fraction=nan", "data.val_fraction: expected a finite number"),
     ],
@@ -217,3 +222,10 @@ def test_out_of_range_values_name_the_key(override, needle):
 )
 def test_edge_values_inside_the_ranges_are_accepted(override):
     load_config("configs/debug.yaml", [override])
+
+
+def test_eval_tasks_defaults_and_names():
+    cfg = load_config("configs/debug.yaml")
+    assert (cfg.eval.tasks, cfg.eval.task_distances, cfg.eval.task_trials) == ([], [1, 8], 100)
+    cfg = load_config("configs/debug.yaml", ["eval.tasks=[niah_multikey:k=4, mqar_n16, passkey]"])
+    assert cfg.eval.tasks == ["niah_multikey:k=4", "mqar_n16", "passkey"]

@@ -297,6 +297,96 @@ def test_evaluate_json_table_plots(tok, corpus, tmp_path):
     assert list(res2["ablations"]) == ["memory"] and "passkey" not in res2
 
 
+class NoMemoryInduction(InductionModel):
+    """The copier without memory whatever the flags: a baseline that sees only its current segment."""
+
+    def init_state(self, batch_size, stm=True, ltm=True, device=None, dtype=None):
+        return InductionState([[] for _ in range(batch_size)], False)
+
+
+def test_evaluate_tasks_intervals_and_baseline(tok, corpus, tmp_path):
+    from mnemo.evaluation.stats import wilson_interval
+    from mnemo.evaluation.task_eval import task_specs
+
+    T = 128
+    res = evaluate(
+        InductionModel(tok.vocab_size),
+        tok,
+        corpus,
+        _cfg(T),
+        tasks=task_specs(["passkey,mqar_n16"]),
+        task_distances=[1, 2],
+        task_trials=3,
+        baseline=NoMemoryInduction(tok.vocab_size),
+    )
+    json.dumps(res)  # JSON-ready: no per-document arrays left in it
+    assert list(res["tasks"]) == ["passkey", "mqar_n16"] and list(res["tasks"]["mqar_n16"]) == ["1", "2"]
+    yes, no = wilson_interval(3, 3), wilson_interval(0, 3)
+    for name in ("passkey", "mqar_n16"):
+        for D in ("1", "2"):
+            c, b = res["tasks"][name][D], res["baseline"]["tasks"][name][D]
+            assert (c["exact"], c["lo"], c["hi"], c["trials"], c["token_acc"]) == (1.0, *yes, 3, 1.0)
+            assert (b["exact"], b["lo"], b["hi"]) == (0.0, *no)  # the fact is D segments back: out of sight
+            assert c["tokens"] >= (int(D) + 1) * T
+    # The passkey report carries its Wilson bounds beside the old keys.
+    assert res["passkey"] == {"1": 1.0, "2": 1.0}
+    assert res["passkey_lo"] == {"1": yes[0], "2": yes[0]} and res["passkey_hi"] == {"1": yes[1], "2": yes[1]}
+    # Loss by position: a bootstrap interval around each bucket; paired differences memory - other.
+    for k, v in res["loss_by_position"].items():
+        assert res["loss_by_position_lo"][k] <= v <= res["loss_by_position_hi"][k]
+    assert set(res["memory_minus"]) == {"no_ltm", "baseline"}
+    later = res["memory_minus"]["baseline"][str(T)]  # [T, 2T): the copier with memory sees the first segment
+    assert later["lo"] <= later["diff"] <= later["hi"] < 0
+    assert res["memory_minus"]["baseline"]["0"] == {"diff": 0.0, "lo": 0.0, "hi": 0.0}  # segment 0: no memory yet
+    text = format_table(res)
+    lo, hi = yes
+    assert f"1.000 [{lo:.3f}, {hi:.3f}]" in text and f"0.000 [{no[0]:.3f}, {no[1]:.3f}]" in text
+    assert "long-context tasks" in text and "baseline exact [lo, hi]" in text and "mem - baseline" in text
+    assert any(line.startswith("1 ") and f"[{lo:.3f}, {hi:.3f}]" in line for line in text.splitlines())
+    m = flat_metrics(res)
+    assert m["eval/task/mqar_n16/d2/exact"] == 1.0
+    assert (m["eval/task/mqar_n16/d2/exact_lo"], m["eval/task/mqar_n16/d2/exact_hi"]) == yes
+    assert m["eval/passkey_d1_lo"] == lo and m["eval/loss_pos_0_hi"] == res["loss_by_position_hi"]["0"]
+    assert m["eval/baseline/diff_pos_128"] == later["diff"] and "eval/no_ltm/diff_pos_128_lo" in m
+    assert [Path(p).name for p in plots(res, tmp_path)][-1] == "tasks_accuracy.png"
+
+
+def test_task_documents_are_seeded_per_task(tok, corpus):
+    from mnemo.evaluation.task_eval import task_rng, task_samples, task_specs
+
+    def docs(names, seed=0):
+        return task_samples(task_specs([names]), tok, corpus, 128, [1, 3], 4, seed)
+
+    alone, with_other = docs("mqar_n16"), docs("niah_single_number,mqar_n16")
+    for D in ("1", "3"):  # adding a task leaves another's documents as they were
+        assert [s["tokens"].tolist() for s in alone["mqar_n16"][D]] == [
+            s["tokens"].tolist() for s in with_other["mqar_n16"][D]
+        ]
+    assert [s["tokens"].tolist() for s in docs("mqar_n16", seed=1)["mqar_n16"]["1"]] != [
+        s["tokens"].tolist() for s in alone["mqar_n16"]["1"]
+    ]
+    assert len(alone["mqar_n16"]["1"]) == 4 and alone["mqar_n16"]["1"][0]["task"] == "mqar_n16"
+    # Each task and distance draws from its own generator: (seed, D, crc32 of the name).
+    draw = [task_rng(0, D, n).integers(1 << 30) for n, D in (("a", 1), ("b", 1), ("a", 2))]
+    assert len(set(draw)) == 3 and task_rng(0, 1, "a").integers(1 << 30) == draw[0]
+
+
+@pytest.mark.parametrize(
+    "names,needle",
+    [
+        ("bogus", "--tasks: unknown task 'bogus'"),
+        ("mqar:n=0", "--tasks: mqar: parameter n must be >= 1"),
+        ("passkey,passkey", "--tasks: task 'passkey' named twice"),
+    ],
+)
+def test_bad_task_names_are_one_line_errors(names, needle):
+    from mnemo.evaluation.task_eval import task_specs
+
+    with pytest.raises(EvalError) as e:
+        task_specs([names])
+    assert str(e.value).startswith(needle) and "\n" not in str(e.value), str(e.value)
+
+
 # ------------------------------------------------------------------ the real model
 
 
@@ -388,15 +478,15 @@ def _write_mds(root: Path, tok: Tokenizer, texts: list[str]) -> Path:
     return root
 
 
-def test_eval_cli(tok, tmp_path, capsys):
+def _tiny_export(tok: Tokenizer, tmp_path: Path, T: int) -> tuple[Path, Path]:
+    """(export dir of the debug-size real model, MDS data dir of stdlib texts + passkey documents)."""
     import dataclasses
+    import shutil
 
     from safetensors.torch import save_file
 
     from mnemo.train.config import to_dict
-    from mnemo.cli import build_parser
 
-    T = 64
     exp = tmp_path / "export"
     exp.mkdir()
     m = _real_model(tok.vocab_size, T)
@@ -407,10 +497,15 @@ def test_eval_cli(tok, tmp_path, capsys):
     cfg = _cfg(T)
     cfg.data.val_fraction = 0.5
     (exp / "config.json").write_text(json.dumps(to_dict(cfg)))
-    import shutil
-
     shutil.copy(tok.path, exp / "tokenizer.model")
-    data = _write_mds(tmp_path / "data", tok, [t[:3000] for t in stdlib_texts(10)])
+    return exp, _write_mds(tmp_path / "data", tok, [t[:3000] for t in stdlib_texts(10)])
+
+
+def test_eval_cli(tok, tmp_path, capsys):
+    from mnemo.cli import build_parser
+
+    T = 64
+    exp, data = _tiny_export(tok, tmp_path, T)
 
     p = build_parser()  # the mnemo CLI's own parser
     out = tmp_path / "res.json"
@@ -507,3 +602,72 @@ def test_read_docs_splits_held_out_from_training_and_skips_synthetic_documents()
     assert [int(d[0]) for d in got] == want_train[::-1][:3] and all(d.size == 4 for d in got)
     # max_docs is reached only once the documents hold min_tokens together.
     assert len(read_docs(src, f, heldout=False, max_docs=1, min_tokens=25)) == 3
+
+
+def test_eval_cli_tasks_json_baseline(tok, tmp_path, capsys):
+    from mnemo.cli import build_parser, main
+    from mnemo.evaluation.stats import wilson_interval
+
+    T = 64
+    exp, data = _tiny_export(tok, tmp_path, T)
+    out = tmp_path / "res.json"
+    argv = ["eval", str(exp), "--data", str(data), "--max-docs", "2", "--no-ablations", "--device", "cpu"]
+    args = build_parser().parse_args(
+        [*argv, "--json", str(out), "--trials", "4", "--distances", "1,3", "--tasks", "passkey,mqar_n16"]
+        + ["--baseline", str(exp), "--plots", str(tmp_path / "plots")]
+    )
+    assert args.func(args) == 0
+    res = json.loads(out.read_text())
+    assert list(res["tasks"]) == ["passkey", "mqar_n16"] and res["passkey_trials"] == 4
+    for name, by_d in res["tasks"].items():
+        assert list(by_d) == ["1", "3"]
+        for D, c in by_d.items():
+            assert c["trials"] == 4 and (c["lo"], c["hi"]) == wilson_interval(round(4 * c["exact"]), 4)
+            assert res["baseline"]["tasks"][name][D] == c  # the same checkpoint on the same documents
+    for D, acc in res["passkey"].items():
+        assert (res["passkey_lo"][D], res["passkey_hi"][D]) == wilson_interval(round(4 * acc), 4)
+    assert all(d["diff"] == 0.0 for d in res["memory_minus"]["baseline"].values())
+    # The store holds the longest task document (mqar at D = 3 spans more than 3 segments).
+    longest = max(c["tokens"] for by_d in res["tasks"].values() for c in by_d.values())
+    assert longest > 3 * T and res["ltm_capacity"] == max(512, longest)
+    assert res["baseline_checkpoint"] == str(exp)
+    printed = capsys.readouterr().out
+    assert "long-context tasks" in printed and "baseline exact [lo, hi]" in printed
+    assert (tmp_path / "plots" / "tasks_accuracy.png").is_file()
+    # A bad task name: one line through the real entry point, before any model is loaded.
+    assert main([*argv, "--tasks", "passkey,bogus"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith("mnemo: error: --tasks: unknown task 'bogus'"), err
+
+
+def test_in_run_eval_logs_task_metrics(tok, corpus, tmp_path):
+    from mnemo.train.eval_hook import run_eval
+
+    class Source:  # the corpus as an MDS stand-in: every document held out
+        num_samples = len(corpus)
+
+        def get(self, i):
+            return {"tokens": corpus[i], "source": "f.py", "answer_len": 0}
+
+    class Tracker:
+        def __init__(self):
+            self.metrics, self.artifacts = {}, []
+
+        def log_metrics(self, m, step):
+            self.metrics.update(m)
+
+        def log_artifact(self, path, where):
+            self.artifacts.append(Path(path).name)
+
+    cfg = _cfg(128)
+    cfg.data.val_fraction = 0.999999
+    cfg.run.dir = str(tmp_path)
+    cfg.eval.passkey_trials = 0
+    cfg.eval.tasks, cfg.eval.task_distances, cfg.eval.task_trials = ["mqar:n=8"], [1, 2], 5
+    tracker = Tracker()
+    res = run_eval(cfg, InductionModel(tok.vocab_size), Source(), tok.path, tracker, 7, 0)
+    assert res["num_docs"] == 4 and list(res["tasks"]["mqar:n=8"]) == ["1", "2"]
+    for D in (1, 2):
+        name = f"eval/task/mqar_n8/d{D}/exact"
+        assert tracker.metrics[name] == 1.0 and tracker.metrics[name + "_lo"] < 1.0 == tracker.metrics[name + "_hi"]
+    assert "tasks_accuracy.png" in tracker.artifacts and "eval.json" in tracker.artifacts

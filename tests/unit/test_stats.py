@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mnemo.evaluation.stats import bootstrap_mean_interval, wilson_interval
+from mnemo.evaluation.stats import bootstrap_mean_interval, bootstrap_ratio_interval, wilson_interval
 
 
 @pytest.mark.parametrize(
@@ -82,3 +82,43 @@ def test_bootstrap_deterministic_and_edge_cases():
 def test_bootstrap_rejects(values, kw, match):
     with pytest.raises(ValueError, match=match):
         bootstrap_mean_interval(values, **kw)
+
+
+def test_bootstrap_ratio_of_equal_units_is_the_mean_bootstrap():
+    # Units of one token each: the ratio of sums is the mean, resampled with the same draws.
+    x = np.random.default_rng(3).normal(1.0, 1.0, size=80)
+    assert bootstrap_ratio_interval(x, np.ones_like(x), seed=7) == pytest.approx(
+        bootstrap_mean_interval(x, seed=7), abs=1e-12
+    )
+    # Units of 10 tokens each, summed: the same interval (the ratio does not see the scale).
+    assert bootstrap_ratio_interval(10 * x, np.full_like(x, 10), seed=7) == pytest.approx(
+        bootstrap_mean_interval(x, seed=7), abs=1e-12
+    )
+
+
+def test_bootstrap_ratio_weights_units_by_size_and_drops_empty_ones():
+    # One long unit (loss 1/token over 1000 tokens) and many short ones (loss 3 over 1 token):
+    # the pooled ratio is near 1, and every resample ratio lies within [1, 3].
+    num = np.array([1000.0] + [3.0] * 20 + [0.0])
+    den = np.array([1000.0] + [1.0] * 20 + [0.0])  # the last unit has no token in the bucket
+    lo, hi = bootstrap_ratio_interval(num, den, n_boot=500)
+    ratio = num.sum() / den.sum()
+    assert 1.0 <= lo <= ratio <= hi <= 3.0
+    assert bootstrap_ratio_interval(num, den, n_boot=500) == (lo, hi)  # deterministic for a seed
+    # paired differences of two losses over the same units: a constant shift is exact
+    assert bootstrap_ratio_interval(num - (num - 0.5 * den), den) == pytest.approx((0.5, 0.5), abs=1e-12)
+
+
+@pytest.mark.parametrize(
+    "num,den,kw,match",
+    [
+        ([1.0], [1.0, 2.0], {}, "numerators"),
+        ([1.0], [0.0], {}, "nonzero"),
+        ([float("inf")], [1.0], {}, "NaN"),
+        ([1.0], [1.0], {"n_boot": 0}, "n_boot"),
+        ([1.0], [1.0], {"level": 0.0}, "level"),
+    ],
+)
+def test_bootstrap_ratio_rejects(num, den, kw, match):
+    with pytest.raises(ValueError, match=match):
+        bootstrap_ratio_interval(num, den, **kw)

@@ -1,0 +1,116 @@
+"""Long-context tasks (``data_pipeline.tasks``) scored per (task, distance): exact match with a Wilson interval.
+
+Each task draws its documents from its own generator, seeded by (seed, D,
+crc32 of the task name): adding or removing a task never changes another's
+documents, and a memory model and its baseline read the same ones. Exact
+match is that of greedy decoding, computed teacher-forced in one pass
+(``scoring.score_teacher_forced``); ``token_acc`` is the fraction of answer
+tokens whose argmax is right.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from mnemo.data_pipeline.passkey import DEPTHS, filler_stream
+from mnemo.data_pipeline.tasks import TaskSpec, make_sample, parse_tasks
+from mnemo.evaluation.errors import EvalError
+from mnemo.evaluation.scoring import cell_stats, score_teacher_forced
+from mnemo.evaluation.stats import wilson_interval
+
+
+def task_specs(names: Sequence[str], what: str = "--tasks") -> list[TaskSpec]:
+    """TaskSpecs of task list items (each read by ``data_pipeline.tasks.parse_tasks``); EvalError naming ``what``."""
+    from mnemo.data_pipeline.errors import DataError
+
+    specs: list[TaskSpec] = []
+    for item in names:
+        try:
+            specs += parse_tasks(item)
+        except DataError as e:
+            raise EvalError(f"{what}: {str(e).splitlines()[0]}") from None
+    seen = [s.name for s in specs]
+    dup = sorted({n for n in seen if seen.count(n) > 1})
+    if dup:
+        raise EvalError(f"{what}: task {dup[0]!r} named twice")
+    return specs
+
+
+def task_rng(seed: int, distance: int, name: str) -> np.random.Generator:
+    """The generator of one task's documents at one distance: a function of (seed, D, task name) only."""
+    return np.random.default_rng([int(seed), int(distance), zlib.crc32(name.encode("utf-8"))])
+
+
+def task_samples(
+    specs: Sequence[TaskSpec],
+    tokenizer: Any,
+    filler_docs: Any,
+    segment_len: int,
+    distances: Sequence[int],
+    trials: int,
+    seed: int = 0,
+) -> dict[str, dict[str, list[dict]]]:
+    """{task name: {D: ``trials`` documents}}, the facts' depth taken in turn (start, middle, end).
+
+    EvalError when a task does not fit the segment length (the message names the task).
+    """
+    from mnemo.data_pipeline.errors import DataError
+
+    stream = filler_stream(filler_docs)
+    depths = list(DEPTHS)
+    out: dict[str, dict[str, list[dict]]] = {}
+    for spec in specs:
+        out[spec.name] = {}
+        for D in distances:
+            rng = task_rng(seed, D, spec.name)
+            try:
+                out[spec.name][str(D)] = [
+                    make_sample(spec, tokenizer, stream, segment_len, D, rng, depth=depths[i % len(depths)])
+                    for i in range(trials)
+                ]
+            except DataError as e:
+                raise EvalError(f"task {spec.name} at D={D}: {str(e).splitlines()[0]}") from None
+    return out
+
+
+def longest_document(samples: dict[str, dict[str, list[dict]]]) -> int:
+    """Tokens of the longest document of ``task_samples`` (0 when none): what the long-term store must hold."""
+    return max((len(s["tokens"]) for by_d in samples.values() for ss in by_d.values() for s in ss), default=0)
+
+
+def score_tasks(
+    model: Any, samples: dict[str, dict[str, list[dict]]], segment_len: int, batch_size: int
+) -> dict[str, dict[str, dict[str, float]]]:
+    """{task: {D: {exact, lo, hi, trials, token_acc, tokens}}}.
+
+    lo, hi: the 95 % Wilson interval of exact; tokens: the longest document.
+    """
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for name, by_d in samples.items():
+        out[name] = {}
+        for D, ss in by_d.items():
+            if not ss:
+                continue
+            preds, _ = score_teacher_forced(model, ss, segment_len, batch_size)
+            exact, token_acc = cell_stats(ss, preds)
+            k, n = int(exact.sum()), len(ss)
+            lo, hi = wilson_interval(k, n)
+            out[name][D] = {
+                "exact": k / n,
+                "lo": lo,
+                "hi": hi,
+                "trials": n,
+                "token_acc": float(token_acc.mean()),
+                "tokens": max(len(s["tokens"]) for s in ss),
+            }
+    return out
+
+
+def metric_name(task_name: str) -> str:
+    """A task's name as an MLflow metric path element: 'niah_multikey:k=4' -> 'niah_multikey_k4'
+    (the rule of the training episodes' ``passkey/<task>/...`` metrics)."""
+    return task_name.replace(":", "_").replace("=", "").replace(",", "_")
