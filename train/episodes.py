@@ -58,6 +58,7 @@ import torch
 from mnemo.data_pipeline.passkey import DEPTHS, filler_stream, make_multikey_sample, make_passkey_sample
 from mnemo.data_pipeline.task_sizes import FACTS, fact_segments, with_facts
 from mnemo.data_pipeline.tasks import TaskSpec, make_sample, parse_tasks
+from mnemo.evaluation.task_eval import metric_name
 
 
 def is_episode_step(step: int, fraction: float) -> bool:
@@ -168,11 +169,6 @@ def task_weights(weights: Any, n: int) -> np.ndarray:
     if w.shape != (n,) or not bool(np.all(w > 0)) or not bool(np.all(np.isfinite(w))):
         raise ValueError(f"{n} weights > 0 needed (one per task), got {list(weights)}")
     return w / w.sum()
-
-
-def metric_name(spec: TaskSpec) -> str:
-    """A task's name as an MLflow metric part: 'niah_multikey:k=4' -> 'niah_multikey_k4'."""
-    return spec.name.replace(":", "_").replace("=", "").replace(",", "_")
 
 
 class EpisodeSource:
@@ -328,7 +324,7 @@ class Episodes:
         self.ltm_only_at_max = ltm_only_at_max
         self.seed = int(seed)
         self.weights = task_weights(weights, len(source.tasks))
-        self.names = [metric_name(t) for t in source.tasks]
+        self.names = [metric_name(t.name) for t in source.tasks]  # as in the eval/task/<name>/... metrics
 
     @property
     def curriculum(self) -> PasskeyCurriculum:
@@ -488,7 +484,6 @@ __all__ = [
     "Episodes",
     "PasskeyCurriculum",
     "is_episode_step",
-    "metric_name",
     "task_specs",
     "task_weights",
     "training_filler",
