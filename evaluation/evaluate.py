@@ -35,13 +35,26 @@ def loss_intervals(entry: dict[str, Any]) -> tuple[dict[str, float], dict[str, f
     return lo, hi
 
 
+def pooled_buckets(entry: dict[str, Any], min_tokens: int, key: str) -> dict[str, Any]:
+    """``entry``'s per-document losses of the buckets at or above ``min_tokens`` pooled into one bucket ``key``
+    (e.g. every token with >= 4T preceding tokens), for ``loss_intervals`` or ``paired_difference``."""
+    sums = [np.asarray(v, dtype=np.float64) for k, v in entry.get("doc_loss_sums", {}).items() if int(k) >= min_tokens]
+    counts = [
+        np.asarray(v, dtype=np.float64) for k, v in entry.get("doc_token_counts", {}).items() if int(k) >= min_tokens
+    ]
+    if not sums:
+        return {"doc_loss_sums": {}, "doc_token_counts": {}}
+    return {"doc_loss_sums": {key: np.sum(sums, axis=0)}, "doc_token_counts": {key: np.sum(counts, axis=0)}}
+
+
 def paired_difference(a: dict[str, Any], b: dict[str, Any]) -> dict[str, dict[str, float]]:
     """{bucket: {diff, lo, hi}}: loss of ``a`` minus loss of ``b`` on the same documents, with a paired
     bootstrap interval (the same resampled documents for both); negative = ``a`` predicts better."""
     out = {}
     for k, sums in a.get("doc_loss_sums", {}).items():
+        sums, counts = np.asarray(sums, dtype=np.float64), np.asarray(a["doc_token_counts"][k], dtype=np.float64)
         other = b.get("doc_loss_sums", {}).get(k)
-        counts = a["doc_token_counts"][k]
+        other = None if other is None else np.asarray(other, dtype=np.float64)
         if other is None or other.shape != sums.shape or not np.array_equal(counts, b["doc_token_counts"][k]):
             continue  # not the same tokens in this bucket: no pairing
         diff = sums - other
@@ -71,6 +84,7 @@ def evaluate(
     grow_ltm: bool = False,
     baseline: Any = None,
     baseline_segment_len: int | None = None,
+    doc_losses: bool = False,
 ) -> dict[str, Any]:
     """The evaluation of one model, as a JSON-ready dict.
 
@@ -93,7 +107,9 @@ def evaluate(
     passkey_answer_loss, passkey_trials, passkey_multikey (when multikey > 0),
     tasks {name: {D: {exact, lo, hi, trials, token_acc, tokens}}}, baseline
     {loss_by_position, loss, bits_per_token, tasks} (with a baseline),
-    ltm_capacity, seconds.
+    ltm_capacity, seconds; with ``doc_losses`` also doc_loss_sums and
+    doc_token_counts {bucket: [per document]} of the memory column (lists:
+    for a paired difference against a model evaluated elsewhere).
     """
     T = int(cfg.model.segment_len)
     B = int(batch_size or max(cfg.train.batch_size, 1))
@@ -140,6 +156,9 @@ def evaluate(
             bits_per_token=main["bits_per_token"],
             num_tokens=main["tokens"],
         )
+        if doc_losses:
+            for key in ("doc_loss_sums", "doc_token_counts"):
+                result[key] = {k: v.tolist() for k, v in main[key].items()}
         result["ablations"] = {
             k: {kk: v[kk] for kk in ("loss_by_position", "loss", "bits_per_token")} for k, v in table.items()
         }

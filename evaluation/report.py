@@ -165,6 +165,28 @@ def loss_table(
     return lines
 
 
+def interval_columns(table: list[str], result: dict[str, Any], buckets: Sequence[int]) -> None:
+    """Append interval columns to the lines of ``loss_table`` (header, then one row per bucket of ``buckets``).
+
+    The memory column's 95 % bootstrap interval over documents, then each paired
+    difference memory - other of result["memory_minus"] (negative: the memory predicts
+    better; whether the interval excludes 0 says whether these documents show it).
+    """
+    extra: list[tuple[str, dict[str, str]]] = []
+    lo, hi = result.get("loss_by_position_lo", {}), result.get("loss_by_position_hi", {})
+    if lo:
+        extra.append(("memory 95% CI", {k: f"[{lo[k]:.3f}, {hi[k]:.3f}]" for k in lo}))
+    for other, by_bucket in result.get("memory_minus", {}).items():
+        cells = {k: f"{d['diff']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}]" for k, d in by_bucket.items()}
+        extra.append((f"mem - {other} [95% CI]", cells))
+    if not extra:
+        return
+    width = [max(len(h), *(len(v) for v in col.values())) + 2 for h, col in extra]
+    table[0] += "".join(f"{h:>{w}}" for (h, _), w in zip(extra, width))
+    for i, b in enumerate(buckets):
+        table[1 + i] += "".join(f"{col.get(str(b), '-'):>{w}}" for (_, col), w in zip(extra, width))
+
+
 def format_table(result: dict[str, Any]) -> str:
     """Readable tables: loss by position per ablation, passkey accuracy by distance and depth."""
     T = int(result["segment_len"])
@@ -178,25 +200,7 @@ def format_table(result: dict[str, Any]) -> str:
     if result.get("baseline"):
         cols.append(("baseline", result["baseline"]))
     table = loss_table(cols, T, result.get("tokens_by_position", {}))
-    # Intervals beside the losses: the memory column's bootstrap over documents, then paired
-    # differences memory - other (negative: the memory predicts better; the interval excludes 0 or not).
-    extra: list[tuple[str, dict[str, str]]] = []
-    lo, hi = result.get("loss_by_position_lo", {}), result.get("loss_by_position_hi", {})
-    if lo:
-        extra.append(("memory 95% CI", {k: f"[{lo[k]:.3f}, {hi[k]:.3f}]" for k in lo}))
-    for other, by_bucket in result.get("memory_minus", {}).items():
-        extra.append(
-            (
-                f"mem - {other} [95% CI]",
-                {k: f"{d['diff']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}]" for k, d in by_bucket.items()},
-            )
-        )
-    if extra:
-        width = [max(len(h), *(len(v) for v in col.values())) + 2 for h, col in extra]
-        table[0] += "".join(f"{h:>{w}}" for (h, _), w in zip(extra, width))
-        buckets = sorted({int(k) for _, e in cols for k in e["loss_by_position"]})
-        for i, b in enumerate(buckets):
-            table[1 + i] += "".join(f"{col.get(str(b), '-'):>{w}}" for (_, col), w in zip(extra, width))
+    interval_columns(table, result, sorted({int(k) for _, e in cols for k in e["loss_by_position"]}))
     lines += table
     bits = [ab[n]["bits_per_token"] for n in names] + [e["bits_per_token"] for n, e in cols[len(names) :]]
     lines.append(f"{'bits/token':<20}{'':>9}" + "".join(f"{b:>11.4f}" for b in bits))

@@ -68,6 +68,7 @@ def eval_task(
             passkey_trials=trials,
             distances=distances,
             multikey=multikey,
+            doc_losses=True,
         )
     else:
         res = {"segment_len": segment_len, "seconds": {}}
@@ -82,7 +83,17 @@ def eval_task(
     return res
 
 
-_PASSKEY_KEYS = ("passkey", "passkey_by_depth", "passkey_digit_accuracy", "passkey_answer_loss", "passkey_multikey")
+_PASSKEY_KEYS = (
+    "passkey",
+    "passkey_lo",
+    "passkey_hi",
+    "passkey_by_depth",
+    "passkey_digit_accuracy",
+    "passkey_answer_loss",
+    "passkey_multikey",
+    "passkey_multikey_lo",
+    "passkey_multikey_hi",
+)
 
 
 def merge_results(parts: list[dict[str, Any]], distances: list[int]) -> dict[str, Any]:
@@ -171,7 +182,26 @@ def evaluate_runs(
         out[name] = merge_results(parts, dists)
         out[name]["checkpoint"] = str(resolve_checkpoint(str(runs[name])))
         out[name]["data"] = str(data_dir)
+    if {"memory", "baseline"} <= set(out):
+        add_baseline_difference(out["memory"], out["baseline"], segment_len)
+    for ev in out.values():  # per-document figures: only for the differences
+        ev.pop("doc_loss_sums", None)
+        ev.pop("doc_token_counts", None)
     return out
+
+
+def add_baseline_difference(mem: dict[str, Any], base: dict[str, Any], segment_len: int) -> None:
+    """Memory minus baseline loss on the same documents with paired bootstrap intervals, into ``mem``:
+    memory_minus["baseline"] per bucket and loss_ge_4T_minus_baseline (every token with >= 4T context)."""
+    from mnemo.evaluation.evaluate import paired_difference, pooled_buckets
+
+    if "doc_loss_sums" not in mem or "doc_loss_sums" not in base:
+        return
+    mem.setdefault("memory_minus", {})["baseline"] = paired_difference(mem, base)
+    key = str(4 * segment_len)
+    pooled = paired_difference(pooled_buckets(mem, 4 * segment_len, key), pooled_buckets(base, 4 * segment_len, key))
+    if key in pooled:
+        mem["loss_ge_4T_minus_baseline"] = pooled[key]
 
 
 def long_context_loss(ev: dict[str, Any], min_tokens: int) -> float:
@@ -197,13 +227,15 @@ def targets(summary: dict[str, Any]) -> dict[str, Any]:
             out[f"passkey_d{D}_baseline_le_0.2"] = base["passkey"][D] <= 0.2
     lm, lb = long_context_loss(mem, 4 * T), long_context_loss(base, 4 * T)
     out["loss_ge_4T"] = {"memory": lm, "baseline": lb}
+    if "loss_ge_4T_minus_baseline" in mem:  # paired bootstrap over the held-out documents
+        out["loss_ge_4T"]["memory_minus_baseline"] = mem["loss_ge_4T_minus_baseline"]
     out["loss_ge_4T_memory_lower"] = bool(lm < lb) if math.isfinite(lm) and math.isfinite(lb) else False
     return out
 
 
 def side_by_side(summary: dict[str, Any]) -> str:
     """The demo's table: loss by position (memory ablations and baseline), passkey accuracy by D."""
-    from mnemo.evaluation.report import loss_table
+    from mnemo.evaluation.report import interval_columns, loss_table
 
     T = summary["segment_len"]
     mem, base = summary["memory"], summary["baseline"]
@@ -213,9 +245,15 @@ def side_by_side(summary: dict[str, Any]) -> str:
         f"loss by position on {mem.get('num_docs', '?')} held-out documents (nats/token, T={T}; "
         f"memory model as trained and with memory switched off; baseline = no-memory model, same steps)"
     ]
-    lines += loss_table(cols, T, mem.get("tokens_by_position", {}), label_width=18, count_width=8)
+    table = loss_table(cols, T, mem.get("tokens_by_position", {}), label_width=18, count_width=8)
+    interval_columns(table, mem, sorted({int(k) for _, e in cols for k in e["loss_by_position"]}))
+    lines += table
     lm, lb = long_context_loss(mem, 4 * T), long_context_loss(base, 4 * T)
-    lines.append(f"{f'>= {4 * T} (4T)':<18}{'':>8}{lm:>11.4f}" + f"{'':>11}" * (len(cols) - 2) + f"{lb:>11.4f}")
+    row = f"{f'>= {4 * T} (4T)':<18}{'':>8}{lm:>11.4f}" + f"{'':>11}" * (len(cols) - 2) + f"{lb:>11.4f}"
+    d = mem.get("loss_ge_4T_minus_baseline")
+    if d:
+        row += f"   memory - baseline {d['diff']:+.4f} [95% CI {d['lo']:+.4f}, {d['hi']:+.4f}]"
+    lines.append(row)
     if mem.get("passkey"):
         cap = mem.get("ltm_capacity", "?")
         lines.append("")
@@ -226,12 +264,19 @@ def side_by_side(summary: dict[str, Any]) -> str:
         )
         lines.append(
             f"{'D (segments)':<14}{'tokens':>8}{'memory':>9}{'baseline':>10}{'mem digits':>12}{'base digits':>12}"
+            f"{'memory 95% CI':>17}{'baseline 95% CI':>17}"
         )
+
+        def ci(ev: dict[str, Any], D: str) -> str:
+            lo, hi = ev.get("passkey_lo", {}).get(D), ev.get("passkey_hi", {}).get(D)
+            return "-" if lo is None else f"[{lo:.3f}, {hi:.3f}]"
+
         for D, acc in mem["passkey"].items():
             b = base.get("passkey", {}).get(D, float("nan"))
             md = mem.get("passkey_digit_accuracy", {}).get(D, float("nan"))
             bd = base.get("passkey_digit_accuracy", {}).get(D, float("nan"))
-            lines.append(f"{D:<14}{int(D) * T:>8}{acc:>9.3f}{b:>10.3f}{md:>12.3f}{bd:>12.3f}")
+            row = f"{D:<14}{int(D) * T:>8}{acc:>9.3f}{b:>10.3f}{md:>12.3f}{bd:>12.3f}"
+            lines.append(row + f"{ci(mem, D):>17}{ci(base, D):>17}")
         if mem.get("passkey_multikey"):
             lines.append(
                 f"{mem.get('passkey_multikey_keys')} keys per document (memory / baseline): "

@@ -97,9 +97,19 @@ def test_demo_writes_summary(demo):
         run = on_disk["runs"][name]
         assert (Path(run["checkpoint"]) / "COMPLETE").is_file() and run["mlflow_run_id"]
     assert isinstance(on_disk["targets"]["loss_ge_4T_memory_lower"], bool)
+    # Intervals beside every figure: Wilson for accuracies, document bootstrap for losses, paired differences.
+    mem = on_disk["memory"]
+    for name in ("memory", "baseline"):
+        ev = on_disk[name]
+        assert set(ev["passkey_lo"]) == set(ev["passkey_hi"]) == {"1", "2"}
+        assert all(ev["passkey_lo"][D] <= a <= ev["passkey_hi"][D] for D, a in ev["passkey"].items())
+        assert set(ev["loss_by_position_lo"]) == set(ev["loss_by_position"]) and "doc_loss_sums" not in ev
+    assert set(mem["memory_minus"]) == {"no_ltm", "baseline"}
+    assert set(mem["memory_minus"]["baseline"]) == set(mem["loss_by_position"])
     text = "\n".join(lines)
     assert f"summary: {path}" in text and "mlflow ui --backend-store-uri sqlite:///" in text
     assert "passkey exact match" in text and "[0, 64)" in text
+    assert "memory 95% CI" in text and "mem - baseline [95% CI]" in text
 
 
 def test_demo_mlflow_holds_both_runs_with_eval(demo):

@@ -671,3 +671,30 @@ def test_in_run_eval_logs_task_metrics(tok, corpus, tmp_path):
         name = f"eval/task/mqar_n8/d{D}/exact"
         assert tracker.metrics[name] == 1.0 and tracker.metrics[name + "_lo"] < 1.0 == tracker.metrics[name + "_hi"]
     assert "tasks_accuracy.png" in tracker.artifacts and "eval.json" in tracker.artifacts
+
+
+def test_paired_difference_of_pooled_buckets_across_processes():
+    from mnemo.demo_report import add_baseline_difference, merge_results
+    from mnemo.evaluation.evaluate import paired_difference, pooled_buckets
+
+    # Per-document loss sums and token counts of two models on the same 3 documents (lists, as from a worker).
+    mem = {
+        "doc_loss_sums": {"0": [4.0, 6.0, 2.0], "128": [3.0, 3.0, 0.0], "512": [10.0, 8.0, 6.0], "1024": [4.0, 0, 2]},
+        "doc_token_counts": {"0": [2, 3, 1], "128": [2, 2, 0], "512": [5, 4, 3], "1024": [2, 0, 1]},
+    }
+    base = {
+        "doc_loss_sums": {"0": [4.0, 6.0, 2.0], "128": [4.0, 4.0, 0.0], "512": [15.0, 12.0, 9.0], "1024": [6.0, 0, 3]},
+        "doc_token_counts": mem["doc_token_counts"],
+    }
+    d = paired_difference(mem, base)
+    assert d["0"] == {"diff": 0.0, "lo": 0.0, "hi": 0.0}
+    assert d["128"]["diff"] == pytest.approx(-0.5) and d["128"]["lo"] == pytest.approx(-0.5)  # -1 per token in both
+    pooled = pooled_buckets(mem, 512, "512")
+    assert pooled["doc_token_counts"]["512"].tolist() == [7, 4, 4]
+    both = paired_difference(pooled, pooled_buckets(base, 512, "512"))["512"]
+    assert both == pytest.approx({"diff": -1.0, "lo": -1.0, "hi": -1.0})  # (30 - 45) / 15, -1 in every document
+    # The demo: the difference goes into the memory result, the per-document figures are left out of it.
+    res = merge_results([{**mem, "passkey": {"1": 1.0}, "passkey_lo": {"1": 0.5}, "loss_by_position": {}}], [1])
+    assert res["passkey_lo"] == {"1": 0.5}
+    add_baseline_difference(res, base, 128)
+    assert res["loss_ge_4T_minus_baseline"] == both and res["memory_minus"]["baseline"]["128"] == d["128"]
