@@ -5,6 +5,8 @@ from __future__ import annotations
 import sysconfig
 from pathlib import Path
 
+import numpy as np
+
 
 def stdlib_texts(n: int) -> list[str]:
     """The first ``n`` top-level stdlib .py files by name, as text (real code, digits included)."""
@@ -17,3 +19,9 @@ def stdlib_tokenizer(out_dir: Path, n: int, vocab_size: int = 600):
     from mnemo.data_pipeline.tokenizer import train_from_texts
 
     return train_from_texts(stdlib_texts(n), Path(out_dir) / "t.model", vocab_size=vocab_size, num_threads=1)
+
+
+def stdlib_filler(tok) -> np.ndarray:
+    """Filler tokens [n]: real code with its digits (distractors), EOS between documents."""
+    docs = [np.append(np.asarray(tok.encode(t), dtype=np.int64), tok.eos_id) for t in stdlib_texts(12)[3:9]]
+    return np.concatenate(docs)

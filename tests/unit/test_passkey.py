@@ -9,7 +9,7 @@ import pytest
 from mnemo.data_pipeline.errors import DataError
 from mnemo.data_pipeline.passkey import KEY_PREFIX, KEY_SUFFIX, QUESTION, make_multikey_sample, make_passkey_sample
 from mnemo.data_pipeline.tokenizer import Tokenizer
-from tests.unit.stdlib import stdlib_texts, stdlib_tokenizer
+from tests.unit.stdlib import stdlib_filler, stdlib_tokenizer
 
 T = 128
 
@@ -21,9 +21,7 @@ def tok(tmp_path_factory) -> Tokenizer:
 
 @pytest.fixture(scope="module")
 def filler(tok) -> np.ndarray:
-    # Real code with its digits (distractors) and EOS between documents.
-    docs = [np.append(np.asarray(tok.encode(t), dtype=np.int64), tok.eos_id) for t in stdlib_texts(12)[3:9]]
-    return np.concatenate(docs)
+    return stdlib_filler(tok)
 
 
 def _find(hay: np.ndarray, needle: list[int]) -> list[int]:

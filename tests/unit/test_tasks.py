@@ -19,7 +19,7 @@ from mnemo.data_pipeline.tasks import (
     repeated_filler,
 )
 from mnemo.data_pipeline.tokenizer import Tokenizer
-from tests.unit.stdlib import stdlib_texts, stdlib_tokenizer
+from tests.unit.stdlib import stdlib_filler, stdlib_tokenizer
 
 T = 256  # the test tokenizer is small (600 pieces): a fact takes ~35 tokens
 
@@ -65,9 +65,7 @@ def tok(tmp_path_factory) -> Tokenizer:
 
 @pytest.fixture(scope="module")
 def filler(tok) -> np.ndarray:
-    # Real code with its digits (distractors) and EOS between documents.
-    docs = [np.append(np.asarray(tok.encode(t), dtype=np.int64), tok.eos_id) for t in stdlib_texts(12)[3:9]]
-    return np.concatenate(docs)
+    return stdlib_filler(tok)
 
 
 def _enc(tok, text: str) -> np.ndarray:
