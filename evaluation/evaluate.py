@@ -85,6 +85,7 @@ def evaluate(
     baseline: Any = None,
     baseline_segment_len: int | None = None,
     doc_losses: bool = False,
+    skip_unfit_tasks: bool = False,
 ) -> dict[str, Any]:
     """The evaluation of one model, as a JSON-ready dict.
 
@@ -109,7 +110,9 @@ def evaluate(
     {loss_by_position, loss, bits_per_token, tasks} (with a baseline),
     ltm_capacity, seconds; with ``doc_losses`` also doc_loss_sums and
     doc_token_counts {bucket: [per document]} of the memory column (lists:
-    for a paired difference against a model evaluated elsewhere).
+    for a paired difference against a model evaluated elsewhere). With
+    ``skip_unfit_tasks`` a task that does not fit T (EvalError otherwise) is
+    left out, its reason in tasks_skipped {name: message}.
     """
     T = int(cfg.model.segment_len)
     B = int(batch_size or max(cfg.train.batch_size, 1))
@@ -120,6 +123,7 @@ def evaluate(
     result: dict[str, Any] = {"segment_len": T, "num_docs": len(docs)}
     seconds: dict[str, float] = {}
     samples: dict[str, dict[str, list[dict]]] = {}
+    skipped: dict[str, str] | None = {} if skip_unfit_tasks else None
     if tasks:
         if not heldout_docs:
             raise EvalError("task evaluation needs held-out documents for filler; none given")
@@ -132,8 +136,11 @@ def evaluate(
             list(getattr(cfg.eval, "task_distances", [1, 8]) if task_distances is None else task_distances),
             int(getattr(cfg.eval, "task_trials", 100) if task_trials is None else task_trials),
             seed,
+            skipped,
         )
         seconds["task_documents"] = time.perf_counter() - t0
+        if skipped:
+            result["tasks_skipped"] = skipped
     run_passkey = passkey and trials > 0 and bool(dists)
     # A fact D segments back needs D * T entries: a store of the trained size would have dropped
     # it before the question comes (FIFO), which tests the size, not retrieval.

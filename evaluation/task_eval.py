@@ -53,10 +53,13 @@ def task_samples(
     distances: Sequence[int],
     trials: int,
     seed: int = 0,
+    skipped: dict[str, str] | None = None,
 ) -> dict[str, dict[str, list[dict]]]:
     """{task name: {D: ``trials`` documents}}, the facts' depth taken in turn (start, middle, end).
 
-    EvalError when a task does not fit the segment length (the message names the task).
+    EvalError when a task does not fit the segment length (the message names
+    the task), or with ``skipped`` given, the task is left out and the reason
+    goes into ``skipped[name]``.
     """
     from mnemo.data_pipeline.errors import DataError
 
@@ -64,16 +67,23 @@ def task_samples(
     depths = list(DEPTHS)
     out: dict[str, dict[str, list[dict]]] = {}
     for spec in specs:
-        out[spec.name] = {}
-        for D in distances:
-            rng = task_rng(seed, D, spec.name)
-            try:
-                out[spec.name][str(D)] = [
-                    make_sample(spec, tokenizer, stream, segment_len, D, rng, depth=depths[i % len(depths)])
-                    for i in range(trials)
-                ]
-            except DataError as e:
-                raise EvalError(f"task {spec.name} at D={D}: {str(e).splitlines()[0]}") from None
+        by_d: dict[str, list[dict]] = {}
+        try:
+            for D in distances:
+                rng = task_rng(seed, D, spec.name)
+                try:
+                    by_d[str(D)] = [
+                        make_sample(spec, tokenizer, stream, segment_len, D, rng, depth=depths[i % len(depths)])
+                        for i in range(trials)
+                    ]
+                except DataError as e:
+                    raise EvalError(f"task {spec.name} at D={D}: {str(e).splitlines()[0]}") from None
+        except EvalError as e:
+            if skipped is None:
+                raise
+            skipped[spec.name] = str(e)
+            continue
+        out[spec.name] = by_d
     return out
 
 
