@@ -255,6 +255,8 @@ def evaluate_data_dir(
     if tasks and n_task < 1:
         raise EvalError(f"--trials: must be >= 1 with --tasks, got {n_task}")
     with_ltm_capacity(model, ltm_capacity)
+    if base_model is not None:
+        with_ltm_capacity(base_model, ltm_capacity)
     t0 = time.perf_counter()
     result = evaluate(
         model,
