@@ -51,21 +51,26 @@ def passkey_result(
     Teacher-forced ``passkey_report`` on ``filler_docs``; the wall time of each
     part goes into ``seconds`` ("passkey", "passkey_multikey") when given.
     """
-    t0 = time.perf_counter()
-    rep = passkey_report(
-        model,
-        tokenizer,
-        filler_docs,
-        segment_len,
-        distances,
-        trials=trials,
-        seed=seed,
-        batch_size=batch_size,
-        progress=progress,
-    )
-    if seconds is not None:
-        seconds["passkey"] = time.perf_counter() - t0
-    lo, hi = wilson_bounds(rep["exact_count"], rep["trials"])
+
+    def timed_report(part: str, n_keys: int) -> tuple[dict[str, Any], float, float]:
+        t0 = time.perf_counter()
+        rep = passkey_report(
+            model,
+            tokenizer,
+            filler_docs,
+            segment_len,
+            distances,
+            trials=trials,
+            seed=seed,
+            batch_size=batch_size,
+            n_keys=n_keys,
+            progress=progress,
+        )
+        if seconds is not None:
+            seconds[part] = time.perf_counter() - t0
+        return (rep, *wilson_bounds(rep["exact_count"], rep["trials"]))
+
+    rep, lo, hi = timed_report("passkey", 1)
     out = {
         "passkey": rep["accuracy"],
         "passkey_lo": lo,
@@ -76,22 +81,7 @@ def passkey_result(
         "passkey_trials": rep["trials"],
     }
     if multikey > 0:
-        t0 = time.perf_counter()
-        mk = passkey_report(
-            model,
-            tokenizer,
-            filler_docs,
-            segment_len,
-            distances,
-            trials=trials,
-            seed=seed,
-            batch_size=batch_size,
-            n_keys=multikey,
-            progress=progress,
-        )
-        if seconds is not None:
-            seconds["passkey_multikey"] = time.perf_counter() - t0
-        lo, hi = wilson_bounds(mk["exact_count"], mk["trials"])
+        mk, lo, hi = timed_report("passkey_multikey", multikey)
         out.update(passkey_multikey=mk["accuracy"], passkey_multikey_lo=lo, passkey_multikey_hi=hi)
         out["passkey_multikey_keys"] = multikey
     return out
