@@ -156,7 +156,7 @@ def node_env(plan: NodePlan, environ: Mapping[str, str]) -> dict[str, str]:
         "PYTHONUNBUFFERED": "1",
         # With the rendezvous store shared with the workers (torch's default),
         # a restarted worker group reads the previous attempt's addresses and
-        # fails to connect (pytorch issue 135712): give each attempt its own.
+        # fails to connect: give each attempt its own.
         "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
         "MNEMO_NODE_RANK": str(plan.node_rank),
         "MNEMO_NNODES": str(plan.nnodes),

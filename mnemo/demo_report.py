@@ -216,7 +216,7 @@ def long_context_loss(ev: dict[str, Any], min_tokens: int) -> float:
 
 
 def targets(summary: dict[str, Any]) -> dict[str, Any]:
-    """The issue's claims, checked: passkey >= 0.9 at D=8 and D=32 with memory, <= 0.2 without;
+    """The demo's targets, checked: passkey >= 0.9 at D=8 and D=32 with memory, <= 0.2 without;
     memory's loss on tokens with >= 4T context below the baseline's."""
     T = summary["segment_len"]
     mem, base = summary["memory"], summary["baseline"]

@@ -1,5 +1,5 @@
 """A real 2-rank `mnemo launch --max-restarts 1` job against a real `mlflow server` that dies and comes back,
-then loses a worker and is restarted by torchrun (issue 8).
+then loses a worker and is restarted by torchrun.
 
 One MLflow run per job through both faults: the restarted ranks resume from
 the last checkpoint (the step counter never goes back past it, no step is

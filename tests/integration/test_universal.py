@@ -1,4 +1,4 @@
-"""Resume on another world size AND another ZeRO stage through DeepSpeed's universal checkpoint (issue 6, item 6).
+"""Resume on another world size AND another ZeRO stage through DeepSpeed's universal checkpoint.
 
 The two 2-rank reference runs of test_train.py (conftest.reference_run:
 ZeRO-3 and ZeRO-2, identical up to float reduction order) are each cut back
