@@ -20,6 +20,12 @@ install: $(STAMP)
 demo: install
 	$(BIN)/python -m mnemo.demo
 
+# Many facts at a distance (multi-key NIAH, MQAR, variable tracking): memory model vs no-memory
+# baseline trained the same steps, 100 documents per task and distance, within 20 minutes (docs/many_facts.md).
+.PHONY: many-facts
+many-facts: install
+	$(BIN)/python benchmarks/many_facts.py
+
 # The whole suite. pytest's exit code 5 (no tests collected) is a failure.
 test: install
 	@$(BIN)/python -m pytest -q $(PYTEST_ARGS); rc=$$?; \
