@@ -270,6 +270,13 @@ def plots(result: dict[str, Any], out_dir: str | Path) -> list[str]:
     out.mkdir(parents=True, exist_ok=True)
     T = int(result["segment_len"])
     paths = []
+
+    def save(fig, name: str) -> None:
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=100)
+        plt.close(fig)
+        paths.append(str(out / name))
+
     ab = result.get("ablations") or {"memory": result}
     fig, ax = plt.subplots(figsize=(7, 4))
     buckets = sorted({int(k) for v in ab.values() for k in v["loss_by_position"]})
@@ -283,11 +290,7 @@ def plots(result: dict[str, Any], out_dir: str | Path) -> list[str]:
     ax.set_title(f"Loss by position (T={T})")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    p = out / "loss_by_position.png"
-    fig.savefig(p, dpi=100)
-    plt.close(fig)
-    paths.append(str(p))
+    save(fig, "loss_by_position.png")
 
     if result.get("passkey_by_depth"):
         dists = list(result["passkey_by_depth"])
@@ -313,11 +316,7 @@ def plots(result: dict[str, Any], out_dir: str | Path) -> list[str]:
         ax.set_ylabel("distance D (segments)")
         ax.set_title("Passkey exact match")
         fig.colorbar(im, ax=ax)
-        fig.tight_layout()
-        p = out / "passkey_accuracy.png"
-        fig.savefig(p, dpi=100)
-        plt.close(fig)
-        paths.append(str(p))
+        save(fig, "passkey_accuracy.png")
 
     if result.get("tasks"):
         # Accuracy vs distance, one colour per task: memory solid, baseline dashed, Wilson bands.
@@ -339,9 +338,5 @@ def plots(result: dict[str, Any], out_dir: str | Path) -> list[str]:
         ax.set_title("Long-context tasks (95% Wilson bands)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-        fig.tight_layout()
-        p = out / "tasks_accuracy.png"
-        fig.savefig(p, dpi=100)
-        plt.close(fig)
-        paths.append(str(p))
+        save(fig, "tasks_accuracy.png")
     return paths
