@@ -66,13 +66,6 @@ RUN_OVERHEAD_S = 35.0
 EVAL_RESERVE_S = 180.0
 
 
-def _ints(text: str) -> list[int]:
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-
-
 def eval_cell(run_dir: str, data: str, tasks: str, distance: int, trials: int, seed: int) -> dict[str, Any]:
     """``mnemo eval --tasks`` of one checkpoint at one distance, without loss by position and passkey.
 
@@ -186,6 +179,8 @@ def table(cells: dict[str, dict[str, dict[str, Any]]], segment_len: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from mnemo.commands.evaluate import int_list
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/many_facts", help="output directory (default runs/many_facts)")
     p.add_argument("--data", default=None, help="a prepared data dir to use as it is (default: prepare OUT/data)")
@@ -196,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         "--tasks", default=None, help=f"tasks evaluated at every --distances (default: the targets' cells; {TASKS})"
     )
     p.add_argument(
-        "--distances", type=_ints, default=None, help="distances D evaluated (default: the targets' cells; 8,32)"
+        "--distances", type=int_list, default=None, help="distances D evaluated (default: the targets' cells; 8,32)"
     )
     p.add_argument("--trials", type=int, default=100, help="documents per task and distance (default 100)")
     p.add_argument("--seed", type=int, default=0, help="seed of the evaluation documents (default 0)")

@@ -365,15 +365,10 @@ def run_demo(
     return summary
 
 
-def _int_tuple(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-
-
 def main(argv: list[str] | None = None) -> int:
     d = DemoSettings()
+    from mnemo.commands.evaluate import int_list
+
     p = argparse.ArgumentParser(prog="python -m mnemo.demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=d.out_dir, help=f"output directory (default {d.out_dir})")
     p.add_argument("--minutes", type=float, default=d.minutes, help=f"wall-clock budget (default {d.minutes:g})")
@@ -381,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--nproc-per-node", type=int, default=d.nproc_per_node, help="ranks per run (default 2)")
     p.add_argument("--passkey-docs", type=int, default=d.passkey_docs)
     p.add_argument("--passkey-trials", type=int, default=d.passkey_trials, help="evaluation documents per distance")
-    p.add_argument("--distances", type=_int_tuple, default=d.distances, help="passkey distances (segments)")
+    p.add_argument("--distances", type=int_list, default=list(d.distances), help="passkey distances (segments)")
     p.add_argument(
         "--multikey", type=int, default=d.multikey, metavar="K", help="also evaluate K keys per document (0 = off)"
     )
@@ -399,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
             nproc_per_node=args.nproc_per_node,
             passkey_docs=args.passkey_docs,
             passkey_trials=args.passkey_trials,
-            distances=args.distances,
+            distances=tuple(args.distances),
             multikey=args.multikey,
             overrides=list(args.overrides),
             fresh=not args.keep,

@@ -7,7 +7,8 @@ import sys
 from pathlib import Path
 
 
-def _int_list(text: str) -> list[int]:
+def int_list(text: str) -> list[int]:
+    """argparse type: "1,8,32" -> [1, 8, 32]; empty, negative or non-integer items are errors."""
     try:
         out = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
@@ -45,7 +46,7 @@ def add_eval(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentPar
     )
     p.add_argument(
         "--distances",
-        type=_int_list,
+        type=int_list,
         default=[1, 2, 4, 8, 16, 32],
         help="passkey and --tasks distances D in segments (default 1,2,4,8,16,32)",
     )
