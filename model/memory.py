@@ -14,6 +14,9 @@ Layout (B = stream slots, H = heads, Dh = head dim):
   k_tail         [B, H, 1, Dh]   per long-term layer with smeared keys: the
                                   raw key of the last token read (the next
                                   segment's first key mixes it in)
+  x_tail         [B, 1, S-1, D]  per long-term layer with multi-token queries
+                                  and keys (span S > 1): the layer inputs of
+                                  the last S-1 tokens read
   stm_len, ltm_len  [B]          valid entries; they are always the newest,
                                   i.e. the last ``len`` positions (right-aligned)
   pos            [B]             tokens of the current document already read
@@ -37,12 +40,13 @@ class LayerMemory:
     ltm_k: Tensor | None = None  # [B, H, N, Dh]
     ltm_v: Tensor | None = None  # [B, H, N, Dh]
     k_tail: Tensor | None = None  # [B, H, 1, Dh]
+    x_tail: Tensor | None = None  # [B, 1, S-1, D]
 
     def _map(self, fn) -> "LayerMemory":
         return LayerMemory(*(None if t is None else fn(t) for t in (getattr(self, f) for f in _FIELDS)))
 
 
-_FIELDS = ("stm_k", "stm_v", "ltm_k", "ltm_v", "k_tail")
+_FIELDS = ("stm_k", "stm_v", "ltm_k", "ltm_v", "k_tail", "x_tail")
 
 
 @dataclass(frozen=True)

@@ -52,10 +52,13 @@ def mlp_params(size: Size) -> int:
     return (3 if size.mlp == "swiglu" else 2) * size.d_model * mlp_hidden(size)
 
 
-def param_count(size: Size, vocab_size: int, n_ltm_layers: int = 0, gated: bool = True, smeared: bool = False) -> int:
+def param_count(
+    size: Size, vocab_size: int, n_ltm_layers: int = 0, gated: bool = True, smeared: bool = False, qk_span: int = 1
+) -> int:
     """Exact number of trainable parameters of MemoryTransformer.
 
-    gated: long-term layers have a per-head gate; smeared: and a per-head key-smear weight.
+    gated: long-term layers have a per-head gate; smeared: and a per-head key-smear weight;
+    qk_span: their queries and keys also see the qk_span - 1 tokens before (two [(span-1) d, d] projections).
     """
     d, h = size.d_model, size.n_heads
     per_layer = (
@@ -65,6 +68,7 @@ def param_count(size: Size, vocab_size: int, n_ltm_layers: int = 0, gated: bool 
         + mlp_params(size)  # SwiGLU: gate, up, down; GELU: up, down
     )
     ltm = n_ltm_layers * (1 + int(gated) + int(smeared)) * h  # per-head temperature (gate, smear)
+    ltm += n_ltm_layers * 2 * (qk_span - 1) * d * d
     emb = vocab_size * d
     head = 0 if size.tie_embeddings else vocab_size * d
     return size.n_layers * per_layer + ltm + emb + d + head  # + final norm

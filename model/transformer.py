@@ -71,6 +71,14 @@ class ModelArgs:
     # key with a learned per-head weight, so a fact's tokens can be found by
     # what precedes them without a previous-token head in an earlier layer.
     ltm_smear_keys: bool = True
+    # Multi-token queries and keys in the long-term layers: q and k of a token
+    # are projected from the layer input at it and at the ``ltm_qk_span - 1``
+    # tokens before it (one projection per offset; the earlier offsets start
+    # at zero, so the layer starts as a span of 1). A fact is then found by
+    # the few tokens that name it ("tiger is: 4712093": the value's first
+    # digit is 3-4 tokens after the key's name), in the layer itself, without
+    # earlier layers first moving the name into the value's positions.
+    ltm_qk_span: int = 1
 
     def __post_init__(self):
         if self.d_model % self.n_heads:
@@ -85,6 +93,8 @@ class ModelArgs:
             raise ValueError(f"unknown long-term memory mix {self.ltm_mix!r}")
         if self.ltm_kind not in ("none", "knn"):
             raise ValueError(f"unknown long-term memory kind {self.ltm_kind!r}")
+        if self.ltm_qk_span < 1:
+            raise ValueError(f"ltm_qk_span must be >= 1, got {self.ltm_qk_span}")
         object.__setattr__(self, "ltm_layers", ltm_layer_indices(self.n_layers, self.ltm_layers))
 
     @classmethod
@@ -326,6 +336,12 @@ class Attention(nn.Module):
         if self.smear:
             # Per-head logit of the previous key's weight in each key (0 -> half).
             self.key_smear = nn.Parameter(torch.zeros(args.n_heads))
+        self.span = args.ltm_qk_span if self.has_ltm else 1
+        if self.span > 1:
+            # q and k from the inputs of the span - 1 tokens before each token: [(span-1) D] -> D,
+            # zero at the start (the layer starts as a span of 1 and learns what to look back at).
+            self.q_prev = Linear(d * (self.span - 1), d, 0.0)
+            self.k_prev = Linear(d * (self.span - 1), d, 0.0)
 
     def _heads(self, x: Tensor) -> Tensor:
         B, T, _ = x.shape
@@ -333,13 +349,17 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, ctx: SegmentContext, mem: LayerMemory) -> tuple[Tensor, LayerMemory]:
         B, T, D = x.shape
-        q, k, v = self._heads(self.q(x)), self._heads(self.k(x)), self._heads(self.v(x))  # [B, H, T, Dh]
+        qx, kx, x_tail = self.q(x), self.k(x), None
+        if self.span > 1:
+            prev, x_tail = self._previous_inputs(x, mem)  # [B, T, (span-1) D]
+            qx, kx = qx + self.q_prev(prev), kx + self.k_prev(prev)
+        q, k, v = self._heads(qx), self._heads(kx), self._heads(self.v(x))  # [B, H, T, Dh]
         new_tail = None
         if self.smear:
             k, new_tail = self._smear(k, mem)
         if self.joint:
             out, new_mem = self._joint(q, k, v, ctx, mem)
-            return self.o(out.transpose(1, 2).reshape(B, T, D)), replace(new_mem, k_tail=new_tail)
+            return self.o(out.transpose(1, 2).reshape(B, T, D)), replace(new_mem, k_tail=new_tail, x_tail=x_tail)
         q_r, k_r = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
 
         # ---- local attention over [short-term memory ; this segment]
@@ -367,7 +387,21 @@ class Attention(nn.Module):
             new_ltm_k, new_ltm_v = fifo_push(mem.ltm_k, kn), fifo_push(mem.ltm_v, v)
 
         y = self.o(out.transpose(1, 2).reshape(B, T, D))
-        return y, LayerMemory(new_stm_k, new_stm_v, new_ltm_k, new_ltm_v, new_tail)
+        return y, LayerMemory(new_stm_k, new_stm_v, new_ltm_k, new_ltm_v, new_tail, x_tail)
+
+    def _previous_inputs(self, x: Tensor, mem: LayerMemory) -> tuple[Tensor, Tensor | None]:
+        """The inputs 1 .. span-1 tokens before each token, [B, T, (span-1) D], and the memory's next x_tail.
+
+        Offset j fills channels [(j-1) D, j D). Before the segment they come from the memory's x_tail
+        [B, 1, span-1, D] (the last inputs read); without one (a document's start, or a state that
+        carries no memory) they are zero, as at a document's start.
+        """
+        B, T, D = x.shape
+        S = self.span - 1
+        tail = mem.x_tail[:, 0] if mem.x_tail is not None else x.new_zeros(B, S, D)  # [B, S, D]
+        xx = torch.cat((tail, x), dim=1)  # [B, S+T, D]: token t is at S + t
+        prev = torch.cat([xx[:, S - j : S - j + T] for j in range(1, S + 1)], dim=-1)  # [B, T, S D]
+        return prev, (None if mem.x_tail is None else xx[:, None, T:])
 
     def _smear(self, k: Tensor, mem: LayerMemory) -> tuple[Tensor, Tensor | None]:
         """Smeared keys [B, H, T, Dh] and the raw key of the segment's last token (the memory's next k_tail).
@@ -492,10 +526,13 @@ class MemoryTransformer(nn.Module):
             if ltm and i in a.active_ltm_layers:
                 ltm_k = torch.zeros(B, H, a.ltm_capacity, Dh, device=device, dtype=dtype)
                 ltm_v = torch.zeros_like(ltm_k)
-            k_tail = None
-            if a.ltm_smear_keys and i in a.active_ltm_layers and (stm_k is not None or ltm_k is not None):
+            k_tail = x_tail = None
+            carries = i in a.active_ltm_layers and (stm_k is not None or ltm_k is not None)
+            if a.ltm_smear_keys and carries:
                 k_tail = torch.zeros(B, H, 1, Dh, device=device, dtype=dtype)
-            layers.append(LayerMemory(stm_k, stm_v, ltm_k, ltm_v, k_tail))
+            if a.ltm_qk_span > 1 and carries:
+                x_tail = torch.zeros(B, 1, a.ltm_qk_span - 1, a.d_model, device=device, dtype=dtype)
+            layers.append(LayerMemory(stm_k, stm_v, ltm_k, ltm_v, k_tail, x_tail))
         zero = torch.zeros(B, dtype=torch.long, device=device)
         return MemoryState(layers=tuple(layers), stm_len=zero, ltm_len=zero.clone(), pos=zero.clone())
 
@@ -556,7 +593,12 @@ class MemoryTransformer(nn.Module):
     def expected_num_params(self) -> int:
         a = self.args
         return param_count(
-            a.size(), a.vocab_size, len(a.active_ltm_layers), gated=a.ltm_mix == "gate", smeared=a.ltm_smear_keys
+            a.size(),
+            a.vocab_size,
+            len(a.active_ltm_layers),
+            gated=a.ltm_mix == "gate",
+            smeared=a.ltm_smear_keys,
+            qk_span=a.ltm_qk_span,
         )
 
     def flops_per_token(self, segment_len: int) -> float:

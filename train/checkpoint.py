@@ -6,7 +6,8 @@ Layout of one checkpoint (a directory under <run.dir>/checkpoints/):
       ds/state/...            DeepSpeed engine: module, optimizer + ZeRO partitions, LR scheduler
       ds/universal_*/         (made on demand) DeepSpeed universal checkpoint for a world-size change
       rank_00000.pt ...       per rank: its Stateful parts (CheckpointManager.states): stream-loader
-                              state, MemoryState, RNG states, step, tokens_seen, passkey episodes
+                              state, MemoryState, RNG states, step, tokens_seen, passkey episodes,
+                              spike detector (``spikes``, only with train.spike.policy other than off)
       meta.json               step, tokens, world size, ZeRO stage, MLflow run id, resolved config,
                               tokenizer and manifest hashes, model args
       COMPLETE                written last: a checkpoint without it does not exist
@@ -192,7 +193,7 @@ class CheckpointManager:
 
     The trainer's parts, keys of every rank file: ``streams`` (stream loader position), ``memory``
     (the MemoryState the loop carries), ``rng``, ``counters`` (``step`` and ``tokens_seen`` at the top
-    level), ``episodes`` (only with passkey episodes on).
+    level), ``episodes`` (only with passkey episodes on), ``spikes`` (only with train.spike on).
     """
 
     def __init__(
@@ -316,7 +317,10 @@ class CheckpointManager:
         """Load this rank's ``states`` from checkpoint ``path``; True when it continues exactly.
 
         At the same world size and stream slots each part gets this rank's own
-        entry. Otherwise the streams are re-partitioned from every old rank's
+        entry. At another world size with the same slot groups (a fixed
+        train.global_batch_size and train.batch_size: train/slots.py) each
+        group's streams and memory move exactly to the rank that now reads it.
+        Otherwise the streams are re-partitioned from every old rank's
         state, in-flight documents restart, and memory and RNG are not restored
         (every slot starts with empty memory). The passkey curriculum is the same
         on every rank, so rank 0's serves a rank that did not exist before; the
@@ -325,17 +329,27 @@ class CheckpointManager:
         """
         parts = self.states
         own = self.rank_state(path, self.rank) if meta["world_size"] == self.world else None
+        every = None
         if own is not None and parts["streams"].same_shape(own["streams"]):
             exact = parts["streams"].load_state_dict(own["streams"])
         else:
-            exact = parts["streams"].load_state_dict([s["streams"] for s in self.rank_states(path)])
-        if exact and own is not None:
+            every = self.rank_states(path)
+            exact = parts["streams"].load_state_dict([s["streams"] for s in every])
+        if exact and every is None:
             parts["memory"].load_state_dict(own["memory"])
             parts["rng"].load_state_dict(own["rng"])
+        elif exact and every is not None:
+            # Same global batch and slots, other world size: each slot group moved to another rank with
+            # its stream state (train/slots.py); its memory rows follow it. RNG states stay fresh.
+            parts["memory"].load_regrouped([s["memory"] for s in every], self.rank)
         if "episodes" in parts:
             saved = own if own is not None else self.rank_state(path, 0)
             if "episodes" in saved:
                 parts["episodes"].load_state_dict(saved["episodes"], own_rank=own is not None)
+        if "spikes" in parts:  # train.spike's detector: the same on every rank, so rank 0's serves any world size
+            saved = own if own is not None else self.rank_state(path, 0)
+            if "spikes" in saved:
+                parts["spikes"].load_state_dict(saved["spikes"])
         parts["counters"].load_state_dict({"step": int(meta["step"]), "tokens_seen": int(meta.get("tokens_seen", 0))})
         return exact
 
@@ -412,6 +426,7 @@ def saved_config_tree(tree: dict[str, Any]) -> dict[str, Any]:
     long = tree.setdefault("memory", {}).setdefault("long", {})
     long.setdefault("mix", "gate")
     long.setdefault("smear_keys", False)
+    long.setdefault("qk_span", 1)  # newer than some checkpoints; 1 is what they did
     return tree
 
 
@@ -445,7 +460,7 @@ def load_weights(model: torch.nn.Module, sd: dict[str, torch.Tensor], source: st
 
 def load_for_inference(path: str | Path, device: str = "cpu"):
     """(model, tokenizer, cfg) from a checkpoint, run dir or export dir, without DeepSpeed engines."""
-    from mnemo.data_pipeline.tokenizer import Tokenizer
+    from mnemo.data_pipeline.tokenizer import TOKENIZER_FILES, Tokenizer, find_tokenizer_file
     from mnemo.model import MemoryTransformer
 
     ckpt = resolve_checkpoint(path)
@@ -454,9 +469,9 @@ def load_for_inference(path: str | Path, device: str = "cpu"):
     model = MemoryTransformer(args)
     load_weights(model, consolidated_state_dict(ckpt), str(ckpt))
     model.to(device).eval()
-    tok_path = ckpt / "tokenizer.model"
+    tok_path = Path(find_tokenizer_file(ckpt))
     if not tok_path.is_file():
-        raise UserError(f"{ckpt}: tokenizer not found (looked for tokenizer.model)")
+        raise UserError(f"{ckpt}: tokenizer not found (looked for {' and '.join(TOKENIZER_FILES)})")
     return model, Tokenizer(str(tok_path)), cfg
 
 
@@ -472,6 +487,7 @@ EXPORT_NAMES = (
     "model_args.json",
     "config.json",
     "tokenizer.model",
+    "tokenizer.json",
     "source.json",
     EXPORT_MANIFEST,
 )

@@ -38,10 +38,26 @@ class RunConfig:
 
 
 @dataclass
+class DataSourceConfig:
+    # MDS directory of this source, written by `mnemo prepare` (local path or remote URL).
+    path: str = ""
+    # Share of training TOKENS this source supplies (streaming's `proportion`), relative to the others' (>= 0).
+    weight: float = 1.0
+    # Name in metrics (data/<name>/tokens, data/<name>/share); empty = the last part of path.
+    name: str = ""
+    # Passes over this source before it drops out (streaming's `repeat`, as a limit); 0 = no limit.
+    max_epochs: int = 0
+
+
+@dataclass
 class DataConfig:
     # MDS directory written by `mnemo prepare` (local path or remote URL).
     path: str = ""
-    # SentencePiece model; empty = <data.path>/tokenizer.model.
+    # A weighted mixture instead of data.path: a list of {path, weight, name, max_epochs} (docs/streams.md).
+    # Exactly one of data.path and data.sources is set; all sources share one tokenizer.
+    sources: list[DataSourceConfig] = field(default_factory=list)
+    # Tokenizer file: a SentencePiece model or a Hugging Face tokenizer.json; empty = the one the
+    # dataset holds, <data.path>/tokenizer.model or .json (data.sources: the first source's).
     tokenizer: str = ""
     # Fraction of documents held out for evaluation (chosen by a fixed hash of
     # the sample index, so the split never depends on seed or world size).
@@ -78,6 +94,10 @@ class LongMemoryConfig:
     # Each key of a long-term layer mixes in the previous token's key (a
     # learned weight per head), so facts are found by what precedes them.
     smear_keys: bool = True
+    # Tokens each query and key of a long-term layer is projected from: the
+    # token and the qk_span - 1 before it (1 = the token alone), so a fact is
+    # found by the few tokens that name it (docs/many_facts.md).
+    qk_span: int = 1
 
 
 @dataclass
@@ -142,10 +162,40 @@ class PasskeyTrainConfig:
 
 
 @dataclass
+class SpikeConfig:
+    # Loss-spike handling (train/spikes.py, docs/spikes.md): off | log (detect and
+    # report only, a dry run) | skip (the step's update is not applied) | rollback
+    # (back to the last checkpoint, the data read since then skipped).
+    policy: Literal["off", "log", "skip", "rollback"] = "off"
+    # A corpus step's loss is a spike when its z-score against the running
+    # mean/std is above z ...
+    z: float = 6.0
+    # ... and it is more than ratio x the running mean.
+    ratio: float = 1.2
+    # Span in steps of the exponential moving mean and variance.
+    window: int = 100
+    # Steps observed before a spike can be flagged.
+    warmup: int = 50
+    # Also watch the gradient norm (seen only after its update: log or rollback).
+    grad_norm: bool = False
+    # Rollbacks in a row (none past the previous one's step) before the run stops with an error.
+    max_rollbacks: int = 3
+
+
+@dataclass
 class TrainConfig:
     # B: stream slots (sequences) per rank.
     batch_size: int = 8
+    # Sequences (stream slots) per optimizer step across the job; gradient
+    # accumulation micro-steps = global_batch_size / (world size x batch_size),
+    # which must divide. 0 = world size x batch_size (no accumulation). Kept
+    # when a run resumes on another world size (the accumulation changes).
+    global_batch_size: int = 0
     max_steps: int = 100
+    # Token budget: > 0 replaces train.max_steps (then ignored) by
+    # ceil(max_tokens / (global batch x model.segment_len x memory.bptt_segments));
+    # the LR schedule ends there. 0 = train.max_steps decides.
+    max_tokens: int = 0
     lr: float = 1e-3
     # Final LR of the cosine schedule, as a fraction of train.lr.
     min_lr_ratio: float = 0.1
@@ -174,6 +224,8 @@ class TrainConfig:
     # Episodic passkey training beside the corpus (the answer is weighted
     # answer_weight, the rest of the episode answer_context_weight).
     passkey: PasskeyTrainConfig = field(default_factory=PasskeyTrainConfig)
+    # Loss-spike detection and recovery (default off).
+    spike: SpikeConfig = field(default_factory=SpikeConfig)
 
 
 @dataclass
@@ -277,6 +329,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             value = [value]
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
+        if dataclasses.is_dataclass(item_tp):  # a list of small sections (data.sources): unknown keys name the item
+            return [_build(item_tp, v, f"{key}[{i}].") for i, v in enumerate(value)]
         return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
     if origin in (typing.Union, types.UnionType):
         raise ConfigError(f"{key}: union types are not supported")  # none declared
@@ -430,8 +484,13 @@ def validate(cfg: Config) -> None:
             seen[layer % n_layers] = i
         need(len(lm.layers) > 0, "memory.long.layers", "must name at least one layer")
     need(lm.temperature_init > 0, "memory.long.temperature_init", "must be > 0 (its log is the initial parameter)")
+    need(lm.qk_span >= 1, "memory.long.qk_span", "must be >= 1 (1 = each token alone)")
     need(cfg.train.batch_size >= 1, "train.batch_size", "must be >= 1")
     need(cfg.train.max_steps >= 1, "train.max_steps", "must be >= 1")
+    need(cfg.train.max_tokens >= 0, "train.max_tokens", "must be >= 0 (0 = train.max_steps decides)")
+    gb, b = cfg.train.global_batch_size, cfg.train.batch_size
+    need(gb >= 0, "train.global_batch_size", "must be >= 0 (0 = world size x train.batch_size)")
+    need(gb % max(1, b) == 0, "train.global_batch_size", f"{gb} is not a multiple of train.batch_size {b}")
     need(cfg.train.lr > 0, "train.lr", "must be > 0")
     need(0 <= cfg.train.min_lr_ratio <= 1, "train.min_lr_ratio", "must be in [0, 1]")
     need(cfg.train.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
@@ -446,6 +505,17 @@ def validate(cfg: Config) -> None:
     need(cfg.train.grad_clip >= 0, "train.grad_clip", "must be >= 0")
     need(cfg.train.answer_weight > 0, "train.answer_weight", "must be > 0")
     need(cfg.train.answer_context_weight >= 0, "train.answer_context_weight", "must be >= 0")
+    sp = cfg.train.spike
+    need(sp.z > 0, "train.spike.z", "must be > 0")
+    need(sp.ratio >= 1, "train.spike.ratio", "must be >= 1 (a spike lies above the running mean)")
+    need(sp.window >= 1, "train.spike.window", "must be >= 1")
+    need(sp.warmup >= 2, "train.spike.warmup", "must be >= 2 (a variance needs two values)")
+    need(sp.max_rollbacks >= 1, "train.spike.max_rollbacks", "must be >= 1")
+    need(
+        not (sp.grad_norm and sp.policy == "skip"),
+        "train.spike.grad_norm",
+        "a gradient-norm spike is seen after its update: use train.spike.policy=rollback or log",
+    )
     pk = cfg.train.passkey
     need(0 <= pk.fraction <= 1, "train.passkey.fraction", "must be in [0, 1]")
     need(pk.start_distance >= 0, "train.passkey.start_distance", "must be >= 0")
@@ -481,6 +551,7 @@ def validate(cfg: Config) -> None:
     need(cfg.eval.passkey_trials >= 0, "eval.passkey_trials", "must be >= 0 (0 = no passkey evaluation)")
     need(0 <= cfg.data.val_fraction < 1, "data.val_fraction", "must be in [0, 1)")
     need(cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0")
+    validate_sources(cfg)
     need(bool(cfg.run.dir), "run.dir", "must not be empty")
     need(all(d >= 1 for d in cfg.eval.passkey_distances), "eval.passkey_distances", "must be >= 1")
     need(all(d >= 0 for d in cfg.eval.task_distances), "eval.task_distances", "must be >= 0")
@@ -498,20 +569,62 @@ def validate(cfg: Config) -> None:
             need(len(set(names)) == len(names), f"eval.tasks[{i}]", f"task {names[-1]!r} named twice")
 
 
+def validate_sources(cfg: Config) -> None:
+    """data.path xor data.sources; each source's weight, name and max_epochs (no filesystem)."""
+    from mnemo.data_pipeline.mixture import source_names
+
+    src = cfg.data.sources
+    if not src:
+        return
+    if cfg.data.path:
+        raise ConfigError("data.sources: set either data.path or data.sources, not both")
+    for i, s in enumerate(src):
+        if not s.path:
+            raise ConfigError(f"data.sources[{i}].path: not set (a data dir written by `mnemo prepare`)")
+        if s.weight < 0:
+            raise ConfigError(f"data.sources[{i}].weight: must be >= 0, got {s.weight}")
+        if s.max_epochs < 0:
+            raise ConfigError(f"data.sources[{i}].max_epochs: must be >= 0 (0 = no limit), got {s.max_epochs}")
+    if sum(s.weight for s in src) <= 0:
+        raise ConfigError(f"data.sources: the weights sum to 0 ({[s.weight for s in src]}); one must be > 0")
+    names = source_names([s.path for s in src], [s.name for s in src])
+    for i, n in enumerate(names):
+        if n in names[:i]:
+            j = names.index(n)
+            raise ConfigError(f"data.sources[{i}]: name {n!r} is also data.sources[{j}]'s; set data.sources[{i}].name")
+        if not all(c.isalnum() or c in "_-." for c in n):
+            raise ConfigError(f"data.sources[{i}].name: {n!r} may hold only letters, digits, '_', '-', '.'")
+
+
+def data_paths(cfg: Config) -> list[tuple[str, str]]:
+    """(config key, path) of every dataset of the run: data.path, or each data.sources[i].path."""
+    if cfg.data.sources:
+        return [(f"data.sources[{i}].path", s.path) for i, s in enumerate(cfg.data.sources)]
+    return [("data.path", cfg.data.path)]
+
+
 def check_paths(cfg: Config) -> None:
     """Checks that need the filesystem (data dir, tokenizer, init_from).
 
     Run by `mnemo train` and `mnemo launch` before any rank is spawned.
     """
-    path = cfg.data.path
-    if not path:
+    if not cfg.data.path and not cfg.data.sources:
         raise ConfigError("data.path: not set (a data dir written by `mnemo prepare`)")
-    if not is_remote(path):
-        local = Path(local_path(path))
-        if not local.is_dir():
-            raise ConfigError(f"data.path: no such directory: {local}")
-        if not (local / "index.json").is_file():
-            raise ConfigError(f"data.path: {local} holds no MDS shards (index.json missing); run `mnemo prepare`")
+    for key, path in data_paths(cfg):
+        if not is_remote(path):
+            local = Path(local_path(path))
+            if not local.is_dir():
+                raise ConfigError(f"{key}: no such directory: {local}")
+            if not (local / "index.json").is_file():
+                raise ConfigError(f"{key}: {local} holds no MDS shards (index.json missing); run `mnemo prepare`")
+    if cfg.data.sources:
+        from mnemo.data_pipeline.errors import DataError
+        from mnemo.data_pipeline.mixture import check_same_tokenizer
+
+        try:
+            check_same_tokenizer([p for _, p in data_paths(cfg)])
+        except DataError as e:
+            raise ConfigError(f"data.sources: {e}") from None
     tok = tokenizer_path(cfg)
     if "://" not in tok and not Path(tok).is_file():
         raise ConfigError(f"data.tokenizer: no such file: {tok}")
@@ -525,7 +638,9 @@ def check_paths(cfg: Config) -> None:
 def tokenizer_path(cfg: Config) -> str:
     if cfg.data.tokenizer:
         return cfg.data.tokenizer
-    return str(Path(local_path(cfg.data.path)) / "tokenizer.model")
+    from mnemo.data_pipeline.tokenizer import find_tokenizer_file
+
+    return find_tokenizer_file(Path(local_path(data_paths(cfg)[0][1])))
 
 
 def to_dict(cfg: Config) -> dict:

@@ -11,9 +11,14 @@ import torch
 from mnemo.train.config import Config
 
 
-def lr_lambda(cfg: Config):
-    """Linear warmup over train.warmup_steps, then cosine down to train.min_lr_ratio at train.max_steps."""
-    warm, total, floor = cfg.train.warmup_steps, cfg.train.max_steps, cfg.train.min_lr_ratio
+def lr_lambda(cfg: Config, total_steps: int | None = None):
+    """Linear warmup over train.warmup_steps, then cosine down to train.min_lr_ratio at the run's last step.
+
+    ``total_steps``: that step (train/schedule.py ``total_steps``: train.max_steps, or the step count of
+    train.max_tokens); None = train.max_steps.
+    """
+    warm, floor = cfg.train.warmup_steps, cfg.train.min_lr_ratio
+    total = cfg.train.max_steps if total_steps is None else total_steps
 
     def f(step: int) -> float:
         if step < warm:
@@ -40,13 +45,15 @@ def model_args_from_config(cfg: Config, vocab_size: int):
         ltm_temperature_init=m.long.temperature_init,
         ltm_mix=m.long.mix,
         ltm_smear_keys=m.long.smear_keys,
+        ltm_qk_span=m.long.qk_span,
         mlp=cfg.model.mlp,
         init=cfg.model.init,
         **tie,
     )
 
 
-def deepspeed_config(cfg: Config, use_bf16: bool, use_cuda: bool) -> dict[str, Any]:
+def deepspeed_config(cfg: Config, use_bf16: bool, use_cuda: bool, accum: int = 1) -> dict[str, Any]:
+    """``accum``: gradient accumulation micro-steps per optimizer step (train/schedule.py ``batching``)."""
     zero: dict[str, Any] = {"stage": cfg.zero.stage}
     if cfg.zero.stage in (1, 2) and not use_cuda:
         # DeepSpeed copies every gradient into one contiguous buffer as backward
@@ -58,7 +65,9 @@ def deepspeed_config(cfg: Config, use_bf16: bool, use_cuda: bool) -> dict[str, A
         zero.update(stage3_gather_16bit_weights_on_model_save=False)
     return {
         "train_micro_batch_size_per_gpu": cfg.train.batch_size,
-        "gradient_accumulation_steps": 1,
+        # engine.backward divides each micro-step's loss by it; engine.step applies the optimizer (and
+        # the LR schedule, clipping, the overflow check) only at the last micro-step of a step.
+        "gradient_accumulation_steps": accum,
         "gradient_clipping": cfg.train.grad_clip,
         "zero_optimization": zero,
         "bf16": {"enabled": use_bf16},

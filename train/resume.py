@@ -22,10 +22,11 @@ UNSAFE_KEYS = (
     "memory.long.layers",
     "memory.long.mix",
     "memory.long.smear_keys",
+    "memory.long.qk_span",
     "data.val_fraction",
     "train.seed",
 )
-_LTM_ONLY_KEYS = ("memory.long.mix", "memory.long.smear_keys")
+_LTM_ONLY_KEYS = ("memory.long.mix", "memory.long.smear_keys", "memory.long.qk_span")
 
 
 def check_resume_compatible(

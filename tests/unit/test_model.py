@@ -6,6 +6,7 @@ and MemoryState round trips. Tiny models, CPU, fp32."""
 from __future__ import annotations
 
 import io
+from dataclasses import replace
 import math
 
 import pytest
@@ -29,9 +30,12 @@ def make(
     seed: int = 0,
     mix: str = "gate",
     smear: bool = False,
+    span: int = 1,
 ) -> MemoryTransformer:
     """3 layers, d=32, 4 heads; long-term memory in layer 1. init_std 0.1 (not 0.02) so that
-    attention is far from uniform and a wrong mask shows in the logits."""
+    attention is far from uniform and a wrong mask shows in the logits. span > 1: multi-token
+    queries and keys in layer 1, their earlier-token projections drawn like the others (they
+    start at zero in training, which would hide a wrong offset)."""
     torch.manual_seed(seed)
     args = ModelArgs(
         vocab_size=V,
@@ -47,8 +51,14 @@ def make(
         ltm_layers=(1,),
         ltm_mix=mix,
         ltm_smear_keys=smear,
+        ltm_qk_span=span,
     )
-    return MemoryTransformer(args).eval()
+    model = MemoryTransformer(args).eval()
+    if span > 1:
+        with torch.no_grad():
+            model.blocks[1].attn.q_prev.weight.normal_(0.0, init_std)
+            model.blocks[1].attn.k_prev.weight.normal_(0.0, init_std)
+    return model
 
 
 @pytest.fixture(autouse=True)
@@ -98,12 +108,15 @@ def close(got: torch.Tensor, ref: torch.Tensor) -> bool:
 # ---------------------------------------------------------------- causality
 
 
-@pytest.mark.parametrize("mix,smear", [("gate", False), ("joint", False), ("joint", True), ("gate", True)])
+@pytest.mark.parametrize(
+    "mix,smear,span",
+    [("gate", False, 1), ("joint", False, 1), ("joint", True, 1), ("gate", True, 1), ("joint", True, 3)],
+)
 @pytest.mark.parametrize("stm,capacity", [(T, 64), (2 * T, 64), (T // 2, 12), (0, 64)])
-def test_no_output_depends_on_a_later_token(stm, capacity, mix, smear):
+def test_no_output_depends_on_a_later_token(stm, capacity, mix, smear, span):
     """Perturbing token j changes nothing before j: within a segment, through
     the short-term memory and through the long-term store (FIFO or not)."""
-    model = make(stm=stm, capacity=capacity, mix=mix, smear=smear)
+    model = make(stm=stm, capacity=capacity, mix=mix, smear=smear, span=span)
     x = tokens(2, 5)
     with torch.no_grad():
         ref, _ = run(model, x)
@@ -216,6 +229,10 @@ def sliding_window_reference(
     for blk in model.blocks:
         at, z = blk.attn, blk.attn_norm(h)
         q, k, v = (proj(z).view(B, L, H, Dh).transpose(1, 2) for proj in (at.q, at.k, at.v))
+        if at.span > 1:  # q and k also project the span - 1 inputs before (zero before the document's first)
+            prev = torch.cat([F.pad(z, (0, 0, j, 0))[:, :L] for j in range(1, at.span)], dim=-1)  # [B, L, (span-1) D]
+            q = q + at.q_prev(prev).view(B, L, H, Dh).transpose(1, 2)
+            k = k + at.k_prev(prev).view(B, L, H, Dh).transpose(1, 2)
         if at.joint:
             if at.smear:  # each key mixes in the previous token's (none before the document's first)
                 prev = torch.cat((torch.zeros_like(k[:, :, :1]), k[:, :, :-1]), dim=2)
@@ -332,16 +349,16 @@ def test_model_with_searched_window_equals_model_searching_the_whole_store(monke
     assert torch.equal(a, b) and sa.equal(sb)
 
 
-@pytest.mark.parametrize("smear", [False, True])
+@pytest.mark.parametrize("smear,span", [(False, 1), (True, 1), (True, 3), (False, T + 2)])
 @pytest.mark.parametrize("stm", [T, 2 * T, T // 2, 0])
-def test_joint_layer_with_k_covering_the_store_is_full_causal_attention(stm, smear):
+def test_joint_layer_with_k_covering_the_store_is_full_causal_attention(stm, smear, span):
     """A joint long-term layer that retrieves every stored key attends over the
     whole document once: the store (less what the short-term memory holds, so
     no key counts twice), the short-term memory and the segment, all without
     RoPE. Read segment by segment it equals one pass of that attention; the
     other layers stay block-sliding windows of M."""
     capacity = 64
-    model = make(stm=stm, capacity=capacity, topk=capacity, mix="joint", smear=smear)
+    model = make(stm=stm, capacity=capacity, topk=capacity, mix="joint", smear=smear, span=span)
     with torch.no_grad():
         model.blocks[1].attn.ltm_log_temp.copy_(torch.log(torch.tensor([1.0, 3.0, 10.0, 30.0])))
         if smear:
@@ -393,6 +410,31 @@ def test_smeared_keys_carry_the_last_raw_key_across_segments_and_resets():
         tail0 = replace_tail(state, torch.zeros_like(state.layers[1].k_tail))
         b, _ = model(x[:, 2 * T :], tail0)
     assert not close(a[:, 0], b[:, 0])  # the first token saw the carried key
+
+
+def test_multi_token_queries_and_keys_carry_the_last_inputs_across_segments_and_resets():
+    """With span S the layer keeps the inputs of the last S - 1 tokens read (x_tail
+    [B, 1, S-1, D]); the next segment's first tokens project them into their q and k.
+    A reset zeroes them; the no-memory ablation carries none; the parameters are counted."""
+    model = make(mix="joint", smear=True, span=3)
+    assert (
+        model.num_params()
+        == model.expected_num_params()
+        == make(mix="joint", smear=True).num_params() + 2 * 2 * 32 * 32
+    )
+    x = tokens(2, 3)
+    with torch.no_grad():
+        _, state = run(model, x[:, : 2 * T])
+        assert state.layers[1].x_tail.shape == (2, 1, 2, 32) and state.layers[0].x_tail is None
+        assert state.layers[1].x_tail.abs().sum() > 0
+        cut = state.reset(torch.tensor([True, False]))
+        assert not cut.layers[1].x_tail[0].any() and torch.equal(cut.layers[1].x_tail[1], state.layers[1].x_tail[1])
+        assert model.init_state(2, stm=False, ltm=False).layers[1].x_tail is None
+        a, _ = model(x[:, 2 * T :], state)
+        layers = list(state.layers)
+        layers[1] = replace(layers[1], x_tail=torch.zeros_like(layers[1].x_tail))
+        b, _ = model(x[:, 2 * T :], replace(state, layers=tuple(layers)))
+    assert not close(a[:, :2], b[:, :2])  # the first two tokens saw the carried inputs
 
 
 def replace_tail(state: MemoryState, tail: torch.Tensor) -> MemoryState:
