@@ -1,4 +1,4 @@
-"""What a dataset of `mnemo prepare` holds besides its parts: tokenizer.model and manifest.json.
+"""What a dataset of `mnemo prepare` holds besides its parts: tokenizer.model (or .json) and manifest.json.
 
 The tokenizer is the model given with --tokenizer, copied, or one trained on a
 sample of the corpus. The manifest records the counts, the tokenizer's hash
@@ -54,8 +54,8 @@ def format_counts(counts: dict[str, int]) -> str:
 
 
 def copy_tokenizer(loc: OutLocation, given: Tokenizer, given_bytes: bytes) -> Tokenizer:
-    """OUT/tokenizer.model: a copy of the model given with --tokenizer."""
-    dest = os.path.join(loc.local, "tokenizer.model")
+    """OUT/tokenizer.model or OUT/tokenizer.json (by kind): a copy of the file given with --tokenizer."""
+    dest = os.path.join(loc.local, given.file_name)
     if not (os.path.exists(dest) and file_sha256(dest) == given.sha256):
         atomic_write(dest, given_bytes, tmp_dir=loc.state)
     return Tokenizer(dest)
@@ -121,7 +121,7 @@ def build_manifest(
     tok_path = (
         os.path.abspath(given.path)
         if given
-        else (loc.remote_join("tokenizer.model") or os.path.join(loc.local, "tokenizer.model"))
+        else (loc.remote_join(tok.file_name) or os.path.join(loc.local, tok.file_name))
     )
     return {
         "format": "mnemo-mds",
@@ -132,6 +132,8 @@ def build_manifest(
         "out": loc.url,
         "tokenizer_path": tok_path,
         "tokenizer_sha256": tok.sha256,
+        "tokenizer_kind": tok.kind,
+        "tokenizer_file": tok.file_name,
         "tokenizer_trained": given is None,
         "vocab_size": tok.vocab_size,
         "eos_id": tok.eos_id,

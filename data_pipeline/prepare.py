@@ -319,7 +319,7 @@ def prepare(
 ) -> dict:
     """Convert ``inputs`` into a mnemo MDS dataset at ``out``; returns the manifest.
 
-    ``tokenizer``: an existing SentencePiece model; without it one is trained
+    ``tokenizer``: an existing SentencePiece model or tokenizer.json; without it one is trained
     (``vocab_size``, ``model_type``, ``sample_docs``, ``seed``) into
     OUT/tokenizer.model first. ``workers``: processes (default: all cores).
     ``unit_bytes``: input bytes per work unit (default: about 1/64 of the
@@ -369,7 +369,10 @@ def prepare(
     if max_doc_bytes != DEFAULT_MAX_DOC_BYTES:  # absent at the default: older datasets keep their fingerprint
         spec["max_doc_bytes"] = max_doc_bytes
     fingerprint = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
-    complete = claim_out(loc, fingerprint, overwrite, out_entries(units, passkey_docs > 0))
+    entries = out_entries(units, passkey_docs > 0)
+    if given is not None and given.file_name not in entries:  # OUT/tokenizer.json
+        entries.append(given.file_name)
+    complete = claim_out(loc, fingerprint, overwrite, entries)
     if complete is not None:
         note(f"{loc.url} is already complete for these inputs (manifest.json); nothing to do")
         return complete
@@ -381,7 +384,7 @@ def prepare(
             loc, corpus, text_field, id_field, strict, vocab_size, model_type, sample_docs, seed, max_doc_bytes
         )
     ctx = UnitContext(
-        os.path.join(loc.local, "tokenizer.model"),
+        os.path.join(loc.local, tok.file_name),
         tok.token_dtype.name,
         text_field,
         id_field,
@@ -406,7 +409,7 @@ def prepare(
     manifest = build_manifest(loc, tok, given, spec, fingerprint, names, results, stats, num_corpus)
     write_json(os.path.join(loc.local, "manifest.json"), manifest, tmp_dir=loc.state)
     if loc.remote is not None:
-        upload(loc, ["tokenizer.model", "manifest.json"])
+        upload(loc, [tok.file_name, "manifest.json"])
         shutil.rmtree(loc.local, ignore_errors=True)
     else:
         shutil.rmtree(loc.state, ignore_errors=True)

@@ -1,4 +1,10 @@
-"""SentencePiece tokenizer: lossless training settings and a thin loader.
+"""Tokenizers: SentencePiece (trained by mnemo, lossless) or a Hugging Face tokenizer.json.
+
+``Tokenizer(path)`` opens either kind (see :class:`Tokenizer` for what both
+give and :class:`HFTokenizer` for the end-of-document rule of a
+tokenizer.json); ``find_tokenizer_file`` finds the one a dataset, checkpoint or
+export folder holds. The rest of this docstring is about the SentencePiece
+models mnemo trains.
 
 Lossless means ``decode(encode(doc)) == doc`` for every document, code and
 prose alike. SentencePiece gets there with these trainer settings (each one
@@ -33,6 +39,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import os
 import random
 import re
@@ -64,7 +71,93 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 
 class Tokenizer:
+    """What mnemo needs of a tokenizer. ``Tokenizer(path)`` returns a SentencePieceTokenizer or, for
+    a tokenizer.json (:func:`tokenizer_kind`), an HFTokenizer: ``encode``/``encode_batch`` (no BOS/EOS),
+    ``decode``, ``vocab_size``, ``eos_id``/``bos_id``/``pad_id``/``unk_id`` (-1: none), ``sha256``,
+    ``token_dtype`` and ``file_name``, the name a dataset, checkpoint or export keeps the file under.
+    """
+
+    kind: str = ""
+    file_name: str = ""
+    path: str
+    vocab_size: int
+    eos_id: int
+    bos_id: int
+    pad_id: int
+    unk_id: int
+
+    def __new__(cls, path: str | os.PathLike | None = None, *args, **kwargs):
+        if cls is Tokenizer and path is not None:
+            cls = HFTokenizer if tokenizer_kind(path) == HFTokenizer.kind else SentencePieceTokenizer
+        return super().__new__(cls)
+
+    @cached_property
+    def sha256(self) -> str:
+        return file_sha256(self.path)
+
+    @property
+    def token_dtype(self) -> np.dtype:
+        """uint16 when every id fits, else uint32."""
+        return np.dtype(np.uint16) if self.vocab_size <= 1 << 16 else np.dtype(np.uint32)
+
+    def encode(self, text: str) -> list[int]:
+        return self.encode_batch([text])[0].tolist()
+
+    def encode_batch(self, texts: list[str], num_threads: int = 1) -> list[np.ndarray]:
+        """Token ids (int32 arrays, no BOS/EOS) of each text, in order."""
+        raise NotImplementedError
+
+    def decode(self, ids: Sequence[int] | np.ndarray) -> str:
+        raise NotImplementedError
+
+
+def tokenizer_kind(path: str | os.PathLike) -> str:
+    """ "huggingface" for a JSON object (first non-blank byte "{"), else "sentencepiece".
+
+    A SentencePiece model is a protocol buffer (its first byte is 0x0a), never
+    JSON. A file that cannot be read is judged by its name (*.json or not) and
+    then fails to open with its own error.
+    """
+    try:
+        with open(path, "rb") as f:
+            head = f.read(64)
+    except OSError:
+        return HFTokenizer.kind if str(path).endswith(".json") else SentencePieceTokenizer.kind
+    return HFTokenizer.kind if head.lstrip().startswith(b"{") else SentencePieceTokenizer.kind
+
+
+# The names a dataset, checkpoint or export folder keeps its tokenizer under.
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")
+
+
+def find_tokenizer_file(folder: str | os.PathLike) -> str:
+    """The tokenizer file of a dataset, checkpoint or export folder.
+
+    The name its manifest.json records (``tokenizer_file``), else the first of
+    TOKENIZER_FILES present, else ``folder/tokenizer.model`` (which callers
+    then report missing).
+    """
+    import json
+
+    folder = str(folder)
+    try:
+        with open(os.path.join(folder, "manifest.json")) as f:
+            name = json.load(f).get("tokenizer_file")
+    except (OSError, ValueError, AttributeError):
+        name = None
+    if name in TOKENIZER_FILES:
+        return os.path.join(folder, name)
+    for name in TOKENIZER_FILES:
+        if os.path.isfile(os.path.join(folder, name)):
+            return os.path.join(folder, name)
+    return os.path.join(folder, TOKENIZER_FILES[0])
+
+
+class SentencePieceTokenizer(Tokenizer):
     """A trained SentencePiece model. ``encode`` adds no BOS/EOS."""
+
+    kind = "sentencepiece"
+    file_name = "tokenizer.model"
 
     def __init__(self, path: str | os.PathLike):
         self.path = str(path)
@@ -85,18 +178,6 @@ class Tokenizer:
         # Byte-fallback ids of U+2581 (empty if the model has no byte pieces).
         mark = [self.sp.piece_to_id(f"<0x{b:02X}>") for b in _SPACE_MARK.encode("utf-8")]
         self._mark_ids = mark if all(i != self.unk_id for i in mark) else []
-
-    @cached_property
-    def sha256(self) -> str:
-        return file_sha256(self.path)
-
-    @property
-    def token_dtype(self) -> np.dtype:
-        """uint16 when every id fits, else uint32."""
-        return np.dtype(np.uint16) if self.vocab_size <= 1 << 16 else np.dtype(np.uint32)
-
-    def encode(self, text: str) -> list[int]:
-        return self.encode_batch([text])[0].tolist()
 
     def decode(self, ids: Sequence[int] | np.ndarray) -> str:
         if isinstance(ids, np.ndarray):
@@ -124,6 +205,131 @@ class Tokenizer:
                 pieces.append(mark)
             pieces.append(ids)
         return np.concatenate(pieces).astype(np.int32, copy=False)
+
+
+# Special tokens of a tokenizer.json, by name, most preferred first. The
+# end-of-document id (EOS) is the first of EOS_NAMES that the file lists as a
+# special added token: a tokenizer.json without one of them is refused. BOS
+# and PAD are found the same way and are -1 when absent (mnemo needs neither).
+EOS_NAMES = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>")
+BOS_NAMES = ("<s>", "<|begin_of_text|>", "<bos>", "<|startoftext|>")
+PAD_NAMES = ("<pad>", "<|pad|>", "[PAD]", "<|padding|>")
+
+
+class HFTokenizer(Tokenizer):
+    """A Hugging Face ``tokenizers`` file (tokenizer.json). ``encode`` adds no BOS/EOS.
+
+    Special tokens written in a document stay text (``encode_special_tokens``):
+    a literal "<|endoftext|>" in the corpus never becomes the EOS id. ``decode``
+    leaves special ids out, as SentencePiece does with its control symbols.
+    Whether ``decode(encode(doc)) == doc`` depends on the file: byte-level BPE
+    round-trips, a normalizing tokenizer (lowercase, NFKC, ...) does not;
+    ``mnemo data verify`` counts the documents that do not.
+    """
+
+    kind = "huggingface"
+    file_name = "tokenizer.json"
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = str(path)
+        if not os.path.isfile(self.path):
+            raise DataError(f"tokenizer {self.path}: no such file")
+        try:
+            import tokenizers
+        except ImportError:
+            raise DataError(
+                f"tokenizer {self.path}: a tokenizer.json needs the tokenizers package: pip install 'mnemo[hf]'"
+            ) from None
+        try:
+            self.tk = tokenizers.Tokenizer.from_file(self.path)
+        except Exception as e:  # the Rust side raises plain Exception for any parse error
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise DataError(f"tokenizer {self.path}: not a Hugging Face tokenizer.json ({first})") from None
+        self.tk.encode_special_tokens = True
+        vocab = self.tk.get_vocab(with_added_tokens=True)
+        self.vocab_size = max(self.tk.get_vocab_size(with_added_tokens=True), max(vocab.values(), default=-1) + 1)
+        special = {t.content: i for i, t in self.tk.get_added_tokens_decoder().items() if t.special}
+        eos = next((special[n] for n in EOS_NAMES if n in special), None)
+        if eos is None:
+            raise DataError(
+                f"tokenizer {self.path}: no end-of-document token: mnemo needs one of "
+                f"{', '.join(EOS_NAMES)} among the file's special tokens"
+            )
+        self.eos_id = int(eos)
+        self.bos_id = int(next((special[n] for n in BOS_NAMES if n in special), -1))
+        self.pad_id = int(next((special[n] for n in PAD_NAMES if n in special), -1))
+        unk = getattr(self.tk.model, "unk_token", None)
+        unk_id = self.tk.token_to_id(unk) if isinstance(unk, str) else None
+        self.unk_id = -1 if unk_id is None else int(unk_id)
+
+    def encode_batch(self, texts: list[str], num_threads: int = 1) -> list[np.ndarray]:
+        """Token ids (int32 arrays, no BOS/EOS) of each text, in order.
+
+        One text per call when ``num_threads`` is 1: the batch call runs on
+        the library's own thread pool, which a prepare worker (one per core)
+        must not start.
+        """
+        if num_threads == 1:
+            encs = [self.tk.encode(t, add_special_tokens=False) for t in texts]
+        else:
+            encs = self.tk.encode_batch_fast(list(texts), add_special_tokens=False)
+        return [np.asarray(e.ids, dtype=np.int32) for e in encs]
+
+    def decode(self, ids: Sequence[int] | np.ndarray) -> str:
+        if isinstance(ids, np.ndarray):
+            ids = ids.tolist()
+        return self.tk.decode(list(ids), skip_special_tokens=True)
+
+
+def round_trip(tok: Tokenizer, texts: list[str]) -> list[bool]:
+    """For each text: ``decode(encode(text)) == text`` (the same characters, hence the same UTF-8 bytes)."""
+    return [tok.decode(ids) == t for t, ids in zip(texts, tok.encode_batch(texts))]
+
+
+def corpus_round_trip(
+    tok: Tokenizer,
+    inputs: Sequence[dict],
+    text_field: str = "text",
+    id_field: str | None = None,
+    max_doc_bytes: int | None = None,
+    max_docs: int | None = None,
+    max_examples: int = 3,
+) -> dict:
+    """Does ``tok`` give back every document of a prepared corpus byte for byte?
+
+    ``inputs``: the manifest's input fingerprints (path, size, mtime_ns). The
+    corpus is read again, so the check is made only when every input is still
+    there unchanged; otherwise ``{"checked": False, "reason": ...}``. Else
+    ``{"checked": True, "documents": N, "failed": K, "examples": [doc ids], "complete": bool}``
+    over the first ``max_docs`` documents in input order (None: all).
+    """
+    from mnemo.data_pipeline.inputs import ReadStats, plan_inputs
+    from mnemo.data_pipeline.readers import DEFAULT_MAX_DOC_BYTES, iter_documents
+
+    for f in inputs:
+        try:
+            st = os.stat(f["path"])
+        except OSError:
+            return {"checked": False, "reason": f"input {f['path']} is gone"}
+        if st.st_size != f.get("size") or st.st_mtime_ns != f.get("mtime_ns"):
+            return {"checked": False, "reason": f"input {f['path']} changed since prepare"}
+    corpus = plan_inputs([f["path"] for f in inputs], text_field=text_field, id_field=id_field)
+    docs = iter_documents(corpus, text_field, id_field, False, ReadStats(), max_doc_bytes or DEFAULT_MAX_DOC_BYTES)
+    n = failed = 0
+    examples: list[str] = []
+    while True:
+        room = min(256, max_docs - n) if max_docs else 256
+        batch = list(itertools.islice(docs, room)) if room > 0 else []
+        if not batch:  # the corpus is done, or max_docs are checked: are there more?
+            complete = room > 0 or next(docs, None) is None
+            break
+        for doc, ok in zip(batch, round_trip(tok, [d.text for d in batch])):
+            if not ok:
+                failed += 1
+                if len(examples) < max_examples:
+                    examples.append(doc.doc_id)
+        n += len(batch)
+    return {"checked": True, "documents": n, "failed": failed, "examples": examples, "complete": complete}
 
 
 def reservoir_sample(docs: Iterable[str], k: int, seed: int, max_doc_chars: int) -> list[str]:
@@ -213,7 +419,7 @@ def train_from_texts(
     model_type: str = "bpe",
     special_tokens: Sequence[str] = (),
     num_threads: int | None = None,
-) -> Tokenizer:
+) -> SentencePieceTokenizer:
     """Train on already sampled documents and write the model to ``out`` atomically."""
     if vocab_size < 1:
         raise DataError(f"--vocab-size must be positive, got {vocab_size}")
@@ -239,7 +445,7 @@ def train_from_texts(
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     tmp.write_bytes(model.getvalue())
     os.replace(tmp, out)
-    tok = Tokenizer(out)
+    tok = SentencePieceTokenizer(out)
     if tok.vocab_size < vocab_size:
         print(
             f"mnemo: note: the corpus sample supports {tok.vocab_size} pieces; asked for {vocab_size}", file=sys.stderr
@@ -261,7 +467,7 @@ def train_tokenizer(
     strict: bool = False,
     num_threads: int | None = None,
     max_doc_bytes: int | None = None,
-) -> Tokenizer:
+) -> SentencePieceTokenizer:
     """`mnemo tokenizer train`: sample documents from ``inputs`` and train SentencePiece.
 
     Memory is bounded by ``sample_docs * max_doc_chars`` characters whatever

@@ -130,14 +130,36 @@ def iter_shard_samples(data_dir: str, index: dict) -> Iterator[tuple[str, int, d
             yield name, i, sample
 
 
-def verify(data_dir: str) -> dict:
-    """Check every shard and the totals; DataError naming the first bad shard. Returns a report."""
+def verify(data_dir: str, roundtrip_docs: int = 0) -> dict:
+    """Check every shard and the totals; DataError naming the first bad shard. Returns a report.
+
+    ``roundtrip_docs`` > 0: also read up to that many documents of the corpus
+    again (when its inputs are unchanged) and count those the tokenizer does
+    not give back byte for byte (``report["roundtrip"]``; a count, not an error).
+    """
     with _well_formed(data_dir):
-        return _verify(data_dir)
+        rep = _verify(data_dir)
+        if roundtrip_docs > 0:
+            rep["roundtrip"] = _round_trip(data_dir, roundtrip_docs)
+        return rep
+
+
+def _round_trip(data_dir: str, max_docs: int) -> dict:
+    from mnemo.data_pipeline.tokenizer import Tokenizer, corpus_round_trip, find_tokenizer_file
+
+    m = read_manifest(data_dir)
+    return corpus_round_trip(
+        Tokenizer(find_tokenizer_file(data_dir)),
+        m["inputs"],
+        m.get("text_field") or "text",
+        m.get("id_field"),
+        m.get("max_doc_bytes"),
+        max_docs=max_docs,
+    )
 
 
 def _verify(data_dir: str) -> dict:
-    from mnemo.data_pipeline.tokenizer import file_sha256
+    from mnemo.data_pipeline.tokenizer import file_sha256, find_tokenizer_file
 
     manifest = read_manifest(data_dir)
     index = read_json_file(os.path.join(data_dir, "index.json"), "the merged shard index")
@@ -165,7 +187,7 @@ def _verify(data_dir: str) -> dict:
         raise DataError(f"{data_dir}: {docs} samples in the shards, manifest.json says {manifest['num_documents']}")
     if tokens != manifest["num_tokens"]:
         raise DataError(f"{data_dir}: {tokens} tokens in the shards, manifest.json says {manifest['num_tokens']}")
-    tok_path = os.path.join(data_dir, "tokenizer.model")
+    tok_path = find_tokenizer_file(data_dir)
     if not os.path.exists(tok_path):
         raise DataError(f"{tok_path}: missing (the tokenizer copy)")
     if file_sha256(tok_path) != manifest["tokenizer_sha256"]:
@@ -186,11 +208,11 @@ def inspect(data_dir: str, num_samples: int = 3, max_chars: int = 300) -> dict:
 
 
 def _inspect(data_dir: str, num_samples: int, max_chars: int) -> dict:
-    from mnemo.data_pipeline.tokenizer import Tokenizer
+    from mnemo.data_pipeline.tokenizer import Tokenizer, find_tokenizer_file
 
     manifest = read_manifest(data_dir)
     index = read_json_file(os.path.join(data_dir, "index.json"), "the merged shard index")
-    tok = Tokenizer(os.path.join(data_dir, "tokenizer.model"))
+    tok = Tokenizer(find_tokenizer_file(data_dir))
     lengths: list[int] = []
     samples: list[dict] = []
     passkey = 0

@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 
 from mnemo.data_pipeline.files import atomic_write_text, fsync_path, fsync_tree
-from mnemo.data_pipeline.tokenizer import file_sha256
+from mnemo.data_pipeline.tokenizer import TOKENIZER_FILES, file_sha256
 from mnemo.train.checkpoint import (
     EXPORT_FORMAT,
     EXPORT_MANIFEST,
@@ -137,8 +137,9 @@ def export(path: str | Path, out: str | Path, overwrite: bool = False) -> Path:
             (tmp / "source.json").write_text(json.dumps(source, indent=1))
         elif (ckpt / "config.json").is_file():
             shutil.copy(ckpt / "config.json", tmp / "config.json")
-        if (ckpt / "tokenizer.model").is_file():
-            shutil.copy(ckpt / "tokenizer.model", tmp / "tokenizer.model")
+        for name in TOKENIZER_FILES:  # the one the run used (tokenizer.model or tokenizer.json)
+            if (ckpt / name).is_file():
+                shutil.copy(ckpt / name, tmp / name)
         files = {p.name: file_sha256(p) for p in sorted(tmp.iterdir())}
         manifest = {"format": EXPORT_FORMAT, "files": files, "source": source}
         (tmp / EXPORT_MANIFEST).write_text(json.dumps(manifest, indent=1))

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from mnemo.data_pipeline.paths import local_path
-from mnemo.data_pipeline.tokenizer import file_sha256
+from mnemo.data_pipeline.tokenizer import Tokenizer, file_sha256
 from mnemo.data_pipeline.verify import other_tokenizer, read_manifest as read_data_manifest
 from mnemo.train import checkpoint as ckpt
 from mnemo.train.config import Config, check_paths, flatten, tokenizer_path, to_dict, to_yaml
@@ -73,6 +73,7 @@ class Trainer:
         self.manifest = read_manifest(cfg)
         self.tok_file = tokenizer_path(cfg)
         self.tok_sha = file_sha256(self.tok_file)
+        self.tok_name = Tokenizer(self.tok_file).file_name  # its name in checkpoints: tokenizer.model or .json
         want = other_tokenizer(self.manifest, self.tok_sha)
         if want:
             raise UserError(
@@ -392,7 +393,7 @@ class Trainer:
             reason=reason,
             time=time.time(),
         )
-        path = self.ckpt.save(step, self.engine, None, meta, extra_files={"tokenizer.model": self.tok_file})
+        path = self.ckpt.save(step, self.engine, None, meta, extra_files={self.tok_name: self.tok_file})
         if self.info.rank == 0:
             log.info("saved checkpoint %s (%s) in %.1fs", path, reason, time.time() - t0)
         return path

@@ -106,7 +106,8 @@ def add_prepare(sub: argparse._SubParsersAction, name: str) -> argparse.Argument
     p.add_argument(
         "--tokenizer",
         metavar="F",
-        help="existing SentencePiece model (default: train one into DATA_DIR/tokenizer.model)",
+        help="existing SentencePiece model or Hugging Face tokenizer.json, a local file "
+        "(default: train one into DATA_DIR/tokenizer.model)",
     )
     p.add_argument("--workers", type=int, default=None, metavar="N", help="processes (default: all cores)")
     p.add_argument("--id-field", default=None, metavar="NAME", help="JSONL key / Parquet column with document ids")
@@ -194,15 +195,38 @@ def add_data(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentPar
 def add_verify(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:
     v = sub.add_parser(name, help="check every shard against index.json and manifest.json")
     v.add_argument("data_dir", metavar="DATA_DIR")
+    v.add_argument(
+        "--roundtrip-docs",
+        type=int,
+        default=10_000,
+        metavar="N",
+        help="read the first N corpus documents again and count those decode(encode(doc)) does not give back "
+        "byte for byte (default 10000; 0: skip)",
+    )
     return v
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
     from mnemo.data_pipeline.verify import verify
 
-    rep = verify(args.data_dir)
+    rep = verify(args.data_dir, roundtrip_docs=args.roundtrip_docs)
     print(f"{args.data_dir}: OK ({rep['shards']} shards, {rep['documents']:,} documents, {rep['tokens']:,} tokens)")
+    if "roundtrip" in rep:
+        print(roundtrip_line(rep["roundtrip"]))
     return 0
+
+
+def roundtrip_line(rt: dict) -> str:
+    """One line: how many corpus documents the tokenizer gives back byte for byte."""
+    if not rt["checked"]:
+        return f"round trip: not checked ({rt['reason']})"
+    scope = "all" if rt["complete"] else "the first"
+    if not rt["failed"]:
+        return f"round trip: OK, decode(encode(doc)) == doc for {scope} {rt['documents']:,} corpus documents"
+    return (
+        f"round trip: {rt['failed']:,} of {scope} {rt['documents']:,} corpus documents do not decode to their "
+        f"own bytes (first: {', '.join(map(str, rt['examples']))}); the tokenizer normalizes or drops text"
+    )
 
 
 def add_inspect(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:

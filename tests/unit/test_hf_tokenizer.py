@@ -1,0 +1,210 @@
+"""A Hugging Face tokenizer.json end to end: prepare, data verify's round trip, a few training steps, export.
+
+The tokenizer.json is built here with the `tokenizers` library (a byte-level
+BPE trained on a few standard-library modules); nothing is downloaded. The
+training steps run `train()` in this process on a one-rank gloo group with
+the `debug` size, as tests/unit/test_hardening_trainer.py does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mnemo.data_pipeline.errors import DataError
+from mnemo.data_pipeline.tokenizer import (
+    HFTokenizer,
+    SentencePieceTokenizer,
+    Tokenizer,
+    find_tokenizer_file,
+    round_trip,
+    tokenizer_kind,
+)
+from tests.unit.stdlib import stdlib_texts
+from tests.unit.test_hardening_trainer import world1  # noqa: F401  (the one-rank process group fixture)
+
+tokenizers = pytest.importorskip("tokenizers")
+
+REPO = Path(__file__).resolve().parents[2]
+TRICKY = [
+    "def f(x):\n\tif x:\n        return  x  \n",
+    "ﬁ café cafe\u0301 日本語 😀 \x00\x1b[0m \u2581 trailing  ",
+    "a literal <|endoftext|> and </s> stay text",
+    "",
+]
+
+
+def build_tokenizer_json(path: Path, specials=("<|endoftext|>", "<pad>"), normalizer=None) -> Path:
+    """A byte-level BPE tokenizer.json (GPT-2 style: lossless) trained on stdlib text."""
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    tk = tokenizers.Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    if normalizer is not None:
+        tk.normalizer = normalizer
+    trainer = trainers.BpeTrainer(
+        vocab_size=500,
+        special_tokens=list(specials),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tk.train_from_iterator(stdlib_texts(6), trainer)
+    tk.save(str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def hf_json(tmp_path_factory) -> Path:
+    return build_tokenizer_json(tmp_path_factory.mktemp("tok") / "tokenizer.json")
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("corpus")
+    for i, text in enumerate(stdlib_texts(12)):
+        (d / f"m{i:02d}.py").write_text(text)
+    (d / "tricky.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in TRICKY if t))
+    return d
+
+
+@pytest.fixture(scope="module")
+def dataset(hf_json, corpus, tmp_path_factory) -> Path:
+    from mnemo.data_pipeline.prepare import prepare
+
+    out = tmp_path_factory.mktemp("data") / "mds"
+    prepare([str(corpus)], str(out), tokenizer=str(hf_json), workers=1, progress=False)
+    return out
+
+
+# ----------------------------------------------------------------------------- the tokenizer
+
+
+def test_tokenizer_json_is_recognised_by_content_and_round_trips(hf_json, tmp_path):
+    renamed = tmp_path / "vocab.bin"  # not named .json: the content decides
+    shutil.copy(hf_json, renamed)
+    for path in (hf_json, renamed):
+        tok = Tokenizer(path)
+        assert isinstance(tok, HFTokenizer) and tokenizer_kind(path) == "huggingface"
+        assert tok.file_name == "tokenizer.json" and tok.token_dtype == np.uint16
+    assert tok.eos_id == tok.tk.token_to_id("<|endoftext|>") and tok.pad_id == tok.tk.token_to_id("<pad>")
+    assert tok.bos_id == -1 and 300 < tok.vocab_size <= 500
+    assert round_trip(tok, TRICKY) == [True] * len(TRICKY)
+    # A special token written in a document is text, never the end-of-document id.
+    assert tok.eos_id not in tok.encode("x <|endoftext|> y")
+    batch = tok.encode_batch(TRICKY)
+    assert [b.tolist() for b in tok.encode_batch(TRICKY, num_threads=2)] == [b.tolist() for b in batch]
+    assert all(b.dtype == np.int32 for b in batch)
+
+
+def test_tokenizer_json_without_an_end_of_document_token_is_refused(tmp_path):
+    path = build_tokenizer_json(tmp_path / "noeos.json", specials=("<unk>", "[SEP]"))
+    with pytest.raises(DataError, match=r"noeos\.json: no end-of-document token: .*<\|endoftext\|>, </s>") as e:
+        Tokenizer(path)
+    assert "\n" not in str(e.value)
+
+
+def test_broken_json_and_missing_library_are_one_line_errors(hf_json, tmp_path, monkeypatch):
+    (tmp_path / "bad.json").write_text('{"version": "1.0", "model": 3}')
+    with pytest.raises(DataError, match=r"bad\.json: not a Hugging Face tokenizer\.json"):
+        Tokenizer(tmp_path / "bad.json")
+    monkeypatch.setitem(sys.modules, "tokenizers", None)  # as if the hf extra were not installed
+    with pytest.raises(DataError, match=r"tokenizer\.json: .*tokenizers package: pip install 'mnemo\[hf\]'"):
+        Tokenizer(hf_json)
+
+
+def test_normalizing_tokenizer_is_reported_not_fatal(corpus, tmp_path):
+    from tokenizers import normalizers
+
+    from mnemo.data_pipeline.prepare import prepare
+    from mnemo.data_pipeline.verify import verify
+
+    path = build_tokenizer_json(tmp_path / "lower.json", normalizer=normalizers.Lowercase())
+    out = tmp_path / "mds"
+    prepare([str(corpus)], str(out), tokenizer=str(path), workers=1, progress=False)
+    rt = verify(str(out), roundtrip_docs=1000)["roundtrip"]
+    # Every stdlib module has capitals; of the tricky documents only the two without any survive lowercasing.
+    assert rt["checked"] and rt["complete"] and rt["documents"] == 15
+    assert rt["failed"] == 12 and len(rt["examples"]) == 3
+    part = verify(str(out), roundtrip_docs=4)["roundtrip"]
+    assert part["documents"] == 4 and not part["complete"]
+
+
+# ----------------------------------------------------------------------------- prepare, verify, train, export
+
+
+def test_prepare_keeps_the_tokenizer_json_and_verify_reports_the_round_trip(dataset, hf_json, corpus, capsys):
+    from mnemo.cli import main
+    from mnemo.data_pipeline.verify import inspect, iter_shard_samples, read_json_file
+
+    assert (dataset / "tokenizer.json").read_bytes() == hf_json.read_bytes()
+    assert not (dataset / "tokenizer.model").exists()
+    m = json.loads((dataset / "manifest.json").read_text())
+    tok = Tokenizer(hf_json)
+    assert m["tokenizer_kind"] == "huggingface" and m["tokenizer_file"] == "tokenizer.json"
+    assert m["tokenizer_sha256"] == tok.sha256 and m["eos_id"] == tok.eos_id and m["vocab_size"] == tok.vocab_size
+    assert find_tokenizer_file(dataset) == str(dataset / "tokenizer.json")
+    # The stored tokens are the documents, EOS last.
+    index = read_json_file(str(dataset / "index.json"), "index")
+    texts = {tok.decode(s["tokens"][:-1]) for _, _, s in iter_shard_samples(str(dataset), index)}
+    assert set(stdlib_texts(12)) <= texts and "a literal <|endoftext|> and </s> stay text" in texts
+    assert inspect(str(dataset), num_samples=1)["samples"][0]["text"]
+
+    assert main(["data", "verify", str(dataset)]) == 0
+    out = capsys.readouterr().out
+    assert "round trip: OK, decode(encode(doc)) == doc for all 15 corpus documents" in out, out
+    (corpus / "m00.py").touch()  # an input changed since prepare: nothing to compare against
+    try:
+        assert main(["data", "verify", str(dataset)]) == 0
+        assert "round trip: not checked (input" in capsys.readouterr().out
+    finally:
+        m0 = next(f for f in m["inputs"] if f["path"].endswith("m00.py"))
+        os.utime(corpus / "m00.py", ns=(m0["mtime_ns"], m0["mtime_ns"]))
+
+
+def test_sentencepiece_dataset_manifest_names_its_kind(tmp_path):
+    from mnemo.data_pipeline.prepare import prepare
+
+    (tmp_path / "c.txt").write_text("\n".join(stdlib_texts(3)))
+    out = tmp_path / "mds"
+    m = prepare([str(tmp_path / "c.txt")], str(out), vocab_size=400, workers=1, progress=False)
+    assert m["tokenizer_kind"] == "sentencepiece" and m["tokenizer_file"] == "tokenizer.model"
+    assert isinstance(Tokenizer(find_tokenizer_file(out)), SentencePieceTokenizer)
+
+
+def test_train_a_few_steps_on_it_and_export(world1, dataset, hf_json, tmp_path):  # noqa: F811
+    from mnemo.train import trainer
+    from mnemo.train.checkpoint import load_for_inference
+    from mnemo.train.config import load_config
+    from mnemo.train.export import export
+
+    run_dir = tmp_path / "run"
+    cfg = load_config(
+        REPO / "configs" / "debug.yaml",
+        [
+            f"data.path={dataset}",
+            f"run.dir={run_dir}",
+            "tracking.enabled=false",
+            "train.max_steps=3",
+            "checkpoint.interval=3",
+            "eval.max_docs=1",
+        ],
+    )
+    summary = trainer.train(cfg)
+    assert summary["exit"] == "completed"
+    ckpt = run_dir / "checkpoints" / "step_00000003"
+    assert (ckpt / "tokenizer.json").read_bytes() == hf_json.read_bytes()
+    assert not (ckpt / "tokenizer.model").exists()
+
+    out = export(run_dir, tmp_path / "export")
+    assert (out / "tokenizer.json").read_bytes() == hf_json.read_bytes()
+    assert "tokenizer.json" in json.loads((out / "export.json").read_text())["files"]
+    model, tok, _ = load_for_inference(out)
+    assert isinstance(tok, HFTokenizer) and tok.sha256 == Tokenizer(hf_json).sha256
+    assert model.args.vocab_size == tok.vocab_size
