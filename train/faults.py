@@ -6,6 +6,8 @@ MNEMO_FAULT_CRASH_IN_SAVE   that rank SIGKILLs itself while saving the checkpoin
                             rank file is written and before the commit (the checkpoint stays incomplete).
 MNEMO_FAULT_INF_GRAD        that rank's loss of that step keeps its value, but every gradient behind it is
                             NaN/inf (the gradient-norm check under train.nan_policy, with a finite loss).
+MNEMO_FAULT_SPIKE_AT_STEP   that rank's loss of that corpus step (once per process), as optimized and as reported, is
+                            multiplied by SPIKE_FACTOR (its gradients too): a spike for train.spike (train/spikes.py).
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import torch
 
 CRASH_IN_SAVE = "MNEMO_FAULT_CRASH_IN_SAVE"
 INF_GRAD = "MNEMO_FAULT_INF_GRAD"
+SPIKE = "MNEMO_FAULT_SPIKE_AT_STEP"
+SPIKE_FACTOR = 10.0
 
 
 def fault_step(var: str, rank: int) -> int:
