@@ -163,6 +163,13 @@ def _job_name(cfg, run_dir: Path) -> str:
     return re.sub(r"[^A-Za-z0-9_.\-]", "_", name)[:64]
 
 
+def check_global_batch(cfg, world_size: int) -> None:
+    """train.global_batch_size divides world size x train.batch_size (ConfigError naming it, before any start)."""
+    from mnemo.train.schedule import batching  # torch: imported only once a launch is decided
+
+    batching(cfg, world_size)
+
+
 def launch(req: LaunchRequest) -> int:
     """Validate everything, then start the ranks (or print what would start: ``dry_run``); the exit status."""
     from mnemo.launch import env as launch_env
@@ -210,6 +217,7 @@ def launch(req: LaunchRequest) -> int:
         rdzv_id=rdzv_id,
         max_restarts=req.max_restarts,
     )
+    check_global_batch(cfg, plan.nnodes * plan.nproc_per_node)
     if req.dry_run:
         from mnemo.launch.torchrun import render_node
 
@@ -240,6 +248,7 @@ def _hostfile(
 
     hosts = select_hosts(parse_hostfile(req.hostfile), req.include, req.exclude)
     nproc = procs_per_node(hosts, req.nproc_per_node)
+    check_global_batch(cfg, len(hosts) * nproc)
     if not 1 <= port <= 65535:
         raise UserError(f"--master-port must be in [1, 65535], got {port}")
     cmds = remote.node_commands(
@@ -301,6 +310,7 @@ def _slurm(
         required_env=sorted(secret_env),
     )
     slurm.check_options(opts)
+    check_global_batch(cfg, opts.nodes * opts.nproc_per_node)
     if port is not None and not 1 <= port <= 65535:
         raise UserError(f"--master-port must be in [1, 65535], got {port}")
     if req.dry_run:

@@ -5,7 +5,10 @@ segments from its stream slots, carrying the memory state from segment to
 segment (reset where a slot starts a new document), sums their losses,
 calls ``engine.backward`` once and ``engine.step``, then detaches the memory:
 gradients flow through memory across the k segments of a step and never
-further (truncated BPTT).
+further (truncated BPTT). With gradient accumulation (train.global_batch_size)
+a step is A such windows, one per slot group (train/slots.py).
+
+Over 500 lines: the corpus, accumulated and episode steps share one NaN policy and one metrics window.
 """
 
 from __future__ import annotations
@@ -79,6 +82,30 @@ class StepLog:
             self.f.close()
 
 
+def corpus_window_loss(engine, batches: list, state, device) -> tuple[torch.Tensor, Any, torch.Tensor, torch.Tensor]:
+    """One truncated-BPTT window of k segment batches (SegmentBatch, B slots) read from ``state``.
+
+    Returns (loss to backward, state after the window (detached), sum of the plain per-token loss
+    over real targets, number of real targets); the last two are detached scalars on ``device``.
+    """
+    plain_sum = torch.zeros((), device=device)
+    n_sum = torch.zeros((), device=device)
+    tokens = [bt.tokens.to(device, non_blocking=True) for bt in batches]  # k x [B, T+1]
+
+    def segment_loss(logits: torch.Tensor, i: int) -> torch.Tensor:
+        nonlocal plain_sum, n_sum
+        opt_loss, plain, n = lm_loss(logits, tokens[i][:, 1:], batches[i].weight.to(device), batches[i].mask.to(device))
+        plain_sum = plain_sum + plain.detach() * n
+        n_sum = n_sum + n
+        return opt_loss
+
+    # The truncated-BPTT rule (train/bptt.py): k segments, memory carried, one backward.
+    total, state = bptt_window_loss(
+        engine, [t[:, :-1] for t in tokens], state, segment_loss, resets=[bt.reset.to(device) for bt in batches]
+    )
+    return total, state, plain_sum, n_sum
+
+
 class TrainLoop:
     """The per-step work, kept apart from start-up and shutdown."""
 
@@ -97,6 +124,8 @@ class TrainLoop:
         dtype: torch.dtype = torch.float32,
         episodes=None,
         counters: Counters | None = None,
+        batching=None,
+        max_steps: int | None = None,
     ):
         """``memory`` holds the memory state carried from step to step."""
         self.cfg, self.engine, self.streams, self.memory = cfg, engine, streams, memory
@@ -106,6 +135,10 @@ class TrainLoop:
         args = engine.module.args
         self.has_memory = args.stm_length > 0 or args.ltm_kind != "none"
         self.counters = counters if counters is not None else Counters()
+        # Gradient accumulation micro-steps per optimizer step (train/schedule.py Batching; None = 1), and
+        # the run's last step (train.max_steps, or that of train.max_tokens).
+        self.accum = batching.accum if batching is not None else 1
+        self.max_steps = max_steps if max_steps is not None else cfg.train.max_steps
         self.nonfinite = ""  # what was NaN/inf at the step that stopped the run: "loss" | "gradient norm"
         self.optim_s = 0.0
         self.fault_inf_grad_step = fault_step(INF_GRAD, info.rank)
@@ -118,7 +151,7 @@ class TrainLoop:
         if info.rank == 0 and sys.stderr.isatty():
             from tqdm import tqdm
 
-            self.bar = tqdm(total=cfg.train.max_steps, desc="train", unit="step", dynamic_ncols=True)
+            self.bar = tqdm(total=self.max_steps, desc="train", unit="step", dynamic_ncols=True)
 
     @staticmethod
     def _new_window() -> dict[str, Any]:
@@ -256,38 +289,20 @@ class TrainLoop:
         return True
 
     def _maybe_log(self, step: int) -> None:
-        if step % self.cfg.train.log_interval == 0 or step == self.cfg.train.max_steps:
+        if step % self.cfg.train.log_interval == 0 or step == self.max_steps:
             self._log(step)
 
     def _corpus_step(self, step: int) -> bool:
         from mnemo.train.collectives import sum_
 
+        if self.accum > 1:
+            return self._accumulated_step(step)
         cfg, engine = self.cfg, self.engine
         k = cfg.memory.bptt_segments
         t0 = time.time()
         batches = [next(self.streams) for _ in range(k)]
         t1 = time.time()
-        plain_sum = torch.zeros((), device=self.device)
-        n_sum = torch.zeros((), device=self.device)
-        tokens = [bt.tokens.to(self.device, non_blocking=True) for bt in batches]
-
-        def segment_loss(logits: torch.Tensor, i: int) -> torch.Tensor:
-            nonlocal plain_sum, n_sum
-            opt_loss, plain, n = lm_loss(
-                logits, tokens[i][:, 1:], batches[i].weight.to(self.device), batches[i].mask.to(self.device)
-            )
-            plain_sum = plain_sum + plain.detach() * n
-            n_sum = n_sum + n
-            return opt_loss
-
-        # The truncated-BPTT rule (train/bptt.py): k segments, memory carried, one backward.
-        total, state = bptt_window_loss(
-            engine,
-            [t[:, :-1] for t in tokens],
-            self.memory.state,
-            segment_loss,
-            resets=[bt.reset.to(self.device) for bt in batches],
-        )
+        total, state, plain_sum, n_sum = corpus_window_loss(engine, batches, self.memory.state, self.device)
         # Loss of this step averaged over ranks, weighted by real tokens.
         stats = torch.stack([plain_sum, n_sum, (~torch.isfinite(total.detach())).float()])  # [3] on the device
         sum_(stats)
@@ -304,21 +319,32 @@ class TrainLoop:
         self.memory.state = state
         if verdict != "ok":
             return verdict == "skip"
+        self._record(step, stats, [batches], (t1 - t0, t2 - t1, t3 - t2))
+        return True
+
+    def _record(self, step: int, stats: torch.Tensor, micro_batches: list[list], times: tuple) -> None:
+        """Counters, log window, step log and bar after a corpus step.
+
+        stats          [plain loss sum, real targets, ...] summed over ranks and micro-steps
+        micro_batches  each micro-step's k SegmentBatches (A lists; A = 1 without accumulation)
+        times          (data, forward + backward, optimizer) seconds of the step
+        """
+        cfg = self.cfg
         loss = (stats[0] / stats[1].clamp(min=1)).item()
         real = int(stats[1].item())
-        B, T = cfg.train.batch_size, cfg.model.segment_len
-        step_tokens = B * T * k * self.info.world_size
+        B, T, k, A = cfg.train.batch_size, cfg.model.segment_len, cfg.memory.bptt_segments, len(micro_batches)
+        step_tokens = B * T * k * A * self.info.world_size  # every micro-batch of every rank
         self.counters.tokens_seen += step_tokens
         w = self._window
         w["loss"] += loss
         w["n"] += 1
         w["tokens"] += step_tokens
         w["real"] += real
-        w["resets"] += int(sum(int(bt.reset.sum()) for bt in batches))
-        w["slots"] += B * k
-        w["data"] += t1 - t0
-        w["fwd_bwd"] += t2 - t1
-        w["optim"] += t3 - t2
+        w["resets"] += int(sum(int(bt.reset.sum()) for batches in micro_batches for bt in batches))
+        w["slots"] += B * k * A
+        w["data"] += times[0]
+        w["fwd_bwd"] += times[1]
+        w["optim"] += times[2]
         if self.info.rank == 0:
             self.steplog.write(
                 {
@@ -331,8 +357,66 @@ class TrainLoop:
             )
             if self.bar is not None:
                 self.bar.n = step + 1
-                self.bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{step_tokens / max(1e-9, t3 - t0):.0f}", refresh=True)
+                tok_s = f"{step_tokens / max(1e-9, sum(times)):.0f}"
+                self.bar.set_postfix(loss=f"{loss:.3f}", tok_s=tok_s, refresh=True)
         self._maybe_log(step + 1)
+
+    def _accumulated_step(self, step: int) -> bool:
+        """One optimizer step of A > 1 micro-steps (train.global_batch_size, train/slots.py).
+
+        Micro-step i reads slot group i (its own streams and MemoryState of B
+        slots), runs its truncated-BPTT window and its backward at once (one
+        graph alive at a time); DeepSpeed divides each loss by A, sums the
+        gradients and applies the optimizer at the last micro-step's
+        engine.step(). The step's loss and tokens count every micro-batch.
+
+        A NaN/inf micro-step loss under train.nan_policy=stop stops before its
+        backward. Under skip, earlier micro-steps' gradients are already summed
+        inside the engine: the bad loss is backpropagated too, so the step's
+        gradient norm is not finite and DeepSpeed leaves the weights, optimizer
+        and schedule untouched (the gradient-norm path of _backward_and_step);
+        that slot group's memory is emptied.
+        """
+        from mnemo.train.collectives import sum_
+
+        engine, A, k = self.engine, self.accum, self.cfg.memory.bptt_segments
+        stats = torch.zeros(3, device=self.device)  # [plain loss sum, real targets, bad micro-steps] of all ranks
+        micro_batches, times, bad = [], [0.0, 0.0, 0.0], False
+        for i in range(A):
+            t0 = time.time()
+            streams = self.streams.group(i)
+            batches = [next(streams) for _ in range(k)]
+            micro_batches.append(batches)
+            t1 = time.time()
+            total, state, plain_sum, n_sum = corpus_window_loss(engine, batches, self.memory.states[i], self.device)
+            micro = torch.stack([plain_sum, n_sum, (~torch.isfinite(total.detach())).float()])  # [3]
+            sum_(micro)
+            stats += micro
+            if micro[2].item() > 0:
+                if self._finite_or_skip(step, True) == "stop":
+                    return False
+                bad = True
+                state = state.reset(torch.ones(state.batch_size, dtype=torch.bool, device=self.device))
+            self.memory.states[i] = state
+            if i < A - 1:
+                engine.backward(total)
+                engine.step()  # not a boundary: DeepSpeed only counts the micro-step
+                times[0], times[1] = times[0] + t1 - t0, times[1] + time.time() - t1
+                continue
+            if bad:  # already reported; DeepSpeed must refuse the update (its overflow path)
+                skipped = engine.skipped_steps
+                engine.backward(total)
+                engine.step()
+                if engine.skipped_steps == skipped:  # an engine that applied a NaN update: stop whatever the policy
+                    self.nonfinite = "gradient norm"
+                    return False
+                return True
+            verdict = self._backward_and_step(step, total)
+            t3 = time.time()
+            times[0], times[1], times[2] = times[0] + t1 - t0, times[1] + t3 - self.optim_s - t1, self.optim_s
+            if verdict != "ok":
+                return verdict == "skip"
+        self._record(step, stats, micro_batches, tuple(times))
         return True
 
     def metrics(self) -> dict[str, float]:
@@ -349,6 +433,7 @@ class TrainLoop:
             "train/tokens_seen": float(self.counters.tokens_seen),
             "train/epoch": float(self.streams.epoch),
         }
+        metrics.update(self._source_metrics())
         if w["n"]:
             loss = w["loss"] / n
             metrics.update(
@@ -394,14 +479,29 @@ class TrainLoop:
         metrics.update({f"memory/{k}": v for k, v in engine.module.memory_scalars().items()})
         return metrics
 
+    def _source_metrics(self) -> dict[str, float]:
+        """data.sources: real target tokens per source over all ranks and slot groups, and their share."""
+        from mnemo.train.collectives import sum_
+
+        groups = getattr(self.streams, "groups", None) or [self.streams]
+        names = getattr(groups[0], "source_names", None)
+        if not names:  # a single data.path
+            return {}
+        per_rank = [sum(g.source_tokens[i] for g in groups) for i in range(len(names))]
+        seen = sum_(torch.tensor(per_rank, dtype=torch.float64, device=self.device)).tolist()  # [sources]
+        total = max(1.0, sum(seen))
+        out = {f"data/{n}/tokens": t for n, t in zip(names, seen)}
+        out.update({f"data/{n}/share": t / total for n, t in zip(names, seen)})
+        return out
+
     def _log(self, step: int) -> None:
         metrics = self.metrics()
         w = self._window
         if self.info.rank == 0:
             self.tracker.log_metrics(metrics, step)
             step_s = (time.time() - w["t0"]) / max(1, w["n"] + w["ep_n"])
-            eta = step_s * (self.cfg.train.max_steps - step)
-            msg = "step %d/%d" % (step, self.cfg.train.max_steps)
+            eta = step_s * (self.max_steps - step)
+            msg = "step %d/%d" % (step, self.max_steps)
             if w["n"]:
                 msg += " loss %.4f" % metrics["train/loss"]
             msg += " lr %.2e grad %.3f" % (metrics["train/lr"], metrics["train/grad_norm"])

@@ -1,13 +1,100 @@
-"""When the step loop stops, evaluates and saves: preemption signals, the time limit, the intervals."""
+"""When the step loop stops, evaluates and saves: preemption signals, the time limit, the intervals; how
+many steps a run makes (train.max_steps or train.max_tokens) of what global batch (train.global_batch_size)."""
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import signal
 import time
 
 import torch
 
-from mnemo.train.config import Config
+from mnemo.train.config import Config, ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class Batching:
+    """The global batch of one optimizer step: ``world_size`` ranks x ``batch_size`` slots x ``accum`` micro-steps."""
+
+    world_size: int
+    batch_size: int
+    accum: int
+
+    @property
+    def global_batch(self) -> int:
+        return self.world_size * self.batch_size * self.accum
+
+    def describe(self) -> str:
+        """'global batch 8 = 1 rank x 4 slots x 2 accumulation'."""
+        ranks = "rank" if self.world_size == 1 else "ranks"
+        return (
+            f"global batch {self.global_batch} = {self.world_size} {ranks} x {self.batch_size} slots "
+            f"x {self.accum} accumulation"
+        )
+
+
+def batching(cfg: Config, world_size: int) -> Batching:
+    """train.global_batch_size over ``world_size`` ranks of train.batch_size slots (ConfigError if it does not divide).
+
+    0 (unset) = no accumulation: the global batch is world size x batch size, as before the key existed.
+    """
+    b, gb = cfg.train.batch_size, cfg.train.global_batch_size
+    if gb == 0:
+        return Batching(world_size, b, 1)
+    if gb % (world_size * b):
+        raise ConfigError(
+            f"train.global_batch_size: {gb} is not a multiple of world size {world_size} x train.batch_size {b} "
+            f"= {world_size * b}"
+        )
+    accum = gb // (world_size * b)
+    if accum > 1 and cfg.train.passkey.fraction > 0:
+        raise ConfigError(
+            f"train.global_batch_size: {gb} needs {accum} accumulation micro-steps on {world_size} x {b} slots, "
+            "which passkey episode steps do not support (train.passkey.fraction > 0)"
+        )
+    return Batching(world_size, b, accum)
+
+
+def batching_of(meta: dict) -> Batching:
+    """The batching a checkpoint was written with (its meta.json: world size and saved config)."""
+    train = meta.get("config", {}).get("train", {})
+    world, b = int(meta["world_size"]), int(train.get("batch_size", 1))
+    gb = int(train.get("global_batch_size", 0) or 0)
+    return Batching(world, b, gb // (world * b) if gb and gb % (world * b) == 0 else 1)
+
+
+def start_lines(cfg: Config, now: Batching, old: Batching | None, max_steps: int) -> list[str]:
+    """What rank 0 logs at start about the batch and the step count, e.g.
+
+    global batch 8 = 1 rank x 4 slots x 2 accumulation (was 2 ranks x 4 x 1)
+    token budget: train.max_tokens=100000 -> 49 steps of 2048 tokens (train.max_steps=100 not used)
+    """
+    line = now.describe()
+    if old is not None and old != now:
+        line += f" (was {old.world_size} {'rank' if old.world_size == 1 else 'ranks'} x {old.batch_size} x {old.accum})"
+        if old.global_batch != now.global_batch:
+            line += f"; the global batch changed from {old.global_batch}"
+    lines = [line]
+    if cfg.train.max_tokens > 0:
+        lines.append(
+            f"token budget: train.max_tokens={cfg.train.max_tokens} -> {max_steps} steps of "
+            f"{tokens_per_step(cfg, now.global_batch)} tokens (train.max_steps={cfg.train.max_steps} not used)"
+        )
+    return lines
+
+
+def tokens_per_step(cfg: Config, global_batch: int) -> int:
+    """Tokens one optimizer step reads (train/state tokens_seen counts these): slots x T x bptt segments."""
+    return global_batch * cfg.model.segment_len * cfg.memory.bptt_segments
+
+
+def total_steps(cfg: Config, global_batch: int) -> int:
+    """The run's optimizer steps: ceil(train.max_tokens / tokens per step) when a token budget is set,
+    else train.max_steps. The LR schedule ends there and so does the loop."""
+    if cfg.train.max_tokens > 0:
+        return max(1, math.ceil(cfg.train.max_tokens / tokens_per_step(cfg, global_batch)))
+    return cfg.train.max_steps
 
 
 class Preemption:
@@ -37,7 +124,7 @@ def stop_requests(preempt: Preemption, cfg: Config, started: float, device: torc
     return stop, time_up
 
 
-def after_step(cfg: Config, step: int, stop: bool, time_up: bool) -> tuple[str, ...]:
+def after_step(cfg: Config, step: int, stop: bool, time_up: bool, max_steps: int | None = None) -> tuple[str, ...]:
     """What the loop does after optimizer step ``step`` (steps done), in order: "eval", "save".
 
     stop      a preemption signal reached some rank: save at once and nothing
@@ -47,13 +134,15 @@ def after_step(cfg: Config, step: int, stop: bool, time_up: bool) -> tuple[str, 
               interval).
     time_up   train.max_time_s is spent: nothing here; the loop ends, saves and
               evaluates once.
+    max_steps the run's last step (``total_steps``); None = train.max_steps.
     """
     if stop:
         return ("save",)
     if time_up:
         return ()
     out = []
-    if cfg.eval.interval and step % cfg.eval.interval == 0 and step < cfg.train.max_steps:
+    last = cfg.train.max_steps if max_steps is None else max_steps
+    if cfg.eval.interval and step % cfg.eval.interval == 0 and step < last:
         out.append("eval")
     if cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0:
         out.append("save")

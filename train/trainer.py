@@ -9,6 +9,8 @@ Everything needed to continue exactly is checkpointed: the engine (weights,
 optimizer, ZeRO partitions, LR schedule), this rank's Stateful parts
 (train/state.py: stream position, memory state, RNG states, counters,
 passkey episodes) and the MLflow run id.
+
+Over 500 lines: one Stateful set-up step per part of a rank file; splitting the set-up from fit() is next.
 """
 
 from __future__ import annotations
@@ -36,8 +38,9 @@ from mnemo.train.errors import UserError
 from mnemo.train.eval_hook import run_eval
 from mnemo.train.loop import StepLog, TrainLoop, dist_info
 from mnemo.train.resume import check_resume_compatible, reads_universal, universal_tag
-from mnemo.train.schedule import Preemption, after_step, stop_requests
-from mnemo.train.state import Counters, MemoryPart, RNGState
+from mnemo.train.schedule import Preemption, after_step, batching, batching_of, start_lines, stop_requests, total_steps
+from mnemo.train.slots import MemoryGroups, SlotGroups
+from mnemo.train.state import Counters, RNGState
 
 log = logging.getLogger("mnemo.train")
 
@@ -64,6 +67,11 @@ class Trainer:
             format=f"[rank{self.info.rank}] %(asctime)s %(levelname)s %(name)s: %(message)s",
         )
         self._check_data()
+        # The global batch over this world size (a ConfigError before anything starts if it does not divide);
+        # the run's step count follows train.max_tokens when set (train/schedule.py).
+        self.batching = batching(cfg, self.info.world_size)
+        self.max_steps = total_steps(cfg, self.batching.global_batch)
+        self.old_batching = None  # the checkpoint's, on resume
         self._init_distributed()
 
     # ------------------------------------------------------------------ set-up
@@ -116,8 +124,12 @@ class Trainer:
     def _rank_parts(self) -> dict[str, ckpt.Stateful]:
         """This rank's part of every checkpoint (rank_XXXXX.pt): one Stateful per entry of the file."""
         self.counters = Counters()
-        init = self.engine.module.init_state(self.cfg.train.batch_size, device=self.device, dtype=self.dtype)
-        self.memory = MemoryPart(init, self.device)
+        # One MemoryState of B slots per slot group (micro-step); one state dict of A x B slots (train/slots.py).
+        init = [
+            self.engine.module.init_state(self.cfg.train.batch_size, device=self.device, dtype=self.dtype)
+            for _ in range(self.batching.accum)
+        ]
+        self.memory = MemoryGroups(init, self.device)
         parts = {
             "streams": self.streams,
             "memory": self.memory,
@@ -168,7 +180,7 @@ class Trainer:
 
         cfg = self.cfg
         self.model_args = model_args_from_config(cfg, self.vocab_size)
-        ds_cfg = deepspeed_config(cfg, self.use_bf16, self.use_cuda)
+        ds_cfg = deepspeed_config(cfg, self.use_bf16, self.use_cuda, self.batching.accum)
         if cfg.zero.stage == 3 and cfg.zero.init_partitioned:
             with deepspeed.zero.Init(config_dict_or_path=ds_cfg):
                 model = MemoryTransformer(self.model_args)
@@ -194,7 +206,7 @@ class Trainer:
 
         # A callable: DeepSpeed builds the schedule on its own (ZeRO-wrapped) optimizer.
         def scheduler(opt):
-            return torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
+            return torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, self.max_steps))
 
         self.old_meta: dict[str, Any] | None = None
         self.universal = False
@@ -217,19 +229,29 @@ class Trainer:
         """This rank's document streams and (train.passkey.fraction > 0) passkey episodes."""
         from streaming.base.util import clean_stale_shared_memory
 
-        from mnemo.data_pipeline.streams import DocumentStreams, MDSSource
+        from mnemo.data_pipeline.streams import MDSSource
 
         cfg, info = self.cfg, self.info
         # Collective: local rank 0 removes shared memory leaked by killed runs, the others wait.
         clean_stale_shared_memory()
         cache_dir = cfg.data.cache_dir or str(self.run_dir / "data_cache")
         self.source = MDSSource(cfg.data.path, cache_dir=cache_dir)
-        self.streams = DocumentStreams(
+        # Slot group g of G = world x accum is a partition of its own (train/slots.py); A = 1: g = rank.
+        self.streams = SlotGroups(
+            lambda g, G: self._document_streams(g, G), info.rank, self.batching.accum, info.world_size
+        )
+        self.episodes = self._episodes()
+
+    def _document_streams(self, group: int, num_groups: int):
+        from mnemo.data_pipeline.streams import DocumentStreams
+
+        cfg = self.cfg
+        return DocumentStreams(
             self.source,
             batch_size=cfg.train.batch_size,
             segment_len=cfg.model.segment_len,
-            rank=info.rank,
-            world_size=info.world_size,
+            rank=group,
+            world_size=num_groups,
             seed=cfg.train.seed,
             val_fraction=cfg.data.val_fraction,
             pad_id=int(self.manifest.get("pad_id", 0) or 0),
@@ -237,7 +259,6 @@ class Trainer:
             answer_context_weight=cfg.train.answer_context_weight,
             num_workers=cfg.data.num_workers,
         )
-        self.episodes = self._episodes()
 
     def _episodes(self):
         """The passkey episode trainer of this rank, or None (train.passkey.fraction = 0)."""
@@ -278,6 +299,7 @@ class Trainer:
             finish_universal_load(self.engine)  # ZeRO-3: one Adam step counter per group, not one shared
         exact = self.ckpt.restore(path, meta)
         self.run_id = meta.get("mlflow_run_id")
+        self.old_batching = batching_of(meta)
         if info.rank == 0:
             log.info(
                 "resumed from %s at step %d (%s)",
@@ -340,6 +362,8 @@ class Trainer:
             self.resume_path,
             info.restart,
         )
+        for line in start_lines(cfg, self.batching, self.old_batching, self.max_steps):
+            log.info("%s", line)
 
     def _build_loop(self) -> None:
         cfg, info = self.cfg, self.info
@@ -359,6 +383,8 @@ class Trainer:
             dtype=self.dtype,
             episodes=self.episodes,
             counters=self.counters,
+            batching=self.batching,
+            max_steps=self.max_steps,
         )
         # What every checkpoint's meta.json holds besides the step's own entries (see save).
         self.meta_base = {
@@ -399,14 +425,15 @@ class Trainer:
         return path
 
     def fit(self) -> dict[str, Any]:
-        """Train to train.max_steps, a stop request, the time limit or a NaN; returns the summary."""
+        """Train to the last step (train.max_steps or train.max_tokens), a stop request, the time limit or a NaN;
+        returns the summary."""
         cfg, info, c = self.cfg, self.info, self.counters
         started = time.time()
         last_saved = c.step if self.resume_path is not None else -1
         exit_reason = "completed"
         eval_result: dict[str, Any] = {}
         try:
-            while c.step < cfg.train.max_steps:
+            while c.step < self.max_steps:
                 ok = self.train_step(c.step)
                 c.step += 1
                 if not ok:
@@ -414,13 +441,13 @@ class Trainer:
                     break
                 # All ranks agree on stopping: a signal or the time limit on any rank stops everyone.
                 stop, time_up = stop_requests(self.preempt, cfg, started, self.device)
-                actions = after_step(cfg, c.step, stop, time_up)
+                actions = after_step(cfg, c.step, stop, time_up, self.max_steps)
                 if "eval" in actions:
                     eval_result = self.evaluate()
                     # A signal that came during the evaluation: save now, not after one more step.
                     stop, time_up = stop_requests(self.preempt, cfg, started, self.device)
                     if stop:
-                        actions = after_step(cfg, c.step, stop, time_up)
+                        actions = after_step(cfg, c.step, stop, time_up, self.max_steps)
                 if "save" in actions:
                     self.save("preempted" if stop else "interval")
                     last_saved = c.step

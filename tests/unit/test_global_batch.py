@@ -1,0 +1,173 @@
+"""A fixed global batch with gradient accumulation (train.global_batch_size) and a token budget (train.max_tokens).
+
+In-process and fast: the batching rule and its one-line errors, the slot-group mapping (2 ranks x 1 micro-step
+read exactly what 1 rank x 2 micro-steps reads, and a resume regroups streams and memory exactly), the step
+count and LR schedule of a token budget, the start-up lines. The real 2-rank vs 1-rank x 2 accumulation runs
+(same weights after 5 steps; resume 2 -> 1 ranks) are in tests/integration/test_universal.py.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from mnemo.data_pipeline.streams import ArraySource, DocumentStreams
+from mnemo.model.memory import LayerMemory, MemoryState
+from mnemo.train.config import ConfigError, load_config
+from mnemo.train.engine import deepspeed_config, lr_lambda
+from mnemo.train.schedule import Batching, after_step, batching, batching_of, start_lines, total_steps
+from mnemo.train.slots import MemoryGroups, SlotGroups
+
+DEBUG = "configs/debug.yaml"
+
+
+def cfg_of(*overrides: str):
+    return load_config(DEBUG, ["train.passkey.fraction=0", *overrides])
+
+
+# ------------------------------------------------------------------ the rule and its errors
+
+
+def test_accumulation_is_global_over_world_times_batch():
+    cfg = cfg_of("train.batch_size=4", "train.global_batch_size=16")
+    assert batching(cfg, 2) == Batching(2, 4, 2) and batching(cfg, 1).accum == 4 and batching(cfg, 4).accum == 1
+    # Unset: today's behaviour, whatever the world size.
+    assert batching(cfg_of("train.batch_size=4"), 3) == Batching(3, 4, 1)
+    assert deepspeed_config(cfg, False, False, 2)["gradient_accumulation_steps"] == 2
+    assert deepspeed_config(cfg, False, False)["gradient_accumulation_steps"] == 1
+
+
+@pytest.mark.parametrize(
+    "overrides,world,needle",
+    [
+        (["train.batch_size=4", "train.global_batch_size=12"], 2, "train.global_batch_size: 12 is not a multiple of "),
+        (["train.batch_size=4", "train.global_batch_size=6"], None, "train.global_batch_size: 6 is not a multiple"),
+        (["train.global_batch_size=-8"], None, "train.global_batch_size: must be >= 0"),
+        (["train.max_tokens=-1"], None, "train.max_tokens: must be >= 0"),
+        (["train.batch_size=2", "train.global_batch_size=8", "train.passkey.fraction=0.25"], 2, "passkey"),
+    ],
+)
+def test_bad_values_are_one_line_errors_naming_the_key(overrides, world, needle):
+    with pytest.raises(ConfigError) as e:
+        batching(cfg_of(*overrides), world)
+    msg = str(e.value)
+    assert needle in msg and "\n" not in msg and msg.startswith("train.global_batch_size" if "global" in needle else "")
+
+
+def test_launcher_refuses_before_starting_anything(tmp_path):
+    from mnemo.launch.job import LaunchRequest, launch
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "index.json").write_text("{}")  # enough for the path checks that come first
+    (data / "tokenizer.model").write_bytes(b"")
+    req = LaunchRequest(
+        config=DEBUG,
+        overrides=[
+            f"data.path={data}",
+            f"run.dir={tmp_path / 'run'}",
+            "train.batch_size=4",
+            "train.global_batch_size=12",
+        ],
+        nproc_per_node=2,
+        dry_run=True,
+    )
+    with pytest.raises(ConfigError, match=r"train.global_batch_size: 12 is not a multiple of world size 2 x"):
+        launch(req)
+
+
+# ------------------------------------------------------------------ slot groups
+
+
+def docs(n: int = 40, seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(1, 100, size=int(rng.integers(3, 40))) for _ in range(n)]
+
+
+def groups(source, rank: int, accum: int, world: int, B: int = 2) -> SlotGroups:
+    def make(g: int, G: int) -> DocumentStreams:
+        return DocumentStreams(source, batch_size=B, segment_len=8, rank=g, world_size=G, seed=3)
+
+    return SlotGroups(make, rank, accum, world)
+
+
+def same(a, b) -> bool:
+    return all(torch.equal(getattr(a, f), getattr(b, f)) for f in ("tokens", "mask", "reset", "doc_ids", "positions"))
+
+
+def test_two_ranks_read_what_one_rank_with_two_micro_steps_reads_and_resume_moves_groups_exactly():
+    src = ArraySource(docs())
+    ranks = [groups(src, r, 1, 2) for r in range(2)]  # 2 ranks x B, no accumulation
+    one = groups(src, 0, 2, 1)  # 1 rank x B x 2 micro-steps
+    for _ in range(7):
+        for r in range(2):
+            assert same(next(ranks[r]), next(one.group(r)))
+    # A = 1 keeps the rank file's stream entry exactly as before; A = 2 holds one state per group.
+    assert "groups" not in ranks[0].state_dict() and ranks[0].state_dict()["rank"] == 0
+    assert [s["rank"] for s in one.state_dict()["groups"]] == [0, 1]
+    # Resume the 2-rank state on 1 rank x 2 micro-steps: every group continues exactly.
+    resumed = groups(src, 0, 2, 1)
+    assert not resumed.same_shape(ranks[0].state_dict())
+    assert resumed.load_state_dict([r.state_dict() for r in ranks]) is True
+    for _ in range(9):
+        for r in range(2):
+            b = next(ranks[r])
+            assert same(b, next(resumed.group(r))) and same(b, next(one.group(r)))
+    # Back: 1 rank x 2 -> 2 ranks x 1, also exact; another B re-partitions (not exact).
+    back = groups(src, 1, 1, 2)
+    assert back.load_state_dict([resumed.state_dict()]) is True and same(next(back), next(ranks[1]))
+    assert groups(src, 0, 1, 1, B=4).load_state_dict([resumed.state_dict()]) is False
+
+
+def memory(B: int, fill: float) -> MemoryState:
+    stm = torch.arange(B * 4, dtype=torch.float32).view(B, 1, 2, 2) + fill  # [B, H=1, M=2, Dh=2]
+    n = torch.full((B,), int(fill), dtype=torch.long)
+    return MemoryState(layers=(LayerMemory(stm_k=stm, stm_v=stm + 0.5),), stm_len=n, ltm_len=n, pos=n)
+
+
+def test_memory_groups_one_state_dict_of_all_slots_and_regroup_on_another_world_size():
+    a, b = memory(2, 10.0), memory(2, 20.0)
+    one = MemoryGroups([a], "cpu")
+    assert one.state is a and one.state_dict().keys() == a.state_dict().keys()  # A = 1: as before
+    two = MemoryGroups([memory(2, 0.0), memory(2, 0.0)], "cpu")
+    two.load_regrouped([a.state_dict(), b.state_dict()], rank=0)  # old ranks 0, 1 -> this rank's groups 0, 1
+    assert two.states[0].equal(a) and two.states[1].equal(b)
+    sd = two.state_dict()
+    assert sd["stm_len"].tolist() == [10, 10, 20, 20]  # group i = rows [iB, (i+1)B)
+    back = [MemoryGroups([memory(2, 0.0)], "cpu") for _ in range(2)]
+    for r, m in enumerate(back):
+        m.load_regrouped([sd], rank=r)
+    assert back[0].state.equal(a) and back[1].state.equal(b)
+
+
+# ------------------------------------------------------------------ token budget and the LR schedule
+
+
+def test_max_tokens_sets_the_step_count_and_the_lr_schedule_ends_there():
+    cfg = cfg_of("train.max_tokens=100000", "train.max_steps=100", "train.warmup_steps=5")
+    tps = 8 * cfg.model.segment_len * cfg.memory.bptt_segments  # global batch 8
+    steps = total_steps(cfg, 8)
+    assert steps == math.ceil(100000 / tps) == 196
+    assert total_steps(cfg_of("train.max_steps=30"), 8) == 30
+    f, plain = lr_lambda(cfg, steps), lr_lambda(cfg)
+    floor = cfg.train.min_lr_ratio
+    assert f(steps) == pytest.approx(floor) and f(steps - 1) > floor  # cosine ends at the budget's last step
+    assert plain(100) == pytest.approx(floor) and f(100) > floor + 0.3  # not at train.max_steps
+    assert after_step(cfg_of("eval.interval=50", "checkpoint.interval=0"), 150, False, False, steps) == ("eval",)
+    assert (
+        after_step(cfg_of("eval.interval=50", "checkpoint.interval=0"), 150, False, False) == ()
+    )  # past train.max_steps=30
+
+
+def test_start_lines_state_the_batch_what_it_was_and_the_budget():
+    cfg = cfg_of("train.batch_size=4", "train.global_batch_size=8", "train.max_tokens=5000")
+    old = batching_of({"world_size": 2, "config": {"train": {"batch_size": 4, "global_batch_size": 0}}})
+    lines = start_lines(cfg, batching(cfg, 1), old, total_steps(cfg, 8))
+    assert lines[0] == "global batch 8 = 1 rank x 4 slots x 2 accumulation (was 2 ranks x 4 x 1)"
+    assert lines[1] == "token budget: train.max_tokens=5000 -> 10 steps of 512 tokens (train.max_steps=30 not used)"
+    assert start_lines(cfg_of(), batching(cfg_of(), 2), None, 30) == [
+        "global batch 8 = 2 ranks x 4 slots x 1 accumulation"
+    ]
