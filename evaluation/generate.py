@@ -102,35 +102,96 @@ def generate(
     on_token(id) is called as each token is chosen; on_prompt_segment(i, n)
     after prompt segment i of n has been read. Deterministic for a fixed seed.
     """
-    ids = [int(t) for t in prompt_ids]
-    if not ids:
+    if not len(prompt_ids):
         raise EvalError("generate: the prompt is empty")
-    T = int(segment_len)
+
+    def stop(slot: int, out: list[int]) -> bool:
+        if on_token is not None:
+            on_token(out[-1])
+        return False
+
+    eos = getattr(tokenizer, "eos_id", None) if stop_at_eos else None
+    return generate_batch(
+        model,
+        [prompt_ids],
+        segment_len,
+        max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        seed=seed,
+        eos_id=eos,
+        should_stop=stop,
+        on_prompt_segment=on_prompt_segment,
+        mode=mode,
+    )[0]
+
+
+@torch.inference_mode()
+def generate_batch(
+    model: Any,
+    prompts: Sequence[Sequence[int]],
+    segment_len: int,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    eos_id: int | None = None,
+    should_stop: Callable[[int, list[int]], bool] | None = None,
+    on_prompt_segment: Callable[[int, int], None] | None = None,
+    mode: str = "segment",
+) -> list[list[int]]:
+    """Continue several prompts at once, one stream slot each; returns the new ids of each prompt.
+
+    All slots advance in lockstep from their document start: the tokens every
+    prompt has (the shortest prompt's length) are read together segment by
+    segment, then one token per step, a slot still inside its prompt feeding
+    its next prompt token and the others their last chosen token. So each
+    slot reads exactly the token stream ``generate`` would give it alone. A
+    slot stops at ``eos_id`` (not returned), after ``max_new_tokens``, or when
+    should_stop(slot, its new ids) is true (called after each chosen token;
+    that token is kept); a stopped slot reads padding (its own last token),
+    which comes after everything it returns. Slot r samples with its own
+    generator seeded ``seed``: the same tokens as ``generate`` with that seed.
+    """
+    ids = [[int(t) for t in p] for p in prompts]
+    if not ids or any(not p for p in ids):
+        raise EvalError("generate: a prompt is empty")
+    B, T = len(ids), int(segment_len)
     device = model_device(model)
-    core = core_model(model)
     with eval_mode(model):
-        gen = torch.Generator().manual_seed(int(seed))
-        prompt = torch.tensor(ids, dtype=torch.long, device=device)[None]  # [1, P]
-        reader = SegmentReader(model, core.init_state(1, device=device), T, mode)
-        n_seg = -(-len(ids) // T)
+        gens = [torch.Generator().manual_seed(int(seed)) for _ in range(B)]
+        p0 = min(len(p) for p in ids)
+        common = torch.tensor([p[:p0] for p in ids], dtype=torch.long, device=device)  # [B, p0]
+        reader = SegmentReader(model, core_model(model).init_state(B, device=device), T, mode)
+        n_seg = -(-p0 // T)
         last = None
-        for i, s0 in enumerate(range(0, len(ids), T)):
-            last = reader.feed(prompt[:, s0 : s0 + T])  # [1, V]
+        for i, s0 in enumerate(range(0, p0, T)):
+            last = reader.feed(common[:, s0 : s0 + T])  # [B, V]
             if on_prompt_segment is not None:
                 on_prompt_segment(i, n_seg)
-        out: list[int] = []
-        eos = getattr(tokenizer, "eos_id", None)
-        for _ in range(int(max_new_tokens)):
-            tok = sample_next(last[0].float(), temperature, top_p, gen)
-            if stop_at_eos and eos is not None and tok == eos:
-                break
-            out.append(tok)
-            if on_token is not None:
-                on_token(tok)
-            if len(out) == max_new_tokens:
+        outs: list[list[int]] = [[] for _ in range(B)]
+        done = [int(max_new_tokens) <= 0] * B
+        pos = p0  # tokens each slot has read
+        while not all(done):
+            col = []
+            for r in range(B):
+                if pos < len(ids[r]):  # still inside its prompt
+                    col.append(ids[r][pos])
+                    continue
+                if not done[r]:
+                    tok = sample_next(last[r].float(), temperature, top_p, gens[r])
+                    if eos_id is not None and tok == eos_id:
+                        done[r] = True
+                    else:
+                        outs[r].append(tok)
+                        stop = should_stop is not None and should_stop(r, outs[r])
+                        done[r] = stop or len(outs[r]) >= max_new_tokens
+                col.append(outs[r][-1] if outs[r] else ids[r][-1])  # a stopped slot reads padding
+            if all(done):
                 break  # no forward for a token nobody will sample after
-            last = reader.feed(torch.tensor([[tok]], dtype=torch.long, device=device))
-        return out
+            last = reader.feed(torch.tensor(col, dtype=torch.long, device=device)[:, None])
+            pos += 1
+        return outs
 
 
 class TextStreamer:

@@ -271,6 +271,54 @@ def score_greedy(
 
 
 @torch.inference_mode()
+def continuation_scores(
+    model: Any,
+    seqs: Sequence[Sequence[int]],
+    starts: Sequence[int],
+    segment_len: int,
+    stm: bool = True,
+    ltm: bool = True,
+    pad_id: int = 0,
+) -> tuple[list[np.ndarray], list[np.ndarray], Any]:
+    """One batch, one slot per sequence: (argmax, loss) at each token of seqs[r][starts[r]:], and the final state.
+
+    Slot r reads seqs[r] (without its last token) from its first token,
+    segment by segment with memory, as training reads a document; starts[r]
+    >= 1 (the first token has nothing to predict it). Shorter sequences are
+    padded with ``pad_id`` after their end: causality keeps the padding out of
+    their predictions. Returns per slot argmax [n_r] and loss [n_r] (nats,
+    n_r = len(seqs[r]) - starts[r]) and the memory state after the longest
+    input (its ``pos``: tokens read per slot, padding included).
+    """
+    T = int(segment_len)
+    device = model_device(model)
+    lens = [len(s) for s in seqs]
+    if any(not 1 <= int(a) <= n for a, n in zip(starts, lens)):
+        raise ValueError("continuation_scores: every start must be in [1, len(seq)]")
+    B, end = len(seqs), max(lens) - 1  # inputs: everything before the last token of the longest sequence
+    toks = np.full((B, max(lens)), int(pad_id), dtype=np.int64)
+    for r, s in enumerate(seqs):
+        toks[r, : lens[r]] = np.asarray(s, dtype=np.int64)
+    x = torch.from_numpy(toks).to(device)  # [B, L]
+    lo_r = np.asarray(starts, dtype=np.int64) - 1  # first predicting input position per slot
+    hi_r = np.asarray(lens, dtype=np.int64) - 1  # one past the last predicting input position
+    state = core_model(model).init_state(B, stm=stm, ltm=ltm, device=device)
+    am = np.zeros((B, max(end, 1)), dtype=np.int64)
+    nll = np.zeros((B, max(end, 1)), dtype=np.float64)
+    for s0 in range(0, end, T):
+        s1 = min(s0 + T, end)
+        need = bool(((lo_r < s1) & (hi_r > s0)).any())  # some slot predicts a scored token in this segment
+        logits, state = model(x[:, s0:s1], state, logits=need)  # [B, <=T, V]
+        if need:
+            lg = logits.float()
+            am[:, s0:s1] = lg.argmax(-1).cpu().numpy()
+            loss = F.cross_entropy(lg.flatten(0, 1), x[:, s0 + 1 : s1 + 1].flatten(), reduction="none")
+            nll[:, s0:s1] = loss.view(B, s1 - s0).double().cpu().numpy()
+    preds = [am[r, lo_r[r] : hi_r[r]] for r in range(B)]
+    losses = [nll[r, lo_r[r] : hi_r[r]] for r in range(B)]
+    return preds, losses, state
+
+
 def score_teacher_forced(
     model: Any, samples: Sequence[dict], segment_len: int, batch_size: int, stm: bool = True, ltm: bool = True
 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
@@ -280,33 +328,19 @@ def score_teacher_forced(
     decoding reproduces the answer exactly when every one of these argmaxes
     is the answer token (by induction: each greedy step then sees the same
     tokens as this pass), so exact match computed here equals greedy exact
-    match, at the cost of reading the document once.
+    match, at the cost of reading the document once. Samples with the same
+    answer start and length share a batch (``continuation_scores``).
     """
-    T = int(segment_len)
-    device = model_device(model)
     groups: dict[tuple[int, int], list[int]] = {}
     for i, s in enumerate(samples):
         groups.setdefault((int(s["answer_start"]), int(s["answer_len"])), []).append(i)
     preds: list[Any] = [None] * len(samples)
     losses: list[Any] = [None] * len(samples)
     for (start, alen), idx in groups.items():
-        end = start + alen - 1  # inputs: everything before the last answer token
         for c in range(0, len(idx), batch_size):
             chunk = idx[c : c + batch_size]
-            toks = torch.from_numpy(
-                np.stack([np.asarray(samples[i]["tokens"][: start + alen], dtype=np.int64) for i in chunk])
-            ).to(device)  # [b, start + alen]
-            state = core_model(model).init_state(len(chunk), stm=stm, ltm=ltm, device=device)
-            picked = []
-            for s0 in range(0, end, T):
-                lo, hi = max(start - 1, s0), min(end, s0 + T)  # answer-predicting positions in this segment
-                logits, state = model(toks[:, s0 : min(s0 + T, end)], state, logits=lo < hi)  # [b, <=T, V]
-                if lo < hi:
-                    picked.append(logits[:, lo - s0 : hi - s0].float())
-            lg = torch.cat(picked, dim=1)  # [b, alen, V]
-            truth = toks[:, start : start + alen]  # [b, alen]
-            nll = F.cross_entropy(lg.flatten(0, 1), truth.flatten(), reduction="none").view(len(chunk), alen)
-            am, nll = lg.argmax(-1).cpu().numpy(), nll.double().cpu().numpy()
+            seqs = [np.asarray(samples[i]["tokens"][: start + alen], dtype=np.int64) for i in chunk]
+            am, nll, _ = continuation_scores(model, seqs, [start] * len(chunk), segment_len, stm=stm, ltm=ltm)
             for r, i in enumerate(chunk):
                 preds[i], losses[i] = am[r], nll[r]
     return preds, losses

@@ -28,6 +28,7 @@ COMMANDS = {
     "export": (train.add_export, train.cmd_export),
     "eval": (evaluate.add_eval, evaluate.cmd_eval),
     "generate": (evaluate.add_generate, evaluate.cmd_generate),
+    "lm-eval": (evaluate.add_lm_eval, evaluate.cmd_lm_eval),
     "launch": (launch.add_launch, launch.cmd_launch),
 }
 

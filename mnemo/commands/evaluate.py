@@ -26,7 +26,11 @@ def add_eval(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentPar
         "passkey retrieval across D segments, and long-context tasks (--tasks).",
     )
     p.add_argument("checkpoint", help="checkpoint step dir, run dir (latest checkpoint) or export dir")
-    p.add_argument("--data", required=True, help="MDS data dir from `mnemo prepare` (held-out documents are read)")
+    p.add_argument(
+        "--data",
+        default=None,
+        help="MDS data dir from `mnemo prepare` (held-out documents are read); required unless --lm-eval",
+    )
     p.add_argument("--json", default=None, help="write the results as JSON to this file")
     p.add_argument("--plots", default=None, metavar="DIR", help="write PNG plots into DIR")
     p.add_argument(
@@ -84,6 +88,26 @@ def add_eval(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentPar
         "needs D * segment_len)",
     )
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument(
+        "--lm-eval",
+        default=None,
+        metavar="TASK,...",
+        help="instead: lm-evaluation-harness tasks (e.g. hellaswag,lambada_openai or a task of "
+        "--lm-eval-include), every request read through memory (docs/lm_eval.md); --batch-size slots",
+    )
+    p.add_argument("--lm-eval-include", default=None, metavar="DIR", help="a folder of lm-eval task YAML files")
+    p.add_argument("--limit", type=int, default=None, help="with --lm-eval: at most N documents per task")
+    return p
+
+
+def add_lm_eval(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        name,
+        help="lm-evaluation-harness's own command line, with --model mnemo",
+        description="Runs `lm_eval ARGS` with the mnemo model registered: --model mnemo "
+        "--model_args checkpoint=CKPT[,ltm_capacity=N] (docs/lm_eval.md).",
+    )
+    p.add_argument("lm_eval_args", nargs=argparse.REMAINDER, help="lm_eval's arguments, e.g. run --model mnemo ...")
     return p
 
 
@@ -118,6 +142,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from mnemo.evaluation.inference import resolve_device
     from mnemo.evaluation.task_eval import task_specs
 
+    if args.lm_eval is not None:
+        return lm_eval_checkpoint(args)
+    if args.data is None:
+        raise UserError("mnemo eval: give --data DATA_DIR (or --lm-eval TASKS)")
     data = Path(args.data)
     if not (data / "index.json").is_file():  # before the (slower) model load
         what = "no such directory" if not data.is_dir() else "no MDS shards (index.json missing)"
@@ -149,6 +177,37 @@ def cmd_eval(args: argparse.Namespace) -> int:
         labels=labels,
     )
     return 0
+
+
+def lm_eval_checkpoint(args: argparse.Namespace) -> int:
+    """``mnemo eval CKPT --lm-eval TASKS``: lm-eval's tasks on the checkpoint (evaluation.harness.run_lm_eval)."""
+    from mnemo.train.checkpoint import load_for_inference
+    from mnemo.evaluation.inference import resolve_device
+
+    device = resolve_device(args.device)
+    model, tokenizer, cfg = load_for_inference(args.checkpoint, device=device)
+    from mnemo.evaluation.harness import run_lm_eval  # imports lm_eval: seconds, only here
+
+    run_lm_eval(
+        model,
+        tokenizer,
+        cfg.model.segment_len,
+        args.lm_eval,
+        include_path=args.lm_eval_include,
+        limit=args.limit,
+        batch_size=args.batch_size,
+        ltm_capacity=args.ltm_capacity,
+        json_out=args.json,
+        labels={"checkpoint": str(args.checkpoint)},
+    )
+    return 0
+
+
+def cmd_lm_eval(args: argparse.Namespace) -> int:
+    from mnemo.train.checkpoint import load_for_inference
+    from mnemo.evaluation.harness import cli_main
+
+    return cli_main(args.lm_eval_args, lambda path, device: load_for_inference(path, device=device))
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

@@ -1,0 +1,304 @@
+"""lm-evaluation-harness through mnemo's memory: the ``mnemo`` LM of ``lm_eval`` and ``mnemo eval --lm-eval``.
+
+``MnemoLM`` answers lm-eval's three request kinds the way mnemo reads a
+document in training: every request is its own document, read from its
+first token segment by segment, the memory state carried from segment to
+segment (``scoring.continuation_scores``, ``generate.generate_batch``).
+Several requests are read at once, one per stream slot; requests are sorted
+by length so the slots of a batch end close together, and a slot that ends
+early reads padding after its last token (causality keeps it out of what it
+returns). There is no context window: a context of any length is read
+whole, through memory.
+
+* loglikelihood (context, continuation): tokenized as lm-eval's causal
+  models do (``TemplateLM``): trailing whitespace of the context joins the
+  continuation; the continuation's tokens are those of the pair's text
+  encoded whole, after as many tokens as the context alone encodes to; an
+  empty context is the EOS token.
+* loglikelihood_rolling (text,): EOS, then the text, every token scored once.
+* generate_until (context, gen_kwargs): greedy unless do_sample; stops at
+  EOS, ``max_gen_toks`` or the first ``until`` string, which is cut off.
+
+Importing this module imports lm_eval (seconds): only the harness path does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mnemo.evaluation.errors import EvalError
+from mnemo.evaluation.generate import generate_batch
+from mnemo.evaluation.inference import core_model, eval_mode, model_device, sized_ltm
+from mnemo.evaluation.scoring import continuation_scores
+
+try:
+    from lm_eval.api.model import TemplateLM
+    from lm_eval.api.registry import register_model
+except ImportError as e:  # the optional extra is missing
+    raise EvalError(f"lm-evaluation-harness is not installed ({e.name}): pip install 'mnemo[eval]'") from None
+
+# (model, tokenizer, cfg) from a checkpoint, run or export dir and a device; set by the CLI layer (the loader lives
+# in mnemo.train, above this part). Used when lm_eval builds the model from --model_args checkpoint=PATH.
+Loader = Callable[[str, str], tuple[Any, Any, Any]]
+
+
+def split_tasks(tasks: str | Sequence[str]) -> list[str]:
+    """ "a,b" or ["a", "b,c"] -> ["a", "b", "c"]; EvalError when none is named."""
+    items = [tasks] if isinstance(tasks, str) else list(tasks)
+    names = [t.strip() for item in items for t in str(item).split(",") if t.strip()]
+    if not names:
+        raise EvalError("--lm-eval: no task named")
+    return names
+
+
+@register_model("mnemo")
+class MnemoLM(TemplateLM):
+    """lm-eval's view of a mnemo model: every request read as its own document, through memory.
+
+    Built from a loaded model (``MnemoLM(model=m, tokenizer=tok, segment_len=T)``)
+    or by lm_eval from ``--model_args checkpoint=PATH`` (with ``use_loader``).
+    ``reads`` records, per loglikelihood batch, the tokens each slot read and
+    the long-term store entries it filled (``MemoryState.pos`` / ``ltm_len``).
+    """
+
+    loader: Loader | None = None
+
+    def __init__(
+        self,
+        model: Any = None,
+        tokenizer: Any = None,
+        segment_len: int | None = None,
+        checkpoint: str | None = None,
+        batch_size: int | str | None = 8,
+        device: str | None = None,
+        ltm_capacity: int | str | None = None,
+        max_gen_toks: int | str = 256,
+        **_ignored: Any,  # lm_eval passes max_batch_size and others that mean nothing here
+    ):
+        super().__init__()
+        if model is None:
+            if checkpoint is None:
+                raise EvalError("lm_eval --model mnemo: give --model_args checkpoint=PATH")
+            if MnemoLM.loader is None:
+                raise EvalError("lm_eval --model mnemo: run it as `mnemo lm-eval ...` (it loads checkpoints)")
+            model, tokenizer, cfg = MnemoLM.loader(str(checkpoint), device or "cpu")
+            segment_len = segment_len or cfg.model.segment_len
+        if tokenizer is None or not segment_len:
+            raise EvalError("MnemoLM: a model needs its tokenizer and segment_len")
+        self.model, self.tok, self.T = model, tokenizer, int(segment_len)
+        bs = str(batch_size or 8)
+        self.batch_size = int(bs) if bs.isdigit() and int(bs) > 0 else 8  # "auto" and the like: the default
+        self.ltm_capacity = int(ltm_capacity) if ltm_capacity not in (None, "") else None
+        self.max_gen_toks = int(max_gen_toks)
+        self._device = model_device(model)
+        self.reads: list[dict[str, list[int]]] = []
+
+    # ------------------------------------------------------------ tokens
+    @property
+    def eot_token_id(self) -> int:
+        return int(self.tok.eos_id)
+
+    @property
+    def tokenizer_name(self) -> str:
+        return "mnemo-sentencepiece-" + str(getattr(self.tok, "sha256", "")).strip()[:16]
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs: Any) -> list[int]:
+        return [int(t) for t in self.tok.encode(string)]  # no BOS/EOS: documents start with their text
+
+    def tok_decode(self, tokens: Sequence[int]) -> str:
+        return self.tok.decode([int(t) for t in tokens])
+
+    # ------------------------------------------------------------ scoring
+    def score_tokens(self, seqs: Sequence[Sequence[int]], starts: Sequence[int]) -> list[tuple[float, bool]]:
+        """(sum of log-probabilities of seqs[i][starts[i]:], every one of them the argmax), batched over slots."""
+        out: list[tuple[float, bool] | None] = [None] * len(seqs)
+        order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))  # similar lengths share a batch
+        todo = [i for i in order if starts[i] < len(seqs[i])]
+        for i in order:
+            if starts[i] >= len(seqs[i]):
+                out[i] = (0.0, True)  # nothing to score
+        with eval_mode(self.model), sized_ltm(self.model, self.ltm_capacity):
+            for c in range(0, len(todo), self.batch_size):
+                chunk = todo[c : c + self.batch_size]
+                am, nll, state = continuation_scores(
+                    self.model, [seqs[i] for i in chunk], [starts[i] for i in chunk], self.T, pad_id=self.eot_token_id
+                )
+                self.reads.append(
+                    {
+                        "tokens": [len(seqs[i]) - 1 for i in chunk],
+                        "pos": state.pos.tolist(),
+                        "ltm_len": state.ltm_len.tolist(),
+                    }
+                )
+                for r, i in enumerate(chunk):
+                    truth = np.asarray(seqs[i][starts[i] :], dtype=np.int64)
+                    out[i] = (-float(nll[r].sum()), bool((am[r] == truth).all()))
+        return out  # type: ignore[return-value]
+
+    def _loglikelihood_tokens(self, requests: list, disable_tqdm: bool = False, **kwargs: Any) -> list:
+        seqs = [list(ctx) + list(cont) for _, ctx, cont in requests]
+        res = self.score_tokens(seqs, [len(ctx) for _, ctx, _ in requests])
+        for (key, _, _), r in zip(requests, res):
+            self.cache_hook.add_partial("loglikelihood", key, r)
+        return res
+
+    def loglikelihood_rolling(self, requests: list, disable_tqdm: bool = False) -> list[float]:
+        texts = [req.args[0] for req in requests]
+        seqs = [[self.eot_token_id] + self.tok_encode(t) for t in texts]  # EOS conditions the first token
+        res = [ll for ll, _ in self.score_tokens(seqs, [1] * len(seqs))]
+        for t, r in zip(texts, res):
+            self.cache_hook.add_partial("loglikelihood_rolling", (t,), r)
+        return res
+
+    # ------------------------------------------------------------ generation
+    def generate_until(self, requests: list, disable_tqdm: bool = False) -> list[str]:
+        out: list[str | None] = [None] * len(requests)
+        groups: dict[str, list[int]] = {}  # the same generation settings share a batch
+        for i, req in enumerate(requests):
+            groups.setdefault(json.dumps(req.args[1], sort_keys=True, default=str), []).append(i)
+        with eval_mode(self.model), sized_ltm(self.model, self.ltm_capacity):
+            for idx in groups.values():
+                kw = dict(requests[idx[0]].args[1] or {})
+                until = kw.get("until") or []
+                until = [until] if isinstance(until, str) else [str(u) for u in until]
+                sample = bool(kw.get("do_sample", False))
+                temperature = float(kw.get("temperature", 0.0) or 0.0) if sample else 0.0
+                top_p = float(kw.get("top_p", 1.0) or 1.0)
+                max_new = int(kw.get("max_gen_toks", self.max_gen_toks))
+                prompts = {i: self.tok_encode(requests[i].args[0]) or [self.eot_token_id] for i in idx}
+                order = sorted(idx, key=lambda i: -len(prompts[i]))
+                for c in range(0, len(order), self.batch_size):
+                    chunk = order[c : c + self.batch_size]
+
+                    def stop(slot: int, ids: list[int], until: list[str] = until) -> bool:
+                        return any(u in self.tok_decode(ids) for u in until)  # a stop string is complete
+
+                    gen = generate_batch(
+                        self.model,
+                        [prompts[i] for i in chunk],
+                        self.T,
+                        max_new,
+                        temperature=temperature,
+                        top_p=top_p,
+                        eos_id=self.eot_token_id,
+                        should_stop=stop if until else None,
+                    )
+                    for i, ids in zip(chunk, gen):
+                        out[i] = cut_at_stop(self.tok_decode(ids), until)
+                        self.cache_hook.add_partial("generate_until", requests[i].args, out[i])
+        return out  # type: ignore[return-value]
+
+
+def cut_at_stop(text: str, until: Sequence[str]) -> str:
+    """``text`` up to the first occurrence of any stop string (lm-eval's generate_until contract)."""
+    cut = min((text.find(u) for u in until if u and u in text), default=len(text))
+    return text[:cut]
+
+
+def use_loader(loader: Loader) -> None:
+    """How ``MnemoLM`` loads ``--model_args checkpoint=PATH`` (the CLI layer passes mnemo.train's loader)."""
+    MnemoLM.loader = loader
+
+
+def task_manager(tasks: Sequence[str], include_path: str | None):
+    """lm-eval's TaskManager: only the tasks under ``include_path`` when they are all there (indexing lm-eval's
+    thousands of built-in task files takes seconds), else those and the built-in ones."""
+    from lm_eval.tasks import TaskManager
+
+    if include_path is not None:
+        if not Path(include_path).is_dir():
+            raise EvalError(f"--lm-eval-include: no such directory: {include_path}")
+        own = TaskManager(include_path=str(include_path), include_defaults=False)
+        if set(tasks) <= set(own.all_tasks):
+            return own
+    tm = TaskManager(include_path=None if include_path is None else str(include_path))
+    unknown = [t for t in tasks if t not in tm.all_tasks]
+    if unknown:
+        raise EvalError(f"--lm-eval: unknown lm-eval task(s): {', '.join(unknown)}")
+    return tm
+
+
+def run_lm_eval(
+    model: Any,
+    tokenizer: Any,
+    segment_len: int,
+    tasks: str | Sequence[str],
+    *,
+    include_path: str | None = None,
+    limit: int | None = None,
+    num_fewshot: int | None = None,
+    batch_size: int = 8,
+    ltm_capacity: int | None = None,
+    log_samples: bool = False,
+    json_out: str | None = None,
+    labels: dict[str, str] | None = None,
+    print_table: bool = True,
+) -> dict[str, Any]:
+    """``mnemo eval --lm-eval``: lm-eval's ``simple_evaluate`` of ``tasks`` on a loaded mnemo model.
+
+    Prints lm-eval's results table (print_table), writes the results as JSON
+    to ``json_out`` (with ``labels`` under "mnemo"), and returns lm-eval's
+    results dict (its "samples" with log_samples); the adapter is under
+    results["mnemo_lm"] (not JSON).
+    """
+    import lm_eval
+    from lm_eval.utils import handle_non_serializable, make_table
+
+    names = split_tasks(tasks)
+    if limit is not None and limit <= 0:
+        raise EvalError(f"--limit: must be > 0, got {limit}")
+    lm = MnemoLM(model=model, tokenizer=tokenizer, segment_len=segment_len, batch_size=batch_size)
+    lm.ltm_capacity = ltm_capacity
+    tm = task_manager(names, include_path)
+    results = lm_eval.simple_evaluate(
+        model=lm,
+        tasks=names,
+        num_fewshot=num_fewshot,
+        limit=limit,
+        task_manager=tm,
+        log_samples=log_samples,
+        bootstrap_iters=0,  # lm-eval's stderr bootstrap would cost more than these small runs
+    )
+    if results is None:
+        raise EvalError("lm-eval returned no results")
+    if print_table:
+        print(make_table(results))
+    if json_out is not None:
+        doc = {k: v for k, v in results.items() if k != "samples"}
+        doc["mnemo"] = {"segment_len": int(segment_len), "model": type(core_model(model)).__name__, **(labels or {})}
+        Path(json_out).write_text(json.dumps(doc, indent=2, default=handle_non_serializable) + "\n")
+    results["mnemo_lm"] = lm
+    return results
+
+
+def cli_main(argv: Sequence[str], loader: Loader) -> int:
+    """``mnemo lm-eval ARGS``: lm-eval's own command line (``lm_eval ARGS``) with ``--model mnemo`` available."""
+    import sys
+
+    from lm_eval.__main__ import cli_evaluate
+
+    use_loader(loader)
+    old = sys.argv
+    sys.argv = ["lm_eval", *argv]
+    try:
+        cli_evaluate()
+    finally:
+        sys.argv = old
+    return 0
+
+
+def offline_datasets(cache_dir: str | os.PathLike) -> None:
+    """Make ``datasets`` read local files only, caching under ``cache_dir`` (tests; air-gapped machines)."""
+    import datasets.config
+    import huggingface_hub.constants
+
+    os.environ.update(HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", HF_DATASETS_CACHE=str(cache_dir))
+    datasets.config.HF_DATASETS_OFFLINE = True
+    datasets.config.HF_DATASETS_CACHE = Path(cache_dir)
+    huggingface_hub.constants.HF_HUB_OFFLINE = True

@@ -1,0 +1,208 @@
+"""lm-evaluation-harness through mnemo's memory (evaluation.harness), on local task files: no downloads.
+
+A random-init debug model as an export dir; three task YAMLs (multiple
+choice, rolling log-likelihood, generate_until) over JSONL files this test
+writes. lm-eval's numbers must equal mnemo's own scoring and generation,
+and the long contexts (> 8 segments) must be read through memory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.unit.stdlib import stdlib_texts, stdlib_tokenizer
+
+T = 16
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _yaml(task: str, data: Path, body: str) -> str:
+    head = f"task: {task}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {json.dumps(str(data))}\n"
+    return head + "test_split: test\n" + body + "metadata:\n  version: 1.0\n"
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """(export dir, task dir, model, tokenizer, harness module) shared by the tests of this file."""
+    from safetensors.torch import save_file
+
+    from mnemo.model import MemoryTransformer, ModelArgs
+    from mnemo.train.checkpoint import load_for_inference
+    from mnemo.train.config import Config, to_dict
+
+    root = tmp_path_factory.mktemp("lm_eval")
+    tok = stdlib_tokenizer(root, 6, vocab_size=400)
+    torch.manual_seed(0)
+    args = ModelArgs(
+        vocab_size=tok.vocab_size, stm_length=T, ltm_kind="knn", ltm_capacity=512, ltm_topk=4, ltm_layers=(2,)
+    )
+    m = MemoryTransformer(args).eval()
+    with torch.no_grad():  # sharper than at init: greedy text then varies instead of repeating one token
+        for name, p in m.named_parameters():
+            if p.dim() == 2 and name != "tok_emb.weight":
+                p.mul_(8.0)
+    exp = root / "export"
+    exp.mkdir()
+    sd = {k: v.contiguous() for k, v in m.state_dict().items() if k != "lm_head.weight"}  # tied head
+    save_file(sd, str(exp / "model.safetensors"))
+    (exp / "model_args.json").write_text(json.dumps(dataclasses.asdict(m.args)))
+    cfg = Config()
+    cfg.model.segment_len = T
+    (exp / "config.json").write_text(json.dumps(to_dict(cfg)))
+    shutil.copy(tok.path, exp / "tokenizer.model")
+
+    from mnemo.evaluation import harness
+
+    harness.offline_datasets(root / "hf_cache")  # local JSON only, cached in this test's tmp dir
+    model, tokenizer, _ = load_for_inference(exp)
+
+    texts = [t for t in stdlib_texts(12)[6:] if len(t) > 3000]
+    tasks = root / "tasks"
+    tasks.mkdir()
+    # Multiple choice: one context of > 8 segments, two short ones.
+    mc = [
+        {"context": texts[0][:300], "choices": [" return None", " pass", " import os"], "label": 0},
+        {"context": "def add(a, b):\n   ", "choices": [" return a + b", " return a - b"], "label": 0},
+        {"context": "import sys\nprint(", "choices": ["sys.argv)", "'hello')", "1)"], "label": 2},
+    ]
+    (tasks / "mc.jsonl").write_text("".join(json.dumps(d) + "\n" for d in mc))
+    (tasks / "mc.yaml").write_text(
+        _yaml(
+            "mnemo_mc",
+            tasks / "mc.jsonl",
+            "output_type: multiple_choice\ndoc_to_text: '{{context}}'\ndoc_to_target: '{{label}}'\n"
+            "doc_to_choice: '{{choices}}'\nmetric_list:\n  - metric: acc\n",
+        )
+    )
+    ppl = [{"text": texts[1][:400]}, {"text": "x = 1\n"}, {"text": texts[2][:600]}]
+    (tasks / "ppl.jsonl").write_text("".join(json.dumps(d) + "\n" for d in ppl))
+    (tasks / "ppl.yaml").write_text(
+        _yaml(
+            "mnemo_ppl",
+            tasks / "ppl.jsonl",
+            "output_type: loglikelihood_rolling\ndoc_to_text: ''\ndoc_to_target: '{{text}}'\n"
+            "metric_list:\n  - metric: word_perplexity\n",
+        )
+    )
+    return exp, tasks, model, tokenizer, harness, texts
+
+
+def test_multiple_choice_equals_mnemo_scoring_through_memory(env, capsys):
+    from mnemo.evaluation.scoring import score_teacher_forced
+
+    exp, tasks, model, tok, harness, _ = env
+    res = harness.run_lm_eval(
+        model, tok, T, "mnemo_mc", include_path=str(tasks), batch_size=4, log_samples=True, print_table=False
+    )
+    lm = res["mnemo_lm"]
+    diffs, n_long = [], 0
+    for s in res["samples"]["mnemo_mc"]:
+        for (ctx, cont), resp in zip(s["arguments"], s["resps"]):
+            # lm-eval's causal split: trailing whitespace joins the continuation, whose tokens are those of
+            # the pair's text encoded whole after as many tokens as the context alone has.
+            c = tok.encode(ctx.rstrip())
+            whole = c + tok.encode(ctx + cont)[len(c) :]
+            sample = {"tokens": whole, "answer_start": len(c), "answer_len": len(whole) - len(c)}
+            _, loss = score_teacher_forced(model, [sample], T, batch_size=1)  # mnemo's own, one slot, no padding
+            diffs.append(abs(float(resp[0][0]) - (-float(loss[0].sum()))))
+            n_long += len(c) > 8 * T
+    print(f"lm-eval vs mnemo scoring: {len(diffs)} continuations, max |diff| = {max(diffs):.3g} nats")
+    assert len(diffs) == 8 and max(diffs) <= 1e-5
+    assert n_long == 3  # the long context's three choices: > 8 segments of T tokens
+    # The slots read the long context through memory: tokens read and long-term entries filled per slot.
+    longest = max(max(r["pos"]) for r in lm.reads)
+    print(f"memory read: {longest} tokens = {longest / T:.1f} segments; reads {lm.reads}")
+    assert longest > 8 * T
+    for r in lm.reads:
+        assert r["ltm_len"] == [min(p, 512) for p in r["pos"]] and min(r["pos"]) >= max(r["tokens"])
+    acc = res["results"]["mnemo_mc"]["acc,none"]
+    # The same task from the command line, --json: the same accuracy.
+    from mnemo.cli import build_parser
+
+    out = exp.parent / "mc.json"
+    argv = ["eval", str(exp), "--lm-eval", "mnemo_mc", "--lm-eval-include", str(tasks), "--json", str(out)]
+    args = build_parser().parse_args([*argv, "--limit", "3", "--batch-size", "2"])
+    assert args.func(args) == 0
+    assert "mnemo_mc" in capsys.readouterr().out  # lm-eval's table
+    assert json.loads(out.read_text())["results"]["mnemo_mc"]["acc,none"] == acc
+
+
+def test_loglikelihood_rolling_equals_mnemo_scoring(env):
+    from mnemo.evaluation.scoring import score_teacher_forced
+
+    _, tasks, model, tok, harness, _ = env
+    res = harness.run_lm_eval(
+        model, tok, T, "mnemo_ppl", include_path=str(tasks), batch_size=3, log_samples=True, print_table=False
+    )
+    diffs = []
+    for s in res["samples"]["mnemo_ppl"]:
+        ids = [tok.eos_id, *tok.encode(s["doc"]["text"])]
+        _, loss = score_teacher_forced(model, [{"tokens": ids, "answer_start": 1, "answer_len": len(ids) - 1}], T, 1)
+        diffs.append(abs(float(s["resps"][0][0]) - (-float(loss[0].sum()))))
+    print(f"rolling: max |diff| = {max(diffs):.3g} nats over {len(diffs)} documents")
+    assert len(diffs) == 3 and max(diffs) <= 1e-5
+    assert np.isfinite(res["results"]["mnemo_ppl"]["word_perplexity,none"])
+
+
+def test_generate_until_equals_mnemo_greedy_generation(env):
+    from mnemo.evaluation.generate import generate
+
+    _, tasks, model, tok, harness, texts = env
+    prompts = [texts[3][:250], "def main():\n    ", texts[4][:100]]  # the first: > 8 segments
+    assert len(tok.encode(prompts[0])) > 8 * T
+    ref = [tok.decode(generate(model, tok, tok.encode(p), T, 12, temperature=0.0)) for p in prompts]
+    # A stop string from inside the first reference: generation must stop there and cut it off.
+    stop = next(c for c in ref[0][2:] if c.isascii() and c.isalnum() and ref[0].find(c) >= 2)
+    want = [r[: r.find(stop)] if stop in r else r for r in ref]
+    (tasks / "gen.jsonl").write_text("".join(json.dumps({"context": p, "answer": "x"}) + "\n" for p in prompts))
+    (tasks / "gen.yaml").write_text(
+        _yaml(
+            "mnemo_gen",
+            tasks / "gen.jsonl",
+            "output_type: generate_until\ndoc_to_text: '{{context}}'\ndoc_to_target: '{{answer}}'\n"
+            f"generation_kwargs:\n  until: [{json.dumps(stop)}]\n  max_gen_toks: 12\n  do_sample: false\n"
+            "metric_list:\n  - metric: exact_match\n",
+        )
+    )
+    res = harness.run_lm_eval(
+        model, tok, T, "mnemo_gen", include_path=str(tasks), batch_size=3, log_samples=True, print_table=False
+    )
+    got = [s["resps"][0][0] for s in sorted(res["samples"]["mnemo_gen"], key=lambda s: s["doc_id"])]
+    print(f"generate_until: {got!r} (stop {stop!r})")
+    assert got == want and len(want[0]) < len(ref[0])
+
+
+def test_generate_batch_slots_equal_single_generation(env):
+    # Prompts of different lengths in lockstep slots, with sampling: each slot = generate() alone.
+    from mnemo.evaluation.generate import generate, generate_batch
+
+    _, _, model, tok, _, texts = env
+    prompts = [tok.encode(texts[0][:150]), tok.encode("import os\n"), tok.encode(texts[1][:60])]
+    kw = dict(temperature=1.0, top_p=0.9, seed=4)
+    got = generate_batch(model, prompts, T, 6, eos_id=None, **kw)
+    assert got == [generate(model, tok, p, T, 6, stop_at_eos=False, **kw) for p in prompts]
+    assert [len(g) for g in got] == [6, 6, 6]
+    stopped = generate_batch(
+        model, prompts, T, 6, eos_id=None, should_stop=lambda r, ids: r == 1 and len(ids) == 3, **kw
+    )
+    assert [len(g) for g in stopped] == [6, 3, 6] and stopped[1] == got[1][:3]
+
+
+def test_errors_are_one_line(env):
+    from mnemo.evaluation.errors import EvalError
+
+    _, tasks, model, tok, harness, _ = env
+    with pytest.raises(EvalError, match="no task"):
+        harness.run_lm_eval(model, tok, T, " , ", include_path=str(tasks))
+    with pytest.raises(EvalError, match="no such directory"):
+        harness.run_lm_eval(model, tok, T, "mnemo_mc", include_path=str(tasks / "nope"))
+    with pytest.raises(EvalError, match="checkpoint=PATH"):
+        harness.MnemoLM()
+    assert harness.cut_at_stop("abc\ndef", ["\n", "c"]) == "ab"
