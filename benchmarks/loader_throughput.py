@@ -2,11 +2,16 @@
 
 One run, side by side, on the built-in corpus (stdlib sources):
   (a) DocumentStreams over the MDS shards: T=512, B=8, one rank;
+  (m) the same loader over a 3-source mixture (data.sources, weights 0.5/0.3/0.2):
+      by default the same dataset opened as three sources (each its own MDSSource
+      and order), so the data is equal and only the mixture machinery differs;
+      --sources A B C mixes three datasets of your own. (a) and (m) alternate in
+      --rounds rounds so that a busy machine slows both alike;
   (b) a training step (forward + backward + AdamW) of the `debug` memory model
       (STM M=512, LTM kNN N=8192, k=32) at the same T and B, one process.
-Targets: loader >= 20x training, and >= 1M tokens/s.
+Targets: loader >= 20x training, >= 1M tokens/s; mixture >= 0.95x the single source.
 
-    .venv/bin/python benchmarks/loader_throughput.py [--data DIR] [--limit-mb 8]
+    .venv/bin/python benchmarks/loader_throughput.py [--data DIR] [--sources A B C] [--limit-mb 8]
 """
 
 from __future__ import annotations
@@ -44,6 +49,9 @@ def main() -> None:
     ap.add_argument("--limit-mb", type=float, default=8.0)
     ap.add_argument("--seconds", type=float, default=10.0, help="loader measuring time")
     ap.add_argument("--train-steps", type=int, default=6)
+    ap.add_argument("--sources", nargs=3, metavar="DIR", help="three MDS dirs (one tokenizer) for the mixture")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating single/mixture measurements")
+    ap.add_argument("--no-train", action="store_true", help="skip (b), the training step")
     args = ap.parse_args()
 
     import torch
@@ -68,19 +76,48 @@ def main() -> None:
         src = MDSSource(data, cache_dir=str(tmp / "cache"))
         vocab = int(__import__("json").loads((Path(data) / "manifest.json").read_text())["vocab_size"])
 
-        # (a) loader: count only real (unpadded) target tokens, like training does
-        streams = DocumentStreams(src, batch_size=B, segment_len=T, seed=0, num_workers=2)
-        next(streams)  # first shard access (decompression) is a one-off
-        n_batches, real, padded = 0, 0, 0
-        t0 = time.perf_counter()
-        while time.perf_counter() - t0 < args.seconds:
-            bt = next(streams)
-            n_batches += 1
-            real += int(bt.mask.sum())
-            padded += B * T
-        loader_s = time.perf_counter() - t0
-        streams.close()
+        # (a) single source and (m) 3-source mixture, alternating; padded tokens/s (what a step consumes)
+        from mnemo.data_pipeline.mixture import WeightedSource
+
+        paths = args.sources or [data] * 3
+        mix = [
+            WeightedSource(MDSSource(p, cache_dir=str(tmp / f"cache{i}")), weight=w, name=f"s{i}")
+            for i, (p, w) in enumerate(zip(paths, (0.5, 0.3, 0.2)))
+        ]
+        single = DocumentStreams(src, batch_size=B, segment_len=T, seed=0, num_workers=2)
+        mixed = DocumentStreams(mix, batch_size=B, segment_len=T, seed=0, num_workers=2)
+        acc = {"single": [0, 0, 0, 0.0], "mixture": [0, 0, 0, 0.0]}  # batches, real, padded, seconds
+        for s in (single, mixed):
+            next(s)  # first shard access (decompression) is a one-off
+        for _ in range(args.rounds):
+            for name, s in (("single", single), ("mixture", mixed)):
+                a = acc[name]
+                t0 = time.perf_counter()
+                while time.perf_counter() - t0 < args.seconds / args.rounds:
+                    bt = next(s)
+                    a[0] += 1
+                    a[1] += int(bt.mask.sum())  # real (unpadded) target tokens, like training counts
+                    a[2] += B * T
+                a[3] += time.perf_counter() - t0
+        single.close()
+        mixed.close()
+        n_batches, real, padded, loader_s = acc["single"]
         loader_tps = padded / loader_s
+        mix_tps = acc["mixture"][2] / acc["mixture"][3]
+        shares = [t / max(1, sum(mixed.source_tokens)) for t in mixed.source_tokens]
+        print(
+            f"single   : {loader_tps:,.0f} tokens/s  ({n_batches} batches of {B}x{T} in {loader_s:.1f}s, "
+            f"{1 - real / max(1, padded):.1%} padding)"
+        )
+        print(
+            f"mixture  : {mix_tps:,.0f} tokens/s  ({acc['mixture'][0]} batches in {acc['mixture'][3]:.1f}s, "
+            f"{1 - acc['mixture'][1] / max(1, acc['mixture'][2]):.1%} padding; 3 sources "
+            f"{'(--sources)' if args.sources else '(one dataset opened 3 times)'}, weights 0.5/0.3/0.2, "
+            f"realized token shares {'/'.join(f'{x:.3f}' for x in shares)})"
+        )
+        print(f"ratio mixture/single = {mix_tps / loader_tps:.3f}x (target >= 0.95x)")
+        if args.no_train:
+            return
 
         # (b) training step of the debug memory model on the same batches
         from mnemo.model import MemoryTransformer, ModelArgs
@@ -111,10 +148,6 @@ def main() -> None:
         train_s = time.perf_counter() - t0
         train_tps = args.train_steps * B * T / train_s
 
-        print(
-            f"loader   : {loader_tps:,.0f} tokens/s  ({n_batches} batches of {B}x{T} in {loader_s:.1f}s, "
-            f"{1 - real / max(1, padded):.1%} padding)"
-        )
         print(
             f"training : {train_tps:,.0f} tokens/s  (debug size, STM 512 + LTM 8192/k32, {args.train_steps} steps, "
             f"{torch.get_num_threads()} threads)"

@@ -28,13 +28,18 @@ Resume at another world size (or batch size). Documents finished by any old
 rank are excluded from the rest of their epoch; documents in flight restart
 from their beginning (their memory was per old slot); the remaining documents
 of the epoch are re-partitioned over the new ranks. See docs/data.md.
+
+Mixtures (``data.sources``). Each source has its own queue (the partition,
+cursor and re-partition rules above, per source: data_pipeline/partition.py);
+which source a slot's next document comes from is chosen by token deficit
+against the weights (data_pipeline/mixture.py), and the draw counters are
+part of the state, so resume stays exact. docs/streams.md.
 """
 
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
-from concurrent.futures import Future, ThreadPoolExecutor
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol, Sequence
 
@@ -42,8 +47,9 @@ import numpy as np
 import torch
 
 from mnemo.data_pipeline.errors import DataError
+from mnemo.data_pipeline.mixture import WeightedSource, choose, source_names
+from mnemo.data_pipeline.partition import SourceQueue, epoch_order, rank_block  # noqa: F401 (epoch_order, rank_block: this module's API since before partition.py)
 from mnemo.data_pipeline.paths import is_remote, local_path
-from mnemo.data_pipeline.split import heldout_mask
 
 STATE_VERSION = 1
 
@@ -78,7 +84,7 @@ class ArraySource:
 class MDSSource:
     """Documents of an MDS dataset written by ``mnemo prepare``."""
 
-    def __init__(self, path: str, cache_dir: str | None = None):
+    def __init__(self, path: str, cache_dir: str | None = None, key: str = "data.path"):
         from streaming import StreamingDataset
 
         remote = path if is_remote(path) else None
@@ -86,7 +92,7 @@ class MDSSource:
         try:
             self.ds = StreamingDataset(remote=remote, local=local, shuffle=False, batch_size=1)
         except FileNotFoundError as e:
-            raise DataError(f"data.path: cannot open MDS dataset at {path}: {e}") from None
+            raise DataError(f"{key}: cannot open MDS dataset at {path}: {e}") from None
         self.num_samples = int(self.ds.num_samples)
         self.samples_per_shard = np.asarray(self.ds.samples_per_shard, dtype=np.int64)
         self.has_answers = "answer_start" in getattr(self.ds.shards[0], "column_names", []) if self.ds.shards else False
@@ -101,6 +107,21 @@ class MDSSource:
         }
 
 
+def open_sources(entries: Sequence[Any], cache_dir: str) -> list[WeightedSource]:
+    """The mixture of ``data.sources`` (items with path, weight, name, max_epochs): each an MDSSource with its
+    own cache folder ``<cache_dir>/<name>`` (remote sources). [] for no entries (a single data.path)."""
+    names = source_names([e.path for e in entries], [e.name for e in entries])
+    return [
+        WeightedSource(
+            MDSSource(e.path, cache_dir=os.path.join(cache_dir, n), key=f"data.sources[{i}].path"),
+            weight=float(e.weight),
+            name=n,
+            max_epochs=int(e.max_epochs),
+        )
+        for i, (e, n) in enumerate(zip(entries, names))
+    ]
+
+
 @dataclass
 class SegmentBatch:
     tokens: torch.Tensor  # [B, T+1] int64: inputs tokens[:, :-1], targets tokens[:, 1:]
@@ -110,36 +131,17 @@ class SegmentBatch:
     doc_ids: torch.Tensor  # [B] int64: sample index of each slot's document (-1 = none)
     positions: torch.Tensor  # [B] int64: token offset of the segment inside its document
     epochs: torch.Tensor  # [B] int64: epoch of each slot's document
-
-
-# ----------------------------------------------------------------- ordering
-
-
-def epoch_order(samples_per_shard: np.ndarray, train_mask: np.ndarray, seed: int, epoch: int) -> np.ndarray:
-    """Training sample ids of one epoch: shards shuffled, samples shuffled within each shard."""
-    rng = np.random.default_rng([seed, epoch])
-    offsets = np.concatenate(([0], np.cumsum(samples_per_shard)))
-    parts = []
-    for shard in rng.permutation(len(samples_per_shard)):
-        ids = np.arange(offsets[shard], offsets[shard + 1], dtype=np.int64)
-        ids = ids[train_mask[ids]]
-        parts.append(ids[rng.permutation(len(ids))])
-    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
-
-
-def rank_block(order: np.ndarray, rank: int, world: int) -> np.ndarray:
-    n = len(order)
-    return order[rank * n // world : (rank + 1) * n // world]
+    sources: torch.Tensor | None = None  # [B] int64: index of each slot's source in data.sources (0: data.path)
 
 
 # ------------------------------------------------------------------ streams
 
 
 class _Slot:
-    __slots__ = ("doc", "epoch", "offset", "tokens", "answer")
+    __slots__ = ("doc", "epoch", "offset", "tokens", "answer", "src")
 
     def __init__(self):
-        self.doc, self.epoch, self.offset = -1, -1, 0
+        self.doc, self.epoch, self.offset, self.src = -1, -1, 0, 0
         self.tokens: np.ndarray | None = None
         self.answer = (-1, 0)
 
@@ -149,11 +151,17 @@ class _Slot:
 
 
 class DocumentStreams:
-    """B stream slots over this rank's partition; an infinite iterator of SegmentBatch."""
+    """B stream slots over this rank's partition of one dataset or a weighted mixture; an infinite iterator
+    of SegmentBatch.
+
+    ``source`` is one DocumentSource (``data.path``) or a list of
+    ``WeightedSource`` (``data.sources``). ``batch_size`` is the number of
+    slots this rank runs, whatever the trainer makes of them.
+    """
 
     def __init__(
         self,
-        source: DocumentSource,
+        source: DocumentSource | Sequence[WeightedSource],
         *,
         batch_size: int,
         segment_len: int,
@@ -167,67 +175,54 @@ class DocumentStreams:
         num_workers: int = 0,
         prefetch: int = 64,
     ):
-        self.source = source
         self.B, self.T = batch_size, segment_len
         self.rank, self.world = rank, world_size
         self.seed, self.val_fraction = seed, val_fraction
         self.pad_id, self.answer_weight = pad_id, answer_weight
         self.answer_context_weight = answer_context_weight
-        self.train_mask = ~heldout_mask(source.num_samples, val_fraction)
-        n_train = int(self.train_mask.sum())
-        if n_train < world_size:
-            raise DataError(f"data.path: {n_train} training documents, fewer than the {world_size} ranks")
-        self.epoch, self.cursor = 0, 0
-        self.excluded: dict[int, np.ndarray] = {}  # epoch -> sample ids finished before a reshape
+        common = dict(rank=rank, world=world_size, seed=seed, val_fraction=val_fraction)
+        if isinstance(source, (list, tuple)):
+            self.mixture: list[WeightedSource] = list(source)
+            if not self.mixture or sum(m.weight for m in self.mixture) <= 0 or min(m.weight for m in self.mixture) < 0:
+                raise DataError("data.sources: needs at least one source, weights >= 0 and a total weight > 0")
+            self.queues = [
+                SourceQueue(m.source, label=f"data.sources[{i}]", stream=i, max_epochs=m.max_epochs, **common)
+                for i, m in enumerate(self.mixture)
+            ]
+            self.source_names = [m.name or f"source{i}" for i, m in enumerate(self.mixture)]
+        else:
+            self.mixture = []
+            self.queues = [SourceQueue(source, label="data.path", **common)]
+            self.source_names = []  # no per-source metrics for a single dataset
+        self.source = self.queues[0].source
+        self.drawn = [0] * len(self.queues)  # document targets drawn per source (the choice's state)
+        self.source_tokens = [0] * len(self.queues)  # real targets delivered per source (metrics)
         self.slots = [_Slot() for _ in range(self.B)]
-        self._block_cache: tuple[int, np.ndarray] | None = None
         self.batches = 0
-        # Prefetch upcoming documents of this rank's (deterministic) queue.
+        # Prefetch upcoming documents of this rank's (deterministic) queues.
         self._pool = ThreadPoolExecutor(num_workers, thread_name_prefix="mnemo-prefetch") if num_workers > 0 else None
         self._prefetch = prefetch
-        self._futures: OrderedDict[int, Future] = OrderedDict()
-        self._lock = threading.Lock()
+
+    @property
+    def epoch(self) -> int:
+        """The epoch of a single dataset; of a mixture, the lowest epoch of its sources that still draw."""
+        live = [q.epoch for q, m in zip(self.queues, self.mixture) if m.weight > 0 and not q.exhausted()]
+        return min(live) if live else (self.queues[0].epoch if not self.mixture else max(q.epoch for q in self.queues))
 
     # ---------------------------------------------------------------- queue
-    def _block(self, epoch: int) -> np.ndarray:
-        if self._block_cache is None or self._block_cache[0] != epoch:
-            order = epoch_order(self.source.samples_per_shard, self.train_mask, self.seed, epoch)
-            if epoch in self.excluded:
-                order = order[~np.isin(order, self.excluded[epoch])]
-            self._block_cache = (epoch, rank_block(order, self.rank, self.world))
-        return self._block_cache[1]
-
-    def _next_doc(self) -> tuple[int, int]:
-        """(sample id, epoch) of the next document of this rank's queue."""
-        for _ in range(3):  # an epoch may leave this rank nothing after a reshape
-            block = self._block(self.epoch)
-            if self.cursor < len(block):
-                doc = int(block[self.cursor])
-                self.cursor += 1
-                return doc, self.epoch
-            self.epoch, self.cursor = self.epoch + 1, 0
-            self.excluded = {e: v for e, v in self.excluded.items() if e >= self.epoch}
-        raise DataError("data.path: this rank's partition is empty for three epochs in a row")
-
-    def _load(self, doc: int) -> dict[str, Any]:
-        if self._pool is None:
-            return self.source.get(doc)
-        fut = self._futures.pop(doc, None)
-        item = fut.result() if fut is not None else self.source.get(doc)
-        self._schedule_prefetch()
-        return item
-
-    def _schedule_prefetch(self) -> None:
-        """Start reading the next documents of the queue in background threads."""
-        epoch, cursor = self.epoch, self.cursor
-        block = self._block(epoch)
-        upcoming = block[cursor : cursor + self._prefetch]
-        for doc in upcoming:
-            doc = int(doc)
-            if doc not in self._futures:
-                self._futures[doc] = self._pool.submit(self.source.get, doc)
-        while len(self._futures) > 2 * self._prefetch:
-            self._futures.popitem(last=False)
+    def _next_doc(self) -> tuple[int, int, int]:
+        """(source index, sample id, epoch) of the next document."""
+        if not self.mixture:
+            doc, epoch = self.queues[0].next_doc()
+            return 0, doc, epoch
+        weights = [m.weight for m in self.mixture]
+        while True:
+            i = choose(self.drawn, weights, [not q.exhausted() for q in self.queues])
+            if i < 0:
+                raise DataError("data.sources: every source with a weight > 0 reached its max_epochs")
+            got = self.queues[i].next_doc()
+            if got is not None:  # None: source i just ran out; the others share its weight
+                return i, got[0], got[1]
 
     # ---------------------------------------------------------------- batches
     def __iter__(self):
@@ -242,13 +237,15 @@ class DocumentStreams:
         doc_ids = np.zeros(B, dtype=np.int64)
         positions = np.zeros(B, dtype=np.int64)
         epochs = np.zeros(B, dtype=np.int64)
+        sources = np.zeros(B, dtype=np.int64)
         for b, slot in enumerate(self.slots):
             while slot.done():
-                doc, epoch = self._next_doc()
-                item = self._load(doc)
-                slot.doc, slot.epoch, slot.offset = doc, epoch, 0
+                src, doc, epoch = self._next_doc()
+                item = self.queues[src].load(doc, self._pool, self._prefetch)
+                slot.doc, slot.epoch, slot.offset, slot.src = doc, epoch, 0, src
                 slot.tokens = np.asarray(item["tokens"])
                 slot.answer = (int(item.get("answer_start", -1)), int(item.get("answer_len", 0)))
+                self.drawn[src] += max(0, len(slot.tokens) - 1)
                 reset[b] = True
             o = slot.offset
             chunk = slot.tokens[o : o + T + 1]
@@ -256,13 +253,14 @@ class DocumentStreams:
             n_targets = len(chunk) - 1
             weight[b, :n_targets] = 1.0
             real[b, :n_targets] = True
+            self.source_tokens[slot.src] += n_targets
             a0, alen = slot.answer
             if alen > 0 and (self.answer_weight != 1.0 or self.answer_context_weight != 1.0):
                 # target j (0-based in the segment) is token o + j + 1 of the document
                 tgt = np.arange(o + 1, o + 1 + n_targets)
                 is_answer = (tgt >= a0) & (tgt < a0 + alen)
                 weight[b, :n_targets] = np.where(is_answer, self.answer_weight, self.answer_context_weight)
-            doc_ids[b], positions[b], epochs[b] = slot.doc, o, slot.epoch
+            doc_ids[b], positions[b], epochs[b], sources[b] = slot.doc, o, slot.epoch, slot.src
             slot.offset = o + T
         self.batches += 1
         w = torch.from_numpy(weight)
@@ -274,11 +272,12 @@ class DocumentStreams:
             doc_ids=torch.from_numpy(doc_ids),
             positions=torch.from_numpy(positions),
             epochs=torch.from_numpy(epochs),
+            sources=torch.from_numpy(sources),
         )
 
     # ---------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
-        return {
+        sd = {
             "version": STATE_VERSION,
             "rank": self.rank,
             "world_size": self.world,
@@ -286,22 +285,39 @@ class DocumentStreams:
             "segment_len": self.T,
             "seed": self.seed,
             "val_fraction": self.val_fraction,
-            "num_samples": self.source.num_samples,
-            "epoch": self.epoch,
-            "cursor": self.cursor,
-            "excluded": {int(e): np.asarray(v).copy() for e, v in self.excluded.items()},
-            "slots": [{"doc": s.doc, "epoch": s.epoch, "offset": s.offset, "done": s.done()} for s in self.slots],
+            "slots": [
+                {"doc": s.doc, "epoch": s.epoch, "offset": s.offset, "done": s.done(), "source": s.src}
+                for s in self.slots
+            ],
             "batches": self.batches,
         }
+        if self.mixture:  # per source: the queue, the draw counters, the delivered tokens
+            sd["sources"] = [
+                {**q.state(), "name": name, "drawn": d, "tokens": t}
+                for q, name, d, t in zip(self.queues, self.source_names, self.drawn, self.source_tokens)
+            ]
+        else:  # a single dataset: the layout of every checkpoint before mixtures
+            sd.update(self.queues[0].state())
+        return sd
+
+    def _queue_states(self, sd: dict[str, Any]) -> list[dict[str, Any]]:
+        return sd["sources"] if self.mixture else [sd]
 
     def _check_compatible(self, sd: dict[str, Any]) -> None:
         if sd.get("version") != STATE_VERSION:
             raise DataError(f"stream state version {sd.get('version')} is not {STATE_VERSION}")
-        if sd["num_samples"] != self.source.num_samples:
-            raise DataError(
-                f"data.path: the checkpoint was made on a dataset of {sd['num_samples']} documents, "
-                f"this one has {self.source.num_samples}"
-            )
+        if bool(self.mixture) != ("sources" in sd):
+            was = "a mixture (data.sources)" if "sources" in sd else "one dataset (data.path)"
+            raise DataError(f"stream state: the checkpoint was made on {was}; this run's data differs")
+        olds = self._queue_states(sd)
+        if len(olds) != len(self.queues):
+            raise DataError(f"data.sources: the checkpoint has {len(olds)} sources, this run {len(self.queues)}")
+        for q, old in zip(self.queues, olds):
+            if old["num_samples"] != q.source.num_samples:
+                raise DataError(
+                    f"{q.label}: the checkpoint was made on a dataset of {old['num_samples']} documents, "
+                    f"this one has {q.source.num_samples}"
+                )
         for key, mine in (("seed", self.seed), ("val_fraction", self.val_fraction)):
             if sd[key] != mine:
                 raise DataError(f"stream state: {key} {sd[key]} differs from this run's {mine}")
@@ -332,58 +348,46 @@ class DocumentStreams:
         else:
             self._reshape(states)
             return False
-        self.epoch, self.cursor = int(mine["epoch"]), int(mine["cursor"])
-        self.excluded = {int(e): np.asarray(v) for e, v in mine["excluded"].items()}
+        for q, st in zip(self.queues, self._queue_states(mine)):
+            q.load_state(st)
+        if self.mixture:
+            self.drawn = [int(st["drawn"]) for st in mine["sources"]]
+            self.source_tokens = [int(st["tokens"]) for st in mine["sources"]]
         self.batches = int(mine["batches"])
-        self._block_cache = None
         for slot, s in zip(self.slots, mine["slots"]):
             slot.doc, slot.epoch, slot.offset = int(s["doc"]), int(s["epoch"]), int(s["offset"])
+            slot.src = int(s.get("source", 0))
             if slot.doc >= 0:
-                item = self.source.get(slot.doc)
+                item = self.queues[slot.src].source.get(slot.doc)
                 slot.tokens = np.asarray(item["tokens"])
                 slot.answer = (int(item.get("answer_start", -1)), int(item.get("answer_len", 0)))
             else:
                 slot.tokens = None
-        self._futures.clear()
         return True
 
     def _reshape(self, states: list[dict[str, Any]]) -> None:
-        """Re-partition after a change of world size: finished docs stay finished, in-flight ones restart."""
+        """Re-partition every source after a change of world size (SourceQueue.reshape, per source)."""
         states = sorted(states, key=lambda s: s["rank"])
         old_world = states[0]["world_size"]
         if len(states) != old_world:
             raise DataError(f"stream state: got {len(states)} rank states for an old world size of {old_world}")
-        excluded = {int(e): np.asarray(v) for e, v in states[0]["excluded"].items()}
-        in_flight: dict[int, set[int]] = {}
-        for s in states:
-            for slot in s["slots"]:
-                if slot["doc"] >= 0 and not slot["done"]:
-                    in_flight.setdefault(int(slot["epoch"]), set()).add(int(slot["doc"]))
-        first_epoch = min(min(int(s["epoch"]) for s in states), min(in_flight) if in_flight else 1 << 62)
-        last_epoch = max(int(s["epoch"]) for s in states)
-        new_excluded: dict[int, np.ndarray] = {}
-        for e in range(first_epoch, last_epoch + 1):
-            order = epoch_order(self.source.samples_per_shard, self.train_mask, self.seed, e)
-            if e in excluded:
-                order = order[~np.isin(order, excluded[e])]
-            consumed = []
+        for i, q in enumerate(self.queues):
+            in_flight: dict[int, set[int]] = {}
             for s in states:
-                block = rank_block(order, int(s["rank"]), old_world)
-                if int(s["epoch"]) > e:
-                    consumed.append(block)
-                elif int(s["epoch"]) == e:
-                    consumed.append(block[: int(s["cursor"])])
-            done = np.concatenate(consumed) if consumed else np.zeros(0, dtype=np.int64)
-            if e in in_flight:
-                done = done[~np.isin(done, np.fromiter(in_flight[e], dtype=np.int64))]
-            prev = excluded.get(e, np.zeros(0, dtype=np.int64))
-            new_excluded[e] = np.union1d(prev, done).astype(np.int64)
-        self.epoch, self.cursor = first_epoch, 0
-        self.excluded = new_excluded
+                for slot in s["slots"]:
+                    if int(slot.get("source", 0)) == i and slot["doc"] >= 0 and not slot["done"]:
+                        in_flight.setdefault(int(slot["epoch"]), set()).add(int(slot["doc"]))
+            q.reshape([self._queue_states(s)[i] for s in states], in_flight)
+        # The draw restarts even (each new rank keeps its own shares exact from here); the delivered
+        # tokens of all old ranks go to new rank 0, so their sum over ranks (the metric) goes on.
+        self.drawn = [0] * len(self.queues)
+        self.source_tokens = [0] * len(self.queues)
+        if self.mixture and self.rank == 0:
+            self.source_tokens = [
+                sum(int(self._queue_states(s)[i]["tokens"]) for s in states) for i in range(len(self.queues))
+            ]
         self.batches = 0
-        self._block_cache = None
         self.slots = [_Slot() for _ in range(self.B)]
-        self._futures.clear()
 
     def close(self) -> None:
         if self._pool is not None:

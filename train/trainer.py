@@ -32,7 +32,7 @@ from mnemo.data_pipeline.paths import local_path
 from mnemo.data_pipeline.tokenizer import Tokenizer, file_sha256
 from mnemo.data_pipeline.verify import other_tokenizer, read_manifest as read_data_manifest
 from mnemo.train import checkpoint as ckpt
-from mnemo.train.config import Config, check_paths, flatten, tokenizer_path, to_dict, to_yaml
+from mnemo.train.config import Config, check_paths, data_paths, flatten, tokenizer_path, to_dict, to_yaml
 from mnemo.train.engine import deepspeed_config, init_weights_from, lr_lambda, model_args_from_config, param_groups
 from mnemo.train.errors import UserError
 from mnemo.train.eval_hook import run_eval
@@ -46,10 +46,10 @@ log = logging.getLogger("mnemo.train")
 
 
 def read_manifest(cfg: Config) -> dict[str, Any]:
-    data_dir = local_path(cfg.data.path)
+    data_dir = local_path(data_paths(cfg)[0][1])  # data.sources: the first source's (all share a tokenizer)
     p = Path(data_dir) / "manifest.json"
     if not p.is_file():
-        raise UserError(f"data.path: {p} is missing (write the data dir with `mnemo prepare`)")
+        raise UserError(f"{data_paths(cfg)[0][0]}: {p} is missing (write the data dir with `mnemo prepare`)")
     return read_data_manifest(data_dir)
 
 
@@ -85,8 +85,8 @@ class Trainer:
         want = other_tokenizer(self.manifest, self.tok_sha)
         if want:
             raise UserError(
-                f"data.tokenizer: {self.tok_file} is not the tokenizer the data in {cfg.data.path} was made with "
-                f"(sha256 {self.tok_sha[:12]} != manifest {want[:12]})"
+                f"data.tokenizer: {self.tok_file} is not the tokenizer the data in {data_paths(cfg)[0][1]} was made "
+                f"with (sha256 {self.tok_sha[:12]} != manifest {want[:12]})"
             )
         self.vocab_size = int(self.manifest["vocab_size"])
 
@@ -229,13 +229,14 @@ class Trainer:
         """This rank's document streams and (train.passkey.fraction > 0) passkey episodes."""
         from streaming.base.util import clean_stale_shared_memory
 
-        from mnemo.data_pipeline.streams import MDSSource
+        from mnemo.data_pipeline.streams import MDSSource, open_sources
 
         cfg, info = self.cfg, self.info
         # Collective: local rank 0 removes shared memory leaked by killed runs, the others wait.
         clean_stale_shared_memory()
         cache_dir = cfg.data.cache_dir or str(self.run_dir / "data_cache")
-        self.source = MDSSource(cfg.data.path, cache_dir=cache_dir)
+        self.mixture = open_sources(cfg.data.sources, cache_dir)  # data.sources (WeightedSource each), else []
+        self.source = self.mixture[0].source if self.mixture else MDSSource(cfg.data.path, cache_dir=cache_dir)
         # Slot group g of G = world x accum is a partition of its own (train/slots.py); A = 1: g = rank.
         self.streams = SlotGroups(
             lambda g, G: self._document_streams(g, G), info.rank, self.batching.accum, info.world_size
@@ -247,7 +248,7 @@ class Trainer:
 
         cfg = self.cfg
         return DocumentStreams(
-            self.source,
+            self.mixture or self.source,
             batch_size=cfg.train.batch_size,
             segment_len=cfg.model.segment_len,
             rank=group,
@@ -344,7 +345,7 @@ class Trainer:
         self.tracker.log_params(params)
         self.tracker.log_artifact(str(run_dir / "config.yaml"))
         self.tracker.log_artifact(self.tok_file)
-        self.tracker.log_artifact(str(Path(local_path(cfg.data.path)) / "manifest.json"))
+        self.tracker.log_artifact(str(Path(local_path(data_paths(cfg)[0][1])) / "manifest.json"))
         self.tracker.set_tags(
             {
                 "mnemo.restart": str(info.restart),
@@ -392,7 +393,7 @@ class Trainer:
             "zero_stage": cfg.zero.stage,
             "config": to_dict(cfg),
             "tokenizer_sha256": self.tok_sha,
-            "manifest_sha256": file_sha256(Path(local_path(cfg.data.path)) / "manifest.json"),
+            "manifest_sha256": file_sha256(Path(local_path(data_paths(cfg)[0][1])) / "manifest.json"),
             "num_documents": self.manifest.get("num_documents"),
             "model_args": dataclasses.asdict(self.model_args),
             "num_params": self.n_params,

@@ -229,17 +229,69 @@ def roundtrip_line(rt: dict) -> str:
     )
 
 
+def _count(text: str) -> int:
+    """argparse type: a token count >= 0, also as 1e9 or 2_000_000."""
+    try:
+        n = float(text.replace("_", ""))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a token count, got {text!r}") from None
+    if not n >= 0 or n != int(n):
+        raise argparse.ArgumentTypeError(f"expected a whole token count >= 0, got {text!r}")
+    return int(n)
+
+
+def _weights(text: str) -> list[float]:
+    """argparse type: "0.8,0.2" -> [0.8, 0.2] (each >= 0)."""
+    try:
+        out = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not out or any(not w >= 0 for w in out) or sum(out) <= 0:
+        raise argparse.ArgumentTypeError(f"expected comma-separated weights >= 0 with a sum > 0, got {text!r}")
+    return out
+
+
 def add_inspect(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:
-    i = sub.add_parser(name, help="counts, token-length histogram and a few decoded documents")
-    i.add_argument("data_dir", metavar="DATA_DIR")
+    i = sub.add_parser(
+        name,
+        help="counts, token-length histogram and a few decoded documents; of several datasets, also the "
+        "expected epochs per source of a mixture (--tokens, --weights)",
+    )
+    i.add_argument("data_dir", metavar="DATA_DIR", nargs="+")
     i.add_argument("--samples", type=int, default=3, metavar="N", help="decoded documents to show (default 3)")
     i.add_argument("--json", action="store_true", help="print the report as JSON")
+    i.add_argument(
+        "--tokens", type=_count, default=0, metavar="N", help="a token budget: expected epochs per dataset at it"
+    )
+    i.add_argument(
+        "--weights",
+        type=_weights,
+        metavar="W1,W2,..",
+        help="the mixture's weights (data.sources[i].weight), one per DATA_DIR (default: equal)",
+    )
     return i
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    from mnemo.data_pipeline.errors import DataError
+    from mnemo.data_pipeline.mixture import check_same_tokenizer, expected_epochs, format_mixture
     from mnemo.data_pipeline.verify import format_inspect, inspect
 
-    rep = inspect(args.data_dir, num_samples=args.samples)
-    print(json.dumps(rep, indent=1) if args.json else format_inspect(rep))
+    weights = args.weights or [1.0] * len(args.data_dir)
+    if len(weights) != len(args.data_dir):
+        raise DataError(f"--weights: {len(weights)} weights for {len(args.data_dir)} datasets")
+    reps = [inspect(d, num_samples=args.samples) for d in args.data_dir]
+    if len(reps) == 1 and not args.tokens:  # one dataset: the report of before
+        print(json.dumps(reps[0], indent=1) if args.json else format_inspect(reps[0]))
+        return 0
+    check_same_tokenizer(args.data_dir)
+    if args.json:
+        sizes = [r["tokens"] for r in reps]
+        plan = {"tokens": args.tokens, "weights": weights}
+        if args.tokens:
+            plan["expected_epochs"] = expected_epochs(sizes, weights, args.tokens)
+        print(json.dumps({"datasets": reps, "mixture": plan}, indent=1))
+    else:
+        print("\n\n".join(format_inspect(r) for r in reps))
+        print("\n" + format_mixture(reps, weights, args.tokens))
     return 0

@@ -1,0 +1,128 @@
+"""Weighted multi-source mixtures (``data.sources``): which source the next document comes from.
+
+Vocabulary, after mosaicml-streaming's: a mixture is a list of *streams*
+(here ``WeightedSource``), each with a ``weight`` (streaming's
+``proportion``: the share of training TOKENS it should supply) and an
+optional ``max_epochs`` (streaming's ``repeat`` as a limit: how many passes
+over the source are allowed; 0 = no limit).
+
+The choice rule is deterministic token-deficit round robin: the next
+document comes from the active source furthest behind its share, i.e. the
+one with the smallest ``drawn_tokens / weight`` (ties: the lower index).
+Each rank keeps its own counters, so every rank's realized token share stays
+within one document of its weights at every point, and the draw state is a
+few integers (exact resume: it is part of the streams' state_dict). A source
+whose ``max_epochs`` are used up drops out; the remaining weights then share
+the tokens in their own proportions (renormalised). Weight 0 never draws.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+from mnemo.data_pipeline.errors import DataError
+
+
+@dataclass
+class WeightedSource:
+    """One source of a mixture: its documents, its weight (token proportion), name, and epoch limit."""
+
+    source: Any  # a streams.DocumentSource
+    weight: float = 1.0
+    name: str = ""
+    max_epochs: int = 0  # 0 = no limit (streaming's repeat, as a limit)
+
+
+def choose(drawn: Sequence[int], weights: Sequence[float], active: Sequence[bool]) -> int:
+    """Index of the source that supplies the next document: the active one furthest behind its token share.
+
+    ``drawn[i]``: tokens this rank has drawn from source i; ``weights[i]`` >= 0;
+    ``active[i]``: not exhausted. -1 when no source with a weight > 0 is active.
+    """
+    best, best_key = -1, 0.0
+    for i, (d, w, a) in enumerate(zip(drawn, weights, active)):
+        if not a or w <= 0:
+            continue
+        key = d / w
+        if best < 0 or key < best_key:
+            best, best_key = i, key
+    return best
+
+
+def default_name(path: str) -> str:
+    """The name a source gets when data.sources[i].name is empty: the last part of its path."""
+    return os.path.basename(path.rstrip("/")) or path
+
+
+def source_names(paths: Sequence[str], names: Sequence[str]) -> list[str]:
+    """Each source's name (given or the last part of its path)."""
+    return [n or default_name(p) for p, n in zip(paths, names)]
+
+
+def tokenizer_sha256(path: str) -> str | None:
+    """sha256 of the tokenizer a local dataset was made with (its manifest, else its tokenizer.model); None: unknown."""
+    import json
+
+    from mnemo.data_pipeline.paths import is_remote, local_path
+    from mnemo.data_pipeline.tokenizer import file_sha256
+
+    if is_remote(path):
+        return None  # checked against the manifest by the trainer once the data is fetched
+    local = local_path(path)
+    try:
+        with open(os.path.join(local, "manifest.json")) as f:
+            sha = json.load(f).get("tokenizer_sha256")
+        if sha:
+            return str(sha)
+    except (OSError, ValueError):
+        pass
+    tok = os.path.join(local, "tokenizer.model")
+    return file_sha256(tok) if os.path.isfile(tok) else None
+
+
+def check_same_tokenizer(paths: Sequence[str]) -> None:
+    """DataError naming both datasets when two of ``paths`` were made with different tokenizers."""
+    first: tuple[str, str] | None = None
+    for p in paths:
+        sha = tokenizer_sha256(p)
+        if sha is None:
+            continue
+        if first is None:
+            first = (p, sha)
+        elif sha != first[1]:
+            raise DataError(
+                f"{first[0]} and {p} were made with different tokenizers (sha256 {first[1][:12]} != {sha[:12]}); "
+                "a mixture needs one tokenizer"
+            )
+
+
+# ----------------------------------------------------------------- planning (mnemo data inspect)
+
+
+def expected_epochs(sizes: Sequence[int], weights: Sequence[float], budget: int) -> list[float]:
+    """Passes over each source that a budget of ``budget`` document tokens takes at these weights."""
+    w = np.asarray(weights, dtype=np.float64)
+    if (w < 0).any() or w.sum() <= 0:
+        raise DataError(f"--weights: {list(weights)}: each must be >= 0 and their sum > 0")
+    share = w / w.sum()
+    return [float(budget * s / n) if n else float("inf") for s, n in zip(share, sizes)]
+
+
+def format_mixture(reports: Sequence[dict], weights: Sequence[float], budget: int) -> str:
+    """The mixture table of ``mnemo data inspect DS [DS ...] --tokens N``: sizes, shares, expected epochs."""
+    sizes = [int(r["tokens"]) for r in reports]
+    epochs = expected_epochs(sizes, weights, budget) if budget else [float("nan")] * len(sizes)
+    total_w = float(sum(weights))
+    lines = [f"mixture of {len(reports)} sources" + (f", budget {budget:,} tokens:" if budget else ":")]
+    lines.append(f"  {'source':<24} {'documents':>12} {'tokens':>15} {'weight':>8} {'share':>7} {'epochs':>9}")
+    for r, w, e in zip(reports, weights, epochs):
+        name = default_name(str(r["data_dir"]))
+        lines.append(
+            f"  {name:<24} {r['documents']:>12,} {r['tokens']:>15,} {w:>8g} {w / total_w:>7.1%} "
+            + (f"{e:>9.2f}" if budget else f"{'-':>9}")
+        )
+    return "\n".join(lines)

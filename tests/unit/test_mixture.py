@@ -1,0 +1,291 @@
+"""Weighted multi-source mixtures (data.sources): token shares, exact resume, re-partition per source, bad configs."""
+
+from __future__ import annotations
+
+import copy
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from mnemo.data_pipeline.errors import DataError
+from mnemo.data_pipeline.mixture import WeightedSource, choose, expected_epochs, format_mixture
+from mnemo.data_pipeline.streams import ArraySource, DocumentStreams
+
+PAD = 0
+
+
+def make_docs(n: int, seed: int, lo: int, hi: int, tag: int) -> list[np.ndarray]:
+    """Documents whose tokens encode (source tag, doc id, position): any mix-up between sources shows."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        length = int(rng.integers(lo, hi))
+        out.append((tag * 10_000_000 + 1000 * (i + 1) + np.arange(length) + 2).astype(np.int64))
+    return out
+
+
+def mixture(weights=(0.8, 0.2), sizes=(40, 30), max_epochs=(0, 0)):
+    # Source 0: short documents, source 1: documents ~6x longer, so a document share is far from a token share.
+    docs = [make_docs(sizes[0], 1, 2, 40, 1), make_docs(sizes[1], 2, 60, 200, 2)]
+    return docs, [
+        WeightedSource(ArraySource(d, shard_size=7), weight=w, name=f"s{i}", max_epochs=m)
+        for i, (d, w, m) in enumerate(zip(docs, weights, max_epochs))
+    ]
+
+
+def streams(mix, rank=0, world=1, B=4, T=16, seed=3, **kw):
+    return DocumentStreams(mix, batch_size=B, segment_len=T, rank=rank, world_size=world, seed=seed, pad_id=PAD, **kw)
+
+
+def reconstruct(batches) -> dict[tuple[int, int, int], list[int]]:
+    """(source, epoch, doc) -> the tokens its segments delivered, in order (asserts continuity and resets)."""
+    out: dict[tuple[int, int, int], list[int]] = {}
+    for bt in batches:
+        for b in range(bt.tokens.shape[0]):
+            key = (int(bt.sources[b]), int(bt.epochs[b]), int(bt.doc_ids[b]))
+            seg = bt.tokens[b, : int(bt.mask[b].sum()) + 1].tolist()
+            if bt.reset[b]:
+                assert key not in out, f"document {key} started twice"
+                out[key] = seg
+            else:
+                assert key in out and out[key][-1] == seg[0], f"slot continued {key} without its start"
+                out[key].extend(seg[1:])
+    return out
+
+
+def test_token_share_within_one_percent_over_10000_documents():
+    docs, mix = mixture()
+    s = streams(mix, B=8)
+    tokens, n_docs = np.zeros(2), 0
+    while n_docs < 10_000:
+        bt = next(s)
+        n_docs += int(bt.reset.sum())
+        np.add.at(tokens, bt.sources.numpy(), bt.mask.sum(1).numpy())
+        # Every slot's tokens are its source's (the tag in the token ids).
+        real = bt.tokens[:, 0] // 10_000_000
+        assert torch.equal(real, bt.sources + 1)
+    share = tokens / tokens.sum()
+    assert abs(share[0] - 0.8) < 0.01 and abs(share[1] - 0.2) < 0.01, share
+    # The document share is far from the token share: the weights are token proportions.
+    assert list(s.source_tokens) == tokens.astype(int).tolist()
+
+
+def test_choice_is_deterministic_and_follows_the_deficit():
+    assert choose([0, 0], [0.8, 0.2], [True, True]) == 0
+    assert choose([100, 10], [0.8, 0.2], [True, True]) == 1  # 10/0.2 = 50 < 125
+    assert choose([100, 10], [0.8, 0.2], [True, False]) == 0
+    assert choose([0, 0], [0.0, 1.0], [True, True]) == 1  # weight 0 never draws
+    assert choose([0], [1.0], [False]) == -1
+    _, mix = mixture()
+    a, b, c = streams(mix), streams(mix), streams(mix, seed=4)
+    ba, bb, bc = ([next(x).doc_ids for _ in range(50)] for x in (a, b, c))
+    assert all(torch.equal(x, y) for x, y in zip(ba, bb))
+    assert not all(torch.equal(x, y) for x, y in zip(ba, bc))
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_resume_equals_uninterrupted_at_random_points(num_workers):
+    _, mix = mixture(sizes=(15, 9))
+    N = 150  # several epochs of both sources
+    ref = streams(mix, num_workers=num_workers)
+    want = [next(ref) for _ in range(N)]
+    for p in sorted(random.Random(1).sample(range(1, N - 1), 12)):
+        s = streams(mix, num_workers=num_workers)
+        for _ in range(p):
+            next(s)
+        r = streams(mix, num_workers=num_workers)
+        assert r.load_state_dict(copy.deepcopy(s.state_dict())) is True
+        assert r.drawn == s.drawn and r.source_tokens == s.source_tokens
+        for i in range(p, min(N, p + 12)):
+            got = next(r)
+            for f in ("tokens", "mask", "reset", "doc_ids", "positions", "epochs", "sources"):
+                assert torch.equal(getattr(got, f), getattr(want[i], f)), (p, i, f)
+
+
+@pytest.mark.parametrize("old_world,new_world", [(2, 1), (1, 2)])
+def test_other_world_size_keeps_exactly_once_per_source(old_world, new_world):
+    docs, mix = mixture(sizes=(23, 17))
+    old = [streams(mix, rank=r, world=old_world, B=2) for r in range(old_world)]
+    old_batches = [[next(s) for _ in range(30 + 9 * r)] for r, s in enumerate(old)]
+    states = [s.state_dict() for s in old]
+    finished, in_flight = set(), set()  # (source, epoch, doc)
+    for bs in old_batches:
+        for (src, e, d), toks in reconstruct(bs).items():
+            (finished if len(toks) >= len(docs[src][d]) else in_flight).add((src, e, d))
+    new = [streams(mix, rank=r, world=new_world, B=2) for r in range(new_world)]
+    for s in new:
+        assert s.load_state_dict(copy.deepcopy(states)) is False
+    assert sum(sum(s.source_tokens) for s in new) == sum(sum(st["tokens"] for st in x["sources"]) for x in states)
+    after: dict[tuple[int, int, int], list[int]] = {}
+    for s in new:
+        got = reconstruct([next(s) for _ in range(400)])
+        assert not (set(got) & set(after)), "two new ranks read the same document"
+        after.update(got)
+    for src in (0, 1):
+        for e in {e for s_, e, _ in finished | in_flight if s_ == src}:
+            fin = {d for (s_, ee, d) in finished if (s_, ee) == (src, e)}
+            aft = {d for (s_, ee, d) in after if (s_, ee) == (src, e)}
+            assert not (aft & fin), f"source {src}: a finished document was repeated"
+            assert {d for (s_, ee, d) in in_flight if (s_, ee) == (src, e)} <= aft, "an in-flight document was lost"
+            assert fin | aft == set(range(len(docs[src]))), f"source {src}: a document was lost in epoch {e}"
+    for (src, _, d), toks in after.items():  # restarted from the start, of the right source
+        assert toks == docs[src][d][: len(toks)].tolist()
+
+
+def test_exhausted_source_drops_out_and_the_rest_renormalise():
+    docs, mix = mixture(weights=(0.5, 0.3), sizes=(20, 6), max_epochs=(0, 1))
+    mix.append(WeightedSource(ArraySource(make_docs(20, 5, 2, 40, 3)), weight=0.2, name="s2"))
+    s = streams(mix, B=2)
+    got = reconstruct([next(s) for _ in range(600)])
+    assert sorted(d for (src, e, d) in got if src == 1) == list(range(6)), "source 1: one epoch, each document once"
+    assert s.queues[1].exhausted() and not s.queues[0].exhausted()
+    after = {src for (src, e, d) in got if e >= 3}  # long after source 1 ran out, 0 and 2 go on
+    assert after == {0, 2}
+    # Once source 1 is out, sources 0 and 2 share the tokens 0.5 : 0.2.
+    s.drawn = [0, 0, 0]
+    for _ in range(400):
+        next(s)
+    assert abs(s.drawn[0] / (s.drawn[0] + s.drawn[2]) - 0.5 / 0.7) < 0.02 and s.drawn[1] == 0
+    only = streams([WeightedSource(ArraySource(docs[1]), weight=1.0, max_epochs=1)], B=1)
+    with pytest.raises(DataError, match="every source with a weight > 0 reached its max_epochs"):
+        for _ in range(1000):
+            next(only)
+
+
+def test_state_of_another_mixture_is_refused():
+    _, mix = mixture()
+    s = streams(mix)
+    next(s)
+    st = s.state_dict()
+    with pytest.raises(DataError, match="has 2 sources, this run 1"):
+        streams(mix[:1]).load_state_dict(copy.deepcopy(st))
+    with pytest.raises(DataError, match="made on a mixture"):
+        DocumentStreams(mix[0].source, batch_size=4, segment_len=16, seed=3).load_state_dict(copy.deepcopy(st))
+
+
+def test_expected_epochs_and_table():
+    assert expected_epochs([1000, 500], [3, 1], 4000) == [3.0, 2.0]
+    with pytest.raises(DataError, match="--weights"):
+        expected_epochs([1, 1], [0, 0], 10)
+    reps = [
+        {"data_dir": "/d/web", "documents": 10, "tokens": 1000},
+        {"data_dir": "/d/code/", "documents": 5, "tokens": 500},
+    ]
+    table = format_mixture(reps, [3, 1], 4000)
+    assert "budget 4,000 tokens" in table and "web" in table and "code" in table
+    assert "3.00" in table and "2.00" in table and "75.0%" in table
+
+
+# ----------------------------------------------------------------- config
+
+
+def fake_data(path, sha="a" * 64):
+    """Just enough of a `mnemo prepare` dir for the path checks: index.json, manifest.json, tokenizer.model."""
+    path.mkdir(parents=True)
+    (path / "index.json").write_text("{}")
+    (path / "manifest.json").write_text(json.dumps({"tokenizer_sha256": sha}))
+    (path / "tokenizer.model").write_bytes(b"tok")
+    return path
+
+
+@pytest.mark.parametrize(
+    "sources,match",
+    [
+        ("[{path: a, weight: 0.8}, {path: b, weightt: 0.2}]", r"unknown config key 'data.sources\[1\].weightt'"),
+        ("[{path: a, weight: 0.8}, {path: b, weight: -0.2}]", r"data.sources\[1\].weight: must be >= 0"),
+        ("[{path: a, weight: 0}, {path: b, weight: 0}]", r"data.sources: the weights sum to 0"),
+        ("[{path: a}, {weight: 1}]", r"data.sources\[1\].path: not set"),
+        ("[{path: x/a}, {path: y/a}]", r"data.sources\[1\]: name 'a' is also data.sources\[0\]'s"),
+        ("[{path: a, max_epochs: -1}]", r"data.sources\[0\].max_epochs: must be >= 0"),
+        ("[{path: a, name: 'w b'}]", r"data.sources\[0\].name: 'w b' may hold only"),
+        ("{path: a}", r"data.sources: expected a list"),
+    ],
+)
+def test_bad_mixture_is_a_one_line_config_error(sources, match):
+    from mnemo.train.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=match) as e:
+        load_config(None, [f"data.sources={sources}"])
+    assert "\n" not in str(e.value)
+
+
+def test_path_and_sources_exclusive_and_paths_checked(tmp_path):
+    from mnemo.train.config import ConfigError, check_paths, load_config, tokenizer_path
+
+    a, b = fake_data(tmp_path / "a"), fake_data(tmp_path / "b")
+    with pytest.raises(ConfigError, match="set either data.path or data.sources, not both"):
+        load_config(None, [f"data.path={a}", f"data.sources=[{{path: {b}}}]"])
+    cfg = load_config(None, [f"data.sources=[{{path: {a}, weight: 0.8}}, {{path: {b}, weight: 0.2, name: bb}}]"])
+    check_paths(cfg)
+    assert tokenizer_path(cfg) == str(a / "tokenizer.model")
+    assert [s.name for s in cfg.data.sources] == ["", "bb"] and cfg.data.sources[0].weight == 0.8
+    missing = load_config(None, [f"data.sources=[{{path: {a}}}, {{path: {tmp_path / 'nope'}}}]"])
+    with pytest.raises(ConfigError, match=r"^data.sources\[1\].path: no such directory: .*nope$"):
+        check_paths(missing)
+    c = fake_data(tmp_path / "c", sha="c" * 64)
+    other = load_config(None, [f"data.sources=[{{path: {a}}}, {{path: {c}}}]"])
+    with pytest.raises(ConfigError, match=rf"^data.sources: {a} and {c} were made with different tokenizers") as e:
+        check_paths(other)
+    assert "\n" not in str(e.value)
+
+
+def test_single_path_config_unchanged():
+    from mnemo.train.config import data_paths, load_config
+
+    cfg = load_config(None, ["data.path=/x/y"])
+    assert cfg.data.sources == [] and data_paths(cfg) == [("data.path", "/x/y")]
+
+
+CHILD = """
+import hashlib, os, sys, torch
+sys.path.insert(0, {here!r})
+from test_mixture import mixture, streams
+s = streams(mixture(sizes=(15, 9))[1], num_workers=2)
+out = open(sys.argv[1] + "/batches.txt", "w")
+for i in range(1, 10_000):
+    bt = next(s)
+    out.write(hashlib.sha256(bt.tokens.numpy().tobytes() + bt.sources.numpy().tobytes()).hexdigest() + "\\n")
+    out.flush()
+    if i % 7 == 0:  # a checkpoint: the state after batch i, written atomically
+        torch.save({{"batch": i, "state": s.state_dict()}}, sys.argv[1] + "/tmp.pt")
+        os.replace(sys.argv[1] + "/tmp.pt", sys.argv[1] + "/state.pt")
+"""
+
+
+def test_sigkill_then_resume_from_the_saved_state_continues_every_source_exactly(tmp_path):
+    """A loader process SIGKILLed mid-run; the state it saved last resumes the per-source sequence exactly."""
+    import hashlib
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    code = CHILD.format(here=str(Path(__file__).parent))
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]), OMP_NUM_THREADS="1")
+    child = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], env=env)
+    log = tmp_path / "batches.txt"
+    t0 = time.time()
+    while not (log.is_file() and len(log.read_text().splitlines()) >= 60):
+        assert child.poll() is None and time.time() - t0 < 120, "the loader process ended or stalled"
+        time.sleep(0.01)
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    from mnemo.train.checkpoint import load_torch_file
+
+    saved = load_torch_file(tmp_path / "state.pt")  # as the trainer reads rank files: weights_only
+    done = log.read_text().splitlines()
+    ref = streams(mixture(sizes=(15, 9))[1], num_workers=2)
+
+    def digest(bt):
+        return hashlib.sha256(bt.tokens.numpy().tobytes() + bt.sources.numpy().tobytes()).hexdigest()
+
+    want = [digest(next(ref)) for _ in range(saved["batch"] + 80)]
+    assert done[: len(done) - 1] == want[: len(done) - 1]  # the last line may be cut by the kill
+    r = streams(mixture(sizes=(15, 9))[1], num_workers=2)
+    assert r.load_state_dict(saved["state"]) is True
+    assert [digest(next(r)) for _ in range(80)] == want[saved["batch"] :]
