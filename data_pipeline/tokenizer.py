@@ -272,7 +272,8 @@ class HFTokenizer(Tokenizer):
         if num_threads == 1:
             encs = [self.tk.encode(t, add_special_tokens=False) for t in texts]
         else:
-            encs = self.tk.encode_batch_fast(list(texts), add_special_tokens=False)
+            batch = getattr(self.tk, "encode_batch_fast", self.tk.encode_batch)  # _fast (no offsets): 0.21+
+            encs = batch(list(texts), add_special_tokens=False)
         return [np.asarray(e.ids, dtype=np.int32) for e in encs]
 
     def decode(self, ids: Sequence[int] | np.ndarray) -> str:

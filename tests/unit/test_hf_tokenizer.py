@@ -168,14 +168,17 @@ def test_prepare_keeps_the_tokenizer_json_and_verify_reports_the_round_trip(data
         os.utime(corpus / "m00.py", ns=(m0["mtime_ns"], m0["mtime_ns"]))
 
 
-def test_sentencepiece_dataset_manifest_names_its_kind(tmp_path):
+def test_sentencepiece_dataset_manifest_names_its_kind_and_round_trips(tmp_path):
     from mnemo.data_pipeline.prepare import prepare
+    from mnemo.data_pipeline.verify import verify
 
     (tmp_path / "c.txt").write_text("\n".join(stdlib_texts(3)))
     out = tmp_path / "mds"
     m = prepare([str(tmp_path / "c.txt")], str(out), vocab_size=400, workers=1, progress=False)
     assert m["tokenizer_kind"] == "sentencepiece" and m["tokenizer_file"] == "tokenizer.model"
     assert isinstance(Tokenizer(find_tokenizer_file(out)), SentencePieceTokenizer)
+    rt = verify(str(out), roundtrip_docs=100)["roundtrip"]
+    assert rt == {"checked": True, "documents": 1, "failed": 0, "examples": [], "complete": True}
 
 
 def test_train_a_few_steps_on_it_and_export(world1, dataset, hf_json, tmp_path):  # noqa: F811
