@@ -212,3 +212,74 @@ def test_resumed_losses_do_not_depend_on_the_stages(resumed):
     rel = {s: abs(a[s] - b[s]) / abs(b[s]) for s in range(SAVE + 1, STEPS + 1)}
     print("3to2 vs 2to3 relative loss differences:", {s: f"{d:.1e}" for s, d in rel.items()})
     assert max(rel.values()) < 4e-5, rel
+
+
+# ------------------------------------------------------------------ a fixed global batch (train.global_batch_size)
+# 2 ranks x 2 slots and 1 rank x 2 slots x 2 accumulation micro-steps read the same documents in the same
+# slot groups (train/slots.py) and average the same gradients: after 5 steps the weights agree up to float
+# summation order. Cost: one 2-rank and two 1-rank runs of <= 7 steps, ~60-80 s on 2 busy cores.
+GB = ["train.batch_size=2", "train.passkey.fraction=0", "checkpoint.interval=5", *RESUME[2:]]
+GB_SAVE, GB_STEPS = 5, 7
+
+
+@pytest.fixture(scope="module")
+def global_batch_runs(tiny_data, tmp_path_factory) -> dict[str, tuple[Path, str]]:
+    """'ranks2' (2 ranks x 2 slots, 5 steps), 'accum2' (1 rank x 2 slots x 2, 7 steps) and 'resumed'
+    (ranks2's run dir continued on 1 rank with train.global_batch_size=4 to step 7) -> (run dir, output)."""
+    from tests.integration.jobs import run
+
+    root = tmp_path_factory.mktemp("gb")
+    out = {}
+    for name, nproc, extra, steps_ in (
+        ("ranks2", 2, [], GB_SAVE),
+        ("accum2", 1, ["train.global_batch_size=4"], GB_STEPS),
+    ):
+        run_dir = root / name
+        res = run(
+            train_cmd(nproc, reference_overrides(tiny_data, run_dir, 2, *GB, f"train.max_steps={steps_}", *extra))
+        )
+        out[name] = run_dir, res.stderr
+    run_dir = root / "resumed"
+    shutil.copytree(out["ranks2"][0], run_dir)
+    overrides = reference_overrides(
+        tiny_data, run_dir, 2, *GB, f"train.max_steps={GB_STEPS}", "train.global_batch_size=4"
+    )
+    out["resumed"] = run_dir, run(train_cmd(1, overrides)).stderr
+    return out
+
+
+def test_two_ranks_equal_one_rank_with_two_accumulation_steps(global_batch_runs):
+    """Weights after 5 steps agree to 1e-5 of each tensor's largest value (measured: 3.6e-7).
+
+    The two runs sum the same 4 per-slot-group gradients in another order (gloo's all-reduce of two ranks vs
+    DeepSpeed's accumulation buffer), so they differ by float32 rounding (eps 1.2e-7), which Adam's
+    normalisation can lift to a few ulps of each update over 5 steps: 1e-5 leaves ~30x room for other CPUs'
+    kernels. What must fail: a wrong mapping of slots to micro-steps (other documents: the losses differ in
+    the first decimal) or a missing 1/A loss scale (every update doubled: weights ~1e-2 apart).
+    """
+    from mnemo.train.checkpoint import consolidated_state_dict
+
+    a_dir, b_dir = global_batch_runs["ranks2"][0], global_batch_runs["accum2"][0]
+    assert "global batch 4 = 1 rank x 2 slots x 2 accumulation" in global_batch_runs["accum2"][1]
+    a, b = consolidated_state_dict(ckpt(a_dir, GB_SAVE)), consolidated_state_dict(ckpt(b_dir, GB_SAVE))
+    rel = max(((a[k] - b[k]).abs().max() / b[k].abs().max()).item() for k in b)
+    la, lb = losses_by_step(a_dir), losses_by_step(b_dir)
+    loss_rel = max(abs(la[s] - lb[s]) / lb[s] for s in range(1, GB_SAVE + 1))
+    print(
+        f"2 ranks x 2 vs 1 rank x 2 x 2 accumulation after {GB_SAVE} steps: weights max rel diff {rel:.2e}, "
+        f"losses max rel diff {loss_rel:.2e}"
+    )
+    assert rel < 1e-5 and loss_rel < 1e-5
+
+
+def test_resume_two_ranks_on_one_keeps_the_global_batch(global_batch_runs):
+    """2 ranks -> 1 rank with train.global_batch_size=4: accumulation 1 -> 2 (logged), each slot group's
+    streams and memory move exactly, so steps 6-7 equal those of the 1-rank x 2 run (same tolerance)."""
+    run_dir, output = global_batch_runs["resumed"]
+    assert "global batch 4 = 1 rank x 2 slots x 2 accumulation (was 2 ranks x 2 x 1)" in output
+    assert f"at step {GB_SAVE} (exact)" in output
+    got, want = losses_by_step(run_dir), losses_by_step(global_batch_runs["accum2"][0])
+    assert sorted(got) == list(range(1, GB_STEPS + 1))
+    rel = {s: abs(got[s] - want[s]) / want[s] for s in range(GB_SAVE + 1, GB_STEPS + 1)}
+    print("resumed 2 -> 1 ranks vs 1 rank x 2 accumulation, relative loss differences:", rel)
+    assert max(rel.values()) < 1e-5
