@@ -34,7 +34,7 @@ import numpy as np
 
 from mnemo.evaluation.errors import EvalError
 from mnemo.evaluation.generate import generate_batch
-from mnemo.evaluation.inference import core_model, eval_mode, model_device, sized_ltm
+from mnemo.evaluation.inference import core_model, eval_mode, model_device, resolve_device, sized_ltm
 from mnemo.evaluation.scoring import continuation_scores
 
 try:
@@ -87,7 +87,9 @@ class MnemoLM(TemplateLM):
                 raise EvalError("lm_eval --model mnemo: give --model_args checkpoint=PATH")
             if MnemoLM.loader is None:
                 raise EvalError("lm_eval --model mnemo: run it as `mnemo lm-eval ...` (it loads checkpoints)")
-            model, tokenizer, cfg = MnemoLM.loader(str(checkpoint), device or "cpu")
+            base, _, index = str(device or "auto").partition(":")  # lm_eval's --device: cpu, cuda, cuda:1
+            dev = resolve_device(base) + (f":{index}" if index else "")
+            model, tokenizer, cfg = MnemoLM.loader(str(checkpoint), dev)
             segment_len = segment_len or cfg.model.segment_len
         if tokenizer is None or not segment_len:
             raise EvalError("MnemoLM: a model needs its tokenizer and segment_len")

@@ -102,7 +102,7 @@ def test_multiple_choice_equals_mnemo_scoring_through_memory(env, capsys):
         model, tok, T, "mnemo_mc", include_path=str(tasks), batch_size=4, log_samples=True, print_table=False
     )
     lm = res["mnemo_lm"]
-    diffs, n_long = [], 0
+    diffs, n_long, ltm_effect = [], 0, []
     for s in res["samples"]["mnemo_mc"]:
         for (ctx, cont), resp in zip(s["arguments"], s["resps"]):
             # lm-eval's causal split: trailing whitespace joins the continuation, whose tokens are those of
@@ -112,14 +112,19 @@ def test_multiple_choice_equals_mnemo_scoring_through_memory(env, capsys):
             sample = {"tokens": whole, "answer_start": len(c), "answer_len": len(whole) - len(c)}
             _, loss = score_teacher_forced(model, [sample], T, batch_size=1)  # mnemo's own, one slot, no padding
             diffs.append(abs(float(resp[0][0]) - (-float(loss[0].sum()))))
-            n_long += len(c) > 8 * T
-    print(f"lm-eval vs mnemo scoring: {len(diffs)} continuations, max |diff| = {max(diffs):.3g} nats")
+            if len(c) > 8 * T:
+                n_long += 1
+                _, off = score_teacher_forced(model, [sample], T, 1, ltm=False)  # the same, long-term memory off
+                ltm_effect.append(abs(float(off[0].sum() - loss[0].sum())))
+    longest = max(max(r["pos"]) for r in lm.reads)
+    with capsys.disabled():  # the measured figures, also under -s
+        print(f"\nlm-eval vs mnemo scoring: {len(diffs)} continuations, max |diff| = {max(diffs):.3g} nats")
+        print(f"memory read: {longest} tokens = {longest / T:.1f} segments of {T}; per batch {lm.reads}")
+        print(f"long-term memory off changes the long context's scores by {min(ltm_effect):.3g}..{max(ltm_effect):.3g}")
     assert len(diffs) == 8 and max(diffs) <= 1e-5
     assert n_long == 3  # the long context's three choices: > 8 segments of T tokens
     # The slots read the long context through memory: tokens read and long-term entries filled per slot.
-    longest = max(max(r["pos"]) for r in lm.reads)
-    print(f"memory read: {longest} tokens = {longest / T:.1f} segments; reads {lm.reads}")
-    assert longest > 8 * T
+    assert longest > 8 * T and min(ltm_effect) > 1e-3  # what the store holds changes the answer's score
     for r in lm.reads:
         assert r["ltm_len"] == [min(p, 512) for p in r["pos"]] and min(r["pos"]) >= max(r["tokens"])
     acc = res["results"]["mnemo_mc"]["acc,none"]
