@@ -56,10 +56,23 @@ _MAX_SECRET_LINE = 1 << 20  # bytes: far more than any set of credentials
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 CONNECT_TIMEOUT_S = int(os.environ.get("MNEMO_SSH_CONNECT_TIMEOUT", "10"))
+# A node cut off the network sends nothing, not even a TCP reset: without keepalives its ssh client
+# would wait forever and the orchestrator with it. With them, ssh exits 255 after about 3 x 5 s.
+ALIVE_INTERVAL_S, ALIVE_COUNT = 5, 3
+SSH_LOST = 255  # ssh's own exit code: the connection failed or was lost (a node vanished or was cut off)
 
 
 def ssh_options() -> list[str]:
-    return ["-o", "BatchMode=yes", "-o", f"ConnectTimeout={CONNECT_TIMEOUT_S}"]
+    return [
+        "-o",
+        "BatchMode=yes",
+        "-o",
+        f"ConnectTimeout={CONNECT_TIMEOUT_S}",
+        "-o",
+        f"ServerAliveInterval={ALIVE_INTERVAL_S}",
+        "-o",
+        f"ServerAliveCountMax={ALIVE_COUNT}",
+    ]
 
 
 def forwarded_env(environ: Mapping[str, str]) -> dict[str, str]:
@@ -211,31 +224,52 @@ def find_ssh() -> str:
     return ssh
 
 
-def _probe(ssh: str, host: str) -> str | None:
-    """None if ``ssh host true`` works, else ssh's last error line."""
+# What each host's probe prints: its kernel's boot id and the device:inode of its /dev/shm. Two host
+# names printing the same line are one machine with one /dev/shm, where the nodes' mosaicml-streaming
+# leaders would create the same shared memory (FileExistsError: '/000023_locals'). A shell without
+# `$(...)` or a machine without these files prints nothing usable, and is not checked.
+_IDENTITY = (
+    "echo mnemo-machine:$(cat /proc/sys/kernel/random/boot_id 2>/dev/null):$(stat -Lc %d:%i /dev/shm 2>/dev/null)"
+)
+_IDENTITY_LINE = re.compile(r"^mnemo-machine:([0-9a-f-]{8,}):(\d+:\d+)$", re.M)
+
+
+def _probe(ssh: str, host: str) -> tuple[str | None, str | None]:
+    """(None, machine identity or None) if ``ssh host`` works, else (ssh's last error line, None)."""
     try:
         r = subprocess.run(
-            [ssh, *ssh_options(), "--", host, "true"],
+            [ssh, *ssh_options(), "--", host, _IDENTITY],
             stdin=subprocess.DEVNULL,
             capture_output=True,
             text=True,
             timeout=CONNECT_TIMEOUT_S + 5,
         )
     except subprocess.TimeoutExpired:
-        return f"no answer within {CONNECT_TIMEOUT_S + 5} s"
+        return f"no answer within {CONNECT_TIMEOUT_S + 5} s", None
     if r.returncode == 0:
-        return None
+        m = _IDENTITY_LINE.search(r.stdout)
+        return None, m.group(0) if m else None
     lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
-    return lines[-1] if lines else f"ssh exited with code {r.returncode}"
+    return (lines[-1] if lines else f"ssh exited with code {r.returncode}"), None
 
 
 def check_reachable(hosts: list[Host], ssh: str) -> None:
-    """Raise UserError naming the first unreachable host (all probed in parallel)."""
+    """Raise UserError naming the first unreachable host (all probed in parallel), or two names of one machine."""
     with ThreadPoolExecutor(max_workers=min(32, len(hosts))) as pool:
-        errors = list(pool.map(lambda h: _probe(ssh, h.name), hosts))
-    for h, err in zip(hosts, errors):
+        probes = list(pool.map(lambda h: _probe(ssh, h.name), hosts))
+    for h, (err, _) in zip(hosts, probes):
         if err is not None:
             raise UserError(f"host {h.name!r} (hostfile line {h.line}) is unreachable over ssh: {err}")
+    seen: dict[str, Host] = {}
+    for h, (_, machine) in zip(hosts, probes):
+        if machine is not None and machine in seen:
+            first = seen[machine]
+            raise UserError(
+                f"hosts {first.name!r} (hostfile line {first.line}) and {h.name!r} (line {h.line}) are one machine "
+                "sharing one /dev/shm, where the nodes' data loaders would collide: list it once with slots=N"
+            )
+        if machine is not None:
+            seen[machine] = h
 
 
 class _Orchestrator:
@@ -285,8 +319,16 @@ class _Orchestrator:
                 signal.signal(s, h)
         rcs = [p.wait() for p in self.procs]
         failed = [(c, rc) for c, rc in zip(self.cmds, rcs) if rc != 0]
-        for c, rc in failed:
-            print(f"mnemo launch: node {c.node_rank} ({c.host}) exited with code {rc}", file=sys.stderr)
+        # Lost nodes first: their loss is what ended the others (one line each, naming the host).
+        for c, rc in sorted(failed, key=lambda f: f[1] != SSH_LOST):
+            if rc == SSH_LOST:
+                print(
+                    f"mnemo launch: lost node {c.node_rank} ({c.host}): its ssh connection ended without an exit "
+                    f"status (code {rc}: the node died, rebooted or was cut off)",
+                    file=sys.stderr,
+                )
+            else:
+                print(f"mnemo launch: node {c.node_rank} ({c.host}) exited with code {rc}", file=sys.stderr)
         return failed[0][1] if failed else 0
 
     def _pump(self) -> None:

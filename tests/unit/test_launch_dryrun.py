@@ -65,9 +65,9 @@ PATH=/usr/local/bin:/usr/bin:/bin:<BIN> PYTHONUNBUFFERED=1 TORCH_DISABLE_SHARE_R
 
 GOLDEN_HOSTFILE = """\
 # node 0: worker-0
-ssh -o BatchMode=yes -o ConnectTimeout=10 -- worker-0 'cd <TMP> && exec env MNEMO_TAG='"'"'a b'"'"' NCCL_DEBUG=INFO PATH=/usr/local/bin:/usr/bin:/bin:<BIN> <PYTHON> -m mnemo launch <TMP>/c.yaml train.lr=0.01 --nnodes 2 --node-rank 0 --nproc-per-node 2 --master-addr worker-0 --master-port 29500 --rdzv-id mnemo-5dcd9b41fb --max-restarts 0 --stop-on-stdin-eof'
+ssh -o BatchMode=yes -o ConnectTimeout=10 -o ServerAliveInterval=5 -o ServerAliveCountMax=3 -- worker-0 'cd <TMP> && exec env MNEMO_TAG='"'"'a b'"'"' NCCL_DEBUG=INFO PATH=/usr/local/bin:/usr/bin:/bin:<BIN> <PYTHON> -m mnemo launch <TMP>/c.yaml train.lr=0.01 --nnodes 2 --node-rank 0 --nproc-per-node 2 --master-addr worker-0 --master-port 29500 --rdzv-id mnemo-5dcd9b41fb --max-restarts 0 --stop-on-stdin-eof'
 # node 1: worker-1
-ssh -o BatchMode=yes -o ConnectTimeout=10 -- worker-1 'cd <TMP> && exec env MNEMO_TAG='"'"'a b'"'"' NCCL_DEBUG=INFO PATH=/usr/local/bin:/usr/bin:/bin:<BIN> <PYTHON> -m mnemo launch <TMP>/c.yaml train.lr=0.01 --nnodes 2 --node-rank 1 --nproc-per-node 2 --master-addr worker-0 --master-port 29500 --rdzv-id mnemo-5dcd9b41fb --max-restarts 0 --stop-on-stdin-eof'
+ssh -o BatchMode=yes -o ConnectTimeout=10 -o ServerAliveInterval=5 -o ServerAliveCountMax=3 -- worker-1 'cd <TMP> && exec env MNEMO_TAG='"'"'a b'"'"' NCCL_DEBUG=INFO PATH=/usr/local/bin:/usr/bin:/bin:<BIN> <PYTHON> -m mnemo launch <TMP>/c.yaml train.lr=0.01 --nnodes 2 --node-rank 1 --nproc-per-node 2 --master-addr worker-0 --master-port 29500 --rdzv-id mnemo-5dcd9b41fb --max-restarts 0 --stop-on-stdin-eof'
 """
 
 GOLDEN_SLURM = """\
