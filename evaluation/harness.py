@@ -258,15 +258,18 @@ def run_lm_eval(
     lm = MnemoLM(model=model, tokenizer=tokenizer, segment_len=segment_len, batch_size=batch_size)
     lm.ltm_capacity = ltm_capacity
     tm = task_manager(names, include_path)
-    results = lm_eval.simple_evaluate(
-        model=lm,
-        tasks=names,
-        num_fewshot=num_fewshot,
-        limit=limit,
-        task_manager=tm,
-        log_samples=log_samples,
-        bootstrap_iters=0,  # lm-eval's stderr bootstrap would cost more than these small runs
-    )
+    try:
+        results = lm_eval.simple_evaluate(
+            model=lm,
+            tasks=names,
+            num_fewshot=num_fewshot,
+            limit=limit,
+            task_manager=tm,
+            log_samples=log_samples,
+            bootstrap_iters=0,  # lm-eval's stderr bootstrap would cost more than these small runs
+        )
+    except FileNotFoundError as e:  # a task's data_files that are not there
+        raise EvalError(f"--lm-eval: {e}") from None
     if results is None:
         raise EvalError("lm-eval returned no results")
     if print_table:

@@ -143,6 +143,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from mnemo.evaluation.task_eval import task_specs
 
     if args.lm_eval is not None:
+        if args.data is not None:
+            raise UserError("--lm-eval and --data are separate evaluations: give one of them")
         return lm_eval_checkpoint(args)
     if args.data is None:
         raise UserError("mnemo eval: give --data DATA_DIR (or --lm-eval TASKS)")

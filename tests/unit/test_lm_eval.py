@@ -203,11 +203,22 @@ def test_generate_batch_slots_equal_single_generation(env):
 def test_errors_are_one_line(env):
     from mnemo.evaluation.errors import EvalError
 
-    _, tasks, model, tok, harness, _ = env
+    exp, tasks, model, tok, harness, _ = env
     with pytest.raises(EvalError, match="no task"):
         harness.run_lm_eval(model, tok, T, " , ", include_path=str(tasks))
     with pytest.raises(EvalError, match="no such directory"):
         harness.run_lm_eval(model, tok, T, "mnemo_mc", include_path=str(tasks / "nope"))
     with pytest.raises(EvalError, match="checkpoint=PATH"):
         harness.MnemoLM()
+    (tasks / "gone.yaml").write_text(_yaml("mnemo_gone", tasks / "gone.jsonl", "output_type: loglikelihood_rolling\n"))
+    with pytest.raises(EvalError, match="gone.jsonl"):
+        harness.run_lm_eval(model, tok, T, "mnemo_gone", include_path=str(tasks))
+    (tasks / "gone.yaml").unlink()
+    from mnemo.cli import build_parser
+    from mnemo.train.errors import UserError
+
+    for extra, msg in ((["--data", str(tasks), "--lm-eval", "mnemo_mc"], "separate"), ([], "--data DATA_DIR")):
+        args = build_parser().parse_args(["eval", str(exp), *extra])
+        with pytest.raises(UserError, match=msg):
+            args.func(args)
     assert harness.cut_at_stop("abc\ndef", ["\n", "c"]) == "ab"
