@@ -38,6 +38,7 @@ import torch
 from mnemo.data_pipeline.files import atomic_write_text, fsync_path, fsync_tree
 from mnemo.train.errors import UserError
 from mnemo.train.faults import maybe_crash_in_save
+from mnemo.train.hf.folder import HF_FILES
 from mnemo.train.redact import redact_tree
 
 log = logging.getLogger("mnemo.checkpoint")
@@ -490,6 +491,7 @@ EXPORT_NAMES = (
     "tokenizer.json",
     "source.json",
     EXPORT_MANIFEST,
+    *HF_FILES,  # what `mnemo export --format hf` writes (train/hf/folder.py)
 )
 
 

@@ -77,8 +77,16 @@ def _recover_export_leftovers(out: Path) -> None:
             _remove_export_files(d, [p.name for p in d.iterdir()])
 
 
-def export(path: str | Path, out: str | Path, overwrite: bool = False) -> Path:
+# What --format writes: mnemo's own folder (read back by mnemo eval/generate/export), or a
+# folder transformers loads with AutoModelForCausalLM / AutoTokenizer (train/hf/).
+EXPORT_FORMATS = ("mnemo", "hf")
+
+
+def export(path: str | Path, out: str | Path, overwrite: bool = False, format: str = "mnemo") -> Path:
     """Consolidated weights (safetensors) + model args + config + tokenizer, no DeepSpeed needed to load.
+
+    ``format``: "mnemo" (model_args.json + mnemo's config.json) or "hf" (a
+    transformers folder with remote code; train/hf/folder.py lists its files).
 
     Atomic: the export is written into a temporary folder beside ``out`` and
     renamed into place, so a crash leaves the previous ``out`` as it was. An
@@ -91,6 +99,8 @@ def export(path: str | Path, out: str | Path, overwrite: bool = False) -> Path:
 
     from safetensors.torch import save_file
 
+    if format not in EXPORT_FORMATS:
+        raise UserError(f"--format {format!r}: choose {' or '.join(EXPORT_FORMATS)}")
     ckpt = resolve_checkpoint(path)
     out = Path(out)
     for src in dict.fromkeys((Path(path), ckpt)):
@@ -130,16 +140,21 @@ def export(path: str | Path, out: str | Path, overwrite: bool = False) -> Path:
     tmp = out.parent / f".{out.name}.mnemo-export-new-{os.getpid()}"
     tmp.mkdir()
     try:
-        save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp / "model.safetensors"))
-        (tmp / "model_args.json").write_text(json.dumps(dataclasses.asdict(args), indent=1))
-        if meta:
-            (tmp / "config.json").write_text(json.dumps(redact_tree(meta["config"]), indent=1))
-            (tmp / "source.json").write_text(json.dumps(source, indent=1))
-        elif (ckpt / "config.json").is_file():
-            shutil.copy(ckpt / "config.json", tmp / "config.json")
-        for name in TOKENIZER_FILES:  # the one the run used (tokenizer.model or tokenizer.json)
-            if (ckpt / name).is_file():
-                shutil.copy(ckpt / name, tmp / name)
+        if format == "hf":
+            _write_hf(ckpt, tmp, args, sd, meta)
+            if meta:
+                (tmp / "source.json").write_text(json.dumps(source, indent=1))
+        else:
+            save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp / "model.safetensors"))
+            (tmp / "model_args.json").write_text(json.dumps(dataclasses.asdict(args), indent=1))
+            if meta:
+                (tmp / "config.json").write_text(json.dumps(redact_tree(meta["config"]), indent=1))
+                (tmp / "source.json").write_text(json.dumps(source, indent=1))
+            elif (ckpt / "config.json").is_file():
+                shutil.copy(ckpt / "config.json", tmp / "config.json")
+            for name in TOKENIZER_FILES:  # the one the run used (tokenizer.model or tokenizer.json)
+                if (ckpt / name).is_file():
+                    shutil.copy(ckpt / name, tmp / name)
         files = {p.name: file_sha256(p) for p in sorted(tmp.iterdir())}
         manifest = {"format": EXPORT_FORMAT, "files": files, "source": source}
         (tmp / EXPORT_MANIFEST).write_text(json.dumps(manifest, indent=1))
@@ -168,3 +183,16 @@ def export(path: str | Path, out: str | Path, overwrite: bool = False) -> Path:
         if tmp.is_dir():
             _remove_export_files(tmp, [p.name for p in tmp.iterdir()])
     return out
+
+
+def _write_hf(ckpt: Path, tmp: Path, args, sd: dict, meta: dict) -> None:
+    """The hf export's files (train/hf/folder.py) of checkpoint or mnemo export ``ckpt`` into ``tmp``."""
+    from mnemo.data_pipeline.tokenizer import Tokenizer
+    from mnemo.train.checkpoint import config_of
+    from mnemo.train.hf.folder import write_hf_files
+
+    tok_path = next((ckpt / n for n in TOKENIZER_FILES if (ckpt / n).is_file()), None)
+    if tok_path is None:
+        raise UserError(f"{ckpt}: no {' or '.join(TOKENIZER_FILES)} to export with the model")
+    tree = meta["config"] if meta else json.loads((ckpt / "config.json").read_text())
+    write_hf_files(tmp, args, config_of(ckpt).model.segment_len, sd, Tokenizer(str(tok_path)), redact_tree(tree))

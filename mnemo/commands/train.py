@@ -28,12 +28,19 @@ def add_export(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentP
         help="replace an export of another checkpoint in --out, or export beside files mnemo did not "
         "write (only files an earlier export wrote are ever replaced or deleted)",
     )
+    p.add_argument(
+        "--format",
+        choices=("mnemo", "hf"),
+        default="mnemo",
+        help="mnemo: mnemo's own folder (default); hf: a Hugging Face transformers folder "
+        "(AutoModelForCausalLM with trust_remote_code=True, AutoTokenizer; docs/interop.md)",
+    )
     return p
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     from mnemo.train.export import export
 
-    out = export(args.checkpoint, args.out, overwrite=args.overwrite)
+    out = export(args.checkpoint, args.out, overwrite=args.overwrite, format=args.format)
     print(f"exported to {out}")
     return 0

@@ -1,0 +1,283 @@
+"""`mnemo export --format hf`: transformers loads the folder (no mnemo import) and computes what mnemo computes.
+
+The source is a debug-size memory model (short- and long-term memory, T=16)
+trained 20 plain-PyTorch steps to continue a cycle of token ids, saved as a
+mnemo export folder (safetensors + JSON: a checkpoint that needs no
+DeepSpeed), with a SentencePiece tokenizer trained on stdlib text.
+transformers runs in a subprocess that cannot import mnemo; the test
+compares what it wrote with mnemo's own forward, `generate` and Tokenizer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from mnemo.cli import main
+from mnemo.evaluation.generate import generate
+from mnemo.model import MemoryTransformer, ModelArgs
+from mnemo.train import export as export_mod
+from mnemo.train.checkpoint import EXPORT_NAMES, load_for_inference
+from mnemo.train.config import load_config, to_dict
+from mnemo.train.errors import UserError
+from mnemo.train.hf.folder import HF_FILES, relative_source
+from mnemo.train.hf.tokenizer import PROBE_TEXT
+from tests.unit.stdlib import stdlib_texts, stdlib_tokenizer
+
+pytest.importorskip("transformers")
+
+T = 16
+NEW_TOKENS = 24  # decoding crosses the next segment boundary
+TEXT = PROBE_TEXT + "".join(stdlib_texts(3))[:3000]
+# The source model learns to continue this cycle of 11 token ids (a trained model whose greedy
+# continuation varies; a few steps on text only learn to repeat the commonest token).
+CYCLE = [544, 587, 152, 484, 161, 170, 411, 30, 377, 533, 457]
+PROMPT = (CYCLE * 5)[: 3 * T + 5]  # streams 3 segments through memory, then a partial one
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _train_source(d: Path) -> Path:
+    """A mnemo export folder of a debug-size memory model trained 20 steps (Adam) on CYCLE."""
+    from safetensors.torch import save_file
+
+    tok = stdlib_tokenizer(d / "tok", 10)
+    cfg = load_config(
+        "configs/debug.yaml",
+        [f"model.segment_len={T}", f"memory.short.length={T}", "memory.long.capacity=128", "memory.long.topk=4"],
+    )
+    m = cfg.memory  # what the trainer builds from this config (train/engine.py), without importing DeepSpeed
+    args = ModelArgs.from_size(
+        cfg.model.size,
+        tok.vocab_size,
+        stm_length=m.short.length,
+        ltm_kind=m.long.kind,
+        ltm_capacity=m.long.capacity,
+        ltm_topk=m.long.topk,
+        ltm_layers=tuple(m.long.layers),
+    )
+    torch.manual_seed(0)
+    m = MemoryTransformer(args)
+    opt = torch.optim.Adam(m.parameters(), lr=1e-2)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.tensor(CYCLE * 40)
+    for _ in range(20):  # one segment per step: cheap, and enough to learn most of the cycle
+        starts = torch.randint(0, len(ids) - T - 1, (4,), generator=g)
+        x = torch.stack([ids[s : s + T + 1] for s in starts.tolist()])  # [4, T+1]
+        logits, _ = m(x[:, :T], m.init_state(4))
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    src = d / "source"
+    src.mkdir()
+    sd = {k: v.detach().contiguous() for k, v in m.state_dict().items() if k != "lm_head.weight"}
+    save_file(sd, str(src / "model.safetensors"))
+    (src / "model_args.json").write_text(json.dumps(dataclasses.asdict(args)))
+    (src / "config.json").write_text(json.dumps(to_dict(cfg)))
+    (src / "tokenizer.model").write_bytes(Path(tok.path).read_bytes())
+    return src
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory) -> Path:
+    return _train_source(tmp_path_factory.mktemp("hf"))
+
+
+# Runs in a fresh interpreter where importing mnemo fails: the export must not need it.
+LOAD_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+
+    class NoMnemo:
+        def find_spec(self, name, path=None, target=None):
+            if name == "mnemo" or name.startswith("mnemo."):
+                raise ImportError("mnemo is not importable here: " + name)
+
+    sys.meta_path.insert(0, NoMnemo())
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.set_num_threads(1)
+    folder, out = sys.argv[1:3]
+    with open(out + "/job.json") as f:
+        job = json.load(f)
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+    ids = tok(job["text"], return_tensors="pt").input_ids  # [1, L]
+    with torch.no_grad():
+        logits = model(ids[:, : job["n_logits"]]).logits[0]  # [10 T, V]
+    prompt = torch.tensor([job["prompt"]])
+    n_prompt, n_new = prompt.shape[1], job["n_new"]
+    greedy = model.generate(prompt, max_new_tokens=n_new, do_sample=False)
+    torch.manual_seed(0)
+    sampled = model.generate(prompt, max_new_tokens=n_new, do_sample=True, temperature=0.8, top_p=0.95)
+    save_file({"logits": logits.contiguous()}, out + "/logits.safetensors")
+    res = dict(
+        tokenizer_class=type(tok).__name__,
+        model_class=type(model).__name__,
+        ids=ids[0].tolist(),
+        decoded=tok.decode(ids[0]),
+        greedy=greedy[0, n_prompt:].tolist(),
+        sampled=sampled[0, n_prompt:].tolist(),
+        mnemo_modules=sorted(m for m in sys.modules if m == "mnemo" or m.startswith("mnemo.")),
+    )
+    with open(out + "/result.json", "w") as f:
+        json.dump(res, f)
+    """
+)
+
+
+def _load_in_transformers(folder: Path, work: Path) -> dict:
+    """Run LOAD_SCRIPT on ``folder`` in a subprocess without mnemo; its result.json plus the logits."""
+    from safetensors.torch import load_file
+
+    work.mkdir()
+    (work / "load.py").write_text(LOAD_SCRIPT)
+    env = dict(os.environ, HF_HOME=str(work / "hf-home"), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    env.pop("PYTHONPATH", None)
+    job = {"text": TEXT, "n_logits": 10 * T, "prompt": PROMPT, "n_new": NEW_TOKENS}
+    (work / "job.json").write_text(json.dumps(job))
+    cmd = [sys.executable, "-I", "load.py", str(folder), str(work)]
+    res = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads((work / "result.json").read_text())
+    out["logits"] = load_file(str(work / "logits.safetensors"))["logits"]
+    return out
+
+
+def test_transformers_loads_the_export_and_computes_what_mnemo_computes(source, tmp_path, capsys):
+    out = tmp_path / "hf"
+    assert main(["export", str(source), "--out", str(out), "--format", "hf"]) == 0
+    assert f"exported to {out}" in capsys.readouterr().out
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["model_type"] == "mnemo" and set(cfg["auto_map"]) == {"AutoConfig", "AutoModelForCausalLM"}
+    for name in ("configuration_mnemo.py", "modeling_mnemo.py", "memory.py", "sizes.py", "transformer.py"):
+        assert not re.search(r"^\s*(from|import)\s+mnemo", (out / name).read_text(), re.M), name  # made relative
+
+    got = _load_in_transformers(out, tmp_path / "work")
+    assert got["mnemo_modules"] == []
+    assert got["tokenizer_class"] == "PreTrainedTokenizerFast" and got["model_class"] == "MnemoForCausalLM"
+
+    model, tok, mcfg = load_for_inference(source)
+    assert mcfg.model.segment_len == T
+    # Tokenizer: the same ids as mnemo's SentencePiece Tokenizer, and the text back.
+    ids = tok.encode(TEXT)
+    assert got["ids"] == ids
+    assert got["decoded"] == TEXT == tok.decode(ids)
+
+    # Logits over 10 segments: mnemo reads them segment by segment, memory carried.
+    x = torch.tensor(ids[: 10 * T])[None]
+    with torch.no_grad():
+        state, ref = model.init_state(1), []
+        for s0 in range(0, 10 * T, T):
+            logits, state = model(x[:, s0 : s0 + T], state)
+            ref.append(logits[0])
+    diff = (got["logits"] - torch.cat(ref)).abs().max().item()
+    print(f"max |logits(transformers) - logits(mnemo)| over 10 segments of {T}: {diff:.3g}")
+    assert got["logits"].shape == (10 * T, tok.vocab_size) and diff <= 1e-5
+
+    # Greedy decoding: the tokens `mnemo generate` picks (it stops before EOS; generate() keeps EOS).
+    want = generate(model, tok, PROMPT, T, NEW_TOKENS, temperature=0.0)
+    print(f"greedy: mnemo {want}\n        transformers {got['greedy']}")
+    assert got["greedy"][: len(want)] == want and len(set(want)) >= 3  # not one repeated token
+    assert len(want) == NEW_TOKENS or got["greedy"][len(want)] == tok.eos_id
+    # Sampling runs and gives vocabulary ids.
+    assert 0 < len(got["sampled"]) <= NEW_TOKENS and all(0 <= t < tok.vocab_size for t in got["sampled"])
+
+
+def test_reexport_over_an_hf_export_deletes_only_listed_files(source, tmp_path):
+    assert set(HF_FILES) <= set(EXPORT_NAMES)
+    out = tmp_path / "out"
+    export_mod.export(source, out, format="hf")
+    hf_names = sorted(p.name for p in out.iterdir())
+    assert hf_names == sorted({*HF_FILES, "export.json"} - {"source.json"})  # source.json: checkpoints only
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    export_mod.export(source, out, format="hf")  # again over itself: the same bytes
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match=r"holds files mnemo export did not write \(notes\.txt\)"):
+        export_mod.export(source, out, format="mnemo")
+    export_mod.export(source, out, format="mnemo", overwrite=True)  # the hf files go, notes.txt stays
+    names = sorted(p.name for p in out.iterdir())
+    assert names == [
+        "config.json",
+        "export.json",
+        "model.safetensors",
+        "model_args.json",
+        "notes.txt",
+        "tokenizer.model",
+    ]
+    assert (out / "notes.txt").read_text() == "mine"
+    assert not list(tmp_path.glob(".out.*"))
+
+    # A modeling file mnemo did not write is never replaced, --overwrite or not.
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "modeling_mnemo.py").write_text("# someone's own code\n")
+    for overwrite in (False, True):
+        with pytest.raises(UserError, match="--out"):
+            export_mod.export(source, other, format="hf", overwrite=overwrite)
+    assert (other / "modeling_mnemo.py").read_text() == "# someone's own code\n"
+
+
+def test_mnemo_format_is_unchanged(source, tmp_path):
+    out = tmp_path / "m"
+    export_mod.export(source, out)  # the default format
+    assert sorted(p.name for p in out.iterdir()) == [
+        "config.json",
+        "export.json",
+        "model.safetensors",
+        "model_args.json",
+        "tokenizer.model",
+    ]
+    assert (out / "model.safetensors").read_bytes() == (source / "model.safetensors").read_bytes()
+    assert set(json.loads((out / "export.json").read_text())) == {"format", "files", "source"}
+
+
+def test_source_rewrite_refuses_imports_an_export_cannot_carry():
+    src = "from mnemo.model.memory import MemoryState\nfrom .configuration_mnemo import MnemoConfig\n"
+    assert (
+        relative_source(src, "x.py")
+        == "from .memory import MemoryState\nfrom .configuration_mnemo import MnemoConfig\n"
+    )
+    for bad in ("from mnemo.train.config import Config\n", "import mnemo\n", "from mnemo.model import ModelArgs\n"):
+        with pytest.raises(UserError, match="x.py: imports"):
+            relative_source(bad, "x.py")
+    with pytest.raises(UserError, match="does not copy"):
+        relative_source("from .losses import f\n", "x.py")
+
+
+def test_wrapper_in_bf16_and_chunked_reads(source):
+    """In-process (the repo's modules): any split of the input gives mnemo's logits, fp32 and bf16."""
+    from mnemo.train.hf.configuration_mnemo import MnemoConfig
+    from mnemo.train.hf.modeling_mnemo import MnemoForCausalLM
+
+    model, tok, _ = load_for_inference(source)
+    args = dataclasses.asdict(model.args)
+    hf = MnemoForCausalLM(MnemoConfig(segment_len=T, **args)).eval()
+    hf.model.load_state_dict(model.state_dict())
+    x = torch.tensor(tok.encode(TEXT)[: 4 * T + 3])[None]
+    with torch.no_grad():
+        full = hf(x).logits  # [1, L, V]
+        cache, parts = None, []
+        for a, b in ((0, 5), (5, 6), (6, 2 * T + 1), (2 * T + 1, 4 * T + 3)):
+            o = hf(x[:, a:b], past_key_values=cache, use_cache=True)
+            cache, parts = o.past_key_values, parts + [o.logits]
+        assert torch.allclose(torch.cat(parts, 1), full, atol=1e-5)
+        assert cache.get_seq_length() == x.shape[1] and cache.pending.shape[1] == x.shape[1] % T
+        loss = hf(x, labels=x).loss
+        assert torch.isfinite(loss)
+        hf16 = hf.to(torch.bfloat16)
+        out = hf16.generate(x[:, : T + 3], max_new_tokens=6, do_sample=False)
+        assert out.shape == (1, T + 3 + 6) or int(out[0, -1]) == tok.eos_id
