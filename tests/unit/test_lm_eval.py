@@ -222,3 +222,20 @@ def test_errors_are_one_line(env):
         with pytest.raises(UserError, match=msg):
             args.func(args)
     assert harness.cut_at_stop("abc\ndef", ["\n", "c"]) == "ab"
+
+
+def test_bf16_on_cpu(env):
+    # The GPU rule: every path also runs in bf16 on CPU. Scores close to fp32's, generation runs.
+    import copy
+
+    _, _, model, tok, harness, texts = env
+    seq = tok.encode(texts[0][:300])
+    lm32 = harness.MnemoLM(model=model, tokenizer=tok, segment_len=T)
+    lm16 = harness.MnemoLM(model=copy.deepcopy(model).to(torch.bfloat16), tokenizer=tok, segment_len=T)
+    (a, _), (b, _) = lm32.score_tokens([seq], [len(seq) - 20])[0], lm16.score_tokens([seq], [len(seq) - 20])[0]
+    print(f"bf16 vs fp32 log-likelihood of 20 tokens after {len(seq) - 20}: {b:.3f} vs {a:.3f}")
+    assert np.isfinite(b) and abs(a - b) < 0.1 * abs(a)
+    from mnemo.evaluation.generate import generate_batch
+
+    out = generate_batch(lm16.model, [seq, seq[:20]], T, 4, temperature=0.0)
+    assert [len(o) for o in out] == [4, 4]
