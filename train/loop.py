@@ -474,7 +474,9 @@ class TrainLoop:
                         metrics[f"passkey/{name}/train_exact_at_max"] = exact_sum / n_max
         st = self.memory.state
         if st.ltm_capacity:
-            metrics["memory/ltm_fill"] = float(st.ltm_len.float().mean()) / st.ltm_capacity
+            # Every slot group's (train/slots.py); one group without accumulation.
+            fill = [float(s.ltm_len.float().mean()) for s in getattr(self.memory, "states", [st])]
+            metrics["memory/ltm_fill"] = sum(fill) / len(fill) / st.ltm_capacity
         # Per-head scalars of the long-term layers, averaged over heads (ZeRO-3 shards them: left out there).
         metrics.update({f"memory/{k}": v for k, v in engine.module.memory_scalars().items()})
         return metrics

@@ -224,20 +224,19 @@ GB_SAVE, GB_STEPS = 5, 7
 
 @pytest.fixture(scope="module")
 def global_batch_runs(tiny_data, tmp_path_factory) -> dict[str, tuple[Path, str]]:
-    """'ranks2' (2 ranks x 2 slots, 5 steps), 'accum2' (1 rank x 2 slots x 2, 7 steps) and 'resumed'
-    (ranks2's run dir continued on 1 rank with train.global_batch_size=4 to step 7) -> (run dir, output)."""
+    """'ranks2' (2 ranks x 2 slots, 5 steps), 'accum2' (1 rank x 2 slots x 2, a token budget of 7 steps) and
+    'resumed' (ranks2's run dir continued on 1 rank with train.global_batch_size=4 to step 7) -> (run dir, output)."""
     from tests.integration.jobs import run
 
     root = tmp_path_factory.mktemp("gb")
     out = {}
-    for name, nproc, extra, steps_ in (
-        ("ranks2", 2, [], GB_SAVE),
-        ("accum2", 1, ["train.global_batch_size=4"], GB_STEPS),
+    for name, nproc, extra in (
+        ("ranks2", 2, [f"train.max_steps={GB_SAVE}"]),
+        # 7 steps of 4 x 64 tokens: the budget 1700 ends in step 7 (train.max_steps, 40 here, is not used).
+        ("accum2", 1, ["train.global_batch_size=4", "train.max_tokens=1700"]),
     ):
         run_dir = root / name
-        res = run(
-            train_cmd(nproc, reference_overrides(tiny_data, run_dir, 2, *GB, f"train.max_steps={steps_}", *extra))
-        )
+        res = run(train_cmd(nproc, reference_overrides(tiny_data, run_dir, 2, *GB, *extra)))
         out[name] = run_dir, res.stderr
     run_dir = root / "resumed"
     shutil.copytree(out["ranks2"][0], run_dir)
@@ -283,3 +282,12 @@ def test_resume_two_ranks_on_one_keeps_the_global_batch(global_batch_runs):
     rel = {s: abs(got[s] - want[s]) / want[s] for s in range(GB_SAVE + 1, GB_STEPS + 1)}
     print("resumed 2 -> 1 ranks vs 1 rank x 2 accumulation, relative loss differences:", rel)
     assert max(rel.values()) < 1e-5
+
+
+def test_max_tokens_stops_at_its_step_and_the_lr_schedule_ends_there(global_batch_runs):
+    """train.max_tokens=1700 at 256 tokens a step: ceil(1700 / 256) = 7 steps (logged), the cosine reaches
+    train.min_lr_ratio x train.lr = 3e-4 at step 7 (with train.max_steps=40 it would still be near 2.9e-3)."""
+    run_dir, output = global_batch_runs["accum2"]
+    assert "token budget: train.max_tokens=1700 -> 7 steps of 256 tokens (train.max_steps=40 not used)" in output
+    assert sorted(losses_by_step(run_dir)) == list(range(1, GB_STEPS + 1))
+    assert "step 7/7 " in output and " lr 3.00e-04 " in output.split("step 7/7 ")[1].splitlines()[0]

@@ -9,6 +9,7 @@ count and LR schedule of a token budget, the start-up lines. The real 2-rank vs 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,6 +21,7 @@ from mnemo.train.config import ConfigError, load_config
 from mnemo.train.engine import deepspeed_config, lr_lambda
 from mnemo.train.schedule import Batching, after_step, batching, batching_of, start_lines, total_steps
 from mnemo.train.slots import MemoryGroups, SlotGroups
+from tests.unit.test_hardening_trainer import VOCAB, Metrics, StandInStreams, config, world1  # noqa: F401 (fixture)
 
 DEBUG = "configs/debug.yaml"
 
@@ -60,14 +62,14 @@ def test_bad_values_are_one_line_errors_naming_the_key(overrides, world, needle)
 def test_launcher_refuses_before_starting_anything(tmp_path):
     from mnemo.launch.job import LaunchRequest, launch
 
-    data = tmp_path / "data"
-    data.mkdir()
-    (data / "index.json").write_text("{}")  # enough for the path checks that come first
-    (data / "tokenizer.model").write_bytes(b"")
+    mds = tmp_path / "data"
+    mds.mkdir()
+    (mds / "index.json").write_text("{}")  # enough for the path checks that come first
+    (mds / "tokenizer.model").write_bytes(b"")
     req = LaunchRequest(
         config=DEBUG,
         overrides=[
-            f"data.path={data}",
+            f"data.path={mds}",
             f"run.dir={tmp_path / 'run'}",
             "train.batch_size=4",
             "train.global_batch_size=12",
@@ -171,3 +173,96 @@ def test_start_lines_state_the_batch_what_it_was_and_the_budget():
     assert start_lines(cfg_of(), batching(cfg_of(), 2), None, 30) == [
         "global batch 8 = 2 ranks x 4 slots x 1 accumulation"
     ]
+
+
+# ------------------------------------------------------------------ the engine's accumulation boundaries (in-process)
+
+
+@pytest.fixture(scope="module")
+def accum(world1, tmp_path_factory):  # noqa: F811 (test_hardening_trainer's one-rank process group)
+    """(cfg, engine) of a 1-rank DeepSpeed engine with 2 accumulation micro-steps of 2 slots (ZeRO-2, fp32)."""
+    import deepspeed
+
+    from mnemo.model import MemoryTransformer
+    from mnemo.train import engine as build
+
+    # Stand-in streams of random tokens (no dataset): data.path is never opened.
+    cfg = config(Path("unused"), tmp_path_factory.mktemp("unused"), "train.batch_size=2", "train.global_batch_size=4")
+    model = MemoryTransformer(build.model_args_from_config(cfg, VOCAB))
+    opt = torch.optim.AdamW(build.param_groups(model, 0.1), lr=cfg.train.lr)
+    engine, *_ = deepspeed.initialize(
+        model=model,
+        optimizer=opt,
+        config=build.deepspeed_config(cfg, False, False, batching(cfg, 1).accum),
+        lr_scheduler=lambda o: torch.optim.lr_scheduler.LambdaLR(o, build.lr_lambda(cfg)),
+    )
+    return cfg, engine
+
+
+def accum_loop(cfg, engine, tmp_path, policy: str = "skip"):
+    from mnemo.train import loop
+
+    info = loop.DistInfo(
+        rank=0, world_size=1, local_rank=0, local_world_size=1, node_rank=0, num_nodes=1, restart=0, requeue=0
+    )
+    B, T = cfg.train.batch_size, cfg.model.segment_len
+    streams = SlotGroups(lambda g, G: StandInStreams(B, T, VOCAB), 0, 2, 1)
+    memory = MemoryGroups([engine.module.init_state(B), engine.module.init_state(B)])
+    cfg.train.nan_policy = policy
+    return loop.TrainLoop(
+        cfg,
+        engine,
+        streams,
+        memory,
+        info,
+        torch.device("cpu"),
+        Metrics(),
+        loop.StepLog(tmp_path / "s.jsonl", True),
+        model_flops=1.0,
+        use_cuda=False,
+        batching=batching(cfg, 1),
+    )
+
+
+def params(engine) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in engine.module.parameters()]
+
+
+def nan_at_call(monkeypatch, n: int) -> None:
+    """The n-th truncated-BPTT window from now (1-based; 2 per step here) has a NaN loss."""
+    from mnemo.train import loop
+
+    real, calls = loop.corpus_window_loss, [0]
+
+    def window(*a, **kw):
+        total, state, plain, count = real(*a, **kw)
+        calls[0] += 1
+        return (total * float("nan"), state, plain, count) if calls[0] == n else (total, state, plain, count)
+
+    monkeypatch.setattr(loop, "corpus_window_loss", window)
+
+
+def test_one_update_per_step_over_both_micro_steps_and_a_nan_micro_step_skips_it(accum, tmp_path, monkeypatch):
+    cfg, engine = accum
+    lp = accum_loop(cfg, engine, tmp_path)
+    before, sched, g = params(engine), engine.lr_scheduler.last_epoch, engine.global_steps
+    assert lp.train_step(0)
+    # One optimizer step and one LR step for two micro-steps; both groups read (their streams moved on).
+    assert engine.global_steps == g + 1 and engine.lr_scheduler.last_epoch == sched + 1
+    assert not all(torch.equal(a, b) for a, b in zip(before, params(engine)))
+    assert [s.n for s in lp.streams.groups] == [1, 1]
+    assert lp.counters.tokens_seen == 4 * cfg.model.segment_len * cfg.memory.bptt_segments
+    # A NaN loss at the first micro-step of step 2 (skip): its gradients poison the sum, DeepSpeed refuses the
+    # update; the second micro-step still runs (its streams stay in step) and the next step trains.
+    nan_at_call(monkeypatch, 1)
+    before, sched = params(engine), engine.lr_scheduler.last_epoch
+    assert lp.train_step(1) is True
+    assert all(torch.equal(a, b) for a, b in zip(before, params(engine))), "the bad update was applied"
+    assert engine.lr_scheduler.last_epoch == sched and (2, {"train/nan": 1.0}) in lp.tracker.logged
+    assert [s.n for s in lp.streams.groups] == [2, 2]
+    assert int(lp.memory.states[0].pos.max()) == 0 < int(lp.memory.states[1].pos.max())  # group 0 emptied
+    assert lp.train_step(2) is True and not all(torch.equal(a, b) for a, b in zip(before, params(engine)))
+    # stop: ends before that micro-step's backward.
+    stop = accum_loop(cfg, engine, tmp_path / "stop", "stop")
+    nan_at_call(monkeypatch, 2)
+    assert stop.train_step(0) is False and stop.nonfinite == "loss"
