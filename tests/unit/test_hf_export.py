@@ -281,3 +281,34 @@ def test_wrapper_in_bf16_and_chunked_reads(source):
         hf16 = hf.to(torch.bfloat16)
         out = hf16.generate(x[:, : T + 3], max_new_tokens=6, do_sample=False)
         assert out.shape == (1, T + 3 + 6) or int(out[0, -1]) == tok.eos_id
+
+
+def test_a_tokenizer_json_run_exports_its_tokenizer_with_mnemos_ids(source, tmp_path):
+    """A run prepared with a Hugging Face tokenizer.json: the export keeps it, minus the BOS/EOS it would add."""
+    from tokenizers import Tokenizer as HFFile
+    from tokenizers.processors import TemplateProcessing
+    from transformers import AutoTokenizer
+
+    from mnemo.data_pipeline.tokenizer import Tokenizer
+    from tests.unit.test_hf_tokenizer import TRICKY, build_tokenizer_json
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("model.safetensors", "model_args.json", "config.json"):
+        (src / name).write_bytes((source / name).read_bytes())
+    tj = build_tokenizer_json(src / "tokenizer.json")
+    f = HFFile.from_file(str(tj))
+    eos = f.token_to_id("<|endoftext|>")
+    f.post_processor = TemplateProcessing(single="$A <|endoftext|>", special_tokens=[("<|endoftext|>", eos)])
+    f.save(str(tj))  # a tokenizer that appends EOS when transformers asks it to add special tokens
+    out = export_mod.export(src, tmp_path / "hf", format="hf")
+    assert not (out / "tokenizer.model").exists()
+    assert json.loads((out / "tokenizer.json").read_text())["post_processor"] is None
+    assert json.loads((out / "config.json").read_text())["eos_token_id"] == eos
+
+    tok, hf = Tokenizer(tj), AutoTokenizer.from_pretrained(out)
+    assert type(hf).__name__ == "PreTrainedTokenizerFast" and hf.eos_token == "<|endoftext|>"
+    for text in [*TRICKY, TEXT]:
+        ids = tok.encode(text)
+        assert hf(text).input_ids == ids, text[:40]
+        assert hf.decode(ids, skip_special_tokens=True) == tok.decode(ids)
