@@ -318,9 +318,8 @@ class CheckpointManager:
         """Load this rank's ``states`` from checkpoint ``path``; True when it continues exactly.
 
         At the same world size and stream slots each part gets this rank's own
-        entry. At another world size with the same slot groups (a fixed
-        train.global_batch_size and train.batch_size: train/slots.py) each
-        group's streams and memory move exactly to the rank that now reads it.
+        entry. Same slot groups at another world size (fixed train.global_batch_size and batch
+        size, train/slots.py): each group's streams and memory move exactly to its new rank.
         Otherwise the streams are re-partitioned from every old rank's
         state, in-flight documents restart, and memory and RNG are not restored
         (every slot starts with empty memory). The passkey curriculum is the same
@@ -330,18 +329,12 @@ class CheckpointManager:
         """
         parts = self.states
         own = self.rank_state(path, self.rank) if meta["world_size"] == self.world else None
-        every = None
-        if own is not None and parts["streams"].same_shape(own["streams"]):
-            exact = parts["streams"].load_state_dict(own["streams"])
-        else:
-            every = self.rank_states(path)
-            exact = parts["streams"].load_state_dict([s["streams"] for s in every])
+        every = None if own is not None and parts["streams"].same_shape(own["streams"]) else self.rank_states(path)
+        exact = parts["streams"].load_state_dict(own["streams"] if every is None else [s["streams"] for s in every])
         if exact and every is None:
             parts["memory"].load_state_dict(own["memory"])
             parts["rng"].load_state_dict(own["rng"])
-        elif exact and every is not None:
-            # Same global batch and slots, other world size: each slot group moved to another rank with
-            # its stream state (train/slots.py); its memory rows follow it. RNG states stay fresh.
+        elif exact:  # same slot groups, other world size: memory rows follow their group (RNG stays fresh)
             parts["memory"].load_regrouped([s["memory"] for s in every], self.rank)
         if "episodes" in parts:
             saved = own if own is not None else self.rank_state(path, 0)
