@@ -3,7 +3,8 @@
 The tokenizer.json is built here with the `tokenizers` library (a byte-level
 BPE trained on a few standard-library modules); nothing is downloaded. The
 training steps run `train()` in this process on a one-rank gloo group with
-the `debug` size, as tests/unit/test_hardening_trainer.py does.
+the `debug` size, as tests/unit/test_hardening_trainer.py does; the run is
+exported both ways (`mnemo export`, and `--format hf` read by transformers).
 """
 
 from __future__ import annotations
@@ -197,6 +198,7 @@ def test_train_a_few_steps_on_it_and_export(world1, dataset, hf_json, tmp_path):
             "train.max_steps=3",
             "checkpoint.interval=3",
             "eval.max_docs=1",
+            "eval.max_doc_tokens=256",
         ],
     )
     summary = trainer.train(cfg)
@@ -208,6 +210,26 @@ def test_train_a_few_steps_on_it_and_export(world1, dataset, hf_json, tmp_path):
     out = export(run_dir, tmp_path / "export")
     assert (out / "tokenizer.json").read_bytes() == hf_json.read_bytes()
     assert "tokenizer.json" in json.loads((out / "export.json").read_text())["files"]
-    model, tok, _ = load_for_inference(out)
+    model, tok, cfg = load_for_inference(out)
     assert isinstance(tok, HFTokenizer) and tok.sha256 == Tokenizer(hf_json).sha256
     assert model.args.vocab_size == tok.vocab_size
+
+    # --format hf: transformers reads the run's tokenizer.json with the same ids, and the same model.
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    hf_dir = export(run_dir, tmp_path / "hf", format="hf")
+    hf_tok = AutoTokenizer.from_pretrained(hf_dir)
+    for text in TRICKY + stdlib_texts(1):
+        assert hf_tok(text)["input_ids"] == tok.encode(text), text[:40]
+    assert hf_tok.eos_token_id == tok.eos_id and hf_tok.decode(tok.encode(TRICKY[1])) == TRICKY[1]
+    hf_model = AutoModelForCausalLM.from_pretrained(hf_dir, trust_remote_code=True).eval()
+    T = cfg.model.segment_len
+    x = torch.tensor([tok.encode(stdlib_texts(1)[0])[: 2 * T]])  # [1, 2T]: two segments through memory
+    with torch.no_grad():
+        got = hf_model(x).logits[0]  # [2T, V]
+        state, ref = model.init_state(1), []
+        for s0 in (0, T):
+            logits, state = model(x[:, s0 : s0 + T], state)
+            ref.append(logits[0])
+    assert (got - torch.cat(ref)).abs().max().item() <= 1e-5
