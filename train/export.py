@@ -194,5 +194,6 @@ def _write_hf(ckpt: Path, tmp: Path, args, sd: dict, meta: dict) -> None:
     tok_path = next((ckpt / n for n in TOKENIZER_FILES if (ckpt / n).is_file()), None)
     if tok_path is None:
         raise UserError(f"{ckpt}: no {' or '.join(TOKENIZER_FILES)} to export with the model")
+    segment_len = config_of(ckpt).model.segment_len  # a source without a config is a one-line error here
     tree = meta["config"] if meta else json.loads((ckpt / "config.json").read_text())
-    write_hf_files(tmp, args, config_of(ckpt).model.segment_len, sd, Tokenizer(str(tok_path)), redact_tree(tree))
+    write_hf_files(tmp, args, segment_len, sd, Tokenizer(str(tok_path)), redact_tree(tree))
