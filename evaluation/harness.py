@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
 from mnemo.evaluation.errors import EvalError
 from mnemo.evaluation.generate import generate_batch
@@ -79,9 +80,15 @@ class MnemoLM(TemplateLM):
         device: str | None = None,
         ltm_capacity: int | str | None = None,
         max_gen_toks: int | str = 256,
-        **_ignored: Any,  # lm_eval passes max_batch_size and others that mean nothing here
+        max_batch_size: Any = None,  # lm_eval passes it; batches here are --batch_size slots
+        **unknown: Any,
     ):
         super().__init__()
+        if unknown:  # a misspelt --model_args key would otherwise be ignored silently
+            raise EvalError(
+                f"--model_args: unknown key(s) {', '.join(sorted(unknown))} of --model mnemo "
+                "(checkpoint, ltm_capacity, max_gen_toks)"
+            )
         if model is None:
             if checkpoint is None:
                 raise EvalError("lm_eval --model mnemo: give --model_args checkpoint=PATH")
@@ -117,7 +124,9 @@ class MnemoLM(TemplateLM):
         return self.tok.decode([int(t) for t in tokens])
 
     # ------------------------------------------------------------ scoring
-    def score_tokens(self, seqs: Sequence[Sequence[int]], starts: Sequence[int]) -> list[tuple[float, bool]]:
+    def score_tokens(
+        self, seqs: Sequence[Sequence[int]], starts: Sequence[int], progress: bool = False
+    ) -> list[tuple[float, bool]]:
         """(sum of log-probabilities of seqs[i][starts[i]:], every one of them the argmax), batched over slots."""
         out: list[tuple[float, bool] | None] = [None] * len(seqs)
         order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))  # similar lengths share a batch
@@ -125,9 +134,11 @@ class MnemoLM(TemplateLM):
         for i in order:
             if starts[i] >= len(seqs[i]):
                 out[i] = (0.0, True)  # nothing to score
+        bar = tqdm(total=len(todo), desc="mnemo: reading requests", disable=not progress)
         with eval_mode(self.model), sized_ltm(self.model, self.ltm_capacity):
             for c in range(0, len(todo), self.batch_size):
                 chunk = todo[c : c + self.batch_size]
+                bar.update(len(chunk))
                 am, nll, state = continuation_scores(
                     self.model, [seqs[i] for i in chunk], [starts[i] for i in chunk], self.T, pad_id=self.eot_token_id
                 )
@@ -141,11 +152,12 @@ class MnemoLM(TemplateLM):
                 for r, i in enumerate(chunk):
                     truth = np.asarray(seqs[i][starts[i] :], dtype=np.int64)
                     out[i] = (-float(nll[r].sum()), bool((am[r] == truth).all()))
+        bar.close()
         return out  # type: ignore[return-value]
 
     def _loglikelihood_tokens(self, requests: list, disable_tqdm: bool = False, **kwargs: Any) -> list:
         seqs = [list(ctx) + list(cont) for _, ctx, cont in requests]
-        res = self.score_tokens(seqs, [len(ctx) for _, ctx, _ in requests])
+        res = self.score_tokens(seqs, [len(ctx) for _, ctx, _ in requests], progress=not disable_tqdm)
         for (key, _, _), r in zip(requests, res):
             self.cache_hook.add_partial("loglikelihood", key, r)
         return res
@@ -153,7 +165,7 @@ class MnemoLM(TemplateLM):
     def loglikelihood_rolling(self, requests: list, disable_tqdm: bool = False) -> list[float]:
         texts = [req.args[0] for req in requests]
         seqs = [[self.eot_token_id] + self.tok_encode(t) for t in texts]  # EOS conditions the first token
-        res = [ll for ll, _ in self.score_tokens(seqs, [1] * len(seqs))]
+        res = [ll for ll, _ in self.score_tokens(seqs, [1] * len(seqs), progress=not disable_tqdm)]
         for t, r in zip(texts, res):
             self.cache_hook.add_partial("loglikelihood_rolling", (t,), r)
         return res

@@ -162,7 +162,7 @@ def test_generate_until_equals_mnemo_greedy_generation(env):
     _, tasks, model, tok, harness, texts = env
     prompts = [texts[3][:250], "def main():\n    ", texts[4][:100]]  # the first: > 8 segments
     assert len(tok.encode(prompts[0])) > 8 * T
-    ref = [tok.decode(generate(model, tok, tok.encode(p), T, 12, temperature=0.0)) for p in prompts]
+    ref = [tok.decode(generate(model, tok, tok.encode(p), T, 10, temperature=0.0)) for p in prompts]
     # A stop string from inside the first reference: generation must stop there and cut it off.
     stop = next(c for c in ref[0][2:] if c.isascii() and c.isalnum() and ref[0].find(c) >= 2)
     want = [r[: r.find(stop)] if stop in r else r for r in ref]
@@ -172,7 +172,7 @@ def test_generate_until_equals_mnemo_greedy_generation(env):
             "mnemo_gen",
             tasks / "gen.jsonl",
             "output_type: generate_until\ndoc_to_text: '{{context}}'\ndoc_to_target: '{{answer}}'\n"
-            f"generation_kwargs:\n  until: [{json.dumps(stop)}]\n  max_gen_toks: 12\n  do_sample: false\n"
+            f"generation_kwargs:\n  until: [{json.dumps(stop)}]\n  max_gen_toks: 10\n  do_sample: false\n"
             "metric_list:\n  - metric: exact_match\n",
         )
     )
@@ -189,7 +189,7 @@ def test_generate_batch_slots_equal_single_generation(env):
     from mnemo.evaluation.generate import generate, generate_batch
 
     _, _, model, tok, _, texts = env
-    prompts = [tok.encode(texts[0][:150]), tok.encode("import os\n"), tok.encode(texts[1][:60])]
+    prompts = [tok.encode(texts[0][:80]), tok.encode("import os\n"), tok.encode(texts[1][:40])]
     kw = dict(temperature=1.0, top_p=0.9, seed=4)
     got = generate_batch(model, prompts, T, 6, eos_id=None, **kw)
     assert got == [generate(model, tok, p, T, 6, stop_at_eos=False, **kw) for p in prompts]
@@ -210,6 +210,8 @@ def test_errors_are_one_line(env):
         harness.run_lm_eval(model, tok, T, "mnemo_mc", include_path=str(tasks / "nope"))
     with pytest.raises(EvalError, match="checkpoint=PATH"):
         harness.MnemoLM()
+    with pytest.raises(EvalError, match="unknown key.*ltm_capcity"):
+        harness.MnemoLM(model=model, tokenizer=tok, segment_len=T, ltm_capcity=64)
     (tasks / "gone.yaml").write_text(_yaml("mnemo_gone", tasks / "gone.jsonl", "output_type: loglikelihood_rolling\n"))
     with pytest.raises(EvalError, match="gone.jsonl"):
         harness.run_lm_eval(model, tok, T, "mnemo_gone", include_path=str(tasks))
@@ -229,7 +231,7 @@ def test_bf16_on_cpu(env):
     import copy
 
     _, _, model, tok, harness, texts = env
-    seq = tok.encode(texts[0][:300])
+    seq = tok.encode(texts[0][:120])
     lm32 = harness.MnemoLM(model=model, tokenizer=tok, segment_len=T)
     lm16 = harness.MnemoLM(model=copy.deepcopy(model).to(torch.bfloat16), tokenizer=tok, segment_len=T)
     (a, _), (b, _) = lm32.score_tokens([seq], [len(seq) - 20])[0], lm16.score_tokens([seq], [len(seq) - 20])[0]
