@@ -28,8 +28,9 @@ class Batching:
     def describe(self) -> str:
         """'global batch 8 = 1 rank x 4 slots x 2 accumulation'."""
         ranks = "rank" if self.world_size == 1 else "ranks"
+        slots = "slot" if self.batch_size == 1 else "slots"
         return (
-            f"global batch {self.global_batch} = {self.world_size} {ranks} x {self.batch_size} slots "
+            f"global batch {self.global_batch} = {self.world_size} {ranks} x {self.batch_size} {slots} "
             f"x {self.accum} accumulation"
         )
 
