@@ -248,8 +248,14 @@ def check_out_apart(loc: OutLocation, corpus: Corpus) -> None:
     else:
         return
     out = os.path.realpath(target)
+    # realpath resolves every component of every path (an lstat each): resolve each directory once
+    # and only a file name that is itself a link (an lstat per file), the same answer for many files.
+    dirs: dict[str, str] = {}
     for f in corpus.files:
-        real = os.path.realpath(f.path)
+        head, name = os.path.split(f.path)
+        if head not in dirs:
+            dirs[head] = os.path.realpath(head or os.curdir)
+        real = os.path.realpath(f.path) if os.path.islink(f.path) else os.path.join(dirs[head], name)
         if real == out or real.startswith(out.rstrip(os.sep) + os.sep):
             raise DataError(
                 f"--out {loc.url} contains the input {f.path}; the output must go to a directory "
