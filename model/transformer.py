@@ -23,6 +23,7 @@ Over 500 lines: the whole network in one file, read top to bottom.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field, replace
 
@@ -31,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mnemo.model.memory import LayerMemory, MemoryState
+from mnemo.model.retrieval import SEARCHES, block_retrieve
 from mnemo.model.sizes import SIZES, Size, flops_per_token, ltm_layer_indices, mlp_hidden, param_count
 
 
@@ -79,6 +81,9 @@ class ModelArgs:
     # digit is 3-4 tokens after the key's name), in the layer itself, without
     # earlier layers first moving the name into the value's positions.
     ltm_qk_span: int = 1
+    # Long-term store search: "exact" (every stored key scored) or "blocks"
+    # (model/retrieval.py: score per-block summaries, then the best blocks exactly).
+    ltm_search: str = "exact"
 
     def __post_init__(self):
         if self.d_model % self.n_heads:
@@ -93,6 +98,8 @@ class ModelArgs:
             raise ValueError(f"unknown long-term memory mix {self.ltm_mix!r}")
         if self.ltm_kind not in ("none", "knn"):
             raise ValueError(f"unknown long-term memory kind {self.ltm_kind!r}")
+        if self.ltm_search not in SEARCHES:
+            raise ValueError(f"unknown long-term memory search {self.ltm_search!r}")
         if self.ltm_qk_span < 1:
             raise ValueError(f"ltm_qk_span must be >= 1, got {self.ltm_qk_span}")
         object.__setattr__(self, "ltm_layers", ltm_layer_indices(self.n_layers, self.ltm_layers))
@@ -327,6 +334,8 @@ class Attention(nn.Module):
         self.joint = self.has_ltm and args.ltm_mix == "joint"
         if self.has_ltm:
             self.topk = args.ltm_topk
+            exact = args.ltm_search == "exact"
+            self.search = knn_retrieve if exact else functools.partial(block_retrieve, exact=knn_retrieve)
             if not self.joint:
                 # Per-head sigmoid gate (0 -> 0.5) mixing memory with local attention.
                 self.ltm_gate = nn.Parameter(torch.zeros(args.n_heads))
@@ -441,7 +450,7 @@ class Attention(nn.Module):
         scores = [qs @ keys.float().transpose(-1, -2) + mask.float()]  # [B, H, T, M+T]
         new_ltm_k = new_ltm_v = None
         if mem.ltm_k is not None:
-            sel_k, sel_v, found = knn_retrieve(
+            sel_k, sel_v, found = self.search(
                 qn, mem.ltm_k, mem.ltm_v, ctx.ltm_valid, self.topk, window=ctx.ltm_window
             )  # [B, H, T, k, Dh], found [B, H, T, k]
             scores.append(torch.einsum("bhtd,bhtkd->bhtk", qs, sel_k.float()).masked_fill(~found, float("-inf")))
@@ -455,7 +464,7 @@ class Attention(nn.Module):
 
     def _read_ltm(self, qn: Tensor, mem: LayerMemory, ctx: SegmentContext) -> tuple[Tensor, Tensor]:
         """Attention over each query's top-k stored keys: [B, H, T, Dh] and any_found [B, H, T, 1]."""
-        sel_k, sel_v, found = knn_retrieve(
+        sel_k, sel_v, found = self.search(
             qn, mem.ltm_k, mem.ltm_v, ctx.ltm_valid, self.topk, window=ctx.ltm_window
         )  # [B, H, T, k, Dh], found [B, H, T, k]
         temp = self.ltm_log_temp.exp().view(1, -1, 1, 1)

@@ -46,6 +46,7 @@ def model_args_from_config(cfg: Config, vocab_size: int):
         ltm_mix=m.long.mix,
         ltm_smear_keys=m.long.smear_keys,
         ltm_qk_span=m.long.qk_span,
+        ltm_search=m.long.search,
         mlp=cfg.model.mlp,
         init=cfg.model.init,
         **tie,

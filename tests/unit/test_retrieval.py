@@ -1,0 +1,119 @@
+"""The approximate long-term search (model/retrieval.py): exact when it probes every block,
+high recall on clustered keys, causal inside the model, no state of its own, bf16."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import mnemo.model.retrieval as rt
+import mnemo.model.transformer as mt
+from mnemo.model.retrieval import block_retrieve
+from mnemo.model.transformer import knn_retrieve
+from tests.unit.test_model import V, close, make, run, tokens
+
+
+def _store(B, H, N, Dh, T, lengths, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = F.normalize(torch.randn(B, H, T, Dh, generator=g), dim=-1)
+    k = F.normalize(torch.randn(B, H, N, Dh, generator=g), dim=-1)
+    v = torch.randn(B, H, N, Dh, generator=g)
+    idx = torch.arange(N)
+    valid = idx[None, :] >= N - torch.tensor(lengths)[:, None]  # [B, N] right-aligned
+    return q, k, v, valid
+
+
+@pytest.mark.parametrize("lengths", [[1000, 1000], [1000, 300], [700, 0]])
+def test_probing_every_block_is_the_exact_search(lengths):
+    """A two-level search that probes every block holding a key returns the exact search's found
+    keys and values, in the same order. The window (1064) is not a multiple of the block (64), so
+    the oldest block is padded; its newest 1000 entries at most hold keys, i.e. 16 blocks + 1 empty:
+    probe 16 < 17 blocks takes the two-level path (not the exact fallback) yet covers every key."""
+    B, H, N, Dh, T, W = 2, 2, 1200, 8, 5, 1064
+    q, k, v, valid = _store(B, H, N, Dh, T, lengths)
+    vw = valid[:, N - W :]
+    ek, ev, ef = knn_retrieve(q, k, v, vw, 6, window=W)
+    ak, av, af = block_retrieve(q, k, v, vw, 6, window=W, block=64, probe=16)
+    assert torch.equal(af, ef) and torch.equal(ak[af], ek[ef]) and torch.equal(av[af], ev[ef])
+    assert ef[0].all() and not ef[1].all() if lengths[1] < 6 else ef.all()
+
+
+def test_a_search_probing_every_block_falls_back_to_the_exact_search():
+    q, k, v, valid = _store(1, 2, 1024, 8, 3, [900])
+    exact = knn_retrieve(q, k, v, valid, 4)
+    for a, b in zip(block_retrieve(q, k, v, valid, 4, block=64, probe=16), exact):
+        assert torch.equal(a, b)
+
+
+def test_recall_on_clustered_keys():
+    """Keys in 64 clusters laid out in runs (as a document's topics are); queries near cluster
+    centres: the top-8 of the approximate search holds >= 95% of the exact top-8."""
+    g = torch.Generator().manual_seed(3)
+    B, H, N, Dh, T, C = 1, 2, 16384, 16, 64, 64
+    centres = F.normalize(torch.randn(C, Dh, generator=g), dim=-1)
+    run_of = torch.randint(0, C, (N // 128,), generator=g).repeat_interleave(128)  # topic runs of 128 tokens
+    k = F.normalize(centres[run_of] + 0.1 * torch.randn(B, H, N, Dh, generator=g), dim=-1)
+    q = F.normalize(centres[torch.randint(0, C, (T,), generator=g)] + 0.1 * torch.randn(B, H, T, Dh, generator=g), -1)
+    v = torch.randn(B, H, N, Dh, generator=g)
+    ek, _, _ = knn_retrieve(q, k, v, None, 8)
+    ak, _, af = block_retrieve(q, k, v, None, 8, block=128, probe=8)
+    assert af.all()
+    hit = (ak[..., None, :, :] == ek[..., :, None, :]).all(-1).any(-1)  # [B, H, T, k]: exact key found
+    recall = hit.float().mean().item()
+    assert recall >= 0.95, recall
+
+
+@pytest.mark.parametrize("mix", ["gate", "joint"])
+def test_no_output_depends_on_a_later_token_with_block_search(mix, monkeypatch):
+    """Causality with the approximate search on, at block 4 / probe 2 so that stores of 64
+    entries are searched in two levels (the exact fallback would make this test vacuous)."""
+    monkeypatch.setattr(mt, "_LTM_WINDOW_STEP", 4)
+    monkeypatch.setattr(rt, "BLOCK", 4)
+    monkeypatch.setattr(rt, "PROBE", 2)
+    calls = []
+    two_level = rt.block_summaries
+    monkeypatch.setattr(rt, "block_summaries", lambda *a: calls.append(1) or two_level(*a))
+    model = make(stm=4, capacity=64, mix=mix, search="blocks")
+    x = tokens(2, 5)
+    with torch.no_grad():
+        ref, _ = run(model, x)
+        assert calls  # the two-level path ran
+        for j in (3, 8 + 5, 3 * 8 + 2, 5 * 8 - 1):
+            y = x.clone()
+            y[:, j] = (y[:, j] + 7) % V
+            out, _ = run(model, y)
+            assert torch.equal(out[:, :j], ref[:, :j]), j
+            assert not close(out[:, j:], ref[:, j:]), j
+
+
+def test_state_round_trip_and_reset_are_those_of_the_exact_search(monkeypatch):
+    """The search keeps no state: the memory state has the exact search's keys, a state_dict round
+    trip resumes bit-exactly, and a reset slot reads like a fresh one."""
+    monkeypatch.setattr(mt, "_LTM_WINDOW_STEP", 4)
+    monkeypatch.setattr(rt, "BLOCK", 4)
+    monkeypatch.setattr(rt, "PROBE", 2)
+    model = make(stm=4, capacity=64, mix="joint", search="blocks")
+    exact = make(stm=4, capacity=64, mix="joint")
+    x = tokens(2, 6)
+    with torch.no_grad():
+        _, s3 = run(model, x[:, : 3 * 8])
+        assert set(s3.state_dict()) == set(run(exact, x[:, : 3 * 8])[1].state_dict())
+        full, _ = run(model, x)
+        resumed = model.init_state(2).load_state_dict(s3.state_dict())
+        rest, _ = run(model, x[:, 3 * 8 :], state=resumed)
+        assert torch.equal(rest, full[:, 3 * 8 :])
+        # reset slot 0 after 3 segments: it then reads x[0, 24:] exactly like a fresh document
+        after, _ = run(model, x[:, 3 * 8 :], state=s3.reset(torch.tensor([True, False])))
+        fresh, _ = run(model, x[:1, 3 * 8 :])
+        assert torch.equal(after[:1], fresh)
+
+
+def test_bf16_and_gradients_reach_the_queries():
+    B, H, N, Dh, T = 1, 2, 2048, 16, 4
+    q, k, v, valid = _store(B, H, N, Dh, T, [1500])
+    q = q.bfloat16().requires_grad_()
+    sk, sv, found = block_retrieve(q, k.bfloat16(), v.bfloat16(), valid, 4, block=64, probe=4)
+    assert sk.dtype == torch.bfloat16 and found.all()
+    (torch.einsum("bhtd,bhtkd->bhtk", q, sk).sum() + sv.sum()).backward()
+    assert q.grad is not None and q.grad.abs().sum() > 0
