@@ -29,7 +29,7 @@ from mnemo.train import export as export_mod
 from mnemo.train.checkpoint import EXPORT_NAMES, load_for_inference
 from mnemo.train.config import load_config, to_dict
 from mnemo.train.errors import UserError
-from mnemo.train.hf.folder import HF_FILES, relative_source
+from mnemo.train.hf.folder import HF_FILES, MODEL_SOURCES, WRAPPER_SOURCES, relative_source
 from mnemo.train.hf.tokenizer import PROBE_TEXT
 from tests.unit.stdlib import stdlib_texts, stdlib_tokenizer
 
@@ -162,7 +162,8 @@ def test_transformers_loads_the_export_and_computes_what_mnemo_computes(source, 
     assert f"exported to {out}" in capsys.readouterr().out
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["model_type"] == "mnemo" and set(cfg["auto_map"]) == {"AutoConfig", "AutoModelForCausalLM"}
-    for name in ("configuration_mnemo.py", "modeling_mnemo.py", "memory.py", "sizes.py", "transformer.py"):
+    assert {"memory.py", "sizes.py", "transformer.py"} <= set(MODEL_SOURCES)
+    for name in MODEL_SOURCES + WRAPPER_SOURCES:
         assert not re.search(r"^\s*(from|import)\s+mnemo", (out / name).read_text(), re.M), name  # made relative
 
     got = _load_in_transformers(out, tmp_path / "work")

@@ -2,7 +2,7 @@
 
 Two kinds of module live here. ``configuration_mnemo.py`` and
 ``modeling_mnemo.py`` are copied into every hf export folder, beside
-model/memory.py, model/sizes.py and model/transformer.py, with each
+every module of model/ (memory.py, sizes.py, transformer.py, ...), with each
 ``from mnemo.model.X import`` rewritten to ``from .X import``: transformers
 loads them as remote code (``trust_remote_code=True``), so they import only
 torch, transformers and each other. ``folder.py`` and ``tokenizer.py`` run

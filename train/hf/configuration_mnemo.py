@@ -11,10 +11,6 @@ import dataclasses
 
 from transformers import PretrainedConfig
 
-# transformers copies out of a local folder only the files a remote-code module imports itself, not
-# what those import: transformer.py's own siblings are imported here too, so they are copied beside it.
-from mnemo.model.memory import MemoryState  # noqa: F401
-from mnemo.model.sizes import SIZES  # noqa: F401
 from mnemo.model.transformer import ModelArgs
 
 

@@ -5,9 +5,8 @@ config.json              MnemoConfig: model_type "mnemo", auto_map, every ModelA
 generation_config.json   special-token ids generate() stops at and pads with
 model.safetensors        the weights under "model." (the tied LM head left out, re-tied on load)
 configuration_mnemo.py   this package's wrapper ...
-modeling_mnemo.py        ... and model/memory.py, sizes.py, transformer.py, copied with
-memory.py sizes.py       their ``from mnemo.model.X import`` lines made relative
-transformer.py
+modeling_mnemo.py        ... and every module of model/ (memory.py, sizes.py, transformer.py,
+memory.py sizes.py ...   ...), copied with their ``from mnemo.model.X import`` lines made relative
 tokenizer.json           the run's tokenizer as transformers reads it (train/hf/tokenizer.py)
 tokenizer_config.json    a PreTrainedTokenizerFast over it (no remote code)
 tokenizer.model          the run's SentencePiece model itself (where it has one)
@@ -16,6 +15,7 @@ tokenizer.model          the run's SentencePiece model itself (where it has one)
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import re
 from pathlib import Path
@@ -23,8 +23,16 @@ from typing import Any
 
 from mnemo.train.errors import UserError
 
-# Copied from model/ and from this package, in this order.
-MODEL_SOURCES = ("memory.py", "sizes.py", "transformer.py")
+
+def model_sources() -> tuple[str, ...]:
+    """Every module of mnemo's model package (model/*.py but __init__.py): all the network may import."""
+    spec = importlib.util.find_spec("mnemo.model")  # its folder, without importing it (and torch)
+    folder = Path(list(spec.submodule_search_locations)[0])
+    return tuple(sorted(p.name for p in folder.glob("*.py") if p.name != "__init__.py"))
+
+
+# Copied from model/ and from this package.
+MODEL_SOURCES = model_sources()
 WRAPPER_SOURCES = ("configuration_mnemo.py", "modeling_mnemo.py")
 # Every name an hf export may hold besides export.json (train/checkpoint.py lists them as export files).
 HF_FILES = (
@@ -61,17 +69,25 @@ def relative_source(text: str, name: str) -> str:
 
 
 def copy_sources(out: Path) -> None:
-    """The model code and the wrapper, made self-contained, into ``out``."""
+    """The model code and the wrapper, made self-contained, into ``out``.
+
+    transformers copies out of a local folder only the files a remote-code
+    module imports itself, not what those import: each wrapper file gets a
+    line importing every model file, so all of them reach its module cache.
+    """
     import mnemo.model.transformer
     import mnemo.train.hf
 
+    every = "".join(f"from .{n[:-3]} import __name__ as _{n[:-3]}_module  # noqa: E402,F401\n" for n in MODEL_SOURCES)
     for folder, names in (
         (Path(mnemo.model.transformer.__file__).parent, MODEL_SOURCES),
         (Path(mnemo.train.hf.__file__).parent, WRAPPER_SOURCES),
     ):
         for name in names:
-            text = (folder / name).read_text(encoding="utf-8")
-            (out / name).write_text(relative_source(text, name), encoding="utf-8")
+            text = relative_source((folder / name).read_text(encoding="utf-8"), name)
+            if name in WRAPPER_SOURCES:
+                text += "\n\n# Added by mnemo export: every model file, so that transformers copies it.\n" + every
+            (out / name).write_text(text, encoding="utf-8")
 
 
 def write_hf_files(out: Path, args: Any, segment_len: int, sd: dict, tokenizer: Any, mnemo_config: dict | None) -> None:

@@ -1,9 +1,9 @@
 """MnemoForCausalLM: mnemo's MemoryTransformer as a transformers causal LM, memory carried across segments.
 
 Copied into every ``mnemo export --format hf`` folder beside the model's own
-code (model/memory.py, sizes.py, transformer.py; ``from mnemo.model.X
-import`` becomes ``from .X import``): one implementation of the network,
-wrapped, not rewritten. Imports only torch, transformers and those files.
+code (every module of model/; ``from mnemo.model.X import`` becomes ``from
+.X import``): one implementation of the network, wrapped, not rewritten.
+Imports only torch, transformers and those files.
 
 Reading: tokens reach the model as a training document does, in segments
 of T = ``config.segment_len`` tokens from the document start (every row of
@@ -29,7 +29,6 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from mnemo.model.memory import MemoryState
-from mnemo.model.sizes import SIZES  # noqa: F401  (copied beside transformer.py: see configuration_mnemo.py)
 from mnemo.model.transformer import MemoryTransformer
 
 from .configuration_mnemo import MnemoConfig
