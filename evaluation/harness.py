@@ -253,6 +253,7 @@ def run_lm_eval(
     json_out: str | None = None,
     labels: dict[str, str] | None = None,
     print_table: bool = True,
+    bootstrap_iters: int = 100000,
 ) -> dict[str, Any]:
     """``mnemo eval --lm-eval``: lm-eval's ``simple_evaluate`` of ``tasks`` on a loaded mnemo model.
 
@@ -278,7 +279,7 @@ def run_lm_eval(
             limit=limit,
             task_manager=tm,
             log_samples=log_samples,
-            bootstrap_iters=0,  # lm-eval's stderr bootstrap would cost more than these small runs
+            bootstrap_iters=bootstrap_iters,  # lm-eval's default; 0 skips stderrs of non-mean metrics
         )
     except FileNotFoundError as e:  # a task's data_files that are not there
         raise EvalError(f"--lm-eval: {e}") from None

@@ -99,7 +99,15 @@ def test_multiple_choice_equals_mnemo_scoring_through_memory(env, capsys):
 
     exp, tasks, model, tok, harness, _ = env
     res = harness.run_lm_eval(
-        model, tok, T, "mnemo_mc", include_path=str(tasks), batch_size=4, log_samples=True, print_table=False
+        model,
+        tok,
+        T,
+        "mnemo_mc",
+        include_path=str(tasks),
+        batch_size=4,
+        log_samples=True,
+        print_table=False,
+        bootstrap_iters=0,
     )
     lm = res["mnemo_lm"]
     diffs, n_long, ltm_effect = [], 0, []
@@ -144,7 +152,15 @@ def test_loglikelihood_rolling_equals_mnemo_scoring(env):
 
     _, tasks, model, tok, harness, _ = env
     res = harness.run_lm_eval(
-        model, tok, T, "mnemo_ppl", include_path=str(tasks), batch_size=3, log_samples=True, print_table=False
+        model,
+        tok,
+        T,
+        "mnemo_ppl",
+        include_path=str(tasks),
+        batch_size=3,
+        log_samples=True,
+        print_table=False,
+        bootstrap_iters=0,
     )
     diffs = []
     for s in res["samples"]["mnemo_ppl"]:
@@ -177,7 +193,15 @@ def test_generate_until_equals_mnemo_greedy_generation(env):
         )
     )
     res = harness.run_lm_eval(
-        model, tok, T, "mnemo_gen", include_path=str(tasks), batch_size=3, log_samples=True, print_table=False
+        model,
+        tok,
+        T,
+        "mnemo_gen",
+        include_path=str(tasks),
+        batch_size=3,
+        log_samples=True,
+        print_table=False,
+        bootstrap_iters=0,
     )
     got = [s["resps"][0][0] for s in sorted(res["samples"]["mnemo_gen"], key=lambda s: s["doc_id"])]
     print(f"generate_until: {got!r} (stop {stop!r})")
