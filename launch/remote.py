@@ -278,6 +278,19 @@ class _Orchestrator:
         self.ssh = ssh
         self.procs: list[subprocess.Popen] = []
         self.interrupts = 0
+        self.reported: set[int] = set()  # node ranks whose end is already printed
+
+    def _report(self, c: NodeCommand, rc: int) -> None:
+        """One line per failed node: a lost node (ssh 255) as soon as it is seen, the others at the end."""
+        self.reported.add(c.node_rank)
+        if rc == SSH_LOST:
+            msg = (
+                f"lost node {c.node_rank} ({c.host}): its ssh connection ended without an exit status "
+                f"(code {rc}: the node died, rebooted or was cut off)"
+            )
+        else:
+            msg = f"node {c.node_rank} ({c.host}) exited with code {rc}"
+        print(f"mnemo launch: {msg}", file=sys.stderr, flush=True)
 
     def _stop_all(self) -> None:
         for p in self.procs:
@@ -319,16 +332,10 @@ class _Orchestrator:
                 signal.signal(s, h)
         rcs = [p.wait() for p in self.procs]
         failed = [(c, rc) for c, rc in zip(self.cmds, rcs) if rc != 0]
-        # Lost nodes first: their loss is what ended the others (one line each, naming the host).
+        # Lost nodes first: their loss is what ended the others.
         for c, rc in sorted(failed, key=lambda f: f[1] != SSH_LOST):
-            if rc == SSH_LOST:
-                print(
-                    f"mnemo launch: lost node {c.node_rank} ({c.host}): its ssh connection ended without an exit "
-                    f"status (code {rc}: the node died, rebooted or was cut off)",
-                    file=sys.stderr,
-                )
-            else:
-                print(f"mnemo launch: node {c.node_rank} ({c.host}) exited with code {rc}", file=sys.stderr)
+            if c.node_rank not in self.reported:
+                self._report(c, rc)
         return failed[0][1] if failed else 0
 
     def _pump(self) -> None:
@@ -348,6 +355,9 @@ class _Orchestrator:
                 *lines, bufs[fd] = bufs[fd].split(b"\n")
                 for line in lines:
                     self._print(c, line)
+            for c, p in zip(self.cmds, self.procs):
+                if p.poll() == SSH_LOST and c.node_rank not in self.reported:
+                    self._report(c, SSH_LOST)  # said now: the survivors may take a collective timeout to end
             # One node failing ends the job on the others too (they would
             # otherwise wait for the rendezvous timeout).
             if any(p.poll() not in (None, 0) for p in self.procs):

@@ -309,6 +309,11 @@ class NetnsNodes:
         assert not left, f"node {i}: processes survive SIGKILL: {left}"
         return len(pids)
 
+    def revive(self, i: int) -> None:
+        """Start node i's sshd again after kill_node (the node rebooted, with an empty /dev/shm)."""
+        self._start_sshd(self.nodes[i])
+        self._wait_ssh(self.nodes[i])
+
     def set_link(self, i: int, up: bool) -> None:
         """Cut node i off the network (or join it again): its veth on the bridge down/up."""
         _ip("link", "set", self.nodes[i].outer, "up" if up else "down")
