@@ -11,8 +11,15 @@ redoes the rest; the merge and the manifest happen only when every unit is
 done. So each document lands exactly once, and the sample order is the input
 order whatever ``--workers`` is (units are planned from the inputs alone).
 
+A corpus with too few units to keep every worker busy (a few MB) has its
+units encoded in chunks by all workers and written by the main process, chunk
+results in order: the same shards, byte for byte, as one worker writes.
+
 For a remote ``--out``, each unit's MDSWriter uploads its shards with
 ``out=(local, remote)`` from the local staging dir.
+
+Over 500 lines: the unit conversion, its two ways of running (whole units or
+chunks of units) and the command are one flow with private shared state.
 """
 
 from __future__ import annotations
@@ -63,6 +70,14 @@ COMPRESSION = "zstd"
 # Encode this many documents / characters per SentencePiece call.
 _BATCH_DOCS = 256
 _BATCH_CHARS = 4 << 20
+# A corpus of fewer units than this per worker (a few MB with the automatic unit size) would leave
+# workers idle: its units are then encoded in chunks of whole pieces (files, byte or row-group
+# ranges) of at least _SPLIT_MIN_BYTES, by any worker, and the main process writes each unit from
+# its chunks in order (the same samples, so the same shard bytes), as long as the pending units
+# hold at most _SPLIT_MAX_BYTES (the main process keeps a unit's tokens until its last chunk is in).
+_SPLIT_UNITS_PER_WORKER = 4
+_SPLIT_MIN_BYTES = 256 << 10
+_SPLIT_MAX_BYTES = 256 << 20
 
 
 # ----------------------------------------------------------------------------- one work unit
@@ -189,6 +204,47 @@ def _unit_entry(ctx: UnitContext, unit: WorkUnit) -> dict:
     return _run_unit(ctx, unit)
 
 
+def _encode_chunk(ctx: UnitContext, chunk: WorkUnit) -> tuple[list[dict], dict]:
+    """Worker-process entry point of a split unit: the samples of ``chunk``'s documents and its read stats."""
+    stats = ReadStats()
+    return list(_corpus_samples(ctx, chunk, stats, _worker.get("counters"))), stats.to_json()
+
+
+def _write_chunks(ctx: UnitContext, unit: WorkUnit, chunks: list[tuple[list[dict], dict]]) -> dict:
+    """Write a split unit from its chunks' samples, in chunk order: what _run_unit writes for it whole."""
+    stats = ReadStats()
+    for _, s in chunks:
+        stats.merge(s)  # examples in document order, as one reader would have noted them
+    samples = (s for got, _ in chunks for s in got)
+    return _write_unit(ctx, unit.name, samples, lambda: {"stats": stats.to_json(), "bytes": unit.est_bytes})
+
+
+def _chunks(unit: WorkUnit, k: int) -> list[WorkUnit]:
+    """``unit`` as at most ``k`` runs of consecutive whole pieces of about equal bytes (each keeps its name)."""
+    if k <= 1 or len(unit.pieces) < 2:
+        return [unit]
+    step = unit.est_bytes / k
+    runs: list[list] = [[]]
+    done = 0
+    for piece in unit.pieces:
+        if runs[-1] and done >= step * len(runs):
+            runs.append([])
+        runs[-1].append(piece)
+        done += piece.est_bytes
+    return [WorkUnit(unit.index, tuple(r), sum(q.est_bytes for q in r)) for r in runs]
+
+
+def split_plan(pending: Sequence[WorkUnit], workers: int) -> list[list[WorkUnit]] | None:
+    """Each pending unit as its chunks when the units are too few to keep ``workers`` busy, else None."""
+    if workers <= 1 or len(pending) >= _SPLIT_UNITS_PER_WORKER * workers:
+        return None
+    if sum(u.est_bytes for u in pending) > _SPLIT_MAX_BYTES:
+        return None
+    k = -(-_SPLIT_UNITS_PER_WORKER * workers // len(pending))
+    plan = [_chunks(u, min(k, u.est_bytes // _SPLIT_MIN_BYTES)) for u in pending]
+    return plan if any(len(c) > 1 for c in plan) else None
+
+
 def _init_worker(counters: Counters, parent: int) -> None:
     # Ctrl-C reaches the whole process group; the main process handles it.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -202,7 +258,8 @@ def _init_worker(counters: Counters, parent: int) -> None:
 def _run_units(ctx: UnitContext, pending: list[WorkUnit], workers: int, progress: Progress, counters: Counters) -> None:
     if not pending:
         return
-    if workers <= 1 or len(pending) == 1:
+    plan = split_plan(pending, workers)
+    if plan is None and (workers <= 1 or len(pending) == 1):
         _worker["counters"] = counters
         try:
             for u in pending:
@@ -215,27 +272,44 @@ def _run_units(ctx: UnitContext, pending: list[WorkUnit], workers: int, progress
         return
     # fork: workers start in milliseconds with the tokenizer module already imported.
     mpctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context("spawn")
+    # Tasks: whole units, or (small corpus) chunks of units: (unit, chunk number, chunk).
+    tasks = (
+        [(u, 0, u) for u in pending]
+        if plan is None
+        else [(u, i, c) for u, cs in zip(pending, plan) for i, c in enumerate(cs)]
+    )
     ex = cf.ProcessPoolExecutor(
-        max_workers=min(workers, len(pending)),
+        max_workers=min(workers, len(tasks)),
         mp_context=mpctx,
         initializer=_init_worker,
         initargs=(counters, os.getpid()),
     )
     try:
-        # Biggest units first (fewer idle workers at the end); the output order is the unit order regardless.
-        futs = {ex.submit(_unit_entry, ctx, u): u for u in sorted(pending, key=lambda u: -u.est_bytes)}
+        # Biggest first (fewer idle workers at the end); the output order is the unit order regardless.
+        entry = _unit_entry if plan is None else _encode_chunk
+        futs = {ex.submit(entry, ctx, c): (u, i) for u, i, c in sorted(tasks, key=lambda t: -t[2].est_bytes)}
+        n_chunks = {u.index: 1 for u in pending} if plan is None else {u.index: len(cs) for u, cs in zip(pending, plan)}
+        got: dict[int, dict[int, tuple[list[dict], dict]]] = {}  # unit index -> chunk number -> result
         left = set(futs)
         finished = 0
         while left:
             done, left = cf.wait(left, timeout=0.5, return_when=cf.FIRST_COMPLETED)
             for f in done:
                 try:
-                    f.result()
+                    r = f.result()
                 except cf.process.BrokenProcessPool:
                     raise DataError(
-                        f"a worker process died (killed or out of memory); {finished} of {len(futs)} "
+                        f"a worker process died (killed or out of memory); {finished} of {len(pending)} "
                         f"parts finished and are kept: rerun the same command to resume"
                     ) from None
+                u, i = futs[f]
+                if plan is not None:
+                    have = got.setdefault(u.index, {})
+                    have[i] = r
+                    if len(have) < n_chunks[u.index]:
+                        continue
+                    _write_chunks(ctx, u, [have[j] for j in range(len(have))])
+                    del got[u.index]
                 finished += 1
             progress.refresh()
     except BaseException:
