@@ -6,8 +6,7 @@ Layout of one checkpoint (a directory under <run.dir>/checkpoints/):
       ds/state/...            DeepSpeed engine: module, optimizer + ZeRO partitions, LR scheduler
       ds/universal_*/         (made on demand) DeepSpeed universal checkpoint for a world-size change
       rank_00000.pt ...       per rank: its Stateful parts (CheckpointManager.states): stream-loader
-                              state, MemoryState, RNG states, step, tokens_seen, passkey episodes,
-                              spike detector (``spikes``, only with train.spike.policy other than off)
+                              state, MemoryState, RNG states, step, tokens_seen, passkey episodes, spikes
       meta.json               step, tokens, world size, ZeRO stage, MLflow run id, resolved config,
                               tokenizer and manifest hashes, model args
       COMPLETE                written last: a checkpoint without it does not exist
@@ -340,10 +339,8 @@ class CheckpointManager:
             saved = own if own is not None else self.rank_state(path, 0)
             if "episodes" in saved:
                 parts["episodes"].load_state_dict(saved["episodes"], own_rank=own is not None)
-        if "spikes" in parts:  # train.spike's detector: the same on every rank, so rank 0's serves any world size
-            saved = own if own is not None else self.rank_state(path, 0)
-            if "spikes" in saved:
-                parts["spikes"].load_state_dict(saved["spikes"])
+        if "spikes" in parts and "spikes" in (saved := own if own is not None else self.rank_state(path, 0)):
+            parts["spikes"].load_state_dict(saved["spikes"])  # the same on every rank: rank 0's serves any world size
         parts["counters"].load_state_dict({"step": int(meta["step"]), "tokens_seen": int(meta.get("tokens_seen", 0))})
         return exact
 

@@ -230,8 +230,9 @@ class SpikeDetector:
         meta = read_meta(path)
         own = self.manager.rank_state(path, self.manager.rank)
         parts["rng"].load_state_dict(own["rng"])
+        # Every slot (of every accumulation group) empty: MemoryState.reset zeroes every tensor, lengths included.
         mem = parts["memory"]
-        mem.state = mem.state.reset(torch.ones(mem.state.batch_size, dtype=torch.bool))
+        mem.load_state_dict({k: torch.zeros_like(v) for k, v in mem.state_dict().items()})
         parts["counters"].load_state_dict({"step": int(meta["step"]), "tokens_seen": int(meta.get("tokens_seen", 0))})
         if self.manager.rank == 0:
             log.warning("rolled back to %s (step %d)", path, int(meta["step"]))
