@@ -217,7 +217,8 @@ def test_resumed_losses_do_not_depend_on_the_stages(resumed):
 # ------------------------------------------------------------------ a fixed global batch (train.global_batch_size)
 # 2 ranks x 2 slots and 1 rank x 2 slots x 2 accumulation micro-steps read the same documents in the same
 # slot groups (train/slots.py) and average the same gradients: after 5 steps the weights agree up to float
-# summation order. Cost: one 2-rank and two 1-rank runs of <= 7 steps, ~60-80 s on 2 busy cores.
+# summation order. Cost: one 2-rank and two 1-rank runs of <= 7 steps: ~60 s of CPU; 5 min wall measured
+# at load average 15 on the shared 2 cores (start-up, the universal conversion and the final evaluations dominate).
 GB = ["train.batch_size=2", "train.passkey.fraction=0", "checkpoint.interval=5", *RESUME[2:]]
 GB_SAVE, GB_STEPS = 5, 7
 
