@@ -6,7 +6,9 @@ One run, side by side, on the built-in corpus (stdlib sources):
       by default the same dataset opened as three sources (each its own MDSSource
       and order), so the data is equal and only the mixture machinery differs;
       --sources A B C mixes three datasets of your own. (a) and (m) alternate in
-      --rounds rounds so that a busy machine slows both alike;
+      --rounds rounds of the same batch count so that a busy machine slows both
+      alike; tokens per CPU second (process time, prefetch threads included) is
+      printed beside wall tokens/s, as the wall figure swings with other load;
   (b) a training step (forward + backward + AdamW) of the `debug` memory model
       (STM M=512, LTM kNN N=8192, k=32) at the same T and B, one process.
 Targets: loader >= 20x training, >= 1M tokens/s; mixture >= 0.95x the single source.
@@ -50,8 +52,9 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=10.0, help="loader measuring time")
     ap.add_argument("--train-steps", type=int, default=6)
     ap.add_argument("--sources", nargs=3, metavar="DIR", help="three MDS dirs (one tokenizer) for the mixture")
-    ap.add_argument("--rounds", type=int, default=3, help="alternating single/mixture measurements")
+    ap.add_argument("--rounds", type=int, default=10, help="alternating single/mixture measurements")
     ap.add_argument("--no-train", action="store_true", help="skip (b), the training step")
+    ap.add_argument("--num-workers", type=int, default=2, help="prefetch threads of (a) and (m) (data.num_workers)")
     args = ap.parse_args()
 
     import torch
@@ -84,38 +87,52 @@ def main() -> None:
             WeightedSource(MDSSource(p, cache_dir=str(tmp / f"cache{i}")), weight=w, name=f"s{i}")
             for i, (p, w) in enumerate(zip(paths, (0.5, 0.3, 0.2)))
         ]
-        single = DocumentStreams(src, batch_size=B, segment_len=T, seed=0, num_workers=2)
-        mixed = DocumentStreams(mix, batch_size=B, segment_len=T, seed=0, num_workers=2)
-        acc = {"single": [0, 0, 0, 0.0], "mixture": [0, 0, 0, 0.0]}  # batches, real, padded, seconds
+        single = DocumentStreams(src, batch_size=B, segment_len=T, seed=0, num_workers=args.num_workers)
+        mixed = DocumentStreams(mix, batch_size=B, segment_len=T, seed=0, num_workers=args.num_workers)
         for s in (single, mixed):
             next(s)  # first shard access (decompression) is a one-off
-        for _ in range(args.rounds):
-            for name, s in (("single", single), ("mixture", mixed)):
-                a = acc[name]
-                t0 = time.perf_counter()
-                while time.perf_counter() - t0 < args.seconds / args.rounds:
-                    bt = next(s)
-                    a[0] += 1
-                    a[1] += int(bt.mask.sum())  # real (unpadded) target tokens, like training counts
-                    a[2] += B * T
-                a[3] += time.perf_counter() - t0
+
+        def measure(s, n: int = 0, seconds: float = 0.0) -> list[float]:
+            """n batches (or as many as fit in seconds): [batches, real target tokens, padded tokens, wall s,
+            process CPU s (prefetch threads included)]."""
+            w0, c0, real, k = time.perf_counter(), time.process_time(), 0, 0
+            while k < n or (not n and time.perf_counter() - w0 < seconds):
+                real += int(next(s).mask.sum())  # real (unpadded) target tokens, like training counts
+                k += 1
+            return [k, real, k * B * T, time.perf_counter() - w0, time.process_time() - c0]
+
+        acc = {"single": [0.0] * 5, "mixture": [0.0] * 5}
+        per_round: list[float] = []  # mixture/single wall tokens/s of each round
+        for _ in range(args.rounds):  # alternating, the same batch count each: a busy machine slows both alike
+            got = {"single": measure(single, seconds=args.seconds / (2 * args.rounds))}
+            got["mixture"] = measure(mixed, n=int(got["single"][0]))
+            per_round.append(got["single"][3] / got["mixture"][3])
+            for name, g in got.items():
+                acc[name] = [x + y for x, y in zip(acc[name], g)]
         single.close()
         mixed.close()
-        n_batches, real, padded, loader_s = acc["single"]
+        n_batches, real, padded, loader_s, loader_cpu = acc["single"]
         loader_tps = padded / loader_s
-        mix_tps = acc["mixture"][2] / acc["mixture"][3]
+        _, mix_real, mix_padded, mix_s, mix_cpu = acc["mixture"]
+        mix_tps = mix_padded / mix_s
+        cpu_ratio = (mix_padded / mix_cpu) / (padded / loader_cpu)
         shares = [t / max(1, sum(mixed.source_tokens)) for t in mixed.source_tokens]
         print(
-            f"single   : {loader_tps:,.0f} tokens/s  ({n_batches} batches of {B}x{T} in {loader_s:.1f}s, "
-            f"{1 - real / max(1, padded):.1%} padding)"
+            f"single   : {loader_tps:,.0f} tokens/s  ({n_batches:.0f} batches of {B}x{T} in {loader_s:.1f}s, "
+            f"{1 - real / max(1, padded):.1%} padding; {padded / loader_cpu:,.0f} tokens per CPU second)"
         )
         print(
-            f"mixture  : {mix_tps:,.0f} tokens/s  ({acc['mixture'][0]} batches in {acc['mixture'][3]:.1f}s, "
-            f"{1 - acc['mixture'][1] / max(1, acc['mixture'][2]):.1%} padding; 3 sources "
+            f"mixture  : {mix_tps:,.0f} tokens/s  ({n_batches:.0f} batches in {mix_s:.1f}s, "
+            f"{1 - mix_real / max(1, mix_padded):.1%} padding; {mix_padded / mix_cpu:,.0f} tokens per CPU second; "
+            "3 sources "
             f"{'(--sources)' if args.sources else '(one dataset opened 3 times)'}, weights 0.5/0.3/0.2, "
             f"realized token shares {'/'.join(f'{x:.3f}' for x in shares)})"
         )
-        print(f"ratio mixture/single = {mix_tps / loader_tps:.3f}x (target >= 0.95x)")
+        median = sorted(per_round)[len(per_round) // 2]
+        print(
+            f"ratio mixture/single = {mix_tps / loader_tps:.3f}x wall overall, {median:.3f}x median of {args.rounds} "
+            f"alternating rounds, {cpu_ratio:.3f}x per CPU second (target >= 0.95x)"
+        )
         if args.no_train:
             return
 

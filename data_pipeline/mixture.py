@@ -37,17 +37,16 @@ class WeightedSource:
     max_epochs: int = 0  # 0 = no limit (streaming's repeat, as a limit)
 
 
-def choose(drawn: Sequence[int], weights: Sequence[float], active: Sequence[bool]) -> int:
+def choose(drawn: Sequence[int], weights: Sequence[float], active: Sequence[int]) -> int:
     """Index of the source that supplies the next document: the active one furthest behind its token share.
 
-    ``drawn[i]``: tokens this rank has drawn from source i; ``weights[i]`` >= 0;
-    ``active[i]``: not exhausted. -1 when no source with a weight > 0 is active.
+    ``drawn[i]``: tokens this rank has drawn from source i; ``weights[i]`` > 0
+    for every i in ``active``, the sources that may draw (not exhausted), in
+    index order. -1 when none is active. Ties go to the lower index.
     """
     best, best_key = -1, 0.0
-    for i, (d, w, a) in enumerate(zip(drawn, weights, active)):
-        if not a or w <= 0:
-            continue
-        key = d / w
+    for i in active:  # a plain loop: this runs once per document
+        key = drawn[i] / weights[i]
         if best < 0 or key < best_key:
             best, best_key = i, key
     return best

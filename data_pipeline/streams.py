@@ -197,6 +197,7 @@ class DocumentStreams:
         self.source = self.queues[0].source
         self.drawn = [0] * len(self.queues)  # document targets drawn per source (the choice's state)
         self.source_tokens = [0] * len(self.queues)  # real targets delivered per source (metrics)
+        self._refresh_active()
         self.slots = [_Slot() for _ in range(self.B)]
         self.batches = 0
         # Prefetch upcoming documents of this rank's (deterministic) queues.
@@ -215,14 +216,21 @@ class DocumentStreams:
         if not self.mixture:
             doc, epoch = self.queues[0].next_doc()
             return 0, doc, epoch
-        weights = [m.weight for m in self.mixture]
         while True:
-            i = choose(self.drawn, weights, [not q.exhausted() for q in self.queues])
+            i = choose(self.drawn, self._weights, self._active)
             if i < 0:
                 raise DataError("data.sources: every source with a weight > 0 reached its max_epochs")
             got = self.queues[i].next_doc()
-            if got is not None:  # None: source i just ran out; the others share its weight
+            if got is not None:
                 return i, got[0], got[1]
+            self._active = [j for j in self._active if j != i]  # source i ran out: the others share its weight
+
+    def _refresh_active(self) -> None:
+        """The sources that may draw (weight > 0, not exhausted), in index order: the choice's candidates."""
+        self._weights = [m.weight for m in self.mixture]
+        self._active = [
+            i for i, (m, q) in enumerate(zip(self.mixture, self.queues)) if m.weight > 0 and not q.exhausted()
+        ]
 
     # ---------------------------------------------------------------- batches
     def __iter__(self):
@@ -312,7 +320,12 @@ class DocumentStreams:
         olds = self._queue_states(sd)
         if len(olds) != len(self.queues):
             raise DataError(f"data.sources: the checkpoint has {len(olds)} sources, this run {len(self.queues)}")
-        for q, old in zip(self.queues, olds):
+        for i, (q, old) in enumerate(zip(self.queues, olds)):
+            if self.mixture and old["name"] != self.source_names[i]:  # sources are matched by position
+                raise DataError(
+                    f"{q.label}: the checkpoint's source {i} is {old['name']!r}, this run's {self.source_names[i]!r} "
+                    "(keep the order and names of data.sources when resuming)"
+                )
             if old["num_samples"] != q.source.num_samples:
                 raise DataError(
                     f"{q.label}: the checkpoint was made on a dataset of {old['num_samples']} documents, "
@@ -353,6 +366,7 @@ class DocumentStreams:
         if self.mixture:
             self.drawn = [int(st["drawn"]) for st in mine["sources"]]
             self.source_tokens = [int(st["tokens"]) for st in mine["sources"]]
+            self._refresh_active()
         self.batches = int(mine["batches"])
         for slot, s in zip(self.slots, mine["slots"]):
             slot.doc, slot.epoch, slot.offset = int(s["doc"]), int(s["epoch"]), int(s["offset"])
@@ -388,6 +402,7 @@ class DocumentStreams:
             ]
         self.batches = 0
         self.slots = [_Slot() for _ in range(self.B)]
+        self._refresh_active()
 
     def close(self) -> None:
         if self._pool is not None:

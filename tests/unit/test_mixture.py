@@ -74,11 +74,12 @@ def test_token_share_within_one_percent_over_10000_documents():
 
 
 def test_choice_is_deterministic_and_follows_the_deficit():
-    assert choose([0, 0], [0.8, 0.2], [True, True]) == 0
-    assert choose([100, 10], [0.8, 0.2], [True, True]) == 1  # 10/0.2 = 50 < 125
-    assert choose([100, 10], [0.8, 0.2], [True, False]) == 0
-    assert choose([0, 0], [0.0, 1.0], [True, True]) == 1  # weight 0 never draws
-    assert choose([0], [1.0], [False]) == -1
+    assert choose([0, 0], [0.8, 0.2], [0, 1]) == 0  # a tie: the lower index
+    assert choose([100, 10], [0.8, 0.2], [0, 1]) == 1  # 10/0.2 = 50 < 125
+    assert choose([100, 10], [0.8, 0.2], [0]) == 0  # source 1 ran out
+    assert choose([0], [1.0], []) == -1
+    weight0 = streams([WeightedSource(ArraySource(make_docs(5, 0, 2, 9, 1)), weight=0.0), *mixture()[1]])
+    assert not any(int(next(weight0).sources.min()) == 0 for _ in range(50))
     _, mix = mixture()
     a, b, c = streams(mix), streams(mix), streams(mix, seed=4)
     ba, bb, bc = ([next(x).doc_ids for _ in range(50)] for x in (a, b, c))
@@ -162,6 +163,9 @@ def test_state_of_another_mixture_is_refused():
     st = s.state_dict()
     with pytest.raises(DataError, match="has 2 sources, this run 1"):
         streams(mix[:1]).load_state_dict(copy.deepcopy(st))
+    swapped = [WeightedSource(m.source, m.weight, name, 0) for m, name in zip(mix, ("s1", "s0"))]
+    with pytest.raises(DataError, match=r"data.sources\[0\]: the checkpoint's source 0 is 's0', this run's 's1'"):
+        streams(swapped).load_state_dict(copy.deepcopy(st))
     with pytest.raises(DataError, match="made on a mixture"):
         DocumentStreams(mix[0].source, batch_size=4, segment_len=16, seed=3).load_state_dict(copy.deepcopy(st))
 
@@ -289,3 +293,30 @@ def test_sigkill_then_resume_from_the_saved_state_continues_every_source_exactly
     r = streams(mixture(sizes=(15, 9))[1], num_workers=2)
     assert r.load_state_dict(saved["state"]) is True
     assert [digest(next(r)) for _ in range(80)] == want[saved["batch"] :]
+
+
+def test_data_inspect_of_several_datasets_prints_expected_epochs(tmp_path, monkeypatch, capsys):
+    """`mnemo data inspect A B --tokens N --weights ..`: the mixture table; other tokenizers: a one-line error."""
+    from mnemo.cli import main
+    from mnemo.data_pipeline import verify
+
+    a, b, c = fake_data(tmp_path / "web"), fake_data(tmp_path / "code"), fake_data(tmp_path / "other", sha="c" * 64)
+    sizes = {str(a): (100, 30_000), str(b): (10, 10_000), str(c): (1, 1)}
+
+    def fake_inspect(d, num_samples=3):
+        docs, toks = sizes[d]
+        return {"data_dir": d, "documents": docs, "tokens": toks, "passkey_documents": 0, "shards": 1}
+
+    monkeypatch.setattr(verify, "inspect", fake_inspect)
+    monkeypatch.setattr(verify, "format_inspect", lambda r: f"{r['data_dir']}: report")
+    assert main(["data", "inspect", str(a), str(b), "--tokens", "1e5", "--weights", "0.6,0.4"]) == 0
+    out = capsys.readouterr().out
+    assert "budget 100,000 tokens" in out
+    web = next(line for line in out.splitlines() if line.strip().startswith("web "))
+    code = next(line for line in out.splitlines() if line.strip().startswith("code "))
+    assert web.split()[-2:] == ["60.0%", "2.00"] and code.split()[-2:] == ["40.0%", "4.00"]
+    assert main(["data", "inspect", str(a), str(b), "--tokens", "1e5", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["mixture"]["expected_epochs"] == [5 / 3, 5.0]
+    assert main(["data", "inspect", str(a), str(c)]) != 0
+    err = capsys.readouterr().err.strip()
+    assert "made with different tokenizers" in err and str(a) in err and str(c) in err and "\n" not in err
