@@ -75,7 +75,7 @@ _BATCH_CHARS = 4 << 20
 # ranges) of at least _SPLIT_MIN_BYTES, by any worker, and the main process writes each unit from
 # its chunks in order (the same samples, so the same shard bytes), as long as the pending units
 # hold at most _SPLIT_MAX_BYTES (the main process keeps a unit's tokens until its last chunk is in).
-_SPLIT_UNITS_PER_WORKER = 4
+_SPLIT_UNITS_PER_WORKER = 8
 _SPLIT_MIN_BYTES = 256 << 10
 _SPLIT_MAX_BYTES = 256 << 20
 

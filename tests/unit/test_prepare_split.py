@@ -12,7 +12,7 @@ import mnemo.data_pipeline.prepare as prep
 from mnemo.data_pipeline.inputs import plan_inputs, split_units
 from mnemo.data_pipeline.tokenizer import train_tokenizer
 
-UNIT = 4000  # bytes per unit: a few units of the corpus below, fewer than 4 per worker
+UNIT = 4000  # bytes per unit: a few units of the corpus below, fewer than 8 per worker
 
 
 def make_corpus(root: Path) -> list[str]:
@@ -40,7 +40,7 @@ def test_split_plan_balances_bytes_and_keeps_piece_order(corpus, monkeypatch):
     monkeypatch.setattr(prep, "_SPLIT_MIN_BYTES", 500)
     units = split_units(plan_inputs(corpus[0]).files, UNIT)
     assert 2 <= len(units) < 8
-    k = -(-8 // len(units))  # chunks per unit: ceil(4 per worker * 2 workers / units)
+    k = -(-16 // len(units))  # chunks per unit: ceil(8 per worker * 2 workers / units)
     plan = prep.split_plan(units, 2)
     assert plan is not None
     for u, chunks in zip(units, plan):
