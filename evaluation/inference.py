@@ -85,6 +85,27 @@ def sized_ltm(model: Any, capacity: int | None) -> Iterator[None]:
             core.args = before
 
 
+def with_ltm_search(model: Any, search: str | None) -> Any:
+    """Switch how ``model``'s long-term stores are searched ("exact" | "blocks", model/retrieval.py).
+
+    Not a weight: every long-term layer's search function is rebuilt and the
+    model's args record the choice. None, or a model without long-term memory:
+    unchanged. Returns the model.
+    """
+    from mnemo.model.retrieval import searcher
+    from mnemo.model.transformer import Attention, knn_retrieve
+
+    core = core_model(model)
+    args = getattr(core, "args", None)
+    if search is None or args is None or args.ltm_kind == "none":
+        return model
+    for m in core.modules():
+        if isinstance(m, Attention) and m.has_ltm:
+            m.search = searcher(search, knn_retrieve)
+    core.args = dataclasses.replace(args, ltm_search=search)
+    return model
+
+
 def ltm_capacity_of(model: Any) -> int:
     """Entries per slot and layer of the model's long-term store; 0 without long-term memory."""
     args = getattr(core_model(model), "args", None)

@@ -18,6 +18,7 @@ search. When ``probe`` blocks cover the whole window the search is exact
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -126,6 +127,13 @@ def block_retrieve(
     sel_k = mem_k.reshape(BH * N, Dh).index_select(0, flat).view(B, H, T, k, Dh)
     sel_v = mem_v.reshape(BH * N, Dh).index_select(0, flat).view(B, H, T, k, Dh)
     return sel_k, sel_v, found
+
+
+def searcher(kind: str, exact: Callable[..., tuple[Tensor, Tensor, Tensor]]) -> Callable[..., tuple[Tensor, ...]]:
+    """The search function of ``kind`` ("exact" | "blocks"), given the exact search ``knn_retrieve``."""
+    if kind not in SEARCHES:
+        raise ValueError(f"unknown long-term memory search {kind!r}")
+    return exact if kind == "exact" else functools.partial(block_retrieve, exact=exact)
 
 
 def store_bytes_per_token(n_heads: int, head_dim: int, n_ltm_layers: int, dtype: torch.dtype) -> int:

@@ -23,7 +23,6 @@ Over 500 lines: the whole network in one file, read top to bottom.
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass, field, replace
 
@@ -32,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mnemo.model.memory import LayerMemory, MemoryState
-from mnemo.model.retrieval import SEARCHES, block_retrieve
+from mnemo.model.retrieval import SEARCHES, searcher
 from mnemo.model.sizes import SIZES, Size, flops_per_token, ltm_layer_indices, mlp_hidden, param_count
 
 
@@ -334,8 +333,7 @@ class Attention(nn.Module):
         self.joint = self.has_ltm and args.ltm_mix == "joint"
         if self.has_ltm:
             self.topk = args.ltm_topk
-            exact = args.ltm_search == "exact"
-            self.search = knn_retrieve if exact else functools.partial(block_retrieve, exact=knn_retrieve)
+            self.search = searcher(args.ltm_search, knn_retrieve)  # knn_retrieve or block_retrieve
             if not self.joint:
                 # Per-head sigmoid gate (0 -> 0.5) mixing memory with local attention.
                 self.ltm_gate = nn.Parameter(torch.zeros(args.n_heads))

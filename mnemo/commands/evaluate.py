@@ -87,6 +87,12 @@ def add_eval(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentPar
         "max(--distances) * segment_len or the longest task document if larger: a passkey at distance D "
         "needs D * segment_len)",
     )
+    p.add_argument(
+        "--ltm-search",
+        choices=("exact", "blocks"),
+        default=None,
+        help="how the long-term store is searched (default: as trained; memory.long.search, docs/memory.md)",
+    )
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument(
         "--lm-eval",
@@ -155,6 +161,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     tasks = task_specs([args.tasks]) if args.tasks else []
     device = resolve_device(args.device)
     model, tokenizer, cfg = load_for_inference(args.checkpoint, device=device)
+    if args.ltm_search:
+        from mnemo.evaluation.inference import with_ltm_search
+
+        with_ltm_search(model, args.ltm_search)
     baseline = load_for_inference(args.baseline, device=device) if args.baseline else None
     labels = {"checkpoint": str(args.checkpoint), "data": str(args.data)}
     if args.baseline:

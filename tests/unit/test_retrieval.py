@@ -117,3 +117,21 @@ def test_bf16_and_gradients_reach_the_queries():
     assert sk.dtype == torch.bfloat16 and found.all()
     (torch.einsum("bhtd,bhtkd->bhtk", q, sk).sum() + sv.sum()).backward()
     assert q.grad is not None and q.grad.abs().sum() > 0
+
+
+def test_evaluation_can_switch_a_trained_model_to_the_block_search(monkeypatch):
+    """``mnemo eval --ltm-search blocks``: a model built with the exact search, switched, reads like one
+    built with the block search (and differs from the exact one: the switch is not a no-op)."""
+    from mnemo.evaluation.inference import with_ltm_search
+
+    monkeypatch.setattr(mt, "_LTM_WINDOW_STEP", 4)
+    monkeypatch.setattr(rt, "BLOCK", 4)
+    monkeypatch.setattr(rt, "PROBE", 1)
+    x = tokens(2, 6)
+    with torch.no_grad():
+        exact, _ = run(make(stm=4, capacity=64, mix="joint", topk=2), x)
+        want, _ = run(make(stm=4, capacity=64, mix="joint", topk=2, search="blocks"), x)
+        switched = with_ltm_search(make(stm=4, capacity=64, mix="joint", topk=2), "blocks")
+        got, _ = run(switched, x)
+    assert switched.args.ltm_search == "blocks"
+    assert torch.equal(got, want) and not torch.equal(got, exact)

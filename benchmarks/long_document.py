@@ -1,0 +1,222 @@
+"""Reading one long document with a store that holds all of it: exact vs approximate search side by side.
+
+For each length L (default 4K, 16K, 128K, 1M tokens) the model reads the
+segments that follow the first L tokens of one document, with a long-term
+store that holds those L tokens, once with ``memory.long.search=exact`` and
+once with ``blocks`` (model/retrieval.py), arms alternating inside each
+round. Printed per length: time per token (median over rounds of one
+segment's forward, the FIFO push of the store included), the store's bytes,
+and recall@k of the approximate search against the exact one on the queries
+the model really made (a selected key counts as found when its score is at
+least the exact k-th score, so repeated text's tied keys count once each).
+
+Real stored keys: the document is read once at the model's segment length
+with a small store, and each segment's unit-norm keys and values are taken
+from the state as they enter it. That is exactly what a store holding the
+whole document would hold when the first long-term layer is the only one
+(its keys come from the layers below it, which have no long-term memory):
+the benchmark refuses a model with more. The store of length L is then
+those first L entries, so 1M tokens need no quadratic read.
+
+    .venv/bin/python benchmarks/long_document.py [--checkpoint runs/demo/memory] [--data runs/demo/data]
+        [--lengths 4096 16384 131072 1048576] [--rounds 3] [--random-init]
+
+Without a checkpoint (``--random-init``) a `debug` model with random weights
+reads random tokens (cost only; recall on such keys says little).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
+
+from mnemo.model import MemoryTransformer, ModelArgs  # noqa: E402
+from mnemo.model.memory import MemoryState  # noqa: E402
+from mnemo.model.retrieval import searcher, store_bytes_per_token  # noqa: E402
+from mnemo.model.transformer import Attention, knn_retrieve  # noqa: E402
+
+ARMS = ("exact", "blocks")
+
+
+def load(args) -> tuple[MemoryTransformer, np.ndarray, int]:
+    """The model, one document of max(lengths) + rounds segments tokens, and the segment length."""
+    need = max(args.lengths) + (args.rounds + 1) * 128 + 4096
+    if args.random_init:
+        torch.manual_seed(0)
+        model = MemoryTransformer(
+            ModelArgs.from_size("debug", 4096, stm_length=128, ltm_kind="knn", ltm_capacity=1024, ltm_layers=(2,))
+        ).eval()
+        doc = np.random.default_rng(0).integers(0, 4096, need)
+        return model, doc, 128
+    from mnemo.evaluation.heldout import read_heldout_docs
+    from mnemo.train.checkpoint import load_for_inference
+
+    model, _tok, cfg = load_for_inference(args.checkpoint, device="cpu")
+    if args.text == "heldout":
+        docs = read_heldout_docs(args.data, cfg.data.val_fraction)
+    else:  # more distinct text than a small held-out split (the model has seen the training part)
+        from mnemo.evaluation.heldout import open_mds, read_docs
+
+        src = open_mds(args.data)
+        docs = read_heldout_docs(args.data, cfg.data.val_fraction) + read_docs(
+            src, cfg.data.val_fraction, heldout=False
+        )
+    text = np.concatenate(docs)
+    reps = -(-need // text.size)
+    print(f"document: {len(docs)} {args.text} documents, {text.size} tokens, repeated {reps}x to {need} tokens")
+    return model, np.tile(text, reps)[:need], cfg.model.segment_len
+
+
+def capture(model: MemoryTransformer, doc: np.ndarray, T: int, lengths: list[int], chunk: int):
+    """Every stored key/value of the first max(lengths) tokens of ``doc``, and the state after each L.
+
+    The document is read as n / chunk slots in parallel, slot b reading tokens [b chunk, (b+1) chunk)
+    with a store of one segment (the keys do not depend on it): batched forwards, so 1M tokens take
+    minutes, not hours. A slot's first two segments lack the short-term memory of the tokens before
+    its chunk (the only difference from one slot reading it all).
+    """
+    a = model.args
+    (layer,) = a.active_ltm_layers if len(a.active_ltm_layers) == 1 else (None,)
+    if layer is None:
+        raise SystemExit("long_document.py: the model must have exactly one long-term layer (see the docstring)")
+    n = max(lengths)
+    chunk = min(chunk, n)
+    if n % chunk or chunk % T:
+        raise SystemExit(f"--chunk {chunk}: must divide {n} and be a multiple of the segment length {T}")
+    B, S = n // chunk, chunk // T
+    model.args = dataclasses.replace(a, ltm_capacity=max(T, a.ltm_topk))
+    state = model.init_state(B)
+    keys, vals, snaps = [], [], {}
+    x = torch.from_numpy(doc[:n]).long().view(B, chunk)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for s in range(S):
+            _, state = model(x[:, s * T : (s + 1) * T], state, logits=False)
+            mem = state.layers[layer]
+            keys.append(mem.ltm_k[:, :, -T:].clone())  # [B, H, T, Dh]
+            vals.append(mem.ltm_v[:, :, -T:].clone())
+            for L in lengths:  # after L tokens: slot b has read s + 1 segments
+                b = (L - 1) // chunk
+                if L - b * chunk == (s + 1) * T:
+                    snaps[L] = slot(state, b)
+    model.args = a
+    k = torch.stack(keys, 2)  # [B, H, S, T, Dh] -> one slot reading slot 0's tokens, then slot 1's, ...
+    v = torch.stack(vals, 2)
+    H, Dh = k.shape[1], k.shape[-1]
+    k = k.permute(1, 0, 2, 3, 4).reshape(1, H, n, Dh)
+    v = v.permute(1, 0, 2, 3, 4).reshape(1, H, n, Dh)
+    print(f"captured {n} stored keys ({B} slots of {chunk} tokens) in {time.perf_counter() - t0:.0f} s", flush=True)
+    return layer, k, v, snaps
+
+
+def slot(state: MemoryState, b: int) -> MemoryState:
+    """Slot b of a batched state, as a batch of one."""
+    sd = state.state_dict()
+    return MemoryState.from_state_dict({k: t[b : b + 1] for k, t in sd.items()}, len(state.layers))
+
+
+def with_store(state: MemoryState, layer: int, k: torch.Tensor, v: torch.Tensor) -> MemoryState:
+    L = k.shape[2]
+    layers = list(state.layers)
+    layers[layer] = dataclasses.replace(layers[layer], ltm_k=k, ltm_v=v)
+    return dataclasses.replace(state, layers=tuple(layers), ltm_len=torch.full_like(state.ltm_len, L))
+
+
+def recorder(fn, calls: list[tuple]):
+    """``fn`` that also records its arguments (the queries the model really made)."""
+
+    def search(*c, window=None):
+        calls.append((*c, window))
+        return fn(*c, window=window)
+
+    return search
+
+
+def recall_at_k(calls: list[tuple], topk: int) -> float:
+    """Share of the exact top-k matched by the approximate top-k (ties at the k-th score count)."""
+    hits = total = 0
+    approx = searcher("blocks", knn_retrieve)
+    for q, mk, mv, valid, _k, window in calls:
+        ek, _, ef = knn_retrieve(q, mk, mv, valid, topk, window=window)
+        ak, _, af = approx(q, mk, mv, valid, topk, window=window)
+        kth = torch.einsum("bhtd,bhtkd->bhtk", q, ek).masked_fill(~ef, float("inf")).amin(-1, keepdim=True)
+        sa = torch.einsum("bhtd,bhtkd->bhtk", q, ak).masked_fill(~af, float("-inf"))
+        hits += int(((sa >= kth) & af).sum())
+        total += int(ef.sum())
+    return hits / max(total, 1)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", default="runs/demo/memory")
+    p.add_argument("--data", default="runs/demo/data")
+    p.add_argument("--lengths", type=int, nargs="+", default=[4096, 16384, 131072, 1048576])
+    p.add_argument("--rounds", type=int, default=3, help="timed segments per arm and length")
+    p.add_argument("--random-init", action="store_true")
+    p.add_argument("--text", choices=("heldout", "all"), default="heldout", help="documents the long one is cut from")
+    p.add_argument("--chunk", type=int, default=16384, help="tokens per parallel slot of the capture read")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier on a loaded machine)")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    print("uptime:", os.popen("uptime").read().strip())
+    model, doc, T = load(args)
+    a = model.args
+    for L in args.lengths:
+        if L % T:
+            raise SystemExit(f"--lengths: {L} is not a multiple of the segment length {T}")
+    layer, keys, vals, snaps = capture(model, doc, T, args.lengths, args.chunk)
+    attn = next(m for m in model.blocks[layer].modules() if isinstance(m, Attention))
+    x = torch.from_numpy(doc).long()[None]
+    bpt = store_bytes_per_token(a.n_heads, a.head_dim, 1, keys.dtype)
+    print(f"model {a.n_layers} layers d={a.d_model} H={a.n_heads} T={T} k={a.ltm_topk}, long-term layer {layer}")
+    print(f"store bytes per token: {bpt} (keys + values, {keys.dtype}, {len(a.active_ltm_layers)} layer)")
+    hdr = f"{'L':>8} {'store MB':>9} {'exact us/tok':>13} {'blocks us/tok':>14} {'speedup':>8} {'recall@k':>9}"
+    print(hdr)
+    rows = {}
+    for L in args.lengths:
+        model.args = dataclasses.replace(a, ltm_capacity=L)
+        base = with_store(snaps[L], layer, keys[:, :, :L].contiguous(), vals[:, :, :L].contiguous())
+        times = {arm: [] for arm in ARMS}
+        calls: list[tuple] = []
+        with torch.inference_mode():
+            for r in range(args.rounds + 1):  # round 0 warms up (and records the queries)
+                for arm in ARMS if r % 2 == 0 else ARMS[::-1]:
+                    fn = searcher(arm, knn_retrieve)
+                    if r == 0 and arm == "exact":
+                        attn.search = recorder(fn, calls)
+                    else:
+                        attn.search = fn
+                    seg = x[:, L + r * T : L + (r + 1) * T]
+                    t0 = time.perf_counter()
+                    model(seg, base, logits=True)
+                    if r:
+                        times[arm].append((time.perf_counter() - t0) / T * 1e6)
+            rec = recall_at_k(calls, a.ltm_topk)
+        attn.search = searcher(a.ltm_search, knn_retrieve)
+        e, b = statistics.median(times["exact"]), statistics.median(times["blocks"])
+        rows[L] = (e, b, rec)
+        print(f"{L:>8} {L * bpt / 2**20:>9.1f} {e:>13.1f} {b:>14.1f} {e / b:>7.2f}x {rec:>9.4f}", flush=True)
+        del base
+    model.args = a
+    print(f"peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GB")
+    lo, hi = (16384 if 16384 in rows else min(rows)), max(rows)
+    print(
+        f"time/token at {hi} vs {lo}: exact {rows[hi][0] / rows[lo][0]:.2f}x, blocks {rows[hi][1] / rows[lo][1]:.2f}x"
+        f" (target <= 2x); recall@k at {hi}: {rows[hi][2]:.4f} (target >= 0.95)"
+    )
+    print("uptime:", os.popen("uptime").read().strip())
+
+
+if __name__ == "__main__":
+    main()
