@@ -27,7 +27,7 @@ A flagged value does not enter the statistics. What a spike does
   window). Nothing of the bad step is saved: the trainer rolls back before its
   after-step save. More than ``max_rollbacks`` rollbacks in a row (without
   getting past the step of the previous one) stop the run with an error. With
-  no checkpoint of this world size and ZeRO stage yet, a loss spike is skipped
+  no checkpoint of this world size, ZeRO stage and dtype yet, a loss spike is skipped
   instead (logged).
 
 The gradient norm is known only inside ``engine.step`` (DeepSpeed computes it
@@ -103,8 +103,9 @@ class SpikeDetector:
     ``manager`` (a CheckpointManager) is where a rollback finds its checkpoint; the trainer passes its own.
     """
 
-    def __init__(self, cfg, manager=None):
-        self.cfg, self.manager = cfg, manager
+    def __init__(self, cfg, manager=None, engine_form: dict[str, Any] | None = None):
+        """``engine_form``: what a checkpoint's config must match to load as it is ({"zero": {"stage": 2}, ...})."""
+        self.cfg, self.manager, self.engine_form = cfg, manager, engine_form or {}
         self.stats = {"loss": RunningStats(cfg.window), "grad_norm": RunningStats(cfg.window)}
         self.events = self.skipped = self.rollbacks = 0
         self.in_row = 0  # rollbacks in a row: each at or before the bad step of the one before
@@ -153,7 +154,7 @@ class SpikeDetector:
         return action
 
     def usable_checkpoint(self) -> Path | None:
-        """The newest complete checkpoint of this run that loads at this world size as it is (no conversion)."""
+        """The newest complete checkpoint of this run that loads as it is: same world size, ZeRO stage, dtype."""
         from mnemo.train.checkpoint import read_meta
 
         path = self.manager.latest() if self.manager is not None else None
@@ -162,6 +163,11 @@ class SpikeDetector:
         meta = read_meta(path)
         if meta.get("world_size") != self.manager.world or not (path / f"rank_{self.manager.rank:05d}.pt").is_file():
             return None
+        # The checkpoint a run resumed from may be of another ZeRO stage or precision (a universal conversion).
+        saved = meta.get("config") or {}
+        for section, keys in self.engine_form.items():
+            if any((saved.get(section) or {}).get(k) != v for k, v in keys.items()):
+                return None
         return path
 
     def report(self, ev: SpikeEvent, tracker, steplog, rank: int) -> None:
@@ -183,7 +189,7 @@ class SpikeDetector:
             ev.z,
             ev.ratio,
             msg,
-            " (no checkpoint of this world size to roll back to)" if fallback else "",
+            " (no checkpoint of this world size, ZeRO stage and dtype to roll back to)" if fallback else "",
         )
         if steplog is not None:
             steplog.write({"event": "spike", **dataclasses.asdict(ev)})
@@ -261,7 +267,7 @@ def spike_detector(cfg, manager=None, parts: dict[str, Any] | None = None) -> Sp
     sc = cfg.train.spike
     if sc.policy == "off":
         return None
-    det = SpikeDetector(sc, manager)
+    det = SpikeDetector(sc, manager, {"zero": {"stage": cfg.zero.stage}, "model": {"dtype": cfg.model.dtype}})
     if parts is not None:
         parts["spikes"] = det
     return det

@@ -110,6 +110,11 @@ def test_rollbacks_in_a_row_stop_the_run_after_max_rollbacks(tmp_path):
         det.check(i, "loss", 5.0 + 0.01 * (i % 3))
     assert det.check(20, "loss", 50.0) == "rollback"
     assert det.check(25, "loss", 50.0) == "rollback"  # past the previous bad step: a new series
+    # The checkpoint is of another ZeRO stage (a run resumed through a universal conversion): skipped instead.
+    det = SpikeDetector(spike_cfg(policy="rollback"), mgr, {"zero": {"stage": 3}})
+    for i in range(20):
+        det.check(i, "loss", 5.0 + 0.01 * (i % 3))
+    assert det.check(20, "loss", 50.0) == "skip" and det.rollback_to is None
     # No checkpoint to roll back to: a loss spike is skipped instead.
     det = SpikeDetector(spike_cfg(policy="rollback"), CheckpointManager(tmp_path / "empty"))
     for i in range(20):
