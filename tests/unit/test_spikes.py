@@ -115,6 +115,15 @@ def test_rollbacks_in_a_row_stop_the_run_after_max_rollbacks(tmp_path):
     for i in range(20):
         det.check(i, "loss", 5.0 + 0.01 * (i % 3))
     assert det.check(20, "loss", 50.0) == "skip" and det.rollback_to is None
+    # A gradient-norm spike (its update is applied already): rolled back, or with nothing to go back to only logged.
+    det = SpikeDetector(spike_cfg(policy="rollback", grad_norm=True), mgr)
+    for i in range(20):
+        assert det.check(i, "grad_norm", 1.0 + 0.01 * (i % 3)) == "ok"
+    assert det.check(20, "grad_norm", 30.0) == "rollback" and det.metrics()["spike/grad_norm_z"] > 6
+    det = SpikeDetector(spike_cfg(policy="rollback", grad_norm=True), CheckpointManager(tmp_path / "empty"))
+    for i in range(20):
+        det.check(i, "grad_norm", 1.0 + 0.01 * (i % 3))
+    assert det.check(20, "grad_norm", 30.0) == "log" and (det.events, det.skipped, det.rollbacks) == (1, 0, 0)
     # No checkpoint to roll back to: a loss spike is skipped instead.
     det = SpikeDetector(spike_cfg(policy="rollback"), CheckpointManager(tmp_path / "empty"))
     for i in range(20):
