@@ -304,5 +304,8 @@ def test_rollback_restores_the_last_checkpoint_and_skips_the_data_since(world1, 
     trainer.train(config(data, ref, "train.max_steps=8", "checkpoint.interval=4", *common))
     redone = [r["loss"] for r in steps[5:] if "loss" in r]
     assert redone == [r["loss"] for r in read_steps(ref) if "loss" in r]
+    # The resume restored the detector of checkpoint 4 (4 losses seen) and went on: 8 at the end.
+    ref8 = load_torch_file(ref / "checkpoints" / "step_00000008" / "rank_00000.pt")["spikes"]
+    assert ref8["stats"]["loss"]["n"] == 8 and ref8["events"] == 0
     w, w_ref = weights(run / "checkpoints" / "step_00000008"), weights(ref / "checkpoints" / "step_00000008")
     assert all(torch.equal(w[k], w_ref[k]) for k in w)
