@@ -154,7 +154,7 @@ def test_two_names_of_one_machine_are_refused_before_anything_starts(nodes, tiny
 COLLECTIVE_TIMEOUT_S = 30
 # Loss to exit may take the collective timeout (a rank stuck in a collective with the lost node) plus the
 # ranks' and torchrun's exit on a loaded 2-core machine (~25 s seen at load 15). Measured: a killed node
-# ended the job after 22.7-29.8 s, a cut link after 56.0-58.5 s.
+# ended the job after 13.2-29.8 s, a cut link after 56.0-58.5 s.
 MARGIN_S = 60
 
 
