@@ -8,7 +8,7 @@ gradients flow through memory across the k segments of a step and never
 further (truncated BPTT). With gradient accumulation (train.global_batch_size)
 a step is A such windows, one per slot group (train/slots.py).
 
-Over 500 lines: the corpus, accumulated and episode steps share one NaN policy and one metrics window.
+Over 500 lines: the corpus, accumulated and episode steps share one NaN/spike policy and one metrics window.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import torch
 
 from mnemo.train.bptt import bptt_window_loss
 from mnemo.train.config import Config
-from mnemo.train.faults import INF_GRAD, InfGradient, fault_step
+from mnemo.train.faults import INF_GRAD, SPIKE, SPIKE_FACTOR, InfGradient, fault_step
 from mnemo.train.flops import device_peak_flops
 from mnemo.train.losses import lm_loss
 from mnemo.train.state import Counters, MemoryPart
@@ -126,8 +126,9 @@ class TrainLoop:
         counters: Counters | None = None,
         batching=None,
         max_steps: int | None = None,
+        spikes=None,
     ):
-        """``memory`` holds the memory state carried from step to step."""
+        """``memory`` holds the memory state carried from step to step; ``spikes``: train/spikes.py's detector."""
         self.cfg, self.engine, self.streams, self.memory = cfg, engine, streams, memory
         self.info, self.device, self.tracker, self.steplog = info, device, tracker, steplog
         self.model_flops, self.use_cuda = model_flops, use_cuda
@@ -142,6 +143,7 @@ class TrainLoop:
         self.nonfinite = ""  # what was NaN/inf at the step that stopped the run: "loss" | "gradient norm"
         self.optim_s = 0.0
         self.fault_inf_grad_step = fault_step(INF_GRAD, info.rank)
+        self.spikes, self.fault_spike_step = spikes, fault_step(SPIKE, info.rank)
         self._window = self._new_window()
         self.peak = cfg.tracking.peak_flops or device_peak_flops(use_cuda)
         if not self.peak and info.rank == 0:
@@ -303,6 +305,7 @@ class TrainLoop:
         batches = [next(self.streams) for _ in range(k)]
         t1 = time.time()
         total, state, plain_sum, n_sum = corpus_window_loss(engine, batches, self.memory.state, self.device)
+        total, plain_sum = self._spike_fault(step, total, plain_sum)
         # Loss of this step averaged over ranks, weighted by real tokens.
         stats = torch.stack([plain_sum, n_sum, (~torch.isfinite(total.detach())).float()])  # [3] on the device
         sum_(stats)
@@ -312,6 +315,9 @@ class TrainLoop:
         if verdict == "skip":
             self.memory.state = state.reset(torch.ones(state.batch_size, dtype=torch.bool, device=self.device))
             return True
+        if self._spike_drops_update(step, stats):  # train.spike: skip or roll back (train/spikes.py)
+            self.memory.state = state
+            return True
         verdict = self._backward_and_step(step, total)
         t3 = time.time()
         t2 = t3 - self.optim_s  # backward ends where the optimizer step begins
@@ -319,6 +325,8 @@ class TrainLoop:
         self.memory.state = state
         if verdict != "ok":
             return verdict == "skip"
+        if self._spike_in_grad_norm(step):
+            return True
         self._record(step, stats, [batches], (t1 - t0, t2 - t1, t3 - t2))
         return True
 
@@ -389,6 +397,8 @@ class TrainLoop:
             micro_batches.append(batches)
             t1 = time.time()
             total, state, plain_sum, n_sum = corpus_window_loss(engine, batches, self.memory.states[i], self.device)
+            if i == A - 1:
+                total, plain_sum = self._spike_fault(step, total, plain_sum)
             micro = torch.stack([plain_sum, n_sum, (~torch.isfinite(total.detach())).float()])  # [3]
             sum_(micro)
             stats += micro
@@ -411,13 +421,55 @@ class TrainLoop:
                     self.nonfinite = "gradient norm"
                     return False
                 return True
+            if self._spike_drops_update(step, stats, total):  # train.spike: skip or roll back (train/spikes.py)
+                return True
             verdict = self._backward_and_step(step, total)
             t3 = time.time()
             times[0], times[1], times[2] = times[0] + t1 - t0, times[1] + t3 - self.optim_s - t1, self.optim_s
             if verdict != "ok":
                 return verdict == "skip"
+        if self._spike_in_grad_norm(step):
+            return True
         self._record(step, stats, micro_batches, tuple(times))
         return True
+
+    def _spike_fault(self, step: int, total: torch.Tensor, plain_sum: torch.Tensor) -> tuple:
+        """MNEMO_FAULT_SPIKE_AT_STEP (train/faults.py): this step's loss x SPIKE_FACTOR, once (a rollback redoes it)."""
+        if step + 1 != self.fault_spike_step:
+            return total, plain_sum
+        self.fault_spike_step = 0
+        return total * SPIKE_FACTOR, plain_sum * SPIKE_FACTOR
+
+    def _spike_drops_update(self, step: int, stats: torch.Tensor, total: torch.Tensor | None = None) -> bool:
+        """train.spike on the step's loss (``stats`` [3] summed over ranks and micro-steps): True when the update
+        is not applied (skip, or a rollback the trainer does next).
+
+        Without accumulation (``total`` None) nothing was backpropagated yet: backward is not called. With it,
+        the earlier micro-steps' gradients sit in the engine: the last micro-step's gradients are made NaN/inf so
+        that DeepSpeed refuses the update (its overflow path: weights, optimizer and LR schedule unchanged).
+        """
+        if self.spikes is None:
+            return False
+        loss = (stats[0] / stats[1].clamp(min=1)).item()
+        if self.spikes.check(step, "loss", loss, **self._spike_out()) not in ("skip", "rollback"):
+            return False
+        if total is not None:
+            skipped = self.engine.skipped_steps
+            self.engine.backward(InfGradient.apply(total))
+            self.engine.step()
+            if self.engine.skipped_steps == skipped:
+                raise RuntimeError(f"step {step + 1}: the engine applied an update with NaN/inf gradients")
+        return True
+
+    def _spike_in_grad_norm(self, step: int) -> bool:
+        """train.spike.grad_norm after an applied update: True when the trainer rolls it back (train/spikes.py)."""
+        if self.spikes is None or not self.spikes.watch_grad_norm:
+            return False
+        norm = float(self.engine.get_global_grad_norm())
+        return self.spikes.check(step, "grad_norm", norm, **self._spike_out()) == "rollback"
+
+    def _spike_out(self) -> dict[str, Any]:
+        return {"tracker": self.tracker, "steplog": self.steplog, "rank": self.info.rank}
 
     def metrics(self) -> dict[str, float]:
         """The step metrics, all assembled here: of the steps since the last log (the window) and the run so far."""
@@ -472,6 +524,8 @@ class TrainLoop:
                         metrics[f"passkey/{name}/loss"] = loss_sum / n_steps
                     if n_max:
                         metrics[f"passkey/{name}/train_exact_at_max"] = exact_sum / n_max
+        if self.spikes is not None:
+            metrics.update(self.spikes.metrics())
         st = self.memory.state
         if st.ltm_capacity:
             # Every slot group's (train/slots.py); one group without accumulation.

@@ -40,6 +40,7 @@ from mnemo.train.loop import StepLog, TrainLoop, dist_info
 from mnemo.train.resume import check_resume_compatible, reads_universal, universal_tag
 from mnemo.train.schedule import Preemption, after_step, batching, batching_of, start_lines, stop_requests, total_steps
 from mnemo.train.slots import MemoryGroups, SlotGroups
+from mnemo.train.spikes import spike_detector
 from mnemo.train.state import Counters, RNGState
 
 log = logging.getLogger("mnemo.train")
@@ -138,6 +139,7 @@ class Trainer:
         }
         if self.episodes is not None:
             parts["episodes"] = self.episodes
+        self.spikes = spike_detector(self.cfg, self.ckpt, parts)  # train.spike on: parts["spikes"], else None
         return parts
 
     def _choose_checkpoint(self) -> None:
@@ -386,6 +388,7 @@ class Trainer:
             counters=self.counters,
             batching=self.batching,
             max_steps=self.max_steps,
+            spikes=self.spikes,
         )
         # What every checkpoint's meta.json holds besides the step's own entries (see save).
         self.meta_base = {
@@ -437,6 +440,8 @@ class Trainer:
             while c.step < self.max_steps:
                 ok = self.train_step(c.step)
                 c.step += 1
+                if self.spikes is not None and self.spikes.roll_back_if_due(self.engine, self.ckpt.states):
+                    continue  # c.step is the checkpoint's again; nothing of this step was saved (train/spikes.py)
                 if not ok:
                     exit_reason = "nan"
                     break
