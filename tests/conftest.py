@@ -1,6 +1,18 @@
 """Suite-wide settings."""
 
+import atexit
 import os
+import shutil
+import tempfile
+
+# Hugging Face libraries (transformers' remote-code modules, datasets' cache) write under HF_HOME:
+# the suite's go to a folder of its own, removed at exit, never to the user's ~/.cache. Set before
+# any test imports them (they read it at import). Nothing is downloaded: offline too.
+_HF_HOME = tempfile.mkdtemp(prefix="mnemo-tests-hf-")
+os.environ["HF_HOME"] = _HF_HOME
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+atexit.register(shutil.rmtree, _HF_HOME, True)
 
 # The machine (and CI) has 2 cores shared by in-process tests and the
 # multi-process jobs some tests start: one thread each avoids oversubscription.
