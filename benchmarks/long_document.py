@@ -157,6 +157,43 @@ def recall_at_k(calls: list[tuple], topk: int) -> float:
     return hits / max(total, 1)
 
 
+def ivf_recall(calls: list[tuple], topk: int, clusters: int, probe: int) -> tuple[float, float]:
+    """Prototype of an inverted-file search (not in the model: it needs each entry's centroid id stored
+    in the MemoryState): spherical k-means centroids per head fit on a sample of the store, each query
+    searches the entries of its ``probe`` nearest centroids exactly. (recall@k as ``recall_at_k``,
+    candidates per query as a share of the store)."""
+    g = torch.Generator().manual_seed(0)
+    hits = total = 0
+    cand_share = []
+    for q, mk, _mv, valid, _k, window in calls:
+        N = mk.shape[2]
+        W = N if window is None else window
+        keys = mk[0, :, N - W :]  # [H, W, Dh]
+        H, _, Dh = keys.shape
+        C = min(clusters, W // 8)
+        sample = keys[:, torch.randperm(W, generator=g)[: min(W, 32 * C)]]
+        cen = sample[:, :C].clone()
+        for _ in range(6):
+            a = (sample @ cen.transpose(1, 2)).argmax(-1)  # [H, S]
+            sums = torch.zeros(H, C, Dh).scatter_add_(1, a[..., None].expand(-1, -1, Dh), sample)
+            cen = torch.nn.functional.normalize(sums + 1e-6 * cen, dim=-1)
+        assign = (keys @ cen.transpose(1, 2)).argmax(-1)  # [H, W]
+        qq = q[0]  # [H, T, Dh]
+        s = qq @ keys.transpose(1, 2)  # [H, T, W]
+        if valid is not None:
+            s.masked_fill_(~valid[0][None, None, :], float("-inf"))
+        ev = s.topk(topk, -1).values
+        pick = (qq @ cen.transpose(1, 2)).topk(min(probe, C), -1).indices  # [H, T, m]
+        chosen = torch.zeros(H, qq.shape[1], C, dtype=torch.bool).scatter_(2, pick, True)
+        cand = torch.gather(chosen, 2, assign[:, None, :].expand(-1, qq.shape[1], -1))  # [H, T, W]
+        av = s.masked_fill(~cand, float("-inf")).topk(topk, -1).values
+        found = ev > float("-inf")
+        hits += int(((av >= ev[..., -1:]) & (av > float("-inf")) & found).sum())
+        total += int(found.sum())
+        cand_share.append(cand.float().mean().item())
+    return hits / max(total, 1), statistics.mean(cand_share)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default="runs/demo/memory")
@@ -166,6 +203,8 @@ def main() -> None:
     p.add_argument("--random-init", action="store_true")
     p.add_argument("--text", choices=("heldout", "all"), default="heldout", help="documents the long one is cut from")
     p.add_argument("--chunk", type=int, default=16384, help="tokens per parallel slot of the capture read")
+    p.add_argument("--ivf-clusters", type=int, default=1024, help="IVF prototype centroids (0: skip it)")
+    p.add_argument("--ivf-probe", type=int, default=64, help="IVF prototype centroids searched per query")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier on a loaded machine)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -181,7 +220,10 @@ def main() -> None:
     bpt = store_bytes_per_token(a.n_heads, a.head_dim, 1, keys.dtype)
     print(f"model {a.n_layers} layers d={a.d_model} H={a.n_heads} T={T} k={a.ltm_topk}, long-term layer {layer}")
     print(f"store bytes per token: {bpt} (keys + values, {keys.dtype}, {len(a.active_ltm_layers)} layer)")
-    hdr = f"{'L':>8} {'store MB':>9} {'exact us/tok':>13} {'blocks us/tok':>14} {'speedup':>8} {'recall@k':>9}"
+    hdr = (
+        f"{'L':>8} {'store MB':>9} {'exact us/tok':>13} {'blocks us/tok':>14} {'speedup':>8} {'recall@k':>9}"
+        f" {'ivf-proto recall@k':>19} {'ivf cand/N':>10}"
+    )
     print(hdr)
     rows = {}
     for L in args.lengths:
@@ -203,10 +245,15 @@ def main() -> None:
                     if r:
                         times[arm].append((time.perf_counter() - t0) / T * 1e6)
             rec = recall_at_k(calls, a.ltm_topk)
+            ivf = ivf_recall(calls, a.ltm_topk, args.ivf_clusters, args.ivf_probe) if args.ivf_clusters else (0.0, 0.0)
         attn.search = searcher(a.ltm_search, knn_retrieve)
         e, b = statistics.median(times["exact"]), statistics.median(times["blocks"])
         rows[L] = (e, b, rec)
-        print(f"{L:>8} {L * bpt / 2**20:>9.1f} {e:>13.1f} {b:>14.1f} {e / b:>7.2f}x {rec:>9.4f}", flush=True)
+        print(
+            f"{L:>8} {L * bpt / 2**20:>9.1f} {e:>13.1f} {b:>14.1f} {e / b:>7.2f}x {rec:>9.4f}"
+            f" {ivf[0]:>19.4f} {ivf[1]:>10.4f}",
+            flush=True,
+        )
         del base
     model.args = a
     print(f"peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GB")

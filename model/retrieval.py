@@ -28,6 +28,10 @@ from torch import Tensor
 SEARCHES = ("exact", "blocks")
 BLOCK = 256  # stored entries per block summary
 PROBE = 8  # blocks searched exactly per query (probe * BLOCK candidates)
+# Windows up to this many entries are searched exactly: one matmul per tile of queries reuses every
+# key it loads, the gathered candidates of the two-level search do not (measured on 2 CPU cores,
+# benchmarks/long_document.py: exact faster at 16K entries, 3x slower at 128K).
+EXACT_UP_TO = 32768
 
 
 def _candidate_tile(device: torch.device) -> int:
@@ -82,7 +86,7 @@ def block_retrieve(
     probe = PROBE if probe is None else probe
     probe = max(probe, -(-k // block))  # enough candidates for k
     nb = -(-W // block)
-    if nb <= probe and exact is not None:  # every block would be searched: the exact search is cheaper
+    if exact is not None and (nb <= probe or W <= EXACT_UP_TO):  # the exact search is as good and cheaper
         return exact(q, mem_k, mem_v, valid, topk, window=window)
     probe = min(probe, nb)
     pad = nb * block - W  # the oldest block is partial: pad it in front with invalid entries

@@ -42,8 +42,10 @@ def test_probing_every_block_is_the_exact_search(lengths):
 def test_a_search_probing_every_block_falls_back_to_the_exact_search():
     q, k, v, valid = _store(1, 2, 1024, 8, 3, [900])
     exact = knn_retrieve(q, k, v, valid, 4)
-    for a, b in zip(block_retrieve(q, k, v, valid, 4, block=64, probe=16), exact):
+    for a, b in zip(block_retrieve(q, k, v, valid, 4, block=64, probe=16, exact=knn_retrieve), exact):
         assert torch.equal(a, b)
+    for a, b in zip(block_retrieve(q, k, v, valid, 4, block=64, probe=2, exact=knn_retrieve), exact):
+        assert torch.equal(a, b)  # 1024 entries <= EXACT_UP_TO: exact too
 
 
 def test_recall_on_clustered_keys():
@@ -70,6 +72,7 @@ def test_no_output_depends_on_a_later_token_with_block_search(mix, monkeypatch):
     entries are searched in two levels (the exact fallback would make this test vacuous)."""
     monkeypatch.setattr(mt, "_LTM_WINDOW_STEP", 4)
     monkeypatch.setattr(rt, "BLOCK", 4)
+    monkeypatch.setattr(rt, "EXACT_UP_TO", 0)
     monkeypatch.setattr(rt, "PROBE", 2)
     calls = []
     two_level = rt.block_summaries
@@ -92,6 +95,7 @@ def test_state_round_trip_and_reset_are_those_of_the_exact_search(monkeypatch):
     trip resumes bit-exactly, and a reset slot reads like a fresh one."""
     monkeypatch.setattr(mt, "_LTM_WINDOW_STEP", 4)
     monkeypatch.setattr(rt, "BLOCK", 4)
+    monkeypatch.setattr(rt, "EXACT_UP_TO", 0)
     monkeypatch.setattr(rt, "PROBE", 2)
     model = make(stm=4, capacity=64, mix="joint", search="blocks")
     exact = make(stm=4, capacity=64, mix="joint")
@@ -126,6 +130,7 @@ def test_evaluation_can_switch_a_trained_model_to_the_block_search(monkeypatch):
 
     monkeypatch.setattr(mt, "_LTM_WINDOW_STEP", 4)
     monkeypatch.setattr(rt, "BLOCK", 4)
+    monkeypatch.setattr(rt, "EXACT_UP_TO", 0)
     monkeypatch.setattr(rt, "PROBE", 1)
     x = tokens(2, 6)
     with torch.no_grad():
