@@ -12,8 +12,13 @@ No hidden state: the summaries are derived from the stored keys in each
 forward (one pass over the window per layer and segment, the same order of
 work as the FIFO push that already copies the store), so the memory state,
 its checkpoints and its per-document reset are exactly those of the exact
-search. When ``probe`` blocks cover the whole window the search is exact
-(it calls the exact search), so short documents pay nothing.
+search. Windows up to ``EXACT_UP_TO`` entries (or that ``probe`` blocks
+cover) are searched exactly, so short documents pay nothing.
+
+Measured on a trained model's real keys (docs/memory.md): fast, but recall
+is poor (a query's nearest keys are scattered tokens, which a block's mean
+does not represent); an inverted-file index with stored centroid ids is the
+accurate design.
 """
 
 from __future__ import annotations
