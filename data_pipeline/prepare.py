@@ -13,7 +13,9 @@ order whatever ``--workers`` is (units are planned from the inputs alone).
 
 A corpus with too few units to keep every worker busy (a few MB) has its
 units encoded in chunks by all workers and written by the main process, chunk
-results in order: the same shards, byte for byte, as one worker writes.
+results in order: the same shards, byte for byte, as one worker writes. In
+any corpus the last units to start are split so too, so that the workers
+finish together.
 
 For a remote ``--out``, each unit's MDSWriter uploads its shards with
 ``out=(local, remote)`` from the local staging dir.
@@ -78,6 +80,11 @@ _BATCH_CHARS = 4 << 20
 _SPLIT_UNITS_PER_WORKER = 8
 _SPLIT_MIN_BYTES = 256 << 10
 _SPLIT_MAX_BYTES = 256 << 20
+# Any corpus: the last 2 units per worker to start (the smallest) are split into this many chunks
+# when at most _SPLIT_MAX_UNIT_BYTES each, so that the workers finish within about a chunk of each
+# other (units of the same bytes may differ 2-3x in encoding time).
+_TAIL_CHUNKS = 4
+_SPLIT_MAX_UNIT_BYTES = 16 << 20
 
 
 # ----------------------------------------------------------------------------- one work unit
@@ -235,13 +242,23 @@ def _chunks(unit: WorkUnit, k: int) -> list[WorkUnit]:
 
 
 def split_plan(pending: Sequence[WorkUnit], workers: int) -> list[list[WorkUnit]] | None:
-    """Each pending unit as its chunks when the units are too few to keep ``workers`` busy, else None."""
-    if workers <= 1 or len(pending) >= _SPLIT_UNITS_PER_WORKER * workers:
+    """Each pending unit as its chunks ([unit] when whole), or None when no unit is split.
+
+    Units too few to keep ``workers`` busy are all split; otherwise only the
+    last ones to start (see _TAIL_CHUNKS).
+    """
+    if workers <= 1:
         return None
-    if sum(u.est_bytes for u in pending) > _SPLIT_MAX_BYTES:
-        return None
-    k = -(-_SPLIT_UNITS_PER_WORKER * workers // len(pending))
-    plan = [_chunks(u, min(k, u.est_bytes // _SPLIT_MIN_BYTES)) for u in pending]
+    if len(pending) < _SPLIT_UNITS_PER_WORKER * workers:
+        if sum(u.est_bytes for u in pending) > _SPLIT_MAX_BYTES:
+            return None
+        k = -(-_SPLIT_UNITS_PER_WORKER * workers // len(pending))
+        split = set(range(len(pending)))
+    else:
+        k = _TAIL_CHUNKS
+        last = sorted(range(len(pending)), key=lambda i: -pending[i].est_bytes)[-2 * workers :]  # as submitted
+        split = {i for i in last if pending[i].est_bytes <= _SPLIT_MAX_UNIT_BYTES}
+    plan = [_chunks(u, min(k, u.est_bytes // _SPLIT_MIN_BYTES)) if i in split else [u] for i, u in enumerate(pending)]
     return plan if any(len(c) > 1 for c in plan) else None
 
 
@@ -272,12 +289,10 @@ def _run_units(ctx: UnitContext, pending: list[WorkUnit], workers: int, progress
         return
     # fork: workers start in milliseconds with the tokenizer module already imported.
     mpctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context("spawn")
-    # Tasks: whole units, or (small corpus) chunks of units: (unit, chunk number, chunk).
-    tasks = (
-        [(u, 0, u) for u in pending]
-        if plan is None
-        else [(u, i, c) for u, cs in zip(pending, plan) for i, c in enumerate(cs)]
-    )
+    # Tasks (unit, chunk number, chunk): whole units, and the chunks of the units split_plan splits.
+    # A unit left whole is converted and written by its worker; a split unit's chunks come back to be written here.
+    tasks = [(u, i, c) for u, cs in zip(pending, plan or [[u] for u in pending]) for i, c in enumerate(cs)]
+    n_chunks = {u.index: 1 for u in pending} if plan is None else {u.index: len(cs) for u, cs in zip(pending, plan)}
     ex = cf.ProcessPoolExecutor(
         max_workers=min(workers, len(tasks)),
         mp_context=mpctx,
@@ -286,9 +301,10 @@ def _run_units(ctx: UnitContext, pending: list[WorkUnit], workers: int, progress
     )
     try:
         # Biggest first (fewer idle workers at the end); the output order is the unit order regardless.
-        entry = _unit_entry if plan is None else _encode_chunk
-        futs = {ex.submit(entry, ctx, c): (u, i) for u, i, c in sorted(tasks, key=lambda t: -t[2].est_bytes)}
-        n_chunks = {u.index: 1 for u in pending} if plan is None else {u.index: len(cs) for u, cs in zip(pending, plan)}
+        futs = {
+            ex.submit(_unit_entry if n_chunks[u.index] == 1 else _encode_chunk, ctx, c): (u, i)
+            for u, i, c in sorted(tasks, key=lambda t: -t[2].est_bytes)
+        }
         got: dict[int, dict[int, tuple[list[dict], dict]]] = {}  # unit index -> chunk number -> result
         left = set(futs)
         finished = 0
@@ -303,7 +319,7 @@ def _run_units(ctx: UnitContext, pending: list[WorkUnit], workers: int, progress
                         f"parts finished and are kept: rerun the same command to resume"
                     ) from None
                 u, i = futs[f]
-                if plan is not None:
+                if n_chunks[u.index] > 1:
                     have = got.setdefault(u.index, {})
                     have[i] = r
                     if len(have) < n_chunks[u.index]:
