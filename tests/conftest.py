@@ -5,6 +5,8 @@ import os
 import shutil
 import tempfile
 
+import pytest
+
 # Hugging Face libraries (transformers' remote-code modules, datasets' cache) write under HF_HOME:
 # the suite's go to a folder of its own, removed at exit, never to the user's ~/.cache. Set before
 # any test imports them (they read it at import). Nothing is downloaded: offline too.
@@ -24,9 +26,6 @@ try:
     torch.set_num_threads(1)
 except ImportError:  # pragma: no cover
     pass
-
-
-import pytest
 
 
 @pytest.fixture(autouse=True)
