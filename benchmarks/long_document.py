@@ -203,6 +203,7 @@ def main() -> None:
     p.add_argument("--random-init", action="store_true")
     p.add_argument("--text", choices=("heldout", "all"), default="heldout", help="documents the long one is cut from")
     p.add_argument("--chunk", type=int, default=16384, help="tokens per parallel slot of the capture read")
+    p.add_argument("--random-store", action="store_true", help="random unit keys instead of the captured ones")
     p.add_argument("--ivf-clusters", type=int, default=1024, help="IVF prototype centroids (0: skip it)")
     p.add_argument("--ivf-probe", type=int, default=64, help="IVF prototype centroids searched per query")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier on a loaded machine)")
@@ -214,7 +215,17 @@ def main() -> None:
     for L in args.lengths:
         if L % T:
             raise SystemExit(f"--lengths: {L} is not a multiple of the segment length {T}")
-    layer, keys, vals, snaps = capture(model, doc, T, args.lengths, args.chunk)
+    if args.random_store:  # cost only: random unit keys, no capture read (recall on them says little)
+        layer = model.args.active_ltm_layers[0]
+        g = torch.Generator().manual_seed(0)
+        shape = (1, a.n_heads, max(args.lengths), a.head_dim)
+        keys = torch.nn.functional.normalize(torch.randn(shape, generator=g), dim=-1)
+        vals = torch.randn(shape, generator=g)
+        model.args = dataclasses.replace(a, ltm_capacity=T)
+        snaps = dict.fromkeys(args.lengths, model.init_state(1))
+        model.args = a
+    else:
+        layer, keys, vals, snaps = capture(model, doc, T, args.lengths, args.chunk)
     attn = next(m for m in model.blocks[layer].modules() if isinstance(m, Attention))
     x = torch.from_numpy(doc).long()[None]
     bpt = store_bytes_per_token(a.n_heads, a.head_dim, 1, keys.dtype)
