@@ -49,7 +49,10 @@ def world1():
     yield
     for s, h in handlers.items():  # the trainer installs its preemption handlers
         signal.signal(s, h)
-    dist.destroy_process_group()
+    # Through DeepSpeed, which then drops the groups it cached: torch's own destroy would leave
+    # DeepSpeed holding the dead world group, and the next module's engine would fail on it.
+    deepspeed.comm.destroy_process_group()
+    assert not dist.is_initialized()
     for k, v in saved.items():
         if v is None:
             os.environ.pop(k, None)

@@ -7,16 +7,14 @@ The policy tests inject a spike through the trainer's seam (MNEMO_FAULT_SPIKE_AT
 from __future__ import annotations
 
 import json
-import os
 import random
-import signal
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 
 from tests.unit.stdlib import stdlib_texts
+from tests.unit.test_hardening_trainer import world1  # noqa: F401 (the one-rank process group fixture)
 
 REPO = Path(__file__).resolve().parents[2]
 DEBUG = REPO / "configs" / "debug.yaml"
@@ -160,36 +158,7 @@ def test_gradient_norm_spikes_cannot_be_skipped():
 # ----------------------------------------------------------------------------- the policies on a real engine
 
 
-@pytest.fixture(scope="module")
-def world1():
-    """A one-rank process group in this process (what `mnemo train` without a launcher makes)."""
-    import deepspeed
-    import torch.distributed as dist
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {
-        "RANK": "0",
-        "WORLD_SIZE": "1",
-        "LOCAL_RANK": "0",
-        "LOCAL_WORLD_SIZE": "1",
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(port),
-    }
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
-    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
-    yield
-    for s, h in handlers.items():  # the trainer installs its preemption handlers
-        signal.signal(s, h)
-    dist.destroy_process_group()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+# world1: the one-rank process group fixture of test_hardening_trainer (imported above).
 
 
 @pytest.fixture(scope="module")
@@ -234,7 +203,7 @@ def weights(ckpt: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("accum", [1, 2])
-def test_skip_policy_applies_nothing_of_the_spike_step(world1, data, tmp_path, monkeypatch, accum):
+def test_skip_policy_applies_nothing_of_the_spike_step(world1, data, tmp_path, monkeypatch, accum):  # noqa: F811
     """A spike at step 3 under skip: the checkpoint after it holds the weights, optimizer moments and LR
     schedule of step 2 (checkpoint.interval=1), the step's data is consumed, and the event is logged. With 2
     accumulation micro-steps the first one's gradients are already in the engine: DeepSpeed must refuse them."""
@@ -264,7 +233,7 @@ def _stream_batches(rank_file: dict) -> int:
     return rank_file["streams"]["batches"]
 
 
-def test_rollback_restores_the_last_checkpoint_and_skips_the_data_since(world1, data, tmp_path, monkeypatch):
+def test_rollback_restores_the_last_checkpoint_and_skips_the_data_since(world1, data, tmp_path, monkeypatch):  # noqa: F811
     """A spike at step 6 under rollback (checkpoints every 4 steps): the run goes back to step 4 and trains
     steps 5..8 on the data after step 6. Reference: a clean run's checkpoint 4 with the stream position of its
     step 6 and empty memory, resumed by the ordinary resume: per-step losses of 5..8 and the final weights
