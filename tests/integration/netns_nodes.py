@@ -167,6 +167,15 @@ class NetnsNodes:
         self.close(check=exc[0] is None)
 
     @staticmethod
+    def prerequisites_missing() -> str | None:
+        """Why namespace nodes cannot be made here (root, tools, sshd), or None: a check without starting any."""
+        try:
+            NetnsNodes._check_prerequisites()
+        except NetnsUnavailable as e:
+            return str(e)
+        return None
+
+    @staticmethod
     def _check_prerequisites() -> None:
         if os.geteuid() != 0:
             raise NetnsUnavailable("namespace nodes need root (ip netns, veth, mount)")
