@@ -20,7 +20,7 @@ does not stop the workers while they save.
 from __future__ import annotations
 
 import os
-import select
+import selectors
 import signal
 import subprocess
 import sys
@@ -162,12 +162,21 @@ class NodeRunner:
     def _pump(self, log: IO[str]) -> int:
         assert self.proc is not None and self.proc.stdout is not None
         out_fd = self.proc.stdout.fileno()
-        fds = [out_fd]
+        # A selector (epoll), not select(): select() refuses descriptors >= 1024.
+        sel = selectors.DefaultSelector()
+        sel.register(out_fd, selectors.EVENT_READ)
         if self.stop_on_stdin_eof:
-            fds.append(sys.stdin.fileno())
+            sel.register(sys.stdin.fileno(), selectors.EVENT_READ)
+        try:
+            return self._pump_from(sel, out_fd, log)
+        finally:
+            sel.close()
+
+    def _pump_from(self, sel: selectors.BaseSelector, out_fd: int, log: IO[str]) -> int:
+        assert self.proc is not None
         buf = b""
         while True:
-            ready, _, _ = select.select(fds, [], [], 0.5)
+            ready = [key.fd for key, _ in sel.select(0.5)]
             self._flush_notes(log)
             if out_fd in ready:
                 data = os.read(out_fd, 65536)
@@ -180,7 +189,7 @@ class NodeRunner:
             if self.stop_on_stdin_eof and sys.stdin.fileno() in ready:
                 if not os.read(sys.stdin.fileno(), 4096):
                     # The ssh connection to the orchestrator closed: stop gracefully.
-                    fds.remove(sys.stdin.fileno())
+                    sel.unregister(sys.stdin.fileno())
                     self._forward(signal.SIGTERM, "stdin closed (launcher gone)")
         if buf:
             self._emit(log, buf.decode(errors="replace"))

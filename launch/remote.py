@@ -32,7 +32,7 @@ from __future__ import annotations
 import json
 import os
 import re
-import select
+import selectors
 import shlex
 import shutil
 import signal
@@ -116,16 +116,17 @@ def read_env_line(fd: int, timeout: float = 120.0) -> dict[str, str]:
     and a buffered read would swallow the EOF it waits for.
     """
     buf = bytearray()
-    while not buf.endswith(b"\n"):
-        ready, _, _ = select.select([fd], [], [], timeout)
-        if not ready:
-            raise UserError(f"{ENV_FROM_STDIN}: no environment line on stdin within {timeout:.0f} s")
-        b = os.read(fd, 1)
-        if not b:
-            raise UserError(f"{ENV_FROM_STDIN}: stdin closed before the environment line ended")
-        buf += b
-        if len(buf) > _MAX_SECRET_LINE:
-            raise UserError(f"{ENV_FROM_STDIN}: environment line longer than {_MAX_SECRET_LINE} bytes")
+    with selectors.DefaultSelector() as sel:  # not select(): it refuses descriptors >= 1024
+        sel.register(fd, selectors.EVENT_READ)
+        while not buf.endswith(b"\n"):
+            if not sel.select(timeout):
+                raise UserError(f"{ENV_FROM_STDIN}: no environment line on stdin within {timeout:.0f} s")
+            b = os.read(fd, 1)
+            if not b:
+                raise UserError(f"{ENV_FROM_STDIN}: stdin closed before the environment line ended")
+            buf += b
+            if len(buf) > _MAX_SECRET_LINE:
+                raise UserError(f"{ENV_FROM_STDIN}: environment line longer than {_MAX_SECRET_LINE} bytes")
     try:
         env = json.loads(buf)
     except ValueError:
@@ -341,14 +342,26 @@ class _Orchestrator:
     def _pump(self) -> None:
         fds = {p.stdout.fileno(): (c, p) for c, p in zip(self.cmds, self.procs)}
         bufs = {fd: b"" for fd in fds}
+        # A selector (epoll), not select(): select() refuses descriptors >= 1024, which a launcher
+        # started by a long-lived process holding many files can get.
+        sel = selectors.DefaultSelector()
+        for fd in fds:
+            sel.register(fd, selectors.EVENT_READ)
+        try:
+            self._pump_from(sel, fds, bufs)
+        finally:
+            sel.close()
+
+    def _pump_from(self, sel: selectors.BaseSelector, fds: dict, bufs: dict[int, bytes]) -> None:
         while fds:
-            ready, _, _ = select.select(list(fds), [], [], 0.5)
+            ready = [key.fd for key, _ in sel.select(0.5)]
             for fd in ready:
                 c, _ = fds[fd]
                 data = os.read(fd, 65536)
                 if not data:
                     if bufs[fd]:
                         self._print(c, bufs[fd])
+                    sel.unregister(fd)
                     del fds[fd]
                     continue
                 bufs[fd] += data
