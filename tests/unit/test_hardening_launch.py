@@ -404,6 +404,30 @@ def test_secrets_reach_the_node_on_stdin_not_argv(ws, monkeypatch):
     }
 
 
+def test_the_secrets_line_is_read_from_a_descriptor_above_1023():
+    """select() refuses descriptors >= 1024; a launcher run by a process holding many files gets such
+    descriptors, so the launchers wait on them with a selector (epoll)."""
+    import resource
+
+    from mnemo.launch.remote import read_env_line
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    high = 1500
+    if max(soft, hard if hard != resource.RLIM_INFINITY else high + 1) <= high:
+        pytest.skip(f"RLIMIT_NOFILE {soft}/{hard}: no descriptor {high} possible here")
+    if soft <= high:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (high + 1, hard))
+    r, w = os.pipe()
+    try:
+        os.dup2(r, high)
+        os.write(w, json.dumps({"MLFLOW_TRACKING_PASSWORD": SECRET}).encode() + b"\n")
+        assert read_env_line(high, timeout=5) == {"MLFLOW_TRACKING_PASSWORD": SECRET}
+    finally:
+        for fd in (r, w, high):
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
 def test_node_reads_exactly_the_secret_line_then_leaves_stdin(ws, capsys, monkeypatch):
     """`mnemo launch --env-from-stdin` takes the first line into its environment; the rest stays unread."""
     r, w = os.pipe()
