@@ -13,12 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.unit.stdlib import stdlib_texts
-from tests.unit.test_hardening_trainer import world1  # noqa: F401 (the one-rank process group fixture)
+from tests.unit.test_hardening_trainer import config as hardening_config
+from tests.unit.test_hardening_trainer import data, world1  # noqa: F401 (fixtures: corpus, one-rank process group)
 
 REPO = Path(__file__).resolve().parents[2]
 DEBUG = REPO / "configs" / "debug.yaml"
-VOCAB = 400
 
 
 def spike_cfg(**kw):
@@ -161,34 +160,16 @@ def test_gradient_norm_spikes_cannot_be_skipped():
 # world1: the one-rank process group fixture of test_hardening_trainer (imported above).
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    from mnemo.data_pipeline.prepare import prepare
-
-    corpus = tmp_path_factory.mktemp("corpus")
-    for i, text in enumerate(stdlib_texts(12)):
-        (corpus / f"m{i:02d}.py").write_text(text)
-    out = tmp_path_factory.mktemp("data") / "mds"
-    prepare([str(corpus)], str(out), vocab_size=VOCAB, workers=1, progress=False)
-    return out
-
-
-def config(data: Path, run_dir: Path, *overrides: str):
-    from mnemo.train.config import load_config
-
-    return load_config(
-        DEBUG,
-        [
-            f"data.path={data}",
-            f"run.dir={run_dir}",
-            "tracking.enabled=false",
-            "train.log_interval=1",
-            "eval.max_docs=1",
-            "eval.max_doc_tokens=128",
-            "train.warmup_steps=0",
-            "train.spike.warmup=2",
-            *overrides,
-        ],
+def config(data: Path, run_dir: Path, *overrides: str):  # noqa: F811 (a parameter, not the fixture)
+    """test_hardening_trainer's one-rank run config, with a small evaluation and the detector warm after 2 steps."""
+    return hardening_config(
+        data,
+        run_dir,
+        "eval.max_docs=1",
+        "eval.max_doc_tokens=128",
+        "train.warmup_steps=0",
+        "train.spike.warmup=2",
+        *overrides,
     )
 
 
