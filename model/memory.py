@@ -21,8 +21,30 @@ Layout (B = stream slots, H = heads, Dh = head dim):
                                   i.e. the last ``len`` positions (right-aligned)
   pos            [B]             tokens of the current document already read
                                   (absolute RoPE position of the next token)
+  With ``memory.long.search: ivf`` (model/retrieval.py), per long-term layer:
+  ltm_c          [B, H, N] int32 inverted-file list of each stored key
+                                  (FIFO with ltm_k)
+  ltm_cen        [B, H, C, Dh]   the document's C unit centroids (all zero
+                                  until the store first holds IVF_TRAIN_AT keys)
+  ltm_inv        [B, H, N] int32 the index: ages (entries pushed after it, at
+                                  the last build) of the indexed entries,
+                                  grouped by list
+  ltm_off        [B, H, C+1] int32 where each list starts in ltm_inv
+  ltm_since      [B] long        entries pushed since the last build (they
+                                  are searched exactly)
+  ltm_fit        [B] long        stored entries when the centroids were last
+                                  fit (0: not yet; refit when the store doubles)
 All methods return new objects; nothing is modified in place, so autograd
-graphs through the state stay valid.
+graphs through the state stay valid. One exception, for evaluation cost: a
+forward with gradients off appends to a long-term store in place
+(``fifo_append``) when the store is a view that an earlier such append made,
+into spare room after the view's end. The input state still reads exactly
+as before (its entries are not touched), but two forwards from the same
+input state write the same room: a no-grad forward from a state invalidates
+the states made by earlier no-grad forwards from it (and their successors).
+Evaluation and the benchmarks read each state forward once, or branch from
+it and drop the branches; code that keeps branches of a state under no_grad
+must clone it first (``state.to`` does not; ``state_dict`` does).
 """
 
 from __future__ import annotations
@@ -41,12 +63,23 @@ class LayerMemory:
     ltm_v: Tensor | None = None  # [B, H, N, Dh]
     k_tail: Tensor | None = None  # [B, H, 1, Dh]
     x_tail: Tensor | None = None  # [B, 1, S-1, D]
+    ltm_c: Tensor | None = None  # [B, H, N] int32
+    ltm_cen: Tensor | None = None  # [B, H, C, Dh]
+    ltm_inv: Tensor | None = None  # [B, H, N] int32
+    ltm_off: Tensor | None = None  # [B, H, C+1] int32
+    ltm_since: Tensor | None = None  # [B] long
+    ltm_fit: Tensor | None = None  # [B] long
 
     def _map(self, fn) -> "LayerMemory":
         return LayerMemory(*(None if t is None else fn(t) for t in (getattr(self, f) for f in _FIELDS)))
 
+    def ivf_index(self) -> tuple[Tensor, ...] | None:
+        """(ltm_c, ltm_cen, ltm_inv, ltm_off, ltm_since, ltm_fit) of an IVF store, or None."""
+        return None if self.ltm_cen is None else tuple(getattr(self, f) for f in _IVF_FIELDS)
 
-_FIELDS = ("stm_k", "stm_v", "ltm_k", "ltm_v", "k_tail", "x_tail")
+
+_IVF_FIELDS = ("ltm_c", "ltm_cen", "ltm_inv", "ltm_off", "ltm_since", "ltm_fit")
+_FIELDS = ("stm_k", "stm_v", "ltm_k", "ltm_v", "k_tail", "x_tail", *_IVF_FIELDS)
 
 
 @dataclass(frozen=True)
@@ -83,10 +116,10 @@ class MemoryState:
         mask = mask.to(device=self.pos.device, dtype=torch.bool)
         if not bool(mask.any()):
             return self
-        keep = (~mask).view(-1, 1, 1, 1)
+        keep = ~mask
 
-        def clear(t: Tensor) -> Tensor:
-            return t * keep.to(t.dtype)
+        def clear(t: Tensor) -> Tensor:  # t [B, ...], of any rank and dtype
+            return t * keep.view(-1, *(1,) * (t.dim() - 1)).to(t.dtype)
 
         zero = torch.zeros_like(self.pos)
         return MemoryState(
@@ -100,9 +133,13 @@ class MemoryState:
         return replace(self, layers=tuple(layer._map(Tensor.detach) for layer in self.layers))
 
     def to(self, device=None, dtype=None) -> "MemoryState":
-        """Move to a device; ``dtype`` applies to the stored keys/values only."""
+        """Move to a device; ``dtype`` applies to the stored keys/values only (not to integer fields)."""
+
+        def move(t: Tensor) -> Tensor:
+            return t.to(device=device, dtype=dtype if t.is_floating_point() else None)
+
         return MemoryState(
-            layers=tuple(layer._map(lambda t: t.to(device=device, dtype=dtype)) for layer in self.layers),
+            layers=tuple(layer._map(move) for layer in self.layers),
             stm_len=self.stm_len.to(device),
             ltm_len=self.ltm_len.to(device),
             pos=self.pos.to(device),
@@ -126,6 +163,19 @@ class MemoryState:
     def load_state_dict(self, sd: dict[str, Tensor]) -> "MemoryState":
         """Return a state holding ``sd`` with this state's structure, checking shapes."""
         other = MemoryState.from_state_dict(sd, len(self.layers))
+        # The search is not a weight (memory.long.search may change at resume): an IVF index this
+        # state carries and ``sd`` lacks starts empty, all entries not yet indexed (ltm_since = the
+        # fill: searched exactly until the next build); one ``sd`` carries and this state lacks is dropped.
+        fixed = []
+        for a, b in zip(self.layers, other.layers):
+            if a.ltm_cen is None:
+                b = replace(b, **dict.fromkeys(_IVF_FIELDS))
+            elif b.ltm_cen is None and b.ltm_k is not None:
+                fresh = {f: torch.zeros_like(getattr(a, f)) for f in _IVF_FIELDS}
+                fresh["ltm_since"] = other.ltm_len.clone()
+                b = replace(b, **fresh)
+            fixed.append(b)
+        other = replace(other, layers=tuple(fixed))
         for i, (a, b) in enumerate(zip(self.layers, other.layers)):
             for name in _FIELDS:
                 ta, tb = getattr(a, name), getattr(b, name)
@@ -137,9 +187,43 @@ class MemoryState:
             raise ValueError(f"memory state: batch size {other.pos.shape[0]} does not match {self.pos.shape[0]}")
         # Keys/values take this state's dtype: a bf16 run's state resumed in fp32 (or back) must
         # match the model's activations (exact for bf16 -> fp32; rounded for fp32 -> bf16).
-        ref = next((t for layer in self.layers for t in (getattr(layer, f) for f in _FIELDS) if t is not None), None)
+        fields = (getattr(layer, f) for layer in self.layers for f in _FIELDS)
+        ref = next((t for t in fields if t is not None and t.is_floating_point()), None)
         return other.to(self.pos.device, None if ref is None else ref.dtype)
 
     def equal(self, other: "MemoryState") -> bool:
         a, b = self.state_dict(), other.state_dict()
         return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def fifo_append(store: Tensor, new: Tensor) -> Tensor:
+    """The newest N entries of [store ; new] along dim 2: store [B, H, N, ...], new [B, H, T, ...].
+
+    With gradients on (training) this is a copy of N entries, as always. With
+    them off, the result is a view of a buffer with spare room after it: the
+    next append writes its T entries into the room and moves the view by T,
+    copying nothing, until the room is used up (then one copy into a fresh
+    buffer with room N/4 + T). Only views that this function made (marked)
+    are written after their end: any other tensor's storage is never touched.
+    The input's entries are never modified (see the module docstring).
+    """
+    N, T = store.shape[2], new.shape[2]
+    if T >= N:
+        return new[:, :, T - N :]
+    if torch.is_grad_enabled() or store.requires_grad or new.requires_grad:
+        return torch.cat((store[:, :, T:], new), dim=2)  # copies N entries, not N+T
+    room = getattr(store, "_fifo_room", 0)  # entries of spare buffer after the view's end
+    if room >= T and (torch.is_inference_mode_enabled() or not store.is_inference()):
+        tail = torch.as_strided(store, new.shape, store.stride(), store.storage_offset() + N * store.stride(2))
+        tail.copy_(new)
+        out = torch.as_strided(store, store.shape, store.stride(), store.storage_offset() + T * store.stride(2))
+        out._fifo_room = room - T
+        return out
+    B, H = store.shape[:2]
+    spare = N // 4 + T
+    buf = store.new_empty(B, H, N + spare, *store.shape[3:])
+    buf[:, :, : N - T] = store[:, :, T:]
+    buf[:, :, N - T : N] = new
+    out = buf[:, :, :N]
+    out._fifo_room = spare
+    return out

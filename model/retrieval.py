@@ -1,4 +1,4 @@
-"""Approximate long-term memory search: a two-level search over block summaries.
+"""Approximate long-term memory searches: block summaries (``blocks``) and an inverted file (``ivf``).
 
 The exact search (``knn_retrieve`` in model/transformer.py) scores every
 stored key for every query, so reading a document of L tokens costs O(L^2).
@@ -19,6 +19,24 @@ Measured on a trained model's real keys (docs/memory.md): fast, but recall
 is poor (a query's nearest keys are scattered tokens, which a block's mean
 does not represent); an inverted-file index with stored centroid ids is the
 accurate design.
+
+``ivf_retrieve``: an inverted file kept in the memory state (model/memory.py,
+fields ltm_c, ltm_cen, ltm_inv, ltm_off, ltm_since, ltm_fit of each long-term
+layer). When a slot's store first holds ``IVF_TRAIN_AT`` keys, ``IVF_LISTS``
+unit centroids per head are fit to them by spherical k-means (deterministic:
+k-means++ starts with a fixed seed, ``IVF_ITERS`` rounds), and fit again on
+the whole store each time the store has doubled since (a document's later
+topics get lists of their own; every stored key is reassigned then, so the
+work is O(C) per token, amortized). Between fits every key gets the id of its
+nearest centroid as it is pushed (one [T, C] product per segment), and the
+store's entries are indexed grouped by list (a stable sort of the ids:
+ltm_inv, ltm_off). That sort is
+redone only every ``IVF_REBUILD`` pushed entries; the entries pushed since
+(at most that many, or the ``IVF_TRAIN_AT`` before the first fit) are searched
+exactly. A query scores the C centroids, takes the entries of its
+``IVF_PROBE`` best lists and scores those exactly: per query C + probe * N / C
++ (entries since the last build) key scores, and no pass over the store per
+segment (the build's sort, once per IVF_REBUILD entries, aside).
 """
 
 from __future__ import annotations
@@ -30,13 +48,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-SEARCHES = ("exact", "blocks")
+from mnemo.model.memory import LayerMemory, fifo_append
+
+SEARCHES = ("exact", "blocks", "ivf")
 BLOCK = 256  # stored entries per block summary
 PROBE = 8  # blocks searched exactly per query (probe * BLOCK candidates)
 # Windows up to this many entries are searched exactly: one matmul per tile of queries reuses every
 # key it loads, the gathered candidates of the two-level search do not (measured on 2 CPU cores,
 # benchmarks/long_document.py: exact faster at 16K entries, 3x slower at 128K).
 EXACT_UP_TO = 32768
+IVF_LISTS = 1024  # centroids per head and slot (C)
+IVF_PROBE = 32  # lists searched per query
+IVF_TRAIN_AT = 16384  # stored entries at which a slot's centroids are fit (before that: exact)
+IVF_REBUILD = 8192  # entries pushed between two sorts of the index (searched exactly meanwhile)
+IVF_ITERS = 8  # k-means rounds
+IVF_FIT_SAMPLE = 64  # k-means fits on at most this many entries per centroid (evenly spaced)
 
 
 def _candidate_tile(device: torch.device) -> int:
@@ -73,6 +99,7 @@ def block_retrieve(
     block: int | None = None,
     probe: int | None = None,
     exact: Callable[..., tuple[Tensor, Tensor, Tensor]] | None = None,
+    index: tuple[Tensor, ...] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Approximate top-k retrieval with ``knn_retrieve``'s contract (shapes, found mask, gradients).
 
@@ -81,7 +108,8 @@ def block_retrieve(
     k = min(topk, window). Selected entries are gathered from the store outside
     no_grad, so gradients reach q exactly as with the exact search. ``exact``: the exact
     search (``knn_retrieve``, passed in by the model; this module does not import it back),
-    used when the probed blocks would cover the whole window.
+    used when the probed blocks would cover the whole window. ``index``: ignored (an IVF
+    index the state may carry; this search keeps none).
     """
     B, H, T, Dh = q.shape
     N = mem_k.shape[2]
@@ -138,11 +166,290 @@ def block_retrieve(
     return sel_k, sel_v, found
 
 
+# ------------------------------------------------------------------ inverted file
+
+
+def ivf_state(B: int, H: int, N: int, Dh: int, device=None, dtype=None) -> dict[str, Tensor]:
+    """The empty IVF fields of one long-term layer's memory (model/memory.py): no centroids yet."""
+    C = IVF_LISTS
+    i32 = dict(device=device, dtype=torch.int32)
+    return dict(
+        ltm_c=torch.zeros(B, H, N, **i32),
+        ltm_cen=torch.zeros(B, H, C, Dh, device=device, dtype=dtype),
+        ltm_inv=torch.zeros(B, H, N, **i32),
+        ltm_off=torch.zeros(B, H, C + 1, **i32),
+        ltm_since=torch.zeros(B, dtype=torch.long, device=device),
+        ltm_fit=torch.zeros(B, dtype=torch.long, device=device),
+    )
+
+
+def _nearest(keys: Tensor, cen: Tensor) -> Tensor:
+    """Id of the nearest centroid [H, L] int32 of keys [H, L, Dh] among cen [H, C, Dh], in chunks of L."""
+    H, L, _ = keys.shape
+    out = torch.empty(H, L, dtype=torch.int32, device=keys.device)
+    step = max(1, (1 << 24) // (H * cen.shape[1]))
+    for a in range(0, L, step):
+        out[:, a : a + step] = torch.bmm(keys[:, a : a + step], cen.transpose(1, 2)).argmax(-1)
+    return out
+
+
+def ivf_fit(keys: Tensor, C: int, iters: int | None = None) -> Tensor:
+    """Spherical k-means: C unit centroids [H, C, Dh] of unit keys [H, L, Dh], L >= 1.
+
+    Deterministic (k-means++ starts drawn with a fixed seed from a fitting sample of at most
+    IVF_FIT_SAMPLE * C evenly spaced entries), so a resumed read fits the same centroids. A
+    centroid that loses all its entries keeps its place.
+    """
+    H, L, Dh = keys.shape
+    iters = IVF_ITERS if iters is None else iters
+    keys = keys.float()
+    n = min(L, IVF_FIT_SAMPLE * C)
+    sample = keys[:, torch.linspace(0, L - 1, n, device=keys.device).long()]  # [H, n, Dh]
+    # k-means++ starts (a fixed seed: the same keys give the same centroids): each next start is drawn
+    # with probability ~ squared distance to the nearest start so far, so dense topics get one each.
+    g = torch.Generator().manual_seed(0)
+    pick = torch.zeros(H, C, dtype=torch.long)
+    d2 = torch.full((H, n), 4.0, device=keys.device)  # [H, n] squared distance to the nearest start (<= 4)
+    rows = torch.arange(H, device=keys.device)
+    for i in range(C):
+        pick[:, i] = torch.multinomial(d2.clamp(min=0).cpu() + 1e-12, 1, generator=g)[:, 0]
+        last = sample[rows, pick[:, i].to(keys.device)]  # [H, Dh]
+        d2 = torch.minimum(d2, 2 - 2 * torch.bmm(sample, last[:, :, None])[..., 0])
+    cen = torch.gather(sample, 1, pick.to(keys.device)[..., None].expand(-1, -1, Dh))  # [H, C, Dh]
+    for _ in range(iters):
+        a = _nearest(sample, cen).long()  # [H, n]
+        sums = torch.zeros_like(cen).scatter_add_(1, a[..., None].expand(-1, -1, Dh), sample)
+        cen = F.normalize(sums + 1e-6 * cen, dim=-1)
+    return cen
+
+
+def _build(
+    keys: Tensor, ids: Tensor, cen: Tensor, fill: int, N: int, fit: bool
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """One slot's index: (ids, centroids, inv, off) of its store keys [H, N, Dh] whose newest ``fill`` are valid.
+
+    fit: fit the centroids first and give every stored entry its list (else ``ids`` [H, N] are kept).
+    inv [H, N]: the ages (newest = 0) of the valid entries, grouped by list (oldest first inside one);
+    off [H, C+1]: list c is inv[:, off[c] : off[c+1]].
+    """
+    H, _, Dh = keys.shape
+    C = cen.shape[1]
+    win = keys[:, N - fill :]
+    if fit:
+        cen = ivf_fit(win, C).to(cen.dtype)
+        ids = ids.clone()
+        ids[:, N - fill :] = _nearest(win, cen)
+    order = torch.sort(ids[:, N - fill :], dim=-1, stable=True).indices  # [H, fill], positions in the window
+    inv = torch.zeros(H, N, dtype=torch.int32, device=keys.device)
+    inv[:, :fill] = (fill - 1 - order).to(torch.int32)
+    counts = torch.zeros(H, C, dtype=torch.long, device=keys.device)
+    counts.scatter_add_(1, ids[:, N - fill :].long(), torch.ones_like(order))
+    off = F.pad(counts.cumsum(1), (1, 0)).to(torch.int32)
+    return ids, cen, inv, off
+
+
+def ltm_push(mem: LayerMemory, kn: Tensor, v: Tensor) -> dict[str, Tensor]:
+    """The long-term fields of a layer's memory after pushing this segment's keys kn and values v [B, H, T, Dh].
+
+    ``mem`` is the layer's LayerMemory. Returns ltm_k and ltm_v (FIFO, ``fifo_append``: in
+    place at evaluation) and, for a store with an IVF index, its fields too: the new keys'
+    list ids, and the index rebuilt for the slots that reached IVF_TRAIN_AT entries (first
+    build, which fits the centroids) or IVF_REBUILD entries since their last build.
+    """
+    out = dict(ltm_k=fifo_append(mem.ltm_k, kn), ltm_v=fifo_append(mem.ltm_v, v))
+    if mem.ltm_cen is None:
+        return out
+    c, cen, inv, off, since, fitted = mem.ivf_index()
+    B, H, N, _ = mem.ltm_k.shape
+    T = kn.shape[2]
+    with torch.no_grad():
+        # Ids of the new keys [B, H, T] (slots not yet fit: zero centroids, any id; set at their first fit).
+        ids = torch.matmul(kn.detach().to(cen.dtype), cen.transpose(-1, -2)).argmax(-1).to(torch.int32)
+        c = fifo_append(c, ids)
+        since = since + T
+        fill = (off[:, 0, -1].long() + since).clamp(max=N)  # [B] valid entries now
+        fit = torch.where(fitted > 0, fill >= 2 * fitted, fill >= IVF_TRAIN_AT)  # [B]
+        due = fit | ((fitted > 0) & (since >= IVF_REBUILD))
+        if bool(due.any()):  # one host sync per layer and segment
+            keys = out["ltm_k"].detach()
+            c, cen, inv, off = c.clone(), cen.clone(), inv.clone(), off.clone()
+            since, fitted = since.clone(), fitted.clone()
+            for b in due.nonzero().flatten().tolist():
+                c[b], cen[b], inv[b], off[b] = _build(keys[b], c[b], cen[b], int(fill[b]), N, bool(fit[b]))
+                since[b] = 0
+                if fit[b]:
+                    fitted[b] = fill[b]
+    out.update(ltm_c=c, ltm_cen=cen, ltm_inv=inv, ltm_off=off, ltm_since=since, ltm_fit=fitted)
+    return out
+
+
+def ivf_index_store(ltm_k: Tensor, fill: Tensor) -> dict[str, Tensor]:
+    """The IVF fields for stores ltm_k [B, H, N, Dh] holding ``fill`` [B] entries, built at once.
+
+    What a read reaching that fill holds when the fill is IVF_TRAIN_AT times a power of two (the
+    centroids then were just fit on the whole store); at other fills it is fit on the whole store
+    too (a read would have fit at the last doubling). Below IVF_TRAIN_AT: nothing indexed (exact).
+    For states made without reading: the benchmark's stores, a state switched to ivf at resume.
+    """
+    B, H, N, Dh = ltm_k.shape
+    f = ivf_state(B, H, N, Dh, ltm_k.device, ltm_k.dtype)
+    with torch.no_grad():
+        for b in range(B):
+            n = int(fill[b])
+            if n >= IVF_TRAIN_AT:
+                f["ltm_c"][b], f["ltm_cen"][b], f["ltm_inv"][b], f["ltm_off"][b] = _build(
+                    ltm_k[b].detach(), f["ltm_c"][b], f["ltm_cen"][b], n, N, True
+                )
+                f["ltm_fit"][b] = n
+            else:
+                f["ltm_since"][b] = n
+    return f
+
+
+def _dense_top(q: Tensor, mem_k: Tensor, valid: Tensor | None, k: int, W: int) -> tuple[Tensor, Tensor]:
+    """Exact top-k over the newest W entries: scores [BH, T, k] (not found: dtype min) and store positions."""
+    B, H, T, Dh = q.shape
+    N = mem_k.shape[2]
+    neg = torch.finfo(q.dtype).min
+    qf = q.reshape(B * H, T, Dh)
+    keys_t = mem_k[:, :, N - W :].reshape(B * H, W, Dh).transpose(1, 2)  # [BH, Dh, W]
+    invalid = None if valid is None else (~valid).repeat_interleave(H, dim=0)[:, None, :]  # [BH, 1, W]
+    vals = torch.empty(B * H, T, k, dtype=q.dtype, device=q.device)
+    idx = torch.empty(B * H, T, k, dtype=torch.long, device=q.device)
+    rows = min(T, max(1, (1 << 18) // W))
+    for t0 in range(0, T, rows):
+        s = torch.bmm(qf[:, t0 : t0 + rows], keys_t)  # [BH, rows, W]
+        if invalid is not None:
+            s.masked_fill_(invalid, neg)
+        torch.topk(s, k, dim=-1, out=(vals[:, t0 : t0 + rows], idx[:, t0 : t0 + rows]))
+    return vals, idx + (N - W)
+
+
+def _ivf_tile(device: torch.device) -> int:
+    """Elements of one gathered [BH, rows, candidates, Dh] tile of candidate keys."""
+    return 1 << 22 if device.type == "cpu" else 1 << 27
+
+
+def ivf_retrieve(
+    q: Tensor,
+    mem_k: Tensor,
+    mem_v: Tensor,
+    valid: Tensor | None,
+    topk: int,
+    window: int | None = None,
+    index: tuple[Tensor, ...] | None = None,
+    probe: int | None = None,
+    exact: Callable[..., tuple[Tensor, Tensor, Tensor]] | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Approximate top-k retrieval through the state's inverted file, with ``knn_retrieve``'s contract.
+
+    q [B, H, T, Dh] unit-norm; mem_k, mem_v [B, H, N, Dh]; valid [B, window] or None; index:
+    ``LayerMemory.ivf_index()`` (None: the state carries none, the exact search ``exact`` runs).
+    Returns keys, values [B, H, T, k, Dh] and found [B, H, T, k], k = min(topk, window), best
+    first. Candidates: the entries of the query's ``probe`` best lists (ltm_inv, as of the last
+    build) and every entry pushed since (the newest ltm_since, scored densely); with every list
+    probed that is every valid entry, i.e. the exact search. Rows are gathered from the store
+    outside no_grad, so gradients reach q as with the exact search.
+    """
+    if index is None:
+        return exact(q, mem_k, mem_v, valid, topk, window=window)
+    c, cen, inv, off, since, _ = index
+    B, H, T, Dh = q.shape
+    N = mem_k.shape[2]
+    W = N if window is None else window
+    k = min(topk, W)
+    BH = B * H
+    C = cen.shape[2]
+    P = min(IVF_PROBE if probe is None else probe, C)
+    neg = torch.finfo(q.dtype).min
+    with torch.no_grad():
+        # ---- entries pushed since the last build: the newest since[b] of the window, scored densely
+        tail = min(W, int(since.max()))  # host sync
+        parts = []
+        if tail:
+            tail = min(W, -(-max(tail, k) // 64) * 64)  # a few distinct shapes
+            recent = torch.arange(tail, device=q.device)[None, :] >= (tail - since)[:, None]  # [B, tail]
+            tv = recent if valid is None else recent & valid[:, W - tail :]
+            parts.append(_dense_top(q, mem_k, tv, min(k, tail), tail))
+        # ---- indexed entries of the probed lists
+        n_idx = off[:, :, -1]  # [B, H] entries indexed
+        if bool((n_idx > 0).any()):
+            lists = torch.matmul(q, cen.transpose(-1, -2).to(q.dtype)).topk(P, dim=-1).indices  # [B, H, T, P]
+            offs = off.reshape(BH, 1, C + 1).long().expand(BH, T, C + 1)
+            lst = lists.reshape(BH, T, P)
+            start = torch.gather(offs, 2, lst)  # [BH, T, P]
+            size = torch.gather(offs, 2, lst + 1) - start
+            ends = size.cumsum(-1)  # [BH, T, P]
+            total = ends[..., -1]  # [BH, T] candidates per query
+            Lmax = max(int(total.max()), 1)
+            invf = inv.reshape(BH * N).long()
+            age0 = since.repeat_interleave(H)[:, None, None]  # [BH, 1, 1]
+            vflat = None if valid is None else valid.repeat_interleave(H, dim=0)  # [BH, W]
+            vals = torch.full((BH, T, k), neg, dtype=q.dtype, device=q.device)
+            pos = torch.zeros(BH, T, k, dtype=torch.long, device=q.device)
+            qf = q.reshape(BH, T, Dh)
+            kf = mem_k.reshape(BH * N, Dh)
+            rows = min(T, max(1, _ivf_tile(q.device) // (BH * Lmax * Dh)))
+            j = torch.arange(Lmax, device=q.device)
+            for t0 in range(0, T, rows):
+                sl = slice(t0, t0 + rows)
+                r = ends[:, sl].shape[1]
+                jj = j.expand(BH, r, Lmax).contiguous()
+                p = torch.searchsorted(ends[:, sl].contiguous(), jj, right=True).clamp_(max=P - 1)  # [BH, r, Lmax]
+                slot = torch.gather(start[:, sl], 2, p) + jj - torch.gather(ends[:, sl] - size[:, sl], 2, p)
+                ok = jj < total[:, sl, None]
+                slot = slot.clamp_(max=N - 1) + (torch.arange(BH, device=q.device) * N).view(BH, 1, 1)
+                age = invf[slot.view(-1)].view(BH, r, Lmax) + age0
+                where = N - 1 - age  # store position
+                ok &= where >= N - W
+                where.clamp_(min=N - W)
+                if vflat is not None:
+                    ok &= torch.gather(vflat, 1, (where - (N - W)).view(BH, -1)).view(BH, r, Lmax)
+                flat = (where + (torch.arange(BH, device=q.device) * N).view(BH, 1, 1)).view(-1)
+                cand = kf.index_select(0, flat).view(BH * r, Lmax, Dh)
+                s = torch.bmm(cand, qf[:, sl].reshape(BH * r, Dh, 1)).view(BH, r, Lmax)
+                s.masked_fill_(~ok, neg)
+                kk = min(k, Lmax)
+                tv, ti = torch.topk(s, kk, dim=-1)
+                vals[:, sl, :kk], pos[:, sl, :kk] = tv, torch.gather(where, 2, ti)
+            parts.append((vals, pos))
+        if not parts:  # nothing stored anywhere
+            parts.append(
+                (
+                    torch.full((BH, T, k), neg, dtype=q.dtype, device=q.device),
+                    torch.zeros(BH, T, k, dtype=torch.long, device=q.device),
+                )
+            )
+        vals = torch.cat([a for a, _ in parts], dim=-1)
+        pos = torch.cat([b for _, b in parts], dim=-1)
+        if vals.shape[-1] < k:  # fewer candidates than k: pad with not-found
+            pad = k - vals.shape[-1]
+            vals = F.pad(vals, (0, pad), value=neg)
+            pos = F.pad(pos, (0, pad), value=N - 1)
+        top, at = torch.topk(vals, k, dim=-1)  # [BH, T, k], best first
+        entry = torch.gather(pos, 2, at)
+        found = (top > neg).view(B, H, T, k)
+    base = (torch.arange(BH, device=q.device) * N).view(BH, 1, 1)
+    flat = (entry + base).reshape(-1)
+    sel_k = mem_k.reshape(BH * N, Dh).index_select(0, flat).view(B, H, T, k, Dh)
+    sel_v = mem_v.reshape(BH * N, Dh).index_select(0, flat).view(B, H, T, k, Dh)
+    return sel_k, sel_v, found
+
+
+def _exact_search(q, mem_k, mem_v, valid, topk, window=None, index=None, exact=None):
+    """The exact search ``exact`` (knn_retrieve) with the IVF index argument dropped: bit-identical."""
+    return exact(q, mem_k, mem_v, valid, topk, window=window)
+
+
 def searcher(kind: str, exact: Callable[..., tuple[Tensor, Tensor, Tensor]]) -> Callable[..., tuple[Tensor, ...]]:
-    """The search function of ``kind`` ("exact" | "blocks"), given the exact search ``knn_retrieve``."""
+    """The search function of ``kind`` ("exact" | "blocks" | "ivf"), given the exact search ``knn_retrieve``.
+
+    Called as fn(q, mem_k, mem_v, valid, topk, window=, index=LayerMemory.ivf_index()).
+    """
     if kind not in SEARCHES:
         raise ValueError(f"unknown long-term memory search {kind!r}")
-    return exact if kind == "exact" else functools.partial(block_retrieve, exact=exact)
+    fn = {"exact": _exact_search, "blocks": block_retrieve, "ivf": ivf_retrieve}[kind]
+    return functools.partial(fn, exact=exact)
 
 
 def store_bytes_per_token(n_heads: int, head_dim: int, n_ltm_layers: int, dtype: torch.dtype) -> int:

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mnemo.model.memory import LayerMemory, MemoryState
-from mnemo.model.retrieval import SEARCHES, searcher
+from mnemo.model.retrieval import SEARCHES, ivf_state, ltm_push, searcher
 from mnemo.model.sizes import SIZES, Size, flops_per_token, ltm_layer_indices, mlp_hidden, param_count
 
 
@@ -80,8 +80,8 @@ class ModelArgs:
     # digit is 3-4 tokens after the key's name), in the layer itself, without
     # earlier layers first moving the name into the value's positions.
     ltm_qk_span: int = 1
-    # Long-term store search: "exact" (every stored key scored) or "blocks"
-    # (model/retrieval.py: score per-block summaries, then the best blocks exactly).
+    # Long-term store search: "exact" (every stored key scored), "blocks" (model/retrieval.py:
+    # score per-block summaries, then the best blocks exactly) or "ivf" (an inverted file in the state).
     ltm_search: str = "exact"
 
     def __post_init__(self):
@@ -299,14 +299,6 @@ def knn_retrieve(
     return sel_k, sel_v, found
 
 
-def fifo_push(store: Tensor, new: Tensor) -> Tensor:
-    """The newest N entries of [store ; new]: store [B, H, N, Dh], new [B, H, T, Dh]."""
-    N, T = store.shape[2], new.shape[2]
-    if T >= N:
-        return new[:, :, T - N :]
-    return torch.cat((store[:, :, T:], new), dim=2)  # copies N entries, not N+T
-
-
 @dataclass(frozen=True)
 class SegmentContext:
     """What every layer needs about the segment being read; built once per forward."""
@@ -333,7 +325,7 @@ class Attention(nn.Module):
         self.joint = self.has_ltm and args.ltm_mix == "joint"
         if self.has_ltm:
             self.topk = args.ltm_topk
-            self.search = searcher(args.ltm_search, knn_retrieve)  # knn_retrieve or block_retrieve
+            self.search = searcher(args.ltm_search, knn_retrieve)  # knn_retrieve, block_retrieve or ivf_retrieve
             if not self.joint:
                 # Per-head sigmoid gate (0 -> 0.5) mixing memory with local attention.
                 self.ltm_gate = nn.Parameter(torch.zeros(args.n_heads))
@@ -381,7 +373,7 @@ class Attention(nn.Module):
             new_stm_k = new_stm_v = None
 
         # ---- long-term memory: kNN over this document's earlier segments
-        new_ltm_k = new_ltm_v = None
+        new_ltm = {}
         out = local
         if self.has_ltm and mem.ltm_k is not None:
             qn, kn = F.normalize(q, dim=-1), F.normalize(k, dim=-1)  # no RoPE on the memory path
@@ -391,10 +383,10 @@ class Attention(nn.Module):
             out = g * remote + (1 - g) * local
             # This segment's keys enter the store only after it was searched:
             # no token retrieves itself or a later token of its segment.
-            new_ltm_k, new_ltm_v = fifo_push(mem.ltm_k, kn), fifo_push(mem.ltm_v, v)
+            new_ltm = ltm_push(mem, kn, v)  # ltm_k, ltm_v (and an IVF index's fields)
 
         y = self.o(out.transpose(1, 2).reshape(B, T, D))
-        return y, LayerMemory(new_stm_k, new_stm_v, new_ltm_k, new_ltm_v, new_tail, x_tail)
+        return y, LayerMemory(new_stm_k, new_stm_v, k_tail=new_tail, x_tail=x_tail, **new_ltm)
 
     def _previous_inputs(self, x: Tensor, mem: LayerMemory) -> tuple[Tensor, Tensor | None]:
         """The inputs 1 .. span-1 tokens before each token, [B, T, (span-1) D], and the memory's next x_tail.
@@ -446,24 +438,24 @@ class Attention(nn.Module):
             keys, vals, mask = kn, v, ctx.causal_mask  # mask [T, T]
             new_stm_k = new_stm_v = None
         scores = [qs @ keys.float().transpose(-1, -2) + mask.float()]  # [B, H, T, M+T]
-        new_ltm_k = new_ltm_v = None
+        new_ltm = {}
         if mem.ltm_k is not None:
             sel_k, sel_v, found = self.search(
-                qn, mem.ltm_k, mem.ltm_v, ctx.ltm_valid, self.topk, window=ctx.ltm_window
+                qn, mem.ltm_k, mem.ltm_v, ctx.ltm_valid, self.topk, window=ctx.ltm_window, index=mem.ivf_index()
             )  # [B, H, T, k, Dh], found [B, H, T, k]
             scores.append(torch.einsum("bhtd,bhtkd->bhtk", qs, sel_k.float()).masked_fill(~found, float("-inf")))
-            new_ltm_k, new_ltm_v = fifo_push(mem.ltm_k, kn), fifo_push(mem.ltm_v, v)
+            new_ltm = ltm_push(mem, kn, v)
         p = torch.softmax(torch.cat(scores, dim=-1), dim=-1).to(v.dtype)  # every row keeps its own key: no NaN
         L = keys.shape[2]
         out = p[..., :L] @ vals  # [B, H, T, Dh]
         if mem.ltm_k is not None:
             out = out + torch.einsum("bhtk,bhtkd->bhtd", p[..., L:], sel_v)
-        return out, LayerMemory(new_stm_k, new_stm_v, new_ltm_k, new_ltm_v)
+        return out, LayerMemory(new_stm_k, new_stm_v, **new_ltm)
 
     def _read_ltm(self, qn: Tensor, mem: LayerMemory, ctx: SegmentContext) -> tuple[Tensor, Tensor]:
         """Attention over each query's top-k stored keys: [B, H, T, Dh] and any_found [B, H, T, 1]."""
         sel_k, sel_v, found = self.search(
-            qn, mem.ltm_k, mem.ltm_v, ctx.ltm_valid, self.topk, window=ctx.ltm_window
+            qn, mem.ltm_k, mem.ltm_v, ctx.ltm_valid, self.topk, window=ctx.ltm_window, index=mem.ivf_index()
         )  # [B, H, T, k, Dh], found [B, H, T, k]
         temp = self.ltm_log_temp.exp().view(1, -1, 1, 1)
         scores = torch.einsum("bhtd,bhtkd->bhtk", qn, sel_k) * temp  # [B, H, T, k]
@@ -539,7 +531,10 @@ class MemoryTransformer(nn.Module):
                 k_tail = torch.zeros(B, H, 1, Dh, device=device, dtype=dtype)
             if a.ltm_qk_span > 1 and carries:
                 x_tail = torch.zeros(B, 1, a.ltm_qk_span - 1, a.d_model, device=device, dtype=dtype)
-            layers.append(LayerMemory(stm_k, stm_v, ltm_k, ltm_v, k_tail, x_tail))
+            ivf = {}  # an inverted file's fields (model/retrieval.py), only where it searches
+            if ltm_k is not None and a.ltm_search == "ivf":
+                ivf = ivf_state(B, H, a.ltm_capacity, Dh, device, dtype)
+            layers.append(LayerMemory(stm_k, stm_v, ltm_k, ltm_v, k_tail, x_tail, **ivf))
         zero = torch.zeros(B, dtype=torch.long, device=device)
         return MemoryState(layers=tuple(layers), stm_len=zero, ltm_len=zero.clone(), pos=zero.clone())
 

@@ -98,11 +98,13 @@ class LongMemoryConfig:
     # token and the qk_span - 1 before it (1 = the token alone), so a fact is
     # found by the few tokens that name it (docs/many_facts.md).
     qk_span: int = 1
-    # How the store is searched: "exact" (every stored key scored per query) or
+    # How the store is searched: "exact" (every stored key scored per query),
     # "blocks" (approximate: per-block summaries first, then the best blocks
-    # exactly; cost per query ~ N/256 + 2048 keys). Not a weight: safe to change
+    # exactly; cost per query ~ N/256 + 2048 keys) or "ivf" (an inverted file kept
+    # in the memory state: per query C centroids + the probed lists' keys + the
+    # keys pushed since the index was last sorted). Not a weight: safe to change
     # at resume and at evaluation. docs/memory.md.
-    search: Literal["exact", "blocks"] = "exact"
+    search: Literal["exact", "blocks", "ivf"] = "exact"
 
 
 @dataclass

@@ -89,7 +89,7 @@ def add_eval(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentPar
     )
     p.add_argument(
         "--ltm-search",
-        choices=("exact", "blocks"),
+        choices=("exact", "blocks", "ivf"),
         default=None,
         help="how the long-term store is searched (default: as trained; memory.long.search, docs/memory.md)",
     )

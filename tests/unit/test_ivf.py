@@ -1,0 +1,208 @@
+"""The inverted-file long-term search (model/retrieval.py, ``memory.long.search: ivf``) and the
+in-place store append of no-grad forwards (model/memory.py ``fifo_append``)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import mnemo.model.retrieval as rt
+from mnemo.model.memory import LayerMemory, fifo_append
+from mnemo.model.retrieval import ivf_retrieve, ivf_state, ltm_push
+from mnemo.model.transformer import knn_retrieve
+from tests.unit.test_model import T, make, run, tokens
+
+
+@pytest.fixture
+def small_ivf(monkeypatch):
+    """16 lists, fit at 1,000 stored entries, index re-sorted every 512 entries."""
+    monkeypatch.setattr(rt, "IVF_LISTS", 16)
+    monkeypatch.setattr(rt, "IVF_TRAIN_AT", 1000)
+    monkeypatch.setattr(rt, "IVF_REBUILD", 512)
+
+
+def _filled(B, H, N, Dh, segments, seg, keys=None, seed=0):
+    """A layer memory after pushing ``segments`` segments of ``seg`` keys (random unit keys, or ``keys``)."""
+    g = torch.Generator().manual_seed(seed)
+    mem = LayerMemory(ltm_k=torch.zeros(B, H, N, Dh), ltm_v=torch.zeros(B, H, N, Dh), **ivf_state(B, H, N, Dh))
+    with torch.no_grad():
+        for s in range(segments):
+            if keys is None:
+                kn = F.normalize(torch.randn(B, H, seg, Dh, generator=g), dim=-1)
+            else:
+                kn = keys[:, :, s * seg : (s + 1) * seg]
+            mem = LayerMemory(**ltm_push(mem, kn, torch.randn(B, H, seg, Dh, generator=g)))
+    return mem
+
+
+@pytest.mark.parametrize("window", [None, 2560])
+def test_probing_every_list_is_the_exact_search(small_ivf, window):
+    """Every list probed: the indexed entries plus those pushed since the last build are every valid
+    entry, so found keys, values and their order are the exact search's. 2,400 entries pushed into
+    a store of 3,000: fit at 1,000, fit again at 2,000 (the store doubled), 400 pushed since (scored
+    densely)."""
+    B, H, N, Dh = 2, 2, 3000, 16
+    mem = _filled(B, H, N, Dh, 300, 8)
+    assert mem.ltm_since.tolist() == [400, 400] and mem.ltm_off[:, :, -1].eq(2000).all()
+    assert mem.ltm_fit.tolist() == [2000, 2000]
+    assert mem.ltm_cen.ne(0).any(-1).all()  # every slot fit its centroids
+    q = F.normalize(torch.randn(B, H, 5, Dh, generator=torch.Generator().manual_seed(1)), dim=-1)
+    W = N if window is None else window
+    valid = torch.arange(W)[None, :] >= W - 2400  # right-aligned fill; the STM overlap masked too:
+    valid = valid & (torch.arange(W)[None, :] < W - torch.tensor([[8], [0]]))  # slot 0's newest 8 excluded
+    ek, ev, ef = knn_retrieve(q, mem.ltm_k, mem.ltm_v, valid, 6, window=window)
+    ak, av, af = ivf_retrieve(q, mem.ltm_k, mem.ltm_v, valid, 6, window=window, index=mem.ivf_index(), probe=16)
+    assert ef.all() and torch.equal(af, ef) and torch.equal(ak, ek) and torch.equal(av, ev)
+
+
+def test_evicted_entries_are_never_found(small_ivf):
+    """A store of 1,200 entries after 2,400 pushes: the index (fit at 1,000, never doubled, re-sorted
+    at 1,512 and 2,024) still lists entries that the FIFO has since dropped; they must not be
+    returned (they would alias newer rows)."""
+    B, H, N, Dh = 1, 2, 1200, 8
+    mem = _filled(B, H, N, Dh, 300, 8)
+    assert mem.ltm_fit.tolist() == [1000] and mem.ltm_since.tolist() == [376]
+    q = F.normalize(torch.randn(B, H, 7, Dh, generator=torch.Generator().manual_seed(2)), dim=-1)
+    ek, ev, ef = knn_retrieve(q, mem.ltm_k, mem.ltm_v, None, 5)
+    ak, av, af = ivf_retrieve(q, mem.ltm_k, mem.ltm_v, None, 5, index=mem.ivf_index(), probe=16)
+    assert torch.equal(af, ef) and torch.equal(ak, ek) and torch.equal(av, ev)
+
+
+def test_recall_on_clustered_keys(monkeypatch):
+    """Keys in 64 clusters laid out in topic runs (the first 4,096 keys hold about half the topics),
+    queries near cluster centres: the top-8 of the IVF search (64 lists, 8 probed) holds >= 95% of the
+    exact top-8 while scoring < 1/4 of the store. Refitting as the store doubles is what gets there:
+    centroids fit once at 4,096 keys (IVF_TRAIN_AT) gave 0.87 on these keys."""
+    monkeypatch.setattr(rt, "IVF_LISTS", 64)
+    monkeypatch.setattr(rt, "IVF_TRAIN_AT", 4096)
+    monkeypatch.setattr(rt, "IVF_REBUILD", 4096)
+    g = torch.Generator().manual_seed(3)
+    B, H, N, Dh, C = 1, 2, 16384, 16, 64
+    centres = F.normalize(torch.randn(C, Dh, generator=g), dim=-1)
+    run_of = torch.randint(0, C, (N // 128,), generator=g).repeat_interleave(128)
+    k = F.normalize(centres[run_of] + 0.1 * torch.randn(B, H, N, Dh, generator=g), dim=-1)
+    mem = _filled(B, H, N, Dh, N // 512, 512, keys=k)
+    assert mem.ltm_since.item() == 0 and mem.ltm_off[0, :, -1].eq(N).all()  # all indexed: no dense part
+    assert mem.ltm_fit.item() == N  # fit at 4,096, 8,192, 16,384
+    q = F.normalize(centres[torch.randint(0, C, (64,), generator=g)] + 0.1 * torch.randn(B, H, 64, Dh, generator=g), -1)
+    ek, _, _ = knn_retrieve(q, mem.ltm_k, mem.ltm_v, None, 8)
+    ak, _, af = ivf_retrieve(q, mem.ltm_k, mem.ltm_v, None, 8, index=mem.ivf_index(), probe=8)
+    assert af.all()
+    hit = (ak[..., None, :, :] == ek[..., :, None, :]).all(-1).any(-1)  # [B, H, T, k]
+    assert hit.float().mean().item() >= 0.95, hit.float().mean().item()
+    sizes = (mem.ltm_off[..., 1:] - mem.ltm_off[..., :-1]).long()  # [B, H, C]
+    probed = (q @ mem.ltm_cen.transpose(-1, -2)).topk(8, -1).indices  # [B, H, T, 8]: what each query scored
+    scored = torch.gather(sizes[:, :, None].expand(-1, -1, q.shape[2], -1), 3, probed).sum(-1)  # [B, H, T]
+    assert scored.float().mean() < N / 4, scored.float().mean()
+
+
+def test_gradients_reach_the_queries_and_bf16(small_ivf):
+    B, H, N, Dh = 1, 2, 2048, 16
+    mem = _filled(B, H, N, Dh, 150, 8)
+    mem = LayerMemory(
+        **{f: getattr(mem, f) for f in ("ltm_c", "ltm_inv", "ltm_off", "ltm_since")},
+        ltm_k=mem.ltm_k.bfloat16(),
+        ltm_v=mem.ltm_v.bfloat16(),
+        ltm_cen=mem.ltm_cen.bfloat16(),
+    )
+    q = F.normalize(torch.randn(B, H, 4, Dh), dim=-1).bfloat16().requires_grad_()
+    sk, sv, found = ivf_retrieve(q, mem.ltm_k, mem.ltm_v, None, 4, index=mem.ivf_index(), probe=4)
+    assert sk.dtype == torch.bfloat16 and found.all()
+    (torch.einsum("bhtd,bhtkd->bhtk", q, sk).sum() + sv.sum()).backward()
+    assert q.grad is not None and q.grad.abs().sum() > 0
+
+
+@pytest.fixture
+def tiny_ivf(monkeypatch):
+    """A model-sized IVF: 4 lists, fit at 16 stored entries, re-sorted every 16 (two segments of T=8)."""
+    monkeypatch.setattr(rt, "IVF_LISTS", 4)
+    monkeypatch.setattr(rt, "IVF_TRAIN_AT", 16)
+    monkeypatch.setattr(rt, "IVF_REBUILD", 16)
+
+
+@pytest.mark.parametrize("mix", ["gate", "joint"])
+def test_a_model_probing_every_list_reads_as_the_exact_one(tiny_ivf, monkeypatch, mix):
+    monkeypatch.setattr(rt, "IVF_PROBE", 4)
+    x = tokens(2, 7)
+    with torch.no_grad():
+        want, _ = run(make(stm=4, capacity=64, mix=mix), x)
+        got, state = run(make(stm=4, capacity=64, mix=mix, search="ivf"), x)
+    assert state.layers[1].ltm_cen.ne(0).any() and state.layers[0].ltm_cen is None
+    assert torch.equal(got, want)
+
+
+def test_ivf_state_round_trip_reset_and_switch_at_resume(tiny_ivf, monkeypatch):
+    """The index is state: a state_dict round trip resumes bit-exactly, a reset slot reads like a
+    fresh one, and a state saved by an exact-search run resumes under ivf (index starts empty)."""
+    monkeypatch.setattr(rt, "IVF_PROBE", 1)  # approximate: the index matters
+    model = make(stm=4, capacity=64, mix="joint", search="ivf")
+    x = tokens(2, 7)
+    with torch.no_grad():
+        _, s3 = run(model, x[:, : 3 * T])
+        sd = s3.state_dict()
+        assert {"layers.1.ltm_c", "layers.1.ltm_cen", "layers.1.ltm_inv", "layers.1.ltm_off"} <= set(sd)
+        assert sd["layers.1.ltm_c"].dtype == torch.int32 and "layers.0.ltm_c" not in sd
+        full, _ = run(model, x)
+        rest, _ = run(model, x[:, 3 * T :], state=model.init_state(2).load_state_dict(sd))
+        assert torch.equal(rest, full[:, 3 * T :])
+        cut = s3.reset(torch.tensor([True, False]))
+        assert not cut.layers[1].ltm_cen[0].any() and not cut.layers[1].ltm_c[0].any()
+        assert cut.layers[1].ltm_since[0] == 0 and torch.equal(cut.layers[1].ltm_inv[1], s3.layers[1].ltm_inv[1])
+        after, _ = run(model, x[:, 3 * T :], state=cut)
+        fresh, _ = run(model, x[:1, 3 * T :])
+        assert torch.equal(after[:1], fresh)
+        # saved by an exact-search run, resumed by an ivf one: first segment exact (all entries not indexed)
+        exact = make(stm=4, capacity=64, mix="joint")
+        _, e3 = run(exact, x[:, : 3 * T])
+        moved = model.init_state(2).load_state_dict(e3.state_dict())
+        assert moved.layers[1].ltm_since.tolist() == [24, 24] and not moved.layers[1].ltm_cen.any()
+        assert not moved.layers[1].ltm_fit.any()
+        a, _ = model(x[:, 3 * T : 4 * T], moved)
+        b, _ = exact(x[:, 3 * T : 4 * T], e3)
+        assert torch.equal(a, b)
+        assert set(exact.init_state(2).load_state_dict(sd).state_dict()) == set(e3.state_dict())
+
+
+def test_fifo_append_in_place_without_grad_copies_with_it():
+    g = torch.Generator().manual_seed(0)
+    store = torch.randn(1, 2, 16, 3, generator=g)
+    new = [torch.randn(1, 2, 4, 3, generator=g) for _ in range(12)]
+    with torch.no_grad():
+        ref, cur = store, store
+        for i, n in enumerate(new):
+            before = cur.clone()
+            out = fifo_append(cur, n)
+            ref = torch.cat((ref[:, :, 4:], n), dim=2)
+            assert torch.equal(out, ref) and torch.equal(cur, before), i  # the input reads as before
+            # room 16 // 4 + 4 = 8 entries: one copy into a new buffer, then two appends in place
+            same = out.untyped_storage().data_ptr() == cur.untyped_storage().data_ptr()
+            assert same == bool(i % 3), i
+            cur = out
+    # a view that fifo_append did not make: its storage past the view's end is never written
+    big = torch.randn(1, 2, 32, 3, generator=g)
+    keep = big.clone()
+    with torch.no_grad():
+        fifo_append(big[:, :, :16], new[0])
+    assert torch.equal(big, keep)
+    # gradients on: a copy, and the graph reaches the new entries
+    n = new[0].clone().requires_grad_()
+    out = fifo_append(store, n)
+    assert out.untyped_storage().data_ptr() != store.untyped_storage().data_ptr()
+    out.sum().backward()
+    assert n.grad is not None and n.grad.eq(1).all()
+
+
+def test_a_no_grad_read_leaves_the_input_state_as_it_was():
+    """The long-term store is appended in place at evaluation; the input state must still read
+    exactly as before (a second forward from it gives the same output)."""
+    model = make(stm=4, capacity=64, mix="joint")
+    x = tokens(1, 12)
+    with torch.no_grad():
+        _, s = run(model, x[:, : 10 * T])
+        snap = s.state_dict()
+        a, s2 = model(x[:, 10 * T : 11 * T], s)
+        _, _ = model(x[:, 11 * T :], s2)
+        assert s.equal(model.init_state(1).load_state_dict(snap))
+        b, _ = model(x[:, 10 * T : 11 * T], s)
+    assert torch.equal(a, b)
