@@ -24,7 +24,7 @@ accurate design.
 fields ltm_c, ltm_cen, ltm_inv, ltm_off, ltm_since, ltm_fit of each long-term
 layer). When a slot's store first holds ``IVF_TRAIN_AT`` keys, ``IVF_LISTS``
 unit centroids per head are fit to them by spherical k-means (deterministic:
-k-means++ starts with a fixed seed, ``IVF_ITERS`` rounds), and fit again on
+random starts with a fixed seed, ``IVF_ITERS`` rounds), and fit again on
 the whole store each time the store has doubled since (a document's later
 topics get lists of their own; every stored key is reassigned then, so the
 work is O(C) per token, amortized). Between fits every key gets the id of its
@@ -196,7 +196,7 @@ def _nearest(keys: Tensor, cen: Tensor) -> Tensor:
 def ivf_fit(keys: Tensor, C: int, iters: int | None = None) -> Tensor:
     """Spherical k-means: C unit centroids [H, C, Dh] of unit keys [H, L, Dh], L >= 1.
 
-    Deterministic (k-means++ starts drawn with a fixed seed from a fitting sample of at most
+    Deterministic (starts drawn with a fixed seed from a fitting sample of at most
     IVF_FIT_SAMPLE * C evenly spaced entries), so a resumed read fits the same centroids. A
     centroid that loses all its entries keeps its place.
     """
@@ -205,17 +205,11 @@ def ivf_fit(keys: Tensor, C: int, iters: int | None = None) -> Tensor:
     keys = keys.float()
     n = min(L, IVF_FIT_SAMPLE * C)
     sample = keys[:, torch.linspace(0, L - 1, n, device=keys.device).long()]  # [H, n, Dh]
-    # k-means++ starts (a fixed seed: the same keys give the same centroids): each next start is drawn
-    # with probability ~ squared distance to the nearest start so far, so dense topics get one each.
+    # Starts: C distinct sample entries drawn with a fixed seed (k-means++ starts were 20x slower to
+    # draw, one pass per centroid, for no better recall once the fit is redone as the store doubles).
     g = torch.Generator().manual_seed(0)
-    pick = torch.zeros(H, C, dtype=torch.long)
-    d2 = torch.full((H, n), 4.0, device=keys.device)  # [H, n] squared distance to the nearest start (<= 4)
-    rows = torch.arange(H, device=keys.device)
-    for i in range(C):
-        pick[:, i] = torch.multinomial(d2.clamp(min=0).cpu() + 1e-12, 1, generator=g)[:, 0]
-        last = sample[rows, pick[:, i].to(keys.device)]  # [H, Dh]
-        d2 = torch.minimum(d2, 2 - 2 * torch.bmm(sample, last[:, :, None])[..., 0])
-    cen = torch.gather(sample, 1, pick.to(keys.device)[..., None].expand(-1, -1, Dh))  # [H, C, Dh]
+    pick = torch.randperm(n, generator=g)[:C].to(keys.device)
+    cen = sample[:, pick]  # [H, C, Dh]
     for _ in range(iters):
         a = _nearest(sample, cen).long()  # [H, n]
         sums = torch.zeros_like(cen).scatter_add_(1, a[..., None].expand(-1, -1, Dh), sample)
@@ -316,7 +310,7 @@ def _dense_top(q: Tensor, mem_k: Tensor, valid: Tensor | None, k: int, W: int) -
     invalid = None if valid is None else (~valid).repeat_interleave(H, dim=0)[:, None, :]  # [BH, 1, W]
     vals = torch.empty(B * H, T, k, dtype=q.dtype, device=q.device)
     idx = torch.empty(B * H, T, k, dtype=torch.long, device=q.device)
-    rows = min(T, max(1, (1 << 18) // W))
+    rows = min(T, max(1, (1 << 18) // (W * B * H)))  # a [BH, rows, W] tile of scores stays in cache
     for t0 in range(0, T, rows):
         s = torch.bmm(qf[:, t0 : t0 + rows], keys_t)  # [BH, rows, W]
         if invalid is not None:
@@ -362,6 +356,9 @@ def ivf_retrieve(
     C = cen.shape[2]
     P = min(IVF_PROBE if probe is None else probe, C)
     neg = torch.finfo(q.dtype).min
+    n_idx = off[:, :, -1]  # [B, H] entries indexed
+    if exact is not None and not bool((n_idx > 0).any()):  # no slot fit yet: every entry is recent
+        return exact(q, mem_k, mem_v, valid, topk, window=window)
     with torch.no_grad():
         # ---- entries pushed since the last build: the newest since[b] of the window, scored densely
         tail = min(W, int(since.max()))  # host sync
@@ -372,7 +369,6 @@ def ivf_retrieve(
             tv = recent if valid is None else recent & valid[:, W - tail :]
             parts.append(_dense_top(q, mem_k, tv, min(k, tail), tail))
         # ---- indexed entries of the probed lists
-        n_idx = off[:, :, -1]  # [B, H] entries indexed
         if bool((n_idx > 0).any()):
             lists = torch.matmul(q, cen.transpose(-1, -2).to(q.dtype)).topk(P, dim=-1).indices  # [B, H, T, P]
             offs = off.reshape(BH, 1, C + 1).long().expand(BH, T, C + 1)
@@ -394,22 +390,23 @@ def ivf_retrieve(
             for t0 in range(0, T, rows):
                 sl = slice(t0, t0 + rows)
                 r = ends[:, sl].shape[1]
-                jj = j.expand(BH, r, Lmax).contiguous()
+                Lt = max(int(total[:, sl].max()), 1)  # this tile's longest candidate list (lists are unbalanced)
+                jj = j[:Lt].expand(BH, r, Lt).contiguous()
                 p = torch.searchsorted(ends[:, sl].contiguous(), jj, right=True).clamp_(max=P - 1)  # [BH, r, Lmax]
                 slot = torch.gather(start[:, sl], 2, p) + jj - torch.gather(ends[:, sl] - size[:, sl], 2, p)
                 ok = jj < total[:, sl, None]
                 slot = slot.clamp_(max=N - 1) + (torch.arange(BH, device=q.device) * N).view(BH, 1, 1)
-                age = invf[slot.view(-1)].view(BH, r, Lmax) + age0
+                age = invf[slot.view(-1)].view(BH, r, Lt) + age0
                 where = N - 1 - age  # store position
                 ok &= where >= N - W
                 where.clamp_(min=N - W)
                 if vflat is not None:
-                    ok &= torch.gather(vflat, 1, (where - (N - W)).view(BH, -1)).view(BH, r, Lmax)
+                    ok &= torch.gather(vflat, 1, (where - (N - W)).view(BH, -1)).view(BH, r, Lt)
                 flat = (where + (torch.arange(BH, device=q.device) * N).view(BH, 1, 1)).view(-1)
-                cand = kf.index_select(0, flat).view(BH * r, Lmax, Dh)
-                s = torch.bmm(cand, qf[:, sl].reshape(BH * r, Dh, 1)).view(BH, r, Lmax)
+                cand = kf.index_select(0, flat).view(BH * r, Lt, Dh)
+                s = torch.bmm(cand, qf[:, sl].reshape(BH * r, Dh, 1)).view(BH, r, Lt)
                 s.masked_fill_(~ok, neg)
-                kk = min(k, Lmax)
+                kk = min(k, Lt)
                 tv, ti = torch.topk(s, kk, dim=-1)
                 vals[:, sl, :kk], pos[:, sl, :kk] = tv, torch.gather(where, 2, ti)
             parts.append((vals, pos))
