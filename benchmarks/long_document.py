@@ -2,13 +2,19 @@
 
 For each length L (default 4K, 16K, 128K, 1M tokens) the model reads the
 segments that follow the first L tokens of one document, with a long-term
-store that holds those L tokens, once with ``memory.long.search=exact`` and
-once with ``blocks`` (model/retrieval.py), arms alternating inside each
-round. Printed per length: time per token (median over rounds of one
-segment's forward, the FIFO push of the store included), the store's bytes,
-and recall@k of the approximate search against the exact one on the queries
-the model really made (a selected key counts as found when its score is at
-least the exact k-th score, so repeated text's tied keys count once each).
+store that holds those L tokens, once per arm of ``--arms`` (default
+``memory.long.search=exact`` and ``ivf``; ``blocks`` on request;
+model/retrieval.py), arms alternating inside each round. Each arm reads on
+from its own state, as a document is read (so the store is appended in place
+after the warm-up round, as in evaluation). Printed per length: time per
+token (median over rounds of one segment's forward, the store push
+included), the store's bytes, and recall@k of each approximate search
+against the exact one on the queries the model really made (a selected key
+counts as found when its score is at least the exact k-th score, so repeated
+text's tied keys count once each). For ``ivf``: the seconds to fit and build
+its index over the L stored keys (a read pays that once per doubling of the
+store: amortized over the L/2 tokens since the previous fit, printed as us
+per token) and the keys scored per query as a share of the store.
 
 Real stored keys: the document is read once at the model's segment length
 with a small store, and each segment's unit-norm keys and values are taken
@@ -19,7 +25,7 @@ the benchmark refuses a model with more. The store of length L is then
 those first L entries, so 1M tokens need no quadratic read.
 
     .venv/bin/python benchmarks/long_document.py [--checkpoint runs/demo/memory] [--data runs/demo/data]
-        [--lengths 4096 16384 131072 1048576] [--rounds 3] [--random-init]
+        [--lengths 4096 16384 131072 1048576] [--rounds 3] [--random-init] [--arms exact ivf]
 
 Without a checkpoint (``--random-init``) a `debug` model with random weights
 reads random tokens (cost only; recall on such keys says little).
@@ -43,10 +49,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from mnemo.model import MemoryTransformer, ModelArgs  # noqa: E402
 from mnemo.model.memory import MemoryState  # noqa: E402
-from mnemo.model.retrieval import searcher, store_bytes_per_token  # noqa: E402
+import mnemo.model.retrieval as rt  # noqa: E402
+from mnemo.model.retrieval import ivf_index_store, searcher, store_bytes_per_token  # noqa: E402
 from mnemo.model.transformer import Attention, knn_retrieve  # noqa: E402
-
-ARMS = ("exact", "blocks")
 
 
 def load(args) -> tuple[MemoryTransformer, np.ndarray, int]:
@@ -126,35 +131,44 @@ def slot(state: MemoryState, b: int) -> MemoryState:
     return MemoryState.from_state_dict({k: t[b : b + 1] for k, t in sd.items()}, len(state.layers))
 
 
-def with_store(state: MemoryState, layer: int, k: torch.Tensor, v: torch.Tensor) -> MemoryState:
+def with_store(state: MemoryState, layer: int, k: torch.Tensor, v: torch.Tensor, **extra) -> MemoryState:
     L = k.shape[2]
     layers = list(state.layers)
-    layers[layer] = dataclasses.replace(layers[layer], ltm_k=k, ltm_v=v)
+    layers[layer] = dataclasses.replace(layers[layer], ltm_k=k, ltm_v=v, **extra)
     return dataclasses.replace(state, layers=tuple(layers), ltm_len=torch.full_like(state.ltm_len, L))
 
 
 def recorder(fn, calls: list[tuple]):
     """``fn`` that also records its arguments (the queries the model really made)."""
 
-    def search(*c, window=None):
-        calls.append((*c, window))
-        return fn(*c, window=window)
+    def search(*c, window=None, index=None):
+        calls.append((*c, window, index))
+        return fn(*c, window=window, index=index)
 
     return search
 
 
-def recall_at_k(calls: list[tuple], topk: int) -> float:
-    """Share of the exact top-k matched by the approximate top-k (ties at the k-th score count)."""
+def recall_at_k(calls: list[tuple], topk: int, arm: str) -> tuple[float, float]:
+    """Share of the exact top-k matched by the ``arm`` top-k (ties at the k-th score count), and for
+    ivf the keys scored per query as a share of the searched window (0 for other arms)."""
     hits = total = 0
-    approx = searcher("blocks", knn_retrieve)
-    for q, mk, mv, valid, _k, window in calls:
+    approx = searcher(arm, knn_retrieve)
+    share = []
+    for q, mk, mv, valid, _k, window, index in calls:
         ek, _, ef = knn_retrieve(q, mk, mv, valid, topk, window=window)
-        ak, _, af = approx(q, mk, mv, valid, topk, window=window)
+        ak, _, af = approx(q, mk, mv, valid, topk, window=window, index=index)
         kth = torch.einsum("bhtd,bhtkd->bhtk", q, ek).masked_fill(~ef, float("inf")).amin(-1, keepdim=True)
         sa = torch.einsum("bhtd,bhtkd->bhtk", q, ak).masked_fill(~af, float("-inf"))
         hits += int(((sa >= kth) & af).sum())
         total += int(ef.sum())
-    return hits / max(total, 1)
+        if arm == "ivf" and index is not None:
+            _c, cen, _inv, off, since, _fit = index
+            sizes = (off[..., 1:] - off[..., :-1]).long()  # [B, H, C]
+            probed = (q @ cen.transpose(-1, -2)).topk(min(rt.IVF_PROBE, cen.shape[2]), -1).indices
+            scored = torch.gather(sizes[:, :, None].expand(-1, -1, q.shape[2], -1), 3, probed).sum(-1)
+            W = mk.shape[2] if window is None else window
+            share.append(((scored.float().mean() + since.float().mean()) / W).item())
+    return hits / max(total, 1), (statistics.mean(share) if share else 0.0)
 
 
 def ivf_recall(calls: list[tuple], topk: int, clusters: int, probe: int) -> tuple[float, float]:
@@ -165,7 +179,7 @@ def ivf_recall(calls: list[tuple], topk: int, clusters: int, probe: int) -> tupl
     g = torch.Generator().manual_seed(0)
     hits = total = 0
     cand_share = []
-    for q, mk, _mv, valid, _k, window in calls:
+    for q, mk, _mv, valid, _k, window, *_ in calls:
         N = mk.shape[2]
         W = N if window is None else window
         keys = mk[0, :, N - W :]  # [H, W, Dh]
@@ -204,11 +218,21 @@ def main() -> None:
     p.add_argument("--text", choices=("heldout", "all"), default="heldout", help="documents the long one is cut from")
     p.add_argument("--chunk", type=int, default=16384, help="tokens per parallel slot of the capture read")
     p.add_argument("--random-store", action="store_true", help="random unit keys instead of the captured ones")
-    p.add_argument("--ivf-clusters", type=int, default=1024, help="IVF prototype centroids (0: skip it)")
-    p.add_argument("--ivf-probe", type=int, default=64, help="IVF prototype centroids searched per query")
+    p.add_argument("--arms", nargs="+", choices=("exact", "blocks", "ivf"), default=["exact", "ivf"])
+    p.add_argument("--ivf-lists", type=int, default=None, help="ivf: centroids per head (default IVF_LISTS)")
+    p.add_argument("--ivf-probes", type=int, default=None, help="ivf: lists searched per query (default IVF_PROBE)")
+    p.add_argument("--ivf-train-at", type=int, default=None, help="ivf: entries at the first fit (IVF_TRAIN_AT)")
+    p.add_argument("--recall-probes", type=int, nargs="*", default=[], help="ivf: recall also at these probes")
+    p.add_argument("--proto-clusters", type=int, default=0, help="the earlier IVF prototype's centroids (0: skip it)")
+    p.add_argument("--proto-probe", type=int, default=64, help="IVF prototype centroids searched per query")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier on a loaded machine)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    for name, value in (("IVF_LISTS", args.ivf_lists), ("IVF_PROBE", args.ivf_probes)):
+        if value is not None:
+            setattr(rt, name, value)
+    if args.ivf_train_at is not None:
+        rt.IVF_TRAIN_AT = args.ivf_train_at
     print("uptime:", os.popen("uptime").read().strip())
     model, doc, T = load(args)
     a = model.args
@@ -228,51 +252,78 @@ def main() -> None:
         layer, keys, vals, snaps = capture(model, doc, T, args.lengths, args.chunk)
     attn = next(m for m in model.blocks[layer].modules() if isinstance(m, Attention))
     x = torch.from_numpy(doc).long()[None]
+    arms = list(dict.fromkeys(["exact", *args.arms]))  # exact always: the reference
     bpt = store_bytes_per_token(a.n_heads, a.head_dim, 1, keys.dtype)
     print(f"model {a.n_layers} layers d={a.d_model} H={a.n_heads} T={T} k={a.ltm_topk}, long-term layer {layer}")
     print(f"store bytes per token: {bpt} (keys + values, {keys.dtype}, {len(a.active_ltm_layers)} layer)")
-    hdr = (
-        f"{'L':>8} {'store MB':>9} {'exact us/tok':>13} {'blocks us/tok':>14} {'speedup':>8} {'recall@k':>9}"
-        f" {'ivf-proto recall@k':>19} {'ivf cand/N':>10}"
-    )
-    print(hdr)
+    if "ivf" in arms:
+        print(
+            f"ivf: {rt.IVF_LISTS} lists, {rt.IVF_PROBE} probed, fit at {rt.IVF_TRAIN_AT} entries and at each doubling,"
+            f" index sorted every {rt.IVF_REBUILD} entries; index bytes per token {8 * a.n_heads} (list id + index)"
+        )
+    cols = "".join(f" {arm + ' us/tok':>14}" for arm in arms)
+    cols += "".join(f" {arm + ' recall@k':>16}" for arm in arms[1:])
+    if "ivf" in arms:
+        cols += f" {'ivf scored/N':>12} {'ivf build s':>11} {'amortized us/tok':>16}"
+    cols += "".join(f" {f'recall p={n}':>13}" for n in args.recall_probes if "ivf" in arms)
+    if args.proto_clusters:
+        cols += f" {'ivf-proto recall@k':>19} {'proto cand/N':>12}"
+    print(f"{'L':>8} {'store MB':>9}" + cols)
     rows = {}
     for L in args.lengths:
         model.args = dataclasses.replace(a, ltm_capacity=L)
-        base = with_store(snaps[L], layer, keys[:, :, :L].contiguous(), vals[:, :, :L].contiguous())
-        times = {arm: [] for arm in ARMS}
-        calls: list[tuple] = []
+        kL, vL = keys[:, :, :L].contiguous(), vals[:, :, :L].contiguous()
+        states, build = {}, 0.0
+        for arm in arms:
+            extra = {}
+            if arm == "ivf":
+                t0 = time.perf_counter()
+                extra = ivf_index_store(kL, torch.tensor([L]))
+                build = time.perf_counter() - t0
+            states[arm] = with_store(snaps[L], layer, kL, vL, **extra)
+        del kL, vL  # each arm's first push copies its store into a buffer with room; then it appends in place
+        times = {arm: [] for arm in arms}
+        calls = {arm: [] for arm in arms}
         with torch.inference_mode():
             for r in range(args.rounds + 1):  # round 0 warms up (and records the queries)
-                for arm in ARMS if r % 2 == 0 else ARMS[::-1]:
+                for arm in arms if r % 2 == 0 else arms[::-1]:
                     fn = searcher(arm, knn_retrieve)
-                    if r == 0 and arm == "exact":
-                        attn.search = recorder(fn, calls)
-                    else:
-                        attn.search = fn
+                    attn.search = recorder(fn, calls[arm]) if r == 0 else fn
                     seg = x[:, L + r * T : L + (r + 1) * T]
                     t0 = time.perf_counter()
-                    model(seg, base, logits=True)
+                    _, states[arm] = model(seg, states[arm], logits=True)
                     if r:
                         times[arm].append((time.perf_counter() - t0) / T * 1e6)
-            rec = recall_at_k(calls, a.ltm_topk)
-            ivf = ivf_recall(calls, a.ltm_topk, args.ivf_clusters, args.ivf_probe) if args.ivf_clusters else (0.0, 0.0)
+            rec = {arm: recall_at_k(calls[arm], a.ltm_topk, arm) for arm in arms[1:]}
+            more = []
+            for n in args.recall_probes if "ivf" in arms else ():
+                rt.IVF_PROBE, keep = n, rt.IVF_PROBE
+                more.append(recall_at_k(calls["ivf"], a.ltm_topk, "ivf"))
+                rt.IVF_PROBE = keep
+            proto = (0.0, 0.0)
+            if args.proto_clusters:
+                proto = ivf_recall(calls["exact"], a.ltm_topk, args.proto_clusters, args.proto_probe)
         attn.search = searcher(a.ltm_search, knn_retrieve)
-        e, b = statistics.median(times["exact"]), statistics.median(times["blocks"])
-        rows[L] = (e, b, rec)
-        print(
-            f"{L:>8} {L * bpt / 2**20:>9.1f} {e:>13.1f} {b:>14.1f} {e / b:>7.2f}x {rec:>9.4f}"
-            f" {ivf[0]:>19.4f} {ivf[1]:>10.4f}",
-            flush=True,
-        )
-        del base
+        med = {arm: statistics.median(times[arm]) for arm in arms}
+        rows[L] = (med, rec)
+        line = f"{L:>8} {L * bpt / 2**20:>9.1f}" + "".join(f" {med[arm]:>14.1f}" for arm in arms)
+        line += "".join(f" {rec[arm][0]:>16.4f}" for arm in arms[1:])
+        if "ivf" in arms:
+            amort = build / max(L / 2, 1) * 1e6 if L >= rt.IVF_TRAIN_AT else 0.0
+            line += f" {rec['ivf'][1]:>12.4f} {build:>11.1f} {amort:>16.1f}"
+        line += "".join(f" {r:>7.4f}/{c:.3f}" for r, c in more)
+        if args.proto_clusters:
+            line += f" {proto[0]:>19.4f} {proto[1]:>12.4f}"
+        print(line, flush=True)
+        del states, calls
     model.args = a
     print(f"peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GB")
     lo, hi = (16384 if 16384 in rows else min(rows)), max(rows)
-    print(
-        f"time/token at {hi} vs {lo}: exact {rows[hi][0] / rows[lo][0]:.2f}x, blocks {rows[hi][1] / rows[lo][1]:.2f}x"
-        f" (target <= 2x); recall@k at {hi}: {rows[hi][2]:.4f} (target >= 0.95)"
-    )
+    for arm in arms:
+        line = f"{arm}: time/token at {hi} vs {lo}: {rows[hi][0][arm] / rows[lo][0][arm]:.2f}x (target <= 2x)"
+        if arm != "exact":
+            line += f"; recall@k at {hi}: {rows[hi][1][arm][0]:.4f} (target >= 0.95)"
+        print(line)
     print("uptime:", os.popen("uptime").read().strip())
 
 
