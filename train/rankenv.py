@@ -47,6 +47,28 @@ def rank_env(environ: Mapping[str, str], use_cuda: bool) -> dict[str, str]:
     return out
 
 
+def op_cache_env(environ: Mapping[str, str], prefix: str, torch_version: str) -> dict[str, str]:
+    """TORCH_EXTENSIONS_DIR of this environment's own, unless the user set one.
+
+    DeepSpeed JIT-builds its CPU communication op into torch's one cache
+    directory per user (``~/.cache/torch_extensions/py311_cpu``). Two
+    environments (two checkouts, a CI clone next to a working tree) write
+    different include paths into its build file, so each rank of one
+    rebuilds what the other just built, and ranks waiting on the build lock
+    were seen stuck for 10 minutes. A directory per interpreter prefix and
+    torch version keeps each environment's build its own.
+    """
+    if environ.get("TORCH_EXTENSIONS_DIR"):
+        return {}
+    import hashlib
+    import sys
+
+    cache = environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    tag = hashlib.sha256(f"{prefix}\0{torch_version}".encode()).hexdigest()[:10]
+    name = f"py{sys.version_info.major}{sys.version_info.minor}-mnemo-{tag}"
+    return {"TORCH_EXTENSIONS_DIR": os.path.join(cache, "torch_extensions", name)}
+
+
 def _free_port() -> int:
     import socket
 
@@ -56,7 +78,12 @@ def _free_port() -> int:
 
 
 def apply_rank_env() -> dict[str, str]:
+    import sys
+
+    import torch
+
     added = rank_env(os.environ, cuda_available())
+    added.update(op_cache_env(os.environ, sys.prefix, torch.__version__))
     # MLflow reads its HTTP retry/timeout settings only from the environment: bounded
     # values keep a dead tracking server from stalling the tracker for minutes.
 

@@ -7,7 +7,7 @@ import os
 from mnemo.launch.env import package_root, pythonpath_with_root
 from mnemo.launch.remote import forwarded_env
 from mnemo.launch.worker import describe
-from mnemo.train.rankenv import rank_env
+from mnemo.train.rankenv import op_cache_env, rank_env
 
 
 def test_bare_train_is_a_one_rank_job_on_cpu():
@@ -30,6 +30,17 @@ def test_under_a_launcher_nothing_of_torchrun_is_overridden():
     env = rank_env(torchrun, use_cuda=False)
     assert env == {"DS_ACCELERATOR": "cpu"}
     assert rank_env(torchrun, use_cuda=True) == {}
+
+
+def test_each_environment_builds_deepspeed_ops_into_its_own_cache():
+    # Two venvs sharing torch's one op cache rebuild each other's DeepSpeed op (seen: ranks stuck 10 min).
+    a = op_cache_env({}, "/work/a/.venv", "2.14.1")["TORCH_EXTENSIONS_DIR"]
+    b = op_cache_env({}, "/tmp/ci/.venv", "2.14.1")["TORCH_EXTENSIONS_DIR"]
+    assert a != b and os.path.dirname(a) == os.path.dirname(b)
+    assert a == op_cache_env({}, "/work/a/.venv", "2.14.1")["TORCH_EXTENSIONS_DIR"]  # stable: built once
+    assert a != op_cache_env({}, "/work/a/.venv", "2.15.0")["TORCH_EXTENSIONS_DIR"]
+    assert op_cache_env({"XDG_CACHE_HOME": "/c"}, "/p", "1")["TORCH_EXTENSIONS_DIR"].startswith("/c/torch_extensions/")
+    assert op_cache_env({"TORCH_EXTENSIONS_DIR": "/mine"}, "/p", "1") == {}  # the user's choice wins
 
 
 def test_deepspeed_launcher_local_size_becomes_local_world_size():
