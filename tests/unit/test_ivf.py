@@ -206,3 +206,41 @@ def test_a_no_grad_read_leaves_the_input_state_as_it_was():
         assert s.equal(model.init_state(1).load_state_dict(snap))
         b, _ = model(x[:, 10 * T : 11 * T], s)
     assert torch.equal(a, b)
+
+
+def test_training_through_the_ivf_search(tiny_ivf, monkeypatch):
+    """Gradients on (training): the loss of the 4th segment reaches the stored keys and values of the
+    1st through the rows the IVF search gathered (the index fit inside the window), and the store
+    is concatenated, not appended in place."""
+    import dataclasses
+
+    monkeypatch.setattr(rt, "IVF_PROBE", 2)
+    model = make(stm=0, capacity=64, mix="joint", search="ivf").train()
+    x = tokens(2, 4)
+    _, state = model(x[:, :T], model.init_state(2))
+    mem = state.layers[1]
+    leaf_k, leaf_v = mem.ltm_k.detach().requires_grad_(), mem.ltm_v.detach().requires_grad_()
+    layers = (state.layers[0], dataclasses.replace(mem, ltm_k=leaf_k, ltm_v=leaf_v), *state.layers[2:])
+    state = dataclasses.replace(state, layers=layers)
+    for s in range(1, 4):
+        logits, state = model(x[:, s * T : (s + 1) * T], state)
+    assert state.layers[1].ltm_fit.tolist() == [32, 32]  # fit after the 2nd segment (16), again after the 4th (32)
+    assert not hasattr(state.layers[1].ltm_k, "_fifo_room")
+    logits.float().square().mean().backward()  # the 4th segment's loss only
+    got_k, got_v = leaf_k.grad[:, :, -T:], leaf_v.grad[:, :, -T:]  # the 1st segment's entries
+    assert got_k.abs().sum() > 0 and got_v.abs().sum() > 0
+
+
+def test_evaluation_can_switch_a_model_to_the_ivf_search(tiny_ivf, monkeypatch):
+    """``mnemo eval --ltm-search ivf``: states made after the switch carry the index."""
+    from mnemo.evaluation.inference import with_ltm_search
+
+    monkeypatch.setattr(rt, "IVF_PROBE", 1)
+    x = tokens(2, 6)
+    with torch.no_grad():
+        want, _ = run(make(stm=4, capacity=64, mix="joint", topk=2, search="ivf"), x)
+        switched = with_ltm_search(make(stm=4, capacity=64, mix="joint", topk=2), "ivf")
+        got, state = run(switched, x)
+        exact, _ = run(make(stm=4, capacity=64, mix="joint", topk=2), x)
+    assert switched.args.ltm_search == "ivf" and state.layers[1].ltm_cen is not None
+    assert torch.equal(got, want) and not torch.equal(got, exact)
