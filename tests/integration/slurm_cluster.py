@@ -1,9 +1,22 @@
 """A real two-node SLURM cluster on this one host, for tests marked ``slurm``.
 
 Debian's slurm-wlm + munge (installed by install_slurm.sh when missing), one
-slurmctld and two slurmd daemons (nodes n1, n2, both 127.0.0.1 on their own
-ports), all state and logs under a temporary directory. Client commands find
-the cluster through ``SLURM_CONF``, which the fixture sets for the session.
+slurmctld and two slurmd daemons (nodes n1, n2), all state and logs under a
+temporary directory. Client commands find the cluster through ``SLURM_CONF``,
+which the fixture sets for the session.
+
+Where namespace nodes can be made (netns_nodes.py: root, ip, unshare, sshd),
+each slurmd runs on its own one: its network namespace (NodeAddr = that
+node's address on the bridge; the job's ranks talk over the veths), a mount
+namespace with its own /dev/shm and an /etc/hosts naming n1 and n2, and a UTS
+namespace whose hostname is the node's name (torchrun's rank-0 agent may
+publish its socket.getfqdn() as the ranks' MASTER_ADDR: the other node must
+resolve it to the first node's address). slurmctld stays in the root
+namespace, reached on the bridge's address. munged's unix socket is the
+machine's (/run/munge): a mount namespace starts as a copy of the machine's
+mounts, so every node reaches it. Elsewhere both nodes are 127.0.0.1 on their
+own ports, each slurmd in a private mount namespace with its own /dev/shm;
+``SlurmCluster.note`` then says why namespace nodes were not used.
 
 Use it as a fixture: ``from slurm_cluster import slurm_cluster`` in a test
 module, then a test argument ``slurm_cluster`` (a ``SlurmCluster``). Tests
@@ -22,6 +35,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from tests.integration.netns_nodes import INNER_IF, NetnsNodes, NetnsUnavailable
 
 HERE = Path(__file__).resolve().parent
 NODES = ("n1", "n2")
@@ -76,7 +91,7 @@ def _alive(pid: int | None) -> bool:
 
 
 class SlurmCluster:
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, netns: bool = False):
         self.root = root
         self.conf = root / "slurm.conf"
         self.env = dict(os.environ, SLURM_CONF=str(self.conf))
@@ -84,6 +99,17 @@ class SlurmCluster:
         # Each "node" gets its own /dev/shm (a private mount namespace): on one
         # host, mosaicml-streaming's per-node shared memory would collide.
         self.private_shm = False
+        # With netns: one namespace node per SLURM node (NODES[i] on nodes.nodes[i]).
+        self.want_netns = netns
+        self.nodes: NetnsNodes | None = None
+        self.addrs = {n: "127.0.0.1" for n in NODES}  # each node's NodeAddr
+        self.controller_addr = "127.0.0.1"
+        self.note = ""  # why the nodes are not namespace nodes, when they are not
+
+    @property
+    def job_env(self) -> dict[str, str]:
+        """What a job's environment needs on these nodes: gloo on the node's veth (its only non-loopback interface)."""
+        return {"GLOO_SOCKET_IFNAME": INNER_IF} if self.nodes else {}
 
     # -- set-up ------------------------------------------------------------ #
 
@@ -123,9 +149,18 @@ class SlurmCluster:
         mem_mb = int(mem_kb / 1024 * 0.8)  # RealMemory: 80% of this host's memory
         ports = [_free_port() for _ in range(3)]
         r = self.root
+        # slurmctld only starts where SlurmctldHost's name is this host's: "localhost" is; the address in
+        # parentheses is where slurmd, srun and scontrol on the nodes reach it.
+        ctl = "localhost" if self.nodes is None else f"localhost({self.controller_addr})"
+        if self.nodes is None:
+            node_lines = f"NodeName=n[1-2] NodeHostname=localhost NodeAddr=127.0.0.1 Port=[{ports[1]},{ports[2]}]"
+        else:
+            node_lines = "\n".join(
+                f"NodeName={n} NodeHostname={n} NodeAddr={self.addrs[n]} Port={ports[1]}" for n in NODES
+            )
         self.conf.write_text(
             f"""ClusterName=mnemotest
-SlurmctldHost=localhost
+SlurmctldHost={ctl}
 SlurmctldPort={ports[0]}
 SlurmUser=root
 SlurmdUser=root
@@ -152,17 +187,52 @@ SlurmdPidFile={r}/slurmd.%n.pid
 SlurmctldLogFile={r}/log/slurmctld.log
 SlurmdLogFile={r}/log/slurmd.%n.log
 SlurmdParameters=config_overrides
-NodeName=n[1-2] NodeHostname=localhost NodeAddr=127.0.0.1 Port=[{ports[1]},{ports[2]}] CPUs=4 RealMemory={mem_mb}
+NodeName=DEFAULT CPUs=4 RealMemory={mem_mb}
+{node_lines}
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 """
         )
 
+    def _make_nodes(self) -> None:
+        self.nodes = NetnsNodes(len(NODES), self.root / "netns").start()
+        self.addrs = dict(zip(NODES, self.nodes.addrs))
+        # The bridge in the root namespace holds the subnet's .1 (netns_nodes.py).
+        self.controller_addr = self.nodes.addrs[0].rsplit(".", 1)[0] + ".1"
+        (self.root / "hosts").write_text("127.0.0.1 localhost\n" + "".join(f"{a} {n}\n" for n, a in self.addrs.items()))
+
+    def _slurmd_cmd(self, i: int, n: str) -> list[str]:
+        if self.nodes is None:
+            return (PRIVATE_SHM if self.private_shm else []) + ["slurmd", "-N", n]
+        # nsenter --net, not `ip netns exec`: that one mounts a fresh /sys without /sys/fs/cgroup, and
+        # slurmd then refuses to start ("No filesystem mounted on /sys/fs/cgroup").
+        inner = (
+            f"mount -t tmpfs tmpfs /dev/shm && mount --bind {self.root / 'hosts'} /etc/hosts && hostname {n}"
+            f" && exec slurmd -N {n}"
+        )
+        net = f"--net=/run/netns/{self.nodes.nodes[i].ns}"
+        return ["nsenter", net, "unshare", "--mount", "--uts", "--propagation", "private", "sh", "-c", inner]
+
     def start(self) -> None:
+        if self.want_netns:
+            try:
+                self._start(netns=True)
+                return
+            except (SlurmUnavailable, NetnsUnavailable, subprocess.TimeoutExpired, FileNotFoundError) as e:
+                self.note = f"the SLURM nodes are on 127.0.0.1, not on namespace nodes: {e}"
+                self._stop_daemons()
+                self._close_nodes()
+        self._start(netns=False)
+
+    def _start(self, netns: bool) -> None:
+        if netns:
+            self._make_nodes()
+            self.private_shm = True  # each slurmd's own mount namespace, tmpfs on /dev/shm
+        else:
+            self.private_shm = _run(PRIVATE_SHM + ["true"], check=False).returncode == 0
         self.write_conf()
         _run(["slurmctld", "-c", "-i"], env=self.env)
-        self.private_shm = _run(PRIVATE_SHM + ["true"], check=False).returncode == 0
-        for n in NODES:
-            _run((PRIVATE_SHM if self.private_shm else []) + ["slurmd", "-N", n], env=self.env)
+        for i, n in enumerate(NODES):
+            _run(self._slurmd_cmd(i, n), env=self.env)
         deadline = time.time() + 30
         while time.time() < deadline:
             r = self.cmd(["sinfo", "-h", "-N", "-o", "%N %t"], check=False)
@@ -198,6 +268,25 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
     # -- tear-down --------------------------------------------------------- #
 
     def stop(self) -> None:
+        try:
+            self._stop_daemons()
+        finally:
+            self._close_nodes()
+            if self._started_munged:
+                pid = _pid_from(MUNGE_SOCKET_DIR / "munged.pid")
+                if _alive(pid):
+                    os.kill(pid, signal.SIGTERM)
+
+    def _close_nodes(self) -> None:
+        if self.nodes is None:
+            return
+        nodes, self.nodes = self.nodes, None
+        self.addrs = {n: "127.0.0.1" for n in NODES}
+        self.controller_addr = "127.0.0.1"
+        # Kills what is left on the nodes (a slurmstepd), deletes namespaces and links; raises if any stay.
+        nodes.close(check=True)
+
+    def _stop_daemons(self) -> None:
         if shutil.which("scancel") is None or not self.conf.exists():
             return
         # Jobs first: stopping slurmd under a running job leaves a slurmstepd behind.
@@ -219,16 +308,15 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
         for pid in pids:
             if _alive(pid):
                 os.kill(pid, signal.SIGKILL)
-        if self._started_munged:
-            pid = _pid_from(MUNGE_SOCKET_DIR / "munged.pid")
-            if _alive(pid):
-                os.kill(pid, signal.SIGTERM)
+        # A restart on 127.0.0.1 writes them again; a stale one must not name a reused pid.
+        for f in [self.root / f"slurmd.{n}.pid" for n in NODES] + [self.root / "slurmctld.pid"]:
+            f.unlink(missing_ok=True)
 
 
 @pytest.fixture(scope="session")
 def slurm_cluster(tmp_path_factory):
     """A started two-node cluster; skips the test when SLURM cannot run here."""
-    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm"))
+    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm"), netns=True)
     try:
         cluster.install()
         cluster.start_munge()

@@ -4,17 +4,26 @@ One job does both things the launcher promises: it trains the debug config
 across both nodes (one rank each) and writes checkpoints; then a preemption
 notice (`scancel --batch --signal=USR1`, what `--signal=B:USR1@T` sends)
 makes it save, requeue itself and resume from that checkpoint to completion.
+
+Where the cluster's nodes are namespace nodes (own address each), the test
+also checks that each node's rank runs in that node's namespace and that
+rank 1 talks to rank 0 over the veths, from n2's address to n1's; on the
+127.0.0.1 fallback it prints why (``SlurmCluster.note``).
 """
 
 from __future__ import annotations
 
 import re
+import socket
+import struct
 import time
 from pathlib import Path
 
 import pytest
 
 from tests.integration.jobs import DEBUG_CONFIG, PY, job_env, run, steps
+from tests.integration.netns_nodes import netns_pids
+from tests.integration.slurm_cluster import NODES
 from tests.integration.slurm_cluster import slurm_cluster  # noqa: F401  (fixture)
 
 pytestmark = [pytest.mark.integration, pytest.mark.slurm]
@@ -36,8 +45,46 @@ def _wait_for_step(cluster, job_id: str, run_dir: Path, step: int, timeout: floa
     raise AssertionError(f"job {job_id} ({cluster.job_field(job_id, 'JobState')}) did not reach step {step}:\n{logs}")
 
 
+def _workers(ns: str) -> list[int]:
+    """pids of mnemo's rank processes in network namespace ``ns``."""
+    out = []
+    for pid in netns_pids(ns):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:  # gone meanwhile
+            continue
+        # The rank itself (python -u -m mnemo.launch.worker ...), not torchrun, whose arguments end with it too.
+        if b"mnemo.launch.worker" in cmd and b"torch.distributed.run" not in cmd:
+            out.append(pid)
+    return out
+
+
+def _tcp_peers(pid: int) -> set[tuple[str, str]]:
+    """(local address, remote address) of the established IPv4 TCP connections in ``pid``'s network namespace."""
+    peers = set()
+    for line in Path(f"/proc/{pid}/net/tcp").read_text().splitlines()[1:]:
+        f = line.split()
+        if f[3] != "01":  # TCP_ESTABLISHED
+            continue
+        # "0100007F:1F90": the address as a little-endian hex u32, then the port
+        local, remote = (socket.inet_ntoa(struct.pack("<I", int(a.split(":")[0], 16))) for a in f[1:3])
+        peers.add((local, remote))
+    return peers
+
+
+def _check_ranks_on_their_nodes(cluster) -> None:
+    """Each node's rank runs in that node's namespace; rank 1 (n2) holds connections to rank 0's node (n1)."""
+    workers = {n: _workers(cluster.nodes.nodes[i].ns) for i, n in enumerate(NODES)}
+    assert all(len(w) == 1 for w in workers.values()), f"rank processes per node: {workers}"
+    a1, a2 = cluster.addrs["n1"], cluster.addrs["n2"]
+    peers = _tcp_peers(workers["n2"][0])
+    assert (a2, a1) in peers, f"no connection from n2 ({a2}) to n1 ({a1}) in n2's namespace: {sorted(peers)}"
+
+
 def test_slurm_job_trains_on_two_nodes_then_preempts_requeues_and_resumes(slurm_cluster, tiny_data, tmp_path):  # noqa: F811
     cluster = slurm_cluster
+    where = "namespace nodes" if cluster.nodes is not None else cluster.note or "127.0.0.1"
+    print(f"\nSLURM nodes {cluster.addrs} ({where})")
     if not cluster.private_shm:
         pytest.skip("the two SLURM nodes cannot get their own /dev/shm here (mosaicml-streaming would collide)")
     run_dir = tmp_path / "run"
@@ -60,9 +107,10 @@ def test_slurm_job_trains_on_two_nodes_then_preempts_requeues_and_resumes(slurm_
             "eval.max_docs=1",
             "eval.max_doc_tokens=128",
         ],
-        env=job_env(SLURM_CONF=str(cluster.conf)),
+        env=job_env(SLURM_CONF=str(cluster.conf), **cluster.job_env),
         timeout=60,
     )
+    t0 = time.time()
     m = re.search(r"^submitted job (\d+)$", res.stdout, re.M)
     assert m, res.stdout + res.stderr
     job = m.group(1)
@@ -71,14 +119,19 @@ def test_slurm_job_trains_on_two_nodes_then_preempts_requeues_and_resumes(slurm_
 
     # Past the first checkpoint, send the preemption notice to the batch shell.
     _wait_for_step(cluster, job, run_dir, 6, timeout=420)
+    if cluster.nodes is not None:
+        _check_ranks_on_their_nodes(cluster)
     cluster.cmd(["scancel", "--batch", "--signal=USR1", job])
     state = cluster.wait_state(job, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"), timeout=600)
     out = (run_dir / "logs" / f"slurm-{job}.out").read_text()
     assert state == "COMPLETED", out[-5000:]
+    print(f"job {job}: submitted to COMPLETED (preempted, requeued, resumed) in {time.time() - t0:.1f} s")
     assert cluster.job_field(job, "Restarts") == "1"
 
     # The batch script forwarded the signal, saw the marker, requeued; the second start ran to the end.
     assert "SLURM_RESTART_COUNT=0, 2 node(s)" in out and "SLURM_RESTART_COUNT=1, 2 node(s)" in out
+    # Both starts met at n1's NodeAddr (its namespace address where the nodes are namespace nodes).
+    assert out.count(f"rendezvous {cluster.addrs['n1']}:") == 2, out[-3000:]
     assert "mnemo: got SIGUSR1, forwarding it to the training processes" in out
     assert f"requeueing job {job}" in out
     assert "mnemo: training exited with code 0" in out
