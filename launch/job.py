@@ -44,6 +44,7 @@ class LaunchRequest:
     hostfile: str | None = None
     include: str | None = None
     exclude: str | None = None
+    min_nodes: int | None = None  # elastic shrink: go on with the surviving nodes, down to this many
     # SLURM (a batch script written into the run dir and submitted)
     slurm: bool = False
     nodes: int | None = None
@@ -68,7 +69,7 @@ def _check_flags(req: LaunchRequest) -> str:
     if req.hostfile and req.slurm:
         raise UserError("--hostfile and --slurm are different targets; give one")
     if not req.hostfile:
-        for flag, v in (("--include", req.include), ("--exclude", req.exclude)):
+        for flag, v in (("--include", req.include), ("--exclude", req.exclude), ("--min-nodes", req.min_nodes)):
             if v is not None:
                 raise UserError(f"{flag} needs --hostfile")
     if not req.slurm:
@@ -249,33 +250,83 @@ def _hostfile(
     hosts = select_hosts(parse_hostfile(req.hostfile), req.include, req.exclude)
     nproc = procs_per_node(hosts, req.nproc_per_node)
     check_global_batch(cfg, len(hosts) * nproc)
+    min_nodes = _check_min_nodes(req, cfg, len(hosts), nproc)
     if not 1 <= port <= 65535:
         raise UserError(f"--master-port must be in [1, 65535], got {port}")
-    cmds = remote.node_commands(
-        hosts,
-        config=config,
-        overrides=overrides,
-        nproc_per_node=nproc,
-        master_addr=req.master_addr or address_of(hosts[0].name),
-        master_port=port,
-        rdzv_id=rdzv_id,
-        max_restarts=req.max_restarts,
-        cwd=cwd,
-        python=sys.executable,
-        env={
-            **remote.forwarded_env(os.environ),
-            **secret_env,
-            **({"PYTHONPATH": pythonpath} if (pythonpath := launch_env.pythonpath_with_root(os.environ)) else {}),
-            "PATH": launch_env.path_with_venv(os.environ, sys.executable),
-        },
-    )
+    env = {
+        **remote.forwarded_env(os.environ),
+        **secret_env,
+        **({"PYTHONPATH": pythonpath} if (pythonpath := launch_env.pythonpath_with_root(os.environ)) else {}),
+        "PATH": launch_env.path_with_venv(os.environ, sys.executable),
+    }
+
+    def commands(nodes: list) -> list:
+        # After a shrink the node ranks, node count and rendezvous (the first surviving host) follow the list.
+        return remote.node_commands(
+            nodes,
+            config=config,
+            overrides=overrides,
+            nproc_per_node=nproc,
+            master_addr=req.master_addr or address_of(nodes[0].name),
+            master_port=port,
+            rdzv_id=rdzv_id,
+            max_restarts=req.max_restarts,
+            cwd=cwd,
+            python=sys.executable,
+            env=env,
+        )
+
+    cmds = commands(hosts)
     if req.dry_run:
+        if min_nodes < len(hosts):
+            print(f"# elastic: a lost node ends this attempt; the job goes on with the survivors, down to {min_nodes}")
         sys.stdout.write(remote.render(cmds))
         return 0
     ssh = remote.find_ssh()
     remote.check_reachable(hosts, ssh)
     print(f"mnemo launch: {len(hosts)} node(s) x {nproc} rank(s); logs in {run_dir / 'logs'}", file=sys.stderr)
-    return remote.run_hostfile(cmds, ssh)
+    if min_nodes == len(hosts):
+        return remote.run_hostfile(cmds, ssh)
+    return remote.run_elastic(hosts, commands, ssh, min_nodes)
+
+
+def _check_min_nodes(req: LaunchRequest, cfg, n_hosts: int, nproc: int) -> int:
+    """The node count elastic shrink may go down to (``n_hosts``: no shrink), checked before anything starts.
+
+    Shrinking keeps the global batch by gradient accumulation, so
+    train.global_batch_size must be set and divide over every node count the
+    job may run on; the rendezvous moves to the first surviving host, so
+    --master-addr (a fixed rendezvous) cannot be combined with it.
+    """
+    from math import lcm
+
+    from mnemo.train.config import ConfigError
+
+    m = n_hosts if req.min_nodes is None else req.min_nodes
+    if not 1 <= m <= n_hosts:
+        raise UserError(f"--min-nodes must be in [1, {n_hosts}] (the selected hosts), got {m}")
+    if m == n_hosts:
+        return m
+    if req.master_addr is not None:
+        raise UserError(
+            "--master-addr cannot be combined with --min-nodes: after a node loss the rendezvous moves to the "
+            "first surviving host"
+        )
+    step = lcm(*(n * nproc * cfg.train.batch_size for n in range(m, n_hosts + 1)))
+    if cfg.train.global_batch_size == 0:
+        raise UserError(
+            f"--min-nodes {m}: elastic shrink keeps the global batch by accumulation; set "
+            f"train.global_batch_size to a multiple of {step} ({m} to {n_hosts} node(s) x {nproc} rank(s) x "
+            f"train.batch_size {cfg.train.batch_size})"
+        )
+    for n in range(m, n_hosts):
+        try:
+            check_global_batch(cfg, n * nproc)
+        except ConfigError as e:
+            raise UserError(
+                f"--min-nodes {m}: on {n} node(s) x {nproc} rank(s): {e} (a multiple of {step} fits every count)"
+            ) from None
+    return m
 
 
 def _slurm(

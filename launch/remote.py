@@ -25,6 +25,16 @@ ranks inherit, and then watches the rest of stdin for EOF as before.
 Stopping: closing a node's ssh stdin makes its launcher send SIGTERM to its
 workers (they save and exit). SIGINT/SIGTERM to the orchestrator closes them
 all; a second SIGINT kills the ssh clients.
+
+Elastic shrink (``run_elastic``, ``mnemo launch --min-nodes M``): when a
+node is lost (its ssh ends with 255) and the job ends because of it, the
+surviving nodes are probed again and the job is started anew on those that
+answer, node ranks renumbered and the rendezvous on the first of them, as
+long as at least M are left. The trainer resumes from the last complete
+checkpoint on the smaller world size (through the universal form), and the
+launcher has checked before the first start that train.global_batch_size
+divides over every node count from M up, so the global batch, the step count
+and the data order per slot group stay those of the full job.
 """
 
 from __future__ import annotations
@@ -40,7 +50,7 @@ import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Callable, Mapping
 
 from mnemo.launch.hostfile import Host
 from mnemo.launch.torchrun import check_line_safe
@@ -280,6 +290,7 @@ class _Orchestrator:
         self.procs: list[subprocess.Popen] = []
         self.interrupts = 0
         self.reported: set[int] = set()  # node ranks whose end is already printed
+        self.lost: list[int] = []  # node ranks whose ssh ended with SSH_LOST, once run() returns
 
     def _report(self, c: NodeCommand, rc: int) -> None:
         """One line per failed node: a lost node (ssh 255) as soon as it is seen, the others at the end."""
@@ -291,7 +302,7 @@ class _Orchestrator:
             )
         else:
             msg = f"node {c.node_rank} ({c.host}) exited with code {rc}"
-        print(f"mnemo launch: {msg}", file=sys.stderr, flush=True)
+        _say(msg)
 
     def _stop_all(self) -> None:
         for p in self.procs:
@@ -332,6 +343,7 @@ class _Orchestrator:
             for s, h in old.items():
                 signal.signal(s, h)
         rcs = [p.wait() for p in self.procs]
+        self.lost = [c.node_rank for c, rc in zip(self.cmds, rcs) if rc == SSH_LOST]
         failed = [(c, rc) for c, rc in zip(self.cmds, rcs) if rc != 0]
         # Lost nodes first: their loss is what ended the others.
         for c, rc in sorted(failed, key=lambda f: f[1] != SSH_LOST):
@@ -387,3 +399,44 @@ class _Orchestrator:
 
 def run_hostfile(cmds: list[NodeCommand], ssh: str) -> int:
     return _Orchestrator(cmds, ssh).run()
+
+
+def run_elastic(
+    hosts: list[Host], commands: Callable[[list[Host]], list[NodeCommand]], ssh: str, min_nodes: int
+) -> int:
+    """Run the job on ``hosts``; after each loss of nodes go on with the survivors while >= ``min_nodes`` answer.
+
+    ``commands(hosts)`` builds the node commands for a host list (node ranks,
+    rendezvous address and node count follow the list). Only a lost node
+    (ssh 255: killed, rebooted, cut off) shrinks the job; a node whose
+    training failed, or an interrupt of the orchestrator, ends it as before.
+    """
+    attempt = 0
+    while True:
+        orch = _Orchestrator(commands(hosts), ssh)
+        rc = orch.run()
+        if rc == 0 or orch.interrupts or not orch.lost:
+            return rc
+        gone = [hosts[i] for i in orch.lost]
+        left = [h for i, h in enumerate(hosts) if i not in orch.lost]
+        with ThreadPoolExecutor(max_workers=max(1, min(32, len(left)))) as pool:
+            probes = list(pool.map(lambda h: _probe(ssh, h.name), left))
+        for h, (err, _) in zip(left, probes):
+            if err is not None:
+                gone.append(h)
+                _say(f"node {h.name!r} (hostfile line {h.line}) no longer answers over ssh: {err}")
+        left = [h for h, (err, _) in zip(left, probes) if err is None]
+        names = ", ".join(repr(h.name) for h in gone)
+        if len(left) < min_nodes:
+            _say(f"{len(left)} node(s) left after losing {names}, fewer than --min-nodes {min_nodes}: the job ends")
+            return rc
+        attempt += 1
+        _say(
+            f"elastic shrink {attempt}: continuing on {len(left)} node(s) without {names}; training resumes "
+            "from the last complete checkpoint with the same global batch"
+        )
+        hosts = left
+
+
+def _say(msg: str) -> None:
+    print(f"mnemo launch: {msg}", file=sys.stderr, flush=True)

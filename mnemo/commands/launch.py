@@ -2,7 +2,7 @@
 
     mnemo launch CONFIG [--nproc-per-node N] [dotted.key=value ...]          # this machine
     mnemo launch CONFIG --nnodes N --node-rank I --master-addr A [--master-port P]   # one node of many
-    mnemo launch CONFIG --hostfile F [--include H,..|--exclude H,..]        # every host, over ssh
+    mnemo launch CONFIG --hostfile F [--include H,..|--exclude H,..] [--min-nodes M]  # every host, over ssh
     mnemo launch CONFIG --slurm [--nodes N --partition P --account A --time T --gpus-per-node G]
     ... [--max-restarts R] [--dry-run]
 
@@ -77,6 +77,13 @@ def add_launch(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentP
     h.add_argument("--hostfile", default=None, help="DeepSpeed-format hostfile: 'HOST slots=N' per line")
     h.add_argument("--include", default=None, help="comma-separated hosts to use")
     h.add_argument("--exclude", default=None, help="comma-separated hosts to leave out")
+    h.add_argument(
+        "--min-nodes",
+        type=int,
+        default=None,
+        help="elastic shrink: after losing a node, go on with the surviving nodes while at least this many "
+        "are left (needs train.global_batch_size; default: the hosts' count, no shrink)",
+    )
 
     s = p.add_argument_group("SLURM (write an sbatch script into the run dir and submit it)")
     s.add_argument("--slurm", action="store_true", help="submit as a SLURM batch job")

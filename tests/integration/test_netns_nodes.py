@@ -12,7 +12,10 @@ down); its teardown asserts that no process, namespace or link is left.
   its link cut): the job ends within checkpoint.collective_timeout_s plus a
   margin, with a line naming the lost node, no process left on any node, and
   the same command relaunched resumes from the last complete checkpoint with
-  the uninterrupted run's losses.
+  the uninterrupted run's losses;
+- elastic shrink (``--min-nodes 2``): three nodes, one SIGKILLed mid-step, the
+  job goes on by itself on the other two with the same global batch and MLflow
+  run, its losses those of an uninterrupted run up to rounding.
 """
 
 from __future__ import annotations
@@ -268,3 +271,84 @@ def test_three_nodes_over_real_ssh_match_one_node(nodes, tiny_data, tmp_path):
     for i in range(3):
         assert f"{nodes.addrs[i]}: [rank" in out and f"mnemo worker: node {i}/3" in out
     _no_job_left(nodes)
+
+
+@slow
+def test_elastic_shrink_goes_on_with_the_surviving_nodes(nodes, tiny_data, tmp_path):
+    """Three nodes, node 2 SIGKILLed mid-step: the job goes on with nodes 0 and 1 by itself.
+
+    train.global_batch_size=12 over 3 nodes x 1 rank x 2 slots is 2 accumulation micro-steps, over 2 nodes
+    3: the global batch, the step count and each slot group's data stay those of the full job. So the
+    steps before the loss equal a one-node three-rank run bit for bit and the resumed steps equal it up
+    to the order of the gradient sums; one MLflow run holds every step.
+    """
+    from tests.integration.jobs import mlflow_runs
+
+    def overrides(run_dir: Path, *extra: str) -> list[str]:
+        return [
+            f"data.path={tiny_data}",
+            f"run.dir={run_dir}",
+            "zero.stage=2",
+            "train.batch_size=2",
+            "train.global_batch_size=12",
+            "train.max_steps=16",
+            "checkpoint.interval=6",
+            "train.log_interval=4",
+            "eval.max_docs=1",
+            "eval.max_doc_tokens=128",
+            *extra,
+        ]
+
+    one = tmp_path / "one"
+    run(train_cmd(3, overrides(one)), timeout=600)  # the uninterrupted job: one node, three ranks
+    run_dir, log = tmp_path / "elastic", tmp_path / "launch.out"
+    p = _launch(
+        nodes,
+        nodes.hostfile(tmp_path / "hosts"),
+        run_dir,
+        ["--min-nodes", "2", *overrides(run_dir, f"checkpoint.collective_timeout_s={COLLECTIVE_TIMEOUT_S}")],
+        log,
+    )
+    try:
+        deadline = time.time() + 400
+        while not any(s >= 8 for s in losses_by_step(run_dir)):  # checkpoint 6 is complete by then
+            assert p.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+            time.sleep(0.05)
+        t0 = time.time()
+        assert nodes.kill_node(2) > 0
+        shrunk = None  # s from the loss to the orchestrator's line that starts the smaller job
+        while p.poll() is None:
+            if shrunk is None and "mnemo launch: elastic shrink 1" in log.read_text():
+                shrunk = time.time() - t0
+            assert time.time() - t0 < 600, "the job did not end"
+            time.sleep(0.1)
+        rc, took = p.returncode, time.time() - t0
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    out = log.read_text()
+    assert rc == 0, out[-4000:]
+    assert f"mnemo launch: lost node 2 ({nodes.addrs[2]})" in out, out[-3000:]
+    assert f"mnemo launch: elastic shrink 1: continuing on 2 node(s) without '{nodes.addrs[2]}'" in out, out[-3000:]
+    assert "global batch 12 = 2 ranks x 2 slots x 3 accumulation (was 3 ranks x 2 x 2)" in out, out[-3000:]
+    records = [r["step"] for r in steps(run_dir)]
+    restart = next(i for i in range(1, len(records)) if records[i] <= records[i - 1])
+    assert records[restart] == 7 and records[-1] == 16, records
+    want, got = losses_by_step(one), losses_by_step(run_dir)
+    assert sorted(got) == list(range(1, 17))
+    assert all(got[s] == want[s] for s in range(1, 7)), {s: (got[s], want[s]) for s in range(1, 7)}
+    rel = max(abs(got[s] - want[s]) / abs(want[s]) for s in range(7, 17))
+    assert rel < 1e-4, {s: (got[s], want[s]) for s in range(7, 17)}
+    # One MLflow run across the shrink, counting the same tokens as the uninterrupted job.
+    client, runs = mlflow_runs(run_dir)
+    assert len(runs) == 1, [r.info.run_id for r in runs]
+    _, ref_runs = mlflow_runs(one)
+    tokens = [m.value for m in client.get_metric_history(runs[0].info.run_id, "train/tokens_seen")]
+    assert tokens[-1] == ref_runs[0].data.metrics["train/tokens_seen"]
+    print(
+        f"\nelastic shrink 3 -> 2 nodes: relaunched {shrunk:.1f} s and done {took:.1f} s after the loss; "
+        f"resumed losses within {rel:.2e}"
+    )
+    _no_job_left(nodes)
+    nodes.revive(2)
