@@ -20,6 +20,7 @@ down); its teardown asserts that no process, namespace or link is left.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import time
@@ -89,6 +90,37 @@ def _no_job_left(nodes: NetnsNodes, timeout: float = 30) -> None:
     assert not left, f"processes left on nodes: {left}"
 
 
+@contextlib.contextmanager
+def _reaped(p: subprocess.Popen):
+    """The launcher is killed (with its ssh clients' sessions) if the test leaves early."""
+    try:
+        yield p
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
+def _wait_for_step(p: subprocess.Popen, run_dir: Path, log: Path, step: int, timeout: float = 400) -> None:
+    deadline = time.time() + timeout
+    while not any(s >= step for s in losses_by_step(run_dir)):
+        assert p.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+        time.sleep(0.05)
+
+
+def _until_exit(
+    p: subprocess.Popen, log: Path, t0: float, marker: str, limit: float
+) -> tuple[int, float, float | None]:
+    """(exit code, s from t0 to the exit, s from t0 to the first log line holding ``marker`` or None)."""
+    seen = None
+    while p.poll() is None:
+        if seen is None and marker in log.read_text():
+            seen = time.time() - t0
+        assert time.time() - t0 < limit, "the job did not end"
+        time.sleep(0.05)
+    return p.returncode, time.time() - t0, seen
+
+
 def test_namespace_nodes_have_own_address_shm_and_sshd(nodes):
     assert len(set(nodes.addrs)) == 3
     marker = f"mnemo-netns-{os.getpid()}"
@@ -121,12 +153,8 @@ def test_two_nodes_over_real_ssh_match_one_node(nodes, reference_run, tmp_path):
         ),
         log,
     )
-    try:
+    with _reaped(p):
         rc = p.wait(timeout=300)
-    finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
     assert rc == 0, log.read_text()[-4000:]
     want, got = losses_by_step(ref), losses_by_step(run_dir)
     assert sorted(got) == list(range(1, REFERENCE_STEPS + 1))
@@ -176,26 +204,18 @@ def _lose_node_1(nodes, ref, tmp_path, how: str) -> tuple[Path, Path, list[str],
     )
     p = _launch(nodes, hosts, run_dir, overrides, log)
     try:
-        deadline = time.time() + 300
-        while not any(s >= 12 for s in losses_by_step(run_dir)):
-            assert p.poll() is None and time.time() < deadline, log.read_text()[-3000:]
-            time.sleep(0.05)
-        t0 = time.time()
-        if how == "kill":
-            assert nodes.kill_node(1) > 0
-        else:
-            nodes.set_link(1, False)
-        detected = None  # s from the loss to the orchestrator's line naming the lost node
-        while p.poll() is None:
-            if detected is None and "mnemo launch: lost node" in log.read_text():
-                detected = time.time() - t0
-            assert time.time() - t0 < COLLECTIVE_TIMEOUT_S + MARGIN_S + 60, "the job did not end"
-            time.sleep(0.05)
-        rc, took = p.returncode, time.time() - t0
+        with _reaped(p):
+            _wait_for_step(p, run_dir, log, 12, timeout=300)
+            t0 = time.time()
+            if how == "kill":
+                assert nodes.kill_node(1) > 0
+            else:
+                nodes.set_link(1, False)
+            # detected: s from the loss to the orchestrator's line naming the lost node
+            rc, took, detected = _until_exit(
+                p, log, t0, "mnemo launch: lost node", COLLECTIVE_TIMEOUT_S + MARGIN_S + 60
+            )
     finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
         if how == "cut":
             nodes.set_link(1, True)
     out = log.read_text()
@@ -215,12 +235,8 @@ def test_node_killed_mid_step_ends_the_job_and_the_relaunch_resumes(nodes, refer
     nodes.revive(1)  # the node comes back (empty /dev/shm, new sshd); the same command again
     hosts = tmp_path / "hosts"
     p = _launch(nodes, hosts, run_dir, overrides, tmp_path / "relaunch.out")
-    try:
+    with _reaped(p):
         rc = p.wait(timeout=300)
-    finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
     assert rc == 0, (tmp_path / "relaunch.out").read_text()[-4000:]
     # The relaunch re-did the steps after the last complete checkpoint (10), and every step's
     # last loss equals the uninterrupted run's.
@@ -257,12 +273,8 @@ def test_three_nodes_over_real_ssh_match_one_node(nodes, tiny_data, tmp_path):
     run(train_cmd(3, overrides(one)), timeout=400)  # one node, three ranks
     run_dir, log = tmp_path / "three", tmp_path / "launch.out"
     p = _launch(nodes, nodes.hostfile(tmp_path / "hosts"), run_dir, overrides(run_dir), log)
-    try:
+    with _reaped(p):
         rc = p.wait(timeout=300)
-    finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
     assert rc == 0, log.read_text()[-4000:]
     want, got = losses_by_step(one), losses_by_step(run_dir)
     assert sorted(got) == list(range(1, 9))
@@ -309,24 +321,12 @@ def test_elastic_shrink_goes_on_with_the_surviving_nodes(nodes, tiny_data, tmp_p
         ["--min-nodes", "2", *overrides(run_dir, f"checkpoint.collective_timeout_s={COLLECTIVE_TIMEOUT_S}")],
         log,
     )
-    try:
-        deadline = time.time() + 400
-        while not any(s >= 8 for s in losses_by_step(run_dir)):  # checkpoint 6 is complete by then
-            assert p.poll() is None and time.time() < deadline, log.read_text()[-3000:]
-            time.sleep(0.05)
+    with _reaped(p):
+        _wait_for_step(p, run_dir, log, 8)  # checkpoint 6 is complete by then
         t0 = time.time()
         assert nodes.kill_node(2) > 0
-        shrunk = None  # s from the loss to the orchestrator's line that starts the smaller job
-        while p.poll() is None:
-            if shrunk is None and "mnemo launch: elastic shrink 1" in log.read_text():
-                shrunk = time.time() - t0
-            assert time.time() - t0 < 600, "the job did not end"
-            time.sleep(0.1)
-        rc, took = p.returncode, time.time() - t0
-    finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
+        # shrunk: s from the loss to the orchestrator's line that starts the smaller job
+        rc, took, shrunk = _until_exit(p, log, t0, "mnemo launch: elastic shrink 1", 600)
     out = log.read_text()
     assert rc == 0, out[-4000:]
     assert f"mnemo launch: lost node 2 ({nodes.addrs[2]})" in out, out[-3000:]
