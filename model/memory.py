@@ -227,3 +227,19 @@ def fifo_append(store: Tensor, new: Tensor) -> Tensor:
     out = buf[:, :, :N]
     out._fifo_room = spare
     return out
+
+
+def gather_rows(store: Tensor, flat: Tensor) -> Tensor:
+    """Rows store[b, h, n] [len(flat), Dh] for flat = (b H + h) N + n, store [B, H, N, Dh].
+
+    A contiguous store is flattened (a view). A store that ``fifo_append`` made is a view of a
+    buffer [B, H, R, Dh] with R > N: flattening it would copy the whole store, so the rows are
+    read through a flat view of the buffer instead (row (b H + h) R + n).
+    """
+    B, H, N, Dh = store.shape
+    s0, s1, s2, s3 = store.stride()
+    if s3 != 1 or s2 != Dh or s0 != H * s1 or s1 % Dh or store.is_contiguous():
+        return store.reshape(B * H * N, Dh).index_select(0, flat)
+    R = s1 // Dh
+    rows = torch.as_strided(store, ((B * H - 1) * R + N, Dh), (Dh, 1), store.storage_offset())
+    return rows.index_select(0, flat // N * R + flat % N)

@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mnemo.model.memory import LayerMemory, fifo_append
+from mnemo.model.memory import LayerMemory, fifo_append, gather_rows
 
 SEARCHES = ("exact", "blocks", "ivf")
 BLOCK = 256  # stored entries per block summary
@@ -161,8 +161,8 @@ def block_retrieve(
         entry = entry.clamp(min=0) + (N - W)  # a padded entry is never found; any real row will do
     base = (torch.arange(BH, device=q.device) * N).view(BH, 1, 1)
     flat = (entry + base).reshape(-1)
-    sel_k = mem_k.reshape(BH * N, Dh).index_select(0, flat).view(B, H, T, k, Dh)
-    sel_v = mem_v.reshape(BH * N, Dh).index_select(0, flat).view(B, H, T, k, Dh)
+    sel_k = gather_rows(mem_k, flat).view(B, H, T, k, Dh)
+    sel_v = gather_rows(mem_v, flat).view(B, H, T, k, Dh)
     return sel_k, sel_v, found
 
 
@@ -257,14 +257,18 @@ def ltm_push(mem: LayerMemory, kn: Tensor, v: Tensor) -> dict[str, Tensor]:
     B, H, N, _ = mem.ltm_k.shape
     T = kn.shape[2]
     with torch.no_grad():
-        # Ids of the new keys [B, H, T] (slots not yet fit: zero centroids, any id; set at their first fit).
-        ids = torch.matmul(kn.detach().to(cen.dtype), cen.transpose(-1, -2)).argmax(-1).to(torch.int32)
-        c = fifo_append(c, ids)
         since = since + T
         fill = (off[:, 0, -1].long() + since).clamp(max=N)  # [B] valid entries now
         fit = torch.where(fitted > 0, fill >= 2 * fitted, fill >= IVF_TRAIN_AT)  # [B]
         due = fit | ((fitted > 0) & (since >= IVF_REBUILD))
-        if bool(due.any()):  # one host sync per layer and segment
+        any_fit, any_due = torch.stack(((fitted > 0).any(), due.any())).tolist()  # one host sync
+        # Ids of the new keys [B, H, T] (slots not yet fit: any id, set at their first fit).
+        if any_fit:
+            ids = torch.matmul(kn.detach().to(cen.dtype), cen.transpose(-1, -2)).argmax(-1).to(torch.int32)
+        else:  # no centroids anywhere yet: skip the [T, C] product
+            ids = torch.zeros(kn.shape[:3], dtype=torch.int32, device=kn.device)
+        c = fifo_append(c, ids)
+        if any_due:
             keys = out["ltm_k"].detach()
             c, cen, inv, off = c.clone(), cen.clone(), inv.clone(), off.clone()
             since, fitted = since.clone(), fitted.clone()
@@ -384,7 +388,6 @@ def ivf_retrieve(
             vals = torch.full((BH, T, k), neg, dtype=q.dtype, device=q.device)
             pos = torch.zeros(BH, T, k, dtype=torch.long, device=q.device)
             qf = q.reshape(BH, T, Dh)
-            kf = mem_k.reshape(BH * N, Dh)
             rows = min(T, max(1, _ivf_tile(q.device) // (BH * Lmax * Dh)))
             j = torch.arange(Lmax, device=q.device)
             for t0 in range(0, T, rows):
@@ -403,7 +406,7 @@ def ivf_retrieve(
                 if vflat is not None:
                     ok &= torch.gather(vflat, 1, (where - (N - W)).view(BH, -1)).view(BH, r, Lt)
                 flat = (where + (torch.arange(BH, device=q.device) * N).view(BH, 1, 1)).view(-1)
-                cand = kf.index_select(0, flat).view(BH * r, Lt, Dh)
+                cand = gather_rows(mem_k, flat).view(BH * r, Lt, Dh)
                 s = torch.bmm(cand, qf[:, sl].reshape(BH * r, Dh, 1)).view(BH, r, Lt)
                 s.masked_fill_(~ok, neg)
                 kk = min(k, Lt)
@@ -428,8 +431,8 @@ def ivf_retrieve(
         found = (top > neg).view(B, H, T, k)
     base = (torch.arange(BH, device=q.device) * N).view(BH, 1, 1)
     flat = (entry + base).reshape(-1)
-    sel_k = mem_k.reshape(BH * N, Dh).index_select(0, flat).view(B, H, T, k, Dh)
-    sel_v = mem_v.reshape(BH * N, Dh).index_select(0, flat).view(B, H, T, k, Dh)
+    sel_k = gather_rows(mem_k, flat).view(B, H, T, k, Dh)
+    sel_v = gather_rows(mem_v, flat).view(B, H, T, k, Dh)
     return sel_k, sel_v, found
 
 

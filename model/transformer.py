@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mnemo.model.memory import LayerMemory, MemoryState
+from mnemo.model.memory import LayerMemory, MemoryState, gather_rows
 from mnemo.model.retrieval import SEARCHES, ivf_state, ltm_push, searcher
 from mnemo.model.sizes import SIZES, Size, flops_per_token, ltm_layer_indices, mlp_hidden, param_count
 
@@ -294,8 +294,8 @@ def knn_retrieve(
     # ~2x faster than gather with an index expanded over Dh, in both directions.
     base = (torch.arange(B * H, device=q.device) * N + (N - W)).view(B * H, 1, 1)
     flat = (idx + base).reshape(-1)  # [B*H*T*k]
-    sel_k = mem_k.reshape(B * H * N, Dh).index_select(0, flat).view(B, H, T, k, Dh)
-    sel_v = mem_v.reshape(B * H * N, Dh).index_select(0, flat).view(B, H, T, k, Dh)
+    sel_k = gather_rows(mem_k, flat).view(B, H, T, k, Dh)  # no copy of a store appended in place
+    sel_v = gather_rows(mem_v, flat).view(B, H, T, k, Dh)
     return sel_k, sel_v, found
 
 

@@ -244,3 +244,17 @@ def test_evaluation_can_switch_a_model_to_the_ivf_search(tiny_ivf, monkeypatch):
         exact, _ = run(make(stm=4, capacity=64, mix="joint", topk=2), x)
     assert switched.args.ltm_search == "ivf" and state.layers[1].ltm_cen is not None
     assert torch.equal(got, want) and not torch.equal(got, exact)
+
+
+def test_gather_rows_reads_a_store_with_room_without_flattening_it():
+    from mnemo.model.memory import gather_rows
+
+    g = torch.Generator().manual_seed(0)
+    store = torch.randn(2, 3, 16, 4, generator=g)
+    with torch.no_grad():
+        out = fifo_append(fifo_append(store, torch.randn(2, 3, 4, 4, generator=g)), torch.randn(2, 3, 4, 4))
+    assert out.stride(1) > 16 * 4  # a view of a buffer with room: flattening it would copy
+    flat = torch.randint(0, 2 * 3 * 16, (50,), generator=g)
+    want = out.contiguous().reshape(-1, 4)[flat]
+    assert torch.equal(gather_rows(out, flat), want)
+    assert torch.equal(gather_rows(store, flat), store.reshape(-1, 4)[flat])
