@@ -86,7 +86,7 @@ def sized_ltm(model: Any, capacity: int | None) -> Iterator[None]:
 
 
 def with_ltm_search(model: Any, search: str | None) -> Any:
-    """Switch how ``model``'s long-term stores are searched ("exact" | "blocks", model/retrieval.py).
+    """Switch how ``model``'s long-term stores are searched ("exact" | "blocks" | "ivf", model/retrieval.py).
 
     Not a weight: every long-term layer's search function is rebuilt and the
     model's args record the choice. None, or a model without long-term memory:
