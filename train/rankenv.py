@@ -8,9 +8,8 @@ streaming are imported (both read it at import time).
 from __future__ import annotations
 
 import os
+import sys
 from typing import Mapping
-
-from mnemo.train.tracking import HTTP_ENV_DEFAULTS
 
 
 def cuda_available() -> bool:
@@ -61,12 +60,26 @@ def op_cache_env(environ: Mapping[str, str], prefix: str, torch_version: str) ->
     if environ.get("TORCH_EXTENSIONS_DIR"):
         return {}
     import hashlib
-    import sys
 
     cache = environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     tag = hashlib.sha256(f"{prefix}\0{torch_version}".encode()).hexdigest()[:10]
     name = f"py{sys.version_info.major}{sys.version_info.minor}-mnemo-{tag}"
     return {"TORCH_EXTENSIONS_DIR": os.path.join(cache, "torch_extensions", name)}
+
+
+def _torch_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("torch")  # without importing torch
+    except PackageNotFoundError:  # pragma: no cover - torch is a dependency
+        return "unknown"
+
+
+def use_own_op_cache() -> None:
+    """Set ``op_cache_env`` in this process (the test session: its in-process engines then build where
+    the ranks it starts do, one build instead of two)."""
+    os.environ.update(op_cache_env(os.environ, sys.prefix, _torch_version()))
 
 
 def _free_port() -> int:
@@ -78,12 +91,10 @@ def _free_port() -> int:
 
 
 def apply_rank_env() -> dict[str, str]:
-    import sys
-
-    import torch
+    from mnemo.train.tracking import HTTP_ENV_DEFAULTS
 
     added = rank_env(os.environ, cuda_available())
-    added.update(op_cache_env(os.environ, sys.prefix, torch.__version__))
+    added.update(op_cache_env(os.environ, sys.prefix, _torch_version()))
     # MLflow reads its HTTP retry/timeout settings only from the environment: bounded
     # values keep a dead tracking server from stalling the tracker for minutes.
 
