@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mnemo.model.memory import LayerMemory, MemoryState, gather_rows
-from mnemo.model.retrieval import SEARCHES, ivf_state, ltm_push, searcher
+from mnemo.model.retrieval import SEARCHES, exact_top, ivf_state, ltm_push, searcher
 from mnemo.model.sizes import SIZES, Size, flops_per_token, ltm_layer_indices, mlp_hidden, param_count
 
 
@@ -242,16 +242,6 @@ def ltm_search_window(max_len: int, capacity: int, topk: int) -> int:
     return min(capacity, window)
 
 
-def _score_tile(device: torch.device) -> int:
-    """Elements of one [heads, rows, window] tile of kNN scores, computed and top-k'd at once.
-
-    The search is memory-bound (K = head dim is small): on CPU a tile that
-    stays in cache (1 MB) makes matmul + top-k ~1.5x faster than one pass over
-    the whole [B, H, T, window] score tensor; on GPU big tiles keep kernels few.
-    """
-    return 1 << 18 if device.type == "cpu" else 1 << 26
-
-
 def knn_retrieve(
     q: Tensor, mem_k: Tensor, mem_v: Tensor, valid: Tensor | None, topk: int, window: int | None = None
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -272,27 +262,11 @@ def knn_retrieve(
     N = mem_k.shape[2]
     W = N if window is None else window
     k = min(topk, W)
-    neg = torch.finfo(q.dtype).min
-    with torch.no_grad():
-        qf = q.reshape(B * H, T, Dh)
-        keys_t = mem_k[:, :, N - W :].reshape(B * H, W, Dh).transpose(1, 2)  # [BH, Dh, W], a view of the store
-        invalid = None if valid is None else (~valid).repeat_interleave(H, dim=0)[:, None, :]  # [BH, 1, W]
-        idx = torch.empty(B * H, T, k, dtype=torch.long, device=q.device)
-        top_vals = torch.empty(B * H, T, k, dtype=q.dtype, device=q.device)
-        rows = min(T, max(1, _score_tile(q.device) // W))
-        heads = max(1, _score_tile(q.device) // (rows * W))
-        for h0 in range(0, B * H, heads):
-            for t0 in range(0, T, rows):
-                s = torch.bmm(qf[h0 : h0 + heads, t0 : t0 + rows], keys_t[h0 : h0 + heads])  # [heads, rows, W]
-                if invalid is not None:
-                    s.masked_fill_(invalid[h0 : h0 + heads], neg)  # in place on a fresh temporary
-                torch.topk(
-                    s, k, dim=-1, out=(top_vals[h0 : h0 + heads, t0 : t0 + rows], idx[h0 : h0 + heads, t0 : t0 + rows])
-                )
-        found = (top_vals > neg).view(B, H, T, k)
+    top_vals, idx = exact_top(q, mem_k, valid, k, W)  # [B*H, T, k] scores, store positions
+    found = (top_vals > torch.finfo(q.dtype).min).view(B, H, T, k)
     # Gather rows of the whole store, flattened to [B*H*N, Dh]: index_select is
     # ~2x faster than gather with an index expanded over Dh, in both directions.
-    base = (torch.arange(B * H, device=q.device) * N + (N - W)).view(B * H, 1, 1)
+    base = (torch.arange(B * H, device=q.device) * N).view(B * H, 1, 1)
     flat = (idx + base).reshape(-1)  # [B*H*T*k]
     sel_k = gather_rows(mem_k, flat).view(B, H, T, k, Dh)  # no copy of a store appended in place
     sel_v = gather_rows(mem_v, flat).view(B, H, T, k, Dh)
