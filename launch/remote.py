@@ -264,10 +264,15 @@ def _probe(ssh: str, host: str) -> tuple[str | None, str | None]:
     return (lines[-1] if lines else f"ssh exited with code {r.returncode}"), None
 
 
+def _probe_all(hosts: list[Host], ssh: str) -> list[tuple[str | None, str | None]]:
+    """``_probe`` of every host, in parallel (each may wait out ssh's connect timeout), in the hosts' order."""
+    with ThreadPoolExecutor(max_workers=max(1, min(32, len(hosts)))) as pool:
+        return list(pool.map(lambda h: _probe(ssh, h.name), hosts))
+
+
 def check_reachable(hosts: list[Host], ssh: str) -> None:
     """Raise UserError naming the first unreachable host (all probed in parallel), or two names of one machine."""
-    with ThreadPoolExecutor(max_workers=min(32, len(hosts))) as pool:
-        probes = list(pool.map(lambda h: _probe(ssh, h.name), hosts))
+    probes = _probe_all(hosts, ssh)
     for h, (err, _) in zip(hosts, probes):
         if err is not None:
             raise UserError(f"host {h.name!r} (hostfile line {h.line}) is unreachable over ssh: {err}")
@@ -419,8 +424,7 @@ def run_elastic(
             return rc
         gone = [hosts[i] for i in orch.lost]
         left = [h for i, h in enumerate(hosts) if i not in orch.lost]
-        with ThreadPoolExecutor(max_workers=max(1, min(32, len(left)))) as pool:
-            probes = list(pool.map(lambda h: _probe(ssh, h.name), left))
+        probes = _probe_all(left, ssh)
         for h, (err, _) in zip(left, probes):
             if err is not None:
                 gone.append(h)
