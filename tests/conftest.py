@@ -19,7 +19,8 @@ atexit.register(shutil.rmtree, _HF_HOME, True)
 # The machine (and CI) has 2 cores shared by in-process tests and the
 # multi-process jobs some tests start: one thread each avoids oversubscription.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-# DeepSpeed's JIT op: the tests' in-process engines build where mnemo's commands and ranks do (one build).
+# DeepSpeed's JIT op: the tests' in-process engines build where the training ranks do (one build): only
+# a rank sets its op cache (apply_rank_env in run_train), no other mnemo command does.
 from mnemo.train.rankenv import use_own_op_cache  # noqa: E402
 
 use_own_op_cache()
