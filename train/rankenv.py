@@ -76,10 +76,12 @@ def _torch_version() -> str:
         return "unknown"
 
 
-def use_own_op_cache() -> None:
-    """Set ``op_cache_env`` in this process (the test session: its in-process engines then build where
-    the ranks it starts do, one build instead of two)."""
-    os.environ.update(op_cache_env(os.environ, sys.prefix, _torch_version()))
+def use_own_op_cache() -> dict[str, str]:
+    """Set ``op_cache_env`` in this process and return what it added: a rank (``apply_rank_env``) and the
+    test session (its in-process engines then build where the ranks it starts do, one build instead of two)."""
+    added = op_cache_env(os.environ, sys.prefix, _torch_version())
+    os.environ.update(added)
+    return added
 
 
 def _free_port() -> int:
@@ -94,7 +96,7 @@ def apply_rank_env() -> dict[str, str]:
     from mnemo.train.tracking import HTTP_ENV_DEFAULTS
 
     added = rank_env(os.environ, cuda_available())
-    added.update(op_cache_env(os.environ, sys.prefix, _torch_version()))
+    added.update(use_own_op_cache())
     # MLflow reads its HTTP retry/timeout settings only from the environment: bounded
     # values keep a dead tracking server from stalling the tracker for minutes.
 
