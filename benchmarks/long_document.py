@@ -67,8 +67,20 @@ def load(args) -> tuple[MemoryTransformer, np.ndarray, int]:
     from mnemo.evaluation.heldout import read_heldout_docs
     from mnemo.train.checkpoint import load_for_inference
 
-    model, _tok, cfg = load_for_inference(args.checkpoint, device="cpu")
-    if args.text == "heldout":
+    model, tok, cfg = load_for_inference(args.checkpoint, device="cpu")
+    if args.text == "files":  # distinct text: the files of --files, read with the model's tokenizer
+        import glob
+
+        names = sorted(glob.glob(args.files, recursive=True))
+        if not names:
+            raise SystemExit(f"--files {args.files!r}: no file matches")
+        docs = []
+        for name in names:
+            with open(name, encoding="utf-8", errors="replace") as f:
+                docs.append(np.asarray(tok.encode(f.read()), dtype=np.int64))
+            if sum(d.size for d in docs) >= need:
+                break
+    elif args.text == "heldout":
         docs = read_heldout_docs(args.data, cfg.data.val_fraction)
     else:  # more distinct text than a small held-out split (the model has seen the training part)
         from mnemo.evaluation.heldout import open_mds, read_docs
@@ -80,6 +92,8 @@ def load(args) -> tuple[MemoryTransformer, np.ndarray, int]:
     text = np.concatenate(docs)
     reps = -(-need // text.size)
     print(f"document: {len(docs)} {args.text} documents, {text.size} tokens, repeated {reps}x to {need} tokens")
+    if reps > 1:
+        print("  (a repeated document repeats its keys: ties of the exact top-k count as found, so recall rises)")
     return model, np.tile(text, reps)[:need], cfg.model.segment_len
 
 
@@ -215,7 +229,13 @@ def main() -> None:
     p.add_argument("--lengths", type=int, nargs="+", default=[4096, 16384, 131072, 1048576])
     p.add_argument("--rounds", type=int, default=3, help="timed segments per arm and length")
     p.add_argument("--random-init", action="store_true")
-    p.add_argument("--text", choices=("heldout", "all"), default="heldout", help="documents the long one is cut from")
+    p.add_argument(
+        "--text",
+        choices=("heldout", "all", "files"),
+        default="heldout",
+        help="documents the long one is cut from (files: --files, so 1M tokens need not repeat a small split)",
+    )
+    p.add_argument("--files", default="", help="--text files: a glob of text files, read in name order")
     p.add_argument("--chunk", type=int, default=16384, help="tokens per parallel slot of the capture read")
     p.add_argument("--random-store", action="store_true", help="random unit keys instead of the captured ones")
     p.add_argument("--arms", nargs="+", choices=("exact", "blocks", "ivf"), default=["exact", "ivf"])
