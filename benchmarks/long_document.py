@@ -176,9 +176,9 @@ def recall_at_k(calls: list[tuple], topk: int, arm: str) -> tuple[float, float]:
         hits += int(((sa >= kth) & af).sum())
         total += int(ef.sum())
         if arm == "ivf" and index is not None:
-            _c, cen, _inv, off, since, _fit = index
+            _c, cen, _inv, off, since, fit = index
             sizes = (off[..., 1:] - off[..., :-1]).long()  # [B, H, C]
-            probed = (q @ cen.transpose(-1, -2)).topk(min(rt.IVF_PROBE, cen.shape[2]), -1).indices
+            probed = rt.ivf_list_scores(q, cen, fit).topk(min(rt.IVF_PROBE, cen.shape[2]), -1).indices
             scored = torch.gather(sizes[:, :, None].expand(-1, -1, q.shape[2], -1), 3, probed).sum(-1)
             W = mk.shape[2] if window is None else window
             share.append(((scored.float().mean() + since.float().mean()) / W).item())
@@ -239,7 +239,8 @@ def main() -> None:
     p.add_argument("--chunk", type=int, default=16384, help="tokens per parallel slot of the capture read")
     p.add_argument("--random-store", action="store_true", help="random unit keys instead of the captured ones")
     p.add_argument("--arms", nargs="+", choices=("exact", "blocks", "ivf"), default=["exact", "ivf"])
-    p.add_argument("--ivf-lists", type=int, default=None, help="ivf: centroids per head (default IVF_LISTS)")
+    p.add_argument("--ivf-list-size", type=int, default=None, help="ivf: keys per list at a fit (IVF_LIST_SIZE)")
+    p.add_argument("--ivf-max-lists", type=int, default=None, help="ivf: most lists per head (IVF_MAX_LISTS)")
     p.add_argument("--ivf-probes", type=int, default=None, help="ivf: lists searched per query (default IVF_PROBE)")
     p.add_argument("--ivf-train-at", type=int, default=None, help="ivf: entries at the first fit (IVF_TRAIN_AT)")
     p.add_argument("--recall-probes", type=int, nargs="*", default=[], help="ivf: recall also at these probes")
@@ -248,7 +249,11 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier on a loaded machine)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    for name, value in (("IVF_LISTS", args.ivf_lists), ("IVF_PROBE", args.ivf_probes)):
+    for name, value in (
+        ("IVF_LIST_SIZE", args.ivf_list_size),
+        ("IVF_MAX_LISTS", args.ivf_max_lists),
+        ("IVF_PROBE", args.ivf_probes),
+    ):
         if value is not None:
             setattr(rt, name, value)
     if args.ivf_train_at is not None:
@@ -278,7 +283,8 @@ def main() -> None:
     print(f"store bytes per token: {bpt} (keys + values, {keys.dtype}, {len(a.active_ltm_layers)} layer)")
     if "ivf" in arms:
         print(
-            f"ivf: {rt.IVF_LISTS} lists, {rt.IVF_PROBE} probed, fit at {rt.IVF_TRAIN_AT} entries and at each doubling,"
+            f"ivf: a list per {rt.IVF_LIST_SIZE} stored keys (at most {rt.IVF_MAX_LISTS}), {rt.IVF_PROBE} probed,"
+            f" fit at {rt.IVF_TRAIN_AT} entries and at each doubling,"
             f" index sorted every {rt.IVF_REBUILD} entries; index bytes per token {8 * a.n_heads} (list id + index)"
         )
     cols = "".join(f" {arm + ' us/tok':>14}" for arm in arms)

@@ -24,7 +24,10 @@ Layout (B = stream slots, H = heads, Dh = head dim):
   With ``memory.long.search: ivf`` (model/retrieval.py), per long-term layer:
   ltm_c          [B, H, N] int32 inverted-file list of each stored key
                                   (FIFO with ltm_k)
-  ltm_cen        [B, H, C, Dh]   the document's C unit centroids (all zero
+  ltm_cen        [B, H, C, Dh]   the document's unit centroids, C = capacity //
+                                  IVF_LIST_SIZE (at most IVF_MAX_LISTS); the
+                                  first fill // IVF_LIST_SIZE in use after a fit
+                                  at ``fill`` entries, the rest zero (all zero
                                   until the store first holds IVF_TRAIN_AT keys)
   ltm_inv        [B, H, N] int32 the index: ages (entries pushed after it, at
                                   the last build) of the indexed entries,
@@ -170,7 +173,8 @@ class MemoryState:
         for a, b in zip(self.layers, other.layers):
             if a.ltm_cen is None:
                 b = replace(b, **dict.fromkeys(_IVF_FIELDS))
-            elif b.ltm_cen is None and b.ltm_k is not None:
+            elif b.ltm_k is not None and (b.ltm_cen is None or b.ltm_cen.shape != a.ltm_cen.shape):
+                # (another shape: an index of another list buffer, e.g. an earlier release's fixed count)
                 fresh = {f: torch.zeros_like(getattr(a, f)) for f in _IVF_FIELDS}
                 fresh["ltm_since"] = other.ltm_len.clone()
                 b = replace(b, **fresh)

@@ -22,26 +22,35 @@ accurate design.
 
 ``ivf_retrieve``: an inverted file kept in the memory state (model/memory.py,
 fields ltm_c, ltm_cen, ltm_inv, ltm_off, ltm_since, ltm_fit of each long-term
-layer). When a slot's store first holds ``IVF_TRAIN_AT`` keys, ``IVF_LISTS``
-unit centroids per head are fit to them by spherical k-means (deterministic:
-random starts with a fixed seed, ``IVF_ITERS`` rounds), and fit again on
-the whole store each time the store has doubled since (a document's later
-topics get lists of their own; every stored key is reassigned then, so the
-work is O(C) per token, amortized). Between fits every key gets the id of its
-nearest centroid as it is pushed (one [T, C] product per segment), and the
-store's entries are indexed grouped by list (a stable sort of the ids:
-ltm_inv, ltm_off). That sort is
-redone only every ``IVF_REBUILD`` pushed entries; the entries pushed since
-(at most that many, or the ``IVF_TRAIN_AT`` before the first fit) are searched
-exactly. A query scores the C centroids, takes the entries of its
-``IVF_PROBE`` best lists and scores those exactly: per query C + probe * N / C
-+ (entries since the last build) key scores, and no pass over the store per
-segment (the build's sort, once per IVF_REBUILD entries, aside).
+layer). When a slot's store first holds ``IVF_TRAIN_AT`` keys, unit centroids
+per head are fit to them by spherical k-means (deterministic: random starts
+with a fixed seed, ``IVF_ITERS`` rounds), and fit again on the whole store
+each time the store has doubled since (a document's later topics get lists of
+their own). The lists grow with the store: a fit at ``fill`` stored keys makes
+fill // ``IVF_LIST_SIZE`` lists (the centroid buffer C = capacity //
+IVF_LIST_SIZE, at most ``IVF_MAX_LISTS``), so the keys a query scores,
+``IVF_PROBE`` lists of about IVF_LIST_SIZE keys, do not grow with the store.
+Fits of more than ``IVF_FLAT_UP_TO`` lists run in two levels (sqrt(n) groups,
+then lists inside each group, ``ivf_fit``), so a refit over a million keys
+costs seconds, not hours. Between fits every key gets the id of its nearest
+centroid as it is pushed (one [T, C] product per segment), and the store's
+entries are indexed grouped by list (a stable sort of the ids: ltm_inv,
+ltm_off). That sort is redone only every ``IVF_REBUILD`` pushed entries; the
+entries pushed since (at most that many, or the ``IVF_TRAIN_AT`` before the
+first fit) are searched exactly. A query scores the slot's centroids, takes
+the entries of its IVF_PROBE best lists and scores those exactly: per query
+C + IVF_PROBE * IVF_LIST_SIZE + (entries since the last build) key scores,
+and no pass over the store per segment (the build's sort, once per
+IVF_REBUILD entries, and the refits, once per doubling, aside). The C
+centroid scores are one dense product per segment (cheap per key); the probed
+keys are gathered row by row (~10-20x dearer per key on CPU), which is why
+the probe, not C, sets the cost.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 
 import torch
@@ -57,8 +66,14 @@ PROBE = 8  # blocks searched exactly per query (probe * BLOCK candidates)
 # key it loads, the gathered candidates of the two-level search do not (measured on 2 CPU cores,
 # benchmarks/long_document.py: exact faster at 16K entries, 3x slower at 128K).
 EXACT_UP_TO = 32768
-IVF_LISTS = 1024  # centroids per head and slot (C)
+# Lists grow with the store: a fit of a slot holding ``fill`` keys makes fill // IVF_LIST_SIZE lists
+# (at least 1, at most the centroid buffer C = capacity // IVF_LIST_SIZE, capped at IVF_MAX_LISTS), so a
+# query's probed lists hold about IVF_PROBE * IVF_LIST_SIZE keys at any store size.
+IVF_LIST_SIZE = 128
+IVF_MAX_LISTS = 8192  # 1M entries at 128 per list
 IVF_PROBE = 32  # lists searched per query
+IVF_FLAT_UP_TO = 256  # fits of up to this many lists: one k-means; more: two levels (see ivf_fit)
+IVF_GROUP_PROBE = 3  # two-level fit: a key's list is the nearest among its this many nearest groups' lists
 IVF_TRAIN_AT = 16384  # stored entries at which a slot's centroids are fit (before that: exact)
 IVF_REBUILD = 8192  # entries pushed between two sorts of the index (searched exactly meanwhile)
 IVF_ITERS = 8  # k-means rounds
@@ -169,9 +184,29 @@ def block_retrieve(
 # ------------------------------------------------------------------ inverted file
 
 
+def ivf_buffer_lists(N: int) -> int:
+    """Centroids C kept per head for a store of N entries: N // IVF_LIST_SIZE, in [1, IVF_MAX_LISTS]."""
+    return max(1, min(IVF_MAX_LISTS, N // IVF_LIST_SIZE))
+
+
+def ivf_lists_at(fill: Tensor, C: int) -> Tensor:
+    """Lists in use [B] after a fit at ``fill`` [B] stored entries (buffer of C): fill // IVF_LIST_SIZE in [1, C]."""
+    return (fill // IVF_LIST_SIZE).clamp(1, C)
+
+
+def ivf_list_scores(x: Tensor, cen: Tensor, fitted: Tensor) -> Tensor:
+    """Scores [B, H, T, C] of x [B, H, T, Dh] against each slot's centroids cen [B, H, C, Dh]; the lists a
+    slot does not use (beyond ``ivf_lists_at(fitted)``, fitted [B]) score dtype min, so they are never
+    picked while a used one is left."""
+    C = cen.shape[2]
+    s = torch.matmul(x, cen.transpose(-1, -2).to(x.dtype))
+    unused = torch.arange(C, device=x.device)[None, :] >= ivf_lists_at(fitted, C)[:, None]  # [B, C]
+    return s.masked_fill_(unused[:, None, None, :], torch.finfo(s.dtype).min)
+
+
 def ivf_state(B: int, H: int, N: int, Dh: int, device=None, dtype=None) -> dict[str, Tensor]:
     """The empty IVF fields of one long-term layer's memory (model/memory.py): no centroids yet."""
-    C = IVF_LISTS
+    C = ivf_buffer_lists(N)
     i32 = dict(device=device, dtype=torch.int32)
     return dict(
         ltm_c=torch.zeros(B, H, N, **i32),
@@ -193,8 +228,8 @@ def _nearest(keys: Tensor, cen: Tensor) -> Tensor:
     return out
 
 
-def ivf_fit(keys: Tensor, C: int, iters: int | None = None) -> Tensor:
-    """Spherical k-means: C unit centroids [H, C, Dh] of unit keys [H, L, Dh], L >= 1.
+def _kmeans(keys: Tensor, C: int, iters: int | None = None) -> Tensor:
+    """Spherical k-means: C unit centroids [H, C, Dh] of unit keys [H, L, Dh], L >= C >= 1.
 
     Deterministic (starts drawn with a fixed seed from a fitting sample of at most
     IVF_FIT_SAMPLE * C evenly spaced entries), so a resumed read fits the same centroids. A
@@ -217,6 +252,81 @@ def ivf_fit(keys: Tensor, C: int, iters: int | None = None) -> Tensor:
     return cen
 
 
+def shares(counts: Tensor, n: int) -> list[int]:
+    """n split over groups in proportion to counts [G] (largest remainders, ties to the lower index); a
+    group gets at most its count, an empty one nothing. Needs n <= counts.sum()."""
+    total = int(counts.sum())
+    exact = counts.double() * n / total
+    out = exact.floor().long()
+    left = n - int(out.sum())
+    if left:
+        frac = exact - out
+        out[torch.sort(-frac, stable=True).indices[:left]] += 1
+    return out.tolist()
+
+
+def _nearest_in_groups(keys: Tensor, gcen: Tensor, cen: Tensor, first: list[int], size: list[int]) -> Tensor:
+    """Id of the nearest centroid [L] int32 of keys [L, Dh] among the lists of their IVF_GROUP_PROBE
+    nearest groups: gcen [G, Dh] group centroids, cen [n, Dh] lists, group g's lists are
+    first[g] .. first[g] + size[g] - 1. One dense product per group with the keys that probe it:
+    O(L (G + m n / G)) multiply-adds."""
+    L, Dh = keys.shape
+    G = gcen.shape[0]
+    m = min(IVF_GROUP_PROBE, G)
+    pair_group = torch.cat([(keys[a : a + 65536] @ gcen.T).topk(m, dim=-1).indices for a in range(0, L, 65536)])
+    pair_group = pair_group.flatten()  # [L * m]: pair p is key p // m probing a group
+    order = torch.sort(pair_group, stable=True).indices
+    counts = torch.bincount(pair_group, minlength=G).tolist()
+    score = torch.full((L * m,), float("-inf"), device=keys.device)
+    best = torch.zeros(L * m, dtype=torch.int32, device=keys.device)
+    start = 0
+    for g in range(G):
+        if counts[g] and size[g]:
+            pairs = order[start : start + counts[g]]
+            s = keys[pairs // m] @ cen[first[g] : first[g] + size[g]].T  # [pairs, size]
+            top = s.max(dim=-1)
+            score[pairs], best[pairs] = top.values, top.indices.to(torch.int32) + first[g]
+        start += counts[g]
+    pick = score.view(L, m).argmax(-1, keepdim=True)
+    return torch.gather(best.view(L, m), 1, pick)[:, 0]
+
+
+def ivf_fit(keys: Tensor, n: int) -> tuple[Tensor, Tensor]:
+    """n unit centroids [H, n, Dh] for unit keys [H, L, Dh] (L >= n >= 1) and each key's list [H, L] int32.
+
+    Up to IVF_FLAT_UP_TO lists: one spherical k-means, each key in the list of its nearest centroid.
+    More: two levels, so that a fit of thousands of lists over a million keys costs O(L sqrt(n)),
+    not O(L n): G = ceil(sqrt(n)) group centroids are fit first, every key goes to its nearest
+    group, each group gets a share of the n lists in proportion to its keys, fit by k-means on the
+    group's keys alone; then every key goes to its nearest list among those of its IVF_GROUP_PROBE
+    nearest groups (the queries and the keys pushed later pick among all lists: a key's nearest
+    list is mostly, not always, in its own group). Deterministic.
+    """
+    H, L, Dh = keys.shape
+    if n <= IVF_FLAT_UP_TO:
+        cen = _kmeans(keys, n)
+        return cen, _nearest(keys.float(), cen)
+    G = math.ceil(math.sqrt(n))
+    gcen = _kmeans(keys, G)  # [H, G, Dh]
+    group = _nearest(keys.float(), gcen)  # [H, L]
+    cen = keys.new_zeros(H, n, Dh, dtype=torch.float32)
+    ids = torch.empty(H, L, dtype=torch.int32, device=keys.device)
+    for h in range(H):
+        order = torch.sort(group[h], stable=True).indices  # [L] keys grouped by group
+        counts = torch.bincount(group[h].long(), minlength=G)
+        size = shares(counts, n)  # lists per group
+        first = [sum(size[:g]) for g in range(G)]
+        start = 0
+        for g in range(G):
+            m = int(counts[g])
+            if size[g]:
+                part = keys[h, order[start : start + m]][None].float()  # [1, m, Dh]
+                cen[h, first[g] : first[g] + size[g]] = _kmeans(part, size[g])[0]
+            start += m
+        ids[h] = _nearest_in_groups(keys[h].float(), gcen[h], cen[h], first, size)
+    return cen, ids
+
+
 def _build(
     keys: Tensor, ids: Tensor, cen: Tensor, fill: int, N: int, fit: bool
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -230,9 +340,12 @@ def _build(
     C = cen.shape[1]
     win = keys[:, N - fill :]
     if fit:
-        cen = ivf_fit(win, C).to(cen.dtype)
+        n = int(ivf_lists_at(torch.tensor(fill), C))
+        fitted, assign = ivf_fit(win, n)
+        cen = torch.zeros_like(cen)
+        cen[:, :n] = fitted.to(cen.dtype)
         ids = ids.clone()
-        ids[:, N - fill :] = _nearest(win, cen)
+        ids[:, N - fill :] = assign
     order = torch.sort(ids[:, N - fill :], dim=-1, stable=True).indices  # [H, fill], positions in the window
     inv = torch.zeros(H, N, dtype=torch.int32, device=keys.device)
     inv[:, :fill] = (fill - 1 - order).to(torch.int32)
@@ -264,7 +377,7 @@ def ltm_push(mem: LayerMemory, kn: Tensor, v: Tensor) -> dict[str, Tensor]:
         any_fit, any_due = torch.stack(((fitted > 0).any(), due.any())).tolist()  # one host sync
         # Ids of the new keys [B, H, T] (slots not yet fit: any id, set at their first fit).
         if any_fit:
-            ids = torch.matmul(kn.detach().to(cen.dtype), cen.transpose(-1, -2)).argmax(-1).to(torch.int32)
+            ids = ivf_list_scores(kn.detach().to(cen.dtype), cen, fitted).argmax(-1).to(torch.int32)
         else:  # no centroids anywhere yet: skip the [T, C] product
             ids = torch.zeros(kn.shape[:3], dtype=torch.int32, device=kn.device)
         c = fifo_append(c, ids)
@@ -370,7 +483,7 @@ def ivf_retrieve(
     """
     if index is None:
         return exact(q, mem_k, mem_v, valid, topk, window=window)
-    c, cen, inv, off, since, _ = index
+    c, cen, inv, off, since, fitted = index
     B, H, T, Dh = q.shape
     N = mem_k.shape[2]
     W = N if window is None else window
@@ -393,7 +506,7 @@ def ivf_retrieve(
             parts.append(exact_top(q, mem_k, tv, min(k, tail), tail))
         # ---- indexed entries of the probed lists
         if bool((n_idx > 0).any()):
-            lists = torch.matmul(q, cen.transpose(-1, -2).to(q.dtype)).topk(P, dim=-1).indices  # [B, H, T, P]
+            lists = ivf_list_scores(q, cen, fitted).topk(P, dim=-1).indices  # [B, H, T, P]
             offs = off.reshape(BH, 1, C + 1).long().expand(BH, T, C + 1)
             lst = lists.reshape(BH, T, P)
             start = torch.gather(offs, 2, lst)  # [BH, T, P]

@@ -17,7 +17,8 @@ from tests.unit.test_model import T, make, run, tokens
 @pytest.fixture
 def small_ivf(monkeypatch):
     """16 lists, fit at 1,000 stored entries, index re-sorted every 512 entries."""
-    monkeypatch.setattr(rt, "IVF_LISTS", 16)
+    monkeypatch.setattr(rt, "IVF_MAX_LISTS", 16)
+    monkeypatch.setattr(rt, "IVF_LIST_SIZE", 1)
     monkeypatch.setattr(rt, "IVF_TRAIN_AT", 1000)
     monkeypatch.setattr(rt, "IVF_REBUILD", 512)
 
@@ -69,12 +70,16 @@ def test_evicted_entries_are_never_found(small_ivf):
     assert torch.equal(af, ef) and torch.equal(ak, ek) and torch.equal(av, ev)
 
 
-def test_recall_on_clustered_keys(monkeypatch):
+@pytest.mark.parametrize("flat_up_to", [256, 4])
+def test_recall_on_clustered_keys(monkeypatch, flat_up_to):
     """Keys in 64 clusters laid out in topic runs (the first 4,096 keys hold about half the topics),
     queries near cluster centres: the top-8 of the IVF search (64 lists, 8 probed) holds >= 95% of the
     exact top-8 while scoring < 1/4 of the store. Refitting as the store doubles is what gets there:
-    centroids fit once at 4,096 keys (IVF_TRAIN_AT) gave 0.81 on these keys (0.98 with the refits)."""
-    monkeypatch.setattr(rt, "IVF_LISTS", 64)
+    centroids fit once at 4,096 keys (IVF_TRAIN_AT) gave 0.81 on these keys (0.98 with the refits).
+    flat_up_to 4: the 64 lists are fit in two levels (8 groups, then lists inside each group)."""
+    monkeypatch.setattr(rt, "IVF_FLAT_UP_TO", flat_up_to)
+    monkeypatch.setattr(rt, "IVF_MAX_LISTS", 64)
+    monkeypatch.setattr(rt, "IVF_LIST_SIZE", 1)
     monkeypatch.setattr(rt, "IVF_TRAIN_AT", 4096)
     monkeypatch.setattr(rt, "IVF_REBUILD", 4096)
     g = torch.Generator().manual_seed(3)
@@ -85,7 +90,9 @@ def test_recall_on_clustered_keys(monkeypatch):
     mem = _filled(B, H, N, Dh, N // 512, 512, keys=k)
     assert mem.ltm_since.item() == 0 and mem.ltm_off[0, :, -1].eq(N).all()  # all indexed: no dense part
     assert mem.ltm_fit.item() == N  # fit at 4,096, 8,192, 16,384
-    q = F.normalize(centres[torch.randint(0, C, (64,), generator=g)] + 0.1 * torch.randn(B, H, 64, Dh, generator=g), -1)
+    q = F.normalize(
+        centres[torch.randint(0, C, (64,), generator=g)] + 0.1 * torch.randn(B, H, 64, Dh, generator=g), dim=-1
+    )
     ek, _, _ = knn_retrieve(q, mem.ltm_k, mem.ltm_v, None, 8)
     ak, _, af = ivf_retrieve(q, mem.ltm_k, mem.ltm_v, None, 8, index=mem.ivf_index(), probe=8)
     assert af.all()
@@ -97,11 +104,81 @@ def test_recall_on_clustered_keys(monkeypatch):
     assert scored.float().mean() < N / 4, scored.float().mean()
 
 
+def test_lists_grow_with_the_store_so_the_keys_scored_per_query_do_not(monkeypatch):
+    """A list per 32 stored keys: fits at 512, 1,024, 2,048 and 4,096 entries make 16, 32, 64 and
+    128 lists (the buffer holds 8,192 // 32 = 256), the lists a slot does not use are never probed,
+    and a query probing 4 lists scores about 4 x 32 keys whether the store holds 1K or 4K of them
+    (a fixed number of lists would score 4x more at 4K)."""
+    monkeypatch.setattr(rt, "IVF_LIST_SIZE", 32)
+    monkeypatch.setattr(rt, "IVF_MAX_LISTS", 4096)
+    monkeypatch.setattr(rt, "IVF_TRAIN_AT", 512)
+    monkeypatch.setattr(rt, "IVF_REBUILD", 512)
+    B, H, N, Dh, seg = 1, 2, 8192, 16, 128
+    g = torch.Generator().manual_seed(4)
+    centres = F.normalize(torch.randn(64, Dh, generator=g), dim=-1)
+    keys = F.normalize(
+        centres[torch.randint(0, 64, (B, H, 4096), generator=g)] + 0.05 * torch.randn(B, H, 4096, Dh, generator=g),
+        dim=-1,
+    )
+    q = F.normalize(
+        centres[torch.randint(0, 64, (B, H, 64), generator=g)] + 0.05 * torch.randn(B, H, 64, Dh, generator=g), dim=-1
+    )
+    assert rt.ivf_state(B, H, N, Dh)["ltm_cen"].shape == (B, H, 256, Dh)
+    scored = {}
+    for fill, lists in ((1024, 32), (4096, 128)):
+        mem = _filled(B, H, N, Dh, fill // seg, seg, keys=keys)
+        assert mem.ltm_fit.tolist() == [fill] and mem.ltm_since.tolist() == [0]
+        used = mem.ltm_cen.ne(0).any(-1)  # [B, H, C]
+        assert used[..., :lists].all() and not used[..., lists:].any()
+        sizes = (mem.ltm_off[..., 1:] - mem.ltm_off[..., :-1]).long()  # [B, H, C]
+        assert sizes[..., lists:].eq(0).all() and sizes.sum(-1).eq(fill).all()
+        probed = rt.ivf_list_scores(q, mem.ltm_cen, mem.ltm_fit).topk(4, -1).indices  # [B, H, T, 4]
+        assert probed.lt(lists).all()
+        scored[fill] = torch.gather(sizes[:, :, None].expand(-1, -1, 64, -1), 3, probed).sum(-1).float().mean()
+        ak, _, af = ivf_retrieve(q, mem.ltm_k, mem.ltm_v, None, 4, index=mem.ivf_index(), probe=4)
+        ek, _, _ = knn_retrieve(q, mem.ltm_k, mem.ltm_v, None, 4)
+        hit = (ak[..., None, :, :] == ek[..., :, None, :]).all(-1).any(-1)
+        assert af.all() and hit.float().mean() >= 0.9, (fill, hit.float().mean())
+    assert scored[4096] < 2 * scored[1024], scored  # the store grew 4x
+
+
+def test_two_level_fit_is_deterministic_and_splits_every_list(monkeypatch):
+    monkeypatch.setattr(rt, "IVF_FLAT_UP_TO", 4)
+    g = torch.Generator().manual_seed(5)
+    keys = F.normalize(torch.randn(2, 3000, 8, generator=g), dim=-1)
+    cen, ids = rt.ivf_fit(keys, 50)  # 8 groups, 50 lists shared out by their keys
+    again, ids2 = rt.ivf_fit(keys, 50)
+    assert torch.equal(cen, again) and torch.equal(ids, ids2)
+    assert cen.shape == (2, 50, 8) and torch.allclose(cen.norm(dim=-1), torch.ones(2, 50))
+    assert ids.min() >= 0 and ids.max() < 50
+    assert rt.shares(torch.tensor([5, 0, 3, 2]), 7) == [4, 0, 2, 1]
+    assert rt.shares(torch.tensor([1, 1, 1]), 3) == [1, 1, 1]
+
+
+def test_a_state_with_an_index_of_another_shape_resumes_with_an_empty_one():
+    """An index saved with another list buffer (an earlier release's fixed 1,024 lists) is not
+    loaded: it starts empty, every stored entry searched exactly until the next build."""
+    B, H, N, Dh = 1, 2, 4096, 8
+    fresh = LayerMemory(ltm_k=torch.zeros(B, H, N, Dh), ltm_v=torch.zeros(B, H, N, Dh), **ivf_state(B, H, N, Dh))
+    from mnemo.model.memory import MemoryState
+
+    here = MemoryState(
+        (fresh,), torch.zeros(B, dtype=torch.long), torch.zeros(B, dtype=torch.long), torch.zeros(B, dtype=torch.long)
+    )
+    sd = here.state_dict()
+    sd["layers.0.ltm_cen"] = torch.ones(B, H, 1024, Dh)
+    sd["layers.0.ltm_off"] = torch.ones(B, H, 1025, dtype=torch.int32)
+    sd["ltm_len"] = torch.tensor([300])
+    got = here.load_state_dict(sd).layers[0]
+    assert got.ltm_cen.shape == fresh.ltm_cen.shape and not got.ltm_cen.any() and not got.ltm_off.any()
+    assert got.ltm_since.tolist() == [300]
+
+
 def test_gradients_reach_the_queries_and_bf16(small_ivf):
     B, H, N, Dh = 1, 2, 2048, 16
     mem = _filled(B, H, N, Dh, 150, 8)
     mem = LayerMemory(
-        **{f: getattr(mem, f) for f in ("ltm_c", "ltm_inv", "ltm_off", "ltm_since")},
+        **{f: getattr(mem, f) for f in ("ltm_c", "ltm_inv", "ltm_off", "ltm_since", "ltm_fit")},
         ltm_k=mem.ltm_k.bfloat16(),
         ltm_v=mem.ltm_v.bfloat16(),
         ltm_cen=mem.ltm_cen.bfloat16(),
@@ -116,7 +193,8 @@ def test_gradients_reach_the_queries_and_bf16(small_ivf):
 @pytest.fixture
 def tiny_ivf(monkeypatch):
     """A model-sized IVF: 4 lists, fit at 16 stored entries, re-sorted every 16 (two segments of T=8)."""
-    monkeypatch.setattr(rt, "IVF_LISTS", 4)
+    monkeypatch.setattr(rt, "IVF_MAX_LISTS", 4)
+    monkeypatch.setattr(rt, "IVF_LIST_SIZE", 1)
     monkeypatch.setattr(rt, "IVF_TRAIN_AT", 16)
     monkeypatch.setattr(rt, "IVF_REBUILD", 16)
 
