@@ -310,6 +310,8 @@ def main() -> None:
         del kL, vL  # each arm's first push copies its store into a buffer with room; then it appends in place
         times = {arm: [] for arm in arms}
         calls = {arm: [] for arm in arms}
+        losses = {arm: [] for arm in arms}  # next-token loss of every token read [T] per segment
+        preds = {arm: [] for arm in arms}
         with torch.inference_mode():
             for r in range(args.rounds + 1):  # round 0 warms up (and records the queries)
                 for arm in arms if r % 2 == 0 else arms[::-1]:
@@ -317,9 +319,12 @@ def main() -> None:
                     attn.search = recorder(fn, calls[arm]) if r == 0 else fn
                     seg = x[:, L + r * T : L + (r + 1) * T]
                     t0 = time.perf_counter()
-                    _, states[arm] = model(seg, states[arm], logits=True)
+                    logits, states[arm] = model(seg, states[arm], logits=True)
                     if r:
                         times[arm].append((time.perf_counter() - t0) / T * 1e6)
+                    nxt = x[0, L + r * T + 1 : L + (r + 1) * T + 1]  # [T] next tokens
+                    losses[arm].append(torch.nn.functional.cross_entropy(logits[0].float(), nxt, reduction="none"))
+                    preds[arm].append(logits[0].argmax(-1))
             rec = {arm: recall_at_k(calls[arm], a.ltm_topk, arm) for arm in arms[1:]}
             more = []
             for n in args.recall_probes if "ivf" in arms else ():
@@ -341,6 +346,16 @@ def main() -> None:
         if args.proto_clusters:
             line += f" {proto[0]:>19.4f} {proto[1]:>12.4f}"
         print(line, flush=True)
+        ref = torch.cat(losses["exact"])
+        for arm in arms[1:]:  # the end-to-end effect on the text read: same tokens, same state but the search
+            mine = torch.cat(losses[arm])
+            agree = (torch.cat(preds[arm]) == torch.cat(preds["exact"])).float().mean().item()
+            print(
+                f"{'':>8} {arm}: next-token loss {mine.mean().item():.4f} vs exact {ref.mean().item():.4f} "
+                f"({(mine - ref).mean().item():+.4f} nats, max |diff| {(mine - ref).abs().max().item():.3f}) over "
+                f"{ref.numel()} tokens; top-1 prediction equal to exact's on {agree:.4f} of them",
+                flush=True,
+            )
         del states, calls
     model.args = a
     print(f"peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GB")
