@@ -85,12 +85,13 @@ def sized_ltm(model: Any, capacity: int | None) -> Iterator[None]:
             core.args = before
 
 
-def with_ltm_search(model: Any, search: str | None) -> Any:
+def with_ltm_search(model: Any, search: str | None, ivf_probe: int | None = None) -> Any:
     """Switch how ``model``'s long-term stores are searched ("exact" | "blocks" | "ivf", model/retrieval.py).
 
     Not a weight: every long-term layer's search function is rebuilt and the
     model's args record the choice. None, or a model without long-term memory:
-    unchanged. Returns the model.
+    unchanged. ivf_probe: lists an ``ivf`` query searches (None: as the model
+    has it). Returns the model.
     """
     from mnemo.model.retrieval import searcher
     from mnemo.model.transformer import Attention, knn_retrieve
@@ -99,10 +100,11 @@ def with_ltm_search(model: Any, search: str | None) -> Any:
     args = getattr(core, "args", None)
     if search is None or args is None or args.ltm_kind == "none":
         return model
+    probe = args.ltm_ivf_probe if ivf_probe is None else ivf_probe
+    core.args = dataclasses.replace(args, ltm_search=search, ltm_ivf_probe=probe)  # validates the probe
     for m in core.modules():
         if isinstance(m, Attention) and m.has_ltm:
-            m.search = searcher(search, knn_retrieve)
-    core.args = dataclasses.replace(args, ltm_search=search)
+            m.search = searcher(search, knn_retrieve, probe)
     return model
 
 

@@ -573,14 +573,19 @@ def _exact_search(q, mem_k, mem_v, valid, topk, window=None, index=None, exact=N
     return exact(q, mem_k, mem_v, valid, topk, window=window)
 
 
-def searcher(kind: str, exact: Callable[..., tuple[Tensor, Tensor, Tensor]]) -> Callable[..., tuple[Tensor, ...]]:
+def searcher(
+    kind: str, exact: Callable[..., tuple[Tensor, Tensor, Tensor]], ivf_probe: int | None = None
+) -> Callable[..., tuple[Tensor, ...]]:
     """The search function of ``kind`` ("exact" | "blocks" | "ivf"), given the exact search ``knn_retrieve``.
 
-    Called as fn(q, mem_k, mem_v, valid, topk, window=, index=LayerMemory.ivf_index()).
+    Called as fn(q, mem_k, mem_v, valid, topk, window=, index=LayerMemory.ivf_index()). ivf_probe:
+    lists an ``ivf`` query searches (None: IVF_PROBE); the other searches ignore it.
     """
     if kind not in SEARCHES:
         raise ValueError(f"unknown long-term memory search {kind!r}")
-    fn = {"exact": _exact_search, "blocks": block_retrieve, "ivf": ivf_retrieve}[kind]
+    if kind == "ivf":
+        return functools.partial(ivf_retrieve, exact=exact, probe=ivf_probe)
+    fn = {"exact": _exact_search, "blocks": block_retrieve}[kind]
     return functools.partial(fn, exact=exact)
 
 

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mnemo.model.memory import LayerMemory, MemoryState, gather_rows
-from mnemo.model.retrieval import SEARCHES, exact_top, ivf_state, ltm_push, searcher
+from mnemo.model.retrieval import IVF_PROBE, SEARCHES, exact_top, ivf_state, ltm_push, searcher
 from mnemo.model.sizes import SIZES, Size, flops_per_token, ltm_layer_indices, mlp_hidden, param_count
 
 
@@ -83,6 +83,8 @@ class ModelArgs:
     # Long-term store search: "exact" (every stored key scored), "blocks" (model/retrieval.py:
     # score per-block summaries, then the best blocks exactly) or "ivf" (an inverted file in the state).
     ltm_search: str = "exact"
+    # "ivf": lists each query searches (more: higher recall, more keys scored; model/retrieval.py).
+    ltm_ivf_probe: int = IVF_PROBE
 
     def __post_init__(self):
         if self.d_model % self.n_heads:
@@ -99,6 +101,8 @@ class ModelArgs:
             raise ValueError(f"unknown long-term memory kind {self.ltm_kind!r}")
         if self.ltm_search not in SEARCHES:
             raise ValueError(f"unknown long-term memory search {self.ltm_search!r}")
+        if self.ltm_ivf_probe < 1:
+            raise ValueError(f"ltm_ivf_probe must be >= 1, got {self.ltm_ivf_probe}")
         if self.ltm_qk_span < 1:
             raise ValueError(f"ltm_qk_span must be >= 1, got {self.ltm_qk_span}")
         object.__setattr__(self, "ltm_layers", ltm_layer_indices(self.n_layers, self.ltm_layers))
@@ -299,7 +303,8 @@ class Attention(nn.Module):
         self.joint = self.has_ltm and args.ltm_mix == "joint"
         if self.has_ltm:
             self.topk = args.ltm_topk
-            self.search = searcher(args.ltm_search, knn_retrieve)  # knn_retrieve, block_retrieve or ivf_retrieve
+            # knn_retrieve, block_retrieve or ivf_retrieve
+            self.search = searcher(args.ltm_search, knn_retrieve, args.ltm_ivf_probe)
             if not self.joint:
                 # Per-head sigmoid gate (0 -> 0.5) mixing memory with local attention.
                 self.ltm_gate = nn.Parameter(torch.zeros(args.n_heads))

@@ -93,6 +93,14 @@ def add_eval(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentPar
         default=None,
         help="how the long-term store is searched (default: as trained; memory.long.search, docs/memory.md)",
     )
+    p.add_argument(
+        "--ivf-probe",
+        type=int,
+        default=None,
+        metavar="N",
+        help="with the ivf search: lists each query searches (default: as trained, memory.long.ivf_probe; "
+        "more: higher recall, more keys scored)",
+    )
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument(
         "--lm-eval",
@@ -154,6 +162,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return lm_eval_checkpoint(args)
     if args.data is None:
         raise UserError("mnemo eval: give --data DATA_DIR (or --lm-eval TASKS)")
+    if args.ivf_probe is not None and args.ivf_probe < 1:
+        raise UserError(f"--ivf-probe: must be >= 1 (lists searched per query), got {args.ivf_probe}")
     data = Path(args.data)
     if not (data / "index.json").is_file():  # before the (slower) model load
         what = "no such directory" if not data.is_dir() else "no MDS shards (index.json missing)"
@@ -161,10 +171,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     tasks = task_specs([args.tasks]) if args.tasks else []
     device = resolve_device(args.device)
     model, tokenizer, cfg = load_for_inference(args.checkpoint, device=device)
-    if args.ltm_search:
+    if args.ltm_search or args.ivf_probe is not None:
         from mnemo.evaluation.inference import with_ltm_search
 
-        with_ltm_search(model, args.ltm_search)
+        with_ltm_search(model, args.ltm_search or model.args.ltm_search, args.ivf_probe)
     baseline = load_for_inference(args.baseline, device=device) if args.baseline else None
     labels = {"checkpoint": str(args.checkpoint), "data": str(args.data)}
     if args.baseline:

@@ -100,3 +100,9 @@ def test_export_into_its_own_source(tmp_path):
     res = mnemo("export", str(src), "--out", str(src))
     assert_one_line_error(res, "--out", str(src), "inside the checkpoint being exported")
     assert (src / "model.safetensors").read_bytes() == b"weights"
+
+
+def test_eval_ivf_probe_below_one(data_dir):
+    """Checked before the data dir and the (slow) model load: the checkpoint need not exist."""
+    res = mnemo("eval", "/nonexistent/ckpt", "--data", str(data_dir), "--ltm-search", "ivf", "--ivf-probe", "0")
+    assert_one_line_error(res, "--ivf-probe", "got 0")

@@ -180,6 +180,7 @@ def test_non_finite_numbers_are_refused_everywhere(key, value):
         ("checkpoint.collective_timeout_s=1e12", "checkpoint.collective_timeout_s: must be in (0, 1e9]"),
         ("memory.long.temperature_init=0", "memory.long.temperature_init: must be > 0"),
         ("memory.long.temperature_init=-2", "memory.long.temperature_init: must be > 0"),
+        ("memory.long.ivf_probe=0", "memory.long.ivf_probe: must be >= 1"),
         ("memory.long.layers=[1,1]", "memory.long.layers[1]: layer 1 is also memory.long.layers[0]"),
         ("memory.long.layers=[3,-1]", "memory.long.layers[1]: layer -1 is also memory.long.layers[0]"),
         ("memory.long.layers=[nan]", "memory.long.layers[0]: expected an integer"),

@@ -201,11 +201,10 @@ def tiny_ivf(monkeypatch):
 
 @pytest.mark.parametrize("mix", ["gate", "joint"])
 def test_a_model_probing_every_list_reads_as_the_exact_one(tiny_ivf, monkeypatch, mix):
-    monkeypatch.setattr(rt, "IVF_PROBE", 4)
     x = tokens(2, 7)
     with torch.no_grad():
         want, _ = run(make(stm=4, capacity=64, mix=mix), x)
-        got, state = run(make(stm=4, capacity=64, mix=mix, search="ivf"), x)
+        got, state = run(make(stm=4, capacity=64, mix=mix, search="ivf", probe=4), x)
     assert state.layers[1].ltm_cen.ne(0).any() and state.layers[0].ltm_cen is None
     assert torch.equal(got, want)
 
@@ -213,8 +212,7 @@ def test_a_model_probing_every_list_reads_as_the_exact_one(tiny_ivf, monkeypatch
 def test_ivf_state_round_trip_reset_and_switch_at_resume(tiny_ivf, monkeypatch):
     """The index is state: a state_dict round trip resumes bit-exactly, a reset slot reads like a
     fresh one, and a state saved by an exact-search run resumes under ivf (index starts empty)."""
-    monkeypatch.setattr(rt, "IVF_PROBE", 1)  # approximate: the index matters
-    model = make(stm=4, capacity=64, mix="joint", search="ivf")
+    model = make(stm=4, capacity=64, mix="joint", search="ivf", probe=1)  # approximate: the index matters
     x = tokens(2, 7)
     with torch.no_grad():
         _, s3 = run(model, x[:, : 3 * T])
@@ -292,8 +290,7 @@ def test_training_through_the_ivf_search(tiny_ivf, monkeypatch):
     is concatenated, not appended in place."""
     import dataclasses
 
-    monkeypatch.setattr(rt, "IVF_PROBE", 2)
-    model = make(stm=0, capacity=64, mix="joint", search="ivf").train()
+    model = make(stm=0, capacity=64, mix="joint", search="ivf", probe=2).train()
     x = tokens(2, 4)
     _, state = model(x[:, :T], model.init_state(2))
     mem = state.layers[1]
@@ -313,15 +310,18 @@ def test_evaluation_can_switch_a_model_to_the_ivf_search(tiny_ivf, monkeypatch):
     """``mnemo eval --ltm-search ivf``: states made after the switch carry the index."""
     from mnemo.evaluation.inference import with_ltm_search
 
-    monkeypatch.setattr(rt, "IVF_PROBE", 1)
     x = tokens(2, 6)
     with torch.no_grad():
-        want, _ = run(make(stm=4, capacity=64, mix="joint", topk=2, search="ivf"), x)
-        switched = with_ltm_search(make(stm=4, capacity=64, mix="joint", topk=2), "ivf")
+        want, _ = run(make(stm=4, capacity=64, mix="joint", topk=2, search="ivf", probe=1), x)
+        switched = with_ltm_search(make(stm=4, capacity=64, mix="joint", topk=2), "ivf", ivf_probe=1)
         got, state = run(switched, x)
         exact, _ = run(make(stm=4, capacity=64, mix="joint", topk=2), x)
-    assert switched.args.ltm_search == "ivf" and state.layers[1].ltm_cen is not None
-    assert torch.equal(got, want) and not torch.equal(got, exact)
+        # every list probed (4 here): the exact search's reading
+        every = with_ltm_search(make(stm=4, capacity=64, mix="joint", topk=2), "ivf", ivf_probe=4)
+        same, _ = run(every, x)
+    assert switched.args.ltm_search == "ivf" and switched.args.ltm_ivf_probe == 1
+    assert state.layers[1].ltm_cen is not None
+    assert torch.equal(got, want) and not torch.equal(got, exact) and torch.equal(same, exact)
 
 
 def test_gather_rows_reads_a_store_with_room_without_flattening_it():

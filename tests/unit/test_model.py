@@ -32,6 +32,7 @@ def make(
     smear: bool = False,
     span: int = 1,
     search: str = "exact",
+    probe: int = 32,
 ) -> MemoryTransformer:
     """3 layers, d=32, 4 heads; long-term memory in layer 1. init_std 0.1 (not 0.02) so that
     attention is far from uniform and a wrong mask shows in the logits. span > 1: multi-token
@@ -54,6 +55,7 @@ def make(
         ltm_smear_keys=smear,
         ltm_qk_span=span,
         ltm_search=search,
+        ltm_ivf_probe=probe,
     )
     model = MemoryTransformer(args).eval()
     if span > 1:
