@@ -9,12 +9,14 @@ where they serve as passkey filler.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from mnemo.data_pipeline.errors import DataError
 from mnemo.data_pipeline.passkey import is_synthetic
 from mnemo.data_pipeline.split import heldout_mask
 from mnemo.evaluation.errors import EvalError
@@ -57,22 +59,65 @@ def read_docs(
     return docs
 
 
-def open_mds(data_dir: str) -> Any:
-    """The MDSSource of a local ``--data`` dir, or EvalError naming what is missing."""
-    from streaming.base.util import clean_stale_shared_memory
+class LocalMDS:
+    """Read-only random access to the samples of a local MDS dir (a ``streams.DocumentSource``), no shared memory.
 
-    from mnemo.data_pipeline.streams import MDSSource
+    Evaluation reads a local ``--data`` dir, often while another evaluation or a
+    training run reads the same one. streaming's StreamingDataset registers
+    machine-wide shared memory under the first free prefix (``/000000_locals``,
+    ...), which two processes starting at once both pick, and
+    ``clean_stale_shared_memory()`` unlinks every process's blocks, live ones
+    too; it also writes decompressed shards into the dir. This reader keeps
+    nothing outside the process: a shard is read, checked and decoded in
+    memory by ``verify.iter_shard_samples`` (the one MDS decoder of the data
+    pipeline) when a sample of it is first asked for. One shard is held at a
+    time, so reading in index order (as ``read_docs`` does by default) reads
+    each shard once. Training keeps streams.MDSSource (remote data, caching).
+    """
 
+    def __init__(self, data_dir: str):
+        from mnemo.data_pipeline.verify import read_json_file
+
+        self.data_dir = data_dir
+        try:
+            self.shards = list(read_json_file(os.path.join(data_dir, "index.json"), "the shard index")["shards"])
+            self.samples_per_shard = np.array([int(s["samples"]) for s in self.shards], dtype=np.int64)
+        except (DataError, KeyError, TypeError, ValueError) as e:
+            raise self._error(e) from None
+        self.num_samples = int(self.samples_per_shard.sum())
+        self._ends = np.cumsum(self.samples_per_shard)  # [num_shards]: one past each shard's last sample index
+        self._held: tuple[int, list[dict[str, Any]]] = (-1, [])  # (shard, its decoded samples)
+
+    def _error(self, e: Exception) -> EvalError:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        return EvalError(
+            f"--data: cannot read {self.data_dir}: {msg}; check it with `mnemo data verify {self.data_dir}`"
+        )
+
+    def get(self, idx: int) -> dict[str, Any]:
+        """Sample ``idx`` as written by ``mnemo prepare`` (tokens, source, answer_start, answer_len, doc_id)."""
+        from mnemo.data_pipeline.verify import iter_shard_samples
+
+        if not 0 <= idx < self.num_samples:
+            raise IndexError(f"sample {idx} of {self.num_samples}")
+        shard = int(np.searchsorted(self._ends, idx, side="right"))
+        if self._held[0] != shard:
+            try:
+                samples = [s for _, _, s in iter_shard_samples(self.data_dir, {"shards": [self.shards[shard]]})]
+            except (DataError, KeyError, TypeError, ValueError) as e:
+                raise self._error(e) from None
+            self._held = (shard, samples)
+        return self._held[1][idx - int(self._ends[shard] - self.samples_per_shard[shard])]
+
+
+def open_mds(data_dir: str) -> LocalMDS:
+    """The samples of a local ``--data`` dir (``LocalMDS``), or EvalError naming what is missing."""
     path = Path(data_dir)
     if not path.is_dir():
         raise EvalError(f"--data: no such directory: {path}")
     if not (path / "index.json").is_file():
         raise EvalError(f"--data: {path} holds no MDS shards (index.json missing); run `mnemo prepare`")
-    clean_stale_shared_memory()
-    try:
-        return MDSSource(str(path))
-    except ValueError as e:  # streaming refuses a local dir that a live dataset already uses
-        raise EvalError(f"--data: cannot open {path}: {str(e).splitlines()[0]}") from None
+    return LocalMDS(str(path))
 
 
 def read_heldout_docs(
