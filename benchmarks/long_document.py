@@ -176,7 +176,7 @@ def recall_at_k(calls: list[tuple], topk: int, arm: str) -> tuple[float, float]:
         hits += int(((sa >= kth) & af).sum())
         total += int(ef.sum())
         if arm == "ivf" and index is not None:
-            _c, cen, _inv, off, since, fit = index
+            _c, cen, _inv, off, since, fit, _kl = index
             sizes = (off[..., 1:] - off[..., :-1]).long()  # [B, H, C]
             probed = rt.ivf_list_scores(q, cen, fit).topk(min(rt.IVF_PROBE, cen.shape[2]), -1).indices
             scored = torch.gather(sizes[:, :, None].expand(-1, -1, q.shape[2], -1), 3, probed).sum(-1)

@@ -35,6 +35,10 @@ Layout (B = stream slots, H = heads, Dh = head dim):
   ltm_off        [B, H, C+1] int32 where each list starts in ltm_inv
   ltm_since      [B] long        entries pushed since the last build (they
                                   are searched exactly)
+  ltm_kl         [B, H, N, Dh]   the indexed keys in index order (ltm_kl[j] is
+                                  the key of ltm_inv[j], as of the last build):
+                                  a list's keys are contiguous, so a query's
+                                  candidates are read as a few runs of rows
   ltm_fit        [B] long        stored entries when the centroids were last
                                   fit (0: not yet; refit when the store doubles)
 All methods return new objects; nothing is modified in place, so autograd
@@ -72,16 +76,17 @@ class LayerMemory:
     ltm_off: Tensor | None = None  # [B, H, C+1] int32
     ltm_since: Tensor | None = None  # [B] long
     ltm_fit: Tensor | None = None  # [B] long
+    ltm_kl: Tensor | None = None  # [B, H, N, Dh]
 
     def _map(self, fn) -> "LayerMemory":
         return LayerMemory(*(None if t is None else fn(t) for t in (getattr(self, f) for f in _FIELDS)))
 
     def ivf_index(self) -> tuple[Tensor, ...] | None:
-        """(ltm_c, ltm_cen, ltm_inv, ltm_off, ltm_since, ltm_fit) of an IVF store, or None."""
+        """(ltm_c, ltm_cen, ltm_inv, ltm_off, ltm_since, ltm_fit, ltm_kl) of an IVF store, or None."""
         return None if self.ltm_cen is None else tuple(getattr(self, f) for f in _IVF_FIELDS)
 
 
-_IVF_FIELDS = ("ltm_c", "ltm_cen", "ltm_inv", "ltm_off", "ltm_since", "ltm_fit")
+_IVF_FIELDS = ("ltm_c", "ltm_cen", "ltm_inv", "ltm_off", "ltm_since", "ltm_fit", "ltm_kl")
 _FIELDS = ("stm_k", "stm_v", "ltm_k", "ltm_v", "k_tail", "x_tail", *_IVF_FIELDS)
 
 
@@ -173,7 +178,7 @@ class MemoryState:
         for a, b in zip(self.layers, other.layers):
             if a.ltm_cen is None:
                 b = replace(b, **dict.fromkeys(_IVF_FIELDS))
-            elif b.ltm_k is not None and (b.ltm_cen is None or b.ltm_cen.shape != a.ltm_cen.shape):
+            elif b.ltm_k is not None and (b.ltm_cen is None or b.ltm_kl is None or b.ltm_cen.shape != a.ltm_cen.shape):
                 # (another shape: an index of another list buffer, e.g. an earlier release's fixed count)
                 fresh = {f: torch.zeros_like(getattr(a, f)) for f in _IVF_FIELDS}
                 fresh["ltm_since"] = other.ltm_len.clone()

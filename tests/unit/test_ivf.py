@@ -57,6 +57,26 @@ def test_probing_every_list_is_the_exact_search(small_ivf, window):
     assert ef.all() and torch.equal(af, ef) and torch.equal(ak, ek) and torch.equal(av, ev)
 
 
+@pytest.mark.parametrize("window", [None, 2560])
+def test_runs_of_the_index_score_as_the_gathered_rows(small_ivf, monkeypatch, window):
+    """The two ways of scoring the probed lists (a sampled product over runs of ltm_kl on CPU, rows
+    gathered from the store elsewhere) find the same entries with the same scores, evicted and
+    masked entries excluded alike: 3,000 pushed into a store of 2,800 (200 dropped since the build)."""
+    B, H, N, Dh = 2, 2, 2800, 16
+    mem = _filled(B, H, N, Dh, 375, 8)
+    q = F.normalize(torch.randn(B, H, 9, Dh, generator=torch.Generator().manual_seed(6)), dim=-1)
+    W = N if window is None else window
+    valid = torch.rand(B, W, generator=torch.Generator().manual_seed(7)) > 0.2
+    got = {}
+    for runs in (True, False):
+        monkeypatch.setattr(rt, "IVF_RUNS", runs)
+        got[runs] = ivf_retrieve(q, mem.ltm_k, mem.ltm_v, valid, 6, window=window, index=mem.ivf_index(), probe=3)
+    (ak, av, af), (bk, bv, bf) = got[True], got[False]
+    assert torch.equal(af, bf) and af.any()
+    sa, sb = (torch.einsum("bhtd,bhtkd->bhtk", q, x) for x in (ak, bk))
+    assert torch.allclose(sa, sb, atol=1e-6) and torch.allclose(ak, bk) and torch.allclose(av, bv)
+
+
 def test_evicted_entries_are_never_found(small_ivf):
     """A store of 1,200 entries after 2,400 pushes: the index (fit at 1,000, never doubled, re-sorted
     at 1,512 and 2,024) still lists entries that the FIFO has since dropped; they must not be
@@ -182,6 +202,7 @@ def test_gradients_reach_the_queries_and_bf16(small_ivf):
         ltm_k=mem.ltm_k.bfloat16(),
         ltm_v=mem.ltm_v.bfloat16(),
         ltm_cen=mem.ltm_cen.bfloat16(),
+        ltm_kl=mem.ltm_kl.bfloat16(),
     )
     q = F.normalize(torch.randn(B, H, 4, Dh), dim=-1).bfloat16().requires_grad_()
     sk, sv, found = ivf_retrieve(q, mem.ltm_k, mem.ltm_v, None, 4, index=mem.ivf_index(), probe=4)
