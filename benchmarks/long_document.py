@@ -285,7 +285,8 @@ def main() -> None:
         print(
             f"ivf: a list per {rt.IVF_LIST_SIZE} stored keys (at most {rt.IVF_MAX_LISTS}), {rt.IVF_PROBE} probed,"
             f" fit at {rt.IVF_TRAIN_AT} entries and at each doubling,"
-            f" index sorted every {rt.IVF_REBUILD} entries; index bytes per token {8 * a.n_heads} (list id + index)"
+            f" index sorted every {rt.IVF_REBUILD} entries; index bytes per token {8 * a.n_heads + bpt // 2}"
+            " (list id + index entry + the keys in list order)"
         )
     cols = "".join(f" {arm + ' us/tok':>14}" for arm in arms)
     cols += "".join(f" {arm + ' recall@k':>16}" for arm in arms[1:])

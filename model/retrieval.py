@@ -72,7 +72,7 @@ EXACT_UP_TO = 32768
 # query's probed lists hold about IVF_PROBE * IVF_LIST_SIZE keys at any store size.
 IVF_LIST_SIZE = 128
 IVF_MAX_LISTS = 8192  # 1M entries at 128 per list
-IVF_PROBE = 32  # lists searched per query
+IVF_PROBE = 128  # lists searched per query (memory.long.ivf_probe)
 IVF_FLAT_UP_TO = 256  # fits of up to this many lists: one k-means; more: two levels (see ivf_fit)
 # Score the probed lists' keys by one sampled product over runs of ltm_kl (CPU, float32/64), not by
 # gathering them row by row (the path for GPUs and bf16); tests turn it off to compare the two.
@@ -545,7 +545,9 @@ def ivf_retrieve(
     P = min(IVF_PROBE if probe is None else probe, C)
     neg = torch.finfo(q.dtype).min
     n_idx = off[:, :, -1]  # [B, H] entries indexed
-    if exact is not None and not bool((n_idx > 0).any()):  # no slot fit yet: every entry is recent
+    # No slot fit yet (every entry is recent), or every list in use probed (every entry a candidate):
+    # the exact search finds the same entries, and one dense product is the cheaper way to score them.
+    if exact is not None and (not bool((n_idx > 0).any()) or P >= int(ivf_lists_at(fitted, C).max())):
         return exact(q, mem_k, mem_v, valid, topk, window=window)
     with torch.no_grad():
         # ---- entries pushed since the last build: the newest since[b] of the window, scored densely

@@ -222,12 +222,23 @@ def tiny_ivf(monkeypatch):
 
 @pytest.mark.parametrize("mix", ["gate", "joint"])
 def test_a_model_probing_every_list_reads_as_the_exact_one(tiny_ivf, monkeypatch, mix):
+    """Every list probed: the model hands the read to the exact search (the same entries, cheaper);
+    the inverted file's own reading of every list (no exact search to hand over to) equals it too."""
+    import functools
+
+    from mnemo.model.transformer import Attention
+
     x = tokens(2, 7)
     with torch.no_grad():
         want, _ = run(make(stm=4, capacity=64, mix=mix), x)
         got, state = run(make(stm=4, capacity=64, mix=mix, search="ivf", probe=4), x)
+        own = make(stm=4, capacity=64, mix=mix, search="ivf", probe=4)
+        for m in own.modules():
+            if isinstance(m, Attention) and m.has_ltm:
+                m.search = functools.partial(ivf_retrieve, probe=4)  # exact=None: the index's own path
+        mine, _ = run(own, x)
     assert state.layers[1].ltm_cen.ne(0).any() and state.layers[0].ltm_cen is None
-    assert torch.equal(got, want)
+    assert torch.equal(got, want) and torch.equal(mine, want)
 
 
 def test_ivf_state_round_trip_reset_and_switch_at_resume(tiny_ivf, monkeypatch):
