@@ -45,6 +45,9 @@ IVF_REBUILD entries, and the refits, once per doubling, aside). The C
 centroid scores are one dense product per segment (cheap per key); the probed
 keys are gathered row by row (~10-20x dearer per key on CPU), which is why
 the probe, not C, sets the cost.
+
+Over 500 lines: the three searches share one contract and its helpers (exact_top, the state's
+fields); the inverted file (ivf_*) is the part to move into a module of its own next.
 """
 
 from __future__ import annotations
