@@ -503,8 +503,9 @@ def _runs_top(
         s = torch.sparse.sampled_addmm(pattern, q, kl.T.to(q.dtype), beta=0.0).values().view(T, L)
     where = N - 1 - (inv.index_select(0, cols.view(-1)).view(T, L).long() + age0)  # store positions
     ok &= where >= N - W  # entries the FIFO has dropped since the build
+    where.clamp_(min=N - W)  # a dropped entry (never found) may be picked when a row has < k others: keep it a real row
     if valid is not None:
-        ok &= valid[(where - (N - W)).clamp_(min=0)]
+        ok &= valid[where - (N - W)]
     s.masked_fill_(~ok, torch.finfo(s.dtype).min)
     top, idx = torch.topk(s, min(k, L), dim=-1)
     return top, torch.gather(where, 1, idx)

@@ -77,6 +77,24 @@ def test_runs_of_the_index_score_as_the_gathered_rows(small_ivf, monkeypatch, wi
     assert torch.allclose(sa, sb, atol=1e-6) and torch.allclose(ak, bk) and torch.allclose(av, bv)
 
 
+def test_fewer_candidates_than_k_are_padded_with_not_found_rows_of_the_store(small_ivf, monkeypatch):
+    """k = 300 from one probed list (~75 entries) and 8 entries pushed since the build, into a store of
+    1,200 that dropped 8 indexed entries since: most of the k are not found, and those slots must
+    still name real rows of the store (a dropped entry's position is below the window), in both
+    ways of scoring."""
+    B, H, N, Dh = 2, 2, 1200, 16
+    mem = _filled(B, H, N, Dh, 254, 8)  # fit at 1,000, sorted at 1,512 and 2,024: 8 pushed since
+    assert mem.ltm_since.tolist() == [8, 8]
+    q = F.normalize(torch.randn(B, H, 9, Dh, generator=torch.Generator().manual_seed(6)), dim=-1)
+    got = {}
+    for runs in (True, False):
+        monkeypatch.setattr(rt, "IVF_RUNS", runs)
+        got[runs] = ivf_retrieve(q, mem.ltm_k, mem.ltm_v, None, 300, index=mem.ivf_index(), probe=1)
+    (ak, _, af), (bk, _, bf) = got[True], got[False]
+    assert torch.equal(af, bf) and af.any() and not af.all()
+    assert torch.equal(ak[af], bk[af])
+
+
 def test_evicted_entries_are_never_found(small_ivf):
     """A store of 1,200 entries after 2,400 pushes: the index (fit at 1,000, never doubled, re-sorted
     at 1,512 and 2,024) still lists entries that the FIFO has since dropped; they must not be
