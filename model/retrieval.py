@@ -21,8 +21,8 @@ does not represent); an inverted-file index with stored centroid ids is the
 accurate design.
 
 ``ivf_retrieve``: an inverted file kept in the memory state (model/memory.py,
-fields ltm_c, ltm_cen, ltm_inv, ltm_off, ltm_since, ltm_fit of each long-term
-layer). When a slot's store first holds ``IVF_TRAIN_AT`` keys, unit centroids
+fields ltm_c, ltm_cen, ltm_inv, ltm_off, ltm_since, ltm_fit, ltm_kl of each
+long-term layer). When a slot's store first holds ``IVF_TRAIN_AT`` keys, unit centroids
 per head are fit to them by spherical k-means (deterministic: random starts
 with a fixed seed, ``IVF_ITERS`` rounds), and fit again on the whole store
 each time the store has doubled since (a document's later topics get lists of
@@ -42,9 +42,11 @@ the entries of its IVF_PROBE best lists and scores those exactly: per query
 C + IVF_PROBE * IVF_LIST_SIZE + (entries since the last build) key scores,
 and no pass over the store per segment (the build's sort, once per
 IVF_REBUILD entries, and the refits, once per doubling, aside). The C
-centroid scores are one dense product per segment (cheap per key); the probed
-keys are gathered row by row (~10-20x dearer per key on CPU), which is why
-the probe, not C, sets the cost.
+centroid scores are one dense product per segment (cheap per key). At each
+sort the keys are also copied in list order (ltm_kl), so a probed list is one
+run of rows: on CPU a query's runs are scored by one sampled product
+(``_runs_top``), ~4x cheaper per token than gathering the rows one by one
+(the path kept for GPUs and bf16). The probe, not C, sets the cost.
 
 Over 500 lines: the three searches share one contract and its helpers (exact_top, the state's
 fields); the inverted file (ivf_*) is the part to move into a module of its own next.
@@ -475,8 +477,8 @@ def _runs_top(
     Returns scores [T, k'] (not found: dtype min) and store positions [T, k'], k' = min(k, longest
     candidate row). A list is a run of rows of kl, so each query's candidates are P runs: their
     scores come from one sampled dense-dense product (CSR pattern [T, N], one row per query, its
-    runs' columns padded to the longest row), which reads the runs' rows in order and scores
-    them ~5x faster than gathering the rows then multiplying (measured on 2 CPU cores).
+    runs' columns padded to the longest row), which reads the runs' rows in order: ~4x less time
+    per token than gathering the rows then multiplying (measured on 2 CPU cores, docs/memory.md).
     """
     T, P = lists.shape
     N = kl.shape[0]
