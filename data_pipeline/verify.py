@@ -106,12 +106,30 @@ def _shard_bytes(data_dir: str, shard: dict) -> tuple[str, bytes]:
     return name, data
 
 
+# MDS column encodings whose decoder runs code from the file (streaming's "pkl" unpickles each value).
+CODE_ENCODINGS = frozenset({"pkl"})
+
+
+def refuse_code_columns(where: str, names: Any, encodings: Any) -> None:
+    """DataError naming the first column of a shard (``where``) whose encoding would run code when read.
+
+    mnemo writes tokens, strings and integers (``manifest.columns``); a dataset dir is data someone
+    may have sent, so a shard that asks to be unpickled is refused before any sample of it is decoded.
+    streaming's StreamingDataset (training) refuses these itself; its MDSReader, read directly here
+    (``mnemo data verify``, evaluation's reader), does not.
+    """
+    for name, enc in zip(names or [], encodings or []):
+        if str(enc).split(":")[0] in CODE_ENCODINGS:
+            raise DataError(f"{where}: column {name!r} is encoded as {enc!r}, which runs code when read: refused")
+
+
 def iter_shard_samples(data_dir: str, index: dict) -> Iterator[tuple[str, int, dict[str, Any]]]:
     """(shard name, part, sample dict) of every sample in index order, checking each shard first."""
     from streaming.base.format.mds.reader import MDSReader
 
     for shard in index.get("shards", []):
         name, raw = _shard_bytes(data_dir, shard)
+        refuse_code_columns(f"shard {name}", shard.get("column_names"), shard.get("column_encodings"))
         if len(raw) < 4:
             raise DataError(f"shard {name}: too short to hold a sample count")
         n = int(np.frombuffer(raw, np.uint32, 1)[0])

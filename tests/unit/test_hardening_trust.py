@@ -444,3 +444,48 @@ def test_launch_keeps_a_query_token_off_command_lines():
     with pytest.raises(UserError) as e:
         secret_overrides([f"data.tokenizer=https://h/t.model?sig={TOKEN}"])
     assert TOKEN not in str(e.value) and "https://h/t.model?sig=***" in str(e.value)
+
+
+class _RunsCode:
+    """Unpickling this touches a marker file: the proof that a reader executed the shard."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+@pytest.fixture
+def pickled_shards(tmp_path):
+    """An MDS dir whose ``tokens`` column asks to be unpickled, and the marker its value would create."""
+    from streaming import MDSWriter
+
+    d, marker = tmp_path / "hostile", tmp_path / "ran"
+    with MDSWriter(out=str(d), columns={"tokens": "pkl", "source": "str"}) as w:
+        w.write({"tokens": _RunsCode(str(marker)), "source": "x"})
+    return d, marker
+
+
+def test_eval_data_reader_refuses_a_pickled_column(pickled_shards):
+    from mnemo.evaluation.errors import EvalError
+    from mnemo.evaluation.heldout import open_mds
+
+    d, marker = pickled_shards
+    with pytest.raises(EvalError, match="column 'tokens' is encoded as 'pkl'"):
+        open_mds(str(d)).get(0)
+    assert not marker.exists()
+
+
+def test_data_verify_and_the_training_source_refuse_a_pickled_column(pickled_shards):
+    from mnemo.data_pipeline.errors import DataError
+    from mnemo.data_pipeline.streams import MDSSource
+    from mnemo.data_pipeline.verify import iter_shard_samples, read_json_file
+
+    d, marker = pickled_shards
+    with pytest.raises(DataError, match="runs code when read"):
+        list(iter_shard_samples(str(d), read_json_file(str(d / "index.json"), "index")))
+    # Training reads through streaming's StreamingDataset, which refuses unsafe encodings itself.
+    with pytest.raises((DataError, ValueError), match="pkl"):
+        MDSSource(str(d)).get(0)
+    assert not marker.exists()
