@@ -82,6 +82,7 @@ IVF_FLAT_UP_TO = 256  # fits of up to this many lists: one k-means; more: two le
 # Score the probed lists' keys by one sampled product over runs of ltm_kl (CPU, float32/64), not by
 # gathering them row by row (the path for GPUs and bf16); tests turn it off to compare the two.
 IVF_RUNS = True
+_RUNS_TILE = 1 << 18  # [rows, candidates] elements per tile of _runs_top (2 MB of int64)
 IVF_GROUP_PROBE = 3  # two-level fit: a key's list is the nearest among its this many nearest groups' lists
 IVF_TRAIN_AT = 16384  # stored entries at which a slot's centroids are fit (before that: exact)
 IVF_REBUILD = 8192  # entries pushed between two sorts of the index (searched exactly meanwhile)
@@ -467,50 +468,90 @@ def exact_top(q: Tensor, mem_k: Tensor, valid: Tensor | None, k: int, W: int) ->
     return vals, idx + (N - W)
 
 
+def _unfindable(inv: Tensor, n_idx: int, age0: int, W: int, valid: Tensor | None) -> Tensor | None:
+    """Which index entries [N] bool a query may not find now, or None when every indexed entry may be found.
+
+    inv [N] the ages at the last build of index entries 0 .. n_idx-1; age0 entries pushed since; valid [W]
+    or None. An entry is unfindable once the FIFO has dropped it (age >= W) or where ``valid`` is False
+    (the newest entries, which the short-term memory holds, right after a build). The mask is made only
+    when some indexed entry is unfindable, by int32 compares and one lookup of the few masked ages.
+    """
+    hi = age0 + n_idx  # indexed entries' ages are age0 .. hi-1
+    span = min(hi, W)
+    masked = None
+    if valid is not None and age0 < span:
+        masked = (~valid[W - span : W - age0]).nonzero().flatten()  # window offsets from W - span
+        masked = masked if masked.numel() else None
+    if hi <= W and masked is None:
+        return None
+    bad = torch.zeros(inv.shape[0], dtype=torch.bool, device=inv.device)
+    if hi > W:  # dropped by the FIFO since the build
+        bad[:n_idx] = inv[:n_idx] >= W - age0
+    if masked is not None:
+        lut = torch.zeros(n_idx, dtype=torch.bool, device=inv.device)
+        lut[span - 1 - age0 - masked] = True  # their ages at the build: W - 1 - (W - span + offset) - age0
+        bad[:n_idx] |= lut[inv[:n_idx].long()]
+    return bad
+
+
 def _runs_top(
-    q: Tensor, kl: Tensor, inv: Tensor, off: Tensor, lists: Tensor, age0: int, W: int, valid: Tensor | None, k: int
+    q: Tensor, kl: Tensor, inv: Tensor, off: Tensor, lists: Tensor, age0: int, W: int, bad: Tensor | None, k: int
 ) -> tuple[Tensor, Tensor]:
     """Top-k of one slot and head over the indexed entries of each query's probed lists.
 
     q [T, Dh] (float32/64); kl [N, Dh] the keys in index order, inv [N] their ages at the last build
-    (age0 = entries pushed since), off [C+1]; lists [T, P] the probed lists; valid [W] or None.
-    Returns scores [T, k'] (not found: dtype min) and store positions [T, k'], k' = min(k, longest
-    candidate row). A list is a run of rows of kl, so each query's candidates are P runs: their
-    scores come from one sampled dense-dense product (CSR pattern [T, N], one row per query, its
-    runs' columns padded to the longest row), which reads the runs' rows in order: ~4x less time
-    per token than gathering the rows then multiplying (measured on 2 CPU cores, docs/memory.md).
+    (age0 = entries pushed since), off [C+1]; lists [T, P] the probed lists; bad [N] the index entries
+    that may not be found (``_unfindable``; None: none). Returns scores [T, k] (not found: dtype min)
+    and store positions [T, k] in [N - W, N). A list is a run of rows of kl, so each query's
+    candidates are P runs: their scores come from one sampled dense-dense product (CSR pattern, one
+    row per query, its runs' columns padded to the longest row), which reads the runs' rows in order:
+    ~4x less time per token than gathering the rows then multiplying (measured on 2 CPU cores,
+    docs/memory.md). Queries go in tiles of rows whose [rows, candidates] temporaries stay a few MB
+    (fresh pages of bigger ones cost more than the product itself); store positions are worked out
+    for the k picked entries only.
     """
     T, P = lists.shape
     N = kl.shape[0]
     o = off.long()
     st, order = o[lists].sort(dim=-1)  # [T, P] run starts, ascending: a row's columns come out sorted
     en = torch.gather(o[lists + 1], 1, order)
-    tot = (en - st).sum(-1)  # [T] candidates per query
-    L = max(int(tot.max()), 1)
-    # Columns [T, L] by a cumulative sum: +1 inside a run, a jump to the next run's start where one begins
-    # (runs of zero length add their jumps at the same place, which sums to the right start).
-    step = torch.ones(T, L, dtype=torch.long, device=q.device)
-    step[:, 0] = st[:, 0]
-    at = F.pad((en - st).cumsum(-1), (1, 0))[:, 1:-1]  # [T, P-1] where runs 1.. begin in the row
-    step.scatter_add_(1, at.clamp(max=L - 1), (st[:, 1:] - en[:, :-1]) * (at < L))
-    cols = step.cumsum(1).clamp_(max=N - 1)  # past a row's end (padding): any valid column, masked below
-    ok = torch.arange(L, device=q.device)[None, :] < tot[:, None]
-    crow = torch.arange(0, T * L + 1, L, device=q.device)
-    # Values zero, not empty: with beta = 0 the product still multiplies them (0 x NaN garbage = NaN).
-    with warnings.catch_warnings():  # the beta-status notice of sparse CSR tensors
-        warnings.simplefilter("ignore", UserWarning)
-        pattern = torch.sparse_csr_tensor(
-            crow, cols.view(-1), torch.zeros(T * L, dtype=q.dtype, device=q.device), (T, N), check_invariants=False
-        )
-        s = torch.sparse.sampled_addmm(pattern, q, kl.T.to(q.dtype), beta=0.0).values().view(T, L)
-    where = N - 1 - (inv.index_select(0, cols.view(-1)).view(T, L).long() + age0)  # store positions
-    ok &= where >= N - W  # entries the FIFO has dropped since the build
-    where.clamp_(min=N - W)  # a dropped entry (never found) may be picked when a row has < k others: keep it a real row
-    if valid is not None:
-        ok &= valid[where - (N - W)]
-    s.masked_fill_(~ok, torch.finfo(s.dtype).min)
-    top, idx = torch.topk(s, min(k, L), dim=-1)
-    return top, torch.gather(where, 1, idx)
+    ln = en - st
+    at = F.pad(ln.cumsum(-1), (1, 0))  # [T, P+1]: where run p begins in its row; at[:, P] = candidates
+    tot = at[:, -1]
+    # At a row's end a jump back to column 0, so that its padding stays inside the store (masked below).
+    jump = torch.cat((st[:, 1:] - en[:, :-1], -en[:, -1:]), dim=1)  # [T, P]
+    neg = torch.finfo(q.dtype).min
+    top = torch.full((T, k), neg, dtype=q.dtype, device=q.device)
+    where = torch.full((T, k), N - 1, dtype=torch.long, device=q.device)
+    rows = max(1, _RUNS_TILE // max(int(tot.max()), 1))
+    for t0 in range(0, T, rows):
+        sl = slice(t0, t0 + rows)
+        R, L = tot[sl].shape[0], max(int(tot[sl].max()), 1)
+        # Columns [R, L] by a cumulative sum: +1 inside a run, a jump to the next run's start where one
+        # begins (runs of zero length add their jumps at the same place, which sums to the right start).
+        step = torch.ones(R, L + 1, dtype=torch.long, device=q.device)
+        step[:, 0] = st[sl, 0]
+        step.scatter_add_(1, at[sl, 1:], jump[sl])  # column L: the ends of the tile's longest rows, cut off
+        cols = step[:, :L].cumsum(1)
+        crow = torch.arange(0, R * L + 1, L, device=q.device)
+        # Values zero, not empty: with beta = 0 the product still multiplies them (0 x NaN garbage = NaN).
+        with warnings.catch_warnings():  # the beta-status notice of sparse CSR tensors
+            warnings.simplefilter("ignore", UserWarning)
+            pattern = torch.sparse_csr_tensor(
+                crow, cols.view(-1), torch.zeros(R * L, dtype=q.dtype, device=q.device), (R, N), check_invariants=False
+            )
+            s = torch.sparse.sampled_addmm(pattern, q[sl], kl.T.to(q.dtype), beta=0.0).values().view(R, L)
+        if int(tot[sl].min()) < L:  # rows shorter than the tile's longest: their padding
+            s.masked_fill_(torch.arange(L, device=q.device)[None, :] >= tot[sl, None], neg)
+        if bad is not None:
+            s.masked_fill_(bad[cols], neg)
+        kk = min(k, L)
+        tv, ti = torch.topk(s, kk, dim=-1)
+        top[sl, :kk] = tv
+        # A not-found pick (fewer than k findable in its row) may be a dropped entry: clamped into the
+        # window, so that it stays a real row of the store (its score marks it not found).
+        where[sl, :kk] = N - 1 - (inv[torch.gather(cols, 1, ti)].long() + age0)
+    return top, where.clamp_(min=N - W)
 
 
 def _ivf_tile(device: torch.device) -> int:
@@ -572,18 +613,10 @@ def ivf_retrieve(
                 pos = torch.zeros(BH, T, k, dtype=torch.long, device=q.device)
                 for bh in range(BH):
                     b, h = divmod(bh, H)
-                    tv, tp = _runs_top(
-                        q[b, h],
-                        kl[b, h],
-                        inv[b, h],
-                        off[b, h],
-                        lists[b, h],
-                        int(since[b]),
-                        W,
-                        None if valid is None else valid[b],
-                        k,
-                    )
-                    vals[bh, :, : tv.shape[-1]], pos[bh, :, : tv.shape[-1]] = tv, tp
+                    age0 = int(since[b])
+                    bad = _unfindable(inv[b, h], int(n_idx[b, h]), age0, W, None if valid is None else valid[b])
+                    tv, tp = _runs_top(q[b, h], kl[b, h], inv[b, h], off[b, h], lists[b, h], age0, W, bad, k)
+                    vals[bh], pos[bh] = tv, tp
             else:  # rows gathered from the store (GPU, bf16: no sampled product there)
                 offs = off.reshape(BH, 1, C + 1).long().expand(BH, T, C + 1)
                 lst = lists.reshape(BH, T, P)

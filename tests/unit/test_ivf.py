@@ -95,6 +95,45 @@ def test_fewer_candidates_than_k_are_padded_with_not_found_rows_of_the_store(sma
     assert torch.equal(ak[af], bk[af])
 
 
+@pytest.mark.parametrize(
+    "age0,W,masked", [(0, 900, True), (0, 900, False), (40, 900, True), (40, 500, False), (5, 520, True)]
+)
+def test_unfindable_entries_match_their_definition(age0, W, masked):
+    """The mask of index entries a query may not find, against its definition entry by entry: an
+    entry of build age a is now a + age0 old; it is unfindable once that is >= W (dropped) or where
+    ``valid`` [W] is False at window position W - 1 - (a + age0). Nothing unfindable: None."""
+    n_idx, N = 500, 520
+    g = torch.Generator().manual_seed(age0 + W)
+    inv = torch.zeros(N, dtype=torch.int32)
+    inv[:n_idx] = torch.randperm(n_idx, generator=g).to(torch.int32)
+    valid = torch.ones(W, dtype=torch.bool)
+    if masked:
+        valid[W - 12 :] = False  # the newest 12 (held by the short-term memory)
+        valid[torch.randint(0, W, (30,), generator=g)] = False
+    got = rt._unfindable(inv, n_idx, age0, W, valid)
+    age = inv[:n_idx].long() + age0
+    want = torch.zeros(N, dtype=torch.bool)
+    want[:n_idx] = (age >= W) | ~valid[(W - 1 - age).clamp(min=0)]
+    if not want.any():
+        assert got is None
+    else:
+        assert got is not None and torch.equal(got[:n_idx], want[:n_idx])
+
+
+def test_runs_top_in_tiles_of_rows_equals_one_tile(small_ivf, monkeypatch):
+    """Queries scored a few rows at a time (small tiles: the temporaries stay small) pick the same
+    entries, with the same scores, as all rows in one tile."""
+    B, H, N, Dh = 1, 2, 1200, 16
+    mem = _filled(B, H, N, Dh, 254, 8)
+    q = F.normalize(torch.randn(B, H, 33, Dh, generator=torch.Generator().manual_seed(3)), dim=-1)
+    got = []
+    for tile in (1 << 20, 700):  # 700: 1 row per tile (rows hold ~300-700 candidates)
+        monkeypatch.setattr(rt, "_RUNS_TILE", tile)
+        got.append(ivf_retrieve(q, mem.ltm_k, mem.ltm_v, None, 7, index=mem.ivf_index(), probe=5))
+    (ak, av, af), (bk, bv, bf) = got
+    assert af.any() and torch.equal(af, bf) and torch.equal(ak, bk) and torch.equal(av, bv)
+
+
 def test_evicted_entries_are_never_found(small_ivf):
     """A store of 1,200 entries after 2,400 pushes: the index (fit at 1,000, never doubled, re-sorted
     at 1,512 and 2,024) still lists entries that the FIFO has since dropped; they must not be
