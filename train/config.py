@@ -108,10 +108,10 @@ class LongMemoryConfig:
     # search "ivf": inverted-file lists each query searches, of about 128 keys each
     # at any store size (probing every list in use is the exact search, run as
     # such). More: higher recall of the exact top-k, proportionally more keys
-    # scored (measured on a 1M-token store: recall@16 0.81 at 32, 0.95 at 128,
-    # 0.98 at 256; the pass key at 160 segments 0.84 at 32 against exact's 0.96;
-    # docs/memory.md). Not a weight either.
-    ivf_probe: int = 128
+    # scored (measured on a 1M-token store: recall@16 0.82 at 32, 0.945 at 128,
+    # 0.957 at 160, 0.974 at 256; the pass key at 160 segments 0.84 at 32 against
+    # exact's 0.96; docs/memory.md). Not a weight either.
+    ivf_probe: int = 160
 
 
 @dataclass
