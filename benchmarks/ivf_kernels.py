@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
+from mnemo.model.memory import LayerMemory  # noqa: E402
 import mnemo.model.retrieval as rt  # noqa: E402
 from mnemo.model.retrieval import ivf_index_store, ivf_list_scores, ivf_retrieve  # noqa: E402
 from mnemo.model.transformer import knn_retrieve  # noqa: E402
@@ -73,7 +74,7 @@ def main() -> None:
     print(
         f"store: {H} heads x {N:,} keys of dim {Dh}, {args.lists:,} lists; fit + index {time.perf_counter() - t0:.1f} s"
     )
-    index = tuple(f[n] for n in ("ltm_c", "ltm_cen", "ltm_inv", "ltm_off", "ltm_since", "ltm_fit", "ltm_kl"))
+    index = LayerMemory(ltm_k=keys, ltm_v=vals, **f).ivf_index()  # the tuple ivf_retrieve takes
     g = torch.Generator().manual_seed(1)
     q = F.normalize(
         keys[:, :, torch.randint(0, N, (T,), generator=g)] + 0.3 * torch.randn(1, H, T, Dh, generator=g), dim=-1

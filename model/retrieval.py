@@ -610,8 +610,8 @@ def ivf_retrieve(
         if bool((n_idx > 0).any()):
             lists = ivf_list_scores(q, cen, fitted).topk(P, dim=-1, sorted=False).indices  # [B, H, T, P], any order
             if IVF_RUNS and q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64):
-                vals = torch.full((BH, T, k), neg, dtype=q.dtype, device=q.device)
-                pos = torch.zeros(BH, T, k, dtype=torch.long, device=q.device)
+                vals = torch.empty(BH, T, k, dtype=q.dtype, device=q.device)  # every row set below
+                pos = torch.empty(BH, T, k, dtype=torch.long, device=q.device)
                 for bh in range(BH):
                     b, h = divmod(bh, H)
                     age0 = int(since[b])
