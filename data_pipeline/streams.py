@@ -93,6 +93,14 @@ class MDSSource:
             self.ds = StreamingDataset(remote=remote, local=local, shuffle=False, batch_size=1)
         except FileNotFoundError as e:
             raise DataError(f"{key}: cannot open MDS dataset at {path}: {e}") from None
+        except ValueError as e:
+            if "Reused local directory" not in str(e):
+                raise
+            raise DataError(
+                f"{key}: the cache folder {local!r} of {path} is registered in shared memory by another job (a live"
+                " one, or one killed without cleanup): give this job its own data.cache_dir, or, when no job uses"
+                " it, remove the /dev/shm/NNNNNN_* segments whose NNNNNN_locals names it"
+            ) from None
         self.num_samples = int(self.ds.num_samples)
         self.samples_per_shard = np.asarray(self.ds.samples_per_shard, dtype=np.int64)
         self.has_answers = "answer_start" in getattr(self.ds.shards[0], "column_names", []) if self.ds.shards else False

@@ -27,14 +27,10 @@ from mnemo.train.checkpoint import (
     resolve_checkpoint,
 )
 from mnemo.train.errors import UserError
+from mnemo.data_pipeline.paths import is_inside
 from mnemo.train.redact import redact_tree
 
 log = logging.getLogger("mnemo.checkpoint")
-
-
-def _within(a: Path, b: Path) -> bool:
-    a, b = a.resolve(), b.resolve()
-    return a == b or b in a.parents
 
 
 def _exchange(a: Path, b: Path) -> bool:
@@ -104,7 +100,7 @@ def export(path: str | Path, out: str | Path, overwrite: bool = False, format: s
     ckpt = resolve_checkpoint(path)
     out = Path(out)
     for src in dict.fromkeys((Path(path), ckpt)):
-        if _within(out, src):
+        if is_inside(out, src):
             raise UserError(f"--out {out}: is or is inside the checkpoint being exported ({src}); export elsewhere")
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out}: exists and is not a directory")

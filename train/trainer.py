@@ -229,14 +229,19 @@ class Trainer:
 
     def _build_data(self) -> None:
         """This rank's document streams and (train.passkey.fraction > 0) passkey episodes."""
-        from streaming.base.util import clean_stale_shared_memory
-
+        from mnemo.data_pipeline.paths import is_inside
+        from mnemo.data_pipeline.shm import release_stale_shm
         from mnemo.data_pipeline.streams import MDSSource, open_sources
+        from mnemo.train.collectives import barrier
 
         cfg, info = self.cfg, self.info
-        # Collective: local rank 0 removes shared memory leaked by killed runs, the others wait.
-        clean_stale_shared_memory()
         cache_dir = cfg.data.cache_dir or str(self.run_dir / "data_cache")
+        # Collective: each node's local rank 0 unlinks the shared memory a killed job of this run leaked for its
+        # download cache, the others wait. Only a cache inside the run dir (which this job holds) is provably
+        # no live job's; a data.cache_dir elsewhere may be shared, and a leak there is a one-line DataError.
+        if info.local_rank == 0 and is_inside(cache_dir, self.run_dir):
+            release_stale_shm(cache_dir)
+        barrier()
         self.mixture = open_sources(cfg.data.sources, cache_dir)  # data.sources (WeightedSource each), else []
         self.source = self.mixture[0].source if self.mixture else MDSSource(cfg.data.path, cache_dir=cache_dir)
         # Slot group g of G = world x accum is a partition of its own (train/slots.py); A = 1: g = rank.

@@ -1,0 +1,108 @@
+"""Shared memory leaked by a killed job of this run is released; no other job's is touched.
+
+A job killed with its whole process group (SIGKILL to a launcher's group takes
+Python's resource tracker with it) leaves streaming's ``NNNNNN_*`` segments in
+/dev/shm and its lock files in the temp folder. The trainer releases those whose
+registered local folder lies in its own run directory; a live reader of another
+folder (an evaluation, another user's job) must keep its segments and keep working.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import struct
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mnemo.data_pipeline.shm import SHM_DIR, registered_locals, release_stale_shm
+
+pytestmark = pytest.mark.skipif(not SHM_DIR.is_dir(), reason="no /dev/shm (POSIX shared memory not visible)")
+
+_CHILD = """
+import sys, time
+from streaming import StreamingDataset
+ds = StreamingDataset(remote=sys.argv[1], local=sys.argv[2], shuffle=False, batch_size=1)
+ds[0]  # reads a shard: its lock files are made
+print("ready", ds.num_samples, flush=True)
+time.sleep(300)
+"""
+
+
+def _write_mds(root: Path, n: int = 30) -> None:
+    from streaming import MDSWriter
+
+    with MDSWriter(out=str(root), columns={"tokens": "ndarray:uint16"}, size_limit=4096) as w:
+        for i in range(n):
+            w.write({"tokens": np.arange(i + 5, dtype=np.uint16)})
+
+
+def _segments_naming(folder: Path) -> set[str]:
+    """Prefixes whose NNNNNN_locals registers ``folder``."""
+    out = set()
+    for e in SHM_DIR.iterdir():
+        if e.name.endswith("_locals"):
+            try:
+                if str(folder) in registered_locals(e.read_bytes()):
+                    out.add(e.name.split("_")[0])
+            except OSError:
+                pass
+    return out
+
+
+def test_registered_locals_reads_streamings_layout_and_refuses_malformed_bytes():
+    text = "/a/b\0/c d\0" + "17"
+    data = struct.pack("=i", 4 + len(text.encode())) + text.encode() + b"\0\0\0"  # segments round up in size
+    assert registered_locals(data) == ["/a/b", "/c d"]
+    assert registered_locals(b"") == []
+    assert registered_locals(struct.pack("=i", 999) + b"x") == []  # size past the end
+    assert registered_locals(struct.pack("=i", 6) + b"\xff\xfe") == []  # not UTF-8
+
+
+def test_killed_jobs_leak_is_released_and_a_live_readers_segments_are_not(tmp_path):
+    from streaming import StreamingDataset
+
+    mds = tmp_path / "mds"
+    _write_mds(mds)
+    run_cache = (tmp_path / "run" / "data_cache").resolve()
+    other = (tmp_path / "eval_cache").resolve()
+
+    # A live reader of another cache folder, in this process.
+    live = StreamingDataset(remote=str(mds), local=str(other), shuffle=False, batch_size=1)
+    live_prefixes = _segments_naming(other)
+    assert live_prefixes
+
+    # The killed job: its own session, so the SIGKILL takes its resource tracker too (as a killed launcher's
+    # process group does) and nothing cleans up after it.
+    p = subprocess.Popen(
+        [sys.executable, "-c", _CHILD, str(mds), str(run_cache)],
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        assert p.stdout.readline().startswith("ready 30")
+    finally:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
+    (leaked,) = _segments_naming(run_cache)
+    assert (Path(tempfile.gettempdir()) / f"{leaked}_cache_filelock").exists()
+
+    # Owning only the run directory's cache: the live reader's folder is not released.
+    removed = release_stale_shm(run_cache)
+    assert f"{leaked}_locals" in removed and f"{leaked}_cache_filelock" in removed
+    assert all(name.startswith(leaked + "_") for name in removed)
+    assert _segments_naming(run_cache) == set()
+    assert not list(SHM_DIR.glob(f"{leaked}_*"))
+    assert _segments_naming(other) == live_prefixes
+    assert int(np.asarray(live[3]["tokens"]).sum()) == sum(range(8))  # still reads
+
+    # Nothing of ours is left: a second call releases nothing, and the cache opens again.
+    assert release_stale_shm(run_cache) == []
+    again = StreamingDataset(remote=str(mds), local=str(run_cache), shuffle=False, batch_size=1)
+    assert again.num_samples == 30
