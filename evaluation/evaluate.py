@@ -191,7 +191,7 @@ def evaluate(
             )
         if samples:
             t0 = time.perf_counter()
-            result["tasks"] = score_tasks(model, samples, T, B)
+            result["tasks"] = score_tasks(model, samples, T, B, progress=progress)
             seconds["tasks"] = time.perf_counter() - t0
     if baseline is not None:
         Tb = int(baseline_segment_len or T)
@@ -203,7 +203,7 @@ def evaluate(
             if Tb == T:  # the same buckets: a paired difference per bucket
                 result.setdefault("memory_minus", {})["baseline"] = paired_difference(main, base)
             if samples:
-                result["baseline"]["tasks"] = score_tasks(baseline, samples, Tb, B)
+                result["baseline"]["tasks"] = score_tasks(baseline, samples, Tb, B, progress=progress)
         seconds["baseline"] = time.perf_counter() - t0
     result["seconds"] = seconds
     return result

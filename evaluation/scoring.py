@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -57,12 +58,54 @@ def _has_memory(model: Any) -> tuple[bool, bool]:
     return getattr(args, "stm_length", 1) > 0, getattr(args, "ltm_kind", "knn") != "none"
 
 
-def _progress(total: int, desc: str, enabled: bool):
-    if enabled and sys.stderr.isatty():
+class _LineProgress:
+    """Progress for a log (stderr not a terminal): a line at most every ``every`` seconds, the first after
+    ``every`` (short evaluations stay silent), with the rate so far and the time left at that rate."""
+
+    def __init__(self, total: int, desc: str, unit: str, every: float = 60.0):
+        self.total, self.desc, self.unit, self.every = max(int(total), 1), desc, unit, every
+        self.n, self.t0 = 0, time.monotonic()
+        self.last = self.t0
+
+    def update(self, n: int = 1) -> None:
+        self.n += int(n)
+        now = time.monotonic()
+        if now - self.last < self.every:
+            return
+        self.last, el = now, now - self.t0
+        left = el * (self.total - self.n) / max(self.n, 1)
+        print(
+            f"mnemo eval: {self.desc}: {self.n:,}/{self.total:,} {self.unit} ({100 * self.n / self.total:.0f}%),"
+            f" {el / 60:.1f} min, ~{left / 60:.1f} min left",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def close(self) -> None:
+        pass
+
+
+def progress_bar(total: int, desc: str, enabled: bool, unit: str = "segments"):
+    """A tqdm bar on a terminal, log lines otherwise (``_LineProgress``); None when not ``enabled``.
+
+    Units are slot-segments (one slot reading one segment of T tokens) wherever the work is reading."""
+    if not enabled:
+        return None
+    if sys.stderr.isatty():
         from tqdm import tqdm
 
-        return tqdm(total=total, desc=desc, leave=False, file=sys.stderr)
-    return None
+        return tqdm(total=total, desc=desc, unit=unit.rstrip("s"), leave=False, file=sys.stderr)
+    return _LineProgress(total, desc, unit)
+
+
+def segments_to_read(lengths: Sequence[int], segment_len: int) -> int:
+    """Slot-segments read for sequences of these lengths (a sequence of n tokens has n - 1 inputs)."""
+    return sum(-(-(int(n) - 1) // int(segment_len)) for n in lengths)
+
+
+def teacher_forced_segments(samples: Sequence[dict], segment_len: int) -> int:
+    """What ``score_teacher_forced`` reads for these samples (each up to the end of its answer)."""
+    return segments_to_read([int(s["answer_start"]) + int(s["answer_len"]) for s in samples], segment_len)
 
 
 def bucket_lower(positions: np.ndarray, segment_len: int) -> np.ndarray:
@@ -111,7 +154,8 @@ def _position_losses(
     slot_doc = [-1] * B
     slot_off = [0] * B
     next_doc = 0
-    bar = _progress(sum(-(-(d.size - 1) // T) for d in docs), f"loss by position (stm={stm}, ltm={ltm})", progress)
+    desc = f"loss by position (stm={stm}, ltm={ltm})"
+    bar = progress_bar(segments_to_read([d.size for d in docs], T), desc, progress)
     while True:
         reset = np.zeros(B, dtype=bool)
         for b in range(B):
@@ -279,6 +323,7 @@ def continuation_scores(
     stm: bool = True,
     ltm: bool = True,
     pad_id: int = 0,
+    tick: Callable[[int], Any] | None = None,
 ) -> tuple[list[np.ndarray], list[np.ndarray], Any]:
     """One batch, one slot per sequence: (argmax, loss) at each token of seqs[r][starts[r]:], and the final state.
 
@@ -288,7 +333,8 @@ def continuation_scores(
     padded with ``pad_id`` after their end: causality keeps the padding out of
     their predictions. Returns per slot argmax [n_r] and loss [n_r] (nats,
     n_r = len(seqs[r]) - starts[r]) and the memory state after the longest
-    input (its ``pos``: tokens read per slot, padding included).
+    input (its ``pos``: tokens read per slot, padding included). ``tick(k)``
+    after each segment: k slots had inputs in it (summed: ``segments_to_read``).
     """
     T = int(segment_len)
     device = model_device(model)
@@ -309,6 +355,8 @@ def continuation_scores(
         s1 = min(s0 + T, end)
         need = bool(((lo_r < s1) & (hi_r > s0)).any())  # some slot predicts a scored token in this segment
         logits, state = model(x[:, s0:s1], state, logits=need)  # [B, <=T, V]
+        if tick is not None:
+            tick(int((hi_r > s0).sum()))
         if need:
             lg = logits.float()
             am[:, s0:s1] = lg.argmax(-1).cpu().numpy()
@@ -320,7 +368,13 @@ def continuation_scores(
 
 
 def score_teacher_forced(
-    model: Any, samples: Sequence[dict], segment_len: int, batch_size: int, stm: bool = True, ltm: bool = True
+    model: Any,
+    samples: Sequence[dict],
+    segment_len: int,
+    batch_size: int,
+    stm: bool = True,
+    ltm: bool = True,
+    tick: Callable[[int], Any] | None = None,
 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """(argmax [answer_len], loss [answer_len]) at each answer token, reading the true tokens.
 
@@ -329,7 +383,8 @@ def score_teacher_forced(
     is the answer token (by induction: each greedy step then sees the same
     tokens as this pass), so exact match computed here equals greedy exact
     match, at the cost of reading the document once. Samples with the same
-    answer start and length share a batch (``continuation_scores``).
+    answer start and length share a batch (``continuation_scores``, which
+    calls ``tick``; summed: ``teacher_forced_segments``).
     """
     groups: dict[tuple[int, int], list[int]] = {}
     for i, s in enumerate(samples):
@@ -340,7 +395,9 @@ def score_teacher_forced(
         for c in range(0, len(idx), batch_size):
             chunk = idx[c : c + batch_size]
             seqs = [np.asarray(samples[i]["tokens"][: start + alen], dtype=np.int64) for i in chunk]
-            am, nll, _ = continuation_scores(model, seqs, [start] * len(chunk), segment_len, stm=stm, ltm=ltm)
+            am, nll, _ = continuation_scores(
+                model, seqs, [start] * len(chunk), segment_len, stm=stm, ltm=ltm, tick=tick
+            )
             for r, i in enumerate(chunk):
                 preds[i], losses[i] = am[r], nll[r]
     return preds, losses
@@ -418,13 +475,20 @@ def passkey_report(
     T = int(segment_len)
     stream = filler_stream(filler_docs)
     acc, by_depth, digit_acc, ans_loss, hits = {}, {}, {}, {}, {}
-    bar = _progress(len(distances), "passkey" if n_keys == 1 else f"passkey ({n_keys} keys)", progress)
+    # Every distance's documents first (in distance order, as the filler stream is read): the bar's total.
+    by_d = {D: passkey_samples(tokenizer, stream, T, D, depths, trials, seed, n_keys) for D in distances}
+    desc = "passkey" if n_keys == 1 else f"passkey ({n_keys} keys)"
+    if decode == "greedy":  # its decoding loop reads on: a tick per distance
+        bar = progress_bar(len(distances), desc, progress, unit="distances")
+    else:
+        bar = progress_bar(sum(teacher_forced_segments(ss, T) for ss in by_d.values()), desc, progress)
     for D in distances:
-        samples = passkey_samples(tokenizer, stream, T, D, depths, trials, seed, n_keys)
+        samples = by_d[D]
         if decode == "greedy":
             preds = score_greedy(model, samples, T, batch_size, stm=stm, ltm=ltm)
         else:
-            preds, losses = score_teacher_forced(model, samples, T, batch_size, stm=stm, ltm=ltm)
+            tick = bar.update if bar is not None else None
+            preds, losses = score_teacher_forced(model, samples, T, batch_size, stm=stm, ltm=ltm, tick=tick)
             ans_loss[str(D)] = float(np.mean([x.mean() for x in losses])) if trials else float("nan")
         exact, digit = cell_stats(samples, preds)
         cell = [s["depth"] for s in samples]
@@ -432,7 +496,7 @@ def passkey_report(
         hits[str(D)] = int(exact.sum())
         digit_acc[str(D)] = float(digit.mean()) if trials else float("nan")
         by_depth[str(D)] = {dp: float(exact[[c == dp for c in cell]].mean()) for dp in depths if dp in cell}
-        if bar is not None:
+        if bar is not None and decode == "greedy":
             bar.update(1)
     if bar is not None:
         bar.close()

@@ -19,7 +19,7 @@ import numpy as np
 from mnemo.data_pipeline.passkey import DEPTHS, filler_stream
 from mnemo.data_pipeline.tasks import TaskSpec, make_sample, parse_tasks
 from mnemo.evaluation.errors import EvalError
-from mnemo.evaluation.scoring import cell_stats, score_teacher_forced
+from mnemo.evaluation.scoring import cell_stats, progress_bar, score_teacher_forced, teacher_forced_segments
 from mnemo.evaluation.stats import wilson_interval
 
 
@@ -93,19 +93,23 @@ def longest_document(samples: dict[str, dict[str, list[dict]]]) -> int:
 
 
 def score_tasks(
-    model: Any, samples: dict[str, dict[str, list[dict]]], segment_len: int, batch_size: int
+    model: Any, samples: dict[str, dict[str, list[dict]]], segment_len: int, batch_size: int, progress: bool = False
 ) -> dict[str, dict[str, dict[str, float]]]:
     """{task: {D: {exact, lo, hi, trials, token_acc, tokens}}}.
 
-    lo, hi: the 95 % Wilson interval of exact; tokens: the longest document.
+    lo, hi: the 95 % Wilson interval of exact; tokens: the longest document. ``progress``: a bar over the
+    segments to read (log lines when stderr is not a terminal).
     """
     out: dict[str, dict[str, dict[str, float]]] = {}
+    total = sum(teacher_forced_segments(ss, segment_len) for by_d in samples.values() for ss in by_d.values())
+    bar = progress_bar(total, "tasks", progress)
+    tick = bar.update if bar is not None else None
     for name, by_d in samples.items():
         out[name] = {}
         for D, ss in by_d.items():
             if not ss:
                 continue
-            preds, _ = score_teacher_forced(model, ss, segment_len, batch_size)
+            preds, _ = score_teacher_forced(model, ss, segment_len, batch_size, tick=tick)
             exact, token_acc = cell_stats(ss, preds)
             k, n = int(exact.sum()), len(ss)
             lo, hi = wilson_interval(k, n)
@@ -117,6 +121,8 @@ def score_tasks(
                 "token_acc": float(token_acc.mean()),
                 "tokens": max(len(s["tokens"]) for s in ss),
             }
+    if bar is not None:
+        bar.close()
     return out
 
 

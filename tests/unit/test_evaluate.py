@@ -705,3 +705,59 @@ def test_paired_difference_of_pooled_buckets_across_processes():
     assert res["passkey_lo"] == {"1": 0.5}
     add_baseline_difference(res, base, 128)
     assert res["loss_ge_4T_minus_baseline"] == both and res["memory_minus"]["baseline"]["128"] == d["128"]
+
+
+class _RecordingBar:
+    """A progress bar that records its total and every update."""
+
+    made: list["_RecordingBar"] = []
+
+    def __init__(self, total, desc, enabled, unit="segments"):
+        self.total, self.desc, self.unit, self.n, self.closed = total, desc, unit, 0, False
+        _RecordingBar.made.append(self)
+
+    def update(self, n=1):
+        assert not self.closed
+        self.n += n
+
+    def close(self):
+        self.closed = True
+
+
+def test_progress_counts_segments_and_ends_exactly_at_its_total(tok, corpus, monkeypatch, capsys):
+    """A D = 1024 evaluation reads for half an hour: its bar must move per segment, not per distance, and
+    end at its total. Off a terminal it writes log lines instead."""
+    import mnemo.evaluation.scoring as scoring
+    import mnemo.evaluation.task_eval as task_eval
+
+    T = 64
+    want = passkey_report(InductionModel(tok.vocab_size), tok, corpus, T, distances=[1, 3], trials=5, seed=2)
+    _RecordingBar.made = []
+    monkeypatch.setattr(scoring, "progress_bar", _RecordingBar)
+    monkeypatch.setattr(task_eval, "progress_bar", _RecordingBar)
+    rep = passkey_report(
+        InductionModel(tok.vocab_size), tok, corpus, T, distances=[1, 3], trials=5, seed=2, batch_size=2, progress=True
+    )
+    assert rep == want  # documents made before scoring (for the total) are the same documents
+    res = evaluate(
+        InductionModel(tok.vocab_size),
+        tok,
+        corpus,
+        _cfg(T),
+        ablations=False,
+        passkey=False,
+        tasks=task_eval.task_specs(["mqar_n16"]),
+        task_distances=[1, 2],
+        task_trials=3,
+        progress=True,
+    )
+    assert res["tasks"]["mqar_n16"]["2"]["exact"] == 1.0
+    bars = {b.desc: b for b in _RecordingBar.made}
+    pk, tasks = bars["passkey"], bars["tasks"]
+    # Passkey at D = 3 reads >= 4 segments per document, D = 1 >= 2: 5 documents each.
+    assert pk.total >= 5 * (2 + 4) and pk.n == pk.total and pk.closed
+    assert tasks.total >= 3 * (2 + 3) and tasks.n == tasks.total and tasks.closed
+    # Off a terminal: a line per interval, with the count and the time left.
+    line = scoring._LineProgress(10, "passkey", "segments", every=0.0)
+    line.update(4)
+    assert "mnemo eval: passkey: 4/10 segments (40%)" in capsys.readouterr().err
