@@ -110,7 +110,8 @@ class LongMemoryConfig:
     # such). More: higher recall of the exact top-k, proportionally more keys
     # scored (measured on a 1M-token store: recall@16 0.82 at 32, 0.945 at 128,
     # 0.957 at 160, 0.974 at 256; the pass key at 160 segments 0.84 at 32 against
-    # exact's 0.96; docs/memory.md). Not a weight either.
+    # exact's 0.96; docs/memory.md). Not a weight either. Equal to model/retrieval.py's
+    # IVF_PROBE (tests/unit/test_ivf.py holds them together).
     ivf_probe: int = 160
 
 

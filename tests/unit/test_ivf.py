@@ -425,3 +425,13 @@ def test_gather_rows_reads_a_store_with_room_without_flattening_it():
     want = out.contiguous().reshape(-1, 4)[flat]
     assert torch.equal(gather_rows(out, flat), want)
     assert torch.equal(gather_rows(store, flat), store.reshape(-1, 4)[flat])
+
+
+def test_config_default_probe_is_the_models():
+    """train/config.py cannot import model/ (layers), so memory.long.ivf_probe repeats IVF_PROBE: keep them one."""
+    from mnemo.model import ModelArgs
+    from mnemo.train.config import Config
+    from mnemo.train.engine import model_args_from_config
+
+    assert Config().memory.long.ivf_probe == rt.IVF_PROBE == ModelArgs(vocab_size=8).ltm_ivf_probe
+    assert model_args_from_config(Config(), 8).ltm_ivf_probe == rt.IVF_PROBE
