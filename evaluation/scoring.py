@@ -23,8 +23,6 @@ calls for the same inputs, so all ranks of a ZeRO-3 job can call it together.
 from __future__ import annotations
 
 import math
-import sys
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -35,6 +33,7 @@ import torch.nn.functional as F
 from mnemo.data_pipeline.passkey import DEPTHS, filler_stream, make_multikey_sample, make_passkey_sample
 from mnemo.evaluation.generate import SegmentReader
 from mnemo.evaluation.inference import core_model, model_device
+from mnemo.evaluation.progress import progress_bar, segments_to_read, teacher_forced_segments
 
 LN2 = math.log(2.0)
 
@@ -56,56 +55,6 @@ def _has_memory(model: Any) -> tuple[bool, bool]:
     if args is None:
         return True, True
     return getattr(args, "stm_length", 1) > 0, getattr(args, "ltm_kind", "knn") != "none"
-
-
-class _LineProgress:
-    """Progress for a log (stderr not a terminal): a line at most every ``every`` seconds, the first after
-    ``every`` (short evaluations stay silent), with the rate so far and the time left at that rate."""
-
-    def __init__(self, total: int, desc: str, unit: str, every: float = 60.0):
-        self.total, self.desc, self.unit, self.every = max(int(total), 1), desc, unit, every
-        self.n, self.t0 = 0, time.monotonic()
-        self.last = self.t0
-
-    def update(self, n: int = 1) -> None:
-        self.n += int(n)
-        now = time.monotonic()
-        if now - self.last < self.every:
-            return
-        self.last, el = now, now - self.t0
-        left = el * (self.total - self.n) / max(self.n, 1)
-        print(
-            f"mnemo eval: {self.desc}: {self.n:,}/{self.total:,} {self.unit} ({100 * self.n / self.total:.0f}%),"
-            f" {el / 60:.1f} min, ~{left / 60:.1f} min left",
-            file=sys.stderr,
-            flush=True,
-        )
-
-    def close(self) -> None:
-        pass
-
-
-def progress_bar(total: int, desc: str, enabled: bool, unit: str = "segments"):
-    """A tqdm bar on a terminal, log lines otherwise (``_LineProgress``); None when not ``enabled``.
-
-    Units are slot-segments (one slot reading one segment of T tokens) wherever the work is reading."""
-    if not enabled:
-        return None
-    if sys.stderr.isatty():
-        from tqdm import tqdm
-
-        return tqdm(total=total, desc=desc, unit=unit.rstrip("s"), leave=False, file=sys.stderr)
-    return _LineProgress(total, desc, unit)
-
-
-def segments_to_read(lengths: Sequence[int], segment_len: int) -> int:
-    """Slot-segments read for sequences of these lengths (a sequence of n tokens has n - 1 inputs)."""
-    return sum(-(-(int(n) - 1) // int(segment_len)) for n in lengths)
-
-
-def teacher_forced_segments(samples: Sequence[dict], segment_len: int) -> int:
-    """What ``score_teacher_forced`` reads for these samples (each up to the end of its answer)."""
-    return segments_to_read([int(s["answer_start"]) + int(s["answer_len"]) for s in samples], segment_len)
 
 
 def bucket_lower(positions: np.ndarray, segment_len: int) -> np.ndarray:

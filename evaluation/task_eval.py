@@ -19,7 +19,8 @@ import numpy as np
 from mnemo.data_pipeline.passkey import DEPTHS, filler_stream
 from mnemo.data_pipeline.tasks import TaskSpec, make_sample, parse_tasks
 from mnemo.evaluation.errors import EvalError
-from mnemo.evaluation.scoring import cell_stats, progress_bar, score_teacher_forced, teacher_forced_segments
+from mnemo.evaluation.progress import progress_bar, teacher_forced_segments
+from mnemo.evaluation.scoring import cell_stats, score_teacher_forced
 from mnemo.evaluation.stats import wilson_interval
 
 

@@ -727,6 +727,7 @@ class _RecordingBar:
 def test_progress_counts_segments_and_ends_exactly_at_its_total(tok, corpus, monkeypatch, capsys):
     """A D = 1024 evaluation reads for half an hour: its bar must move per segment, not per distance, and
     end at its total. Off a terminal it writes log lines instead."""
+    import mnemo.evaluation.progress as progress
     import mnemo.evaluation.scoring as scoring
     import mnemo.evaluation.task_eval as task_eval
 
@@ -758,6 +759,6 @@ def test_progress_counts_segments_and_ends_exactly_at_its_total(tok, corpus, mon
     assert pk.total >= 5 * (2 + 4) and pk.n == pk.total and pk.closed
     assert tasks.total >= 3 * (2 + 3) and tasks.n == tasks.total and tasks.closed
     # Off a terminal: a line per interval, with the count and the time left.
-    line = scoring._LineProgress(10, "passkey", "segments", every=0.0)
+    line = progress.LineProgress(10, "passkey", "segments", every=0.0)
     line.update(4)
     assert "mnemo eval: passkey: 4/10 segments (40%)" in capsys.readouterr().err
