@@ -99,3 +99,27 @@ def test_worker_line_names_node_rank_and_restarts():
     )
     assert line == "mnemo worker: node 1/2, rank 3/4, local_rank 1, restart 2, slurm job 77 restart 1"
     assert describe({}) == "mnemo worker: node 0/1, rank 0/1, local_rank 0, restart 0"
+
+
+def test_a_rank_imports_its_libraries_without_mlflow_or_sklearn_and_both_import_after():
+    """deepspeed and streaming import mlflow and scikit-learn at import (seconds of CPU per rank start, for code
+    a rank never runs): a rank imports them with both held off, and the tracker can still import mlflow."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from mnemo.train.rankenv import import_rank_libraries as f\n"
+        "f()\n"
+        "import deepspeed.autotuning.autotuner as a\n"
+        "print('deepspeed' in sys.modules, 'streaming' in sys.modules, 'mlflow' in sys.modules,"
+        " 'sklearn' in sys.modules, a.has_mlflow)\n"
+        "import importlib.util, mlflow\n"
+        "print(type(mlflow.MlflowClient).__name__, importlib.util.find_spec('sklearn') is not None)\n"
+    )
+    env = dict(os.environ, DS_ACCELERATOR="cpu")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    installed = importlib.util.find_spec("sklearn") is not None  # as it is outside the rank's imports
+    assert out.stdout.split("\n")[:2] == ["True True False False False", f"type {installed}"]
