@@ -9,12 +9,10 @@ folder (an evaluation, another user's job) must keep its segments and keep worki
 
 from __future__ import annotations
 
-import os
-import signal
+import multiprocessing
 import struct
-import subprocess
-import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -24,14 +22,15 @@ from mnemo.data_pipeline.shm import SHM_DIR, registered_locals, release_stale_sh
 
 pytestmark = pytest.mark.skipif(not SHM_DIR.is_dir(), reason="no /dev/shm (POSIX shared memory not visible)")
 
-_CHILD = """
-import sys, time
-from streaming import StreamingDataset
-ds = StreamingDataset(remote=sys.argv[1], local=sys.argv[2], shuffle=False, batch_size=1)
-ds[0]  # reads a shard: its lock files are made
-print("ready", ds.num_samples, flush=True)
-time.sleep(300)
-"""
+
+def _reader(remote: str, local: str, ready) -> None:
+    """A job reading a dataset cached in ``local``: registers it, reads a shard, then waits to be killed."""
+    from streaming import StreamingDataset
+
+    ds = StreamingDataset(remote=remote, local=local, shuffle=False, batch_size=1)
+    ds[0]  # reads a shard: its lock files are made
+    ready.send(ds.num_samples)
+    time.sleep(300)
 
 
 def _write_mds(root: Path, n: int = 30) -> None:
@@ -77,19 +76,18 @@ def test_killed_jobs_leak_is_released_and_a_live_readers_segments_are_not(tmp_pa
     live_prefixes = _segments_naming(other)
     assert live_prefixes
 
-    # The killed job: its own session, so the SIGKILL takes its resource tracker too (as a killed launcher's
-    # process group does) and nothing cleans up after it.
-    p = subprocess.Popen(
-        [sys.executable, "-c", _CHILD, str(mds), str(run_cache)],
-        stdout=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
+    # The killed job, forked (streaming is imported here already). SIGKILL leaves its segments: the resource
+    # tracker that could unlink them is this process's, which outlives the test (a killed launcher's process
+    # group takes its own tracker with it).
+    ctx = multiprocessing.get_context("fork")
+    recv, send = ctx.Pipe(duplex=False)
+    p = ctx.Process(target=_reader, args=(str(mds), str(run_cache), send))
+    p.start()
     try:
-        assert p.stdout.readline().startswith("ready 30")
+        assert recv.poll(120) and recv.recv() == 30
     finally:
-        os.killpg(p.pid, signal.SIGKILL)
-        p.wait()
+        p.kill()
+        p.join()
     (leaked,) = _segments_naming(run_cache)
     assert (Path(tempfile.gettempdir()) / f"{leaked}_cache_filelock").exists()
 
