@@ -64,7 +64,8 @@ def release_stale_shm(owned_dir: str | os.PathLike, shm_dir: Path = SHM_DIR) -> 
         if m is None:
             continue
         try:
-            folders = registered_locals(entry.read_bytes())
+            with open(entry, "rb") as fh:
+                folders = registered_locals(fh.read(1 << 20))  # a few paths; never a whole hostile file
         except OSError:  # another user's segment, or gone meanwhile
             continue
         if not folders or not all(is_inside(f, owned_dir) for f in folders):
@@ -78,7 +79,7 @@ def release_stale_shm(owned_dir: str | os.PathLike, shm_dir: Path = SHM_DIR) -> 
             try:
                 f.unlink()
                 removed.append(f.name)
-            except FileNotFoundError:
+            except OSError:  # gone meanwhile, or another user's (a sticky /tmp): not ours to remove
                 pass
     if removed:
         log.info("released shared memory leaked by an earlier job of this run: %s", ", ".join(removed))

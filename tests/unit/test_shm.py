@@ -20,7 +20,7 @@ import pytest
 
 from mnemo.data_pipeline.shm import SHM_DIR, registered_locals, release_stale_shm
 
-pytestmark = pytest.mark.skipif(not SHM_DIR.is_dir(), reason="no /dev/shm (POSIX shared memory not visible)")
+needs_shm = pytest.mark.skipif(not SHM_DIR.is_dir(), reason="no /dev/shm (POSIX shared memory not visible)")
 
 
 def _reader(remote: str, local: str, ready) -> None:
@@ -63,6 +63,7 @@ def test_registered_locals_reads_streamings_layout_and_refuses_malformed_bytes()
     assert registered_locals(struct.pack("=i", 6) + b"\xff\xfe") == []  # not UTF-8
 
 
+@needs_shm
 def test_killed_jobs_leak_is_released_and_a_live_readers_segments_are_not(tmp_path):
     from streaming import StreamingDataset
 
@@ -104,3 +105,34 @@ def test_killed_jobs_leak_is_released_and_a_live_readers_segments_are_not(tmp_pa
     assert release_stale_shm(run_cache) == []
     again = StreamingDataset(remote=str(mds), local=str(run_cache), shuffle=False, batch_size=1)
     assert again.num_samples == 30
+
+
+def _registration(*folders: str, prefix: int = 0) -> bytes:
+    text = "\0".join(folders) + f"\0{prefix}"
+    return struct.pack("=i", 4 + len(text.encode())) + text.encode()
+
+
+def test_only_registrations_wholly_inside_the_owned_folder_go(tmp_path, monkeypatch):
+    """Folders elsewhere, mixed registrations, garbage and other names stay; the released prefix's temp-folder
+    locks go with it."""
+    shm, tmp, run = tmp_path / "shm", tmp_path / "tmp", tmp_path / "run"
+    shm.mkdir(), tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    (shm / "000007_locals").write_bytes(_registration(str(run / "data_cache" / "a"), str(run / "data_cache")))
+    (shm / "000007_barrier").write_bytes(b"x")
+    (tmp / "000007_cache_filelock").write_bytes(b"")
+    (shm / "000008_locals").write_bytes(_registration(str(run / "data_cache"), str(tmp_path / "other")))  # mixed
+    (shm / "000009_locals").write_bytes(b"\xff" * 64)  # garbage
+    (shm / "000010_locals").write_bytes(_registration(str(tmp_path / "run2" / "data_cache")))  # a sibling
+    (shm / "000008_barrier").write_bytes(b"x")
+    (shm / "psm_other").write_bytes(b"x")
+    removed = release_stale_shm(run / "data_cache", shm_dir=shm)
+    assert sorted(removed) == ["000007_barrier", "000007_cache_filelock", "000007_locals"]
+    assert sorted(p.name for p in shm.iterdir()) == [
+        "000008_barrier",
+        "000008_locals",
+        "000009_locals",
+        "000010_locals",
+        "psm_other",
+    ]
+    assert not (tmp / "000007_cache_filelock").exists()
