@@ -4,8 +4,10 @@ A StreamingDataset registers its local folders in POSIX shared memory named
 ``<prefix:06d>_locals`` (the folders, NUL-separated, after an int32 byte count)
 next to ``<prefix>_barrier``, ``_next_epoch`` and ``_cache_usage``; a process
 killed without cleanup leaves them behind. For a remote dataset the local folder
-is a download cache, and a leaked registration of it makes the next job on that
-cache fail ("Reused local directory"). streaming's own remedy,
+is a download cache, and a leaked registration of it can make the next job on
+that cache fail ("Reused local directory"; streaming 0.13 checks a prefix only
+once its /tmp lock files are gone, and otherwise skips it, so leaks pile up
+instead). streaming's own remedy,
 ``clean_stale_shared_memory()``, unlinks every prefix on the machine: the shared
 memory of other live jobs too (another user's run, an evaluation starting at the
 same moment). mnemo unlinks a prefix only when every folder it registers lies

@@ -431,12 +431,12 @@ def passkey_report(
         bar = progress_bar(len(distances), desc, progress, unit="distances")
     else:
         bar = progress_bar(sum(teacher_forced_segments(ss, T) for ss in by_d.values()), desc, progress)
+    tick = bar.update if bar is not None and decode != "greedy" else None  # per segment read
     for D in distances:
         samples = by_d[D]
         if decode == "greedy":
             preds = score_greedy(model, samples, T, batch_size, stm=stm, ltm=ltm)
         else:
-            tick = bar.update if bar is not None else None
             preds, losses = score_teacher_forced(model, samples, T, batch_size, stm=stm, ltm=ltm, tick=tick)
             ans_loss[str(D)] = float(np.mean([x.mean() for x in losses])) if trials else float("nan")
         exact, digit = cell_stats(samples, preds)

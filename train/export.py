@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 
 from mnemo.data_pipeline.files import atomic_write_text, fsync_path, fsync_tree
+from mnemo.data_pipeline.paths import is_inside
 from mnemo.data_pipeline.tokenizer import TOKENIZER_FILES, file_sha256
 from mnemo.train.checkpoint import (
     EXPORT_FORMAT,
@@ -27,7 +28,6 @@ from mnemo.train.checkpoint import (
     resolve_checkpoint,
 )
 from mnemo.train.errors import UserError
-from mnemo.data_pipeline.paths import is_inside
 from mnemo.train.redact import redact_tree
 
 log = logging.getLogger("mnemo.checkpoint")
