@@ -230,3 +230,25 @@ def test_eval_tasks_defaults_and_names():
     assert (cfg.eval.tasks, cfg.eval.task_distances, cfg.eval.task_trials) == ([], [1, 8], 100)
     cfg = load_config("configs/debug.yaml", ["eval.tasks=[niah_multikey:k=4, mqar_n16, passkey]"])
     assert cfg.eval.tasks == ["niah_multikey:k=4", "mqar_n16", "passkey"]
+
+
+def test_the_documented_defaults_are_the_config_defaults():
+    """docs/memory.md's configuration table is what a user reads before setting a key: a default changed in
+    config.py and not there (as `memory.long.ivf_probe` once was) misleads them. Every row must name a key of
+    the tree and show its default (`quoted` or bare, YAML spelling)."""
+    import re
+    from pathlib import Path
+
+    import yaml
+
+    from mnemo.train.config import Config
+
+    defaults = flatten(Config())
+    doc = Path(__file__).resolve().parents[2] / "docs" / "memory.md"
+    rows = re.findall(r"^\| `([a-z_]+(?:\.[a-z_]+)+)` \| ([^|]+) \|", doc.read_text(), flags=re.M)
+    assert len(rows) >= 15, "the configuration table of docs/memory.md was not found"
+    for key, shown in rows:
+        assert key in defaults, f"docs/memory.md documents `{key}`, which is not a config key"
+        assert yaml.safe_load(shown.strip().strip("`")) == defaults[key], (
+            f"docs/memory.md shows `{key}` defaulting to {shown.strip()}, the config to {defaults[key]!r}"
+        )
