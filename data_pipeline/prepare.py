@@ -64,6 +64,7 @@ from mnemo.data_pipeline.outputs import (
 from mnemo.data_pipeline.processes import die_with_parent
 from mnemo.data_pipeline.progress import Counters, Progress, note
 from mnemo.data_pipeline.readers import DEFAULT_MAX_DOC_BYTES, Doc, check_max_doc_bytes, iter_unit
+from mnemo.data_pipeline.streaming_import import import_streaming
 from mnemo.data_pipeline.tokenizer import Tokenizer
 
 SHARD_SIZE_LIMIT = 1 << 26  # bytes of uncompressed samples per shard (64 MiB)
@@ -152,6 +153,7 @@ def _corpus_samples(ctx: UnitContext, unit: WorkUnit, stats: ReadStats, counters
 
 def _write_unit(ctx: UnitContext, name: str, samples: Iterable[dict], extra: Callable[[], dict]) -> dict:
     """Write samples as MDS into a temp dir, then publish it as ``name`` and mark it done."""
+    import_streaming()  # without transformers (streaming_import.py)
     from streaming import MDSWriter
 
     tmp = os.path.join(ctx.state, "tmp", f"{name}.{os.getpid()}")
@@ -517,7 +519,7 @@ def _convert(ctx: UnitContext, units: list[WorkUnit], workers: int, progress: bo
     pending = [u for u in units if u.name not in results]
     if results:
         note(f"resuming: {len(results)} of {len(units)} parts already done")
-    import streaming  # noqa: F401  (imports torch: seconds; before the bar starts its clock and before forking)
+    import_streaming()  # torch and streaming: seconds; before the bar starts its clock and before forking
 
     counters = Counters(
         shared=workers > 1 and len(pending) > 1,

@@ -92,24 +92,26 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-# Imported by deepspeed and streaming at their import, never used by a rank: DeepSpeed's autotuner imports
-# mlflow (for DeepSpeed's own autotuning), and streaming's text datasets import transformers, whose generation
-# code imports scikit-learn (and through it scipy.stats) when installed. Measured here: importing deepspeed
-# and streaming after torch takes 9.6 s of CPU, 5.4 s with these two held off, at every rank's start.
+# Imported by deepspeed at its import, never used by a rank: DeepSpeed's autotuner imports mlflow (for
+# DeepSpeed's own autotuning), and scikit-learn (with scipy.stats) comes in through transformers' generation
+# code wherever transformers is imported. streaming is imported without transformers (import_streaming).
 HELD_OFF = ("mlflow", "sklearn")
 
 
 def import_rank_libraries(held_off: tuple[str, ...] = HELD_OFF) -> None:
-    """Import deepspeed and streaming with the ``held_off`` packages unimportable meanwhile (``import x`` raises
-    ImportError, ``find_spec`` says absent), then let them import normally again: the tracker imports mlflow
-    when it tracks. A package already imported is left as it is. (A lazy module does not hold: torch's import
-    inspects every loaded module's ``__file__``.)"""
+    """Import deepspeed with the ``held_off`` packages unimportable meanwhile (``import x`` raises
+    ImportError, ``find_spec`` says absent), and streaming without transformers, then let all of them import
+    normally again: the tracker imports mlflow when it tracks. A package already imported is left as it is.
+    (A lazy module does not hold: torch's import inspects every loaded module's ``__file__``.)"""
+    from mnemo.data_pipeline.streaming_import import import_streaming
+
     blocked = [name for name in held_off if name not in sys.modules]
     for name in blocked:
         sys.modules[name] = None  # type: ignore[assignment]  # the import system's "not importable"
     try:
         import deepspeed  # noqa: F401
-        import streaming  # noqa: F401
+
+        import_streaming()
     finally:
         for name in blocked:
             if name in sys.modules and sys.modules[name] is None:

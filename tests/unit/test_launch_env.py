@@ -101,9 +101,10 @@ def test_worker_line_names_node_rank_and_restarts():
     assert describe({}) == "mnemo worker: node 0/1, rank 0/1, local_rank 0, restart 0"
 
 
-def test_a_rank_imports_its_libraries_without_mlflow_or_sklearn_and_both_import_after():
-    """deepspeed and streaming import mlflow and scikit-learn at import (seconds of CPU per rank start, for code
-    a rank never runs): a rank imports them with both held off, and both are importable again after."""
+def test_a_rank_imports_its_libraries_without_mlflow_sklearn_or_transformers_and_all_import_after():
+    """deepspeed and streaming import mlflow, scikit-learn and transformers at import (seconds of CPU per rank
+    start, for code a rank never runs): a rank imports them with these held off, and all are importable (the
+    real packages) after."""
     import importlib.util
     import subprocess
     import sys
@@ -114,12 +115,18 @@ def test_a_rank_imports_its_libraries_without_mlflow_or_sklearn_and_both_import_
         "f()\n"
         "import deepspeed.autotuning.autotuner as a\n"
         "print('deepspeed' in sys.modules, 'streaming' in sys.modules, 'mlflow' in sys.modules,"
-        " 'sklearn' in sys.modules, a.has_mlflow)\n"
+        " 'sklearn' in sys.modules, 'transformers' in sys.modules, a.has_mlflow)\n"
         "import importlib.util\n"  # find_spec is None while an entry is held off (and costs no import)
         "print(importlib.util.find_spec('mlflow') is not None, importlib.util.find_spec('sklearn') is not None)\n"
+        "from transformers.feature_extraction_utils import BatchFeature\n"
+        "print(BatchFeature({'a': 1})['a'], sys.modules['transformers'].__file__ is not None)\n"
     )
     env = dict(os.environ, DS_ACCELERATOR="cpu")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     installed = [importlib.util.find_spec(m) is not None for m in ("mlflow", "sklearn")]  # as outside the rank
-    assert installed[0] and out.stdout.split("\n")[:2] == ["True True False False False", f"True {installed[1]}"]
+    assert installed[0] and out.stdout.split("\n")[:3] == [
+        "True True False False False False",
+        f"True {installed[1]}",
+        "1 True",
+    ]
