@@ -150,11 +150,7 @@ def add_generate(sub: argparse._SubParsersAction, name: str) -> argparse.Argumen
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from mnemo.train.checkpoint import load_for_inference
     from mnemo.train.errors import UserError
-    from mnemo.evaluation.evaluate import evaluate_data_dir
-    from mnemo.evaluation.inference import resolve_device
-    from mnemo.evaluation.task_eval import task_specs
 
     if args.lm_eval is not None:
         if args.data is not None:
@@ -168,6 +164,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if not (data / "index.json").is_file():  # before the (slower) model load
         what = "no such directory" if not data.is_dir() else "no MDS shards (index.json missing)"
         raise UserError(f"--data: {what}: {data}")
+    # After the checks above: these import torch (seconds), which a mistyped flag should not wait for.
+    from mnemo.train.checkpoint import load_for_inference
+    from mnemo.evaluation.evaluate import evaluate_data_dir
+    from mnemo.evaluation.inference import resolve_device
+    from mnemo.evaluation.task_eval import task_specs
+
     tasks = task_specs([args.tasks]) if args.tasks else []
     device = resolve_device(args.device)
     model, tokenizer, cfg = load_for_inference(args.checkpoint, device=device)

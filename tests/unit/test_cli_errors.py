@@ -106,3 +106,37 @@ def test_eval_ivf_probe_below_one(data_dir):
     """Checked before the data dir and the (slow) model load: the checkpoint need not exist."""
     res = mnemo("eval", "/nonexistent/ckpt", "--data", str(data_dir), "--ltm-search", "ivf", "--ivf-probe", "0")
     assert_one_line_error(res, "--ivf-probe", "got 0")
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["train", "configs/debug.yaml", "memory.long.layers=[2,2]"],
+        ["train", "configs/debug.yaml", "model.size=huge"],
+        ["launch", "configs/debug.yaml", "train.lr=-1"],
+        ["eval", "/nonexistent/ckpt", "--data", "/nonexistent/data"],
+        ["eval", "/nonexistent/ckpt", "--data", "/nonexistent/data", "--ltm-search", "ivf", "--ivf-probe", "0"],
+    ],
+)
+def test_config_and_flag_errors_come_before_importing_torch(args):
+    """A typo is answered in a fraction of a second, not after torch's import (seconds; more on a busy node)."""
+    code = (
+        "import sys\n"
+        "from mnemo.cli import main\n"
+        "try:\n"
+        f"    rc = main({args!r})\n"
+        "except SystemExit as e:\n"
+        "    rc = e.code\n"
+        "print(rc, 'torch' in sys.modules, file=sys.stderr)\n"
+    )
+    res = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
+    )
+    lines = res.stderr.strip().splitlines()
+    assert lines[-1].split()[1] == "False" and lines[-1].split()[0] != "0", res.stderr
+    assert any(line.startswith("mnemo: error:") for line in lines), res.stderr

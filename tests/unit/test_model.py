@@ -558,3 +558,15 @@ def test_memory_scalars_are_the_long_term_layers_per_head_means():
     assert model.memory_scalars() == scalars
     attn.ltm_gate.data = torch.empty(0)  # what a ZeRO-3 partitioned parameter looks like on a rank
     assert sorted(model.memory_scalars()) == ["key_smear_l1", "ltm_temperature_l1"]
+
+
+def test_the_package_names_resolve_on_first_use():
+    """model/__init__.py imports its names lazily (so the CLI can check configs without torch): each name it
+    exports resolves to the object of its module, and an unknown name is an AttributeError."""
+    import mnemo.model as pkg
+    from mnemo.model import memory, sizes, transformer
+
+    for name in pkg.__all__:
+        assert any(getattr(m, name, None) is getattr(pkg, name) for m in (memory, sizes, transformer)), name
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        pkg.nope  # noqa: B018
