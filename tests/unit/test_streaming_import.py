@@ -17,7 +17,8 @@ def _run(code: str, **env: str) -> list[str]:
     return out.stdout.split("\n")
 
 
-def test_mds_round_trip_without_transformers_then_the_real_transformers(tmp_path):
+def test_mds_round_trip_without_transformers(tmp_path):
+    """(The real transformers importable after: test_launch_env.py, in the rank's import.)"""
     code = f"""
 import sys
 import numpy as np
@@ -35,15 +36,11 @@ try:
     BatchFeature()
 except RuntimeError as e:
     print('stand-in:', e)
-import transformers
-from transformers.feature_extraction_utils import BatchFeature as Real
-print(transformers.__file__ is not None, Real is not BatchFeature, Real({{'a': 2}})['a'])
 """
     lines = _run(code)
     assert lines[0] == "False []"
     assert lines[1] == "True 3"
     assert lines[2].startswith("stand-in: BatchFeature: streaming was imported without transformers")
-    assert lines[3] == "True True 2"
 
 
 def test_a_streaming_that_needs_more_of_transformers_is_imported_the_ordinary_way(tmp_path):
