@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from mnemo.data_pipeline.errors import DataError
 from mnemo.data_pipeline.files import atomic_write
 from mnemo.data_pipeline.inputs import Corpus, WorkUnit
-from mnemo.data_pipeline.streaming_import import import_streaming
+from mnemo.data_pipeline.lean_imports import import_streaming
 
 STATE_DIR = ".mnemo-prepare"
 # The list of entries of DATA_DIR that mnemo wrote (the only ones it ever deletes).
@@ -75,7 +75,7 @@ def resolve_out(out: str, staging: str | None = None) -> OutLocation:
     if scheme == "file":
         remote = urllib.request.url2pathname(urllib.parse.urlparse(out).path)
     else:
-        import_streaming()  # without transformers (streaming_import.py)
+        import_streaming()  # without transformers (lean_imports.py)
         from streaming.base.storage.upload import UPLOADERS
 
         if scheme not in UPLOADERS:
@@ -110,7 +110,7 @@ def _fetch_remote_json(loc: OutLocation, name: str) -> dict | None:
     assert url is not None
     if urllib.parse.urlparse(url).scheme == "":
         return read_json(url)
-    import_streaming()  # without transformers (streaming_import.py)
+    import_streaming()  # without transformers (lean_imports.py)
     from streaming.base.storage.download import CloudDownloader
 
     with tempfile.TemporaryDirectory(prefix="mnemo-") as tmp:  # never inside the staging dir
@@ -282,7 +282,7 @@ def _quiet_root_logger() -> Iterator[None]:
 
 
 def merge_parts(loc: OutLocation, names: list[str]) -> None:
-    import_streaming()  # without transformers (streaming_import.py)
+    import_streaming()  # without transformers (lean_imports.py)
     from streaming.base.util import merge_index
 
     idx = os.path.join(loc.local, "index.json")
@@ -299,7 +299,7 @@ def merge_parts(loc: OutLocation, names: list[str]) -> None:
 
 
 def upload(loc: OutLocation, names: Sequence[str]) -> None:
-    import_streaming()  # without transformers (streaming_import.py)
+    import_streaming()  # without transformers (lean_imports.py)
     from streaming.base.storage.upload import CloudUploader
 
     cu = CloudUploader.get((loc.local, loc.remote), keep_local=True, exist_ok=True)

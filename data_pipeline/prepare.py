@@ -64,7 +64,7 @@ from mnemo.data_pipeline.outputs import (
 from mnemo.data_pipeline.processes import die_with_parent
 from mnemo.data_pipeline.progress import Counters, Progress, note
 from mnemo.data_pipeline.readers import DEFAULT_MAX_DOC_BYTES, Doc, check_max_doc_bytes, iter_unit
-from mnemo.data_pipeline.streaming_import import import_streaming
+from mnemo.data_pipeline.lean_imports import import_streaming
 from mnemo.data_pipeline.tokenizer import Tokenizer
 
 SHARD_SIZE_LIMIT = 1 << 26  # bytes of uncompressed samples per shard (64 MiB)
@@ -153,7 +153,7 @@ def _corpus_samples(ctx: UnitContext, unit: WorkUnit, stats: ReadStats, counters
 
 def _write_unit(ctx: UnitContext, name: str, samples: Iterable[dict], extra: Callable[[], dict]) -> dict:
     """Write samples as MDS into a temp dir, then publish it as ``name`` and mark it done."""
-    import_streaming()  # without transformers (streaming_import.py)
+    import_streaming()  # without transformers (lean_imports.py)
     from streaming import MDSWriter
 
     tmp = os.path.join(ctx.state, "tmp", f"{name}.{os.getpid()}")

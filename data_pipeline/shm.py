@@ -28,7 +28,7 @@ import tempfile
 from pathlib import Path
 
 from mnemo.data_pipeline.paths import is_inside
-from mnemo.data_pipeline.streaming_import import import_streaming
+from mnemo.data_pipeline.lean_imports import import_streaming
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ def release_stale_shm(owned_dir: str | os.PathLike, shm_dir: Path = SHM_DIR) -> 
     there): then such segments are leaks of an earlier, killed job of this run. Their prefix's file locks
     in the temp folder go too. Returns the names unlinked.
     """
-    import_streaming()  # without transformers (streaming_import.py)
+    import_streaming()  # without transformers (lean_imports.py)
     from streaming.base.constant import BARRIER_FILELOCK, CACHE_FILELOCK, SHM_TO_CLEAN
 
     if not shm_dir.is_dir():

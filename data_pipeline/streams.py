@@ -50,7 +50,7 @@ from mnemo.data_pipeline.errors import DataError
 from mnemo.data_pipeline.mixture import WeightedSource, choose, source_names
 from mnemo.data_pipeline.partition import SourceQueue, epoch_order, rank_block  # noqa: F401 (epoch_order, rank_block: this module's API since before partition.py)
 from mnemo.data_pipeline.paths import is_remote, local_path
-from mnemo.data_pipeline.streaming_import import import_streaming
+from mnemo.data_pipeline.lean_imports import import_streaming
 
 STATE_VERSION = 1
 
@@ -86,7 +86,7 @@ class MDSSource:
     """Documents of an MDS dataset written by ``mnemo prepare``."""
 
     def __init__(self, path: str, cache_dir: str | None = None, key: str = "data.path"):
-        import_streaming()  # without transformers (streaming_import.py)
+        import_streaming()  # without transformers (lean_imports.py)
         from streaming import StreamingDataset
 
         remote = path if is_remote(path) else None

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from mnemo.data_pipeline.errors import DataError
-from mnemo.data_pipeline.streaming_import import import_streaming
+from mnemo.data_pipeline.lean_imports import import_streaming
 
 
 def read_json_file(path: str, what: str) -> dict:
@@ -73,7 +73,7 @@ def other_tokenizer(manifest: dict, tokenizer_sha256: str | None) -> str | None:
 
 def _shard_bytes(data_dir: str, shard: dict) -> tuple[str, bytes]:
     """(name, raw bytes) of one shard after the size/hash/decompression checks."""
-    import_streaming()  # without transformers (streaming_import.py)
+    import_streaming()  # without transformers (lean_imports.py)
     from streaming.base.compression import decompress
     from streaming.base.hashing import get_hash
 
@@ -127,7 +127,7 @@ def refuse_code_columns(where: str, names: Any, encodings: Any) -> None:
 
 def iter_shard_samples(data_dir: str, index: dict) -> Iterator[tuple[str, int, dict[str, Any]]]:
     """(shard name, part, sample dict) of every sample in index order, checking each shard first."""
-    import_streaming()  # without transformers (streaming_import.py)
+    import_streaming()  # without transformers (lean_imports.py)
     from streaming.base.format.mds.reader import MDSReader
 
     for shard in index.get("shards", []):

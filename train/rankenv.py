@@ -98,24 +98,14 @@ def _free_port() -> int:
 HELD_OFF = ("mlflow", "sklearn")
 
 
-def import_rank_libraries(held_off: tuple[str, ...] = HELD_OFF) -> None:
-    """Import deepspeed with the ``held_off`` packages unimportable meanwhile (``import x`` raises
-    ImportError, ``find_spec`` says absent), and streaming without transformers, then let all of them import
-    normally again: the tracker imports mlflow when it tracks. A package already imported is left as it is.
-    (A lazy module does not hold: torch's import inspects every loaded module's ``__file__``.)"""
-    from mnemo.data_pipeline.streaming_import import import_streaming
+def import_rank_libraries(held: tuple[str, ...] = HELD_OFF) -> None:
+    """Import deepspeed with the ``held`` packages unimportable meanwhile, and streaming without
+    transformers (``mnemo.data_pipeline.lean_imports``); all of them import normally afterwards: the
+    tracker imports mlflow when it tracks."""
+    from mnemo.data_pipeline.lean_imports import import_held_off, import_streaming
 
-    blocked = [name for name in held_off if name not in sys.modules]
-    for name in blocked:
-        sys.modules[name] = None  # type: ignore[assignment]  # the import system's "not importable"
-    try:
-        import deepspeed  # noqa: F401
-
-        import_streaming()
-    finally:
-        for name in blocked:
-            if name in sys.modules and sys.modules[name] is None:
-                del sys.modules[name]
+    import_held_off("deepspeed", held)
+    import_streaming()
 
 
 def apply_rank_env() -> dict[str, str]:

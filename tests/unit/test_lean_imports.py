@@ -1,4 +1,4 @@
-"""streaming imported without transformers (data_pipeline/streaming_import.py): it writes and reads MDS as
+"""streaming imported without transformers (data_pipeline/lean_imports.py): it writes and reads MDS as
 before, transformers stays unimported until someone imports it (then the real one), and a streaming that
 needs more of transformers than the stand-ins still imports."""
 
@@ -22,7 +22,7 @@ def test_mds_round_trip_without_transformers(tmp_path):
     code = f"""
 import sys
 import numpy as np
-from mnemo.data_pipeline.streaming_import import import_streaming
+from mnemo.data_pipeline.lean_imports import import_streaming
 streaming = import_streaming()
 print('transformers' in sys.modules, [m for m in sys.modules if m.startswith('transformers')])
 docs = [np.arange(n, dtype=np.int32) for n in (3, 70, 5)]
@@ -55,10 +55,30 @@ def test_a_streaming_that_needs_more_of_transformers_is_imported_the_ordinary_wa
     )
     code = """
 import sys
-from mnemo.data_pipeline.streaming_import import import_streaming
+from mnemo.data_pipeline.lean_imports import import_streaming
 s = import_streaming()
 import streaming.base.dataloader as d
 print(s.KIND, sys.modules['transformers'].__file__ is not None, d.BatchFeature.__module__)
 """
     lines = _run(code, PYTHONPATH=str(tmp_path / "site"))
     assert lines[0] == "fake True transformers.feature_extraction_utils"
+
+
+def test_the_tracking_sender_imports_mlflow_without_pandas_and_without_a_needed_package_too():
+    """The sender holds pandas off while importing mlflow; pandas imports normally afterwards. Holding off a
+    package this mlflow cannot do without (fastapi, in 3.x) falls back to the ordinary import of everything."""
+    code = """
+import sys
+from mnemo.train.tracking import sender
+sender.HELD_OFF = tuple(sys.argv[1].split(','))
+client = sender.import_mlflow_client()
+print(client.__name__, [n for n in sender.HELD_OFF if n in sys.modules])
+import pandas
+print(pandas.__file__ is not None)
+"""
+    for held, imported in (("pandas", []), ("pandas,fastapi", ["pandas", "fastapi"])):
+        out = subprocess.run(
+            [sys.executable, "-c", code, held], env=dict(os.environ), capture_output=True, text=True, timeout=120
+        )
+        assert out.returncode == 0, out.stderr[-3000:]
+        assert out.stdout.split("\n")[:2] == [f"MlflowClient {imported}", "True"], (held, out.stdout)
