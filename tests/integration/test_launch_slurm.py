@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.jobs import DEBUG_CONFIG, PY, job_env, run, steps
+from tests.integration.jobs import DEBUG_CONFIG, PY, job_env, mlflow_runs, run, steps
 from tests.integration.netns_nodes import netns_pids
 from tests.integration.slurm_cluster import NODES
 from tests.integration.slurm_cluster import slurm_cluster  # noqa: F401  (fixture)
@@ -157,3 +157,10 @@ def test_slurm_job_trains_on_two_nodes_then_preempts_requeues_and_resumes(slurm_
     assert first == list(range(1, k + 1)), "the first start trained up to the preemption checkpoint"
     assert records[len(first) :] == list(range(k + 1, MAX_STEPS + 1)), "the requeued start resumed right after it"
     assert (run_dir / "checkpoints" / "latest").exists()
+
+    # MLflow: the requeued start continued the first start's run; every logged step once (log_interval 5).
+    client, runs = mlflow_runs(run_dir)
+    assert len(runs) == 1, [r.info.run_id for r in runs]
+    hist = client.get_metric_history(runs[0].info.run_id, "train/loss")
+    assert sorted(m.step for m in hist) == list(range(5, MAX_STEPS + 1, 5))
+    assert runs[0].info.status == "FINISHED"

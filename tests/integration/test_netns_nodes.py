@@ -149,7 +149,13 @@ def test_two_nodes_over_real_ssh_match_one_node(nodes, reference_run, tmp_path):
         hosts,
         run_dir,
         reference_overrides(
-            data_of(ref), run_dir, 3, "checkpoint.interval=0", "eval.max_docs=1", "eval.max_doc_tokens=128"
+            data_of(ref),
+            run_dir,
+            3,
+            "checkpoint.interval=0",
+            "eval.max_docs=1",
+            "eval.max_doc_tokens=128",
+            "tracking.enabled=false",  # rank 0 alone tracks, as on one node (over nodes: the slow elastic test)
         ),
         log,
     )
