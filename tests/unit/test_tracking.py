@@ -260,6 +260,38 @@ def test_sender_process_death_falls_back_to_file(store, client, tmp_path, caplog
     assert sum("sender process died" in r.getMessage() for r in caplog.records) == 1
 
 
+def test_the_sender_ignores_the_trainers_signals_and_what_it_held_when_killed_is_kept(store, client, tmp_path, caplog):
+    """SLURM passes the preemption notice (SIGUSR1) to every process of the job step: it once killed the sender,
+    and the points it held were lost with it. Now the trainer's signals leave the sender alone, and points
+    it received but had not yet sent when it died all the same (SIGKILL) go to the fallback file."""
+    import os
+    import signal
+
+    from mnemo.train.tracking.sender import TRAINERS_SIGNALS
+
+    with caplog.at_level(logging.WARNING, logger="mnemo.train.tracking"):
+        t = Tracker(run_dir=str(tmp_path), uri=store, experiment="unit", interval=30)
+        t.log_metrics({"train/loss": 1.0}, step=1)
+        t.flush()  # sent now
+        assert set(TRAINERS_SIGNALS) >= {signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP}
+        for sig in TRAINERS_SIGNALS:
+            os.kill(t.sender_pid, sig)
+        for step in (2, 3, 4):
+            t.log_metrics({"train/loss": float(step)}, step=step)
+        time.sleep(1.0)  # handed over (the feeder sends every 0.1 s); the sender would send them in 30 s
+        assert not any("sender process died" in r.getMessage() for r in caplog.records), "a signal killed it"
+        os.kill(t.sender_pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while not any("sender process died" in r.getMessage() for r in caplog.records):
+            assert time.monotonic() < deadline, "the sender's death went unnoticed"
+            time.sleep(0.05)
+        t.log_metrics({"train/loss": 5.0}, step=5)
+        t.close()
+    assert _steps(client, t.run_id, "train/loss") == [1]
+    recs = [json.loads(line) for line in open(tmp_path / "logs" / "metrics_fallback.jsonl")]
+    assert sorted(r["step"] for r in recs) == [2, 3, 4, 5] and {r["run_id"] for r in recs} == {t.run_id}
+
+
 def test_bad_uri_is_a_user_error(tmp_path):
     from mnemo.train.errors import UserError
 

@@ -15,12 +15,17 @@ spawned, not forked) and talks to it through two one-way pipes:
   ``("ready", run_id | None, error | None)`` once at start-up (an error is the
   user's to fix and becomes a ``UserError`` here), ``("run_id", run_id)``
   when the run is opened, ``("flushed", token)`` when everything before that
-  flush is sent or spilled, ``("log", level, message)`` for the sender's
-  warnings, logged here. End of file on this pipe means the sender is gone.
+  flush is sent or spilled, ``("held", n)`` when every metric point of
+  messages 1..n (counted in the order they went into the pipe) is sent or
+  spilled, ``("log", level, message)`` for the sender's warnings, logged
+  here. End of file on this pipe means the sender is gone.
 
 If the sender process dies, the tracker notices (end of file, or a broken
-pipe) and from then on appends metric points to the fallback file itself
-(``common.append_points``), so nothing logged is lost.
+pipe), appends the metric points it handed over but the sender had not yet
+reported held to the fallback file, and from then on appends metric points
+there itself (``common.append_points``), so nothing logged is lost. (A point
+the sender sent just before dying may be in both; replay skips the steps a
+run already holds.)
 """
 
 from __future__ import annotations
@@ -114,6 +119,12 @@ class Tracker:
         self._flushes: dict[int, threading.Event] = {}
         self._tokens = itertools.count()
         self._fallback_file = None  # used here only if the sender process dies
+        # Metric messages in the pipe or in the sender, not yet reported held: (number, message).
+        self._unheld: deque[tuple[int, tuple]] = deque()
+        self._piped = 0  # messages put into the pipe
+        # The feeder appends to _unheld, the reader drops from it or (sender dead) writes it to the fallback
+        # file, which the feeder also writes then: one lock for both (re-entrant: the death path writes).
+        self._unheld_lock = threading.RLock()
 
         # spawn, not fork: the trainer holds threads, CUDA and process groups
         # that a forked child must not inherit.
@@ -261,6 +272,11 @@ class Tracker:
             if not batch:
                 continue
             if not self._child_dead:
+                with self._unheld_lock:
+                    for msg in batch:
+                        self._piped += 1
+                        if msg[0] == "metrics":
+                            self._unheld.append((self._piped, msg))
                 try:
                     self._ops.send(batch)
                 except (OSError, ValueError):
@@ -287,6 +303,10 @@ class Tracker:
             log.log(msg[1], "%s", msg[2])  # the sender's warnings, through this process's logging
         elif kind == "run_id":
             self._run_id = msg[1]
+        elif kind == "held":
+            with self._unheld_lock:
+                while self._unheld and self._unheld[0][0] <= msg[1]:
+                    self._unheld.popleft()
         elif kind == "flushed":
             if ev := self._flushes.get(msg[1]):
                 ev.set()
@@ -296,6 +316,9 @@ class Tracker:
             return
         self._child_dead = True
         log.warning("tracking: the MLflow sender process died (%s); metrics now go only to %s", why, self.fallback_path)
+        with self._unheld_lock:  # what it had received and not yet sent or spilled
+            while self._unheld:
+                self._keep_here(self._unheld.popleft()[1])
         for ev in list(self._flushes.values()):
             ev.set()
 
@@ -303,11 +326,12 @@ class Tracker:
         """Sender gone: append metric points to the fallback file from this process."""
         if msg[0] != "metrics":
             return
-        if self._fallback_file is None:
-            self.fallback_path.parent.mkdir(parents=True, exist_ok=True)
-            self._fallback_file = open(self.fallback_path, "a")
-        append_points(self._fallback_file, self._run_id, *msg[1:])
-        self._fallback_file.flush()
+        with self._unheld_lock:
+            if self._fallback_file is None:
+                self.fallback_path.parent.mkdir(parents=True, exist_ok=True)
+                self._fallback_file = open(self.fallback_path, "a")
+            append_points(self._fallback_file, self._run_id, *msg[1:])
+            self._fallback_file.flush()
 
     def _close_fallback(self) -> None:
         if self._fallback_file is not None:

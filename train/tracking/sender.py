@@ -16,7 +16,9 @@ Over 500 lines: one state machine (send, spill, replay, outage) that reads best 
   ``("ready", run_id, error)``.
 - Every ``interval`` seconds (sooner for a flush or stop) what arrived is sent
   with ``MlflowClient.log_batch`` (<= 1000 metrics / 100 params / 100 tags per
-  call); then each flush token is answered with ``("flushed", token)``.
+  call); then each flush token is answered with ``("flushed", token)``, and
+  ``("held", n)`` says that every metric point of the trainer's messages 1..n
+  is sent or in the fallback file (the trainer keeps the rest until then).
 - Outages: before each send to an HTTP server the sender probes ``/health``
   with a short timeout, so a dead server is noticed at once instead of after
   MLflow's own retry loop. While it is away, metric points stay in a bounded
@@ -61,13 +63,16 @@ def import_mlflow_client():
     return import_held_off("mlflow", HELD_OFF).MlflowClient
 
 
+TRAINERS_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP)
+
+
 def sender_main(settings: dict, ops, replies) -> None:
     """Entry point of the sender process."""
-    # Ctrl-C and SIGTERM sent to the whole process group are the trainer's to
-    # handle; this process ends when the trainer closes the pipe (or dies),
-    # after sending what it holds.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # Signals sent to the whole process group or SLURM job step (Ctrl-C, SIGTERM, the preemption notice
+    # SIGUSR1 that srun passes to every process of the step, SIGHUP) are the trainer's to handle; this
+    # process ends when the trainer closes the pipe (or dies), after sending what it holds.
+    for sig in TRAINERS_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
 
     def emit(msg: tuple) -> None:
         try:
@@ -89,6 +94,7 @@ class _Op:
     kind: str
     payload: Any
     spilled: bool = False  # metric points already appended to the fallback file
+    seq: int = 0  # its message's number in the trainer's stream (1, 2, ...; 0: read back from the file)
     replay: bool = False  # points read back from the fallback file: skip the resume filter
     rejects: int = 0
 
@@ -115,6 +121,8 @@ class _Sender:
         self._http = self.uri.startswith(("http://", "https://"))
         self._health_url = self.uri.rstrip("/") + "/health"
         self._pending: deque[_Op] = deque()
+        self._received = 0  # messages received from the trainer
+        self._reported_held = 0
         self._pending_points = 0
         self._baseline: dict[str, int] = {}  # key -> max step the resumed run already holds
         self._params: dict[str, str] = {}  # params the run holds (MLflow params are write-once)
@@ -162,10 +170,19 @@ class _Sender:
                 self._cycle(final=stop)
             except Exception as e:  # keep serving: points still go to the fallback file
                 self._log(logging.ERROR, "tracking: unexpected error in the sender: %r", e)
+            held = self._held()
+            if held != self._reported_held:  # the trainer may forget what it kept of messages up to here
+                self._reported_held = held
+                self._emit(("held", held))
             for token in flushes:
                 self._emit(("flushed", token))
         if self._fallback_file:
             self._fallback_file.close()
+
+    def _held(self) -> int:
+        """The last message number up to which every metric point is sent or in the fallback file."""
+        waiting = [op.seq for op in self._pending if op.kind == "metrics" and not op.spilled and op.seq]
+        return min(waiting) - 1 if waiting else self._received
 
     def _receive(self, conn, ppid: int) -> tuple[list[int], bool]:
         """Collect messages for up to `interval` s; a flush or stop ends the wait early."""
@@ -185,12 +202,13 @@ class _Sender:
                 return flushes, True
             for msg in batch:
                 kind = msg[0]
+                self._received += 1
                 if kind == "flush":
                     flushes.append(msg[1])
                 elif kind == "stop":
                     return flushes, True
                 else:
-                    op = _Op(kind, msg[1:] if kind in ("metrics", "artifact") else msg[1])
+                    op = _Op(kind, msg[1:] if kind in ("metrics", "artifact") else msg[1], seq=self._received)
                     self._pending.append(op)
                     self._pending_points += op.n_points()
             if flushes:
