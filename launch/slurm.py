@@ -168,7 +168,15 @@ def sbatch_script(o: SlurmOptions) -> str:
         'HEAD_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
         "HEAD_ADDR=$(scontrol show node \"$HEAD_NODE\" | sed -n 's/.*NodeAddr=\\([^ ]*\\).*/\\1/p' | head -n 1)",
         "MASTER_ADDR=${HEAD_ADDR:-$HEAD_NODE}",
-        "MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))" if o.master_port is None else f"MASTER_PORT={o.master_port}",
+        *(
+            [
+                "# The same port on every start of this job, below Linux's ephemeral range (32768-60999), where the",
+                "# head node's own outgoing connections take ports at random and could hold this one.",
+                "MASTER_PORT=$((10000 + SLURM_JOB_ID % 20000))",
+            ]
+            if o.master_port is None
+            else [f"MASTER_PORT={o.master_port}"]
+        ),
         'echo "mnemo: job $SLURM_JOB_ID, SLURM_RESTART_COUNT=${SLURM_RESTART_COUNT:-0}, $SLURM_JOB_NUM_NODES node(s): $SLURM_JOB_NODELIST, rendezvous $MASTER_ADDR:$MASTER_PORT"',  # noqa: E501
         "",
         f'rm -f "$RUN_DIR/{PREEMPTED_MARKER}"  # stale marker of an earlier job',

@@ -98,7 +98,9 @@ case ":$PATH:" in *":$VENV_BIN:"*) ;; *) export PATH="$PATH:$VENV_BIN" ;; esac
 HEAD_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 HEAD_ADDR=$(scontrol show node "$HEAD_NODE" | sed -n 's/.*NodeAddr=\\([^ ]*\\).*/\\1/p' | head -n 1)
 MASTER_ADDR=${HEAD_ADDR:-$HEAD_NODE}
-MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))
+# The same port on every start of this job, below Linux's ephemeral range (32768-60999), where the
+# head node's own outgoing connections take ports at random and could hold this one.
+MASTER_PORT=$((10000 + SLURM_JOB_ID % 20000))
 echo "mnemo: job $SLURM_JOB_ID, SLURM_RESTART_COUNT=${SLURM_RESTART_COUNT:-0}, $SLURM_JOB_NUM_NODES node(s): $SLURM_JOB_NODELIST, rendezvous $MASTER_ADDR:$MASTER_PORT"
 
 rm -f "$RUN_DIR/PREEMPTED"  # stale marker of an earlier job
