@@ -5,8 +5,8 @@ Every rank, ``mnemo prepare``, ``verify`` and ``eval`` start by importing torch,
 
 - ``held_off(names)``: while it is open, ``import name`` raises ImportError (and ``find_spec`` says absent),
   the import system's own way of saying "not installed", which libraries with optional dependencies
-  handle. A rank imports deepspeed with mlflow and scikit-learn held off (DeepSpeed's autotuner imports
-  mlflow); the tracking sender imports mlflow with pandas held off (its dataset classes). Afterwards the
+  handle. A rank imports deepspeed with mlflow held off (DeepSpeed's autotuner imports it); the
+  tracking sender imports mlflow with pandas held off (its dataset classes). Afterwards the
   names import normally again.
 - ``import_streaming()``: streaming's package import (0.13) imports transformers for three names mnemo
   never uses: ``BatchFeature`` and ``BatchEncoding`` (its ``StreamingDataLoader`` guesses a batch's size
@@ -39,8 +39,8 @@ STOOD_IN = {
 @contextlib.contextmanager
 def held_off(names: tuple[str, ...]) -> Iterator[None]:
     """``import name`` raises ImportError inside the block, for each of ``names`` not imported yet (one
-    already imported is left as it is). A lazy stand-in module would not do: torch's import inspects every
-    loaded module's ``__file__``."""
+    already imported is left as it is). ``None`` in ``sys.modules``, not a stand-in module: the block may
+    import torch, whose import inspects every loaded module's ``__file__``."""
     blocked = [name for name in names if name not in sys.modules]
     for name in blocked:
         sys.modules[name] = None  # type: ignore[assignment]  # the import system's "not importable"

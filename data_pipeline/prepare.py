@@ -41,6 +41,7 @@ import numpy as np
 
 from mnemo.data_pipeline.errors import DataError
 from mnemo.data_pipeline.inputs import Corpus, ReadStats, WorkUnit, plan_inputs, split_units
+from mnemo.data_pipeline.lean_imports import import_streaming
 from mnemo.data_pipeline.manifest import (
     FORMAT_VERSION,
     build_manifest,
@@ -64,7 +65,6 @@ from mnemo.data_pipeline.outputs import (
 from mnemo.data_pipeline.processes import die_with_parent
 from mnemo.data_pipeline.progress import Counters, Progress, note
 from mnemo.data_pipeline.readers import DEFAULT_MAX_DOC_BYTES, Doc, check_max_doc_bytes, iter_unit
-from mnemo.data_pipeline.lean_imports import import_streaming
 from mnemo.data_pipeline.tokenizer import Tokenizer
 
 SHARD_SIZE_LIMIT = 1 << 26  # bytes of uncompressed samples per shard (64 MiB)

@@ -27,8 +27,8 @@ import struct
 import tempfile
 from pathlib import Path
 
-from mnemo.data_pipeline.paths import is_inside
 from mnemo.data_pipeline.lean_imports import import_streaming
+from mnemo.data_pipeline.paths import is_inside
 
 log = logging.getLogger(__name__)
 

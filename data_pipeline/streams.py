@@ -47,10 +47,10 @@ import numpy as np
 import torch
 
 from mnemo.data_pipeline.errors import DataError
+from mnemo.data_pipeline.lean_imports import import_streaming
 from mnemo.data_pipeline.mixture import WeightedSource, choose, source_names
 from mnemo.data_pipeline.partition import SourceQueue, epoch_order, rank_block  # noqa: F401 (epoch_order, rank_block: this module's API since before partition.py)
 from mnemo.data_pipeline.paths import is_remote, local_path
-from mnemo.data_pipeline.lean_imports import import_streaming
 
 STATE_VERSION = 1
 

@@ -93,9 +93,10 @@ def _free_port() -> int:
 
 
 # Imported by deepspeed at its import, never used by a rank: DeepSpeed's autotuner imports mlflow (for
-# DeepSpeed's own autotuning), and scikit-learn (with scipy.stats) comes in through transformers' generation
-# code wherever transformers is imported. streaming is imported without transformers (import_streaming).
-HELD_OFF = ("mlflow", "sklearn")
+# DeepSpeed's own autotuning). scikit-learn, held off here too until streaming was imported without
+# transformers (import_streaming), came in only through transformers' generation code; deepspeed does not
+# import it.
+HELD_OFF = ("mlflow",)
 
 
 def import_rank_libraries(held: tuple[str, ...] = HELD_OFF) -> None:
