@@ -67,7 +67,7 @@ def add_launch(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentP
         "--master-port",
         type=int,
         default=None,
-        help="rendezvous port (default 29500; --slurm: 20000 + job id %% 20000)",
+        help="rendezvous port (default 29500; --slurm: 10000 + job id %% 20000)",
     )
     g.add_argument("--rdzv-id", default=None, help=argparse.SUPPRESS)
     g.add_argument("--stop-on-stdin-eof", action="store_true", help=argparse.SUPPRESS)

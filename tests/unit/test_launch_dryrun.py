@@ -7,6 +7,7 @@ Goldens are compared after replacing machine paths with <PYTHON>, <BIN>,
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -173,6 +174,10 @@ def test_help_lists_every_target(capsys):
         "--dry-run",
     ):
         assert flag in out
+    # The help's SLURM port rule is the one the script computes (it said 20000 + ... after the script moved).
+    rule = re.search(r"--slurm: (\d+) \+ job id % (\d+)", " ".join(out.split()))
+    assert rule, out
+    assert f"MASTER_PORT=$(({rule[1]} + SLURM_JOB_ID % {rule[2]}))" in GOLDEN_SLURM
 
 
 def test_local_dry_run_golden(ws, capsys):
