@@ -17,6 +17,7 @@ barrier rank 0 fsyncs every file, writes COMPLETE, renames the directory into
 place, fsyncs the parent and only then replaces ``latest``. A crash at any
 moment leaves either the previous checkpoint as newest or the new one
 complete; leftovers are removed (with a warning naming them) on the next start.
+Anything else under those names is not mnemo's: left alone (train/rundir.py).
 """
 
 from __future__ import annotations
@@ -39,11 +40,20 @@ from mnemo.train.errors import UserError
 from mnemo.train.faults import maybe_crash_in_save
 from mnemo.train.hf.folder import HF_FILES
 from mnemo.train.redact import redact_tree
+from mnemo.train.rundir import (
+    COMPLETE,
+    STEP_RE,
+    complete_checkpoints,
+    find_checkpoint,
+    is_complete,
+    is_interrupted_save,
+    newest_checkpoint,
+)
+
+__all__ = ["COMPLETE", "STEP_RE", "is_complete"]  # names of train/rundir.py that importers take from here
 
 log = logging.getLogger("mnemo.checkpoint")
 
-STEP_RE = re.compile(r"^step_(\d{8})$")
-COMPLETE = "COMPLETE"
 DS_TAG = "state"
 
 
@@ -148,10 +158,6 @@ def load_torch_file(path: str | Path) -> Any:
             raise UserError(f"{path}: cannot read ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
 
 
-def is_complete(path: Path) -> bool:
-    return (path / COMPLETE).is_file() and (path / "meta.json").is_file()
-
-
 def read_json(path: Path) -> Any:
     """A JSON file of a checkpoint or export; UserError naming it when it is not JSON."""
     try:
@@ -216,30 +222,17 @@ class CheckpointManager:
 
     # ------------------------------------------------------------------ find
     def complete_checkpoints(self) -> list[Path]:
-        if not self.root.is_dir():
-            return []
-        out = [p for p in self.root.iterdir() if STEP_RE.match(p.name) and is_complete(p)]
-        return sorted(out, key=lambda p: int(STEP_RE.match(p.name).group(1)))
+        return complete_checkpoints(self.root)
 
     def partial_checkpoints(self) -> list[Path]:
+        """Interrupted saves (train/rundir.py: only what a save writes, in its .tmp-step_* directory)."""
         if not self.root.is_dir():
             return []
-        return sorted(
-            p
-            for p in self.root.iterdir()
-            if p.is_dir() and (p.name.startswith(".tmp-") or (STEP_RE.match(p.name) and not is_complete(p)))
-        )
+        return sorted(p for p in self.root.iterdir() if is_interrupted_save(p))
 
     def latest(self) -> Path | None:
         """Newest complete checkpoint (``latest`` if it names a complete one)."""
-        marker = self.root / "latest"
-        if marker.is_file():
-            p = self.root / marker.read_text().strip()
-            if is_complete(p):
-                newer = [c for c in self.complete_checkpoints() if c.name > p.name]
-                return newer[-1] if newer else p
-        done = self.complete_checkpoints()
-        return done[-1] if done else None
+        return newest_checkpoint(self.root)
 
     def clean_partials(self) -> list[Path]:
         """Rank 0: delete leftovers of interrupted saves, warning with their names."""
@@ -267,9 +260,9 @@ class CheckpointManager:
         final = self.root / name
         tmp = self.root / f".tmp-{name}"
         if self.rank == 0:
-            if tmp.exists():
+            if is_interrupted_save(tmp):  # of this step, by an earlier attempt (anything else there: see below)
                 shutil.rmtree(tmp)
-            tmp.mkdir(parents=True)
+            tmp.mkdir(parents=True)  # fails on what mnemo did not write (the start refuses such a run dir)
         self._barrier()
         engine.save_checkpoint(str(tmp / "ds"), tag=DS_TAG, save_latest=True)
         rank_file = tmp / f"rank_{self.rank:05d}.pt"
@@ -287,7 +280,7 @@ class CheckpointManager:
             fsync_tree(tmp)
             (tmp / COMPLETE).write_text(f"{time.time()}\n")
             fsync_path(tmp / COMPLETE)
-            if final.exists():  # a stale copy of the same step from an earlier attempt
+            if is_complete(final):  # a stale copy of the same step from an earlier attempt
                 shutil.rmtree(final)
             os.replace(tmp, final)
             fsync_path(self.root)
@@ -355,15 +348,10 @@ def resolve_checkpoint(path: str | Path) -> Path:
         if (export_manifest(p) or {}).get("complete") is False:
             raise UserError(f"{path}: an interrupted export (rerun `mnemo export ... --overwrite` into it)")
         return p
-    if is_complete(p):
-        return p
-    mgr = CheckpointManager(p)
-    if not mgr.root.is_dir():
-        mgr.root = p  # a checkpoints/ directory itself
-    latest = mgr.latest()
-    if latest is None:
+    found = find_checkpoint(p)
+    if found is None:
         raise UserError(f"{path}: not a mnemo checkpoint, run directory or export directory")
-    return latest
+    return found
 
 
 def consolidated_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:

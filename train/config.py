@@ -646,9 +646,20 @@ def check_paths(cfg: Config) -> None:
         raise ConfigError(f"data.tokenizer: no such file: {tok}")
     if cfg.init_from and not Path(cfg.init_from).exists():
         raise ConfigError(f"init_from: no such file or directory: {cfg.init_from}")
+    from mnemo.train.rundir import check_run_dir, find_checkpoint
+
     r = cfg.checkpoint.resume
-    if r not in ("auto", "never") and not Path(r).is_dir():
-        raise ConfigError(f"checkpoint.resume: no such checkpoint directory: {r}")
+    resume = None
+    if r not in ("auto", "never"):
+        if not Path(r).is_dir():
+            raise ConfigError(f"checkpoint.resume: no such checkpoint directory: {r}")
+        resume = Path(r) if (Path(r) / "model.safetensors").is_file() else find_checkpoint(Path(r))
+        if resume is None:
+            raise ConfigError(f"checkpoint.resume: {r} is not a mnemo checkpoint, run directory or export directory")
+    try:  # what this run would write over, or mix its checkpoints with (train/rundir.py)
+        check_run_dir(Path(cfg.run.dir), resume, fresh=r != "auto")
+    except ValueError as e:
+        raise ConfigError(f"run.dir: {e}") from None
 
 
 def tokenizer_path(cfg: Config) -> str:

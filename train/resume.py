@@ -43,7 +43,7 @@ def check_resume_compatible(
         if old.get(key) != new.get(key):
             raise UserError(
                 f"{key}: changed from {old.get(key)!r} to {new.get(key)!r} since checkpoint {path}; "
-                "resuming would be unsafe (use checkpoint.resume=never or a new run.dir)"
+                "resuming would be unsafe (use a new run.dir)"
             )
     if meta.get("tokenizer_sha256") and meta["tokenizer_sha256"] != tok_sha:
         raise UserError(f"data.tokenizer: differs from the tokenizer of checkpoint {path} (sha256 mismatch)")

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from mnemo.data_pipeline.files import atomic_write_text
 from mnemo.data_pipeline.paths import local_path
 from mnemo.data_pipeline.tokenizer import Tokenizer, file_sha256
 from mnemo.data_pipeline.verify import other_tokenizer, read_manifest as read_data_manifest
@@ -38,6 +39,7 @@ from mnemo.train.errors import UserError
 from mnemo.train.eval_hook import run_eval
 from mnemo.train.loop import StepLog, TrainLoop, dist_info
 from mnemo.train.resume import check_resume_compatible, reads_universal, universal_tag
+from mnemo.train.rundir import CONFIG_HEADER
 from mnemo.train.schedule import Preemption, after_step, batching, batching_of, start_lines, stop_requests, total_steps
 from mnemo.train.slots import MemoryGroups, SlotGroups
 from mnemo.train.spikes import spike_detector
@@ -147,9 +149,6 @@ class Trainer:
         from mnemo.train.collectives import barrier
 
         cfg, info = self.cfg, self.info
-        if info.rank == 0:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
         self.ckpt = ckpt.CheckpointManager(
             self.run_dir,
             keep=cfg.checkpoint.keep,
@@ -163,6 +162,11 @@ class Trainer:
             self.resume_path = self.ckpt.latest()
         elif cfg.checkpoint.resume != "never":
             self.resume_path = ckpt.resolve_checkpoint(cfg.checkpoint.resume)
+        # check_paths (train(), every rank, before the lock) refused a run dir holding what this run
+        # must not write over, or checkpoints this run's would be mixed with (train/rundir.py).
+        if info.rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.run_dir / "config.yaml", f"{CONFIG_HEADER}\n{to_yaml(cfg)}")
         barrier()
         self.ckpt.clean_partials()
         if self.resume_path is not None:

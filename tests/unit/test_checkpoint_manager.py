@@ -37,12 +37,18 @@ def test_partial_checkpoints_are_ignored_and_cleaned(tmp_path, caplog):
     mgr = CheckpointManager(tmp_path, keep=3)
     good = save(mgr, 10)
     (mgr.root / ".tmp-step_00000020" / "ds").mkdir(parents=True)  # crashed mid-save
-    (mgr.root / "step_00000030").mkdir()  # renamed but no COMPLETE (cannot happen with our protocol, but be safe)
+    (mgr.root / ".tmp-step_00000020" / "rank_00001.pt").write_bytes(b"x")
+    (mgr.root / "step_00000030").mkdir()  # no COMPLETE: not mnemo's (its saves are renamed complete)
+    (mgr.root / ".tmp-step_00000040").mkdir()  # a user's folder under a save's name, with a file no save writes
+    (mgr.root / ".tmp-step_00000040" / "weights.bin").write_bytes(b"mine")
+    (mgr.root / ".tmp-notes").mkdir()
     assert mgr.latest() == good
     removed = mgr.clean_partials()
-    assert {p.name for p in removed} == {".tmp-step_00000020", "step_00000030"}
+    assert {p.name for p in removed} == {".tmp-step_00000020"}
     assert "removing incomplete checkpoint" in caplog.text
-    assert sorted(p.name for p in mgr.root.iterdir()) == ["latest", "step_00000010"]
+    names = sorted(p.name for p in mgr.root.iterdir())
+    assert names == [".tmp-notes", ".tmp-step_00000040", "latest", "step_00000010", "step_00000030"]
+    assert (mgr.root / ".tmp-step_00000040" / "weights.bin").read_bytes() == b"mine"
 
 
 def test_latest_marker_naming_a_missing_checkpoint_falls_back(tmp_path):
@@ -192,3 +198,110 @@ def test_after_a_world_size_change_streams_are_repartitioned_and_memory_and_rng_
     # The curriculum of rank 0 (this rank did not exist): its own document generator starts over.
     assert parts["episodes"].loaded == (mgr.rank_state(p, 0)["episodes"], False)
     assert (parts["counters"].step, parts["counters"].tokens_seen) == (30, 30000)
+
+
+# ----------------------------------------------------------------------------- what a run may write over
+
+
+def _cfg(tmp_path, run_dir, **over):
+    """A valid config on a stub data dir (check_paths needs index.json and a tokenizer file)."""
+    from mnemo.train.config import load_config
+
+    data = tmp_path / "data"
+    data.mkdir(exist_ok=True)
+    (data / "index.json").write_text("{}")
+    (data / "tokenizer.model").write_bytes(b"x")
+    args = [f"data.path={data}", f"run.dir={run_dir}", *(f"{k}={v}" for k, v in over.items())]
+    return load_config(None, args)
+
+
+def _check(cfg):
+    from mnemo.train.config import check_paths
+
+    check_paths(cfg)
+
+
+def test_a_new_run_refuses_a_run_dir_with_another_runs_checkpoints(tmp_path):
+    """resume=never beside an earlier run's step_635: the new run's saves (steps 10, 20) were deleted by
+    retention as they were made (keep=1 kept the newest by step, 635), and resume=auto would then go on
+    with the old run. Now the start refuses, naming the checkpoint; nothing is deleted."""
+    from mnemo.train.config import ConfigError
+
+    run = tmp_path / "run"
+    old = CheckpointManager(run, keep=1)
+    save(old, 635)
+    with pytest.raises(ConfigError, match=r"run.dir: .*checkpoints of another run \(step_00000635\)"):
+        _check(_cfg(tmp_path, run, **{"checkpoint.resume": "never"}))
+    other = tmp_path / "other"
+    src = save(CheckpointManager(other), 5)
+    with pytest.raises(ConfigError, match="checkpoints of another run"):  # resumed from another run's checkpoint
+        _check(_cfg(tmp_path, run, **{"checkpoint.resume": str(src)}))
+    _check(_cfg(tmp_path, run))  # resume=auto: goes on with step_635
+    _check(_cfg(tmp_path, tmp_path / "fresh", **{"checkpoint.resume": str(src)}))  # into a new run.dir
+    assert [p.name for p in old.complete_checkpoints()] == ["step_00000635"]
+
+
+def test_resuming_an_older_checkpoint_of_the_run_refuses_while_newer_ones_exist(tmp_path):
+    """Resumed from step_10 beside step_20: step_20 stayed the newest, so retention pruned the resumed
+    branch's saves below it and resume=auto went back to the abandoned branch."""
+    from mnemo.train.config import ConfigError
+
+    run = tmp_path / "run"
+    mgr = CheckpointManager(run, keep=3)
+    first, _ = save(mgr, 10), save(mgr, 20)
+    with pytest.raises(ConfigError, match=r"newer than step_00000010, which this run resumes from \(step_00000020\)"):
+        _check(_cfg(tmp_path, run, **{"checkpoint.resume": str(first)}))
+    _check(_cfg(tmp_path, run, **{"checkpoint.resume": str(mgr.latest())}))  # the newest: fine
+    _check(_cfg(tmp_path, run, **{"checkpoint.resume": str(run)}))  # the run dir: its newest
+
+
+def test_a_run_dir_with_folders_named_like_checkpoints_is_refused_and_kept(tmp_path):
+    """A user's checkpoints/step_00000001 (no COMPLETE) was removed with its files at the next start as
+    an 'incomplete checkpoint'. Now the start refuses to run there and leaves it."""
+    from mnemo.train.config import ConfigError
+
+    run = tmp_path / "proj"
+    mine = run / "checkpoints" / "step_00000001"
+    mine.mkdir(parents=True)
+    (mine / "weights.bin").write_text("data")
+    with pytest.raises(ConfigError, match=r"holds step_00000001, named like a checkpoint but not one mnemo wrote"):
+        _check(_cfg(tmp_path, run))
+    assert (mine / "weights.bin").read_text() == "data"
+
+
+def test_config_yaml_mnemo_did_not_write_is_refused(tmp_path):
+    """run.dir/config.yaml was replaced by the resolved config without a look (run.dir=. in a project
+    with its own config.yaml lost it). Now only a config.yaml mnemo wrote is replaced."""
+    from mnemo.train.config import ConfigError, to_yaml
+    from mnemo.train.rundir import CONFIG_HEADER, wrote_config
+
+    run = tmp_path / "proj"
+    run.mkdir()
+    (run / "config.yaml").write_text("my: precious config\n")
+    with pytest.raises(ConfigError, match=r"config.yaml exists and mnemo did not write it"):
+        _check(_cfg(tmp_path, run))
+    assert (run / "config.yaml").read_text() == "my: precious config\n"
+    cfg = _cfg(tmp_path, run)
+    (run / "config.yaml").write_text(f"{CONFIG_HEADER}\n{to_yaml(cfg)}")  # what mnemo train writes now
+    _check(cfg)
+    (run / "config.yaml").write_text(to_yaml(cfg))  # what it wrote before the header: a dump of the whole tree
+    assert wrote_config(run / "config.yaml")
+    demo = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"  # a hand-written config, every section
+    (run / "config.yaml").write_text(demo.read_text())
+    assert not wrote_config(run / "config.yaml")
+
+
+def test_run_dir_that_is_a_file_is_refused_before_start(tmp_path):
+    from mnemo.train.config import ConfigError
+
+    f = tmp_path / "afile"
+    f.write_text("x")
+    with pytest.raises(ConfigError, match=r"run.dir: .*afile exists and is not a directory"):
+        _check(_cfg(tmp_path, f))
+
+
+def test_resume_from_a_folder_that_is_not_a_checkpoint_is_refused_before_start(tmp_path):
+    from mnemo.train.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"checkpoint.resume: .* is not a mnemo checkpoint"):
+        _check(_cfg(tmp_path, tmp_path / "run", **{"checkpoint.resume": str(tmp_path / "data")}))

@@ -1,0 +1,162 @@
+"""What of a run directory mnemo wrote, and whether a new run may write there (no torch: the CLI's checks use it).
+
+A run writes ``<run.dir>/config.yaml`` (its resolved config) and saves into
+``<run.dir>/checkpoints/`` (train/checkpoint.py). mnemo deletes or replaces
+only what it can show it wrote there:
+
+- ``config.yaml`` whose first line is ``CONFIG_HEADER`` (or, written before that
+  header existed, a dump of the whole config tree, which a hand-written config
+  is not: ``init_from`` at the top and most of the keys);
+- ``.tmp-step_XXXXXXXX`` directories holding only the names a save writes
+  (``SAVE_ENTRIES``, ``rank_XXXXX.pt``): an interrupted save;
+- complete checkpoints (``COMPLETE`` and ``meta.json``), by retention.
+
+Anything else under a mnemo name (a ``step_*`` folder without ``COMPLETE``, a
+``.tmp-step_*`` holding other files) is left alone, and a run that would have
+to write over it refuses to start. So does a new run (``checkpoint.resume=never``
+or another run's checkpoint) in a run directory that holds complete
+checkpoints of an earlier one, and a run resumed from a checkpoint that is not
+the newest of its run directory: retention keeps the newest ``checkpoint.keep``
+by step, and ``latest`` (what ``resume=auto`` reads) is the newest, so the two
+runs' checkpoints would be mixed and the older ones deleted.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+STEP_RE = re.compile(r"^step_(\d{8})$")
+TMP_RE = re.compile(r"^\.tmp-step_\d{8}$")
+COMPLETE = "COMPLETE"
+# What a save writes into its .tmp-step_* directory besides rank_XXXXX.pt and the tokenizer copy
+# (tokenizer.model or tokenizer.json): DeepSpeed's folder, meta.json, then COMPLETE.
+SAVE_ENTRIES = ("ds", "meta.json", COMPLETE, "tokenizer.model", "tokenizer.json")
+RANK_FILE_RE = re.compile(r"^rank_\d{5}\.pt$")
+CONFIG_HEADER = "# mnemo: the resolved config of this run (written by `mnemo train` at each start)"
+
+
+def is_complete(path: Path) -> bool:
+    return (path / COMPLETE).is_file() and (path / "meta.json").is_file()
+
+
+def step_of(path: Path) -> int | None:
+    m = STEP_RE.match(path.name)
+    return int(m.group(1)) if m else None
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """The complete checkpoints in ``root`` (a run's checkpoints/ folder), oldest step first."""
+    if not root.is_dir():
+        return []
+    return sorted((p for p in root.iterdir() if STEP_RE.match(p.name) and is_complete(p)), key=step_of)
+
+
+def newest_checkpoint(root: Path) -> Path | None:
+    """The newest complete checkpoint in ``root``: the one ``latest`` names unless a complete one is newer."""
+    marker = root / "latest"
+    done = complete_checkpoints(root)
+    if marker.is_file():
+        p = root / marker.read_text().strip()
+        if is_complete(p):
+            newer = [c for c in done if c.name > p.name]
+            return newer[-1] if newer else p
+    return done[-1] if done else None
+
+
+def find_checkpoint(path: Path) -> Path | None:
+    """A complete checkpoint ``path``, or the newest of a run directory or its checkpoints/ folder; else None."""
+    if is_complete(path):
+        return path
+    root = path / "checkpoints"
+    return newest_checkpoint(root if root.is_dir() else path)
+
+
+def is_interrupted_save(path: Path) -> bool:
+    """Whether ``path`` is the .tmp-step_* directory of a save mnemo began and did not finish."""
+    if not (TMP_RE.match(path.name) and path.is_dir() and not path.is_symlink()):
+        return False
+    return all(e.name in SAVE_ENTRIES or RANK_FILE_RE.match(e.name) for e in path.iterdir())
+
+
+def foreign_entries(root: Path) -> list[Path]:
+    """Entries of ``root`` under a name a save uses that mnemo did not write: never deleted, never written over."""
+    if not root.is_dir():
+        return []
+    out = []
+    for p in sorted(root.iterdir()):
+        if STEP_RE.match(p.name) and not (p.is_dir() and not p.is_symlink() and is_complete(p)):
+            out.append(p)
+        elif TMP_RE.match(p.name) and not is_interrupted_save(p):
+            out.append(p)
+    return out
+
+
+def check_run_dir(run_dir: Path, resume: Path | None, fresh: bool) -> None:
+    """ValueError (a one-line reason) when a run may not write into ``run_dir``.
+
+    resume: the checkpoint this run resumes from (None: it starts fresh). fresh: it starts fresh on purpose
+    (checkpoint.resume=never or a path), not because ``run_dir`` has no checkpoint yet.
+    """
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ValueError(f"{run_dir} exists and is not a directory")
+    conf = run_dir / "config.yaml"
+    if conf.exists() and not wrote_config(conf):
+        raise ValueError(
+            f"{conf} exists and mnemo did not write it (mnemo keeps each run's resolved config there); "
+            "use another run.dir or move that file"
+        )
+    root = run_dir / "checkpoints"
+    foreign = foreign_entries(root)
+    if foreign:
+        names = ", ".join(p.name for p in foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+        raise ValueError(
+            f"{root} holds {names}, named like a checkpoint but not one mnemo wrote (no {COMPLETE}, or files a "
+            "save does not write); mnemo neither deletes nor writes over it: move it away"
+        )
+    done = complete_checkpoints(root)
+    if not fresh or not done:
+        return
+    own = resume is not None and resume.parent.resolve() == root.resolve()
+    newer = [p for p in done if not own or step_of(p) > step_of(resume)]
+    if not newer:
+        return
+    names = ", ".join(p.name for p in newer[-3:])
+    if own:
+        why = f"checkpoints newer than {resume.name}, which this run resumes from ({names})"
+    else:
+        why = f"checkpoints of another run ({names}), and this run starts " + (
+            "fresh" if resume is None else f"from {resume}"
+        )
+    raise ValueError(
+        f"{root} holds {why}: the two runs' checkpoints would be mixed (retention deletes the older, "
+        "resume=auto picks the newest); use a new run.dir, or move those checkpoints away"
+    )
+
+
+def wrote_config(path: Path) -> bool:
+    """Whether ``path`` (a run's config.yaml) is one mnemo wrote: see the module docstring."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            first = f.readline().rstrip("\n")
+            if first == CONFIG_HEADER:
+                return True
+            if path.stat().st_size > 1 << 20:  # no full dump is this big
+                return False
+            text = first + "\n" + f.read()
+    except (OSError, UnicodeDecodeError):
+        return False
+    import yaml
+
+    from mnemo.train.config import Config, flatten, to_dict
+
+    try:
+        tree = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return False
+    # A dump of the whole tree (dataclasses.asdict): init_from at the top, which hand-written configs leave
+    # out, and (allowing for keys added since) most of today's keys.
+    if not isinstance(tree, dict) or "init_from" not in tree:
+        return False
+    keys = set(flatten(to_dict(Config())))
+    return len(keys & set(flatten(tree))) >= 0.8 * len(keys)
