@@ -12,8 +12,9 @@ Layout of DATA_DIR::
 
 mnemo deletes only what it can prove it wrote: the entries listed in
 ``.mnemo-outputs.json``, a list it writes (atomically) before creating any of
-them. An --out holding anything else is refused; --overwrite removes the
-listed entries and nothing else. Every temp file lives in the state dir, so a
+them. An --out holding anything else is refused (so is a listed part
+directory holding a file other than the MDS writer's index and shards);
+--overwrite removes the listed entries and nothing else. Every temp file lives in the state dir, so a
 crash leaves nothing unlisted behind. --out must not be or contain an input.
 
 A remote ``--out`` (``s3://``, ``gs://``..., or ``file://`` for a local
@@ -29,6 +30,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import urllib.parse
@@ -174,6 +176,22 @@ def _write_outputs(loc: OutLocation, names: Iterable[str]) -> None:
     )
 
 
+# What streaming's MDS writer puts in a part directory: its index and shards (raw, and compressed beside them).
+_PART_FILE_RE = re.compile(r"^(index\.json|shard\.\d+\.mds(\.[a-z0-9]+)?)$")
+
+
+def _not_ours_inside(local: str, names: Iterable[str]) -> str | None:
+    """A path inside a listed directory (a part; the state dir is mnemo's own) that mnemo did not write there."""
+    for name in sorted(names):
+        p = os.path.join(local, name)
+        if name == STATE_DIR or os.path.islink(p) or not os.path.isdir(p):
+            continue
+        for e in sorted(os.scandir(p), key=lambda e: e.name):
+            if not (_PART_FILE_RE.match(e.name) and e.is_file(follow_symlinks=False)):
+                return os.path.join(name, e.name)
+    return None
+
+
 def _remove(local: str, name: str) -> None:
     p = os.path.join(local, name)
     if os.path.isdir(p) and not os.path.islink(p):
@@ -229,6 +247,12 @@ def claim_out(loc: OutLocation, fingerprint: str, overwrite: bool, names: Sequen
             f"rerun that command to finish it, or pass --overwrite"
         )
     if overwrite or plan is None or plan.get("fingerprint") != fingerprint:
+        stray = _not_ours_inside(loc.local, owned or ())
+        if stray is not None:  # a listed part holds it: removing the part would delete it
+            raise DataError(
+                f"--out {loc.url} holds {stray}, inside an output of mnemo's but not written by it; mnemo never "
+                f"deletes files it did not write: move it away, or choose a new or empty directory"
+            )
         for name in sorted(owned or ()):  # what an earlier conversion listed, and nothing else
             _remove(loc.local, name)
         os.makedirs(loc.state, exist_ok=True)

@@ -116,6 +116,12 @@ def test_overwrite_removes_only_the_listed_outputs(model, tmp_path):
         prepare([str(tmp_path / "b.jsonl")], str(out), tokenizer=model, workers=1, overwrite=True)
     assert (out / "part-00007-mine.txt").read_text() == "mine"
     (out / "part-00007-mine.txt").unlink()
+    # ... and so does a file dropped into a listed part (removing the part deleted it with the shards).
+    (out / "part-00001" / "mine.txt").write_text("mine")
+    with pytest.raises(DataError, match=r"holds part-00001/mine.txt, inside an output of mnemo's"):
+        prepare([str(tmp_path / "b.jsonl")], str(out), tokenizer=model, workers=1, overwrite=True)
+    assert (out / "part-00001" / "mine.txt").read_text() == "mine" and (out / "part-00001" / "index.json").exists()
+    (out / "part-00001" / "mine.txt").unlink()
     m = prepare([str(tmp_path / "b.jsonl")], str(out), tokenizer=model, workers=1, overwrite=True)
     assert m["num_documents"] == 5 and not (out / "part-00003").exists()
     assert sorted(os.listdir(out)) == sorted(
