@@ -644,9 +644,22 @@ def check_paths(cfg: Config) -> None:
     tok = tokenizer_path(cfg)
     if "://" not in tok and not Path(tok).is_file():
         raise ConfigError(f"data.tokenizer: no such file: {tok}")
-    if cfg.init_from and not Path(cfg.init_from).exists():
-        raise ConfigError(f"init_from: no such file or directory: {cfg.init_from}")
+    if cfg.data.tokenizer and "://" not in tok:  # one found in the data dir was checked by `mnemo prepare`
+        from mnemo.data_pipeline.errors import DataError
+        from mnemo.data_pipeline.tokenizer import Tokenizer
+
+        try:
+            Tokenizer(tok)
+        except DataError as e:
+            raise ConfigError(f"data.tokenizer: {e}") from None
     from mnemo.train.rundir import check_run_dir, find_checkpoint
+
+    if cfg.init_from:
+        if not Path(cfg.init_from).exists():
+            raise ConfigError(f"init_from: no such file or directory: {cfg.init_from}")
+        src = Path(cfg.init_from)
+        if not (src / "model.safetensors").is_file() and find_checkpoint(src) is None:
+            raise ConfigError(f"init_from: {src} is not a mnemo checkpoint, run directory or export directory")
 
     r = cfg.checkpoint.resume
     resume = None

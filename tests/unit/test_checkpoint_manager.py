@@ -305,3 +305,18 @@ def test_resume_from_a_folder_that_is_not_a_checkpoint_is_refused_before_start(t
 
     with pytest.raises(ConfigError, match=r"checkpoint.resume: .* is not a mnemo checkpoint"):
         _check(_cfg(tmp_path, tmp_path / "run", **{"checkpoint.resume": str(tmp_path / "data")}))
+
+
+def test_init_from_and_tokenizer_that_are_not_what_they_name_are_refused_before_start(tmp_path):
+    """Both passed `mnemo launch --dry-run` and failed only in the ranks."""
+    from mnemo.train.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"init_from: .* is not a mnemo checkpoint"):
+        _check(_cfg(tmp_path, tmp_path / "run", init_from=str(tmp_path / "data")))
+    src = save(CheckpointManager(tmp_path / "parent"), 5)
+    _check(_cfg(tmp_path, tmp_path / "run", init_from=str(src)))
+    _check(_cfg(tmp_path, tmp_path / "run", init_from=str(tmp_path / "parent")))  # its newest checkpoint
+    bad = tmp_path / "notes.model"
+    bad.write_text("not a tokenizer")
+    with pytest.raises(ConfigError, match=r"data.tokenizer: .*notes.model: not a SentencePiece model"):
+        _check(_cfg(tmp_path, tmp_path / "run", **{"data.tokenizer": str(bad)}))
