@@ -20,15 +20,16 @@ from pathlib import Path
 
 from mnemo.train.errors import UserError
 
-_LINE = re.compile(r"^(?P<host>\S+)\s+slots\s*=\s*(?P<slots>\S+)$")
-_HOST = re.compile(r"^([A-Za-z0-9_][A-Za-z0-9._\-]*@)?[A-Za-z0-9_.:\[\]][A-Za-z0-9_.:\[\]\-]*$")
+# Used with fullmatch: a pattern ending in "$" would also match before a final newline.
+_LINE = re.compile(r"(?P<host>\S+)\s+slots\s*=\s*(?P<slots>\S+)")
+_HOST = re.compile(r"([A-Za-z0-9_][A-Za-z0-9._\-]*@)?[A-Za-z0-9_.:\[\]][A-Za-z0-9_.:\[\]\-]*")
 
 
 def check_host_name(host: str, where: str) -> str:
     """``host`` if ssh may be given it; else UserError naming ``where`` (file:line or flag)."""
     if host.startswith("-"):
         raise UserError(f"{where}: host name {host!r} starts with '-' (ssh would read it as an option)")
-    if not _HOST.match(host):
+    if not _HOST.fullmatch(host):
         raise UserError(
             f"{where}: host name {host!r} is not a host name (letters, digits, '.', '-', '_', ':', "
             "'[]' and an optional 'user@' only)"
@@ -67,7 +68,7 @@ def parse_hostfile_text(text: str, name: str = "hostfile") -> list[Host]:
         line = raw.split("#", 1)[0].strip()
         if not line:
             continue
-        m = _LINE.match(line)
+        m = _LINE.fullmatch(line)
         if m is None:
             raise UserError(f"{name}:{lineno}: malformed line {raw.strip()!r} (expected 'HOST slots=N')")
         host, slots_s = m.group("host"), m.group("slots")

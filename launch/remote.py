@@ -63,7 +63,7 @@ FORWARD_PREFIXES = ("NCCL_", "MLFLOW_", "MNEMO_", "GLOO_", "TORCH_", "DS_", "FI_
 FORWARD_NAMES = ("PYTHONPATH", "OMP_NUM_THREADS", "CUDA_DEVICE_MAX_CONNECTIONS", "HF_HOME", *sorted(SECRET_ENV_NAMES))
 ENV_FROM_STDIN = "--env-from-stdin"
 _MAX_SECRET_LINE = 1 << 20  # bytes: far more than any set of credentials
-_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # fullmatch: "$" would let "NAME\n" pass
 
 CONNECT_TIMEOUT_S = int(os.environ.get("MNEMO_SSH_CONNECT_TIMEOUT", "10"))
 # A node cut off the network sends nothing, not even a TCP reset: without keepalives its ssh client
@@ -90,7 +90,7 @@ def forwarded_env(environ: Mapping[str, str]) -> dict[str, str]:
     out = {
         k: v
         for k, v in environ.items()
-        if _ENV_NAME.match(k) and (k.startswith(FORWARD_PREFIXES) or k in FORWARD_NAMES)
+        if _ENV_NAME.fullmatch(k) and (k.startswith(FORWARD_PREFIXES) or k in FORWARD_NAMES)
     }
     return dict(sorted(out.items()))
 
@@ -142,7 +142,7 @@ def read_env_line(fd: int, timeout: float = 120.0) -> dict[str, str]:
     except ValueError:
         env = None
     if not isinstance(env, dict) or not all(
-        isinstance(k, str) and _ENV_NAME.match(k) and isinstance(v, str) for k, v in env.items()
+        isinstance(k, str) and _ENV_NAME.fullmatch(k) and isinstance(v, str) for k, v in env.items()
     ):
         raise UserError(f"{ENV_FROM_STDIN}: stdin did not start with a JSON object of variable names to strings")
     return env
@@ -162,7 +162,7 @@ def remote_command(
     Every word is checked for control characters and shell-quoted.
     """
     for k, v in env.items():
-        if not _ENV_NAME.match(k):
+        if not _ENV_NAME.fullmatch(k):
             raise UserError(f"environment variable name {k!r} cannot be forwarded")
         check_line_safe(k, v)
     for key, v in (("working directory", cwd), ("python", python), *(("argument", a) for a in launch_args)):
