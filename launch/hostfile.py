@@ -22,6 +22,9 @@ from mnemo.train.errors import UserError
 
 # Used with fullmatch: a pattern ending in "$" would also match before a final newline.
 _LINE = re.compile(r"(?P<host>\S+)\s+slots\s*=\s*(?P<slots>\S+)")
+# ASCII digits only: str.isdigit also takes '²' (int() then fails) and '٨' (int() reads 8); and few enough
+# that int() reads them (it refuses over 4300 digits).
+_SLOTS = re.compile(r"[0-9]{1,9}")
 _HOST = re.compile(r"([A-Za-z0-9_][A-Za-z0-9._\-]*@)?[A-Za-z0-9_.:\[\]][A-Za-z0-9_.:\[\]\-]*")
 
 
@@ -72,8 +75,9 @@ def parse_hostfile_text(text: str, name: str = "hostfile") -> list[Host]:
         if m is None:
             raise UserError(f"{name}:{lineno}: malformed line {raw.strip()!r} (expected 'HOST slots=N')")
         host, slots_s = m.group("host"), m.group("slots")
-        if not slots_s.isdigit() or int(slots_s) < 1:
-            raise UserError(f"{name}:{lineno}: slots must be a positive integer, got {slots_s!r}")
+        if not _SLOTS.fullmatch(slots_s) or int(slots_s) < 1:
+            shown = slots_s if len(slots_s) <= 40 else slots_s[:40] + "..."
+            raise UserError(f"{name}:{lineno}: slots must be a positive integer, got {shown!r}")
         check_host_name(host, f"{name}:{lineno}")
         if host in seen:
             raise UserError(f"{name}:{lineno}: host {host!r} already listed on line {seen[host]}")

@@ -65,11 +65,23 @@ ENV_FROM_STDIN = "--env-from-stdin"
 _MAX_SECRET_LINE = 1 << 20  # bytes: far more than any set of credentials
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # fullmatch: "$" would let "NAME\n" pass
 
-CONNECT_TIMEOUT_S = int(os.environ.get("MNEMO_SSH_CONNECT_TIMEOUT", "10"))
+CONNECT_TIMEOUT_ENV, DEFAULT_CONNECT_TIMEOUT_S = "MNEMO_SSH_CONNECT_TIMEOUT", 10
 # A node cut off the network sends nothing, not even a TCP reset: without keepalives its ssh client
 # would wait forever and the orchestrator with it. With them, ssh exits 255 after about 3 x 5 s.
 ALIVE_INTERVAL_S, ALIVE_COUNT = 5, 3
 SSH_LOST = 255  # ssh's own exit code: the connection failed or was lost (a node vanished or was cut off)
+
+
+def connect_timeout_s() -> int:
+    """ssh's ConnectTimeout: MNEMO_SSH_CONNECT_TIMEOUT (whole seconds >= 1) or 10; UserError naming it if malformed."""
+    raw = os.environ.get(CONNECT_TIMEOUT_ENV)
+    if raw is None:
+        return DEFAULT_CONNECT_TIMEOUT_S
+    # ASCII digits only: int() would also take ' 10', '+10', '1_0' and other scripts' digits.
+    if not re.fullmatch(r"[0-9]{1,6}", raw) or int(raw) < 1:
+        shown = raw if len(raw) <= 40 else raw[:40] + "..."
+        raise UserError(f"{CONNECT_TIMEOUT_ENV}: {shown!r} is not a whole number of seconds >= 1")
+    return int(raw)
 
 
 def ssh_options() -> list[str]:
@@ -77,7 +89,7 @@ def ssh_options() -> list[str]:
         "-o",
         "BatchMode=yes",
         "-o",
-        f"ConnectTimeout={CONNECT_TIMEOUT_S}",
+        f"ConnectTimeout={connect_timeout_s()}",
         "-o",
         f"ServerAliveInterval={ALIVE_INTERVAL_S}",
         "-o",
@@ -247,16 +259,17 @@ _IDENTITY_LINE = re.compile(r"^mnemo-machine:([0-9a-f-]{8,}):(\d+:\d+)$", re.M)
 
 def _probe(ssh: str, host: str) -> tuple[str | None, str | None]:
     """(None, machine identity or None) if ``ssh host`` works, else (ssh's last error line, None)."""
+    wait_s = connect_timeout_s() + 5
     try:
         r = subprocess.run(
             [ssh, *ssh_options(), "--", host, _IDENTITY],
             stdin=subprocess.DEVNULL,
             capture_output=True,
             text=True,
-            timeout=CONNECT_TIMEOUT_S + 5,
+            timeout=wait_s,
         )
     except subprocess.TimeoutExpired:
-        return f"no answer within {CONNECT_TIMEOUT_S + 5} s", None
+        return f"no answer within {wait_s} s", None
     if r.returncode == 0:
         m = _IDENTITY_LINE.search(r.stdout)
         return None, m.group(0) if m else None
@@ -266,6 +279,7 @@ def _probe(ssh: str, host: str) -> tuple[str | None, str | None]:
 
 def _probe_all(hosts: list[Host], ssh: str) -> list[tuple[str | None, str | None]]:
     """``_probe`` of every host, in parallel (each may wait out ssh's connect timeout), in the hosts' order."""
+    connect_timeout_s()  # a malformed MNEMO_SSH_CONNECT_TIMEOUT: one error, before any probe
     with ThreadPoolExecutor(max_workers=max(1, min(32, len(hosts)))) as pool:
         return list(pool.map(lambda h: _probe(ssh, h.name), hosts))
 

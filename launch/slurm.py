@@ -38,8 +38,9 @@ from mnemo.launch.torchrun import check_line_safe
 from mnemo.train.errors import UserError
 
 # Used with fullmatch: a pattern ending in "$" would also match before a final newline.
+# re.ASCII: \d would also take other scripts' digits, which SLURM does not read.
 # minutes | minutes:seconds | hours:minutes:seconds | days-hours[:minutes[:seconds]]
-_TIME = re.compile(r"(\d+|\d+:\d{1,2}|\d+:\d{1,2}:\d{1,2}|\d+-\d+(:\d{1,2}){0,2}|UNLIMITED|INFINITE)")
+_TIME = re.compile(r"(\d+|\d+:\d{1,2}|\d+:\d{1,2}:\d{1,2}|\d+-\d+(:\d{1,2}){0,2}|UNLIMITED|INFINITE)", re.ASCII)
 _SAFE_VALUE = re.compile(r"[A-Za-z0-9_.,:@%+=/\-\[\]]+")
 
 PREEMPTED_MARKER = "PREEMPTED"

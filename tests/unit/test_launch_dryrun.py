@@ -399,6 +399,7 @@ def test_config_errors_fail_before_anything(ws, capsys):
         (["--hostfile", "hosts", "--nproc-per-node", "3"], "more than the 2 slot(s) of host 'worker-0'"),
         (["--hostfile", "nohosts"], "hostfile not found"),
         (["--slurm", "--time", "2 hours"], "--time '2 hours' is not a SLURM time"),
+        (["--slurm", "--time", "\u0661\u0660"], "is not a SLURM time"),  # Arabic-Indic digits: \d took them
         (["--slurm", "--partition", "a;b"], "--partition 'a;b' contains characters"),
         (["--slurm", "--sbatch-arg", "qos=high"], "must be one sbatch option"),
     ],
