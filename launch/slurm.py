@@ -219,12 +219,17 @@ def sbatch_script(o: SlurmOptions) -> str:
 
 
 def write_script(o: SlurmOptions) -> Path:
+    """Write the script (and make the logs folder) in run.dir; UserError naming run.dir if that fails."""
     path = o.script_path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # SLURM does not create the output file's directory; without it the job's log is lost.
-    (o.run_dir / "logs").mkdir(parents=True, exist_ok=True)
-    path.write_text(sbatch_script(o))
-    path.chmod(0o755)
+    text = sbatch_script(o)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # SLURM does not create the output file's directory; without it the job's log is lost.
+        (o.run_dir / "logs").mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        path.chmod(0o755)
+    except OSError as e:
+        raise UserError(f"run.dir: cannot write {e.filename or path}: {e.strerror or e}") from None
     return path
 
 

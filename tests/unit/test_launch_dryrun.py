@@ -408,6 +408,38 @@ def test_bad_flags(ws, capsys, argv, msg):
     assert msg in _fails(capsys, "c.yaml", "--dry-run", *argv)
 
 
+@pytest.mark.parametrize("dry_run", [["--dry-run"], []])
+def test_slurm_run_dir_that_cannot_be_a_directory(ws, capsys, monkeypatch, dry_run):
+    # Was a NotADirectoryError traceback from write_script, or "[Errno 2] No such file or directory:
+    # '/proc/x'" naming no field.
+    monkeypatch.setattr("mnemo.launch.slurm.find_sbatch", lambda: "/bin/false")  # never reached
+    (ws / "afile").write_text("keep")
+    err = _fails(capsys, "c.yaml", "--slurm", *dry_run, f"run.dir={ws / 'afile'}")
+    assert err == f"mnemo: error: run.dir: {ws / 'afile'} is not a directory\n"
+    err = _fails(capsys, "c.yaml", "--slurm", *dry_run, f"run.dir={ws / 'afile' / 'sub'}")
+    assert err == f"mnemo: error: run.dir: {ws / 'afile' / 'sub'}: {ws / 'afile'} is not a directory\n"
+    assert (ws / "afile").read_text() == "keep"
+    (ws / "rd").mkdir()
+    (ws / "rd" / "slurm").write_text("")  # where the script's folder goes
+    err = _fails(capsys, "c.yaml", "--slurm", *dry_run, f"run.dir={ws / 'rd'}")
+    assert err == f"mnemo: error: run.dir: cannot write {ws / 'rd' / 'slurm'}: File exists\n"
+    err = _fails(capsys, "c.yaml", "--slurm", *dry_run, "run.dir=/proc/mnemo-x")
+    assert err == "mnemo: error: run.dir: cannot create /proc/mnemo-x: No such file or directory\n"
+    assert not (ws / "runs").exists()
+
+
+def test_local_run_dir_that_cannot_be_a_directory_fails_before_start(ws, capsys, monkeypatch):
+    def no_start(*a, **k):
+        raise AssertionError("started")
+
+    monkeypatch.setattr("mnemo.launch.local.run_node", no_start)
+    (ws / "afile").write_text("keep")
+    err = _fails(capsys, "c.yaml", f"run.dir={ws / 'afile'}")
+    assert err == f"mnemo: error: run.dir: {ws / 'afile'} is not a directory\n"
+    err = _fails(capsys, "c.yaml", "run.dir=/proc/mnemo-x")
+    assert err == "mnemo: error: run.dir: cannot create /proc/mnemo-x: No such file or directory\n"
+
+
 def test_malformed_hostfile_names_line(ws, capsys):
     (ws / "bad").write_text("# ok\nworker-0 slots=2\nworker-1 slots=\n")
     assert "bad:3: malformed line 'worker-1 slots='" in _fails(capsys, "c.yaml", "--hostfile", "bad", "--dry-run")
