@@ -222,8 +222,8 @@ def launch(req: LaunchRequest) -> int:
     if target == "slurm":
         return _slurm(req, cfg, config, overrides, secret_env, run_dir, cwd, req.master_port)
 
-    nnodes = req.nnodes or 1
-    node_rank = req.node_rank or 0
+    nnodes = 1 if req.nnodes is None else req.nnodes
+    node_rank = 0 if req.node_rank is None else req.node_rank
     check_node_args(nnodes, node_rank, port, req.max_restarts)
     plan = NodePlan(
         config=config,
@@ -368,7 +368,7 @@ def _slurm(
         cwd=cwd,
         python=sys.executable,
         job_name=_job_name(cfg, run_dir),
-        nodes=req.nodes or 1,
+        nodes=1 if req.nodes is None else req.nodes,  # 0 is not 1: check_options refuses it
         nproc_per_node=req.nproc_per_node or req.gpus_per_node or 2,
         gpus_per_node=req.gpus_per_node,
         partition=req.partition,

@@ -310,6 +310,9 @@ def test_slurm_defaults_and_signal_time_from_config(ws, capsys):
     assert "#SBATCH --nodes=1\n" in out and "#SBATCH --signal=B:USR1@300\n" in out
     assert "--gpus-per-node" not in out and "--partition" not in out and "--time" not in out
     assert "MASTER_PORT=4000\n" in out and "--nproc-per-node 2 " in out  # CPU default: 2 ranks
+    # --gpus-per-node 0 is a CPU job: no GPU request, ranks per node stay at the CPU default
+    rc, out, _ = launch(capsys, "c.yaml", "--slurm", "--dry-run", "--gpus-per-node", "0")
+    assert rc == 0 and "--gpus-per-node" not in out and "--nproc-per-node 2 " in out
 
 
 # --------------------------------------------------------------------------- #
@@ -395,6 +398,12 @@ def test_config_errors_fail_before_anything(ws, capsys):
         (["--max-restarts", "-1"], "--max-restarts must be >= 0"),
         (["--nproc-per-node", "0"], "--nproc-per-node must be >= 1"),
         (["--nnodes", "0"], "--nnodes must be >= 1"),
+        (["--slurm", "--nodes", "0"], "--nodes must be >= 1, got 0"),  # was silently 1 node
+        (["--slurm", "--nodes", "-1"], "--nodes must be >= 1, got -1"),
+        (["--slurm", "--gpus-per-node", "-1"], "--gpus-per-node must be >= 0, got -1"),
+        (["--slurm", "--nproc-per-node", "0"], "--nproc-per-node must be >= 1, got 0"),
+        (["--hostfile", "hosts", "--min-nodes", "0"], "--min-nodes must be in [1, 2] (the selected hosts), got 0"),
+        (["--slurm", "--master-port", "0"], "--master-port must be in [1, 65535], got 0"),
         (["--node-rank", "1"], "--node-rank 1 needs --nnodes > 1"),
         (["--hostfile", "hosts", "--nproc-per-node", "3"], "more than the 2 slot(s) of host 'worker-0'"),
         (["--hostfile", "nohosts"], "hostfile not found"),
