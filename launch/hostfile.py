@@ -88,21 +88,31 @@ def parse_hostfile_text(text: str, name: str = "hostfile") -> list[Host]:
     return hosts
 
 
-def _split_names(spec: str | None) -> list[str]:
-    return [h.strip() for h in (spec or "").split(",") if h.strip()]
+def _split_names(flag: str, spec: str | None) -> list[str]:
+    """The host names of ``--include``/``--exclude`` (None: not given); an empty name is an error.
+
+    Dropping empty names would turn ``--include ,,`` into no filter at all: every host.
+    """
+    if spec is None:
+        return []
+    names = [h.strip() for h in spec.split(",")]
+    if "" in names:
+        shown = spec if len(spec) <= 60 else spec[:60] + "..."
+        raise UserError(f"{flag}: {shown!r} has an empty host name (expected comma-separated hostfile names)")
+    return names
 
 
 def select_hosts(hosts: list[Host], include: str | None, exclude: str | None) -> list[Host]:
     """Apply ``--include`` / ``--exclude`` (comma-separated host names), keeping hostfile order."""
-    if include and exclude:
+    if include is not None and exclude is not None:
         raise UserError("--include and --exclude are mutually exclusive")
     known = {h.name for h in hosts}
-    inc, exc = _split_names(include), _split_names(exclude)
+    inc, exc = _split_names("--include", include), _split_names("--exclude", exclude)
     for flag, names in (("--include", inc), ("--exclude", exc)):
         unknown = [n for n in names if n not in known]
         if unknown:
             raise UserError(f"{flag}: host {unknown[0]!r} is not in the hostfile")
-    if inc:
+    if include is not None:
         chosen = [h for h in hosts if h.name in inc]
     else:
         chosen = [h for h in hosts if h.name not in exc]

@@ -75,8 +75,8 @@ def add_launch(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentP
 
     h = p.add_argument_group("hostfile (one launcher per host over ssh)")
     h.add_argument("--hostfile", default=None, help="DeepSpeed-format hostfile: 'HOST slots=N' per line")
-    h.add_argument("--include", default=None, help="comma-separated hosts to use")
-    h.add_argument("--exclude", default=None, help="comma-separated hosts to leave out")
+    h.add_argument("--include", default=None, help="comma-separated hostfile names to use")
+    h.add_argument("--exclude", default=None, help="comma-separated hostfile names to leave out")
     h.add_argument(
         "--min-nodes",
         type=int,

@@ -82,6 +82,16 @@ def test_include_exclude():
         select_hosts(hosts, None, "worker-0,worker-1,10.0.0.7")
 
 
+@pytest.mark.parametrize("spec", [",,", "", " ", "worker-0,", ",worker-0", "worker-0,,worker-1", "worker-0, ,10.0.0.7"])
+@pytest.mark.parametrize("flag", ["--include", "--exclude"])
+def test_empty_host_name_in_include_exclude_is_an_error(flag, spec):
+    # ',,' used to select nothing to filter, hence every host; 'worker-0,' dropped the empty name.
+    hosts = parse_hostfile_text(GOOD)
+    args = (spec, None) if flag == "--include" else (None, spec)
+    with pytest.raises(UserError, match=f"^{flag}: {spec!r} has an empty host name"):
+        select_hosts(hosts, *args)
+
+
 def test_procs_per_node_respects_slots():
     hosts = parse_hostfile_text(GOOD)
     assert procs_per_node(hosts, None) == 2  # the smallest slot count
