@@ -20,15 +20,19 @@ from pathlib import Path
 
 from mnemo.train.errors import UserError
 
-_LINE = re.compile(r"^(?P<host>\S+)\s+slots\s*=\s*(?P<slots>\S+)$")
-_HOST = re.compile(r"^([A-Za-z0-9_][A-Za-z0-9._\-]*@)?[A-Za-z0-9_.:\[\]][A-Za-z0-9_.:\[\]\-]*$")
+# Used with fullmatch: a pattern ending in "$" would also match before a final newline.
+_LINE = re.compile(r"(?P<host>\S+)\s+slots\s*=\s*(?P<slots>\S+)")
+# ASCII digits only: str.isdigit also takes '²' (int() then fails) and '٨' (int() reads 8); and few enough
+# that int() reads them (it refuses over 4300 digits).
+_SLOTS = re.compile(r"[0-9]{1,9}")
+_HOST = re.compile(r"([A-Za-z0-9_][A-Za-z0-9._\-]*@)?[A-Za-z0-9_.:\[\]][A-Za-z0-9_.:\[\]\-]*")
 
 
 def check_host_name(host: str, where: str) -> str:
     """``host`` if ssh may be given it; else UserError naming ``where`` (file:line or flag)."""
     if host.startswith("-"):
         raise UserError(f"{where}: host name {host!r} starts with '-' (ssh would read it as an option)")
-    if not _HOST.match(host):
+    if not _HOST.fullmatch(host):
         raise UserError(
             f"{where}: host name {host!r} is not a host name (letters, digits, '.', '-', '_', ':', "
             "'[]' and an optional 'user@' only)"
@@ -67,12 +71,13 @@ def parse_hostfile_text(text: str, name: str = "hostfile") -> list[Host]:
         line = raw.split("#", 1)[0].strip()
         if not line:
             continue
-        m = _LINE.match(line)
+        m = _LINE.fullmatch(line)
         if m is None:
             raise UserError(f"{name}:{lineno}: malformed line {raw.strip()!r} (expected 'HOST slots=N')")
         host, slots_s = m.group("host"), m.group("slots")
-        if not slots_s.isdigit() or int(slots_s) < 1:
-            raise UserError(f"{name}:{lineno}: slots must be a positive integer, got {slots_s!r}")
+        if not _SLOTS.fullmatch(slots_s) or int(slots_s) < 1:
+            shown = slots_s if len(slots_s) <= 40 else slots_s[:40] + "..."
+            raise UserError(f"{name}:{lineno}: slots must be a positive integer, got {shown!r}")
         check_host_name(host, f"{name}:{lineno}")
         if host in seen:
             raise UserError(f"{name}:{lineno}: host {host!r} already listed on line {seen[host]}")
@@ -83,21 +88,31 @@ def parse_hostfile_text(text: str, name: str = "hostfile") -> list[Host]:
     return hosts
 
 
-def _split_names(spec: str | None) -> list[str]:
-    return [h.strip() for h in (spec or "").split(",") if h.strip()]
+def _split_names(flag: str, spec: str | None) -> list[str]:
+    """The host names of ``--include``/``--exclude`` (None: not given); an empty name is an error.
+
+    Dropping empty names would turn ``--include ,,`` into no filter at all: every host.
+    """
+    if spec is None:
+        return []
+    names = [h.strip() for h in spec.split(",")]
+    if "" in names:
+        shown = spec if len(spec) <= 60 else spec[:60] + "..."
+        raise UserError(f"{flag}: {shown!r} has an empty host name (expected comma-separated hostfile names)")
+    return names
 
 
 def select_hosts(hosts: list[Host], include: str | None, exclude: str | None) -> list[Host]:
     """Apply ``--include`` / ``--exclude`` (comma-separated host names), keeping hostfile order."""
-    if include and exclude:
+    if include is not None and exclude is not None:
         raise UserError("--include and --exclude are mutually exclusive")
     known = {h.name for h in hosts}
-    inc, exc = _split_names(include), _split_names(exclude)
+    inc, exc = _split_names("--include", include), _split_names("--exclude", exclude)
     for flag, names in (("--include", inc), ("--exclude", exc)):
         unknown = [n for n in names if n not in known]
         if unknown:
             raise UserError(f"{flag}: host {unknown[0]!r} is not in the hostfile")
-    if inc:
+    if include is not None:
         chosen = [h for h in hosts if h.name in inc]
     else:
         chosen = [h for h in hosts if h.name not in exc]

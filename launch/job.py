@@ -159,6 +159,25 @@ def _check_values(req: LaunchRequest, cfg, run_dir: Path, cwd: str) -> None:
             raise UserError(f"--rdzv-id {req.rdzv_id!r} starts with '-' (it would be read as an option)")
 
 
+def make_run_dir(run_dir: Path) -> None:
+    """Create ``run_dir`` (absolute) for the first file launch writes there; UserError naming run.dir if it cannot be.
+
+    A path through an existing file is refused before anything is created
+    (it would be a NotADirectoryError from deep inside); any other failure
+    to create it (no permission, a file system such as /proc) says why.
+    """
+    existing = run_dir
+    while not existing.exists() and existing != existing.parent:  # exists(): False under a file too
+        existing = existing.parent
+    if not existing.is_dir():
+        where = "" if existing == run_dir else f"{run_dir}: "
+        raise UserError(f"run.dir: {where}{existing} is not a directory")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"run.dir: cannot create {run_dir}: {e.strerror or e}") from None
+
+
 def _job_name(cfg, run_dir: Path) -> str:
     name = cfg.run.name or run_dir.name or "mnemo"
     return re.sub(r"[^A-Za-z0-9_.\-]", "_", name)[:64]
@@ -203,8 +222,8 @@ def launch(req: LaunchRequest) -> int:
     if target == "slurm":
         return _slurm(req, cfg, config, overrides, secret_env, run_dir, cwd, req.master_port)
 
-    nnodes = req.nnodes or 1
-    node_rank = req.node_rank or 0
+    nnodes = 1 if req.nnodes is None else req.nnodes
+    node_rank = 0 if req.node_rank is None else req.node_rank
     check_node_args(nnodes, node_rank, port, req.max_restarts)
     plan = NodePlan(
         config=config,
@@ -228,6 +247,7 @@ def launch(req: LaunchRequest) -> int:
         return 0
     from mnemo.launch.local import run_node
 
+    make_run_dir(run_dir)  # the node's log goes there first
     os.environ.update(secret_env)  # torchrun and the ranks inherit it
     return run_node(plan, stop_on_stdin_eof=req.stop_on_stdin_eof)
 
@@ -348,7 +368,7 @@ def _slurm(
         cwd=cwd,
         python=sys.executable,
         job_name=_job_name(cfg, run_dir),
-        nodes=req.nodes or 1,
+        nodes=1 if req.nodes is None else req.nodes,  # 0 is not 1: check_options refuses it
         nproc_per_node=req.nproc_per_node or req.gpus_per_node or 2,
         gpus_per_node=req.gpus_per_node,
         partition=req.partition,
@@ -365,11 +385,13 @@ def _slurm(
     if port is not None and not 1 <= port <= 65535:
         raise UserError(f"--master-port must be in [1, 65535], got {port}")
     if req.dry_run:
+        make_run_dir(run_dir)
         path = slurm.write_script(opts)
         sys.stdout.write(slurm.sbatch_script(opts))
         print(f"mnemo launch: wrote {path} (not submitted: --dry-run)", file=sys.stderr)
         return 0
     sbatch = slurm.find_sbatch()
+    make_run_dir(run_dir)
     path = slurm.write_script(opts)
     job_id = slurm.submit(path, sbatch, env={**os.environ, **secret_env})
     print(f"submitted job {job_id}")

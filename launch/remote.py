@@ -63,13 +63,25 @@ FORWARD_PREFIXES = ("NCCL_", "MLFLOW_", "MNEMO_", "GLOO_", "TORCH_", "DS_", "FI_
 FORWARD_NAMES = ("PYTHONPATH", "OMP_NUM_THREADS", "CUDA_DEVICE_MAX_CONNECTIONS", "HF_HOME", *sorted(SECRET_ENV_NAMES))
 ENV_FROM_STDIN = "--env-from-stdin"
 _MAX_SECRET_LINE = 1 << 20  # bytes: far more than any set of credentials
-_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # fullmatch: "$" would let "NAME\n" pass
 
-CONNECT_TIMEOUT_S = int(os.environ.get("MNEMO_SSH_CONNECT_TIMEOUT", "10"))
+CONNECT_TIMEOUT_ENV, DEFAULT_CONNECT_TIMEOUT_S = "MNEMO_SSH_CONNECT_TIMEOUT", 10
 # A node cut off the network sends nothing, not even a TCP reset: without keepalives its ssh client
 # would wait forever and the orchestrator with it. With them, ssh exits 255 after about 3 x 5 s.
 ALIVE_INTERVAL_S, ALIVE_COUNT = 5, 3
 SSH_LOST = 255  # ssh's own exit code: the connection failed or was lost (a node vanished or was cut off)
+
+
+def connect_timeout_s() -> int:
+    """ssh's ConnectTimeout: MNEMO_SSH_CONNECT_TIMEOUT (whole seconds >= 1) or 10; UserError naming it if malformed."""
+    raw = os.environ.get(CONNECT_TIMEOUT_ENV)
+    if raw is None:
+        return DEFAULT_CONNECT_TIMEOUT_S
+    # ASCII digits only: int() would also take ' 10', '+10', '1_0' and other scripts' digits.
+    if not re.fullmatch(r"[0-9]{1,6}", raw) or int(raw) < 1:
+        shown = raw if len(raw) <= 40 else raw[:40] + "..."
+        raise UserError(f"{CONNECT_TIMEOUT_ENV}: {shown!r} is not a whole number of seconds >= 1")
+    return int(raw)
 
 
 def ssh_options() -> list[str]:
@@ -77,7 +89,7 @@ def ssh_options() -> list[str]:
         "-o",
         "BatchMode=yes",
         "-o",
-        f"ConnectTimeout={CONNECT_TIMEOUT_S}",
+        f"ConnectTimeout={connect_timeout_s()}",
         "-o",
         f"ServerAliveInterval={ALIVE_INTERVAL_S}",
         "-o",
@@ -90,7 +102,7 @@ def forwarded_env(environ: Mapping[str, str]) -> dict[str, str]:
     out = {
         k: v
         for k, v in environ.items()
-        if _ENV_NAME.match(k) and (k.startswith(FORWARD_PREFIXES) or k in FORWARD_NAMES)
+        if _ENV_NAME.fullmatch(k) and (k.startswith(FORWARD_PREFIXES) or k in FORWARD_NAMES)
     }
     return dict(sorted(out.items()))
 
@@ -142,7 +154,7 @@ def read_env_line(fd: int, timeout: float = 120.0) -> dict[str, str]:
     except ValueError:
         env = None
     if not isinstance(env, dict) or not all(
-        isinstance(k, str) and _ENV_NAME.match(k) and isinstance(v, str) for k, v in env.items()
+        isinstance(k, str) and _ENV_NAME.fullmatch(k) and isinstance(v, str) for k, v in env.items()
     ):
         raise UserError(f"{ENV_FROM_STDIN}: stdin did not start with a JSON object of variable names to strings")
     return env
@@ -162,7 +174,7 @@ def remote_command(
     Every word is checked for control characters and shell-quoted.
     """
     for k, v in env.items():
-        if not _ENV_NAME.match(k):
+        if not _ENV_NAME.fullmatch(k):
             raise UserError(f"environment variable name {k!r} cannot be forwarded")
         check_line_safe(k, v)
     for key, v in (("working directory", cwd), ("python", python), *(("argument", a) for a in launch_args)):
@@ -247,16 +259,17 @@ _IDENTITY_LINE = re.compile(r"^mnemo-machine:([0-9a-f-]{8,}):(\d+:\d+)$", re.M)
 
 def _probe(ssh: str, host: str) -> tuple[str | None, str | None]:
     """(None, machine identity or None) if ``ssh host`` works, else (ssh's last error line, None)."""
+    wait_s = connect_timeout_s() + 5
     try:
         r = subprocess.run(
             [ssh, *ssh_options(), "--", host, _IDENTITY],
             stdin=subprocess.DEVNULL,
             capture_output=True,
             text=True,
-            timeout=CONNECT_TIMEOUT_S + 5,
+            timeout=wait_s,
         )
     except subprocess.TimeoutExpired:
-        return f"no answer within {CONNECT_TIMEOUT_S + 5} s", None
+        return f"no answer within {wait_s} s", None
     if r.returncode == 0:
         m = _IDENTITY_LINE.search(r.stdout)
         return None, m.group(0) if m else None
@@ -266,6 +279,7 @@ def _probe(ssh: str, host: str) -> tuple[str | None, str | None]:
 
 def _probe_all(hosts: list[Host], ssh: str) -> list[tuple[str | None, str | None]]:
     """``_probe`` of every host, in parallel (each may wait out ssh's connect timeout), in the hosts' order."""
+    connect_timeout_s()  # a malformed MNEMO_SSH_CONNECT_TIMEOUT: one error, before any probe
     with ThreadPoolExecutor(max_workers=max(1, min(32, len(hosts)))) as pool:
         return list(pool.map(lambda h: _probe(ssh, h.name), hosts))
 

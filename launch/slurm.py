@@ -37,9 +37,11 @@ from mnemo.launch.env import mnemo_installed, package_root
 from mnemo.launch.torchrun import check_line_safe
 from mnemo.train.errors import UserError
 
+# Used with fullmatch: a pattern ending in "$" would also match before a final newline.
+# re.ASCII: \d would also take other scripts' digits, which SLURM does not read.
 # minutes | minutes:seconds | hours:minutes:seconds | days-hours[:minutes[:seconds]]
-_TIME = re.compile(r"^(\d+|\d+:\d{1,2}|\d+:\d{1,2}:\d{1,2}|\d+-\d+(:\d{1,2}){0,2}|UNLIMITED|INFINITE)$")
-_SAFE_VALUE = re.compile(r"^[A-Za-z0-9_.,:@%+=/\-\[\]]+$")
+_TIME = re.compile(r"(\d+|\d+:\d{1,2}|\d+:\d{1,2}:\d{1,2}|\d+-\d+(:\d{1,2}){0,2}|UNLIMITED|INFINITE)", re.ASCII)
+_SAFE_VALUE = re.compile(r"[A-Za-z0-9_.,:@%+=/\-\[\]]+")
 
 PREEMPTED_MARKER = "PREEMPTED"
 
@@ -79,10 +81,10 @@ def check_options(o: SlurmOptions) -> None:
         raise UserError(f"--nodes must be >= 1, got {o.nodes}")
     if o.gpus_per_node is not None and o.gpus_per_node < 0:
         raise UserError(f"--gpus-per-node must be >= 0, got {o.gpus_per_node}")
-    if o.time is not None and not _TIME.match(o.time):
+    if o.time is not None and not _TIME.fullmatch(o.time):
         raise UserError(f"--time {o.time!r} is not a SLURM time (MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS)")
     for flag, v in (("--partition", o.partition), ("--account", o.account)):
-        if v is not None and not _SAFE_VALUE.match(v):
+        if v is not None and not _SAFE_VALUE.fullmatch(v):
             raise UserError(f"{flag} {v!r} contains characters SLURM does not allow")
     for a in o.sbatch_args:
         if not a.startswith("-"):
@@ -217,12 +219,17 @@ def sbatch_script(o: SlurmOptions) -> str:
 
 
 def write_script(o: SlurmOptions) -> Path:
+    """Write the script (and make the logs folder) in run.dir; UserError naming run.dir if that fails."""
     path = o.script_path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # SLURM does not create the output file's directory; without it the job's log is lost.
-    (o.run_dir / "logs").mkdir(parents=True, exist_ok=True)
-    path.write_text(sbatch_script(o))
-    path.chmod(0o755)
+    text = sbatch_script(o)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # SLURM does not create the output file's directory; without it the job's log is lost.
+        (o.run_dir / "logs").mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        path.chmod(0o755)
+    except OSError as e:
+        raise UserError(f"run.dir: cannot write {e.filename or path}: {e.strerror or e}") from None
     return path
 
 

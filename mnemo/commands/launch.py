@@ -75,8 +75,8 @@ def add_launch(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentP
 
     h = p.add_argument_group("hostfile (one launcher per host over ssh)")
     h.add_argument("--hostfile", default=None, help="DeepSpeed-format hostfile: 'HOST slots=N' per line")
-    h.add_argument("--include", default=None, help="comma-separated hosts to use")
-    h.add_argument("--exclude", default=None, help="comma-separated hosts to leave out")
+    h.add_argument("--include", default=None, help="comma-separated hostfile names to use")
+    h.add_argument("--exclude", default=None, help="comma-separated hostfile names to leave out")
     h.add_argument(
         "--min-nodes",
         type=int,
@@ -87,11 +87,13 @@ def add_launch(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentP
 
     s = p.add_argument_group("SLURM (write an sbatch script into the run dir and submit it)")
     s.add_argument("--slurm", action="store_true", help="submit as a SLURM batch job")
-    s.add_argument("--nodes", type=int, default=None, help="nodes to allocate (default 1)")
+    s.add_argument("--nodes", type=int, default=None, help="nodes to allocate, >= 1 (default 1)")
     s.add_argument("--partition", default=None)
     s.add_argument("--account", default=None)
     s.add_argument("--time", default=None, help="time limit, e.g. 2-00:00:00")
-    s.add_argument("--gpus-per-node", type=int, default=None)
+    s.add_argument(
+        "--gpus-per-node", type=int, default=None, help="GPUs per node, also the default ranks per node (0: no GPU)"
+    )
     s.add_argument(
         "--sbatch-arg",
         action="append",

@@ -104,6 +104,54 @@ def test_control_character_in_sbatch_arg_and_rdzv_id(ws, capsys):
     assert "--rdzv-id" in fails(capsys, "c.yaml", "--dry-run", "--rdzv-id", "x\ny")
 
 
+@pytest.mark.parametrize("end", ["\n", "\r\n"])
+@pytest.mark.parametrize(
+    "argv, flag",
+    [
+        (["--slurm", "--partition", "gpu{}"], "--partition"),
+        (["--slurm", "--account", "proj{}"], "--account"),
+        (["--slurm", "--time", "10{}"], "--time"),
+        (["--slurm", "--time", "2:00:00{}"], "--time"),
+        (["--nnodes", "2", "--node-rank", "1", "--master-addr", "w0{}"], "--master-addr"),
+        (["--hostfile", "hosts", "--master-addr", "w0{}"], "--master-addr"),
+        (["--slurm", "--sbatch-arg=--qos=high{}"], "--sbatch-arg"),
+        (["--rdzv-id", "r{}"], "--rdzv-id"),
+    ],
+)
+def test_value_ending_in_a_newline_is_refused(ws, capsys, argv, flag, end):
+    # A pattern ending in '$' also matches before a final newline: '--partition gpu\n' passed and
+    # wrote '#SBATCH --partition=gpu' plus an empty line; '--master-addr w0\n' went into --rdzv-endpoint.
+    err = fails(capsys, "c.yaml", "--dry-run", *[a.replace("{}", end) for a in argv])
+    assert err.startswith(f"mnemo: error: {flag}"), err
+    assert not (ws / "runs").exists()
+
+
+def test_names_ending_in_a_newline_are_refused():
+    from mnemo.launch.hostfile import check_host_name
+    from mnemo.launch.remote import forwarded_env, remote_command
+    from mnemo.train.errors import UserError
+
+    with pytest.raises(UserError, match=r"hf:3: host name 'w0\\n' is not a host name"):
+        check_host_name("w0\n", "hf:3")
+    assert forwarded_env({"NCCL_DEBUG\n": "INFO", "NCCL_ALGO": "ring"}) == {"NCCL_ALGO": "ring"}
+    with pytest.raises(UserError, match="environment variable name 'NCCL_DEBUG\\\\n' cannot be forwarded"):
+        remote_command(cwd="/w", python="/py", env={"NCCL_DEBUG\n": "INFO"}, launch_args=[])
+
+
+def test_node_refuses_a_secret_name_ending_in_a_newline(ws, capsys, monkeypatch):
+    r, w = os.pipe()
+    os.write(w, b'{"MLFLOW_TRACKING_PASSWORD\\n": "x"}\n')
+
+    class _Stdin:
+        def fileno(self):
+            return r
+
+    monkeypatch.setattr(sys, "stdin", _Stdin())
+    assert "--env-from-stdin" in fails(capsys, "c.yaml", "--dry-run", "--env-from-stdin")
+    os.close(w)
+    os.close(r)
+
+
 # --------------------------------------------------------------------------- #
 # Host names and addresses: never an ssh option, never a shell word
 

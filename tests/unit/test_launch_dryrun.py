@@ -310,6 +310,9 @@ def test_slurm_defaults_and_signal_time_from_config(ws, capsys):
     assert "#SBATCH --nodes=1\n" in out and "#SBATCH --signal=B:USR1@300\n" in out
     assert "--gpus-per-node" not in out and "--partition" not in out and "--time" not in out
     assert "MASTER_PORT=4000\n" in out and "--nproc-per-node 2 " in out  # CPU default: 2 ranks
+    # --gpus-per-node 0 is a CPU job: no GPU request, ranks per node stay at the CPU default
+    rc, out, _ = launch(capsys, "c.yaml", "--slurm", "--dry-run", "--gpus-per-node", "0")
+    assert rc == 0 and "--gpus-per-node" not in out and "--nproc-per-node 2 " in out
 
 
 # --------------------------------------------------------------------------- #
@@ -395,16 +398,60 @@ def test_config_errors_fail_before_anything(ws, capsys):
         (["--max-restarts", "-1"], "--max-restarts must be >= 0"),
         (["--nproc-per-node", "0"], "--nproc-per-node must be >= 1"),
         (["--nnodes", "0"], "--nnodes must be >= 1"),
+        (["--slurm", "--nodes", "0"], "--nodes must be >= 1, got 0"),  # was silently 1 node
+        (["--slurm", "--nodes", "-1"], "--nodes must be >= 1, got -1"),
+        (["--slurm", "--gpus-per-node", "-1"], "--gpus-per-node must be >= 0, got -1"),
+        (["--slurm", "--nproc-per-node", "0"], "--nproc-per-node must be >= 1, got 0"),
+        (["--hostfile", "hosts", "--min-nodes", "0"], "--min-nodes must be in [1, 2] (the selected hosts), got 0"),
+        (["--slurm", "--master-port", "0"], "--master-port must be in [1, 65535], got 0"),
         (["--node-rank", "1"], "--node-rank 1 needs --nnodes > 1"),
+        (["--hostfile", "hosts", "--include", ",,"], "--include: ',,' has an empty host name"),
+        (["--hostfile", "hosts", "--exclude", ""], "--exclude: '' has an empty host name"),
+        (["--hostfile", "hosts", "--include", "worker-0,"], "--include: 'worker-0,' has an empty host name"),
+        (["--hostfile", "hosts", "--include", "nope"], "--include: host 'nope' is not in the hostfile"),
+        (["--hostfile", "hosts", "--include", "", "--exclude", "worker-0"], "mutually exclusive"),
         (["--hostfile", "hosts", "--nproc-per-node", "3"], "more than the 2 slot(s) of host 'worker-0'"),
         (["--hostfile", "nohosts"], "hostfile not found"),
         (["--slurm", "--time", "2 hours"], "--time '2 hours' is not a SLURM time"),
+        (["--slurm", "--time", "\u0661\u0660"], "is not a SLURM time"),  # Arabic-Indic digits: \d took them
         (["--slurm", "--partition", "a;b"], "--partition 'a;b' contains characters"),
         (["--slurm", "--sbatch-arg", "qos=high"], "must be one sbatch option"),
     ],
 )
 def test_bad_flags(ws, capsys, argv, msg):
     assert msg in _fails(capsys, "c.yaml", "--dry-run", *argv)
+
+
+@pytest.mark.parametrize("dry_run", [["--dry-run"], []])
+def test_slurm_run_dir_that_cannot_be_a_directory(ws, capsys, monkeypatch, dry_run):
+    # Was a NotADirectoryError traceback from write_script, or "[Errno 2] No such file or directory:
+    # '/proc/x'" naming no field.
+    monkeypatch.setattr("mnemo.launch.slurm.find_sbatch", lambda: "/bin/false")  # never reached
+    (ws / "afile").write_text("keep")
+    err = _fails(capsys, "c.yaml", "--slurm", *dry_run, f"run.dir={ws / 'afile'}")
+    assert err == f"mnemo: error: run.dir: {ws / 'afile'} is not a directory\n"
+    err = _fails(capsys, "c.yaml", "--slurm", *dry_run, f"run.dir={ws / 'afile' / 'sub'}")
+    assert err == f"mnemo: error: run.dir: {ws / 'afile' / 'sub'}: {ws / 'afile'} is not a directory\n"
+    assert (ws / "afile").read_text() == "keep"
+    (ws / "rd").mkdir()
+    (ws / "rd" / "slurm").write_text("")  # where the script's folder goes
+    err = _fails(capsys, "c.yaml", "--slurm", *dry_run, f"run.dir={ws / 'rd'}")
+    assert err == f"mnemo: error: run.dir: cannot write {ws / 'rd' / 'slurm'}: File exists\n"
+    err = _fails(capsys, "c.yaml", "--slurm", *dry_run, "run.dir=/proc/mnemo-x")
+    assert err == "mnemo: error: run.dir: cannot create /proc/mnemo-x: No such file or directory\n"
+    assert not (ws / "runs").exists()
+
+
+def test_local_run_dir_that_cannot_be_a_directory_fails_before_start(ws, capsys, monkeypatch):
+    def no_start(*a, **k):
+        raise AssertionError("started")
+
+    monkeypatch.setattr("mnemo.launch.local.run_node", no_start)
+    (ws / "afile").write_text("keep")
+    err = _fails(capsys, "c.yaml", f"run.dir={ws / 'afile'}")
+    assert err == f"mnemo: error: run.dir: {ws / 'afile'} is not a directory\n"
+    err = _fails(capsys, "c.yaml", "run.dir=/proc/mnemo-x")
+    assert err == "mnemo: error: run.dir: cannot create /proc/mnemo-x: No such file or directory\n"
 
 
 def test_malformed_hostfile_names_line(ws, capsys):

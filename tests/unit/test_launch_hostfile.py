@@ -30,6 +30,12 @@ def test_parses_hosts_slots_and_line_numbers():
         ("a slots=0\n", 1, "positive integer"),
         ("a slots=two\n", 1, "positive integer"),
         ("a slots=-1\n", 1, "positive integer"),
+        # str.isdigit accepts these, int() does not (or reads them as 8): a traceback before
+        ("a slots=1\nb slots=\u00b2\n", 2, "positive integer, got '\u00b2'"),
+        ("a slots=\u2468\n", 1, "positive integer"),
+        ("a slots=\u0668\n", 1, "positive integer"),
+        ("a slots=+8\n", 1, "positive integer"),
+        ("a slots=" + "9" * 5000 + "\n", 1, "positive integer"),
         ("a slots=1\na slots=2\n", 2, "already listed on line 1"),
         ("-oProxyCommand=x slots=1\n", 1, "starts with '-'"),
     ],
@@ -76,6 +82,16 @@ def test_include_exclude():
         select_hosts(hosts, None, "worker-0,worker-1,10.0.0.7")
 
 
+@pytest.mark.parametrize("spec", [",,", "", " ", "worker-0,", ",worker-0", "worker-0,,worker-1", "worker-0, ,10.0.0.7"])
+@pytest.mark.parametrize("flag", ["--include", "--exclude"])
+def test_empty_host_name_in_include_exclude_is_an_error(flag, spec):
+    # ',,' used to select nothing to filter, hence every host; 'worker-0,' dropped the empty name.
+    hosts = parse_hostfile_text(GOOD)
+    args = (spec, None) if flag == "--include" else (None, spec)
+    with pytest.raises(UserError, match=f"^{flag}: {spec!r} has an empty host name"):
+        select_hosts(hosts, *args)
+
+
 def test_procs_per_node_respects_slots():
     hosts = parse_hostfile_text(GOOD)
     assert procs_per_node(hosts, None) == 2  # the smallest slot count
@@ -83,3 +99,36 @@ def test_procs_per_node_respects_slots():
     with pytest.raises(UserError) as e:
         procs_per_node(hosts, 3)
     assert "more than the 2 slot(s) of host '10.0.0.7' (hostfile line 5)" in str(e.value)
+
+
+def test_unicode_digit_slots_is_one_line_error_from_the_cli(tmp_path, capsys, monkeypatch):
+    from mnemo.cli import main
+    from tests.unit.launch_workspace import clear_forwarded_env, stub_data_dir
+
+    clear_forwarded_env(monkeypatch)
+    data = stub_data_dir(tmp_path / "data")
+    (tmp_path / "c.yaml").write_text(f"run:\n  dir: runs/g\ndata:\n  path: {data}\n")
+    (tmp_path / "hosts").write_text("w0 slots=\u00b2\n")
+    monkeypatch.chdir(tmp_path)
+    rc = main(["launch", "c.yaml", "--hostfile", "hosts", "--dry-run"])
+    out, err = capsys.readouterr()
+    assert rc == 2 and out == ""
+    assert err == "mnemo: error: hosts:1: slots must be a positive integer, got '\u00b2'\n"
+
+
+@pytest.mark.parametrize("value", ["abc", "\u00b2", "0", "-5", "10\n"])
+def test_bad_ssh_connect_timeout_is_one_line_error(monkeypatch, value):
+    from mnemo.launch import remote
+
+    monkeypatch.setenv("MNEMO_SSH_CONNECT_TIMEOUT", value)
+    with pytest.raises(UserError, match=r"^MNEMO_SSH_CONNECT_TIMEOUT: .* is not a whole number of seconds >= 1"):
+        remote.ssh_options()
+
+
+def test_ssh_connect_timeout_from_environment(monkeypatch):
+    from mnemo.launch import remote
+
+    monkeypatch.setenv("MNEMO_SSH_CONNECT_TIMEOUT", "3")
+    assert "ConnectTimeout=3" in remote.ssh_options()
+    monkeypatch.delenv("MNEMO_SSH_CONNECT_TIMEOUT")
+    assert "ConnectTimeout=10" in remote.ssh_options()
