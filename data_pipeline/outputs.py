@@ -177,7 +177,7 @@ def _write_outputs(loc: OutLocation, names: Iterable[str]) -> None:
 
 
 # What streaming's MDS writer puts in a part directory: its index and shards (raw, and compressed beside them).
-_PART_FILE_RE = re.compile(r"^(index\.json|shard\.\d+\.mds(\.[a-z0-9]+)?)$")
+_PART_FILE_RE = re.compile(r"^(index\.json|shard\.\d+\.mds(\.[a-z0-9]+)?)\Z")
 
 
 def _not_ours_inside(local: str, names: Iterable[str]) -> str | None:

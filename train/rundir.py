@@ -26,13 +26,13 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-STEP_RE = re.compile(r"^step_(\d{8})$")
-TMP_RE = re.compile(r"^\.tmp-step_\d{8}$")
+STEP_RE = re.compile(r"^step_(\d{8})\Z")  # \Z: "$" also matches before a final newline
+TMP_RE = re.compile(r"^\.tmp-step_\d{8}\Z")
 COMPLETE = "COMPLETE"
 # What a save writes into its .tmp-step_* directory besides rank_XXXXX.pt and the tokenizer copy
 # (tokenizer.model or tokenizer.json): DeepSpeed's folder, meta.json, then COMPLETE.
 SAVE_ENTRIES = ("ds", "meta.json", COMPLETE, "tokenizer.model", "tokenizer.json")
-RANK_FILE_RE = re.compile(r"^rank_\d{5}\.pt$")
+RANK_FILE_RE = re.compile(r"^rank_\d{5}\.pt\Z")
 CONFIG_HEADER = "# mnemo: the resolved config of this run (written by `mnemo train` at each start)"
 
 

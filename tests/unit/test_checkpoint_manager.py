@@ -42,12 +42,15 @@ def test_partial_checkpoints_are_ignored_and_cleaned(tmp_path, caplog):
     (mgr.root / ".tmp-step_00000040").mkdir()  # a user's folder under a save's name, with a file no save writes
     (mgr.root / ".tmp-step_00000040" / "weights.bin").write_bytes(b"mine")
     (mgr.root / ".tmp-notes").mkdir()
+    (mgr.root / "step_00000050\n").mkdir()  # "$" matched before a final newline: not a checkpoint's name
+    (mgr.root / "step_00000050\n" / "COMPLETE").write_text("x")
+    (mgr.root / "step_00000050\n" / "meta.json").write_text("{}")
     assert mgr.latest() == good
     removed = mgr.clean_partials()
     assert {p.name for p in removed} == {".tmp-step_00000020"}
     assert "removing incomplete checkpoint" in caplog.text
     names = sorted(p.name for p in mgr.root.iterdir())
-    assert names == [".tmp-notes", ".tmp-step_00000040", "latest", "step_00000010", "step_00000030"]
+    assert names == [".tmp-notes", ".tmp-step_00000040", "latest", "step_00000010", "step_00000030", "step_00000050\n"]
     assert (mgr.root / ".tmp-step_00000040" / "weights.bin").read_bytes() == b"mine"
 
 
