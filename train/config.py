@@ -670,7 +670,7 @@ def check_paths(cfg: Config) -> None:
         if resume is None:
             raise ConfigError(f"checkpoint.resume: {r} is not a mnemo checkpoint, run directory or export directory")
     try:  # what this run would write over, or mix its checkpoints with (train/rundir.py)
-        check_run_dir(Path(cfg.run.dir), resume, fresh=r != "auto")
+        check_run_dir(Path(cfg.run.dir), r, resume)
     except ValueError as e:
         raise ConfigError(f"run.dir: {e}") from None
 

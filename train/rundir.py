@@ -23,6 +23,7 @@ runs' checkpoints would be mixed and the older ones deleted.
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -92,11 +93,25 @@ def foreign_entries(root: Path) -> list[Path]:
     return out
 
 
-def check_run_dir(run_dir: Path, resume: Path | None, fresh: bool) -> None:
-    """ValueError (a one-line reason) when a run may not write into ``run_dir``.
+def origin_of(checkpoint: Path) -> str | None:
+    """Where the chain of saves that ``checkpoint`` ends began ("" from scratch, else a checkpoint's resolved
+    path outside the run directory); None when its meta.json does not say (an older mnemo) or cannot be read."""
+    try:
+        origin = json.loads((checkpoint / "meta.json").read_text()).get("origin")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return origin if isinstance(origin, str) else None
 
-    resume: the checkpoint this run resumes from (None: it starts fresh). fresh: it starts fresh on purpose
-    (checkpoint.resume=never or a path), not because ``run_dir`` has no checkpoint yet.
+
+def check_run_dir(run_dir: Path, resume: str, resume_from: Path | None = None) -> tuple[Path | None, str]:
+    """Where a run with ``checkpoint.resume = resume`` starts in ``run_dir``: (checkpoint or None, origin).
+
+    resume_from: the checkpoint ``resume`` names when it is a path (resolved by the caller). ValueError (a
+    one-line reason) when the run may not write into ``run_dir`` (module docstring). A run started from
+    another run's checkpoint X keeps X as its origin in every save's meta.json, so when it restarts with
+    the same command (a SLURM requeue, a relaunch) it goes on from its own newest checkpoint instead of
+    starting over from X; a run started fresh (``never``) has no such mark of its own, and a restart of it
+    is refused like any fresh run beside checkpoints (``auto`` goes on).
     """
     if run_dir.exists() and not run_dir.is_dir():
         raise ValueError(f"{run_dir} exists and is not a directory")
@@ -114,24 +129,28 @@ def check_run_dir(run_dir: Path, resume: Path | None, fresh: bool) -> None:
             f"{root} holds {names}, named like a checkpoint but not one mnemo wrote (no {COMPLETE}, or files a "
             "save does not write); mnemo neither deletes nor writes over it: move it away"
         )
-    done = complete_checkpoints(root)
-    if not fresh or not done:
-        return
-    own = resume is not None and resume.parent.resolve() == root.resolve()
-    newer = [p for p in done if not own or step_of(p) > step_of(resume)]
-    if not newer:
-        return
-    names = ", ".join(p.name for p in newer[-3:])
-    if own:
-        why = f"checkpoints newer than {resume.name}, which this run resumes from ({names})"
-    else:
-        why = f"checkpoints of another run ({names}), and this run starts " + (
-            "fresh" if resume is None else f"from {resume}"
-        )
-    raise ValueError(
-        f"{root} holds {why}: the two runs' checkpoints would be mixed (retention deletes the older, "
-        "resume=auto picks the newest); use a new run.dir, or move those checkpoints away"
+    newest = newest_checkpoint(root)
+    if resume == "auto":
+        return newest, (origin_of(newest) or "") if newest is not None else ""
+    if newest is None:
+        return resume_from, "" if resume_from is None else str(resume_from.resolve())
+    advice = (
+        "the two runs' checkpoints would be mixed (retention deletes the older, resume=auto picks the newest); "
+        "use a new run.dir, move those checkpoints away, or checkpoint.resume=auto to go on from the newest"
     )
+    if resume_from is not None and resume_from.parent.resolve() == root.resolve():  # one of this run dir's own
+        if step_of(resume_from) >= step_of(newest):
+            return resume_from, origin_of(resume_from) or ""
+        newer = [p.name for p in complete_checkpoints(root) if step_of(p) > step_of(resume_from)]
+        raise ValueError(
+            f"{root} holds checkpoints newer than {resume_from.name}, which this run resumes from "
+            f"({', '.join(newer[-3:])}): {advice}"
+        )
+    if resume_from is not None and origin_of(newest) == str(resume_from.resolve()):
+        return newest, str(resume_from.resolve())  # this run, started from there, restarted: go on
+    started = "fresh" if resume_from is None else f"from {resume_from}"
+    names = ", ".join(p.name for p in complete_checkpoints(root)[-3:])
+    raise ValueError(f"{root} holds checkpoints of another run ({names}), and this run starts {started}: {advice}")
 
 
 def wrote_config(path: Path) -> bool:

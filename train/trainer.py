@@ -39,7 +39,7 @@ from mnemo.train.errors import UserError
 from mnemo.train.eval_hook import run_eval
 from mnemo.train.loop import StepLog, TrainLoop, dist_info
 from mnemo.train.resume import check_resume_compatible, reads_universal, universal_tag
-from mnemo.train.rundir import CONFIG_HEADER
+from mnemo.train.rundir import CONFIG_HEADER, check_run_dir
 from mnemo.train.schedule import Preemption, after_step, batching, batching_of, start_lines, stop_requests, total_steps
 from mnemo.train.slots import MemoryGroups, SlotGroups
 from mnemo.train.spikes import spike_detector
@@ -157,13 +157,14 @@ class Trainer:
             world_size=info.world_size,
             barrier=barrier,
         )
-        self.resume_path: Path | None = None
-        if cfg.checkpoint.resume == "auto":
-            self.resume_path = self.ckpt.latest()
-        elif cfg.checkpoint.resume != "never":
-            self.resume_path = ckpt.resolve_checkpoint(cfg.checkpoint.resume)
-        # check_paths (train(), every rank, before the lock) refused a run dir holding what this run
-        # must not write over, or checkpoints this run's would be mixed with (train/rundir.py).
+        r = cfg.checkpoint.resume
+        named = ckpt.resolve_checkpoint(r) if r not in ("auto", "never") else None
+        try:  # check_paths ran it before the lock; the same answer now that this job holds run.dir
+            self.resume_path, self.origin = check_run_dir(self.run_dir, r, named)
+        except ValueError as e:
+            raise UserError(f"run.dir: {e}") from None
+        if named is not None and self.resume_path != named and info.rank == 0:
+            log.info("checkpoint.resume=%s: this run started there; going on from its newest, %s", r, self.resume_path)
         if info.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.run_dir / "config.yaml", f"{CONFIG_HEADER}\n{to_yaml(cfg)}")
@@ -409,6 +410,9 @@ class Trainer:
             "num_documents": self.manifest.get("num_documents"),
             "model_args": dataclasses.asdict(self.model_args),
             "num_params": self.n_params,
+            # Where this run's chain of saves began (train/rundir.py): "" from scratch, else a checkpoint outside
+            # run.dir; a restart with checkpoint.resume naming it goes on from the newest save.
+            "origin": self.origin,
         }
 
     # ------------------------------------------------------------------ steps, evaluations, checkpoints

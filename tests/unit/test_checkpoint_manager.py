@@ -258,6 +258,28 @@ def test_resuming_an_older_checkpoint_of_the_run_refuses_while_newer_ones_exist(
     _check(_cfg(tmp_path, run, **{"checkpoint.resume": str(run)}))  # the run dir: its newest
 
 
+def test_a_run_started_from_another_runs_checkpoint_goes_on_from_its_own_after_a_restart(tmp_path):
+    """checkpoint.resume=X (another run's) and a SLURM requeue or relaunch of the same command: the run dir
+    now holds this run's saves, whose meta.json says they began at X, so the run goes on from the newest
+    of them (not from X again, and not refused as another run's)."""
+    from mnemo.train.config import ConfigError
+    from mnemo.train.rundir import check_run_dir
+
+    src = save(CheckpointManager(tmp_path / "parent"), 5)
+    run = tmp_path / "run"
+    assert check_run_dir(run, str(src), src) == (src, str(src.resolve()))  # first start: from X
+    mgr = CheckpointManager(run)
+    newest = mgr.save(15, FakeEngine(), {"step": 15}, {"step": 15, "origin": str(src.resolve())})
+    assert check_run_dir(run, str(src), src) == (newest, str(src.resolve()))  # restart: its own newest
+    assert check_run_dir(run, "auto") == (newest, str(src.resolve()))  # origin inherited
+    _check(_cfg(tmp_path, run, **{"checkpoint.resume": str(src)}))
+    other = save(CheckpointManager(tmp_path / "other"), 7)
+    with pytest.raises(ConfigError, match="checkpoints of another run"):  # not where this run began
+        _check(_cfg(tmp_path, run, **{"checkpoint.resume": str(other)}))
+    with pytest.raises(ConfigError, match=r"and this run starts fresh: .*checkpoint.resume=auto to go on"):
+        _check(_cfg(tmp_path, run, **{"checkpoint.resume": "never"}))
+
+
 def test_a_run_dir_with_folders_named_like_checkpoints_is_refused_and_kept(tmp_path):
     """A user's checkpoints/step_00000001 (no COMPLETE) was removed with its files at the next start as
     an 'incomplete checkpoint'. Now the start refuses to run there and leaves it."""
