@@ -3,8 +3,42 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
+
+# A generator seed: torch.Generator.manual_seed takes at most 64 bits.
+_MAX_SEED = 2**64 - 1
+
+
+def shown(value: object, limit: int = 40) -> str:
+    """repr(value), cut to ``limit`` characters (a pasted 1000-digit number stays one short line)."""
+    r = repr(value)
+    return r if len(r) <= limit else r[: limit - 3] + "..."
+
+
+def check_flags(rules: list[tuple[str, object, bool, str]]) -> None:
+    """UserError naming the first flag whose value breaks its rule: (flag, value, ok, "must be ...").
+
+    Called before anything heavy is imported or loaded: a mistyped flag is
+    answered at once, not after the model load.
+    """
+    from mnemo.train.errors import UserError
+
+    for flag, value, ok, rule in rules:
+        if not ok:
+            raise UserError(f"{flag}: {rule}, got {shown(value)}")
+
+
+def generate_flag_rules(args: argparse.Namespace) -> list[tuple[str, object, bool, str]]:
+    """The rules of ``mnemo generate``'s numeric flags."""
+    t, p = args.temperature, args.top_p
+    return [
+        ("--max-tokens", args.max_tokens, args.max_tokens >= 0, "must be >= 0"),
+        ("--temperature", t, math.isfinite(t) and t >= 0, "must be a finite number >= 0 (0 = greedy)"),
+        ("--top-p", p, math.isfinite(p) and 0.0 < p <= 1.0, "must be in (0, 1]"),
+        ("--seed", args.seed, 0 <= args.seed <= _MAX_SEED, "must be in [0, 2**64 - 1]"),
+    ]
 
 
 def int_list(text: str) -> list[int]:
@@ -134,10 +168,15 @@ def add_generate(sub: argparse._SubParsersAction, name: str) -> argparse.Argumen
     )
     p.add_argument("checkpoint", help="checkpoint step dir, run dir (latest checkpoint) or export dir")
     p.add_argument("--prompt-file", required=True, help="UTF-8 text file with the prompt")
-    p.add_argument("--max-tokens", type=int, default=200, help="tokens to generate at most (default 200)")
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
-    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (default 0.95)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-tokens", type=int, default=200, help="tokens to generate at most, >= 0 (default 200)")
+    p.add_argument(
+        "--temperature",
+        type=float,
+        default=0.8,
+        help="sampling temperature, a finite number >= 0; 0 = greedy: always the most likely token (default 0.8)",
+    )
+    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass, in (0, 1] (default 0.95)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampling, in [0, 2**64 - 1] (default 0)")
     p.add_argument(
         "--decode",
         choices=("segment", "step"),
@@ -235,11 +274,9 @@ def cmd_lm_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from mnemo.train.checkpoint import load_for_inference
     from mnemo.train.errors import UserError
-    from mnemo.evaluation.generate import TextStreamer, generate
-    from mnemo.evaluation.inference import resolve_device
 
+    check_flags(generate_flag_rules(args))  # before the prompt is read and torch imported
     path = Path(args.prompt_file)
     if not path.is_file():
         raise UserError(f"--prompt-file: no such file: {path}")
@@ -247,10 +284,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise UserError(f"--prompt-file: {path} is not UTF-8 text") from None
-    if args.max_tokens < 0:
-        raise UserError(f"--max-tokens: must be >= 0, got {args.max_tokens}")
-    if not 0.0 < args.top_p <= 1.0:
-        raise UserError(f"--top-p: must be in (0, 1], got {args.top_p}")
+    # After the checks above: these import torch (seconds).
+    from mnemo.train.checkpoint import load_for_inference
+    from mnemo.evaluation.generate import TextStreamer, generate
+    from mnemo.evaluation.inference import resolve_device
+
     model, tokenizer, cfg = load_for_inference(args.checkpoint, device=resolve_device(args.device))
     ids = tokenizer.encode(text)
     if not ids:
