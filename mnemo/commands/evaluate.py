@@ -30,6 +30,31 @@ def check_flags(rules: list[tuple[str, object, bool, str]]) -> None:
             raise UserError(f"{flag}: {rule}, got {shown(value)}")
 
 
+def eval_flag_rules(args: argparse.Namespace) -> list[tuple[str, object, bool, str]]:
+    """The rules of ``mnemo eval``'s numeric flags (None: the flag's default from the run, not checked)."""
+    trials_rule = "must be >= 1 with --tasks" if args.tasks else "must be >= 0 (0 = no passkey)"
+    return [
+        ("--batch-size", args.batch_size, args.batch_size >= 1, "must be >= 1 (documents read in parallel)"),
+        ("--max-docs", args.max_docs, args.max_docs is None or args.max_docs >= 0, "must be >= 0"),
+        (
+            "--passkey-trials (--trials)",
+            args.passkey_trials,
+            args.passkey_trials is None or args.passkey_trials >= (1 if args.tasks else 0),
+            trials_rule,
+        ),
+        ("--multikey", args.multikey, args.multikey >= 0, "must be >= 0 (0 = no multi-key variant)"),
+        ("--seed", args.seed, args.seed >= 0, "must be >= 0"),
+        ("--ltm-capacity", args.ltm_capacity, args.ltm_capacity is None or args.ltm_capacity >= 1, "must be >= 1"),
+        (
+            "--ivf-probe",
+            args.ivf_probe,
+            args.ivf_probe is None or args.ivf_probe >= 1,
+            "must be >= 1 (lists searched per query)",
+        ),
+        ("--limit", args.limit, args.limit is None or args.limit >= 1, "must be >= 1 (documents per task)"),
+    ]
+
+
 def generate_flag_rules(args: argparse.Namespace) -> list[tuple[str, object, bool, str]]:
     """The rules of ``mnemo generate``'s numeric flags."""
     t, p = args.temperature, args.top_p
@@ -71,7 +96,8 @@ def add_eval(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentPar
         "--max-docs",
         type=int,
         default=None,
-        help="held-out documents for loss by position (default: eval.max_docs of the run)",
+        help="held-out documents for loss by position, >= 0 (default: eval.max_docs of the run; 0: none, "
+        "e.g. for the passkey or --tasks alone)",
     )
     p.add_argument(
         "--passkey-trials",
@@ -109,9 +135,9 @@ def add_eval(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentPar
         metavar="K",
         help="also run the multi-key variant with K door facts per document",
     )
-    p.add_argument("--batch-size", type=int, default=32, help="documents read in parallel (slots)")
+    p.add_argument("--batch-size", type=int, default=32, help="documents read in parallel (slots; >= 1, default 32)")
     p.add_argument("--no-ablations", action="store_true", help="only the memory as trained")
-    p.add_argument("--seed", type=int, default=0, help="seed of the passkey documents")
+    p.add_argument("--seed", type=int, default=0, help="seed (>= 0) of the passkey and task documents")
     p.add_argument(
         "--ltm-capacity",
         type=int,
@@ -144,7 +170,7 @@ def add_eval(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentPar
         "--lm-eval-include), every request read through memory (docs/lm_eval.md); --batch-size slots",
     )
     p.add_argument("--lm-eval-include", default=None, metavar="DIR", help="a folder of lm-eval task YAML files")
-    p.add_argument("--limit", type=int, default=None, help="with --lm-eval: at most N documents per task")
+    p.add_argument("--limit", type=int, default=None, help="with --lm-eval: at most N (>= 1) documents per task")
     return p
 
 
@@ -191,14 +217,13 @@ def add_generate(sub: argparse._SubParsersAction, name: str) -> argparse.Argumen
 def cmd_eval(args: argparse.Namespace) -> int:
     from mnemo.train.errors import UserError
 
+    check_flags(eval_flag_rules(args))  # every numeric flag, before anything heavy
     if args.lm_eval is not None:
         if args.data is not None:
             raise UserError("--lm-eval and --data are separate evaluations: give one of them")
         return lm_eval_checkpoint(args)
     if args.data is None:
         raise UserError("mnemo eval: give --data DATA_DIR (or --lm-eval TASKS)")
-    if args.ivf_probe is not None and args.ivf_probe < 1:
-        raise UserError(f"--ivf-probe: must be >= 1 (lists searched per query), got {args.ivf_probe}")
     data = Path(args.data)
     if not (data / "index.json").is_file():  # before the (slower) model load
         what = "no such directory" if not data.is_dir() else "no MDS shards (index.json missing)"

@@ -116,6 +116,9 @@ def test_eval_ivf_probe_below_one(data_dir):
         ["launch", "configs/debug.yaml", "train.lr=-1"],
         ["eval", "/nonexistent/ckpt", "--data", "/nonexistent/data"],
         ["eval", "/nonexistent/ckpt", "--data", "/nonexistent/data", "--ltm-search", "ivf", "--ivf-probe", "0"],
+        ["eval", "/nonexistent/ckpt", "--data", "/nonexistent/data", "--batch-size", "0"],
+        ["eval", "/nonexistent/ckpt", "--lm-eval", "hellaswag", "--limit", "0"],
+        ["generate", "/nonexistent/ckpt", "--prompt-file", "/nonexistent/p.txt", "--temperature", "nan"],
     ],
 )
 def test_config_and_flag_errors_come_before_importing_torch(args):
