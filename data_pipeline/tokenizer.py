@@ -52,6 +52,7 @@ import numpy as np
 import sentencepiece as spm
 
 from mnemo.data_pipeline.errors import DataError
+from mnemo.data_pipeline.tokenizer_out import check_model_out, write_model_file
 
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
 # SentencePiece's whitespace marker; see the module docstring.
@@ -441,11 +442,7 @@ def train_from_texts(
         if "Corpus is empty" in msg or "No valid" in msg or "empty" in msg.lower():
             raise DataError("tokenizer training: the corpus holds no non-empty documents") from None
         raise DataError(f"tokenizer training failed: {msg.splitlines()[-1].strip()}") from None
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    tmp.write_bytes(model.getvalue())
-    os.replace(tmp, out)
+    write_model_file(Path(out), model.getvalue())
     tok = SentencePieceTokenizer(out)
     if tok.vocab_size < vocab_size:
         print(
@@ -468,18 +465,22 @@ def train_tokenizer(
     strict: bool = False,
     num_threads: int | None = None,
     max_doc_bytes: int | None = None,
+    overwrite: bool = False,
 ) -> SentencePieceTokenizer:
     """`mnemo tokenizer train`: sample documents from ``inputs`` and train SentencePiece.
 
     Memory is bounded by ``sample_docs * max_doc_chars`` characters whatever
     the corpus size (one pass over the corpus picks the sample); reading one
     document takes at most about ``max_doc_bytes`` (bigger ones are skipped).
+    ``out``: a new file, or with ``overwrite`` a model mnemo wrote (checked first).
     """
     from mnemo.data_pipeline.inputs import ReadStats, plan_inputs
     from mnemo.data_pipeline.readers import DEFAULT_MAX_DOC_BYTES, iter_documents
 
-    if sample_docs < 1:
-        raise DataError(f"--sample-docs must be positive, got {sample_docs}")
+    if sample_docs < 1 or vocab_size < 1:
+        bad = ("--sample-docs", sample_docs) if sample_docs < 1 else ("--vocab-size", vocab_size)
+        raise DataError(f"{bad[0]} must be positive, got {bad[1]}")
+    out = check_model_out(out, overwrite)
     files = plan_inputs(inputs, text_field=text_field, id_field=id_field)
     stats = ReadStats()
     texts = (

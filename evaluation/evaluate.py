@@ -115,8 +115,12 @@ def evaluate(
     left out, its reason in tasks_skipped {name: message}.
     """
     T = int(cfg.model.segment_len)
-    B = int(batch_size or max(cfg.train.batch_size, 1))
+    B = int(cfg.train.batch_size if batch_size is None else batch_size)
     max_docs = cfg.eval.max_docs if max_docs is None else max_docs
+    if B < 1:
+        raise EvalError(f"--batch-size: must be >= 1, got {B}")
+    if max_docs < 0:  # a negative slice bound would drop documents from the end
+        raise EvalError(f"--max-docs: must be >= 0, got {max_docs}")
     docs = [np.asarray(d, dtype=np.int64)[: cfg.eval.max_doc_tokens] for d in list(heldout_docs)[:max_docs]]
     trials = cfg.eval.passkey_trials if passkey_trials is None else passkey_trials
     dists = list(cfg.eval.passkey_distances if distances is None else distances)

@@ -19,6 +19,7 @@ sees nothing but the current token.
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -29,8 +30,20 @@ from mnemo.evaluation.errors import EvalError
 from mnemo.evaluation.inference import core_model, eval_mode, model_device
 
 
+def check_sampling(temperature: float, top_p: float) -> None:
+    """EvalError unless temperature is finite and >= 0 (0 = greedy) and top_p is in (0, 1].
+
+    A NaN or infinite temperature would make every probability NaN (torch.multinomial
+    then fails mid-generation); a negative one would silently mean greedy.
+    """
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise EvalError(f"temperature: must be a finite number >= 0 (0 = greedy), got {temperature!r}")
+    if not (math.isfinite(top_p) and 0.0 < top_p <= 1.0):
+        raise EvalError(f"top_p: must be in (0, 1], got {top_p!r}")
+
+
 def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> int:
-    """One token id from logits [V]: greedy when temperature <= 0, else nucleus sampling.
+    """One token id from logits [V]: greedy when temperature is 0, else nucleus sampling (check_sampling's values).
 
     top_p keeps the smallest set of most likely tokens whose probability
     reaches top_p (the most likely token is always kept).
@@ -156,6 +169,7 @@ def generate_batch(
     ids = [[int(t) for t in p] for p in prompts]
     if not ids or any(not p for p in ids):
         raise EvalError("generate: a prompt is empty")
+    check_sampling(temperature, top_p)
     B, T = len(ids), int(segment_len)
     device = model_device(model)
     with eval_mode(model):

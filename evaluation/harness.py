@@ -58,6 +58,18 @@ def split_tasks(tasks: str | Sequence[str]) -> list[str]:
     return names
 
 
+def _positive(name: str, value: Any) -> int:
+    """An integer >= 1 from lm-eval's string arguments (--batch_size, --model_args KEY=N); EvalError naming it."""
+    try:
+        n = int(str(value).strip())
+    except ValueError:
+        n = 0
+    if n < 1:
+        shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+        raise EvalError(f"{name}: must be an integer >= 1, got {shown}")
+    return n
+
+
 @register_model("mnemo")
 class MnemoLM(TemplateLM):
     """lm-eval's view of a mnemo model: every request read as its own document, through memory.
@@ -89,6 +101,11 @@ class MnemoLM(TemplateLM):
                 f"--model_args: unknown key(s) {', '.join(sorted(unknown))} of --model mnemo "
                 "(checkpoint, ltm_capacity, max_gen_toks)"
             )
+        # Checked before a checkpoint loads.
+        auto = batch_size is None or str(batch_size).strip().lower().startswith("auto")  # lm-eval's "auto[:N]"
+        self.batch_size = 8 if auto else _positive("--batch_size", batch_size)
+        self.ltm_capacity = None if ltm_capacity in (None, "") else _positive("ltm_capacity", ltm_capacity)
+        self.max_gen_toks = _positive("max_gen_toks", max_gen_toks)
         if model is None:
             if checkpoint is None:
                 raise EvalError("lm_eval --model mnemo: give --model_args checkpoint=PATH")
@@ -101,10 +118,6 @@ class MnemoLM(TemplateLM):
         if tokenizer is None or not segment_len:
             raise EvalError("MnemoLM: a model needs its tokenizer and segment_len")
         self.model, self.tok, self.T = model, tokenizer, int(segment_len)
-        bs = str(batch_size or 8)
-        self.batch_size = int(bs) if bs.isdigit() and int(bs) > 0 else 8  # "auto" and the like: the default
-        self.ltm_capacity = int(ltm_capacity) if ltm_capacity not in (None, "") else None
-        self.max_gen_toks = int(max_gen_toks)
         self._device = model_device(model)
         self.reads: list[dict[str, list[int]]] = []
 

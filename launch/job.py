@@ -205,6 +205,12 @@ def launch(req: LaunchRequest) -> int:
     # Validate everything before starting or submitting anything.
     _check_values(req, None, Path(), "")
     cfg = load_config(req.config, req.overrides)
+    if target not in ("hostfile", "slurm") and not req.dry_run:
+        # The ranks start here: a device this machine lacks is one line now, not an error per rank.
+        # (Hostfile and SLURM ranks run elsewhere; each node's own launcher checks there.)
+        from mnemo.train.rankenv import check_train_device
+
+        check_train_device(cfg.train.device)
     check_paths(cfg)
     if req.debug:
         os.environ["MNEMO_DEBUG"] = "1"  # ranks print tracebacks too

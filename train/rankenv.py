@@ -21,6 +21,22 @@ def cuda_available() -> bool:
         return False
 
 
+def check_train_device(device: str) -> None:
+    """train.device=cuda on a machine without a usable CUDA device: a UserError naming the key.
+
+    Run before ranks start (``mnemo train``, ``mnemo launch`` on the node that
+    starts them) and again by the trainer; without it torch fails later in
+    ``torch.cuda.set_device`` ("Found no NVIDIA driver"), once per rank. Other
+    values need no device (auto falls back to the CPU).
+    """
+    if device == "cuda" and not cuda_available():
+        from mnemo.train.errors import UserError
+
+        raise UserError(
+            "train.device=cuda: no CUDA device available on this machine (train.device=auto or cpu trains on the CPU)"
+        )
+
+
 def rank_env(environ: Mapping[str, str], use_cuda: bool) -> dict[str, str]:
     """Variables to add for one rank, given what the launcher already set."""
     out: dict[str, str] = {}

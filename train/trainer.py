@@ -97,8 +97,10 @@ class Trainer:
         import deepspeed
 
         from mnemo.train.collectives import process_group_backend
+        from mnemo.train.rankenv import check_train_device
 
         cfg, info = self.cfg, self.info
+        check_train_device(cfg.train.device)  # a UserError, not torch's "Found no NVIDIA driver"
         self.use_cuda = cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available())
         if self.use_cuda:
             torch.cuda.set_device(info.local_rank)

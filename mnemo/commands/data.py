@@ -57,7 +57,17 @@ def add_tokenizer_train(sub: argparse._SubParsersAction, name: str) -> argparse.
     t = sub.add_parser(name, help="train a lossless SentencePiece model on a sample of the corpus")
     _add_input_args(t)
     t.add_argument("--vocab-size", type=int, required=True, metavar="N")
-    t.add_argument("--out", required=True, metavar="F", help="model file to write (e.g. tokenizer.model)")
+    t.add_argument(
+        "--out",
+        required=True,
+        metavar="F",
+        help="model file to write (e.g. tokenizer.model); must not exist, unless --overwrite",
+    )
+    t.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace F if it is a SentencePiece model mnemo wrote (any other file is never replaced)",
+    )
     t.add_argument("--model-type", choices=("bpe", "unigram"), default="bpe")
     t.add_argument(
         "--sample-docs",
@@ -89,6 +99,7 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> int:
         text_field=args.text_field,
         seed=args.seed,
         max_doc_bytes=args.max_doc_bytes,
+        overwrite=args.overwrite,
     )
     print(f"wrote {tok.path}: {tok.vocab_size} pieces, eos_id={tok.eos_id}, sha256={tok.sha256}")
     return 0

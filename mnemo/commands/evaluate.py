@@ -3,8 +3,67 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
+
+# A generator seed: torch.Generator.manual_seed takes at most 64 bits.
+_MAX_SEED = 2**64 - 1
+
+
+def shown(value: object, limit: int = 40) -> str:
+    """repr(value), cut to ``limit`` characters (a pasted 1000-digit number stays one short line)."""
+    r = repr(value)
+    return r if len(r) <= limit else r[: limit - 3] + "..."
+
+
+def check_flags(rules: list[tuple[str, object, bool, str]]) -> None:
+    """UserError naming the first flag whose value breaks its rule: (flag, value, ok, "must be ...").
+
+    Called before anything heavy is imported or loaded: a mistyped flag is
+    answered at once, not after the model load.
+    """
+    from mnemo.train.errors import UserError
+
+    for flag, value, ok, rule in rules:
+        if not ok:
+            raise UserError(f"{flag}: {rule}, got {shown(value)}")
+
+
+def eval_flag_rules(args: argparse.Namespace) -> list[tuple[str, object, bool, str]]:
+    """The rules of ``mnemo eval``'s numeric flags (None: the flag's default from the run, not checked)."""
+    trials_rule = "must be >= 1 with --tasks" if args.tasks else "must be >= 0 (0 = no passkey)"
+    return [
+        ("--batch-size", args.batch_size, args.batch_size >= 1, "must be >= 1 (documents read in parallel)"),
+        ("--max-docs", args.max_docs, args.max_docs is None or args.max_docs >= 0, "must be >= 0"),
+        (
+            "--passkey-trials (--trials)",
+            args.passkey_trials,
+            args.passkey_trials is None or args.passkey_trials >= (1 if args.tasks else 0),
+            trials_rule,
+        ),
+        ("--multikey", args.multikey, args.multikey >= 0, "must be >= 0 (0 = no multi-key variant)"),
+        ("--seed", args.seed, args.seed >= 0, "must be >= 0"),
+        ("--ltm-capacity", args.ltm_capacity, args.ltm_capacity is None or args.ltm_capacity >= 1, "must be >= 1"),
+        (
+            "--ivf-probe",
+            args.ivf_probe,
+            args.ivf_probe is None or args.ivf_probe >= 1,
+            "must be >= 1 (lists searched per query)",
+        ),
+        ("--limit", args.limit, args.limit is None or args.limit >= 1, "must be >= 1 (documents per task)"),
+    ]
+
+
+def generate_flag_rules(args: argparse.Namespace) -> list[tuple[str, object, bool, str]]:
+    """The rules of ``mnemo generate``'s numeric flags."""
+    t, p = args.temperature, args.top_p
+    return [
+        ("--max-tokens", args.max_tokens, args.max_tokens >= 0, "must be >= 0"),
+        ("--temperature", t, math.isfinite(t) and t >= 0, "must be a finite number >= 0 (0 = greedy)"),
+        ("--top-p", p, math.isfinite(p) and 0.0 < p <= 1.0, "must be in (0, 1]"),
+        ("--seed", args.seed, 0 <= args.seed <= _MAX_SEED, "must be in [0, 2**64 - 1]"),
+    ]
 
 
 def int_list(text: str) -> list[int]:
@@ -37,7 +96,8 @@ def add_eval(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentPar
         "--max-docs",
         type=int,
         default=None,
-        help="held-out documents for loss by position (default: eval.max_docs of the run)",
+        help="held-out documents for loss by position, >= 0 (default: eval.max_docs of the run; 0: none, "
+        "e.g. for the passkey or --tasks alone)",
     )
     p.add_argument(
         "--passkey-trials",
@@ -75,9 +135,9 @@ def add_eval(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentPar
         metavar="K",
         help="also run the multi-key variant with K door facts per document",
     )
-    p.add_argument("--batch-size", type=int, default=32, help="documents read in parallel (slots)")
+    p.add_argument("--batch-size", type=int, default=32, help="documents read in parallel (slots; >= 1, default 32)")
     p.add_argument("--no-ablations", action="store_true", help="only the memory as trained")
-    p.add_argument("--seed", type=int, default=0, help="seed of the passkey documents")
+    p.add_argument("--seed", type=int, default=0, help="seed (>= 0) of the passkey and task documents")
     p.add_argument(
         "--ltm-capacity",
         type=int,
@@ -110,7 +170,7 @@ def add_eval(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentPar
         "--lm-eval-include), every request read through memory (docs/lm_eval.md); --batch-size slots",
     )
     p.add_argument("--lm-eval-include", default=None, metavar="DIR", help="a folder of lm-eval task YAML files")
-    p.add_argument("--limit", type=int, default=None, help="with --lm-eval: at most N documents per task")
+    p.add_argument("--limit", type=int, default=None, help="with --lm-eval: at most N (>= 1) documents per task")
     return p
 
 
@@ -134,10 +194,15 @@ def add_generate(sub: argparse._SubParsersAction, name: str) -> argparse.Argumen
     )
     p.add_argument("checkpoint", help="checkpoint step dir, run dir (latest checkpoint) or export dir")
     p.add_argument("--prompt-file", required=True, help="UTF-8 text file with the prompt")
-    p.add_argument("--max-tokens", type=int, default=200, help="tokens to generate at most (default 200)")
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
-    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (default 0.95)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-tokens", type=int, default=200, help="tokens to generate at most, >= 0 (default 200)")
+    p.add_argument(
+        "--temperature",
+        type=float,
+        default=0.8,
+        help="sampling temperature, a finite number >= 0; 0 = greedy: always the most likely token (default 0.8)",
+    )
+    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass, in (0, 1] (default 0.95)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampling, in [0, 2**64 - 1] (default 0)")
     p.add_argument(
         "--decode",
         choices=("segment", "step"),
@@ -152,14 +217,13 @@ def add_generate(sub: argparse._SubParsersAction, name: str) -> argparse.Argumen
 def cmd_eval(args: argparse.Namespace) -> int:
     from mnemo.train.errors import UserError
 
+    check_flags(eval_flag_rules(args))  # every numeric flag, before anything heavy
     if args.lm_eval is not None:
         if args.data is not None:
             raise UserError("--lm-eval and --data are separate evaluations: give one of them")
         return lm_eval_checkpoint(args)
     if args.data is None:
         raise UserError("mnemo eval: give --data DATA_DIR (or --lm-eval TASKS)")
-    if args.ivf_probe is not None and args.ivf_probe < 1:
-        raise UserError(f"--ivf-probe: must be >= 1 (lists searched per query), got {args.ivf_probe}")
     data = Path(args.data)
     if not (data / "index.json").is_file():  # before the (slower) model load
         what = "no such directory" if not data.is_dir() else "no MDS shards (index.json missing)"
@@ -235,11 +299,9 @@ def cmd_lm_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from mnemo.train.checkpoint import load_for_inference
     from mnemo.train.errors import UserError
-    from mnemo.evaluation.generate import TextStreamer, generate
-    from mnemo.evaluation.inference import resolve_device
 
+    check_flags(generate_flag_rules(args))  # before the prompt is read and torch imported
     path = Path(args.prompt_file)
     if not path.is_file():
         raise UserError(f"--prompt-file: no such file: {path}")
@@ -247,10 +309,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise UserError(f"--prompt-file: {path} is not UTF-8 text") from None
-    if args.max_tokens < 0:
-        raise UserError(f"--max-tokens: must be >= 0, got {args.max_tokens}")
-    if not 0.0 < args.top_p <= 1.0:
-        raise UserError(f"--top-p: must be in (0, 1], got {args.top_p}")
+    # After the checks above: these import torch (seconds).
+    from mnemo.train.checkpoint import load_for_inference
+    from mnemo.evaluation.generate import TextStreamer, generate
+    from mnemo.evaluation.inference import resolve_device
+
     model, tokenizer, cfg = load_for_inference(args.checkpoint, device=resolve_device(args.device))
     ids = tokenizer.encode(text)
     if not ids:

@@ -116,6 +116,9 @@ def test_eval_ivf_probe_below_one(data_dir):
         ["launch", "configs/debug.yaml", "train.lr=-1"],
         ["eval", "/nonexistent/ckpt", "--data", "/nonexistent/data"],
         ["eval", "/nonexistent/ckpt", "--data", "/nonexistent/data", "--ltm-search", "ivf", "--ivf-probe", "0"],
+        ["eval", "/nonexistent/ckpt", "--data", "/nonexistent/data", "--batch-size", "0"],
+        ["eval", "/nonexistent/ckpt", "--lm-eval", "hellaswag", "--limit", "0"],
+        ["generate", "/nonexistent/ckpt", "--prompt-file", "/nonexistent/p.txt", "--temperature", "nan"],
     ],
 )
 def test_config_and_flag_errors_come_before_importing_torch(args):
@@ -140,3 +143,39 @@ def test_config_and_flag_errors_come_before_importing_torch(args):
     lines = res.stderr.strip().splitlines()
     assert lines[-1].split()[1] == "False" and lines[-1].split()[0] != "0", res.stderr
     assert any(line.startswith("mnemo: error:") for line in lines), res.stderr
+
+
+def _no_gpu() -> bool:
+    import torch
+
+    return not torch.cuda.is_available()
+
+
+@pytest.mark.skipif(not _no_gpu(), reason="needs a machine without CUDA")
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["train", "configs/debug.yaml", "train.device=cuda"],
+        ["launch", "configs/debug.yaml", "--nproc-per-node", "2", "train.device=cuda"],
+    ],
+)
+def test_train_device_cuda_without_a_gpu_is_one_line_before_any_rank(args, tmp_path):
+    """Was `RuntimeError: Found no NVIDIA driver` from torch.cuda.set_device in every rank's trainer set-up."""
+    res = mnemo(*args, f"run.dir={tmp_path / 'run'}")
+    assert_one_line_error(res, "train.device=cuda", "no CUDA device")
+    assert not (tmp_path / "run").exists()  # nothing started: no rank made the run dir
+
+
+def test_check_train_device(monkeypatch):
+    import torch
+
+    from mnemo.train.errors import UserError
+    from mnemo.train.rankenv import check_train_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(UserError, match=r"^train\.device=cuda: no CUDA device available"):
+        check_train_device("cuda")
+    check_train_device("auto")  # falls back to the CPU
+    check_train_device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    check_train_device("cuda")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+from pathlib import Path
 
 import pytest
 
@@ -209,3 +210,61 @@ def test_cli_tokenizer_train(tmp_path, capsys):
     )
     err = capsys.readouterr().err.strip()
     assert rc == 2 and err.startswith("mnemo: error: input") and "missing" in err and "\n" not in err
+
+
+def _cli(capsys, *argv: str) -> tuple[int, str]:
+    from mnemo.cli import main
+
+    rc = main(["tokenizer", "train", *argv])
+    return rc, capsys.readouterr().err
+
+
+def test_out_directory_is_refused_before_training_and_leaves_nothing(tmp_path, capsys):
+    """--out an existing directory: was an IsADirectoryError after training, with tokdir.tmp<pid> left behind."""
+    (tmp_path / "tokdir").mkdir()
+    before = sorted(p.name for p in tmp_path.iterdir())
+    # The corpus does not exist either: the --out error comes first, so nothing was read or trained.
+    rc, err = _cli(capsys, "--input", str(tmp_path / "nope"), "--vocab-size", "300", "--out", str(tmp_path / "tokdir"))
+    assert rc == 2 and err.count("\n") == 1 and err.startswith("mnemo: error: --out "), err
+    assert "is a directory" in err and str(tmp_path / "tokdir") in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before and not any((tmp_path / "tokdir").iterdir())
+    (tmp_path / "afile").write_text("x")
+    rc, err = _cli(
+        capsys, "--input", str(tmp_path), "--vocab-size", "300", "--out", str(tmp_path / "afile" / "t.model")
+    )
+    assert rc == 2 and "is not a directory" in err and "--out" in err
+
+
+def test_a_failed_write_leaves_no_temporary_file(tmp_path, monkeypatch):
+    import os
+
+    from mnemo.data_pipeline import tokenizer as tk
+
+    def fail(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(tk.os, "replace", fail)
+    out = tmp_path / "out" / "t.model"
+    with pytest.raises(DataError, match=r"--out .*t\.model: cannot write the model \(No space left on device\)"):
+        train_tokenizer([str(_corpus(tmp_path, 5))], out, vocab_size=400)
+    assert os.listdir(out.parent) == []
+
+
+def test_existing_out_file_is_replaced_only_if_it_is_a_mnemo_model_and_overwrite(tok, tmp_path, capsys):
+    """A text file named like a model was overwritten silently; prepare and export refuse files they did not write."""
+    corpus = str(_corpus(tmp_path, 5))
+    mine = tmp_path / "mytok.model"
+    mine.write_text("my notes, not a tokenizer\n")
+    for extra in ([], ["--overwrite"]):
+        rc, err = _cli(capsys, "--input", corpus, "--vocab-size", "400", "--out", str(mine), *extra)
+        assert rc == 2 and err.startswith(f"mnemo: error: --out {mine}: exists") and err.count("\n") == 1, err
+        assert ("--overwrite" in err) == (not extra) and ("not a SentencePiece model" in err) == bool(extra)
+        assert mine.read_text() == "my notes, not a tokenizer\n"
+    # A SentencePiece model mnemo wrote: refused without --overwrite, replaced with it.
+    model = tmp_path / "tok.model"
+    model.write_bytes(Path(tok.path).read_bytes())
+    rc, err = _cli(capsys, "--input", corpus, "--vocab-size", "400", "--out", str(model))
+    assert rc == 2 and "pass --overwrite" in err and model.read_bytes() == Path(tok.path).read_bytes()
+    rc, err = _cli(capsys, "--input", corpus, "--vocab-size", "400", "--out", str(model), "--overwrite")
+    assert rc == 0 and Tokenizer(model).vocab_size <= 400 and model.read_bytes() != Path(tok.path).read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus", "mytok.model", "tok.model"]

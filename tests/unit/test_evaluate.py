@@ -297,6 +297,44 @@ def test_evaluate_json_table_plots(tok, corpus, tmp_path):
     assert list(res2["ablations"]) == ["memory"] and "passkey" not in res2
 
 
+@pytest.mark.parametrize(
+    "kw,needle", [({"batch_size": 0}, "--batch-size: must be >= 1"), ({"max_docs": -1}, "--max-docs")]
+)
+def test_evaluate_refuses_a_zero_batch_and_negative_max_docs(tok, corpus, kw, needle):
+    """batch_size=0 used to fall back to train.batch_size; max_docs=-1 sliced [:-1] (all documents but the last)."""
+    with pytest.raises(EvalError, match=needle):
+        evaluate(InductionModel(tok.vocab_size), tok, corpus, _cfg(64), ablations=False, passkey=False, **kw)
+
+
+@pytest.mark.parametrize(
+    "flags,needle",
+    [
+        (["--batch-size", "0"], "--batch-size: must be >= 1 (documents read in parallel), got 0"),
+        (["--batch-size", "-4"], "--batch-size: must be >= 1 (documents read in parallel), got -4"),
+        (["--max-docs", "-1"], "--max-docs: must be >= 0, got -1"),
+        (["--passkey-trials", "-1"], "--passkey-trials (--trials): must be >= 0 (0 = no passkey), got -1"),
+        (["--trials", "0", "--tasks", "mqar"], "--passkey-trials (--trials): must be >= 1 with --tasks, got 0"),
+        (["--multikey", "-2"], "--multikey: must be >= 0 (0 = no multi-key variant), got -2"),
+        (["--seed", "-1"], "--seed: must be >= 0, got -1"),
+        (["--ltm-capacity", "0"], "--ltm-capacity: must be >= 1, got 0"),
+        (["--ivf-probe", "0"], "--ivf-probe: must be >= 1 (lists searched per query), got 0"),
+        (["--batch-size", "-" + "9" * 60], "--batch-size: must be >= 1 (documents read in parallel), got -999"),
+    ],
+)
+def test_eval_cli_checks_numeric_flags_before_loading(tmp_path, flags, needle):
+    """Checked first, one line naming the flag: neither the data dir nor the checkpoint exists here."""
+    from mnemo.cli import build_parser
+
+    for where in (["--data", str(tmp_path / "no-data")], ["--lm-eval", "hellaswag"]):
+        args = build_parser().parse_args(["eval", str(tmp_path / "no-ckpt"), *where, *flags])
+        with pytest.raises(UserError) as e:
+            args.func(args)
+        assert str(e.value).startswith(needle) and len(str(e.value)) < 120, str(e.value)
+    args = build_parser().parse_args(["eval", str(tmp_path / "no-ckpt"), "--lm-eval", "x", "--limit", "0"])
+    with pytest.raises(UserError, match=r"--limit: must be >= 1 \(documents per task\), got 0"):
+        args.func(args)
+
+
 class NoMemoryInduction(InductionModel):
     """The copier without memory whatever the flags: a baseline that sees only its current segment."""
 

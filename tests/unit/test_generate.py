@@ -177,3 +177,36 @@ def test_generate_cli(tmp_path, capsys):
     args = p.parse_args(["generate", str(exp), "--prompt-file", str(tmp_path / "nope.txt")])
     with pytest.raises(UserError, match="nope.txt"):
         args.func(args)
+
+
+@pytest.mark.parametrize("temperature", [float("nan"), float("inf"), -1.0])
+def test_generate_refuses_a_non_finite_or_negative_temperature(temperature):
+    """NaN made every probability NaN (torch.multinomial failed mid-generation); a negative one meant greedy."""
+    m = _model(300)
+    with pytest.raises(EvalError, match="temperature: must be a finite number >= 0"):
+        generate(m, _Tok(), [5, 6, 7], T, 4, temperature=temperature, stop_at_eos=False)
+    with pytest.raises(EvalError, match="top_p: must be in"):
+        generate(m, _Tok(), [5, 6, 7], T, 4, temperature=1.0, top_p=float("nan"), stop_at_eos=False)
+
+
+@pytest.mark.parametrize(
+    "flags,needle",
+    [
+        (["--temperature", "nan"], "--temperature: must be a finite number >= 0 (0 = greedy), got nan"),
+        (["--temperature", "inf"], "--temperature: must be a finite number >= 0 (0 = greedy), got inf"),
+        (["--temperature", "-0.5"], "--temperature: must be a finite number >= 0 (0 = greedy), got -0.5"),
+        (["--top-p", "nan"], "--top-p: must be in (0, 1], got nan"),
+        (["--top-p", "0"], "--top-p: must be in (0, 1], got 0.0"),
+        (["--max-tokens", "-1"], "--max-tokens: must be >= 0, got -1"),
+        (["--seed", "-1"], "--seed: must be in [0, 2**64 - 1], got -1"),
+        (["--seed", str(2**64)], "--seed: must be in [0, 2**64 - 1], got 18446744073709551616"),
+    ],
+)
+def test_generate_cli_checks_sampling_flags_before_loading(tmp_path, flags, needle):
+    """Checked first: neither the prompt file nor the checkpoint is read (here neither exists)."""
+    args = build_parser().parse_args(
+        ["generate", str(tmp_path / "no-ckpt"), "--prompt-file", str(tmp_path / "no-prompt.txt"), *flags]
+    )
+    with pytest.raises(UserError) as e:
+        args.func(args)
+    assert str(e.value) == needle

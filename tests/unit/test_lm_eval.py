@@ -265,3 +265,24 @@ def test_bf16_on_cpu(env):
 
     out = generate_batch(lm16.model, [seq, seq[:20]], T, 4, temperature=0.0)
     assert [len(o) for o in out] == [4, 4]
+
+
+@pytest.mark.parametrize(
+    "kw,needle",
+    [
+        ({"batch_size": 0}, "--batch_size: must be an integer >= 1, got 0"),
+        ({"batch_size": "-3"}, "--batch_size: must be an integer >= 1, got '-3'"),
+        ({"batch_size": "four"}, "--batch_size: must be an integer >= 1, got 'four'"),
+        ({"ltm_capacity": "0"}, "ltm_capacity: must be an integer >= 1, got '0'"),
+        ({"ltm_capacity": "lots"}, "ltm_capacity: must be an integer >= 1, got 'lots'"),
+        ({"max_gen_toks": "-1"}, "max_gen_toks: must be an integer >= 1, got '-1'"),
+    ],
+)
+def test_model_args_are_checked_before_the_checkpoint_loads(kw, needle):
+    """A batch size of 0 or -3 (or a word) used to become 8 silently; a word as ltm_capacity was a traceback."""
+    from mnemo.evaluation import harness
+    from mnemo.evaluation.errors import EvalError
+
+    with pytest.raises(EvalError) as e:
+        harness.MnemoLM(checkpoint="/nonexistent/ckpt", **kw)  # no loader is called: checked first
+    assert str(e.value) == needle

@@ -1,0 +1,78 @@
+"""The model file ``mnemo tokenizer train`` writes (``--out``): checked before training, written whole.
+
+mnemo never replaces a file it cannot tell it wrote (``mnemo prepare`` and
+``mnemo export`` refuse alike): an existing ``--out`` is replaced only with
+``--overwrite`` and only if it is a SentencePiece model as mnemo trains them.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import sentencepiece as spm
+
+from mnemo.data_pipeline.errors import DataError
+
+
+def write_model_file(out: Path, data: bytes) -> None:
+    """``data`` into ``out`` atomically: a temporary file of our own beside it (O_EXCL, so never
+    someone else's), renamed into place; on any failure or interrupt the temporary file is removed.
+    An OSError is a DataError naming the file."""
+    tmp = None
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, out)
+        tmp = None
+    except OSError as e:
+        raise DataError(f"--out {out}: cannot write the model ({e.strerror or e})") from None
+    finally:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+
+
+def is_mnemo_sentencepiece(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a SentencePiece model as ``mnemo tokenizer train`` writes them:
+    a model protocol buffer with mnemo's reserved pieces (0 <unk>, 1 <s>, 2 </s>, 3 <pad>)
+    and byte fallback. Only such a file is replaced by ``--overwrite``."""
+    try:
+        with open(path, "rb") as f:
+            if f.read(1) != b"\x0a":  # a model protocol buffer starts with field 1 (its pieces)
+                return False
+        sp = spm.SentencePieceProcessor()
+        sp.LoadFromFile(str(path))
+        reserved = [sp.id_to_piece(i) for i in range(4)] if sp.get_piece_size() > 4 else []
+        return reserved == ["<unk>", "<s>", "</s>", "<pad>"] and sp.piece_to_id("<0x00>") != sp.unk_id()
+    except (OSError, RuntimeError):
+        return False
+
+
+def check_model_out(out: str | os.PathLike, overwrite: bool = False) -> Path:
+    """``--out`` of ``mnemo tokenizer train``, checked before any corpus is read: a DataError unless
+    it is a new file (in a directory that exists or can be made), or, with ``overwrite``, a
+    SentencePiece model mnemo could have written (``is_mnemo_sentencepiece``). mnemo never
+    replaces a file it cannot tell it wrote (``mnemo prepare`` and ``mnemo export`` refuse alike)."""
+    out = Path(out)
+    if out.is_dir():
+        raise DataError(f"--out {out}: is a directory; give the model file to write, e.g. {out / 'tokenizer.model'}")
+    for parent in out.parents:
+        if parent.exists() or parent.is_symlink():
+            if not parent.is_dir():
+                raise DataError(f"--out {out}: {parent} is not a directory")
+            break
+    if out.exists() or out.is_symlink():
+        if not overwrite:
+            raise DataError(f"--out {out}: exists; pass --overwrite to replace a tokenizer model mnemo wrote")
+        if not is_mnemo_sentencepiece(out):
+            raise DataError(
+                f"--out {out}: exists and is not a SentencePiece model mnemo wrote; mnemo will not replace it "
+                f"(remove it yourself or choose another --out)"
+            )
+    return out
