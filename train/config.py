@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -328,6 +329,25 @@ def _field_types(cls) -> dict[str, Any]:
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
+# An integer as the command line writes it: ASCII digits, one optional sign (str.isdigit() also
+# takes "²" and other digits int() refuses; lstrip("+-") took "+-5").
+_INT_TEXT = re.compile(r"[+-]?[0-9]+", re.ASCII)
+
+
+def _number(value: Any) -> float | None:
+    """``value`` as a float (int, float, or ASCII number text such as "1e-3", "1_000", "inf"), or None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        return None
+    if isinstance(value, str) and not value.isascii():  # float() reads "٣" as 3.0
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        return None
+    except OverflowError:  # an int past float's range (10**400): a number, not a finite one
+        return math.inf if value > 0 else -math.inf
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Convert a YAML/CLI value to the declared type, or raise naming the key."""
     origin = typing.get_origin(tp)
@@ -362,22 +382,21 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         if isinstance(value, int):
             return value
-        if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
-            return int(value)  # exactly: float() would round past 2**53
-        try:
-            f = float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
-        if not math.isfinite(f) or f != int(f):
+        if isinstance(value, str) and _INT_TEXT.fullmatch(value.strip()):
+            try:
+                return int(value)  # exactly: float() would round past 2**53
+            except ValueError:  # more digits than int() reads (4300)
+                raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
+        f = _number(value)
+        if f is None or not math.isfinite(f) or f != int(f):
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         return int(f)
     if tp is float:
         if isinstance(value, bool):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
-        try:
-            f = float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+        f = _number(value)
+        if f is None:
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
         if not math.isfinite(f):  # no field means anything by nan or inf (0 is "no limit" where there is one)
             raise ConfigError(f"{key}: expected a finite number, got {value!r}")
         return f
