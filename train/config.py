@@ -348,6 +348,29 @@ def _number(value: Any) -> float | None:
         return math.inf if value > 0 else -math.inf
 
 
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """What a YAML error says, on one line: where and the problem ("line 3, column 7: ...")."""
+    if isinstance(e, yaml.MarkedYAMLError) and e.problem:
+        m = e.problem_mark
+        where = (
+            ""
+            if m is None
+            else f"column {m.column + 1}: "
+            if m.line == 0
+            else f"line {m.line + 1}, column {m.column + 1}: "
+        )
+        return f"{where}{e.problem}"
+    return " ".join(str(e).split())
+
+
+def _yaml_value(text: str, key: str) -> Any:
+    """A value given as YAML text on the command line ("[1, 3]"), or ConfigError naming the key."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{key}: invalid YAML {text!r} ({_yaml_problem(e)})") from None
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Convert a YAML/CLI value to the declared type, or raise naming the key."""
     origin = typing.get_origin(tp)
@@ -358,8 +381,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return value
     if origin in (list, typing.List):
         (item_tp,) = typing.get_args(tp)
-        if isinstance(value, str):
-            value = yaml.safe_load(value) if value.strip() else []
+        if isinstance(value, str):  # "[1, 3]" from the command line: a YAML flow list
+            value = _yaml_value(value, key) if value.strip() else []
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             value = [value]
         if not isinstance(value, (list, tuple)):

@@ -43,3 +43,11 @@ def test_an_int_past_the_float_range_is_not_a_finite_number(tmp_path):
     p = tmp_path / "c.yaml"
     p.write_text(f"train:\n  lr: {10**400}\n")
     assert "train.lr: expected a finite number" in _error(path=p)
+
+
+@pytest.mark.parametrize("value", ["[1,", "[1, 2", "{a: 1", "[1, ]]", "[1, @x]", "'[1"])
+def test_list_override_that_is_not_yaml_names_the_key(value):
+    # A ScannerError/ParserError traceback before.
+    msg = _error([f"memory.long.layers={value}"])
+    assert msg.startswith("configs/debug.yaml: memory.long.layers: invalid YAML"), msg
+    assert "column" in msg
