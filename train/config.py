@@ -348,19 +348,25 @@ def _number(value: Any) -> float | None:
         return math.inf if value > 0 else -math.inf
 
 
-def _yaml_problem(e: yaml.YAMLError) -> str:
-    """What a YAML error says, on one line: where and the problem ("line 3, column 7: ...")."""
-    if isinstance(e, yaml.MarkedYAMLError) and e.problem:
-        m = e.problem_mark
-        where = (
-            ""
-            if m is None
-            else f"column {m.column + 1}: "
-            if m.line == 0
-            else f"line {m.line + 1}, column {m.column + 1}: "
-        )
-        return f"{where}{e.problem}"
-    return " ".join(str(e).split())
+def _yaml_problem(e: yaml.YAMLError, text: str, file: bool = False) -> str:
+    """What a YAML error in ``text`` says, on one line: where and the problem ("line 3, column 7: ...").
+
+    ``file``: always name the line; else (a command-line value) only when the value has several.
+    """
+    if isinstance(e, yaml.reader.ReaderError):  # a control character: PyYAML gives its offset
+        line = text.count("\n", 0, e.position)
+        column = e.position - (text.rfind("\n", 0, e.position) + 1)
+        char = f"#x{e.character:04x}" if isinstance(e.character, int) else repr(e.character)
+        problem = f"unacceptable character {char}: {e.reason}"
+    elif isinstance(e, yaml.MarkedYAMLError) and e.problem and e.problem_mark is not None:
+        line, column, problem = e.problem_mark.line, e.problem_mark.column, e.problem
+        if e.context and problem.startswith("but "):  # "expected a single document in the stream but found ..."
+            problem = f"{e.context} {problem}"
+    else:
+        return " ".join(str(e).split())
+    if file or line > 0:
+        return f"line {line + 1}, column {column + 1}: {problem}"
+    return f"column {column + 1}: {problem}"
 
 
 def _yaml_value(text: str, key: str) -> Any:
@@ -368,7 +374,7 @@ def _yaml_value(text: str, key: str) -> Any:
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise ConfigError(f"{key}: invalid YAML {text!r} ({_yaml_problem(e)})") from None
+        raise ConfigError(f"{key}: invalid YAML {text!r} ({_yaml_problem(e, text)})") from None
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
@@ -492,9 +498,20 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
         try:
-            tree = yaml.safe_load(p.read_text()) or {}
+            raw = p.read_bytes()
+        except OSError as e:
+            raise ConfigError(f"{p}: cannot read: {e.strerror or e}") from None
+        try:
+            text = raw.decode("utf-8")  # YAML is UTF-8 here, whatever the locale says
+        except UnicodeDecodeError as e:
+            line = raw.count(b"\n", 0, e.start) + 1
+            raise ConfigError(
+                f"{p}: not UTF-8 text (line {line}: byte 0x{raw[e.start]:02x} at offset {e.start})"
+            ) from None
+        try:
+            tree = yaml.safe_load(text) or {}
         except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: invalid YAML ({str(e).splitlines()[0]})") from None
+            raise ConfigError(f"{p}: invalid YAML ({_yaml_problem(e, text, file=True)})") from None
         if not isinstance(tree, dict):
             raise ConfigError(f"{p}: top level must be a mapping")
     for k, v in parse_overrides(overrides or []):

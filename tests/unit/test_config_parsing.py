@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from mnemo.train.config import ConfigError, load_config
@@ -51,3 +53,53 @@ def test_list_override_that_is_not_yaml_names_the_key(value):
     msg = _error([f"memory.long.layers={value}"])
     assert msg.startswith("configs/debug.yaml: memory.long.layers: invalid YAML"), msg
     assert "column" in msg
+
+
+@pytest.mark.parametrize(
+    "content,needle",
+    [
+        (b"\xff\xfe bad: 1\n", "not UTF-8 text (line 1: byte 0xff at offset 0)"),
+        (b"train:\n  lr: 1\n  name: caf\xe9\n", "not UTF-8 text (line 3: byte 0xe9 at offset 26)"),
+    ],
+)
+def test_a_config_file_that_is_not_utf8_is_named(tmp_path, content, needle):
+    # A UnicodeDecodeError traceback before.
+    p = tmp_path / "bin.yaml"
+    p.write_bytes(content)
+    msg = _error(path=p)
+    assert msg.startswith(f"{p}: ") and needle in msg, msg
+
+
+@pytest.mark.parametrize(
+    "content,needle",
+    [
+        ("train:\n  batch_size: 4\n  layers: [1,\n", "line 4, column 1: expected the node content"),
+        ("train:\n  lr: 1\n lr2: 3\n", "line 3, column 2: expected <block end>, but found '<block mapping start>'"),
+        ("train: [1\n", "line 2, column 1: expected ',' or ']'"),
+        ("run:\n  dir: x\x00y\n", "line 2, column 9: unacceptable character #x0000"),
+        ("a: 1\n---\nb: 2\n", "line 2, column 1: expected a single document in the stream but found another document"),
+    ],
+)
+def test_yaml_syntax_errors_name_file_and_line(tmp_path, content, needle):
+    p = tmp_path / "c.yaml"
+    p.write_text(content)
+    msg = _error(path=p)
+    assert msg.startswith(f"{p}: invalid YAML (") and needle in msg, msg
+
+
+def test_a_utf8_byte_order_mark_is_fine(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_bytes(b"\xef\xbb\xbftrain:\n  max_steps: 3\n")
+    assert load_config(p).train.max_steps == 3
+
+
+def test_an_unreadable_config_is_named(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("train:\n  max_steps: 3\n")
+    p.chmod(0)
+    try:
+        if os.access(p, os.R_OK):
+            pytest.skip("running as root: every file is readable")
+        assert _error(path=p) == f"{p}: cannot read: Permission denied"
+    finally:
+        p.chmod(0o644)
