@@ -1,6 +1,7 @@
 """The one typed config tree of a mnemo job.
 
-Precedence: dotted command-line overrides > YAML file > dataclass defaults.
+Precedence: dotted command-line overrides > YAML file > dataclass defaults. A key given
+twice in the file is an error (at any depth); given twice on the command line, the last wins.
 Every field is declared once, here, with a comment saying what it means.
 Unknown keys, wrong types and out-of-range values raise ``ConfigError`` whose
 message names the dotted key, before any process is spawned.
@@ -369,10 +370,59 @@ def _yaml_problem(e: yaml.YAMLError, text: str, file: bool = False) -> str:
     return f"column {column + 1}: {problem}"
 
 
+class _ConfigLoader(yaml.SafeLoader):
+    """PyYAML's SafeLoader, refusing what a config never means: a key given twice in one mapping
+    (at any depth; plain YAML keeps the last, so a second ``train:`` section would silently
+    replace the first one whole). Keys given beside a merge (``<<: *base``) override the merged
+    ones, as YAML says. Errors name the dotted key (after ``base``) and, in a file, the line.
+    """
+
+    base = ""  # dotted key the text is the value of ("" = a whole config file)
+    file = False  # the text is a file: errors name the line
+
+    def construct_document(self, node):
+        self._check(node)
+        return super().construct_document(node)
+
+    def _check(self, root: yaml.Node) -> None:
+        stack = [(root, self.base)]
+        while stack:
+            node, path = stack.pop()
+            if isinstance(node, yaml.SequenceNode):
+                stack.extend((item, f"{path}[{i}]") for i, item in enumerate(node.value))
+            elif isinstance(node, yaml.MappingNode):
+                first_line: dict[Any, int] = {}
+                for k, v in node.value:
+                    if k.tag == "tag:yaml.org,2002:merge":
+                        stack.append((v, path))
+                        continue
+                    name = k.value if isinstance(k, yaml.ScalarNode) else "?"
+                    dotted = f"{path}.{name}" if path else str(name)
+                    ident = (k.tag, k.value) if isinstance(k, yaml.ScalarNode) else id(k)
+                    line = k.start_mark.line + 1
+                    if ident in first_line:
+                        self._refuse(line, f"duplicate key {dotted!r} (first at line {first_line[ident]})")
+                    first_line[ident] = line
+                    stack.append((v, dotted))
+
+    def _refuse(self, line: int, msg: str) -> None:
+        raise ConfigError(f"line {line}: {msg}" if self.file else msg)
+
+
+def _load_yaml(text: str, base: str = "", file: bool = False) -> Any:
+    """``text`` parsed by ``_ConfigLoader``: YAMLError for bad syntax, ConfigError for what it refuses."""
+    loader = _ConfigLoader(text)
+    loader.base, loader.file = base, file
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
 def _yaml_value(text: str, key: str) -> Any:
     """A value given as YAML text on the command line ("[1, 3]"), or ConfigError naming the key."""
     try:
-        return yaml.safe_load(text)
+        return _load_yaml(text, base=key)
     except yaml.YAMLError as e:
         raise ConfigError(f"{key}: invalid YAML {text!r} ({_yaml_problem(e, text)})") from None
 
@@ -509,9 +559,11 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
                 f"{p}: not UTF-8 text (line {line}: byte 0x{raw[e.start]:02x} at offset {e.start})"
             ) from None
         try:
-            tree = yaml.safe_load(text) or {}
+            tree = _load_yaml(text, file=True) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{p}: invalid YAML ({_yaml_problem(e, text, file=True)})") from None
+        except ConfigError as e:
+            raise ConfigError(f"{p}: {e}") from None
         if not isinstance(tree, dict):
             raise ConfigError(f"{p}: top level must be a mapping")
     for k, v in parse_overrides(overrides or []):

@@ -103,3 +103,54 @@ def test_an_unreadable_config_is_named(tmp_path):
         assert _error(path=p) == f"{p}: cannot read: Permission denied"
     finally:
         p.chmod(0o644)
+
+
+def test_a_repeated_section_is_refused_not_merged_or_replaced(tmp_path):
+    # Appending "train:\n  max_steps: 7" to a config silently dropped the file's earlier batch_size and lr.
+    p = tmp_path / "c.yaml"
+    base = open(BASE).read()
+    p.write_text(base + "train:\n  max_steps: 7\n")
+    first = 1 + base.splitlines().index("train:")
+    msg = _error(path=p)
+    assert msg == f"{p}: line {len(base.splitlines()) + 1}: duplicate key 'train' (first at line {first})"
+
+
+@pytest.mark.parametrize(
+    "content,expected",
+    [
+        ("train:\n  lr: 1\n  max_steps: 3\n  lr: 2\n", "line 4: duplicate key 'train.lr' (first at line 2)"),
+        (
+            "train:\n  passkey:\n    fraction: 0.1\n    fraction: 0.2\n",
+            "line 4: duplicate key 'train.passkey.fraction' (first at line 3)",
+        ),
+        (
+            "data:\n  sources:\n    - {path: a, path: b}\n",
+            "line 3: duplicate key 'data.sources[0].path' (first at line 3)",
+        ),
+        ("train: {lr: 1, 'lr': 2}\n", "line 1: duplicate key 'train.lr' (first at line 1)"),
+        ("run:\n  dir: a\nrun:\n  dir: a\n", "line 3: duplicate key 'run' (first at line 1)"),
+    ],
+)
+def test_duplicate_keys_at_any_depth_name_file_line_and_dotted_key(tmp_path, content, expected):
+    p = tmp_path / "c.yaml"
+    p.write_text(content)
+    assert _error(path=p) == f"{p}: {expected}"
+
+
+def test_keys_beside_a_yaml_merge_override_the_merged_ones(tmp_path):
+    # A merge is plain YAML (anchors are fine): the explicit key wins, and that is no duplicate.
+    p = tmp_path / "c.yaml"
+    p.write_text("train:\n  passkey:\n    <<: &pk {fraction: 0.1, max_keys: 2}\n    max_keys: 4\n")
+    cfg = load_config(p)
+    assert cfg.train.passkey.fraction == 0.1 and cfg.train.passkey.max_keys == 4
+
+
+def test_a_duplicate_key_inside_a_list_override_names_the_key():
+    msg = _error(["data.sources=[{path: a, weight: 1, weight: 2}]"])
+    assert "duplicate key 'data.sources[0].weight'" in msg
+
+
+def test_a_key_repeated_on_the_command_line_takes_the_last_value():
+    # Documented (README, Configuration): later overrides win, as scripts that append one rely on.
+    cfg = load_config(BASE, ["train.lr=1", "train.max_steps=3", "train.lr=2"])
+    assert cfg.train.lr == 2.0 and cfg.train.max_steps == 3
