@@ -499,7 +499,9 @@ def _build(cls, data: dict, prefix: str):
             raise ConfigError(f"unknown config key '{key}' (known: {', '.join(sorted(types_))})")
         tp = types_[k]
         if dataclasses.is_dataclass(tp):
-            kwargs[k] = _build(tp, v or {}, key + ".")
+            # An empty section ("train:" alone) is null: all defaults. A scalar or a list is an error
+            # (it was read as empty: "train: 0" dropped every train key without a word).
+            kwargs[k] = _build(tp, {} if v is None else v, key + ".")
         else:
             kwargs[k] = _coerce(v, tp, key)
     return cls(**kwargs)
@@ -520,8 +522,10 @@ def _set_dotted(tree: dict, dotted: str, value: str) -> None:
             if last:
                 raise ConfigError(f"'{dotted}' is a section; set one of its keys")
             child = node.get(part)
-            if not isinstance(child, dict):
+            if child is None:
                 child = node[part] = {}
+            elif not isinstance(child, dict):
+                return  # the file gives this section a scalar or a list: _build names it (and the file)
             node = child
             cls = tp
         else:

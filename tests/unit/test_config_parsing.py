@@ -154,3 +154,27 @@ def test_a_key_repeated_on_the_command_line_takes_the_last_value():
     # Documented (README, Configuration): later overrides win, as scripts that append one rely on.
     cfg = load_config(BASE, ["train.lr=1", "train.max_steps=3", "train.lr=2"])
     assert cfg.train.lr == 2.0 and cfg.train.max_steps == 3
+
+
+@pytest.mark.parametrize("value", ["0", "[]", "[1, 2]", "''", "false", "abc"])
+@pytest.mark.parametrize("overrides", [[], ["train.lr=1"]])
+def test_a_section_that_is_not_a_mapping_is_named(tmp_path, value, overrides):
+    # "train: 0" or "train: []" was read as an empty section (all train keys at their defaults).
+    p = tmp_path / "c.yaml"
+    p.write_text(f"run:\n  dir: x\ntrain: {value}\n")
+    msg = _error(overrides, path=p)
+    assert msg.startswith(f"{p}: train: expected a mapping, got "), msg
+
+
+@pytest.mark.parametrize("content", ["train:\n", "train: null\n", "train: ~\n", "memory:\n  long:\n"])
+def test_an_empty_section_is_all_defaults(tmp_path, content):
+    p = tmp_path / "c.yaml"
+    p.write_text(content)
+    cfg = load_config(p, ["train.max_steps=5"])
+    assert cfg.train.max_steps == 5 and cfg.train.lr == 1e-3 and cfg.memory.long.capacity == 4096
+
+
+def test_a_list_item_that_is_not_a_mapping_is_named(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("data:\n  sources:\n    - {path: a}\n    - 3\n")
+    assert _error(path=p) == f"{p}: data.sources[1]: expected a mapping, got 3"
