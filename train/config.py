@@ -370,15 +370,27 @@ def _yaml_problem(e: yaml.YAMLError, text: str, file: bool = False) -> str:
     return f"column {column + 1}: {problem}"
 
 
+_YAML = "tag:yaml.org,2002:"
+# The YAML types a config value is made of; other tags build what no field means: bytes
+# (!!binary: run.dir became "b'hello'"), dates (!!timestamp), sets, ordered pairs.
+_PLAIN_TAGS = {_YAML + t for t in ("str", "int", "float", "bool", "null", "seq", "map")}
+
+
 class _ConfigLoader(yaml.SafeLoader):
     """PyYAML's SafeLoader, refusing what a config never means: a key given twice in one mapping
     (at any depth; plain YAML keeps the last, so a second ``train:`` section would silently
-    replace the first one whole). Keys given beside a merge (``<<: *base``) override the merged
-    ones, as YAML says. Errors name the dotted key (after ``base``) and, in a file, the line.
+    replace the first one whole), and a tag outside ``_PLAIN_TAGS``. Keys given beside a merge
+    (``<<: *base``) override the merged ones, as YAML says. Unquoted text that YAML 1.1 reads as a
+    date (2024-01-01) or as its "=" value stays the text written. Errors name the dotted key
+    (after ``base``) and, in a file, the line.
     """
 
     base = ""  # dotted key the text is the value of ("" = a whole config file)
     file = False  # the text is a file: errors name the line
+    yaml_implicit_resolvers = {
+        first: [(tag, rx) for tag, rx in resolvers if tag not in (_YAML + "timestamp", _YAML + "value")]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    }
 
     def construct_document(self, node):
         self._check(node)
@@ -388,22 +400,33 @@ class _ConfigLoader(yaml.SafeLoader):
         stack = [(root, self.base)]
         while stack:
             node, path = stack.pop()
+            self._check_tag(node, path)
             if isinstance(node, yaml.SequenceNode):
                 stack.extend((item, f"{path}[{i}]") for i, item in enumerate(node.value))
             elif isinstance(node, yaml.MappingNode):
                 first_line: dict[Any, int] = {}
                 for k, v in node.value:
-                    if k.tag == "tag:yaml.org,2002:merge":
+                    if k.tag == _YAML + "merge":
                         stack.append((v, path))
                         continue
                     name = k.value if isinstance(k, yaml.ScalarNode) else "?"
                     dotted = f"{path}.{name}" if path else str(name)
+                    self._check_tag(k, dotted)
                     ident = (k.tag, k.value) if isinstance(k, yaml.ScalarNode) else id(k)
                     line = k.start_mark.line + 1
                     if ident in first_line:
                         self._refuse(line, f"duplicate key {dotted!r} (first at line {first_line[ident]})")
                     first_line[ident] = line
                     stack.append((v, dotted))
+
+    def _check_tag(self, node: yaml.Node, path: str) -> None:
+        if node.tag not in _PLAIN_TAGS:
+            tag = "!!" + node.tag.removeprefix(_YAML) if node.tag.startswith(_YAML) else node.tag
+            self._refuse(
+                node.start_mark.line + 1,
+                f"{path or 'top level'}: YAML tag {tag!r} is not allowed in a config "
+                "(values are strings, numbers, true/false, null, lists and mappings)",
+            )
 
     def _refuse(self, line: int, msg: str) -> None:
         raise ConfigError(f"line {line}: {msg}" if self.file else msg)
@@ -482,7 +505,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is str:
         if value is None:
             return ""
-        if isinstance(value, (dict, list)):
+        if isinstance(value, bool):  # YAML reads unquoted yes/no/on/off/true/false as booleans
+            raise ConfigError(f"{key}: expected a string, got {value!r} (quote the text)")
+        if not isinstance(value, (str, int, float)):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
         return str(value)
     raise ConfigError(f"{key}: unsupported type {tp}")

@@ -178,3 +178,56 @@ def test_a_list_item_that_is_not_a_mapping_is_named(tmp_path):
     p = tmp_path / "c.yaml"
     p.write_text("data:\n  sources:\n    - {path: a}\n    - 3\n")
     assert _error(path=p) == f"{p}: data.sources[1]: expected a mapping, got 3"
+
+
+@pytest.mark.parametrize(
+    "content,expected",
+    [
+        ("run:\n  dir: !!binary aGVsbG8=\n", "line 2: run.dir: YAML tag '!!binary' is not allowed in a config"),
+        ("run:\n  name: !!timestamp 2024-01-01\n", "line 2: run.name: YAML tag '!!timestamp' is not allowed"),
+        ("eval:\n  tasks: !!set {passkey: null}\n", "line 2: eval.tasks: YAML tag '!!set' is not allowed"),
+        ("eval:\n  tasks: !!omap [{passkey: 1}]\n", "line 2: eval.tasks: YAML tag '!!omap' is not allowed"),
+        ("eval:\n  tasks: [passkey, !!binary aGk=]\n", "line 2: eval.tasks[1]: YAML tag '!!binary' is not allowed"),
+        ("run:\n  dir: !custom x\n", "line 2: run.dir: YAML tag '!custom' is not allowed"),
+        ("run:\n  !!binary ZGly: x\n", "line 2: run.ZGly: YAML tag '!!binary' is not allowed"),
+        ("run:\n  dir: !!python/name:os.system x\n", "line 2: run.dir: YAML tag '!!python/name:os.system' is not"),
+        ("!!set {run: null}\n", "line 1: top level: YAML tag '!!set' is not allowed"),
+    ],
+)
+def test_yaml_tags_of_other_types_are_refused_naming_the_key(tmp_path, content, expected):
+    # run.dir: !!binary aGVsbG8= was the path "b'hello'".
+    p = tmp_path / "c.yaml"
+    p.write_text(content)
+    msg = _error(path=p)
+    assert msg.startswith(f"{p}: {expected}"), msg
+
+
+def test_a_tag_inside_a_list_override_is_refused_naming_the_key():
+    msg = _error(["data.sources=[{path: !!binary YQ==}]"])
+    assert "data.sources[0].path: YAML tag '!!binary' is not allowed" in msg
+
+
+@pytest.mark.parametrize("text", ["2024-01-01", "2001-12-14 21:59:43.10 -5", "2001-12-14t21:59:43.10-05:00", "="])
+def test_text_that_yaml_reads_as_a_date_stays_the_text_written(tmp_path, text):
+    p = tmp_path / "c.yaml"
+    p.write_text(f"run:\n  name: {text}\n")
+    assert load_config(p).run.name == text
+    p.write_text(f"train:\n  seed: {text}\n")
+    assert "train.seed: expected an integer" in _error(path=p)
+
+
+@pytest.mark.parametrize("text", ["yes", "no", "on", "off", "true", "False"])
+def test_a_boolean_where_a_string_is_expected_is_refused(tmp_path, text):
+    # run.name: no was the run name "False".
+    p = tmp_path / "c.yaml"
+    p.write_text(f"run:\n  name: {text}\n")
+    assert "run.name: expected a string, got " in _error(path=p)
+    p.write_text(f"run:\n  name: '{text}'\n")
+    assert load_config(p).run.name == text
+
+
+@pytest.mark.parametrize("value", ["[a]", "{a: 1}"])
+def test_a_list_or_mapping_where_a_string_is_expected_is_refused(tmp_path, value):
+    p = tmp_path / "c.yaml"
+    p.write_text(f"run:\n  dir: {value}\n")
+    assert "run.dir: expected a string, got " in _error(path=p)
