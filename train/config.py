@@ -15,6 +15,7 @@ import dataclasses
 import math
 import os
 import re
+import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -325,6 +326,28 @@ class Config:
 # Loading
 
 
+# What config errors quote of a value: at most ~120 characters, nested containers cut short.
+# reprlib looks only at what it shows, so a huge value, or one YAML aliases share (a "billion
+# laughs" of lists), costs no time; the whole repr of one such value was 39 MB and 9 s.
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother, _REPR.maxlong = 3, 100, 100, 60
+_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = _REPR.maxset = 8
+_QUOTE_LIMIT = 120
+
+
+def _clip(text: str, limit: int = _QUOTE_LIMIT) -> str:
+    """``text`` (a key, another module's message) cut to ``limit`` characters, "..." where cut."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _brief(value: Any) -> str:
+    """repr(value) for an error message, bounded (see _REPR)."""
+    try:
+        return _clip(_REPR.repr(value))
+    except Exception:  # a repr that fails (an int past str()'s digit limit): name the type
+        return f"<{type(value).__name__}>"
+
+
 def _field_types(cls) -> dict[str, Any]:
     hints = typing.get_type_hints(cls)
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
@@ -371,6 +394,10 @@ def _yaml_problem(e: yaml.YAMLError, text: str, file: bool = False) -> str:
 
 
 _YAML = "tag:yaml.org,2002:"
+# Values (scalars, lists, mappings) a config's YAML may hold once its aliases are expanded: a
+# shipped config has ~50, a mixture of 1000 sources ~10000. Anchors and aliases are fine; a
+# "billion laughs" (each level aliasing the previous one 9 times) is refused in milliseconds.
+_MAX_YAML_NODES = 100_000
 # The YAML types a config value is made of; other tags build what no field means: bytes
 # (!!binary: run.dir became "b'hello'"), dates (!!timestamp), sets, ordered pairs.
 _PLAIN_TAGS = {_YAML + t for t in ("str", "int", "float", "bool", "null", "seq", "map")}
@@ -398,9 +425,19 @@ class _ConfigLoader(yaml.SafeLoader):
 
     def _check(self, root: yaml.Node) -> None:
         stack = [(root, self.base)]
+        visited = 0
         while stack:
             node, path = stack.pop()
+            # Each alias is walked again where it is used: the walk sees the tree as expanded.
+            visited += 1
+            if visited > _MAX_YAML_NODES:
+                self._refuse(
+                    node.start_mark.line + 1,
+                    f"{_clip(path) or 'top level'}: more than {_MAX_YAML_NODES} values once YAML aliases are expanded",
+                )
             self._check_tag(node, path)
+            if node.tag == _YAML + "int" and len(node.value) > 1000:  # int() reads 4300 digits at most
+                self._refuse(node.start_mark.line + 1, f"{_clip(path)}: an integer of {len(node.value)} characters")
             if isinstance(node, yaml.SequenceNode):
                 stack.extend((item, f"{path}[{i}]") for i, item in enumerate(node.value))
             elif isinstance(node, yaml.MappingNode):
@@ -415,7 +452,7 @@ class _ConfigLoader(yaml.SafeLoader):
                     ident = (k.tag, k.value) if isinstance(k, yaml.ScalarNode) else id(k)
                     line = k.start_mark.line + 1
                     if ident in first_line:
-                        self._refuse(line, f"duplicate key {dotted!r} (first at line {first_line[ident]})")
+                        self._refuse(line, f"duplicate key {_brief(dotted)} (first at line {first_line[ident]})")
                     first_line[ident] = line
                     stack.append((v, dotted))
 
@@ -424,7 +461,7 @@ class _ConfigLoader(yaml.SafeLoader):
             tag = "!!" + node.tag.removeprefix(_YAML) if node.tag.startswith(_YAML) else node.tag
             self._refuse(
                 node.start_mark.line + 1,
-                f"{path or 'top level'}: YAML tag {tag!r} is not allowed in a config "
+                f"{_clip(path) or 'top level'}: YAML tag {_brief(tag)} is not allowed in a config "
                 "(values are strings, numbers, true/false, null, lists and mappings)",
             )
 
@@ -438,6 +475,8 @@ def _load_yaml(text: str, base: str = "", file: bool = False) -> Any:
     loader.base, loader.file = base, file
     try:
         return loader.get_single_data()
+    except RecursionError:  # PyYAML composes nested nodes recursively: [[[[...]]]] a few hundred deep
+        raise ConfigError(f"{_clip(base) + ': ' if base else ''}YAML nested too deeply") from None
     finally:
         loader.dispose()
 
@@ -447,7 +486,7 @@ def _yaml_value(text: str, key: str) -> Any:
     try:
         return _load_yaml(text, base=key)
     except yaml.YAMLError as e:
-        raise ConfigError(f"{key}: invalid YAML {text!r} ({_yaml_problem(e, text)})") from None
+        raise ConfigError(f"{key}: invalid YAML {_brief(text)} ({_clip(_yaml_problem(e, text))})") from None
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
@@ -456,7 +495,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if origin is Literal:
         choices = typing.get_args(tp)
         if value not in choices:
-            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, choices))}")
+            raise ConfigError(f"{key}: {_brief(value)} is not one of {', '.join(map(str, choices))}")
         return value
     if origin in (list, typing.List):
         (item_tp,) = typing.get_args(tp)
@@ -465,7 +504,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             value = [value]
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
+            raise ConfigError(f"{key}: expected a list, got {_brief(value)}")
         if dataclasses.is_dataclass(item_tp):  # a list of small sections (data.sources): unknown keys name the item
             return [_build(item_tp, v, f"{key}[{i}].") for i, v in enumerate(value)]
         return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
@@ -478,50 +517,50 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return True
         if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
             return False
-        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+        raise ConfigError(f"{key}: expected true/false, got {_brief(value)}")
     if tp is int:
         if isinstance(value, bool):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+            raise ConfigError(f"{key}: expected an integer, got {_brief(value)}")
         if isinstance(value, int):
             return value
         if isinstance(value, str) and _INT_TEXT.fullmatch(value.strip()):
             try:
                 return int(value)  # exactly: float() would round past 2**53
             except ValueError:  # more digits than int() reads (4300)
-                raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
+                raise ConfigError(f"{key}: expected an integer, got {_brief(value)}") from None
         f = _number(value)
         if f is None or not math.isfinite(f) or f != int(f):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+            raise ConfigError(f"{key}: expected an integer, got {_brief(value)}")
         return int(f)
     if tp is float:
         if isinstance(value, bool):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
+            raise ConfigError(f"{key}: expected a number, got {_brief(value)}")
         f = _number(value)
         if f is None:
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
+            raise ConfigError(f"{key}: expected a number, got {_brief(value)}")
         if not math.isfinite(f):  # no field means anything by nan or inf (0 is "no limit" where there is one)
-            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+            raise ConfigError(f"{key}: expected a finite number, got {_brief(value)}")
         return f
     if tp is str:
         if value is None:
             return ""
         if isinstance(value, bool):  # YAML reads unquoted yes/no/on/off/true/false as booleans
-            raise ConfigError(f"{key}: expected a string, got {value!r} (quote the text)")
+            raise ConfigError(f"{key}: expected a string, got {_brief(value)} (quote the text)")
         if not isinstance(value, (str, int, float)):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
+            raise ConfigError(f"{key}: expected a string, got {_brief(value)}")
         return str(value)
     raise ConfigError(f"{key}: unsupported type {tp}")
 
 
 def _build(cls, data: dict, prefix: str):
     if not isinstance(data, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+        raise ConfigError(f"{_clip(prefix.rstrip('.')) or 'config'}: expected a mapping, got {_brief(data)}")
     types_ = _field_types(cls)
     kwargs = {}
     for k, v in data.items():
         key = f"{prefix}{k}"
         if k not in types_:
-            raise ConfigError(f"unknown config key '{key}' (known: {', '.join(sorted(types_))})")
+            raise ConfigError(f"unknown config key '{_clip(key)}' (known: {', '.join(sorted(types_))})")
         tp = types_[k]
         if dataclasses.is_dataclass(tp):
             # An empty section ("train:" alone) is null: all defaults. A scalar or a list is an error
@@ -540,12 +579,12 @@ def _set_dotted(tree: dict, dotted: str, value: str) -> None:
     for i, part in enumerate(parts):
         types_ = _field_types(cls)
         if part not in types_:
-            raise ConfigError(f"unknown config key '{'.'.join(parts[: i + 1])}'")
+            raise ConfigError(f"unknown config key '{_clip('.'.join(parts[: i + 1]))}'")
         tp = types_[part]
         last = i == len(parts) - 1
         if dataclasses.is_dataclass(tp):
             if last:
-                raise ConfigError(f"'{dotted}' is a section; set one of its keys")
+                raise ConfigError(f"'{_clip(dotted)}' is a section; set one of its keys")
             child = node.get(part)
             if child is None:
                 child = node[part] = {}
@@ -555,7 +594,7 @@ def _set_dotted(tree: dict, dotted: str, value: str) -> None:
             cls = tp
         else:
             if not last:
-                raise ConfigError(f"'{'.'.join(parts[: i + 1])}' is not a section")
+                raise ConfigError(f"'{_clip('.'.join(parts[: i + 1]))}' is not a section")
             node[part] = value
 
 
@@ -563,7 +602,7 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, str]]:
     out = []
     for o in overrides:
         if "=" not in o:
-            raise ConfigError(f"override '{o}' is not of the form dotted.key=value")
+            raise ConfigError(f"override {_brief(o)} is not of the form dotted.key=value")
         k, v = o.split("=", 1)
         out.append((k.strip(), v))
     return out
@@ -613,7 +652,7 @@ def validate(cfg: Config) -> None:
         if not cond:
             raise ConfigError(f"{key}: {msg}")
 
-    need(cfg.model.size in SIZES, "model.size", f"unknown size {cfg.model.size!r} (known: {', '.join(SIZES)})")
+    need(cfg.model.size in SIZES, "model.size", f"unknown size {_brief(cfg.model.size)} (known: {', '.join(SIZES)})")
     need(cfg.model.segment_len >= 1, "model.segment_len", "must be >= 1")
     need(cfg.memory.short.length >= 0, "memory.short.length", "must be >= 0")
     need(cfg.memory.bptt_segments >= 1, "memory.bptt_segments", "must be >= 1")
@@ -685,12 +724,12 @@ def validate(cfg: Config) -> None:
     try:
         specs = parse_tasks(",".join(pk.tasks)) if pk.tasks else []
     except ValueError as e:
-        raise ConfigError(f"train.passkey.tasks: {pk.tasks}: {e}") from None
+        raise ConfigError(f"train.passkey.tasks: {_brief(pk.tasks)}: {_clip(str(e))}") from None
     need(bool(specs), "train.passkey.tasks", "must name at least one task")
     need(
         not pk.task_weights or (len(pk.task_weights) == len(specs) and all(w > 0 for w in pk.task_weights)),
         "train.passkey.task_weights",
-        f"{pk.task_weights}: one weight > 0 per task of train.passkey.tasks ({len(specs)}), or empty",
+        f"{_brief(pk.task_weights)}: one weight > 0 per task of train.passkey.tasks ({len(specs)}), or empty",
     )
     need(cfg.zero.stage in (1, 2, 3), "zero.stage", f"must be 1, 2 or 3, got {cfg.zero.stage}")
     need(cfg.checkpoint.interval >= 0, "checkpoint.interval", "must be >= 0")
@@ -721,8 +760,8 @@ def validate(cfg: Config) -> None:
             try:
                 names += [spec.name for spec in parse_tasks(str(item))]
             except DataError as e:
-                raise ConfigError(f"eval.tasks[{i}]: {str(e).splitlines()[0]}") from None
-            need(len(set(names)) == len(names), f"eval.tasks[{i}]", f"task {names[-1]!r} named twice")
+                raise ConfigError(f"eval.tasks[{i}]: {_clip(str(e).splitlines()[0])}") from None
+            need(len(set(names)) == len(names), f"eval.tasks[{i}]", f"task {_brief(names[-1])} named twice")
 
 
 def validate_sources(cfg: Config) -> None:
@@ -742,14 +781,16 @@ def validate_sources(cfg: Config) -> None:
         if s.max_epochs < 0:
             raise ConfigError(f"data.sources[{i}].max_epochs: must be >= 0 (0 = no limit), got {s.max_epochs}")
     if sum(s.weight for s in src) <= 0:
-        raise ConfigError(f"data.sources: the weights sum to 0 ({[s.weight for s in src]}); one must be > 0")
+        raise ConfigError(f"data.sources: the weights sum to 0 ({_brief([s.weight for s in src])}); one must be > 0")
     names = source_names([s.path for s in src], [s.name for s in src])
     for i, n in enumerate(names):
         if n in names[:i]:
             j = names.index(n)
-            raise ConfigError(f"data.sources[{i}]: name {n!r} is also data.sources[{j}]'s; set data.sources[{i}].name")
+            raise ConfigError(
+                f"data.sources[{i}]: name {_brief(n)} is also data.sources[{j}]'s; set data.sources[{i}].name"
+            )
         if not all(c.isalnum() or c in "_-." for c in n):
-            raise ConfigError(f"data.sources[{i}].name: {n!r} may hold only letters, digits, '_', '-', '.'")
+            raise ConfigError(f"data.sources[{i}].name: {_brief(n)} may hold only letters, digits, '_', '-', '.'")
 
 
 def data_paths(cfg: Config) -> list[tuple[str, str]]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 
@@ -231,3 +232,74 @@ def test_a_list_or_mapping_where_a_string_is_expected_is_refused(tmp_path, value
     p = tmp_path / "c.yaml"
     p.write_text(f"run:\n  dir: {value}\n")
     assert "run.dir: expected a string, got " in _error(path=p)
+
+
+def _alias_bomb(levels: int, width: int = 9) -> str:
+    lines = ["a0: &a0 [" + ", ".join(["lol"] * width) + "]"]
+    for i in range(1, levels):
+        lines.append(f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * width) + "]")
+    return "\n".join(lines)
+
+
+@pytest.mark.parametrize("where", ["run:\n  dir: *a{n}\n", "eval:\n  tasks: *a{n}\n", "bombs:\n  x: *a{n}\n"])
+def test_a_yaml_alias_bomb_is_refused_fast_and_in_few_words(tmp_path, where):
+    # 7 levels under run.dir took 9.4 s and gave a 39 MB "one-line" error; 9 levels would not end.
+    n = 9
+    p = tmp_path / "c.yaml"
+    anchors = "".join(f"  {line}\n" for line in _alias_bomb(n).splitlines())
+    p.write_text(f"x_anchors:\n{anchors}" + where.format(n=n - 1))
+    t0 = time.perf_counter()
+    msg = _error(path=p)
+    assert time.perf_counter() - t0 < 5
+    assert "values once YAML aliases are expanded" in msg and len(msg) < 400 + len(str(p)), msg
+
+
+def test_anchors_and_aliases_of_an_ordinary_size_are_fine(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("eval:\n  passkey_distances: &d [1, 2, 4]\n  task_distances: *d\nrun:\n  dir: &r runs/x\n  name: *r\n")
+    cfg = load_config(p)
+    assert cfg.eval.task_distances == [1, 2, 4] and cfg.run.name == "runs/x"
+
+
+@pytest.mark.parametrize(
+    "overrides,field",
+    [
+        (["model.size=" + "h" * 100_000], "model.size"),
+        (["memory.long.kind=" + "k" * 100_000], "memory.long.kind"),
+        (["train.max_steps=" + "9" * 100_000], "train.max_steps"),
+        (["train.lr=" + "x" * 100_000], "train.lr"),
+        (["tracking.enabled=" + "y" * 100_000], "tracking.enabled"),
+        (["memory.long.layers=[" + "1," * 2000 + "x]"], "memory.long.layers[2000]"),
+        (["memory.long.layers=[" + "1," * 2000], "memory.long.layers"),
+        (["eval.tasks=[" + "[" * 100 + "]" * 100 + "]"], "eval.tasks[0]"),
+        (["train." + "k" * 100_000 + "=1"], "unknown config key"),
+        (["o" * 100_000], "not of the form"),
+        (["train.passkey.tasks=[" + "nosuch" * 20_000 + "]"], "train.passkey.tasks"),
+        (["train.passkey.task_weights=[" + "1," * 2000 + "1]"], "train.passkey.task_weights"),
+        (["eval.tasks=[" + "nosuch" * 20_000 + "]"], "eval.tasks[0]"),
+    ],
+)
+def test_errors_quote_a_bounded_part_of_the_value(overrides, field):
+    msg = _error(overrides)
+    assert field in msg and len(msg) < 600, (len(msg), msg[:300])
+
+
+def test_a_huge_value_in_the_file_is_quoted_briefly(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("run:\n  dir: [" + ", ".join(["abcdefgh"] * 2000) + "]\ntrain:\n  seed: " + "7" * 5000 + "\n")
+    msg = _error(path=p)
+    assert len(msg) < 400 + len(str(p)), msg
+
+
+def test_an_integer_too_long_for_int_in_the_file_names_the_key(tmp_path):
+    # int() refuses more than 4300 digits: a bare ValueError from inside PyYAML before.
+    p = tmp_path / "c.yaml"
+    p.write_text("train:\n  seed: " + "7" * 5000 + "\n")
+    assert _error(path=p) == f"{p}: line 2: train.seed: an integer of 5000 characters"
+
+
+def test_yaml_nested_too_deeply_is_one_line(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("eval:\n  tasks: " + "[" * 1000 + "]" * 1000 + "\n")
+    assert _error(path=p) == f"{p}: YAML nested too deeply"
+    assert _error(["eval.tasks=" + "[" * 1000]) == "configs/debug.yaml: eval.tasks: YAML nested too deeply"
