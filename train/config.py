@@ -26,6 +26,7 @@ import yaml
 
 from mnemo.data_pipeline.paths import is_remote, local_path
 from mnemo.train.errors import UserError
+from mnemo.train.redact import redact_uri
 
 
 class ConfigError(UserError):
@@ -329,7 +330,14 @@ class Config:
 # What config errors quote of a value: at most ~120 characters, nested containers cut short.
 # reprlib looks only at what it shows, so a huge value, or one YAML aliases share (a "billion
 # laughs" of lists), costs no time; the whole repr of one such value was 39 MB and 9 s.
-_REPR = reprlib.Repr()
+class _Repr(reprlib.Repr):
+    # Credentials in a URI are hidden before a string is cut: the CLI redacts the message it
+    # prints, but a cut that drops the "@" of user:token@host would leave the token unrecognized.
+    def repr_str(self, x: str, level: int) -> str:
+        return super().repr_str(redact_uri(x), level)
+
+
+_REPR = _Repr()
 _REPR.maxlevel, _REPR.maxstring, _REPR.maxother, _REPR.maxlong = 3, 100, 100, 60
 _REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = _REPR.maxset = 8
 _QUOTE_LIMIT = 120
@@ -337,6 +345,7 @@ _QUOTE_LIMIT = 120
 
 def _clip(text: str, limit: int = _QUOTE_LIMIT) -> str:
     """``text`` (a key, another module's message) cut to ``limit`` characters, "..." where cut."""
+    text = redact_uri(text)  # before the cut (see _Repr)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 

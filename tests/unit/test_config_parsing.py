@@ -303,3 +303,13 @@ def test_yaml_nested_too_deeply_is_one_line(tmp_path):
     p.write_text("eval:\n  tasks: " + "[" * 1000 + "]" * 1000 + "\n")
     assert _error(path=p) == f"{p}: YAML nested too deeply"
     assert _error(["eval.tasks=" + "[" * 1000]) == "configs/debug.yaml: eval.tasks: YAML nested too deeply"
+
+
+@pytest.mark.parametrize("uri", ["https://" + "T" * 80 + "@host/" + "x" * 300, "https://u:" + "p" * 300 + "@h/"])
+def test_a_quoted_value_is_redacted_before_it_is_cut(tmp_path, uri):
+    # A token in the user part of a long URI: a cut that dropped its "@" left it unrecognized by the redaction.
+    p = tmp_path / "c.yaml"
+    p.write_text(f"tracking:\n  uri: ['{uri}']\n")
+    msg = _error(path=p)
+    assert "tracking.uri: expected a string" in msg and "TTTTT" not in msg and "ppppp" not in msg, msg
+    assert "TTTTT" not in _error([f"model.size={uri}"])
