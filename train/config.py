@@ -1,6 +1,7 @@
 """The one typed config tree of a mnemo job.
 
-Precedence: dotted command-line overrides > YAML file > dataclass defaults.
+Precedence: dotted command-line overrides > YAML file > dataclass defaults. A key given
+twice in the file is an error (at any depth); given twice on the command line, the last wins.
 Every field is declared once, here, with a comment saying what it means.
 Unknown keys, wrong types and out-of-range values raise ``ConfigError`` whose
 message names the dotted key, before any process is spawned.
@@ -13,6 +14,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
+import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -23,6 +26,7 @@ import yaml
 
 from mnemo.data_pipeline.paths import is_remote, local_path
 from mnemo.train.errors import UserError
+from mnemo.train.redact import redact_uri
 
 
 class ConfigError(UserError):
@@ -323,9 +327,175 @@ class Config:
 # Loading
 
 
+# What config errors quote of a value: at most ~120 characters, nested containers cut short.
+# reprlib looks only at what it shows, so a huge value, or one YAML aliases share (a "billion
+# laughs" of lists), costs no time; the whole repr of one such value was 39 MB and 9 s.
+class _Repr(reprlib.Repr):
+    # Credentials in a URI are hidden before a string is cut: the CLI redacts the message it
+    # prints, but a cut that drops the "@" of user:token@host would leave the token unrecognized.
+    def repr_str(self, x: str, level: int) -> str:
+        return super().repr_str(redact_uri(x), level)
+
+
+_REPR = _Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother, _REPR.maxlong = 3, 100, 100, 60
+_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = _REPR.maxset = 8
+_QUOTE_LIMIT = 120
+
+
+def _clip(text: str, limit: int = _QUOTE_LIMIT) -> str:
+    """``text`` (a key, another module's message) cut to ``limit`` characters, "..." where cut."""
+    text = redact_uri(text)  # before the cut (see _Repr)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _brief(value: Any) -> str:
+    """repr(value) for an error message, bounded (see _REPR)."""
+    try:
+        return _clip(_REPR.repr(value))
+    except Exception:  # a repr that fails (an int past str()'s digit limit): name the type
+        return f"<{type(value).__name__}>"
+
+
 def _field_types(cls) -> dict[str, Any]:
     hints = typing.get_type_hints(cls)
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+# An integer as the command line writes it: ASCII digits, one optional sign (str.isdigit() also
+# takes "²" and other digits int() refuses; lstrip("+-") took "+-5").
+_INT_TEXT = re.compile(r"[+-]?[0-9]+", re.ASCII)
+
+
+def _number(value: Any) -> float | None:
+    """``value`` as a float (int, float, or ASCII number text such as "1e-3", "1_000", "inf"), or None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        return None
+    if isinstance(value, str) and not value.isascii():  # float() reads "٣" as 3.0
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        return None
+    except OverflowError:  # an int past float's range (10**400): a number, not a finite one
+        return math.inf if value > 0 else -math.inf
+
+
+def _yaml_problem(e: yaml.YAMLError, text: str, file: bool = False) -> str:
+    """What a YAML error in ``text`` says, on one line: where and the problem ("line 3, column 7: ...").
+
+    ``file``: always name the line; else (a command-line value) only when the value has several.
+    """
+    if isinstance(e, yaml.reader.ReaderError):  # a control character: PyYAML gives its offset
+        line = text.count("\n", 0, e.position)
+        column = e.position - (text.rfind("\n", 0, e.position) + 1)
+        char = f"#x{e.character:04x}" if isinstance(e.character, int) else repr(e.character)
+        problem = f"unacceptable character {char}: {e.reason}"
+    elif isinstance(e, yaml.MarkedYAMLError) and e.problem and e.problem_mark is not None:
+        line, column, problem = e.problem_mark.line, e.problem_mark.column, e.problem
+        if e.context and problem.startswith("but "):  # "expected a single document in the stream but found ..."
+            problem = f"{e.context} {problem}"
+    else:
+        return " ".join(str(e).split())
+    if file or line > 0:
+        return f"line {line + 1}, column {column + 1}: {problem}"
+    return f"column {column + 1}: {problem}"
+
+
+_YAML = "tag:yaml.org,2002:"
+# Values (scalars, lists, mappings) a config's YAML may hold once its aliases are expanded: a
+# shipped config has ~50, a mixture of 1000 sources ~10000. Anchors and aliases are fine; a
+# "billion laughs" (each level aliasing the previous one 9 times) is refused in milliseconds.
+_MAX_YAML_NODES = 100_000
+# The YAML types a config value is made of; other tags build what no field means: bytes
+# (!!binary: run.dir became "b'hello'"), dates (!!timestamp), sets, ordered pairs.
+_PLAIN_TAGS = {_YAML + t for t in ("str", "int", "float", "bool", "null", "seq", "map")}
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """PyYAML's SafeLoader, refusing what a config never means: a key given twice in one mapping
+    (at any depth; plain YAML keeps the last, so a second ``train:`` section would silently
+    replace the first one whole), and a tag outside ``_PLAIN_TAGS``. Keys given beside a merge
+    (``<<: *base``) override the merged ones, as YAML says. Unquoted text that YAML 1.1 reads as a
+    date (2024-01-01) or as its "=" value stays the text written. Errors name the dotted key
+    (after ``base``) and, in a file, the line.
+    """
+
+    base = ""  # dotted key the text is the value of ("" = a whole config file)
+    file = False  # the text is a file: errors name the line
+    yaml_implicit_resolvers = {
+        first: [(tag, rx) for tag, rx in resolvers if tag not in (_YAML + "timestamp", _YAML + "value")]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    }
+
+    def construct_document(self, node):
+        self._check(node)
+        return super().construct_document(node)
+
+    def _check(self, root: yaml.Node) -> None:
+        stack = [(root, self.base)]
+        visited = 0
+        while stack:
+            node, path = stack.pop()
+            # Each alias is walked again where it is used: the walk sees the tree as expanded.
+            visited += 1
+            if visited > _MAX_YAML_NODES:
+                self._refuse(
+                    node.start_mark.line + 1,
+                    f"{_clip(path) or 'top level'}: more than {_MAX_YAML_NODES} values once YAML aliases are expanded",
+                )
+            self._check_tag(node, path)
+            if node.tag == _YAML + "int" and len(node.value) > 1000:  # int() reads 4300 digits at most
+                self._refuse(node.start_mark.line + 1, f"{_clip(path)}: an integer of {len(node.value)} characters")
+            if isinstance(node, yaml.SequenceNode):
+                stack.extend((item, f"{path}[{i}]") for i, item in enumerate(node.value))
+            elif isinstance(node, yaml.MappingNode):
+                first_line: dict[Any, int] = {}
+                for k, v in node.value:
+                    if k.tag == _YAML + "merge":
+                        stack.append((v, path))
+                        continue
+                    name = k.value if isinstance(k, yaml.ScalarNode) else "?"
+                    dotted = f"{path}.{name}" if path else str(name)
+                    self._check_tag(k, dotted)
+                    ident = (k.tag, k.value) if isinstance(k, yaml.ScalarNode) else id(k)
+                    line = k.start_mark.line + 1
+                    if ident in first_line:
+                        self._refuse(line, f"duplicate key {_brief(dotted)} (first at line {first_line[ident]})")
+                    first_line[ident] = line
+                    stack.append((v, dotted))
+
+    def _check_tag(self, node: yaml.Node, path: str) -> None:
+        if node.tag not in _PLAIN_TAGS:
+            tag = "!!" + node.tag.removeprefix(_YAML) if node.tag.startswith(_YAML) else node.tag
+            self._refuse(
+                node.start_mark.line + 1,
+                f"{_clip(path) or 'top level'}: YAML tag {_brief(tag)} is not allowed in a config "
+                "(values are strings, numbers, true/false, null, lists and mappings)",
+            )
+
+    def _refuse(self, line: int, msg: str) -> None:
+        raise ConfigError(f"line {line}: {msg}" if self.file else msg)
+
+
+def _load_yaml(text: str, base: str = "", file: bool = False) -> Any:
+    """``text`` parsed by ``_ConfigLoader``: YAMLError for bad syntax, ConfigError for what it refuses."""
+    loader = _ConfigLoader(text)
+    loader.base, loader.file = base, file
+    try:
+        return loader.get_single_data()
+    except RecursionError:  # PyYAML composes nested nodes recursively: [[[[...]]]] a few hundred deep
+        raise ConfigError(f"{_clip(base) + ': ' if base else ''}YAML nested too deeply") from None
+    finally:
+        loader.dispose()
+
+
+def _yaml_value(text: str, key: str) -> Any:
+    """A value given as YAML text on the command line ("[1, 3]"), or ConfigError naming the key."""
+    try:
+        return _load_yaml(text, base=key)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{key}: invalid YAML {_brief(text)} ({_clip(_yaml_problem(e, text))})") from None
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
@@ -334,16 +504,16 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if origin is Literal:
         choices = typing.get_args(tp)
         if value not in choices:
-            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, choices))}")
+            raise ConfigError(f"{key}: {_brief(value)} is not one of {', '.join(map(str, choices))}")
         return value
     if origin in (list, typing.List):
         (item_tp,) = typing.get_args(tp)
-        if isinstance(value, str):
-            value = yaml.safe_load(value) if value.strip() else []
+        if isinstance(value, str):  # "[1, 3]" from the command line: a YAML flow list
+            value = _yaml_value(value, key) if value.strip() else []
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             value = [value]
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
+            raise ConfigError(f"{key}: expected a list, got {_brief(value)}")
         if dataclasses.is_dataclass(item_tp):  # a list of small sections (data.sources): unknown keys name the item
             return [_build(item_tp, v, f"{key}[{i}].") for i, v in enumerate(value)]
         return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
@@ -356,52 +526,55 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return True
         if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
             return False
-        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+        raise ConfigError(f"{key}: expected true/false, got {_brief(value)}")
     if tp is int:
         if isinstance(value, bool):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+            raise ConfigError(f"{key}: expected an integer, got {_brief(value)}")
         if isinstance(value, int):
             return value
-        if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
-            return int(value)  # exactly: float() would round past 2**53
-        try:
-            f = float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
-        if not math.isfinite(f) or f != int(f):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        if isinstance(value, str) and _INT_TEXT.fullmatch(value.strip()):
+            try:
+                return int(value)  # exactly: float() would round past 2**53
+            except ValueError:  # more digits than int() reads (4300)
+                raise ConfigError(f"{key}: expected an integer, got {_brief(value)}") from None
+        f = _number(value)
+        if f is None or not math.isfinite(f) or f != int(f):
+            raise ConfigError(f"{key}: expected an integer, got {_brief(value)}")
         return int(f)
     if tp is float:
         if isinstance(value, bool):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
-        try:
-            f = float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+            raise ConfigError(f"{key}: expected a number, got {_brief(value)}")
+        f = _number(value)
+        if f is None:
+            raise ConfigError(f"{key}: expected a number, got {_brief(value)}")
         if not math.isfinite(f):  # no field means anything by nan or inf (0 is "no limit" where there is one)
-            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+            raise ConfigError(f"{key}: expected a finite number, got {_brief(value)}")
         return f
     if tp is str:
         if value is None:
             return ""
-        if isinstance(value, (dict, list)):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        if isinstance(value, bool):  # YAML reads unquoted yes/no/on/off/true/false as booleans
+            raise ConfigError(f"{key}: expected a string, got {_brief(value)} (quote the text)")
+        if not isinstance(value, (str, int, float)):
+            raise ConfigError(f"{key}: expected a string, got {_brief(value)}")
         return str(value)
     raise ConfigError(f"{key}: unsupported type {tp}")
 
 
 def _build(cls, data: dict, prefix: str):
     if not isinstance(data, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+        raise ConfigError(f"{_clip(prefix.rstrip('.')) or 'config'}: expected a mapping, got {_brief(data)}")
     types_ = _field_types(cls)
     kwargs = {}
     for k, v in data.items():
         key = f"{prefix}{k}"
         if k not in types_:
-            raise ConfigError(f"unknown config key '{key}' (known: {', '.join(sorted(types_))})")
+            raise ConfigError(f"unknown config key '{_clip(key)}' (known: {', '.join(sorted(types_))})")
         tp = types_[k]
         if dataclasses.is_dataclass(tp):
-            kwargs[k] = _build(tp, v or {}, key + ".")
+            # An empty section ("train:" alone) is null: all defaults. A scalar or a list is an error
+            # (it was read as empty: "train: 0" dropped every train key without a word).
+            kwargs[k] = _build(tp, {} if v is None else v, key + ".")
         else:
             kwargs[k] = _coerce(v, tp, key)
     return cls(**kwargs)
@@ -415,20 +588,22 @@ def _set_dotted(tree: dict, dotted: str, value: str) -> None:
     for i, part in enumerate(parts):
         types_ = _field_types(cls)
         if part not in types_:
-            raise ConfigError(f"unknown config key '{'.'.join(parts[: i + 1])}'")
+            raise ConfigError(f"unknown config key '{_clip('.'.join(parts[: i + 1]))}'")
         tp = types_[part]
         last = i == len(parts) - 1
         if dataclasses.is_dataclass(tp):
             if last:
-                raise ConfigError(f"'{dotted}' is a section; set one of its keys")
+                raise ConfigError(f"'{_clip(dotted)}' is a section; set one of its keys")
             child = node.get(part)
-            if not isinstance(child, dict):
+            if child is None:
                 child = node[part] = {}
+            elif not isinstance(child, dict):
+                return  # the file gives this section a scalar or a list: _build names it (and the file)
             node = child
             cls = tp
         else:
             if not last:
-                raise ConfigError(f"'{'.'.join(parts[: i + 1])}' is not a section")
+                raise ConfigError(f"'{_clip('.'.join(parts[: i + 1]))}' is not a section")
             node[part] = value
 
 
@@ -436,7 +611,7 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, str]]:
     out = []
     for o in overrides:
         if "=" not in o:
-            raise ConfigError(f"override '{o}' is not of the form dotted.key=value")
+            raise ConfigError(f"override {_brief(o)} is not of the form dotted.key=value")
         k, v = o.split("=", 1)
         out.append((k.strip(), v))
     return out
@@ -450,9 +625,22 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
         try:
-            tree = yaml.safe_load(p.read_text()) or {}
+            raw = p.read_bytes()
+        except OSError as e:
+            raise ConfigError(f"{p}: cannot read: {e.strerror or e}") from None
+        try:
+            text = raw.decode("utf-8")  # YAML is UTF-8 here, whatever the locale says
+        except UnicodeDecodeError as e:
+            line = raw.count(b"\n", 0, e.start) + 1
+            raise ConfigError(
+                f"{p}: not UTF-8 text (line {line}: byte 0x{raw[e.start]:02x} at offset {e.start})"
+            ) from None
+        try:
+            tree = _load_yaml(text, file=True) or {}
         except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: invalid YAML ({str(e).splitlines()[0]})") from None
+            raise ConfigError(f"{p}: invalid YAML ({_yaml_problem(e, text, file=True)})") from None
+        except ConfigError as e:
+            raise ConfigError(f"{p}: {e}") from None
         if not isinstance(tree, dict):
             raise ConfigError(f"{p}: top level must be a mapping")
     for k, v in parse_overrides(overrides or []):
@@ -473,7 +661,7 @@ def validate(cfg: Config) -> None:
         if not cond:
             raise ConfigError(f"{key}: {msg}")
 
-    need(cfg.model.size in SIZES, "model.size", f"unknown size {cfg.model.size!r} (known: {', '.join(SIZES)})")
+    need(cfg.model.size in SIZES, "model.size", f"unknown size {_brief(cfg.model.size)} (known: {', '.join(SIZES)})")
     need(cfg.model.segment_len >= 1, "model.segment_len", "must be >= 1")
     need(cfg.memory.short.length >= 0, "memory.short.length", "must be >= 0")
     need(cfg.memory.bptt_segments >= 1, "memory.bptt_segments", "must be >= 1")
@@ -545,12 +733,12 @@ def validate(cfg: Config) -> None:
     try:
         specs = parse_tasks(",".join(pk.tasks)) if pk.tasks else []
     except ValueError as e:
-        raise ConfigError(f"train.passkey.tasks: {pk.tasks}: {e}") from None
+        raise ConfigError(f"train.passkey.tasks: {_brief(pk.tasks)}: {_clip(str(e))}") from None
     need(bool(specs), "train.passkey.tasks", "must name at least one task")
     need(
         not pk.task_weights or (len(pk.task_weights) == len(specs) and all(w > 0 for w in pk.task_weights)),
         "train.passkey.task_weights",
-        f"{pk.task_weights}: one weight > 0 per task of train.passkey.tasks ({len(specs)}), or empty",
+        f"{_brief(pk.task_weights)}: one weight > 0 per task of train.passkey.tasks ({len(specs)}), or empty",
     )
     need(cfg.zero.stage in (1, 2, 3), "zero.stage", f"must be 1, 2 or 3, got {cfg.zero.stage}")
     need(cfg.checkpoint.interval >= 0, "checkpoint.interval", "must be >= 0")
@@ -581,8 +769,8 @@ def validate(cfg: Config) -> None:
             try:
                 names += [spec.name for spec in parse_tasks(str(item))]
             except DataError as e:
-                raise ConfigError(f"eval.tasks[{i}]: {str(e).splitlines()[0]}") from None
-            need(len(set(names)) == len(names), f"eval.tasks[{i}]", f"task {names[-1]!r} named twice")
+                raise ConfigError(f"eval.tasks[{i}]: {_clip(str(e).splitlines()[0])}") from None
+            need(len(set(names)) == len(names), f"eval.tasks[{i}]", f"task {_brief(names[-1])} named twice")
 
 
 def validate_sources(cfg: Config) -> None:
@@ -602,14 +790,16 @@ def validate_sources(cfg: Config) -> None:
         if s.max_epochs < 0:
             raise ConfigError(f"data.sources[{i}].max_epochs: must be >= 0 (0 = no limit), got {s.max_epochs}")
     if sum(s.weight for s in src) <= 0:
-        raise ConfigError(f"data.sources: the weights sum to 0 ({[s.weight for s in src]}); one must be > 0")
+        raise ConfigError(f"data.sources: the weights sum to 0 ({_brief([s.weight for s in src])}); one must be > 0")
     names = source_names([s.path for s in src], [s.name for s in src])
     for i, n in enumerate(names):
         if n in names[:i]:
             j = names.index(n)
-            raise ConfigError(f"data.sources[{i}]: name {n!r} is also data.sources[{j}]'s; set data.sources[{i}].name")
+            raise ConfigError(
+                f"data.sources[{i}]: name {_brief(n)} is also data.sources[{j}]'s; set data.sources[{i}].name"
+            )
         if not all(c.isalnum() or c in "_-." for c in n):
-            raise ConfigError(f"data.sources[{i}].name: {n!r} may hold only letters, digits, '_', '-', '.'")
+            raise ConfigError(f"data.sources[{i}].name: {_brief(n)} may hold only letters, digits, '_', '-', '.'")
 
 
 def data_paths(cfg: Config) -> list[tuple[str, str]]:

@@ -1,0 +1,315 @@
+"""Parsing the config file and the dotted overrides: every bad input is one ConfigError line naming the culprit."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+from mnemo.train.config import ConfigError, load_config
+
+BASE = "configs/debug.yaml"
+
+
+def _error(overrides=None, path=BASE) -> str:
+    with pytest.raises(ConfigError) as e:
+        load_config(path, overrides or [])
+    msg = str(e.value)
+    assert "\n" not in msg
+    return msg
+
+
+@pytest.mark.parametrize("value", ["+-5", "--5", "-+5", "++5", "²", "1²", "٣", "+ 5", "5-", "1" * 5000])
+def test_integer_text_that_int_refuses_names_the_key(value):
+    # str.isdigit() took these (after lstrip("+-")), then int() raised a bare ValueError.
+    assert "train.max_steps: expected an integer" in _error([f"train.max_steps={value}"])
+
+
+@pytest.mark.parametrize(
+    "value,expected", [("7", 7), ("+7", 7), ("-0", 0), (" 12 ", 12), ("1e2", 100), ("1_000", 1000)]
+)
+def test_integer_text_accepted(value, expected):
+    assert load_config(BASE, [f"train.seed={value}"]).train.seed == expected
+
+
+def test_integers_past_2_53_are_exact():
+    assert load_config(BASE, [f"train.seed={2**63 + 1}"]).train.seed == 2**63 + 1
+
+
+@pytest.mark.parametrize("value", ["²", "٣", "1e-3x", "--1"])
+def test_float_text_that_float_refuses_or_misreads_names_the_key(value):
+    assert "train.lr: expected a number" in _error([f"train.lr={value}"])
+
+
+def test_an_int_past_the_float_range_is_not_a_finite_number(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text(f"train:\n  lr: {10**400}\n")
+    assert "train.lr: expected a finite number" in _error(path=p)
+
+
+@pytest.mark.parametrize("value", ["[1,", "[1, 2", "{a: 1", "[1, ]]", "[1, @x]", "'[1"])
+def test_list_override_that_is_not_yaml_names_the_key(value):
+    # A ScannerError/ParserError traceback before.
+    msg = _error([f"memory.long.layers={value}"])
+    assert msg.startswith("configs/debug.yaml: memory.long.layers: invalid YAML"), msg
+    assert "column" in msg
+
+
+@pytest.mark.parametrize(
+    "content,needle",
+    [
+        (b"\xff\xfe bad: 1\n", "not UTF-8 text (line 1: byte 0xff at offset 0)"),
+        (b"train:\n  lr: 1\n  name: caf\xe9\n", "not UTF-8 text (line 3: byte 0xe9 at offset 26)"),
+    ],
+)
+def test_a_config_file_that_is_not_utf8_is_named(tmp_path, content, needle):
+    # A UnicodeDecodeError traceback before.
+    p = tmp_path / "bin.yaml"
+    p.write_bytes(content)
+    msg = _error(path=p)
+    assert msg.startswith(f"{p}: ") and needle in msg, msg
+
+
+@pytest.mark.parametrize(
+    "content,needle",
+    [
+        ("train:\n  batch_size: 4\n  layers: [1,\n", "line 4, column 1: expected the node content"),
+        ("train:\n  lr: 1\n lr2: 3\n", "line 3, column 2: expected <block end>, but found '<block mapping start>'"),
+        ("train: [1\n", "line 2, column 1: expected ',' or ']'"),
+        ("run:\n  dir: x\x00y\n", "line 2, column 9: unacceptable character #x0000"),
+        ("a: 1\n---\nb: 2\n", "line 2, column 1: expected a single document in the stream but found another document"),
+    ],
+)
+def test_yaml_syntax_errors_name_file_and_line(tmp_path, content, needle):
+    p = tmp_path / "c.yaml"
+    p.write_text(content)
+    msg = _error(path=p)
+    assert msg.startswith(f"{p}: invalid YAML (") and needle in msg, msg
+
+
+def test_a_utf8_byte_order_mark_is_fine(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_bytes(b"\xef\xbb\xbftrain:\n  max_steps: 3\n")
+    assert load_config(p).train.max_steps == 3
+
+
+def test_an_unreadable_config_is_named(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("train:\n  max_steps: 3\n")
+    p.chmod(0)
+    try:
+        if os.access(p, os.R_OK):
+            pytest.skip("running as root: every file is readable")
+        assert _error(path=p) == f"{p}: cannot read: Permission denied"
+    finally:
+        p.chmod(0o644)
+
+
+def test_a_repeated_section_is_refused_not_merged_or_replaced(tmp_path):
+    # Appending "train:\n  max_steps: 7" to a config silently dropped the file's earlier batch_size and lr.
+    p = tmp_path / "c.yaml"
+    base = open(BASE).read()
+    p.write_text(base + "train:\n  max_steps: 7\n")
+    first = 1 + base.splitlines().index("train:")
+    msg = _error(path=p)
+    assert msg == f"{p}: line {len(base.splitlines()) + 1}: duplicate key 'train' (first at line {first})"
+
+
+@pytest.mark.parametrize(
+    "content,expected",
+    [
+        ("train:\n  lr: 1\n  max_steps: 3\n  lr: 2\n", "line 4: duplicate key 'train.lr' (first at line 2)"),
+        (
+            "train:\n  passkey:\n    fraction: 0.1\n    fraction: 0.2\n",
+            "line 4: duplicate key 'train.passkey.fraction' (first at line 3)",
+        ),
+        (
+            "data:\n  sources:\n    - {path: a, path: b}\n",
+            "line 3: duplicate key 'data.sources[0].path' (first at line 3)",
+        ),
+        ("train: {lr: 1, 'lr': 2}\n", "line 1: duplicate key 'train.lr' (first at line 1)"),
+        ("run:\n  dir: a\nrun:\n  dir: a\n", "line 3: duplicate key 'run' (first at line 1)"),
+    ],
+)
+def test_duplicate_keys_at_any_depth_name_file_line_and_dotted_key(tmp_path, content, expected):
+    p = tmp_path / "c.yaml"
+    p.write_text(content)
+    assert _error(path=p) == f"{p}: {expected}"
+
+
+def test_keys_beside_a_yaml_merge_override_the_merged_ones(tmp_path):
+    # A merge is plain YAML (anchors are fine): the explicit key wins, and that is no duplicate.
+    p = tmp_path / "c.yaml"
+    p.write_text("train:\n  passkey:\n    <<: &pk {fraction: 0.1, max_keys: 2}\n    max_keys: 4\n")
+    cfg = load_config(p)
+    assert cfg.train.passkey.fraction == 0.1 and cfg.train.passkey.max_keys == 4
+
+
+def test_a_duplicate_key_inside_a_list_override_names_the_key():
+    msg = _error(["data.sources=[{path: a, weight: 1, weight: 2}]"])
+    assert "duplicate key 'data.sources[0].weight'" in msg
+
+
+def test_a_key_repeated_on_the_command_line_takes_the_last_value():
+    # Documented (README, Configuration): later overrides win, as scripts that append one rely on.
+    cfg = load_config(BASE, ["train.lr=1", "train.max_steps=3", "train.lr=2"])
+    assert cfg.train.lr == 2.0 and cfg.train.max_steps == 3
+
+
+@pytest.mark.parametrize("value", ["0", "[]", "[1, 2]", "''", "false", "abc"])
+@pytest.mark.parametrize("overrides", [[], ["train.lr=1"]])
+def test_a_section_that_is_not_a_mapping_is_named(tmp_path, value, overrides):
+    # "train: 0" or "train: []" was read as an empty section (all train keys at their defaults).
+    p = tmp_path / "c.yaml"
+    p.write_text(f"run:\n  dir: x\ntrain: {value}\n")
+    msg = _error(overrides, path=p)
+    assert msg.startswith(f"{p}: train: expected a mapping, got "), msg
+
+
+@pytest.mark.parametrize("content", ["train:\n", "train: null\n", "train: ~\n", "memory:\n  long:\n"])
+def test_an_empty_section_is_all_defaults(tmp_path, content):
+    p = tmp_path / "c.yaml"
+    p.write_text(content)
+    cfg = load_config(p, ["train.max_steps=5"])
+    assert cfg.train.max_steps == 5 and cfg.train.lr == 1e-3 and cfg.memory.long.capacity == 4096
+
+
+def test_a_list_item_that_is_not_a_mapping_is_named(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("data:\n  sources:\n    - {path: a}\n    - 3\n")
+    assert _error(path=p) == f"{p}: data.sources[1]: expected a mapping, got 3"
+
+
+@pytest.mark.parametrize(
+    "content,expected",
+    [
+        ("run:\n  dir: !!binary aGVsbG8=\n", "line 2: run.dir: YAML tag '!!binary' is not allowed in a config"),
+        ("run:\n  name: !!timestamp 2024-01-01\n", "line 2: run.name: YAML tag '!!timestamp' is not allowed"),
+        ("eval:\n  tasks: !!set {passkey: null}\n", "line 2: eval.tasks: YAML tag '!!set' is not allowed"),
+        ("eval:\n  tasks: !!omap [{passkey: 1}]\n", "line 2: eval.tasks: YAML tag '!!omap' is not allowed"),
+        ("eval:\n  tasks: [passkey, !!binary aGk=]\n", "line 2: eval.tasks[1]: YAML tag '!!binary' is not allowed"),
+        ("run:\n  dir: !custom x\n", "line 2: run.dir: YAML tag '!custom' is not allowed"),
+        ("run:\n  !!binary ZGly: x\n", "line 2: run.ZGly: YAML tag '!!binary' is not allowed"),
+        ("run:\n  dir: !!python/name:os.system x\n", "line 2: run.dir: YAML tag '!!python/name:os.system' is not"),
+        ("!!set {run: null}\n", "line 1: top level: YAML tag '!!set' is not allowed"),
+    ],
+)
+def test_yaml_tags_of_other_types_are_refused_naming_the_key(tmp_path, content, expected):
+    # run.dir: !!binary aGVsbG8= was the path "b'hello'".
+    p = tmp_path / "c.yaml"
+    p.write_text(content)
+    msg = _error(path=p)
+    assert msg.startswith(f"{p}: {expected}"), msg
+
+
+def test_a_tag_inside_a_list_override_is_refused_naming_the_key():
+    msg = _error(["data.sources=[{path: !!binary YQ==}]"])
+    assert "data.sources[0].path: YAML tag '!!binary' is not allowed" in msg
+
+
+@pytest.mark.parametrize("text", ["2024-01-01", "2001-12-14 21:59:43.10 -5", "2001-12-14t21:59:43.10-05:00", "="])
+def test_text_that_yaml_reads_as_a_date_stays_the_text_written(tmp_path, text):
+    p = tmp_path / "c.yaml"
+    p.write_text(f"run:\n  name: {text}\n")
+    assert load_config(p).run.name == text
+    p.write_text(f"train:\n  seed: {text}\n")
+    assert "train.seed: expected an integer" in _error(path=p)
+
+
+@pytest.mark.parametrize("text", ["yes", "no", "on", "off", "true", "False"])
+def test_a_boolean_where_a_string_is_expected_is_refused(tmp_path, text):
+    # run.name: no was the run name "False".
+    p = tmp_path / "c.yaml"
+    p.write_text(f"run:\n  name: {text}\n")
+    assert "run.name: expected a string, got " in _error(path=p)
+    p.write_text(f"run:\n  name: '{text}'\n")
+    assert load_config(p).run.name == text
+
+
+@pytest.mark.parametrize("value", ["[a]", "{a: 1}"])
+def test_a_list_or_mapping_where_a_string_is_expected_is_refused(tmp_path, value):
+    p = tmp_path / "c.yaml"
+    p.write_text(f"run:\n  dir: {value}\n")
+    assert "run.dir: expected a string, got " in _error(path=p)
+
+
+def _alias_bomb(levels: int, width: int = 9) -> str:
+    lines = ["a0: &a0 [" + ", ".join(["lol"] * width) + "]"]
+    for i in range(1, levels):
+        lines.append(f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * width) + "]")
+    return "\n".join(lines)
+
+
+@pytest.mark.parametrize("where", ["run:\n  dir: *a{n}\n", "eval:\n  tasks: *a{n}\n", "bombs:\n  x: *a{n}\n"])
+def test_a_yaml_alias_bomb_is_refused_fast_and_in_few_words(tmp_path, where):
+    # 7 levels under run.dir took 9.4 s and gave a 39 MB "one-line" error; 9 levels would not end.
+    n = 9
+    p = tmp_path / "c.yaml"
+    anchors = "".join(f"  {line}\n" for line in _alias_bomb(n).splitlines())
+    p.write_text(f"x_anchors:\n{anchors}" + where.format(n=n - 1))
+    t0 = time.perf_counter()
+    msg = _error(path=p)
+    assert time.perf_counter() - t0 < 5
+    assert "values once YAML aliases are expanded" in msg and len(msg) < 400 + len(str(p)), msg
+
+
+def test_anchors_and_aliases_of_an_ordinary_size_are_fine(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("eval:\n  passkey_distances: &d [1, 2, 4]\n  task_distances: *d\nrun:\n  dir: &r runs/x\n  name: *r\n")
+    cfg = load_config(p)
+    assert cfg.eval.task_distances == [1, 2, 4] and cfg.run.name == "runs/x"
+
+
+@pytest.mark.parametrize(
+    "overrides,field",
+    [
+        (["model.size=" + "h" * 100_000], "model.size"),
+        (["memory.long.kind=" + "k" * 100_000], "memory.long.kind"),
+        (["train.max_steps=" + "9" * 100_000], "train.max_steps"),
+        (["train.lr=" + "x" * 100_000], "train.lr"),
+        (["tracking.enabled=" + "y" * 100_000], "tracking.enabled"),
+        (["memory.long.layers=[" + "1," * 2000 + "x]"], "memory.long.layers[2000]"),
+        (["memory.long.layers=[" + "1," * 2000], "memory.long.layers"),
+        (["eval.tasks=[" + "[" * 100 + "]" * 100 + "]"], "eval.tasks[0]"),
+        (["train." + "k" * 100_000 + "=1"], "unknown config key"),
+        (["o" * 100_000], "not of the form"),
+        (["train.passkey.tasks=[" + "nosuch" * 20_000 + "]"], "train.passkey.tasks"),
+        (["train.passkey.task_weights=[" + "1," * 2000 + "1]"], "train.passkey.task_weights"),
+        (["eval.tasks=[" + "nosuch" * 20_000 + "]"], "eval.tasks[0]"),
+    ],
+)
+def test_errors_quote_a_bounded_part_of_the_value(overrides, field):
+    msg = _error(overrides)
+    assert field in msg and len(msg) < 600, (len(msg), msg[:300])
+
+
+def test_a_huge_value_in_the_file_is_quoted_briefly(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("run:\n  dir: [" + ", ".join(["abcdefgh"] * 2000) + "]\ntrain:\n  seed: " + "7" * 5000 + "\n")
+    msg = _error(path=p)
+    assert len(msg) < 400 + len(str(p)), msg
+
+
+def test_an_integer_too_long_for_int_in_the_file_names_the_key(tmp_path):
+    # int() refuses more than 4300 digits: a bare ValueError from inside PyYAML before.
+    p = tmp_path / "c.yaml"
+    p.write_text("train:\n  seed: " + "7" * 5000 + "\n")
+    assert _error(path=p) == f"{p}: line 2: train.seed: an integer of 5000 characters"
+
+
+def test_yaml_nested_too_deeply_is_one_line(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("eval:\n  tasks: " + "[" * 1000 + "]" * 1000 + "\n")
+    assert _error(path=p) == f"{p}: YAML nested too deeply"
+    assert _error(["eval.tasks=" + "[" * 1000]) == "configs/debug.yaml: eval.tasks: YAML nested too deeply"
+
+
+@pytest.mark.parametrize("uri", ["https://" + "T" * 80 + "@host/" + "x" * 300, "https://u:" + "p" * 300 + "@h/"])
+def test_a_quoted_value_is_redacted_before_it_is_cut(tmp_path, uri):
+    # A token in the user part of a long URI: a cut that dropped its "@" left it unrecognized by the redaction.
+    p = tmp_path / "c.yaml"
+    p.write_text(f"tracking:\n  uri: ['{uri}']\n")
+    msg = _error(path=p)
+    assert "tracking.uri: expected a string" in msg and "TTTTT" not in msg and "ppppp" not in msg, msg
+    assert "TTTTT" not in _error([f"model.size={uri}"])
