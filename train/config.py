@@ -809,6 +809,36 @@ def data_paths(cfg: Config) -> list[tuple[str, str]]:
     return [("data.path", cfg.data.path)]
 
 
+# The first line of <run.dir>/config.yaml, the resolved config each start of `mnemo train` writes: the mark
+# by which mnemo knows the file is its own to replace (train/rundir.py says what else it writes there).
+CONFIG_HEADER = "# mnemo: the resolved config of this run (written by `mnemo train` at each start)"
+
+
+def wrote_run_config(path: Path) -> bool:
+    """Whether ``path`` (a run's config.yaml) is one mnemo wrote: ``CONFIG_HEADER`` first, or (written before
+    that header) a dump of the whole config tree, which a hand-written config is not."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            first = f.readline().rstrip("\n")
+            if first == CONFIG_HEADER:
+                return True
+            if path.stat().st_size > 1 << 20:  # no full dump is this big
+                return False
+            text = first + "\n" + f.read()
+    except (OSError, UnicodeDecodeError):
+        return False
+    try:
+        tree = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return False
+    # A dump (dataclasses.asdict) has init_from at the top, which hand-written configs leave out, and
+    # (allowing for keys added since) most of today's keys.
+    if not isinstance(tree, dict) or "init_from" not in tree:
+        return False
+    keys = set(flatten(to_dict(Config())))
+    return len(keys & set(flatten(tree))) >= 0.8 * len(keys)
+
+
 def check_paths(cfg: Config) -> None:
     """Checks that need the filesystem (data dir, tokenizer, init_from).
 
@@ -859,6 +889,12 @@ def check_paths(cfg: Config) -> None:
         resume = Path(r) if (Path(r) / "model.safetensors").is_file() else find_checkpoint(Path(r))
         if resume is None:
             raise ConfigError(f"checkpoint.resume: {r} is not a mnemo checkpoint, run directory or export directory")
+    conf = Path(cfg.run.dir) / "config.yaml"
+    if conf.exists() and not wrote_run_config(conf):
+        raise ConfigError(
+            f"run.dir: {conf} exists and mnemo did not write it (mnemo keeps each run's resolved config "
+            "there); use another run.dir or move that file"
+        )
     try:  # what this run would write over, or mix its checkpoints with (train/rundir.py)
         check_run_dir(Path(cfg.run.dir), r, resume)
     except ValueError as e:

@@ -4,9 +4,7 @@ A run writes ``<run.dir>/config.yaml`` (its resolved config) and saves into
 ``<run.dir>/checkpoints/`` (train/checkpoint.py). mnemo deletes or replaces
 only what it can show it wrote there:
 
-- ``config.yaml`` whose first line is ``CONFIG_HEADER`` (or, written before that
-  header existed, a dump of the whole config tree, which a hand-written config
-  is not: ``init_from`` at the top and most of the keys);
+- ``config.yaml`` (train/config.py: ``wrote_run_config``);
 - ``.tmp-step_XXXXXXXX`` directories holding only the names a save writes
   (``SAVE_ENTRIES``, ``rank_XXXXX.pt``): an interrupted save;
 - complete checkpoints (``COMPLETE`` and ``meta.json``), by retention.
@@ -34,7 +32,6 @@ COMPLETE = "COMPLETE"
 # (tokenizer.model or tokenizer.json): DeepSpeed's folder, meta.json, then COMPLETE.
 SAVE_ENTRIES = ("ds", "meta.json", COMPLETE, "tokenizer.model", "tokenizer.json")
 RANK_FILE_RE = re.compile(r"^rank_\d{5}\.pt\Z")
-CONFIG_HEADER = "# mnemo: the resolved config of this run (written by `mnemo train` at each start)"
 
 
 def is_complete(path: Path) -> bool:
@@ -114,13 +111,7 @@ def check_run_dir(run_dir: Path, resume: str, resume_from: Path | None = None) -
     is refused like any fresh run beside checkpoints (``auto`` goes on).
     """
     if run_dir.exists() and not run_dir.is_dir():
-        raise ValueError(f"{run_dir} exists and is not a directory")
-    conf = run_dir / "config.yaml"
-    if conf.exists() and not wrote_config(conf):
-        raise ValueError(
-            f"{conf} exists and mnemo did not write it (mnemo keeps each run's resolved config there); "
-            "use another run.dir or move that file"
-        )
+        raise ValueError(f"{run_dir} is not a directory")
     root = run_dir / "checkpoints"
     foreign = foreign_entries(root)
     if foreign:
@@ -151,31 +142,3 @@ def check_run_dir(run_dir: Path, resume: str, resume_from: Path | None = None) -
     started = "fresh" if resume_from is None else f"from {resume_from}"
     names = ", ".join(p.name for p in complete_checkpoints(root)[-3:])
     raise ValueError(f"{root} holds checkpoints of another run ({names}), and this run starts {started}: {advice}")
-
-
-def wrote_config(path: Path) -> bool:
-    """Whether ``path`` (a run's config.yaml) is one mnemo wrote: see the module docstring."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            first = f.readline().rstrip("\n")
-            if first == CONFIG_HEADER:
-                return True
-            if path.stat().st_size > 1 << 20:  # no full dump is this big
-                return False
-            text = first + "\n" + f.read()
-    except (OSError, UnicodeDecodeError):
-        return False
-    import yaml
-
-    from mnemo.train.config import Config, flatten, to_dict
-
-    try:
-        tree = yaml.safe_load(text)
-    except yaml.YAMLError:
-        return False
-    # A dump of the whole tree (dataclasses.asdict): init_from at the top, which hand-written configs leave
-    # out, and (allowing for keys added since) most of today's keys.
-    if not isinstance(tree, dict) or "init_from" not in tree:
-        return False
-    keys = set(flatten(to_dict(Config())))
-    return len(keys & set(flatten(tree))) >= 0.8 * len(keys)

@@ -33,13 +33,13 @@ from mnemo.data_pipeline.paths import local_path
 from mnemo.data_pipeline.tokenizer import Tokenizer, file_sha256
 from mnemo.data_pipeline.verify import other_tokenizer, read_manifest as read_data_manifest
 from mnemo.train import checkpoint as ckpt
-from mnemo.train.config import Config, check_paths, data_paths, flatten, tokenizer_path, to_dict, to_yaml
+from mnemo.train.config import CONFIG_HEADER, Config, check_paths, data_paths, flatten, tokenizer_path, to_dict, to_yaml
 from mnemo.train.engine import deepspeed_config, init_weights_from, lr_lambda, model_args_from_config, param_groups
 from mnemo.train.errors import UserError
 from mnemo.train.eval_hook import run_eval
 from mnemo.train.loop import StepLog, TrainLoop, dist_info
 from mnemo.train.resume import check_resume_compatible, reads_universal, universal_tag
-from mnemo.train.rundir import CONFIG_HEADER, check_run_dir
+from mnemo.train.rundir import check_run_dir
 from mnemo.train.schedule import Preemption, after_step, batching, batching_of, start_lines, stop_requests, total_steps
 from mnemo.train.slots import MemoryGroups, SlotGroups
 from mnemo.train.spikes import spike_detector

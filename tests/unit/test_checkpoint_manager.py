@@ -297,8 +297,8 @@ def test_a_run_dir_with_folders_named_like_checkpoints_is_refused_and_kept(tmp_p
 def test_config_yaml_mnemo_did_not_write_is_refused(tmp_path):
     """run.dir/config.yaml was replaced by the resolved config without a look (run.dir=. in a project
     with its own config.yaml lost it). Now only a config.yaml mnemo wrote is replaced."""
-    from mnemo.train.config import ConfigError, to_yaml
-    from mnemo.train.rundir import CONFIG_HEADER, wrote_config
+    from mnemo.train.config import CONFIG_HEADER, ConfigError, to_yaml
+    from mnemo.train.config import wrote_run_config as wrote_config
 
     run = tmp_path / "proj"
     run.mkdir()
@@ -321,7 +321,7 @@ def test_run_dir_that_is_a_file_is_refused_before_start(tmp_path):
 
     f = tmp_path / "afile"
     f.write_text("x")
-    with pytest.raises(ConfigError, match=r"run.dir: .*afile exists and is not a directory"):
+    with pytest.raises(ConfigError, match=r"run.dir: .*afile is not a directory"):
         _check(_cfg(tmp_path, f))
 
 
