@@ -75,7 +75,7 @@ def resolve_out(out: str, staging: str | None = None) -> OutLocation:
     if scheme == "":
         return OutLocation(out, os.path.abspath(os.path.expanduser(out)), None)
     if scheme == "file":
-        remote = urllib.request.url2pathname(urllib.parse.urlparse(out).path)
+        remote = _file_url_path(out)
     else:
         import_streaming()  # without transformers (lean_imports.py)
         from streaming.base.storage.upload import UPLOADERS
@@ -90,6 +90,28 @@ def resolve_out(out: str, staging: str | None = None) -> OutLocation:
         cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
         staging = os.path.join(cache, "mnemo", "prepare", hashlib.sha256(out.encode()).hexdigest()[:16])
     return OutLocation(out, os.path.abspath(staging), remote)
+
+
+def _shown(value: str, limit: int = 200) -> str:
+    """``value`` quoted for an error message, cut to about ``limit`` characters."""
+    r = repr(value)
+    return r if len(r) <= limit else r[: limit - 5] + "...'"
+
+
+def _file_url_path(out: str) -> str:
+    """The absolute local path a ``file://`` URL names: ``file:///ABS/PATH`` or ``file://localhost/ABS/PATH``.
+
+    Any other host (``file://relative/x`` parses with host ``relative``), a relative path, a query or a
+    fragment would be dropped or misread, so they are errors rather than a write to another directory.
+    """
+    u = urllib.parse.urlparse(out)
+    path = urllib.request.url2pathname(u.path)
+    if u.netloc not in ("", "localhost") or not u.path.startswith("/") or u.params or u.query or u.fragment:
+        raise DataError(
+            f"--out {_shown(out)}: a file URL names an absolute path of this machine, file:///ABS/PATH "
+            f"(or file://localhost/ABS/PATH); for a relative directory give the plain path"
+        )
+    return path
 
 
 def write_json(path: str, obj: dict, tmp_dir: str | None = None) -> None:
