@@ -21,7 +21,10 @@ A remote ``--out`` (``s3://``, ``gs://``..., or ``file://`` for a local
 directory used through the same upload path) is written through a local
 staging dir (``OutLocation.local``); the parts upload themselves as they are
 written, and ``merge_parts`` and ``upload`` send the merged index, manifest
-and tokenizer at the end.
+and tokenizer at the end. The directory a ``file://`` --out names
+(``OutLocation.target``) is a local directory, under every rule above: it gets
+its own ``.mnemo-outputs.json``, is refused when it holds anything else, and
+--overwrite removes its listed entries only.
 """
 
 from __future__ import annotations
@@ -61,6 +64,13 @@ class OutLocation:
     @property
     def state(self) -> str:
         return os.path.join(self.local, STATE_DIR)
+
+    @property
+    def target(self) -> str | None:
+        """The local directory a ``file://`` --out names (None for a plain path or a true remote)."""
+        if self.remote is not None and urllib.parse.urlparse(self.remote).scheme == "":
+            return self.remote
+        return None
 
     def remote_join(self, name: str) -> str | None:
         if self.remote is None:
@@ -189,12 +199,15 @@ def _read_outputs(local: str) -> set[str] | None:
     return set(names)
 
 
-def _write_outputs(loc: OutLocation, names: Iterable[str]) -> None:
-    """List ``names`` as mnemo's own before any of them is created (the state dir must exist)."""
+def _write_outputs(local: str, names: Iterable[str]) -> None:
+    """List ``names`` as mnemo's own in directory ``local`` before any of them is created.
+
+    The temp file goes into ``local``'s state dir (created here when missing).
+    """
+    state = os.path.join(local, STATE_DIR)
+    os.makedirs(state, exist_ok=True)
     write_json(
-        os.path.join(loc.local, OUTPUTS_FILE),
-        {"written_by": "mnemo prepare", "entries": sorted(names)},
-        tmp_dir=loc.state,
+        os.path.join(local, OUTPUTS_FILE), {"written_by": "mnemo prepare", "entries": sorted(names)}, tmp_dir=state
     )
 
 
@@ -244,12 +257,53 @@ def claim_out(loc: OutLocation, fingerprint: str, overwrite: bool, names: Sequen
                 f"--out {loc.url} already holds a dataset made from other inputs or settings; "
                 f"pass --overwrite to replace it"
             )
+    # The directories mnemo writes: --out itself (or the staging dir of a remote --out) and the
+    # local directory a file:// --out names, each under the same rules.
+    dirs = [loc.local] + ([loc.target] if loc.target is not None else [])
+    owned = {d: _owned_entries(loc.url, d) for d in dirs}
+    plan = read_json(os.path.join(loc.state, "plan.json")) if owned[loc.local] is not None else None
+    if plan is not None and plan.get("fingerprint") != fingerprint and not overwrite:
+        raise DataError(
+            f"--out {loc.url} holds an unfinished conversion of other inputs or settings; "
+            f"rerun that command to finish it, or pass --overwrite"
+        )
+    if overwrite or plan is None or plan.get("fingerprint") != fingerprint:
+        for d in dirs:  # every check before anything is removed
+            stray = _not_ours_inside(d, owned[d] or ())
+            if stray is not None:  # a listed part holds it: removing the part would delete it
+                raise DataError(
+                    f"--out {loc.url} holds {stray}, inside an output of mnemo's but not written by it; mnemo "
+                    f"never deletes files it did not write: move it away, or choose a new or empty directory"
+                )
+        # The target first: a run killed before its plan is written starts afresh again.
+        for d in reversed(dirs):
+            for name in sorted(owned[d] or ()):  # what an earlier conversion listed, and nothing else
+                _remove(d, name)
+            _write_outputs(d, names)
+            # Listed now, so ours: start it empty (a run killed before listing may have left temp files).
+            shutil.rmtree(os.path.join(d, STATE_DIR))
+        os.makedirs(loc.state)
+        write_json(os.path.join(loc.state, "plan.json"), {"fingerprint": fingerprint})
+    else:
+        for d in dirs:
+            if owned[d] is None or not set(names) <= owned[d]:
+                _write_outputs(d, (owned[d] or set()) | set(names))
+                if d != loc.local:
+                    shutil.rmtree(os.path.join(d, STATE_DIR))
+    return None
+
+
+def _owned_entries(url: str, local: str) -> set[str] | None:
+    """The entries of directory ``local`` listed as mnemo's (None: mnemo never wrote there).
+
+    Refuses a directory holding anything else (its state dir and list aside).
+    """
     try:
-        os.makedirs(loc.local, exist_ok=True)
-        entries = os.listdir(loc.local)
+        os.makedirs(local, exist_ok=True)
+        entries = os.listdir(local)
     except OSError as e:
-        raise DataError(f"--out {loc.url}: cannot create or list {loc.local} ({e.strerror or e})") from None
-    owned = _read_outputs(loc.local)
+        raise DataError(f"--out {url}: cannot create or list {local} ({e.strerror or e})") from None
+    owned = _read_outputs(local)
     foreign = sorted(set(entries) - (owned or set()) - {OUTPUTS_FILE, STATE_DIR})
     if foreign:
         more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
@@ -259,33 +313,10 @@ def claim_out(loc: OutLocation, fingerprint: str, overwrite: bool, names: Sequen
             else "holds files this dataset's list of outputs does not name"
         )
         raise DataError(
-            f"--out {loc.url} {what} ({foreign[0]}{more}); mnemo never deletes files it did not "
+            f"--out {url} {what} ({foreign[0]}{more}); mnemo never deletes files it did not "
             f"write: choose a new or empty directory"
         )
-    plan = read_json(os.path.join(loc.state, "plan.json")) if owned is not None else None
-    if plan is not None and plan.get("fingerprint") != fingerprint and not overwrite:
-        raise DataError(
-            f"--out {loc.url} holds an unfinished conversion of other inputs or settings; "
-            f"rerun that command to finish it, or pass --overwrite"
-        )
-    if overwrite or plan is None or plan.get("fingerprint") != fingerprint:
-        stray = _not_ours_inside(loc.local, owned or ())
-        if stray is not None:  # a listed part holds it: removing the part would delete it
-            raise DataError(
-                f"--out {loc.url} holds {stray}, inside an output of mnemo's but not written by it; mnemo never "
-                f"deletes files it did not write: move it away, or choose a new or empty directory"
-            )
-        for name in sorted(owned or ()):  # what an earlier conversion listed, and nothing else
-            _remove(loc.local, name)
-        os.makedirs(loc.state, exist_ok=True)
-        _write_outputs(loc, names)
-        # Listed now, so ours: start it empty (a run killed before listing may have left temp files).
-        shutil.rmtree(loc.state)
-        os.makedirs(loc.state)
-        write_json(os.path.join(loc.state, "plan.json"), {"fingerprint": fingerprint})
-    elif not set(names) <= owned:
-        _write_outputs(loc, owned | set(names))
-    return None
+    return owned
 
 
 def check_out_apart(loc: OutLocation, corpus: Corpus) -> None:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 
 from mnemo.data_pipeline.errors import DataError
-from mnemo.data_pipeline.outputs import resolve_out
+from mnemo.data_pipeline.outputs import OUTPUTS_FILE, STATE_DIR, resolve_out
+from mnemo.data_pipeline.prepare import prepare
 from mnemo.cli import main
 from tests.unit.stdlib import stdlib_tokenizer
 
@@ -43,6 +45,51 @@ def corpus(tmp_path) -> Path:
 
 
 # ----------------------------------------------------------------------------- file:// targets
+
+
+def test_file_url_into_a_users_directory_is_refused_and_nothing_touched(model, corpus, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    tgt = tmp_path / "tgt"
+    (tgt / "part-00000").mkdir(parents=True)
+    (tgt / "tokenizer.model").write_text("mine")
+    (tgt / "index.json").write_text('{"mine": 1}')
+    (tgt / "keep.txt").write_text("keep")
+    (tgt / "part-00000" / "notes.txt").write_text("notes")
+    before = {str(p.relative_to(tgt)): p.read_bytes() for p in tgt.rglob("*") if p.is_file()}
+    for extra in ([], ["--overwrite"]):
+        args = ["prepare", "--input", corpus, "--out", f"file://{tgt}", "--tokenizer", model, "--workers", "1"]
+        rc, err = cli(capsys, *args, *extra)
+        assert rc == 2 and "is not empty and holds no mnemo dataset" in one_error_line(err), err
+        assert f"file://{tgt}" in err
+    after = {str(p.relative_to(tgt)): p.read_bytes() for p in tgt.rglob("*") if p.is_file()}
+    assert after == before and sorted(os.listdir(tgt)) == ["index.json", "keep.txt", "part-00000", "tokenizer.model"]
+
+
+def test_file_url_target_follows_the_local_rules(model, corpus, tmp_path):
+    tgt, staging = tmp_path / "tgt", tmp_path / "staging"
+    url = f"file://{tgt}"
+    m = prepare([str(corpus)], url, tokenizer=model, workers=1, unit_bytes=1500, staging=str(staging))
+    assert m["num_documents"] == 40 and not staging.exists()
+    listed = json.loads((tgt / OUTPUTS_FILE).read_text())["entries"]
+    assert "part-00003" in listed and set(os.listdir(tgt)) <= set(listed) | {OUTPUTS_FILE}
+    assert STATE_DIR not in os.listdir(tgt)
+    (tmp_path / "b.jsonl").write_bytes(jsonl(5, 100))
+    # A file the user put beside the dataset: --overwrite refuses rather than delete or keep writing around it.
+    (tgt / "mine.txt").write_text("mine")
+    with pytest.raises(DataError, match=r"does not name \(mine.txt\)"):
+        prepare([str(tmp_path / "b.jsonl")], url, tokenizer=model, workers=1, overwrite=True, staging=str(staging))
+    (tgt / "mine.txt").unlink()
+    # ... and one inside a listed part (removing the part would delete it).
+    (tgt / "part-00001" / "mine.txt").write_text("mine")
+    with pytest.raises(DataError, match=r"holds part-00001/mine.txt, inside an output of mnemo's"):
+        prepare([str(tmp_path / "b.jsonl")], url, tokenizer=model, workers=1, overwrite=True, staging=str(staging))
+    assert (tgt / "part-00001" / "mine.txt").read_text() == "mine"
+    (tgt / "part-00001" / "mine.txt").unlink()
+    m = prepare([str(tmp_path / "b.jsonl")], url, tokenizer=model, workers=1, overwrite=True, staging=str(staging))
+    assert m["num_documents"] == 5
+    assert sorted(os.listdir(tgt)) == sorted(
+        [OUTPUTS_FILE, "index.json", "manifest.json", "part-00000", "tokenizer.model"]
+    )
 
 
 @pytest.mark.parametrize(
