@@ -241,7 +241,13 @@ def claim_out(loc: OutLocation, fingerprint: str, overwrite: bool, names: Sequen
     DATA_DIR must be new, empty, or hold nothing but what .mnemo-outputs.json
     lists (a state dir alone is the leftover of a run killed before it wrote
     that list). Starting afresh removes exactly the listed entries.
+
+    A true remote (not file://) is reached first (credentials, bucket), so a
+    remote that cannot be written fails before any work; a new conversion
+    there is refused when the prefix holds objects but no mnemo dataset,
+    where streaming can list the store (s3, gs, oci).
     """
+    cu = _uploader(loc) if loc.remote is not None and loc.target is None else None
     done = (
         _fetch_remote_json(loc, "manifest.json")
         if loc.remote is not None
@@ -268,6 +274,8 @@ def claim_out(loc: OutLocation, fingerprint: str, overwrite: bool, names: Sequen
             f"rerun that command to finish it, or pass --overwrite"
         )
     if overwrite or plan is None or plan.get("fingerprint") != fingerprint:
+        if cu is not None and done is None:
+            _refuse_foreign_objects(loc, cu)
         for d in dirs:  # every check before anything is removed
             stray = _not_ours_inside(d, owned[d] or ())
             if stray is not None:  # a listed part holds it: removing the part would delete it
@@ -291,6 +299,42 @@ def claim_out(loc: OutLocation, fingerprint: str, overwrite: bool, names: Sequen
                 if d != loc.local:
                     shutil.rmtree(os.path.join(d, STATE_DIR))
     return None
+
+
+def remote_failure(url: str, what: str, e: BaseException) -> DataError:
+    """One line for a remote store's error: ``--out URL: WHAT (Type: first line of its message)``."""
+    lines = str(e).strip().splitlines()
+    first = lines[0].strip() if lines else ""
+    first = first if len(first) <= 300 else first[:297] + "..."
+    return DataError(f"--out {url}: {what} ({type(e).__name__}{': ' + first if first else ''})")
+
+
+def _uploader(loc: OutLocation):
+    """streaming's uploader for a remote --out (its constructor checks credentials and the bucket)."""
+    import_streaming()  # without transformers (lean_imports.py)
+    from streaming.base.storage.upload import CloudUploader
+
+    try:
+        with _quiet_root_logger():  # its "directory not empty" warning is about the staging dir
+            return CloudUploader.get((loc.local, loc.remote), keep_local=True, exist_ok=True)
+    except Exception as e:  # each store raises its own types (botocore's NoCredentialsError, ...)
+        raise remote_failure(loc.url, "cannot write there", e) from None
+
+
+def _refuse_foreign_objects(loc: OutLocation, cu) -> None:
+    """A new conversion into a remote prefix that holds objects but no mnemo dataset would overwrite them."""
+    try:
+        keys = cu.list_objects()
+    except NotImplementedError:  # this store cannot list through streaming: nothing to check with
+        return
+    except Exception as e:
+        raise remote_failure(loc.url, "cannot list it", e) from None
+    if keys:
+        more = f" and {len(keys) - 1} more" if len(keys) > 1 else ""
+        raise DataError(
+            f"--out {loc.url} is not empty and holds no mnemo dataset ({keys[0]}{more}); mnemo never "
+            f"overwrites objects it did not write: choose a new or empty prefix"
+        )
 
 
 def _owned_entries(url: str, local: str) -> set[str] | None:
@@ -379,6 +423,10 @@ def upload(loc: OutLocation, names: Sequence[str]) -> None:
     import_streaming()  # without transformers (lean_imports.py)
     from streaming.base.storage.upload import CloudUploader
 
-    cu = CloudUploader.get((loc.local, loc.remote), keep_local=True, exist_ok=True)
-    for n in names:
-        cu.upload_file(n)
+    try:
+        with _quiet_root_logger():
+            cu = CloudUploader.get((loc.local, loc.remote), keep_local=True, exist_ok=True)
+            for n in names:
+                cu.upload_file(n)
+    except Exception as e:
+        raise remote_failure(loc.url, f"uploading {', '.join(names)} failed", e) from None

@@ -58,6 +58,7 @@ from mnemo.data_pipeline.outputs import (
     out_entries,
     passkey_part_name,
     read_json,
+    remote_failure,
     resolve_out,
     upload,
     write_json,
@@ -161,15 +162,22 @@ def _write_unit(ctx: UnitContext, name: str, samples: Iterable[dict], extra: Cal
     os.makedirs(os.path.dirname(tmp), exist_ok=True)
     remote = None if ctx.remote is None else ctx.remote.rstrip("/") + "/" + name
     out = tmp if remote is None else (tmp, remote)
-    writer = MDSWriter(
-        columns=columns(ctx.token_dtype),
-        out=out,
-        compression=COMPRESSION,
-        hashes=SHARD_HASHES,
-        size_limit=SHARD_SIZE_LIMIT,
-        keep_local=False,
-        exist_ok=True,
-    )
+    try:
+        writer = MDSWriter(
+            columns=columns(ctx.token_dtype),
+            out=out,
+            compression=COMPRESSION,
+            hashes=SHARD_HASHES,
+            size_limit=SHARD_SIZE_LIMIT,
+            keep_local=False,
+            exist_ok=True,
+        )
+    except OSError as e:
+        raise DataError(f"{name}: cannot write under {ctx.local}: {e.strerror or e}") from None
+    except Exception as e:  # a remote's uploader: credentials, bucket (each store raises its own types)
+        if remote is None:
+            raise
+        raise remote_failure(remote, f"{name}: cannot upload there", e) from None
     docs = tokens = 0
     try:
         for s in samples:

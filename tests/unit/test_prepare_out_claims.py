@@ -103,3 +103,50 @@ def test_a_file_url_must_name_an_absolute_path_of_this_machine(url):
 def test_file_url_with_localhost_is_the_local_path(tmp_path):
     assert resolve_out(f"file://localhost{tmp_path}/x", staging="/tmp/s").remote == f"{tmp_path}/x"
     assert resolve_out(f"file://{tmp_path}/x", staging="/tmp/s").remote == f"{tmp_path}/x"
+
+
+# ----------------------------------------------------------------------------- remote errors
+
+
+def test_remote_without_credentials_is_one_line_naming_out(model, corpus, tmp_path, capsys, monkeypatch):
+    """botocore finds no credentials before any network access (instance metadata lookup off)."""
+    for k in list(os.environ):
+        if k.startswith("AWS_"):
+            monkeypatch.delenv(k)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    rc, err = cli(capsys, "prepare", "--input", corpus, "--out", "s3://no-such-bucket-mnemo/x", "--workers", "1")
+    line = one_error_line(err)
+    assert rc == 2 and "--out s3://no-such-bucket-mnemo/x" in line and "credentials" in line, err
+    assert not (tmp_path / "cache" / "mnemo" / "prepare").exists() or not any(
+        (tmp_path / "cache" / "mnemo" / "prepare").rglob("tokenizer.model")
+    )  # refused before training a tokenizer
+
+
+def test_a_remote_prefix_holding_other_objects_is_refused(model, corpus, tmp_path, monkeypatch):
+    """What streaming's uploader lists under a remote prefix (faked here: no network in tests)."""
+    import streaming.base.storage.upload as up
+
+    class Fake:
+        def list_objects(self, prefix=None):
+            return ["x/thesis.tex", "x/notes.txt"]
+
+    monkeypatch.setattr(up.CloudUploader, "get", classmethod(lambda cls, *a, **k: Fake()))
+    with pytest.raises(
+        DataError, match=r"^--out s3://b/x is not empty and holds no mnemo dataset \(x/thesis.tex and 1"
+    ):
+        prepare([str(corpus)], "s3://b/x", tokenizer=model, workers=1, staging=str(tmp_path / "s"), overwrite=True)
+    Fake.list_objects = lambda self, prefix=None: []  # empty: accepted, then the first upload fails
+
+    def writer_fails(*a, **k):
+        raise ValueError("Either bucket `b` does not exist!\nsecond line")
+
+    monkeypatch.setattr("streaming.MDSWriter", writer_fails)
+    with pytest.raises(
+        DataError,
+        match=r"^--out s3://b/x/part-00000: part-00000: cannot upload there \(ValueError: "
+        r"Either bucket `b` does not exist!\)$",
+    ):
+        prepare([str(corpus)], "s3://b/x", tokenizer=model, workers=1, staging=str(tmp_path / "s"))
