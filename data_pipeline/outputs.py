@@ -402,6 +402,24 @@ def _quiet_root_logger() -> Iterator[None]:
         root.removeHandler(h)
 
 
+def part_present(loc: OutLocation, name: str) -> bool:
+    """Whether part ``name``'s index.json is there for the merge (a true remote's: fetched into the staging dir)."""
+    if loc.remote is None or loc.target is not None:
+        return os.path.isfile(os.path.join(loc.target or loc.local, name, "index.json"))
+    local = os.path.join(loc.local, name, "index.json")
+    if os.path.isfile(local):
+        return True
+    import_streaming()  # without transformers (lean_imports.py)
+    from streaming.base.storage.download import CloudDownloader
+
+    os.makedirs(os.path.dirname(local), exist_ok=True)
+    try:
+        CloudDownloader.direct_download(loc.remote_join(name + "/index.json"), local, 60)
+    except Exception:  # no such object (each cloud raises its own type), or the store is unreachable: redo it
+        return False
+    return os.path.isfile(local)
+
+
 def merge_parts(loc: OutLocation, names: list[str]) -> None:
     import_streaming()  # without transformers (lean_imports.py)
     from streaming.base.util import merge_index
@@ -415,8 +433,13 @@ def merge_parts(loc: OutLocation, names: list[str]) -> None:
     else:
         urls = [(os.path.join(loc.local, n, "index.json"), loc.remote_join(n + "/index.json")) for n in names]
         out = (loc.local, loc.remote)
-    with _quiet_root_logger():
-        merge_index(urls, out, keep_local=True)
+    try:
+        with _quiet_root_logger():
+            merge_index(urls, out, keep_local=True)
+    except Exception as e:  # a part's index.json gone or unreadable since it was checked, an upload failed
+        raise remote_failure(
+            loc.url, "merging the parts' index.json failed; rerun the same command to redo missing parts", e
+        ) from None
 
 
 def upload(loc: OutLocation, names: Sequence[str]) -> None:

@@ -52,10 +52,12 @@ from mnemo.data_pipeline.manifest import (
 )
 from mnemo.data_pipeline.outputs import (
     STATE_DIR,
+    OutLocation,
     check_out_apart,
     claim_out,
     merge_parts,
     out_entries,
+    part_present,
     passkey_part_name,
     read_json,
     remote_failure,
@@ -493,6 +495,7 @@ def prepare(
         loc.remote,
         max_doc_bytes,
     )
+    _forget_lost_parts(loc, ctx, [u.name for u in units] + ([passkey_part_name(units)] if passkey_docs else []))
     results = _convert(ctx, units, workers, progress)
     stats = _read_stats(corpus, units, results)
     num_corpus = sum(results[u.name]["documents"] for u in units)
@@ -514,6 +517,14 @@ def prepare(
     else:
         shutil.rmtree(loc.state, ignore_errors=True)
     return manifest
+
+
+def _forget_lost_parts(loc: OutLocation, ctx: UnitContext, names: Sequence[str]) -> None:
+    """Drop the done marker of every part whose index.json is gone (deleted by hand, lost remotely): it is redone."""
+    for name in names:
+        if os.path.exists(ctx.marker(name)) and not part_present(loc, name):
+            note(f"{name} was done but its index.json is gone from {loc.url}; converting it again")
+            os.remove(ctx.marker(name))
 
 
 def _convert(ctx: UnitContext, units: list[WorkUnit], workers: int, progress: bool | None) -> dict[str, dict]:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+import mnemo.data_pipeline.prepare as prep
 from mnemo.data_pipeline.errors import DataError
 from mnemo.data_pipeline.outputs import OUTPUTS_FILE, STATE_DIR, resolve_out
 from mnemo.data_pipeline.prepare import prepare
@@ -150,3 +151,51 @@ def test_a_remote_prefix_holding_other_objects_is_refused(model, corpus, tmp_pat
         r"Either bucket `b` does not exist!\)$",
     ):
         prepare([str(corpus)], "s3://b/x", tokenizer=model, workers=1, staging=str(tmp_path / "s"))
+
+
+# ----------------------------------------------------------------------------- resume
+
+
+def _interrupt_after(monkeypatch, n: int) -> None:
+    orig, done = prep._run_unit, []
+
+    def run(ctx, unit):
+        if len(done) == n:
+            raise KeyboardInterrupt
+        done.append(unit.name)
+        return orig(ctx, unit)
+
+    monkeypatch.setattr(prep, "_run_unit", run)
+
+
+@pytest.mark.parametrize("remote", [False, True])
+def test_a_done_part_that_is_gone_is_redone(model, corpus, tmp_path, monkeypatch, capsys, remote):
+    out, staging = tmp_path / "out", tmp_path / "staging"
+    url = f"file://{out}" if remote else str(out)
+    kw = dict(tokenizer=model, workers=1, unit_bytes=1500, staging=str(staging))
+    with monkeypatch.context() as m:
+        _interrupt_after(m, 3)
+        with pytest.raises(KeyboardInterrupt):
+            prepare([str(corpus)], url, **kw)
+    assert (out / "part-00000" / "index.json").exists()
+    import shutil
+
+    shutil.rmtree(out / "part-00000")
+    capsys.readouterr()
+    m = prepare([str(corpus)], url, **kw)
+    assert m["num_documents"] == 40 and (out / "part-00000" / "index.json").exists()
+    assert "part-00000" in capsys.readouterr().err  # says it redoes it
+    from mnemo.data_pipeline.verify import verify
+
+    verify(str(out))
+
+
+def test_merge_failure_is_a_data_error(model, corpus, tmp_path, monkeypatch):
+    def fails(*a, **k):
+        raise RuntimeError("Failed to download index.json: x")
+
+    import streaming.base.util as su
+
+    monkeypatch.setattr(su, "merge_index", fails)
+    with pytest.raises(DataError, match=r"--out .*index.json"):
+        prepare([str(corpus)], str(tmp_path / "out"), tokenizer=model, workers=1)
