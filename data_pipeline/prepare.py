@@ -53,8 +53,10 @@ from mnemo.data_pipeline.manifest import (
 from mnemo.data_pipeline.outputs import (
     STATE_DIR,
     OutLocation,
+    OutLock,
     check_out_apart,
     claim_out,
+    close_inherited_locks,
     merge_parts,
     out_entries,
     part_present,
@@ -278,6 +280,7 @@ def _init_worker(counters: Counters, parent: int) -> None:
     # Ctrl-C reaches the whole process group; the main process handles it.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     die_with_parent(parent)
+    close_inherited_locks()
     _worker["counters"] = counters
 
 
@@ -474,49 +477,54 @@ def prepare(
     entries = out_entries(units, passkey_docs > 0)
     if given is not None and given.file_name not in entries:  # OUT/tokenizer.json
         entries.append(given.file_name)
-    complete = claim_out(loc, fingerprint, overwrite, entries)
-    if complete is not None:
-        note(f"{loc.url} is already complete for these inputs (manifest.json); nothing to do")
-        return complete
+    # One run per --out at a time: held from the claim to the end, released however this ends.
+    with OutLock(loc):
+        complete = claim_out(loc, fingerprint, overwrite, entries)
+        if complete is not None:
+            note(f"{loc.url} is already complete for these inputs (manifest.json); nothing to do")
+            return complete
 
-    if given is not None:
-        tok = copy_tokenizer(loc, given, given_bytes)
-    else:
-        tok = train_tokenizer_on_sample(
-            loc, corpus, text_field, id_field, strict, vocab_size, model_type, sample_docs, seed, max_doc_bytes
+        if given is not None:
+            tok = copy_tokenizer(loc, given, given_bytes)
+        else:
+            tok = train_tokenizer_on_sample(
+                loc, corpus, text_field, id_field, strict, vocab_size, model_type, sample_docs, seed, max_doc_bytes
+            )
+        ctx = UnitContext(
+            os.path.join(loc.local, tok.file_name),
+            tok.token_dtype.name,
+            text_field,
+            id_field,
+            strict,
+            loc.local,
+            loc.remote,
+            max_doc_bytes,
         )
-    ctx = UnitContext(
-        os.path.join(loc.local, tok.file_name),
-        tok.token_dtype.name,
-        text_field,
-        id_field,
-        strict,
-        loc.local,
-        loc.remote,
-        max_doc_bytes,
-    )
-    _forget_lost_parts(loc, ctx, [u.name for u in units] + ([passkey_part_name(units)] if passkey_docs else []))
-    results = _convert(ctx, units, workers, progress)
-    stats = _read_stats(corpus, units, results)
-    num_corpus = sum(results[u.name]["documents"] for u in units)
-    if num_corpus == 0:
-        raise DataError(
-            f"no documents: every document of {', '.join(map(str, inputs))} was skipped ({format_counts(stats.counts)})"
-        )
-    names = [u.name for u in units]
-    if passkey_docs:
-        names.append(_passkey_part(ctx, tok, units, passkey_docs, passkey_max_distance, passkey_segment_len, seed))
-        results[names[-1]] = read_json(ctx.marker(names[-1])) or {}
+        _forget_lost_parts(loc, ctx, [u.name for u in units] + ([passkey_part_name(units)] if passkey_docs else []))
+        results = _convert(ctx, units, workers, progress)
+        stats = _read_stats(corpus, units, results)
+        num_corpus = sum(results[u.name]["documents"] for u in units)
+        if num_corpus == 0:
+            raise DataError(
+                f"no documents: every document of {', '.join(map(str, inputs))} was skipped "
+                f"({format_counts(stats.counts)})"
+            )
+        names = [u.name for u in units]
+        if passkey_docs:
+            names.append(_passkey_part(ctx, tok, units, passkey_docs, passkey_max_distance, passkey_segment_len, seed))
+            results[names[-1]] = read_json(ctx.marker(names[-1])) or {}
 
-    merge_parts(loc, names)
-    manifest = build_manifest(loc, tok, given, spec, fingerprint, names, results, stats, num_corpus)
-    write_json(os.path.join(loc.local, "manifest.json"), manifest, tmp_dir=loc.state)
-    if loc.remote is not None:
-        upload(loc, [tok.file_name, "manifest.json"])
-        shutil.rmtree(loc.local, ignore_errors=True)
-    else:
-        shutil.rmtree(loc.state, ignore_errors=True)
-    return manifest
+        merge_parts(loc, names)
+        manifest = build_manifest(loc, tok, given, spec, fingerprint, names, results, stats, num_corpus)
+        write_json(os.path.join(loc.local, "manifest.json"), manifest, tmp_dir=loc.state)
+        if loc.remote is not None:
+            upload(loc, [tok.file_name, "manifest.json"])
+            shutil.rmtree(loc.local, ignore_errors=True)
+            if loc.target is not None:
+                shutil.rmtree(os.path.join(loc.target, STATE_DIR), ignore_errors=True)
+        else:
+            shutil.rmtree(loc.state, ignore_errors=True)
+        return manifest
 
 
 def _forget_lost_parts(loc: OutLocation, ctx: UnitContext, names: Sequence[str]) -> None:

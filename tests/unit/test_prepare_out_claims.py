@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 from pathlib import Path
@@ -10,7 +11,7 @@ import pytest
 
 import mnemo.data_pipeline.prepare as prep
 from mnemo.data_pipeline.errors import DataError
-from mnemo.data_pipeline.outputs import OUTPUTS_FILE, STATE_DIR, resolve_out
+from mnemo.data_pipeline.outputs import LOCK_NAME, OUTPUTS_FILE, STATE_DIR, resolve_out
 from mnemo.data_pipeline.prepare import prepare
 from mnemo.cli import main
 from tests.unit.stdlib import stdlib_tokenizer
@@ -199,3 +200,33 @@ def test_merge_failure_is_a_data_error(model, corpus, tmp_path, monkeypatch):
     monkeypatch.setattr(su, "merge_index", fails)
     with pytest.raises(DataError, match=r"--out .*index.json"):
         prepare([str(corpus)], str(tmp_path / "out"), tokenizer=model, workers=1)
+
+
+# ----------------------------------------------------------------------------- one run at a time
+
+
+@pytest.mark.parametrize("remote", [False, True])
+def test_a_second_prepare_on_the_same_out_is_refused(model, corpus, tmp_path, capsys, remote):
+    out, staging = tmp_path / "out", tmp_path / "staging"
+    url = f"file://{out}" if remote else str(out)
+    state = (staging if remote else out) / STATE_DIR
+    state.mkdir(parents=True)
+    fd = os.open(state / LOCK_NAME, os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # another prepare holds it
+        with pytest.raises(DataError, match=r"--out .*another mnemo prepare is running"):
+            prepare([str(corpus)], url, tokenizer=model, workers=1, staging=str(staging), overwrite=True)
+    finally:
+        os.close(fd)
+    assert prepare([str(corpus)], url, tokenizer=model, workers=1, staging=str(staging))["num_documents"] == 40
+    assert not (out / STATE_DIR).exists() and not staging.exists()
+
+
+def test_a_refused_out_is_left_as_it_was(model, corpus, tmp_path):
+    """The lock is taken before the ownership check: a refused directory gets no state dir."""
+    foreign = tmp_path / "home"
+    foreign.mkdir()
+    (foreign / "thesis.tex").write_text("precious")
+    with pytest.raises(DataError, match="not empty and holds no mnemo dataset"):
+        prepare([str(corpus)], str(foreign), tokenizer=model, workers=1)
+    assert os.listdir(foreign) == ["thesis.tex"]
