@@ -5,6 +5,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ import mnemo.data_pipeline.prepare as prep
 from mnemo.data_pipeline.errors import DataError
 from mnemo.data_pipeline.outputs import LOCK_NAME, OUTPUTS_FILE, STATE_DIR, resolve_out
 from mnemo.data_pipeline.prepare import prepare
+from mnemo.data_pipeline.verify import verify
 from mnemo.cli import main
 from tests.unit.stdlib import stdlib_tokenizer
 
@@ -179,15 +181,11 @@ def test_a_done_part_that_is_gone_is_redone(model, corpus, tmp_path, monkeypatch
         with pytest.raises(KeyboardInterrupt):
             prepare([str(corpus)], url, **kw)
     assert (out / "part-00000" / "index.json").exists()
-    import shutil
-
     shutil.rmtree(out / "part-00000")
     capsys.readouterr()
     m = prepare([str(corpus)], url, **kw)
     assert m["num_documents"] == 40 and (out / "part-00000" / "index.json").exists()
     assert "part-00000" in capsys.readouterr().err  # says it redoes it
-    from mnemo.data_pipeline.verify import verify
-
     verify(str(out))
 
 
