@@ -8,7 +8,8 @@ Layout of DATA_DIR::
     tokenizer.model   copy of the tokenizer used
     manifest.json     counts, tokenizer hash, input fingerprints, skipped docs
     .mnemo-outputs.json  the names above, written before any of them is created
-    .mnemo-prepare/   only while unfinished: plan, done markers, every temp file
+    .mnemo-prepare/   only while unfinished: plan, done markers, every temp file, and the lock
+                      (``lock``) a running prepare holds (one run per --out at a time)
 
 mnemo deletes only what it can prove it wrote: the entries listed in
 ``.mnemo-outputs.json``, a list it writes (atomically) before creating any of
@@ -21,17 +22,24 @@ A remote ``--out`` (``s3://``, ``gs://``..., or ``file://`` for a local
 directory used through the same upload path) is written through a local
 staging dir (``OutLocation.local``); the parts upload themselves as they are
 written, and ``merge_parts`` and ``upload`` send the merged index, manifest
-and tokenizer at the end.
+and tokenizer at the end. The directory a ``file://`` --out names
+(``OutLocation.target``) is a local directory, under every rule above: it gets
+its own ``.mnemo-outputs.json``, is refused when it holds anything else, and
+--overwrite removes its listed entries only.
 """
 
 from __future__ import annotations
 
+import datetime
+import errno
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import re
 import shutil
+import socket
 import tempfile
 import urllib.parse
 import urllib.request
@@ -62,6 +70,13 @@ class OutLocation:
     def state(self) -> str:
         return os.path.join(self.local, STATE_DIR)
 
+    @property
+    def target(self) -> str | None:
+        """The local directory a ``file://`` --out names (None for a plain path or a true remote)."""
+        if self.remote is not None and urllib.parse.urlparse(self.remote).scheme == "":
+            return self.remote
+        return None
+
     def remote_join(self, name: str) -> str | None:
         if self.remote is None:
             return None
@@ -75,7 +90,7 @@ def resolve_out(out: str, staging: str | None = None) -> OutLocation:
     if scheme == "":
         return OutLocation(out, os.path.abspath(os.path.expanduser(out)), None)
     if scheme == "file":
-        remote = urllib.request.url2pathname(urllib.parse.urlparse(out).path)
+        remote = _file_url_path(out)
     else:
         import_streaming()  # without transformers (lean_imports.py)
         from streaming.base.storage.upload import UPLOADERS
@@ -90,6 +105,28 @@ def resolve_out(out: str, staging: str | None = None) -> OutLocation:
         cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
         staging = os.path.join(cache, "mnemo", "prepare", hashlib.sha256(out.encode()).hexdigest()[:16])
     return OutLocation(out, os.path.abspath(staging), remote)
+
+
+def _shown(value: str, limit: int = 200) -> str:
+    """``value`` quoted for an error message, cut to about ``limit`` characters."""
+    r = repr(value)
+    return r if len(r) <= limit else r[: limit - 5] + "...'"
+
+
+def _file_url_path(out: str) -> str:
+    """The absolute local path a ``file://`` URL names: ``file:///ABS/PATH`` or ``file://localhost/ABS/PATH``.
+
+    Any other host (``file://relative/x`` parses with host ``relative``), a relative path, a query or a
+    fragment would be dropped or misread, so they are errors rather than a write to another directory.
+    """
+    u = urllib.parse.urlparse(out)
+    path = urllib.request.url2pathname(u.path)
+    if u.netloc not in ("", "localhost") or not u.path.startswith("/") or u.params or u.query or u.fragment:
+        raise DataError(
+            f"--out {_shown(out)}: a file URL names an absolute path of this machine, file:///ABS/PATH "
+            f"(or file://localhost/ABS/PATH); for a relative directory give the plain path"
+        )
+    return path
 
 
 def write_json(path: str, obj: dict, tmp_dir: str | None = None) -> None:
@@ -122,6 +159,134 @@ def _fetch_remote_json(loc: OutLocation, name: str) -> dict | None:
         except Exception:  # no such object (each cloud raises its own type)
             return None
         return read_json(dest)
+
+
+# ----------------------------------------------------------------------------- one run at a time
+
+# In the state dir of --out (of the staging dir, and of a file:// target): held by the run that owns them.
+LOCK_NAME = "lock"
+_held_fds: set[int] = set()  # this process's lock descriptors (a forked worker closes its copies)
+
+
+def close_inherited_locks() -> None:
+    """In a forked worker: close the copies of the parent's lock descriptors.
+
+    A flock belongs to the open file, which fork shares: a worker outliving its parent by a moment
+    (terminated, not yet reaped) would otherwise still hold --out against the rerun.
+    """
+    for fd in _held_fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _held_fds.clear()
+
+
+class OutLock:
+    """Exclusive ownership of --out by one ``mnemo prepare``: an ``fcntl.flock`` on ``STATE_DIR/lock``.
+
+    The same idea as train/runlock.py's run-dir lock (which data_pipeline may not import): the kernel
+    releases the lock when the process exits however it exits, so a rerun after kill -9 is never
+    blocked, and the file records who holds it. Two runs on one --out would otherwise mix parts of
+    both under one manifest, or one's --overwrite would delete the other's parts mid-write.
+
+    The lock file lives in the state dir, which a finished run removes with the lock still held;
+    a run that was waiting on the old file then finds another (or no) file at the path and takes
+    the lock again on the file there. State dirs this lock made and that hold nothing but the lock
+    (the run was refused, or had nothing to do) are removed on ``release``; a crash leaves one
+    behind, which the next run's ``claim_out`` accepts (a state dir is mnemo's own).
+    """
+
+    def __init__(self, loc: OutLocation):
+        self.url = loc.url
+        self.dirs = [loc.local] + ([loc.target] if loc.target is not None else [])
+        self.held: list[tuple[int, str]] = []  # (fd, path)
+        self.created: list[str] = []  # directories made here, deepest last
+
+    def acquire(self) -> OutLock:
+        try:
+            for d in self.dirs:
+                self._take(os.path.join(d, STATE_DIR, LOCK_NAME))
+        except BaseException:
+            self.release()
+            raise
+        return self
+
+    def _makedirs(self, path: str) -> None:
+        missing = []
+        p = path
+        while not os.path.lexists(p):
+            missing.append(p)
+            p = os.path.dirname(p)
+        os.makedirs(path, exist_ok=True)
+        self.created += reversed(missing)
+
+    def _take(self, path: str) -> None:
+        while True:
+            try:
+                self._makedirs(os.path.dirname(path))
+                # O_RDWR without O_TRUNC: a run that finds the lock held must still read who holds it.
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as e:
+                raise DataError(f"--out {self.url}: cannot create the lock file {path} ({e.strerror or e})") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                raw = os.pread(fd, 4096, 0).decode("utf-8", "replace")
+                os.close(fd)
+                if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    raise DataError(f"--out {self.url}: cannot lock {path} ({e.strerror or e})") from None
+                raise DataError(
+                    f"--out {self.url}: another mnemo prepare is running on it ({_holder_text(raw)}); "
+                    f"wait for it to end or stop it"
+                ) from None
+            try:
+                same = os.stat(path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if not same:  # the previous holder finished and removed it: lock the file now at the path
+                os.close(fd)
+                continue
+            info = {
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+            }
+            data = (json.dumps(info) + "\n").encode()
+            os.pwrite(fd, data, 0)  # then cut the previous holder's longer text: never an empty file to read
+            os.ftruncate(fd, len(data))
+            self.held.append((fd, path))
+            _held_fds.add(fd)
+            return
+
+    def release(self) -> None:
+        for fd, path in reversed(self.held):
+            state = os.path.dirname(path)
+            if state in self.created and os.path.isdir(state) and os.listdir(state) == [LOCK_NAME]:
+                os.remove(path)  # still held: nobody else can be using it
+            _held_fds.discard(fd)
+            os.close(fd)  # releases the flock (the workers closed their copies when they started)
+        self.held = []
+        for d in reversed(self.created):
+            try:
+                os.rmdir(d)  # made here and empty now (a run that wrote nothing there)
+            except OSError:
+                pass
+        self.created = []
+
+    def __enter__(self) -> OutLock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _holder_text(raw: str) -> str:
+    try:
+        h = json.loads(raw)
+        return f"host {h.get('host', '?')}, pid {h.get('pid', '?')}, since {h.get('started', '?')}"
+    except (json.JSONDecodeError, AttributeError):
+        return "holder unknown"
 
 
 # ----------------------------------------------------------------------------- claiming the out dir
@@ -167,12 +332,15 @@ def _read_outputs(local: str) -> set[str] | None:
     return set(names)
 
 
-def _write_outputs(loc: OutLocation, names: Iterable[str]) -> None:
-    """List ``names`` as mnemo's own before any of them is created (the state dir must exist)."""
+def _write_outputs(local: str, names: Iterable[str]) -> None:
+    """List ``names`` as mnemo's own in directory ``local`` before any of them is created.
+
+    The temp file goes into ``local``'s state dir (created here when missing).
+    """
+    state = os.path.join(local, STATE_DIR)
+    os.makedirs(state, exist_ok=True)
     write_json(
-        os.path.join(loc.local, OUTPUTS_FILE),
-        {"written_by": "mnemo prepare", "entries": sorted(names)},
-        tmp_dir=loc.state,
+        os.path.join(local, OUTPUTS_FILE), {"written_by": "mnemo prepare", "entries": sorted(names)}, tmp_dir=state
     )
 
 
@@ -206,7 +374,13 @@ def claim_out(loc: OutLocation, fingerprint: str, overwrite: bool, names: Sequen
     DATA_DIR must be new, empty, or hold nothing but what .mnemo-outputs.json
     lists (a state dir alone is the leftover of a run killed before it wrote
     that list). Starting afresh removes exactly the listed entries.
+
+    A true remote (not file://) is reached first (credentials, bucket), so a
+    remote that cannot be written fails before any work; a new conversion
+    there is refused when the prefix holds objects but no mnemo dataset,
+    where streaming can list the store (s3, gs, oci).
     """
+    cu = _uploader(loc) if loc.remote is not None and loc.target is None else None
     done = (
         _fetch_remote_json(loc, "manifest.json")
         if loc.remote is not None
@@ -222,12 +396,91 @@ def claim_out(loc: OutLocation, fingerprint: str, overwrite: bool, names: Sequen
                 f"--out {loc.url} already holds a dataset made from other inputs or settings; "
                 f"pass --overwrite to replace it"
             )
+    # The directories mnemo writes: --out itself (or the staging dir of a remote --out) and the
+    # local directory a file:// --out names, each under the same rules.
+    dirs = [loc.local] + ([loc.target] if loc.target is not None else [])
+    owned = {d: _owned_entries(loc.url, d) for d in dirs}
+    plan = read_json(os.path.join(loc.state, "plan.json")) if owned[loc.local] is not None else None
+    if plan is not None and plan.get("fingerprint") != fingerprint and not overwrite:
+        raise DataError(
+            f"--out {loc.url} holds an unfinished conversion of other inputs or settings; "
+            f"rerun that command to finish it, or pass --overwrite"
+        )
+    if overwrite or plan is None or plan.get("fingerprint") != fingerprint:
+        if cu is not None and done is None:
+            _refuse_foreign_objects(loc, cu)
+        for d in dirs:  # every check before anything is removed
+            stray = _not_ours_inside(d, owned[d] or ())
+            if stray is not None:  # a listed part holds it: removing the part would delete it
+                raise DataError(
+                    f"--out {loc.url} holds {stray}, inside an output of mnemo's but not written by it; mnemo "
+                    f"never deletes files it did not write: move it away, or choose a new or empty directory"
+                )
+        # The target first: a run killed before its plan is written starts afresh again.
+        for d in reversed(dirs):
+            for name in sorted(set(owned[d] or ()) - {STATE_DIR}):  # what an earlier conversion listed, only
+                _remove(d, name)
+            _write_outputs(d, names)
+            # Listed now, so ours: start it empty (a run killed before listing may have left temp files),
+            # all but the lock this run holds.
+            state = os.path.join(d, STATE_DIR)
+            for name in sorted(set(os.listdir(state)) - {LOCK_NAME}):
+                _remove(state, name)
+        write_json(os.path.join(loc.state, "plan.json"), {"fingerprint": fingerprint})
+    else:
+        for d in dirs:
+            if owned[d] is None or not set(names) <= owned[d]:
+                _write_outputs(d, (owned[d] or set()) | set(names))
+    return None
+
+
+def remote_failure(url: str, what: str, e: BaseException) -> DataError:
+    """One line for a remote store's error: ``--out URL: WHAT (Type: first line of its message)``."""
+    lines = str(e).strip().splitlines()
+    first = lines[0].strip() if lines else ""
+    first = first if len(first) <= 300 else first[:297] + "..."
+    return DataError(f"--out {url}: {what} ({type(e).__name__}{': ' + first if first else ''})")
+
+
+def _uploader(loc: OutLocation):
+    """streaming's uploader for a remote --out (its constructor checks credentials and the bucket)."""
+    import_streaming()  # without transformers (lean_imports.py)
+    from streaming.base.storage.upload import CloudUploader
+
     try:
-        os.makedirs(loc.local, exist_ok=True)
-        entries = os.listdir(loc.local)
+        with _quiet_root_logger():  # its "directory not empty" warning is about the staging dir
+            return CloudUploader.get((loc.local, loc.remote), keep_local=True, exist_ok=True)
+    except Exception as e:  # each store raises its own types (botocore's NoCredentialsError, ...)
+        raise remote_failure(loc.url, "cannot write there", e) from None
+
+
+def _refuse_foreign_objects(loc: OutLocation, cu) -> None:
+    """A new conversion into a remote prefix that holds objects but no mnemo dataset would overwrite them."""
+    try:
+        keys = cu.list_objects()
+    except NotImplementedError:  # this store cannot list through streaming: nothing to check with
+        return
+    except Exception as e:
+        raise remote_failure(loc.url, "cannot list it", e) from None
+    if keys:
+        more = f" and {len(keys) - 1} more" if len(keys) > 1 else ""
+        raise DataError(
+            f"--out {loc.url} is not empty and holds no mnemo dataset ({keys[0]}{more}); mnemo never "
+            f"overwrites objects it did not write: choose a new or empty prefix"
+        )
+
+
+def _owned_entries(url: str, local: str) -> set[str] | None:
+    """The entries of directory ``local`` listed as mnemo's (None: mnemo never wrote there).
+
+    Refuses a directory holding anything else (its state dir and list aside).
+    """
+    try:
+        os.makedirs(local, exist_ok=True)
+        entries = os.listdir(local)
     except OSError as e:
-        raise DataError(f"--out {loc.url}: cannot create or list {loc.local} ({e.strerror or e})") from None
-    owned = _read_outputs(loc.local)
+        raise DataError(f"--out {url}: cannot create or list {local} ({e.strerror or e})") from None
+    owned = _read_outputs(local)
     foreign = sorted(set(entries) - (owned or set()) - {OUTPUTS_FILE, STATE_DIR})
     if foreign:
         more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
@@ -237,33 +490,10 @@ def claim_out(loc: OutLocation, fingerprint: str, overwrite: bool, names: Sequen
             else "holds files this dataset's list of outputs does not name"
         )
         raise DataError(
-            f"--out {loc.url} {what} ({foreign[0]}{more}); mnemo never deletes files it did not "
+            f"--out {url} {what} ({foreign[0]}{more}); mnemo never deletes files it did not "
             f"write: choose a new or empty directory"
         )
-    plan = read_json(os.path.join(loc.state, "plan.json")) if owned is not None else None
-    if plan is not None and plan.get("fingerprint") != fingerprint and not overwrite:
-        raise DataError(
-            f"--out {loc.url} holds an unfinished conversion of other inputs or settings; "
-            f"rerun that command to finish it, or pass --overwrite"
-        )
-    if overwrite or plan is None or plan.get("fingerprint") != fingerprint:
-        stray = _not_ours_inside(loc.local, owned or ())
-        if stray is not None:  # a listed part holds it: removing the part would delete it
-            raise DataError(
-                f"--out {loc.url} holds {stray}, inside an output of mnemo's but not written by it; mnemo never "
-                f"deletes files it did not write: move it away, or choose a new or empty directory"
-            )
-        for name in sorted(owned or ()):  # what an earlier conversion listed, and nothing else
-            _remove(loc.local, name)
-        os.makedirs(loc.state, exist_ok=True)
-        _write_outputs(loc, names)
-        # Listed now, so ours: start it empty (a run killed before listing may have left temp files).
-        shutil.rmtree(loc.state)
-        os.makedirs(loc.state)
-        write_json(os.path.join(loc.state, "plan.json"), {"fingerprint": fingerprint})
-    elif not set(names) <= owned:
-        _write_outputs(loc, owned | set(names))
-    return None
+    return owned
 
 
 def check_out_apart(loc: OutLocation, corpus: Corpus) -> None:
@@ -305,6 +535,24 @@ def _quiet_root_logger() -> Iterator[None]:
         root.removeHandler(h)
 
 
+def part_present(loc: OutLocation, name: str) -> bool:
+    """Whether part ``name``'s index.json is there for the merge (a true remote's: fetched into the staging dir)."""
+    if loc.remote is None or loc.target is not None:
+        return os.path.isfile(os.path.join(loc.target or loc.local, name, "index.json"))
+    local = os.path.join(loc.local, name, "index.json")
+    if os.path.isfile(local):
+        return True
+    import_streaming()  # without transformers (lean_imports.py)
+    from streaming.base.storage.download import CloudDownloader
+
+    os.makedirs(os.path.dirname(local), exist_ok=True)
+    try:
+        CloudDownloader.direct_download(loc.remote_join(name + "/index.json"), local, 60)
+    except Exception:  # no such object (each cloud raises its own type), or the store is unreachable: redo it
+        return False
+    return os.path.isfile(local)
+
+
 def merge_parts(loc: OutLocation, names: list[str]) -> None:
     import_streaming()  # without transformers (lean_imports.py)
     from streaming.base.util import merge_index
@@ -318,14 +566,23 @@ def merge_parts(loc: OutLocation, names: list[str]) -> None:
     else:
         urls = [(os.path.join(loc.local, n, "index.json"), loc.remote_join(n + "/index.json")) for n in names]
         out = (loc.local, loc.remote)
-    with _quiet_root_logger():
-        merge_index(urls, out, keep_local=True)
+    try:
+        with _quiet_root_logger():
+            merge_index(urls, out, keep_local=True)
+    except Exception as e:  # a part's index.json gone or unreadable since it was checked, an upload failed
+        raise remote_failure(
+            loc.url, "merging the parts' index.json failed; rerun the same command to redo missing parts", e
+        ) from None
 
 
 def upload(loc: OutLocation, names: Sequence[str]) -> None:
     import_streaming()  # without transformers (lean_imports.py)
     from streaming.base.storage.upload import CloudUploader
 
-    cu = CloudUploader.get((loc.local, loc.remote), keep_local=True, exist_ok=True)
-    for n in names:
-        cu.upload_file(n)
+    try:
+        with _quiet_root_logger():
+            cu = CloudUploader.get((loc.local, loc.remote), keep_local=True, exist_ok=True)
+            for n in names:
+                cu.upload_file(n)
+    except Exception as e:
+        raise remote_failure(loc.url, f"uploading {', '.join(names)} failed", e) from None

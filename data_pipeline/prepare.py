@@ -52,12 +52,17 @@ from mnemo.data_pipeline.manifest import (
 )
 from mnemo.data_pipeline.outputs import (
     STATE_DIR,
+    OutLocation,
+    OutLock,
     check_out_apart,
     claim_out,
+    close_inherited_locks,
     merge_parts,
     out_entries,
+    part_present,
     passkey_part_name,
     read_json,
+    remote_failure,
     resolve_out,
     upload,
     write_json,
@@ -161,15 +166,22 @@ def _write_unit(ctx: UnitContext, name: str, samples: Iterable[dict], extra: Cal
     os.makedirs(os.path.dirname(tmp), exist_ok=True)
     remote = None if ctx.remote is None else ctx.remote.rstrip("/") + "/" + name
     out = tmp if remote is None else (tmp, remote)
-    writer = MDSWriter(
-        columns=columns(ctx.token_dtype),
-        out=out,
-        compression=COMPRESSION,
-        hashes=SHARD_HASHES,
-        size_limit=SHARD_SIZE_LIMIT,
-        keep_local=False,
-        exist_ok=True,
-    )
+    try:
+        writer = MDSWriter(
+            columns=columns(ctx.token_dtype),
+            out=out,
+            compression=COMPRESSION,
+            hashes=SHARD_HASHES,
+            size_limit=SHARD_SIZE_LIMIT,
+            keep_local=False,
+            exist_ok=True,
+        )
+    except OSError as e:
+        raise DataError(f"{name}: cannot write under {ctx.local}: {e.strerror or e}") from None
+    except Exception as e:  # a remote's uploader: credentials, bucket (each store raises its own types)
+        if remote is None:
+            raise
+        raise remote_failure(remote, f"{name}: cannot upload there", e) from None
     docs = tokens = 0
     try:
         for s in samples:
@@ -268,6 +280,7 @@ def _init_worker(counters: Counters, parent: int) -> None:
     # Ctrl-C reaches the whole process group; the main process handles it.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     die_with_parent(parent)
+    close_inherited_locks()
     _worker["counters"] = counters
 
 
@@ -464,48 +477,62 @@ def prepare(
     entries = out_entries(units, passkey_docs > 0)
     if given is not None and given.file_name not in entries:  # OUT/tokenizer.json
         entries.append(given.file_name)
-    complete = claim_out(loc, fingerprint, overwrite, entries)
-    if complete is not None:
-        note(f"{loc.url} is already complete for these inputs (manifest.json); nothing to do")
-        return complete
+    # One run per --out at a time: held from the claim to the end, released however this ends.
+    with OutLock(loc):
+        complete = claim_out(loc, fingerprint, overwrite, entries)
+        if complete is not None:
+            note(f"{loc.url} is already complete for these inputs (manifest.json); nothing to do")
+            return complete
 
-    if given is not None:
-        tok = copy_tokenizer(loc, given, given_bytes)
-    else:
-        tok = train_tokenizer_on_sample(
-            loc, corpus, text_field, id_field, strict, vocab_size, model_type, sample_docs, seed, max_doc_bytes
+        if given is not None:
+            tok = copy_tokenizer(loc, given, given_bytes)
+        else:
+            tok = train_tokenizer_on_sample(
+                loc, corpus, text_field, id_field, strict, vocab_size, model_type, sample_docs, seed, max_doc_bytes
+            )
+        ctx = UnitContext(
+            os.path.join(loc.local, tok.file_name),
+            tok.token_dtype.name,
+            text_field,
+            id_field,
+            strict,
+            loc.local,
+            loc.remote,
+            max_doc_bytes,
         )
-    ctx = UnitContext(
-        os.path.join(loc.local, tok.file_name),
-        tok.token_dtype.name,
-        text_field,
-        id_field,
-        strict,
-        loc.local,
-        loc.remote,
-        max_doc_bytes,
-    )
-    results = _convert(ctx, units, workers, progress)
-    stats = _read_stats(corpus, units, results)
-    num_corpus = sum(results[u.name]["documents"] for u in units)
-    if num_corpus == 0:
-        raise DataError(
-            f"no documents: every document of {', '.join(map(str, inputs))} was skipped ({format_counts(stats.counts)})"
-        )
-    names = [u.name for u in units]
-    if passkey_docs:
-        names.append(_passkey_part(ctx, tok, units, passkey_docs, passkey_max_distance, passkey_segment_len, seed))
-        results[names[-1]] = read_json(ctx.marker(names[-1])) or {}
+        _forget_lost_parts(loc, ctx, [u.name for u in units] + ([passkey_part_name(units)] if passkey_docs else []))
+        results = _convert(ctx, units, workers, progress)
+        stats = _read_stats(corpus, units, results)
+        num_corpus = sum(results[u.name]["documents"] for u in units)
+        if num_corpus == 0:
+            raise DataError(
+                f"no documents: every document of {', '.join(map(str, inputs))} was skipped "
+                f"({format_counts(stats.counts)})"
+            )
+        names = [u.name for u in units]
+        if passkey_docs:
+            names.append(_passkey_part(ctx, tok, units, passkey_docs, passkey_max_distance, passkey_segment_len, seed))
+            results[names[-1]] = read_json(ctx.marker(names[-1])) or {}
 
-    merge_parts(loc, names)
-    manifest = build_manifest(loc, tok, given, spec, fingerprint, names, results, stats, num_corpus)
-    write_json(os.path.join(loc.local, "manifest.json"), manifest, tmp_dir=loc.state)
-    if loc.remote is not None:
-        upload(loc, [tok.file_name, "manifest.json"])
-        shutil.rmtree(loc.local, ignore_errors=True)
-    else:
-        shutil.rmtree(loc.state, ignore_errors=True)
-    return manifest
+        merge_parts(loc, names)
+        manifest = build_manifest(loc, tok, given, spec, fingerprint, names, results, stats, num_corpus)
+        write_json(os.path.join(loc.local, "manifest.json"), manifest, tmp_dir=loc.state)
+        if loc.remote is not None:
+            upload(loc, [tok.file_name, "manifest.json"])
+            shutil.rmtree(loc.local, ignore_errors=True)
+            if loc.target is not None:
+                shutil.rmtree(os.path.join(loc.target, STATE_DIR), ignore_errors=True)
+        else:
+            shutil.rmtree(loc.state, ignore_errors=True)
+        return manifest
+
+
+def _forget_lost_parts(loc: OutLocation, ctx: UnitContext, names: Sequence[str]) -> None:
+    """Drop the done marker of every part whose index.json is gone (deleted by hand, lost remotely): it is redone."""
+    for name in names:
+        if os.path.exists(ctx.marker(name)) and not part_present(loc, name):
+            note(f"{name} was done but its index.json is gone from {loc.url}; converting it again")
+            os.remove(ctx.marker(name))
 
 
 def _convert(ctx: UnitContext, units: list[WorkUnit], workers: int, progress: bool | None) -> dict[str, dict]:

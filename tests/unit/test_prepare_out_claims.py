@@ -1,0 +1,230 @@
+"""`mnemo prepare --out`: whose files it may touch (file:// too), remote errors, stale resume, one run at a time."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+import mnemo.data_pipeline.prepare as prep
+from mnemo.data_pipeline.errors import DataError
+from mnemo.data_pipeline.outputs import LOCK_NAME, OUTPUTS_FILE, STATE_DIR, resolve_out
+from mnemo.data_pipeline.prepare import prepare
+from mnemo.data_pipeline.verify import verify
+from mnemo.cli import main
+from tests.unit.stdlib import stdlib_tokenizer
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> str:
+    return stdlib_tokenizer(tmp_path_factory.mktemp("tok"), 3, vocab_size=400).path
+
+
+def jsonl(n: int, start: int = 0) -> bytes:
+    return "".join(
+        json.dumps({"text": f"document {i} " + "lorem ipsum " * 8}) + "\n" for i in range(start, start + n)
+    ).encode()
+
+
+def cli(capsys, *args) -> tuple[int, str]:
+    capsys.readouterr()
+    rc = main([str(a) for a in args])
+    return rc, capsys.readouterr().err
+
+
+def one_error_line(err: str) -> str:
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("mnemo: error: "), err
+    return lines[0]
+
+
+@pytest.fixture
+def corpus(tmp_path) -> Path:
+    (tmp_path / "a.jsonl").write_bytes(jsonl(40))
+    return tmp_path / "a.jsonl"
+
+
+# ----------------------------------------------------------------------------- file:// targets
+
+
+def test_file_url_into_a_users_directory_is_refused_and_nothing_touched(model, corpus, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    tgt = tmp_path / "tgt"
+    (tgt / "part-00000").mkdir(parents=True)
+    (tgt / "tokenizer.model").write_text("mine")
+    (tgt / "index.json").write_text('{"mine": 1}')
+    (tgt / "keep.txt").write_text("keep")
+    (tgt / "part-00000" / "notes.txt").write_text("notes")
+    before = {str(p.relative_to(tgt)): p.read_bytes() for p in tgt.rglob("*") if p.is_file()}
+    for extra in ([], ["--overwrite"]):
+        args = ["prepare", "--input", corpus, "--out", f"file://{tgt}", "--tokenizer", model, "--workers", "1"]
+        rc, err = cli(capsys, *args, *extra)
+        assert rc == 2 and "is not empty and holds no mnemo dataset" in one_error_line(err), err
+        assert f"file://{tgt}" in err
+    after = {str(p.relative_to(tgt)): p.read_bytes() for p in tgt.rglob("*") if p.is_file()}
+    assert after == before and sorted(os.listdir(tgt)) == ["index.json", "keep.txt", "part-00000", "tokenizer.model"]
+
+
+def test_file_url_target_follows_the_local_rules(model, corpus, tmp_path):
+    tgt, staging = tmp_path / "tgt", tmp_path / "staging"
+    url = f"file://{tgt}"
+    m = prepare([str(corpus)], url, tokenizer=model, workers=1, unit_bytes=1500, staging=str(staging))
+    assert m["num_documents"] == 40 and not staging.exists()
+    listed = json.loads((tgt / OUTPUTS_FILE).read_text())["entries"]
+    assert "part-00003" in listed and set(os.listdir(tgt)) <= set(listed) | {OUTPUTS_FILE}
+    assert STATE_DIR not in os.listdir(tgt)
+    (tmp_path / "b.jsonl").write_bytes(jsonl(5, 100))
+    # A file the user put beside the dataset: --overwrite refuses rather than delete or keep writing around it.
+    (tgt / "mine.txt").write_text("mine")
+    with pytest.raises(DataError, match=r"does not name \(mine.txt\)"):
+        prepare([str(tmp_path / "b.jsonl")], url, tokenizer=model, workers=1, overwrite=True, staging=str(staging))
+    (tgt / "mine.txt").unlink()
+    # ... and one inside a listed part (removing the part would delete it).
+    (tgt / "part-00001" / "mine.txt").write_text("mine")
+    with pytest.raises(DataError, match=r"holds part-00001/mine.txt, inside an output of mnemo's"):
+        prepare([str(tmp_path / "b.jsonl")], url, tokenizer=model, workers=1, overwrite=True, staging=str(staging))
+    assert (tgt / "part-00001" / "mine.txt").read_text() == "mine"
+    (tgt / "part-00001" / "mine.txt").unlink()
+    m = prepare([str(tmp_path / "b.jsonl")], url, tokenizer=model, workers=1, overwrite=True, staging=str(staging))
+    assert m["num_documents"] == 5
+    assert sorted(os.listdir(tgt)) == sorted(
+        [OUTPUTS_FILE, "index.json", "manifest.json", "part-00000", "tokenizer.model"]
+    )
+
+
+@pytest.mark.parametrize(
+    "url", ["file://relative/x", "file://otherhost/abs/x", "file:relative/x", "file:///abs/x?q=1", "file://"]
+)
+def test_a_file_url_must_name_an_absolute_path_of_this_machine(url):
+    with pytest.raises(DataError, match=r"^--out 'file:.*file:///ABS/PATH"):
+        resolve_out(url, staging="/tmp/unused")
+
+
+def test_file_url_with_localhost_is_the_local_path(tmp_path):
+    assert resolve_out(f"file://localhost{tmp_path}/x", staging="/tmp/s").remote == f"{tmp_path}/x"
+    assert resolve_out(f"file://{tmp_path}/x", staging="/tmp/s").remote == f"{tmp_path}/x"
+
+
+# ----------------------------------------------------------------------------- remote errors
+
+
+def test_remote_without_credentials_is_one_line_naming_out(model, corpus, tmp_path, capsys, monkeypatch):
+    """botocore finds no credentials before any network access (instance metadata lookup off)."""
+    for k in list(os.environ):
+        if k.startswith("AWS_"):
+            monkeypatch.delenv(k)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    rc, err = cli(capsys, "prepare", "--input", corpus, "--out", "s3://no-such-bucket-mnemo/x", "--workers", "1")
+    line = one_error_line(err)
+    assert rc == 2 and "--out s3://no-such-bucket-mnemo/x" in line and "credentials" in line, err
+    assert not (tmp_path / "cache" / "mnemo" / "prepare").exists() or not any(
+        (tmp_path / "cache" / "mnemo" / "prepare").rglob("tokenizer.model")
+    )  # refused before training a tokenizer
+
+
+def test_a_remote_prefix_holding_other_objects_is_refused(model, corpus, tmp_path, monkeypatch):
+    """What streaming's uploader lists under a remote prefix (faked here: no network in tests)."""
+    import streaming.base.storage.upload as up
+
+    class Fake:
+        def list_objects(self, prefix=None):
+            return ["x/thesis.tex", "x/notes.txt"]
+
+    monkeypatch.setattr(up.CloudUploader, "get", classmethod(lambda cls, *a, **k: Fake()))
+    with pytest.raises(
+        DataError, match=r"^--out s3://b/x is not empty and holds no mnemo dataset \(x/thesis.tex and 1"
+    ):
+        prepare([str(corpus)], "s3://b/x", tokenizer=model, workers=1, staging=str(tmp_path / "s"), overwrite=True)
+    Fake.list_objects = lambda self, prefix=None: []  # empty: accepted, then the first upload fails
+
+    def writer_fails(*a, **k):
+        raise ValueError("Either bucket `b` does not exist!\nsecond line")
+
+    monkeypatch.setattr("streaming.MDSWriter", writer_fails)
+    with pytest.raises(
+        DataError,
+        match=r"^--out s3://b/x/part-00000: part-00000: cannot upload there \(ValueError: "
+        r"Either bucket `b` does not exist!\)$",
+    ):
+        prepare([str(corpus)], "s3://b/x", tokenizer=model, workers=1, staging=str(tmp_path / "s"))
+
+
+# ----------------------------------------------------------------------------- resume
+
+
+def _interrupt_after(monkeypatch, n: int) -> None:
+    orig, done = prep._run_unit, []
+
+    def run(ctx, unit):
+        if len(done) == n:
+            raise KeyboardInterrupt
+        done.append(unit.name)
+        return orig(ctx, unit)
+
+    monkeypatch.setattr(prep, "_run_unit", run)
+
+
+@pytest.mark.parametrize("remote", [False, True])
+def test_a_done_part_that_is_gone_is_redone(model, corpus, tmp_path, monkeypatch, capsys, remote):
+    out, staging = tmp_path / "out", tmp_path / "staging"
+    url = f"file://{out}" if remote else str(out)
+    kw = dict(tokenizer=model, workers=1, unit_bytes=1500, staging=str(staging))
+    with monkeypatch.context() as m:
+        _interrupt_after(m, 3)
+        with pytest.raises(KeyboardInterrupt):
+            prepare([str(corpus)], url, **kw)
+    assert (out / "part-00000" / "index.json").exists()
+    shutil.rmtree(out / "part-00000")
+    capsys.readouterr()
+    m = prepare([str(corpus)], url, **kw)
+    assert m["num_documents"] == 40 and (out / "part-00000" / "index.json").exists()
+    assert "part-00000" in capsys.readouterr().err  # says it redoes it
+    verify(str(out))
+
+
+def test_merge_failure_is_a_data_error(model, corpus, tmp_path, monkeypatch):
+    def fails(*a, **k):
+        raise RuntimeError("Failed to download index.json: x")
+
+    import streaming.base.util as su
+
+    monkeypatch.setattr(su, "merge_index", fails)
+    with pytest.raises(DataError, match=r"--out .*index.json"):
+        prepare([str(corpus)], str(tmp_path / "out"), tokenizer=model, workers=1)
+
+
+# ----------------------------------------------------------------------------- one run at a time
+
+
+@pytest.mark.parametrize("remote", [False, True])
+def test_a_second_prepare_on_the_same_out_is_refused(model, corpus, tmp_path, capsys, remote):
+    out, staging = tmp_path / "out", tmp_path / "staging"
+    url = f"file://{out}" if remote else str(out)
+    state = (staging if remote else out) / STATE_DIR
+    state.mkdir(parents=True)
+    fd = os.open(state / LOCK_NAME, os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # another prepare holds it
+        with pytest.raises(DataError, match=r"--out .*another mnemo prepare is running"):
+            prepare([str(corpus)], url, tokenizer=model, workers=1, staging=str(staging), overwrite=True)
+    finally:
+        os.close(fd)
+    assert prepare([str(corpus)], url, tokenizer=model, workers=1, staging=str(staging))["num_documents"] == 40
+    assert not (out / STATE_DIR).exists() and not staging.exists()
+
+
+def test_a_refused_out_is_left_as_it_was(model, corpus, tmp_path):
+    """The lock is taken before the ownership check: a refused directory gets no state dir."""
+    foreign = tmp_path / "home"
+    foreign.mkdir()
+    (foreign / "thesis.tex").write_text("precious")
+    with pytest.raises(DataError, match="not empty and holds no mnemo dataset"):
+        prepare([str(corpus)], str(foreign), tokenizer=model, workers=1)
+    assert os.listdir(foreign) == ["thesis.tex"]
