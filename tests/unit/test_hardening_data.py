@@ -300,6 +300,39 @@ def test_broken_symlink_fifo_and_binary_text_are_skipped_and_counted(tmp_path, c
     assert rc == 2 and one_error_line(err) == f"mnemo: error: input {d}/b.txt: broken symbolic link"
 
 
+def test_symlinked_directories_are_walked_once_and_loops_counted(tmp_path):
+    ext = tmp_path / "ext"
+    (ext / "deep").mkdir(parents=True)
+    (ext / "e.txt").write_text("external")
+    (ext / "deep" / "f.txt").write_text("external deep")
+    d = tmp_path / "in"
+    (d / "sub").mkdir(parents=True)
+    (d / "z.txt").write_text("local z")
+    (d / "sub" / "s.txt").write_text("local sub")
+    (d / "again").symlink_to(ext)  # walked (first in sorted order)
+    (d / "linked").symlink_to(ext)  # the same directory again: its files are in already
+    (d / "loop").symlink_to(d)  # the walk's own root
+    (d / "sub" / "up").symlink_to("..")  # an ancestor
+    (ext / "back").symlink_to(d)  # from inside the linked directory back to the root
+    corpus = plan_inputs([str(d)])
+    # Each directory's files (sorted), then its subdirectories (sorted), depth first.
+    assert [os.path.relpath(f.path, d) for f in corpus.files] == [
+        "z.txt",
+        "again/e.txt",
+        "again/deep/f.txt",
+        "sub/s.txt",
+    ]
+    assert corpus.file_stats.counts == {"symlink_loop": 3, "duplicate_dir": 1}
+    assert corpus.file_stats.examples == [
+        f"{d}/again/back (link to {d}, a directory above it): symlink_loop",
+        f"{d}/linked (link to {ext}, walked already as {d}/again): duplicate_dir",
+        f"{d}/loop (link to {d}, a directory above it): symlink_loop",
+        f"{d}/sub/up (link to {d}, a directory above it): symlink_loop",
+    ]
+    texts, stats = read([d])
+    assert texts == ["local z", "external", "external deep", "local sub"]
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root reads every file")
 def test_unreadable_file_in_a_walk_is_counted_and_named_one_is_an_error(tmp_path):
     d = tmp_path / "in"
