@@ -350,6 +350,11 @@ def _parquet_meta(path: str, text_field: str, id_field: str | None) -> tuple[tup
     for col, flag in ((text_field, "--text-field"), (id_field, "--id-field")):
         if col is not None and col not in names:
             raise DataError(f"input {path}: no column {col!r} ({flag}); its columns are: {', '.join(names)}")
+        if col is not None and names.count(col) > 1:  # pyarrow cannot select it by name
+            raise DataError(
+                f"input {path}: column {col!r} ({flag}) appears {names.count(col)} times in its schema; "
+                f"rename the copies so that one column has that name"
+            )
     md = pf.metadata
     groups = [md.row_group(i) for i in range(md.num_row_groups)]
     return tuple(g.total_byte_size for g in groups), tuple(g.num_rows for g in groups)
