@@ -252,6 +252,21 @@ def test_deeply_nested_json_line_is_counted_and_skipped(tmp_path, capsys):
     assert rc == 2 and "deep.jsonl:2" in one_error_line(err)
 
 
+def test_integers_longer_than_pythons_digit_limit_keep_the_document(tmp_path):
+    """Python refuses int() of over 4300 digits (a ValueError inside json.loads): valid JSON all the same."""
+    big = "7" * 5000
+    p = tmp_path / "big.jsonl"
+    p.write_text(
+        f'{{"text": "keep me", "id": {big}}}\n'
+        f'{{"text": "and me", "id": 5, "count": -{big}, "n": [1, {big}]}}\n'
+        f'{{"text": "broken", "id": {big}\n'
+    )
+    stats = ReadStats()
+    docs = list(iter_documents(plan_inputs([str(p)], id_field="id"), id_field="id", stats=stats))
+    assert [(d.text, d.doc_id) for d in docs] == [("keep me", big), ("and me", "5")]
+    assert stats.counts == {"invalid_json": 1} and stats.examples == [f"{p}:3: invalid_json"]
+
+
 def test_odd_values_in_records_never_crash_the_writer(model, tmp_path):
     """Lone surrogates in an id, a non-string text, an id of any JSON type, an undecodable file name."""
     d = tmp_path / "in"
