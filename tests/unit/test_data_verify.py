@@ -125,3 +125,35 @@ def test_cli_verify_names_the_bad_shard(copy, capsys):
     assert main(["data", "verify", str(copy)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("mnemo: error: shard ") and name in err and "\n" not in err
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--tokens", "inf"], "--tokens"),
+        (["--tokens", "nan"], "--tokens"),
+        (["--tokens", "1e400"], "--tokens"),
+        (["--tokens", "-1"], "--tokens"),
+        (["--tokens", "1.5"], "--tokens"),
+        (["--samples", "-1"], "--samples"),
+        (["--weights", "inf,1"], "--weights"),
+        (["--weights", "1e308,1e308"], "--weights"),
+        (["--weights", "nan,1"], "--weights"),
+    ],
+)
+def test_cli_inspect_numeric_flags_are_checked(dataset, capsys, args, needle):
+    from mnemo.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["data", "inspect", str(dataset), str(dataset), *args])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith(f"mnemo data inspect: error: argument {needle}: "), err
+
+
+def test_cli_verify_roundtrip_docs_below_zero_is_an_error(dataset, capsys):
+    from mnemo.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["data", "verify", str(dataset), "--roundtrip-docs", "-5"])
+    assert e.value.code == 2 and "argument --roundtrip-docs: " in capsys.readouterr().err
