@@ -220,11 +220,13 @@ def add_verify(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentP
 
 def cmd_verify(args: argparse.Namespace) -> int:
     from mnemo.data_pipeline.verify import verify
+    from mnemo.train.errors import visible
 
     rep = verify(args.data_dir, roundtrip_docs=args.roundtrip_docs)
-    print(f"{args.data_dir}: OK ({rep['shards']} shards, {rep['documents']:,} documents, {rep['tokens']:,} tokens)")
+    line = f"{args.data_dir}: OK ({rep['shards']} shards, {rep['documents']:,} documents, {rep['tokens']:,} tokens)"
+    print(visible(line))
     if "roundtrip" in rep:
-        print(roundtrip_line(rep["roundtrip"]))
+        print(visible(roundtrip_line(rep["roundtrip"])))  # its examples name corpus files: no raw escapes
     return 0
 
 
@@ -288,7 +290,8 @@ def add_inspect(sub: argparse._SubParsersAction, name: str) -> argparse.Argument
         type=_at_least_zero,
         default=3,
         metavar="N",
-        help="decoded documents to show (default 3)",
+        help="decoded documents to show (default 3); control characters other than newline and tab are "
+        "shown escaped (\\x1b), --json gives the exact text",
     )
     i.add_argument("--json", action="store_true", help="print the report as JSON")
     i.add_argument(
@@ -307,13 +310,15 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from mnemo.data_pipeline.errors import DataError
     from mnemo.data_pipeline.mixture import check_same_tokenizer, expected_epochs, format_mixture
     from mnemo.data_pipeline.verify import format_inspect, inspect
+    from mnemo.train.errors import visible
 
     weights = args.weights or [1.0] * len(args.data_dir)
     if len(weights) != len(args.data_dir):
         raise DataError(f"--weights: {len(weights)} weights for {len(args.data_dir)} datasets")
     reps = [inspect(d, num_samples=args.samples) for d in args.data_dir]
     if len(reps) == 1 and not args.tokens:  # one dataset: the report of before
-        print(json.dumps(reps[0], indent=1) if args.json else format_inspect(reps[0]))
+        # Text from the corpus and the dataset: no raw control characters (escape sequences) to the terminal.
+        print(json.dumps(reps[0], indent=1) if args.json else visible(format_inspect(reps[0]), keep="\n\t"))
         return 0
     check_same_tokenizer(args.data_dir)
     if args.json:
@@ -323,6 +328,6 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             plan["expected_epochs"] = expected_epochs(sizes, weights, args.tokens)
         print(json.dumps({"datasets": reps, "mixture": plan}, indent=1))
     else:
-        print("\n\n".join(format_inspect(r) for r in reps))
-        print("\n" + format_mixture(reps, weights, args.tokens))
+        print(visible("\n\n".join(format_inspect(r) for r in reps), keep="\n\t"))
+        print("\n" + visible(format_mixture(reps, weights, args.tokens), keep="\n\t"))
     return 0
