@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 
 
@@ -41,3 +42,30 @@ def atomic_write(path: str | Path, data: bytes, tmp_dir: str | Path | None = Non
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write(path, text.encode())
+
+
+def not_a_regular_file(path: str | os.PathLike) -> str | None:
+    """Why ``path`` cannot be read as a file ("a directory, not a file", "no such file"...), or None.
+
+    Found without opening it: opening a FIFO would wait forever for a writer.
+    """
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return "broken symbolic link" if os.path.islink(path) else "no such file"
+    except OSError as e:
+        return e.strerror or str(e)
+    if stat.S_ISDIR(st.st_mode):
+        return "a directory, not a file"
+    if not stat.S_ISREG(st.st_mode):
+        kinds = (
+            (stat.S_ISFIFO, "a FIFO (named pipe)"),
+            (stat.S_ISCHR, "a character device"),
+            (stat.S_ISBLK, "a block device"),
+            (stat.S_ISSOCK, "a socket"),
+        )
+        what = next((name for test, name in kinds if test(st.st_mode)), "a special file")
+        return f"{what}, not a regular file"
+    if not os.access(path, os.R_OK):
+        return "permission denied"
+    return None

@@ -8,8 +8,12 @@ Which reader each file gets, by name:
   ``jsonl``, ``jsonl.gz``, ``jsonl.zst``, one document per line;
 - ``.parquet``/``.pq``: ``parquet``, one document per row.
 
-Directories are walked recursively in sorted order; hidden entries (".git",
-".venv", ...) and ``__pycache__`` are skipped, and so are files whose extension is none of the
+Directories are walked recursively, depth first, each directory's files
+(sorted) before its subdirectories (sorted), following symbolic links to
+directories but entering each directory once (a link back to a directory
+above is counted as ``symlink_loop``, a second way into a directory as
+``duplicate_dir``); hidden entries (".git", ".venv", ...) and
+``__pycache__`` are skipped, and so are files whose extension is none of the
 above (counted as ``unsupported_file``: images, archives, ``.pyc``...). Files
 a walk cannot read (broken symbolic links, no read permission, FIFOs and
 other non-regular files, unreadable subdirectories) are skipped and counted
@@ -162,7 +166,7 @@ class WorkUnit:
 @dataclass
 class Corpus:
     files: list[InputFile]
-    # Files the walk passed over: unsupported_file, unreadable_file (counts and first places).
+    # Files the walk passed over: unsupported_file, unreadable_file, symlink_loop, duplicate_dir (counts, places).
     file_stats: ReadStats = field(default_factory=ReadStats)
 
     @property
@@ -213,16 +217,54 @@ def byte_order_mark(head: bytes) -> tuple[int, str, str] | None:
 
 
 def _walk(root: str, stats: ReadStats) -> Iterator[str]:
-    """Files under ``root`` in sorted path order, hidden entries skipped; unreadable dirs counted."""
+    """Files under ``root``, depth first: each directory's files (sorted by name), then its subdirectories (sorted).
 
-    def unreadable(e: OSError) -> None:
-        stats.note("unreadable_file", f"{e.filename} ({e.strerror or e})")
-
-    for dirpath, dirnames, filenames in os.walk(root, onerror=unreadable):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d != "__pycache__")
-        for name in sorted(filenames):
+    This order (not plain sorted path order: ``z.txt`` comes before ``sub/a.txt``)
+    is the documents' order, and so enters the dataset fingerprint: keep it.
+    Hidden entries and ``__pycache__`` are left out; a directory that cannot be
+    listed is counted as ``unreadable_file``. Symbolic links to directories are
+    followed, each directory walked at most once: a link to a directory above
+    it (which would never end) is counted as ``symlink_loop``, a second way
+    into a directory already walked as ``duplicate_dir``.
+    """
+    walked: dict[tuple[int, int], str] = {}  # (st_dev, st_ino) of each directory entered -> its path
+    # Depth-first stack of (path, key of the directory it is in, or None): the chain of keys is its ancestors.
+    stack: list[tuple[str, tuple | None]] = [(root, None)]
+    while stack:
+        path, parent = stack.pop()
+        try:
+            st = os.stat(path)
+            key = (st.st_dev, st.st_ino)
+            with os.scandir(path) as it:
+                entries = list(it)
+        except OSError as e:
+            stats.note("unreadable_file", f"{e.filename or path} ({e.strerror or e})")
+            continue
+        seen_as = walked.get(key)
+        if seen_as is not None:
+            link = f"link to {os.path.realpath(path)}" if os.path.islink(path) else f"the same directory as {seen_as}"
+            chain = parent
+            while chain is not None and chain[0] != key:
+                chain = chain[1]
+            if chain is not None:
+                stats.note("symlink_loop", f"{path} ({link}, a directory above it)")
+            else:
+                stats.note("duplicate_dir", f"{path} ({link}, walked already as {seen_as})")
+            continue
+        walked[key] = path
+        files, dirs = [], []
+        for entry in entries:
+            try:
+                is_dir = entry.is_dir()  # follows symbolic links, like os.walk
+            except OSError:
+                is_dir = False
+            (dirs if is_dir else files).append(entry.name)
+        for name in sorted(files):
             if not name.startswith("."):
-                yield os.path.join(dirpath, name)
+                yield os.path.join(path, name)
+        here = (key, parent)
+        subdirs = sorted(d for d in dirs if not d.startswith(".") and d != "__pycache__")
+        stack.extend((os.path.join(path, d), here) for d in reversed(subdirs))
 
 
 def _unreadable_reason(path: str) -> str | None:
@@ -308,6 +350,11 @@ def _parquet_meta(path: str, text_field: str, id_field: str | None) -> tuple[tup
     for col, flag in ((text_field, "--text-field"), (id_field, "--id-field")):
         if col is not None and col not in names:
             raise DataError(f"input {path}: no column {col!r} ({flag}); its columns are: {', '.join(names)}")
+        if col is not None and names.count(col) > 1:  # pyarrow cannot select it by name
+            raise DataError(
+                f"input {path}: column {col!r} ({flag}) appears {names.count(col)} times in its schema; "
+                f"rename the copies so that one column has that name"
+            )
     md = pf.metadata
     groups = [md.row_group(i) for i in range(md.num_row_groups)]
     return tuple(g.total_byte_size for g in groups), tuple(g.num_rows for g in groups)

@@ -212,10 +212,27 @@ def _lines(f: InputFile, fh: IO[bytes], pos: int, stop: int | None, limit: int) 
         yield line
 
 
+def _int_or_digits(digits: str) -> int | str:
+    try:
+        return int(digits)
+    except ValueError:  # over sys.get_int_max_str_digits() (4300): kept as its digits
+        return digits
+
+
+def _loads(data: bytes | str) -> object:
+    """json.loads, but an integer too long for Python's int() is kept as its digit string, not an error."""
+    try:
+        return json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise
+    except ValueError:  # "Exceeds the limit (4300 digits) for integer string conversion": valid JSON all the same
+        return json.loads(data, parse_int=_int_or_digits)
+
+
 def _parse(line: bytes) -> tuple[object, str | None, bool]:
     """(record, what is wrong with the line or None, whether invalid UTF-8 was replaced)."""
     try:
-        return json.loads(line), None, False
+        return _loads(line), None, False
     except UnicodeDecodeError:
         pass
     except RecursionError:
@@ -223,7 +240,7 @@ def _parse(line: bytes) -> tuple[object, str | None, bool]:
     except ValueError:
         return None, "not valid JSON", False
     try:
-        return json.loads(line.decode("utf-8", errors="replace")), None, True
+        return _loads(line.decode("utf-8", errors="replace")), None, True
     except RecursionError:
         return None, "JSON nested deeper than the parser's recursion limit", True
     except ValueError:

@@ -88,6 +88,10 @@ class Tokenizer:
     unk_id: int
 
     def __new__(cls, path: str | os.PathLike | None = None, *args, **kwargs):
+        from mnemo.data_pipeline.files import not_a_regular_file
+
+        if path is not None and (why := not_a_regular_file(path)) is not None:  # before any open: a FIFO blocks
+            raise DataError(f"tokenizer {path}: {why}")
         if cls is Tokenizer and path is not None:
             cls = HFTokenizer if tokenizer_kind(path) == HFTokenizer.kind else SentencePieceTokenizer
         return super().__new__(cls)
@@ -162,8 +166,6 @@ class SentencePieceTokenizer(Tokenizer):
 
     def __init__(self, path: str | os.PathLike):
         self.path = str(path)
-        if not os.path.isfile(self.path):
-            raise DataError(f"tokenizer {self.path}: no such file")
         self.sp = spm.SentencePieceProcessor()
         try:
             self.sp.LoadFromFile(self.path)
@@ -233,8 +235,6 @@ class HFTokenizer(Tokenizer):
 
     def __init__(self, path: str | os.PathLike):
         self.path = str(path)
-        if not os.path.isfile(self.path):
-            raise DataError(f"tokenizer {self.path}: no such file")
         try:
             import tokenizers
         except ImportError:

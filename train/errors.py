@@ -2,8 +2,22 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from typing import Callable
+
+# Unicode category Cc: C0 controls, DEL and C1 controls (U+009B is a CSI to some terminals).
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def visible(text: str, keep: str = "") -> str:
+    """``text`` with its control characters written as escapes (``\\n``, ``\\x1b``), except those in ``keep``.
+
+    So a value from a file name, a corpus or a dataset can neither break a
+    one-line message nor send escape sequences to the terminal.
+    """
+    return _CONTROL.sub(lambda m: m[0] if m[0] in keep else _NAMED.get(m[0], f"\\x{ord(m[0]):02x}"), text)
 
 
 class UserError(Exception):
@@ -14,7 +28,8 @@ def exit_status(command: Callable[[], int | None], debug: bool = False) -> int:
     """Run one command; its exit status.
 
     A user error (UserError, DataError, EvalError, a missing file) is one line
-    ``mnemo: error: ...`` on stderr and status 2 (with ``debug``: raised, so
+    ``mnemo: error: ...`` on stderr (control characters in it, such as a
+    newline in a file name, written as escapes: ``visible``) and status 2 (with ``debug``: raised, so
     the traceback shows); Ctrl-C is ``mnemo: interrupted`` and 130. The CLI
     and the launcher's worker (a rank under torchrun) both run commands so.
     """
@@ -31,8 +46,9 @@ def exit_status(command: Callable[[], int | None], debug: bool = False) -> int:
             raise
         from mnemo.train.redact import redact_uri
 
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        # A bad value may be a URI with credentials (tracking.uri, a data URL): never print them.
-        print(f"mnemo: error: {redact_uri(msg)}", file=sys.stderr)
+        msg = str(e).strip() or type(e).__name__
+        # A bad value may be a URI with credentials (tracking.uri, a data URL): never print them. A value
+        # holding a newline or an escape sequence (a file name) is shown escaped, on the one line.
+        print(f"mnemo: error: {visible(redact_uri(msg))}", file=sys.stderr)
         return 2
     return int(rc or 0)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import sys
 
@@ -208,7 +209,7 @@ def add_verify(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentP
     v.add_argument("data_dir", metavar="DATA_DIR")
     v.add_argument(
         "--roundtrip-docs",
-        type=int,
+        type=_at_least_zero,
         default=10_000,
         metavar="N",
         help="read the first N corpus documents again and count those decode(encode(doc)) does not give back "
@@ -219,11 +220,13 @@ def add_verify(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentP
 
 def cmd_verify(args: argparse.Namespace) -> int:
     from mnemo.data_pipeline.verify import verify
+    from mnemo.train.errors import visible
 
     rep = verify(args.data_dir, roundtrip_docs=args.roundtrip_docs)
-    print(f"{args.data_dir}: OK ({rep['shards']} shards, {rep['documents']:,} documents, {rep['tokens']:,} tokens)")
+    line = f"{args.data_dir}: OK ({rep['shards']} shards, {rep['documents']:,} documents, {rep['tokens']:,} tokens)"
+    print(visible(line))
     if "roundtrip" in rep:
-        print(roundtrip_line(rep["roundtrip"]))
+        print(visible(roundtrip_line(rep["roundtrip"])))  # its examples name corpus files: no raw escapes
     return 0
 
 
@@ -241,24 +244,37 @@ def roundtrip_line(rt: dict) -> str:
 
 
 def _count(text: str) -> int:
-    """argparse type: a token count >= 0, also as 1e9 or 2_000_000."""
+    """argparse type: a token count >= 0, also as 1e9 or 2_000_000 (not inf or nan)."""
     try:
         n = float(text.replace("_", ""))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a token count, got {text!r}") from None
-    if not n >= 0 or n != int(n):
+    if not (math.isfinite(n) and n >= 0 and n == int(n)):  # int(inf) would raise OverflowError
         raise argparse.ArgumentTypeError(f"expected a whole token count >= 0, got {text!r}")
     return int(n)
 
 
+def _at_least_zero(text: str) -> int:
+    """argparse type: a whole number >= 0 (--samples, --roundtrip-docs)."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
+    return n
+
+
 def _weights(text: str) -> list[float]:
-    """argparse type: "0.8,0.2" -> [0.8, 0.2] (each >= 0)."""
+    """argparse type: "0.8,0.2" -> [0.8, 0.2] (each finite and >= 0, the sum finite and > 0)."""
     try:
         out = [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-    if not out or any(not w >= 0 for w in out) or sum(out) <= 0:
-        raise argparse.ArgumentTypeError(f"expected comma-separated weights >= 0 with a sum > 0, got {text!r}")
+    if not out or not all(math.isfinite(w) and w >= 0 for w in out) or not 0 < sum(out) < math.inf:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated finite weights >= 0 with a finite sum > 0, got {text!r}"
+        )
     return out
 
 
@@ -269,7 +285,14 @@ def add_inspect(sub: argparse._SubParsersAction, name: str) -> argparse.Argument
         "expected epochs per source of a mixture (--tokens, --weights)",
     )
     i.add_argument("data_dir", metavar="DATA_DIR", nargs="+")
-    i.add_argument("--samples", type=int, default=3, metavar="N", help="decoded documents to show (default 3)")
+    i.add_argument(
+        "--samples",
+        type=_at_least_zero,
+        default=3,
+        metavar="N",
+        help="decoded documents to show (default 3); control characters other than newline and tab are "
+        "shown escaped (\\x1b), --json gives the exact text",
+    )
     i.add_argument("--json", action="store_true", help="print the report as JSON")
     i.add_argument(
         "--tokens", type=_count, default=0, metavar="N", help="a token budget: expected epochs per dataset at it"
@@ -287,13 +310,15 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from mnemo.data_pipeline.errors import DataError
     from mnemo.data_pipeline.mixture import check_same_tokenizer, expected_epochs, format_mixture
     from mnemo.data_pipeline.verify import format_inspect, inspect
+    from mnemo.train.errors import visible
 
     weights = args.weights or [1.0] * len(args.data_dir)
     if len(weights) != len(args.data_dir):
         raise DataError(f"--weights: {len(weights)} weights for {len(args.data_dir)} datasets")
     reps = [inspect(d, num_samples=args.samples) for d in args.data_dir]
     if len(reps) == 1 and not args.tokens:  # one dataset: the report of before
-        print(json.dumps(reps[0], indent=1) if args.json else format_inspect(reps[0]))
+        # Text from the corpus and the dataset: no raw control characters (escape sequences) to the terminal.
+        print(json.dumps(reps[0], indent=1) if args.json else visible(format_inspect(reps[0]), keep="\n\t"))
         return 0
     check_same_tokenizer(args.data_dir)
     if args.json:
@@ -303,6 +328,6 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             plan["expected_epochs"] = expected_epochs(sizes, weights, args.tokens)
         print(json.dumps({"datasets": reps, "mixture": plan}, indent=1))
     else:
-        print("\n\n".join(format_inspect(r) for r in reps))
-        print("\n" + format_mixture(reps, weights, args.tokens))
+        print(visible("\n\n".join(format_inspect(r) for r in reps), keep="\n\t"))
+        print("\n" + visible(format_mixture(reps, weights, args.tokens), keep="\n\t"))
     return 0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import subprocess
 import sys
 from pathlib import Path
@@ -179,3 +181,27 @@ def test_check_train_device(monkeypatch):
     check_train_device("cpu")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     check_train_device("cuda")
+
+
+def test_control_characters_in_an_error_are_shown_escaped_on_one_line(tmp_path):
+    """A value holding a newline used to cut the message there ('mnemo: error: input no')."""
+    bad = tmp_path / "no\nsuch\x1b]0;title\x07.txt"
+    res = mnemo("prepare", "--input", str(bad), "--out", str(tmp_path / "o"))
+    assert res.returncode == 2 and res.stderr.count("\n") == 1 and "\x1b" not in res.stderr, res.stderr
+    assert res.stderr == f"mnemo: error: input {tmp_path}/no\\nsuch\\x1b]0;title\\x07.txt: no such file or directory\n"
+
+
+def test_exit_status_escapes_every_control_character():
+    from mnemo.data_pipeline.errors import DataError
+    from mnemo.train.errors import exit_status, visible
+
+    assert visible("a\tb\nc\rd\x00e\x7ff\x9bg ü 日") == "a\\tb\\nc\\rd\\x00e\\x7ff\\x9bg ü 日"
+    assert visible("a\tb\nc\x1b", keep="\n\t") == "a\tb\nc\\x1b"
+
+    def fail():
+        raise DataError("  line one\nline two\t\x1b[2J  ")
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert exit_status(fail) == 2
+    assert err.getvalue() == "mnemo: error: line one\\nline two\\t\\x1b[2J\n"

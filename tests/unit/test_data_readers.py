@@ -113,6 +113,26 @@ def test_parquet_without_text_column_names_file_and_columns(tmp_path):
         plan_inputs([str(p)], text_field="body", id_field="uid")
 
 
+@pytest.mark.parametrize("dup", ["text", "id"])
+def test_parquet_with_a_duplicated_text_or_id_column_is_an_error_before_reading(tmp_path, dup):
+    p = tmp_path / "dup.parquet"
+    names = ["text", "id", dup]
+    schema = pa.schema([(n, pa.string()) for n in names])
+    pq.write_table(pa.Table.from_arrays([pa.array(["a"]), pa.array(["b"]), pa.array(["c"])], schema=schema), p)
+    with pytest.raises(DataError) as e:
+        plan_inputs([str(p)], id_field="id")
+    msg = str(e.value)
+    assert msg.startswith(f"input {p}: column {dup!r}") and "2 times" in msg
+    assert "\n" not in msg
+
+
+def test_parquet_with_another_column_duplicated_is_read(tmp_path):
+    p = tmp_path / "dup.parquet"
+    schema = pa.schema([("text", pa.string()), ("x", pa.int64()), ("x", pa.int64())])
+    pq.write_table(pa.Table.from_arrays([pa.array(["a", "b"]), pa.array([1, 2]), pa.array([3, 4])], schema=schema), p)
+    assert texts(plan_inputs([str(p)])) == ["a", "b"]
+
+
 def test_corrupt_parquet_is_an_error(tmp_path):
     p = tmp_path / "bad.parquet"
     p.write_bytes(b"PAR1 this is not parquet")

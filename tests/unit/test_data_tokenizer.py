@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import random
+import signal
 from pathlib import Path
 
 import pytest
@@ -156,6 +158,37 @@ def test_bad_model_file_is_an_error(tmp_path):
         Tokenizer(tmp_path / "bad.model")
     with pytest.raises(DataError, match="no such file"):
         Tokenizer(tmp_path / "absent.model")
+
+
+@pytest.mark.parametrize("what", ["fifo", "directory", "device", "broken link"])
+def test_a_tokenizer_path_that_is_no_regular_file_is_refused_without_opening_it(tmp_path, what):
+    """A FIFO used to hang forever (opened to sniff its kind); a directory or /dev/zero said 'no such file'."""
+    p = tmp_path / "tok.model"
+    if what == "fifo":
+        os.mkfifo(p)
+        why = "a FIFO (named pipe), not a regular file"
+    elif what == "directory":
+        p.mkdir()
+        why = "a directory, not a file"
+    elif what == "device":
+        p = "/dev/zero"
+        why = "a character device, not a regular file"
+    else:
+        p.symlink_to(tmp_path / "gone.model")
+        why = "broken symbolic link"
+
+    def too_slow(*_):
+        raise TimeoutError("Tokenizer() blocked")
+
+    old = signal.signal(signal.SIGALRM, too_slow)
+    signal.alarm(20)
+    try:
+        with pytest.raises(DataError) as e:
+            Tokenizer(p)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+    assert str(e.value) == f"tokenizer {p}: {why}"
 
 
 def test_reservoir_sample_is_bounded_uniform_and_deterministic():

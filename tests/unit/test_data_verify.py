@@ -125,3 +125,63 @@ def test_cli_verify_names_the_bad_shard(copy, capsys):
     assert main(["data", "verify", str(copy)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("mnemo: error: shard ") and name in err and "\n" not in err
+
+
+def _has_controls(text: str, keep: str = "\n") -> bool:
+    return any((ord(c) < 32 or 0x7F <= ord(c) <= 0x9F) and c not in keep for c in text)
+
+
+def test_cli_inspect_shows_control_characters_escaped(dataset, tmp_path, capsys):
+    """A document (or file name) holding escape sequences must not reach the terminal raw."""
+    from mnemo.cli import main
+
+    src = tmp_path / "src"
+    src.mkdir()
+    doc = "hello \x1b[31mred\x1b[0m\tbell\x07\rCR \x9b2J\nnext line\n"
+    (src / "e\x1b]0;x\x07.txt").write_text(doc)
+    out = tmp_path / "data"
+    prepare([str(src)], str(out), tokenizer=str(dataset.parent / "t.model"), workers=1)
+    capsys.readouterr()
+    assert main(["data", "inspect", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert not _has_controls(printed, keep="\n\t"), repr(printed)
+    assert "hello \\x1b[31mred\\x1b[0m\tbell\\x07\\rCR \\x9b2J\nnext line" in printed
+    assert "/e\\x1b]0;x\\x07.txt, " in printed  # the source: the file name
+    assert main(["data", "inspect", str(out), str(out), "--tokens", "100"]) == 0  # the mixture table too
+    assert not _has_controls(capsys.readouterr().out, keep="\n\t")
+    # --json is JSON: every control character is a \u escape there, and the text comes back exact.
+    assert main(["data", "inspect", str(out), "--json"]) == 0
+    printed = capsys.readouterr().out
+    assert not _has_controls(printed) and json.loads(printed)["samples"][0]["text"] == doc
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--tokens", "inf"], "--tokens"),
+        (["--tokens", "nan"], "--tokens"),
+        (["--tokens", "1e400"], "--tokens"),
+        (["--tokens", "-1"], "--tokens"),
+        (["--tokens", "1.5"], "--tokens"),
+        (["--samples", "-1"], "--samples"),
+        (["--weights", "inf,1"], "--weights"),
+        (["--weights", "1e308,1e308"], "--weights"),
+        (["--weights", "nan,1"], "--weights"),
+    ],
+)
+def test_cli_inspect_numeric_flags_are_checked(dataset, capsys, args, needle):
+    from mnemo.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["data", "inspect", str(dataset), str(dataset), *args])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith(f"mnemo data inspect: error: argument {needle}: "), err
+
+
+def test_cli_verify_roundtrip_docs_below_zero_is_an_error(dataset, capsys):
+    from mnemo.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["data", "verify", str(dataset), "--roundtrip-docs", "-5"])
+    assert e.value.code == 2 and "argument --roundtrip-docs: " in capsys.readouterr().err

@@ -252,6 +252,21 @@ def test_deeply_nested_json_line_is_counted_and_skipped(tmp_path, capsys):
     assert rc == 2 and "deep.jsonl:2" in one_error_line(err)
 
 
+def test_integers_longer_than_pythons_digit_limit_keep_the_document(tmp_path):
+    """Python refuses int() of over 4300 digits (a ValueError inside json.loads): valid JSON all the same."""
+    big = "7" * 5000
+    p = tmp_path / "big.jsonl"
+    p.write_text(
+        f'{{"text": "keep me", "id": {big}}}\n'
+        f'{{"text": "and me", "id": 5, "count": -{big}, "n": [1, {big}]}}\n'
+        f'{{"text": "broken", "id": {big}\n'
+    )
+    stats = ReadStats()
+    docs = list(iter_documents(plan_inputs([str(p)], id_field="id"), id_field="id", stats=stats))
+    assert [(d.text, d.doc_id) for d in docs] == [("keep me", big), ("and me", "5")]
+    assert stats.counts == {"invalid_json": 1} and stats.examples == [f"{p}:3: invalid_json"]
+
+
 def test_odd_values_in_records_never_crash_the_writer(model, tmp_path):
     """Lone surrogates in an id, a non-string text, an id of any JSON type, an undecodable file name."""
     d = tmp_path / "in"
@@ -298,6 +313,39 @@ def test_broken_symlink_fifo_and_binary_text_are_skipped_and_counted(tmp_path, c
     assert texts == ["good text"] and stats.counts == {"binary_file": 1}
     rc, err = cli(capsys, "prepare", "--input", d / "b.txt", "--out", tmp_path / "o")
     assert rc == 2 and one_error_line(err) == f"mnemo: error: input {d}/b.txt: broken symbolic link"
+
+
+def test_symlinked_directories_are_walked_once_and_loops_counted(tmp_path):
+    ext = tmp_path / "ext"
+    (ext / "deep").mkdir(parents=True)
+    (ext / "e.txt").write_text("external")
+    (ext / "deep" / "f.txt").write_text("external deep")
+    d = tmp_path / "in"
+    (d / "sub").mkdir(parents=True)
+    (d / "z.txt").write_text("local z")
+    (d / "sub" / "s.txt").write_text("local sub")
+    (d / "again").symlink_to(ext)  # walked (first in sorted order)
+    (d / "linked").symlink_to(ext)  # the same directory again: its files are in already
+    (d / "loop").symlink_to(d)  # the walk's own root
+    (d / "sub" / "up").symlink_to("..")  # an ancestor
+    (ext / "back").symlink_to(d)  # from inside the linked directory back to the root
+    corpus = plan_inputs([str(d)])
+    # Each directory's files (sorted), then its subdirectories (sorted), depth first.
+    assert [os.path.relpath(f.path, d) for f in corpus.files] == [
+        "z.txt",
+        "again/e.txt",
+        "again/deep/f.txt",
+        "sub/s.txt",
+    ]
+    assert corpus.file_stats.counts == {"symlink_loop": 3, "duplicate_dir": 1}
+    assert corpus.file_stats.examples == [
+        f"{d}/again/back (link to {d}, a directory above it): symlink_loop",
+        f"{d}/linked (link to {ext}, walked already as {d}/again): duplicate_dir",
+        f"{d}/loop (link to {d}, a directory above it): symlink_loop",
+        f"{d}/sub/up (link to {d}, a directory above it): symlink_loop",
+    ]
+    texts, stats = read([d])
+    assert texts == ["local z", "external", "external deep", "local sub"]
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root reads every file")
