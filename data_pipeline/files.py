@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import datetime
+import errno
+import fcntl
+import json
 import os
+import socket
 import stat
 from pathlib import Path
 
@@ -69,3 +74,51 @@ def not_a_regular_file(path: str | os.PathLike) -> str | None:
     if not os.access(path, os.R_OK):
         return "permission denied"
     return None
+
+
+class LockBusy(Exception):
+    """Another process holds the lock; ``holder``: who, as its lock file says (host, pid, since)."""
+
+    def __init__(self, holder: str):
+        super().__init__(holder)
+        self.holder = holder
+
+
+def _holder_text(raw: str) -> str:
+    try:
+        h = json.loads(raw)
+        return f"host {h.get('host', '?')}, pid {h.get('pid', '?')}, since {h.get('started', '?')}"
+    except (json.JSONDecodeError, AttributeError):
+        return "holder unknown"
+
+
+def take_flock(path: str | Path) -> int:
+    """An exclusive ``fcntl.flock`` on ``path`` (made if missing), held by the returned descriptor; the
+    file then says who holds it (host, pid, start time). LockBusy when another process holds it;
+    OSError when it cannot be opened or locked.
+
+    The kernel releases the lock when the process exits, however it exits (SIGKILL included), so a
+    rerun after a crash is never blocked by its own earlier self and there is no stale lock to clean up
+    (train/runlock.py: the run directory's lock; data_pipeline/outputs.py: --out's). The descriptor is
+    not inherited by programs the process starts (Python opens it non-inheritable), but a fork shares it.
+    """
+    # O_RDWR without O_TRUNC: a process that finds the lock held must still read who holds it.
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        raw = os.pread(fd, 4096, 0).decode("utf-8", "replace")
+        os.close(fd)
+        if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            raise
+        raise LockBusy(_holder_text(raw)) from None
+    info = {
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+    }
+    data = (json.dumps(info) + "\n").encode()
+    os.pwrite(fd, data, 0)  # then cut the previous holder's longer text: never an empty file to read
+    os.ftruncate(fd, len(data))
+    os.fsync(fd)
+    return fd

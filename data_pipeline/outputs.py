@@ -30,16 +30,12 @@ its own ``.mnemo-outputs.json``, is refused when it holds anything else, and
 
 from __future__ import annotations
 
-import datetime
-import errno
-import fcntl
 import hashlib
 import json
 import logging
 import os
 import re
 import shutil
-import socket
 import tempfile
 import urllib.parse
 import urllib.request
@@ -51,6 +47,7 @@ from mnemo.data_pipeline.errors import DataError
 from mnemo.data_pipeline.files import atomic_write
 from mnemo.data_pipeline.inputs import Corpus, WorkUnit
 from mnemo.data_pipeline.lean_imports import import_streaming
+from mnemo.data_pipeline.out_lock import LOCK_NAME
 
 STATE_DIR = ".mnemo-prepare"
 # The list of entries of DATA_DIR that mnemo wrote (the only ones it ever deletes).
@@ -161,132 +158,10 @@ def _fetch_remote_json(loc: OutLocation, name: str) -> dict | None:
         return read_json(dest)
 
 
-# ----------------------------------------------------------------------------- one run at a time
-
-# In the state dir of --out (of the staging dir, and of a file:// target): held by the run that owns them.
-LOCK_NAME = "lock"
-_held_fds: set[int] = set()  # this process's lock descriptors (a forked worker closes its copies)
-
-
-def close_inherited_locks() -> None:
-    """In a forked worker: close the copies of the parent's lock descriptors.
-
-    A flock belongs to the open file, which fork shares: a worker outliving its parent by a moment
-    (terminated, not yet reaped) would otherwise still hold --out against the rerun.
-    """
-    for fd in _held_fds:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
-    _held_fds.clear()
-
-
-class OutLock:
-    """Exclusive ownership of --out by one ``mnemo prepare``: an ``fcntl.flock`` on ``STATE_DIR/lock``.
-
-    The same idea as train/runlock.py's run-dir lock (which data_pipeline may not import): the kernel
-    releases the lock when the process exits however it exits, so a rerun after kill -9 is never
-    blocked, and the file records who holds it. Two runs on one --out would otherwise mix parts of
-    both under one manifest, or one's --overwrite would delete the other's parts mid-write.
-
-    The lock file lives in the state dir, which a finished run removes with the lock still held;
-    a run that was waiting on the old file then finds another (or no) file at the path and takes
-    the lock again on the file there. State dirs this lock made and that hold nothing but the lock
-    (the run was refused, or had nothing to do) are removed on ``release``; a crash leaves one
-    behind, which the next run's ``claim_out`` accepts (a state dir is mnemo's own).
-    """
-
-    def __init__(self, loc: OutLocation):
-        self.url = loc.url
-        self.dirs = [loc.local] + ([loc.target] if loc.target is not None else [])
-        self.held: list[tuple[int, str]] = []  # (fd, path)
-        self.created: list[str] = []  # directories made here, deepest last
-
-    def acquire(self) -> OutLock:
-        try:
-            for d in self.dirs:
-                self._take(os.path.join(d, STATE_DIR, LOCK_NAME))
-        except BaseException:
-            self.release()
-            raise
-        return self
-
-    def _makedirs(self, path: str) -> None:
-        missing = []
-        p = path
-        while not os.path.lexists(p):
-            missing.append(p)
-            p = os.path.dirname(p)
-        os.makedirs(path, exist_ok=True)
-        self.created += reversed(missing)
-
-    def _take(self, path: str) -> None:
-        while True:
-            try:
-                self._makedirs(os.path.dirname(path))
-                # O_RDWR without O_TRUNC: a run that finds the lock held must still read who holds it.
-                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-            except OSError as e:
-                raise DataError(f"--out {self.url}: cannot create the lock file {path} ({e.strerror or e})") from None
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as e:
-                raw = os.pread(fd, 4096, 0).decode("utf-8", "replace")
-                os.close(fd)
-                if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                    raise DataError(f"--out {self.url}: cannot lock {path} ({e.strerror or e})") from None
-                raise DataError(
-                    f"--out {self.url}: another mnemo prepare is running on it ({_holder_text(raw)}); "
-                    f"wait for it to end or stop it"
-                ) from None
-            try:
-                same = os.stat(path).st_ino == os.fstat(fd).st_ino
-            except FileNotFoundError:
-                same = False
-            if not same:  # the previous holder finished and removed it: lock the file now at the path
-                os.close(fd)
-                continue
-            info = {
-                "host": socket.gethostname(),
-                "pid": os.getpid(),
-                "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-            }
-            data = (json.dumps(info) + "\n").encode()
-            os.pwrite(fd, data, 0)  # then cut the previous holder's longer text: never an empty file to read
-            os.ftruncate(fd, len(data))
-            self.held.append((fd, path))
-            _held_fds.add(fd)
-            return
-
-    def release(self) -> None:
-        for fd, path in reversed(self.held):
-            state = os.path.dirname(path)
-            if state in self.created and os.path.isdir(state) and os.listdir(state) == [LOCK_NAME]:
-                os.remove(path)  # still held: nobody else can be using it
-            _held_fds.discard(fd)
-            os.close(fd)  # releases the flock (the workers closed their copies when they started)
-        self.held = []
-        for d in reversed(self.created):
-            try:
-                os.rmdir(d)  # made here and empty now (a run that wrote nothing there)
-            except OSError:
-                pass
-        self.created = []
-
-    def __enter__(self) -> OutLock:
-        return self.acquire()
-
-    def __exit__(self, *exc) -> None:
-        self.release()
-
-
-def _holder_text(raw: str) -> str:
-    try:
-        h = json.loads(raw)
-        return f"host {h.get('host', '?')}, pid {h.get('pid', '?')}, since {h.get('started', '?')}"
-    except (json.JSONDecodeError, AttributeError):
-        return "holder unknown"
+def lock_paths(loc: OutLocation) -> list[str]:
+    """The lock files (data_pipeline/out_lock.py) a run on ``loc`` holds: in the state dir of --out (of the
+    staging dir, and of a file:// target)."""
+    return [os.path.join(d, STATE_DIR, LOCK_NAME) for d in [loc.local] + ([loc.target] if loc.target else [])]
 
 
 # ----------------------------------------------------------------------------- claiming the out dir

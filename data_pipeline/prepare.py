@@ -50,13 +50,13 @@ from mnemo.data_pipeline.manifest import (
     format_counts,
     train_tokenizer_on_sample,
 )
+from mnemo.data_pipeline.out_lock import OutLock, close_inherited_locks
 from mnemo.data_pipeline.outputs import (
     STATE_DIR,
     OutLocation,
-    OutLock,
     check_out_apart,
     claim_out,
-    close_inherited_locks,
+    lock_paths,
     merge_parts,
     out_entries,
     part_present,
@@ -478,7 +478,7 @@ def prepare(
     if given is not None and given.file_name not in entries:  # OUT/tokenizer.json
         entries.append(given.file_name)
     # One run per --out at a time: held from the claim to the end, released however this ends.
-    with OutLock(loc):
+    with OutLock(loc.url, lock_paths(loc)):
         complete = claim_out(loc, fingerprint, overwrite, entries)
         if complete is not None:
             note(f"{loc.url} is already complete for these inputs (manifest.json); nothing to do")

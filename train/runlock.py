@@ -22,14 +22,11 @@ option.
 
 from __future__ import annotations
 
-import datetime
-import errno
 import fcntl
-import json
 import os
-import socket
 from pathlib import Path
 
+from mnemo.data_pipeline.files import LockBusy, take_flock
 from mnemo.train.errors import UserError
 
 LOCK_NAME = "run.lock"
@@ -37,14 +34,6 @@ LOCK_NAME = "run.lock"
 
 class RunDirBusy(UserError):
     """Another live job holds the run directory."""
-
-
-def _holder_text(raw: str) -> str:
-    try:
-        h = json.loads(raw)
-        return f"host {h.get('host', '?')}, pid {h.get('pid', '?')}, since {h.get('started', '?')}"
-    except (json.JSONDecodeError, AttributeError):
-        return "holder unknown"
 
 
 class RunLock:
@@ -57,28 +46,13 @@ class RunLock:
     def acquire(self) -> None:
         """Take the lock or raise RunDirBusy naming the holder. Creates run_dir if needed."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        # O_RDWR without O_TRUNC: a job that finds the lock held must still read who holds it.
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            raw = os.pread(fd, 4096, 0).decode("utf-8", "replace")
-            os.close(fd)
-            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise
+            fd = take_flock(self.path)
+        except LockBusy as e:
             raise RunDirBusy(
-                f"run.dir: {self.path.parent} is in use by another job ({_holder_text(raw)}); "
+                f"run.dir: {self.path.parent} is in use by another job ({e.holder}); "
                 "wait for it to end, stop it, or use another run.dir"
             ) from None
-        info = {
-            "host": socket.gethostname(),
-            "pid": os.getpid(),
-            "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        }
-        data = (json.dumps(info) + "\n").encode()
-        os.pwrite(fd, data, 0)  # then cut the previous holder's longer text: never an empty file to read
-        os.ftruncate(fd, len(data))
-        os.fsync(fd)
         self.fd = fd
 
     def release(self) -> None:

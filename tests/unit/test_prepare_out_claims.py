@@ -12,7 +12,8 @@ import pytest
 
 import mnemo.data_pipeline.prepare as prep
 from mnemo.data_pipeline.errors import DataError
-from mnemo.data_pipeline.outputs import LOCK_NAME, OUTPUTS_FILE, STATE_DIR, resolve_out
+from mnemo.data_pipeline.out_lock import LOCK_NAME
+from mnemo.data_pipeline.outputs import OUTPUTS_FILE, STATE_DIR, resolve_out
 from mnemo.data_pipeline.prepare import prepare
 from mnemo.data_pipeline.verify import verify
 from mnemo.cli import main
