@@ -1,5 +1,43 @@
-"""Errors of the data pipeline that the CLI prints as one line."""
+"""Errors of the data pipeline that the CLI prints as one line, and how every error message quotes a value."""
+
+from __future__ import annotations
+
+import reprlib
+from collections.abc import Callable
+from typing import Any
 
 
 class DataError(Exception):
     """Bad corpus, tokenizer or shard: the message names the file, field or shard."""
+
+
+def clip(text: str, limit: int = 120) -> str:
+    """``text`` cut to ``limit`` characters, "..." where cut."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class _Repr(reprlib.Repr):
+    """reprlib's bounded repr, with a function applied to each string before it is cut (``brief``'s hide)."""
+
+    def __init__(self, hide: Callable[[str], str] | None):
+        super().__init__()
+        self.hide = hide
+        self.maxlevel, self.maxstring, self.maxother, self.maxlong = 3, 100, 100, 60
+        self.maxlist = self.maxtuple = self.maxdict = self.maxset = 8
+
+    def repr_str(self, x: str, level: int) -> str:
+        return super().repr_str(self.hide(x) if self.hide else x, level)
+
+
+def brief(value: Any, limit: int = 120, hide: Callable[[str], str] | None = None) -> str:
+    """repr(value) for an error message, at most ``limit`` characters, nested containers cut short.
+
+    reprlib looks only at what it shows, so a huge value (a pasted 5000-digit number, a "billion laughs"
+    of YAML aliases, whose whole repr was 39 MB and 9 s) costs no time. ``hide``: applied to every string
+    before it is cut (credentials in a URI: a cut that dropped the "@" of user:token@host would leave
+    the token for a redaction of the message to miss).
+    """
+    try:
+        return clip(_Repr(hide).repr(value), limit)
+    except Exception:  # a repr that fails (an int past str()'s digit limit): name the type
+        return f"<{type(value).__name__}>"

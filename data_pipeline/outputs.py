@@ -43,7 +43,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from mnemo.data_pipeline.errors import DataError
+from mnemo.data_pipeline.errors import DataError, brief
 from mnemo.data_pipeline.files import atomic_write
 from mnemo.data_pipeline.inputs import Corpus, WorkUnit
 from mnemo.data_pipeline.lean_imports import import_streaming
@@ -104,12 +104,6 @@ def resolve_out(out: str, staging: str | None = None) -> OutLocation:
     return OutLocation(out, os.path.abspath(staging), remote)
 
 
-def _shown(value: str, limit: int = 200) -> str:
-    """``value`` quoted for an error message, cut to about ``limit`` characters."""
-    r = repr(value)
-    return r if len(r) <= limit else r[: limit - 5] + "...'"
-
-
 def _file_url_path(out: str) -> str:
     """The absolute local path a ``file://`` URL names: ``file:///ABS/PATH`` or ``file://localhost/ABS/PATH``.
 
@@ -120,7 +114,7 @@ def _file_url_path(out: str) -> str:
     path = urllib.request.url2pathname(u.path)
     if u.netloc not in ("", "localhost") or not u.path.startswith("/") or u.params or u.query or u.fragment:
         raise DataError(
-            f"--out {_shown(out)}: a file URL names an absolute path of this machine, file:///ABS/PATH "
+            f"--out {brief(out, 200)}: a file URL names an absolute path of this machine, file:///ABS/PATH "
             f"(or file://localhost/ABS/PATH); for a relative directory give the plain path"
         )
     return path

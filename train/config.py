@@ -15,7 +15,6 @@ import dataclasses
 import math
 import os
 import re
-import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ from typing import Any, Literal
 
 import yaml
 
+from mnemo.data_pipeline.errors import brief, clip
 from mnemo.data_pipeline.paths import is_remote, local_path
 from mnemo.train.errors import UserError
 from mnemo.train.redact import redact_uri
@@ -327,34 +327,14 @@ class Config:
 # Loading
 
 
-# What config errors quote of a value: at most ~120 characters, nested containers cut short.
-# reprlib looks only at what it shows, so a huge value, or one YAML aliases share (a "billion
-# laughs" of lists), costs no time; the whole repr of one such value was 39 MB and 9 s.
-class _Repr(reprlib.Repr):
-    # Credentials in a URI are hidden before a string is cut: the CLI redacts the message it
-    # prints, but a cut that drops the "@" of user:token@host would leave the token unrecognized.
-    def repr_str(self, x: str, level: int) -> str:
-        return super().repr_str(redact_uri(x), level)
-
-
-_REPR = _Repr()
-_REPR.maxlevel, _REPR.maxstring, _REPR.maxother, _REPR.maxlong = 3, 100, 100, 60
-_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = _REPR.maxset = 8
-_QUOTE_LIMIT = 120
-
-
-def _clip(text: str, limit: int = _QUOTE_LIMIT) -> str:
-    """``text`` (a key, another module's message) cut to ``limit`` characters, "..." where cut."""
-    text = redact_uri(text)  # before the cut (see _Repr)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+def _clip(text: str) -> str:
+    """``text`` (a key, another module's message) for an error message: credentials hidden, then cut."""
+    return clip(redact_uri(text))
 
 
 def _brief(value: Any) -> str:
-    """repr(value) for an error message, bounded (see _REPR)."""
-    try:
-        return _clip(_REPR.repr(value))
-    except Exception:  # a repr that fails (an int past str()'s digit limit): name the type
-        return f"<{type(value).__name__}>"
+    """repr(value) for an error message: bounded, credentials in URIs hidden (data_pipeline/errors.py)."""
+    return brief(value, hide=redact_uri)
 
 
 def _field_types(cls) -> dict[str, Any]:

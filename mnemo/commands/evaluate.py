@@ -11,23 +11,18 @@ from pathlib import Path
 _MAX_SEED = 2**64 - 1
 
 
-def shown(value: object, limit: int = 40) -> str:
-    """repr(value), cut to ``limit`` characters (a pasted 1000-digit number stays one short line)."""
-    r = repr(value)
-    return r if len(r) <= limit else r[: limit - 3] + "..."
-
-
 def check_flags(rules: list[tuple[str, object, bool, str]]) -> None:
     """UserError naming the first flag whose value breaks its rule: (flag, value, ok, "must be ...").
 
     Called before anything heavy is imported or loaded: a mistyped flag is
     answered at once, not after the model load.
     """
+    from mnemo.data_pipeline.errors import brief
     from mnemo.train.errors import UserError
 
     for flag, value, ok, rule in rules:
         if not ok:
-            raise UserError(f"{flag}: {rule}, got {shown(value)}")
+            raise UserError(f"{flag}: {rule}, got {brief(value, 40)}")
 
 
 def eval_flag_rules(args: argparse.Namespace) -> list[tuple[str, object, bool, str]]:
