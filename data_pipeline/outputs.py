@@ -43,11 +43,12 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from mnemo.data_pipeline.errors import DataError, brief
+from mnemo.data_pipeline.errors import DataError
 from mnemo.data_pipeline.files import atomic_write
 from mnemo.data_pipeline.inputs import Corpus, WorkUnit
 from mnemo.data_pipeline.lean_imports import import_streaming
 from mnemo.data_pipeline.out_lock import LOCK_NAME
+from mnemo.data_pipeline.paths import file_url_path
 
 STATE_DIR = ".mnemo-prepare"
 # The list of entries of DATA_DIR that mnemo wrote (the only ones it ever deletes).
@@ -87,7 +88,7 @@ def resolve_out(out: str, staging: str | None = None) -> OutLocation:
     if scheme == "":
         return OutLocation(out, os.path.abspath(os.path.expanduser(out)), None)
     if scheme == "file":
-        remote = _file_url_path(out)
+        remote = file_url_path(out, "--out")
     else:
         import_streaming()  # without transformers (lean_imports.py)
         from streaming.base.storage.upload import UPLOADERS
@@ -102,22 +103,6 @@ def resolve_out(out: str, staging: str | None = None) -> OutLocation:
         cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
         staging = os.path.join(cache, "mnemo", "prepare", hashlib.sha256(out.encode()).hexdigest()[:16])
     return OutLocation(out, os.path.abspath(staging), remote)
-
-
-def _file_url_path(out: str) -> str:
-    """The absolute local path a ``file://`` URL names: ``file:///ABS/PATH`` or ``file://localhost/ABS/PATH``.
-
-    Any other host (``file://relative/x`` parses with host ``relative``), a relative path, a query or a
-    fragment would be dropped or misread, so they are errors rather than a write to another directory.
-    """
-    u = urllib.parse.urlparse(out)
-    path = urllib.request.url2pathname(u.path)
-    if u.netloc not in ("", "localhost") or not u.path.startswith("/") or u.params or u.query or u.fragment:
-        raise DataError(
-            f"--out {brief(out, 200)}: a file URL names an absolute path of this machine, file:///ABS/PATH "
-            f"(or file://localhost/ABS/PATH); for a relative directory give the plain path"
-        )
-    return path
 
 
 def write_json(path: str, obj: dict, tmp_dir: str | None = None) -> None:

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import os
+import urllib.parse
+import urllib.request
+
+from mnemo.data_pipeline.errors import DataError, brief
 
 
 def is_remote(uri: str) -> bool:
@@ -10,9 +14,30 @@ def is_remote(uri: str) -> bool:
     return "://" in uri and not uri.startswith("file://")
 
 
-def local_path(uri: str) -> str:
-    """The local path of a plain path or a ``file://`` URL (a plain path comes back as it is)."""
-    return uri.removeprefix("file://")
+def file_url_path(url: str, what: str) -> str:
+    """The absolute local path a ``file://`` URL names: ``file:///ABS/PATH`` or ``file://localhost/ABS/PATH``
+    (percent-escapes decoded).
+
+    Any other host (``file://relative/x`` parses with host ``relative``), a relative path, a query or a
+    fragment would be dropped or misread, so they are a DataError naming ``what`` (the flag or key)
+    rather than a read of, or a write to, another directory.
+    """
+    u = urllib.parse.urlparse(url)
+    if u.netloc not in ("", "localhost") or not u.path.startswith("/") or u.params or u.query or u.fragment:
+        raise DataError(
+            f"{what} {brief(url, 200)}: a file URL names an absolute path of this machine, file:///ABS/PATH "
+            f"(or file://localhost/ABS/PATH); for a relative directory give the plain path"
+        )
+    return urllib.request.url2pathname(u.path)
+
+
+def local_path(uri: str, what: str = "path") -> str:
+    """The local path of a plain path or a ``file://`` URL (``file_url_path``; a plain path comes back as it is).
+
+    The same reading as ``mnemo prepare --out``'s: a dataset written to file://localhost/x or
+    file:///a%20b is read back from /x and /a b.
+    """
+    return file_url_path(uri, what) if uri.startswith("file://") else uri
 
 
 def is_inside(path: str | os.PathLike, root: str | os.PathLike) -> bool:

@@ -828,7 +828,7 @@ def check_paths(cfg: Config) -> None:
         raise ConfigError("data.path: not set (a data dir written by `mnemo prepare`)")
     for key, path in data_paths(cfg):
         if not is_remote(path):
-            local = Path(local_path(path))
+            local = Path(local_path(path, key))
             if not local.is_dir():
                 raise ConfigError(f"{key}: no such directory: {local}")
             if not (local / "index.json").is_file():
