@@ -37,11 +37,15 @@ def atomic_write(path: str | Path, data: bytes, tmp_dir: str | Path | None = Non
     """
     path = Path(path)
     tmp = Path(tmp_dir or path.parent) / f".{path.name}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # a full disk, a target that is a directory, Ctrl-C: no temp file left behind
+        tmp.unlink(missing_ok=True)
+        raise
     fsync_path(path.parent)
 
 

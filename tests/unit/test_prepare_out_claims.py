@@ -229,3 +229,27 @@ def test_a_refused_out_is_left_as_it_was(model, corpus, tmp_path):
     with pytest.raises(DataError, match="not empty and holds no mnemo dataset"):
         prepare([str(corpus)], str(foreign), tokenizer=model, workers=1)
     assert os.listdir(foreign) == ["thesis.tex"]
+
+
+def test_training_reads_a_file_url_where_prepare_wrote_it():
+    """prepare --out file://localhost/x wrote /x, but data.path=file://localhost/x was read as the relative
+    path 'localhost/x' (the prefix cut off); file:///a%20b likewise as '/a%20b'. One reading for both now."""
+    from mnemo.data_pipeline.paths import local_path
+
+    assert local_path("file://localhost/data/x") == "/data/x" == local_path("file:///data/x")
+    assert local_path("file:///data/a%20b") == "/data/a b"
+    assert local_path("/plain/path") == "/plain/path" and local_path("rel/x") == "rel/x"
+    with pytest.raises(DataError, match=r"data.path 'file://relative/x': a file URL names an absolute path"):
+        local_path("file://relative/x", "data.path")
+
+
+def test_atomic_write_leaves_no_temp_file_when_it_fails(tmp_path):
+    """The rename onto a directory fails: the temp file beside it stayed behind."""
+    from mnemo.data_pipeline.files import atomic_write
+
+    (tmp_path / "target").mkdir()
+    (tmp_path / "target" / "x").write_text("keep")  # a non-empty directory: rename(2) refuses
+    with pytest.raises(OSError):
+        atomic_write(tmp_path / "target", b"data")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["target"]
+    assert (tmp_path / "target" / "x").read_text() == "keep"
