@@ -29,17 +29,22 @@ def fsync_tree(root: str | Path) -> None:
         fsync_path(Path(dirpath))
 
 
-def atomic_write(path: str | Path, data: bytes, tmp_dir: str | Path | None = None) -> None:
+def atomic_write(path: str | Path, data: bytes, tmp_dir: str | Path | None = None, mode: int | None = None) -> None:
     """Write ``path`` whole or not at all, durably (data and rename fsynced).
 
     The temporary file goes into ``tmp_dir`` (default: beside ``path``, hidden);
-    it must be on the same file system as ``path``.
+    it must be on the same file system as ``path``. ``mode``: the file's
+    permissions, set before the rename (a chmod of ``path`` afterwards would
+    follow a link put there meanwhile). The rename replaces a symbolic link
+    at ``path``; it never writes through it.
     """
     path = Path(path)
     tmp = Path(tmp_dir or path.parent) / f".{path.name}.tmp{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
             f.write(data)
+            if mode is not None:
+                os.fchmod(f.fileno(), mode)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -49,8 +54,8 @@ def atomic_write(path: str | Path, data: bytes, tmp_dir: str | Path | None = Non
     fsync_path(path.parent)
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write(path, text.encode())
+def atomic_write_text(path: str | Path, text: str, mode: int | None = None) -> None:
+    atomic_write(path, text.encode(), mode=mode)
 
 
 def not_a_regular_file(path: str | os.PathLike) -> str | None:

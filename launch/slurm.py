@@ -26,13 +26,16 @@ that environment; the script refuses to start without it.
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 import shutil
+import stat
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mnemo.data_pipeline.files import atomic_write_text
 from mnemo.launch.env import mnemo_installed, package_root
 from mnemo.launch.torchrun import check_line_safe
 from mnemo.train.errors import UserError
@@ -44,6 +47,9 @@ _TIME = re.compile(r"(\d+|\d+:\d{1,2}|\d+:\d{1,2}:\d{1,2}|\d+-\d+(:\d{1,2}){0,2}
 _SAFE_VALUE = re.compile(r"[A-Za-z0-9_.,:@%+=/\-\[\]]+")
 
 PREEMPTED_MARKER = "PREEMPTED"
+# The script's first two lines: how write_script knows a job.sbatch it may replace (every version wrote them).
+SHEBANG = "#!/bin/bash"
+SCRIPT_MARK = "# Written by `mnemo launch --slurm`"
 
 
 @dataclass
@@ -150,8 +156,8 @@ def sbatch_script(o: SlurmOptions) -> str:
     launch = [o.python, "-m", "mnemo", "launch", o.config, *o.overrides]
     launch_words = " ".join(q(w) for w in launch)
     lines = [
-        "#!/bin/bash",
-        f"# Written by `mnemo launch --slurm` for {o.config}.",
+        SHEBANG,
+        f"{SCRIPT_MARK} for {o.config}.",
         "# Submit it again with: sbatch " + q(str(o.script_path)),
         *_directives(o),
         "",
@@ -218,16 +224,47 @@ def sbatch_script(o: SlurmOptions) -> str:
     return "\n".join(lines)
 
 
+def check_replaceable(path: Path) -> None:
+    """UserError naming ``path`` unless it is absent or a regular file this module wrote (its first two lines).
+
+    A file of the user's at that name is never replaced, and a symbolic link
+    never followed: writing through one would overwrite its target, wherever
+    it points.
+    """
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if stat.S_ISLNK(st.st_mode):
+        raise UserError(f"{path} is a symbolic link; mnemo launch writes its script there only as a file of its own")
+    mine = False
+    if stat.S_ISREG(st.st_mode):
+        head = f"{SHEBANG}\n{SCRIPT_MARK} ".encode()
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        try:
+            mine = os.read(fd, len(head)) == head
+        finally:
+            os.close(fd)
+    if not mine:
+        raise UserError(
+            f"{path} is not a script mnemo launch wrote; not replacing it (move it away or use another run.dir)"
+        )
+
+
 def write_script(o: SlurmOptions) -> Path:
-    """Write the script (and make the logs folder) in run.dir; UserError naming run.dir if that fails."""
+    """Write the script (and make the logs folder) in run.dir; UserError naming run.dir if that fails.
+
+    Only a script written here before is replaced (``check_replaceable``),
+    by a rename: a link put in its place meanwhile is replaced, not followed.
+    """
     path = o.script_path
     text = sbatch_script(o)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         # SLURM does not create the output file's directory; without it the job's log is lost.
         (o.run_dir / "logs").mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
-        path.chmod(0o755)
+        check_replaceable(path)
+        atomic_write_text(path, text, mode=0o755)
     except OSError as e:
         raise UserError(f"run.dir: cannot write {e.filename or path}: {e.strerror or e}") from None
     return path

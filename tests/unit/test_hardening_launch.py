@@ -346,6 +346,56 @@ def test_sbatch_run_dir_with_backslash_is_refused(ws, capsys):
 
 
 # --------------------------------------------------------------------------- #
+# The sbatch script file: only mnemo's own is replaced, a link is never followed
+
+
+@pytest.mark.parametrize("dry_run", [["--dry-run"], []])
+def test_slurm_never_replaces_a_foreign_job_sbatch(ws, capsys, monkeypatch, dry_run):
+    # Was overwritten silently (path.write_text).
+    monkeypatch.setattr("mnemo.launch.slurm.find_sbatch", lambda: "/bin/false")  # never reached
+    script = ws / "proj/slurm/job.sbatch"
+    script.parent.mkdir(parents=True)
+    script.write_text("mine\n")
+    err = fails(capsys, "c.yaml", "--slurm", *dry_run, f"run.dir={ws / 'proj'}")
+    assert err == (
+        f"mnemo: error: {script} is not a script mnemo launch wrote; not replacing it "
+        "(move it away or use another run.dir)\n"
+    )
+    assert script.read_text() == "mine\n"
+
+
+@pytest.mark.parametrize("dry_run", [["--dry-run"], []])
+def test_slurm_never_writes_through_a_symlink(ws, capsys, monkeypatch, dry_run):
+    # Was: the link's target (anywhere) overwritten with the script and made 0755.
+    monkeypatch.setattr("mnemo.launch.slurm.find_sbatch", lambda: "/bin/false")  # never reached
+    victim = ws / "victim.txt"
+    victim.write_text("notes\n")
+    victim.chmod(0o600)
+    for target in (victim, ws / "absent.txt"):  # a dangling link too: writing would create its target
+        script = ws / "runs/sym/slurm/job.sbatch"
+        script.parent.mkdir(parents=True, exist_ok=True)
+        script.unlink(missing_ok=True)
+        script.symlink_to(target)
+        err = fails(capsys, "c.yaml", "--slurm", *dry_run, f"run.dir={ws / 'runs/sym'}")
+        link_msg = "is a symbolic link; mnemo launch writes its script there only as a file of its own"
+        assert err == f"mnemo: error: {script} {link_msg}\n"
+        assert script.is_symlink()
+    assert victim.read_text() == "notes\n" and (victim.stat().st_mode & 0o777) == 0o600
+    assert not (ws / "absent.txt").exists()
+
+
+def test_slurm_replaces_its_own_script(ws, capsys):
+    rc, first, _ = launch(capsys, "c.yaml", "--slurm", "--dry-run")
+    assert rc == 0
+    script = ws / "runs/g/slurm/job.sbatch"
+    assert script.read_text() == first and (script.stat().st_mode & 0o777) == 0o755
+    rc, second, _ = launch(capsys, "c.yaml", "--slurm", "--dry-run", "--nodes", "2")
+    assert rc == 0 and second != first
+    assert script.read_text() == second and (script.stat().st_mode & 0o777) == 0o755
+    assert sorted(p.name for p in script.parent.iterdir()) == ["job.sbatch"], "no temporary file left"
+
+
+# --------------------------------------------------------------------------- #
 # Secrets never printed, never on a command line
 
 
