@@ -19,15 +19,18 @@ does not stop the workers while they save.
 
 from __future__ import annotations
 
+import errno
 import os
 import selectors
 import signal
+import stat
 import subprocess
 import sys
 import time
 from typing import IO
 
 from mnemo.launch.torchrun import NodePlan, node_env, torchrun_command
+from mnemo.train.errors import UserError
 
 _IGNORED_IN_TORCHRUN = (signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP)
 
@@ -54,6 +57,30 @@ def _kill_tree(pid: int) -> None:
             p.kill()
         except psutil.Error:
             pass
+
+
+def open_node_log(plan: NodePlan) -> IO[str]:
+    """``<run.dir>/logs/node{i}.log`` opened to append; UserError naming it if it is a link or not a file.
+
+    O_NOFOLLOW: a symbolic link there would have the log appended to its
+    target, wherever it points; O_NONBLOCK: a FIFO there would block the
+    open (it is then refused as not a regular file).
+    """
+    path = plan.log_path
+    only_own = "mnemo launch appends its node log only to a file of its own"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise UserError(f"{path} is a symbolic link; {only_own}") from None
+        if e.errno == errno.ENXIO:  # a FIFO without a reader
+            raise UserError(f"{path} is not a regular file; {only_own}") from None
+        raise UserError(f"run.dir: cannot write {e.filename or path}: {e.strerror or e}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise UserError(f"{path} is not a regular file; {only_own}")
+    return open(fd, "a", buffering=1, errors="replace")
 
 
 class NodeRunner:
@@ -133,8 +160,7 @@ class NodeRunner:
 
     def run(self) -> int:
         plan = self.plan
-        plan.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(plan.log_path, "a", buffering=1, errors="replace") as log:
+        with open_node_log(plan) as log:
             stamp = time.strftime("%Y-%m-%d %H:%M:%S")
             slurm = os.environ.get("SLURM_JOB_ID")
             where = f", slurm job {slurm} restart {os.environ.get('SLURM_RESTART_COUNT', '0')}" if slurm else ""

@@ -395,6 +395,30 @@ def test_slurm_replaces_its_own_script(ws, capsys):
     assert sorted(p.name for p in script.parent.iterdir()) == ["job.sbatch"], "no temporary file left"
 
 
+def test_node_log_is_never_appended_through_a_symlink(tmp_path, monkeypatch):
+    # Was: open(log, "a") followed the link and appended the node's output to its target.
+    from mnemo.launch.local import NodeRunner, run_node
+    from mnemo.launch.torchrun import NodePlan
+    from mnemo.train.errors import UserError
+
+    def no_start(self):
+        raise AssertionError("started")
+
+    monkeypatch.setattr(NodeRunner, "_spawn", no_start)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("notes\n")
+    plan = NodePlan(config=str(tmp_path / "c.yaml"), overrides=[], run_dir=tmp_path / "run", nproc_per_node=1)
+    plan.log_path.parent.mkdir(parents=True)
+    plan.log_path.symlink_to(victim)
+    with pytest.raises(UserError, match=f"^{plan.log_path} is a symbolic link; mnemo launch appends"):
+        run_node(plan)
+    assert victim.read_text() == "notes\n"
+    plan.log_path.unlink()
+    os.mkfifo(plan.log_path)  # would block the open for ever
+    with pytest.raises(UserError, match=f"^{plan.log_path} is not a regular file"):
+        run_node(plan)
+
+
 # --------------------------------------------------------------------------- #
 # Secrets never printed, never on a command line
 
