@@ -7,8 +7,10 @@ is assumed, as for the run directory):
     cd CWD && exec env NCCL_...=... PATH=... VENV/bin/python \
         -m mnemo launch CONFIG --nnodes N --node-rank i --master-addr HOST0 ...
 
-Every word is quoted with shlex for the remote shell; host names are only
-ever one argv element locally (after ssh's ``--``), never parsed by a shell.
+(``/bin/sh -c 'exec "$@"' sh`` before a VENV path holding ``=``, which env
+would read as one more variable). Every word is quoted with shlex for the
+remote shell; host names are only ever one argv element locally (after
+ssh's ``--``), never parsed by a shell.
 Before starting anything, every host is checked with ``ssh ... true`` in
 parallel (bounded by ConnectTimeout), so an unreachable host fails fast and
 by name.
@@ -171,6 +173,7 @@ def remote_command(
 
     ``env`` is set literally (PATH included: the launcher's, see
     ``launch.env.path_with_venv``); everything else comes from the remote login.
+    ``env``, not shell assignments, sets it: the login shell may be csh or fish.
     Every word is checked for control characters and shell-quoted.
     """
     for k, v in env.items():
@@ -181,6 +184,10 @@ def remote_command(
         check_line_safe(key, v)
     words = ["exec", "env"]
     words += [f"{k}={shlex.quote(v)}" for k, v in env.items()]
+    if "=" in python:
+        # env takes every word holding '=' as an assignment, '--' or not: a python under '/v=1/' would be
+        # set as a variable and '-m' run as the command. /bin/sh runs it instead, as its "$1".
+        words += ["/bin/sh", "-c", shlex.quote('exec "$@"'), "sh"]
     words += [shlex.quote(w) for w in [python, "-m", "mnemo", "launch", *launch_args]]
     return f"cd {shlex.quote(cwd)} && " + " ".join(words)
 

@@ -354,6 +354,30 @@ def test_remote_command_forwards_environment(ws, capsys):
     ]
 
 
+def test_remote_command_with_a_python_path_holding_equals(ws):
+    # Was `exec env K=V... /w/v=1/bin/python -m ...`: env read the path as an assignment and ran '-m'
+    # ("env: '-m': No such file or directory").
+    from mnemo.launch.remote import remote_command
+
+    stub = ws / "v=1" / "bin" / "python"
+    stub.parent.mkdir(parents=True)
+    stub.write_text('#!/bin/sh\n{ echo "$MNEMO_TAG"; printf "%s\\n" "$@"; } > "$OUT"\n')
+    stub.chmod(0o755)
+    env = {"MNEMO_TAG": "a=b c", "PATH": "/usr/bin:/bin"}
+    cmd = remote_command(cwd=str(ws), python=str(stub), env=env, launch_args=["c.yaml", "x=$(y)"])
+    r = subprocess.run(["bash", "-c", cmd], cwd="/", env={"PATH": "/usr/bin:/bin", "OUT": str(ws / "out")})
+    assert r.returncode == 0
+    assert (ws / "out").read_text().splitlines() == ["a=b c", "-m", "mnemo", "launch", "c.yaml", "x=$(y)"]
+    # The real interpreter, through a link to its venv named with '=': the command runs mnemo.
+    venv = ws / "venv=2"
+    venv.symlink_to(Path(sys.prefix))
+    python = venv / "bin" / Path(sys.executable).name
+    cmd = remote_command(cwd=str(ws), python=str(python), env={"PATH": "/usr/bin:/bin"}, launch_args=["--help"])
+    r = subprocess.run(["bash", "-c", cmd], cwd="/", capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"})
+    assert r.returncode == 0, r.stderr
+    assert "usage:" in r.stdout and "--hostfile" in r.stdout
+
+
 def test_ranks_path_is_the_launchers_with_the_venv_appended():
     from mnemo.launch.env import path_with_venv
 
