@@ -56,7 +56,8 @@ def parse_hostfile(path: str | Path) -> list[Host]:
     """Parse a hostfile; raise UserError naming the file and line at fault."""
     p = Path(path)
     try:
-        text = p.read_text()
+        # utf-8-sig: a byte order mark (Notepad and other editors write one) is not part of the first name.
+        text = p.read_text(encoding="utf-8-sig")
     except FileNotFoundError:
         raise UserError(f"hostfile not found: {p}") from None
     except (OSError, UnicodeDecodeError) as e:

@@ -61,6 +61,13 @@ def test_shell_metacharacters_in_host_names_are_refused(name):
         parse_hostfile_text(f"ok slots=1\n{name} slots=2\n", "hf")
 
 
+def test_hostfile_saved_with_a_bom(tmp_path):
+    # Was: "hf:1: host name '\ufeffnode-a' is not a host name" (Notepad and other editors write one).
+    hf = tmp_path / "hf"
+    hf.write_bytes(b"\xef\xbb\xbfnode-a slots=1\r\nnode-b slots=2\r\n")
+    assert parse_hostfile(hf) == [Host("node-a", 1, 1), Host("node-b", 2, 2)]
+
+
 def test_ordinary_host_names_are_kept_verbatim():
     names = ["worker-0", "node_1.cluster.local", "alice@gpu-3", "10.0.0.7", "[fe80::1]", "fe80::2"]
     hosts = parse_hostfile_text("".join(f"{n} slots=1\n" for n in names), "hf")
