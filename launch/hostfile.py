@@ -6,14 +6,19 @@
 
 Host names are kept verbatim (they are only ever passed as one argv element,
 after ssh's ``--``, or shell-quoted), and must look like one: an optional
-``user@``, then letters, digits, ``.``, ``-``, ``_``, ``:`` (IPv6) and ``[]``,
-not starting with ``-``. ssh substitutes the name into ``ProxyCommand``/``Match
-exec`` lines of the user's ssh_config, which a shell runs, so a name holding
-``$(...)``, quotes or ``;`` is refused rather than quoted.
+``user@``, then letters, digits, ``.``, ``-``, ``_``, or an IPv6 address,
+bare or in brackets; not starting with ``-``. ssh substitutes the name into
+``ProxyCommand``/``Match exec`` lines of the user's ssh_config, which a shell
+runs, so a name holding ``$(...)``, quotes or ``;`` is refused rather than
+quoted. ssh takes neither brackets nor a port in a host name: it is given the
+bare address (``ssh_destination``), and ``HOST:PORT`` is refused (the ssh
+port belongs in ~/.ssh/config); the rendezvous endpoint puts an IPv6
+address back in brackets (``launch.torchrun``).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +31,8 @@ _LINE = re.compile(r"(?P<host>\S+)\s+slots\s*=\s*(?P<slots>\S+)")
 # that int() reads them (it refuses over 4300 digits).
 _SLOTS = re.compile(r"[0-9]{1,9}")
 _HOST = re.compile(r"([A-Za-z0-9_][A-Za-z0-9._\-]*@)?[A-Za-z0-9_.:\[\]][A-Za-z0-9_.:\[\]\-]*")
+# A name and a port: "node-a:2222", "[fe80::1]:22" (an IPv6 address has at least two colons).
+_HOST_PORT = re.compile(r"(\[[^\[\]]*\]|[^:\[\]]+):[0-9]*")
 
 
 def check_host_name(host: str, where: str) -> str:
@@ -34,15 +41,43 @@ def check_host_name(host: str, where: str) -> str:
         raise UserError(f"{where}: host name {host!r} starts with '-' (ssh would read it as an option)")
     if not _HOST.fullmatch(host):
         raise UserError(
-            f"{where}: host name {host!r} is not a host name (letters, digits, '.', '-', '_', ':', "
-            "'[]' and an optional 'user@' only)"
+            f"{where}: host name {host!r} is not a host name (letters, digits, '.', '-', '_', an IPv6 address "
+            "and an optional 'user@' only)"
+        )
+    addr = host.rpartition("@")[2]
+    if _HOST_PORT.fullmatch(addr):
+        raise UserError(
+            f"{where}: host name {host!r} holds a port, which ssh does not take from a host name: set the ssh "
+            "port in ~/.ssh/config ('Host NAME' then 'Port N'); the rendezvous port is --master-port"
+        )
+    bare = address_of(host)
+    bracketed = bare != addr
+    if "[" in bare or "]" in bare or ((bracketed or ":" in bare) and not _is_ipv6(bare)):
+        raise UserError(
+            f"{where}: host name {host!r} is not a host name: ':' and brackets belong to an IPv6 address "
+            "only ('fe80::1' or '[fe80::1]')"
         )
     return host
 
 
+def _is_ipv6(addr: str) -> bool:
+    try:
+        ipaddress.IPv6Address(addr)
+    except ValueError:
+        return False
+    return True
+
+
 def address_of(host: str) -> str:
-    """The network address part of a hostfile name (``user@node-0`` -> ``node-0``)."""
-    return host.rpartition("@")[2]
+    """The network address of a hostfile name: ``user@node-0`` -> ``node-0``, ``[fe80::1]`` -> ``fe80::1``."""
+    addr = host.rpartition("@")[2]
+    return addr[1:-1] if addr.startswith("[") and addr.endswith("]") else addr
+
+
+def ssh_destination(host: str) -> str:
+    """What ssh is given for a hostfile name: ``user@`` kept, an IPv6 address without brackets (ssh wants it bare)."""
+    user, at, _ = host.rpartition("@")
+    return f"{user}{at}{address_of(host)}"
 
 
 @dataclass(frozen=True)

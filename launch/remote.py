@@ -54,7 +54,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
-from mnemo.launch.hostfile import Host
+from mnemo.launch.hostfile import Host, ssh_destination
 from mnemo.launch.torchrun import check_line_safe
 from mnemo.train.errors import UserError
 from mnemo.train.redact import SECRET_ENV_NAMES, is_secret_env
@@ -119,14 +119,14 @@ def split_secret_env(env: Mapping[str, str]) -> tuple[dict[str, str], dict[str, 
 
 @dataclass
 class NodeCommand:
-    host: str
+    host: str  # as the hostfile names it (messages); ssh gets ssh_destination(host)
     node_rank: int
     remote: str  # the command string the remote shell runs
     secrets: Mapping[str, str] | None = None  # sent on stdin, never in argv
 
     def ssh_argv(self, ssh: str = "ssh") -> list[str]:
         # "--" ends ssh's options, so a host name is never read as one.
-        return [ssh, *ssh_options(), "--", self.host, self.remote]
+        return [ssh, *ssh_options(), "--", ssh_destination(self.host), self.remote]
 
     def stdin_line(self) -> bytes:
         """What the remote launcher reads first when it runs with --env-from-stdin."""
@@ -269,7 +269,7 @@ def _probe(ssh: str, host: str) -> tuple[str | None, str | None]:
     wait_s = connect_timeout_s() + 5
     try:
         r = subprocess.run(
-            [ssh, *ssh_options(), "--", host, _IDENTITY],
+            [ssh, *ssh_options(), "--", ssh_destination(host), _IDENTITY],
             stdin=subprocess.DEVNULL,
             capture_output=True,
             text=True,

@@ -189,6 +189,44 @@ def test_ssh_gets_the_host_after_double_dash_and_master_addr_without_user(ws, ca
     assert remote[remote.index("--master-addr") + 1] == "node-a"  # the rendezvous is an address, not user@host
 
 
+def test_bracketed_ipv6_hosts_reach_ssh_bare_and_the_rendezvous_in_brackets(ws, capsys):
+    # Was: ssh -- '[::1]' (ssh cannot resolve it) and, unbracketed, a rendezvous at '::1:29500'.
+    (ws / "v6").write_text("[::1] slots=1\nalice@[fe80::2] slots=1\n")
+    rc, out, _ = launch(capsys, "c.yaml", "--hostfile", "v6", "--dry-run")
+    assert rc == 0
+    lines = [shlex.split(ln) for ln in out.splitlines() if not ln.startswith("#")]
+    assert [argv[argv.index("--") + 1] for argv in lines] == ["::1", "alice@fe80::2"]
+    assert "# node 0: [::1]" in out, "messages keep the hostfile's name"
+    remote = shlex.split(lines[1][-1])
+    master = remote[remote.index("--master-addr") + 1]
+    assert master == "::1"
+    for addr in (master, "[::1]"):  # what the node launcher makes of it, bare or in brackets
+        rc, out, _ = launch(capsys, "c.yaml", "--dry-run", "--nnodes", "2", "--node-rank", "1", "--master-addr", addr)
+        assert rc == 0
+        torchrun = shlex.split(out.splitlines()[-1])
+        assert torchrun[torchrun.index("--rdzv-endpoint") + 1] == "[::1]:29500"
+
+
+def test_reachability_probe_gives_ssh_the_bare_address(ws):
+    from mnemo.launch.hostfile import parse_hostfile_text
+    from mnemo.launch.remote import check_reachable
+
+    ssh = ws / "ssh"
+    ssh.write_text(
+        '#!/bin/bash\nwhile [ "$1" = -o ]; do shift 2; done\nshift\necho "$1" >> "$(dirname "$0")/hosts.seen"\n'
+        '[ "$1" = ::1 ] || { echo "ssh: Could not resolve hostname $1" >&2; exit 255; }\n'
+    )
+    ssh.chmod(0o755)
+    check_reachable(parse_hostfile_text("[::1] slots=1\n"), str(ssh))
+    assert (ws / "hosts.seen").read_text() == "::1\n"
+
+
+@pytest.mark.parametrize("target", [["--hostfile", "hosts"], ["--nnodes", "2", "--node-rank", "1"]])
+def test_master_addr_with_a_port_is_refused(ws, capsys, target):
+    err = fails(capsys, "c.yaml", "--dry-run", *target, "--master-addr", "node-a:29500")
+    assert "--master-addr: host name 'node-a:29500' holds a port" in err and "--master-port" in err
+
+
 # --------------------------------------------------------------------------- #
 # The sbatch script: quoted values come back exactly
 

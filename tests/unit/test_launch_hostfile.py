@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from mnemo.launch.hostfile import Host, parse_hostfile, parse_hostfile_text, procs_per_node, select_hosts
+from mnemo.launch.hostfile import (
+    Host,
+    address_of,
+    parse_hostfile,
+    parse_hostfile_text,
+    procs_per_node,
+    select_hosts,
+    ssh_destination,
+)
 from mnemo.train.errors import UserError
 
 GOOD = """\
@@ -72,6 +80,39 @@ def test_ordinary_host_names_are_kept_verbatim():
     names = ["worker-0", "node_1.cluster.local", "alice@gpu-3", "10.0.0.7", "[fe80::1]", "fe80::2"]
     hosts = parse_hostfile_text("".join(f"{n} slots=1\n" for n in names), "hf")
     assert [h.name for h in hosts] == names
+
+
+@pytest.mark.parametrize(
+    "name, ssh, address",
+    [
+        ("[::1]", "::1", "::1"),
+        ("alice@[fe80::1]", "alice@fe80::1", "fe80::1"),
+        ("fe80::2", "fe80::2", "fe80::2"),
+        ("bob@node-a", "bob@node-a", "node-a"),
+        ("::ffff:10.0.0.1", "::ffff:10.0.0.1", "::ffff:10.0.0.1"),
+    ],
+)
+def test_ssh_gets_ipv6_addresses_without_brackets(name, ssh, address):
+    # Was: ssh -- '[::1]', which ssh cannot resolve (it takes brackets only in ssh:// URIs).
+    assert ssh_destination(name) == ssh
+    assert address_of(name) == address
+
+
+@pytest.mark.parametrize("name", ["node-a:2222", "alice@node-a:22", "10.0.0.7:22", "[fe80::1]:22", "node-a:"])
+def test_host_and_port_is_refused_with_how_to_set_the_port(name):
+    # Was accepted, then unusable by ssh ("Could not resolve hostname node-a:2222").
+    with pytest.raises(UserError) as e:
+        parse_hostfile_text(f"ok slots=1\n{name} slots=1\n", "hf")
+    assert str(e.value) == (
+        f"hf:2: host name {name!r} holds a port, which ssh does not take from a host name: set the ssh port "
+        "in ~/.ssh/config ('Host NAME' then 'Port N'); the rendezvous port is --master-port"
+    )
+
+
+@pytest.mark.parametrize("name", ["[node-a]", "[::1", "::1]", "a[b]", "[]", "a:b:c", "[[::1]]", "1:2:3:4:5:6:7:8:9"])
+def test_colons_and_brackets_outside_an_ipv6_address_are_refused(name):
+    with pytest.raises(UserError, match=r"^hf:1: host name .* is not a host name"):
+        parse_hostfile_text(f"{name} slots=1\n", "hf")
 
 
 def test_include_exclude():
