@@ -353,3 +353,79 @@ def test_a_query_token_in_the_uri_is_never_logged_or_reported(store, client, tmp
         t.close()
     assert any("is unreachable" in r.getMessage() for r in caplog.records)
     assert "/?token=***" in caplog.text and SECRET not in caplog.text
+
+
+class _FakeMlflowServer:
+    """Just enough of MLflow's REST API for one run (experiment lookup, create, log-batch, get, update),
+    in a thread of this process: a real `mlflow server` takes seconds to start."""
+
+    def __init__(self) -> None:
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        info = {"run_id": "r1", "run_uuid": "r1", "experiment_id": "1", "run_name": "fake", "status": "RUNNING"}
+        info.update(start_time=1, lifecycle_stage="active", artifact_uri="/nonexistent")
+        run = {"info": info, "data": {}}
+        self.paths: list[str] = []
+        paths = self.paths
+
+        class Handler(BaseHTTPRequestHandler):
+            def _reply(self) -> None:
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                path = self.path.split("?")[0]
+                paths.append(path)
+                if path.endswith("experiments/get-by-name"):
+                    out = {"experiment": {"experiment_id": "1", "name": "mnemo", "lifecycle_stage": "active"}}
+                elif path.endswith(("runs/create", "runs/get", "runs/update")):
+                    out = {"run": run, "run_info": info}
+                else:
+                    out = {}
+                data = json.dumps(out).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_POST = _reply
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_the_end_of_a_run_prints_no_credentials(tmp_path, capfd):
+    # MLflow's client prints "View run NAME at: URL" when a run against a server ends, the URL
+    # built from the tracking URI with its user:password: the sender process keeps it quiet.
+    server = _FakeMlflowServer()
+    try:
+        uri = f"http://bob:{SECRET}@127.0.0.1:{server.port}"
+        t = Tracker(run_dir=str(tmp_path), uri=uri, run_name="fake", interval=0.05)
+        assert t.run_id == "r1"
+        t.log_metrics({"train/loss": 1.0}, step=1)
+        t.close()
+    finally:
+        server.close()
+    assert server.paths[-1].endswith("runs/update"), "the run was ended (set_terminated) against the server"
+    out, err = capfd.readouterr()
+    assert SECRET not in out + err
+
+
+def test_the_sender_keeps_mlflow_quiet_only_for_a_uri_with_credentials(monkeypatch):
+    from mlflow.environment_variables import MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT
+
+    from mnemo.train.tracking.sender import QUIET_URL_ENV, quiet_url_printing
+
+    assert QUIET_URL_ENV == MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT.name  # the variable this mlflow reads
+    monkeypatch.delenv(QUIET_URL_ENV, raising=False)
+    quiet_url_printing("http://mlflow.example:5000")  # nothing secret: MLflow's link stays
+    assert not MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT.get()
+    quiet_url_printing(f"http://mlflow.example:5000/?token={SECRET}")
+    assert MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT.get()

@@ -42,7 +42,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any, Callable
 
-from mnemo.train.redact import redact_uri
+from mnemo.train.redact import has_credentials, redact_uri
 from mnemo.train.tracking.common import FALLBACK_FILE, PARENT_RUN_TAG, append_points, system_tags
 
 _MAX_METRICS_PER_BATCH = 1000
@@ -65,6 +65,17 @@ def import_mlflow_client():
 
 TRAINERS_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP)
 
+# MLflow's client writes "View run NAME at: URL" to stdout when a run against a server ends
+# (TrackingServiceClient._log_url in set_terminated), the URL built from tracking.uri as given:
+# with its user:password or ?token=, into the job's output and node logs. This variable turns it off.
+QUIET_URL_ENV = "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"
+
+
+def quiet_url_printing(uri: str) -> None:
+    """Keep MLflow from printing ``uri`` when it carries credentials (this process only: the sender's)."""
+    if has_credentials(uri):
+        os.environ[QUIET_URL_ENV] = "true"
+
 
 def sender_main(settings: dict, ops, replies) -> None:
     """Entry point of the sender process."""
@@ -73,6 +84,7 @@ def sender_main(settings: dict, ops, replies) -> None:
     # process ends when the trainer closes the pipe (or dies), after sending what it holds.
     for sig in TRAINERS_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
+    quiet_url_printing(settings["uri"])
 
     def emit(msg: tuple) -> None:
         try:
