@@ -489,6 +489,19 @@ def test_dry_run_shows_no_secret(ws, capsys, monkeypatch, target):
         assert ': "${MLFLOW_TRACKING_URI:?' in out and " tracking.uri= " in out
 
 
+@pytest.mark.parametrize("target", [["--slurm"], ["--hostfile", "hosts"], []])
+@pytest.mark.parametrize("password", ["SEC/RET7", "SEC#RET7", "SEC?RET7", "S/E@C#R?ET7"])
+def test_a_password_with_an_unencoded_slash_hash_or_question_mark_is_a_credential(ws, capsys, target, password):
+    # '/', '#' and '?' end a URI's authority, so tracking.uri=http://u:SEC/RET7@h looked like one without
+    # credentials and went verbatim onto the srun line of job.sbatch and into the dry-run output.
+    rc, out, err = launch(capsys, "c.yaml", "--dry-run", *target, f"tracking.uri=http://u:{password}@127.0.0.1:1")
+    assert rc == 0, err
+    script = ws / "runs/g/slurm/job.sbatch"
+    for text in (out, err, script.read_text() if script.exists() else ""):
+        assert "RET7" not in text and password not in text, text
+    assert "MLFLOW_TRACKING_URI" in out
+
+
 def test_other_overrides_with_credentials_are_refused(ws, capsys):
     err = fails(capsys, "c.yaml", "--dry-run", f"data.tokenizer=https://bob:{SECRET}@h/t.model")
     assert err.startswith("mnemo: error: data.tokenizer: ") and "https://***@h/t.model" in err
@@ -636,7 +649,28 @@ def test_redact_uri():
         redact_uri(f"see tracking.uri={SECRET_URI}, and http://h")
         == "see tracking.uri=http://***@127.0.0.1:1, and http://h"
     )
-    for plain in ("http://h:5000", "sqlite:////tmp/a@b/mlflow.db", "user@host", "a b"):
+    # '/', '#' or '?' in a password (unencoded): all up to the last '@' before a blank is the userinfo
+    for password in ("SEC/RET7", "SEC#RET7", "SEC?RET7", "S/E@C#R?ET7", "8080x/y"):
+        for text, shown in {
+            f"http://u:{password}@h": "http://***@h",
+            f"tracking.uri=https://:{password}@h:5000/p?a=1 and more": "tracking.uri=https://***@h:5000/p?a=1 and more",
+        }.items():
+            assert redact_uri(text) == shown and has_credentials(text), text
+    # ... and a port, a path or a fragment holding '@' or ':' is no password
+    for plain in (
+        "http://h:5000",
+        "sqlite:////tmp/a@b/mlflow.db",
+        "user@host",
+        "a b",
+        "http://host:8080/path@v2",
+        "https://host:/a@b",
+        "http://host/path@v2:x",
+        "http://host/p?q=u:p@x",
+        "http://host#f:x@y",
+        "http://[::1]:5000/x@y",
+        "git@github.com:x/y.git",
+        "see http://h:1/ and a:b@c",
+    ):
         assert redact_uri(plain) == plain and not has_credentials(plain)
     assert redact_uri(redact_uri(SECRET_URI)) == redact_uri(SECRET_URI)
     assert redact_tree({"a": [SECRET_URI, 1], "b": {"c": SECRET_URI}}) == {
