@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from mnemo.data_pipeline.files import atomic_write_text, fsync_path, fsync_tree
-from mnemo.train.errors import UserError
+from mnemo.train.errors import UserError, path_errors
 from mnemo.train.faults import maybe_crash_in_save
 from mnemo.train.hf.folder import HF_FILES
 from mnemo.train.redact import redact_tree
@@ -344,11 +344,12 @@ class CheckpointManager:
 def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint step dir, a run dir (its latest checkpoint), or an export dir."""
     p = Path(path)
-    if (p / "model.safetensors").is_file():
-        if (export_manifest(p) or {}).get("complete") is False:
-            raise UserError(f"{path}: an interrupted export (rerun `mnemo export ... --overwrite` into it)")
-        return p
-    found = find_checkpoint(p)
+    with path_errors("checkpoint"):  # a name too long, a folder without permission: one line, not a traceback
+        if (p / "model.safetensors").is_file():
+            if (export_manifest(p) or {}).get("complete") is False:
+                raise UserError(f"{path}: an interrupted export (rerun `mnemo export ... --overwrite` into it)")
+            return p
+        found = find_checkpoint(p)
     if found is None:
         raise UserError(f"{path}: not a mnemo checkpoint, run directory or export directory")
     return found

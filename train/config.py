@@ -25,7 +25,7 @@ import yaml
 
 from mnemo.data_pipeline.errors import brief, clip
 from mnemo.data_pipeline.paths import is_remote, local_path
-from mnemo.train.errors import UserError
+from mnemo.train.errors import UserError, path_errors
 from mnemo.train.redact import redact_uri
 
 
@@ -602,8 +602,9 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
     tree: dict = {}
     if path is not None:
         p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
+        with path_errors("config file", ConfigError):
+            if not p.is_file():
+                raise ConfigError(f"config file not found: {p}")
         try:
             raw = p.read_bytes()
         except OSError as e:
@@ -822,12 +823,16 @@ def wrote_run_config(path: Path) -> bool:
 def check_paths(cfg: Config) -> None:
     """Checks that need the filesystem (data dir, tokenizer, init_from).
 
-    Run by `mnemo train` and `mnemo launch` before any rank is spawned.
+    Run by `mnemo train` and `mnemo launch` before any rank is spawned. A path
+    that cannot even be looked at (a name too long, no permission) is a
+    ConfigError naming its key (``path_errors``), as a missing one is.
     """
     if not cfg.data.path and not cfg.data.sources:
         raise ConfigError("data.path: not set (a data dir written by `mnemo prepare`)")
     for key, path in data_paths(cfg):
-        if not is_remote(path):
+        if is_remote(path):
+            continue
+        with path_errors(key, ConfigError):
             local = Path(local_path(path, key))
             if not local.is_dir():
                 raise ConfigError(f"{key}: no such directory: {local}")
@@ -841,44 +846,48 @@ def check_paths(cfg: Config) -> None:
             check_same_tokenizer([p for _, p in data_paths(cfg)])
         except DataError as e:
             raise ConfigError(f"data.sources: {e}") from None
-    tok = tokenizer_path(cfg)
-    if "://" not in tok and not Path(tok).is_file():
-        raise ConfigError(f"data.tokenizer: no such file: {tok}")
-    if cfg.data.tokenizer and "://" not in tok:  # one found in the data dir was checked by `mnemo prepare`
-        from mnemo.data_pipeline.errors import DataError
-        from mnemo.data_pipeline.tokenizer import Tokenizer
+    with path_errors("data.tokenizer", ConfigError):
+        tok = tokenizer_path(cfg)
+        if "://" not in tok and not Path(tok).is_file():
+            raise ConfigError(f"data.tokenizer: no such file: {tok}")
+        if cfg.data.tokenizer and "://" not in tok:  # one found in the data dir was checked by `mnemo prepare`
+            from mnemo.data_pipeline.errors import DataError
+            from mnemo.data_pipeline.tokenizer import Tokenizer
 
-        try:
-            Tokenizer(tok)
-        except DataError as e:
-            raise ConfigError(f"data.tokenizer: {e}") from None
+            try:
+                Tokenizer(tok)
+            except DataError as e:
+                raise ConfigError(f"data.tokenizer: {e}") from None
     from mnemo.train.rundir import check_run_dir, find_checkpoint
 
     if cfg.init_from:
-        if not Path(cfg.init_from).exists():
-            raise ConfigError(f"init_from: no such file or directory: {cfg.init_from}")
-        src = Path(cfg.init_from)
-        if not (src / "model.safetensors").is_file() and find_checkpoint(src) is None:
-            raise ConfigError(f"init_from: {src} is not a mnemo checkpoint, run directory or export directory")
+        with path_errors("init_from", ConfigError):
+            src = Path(cfg.init_from)
+            if not src.exists():
+                raise ConfigError(f"init_from: no such file or directory: {cfg.init_from}")
+            if not (src / "model.safetensors").is_file() and find_checkpoint(src) is None:
+                raise ConfigError(f"init_from: {src} is not a mnemo checkpoint, run directory or export directory")
 
     r = cfg.checkpoint.resume
     resume = None
     if r not in ("auto", "never"):
-        if not Path(r).is_dir():
-            raise ConfigError(f"checkpoint.resume: no such checkpoint directory: {r}")
-        resume = Path(r) if (Path(r) / "model.safetensors").is_file() else find_checkpoint(Path(r))
+        with path_errors("checkpoint.resume", ConfigError):
+            if not Path(r).is_dir():
+                raise ConfigError(f"checkpoint.resume: no such checkpoint directory: {r}")
+            resume = Path(r) if (Path(r) / "model.safetensors").is_file() else find_checkpoint(Path(r))
         if resume is None:
             raise ConfigError(f"checkpoint.resume: {r} is not a mnemo checkpoint, run directory or export directory")
-    conf = Path(cfg.run.dir) / "config.yaml"
-    if conf.exists() and not wrote_run_config(conf):
-        raise ConfigError(
-            f"run.dir: {conf} exists and mnemo did not write it (mnemo keeps each run's resolved config "
-            "there); use another run.dir or move that file"
-        )
-    try:  # what this run would write over, or mix its checkpoints with (train/rundir.py)
-        check_run_dir(Path(cfg.run.dir), r, resume)
-    except ValueError as e:
-        raise ConfigError(f"run.dir: {e}") from None
+    with path_errors("run.dir", ConfigError):
+        conf = Path(cfg.run.dir) / "config.yaml"
+        if conf.exists() and not wrote_run_config(conf):
+            raise ConfigError(
+                f"run.dir: {conf} exists and mnemo did not write it (mnemo keeps each run's resolved config "
+                "there); use another run.dir or move that file"
+            )
+        try:  # what this run would write over, or mix its checkpoints with (train/rundir.py)
+            check_run_dir(Path(cfg.run.dir), r, resume)
+        except ValueError as e:
+            raise ConfigError(f"run.dir: {e}") from None
 
 
 def tokenizer_path(cfg: Config) -> str:

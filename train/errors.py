@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Callable
 
 # Unicode category Cc: C0 controls, DEL and C1 controls (U+009B is a CSI to some terminals).
@@ -22,6 +24,25 @@ def visible(text: str, keep: str = "") -> str:
 
 class UserError(Exception):
     """Bad input from the user (config, paths, checkpoints): message names the culprit."""
+
+
+@contextmanager
+def path_errors(what: str, error: type[UserError] = UserError) -> Iterator[None]:
+    """An OSError inside, from a path the user gave, as ``error``: "WHAT: PATH: reason", ``what`` the key or flag.
+
+    pathlib's exists/is_dir/is_file answer False only for a missing file (or a
+    loop of links); a name too long (a component over 255 bytes), a directory
+    without search permission and the like raise, and were tracebacks. Wrap
+    the checks of one key's path (and what they call) in this.
+    """
+    try:
+        yield
+    except OSError as e:
+        from mnemo.data_pipeline.errors import clip
+        from mnemo.train.redact import redact_uri
+
+        where = f"{clip(redact_uri(str(e.filename)))}: " if e.filename is not None else ""
+        raise error(f"{what}: {where}{e.strerror or e}") from None
 
 
 def exit_status(command: Callable[[], int | None], debug: bool = False) -> int:

@@ -27,7 +27,7 @@ from mnemo.train.checkpoint import (
     read_meta,
     resolve_checkpoint,
 )
-from mnemo.train.errors import UserError
+from mnemo.train.errors import UserError, path_errors
 from mnemo.train.redact import redact_tree
 
 log = logging.getLogger("mnemo.checkpoint")
@@ -102,14 +102,15 @@ def export(path: str | Path, out: str | Path, overwrite: bool = False, format: s
     for src in dict.fromkeys((Path(path), ckpt)):
         if is_inside(out, src):
             raise UserError(f"--out {out}: is or is inside the checkpoint being exported ({src}); export elsewhere")
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out}: exists and is not a directory")
-    if out.parent.is_dir():
-        _recover_export_leftovers(out)
+    with path_errors("--out"):  # a name too long, a folder without permission: one line, before the weights load
+        if out.exists() and not out.is_dir():
+            raise UserError(f"--out {out}: exists and is not a directory")
+        if out.parent.is_dir():
+            _recover_export_leftovers(out)
+        old = export_manifest(out)
+        present = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
     meta = read_meta(ckpt) if is_complete(ckpt) else {}
     source = {"checkpoint": str(ckpt.resolve()), "step": meta.get("step"), "mlflow_run_id": meta.get("mlflow_run_id")}
-    old = export_manifest(out)
-    present = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
     foreign = [n for n in present if old is None or (n not in old["files"] and n != EXPORT_MANIFEST)]
     if foreign and not overwrite:
         raise UserError(

@@ -210,9 +210,13 @@ def add_generate(sub: argparse._SubParsersAction, name: str) -> argparse.Argumen
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from mnemo.train.errors import UserError
+    from mnemo.train.errors import UserError, path_errors
 
     check_flags(eval_flag_rules(args))  # every numeric flag, before anything heavy
+    for flag, out in (("--json", args.json), ("--plots", args.plots)):
+        if out:  # written after the evaluation: a name too long or a folder without permission fails now
+            with path_errors(flag):
+                Path(out).exists()
     if args.lm_eval is not None:
         if args.data is not None:
             raise UserError("--lm-eval and --data are separate evaluations: give one of them")
@@ -220,9 +224,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.data is None:
         raise UserError("mnemo eval: give --data DATA_DIR (or --lm-eval TASKS)")
     data = Path(args.data)
-    if not (data / "index.json").is_file():  # before the (slower) model load
-        what = "no such directory" if not data.is_dir() else "no MDS shards (index.json missing)"
-        raise UserError(f"--data: {what}: {data}")
+    with path_errors("--data"):
+        if not (data / "index.json").is_file():  # before the (slower) model load
+            what = "no such directory" if not data.is_dir() else "no MDS shards (index.json missing)"
+            raise UserError(f"--data: {what}: {data}")
     # After the checks above: these import torch (seconds), which a mistyped flag should not wait for.
     from mnemo.train.checkpoint import load_for_inference
     from mnemo.evaluation.evaluate import evaluate_data_dir
@@ -294,16 +299,17 @@ def cmd_lm_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from mnemo.train.errors import UserError
+    from mnemo.train.errors import UserError, path_errors
 
     check_flags(generate_flag_rules(args))  # before the prompt is read and torch imported
     path = Path(args.prompt_file)
-    if not path.is_file():
-        raise UserError(f"--prompt-file: no such file: {path}")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise UserError(f"--prompt-file: {path} is not UTF-8 text") from None
+    with path_errors("--prompt-file"):
+        if not path.is_file():
+            raise UserError(f"--prompt-file: no such file: {path}")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise UserError(f"--prompt-file: {path} is not UTF-8 text") from None
     # After the checks above: these import torch (seconds).
     from mnemo.train.checkpoint import load_for_inference
     from mnemo.evaluation.generate import TextStreamer, generate

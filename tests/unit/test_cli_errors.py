@@ -205,3 +205,56 @@ def test_exit_status_escapes_every_control_character():
     with contextlib.redirect_stderr(err):
         assert exit_status(fail) == 2
     assert err.getvalue() == "mnemo: error: line one\\nline two\\t\\x1b[2J\n"
+
+
+# A path component over 255 bytes: pathlib's exists/is_dir/is_file raise ENAMETOOLONG (as they do
+# EACCES), which was a traceback wherever mnemo looked at a path the user gave.
+LONG = "a" * 300
+
+
+@pytest.fixture
+def long_name_ws(tmp_path, monkeypatch):
+    """A working dir with a config whose data dir passes launch's checks, and an export-like folder."""
+    from tests.unit.launch_workspace import clear_forwarded_env, stub_data_dir
+
+    clear_forwarded_env(monkeypatch)
+    data = stub_data_dir(tmp_path / "data")
+    (tmp_path / "c.yaml").write_text(f"run:\n  dir: runs/g\ndata:\n  path: {data}\n")
+    (tmp_path / "exported").mkdir()
+    (tmp_path / "exported" / "model.safetensors").write_bytes(b"")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    "argv,what",
+    [
+        (["launch", "{L}.yaml", "--dry-run"], "config file"),
+        (["train", "{L}.yaml"], "config file"),
+        *(
+            (cmd + ["c.yaml", f"{key}={{L}}"], key)
+            for cmd in (["launch", "--dry-run"], ["train"])
+            for key in ("run.dir", "data.path", "data.tokenizer", "checkpoint.resume", "init_from")
+        ),
+        (
+            ["launch", "--dry-run", "c.yaml", "data.path=", "data.sources=[{path: data}, {path: {L}}]"],
+            "data.sources[1].path",
+        ),
+        (["eval", "{L}", "--data", "{L}"], "--data"),
+        (["eval", "exported", "--data", "data", "--json", "{L}/x.json"], "--json"),
+        (["eval", "exported", "--data", "data", "--plots", "{L}"], "--plots"),
+        (["eval", "{L}", "--data", "data"], "checkpoint"),
+        (["generate", "exported", "--prompt-file", "{L}"], "--prompt-file"),
+        (["export", "{L}", "--out", "x"], "checkpoint"),
+        (["export", "exported", "--out", "{L}"], "--out"),
+    ],
+)
+def test_a_path_name_too_long_is_one_line_naming_the_key(long_name_ws, capsys, argv, what):
+    from mnemo.cli import main
+
+    long_path = str(long_name_ws / LONG)
+    rc = main([a.replace("{L}", long_path) for a in argv])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert err.startswith(f"mnemo: error: {what}: ") and err.count("\n") == 1, err
+    assert "File name too long" in err and len(err) < 400, err
