@@ -205,6 +205,9 @@ def launch(req: LaunchRequest) -> int:
     # Validate everything before starting or submitting anything.
     _check_values(req, None, Path(), "")
     cfg = load_config(req.config, req.overrides)
+    # Before the path checks: an override that carries credentials is refused as such, not reported by
+    # a check of the path it names.
+    overrides, secret_env = secret_overrides(list(req.overrides))
     if target not in ("hostfile", "slurm") and not req.dry_run:
         # The ranks start here: a device this machine lacks is one line now, not an error per rank.
         # (Hostfile and SLURM ranks run elsewhere; each node's own launcher checks there.)
@@ -219,7 +222,6 @@ def launch(req: LaunchRequest) -> int:
     config = os.path.abspath(req.config)
     run_dir = _run_dir(cfg, cwd)
     _check_values(req, cfg, run_dir, cwd)
-    overrides, secret_env = secret_overrides(list(req.overrides))
     port = req.master_port if req.master_port is not None else DEFAULT_MASTER_PORT
     rdzv_id = req.rdzv_id or default_rdzv_id(cfg.run.dir)
 

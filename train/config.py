@@ -43,7 +43,8 @@ class RunConfig:
 
 @dataclass
 class DataSourceConfig:
-    # MDS directory of this source, written by `mnemo prepare` (local path or remote URL).
+    # MDS directory of this source, written by `mnemo prepare` (local path or remote URL; the first source
+    # local: _refuse_remote_first_dataset says why).
     path: str = ""
     # Share of training TOKENS this source supplies (streaming's `proportion`), relative to the others' (>= 0).
     weight: float = 1.0
@@ -55,12 +56,13 @@ class DataSourceConfig:
 
 @dataclass
 class DataConfig:
-    # MDS directory written by `mnemo prepare` (local path or remote URL).
+    # MDS directory written by `mnemo prepare`: a local path or file:// URL (a remote one is refused: its
+    # manifest.json and tokenizer are read locally: _refuse_remote_first_dataset).
     path: str = ""
     # A weighted mixture instead of data.path: a list of {path, weight, name, max_epochs} (docs/streams.md).
     # Exactly one of data.path and data.sources is set; all sources share one tokenizer.
     sources: list[DataSourceConfig] = field(default_factory=list)
-    # Tokenizer file: a SentencePiece model or a Hugging Face tokenizer.json; empty = the one the
+    # Tokenizer file (local): a SentencePiece model or a Hugging Face tokenizer.json; empty = the one the
     # dataset holds, <data.path>/tokenizer.model or .json (data.sources: the first source's).
     tokenizer: str = ""
     # Fraction of documents held out for evaluation (chosen by a fixed hash of
@@ -68,7 +70,7 @@ class DataConfig:
     val_fraction: float = 0.01
     # Threads that prefetch upcoming documents for the stream slots.
     num_workers: int = 2
-    # Local cache dir for remote datasets; empty = <run.dir>/data_cache.
+    # Local cache dir for remote sources (data.sources after the first); empty = <run.dir>/data_cache.
     cache_dir: str = ""
 
 
@@ -829,8 +831,10 @@ def check_paths(cfg: Config) -> None:
     """
     if not cfg.data.path and not cfg.data.sources:
         raise ConfigError("data.path: not set (a data dir written by `mnemo prepare`)")
-    for key, path in data_paths(cfg):
-        if is_remote(path):
+    for i, (key, path) in enumerate(data_paths(cfg)):
+        if is_remote(path):  # streamed shard by shard at train time; the first dataset must be local
+            if i == 0:
+                _refuse_remote_first_dataset(cfg, key, path)
             continue
         with path_errors(key, ConfigError):
             local = Path(local_path(path, key))
@@ -848,9 +852,11 @@ def check_paths(cfg: Config) -> None:
             raise ConfigError(f"data.sources: {e}") from None
     with path_errors("data.tokenizer", ConfigError):
         tok = tokenizer_path(cfg)
-        if "://" not in tok and not Path(tok).is_file():
+        if is_remote(tok):
+            raise ConfigError(f"data.tokenizer: {_clip(tok)}: give a local file (a tokenizer is not downloaded)")
+        if not Path(tok).is_file():
             raise ConfigError(f"data.tokenizer: no such file: {tok}")
-        if cfg.data.tokenizer and "://" not in tok:  # one found in the data dir was checked by `mnemo prepare`
+        if cfg.data.tokenizer:  # one found in the data dir was checked by `mnemo prepare`
             from mnemo.data_pipeline.errors import DataError
             from mnemo.data_pipeline.tokenizer import Tokenizer
 
@@ -890,12 +896,28 @@ def check_paths(cfg: Config) -> None:
             raise ConfigError(f"run.dir: {e}") from None
 
 
+def _refuse_remote_first_dataset(cfg: Config, key: str, path: str) -> None:
+    """ConfigError: data.path (or the first of data.sources) is a remote URL.
+
+    The trainer reads that dataset's manifest.json (vocabulary size, the tokenizer's hash) and, without
+    data.tokenizer, its tokenizer as local files before any shard streams; nothing downloads them. So
+    the URL is refused here, naming its key, before any rank starts (as a local path, pathlib would
+    make ``s3:/bucket/ds/manifest.json`` of it, which also escapes redact_uri's ``scheme://``).
+    """
+    first = "; list a local source first (the others may be remote)" if cfg.data.sources else ""
+    raise ConfigError(
+        f"{key}: {_clip(path)} is remote; training reads the manifest.json and tokenizer of this dataset from a "
+        f"local directory: give a local copy (what `mnemo prepare --out` wrote){first}"
+    )
+
+
 def tokenizer_path(cfg: Config) -> str:
+    """The tokenizer file of the run: data.tokenizer (a file:// URL read as its path), else the (first) dataset's."""
     if cfg.data.tokenizer:
-        return cfg.data.tokenizer
+        return local_path(cfg.data.tokenizer, "data.tokenizer")
     from mnemo.data_pipeline.tokenizer import find_tokenizer_file
 
-    return find_tokenizer_file(Path(local_path(data_paths(cfg)[0][1])))
+    return find_tokenizer_file(local_path(data_paths(cfg)[0][1]))
 
 
 def to_dict(cfg: Config) -> dict:

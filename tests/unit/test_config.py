@@ -252,3 +252,56 @@ def test_the_documented_defaults_are_the_config_defaults():
         assert yaml.safe_load(shown.strip().strip("`")) == defaults[key], (
             f"docs/memory.md shows `{key}` defaulting to {shown.strip()}, the config to {defaults[key]!r}"
         )
+
+
+# --------------------------------------------------------------------------- #
+# A remote dataset: the trainer reads the first dataset's manifest.json and tokenizer locally
+
+SECRET = "S3cretPW"
+
+
+def _data_dir(path):
+    from tests.unit.launch_workspace import stub_data_dir
+
+    return stub_data_dir(path)
+
+
+@pytest.mark.parametrize("url", [f"https://alice:{SECRET}@example.com/ds", "s3://bucket/ds", "gs://b/ds/"])
+def test_a_remote_data_path_is_refused_naming_data_path_with_credentials_hidden(tmp_path, url):
+    from mnemo.train.config import check_paths
+
+    cfg = load_config(None, [f"data.path={url}", f"run.dir={tmp_path / 'run'}"])
+    with pytest.raises(ConfigError) as e:
+        check_paths(cfg)
+    msg = str(e.value)
+    # Before: "data.tokenizer: no such file: https:/alice:S3cretPW@example.com/ds/tokenizer.model".
+    assert msg.startswith("data.path: ") and "is remote" in msg and "local" in msg, msg
+    assert SECRET not in msg and ":/" + "/" in msg and "data.tokenizer" not in msg, msg
+    cfg = load_config(None, [f"data.path={url}", f"data.tokenizer={tmp_path}/t.model", f"run.dir={tmp_path}/r"])
+    with pytest.raises(ConfigError, match=r"^data\.path: .* is remote"):  # its manifest.json is needed too
+        check_paths(cfg)
+
+
+def test_a_mixture_may_stream_its_later_sources_but_not_the_first(tmp_path):
+    from mnemo.train.config import check_paths
+
+    local = _data_dir(tmp_path / "local")
+    remote = f"https://u:{SECRET}@example.com/ds"
+    cfg = load_config(None, [f"data.sources=[{{path: '{remote}'}}, {{path: {local}}}]", f"run.dir={tmp_path}/r"])
+    with pytest.raises(ConfigError, match=r"^data\.sources\[0\]\.path: .* is remote.*list a local source first") as e:
+        check_paths(cfg)
+    assert SECRET not in str(e.value)
+    cfg = load_config(None, [f"data.sources=[{{path: {local}}}, {{path: '{remote}'}}]", f"run.dir={tmp_path}/r"])
+    check_paths(cfg)
+
+
+def test_a_remote_data_tokenizer_is_refused_and_a_file_url_is_its_path(tmp_path):
+    from mnemo.train.config import check_paths, tokenizer_path
+
+    data = _data_dir(tmp_path / "data")
+    cfg = load_config(None, [f"data.path={data}", "data.tokenizer=https://h/t.model", f"run.dir={tmp_path}/r"])
+    with pytest.raises(ConfigError, match=r"^data\.tokenizer: https://h/t\.model: give a local file"):
+        check_paths(cfg)
+    cfg = load_config(None, [f"data.path={data}", f"data.tokenizer=file://{tmp_path}/my%20tok.model"])
+    assert tokenizer_path(cfg) == f"{tmp_path}/my tok.model"  # what the trainer opens
+    assert tokenizer_path(load_config(None, [f"data.path=file://{data}"])) == f"{data}/tokenizer.model"

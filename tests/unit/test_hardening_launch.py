@@ -506,6 +506,12 @@ def test_other_overrides_with_credentials_are_refused(ws, capsys):
     err = fails(capsys, "c.yaml", "--dry-run", f"data.tokenizer=https://bob:{SECRET}@h/t.model")
     assert err.startswith("mnemo: error: data.tokenizer: ") and "https://***@h/t.model" in err
     _no_secret(err)
+    # Refused as such before the path checks, which named data.tokenizer and showed the password
+    # ("data.tokenizer: no such file: https:/bob:PASSWORD@h/ds/tokenizer.model").
+    for target in (["--slurm"], []):
+        err = fails(capsys, "c.yaml", "--dry-run", *target, f"data.path=https://bob:{SECRET}@h/ds")
+        assert err.startswith("mnemo: error: data.path: 'https://***@h/ds' carries credentials"), err
+        _no_secret(err)
 
 
 def test_error_messages_redact_credentials(ws, capsys):
