@@ -394,13 +394,35 @@ _MAX_YAML_NODES = 100_000
 _PLAIN_TAGS = {_YAML + t for t in ("str", "int", "float", "bool", "null", "seq", "map")}
 
 
+class _YamlInt(int):
+    """An integer read from YAML, with the text written (``text``): YAML 1.1 reads unquoted ``1:30`` as 90
+    (base 60), ``0x10`` as 16 and ``0123`` as 83 (octal), and a field of type str keeps what was written."""
+
+    text: str
+
+
+class _YamlFloat(float):
+    """A float read from YAML, with the text written (``text``): ``1.10`` is the name "1.10", not "1.1"."""
+
+    text: str
+
+
+def _construct_number(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> Any:
+    if node.tag == _YAML + "int":
+        out: Any = _YamlInt(loader.construct_yaml_int(node))
+    else:
+        out = _YamlFloat(loader.construct_yaml_float(node))
+    out.text = node.value
+    return out
+
+
 class _ConfigLoader(yaml.SafeLoader):
     """PyYAML's SafeLoader, refusing what a config never means: a key given twice in one mapping
     (at any depth; plain YAML keeps the last, so a second ``train:`` section would silently
     replace the first one whole), and a tag outside ``_PLAIN_TAGS``. Keys given beside a merge
     (``<<: *base``) override the merged ones, as YAML says. Unquoted text that YAML 1.1 reads as a
-    date (2024-01-01) or as its "=" value stays the text written. Errors name the dotted key
-    (after ``base``) and, in a file, the line.
+    date (2024-01-01) or as its "=" value stays the text written; numbers keep their text for
+    fields of type str (``_YamlInt``). Errors name the dotted key (after ``base``) and, in a file, the line.
     """
 
     base = ""  # dotted key the text is the value of ("" = a whole config file)
@@ -460,6 +482,10 @@ class _ConfigLoader(yaml.SafeLoader):
         raise ConfigError(f"line {line}: {msg}" if self.file else msg)
 
 
+_ConfigLoader.add_constructor(_YAML + "int", _construct_number)
+_ConfigLoader.add_constructor(_YAML + "float", _construct_number)
+
+
 def _load_yaml(text: str, base: str = "", file: bool = False) -> Any:
     """``text`` parsed by ``_ConfigLoader``: YAMLError for bad syntax, ConfigError for what it refuses."""
     loader = _ConfigLoader(text)
@@ -513,7 +539,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, bool):
             raise ConfigError(f"{key}: expected an integer, got {_brief(value)}")
         if isinstance(value, int):
-            return value
+            return int(value)  # a plain int, not the _YamlInt read from the file
         if isinstance(value, str) and _INT_TEXT.fullmatch(value.strip()):
             try:
                 return int(value)  # exactly: float() would round past 2**53
@@ -539,7 +565,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected a string, got {_brief(value)} (quote the text)")
         if not isinstance(value, (str, int, float)):
             raise ConfigError(f"{key}: expected a string, got {_brief(value)}")
-        return str(value)
+        # A number written unquoted in the file stays the text written (run.dir: 1:30 is "1:30", not "90").
+        return str(getattr(value, "text", value))
     raise ConfigError(f"{key}: unsupported type {tp}")
 
 

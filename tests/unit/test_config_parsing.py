@@ -217,6 +217,39 @@ def test_text_that_yaml_reads_as_a_date_stays_the_text_written(tmp_path, text):
     assert "train.seed: expected an integer" in _error(path=p)
 
 
+@pytest.mark.parametrize(
+    "key,text",
+    [
+        ("run.dir", "1:30"),  # YAML 1.1 base 60: was run dir '90'
+        ("run.name", "1.10"),  # was '1.1'
+        ("data.path", "0x10"),  # was '16'
+        ("run.name", "0123"),  # octal: was '83'
+        ("run.name", "1_000"),
+        ("run.name", "+12"),
+        ("run.name", ".inf"),
+        ("data.tokenizer", "1e3"),
+    ],
+)
+def test_a_number_written_unquoted_for_a_string_field_stays_the_text_written(tmp_path, key, text):
+    section, name = key.split(".")
+    p = tmp_path / "c.yaml"
+    p.write_text(f"{section}:\n  {name}: {text}\n")
+    assert getattr(getattr(load_config(p), section), name) == text
+    p.write_text(f"data:\n  sources:\n    - path: {text}\n      name: a\n")
+    assert load_config(p).data.sources[0].path == text  # in a list of sections too
+    p.write_text(f"eval:\n  tasks: [{text}]\n")
+    msg = _error(path=p)  # no task is named so: the message quotes the text, not a number read from it
+    assert msg.startswith("eval.tasks[0]: ") and repr(text) in msg
+
+
+def test_numbers_for_number_fields_are_still_numbers(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("train:\n  seed: 0x10\n  lr: 1.5e-3\n  max_steps: 1_000\n")
+    tc = load_config(p).train
+    assert (tc.seed, tc.lr, tc.max_steps) == (16, 1.5e-3, 1000)
+    assert type(tc.seed) is int and type(tc.lr) is float  # plain numbers: the config dumps as YAML
+
+
 @pytest.mark.parametrize("text", ["yes", "no", "on", "off", "true", "False"])
 def test_a_boolean_where_a_string_is_expected_is_refused(tmp_path, text):
     # run.name: no was the run name "False".
