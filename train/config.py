@@ -570,6 +570,14 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(f"{key}: unsupported type {tp}")
 
 
+class _Override(str):
+    """A value given on the command line (``key=value``): an error in it names the override, not the file."""
+
+
+class _OverrideError(ConfigError):
+    """A ConfigError in a command-line override (load_config does not blame the config file for it)."""
+
+
 def _build(cls, data: dict, prefix: str):
     if not isinstance(data, dict):
         raise ConfigError(f"{_clip(prefix.rstrip('.')) or 'config'}: expected a mapping, got {_brief(data)}")
@@ -584,6 +592,12 @@ def _build(cls, data: dict, prefix: str):
             # An empty section ("train:" alone) is null: all defaults. A scalar or a list is an error
             # (it was read as empty: "train: 0" dropped every train key without a word).
             kwargs[k] = _build(tp, {} if v is None else v, key + ".")
+        elif isinstance(v, _Override):
+            try:
+                kwargs[k] = _coerce(str(v), tp, key)
+            except ConfigError as e:
+                msg = str(e)
+                raise _OverrideError(f"override {msg}" if msg.startswith(key) else f"override {key}: {msg}") from None
         else:
             kwargs[k] = _coerce(v, tp, key)
     return cls(**kwargs)
@@ -613,7 +627,7 @@ def _set_dotted(tree: dict, dotted: str, value: str) -> None:
         else:
             if not last:
                 raise ConfigError(f"'{_clip('.'.join(parts[: i + 1]))}' is not a section")
-            node[part] = value
+            node[part] = _Override(value)
 
 
 def parse_overrides(overrides: list[str]) -> list[tuple[str, str]]:
@@ -657,7 +671,9 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
         _set_dotted(tree, k, v)
     try:
         cfg = _build(Config, tree, "")
-    except ConfigError as e:
+    except _OverrideError as e:
+        raise ConfigError(str(e)) from None
+    except ConfigError as e:  # from a value of the file
         raise ConfigError(f"{path}: {e}" if path else str(e)) from None
     validate(cfg)
     return cfg

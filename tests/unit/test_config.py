@@ -155,7 +155,7 @@ def test_non_finite_numbers_are_refused_everywhere(key, value):
     with pytest.raises(ConfigError) as e:
         load_config("configs/debug.yaml", [f"{key}={value}"])
     msg = str(e.value)
-    assert msg.startswith(f"configs/debug.yaml: {key}") and "expected" in msg and "\n" not in msg, msg
+    assert msg.startswith(f"override {key}") and "expected" in msg and "\n" not in msg, msg
 
 
 @pytest.mark.parametrize(

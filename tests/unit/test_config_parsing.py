@@ -52,7 +52,7 @@ def test_an_int_past_the_float_range_is_not_a_finite_number(tmp_path):
 def test_list_override_that_is_not_yaml_names_the_key(value):
     # A ScannerError/ParserError traceback before.
     msg = _error([f"memory.long.layers={value}"])
-    assert msg.startswith("configs/debug.yaml: memory.long.layers: invalid YAML"), msg
+    assert msg.startswith("override memory.long.layers: invalid YAML"), msg
     assert "column" in msg
 
 
@@ -335,7 +335,7 @@ def test_yaml_nested_too_deeply_is_one_line(tmp_path):
     p = tmp_path / "c.yaml"
     p.write_text("eval:\n  tasks: " + "[" * 1000 + "]" * 1000 + "\n")
     assert _error(path=p) == f"{p}: YAML nested too deeply"
-    assert _error(["eval.tasks=" + "[" * 1000]) == "configs/debug.yaml: eval.tasks: YAML nested too deeply"
+    assert _error(["eval.tasks=" + "[" * 1000]) == "override eval.tasks: YAML nested too deeply"
 
 
 @pytest.mark.parametrize("uri", ["https://" + "T" * 80 + "@host/" + "x" * 300, "https://u:" + "p" * 300 + "@h/"])
@@ -346,3 +346,27 @@ def test_a_quoted_value_is_redacted_before_it_is_cut(tmp_path, uri):
     msg = _error(path=p)
     assert "tracking.uri: expected a string" in msg and "TTTTT" not in msg and "ppppp" not in msg, msg
     assert "TTTTT" not in _error([f"model.size={uri}"])
+
+
+@pytest.mark.parametrize(
+    "override,expected",
+    [
+        ("train.batch_size=1.5", "override train.batch_size: expected an integer, got '1.5'"),
+        ("model.dtype=fp64", "override model.dtype: 'fp64' is not one of auto, fp32, bf16"),
+        ("memory.long.layers=[a]", "override memory.long.layers[0]: expected an integer, got 'a'"),
+        ("data.sources=[{path: a, foo: 1}]", "override data.sources: unknown config key 'data.sources[0].foo'"),
+    ],
+)
+def test_an_error_in_an_override_names_the_override_not_the_file(override, expected):
+    # Was "mnemo: error: /.../configs/debug.yaml: train.batch_size: expected an integer, got '1.5'".
+    msg = _error([override])
+    assert msg.startswith(expected) and "debug.yaml" not in msg
+
+
+def test_an_error_in_the_file_names_the_file_also_beside_overrides(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("train:\n  batch_size: 1.5\n")
+    assert _error(["train.lr=0.1"], path=p) == f"{p}: train.batch_size: expected an integer, got 1.5"
+    assert load_config(p, ["train.batch_size=2"]).train.batch_size == 2  # an override replaces the bad value
+    assert "secret" not in _error(["train.lr=https://u:secret@host"])  # still redacted
+    assert "x" * 500 not in _error(["train.lr=" + "x" * 5000])  # still bounded
