@@ -266,7 +266,7 @@ class CheckpointConfig:
     keep: int = 2
     # Also keep every checkpoint whose step is a multiple of this (0 = none).
     keep_every: int = 0
-    # auto (newest valid checkpoint of run.dir) | never | PATH to a checkpoint.
+    # auto (newest valid checkpoint of run.dir) | never | PATH to a checkpoint (empty is refused).
     resume: str = "auto"
     # Load through DeepSpeed's universal checkpoint format: auto = when the
     # world size or ZeRO stage differs from the checkpoint's.
@@ -320,8 +320,8 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    # Start a NEW run from these weights (an export dir or a checkpoint):
-    # fresh optimizer, step 0, new MLflow run tagged with the parent's id.
+    # Start a NEW run from these weights (an export dir, a checkpoint or a run dir: its newest):
+    # fresh optimizer, step 0, new MLflow run tagged with the parent's id; empty = from scratch.
     init_from: str = ""
 
 
@@ -872,6 +872,11 @@ def check_paths(cfg: Config) -> None:
     that cannot even be looked at (a name too long, no permission) is a
     ConfigError naming its key (``path_errors``), as a missing one is.
     """
+    # Path("") is the working directory: `checkpoint.resume=` resumed from wherever mnemo ran. Checked here,
+    # not in validate(), so that a checkpoint whose saved config holds it still loads for eval or export.
+    # (Every other path key means something by empty: "not set" or a default its comment names.)
+    if not cfg.checkpoint.resume:
+        raise ConfigError("checkpoint.resume: empty; use auto, never or a path")
     if not cfg.data.path and not cfg.data.sources:
         raise ConfigError("data.path: not set (a data dir written by `mnemo prepare`)")
     for i, (key, path) in enumerate(data_paths(cfg)):

@@ -345,3 +345,28 @@ def test_init_from_and_tokenizer_that_are_not_what_they_name_are_refused_before_
     bad.write_text("not a tokenizer")
     with pytest.raises(ConfigError, match=r"data.tokenizer: .*notes.model: not a SentencePiece model"):
         _check(_cfg(tmp_path, tmp_path / "run", **{"data.tokenizer": str(bad)}))
+
+
+def test_an_empty_checkpoint_resume_is_refused_not_read_as_the_working_directory(tmp_path, monkeypatch):
+    """checkpoint.resume= was Path(''), the working directory: from inside a run dir the new run resumed
+    from that run's checkpoints. Now it is a one-line error naming the key."""
+    from mnemo.train.config import ConfigError
+
+    other = tmp_path / "other"
+    save(CheckpointManager(other), 5)
+    monkeypatch.chdir(other)
+    with pytest.raises(ConfigError, match=r"^checkpoint.resume: empty; use auto, never or a path$"):
+        _check(_cfg(tmp_path, tmp_path / "run", **{"checkpoint.resume": ""}))
+
+
+def test_the_other_path_keys_mean_their_documented_default_when_empty(tmp_path):
+    from mnemo.train.config import ConfigError, load_config
+
+    cfg = _cfg(tmp_path, tmp_path / "run", **{"init_from": "", "data.tokenizer": "", "tracking.uri": ""})
+    _check(cfg)  # from scratch, the dataset's tokenizer, the default tracking store
+    with pytest.raises(ConfigError, match=r"^run.dir: must not be empty$"):
+        load_config(None, ["run.dir="])
+    with pytest.raises(ConfigError, match=r"^data.path: not set"):
+        _check(_cfg(tmp_path, tmp_path / "run", **{"data.path": ""}))
+    with pytest.raises(ConfigError, match=r"^data.sources\[0\].path: not set"):
+        load_config(None, ["data.sources=[{path: ''}]"])
