@@ -434,6 +434,11 @@ def load_weights(model: torch.nn.Module, sd: dict[str, torch.Tensor], source: st
         raise UserError(f"{source}: weights do not fit this model (missing {missing[:3]}, unexpected {unexpected[:3]})")
     for k, v in sd.items():
         if own[k].shape != v.shape:
+            if k in ("tok_emb.weight", "lm_head.weight") and own[k].shape[1:] == v.shape[1:]:
+                raise UserError(
+                    f"{source}: trained with another tokenizer (a vocabulary of {v.shape[0]} tokens, "
+                    f"this run's tokenizer has {own[k].shape[0]}; weight {k})"
+                )
             raise UserError(f"{source}: weight {k} has shape {tuple(v.shape)}, the model needs {tuple(own[k].shape)}")
     model.load_state_dict(sd, strict=True)
 

@@ -866,7 +866,7 @@ def wrote_run_config(path: Path) -> bool:
 
 
 def check_paths(cfg: Config) -> None:
-    """Checks that need the filesystem (data dir, tokenizer, init_from).
+    """Checks that need the filesystem (data dir, tokenizer, init_from and its tokenizer).
 
     Run by `mnemo train` and `mnemo launch` before any rank is spawned. A path
     that cannot even be looked at (a name too long, no permission) is a
@@ -919,8 +919,10 @@ def check_paths(cfg: Config) -> None:
             src = Path(cfg.init_from)
             if not src.exists():
                 raise ConfigError(f"init_from: no such file or directory: {cfg.init_from}")
-            if not (src / "model.safetensors").is_file() and find_checkpoint(src) is None:
+            weights = src if (src / "model.safetensors").is_file() else find_checkpoint(src)
+            if weights is None:
                 raise ConfigError(f"init_from: {src} is not a mnemo checkpoint, run directory or export directory")
+        check_init_from_tokenizer(cfg, weights, tok)
 
     r = cfg.checkpoint.resume
     resume = None
@@ -942,6 +944,43 @@ def check_paths(cfg: Config) -> None:
             check_run_dir(Path(cfg.run.dir), r, resume)
         except ValueError as e:
             raise ConfigError(f"run.dir: {e}") from None
+
+
+def check_init_from_tokenizer(cfg: Config, weights: Path, tok: str) -> None:
+    """ConfigError unless the weights of init_from (``weights``: the export or checkpoint folder it names) were
+    trained with this run's tokenizer ``tok``, compared by sha256 as a resume compares them (train/resume.py).
+
+    Another tokenizer of the same vocabulary size loads without a shape error and trains from embeddings
+    that mean other tokens. The tokenizer file an export or checkpoint keeps is compared (else a checkpoint's
+    meta.json tokenizer_sha256); a folder that records neither is refused too, saying so, since nothing
+    shows its weights fit this tokenizer.
+    """
+    import json
+
+    from mnemo.data_pipeline.tokenizer import TOKENIZER_FILES, file_sha256, find_tokenizer_file
+
+    with path_errors("init_from", ConfigError):
+        stored = Path(find_tokenizer_file(weights))
+        theirs = file_sha256(stored) if stored.is_file() else ""
+        if not theirs and (weights / "meta.json").is_file():
+            try:
+                theirs = str(json.loads((weights / "meta.json").read_text()).get("tokenizer_sha256") or "")
+            except (ValueError, AttributeError):  # not JSON, or not a mapping
+                theirs = ""
+    if not theirs:
+        where = "" if weights == Path(cfg.init_from) else f" in {weights}"
+        raise ConfigError(
+            f"init_from: {cfg.init_from} records no tokenizer (no {' or '.join(TOKENIZER_FILES)}{where}), so its "
+            "weights cannot be checked against this run's tokenizer; put the tokenizer they were trained with there"
+        )
+    with path_errors("data.tokenizer", ConfigError):
+        ours = file_sha256(tok)
+    if theirs != ours:
+        which = "data.tokenizer" if cfg.data.tokenizer else f"{data_paths(cfg)[0][0]}'s"
+        raise ConfigError(
+            f"init_from: {cfg.init_from} was trained with another tokenizer "
+            f"(sha256 {theirs[:12]} != {ours[:12]} of {which} {tok})"
+        )
 
 
 def _refuse_remote_first_dataset(cfg: Config, key: str, path: str) -> None:

@@ -56,6 +56,15 @@ def read_manifest(cfg: Config) -> dict[str, Any]:
     return read_data_manifest(data_dir)
 
 
+def weights_origin(cfg: Config, resume_path: Path | None) -> str:
+    """Where a run's weights come from, for its start-up line: "resume from CKPT", "init_from SRC" or "from scratch"."""
+    if resume_path is not None:
+        return f"resume from {resume_path}"
+    if cfg.init_from:
+        return f"init_from {cfg.init_from}"
+    return "from scratch"
+
+
 class Trainer:
     """One rank of a training run. ``Trainer(cfg)`` checks the inputs and joins the process group;
     ``setup()`` (once this job holds run.dir) builds the rest; ``fit()`` trains and returns the summary."""
@@ -368,13 +377,13 @@ class Trainer:
             }
         )
         log.info(
-            "run %s: %d params, world %d (ZeRO %d, %s), resume from %s, restart %d",
+            "run %s: %d params, world %d (ZeRO %d, %s), %s, restart %d",
             self.run_id,
             self.n_params,
             info.world_size,
             cfg.zero.stage,
             "cuda/bf16" if self.use_cuda else "cpu/" + str(self.dtype).split(".")[-1],
-            self.resume_path,
+            weights_origin(cfg, self.resume_path),
             info.restart,
         )
         for line in start_lines(cfg, self.batching, self.old_batching, self.max_steps):

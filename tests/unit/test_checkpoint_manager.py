@@ -338,7 +338,7 @@ def test_init_from_and_tokenizer_that_are_not_what_they_name_are_refused_before_
 
     with pytest.raises(ConfigError, match=r"init_from: .* is not a mnemo checkpoint"):
         _check(_cfg(tmp_path, tmp_path / "run", init_from=str(tmp_path / "data")))
-    src = save(CheckpointManager(tmp_path / "parent"), 5)
+    src = _trained_with(tmp_path, "parent", b"x")  # the tokenizer of _cfg's data
     _check(_cfg(tmp_path, tmp_path / "run", init_from=str(src)))
     _check(_cfg(tmp_path, tmp_path / "run", init_from=str(tmp_path / "parent")))  # its newest checkpoint
     bad = tmp_path / "notes.model"
@@ -370,3 +370,86 @@ def test_the_other_path_keys_mean_their_documented_default_when_empty(tmp_path):
         _check(_cfg(tmp_path, tmp_path / "run", **{"data.path": ""}))
     with pytest.raises(ConfigError, match=r"^data.sources\[0\].path: not set"):
         load_config(None, ["data.sources=[{path: ''}]"])
+
+
+def _trained_with(tmp_path, name, tokenizer: bytes | None, meta_sha: str | None = None):
+    """A checkpoint (run dir ``name``) holding a copy of ``tokenizer`` (None: none), as a save writes one."""
+    extra = {}
+    if tokenizer is not None:
+        (tmp_path / f"{name}.tok").write_bytes(tokenizer)
+        extra = {"tokenizer.model": str(tmp_path / f"{name}.tok")}
+    meta = {"step": 5} if meta_sha is None else {"step": 5, "tokenizer_sha256": meta_sha}
+    return CheckpointManager(tmp_path / name).save(5, FakeEngine(), {"step": 5}, meta, extra_files=extra)
+
+
+def test_init_from_weights_of_another_tokenizer_is_refused_before_start(tmp_path, monkeypatch):
+    """Weights trained with tokenizer A started a run on data of tokenizer B (same vocabulary size) without a
+    word, the new checkpoints recording B. Now check_paths (mnemo train and mnemo launch, before any rank)
+    compares the sha256 of the tokenizer the source keeps with the run's, as a resume does."""
+    from mnemo.data_pipeline.tokenizer import file_sha256
+    from mnemo.train.config import ConfigError
+
+    run = tmp_path / "run"
+    same = _trained_with(tmp_path, "same", b"x")  # _cfg's data dir holds tokenizer.model b"x"
+    _check(_cfg(tmp_path, run, init_from=str(same)))
+    _check(_cfg(tmp_path, run, init_from=str(tmp_path / "same")))  # a run dir: its newest checkpoint
+    export = tmp_path / "export"
+    export.mkdir()
+    (export / "model.safetensors").write_bytes(b"w")
+    (export / "tokenizer.model").write_bytes(b"x")
+    _check(_cfg(tmp_path, run, init_from=str(export)))
+
+    other = _trained_with(tmp_path, "other", b"y")
+    theirs, ours = file_sha256(other / "tokenizer.model")[:12], file_sha256(tmp_path / "data" / "tokenizer.model")[:12]
+    want = (
+        rf"^init_from: {other} was trained with another tokenizer "
+        rf"\(sha256 {theirs} != {ours} of data.path's .*data/tokenizer.model\)$"
+    )
+    with pytest.raises(ConfigError, match=want):
+        _check(_cfg(tmp_path, run, init_from=str(other)))
+    (export / "tokenizer.model").write_bytes(b"y")
+    with pytest.raises(ConfigError, match=r"^init_from: .*export was trained with another tokenizer"):
+        _check(_cfg(tmp_path, run, init_from=str(export)))
+    (tmp_path / "mine.model").write_bytes(b"y")  # data.tokenizer given: that is the run's tokenizer
+    monkeypatch.setattr("mnemo.data_pipeline.tokenizer.Tokenizer", lambda path: None)  # b"y" is no real one
+    with pytest.raises(ConfigError, match=rf"\(sha256 {ours} != {theirs} of data.tokenizer .*mine.model\)$"):
+        _check(_cfg(tmp_path, run, init_from=str(same), **{"data.tokenizer": str(tmp_path / "mine.model")}))
+
+
+def test_init_from_weights_that_record_no_tokenizer_is_refused_saying_so(tmp_path):
+    from mnemo.data_pipeline.tokenizer import file_sha256
+    from mnemo.train.config import ConfigError
+
+    run = tmp_path / "run"
+    bare = _trained_with(tmp_path, "bare", None)
+    with pytest.raises(
+        ConfigError, match=r"^init_from: .*step_00000005 records no tokenizer \(no tokenizer.model or tokenizer.json\)"
+    ):
+        _check(_cfg(tmp_path, run, init_from=str(bare)))
+    # Without the file, a checkpoint's meta.json tokenizer_sha256 is compared.
+    _check(
+        _cfg(
+            tmp_path,
+            run,
+            init_from=str(_trained_with(tmp_path, "m1", None, file_sha256(tmp_path / "data" / "tokenizer.model"))),
+        )
+    )
+    with pytest.raises(ConfigError, match=r"was trained with another tokenizer \(sha256 0123456789ab != "):
+        _check(_cfg(tmp_path, run, init_from=str(_trained_with(tmp_path, "m2", None, "0123456789ab" * 5))))
+
+
+def test_weights_of_another_vocabulary_name_the_tokenizer():
+    import torch
+
+    from mnemo.model import MemoryTransformer, ModelArgs
+    from mnemo.train.checkpoint import load_weights
+    from mnemo.train.errors import UserError
+
+    model = MemoryTransformer(ModelArgs.from_size("debug", 64))
+    sd = MemoryTransformer(ModelArgs.from_size("debug", 32)).state_dict()
+    with pytest.raises(
+        UserError,
+        match=r"^src: trained with another tokenizer \(a vocabulary of 32 tokens, this run's tokenizer has 64",
+    ):
+        load_weights(model, sd, "src")
+    load_weights(model, {k: torch.zeros_like(v) for k, v in model.state_dict().items()}, "src")

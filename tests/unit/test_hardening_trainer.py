@@ -349,3 +349,16 @@ def test_rng_state_reads_and_restores_only_the_ranks_own_gpu(monkeypatch):
         ckpt_state.rng_state(torch.device("cpu")), torch.device("cpu")
     )  # a CPU run touches no GPU state
     assert calls == []
+
+
+def test_the_start_up_line_says_where_the_weights_come_from(tmp_path):
+    """A run from init_from said only "resume from None"."""
+    from mnemo.train.config import load_config
+    from mnemo.train.trainer import weights_origin
+
+    cfg = load_config(DEBUG, [f"run.dir={tmp_path / 'run'}"])
+    assert weights_origin(cfg, None) == "from scratch"
+    ft = load_config(DEBUG, [f"run.dir={tmp_path / 'run'}", "init_from=expA"])
+    assert weights_origin(ft, None) == "init_from expA"
+    ckpt = tmp_path / "run" / "checkpoints" / "step_00000010"
+    assert weights_origin(ft, ckpt) == f"resume from {ckpt}"  # a restart goes on from its own checkpoint
