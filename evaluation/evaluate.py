@@ -18,7 +18,7 @@ import numpy as np
 
 from mnemo.evaluation.errors import EvalError
 from mnemo.evaluation.inference import eval_mode, ltm_capacity_of, sized_ltm, with_ltm_capacity
-from mnemo.evaluation.report import format_table, passkey_result, plots
+from mnemo.evaluation.report import format_table, json_ready, passkey_result, plots
 from mnemo.evaluation.scoring import ABLATIONS, ablation_table
 from mnemo.evaluation.stats import bootstrap_ratio_interval
 from mnemo.evaluation.task_eval import longest_document, score_tasks, task_samples
@@ -284,11 +284,13 @@ def evaluate_data_dir(
         baseline_segment_len=int(base_cfg.model.segment_len) if base_cfg is not None else None,
     )
     result.update(labels or {})
-    echo(format_table(result))
-    echo(f"\n(evaluated in {time.perf_counter() - t0:.1f} s)")
-    if json_out:
+    seconds = time.perf_counter() - t0
+    if json_out:  # first: a table or plot that fails must not lose the evaluation
         Path(json_out).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_out).write_text(json.dumps(result, indent=2) + "\n")
+        Path(json_out).write_text(json.dumps(json_ready(result), indent=2, allow_nan=False) + "\n")
+    echo(format_table(result))
+    echo(f"\n(evaluated in {seconds:.1f} s)")
+    if json_out:
         echo(f"wrote {json_out}")
     if plots_dir:
         for p in plots(result, plots_dir):

@@ -36,6 +36,7 @@ from tqdm import tqdm
 from mnemo.evaluation.errors import EvalError
 from mnemo.evaluation.generate import generate_batch
 from mnemo.evaluation.inference import core_model, eval_mode, model_device, resolve_device, sized_ltm
+from mnemo.evaluation.report import json_ready
 from mnemo.evaluation.scoring import continuation_scores
 
 try:
@@ -298,12 +299,14 @@ def run_lm_eval(
         raise EvalError(f"--lm-eval: {e}") from None
     if results is None:
         raise EvalError("lm-eval returned no results")
-    if print_table:
-        print(make_table(results))
-    if json_out is not None:
+    if json_out is not None:  # first: a table that fails to print must not lose the evaluation
         doc = {k: v for k, v in results.items() if k != "samples"}
         doc["mnemo"] = {"segment_len": int(segment_len), "model": type(core_model(model)).__name__, **(labels or {})}
-        Path(json_out).write_text(json.dumps(doc, indent=2, default=handle_non_serializable) + "\n")
+        Path(json_out).parent.mkdir(parents=True, exist_ok=True)
+        text = json.dumps(json_ready(doc), indent=2, default=handle_non_serializable, allow_nan=False)
+        Path(json_out).write_text(text + "\n")
+    if print_table:
+        print(make_table(results))
     results["mnemo_lm"] = lm
     return results
 

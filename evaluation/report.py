@@ -171,10 +171,25 @@ def interval_columns(table: list[str], result: dict[str, Any], buckets: Sequence
         extra.append((f"mem - {other} [95% CI]", cells))
     if not extra:
         return
-    width = [max(len(h), *(len(v) for v in col.values())) + 2 for h, col in extra]
+    width = [max([len(h), *map(len, col.values())]) + 2 for h, col in extra]  # a column may have no cells
     table[0] += "".join(f"{h:>{w}}" for (h, _), w in zip(extra, width))
     for i, b in enumerate(buckets):
         table[1 + i] += "".join(f"{col.get(str(b), '-'):>{w}}" for (_, col), w in zip(extra, width))
+
+
+def json_ready(value: Any) -> Any:
+    """``value`` (a result) with every non-finite float as None: strict JSON has no NaN or Infinity.
+
+    A loss over no tokens (``--max-docs 0``) is NaN; json.dumps would write ``NaN``, which
+    strict JSON readers (jq, JavaScript, most languages' parsers) refuse.
+    """
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_ready(v) for v in value]
+    return value
 
 
 def format_table(result: dict[str, Any]) -> str:
@@ -182,18 +197,21 @@ def format_table(result: dict[str, Any]) -> str:
     T = int(result["segment_len"])
     ab = result.get("ablations") or {"memory": result}
     names = list(ab)
-    lines = [
-        f"loss by position (nats/token; T={T}; {result.get('num_docs', '?')} documents, "
-        f"{result.get('num_tokens', '?')} tokens)"
-    ]
-    cols = [(n, ab[n]) for n in names]
-    if result.get("baseline"):
-        cols.append(("baseline", result["baseline"]))
-    table = loss_table(cols, T, result.get("tokens_by_position", {}))
-    interval_columns(table, result, sorted({int(k) for _, e in cols for k in e["loss_by_position"]}))
-    lines += table
-    bits = [ab[n]["bits_per_token"] for n in names] + [e["bits_per_token"] for n, e in cols[len(names) :]]
-    lines.append(f"{'bits/token':<20}{'':>9}" + "".join(f"{b:>11.4f}" for b in bits))
+    if result.get("num_tokens") == 0:  # --max-docs 0 (the passkey or tasks alone): no loss to show
+        lines = [f"loss by position (T={T}): none, no held-out documents were read"]
+    else:
+        lines = [
+            f"loss by position (nats/token; T={T}; {result.get('num_docs', '?')} documents, "
+            f"{result.get('num_tokens', '?')} tokens)"
+        ]
+        cols = [(n, ab[n]) for n in names]
+        if result.get("baseline"):
+            cols.append(("baseline", result["baseline"]))
+        table = loss_table(cols, T, result.get("tokens_by_position", {}))
+        interval_columns(table, result, sorted({int(k) for _, e in cols for k in e["loss_by_position"]}))
+        lines += table
+        bits = [ab[n]["bits_per_token"] for n in names] + [e["bits_per_token"] for n, e in cols[len(names) :]]
+        lines.append(f"{'bits/token':<20}{'':>9}" + "".join(f"{b:>11.4f}" for b in bits))
     if result.get("passkey"):
         depths = list(DEPTHS)
         lines.append("")

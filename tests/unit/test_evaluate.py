@@ -800,3 +800,33 @@ def test_progress_counts_segments_and_ends_exactly_at_its_total(tok, corpus, mon
     line = progress.LineProgress(10, "passkey", "segments", every=0.0)
     line.update(4)
     assert "mnemo eval: passkey: 4/10 segments (40%)" in capsys.readouterr().err
+
+
+def test_no_documents_gives_a_table_and_strict_json(tok, corpus, tmp_path, capsys):
+    """--max-docs 0: the table crashed on an empty memory - no_ltm column (after the evaluation, before the
+    JSON was written), and the JSON held ``"loss": NaN``, which strict JSON readers refuse."""
+    from mnemo.evaluation.evaluate import evaluate_data_dir
+    from mnemo.evaluation.report import json_ready
+
+    res = evaluate(InductionModel(tok.vocab_size), tok, corpus, _cfg(64), max_docs=0, seed=0)
+    text = format_table(res)
+    assert "no held-out documents were read" in text and "passkey exact match" in text
+    assert json.loads(json.dumps(json_ready(res), allow_nan=False))["loss"] is None
+    exp, data = _tiny_export(tok, tmp_path, 64)
+    from mnemo.train.checkpoint import load_for_inference
+
+    model, tk, cfg = load_for_inference(exp)
+    out = tmp_path / "r.json"
+    for trials in (0, 1):
+        out.unlink(missing_ok=True)
+        evaluate_data_dir(
+            model, tk, cfg, str(data), max_docs=0, passkey_trials=trials, distances=[1], batch_size=2, json_out=str(out)
+        )
+
+        def refuse(name):
+            raise AssertionError(f"{name} in the JSON")
+
+        doc = json.loads(out.read_text(), parse_constant=refuse)
+        assert doc["num_docs"] == 0 and doc["loss"] is None
+    assert "no held-out documents were read" in capsys.readouterr().out
+
