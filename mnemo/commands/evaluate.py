@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -59,6 +60,32 @@ def generate_flag_rules(args: argparse.Namespace) -> list[tuple[str, object, boo
         ("--top-p", p, math.isfinite(p) and 0.0 < p <= 1.0, "must be in (0, 1]"),
         ("--seed", args.seed, 0 <= args.seed <= _MAX_SEED, "must be in [0, 2**64 - 1]"),
     ]
+
+
+def check_output(flag: str, out: str | None, folder: bool) -> None:
+    """UserError naming ``flag`` unless ``out`` can be written: a file (``folder`` False) or a folder of files.
+
+    --json and --plots are written after the evaluation, which can take hours: a directory given as
+    --json, a file given as --plots, a path through a file, a name too long or a folder without
+    write permission is answered now, before the model loads (both `mnemo eval` paths call this).
+    """
+    from mnemo.train.errors import UserError, path_errors
+
+    if not out:
+        return
+    path = Path(out)
+    with path_errors(flag):
+        if path.is_dir() and not folder:
+            raise UserError(f"{flag}: {path}: is a directory; give the file to write")
+        if path.exists() and not path.is_dir() and folder:
+            raise UserError(f"{flag}: {path}: exists and is not a directory")
+        existing = path
+        while not existing.exists() and existing != existing.parent:  # exists(): False under a file too
+            existing = existing.parent
+        if not existing.is_dir() and existing != path:
+            raise UserError(f"{flag}: {path}: {existing} is not a directory")
+        if not os.access(existing, os.W_OK):
+            raise UserError(f"{flag}: {path}: {existing} is not writable (permission denied)")
 
 
 def int_list(text: str) -> list[int]:
@@ -213,10 +240,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from mnemo.train.errors import UserError, path_errors
 
     check_flags(eval_flag_rules(args))  # every numeric flag, before anything heavy
-    for flag, out in (("--json", args.json), ("--plots", args.plots)):
-        if out:  # written after the evaluation: a name too long or a folder without permission fails now
-            with path_errors(flag):
-                Path(out).exists()
+    check_output("--json", args.json, folder=False)
+    check_output("--plots", args.plots, folder=True)
     if args.lm_eval is not None:
         if args.data is not None:
             raise UserError("--lm-eval and --data are separate evaluations: give one of them")

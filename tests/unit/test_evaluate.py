@@ -830,3 +830,24 @@ def test_no_documents_gives_a_table_and_strict_json(tok, corpus, tmp_path, capsy
         assert doc["num_docs"] == 0 and doc["loss"] is None
     assert "no held-out documents were read" in capsys.readouterr().out
 
+
+@pytest.mark.parametrize("lm_eval", [False, True])
+def test_eval_json_and_plots_targets_are_checked_before_loading(tmp_path, lm_eval):
+    """A folder as --json, a file as --plots or a path through a file were tracebacks after the evaluation
+    (--json on the --lm-eval path too); now one line naming the flag, before the checkpoint is looked at."""
+    from mnemo.cli import build_parser
+
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "adir").mkdir()
+    where = ["--lm-eval", "hellaswag"] if lm_eval else ["--data", str(tmp_path / "no-data")]
+    cases = [
+        (["--json", str(tmp_path / "adir")], "--json: " + str(tmp_path / "adir") + ": is a directory"),
+        (["--json", str(tmp_path / "afile" / "x.json")], f"--json: {tmp_path / 'afile' / 'x.json'}: "),
+        (["--plots", str(tmp_path / "afile")], "exists and is not a directory"),
+        (["--plots", str(tmp_path / "afile" / "p")], "afile is not a directory"),
+    ]
+    for flags, needle in cases:
+        args = build_parser().parse_args(["eval", str(tmp_path / "no-ckpt"), *where, *flags])
+        with pytest.raises(UserError) as e:
+            args.func(args)
+        assert needle in str(e.value), str(e.value)
