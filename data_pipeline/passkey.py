@@ -35,6 +35,8 @@ QUESTION = " What is the pass key? The pass key is "
 
 DEPTHS: dict[str, float] = {"start": 0.0, "middle": 0.5, "end": 1.0}
 KEY_DIGITS = 5
+# The multi-key variant's doors are numbered 1..MULTIKEY_MAX, one per fact: at most that many facts.
+MULTIKEY_MAX = 99
 
 
 class PieceTokenizer(Protocol):
@@ -212,14 +214,14 @@ def make_multikey_sample(
     "What is the pass key of door 3? The pass key of door 3 is NNNNN" + EOS.
     Returns the same keys as make_passkey_sample plus door=int and doors=list.
     """
-    if n_keys < 1:
-        raise DataError(f"passkey: n_keys must be >= 1, got {n_keys}")
+    if not 1 <= n_keys <= MULTIKEY_MAX:
+        raise DataError(f"passkey: n_keys must be in [1, {MULTIKEY_MAX}] (one door each), got {n_keys}")
     if distance < 0:
         raise DataError(f"passkey: distance must be >= 0, got {distance}")
     T = int(segment_len)
     n = (distance + 1) * T
     stream = filler_stream(filler_ids)
-    doors = [int(d) for d in rng.choice(np.arange(1, 100), size=n_keys, replace=False)]
+    doors = [int(d) for d in rng.choice(np.arange(1, MULTIKEY_MAX + 1), size=n_keys, replace=False)]
     keys: list[str] = []
     while len(keys) < n_keys:
         k = _random_key(rng)

@@ -17,7 +17,14 @@ from typing import Any
 import numpy as np
 
 from mnemo.evaluation.errors import EvalError
-from mnemo.evaluation.inference import eval_mode, ltm_capacity_of, sized_ltm, with_ltm_capacity
+from mnemo.evaluation.inference import (
+    check_memory,
+    eval_mode,
+    ltm_capacity_of,
+    sized_ltm,
+    store_bytes,
+    with_ltm_capacity,
+)
 from mnemo.evaluation.report import format_table, json_ready, passkey_result, plots
 from mnemo.evaluation.scoring import ABLATIONS, ablation_table
 from mnemo.evaluation.stats import bootstrap_ratio_interval
@@ -61,6 +68,36 @@ def paired_difference(a: dict[str, Any], b: dict[str, Any]) -> dict[str, dict[st
         lo, hi = bootstrap_ratio_interval(diff, counts, n_boot=N_BOOT)
         out[k] = {"diff": float(diff.sum() / counts.sum()), "lo": lo, "hi": hi}
     return out
+
+
+# What lowers the memory an evaluation needs (check_eval_memory, the CLI's memory_errors).
+MEMORY_ADVICE = "lower --distances, --trials, --tasks, --batch-size or --ltm-capacity"
+
+
+def check_eval_memory(
+    model: Any,
+    baseline: Any,
+    T: int,
+    B: int,
+    distances: Sequence[int],
+    trials: int,
+    task_distances: Sequence[int],
+    task_docs: int,
+    grow_ltm: bool,
+) -> None:
+    """EvalError, before anything is made, when the passkey and task documents (all of them are made
+    first: ``trials`` per passkey distance, ``task_docs`` per task distance, (D + 1) * T int64 tokens each)
+    and the long-term store (``B`` slots, grown to the longest document's D * T entries with ``grow_ltm``)
+    cannot fit in the memory available (``inference.check_memory``)."""
+    host = 8 * T * (trials * sum(D + 1 for D in distances) + task_docs * sum(D + 1 for D in task_distances))
+    longest = max([0, *distances, *task_distances])
+    store = 0
+    for m in (model, baseline):
+        if m is not None and ltm_capacity_of(m):
+            cap = max(ltm_capacity_of(m), longest * T) if grow_ltm else ltm_capacity_of(m)
+            store = max(store, store_bytes(m, B, cap))
+    what = f"the evaluation ({B} slots; documents of up to {(longest + 1) * T:,} tokens)"
+    check_memory(model, store, host, what, MEMORY_ADVICE)
 
 
 def evaluate(
@@ -128,24 +165,28 @@ def evaluate(
     seconds: dict[str, float] = {}
     samples: dict[str, dict[str, list[dict]]] = {}
     skipped: dict[str, str] | None = {} if skip_unfit_tasks else None
+    run_passkey = passkey and trials > 0 and bool(dists)
+    t_dists = list(getattr(cfg.eval, "task_distances", [1, 8]) if task_distances is None else task_distances)
+    t_trials = int(getattr(cfg.eval, "task_trials", 100) if task_trials is None else task_trials)
+    check_eval_memory(
+        model,
+        baseline,
+        T,
+        B,
+        dists if run_passkey else [],
+        trials,
+        t_dists if tasks else [],
+        t_trials * len(tasks),
+        grow_ltm,
+    )
     if tasks:
         if not heldout_docs:
             raise EvalError("task evaluation needs held-out documents for filler; none given")
         t0 = time.perf_counter()
-        samples = task_samples(
-            tasks,
-            tokenizer,
-            list(heldout_docs),
-            T,
-            list(getattr(cfg.eval, "task_distances", [1, 8]) if task_distances is None else task_distances),
-            int(getattr(cfg.eval, "task_trials", 100) if task_trials is None else task_trials),
-            seed,
-            skipped,
-        )
+        samples = task_samples(tasks, tokenizer, list(heldout_docs), T, t_dists, t_trials, seed, skipped)
         seconds["task_documents"] = time.perf_counter() - t0
         if skipped:
             result["tasks_skipped"] = skipped
-    run_passkey = passkey and trials > 0 and bool(dists)
     # A fact D segments back needs D * T entries: a store of the trained size would have dropped
     # it before the question comes (FIFO), which tests the size, not retrieval.
     need = max((max(dists) * T) if run_passkey else 0, longest_document(samples))

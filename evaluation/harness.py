@@ -35,7 +35,15 @@ from tqdm import tqdm
 
 from mnemo.evaluation.errors import EvalError
 from mnemo.evaluation.generate import generate_batch
-from mnemo.evaluation.inference import core_model, eval_mode, model_device, resolve_device, sized_ltm
+from mnemo.evaluation.inference import (
+    check_memory,
+    core_model,
+    eval_mode,
+    model_device,
+    resolve_device,
+    sized_ltm,
+    store_bytes,
+)
 from mnemo.evaluation.report import json_ready
 from mnemo.evaluation.scoring import continuation_scores
 
@@ -284,6 +292,11 @@ def run_lm_eval(
         raise EvalError(f"--limit: must be > 0, got {limit}")
     lm = MnemoLM(model=model, tokenizer=tokenizer, segment_len=segment_len, batch_size=batch_size)
     lm.ltm_capacity = ltm_capacity
+    if ltm_capacity is not None:  # the store is allocated per batch: refuse one that cannot fit now
+        what = f"--ltm-capacity {ltm_capacity} ({batch_size} slots)"
+        check_memory(
+            model, store_bytes(model, batch_size, ltm_capacity), 0, what, "lower --batch-size or --ltm-capacity"
+        )
     tm = task_manager(names, include_path)
     try:
         results = lm_eval.simple_evaluate(

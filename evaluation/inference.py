@@ -108,6 +108,90 @@ def with_ltm_search(model: Any, search: str | None, ivf_probe: int | None = None
     return model
 
 
+def available_bytes(device: Any) -> int | None:
+    """Bytes that new tensors can still take on ``device``; None when unknown.
+
+    CUDA: the device's free memory plus what PyTorch's caching allocator holds unused. CPU: the host's
+    MemAvailable, lowered to what the cgroup (a container, a SLURM job) still allows.
+    """
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(dev)
+        return int(free + torch.cuda.memory_reserved(dev) - torch.cuda.memory_allocated(dev))
+    if dev.type != "cpu":
+        return None
+    found = []
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                found.append(int(line.split()[1]) * 1024)
+    except (OSError, ValueError):
+        pass
+    try:
+        limit = open("/sys/fs/cgroup/memory.max").read().strip()
+        if limit != "max":
+            found.append(int(limit) - int(open("/sys/fs/cgroup/memory.current").read()))
+    except (OSError, ValueError):
+        pass
+    return max(0, min(found)) if found else None
+
+
+def store_bytes(model: Any, slots: int, capacity: int) -> int:
+    """Bytes of the long-term stores ``init_state`` allocates for ``slots`` slots of ``capacity`` entries."""
+    from mnemo.model.retrieval import store_bytes_per_token
+
+    core = core_model(model)
+    args = getattr(core, "args", None)
+    if args is None or getattr(args, "ltm_kind", "none") == "none" or not hasattr(core, "parameters"):
+        return 0
+    try:
+        dtype = next(core.parameters()).dtype
+    except StopIteration:
+        return 0
+    per_token = store_bytes_per_token(args.n_heads, args.head_dim, len(args.active_ltm_layers), dtype)
+    return int(slots) * int(capacity) * per_token
+
+
+def check_memory(model: Any, store: int, host: int, what: str, advice: str) -> None:
+    """EvalError when ``store`` bytes (long-term stores, on the model's device) and ``host`` bytes (documents
+    made on the host) exceed the memory available, before any of it is allocated.
+
+    Both are lower bounds of what the evaluation needs, so a refusal is never wrong: an evaluation asked
+    for D = 10**9 used to fail after the model load, in numpy (hundreds of GiB) or torch, with a traceback.
+    ``what`` says what needs the memory, ``advice`` which flags lower it.
+    """
+    dev = model_device(model)
+    needs = {dev.type: store} if dev.type != "cpu" else {}
+    needs["cpu"] = needs.get("cpu", 0) + host + (store if dev.type == "cpu" else 0)
+    for where, need in needs.items():
+        free = available_bytes(dev if where == dev.type else "cpu")
+        if free is not None and need > free:
+            raise EvalError(
+                f"{what} needs at least {need / 2**30:.1f} GiB of memory on {where}, more than the "
+                f"{free / 2**30:.1f} GiB available: {advice}"
+            )
+
+
+@contextlib.contextmanager
+def memory_errors(advice: str) -> Iterator[None]:
+    """Running out of memory inside (numpy's MemoryError, torch's CPU or CUDA allocation error) as one EvalError.
+
+    ``check_memory`` refuses what cannot fit up front; this catches what its lower bound did not foresee.
+    """
+    try:
+        yield
+    except MemoryError as e:
+        raise EvalError(
+            f"out of host memory ({str(e).splitlines()[0] if str(e) else 'MemoryError'}): {advice}"
+        ) from None
+    except RuntimeError as e:
+        text = str(e)
+        oom = isinstance(e, torch.cuda.OutOfMemoryError) or "can't allocate memory" in text or "out of memory" in text
+        if not oom:
+            raise
+        raise EvalError(f"out of memory ({text.splitlines()[0][:160]}): {advice}") from None
+
+
 def ltm_capacity_of(model: Any) -> int:
     """Entries per slot and layer of the model's long-term store; 0 without long-term memory."""
     args = getattr(core_model(model), "args", None)

@@ -28,6 +28,8 @@ def check_flags(rules: list[tuple[str, object, bool, str]]) -> None:
 
 def eval_flag_rules(args: argparse.Namespace) -> list[tuple[str, object, bool, str]]:
     """The rules of ``mnemo eval``'s numeric flags (None: the flag's default from the run, not checked)."""
+    from mnemo.data_pipeline.passkey import MULTIKEY_MAX
+
     trials_rule = "must be >= 1 with --tasks" if args.tasks else "must be >= 0 (0 = no passkey)"
     return [
         ("--batch-size", args.batch_size, args.batch_size >= 1, "must be >= 1 (documents read in parallel)"),
@@ -38,7 +40,12 @@ def eval_flag_rules(args: argparse.Namespace) -> list[tuple[str, object, bool, s
             args.passkey_trials is None or args.passkey_trials >= (1 if args.tasks else 0),
             trials_rule,
         ),
-        ("--multikey", args.multikey, args.multikey >= 0, "must be >= 0 (0 = no multi-key variant)"),
+        (
+            "--multikey",
+            args.multikey,
+            0 <= args.multikey <= MULTIKEY_MAX,
+            f"must be in [0, {MULTIKEY_MAX}] (0 = no multi-key variant; one door 1..{MULTIKEY_MAX} per fact)",
+        ),
         ("--seed", args.seed, args.seed >= 0, "must be >= 0"),
         ("--ltm-capacity", args.ltm_capacity, args.ltm_capacity is None or args.ltm_capacity >= 1, "must be >= 1"),
         (
@@ -255,8 +262,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
             raise UserError(f"--data: {what}: {data}")
     # After the checks above: these import torch (seconds), which a mistyped flag should not wait for.
     from mnemo.train.checkpoint import load_for_inference
-    from mnemo.evaluation.evaluate import evaluate_data_dir
-    from mnemo.evaluation.inference import resolve_device
+    from mnemo.evaluation.evaluate import MEMORY_ADVICE, evaluate_data_dir
+    from mnemo.evaluation.inference import memory_errors, resolve_device
     from mnemo.evaluation.task_eval import task_specs
 
     tasks = task_specs([args.tasks]) if args.tasks else []
@@ -270,25 +277,26 @@ def cmd_eval(args: argparse.Namespace) -> int:
     labels = {"checkpoint": str(args.checkpoint), "data": str(args.data)}
     if args.baseline:
         labels["baseline_checkpoint"] = str(args.baseline)
-    evaluate_data_dir(
-        model,
-        tokenizer,
-        cfg,
-        args.data,
-        max_docs=args.max_docs,
-        passkey_trials=args.passkey_trials,
-        distances=args.distances,
-        multikey=args.multikey,
-        tasks=tasks,
-        batch_size=args.batch_size,
-        ablations=not args.no_ablations,
-        seed=args.seed,
-        ltm_capacity=args.ltm_capacity,
-        baseline=baseline,
-        json_out=args.json,
-        plots_dir=args.plots,
-        labels=labels,
-    )
+    with memory_errors(MEMORY_ADVICE):
+        evaluate_data_dir(
+            model,
+            tokenizer,
+            cfg,
+            args.data,
+            max_docs=args.max_docs,
+            passkey_trials=args.passkey_trials,
+            distances=args.distances,
+            multikey=args.multikey,
+            tasks=tasks,
+            batch_size=args.batch_size,
+            ablations=not args.no_ablations,
+            seed=args.seed,
+            ltm_capacity=args.ltm_capacity,
+            baseline=baseline,
+            json_out=args.json,
+            plots_dir=args.plots,
+            labels=labels,
+        )
     return 0
 
 
@@ -300,19 +308,21 @@ def lm_eval_checkpoint(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     model, tokenizer, cfg = load_for_inference(args.checkpoint, device=device)
     from mnemo.evaluation.harness import run_lm_eval  # imports lm_eval: seconds, only here
+    from mnemo.evaluation.inference import memory_errors
 
-    run_lm_eval(
-        model,
-        tokenizer,
-        cfg.model.segment_len,
-        args.lm_eval,
-        include_path=args.lm_eval_include,
-        limit=args.limit,
-        batch_size=args.batch_size,
-        ltm_capacity=args.ltm_capacity,
-        json_out=args.json,
-        labels={"checkpoint": str(args.checkpoint)},
-    )
+    with memory_errors("lower --batch-size or --ltm-capacity"):
+        run_lm_eval(
+            model,
+            tokenizer,
+            cfg.model.segment_len,
+            args.lm_eval,
+            include_path=args.lm_eval_include,
+            limit=args.limit,
+            batch_size=args.batch_size,
+            ltm_capacity=args.ltm_capacity,
+            json_out=args.json,
+            labels={"checkpoint": str(args.checkpoint)},
+        )
     return 0
 
 

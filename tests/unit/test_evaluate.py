@@ -314,7 +314,8 @@ def test_evaluate_refuses_a_zero_batch_and_negative_max_docs(tok, corpus, kw, ne
         (["--max-docs", "-1"], "--max-docs: must be >= 0, got -1"),
         (["--passkey-trials", "-1"], "--passkey-trials (--trials): must be >= 0 (0 = no passkey), got -1"),
         (["--trials", "0", "--tasks", "mqar"], "--passkey-trials (--trials): must be >= 1 with --tasks, got 0"),
-        (["--multikey", "-2"], "--multikey: must be >= 0 (0 = no multi-key variant), got -2"),
+        (["--multikey", "-2"], "--multikey: must be in [0, 99] (0 = no multi-key variant; one door 1..99 per fact)"),
+        (["--multikey", "100"], "--multikey: must be in [0, 99] (0 = no multi-key variant; one door 1..99 per fact)"),
         (["--seed", "-1"], "--seed: must be >= 0, got -1"),
         (["--ltm-capacity", "0"], "--ltm-capacity: must be >= 1, got 0"),
         (["--ivf-probe", "0"], "--ivf-probe: must be >= 1 (lists searched per query), got 0"),
@@ -851,3 +852,27 @@ def test_eval_json_and_plots_targets_are_checked_before_loading(tmp_path, lm_eva
         with pytest.raises(UserError) as e:
             args.func(args)
         assert needle in str(e.value), str(e.value)
+
+
+def test_an_evaluation_that_cannot_fit_in_memory_is_one_line_before_it_starts(tok, tmp_path):
+    """--distances 10**9, --trials 10**9 or --ltm-capacity 10**11 used to fail after the model load with a
+    traceback from numpy (477 GiB of passkey filler) or torch (the store); now one line before anything is made."""
+    from mnemo.cli import build_parser
+    from mnemo.evaluation.inference import memory_errors
+
+    exp, data = _tiny_export(tok, tmp_path, 64)
+    base = ["eval", str(exp), "--data", str(data), "--max-docs", "1", "--no-ablations", "--device", "cpu"]
+    for flags in (["--distances", "1000000000"], ["--trials", "1000000000"], ["--ltm-capacity", "100000000000"]):
+        args = build_parser().parse_args([*base, *flags])
+        with pytest.raises(EvalError, match=r"needs at least [\d.]+ GiB of memory on cpu, more than the") as e:
+            args.func(args)
+        assert "--distances" in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(EvalError, match="out of host memory.*lower --x"):
+        with memory_errors("lower --x"):
+            raise MemoryError("Unable to allocate 477. GiB for an array with shape (64000000064,)")
+    with pytest.raises(EvalError, match="out of memory .*can't allocate memory.*lower --x"):
+        with memory_errors("lower --x"):
+            raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory")
+    with pytest.raises(RuntimeError, match="other"):
+        with memory_errors("lower --x"):
+            raise RuntimeError("other")
