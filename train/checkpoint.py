@@ -22,6 +22,7 @@ Anything else under those names is not mnemo's: left alone (train/rundir.py).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -30,6 +31,7 @@ import re
 import shutil
 import time
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any, Protocol
 
 import numpy as np
@@ -366,16 +368,47 @@ def consolidated_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
             return load_file(str(ckpt / "model.safetensors"))
         except SafetensorError as e:
             raise UserError(f"{ckpt / 'model.safetensors'}: cannot read ({e})") from None
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    # DeepSpeed prints as it imports and consolidates ("Setting accelerator to CPU", "Processing zero
+    # checkpoint ..."), some of it through a logger bound to the stdout of its import: stdout is then the
+    # generated text or the tables (`mnemo generate > out.txt`), so everything goes to stderr meanwhile.
+    with stdout_to_stderr():
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    # DeepSpeed's consolidation reads its files with weights_only=False: forced to True here.
-    with weights_only_loads(ckpt):
-        try:
-            sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt / "ds"), tag=DS_TAG)
-        except (RuntimeError, EOFError, ValueError, FileNotFoundError) as e:  # truncated, missing or foreign files
-            why = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise UserError(f"{ckpt}: cannot read the DeepSpeed state ({why})") from None
+        # DeepSpeed's consolidation reads its files with weights_only=False: forced to True here.
+        with weights_only_loads(ckpt):
+            try:
+                sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt / "ds"), tag=DS_TAG)
+            except (RuntimeError, EOFError, ValueError, FileNotFoundError) as e:  # truncated, missing or foreign
+                why = str(e).splitlines()[0] if str(e) else type(e).__name__
+                raise UserError(f"{ckpt}: cannot read the DeepSpeed state ({why})") from None
     return {k: v.float().contiguous() for k, v in sd.items()}
+
+
+@contextlib.contextmanager
+def stdout_to_stderr() -> Iterator[None]:
+    """Within: whatever is written to stdout goes to stderr, at the file descriptor (a logger holding the
+    original ``sys.stdout``, C++ code) and in Python (``print``). Where fd 1 cannot be redirected
+    (no such descriptor), Python's alone."""
+    import sys
+
+    for f in (sys.stdout, sys.__stdout__):
+        if f is not None:
+            f.flush()
+    try:
+        saved = os.dup(1)
+        os.dup2(2, 1)
+    except OSError:
+        saved = None
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        for f in (sys.stdout, sys.__stdout__, sys.stderr):
+            if f is not None:
+                f.flush()
+        if saved is not None:
+            os.dup2(saved, 1)
+            os.close(saved)
 
 
 def model_args_of(ckpt: Path):

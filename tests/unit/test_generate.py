@@ -210,3 +210,40 @@ def test_generate_cli_checks_sampling_flags_before_loading(tmp_path, flags, need
     with pytest.raises(UserError) as e:
         args.func(args)
     assert str(e.value) == needle
+
+
+def test_deepspeeds_messages_go_to_stderr_not_into_the_generated_text(tmp_path):
+    """`mnemo generate CKPT > out.txt` put DeepSpeed's import warning ("Setting accelerator to CPU") and its
+    consolidation messages ("Processing zero checkpoint ...") into out.txt: they are printed to stdout, some
+    through a logger holding the stdout of DeepSpeed's import. consolidated_state_dict now runs them with
+    stdout sent to stderr (stdout_to_stderr), fd 1 included; stdout is the generated text alone after."""
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import logging, os, sys\n"
+        "from mnemo.train.checkpoint import stdout_to_stderr\n"
+        "bound = logging.StreamHandler(sys.stdout)\n"  # a logger made before, holding the real stdout
+        "log = logging.getLogger('early'); log.addHandler(bound); log.propagate = False\n"
+        "print('text-before', flush=True)\n"
+        "with stdout_to_stderr():\n"
+        "    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint\n"
+        "    from deepspeed.utils import logger\n"
+        "    logger.warning('ds-logger'); log.warning('early-logger'); print('ds-print')\n"
+        "    os.write(1, b'c-level\\n')\n"
+        "print('text-after')\n"
+    )
+    repo = Path(__file__).resolve().parents[2]
+    res = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(repo)},
+    )
+    assert res.returncode == 0, res.stderr
+    assert res.stdout == "text-before\ntext-after\n", res.stdout
+    for line in ("ds-logger", "early-logger", "ds-print", "c-level"):
+        assert line in res.stderr
