@@ -364,6 +364,7 @@ def consolidated_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
+        verify_export(ckpt, ["model.safetensors"])
         try:
             return load_file(str(ckpt / "model.safetensors"))
         except SafetensorError as e:
@@ -409,6 +410,29 @@ def stdout_to_stderr() -> Iterator[None]:
         if saved is not None:
             os.dup2(saved, 1)
             os.close(saved)
+
+
+def verify_export(folder: Path, names) -> None:
+    """UserError naming the first of ``names`` whose sha256 is not the one the export manifest of ``folder``
+    records (a file corrupted or changed since `mnemo export` wrote it); nothing for a folder without a
+    manifest (a checkpoint, an export from before manifests) or a name it does not list.
+
+    Costs one read of each file (the weights: seconds per GB), every load: a damaged export would
+    otherwise load and compute garbage silently.
+    """
+    from mnemo.data_pipeline.tokenizer import file_sha256
+
+    listed = (export_manifest(folder) or {}).get("files", {})
+    for name in names:
+        want = listed.get(name)
+        if isinstance(want, str) and (Path(folder) / name).is_file():
+            with path_errors("checkpoint"):
+                got = file_sha256(Path(folder) / name)
+            if got != want:
+                raise UserError(
+                    f"{Path(folder) / name}: changed since `mnemo export` wrote it (its sha256 is not the one "
+                    f"{EXPORT_MANIFEST} records): corrupted or edited; remove it and export the checkpoint again"
+                )
 
 
 def model_args_of(ckpt: Path):
@@ -482,6 +506,7 @@ def load_for_inference(path: str | Path, device: str = "cpu"):
     from mnemo.model import MemoryTransformer
 
     ckpt = resolve_checkpoint(path)
+    verify_export(ckpt, ["model_args.json", "config.json", *TOKENIZER_FILES])  # the weights: when read, below
     args = model_args_of(ckpt)
     cfg = config_of(ckpt)
     model = MemoryTransformer(args)

@@ -313,3 +313,23 @@ def test_a_tokenizer_json_run_exports_its_tokenizer_with_mnemos_ids(source, tmp_
         ids = tok.encode(text)
         assert hf(text).input_ids == ids, text[:40]
         assert hf.decode(ids, skip_special_tokens=True) == tok.decode(ids)
+
+
+def test_an_export_whose_files_changed_since_it_was_written_is_refused_naming_the_file(source, tmp_path):
+    """export.json records each file's sha256; a corrupted model.safetensors used to load silently."""
+    out = tmp_path / "e"
+    export_mod.export(source, out)
+    load_for_inference(out)  # as written: loads
+    weights = out / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF  # one bit-flipped byte of a weight: still a valid safetensors file
+    weights.write_bytes(bytes(data))
+    with pytest.raises(UserError, match=r"model\.safetensors: changed since `mnemo export` wrote it") as e:
+        load_for_inference(out)
+    assert "\n" not in str(e.value)
+    with pytest.raises(UserError, match=r"model\.safetensors: changed"):
+        export_mod.export(out, tmp_path / "again")  # nor is it exported on
+    export_mod.export(source, out)  # re-exported: loads again
+    (out / "model_args.json").write_text((out / "model_args.json").read_text() + "\n")
+    with pytest.raises(UserError, match=r"model_args\.json: changed since"):
+        load_for_inference(out)
