@@ -57,6 +57,11 @@ def _remove_export_files(folder: Path, names) -> None:
         log.warning("left %s in place: it holds files mnemo export did not write", folder)
 
 
+def _as_written(path: Path, sha256: object) -> bool:
+    """Whether ``path`` still holds the bytes an export recorded (a regular file whose sha256 is ``sha256``)."""
+    return path.is_file() and not path.is_symlink() and file_sha256(path) == sha256
+
+
 def _recover_export_leftovers(out: Path) -> None:
     """Undo what a killed export left beside ``out``: restore a replaced export, drop temporary folders."""
     import glob
@@ -109,8 +114,16 @@ def export(path: str | Path, out: str | Path, overwrite: bool = False, format: s
             _recover_export_leftovers(out)
         old = export_manifest(out)
         present = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+        # A listed file whose bytes are no longer those recorded was edited (or damaged) since: it is no
+        # longer provably mnemo's, so it counts as the user's, never replaced or deleted.
+        edited = [n for n in present if old and n in old["files"] and not _as_written(out / n, old["files"][n])]
     meta = read_meta(ckpt) if is_complete(ckpt) else {}
     source = {"checkpoint": str(ckpt.resolve()), "step": meta.get("step"), "mlflow_run_id": meta.get("mlflow_run_id")}
+    if edited:
+        raise UserError(
+            f"--out {out}: {edited[0]} changed since mnemo export wrote it (its sha256 is not the one "
+            f"{EXPORT_MANIFEST} records); mnemo will not replace or delete it: move it away or export elsewhere"
+        )
     foreign = [n for n in present if old is None or (n not in old["files"] and n != EXPORT_MANIFEST)]
     if foreign and not overwrite:
         raise UserError(

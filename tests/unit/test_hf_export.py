@@ -329,7 +329,28 @@ def test_an_export_whose_files_changed_since_it_was_written_is_refused_naming_th
     assert "\n" not in str(e.value)
     with pytest.raises(UserError, match=r"model\.safetensors: changed"):
         export_mod.export(out, tmp_path / "again")  # nor is it exported on
+    weights.unlink()  # an edited file is not replaced by an export (test_an_edited_export_file_is_...)
     export_mod.export(source, out)  # re-exported: loads again
+    load_for_inference(out)
     (out / "model_args.json").write_text((out / "model_args.json").read_text() + "\n")
     with pytest.raises(UserError, match=r"model_args\.json: changed since"):
         load_for_inference(out)
+
+
+def test_an_edited_export_file_is_never_replaced_or_deleted(source, tmp_path):
+    """Re-exporting replaced a generation_config.json the user had edited; --format mnemo over an hf export
+    deleted every hf file, edited or not: export.json's names were trusted, not its sha256. A listed file
+    whose bytes changed is the user's now: refused in one line naming it, --overwrite or not, nothing touched."""
+    out = tmp_path / "e2"
+    export_mod.export(source, out, format="hf")
+    edited = out / "generation_config.json"
+    edited.write_text('{"temperature": 0.3}')
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    for fmt in ("hf", "mnemo"):
+        for overwrite in (False, True):
+            with pytest.raises(UserError, match=r"--out .*: generation_config\.json changed since mnemo export wrote"):
+                export_mod.export(source, out, format=fmt, overwrite=overwrite)
+            assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    edited.unlink()  # moved away: the export of the same checkpoint goes ahead, no --overwrite needed
+    export_mod.export(source, out, format="mnemo")
+    assert not (out / "modeling_mnemo.py").exists() and (out / "model_args.json").is_file()
