@@ -7,13 +7,15 @@ module writes them, atomically, deleting only files an earlier export listed.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
-from mnemo.data_pipeline.files import atomic_write_text, fsync_path, fsync_tree
+from mnemo.data_pipeline.files import LockBusy, atomic_write_text, fsync_path, fsync_tree, take_flock
 from mnemo.data_pipeline.paths import is_inside
 from mnemo.data_pipeline.tokenizer import TOKENIZER_FILES, file_sha256
 from mnemo.train.checkpoint import (
@@ -96,10 +98,6 @@ def export(path: str | Path, out: str | Path, overwrite: bool = False, format: s
     replaced or deleted; a folder with other files is refused unless
     ``overwrite`` (the export then goes beside them, file by file).
     """
-    import dataclasses
-
-    from safetensors.torch import save_file
-
     if format not in EXPORT_FORMATS:
         raise UserError(f"--format {format!r}: choose {' or '.join(EXPORT_FORMATS)}")
     ckpt = resolve_checkpoint(path)
@@ -110,8 +108,77 @@ def export(path: str | Path, out: str | Path, overwrite: bool = False, format: s
     with path_errors("--out"):  # a name too long, a folder without permission: one line, before the weights load
         if out.exists() and not out.is_dir():
             raise UserError(f"--out {out}: exists and is not a directory")
-        if out.parent.is_dir():
-            _recover_export_leftovers(out)
+        made = _make_dirs(out.parent)  # the lock file's folder
+    try:
+        with export_lock(out):
+            return _export_locked(ckpt, out, overwrite, format)
+    except BaseException:
+        for d in reversed(made):  # made here for nothing: the export was refused or failed
+            try:
+                d.rmdir()
+            except OSError:
+                pass
+        raise
+
+
+def _make_dirs(folder: Path) -> list[Path]:
+    """Create ``folder`` and its missing parents; the ones created, outermost first."""
+    missing = []
+    p = folder
+    while not p.exists() and not p.is_symlink() and p != p.parent:
+        missing.append(p)
+        p = p.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    return missing[::-1]
+
+
+@contextlib.contextmanager
+def export_lock(out: Path) -> Iterator[None]:
+    """Exclusive ownership of ``out`` by one `mnemo export`: an flock (``take_flock``) on
+    ``.NAME.mnemo-export.lock`` beside it, held for the whole export, removed (still held) at the end.
+
+    Two exports into one --out would otherwise move their folders over each other (a traceback), and
+    one's clean-up of leftovers would delete the other's folder in progress. A second export is
+    refused in one line naming the holder. The kernel drops the lock when its process dies (kill -9
+    included); a lock file left by one is mnemo's own and reused. As in data_pipeline/out_lock.py, a
+    lock taken on a file that its holder removed meanwhile is taken again on the file at the path.
+    """
+    path = out.parent / f".{out.name}{EXPORT_LOCK_SUFFIX}"
+    while True:
+        try:
+            fd = take_flock(path)
+        except LockBusy as e:
+            raise UserError(
+                f"--out {out}: another mnemo export is writing it ({e.holder}); wait for it to end or stop it"
+            ) from None
+        except OSError as e:
+            raise UserError(f"--out {out}: cannot lock {path} ({e.strerror or e})") from None
+        try:
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # the previous holder finished and removed it: lock the file now at the path
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)  # still held: nobody else can be using it
+        os.close(fd)
+
+
+# Beside --out: the lock of an export in progress (export_lock).
+EXPORT_LOCK_SUFFIX = ".mnemo-export.lock"
+
+
+def _export_locked(ckpt: Path, out: Path, overwrite: bool, format: str) -> Path:
+    """``export`` once its lock is held: clean up leftovers, check --out's files, write, move into place."""
+    import dataclasses
+
+    from safetensors.torch import save_file
+
+    with path_errors("--out"):
+        _recover_export_leftovers(out)
         old = export_manifest(out)
         present = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
         # A listed file whose bytes are no longer those recorded was edited (or damaged) since: it is no

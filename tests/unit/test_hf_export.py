@@ -354,3 +354,31 @@ def test_an_edited_export_file_is_never_replaced_or_deleted(source, tmp_path):
     edited.unlink()  # moved away: the export of the same checkpoint goes ahead, no --overwrite needed
     export_mod.export(source, out, format="mnemo")
     assert not (out / "modeling_mnemo.py").exists() and (out / "model_args.json").is_file()
+
+
+def test_a_second_export_into_the_same_out_is_refused_while_the_first_runs(source, tmp_path):
+    """Two exports into one --out raced: 'Directory not empty' tracebacks, and one's clean-up of leftovers
+    deleted the other's folder in progress. An export now holds a lock beside --out for its whole run."""
+    out = tmp_path / "conc"
+    live = tmp_path / f".conc.mnemo-export-new-{os.getpid() + 1}"  # the folder a running export is writing
+    live.mkdir()
+    (live / "model.safetensors").write_bytes(b"in progress")
+    with export_mod.export_lock(out):  # another export holds --out
+        with pytest.raises(UserError, match=r"--out .*conc: another mnemo export is writing it \(host .*, pid \d+"):
+            export_mod.export(source, out)
+        assert (live / "model.safetensors").read_bytes() == b"in progress"  # not cleaned up under its feet
+    live_files = sorted(p.name for p in live.iterdir())
+    assert live_files == ["model.safetensors"] and not out.exists()
+    export_mod.export(source, out)  # the lock is free: goes ahead (and removes the leftover)
+    assert (out / "export.json").is_file() and not live.exists()
+    assert not list(tmp_path.glob("*.lock")) and not list(tmp_path.glob(".*.lock"))  # no lock file left behind
+    # A refused export into folders it had to make for its lock leaves none of them behind.
+    deep = tmp_path / "a" / "b" / "out"
+    with pytest.raises(UserError, match="is or is inside|not a mnemo checkpoint"):
+        export_mod.export(tmp_path / "no-such-checkpoint", deep)
+    assert not (tmp_path / "a").exists()
+    deep.mkdir(parents=True)
+    (deep / "notes").write_text("mine")
+    with pytest.raises(UserError, match="holds files"):  # refused once the lock is held: the lock file goes too
+        export_mod.export(source, deep)
+    assert (deep / "notes").read_text() == "mine" and not list(deep.parent.glob(".*"))
