@@ -73,6 +73,7 @@ item with ``=`` and no ``:`` is a parameter of the task before it.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -154,12 +155,15 @@ class TaskSpec:
 def task(family: str, name: str | None = None, **params: Any) -> TaskSpec:
     """A checked TaskSpec of ``family`` with ``params`` over the family's defaults (strings are converted)."""
     if family not in FAMILIES:
-        raise TaskError(f"unknown task {family!r} (tasks: {', '.join([*FAMILIES, *TASKS])})")
+        raise TaskError(f"unknown task {family!r} (tasks: {', '.join(dict.fromkeys([*FAMILIES, *TASKS]))})")
     full = dict(FAMILIES[family])
     for key, raw in params.items():
         if key not in full:
             raise TaskError(f"{family}: unknown parameter {key!r} (known: {', '.join(full)})")
         if isinstance(full[key], int):
+            # ASCII digits only: int() also reads other scripts' digits ("٤" is 4), which nobody means here.
+            if isinstance(raw, str) and not re.fullmatch(r"\s*-?[0-9]+\s*", raw):
+                raise TaskError(f"{family}: parameter {key} must be an integer, got {raw!r}")
             try:
                 raw = int(raw)
             except (TypeError, ValueError):

@@ -38,6 +38,11 @@ def task_specs(names: Sequence[str], what: str = "--tasks") -> list[TaskSpec]:
     dup = sorted({n for n in seen if seen.count(n) > 1})
     if dup:
         raise EvalError(f"{what}: task {dup[0]!r} named twice")
+    same: dict[tuple, str] = {}  # another name for the same task (niah_multikey_k16, niah_multikey:k=16)
+    for s in specs:
+        other = same.setdefault((s.family, s.params), s.name)
+        if other != s.name:
+            raise EvalError(f"{what}: {other!r} and {s.name!r} are the same task; name it once")
     return specs
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -96,12 +97,15 @@ def check_output(flag: str, out: str | None, folder: bool) -> None:
 
 
 def int_list(text: str) -> list[int]:
-    """argparse type: "1,8,32" -> [1, 8, 32]; empty, negative or non-integer items are errors."""
-    try:
-        out = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not out or any(x < 0 for x in out):
+    """argparse type: "1,8,32" -> [1, 8, 32]; empty ("1,,2"), negative or non-integer items are errors.
+
+    ASCII digits only: int() also reads other scripts' digits ("٤" is 4), which nobody means here.
+    """
+    items = [x.strip() for x in text.split(",")]
+    if not all(re.fullmatch(r"-?[0-9]+", x) for x in items):
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers (no empty items), got {text!r}")
+    out = [int(x) for x in items]
+    if any(x < 0 for x in out):
         raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 0, got {text!r}")
     return out
 
@@ -247,6 +251,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from mnemo.train.errors import UserError, path_errors
 
     check_flags(eval_flag_rules(args))  # every numeric flag, before anything heavy
+    if args.tasks is not None and not args.tasks.strip():
+        raise UserError("--tasks: empty; give task names (e.g. passkey,mqar_n16) or leave the flag out")
     check_output("--json", args.json, folder=False)
     check_output("--plots", args.plots, folder=True)
     if args.lm_eval is not None:
@@ -266,7 +272,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from mnemo.evaluation.inference import memory_errors, resolve_device
     from mnemo.evaluation.task_eval import task_specs
 
-    tasks = task_specs([args.tasks]) if args.tasks else []
+    tasks = task_specs([args.tasks]) if args.tasks is not None else []
     device = resolve_device(args.device)
     model, tokenizer, cfg = load_for_inference(args.checkpoint, device=device)
     if args.ltm_search or args.ivf_probe is not None:
@@ -336,15 +342,20 @@ def cmd_lm_eval(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     from mnemo.train.errors import UserError, path_errors
 
+    from mnemo.data_pipeline.files import not_a_regular_file
+
     check_flags(generate_flag_rules(args))  # before the prompt is read and torch imported
     path = Path(args.prompt_file)
     with path_errors("--prompt-file"):
-        if not path.is_file():
-            raise UserError(f"--prompt-file: no such file: {path}")
+        why = not_a_regular_file(path)  # a FIFO or /dev/stdin would be waited on, a directory unreadable
+        if why:
+            raise UserError(f"--prompt-file: {path}: {why}")
         try:
             text = path.read_text(encoding="utf-8")
         except UnicodeDecodeError:
             raise UserError(f"--prompt-file: {path} is not UTF-8 text") from None
+    if not text:  # before the model loads (text that encodes to no token is found after)
+        raise UserError(f"--prompt-file: {path} is empty")
     # After the checks above: these import torch (seconds).
     from mnemo.train.checkpoint import load_for_inference
     from mnemo.evaluation.generate import TextStreamer, generate

@@ -416,6 +416,9 @@ def test_task_documents_are_seeded_per_task(tok, corpus):
         ("bogus", "--tasks: unknown task 'bogus'"),
         ("mqar:n=0", "--tasks: mqar: parameter n must be >= 1"),
         ("passkey,passkey", "--tasks: task 'passkey' named twice"),
+        ("niah_multikey_k16,niah_multikey:k=16", "--tasks: 'niah_multikey_k16' and 'niah_multikey:k=16' are the same"),
+        ("niah_multikey:k=\u0664", "--tasks: niah_multikey: parameter k must be an integer, got '\u0664'"),
+        ("", "--tasks: tasks '': an empty item"),
     ],
 )
 def test_bad_task_names_are_one_line_errors(names, needle):
@@ -876,3 +879,25 @@ def test_an_evaluation_that_cannot_fit_in_memory_is_one_line_before_it_starts(to
     with pytest.raises(RuntimeError, match="other"):
         with memory_errors("lower --x"):
             raise RuntimeError("other")
+
+
+def test_unknown_task_lists_each_name_once_and_distances_need_ascii_integers():
+    """The unknown-task message listed passkey, niah_multivalue and niah_multiquery twice; --distances 1,,2
+    and a non-ASCII digit were accepted; --tasks "" was silently no tasks."""
+    import argparse
+
+    from mnemo.cli import build_parser
+    from mnemo.commands.evaluate import int_list
+    from mnemo.evaluation.task_eval import task_specs
+
+    with pytest.raises(EvalError) as e:
+        task_specs(["bogus"])
+    names = str(e.value).split("(tasks: ")[1].rstrip(")").split(", ")
+    assert len(names) == len(set(names)) and "passkey" in names
+    assert int_list(" 1, 8 ,32") == [1, 8, 32]
+    for bad in ("1,,2", "1,", ",", "", "\u0664", "1,x"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            int_list(bad)
+    args = build_parser().parse_args(["eval", "no-ckpt", "--data", "no-data", "--tasks", " "])
+    with pytest.raises(UserError, match="--tasks: empty"):
+        args.func(args)

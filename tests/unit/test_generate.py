@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import io
 import json
 import sysconfig
@@ -247,3 +248,21 @@ def test_deepspeeds_messages_go_to_stderr_not_into_the_generated_text(tmp_path):
     assert res.stdout == "text-before\ntext-after\n", res.stdout
     for line in ("ds-logger", "early-logger", "ds-print", "c-level"):
         assert line in res.stderr
+
+
+def test_prompt_file_that_is_not_a_file_or_is_empty_is_named_before_loading(tmp_path):
+    """A FIFO, a directory or /dev/stdin was 'no such file'; an empty file was reported after the model load."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    (tmp_path / "empty.txt").write_text("")
+    for prompt, needle in (
+        (fifo, "a FIFO (named pipe), not a regular file"),
+        (tmp_path, "a directory, not a file"),
+        (tmp_path / "empty.txt", "is empty"),
+        (tmp_path / "nope.txt", "no such file"),
+    ):
+        # The checkpoint does not exist: the prompt is checked first.
+        args = build_parser().parse_args(["generate", str(tmp_path / "no-ckpt"), "--prompt-file", str(prompt)])
+        with pytest.raises(UserError) as e:
+            args.func(args)
+        assert str(e.value).startswith(f"--prompt-file: {prompt}") and needle in str(e.value), str(e.value)
