@@ -59,6 +59,13 @@ def _remove_export_files(folder: Path, names) -> None:
         log.warning("left %s in place: it holds files mnemo export did not write", folder)
 
 
+def _umask() -> int:
+    """The process's umask (read by setting it, then setting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _as_written(path: Path, sha256: object) -> bool:
     """Whether ``path`` still holds the bytes an export recorded (a regular file whose sha256 is ``sha256``)."""
     return path.is_file() and not path.is_symlink() and file_sha256(path) == sha256
@@ -232,6 +239,10 @@ def _export_locked(ckpt: Path, out: Path, overwrite: bool, format: str) -> Path:
             for name in TOKENIZER_FILES:  # the one the run used (tokenizer.model or tokenizer.json)
                 if (ckpt / name).is_file():
                     shutil.copy(ckpt / name, tmp / name)
+        # safetensors creates its file 0600, open() 0666 less the umask: every file of the export alike.
+        mode = 0o666 & ~_umask()
+        for p in tmp.iterdir():
+            os.chmod(p, mode)
         files = {p.name: file_sha256(p) for p in sorted(tmp.iterdir())}
         manifest = {"format": EXPORT_FORMAT, "files": files, "source": source}
         (tmp / EXPORT_MANIFEST).write_text(json.dumps(manifest, indent=1))

@@ -382,3 +382,16 @@ def test_a_second_export_into_the_same_out_is_refused_while_the_first_runs(sourc
     with pytest.raises(UserError, match="holds files"):  # refused once the lock is held: the lock file goes too
         export_mod.export(source, deep)
     assert (deep / "notes").read_text() == "mine" and not list(deep.parent.glob(".*"))
+
+
+def test_every_export_file_has_the_same_permissions_as_the_umask_gives(source, tmp_path):
+    """model.safetensors was 0600 (safetensors' own mode), the other files 0644."""
+    old = os.umask(0o027)
+    try:
+        for fmt in ("mnemo", "hf"):
+            out = tmp_path / fmt
+            export_mod.export(source, out, format=fmt)
+            modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
+            assert set(modes.values()) == {0o640}, modes
+    finally:
+        os.umask(old)
