@@ -342,6 +342,7 @@ def cmd_lm_eval(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     from mnemo.train.errors import UserError, path_errors
 
+    from mnemo.data_pipeline.errors import clip
     from mnemo.data_pipeline.files import not_a_regular_file
 
     check_flags(generate_flag_rules(args))  # before the prompt is read and torch imported
@@ -349,7 +350,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     with path_errors("--prompt-file"):
         why = not_a_regular_file(path)  # a FIFO or /dev/stdin would be waited on, a directory unreadable
         if why:
-            raise UserError(f"--prompt-file: {path}: {why}")
+            raise UserError(f"--prompt-file: {clip(str(path))}: {why}")
         try:
             text = path.read_text(encoding="utf-8")
         except UnicodeDecodeError:
