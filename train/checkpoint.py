@@ -18,6 +18,8 @@ place, fsyncs the parent and only then replaces ``latest``. A crash at any
 moment leaves either the previous checkpoint as newest or the new one
 complete; leftovers are removed (with a warning naming them) on the next start.
 Anything else under those names is not mnemo's: left alone (train/rundir.py).
+
+Over 500 lines: what a checkpoint or export holds is written, found, checked and read back in one place.
 """
 
 from __future__ import annotations
