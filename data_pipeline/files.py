@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import datetime
 import errno
 import fcntl
@@ -131,3 +133,25 @@ def take_flock(path: str | Path) -> int:
     os.ftruncate(fd, len(data))
     os.fsync(fd)
     return fd
+
+
+def take_flock_at(path: str | Path, before: Callable[[], None] | None = None) -> int:
+    """``take_flock`` on the file that is at ``path`` once the lock is held.
+
+    A lock file that its holder removes when it ends (data_pipeline/out_lock.py, train/export.py) can
+    be locked by a waiter just before the removal: that waiter then holds a file no longer at the path,
+    and a third process would lock a new one. So the lock is taken again until the descriptor's file is
+    the one at the path. ``before`` runs ahead of each try (out_lock makes the folder, which the holder
+    may have removed too). LockBusy / OSError as ``take_flock``.
+    """
+    while True:
+        if before is not None:
+            before()
+        fd = take_flock(path)
+        try:
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            return fd
+        os.close(fd)

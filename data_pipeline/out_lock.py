@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 
 from mnemo.data_pipeline.errors import DataError
-from mnemo.data_pipeline.files import LockBusy, take_flock
+from mnemo.data_pipeline.files import LockBusy, take_flock_at
 
 # In the state dir of --out (of the staging dir, and of a file:// target): held by the run that owns them.
 LOCK_NAME = "lock"
@@ -70,27 +70,16 @@ class OutLock:
         self.created += reversed(missing)
 
     def _take(self, path: str) -> None:
-        while True:
-            try:
-                self._makedirs(os.path.dirname(path))
-                fd = take_flock(path)
-            except LockBusy as e:
-                raise DataError(
-                    f"--out {self.url}: another mnemo prepare is running on it ({e.holder}); "
-                    "wait for it to end or stop it"
-                ) from None
-            except OSError as e:
-                raise DataError(f"--out {self.url}: cannot lock {path} ({e.strerror or e})") from None
-            try:
-                same = os.stat(path).st_ino == os.fstat(fd).st_ino
-            except FileNotFoundError:
-                same = False
-            if not same:  # the previous holder finished and removed it: lock the file now at the path
-                os.close(fd)
-                continue
-            self.held.append((fd, path))
-            _held_fds.add(fd)
-            return
+        try:
+            fd = take_flock_at(path, before=lambda: self._makedirs(os.path.dirname(path)))
+        except LockBusy as e:
+            raise DataError(
+                f"--out {self.url}: another mnemo prepare is running on it ({e.holder}); wait for it to end or stop it"
+            ) from None
+        except OSError as e:
+            raise DataError(f"--out {self.url}: cannot lock {path} ({e.strerror or e})") from None
+        self.held.append((fd, path))
+        _held_fds.add(fd)
 
     def release(self) -> None:
         for fd, path in reversed(self.held):

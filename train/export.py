@@ -15,7 +15,7 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
-from mnemo.data_pipeline.files import LockBusy, atomic_write_text, fsync_path, fsync_tree, take_flock
+from mnemo.data_pipeline.files import LockBusy, atomic_write_text, fsync_path, fsync_tree, take_flock_at
 from mnemo.data_pipeline.paths import is_inside
 from mnemo.data_pipeline.tokenizer import TOKENIZER_FILES, file_sha256
 from mnemo.train.checkpoint import (
@@ -151,22 +151,14 @@ def export_lock(out: Path) -> Iterator[None]:
     lock taken on a file that its holder removed meanwhile is taken again on the file at the path.
     """
     path = out.parent / f".{out.name}{EXPORT_LOCK_SUFFIX}"
-    while True:
-        try:
-            fd = take_flock(path)
-        except LockBusy as e:
-            raise UserError(
-                f"--out {out}: another mnemo export is writing it ({e.holder}); wait for it to end or stop it"
-            ) from None
-        except OSError as e:
-            raise UserError(f"--out {out}: cannot lock {path} ({e.strerror or e})") from None
-        try:
-            same = os.stat(path).st_ino == os.fstat(fd).st_ino
-        except FileNotFoundError:
-            same = False
-        if same:
-            break
-        os.close(fd)  # the previous holder finished and removed it: lock the file now at the path
+    try:
+        fd = take_flock_at(path)
+    except LockBusy as e:
+        raise UserError(
+            f"--out {out}: another mnemo export is writing it ({e.holder}); wait for it to end or stop it"
+        ) from None
+    except OSError as e:
+        raise UserError(f"--out {out}: cannot lock {path} ({e.strerror or e})") from None
     try:
         yield
     finally:
