@@ -7,6 +7,7 @@ from collections.abc import Callable
 import datetime
 import errno
 import fcntl
+import io
 import json
 import os
 import socket
@@ -155,3 +156,54 @@ def take_flock_at(path: str | Path, before: Callable[[], None] | None = None) ->
         if same:
             return fd
         os.close(fd)
+
+
+# The most bytes a JSON file of a dataset (index.json, manifest.json) or of prepare's state may have. Real
+# ones hold about 600 bytes per shard (index.json: 256 MiB is some 400,000 shards of up to 64 MiB) and 100
+# per input file (manifest.json: over 2 million files); a bigger one is not read into memory (a crafted
+# dataset dir: a link to a huge file).
+MAX_JSON_BYTES = 256 << 20
+
+
+class NotRegularFile(OSError):
+    """A file that was not read: a directory, FIFO, device or socket, or bigger than the caller's bound.
+
+    An OSError, so that callers already handling a file that cannot be read handle this one too; its
+    message is the reason ("a FIFO (named pipe), not a regular file").
+    """
+
+
+def open_regular(path: str | os.PathLike) -> io.BufferedReader:
+    """``path`` opened for binary reading when it is a regular file; else NotRegularFile saying what it is.
+
+    What it is is looked at before the open (a device is never opened) and again on the open descriptor
+    (a file swapped for a FIFO in between); the open does not block (a FIFO without a writer would wait
+    forever). FileNotFoundError, PermissionError...: as open() raises them.
+    """
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise NotRegularFile(not_a_regular_file(path) or "not a regular file")
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise NotRegularFile("not a regular file (replaced while being opened)")
+        os.set_blocking(fd, True)
+        return open(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_bounded(path: str | os.PathLike, limit: int) -> bytes:
+    """The bytes of regular file ``path`` (open_regular), NotRegularFile when it holds more than ``limit``.
+
+    The bound keeps a file that is not what it claims (a huge JSON file in a dataset someone sent)
+    from being read into memory whole.
+    """
+    with open_regular(path) as f:
+        size = os.fstat(f.fileno()).st_size
+        data = f.read(limit + 1) if size <= limit else b""
+    if size > limit:
+        raise NotRegularFile(f"{size:,} bytes, over the {limit:,}-byte bound for this file")
+    if len(data) > limit:
+        raise NotRegularFile(f"grew past the {limit:,}-byte bound for this file while being read")
+    return data

@@ -52,6 +52,7 @@ import numpy as np
 import sentencepiece as spm
 
 from mnemo.data_pipeline.errors import DataError
+from mnemo.data_pipeline.files import not_a_regular_file, open_regular
 from mnemo.data_pipeline.tokenizer_out import check_model_out, write_model_file
 
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
@@ -65,7 +66,7 @@ _MAX_SENTENCE_BYTES = 4 * _CHUNK_CHARS + 16
 
 def file_sha256(path: str | os.PathLike) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open_regular(path) as f:  # a FIFO is refused (NotRegularFile, an OSError), never waited on
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
@@ -88,8 +89,6 @@ class Tokenizer:
     unk_id: int
 
     def __new__(cls, path: str | os.PathLike | None = None, *args, **kwargs):
-        from mnemo.data_pipeline.files import not_a_regular_file
-
         if path is not None and (why := not_a_regular_file(path)) is not None:  # before any open: a FIFO blocks
             raise DataError(f"tokenizer {path}: {why}")
         if cls is Tokenizer and path is not None:

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from mnemo.data_pipeline.errors import DataError
+from mnemo.data_pipeline.files import not_a_regular_file
 from mnemo.data_pipeline.lean_imports import import_streaming
 
 
@@ -209,9 +210,16 @@ def _verify(data_dir: str) -> dict:
     if tokens != manifest["num_tokens"]:
         raise DataError(f"{data_dir}: {tokens} tokens in the shards, manifest.json says {manifest['num_tokens']}")
     tok_path = find_tokenizer_file(data_dir)
-    if not os.path.exists(tok_path):
+    why = not_a_regular_file(tok_path)
+    if why == "no such file":
         raise DataError(f"{tok_path}: missing (the tokenizer copy)")
-    if file_sha256(tok_path) != manifest["tokenizer_sha256"]:
+    if why is not None:  # a directory; a FIFO, never opened (it would wait forever)
+        raise DataError(f"tokenizer {tok_path}: {why}")
+    try:
+        sha = file_sha256(tok_path)
+    except OSError as e:  # replaced since the look above, or unreadable
+        raise DataError(f"tokenizer {tok_path}: cannot be read ({e.strerror or e})") from None
+    if sha != manifest["tokenizer_sha256"]:
         raise DataError(f"{tok_path}: sha256 differs from manifest.json")
     return {
         "data_dir": data_dir,

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -185,3 +188,36 @@ def test_cli_verify_roundtrip_docs_below_zero_is_an_error(dataset, capsys):
     with pytest.raises(SystemExit) as e:
         main(["data", "verify", str(dataset), "--roundtrip-docs", "-5"])
     assert e.value.code == 2 and "argument --roundtrip-docs: " in capsys.readouterr().err
+
+
+@contextmanager
+def _within(seconds: int):
+    """TimeoutError when the block takes longer: a FIFO opened for reading waits forever for a writer."""
+
+    def too_slow(*_):
+        raise TimeoutError("blocked")
+
+    old = signal.signal(signal.SIGALRM, too_slow)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+@pytest.mark.parametrize(
+    "what, why",
+    [("directory", "a directory, not a file"), ("fifo", "a FIFO (named pipe), not a regular file")],
+)
+def test_verify_a_tokenizer_copy_that_is_no_regular_file_is_one_line(copy, capsys, what, why):
+    """A directory there was an IsADirectoryError traceback; a FIFO hung verify forever."""
+    from mnemo.cli import main
+
+    tok = copy / "tokenizer.model"
+    tok.unlink()
+    tok.mkdir() if what == "directory" else os.mkfifo(tok)
+    with _within(20):
+        rc = main(["data", "verify", str(copy), "--roundtrip-docs", "0"])
+    assert rc == 2 and capsys.readouterr().err.strip() == f"mnemo: error: tokenizer {tok}: {why}"
+
