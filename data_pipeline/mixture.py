@@ -66,18 +66,18 @@ def tokenizer_sha256(path: str) -> str | None:
     """sha256 of the tokenizer a local dataset was made with (its manifest, else its tokenizer.model); None: unknown."""
     import json
 
+    from mnemo.data_pipeline.files import MAX_JSON_BYTES, read_bounded
     from mnemo.data_pipeline.paths import is_remote, local_path
     from mnemo.data_pipeline.tokenizer import file_sha256
 
     if is_remote(path):
         return None  # checked against the manifest by the trainer once the data is fetched
     local = local_path(path)
-    try:
-        with open(os.path.join(local, "manifest.json")) as f:
-            sha = json.load(f).get("tokenizer_sha256")
+    try:  # a FIFO there is refused, never waited on
+        sha = json.loads(read_bounded(os.path.join(local, "manifest.json"), MAX_JSON_BYTES)).get("tokenizer_sha256")
         if sha:
             return str(sha)
-    except (OSError, ValueError):
+    except (OSError, ValueError, AttributeError, RecursionError):
         pass
     tok = os.path.join(local, "tokenizer.model")
     return file_sha256(tok) if os.path.isfile(tok) else None

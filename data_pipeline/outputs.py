@@ -44,7 +44,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from mnemo.data_pipeline.errors import DataError
-from mnemo.data_pipeline.files import atomic_write
+from mnemo.data_pipeline.files import MAX_JSON_BYTES, atomic_write, read_bounded
 from mnemo.data_pipeline.inputs import Corpus, WorkUnit
 from mnemo.data_pipeline.lean_imports import import_streaming
 from mnemo.data_pipeline.out_lock import LOCK_NAME
@@ -110,12 +110,11 @@ def write_json(path: str, obj: dict, tmp_dir: str | None = None) -> None:
 
 
 def read_json(path: str) -> dict | None:
-    try:
-        with open(path) as f:
-            return json.load(f)
+    try:  # a FIFO put there is refused, never waited on
+        return json.loads(read_bounded(path, MAX_JSON_BYTES))
     except FileNotFoundError:
         return None
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:
         raise DataError(f"{path}: unreadable ({e})") from None
 
 

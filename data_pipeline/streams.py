@@ -82,6 +82,15 @@ class ArraySource:
         return {"tokens": self.docs[idx], "answer_start": a[0], "answer_len": a[1]}
 
 
+def _check_index(key: str, data_dir: str) -> None:
+    from mnemo.data_pipeline.verify import check_index
+
+    try:
+        check_index(data_dir)
+    except DataError as e:
+        raise DataError(f"{key}: {e}") from None
+
+
 class MDSSource:
     """Documents of an MDS dataset written by ``mnemo prepare``."""
 
@@ -91,6 +100,10 @@ class MDSSource:
 
         remote = path if is_remote(path) else None
         local = cache_dir if remote else local_path(path)
+        # streaming opens (and decompresses into) the files index.json names, and a FIFO index.json would
+        # hang it: a dataset dir is data someone may have sent. A remote's index is checked once fetched.
+        if remote is None and os.path.exists(os.path.join(local, "index.json")):
+            _check_index(key, local)
         try:
             self.ds = StreamingDataset(remote=remote, local=local, shuffle=False, batch_size=1)
         except FileNotFoundError as e:
@@ -103,6 +116,8 @@ class MDSSource:
                 " one, or one killed without cleanup): give this job its own data.cache_dir, or, when no job uses"
                 " it, remove the /dev/shm/NNNNNN_* segments whose NNNNNN_locals names it"
             ) from None
+        if remote is not None:
+            _check_index(key, local)
         self.num_samples = int(self.ds.num_samples)
         self.samples_per_shard = np.asarray(self.ds.samples_per_shard, dtype=np.int64)
         self.has_answers = "answer_start" in getattr(self.ds.shards[0], "column_names", []) if self.ds.shards else False

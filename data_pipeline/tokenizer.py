@@ -52,7 +52,7 @@ import numpy as np
 import sentencepiece as spm
 
 from mnemo.data_pipeline.errors import DataError
-from mnemo.data_pipeline.files import not_a_regular_file, open_regular
+from mnemo.data_pipeline.files import MAX_JSON_BYTES, not_a_regular_file, open_regular, read_bounded
 from mnemo.data_pipeline.tokenizer_out import check_model_out, write_model_file
 
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
@@ -144,10 +144,9 @@ def find_tokenizer_file(folder: str | os.PathLike) -> str:
     import json
 
     folder = str(folder)
-    try:
-        with open(os.path.join(folder, "manifest.json")) as f:
-            name = json.load(f).get("tokenizer_file")
-    except (OSError, ValueError, AttributeError):
+    try:  # a FIFO or a huge file there is no manifest to go by (verify.read_manifest says what it is)
+        name = json.loads(read_bounded(os.path.join(folder, "manifest.json"), MAX_JSON_BYTES)).get("tokenizer_file")
+    except (OSError, ValueError, AttributeError, RecursionError):
         name = None
     if name in TOKENIZER_FILES:
         return os.path.join(folder, name)

@@ -13,24 +13,29 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
 
-from mnemo.data_pipeline.errors import DataError
-from mnemo.data_pipeline.files import not_a_regular_file
+from mnemo.data_pipeline.errors import DataError, brief
+from mnemo.data_pipeline.files import MAX_JSON_BYTES, NotRegularFile, not_a_regular_file, open_regular, read_bounded
 from mnemo.data_pipeline.lean_imports import import_streaming
 
 
-def read_json_file(path: str, what: str) -> dict:
+def read_json_file(path: str, what: str, limit: int = MAX_JSON_BYTES) -> dict:
+    """The JSON object in ``path``, a regular file of at most ``limit`` bytes; else DataError naming it."""
     try:
-        with open(path) as f:
-            obj = json.load(f)
+        obj = json.loads(read_bounded(path, limit))
     except FileNotFoundError:
         raise DataError(f"{path}: missing ({what})") from None
-    except (OSError, ValueError, RecursionError) as e:
+    except NotRegularFile as e:  # a directory, FIFO (never waited on), device, or too big
+        raise DataError(f"{path}: {e} ({what})") from None
+    except OSError as e:
+        raise DataError(f"{path}: unreadable {what} ({e.strerror or e})") from None
+    except (ValueError, RecursionError) as e:
         raise DataError(f"{path}: unreadable {what} ({e})") from None
     if not isinstance(obj, dict):
         raise DataError(f"{path}: not a JSON object ({what})")
@@ -78,17 +83,20 @@ def _shard_bytes(data_dir: str, shard: dict) -> tuple[str, bytes]:
     from streaming.base.compression import decompress
     from streaming.base.hashing import get_hash
 
+    check_shard_entry(shard, os.path.join(data_dir, "index.json"))
     zinfo, rinfo = shard.get("zip_data"), shard["raw_data"]
     info = zinfo or rinfo
     name = info["basename"]
     path = os.path.join(data_dir, name)
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
             size = os.fstat(f.fileno()).st_size
             # The size first: a replaced file is never read into memory whole.
             data = f.read(info["bytes"] + 1) if size == info["bytes"] else b""
     except FileNotFoundError:
         raise DataError(f"shard {name}: missing") from None
+    except NotRegularFile as e:  # a FIFO is refused, never waited on
+        raise DataError(f"shard {name}: {e}") from None
     except OSError as e:
         raise DataError(f"shard {name}: cannot be read ({e.strerror or e})") from None
     if size != info["bytes"] or len(data) != info["bytes"]:
@@ -107,6 +115,62 @@ def _shard_bytes(data_dir: str, shard: dict) -> tuple[str, bytes]:
             if get_hash(algo, data) != want:
                 raise DataError(f"shard {name}: decompressed {algo} does not match index.json (corrupted)")
     return name, data
+
+
+# A shard's file name in index.json: what streaming's MDS writer names them ("shard.00000.mds", ".zstd" beside
+# it), under the part dir the merged index puts in front ("part-00000/"). Each '/'-separated component starts
+# with a letter, digit or '_' (no '..', no absolute path, no hidden name) and holds no other separator.
+_SHARD_NAME_PART = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,254}\Z")
+
+
+def _shard_name(name: Any, index_path: str) -> str:
+    """``name`` when it is a shard file name of the kind an MDS index holds; else DataError naming ``index_path``.
+
+    index.json is data someone may have sent: a name that is absolute or climbs out with '..' would
+    have verify and evaluation read a file outside the dataset dir.
+    """
+    if not (isinstance(name, str) and all(_SHARD_NAME_PART.match(p) for p in name.split("/"))):
+        raise DataError(
+            f"{index_path}: shard file name {brief(name)} is not a relative name inside the dataset dir "
+            f"(like part-00000/shard.00000.mds.zstd)"
+        )
+    return name
+
+
+def _index_count(entry: dict, key: str, where: str) -> int:
+    """``entry[key]``, a whole number >= 0 (not a bool, a string or a float); else DataError naming the field."""
+    v = entry.get(key)
+    if type(v) is not int or v < 0:
+        raise DataError(f"{where}: field {key!r} is {brief(v)}, not a whole number >= 0")
+    return v
+
+
+def check_shard_entry(shard: Any, index_path: str) -> None:
+    """DataError naming ``index_path`` unless ``shard`` (an entry of its "shards") has files named like an MDS
+    shard's (_shard_name) and whole-number sizes and sample count: checked before any file of it is opened."""
+    if not (isinstance(shard, dict) and isinstance(shard.get("raw_data"), dict)):
+        raise DataError(f"{index_path}: a shard entry is {brief(shard)}, not an object with 'raw_data'")
+    for info in (shard.get("zip_data"), shard["raw_data"]):
+        if info is not None:
+            if not isinstance(info, dict):
+                raise DataError(f"{index_path}: a shard's 'zip_data' is {brief(info)}, not an object")
+            name = _shard_name(info.get("basename"), index_path)
+            _index_count(info, "bytes", f"{index_path}: shard {name}")
+    _index_count(shard, "samples", f"{index_path}: shard {shard['raw_data']['basename']}")
+
+
+def check_index(data_dir: str) -> None:
+    """DataError unless ``data_dir``/index.json is an MDS index whose shard entries pass check_shard_entry.
+
+    For readers that hand the dataset to streaming (training): it opens, and may decompress into, the
+    files an index names, under whatever names it holds.
+    """
+    path = os.path.join(data_dir, "index.json")
+    shards = read_json_file(path, "the merged shard index").get("shards")
+    if not isinstance(shards, list):
+        raise DataError(f"{path}: 'shards' is {brief(shards)}, not a list (not an MDS index)")
+    for shard in shards:
+        check_shard_entry(shard, path)
 
 
 # MDS column encodings whose decoder runs code from the file (streaming's "pkl" unpickles each value).

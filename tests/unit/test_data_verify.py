@@ -221,3 +221,70 @@ def test_verify_a_tokenizer_copy_that_is_no_regular_file_is_one_line(copy, capsy
         rc = main(["data", "verify", str(copy), "--roundtrip-docs", "0"])
     assert rc == 2 and capsys.readouterr().err.strip() == f"mnemo: error: tokenizer {tok}: {why}"
 
+
+@pytest.mark.parametrize("name", ["index.json", "manifest.json", "shard"])
+@pytest.mark.parametrize("command", ["verify", "inspect"])
+def test_a_fifo_or_device_in_the_dataset_is_one_line_not_a_hang(copy, capsys, name, command):
+    """A FIFO there hung verify and inspect; a link to /dev/zero read until memory ran out."""
+    from mnemo.cli import main
+
+    path = _shard(copy)[1] if name == "shard" else copy / name
+    for kind, why in [("fifo", "a FIFO (named pipe), not a regular file"), ("dev", "a character device")]:
+        path.unlink()
+        os.mkfifo(path) if kind == "fifo" else path.symlink_to("/dev/zero")
+        with _within(20):
+            rc = main(["data", command, str(copy)] + (["--roundtrip-docs", "0"] if command == "verify" else []))
+        err = capsys.readouterr().err.strip()
+        assert rc == 2 and err.startswith("mnemo: error: ") and why in err and "\n" not in err, err
+        assert (path.name if name == "shard" else str(path)) in err
+
+
+def test_a_json_file_over_the_bound_is_not_read(tmp_path):
+    from mnemo.data_pipeline.verify import read_json_file
+
+    (tmp_path / "index.json").write_text(json.dumps({"shards": ["x" * 200]}))
+    with pytest.raises(DataError, match=r"index.json: 2\d\d bytes, over the 100-byte bound for this file \(idx\)"):
+        read_json_file(str(tmp_path / "index.json"), "idx", limit=100)
+
+
+@pytest.mark.parametrize(
+    "name", ["/etc/hostname", "../../../../etc/passwd", "part-00000/../../x", "part-00000//x", ".hidden", ""]
+)
+def test_shard_names_outside_the_dataset_are_refused_before_any_open(copy, capsys, name):
+    """An absolute name or one climbing out with '..' had verify and inspect read files outside the dir."""
+    from mnemo.cli import main
+    from mnemo.data_pipeline.streams import MDSSource
+
+    index = json.loads((copy / "index.json").read_text())
+    index["shards"][1]["raw_data"]["basename"] = name
+    (copy / "index.json").write_text(json.dumps(index))
+    for command in ("verify", "inspect"):
+        assert main(["data", command, str(copy), *(["--roundtrip-docs", "0"] if command == "verify" else [])]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == (
+            f"mnemo: error: {copy / 'index.json'}: shard file name {name!r} is not a relative name inside the "
+            f"dataset dir (like part-00000/shard.00000.mds.zstd)"
+        )
+    # Training hands the dir to streaming, which would open (and decompress into) that name.
+    with pytest.raises(DataError, match=rf"^data.path: {copy / 'index.json'}: shard file name"):
+        MDSSource(str(copy))
+
+
+@pytest.mark.parametrize(
+    "field, value", [("samples", "3"), ("samples", 3.0), ("samples", True), ("bytes", "254"), ("samples", -1)]
+)
+def test_index_counts_of_the_wrong_type_name_the_field(copy, field, value):
+    """'samples': "3" gave 'holds 3 samples, index.json says 3'."""
+    index = json.loads((copy / "index.json").read_text())
+    entry = index["shards"][0]
+    (entry if field == "samples" else entry["zip_data"])[field] = value
+    (copy / "index.json").write_text(json.dumps(index))
+    with pytest.raises(DataError, match=rf"index.json: shard \S+: field '{field}' is .*, not a whole number >= 0$"):
+        verify(str(copy), roundtrip_docs=0)
+
+
+def test_a_good_local_dataset_still_opens_for_training(copy):
+    from mnemo.data_pipeline.streams import MDSSource
+
+    src = MDSSource(str(copy))
+    assert src.num_samples == 30 and src.get(0)["tokens"][-1] == read_manifest(str(copy))["eos_id"]

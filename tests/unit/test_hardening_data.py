@@ -474,7 +474,7 @@ def test_verify_and_inspect_report_malformed_metadata_in_one_line(model, tmp_pat
     both = ("verify", "inspect")
     for name, text, needle, commands in [
         ("index.json", "[]", "index.json: not a JSON object", both),
-        ("index.json", '{"shards": [{}]}', "malformed (KeyError: 'raw_data')", both),
+        ("index.json", '{"shards": [{}]}', "index.json: a shard entry is {}, not an object with 'raw_data'", both),
         ("index.json", '{"shards": 5}', "malformed (TypeError", both),
         ("manifest.json", "[1, 2]", "manifest.json: not a JSON object", both),
         (
@@ -490,3 +490,29 @@ def test_verify_and_inspect_report_malformed_metadata_in_one_line(model, tmp_pat
         for command in commands:
             rc, err = cli(capsys, "data", command, out)
             assert rc == 2 and needle in one_error_line(err), (name, text, command)
+
+
+def test_a_fifo_in_out_is_one_line_not_a_hang(model, tmp_path, capsys):
+    """prepare reads --out's manifest.json (is it done?): a FIFO there hung it."""
+    import signal
+
+    (tmp_path / "a.jsonl").write_bytes(jsonl(3))
+    out = tmp_path / "out"
+    out.mkdir()
+    os.mkfifo(out / "manifest.json")
+
+    def too_slow(*_):
+        raise TimeoutError("prepare blocked")
+
+    old = signal.signal(signal.SIGALRM, too_slow)
+    signal.alarm(20)
+    try:
+        rc, err = cli(capsys, "prepare", "--input", tmp_path / "a.jsonl", "--out", out, "--tokenizer", model)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+    assert rc == 2
+    assert (
+        one_error_line(err)
+        == f"mnemo: error: {out}/manifest.json: unreadable (a FIFO (named pipe), not a regular file)"
+    )
