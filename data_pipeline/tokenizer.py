@@ -33,6 +33,9 @@ Training reads a bounded reservoir sample of documents (``sample_docs``, each
 cut to ``max_doc_chars``) so that memory does not grow with the corpus, and
 feeds them to the trainer as pieces of at most ``_CHUNK_CHARS`` characters
 split at line ends: newlines, tabs and indentation are kept inside the pieces.
+
+Over 500 lines: both tokenizer kinds, and the SentencePiece trainer with the settings and argument
+checks that keep it lossless, which this docstring explains together.
 """
 
 from __future__ import annotations
@@ -51,7 +54,7 @@ from pathlib import Path
 import numpy as np
 import sentencepiece as spm
 
-from mnemo.data_pipeline.errors import DataError
+from mnemo.data_pipeline.errors import DataError, brief
 from mnemo.data_pipeline.files import MAX_JSON_BYTES, not_a_regular_file, open_regular, read_bounded
 from mnemo.data_pipeline.tokenizer_out import check_model_out, write_model_file
 
@@ -401,12 +404,30 @@ def trainer_options(
         minloglevel=2,
     )
     if special_tokens:
-        reserved = {"<unk>", "<s>", "</s>", "<pad>"}
-        bad = [t for t in special_tokens if t in reserved or not t]
-        if bad:
-            raise DataError(f"special token {bad[0]!r} is reserved or empty")
-        opts["control_symbols"] = list(special_tokens)
+        opts["control_symbols"] = check_special_tokens(special_tokens)
     return opts
+
+
+_BYTE_PIECE = re.compile(r"<0x[0-9A-F]{2}>\Z")
+
+
+def check_special_tokens(tokens: Sequence[str]) -> list[str]:
+    """``tokens`` as a list, when each can be an extra control symbol; else DataError naming --special-tokens.
+
+    A symbol holding U+2581, the mark SentencePiece writes a space as, made every space decode as
+    "▁" (no longer lossless); a byte piece's name (<0x41>) failed inside SentencePiece (duplicate).
+    """
+    for i, t in enumerate(tokens):
+        for bad, why in (
+            (not t, "is empty"),
+            (t in ("<unk>", "<s>", "</s>", "<pad>"), "is reserved (ids 0-3 are <unk> <s> </s> <pad>)"),
+            (_BYTE_PIECE.match(t), "is the name of a byte piece (<0x00>..<0xFF>, byte fallback)"),
+            (_SPACE_MARK in t, "holds U+2581 (▁), SentencePiece's space mark: spaces would decode as it"),
+            (t in tokens[:i], "is given twice"),
+        ):
+            if bad:
+                raise DataError(f"--special-tokens: {brief(t)} {why}")
+    return list(tokens)
 
 
 _TOO_SMALL = re.compile(r"Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)")
@@ -478,6 +499,7 @@ def train_tokenizer(
     if sample_docs < 1 or vocab_size < 1:
         bad = ("--sample-docs", sample_docs) if sample_docs < 1 else ("--vocab-size", vocab_size)
         raise DataError(f"{bad[0]} must be positive, got {bad[1]}")
+    check_special_tokens(special_tokens)  # before the corpus is read
     out = check_model_out(out, overwrite)
     files = plan_inputs(inputs, text_field=text_field, id_field=id_field)
     stats = ReadStats()

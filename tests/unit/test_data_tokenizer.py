@@ -301,3 +301,26 @@ def test_existing_out_file_is_replaced_only_if_it_is_a_mnemo_model_and_overwrite
     rc, err = _cli(capsys, "--input", corpus, "--vocab-size", "400", "--out", str(model), "--overwrite")
     assert rc == 0 and Tokenizer(model).vocab_size <= 400 and model.read_bytes() != Path(tok.path).read_bytes()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus", "mytok.model", "tok.model"]
+
+
+@pytest.mark.parametrize(
+    "tokens, bad, why",
+    [
+        (["\u2581"], "\u2581", "holds U+2581"),
+        (["<x\u2581y>"], "<x\u2581y>", "holds U+2581"),
+        (["<0x41>"], "<0x41>", "is the name of a byte piece"),
+        (["<mask>", "<mask>"], "<mask>", "is given twice"),
+        (["</s>"], "</s>", "is reserved"),
+        ([""], "", "is empty"),
+    ],
+)
+def test_special_tokens_that_would_break_the_tokenizer_are_refused_first(tmp_path, capsys, tokens, bad, why):
+    """'▁' was accepted and made every space decode as '▁'; '<0x41>' failed inside SentencePiece."""
+    from mnemo.cli import main
+
+    corpus = _corpus(tmp_path, 5)
+    args = ["tokenizer", "train", "--input", str(corpus), "--vocab-size", "400", "--out", str(tmp_path / "t.model")]
+    assert main(args + ["--special-tokens", *tokens]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"mnemo: error: --special-tokens: {bad!r} {why}") and "\n" not in err, err
+    assert not (tmp_path / "t.model").exists()
