@@ -11,6 +11,14 @@ class DataError(Exception):
     """Bad corpus, tokenizer or shard: the message names the file, field or shard."""
 
 
+class InputError(DataError):
+    """A corpus input that could not be read as planned: bad data, a --strict error, a file that changed.
+
+    A conversion that stopped on one cannot be finished by rerunning it (prepare records it, so that
+    the next run with fixed inputs starts over instead of being refused).
+    """
+
+
 def clip(text: str, limit: int = 120) -> str:
     """``text`` cut to ``limit`` characters, "..." where cut."""
     return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import time
 
-from mnemo.data_pipeline.errors import DataError
+from mnemo.data_pipeline.errors import InputError
 from mnemo.data_pipeline.files import atomic_write
 from mnemo.data_pipeline.inputs import Corpus, ReadStats
 from mnemo.data_pipeline.outputs import OutLocation
@@ -83,7 +83,7 @@ def train_tokenizer_on_sample(
     sample = reservoir_sample(texts, sample_docs, seed, 16_384)
     if not sample:
         names = ", ".join(str(f.path) for f in corpus.files[:3]) if getattr(corpus, "files", None) else "the inputs"
-        raise DataError(
+        raise InputError(
             f"no documents: every document of {names} is empty or was skipped ({format_counts(stats.counts)})"
         )
     # Trained inside the state dir (its temp file too), then moved into place whole.

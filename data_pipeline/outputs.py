@@ -43,12 +43,13 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from mnemo.data_pipeline.errors import DataError
+from mnemo.data_pipeline.errors import DataError, InputError, clip
 from mnemo.data_pipeline.files import MAX_JSON_BYTES, atomic_write, read_bounded
 from mnemo.data_pipeline.inputs import Corpus, WorkUnit
 from mnemo.data_pipeline.lean_imports import import_streaming
 from mnemo.data_pipeline.out_lock import LOCK_NAME
 from mnemo.data_pipeline.paths import file_url_path
+from mnemo.data_pipeline.progress import note
 
 STATE_DIR = ".mnemo-prepare"
 # The list of entries of DATA_DIR that mnemo wrote (the only ones it ever deletes).
@@ -254,11 +255,17 @@ def claim_out(loc: OutLocation, fingerprint: str, overwrite: bool, names: Sequen
     dirs = [loc.local] + ([loc.target] if loc.target is not None else [])
     owned = {d: _owned_entries(loc.url, d) for d in dirs}
     plan = read_json(os.path.join(loc.state, "plan.json")) if owned[loc.local] is not None else None
+    failed = plan.get("failed") if isinstance(plan, dict) else None
     if plan is not None and plan.get("fingerprint") != fingerprint and not overwrite:
-        raise DataError(
-            f"--out {loc.url} holds an unfinished conversion of other inputs or settings; "
-            f"rerun that command to finish it, or pass --overwrite"
-        )
+        if not failed:
+            raise DataError(
+                f"--out {loc.url} holds an unfinished conversion of other inputs or settings; "
+                f"rerun that command to finish it, or pass --overwrite"
+            )
+        # It stopped on bad input: rerunning it cannot finish it, and fixing the input changes the
+        # fingerprint, so this is the fixed rerun. Its parts are mnemo's (listed): start over.
+        why = clip(str(failed), 300)
+        note(f"note: --out {loc.url} held an unfinished conversion that failed on bad input ({why}); starting over")
     if overwrite or plan is None or plan.get("fingerprint") != fingerprint:
         if cu is not None and done is None:
             _refuse_foreign_objects(loc, cu)
@@ -284,7 +291,15 @@ def claim_out(loc: OutLocation, fingerprint: str, overwrite: bool, names: Sequen
         for d in dirs:
             if owned[d] is None or not set(names) <= owned[d]:
                 _write_outputs(d, (owned[d] or set()) | set(names))
+        if failed:  # the same conversion again (its input as it was): resumed, not failed until it fails
+            write_json(os.path.join(loc.state, "plan.json"), {"fingerprint": fingerprint})
     return None
+
+
+def record_failure(loc: OutLocation, fingerprint: str, error: InputError) -> None:
+    """Note in the plan that this conversion stopped on bad input (claim_out lets a fixed rerun start over)."""
+    if os.path.isdir(loc.state):
+        write_json(os.path.join(loc.state, "plan.json"), {"fingerprint": fingerprint, "failed": str(error)})
 
 
 def remote_failure(url: str, what: str, e: BaseException) -> DataError:

@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mnemo.data_pipeline.errors import DataError
+from mnemo.data_pipeline.errors import DataError, InputError
 from mnemo.data_pipeline.inputs import Corpus, ReadStats, WorkUnit, plan_inputs, split_units
 from mnemo.data_pipeline.lean_imports import import_streaming
 from mnemo.data_pipeline.manifest import (
@@ -62,6 +62,7 @@ from mnemo.data_pipeline.outputs import (
     part_present,
     passkey_part_name,
     read_json,
+    record_failure,
     remote_failure,
     resolve_out,
     upload,
@@ -484,31 +485,37 @@ def prepare(
             note(f"{loc.url} is already complete for these inputs (manifest.json); nothing to do")
             return complete
 
-        if given is not None:
-            tok = copy_tokenizer(loc, given, given_bytes)
-        else:
-            tok = train_tokenizer_on_sample(
-                loc, corpus, text_field, id_field, strict, vocab_size, model_type, sample_docs, seed, max_doc_bytes
+        # Reading the corpus: an input that fails it (InputError) is recorded, so that the rerun with the
+        # input fixed (another fingerprint) starts over instead of being told to finish this one.
+        try:
+            if given is not None:
+                tok = copy_tokenizer(loc, given, given_bytes)
+            else:
+                tok = train_tokenizer_on_sample(
+                    loc, corpus, text_field, id_field, strict, vocab_size, model_type, sample_docs, seed, max_doc_bytes
+                )
+            ctx = UnitContext(
+                os.path.join(loc.local, tok.file_name),
+                tok.token_dtype.name,
+                text_field,
+                id_field,
+                strict,
+                loc.local,
+                loc.remote,
+                max_doc_bytes,
             )
-        ctx = UnitContext(
-            os.path.join(loc.local, tok.file_name),
-            tok.token_dtype.name,
-            text_field,
-            id_field,
-            strict,
-            loc.local,
-            loc.remote,
-            max_doc_bytes,
-        )
-        _forget_lost_parts(loc, ctx, [u.name for u in units] + ([passkey_part_name(units)] if passkey_docs else []))
-        results = _convert(ctx, units, workers, progress)
-        stats = _read_stats(corpus, units, results)
-        num_corpus = sum(results[u.name]["documents"] for u in units)
-        if num_corpus == 0:
-            raise DataError(
-                f"no documents: every document of {', '.join(map(str, inputs))} was skipped "
-                f"({format_counts(stats.counts)})"
-            )
+            _forget_lost_parts(loc, ctx, [u.name for u in units] + ([passkey_part_name(units)] if passkey_docs else []))
+            results = _convert(ctx, units, workers, progress)
+            stats = _read_stats(corpus, units, results)
+            num_corpus = sum(results[u.name]["documents"] for u in units)
+            if num_corpus == 0:
+                raise InputError(
+                    f"no documents: every document of {', '.join(map(str, inputs))} was skipped "
+                    f"({format_counts(stats.counts)})"
+                )
+        except InputError as e:
+            record_failure(loc, fingerprint, e)
+            raise
         names = [u.name for u in units]
         if passkey_docs:
             names.append(_passkey_part(ctx, tok, units, passkey_docs, passkey_max_distance, passkey_segment_len, seed))

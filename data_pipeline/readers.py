@@ -35,7 +35,7 @@ import os
 from collections.abc import Iterator, Sequence
 from typing import IO, NamedTuple
 
-from mnemo.data_pipeline.errors import DataError
+from mnemo.data_pipeline.errors import DataError, InputError
 from mnemo.data_pipeline.inputs import Corpus, InputFile, Piece, ReadStats, WorkUnit, byte_order_mark, est_size
 
 # Default of --max-doc-bytes: the most input bytes one document may take.
@@ -443,10 +443,14 @@ def iter_piece(
         else:
             yield from _read_jsonl(f, piece.start, piece.stop, text_field, id_field, strict, stats, max_doc_bytes)
     except FileNotFoundError:
-        raise DataError(f"input {f.path}: disappeared while reading") from None
+        raise InputError(f"input {f.path}: disappeared while reading") from None
     except (OSError, EOFError) as e:
         msg = getattr(e, "strerror", None) or (str(e).splitlines()[0] if str(e) else type(e).__name__)
-        raise DataError(f"input {f.path}: cannot be read ({msg})") from None
+        raise InputError(f"input {f.path}: cannot be read ({msg})") from None
+    except DataError as e:  # the readers' own: corrupt data, --strict, a file that changed
+        if isinstance(e, InputError):
+            raise
+        raise InputError(str(e)) from None
 
 
 def iter_unit(

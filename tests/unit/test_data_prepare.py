@@ -6,6 +6,7 @@ import gzip
 import json
 import multiprocessing as mp
 import os
+import re
 import signal
 import sys
 import threading
@@ -353,6 +354,33 @@ def test_refuses_an_unfinished_different_conversion_and_foreign_dirs(corpus, tmp
         with pytest.raises(DataError, match="not empty and holds no mnemo dataset"):
             run(corpus, foreign, overwrite=overwrite)
     assert (foreign / "thesis.tex").read_text() == "precious"
+
+
+@pytest.mark.parametrize("bad", ["gzip", "strict"])
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_conversion_that_failed_on_bad_input_gives_way_to_the_fixed_rerun(corpus, tmp_path, capsys, bad, workers):
+    """The fixed rerun was refused: 'holds an unfinished conversion ...; rerun that command to finish it',
+    which fails again on the same bad input."""
+    model = corpus[2]
+    good = tmp_path / "a.jsonl"
+    good.write_text('{"text": "ok"}\n' * 3 + ("not json\n" if bad == "strict" else ""))
+    out = tmp_path / "out"
+    inputs = [str(good)]
+    if bad == "gzip":
+        (tmp_path / "bad.jsonl.gz").write_bytes(b"notgzip\n")
+        inputs.append(str(tmp_path / "bad.jsonl.gz"))
+    needle = "truncated or corrupt gzip data" if bad == "gzip" else "not valid JSON (--strict)"
+    with pytest.raises(DataError, match=re.escape(needle)):
+        prepare(inputs, str(out), tokenizer=model, workers=workers, strict=True)
+    # Fixed: the bad file left out, the bad line removed.
+    good.write_text('{"text": "ok"}\n' * 3)
+    capsys.readouterr()
+    m = prepare([str(good)], str(out), tokenizer=model, workers=workers, strict=True)
+    assert m["num_documents"] == 3 and verify(str(out))["ok"]
+    err = capsys.readouterr().err
+    assert (
+        "held an unfinished conversion that failed on bad input (" in err and needle in err and "starting over" in err
+    )
 
 
 # ----------------------------------------------------------------------------- bad input end to end
