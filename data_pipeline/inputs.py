@@ -316,6 +316,8 @@ def expand_inputs(inputs: Sequence[str]) -> tuple[list[tuple[str, str, os.stat_r
 
     for inp in inputs:
         inp = os.path.expanduser(str(inp))
+        if not inp:
+            raise DataError("--input: an empty path ('') among the inputs")
         if os.path.isdir(inp):
             for p in _walk(inp, stats):
                 add(p, explicit=False)

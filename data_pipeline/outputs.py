@@ -85,6 +85,8 @@ class OutLocation:
 def resolve_out(out: str, staging: str | None = None) -> OutLocation:
     """A local dir, ``file://`` URL or a remote streaming can upload to."""
     out = str(out)
+    if not out:  # abspath("") is the current directory
+        raise DataError("--out is empty; give the output directory")
     scheme = urllib.parse.urlparse(out).scheme
     if scheme == "":
         return OutLocation(out, os.path.abspath(os.path.expanduser(out)), None)

@@ -79,6 +79,11 @@ def _utf8_name(path: str) -> str:
 
 
 def _changed(f: InputFile, now: int) -> DataError:
+    if f.size == 0 and now > 0:  # /proc, /sys: the size says 0 whatever they hold, so a rerun never helps
+        return DataError(
+            f"input {f.path}: its size says 0 bytes but it holds data (a /proc or /sys file?); "
+            f"copy it to a regular file and give that"
+        )
     return DataError(
         f"input {f.path}: {now:,} bytes now, {f.size:,} when the inputs were planned "
         f"(changed while being read); rerun when it no longer changes"

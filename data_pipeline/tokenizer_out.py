@@ -59,6 +59,8 @@ def check_model_out(out: str | os.PathLike, overwrite: bool = False) -> Path:
     it is a new file (in a directory that exists or can be made), or, with ``overwrite``, a
     SentencePiece model mnemo could have written (``is_mnemo_sentencepiece``). mnemo never
     replaces a file it cannot tell it wrote (``mnemo prepare`` and ``mnemo export`` refuse alike)."""
+    if not str(out):  # Path("") is ".", the current directory
+        raise DataError("--out is empty; give the model file to write, e.g. tokenizer.model")
     out = Path(out)
     if out.is_dir():
         raise DataError(f"--out {out}: is a directory; give the model file to write, e.g. {out / 'tokenizer.model'}")

@@ -395,6 +395,28 @@ def test_input_that_changes_or_vanishes_after_planning_is_an_error(tmp_path):
         list(iter_documents(corpus))
 
 
+@pytest.mark.skipif(not os.path.exists("/proc/cpuinfo"), reason="needs Linux /proc")
+def test_a_proc_file_whose_size_says_zero_is_an_honest_error():
+    """It said 'N bytes now, 0 when the inputs were planned (changed while being read); rerun when it no
+    longer changes': a rerun never helps, the size of a /proc file is always 0."""
+    with pytest.raises(DataError, match=r"^input /proc/cpuinfo: its size says 0 bytes but it holds data .*copy it"):
+        list(iter_documents(plan_inputs(["/proc/cpuinfo"])))
+
+
+def test_an_empty_out_or_input_is_refused_by_name(model, tmp_path, capsys, monkeypatch):
+    """--out '' was taken as the current directory; --input '' said 'input : no such file or directory'."""
+    (tmp_path / "a.jsonl").write_bytes(jsonl(3))
+    monkeypatch.chdir(tmp_path)
+    for args, needle in [
+        (["prepare", "--input", "a.jsonl", "--out", "", "--tokenizer", model], "--out is empty"),
+        (["prepare", "--input", "a.jsonl", "", "--out", "o", "--tokenizer", model], "--input: an empty path"),
+        (["tokenizer", "train", "--input", "a.jsonl", "--vocab-size", "300", "--out", ""], "--out is empty"),
+    ]:
+        rc, err = cli(capsys, *args)
+        assert rc == 2 and one_error_line(err).startswith(f"mnemo: error: {needle}"), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.jsonl"]
+
+
 # ----------------------------------------------------------------------------- --max-doc-bytes
 
 
