@@ -198,18 +198,19 @@ def _skip_line(f: InputFile, fh: IO[bytes]) -> int:
 def _lines(f: InputFile, fh: IO[bytes], pos: int, stop: int | None, limit: int) -> Iterator[bytes | None]:
     """Lines (newline kept) that start in [pos, stop), or to the end of the stream when ``stop`` is None.
 
-    A line of more than ``limit`` bytes (newline not counted) comes out as None,
+    A line of more than ``limit`` bytes (its newline, "\n" or "\r\n", not counted) comes out as None,
     skipped chunk by chunk, never held whole.
     """
     while stop is None or pos < stop:
-        line = _readline(f, fh, limit + 1)
+        line = _readline(f, fh, limit + 2)  # room for the newline, "\r\n" included
         if not line:
             if stop is not None:  # the file is shorter than planned
                 raise _changed(f, pos)
             return
         n = len(line)
-        if n > limit and not line.endswith(b"\n"):
-            n += _skip_line(f, fh)
+        if n - (2 if line.endswith(b"\r\n") else 1 if line.endswith(b"\n") else 0) > limit:
+            if not line.endswith(b"\n"):
+                n += _skip_line(f, fh)
             pos += n
             yield None
             continue

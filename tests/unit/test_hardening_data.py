@@ -436,6 +436,17 @@ def test_documents_over_the_bound_are_skipped_and_counted(tmp_path):
     assert f"{d}/lines.jsonl:1: too_large" in stats.examples and f"{d}/rows.parquet:row 2: too_large" in stats.examples
 
 
+@pytest.mark.parametrize("newline", [b"\n", b"\r\n"])
+def test_the_bound_counts_a_jsonl_line_without_its_newline_crlf_included(tmp_path, newline):
+    """A line of exactly N bytes ending in CRLF was skipped as too_large; with LF it was kept."""
+    line = b'{"text": "' + b"w" * 88 + b'"}'
+    over = b'{"text": "' + b"x" * 89 + b'"}'
+    assert len(line) == 100 and len(over) == 101
+    (tmp_path / "a.jsonl").write_bytes(line + newline + over + newline + line + newline)
+    texts, stats = read([tmp_path / "a.jsonl"], max_doc_bytes=100)
+    assert texts == ["w" * 88, "w" * 88] and stats.counts == {"too_large": 1}
+
+
 @pytest.mark.parametrize("suffix", ["jsonl", "jsonl.gz"])
 def test_a_long_line_is_skipped_without_being_held_whole(tmp_path, suffix):
     line = b'{"text": "' + b"a" * (24 << 20) + b'"}\n'
