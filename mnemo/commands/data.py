@@ -267,8 +267,11 @@ def _at_least_zero(text: str) -> int:
 
 def _weights(text: str) -> list[float]:
     """argparse type: "0.8,0.2" -> [0.8, 0.2] (each finite and >= 0, the sum finite and > 0)."""
+    fields = text.split(",")
+    if not all(x.strip() for x in fields):  # "1,,2": a weight left out would shift the rest onto other datasets
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r} (an empty field)")
     try:
-        out = [float(x) for x in text.split(",") if x.strip()]
+        out = [float(x) for x in fields]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
     if not out or not all(math.isfinite(w) and w >= 0 for w in out) or not 0 < sum(out) < math.inf:

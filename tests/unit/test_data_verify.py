@@ -170,6 +170,8 @@ def test_cli_inspect_shows_control_characters_escaped(dataset, tmp_path, capsys)
         (["--weights", "inf,1"], "--weights"),
         (["--weights", "1e308,1e308"], "--weights"),
         (["--weights", "nan,1"], "--weights"),
+        (["--weights", "1,,2"], "--weights"),  # was read as 1,2
+        (["--weights", "1,2,"], "--weights"),
     ],
 )
 def test_cli_inspect_numeric_flags_are_checked(dataset, capsys, args, needle):
