@@ -44,3 +44,17 @@ def is_inside(path: str | os.PathLike, root: str | os.PathLike) -> bool:
     """``path`` is ``root`` or lies under it (symbolic links resolved)."""
     path, root = os.path.realpath(path), os.path.realpath(root)
     return os.path.commonpath([path, root]) == root
+
+
+def not_a_dataset_dir(path: str | os.PathLike) -> str | None:
+    """Why local ``path`` is no dataset directory of `mnemo prepare` ("no such directory: PATH", "PATH
+    holds no MDS shards (index.json missing); run `mnemo prepare`"), or None when it has an index.json.
+
+    An index.json that is there but no regular file (a FIFO, a directory) counts as there: whoever reads
+    it says what it is (data_pipeline/verify.read_json_file), rather than "missing".
+    """
+    if not os.path.isdir(path):
+        return f"no such directory: {path}"
+    if not os.path.lexists(os.path.join(path, "index.json")):
+        return f"{path} holds no MDS shards (index.json missing); run `mnemo prepare`"
+    return None

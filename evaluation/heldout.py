@@ -18,6 +18,7 @@ import numpy as np
 
 from mnemo.data_pipeline.errors import DataError
 from mnemo.data_pipeline.passkey import is_synthetic
+from mnemo.data_pipeline.paths import not_a_dataset_dir
 from mnemo.data_pipeline.split import heldout_mask
 from mnemo.evaluation.errors import EvalError
 
@@ -113,10 +114,9 @@ class LocalMDS:
 def open_mds(data_dir: str) -> LocalMDS:
     """The samples of a local ``--data`` dir (``LocalMDS``), or EvalError naming what is missing."""
     path = Path(data_dir)
-    if not path.is_dir():
-        raise EvalError(f"--data: no such directory: {path}")
-    if not (path / "index.json").is_file():
-        raise EvalError(f"--data: {path} holds no MDS shards (index.json missing); run `mnemo prepare`")
+    why = not_a_dataset_dir(path)
+    if why:
+        raise EvalError(f"--data: {why}")
     return LocalMDS(str(path))
 
 
@@ -139,7 +139,7 @@ def check_data_tokenizer(data_dir: str, tokenizer: Any) -> None:
     from mnemo.data_pipeline.verify import other_tokenizer, read_json_file
 
     manifest = Path(data_dir) / "manifest.json"
-    if not manifest.is_file():
+    if not os.path.lexists(manifest):  # a manifest that is no regular file is read_json_file's one-line error
         return
     have = getattr(tokenizer, "sha256", None)
     want = other_tokenizer(read_json_file(str(manifest), "the dataset's manifest"), have)

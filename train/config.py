@@ -24,7 +24,7 @@ from typing import Any, Literal
 import yaml
 
 from mnemo.data_pipeline.errors import brief, clip
-from mnemo.data_pipeline.paths import is_remote, local_path
+from mnemo.data_pipeline.paths import is_remote, local_path, not_a_dataset_dir
 from mnemo.train.errors import UserError, path_errors
 from mnemo.train.redact import redact_uri
 
@@ -886,10 +886,9 @@ def check_paths(cfg: Config) -> None:
             continue
         with path_errors(key, ConfigError):
             local = Path(local_path(path, key))
-            if not local.is_dir():
-                raise ConfigError(f"{key}: no such directory: {local}")
-            if not (local / "index.json").is_file():
-                raise ConfigError(f"{key}: {local} holds no MDS shards (index.json missing); run `mnemo prepare`")
+            why = not_a_dataset_dir(local)
+            if why:
+                raise ConfigError(f"{key}: {why}")
     if cfg.data.sources:
         from mnemo.data_pipeline.errors import DataError
         from mnemo.data_pipeline.mixture import check_same_tokenizer

@@ -248,6 +248,7 @@ def add_generate(sub: argparse._SubParsersAction, name: str) -> argparse.Argumen
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from mnemo.data_pipeline.paths import not_a_dataset_dir
     from mnemo.train.errors import UserError, path_errors
 
     check_flags(eval_flag_rules(args))  # every numeric flag, before anything heavy
@@ -263,9 +264,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise UserError("mnemo eval: give --data DATA_DIR (or --lm-eval TASKS)")
     data = Path(args.data)
     with path_errors("--data"):
-        if not (data / "index.json").is_file():  # before the (slower) model load
-            what = "no such directory" if not data.is_dir() else "no MDS shards (index.json missing)"
-            raise UserError(f"--data: {what}: {data}")
+        why = not_a_dataset_dir(data)  # before the (slower) model load
+        if why:
+            raise UserError(f"--data: {why}")
     # After the checks above: these import torch (seconds), which a mistyped flag should not wait for.
     from mnemo.train.checkpoint import load_for_inference
     from mnemo.evaluation.evaluate import MEMORY_ADVICE, evaluate_data_dir

@@ -12,6 +12,7 @@ read at once, several rounds in a row.
 from __future__ import annotations
 
 import multiprocessing
+import os
 from pathlib import Path
 from typing import Any
 
@@ -99,3 +100,21 @@ def test_open_mds_errors_name_the_data_dir(tmp_path):
         read_heldout_docs(str(data), VAL_FRACTION)
     msg = str(e.value)
     assert "\n" not in msg and str(data) in msg and "mnemo data verify" in msg, msg
+
+
+def test_index_json_that_is_no_file_is_said_so_not_missing(tmp_path):
+    """An index.json that is a FIFO is there: the error says what it is (and never waits on it), not
+    'index.json missing; run mnemo prepare'; a dir without one still says that."""
+    from mnemo.data_pipeline.errors import DataError
+    from mnemo.evaluation.errors import EvalError
+    from mnemo.evaluation.heldout import read_heldout_docs
+
+    data = tmp_path / "data"
+    _write_mds(data)
+    (data / "index.json").unlink()
+    with pytest.raises(EvalError, match=r"index\.json missing"):
+        read_heldout_docs(str(data), VAL_FRACTION)
+    os.mkfifo(data / "index.json")
+    with pytest.raises((EvalError, DataError)) as e:
+        read_heldout_docs(str(data), VAL_FRACTION)
+    assert "FIFO" in str(e.value) and "missing" not in str(e.value), str(e.value)
