@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 import urllib.parse
 import urllib.request
 
@@ -51,9 +52,14 @@ def not_a_dataset_dir(path: str | os.PathLike) -> str | None:
     holds no MDS shards (index.json missing); run `mnemo prepare`"), or None when it has an index.json.
 
     An index.json that is there but no regular file (a FIFO, a directory) counts as there: whoever reads
-    it says what it is (data_pipeline/verify.read_json_file), rather than "missing".
+    it says what it is (data_pipeline/verify.read_json_file), rather than "missing". OSError other
+    than "not there" (a name too long, no permission) as os.stat raises it.
     """
-    if not os.path.isdir(path):
+    try:
+        is_dir = stat.S_ISDIR(os.stat(path).st_mode)
+    except (FileNotFoundError, NotADirectoryError):
+        is_dir = False  # other OSErrors (a name too long, no permission) are the caller's to report
+    if not is_dir:
         return f"no such directory: {path}"
     if not os.path.lexists(os.path.join(path, "index.json")):
         return f"{path} holds no MDS shards (index.json missing); run `mnemo prepare`"
