@@ -159,8 +159,9 @@ def check_shard_entry(shard: Any, index_path: str) -> None:
     _index_count(shard, "samples", f"{index_path}: shard {shard['raw_data']['basename']}")
 
 
-def check_index(data_dir: str) -> None:
-    """DataError unless ``data_dir``/index.json is an MDS index whose shard entries pass check_shard_entry.
+def check_index(data_dir: str) -> list[dict[str, Any]]:
+    """The shard entries of ``data_dir``/index.json; DataError unless it is an MDS index whose entries pass
+    check_shard_entry.
 
     For readers that hand the dataset to streaming (training): it opens, and may decompress into, the
     files an index names, under whatever names it holds.
@@ -171,6 +172,7 @@ def check_index(data_dir: str) -> None:
         raise DataError(f"{path}: 'shards' is {brief(shards)}, not a list (not an MDS index)")
     for shard in shards:
         check_shard_entry(shard, path)
+    return shards
 
 
 # MDS column encodings whose decoder runs code from the file (streaming's "pkl" unpickles each value).

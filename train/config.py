@@ -889,6 +889,7 @@ def check_paths(cfg: Config) -> None:
             why = not_a_dataset_dir(local)
             if why:
                 raise ConfigError(f"{key}: {why}")
+            check_shards(key, local)
     if cfg.data.sources:
         from mnemo.data_pipeline.errors import DataError
         from mnemo.data_pipeline.mixture import check_same_tokenizer
@@ -943,6 +944,26 @@ def check_paths(cfg: Config) -> None:
             check_run_dir(Path(cfg.run.dir), r, resume)
         except ValueError as e:
             raise ConfigError(f"run.dir: {e}") from None
+
+
+def check_shards(key: str, data_dir: Path) -> None:
+    """ConfigError naming ``key`` unless ``data_dir``/index.json passes verify.check_index (shard names a
+    reader may open) and every shard it lists is there (its zip_data file, or its raw_data one).
+
+    Checked before any rank starts: a missing shard was streaming's "path to remote dataset must be
+    provided" traceback in every rank. Stat only, no hashing (`mnemo data verify` hashes).
+    """
+    from mnemo.data_pipeline.errors import DataError
+    from mnemo.data_pipeline.verify import check_index
+
+    try:
+        shards = check_index(str(data_dir))
+    except DataError as e:
+        raise ConfigError(f"{key}: {e}") from None
+    for shard in shards:
+        names = [info["basename"] for info in (shard.get("zip_data"), shard["raw_data"]) if info is not None]
+        if not any((data_dir / name).is_file() for name in names):
+            raise ConfigError(f"{key}: shard {names[0]}: missing (listed in {data_dir / 'index.json'})")
 
 
 def check_init_from_tokenizer(cfg: Config, weights: Path, tok: str) -> None:

@@ -19,6 +19,6 @@ def clear_forwarded_env(monkeypatch) -> None:
 def stub_data_dir(path: Path) -> Path:
     """A data dir that passes launch's pre-start checks (index.json, tokenizer.model); nothing reads it."""
     path.mkdir(parents=True)
-    (path / "index.json").write_text("{}")
+    (path / "index.json").write_text('{"shards": []}')
     (path / "tokenizer.model").write_text("")
     return path

@@ -212,7 +212,7 @@ def _cfg(tmp_path, run_dir, **over):
 
     data = tmp_path / "data"
     data.mkdir(exist_ok=True)
-    (data / "index.json").write_text("{}")
+    (data / "index.json").write_text('{"shards": []}')
     (data / "tokenizer.model").write_bytes(b"x")
     args = [f"data.path={data}", f"run.dir={run_dir}", *(f"{k}={v}" for k, v in over.items())]
     return load_config(None, args)

@@ -305,3 +305,42 @@ def test_a_remote_data_tokenizer_is_refused_and_a_file_url_is_its_path(tmp_path)
     cfg = load_config(None, [f"data.path={data}", f"data.tokenizer=file://{tmp_path}/my%20tok.model"])
     assert tokenizer_path(cfg) == f"{tmp_path}/my tok.model"  # what the trainer opens
     assert tokenizer_path(load_config(None, [f"data.path=file://{data}"])) == f"{data}/tokenizer.model"
+
+
+# --------------------------------------------------------------------------- #
+# The shards index.json lists: checked before any rank starts
+
+
+def _index_with_one_shard(data, basename="part-00000/shard.00000.mds"):
+    import json
+
+    entry = {"raw_data": {"basename": basename, "bytes": 4}, "samples": 1}
+    entry["zip_data"] = {"basename": basename + ".zstd", "bytes": 3}
+    (data / "index.json").write_text(json.dumps({"version": 2, "shards": [entry]}))
+
+
+def test_a_missing_shard_is_a_config_error_before_any_rank_starts(tmp_path):
+    from mnemo.train.config import check_paths
+
+    data = _data_dir(tmp_path / "data")
+    _index_with_one_shard(data)
+    cfg = load_config(None, [f"data.path={data}", f"run.dir={tmp_path}/r"])
+    # Before: accepted; each rank then died in streaming ("path to remote dataset must be provided").
+    with pytest.raises(ConfigError) as e:
+        check_paths(cfg)
+    assert str(e.value) == (
+        f"data.path: shard part-00000/shard.00000.mds.zstd: missing (listed in {data / 'index.json'})"
+    )
+    (data / "part-00000").mkdir()
+    (data / "part-00000" / "shard.00000.mds").write_bytes(b"abcd")  # the raw file alone will do
+    check_paths(cfg)
+
+
+def test_an_index_naming_a_file_outside_the_shard_names_is_refused_before_any_rank_starts(tmp_path):
+    from mnemo.train.config import check_paths
+
+    data = _data_dir(tmp_path / "data")
+    _index_with_one_shard(data, basename="../../etc/passwd")
+    cfg = load_config(None, [f"data.path={data}", f"run.dir={tmp_path}/r"])
+    with pytest.raises(ConfigError, match=r"^data\.path: .*index\.json"):
+        check_paths(cfg)

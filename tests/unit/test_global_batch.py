@@ -64,7 +64,7 @@ def test_launcher_refuses_before_starting_anything(tmp_path):
 
     mds = tmp_path / "data"
     mds.mkdir()
-    (mds / "index.json").write_text("{}")  # enough for the path checks that come first
+    (mds / "index.json").write_text('{"shards": []}')  # enough for the path checks that come first
     (mds / "tokenizer.model").write_bytes(b"")
     req = LaunchRequest(
         config=DEBUG,

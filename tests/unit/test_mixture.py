@@ -189,7 +189,7 @@ def test_expected_epochs_and_table():
 def fake_data(path, sha="a" * 64):
     """Just enough of a `mnemo prepare` dir for the path checks: index.json, manifest.json, tokenizer.model."""
     path.mkdir(parents=True)
-    (path / "index.json").write_text("{}")
+    (path / "index.json").write_text('{"shards": []}')
     (path / "manifest.json").write_text(json.dumps({"tokenizer_sha256": sha}))
     (path / "tokenizer.model").write_bytes(b"tok")
     return path
