@@ -98,6 +98,7 @@ class MDSSource:
         import_streaming()  # without transformers (lean_imports.py)
         from streaming import StreamingDataset
 
+        self.path = "" if is_remote(path) else path  # named by errors about its data (a URL may hold a secret)
         remote = path if is_remote(path) else None
         local = cache_dir if remote else local_path(path)
         # streaming opens (and decompresses into) the files index.json names, and a FIFO index.json would
@@ -199,8 +200,10 @@ class DocumentStreams:
         answer_context_weight: float = 1.0,
         num_workers: int = 0,
         prefetch: int = 64,
+        vocab_size: int = 0,
     ):
         self.B, self.T = batch_size, segment_len
+        self.vocab_size = vocab_size  # > 0: every document's token ids are checked to lie below it
         self.rank, self.world = rank, world_size
         self.seed, self.val_fraction = seed, val_fraction
         self.pad_id, self.answer_weight = pad_id, answer_weight
@@ -257,6 +260,26 @@ class DocumentStreams:
             i for i, (m, q) in enumerate(zip(self.mixture, self.queues)) if m.weight > 0 and not q.exhausted()
         ]
 
+    def _check_token_ids(self, src: int, doc: int, tokens: np.ndarray) -> None:
+        """DataError naming the dataset, shard and sample of a document with a token id outside [0, vocab_size).
+
+        An embedding lookup would fail on it in the rank (an IndexError on CPU, a device-side assert on
+        GPU) without saying which data. One max (and min) over the document: negligible beside reading it.
+        """
+        if self.vocab_size <= 0 or tokens.size == 0:
+            return
+        hi, lo = int(tokens.max()), int(tokens.min())
+        if hi < self.vocab_size and lo >= 0:
+            return
+        queue = self.queues[src]
+        shard = int(np.searchsorted(np.cumsum(queue.source.samples_per_shard), doc, side="right"))
+        where = getattr(queue.source, "path", "")
+        raise DataError(
+            f"{queue.label}: {where + ': ' if where else ''}shard {shard}, sample {doc}: token id "
+            f"{hi if hi >= self.vocab_size else lo} is outside the vocabulary (0..{self.vocab_size - 1}); "
+            "the data was not made with this tokenizer, or is corrupted (`mnemo data verify`)"
+        )
+
     # ---------------------------------------------------------------- batches
     def __iter__(self):
         return self
@@ -277,6 +300,7 @@ class DocumentStreams:
                 item = self.queues[src].load(doc, self._pool, self._prefetch)
                 slot.doc, slot.epoch, slot.offset, slot.src = doc, epoch, 0, src
                 slot.tokens = np.asarray(item["tokens"])
+                self._check_token_ids(src, doc, slot.tokens)
                 slot.answer = (int(item.get("answer_start", -1)), int(item.get("answer_len", 0)))
                 self.drawn[src] += max(0, len(slot.tokens) - 1)
                 reset[b] = True

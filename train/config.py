@@ -912,6 +912,7 @@ def check_paths(cfg: Config) -> None:
                 Tokenizer(tok)
             except DataError as e:
                 raise ConfigError(f"data.tokenizer: {e}") from None
+    check_manifest_vocab(cfg, tok)
     from mnemo.train.rundir import check_run_dir, find_checkpoint
 
     if cfg.init_from:
@@ -964,6 +965,43 @@ def check_shards(key: str, data_dir: Path) -> None:
         names = [info["basename"] for info in (shard.get("zip_data"), shard["raw_data"]) if info is not None]
         if not any((data_dir / name).is_file() for name in names):
             raise ConfigError(f"{key}: shard {names[0]}: missing (listed in {data_dir / 'index.json'})")
+
+
+def check_manifest_vocab(cfg: Config, tok: str) -> None:
+    """ConfigError unless the first dataset's manifest.json vocab_size (the model's vocabulary: the trainer
+    sizes its embedding by it) is a positive whole number equal to the vocab size of ``tok``, the tokenizer
+    this run uses. A manifest without one is the trainer's to refuse (verify.read_manifest).
+
+    Trusted, "abc" was a ValueError in every rank, 0 a RuntimeError, one below the tokens' ids an
+    IndexError, 10000000 a model of a billion parameters.
+    """
+    from mnemo.data_pipeline.errors import DataError
+    from mnemo.data_pipeline.tokenizer import Tokenizer
+    from mnemo.data_pipeline.verify import read_json_file
+
+    key, path = data_paths(cfg)[0]
+    if is_remote(path):
+        return  # refused above: the first dataset must be local
+    with path_errors(key, ConfigError):
+        manifest = os.path.join(local_path(path, key), "manifest.json")
+        if not os.path.lexists(manifest):
+            return
+        try:
+            vocab = read_json_file(manifest, "dataset manifest (written by mnemo prepare)").get("vocab_size")
+        except DataError as e:
+            raise ConfigError(f"{key}: {e}") from None
+        if vocab is None:
+            return
+        if isinstance(vocab, bool) or not isinstance(vocab, int) or vocab < 1:
+            raise ConfigError(f"{key}: {manifest}: vocab_size is {brief(vocab)}, not a whole number >= 1")
+        try:
+            theirs = Tokenizer(tok).vocab_size
+        except DataError as e:
+            raise ConfigError(f"data.tokenizer: {e}") from None
+        if vocab != theirs:
+            raise ConfigError(
+                f"{key}: {manifest}: vocab_size {vocab} is not the vocab size {theirs} of the tokenizer {tok}"
+            )
 
 
 def check_init_from_tokenizer(cfg: Config, weights: Path, tok: str) -> None:

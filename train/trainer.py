@@ -282,6 +282,7 @@ class Trainer:
             answer_weight=cfg.train.answer_weight,
             answer_context_weight=cfg.train.answer_context_weight,
             num_workers=cfg.data.num_workers,
+            vocab_size=self.vocab_size,
         )
 
     def _episodes(self):

@@ -344,3 +344,39 @@ def test_an_index_naming_a_file_outside_the_shard_names_is_refused_before_any_ra
     cfg = load_config(None, [f"data.path={data}", f"run.dir={tmp_path}/r"])
     with pytest.raises(ConfigError, match=r"^data\.path: .*index\.json"):
         check_paths(cfg)
+
+
+# --------------------------------------------------------------------------- #
+# manifest.json's vocab_size sizes the model: checked against the tokenizer before any rank starts
+
+
+@pytest.fixture(scope="module")
+def sp_tokenizer(tmp_path_factory):
+    from mnemo.data_pipeline.tokenizer import train_tokenizer
+
+    tmp = tmp_path_factory.mktemp("tok")
+    (tmp / "c.txt").write_text(" ".join(f"word{i % 97} and more text {i}" for i in range(3000)) + "\n")
+    return train_tokenizer([str(tmp / "c.txt")], tmp / "t.model", vocab_size=300)
+
+
+@pytest.mark.parametrize("vocab", ["abc", 0, -5, True, 1.5, 100, 10_000_000])
+def test_a_manifest_vocab_size_that_is_not_the_tokenizers_is_refused(tmp_path, sp_tokenizer, vocab):
+    import json
+    import shutil
+
+    from mnemo.train.config import check_paths
+
+    data = _data_dir(tmp_path / "data")
+    shutil.copyfile(sp_tokenizer.path, data / "tokenizer.model")
+    manifest = data / "manifest.json"
+    cfg = load_config(None, [f"data.path={data}", f"run.dir={tmp_path}/r"])
+    manifest.write_text(json.dumps({"vocab_size": sp_tokenizer.vocab_size}))
+    check_paths(cfg)
+    # Before: accepted; the rank then failed on int("abc"), an empty embedding, an IndexError or memory.
+    manifest.write_text(json.dumps({"vocab_size": vocab}))
+    with pytest.raises(ConfigError) as e:
+        check_paths(cfg)
+    msg = str(e.value)
+    assert msg.startswith(f"data.path: {manifest}: vocab_size ") and "\n" not in msg, msg
+    if isinstance(vocab, int) and not isinstance(vocab, bool) and vocab > 0:
+        assert f"vocab_size {vocab} is not the vocab size {sp_tokenizer.vocab_size} of the tokenizer" in msg

@@ -207,3 +207,20 @@ def test_fewer_documents_than_ranks_is_a_clear_error():
 
     with pytest.raises(DataError, match="fewer than the 4 ranks"):
         streams(ArraySource(make_docs(3)), world=4)
+
+
+@pytest.mark.parametrize("bad", [300, 70000, -1])
+def test_a_token_id_outside_the_vocabulary_is_a_data_error_naming_the_sample(bad):
+    """Before: the embedding lookup failed in the rank (IndexError on CPU, a device-side assert on GPU)."""
+    from mnemo.data_pipeline.errors import DataError
+
+    docs = [np.arange(1, 40, dtype=np.int64) for _ in range(6)]
+    docs[4][7] = bad
+    src = ArraySource(docs, shard_size=4)
+    ok = DocumentStreams(ArraySource(docs[:4]), batch_size=2, segment_len=8, vocab_size=300)
+    for _ in range(30):
+        next(ok)
+    s = DocumentStreams(src, batch_size=2, segment_len=8, vocab_size=300)
+    with pytest.raises(DataError, match=rf"^data\.path: shard 1, sample 4: token id {bad} is outside the vocabulary"):
+        for _ in range(100):
+            next(s)
