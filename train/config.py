@@ -761,6 +761,7 @@ def validate(cfg: Config) -> None:
     except ValueError as e:
         raise ConfigError(f"train.passkey.tasks: {_brief(pk.tasks)}: {_clip(str(e))}") from None
     need(bool(specs), "train.passkey.tasks", "must name at least one task")
+    refuse_repeated_task([spec.name for spec in specs], "train.passkey.tasks")
     need(
         not pk.task_weights or (len(pk.task_weights) == len(specs) and all(w > 0 for w in pk.task_weights)),
         "train.passkey.task_weights",
@@ -796,7 +797,17 @@ def validate(cfg: Config) -> None:
                 names += [spec.name for spec in parse_tasks(str(item))]
             except DataError as e:
                 raise ConfigError(f"eval.tasks[{i}]: {_clip(str(e).splitlines()[0])}") from None
-            need(len(set(names)) == len(names), f"eval.tasks[{i}]", f"task {_brief(names[-1])} named twice")
+            refuse_repeated_task(names, f"eval.tasks[{i}]")
+
+
+def refuse_repeated_task(names: list[str], key: str) -> None:
+    """ConfigError naming ``key`` when a task name occurs twice in ``names``: each task's curriculum, metrics,
+    summary entry and resume state are keyed by its name, so two of one name would overwrite each other."""
+    seen: set[str] = set()
+    for name in names:
+        if name in seen:
+            raise ConfigError(f"{key}: task {_brief(name)} named twice")
+        seen.add(name)
 
 
 def validate_sources(cfg: Config) -> None:

@@ -191,6 +191,8 @@ def test_non_finite_numbers_are_refused_everywhere(key, value):
         ("eval.tasks=[mqar:n=0]", "eval.tasks[0]: mqar: parameter n must be >= 1"),
         ("eval.tasks=[passkey, passkey]", "eval.tasks[1]: task 'passkey' named twice"),
         ("eval.task_trials=0", "eval.task_trials: must be >= 1"),
+        ("train.passkey.tasks=[passkey, passkey]", "train.passkey.tasks: task 'passkey' named twice"),
+        ("train.passkey.tasks=[passkey, mqar, passkey]", "train.passkey.tasks: task 'passkey' named twice"),
         ("eval.task_distances=[1,-1]", "eval.task_distances: must be >= 0"),
         ("tracking.peak_flops=-1", "tracking.peak_flops: must be >= 0"),
         ("data.val_fraction=nan", "data.val_fraction: expected a finite number"),
