@@ -762,6 +762,16 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.passkey.tasks: {_brief(pk.tasks)}: {_clip(str(e))}") from None
     need(bool(specs), "train.passkey.tasks", "must name at least one task")
     refuse_repeated_task([spec.name for spec in specs], "train.passkey.tasks")
+    if pk.fraction > 0 and lm.kind != "none":
+        # An episode's question segment reads a key written (S + D) segments before it, S >= 0 (0 for the
+        # pass key: docs/memory.md); a FIFO store of fewer than D x T entries has always evicted it.
+        need(
+            pk.max_distance * cfg.model.segment_len <= lm.capacity,
+            "train.passkey.max_distance",
+            f"{pk.max_distance} segments of model.segment_len {cfg.model.segment_len} need a long-term store of at"
+            f" least {pk.max_distance * cfg.model.segment_len} entries, more than memory.long.capacity"
+            f" {lm.capacity} (the key would always be evicted): lower it or raise the capacity",
+        )
     need(
         not pk.task_weights or (len(pk.task_weights) == len(specs) and all(w > 0 for w in pk.task_weights)),
         "train.passkey.task_weights",

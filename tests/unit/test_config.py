@@ -382,3 +382,19 @@ def test_a_manifest_vocab_size_that_is_not_the_tokenizers_is_refused(tmp_path, s
     assert msg.startswith(f"data.path: {manifest}: vocab_size ") and "\n" not in msg, msg
     if isinstance(vocab, int) and not isinstance(vocab, bool) and vocab > 0:
         assert f"vocab_size {vocab} is not the vocab size {sp_tokenizer.vocab_size} of the tokenizer" in msg
+
+
+def test_a_store_that_just_holds_max_distance_segments_is_accepted():
+    """The pass key sits in segment 0 and is read at segment D: D x T stored entries keep it (configs/demo.yaml)."""
+    over = ["train.passkey.fraction=0.5", "train.passkey.max_distance=8", "model.segment_len=64"]
+    load_config("configs/debug.yaml", [*over, "memory.long.capacity=512"])
+    with pytest.raises(ConfigError, match=r"^train\.passkey\.max_distance: .* at least 512 entries, more than .* 511"):
+        load_config("configs/debug.yaml", [*over, "memory.long.capacity=511"])
+    load_config("configs/debug.yaml", [*over, "memory.long.capacity=511", "train.passkey.fraction=0"])
+    over = ["train.passkey.fraction=0.5", "train.passkey.max_distance=8", "model.segment_len=256"]
+    with pytest.raises(ConfigError) as e:  # before: accepted, and trained with the key always evicted
+        load_config("configs/debug.yaml", [*over, "memory.long.capacity=512"])
+    assert str(e.value).startswith(
+        "train.passkey.max_distance: 8 segments of model.segment_len 256 need a long-term store of at least 2048 "
+        "entries, more than memory.long.capacity 512"
+    )
