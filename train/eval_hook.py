@@ -19,6 +19,28 @@ def heldout_docs(source, cfg: Config) -> list:
     return read_docs(source, cfg.data.val_fraction, max_docs=cfg.eval.max_docs, max_doc_tokens=cfg.eval.max_doc_tokens)
 
 
+_warned_no_heldout = False  # one warning per process, not one per eval.interval
+
+
+def warn_no_heldout(cfg: Config) -> None:
+    """Say, once, that the evaluation the config asks for is skipped: there is no held-out document.
+
+    The passkey and task evaluations take their filler text from the held-out documents
+    (evaluation/evaluate.py), so they are skipped with the held-out loss rather than run on nothing.
+    """
+    global _warned_no_heldout
+    if _warned_no_heldout:
+        return
+    _warned_no_heldout = True
+    also = [k for k, on in (("eval.passkey_trials", cfg.eval.passkey_trials > 0), ("eval.tasks", cfg.eval.tasks)) if on]
+    log.warning(
+        "eval: no held-out documents (data.val_fraction %s%s): the held-out loss is skipped%s",
+        cfg.data.val_fraction,
+        ", eval.max_docs 0" if cfg.eval.max_docs == 0 else "",
+        f", and so is the evaluation of {' and '.join(also)}, which takes its filler from them" if also else "",
+    )
+
+
 def run_eval(cfg: Config, module, source, tok_file: str, tracker, step: int, rank: int) -> dict[str, Any]:
     """Held-out evaluation on every rank (identical forwards, as ZeRO-3 needs), logged by rank 0."""
     from mnemo.data_pipeline.tokenizer import Tokenizer
@@ -28,6 +50,8 @@ def run_eval(cfg: Config, module, source, tok_file: str, tracker, step: int, ran
 
     docs = heldout_docs(source, cfg)
     if not docs:
+        if rank == 0:
+            warn_no_heldout(cfg)
         return {}
     # Validated with the config; eval.task_distances and eval.task_trials are evaluate()'s defaults.
     # The store keeps its trained size here (training goes on with it): a document longer than
