@@ -716,7 +716,12 @@ def validate(cfg: Config) -> None:
     need(lm.qk_span >= 1, "memory.long.qk_span", "must be >= 1 (1 = each token alone)")
     need(lm.ivf_probe >= 1, "memory.long.ivf_probe", "must be >= 1 (lists searched per query)")
     need(cfg.train.batch_size >= 1, "train.batch_size", "must be >= 1")
-    need(cfg.train.max_steps >= 1, "train.max_steps", "must be >= 1")
+    # A token budget sets the step count (train/schedule.py total_steps) and max_steps goes unused: 0 is fine.
+    need(
+        cfg.train.max_steps >= (0 if cfg.train.max_tokens > 0 else 1),
+        "train.max_steps",
+        "must be >= 1 (or 0 with a train.max_tokens budget)",
+    )
     need(cfg.train.max_tokens >= 0, "train.max_tokens", "must be >= 0 (0 = train.max_steps decides)")
     gb, b = cfg.train.global_batch_size, cfg.train.batch_size
     need(gb >= 0, "train.global_batch_size", "must be >= 0 (0 = world size x train.batch_size)")

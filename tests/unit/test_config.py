@@ -398,3 +398,16 @@ def test_a_store_that_just_holds_max_distance_segments_is_accepted():
         "train.passkey.max_distance: 8 segments of model.segment_len 256 need a long-term store of at least 2048 "
         "entries, more than memory.long.capacity 512"
     )
+
+
+def test_max_steps_may_be_0_when_a_token_budget_sets_the_steps():
+    """Before: 'train.max_steps: must be >= 1', though max_tokens > 0 leaves it unused (train/schedule.py)."""
+    from mnemo.train.schedule import total_steps
+
+    cfg = load_config("configs/debug.yaml", ["train.max_steps=0", "train.max_tokens=1000"])
+    assert total_steps(cfg, 2) >= 1
+    for over in (["train.max_steps=0"], ["train.max_steps=-1", "train.max_tokens=1000"]):
+        with pytest.raises(
+            ConfigError, match=r"^train\.max_steps: must be >= 1 \(or 0 with a train\.max_tokens budget\)"
+        ):
+            load_config("configs/debug.yaml", over)
