@@ -38,6 +38,7 @@ part of the state, so resume stays exact. docs/streams.md.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -82,13 +83,27 @@ class ArraySource:
         return {"tokens": self.docs[idx], "answer_start": a[0], "answer_len": a[1]}
 
 
-def _check_index(key: str, data_dir: str) -> None:
+def _check_index(key: str, data_dir: str) -> list[dict[str, Any]]:
     from mnemo.data_pipeline.verify import check_index
 
     try:
-        check_index(data_dir)
+        return check_index(data_dir)
     except DataError as e:
         raise DataError(f"{key}: {e}") from None
+
+
+def decompress_cache(data_dir: str, cache_dir: str) -> str:
+    """The folder under ``cache_dir`` that the compressed shards of local ``data_dir`` decompress into.
+
+    streaming decompresses a shard into its ``local`` folder and keeps the copy there; given the dataset
+    dir itself it would write into it (a read-only shared dataset could not be trained from, and a stale
+    copy beside a changed shard would be read instead of it). So the dataset dir is read as streaming's
+    remote and this folder is its local: named by the hash of the dataset's index.json, so that another
+    dataset (or this one rewritten) never finds the copies of the one before.
+    """
+    with open(os.path.join(data_dir, "index.json"), "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()[:16]
+    return os.path.join(cache_dir, f"local-{digest}")
 
 
 class MDSSource:
@@ -104,7 +119,9 @@ class MDSSource:
         # streaming opens (and decompresses into) the files index.json names, and a FIFO index.json would
         # hang it: a dataset dir is data someone may have sent. A remote's index is checked once fetched.
         if remote is None and os.path.exists(os.path.join(local, "index.json")):
-            _check_index(key, local)
+            shards = _check_index(key, local)
+            if cache_dir and any(shard.get("zip_data") for shard in shards):
+                remote, local = local, decompress_cache(local, cache_dir)
         try:
             self.ds = StreamingDataset(remote=remote, local=local, shuffle=False, batch_size=1)
         except FileNotFoundError as e:

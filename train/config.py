@@ -70,7 +70,8 @@ class DataConfig:
     val_fraction: float = 0.01
     # Threads that prefetch upcoming documents for the stream slots.
     num_workers: int = 2
-    # Local cache dir for remote sources (data.sources after the first); empty = <run.dir>/data_cache.
+    # Local cache dir for remote sources (data.sources after the first) and for the decompressed shards of
+    # local compressed datasets (never written into the dataset dir); empty = <run.dir>/data_cache.
     cache_dir: str = ""
 
 

@@ -290,3 +290,28 @@ def test_a_good_local_dataset_still_opens_for_training(copy):
 
     src = MDSSource(str(copy))
     assert src.num_samples == 30 and src.get(0)["tokens"][-1] == read_manifest(str(copy))["eos_id"]
+
+
+def test_training_reads_a_compressed_dataset_without_writing_into_it(copy, tmp_path):
+    """streaming decompressed each shard beside its .zstd, in the dataset dir: a read-only shared dataset
+    could not be trained from, and that stale copy was read instead of a shard changed since. With a
+    cache folder (the trainer always gives one) the dataset dir is left as it was."""
+    from mnemo.data_pipeline.streams import MDSSource
+
+    before = sorted(p.relative_to(copy) for p in copy.rglob("*"))
+    assert any(str(p).endswith(".zstd") for p in before)
+    cache = tmp_path / "cache"
+    docs = [MDSSource(str(copy), cache_dir=str(cache)).get(i)["tokens"].tolist() for i in range(3)]
+    assert sorted(p.relative_to(copy) for p in copy.rglob("*")) == before
+    assert list(cache.rglob("*.mds")), "the decompressed shards go to the cache"
+    # The same documents as read in place (streaming decompressing into the dataset dir).
+    in_place = MDSSource(str(copy))
+    assert docs == [in_place.get(i)["tokens"].tolist() for i in range(3)]
+    # Another dataset in the same cache folder gets a folder of its own (named by its index.json).
+    index = json.loads((copy / "index.json").read_text())
+    index["shards"] = index["shards"][:1]
+    other = tmp_path / "other"
+    shutil.copytree(copy, other)
+    (other / "index.json").write_text(json.dumps(index))
+    assert MDSSource(str(other), cache_dir=str(cache)).num_samples < 30
+    assert len([p for p in cache.iterdir() if p.is_dir()]) == 2
