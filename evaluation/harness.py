@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from mnemo.data_pipeline.errors import brief
 from mnemo.evaluation.errors import EvalError
 from mnemo.evaluation.generate import generate_batch
 from mnemo.evaluation.inference import (
@@ -74,8 +75,7 @@ def _positive(name: str, value: Any) -> int:
     except ValueError:
         n = 0
     if n < 1:
-        shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
-        raise EvalError(f"{name}: must be an integer >= 1, got {shown}")
+        raise EvalError(f"{name}: must be an integer >= 1, got {brief(value, 40)}")
     return n
 
 
