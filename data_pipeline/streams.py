@@ -40,6 +40,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
+import socket
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol, Sequence
@@ -90,6 +92,23 @@ def _check_index(key: str, data_dir: str) -> list[dict[str, Any]]:
         return check_index(data_dir)
     except DataError as e:
         raise DataError(f"{key}: {e}") from None
+
+
+def node_cache_dir(cache_dir: str) -> str:
+    """This machine's folder under a job's ``cache_dir``: ``<cache_dir>/node-<hostname>``.
+
+    streaming coordinates the ranks of one machine through its shared memory (one local rank downloads
+    or decompresses a shard, the others wait), but nothing coordinates two machines: on a cache folder
+    on a shared filesystem, one node deleted a shard's .zstd (its decompressed copy made) while another
+    node was opening it (FileNotFoundError in one rank, a collective error in the others). Each machine
+    gets a folder of its own, named by its host name (stable across restarts and elastic re-ranking, so
+    a restart on the same machine finds its copies); a name with other characters than letters,
+    digits, '.', '-', '_' is replaced by its hash.
+    """
+    host = socket.gethostname()
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", host):
+        host = "h" + hashlib.sha256(host.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+    return os.path.join(cache_dir, f"node-{host}")
 
 
 def decompress_cache(data_dir: str, cache_dir: str) -> str:

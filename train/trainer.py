@@ -247,7 +247,7 @@ class Trainer:
         """This rank's document streams and (train.passkey.fraction > 0) passkey episodes."""
         from mnemo.data_pipeline.paths import is_inside
         from mnemo.data_pipeline.shm import release_stale_shm
-        from mnemo.data_pipeline.streams import MDSSource, open_sources
+        from mnemo.data_pipeline.streams import MDSSource, node_cache_dir, open_sources
         from mnemo.train.collectives import barrier
 
         cfg, info = self.cfg, self.info
@@ -258,6 +258,7 @@ class Trainer:
         if info.local_rank == 0 and is_inside(cache_dir, self.run_dir):
             release_stale_shm(cache_dir)
         barrier()
+        cache_dir = node_cache_dir(cache_dir)  # one folder per machine: nothing coordinates two on a shared one
         self.mixture = open_sources(cfg.data.sources, cache_dir)  # data.sources (WeightedSource each), else []
         self.source = self.mixture[0].source if self.mixture else MDSSource(cfg.data.path, cache_dir=cache_dir)
         # Slot group g of G = world x accum is a partition of its own (train/slots.py); A = 1: g = rank.

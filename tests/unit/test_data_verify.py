@@ -315,3 +315,29 @@ def test_training_reads_a_compressed_dataset_without_writing_into_it(copy, tmp_p
     (other / "index.json").write_text(json.dumps(index))
     assert MDSSource(str(other), cache_dir=str(cache)).num_samples < 30
     assert len([p for p in cache.iterdir() if p.is_dir()]) == 2
+
+
+def test_each_machine_decompresses_into_its_own_cache_folder(copy, tmp_path, monkeypatch):
+    """Two nodes on one shared data.cache_dir raced: one deleted a shard's .zstd (its copy decompressed)
+    while the other was opening it, and that rank died (FileNotFoundError). Nothing coordinates two machines
+    there (streaming's shared memory is per machine), so each host reads through a folder of its own."""
+    import socket
+
+    from mnemo.data_pipeline.streams import MDSSource, node_cache_dir
+
+    cache = tmp_path / "cache"
+    folders = {}
+    for host in ("node0", "node1", "node0"):
+        monkeypatch.setattr(socket, "gethostname", lambda host=host: host)
+        folders.setdefault(host, set()).add(node_cache_dir(str(cache)))
+        src = MDSSource(str(copy), cache_dir=node_cache_dir(str(cache)))
+        assert len(src.get(0)["tokens"]) > 0
+    assert {h: len(f) for h, f in folders.items()} == {"node0": 1, "node1": 1}  # stable for a host
+    assert folders["node0"] != folders["node1"]
+    assert sorted(p.name for p in cache.iterdir()) == ["node-node0", "node-node1"]
+    for d in cache.iterdir():  # each holds its own decompressed copy
+        assert list(d.rglob("*.mds")), d
+    # A host name that is no plain file name is hashed, never a path of its own.
+    monkeypatch.setattr(socket, "gethostname", lambda: "../../x y")
+    odd = node_cache_dir(str(cache))
+    assert os.path.dirname(odd) == str(cache) and os.path.basename(odd).startswith("node-h")
