@@ -82,6 +82,14 @@ def _launch(nodes: NetnsNodes, hosts: Path, run_dir: Path, overrides: list[str],
     )
 
 
+def _why(log: Path) -> str:
+    """A failed job's log for the assertion: its error lines first (the root cause, which a traceback of
+    another node after it pushes out of any tail), then the tail."""
+    text = log.read_text()
+    errors = [line for line in text.splitlines() if "mnemo: error" in line or "Error:" in line][:20]
+    return "\n".join(errors) + "\n...\n" + text[-3000:]
+
+
 def _no_job_left(nodes: NetnsNodes, timeout: float = 30) -> None:
     deadline = time.time() + timeout
     while any(nodes.job_pids(i) for i in range(nodes.n)) and time.time() < deadline:
@@ -104,7 +112,7 @@ def _reaped(p: subprocess.Popen):
 def _wait_for_step(p: subprocess.Popen, run_dir: Path, log: Path, step: int, timeout: float = 400) -> None:
     deadline = time.time() + timeout
     while not any(s >= step for s in losses_by_step(run_dir)):
-        assert p.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+        assert p.poll() is None and time.time() < deadline, _why(log)
         time.sleep(0.05)
 
 
@@ -161,7 +169,7 @@ def test_two_nodes_over_real_ssh_match_one_node(nodes, reference_run, tmp_path):
     )
     with _reaped(p):
         rc = p.wait(timeout=300)
-    assert rc == 0, log.read_text()[-4000:]
+    assert rc == 0, _why(log)
     want, got = losses_by_step(ref), losses_by_step(run_dir)
     assert sorted(got) == list(range(1, REFERENCE_STEPS + 1))
     assert got == want, {s: (got[s], want[s]) for s in got if got[s] != want[s]}
@@ -243,7 +251,7 @@ def test_node_killed_mid_step_ends_the_job_and_the_relaunch_resumes(nodes, refer
     p = _launch(nodes, hosts, run_dir, overrides, tmp_path / "relaunch.out")
     with _reaped(p):
         rc = p.wait(timeout=300)
-    assert rc == 0, (tmp_path / "relaunch.out").read_text()[-4000:]
+    assert rc == 0, _why(tmp_path / "relaunch.out")
     # The relaunch re-did the steps after the last complete checkpoint (10), and every step's
     # last loss equals the uninterrupted run's.
     records = [r["step"] for r in steps(run_dir)]
@@ -281,7 +289,7 @@ def test_three_nodes_over_real_ssh_match_one_node(nodes, tiny_data, tmp_path):
     p = _launch(nodes, nodes.hostfile(tmp_path / "hosts"), run_dir, overrides(run_dir), log)
     with _reaped(p):
         rc = p.wait(timeout=300)
-    assert rc == 0, log.read_text()[-4000:]
+    assert rc == 0, _why(log)
     want, got = losses_by_step(one), losses_by_step(run_dir)
     assert sorted(got) == list(range(1, 9))
     assert got == want, {s: (got[s], want[s]) for s in got if got[s] != want[s]}
