@@ -997,28 +997,26 @@ def check_shards(key: str, data_dir: Path) -> None:
 def check_manifest_vocab(cfg: Config, tok: str) -> None:
     """ConfigError unless the first dataset's manifest.json vocab_size (the model's vocabulary: the trainer
     sizes its embedding by it) is a positive whole number equal to the vocab size of ``tok``, the tokenizer
-    this run uses. A manifest without one is the trainer's to refuse (verify.read_manifest).
+    this run uses, and the manifest holds every field the trainer reads (verify.read_manifest: a manifest
+    without one was refused by every rank, under torchrun's traceback).
 
     Trusted, "abc" was a ValueError in every rank, 0 a RuntimeError, one below the tokens' ids an
     IndexError, 10000000 a model of a billion parameters.
     """
     from mnemo.data_pipeline.errors import DataError
     from mnemo.data_pipeline.tokenizer import Tokenizer
-    from mnemo.data_pipeline.verify import read_json_file
+    from mnemo.data_pipeline.verify import read_manifest
 
     key, path = data_paths(cfg)[0]
     if is_remote(path):
         return  # refused above: the first dataset must be local
     with path_errors(key, ConfigError):
-        manifest = os.path.join(local_path(path, key), "manifest.json")
-        if not os.path.lexists(manifest):
-            return
+        data_dir = local_path(path, key)
+        manifest = os.path.join(data_dir, "manifest.json")
         try:
-            vocab = read_json_file(manifest, "dataset manifest (written by mnemo prepare)").get("vocab_size")
+            vocab = read_manifest(data_dir)["vocab_size"]
         except DataError as e:
             raise ConfigError(f"{key}: {e}") from None
-        if vocab is None:
-            return
         if isinstance(vocab, bool) or not isinstance(vocab, int) or vocab < 1:
             raise ConfigError(f"{key}: {manifest}: vocab_size is {brief(vocab)}, not a whole number >= 1")
         try:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import json
 import os
+import tempfile
 from pathlib import Path
 
 from mnemo.launch.remote import FORWARD_NAMES, FORWARD_PREFIXES
@@ -16,9 +20,32 @@ def clear_forwarded_env(monkeypatch) -> None:
             monkeypatch.delenv(k)
 
 
+@functools.lru_cache(maxsize=1)
+def stub_tokenizer_bytes() -> bytes:
+    """A real (tiny) tokenizer's bytes, trained once per test process: the pre-start checks compare the
+    manifest's vocab_size with it."""
+    from tests.unit.stdlib import stdlib_tokenizer
+
+    with tempfile.TemporaryDirectory() as d:
+        return Path(stdlib_tokenizer(Path(d), 2, vocab_size=400).path).read_bytes()
+
+
 def stub_data_dir(path: Path) -> Path:
-    """A data dir that passes launch's pre-start checks (index.json, tokenizer.model); nothing reads it."""
+    """A data dir that passes launch's pre-start checks (index.json, tokenizer.model, manifest.json); no
+    shard: nothing reads it."""
     path.mkdir(parents=True)
     (path / "index.json").write_text('{"shards": []}')
-    (path / "tokenizer.model").write_text("")
+    tok = stub_tokenizer_bytes()
+    (path / "tokenizer.model").write_bytes(tok)
+    from mnemo.data_pipeline.tokenizer import Tokenizer
+
+    manifest = {
+        "tokenizer_sha256": hashlib.sha256(tok).hexdigest(),
+        "vocab_size": Tokenizer(str(path / "tokenizer.model")).vocab_size,
+        "eos_id": 0,
+        "token_dtype": "uint16",
+        "num_documents": 0,
+        "num_tokens": 0,
+    }
+    (path / "manifest.json").write_text(json.dumps(manifest))
     return path

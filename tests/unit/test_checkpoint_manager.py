@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import types
 from pathlib import Path
 
 import pytest
 
 from mnemo.train.checkpoint import CheckpointManager, is_complete, resolve_checkpoint
 from mnemo.train.errors import UserError
+from tests.unit.launch_workspace import stub_tokenizer_bytes
 
 
 class FakeEngine:
@@ -207,13 +209,13 @@ def test_after_a_world_size_change_streams_are_repartitioned_and_memory_and_rng_
 
 
 def _cfg(tmp_path, run_dir, **over):
-    """A valid config on a stub data dir (check_paths needs index.json and a tokenizer file)."""
+    """A valid config on a stub data dir (check_paths needs index.json, manifest.json and a tokenizer)."""
     from mnemo.train.config import load_config
+    from tests.unit.launch_workspace import stub_data_dir
 
     data = tmp_path / "data"
-    data.mkdir(exist_ok=True)
-    (data / "index.json").write_text('{"shards": []}')
-    (data / "tokenizer.model").write_bytes(b"x")
+    if not data.exists():
+        stub_data_dir(data)
     args = [f"data.path={data}", f"run.dir={run_dir}", *(f"{k}={v}" for k, v in over.items())]
     return load_config(None, args)
 
@@ -338,7 +340,7 @@ def test_init_from_and_tokenizer_that_are_not_what_they_name_are_refused_before_
 
     with pytest.raises(ConfigError, match=r"init_from: .* is not a mnemo checkpoint"):
         _check(_cfg(tmp_path, tmp_path / "run", init_from=str(tmp_path / "data")))
-    src = _trained_with(tmp_path, "parent", b"x")  # the tokenizer of _cfg's data
+    src = _trained_with(tmp_path, "parent", stub_tokenizer_bytes())  # the tokenizer of _cfg's data
     _check(_cfg(tmp_path, tmp_path / "run", init_from=str(src)))
     _check(_cfg(tmp_path, tmp_path / "run", init_from=str(tmp_path / "parent")))  # its newest checkpoint
     bad = tmp_path / "notes.model"
@@ -390,13 +392,13 @@ def test_init_from_weights_of_another_tokenizer_is_refused_before_start(tmp_path
     from mnemo.train.config import ConfigError
 
     run = tmp_path / "run"
-    same = _trained_with(tmp_path, "same", b"x")  # _cfg's data dir holds tokenizer.model b"x"
+    same = _trained_with(tmp_path, "same", stub_tokenizer_bytes())  # the tokenizer.model of _cfg's data dir
     _check(_cfg(tmp_path, run, init_from=str(same)))
     _check(_cfg(tmp_path, run, init_from=str(tmp_path / "same")))  # a run dir: its newest checkpoint
     export = tmp_path / "export"
     export.mkdir()
     (export / "model.safetensors").write_bytes(b"w")
-    (export / "tokenizer.model").write_bytes(b"x")
+    (export / "tokenizer.model").write_bytes(stub_tokenizer_bytes())
     _check(_cfg(tmp_path, run, init_from=str(export)))
 
     other = _trained_with(tmp_path, "other", b"y")
@@ -411,7 +413,9 @@ def test_init_from_weights_of_another_tokenizer_is_refused_before_start(tmp_path
     with pytest.raises(ConfigError, match=r"^init_from: .*export was trained with another tokenizer"):
         _check(_cfg(tmp_path, run, init_from=str(export)))
     (tmp_path / "mine.model").write_bytes(b"y")  # data.tokenizer given: that is the run's tokenizer
-    monkeypatch.setattr("mnemo.data_pipeline.tokenizer.Tokenizer", lambda path: None)  # b"y" is no real one
+    vocab = json.loads((tmp_path / "data" / "manifest.json").read_text())["vocab_size"]
+    # b"y" is no real tokenizer: one of the data's vocabulary size, as far as the checks look.
+    monkeypatch.setattr("mnemo.data_pipeline.tokenizer.Tokenizer", lambda path: types.SimpleNamespace(vocab_size=vocab))
     with pytest.raises(ConfigError, match=rf"\(sha256 {ours} != {theirs} of data.tokenizer .*mine.model\)$"):
         _check(_cfg(tmp_path, run, init_from=str(same), **{"data.tokenizer": str(tmp_path / "mine.model")}))
 

@@ -361,6 +361,31 @@ def sp_tokenizer(tmp_path_factory):
     return train_tokenizer([str(tmp / "c.txt")], tmp / "t.model", vocab_size=300)
 
 
+def _manifest(**fields) -> dict:
+    """The fields the trainer reads from a dataset's manifest.json (verify.read_manifest), with ``fields``."""
+    base = dict(tokenizer_sha256="", vocab_size=300, eos_id=2, token_dtype="uint16", num_documents=1, num_tokens=9)
+    return {**base, **fields}
+
+
+@pytest.mark.parametrize("missing", ["vocab_size", "eos_id", "num_documents"])
+def test_a_manifest_without_a_field_the_trainer_reads_is_refused_before_any_rank(tmp_path, sp_tokenizer, missing):
+    """Before: accepted by the pre-flight (a manifest without vocab_size was "the trainer's to refuse"), so
+    every rank printed the error, followed by torchrun's traceback."""
+    import json
+    import shutil
+
+    from mnemo.train.config import check_paths
+
+    data = _data_dir(tmp_path / "data")
+    shutil.copyfile(sp_tokenizer.path, data / "tokenizer.model")
+    fields = _manifest(vocab_size=sp_tokenizer.vocab_size)
+    del fields[missing]
+    (data / "manifest.json").write_text(json.dumps(fields))
+    cfg = load_config(None, [f"data.path={data}", f"run.dir={tmp_path}/r"])
+    with pytest.raises(ConfigError, match=rf"^data\.path: .*manifest\.json: no '{missing}' \(not written by mnemo"):
+        check_paths(cfg)
+
+
 @pytest.mark.parametrize("vocab", ["abc", 0, -5, True, 1.5, 100, 10_000_000])
 def test_a_manifest_vocab_size_that_is_not_the_tokenizers_is_refused(tmp_path, sp_tokenizer, vocab):
     import json
@@ -372,10 +397,10 @@ def test_a_manifest_vocab_size_that_is_not_the_tokenizers_is_refused(tmp_path, s
     shutil.copyfile(sp_tokenizer.path, data / "tokenizer.model")
     manifest = data / "manifest.json"
     cfg = load_config(None, [f"data.path={data}", f"run.dir={tmp_path}/r"])
-    manifest.write_text(json.dumps({"vocab_size": sp_tokenizer.vocab_size}))
+    manifest.write_text(json.dumps(_manifest(vocab_size=sp_tokenizer.vocab_size)))
     check_paths(cfg)
     # Before: accepted; the rank then failed on int("abc"), an empty embedding, an IndexError or memory.
-    manifest.write_text(json.dumps({"vocab_size": vocab}))
+    manifest.write_text(json.dumps(_manifest(vocab_size=vocab)))
     with pytest.raises(ConfigError) as e:
         check_paths(cfg)
     msg = str(e.value)

@@ -61,11 +61,9 @@ def test_bad_values_are_one_line_errors_naming_the_key(overrides, world, needle)
 
 def test_launcher_refuses_before_starting_anything(tmp_path):
     from mnemo.launch.job import LaunchRequest, launch
+    from tests.unit.launch_workspace import stub_data_dir
 
-    mds = tmp_path / "data"
-    mds.mkdir()
-    (mds / "index.json").write_text('{"shards": []}')  # enough for the path checks that come first
-    (mds / "tokenizer.model").write_bytes(b"")
+    mds = stub_data_dir(tmp_path / "data")  # enough for the path checks that come first
     req = LaunchRequest(
         config=DEBUG,
         overrides=[

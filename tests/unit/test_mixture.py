@@ -186,12 +186,15 @@ def test_expected_epochs_and_table():
 # ----------------------------------------------------------------- config
 
 
-def fake_data(path, sha="a" * 64):
-    """Just enough of a `mnemo prepare` dir for the path checks: index.json, manifest.json, tokenizer.model."""
-    path.mkdir(parents=True)
-    (path / "index.json").write_text('{"shards": []}')
-    (path / "manifest.json").write_text(json.dumps({"tokenizer_sha256": sha}))
-    (path / "tokenizer.model").write_bytes(b"tok")
+def fake_data(path, sha=None):
+    """Just enough of a `mnemo prepare` dir for the path checks: index.json, manifest.json, tokenizer.model;
+    ``sha``: the tokenizer hash its manifest records instead of its tokenizer's (another tokenizer's data)."""
+    from tests.unit.launch_workspace import stub_data_dir
+
+    stub_data_dir(path)
+    if sha is not None:
+        manifest = json.loads((path / "manifest.json").read_text())
+        (path / "manifest.json").write_text(json.dumps({**manifest, "tokenizer_sha256": sha}))
     return path
 
 
