@@ -213,7 +213,7 @@ def launch(req: LaunchRequest) -> int:
         # (Hostfile and SLURM ranks run elsewhere; each node's own launcher checks there.)
         from mnemo.train.rankenv import check_train_device
 
-        check_train_device(cfg.train.device)
+        check_train_device(cfg.train.device, req.nproc_per_node or 1)  # not given: one per device
     check_paths(cfg)
     if req.debug:
         os.environ["MNEMO_DEBUG"] = "1"  # ranks print tracebacks too

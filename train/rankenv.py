@@ -21,19 +21,31 @@ def cuda_available() -> bool:
         return False
 
 
-def check_train_device(device: str) -> None:
-    """train.device=cuda on a machine without a usable CUDA device: a UserError naming the key.
+def check_train_device(device: str, ranks: int = 1) -> None:
+    """train.device=cuda on a machine without a usable CUDA device, or ``ranks`` ranks on this machine that
+    will use CUDA (cuda, or auto with a device) and fewer devices than ranks: a UserError.
 
     Run before ranks start (``mnemo train``, ``mnemo launch`` on the node that
     starts them) and again by the trainer; without it torch fails later in
-    ``torch.cuda.set_device`` ("Found no NVIDIA driver"), once per rank. Other
-    values need no device (auto falls back to the CPU).
+    ``torch.cuda.set_device`` ("Found no NVIDIA driver", or "invalid device
+    ordinal" for the ranks past the last device), once per rank. Other values
+    need no device (auto without one trains on the CPU).
     """
-    if device == "cuda" and not cuda_available():
-        from mnemo.train.errors import UserError
+    from mnemo.train.errors import UserError
 
+    if device == "cuda" and not cuda_available():
         raise UserError(
             "train.device=cuda: no CUDA device available on this machine (train.device=auto or cpu trains on the CPU)"
+        )
+    if device == "cpu" or ranks <= 1 or (device == "auto" and not cuda_available()):
+        return
+    import torch
+
+    n = torch.cuda.device_count()
+    if ranks > n:
+        raise UserError(
+            f"{ranks} ranks on this machine, {n} CUDA device(s) visible: each rank trains on a device of its own"
+            f" (--nproc-per-node {n} or fewer; or train.device=cpu)"
         )
 
 

@@ -109,7 +109,8 @@ class Trainer:
         from mnemo.train.rankenv import check_train_device
 
         cfg, info = self.cfg, self.info
-        check_train_device(cfg.train.device)  # a UserError, not torch's "Found no NVIDIA driver"
+        # A UserError, not torch's "Found no NVIDIA driver" or "invalid device ordinal"
+        check_train_device(cfg.train.device, info.local_world_size)
         self.use_cuda = cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available())
         if self.use_cuda:
             torch.cuda.set_device(info.local_rank)

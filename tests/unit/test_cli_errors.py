@@ -181,6 +181,18 @@ def test_check_train_device(monkeypatch):
     check_train_device("cpu")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     check_train_device("cuda")
+    # More ranks on a machine than CUDA devices: was "invalid device ordinal" in torch.cuda.set_device of each
+    # rank past the last device (after torch, DeepSpeed and the data had loaded).
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    check_train_device("cuda", 2)
+    check_train_device("cpu", 8)
+    for device in ("cuda", "auto"):
+        with pytest.raises(
+            UserError, match=r"^3 ranks on this machine, 2 CUDA device\(s\) visible: .*--nproc-per-node 2"
+        ):
+            check_train_device(device, 3)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    check_train_device("auto", 3)  # trains on the CPU
 
 
 def test_control_characters_in_an_error_are_shown_escaped_on_one_line(tmp_path):
