@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import time
 
-from mnemo.data_pipeline.errors import InputError
+from mnemo.data_pipeline.errors import DataError, InputError
 from mnemo.data_pipeline.files import atomic_write
 from mnemo.data_pipeline.inputs import Corpus, ReadStats
 from mnemo.data_pipeline.outputs import OutLocation
@@ -88,7 +88,15 @@ def train_tokenizer_on_sample(
         )
     # Trained inside the state dir (its temp file too), then moved into place whole.
     staged = os.path.join(loc.state, "tokenizer.model")
-    train_from_texts(sample, staged, vocab_size, model_type)
+    try:
+        train_from_texts(sample, staged, vocab_size, model_type)
+    except InputError:
+        raise
+    except DataError as e:
+        # Each (--vocab-size too small for the corpus, ...) is fixed by the corpus and settings: this command
+        # fails the same way when rerun, so prepare records it as a failure on input (a rerun with other
+        # settings starts over instead of being told to finish this one).
+        raise InputError(str(e)) from None
     os.replace(staged, dest)
     return Tokenizer(dest)
 

@@ -383,6 +383,21 @@ def test_a_conversion_that_failed_on_bad_input_gives_way_to_the_fixed_rerun(corp
     )
 
 
+def test_a_tokenizer_that_cannot_be_trained_gives_way_to_the_rerun_with_other_settings(tmp_path, capsys):
+    """--vocab-size too small for the corpus: the rerun with a larger one was refused ('holds an unfinished
+    conversion of other inputs or settings; rerun that command to finish it'), though that command fails
+    again the same way and nothing had been written."""
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("".join(f"document {i} with some words, digits {i * 7} and more text\n" for i in range(200)))
+    out = tmp_path / "out"
+    with pytest.raises(DataError, match="--vocab-size 260 is too small for this corpus"):
+        prepare([str(corpus)], str(out), vocab_size=260, workers=1, progress=False)
+    capsys.readouterr()
+    m = prepare([str(corpus)], str(out), vocab_size=400, workers=1, progress=False)
+    assert m["num_documents"] >= 1 and verify(str(out))["ok"]
+    assert "failed on bad input (--vocab-size 260 is too small" in capsys.readouterr().err
+
+
 # ----------------------------------------------------------------------------- bad input end to end
 
 
