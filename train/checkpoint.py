@@ -39,7 +39,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from mnemo.data_pipeline.files import atomic_write_text, fsync_path, fsync_tree
+from mnemo.data_pipeline.files import atomic_write_text, fsync_path, fsync_tree, open_regular
 from mnemo.train.errors import UserError, path_errors
 from mnemo.train.faults import maybe_crash_in_save
 from mnemo.train.hf.folder import HF_FILES
@@ -47,6 +47,7 @@ from mnemo.train.redact import redact_tree
 from mnemo.train.rundir import (
     COMPLETE,
     STEP_RE,
+    check_checkpoint_files,
     complete_checkpoints,
     find_checkpoint,
     is_complete,
@@ -154,10 +155,18 @@ class weights_only_loads:
 
 
 def load_torch_file(path: str | Path) -> Any:
-    """A torch file mnemo or DeepSpeed wrote, on CPU, without unpickling code (weights_only_loads)."""
-    with weights_only_loads(path):
+    """A torch file mnemo or DeepSpeed wrote, on CPU, without unpickling code (weights_only_loads).
+
+    Opened with open_regular: a FIFO in its place (a plain open waits for a writer forever), a device or a
+    folder is a UserError naming it.
+    """
+    try:
+        f = open_regular(path)
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror or e})") from None
+    with f, weights_only_loads(path):
         try:
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(f, map_location="cpu", weights_only=True)
         except (RuntimeError, EOFError) as e:  # truncated or not a torch file at all
             raise UserError(f"{path}: cannot read ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
 
@@ -374,6 +383,7 @@ def consolidated_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
     # DeepSpeed prints as it imports and consolidates ("Setting accelerator to CPU", "Processing zero
     # checkpoint ..."), some of it through a logger bound to the stdout of its import: stdout is then the
     # generated text or the tables (`mnemo generate > out.txt`), so everything goes to stderr meanwhile.
+    check_checkpoint_files(ckpt)  # a FIFO among DeepSpeed's files: refused, not waited on
     with stdout_to_stderr():
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 

@@ -940,7 +940,7 @@ def check_paths(cfg: Config) -> None:
             except DataError as e:
                 raise ConfigError(f"data.tokenizer: {e}") from None
     check_manifest_vocab(cfg, tok)
-    from mnemo.train.rundir import check_run_dir, find_checkpoint
+    from mnemo.train.rundir import check_checkpoint_files, check_run_dir, find_checkpoint
 
     if cfg.init_from:
         with path_errors("init_from", ConfigError):
@@ -969,9 +969,12 @@ def check_paths(cfg: Config) -> None:
                 "there); use another run.dir or move that file"
             )
         try:  # what this run would write over, or mix its checkpoints with (train/rundir.py)
-            check_run_dir(Path(cfg.run.dir), r, resume)
+            start, _ = check_run_dir(Path(cfg.run.dir), r, resume)
         except ValueError as e:
             raise ConfigError(f"run.dir: {e}") from None
+    if start is not None:  # what the resume will read, checked before any rank starts
+        with path_errors("checkpoint.resume", ConfigError):
+            check_checkpoint_files(start)
 
 
 def check_shards(key: str, data_dir: Path) -> None:

@@ -22,8 +22,12 @@ runs' checkpoints would be mixed and the older ones deleted.
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
+
+from mnemo.data_pipeline.files import not_a_regular_file
+from mnemo.train.errors import UserError
 
 STEP_RE = re.compile(r"^step_(\d{8})\Z")  # \Z: "$" also matches before a final newline
 TMP_RE = re.compile(r"^\.tmp-step_\d{8}\Z")
@@ -60,6 +64,20 @@ def newest_checkpoint(root: Path) -> Path | None:
             newer = [c for c in done if c.name > p.name]
             return newer[-1] if newer else p
     return done[-1] if done else None
+
+
+def check_checkpoint_files(ckpt: Path) -> None:
+    """UserError naming the first file under checkpoint ``ckpt`` that is not a regular file (a FIFO, a
+    device, a socket, a broken link), saying what it is.
+
+    Looked at without opening anything, before torch or DeepSpeed open the files: opening a FIFO waits
+    for a writer, so a resume (or an export) hung forever. Links to folders are not followed.
+    """
+    for folder, _, files in os.walk(ckpt):
+        for name in sorted(files):
+            why = not_a_regular_file(Path(folder) / name)
+            if why is not None:
+                raise UserError(f"checkpoint {ckpt}: {Path(folder) / name}: {why}")
 
 
 def find_checkpoint(path: Path) -> Path | None:

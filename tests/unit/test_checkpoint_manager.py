@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import types
 from pathlib import Path
 
@@ -332,6 +333,29 @@ def test_resume_from_a_folder_that_is_not_a_checkpoint_is_refused_before_start(t
 
     with pytest.raises(ConfigError, match=r"checkpoint.resume: .* is not a mnemo checkpoint"):
         _check(_cfg(tmp_path, tmp_path / "run", **{"checkpoint.resume": str(tmp_path / "data")}))
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("name", ["rank_00000.pt", "ds/state/mp_rank_00_model_states.pt"])
+def test_a_fifo_in_a_checkpoint_is_refused_not_waited_on(tmp_path, name):
+    """A FIFO in place of rank_00000.pt hung the resume forever (torch.load opened it and waited for a
+    writer), as did one among DeepSpeed's files. Now the pre-flight, the rank file's load and the
+    consolidation of export/eval refuse it in one line naming it, without opening it."""
+    from mnemo.train.checkpoint import consolidated_state_dict
+
+    run = tmp_path / "run"
+    mgr = CheckpointManager(run)
+    p = save(mgr, 4)
+    (p / name).unlink()
+    os.mkfifo(p / name)
+    why = rf"{p / name}: a FIFO \(named pipe\), not a regular file"
+    with pytest.raises(UserError, match=rf"^checkpoint {p}: {why}$"):
+        _check(_cfg(tmp_path, run))
+    with pytest.raises(UserError, match=rf"^checkpoint {p}: {why}$"):
+        consolidated_state_dict(p)
+    if name.startswith("rank_"):
+        with pytest.raises(UserError, match=rf"^{p / name}: cannot read \(a FIFO \(named pipe\), not a regular"):
+            mgr.rank_state(p, 0)
 
 
 def test_init_from_and_tokenizer_that_are_not_what_they_name_are_refused_before_start(tmp_path):
