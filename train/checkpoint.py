@@ -168,7 +168,43 @@ def load_torch_file(path: str | Path) -> Any:
         try:
             return torch.load(f, map_location="cpu", weights_only=True)
         except (RuntimeError, EOFError) as e:  # truncated or not a torch file at all
-            raise UserError(f"{path}: cannot read ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+            raise UserError(f"{path}: cannot read ({first_line(e)})") from None
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (torch's are paragraphs), else its type's name."""
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
+# What a damaged DeepSpeed state raises as DeepSpeed reads it: a truncated torch file ("PytorchStreamReader
+# failed reading zip archive"), an empty one, a missing one, one of another layout.
+DS_READ_ERRORS = (RuntimeError, EOFError, ValueError, FileNotFoundError)
+
+
+def unreadable_ds_state(where: Any, e: BaseException) -> BaseException:
+    """UserError for ``e``, raised while DeepSpeed read the state of checkpoint ``where``; ``e`` itself when
+    it is not the checkpoint's fault (out of memory, a failed collective: RuntimeErrors too)."""
+    if isinstance(e, (torch.OutOfMemoryError, torch.distributed.DistError)):
+        return e
+    return UserError(f"{where}: cannot read the DeepSpeed state ({first_line(e)})")
+
+
+def load_engine_state(engine, ckpt: Path, tag: str, where: str) -> None:
+    """Load checkpoint ``ckpt``'s DeepSpeed state ``tag`` (module, optimizer, LR schedule) into ``engine``.
+
+    Its torch files are read weights-only (DeepSpeed's loader unpickles with weights_only=False); a
+    damaged one is a UserError starting with ``where``, as in `mnemo export` (consolidated_state_dict).
+    """
+    ds_dir = Path(ckpt) / "ds"
+    with weights_only_loads(ds_dir):
+        try:
+            load_path, _ = engine.load_checkpoint(
+                str(ds_dir), tag=tag, load_module_strict=True, load_optimizer_states=True, load_lr_scheduler_states=True
+            )
+        except DS_READ_ERRORS as e:
+            raise unreadable_ds_state(where, e) from None
+    if load_path is None:
+        raise UserError(f"{where}: DeepSpeed could not load {ds_dir}/{tag}")
 
 
 def read_json(path: Path) -> Any:
@@ -391,9 +427,8 @@ def consolidated_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
         with weights_only_loads(ckpt):
             try:
                 sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt / "ds"), tag=DS_TAG)
-            except (RuntimeError, EOFError, ValueError, FileNotFoundError) as e:  # truncated, missing or foreign
-                why = str(e).splitlines()[0] if str(e) else type(e).__name__
-                raise UserError(f"{ckpt}: cannot read the DeepSpeed state ({why})") from None
+            except DS_READ_ERRORS as e:  # truncated, missing or foreign
+                raise unreadable_ds_state(ckpt, e) from None
     return {k: v.float().contiguous() for k, v in sd.items()}
 
 

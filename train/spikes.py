@@ -219,20 +219,10 @@ class SpikeDetector:
         ``parts`` are the trainer's Stateful parts (CheckpointManager.states); the streams, the passkey
         episodes and this detector keep their state: the data read since the checkpoint stays skipped.
         """
-        from mnemo.train.checkpoint import DS_TAG, read_meta, weights_only_loads
+        from mnemo.train.checkpoint import DS_TAG, load_engine_state, read_meta
 
         path, self.rollback_to = self.rollback_to, None
-        ds_dir = path / "ds"
-        with weights_only_loads(ds_dir):  # DeepSpeed's loader unpickles with weights_only=False
-            load_path, _ = engine.load_checkpoint(
-                str(ds_dir),
-                tag=DS_TAG,
-                load_module_strict=True,
-                load_optimizer_states=True,
-                load_lr_scheduler_states=True,
-            )
-        if load_path is None:
-            raise UserError(f"train.spike.policy=rollback: DeepSpeed could not load {ds_dir}/{DS_TAG}")
+        load_engine_state(engine, path, DS_TAG, f"train.spike.policy=rollback: checkpoint {path}")
         meta = read_meta(path)
         own = self.manager.rank_state(path, self.manager.rank)
         parts["rng"].load_state_dict(own["rng"])

@@ -313,14 +313,8 @@ class Trainer:
     def _resume(self) -> None:
         """The engine from the checkpoint's DeepSpeed state, then this rank's parts (CheckpointManager.restore)."""
         path, meta, info = self.resume_path, self.old_meta, self.info
-        ds_dir = path / "ds"
         tag = universal_tag(path, info.rank) if self.universal else ckpt.DS_TAG
-        with ckpt.weights_only_loads(ds_dir):  # DeepSpeed's loader unpickles with weights_only=False
-            load_path, _ = self.engine.load_checkpoint(
-                str(ds_dir), tag=tag, load_module_strict=True, load_optimizer_states=True, load_lr_scheduler_states=True
-            )
-        if load_path is None:
-            raise UserError(f"checkpoint {path}: DeepSpeed could not load {ds_dir}/{tag}")
+        ckpt.load_engine_state(self.engine, path, tag, f"checkpoint {path}")
         if self.universal:
             from mnemo.train.universal import finish_universal_load
 

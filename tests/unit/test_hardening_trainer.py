@@ -305,6 +305,29 @@ def test_inf_gradient_with_skip_policy_skips_the_update_and_goes_on(engine, data
     assert not all(torch.equal(a, b) for a, b in zip(before, weights(engine)))  # training goes on
 
 
+def test_a_truncated_deepspeed_file_is_one_line_error_on_resume(engine, tmp_path):
+    """A ZeRO optimizer shard cut to 1000 bytes (a copy that stopped half way) was torch's traceback
+    'PytorchStreamReader failed reading zip archive' from engine.load_checkpoint on resume (only a refused
+    pickle was a UserError there). Now one line naming the checkpoint, as `mnemo export` says it."""
+    from mnemo.train import checkpoint as ckpt
+    from mnemo.train.errors import UserError
+    from mnemo.train.loop import DistInfo
+    from mnemo.train.trainer import Trainer
+
+    path = tmp_path / "step_00000002"
+    engine.save_checkpoint(str(path / "ds"), tag=ckpt.DS_TAG)
+    shard = path / "ds" / ckpt.DS_TAG / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    shard.write_bytes(shard.read_bytes()[:1000])
+    trainer = Trainer.__new__(Trainer)  # only what _resume reads before the engine's load
+    trainer.resume_path, trainer.old_meta, trainer.universal, trainer.engine = path, {}, False, engine
+    trainer.info = DistInfo(
+        rank=0, world_size=1, local_rank=0, local_world_size=1, node_rank=0, num_nodes=1, restart=0, requeue=0
+    )
+    needle = rf"^checkpoint {path}: cannot read the DeepSpeed state \(PytorchStreamReader failed reading zip"
+    with pytest.raises(UserError, match=needle):
+        trainer._resume()
+
+
 # ----------------------------------------------------------------------------- what the loop does after a step
 
 
