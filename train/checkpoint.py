@@ -53,6 +53,7 @@ from mnemo.train.rundir import (
     is_complete,
     is_interrupted_save,
     newest_checkpoint,
+    read_checkpoint_meta,
 )
 
 __all__ = ["COMPLETE", "STEP_RE", "is_complete"]  # names of train/rundir.py that importers take from here
@@ -215,8 +216,10 @@ def read_json(path: Path) -> Any:
         raise UserError(f"{path}: not valid JSON ({e})") from None
 
 
-def read_meta(path: Path) -> dict[str, Any]:
-    return read_json(Path(path) / "meta.json")
+def read_meta(path: Path, need: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Checkpoint ``path``'s meta.json, checked (train/rundir.py read_checkpoint_meta; a resume: ``need``
+    RESUME_META_KEYS)."""
+    return read_checkpoint_meta(path, need)
 
 
 class Stateful(Protocol):

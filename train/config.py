@@ -940,7 +940,13 @@ def check_paths(cfg: Config) -> None:
             except DataError as e:
                 raise ConfigError(f"data.tokenizer: {e}") from None
     check_manifest_vocab(cfg, tok)
-    from mnemo.train.rundir import check_checkpoint_files, check_run_dir, find_checkpoint
+    from mnemo.train.rundir import (
+        RESUME_META_KEYS,
+        check_checkpoint_files,
+        check_run_dir,
+        find_checkpoint,
+        read_checkpoint_meta,
+    )
 
     if cfg.init_from:
         with path_errors("init_from", ConfigError):
@@ -975,6 +981,7 @@ def check_paths(cfg: Config) -> None:
     if start is not None:  # what the resume will read, checked before any rank starts
         with path_errors("checkpoint.resume", ConfigError):
             check_checkpoint_files(start)
+            read_checkpoint_meta(start, RESUME_META_KEYS)
 
 
 def check_shards(key: str, data_dir: Path) -> None:

@@ -26,7 +26,10 @@ import os
 import re
 from pathlib import Path
 
-from mnemo.data_pipeline.files import not_a_regular_file
+from typing import Any
+
+from mnemo.data_pipeline.errors import brief
+from mnemo.data_pipeline.files import MAX_JSON_BYTES, not_a_regular_file, read_bounded
 from mnemo.train.errors import UserError
 
 STEP_RE = re.compile(r"^step_(\d{8})\Z")  # \Z: "$" also matches before a final newline
@@ -78,6 +81,65 @@ def check_checkpoint_files(ckpt: Path) -> None:
             why = not_a_regular_file(Path(folder) / name)
             if why is not None:
                 raise UserError(f"checkpoint {ckpt}: {Path(folder) / name}: {why}")
+
+
+# What a resume reads of a checkpoint's meta.json without a default (train/trainer.py, CheckpointManager.restore,
+# train/resume.py, train/schedule.py batching_of).
+RESUME_META_KEYS = ("step", "world_size", "zero_stage", "config")
+
+
+def _whole(low: int, high: int | None = None):
+    def ok(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= low and (high is None or v <= high)
+
+    return ok, f"a whole number >= {low}" if high is None else f"a whole number from {low} to {high}"
+
+
+_MISSING = object()
+_OBJECT = (lambda v: isinstance(v, dict), "a JSON object")
+# Each entry of a meta.json that something reads, by its path of keys: what it must be where it is present.
+_META_TYPES: dict[tuple[str, ...], tuple[Any, str]] = {
+    ("step",): _whole(0),
+    ("tokens_seen",): _whole(0),
+    ("world_size",): _whole(1),
+    ("zero_stage",): _whole(0, 3),
+    ("mlflow_run_id",): (lambda v: v is None or isinstance(v, str), "a string or null"),
+    ("config",): _OBJECT,
+    ("config", "train"): _OBJECT,
+    ("config", "train", "batch_size"): _whole(1),
+    ("config", "train", "global_batch_size"): (lambda v: v is None or _whole(0)[0](v), "a whole number >= 0"),
+    ("config", "memory"): _OBJECT,
+    ("config", "memory", "long"): _OBJECT,
+}
+
+
+def read_checkpoint_meta(ckpt: Path, need: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The meta.json of checkpoint ``ckpt``, checked: a JSON object whose entries that mnemo reads have
+    their types (``_META_TYPES``), and holding each key of ``need`` (resume: RESUME_META_KEYS).
+
+    UserError naming the file and the key otherwise: an edited meta.json (no ``config``, ``[]``, a step
+    that is a string) was a KeyError or TypeError traceback in every rank of a resume. Every reader of
+    a checkpoint's meta.json goes through this (checkpoint.read_meta), the pre-flight included.
+    """
+    path = Path(ckpt) / "meta.json"
+    try:
+        meta = json.loads(read_bounded(path, MAX_JSON_BYTES))
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror or e})") from None
+    except ValueError as e:  # UnicodeDecodeError included
+        raise UserError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise UserError(f"{path}: not a checkpoint's meta.json (a JSON object expected, not {type(meta).__name__})")
+    for key in need:
+        if key not in meta:
+            raise UserError(f"{path}: no {key!r} entry (not a checkpoint's meta.json, or edited)")
+    for keys, (ok, what) in _META_TYPES.items():  # a parent before its entries: those then sit in an object
+        v: Any = meta
+        for k in keys:
+            v = v.get(k, _MISSING) if isinstance(v, dict) else _MISSING
+        if v is not _MISSING and not ok(v):
+            raise UserError(f"{path}: {'.'.join(keys)} is {brief(v)}, not {what}")
+    return meta
 
 
 def find_checkpoint(path: Path) -> Path | None:

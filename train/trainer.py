@@ -39,7 +39,7 @@ from mnemo.train.errors import UserError
 from mnemo.train.eval_hook import run_eval
 from mnemo.train.loop import StepLog, TrainLoop, dist_info
 from mnemo.train.resume import check_resume_compatible, reads_universal, universal_tag
-from mnemo.train.rundir import check_checkpoint_files, check_run_dir
+from mnemo.train.rundir import RESUME_META_KEYS, check_checkpoint_files, check_run_dir
 from mnemo.train.schedule import Preemption, after_step, batching, batching_of, start_lines, stop_requests, total_steps
 from mnemo.train.slots import MemoryGroups, SlotGroups
 from mnemo.train.spikes import spike_detector
@@ -231,7 +231,7 @@ class Trainer:
         self.universal = False
         if self.resume_path is not None:
             check_checkpoint_files(self.resume_path)  # as check_paths did: the files may have changed since
-            meta, path = ckpt.read_meta(self.resume_path), self.resume_path
+            meta, path = ckpt.read_meta(self.resume_path, RESUME_META_KEYS), self.resume_path
             changes = check_resume_compatible(meta["config"], cfg, meta, self.tok_sha, self.manifest, path)
             if self.info.rank == 0 and changes:
                 log.info("config changes since %s (safe): %s", path.name, "; ".join(changes))

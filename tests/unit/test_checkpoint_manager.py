@@ -21,8 +21,10 @@ class FakeEngine:
         (d / "mp_rank_00_model_states.pt").write_bytes(b"weights")
 
 
-def save(mgr, step):
-    return mgr.save(step, FakeEngine(), {"step": step}, {"step": step})
+def save(mgr, step, **meta):
+    """A checkpoint of ``step`` whose meta.json holds what a resume reads (RESUME_META_KEYS), and ``meta``."""
+    meta = {"step": step, "world_size": 1, "zero_stage": 2, "config": {}, **meta}
+    return mgr.save(step, FakeEngine(), {"step": step}, meta)
 
 
 def test_save_is_complete_and_latest_points_at_it(tmp_path):
@@ -272,7 +274,7 @@ def test_a_run_started_from_another_runs_checkpoint_goes_on_from_its_own_after_a
     run = tmp_path / "run"
     assert check_run_dir(run, str(src), src) == (src, str(src.resolve()))  # first start: from X
     mgr = CheckpointManager(run)
-    newest = mgr.save(15, FakeEngine(), {"step": 15}, {"step": 15, "origin": str(src.resolve())})
+    newest = save(mgr, 15, origin=str(src.resolve()))
     assert check_run_dir(run, str(src), src) == (newest, str(src.resolve()))  # restart: its own newest
     assert check_run_dir(run, "auto") == (newest, str(src.resolve()))  # origin inherited
     _check(_cfg(tmp_path, run, **{"checkpoint.resume": str(src)}))
@@ -356,6 +358,42 @@ def test_a_fifo_in_a_checkpoint_is_refused_not_waited_on(tmp_path, name):
     if name.startswith("rank_"):
         with pytest.raises(UserError, match=rf"^{p / name}: cannot read \(a FIFO \(named pipe\), not a regular"):
             mgr.rank_state(p, 0)
+
+
+@pytest.mark.parametrize(
+    "edit,needle",
+    [
+        (lambda m: m.pop("config"), r"no 'config' entry \(not a checkpoint's meta.json, or edited\)"),
+        (lambda m: m.clear(), r"no 'step' entry"),
+        (lambda m: m.update(step="12"), r"step is '12', not a whole number >= 0"),
+        (lambda m: m.update(world_size=1.5), r"world_size is 1.5, not a whole number >= 1"),
+        (lambda m: m.update(zero_stage=None), r"zero_stage is None, not a whole number from 0 to 3"),
+        (lambda m: m.update(config=[]), r"config is \[\], not a JSON object"),
+        (lambda m: m.update(config={"train": {"batch_size": "4"}}), r"config.train.batch_size is '4', not a whole"),
+        (lambda m: m.update(config={"memory": 1}), r"config.memory is 1, not a JSON object"),
+        (lambda m: m.update(mlflow_run_id=7), r"mlflow_run_id is 7, not a string or null"),
+    ],
+)
+def test_an_edited_meta_json_is_refused_before_start_in_one_line(tmp_path, edit, needle):
+    """A meta.json without `config`, or with a step or world size that is no whole number, was a KeyError or
+    TypeError traceback in every rank of the resume (train/trainer.py, CheckpointManager.restore). Now the
+    pre-flight refuses it naming the file and the key, and so does every reader (checkpoint.read_meta)."""
+    run = tmp_path / "run"
+    p = save(CheckpointManager(run), 8)
+    meta = json.loads((p / "meta.json").read_text())
+    edit(meta)
+    (p / "meta.json").write_text(json.dumps(meta))
+    where = rf"^{p / 'meta.json'}: "
+    with pytest.raises(UserError, match=where + needle):
+        _check(_cfg(tmp_path, run))
+    from mnemo.train.checkpoint import read_meta
+    from mnemo.train.rundir import RESUME_META_KEYS
+
+    with pytest.raises(UserError, match=where + needle):
+        read_meta(p, RESUME_META_KEYS)
+    (p / "meta.json").write_text("[]")
+    with pytest.raises(UserError, match=where + r"not a checkpoint's meta.json \(a JSON object expected, not list\)"):
+        _check(_cfg(tmp_path, run))
 
 
 def test_init_from_and_tokenizer_that_are_not_what_they_name_are_refused_before_start(tmp_path):
