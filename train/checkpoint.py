@@ -10,7 +10,8 @@ Layout of one checkpoint (a directory under <run.dir>/checkpoints/):
       meta.json               step, tokens, world size, ZeRO stage, MLflow run id, resolved config,
                               tokenizer and manifest hashes, model args
       COMPLETE                written last: a checkpoint without it does not exist
-    latest                    name of the newest complete checkpoint (atomic rename)
+    latest                    name of the newest complete checkpoint (atomic rename), for people and
+                              tools: mnemo finds the newest by listing the folder (rundir.newest_checkpoint)
 
 Commit protocol: every rank writes into ``.tmp-step_XXXXXXXX``; after a
 barrier rank 0 fsyncs every file, writes COMPLETE, renames the directory into
@@ -283,7 +284,7 @@ class CheckpointManager:
         return sorted(p for p in self.root.iterdir() if is_interrupted_save(p))
 
     def latest(self) -> Path | None:
-        """Newest complete checkpoint (``latest`` if it names a complete one)."""
+        """Newest complete checkpoint by step (rundir.newest_checkpoint: ``latest`` is not read)."""
         return newest_checkpoint(self.root)
 
     def clean_partials(self) -> list[Path]:

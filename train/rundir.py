@@ -15,7 +15,7 @@ to write over it refuses to start. So does a new run (``checkpoint.resume=never`
 or another run's checkpoint) in a run directory that holds complete
 checkpoints of an earlier one, and a run resumed from a checkpoint that is not
 the newest of its run directory: retention keeps the newest ``checkpoint.keep``
-by step, and ``latest`` (what ``resume=auto`` reads) is the newest, so the two
+by step, and ``resume=auto`` goes on from the newest, so the two
 runs' checkpoints would be mixed and the older ones deleted.
 """
 
@@ -58,14 +58,15 @@ def complete_checkpoints(root: Path) -> list[Path]:
 
 
 def newest_checkpoint(root: Path) -> Path | None:
-    """The newest complete checkpoint in ``root``: the one ``latest`` names unless a complete one is newer."""
-    marker = root / "latest"
+    """The newest complete checkpoint in ``root`` by step (its name), or None.
+
+    ``latest`` is not read: a save writes it for people and tools, but what it could name that mnemo
+    would take (a complete ``step_XXXXXXXX`` of this folder, never newer than the newest by name) is
+    the newest anyway, and what else it may hold was trusted: bytes that are not UTF-8 were a
+    UnicodeDecodeError traceback, and a path (``/elsewhere/step_00000099``, ``../..``) made export,
+    eval, resume=auto and init_from use a checkpoint outside the run directory.
+    """
     done = complete_checkpoints(root)
-    if marker.is_file():
-        p = root / marker.read_text().strip()
-        if is_complete(p):
-            newer = [c for c in done if c.name > p.name]
-            return newer[-1] if newer else p
     return done[-1] if done else None
 
 

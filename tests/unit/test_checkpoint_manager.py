@@ -66,6 +66,33 @@ def test_latest_marker_naming_a_missing_checkpoint_falls_back(tmp_path):
     assert mgr.latest() == good
 
 
+@pytest.mark.parametrize(
+    "marker",
+    [b"\xff\xfe not utf-8\n", b"ABSOLUTE", b"../../elsewhere/checkpoints/step_00000099\n", b"step_00000099\n"],
+)
+def test_latest_is_never_followed_out_of_the_folder_nor_decoded(tmp_path, marker):
+    """checkpoints/latest that was not UTF-8 was a UnicodeDecodeError traceback (eval, export, init_from,
+    resume); one holding a path (absolute, or ../..) to a complete checkpoint elsewhere made export, eval,
+    resume=auto and init_from use that one. Now the newest complete checkpoint of the folder by name is
+    used, whatever `latest` holds."""
+    from mnemo.train.rundir import check_run_dir, find_checkpoint
+
+    elsewhere = save(CheckpointManager(tmp_path / "elsewhere"), 99)
+    run = tmp_path / "run"
+    mgr = CheckpointManager(run)
+    save(mgr, 4)
+    good = save(mgr, 8)
+    (mgr.root / "step_00000099").mkdir()  # not complete: named like one, never taken
+    marker = str(elsewhere).encode() if marker == b"ABSOLUTE" else marker
+    (mgr.root / "latest").write_bytes(marker)
+    assert mgr.latest() == good
+    assert find_checkpoint(run) == find_checkpoint(mgr.root) == good
+    assert resolve_checkpoint(run) == good
+    (mgr.root / "step_00000099").rmdir()  # (a run refuses to start beside it)
+    assert check_run_dir(run, "auto")[0] == good  # what resume=auto resumes from
+    _check(_cfg(tmp_path, run))
+
+
 def test_retention_keeps_newest_k_multiples_and_the_resumed_one(tmp_path):
     mgr = CheckpointManager(tmp_path, keep=2, keep_every=30)
     mgr.protected.add("step_00000010")
