@@ -964,9 +964,15 @@ def check_paths(cfg: Config) -> None:
         with path_errors("checkpoint.resume", ConfigError):
             if not Path(r).is_dir():
                 raise ConfigError(f"checkpoint.resume: no such checkpoint directory: {r}")
-            resume = Path(r) if (Path(r) / "model.safetensors").is_file() else find_checkpoint(Path(r))
+            # An export holds the weights alone (no optimizer, streams, step or meta.json): a resume from one
+            # passed here and failed in the ranks, minutes later, on its missing meta.json.
+            if (Path(r) / "model.safetensors").is_file():
+                raise ConfigError(
+                    f"checkpoint.resume: {r} is an export (weights only), not a checkpoint; use init_from={r}"
+                )
+            resume = find_checkpoint(Path(r))
         if resume is None:
-            raise ConfigError(f"checkpoint.resume: {r} is not a mnemo checkpoint, run directory or export directory")
+            raise ConfigError(f"checkpoint.resume: {r} is not a mnemo checkpoint or run directory")
     with path_errors("run.dir", ConfigError):
         conf = Path(cfg.run.dir) / "config.yaml"
         if conf.exists() and not wrote_run_config(conf):

@@ -423,6 +423,26 @@ def test_an_edited_meta_json_is_refused_before_start_in_one_line(tmp_path, edit,
         _check(_cfg(tmp_path, run))
 
 
+def test_resume_from_an_export_is_refused_before_start_pointing_to_init_from(tmp_path):
+    """checkpoint.resume=EXPORT_DIR (model.safetensors, no meta.json) passed the pre-flight and failed in the
+    ranks minutes later ('No such file or directory: .../meta.json'), after config.yaml and run.lock were
+    written into the new run dir. An export is weights only: init_from starts from it."""
+    from mnemo.train.config import ConfigError
+
+    exp = tmp_path / "exported"
+    exp.mkdir()
+    (exp / "model.safetensors").write_bytes(b"w")
+    (exp / "tokenizer.model").write_bytes(stub_tokenizer_bytes())
+    run = tmp_path / "run"
+    with pytest.raises(
+        ConfigError,
+        match=rf"^checkpoint.resume: {exp} is an export \(weights only\), not a checkpoint; use init_from={exp}$",
+    ):
+        _check(_cfg(tmp_path, run, **{"checkpoint.resume": str(exp)}))
+    assert not run.exists()
+    _check(_cfg(tmp_path, run, init_from=str(exp)))
+
+
 def test_init_from_and_tokenizer_that_are_not_what_they_name_are_refused_before_start(tmp_path):
     """Both passed `mnemo launch --dry-run` and failed only in the ranks."""
     from mnemo.train.config import ConfigError
