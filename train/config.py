@@ -893,12 +893,14 @@ def wrote_run_config(path: Path) -> bool:
 
 
 def check_paths(cfg: Config) -> None:
-    """Checks that need the filesystem (data dir, tokenizer, init_from and its tokenizer).
+    """Checks that need the filesystem (data dir, tokenizer, init_from and its tokenizer) or the environment
+    (``check_tracking``).
 
     Run by `mnemo train` and `mnemo launch` before any rank is spawned. A path
     that cannot even be looked at (a name too long, no permission) is a
     ConfigError naming its key (``path_errors``), as a missing one is.
     """
+    check_tracking(cfg)
     # Path("") is the working directory: `checkpoint.resume=` resumed from wherever mnemo ran. Checked here,
     # not in validate(), so that a checkpoint whose saved config holds it still loads for eval or export.
     # (Every other path key means something by empty: "not set" or a default its comment names.)
@@ -988,6 +990,28 @@ def check_paths(cfg: Config) -> None:
         with path_errors("checkpoint.resume", ConfigError):
             check_checkpoint_files(start)
             read_checkpoint_meta(start, RESUME_META_KEYS)
+
+
+def check_tracking(cfg: Config) -> None:
+    """tracking.uri and tracking.experiment, or the $MLFLOW_TRACKING_URI / $MLFLOW_EXPERIMENT_NAME they default
+    to: a store MLflow can open and a usable experiment name (train/tracking/common.py uri_problem,
+    experiment_problem), from the values alone. Otherwise only rank 0's tracker found out, after the engine and
+    data were built, and the other ranks died of it in their next collective. Here, not in validate(): it reads
+    the environment ($MLFLOW_ALLOW_FILE_STORE too), and a checkpoint's saved config must load for eval anywhere.
+    """
+    if not cfg.tracking.enabled:
+        return
+    # Not at module level: the tracking package imports this module.
+    from mnemo.train.tracking.common import experiment_problem, uri_problem
+
+    for key, env, value, problem in (
+        ("tracking.uri", "MLFLOW_TRACKING_URI", cfg.tracking.uri, uri_problem),
+        ("tracking.experiment", "MLFLOW_EXPERIMENT_NAME", cfg.tracking.experiment, experiment_problem),
+    ):
+        where = key if value else f"{key} (empty: ${env})"
+        value = value or os.environ.get(env, "")
+        if value and (why := problem(value)):
+            raise ConfigError(f"{where}: {_brief(value)}: {why}")
 
 
 def check_shards(key: str, data_dir: Path) -> None:

@@ -270,3 +270,13 @@ def test_a_path_name_too_long_is_one_line_naming_the_key(long_name_ws, capsys, a
     assert rc == 2, err
     assert err.startswith(f"mnemo: error: {what}: ") and err.count("\n") == 1, err
     assert "File name too long" in err and len(err) < 400, err
+
+
+def test_launch_refuses_a_tracking_uri_mlflow_cannot_open_before_any_rank_starts():
+    # Before: rank 0 failed after building the engine and data, rank 1 died of gloo's "Connection closed by peer".
+    res = mnemo("launch", "configs/debug.yaml", "--nproc-per-node", "2", "--dry-run", "tracking.uri=foo://bar")
+    assert res.returncode == 2
+    assert_one_line_error(res, "tracking.uri: 'foo://bar': unknown scheme 'foo'")
+    res = mnemo("train", "configs/debug.yaml", "tracking.experiment= ")
+    assert res.returncode == 2
+    assert_one_line_error(res, "tracking.experiment: ' ': only blanks")

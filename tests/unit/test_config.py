@@ -436,3 +436,89 @@ def test_max_steps_may_be_0_when_a_token_budget_sets_the_steps():
             ConfigError, match=r"^train\.max_steps: must be >= 1 \(or 0 with a train\.max_tokens budget\)"
         ):
             load_config("configs/debug.yaml", over)
+
+
+@pytest.mark.parametrize(
+    "override,needle",
+    [
+        ("tracking.uri=foo://bar", "unknown scheme 'foo'"),
+        ("tracking.uri=localhost:5000", "unknown scheme 'localhost'"),
+        ("tracking.uri=5", "MLFLOW_ALLOW_FILE_STORE=true"),  # a bare path is a file store
+        ("tracking.uri=file:///tmp/nope", "MLFLOW_ALLOW_FILE_STORE=true"),
+        ("tracking.uri=http://", "no host"),
+        ("tracking.uri=Sqlite:///x.db", "lower case"),
+        ("tracking.uri=postgresql+a+b://h/db", "unknown database scheme"),
+        ("tracking.uri=databricks-uc", "Unity Catalog"),
+        ("tracking.experiment=" + "e" * 501, "501 characters, over MLflow's limit of 500"),
+        ("tracking.experiment=a\tb", "control character"),  # an override's string is taken as written
+        ("tracking.experiment=a\nb", "control character"),
+        ("tracking.experiment=   ", "only blanks"),
+    ],
+)
+def test_a_tracking_uri_or_experiment_mlflow_cannot_use_is_refused_before_any_rank(
+    tmp_path, monkeypatch, override, needle
+):
+    # Before: only rank 0's tracker found out, after the engine and the data were built; the other ranks then
+    # died in their next collective (gloo "Connection closed by peer", torchrun's ChildFailedError).
+    from mnemo.train.config import check_paths
+
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    data = _data_dir(tmp_path / "data")
+    cfg = load_config(None, [f"data.path={data}", f"run.dir={tmp_path / 'run'}", override])
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError) as e:
+        check_paths(cfg)
+    assert str(e.value).startswith(key + ": ") and needle in str(e.value), str(e.value)
+    off = [f"data.path={data}", f"run.dir={tmp_path / 'run'}", override, "tracking.enabled=false"]
+    check_paths(load_config(None, off))  # not used, not checked
+
+
+def test_the_tracking_defaults_from_the_environment_are_checked_too_and_a_password_is_not_shown(tmp_path, monkeypatch):
+    from mnemo.train.config import check_paths
+
+    data = _data_dir(tmp_path / "data")
+    cfg = load_config(None, [f"data.path={data}", f"run.dir={tmp_path / 'run'}"])
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"foo://alice:{SECRET}@host")
+    with pytest.raises(ConfigError, match=r"^tracking\.uri \(empty: \$MLFLOW_TRACKING_URI\): 'foo://\*\*\*@host'") as e:
+        check_paths(cfg)
+    assert SECRET not in str(e.value)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///x.db")
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "x\ty")
+    with pytest.raises(ConfigError, match=r"^tracking\.experiment \(empty: \$MLFLOW_EXPERIMENT_NAME\): .*control"):
+        check_paths(cfg)
+    cfg = load_config(None, [f"data.path={data}", f"run.dir={tmp_path / 'run'}", "tracking.experiment=ok"])
+    check_paths(cfg)  # the config's own value wins over the environment's
+
+
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "sqlite:///abs/mlflow.db",
+        "sqlite:///relative.db",
+        "sqlite+pysqlite:///x.db",
+        "http://127.0.0.1:5000",
+        "HTTPS://alice:p%40ss@mlflow.example",
+        "postgresql://u:p@db.example/mlflow",
+        "postgresql+psycopg2://db.example/mlflow",
+        "mysql+pymysql://db.example/mlflow",
+        "mssql://db.example/mlflow",
+        "databricks",
+        "databricks://profile",
+    ],
+)
+def test_the_tracking_uris_mlflow_opens_are_accepted(tmp_path, uri):
+    from mnemo.train.config import check_tracking
+
+    check_tracking(load_config(None, [f"tracking.uri={uri}", "tracking.experiment=a name, with: punctuation/é"]))
+
+
+def test_a_file_store_is_accepted_where_mlflow_allows_it(monkeypatch):
+    from mnemo.train.config import check_tracking
+
+    for allow in ("true", "True", "1"):
+        monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", allow)
+        check_tracking(load_config(None, ["tracking.uri=file:///tmp/mlruns"]))
+        check_tracking(load_config(None, ["tracking.uri=./mlruns"]))
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "yes")  # MLflow refuses that value
+    with pytest.raises(ConfigError, match="MLFLOW_ALLOW_FILE_STORE=true"):
+        check_tracking(load_config(None, ["tracking.uri=./mlruns"]))

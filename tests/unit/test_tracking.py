@@ -429,3 +429,32 @@ def test_the_sender_keeps_mlflow_quiet_only_for_a_uri_with_credentials(monkeypat
     assert not MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT.get()
     quiet_url_printing(f"http://mlflow.example:5000/?token={SECRET}")
     assert MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT.get()
+
+
+def test_the_uri_check_agrees_with_the_installed_mlflow(tmp_path, monkeypatch):
+    """uri_problem knows MLflow's stores without importing it (2-4 s): keep it in step with this MLflow."""
+    from mlflow import MlflowClient
+    from mlflow.tracking._tracking_service.utils import _tracking_store_registry
+    from mlflow.utils.validation import MAX_EXPERIMENT_NAME_LENGTH
+
+    from mnemo.train.tracking import common
+
+    known = common.SERVER_SCHEMES + common.DB_SCHEMES + common.FILE_SCHEMES + common.DATABRICKS_SCHEMES
+    plugins = common.store_plugin_schemes()
+    assert set(_tracking_store_registry._registry) == set(known + common.REFUSED_SCHEMES) | plugins
+    assert common.MAX_EXPERIMENT_NAME == MAX_EXPERIMENT_NAME_LENGTH
+    monkeypatch.chdir(tmp_path)  # a file store, were one made, lands here
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    db = (tmp_path / "x.db").as_posix()
+    # Building the client opens no connection to a server, but builds the store (sqlite: creates the file).
+    for uri in ["foo://bar", "5", "file:///tmp/nope", "uc", "databricks-uc", "sqlitefoo:///x", "Sqlite:///" + db,
+                "sqlite:///" + db, "sqlite+pysqlite:///" + db, "http://127.0.0.1:1", "databricks"]:  # fmt: skip
+        try:
+            MlflowClient(tracking_uri=uri)
+            opens = True
+        except Exception:
+            opens = False
+        assert (common.uri_problem(uri) is None) == opens, (uri, common.uri_problem(uri))
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    MlflowClient(tracking_uri=(tmp_path / "mlruns").as_uri())
+    assert common.uri_problem((tmp_path / "mlruns").as_uri()) is None

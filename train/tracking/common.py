@@ -1,7 +1,9 @@
 """What the trainer side and the sender process of tracking share: names, constants and small helpers.
 
 - ``resolve_uri`` / ``resolve_experiment``: where a job's run goes (config >
-  environment > default);
+  environment > default); ``uri_problem`` / ``experiment_problem``: what is
+  wrong with a URI MLflow cannot open or an experiment name it (or a reader)
+  cannot use, said before any rank starts (train/config.py ``check_tracking``);
 - ``system_tags`` (host, git commit, library versions) and ``memory_stats``
   (host RSS, CUDA peak), which the trainer and the sender put on the run;
 - the constants of the user interface: ``DEFAULT_EXPERIMENT``,
@@ -19,11 +21,14 @@ import importlib.metadata
 import json
 import os
 import platform
+import re
 import resource
 import socket
 import subprocess
 import sys
+import unicodedata
 from pathlib import Path
+from urllib.parse import urlparse
 
 DEFAULT_EXPERIMENT = "mnemo"
 PARENT_RUN_TAG = "mnemo.parent_run_id"
@@ -55,6 +60,87 @@ def resolve_uri(uri: str, run_dir: str | os.PathLike) -> str:
 def resolve_experiment(experiment: str) -> str:
     """Experiment name: explicit > $MLFLOW_EXPERIMENT_NAME > "mnemo"."""
     return experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
+
+
+# The tracking stores MLflow 3 opens itself, by URI scheme (its _register_tracking_stores in
+# mlflow/tracking/_tracking_service/utils.py: a private registry, and `import mlflow` costs 2-4 s, too
+# much for a check that runs before every job; tests/unit/test_tracking.py compares this with the installed
+# MLflow's registry). Plugins add schemes through MLflow's public entry-point group STORE_PLUGIN_GROUP.
+SERVER_SCHEMES = ("http", "https")
+DB_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")  # each optionally +DRIVER (SQLAlchemy)
+FILE_SCHEMES = ("", "file")  # "" = a bare path
+DATABRICKS_SCHEMES = ("databricks",)
+# Registered by MLflow, but its builder only raises "Unity Catalog ... is not supported" (a model registry).
+REFUSED_SCHEMES = ("databricks-uc", "uc")
+STORE_PLUGIN_GROUP = "mlflow.tracking_store"
+# MLflow 3.13 made its file store raise unless $MLFLOW_ALLOW_FILE_STORE is true (FileStore.__init__).
+FILE_STORE_GATED_SINCE = (3, 13)
+# mlflow.utils.validation.MAX_EXPERIMENT_NAME_LENGTH: create_experiment refuses longer names.
+MAX_EXPERIMENT_NAME = 500
+URI_FORMS = "http(s)://HOST[:PORT], sqlite:///PATH, postgresql|mysql|mssql[+DRIVER]://..., databricks[://PROFILE]"
+
+
+def uri_problem(uri: str) -> str | None:
+    """Why MLflow could not open tracking store ``uri`` (None: it can), from the URI alone: no store is contacted
+    and mlflow is not imported. Mirrors how MLflow picks a store (mlflow.utils.uri.get_uri_scheme)."""
+    # MLflow takes these whole values as schemes, not as paths.
+    scheme = uri if uri in DATABRICKS_SCHEMES + REFUSED_SCHEMES else urlparse(uri).scheme  # lower-cased, as MLflow
+    if len(scheme) == 1 and scheme.isalpha():  # a Windows drive, C:\..., which MLflow reads as a path
+        scheme = ""
+    if scheme in SERVER_SCHEMES:
+        host = urlparse(uri).netloc.rpartition("@")[2]  # not the user:password@ before it
+        return None if host else f"no host after {scheme}:// ({URI_FORMS})"
+    if any(scheme.startswith(db) for db in DB_SCHEMES):
+        engine, _, driver = scheme.partition("+")
+        if engine not in DB_SCHEMES or "+" in driver:
+            engines = ", ".join(DB_SCHEMES)
+            return f"unknown database scheme {scheme!r} (MLflow's: {engines}, each with an optional +DRIVER)"
+        if not uri.startswith(scheme):  # SQLAlchemy loads the dialect by the scheme as written: "Sqlite" has none
+            return f"write the scheme {scheme!r} in lower case"
+        return None
+    if scheme in FILE_SCHEMES:
+        return file_store_problem()
+    if scheme in DATABRICKS_SCHEMES:
+        return None
+    if scheme in REFUSED_SCHEMES:
+        return f"{scheme!r} is a Unity Catalog model registry, not a tracking store ({URI_FORMS})"
+    if scheme in store_plugin_schemes():
+        return None
+    return f"unknown scheme {scheme!r}: MLflow cannot open it as a tracking store ({URI_FORMS})"
+
+
+def store_plugin_schemes() -> set[str]:
+    """Tracking-store schemes that installed MLflow plugins register (entry points, no import of them)."""
+    return {ep.name for ep in importlib.metadata.entry_points(group=STORE_PLUGIN_GROUP)}
+
+
+def file_store_problem() -> str | None:
+    """Why this MLflow refuses a file store (a bare path or file:...): None before 3.13 or with
+    $MLFLOW_ALLOW_FILE_STORE true/1, as MLflow reads it."""
+    allow = os.environ.get("MLFLOW_ALLOW_FILE_STORE")
+    if allow is not None and allow.lower() in ("true", "1"):
+        return None
+    version = _dist_version("mlflow")
+    m = re.match(r"(\d+)\.(\d+)", version)
+    if m and (int(m[1]), int(m[2])) < FILE_STORE_GATED_SINCE:
+        return None
+    return (
+        f"a file store (a path or file:), which MLflow {version} refuses unless MLFLOW_ALLOW_FILE_STORE=true; "
+        "use sqlite:///PATH (or leave tracking.uri empty: sqlite:///<run.dir>/mlflow.db)"
+    )
+
+
+def experiment_problem(name: str) -> str | None:
+    """Why ``name`` is no usable MLflow experiment name (None: it is)."""
+    if len(name) > MAX_EXPERIMENT_NAME:
+        return f"{len(name)} characters, over MLflow's limit of {MAX_EXPERIMENT_NAME}"
+    # MLflow takes them, but a tab or newline in a name cannot be typed back (mlflow ui, get_experiment_by_name)
+    # nor shown on one line; a name of blanks alone is a slip, not a name.
+    if any(unicodedata.category(ch) == "Cc" for ch in name):
+        return "holds a control character (tab, newline, ...)"
+    if not name.strip():
+        return "only blanks"
+    return None
 
 
 def _git(args: list[str], cwd: Path) -> str | None:
