@@ -332,20 +332,30 @@ class Trainer:
 
     def _start_tracking(self) -> None:
         """The MLflow run (continued on resume), its params, artifacts and tags."""
+        from mnemo.train.collectives import broadcast_object
         from mnemo.train.tracking import Tracker
 
         cfg, info, run_dir = self.cfg, self.info, self.run_dir
-        self.tracker = Tracker(
-            run_dir=str(run_dir),
-            uri=cfg.tracking.uri,
-            experiment=cfg.tracking.experiment,
-            run_name=cfg.run.name or run_dir.name,
-            enabled=cfg.tracking.enabled,
-            rank=info.rank,
-            resume_run_id=self.run_id,
-            parent_run_id=self.parent_run_id,
-            resume_step=self.counters.step,
-        )
+        refused = None
+        try:
+            self.tracker = Tracker(
+                run_dir=str(run_dir),
+                uri=cfg.tracking.uri,
+                experiment=cfg.tracking.experiment,
+                run_name=cfg.run.name or run_dir.name,
+                enabled=cfg.tracking.enabled,
+                rank=info.rank,
+                resume_run_id=self.run_id,
+                parent_run_id=self.parent_run_id,
+                resume_step=self.counters.step,
+            )
+        except UserError as e:  # a store that answers and refuses (a deleted experiment): rank 0 only knows
+            refused = str(e)
+        # Every rank stops with rank 0's one line, instead of the others dying in their next collective
+        # (gloo's "Connection closed by peer"). The others wait for rank 0 at their first step anyway.
+        refused = broadcast_object(refused)
+        if refused:
+            raise UserError(refused)
         self.run_id = self.tracker.run_id
         if info.rank != 0:
             return

@@ -458,3 +458,36 @@ def test_the_uri_check_agrees_with_the_installed_mlflow(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
     MlflowClient(tracking_uri=(tmp_path / "mlruns").as_uri())
     assert common.uri_problem((tmp_path / "mlruns").as_uri()) is None
+
+
+def test_a_deleted_resume_run_starts_a_new_run_with_parent_tag(store, client, tmp_path, caplog):
+    # Before: get_run found it, update_run refused it ("must be in the 'active' state. Current state is
+    # deleted"), and that error stopped the job.
+    t1 = Tracker(run_dir=str(tmp_path), uri=store, experiment="unit")
+    t1.close()
+    client.delete_run(t1.run_id)
+    with caplog.at_level(logging.WARNING, logger="mnemo.train.tracking"):
+        t2 = Tracker(run_dir=str(tmp_path), uri=store, experiment="unit", resume_run_id=t1.run_id, interval=0.1)
+    t2.log_metrics({"train/loss": 1.0}, step=1)
+    t2.close()
+    assert t2.run_id not in (None, t1.run_id)
+    run = client.get_run(t2.run_id)
+    assert run.data.tags[PARENT_RUN_TAG] == t1.run_id and run.info.status == "FINISHED"
+    assert _steps(client, t2.run_id, "train/loss") == [1]
+    assert "was deleted" in caplog.text and f"mlflow runs restore --run-id {t1.run_id}" in caplog.text
+    assert client.get_run(t1.run_id).info.lifecycle_stage == "deleted", "the deleted run is left as it was"
+
+
+def test_a_deleted_experiment_is_an_error_that_says_how_to_restore_it(store, client, tmp_path):
+    from mnemo.train.errors import UserError
+
+    t1 = Tracker(run_dir=str(tmp_path), uri=store, experiment="deleted-later")
+    t1.close()
+    exp_id = client.get_experiment_by_name("deleted-later").experiment_id
+    client.delete_experiment(exp_id)
+    for resume in (None, t1.run_id):  # a new job, and a resumed one (its run went with the experiment)
+        with pytest.raises(UserError) as e:
+            Tracker(run_dir=str(tmp_path), uri=store, experiment="deleted-later", resume_run_id=resume)
+        msg = str(e.value)
+        assert "\n" not in msg and "experiment 'deleted-later' (id " in msg, msg
+        assert f"mlflow experiments restore --experiment-id {exp_id}" in msg and "tracking.experiment" in msg, msg

@@ -118,6 +118,10 @@ class _Outage(Exception):
     """The store could not be reached: keep the op and retry later."""
 
 
+class _DeletedExperiment(Exception):
+    """tracking.experiment names a deleted experiment: the user's to restore or rename."""
+
+
 class _Sender:
     """Owns the MlflowClient: opens the run, batches, sends, buffers through outages."""
 
@@ -396,6 +400,21 @@ class _Sender:
             )
             self._parent_run_id = run_id
             return None
+        if run.info.lifecycle_stage == "deleted":
+            # MLflow refuses to reopen it ("must be in the 'active' state"). Deleted is not gone: it stays in
+            # the store, restorable, until `mlflow gc`; leave it so and go on as for a missing run.
+            self._log(
+                logging.WARNING,
+                "tracking: run %s from the checkpoint was deleted from %s; starting a new run tagged %s=%s"
+                " (the old one can still be restored: mlflow runs restore --run-id %s)",
+                run_id,
+                self.uri,
+                PARENT_RUN_TAG,
+                run_id,
+                run_id,
+            )
+            self._parent_run_id = run_id
+            return None
         self.run_id = run.info.run_id
         if run.info.status != "RUNNING":
             c.update_run(self.run_id, status="RUNNING")
@@ -468,6 +487,14 @@ class _Sender:
 
         c = self._client
         if exp := c.get_experiment_by_name(self.experiment):
+            if exp.lifecycle_stage == "deleted":
+                # MLflow would say "The experiment N must be in the 'active' state". Its name stays taken until
+                # `mlflow gc`, so no new experiment of that name can be made: the user chooses.
+                raise _DeletedExperiment(
+                    f"experiment {self.experiment!r} (id {exp.experiment_id}) is deleted: restore it with "
+                    f"`mlflow experiments restore --experiment-id {exp.experiment_id}`, or set tracking.experiment "
+                    "to another name"
+                )
             return exp.experiment_id
         # A local store would put artifacts under the current directory
         # (./mlruns); keep them in the run directory instead. A server decides itself.
