@@ -15,12 +15,19 @@ A worker may get a signal twice (under SLURM every process of a step gets a
 forwarded signal, and the launcher forwards it as well): the trainer's handler
 only sets a flag, so that is harmless. torchrun itself never gets them, so it
 does not stop the workers while they save.
+
+A rank that stops on a user error prints one line, ``[rankN]: mnemo: error:
+...``, and exits 2; torchrun then reports the failed worker group with a
+traceback of its own (ChildFailedError) and exits 1. After such a line,
+torchrun's own lines go to the node log only (the ranks' lines still reach
+the console), and the node exits 2, as `mnemo train` does for the same error.
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import re
 import selectors
 import signal
 import stat
@@ -33,6 +40,9 @@ from mnemo.launch.torchrun import NodePlan, node_env, torchrun_command
 from mnemo.train.errors import UserError
 
 _IGNORED_IN_TORCHRUN = (signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP)
+# A rank's user error as its line reaches the launcher (torchrun's --log-line-prefix-template "[rank${rank}]: ").
+_RANK_USER_ERROR = re.compile(r"\[rank\d+\]: mnemo: error: ")
+_RANK_LINE = re.compile(r"\[rank\d+\]: ")
 
 
 def _worker_pids(torchrun_pid: int) -> list[int]:
@@ -93,6 +103,7 @@ class NodeRunner:
         self.proc: subprocess.Popen | None = None
         self._pending: list[str] = []  # notes from signal handlers, written by the main loop
         self._interrupts = 0
+        self._user_error = False  # a rank printed "mnemo: error: ..." (see the module's docstring)
 
     # -- signals ---------------------------------------------------------- #
 
@@ -125,14 +136,21 @@ class NodeRunner:
 
     # -- output ----------------------------------------------------------- #
 
-    def _emit(self, log: IO[str], line: str) -> None:
+    def _emit(self, log: IO[str], line: str, console: bool = True) -> None:
         log.write(line + "\n")
-        if self.console is not None:
+        if console and self.console is not None:
             try:
                 self.console.write(line + "\n")
                 self.console.flush()
             except (OSError, ValueError):
                 self.console = None  # console gone (ssh closed): keep the log
+
+    def _output_line(self, log: IO[str], line: str) -> None:
+        """One line of torchrun's output: to the log, and to the console unless it is torchrun's own after a
+        rank's user error (its failure report, a traceback that says nothing the error line did not)."""
+        if _RANK_USER_ERROR.match(line):
+            self._user_error = True
+        self._emit(log, line, console=not self._user_error or bool(_RANK_LINE.match(line)))
 
     def _note(self, log: IO[str], text: str) -> None:
         self._emit(log, f"[launch node{self.plan.node_rank}] {text}")
@@ -179,6 +197,9 @@ class NodeRunner:
                     signal.signal(s, h)
             self._flush_notes(log)
             self._note(log, f"torchrun exited with code {rc}")
+            if rc != 0 and self._user_error:
+                self._note(log, f"a rank stopped on the error above; torchrun's report of it is in {plan.log_path}")
+                return 2
         return rc
 
     def _flush_notes(self, log: IO[str]) -> None:
@@ -211,14 +232,14 @@ class NodeRunner:
                 buf += data
                 *lines, buf = buf.split(b"\n")
                 for line in lines:
-                    self._emit(log, line.decode(errors="replace").rstrip("\r"))
+                    self._output_line(log, line.decode(errors="replace").rstrip("\r"))
             if self.stop_on_stdin_eof and sys.stdin.fileno() in ready:
                 if not os.read(sys.stdin.fileno(), 4096):
                     # The ssh connection to the orchestrator closed: stop gracefully.
                     sel.unregister(sys.stdin.fileno())
                     self._forward(signal.SIGTERM, "stdin closed (launcher gone)")
         if buf:
-            self._emit(log, buf.decode(errors="replace"))
+            self._output_line(log, buf.decode(errors="replace"))
         rc = self.proc.wait()
         return rc if rc >= 0 else 128 - rc
 

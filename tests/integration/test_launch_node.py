@@ -33,6 +33,9 @@ print(f"fake rank {rank} restart {restart} pid {os.getpid()} ready", flush=True)
 open(os.path.join(out, f"ready.{rank}.{restart}"), "w").close()
 if os.environ.get("FAKE_FAIL") == f"{rank}.{restart}":
     sys.exit(3)
+if os.environ.get("FAKE_USER_ERROR") == rank:  # what a rank's exit_status does with a UserError
+    print("mnemo: error: data.sources: every source with a weight > 0 reached its max_epochs", file=sys.stderr)
+    sys.exit(2)
 deadline = time.time() + float(os.environ.get("FAKE_WAIT", "60"))
 while not got and time.time() < deadline:
     time.sleep(0.05)
@@ -140,6 +143,20 @@ def test_max_restarts_restarts_the_group_and_logs_it(fake):
     assert p.returncode == 0, out
     assert "[rank1]: fake rank 1 restart 0" in out and "[rank1]: fake rank 1 restart 1" in out
     assert sorted(f.name for f in (tmp / "out").glob("ready.*")) == ["ready.0.0", "ready.0.1", "ready.1.0", "ready.1.1"]
+
+
+def test_a_ranks_user_error_reaches_the_console_as_one_line_and_the_node_exits_2(fake):
+    """Was: the rank's one line, then torchrun's ChildFailedError traceback, and exit 1 (train alone: exit 2)."""
+    tmp, env = fake
+    p = _node(tmp, env, FAKE_USER_ERROR="1", FAKE_WAIT="30")
+    out, _ = p.communicate(timeout=90)
+    assert p.returncode == 2, out
+    assert "[rank1]: mnemo: error: data.sources: every source" in out
+    assert "Traceback" not in out and "ChildFailedError" not in out, out
+    assert "[rank0]: fake rank 0 restart 0" in out  # the other ranks' lines still reach the console
+    log = (tmp / "run" / "logs" / "node0.log").read_text()
+    assert "ChildFailedError" in log and "torchrun exited with code 1" in log  # torchrun's report is kept there
+    assert out.rstrip().endswith(f"torchrun's report of it is in {tmp / 'run' / 'logs' / 'node0.log'}"), out
 
 
 def test_hostfile_orchestrator_runs_and_stops_every_node(fake):
