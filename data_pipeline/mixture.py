@@ -19,6 +19,7 @@ the tokens in their own proportions (renormalised). Weight 0 never draws.
 from __future__ import annotations
 
 import os
+import posixpath
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -53,8 +54,26 @@ def choose(drawn: Sequence[int], weights: Sequence[float], active: Sequence[int]
 
 
 def default_name(path: str) -> str:
-    """The name a source gets when data.sources[i].name is empty: the last part of its path."""
-    return os.path.basename(path.rstrip("/")) or path
+    """The name a source gets when data.sources[i].name is empty: the last part of its path, "" when it has none.
+
+    The path is normalised first (``d_en/.`` is named ``d_en``): a last part of ``.`` or ``..`` would be the
+    source's cache folder ``<cache_dir>/..`` (outside this node's folder) and a metric ``data/./tokens``
+    that MLflow refuses, with every other metric of its batch. ``.``, ``..`` and ``/`` leave no name ("").
+    """
+    last = posixpath.basename(posixpath.normpath(path)) if path else ""
+    return "" if last in (".", "..") else last
+
+
+def name_problem(name: str) -> str:
+    """Why ``name`` cannot name a source ("" when it can): it is a folder name (``<cache_dir>/<name>``) and
+    part of metric names (``data/<name>/tokens``)."""
+    if not name:
+        return "is empty"
+    if name in (".", ".."):
+        return "is not a name of its own ('.' and '..' name folders)"
+    if not all(c.isalnum() or c in "_-." for c in name):
+        return "may hold only letters, digits, '_', '-', '.'"
+    return ""
 
 
 def source_names(paths: Sequence[str], names: Sequence[str]) -> list[str]:
@@ -119,7 +138,7 @@ def format_mixture(reports: Sequence[dict], weights: Sequence[float], budget: in
     lines = [f"mixture of {len(reports)} sources" + (f", budget {budget:,} tokens:" if budget else ":")]
     lines.append(f"  {'source':<24} {'documents':>12} {'tokens':>15} {'weight':>8} {'share':>7} {'epochs':>9}")
     for r, w, e in zip(reports, weights, epochs):
-        name = default_name(str(r["data_dir"]))
+        name = default_name(str(r["data_dir"])) or str(r["data_dir"])
         lines.append(
             f"  {name:<24} {r['documents']:>12,} {r['tokens']:>15,} {w:>8g} {w / total_w:>7.1%} "
             + (f"{e:>9.2f}" if budget else f"{'-':>9}")

@@ -828,7 +828,7 @@ def refuse_repeated_task(names: list[str], key: str) -> None:
 
 def validate_sources(cfg: Config) -> None:
     """data.path xor data.sources; each source's weight, name and max_epochs (no filesystem)."""
-    from mnemo.data_pipeline.mixture import source_names
+    from mnemo.data_pipeline.mixture import name_problem, source_names
 
     src = cfg.data.sources
     if not src:
@@ -846,13 +846,19 @@ def validate_sources(cfg: Config) -> None:
         raise ConfigError(f"data.sources: the weights sum to 0 ({_brief([s.weight for s in src])}); one must be > 0")
     names = source_names([s.path for s in src], [s.name for s in src])
     for i, n in enumerate(names):
+        why = name_problem(n)
+        if why and src[i].name:
+            raise ConfigError(f"data.sources[{i}].name: {_brief(n)} {why}")
+        if why:  # the name comes from the path
+            raise ConfigError(
+                f"data.sources[{i}].path: {_brief(src[i].path)} gives the source no usable name "
+                f"({_brief(n)} {why}); set data.sources[{i}].name"
+            )
         if n in names[:i]:
             j = names.index(n)
             raise ConfigError(
                 f"data.sources[{i}]: name {_brief(n)} is also data.sources[{j}]'s; set data.sources[{i}].name"
             )
-        if not all(c.isalnum() or c in "_-." for c in n):
-            raise ConfigError(f"data.sources[{i}].name: {_brief(n)} may hold only letters, digits, '_', '-', '.'")
 
 
 def data_paths(cfg: Config) -> list[tuple[str, str]]:

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from mnemo.data_pipeline.errors import DataError
-from mnemo.data_pipeline.mixture import WeightedSource, choose, expected_epochs, format_mixture
+from mnemo.data_pipeline.mixture import WeightedSource, choose, default_name, expected_epochs, format_mixture
 from mnemo.data_pipeline.streams import ArraySource, DocumentStreams
 
 PAD = 0
@@ -208,6 +208,14 @@ def fake_data(path, sha=None):
         ("[{path: x/a}, {path: y/a}]", r"data.sources\[1\]: name 'a' is also data.sources\[0\]'s"),
         ("[{path: a, max_epochs: -1}]", r"data.sources\[0\].max_epochs: must be >= 0"),
         ("[{path: a, name: 'w b'}]", r"data.sources\[0\].name: 'w b' may hold only"),
+        # '.' and '..' would be a metric data/./tokens that MLflow refuses (with every metric of its batch)
+        # and a cache folder <cache_dir>/.. outside this node's.
+        ("[{path: a, name: '..'}]", r"data.sources\[0\].name: '..' is not a name of its own"),
+        (
+            "[{path: a}, {path: .}]",
+            r"data.sources\[1\].path: '.' gives the source no usable name.*data.sources\[1\].name$",
+        ),
+        ("[{path: d/..}]", r"data.sources\[0\].path: 'd/..' gives the source no usable name"),
         ("{path: a}", r"data.sources: expected a list"),
     ],
 )
@@ -217,6 +225,18 @@ def test_bad_mixture_is_a_one_line_config_error(sources, match):
     with pytest.raises(ConfigError, match=match) as e:
         load_config(None, [f"data.sources={sources}"])
     assert "\n" not in str(e.value)
+
+
+def test_default_name_is_the_last_part_of_the_normalised_path():
+    assert [default_name(p) for p in ("d/web", "d/web/", "d_en/.", "d_en/./", "a/b/..", "s3://bucket/web")] == [
+        "web",
+        "web",
+        "d_en",
+        "d_en",
+        "a",
+        "web",
+    ]
+    assert [default_name(p) for p in (".", "..", "d/..", "/", "")] == [""] * 5  # no name: set data.sources[i].name
 
 
 def test_path_and_sources_exclusive_and_paths_checked(tmp_path):

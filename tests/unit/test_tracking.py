@@ -228,6 +228,19 @@ def test_unreachable_server_buffers_to_fallback_with_one_warning(tmp_path, caplo
     assert sum("never reached" in r.getMessage() for r in caplog.records) == 1
 
 
+def test_points_the_store_refuses_at_the_end_are_in_the_fallback_file_the_warning_names(store, tmp_path, caplog):
+    """A batch MLflow refuses (a bad key, here '.' as a path part) is retried next cycle; at the last cycle
+    it was neither sent nor spilled, and the warning sent the user to a fallback file that did not exist."""
+    with caplog.at_level(logging.WARNING, logger="mnemo.train.tracking"):
+        t = Tracker(run_dir=str(tmp_path), uri=store, experiment="unit", interval=30)
+        t.log_metrics({"train/loss": 1.0, "data/./tokens": 5.0}, step=1)
+        t.close()
+    warned = [r.getMessage() for r in caplog.records if "never reached" in r.getMessage()]
+    assert len(warned) == 1 and "metrics_fallback.jsonl" in warned[0]
+    recs = [json.loads(line) for line in open(tmp_path / "logs" / "metrics_fallback.jsonl")]
+    assert sorted((r["key"], r["step"]) for r in recs) == [("data/./tokens", 1), ("train/loss", 1)]
+
+
 def test_system_tags_and_memory_stats():
     tags = system_tags()
     assert tags["mnemo.hostname"] == socket.gethostname()

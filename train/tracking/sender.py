@@ -237,7 +237,8 @@ class _Sender:
                 self._attempt()
                 if not self._up:
                     self._next_try = now + self._s["retry_interval"]
-        if not self._up or not self._ready:
+        # At the end, points the store refused (and would retry) go to the file too: the warning below says so.
+        if final or not self._up or not self._ready:
             self._spill_all()
         self._bound_buffer()
         if final and self._pending_points:
