@@ -227,6 +227,21 @@ def test_bad_mixture_is_a_one_line_config_error(sources, match):
     assert "\n" not in str(e.value)
 
 
+def test_a_name_too_long_for_a_folder_or_a_metric_is_refused(tmp_path):
+    """A name of 239+ characters made metric names data/<name>/share over MLflow's 250 (every metric of their
+    batch lost); one of 256+ bytes was OSError 'File name too long' in the rank (its cache folder)."""
+    from mnemo.train.config import ConfigError, load_config
+
+    load_config(None, [f"data.sources=[{{path: a, name: {'n' * 200}}}]"])  # the bound: 200 bytes
+    load_config(None, [f"data.sources=[{{path: a, name: {'я' * 100}}}]"])
+    for name, key in (("n" * 201, "name"), ("я" * 101, "name"), ("n" * 300, "name")):
+        with pytest.raises(ConfigError, match=rf"^data.sources\[0\].{key}: '.*' is \d+ bytes long") as e:
+            load_config(None, [f"data.sources=[{{path: a, name: {name}}}]"])
+        assert "at most 200" in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(ConfigError, match=r"^data.sources\[0\].path: .* gives the source no usable name .*300 bytes"):
+        load_config(None, [f"data.sources=[{{path: {tmp_path / ('d' * 300)}}}]"])
+
+
 def test_default_name_is_the_last_part_of_the_normalised_path():
     assert [default_name(p) for p in ("d/web", "d/web/", "d_en/.", "d_en/./", "a/b/..", "s3://bucket/web")] == [
         "web",
