@@ -80,6 +80,15 @@ class SourceQueue:
         """max_epochs passes are done (a mixture source then drops out)."""
         return self.max_epochs > 0 and self.epoch >= self.max_epochs
 
+    def has_next(self) -> bool:
+        """Whether next_doc may give a document (nothing is taken). A pass before the last always may: every
+        rank's block of a fresh epoch is non-empty (at least ``world`` training documents)."""
+        if self.exhausted():
+            return False
+        if self.max_epochs == 0 or self.epoch + 1 < self.max_epochs:
+            return True
+        return self.cursor < len(self.block(self.epoch))
+
     def order(self, epoch: int) -> np.ndarray:
         return epoch_order(self.source.samples_per_shard, self.train_mask, self.seed, epoch, self.stream)
 

@@ -1,5 +1,8 @@
 """Document streams for recurrent training.
 
+Over 500 lines: one loader (slots, batches, their state and its checks) that reads best whole; the
+per-source queue and the mixture's choice are already apart (partition.py, mixture.py).
+
 Each rank runs B stream *slots*. A slot reads one document at a time in
 consecutive segments of T tokens; when its document ends it takes the next
 document of this rank's partition and raises its ``reset`` flag, so the
@@ -275,19 +278,31 @@ class DocumentStreams:
         return min(live) if live else (self.queues[0].epoch if not self.mixture else max(q.epoch for q in self.queues))
 
     # ---------------------------------------------------------------- queue
-    def _next_doc(self) -> tuple[int, int, int]:
-        """(source index, sample id, epoch) of the next document."""
+    def _next_doc(self) -> tuple[int, int, int] | None:
+        """(source index, sample id, epoch) of the next document; None: every source that draws is used up."""
         if not self.mixture:
             doc, epoch = self.queues[0].next_doc()
             return 0, doc, epoch
         while True:
             i = choose(self.drawn, self._weights, self._active)
             if i < 0:
-                raise DataError("data.sources: every source with a weight > 0 reached its max_epochs")
+                return None
             got = self.queues[i].next_doc()
             if got is not None:
                 return i, got[0], got[1]
             self._active = [j for j in self._active if j != i]  # source i ran out: the others share its weight
+
+    @property
+    def used_up(self) -> bool:
+        """Whether a slot waits for a document and every source with a weight > 0 has reached its max_epochs.
+
+        Its next batch would be padding there. The ranks (slot groups) run out at different steps (their
+        blocks differ in length), so the trainer ends the run at the first step after which this holds on
+        any rank (collectives.any_true), like at train.max_steps: a checkpoint, exit 0.
+        """
+        if not self.mixture or not any(slot.done() for slot in self.slots):
+            return False
+        return not any(self.queues[i].has_next() for i in self._active)
 
     def _refresh_active(self) -> None:
         """The sources that may draw (weight > 0, not exhausted), in index order: the choice's candidates."""
@@ -332,7 +347,11 @@ class DocumentStreams:
         sources = np.zeros(B, dtype=np.int64)
         for b, slot in enumerate(self.slots):
             while slot.done():
-                src, doc, epoch = self._next_doc()
+                got = self._next_doc()
+                if got is None:  # the mixture is used up: padding here, and the trainer ends the run (used_up)
+                    slot.doc, slot.tokens, slot.offset = -1, None, 0
+                    break
+                src, doc, epoch = got
                 item = self.queues[src].load(doc, self._pool, self._prefetch)
                 slot.doc, slot.epoch, slot.offset, slot.src = doc, epoch, 0, src
                 slot.tokens = np.asarray(item["tokens"])
@@ -340,6 +359,9 @@ class DocumentStreams:
                 slot.answer = (int(item.get("answer_start", -1)), int(item.get("answer_len", 0)))
                 self.drawn[src] += max(0, len(slot.tokens) - 1)
                 reset[b] = True
+            if slot.tokens is None:
+                doc_ids[b], epochs[b], sources[b] = -1, slot.epoch, slot.src
+                continue
             o = slot.offset
             chunk = slot.tokens[o : o + T + 1]
             tokens[b, : len(chunk)] = chunk

@@ -67,6 +67,11 @@ class SlotGroups:
     def epoch(self) -> int:
         return min(s.epoch for s in self.groups)
 
+    @property
+    def used_up(self) -> bool:
+        """Whether a group of this rank ran out of data (DocumentStreams.used_up: a mixture at its max_epochs)."""
+        return any(s.used_up for s in self.groups)
+
     def close(self) -> None:
         for s in self.groups:
             s.close()

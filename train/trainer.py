@@ -439,6 +439,20 @@ class Trainer:
         """Optimizer step ``step`` + 1; False: the run stops (a NaN/inf under train.nan_policy=stop)."""
         return self.loop.train_step(step)
 
+    def _data_used_up(self) -> bool:
+        """Whether some rank's mixture ran out (train/slots.py used_up), the same answer on every rank.
+
+        Ranks run out at different steps; deciding together lets them all end at the same step instead of
+        one raising while the others wait in the next collective. A collective only when every source that
+        draws has a max_epochs (else the data never runs out): the same on every rank, from the config.
+        """
+        from mnemo.train.collectives import any_true
+
+        drawing = [s for s in self.cfg.data.sources if s.weight > 0]
+        if not drawing or any(s.max_epochs == 0 for s in drawing):
+            return False
+        return any_true([self.streams.used_up], self.device)[0]
+
     def evaluate(self) -> dict[str, Any]:
         cfg, module = self.cfg, self.engine.module
         return run_eval(cfg, module, self.source, self.tok_file, self.tracker, self.counters.step, self.info.rank)
@@ -470,6 +484,15 @@ class Trainer:
         eval_result: dict[str, Any] = {}
         try:
             while c.step < self.max_steps:
+                if self._data_used_up():
+                    exit_reason = "data_used_up"
+                    if info.rank == 0:
+                        log.info(
+                            "step %d: every source of data.sources with a weight > 0 reached its max_epochs "
+                            "on some rank; the run ends here (docs/streams.md)",
+                            c.step,
+                        )
+                    break
                 ok = self.train_step(c.step)
                 c.step += 1
                 if self.spikes is not None and self.spikes.roll_back_if_due(self.engine, self.ckpt.states):
@@ -497,9 +520,9 @@ class Trainer:
                 if time_up:
                     exit_reason = "time_limit"
                     break
-            if exit_reason in ("completed", "time_limit") and last_saved != c.step:
+            if exit_reason in ("completed", "time_limit", "data_used_up") and last_saved != c.step:
                 self.save(exit_reason)
-            if exit_reason in ("completed", "time_limit"):
+            if exit_reason in ("completed", "time_limit", "data_used_up"):
                 if info.rank == 0 and (self.run_dir / "PREEMPTED").exists():
                     (self.run_dir / "PREEMPTED").unlink()
                 eval_result = self.evaluate()

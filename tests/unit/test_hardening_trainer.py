@@ -186,6 +186,34 @@ def test_stop_request_on_an_evaluation_step_saves_at_once(world1, data, tmp_path
     assert (run_dir / "PREEMPTED").read_text().strip() == "2"
 
 
+def test_a_used_up_mixture_ends_the_run_like_its_last_step(world1, data, tmp_path, caplog):
+    """Every source with a weight > 0 at its max_epochs: the loader raised in the rank (on 2 ranks the other
+    died in a gloo collective), nothing since the last checkpoint was saved, and a resume crashed the same
+    way. Now the ranks agree after each step (any_true) and the run ends like at max_steps: a checkpoint, a
+    line saying why, exit 'data_used_up'; its resume ends at once, at the same step."""
+    import logging
+
+    from mnemo.train import trainer
+    from mnemo.train.checkpoint import read_meta
+
+    run_dir = tmp_path / "run"
+    mix = [
+        "data.path=",
+        f"data.sources=[{{path: {data}, weight: 1, max_epochs: 1}}]",
+        "eval.max_docs=1",
+        "data.val_fraction=0.5",
+    ]
+    cfg = config(data, run_dir, *mix, "train.max_steps=200", "checkpoint.interval=0")
+    with caplog.at_level(logging.INFO, logger="mnemo.train"):
+        summary = trainer.train(cfg)
+    assert summary["exit"] == "data_used_up" and 0 < summary["step"] < 200
+    last = run_dir / "checkpoints" / f"step_{summary['step']:08d}"
+    assert read_meta(last)["reason"] == "data_used_up"
+    assert any("reached its max_epochs" in r.getMessage() for r in caplog.records)
+    again = trainer.train(config(data, run_dir, *mix, "train.max_steps=200", "checkpoint.interval=0"))
+    assert again["exit"] == "data_used_up" and again["step"] == summary["step"]
+
+
 # ----------------------------------------------------------------------------- NaN/inf gradients
 
 

@@ -150,10 +150,28 @@ def test_exhausted_source_drops_out_and_the_rest_renormalise():
     for _ in range(400):
         next(s)
     assert abs(s.drawn[0] / (s.drawn[0] + s.drawn[2]) - 0.5 / 0.7) < 0.02 and s.drawn[1] == 0
-    only = streams([WeightedSource(ArraySource(docs[1]), weight=1.0, max_epochs=1)], B=1)
-    with pytest.raises(DataError, match="every source with a weight > 0 reached its max_epochs"):
-        for _ in range(1000):
-            next(only)
+
+
+def test_a_used_up_mixture_pads_and_says_so_instead_of_raising():
+    """Every source that draws at its max_epochs: the loader raised a DataError at the rank's own step (the
+    other ranks then died in their next collective). Now the slot without a document is padding and
+    ``used_up`` tells the trainer, which ends the run on every rank at once."""
+    docs, _ = mixture()
+    only = streams([WeightedSource(ArraySource(docs[1]), weight=1.0, max_epochs=1)], B=2)
+    got, n = [], 0
+    while not only.used_up:
+        got.append(next(only))
+        n += 1
+        assert n < 1000
+    assert sorted(d for (_, e, d) in reconstruct(got)) == list(range(len(docs[1]))), "each document once"
+    after = next(only)  # what a step that still reads gets: padding in the slot without a document
+    empty = after.doc_ids == -1
+    assert empty.any() and not after.mask[empty].any() and only.used_up
+    resumed = streams([WeightedSource(ArraySource(docs[1]), weight=1.0, max_epochs=1)], B=2)
+    resumed.load_state_dict(copy.deepcopy(only.state_dict()))
+    assert resumed.used_up  # a resume of the ended run ends at once
+    fresh = streams([WeightedSource(ArraySource(docs[1]), weight=1.0, max_epochs=1)], B=2)
+    assert not fresh.used_up and not streams(mixture()[1]).used_up
 
 
 def test_state_of_another_mixture_is_refused():
