@@ -18,14 +18,14 @@ the tokens in their own proportions (renormalised). Weight 0 never draws.
 
 from __future__ import annotations
 
+import math
 import os
 import posixpath
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-import numpy as np
 
-from mnemo.data_pipeline.errors import DataError
+from mnemo.data_pipeline.errors import DataError, brief
 
 
 @dataclass
@@ -51,6 +51,34 @@ def choose(drawn: Sequence[int], weights: Sequence[float], active: Sequence[int]
         if best < 0 or key < best_key:
             best, best_key = i, key
     return best
+
+
+def shares(weights: Sequence[float], key: str = "data.sources") -> list[float]:
+    """The weights as shares of 1: what the choice divides by and the table shows. DataError naming ``key``
+    unless each is finite and >= 0, one is > 0, and none > 0 gets a share of 0.
+
+    The one check of the weights of training (data.sources) and of ``mnemo data inspect --weights``. Scaled
+    by the largest first: ``drawn / weight`` overflowed to inf for tiny weights (1e-320, 1e-320 gave the
+    shares 0.992 / 0.008, not 0.5 / 0.5), and the sum of 1e308, 1e308 is inf.
+    """
+    w = [float(x) for x in weights]
+    if not w:
+        raise DataError(f"{key}: no weights (a mixture needs at least one source)")
+    if not all(math.isfinite(x) and x >= 0 for x in w):
+        raise DataError(f"{key}: the weights {brief(w)} must be finite numbers >= 0")
+    top = max(w)
+    if top <= 0:
+        raise DataError(f"{key}: the weights sum to 0 ({brief(w)}); one must be > 0")
+    scaled = [x / top for x in w]  # in [0, 1]: their sum is at most len(w)
+    total = sum(scaled)
+    out = [x / total for x in scaled]
+    for i, (x, share) in enumerate(zip(w, out)):
+        if x > 0 and share == 0:  # a source that would never draw though its weight says it should
+            raise DataError(
+                f"{key}: weight {i} ({x!r}) is too small beside {top!r} to get a share of the tokens; "
+                "make it 0 or larger"
+            )
+    return out
 
 
 def default_name(path: str) -> str:
@@ -133,10 +161,7 @@ def check_same_tokenizer(paths: Sequence[str]) -> None:
 
 def expected_epochs(sizes: Sequence[int], weights: Sequence[float], budget: int) -> list[float]:
     """Passes over each source that a budget of ``budget`` document tokens takes at these weights."""
-    w = np.asarray(weights, dtype=np.float64)
-    if (w < 0).any() or w.sum() <= 0:
-        raise DataError(f"--weights: {list(weights)}: each must be >= 0 and their sum > 0")
-    share = w / w.sum()
+    share = shares(weights, "--weights")
     return [float(budget * s / n) if n else float("inf") for s, n in zip(share, sizes)]
 
 
@@ -144,13 +169,13 @@ def format_mixture(reports: Sequence[dict], weights: Sequence[float], budget: in
     """The mixture table of ``mnemo data inspect DS [DS ...] --tokens N``: sizes, shares, expected epochs."""
     sizes = [int(r["tokens"]) for r in reports]
     epochs = expected_epochs(sizes, weights, budget) if budget else [float("nan")] * len(sizes)
-    total_w = float(sum(weights))
+    share = shares(weights, "--weights")
     lines = [f"mixture of {len(reports)} sources" + (f", budget {budget:,} tokens:" if budget else ":")]
     lines.append(f"  {'source':<24} {'documents':>12} {'tokens':>15} {'weight':>8} {'share':>7} {'epochs':>9}")
-    for r, w, e in zip(reports, weights, epochs):
+    for r, w, p, e in zip(reports, weights, share, epochs):
         name = default_name(str(r["data_dir"])) or str(r["data_dir"])
         lines.append(
-            f"  {name:<24} {r['documents']:>12,} {r['tokens']:>15,} {w:>8g} {w / total_w:>7.1%} "
+            f"  {name:<24} {r['documents']:>12,} {r['tokens']:>15,} {w:>8g} {p:>7.1%} "
             + (f"{e:>9.2f}" if budget else f"{'-':>9}")
         )
     return "\n".join(lines)

@@ -54,7 +54,7 @@ import torch
 
 from mnemo.data_pipeline.errors import DataError
 from mnemo.data_pipeline.lean_imports import import_streaming
-from mnemo.data_pipeline.mixture import WeightedSource, choose, source_names
+from mnemo.data_pipeline.mixture import WeightedSource, choose, shares, source_names
 from mnemo.data_pipeline.partition import SourceQueue, epoch_order, rank_block  # noqa: F401 (epoch_order, rank_block: this module's API since before partition.py)
 from mnemo.data_pipeline.paths import is_remote, local_path
 
@@ -250,8 +250,7 @@ class DocumentStreams:
         common = dict(rank=rank, world=world_size, seed=seed, val_fraction=val_fraction)
         if isinstance(source, (list, tuple)):
             self.mixture: list[WeightedSource] = list(source)
-            if not self.mixture or sum(m.weight for m in self.mixture) <= 0 or min(m.weight for m in self.mixture) < 0:
-                raise DataError("data.sources: needs at least one source, weights >= 0 and a total weight > 0")
+            shares([m.weight for m in self.mixture])  # the checks of the config's weights (a DataError)
             self.queues = [
                 SourceQueue(m.source, label=f"data.sources[{i}]", stream=i, max_epochs=m.max_epochs, **common)
                 for i, m in enumerate(self.mixture)
@@ -306,7 +305,7 @@ class DocumentStreams:
 
     def _refresh_active(self) -> None:
         """The sources that may draw (weight > 0, not exhausted), in index order: the choice's candidates."""
-        self._weights = [m.weight for m in self.mixture]
+        self._weights = shares([m.weight for m in self.mixture]) if self.mixture else []
         self._active = [
             i for i, (m, q) in enumerate(zip(self.mixture, self.queues)) if m.weight > 0 and not q.exhausted()
         ]

@@ -828,7 +828,8 @@ def refuse_repeated_task(names: list[str], key: str) -> None:
 
 def validate_sources(cfg: Config) -> None:
     """data.path xor data.sources; each source's weight, name and max_epochs (no filesystem)."""
-    from mnemo.data_pipeline.mixture import name_problem, source_names
+    from mnemo.data_pipeline.errors import DataError
+    from mnemo.data_pipeline.mixture import name_problem, shares, source_names
 
     src = cfg.data.sources
     if not src:
@@ -842,8 +843,10 @@ def validate_sources(cfg: Config) -> None:
             raise ConfigError(f"data.sources[{i}].weight: must be >= 0, got {s.weight}")
         if s.max_epochs < 0:
             raise ConfigError(f"data.sources[{i}].max_epochs: must be >= 0 (0 = no limit), got {s.max_epochs}")
-    if sum(s.weight for s in src) <= 0:
-        raise ConfigError(f"data.sources: the weights sum to 0 ({_brief([s.weight for s in src])}); one must be > 0")
+    try:  # the check `mnemo data inspect --weights` makes: one > 0, none too small to get a share
+        shares([s.weight for s in src])
+    except DataError as e:
+        raise ConfigError(str(e)) from None
     names = source_names([s.path for s in src], [s.name for s in src])
     for i, n in enumerate(names):
         why = name_problem(n)

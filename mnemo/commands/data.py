@@ -266,7 +266,7 @@ def _at_least_zero(text: str) -> int:
 
 
 def _weights(text: str) -> list[float]:
-    """argparse type: "0.8,0.2" -> [0.8, 0.2] (each finite and >= 0, the sum finite and > 0)."""
+    """argparse type: "0.8,0.2" -> [0.8, 0.2] (mixture.shares: each finite and >= 0, one > 0, each share > 0)."""
     fields = text.split(",")
     if not all(x.strip() for x in fields):  # "1,,2": a weight left out would shift the rest onto other datasets
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r} (an empty field)")
@@ -274,10 +274,13 @@ def _weights(text: str) -> list[float]:
         out = [float(x) for x in fields]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-    if not out or not all(math.isfinite(w) and w >= 0 for w in out) or not 0 < sum(out) < math.inf:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated finite weights >= 0 with a finite sum > 0, got {text!r}"
-        )
+    from mnemo.data_pipeline.errors import DataError
+    from mnemo.data_pipeline.mixture import shares
+
+    try:  # the check of data.sources' weights in training
+        shares(out, "--weights")
+    except DataError as e:
+        raise argparse.ArgumentTypeError(f"{text!r}: {str(e).removeprefix('--weights: ')}") from None
     return out
 
 

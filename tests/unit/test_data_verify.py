@@ -168,7 +168,7 @@ def test_cli_inspect_shows_control_characters_escaped(dataset, tmp_path, capsys)
         (["--tokens", "1.5"], "--tokens"),
         (["--samples", "-1"], "--samples"),
         (["--weights", "inf,1"], "--weights"),
-        (["--weights", "1e308,1e308"], "--weights"),
+        (["--weights", "1e308,1e-320"], "--weights"),  # 1e308,1e308 is 0.5/0.5, as in training (mixture.shares)
         (["--weights", "nan,1"], "--weights"),
         (["--weights", "1,,2"], "--weights"),  # was read as 1,2
         (["--weights", "1,2,"], "--weights"),

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from mnemo.data_pipeline.errors import DataError
-from mnemo.data_pipeline.mixture import WeightedSource, choose, default_name, expected_epochs, format_mixture
+from mnemo.data_pipeline.mixture import WeightedSource, choose, default_name, expected_epochs, format_mixture, shares
 from mnemo.data_pipeline.streams import ArraySource, DocumentStreams
 
 PAD = 0
@@ -71,6 +71,25 @@ def test_token_share_within_one_percent_over_10000_documents():
     assert abs(share[0] - 0.8) < 0.01 and abs(share[1] - 0.2) < 0.01, share
     # The document share is far from the token share: the weights are token proportions.
     assert list(s.source_tokens) == tokens.astype(int).tolist()
+
+
+def test_tiny_and_huge_weights_give_their_shares():
+    """Equal subnormal weights gave the shares 0.992 / 0.008 (drawn / 1e-320 overflowed to inf, and inf ties
+    go to the lower index); 1e308, 1e308 was accepted by training but refused by `data inspect`."""
+    assert shares([1e-320, 1e-320]) == shares([1e308, 1e308]) == [0.5, 0.5]
+    assert shares([0.8, 0.2, 0]) == pytest.approx([0.8, 0.2, 0])
+    with pytest.raises(DataError, match=r"^data.sources: weight 1 \(1e-320\) is too small beside 1e\+308"):
+        shares([1e308, 1e-320])
+    for w in ([0, 0], [1, -1], [1, float("inf")], []):
+        with pytest.raises(DataError, match="^data.sources: "):
+            shares(w)
+    _, mix = mixture(weights=(1e-320, 1e-320))
+    s = streams(mix, B=8)
+    tokens = np.zeros(2)
+    for _ in range(2000):
+        bt = next(s)
+        np.add.at(tokens, bt.sources.numpy(), bt.mask.sum(1).numpy())
+    assert abs(tokens[0] / tokens.sum() - 0.5) < 0.01, tokens / tokens.sum()
 
 
 def test_choice_is_deterministic_and_follows_the_deficit():
@@ -222,6 +241,7 @@ def fake_data(path, sha=None):
         ("[{path: a, weight: 0.8}, {path: b, weightt: 0.2}]", r"unknown config key 'data.sources\[1\].weightt'"),
         ("[{path: a, weight: 0.8}, {path: b, weight: -0.2}]", r"data.sources\[1\].weight: must be >= 0"),
         ("[{path: a, weight: 0}, {path: b, weight: 0}]", r"data.sources: the weights sum to 0"),
+        ("[{path: a, weight: 1e308}, {path: b, weight: 1e-320}]", r"data.sources: weight 1 \(1e-320\) is too small"),
         ("[{path: a}, {weight: 1}]", r"data.sources\[1\].path: not set"),
         ("[{path: x/a}, {path: y/a}]", r"data.sources\[1\]: name 'a' is also data.sources\[0\]'s"),
         ("[{path: a, max_epochs: -1}]", r"data.sources\[0\].max_epochs: must be >= 0"),
@@ -371,6 +391,12 @@ def test_data_inspect_of_several_datasets_prints_expected_epochs(tmp_path, monke
     web = next(line for line in out.splitlines() if line.strip().startswith("web "))
     code = next(line for line in out.splitlines() if line.strip().startswith("code "))
     assert web.split()[-2:] == ["60.0%", "2.00"] and code.split()[-2:] == ["40.0%", "4.00"]
+    # The weights training takes, inspect takes: one check (mixture.shares).
+    assert main(["data", "inspect", str(a), str(b), "--tokens", "1e5", "--weights", "1e308,1e308", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["mixture"]["expected_epochs"] == [5 / 3, 5.0]
+    with pytest.raises(SystemExit):
+        main(["data", "inspect", str(a), str(b), "--weights", "1e308,1e-320"])
+    assert "--weights: '1e308,1e-320': weight 1 (1e-320) is too small" in capsys.readouterr().err
     assert main(["data", "inspect", str(a), str(b), "--tokens", "1e5", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["mixture"]["expected_epochs"] == [5 / 3, 5.0]
     assert main(["data", "inspect", str(a), str(c)]) != 0
