@@ -119,6 +119,19 @@ def source_names(paths: Sequence[str], names: Sequence[str]) -> list[str]:
     return [n or default_name(p) for p, n in zip(paths, names)]
 
 
+def check_same_sources(old: Sequence[str], new: Sequence[str]) -> None:
+    """DataError unless a checkpoint's sources (their names, in order) are this run's: a resume matches the
+    sources by position (data.sources[i] goes on from the checkpoint's source i)."""
+    if len(old) != len(new):
+        raise DataError(f"data.sources: the checkpoint has {len(old)} sources, this run {len(new)}")
+    for i, (was, now) in enumerate(zip(old, new)):
+        if was != now:
+            raise DataError(
+                f"data.sources[{i}]: the checkpoint's source {i} is {was!r}, this run's {now!r} "
+                "(keep the order and names of data.sources when resuming)"
+            )
+
+
 def tokenizer_sha256(path: str) -> str | None:
     """sha256 of the tokenizer a local dataset was made with (its manifest, else its tokenizer.model); None: unknown."""
     import json

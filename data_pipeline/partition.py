@@ -70,7 +70,10 @@ class SourceQueue:
         self.train_mask = ~heldout_mask(source.num_samples, val_fraction)
         n_train = int(self.train_mask.sum())
         if n_train < world:
-            raise DataError(f"{label}: {n_train} training documents, fewer than the {world} ranks")
+            raise DataError(  # world: the slot groups (train/slots.py), W ranks x A accumulation micro-steps
+                f"{label}: {n_train} training documents, fewer than the {world} partitions it is split into "
+                "(one per rank and gradient-accumulation micro-step: the global batch / train.batch_size)"
+            )
         self.epoch, self.cursor = 0, 0
         self.excluded: dict[int, np.ndarray] = {}  # epoch -> sample ids finished before a reshape
         self._block_cache: tuple[int, np.ndarray] | None = None

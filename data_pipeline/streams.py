@@ -54,7 +54,7 @@ import torch
 
 from mnemo.data_pipeline.errors import DataError
 from mnemo.data_pipeline.lean_imports import import_streaming
-from mnemo.data_pipeline.mixture import WeightedSource, choose, shares, source_names
+from mnemo.data_pipeline.mixture import WeightedSource, check_same_sources, choose, shares, source_names
 from mnemo.data_pipeline.partition import SourceQueue, epoch_order, rank_block  # noqa: F401 (epoch_order, rank_block: this module's API since before partition.py)
 from mnemo.data_pipeline.paths import is_remote, local_path
 
@@ -424,14 +424,9 @@ class DocumentStreams:
             was = "a mixture (data.sources)" if "sources" in sd else "one dataset (data.path)"
             raise DataError(f"stream state: the checkpoint was made on {was}; this run's data differs")
         olds = self._queue_states(sd)
-        if len(olds) != len(self.queues):
-            raise DataError(f"data.sources: the checkpoint has {len(olds)} sources, this run {len(self.queues)}")
-        for i, (q, old) in enumerate(zip(self.queues, olds)):
-            if self.mixture and old["name"] != self.source_names[i]:  # sources are matched by position
-                raise DataError(
-                    f"{q.label}: the checkpoint's source {i} is {old['name']!r}, this run's {self.source_names[i]!r} "
-                    "(keep the order and names of data.sources when resuming)"
-                )
+        if self.mixture:  # sources are matched by position
+            check_same_sources([old["name"] for old in olds], self.source_names)
+        for q, old in zip(self.queues, olds):
             if old["num_samples"] != q.source.num_samples:
                 raise DataError(
                     f"{q.label}: the checkpoint was made on a dataset of {old['num_samples']} documents, "

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from mnemo.train.checkpoint import DS_TAG, saved_config_tree
-from mnemo.train.config import Config, flatten, to_dict
+from mnemo.train.config import Config, data_paths, flatten, to_dict
 from mnemo.train.errors import UserError
 from mnemo.train.redact import redact_tree
 
@@ -47,12 +47,34 @@ def check_resume_compatible(
             )
     if meta.get("tokenizer_sha256") and meta["tokenizer_sha256"] != tok_sha:
         raise UserError(f"data.tokenizer: differs from the tokenizer of checkpoint {path} (sha256 mismatch)")
+    check_same_data(saved_config_tree(old_cfg), cfg, path)
     if meta.get("num_documents") not in (None, manifest.get("num_documents")):
-        raise UserError(
-            f"data.path: the dataset changed since checkpoint {path} "
+        raise UserError(  # num_documents: of data.path, or of the first source
+            f"{data_paths(cfg)[0][0]}: the dataset changed since checkpoint {path} "
             f"({meta['num_documents']} -> {manifest.get('num_documents')} documents)"
         )
     return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(new) if old.get(k) != new.get(k)]
+
+
+def check_same_data(old_tree: dict[str, Any], cfg: Config, path: Path) -> None:
+    """UserError unless checkpoint ``path`` was made on this run's kind of data and (a mixture) its sources,
+    by name and in order: a reordered data.sources was "data.path: the dataset changed (300 -> 12 documents)"."""
+    from mnemo.data_pipeline.errors import DataError
+    from mnemo.data_pipeline.mixture import check_same_sources, source_names
+
+    olds = (old_tree.get("data") or {}).get("sources") or []  # a checkpoint older than data.sources: none
+    if bool(olds) != bool(cfg.data.sources):
+        was = "a mixture (data.sources)" if olds else "one dataset (data.path)"
+        raise UserError(f"data.sources: checkpoint {path} was made on {was}; this run's data differs")
+    if not olds:
+        return
+    try:
+        old_names = source_names([str(s.get("path", "")) for s in olds], [str(s.get("name", "")) for s in olds])
+        check_same_sources(
+            old_names, source_names([s.path for s in cfg.data.sources], [s.name for s in cfg.data.sources])
+        )
+    except DataError as e:
+        raise UserError(f"{e}; checkpoint {path}") from None
 
 
 def reads_universal(cfg: Config, meta: dict[str, Any], path: Path, world_size: int, use_bf16: bool) -> bool:

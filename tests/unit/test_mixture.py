@@ -207,6 +207,35 @@ def test_state_of_another_mixture_is_refused():
         DocumentStreams(mix[0].source, batch_size=4, segment_len=16, seed=3).load_state_dict(copy.deepcopy(st))
 
 
+def test_a_resume_on_other_sources_names_data_sources():
+    """Resuming with data.sources reordered said "data.path: the dataset changed since checkpoint ... (300 -> 12
+    documents)": the first source's document count, under a key the run does not set."""
+    from pathlib import Path
+
+    from mnemo.train.config import load_config, to_dict
+    from mnemo.train.errors import UserError
+    from mnemo.train.resume import check_resume_compatible
+
+    def check(old, new, docs):
+        return check_resume_compatible(
+            to_dict(old), new, {"num_documents": 300}, "", {"num_documents": docs}, Path("ck")
+        )
+
+    mix = load_config(None, ["data.sources=[{path: x/d_en}, {path: x/d_ru, weight: 0.5}]"])
+    swapped = load_config(None, ["data.sources=[{path: x/d_ru, weight: 0.5}, {path: x/d_en}]"])
+    with pytest.raises(UserError, match=r"^data.sources\[0\]: the checkpoint's source 0 is 'd_en', this run's 'd_ru' "):
+        check(mix, swapped, 12)
+    with pytest.raises(UserError, match=r"^data.sources: the checkpoint has 2 sources, this run 1; checkpoint ck$"):
+        check(mix, load_config(None, ["data.sources=[{path: x/d_en}]"]), 300)
+    with pytest.raises(
+        UserError, match=r"^data.sources\[0\].path: the dataset changed since checkpoint ck \(300 -> 12 "
+    ):
+        check(mix, mix, 12)
+    with pytest.raises(UserError, match=r"^data.sources: checkpoint ck was made on a mixture \(data.sources\)"):
+        check(mix, load_config(None, ["data.path=x/d_en"]), 300)
+    assert check(mix, mix, 300) == []
+
+
 def test_expected_epochs_and_table():
     assert expected_epochs([1000, 500], [3, 1], 4000) == [3.0, 2.0]
     with pytest.raises(DataError, match="--weights"):

@@ -205,7 +205,8 @@ def test_resume_on_other_world_size_loses_nothing_repeats_no_finished(old_world,
 def test_fewer_documents_than_ranks_is_a_clear_error():
     from mnemo.data_pipeline.errors import DataError
 
-    with pytest.raises(DataError, match="fewer than the 4 ranks"):
+    # The count is of partitions (slot groups: ranks x accumulation micro-steps), not of ranks: it said "ranks".
+    with pytest.raises(DataError, match=r"fewer than the 4 partitions it is split into \(one per rank and gradient-"):
         streams(ArraySource(make_docs(3)), world=4)
 
 
