@@ -533,22 +533,43 @@ def config_of(ckpt: Path):
 
 def load_weights(model: torch.nn.Module, sd: dict[str, torch.Tensor], source: str) -> None:
     """Load consolidated weights, tolerating a missing tied LM head."""
-    own = model.state_dict()
-    if getattr(model, "args", None) is not None and model.args.tie_embeddings and "lm_head.weight" not in sd:
+    tied = getattr(model, "args", None) is not None and model.args.tie_embeddings
+    _check_fit(model.state_dict(), sd, tied, source)
+    if tied and "lm_head.weight" not in sd:
         sd = dict(sd, **{"lm_head.weight": sd["tok_emb.weight"]})
-    missing = [k for k in own if k not in sd]
+    model.load_state_dict(sd, strict=True)
+
+
+def check_weights_fit(args, sd: dict[str, torch.Tensor], source: str) -> None:
+    """UserError unless ``sd``'s names and shapes are exactly those of a model of ``args`` (the tied LM head
+    may be left out): load_weights' check, before anything is built from or written with a model_args.json
+    that someone may have edited. The model is built on the meta device: no memory, whatever the sizes."""
+    from mnemo.model import MemoryTransformer
+
+    with torch.device("meta"):
+        own = MemoryTransformer(args).state_dict()
+    _check_fit(own, sd, args.tie_embeddings, source, model="the model its model arguments describe")
+
+
+def _check_fit(own: dict, sd: dict, tied: bool, source: str, model: str = "") -> None:
+    """UserError unless ``sd`` has ``own``'s names and shapes. ``model``: what ``own`` is, where it is not
+    the run's own model (whose vocabulary is its tokenizer's: a mismatch there is another tokenizer)."""
+    optional = {"lm_head.weight"} if tied else set()  # safetensors cannot hold the shared tensor twice
+    missing = [k for k in own if k not in sd and k not in optional]
     unexpected = [k for k in sd if k not in own]
     if missing or unexpected:
-        raise UserError(f"{source}: weights do not fit this model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise UserError(
+            f"{source}: weights do not fit {model or 'this model'} (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
     for k, v in sd.items():
         if own[k].shape != v.shape:
-            if k in ("tok_emb.weight", "lm_head.weight") and own[k].shape[1:] == v.shape[1:]:
+            if not model and k in ("tok_emb.weight", "lm_head.weight") and own[k].shape[1:] == v.shape[1:]:
                 raise UserError(
                     f"{source}: trained with another tokenizer (a vocabulary of {v.shape[0]} tokens, "
                     f"this run's tokenizer has {own[k].shape[0]}; weight {k})"
                 )
-            raise UserError(f"{source}: weight {k} has shape {tuple(v.shape)}, the model needs {tuple(own[k].shape)}")
-    model.load_state_dict(sd, strict=True)
+            needs = f"{model or 'the model'} needs {tuple(own[k].shape)}"
+            raise UserError(f"{source}: weight {k} has shape {tuple(v.shape)}, {needs}")
 
 
 def load_for_inference(path: str | Path, device: str = "cpu"):
@@ -560,8 +581,12 @@ def load_for_inference(path: str | Path, device: str = "cpu"):
     verify_export(ckpt, ["model_args.json", "config.json", *TOKENIZER_FILES])  # the weights: when read, below
     args = model_args_of(ckpt)
     cfg = config_of(ckpt)
+    sd = consolidated_state_dict(ckpt)
+    # Before the model is built: sizes someone wrote into model_args.json (vocab_size 10**15) are refused
+    # unless the weights (as large as their file) hold them, instead of being allocated.
+    check_weights_fit(args, sd, str(ckpt))
     model = MemoryTransformer(args)
-    load_weights(model, consolidated_state_dict(ckpt), str(ckpt))
+    load_weights(model, sd, str(ckpt))
     model.to(device).eval()
     tok_path = Path(find_tokenizer_file(ckpt))
     if not tok_path.is_file():

@@ -22,6 +22,7 @@ from mnemo.train.checkpoint import (
     EXPORT_FORMAT,
     EXPORT_MANIFEST,
     EXPORT_NAMES,
+    check_weights_fit,
     consolidated_state_dict,
     export_manifest,
     is_complete,
@@ -210,6 +211,9 @@ def _export_locked(ckpt: Path, out: Path, overwrite: bool, format: str) -> Path:
 
     args = model_args_of(ckpt)  # the small JSON first: a foreign folder fails before the weights load
     sd = consolidated_state_dict(ckpt)
+    # The weights must be those model_args.json describes (someone may have edited either): otherwise the
+    # export would be another model, or one transformers fills with random tensors, with only a warning.
+    check_weights_fit(args, sd, str(ckpt))
     if args.tie_embeddings:
         sd.pop("lm_head.weight", None)  # safetensors refuses shared storage; re-tied on load
     out.parent.mkdir(parents=True, exist_ok=True)

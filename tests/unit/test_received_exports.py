@@ -1,0 +1,102 @@
+"""An export folder someone sent (its files edited, its export.json gone) is refused in one line, never
+loaded or re-exported as another model, and never allocates what its model_args.json claims."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from mnemo.cli import main
+from mnemo.model import MemoryTransformer
+from mnemo.train import checkpoint as ckpt
+from mnemo.train import export as export_mod
+from mnemo.train.config import load_config, to_dict
+from mnemo.train.engine import model_args_from_config
+from mnemo.train.errors import UserError
+
+VOCAB = 64
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _received(d: Path) -> Path:
+    """A mnemo-format export folder of a fresh tiny model (4 layers, tied), without export.json."""
+    cfg = load_config("configs/debug.yaml", ["memory.long.kind=knn", "memory.short.length=16", "model.segment_len=16"])
+    args = model_args_from_config(cfg, VOCAB)
+    torch.manual_seed(0)
+    sd = MemoryTransformer(args).state_dict()
+    sd.pop("lm_head.weight")
+    d.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(d / "model.safetensors"))
+    (d / "model_args.json").write_text(json.dumps(dataclasses.asdict(args)))
+    (d / "config.json").write_text(json.dumps(to_dict(cfg)))
+    return d
+
+
+def _edit_args(d: Path, **changes) -> None:
+    a = json.loads((d / "model_args.json").read_text())
+    (d / "model_args.json").write_text(json.dumps(dict(a, **changes)))
+
+
+def _drop_tensor(d: Path, name: str) -> None:
+    sd = load_file(str(d / "model.safetensors"))
+    del sd[name]
+    save_file(sd, str(d / "model.safetensors"))
+
+
+EDITS = {
+    "fewer layers": (lambda d: _edit_args(d, n_layers=3), r"unexpected \['blocks\.3\."),
+    "a tensor deleted": (lambda d: _drop_tensor(d, "blocks.1.mlp.up.weight"), r"missing \['blocks\.1\.mlp\.up"),
+    "the embedding deleted": (lambda d: _drop_tensor(d, "tok_emb.weight"), r"missing \['tok_emb\.weight'\]"),
+    "another vocabulary": (lambda d: _edit_args(d, vocab_size=10), r"tok_emb\.weight has shape \(64, 128\)"),
+}
+
+
+@pytest.mark.parametrize("edit", EDITS)
+@pytest.mark.parametrize("format", ["mnemo", "hf"])
+def test_export_refuses_weights_that_do_not_fit_model_args(tmp_path, capsys, edit, format):
+    src = _received(tmp_path / "got")
+    change, needle = EDITS[edit]
+    change(src)
+    rc = main(["export", str(src), "--out", str(tmp_path / "ex"), "--format", format])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith("mnemo: error:"), err
+    assert str(src) in err[0] and "model arguments" in err[0], err[0]
+    assert __import__("re").search(needle, err[0]), err[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["got"]  # nothing written
+
+
+@pytest.mark.parametrize("edit", EDITS)
+def test_loading_refuses_weights_that_do_not_fit_model_args(tmp_path, edit):
+    src = _received(tmp_path / "got")
+    change, needle = EDITS[edit]
+    change(src)
+    with pytest.raises(UserError, match=needle):
+        ckpt.load_for_inference(src)
+
+
+def test_a_folder_whose_weights_fit_exports(tmp_path):
+    src = _received(tmp_path / "got")
+    out = export_mod.export(src, tmp_path / "ex")
+    assert load_file(str(out / "model.safetensors")).keys() == load_file(str(src / "model.safetensors")).keys()
+
+
+def test_a_huge_vocab_size_is_refused_without_allocating_it(tmp_path, monkeypatch):
+    src = _received(tmp_path / "got")
+    _edit_args(src, vocab_size=10**15)  # 5e17 bytes of embedding, were the model built first
+    built = []
+    init = MemoryTransformer.__init__
+
+    def recording(self, args):
+        init(self, args)
+        built.append(self.tok_emb.weight.device.type)
+
+    monkeypatch.setattr(MemoryTransformer, "__init__", recording)
+    with pytest.raises(UserError, match=r"tok_emb\.weight has shape \(64, 128\), the model its model arguments"):
+        ckpt.load_for_inference(src)
+    assert built == ["meta"]
