@@ -7,6 +7,7 @@ of a model built on the meta device.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 
@@ -36,6 +37,46 @@ SIZES: dict[str, Size] = {
     # ~7B
     "xl": Size(n_layers=32, d_model=4096, n_heads=32, d_ff=11008, tie_embeddings=False),
 }
+
+
+# The range of each number of ModelArgs (model/transformer.py): (bound, what it means). An int bound: a
+# whole number at least the bound; a float bound: a finite number above it. train/config.py checks the
+# config keys that set these fields with arg_problem too: one set of bounds for a config and a
+# model_args.json (pure Python here: the CLI validates a config without importing torch).
+ARG_RANGES: dict[str, tuple[int | float, str]] = {
+    "vocab_size": (1, ""),
+    "n_layers": (1, ""),
+    "d_model": (1, ""),
+    "n_heads": (1, ""),
+    "d_ff": (1, ""),
+    "stm_length": (0, "0 = off"),
+    "ltm_capacity": (1, ""),  # these two: only with long-term memory (ltm_kind "knn")
+    "ltm_topk": (1, ""),
+    "ltm_qk_span": (1, "1 = each token alone"),
+    "ltm_ivf_probe": (1, "lists searched per query"),
+    "rope_base": (0.0, ""),
+    "init_std": (0.0, ""),
+    "norm_eps": (0.0, ""),
+    "ltm_temperature_init": (0.0, "its log is the initial parameter"),
+}
+
+
+def _whole(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def arg_problem(name: str, value: object) -> str | None:
+    """Why ``value`` cannot be ModelArgs' ``name`` (ARG_RANGES), e.g. "must be >= 1, got 0"; None if it can."""
+    bound, means = ARG_RANGES[name]
+    why = f" ({means})" if means else ""
+    got = repr(value) if len(repr(value)) <= 40 else repr(value)[:40] + "..."  # a file may hold anything
+    if isinstance(bound, int):
+        if not _whole(value):
+            return f"must be a whole number >= {bound}{why}, got {got}"
+        return f"must be >= {bound}{why}, got {got}" if value < bound else None
+    if not (_whole(value) or isinstance(value, float)) or not math.isfinite(value):
+        return f"must be a finite number > {bound:g}{why}, got {got}"
+    return f"must be > {bound:g}{why}, got {got}" if value <= bound else None
 
 
 def ltm_layer_indices(n_layers: int, layers: list[int] | tuple[int, ...]) -> tuple[int, ...]:

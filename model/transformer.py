@@ -32,7 +32,16 @@ from torch import Tensor, nn
 
 from mnemo.model.memory import LayerMemory, MemoryState, gather_rows
 from mnemo.model.retrieval import IVF_PROBE, SEARCHES, exact_top, ivf_state, ltm_push, searcher
-from mnemo.model.sizes import SIZES, Size, flops_per_token, ltm_layer_indices, mlp_hidden, param_count
+from mnemo.model.sizes import (
+    ARG_RANGES,
+    SIZES,
+    Size,
+    arg_problem,
+    flops_per_token,
+    ltm_layer_indices,
+    mlp_hidden,
+    param_count,
+)
 
 
 @dataclass(frozen=True)
@@ -87,6 +96,18 @@ class ModelArgs:
     ltm_ivf_probe: int = IVF_PROBE
 
     def __post_init__(self):
+        # Ranges first: a model_args.json someone sent may hold anything (n_heads 0 divides by zero below).
+        knn = self.ltm_kind != "none"
+        for name in ARG_RANGES:
+            if knn or name not in ("ltm_capacity", "ltm_topk"):  # unused without long-term memory
+                problem = arg_problem(name, getattr(self, name))
+                if problem:
+                    raise ValueError(f"{name}: {problem}")
+        for name in ("tie_embeddings", "ltm_smear_keys"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}: must be true or false, got a {type(getattr(self, name)).__name__}")
+        if not isinstance(self.ltm_layers, tuple) or not all(type(i) is int for i in self.ltm_layers):
+            raise ValueError("ltm_layers: must be a list of whole numbers (layer indices)")
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
         if (self.d_model // self.n_heads) % 2:
@@ -101,10 +122,6 @@ class ModelArgs:
             raise ValueError(f"unknown long-term memory kind {self.ltm_kind!r}")
         if self.ltm_search not in SEARCHES:
             raise ValueError(f"unknown long-term memory search {self.ltm_search!r}")
-        if self.ltm_ivf_probe < 1:
-            raise ValueError(f"ltm_ivf_probe must be >= 1, got {self.ltm_ivf_probe}")
-        if self.ltm_qk_span < 1:
-            raise ValueError(f"ltm_qk_span must be >= 1, got {self.ltm_qk_span}")
         object.__setattr__(self, "ltm_layers", ltm_layer_indices(self.n_layers, self.ltm_layers))
 
     @classmethod

@@ -494,7 +494,8 @@ def model_args_of(ckpt: Path):
     d = read_json(src)
     d = d if src.name == "model_args.json" else d.get("model_args") if isinstance(d, dict) else None
     try:
-        d = dict(d, ltm_layers=tuple(d["ltm_layers"]))
+        layers = d["ltm_layers"]
+        d = dict(d, ltm_layers=tuple(layers) if isinstance(layers, list) else layers)  # ModelArgs says what is wrong
         # Checkpoints written before these options existed hold the gated, unsmeared layer.
         d.setdefault("ltm_mix", "gate")
         d.setdefault("ltm_smear_keys", False)
@@ -546,6 +547,10 @@ def check_weights_fit(args, sd: dict[str, torch.Tensor], source: str) -> None:
     that someone may have edited. The model is built on the meta device: no memory, whatever the sizes."""
     from mnemo.model import MemoryTransformer
 
+    if args.n_layers > len(sd):  # every layer has weights; and a meta model of 10**9 layers takes hours
+        raise UserError(
+            f"{source}: its model arguments describe {args.n_layers} layers, its weights hold {len(sd)} tensors"
+        )
     with torch.device("meta"):
         own = MemoryTransformer(args).state_dict()
     _check_fit(own, sd, args.tie_embeddings, source, model="the model its model arguments describe")

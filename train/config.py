@@ -682,7 +682,7 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
 
 def validate(cfg: Config) -> None:
     """Range and consistency checks that need no files."""
-    from mnemo.model.sizes import SIZES
+    from mnemo.model.sizes import SIZES, arg_problem
 
     def need(cond: bool, key: str, msg: str):
         if not cond:
@@ -690,12 +690,23 @@ def validate(cfg: Config) -> None:
 
     need(cfg.model.size in SIZES, "model.size", f"unknown size {_brief(cfg.model.size)} (known: {', '.join(SIZES)})")
     need(cfg.model.segment_len >= 1, "model.segment_len", "must be >= 1")
-    need(cfg.memory.short.length >= 0, "memory.short.length", "must be >= 0")
-    need(cfg.memory.bptt_segments >= 1, "memory.bptt_segments", "must be >= 1")
+    # The model's numbers: the bounds ModelArgs checks in a model_args.json (model/sizes.py ARG_RANGES).
     lm = cfg.memory.long
+    model_args = {
+        "memory.short.length": ("stm_length", cfg.memory.short.length),
+        "memory.long.temperature_init": ("ltm_temperature_init", lm.temperature_init),
+        "memory.long.qk_span": ("ltm_qk_span", lm.qk_span),
+        "memory.long.ivf_probe": ("ltm_ivf_probe", lm.ivf_probe),
+    }
+    if lm.kind != "none":  # unused without long-term memory
+        model_args.update(
+            {"memory.long.capacity": ("ltm_capacity", lm.capacity), "memory.long.topk": ("ltm_topk", lm.topk)}
+        )
+    for key, (name, value) in model_args.items():
+        problem = arg_problem(name, value)
+        need(problem is None, key, problem or "")
+    need(cfg.memory.bptt_segments >= 1, "memory.bptt_segments", "must be >= 1")
     if lm.kind != "none":
-        need(lm.capacity >= 1, "memory.long.capacity", "must be >= 1")
-        need(lm.topk >= 1, "memory.long.topk", "must be >= 1")
         need(lm.topk <= lm.capacity, "memory.long.topk", "must be <= memory.long.capacity")
         n_layers = SIZES[cfg.model.size].n_layers
         seen: dict[int, int] = {}
@@ -713,9 +724,6 @@ def validate(cfg: Config) -> None:
             )
             seen[layer % n_layers] = i
         need(len(lm.layers) > 0, "memory.long.layers", "must name at least one layer")
-    need(lm.temperature_init > 0, "memory.long.temperature_init", "must be > 0 (its log is the initial parameter)")
-    need(lm.qk_span >= 1, "memory.long.qk_span", "must be >= 1 (1 = each token alone)")
-    need(lm.ivf_probe >= 1, "memory.long.ivf_probe", "must be >= 1 (lists searched per query)")
     need(cfg.train.batch_size >= 1, "train.batch_size", "must be >= 1")
     # A token budget sets the step count (train/schedule.py total_steps) and max_steps goes unused: 0 is fine.
     need(

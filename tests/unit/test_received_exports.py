@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mnemo.cli import main
-from mnemo.model import MemoryTransformer
+from mnemo.model import MemoryTransformer, ModelArgs
 from mnemo.train import checkpoint as ckpt
 from mnemo.train import export as export_mod
 from mnemo.train.config import load_config, to_dict
@@ -67,7 +68,7 @@ def test_export_refuses_weights_that_do_not_fit_model_args(tmp_path, capsys, edi
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and err[0].startswith("mnemo: error:"), err
     assert str(src) in err[0] and "model arguments" in err[0], err[0]
-    assert __import__("re").search(needle, err[0]), err[0]
+    assert re.search(needle, err[0]), err[0]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["got"]  # nothing written
 
 
@@ -100,3 +101,53 @@ def test_a_huge_vocab_size_is_refused_without_allocating_it(tmp_path, monkeypatc
     with pytest.raises(UserError, match=r"tok_emb\.weight has shape \(64, 128\), the model its model arguments"):
         ckpt.load_for_inference(src)
     assert built == ["meta"]
+
+
+BAD_ARGS = [
+    ("n_heads", 0, "n_heads: must be >= 1"),
+    ("ltm_capacity", -1, "ltm_capacity: must be >= 1"),
+    ("ltm_capacity", 0, "ltm_capacity: must be >= 1"),
+    ("ltm_topk", -3, "ltm_topk: must be >= 1"),
+    ("ltm_topk", 0, "ltm_topk: must be >= 1"),
+    ("stm_length", -5, r"stm_length: must be >= 0 \(0 = off\), got -5"),
+    ("vocab_size", 1e15, r"vocab_size: must be a whole number >= 1, got 1000000000000000\.0"),
+    ("d_model", "128", "d_model: must be a whole number"),
+    ("norm_eps", float("nan"), "norm_eps: must be a finite number > 0"),
+    ("ltm_temperature_init", 0, "ltm_temperature_init: must be > 0"),
+    ("tie_embeddings", 1, "tie_embeddings: must be true or false"),
+    ("ltm_layers", 3, "ltm_layers: must be a list of whole numbers"),
+]
+
+
+@pytest.mark.parametrize("field,value,needle", BAD_ARGS, ids=[f"{f}={v}" for f, v, _ in BAD_ARGS])
+def test_a_model_args_value_out_of_range_is_one_line_naming_file_and_field(tmp_path, capsys, field, value, needle):
+    src = _received(tmp_path / "got")
+    _edit_args(src, **{field: value})
+    rc = main(["export", str(src), "--out", str(tmp_path / "ex")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith("mnemo: error:"), err
+    assert str(src / "model_args.json") in err[0] and re.search(needle, err[0]), err[0]
+    with pytest.raises(UserError, match=needle):
+        ckpt.load_for_inference(src)
+
+
+def test_an_absurd_layer_count_is_refused_before_any_model_is_built(tmp_path, monkeypatch):
+    src = _received(tmp_path / "got")
+    _edit_args(src, n_layers=10**9)  # even on the meta device: 10**9 modules, hours
+    init = MemoryTransformer.__init__
+
+    def bounded(self, args):
+        assert args.n_layers < 100, "building a model of 10**9 layers"
+        init(self, args)
+
+    monkeypatch.setattr(MemoryTransformer, "__init__", bounded)
+    with pytest.raises(UserError, match=r"describe 1000000000 layers, its weights hold \d+ tensors"):
+        ckpt.load_for_inference(src)
+
+
+def test_without_long_term_memory_its_unused_numbers_are_not_checked():
+    # A config without long-term memory never checked memory.long.capacity/topk: its checkpoints still load.
+    args = ModelArgs(vocab_size=8, ltm_kind="none", ltm_capacity=0, ltm_topk=0)
+    assert args.ltm_capacity == 0
+    with pytest.raises(ValueError, match="ltm_capacity: must be >= 1, got 0"):
+        ModelArgs(vocab_size=8, ltm_kind="knn", ltm_capacity=0)
