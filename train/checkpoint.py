@@ -210,10 +210,13 @@ def load_engine_state(engine, ckpt: Path, tag: str, where: str) -> None:
 
 
 def read_json(path: Path) -> Any:
-    """A JSON file of a checkpoint or export; UserError naming it when it is not JSON."""
+    """A JSON file of a checkpoint or export; UserError naming it when it is not JSON.
+
+    Every JSON file of a checkpoint or export is read here: a folder may come from anyone, and its
+    JSON may nest deeper than Python's recursion limit (RecursionError)."""
     try:
         return json.loads(Path(path).read_text())
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
         raise UserError(f"{path}: not valid JSON ({e})") from None
 
 
@@ -621,8 +624,8 @@ EXPORT_NAMES = (
 def export_manifest(folder: Path) -> dict[str, Any] | None:
     """The manifest of a folder `mnemo export` wrote, or None (no folder, no manifest, not ours)."""
     try:
-        m = json.loads((Path(folder) / EXPORT_MANIFEST).read_text())
-    except (OSError, ValueError):
+        m = read_json(Path(folder) / EXPORT_MANIFEST)
+    except (OSError, UserError):
         return None
     ok = isinstance(m, dict) and m.get("format") == EXPORT_FORMAT and isinstance(m.get("files"), dict)
     return m if ok and all(n in EXPORT_NAMES for n in m["files"]) else None

@@ -1105,7 +1105,7 @@ def check_init_from_tokenizer(cfg: Config, weights: Path, tok: str) -> None:
         if not theirs and (weights / "meta.json").is_file():
             try:
                 theirs = str(json.loads((weights / "meta.json").read_text()).get("tokenizer_sha256") or "")
-            except (ValueError, AttributeError):  # not JSON, or not a mapping
+            except (ValueError, AttributeError, RecursionError):  # not JSON (or nested too deep), or not a mapping
                 theirs = ""
     if not theirs:
         where = "" if weights == Path(cfg.init_from) else f" in {weights}"

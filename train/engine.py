@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from typing import Any
 
@@ -102,5 +101,5 @@ def init_weights_from(model, path: str, zero3: bool) -> str | None:
         ckpt.load_weights(model, sd, str(src))
     meta = ckpt.read_meta(src) if ckpt.is_complete(src) else {}
     if not meta and (src / "source.json").is_file():
-        meta = json.loads((src / "source.json").read_text())
-    return meta.get("mlflow_run_id")
+        meta = ckpt.read_json(src / "source.json")
+    return meta.get("mlflow_run_id") if isinstance(meta, dict) else None

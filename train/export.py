@@ -27,6 +27,7 @@ from mnemo.train.checkpoint import (
     export_manifest,
     is_complete,
     model_args_of,
+    read_json,
     read_meta,
     resolve_checkpoint,
 )
@@ -279,5 +280,5 @@ def _write_hf(ckpt: Path, tmp: Path, args, sd: dict, meta: dict) -> None:
     if tok_path is None:
         raise UserError(f"{ckpt}: no {' or '.join(TOKENIZER_FILES)} to export with the model")
     segment_len = config_of(ckpt).model.segment_len  # a source without a config is a one-line error here
-    tree = meta["config"] if meta else json.loads((ckpt / "config.json").read_text())
+    tree = meta["config"] if meta else read_json(ckpt / "config.json")
     write_hf_files(tmp, args, segment_len, sd, Tokenizer(str(tok_path)), redact_tree(tree))

@@ -151,3 +151,21 @@ def test_without_long_term_memory_its_unused_numbers_are_not_checked():
     assert args.ltm_capacity == 0
     with pytest.raises(ValueError, match="ltm_capacity: must be >= 1, got 0"):
         ModelArgs(vocab_size=8, ltm_kind="knn", ltm_capacity=0)
+
+
+DEEP = "[" * 200_000 + "]" * 200_000  # valid JSON nested deeper than Python's recursion limit
+
+
+@pytest.mark.parametrize("name", ["model_args.json", "config.json"])
+def test_json_nested_too_deep_is_one_line(tmp_path, name):
+    src = _received(tmp_path / "got")
+    (src / name).write_text(DEEP)
+    with pytest.raises(UserError, match=rf"^{re.escape(str(src / name))}: not valid JSON \(maximum recursion depth"):
+        ckpt.load_for_inference(src)
+
+
+def test_an_export_json_nested_too_deep_is_no_manifest(tmp_path, capsys):
+    src = _received(tmp_path / "got")
+    (src / "export.json").write_text(DEEP)
+    assert ckpt.export_manifest(src) is None  # not a manifest of mnemo's: a folder whose files are checked
+    assert main(["export", str(src), "--out", str(tmp_path / "ex")]) == 0, capsys.readouterr().err

@@ -134,7 +134,7 @@ def without_post_processor(path: str | Path) -> str:
     path = Path(path)
     try:
         tree = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:  # RecursionError: nested deeper than Python's limit
         raise UserError(f"{path}: not a Hugging Face tokenizer.json ({e})") from None
     if not isinstance(tree, dict) or "model" not in tree:
         raise UserError(f"{path}: not a Hugging Face tokenizer.json (no model)")
