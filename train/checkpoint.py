@@ -40,10 +40,17 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from mnemo.data_pipeline.files import atomic_write_text, fsync_path, fsync_tree, open_regular
+from mnemo.data_pipeline.files import (
+    MAX_JSON_BYTES,
+    atomic_write_text,
+    fsync_path,
+    fsync_tree,
+    open_regular,
+    read_bounded,
+)
 from mnemo.train.errors import UserError, path_errors
 from mnemo.train.faults import maybe_crash_in_save
-from mnemo.train.hf.folder import HF_FILES
+from mnemo.train.hf.folder import HF_FILES, WRAPPER_SOURCES
 from mnemo.train.redact import redact_tree
 from mnemo.train.rundir import (
     COMPLETE,
@@ -213,11 +220,14 @@ def read_json(path: Path) -> Any:
     """A JSON file of a checkpoint or export; UserError naming it when it is not JSON.
 
     Every JSON file of a checkpoint or export is read here: a folder may come from anyone, and its
-    JSON may nest deeper than Python's recursion limit (RecursionError)."""
+    JSON may nest deeper than Python's recursion limit (RecursionError), and where a file is expected
+    there may be a directory or a FIFO (read_bounded: refused, never waited on)."""
     try:
-        return json.loads(Path(path).read_text())
+        return json.loads(read_bounded(path, MAX_JSON_BYTES))
     except (ValueError, UnicodeDecodeError, RecursionError) as e:
         raise UserError(f"{path}: not valid JSON ({e})") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror or e})") from None
 
 
 def read_meta(path: Path, need: tuple[str, ...] = ()) -> dict[str, Any]:
@@ -493,7 +503,16 @@ def model_args_of(ckpt: Path):
     from mnemo.model import ModelArgs
 
     ckpt = Path(ckpt)
-    src = ckpt / "model_args.json" if (ckpt / "model_args.json").is_file() else ckpt / "meta.json"
+    src = ckpt / "model_args.json"
+    if not os.path.lexists(src):
+        if (ckpt / "model.safetensors").is_file():  # an export folder (resolve_checkpoint): no meta.json to go by
+            if any((ckpt / name).is_file() for name in WRAPPER_SOURCES):
+                raise UserError(
+                    f"{ckpt}: an hf export (--format hf): load it with transformers (trust_remote_code=True); "
+                    "give mnemo a checkpoint, run directory or mnemo-format export"
+                )
+            raise UserError(f"{src}: missing (a mnemo export holds the model arguments of its weights there)")
+        src = ckpt / "meta.json"
     d = read_json(src)
     d = d if src.name == "model_args.json" else d.get("model_args") if isinstance(d, dict) else None
     try:

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -19,16 +21,17 @@ from mnemo.train import export as export_mod
 from mnemo.train.config import load_config, to_dict
 from mnemo.train.engine import model_args_from_config
 from mnemo.train.errors import UserError
+from tests.unit.stdlib import stdlib_tokenizer
 
 VOCAB = 64
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _received(d: Path) -> Path:
+def _received(d: Path, vocab: int = VOCAB) -> Path:
     """A mnemo-format export folder of a fresh tiny model (4 layers, tied), without export.json."""
     cfg = load_config("configs/debug.yaml", ["memory.long.kind=knn", "memory.short.length=16", "model.segment_len=16"])
-    args = model_args_from_config(cfg, VOCAB)
+    args = model_args_from_config(cfg, vocab)
     torch.manual_seed(0)
     sd = MemoryTransformer(args).state_dict()
     sd.pop("lm_head.weight")
@@ -169,3 +172,35 @@ def test_an_export_json_nested_too_deep_is_no_manifest(tmp_path, capsys):
     (src / "export.json").write_text(DEEP)
     assert ckpt.export_manifest(src) is None  # not a manifest of mnemo's: a folder whose files are checked
     assert main(["export", str(src), "--out", str(tmp_path / "ex")]) == 0, capsys.readouterr().err
+
+
+def test_an_hf_export_given_to_mnemo_says_what_it_is(tmp_path, capsys):
+    tok = stdlib_tokenizer(tmp_path, 3, vocab_size=400)
+    src = _received(tmp_path / "got", vocab=tok.vocab_size)
+    shutil.copy(tmp_path / "t.model", src / "tokenizer.model")
+    hf = export_mod.export(src, tmp_path / "hf", format="hf")
+    (tmp_path / "prompt.txt").write_text("def f(x):\n")
+    generate = ["generate", str(hf), "--prompt-file", str(tmp_path / "prompt.txt"), "--max-tokens", "2"]
+    for argv in (["export", str(hf), "--out", str(tmp_path / "again")], generate):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [
+            f"mnemo: error: {hf}: an hf export (--format hf): load it with transformers (trust_remote_code=True); "
+            "give mnemo a checkpoint, run directory or mnemo-format export"
+        ], err
+
+
+@pytest.mark.parametrize("what", ["missing", "a directory", "a FIFO"])
+def test_a_mnemo_export_without_a_readable_model_args_json_names_it(tmp_path, what):
+    src = _received(tmp_path / "got")
+    args = src / "model_args.json"
+    args.unlink()
+    if what == "a directory":
+        args.mkdir()
+    elif what == "a FIFO":
+        os.mkfifo(args)  # never waited on
+    needle = {"missing": "missing", "a directory": "cannot read", "a FIFO": r"cannot read \(a FIFO"}[what]
+    with pytest.raises(UserError, match=rf"^{re.escape(str(args))}: {needle}"):
+        ckpt.load_for_inference(src)
+    with pytest.raises(UserError, match=rf"^{re.escape(str(args))}: {needle}"):
+        export_mod.export(src, tmp_path / "ex")
