@@ -231,8 +231,8 @@ def _export_locked(ckpt: Path, out: Path, overwrite: bool, format: str) -> Path:
             if meta:
                 (tmp / "config.json").write_text(json.dumps(redact_tree(meta["config"]), indent=1))
                 (tmp / "source.json").write_text(json.dumps(source, indent=1))
-            elif (ckpt / "config.json").is_file():
-                shutil.copy(ckpt / "config.json", tmp / "config.json")
+            elif (ckpt / "config.json").is_file():  # an export's: never copied verbatim, credentials and all
+                (tmp / "config.json").write_text(json.dumps(redact_tree(read_json(ckpt / "config.json")), indent=1))
             for name in TOKENIZER_FILES:  # the one the run used (tokenizer.model or tokenizer.json)
                 if (ckpt / name).is_file():
                     shutil.copy(ckpt / name, tmp / name)

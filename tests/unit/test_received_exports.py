@@ -204,3 +204,27 @@ def test_a_mnemo_export_without_a_readable_model_args_json_names_it(tmp_path, wh
         ckpt.load_for_inference(src)
     with pytest.raises(UserError, match=rf"^{re.escape(str(args))}: {needle}"):
         export_mod.export(src, tmp_path / "ex")
+
+
+def test_reexport_writes_the_config_with_credentials_redacted(tmp_path):
+    src = _received(tmp_path / "got")
+    tree = json.loads((src / "config.json").read_text())
+    tree["tracking"]["uri"] = "http://user:pw@host:5000/x?token=abc"
+    (src / "config.json").write_text(json.dumps(tree))
+    out = export_mod.export(src, tmp_path / "ex")
+    text = (out / "config.json").read_text()
+    assert "pw" not in text and "abc" not in text and "host:5000" in text
+    assert ckpt.config_of(out).model.segment_len == 16
+
+
+def test_reexport_refuses_a_config_nested_nearly_too_deep_in_one_line(tmp_path, capsys):
+    """Parsed, but deep enough that the next walk of it (redact_tree, json.dumps) overflows the stack."""
+    src = _received(tmp_path / "got")
+    text = (src / "config.json").read_text()
+    (src / "config.json").write_text(text[:-1] + ', "tracking": ' + "[" * 900 + "]" * 900 + "}")
+    assert main(["export", str(src), "--out", str(tmp_path / "ex")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        f"mnemo: error: {src / 'config.json'}: not a file mnemo wrote (JSON nested more than 100 levels deep)"
+    ]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["got"]
