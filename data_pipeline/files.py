@@ -13,6 +13,7 @@ import os
 import socket
 import stat
 from pathlib import Path
+from typing import Any
 
 
 def fsync_path(path: str | Path) -> None:
@@ -191,6 +192,31 @@ def open_regular(path: str | os.PathLike) -> io.BufferedReader:
     except BaseException:
         os.close(fd)
         raise
+
+
+# Deepest nesting of a JSON file mnemo reads (its own: under 10 levels). JSON nested deeper than Python's
+# recursion limit fails to parse (RecursionError); nested nearly as deep it parses, and whatever walks it
+# next (json.dumps, redact_tree) overflows.
+JSON_DEPTH = 100
+
+
+def load_json(path: str | os.PathLike, limit: int = MAX_JSON_BYTES, depth: int = JSON_DEPTH) -> Any:
+    """The JSON value in regular file ``path`` (read_bounded), a file someone may have sent.
+
+    OSError (NotRegularFile included) when the file cannot be read; ValueError when its content is not
+    UTF-8 JSON or nests more than ``depth`` levels. Callers turn these into their own one-line errors.
+    """
+    data = read_bounded(path, limit)
+    try:
+        tree = json.loads(data)
+    except RecursionError:
+        raise ValueError(f"JSON nested more than {depth} levels deep") from None
+    level = [tree]
+    for _ in range(depth):  # breadth first, without recursion
+        level = [v for o in level if isinstance(o, (dict, list)) for v in (o.values() if isinstance(o, dict) else o)]
+    if any(isinstance(o, (dict, list)) for o in level):
+        raise ValueError(f"JSON nested more than {depth} levels deep")
+    return tree
 
 
 def read_bounded(path: str | os.PathLike, limit: int) -> bytes:

@@ -11,7 +11,6 @@ against its sha256. The first problem raises DataError naming the shard.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Iterator
@@ -21,14 +20,14 @@ from typing import Any
 import numpy as np
 
 from mnemo.data_pipeline.errors import DataError, brief
-from mnemo.data_pipeline.files import MAX_JSON_BYTES, NotRegularFile, not_a_regular_file, open_regular, read_bounded
+from mnemo.data_pipeline.files import MAX_JSON_BYTES, NotRegularFile, load_json, not_a_regular_file, open_regular
 from mnemo.data_pipeline.lean_imports import import_streaming
 
 
 def read_json_file(path: str, what: str, limit: int = MAX_JSON_BYTES) -> dict:
     """The JSON object in ``path``, a regular file of at most ``limit`` bytes; else DataError naming it."""
     try:
-        obj = json.loads(read_bounded(path, limit))
+        obj = load_json(path, limit)
     except FileNotFoundError:
         raise DataError(f"{path}: missing ({what})") from None
     except NotRegularFile as e:  # a directory, FIFO (never waited on), device, or too big

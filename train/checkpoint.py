@@ -40,14 +40,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from mnemo.data_pipeline.files import (
-    MAX_JSON_BYTES,
-    atomic_write_text,
-    fsync_path,
-    fsync_tree,
-    open_regular,
-    read_bounded,
-)
+from mnemo.data_pipeline.files import atomic_write_text, fsync_path, fsync_tree, load_json, open_regular
 from mnemo.train.errors import UserError, path_errors
 from mnemo.train.faults import maybe_crash_in_save
 from mnemo.train.hf.folder import HF_FILES, WRAPPER_SOURCES
@@ -219,26 +212,14 @@ def load_engine_state(engine, ckpt: Path, tag: str, where: str) -> None:
 def read_json(path: Path) -> Any:
     """A JSON file of a checkpoint or export; UserError naming it when it is not JSON.
 
-    Every JSON file of a checkpoint or export is read here: a folder may come from anyone, and its
-    JSON may nest deeper than Python's recursion limit (RecursionError) or nearly as deep (then
-    whatever walks it next, json.dumps or redact_tree, overflows: refused here beyond JSON_DEPTH), and
-    where a file is expected there may be a directory or a FIFO (read_bounded: refused, never waited on)."""
+    Every JSON file of a checkpoint or export is read here: a folder may come from anyone (load_json:
+    a regular file, bounded in size and nesting, never a FIFO waited on)."""
     try:
-        tree = json.loads(read_bounded(path, MAX_JSON_BYTES))
-    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        return load_json(path)
+    except ValueError as e:  # UnicodeDecodeError and too deep included
         raise UserError(f"{path}: not valid JSON ({e})") from None
     except OSError as e:
         raise UserError(f"{path}: cannot read ({e.strerror or e})") from None
-    level = [tree]
-    for _ in range(JSON_DEPTH):  # breadth first, without recursion
-        level = [v for o in level if isinstance(o, (dict, list)) for v in (o.values() if isinstance(o, dict) else o)]
-    if any(isinstance(o, (dict, list)) for o in level):
-        raise UserError(f"{path}: not a file mnemo wrote (JSON nested more than {JSON_DEPTH} levels deep)")
-    return tree
-
-
-# Deepest nesting of a checkpoint's or export's JSON files (mnemo's own: under 10 levels).
-JSON_DEPTH = 100
 
 
 def read_meta(path: Path, need: tuple[str, ...] = ()) -> dict[str, Any]:

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from mnemo.data_pipeline.errors import brief
-from mnemo.data_pipeline.files import MAX_JSON_BYTES, not_a_regular_file, read_bounded
+from mnemo.data_pipeline.files import load_json, not_a_regular_file
 from mnemo.train.errors import UserError
 
 STEP_RE = re.compile(r"^step_(\d{8})\Z")  # \Z: "$" also matches before a final newline
@@ -124,7 +124,7 @@ def read_checkpoint_meta(ckpt: Path, need: tuple[str, ...] = ()) -> dict[str, An
     """
     path = Path(ckpt) / "meta.json"
     try:
-        meta = json.loads(read_bounded(path, MAX_JSON_BYTES))
+        meta = load_json(path)
     except OSError as e:
         raise UserError(f"{path}: cannot read ({e.strerror or e})") from None
     except ValueError as e:  # UnicodeDecodeError included
