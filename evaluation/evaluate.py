@@ -87,16 +87,21 @@ def check_eval_memory(
 ) -> None:
     """EvalError, before anything is made, when the passkey and task documents (all of them are made
     first: ``trials`` per passkey distance, ``task_docs`` per task distance, (D + 1) * T int64 tokens each)
-    and the long-term store (``B`` slots, grown to the longest document's D * T entries with ``grow_ltm``)
-    cannot fit in the memory available (``inference.check_memory``)."""
+    and the long-term store (grown to the longest document's D * T entries with ``grow_ltm``) cannot fit
+    in the memory available (``inference.check_memory``).
+
+    A lower bound: the documents of one distance are read together in at most ``B`` slots, so the longest
+    ones take min(B, their number) slots (counting B refused `--distances 6000 --trials 1` for 32 slots
+    where one is used); the held-out documents' store is not counted."""
     host = 8 * T * (trials * sum(D + 1 for D in distances) + task_docs * sum(D + 1 for D in task_distances))
     longest = max([0, *distances, *task_distances])
+    slots = max(1, min(B, max(trials if distances else 0, task_docs if task_distances else 0)))
     store = 0
     for m in (model, baseline):
         if m is not None and ltm_capacity_of(m):
             cap = max(ltm_capacity_of(m), longest * T) if grow_ltm else ltm_capacity_of(m)
-            store = max(store, store_bytes(m, B, cap))
-    what = f"the evaluation ({B} slots; documents of up to {(longest + 1) * T:,} tokens)"
+            store = max(store, store_bytes(m, slots, cap))
+    what = f"the evaluation ({slots} slot(s); documents of up to {(longest + 1) * T:,} tokens)"
     check_memory(model, store, host, what, MEMORY_ADVICE)
 
 

@@ -881,6 +881,25 @@ def test_an_evaluation_that_cannot_fit_in_memory_is_one_line_before_it_starts(to
             raise RuntimeError("other")
 
 
+def test_the_memory_check_counts_the_slots_the_longest_documents_use(tok, tmp_path, monkeypatch):
+    """It counted --batch-size slots of the grown store: `--distances 6000 --trials 1` was refused as 32
+    slots' worth (23.4 GiB) though one slot reads the single document (0.73 GiB)."""
+    import mnemo.evaluation.evaluate as ev
+    from mnemo.evaluation.inference import store_bytes
+    from mnemo.train.checkpoint import load_for_inference
+
+    exp, _ = _tiny_export(tok, tmp_path, 64)
+    model, _, _ = load_for_inference(exp)
+    seen = []
+    monkeypatch.setattr(ev, "check_memory", lambda m, store, host, what, advice: seen.append((store, what)))
+    ev.check_eval_memory(model, None, 64, 32, [6000], 1, [], 0, grow_ltm=True)
+    ev.check_eval_memory(model, None, 64, 32, [6000], 5, [10], 3, grow_ltm=True)
+    ev.check_eval_memory(model, None, 64, 4, [6000], 5, [], 0, grow_ltm=True)
+    cap = 6000 * 64
+    assert [s for s, _ in seen] == [store_bytes(model, n, cap) for n in (1, 5, 4)]
+    assert "(1 slot(s); documents of up to 384,064 tokens)" in seen[0][1]
+
+
 def test_unknown_task_lists_each_name_once_and_distances_need_ascii_integers():
     """The unknown-task message listed passkey, niah_multivalue and niah_multiquery twice; --distances 1,,2
     and a non-ASCII digit were accepted; --tasks "" was silently no tasks."""
