@@ -82,7 +82,17 @@ def reads_universal(cfg: Config, meta: dict[str, Any], path: Path, world_size: i
     reshaped = meta["world_size"] != world_size or meta["zero_stage"] != cfg.zero.stage
     # A bf16 run's optimizer shards are DeepSpeed's bf16_* files, an fp32 run's are not: a checkpoint
     # resumed at the other precision is read through the universal (fp32, layout-free) form.
-    reshaped = reshaped or any((path / "ds" / DS_TAG).glob("bf16_*optim_states.pt")) != use_bf16
+    was_bf16 = any((path / "ds" / DS_TAG).glob("bf16_*optim_states.pt"))
+    reshaped = reshaped or was_bf16 != use_bf16
+    if reshaped and cfg.checkpoint.load_universal == "never":
+        # DeepSpeed's own loader cannot read it: its ZeRORuntimeException or bare AssertionError under a
+        # traceback, or a missing bf16_* file reported as a damaged checkpoint.
+        saved = f"world size {meta['world_size']}, ZeRO {meta['zero_stage']}, {'bf16' if was_bf16 else 'fp32'}"
+        now = f"world size {world_size}, ZeRO {cfg.zero.stage}, {'bf16' if use_bf16 else 'fp32'}"
+        raise UserError(
+            f"checkpoint.load_universal=never: checkpoint {path} was saved at {saved}, this run is {now}; only the"
+            " universal form reads it across these (checkpoint.load_universal=auto)"
+        )
     return {"always": True, "never": False, "auto": reshaped}[cfg.checkpoint.load_universal]
 
 

@@ -566,3 +566,27 @@ def test_weights_of_another_vocabulary_name_the_tokenizer():
     ):
         load_weights(model, sd, "src")
     load_weights(model, {k: torch.zeros_like(v) for k, v in model.state_dict().items()}, "src")
+
+
+def test_load_universal_never_across_world_size_stage_or_precision_is_one_line(tmp_path):
+    """With checkpoint.load_universal=never, a checkpoint of another world size was DeepSpeed's
+    ZeRORuntimeException under a traceback, of another ZeRO stage a bare AssertionError, of another precision
+    "cannot read the DeepSpeed state (... bf16_zero_pp_rank_0 ...: No such file)" as if it were damaged."""
+    from mnemo.train.config import load_config
+    from mnemo.train.resume import reads_universal
+
+    ckpt = tmp_path / "step_00000006"
+    (ckpt / "ds" / "state").mkdir(parents=True)
+    meta = {"world_size": 2, "zero_stage": 2}
+    for setting, want in (("auto", False), ("always", True), ("never", False)):
+        cfg = load_config(None, ["zero.stage=2", f"checkpoint.load_universal={setting}"])
+        assert reads_universal(cfg, meta, ckpt, 2, use_bf16=False) is want
+    for stage, world, bf16 in ((2, 1, False), (3, 2, False), (2, 2, True)):
+        cfg = load_config(None, [f"zero.stage={stage}", "checkpoint.load_universal=never"])
+        with pytest.raises(UserError) as e:
+            reads_universal(cfg, meta, ckpt, world, use_bf16=bf16)
+        msg = str(e.value)
+        assert msg.startswith("checkpoint.load_universal=never: checkpoint ") and "\n" not in msg, msg
+        assert "saved at world size 2, ZeRO 2, fp32" in msg and "(checkpoint.load_universal=auto)" in msg, msg
+        cfg = load_config(None, [f"zero.stage={stage}", "checkpoint.load_universal=auto"])
+        assert reads_universal(cfg, meta, ckpt, world, use_bf16=bf16) is True
