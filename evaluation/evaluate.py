@@ -8,15 +8,14 @@ same inputs (ZeRO-3 gathers parameters collectively).
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from mnemo.evaluation.errors import EvalError
+from mnemo.evaluation.outputs import write_eval_json
 from mnemo.evaluation.inference import (
     check_memory,
     eval_mode,
@@ -332,8 +331,7 @@ def evaluate_data_dir(
     result.update(labels or {})
     seconds = time.perf_counter() - t0
     if json_out:  # first: a table or plot that fails must not lose the evaluation
-        Path(json_out).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_out).write_text(json.dumps(json_ready(result), indent=2, allow_nan=False) + "\n")
+        write_eval_json(json_out, json_ready(result))
     echo(format_table(result))
     echo(f"\n(evaluated in {seconds:.1f} s)")
     if json_out:

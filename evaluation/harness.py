@@ -36,6 +36,7 @@ from tqdm import tqdm
 from mnemo.data_pipeline.errors import brief
 from mnemo.evaluation.errors import EvalError
 from mnemo.evaluation.generate import generate_batch
+from mnemo.evaluation.outputs import write_eval_json
 from mnemo.evaluation.inference import (
     check_memory,
     core_model,
@@ -315,9 +316,7 @@ def run_lm_eval(
     if json_out is not None:  # first: a table that fails to print must not lose the evaluation
         doc = {k: v for k, v in results.items() if k != "samples"}
         doc["mnemo"] = {"segment_len": int(segment_len), "model": type(core_model(model)).__name__, **(labels or {})}
-        Path(json_out).parent.mkdir(parents=True, exist_ok=True)
-        text = json.dumps(json_ready(doc), indent=2, default=handle_non_serializable, allow_nan=False)
-        Path(json_out).write_text(text + "\n")
+        write_eval_json(json_out, json_ready(doc), default=handle_non_serializable)
     if print_table:
         print(make_table(results))
     results["mnemo_lm"] = lm

@@ -7,6 +7,7 @@ and the demo all assemble and print it with the functions here.
 
 from __future__ import annotations
 
+import io
 import math
 import time
 from collections.abc import Sequence
@@ -15,7 +16,9 @@ from typing import Any
 
 import numpy as np
 
+from mnemo.data_pipeline.files import atomic_write
 from mnemo.data_pipeline.passkey import DEPTHS
+from mnemo.evaluation.outputs import PLOT_NAMES, plot_metadata
 from mnemo.evaluation.scoring import passkey_report
 from mnemo.evaluation.stats import wilson_interval
 from mnemo.evaluation.task_eval import metric_name
@@ -290,9 +293,12 @@ def plots(result: dict[str, Any], out_dir: str | Path) -> list[str]:
     paths = []
 
     def save(fig, name: str) -> None:
+        assert name in PLOT_NAMES, name  # the names `mnemo eval --plots` checks before it starts
         fig.tight_layout()
-        fig.savefig(out / name, dpi=100)
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=100, metadata=plot_metadata())  # marked: mnemo may replace it
         plt.close(fig)
+        atomic_write(out / name, buf.getvalue())  # whole, and never through a link put at the name
         paths.append(str(out / name))
 
     ab = result.get("ablations") or {"memory": result}

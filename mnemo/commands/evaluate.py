@@ -76,17 +76,36 @@ def check_output(flag: str, out: str | None, folder: bool) -> None:
     --json and --plots are written after the evaluation, which can take hours: a directory given as
     --json, a file given as --plots, a path through a file, a name too long or a folder without
     write permission is answered now, before the model loads (both `mnemo eval` paths call this).
+    mnemo never replaces a file it cannot tell it wrote: an existing --json must be an evaluation
+    JSON mnemo wrote, and --plots DIR must hold no file named as one of its plots that mnemo did not
+    write (evaluation/outputs.py). A symbolic link as --json is refused: the write replaces the
+    link, it does not write through it.
     """
+    from mnemo.evaluation.outputs import PLOT_NAMES, foreign_plot, is_eval_json
     from mnemo.train.errors import UserError, path_errors
 
     if not out:
         return
     path = Path(out)
     with path_errors(flag):
+        if path.is_symlink() and not folder:
+            raise UserError(f"{flag}: {path}: is a symbolic link; give the file itself (or a new name)")
         if path.is_dir() and not folder:
             raise UserError(f"{flag}: {path}: is a directory; give the file to write")
         if path.exists() and not path.is_dir() and folder:
             raise UserError(f"{flag}: {path}: exists and is not a directory")
+        if path.exists() and not folder and not is_eval_json(path):
+            raise UserError(
+                f"{flag}: {path}: exists and is not an evaluation JSON mnemo wrote; not replacing it "
+                "(remove it or give a new name)"
+            )
+        if folder and path.is_dir():
+            theirs = foreign_plot(path)
+            if theirs is not None:
+                raise UserError(
+                    f"{flag}: {path}: holds {theirs.name}, which mnemo did not write; not replacing it "
+                    f"(its plots are {', '.join(PLOT_NAMES)}: give an empty or new folder)"
+                )
         existing = path
         while not existing.exists() and existing != existing.parent:  # exists(): False under a file too
             existing = existing.parent

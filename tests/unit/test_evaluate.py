@@ -920,3 +920,86 @@ def test_unknown_task_lists_each_name_once_and_distances_need_ascii_integers():
     args = build_parser().parse_args(["eval", "no-ckpt", "--data", "no-data", "--tasks", " "])
     with pytest.raises(UserError, match="--tasks: empty"):
         args.func(args)
+
+
+def test_eval_outputs_never_replace_a_file_mnemo_did_not_write(tok, tmp_path, monkeypatch):
+    """--json replaced any file (a user's, the evaluated dataset's index.json), wrote through a symbolic link
+    and not atomically; --plots replaced a user's loss_by_position.png. Now an existing --json must be an
+    evaluation JSON mnemo wrote (marked "written_by"), a link is refused, --plots DIR may hold no file named
+    as a plot that mnemo did not write (marked PNG), and both are written whole (temp file + rename)."""
+    from mnemo.commands.evaluate import check_output
+    from mnemo.evaluation.evaluate import evaluate_data_dir
+    from mnemo.evaluation.outputs import is_eval_json, write_eval_json
+    from mnemo.train.checkpoint import load_for_inference
+
+    exp, data = _tiny_export(tok, tmp_path, 64)
+    index = (data / "index.json").read_bytes()
+    mine = tmp_path / "mine.txt"
+    mine.write_text("my notes")
+    unmarked = tmp_path / "old.json"
+    unmarked.write_text('{"segment_len": 64}')
+    ours = tmp_path / "ours.json"
+    write_eval_json(ours, {"segment_len": 64})
+    link = tmp_path / "link.json"
+    link.symlink_to(ours)
+    for path, needle in (
+        (data / "index.json", "not an evaluation JSON mnemo wrote"),
+        (mine, "not an evaluation JSON mnemo wrote"),
+        (unmarked, "not an evaluation JSON mnemo wrote"),
+        (link, "is a symbolic link"),
+    ):
+        with pytest.raises(UserError, match=needle) as e:
+            check_output("--json", str(path), folder=False)
+        assert str(e.value).startswith(f"--json: {path}: ") and "\n" not in str(e.value)
+    assert (data / "index.json").read_bytes() == index and mine.read_text() == "my notes"
+    check_output("--json", str(ours), folder=False)  # mnemo's own: replaced
+
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "loss_by_position.png").write_bytes(b"\x89PNG\r\n\x1a\nmine")
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    (linked / "passkey_accuracy.png").symlink_to(mine)
+    for folder, name in ((theirs, "loss_by_position.png"), (linked, "passkey_accuracy.png")):
+        with pytest.raises(UserError, match=f"--plots: {folder}: holds {name}, which mnemo did not write"):
+            check_output("--plots", str(folder), folder=True)
+
+    model, tk, cfg = load_for_inference(exp)
+    plots_dir = tmp_path / "plots"
+
+    def run(out):
+        evaluate_data_dir(
+            model,
+            tk,
+            cfg,
+            str(data),
+            max_docs=0,
+            passkey_trials=1,
+            distances=[1],
+            json_out=str(out),
+            plots_dir=str(plots_dir),
+        )
+
+    run(ours)
+    assert is_eval_json(ours) and json.loads(ours.read_text())["num_docs"] == 0
+    (plots_dir / "notes.txt").write_text("mine")  # other files do not matter
+    check_output("--plots", str(plots_dir), folder=True)  # mnemo's own plots: replaced
+    check_output("--json", str(ours), folder=False)
+    run(ours)
+    # Written whole: a write that fails leaves the previous JSON and no temporary file.
+    before = ours.read_bytes()
+
+    def fail(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("mnemo.data_pipeline.files.os.fsync", fail)
+    with pytest.raises(OSError, match="No space"):
+        run(ours)
+    assert ours.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+    monkeypatch.undo()
+    # A link put at the name after the check is replaced, never written through.
+    late = tmp_path / "late.json"
+    late.symlink_to(mine)
+    run(late)
+    assert mine.read_text() == "my notes" and is_eval_json(late)
