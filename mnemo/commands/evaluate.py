@@ -79,13 +79,15 @@ def check_output(flag: str, out: str | None, folder: bool) -> None:
     mnemo never replaces a file it cannot tell it wrote: an existing --json must be an evaluation
     JSON mnemo wrote, and --plots DIR must hold no file named as one of its plots that mnemo did not
     write (evaluation/outputs.py). A symbolic link as --json is refused: the write replaces the
-    link, it does not write through it.
+    link, it does not write through it. A broken link on the way and an empty value are refused too.
     """
     from mnemo.evaluation.outputs import PLOT_NAMES, foreign_plot, is_eval_json
     from mnemo.train.errors import UserError, path_errors
 
-    if not out:
+    if out is None:
         return
+    if not out:  # "" was taken as no flag: the evaluation ran and wrote nothing
+        raise UserError(f"{flag}: empty; give a {'folder' if folder else 'file'} or leave the flag out")
     path = Path(out)
     with path_errors(flag):
         if path.is_symlink() and not folder:
@@ -108,6 +110,8 @@ def check_output(flag: str, out: str | None, folder: bool) -> None:
                 )
         existing = path
         while not existing.exists() and existing != existing.parent:  # exists(): False under a file too
+            if existing.is_symlink():  # exists() is False for it too: the write would fail after the evaluation
+                raise UserError(f"{flag}: {path}: {existing} is a broken symbolic link")
             existing = existing.parent
         if not existing.is_dir() and existing != path:
             raise UserError(f"{flag}: {path}: {existing} is not a directory")

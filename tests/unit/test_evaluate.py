@@ -1003,3 +1003,27 @@ def test_eval_outputs_never_replace_a_file_mnemo_did_not_write(tok, tmp_path, mo
     late.symlink_to(mine)
     run(late)
     assert mine.read_text() == "my notes" and is_eval_json(late)
+
+
+def test_eval_outputs_through_a_broken_link_or_empty_are_refused_before_loading(tmp_path):
+    """--json/--plots through a dangling symbolic link passed the check (exists() is False for it) and failed
+    after the whole evaluation (FileNotFoundError / a FileExistsError traceback); --json "" and --plots ""
+    silently wrote nothing. Now each is one line naming the flag, before the model loads."""
+    from mnemo.commands.evaluate import check_output
+
+    dangling = tmp_path / "dangling"
+    dangling.symlink_to(tmp_path / "nowhere")
+    cases = [
+        ("--json", dangling, False, "is a symbolic link"),
+        ("--json", dangling / "x.json", False, f"{dangling} is a broken symbolic link"),
+        ("--plots", dangling, True, f"{dangling} is a broken symbolic link"),
+        ("--plots", dangling / "p", True, f"{dangling} is a broken symbolic link"),
+        ("--json", "", False, "--json: empty; give a file"),
+        ("--plots", "", True, "--plots: empty; give a folder"),
+    ]
+    for flag, out, folder, needle in cases:
+        with pytest.raises(UserError) as e:
+            check_output(flag, str(out), folder=folder)
+        assert str(e.value).startswith(f"{flag}: ") and needle in str(e.value) and "\n" not in str(e.value)
+    assert not (tmp_path / "nowhere").exists()
+    check_output("--json", None, folder=False)  # no flag: nothing to check
