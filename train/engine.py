@@ -86,6 +86,31 @@ def param_groups(model: torch.nn.Module, weight_decay: float):
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def apply_optimizer_config(engine: Any, cfg: Config) -> None:
+    """The config's train.lr, weight_decay, beta1 and beta2 over those a resumed checkpoint restored.
+
+    DeepSpeed's load restores the optimizer's param groups (lr, weight_decay, betas) and the schedule's
+    base_lrs with their state, so a resume with train.lr changed, logged as a safe change, went on at the
+    checkpoint's values. Groups are ``param_groups``' two (decay, then no decay), edited in place (every
+    ZeRO wrapper's param_groups are the torch optimizer's own dicts); a value the config did not change
+    is left as loaded (an unchanged resume stays bit-exact). The current lr is the new base lr times the
+    schedule at the restored step.
+    """
+    groups = engine.optimizer.param_groups
+    betas = (cfg.train.beta1, cfg.train.beta2)
+    for g, wd in zip(groups, (cfg.train.weight_decay, 0.0)):
+        if g["weight_decay"] != wd:
+            g["weight_decay"] = wd
+        if tuple(g["betas"]) != betas:
+            g["betas"] = betas
+    sched = engine.lr_scheduler
+    if list(sched.base_lrs) != [cfg.train.lr] * len(sched.base_lrs):
+        sched.base_lrs = [cfg.train.lr] * len(sched.base_lrs)
+        for g, lam in zip(groups, sched.lr_lambdas):
+            g["initial_lr"] = cfg.train.lr
+            g["lr"] = cfg.train.lr * lam(sched.last_epoch)
+
+
 def init_weights_from(model, path: str, zero3: bool) -> str | None:
     """Load consolidated weights (export dir or checkpoint) into a fresh model; return the parent run id."""
     from mnemo.train import checkpoint as ckpt

@@ -34,7 +34,14 @@ from mnemo.data_pipeline.tokenizer import Tokenizer, file_sha256
 from mnemo.data_pipeline.verify import other_tokenizer, read_manifest as read_data_manifest
 from mnemo.train import checkpoint as ckpt
 from mnemo.train.config import CONFIG_HEADER, Config, check_paths, data_paths, flatten, tokenizer_path, to_dict, to_yaml
-from mnemo.train.engine import deepspeed_config, init_weights_from, lr_lambda, model_args_from_config, param_groups
+from mnemo.train.engine import (
+    apply_optimizer_config,
+    deepspeed_config,
+    init_weights_from,
+    lr_lambda,
+    model_args_from_config,
+    param_groups,
+)
 from mnemo.train.errors import UserError
 from mnemo.train.eval_hook import run_eval
 from mnemo.train.loop import StepLog, TrainLoop, dist_info
@@ -319,6 +326,7 @@ class Trainer:
             from mnemo.train.universal import finish_universal_load
 
             finish_universal_load(self.engine)  # ZeRO-3: one Adam step counter per group, not one shared
+        apply_optimizer_config(self.engine, self.cfg)  # a changed train.lr / weight_decay / betas takes effect
         exact = self.ckpt.restore(path, meta)
         self.run_id = meta.get("mlflow_run_id")
         self.old_batching = batching_of(meta)

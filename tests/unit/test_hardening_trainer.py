@@ -413,3 +413,36 @@ def test_the_start_up_line_says_where_the_weights_come_from(tmp_path):
     assert weights_origin(ft, None) == "init_from expA"
     ckpt = tmp_path / "run" / "checkpoints" / "step_00000010"
     assert weights_origin(ft, ckpt) == f"resume from {ckpt}"  # a restart goes on from its own checkpoint
+
+
+@pytest.mark.parametrize("stage", [1, 3])
+def test_a_changed_lr_weight_decay_or_betas_takes_effect_on_resume(world1, data, tmp_path, monkeypatch, stage):
+    """DeepSpeed's load restored the optimizer's param groups and the schedule's base_lrs: a resume with
+    train.lr (weight_decay, betas) changed was logged as a safe change and went on at the old values, its
+    losses those of the unchanged run. Now the config's values hold from the first resumed step; an
+    unchanged resume keeps the loaded values as they are."""
+    from mnemo.train import trainer
+    from mnemo.train.engine import lr_lambda
+
+    seen = []
+    resume = trainer.Trainer._resume
+
+    def spy(self):
+        resume(self)
+        groups = self.engine.optimizer.param_groups
+        sched = self.engine.lr_scheduler
+        seen.append(([(g["lr"], g["weight_decay"], tuple(g["betas"])) for g in groups], sched.last_epoch))
+
+    monkeypatch.setattr(trainer.Trainer, "_resume", spy)
+    run_dir = tmp_path / "run"
+    base = [f"zero.stage={stage}", "checkpoint.interval=2", "eval.max_docs=0", "train.warmup_steps=1"]
+    trainer.train(config(data, run_dir, *base, "train.max_steps=2"))
+    trainer.train(config(data, run_dir, *base, "train.max_steps=4"))  # unchanged: the checkpoint's values
+    new = ["train.lr=0.0005", "train.weight_decay=0.5", "train.beta1=0.5", "train.beta2=0.99"]
+    cfg = config(data, run_dir, *base, "train.max_steps=6", *new)
+    trainer.train(cfg)
+    (same, _), (changed, step) = seen
+    old = config(data, run_dir, *base, "train.max_steps=4")
+    assert [g[1:] for g in same] == [(old.train.weight_decay, (old.train.beta1, old.train.beta2)), (0.0, (0.9, 0.95))]
+    lr = 0.0005 * lr_lambda(cfg, 6)(step)
+    assert step == 4 and changed == [(lr, 0.5, (0.5, 0.99)), (lr, 0.0, (0.5, 0.99))]
