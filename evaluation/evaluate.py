@@ -25,7 +25,7 @@ from mnemo.evaluation.inference import (
     with_ltm_capacity,
 )
 from mnemo.evaluation.report import format_table, json_ready, passkey_result, plots
-from mnemo.evaluation.scoring import ABLATIONS, ablation_table
+from mnemo.evaluation.scoring import ABLATIONS, ablation_table, passkey_samples
 from mnemo.evaluation.stats import bootstrap_ratio_interval
 from mnemo.evaluation.task_eval import longest_document, score_tasks, task_samples
 
@@ -191,6 +191,16 @@ def evaluate(
         seconds["task_documents"] = time.perf_counter() - t0
         if skipped:
             result["tasks_skipped"] = skipped
+    if run_passkey:
+        if not heldout_docs:
+            raise EvalError("passkey evaluation needs held-out documents for filler; none given")
+        # Fit-checked before anything is scored: passkey_report makes its documents after the loss by
+        # position (and the multi-key ones after the single-key pass key), so K facts that cannot fit in
+        # D + 1 segments were refused minutes (at long D, hours) in. One document per distance and key
+        # count (documents depend only on seed, D and the key count).
+        for n_keys in (1, multikey) if multikey > 0 else (1,):
+            for D in sorted(set(dists)):
+                passkey_samples(tokenizer, list(heldout_docs), T, D, trials=1, seed=seed, n_keys=n_keys)
     # A fact D segments back needs D * T entries: a store of the trained size would have dropped
     # it before the question comes (FIFO), which tests the size, not retrieval.
     need = max((max(dists) * T) if run_passkey else 0, longest_document(samples))
@@ -220,9 +230,7 @@ def evaluate(
         }
         if "no_ltm" in table:
             result["memory_minus"] = {"no_ltm": paired_difference(main, table["no_ltm"])}
-        if run_passkey:
-            if not heldout_docs:
-                raise EvalError("passkey evaluation needs held-out documents for filler; none given")
+        if run_passkey:  # held-out documents (the filler) checked above
             result.update(
                 passkey_result(
                     model,

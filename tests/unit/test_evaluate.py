@@ -297,6 +297,21 @@ def test_evaluate_json_table_plots(tok, corpus, tmp_path):
     assert list(res2["ablations"]) == ["memory"] and "passkey" not in res2
 
 
+def test_a_multikey_pass_key_that_cannot_fit_is_refused_before_anything_is_scored(tok, corpus, monkeypatch):
+    """--multikey 40 at T = 64 was refused after the loss by position and the whole single-key pass key had
+    run (68 s in the tester's run, hours at long distances): its documents were made only then."""
+    import mnemo.evaluation.evaluate as ev
+    from mnemo.data_pipeline.errors import DataError
+
+    def scored(*a, **k):
+        raise AssertionError("scored before the fit check")
+
+    monkeypatch.setattr(ev, "ablation_table", scored)
+    monkeypatch.setattr(ev, "passkey_result", scored)
+    with pytest.raises(DataError, match=r"40 facts and the question do not fit in 2 segment\(s\) of 64 tokens"):
+        evaluate(InductionModel(tok.vocab_size), tok, corpus, _cfg(64), seed=0, distances=[1], multikey=40)
+
+
 @pytest.mark.parametrize(
     "kw,needle", [({"batch_size": 0}, "--batch-size: must be >= 1"), ({"max_docs": -1}, "--max-docs")]
 )
