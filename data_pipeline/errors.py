@@ -19,6 +19,11 @@ class InputError(DataError):
     """
 
 
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (torch's and pyarrow's are paragraphs), else its type's name."""
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
 def clip(text: str, limit: int = 120) -> str:
     """``text`` cut to ``limit`` characters, "..." where cut."""
     return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -35,7 +35,7 @@ import os
 from collections.abc import Iterator, Sequence
 from typing import IO, NamedTuple
 
-from mnemo.data_pipeline.errors import DataError, InputError
+from mnemo.data_pipeline.errors import DataError, InputError, first_line
 from mnemo.data_pipeline.inputs import Corpus, InputFile, Piece, ReadStats, WorkUnit, byte_order_mark, est_size
 
 # Default of --max-doc-bytes: the most input bytes one document may take.
@@ -179,7 +179,7 @@ def _readline(f: InputFile, fh: IO[bytes], size: int) -> bytes:
     except OSError as e:
         if f.kind == "jsonl":
             raise
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        msg = first_line(e)
         raise DataError(
             f"input {f.path}: truncated or corrupt {_CODECS[f.kind]} data ({msg}); the file cannot be read to its end"
         ) from None
@@ -376,7 +376,7 @@ def _parquet_batches(
     except FileNotFoundError:
         raise
     except (pa.ArrowException, OSError, ValueError) as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        msg = first_line(e)
         raise DataError(
             f"input {f.path}: corrupt Parquet data in row groups {groups[0]}-{groups[-1]} ({msg})"
         ) from None
@@ -451,7 +451,7 @@ def iter_piece(
     except FileNotFoundError:
         raise InputError(f"input {f.path}: disappeared while reading") from None
     except (OSError, EOFError) as e:
-        msg = getattr(e, "strerror", None) or (str(e).splitlines()[0] if str(e) else type(e).__name__)
+        msg = getattr(e, "strerror", None) or first_line(e)
         raise InputError(f"input {f.path}: cannot be read ({msg})") from None
     except DataError as e:  # the readers' own: corrupt data, --strict, a file that changed
         if isinstance(e, InputError):

@@ -54,7 +54,7 @@ from pathlib import Path
 import numpy as np
 import sentencepiece as spm
 
-from mnemo.data_pipeline.errors import DataError, brief
+from mnemo.data_pipeline.errors import DataError, brief, first_line
 from mnemo.data_pipeline.files import MAX_JSON_BYTES, not_a_regular_file, open_regular, read_bounded
 from mnemo.data_pipeline.tokenizer_out import check_model_out, write_model_file
 
@@ -245,7 +245,7 @@ class HFTokenizer(Tokenizer):
         try:
             self.tk = tokenizers.Tokenizer.from_file(self.path)
         except Exception as e:  # the Rust side raises plain Exception for any parse error
-            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            first = first_line(e)
             raise DataError(f"tokenizer {self.path}: not a Hugging Face tokenizer.json ({first})") from None
         self.tk.encode_special_tokens = True
         vocab = self.tk.get_vocab(with_added_tokens=True)

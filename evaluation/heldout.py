@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from mnemo.data_pipeline.errors import DataError
+from mnemo.data_pipeline.errors import DataError, first_line
 from mnemo.data_pipeline.passkey import is_synthetic
 from mnemo.data_pipeline.paths import not_a_dataset_dir
 from mnemo.data_pipeline.split import heldout_mask
@@ -90,7 +90,7 @@ class LocalMDS:
         self._held: tuple[int, list[dict[str, Any]]] = (-1, [])  # (shard, its decoded samples)
 
     def _error(self, e: Exception) -> EvalError:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        msg = first_line(e)
         return EvalError(
             f"--data: cannot read {self.data_dir}: {msg}; check it with `mnemo data verify {self.data_dir}`"
         )

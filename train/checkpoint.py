@@ -40,6 +40,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from mnemo.data_pipeline.errors import first_line
 from mnemo.data_pipeline.files import atomic_write_text, fsync_path, fsync_tree, load_json, open_regular
 from mnemo.train.errors import UserError, path_errors
 from mnemo.train.faults import maybe_crash_in_save
@@ -171,11 +172,6 @@ def load_torch_file(path: str | Path) -> Any:
             return torch.load(f, map_location="cpu", weights_only=True)
         except (RuntimeError, EOFError) as e:  # truncated or not a torch file at all
             raise UserError(f"{path}: cannot read ({first_line(e)})") from None
-
-
-def first_line(e: BaseException) -> str:
-    """The first line of an exception's message (torch's are paragraphs), else its type's name."""
-    return str(e).splitlines()[0] if str(e) else type(e).__name__
 
 
 # What a damaged DeepSpeed state raises as DeepSpeed reads it: a truncated torch file ("PytorchStreamReader

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from mnemo.data_pipeline.errors import first_line
 from mnemo.train.checkpoint import DS_TAG, saved_config_tree
 from mnemo.train.config import Config, data_paths, flatten, to_dict
 from mnemo.train.errors import UserError
@@ -110,7 +111,7 @@ def universal_tag(path: Path, rank: int) -> str:
         try:
             make_universal(path)
         except Exception as e:  # re-raised below on every rank, with rank 0's reason
-            failed = str(e).splitlines()[0] if str(e) else type(e).__name__
+            failed = first_line(e)
     failed = broadcast_object(failed, src=0)
     if failed:
         raise UserError(f"checkpoint {path}: conversion to a universal checkpoint failed: {failed}")
