@@ -47,7 +47,16 @@ from mnemo.train.eval_hook import run_eval
 from mnemo.train.loop import StepLog, TrainLoop, dist_info
 from mnemo.train.resume import check_resume_compatible, reads_universal, universal_tag
 from mnemo.train.rundir import RESUME_META_KEYS, check_checkpoint_files, check_run_dir
-from mnemo.train.schedule import Preemption, after_step, batching, batching_of, start_lines, stop_requests, total_steps
+from mnemo.train.schedule import (
+    Preemption,
+    after_step,
+    batching,
+    batching_of,
+    repartition_note,
+    start_lines,
+    stop_requests,
+    total_steps,
+)
 from mnemo.train.slots import MemoryGroups, SlotGroups
 from mnemo.train.spikes import spike_detector
 from mnemo.train.state import Counters, RNGState
@@ -335,7 +344,7 @@ class Trainer:
                 "resumed from %s at step %d (%s)",
                 path,
                 meta["step"],
-                "exact" if exact else f"re-partitioned from {meta['world_size']} to {info.world_size} ranks",
+                "exact" if exact else repartition_note(self.old_batching, self.cfg.train.batch_size, info.world_size),
             )
 
     def _start_tracking(self) -> None:

@@ -19,7 +19,15 @@ from mnemo.data_pipeline.streams import ArraySource, DocumentStreams
 from mnemo.model.memory import LayerMemory, MemoryState
 from mnemo.train.config import ConfigError, load_config
 from mnemo.train.engine import deepspeed_config, lr_lambda
-from mnemo.train.schedule import Batching, after_step, batching, batching_of, start_lines, total_steps
+from mnemo.train.schedule import (
+    Batching,
+    after_step,
+    batching,
+    batching_of,
+    repartition_note,
+    start_lines,
+    total_steps,
+)
 from mnemo.train.slots import MemoryGroups, SlotGroups
 from tests.unit.test_hardening_trainer import VOCAB, Metrics, StandInStreams, config, world1  # noqa: F401 (fixture)
 
@@ -171,6 +179,17 @@ def test_start_lines_state_the_batch_what_it_was_and_the_budget():
     assert start_lines(cfg_of(), batching(cfg_of(), 2), None, 30) == [
         "global batch 8 = 2 ranks x 4 slots x 1 accumulation"
     ]
+
+
+def test_repartition_note_names_what_changed():
+    # A batch-size-only change used to read "re-partitioned from 1 to 1 ranks".
+    old = batching_of({"world_size": 1, "config": {"train": {"batch_size": 4}}})
+    note = repartition_note(old, 2, 1)
+    assert note.startswith("re-partitioned from 4 to 2 slots per rank;")
+    assert "restart from their beginning" in note
+    assert repartition_note(batching_of({"world_size": 2, "config": {"train": {"batch_size": 4}}}), 4, 1).startswith(
+        "re-partitioned from 2 to 1 ranks;"
+    )
 
 
 # ------------------------------------------------------------------ the engine's accumulation boundaries (in-process)
