@@ -299,11 +299,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     tasks = task_specs([args.tasks]) if args.tasks is not None else []
     device = resolve_device(args.device)
     model, tokenizer, cfg = load_for_inference(args.checkpoint, device=device)
-    if args.ltm_search or args.ivf_probe is not None:
-        from mnemo.evaluation.inference import with_ltm_search
-
-        with_ltm_search(model, args.ltm_search or model.args.ltm_search, args.ivf_probe)
     baseline = load_for_inference(args.baseline, device=device) if args.baseline else None
+    if args.ltm_search or args.ivf_probe is not None:
+        search_models(args, [model] if baseline is None else [model, baseline[0]])
     labels = {"checkpoint": str(args.checkpoint), "data": str(args.data)}
     if args.baseline:
         labels["baseline_checkpoint"] = str(args.baseline)
@@ -328,6 +326,26 @@ def cmd_eval(args: argparse.Namespace) -> int:
             labels=labels,
         )
     return 0
+
+
+def search_models(args: argparse.Namespace, models: list) -> None:
+    """--ltm-search / --ivf-probe on every model read (the checkpoint and --baseline, as --ltm-capacity is) that
+    has a long-term memory; an error where none has one, or where --ivf-probe meets no ivf search, rather
+    than a flag silently without effect."""
+    from mnemo.evaluation.inference import with_ltm_search
+    from mnemo.train.errors import UserError
+
+    with_ltm = [m for m in models if m.args.ltm_kind != "none"]
+    if not with_ltm:
+        flag = "--ltm-search" if args.ltm_search else "--ivf-probe"
+        raise UserError(f"{flag}: the checkpoint has no long-term memory (memory.long.kind: none) to search")
+    if args.ivf_probe is not None and not any((args.ltm_search or m.args.ltm_search) == "ivf" for m in with_ltm):
+        raise UserError(
+            f"--ivf-probe: only the ivf search probes lists; the checkpoint searches "
+            f"{with_ltm[0].args.ltm_search!r} (add --ltm-search ivf)"
+        )
+    for m in with_ltm:
+        with_ltm_search(m, args.ltm_search or m.args.ltm_search, args.ivf_probe)
 
 
 def lm_eval_checkpoint(args: argparse.Namespace) -> int:

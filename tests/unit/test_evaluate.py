@@ -1042,3 +1042,26 @@ def test_eval_outputs_through_a_broken_link_or_empty_are_refused_before_loading(
         assert str(e.value).startswith(f"{flag}: ") and needle in str(e.value) and "\n" not in str(e.value)
     assert not (tmp_path / "nowhere").exists()
     check_output("--json", None, folder=False)  # no flag: nothing to check
+
+
+def test_ltm_search_flags_reach_the_baseline_and_are_refused_without_effect():
+    """--ltm-search/--ivf-probe were applied to the checkpoint only (not --baseline, unlike --ltm-capacity), and
+    were silently ignored on a model without long-term memory or with --ivf-probe and no ivf search."""
+    import argparse
+    import types
+
+    from mnemo.commands.evaluate import search_models
+
+    a, b = _real_model(512, 64), _real_model(512, 64)
+    search_models(argparse.Namespace(ltm_search="ivf", ivf_probe=7), [a, b])
+    assert [(m.args.ltm_search, m.args.ltm_ivf_probe) for m in (a, b)] == [("ivf", 7), ("ivf", 7)]
+    none = types.SimpleNamespace(args=types.SimpleNamespace(ltm_kind="none", ltm_search="exact"))
+    with pytest.raises(UserError, match=r"^--ltm-search: the checkpoint has no long-term memory"):
+        search_models(argparse.Namespace(ltm_search="ivf", ivf_probe=None), [none])
+    with pytest.raises(UserError, match=r"^--ivf-probe: the checkpoint has no long-term memory"):
+        search_models(argparse.Namespace(ltm_search=None, ivf_probe=8), [none, none])
+    c = _real_model(512, 64)
+    with pytest.raises(UserError, match=r"^--ivf-probe: only the ivf search probes lists; .* 'exact'"):
+        search_models(argparse.Namespace(ltm_search=None, ivf_probe=8), [c, none])
+    search_models(argparse.Namespace(ltm_search="blocks", ivf_probe=None), [none, c])  # the baseline has one
+    assert c.args.ltm_search == "blocks"
