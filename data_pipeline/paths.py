@@ -48,19 +48,22 @@ def is_inside(path: str | os.PathLike, root: str | os.PathLike) -> bool:
 
 
 def not_a_dataset_dir(path: str | os.PathLike) -> str | None:
-    """Why local ``path`` is no dataset directory of `mnemo prepare` ("no such directory: PATH", "PATH
-    holds no MDS shards (index.json missing); run `mnemo prepare`"), or None when it has an index.json.
+    """Why local ``path`` is no dataset directory of `mnemo prepare` ("no such directory: PATH", "PATH is not a
+    directory ...", "PATH holds no MDS shards (index.json missing); run `mnemo prepare`"), or None when it
+    has an index.json.
 
     An index.json that is there but no regular file (a FIFO, a directory) counts as there: whoever reads
     it says what it is (data_pipeline/verify.read_json_file), rather than "missing". OSError other
     than "not there" (a name too long, no permission) as os.stat raises it.
     """
     try:
-        is_dir = stat.S_ISDIR(os.stat(path).st_mode)
+        mode = os.stat(path).st_mode
     except (FileNotFoundError, NotADirectoryError):
-        is_dir = False  # other OSErrors (a name too long, no permission) are the caller's to report
-    if not is_dir:
+        mode = None  # other OSErrors (a name too long, no permission) are the caller's to report
+    if mode is None:
         return f"no such directory: {path}"
+    if not stat.S_ISDIR(mode):  # a file given where the dataset's folder goes: say so, not "no such"
+        return f"{path} is not a directory (give the folder that `mnemo prepare --out` wrote)"
     if not os.path.lexists(os.path.join(path, "index.json")):
         return f"{path} holds no MDS shards (index.json missing); run `mnemo prepare`"
     return None

@@ -103,6 +103,16 @@ def test_not_a_dataset(tmp_path):
         verify(str(tmp_path))
 
 
+def test_a_file_given_as_the_dataset_is_named_as_a_file(tmp_path):
+    """A file as --data / data.path said "no such directory: FILE", though the file is there."""
+    from mnemo.data_pipeline.paths import not_a_dataset_dir
+
+    f = tmp_path / "corpus.jsonl"
+    f.write_text("{}")
+    assert not_a_dataset_dir(f) == f"{f} is not a directory (give the folder that `mnemo prepare --out` wrote)"
+    assert not_a_dataset_dir(tmp_path / "nope") == f"no such directory: {tmp_path / 'nope'}"
+
+
 def test_other_tokenizer(dataset):
     m = read_manifest(str(dataset))
     assert other_tokenizer(m, m["tokenizer_sha256"]) is None
