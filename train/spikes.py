@@ -103,9 +103,11 @@ class SpikeDetector:
     ``manager`` (a CheckpointManager) is where a rollback finds its checkpoint; the trainer passes its own.
     """
 
-    def __init__(self, cfg, manager=None, engine_form: dict[str, Any] | None = None):
-        """``engine_form``: what a checkpoint's config must match to load as it is ({"zero": {"stage": 2}, ...})."""
-        self.cfg, self.manager, self.engine_form = cfg, manager, engine_form or {}
+    def __init__(self, cfg, manager=None, engine_form: dict[str, Any] | None = None, run_cfg=None):
+        """``engine_form``: what a checkpoint's config must match to load as it is ({"zero": {"stage": 2}, ...}).
+        ``run_cfg``: the run's whole Config, whose train.lr, weight_decay and betas a rollback puts back over
+        the checkpoint's (as a resume does): the checkpoint rolled back to may predate a change of them."""
+        self.cfg, self.manager, self.engine_form, self.run_cfg = cfg, manager, engine_form or {}, run_cfg
         self.stats = {"loss": RunningStats(cfg.window), "grad_norm": RunningStats(cfg.window)}
         self.events = self.skipped = self.rollbacks = 0
         self.in_row = 0  # rollbacks in a row: each at or before the bad step of the one before
@@ -223,6 +225,10 @@ class SpikeDetector:
 
         path, self.rollback_to = self.rollback_to, None
         load_engine_state(engine, path, DS_TAG, f"train.spike.policy=rollback: checkpoint {path}")
+        if self.run_cfg is not None:  # the config's lr / weight_decay / betas, not those saved in the checkpoint
+            from mnemo.train.engine import apply_optimizer_config
+
+            apply_optimizer_config(engine, self.run_cfg)
         meta = read_meta(path)
         own = self.manager.rank_state(path, self.manager.rank)
         parts["rng"].load_state_dict(own["rng"])
@@ -257,7 +263,7 @@ def spike_detector(cfg, manager=None, parts: dict[str, Any] | None = None) -> Sp
     sc = cfg.train.spike
     if sc.policy == "off":
         return None
-    det = SpikeDetector(sc, manager, {"zero": {"stage": cfg.zero.stage}, "model": {"dtype": cfg.model.dtype}})
+    det = SpikeDetector(sc, manager, {"zero": {"stage": cfg.zero.stage}, "model": {"dtype": cfg.model.dtype}}, cfg)
     if parts is not None:
         parts["spikes"] = det
     return det

@@ -259,3 +259,26 @@ def test_rollback_restores_the_last_checkpoint_and_skips_the_data_since(world1, 
     assert ref8["stats"]["loss"]["n"] == 8 and ref8["events"] == 0
     w, w_ref = weights(run / "checkpoints" / "step_00000008"), weights(ref / "checkpoints" / "step_00000008")
     assert all(torch.equal(w[k], w_ref[k]) for k in w)
+
+
+def test_a_rollback_keeps_the_lr_a_resume_changed(world1, data, tmp_path, monkeypatch, caplog):  # noqa: F811
+    """Resumed with train.lr lowered 100x, then a spike rolls back to the checkpoint resumed from: the
+    rollback's load restored that checkpoint's lr (the redone steps ran at 100x the configured lr). The
+    steps redone after it must run at the lr of the same steps before it."""
+    import logging
+    import re
+
+    from mnemo.train import trainer
+
+    run = tmp_path / "run"
+    common = ("checkpoint.keep=10", "train.spike.policy=rollback", "checkpoint.interval=4", "train.log_interval=1")
+    trainer.train(config(data, run, "train.max_steps=4", *common))
+    monkeypatch.setenv("MNEMO_FAULT_SPIKE_AT_STEP", "7:0")
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="mnemo.train"):
+        trainer.train(config(data, run, "train.max_steps=8", "train.lr=3e-5", *common))
+    # "step 5/8 loss 4.3524 lr 3.00e-05 ...": (step, lr) of each step logged by the resumed run
+    lrs = [(int(m[1]), float(m[2])) for m in re.finditer(r"step (\d+)/8 loss \S+ lr (\S+)", caplog.text)]
+    assert [s for s, _ in lrs] == [5, 6, 5, 6, 7, 8], caplog.text
+    assert lrs[2:4] == lrs[0:2]  # steps 5 and 6 redone after the rollback: the same lr as before it
+    assert all(lr <= 3e-5 for _, lr in lrs)
