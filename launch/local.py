@@ -36,6 +36,11 @@ import sys
 import time
 from typing import IO
 
+# At import, never inside a signal handler: a second signal landing while a handler imported it (Ctrl-C
+# twice, or once through `timeout`, which passes it on) ran the nested handler on a half-made module, whose
+# AttributeError killed the launcher and left torchrun and the ranks training with nobody watching.
+import psutil
+
 from mnemo.launch.torchrun import NodePlan, node_env, torchrun_command
 from mnemo.train.errors import UserError
 
@@ -47,8 +52,6 @@ _RANK_LINE = re.compile(r"\[rank\d+\]: ")
 
 def _worker_pids(torchrun_pid: int) -> list[int]:
     """Direct children of torchrun: its workers (one per local rank)."""
-    import psutil
-
     try:
         return [c.pid for c in psutil.Process(torchrun_pid).children(recursive=False)]
     except psutil.Error:
@@ -56,8 +59,6 @@ def _worker_pids(torchrun_pid: int) -> list[int]:
 
 
 def _kill_tree(pid: int) -> None:
-    import psutil
-
     try:
         procs = psutil.Process(pid).children(recursive=True) + [psutil.Process(pid)]
     except psutil.Error:
@@ -192,6 +193,11 @@ class NodeRunner:
             old = {s: signal.signal(s, self._on_signal) for s in handled}
             try:
                 rc = self._pump(log)
+            except BaseException:
+                # torchrun runs in its own session: whatever stops this launcher must stop it too, or the
+                # ranks go on training (and writing checkpoints) with nobody reading their output.
+                _kill_tree(self.proc.pid)
+                raise
             finally:
                 for s, h in old.items():
                     signal.signal(s, h)

@@ -136,6 +136,26 @@ def test_sigterm_stops_workers_with_sigterm(fake):
     assert "[launch node0] got SIGTERM: sent SIGTERM to 2 worker(s)" in out
 
 
+def test_two_quick_sigints_stop_everything_without_a_traceback(fake):
+    """Ctrl-C twice (or once through `timeout`, which passes it on): the second SIGINT landed while the first
+    one's handler was importing psutil, the nested handler crashed the launcher with an AttributeError, and
+    torchrun and its ranks (in a session of their own) went on running with nobody watching them."""
+    import psutil
+
+    tmp, env = fake
+    p = _node(tmp, env, FAKE_WAIT="120")
+    _wait_files(tmp / "out", "ready.*", 2, p)
+    workers = psutil.Process(p.pid).children(recursive=True)
+    p.send_signal(signal.SIGINT)
+    time.sleep(0.002)  # into the first handler (two at once may merge into one delivery: a clean stop)
+    p.send_signal(signal.SIGINT)
+    out, _ = p.communicate(timeout=60)
+    assert "Traceback" not in out, out
+    assert "got SIGINT: sent SIGTERM to 2 worker(s)" in out
+    gone, alive = psutil.wait_procs(workers, timeout=30)
+    assert not alive, f"left running: {alive}"
+
+
 def test_max_restarts_restarts_the_group_and_logs_it(fake):
     tmp, env = fake
     p = _node(tmp, env, restarts=1, FAKE_FAIL="1.0", FAKE_WAIT="0.5")
