@@ -11,9 +11,13 @@ facts), which fits the same S.
 
 from __future__ import annotations
 
-from mnemo.data_pipeline.passkey import PieceTokenizer
+from typing import Any
+
+import numpy as np
+
+from mnemo.data_pipeline.passkey import DEPTHS, PieceTokenizer, make_multikey_sample, make_passkey_sample
 from mnemo.data_pipeline.task_layout import Pieces, TaskError
-from mnemo.data_pipeline.tasks import NAME_LETTERS, UUID_GROUPS, WORDS, TaskSpec, task
+from mnemo.data_pipeline.tasks import NAME_LETTERS, UUID_GROUPS, WORDS, TaskSpec, make_sample, task
 
 # family -> the parameter counting the facts a question depends on or is hidden among (the facts curriculum)
 FACTS = {"niah_multikey": "k", "niah_multivalue": "v", "niah_multiquery": "q", "mqar": "n", "variable_tracking": "h"}
@@ -86,3 +90,37 @@ def fact_segments(spec: TaskSpec, tokenizer: PieceTokenizer, segment_len: int, d
         + f" do not fit in segment_len {T}"
         + (" beside the question (distance 0)" if D == 0 else "")
     )
+
+
+def corpus_passkey(spec: TaskSpec) -> bool:
+    """The plain pass key over corpus filler: episodes draw it as make_passkey_sample does (and as
+    ``train.passkey.max_keys`` says), draw for draw, not through make_sample."""
+    return spec.family == "passkey" and spec["haystack"] == "corpus"
+
+
+def check_fit(
+    specs: list[TaskSpec], tokenizer: PieceTokenizer, segment_len: int, filler: Any, max_keys: int = 1
+) -> None:
+    """DataError (TaskError) unless documents of every task of ``specs`` fit segments of ``segment_len`` at
+    every D an episode draws (0 is the tightest: the facts share a segment with the question).
+
+    One check for the pre-flight (train/config.py, with ``repeated_filler``: the fit does not depend on
+    the filler's words) and each rank's episode source (its corpus filler). Layouts are at random, so a
+    few draws at every depth with the most facts.
+    """
+    T = int(segment_len)
+    for spec in specs:
+        if corpus_passkey(spec):
+            make_passkey_sample(tokenizer, filler, 0, "start", T, np.random.default_rng(0))
+            if max_keys > 1:
+                for depth in DEPTHS:
+                    for seed in range(4):
+                        make_multikey_sample(
+                            tokenizer, filler, 0, max_keys, T, np.random.default_rng(seed), depth=depth
+                        )
+            continue
+        for D in (0, 1):
+            S = fact_segments(spec, tokenizer, T, D)
+            for depth in DEPTHS:
+                for seed in range(2):
+                    make_sample(spec, tokenizer, filler, T, D, np.random.default_rng(seed), depth, fact_segment=S)

@@ -959,6 +959,7 @@ def check_paths(cfg: Config) -> None:
             except DataError as e:
                 raise ConfigError(f"data.tokenizer: {e}") from None
     check_manifest_vocab(cfg, tok)
+    check_episode_fit(cfg, tok)
     from mnemo.train.rundir import (
         RESUME_META_KEYS,
         check_checkpoint_files,
@@ -1084,6 +1085,33 @@ def check_manifest_vocab(cfg: Config, tok: str) -> None:
             raise ConfigError(
                 f"{key}: {manifest}: vocab_size {vocab} is not the vocab size {theirs} of the tokenizer {tok}"
             )
+
+
+def check_episode_fit(cfg: Config, tok: str) -> None:
+    """ConfigError naming model.segment_len unless the episodes of train.passkey (fraction > 0) fit its segments
+    with the tokenizer ``tok``: task_sizes.check_fit, the check each rank's episode source runs, here with
+    stand-in filler (the fit does not depend on the filler's words).
+
+    Before, only the ranks found out, after the run dir's config.yaml, run.lock and data cache were written.
+    """
+    pk = cfg.train.passkey
+    if pk.fraction <= 0:
+        return
+    from mnemo.data_pipeline.errors import DataError
+    from mnemo.data_pipeline.task_sizes import check_fit
+    from mnemo.data_pipeline.tasks import parse_tasks, repeated_filler
+    from mnemo.data_pipeline.tokenizer import Tokenizer
+
+    T = cfg.model.segment_len
+    try:
+        tokenizer = Tokenizer(tok)
+        check_fit(parse_tasks(",".join(pk.tasks)), tokenizer, T, repeated_filler(tokenizer, T), pk.max_keys)
+    except DataError as e:
+        keys = "train.passkey.tasks" + (", train.passkey.max_keys" if pk.max_keys > 1 else "")
+        raise ConfigError(
+            f"train.passkey: {e}; model.segment_len is {T} (a D = 0 episode holds the facts and the question in"
+            f" one segment): raise model.segment_len, or change {keys} (train.passkey.fraction=0: no episodes)"
+        ) from None
 
 
 def check_init_from_tokenizer(cfg: Config, weights: Path, tok: str) -> None:

@@ -56,7 +56,7 @@ import numpy as np
 import torch
 
 from mnemo.data_pipeline.passkey import DEPTHS, filler_stream, make_multikey_sample, make_passkey_sample
-from mnemo.data_pipeline.task_sizes import FACTS, fact_segments, with_facts
+from mnemo.data_pipeline.task_sizes import FACTS, check_fit, corpus_passkey, fact_segments, with_facts
 from mnemo.data_pipeline.tasks import TaskSpec, make_sample, parse_tasks
 from mnemo.evaluation.task_eval import metric_name
 
@@ -196,38 +196,9 @@ class EpisodeSource:
         self.tasks = task_specs(tasks)
         self._fact_segment: dict[tuple[TaskSpec, int], int] = {}
         self.rng = np.random.default_rng([int(seed), int(rank), 0xE915])
-        # Fail at start-up, not mid-run, when the segment cannot hold a key or a question.
-        for spec in self.tasks:
-            if self._old_passkey(spec):
-                self._check_passkey()
-                continue
-            for D in (0, 1):  # the most facts at every depth: a few draws each (the layouts are at random)
-                for depth in self.depths:
-                    for seed in range(2):
-                        make_sample(
-                            spec,
-                            tokenizer,
-                            self.filler,
-                            self.T,
-                            D,
-                            np.random.default_rng(seed),
-                            depth,
-                            fact_segment=self.fact_segment(spec, D),
-                        )
-
-    def _check_passkey(self) -> None:
-        make_passkey_sample(self.tokenizer, self.filler, 0, "start", self.T, np.random.default_rng(0))
-        if self.max_keys > 1:  # the most facts at every depth, facts placed at random: a few draws each
-            for depth in self.depths:
-                for seed in range(4):
-                    make_multikey_sample(
-                        self.tokenizer, self.filler, 0, self.max_keys, self.T, np.random.default_rng(seed), depth=depth
-                    )
-
-    @staticmethod
-    def _old_passkey(spec: TaskSpec) -> bool:
-        """The plain pass key: generated as before (and as ``max_keys`` says), draw for draw."""
-        return spec.family == "passkey" and spec["haystack"] == "corpus"
+        # Fail at start-up, not mid-run, when the segment cannot hold a key or a question (the pre-flight,
+        # train/config.py, ran the same check with stand-in filler before anything was written).
+        check_fit(self.tasks, tokenizer, self.T, self.filler, self.max_keys)
 
     def max_facts(self, task: int) -> int:
         """The fact count the task's curriculum grows to (1: the task has none to grow)."""
@@ -249,7 +220,7 @@ class EpisodeSource:
         """One document: with max_keys > 1, 1..max_keys door facts ("The pass key of door N is ...")."""
         depth = self.depths[int(self.rng.integers(0, len(self.depths)))]
         spec = self.tasks[task]
-        if self._old_passkey(spec):
+        if corpus_passkey(spec):
             if self.max_keys == 1:
                 return make_passkey_sample(self.tokenizer, self.filler, distance, depth, self.T, self.rng)
             keys = int(self.rng.integers(1, self.max_keys + 1))

@@ -522,3 +522,31 @@ def test_a_file_store_is_accepted_where_mlflow_allows_it(monkeypatch):
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "yes")  # MLflow refuses that value
     with pytest.raises(ConfigError, match="MLFLOW_ALLOW_FILE_STORE=true"):
         check_tracking(load_config(None, ["tracking.uri=./mlruns"]))
+
+
+def test_passkey_episodes_that_cannot_fit_the_segment_are_refused_before_any_rank(tmp_path, sp_tokenizer):
+    """Before: accepted by the pre-flight; each rank refused it ("passkey: the key sentence needs N tokens but the
+    segment has room for M"), naming no key, after the run dir's config.yaml, run.lock and data cache were written."""
+    import json
+    import re
+    import shutil
+
+    from mnemo.train.config import check_paths
+
+    data = _data_dir(tmp_path / "data")
+    shutil.copyfile(sp_tokenizer.path, data / "tokenizer.model")
+    (data / "manifest.json").write_text(json.dumps(_manifest(vocab_size=sp_tokenizer.vocab_size)))
+    base = [f"data.path={data}", f"run.dir={tmp_path}/r", "train.passkey.fraction=0.5", "train.passkey.max_distance=1"]
+    check_paths(load_config(None, [*base, "model.segment_len=256"]))
+    for extra, needle in (
+        ([], r"passkey: the key sentence needs \d+ tokens but the segment has room for \d+"),
+        (["train.passkey.tasks=[mqar:n=16]"], r"mqar:n=16: 16 facts of up to \d+ tokens"),
+    ):
+        cfg = load_config(None, [*base, "model.segment_len=64", *extra])
+        with pytest.raises(ConfigError) as e:
+            check_paths(cfg)
+        msg = str(e.value)
+        assert re.match(rf"^train\.passkey: {needle}.*; model\.segment_len is {cfg.model.segment_len} ", msg), msg
+        assert "raise model.segment_len" in msg and "\n" not in msg
+    assert not (tmp_path / "r").exists()
+    check_paths(load_config(None, [*base, "model.segment_len=64", "train.passkey.fraction=0"]))  # no episodes
