@@ -542,9 +542,11 @@ def config_of(ckpt: Path):
     return from_dict(saved_config_tree(tree))
 
 
-def load_weights(model: torch.nn.Module, sd: dict[str, torch.Tensor], source: str) -> None:
-    """Load consolidated weights, tolerating a missing tied LM head."""
-    tied = getattr(model, "args", None) is not None and model.args.tie_embeddings
+def load_weights(model: torch.nn.Module, sd: dict[str, torch.Tensor], source: str, tied_source: bool = False) -> None:
+    """Load consolidated weights, tolerating a missing tied LM head: the model's own, or with ``tied_source``
+    (init_from: ``sd`` is an export of a tied model, which leaves the head out) the source's, which is its
+    embedding, into an untied model too: what a tied model's checkpoint holds as its lm_head.weight."""
+    tied = tied_source or (getattr(model, "args", None) is not None and model.args.tie_embeddings)
     _check_fit(model.state_dict(), sd, tied, source)
     if tied and "lm_head.weight" not in sd:
         sd = dict(sd, **{"lm_head.weight": sd["tok_emb.weight"]})

@@ -117,13 +117,16 @@ def init_weights_from(model, path: str, zero3: bool) -> str | None:
 
     src = ckpt.resolve_checkpoint(path)
     sd = ckpt.consolidated_state_dict(src)
+    # An export of a tied model leaves out lm_head.weight (its embedding): an untied model takes it from
+    # tok_emb.weight, as it does from a checkpoint of that model, which holds the shared tensor under both names.
+    tied = "lm_head.weight" not in sd and ckpt.model_args_of(src).tie_embeddings
     if zero3:
         import deepspeed
 
         with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=0):
-            ckpt.load_weights(model, sd, str(src))
+            ckpt.load_weights(model, sd, str(src), tied_source=tied)
     else:
-        ckpt.load_weights(model, sd, str(src))
+        ckpt.load_weights(model, sd, str(src), tied_source=tied)
     meta = ckpt.read_meta(src) if ckpt.is_complete(src) else {}
     if not meta and (src / "source.json").is_file():
         meta = ckpt.read_json(src / "source.json")

@@ -590,3 +590,49 @@ def test_load_universal_never_across_world_size_stage_or_precision_is_one_line(t
         assert "saved at world size 2, ZeRO 2, fp32" in msg and "(checkpoint.load_universal=auto)" in msg, msg
         cfg = load_config(None, [f"zero.stage={stage}", "checkpoint.load_universal=auto"])
         assert reads_universal(cfg, meta, ckpt, world, use_bf16=bf16) is True
+
+
+def _tied_export(tmp_path, name, drop=("lm_head.weight",), tied=True):
+    """An export folder as `mnemo export` writes one: a tied model's weights leave out lm_head.weight."""
+    import dataclasses
+
+    from safetensors.torch import save_file
+
+    from mnemo.model import MemoryTransformer, ModelArgs
+
+    args = dataclasses.replace(ModelArgs.from_size("debug", 64), tie_embeddings=tied)
+    model = MemoryTransformer(args)
+    sd = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items() if k not in drop}
+    out = tmp_path / name
+    out.mkdir()
+    save_file(sd, str(out / "model.safetensors"))
+    (out / "model_args.json").write_text(json.dumps(dataclasses.asdict(args)))
+    return out, model
+
+
+def test_init_from_an_export_of_a_tied_model_fills_an_untied_models_head_from_the_embedding(tmp_path):
+    """Before: "weights do not fit this model (missing ['lm_head.weight'] ...)", while init_from the checkpoint of
+    the same weights (which holds the shared tensor as lm_head.weight too) loaded."""
+    import dataclasses
+
+    import torch
+
+    from mnemo.model import MemoryTransformer, ModelArgs
+    from mnemo.train.checkpoint import load_weights
+    from mnemo.train.engine import init_weights_from
+
+    exp, src = _tied_export(tmp_path, "exp")
+    untied = MemoryTransformer(dataclasses.replace(ModelArgs.from_size("debug", 64), tie_embeddings=False))
+    init_weights_from(untied, str(exp), zero3=False)
+    assert torch.equal(untied.lm_head.weight, src.tok_emb.weight) and torch.equal(
+        untied.tok_emb.weight, src.tok_emb.weight
+    )
+    assert untied.lm_head.weight.data_ptr() != untied.tok_emb.weight.data_ptr()  # still untied
+    # Strict otherwise: another missing tensor, an untied export without its head, eval's plain load.
+    with pytest.raises(UserError, match=r"missing \['norm.weight'\]"):
+        init_weights_from(untied, str(_tied_export(tmp_path, "exp2", drop=("lm_head.weight", "norm.weight"))[0]), False)
+    with pytest.raises(UserError, match=r"missing \['lm_head.weight'\]"):
+        init_weights_from(untied, str(_tied_export(tmp_path, "exp3", tied=False)[0]), zero3=False)
+    sd = {k: v for k, v in src.state_dict().items() if k != "lm_head.weight"}
+    with pytest.raises(UserError, match=r"missing \['lm_head.weight'\]"):
+        load_weights(untied, sd, "src")
