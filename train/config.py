@@ -1108,8 +1108,9 @@ def check_episode_fit(cfg: Config, tok: str) -> None:
         check_fit(parse_tasks(",".join(pk.tasks)), tokenizer, T, repeated_filler(tokenizer, T), pk.max_keys)
     except DataError as e:
         keys = "train.passkey.tasks" + (", train.passkey.max_keys" if pk.max_keys > 1 else "")
+        why = str(e).removeprefix("passkey: ")  # "train.passkey: passkey: ..." said it twice
         raise ConfigError(
-            f"train.passkey: {e}; model.segment_len is {T} (a D = 0 episode holds the facts and the question in"
+            f"train.passkey: {why}; model.segment_len is {T} (a D = 0 episode holds the facts and the question in"
             f" one segment): raise model.segment_len, or change {keys} (train.passkey.fraction=0: no episodes)"
         ) from None
 

@@ -539,7 +539,7 @@ def test_passkey_episodes_that_cannot_fit_the_segment_are_refused_before_any_ran
     base = [f"data.path={data}", f"run.dir={tmp_path}/r", "train.passkey.fraction=0.5", "train.passkey.max_distance=1"]
     check_paths(load_config(None, [*base, "model.segment_len=256"]))
     for extra, needle in (
-        ([], r"passkey: the key sentence needs \d+ tokens but the segment has room for \d+"),
+        ([], r"the key sentence needs \d+ tokens but the segment has room for \d+"),
         (["train.passkey.tasks=[mqar:n=16]"], r"mqar:n=16: 16 facts of up to \d+ tokens"),
     ):
         cfg = load_config(None, [*base, "model.segment_len=64", *extra])
