@@ -67,6 +67,7 @@ def generate_flag_rules(args: argparse.Namespace) -> list[tuple[str, object, boo
         ("--temperature", t, math.isfinite(t) and t >= 0, "must be a finite number >= 0 (0 = greedy)"),
         ("--top-p", p, math.isfinite(p) and 0.0 < p <= 1.0, "must be in (0, 1]"),
         ("--seed", args.seed, 0 <= args.seed <= _MAX_SEED, "must be in [0, 2**64 - 1]"),
+        ("--ltm-capacity", args.ltm_capacity, args.ltm_capacity is None or args.ltm_capacity >= 1, "must be >= 1"),
     ]
 
 
@@ -266,6 +267,14 @@ def add_generate(sub: argparse._SubParsersAction, name: str) -> argparse.Argumen
         help="segment: each token sees its segment as in training (re-reads up to T tokens per "
         "token); step: 1-token forwards, faster, local context = short-term memory only",
     )
+    p.add_argument(
+        "--ltm-capacity",
+        type=int,
+        default=None,
+        metavar="N",
+        help="long-term store entries per layer (default: as trained); a prompt longer than the store keeps "
+        "its newest N tokens there",
+    )
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     return p
 
@@ -402,13 +411,26 @@ def cmd_generate(args: argparse.Namespace) -> int:
     # After the checks above: these import torch (seconds).
     from mnemo.train.checkpoint import load_for_inference
     from mnemo.evaluation.generate import TextStreamer, generate
-    from mnemo.evaluation.inference import resolve_device
+    from mnemo.evaluation.inference import (
+        check_memory,
+        ltm_capacity_of,
+        memory_errors,
+        resolve_device,
+        store_bytes,
+        with_ltm_capacity,
+    )
 
     model, tokenizer, cfg = load_for_inference(args.checkpoint, device=resolve_device(args.device))
     ids = tokenizer.encode(text)
     if not ids:
         raise UserError(f"--prompt-file: {path} is empty")
     T = int(cfg.model.segment_len)
+    with_ltm_capacity(model, args.ltm_capacity)
+    # The store is allocated whole before the first segment: a capacity too large for this machine (a model
+    # trained on a bigger one, or a received model_args.json) is one line now, not an allocation traceback.
+    advice = "lower --ltm-capacity (the newest entries are kept)"
+    cap = ltm_capacity_of(model)
+    check_memory(model, store_bytes(model, 1, cap), 0, f"the long-term store ({cap} entries per layer)", advice)
 
     def progress(i: int, n: int) -> None:
         if sys.stderr.isatty():
@@ -416,19 +438,20 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     print(f"prompt: {len(ids)} tokens = {-(-len(ids) // T)} segments of {T}", file=sys.stderr)
     streamer = TextStreamer(tokenizer)
-    out = generate(
-        model,
-        tokenizer,
-        ids,
-        T,
-        args.max_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        seed=args.seed,
-        on_token=streamer,
-        on_prompt_segment=progress,
-        mode=args.decode,
-    )
+    with memory_errors(advice):
+        out = generate(
+            model,
+            tokenizer,
+            ids,
+            T,
+            args.max_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            seed=args.seed,
+            on_token=streamer,
+            on_prompt_segment=progress,
+            mode=args.decode,
+        )
     streamer.finish()
     print(f"({len(out)} tokens generated)", file=sys.stderr)
     return 0
