@@ -20,9 +20,10 @@ other non-regular files, unreadable subdirectories) are skipped and counted
 as ``unreadable_file``; named explicitly, they are an error. A file named
 explicitly is read as text when its extension is unknown unless it looks
 binary (a NUL byte in its first 8 KiB and no byte order mark), which is an
-error. Globs expand like directories. Planning stats every file and reads
-each Parquet footer (schema, row groups), but no document: readers.py reads
-them.
+error. Globs match in sorted order, a matched directory walked as above; a
+``**`` glob walks like a directory too (``_glob``), each directory once.
+Planning stats every file and reads each Parquet footer (schema, row
+groups), but no document: readers.py reads them.
 
 ``ReadStats`` is the record of what was passed over, by reason: planning
 counts the files here, the readers add the documents.
@@ -38,6 +39,7 @@ number of workers), so the output is the same whatever ``--workers`` is.
 from __future__ import annotations
 
 import codecs
+import fnmatch
 import glob
 import os
 import stat
@@ -217,7 +219,15 @@ def byte_order_mark(head: bytes) -> tuple[int, str, str] | None:
 
 
 def _walk(root: str, stats: ReadStats) -> Iterator[str]:
-    """Files under ``root``, depth first: each directory's files (sorted by name), then its subdirectories (sorted).
+    """Files under ``root``, in ``_walk_entries`` order."""
+    return (path for path, is_dir in _walk_entries(root, stats) if not is_dir)
+
+
+def _walk_entries(root: str, stats: ReadStats) -> Iterator[tuple[str, bool]]:
+    """(path, is_dir) under ``root``, depth first: each directory (on entering it), then its
+    files (sorted by name), then its subdirectories (sorted).
+
+    ``root`` "" is the current directory, its entries named without "./" (as glob names them).
 
     This order (not plain sorted path order: ``z.txt`` comes before ``sub/a.txt``)
     is the documents' order, and so enters the dataset fingerprint: keep it.
@@ -233,9 +243,9 @@ def _walk(root: str, stats: ReadStats) -> Iterator[str]:
     while stack:
         path, parent = stack.pop()
         try:
-            st = os.stat(path)
+            st = os.stat(path or os.curdir)
             key = (st.st_dev, st.st_ino)
-            with os.scandir(path) as it:
+            with os.scandir(path or os.curdir) as it:
                 entries = list(it)
         except OSError as e:
             stats.note("unreadable_file", f"{e.filename or path} ({e.strerror or e})")
@@ -252,6 +262,7 @@ def _walk(root: str, stats: ReadStats) -> Iterator[str]:
                 stats.note("duplicate_dir", f"{path} ({link}, walked already as {seen_as})")
             continue
         walked[key] = path
+        yield path, True
         files, dirs = [], []
         for entry in entries:
             try:
@@ -261,10 +272,57 @@ def _walk(root: str, stats: ReadStats) -> Iterator[str]:
             (dirs if is_dir else files).append(entry.name)
         for name in sorted(files):
             if not name.startswith("."):
-                yield os.path.join(path, name)
+                yield os.path.join(path, name), False
         here = (key, parent)
         subdirs = sorted(d for d in dirs if not d.startswith(".") and d != "__pycache__")
         stack.extend((os.path.join(path, d), here) for d in reversed(subdirs))
+
+
+def _match_parts(pattern: Sequence[str], parts: Sequence[str]) -> bool:
+    """Whether path components ``parts`` match glob components ``pattern`` ("**" = any number of them)."""
+    if not pattern:
+        return not parts
+    if pattern[0] == "**":
+        return any(_match_parts(pattern[1:], parts[i:]) for i in range(len(parts) + 1))
+    return bool(parts) and fnmatch.fnmatchcase(parts[0], pattern[0]) and _match_parts(pattern[1:], parts[1:])
+
+
+def _glob(pattern: str, stats: ReadStats) -> list[tuple[str, list[str]]]:
+    """Matches of ``pattern``, sorted: [(match, its files)], a matched directory with the files of its walk.
+
+    Without "**" this is glob.glob. With it, glob.glob would follow every
+    symbolic link to a directory, a link to a directory above it included: a
+    walk that never ends (two such links: exponential). So the part before the
+    first "**" is globbed (a fixed depth), each directory it names walked once
+    by ``_walk_entries`` (loops and second ways in counted as in a directory
+    walk, hidden entries and ``__pycache__`` skipped) and each entry matched
+    against the rest, a component at a time.
+    """
+    if "**" not in pattern.split(os.sep):
+        matches = sorted(glob.glob(pattern))
+        return [(m, list(_walk(m, stats)) if os.path.isdir(m) else [m]) for m in matches]
+    dirs_only = pattern.endswith(os.sep)
+    comps = [c for c in pattern.split(os.sep) if c]
+    first = comps.index("**")
+    head = os.sep.join(comps[:first])
+    if pattern.startswith(os.sep):
+        head = os.sep + head
+    tail = comps[first:]
+    bases = [b for b in glob.glob(head) if os.path.isdir(b)] if head else [""]
+    groups: dict[str, list[str]] = {}
+    for base in sorted(bases):
+        inside: str | None = None  # the matched directory the walk is in: its files are all read, in walk order
+        for path, is_dir in _walk_entries(base, stats):
+            if inside is not None and path.startswith(os.path.join(inside, "")):
+                if not is_dir:
+                    groups[inside].append(path)
+                continue
+            inside = None
+            parts = path[len(os.path.join(base, "")) :].split(os.sep) if path != base else []
+            if (is_dir or not dirs_only) and _match_parts(tail, parts):
+                groups[path] = [] if is_dir else [path]
+                inside = path if is_dir else None
+    return sorted(groups.items())
 
 
 def _unreadable_reason(path: str) -> str | None:
@@ -324,15 +382,12 @@ def expand_inputs(inputs: Sequence[str]) -> tuple[list[tuple[str, str, os.stat_r
         elif os.path.lexists(inp):
             add(inp, explicit=True)
         elif any(c in inp for c in "*?["):
-            matches = sorted(glob.glob(inp, recursive=True))
+            matches = _glob(inp, stats)
             if not matches:
                 raise DataError(f"input {inp}: no file matches this pattern")
-            for m in matches:
-                if os.path.isdir(m):
-                    for p in _walk(m, stats):
-                        add(p, explicit=False)
-                else:
-                    add(m, explicit=False)
+            for _, paths in matches:
+                for p in paths:
+                    add(p, explicit=False)
         else:
             raise DataError(f"input {inp}: no such file or directory")
     if not found:

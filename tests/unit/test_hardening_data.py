@@ -348,6 +348,42 @@ def test_symlinked_directories_are_walked_once_and_loops_counted(tmp_path):
     assert texts == ["local z", "external", "external deep", "local sub"]
 
 
+@pytest.mark.timeout(60)
+def test_recursive_glob_walks_each_directory_once_like_a_directory_input(tmp_path, monkeypatch):
+    # glob.glob(recursive=True) follows links to a directory above: two of them made it walk forever.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "doc.txt").write_text("top")
+    d = tmp_path / "tree" / "d"
+    (d / "__pycache__").mkdir(parents=True)
+    (d / "f.txt").write_text("deep")
+    (d / "__pycache__" / "c.txt").write_text("skipped, as in a walk")
+    (tmp_path / "tree" / "a.md").write_text("shallow")
+    (tmp_path / "tree" / "b.png").write_bytes(b"\x89PNG")
+    (d / "up").symlink_to("..")
+    (d / "up2").symlink_to("..")
+    loops = {"symlink_loop": 2}
+    walked = plan_inputs(["tree"])
+    assert [f.path for f in walked.files] == ["tree/a.md", "tree/d/f.txt"]
+    assert walked.file_stats.counts == {**loops, "unsupported_file": 1}
+    for pattern, paths, counts in [
+        ("tree/**/*.txt", ["tree/d/f.txt"], loops),
+        ("tree/**", ["tree/a.md", "tree/d/f.txt"], {**loops, "unsupported_file": 1}),
+        ("**/*.txt", ["doc.txt", "tree/d/f.txt"], loops),
+        ("t*/**/d/*", ["tree/d/f.txt"], loops),
+        ("tree/*.md", ["tree/a.md"], {}),
+    ]:
+        corpus = plan_inputs([pattern])
+        assert [f.path for f in corpus.files] == paths, pattern
+        assert corpus.file_stats.counts == counts, pattern
+    assert corpus.file_stats.examples == []
+    assert plan_inputs([str(tmp_path / "tree/**/*.txt")]).file_stats.examples == [
+        f"{tmp_path}/tree/d/up (link to {tmp_path}/tree, a directory above it): symlink_loop",
+        f"{tmp_path}/tree/d/up2 (link to {tmp_path}/tree, a directory above it): symlink_loop",
+    ]
+    with pytest.raises(DataError, match=r"input nope/\*\*/\*.txt: no file matches this pattern"):
+        plan_inputs(["nope/**/*.txt"])
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root reads every file")
 def test_unreadable_file_in_a_walk_is_counted_and_named_one_is_an_error(tmp_path):
     d = tmp_path / "in"
