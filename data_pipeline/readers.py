@@ -343,6 +343,8 @@ def _doc_id(value: object, id_field: str | None, where: str, stats: ReadStats) -
         if id_field:
             stats.note("missing_id", where)
         return where
+    if isinstance(value, bytes):  # a Parquet string or binary column: repaired, like surrogates, uncounted
+        value = value.decode("utf-8", "replace")
     if isinstance(value, str):
         return _fix_surrogates(value, where, None)
     try:
@@ -354,6 +356,17 @@ def _doc_id(value: object, id_field: str | None, where: str, stats: ReadStats) -
 
 def _utf8_len(text: str) -> int:
     return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+
+
+def _as_bytes(column):
+    """A string column viewed as binary (the same buffers), so that a cell that is not UTF-8 reaches ``_decode``
+    (to_pylist() raised for the whole batch); any other column as it is."""
+    import pyarrow as pa
+
+    if pa.types.is_dictionary(column.type):
+        return pa.DictionaryArray.from_arrays(column.indices, _as_bytes(column.dictionary))
+    binary = {pa.string(): pa.binary(), pa.large_string(): pa.large_binary(), pa.string_view(): pa.binary_view()}
+    return column.view(binary[column.type]) if column.type in binary else column
 
 
 def _parquet_batches(
@@ -371,8 +384,8 @@ def _parquet_batches(
                 f"inputs were planned (changed while being read)"
             )
         for batch in pf.iter_batches(batch_size=1024, row_groups=groups, columns=cols):
-            texts = batch.column(cols[0]).to_pylist()
-            yield texts, batch.column(id_field).to_pylist() if id_field else [None] * len(texts)
+            texts = _as_bytes(batch.column(cols[0])).to_pylist()
+            yield texts, _as_bytes(batch.column(id_field)).to_pylist() if id_field else [None] * len(texts)
     except FileNotFoundError:
         raise
     except (pa.ArrowException, OSError, ValueError) as e:

@@ -181,6 +181,36 @@ def test_invalid_utf8_is_replaced_and_counted(tmp_path):
     assert f"{p}:2: invalid_utf8" in stats.examples
 
 
+def _not_utf8(cells, large=False):
+    """A string column holding the bytes ``cells`` as they are (pyarrow does not check them)."""
+    binary, string = (pa.large_binary(), pa.large_string()) if large else (pa.binary(), pa.string())
+    return pa.array(cells, binary).view(string)
+
+
+@pytest.mark.parametrize("kind", ["string", "large_string", "dictionary"])
+def test_invalid_utf8_in_a_parquet_string_column_is_replaced_and_counted(tmp_path, kind):
+    # to_pylist() of such a column raised for the whole batch: the run stopped as "corrupt Parquet data".
+    text = _not_utf8([b"good doc", b"bad \xff doc", None, b"good doc"], large=kind == "large_string")
+    ids = _not_utf8([b"a", b"b\xfe", b"c", b"d"], large=kind == "large_string")
+    if kind == "dictionary":
+        text, ids = text.dictionary_encode(), ids.dictionary_encode()
+    p = tmp_path / "bad.parquet"
+    pq.write_table(pa.table({"text": text, "id": ids}), p)
+    assert pq.read_schema(p).field("text").type == text.type
+    stats = ReadStats()
+    docs = list(iter_documents(plan_inputs([str(p)], id_field="id"), id_field="id", stats=stats))
+    assert [(d.text, d.doc_id) for d in docs] == [
+        ("good doc", "a"),
+        ("bad \ufffd doc", "b\ufffd"),
+        ("good doc", "d"),
+    ]
+    assert stats.counts == {"invalid_utf8": 1, "missing_text_field": 1}
+    assert stats.examples[0] == f"{p}:row 1: invalid_utf8"
+    # A binary id column is decoded alike (it was json.dumps'ed, failed, and counted as invalid_id).
+    pq.write_table(pa.table({"text": ["x"], "id": pa.array([b"i\xfed"], pa.binary())}), p)
+    assert [d.doc_id for d in iter_documents(plan_inputs([str(p)], id_field="id"), id_field="id")] == ["i\ufffdd"]
+
+
 def test_lone_surrogate_escapes_are_replaced_and_counted(tmp_path):
     p = tmp_path / "s.jsonl"
     p.write_text('{"text": "a \\ud800 b \\ud83d\\ude00"}\n')
