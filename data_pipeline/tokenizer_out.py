@@ -14,6 +14,7 @@ from pathlib import Path
 import sentencepiece as spm
 
 from mnemo.data_pipeline.errors import DataError
+from mnemo.data_pipeline.files import not_a_regular_file, open_regular
 
 
 def write_model_file(out: Path, data: bytes) -> None:
@@ -43,7 +44,7 @@ def is_mnemo_sentencepiece(path: str | os.PathLike) -> bool:
     a model protocol buffer with mnemo's reserved pieces (0 <unk>, 1 <s>, 2 </s>, 3 <pad>)
     and byte fallback. Only such a file is replaced by ``--overwrite``."""
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:  # never open() a FIFO: it waits for a writer forever
             if f.read(1) != b"\x0a":  # a model protocol buffer starts with field 1 (its pieces)
                 return False
         sp = spm.SentencePieceProcessor()
@@ -69,6 +70,9 @@ def check_model_out(out: str | os.PathLike, overwrite: bool = False) -> Path:
             if not parent.is_dir():
                 raise DataError(f"--out {out}: {parent} is not a directory")
             break
+    if out.exists() and not out.is_file():  # a FIFO, device or socket: reading it could wait forever
+        why = not_a_regular_file(out) or "not a regular file"
+        raise DataError(f"--out {out}: {why}; give the model file to write, e.g. tokenizer.model")
     if out.exists() or out.is_symlink():
         if not overwrite:
             raise DataError(f"--out {out}: exists; pass --overwrite to replace a tokenizer model mnemo wrote")

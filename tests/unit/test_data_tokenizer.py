@@ -268,6 +268,26 @@ def test_out_directory_is_refused_before_training_and_leaves_nothing(tmp_path, c
     assert rc == 2 and "is not a directory" in err and "--out" in err
 
 
+@pytest.mark.parametrize("overwrite", [[], ["--overwrite"]])
+def test_out_fifo_is_refused_without_opening_it(tmp_path, capsys, overwrite):
+    """--out FIFO --overwrite hung forever: the check for a mnemo model opened the FIFO to read it."""
+    fifo = tmp_path / "t.model"
+    os.mkfifo(fifo)
+
+    def too_slow(*_):
+        raise TimeoutError("tokenizer train blocked on the FIFO")
+
+    old = signal.signal(signal.SIGALRM, too_slow)
+    signal.alarm(20)
+    try:
+        rc, err = _cli(capsys, "--input", str(tmp_path / "nope"), "--vocab-size", "300", "--out", str(fifo), *overwrite)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+    why = "a FIFO (named pipe), not a regular file; give the model file to write, e.g. tokenizer.model"
+    assert rc == 2 and err == f"mnemo: error: --out {fifo}: {why}\n", err
+
+
 def test_a_failed_write_leaves_no_temporary_file(tmp_path, monkeypatch):
     import os
 
