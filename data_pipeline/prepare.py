@@ -42,6 +42,7 @@ import numpy as np
 from mnemo.data_pipeline.errors import DataError, InputError
 from mnemo.data_pipeline.inputs import Corpus, ReadStats, WorkUnit, plan_inputs, split_units
 from mnemo.data_pipeline.lean_imports import import_streaming
+from mnemo.data_pipeline.limits import PASSKEY_MAX_TOKENS
 from mnemo.data_pipeline.manifest import (
     FORMAT_VERSION,
     build_manifest,
@@ -438,6 +439,14 @@ def prepare(
         raise DataError(f"--workers must be >= 1, got {workers}")
     if passkey_docs < 0 or passkey_max_distance < 0 or passkey_segment_len < 1:
         raise DataError("--passkey-docs and --passkey-max-distance must be >= 0 and --segment-len >= 1")
+    if passkey_docs and (passkey_max_distance + 1) * passkey_segment_len > PASSKEY_MAX_TOKENS:
+        raise DataError(
+            f"--passkey-max-distance {passkey_max_distance} and --segment-len {passkey_segment_len}: a passkey "
+            f"document of (D + 1) x T = {(passkey_max_distance + 1) * passkey_segment_len:,} tokens, over the "
+            f"{PASSKEY_MAX_TOKENS:,} a passkey document may hold"
+        )
+    if seed < 0:  # numpy's default_rng (passkey documents) takes no negative seed
+        raise DataError(f"--seed must be >= 0, got {seed}")
     max_doc_bytes = check_max_doc_bytes(max_doc_bytes)
     # Everything a user can get wrong is checked here, before any work.
     corpus = plan_inputs(inputs, text_field, id_field)

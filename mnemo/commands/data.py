@@ -11,6 +11,7 @@ import math
 import re
 import sys
 
+from mnemo.data_pipeline.limits import PASSKEY_MAX_TOKENS
 from mnemo.data_pipeline.readers import DEFAULT_MAX_DOC_BYTES
 
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
@@ -144,8 +145,14 @@ def add_prepare(sub: argparse._SubParsersAction, name: str) -> argparse.Argument
         metavar="D",
         help="passkey question 0..D segments after the key (uniform)",
     )
-    p.add_argument("--segment-len", type=int, default=128, metavar="T", help="segment length of passkey documents")
-    p.add_argument("--seed", type=int, default=0, metavar="S")
+    p.add_argument(
+        "--segment-len",
+        type=int,
+        default=128,
+        metavar="T",
+        help=f"segment length of passkey documents ((D + 1) x T at most {PASSKEY_MAX_TOKENS:,} tokens)",
+    )
+    p.add_argument("--seed", type=int, default=0, metavar="S", help="seed (>= 0) of the tokenizer sample and passkeys")
     return p
 
 

@@ -496,6 +496,34 @@ def test_passkey_documents_are_appended(corpus, tmp_path):
     ]
 
 
+@pytest.mark.parametrize(
+    "flags, error",
+    [
+        (["--seed", "-1"], "--seed must be >= 0, got -1"),
+        (
+            ["--segment-len", "100000000000"],
+            "--passkey-max-distance 8 and --segment-len 100000000000: a passkey document of (D + 1) x T = "
+            "900,000,000,000 tokens, over the 16,777,216 a passkey document may hold",
+        ),
+        (
+            ["--passkey-max-distance", "131072", "--segment-len", "128"],
+            "--passkey-max-distance 131072 and --segment-len 128: a passkey document of (D + 1) x T = "
+            "16,777,344 tokens, over the 16,777,216 a passkey document may hold",
+        ),
+    ],
+)
+def test_bad_passkey_settings_are_refused_before_any_work(tmp_path, capsys, flags, error):
+    """--seed -1 (numpy default_rng) and a 5.82 TiB passkey document failed with a traceback after the corpus
+    was converted, leaving a half-made --out that a valid rerun then refused."""
+    from mnemo.cli import main
+
+    (tmp_path / "doc.txt").write_text("hello world\n")
+    out = tmp_path / "out"
+    rc = main(["prepare", "--input", str(tmp_path / "doc.txt"), "--out", str(out), "--passkey-docs", "1", *flags])
+    assert rc == 2 and capsys.readouterr().err == f"mnemo: error: {error}\n"
+    assert not out.exists()
+
+
 def test_cli_prepare_verify_inspect(corpus, tmp_path, capsys):
     from mnemo.cli import main
 
