@@ -9,3 +9,7 @@ from __future__ import annotations
 # Most tokens of one passkey document, (--passkey-max-distance + 1) x --segment-len: one is built in
 # memory (int64) from 4x as many filler tokens, so 2**24 takes about 0.6 GiB; 1e11 asked for terabytes.
 PASSKEY_MAX_TOKENS = 1 << 24
+# Most pieces of a tokenizer mnemo trains (--vocab-size): ids are stored as uint32 past 65,536, but
+# SentencePiece's trainer refuses sizes past 2**31 - 1 and its unigram trainer did not finish at that one;
+# 2**24 trains as fast as 8192 and is far past any vocabulary a corpus supports.
+MAX_VOCAB_SIZE = 1 << 24

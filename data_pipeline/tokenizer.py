@@ -56,6 +56,7 @@ import sentencepiece as spm
 
 from mnemo.data_pipeline.errors import DataError, brief, first_line
 from mnemo.data_pipeline.files import MAX_JSON_BYTES, not_a_regular_file, open_regular, read_bounded
+from mnemo.data_pipeline.limits import MAX_VOCAB_SIZE
 from mnemo.data_pipeline.tokenizer_out import check_model_out, write_model_file
 
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
@@ -430,6 +431,13 @@ def check_special_tokens(tokens: Sequence[str]) -> list[str]:
     return list(tokens)
 
 
+def check_vocab_size(vocab_size: int) -> int:
+    """``vocab_size`` when it is in [1, MAX_VOCAB_SIZE]; else a DataError naming --vocab-size (before any work)."""
+    if not 1 <= vocab_size <= MAX_VOCAB_SIZE:
+        raise DataError(f"--vocab-size must be in [1, {MAX_VOCAB_SIZE:,}], got {vocab_size}")
+    return int(vocab_size)
+
+
 _TOO_SMALL = re.compile(r"Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)")
 
 
@@ -442,8 +450,7 @@ def train_from_texts(
     num_threads: int | None = None,
 ) -> SentencePieceTokenizer:
     """Train on already sampled documents and write the model to ``out`` atomically."""
-    if vocab_size < 1:
-        raise DataError(f"--vocab-size must be positive, got {vocab_size}")
+    check_vocab_size(vocab_size)
     opts = trainer_options(vocab_size, model_type, special_tokens, num_threads)
     sentences = trainer_sentences(t for t in texts if t.strip())
     model = io.BytesIO()
@@ -461,6 +468,8 @@ def train_from_texts(
         if "Corpus is empty" in msg or "No valid" in msg or "empty" in msg.lower():
             raise DataError("tokenizer training: the corpus holds no non-empty documents") from None
         raise DataError(f"tokenizer training failed: {msg.splitlines()[-1].strip()}") from None
+    except ValueError as e:  # an option SentencePiece cannot parse ("cannot parse ... as int"): the settings' fault
+        raise DataError(f"tokenizer training: SentencePiece refused the settings ({first_line(e)})") from None
     write_model_file(Path(out), model.getvalue())
     tok = SentencePieceTokenizer(out)
     if tok.vocab_size < vocab_size:
@@ -496,9 +505,9 @@ def train_tokenizer(
     from mnemo.data_pipeline.inputs import ReadStats, plan_inputs
     from mnemo.data_pipeline.readers import DEFAULT_MAX_DOC_BYTES, iter_documents
 
-    if sample_docs < 1 or vocab_size < 1:
-        bad = ("--sample-docs", sample_docs) if sample_docs < 1 else ("--vocab-size", vocab_size)
-        raise DataError(f"{bad[0]} must be positive, got {bad[1]}")
+    if sample_docs < 1:
+        raise DataError(f"--sample-docs must be positive, got {sample_docs}")
+    check_vocab_size(vocab_size)
     check_special_tokens(special_tokens)  # before the corpus is read
     out = check_model_out(out, overwrite)
     files = plan_inputs(inputs, text_field=text_field, id_field=id_field)

@@ -288,6 +288,32 @@ def test_out_fifo_is_refused_without_opening_it(tmp_path, capsys, overwrite):
     assert rc == 2 and err == f"mnemo: error: --out {fifo}: {why}\n", err
 
 
+@pytest.mark.parametrize("command", ["tokenizer", "prepare"])
+@pytest.mark.parametrize("size", ["0", "2147483648", "16777217"])
+def test_vocab_size_out_of_range_is_refused_before_the_corpus_is_read(tmp_path, capsys, command, size):
+    """2147483648 was a ValueError traceback from the SentencePiece trainer after the whole corpus was read
+    (prepare left OUT/.mnemo-prepare behind)."""
+    from mnemo.cli import main
+
+    out = tmp_path / "out"
+    argv = ["--input", str(tmp_path / "nope"), "--vocab-size", size, "--out", str(out)]
+    rc = main(["tokenizer", "train", *argv] if command == "tokenizer" else ["prepare", *argv])
+    assert rc == 2 and capsys.readouterr().err == f"mnemo: error: --vocab-size must be in [1, 16,777,216], got {size}\n"
+    assert not out.exists()
+
+
+def test_settings_the_trainer_refuses_are_a_data_error(tmp_path, monkeypatch):
+    from mnemo.data_pipeline import tokenizer as tk
+
+    def refuse(**_):
+        raise ValueError('INVALID_ARGUMENT: cannot parse "2147483648" as int.')
+
+    monkeypatch.setattr(tk.spm.SentencePieceTrainer, "train", refuse)
+    with pytest.raises(DataError, match=r"SentencePiece refused the settings \(INVALID_ARGUMENT: cannot parse"):
+        tk.train_from_texts(["some text"], tmp_path / "t.model", 300)
+    assert not (tmp_path / "t.model").exists()
+
+
 def test_a_failed_write_leaves_no_temporary_file(tmp_path, monkeypatch):
     import os
 
