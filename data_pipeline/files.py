@@ -33,6 +33,17 @@ def fsync_tree(root: str | Path) -> None:
         fsync_path(Path(dirpath))
 
 
+def new_file_mode() -> int:
+    """The permissions open() gives a new file: 0o666 less the process's umask.
+
+    For files made another way (mkstemp and safetensors make them 0600) that should read like the
+    rest of the folder. The umask is read by setting it and setting it back (there is no getter).
+    """
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def atomic_write(path: str | Path, data: bytes, tmp_dir: str | Path | None = None, mode: int | None = None) -> None:
     """Write ``path`` whole or not at all, durably (data and rename fsynced).
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import sentencepiece as spm
 
 from mnemo.data_pipeline.errors import DataError
-from mnemo.data_pipeline.files import not_a_regular_file, open_regular
+from mnemo.data_pipeline.files import new_file_mode, not_a_regular_file, open_regular
 
 
 def write_model_file(out: Path, data: bytes) -> None:
@@ -27,6 +27,7 @@ def write_model_file(out: Path, data: bytes) -> None:
         fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+            os.fchmod(f.fileno(), new_file_mode())  # mkstemp made it 0600: read like the files beside it
         os.replace(tmp, out)
         tmp = None
     except OSError as e:

@@ -15,7 +15,14 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
-from mnemo.data_pipeline.files import LockBusy, atomic_write_text, fsync_path, fsync_tree, take_flock_at
+from mnemo.data_pipeline.files import (
+    LockBusy,
+    atomic_write_text,
+    fsync_path,
+    fsync_tree,
+    new_file_mode,
+    take_flock_at,
+)
 from mnemo.data_pipeline.paths import is_inside
 from mnemo.data_pipeline.tokenizer import TOKENIZER_FILES, file_sha256
 from mnemo.train.checkpoint import (
@@ -59,13 +66,6 @@ def _remove_export_files(folder: Path, names) -> None:
         folder.rmdir()
     except OSError:
         log.warning("left %s in place: it holds files mnemo export did not write", folder)
-
-
-def _umask() -> int:
-    """The process's umask (read by setting it, then setting it back)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 def _as_written(path: Path, sha256: object) -> bool:
@@ -237,7 +237,7 @@ def _export_locked(ckpt: Path, out: Path, overwrite: bool, format: str) -> Path:
                 if (ckpt / name).is_file():
                     shutil.copy(ckpt / name, tmp / name)
         # safetensors creates its file 0600, open() 0666 less the umask: every file of the export alike.
-        mode = 0o666 & ~_umask()
+        mode = new_file_mode()
         for p in tmp.iterdir():
             os.chmod(p, mode)
         files = {p.name: file_sha256(p) for p in sorted(tmp.iterdir())}

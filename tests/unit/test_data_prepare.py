@@ -524,6 +524,21 @@ def test_bad_passkey_settings_are_refused_before_any_work(tmp_path, capsys, flag
     assert not out.exists()
 
 
+def test_trained_tokenizer_has_the_permissions_of_the_other_dataset_files(corpus, tmp_path):
+    """OUT/tokenizer.model was 0600 (mkstemp), manifest.json and the shards 0644 under umask 022."""
+    old = os.umask(0o022)
+    try:
+        run(corpus, tmp_path / "out", tokenizer=None, vocab_size=400)
+    finally:
+        os.umask(old)
+    assert {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "out").iterdir() if p.is_file()} == {
+        ".mnemo-outputs.json": 0o644,
+        "index.json": 0o644,
+        "manifest.json": 0o644,
+        "tokenizer.model": 0o644,
+    }
+
+
 def test_cli_prepare_verify_inspect(corpus, tmp_path, capsys):
     from mnemo.cli import main
 

@@ -314,6 +314,19 @@ def test_settings_the_trainer_refuses_are_a_data_error(tmp_path, monkeypatch):
     assert not (tmp_path / "t.model").exists()
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_model_file_gets_the_permissions_the_umask_gives(tmp_path, umask):
+    """The model was 0600 whatever the umask (mkstemp), unlike every other file of a dataset."""
+    from mnemo.data_pipeline.tokenizer import train_from_texts
+
+    old = os.umask(umask)
+    try:
+        train_from_texts(["some text to train on, twice: some text"], tmp_path / "t.model", 300)
+    finally:
+        os.umask(old)
+    assert (tmp_path / "t.model").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
 def test_a_failed_write_leaves_no_temporary_file(tmp_path, monkeypatch):
     import os
 
