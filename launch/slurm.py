@@ -15,8 +15,9 @@ When srun returns and that marker exists, the script deletes it and runs
 latest checkpoint. A stale marker is deleted before training starts.
 
 Quoting: every value in the script body is shell-quoted (shlex.quote), every
-#SBATCH value escaped for sbatch's own parser (a backslash before blanks,
-quotes, ``\\`` and ``#``; ``%`` doubled in the --output pattern), and no value
+#SBATCH value that holds a blank, quote, ``#`` or ``\\`` goes in double quotes
+for sbatch's own parser (a backslash before ``"`` and ``\\`` inside; ``%``
+doubled in the --output pattern), and no value
 may hold a control character (a newline would end the #SBATCH header or start
 a command). Secrets are never written into the script: sbatch hands the
 submitting environment (MLFLOW_TRACKING_PASSWORD, ...) to the job, and a
@@ -141,14 +142,22 @@ _DIRECTIVE_SPECIAL = frozenset(" \t\"'\\#")
 
 
 def _quote_directive(opt: str) -> str:
-    """One word of an "#SBATCH" line, as sbatch's parser reads it back.
+    """One word of an "#SBATCH" line, as sbatch's parser (src/sbatch/opt.c) reads it back.
 
-    sbatch splits the line at blanks, removes single and double quotes,
-    takes a backslash as "the next character literally" and an unquoted '#'
-    as the start of a comment; a backslash before each of those characters
-    keeps the value exact.
+    sbatch splits the line at blanks, removes single and double quotes and
+    ends it at an unquoted '#'. A backslash takes the next character
+    literally, but not a blank: the word ends there all the same (``a\\ b``
+    is two words). Inside double quotes a blank is kept, and a backslash
+    before '"' and '\\' keeps those, so a value that needs it goes in double
+    quotes with only those two escaped.
     """
-    return "".join("\\" + c if c in _DIRECTIVE_SPECIAL else c for c in opt)
+    if not any(c in _DIRECTIVE_SPECIAL for c in opt):
+        return opt
+    name, eq, value = opt.partition("=")
+    if not eq or any(c in _DIRECTIVE_SPECIAL for c in name):
+        name, eq, value = "", "", opt
+    inner = "".join("\\" + c if c in '"\\' else c for c in value)
+    return f'{name}{eq}"{inner}"'
 
 
 def sbatch_script(o: SlurmOptions) -> str:

@@ -240,8 +240,10 @@ def sbatch_directives(script: str) -> list[str]:
     """The options sbatch reads from a script's "#SBATCH" lines (its parser, src/sbatch/opt.c, ported).
 
     Parsing stops at the first line that is neither blank nor a comment; each
-    word: blanks split, quotes group and are removed, a backslash takes the
-    next character literally, an unquoted '#' ends the line.
+    word: blanks split, quotes group and are removed, an unquoted '#' ends the
+    line, a backslash takes the next character literally, except a blank
+    outside quotes: the word ends there all the same (sbatch 22.05 reads
+    ``a\\ b`` as two words, "a" and "b").
     """
     opts: list[str] = []
     for line in script.splitlines()[1:]:
@@ -253,25 +255,29 @@ def sbatch_directives(script: str) -> list[str]:
                     i += 1
                 if i == len(rest):
                     break
-                word, quote = "", ""
+                word, quote, escape = "", "", False
+                # As _get_argument: the blank test comes before the escape is honoured.
                 while i < len(rest) and (quote or not rest[i].isspace()):
                     c = rest[i]
-                    if c == "\\":
-                        word += rest[i + 1]
-                        i += 2
+                    if escape:
+                        escape = False
+                    elif c == "\\":
+                        escape = True
+                        i += 1
                         continue
-                    if quote:
+                    elif quote:
                         if c == quote:
                             quote = ""
-                        else:
-                            word += c
+                            i += 1
+                            continue
                     elif c in "\"'":
                         quote = c
+                        i += 1
+                        continue
                     elif c == "#":
                         i = len(rest)
                         break
-                    else:
-                        word += c
+                    word += c
                     i += 1
                 assert not quote, f"unmatched quote in {line!r}"
                 if word:
@@ -279,6 +285,38 @@ def sbatch_directives(script: str) -> list[str]:
         elif line.strip() and not line.startswith("#"):
             break
     return opts
+
+
+def test_sbatch_directive_parser_port_matches_real_sbatch():
+    # What sbatch 22.05 read back from these lines (checked with sbatch --test-only).
+    def one(line: str) -> list[str]:
+        return sbatch_directives(f"#!/bin/bash\n#SBATCH {line}\n")
+
+    assert one(r"--output=/a/my\ runs/x") == ["--output=/a/my", "runs/x"]
+    assert one(r'--comment="a b\"c\\d#e"') == ['--comment=a b"c\\d#e']
+    assert one(r"--comment=a\#b\"c\\d # gone") == ['--comment=a#b"c\\d']
+
+
+@pytest.mark.parametrize(
+    "value", ["a/my runs/x", "tab\there", 'q"uote', "s'q", "hash#x", "back\\slash", "\\\"#' all", "plain"]
+)
+def test_sbatch_directive_values_come_back_exactly(value):
+    # Was: a backslash before each blank, which real sbatch splits at (--output=/a/my\\ runs/...).
+    from mnemo.launch.slurm import SlurmOptions, sbatch_script
+
+    o = SlurmOptions(
+        config="/c.yaml",
+        overrides=[],
+        run_dir=Path("/r") / value.replace("\\", ""),
+        cwd="/w/" + value,
+        python="/v/bin/python",
+        job_name=value,
+        sbatch_args=["--comment=" + value, "--x " + value],
+    )
+    opts = sbatch_directives(sbatch_script(o))
+    assert opts[0] == "--job-name=" + value
+    assert f"--output=/r/{value.replace(chr(92), '')}/logs/slurm-%j.out" in opts
+    assert opts[-3:] == ["--chdir=/w/" + value, "--comment=" + value, "--x " + value]
 
 
 HOSTILE = "sp ace$(touch PWNED1)`touch PWNED2`;x'q\"#50%j"
