@@ -15,6 +15,7 @@ import sys
 from typing import Mapping
 
 from mnemo.data_pipeline.processes import die_with_parent
+from mnemo.train import preemption
 
 
 def describe(environ: Mapping[str, str]) -> str:
@@ -32,13 +33,15 @@ def describe(environ: Mapping[str, str]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    # The node launcher starts torchrun with these ignored (so that only the
+    # workers react to them). A preemption notice from now on is remembered,
+    # not fatal: one during start-up (imports, rendezvous, data) would
+    # otherwise kill the rank and fail the job instead of requeueing it; the
+    # step loop stops at its first chance (train/preemption.py).
+    preemption.catch()
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
     die_with_parent()
     print(describe(os.environ), flush=True)
-    # The node launcher starts torchrun with these ignored (so that only the
-    # workers react to them); give the trainer the default dispositions back
-    # before it installs its own handlers.
-    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP):
-        signal.signal(sig, signal.SIG_DFL)
     if not argv:
         print("usage: python -m mnemo.launch.worker CONFIG [dotted.key=value ...]", file=sys.stderr)
         return 2

@@ -10,6 +10,7 @@ import time
 
 import torch
 
+from mnemo.train import preemption
 from mnemo.train.config import Config, ConfigError
 
 
@@ -113,13 +114,20 @@ def total_steps(cfg: Config, global_batch: int) -> int:
 
 
 class Preemption:
-    """SIGTERM/SIGUSR1 set a flag; the loop saves at the end of the current step and exits 0."""
+    """SIGTERM/SIGUSR1 set a flag; the loop saves at the end of the current step and exits 0.
+
+    A notice that came before, during start-up (the worker's handler,
+    train/preemption.py), is taken over: the loop stops before its first step.
+    """
 
     def __init__(self):
         self.signal: int | None = None
         self.at = 0.0
-        for s in (signal.SIGTERM, signal.SIGUSR1):
+        for s in preemption.SIGNALS:
             signal.signal(s, self._handler)
+        early = preemption.take()  # after installing: no notice falls between the two handlers
+        if early is not None:
+            self.signal, self.at = early
 
     def _handler(self, signum, frame):
         if self.signal is None:

@@ -500,7 +500,15 @@ class Trainer:
         exit_reason = "completed"
         eval_result: dict[str, Any] = {}
         try:
-            while c.step < self.max_steps:
+            # A notice that came during start-up (train/preemption.py) on any rank: stop before the first step.
+            # Every step done is in the checkpoint resumed from, if any: nothing to save.
+            stop, _ = stop_requests(self.preempt, cfg, started, self.device)
+            if stop:
+                exit_reason = "preempted"
+                if info.rank == 0:
+                    log.info("a preemption signal came during start-up: stopping at step %d, before training", c.step)
+                self._mark_preempted()
+            while not stop and c.step < self.max_steps:
                 if self._data_used_up():
                     exit_reason = "data_used_up"
                     if info.rank == 0:
@@ -531,8 +539,7 @@ class Trainer:
                     last_saved = c.step
                 if stop:
                     exit_reason = "preempted"
-                    if info.rank == 0:
-                        (self.run_dir / "PREEMPTED").write_text(f"{c.step}\n")
+                    self._mark_preempted()
                     break
                 if time_up:
                     exit_reason = "time_limit"
@@ -551,6 +558,11 @@ class Trainer:
                 f"nothing of that step was saved, last checkpoint in {self.ckpt.root}"
             )
         return self._summary(exit_reason, eval_result)
+
+    def _mark_preempted(self) -> None:
+        """<run.dir>/PREEMPTED (rank 0): the sbatch script requeues the job when it finds it (launch/slurm.py)."""
+        if self.info.rank == 0:
+            (self.run_dir / "PREEMPTED").write_text(f"{self.counters.step}\n")
 
     # ------------------------------------------------------------------ the end
     def _shut_down(self, exit_reason: str) -> None:

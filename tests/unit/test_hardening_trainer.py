@@ -186,6 +186,23 @@ def test_stop_request_on_an_evaluation_step_saves_at_once(world1, data, tmp_path
     assert (run_dir / "PREEMPTED").read_text().strip() == "2"
 
 
+def test_a_notice_during_start_up_stops_before_the_first_step(world1, data, tmp_path, monkeypatch):
+    """SIGUSR1 while the rank starts (the worker's handler, train/preemption.py): no step is trained, nothing
+    saved (nothing done), PREEMPTED written for the sbatch script to requeue; was: the rank was killed."""
+    from mnemo.train import preemption, trainer
+
+    run_dir = tmp_path / "run"
+    cfg = config(data, run_dir, "train.max_steps=4", "checkpoint.interval=2", "eval.interval=0")
+    steps: list[int] = []
+    monkeypatch.setattr(trainer.Trainer, "train_step", lambda self, step: steps.append(step) or True)
+    preemption.catch()
+    os.kill(os.getpid(), signal.SIGUSR1)
+    summary = trainer.train(cfg)
+    assert (summary["exit"], summary["step"], steps) == ("preempted", 0, [])
+    assert (run_dir / "PREEMPTED").read_text().strip() == "0"
+    assert not list((run_dir / "checkpoints").glob("step_*"))
+
+
 def test_a_used_up_mixture_ends_the_run_like_its_last_step(world1, data, tmp_path, caplog):
     """Every source with a weight > 0 at its max_epochs: the loader raised in the rank (on 2 ranks the other
     died in a gloo collective), nothing since the last checkpoint was saved, and a resume crashed the same

@@ -89,3 +89,39 @@ def test_a_child_whose_parent_is_already_gone_exits_at_once():
         timeout=60,
     )
     assert (here.returncode, here.stdout) == (0, "alive\n")
+
+
+# The rank as torchrun starts it (the node launcher has SIGTERM/SIGUSR1 ignored), with run_train replaced:
+# a notice comes during start-up, then the step loop's Preemption is built.
+EARLY_SIGNAL = """
+import os, signal, sys
+sys.path.insert(0, {repo!r})
+for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP):
+    signal.signal(s, signal.SIG_IGN)
+import mnemo.train.entry as entry
+
+def run_train(config, overrides):
+    os.kill(os.getpid(), signal.{sig})  # srun signals every process of the step, ranks starting up included
+    from mnemo.train.schedule import Preemption
+
+    print("flag", signal.Signals(Preemption().signal).name, "again", Preemption().signal, flush=True)
+    return 0
+
+entry.run_train = run_train
+from mnemo.launch import worker
+sys.exit(worker.main(["c.yaml"]))
+"""
+
+
+@pytest.mark.parametrize("sig", ["SIGUSR1", "SIGTERM"])
+def test_a_preemption_notice_during_start_up_is_kept_for_the_step_loop(sig):
+    # Was: the worker restored the default action, and the notice killed the rank (the SLURM job failed).
+    r = subprocess.run(
+        [sys.executable, "-c", EARLY_SIGNAL.format(repo=str(REPO), sig=sig)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    # Taken over once: a later run in the same process does not see it.
+    assert r.stdout.splitlines()[-1] == f"flag {sig} again None"
