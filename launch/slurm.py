@@ -97,6 +97,7 @@ def check_options(o: SlurmOptions) -> None:
         if not a.startswith("-"):
             raise UserError(f"--sbatch-arg {a!r} must be one sbatch option such as --qos=high")
         check_line_safe("--sbatch-arg", a)
+        check_not_ours(a)
     for key, v in (
         ("config", o.config),
         ("run.dir", str(o.run_dir)),
@@ -110,6 +111,61 @@ def check_options(o: SlurmOptions) -> None:
     if "\\" in str(o.run_dir):
         # In an --output pattern a backslash turns off %j: the log name would be literal.
         raise UserError(f"run.dir: {str(o.run_dir)!r} contains a backslash, which SLURM's --output cannot hold")
+
+
+_LOG = "the job's log is <run.dir>/logs/slurm-%j.out (set run.dir)"
+# sbatch options the script sets (or mnemo launch has a flag for) -> what to use instead. A later
+# "#SBATCH" line wins in sbatch, so an --sbatch-arg would silently override the validated value
+# (--nodes=3 past the world-size check of train.global_batch_size).
+_OURS = {
+    "nodes": "use mnemo launch --nodes",
+    "ntasks-per-node": "one task per node runs torchrun; use --nproc-per-node for ranks per node",
+    "ntasks": "one task per node runs torchrun; use --nodes and --nproc-per-node",
+    "gpus-per-node": "use mnemo launch --gpus-per-node",
+    "partition": "use mnemo launch --partition",
+    "account": "use mnemo launch --account",
+    "time": "use mnemo launch --time",
+    "signal": "the preemption notice comes checkpoint.grace_period_s before the end (set that)",
+    "requeue": "the script requeues the job after a preemption itself",
+    "no-requeue": "the script requeues the job after a preemption itself",
+    "open-mode": _LOG,
+    "output": _LOG,
+    "error": _LOG,
+    "chdir": "the job runs in the directory mnemo launch was run in (cd there first)",
+    "job-name": "set run.name",
+}
+_OURS_SHORT = {"N": "nodes", "n": "ntasks", "p": "partition", "A": "account", "t": "time", "o": "output",
+               "e": "error", "D": "chdir", "J": "job-name"}  # fmt: skip
+# sbatch's short options without an argument: more may follow in the same word (-HN3 is -H -N 3).
+_SHORT_FLAGS = frozenset("HhOQsuVvW")
+# sbatch options whose name is a prefix of one above: the exact name wins in getopt_long.
+_OTHER_EXACT = frozenset({"gpus"})
+
+
+def check_not_ours(arg: str) -> None:
+    """UserError unless the --sbatch-arg ``arg`` leaves alone every option the script sets.
+
+    Read as sbatch's getopt_long reads it: ``--opt=v``, ``--opt v`` (one
+    word), a unique abbreviation (``--part=x``), ``-N3``, ``-N 3``, and short
+    flags bundled in front (``-HN3``).
+    """
+    hits: list[str] = []
+    if arg.startswith("--"):
+        name = re.split(r"[=\s]", arg[2:], maxsplit=1)[0]
+        if name in _OURS:
+            hits = [name]
+        elif name not in _OTHER_EXACT and len(name) >= 3:
+            hits = [o for o in _OURS if o.startswith(name)]
+    else:
+        for c in arg[1:]:
+            if c in _OURS_SHORT:
+                hits = [_OURS_SHORT[c]]
+                break
+            if c not in _SHORT_FLAGS:
+                break
+    if hits:
+        opt = hits[0]
+        raise UserError(f"--sbatch-arg {arg!r}: --{opt} is for mnemo launch to set, not --sbatch-arg; {_OURS[opt]}")
 
 
 def _directives(o: SlurmOptions) -> list[str]:

@@ -446,6 +446,46 @@ def test_bad_flags(ws, capsys, argv, msg):
     assert msg in _fails(capsys, "c.yaml", "--dry-run", *argv)
 
 
+@pytest.mark.parametrize(
+    ("arg", "flag", "hint"),
+    [
+        ("--nodes=3", "--nodes", "use mnemo launch --nodes"),
+        ("--nodes 3", "--nodes", "use mnemo launch --nodes"),
+        ("-N3", "--nodes", "use mnemo launch --nodes"),
+        ("-N 3", "--nodes", "use mnemo launch --nodes"),
+        ("-HN3", "--nodes", "use mnemo launch --nodes"),  # -H (hold) bundled in front
+        ("--node=3", "--nodes", "use mnemo launch --nodes"),  # getopt_long takes a unique abbreviation
+        ("--ntasks-per-node=4", "--ntasks-per-node", "--nproc-per-node"),
+        ("-n8", "--ntasks", "--nproc-per-node"),
+        ("--gpus-per-node=8", "--gpus-per-node", "use mnemo launch --gpus-per-node"),
+        ("-p gpu", "--partition", "use mnemo launch --partition"),
+        ("--account=x", "--account", "use mnemo launch --account"),
+        ("-t10", "--time", "use mnemo launch --time"),
+        ("--signal=B:USR1@5", "--signal", "checkpoint.grace_period_s"),
+        ("--no-requeue", "--no-requeue", "requeues"),
+        ("-o/tmp/x", "--output", "<run.dir>/logs/slurm-%j.out"),
+        ("--error=x", "--error", "<run.dir>/logs/slurm-%j.out"),
+        ("--open-mode=truncate", "--open-mode", "<run.dir>/logs/slurm-%j.out"),
+        ("-D /tmp", "--chdir", "cd there first"),
+        ("--job-name=x", "--job-name", "run.name"),
+    ],
+)
+def test_sbatch_arg_cannot_override_what_mnemo_sets(ws, capsys, arg, flag, hint):
+    # Was: written as a later #SBATCH line, which wins: --nodes=3 bypassed the global batch check.
+    err = _fails(capsys, "c.yaml", "--slurm", "--dry-run", f"--sbatch-arg={arg}")
+    assert err.startswith(f"mnemo: error: --sbatch-arg {arg!r}: {flag} is for mnemo launch to set") and hint in err
+    assert err.count("\n") == 1
+
+
+def test_sbatch_arg_with_other_options_is_written(ws, capsys):
+    for arg, line in [(a, a) for a in ("--gpus=2", "--qos=high", "-c4", "--time-min=5", "--exclusive")] + [
+        ("--comment=-N3 --nodes=2", '--comment="-N3 --nodes=2"')
+    ]:
+        rc, out, err = launch(capsys, "c.yaml", "--slurm", "--dry-run", f"--sbatch-arg={arg}")
+        assert rc == 0, err
+        assert f"#SBATCH {line}\n\n" in out
+
+
 @pytest.mark.parametrize("dry_run", [["--dry-run"], []])
 def test_slurm_run_dir_that_cannot_be_a_directory(ws, capsys, monkeypatch, dry_run):
     # Was a NotADirectoryError traceback from write_script, or "[Errno 2] No such file or directory:
