@@ -256,9 +256,11 @@ def find_ssh() -> str:
 
 # What each host's probe prints: its kernel's boot id and the device:inode of its /dev/shm. Two host
 # names printing the same line are one machine with one /dev/shm, where the nodes' mosaicml-streaming
-# leaders would create the same shared memory (FileExistsError: '/000023_locals'). A shell without
-# `$(...)` or a machine without these files prints nothing usable, and is not checked.
-_IDENTITY = (
+# leaders would create the same shared memory (FileExistsError: '/000023_locals'). A
+# machine without these files prints nothing usable, and is not checked. sshd hands the command to the
+# login shell (`$SHELL -c CMD`), which may be csh or fish (see remote_command): /bin/sh runs the probe,
+# the login shell only parses one single-quoted word (csh took `$(` for an "Illegal variable name").
+_IDENTITY = "sh -c " + shlex.quote(
     "echo mnemo-machine:$(cat /proc/sys/kernel/random/boot_id 2>/dev/null):$(stat -Lc %d:%i /dev/shm 2>/dev/null)"
 )
 _IDENTITY_LINE = re.compile(r"^mnemo-machine:([0-9a-f-]{8,}):(\d+:\d+)$", re.M)

@@ -226,6 +226,28 @@ def test_reachability_probe_gives_ssh_the_bare_address(ws):
     assert (ws / "hosts.seen").read_text() == "::1\n"
 
 
+@pytest.mark.parametrize("login_shell", ["/usr/bin/tcsh", "/bin/bash"])
+def test_reachability_probe_runs_under_a_csh_login_shell(ws, login_shell):
+    # sshd runs `$SHELL -c CMD`. Was: `$(...)` in the probe made tcsh fail ("Illegal variable name."),
+    # and every host was "unreachable".
+    from mnemo.launch.hostfile import parse_hostfile_text
+    from mnemo.launch.remote import check_reachable
+    from mnemo.train.errors import UserError
+
+    if not Path(login_shell).is_file():
+        pytest.skip(f"{login_shell} is not installed")
+    ssh = ws / "ssh"
+    ssh.write_text(
+        '#!/bin/bash\nwhile [ $# -gt 0 ]; do [ "$1" = "--" ] && { shift; break; }; shift; done; shift\n'
+        f'exec {login_shell} -c "$*"\n'
+    )
+    ssh.chmod(0o755)
+    check_reachable(parse_hostfile_text("node-a slots=1\n"), str(ssh))
+    # The probe still tells one machine listed twice (it printed its identity through the login shell).
+    with pytest.raises(UserError, match="are one machine"):
+        check_reachable(parse_hostfile_text("node-a slots=1\nnode-b slots=1\n"), str(ssh))
+
+
 @pytest.mark.parametrize("target", [["--hostfile", "hosts"], ["--nnodes", "2", "--node-rank", "1"]])
 def test_master_addr_with_a_port_is_refused(ws, capsys, target):
     err = fails(capsys, "c.yaml", "--dry-run", *target, "--master-addr", "node-a:29500")
