@@ -103,7 +103,10 @@ def parse_hostfile(path: str | Path) -> list[Host]:
 def parse_hostfile_text(text: str, name: str = "hostfile") -> list[Host]:
     hosts: list[Host] = []
     seen: dict[str, int] = {}
-    for lineno, raw in enumerate(text.splitlines(), start=1):
+    # "\n" only: splitlines() also splits at U+0085, U+2028, form feed, ..., which no editor shows as a
+    # line break (wrong line numbers, and the rest of a comment read as a host).
+    for lineno, raw in enumerate(text.split("\n"), start=1):
+        raw = raw.removesuffix("\r")
         line = raw.split("#", 1)[0].strip()
         if not line:
             continue

@@ -76,6 +76,15 @@ def test_hostfile_saved_with_a_bom(tmp_path):
     assert parse_hostfile(hf) == [Host("node-a", 1, 1), Host("node-b", 2, 2)]
 
 
+@pytest.mark.parametrize("sep", ["\x85", "\u2028", "\u2029", "\x0c", "\x0b", "\x1c", "\x1d", "\x1e"])
+def test_only_a_newline_ends_a_hostfile_line(sep):
+    # Was: str.splitlines() also split at these: the rest of a comment became a host, and line numbers shifted.
+    text = f"# spare{sep}node-x slots=1\nnode-a slots=1\r\nnode-b slots=2\n"
+    assert parse_hostfile_text(text, "hf") == [Host("node-a", 1, 2), Host("node-b", 2, 3)]
+    with pytest.raises(UserError, match=r"^hf:2: "):
+        parse_hostfile_text(f"node-a slots=1\nnode-b{sep}node-c slots=1\n", "hf")
+
+
 def test_ordinary_host_names_are_kept_verbatim():
     names = ["worker-0", "node_1.cluster.local", "alice@gpu-3", "10.0.0.7", "[fe80::1]", "fe80::2"]
     hosts = parse_hostfile_text("".join(f"{n} slots=1\n" for n in names), "hf")
