@@ -83,13 +83,42 @@ class SlurmOptions:
         return self.run_dir / "slurm" / "job.sbatch"
 
 
+def time_limit_s(text: str) -> int | None:
+    """Seconds of a SLURM --time (UserError naming it if it is not one); None: no limit.
+
+    As SLURM reads it: MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS; seconds
+    round up to a whole minute; 0, UNLIMITED and INFINITE set no limit.
+    """
+    if not _TIME.fullmatch(text):
+        raise UserError(f"--time {text!r} is not a SLURM time (MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS)")
+    if text in ("UNLIMITED", "INFINITE"):
+        return None
+    days, _, rest = text.rpartition("-")
+    parts = [int(x) for x in rest.split(":")]
+    if days:  # D-HH[:MM[:SS]]
+        h, m, sec = (parts + [0, 0])[:3]
+        h += int(days) * 24
+    elif len(parts) == 3:  # HH:MM:SS
+        h, m, sec = parts
+    else:  # MM[:SS]
+        h, m, sec = 0, parts[0], (parts + [0])[1]
+    minutes = -(-((h * 60 + m) * 60 + sec) // 60)
+    return None if minutes == 0 else minutes * 60
+
+
 def check_options(o: SlurmOptions) -> None:
     if o.nodes < 1:
         raise UserError(f"--nodes must be >= 1, got {o.nodes}")
     if o.gpus_per_node is not None and o.gpus_per_node < 0:
         raise UserError(f"--gpus-per-node must be >= 0, got {o.gpus_per_node}")
-    if o.time is not None and not _TIME.fullmatch(o.time):
-        raise UserError(f"--time {o.time!r} is not a SLURM time (MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS)")
+    if o.time is not None:
+        limit = time_limit_s(o.time)
+        if limit is not None and limit <= o.signal_s:
+            raise UserError(
+                f"--time {o.time!r} ({limit} s) is not above checkpoint.grace_period_s ({o.signal_s} s), how long "
+                "before the limit SLURM sends the preemption notice: it would come at once, and every run of the "
+                "job be requeued again"
+            )
     for flag, v in (("--partition", o.partition), ("--account", o.account)):
         if v is not None and not _SAFE_VALUE.fullmatch(v):
             raise UserError(f"{flag} {v!r} contains characters SLURM does not allow")

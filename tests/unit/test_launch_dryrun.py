@@ -477,6 +477,29 @@ def test_sbatch_arg_cannot_override_what_mnemo_sets(ws, capsys, arg, flag, hint)
     assert err.count("\n") == 1
 
 
+@pytest.mark.parametrize("time", ["2", "1:59", "0:01:30", "00:02:00", "0-0:2"])
+def test_slurm_time_not_above_the_grace_period_is_refused(ws, capsys, time):
+    # Was accepted: SLURM sends the preemption notice grace_period_s before the limit, i.e. at once,
+    # and every run of the job was requeued again.
+    err = _fails(capsys, "c.yaml", "--slurm", "--dry-run", "--time", time, "checkpoint.grace_period_s=120")
+    assert f"--time {time!r} (120 s) is not above checkpoint.grace_period_s (120 s)" in err
+
+
+@pytest.mark.parametrize("time", ["3", "2:01", "0", "UNLIMITED", "INFINITE", "1-0", "0:02:01"])
+def test_slurm_time_above_the_grace_period_or_unlimited_is_written(ws, capsys, time):
+    rc, out, err = launch(capsys, "c.yaml", "--slurm", "--dry-run", "--time", time, "checkpoint.grace_period_s=120")
+    assert rc == 0, err
+    assert f"#SBATCH --time={time}\n" in out
+
+
+def test_slurm_time_formats_in_seconds():
+    from mnemo.launch.slurm import time_limit_s
+
+    cases = {"5": 300, "5:30": 360, "1:02:03": 3780, "2-3": 183600, "2-3:04": 183840, "2-3:04:05": 183900}
+    assert {t: time_limit_s(t) for t in cases} == cases  # seconds round up to a minute, as in SLURM
+    assert [time_limit_s(t) for t in ("0", "0:00", "UNLIMITED", "INFINITE")] == [None] * 4
+
+
 def test_sbatch_arg_with_other_options_is_written(ws, capsys):
     for arg, line in [(a, a) for a in ("--gpus=2", "--qos=high", "-c4", "--time-min=5", "--exclusive")] + [
         ("--comment=-N3 --nodes=2", '--comment="-N3 --nodes=2"')
