@@ -125,3 +125,34 @@ def test_a_preemption_notice_during_start_up_is_kept_for_the_step_loop(sig):
     assert r.returncode == 0, r.stderr[-2000:]
     # Taken over once: a later run in the same process does not see it.
     assert r.stdout.splitlines()[-1] == f"flag {sig} again None"
+
+
+TRACKER = """
+import os, signal, sys, time
+sys.path.insert(0, {repo!r})
+import psutil
+import mnemo.train.entry as entry
+
+def run_train(config, overrides):
+    from multiprocessing import resource_tracker
+
+    resource_tracker.ensure_running()  # what shared memory does on first use: the worker's tracker, or a new one
+    (tracker,) = psutil.Process().children()
+    os.kill(tracker.pid, signal.SIGUSR1)  # srun signals every process of the step
+    time.sleep(0.5)
+    print("tracker", "alive" if tracker.status() != psutil.STATUS_ZOMBIE else "died", flush=True)
+    return 0
+
+entry.run_train = run_train
+from mnemo.launch import worker
+sys.exit(worker.main(["c.yaml"]))
+"""
+
+
+def test_the_resource_tracker_outlives_a_preemption_notice():
+    # Was: started later with the default action for SIGUSR1, it died on every SLURM preemption.
+    r = subprocess.run(
+        [sys.executable, "-c", TRACKER.format(repo=str(REPO))], capture_output=True, text=True, timeout=120
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.splitlines()[-1] == "tracker alive"
