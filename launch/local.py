@@ -6,7 +6,10 @@ to the console and to ``<run.dir>/logs/node{i}.log``, and turns signals it
 receives into signals to the training workers:
 
     SIGTERM, SIGUSR1  -> the same signal to each worker (the trainer saves a
-                         checkpoint and exits 0)
+                         checkpoint and exits 0); a SIGUSR1 (SLURM's preemption
+                         notice) before torchrun started its workers is passed
+                         on to them when they start (they stop before their
+                         first step, and the job is requeued)
     SIGHUP, SIGINT,   -> SIGTERM to each worker (save and stop); a second
     EOF on stdin         SIGINT kills the whole process tree
     (hostfile target)
@@ -58,6 +61,18 @@ def _worker_pids(torchrun_pid: int) -> list[int]:
         return []
 
 
+def _catches(pid: int, sig: signal.Signals) -> bool:
+    """Whether process ``pid`` has a handler for ``sig`` (SigCgt in /proc/PID/status); True where that is unknown."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("SigCgt:"):
+                    return bool(int(line.split()[1], 16) >> (sig - 1) & 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return True
+
+
 def _kill_tree(pid: int) -> None:
     try:
         procs = psutil.Process(pid).children(recursive=True) + [psutil.Process(pid)]
@@ -105,6 +120,9 @@ class NodeRunner:
         self._pending: list[str] = []  # notes from signal handlers, written by the main loop
         self._interrupts = 0
         self._user_error = False  # a rank printed "mnemo: error: ..." (see the module's docstring)
+        # A preemption notice that came before torchrun started its workers, and when they first showed up.
+        self._held: signal.Signals | None = None
+        self._held_sent: set[int] = set()  # the workers that got it
 
     # -- signals ---------------------------------------------------------- #
 
@@ -116,6 +134,12 @@ class NodeRunner:
                 os.kill(pid, sig)
             except ProcessLookupError:
                 pass
+        if not pids and sig == signal.SIGUSR1:
+            # A preemption notice (SLURM) while torchrun starts: stopping torchrun would fail the job
+            # instead of requeueing it. The workers get it once they start (pass_on_held).
+            self._held = sig
+            self._pending.append(f"{why}: no worker started yet; passing {sig.name} on when they start")
+            return
         if not pids:
             # Between restarts or during rendezvous: nothing to save, stop torchrun.
             try:
@@ -123,6 +147,26 @@ class NodeRunner:
             except ProcessLookupError:
                 pass
         self._pending.append(f"{why}: sent {sig.name} to {len(pids)} worker(s)")
+
+    def _pass_on_held(self) -> None:
+        """Send a held preemption notice to each worker once, as soon as it catches that signal.
+
+        A worker that has just started still has it ignored (torchrun's
+        disposition) until launch/worker.py installs its handler: sent
+        earlier, it would be lost. Not sent twice either: a Python process
+        that is exiting has the default action back, and would be killed.
+        """
+        if self._held is None or self.proc is None:
+            return
+        for pid in _worker_pids(self.proc.pid):
+            if pid in self._held_sent or not _catches(pid, self._held):
+                continue
+            try:
+                os.kill(pid, self._held)
+            except ProcessLookupError:
+                continue
+            self._held_sent.add(pid)
+            self._pending.append(f"passed the held {self._held.name} on to worker {pid}")
 
     def _on_signal(self, signum: int, frame) -> None:
         sig = signal.Signals(signum)
@@ -230,6 +274,7 @@ class NodeRunner:
         buf = b""
         while True:
             ready = [key.fd for key, _ in sel.select(0.5)]
+            self._pass_on_held()
             self._flush_notes(log)
             if out_fd in ready:
                 data = os.read(out_fd, 65536)

@@ -17,9 +17,11 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -496,6 +498,55 @@ def test_slurm_replaces_its_own_script(ws, capsys):
     assert rc == 0 and second != first
     assert script.read_text() == second and (script.stat().st_mode & 0o777) == 0o755
     assert sorted(p.name for p in script.parent.iterdir()) == ["job.sbatch"], "no temporary file left"
+
+
+# A torchrun stand-in: the preemption notice reaches the node launcher while torchrun still starts (before any
+# worker); then one worker starts with the notice ignored (torchrun's disposition) for a while, as a rank does
+# until launch/worker.py installs its handler.
+SLOW_WORKER = """
+import signal, sys, time
+time.sleep(0.7)
+got = []
+signal.signal(signal.SIGUSR1, lambda s, f: got.append(s))
+deadline = time.time() + 20
+while not got and time.time() < deadline:
+    time.sleep(0.05)
+print("worker got", "USR1" if got else "nothing", flush=True)
+"""
+SLOW_TORCHRUN = """
+import os, signal, subprocess, sys, time
+time.sleep(1.0)  # the launcher has its handlers by now
+os.kill(os.getppid(), signal.SIGUSR1)
+time.sleep(1.0)
+sys.exit(subprocess.call([sys.executable, "-c", sys.argv[1]]))
+"""
+
+
+def test_a_preemption_notice_before_the_workers_start_reaches_them(tmp_path, monkeypatch):
+    # Was: "sent SIGUSR1 to 0 worker(s)", and torchrun stopped with SIGINT (exit 130): the SLURM job failed
+    # instead of being requeued.
+    from mnemo.launch.local import NodeRunner
+    from mnemo.launch.torchrun import NodePlan
+
+    def spawn(self):
+        old = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGTERM, signal.SIGUSR1)}
+        try:
+            return subprocess.Popen(
+                [sys.executable, "-c", SLOW_TORCHRUN, SLOW_WORKER], stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+            )
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+
+    monkeypatch.setattr(NodeRunner, "_spawn", spawn)
+    plan = NodePlan(config=str(tmp_path / "c.yaml"), overrides=[], run_dir=tmp_path / "run", nproc_per_node=1)
+    plan.log_path.parent.mkdir(parents=True)
+    rc = NodeRunner(plan, console=io.StringIO()).run()
+    assert rc == 0, plan.log_path.read_text()
+    log = plan.log_path.read_text()
+    assert "got SIGUSR1: no worker started yet; passing SIGUSR1 on when they start" in log
+    assert "passed the held SIGUSR1 on to worker " in log
+    assert "worker got USR1" in log
 
 
 def test_node_log_is_never_appended_through_a_symlink(tmp_path, monkeypatch):
