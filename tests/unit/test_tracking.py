@@ -473,6 +473,29 @@ def test_the_uri_check_agrees_with_the_installed_mlflow(tmp_path, monkeypatch):
     assert common.uri_problem((tmp_path / "mlruns").as_uri()) is None
 
 
+def test_a_database_store_without_its_driver_is_named_before_start(monkeypatch):
+    """postgresql:// without its driver installed passed the pre-flight; rank 0 alone found out after the engine
+    and data were built. The driver is imported (no connection made); the URI's password is never quoted."""
+    import builtins
+
+    from mnemo.train.tracking import common
+
+    real_import = builtins.__import__
+
+    def no_psycopg(name, *a, **k):  # the driver absent, whether or not this machine has it
+        if name.split(".")[0] in ("psycopg", "psycopg2"):
+            raise ModuleNotFoundError(f"No module named {name.split('.')[0]!r}")
+        return real_import(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_psycopg)
+    why = common.uri_problem("postgresql://user:hunter2@db.example/mlflow")
+    assert why and why.startswith("its database driver is not installed (No module named 'psycopg")
+    assert "hunter2" not in why
+    assert common.uri_problem("mysql+nodriver://h/db") == "SQLAlchemy has no such database driver (mysql+nodriver)"
+    assert common.uri_problem("postgresql://h:port/db") == "not a database URL SQLAlchemy can read (ValueError)"
+    assert common.uri_problem("sqlite:///x.db") is None
+
+
 def test_a_deleted_resume_run_starts_a_new_run_with_parent_tag(store, client, tmp_path, caplog):
     # Before: get_run found it, update_run refused it ("must be in the 'active' state. Current state is
     # deleted"), and that error stopped the job.

@@ -97,7 +97,7 @@ def uri_problem(uri: str) -> str | None:
             return f"unknown database scheme {scheme!r} (MLflow's: {engines}, each with an optional +DRIVER)"
         if not uri.startswith(scheme):  # SQLAlchemy loads the dialect by the scheme as written: "Sqlite" has none
             return f"write the scheme {scheme!r} in lower case"
-        return None
+        return db_driver_problem(uri)
     if scheme in FILE_SCHEMES:
         return file_store_problem()
     if scheme in DATABRICKS_SCHEMES:
@@ -107,6 +107,26 @@ def uri_problem(uri: str) -> str | None:
     if scheme in store_plugin_schemes():
         return None
     return f"unknown scheme {scheme!r}: MLflow cannot open it as a tracking store ({URI_FORMS})"
+
+
+def db_driver_problem(uri: str) -> str | None:
+    """Why SQLAlchemy, which MLflow's database stores use, could not load the dialect and driver of database ``uri``
+    (None: it can). The driver module is imported, no connection is made: a postgresql:// store without its
+    driver was found by rank 0 alone, after the engine and data were built. The URI itself is never quoted (it
+    may hold a password)."""
+    import sqlalchemy
+
+    try:
+        dialect = sqlalchemy.engine.make_url(uri).get_dialect()
+        load = getattr(dialect, "import_dbapi", None) or dialect.dbapi  # SQLAlchemy 2 / 1.4
+        load()
+    except ImportError as e:
+        return f"its database driver is not installed ({e}); install it into this environment"
+    except sqlalchemy.exc.NoSuchModuleError:
+        return f"SQLAlchemy has no such database driver ({urlparse(uri).scheme})"
+    except (sqlalchemy.exc.ArgumentError, ValueError) as e:
+        return f"not a database URL SQLAlchemy can read ({type(e).__name__})"
+    return None
 
 
 def store_plugin_schemes() -> set[str]:
