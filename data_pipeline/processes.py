@@ -9,8 +9,9 @@ import sys
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
-def die_with_parent(parent: int | None = None) -> None:
-    """Have the kernel SIGKILL this process when its parent dies (Linux; elsewhere nothing).
+def die_with_parent(parent: int | None = None, sig: int = signal.SIGKILL) -> None:
+    """Have the kernel send ``sig`` (SIGKILL by default) to this process when its parent dies (Linux; elsewhere
+    nothing).
 
     A parent killed without the chance to stop its children (SIGKILL, the OOM
     killer) would otherwise leave them running: torchrun's ranks writing
@@ -27,7 +28,7 @@ def die_with_parent(parent: int | None = None) -> None:
         import ctypes
 
         libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+        libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
     except (OSError, AttributeError):
         return
     if os.getppid() != parent if parent is not None else os.getppid() == 1:

@@ -13,6 +13,9 @@ receives into signals to the training workers:
     SIGHUP, SIGINT,   -> SIGTERM to each worker (save and stop); a second
     EOF on stdin         SIGINT kills the whole process tree
     (hostfile target)
+    SIGKILL, a crash  -> torchrun gets SIGINT from the kernel (or from the
+                         launcher's last act) and stops its workers: no
+                         process of the job outlives its launcher
 
 A worker may get a signal twice (under SLURM every process of a step gets a
 forwarded signal, and the launcher forwards it as well): the trainer's handler
@@ -44,6 +47,7 @@ from typing import IO
 # AttributeError killed the launcher and left torchrun and the ranks training with nobody watching.
 import psutil
 
+from mnemo.data_pipeline.processes import die_with_parent
 from mnemo.launch.torchrun import NodePlan, node_env, torchrun_command
 from mnemo.train.errors import UserError
 
@@ -208,6 +212,7 @@ class NodeRunner:
         # Ignored dispositions survive exec, handlers do not: torchrun (which
         # does not register these) starts with them ignored.
         old = {s: signal.signal(s, signal.SIG_IGN) for s in _IGNORED_IN_TORCHRUN}
+        me = os.getpid()
         try:
             return subprocess.Popen(
                 torchrun_command(self.plan),
@@ -216,6 +221,11 @@ class NodeRunner:
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # a terminal's Ctrl-C reaches the launcher only
+                # This launcher killed (SIGKILL, the OOM killer): torchrun, in a session of its own, would go on
+                # with nobody reading it (and holding run.lock). SIGINT, which torchrun handles (it ignores
+                # SIGTERM), has it stop its workers, which exit as on a Ctrl-C of `mnemo train`: no save, the
+                # checkpoints already written stay. The request survives the exec of torchrun.
+                preexec_fn=lambda: die_with_parent(me, signal.SIGINT),
             )
         finally:
             for s, h in old.items():

@@ -156,6 +156,24 @@ def test_two_quick_sigints_stop_everything_without_a_traceback(fake):
     assert not alive, f"left running: {alive}"
 
 
+def test_a_killed_launcher_takes_torchrun_and_its_workers_with_it(fake):
+    """kill -9 (or the OOM killer) of the node launcher left torchrun, in a session of its own, and its ranks
+    training with nobody reading them, holding run.lock; torchrun ignores SIGTERM, so a plain kill did not
+    stop it. Now torchrun gets SIGINT when the launcher dies, and stops its workers (with SIGINT: they stop
+    without a save, as `mnemo train` does on a Ctrl-C; the checkpoints already written stay)."""
+    import psutil
+
+    tmp, env = fake
+    p = _node(tmp, env, FAKE_WAIT="120")
+    _wait_files(tmp / "out", "ready.*", 2, p)
+    tree = psutil.Process(p.pid).children(recursive=True)  # torchrun and its 2 workers
+    assert len(tree) == 3
+    p.kill()
+    p.wait(timeout=10)
+    gone, alive = psutil.wait_procs(tree, timeout=60)
+    assert not alive, f"left running: {alive}"
+
+
 def test_max_restarts_restarts_the_group_and_logs_it(fake):
     tmp, env = fake
     p = _node(tmp, env, restarts=1, FAKE_FAIL="1.0", FAKE_WAIT="0.5")
