@@ -245,7 +245,10 @@ class DocumentStreams:
         self.vocab_size = vocab_size  # > 0: every document's token ids are checked to lie below it
         self.rank, self.world = rank, world_size
         self.seed, self.val_fraction = seed, val_fraction
-        self.pad_id, self.answer_weight = pad_id, answer_weight
+        # A tokenizer without a pad token (many tokenizer.json files; the manifest says -1) pads with id 0:
+        # padded positions carry no loss and no weight, so any id in the vocabulary will do, and -1 would
+        # index the embedding out of range.
+        self.pad_id, self.answer_weight = max(pad_id, 0), answer_weight
         self.answer_context_weight = answer_context_weight
         common = dict(rank=rank, world=world_size, seed=seed, val_fraction=val_fraction)
         if isinstance(source, (list, tuple)):

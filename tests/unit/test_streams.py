@@ -225,3 +225,17 @@ def test_a_token_id_outside_the_vocabulary_is_a_data_error_naming_the_sample(bad
     with pytest.raises(DataError, match=rf"^data\.path: shard 1, sample 4: token id {bad} is outside the vocabulary"):
         for _ in range(100):
             next(s)
+
+
+def test_a_tokenizer_without_a_pad_token_pads_with_a_valid_id():
+    """A tokenizer.json without a pad token gives pad_id -1 (the manifest's "none"): padding with it made the
+    embedding lookup fail in training (IndexError) at the first document ending inside a segment."""
+    docs = make_docs(12, lo=3, hi=20)
+    s = DocumentStreams(ArraySource(docs), batch_size=3, segment_len=8, pad_id=-1)
+    padded = 0
+    for _ in range(40):
+        bt = next(s)
+        tokens = np.asarray(bt.tokens)
+        assert tokens.min() >= 0
+        padded += int((~np.asarray(bt.mask)).sum())
+    assert padded > 0  # documents did end inside segments
