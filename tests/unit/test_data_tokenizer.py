@@ -116,6 +116,22 @@ def test_unigram_is_lossless_too(tmp_path):
         assert t.decode(t.encode(text)) == text
 
 
+@pytest.mark.parametrize("model_type", ["bpe", "unigram"])
+def test_a_corpus_without_spaces_still_gives_a_lossless_tokenizer(tmp_path, model_type):
+    """Chinese, Japanese or Thai text has no spaces: the space mark never entered the vocabulary, byte fallback
+    spelled a space as the bytes of U+2581, and every space decoded as that mark."""
+    import random
+
+    from mnemo.data_pipeline.tokenizer import train_from_texts
+
+    rng = random.Random(0)
+    zh = "我们今天去公园散步天气很好阳光明媚小鸟在树上唱歌孩子们在草地上玩耍"
+    texts = ["".join(rng.choice(zh) for _ in range(600)) + "。\n" for _ in range(30)]
+    t = train_from_texts(texts, tmp_path / f"{model_type}.model", vocab_size=400, model_type=model_type, num_threads=1)
+    for text in (" 我们  今天 a b ", "我们 今天", "\u2581 x"):
+        assert t.decode(t.encode(text)) == text
+
+
 def test_special_tokens_are_reserved_control_symbols(tmp_path):
     t = train_tokenizer(
         [str(_corpus(tmp_path, 10))], tmp_path / "s.model", vocab_size=500, special_tokens=["<mask>", "<sep>"]
