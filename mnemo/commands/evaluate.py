@@ -395,6 +395,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from mnemo.data_pipeline.errors import clip
     from mnemo.data_pipeline.files import not_a_regular_file
+    from mnemo.data_pipeline.inputs import byte_order_mark
 
     check_flags(generate_flag_rules(args))  # before the prompt is read and torch imported
     path = Path(args.prompt_file)
@@ -402,10 +403,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
         why = not_a_regular_file(path)  # a FIFO or /dev/stdin would be waited on, a directory unreadable
         if why:
             raise UserError(f"--prompt-file: {clip(str(path))}: {why}")
+        raw = path.read_bytes()
+        # A byte order mark is read as `mnemo prepare` reads one (Notepad writes them): dropped, not three
+        # tokens training never saw; UTF-16/32 with their mark decoded.
+        bom = byte_order_mark(raw[:4])
+        skip, codec, _ = bom if bom else (0, "utf-8", "")
         try:
-            text = path.read_text(encoding="utf-8")
+            text = raw[skip:].decode(codec)
         except UnicodeDecodeError:
-            raise UserError(f"--prompt-file: {path} is not UTF-8 text") from None
+            raise UserError(f"--prompt-file: {path} is not {codec.upper()} text") from None
     if not text:  # before the model loads (text that encodes to no token is found after)
         raise UserError(f"--prompt-file: {path} is empty")
     # After the checks above: these import torch (seconds).

@@ -196,6 +196,28 @@ def test_generate_refuses_a_store_too_large_for_the_machine_and_takes_ltm_capaci
     assert args.func(args) == 0 and "(3 tokens generated)" in capsys.readouterr().err
 
 
+def test_a_prompt_with_a_byte_order_mark_reads_as_prepare_reads_it(tmp_path, capsys):
+    """A BOM (Notepad writes one) became three byte tokens that training never saw (prepare drops it); a UTF-16
+    prompt with its BOM was refused as not UTF-8."""
+    exp = _export_dir(tmp_path)
+    text = "def f(x):\n    return x\n"
+    outs = []
+    for name, data in (("plain", text.encode()), ("bom8", b"\xef\xbb\xbf" + text.encode())):
+        (tmp_path / name).write_bytes(data)
+        args = build_parser().parse_args(
+            ["generate", str(exp), "--prompt-file", str(tmp_path / name), "--max-tokens", "4", "--temperature", "0"]
+        )
+        assert args.func(args) == 0
+        outs.append(capsys.readouterr())
+    assert outs[0].out == outs[1].out
+    assert outs[0].err.splitlines()[0] == outs[1].err.splitlines()[0]  # "prompt: N tokens = ..."
+    (tmp_path / "u16").write_bytes(b"\xff\xfe" + text.encode("utf-16-le"))
+    args = build_parser().parse_args(
+        ["generate", str(exp), "--prompt-file", str(tmp_path / "u16"), "--max-tokens", "4", "--temperature", "0"]
+    )
+    assert args.func(args) == 0 and capsys.readouterr().out == outs[0].out
+
+
 @pytest.mark.parametrize("temperature", [float("nan"), float("inf"), -1.0])
 def test_generate_refuses_a_non_finite_or_negative_temperature(temperature):
     """NaN made every probability NaN (torch.multinomial failed mid-generation); a negative one meant greedy."""
