@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import signal
+import sys
 import time
 
 import torch
@@ -118,20 +119,36 @@ class Preemption:
 
     A notice that came before, during start-up (the worker's handler,
     train/preemption.py), is taken over: the loop stops before its first step.
+    Once the loop exists, SIGHUP (a closed terminal) and a first SIGINT (Ctrl-C; torchrun's own stop) do the
+    same, as `mnemo launch` does for them: `mnemo train` alone lost the steps since the last checkpoint. A
+    second SIGINT stops at once (KeyboardInterrupt, Python's own Ctrl-C). Before the loop, Ctrl-C stays
+    Python's: nothing to save, and a long start-up must stop when asked.
     """
 
     def __init__(self):
         self.signal: int | None = None
         self.at = 0.0
-        for s in preemption.SIGNALS:
-            signal.signal(s, self._handler)
+        self._before = {s: signal.signal(s, self._handler) for s in (*preemption.SIGNALS, signal.SIGHUP, signal.SIGINT)}
         early = preemption.take()  # after installing: no notice falls between the two handlers
         if early is not None:
             self.signal, self.at = early
 
+    def release(self) -> None:
+        """The handlers from before, back (the run is over: a Ctrl-C in the process that called it is its own)."""
+        for s, h in self._before.items():
+            signal.signal(s, h)
+
     def _handler(self, signum, frame):
+        if signum == signal.SIGINT and self.signal == signal.SIGINT:
+            raise KeyboardInterrupt  # the second Ctrl-C: stop now, the checkpoint being written is atomic
         if self.signal is None:
             self.signal, self.at = signum, time.time()
+            if signum == signal.SIGINT:
+                print(
+                    "mnemo: interrupted: saving at the end of this step (Ctrl-C again to stop at once)",
+                    file=sys.stderr,
+                    flush=True,
+                )
 
 
 def stop_requests(preempt: Preemption, cfg: Config, started: float, device: torch.device) -> tuple[bool, bool]:

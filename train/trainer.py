@@ -551,6 +551,7 @@ class Trainer:
                     (self.run_dir / "PREEMPTED").unlink()
                 eval_result = self.evaluate()
         finally:
+            self.preempt.release()
             self._shut_down(exit_reason)
         if exit_reason == "nan":
             raise UserError(

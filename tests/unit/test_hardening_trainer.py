@@ -186,6 +186,44 @@ def test_stop_request_on_an_evaluation_step_saves_at_once(world1, data, tmp_path
     assert (run_dir / "PREEMPTED").read_text().strip() == "2"
 
 
+@pytest.mark.parametrize("sig", ["SIGHUP", "SIGINT"])
+def test_a_closed_terminal_or_ctrl_c_saves_and_stops_and_a_second_ctrl_c_stops_at_once(
+    world1, data, tmp_path, monkeypatch, sig
+):
+    """`mnemo train` alone: SIGHUP (a closed terminal) killed it silently and Ctrl-C stopped it without a save,
+    losing the steps since the last checkpoint, where `mnemo launch` saves on both. A second Ctrl-C stops at
+    once; the handlers are Python's again after the run."""
+    from mnemo.train import trainer
+
+    before = signal.getsignal(signal.SIGINT)
+    run_dir = tmp_path / "run"
+    step_once = trainer.Trainer.train_step
+
+    def step_then_signal(self, step):
+        ok = step_once(self, step)
+        if step + 1 == 3:
+            os.kill(os.getpid(), getattr(signal, sig))
+        return ok
+
+    monkeypatch.setattr(trainer.Trainer, "train_step", step_then_signal)
+    summary = trainer.train(config(data, run_dir, "train.max_steps=6", "checkpoint.interval=0"))
+    assert summary["exit"] == "preempted" and summary["step"] == 3
+    assert (run_dir / "checkpoints" / "step_00000003").is_dir()
+    assert signal.getsignal(signal.SIGINT) is before
+
+    def twice(self, step):
+        ok = step_once(self, step)
+        if step + 1 == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+        return ok
+
+    monkeypatch.setattr(trainer.Trainer, "train_step", twice)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train(config(data, tmp_path / "run2", "train.max_steps=6", "checkpoint.interval=0"))
+    assert signal.getsignal(signal.SIGINT) is before
+
+
 def test_a_notice_during_start_up_stops_before_the_first_step(world1, data, tmp_path, monkeypatch):
     """SIGUSR1 while the rank starts (the worker's handler, train/preemption.py): no step is trained, nothing
     saved (nothing done), PREEMPTED written for the sbatch script to requeue; was: the rank was killed."""
