@@ -223,8 +223,8 @@ class NodeRunner:
                 start_new_session=True,  # a terminal's Ctrl-C reaches the launcher only
                 # This launcher killed (SIGKILL, the OOM killer): torchrun, in a session of its own, would go on
                 # with nobody reading it (and holding run.lock). SIGINT, which torchrun handles (it ignores
-                # SIGTERM), has it stop its workers, which exit as on a Ctrl-C of `mnemo train`: no save, the
-                # checkpoints already written stay. The request survives the exec of torchrun.
+                # SIGTERM), has it pass SIGINT to its workers, which save and stop as on a Ctrl-C (within
+                # torchrun's 30 s before its SIGKILL). The request survives the exec of torchrun.
                 preexec_fn=lambda: die_with_parent(me, signal.SIGINT),
             )
         finally:

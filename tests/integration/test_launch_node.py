@@ -159,8 +159,8 @@ def test_two_quick_sigints_stop_everything_without_a_traceback(fake):
 def test_a_killed_launcher_takes_torchrun_and_its_workers_with_it(fake):
     """kill -9 (or the OOM killer) of the node launcher left torchrun, in a session of its own, and its ranks
     training with nobody reading them, holding run.lock; torchrun ignores SIGTERM, so a plain kill did not
-    stop it. Now torchrun gets SIGINT when the launcher dies, and stops its workers (with SIGINT: they stop
-    without a save, as `mnemo train` does on a Ctrl-C; the checkpoints already written stay)."""
+    stop it. Now torchrun gets SIGINT when the launcher dies and passes it to its workers (the trainer saves
+    and stops on it; these stand-ins just die)."""
     import psutil
 
     tmp, env = fake
