@@ -960,6 +960,7 @@ def check_paths(cfg: Config) -> None:
                 raise ConfigError(f"data.tokenizer: {e}") from None
     check_manifest_vocab(cfg, tok)
     check_episode_fit(cfg, tok)
+    check_passkey_eval_fit(cfg, tok)
     from mnemo.train.rundir import (
         RESUME_META_KEYS,
         check_checkpoint_files,
@@ -1112,6 +1113,40 @@ def check_episode_fit(cfg: Config, tok: str) -> None:
         raise ConfigError(
             f"train.passkey: {why}; model.segment_len is {T} (a D = 0 episode holds the facts and the question in"
             f" one segment): raise model.segment_len, or change {keys} (train.passkey.fraction=0: no episodes)"
+        ) from None
+
+
+def check_passkey_eval_fit(cfg: Config, tok: str) -> None:
+    """ConfigError naming eval.passkey_trials unless the in-run passkey evaluation (eval.passkey_trials > 0) can
+    build its documents with the tokenizer ``tok`` and model.segment_len: one sample at the smallest and the
+    largest of eval.passkey_distances, with stand-in filler (the fit does not depend on the filler's words).
+
+    Before, a question longer than a segment (a non-Latin tokenizer spells the English sentences in bytes)
+    passed here and stopped the run at its first evaluation, before
+    the checkpoint of that step, and again after every relaunch.
+    """
+    ev = cfg.eval
+    if ev.passkey_trials <= 0 or not ev.passkey_distances:
+        return
+    import numpy as np
+
+    from mnemo.data_pipeline.errors import DataError
+    from mnemo.data_pipeline.passkey import make_passkey_sample
+    from mnemo.data_pipeline.tasks import repeated_filler
+    from mnemo.data_pipeline.tokenizer import Tokenizer
+
+    T = cfg.model.segment_len
+    D = min(ev.passkey_distances)
+    try:
+        tokenizer = Tokenizer(tok)
+        filler = repeated_filler(tokenizer, T)
+        for D in sorted({min(ev.passkey_distances), max(ev.passkey_distances)}):
+            make_passkey_sample(tokenizer, filler, D, "start", T, np.random.default_rng(0))
+    except DataError as e:
+        why = str(e).removeprefix("passkey: ")
+        raise ConfigError(
+            f"eval.passkey_trials: {why} (eval.passkey_distances D={D}, model.segment_len {T}): raise "
+            "model.segment_len, or eval.passkey_trials=0 (no passkey evaluation)"
         ) from None
 
 

@@ -553,3 +553,28 @@ def test_passkey_episodes_that_cannot_fit_the_segment_are_refused_before_any_ran
         assert "raise model.segment_len" in msg and "\n" not in msg
     assert not (tmp_path / "r").exists()
     check_paths(load_config(None, [*base, "model.segment_len=64", "train.passkey.fraction=0"]))  # no episodes
+
+
+def test_a_passkey_evaluation_that_cannot_be_built_is_refused_before_any_rank(tmp_path, sp_tokenizer):
+    """Before: accepted by the pre-flight; the run trained to its first eval.interval, then stopped on "passkey:
+    the question needs N tokens, more than the segment length T" before that step's checkpoint (and again
+    after every relaunch). A tokenizer that does not round-trip got the segment advice, which cannot help."""
+    import json
+    import shutil
+
+    from mnemo.train.config import check_paths
+
+    data = _data_dir(tmp_path / "data")
+    shutil.copyfile(sp_tokenizer.path, data / "tokenizer.model")
+    (data / "manifest.json").write_text(json.dumps(_manifest(vocab_size=sp_tokenizer.vocab_size)))
+    base = [f"data.path={data}", f"run.dir={tmp_path}/r", "train.passkey.fraction=0", "eval.passkey_trials=2"]
+    check_paths(load_config(None, [*base, "model.segment_len=64", "eval.passkey_distances=[1,4]"]))
+    cfg = load_config(None, [*base, "model.segment_len=16", "memory.short.length=16", "eval.passkey_distances=[1]"])
+    with pytest.raises(ConfigError) as e:
+        check_paths(cfg)
+    msg = str(e.value)
+    assert msg.startswith("eval.passkey_trials: the question needs "), msg
+    for key in ("eval.passkey_distances D=1", "model.segment_len 16", "eval.passkey_trials=0"):
+        assert key in msg, msg
+    assert "\n" not in msg and not (tmp_path / "r").exists()
+    check_paths(load_config(None, [*base[:-1], "model.segment_len=16", "memory.short.length=16"]))  # trials 0
