@@ -43,6 +43,7 @@ def warn_no_heldout(cfg: Config) -> None:
 
 def run_eval(cfg: Config, module, source, tok_file: str, tracker, step: int, rank: int) -> dict[str, Any]:
     """Held-out evaluation on every rank (identical forwards, as ZeRO-3 needs), logged by rank 0."""
+    from mnemo.data_pipeline.errors import DataError
     from mnemo.data_pipeline.tokenizer import Tokenizer
     from mnemo.evaluation.evaluate import evaluate
     from mnemo.evaluation.report import flat_metrics, plots
@@ -58,17 +59,27 @@ def run_eval(cfg: Config, module, source, tok_file: str, tracker, step: int, ran
     # memory.long.capacity loses its first facts, as in training; `mnemo eval` sizes it for the longest.
     tasks = task_specs(cfg.eval.tasks, "eval.tasks")
     # evaluate() runs the module in eval mode and restores training mode (evaluation.inference.eval_mode).
-    result = evaluate(
-        module,
-        Tokenizer(tok_file),
-        docs,
-        cfg,
-        ablations=False,
-        passkey=cfg.eval.passkey_trials > 0,
-        seed=cfg.train.seed,
-        tasks=tasks,
-        skip_unfit_tasks=True,  # a task too long for model.segment_len: a warning, not a failed run
-    )
+    try:
+        result = evaluate(
+            module,
+            Tokenizer(tok_file),
+            docs,
+            cfg,
+            ablations=False,
+            passkey=cfg.eval.passkey_trials > 0,
+            seed=cfg.train.seed,
+            tasks=tasks,
+            skip_unfit_tasks=True,  # a task too long for model.segment_len: a warning, not a failed run
+        )
+    except DataError as e:
+        # A passkey document that cannot be built (the pre-flight, check_passkey_eval_fit, refuses the known
+        # cases): raised here, it stopped the run before the checkpoint of this step, and a relaunch lost the
+        # same steps again. Documents are a function of the config, tokenizer, held-out documents and seed,
+        # the same on every rank, so every rank skips at the same point and none waits in a collective
+        # (EvalError, e.g. memory, which may differ between ranks, still stops the run).
+        if rank == 0:
+            log.warning("eval at step %d skipped: %s", step, e)
+        return {}
     metrics = flat_metrics(result)
     tracker.log_metrics(metrics, step)
     if rank == 0:

@@ -35,3 +35,36 @@ def test_no_heldout_documents_is_said_once_on_rank_0(tmp_path, caplog, monkeypat
         and "held-out loss is skipped" in lines[0]
     )
     assert "eval.passkey_trials and eval.tasks, which takes its filler from them" in lines[0], lines[0]
+
+
+def test_an_evaluation_whose_documents_cannot_be_built_is_skipped_not_fatal(tmp_path, caplog, monkeypatch):
+    """Before: the DataError went up through the trainer, which evaluates before it saves the step's
+    checkpoint: the run stopped and lost every step since the last checkpoint (and a relaunch did again).
+    The pre-flight refuses the known cases (check_passkey_eval_fit); whatever still fails is a warning."""
+    import mnemo.data_pipeline.tokenizer as tokenizer
+    import mnemo.evaluation.evaluate as evaluate
+    import mnemo.train.eval_hook as hook
+    from mnemo.data_pipeline.passkey import make_passkey_sample
+
+    class Tok:  # one token per character: the question is longer than an 8-token segment
+        eos_id = 0
+
+        def encode(self, text):
+            return [ord(c) for c in text]
+
+        def decode(self, ids):
+            return "".join(map(chr, ids))
+
+    def passkey_evaluation(model, tok, docs, cfg, **kw):
+        return make_passkey_sample(tok, docs, 1, "start", 8, np.random.default_rng(0))
+
+    monkeypatch.setattr(tokenizer, "Tokenizer", lambda path: Tok())
+    monkeypatch.setattr(evaluate, "evaluate", passkey_evaluation)
+    monkeypatch.setattr(hook, "heldout_docs", lambda source, cfg: [np.arange(3, 40)])
+    cfg = load_config("configs/debug.yaml", ["eval.passkey_trials=3", f"run.dir={tmp_path}"])
+    with caplog.at_level("WARNING", logger="mnemo.train"):
+        assert hook.run_eval(cfg, None, Source(), "t.model", None, 5, 1) == {}
+        assert not caplog.records  # rank 1: rank 0 says it
+        assert hook.run_eval(cfg, None, Source(), "t.model", None, 5, 0) == {}
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == ["eval at step 5 skipped: passkey: the question needs 44 tokens, more than the segment length 8"]
