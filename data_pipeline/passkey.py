@@ -39,6 +39,11 @@ KEY_DIGITS = 5
 MULTIKEY_MAX = 99
 
 
+class RoundTripError(DataError):
+    """The tokenizer does not give a piece of text back (a normalizing or lowercasing one): no segment length
+    or distance helps, so callers give other advice than for a document that does not fit."""
+
+
 class PieceTokenizer(Protocol):
     eos_id: int
 
@@ -109,7 +114,11 @@ def encode_piece(tokenizer: PieceTokenizer, text: str) -> np.ndarray:
     back to itself (a tokenizer that adds a dummy prefix space would not)."""
     ids = np.asarray(tokenizer.encode(text), dtype=np.int64)
     if tokenizer.decode(ids.tolist()) != text:
-        raise DataError(f"passkey: the tokenizer does not round-trip {text!r}; train it with `mnemo tokenizer train`")
+        raise RoundTripError(
+            f"passkey: the tokenizer does not round-trip {text!r}, and a tokenizer that does not (a normalizing"
+            " or lowercasing one) cannot carry pass keys; leave them out (--passkey-trials 0, eval.passkey_trials=0,"
+            " train.passkey.fraction=0, --passkey-docs 0) or use a lossless tokenizer (`mnemo tokenizer train`)"
+        )
     return ids
 
 

@@ -87,6 +87,7 @@ from mnemo.data_pipeline.passkey import (
     KEY_SUFFIX,
     QUESTION,
     PieceTokenizer,
+    RoundTripError,
     count_run,
     depth_fraction,
     encode_piece,
@@ -443,8 +444,10 @@ def make_sample(
             s = make_passkey_sample(
                 tokenizer, repeated_filler(tokenizer, (D + 1) * T) if repeat else stream, D, depth, T, rng
             )
-        except DataError as e:  # the segment too short for the question
-            raise TaskError(f"{what}: {e}") from None
+        except RoundTripError:
+            raise  # its own advice: no segment length or distance helps
+        except DataError as e:  # the segment too short for the question; "passkey: passkey: ..." said it twice
+            raise TaskError(f"{what}: {str(e).removeprefix('passkey: ')}") from None
         q0 = s["answer_start"] - encode_piece(tokenizer, QUESTION).size
         size = sum(encode_piece(tokenizer, t).size for t in (KEY_PREFIX, s["key"], KEY_SUFFIX))
         fact = [s["key_offset"], s["key_offset"] + size]

@@ -1099,6 +1099,7 @@ def check_episode_fit(cfg: Config, tok: str) -> None:
     if pk.fraction <= 0:
         return
     from mnemo.data_pipeline.errors import DataError
+    from mnemo.data_pipeline.passkey import RoundTripError
     from mnemo.data_pipeline.task_sizes import check_fit
     from mnemo.data_pipeline.tasks import parse_tasks, repeated_filler
     from mnemo.data_pipeline.tokenizer import Tokenizer
@@ -1107,6 +1108,8 @@ def check_episode_fit(cfg: Config, tok: str) -> None:
     try:
         tokenizer = Tokenizer(tok)
         check_fit(parse_tasks(",".join(pk.tasks)), tokenizer, T, repeated_filler(tokenizer, T), pk.max_keys)
+    except RoundTripError as e:  # no segment length helps: its message says what does
+        raise ConfigError(f"train.passkey: {str(e).removeprefix('passkey: ')}") from None
     except DataError as e:
         keys = "train.passkey.tasks" + (", train.passkey.max_keys" if pk.max_keys > 1 else "")
         why = str(e).removeprefix("passkey: ")  # "train.passkey: passkey: ..." said it twice
@@ -1122,7 +1125,7 @@ def check_passkey_eval_fit(cfg: Config, tok: str) -> None:
     largest of eval.passkey_distances, with stand-in filler (the fit does not depend on the filler's words).
 
     Before, a question longer than a segment (a non-Latin tokenizer spells the English sentences in bytes)
-    passed here and stopped the run at its first evaluation, before
+    or a tokenizer that does not round-trip passed here and stopped the run at its first evaluation, before
     the checkpoint of that step, and again after every relaunch.
     """
     ev = cfg.eval
@@ -1131,7 +1134,7 @@ def check_passkey_eval_fit(cfg: Config, tok: str) -> None:
     import numpy as np
 
     from mnemo.data_pipeline.errors import DataError
-    from mnemo.data_pipeline.passkey import make_passkey_sample
+    from mnemo.data_pipeline.passkey import KEY_PREFIX, QUESTION, RoundTripError, encode_piece, make_passkey_sample
     from mnemo.data_pipeline.tasks import repeated_filler
     from mnemo.data_pipeline.tokenizer import Tokenizer
 
@@ -1139,9 +1142,13 @@ def check_passkey_eval_fit(cfg: Config, tok: str) -> None:
     D = min(ev.passkey_distances)
     try:
         tokenizer = Tokenizer(tok)
+        for text in (KEY_PREFIX, QUESTION):  # a lossy tokenizer is told of these, not of the stand-in filler
+            encode_piece(tokenizer, text)
         filler = repeated_filler(tokenizer, T)
         for D in sorted({min(ev.passkey_distances), max(ev.passkey_distances)}):
             make_passkey_sample(tokenizer, filler, D, "start", T, np.random.default_rng(0))
+    except RoundTripError as e:  # no segment length helps: its message says what does
+        raise ConfigError(f"eval.passkey_trials: {str(e).removeprefix('passkey: ')}") from None
     except DataError as e:
         why = str(e).removeprefix("passkey: ")
         raise ConfigError(

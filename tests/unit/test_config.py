@@ -578,3 +578,39 @@ def test_a_passkey_evaluation_that_cannot_be_built_is_refused_before_any_rank(tm
         assert key in msg, msg
     assert "\n" not in msg and not (tmp_path / "r").exists()
     check_paths(load_config(None, [*base[:-1], "model.segment_len=16", "memory.short.length=16"]))  # trials 0
+
+
+def test_a_tokenizer_that_does_not_round_trip_pass_keys_gets_no_segment_advice(tmp_path):
+    """Before: "train.passkey: passkey: the tokenizer does not round-trip ...; raise model.segment_len", which
+    cannot help, and the in-run passkey evaluation passed the pre-flight and stopped the run at its first eval."""
+    import json
+
+    from mnemo.train.config import check_paths
+
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers import models, normalizers, pre_tokenizers
+
+    from mnemo.data_pipeline.tokenizer import Tokenizer
+
+    words = "the pass key is what remember it . ? 0 1 2 3 4 5 6 7 8 9".split()
+    tk = tokenizers.Tokenizer(
+        models.WordLevel({w: i for i, w in enumerate(["<|endoftext|>", "[UNK]", *words])}, "[UNK]")
+    )
+    tk.normalizer, tk.pre_tokenizer = normalizers.Lowercase(), pre_tokenizers.Whitespace()
+    tk.add_special_tokens(["<|endoftext|>"])
+    tk.save(str(tmp_path / "lower.json"))
+    vocab = Tokenizer(str(tmp_path / "lower.json")).vocab_size
+    data = _data_dir(tmp_path / "data")
+    (data / "manifest.json").write_text(json.dumps(_manifest(vocab_size=vocab)))
+    base = [f"data.path={data}", f"run.dir={tmp_path}/r", "train.passkey.fraction=0", "eval.passkey_trials=2"]
+    lossy = [*base, f"data.tokenizer={tmp_path / 'lower.json'}", "model.segment_len=64"]
+    for extra, key in (
+        ([], "eval.passkey_trials"),
+        (["eval.passkey_trials=0", "train.passkey.fraction=0.5"], "train.passkey"),
+    ):
+        with pytest.raises(ConfigError) as e:
+            check_paths(load_config(None, [*lossy, *extra]))
+        msg = str(e.value)
+        assert msg.startswith(f"{key}: the tokenizer does not round-trip "), msg
+        assert key == "train.passkey" or "' The pass key is '" in msg, msg
+        assert "lossless tokenizer" in msg and "segment_len" not in msg, msg

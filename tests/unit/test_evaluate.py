@@ -1065,3 +1065,25 @@ def test_ltm_search_flags_reach_the_baseline_and_are_refused_without_effect():
         search_models(argparse.Namespace(ltm_search=None, ivf_probe=8), [c, none])
     search_models(argparse.Namespace(ltm_search="blocks", ivf_probe=None), [none, c])  # the baseline has one
     assert c.args.ltm_search == "blocks"
+
+
+def test_a_passkey_task_that_cannot_be_built_says_passkey_once(tok, corpus):
+    """Before: "task passkey at D=1: passkey: passkey: ...", the prefix twice (tasks.make_sample wrapped
+    make_passkey_sample's message in the task's name, which for passkey is the same word)."""
+    from mnemo.evaluation.task_eval import task_samples, task_specs
+
+    class Lowercasing:  # a normalizing tokenizer: the passkey's sentences do not come back
+        eos_id = tok.eos_id
+
+        def encode(self, text):
+            return tok.encode(text.lower())
+
+        def decode(self, ids):
+            return tok.decode(ids)
+
+    for tokenizer, T, needle in ((tok, 8, "the question needs"), (Lowercasing(), 128, "the tokenizer does not round")):
+        with pytest.raises(EvalError) as e:
+            task_samples(task_specs(["passkey"]), tokenizer, corpus, T, [1], 2, 0)
+        msg = str(e.value)
+        assert msg.startswith(f"task passkey at D=1: passkey: {needle}"), msg
+        assert "passkey: passkey:" not in msg

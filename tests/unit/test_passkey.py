@@ -135,3 +135,25 @@ def test_tokenizer_that_does_not_round_trip_is_refused(filler):
 
     with pytest.raises(DataError, match="round-trip"):
         make_passkey_sample(DummyPrefix(), filler, 1, "start", T, np.random.default_rng(0))
+
+
+def test_a_lossy_tokenizer_is_told_how_to_leave_pass_keys_out(filler):
+    """Before: "train it with `mnemo tokenizer train`", wrong for a Hugging Face tokenizer.json that lowercases,
+    and no word of --passkey-trials 0, which `mnemo eval` (30 trials by default) needs."""
+
+    class Lowercasing:  # like a normalizing WordPiece tokenizer.json
+        eos_id = 2
+
+        def encode(self, text):
+            return [ord(c) for c in text.lower()]
+
+        def decode(self, ids):
+            return "".join(map(chr, ids))
+
+    with pytest.raises(DataError) as e:
+        make_passkey_sample(Lowercasing(), filler, 1, "start", T, np.random.default_rng(0))
+    msg = str(e.value)
+    assert msg.startswith("passkey: the tokenizer does not round-trip ' The pass key is '"), msg
+    for way_out in ("--passkey-trials 0", "eval.passkey_trials=0", "train.passkey.fraction=0", "lossless tokenizer"):
+        assert way_out in msg, msg
+    assert "train it with" not in msg
