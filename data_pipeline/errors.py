@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import reprlib
 from collections.abc import Callable
 from typing import Any
@@ -17,6 +18,29 @@ class InputError(DataError):
     A conversion that stopped on one cannot be finished by rerunning it (prepare records it, so that
     the next run with fixed inputs starts over instead of being refused).
     """
+
+
+# The machine's state, not bad input nor a bug: a full disk or quota, a read-only file system, and a
+# permission refused on a named path (found after the checks before a command, or changed since).
+STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
+_NEEDS_PATH = frozenset({errno.EACCES, errno.EPERM})  # without one, EPERM is e.g. a signal to another user's process
+
+
+def storage_error(e: BaseException | None) -> OSError | None:
+    """The OSError of a full disk or quota, a read-only file system or a refused path in ``e`` or the
+    exceptions it was raised from or while handling (``__cause__``, else ``__context__`` unless
+    suppressed), or None.
+
+    Libraries wrap it: torch.save's "unexpected pos" RuntimeError has it as its context.
+    """
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in STORAGE_ERRNOS:
+            if e.errno not in _NEEDS_PATH or e.filename is not None:
+                return e
+        e = e.__cause__ if e.__cause__ is not None or e.__suppress_context__ else e.__context__
+    return None
 
 
 def first_line(e: BaseException) -> str:

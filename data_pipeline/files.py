@@ -63,8 +63,10 @@ def atomic_write(path: str | Path, data: bytes, tmp_dir: str | Path | None = Non
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:  # a full disk, a target that is a directory, Ctrl-C: no temp file left behind
+    except BaseException as e:  # a full disk, a target that is a directory, Ctrl-C: no temp file left behind
         tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.filename is None:  # a failed write or fsync names no file: name the target
+            e.filename = str(path)
         raise
     fsync_path(path.parent)
 

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from mnemo.evaluation.errors import EvalError
-from mnemo.evaluation.outputs import write_eval_json
+from mnemo.evaluation.outputs import write_then_show
 from mnemo.evaluation.inference import (
     check_memory,
     eval_mode,
@@ -338,10 +338,13 @@ def evaluate_data_dir(
     )
     result.update(labels or {})
     seconds = time.perf_counter() - t0
-    if json_out:  # first: a table or plot that fails must not lose the evaluation
-        write_eval_json(json_out, json_ready(result))
-    echo(format_table(result))
-    echo(f"\n(evaluated in {seconds:.1f} s)")
+
+    def show() -> None:
+        echo(format_table(result))
+        echo(f"\n(evaluated in {seconds:.1f} s)")
+
+    # The JSON first (a table or plot that fails must not lose the evaluation); on a full disk, the table anyway.
+    write_then_show(json_out or None, lambda: json_ready(result), show)
     if json_out:
         echo(f"wrote {json_out}")
     if plots_dir:

@@ -36,7 +36,7 @@ from tqdm import tqdm
 from mnemo.data_pipeline.errors import brief
 from mnemo.evaluation.errors import EvalError
 from mnemo.evaluation.generate import generate_batch
-from mnemo.evaluation.outputs import write_eval_json
+from mnemo.evaluation.outputs import write_then_show
 from mnemo.evaluation.inference import (
     check_memory,
     core_model,
@@ -313,12 +313,16 @@ def run_lm_eval(
         raise EvalError(f"--lm-eval: {e}") from None
     if results is None:
         raise EvalError("lm-eval returned no results")
-    if json_out is not None:  # first: a table that fails to print must not lose the evaluation
-        doc = {k: v for k, v in results.items() if k != "samples"}
-        doc["mnemo"] = {"segment_len": int(segment_len), "model": type(core_model(model)).__name__, **(labels or {})}
-        write_eval_json(json_out, json_ready(doc), default=handle_non_serializable)
-    if print_table:
-        print(make_table(results))
+
+    def doc() -> dict[str, Any]:
+        kept = {k: v for k, v in results.items() if k != "samples"}
+        kept["mnemo"] = {"segment_len": int(segment_len), "model": type(core_model(model)).__name__, **(labels or {})}
+        return json_ready(kept)
+
+    # The JSON first: a table that fails to print must not lose the evaluation (on a full disk: the table anyway).
+    write_then_show(
+        json_out, doc, lambda: print(make_table(results)) if print_table else None, default=handle_non_serializable
+    )
     results["mnemo_lm"] = lm
     return results
 

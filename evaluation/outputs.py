@@ -13,9 +13,12 @@ import json
 import os
 import stat
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
+from mnemo.data_pipeline.errors import storage_error
 from mnemo.data_pipeline.files import atomic_write, load_json
+from mnemo.evaluation.errors import EvalError
 
 # The marker of a mnemo evaluation JSON (both `mnemo eval` paths: --data and --lm-eval).
 WRITTEN_BY = "mnemo eval"
@@ -31,6 +34,28 @@ def write_eval_json(path: str | os.PathLike, doc: dict[str, Any], **dumps: Any) 
     text = json.dumps({**doc, "written_by": WRITTEN_BY}, indent=2, allow_nan=False, **dumps) + "\n"
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, text.encode())
+
+
+def write_then_show(
+    path: str | os.PathLike | None, doc: Callable[[], dict[str, Any]], show: Callable[[], None], **dumps: Any
+) -> None:
+    """The evaluation JSON (``doc()``) written to ``path`` (None: none), then the table ``show``n.
+
+    The JSON first: a table that fails must not lose the evaluation. A JSON that a full disk or quota,
+    a read-only file system or a refused path keeps from being written must not lose it either: the
+    table is shown all the same, then an EvalError names --json (the results on screen, only the file
+    missing). Any other failure of the write propagates as it was.
+    """
+    if path is not None:
+        try:
+            write_eval_json(path, doc(), **dumps)
+        except OSError as e:
+            err = storage_error(e)
+            if err is None:
+                raise
+            show()
+            raise EvalError(f"--json {path}: cannot write it: {err.strerror or err} (the results were printed)") from e
+    show()
 
 
 def is_eval_json(path: str | os.PathLike) -> bool:

@@ -47,6 +47,7 @@ from typing import IO
 # AttributeError killed the launcher and left torchrun and the ranks training with nobody watching.
 import psutil
 
+from mnemo.data_pipeline.errors import storage_error
 from mnemo.data_pipeline.processes import die_with_parent
 from mnemo.launch.torchrun import NodePlan, node_env, torchrun_command
 from mnemo.train.errors import UserError
@@ -123,6 +124,7 @@ class NodeRunner:
         self.proc: subprocess.Popen | None = None
         self._pending: list[str] = []  # notes from signal handlers, written by the main loop
         self._interrupts = 0
+        self._log_lost = False  # the node log could not be written (a full disk): console only from then
         self._user_error = False  # a rank printed "mnemo: error: ..." (see the module's docstring)
         # A preemption notice that came before torchrun started its workers, and when they first showed up.
         self._held: signal.Signals | None = None
@@ -186,8 +188,30 @@ class NodeRunner:
     # -- output ----------------------------------------------------------- #
 
     def _emit(self, log: IO[str], line: str, console: bool = True) -> None:
-        log.write(line + "\n")
-        if console and self.console is not None:
+        if not self._log_lost:
+            try:
+                log.write(line + "\n")
+            except OSError as e:
+                # A full disk or quota (a read-only remount): stopping here would leave the ranks training
+                # unsupervised. Said once on the console; the log is closed (its unwritten lines dropped,
+                # or closing it at the end would fail again) and the console keeps every line.
+                err = storage_error(e)
+                if err is None:
+                    raise
+                self._log_lost = True
+                try:
+                    log.close()
+                except OSError:
+                    pass
+                self._console_line(
+                    f"[launch node{self.plan.node_rank}] cannot write {self.plan.log_path}: "
+                    f"{err.strerror or err}; the node log stops here, the console goes on"
+                )
+        if console:
+            self._console_line(line)
+
+    def _console_line(self, line: str) -> None:
+        if self.console is not None:
             try:
                 self.console.write(line + "\n")
                 self.console.flush()
@@ -258,7 +282,8 @@ class NodeRunner:
             self._flush_notes(log)
             self._note(log, f"torchrun exited with code {rc}")
             if rc != 0 and self._user_error:
-                self._note(log, f"a rank stopped on the error above; torchrun's report of it is in {plan.log_path}")
+                where = "was not logged (see above)" if self._log_lost else f"is in {plan.log_path}"
+                self._note(log, f"a rank stopped on the error above; torchrun's report of it {where}")
                 return 2
         return rc
 

@@ -42,7 +42,7 @@ import torch
 
 from mnemo.data_pipeline.errors import first_line
 from mnemo.data_pipeline.files import atomic_write_text, fsync_path, fsync_tree, load_json, open_regular
-from mnemo.train.errors import UserError, path_errors
+from mnemo.train.errors import UserError, path_errors, write_errors
 from mnemo.train.faults import maybe_crash_in_save
 from mnemo.train.hf.folder import HF_FILES, WRAPPER_SOURCES
 from mnemo.train.redact import redact_tree
@@ -318,28 +318,32 @@ class CheckpointManager:
                 shutil.rmtree(tmp)
             tmp.mkdir(parents=True)  # fails on what mnemo did not write (the start refuses such a run dir)
         self._barrier()
-        engine.save_checkpoint(str(tmp / "ds"), tag=DS_TAG, save_latest=True)
-        rank_file = tmp / f"rank_{self.rank:05d}.pt"
-        with open(rank_file, "wb") as f:
-            torch.save(rank_state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        maybe_crash_in_save(step, self.rank)
-        self._barrier()
-        if self.rank == 0:
-            # Credentials in URIs (tracking.uri in the config) are never saved.
-            (tmp / "meta.json").write_text(json.dumps(redact_tree(meta), indent=1, default=str))
-            for fname, src in (extra_files or {}).items():
-                shutil.copyfile(src, tmp / fname)
-            fsync_tree(tmp)
-            (tmp / COMPLETE).write_text(f"{time.time()}\n")
-            fsync_path(tmp / COMPLETE)
-            if is_complete(final):  # a stale copy of the same step from an earlier attempt
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            fsync_path(self.root)
-            atomic_write_text(self.root / "latest", name + "\n")
-            self._prune()
+        # A full disk (quota, read-only file system) is one line naming the checkpoint: torch.save to a path
+        # raises only RuntimeError "unexpected pos" (deepspeed's files), so write_errors also asks the disk.
+        # The unfinished .tmp-step_* folder stays: the next start removes it (clean_partials).
+        with write_errors(f"checkpoint of step {step}", self.root, hidden=(RuntimeError,)):
+            engine.save_checkpoint(str(tmp / "ds"), tag=DS_TAG, save_latest=True)
+            rank_file = tmp / f"rank_{self.rank:05d}.pt"
+            with open(rank_file, "wb") as f:
+                torch.save(rank_state, f)
+                f.flush()
+                os.fsync(f.fileno())
+            maybe_crash_in_save(step, self.rank)
+            self._barrier()
+            if self.rank == 0:
+                # Credentials in URIs (tracking.uri in the config) are never saved.
+                (tmp / "meta.json").write_text(json.dumps(redact_tree(meta), indent=1, default=str))
+                for fname, src in (extra_files or {}).items():
+                    shutil.copyfile(src, tmp / fname)
+                fsync_tree(tmp)
+                (tmp / COMPLETE).write_text(f"{time.time()}\n")
+                fsync_path(tmp / COMPLETE)
+                if is_complete(final):  # a stale copy of the same step from an earlier attempt
+                    shutil.rmtree(final)
+                os.replace(tmp, final)
+                fsync_path(self.root)
+                atomic_write_text(self.root / "latest", name + "\n")
+                self._prune()
         self._barrier()
         return final
 

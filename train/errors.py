@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import os
 import re
 import sys
 from collections.abc import Iterator
@@ -45,16 +47,65 @@ def path_errors(what: str, error: type[UserError] = UserError) -> Iterator[None]
         raise error(f"{what}: {where}{e.strerror or e}") from None
 
 
+@contextmanager
+def write_errors(what: str, path: str | os.PathLike, hidden: tuple[type[BaseException], ...] = ()) -> Iterator[None]:
+    """A full disk or quota, a read-only file system or a refused path while writing ``path``, as one
+    UserError "WHAT: PATH: reason" (exit_status alone could name only the file that failed, or none).
+
+    ``hidden``: a library's exception types that need not chain the OSError (torch.save to a path: a
+    RuntimeError "unexpected pos"; safetensors: SafetensorError "... (os error 28)"). Such a failure
+    counts when its message ends in Rust's "(os error N)" for one of those errnos, or when the file
+    system of ``path`` is read-only or has no free block left right after it. Anything else propagates
+    unchanged: a bug stays a traceback.
+    """
+    try:
+        yield
+    except Exception as e:
+        reason = _storage_reason(e, path, hidden)
+        if reason is None:
+            raise
+        from mnemo.data_pipeline.errors import clip
+        from mnemo.train.redact import redact_uri
+
+        raise UserError(f"{what}: {clip(redact_uri(str(path)))}: {reason}") from e
+
+
+def _storage_reason(e: BaseException, path: str | os.PathLike, hidden: tuple[type[BaseException], ...]) -> str | None:
+    from mnemo.data_pipeline.errors import STORAGE_ERRNOS, storage_error
+
+    found = storage_error(e)
+    if found is not None:
+        return found.strerror or str(found)
+    if not isinstance(e, hidden):
+        return None
+    code = re.search(r"\(os error (\d+)\)", str(e))
+    if code and int(code[1]) in STORAGE_ERRNOS:
+        return os.strerror(int(code[1]))
+    where = os.path.abspath(path)
+    while not os.path.exists(where) and os.path.dirname(where) != where:
+        where = os.path.dirname(where)
+    try:
+        fs = os.statvfs(where)
+    except OSError:
+        return None
+    if fs.f_flag & os.ST_RDONLY:
+        return os.strerror(errno.EROFS)
+    if fs.f_bavail == 0:  # nothing left for this user (root's reserve included when root: then f_bfree is 0)
+        return os.strerror(errno.ENOSPC)
+    return None
+
+
 def exit_status(command: Callable[[], int | None], debug: bool = False) -> int:
     """Run one command; its exit status.
 
-    A user error (UserError, DataError, EvalError, a missing file) is one line
-    ``mnemo: error: ...`` on stderr (control characters in it, such as a
+    A user error (UserError, DataError, EvalError, a missing file; a full disk or quota, a read-only
+    file system or a refused path, also inside a library's own error: data_pipeline.errors.storage_error)
+    is one line ``mnemo: error: ...`` on stderr (control characters in it, such as a
     newline in a file name, written as escapes: ``visible``) and status 2 (with ``debug``: raised, so
     the traceback shows); Ctrl-C is ``mnemo: interrupted`` and 130. The CLI
     and the launcher's worker (a rank under torchrun) both run commands so.
     """
-    from mnemo.data_pipeline.errors import DataError
+    from mnemo.data_pipeline.errors import DataError, storage_error
     from mnemo.evaluation.errors import EvalError
 
     try:
@@ -62,12 +113,18 @@ def exit_status(command: Callable[[], int | None], debug: bool = False) -> int:
     except KeyboardInterrupt:
         print("mnemo: interrupted", file=sys.stderr)
         return 130
-    except (UserError, DataError, EvalError, FileNotFoundError) as e:
-        if debug:
+    except Exception as e:
+        user = (UserError, DataError, EvalError, FileNotFoundError)
+        storage = None if isinstance(e, user) else storage_error(e)
+        if debug or not (isinstance(e, user) or storage is not None):
             raise
         from mnemo.train.redact import redact_uri
 
-        msg = str(e).strip() or type(e).__name__
+        if storage is None:
+            msg = str(e).strip() or type(e).__name__
+        else:  # the file at fault where the OSError names it (a write's own error does not)
+            reason = storage.strerror or str(storage)
+            msg = f"{storage.filename}: {reason}" if storage.filename is not None else reason
         # A bad value may be a URI with credentials (tracking.uri, a data URL): never print them. A value
         # holding a newline or an escape sequence (a file name) is shown escaped, on the one line.
         print(f"mnemo: error: {visible(redact_uri(msg))}", file=sys.stderr)

@@ -38,7 +38,7 @@ from mnemo.train.checkpoint import (
     read_meta,
     resolve_checkpoint,
 )
-from mnemo.train.errors import UserError, path_errors
+from mnemo.train.errors import UserError, path_errors, write_errors
 from mnemo.train.redact import redact_tree
 
 log = logging.getLogger("mnemo.checkpoint")
@@ -176,6 +176,7 @@ def _export_locked(ckpt: Path, out: Path, overwrite: bool, format: str) -> Path:
     """``export`` once its lock is held: clean up leftovers, check --out's files, write, move into place."""
     import dataclasses
 
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     with path_errors("--out"):
@@ -221,49 +222,52 @@ def _export_locked(ckpt: Path, out: Path, overwrite: bool, format: str) -> Path:
     tmp = out.parent / f".{out.name}.mnemo-export-new-{os.getpid()}"
     tmp.mkdir()
     try:
-        if format == "hf":
-            _write_hf(ckpt, tmp, args, sd, meta)
-            if meta:
-                (tmp / "source.json").write_text(json.dumps(source, indent=1))
-        else:
-            save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp / "model.safetensors"))
-            (tmp / "model_args.json").write_text(json.dumps(dataclasses.asdict(args), indent=1))
-            if meta:
-                (tmp / "config.json").write_text(json.dumps(redact_tree(meta["config"]), indent=1))
-                (tmp / "source.json").write_text(json.dumps(source, indent=1))
-            elif (ckpt / "config.json").is_file():  # an export's: never copied verbatim, credentials and all
-                (tmp / "config.json").write_text(json.dumps(redact_tree(read_json(ckpt / "config.json")), indent=1))
-            for name in TOKENIZER_FILES:  # the one the run used (tokenizer.model or tokenizer.json)
-                if (ckpt / name).is_file():
-                    shutil.copy(ckpt / name, tmp / name)
-        # safetensors creates its file 0600, open() 0666 less the umask: every file of the export alike.
-        mode = new_file_mode()
-        for p in tmp.iterdir():
-            os.chmod(p, mode)
-        files = {p.name: file_sha256(p) for p in sorted(tmp.iterdir())}
-        manifest = {"format": EXPORT_FORMAT, "files": files, "source": source}
-        (tmp / EXPORT_MANIFEST).write_text(json.dumps(manifest, indent=1))
-        fsync_tree(tmp)
-        if not present:
-            os.replace(tmp, out)  # rename(2) also replaces an empty directory
-        elif not foreign:  # an earlier export, nothing else: swap the folders, then delete the old files
-            if not _exchange(tmp, out):
-                aside = out.parent / f".{out.name}.mnemo-export-old-{os.getpid()}"
-                os.replace(out, aside)  # a kill here is undone by the next export (_recover_export_leftovers)
-                os.replace(tmp, out)
-                tmp = aside
-            _remove_export_files(tmp, list(old["files"]) + [EXPORT_MANIFEST])
-        else:  # other files stay: move ours in one by one under a manifest that marks the export unfinished
-            listed = dict((old or {}).get("files", {}), **files)
-            atomic_write_text(out / EXPORT_MANIFEST, json.dumps(dict(manifest, files=listed, complete=False)))
-            for name in files:
-                os.replace(tmp / name, out / name)
-            for name in (old or {}).get("files", {}):
-                if name not in files:
-                    (out / name).unlink(missing_ok=True)
-            os.replace(tmp / EXPORT_MANIFEST, out / EXPORT_MANIFEST)
-            tmp.rmdir()
-        fsync_path(out.parent)
+        # A full disk (quota, read-only file system): one line naming --out, decided before the finally
+        # below frees the space (safetensors' own error does not chain the OSError: write_errors asks the disk).
+        with write_errors("--out", out, hidden=(SafetensorError,)):
+            if format == "hf":
+                _write_hf(ckpt, tmp, args, sd, meta)
+                if meta:
+                    (tmp / "source.json").write_text(json.dumps(source, indent=1))
+            else:
+                save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp / "model.safetensors"))
+                (tmp / "model_args.json").write_text(json.dumps(dataclasses.asdict(args), indent=1))
+                if meta:
+                    (tmp / "config.json").write_text(json.dumps(redact_tree(meta["config"]), indent=1))
+                    (tmp / "source.json").write_text(json.dumps(source, indent=1))
+                elif (ckpt / "config.json").is_file():  # an export's: never copied verbatim, credentials and all
+                    (tmp / "config.json").write_text(json.dumps(redact_tree(read_json(ckpt / "config.json")), indent=1))
+                for name in TOKENIZER_FILES:  # the one the run used (tokenizer.model or tokenizer.json)
+                    if (ckpt / name).is_file():
+                        shutil.copy(ckpt / name, tmp / name)
+            # safetensors creates its file 0600, open() 0666 less the umask: every file of the export alike.
+            mode = new_file_mode()
+            for p in tmp.iterdir():
+                os.chmod(p, mode)
+            files = {p.name: file_sha256(p) for p in sorted(tmp.iterdir())}
+            manifest = {"format": EXPORT_FORMAT, "files": files, "source": source}
+            (tmp / EXPORT_MANIFEST).write_text(json.dumps(manifest, indent=1))
+            fsync_tree(tmp)
+            if not present:
+                os.replace(tmp, out)  # rename(2) also replaces an empty directory
+            elif not foreign:  # an earlier export, nothing else: swap the folders, then delete the old files
+                if not _exchange(tmp, out):
+                    aside = out.parent / f".{out.name}.mnemo-export-old-{os.getpid()}"
+                    os.replace(out, aside)  # a kill here is undone by the next export (_recover_export_leftovers)
+                    os.replace(tmp, out)
+                    tmp = aside
+                _remove_export_files(tmp, list(old["files"]) + [EXPORT_MANIFEST])
+            else:  # other files stay: move ours in one by one under a manifest that marks the export unfinished
+                listed = dict((old or {}).get("files", {}), **files)
+                atomic_write_text(out / EXPORT_MANIFEST, json.dumps(dict(manifest, files=listed, complete=False)))
+                for name in files:
+                    os.replace(tmp / name, out / name)
+                for name in (old or {}).get("files", {}):
+                    if name not in files:
+                        (out / name).unlink(missing_ok=True)
+                os.replace(tmp / EXPORT_MANIFEST, out / EXPORT_MANIFEST)
+                tmp.rmdir()
+            fsync_path(out.parent)
     finally:
         if tmp.is_dir():
             _remove_export_files(tmp, [p.name for p in tmp.iterdir()])

@@ -636,3 +636,56 @@ def test_init_from_an_export_of_a_tied_model_fills_an_untied_models_head_from_th
     sd = {k: v for k, v in src.state_dict().items() if k != "lm_head.weight"}
     with pytest.raises(UserError, match=r"missing \['lm_head.weight'\]"):
         load_weights(untied, sd, "src")
+
+
+class FullDiskEngine(FakeEngine):
+    """deepspeed's save on a full disk: torch.save to a path raises only this RuntimeError, no OSError chained."""
+
+    def save_checkpoint(self, save_dir, tag, save_latest=True):
+        super().save_checkpoint(save_dir, tag, save_latest)
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 3369792 vs 3369680")
+
+
+def _statvfs(free: int, flag: int = 0):
+    return lambda path: types.SimpleNamespace(f_bavail=free, f_bfree=free, f_flag=flag)
+
+
+@pytest.mark.parametrize("flag, reason", [(0, "No space left on device"), (os.ST_RDONLY, "Read-only file system")])
+def test_a_save_on_a_full_disk_is_one_line_naming_the_checkpoint(tmp_path, monkeypatch, flag, reason):
+    """Was a traceback ending in torch's RuntimeError "unexpected pos" (exit 1); now a UserError naming the
+    checkpoint, found by the disk (statvfs) as torch does not say. The earlier checkpoint stays the latest
+    and the unfinished save is what the next start cleans up."""
+    mgr = CheckpointManager(tmp_path, keep=3)
+    good = save(mgr, 10)
+    monkeypatch.setattr(os, "statvfs", _statvfs(0, flag))
+    meta = {"step": 20, "world_size": 1, "zero_stage": 2, "config": {}}
+    with pytest.raises(UserError) as got:
+        mgr.save(20, FullDiskEngine(), {"step": 20}, meta)
+    assert str(got.value) == f"checkpoint of step 20: {mgr.root}: {reason}"
+    monkeypatch.undo()
+    assert mgr.latest() == good and (mgr.root / "latest").read_text().strip() == good.name
+    assert [p.name for p in mgr.clean_partials()] == [".tmp-step_00000020"]
+
+
+def test_a_save_whose_torch_save_hit_a_full_disk_names_the_checkpoint(tmp_path, monkeypatch):
+    """torch.save into a file object: the OSError is the RuntimeError's context, whatever the disk says now."""
+    import errno
+
+    import torch
+
+    def full(obj, f):
+        try:
+            raise OSError(errno.EDQUOT, "Disk quota exceeded")
+        except OSError:  # as torch's zip writer: the OSError is only the context
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")  # noqa: B904
+
+    monkeypatch.setattr(torch, "save", full)
+    mgr = CheckpointManager(tmp_path)
+    with pytest.raises(UserError, match=f"^checkpoint of step 5: {mgr.root}: Disk quota exceeded$"):
+        save(mgr, 5)
+
+
+def test_another_failure_of_a_save_is_not_called_a_full_disk(tmp_path, monkeypatch):
+    monkeypatch.setattr(os, "statvfs", _statvfs(1000))
+    with pytest.raises(RuntimeError, match="unexpected pos"):
+        CheckpointManager(tmp_path).save(5, FullDiskEngine(), {"step": 5}, {"step": 5})

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -281,3 +283,89 @@ def test_launch_refuses_a_tracking_uri_mlflow_cannot_open_before_any_rank_starts
     res = mnemo("train", "configs/debug.yaml", "tracking.experiment= ")
     assert res.returncode == 2
     assert_one_line_error(res, "tracking.experiment: ' ': only blanks")
+
+
+class _FullDisk(io.RawIOBase):
+    """A file on a full disk: every write fails as the kernel's would."""
+
+    def writable(self):
+        return True
+
+    def write(self, b):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def _torch_save_on_a_full_disk():
+    import torch
+
+    torch.save({"w": torch.zeros(1000)}, _FullDisk())  # RuntimeError "unexpected pos", the OSError its context
+
+
+def _raise(e: BaseException):
+    def command():
+        raise e
+
+    return command
+
+
+@pytest.mark.parametrize(
+    "command, line",
+    [
+        (_raise(OSError(errno.ENOSPC, "No space left on device", "run/x.json")), "run/x.json: No space left on device"),
+        (_raise(OSError(errno.EDQUOT, "Disk quota exceeded", "p/a.png")), "p/a.png: Disk quota exceeded"),
+        (_raise(OSError(errno.EROFS, "Read-only file system", "out/m")), "out/m: Read-only file system"),
+        (_raise(PermissionError(errno.EACCES, "Permission denied", "out/m")), "out/m: Permission denied"),
+        (_raise(OSError(errno.ENOSPC, "No space left on device")), "No space left on device"),
+        (_torch_save_on_a_full_disk, "No space left on device"),
+    ],
+)
+def test_a_full_disk_is_one_line_not_a_traceback(capsys, command, line):
+    """A full disk (quota, read-only file system) in any command was a traceback (torch.save's "unexpected
+    pos" RuntimeError chained from the OSError, atomic_write's OSError after a whole evaluation); now one line,
+    status 2, as prepare's DataError for the same."""
+    from mnemo.train.errors import exit_status
+
+    assert exit_status(command) == 2
+    assert capsys.readouterr().err == f"mnemo: error: {line}\n"
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        OSError(errno.EIO, "Input/output error", "x"),  # not the machine's state: left as it was
+        PermissionError(errno.EPERM, "Operation not permitted"),  # no path: e.g. a signal to another's process
+        ValueError("a bug"),
+    ],
+)
+def test_other_errors_are_not_taken_for_a_full_disk(error):
+    from mnemo.train.errors import exit_status
+
+    with pytest.raises(type(error)):
+        exit_status(_raise(error))
+
+
+def test_a_suppressed_context_is_not_taken_for_the_cause():
+    from mnemo.train.errors import exit_status
+
+    def command():
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError:
+            raise KeyError("a bug") from None
+
+    with pytest.raises(KeyError):
+        exit_status(command)
+
+
+def test_a_failed_atomic_write_names_its_file(tmp_path, monkeypatch):
+    """A write or fsync error names no file: atomic_write names the target, so the one line says which."""
+    from mnemo.data_pipeline.files import atomic_write
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OSError) as got:
+        atomic_write(tmp_path / "e.json", b"{}")
+    assert got.value.filename == str(tmp_path / "e.json")
+    assert list(tmp_path.iterdir()) == []  # no temporary file left

@@ -1008,7 +1008,7 @@ def test_eval_outputs_never_replace_a_file_mnemo_did_not_write(tok, tmp_path, mo
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr("mnemo.data_pipeline.files.os.fsync", fail)
-    with pytest.raises(OSError, match="No space"):
+    with pytest.raises(EvalError, match=f"^--json {ours}: cannot write it: No space"):  # after the table
         run(ours)
     assert ours.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
@@ -1087,3 +1087,43 @@ def test_a_passkey_task_that_cannot_be_built_says_passkey_once(tok, corpus):
         msg = str(e.value)
         assert msg.startswith(f"task passkey at D=1: passkey: {needle}"), msg
         assert "passkey: passkey:" not in msg
+
+
+@pytest.mark.parametrize("lost", ["--json", "--plots"])
+def test_an_eval_output_on_a_full_disk_is_one_line_after_the_table(tok, tmp_path, capsys, monkeypatch, lost):
+    """A full disk at --json or --plots was atomic_write's OSError traceback after the whole evaluation, and
+    with --json the table was never printed: the results were lost. Now the table is printed all the same,
+    then one line naming the file not written."""
+    import errno
+    import os
+
+    from mnemo.cli import main
+    from mnemo.data_pipeline import files
+
+    exp, data = _tiny_export(tok, tmp_path, 64)
+    real_fsync = os.fsync
+    full = tmp_path / ("out" if lost == "--json" else "plots")
+
+    def fsync(fd):
+        if os.readlink(f"/proc/self/fd/{fd}").startswith(str(full)):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_fsync(fd)
+
+    monkeypatch.setattr(files.os, "fsync", fsync)
+    rc = main(
+        ["eval", str(exp), "--data", str(data), "--max-docs", "0", "--passkey-trials", "0", "--device", "cpu"]
+        + ["--json", str(tmp_path / "out" / "r.json"), "--plots", str(tmp_path / "plots")]
+    )
+    out, err = capsys.readouterr()
+    assert rc == 2 and "no held-out documents were read" in out, (out, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    if lost == "--json":
+        json_file = tmp_path / "out" / "r.json"
+        reason = "cannot write it: No space left on device (the results were printed)"
+        assert lines[0] == f"mnemo: error: --json {json_file}: {reason}"
+        assert not (tmp_path / "plots").exists()
+    else:
+        assert lines[0] == f"mnemo: error: {tmp_path}/plots/loss_by_position.png: No space left on device"
+        assert json.loads((tmp_path / "out" / "r.json").read_text())["num_docs"] == 0
+    assert [p.name for p in full.iterdir()] == []  # no temporary file left

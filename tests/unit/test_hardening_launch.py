@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
@@ -547,6 +548,52 @@ def test_a_preemption_notice_before_the_workers_start_reaches_them(tmp_path, mon
     assert "got SIGUSR1: no worker started yet; passing SIGUSR1 on when they start" in log
     assert "passed the held SIGUSR1 on to worker " in log
     assert "worker got USR1" in log
+
+
+class _FillingDisk(io.RawIOBase):
+    """A node log on a disk with room for ``room`` bytes: then every write fails as the kernel's would."""
+
+    def __init__(self, room: int):
+        self.room, self.kept = room, b""
+
+    def writable(self):
+        return True
+
+    def write(self, b):
+        if len(self.kept) + len(b) > self.room:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.kept += bytes(b)
+        return len(b)
+
+
+def test_a_full_disk_under_the_node_log_does_not_stop_the_launcher(tmp_path, monkeypatch):
+    # Was: the OSError of log.write in _emit killed the launcher (a traceback), torchrun with it.
+    from mnemo.launch import local
+    from mnemo.launch.local import NodeRunner
+    from mnemo.launch.torchrun import NodePlan
+
+    disk = _FillingDisk(room=200)
+    monkeypatch.setattr(
+        local, "open_node_log", lambda plan: io.TextIOWrapper(io.BufferedWriter(disk), line_buffering=True)
+    )
+    lines = [f"[rank0]: step {i}" for i in range(40)]
+    monkeypatch.setattr(
+        NodeRunner,
+        "_spawn",
+        lambda self: subprocess.Popen(
+            [sys.executable, "-c", f"print({chr(10).join(lines)!r})"], stdout=subprocess.PIPE
+        ),
+    )
+    plan = NodePlan(config=str(tmp_path / "c.yaml"), overrides=[], run_dir=tmp_path / "run", nproc_per_node=1)
+    console = io.StringIO()
+    assert NodeRunner(plan, console=console).run() == 0
+    shown = console.getvalue().splitlines()
+    assert [line for line in shown if line.startswith("[rank0]")] == lines  # every line still on the console
+    lost = [line for line in shown if "cannot write" in line]
+    said = "No space left on device; the node log stops here, the console goes on"
+    assert lost == [f"[launch node0] cannot write {plan.log_path}: {said}"]
+    assert shown[-1] == "[launch node0] torchrun exited with code 0"
+    assert 0 < len(disk.kept) <= 200 and disk.kept.decode().startswith("[launch node0] start ")
 
 
 def test_node_log_is_never_appended_through_a_symlink(tmp_path, monkeypatch):

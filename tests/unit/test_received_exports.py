@@ -228,3 +228,46 @@ def test_reexport_refuses_a_config_nested_nearly_too_deep_in_one_line(tmp_path, 
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"mnemo: error: {src / 'config.json'}: not valid JSON (JSON nested more than 100 levels deep)"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["got"]
+
+
+@pytest.mark.parametrize("message", ["I/O error: No space left on device (os error 28)", "I/O error: disk gone"])
+def test_an_export_on_a_full_disk_is_one_line_and_keeps_the_old_export(tmp_path, capsys, monkeypatch, message):
+    """safetensors' SafetensorError "Error while serializing: ... (os error 28)" was a traceback (exit 1). Now
+    one line naming --out: by Rust's "(os error N)" when it says it, else by the disk (statvfs). The export
+    that was there stays as it was, and nothing else is left."""
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    src = _received(tmp_path / "got")
+    out = export_mod.export(src, tmp_path / "ex")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def full(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"partial")
+        raise SafetensorError(f"Error while serializing: {message}")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+
+    def no_room(path):  # the disk, asked only when the message does not say
+        assert "(os error" not in message
+        return os.statvfs_result((0,) * 10)
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "statvfs", no_room)
+        rc = main(["export", str(src), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2 and err == f"mnemo: error: --out: {out}: No space left on device\n", err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ex", "got"]
+
+
+def test_an_export_error_with_room_on_the_disk_stays_what_it_was(tmp_path, monkeypatch):
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    def broken(tensors, filename, metadata=None):
+        raise SafetensorError("Error while serializing: something else")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", broken)
+    with pytest.raises(SafetensorError, match="something else"):
+        export_mod.export(_received(tmp_path / "got"), tmp_path / "ex")
