@@ -306,7 +306,8 @@ def sbatch_script(o: SlurmOptions) -> str:
         "RC=$?",
         "",
         f'if [ -f "$RUN_DIR/{PREEMPTED_MARKER}" ]; then',
-        '    echo "mnemo: training stopped on a preemption signal (steps done are saved); requeueing $SLURM_JOB_ID"',
+        '    echo "mnemo: training stopped on a preemption signal (steps done are saved); requeueing'
+        ' job $SLURM_JOB_ID"',
         f'    rm -f "$RUN_DIR/{PREEMPTED_MARKER}"',
         '    scontrol requeue "$SLURM_JOB_ID"',
         "    exit 0",

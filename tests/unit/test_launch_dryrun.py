@@ -129,7 +129,7 @@ wait "$SRUN_PID"
 RC=$?
 
 if [ -f "$RUN_DIR/PREEMPTED" ]; then
-    echo "mnemo: training stopped on a preemption signal (steps done are saved); requeueing $SLURM_JOB_ID"
+    echo "mnemo: training stopped on a preemption signal (steps done are saved); requeueing job $SLURM_JOB_ID"
     rm -f "$RUN_DIR/PREEMPTED"
     scontrol requeue "$SLURM_JOB_ID"
     exit 0
