@@ -198,9 +198,18 @@ def evaluate(
         # position (and the multi-key ones after the single-key pass key), so K facts that cannot fit in
         # D + 1 segments were refused minutes (at long D, hours) in. One document per distance and key
         # count (documents depend only on seed, D and the key count).
-        for n_keys in (1, multikey) if multikey > 0 else (1,):
-            for D in sorted(set(dists)):
-                passkey_samples(tokenizer, list(heldout_docs), T, D, trials=1, seed=seed, n_keys=n_keys)
+        from mnemo.data_pipeline.errors import DataError
+        from mnemo.data_pipeline.passkey import RoundTripError
+
+        try:
+            for n_keys in (1, multikey) if multikey > 0 else (1,):
+                for D in sorted(set(dists)):
+                    passkey_samples(tokenizer, list(heldout_docs), T, D, trials=1, seed=seed, n_keys=n_keys)
+        except RoundTripError:
+            raise  # says its own way out
+        except DataError as e:  # a pass key too long for the segment: the rest of the evaluation can still run
+            # Still a DataError: a run's evaluation hook skips (not stops on) documents that cannot be built.
+            raise DataError(f"{e}; without a pass key: --passkey-trials 0 (eval.passkey_trials=0 in a run)") from None
     # A fact D segments back needs D * T entries: a store of the trained size would have dropped
     # it before the question comes (FIFO), which tests the size, not retrieval.
     need = max((max(dists) * T) if run_passkey else 0, longest_document(samples))

@@ -310,6 +310,9 @@ def test_a_multikey_pass_key_that_cannot_fit_is_refused_before_anything_is_score
     monkeypatch.setattr(ev, "passkey_result", scored)
     with pytest.raises(DataError, match=r"40 facts and the question do not fit in 2 segment\(s\) of 64 tokens"):
         evaluate(InductionModel(tok.vocab_size), tok, corpus, _cfg(64), seed=0, distances=[1], multikey=40)
+    # A pass key too long for the segment says how to evaluate without one (eval's default is 30 trials).
+    with pytest.raises(DataError, match=r"the question needs \d+ tokens.*; without a pass key: --passkey-trials 0"):
+        evaluate(InductionModel(tok.vocab_size), tok, corpus, _cfg(8), seed=0, distances=[1])
 
 
 @pytest.mark.parametrize(
