@@ -128,7 +128,10 @@ class Preemption:
     def __init__(self):
         self.signal: int | None = None
         self.at = 0.0
-        self._before = {s: signal.signal(s, self._handler) for s in (*preemption.SIGNALS, signal.SIGHUP, signal.SIGINT)}
+        # SIGHUP and SIGINT that the parent set to ignored stay so: `nohup mnemo train ... &` (and a job started
+        # with & from a script, where SIGINT is ignored) must live past a logout, not stop at it.
+        user = [s for s in (signal.SIGHUP, signal.SIGINT) if signal.getsignal(s) is not signal.SIG_IGN]
+        self._before = {s: signal.signal(s, self._handler) for s in (*preemption.SIGNALS, *user)}
         early = preemption.take()  # after installing: no notice falls between the two handlers
         if early is not None:
             self.signal, self.at = early

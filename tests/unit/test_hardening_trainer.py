@@ -224,6 +224,24 @@ def test_a_closed_terminal_or_ctrl_c_saves_and_stops_and_a_second_ctrl_c_stops_a
     assert signal.getsignal(signal.SIGINT) is before
 
 
+def test_nohup_keeps_sighup_ignored():
+    """`nohup mnemo train ... &` sets SIGHUP (and a script's `&` SIGINT) to ignored: the step loop's handler
+    took them over, and the run stopped at logout."""
+    from mnemo.train.schedule import Preemption
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGHUP, signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        p = Preemption()
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+        assert signal.getsignal(signal.SIGINT) == p._handler and signal.getsignal(signal.SIGTERM) == p._handler
+        p.release()
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+    finally:
+        for s, h in before.items():
+            signal.signal(s, h)
+
+
 def test_a_notice_during_start_up_stops_before_the_first_step(world1, data, tmp_path, monkeypatch):
     """SIGUSR1 while the rank starts (the worker's handler, train/preemption.py): no step is trained, nothing
     saved (nothing done), PREEMPTED written for the sbatch script to requeue; was: the rank was killed."""
