@@ -13,3 +13,6 @@ PASSKEY_MAX_TOKENS = 1 << 24
 # SentencePiece's trainer refuses sizes past 2**31 - 1 and its unigram trainer did not finish at that one;
 # 2**24 trains as fast as 8192 and is far past any vocabulary a corpus supports.
 MAX_VOCAB_SIZE = 1 << 24
+# Fewest: the four reserved pieces (<unk>, <s>, </s>, <pad>); below that SentencePiece's trainer fails on its
+# own internals (insert_id). From 4 up, a size the corpus cannot support gets its "needs at least N" message.
+MIN_VOCAB_SIZE = 4

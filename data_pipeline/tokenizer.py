@@ -56,7 +56,7 @@ import sentencepiece as spm
 
 from mnemo.data_pipeline.errors import DataError, brief, first_line
 from mnemo.data_pipeline.files import MAX_JSON_BYTES, not_a_regular_file, open_regular, read_bounded
-from mnemo.data_pipeline.limits import MAX_VOCAB_SIZE
+from mnemo.data_pipeline.limits import MAX_VOCAB_SIZE, MIN_VOCAB_SIZE
 from mnemo.data_pipeline.tokenizer_out import check_model_out, write_model_file
 
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
@@ -436,9 +436,10 @@ def check_special_tokens(tokens: Sequence[str]) -> list[str]:
 
 
 def check_vocab_size(vocab_size: int) -> int:
-    """``vocab_size`` when it is in [1, MAX_VOCAB_SIZE]; else a DataError naming --vocab-size (before any work)."""
-    if not 1 <= vocab_size <= MAX_VOCAB_SIZE:
-        raise DataError(f"--vocab-size must be in [1, {MAX_VOCAB_SIZE:,}], got {vocab_size}")
+    """``vocab_size`` when it is in [MIN_VOCAB_SIZE, MAX_VOCAB_SIZE]; else a DataError naming --vocab-size (before
+    any work)."""
+    if not MIN_VOCAB_SIZE <= vocab_size <= MAX_VOCAB_SIZE:
+        raise DataError(f"--vocab-size must be in [{MIN_VOCAB_SIZE}, {MAX_VOCAB_SIZE:,}], got {vocab_size}")
     return int(vocab_size)
 
 

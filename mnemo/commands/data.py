@@ -11,7 +11,7 @@ import math
 import re
 import sys
 
-from mnemo.data_pipeline.limits import MAX_VOCAB_SIZE, PASSKEY_MAX_TOKENS
+from mnemo.data_pipeline.limits import MAX_VOCAB_SIZE, MIN_VOCAB_SIZE, PASSKEY_MAX_TOKENS
 from mnemo.data_pipeline.readers import DEFAULT_MAX_DOC_BYTES
 
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
@@ -59,7 +59,11 @@ def add_tokenizer_train(sub: argparse._SubParsersAction, name: str) -> argparse.
     t = sub.add_parser(name, help="train a lossless SentencePiece model on a sample of the corpus")
     _add_input_args(t)
     t.add_argument(
-        "--vocab-size", type=int, required=True, metavar="N", help=f"pieces of the model, 1..{MAX_VOCAB_SIZE:,}"
+        "--vocab-size",
+        type=int,
+        required=True,
+        metavar="N",
+        help=f"pieces of the model, {MIN_VOCAB_SIZE}..{MAX_VOCAB_SIZE:,}",
     )
     t.add_argument(
         "--out",
@@ -133,7 +137,8 @@ def add_prepare(sub: argparse._SubParsersAction, name: str) -> argparse.Argument
         type=int,
         default=8192,
         metavar="N",
-        help=f"vocabulary of the tokenizer trained when --tokenizer is not given (1..{MAX_VOCAB_SIZE:,}; default 8192)",
+        help="vocabulary of the tokenizer trained when --tokenizer is not given "
+        f"({MIN_VOCAB_SIZE}..{MAX_VOCAB_SIZE:,}; default 8192)",
     )
     p.add_argument("--model-type", choices=("bpe", "unigram"), default="bpe")
     p.add_argument("--sample-docs", type=int, default=10_000, metavar="N")
