@@ -299,7 +299,7 @@ def _glob(pattern: str, stats: ReadStats) -> list[tuple[str, list[str]]]:
     against the rest, a component at a time.
     """
     if "**" not in pattern.split(os.sep):
-        matches = sorted(glob.glob(pattern))
+        matches = sorted(m for m in glob.glob(pattern) if not _is_pycache_dir(m))
         return [(m, list(_walk(m, stats)) if os.path.isdir(m) else [m]) for m in matches]
     dirs_only = pattern.endswith(os.sep)
     comps = [c for c in pattern.split(os.sep) if c]
@@ -308,7 +308,7 @@ def _glob(pattern: str, stats: ReadStats) -> list[tuple[str, list[str]]]:
     if pattern.startswith(os.sep):
         head = os.sep + head
     tail = comps[first:]
-    bases = [b for b in glob.glob(head) if os.path.isdir(b)] if head else [""]
+    bases = [b for b in glob.glob(head) if os.path.isdir(b) and not _is_pycache_dir(b)] if head else [""]
     groups: dict[str, list[str]] = {}
     for base in sorted(bases):
         inside: str | None = None  # the matched directory the walk is in: its files are all read, in walk order
@@ -323,6 +323,11 @@ def _glob(pattern: str, stats: ReadStats) -> list[tuple[str, list[str]]]:
                 groups[path] = [] if is_dir else [path]
                 inside = path if is_dir else None
     return sorted(groups.items())
+
+
+def _is_pycache_dir(path: str) -> bool:
+    """A ``__pycache__`` directory, which a glob matches where a directory walk skips it (bytecode, not text)."""
+    return os.path.basename(os.path.normpath(path)) == "__pycache__" and os.path.isdir(path)
 
 
 def _unreadable_reason(path: str) -> str | None:

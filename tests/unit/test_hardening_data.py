@@ -382,6 +382,14 @@ def test_recursive_glob_walks_each_directory_once_like_a_directory_input(tmp_pat
     ]
     with pytest.raises(DataError, match=r"input nope/\*\*/\*.txt: no file matches this pattern"):
         plan_inputs(["nope/**/*.txt"])
+    # A glob (or the part before its **) matching __pycache__ read it, where a directory walk skips it.
+    (tmp_path / "flat" / "__pycache__").mkdir(parents=True)
+    (tmp_path / "flat" / "__pycache__" / "p.txt").write_text("bytecode's neighbour")
+    (tmp_path / "flat" / "x.txt").write_text("text")
+    for pattern in ("flat/*", "flat/**"):
+        assert [f.path for f in plan_inputs([pattern]).files] == ["flat/x.txt"], pattern
+    with pytest.raises(DataError, match=r"input flat/\*/\*\*: no file matches this pattern"):
+        plan_inputs(["flat/*/**"])  # its only directory is __pycache__
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root reads every file")
