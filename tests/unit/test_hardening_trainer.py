@@ -186,9 +186,20 @@ def test_stop_request_on_an_evaluation_step_saves_at_once(world1, data, tmp_path
     assert (run_dir / "PREEMPTED").read_text().strip() == "2"
 
 
+@pytest.fixture
+def terminal_signals():
+    """SIGHUP and SIGINT as in a terminal, whatever this test run inherited: started in the background (nohup, or
+    `&` in a script, as CI may be) it has both ignored, and the trainer leaves an ignored one ignored."""
+    old = {signal.SIGHUP: signal.signal(signal.SIGHUP, signal.SIG_DFL)}
+    old[signal.SIGINT] = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    for s, h in old.items():
+        signal.signal(s, h)
+
+
 @pytest.mark.parametrize("sig", ["SIGHUP", "SIGINT"])
 def test_a_closed_terminal_or_ctrl_c_saves_and_stops_and_a_second_ctrl_c_stops_at_once(
-    world1, data, tmp_path, monkeypatch, sig
+    world1, data, tmp_path, monkeypatch, sig, terminal_signals
 ):
     """`mnemo train` alone: SIGHUP (a closed terminal) killed it silently and Ctrl-C stopped it without a save,
     losing the steps since the last checkpoint, where `mnemo launch` saves on both. A second Ctrl-C stops at
@@ -224,7 +235,7 @@ def test_a_closed_terminal_or_ctrl_c_saves_and_stops_and_a_second_ctrl_c_stops_a
     assert signal.getsignal(signal.SIGINT) is before
 
 
-def test_nohup_keeps_sighup_ignored():
+def test_nohup_keeps_sighup_ignored(terminal_signals):
     """`nohup mnemo train ... &` sets SIGHUP (and a script's `&` SIGINT) to ignored: the step loop's handler
     took them over, and the run stopped at logout."""
     from mnemo.train.schedule import Preemption
