@@ -92,6 +92,7 @@ JSONL_SUFFIXES = {
 }
 PARQUET_SUFFIXES = (".parquet", ".pq")
 MAX_EXAMPLES = 20
+PYCACHE = "__pycache__"  # bytecode folders: skipped by directory walks and glob matches alike
 # Byte order marks, longest first (the UTF-32 LE mark starts with the UTF-16 LE one): mark, codec, label.
 _BOMS = (
     (codecs.BOM_UTF32_LE, "utf-32-le", "utf32"),
@@ -274,7 +275,7 @@ def _walk_entries(root: str, stats: ReadStats) -> Iterator[tuple[str, bool]]:
             if not name.startswith("."):
                 yield os.path.join(path, name), False
         here = (key, parent)
-        subdirs = sorted(d for d in dirs if not d.startswith(".") and d != "__pycache__")
+        subdirs = sorted(d for d in dirs if not d.startswith(".") and d != PYCACHE)
         stack.extend((os.path.join(path, d), here) for d in reversed(subdirs))
 
 
@@ -327,7 +328,7 @@ def _glob(pattern: str, stats: ReadStats) -> list[tuple[str, list[str]]]:
 
 def _is_pycache_dir(path: str) -> bool:
     """A ``__pycache__`` directory, which a glob matches where a directory walk skips it (bytecode, not text)."""
-    return os.path.basename(os.path.normpath(path)) == "__pycache__" and os.path.isdir(path)
+    return os.path.basename(os.path.normpath(path)) == PYCACHE and os.path.isdir(path)
 
 
 def _unreadable_reason(path: str) -> str | None:
