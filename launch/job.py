@@ -154,6 +154,8 @@ def _check_values(req: LaunchRequest, cfg, run_dir: Path, cwd: str) -> None:
         if "@" in req.master_addr:
             raise UserError(f"--master-addr: {req.master_addr!r} is an address, not an ssh destination")
     if req.rdzv_id is not None:
+        if not req.rdzv_id.strip():  # '' would fall back to the default id, silently
+            raise UserError("--rdzv-id: empty; give an id or leave the flag out (default: one derived from run.dir)")
         check_line_safe("--rdzv-id", req.rdzv_id)
         if req.rdzv_id.startswith("-"):
             raise UserError(f"--rdzv-id {req.rdzv_id!r} starts with '-' (it would be read as an option)")

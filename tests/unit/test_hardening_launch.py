@@ -107,6 +107,13 @@ def test_control_character_in_sbatch_arg_and_rdzv_id(ws, capsys):
     assert "--rdzv-id" in fails(capsys, "c.yaml", "--dry-run", "--rdzv-id", "x\ny")
 
 
+@pytest.mark.parametrize("value", ["", " "])
+def test_empty_rdzv_id_is_refused(ws, capsys, value):
+    """An empty id used to fall back to the default silently: the flag was given, so it is an error."""
+    err = fails(capsys, "c.yaml", "--hostfile", "hosts", "--dry-run", f"--rdzv-id={value}")
+    assert err.startswith("mnemo: error: --rdzv-id: empty"), err
+
+
 @pytest.mark.parametrize("end", ["\n", "\r\n"])
 @pytest.mark.parametrize(
     "argv, flag",
