@@ -292,6 +292,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if args.data is not None:
             raise UserError("--lm-eval and --data are separate evaluations: give one of them")
         return lm_eval_checkpoint(args)
+    if args.limit is not None or args.lm_eval_include is not None:  # lm-eval's flags: without it, no effect
+        flag = "--limit" if args.limit is not None else "--lm-eval-include"
+        raise UserError(f"{flag} applies to --lm-eval TASKS only; add --lm-eval or leave {flag} out")
     if args.data is None:
         raise UserError("mnemo eval: give --data DATA_DIR (or --lm-eval TASKS)")
     data = Path(args.data)

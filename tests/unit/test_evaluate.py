@@ -354,6 +354,16 @@ def test_eval_cli_checks_numeric_flags_before_loading(tmp_path, flags, needle):
         args.func(args)
 
 
+@pytest.mark.parametrize("flag", [["--limit", "3"], ["--lm-eval-include", "tasks"]])
+def test_lm_eval_flags_without_lm_eval_are_refused(tmp_path, flag):
+    """They used to be ignored silently with --data: the user believed the evaluation was limited."""
+    from mnemo.cli import build_parser
+
+    args = build_parser().parse_args(["eval", str(tmp_path / "no-ckpt"), "--data", str(tmp_path / "d"), *flag])
+    with pytest.raises(UserError, match=f"^{flag[0]} applies to --lm-eval TASKS only"):
+        args.func(args)
+
+
 class NoMemoryInduction(InductionModel):
     """The copier without memory whatever the flags: a baseline that sees only its current segment."""
 
