@@ -104,7 +104,7 @@ def check_fit(
     """DataError (TaskError) unless documents of every task of ``specs`` fit segments of ``segment_len`` at
     every D an episode draws (0 is the tightest: the facts share a segment with the question).
 
-    One check for the pre-flight (train/config.py, with ``repeated_filler``: the fit does not depend on
+    One check for the pre-flight (train/config.py, with ``stand_in_filler``: the fit does not depend on
     the filler's words) and each rank's episode source (its corpus filler). Layouts are at random, so a
     few draws at every depth with the most facts.
     """

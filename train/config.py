@@ -1091,7 +1091,7 @@ def check_manifest_vocab(cfg: Config, tok: str) -> None:
 def check_episode_fit(cfg: Config, tok: str) -> None:
     """ConfigError naming model.segment_len unless the episodes of train.passkey (fraction > 0) fit its segments
     with the tokenizer ``tok``: task_sizes.check_fit, the check each rank's episode source runs, here with
-    stand-in filler (the fit does not depend on the filler's words).
+    stand-in filler (``tasks.stand_in_filler``: the fit does not depend on the filler's words).
 
     Before, only the ranks found out, after the run dir's config.yaml, run.lock and data cache were written.
     """
@@ -1101,13 +1101,13 @@ def check_episode_fit(cfg: Config, tok: str) -> None:
     from mnemo.data_pipeline.errors import DataError
     from mnemo.data_pipeline.passkey import RoundTripError
     from mnemo.data_pipeline.task_sizes import check_fit
-    from mnemo.data_pipeline.tasks import parse_tasks, repeated_filler
+    from mnemo.data_pipeline.tasks import parse_tasks, stand_in_filler
     from mnemo.data_pipeline.tokenizer import Tokenizer
 
     T = cfg.model.segment_len
     try:
         tokenizer = Tokenizer(tok)
-        check_fit(parse_tasks(",".join(pk.tasks)), tokenizer, T, repeated_filler(tokenizer, T), pk.max_keys)
+        check_fit(parse_tasks(",".join(pk.tasks)), tokenizer, T, stand_in_filler(tokenizer, T), pk.max_keys)
     except RoundTripError as e:  # no segment length helps: its message says what does
         raise ConfigError(f"train.passkey: {str(e).removeprefix('passkey: ')}") from None
     except DataError as e:
@@ -1134,17 +1134,15 @@ def check_passkey_eval_fit(cfg: Config, tok: str) -> None:
     import numpy as np
 
     from mnemo.data_pipeline.errors import DataError
-    from mnemo.data_pipeline.passkey import KEY_PREFIX, QUESTION, RoundTripError, encode_piece, make_passkey_sample
-    from mnemo.data_pipeline.tasks import repeated_filler
+    from mnemo.data_pipeline.passkey import RoundTripError, make_passkey_sample
+    from mnemo.data_pipeline.tasks import stand_in_filler
     from mnemo.data_pipeline.tokenizer import Tokenizer
 
     T = cfg.model.segment_len
     D = min(ev.passkey_distances)
     try:
         tokenizer = Tokenizer(tok)
-        for text in (KEY_PREFIX, QUESTION):  # a lossy tokenizer is told of these, not of the stand-in filler
-            encode_piece(tokenizer, text)
-        filler = repeated_filler(tokenizer, T)
+        filler = stand_in_filler(tokenizer, T)  # a lossy tokenizer is told of the pass-key sentences, not of it
         for D in sorted({min(ev.passkey_distances), max(ev.passkey_distances)}):
             make_passkey_sample(tokenizer, filler, D, "start", T, np.random.default_rng(0))
     except RoundTripError as e:  # no segment length helps: its message says what does

@@ -612,5 +612,41 @@ def test_a_tokenizer_that_does_not_round_trip_pass_keys_gets_no_segment_advice(t
             check_paths(load_config(None, [*lossy, *extra]))
         msg = str(e.value)
         assert msg.startswith(f"{key}: the tokenizer does not round-trip "), msg
-        assert key == "train.passkey" or "' The pass key is '" in msg, msg
+        # The episodes' own sentence, not the pre-flight's stand-in filler ("The grass is green..."), which
+        # the user never wrote (the train.passkey message used to quote it).
+        assert "' The pass key is '" in msg and "grass" not in msg, msg
         assert "lossless tokenizer" in msg and "segment_len" not in msg, msg
+
+
+def test_a_tokenizer_that_loses_only_the_stand_in_filler_passes_the_pass_key_pre_flights(
+    tmp_path, sp_tokenizer, monkeypatch
+):
+    """The pre-flights fit episodes with a stand-in filler; the runs fill with corpus token ids, which need no
+    round trip. A tokenizer that does not give the stand-in's words back (here: "grass") but does the pass-key
+    sentences was refused by both pre-flights, for text the user never wrote."""
+    import json
+    import shutil
+
+    import mnemo.data_pipeline.tokenizer as tokenizer_module
+    from mnemo.train.config import check_paths
+
+    real = tokenizer_module.SentencePieceTokenizer
+
+    class LosesGrass:
+        def __init__(self, path):
+            self.inner = real(path)
+            self.eos_id, self.vocab_size = self.inner.eos_id, self.inner.vocab_size
+
+        def encode(self, text):
+            return self.inner.encode(text)
+
+        def decode(self, ids):
+            return self.inner.decode(ids).replace("grass", "gras")
+
+    monkeypatch.setattr(tokenizer_module, "Tokenizer", LosesGrass)
+    data = _data_dir(tmp_path / "data")
+    shutil.copyfile(sp_tokenizer.path, data / "tokenizer.model")
+    (data / "manifest.json").write_text(json.dumps(_manifest(vocab_size=sp_tokenizer.vocab_size)))
+    base = [f"data.path={data}", f"run.dir={tmp_path}/r", "model.segment_len=256"]  # this tokenizer spells out
+    check_paths(load_config(None, [*base, "train.passkey.fraction=0", "eval.passkey_trials=2"]))
+    check_paths(load_config(None, [*base, "train.passkey.fraction=0.5", "eval.passkey_trials=0"]))
