@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import torch
@@ -75,6 +76,18 @@ def deepspeed_config(cfg: Config, use_bf16: bool, use_cuda: bool, accum: int = 1
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }
+
+
+# DeepSpeed's ZeRO-3 calls torch.distributed functions that torch deprecates (all_gather_into_tensor,
+# reduce_scatter_tensor): FutureWarnings the user cannot act on. Shown once per process only in principle:
+# DeepSpeed's CPU accelerator starts a subprocess every step (device_count), and subprocess resets the
+# warnings registry, so they came back every step, 4 lines per rank (800K lines in a 100K-step run).
+_TORCH_DISTRIBUTED_DEPRECATION = r"`torch\.distributed\.\w+` is deprecated"
+
+
+def quiet_library_deprecations() -> None:
+    """Ignore torch.distributed's deprecation FutureWarnings (raised inside DeepSpeed, not mnemo) in this process."""
+    warnings.filterwarnings("ignore", message=_TORCH_DISTRIBUTED_DEPRECATION, category=FutureWarning)
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float):

@@ -41,6 +41,7 @@ from mnemo.train.engine import (
     lr_lambda,
     model_args_from_config,
     param_groups,
+    quiet_library_deprecations,
 )
 from mnemo.train.errors import UserError
 from mnemo.train.eval_hook import run_eval
@@ -255,6 +256,7 @@ class Trainer:
             self.universal = reads_universal(cfg, meta, path, self.info.world_size, self.use_bf16)
             if self.universal:
                 ds_cfg["checkpoint"] = {"load_universal": True}
+        quiet_library_deprecations()
         self.engine, _, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg
         )
