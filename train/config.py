@@ -612,7 +612,10 @@ def _set_dotted(tree: dict, dotted: str, value: str) -> None:
     for i, part in enumerate(parts):
         types_ = _field_types(cls)
         if part not in types_:
-            raise ConfigError(f"unknown config key '{_clip('.'.join(parts[: i + 1]))}'")
+            raise ConfigError(
+                f"override {_clip(dotted)}: unknown config key '{_clip('.'.join(parts[: i + 1]))}'"
+                f" (known: {', '.join(sorted(types_))})"
+            )
         tp = types_[part]
         last = i == len(parts) - 1
         if dataclasses.is_dataclass(tp):
@@ -668,7 +671,9 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
             raise ConfigError(f"{p}: {e}") from None
         if not isinstance(tree, dict):
             raise ConfigError(f"{p}: top level must be a mapping")
-    for k, v in parse_overrides(overrides or []):
+    file_keys = set(_dotted_keys(tree))
+    given = parse_overrides(overrides or [])
+    for k, v in given:
         _set_dotted(tree, k, v)
     try:
         cfg = _build(Config, tree, "")
@@ -676,8 +681,27 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
         raise ConfigError(str(e)) from None
     except ConfigError as e:  # from a value of the file
         raise ConfigError(f"{path}: {e}" if path else str(e)) from None
-    validate(cfg)
+    try:
+        validate(cfg)
+    except ConfigError as e:  # say where the key at fault was given, as the type errors above do
+        msg = str(e)
+        key = re.sub(r"\[\d+\]$", "", msg.split(":", 1)[0])
+        if key in {k for k, _ in given}:
+            msg = f"override {msg}"
+        elif path is not None and key in file_keys:
+            msg = f"{path}: {msg}"
+        raise ConfigError(msg) from None
     return cfg
+
+
+def _dotted_keys(tree: dict, prefix: str = "") -> list[str]:
+    """The dotted keys a raw YAML tree sets (sections and leaves; lists are leaves)."""
+    out = []
+    for k, v in tree.items():
+        out.append(f"{prefix}{k}")
+        if isinstance(v, dict):
+            out.extend(_dotted_keys(v, f"{prefix}{k}."))
+    return out
 
 
 def validate(cfg: Config) -> None:

@@ -413,15 +413,15 @@ def test_a_store_that_just_holds_max_distance_segments_is_accepted():
     """The pass key sits in segment 0 and is read at segment D: D x T stored entries keep it (configs/demo.yaml)."""
     over = ["train.passkey.fraction=0.5", "train.passkey.max_distance=8", "model.segment_len=64"]
     load_config("configs/debug.yaml", [*over, "memory.long.capacity=512"])
-    with pytest.raises(ConfigError, match=r"^train\.passkey\.max_distance: .* at least 512 entries, more than .* 511"):
+    with pytest.raises(ConfigError, match=r"^override train\.passkey\.max_distance: .* at least 512 .* 511"):
         load_config("configs/debug.yaml", [*over, "memory.long.capacity=511"])
     load_config("configs/debug.yaml", [*over, "memory.long.capacity=511", "train.passkey.fraction=0"])
     over = ["train.passkey.fraction=0.5", "train.passkey.max_distance=8", "model.segment_len=256"]
     with pytest.raises(ConfigError) as e:  # before: accepted, and trained with the key always evicted
         load_config("configs/debug.yaml", [*over, "memory.long.capacity=512"])
     assert str(e.value).startswith(
-        "train.passkey.max_distance: 8 segments of model.segment_len 256 need a long-term store of at least 2048 "
-        "entries, more than memory.long.capacity 512"
+        "override train.passkey.max_distance: 8 segments of model.segment_len 256 need a long-term store of at "
+        "least 2048 entries, more than memory.long.capacity 512"
     )
 
 
@@ -433,7 +433,7 @@ def test_max_steps_may_be_0_when_a_token_budget_sets_the_steps():
     assert total_steps(cfg, 2) >= 1
     for over in (["train.max_steps=0"], ["train.max_steps=-1", "train.max_tokens=1000"]):
         with pytest.raises(
-            ConfigError, match=r"^train\.max_steps: must be >= 1 \(or 0 with a train\.max_tokens budget\)"
+            ConfigError, match=r"^override train\.max_steps: must be >= 1 \(or 0 with a train\.max_tokens budget\)"
         ):
             load_config("configs/debug.yaml", over)
 

@@ -239,7 +239,7 @@ def test_a_number_written_unquoted_for_a_string_field_stays_the_text_written(tmp
     assert load_config(p).data.sources[0].path == text  # in a list of sections too
     p.write_text(f"eval:\n  tasks: [{text}]\n")
     msg = _error(path=p)  # no task is named so: the message quotes the text, not a number read from it
-    assert msg.startswith("eval.tasks[0]: ") and repr(text) in msg
+    assert msg.startswith(f"{p}: eval.tasks[0]: ") and repr(text) in msg  # the file that gave it
 
 
 def test_numbers_for_number_fields_are_still_numbers(tmp_path):
