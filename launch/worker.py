@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from multiprocessing import resource_tracker
 from typing import Mapping
 
 from mnemo.data_pipeline.processes import die_with_parent
@@ -34,14 +33,9 @@ def describe(environ: Mapping[str, str]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    # Python's multiprocessing resource tracker (a process of its own, which
-    # the data loaders' shared memory uses) is started now, with the
-    # preemption signals ignored, which it keeps across exec: srun signals
-    # every process of the step, and the tracker, with the default action for
-    # SIGUSR1, died on each preemption (tracebacks from every rank in the log).
-    for sig in preemption.SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
-    resource_tracker.ensure_running()
+    # Before anything uses shared memory: srun signals every process of the step, and a tracker started with
+    # the default action for SIGUSR1 died on each preemption (tracebacks from every rank in the log).
+    preemption.start_resource_tracker()
     # The node launcher starts torchrun with these ignored (so that only the
     # workers react to them). A preemption notice from now on is remembered,
     # not fatal: one during start-up (imports, rendezvous, data) would

@@ -11,8 +11,12 @@ from __future__ import annotations
 
 import signal
 import time
+from multiprocessing import resource_tracker
 
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+# What the resource tracker must ignore: the preemption signals (srun signals every process of the step) and
+# SIGHUP (a closed terminal signals its whole process group). It handles SIGINT and SIGTERM itself.
+_TRACKER_IGNORES = (*SIGNALS, signal.SIGHUP)
 
 # (signal number, time) of the first notice; later ones change nothing.
 _first: tuple[int, float] | None = None
@@ -28,6 +32,28 @@ def catch() -> None:
     """From now on SIGTERM and SIGUSR1 only set the flag (the first one's number and time)."""
     for s in SIGNALS:
         signal.signal(s, _remember)
+
+
+def start_resource_tracker() -> None:
+    """Start Python's multiprocessing resource tracker now, with SIGTERM, SIGUSR1 and SIGHUP ignored in it.
+
+    The tracker is a process of its own, started on first use of shared memory (the data loaders'), and
+    keeps an ignored disposition across exec. Started with the default action, it died of any of these
+    sent to every process (srun's forwarded notice; a terminal's hang-up to its process group), and the
+    run's exit printed KeyError tracebacks from it. Both entry points call this before anything slow:
+    ``mnemo train`` and the launcher's worker. Once running it is reused (a later call starts nothing).
+
+    This process's handlers are as they were afterwards. The signals are blocked meanwhile, not lost: one
+    that came while they were ignored here reaches the restored handler (or default action) after.
+    """
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, _TRACKER_IGNORES)
+    before = {s: signal.signal(s, signal.SIG_IGN) for s in _TRACKER_IGNORES}
+    try:
+        resource_tracker.ensure_running()
+    finally:
+        for s, h in before.items():
+            signal.signal(s, h)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
 def take() -> tuple[int, float] | None:

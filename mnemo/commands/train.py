@@ -13,6 +13,11 @@ def add_train(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentPa
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from mnemo.train.preemption import start_resource_tracker
+
+    # First, as the launcher's worker does: a terminal's hang-up reaches its whole process group, and a
+    # tracker started later (by the data loaders' shared memory) with the default action died of it.
+    start_resource_tracker()
     from mnemo.train.entry import run_train
 
     return run_train(args.config, args.overrides)

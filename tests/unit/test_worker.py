@@ -156,3 +156,55 @@ def test_the_resource_tracker_outlives_a_preemption_notice():
     )
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.splitlines()[-1] == "tracker alive"
+
+
+TRAIN_TRACKER = """
+import os, signal, sys, time
+sys.path.insert(0, {repo!r})
+import psutil
+import mnemo.train.entry as entry
+
+# As in a terminal, whatever this test run inherited (in the background SIGHUP may be ignored).
+signal.signal(signal.SIGHUP, signal.SIG_DFL)
+
+def run_train(config, overrides):
+    from multiprocessing import resource_tracker
+
+    resource_tracker.ensure_running()  # what shared memory does on first use
+    (tracker,) = psutil.Process().children()
+    os.kill(tracker.pid, signal.{sig})  # a terminal's hang-up reaches its whole process group
+    time.sleep(0.5)
+    print("tracker", "alive" if tracker.status() != psutil.STATUS_ZOMBIE else "died", flush=True)
+    print("handler", signal.getsignal(signal.{sig}) is signal.SIG_DFL, flush=True)
+    return 0
+
+entry.run_train = run_train
+from mnemo.cli import main
+sys.exit(main(["train", "c.yaml"]))
+"""
+
+
+@pytest.mark.parametrize("sig", ["SIGHUP", "SIGUSR1"])
+def test_the_resource_tracker_of_mnemo_train_alone_outlives_a_hang_up(sig):
+    # Was: `mnemo train` (not under launch) left the tracker to shared memory, which started it with the
+    # default actions: a SIGHUP to the terminal's process group killed it (KeyError tracebacks at the end).
+    r = subprocess.run(
+        [sys.executable, "-c", TRAIN_TRACKER.format(repo=str(REPO), sig=sig)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    # The tracker lives; this process's own disposition is what it was.
+    assert r.stdout.splitlines()[-2:] == ["tracker alive", "handler True"]
+
+
+def test_starting_the_resource_tracker_leaves_handlers_and_mask_as_they_were():
+    from mnemo.train import preemption
+
+    sigs = (signal.SIGHUP, signal.SIGTERM, signal.SIGUSR1)
+    before = {s: signal.getsignal(s) for s in sigs}
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    preemption.start_resource_tracker()
+    assert {s: signal.getsignal(s) for s in sigs} == before
+    assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == mask
