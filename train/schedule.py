@@ -122,12 +122,15 @@ class Preemption:
     Once the loop exists, SIGHUP (a closed terminal) and a first SIGINT (Ctrl-C; torchrun's own stop) do the
     same, as `mnemo launch` does for them: `mnemo train` alone lost the steps since the last checkpoint. A
     second SIGINT stops at once (KeyboardInterrupt, Python's own Ctrl-C). Before the loop, Ctrl-C stays
-    Python's: nothing to save, and a long start-up must stop when asked.
+    Python's: nothing to save, and a long start-up must stop when asked. After the steps (``finishing``), the
+    final checkpoint and evaluation run to their end and a first Ctrl-C's message says so.
     """
 
     def __init__(self):
         self.signal: int | None = None
         self.at = 0.0
+        # What a first Ctrl-C does, as its message says: the loop's, until ``finishing`` says the loop is over.
+        self._on_interrupt = "saving at the end of this step"
         # SIGHUP and SIGINT that the parent set to ignored stay so: `nohup mnemo train ... &` (and a job started
         # with & from a script, where SIGINT is ignored) must live past a logout, not stop at it.
         user = [s for s in (signal.SIGHUP, signal.SIGINT) if signal.getsignal(s) is not signal.SIG_IGN]
@@ -135,6 +138,14 @@ class Preemption:
         early = preemption.take()  # after installing: no notice falls between the two handlers
         if early is not None:
             self.signal, self.at = early
+
+    def finishing(self, what: str) -> None:
+        """The steps are over and ``what`` (the final checkpoint, evaluation) comes next: a first Ctrl-C now says
+        that (there is no step end to save at, and the run ends after it by itself); a second stops at once.
+
+        The message was "saving at the end of this step" during the final evaluation too, which then ran on.
+        """
+        self._on_interrupt = f"the steps are done; stopping after {what}"
 
     def release(self) -> None:
         """The handlers from before, back (the run is over: a Ctrl-C in the process that called it is its own)."""
@@ -148,7 +159,7 @@ class Preemption:
             self.signal, self.at = signum, time.time()
             if signum == signal.SIGINT:
                 print(
-                    "mnemo: interrupted: saving at the end of this step (Ctrl-C again to stop at once)",
+                    f"mnemo: interrupted: {self._on_interrupt} (Ctrl-C again to stop at once)",
                     file=sys.stderr,
                     flush=True,
                 )

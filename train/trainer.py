@@ -547,10 +547,12 @@ class Trainer:
                     exit_reason = "time_limit"
                     break
             if exit_reason in ("completed", "time_limit", "data_used_up") and last_saved != c.step:
+                self.preempt.finishing("the final checkpoint and evaluation")
                 self.save(exit_reason)
             if exit_reason in ("completed", "time_limit", "data_used_up"):
                 if info.rank == 0 and (self.run_dir / "PREEMPTED").exists():
                     (self.run_dir / "PREEMPTED").unlink()
+                self.preempt.finishing("the final evaluation")
                 eval_result = self.evaluate()
         finally:
             self.preempt.release()

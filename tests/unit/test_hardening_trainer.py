@@ -235,6 +235,34 @@ def test_a_closed_terminal_or_ctrl_c_saves_and_stops_and_a_second_ctrl_c_stops_a
     assert signal.getsignal(signal.SIGINT) is before
 
 
+@pytest.mark.parametrize("presses", [1, 2])
+def test_ctrl_c_during_the_final_evaluation_says_what_happens(
+    world1, data, tmp_path, monkeypatch, capsys, presses, terminal_signals
+):
+    """After the last step, Ctrl-C said "saving at the end of this step" while the final evaluation ran on and
+    the run completed. Now it says the final evaluation finishes first; a second Ctrl-C still stops at once."""
+    from mnemo.train import trainer
+
+    evaluate = trainer.Trainer.evaluate
+
+    def interrupted(self):
+        for _ in range(presses):
+            os.kill(os.getpid(), signal.SIGINT)
+        return evaluate(self)
+
+    monkeypatch.setattr(trainer.Trainer, "evaluate", interrupted)
+    cfg = config(data, tmp_path / "run", "train.max_steps=2", "checkpoint.interval=0")
+    if presses == 2:
+        with pytest.raises(KeyboardInterrupt):
+            trainer.train(cfg)
+    else:
+        summary = trainer.train(cfg)
+        assert summary["exit"] == "completed" and summary["step"] == 2
+    err = capsys.readouterr().err
+    assert "mnemo: interrupted: the steps are done; stopping after the final evaluation" in err
+    assert "saving at the end of this step" not in err
+
+
 def test_nohup_keeps_sighup_ignored(terminal_signals):
     """`nohup mnemo train ... &` sets SIGHUP (and a script's `&` SIGINT) to ignored: the step loop's handler
     took them over, and the run stopped at logout."""
