@@ -7,7 +7,10 @@ which starts torchrun there. The c10d rendezvous is at the first node of
 
 Preemption and time limits: ``--signal=B:USR1@<checkpoint.grace_period_s>``
 makes SLURM send SIGUSR1 to the batch shell; its trap forwards it to srun,
-which passes it to every node launcher, which passes it to the workers. The
+which passes it to every node launcher, which passes it to the workers (one
+before srun runs requeues the job at once). Each launcher runs under a small
+bash wrapper (``NODE_WRAPPER``) that holds SIGUSR1 and SIGTERM until the
+launcher has its handlers, so a notice in its first second is not fatal. The
 trainer then saves a checkpoint, writes ``<run.dir>/PREEMPTED`` and exits 0.
 When srun returns and that marker exists, the script deletes it and runs
 ``scontrol requeue $SLURM_JOB_ID``: the job goes back to the queue
@@ -51,6 +54,47 @@ PREEMPTED_MARKER = "PREEMPTED"
 # The script's first two lines: how write_script knows a job.sbatch it may replace (every version wrote them).
 SHEBANG = "#!/bin/bash"
 SCRIPT_MARK = "# Written by `mnemo launch --slurm`"
+
+# What srun runs on each node (bash -c, the launcher's command line as "$@"): the node launcher, held from its
+# very start. srun signals every process of the step; an exec'd launcher had the default action for SIGUSR1
+# and SIGTERM until its handlers were in place (imports, validation: a second or so), and a notice then
+# killed it, and the job failed instead of being requeued. Here the launcher starts with both ignored (kept
+# across exec); this shell remembers any that comes meanwhile and sends it on once the launcher catches both
+# (SigCgt in /proc/PID/status, as the launcher itself waits for its workers), and every later one too (the
+# launcher may get a signal twice, which changes nothing). No value of the job is in it: no quoting needed.
+NODE_WRAPPER = """\
+pending=
+up=0
+hold() { if [ "$up" = 1 ]; then kill -s "$1" "$pid" 2>/dev/null; else pending="$pending $1"; fi; }
+catches() {
+    local key mask
+    while read -r key mask; do
+        if [ "$key" = SigCgt: ]; then
+            (( (0x$mask >> (usr1 - 1)) & (0x$mask >> (term - 1)) & 1 ))
+            return
+        fi
+    done <"/proc/$1/status" 2>/dev/null
+    return 1
+}
+usr1=$(kill -l USR1)
+term=$(kill -l TERM)
+trap "" USR1 TERM
+"$@" --node-rank "$SLURM_NODEID" &
+pid=$!
+trap "hold USR1" USR1
+trap "hold TERM" TERM
+while [ "$up" = 0 ] && kill -0 "$pid" 2>/dev/null; do
+    if catches "$pid"; then
+        up=1
+        for sig in $pending; do kill -s "$sig" "$pid" 2>/dev/null; done
+        pending=
+    else
+        sleep 0.1
+    fi
+done
+while kill -0 "$pid" 2>/dev/null; do wait "$pid"; done
+wait "$pid"
+"""
 
 
 @dataclass
@@ -256,6 +300,21 @@ def sbatch_script(o: SlurmOptions) -> str:
         *_directives(o),
         "",
         "set -u",
+        "# Preemption notice (--signal=B:USR1@...): passed on to srun, which passes it to every node launcher,",
+        "# and they to the workers; the trainer saves and exits. Caught from the start: one that comes before",
+        "# srun runs requeues the job at once (nothing trained yet); it used to kill this shell, failing the job.",
+        "SRUN_PID=",
+        "NOTICE=",
+        "forward_usr1() {",
+        '    if [ -z "$SRUN_PID" ]; then',
+        "        NOTICE=1",
+        "        return",
+        "    fi",
+        '    echo "mnemo: got SIGUSR1, forwarding it to the training processes"',
+        '    kill -USR1 "$SRUN_PID" 2>/dev/null',
+        "}",
+        "trap forward_usr1 USR1",
+        "",
         f"RUN_DIR={q(str(o.run_dir))}",
         f"VENV_BIN={q(str(Path(o.python).parent))}",
         "# The venv's tools are found, after the submitting shell's (sbatch exported its PATH).",
@@ -282,23 +341,24 @@ def sbatch_script(o: SlurmOptions) -> str:
         'echo "mnemo: job $SLURM_JOB_ID, SLURM_RESTART_COUNT=${SLURM_RESTART_COUNT:-0}, $SLURM_JOB_NUM_NODES node(s): $SLURM_JOB_NODELIST, rendezvous $MASTER_ADDR:$MASTER_PORT"',  # noqa: E501
         "",
         f'rm -f "$RUN_DIR/{PREEMPTED_MARKER}"  # stale marker of an earlier job',
+        'if [ -n "$NOTICE" ]; then',
+        '    echo "mnemo: got SIGUSR1 before training started; requeueing job $SLURM_JOB_ID"',
+        '    scontrol requeue "$SLURM_JOB_ID"',
+        "    exit 0",
+        "fi",
         "",
-        "# One node launcher per node; each starts torchrun with its node rank.",
+        "# One node launcher per node; each starts torchrun with its node rank. The wrapper holds SIGUSR1 and",
+        "# SIGTERM until the launcher catches them (launch/slurm.py NODE_WRAPPER).",
+        f"NODE_WRAPPER={q(NODE_WRAPPER)}",
         'srun --nodes="$SLURM_JOB_NUM_NODES" --ntasks="$SLURM_JOB_NUM_NODES" --ntasks-per-node=1 \\',
         "    ${SLURM_CPUS_PER_TASK:+--cpus-per-task=$SLURM_CPUS_PER_TASK} --kill-on-bad-exit=1 \\",
-        '    bash -c \'exec "$@" --node-rank "$SLURM_NODEID"\' mnemo-node \\',
+        '    bash -c "$NODE_WRAPPER" mnemo-node \\',
         f"    {launch_words} \\",
         f'    --nnodes "$SLURM_JOB_NUM_NODES" --nproc-per-node {o.nproc_per_node} \\',
         '    --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT" --rdzv-id "mnemo-$SLURM_JOB_ID" \\',
         f"    --max-restarts {o.max_restarts} &",
         "SRUN_PID=$!",
-        "",
-        "# Preemption notice (--signal=B:USR1@...): pass it on; the trainer saves and exits.",
-        "forward_usr1() {",
-        '    echo "mnemo: got SIGUSR1, forwarding it to the training processes"',
-        '    kill -USR1 "$SRUN_PID" 2>/dev/null',
-        "}",
-        "trap forward_usr1 USR1",
+        'if [ -n "$NOTICE" ]; then forward_usr1; fi  # one that came while srun was being started',
         "",
         "# wait returns early when a trapped signal arrives: wait again until srun is gone.",
         'while kill -0 "$SRUN_PID" 2>/dev/null; do wait "$SRUN_PID"; done',

@@ -25,6 +25,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -555,6 +556,101 @@ def test_a_preemption_notice_before_the_workers_start_reaches_them(tmp_path, mon
     assert "got SIGUSR1: no worker started yet; passing SIGUSR1 on when they start" in log
     assert "passed the held SIGUSR1 on to worker " in log
     assert "worker got USR1" in log
+
+
+# A node launcher as srun starts it under the sbatch script: a second of imports and validation without
+# handlers, then it catches SIGUSR1 and SIGTERM (launch/local.py NodeRunner.run) and says what it got.
+STAND_IN_LAUNCHER = """
+import os, signal, sys, time
+def note(text):
+    with open(os.environ["LAUNCHER_OUT"], "a") as f:
+        f.write(text + "\\n")
+start = "ignored" if signal.getsignal(signal.SIGUSR1) is signal.SIG_IGN else "default"
+note("argv " + " ".join(sys.argv[1:]))
+note("usr1 at start " + start)
+time.sleep(1.0)
+got = []
+for s in (signal.SIGUSR1, signal.SIGTERM):
+    signal.signal(s, lambda n, f: got.append(signal.Signals(n).name))
+deadline = time.time() + 20
+while not got and time.time() < deadline:
+    time.sleep(0.05)
+time.sleep(0.3)
+note("got " + " ".join(got))
+"""
+# srun: runs its task (what follows its own options); once the launcher runs, signals every process of the
+# step, as slurmstepd does with the notice srun passes on.
+EARLY_SRUN = """#!/bin/bash
+while [ "$1" != bash ]; do shift; done
+export SLURM_NODEID=0
+"$@" &
+task=$!
+for _ in $(seq 200); do [ -s "$LAUNCHER_OUT" ] && break; sleep 0.05; done
+kill -USR1 $task $(pgrep -P $task)
+wait $task
+"""
+# scontrol: what the script asks it; "hostnames" notes that the script runs, then takes half a second.
+SCONTROL = """#!/bin/bash
+echo "$*" >> "$SCONTROL_LOG"
+case "$2" in hostnames) sleep 0.5; echo node-a ;; node) echo "NodeName=node-a NodeAddr=10.0.0.5 x" ;; esac
+"""
+
+
+def _early_notice_job(tmp_path: Path) -> tuple[Path, dict[str, str]]:
+    from mnemo.launch.slurm import SlurmOptions, sbatch_script
+
+    stubs = tmp_path / "stubbin"
+    stubs.mkdir()
+    launcher = tmp_path / "launcher"
+    for path, text in (
+        (stubs / "srun", EARLY_SRUN),
+        (stubs / "scontrol", SCONTROL),
+        (launcher, f"#!{sys.executable}\n{STAND_IN_LAUNCHER}"),
+    ):
+        path.write_text(text)
+        path.chmod(0o755)
+    o = SlurmOptions(
+        config="/c.yaml", overrides=[], run_dir=tmp_path / "run", cwd=str(tmp_path), python=str(launcher), job_name="j"
+    )
+    script = tmp_path / "job.sbatch"
+    script.write_text(sbatch_script(o))
+    env = {
+        "PATH": f"{stubs}:/usr/bin:/bin",
+        "LAUNCHER_OUT": str(tmp_path / "launcher.out"),
+        "SCONTROL_LOG": str(tmp_path / "scontrol.log"),
+        "SLURM_JOB_ID": "77",
+        "SLURM_JOB_NUM_NODES": "1",
+        "SLURM_JOB_NODELIST": "node-a",
+    }
+    return script, env
+
+
+def test_a_preemption_notice_in_the_node_launchers_first_second_reaches_it(tmp_path):
+    # Was: srun's wrapper exec'd the launcher with the default action for SIGUSR1 until its handlers were in
+    # place, and a notice then killed it: the job failed instead of being requeued.
+    script, env = _early_notice_job(tmp_path)
+    r = subprocess.run(["bash", str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    out = (tmp_path / "launcher.out").read_text().splitlines()
+    assert r.returncode == 0, (r.stdout, r.stderr, out)
+    assert out[0].endswith("--node-rank 0")
+    assert out[1:] == ["usr1 at start ignored", "got SIGUSR1"]
+
+
+def test_a_preemption_notice_before_srun_runs_requeues_the_job(tmp_path):
+    # Was: the batch shell set its trap only after starting srun; a notice before that killed it (job FAILED).
+    script, env = _early_notice_job(tmp_path)
+    p = subprocess.Popen(["bash", str(script)], cwd=tmp_path, env=env, stdout=subprocess.PIPE, text=True)
+    log = tmp_path / "scontrol.log"
+    deadline = time.time() + 30
+    while not (log.is_file() and log.read_text()):
+        assert time.time() < deadline, "the script did not start"
+        time.sleep(0.02)
+    p.send_signal(signal.SIGUSR1)
+    out, _ = p.communicate(timeout=60)
+    assert p.returncode == 0, out
+    assert "mnemo: got SIGUSR1 before training started; requeueing job 77" in out
+    assert log.read_text().splitlines()[-1] == "requeue 77"
+    assert not (tmp_path / "launcher.out").exists(), "srun ran"
 
 
 class _FillingDisk(io.RawIOBase):

@@ -90,6 +90,21 @@ GOLDEN_SLURM = """\
 #SBATCH --qos=high
 
 set -u
+# Preemption notice (--signal=B:USR1@...): passed on to srun, which passes it to every node launcher,
+# and they to the workers; the trainer saves and exits. Caught from the start: one that comes before
+# srun runs requeues the job at once (nothing trained yet); it used to kill this shell, failing the job.
+SRUN_PID=
+NOTICE=
+forward_usr1() {
+    if [ -z "$SRUN_PID" ]; then
+        NOTICE=1
+        return
+    fi
+    echo "mnemo: got SIGUSR1, forwarding it to the training processes"
+    kill -USR1 "$SRUN_PID" 2>/dev/null
+}
+trap forward_usr1 USR1
+
 RUN_DIR=<TMP>/runs/g
 VENV_BIN=<BIN>
 # The venv's tools are found, after the submitting shell's (sbatch exported its PATH).
@@ -105,23 +120,55 @@ MASTER_PORT=$((10000 + SLURM_JOB_ID % 20000))
 echo "mnemo: job $SLURM_JOB_ID, SLURM_RESTART_COUNT=${SLURM_RESTART_COUNT:-0}, $SLURM_JOB_NUM_NODES node(s): $SLURM_JOB_NODELIST, rendezvous $MASTER_ADDR:$MASTER_PORT"
 
 rm -f "$RUN_DIR/PREEMPTED"  # stale marker of an earlier job
+if [ -n "$NOTICE" ]; then
+    echo "mnemo: got SIGUSR1 before training started; requeueing job $SLURM_JOB_ID"
+    scontrol requeue "$SLURM_JOB_ID"
+    exit 0
+fi
 
-# One node launcher per node; each starts torchrun with its node rank.
+# One node launcher per node; each starts torchrun with its node rank. The wrapper holds SIGUSR1 and
+# SIGTERM until the launcher catches them (launch/slurm.py NODE_WRAPPER).
+NODE_WRAPPER='pending=
+up=0
+hold() { if [ "$up" = 1 ]; then kill -s "$1" "$pid" 2>/dev/null; else pending="$pending $1"; fi; }
+catches() {
+    local key mask
+    while read -r key mask; do
+        if [ "$key" = SigCgt: ]; then
+            (( (0x$mask >> (usr1 - 1)) & (0x$mask >> (term - 1)) & 1 ))
+            return
+        fi
+    done <"/proc/$1/status" 2>/dev/null
+    return 1
+}
+usr1=$(kill -l USR1)
+term=$(kill -l TERM)
+trap "" USR1 TERM
+"$@" --node-rank "$SLURM_NODEID" &
+pid=$!
+trap "hold USR1" USR1
+trap "hold TERM" TERM
+while [ "$up" = 0 ] && kill -0 "$pid" 2>/dev/null; do
+    if catches "$pid"; then
+        up=1
+        for sig in $pending; do kill -s "$sig" "$pid" 2>/dev/null; done
+        pending=
+    else
+        sleep 0.1
+    fi
+done
+while kill -0 "$pid" 2>/dev/null; do wait "$pid"; done
+wait "$pid"
+'
 srun --nodes="$SLURM_JOB_NUM_NODES" --ntasks="$SLURM_JOB_NUM_NODES" --ntasks-per-node=1 \\
     ${SLURM_CPUS_PER_TASK:+--cpus-per-task=$SLURM_CPUS_PER_TASK} --kill-on-bad-exit=1 \\
-    bash -c 'exec "$@" --node-rank "$SLURM_NODEID"' mnemo-node \\
+    bash -c "$NODE_WRAPPER" mnemo-node \\
     <PYTHON> -m mnemo launch <TMP>/c.yaml train.lr=0.01 \\
     --nnodes "$SLURM_JOB_NUM_NODES" --nproc-per-node 4 \\
     --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT" --rdzv-id "mnemo-$SLURM_JOB_ID" \\
     --max-restarts 0 &
 SRUN_PID=$!
-
-# Preemption notice (--signal=B:USR1@...): pass it on; the trainer saves and exits.
-forward_usr1() {
-    echo "mnemo: got SIGUSR1, forwarding it to the training processes"
-    kill -USR1 "$SRUN_PID" 2>/dev/null
-}
-trap forward_usr1 USR1
+if [ -n "$NOTICE" ]; then forward_usr1; fi  # one that came while srun was being started
 
 # wait returns early when a trapped signal arrives: wait again until srun is gone.
 while kill -0 "$SRUN_PID" 2>/dev/null; do wait "$SRUN_PID"; done
