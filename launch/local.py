@@ -27,19 +27,25 @@ A rank that stops on a user error prints one line, ``[rankN]: mnemo: error:
 traceback of its own (ChildFailedError) and exits 1. After such a line,
 torchrun's own lines go to the node log only (the ranks' lines still reach
 the console), and the node exits 2, as `mnemo train` does for the same error.
+torchrun's copies of the ranks' output (its --tee) live in a temporary folder
+(torchrun_log_dir), not in run.dir: a full disk there would swallow that line.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import re
 import selectors
+import shutil
 import signal
 import stat
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from typing import IO
 
 # At import, never inside a signal handler: a second signal landing while a handler imported it (Ctrl-C
@@ -112,6 +118,27 @@ def open_node_log(plan: NodePlan) -> IO[str]:
         os.close(fd)
         raise UserError(f"{path} is not a regular file; {only_own}")
     return open(fd, "a", buffering=1, errors="replace")
+
+
+@contextlib.contextmanager
+def torchrun_log_dir(node_rank: int) -> Iterator[str]:
+    """A temporary folder of this launcher for torchrun's per-rank copies of the output; removed at the end.
+
+    torchrun's --tee writes each rank's stdout and stderr to a file there and copies it, prefixed
+    ``[rankN]: ``, to its own output. Under run.dir (as it was), a full disk there took every rank's last
+    lines, its one-line error among them, and torchrun answered with its ChildFailedError traceback (exit
+    1). Nothing is lost by removing it: the node log holds every line.
+    """
+    try:
+        path = tempfile.mkdtemp(prefix=f"mnemo-torchrun-node{node_rank}-")
+    except OSError as e:
+        raise UserError(
+            f"cannot make a folder for torchrun's logs in {tempfile.gettempdir()}: {e.strerror or e} (set TMPDIR)"
+        ) from None
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)  # mkdtemp's own folder: only torchrun's copies are in it
 
 
 class NodeRunner:
@@ -230,7 +257,7 @@ class NodeRunner:
 
     # -- main ------------------------------------------------------------- #
 
-    def _spawn(self) -> subprocess.Popen:
+    def _spawn(self, log_dir: str) -> subprocess.Popen:
         env = dict(os.environ)
         env.update(node_env(self.plan, os.environ))
         # Ignored dispositions survive exec, handlers do not: torchrun (which
@@ -239,7 +266,7 @@ class NodeRunner:
         me = os.getpid()
         try:
             return subprocess.Popen(
-                torchrun_command(self.plan),
+                torchrun_command(self.plan, log_dir),
                 env=env,
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
@@ -257,7 +284,7 @@ class NodeRunner:
 
     def run(self) -> int:
         plan = self.plan
-        with open_node_log(plan) as log:
+        with open_node_log(plan) as log, torchrun_log_dir(plan.node_rank) as torchrun_logs:
             stamp = time.strftime("%Y-%m-%d %H:%M:%S")
             slurm = os.environ.get("SLURM_JOB_ID")
             where = f", slurm job {slurm} restart {os.environ.get('SLURM_RESTART_COUNT', '0')}" if slurm else ""
@@ -266,7 +293,7 @@ class NodeRunner:
                 f"start {stamp}: node {plan.node_rank} of {plan.nnodes}, "
                 f"{plan.nproc_per_node} rank(s), max restarts {plan.max_restarts}{where}",
             )
-            self.proc = self._spawn()
+            self.proc = self._spawn(torchrun_logs)
             handled = (signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP, signal.SIGINT)
             old = {s: signal.signal(s, self._on_signal) for s in handled}
             try:

@@ -32,6 +32,10 @@ TORCHRUN_HANDLED_SIGNALS = "SIGINT,SIGQUIT"
 
 DEFAULT_MASTER_PORT = 29500
 
+# torchrun's --log-dir as the dry run shows it: the node launcher makes a temporary folder for each run
+# (local.py: torchrun_log_dir) and removes it when torchrun exits.
+DRY_RUN_LOG_DIR = "<temporary folder>"
+
 
 @dataclass
 class NodePlan:
@@ -54,11 +58,6 @@ class NodePlan:
     @property
     def log_path(self) -> Path:
         return self.run_dir / "logs" / f"node{self.node_rank}.log"
-
-    @property
-    def torchrun_log_dir(self) -> Path:
-        # torchrun's own per-rank copies: <dir>/<rdzv_id>_*/attempt_<k>/<local_rank>/std{out,err}.log
-        return self.run_dir / "logs" / "torchrun" / f"node{self.node_rank}"
 
 
 def default_rdzv_id(run_dir: str) -> str:
@@ -108,7 +107,9 @@ def worker_args(plan: NodePlan) -> list[str]:
     return ["-m", plan.worker_module, plan.config, *plan.overrides]
 
 
-def torchrun_command(plan: NodePlan) -> list[str]:
+def torchrun_command(plan: NodePlan, log_dir: str) -> list[str]:
+    """The command line; ``log_dir`` holds torchrun's per-rank copies of the output (--tee needs them to
+    prefix each line with its rank): never under run.dir (see local.py: torchrun_log_dir)."""
     cmd = [plan.python, "-m", "torch.distributed.run"]
     if plan.nnodes == 1:
         cmd += ["--standalone", "--nnodes", "1"]
@@ -137,7 +138,7 @@ def torchrun_command(plan: NodePlan) -> list[str]:
         "--tee",
         "3",
         "--log-dir",
-        str(plan.torchrun_log_dir),
+        log_dir,
         "--log-line-prefix-template",
         "[rank${rank}]: ",
         *worker_args(plan),
@@ -171,5 +172,5 @@ def render_node(plan: NodePlan, environ: Mapping[str, str]) -> str:
     env = " ".join(f"{k}={shlex.quote(v)}" for k, v in added.items())
     return (
         f"# node {plan.node_rank} of {plan.nnodes}: {plan.nproc_per_node} rank(s), log {plan.log_path}\n"
-        f"{env} {shlex.join(torchrun_command(plan))}\n"
+        f"{env} {shlex.join(torchrun_command(plan, DRY_RUN_LOG_DIR))}\n"
     )

@@ -537,7 +537,7 @@ def test_a_preemption_notice_before_the_workers_start_reaches_them(tmp_path, mon
     from mnemo.launch.local import NodeRunner
     from mnemo.launch.torchrun import NodePlan
 
-    def spawn(self):
+    def spawn(self, log_dir):
         old = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGTERM, signal.SIGUSR1)}
         try:
             return subprocess.Popen(
@@ -683,7 +683,7 @@ def test_a_full_disk_under_the_node_log_does_not_stop_the_launcher(tmp_path, mon
     monkeypatch.setattr(
         NodeRunner,
         "_spawn",
-        lambda self: subprocess.Popen(
+        lambda self, log_dir: subprocess.Popen(
             [sys.executable, "-c", f"print({chr(10).join(lines)!r})"], stdout=subprocess.PIPE
         ),
     )
@@ -699,13 +699,38 @@ def test_a_full_disk_under_the_node_log_does_not_stop_the_launcher(tmp_path, mon
     assert 0 < len(disk.kept) <= 200 and disk.kept.decode().startswith("[launch node0] start ")
 
 
+def test_torchruns_rank_copies_are_kept_off_the_run_dir_in_a_folder_removed_at_the_end(tmp_path, monkeypatch):
+    # Was: --log-dir <run.dir>/logs/torchrun/node0. torchrun's --tee sends each rank's output through a file
+    # there: with run.dir's disk full, a rank's last lines (its one-line error) were lost, and the console got
+    # torchrun's ChildFailedError traceback instead (exit 1; tested by hand on a full tmpfs).
+    from mnemo.launch import local
+    from mnemo.launch.local import NodeRunner
+    from mnemo.launch.torchrun import NodePlan
+
+    given = []
+
+    def command(plan, log_dir):
+        given.append(log_dir)
+        return [sys.executable, "-c", f"import os; print('[rank0]: log dir there:', os.path.isdir({log_dir!r}))"]
+
+    monkeypatch.setattr(local, "torchrun_command", command)
+    plan = NodePlan(config=str(tmp_path / "c.yaml"), overrides=[], run_dir=tmp_path / "run", nproc_per_node=1)
+    console = io.StringIO()
+    assert NodeRunner(plan, console=console).run() == 0
+    assert "[rank0]: log dir there: True" in console.getvalue()
+    [log_dir] = given
+    assert not Path(log_dir).resolve().is_relative_to(plan.run_dir.resolve())
+    assert not os.path.lexists(log_dir)  # made for this run, removed with what torchrun wrote there
+    assert sorted(os.listdir(plan.run_dir)) == ["logs"] and os.listdir(plan.run_dir / "logs") == ["node0.log"]
+
+
 def test_node_log_is_never_appended_through_a_symlink(tmp_path, monkeypatch):
     # Was: open(log, "a") followed the link and appended the node's output to its target.
     from mnemo.launch.local import NodeRunner, run_node
     from mnemo.launch.torchrun import NodePlan
     from mnemo.train.errors import UserError
 
-    def no_start(self):
+    def no_start(self, log_dir):
         raise AssertionError("started")
 
     monkeypatch.setattr(NodeRunner, "_spawn", no_start)

@@ -56,12 +56,12 @@ def launch(capsys, *argv: str) -> tuple[int, str, str]:
 
 GOLDEN_LOCAL = """\
 # node 0 of 1: 2 rank(s), log <TMP>/runs/g/logs/node0.log
-PATH=/usr/local/bin:/usr/bin:/bin:<BIN> PYTHONUNBUFFERED=1 TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 MNEMO_NODE_RANK=0 MNEMO_NNODES=1 <PYTHON> -m torch.distributed.run --standalone --nnodes 1 --nproc-per-node 2 --max-restarts 0 --signals-to-handle SIGINT,SIGQUIT --tee 3 --log-dir <TMP>/runs/g/logs/torchrun/node0 --log-line-prefix-template '[rank${rank}]: ' -m mnemo.launch.worker <TMP>/c.yaml train.lr=0.01
+PATH=/usr/local/bin:/usr/bin:/bin:<BIN> PYTHONUNBUFFERED=1 TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 MNEMO_NODE_RANK=0 MNEMO_NNODES=1 <PYTHON> -m torch.distributed.run --standalone --nnodes 1 --nproc-per-node 2 --max-restarts 0 --signals-to-handle SIGINT,SIGQUIT --tee 3 --log-dir '<temporary folder>' --log-line-prefix-template '[rank${rank}]: ' -m mnemo.launch.worker <TMP>/c.yaml train.lr=0.01
 """
 
 GOLDEN_NODE = """\
 # node 1 of 2: 2 rank(s), log <TMP>/runs/g/logs/node1.log
-PATH=/usr/local/bin:/usr/bin:/bin:<BIN> PYTHONUNBUFFERED=1 TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 MNEMO_NODE_RANK=1 MNEMO_NNODES=2 <PYTHON> -m torch.distributed.run --nnodes 2 --rdzv-backend c10d --rdzv-endpoint 10.0.0.1:29400 --rdzv-id mnemo-5dcd9b41fb --rdzv-conf is_host=false --nproc-per-node 2 --max-restarts 1 --signals-to-handle SIGINT,SIGQUIT --tee 3 --log-dir <TMP>/runs/g/logs/torchrun/node1 --log-line-prefix-template '[rank${rank}]: ' -m mnemo.launch.worker <TMP>/c.yaml
+PATH=/usr/local/bin:/usr/bin:/bin:<BIN> PYTHONUNBUFFERED=1 TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 MNEMO_NODE_RANK=1 MNEMO_NNODES=2 <PYTHON> -m torch.distributed.run --nnodes 2 --rdzv-backend c10d --rdzv-endpoint 10.0.0.1:29400 --rdzv-id mnemo-5dcd9b41fb --rdzv-conf is_host=false --nproc-per-node 2 --max-restarts 1 --signals-to-handle SIGINT,SIGQUIT --tee 3 --log-dir '<temporary folder>' --log-line-prefix-template '[rank${rank}]: ' -m mnemo.launch.worker <TMP>/c.yaml
 """
 
 GOLDEN_HOSTFILE = """\
