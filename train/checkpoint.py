@@ -13,9 +13,11 @@ Layout of one checkpoint (a directory under <run.dir>/checkpoints/):
     latest                    name of the newest complete checkpoint (atomic rename), for people and
                               tools: mnemo finds the newest by listing the folder (rundir.newest_checkpoint)
 
-Commit protocol: every rank writes into ``.tmp-step_XXXXXXXX``; after a
-barrier rank 0 fsyncs every file, writes COMPLETE, renames the directory into
-place, fsyncs the parent and only then replaces ``latest``. A crash at any
+Commit protocol: every rank writes into ``.tmp-step_XXXXXXXX``; once the ranks
+agree that every part was written (any_failed: one all-reduce; a rank whose
+write failed stops them all), rank 0 fsyncs every file, writes COMPLETE,
+renames the directory into place, fsyncs the parent and only then replaces
+``latest``. A crash at any
 moment leaves either the previous checkpoint as newest or the new one
 complete; leftovers are removed (with a warning naming them) on the next start.
 Anything else under those names is not mnemo's: left alone (train/rundir.py).
@@ -265,12 +267,17 @@ class CheckpointManager:
         rank: int = 0,
         world_size: int = 1,
         barrier=None,
+        any_failed=None,
         states: dict[str, Stateful] | None = None,
     ):
         self.root = Path(run_dir) / "checkpoints"
         self.keep, self.keep_every = keep, keep_every
         self.rank, self.world = rank, world_size
         self._barrier = barrier or (lambda: None)
+        # any_failed(flag): whether ``flag`` is set on any rank (one small all-reduce: collectives.any_true);
+        # it stands where a save waits for every rank, so that a rank that failed does not leave the others
+        # waiting there until the collective's timeout.
+        self._any_failed = any_failed or bool
         self.protected: set[str] = set()  # never deleted: the checkpoint this run resumed from
         self.states: dict[str, Stateful] = dict(states or {})
 
@@ -321,31 +328,51 @@ class CheckpointManager:
         # A full disk (quota, read-only file system) is one line naming the checkpoint: torch.save to a path
         # raises only RuntimeError "unexpected pos" (deepspeed's files), so write_errors also asks the disk.
         # The unfinished .tmp-step_* folder stays: the next start removes it (clean_partials).
-        with write_errors(f"checkpoint of step {step}", self.root, hidden=(RuntimeError,)):
+        what = f"checkpoint of step {step}"
+        with write_errors(what, self.root, hidden=(RuntimeError,)):
+            # Raised at once: deepspeed's save has collectives of its own, which a rank cannot leave early.
             engine.save_checkpoint(str(tmp / "ds"), tag=DS_TAG, save_latest=True)
-            rank_file = tmp / f"rank_{self.rank:05d}.pt"
-            with open(rank_file, "wb") as f:
-                torch.save(rank_state, f)
-                f.flush()
-                os.fsync(f.fileno())
-            maybe_crash_in_save(step, self.rank)
-            self._barrier()
-            if self.rank == 0:
-                # Credentials in URIs (tracking.uri in the config) are never saved.
-                (tmp / "meta.json").write_text(json.dumps(redact_tree(meta), indent=1, default=str))
-                for fname, src in (extra_files or {}).items():
-                    shutil.copyfile(src, tmp / fname)
-                fsync_tree(tmp)
-                (tmp / COMPLETE).write_text(f"{time.time()}\n")
-                fsync_path(tmp / COMPLETE)
-                if is_complete(final):  # a stale copy of the same step from an earlier attempt
-                    shutil.rmtree(final)
-                os.replace(tmp, final)
-                fsync_path(self.root)
-                atomic_write_text(self.root / "latest", name + "\n")
-                self._prune()
-        self._barrier()
+        failed = None
+        try:
+            with write_errors(what, self.root, hidden=(RuntimeError,)):
+                rank_file = tmp / f"rank_{self.rank:05d}.pt"
+                with open(rank_file, "wb") as f:
+                    torch.save(rank_state, f)
+                    f.flush()
+                    os.fsync(f.fileno())
+        except UserError as e:
+            failed = e
+        maybe_crash_in_save(step, self.rank)
+        self._agree(failed, what)  # every rank's part written, or every rank stops here: nothing committed
+        if self.rank == 0:
+            try:
+                with write_errors(what, self.root, hidden=(RuntimeError,)):
+                    self._commit(tmp, final, meta, extra_files)
+            except UserError as e:
+                failed = e
+        self._agree(failed, what)  # rank 0's commit: the others stop with it
         return final
+
+    def _agree(self, failed: UserError | None, what: str) -> None:
+        """Wait for every rank; raise ``failed`` here, or on the others an error saying that a rank failed."""
+        if self._any_failed(failed is not None):
+            raise failed or UserError(f"{what}: another rank could not write it (its error names the cause)")
+
+    def _commit(self, tmp: Path, final: Path, meta: dict[str, Any], extra_files: dict[str, str] | None) -> None:
+        """Rank 0: meta.json and COMPLETE into ``tmp``, renamed to ``final``; then ``latest``, then pruning."""
+        # Credentials in URIs (tracking.uri in the config) are never saved.
+        (tmp / "meta.json").write_text(json.dumps(redact_tree(meta), indent=1, default=str))
+        for fname, src in (extra_files or {}).items():
+            shutil.copyfile(src, tmp / fname)
+        fsync_tree(tmp)
+        (tmp / COMPLETE).write_text(f"{time.time()}\n")
+        fsync_path(tmp / COMPLETE)
+        if is_complete(final):  # a stale copy of the same step from an earlier attempt
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        fsync_path(self.root)
+        atomic_write_text(self.root / "latest", final.name + "\n")
+        self._prune()
 
     def _prune(self) -> None:
         done = self.complete_checkpoints()

@@ -175,7 +175,7 @@ class Trainer:
 
     def _choose_checkpoint(self) -> None:
         """The checkpoint to resume from (decided before anyone cleans up), leftovers of interrupted saves removed."""
-        from mnemo.train.collectives import barrier
+        from mnemo.train.collectives import any_true, barrier
 
         cfg, info = self.cfg, self.info
         self.ckpt = ckpt.CheckpointManager(
@@ -185,6 +185,7 @@ class Trainer:
             rank=info.rank,
             world_size=info.world_size,
             barrier=barrier,
+            any_failed=lambda failed: any_true([failed], self.device)[0],
         )
         r = cfg.checkpoint.resume
         named = ckpt.resolve_checkpoint(r) if r not in ("auto", "never") else None

@@ -689,3 +689,79 @@ def test_another_failure_of_a_save_is_not_called_a_full_disk(tmp_path, monkeypat
     monkeypatch.setattr(os, "statvfs", _statvfs(1000))
     with pytest.raises(RuntimeError, match="unexpected pos"):
         CheckpointManager(tmp_path).save(5, FullDiskEngine(), {"step": 5}, {"step": 5})
+
+
+SAVING_RANK = """
+import datetime, errno, json, os, sys, time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+rank, world, rendezvous, root, where = int(sys.argv[1]), 2, sys.argv[2], sys.argv[3], sys.argv[4]
+dist.init_process_group("gloo", init_method="file://" + rendezvous, rank=rank, world_size=world,
+                        timeout=datetime.timedelta(seconds=60))
+from mnemo.train import checkpoint
+from mnemo.train.collectives import any_true, barrier
+
+
+class Engine:
+    def save_checkpoint(self, save_dir, tag, save_latest=True):
+        (Path(save_dir) / tag).mkdir(parents=True, exist_ok=True)
+
+
+def full(*args, **kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+if where == "rank file" and rank == 1:
+    torch.save = full
+if where == "commit" and rank == 0:
+    checkpoint.fsync_tree = full
+mgr = checkpoint.CheckpointManager(root, rank=rank, world_size=world, barrier=barrier,
+                                   any_failed=lambda failed: any_true([failed], "cpu")[0])
+t0 = time.monotonic()
+try:
+    mgr.save(5, Engine(), {"step": 5}, {"step": 5, "world_size": world})
+    out = {"error": None}
+except Exception as e:
+    out = {"error": f"{type(e).__name__}: {e}"}
+out["seconds"] = time.monotonic() - t0
+print("RESULT " + json.dumps(out), flush=True)
+time.sleep(6)  # a rank that does not vanish at once (on NCCL, the others never learn that it did)
+"""
+
+
+@pytest.mark.parametrize("where, failing", [("rank file", 1), ("commit", 0)])
+def test_a_save_that_fails_on_one_rank_stops_every_rank_at_once_uncommitted(tmp_path, where, failing):
+    """Was: the rank whose write hit a full disk stopped with its line, the others waited at the save's barrier
+    for the collective's timeout (or failed with gloo's "Connection closed by peer" traceback once it exited)."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "rank.py"
+    script.write_text(SAVING_RANK)
+    repo = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, PYTHONPATH=str(repo), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    argv = [str(tmp_path / "rendezvous"), str(tmp_path / "run"), where]
+    procs = [
+        subprocess.Popen([sys.executable, str(script), str(r), *argv], env=env, stdout=subprocess.PIPE, text=True)
+        for r in (0, 1)
+    ]
+    results = []
+    for p in procs:
+        out, _ = p.communicate(timeout=120)
+        lines = [ln for ln in out.splitlines() if ln.startswith("RESULT ")]
+        assert lines, out
+        results.append(json.loads(lines[-1][len("RESULT ") :]))
+    root = tmp_path / "run" / "checkpoints"
+    for r, got in enumerate(results):
+        assert got["seconds"] < 5, (r, got)  # not waiting for the failed rank to exit
+        if r == failing:
+            assert got["error"] == f"UserError: checkpoint of step 5: {root}: No space left on device"
+        else:
+            assert (
+                got["error"]
+                == "UserError: checkpoint of step 5: another rank could not write it (its error names the cause)"
+            )
+    assert not (root / "step_00000005").exists() and not (root / "latest").exists()
