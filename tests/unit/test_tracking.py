@@ -527,3 +527,102 @@ def test_a_deleted_experiment_is_an_error_that_says_how_to_restore_it(store, cli
         msg = str(e.value)
         assert "\n" not in msg and "experiment 'deleted-later' (id " in msg, msg
         assert f"mlflow experiments restore --experiment-id {exp_id}" in msg and "tracking.experiment" in msg, msg
+
+
+class _FullDiskFile:
+    """The fallback file on a full disk: every write fails as the kernel's would, and so does close()."""
+
+    def write(self, text):
+        import errno
+        import os
+
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    flush = close = lambda self: self.write("")
+
+
+def test_a_store_and_a_fallback_file_on_a_full_disk_are_one_warning_each_and_the_sender_goes_on(
+    store, tmp_path, monkeypatch
+):
+    """Was: MLflow's database store logged a SQLAlchemy traceback per request ("database or disk is full"),
+    the fallback file's write became "unexpected error in the sender" every cycle, and its close() raised
+    at the end (the sender process died with a traceback)."""
+    import multiprocessing
+    import threading
+
+    import sqlalchemy.exc
+    from mlflow.exceptions import MlflowException
+
+    from mnemo.train.tracking import common, sender
+
+    replies = []
+    settings = dict(
+        run_dir=str(tmp_path),
+        uri=store,
+        experiment="unit",
+        run_name=None,
+        resume_run_id=None,
+        parent_run_id=None,
+        resume_step=0,
+        interval=0.05,
+        retry_interval=0.05,
+        probe_timeout=1.0,
+        max_buffer=1000,
+    )
+    store_logger = logging.getLogger(sender.STORE_TRACEBACK_LOGGER)
+    monkeypatch.setattr(store_logger, "level", store_logger.level)  # start() raises it: restored after the test
+    s = sender._Sender(settings, replies.append)
+    assert s.start() is None and s.run_id
+
+    def full(*args, **kwargs):
+        try:  # what MLflow's database store does with sqlite's SQLITE_FULL (mlflow/store/db/utils.py)
+            raise sqlalchemy.exc.OperationalError("INSERT INTO metrics ...", {}, Exception("database or disk is full"))
+        except sqlalchemy.exc.OperationalError as e:
+            logging.getLogger(sender.STORE_TRACEBACK_LOGGER).exception("SQLAlchemy database error.\n%s", e)
+            raise MlflowException(message=e, error_code="TEMPORARILY_UNAVAILABLE") from e
+
+    monkeypatch.setattr(s._client, "log_batch", full)
+    monkeypatch.setattr(common, "open", lambda *a, **k: _FullDiskFile(), raising=False)
+    ops, conn = multiprocessing.Pipe()
+    shown = []  # MLflow's loggers do not propagate to the root logger (caplog): what its handler would print
+    handler = logging.Handler()
+    handler.emit = shown.append
+    store_logger.addHandler(handler)
+    failed = []
+
+    def serve():
+        try:
+            s.serve(conn)
+        except Exception as e:  # the close() of the fallback file raised
+            failed.append(e)
+
+    server = threading.Thread(target=serve)
+    server.start()
+    try:
+        for step in range(1, 6):
+            ops.send([("metrics", step, 1000 + step, {"train/loss": 1.0 / step})])
+            time.sleep(0.15)  # a few retries each
+        ops.send([("stop",)])
+        server.join(timeout=30)
+    finally:
+        store_logger.removeHandler(handler)
+    assert not server.is_alive() and not failed, failed
+    assert not shown, "MLflow's traceback was printed"
+    said = [r[2] for r in replies if r[0] == "log"]
+    levels = {r[1] for r in replies if r[0] == "log"}
+    assert levels == {logging.WARNING}, said  # no "unexpected error in the sender"
+    fallback = tmp_path / "logs" / "metrics_fallback.jsonl"
+    assert [t for t in said if "cannot store more" in t] == [
+        f"tracking: MLflow at {store} cannot store more (database or disk is full); training continues, "
+        f"metrics are buffered and appended to {fallback} until it can"
+    ]
+    assert [t for t in said if "cannot write" in t] == [
+        f"tracking: cannot write {fallback} (No space left on device); metric points that do not reach MLflow "
+        "are lost from now on"
+    ]
+    assert not [t for t in said if "again" in t]  # answering is not storing: no "reachable again" per retry
+    assert [t for t in said if "never reached" in t] == [
+        f"tracking: 5 metric points never reached {store}; lost: {fallback} could not be written "
+        "(No space left on device)"
+    ]
+    assert replies[-1] == ("held", 6)  # every message: the trainer need not keep points nothing will take

@@ -42,7 +42,7 @@ from pathlib import Path
 
 from mnemo.train.config import flatten
 from mnemo.train.redact import redact_uri
-from mnemo.train.tracking.common import FALLBACK_FILE, append_points, resolve_experiment, resolve_uri
+from mnemo.train.tracking.common import FALLBACK_FILE, FallbackFile, resolve_experiment, resolve_uri
 from mnemo.train.tracking.sender import sender_main
 
 # The package's one logger (its name is what users filter on), also for the sender's messages.
@@ -118,7 +118,7 @@ class Tracker:
         self._feed_now = threading.Event()
         self._flushes: dict[int, threading.Event] = {}
         self._tokens = itertools.count()
-        self._fallback_file = None  # used here only if the sender process dies
+        self._fallback = FallbackFile(self.fallback_path, log.warning)  # used here only if the sender dies
         # Metric messages in the pipe or in the sender, not yet reported held: (number, message).
         self._unheld: deque[tuple[int, tuple]] = deque()
         self._piped = 0  # messages put into the pipe
@@ -327,13 +327,8 @@ class Tracker:
         if msg[0] != "metrics":
             return
         with self._unheld_lock:
-            if self._fallback_file is None:
-                self.fallback_path.parent.mkdir(parents=True, exist_ok=True)
-                self._fallback_file = open(self.fallback_path, "a")
-            append_points(self._fallback_file, self._run_id, *msg[1:])
-            self._fallback_file.flush()
+            if self._fallback.append(self._run_id, *msg[1:]):
+                self._fallback.flush()
 
     def _close_fallback(self) -> None:
-        if self._fallback_file is not None:
-            self._fallback_file.close()
-            self._fallback_file = None
+        self._fallback.close()

@@ -9,8 +9,9 @@
 - the constants of the user interface: ``DEFAULT_EXPERIMENT``,
   ``PARENT_RUN_TAG``, ``FALLBACK_FILE`` and ``HTTP_ENV_DEFAULTS``;
 - ``append_points``, the one writer of the fallback file format (one JSON
-  line per metric point), used by the sender while the server is away and by
-  the trainer side once the sender process has died.
+  line per metric point), and ``FallbackFile``, the file it appends to, used
+  by the sender while the server is away and by the trainer side once the
+  sender process has died.
 
 Imports nothing else of the package.
 """
@@ -27,6 +28,7 @@ import socket
 import subprocess
 import sys
 import unicodedata
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -226,3 +228,61 @@ def append_points(f, run_id: str | None, step: int, ts: int, values: dict[str, f
     for key, value in values.items():
         rec = {"run_id": run_id, "key": key, "value": value, "step": step, "timestamp": ts}
         f.write(json.dumps(rec, allow_nan=True) + "\n")
+
+
+class FallbackFile:
+    """``<run.dir>/logs/metrics_fallback.jsonl``, opened to append on the first point.
+
+    A write, flush or close that fails (a full disk or quota, a read-only file system) is said once
+    through ``warn``, naming the file and the reason, and the file is given up: tracking never stops
+    training, and on a full disk every later write would fail the same way (the sender's close() once
+    raised there, a traceback, and the points it held were lost without a word).
+    """
+
+    def __init__(self, path: Path, warn: Callable[[str], None]) -> None:
+        self.path = path
+        self.lost: str | None = None  # why the file was given up
+        self._warn = warn
+        self._f = None
+
+    def append(self, run_id: str | None, step: int, ts: int, values: dict[str, float]) -> bool:
+        """Append the points; False once the file is given up (these points are then lost)."""
+        if self.lost is not None:
+            return False
+        try:
+            if self._f is None:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._f = open(self.path, "a")
+            append_points(self._f, run_id, step, ts, values)
+        except OSError as e:
+            self._give_up(e)
+            return False
+        return True
+
+    def flush(self) -> None:
+        if self._f is not None:
+            try:
+                self._f.flush()
+            except OSError as e:
+                self._give_up(e)
+
+    def close(self) -> None:
+        if self._f is not None:
+            f, self._f = self._f, None
+            try:
+                f.close()
+            except OSError as e:  # the buffered lines did not fit: the descriptor is closed all the same
+                self._give_up(e)
+
+    def _give_up(self, e: OSError) -> None:
+        self.lost = e.strerror or str(e)
+        f, self._f = self._f, None
+        if f is not None:
+            try:
+                f.close()
+            except OSError:
+                pass  # the same failure again, for the lines still buffered: lost with the rest
+        self._warn(
+            f"tracking: cannot write {self.path} ({self.lost}); metric points that do not reach MLflow are lost "
+            "from now on"
+        )

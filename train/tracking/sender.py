@@ -42,8 +42,9 @@ from collections import deque
 from pathlib import Path
 from typing import Any, Callable
 
+from mnemo.data_pipeline.errors import storage_error
 from mnemo.train.redact import has_credentials, redact_uri
-from mnemo.train.tracking.common import FALLBACK_FILE, PARENT_RUN_TAG, append_points, system_tags
+from mnemo.train.tracking.common import FALLBACK_FILE, PARENT_RUN_TAG, FallbackFile, system_tags
 
 _MAX_METRICS_PER_BATCH = 1000
 _MAX_PARAMS_TAGS_PER_BATCH = 100
@@ -64,6 +65,35 @@ def import_mlflow_client():
 
 
 TRAINERS_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP)
+
+# MLflow's database store logs every SQLAlchemy OperationalError with its traceback (logger.exception)
+# before raising it as an MlflowException, which the sender reports itself in one line: on a full disk,
+# a traceback per request and retry. Only CRITICAL messages of that logger are let through here.
+STORE_TRACEBACK_LOGGER = "mlflow.store.db.utils"
+
+# SQLite's words for a database it cannot write: SQLITE_FULL (the disk or a quota), SQLITE_READONLY (a
+# read-only file system), SQLITE_IOERR (what a write refused by the disk can also come back as).
+_STORE_FULL_WORDS = ("database or disk is full", "attempt to write a readonly database", "disk I/O error")
+
+
+def store_full(e: BaseException) -> str | None:
+    """Why the store cannot keep what it is sent (its disk is full, over quota or read-only), or None.
+
+    An OSError of such a disk in ``e`` or its causes (a file store), or SQLite's words for it in the
+    message of ``e`` or of an exception it was raised from (MLflow wraps sqlalchemy's OperationalError).
+    """
+    err = storage_error(e)
+    if err is not None:
+        return err.strerror or str(err)
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        for words in _STORE_FULL_WORDS:
+            if words in str(e):
+                return words
+        e = e.__cause__ if e.__cause__ is not None else e.__context__
+    return None
+
 
 # MLflow's client writes "View run NAME at: URL" to stdout when a run against a server ends
 # (TrackingServiceClient._log_url in set_terminated), the URL built from tracking.uri as given:
@@ -115,7 +145,11 @@ class _Op:
 
 
 class _Outage(Exception):
-    """The store could not be reached: keep the op and retry later."""
+    """The store could not be reached, or cannot store more (``full``): keep the op and retry later."""
+
+    def __init__(self, reason: str, full: bool = False) -> None:
+        super().__init__(reason)
+        self.full = full
 
 
 class _DeletedExperiment(Exception):
@@ -143,11 +177,12 @@ class _Sender:
         self._baseline: dict[str, int] = {}  # key -> max step the resumed run already holds
         self._params: dict[str, str] = {}  # params the run holds (MLflow params are write-once)
         self._up = True
+        self._full = False  # down because the store cannot store more (its disk): up again only once it does
         self._ready = False  # run created/reopened
         self._broken = False  # setup failed for good: fallback file only
         self._next_try = 0.0
         self._overflow_warned = False
-        self._fallback_file = None
+        self._fallback = FallbackFile(self.fallback_path, lambda text: self._log(logging.WARNING, "%s", text))
         self._client = None
 
     def _log(self, level: int, fmt: str, *args: Any) -> None:
@@ -161,6 +196,7 @@ class _Sender:
         """Open the run now if the store answers. Returns an error message for a store that
         answers but refuses (bad URI, deleted experiment): the user's to fix."""
         MlflowClient = import_mlflow_client()
+        logging.getLogger(STORE_TRACEBACK_LOGGER).setLevel(logging.CRITICAL)
 
         try:
             self._client = MlflowClient(tracking_uri=self.uri)
@@ -172,7 +208,7 @@ class _Sender:
         try:
             self._setup()
         except _Outage as e:
-            self._mark_down(str(e))
+            self._mark_down(str(e), e.full)
         except Exception as e:
             return (str(e).strip().splitlines() or [type(e).__name__])[0]
         return None
@@ -192,8 +228,7 @@ class _Sender:
                 self._emit(("held", held))
             for token in flushes:
                 self._emit(("flushed", token))
-        if self._fallback_file:
-            self._fallback_file.close()
+        self._fallback.close()
 
     def _held(self) -> int:
         """The last message number up to which every metric point is sent or in the fallback file."""
@@ -242,12 +277,15 @@ class _Sender:
             self._spill_all()
         self._bound_buffer()
         if final and self._pending_points:
+            self._fallback.flush()
             self._log(
                 logging.WARNING,
-                "tracking: %d metric points never reached %s; they are in %s",
+                "tracking: %d metric points never reached %s; %s",
                 self._pending_points,
                 self.uri,
-                self.fallback_path,
+                f"they are in {self.fallback_path}"
+                if self._fallback.lost is None
+                else f"lost: {self.fallback_path} could not be written ({self._fallback.lost})",
             )
 
     def _attempt(self) -> None:
@@ -271,16 +309,18 @@ class _Sender:
                         self.fallback_path,
                     )
                     return
-            self._mark_up()
+            if not self._full:  # answering is not enough for a full store: one request has to succeed
+                self._mark_up()
             while self._pending:
                 op = self._pending[0]
                 group = self._metric_group() if op.kind == "metrics" else [op]
                 if not self._send_group(group):
                     return  # refused: retried next cycle
+                self._mark_up()
                 for _ in group:
                     self._pending_points -= self._pending.popleft().n_points()
         except _Outage as e:
-            self._mark_down(str(e))
+            self._mark_down(str(e), e.full)
 
     def _metric_group(self) -> list[_Op]:
         """Leading metric ops that fit one log_batch."""
@@ -298,6 +338,8 @@ class _Sender:
             self._send(group)
             return True
         except Exception as e:
+            if (full := store_full(e)) is not None:
+                raise _Outage(full, full=True) from e
             if not self._probe():
                 raise _Outage(str(e)) from e
             group[0].rejects += 1
@@ -376,6 +418,8 @@ class _Sender:
             if run is None:
                 self._create()
         except Exception as e:
+            if (full := store_full(e)) is not None:
+                raise _Outage(full, full=True) from e
             if self._http and not self._probe():
                 raise _Outage(str(e)) from e
             raise  # the store answered: a real error (bad URI, deleted experiment, ...)
@@ -521,16 +565,19 @@ class _Sender:
         except requests.RequestException:
             return False
 
-    def _mark_down(self, reason: str) -> None:
+    def _mark_down(self, reason: str, full: bool = False) -> None:
+        self._full = full
         if self._up:
             self._up = False
             self._log(
                 logging.WARNING,
-                "tracking: MLflow at %s is unreachable (%s); training continues, "
-                "metrics are buffered and appended to %s until it is back",
+                "tracking: MLflow at %s %s (%s); training continues, "
+                "metrics are buffered and appended to %s until it %s",
                 self.uri,
+                "cannot store more" if full else "is unreachable",
                 reason[:200],
                 self.fallback_path,
+                "can" if full else "is back",
             )
 
     def _mark_up(self) -> None:
@@ -538,25 +585,24 @@ class _Sender:
             self._up = True
             self._log(
                 logging.WARNING,
-                "tracking: MLflow at %s is reachable again; sending %d buffered metric points",
+                "tracking: MLflow at %s %s; sending %d buffered metric points",
                 self.uri,
+                "stores again" if self._full else "is reachable again",
                 self._pending_points,
             )
+            self._full = False
 
     def _spill_all(self) -> None:
         for op in self._pending:
             self._spill(op)
-        if self._fallback_file:
-            self._fallback_file.flush()  # survives a crash of this process
+        self._fallback.flush()  # survives a crash of this process
 
     def _spill(self, op: _Op) -> None:
-        """Append a metric op's points to the fallback file (once)."""
+        """Append a metric op's points to the fallback file (once; a file that cannot be written: said once,
+        and the op counts as spilled all the same, so that the trainer does not keep it for ever)."""
         if op.kind != "metrics" or op.spilled:
             return
-        if self._fallback_file is None:
-            self.fallback_path.parent.mkdir(parents=True, exist_ok=True)
-            self._fallback_file = open(self.fallback_path, "a")
-        append_points(self._fallback_file, self.run_id, *op.payload)
+        self._fallback.append(self.run_id, *op.payload)
         op.spilled = True
 
     def _bound_buffer(self) -> None:
@@ -572,8 +618,7 @@ class _Sender:
             else:
                 kept.append(op)
         self._pending = kept
-        if self._fallback_file:
-            self._fallback_file.flush()
+        self._fallback.flush()
         if not self._overflow_warned:
             self._overflow_warned = True
             self._log(
