@@ -33,6 +33,32 @@ def fsync_tree(root: str | Path) -> None:
         fsync_path(Path(dirpath))
 
 
+def make_dirs(folder: str | Path) -> list[Path]:
+    """Create ``folder`` and its missing parents; the ones created, outermost first.
+
+    What a command made for output it then failed to write: ``remove_made_dirs`` takes them away
+    again, and nothing that was there before.
+    """
+    folder = Path(folder)
+    missing = []
+    p = folder
+    while not p.exists() and not p.is_symlink() and p != p.parent:
+        missing.append(p)
+        p = p.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    return missing[::-1]
+
+
+def remove_made_dirs(made: list[Path]) -> None:
+    """Remove the folders ``make_dirs`` created, innermost first, each only while empty (what was
+    written into them stays, and so do they)."""
+    for d in reversed(made):
+        try:
+            d.rmdir()
+        except OSError:
+            pass
+
+
 def new_file_mode() -> int:
     """The permissions open() gives a new file: 0o666 less the process's umask.
 

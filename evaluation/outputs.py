@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 from mnemo.data_pipeline.errors import storage_error
-from mnemo.data_pipeline.files import atomic_write, load_json
+from mnemo.data_pipeline.files import atomic_write, load_json, make_dirs, remove_made_dirs
 from mnemo.evaluation.errors import EvalError
 
 # The marker of a mnemo evaluation JSON (both `mnemo eval` paths: --data and --lm-eval).
@@ -30,10 +30,15 @@ _PLOT_HEAD = 4096  # the marker chunk comes right after IHDR, long before the im
 
 
 def write_eval_json(path: str | os.PathLike, doc: dict[str, Any], **dumps: Any) -> None:
-    """``doc`` (already JSON-ready) with mnemo's marker, written whole to ``path`` (folders made)."""
+    """``doc`` (already JSON-ready) with mnemo's marker, written whole to ``path`` (folders made; removed
+    again, while empty, when the write fails)."""
     text = json.dumps({**doc, "written_by": WRITTEN_BY}, indent=2, allow_nan=False, **dumps) + "\n"
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, text.encode())
+    made = make_dirs(Path(path).parent)
+    try:
+        atomic_write(path, text.encode())
+    except BaseException:
+        remove_made_dirs(made)
+        raise
 
 
 def write_then_show(

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from mnemo.data_pipeline.files import atomic_write
+from mnemo.data_pipeline.files import atomic_write, make_dirs, remove_made_dirs
 from mnemo.data_pipeline.passkey import DEPTHS
 from mnemo.evaluation.outputs import PLOT_NAMES, plot_metadata
 from mnemo.evaluation.scoring import passkey_report
@@ -281,14 +281,25 @@ def task_table(tasks: dict[str, dict[str, dict]], baseline: dict[str, dict[str, 
 
 def plots(result: dict[str, Any], out_dir: str | Path) -> list[str]:
     """PNG files: loss-by-position curves (one per ablation), a passkey heat map (D x depth) and the
-    long-context tasks' exact match by distance (tasks_accuracy.png, with a result's "tasks")."""
+    long-context tasks' exact match by distance (tasks_accuracy.png, with a result's "tasks").
+
+    ``out_dir`` and its missing parents are made; when a plot cannot be written (a full disk), the
+    folders made here are removed again if nothing is in them (a folder that was there stays)."""
+    out = Path(out_dir)
+    made = make_dirs(out)
+    try:
+        return _plots_into(result, out)
+    except BaseException:
+        remove_made_dirs(made)
+        raise
+
+
+def _plots_into(result: dict[str, Any], out: Path) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     T = int(result["segment_len"])
     paths = []
 

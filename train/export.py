@@ -20,7 +20,9 @@ from mnemo.data_pipeline.files import (
     atomic_write_text,
     fsync_path,
     fsync_tree,
+    make_dirs,
     new_file_mode,
+    remove_made_dirs,
     take_flock_at,
 )
 from mnemo.data_pipeline.paths import is_inside
@@ -117,28 +119,13 @@ def export(path: str | Path, out: str | Path, overwrite: bool = False, format: s
     with path_errors("--out"):  # a name too long, a folder without permission: one line, before the weights load
         if out.exists() and not out.is_dir():
             raise UserError(f"--out {out}: exists and is not a directory")
-        made = _make_dirs(out.parent)  # the lock file's folder
+        made = make_dirs(out.parent)  # the lock file's folder
     try:
         with export_lock(out):
             return _export_locked(ckpt, out, overwrite, format)
     except BaseException:
-        for d in reversed(made):  # made here for nothing: the export was refused or failed
-            try:
-                d.rmdir()
-            except OSError:
-                pass
+        remove_made_dirs(made)  # made here for nothing: the export was refused or failed
         raise
-
-
-def _make_dirs(folder: Path) -> list[Path]:
-    """Create ``folder`` and its missing parents; the ones created, outermost first."""
-    missing = []
-    p = folder
-    while not p.exists() and not p.is_symlink() and p != p.parent:
-        missing.append(p)
-        p = p.parent
-    folder.mkdir(parents=True, exist_ok=True)
-    return missing[::-1]
 
 
 @contextlib.contextmanager

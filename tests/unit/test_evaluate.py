@@ -1139,4 +1139,26 @@ def test_an_eval_output_on_a_full_disk_is_one_line_after_the_table(tok, tmp_path
     else:
         assert lines[0] == f"mnemo: error: {tmp_path}/plots/loss_by_position.png: No space left on device"
         assert json.loads((tmp_path / "out" / "r.json").read_text())["num_docs"] == 0
-    assert [p.name for p in full.iterdir()] == []  # no temporary file left
+    assert not full.exists()  # no temporary file left, nor the folder this run made for it (was: left empty)
+
+
+def test_plots_that_cannot_be_written_leave_no_folder_they_made(tmp_path, monkeypatch):
+    """Was: `mnemo eval --plots DIR` on a full disk left the empty DIR (and the parents) it had made."""
+    import errno
+    import os
+
+    from mnemo.evaluation import report
+
+    def full(path, data):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr(report, "atomic_write", full)
+    result = {"segment_len": 64, "loss_by_position": {"0": 2.0, "64": 1.5}}
+    with pytest.raises(OSError, match="No space left on device"):
+        plots(result, tmp_path / "new" / "plots")
+    assert os.listdir(tmp_path) == []  # both folders made by this call: gone
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    with pytest.raises(OSError, match="No space left on device"):
+        plots(result, mine / "plots")
+    assert os.listdir(tmp_path) == ["mine"] and os.listdir(mine) == []  # the user's folder stays
