@@ -44,8 +44,18 @@ def _add_commands(sub: argparse._SubParsersAction, table: dict) -> None:
             p.set_defaults(func=handler)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the one-line error every other bad input gets (sub-command parsers are of this class too).
+
+    argparse's own answer to a bad flag value was its usage block and ``mnemo data inspect: error: ...``.
+    """
+
+    def error(self, message: str):
+        self.exit(2, f"mnemo: error: {message} (see: {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mnemo", description="Pretrain transformer language models with memory.")
+    p = _Parser(prog="mnemo", description="Pretrain transformer language models with memory.")
     p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True

@@ -191,7 +191,8 @@ def test_cli_inspect_numeric_flags_are_checked(dataset, capsys, args, needle):
         main(["data", "inspect", str(dataset), str(dataset), *args])
     err = capsys.readouterr().err
     assert e.value.code == 2 and "Traceback" not in err
-    assert err.strip().splitlines()[-1].startswith(f"mnemo data inspect: error: argument {needle}: "), err
+    assert err.startswith(f"mnemo: error: argument {needle}: ") and len(err.strip().splitlines()) == 1, err
+    assert err.rstrip().endswith("(see: mnemo data inspect --help)"), err  # before: argparse's usage block
 
 
 def test_cli_verify_roundtrip_docs_below_zero_is_an_error(dataset, capsys):
