@@ -143,7 +143,9 @@ def _check_values(req: LaunchRequest, cfg, run_dir: Path, cwd: str) -> None:
     if cfg is None:  # before the config is read: what the command line gives
         check_line_safe("config", os.path.abspath(req.config))
         for ov in req.overrides:
-            check_line_safe(ov.partition("=")[0].strip() or "override", ov)
+            key, eq, value = ov.partition("=")
+            check_line_safe("override", key)  # a key with a control character: quoted alone, named as an override
+            check_line_safe(f"override {key.strip()}", value if eq else ov)  # the value, without 'KEY='
         return
     check_line_safe("run.dir", str(cfg.run.dir))
     check_line_safe("run.dir", str(run_dir))

@@ -83,9 +83,11 @@ def test_control_character_in_run_dir_from_yaml(ws, capsys, target, ch):
 @pytest.mark.parametrize("target", [["--slurm"], ["--hostfile", "hosts"], []])
 def test_control_character_in_overrides(ws, capsys, target):
     err = fails(capsys, "c.yaml", "--dry-run", *target, "run.dir=a\rb")
-    assert err.startswith("mnemo: error: run.dir: ") and "'\\r'" in err
+    assert err.startswith("mnemo: error: override run.dir: 'a\\rb' contains") and "'\\r'" in err  # not 'run.dir=a..'
     err = fails(capsys, "c.yaml", "--dry-run", *target, "run.name=x\necho PWNED")
-    assert err.startswith("mnemo: error: run.name: ") and "'\\n'" in err
+    assert err.startswith("mnemo: error: override run.name: 'x\\necho PWNED' contains") and "'\\n'" in err
+    err = fails(capsys, "c.yaml", "--dry-run", *target, "run.na\tme=x")
+    assert err.startswith("mnemo: error: override: 'run.na\\tme' contains") and "'\\t'" in err
     assert not (ws / "runs").exists()
 
 
