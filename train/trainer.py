@@ -406,7 +406,7 @@ class Trainer:
         )
         log.info(
             "run %s: %d params, world %d (ZeRO %d, %s), %s, restart %d",
-            self.run_id,
+            self.run_id or "(not tracked)",  # tracking.enabled=false: no MLflow run id (it read "run None")
             self.n_params,
             info.world_size,
             cfg.zero.stage,
