@@ -215,11 +215,15 @@ def fifo_append(store: Tensor, new: Tensor) -> Tensor:
     buffer with room N/4 + T). Only views that this function made (marked)
     are written after their end: any other tensor's storage is never touched.
     The input's entries are never modified (see the module docstring).
+    Code that torch.compile traces always copies (the compiler fuses the copy).
     """
     N, T = store.shape[2], new.shape[2]
     if T >= N:
         return new[:, :, T - N :]
-    if torch.is_grad_enabled() or store.requires_grad or new.requires_grad:
+    # Under torch.compile the in-place path cannot be traced: functionalization turns the write
+    # after the view's end into an as_strided_scatter bounded by the view's own storage, which
+    # fails (and the ``_fifo_room`` mark does not survive the graph). The compiler fuses the copy.
+    if torch.is_grad_enabled() or store.requires_grad or new.requires_grad or torch.compiler.is_compiling():
         return torch.cat((store[:, :, T:], new), dim=2)  # copies N entries, not N+T
     room = getattr(store, "_fifo_room", 0)  # entries of spare buffer after the view's end
     if room >= T and (torch.is_inference_mode_enabled() or not store.is_inference()):
@@ -247,7 +251,9 @@ def gather_rows(store: Tensor, flat: Tensor) -> Tensor:
     """
     B, H, N, Dh = store.shape
     s0, s1, s2, s3 = store.stride()
-    if s3 != 1 or s2 != Dh or s0 != H * s1 or s1 % Dh or store.is_contiguous():
+    # Compiled code never reads past a view's end (see fifo_append): a store it gets is flattened
+    # (a copy only for a store an eager no-grad append made).
+    if s3 != 1 or s2 != Dh or s0 != H * s1 or s1 % Dh or store.is_contiguous() or torch.compiler.is_compiling():
         return store.reshape(B * H * N, Dh).index_select(0, flat)
     R = s1 // Dh
     rows = torch.as_strided(store, ((B * H - 1) * R + N, Dh), (Dh, 1), store.storage_offset())

@@ -570,3 +570,19 @@ def test_the_package_names_resolve_on_first_use():
         assert any(getattr(m, name, None) is getattr(pkg, name) for m in (memory, sizes, transformer)), name
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         pkg.nope  # noqa: B018
+
+
+def test_compiled_model_equals_eager_with_and_without_gradients():
+    """model.compile=true (compiled on CUDA only, so CI never compiles): a no-grad forward with long-term
+    memory failed to compile (fifo_append's in-place append past the view's end: as_strided_scatter
+    out of bounds for storage). aot_eager on CPU traces the same graph as inductor on a GPU."""
+    model = make(n_layers=2, capacity=32)
+    compiled = torch.compile(model, backend="aot_eager")
+    x = tokens(2, 5)
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad):
+            ref, ref_state = run(model, x)
+            got, got_state = run(compiled, x)
+        assert close(got.detach(), ref.detach()), grad
+        for name, t in got_state.state_dict().items():
+            assert close(t.float(), ref_state.state_dict()[name].float()), name
