@@ -16,7 +16,7 @@ def run_train(config: str, overrides: list[str]) -> int:
     # before deepspeed or streaming are imported.
     from mnemo.train.rankenv import apply_rank_env
 
-    apply_rank_env()
+    apply_rank_env(cfg.train.device)
     from mnemo.train.trainer import train
 
     summary = train(cfg)

@@ -21,6 +21,11 @@ def cuda_available() -> bool:
         return False
 
 
+def uses_cuda(device: str) -> bool:
+    """Whether a rank with ``train.device`` = ``device`` trains on CUDA (auto: when a device is available)."""
+    return device == "cuda" or (device == "auto" and cuda_available())
+
+
 def check_train_device(device: str, ranks: int = 1) -> None:
     """train.device=cuda on a machine without a usable CUDA device, or ``ranks`` ranks on this machine that
     will use CUDA (cuda, or auto with a device) and fewer devices than ranks: a UserError.
@@ -137,10 +142,13 @@ def import_rank_libraries(held: tuple[str, ...] = HELD_OFF) -> None:
     import_streaming()
 
 
-def apply_rank_env() -> dict[str, str]:
+def apply_rank_env(device: str = "auto") -> dict[str, str]:
+    """Set this rank's environment for ``train.device`` = ``device`` and import the rank's libraries."""
     from mnemo.train.tracking import HTTP_ENV_DEFAULTS
 
-    added = rank_env(os.environ, cuda_available())
+    # The configured device, not the hardware: train.device=cpu on a machine with GPUs must tell
+    # DeepSpeed so (DS_ACCELERATOR=cpu), or it moves the model to CUDA while the trainer builds on the CPU.
+    added = rank_env(os.environ, uses_cuda(device))
     added.update(use_own_op_cache())
     # MLflow reads its HTTP retry/timeout settings only from the environment: bounded
     # values keep a dead tracking server from stalling the tracker for minutes.

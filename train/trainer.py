@@ -123,12 +123,12 @@ class Trainer:
         import deepspeed
 
         from mnemo.train.collectives import process_group_backend
-        from mnemo.train.rankenv import check_train_device
+        from mnemo.train.rankenv import check_train_device, uses_cuda
 
         cfg, info = self.cfg, self.info
         # A UserError, not torch's "Found no NVIDIA driver" or "invalid device ordinal"
         check_train_device(cfg.train.device, info.local_world_size)
-        self.use_cuda = cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available())
+        self.use_cuda = uses_cuda(cfg.train.device)
         if self.use_cuda:
             torch.cuda.set_device(info.local_rank)
         self.device = torch.device("cuda", info.local_rank) if self.use_cuda else torch.device("cpu")

@@ -130,3 +130,41 @@ def test_a_rank_imports_its_libraries_without_mlflow_sklearn_or_transformers_and
         f"True {installed[1]}",
         "1 True",
     ]
+
+
+def test_train_device_cpu_on_a_gpu_machine_sets_deepspeed_to_the_cpu(monkeypatch):
+    # The configured device decides, not the hardware: with train.device=cpu on a machine with GPUs,
+    # DeepSpeed (DS_ACCELERATOR unset) moved the model to CUDA while the trainer built its state on the CPU.
+    import types
+
+    import mnemo.train.config as config
+    import mnemo.train.rankenv as rankenv
+    from mnemo.train.entry import run_train
+
+    monkeypatch.setattr(rankenv, "cuda_available", lambda: True)
+    monkeypatch.setattr(rankenv, "import_rank_libraries", lambda: None)
+    bare = {k: v for k, v in os.environ.items() if k not in ("DS_ACCELERATOR", "OMP_NUM_THREADS")}
+    for device, accel in (("cpu", "cpu"), ("auto", None), ("cuda", None)):
+        monkeypatch.setattr(os, "environ", dict(bare, WORLD_SIZE="1", LOCAL_WORLD_SIZE="1"))
+        rankenv.apply_rank_env(device)
+        assert os.environ.get("DS_ACCELERATOR") == accel, device
+    # run_train passes the configured device.
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def apply(device="auto"):
+        seen.append(device)
+        raise Stop
+
+    cfg = types.SimpleNamespace(train=types.SimpleNamespace(device="cpu"))
+    monkeypatch.setattr(config, "load_config", lambda path, overrides: cfg)
+    monkeypatch.setattr(config, "check_paths", lambda c: None)
+    monkeypatch.setattr(rankenv, "check_train_device", lambda *a: None)
+    monkeypatch.setattr(rankenv, "apply_rank_env", apply)
+    try:
+        run_train("c.yaml", [])
+    except Stop:
+        pass
+    assert seen == ["cpu"]
