@@ -63,6 +63,9 @@ from mnemo.train.redact import SECRET_ENV_NAMES, is_secret_env
 # names (the credential variables of MLflow's artifact stores among them).
 FORWARD_PREFIXES = ("NCCL_", "MLFLOW_", "MNEMO_", "GLOO_", "TORCH_", "DS_", "FI_", "UCX_")
 FORWARD_NAMES = ("PYTHONPATH", "OMP_NUM_THREADS", "CUDA_DEVICE_MAX_CONNECTIONS", "HF_HOME", *sorted(SECRET_ENV_NAMES))
+# Each node's ranks choose their own accelerator from train.device and their hardware (train/rankenv.py):
+# a launching host's DS_ACCELERATOR=cpu would put the model on the CPU on GPU nodes whose trainer uses CUDA.
+NOT_FORWARDED = ("DS_ACCELERATOR",)
 ENV_FROM_STDIN = "--env-from-stdin"
 _MAX_SECRET_LINE = 1 << 20  # bytes: far more than any set of credentials
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # fullmatch: "$" would let "NAME\n" pass
@@ -104,7 +107,7 @@ def forwarded_env(environ: Mapping[str, str]) -> dict[str, str]:
     out = {
         k: v
         for k, v in environ.items()
-        if _ENV_NAME.fullmatch(k) and (k.startswith(FORWARD_PREFIXES) or k in FORWARD_NAMES)
+        if _ENV_NAME.fullmatch(k) and (k.startswith(FORWARD_PREFIXES) or k in FORWARD_NAMES) and k not in NOT_FORWARDED
     }
     return dict(sorted(out.items()))
 

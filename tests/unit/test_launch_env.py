@@ -84,6 +84,13 @@ def test_forwarded_env_picks_prefixes_and_names_only():
     }
 
 
+def test_ds_accelerator_stays_on_the_launching_host():
+    # A launching host's DS_ACCELERATOR=cpu put the model on the CPU on GPU nodes whose trainer used CUDA:
+    # each node's ranks choose their own (rank_env), other DS_ variables still travel.
+    env = {"DS_ACCELERATOR": "cpu", "DS_BUILD_OPS": "0"}
+    assert forwarded_env(env) == {"DS_BUILD_OPS": "0"}
+
+
 def test_worker_line_names_node_rank_and_restarts():
     line = describe(
         {
