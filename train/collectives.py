@@ -65,6 +65,33 @@ def sum_(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+AGREE_PARTS = 3  # float32 digits per value that ``agreement_parts`` packs (the same count on every rank)
+
+
+def agreement_parts(value: int, world: int) -> list[float]:
+    """``value`` (an int >= 0 every rank should hold) as AGREE_PARTS float32 digits for a SUM all-reduce.
+
+    A float32 sum is exact only below 2**24: summing ``value`` itself over the ranks rounds once
+    value * world passes it, and ranks that agree would fail the check. Each digit has
+    24 - world.bit_length() bits, so its sum over ``world`` ranks stays below 2**24 and is exact
+    (values up to 2**60 on 8 ranks, 2**39 on 1024). ``agreed`` checks the summed digits.
+    """
+    bits = 24 - world.bit_length()
+    base = 1 << bits
+    digits = [(value >> (bits * i)) % base for i in range(AGREE_PARTS - 1)]
+    return [float(d) for d in (*digits, value >> (bits * (AGREE_PARTS - 1)))]
+
+
+def agreed(summed: Sequence[float], value: int, world: int) -> bool:
+    """Whether ``summed`` (the SUM over ``world`` ranks of their ``agreement_parts``) is ``value``'s on every rank.
+
+    A rank holding a larger digit than another's sees a sum below its own digit times ``world``: when
+    the ranks disagree, at least the rank with the largest differing digit gets False.
+    """
+    mine = agreement_parts(value, world)
+    return len(summed) == len(mine) and all(s == d * world for s, d in zip(summed, mine))
+
+
 def broadcast_object(obj: Any, src: int = 0) -> Any:
     """``obj`` of rank ``src`` on every rank (pickled; torch sends it over the group's CPU backend)."""
     dist = _dist()
@@ -82,4 +109,15 @@ def barrier() -> None:
         dist.barrier()
 
 
-__all__ = ["all_true", "any_true", "barrier", "broadcast_object", "process_group_backend", "sum_", "world_size"]
+__all__ = [
+    "AGREE_PARTS",
+    "agreed",
+    "agreement_parts",
+    "all_true",
+    "any_true",
+    "barrier",
+    "broadcast_object",
+    "process_group_backend",
+    "sum_",
+    "world_size",
+]

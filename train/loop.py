@@ -220,18 +220,20 @@ class TrainLoop:
         return self._finite_or_skip(step, True, "gradient norm", must_stop=self.engine.skipped_steps == skipped)
 
     def _episode_step(self, step: int) -> bool:
-        from mnemo.train.collectives import sum_
+        from mnemo.train.collectives import agreed, agreement_parts, sum_
 
         t0 = time.time()
         res = self.episodes.forward(self.engine, self.device, self.dtype, self.has_memory, step)
         B = res.batch.tokens.shape[0]
         nonfinite = (~torch.isfinite(res.loss.detach())).float()
-        # Every rank drew the same task, D and segment count (episodes.py); the sum checks it at no extra cost.
-        drawn = float(res.batch.n_segments * 1000 + res.batch.task)
-        extra = torch.tensor([float(B), drawn], device=self.device)
+        # Every rank drew the same task, D and segment count (episodes.py); the sum checks it at no extra cost
+        # (in digits that sum exactly in float32: the value itself times the ranks rounds past 2**24).
+        drawn = res.batch.n_segments * 1000 + res.batch.task
+        world = self.info.world_size
+        extra = torch.tensor([float(B), *agreement_parts(drawn, world)], device=self.device)
         stats = torch.cat([torch.stack([res.plain_sum, res.n, nonfinite, res.exact]), extra])
-        sum_(stats)  # [6] on the engine's device
-        if stats[5].item() != drawn * self.info.world_size:
+        sum_(stats)  # [5 + AGREE_PARTS] on the engine's device
+        if not agreed(stats[5:].tolist(), drawn, world):
             raise RuntimeError(f"step {step + 1}: the ranks drew different episode tasks or segment counts")
         verdict = self._finite_or_skip(step, stats[2].item() > 0)
         if verdict != "ok":

@@ -173,3 +173,27 @@ def test_process_group_covers_both_device_types_on_a_gpu(use_cuda, backend):
     from mnemo.train.collectives import process_group_backend
 
     assert process_group_backend(use_cuda) == backend
+
+
+@pytest.mark.parametrize("world", [1, 2, 64, 1000])
+def test_episode_agreement_sums_exactly_in_float32(world):
+    """The episode step's "same task on every rank" check: it summed n_segments * 1000 + task in float32, which
+    rounds past 2**24 (300 segments on 64 ranks: 19.2M), so ranks that agreed failed it. Its digits sum exactly."""
+    import torch
+
+    from mnemo.train.collectives import AGREE_PARTS, agreed, agreement_parts
+
+    def summed(values):  # a SUM all-reduce in float32, rank by rank
+        s = torch.zeros(AGREE_PARTS, dtype=torch.float32)
+        for v in values:
+            s += torch.tensor(agreement_parts(v, world), dtype=torch.float32)
+        return s.tolist()
+
+    for drawn in (0, 7, 300 * 1000 + 3, 2**24 + 1, 123_456_789):
+        assert agreed(summed([drawn] * world), drawn, world), drawn
+        if world > 1:  # one rank off by one, high or low: some rank sees it
+            for other in (drawn + 1, max(drawn - 1, 0)):
+                if other != drawn:
+                    values = [drawn] * (world - 1) + [other]
+                    total = summed(values)
+                    assert not all(agreed(total, v, world) for v in values), (drawn, other)
