@@ -44,6 +44,7 @@ import torch
 
 from mnemo.data_pipeline.errors import first_line
 from mnemo.data_pipeline.files import atomic_write_text, fsync_path, fsync_tree, load_json, open_regular
+from mnemo.train.collectives import decided_by_rank0
 from mnemo.train.errors import UserError, path_errors, write_errors
 from mnemo.train.faults import maybe_crash_in_save
 from mnemo.train.hf.folder import HF_FILES, WRAPPER_SOURCES
@@ -52,6 +53,7 @@ from mnemo.train.rundir import (
     COMPLETE,
     STEP_RE,
     check_checkpoint_files,
+    check_run_dir,
     complete_checkpoints,
     find_checkpoint,
     is_complete,
@@ -224,6 +226,23 @@ def read_meta(path: Path, need: tuple[str, ...] = ()) -> dict[str, Any]:
     """Checkpoint ``path``'s meta.json, checked (train/rundir.py read_checkpoint_meta; a resume: ``need``
     RESUME_META_KEYS)."""
     return read_checkpoint_meta(path, need)
+
+
+# On NFS a directory listing is cached for up to about a minute: after a save and a restart (or a rollback),
+# ranks listing the checkpoints themselves could pick different newest ones. Rank 0 chooses for all.
+LAGGING_LISTING = "every node must see the same run.dir (a shared filesystem's listing may lag for a minute)"
+
+
+def resume_point(run_dir: Path, resume: str, resume_from: Path | None, rank: int) -> tuple[Path | None, str]:
+    """``check_run_dir`` as rank 0 sees ``run_dir``, on every rank: (checkpoint to resume from or None, origin).
+
+    ValueError (one line) on every rank when rank 0's check refuses, and on a rank that does not see the
+    checkpoint rank 0 chose.
+    """
+    path, origin = decided_by_rank0(lambda: check_run_dir(run_dir, resume, resume_from), (ValueError,))
+    if path is not None and not is_complete(path):
+        raise ValueError(f"rank {rank} does not see checkpoint {path}, which rank 0 resumes from: {LAGGING_LISTING}")
+    return path, origin
 
 
 class Stateful(Protocol):

@@ -19,7 +19,7 @@ process, e.g. ``mnemo eval``) they are the identity: one rank agrees with itself
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -102,6 +102,26 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     return box[0]
 
 
+def decided_by_rank0(choose: Callable[[], Any], errors: tuple[type[Exception], ...] = ()) -> Any:
+    """What ``choose()`` returns on rank 0, on every rank (it runs on rank 0 only).
+
+    For decisions read from a shared filesystem: each rank listing a folder itself may see another
+    answer (NFS caches listings for up to about a minute). An exception of a type in ``errors``
+    that ``choose`` raises is raised on every rank (the others would wait for the broadcast).
+    """
+    dist = _dist()
+    result: tuple[Any, Exception | None] = (None, None)
+    if dist is None or dist.get_rank() == 0:
+        try:
+            result = (choose(), None)
+        except errors as e:
+            result = (None, e)
+    value, error = broadcast_object(result)
+    if error is not None:
+        raise error
+    return value
+
+
 def barrier() -> None:
     """Wait for every rank (torch picks the device: the one bound at init on a GPU, else the CPU backend)."""
     dist = _dist()
@@ -117,6 +137,7 @@ __all__ = [
     "any_true",
     "barrier",
     "broadcast_object",
+    "decided_by_rank0",
     "process_group_backend",
     "sum_",
     "world_size",

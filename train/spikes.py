@@ -156,10 +156,26 @@ class SpikeDetector:
         return action
 
     def usable_checkpoint(self) -> Path | None:
-        """The newest complete checkpoint of this run that loads as it is: same world size, ZeRO stage, dtype."""
+        """The newest complete checkpoint of this run that loads as it is (same world size, ZeRO stage, dtype),
+        as rank 0 sees the checkpoints: UserError on a rank that does not see it."""
+        from mnemo.train.checkpoint import LAGGING_LISTING
+        from mnemo.train.collectives import decided_by_rank0
+
+        if self.manager is None:
+            return None
+        path = decided_by_rank0(self._newest_usable)  # each rank's own listing may lag (checkpoint.resume_point)
+        own = None if path is None else path / f"rank_{self.manager.rank:05d}.pt"
+        if own is not None and not own.is_file():
+            raise UserError(
+                f"train.spike.policy=rollback: rank {self.manager.rank} does not see {own} of the checkpoint "
+                f"rank 0 rolls back to: {LAGGING_LISTING}"
+            )
+        return path
+
+    def _newest_usable(self) -> Path | None:
         from mnemo.train.checkpoint import read_meta
 
-        path = self.manager.latest() if self.manager is not None else None
+        path = self.manager.latest()
         if path is None:
             return None
         meta = read_meta(path)

@@ -47,7 +47,7 @@ from mnemo.train.errors import UserError
 from mnemo.train.eval_hook import run_eval
 from mnemo.train.loop import StepLog, TrainLoop, dist_info
 from mnemo.train.resume import check_resume_compatible, reads_universal, universal_tag
-from mnemo.train.rundir import RESUME_META_KEYS, check_checkpoint_files, check_run_dir
+from mnemo.train.rundir import RESUME_META_KEYS, check_checkpoint_files
 from mnemo.train.schedule import (
     Preemption,
     after_step,
@@ -190,7 +190,7 @@ class Trainer:
         r = cfg.checkpoint.resume
         named = ckpt.resolve_checkpoint(r) if r not in ("auto", "never") else None
         try:  # check_paths ran it before the lock; the same answer now that this job holds run.dir
-            self.resume_path, self.origin = check_run_dir(self.run_dir, r, named)
+            self.resume_path, self.origin = ckpt.resume_point(self.run_dir, r, named, info.rank)
         except ValueError as e:
             raise UserError(f"run.dir: {e}") from None
         if named is not None and self.resume_path != named and info.rank == 0:
