@@ -259,9 +259,24 @@ def _kmeans(keys: Tensor, C: int, iters: int | None = None) -> Tensor:
     cen = sample[:, pick]  # [H, C, Dh]
     for _ in range(iters):
         a = _nearest(sample, cen).long()  # [H, n]
-        sums = torch.zeros_like(cen).scatter_add_(1, a[..., None].expand(-1, -1, Dh), sample)
-        cen = F.normalize(sums + 1e-6 * cen, dim=-1)
+        cen = F.normalize(_list_sums(sample, a, C) + 1e-6 * cen, dim=-1)
     return cen
+
+
+def _list_sums(sample: Tensor, a: Tensor, C: int) -> Tensor:
+    """Per head, the sum [H, C, Dh] of the rows of sample [H, n, Dh] assigned to each list (a [H, n], 0..C-1).
+
+    Deterministic on every device: a float scatter_add_ adds in whatever order the atomics of a GPU
+    land, so a resumed read would fit other centroids. The rows sorted by list (stable) are summed
+    one list at a time in sample order: the order a CPU scatter_add_ adds in, so the CPU sums are
+    bit-identical to it.
+    """
+    H, n, Dh = sample.shape
+    flat = (a + torch.arange(H, device=a.device)[:, None] * C).flatten()  # [H n]: head h's list j is h C + j
+    order = torch.sort(flat, stable=True).indices
+    lengths = torch.bincount(flat, minlength=H * C)  # integer counts: exact on any device
+    rows = sample.reshape(H * n, Dh)[order]
+    return torch.segment_reduce(rows, "sum", lengths=lengths, axis=0, unsafe=True).view(H, C, Dh)
 
 
 def shares(counts: Tensor, n: int) -> list[int]:

@@ -232,6 +232,26 @@ def test_two_level_fit_is_deterministic_and_splits_every_list(monkeypatch):
     assert rt.shares(torch.tensor([1, 1, 1]), 3) == [1, 1, 1]
 
 
+def test_fit_does_not_depend_on_the_order_a_device_adds_in(monkeypatch):
+    """A resumed read must fit the same centroids. On CUDA a float scatter_add_ adds in whatever order its
+    atomics land; here one that adds in another order each call stands in for it: the fit stays the CPU's."""
+    g = torch.Generator().manual_seed(7)
+    keys = F.normalize(torch.randn(2, 1500, 8, generator=g), dim=-1)
+    ref = rt.ivf_fit(keys, 12)
+    real, shuffle = torch.Tensor.scatter_add_, torch.Generator().manual_seed(0)
+
+    def atomic_order(self, dim, index, src):
+        if not self.is_floating_point():  # integer sums are exact in any order
+            return real(self, dim, index, src)
+        perm = torch.randperm(index.shape[dim], generator=shuffle)
+        return real(self, dim, index.index_select(dim, perm), src.index_select(dim, perm))
+
+    monkeypatch.setattr(torch.Tensor, "scatter_add_", atomic_order)
+    for _ in range(2):
+        cen, ids = rt.ivf_fit(keys, 12)
+        assert torch.equal(cen, ref[0]) and torch.equal(ids, ref[1])
+
+
 def test_a_state_with_an_index_of_another_shape_resumes_with_an_empty_one():
     """An index saved with another list buffer (an earlier release's fixed 1,024 lists) is not
     loaded: it starts empty, every stored entry searched exactly until the next build."""
