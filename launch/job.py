@@ -405,7 +405,11 @@ def _slurm(
     sbatch = slurm.find_sbatch()
     make_run_dir(run_dir)
     path = slurm.write_script(opts)
-    job_id = slurm.submit(path, sbatch, env={**os.environ, **secret_env})
+    from mnemo.launch.remote import NOT_FORWARDED
+
+    # sbatch hands the job its whole environment: the nodes choose their own accelerator, as over ssh.
+    env = {k: v for k, v in os.environ.items() if k not in NOT_FORWARDED}
+    job_id = slurm.submit(path, sbatch, env={**env, **secret_env})
     print(f"submitted job {job_id}")
     print(f"mnemo launch: script {path}; log {run_dir / 'logs' / f'slurm-{job_id}.out'}", file=sys.stderr)
     return 0

@@ -500,6 +500,21 @@ def test_slurm_never_writes_through_a_symlink(ws, capsys, monkeypatch, dry_run):
     assert not (ws / "absent.txt").exists()
 
 
+def test_slurm_job_does_not_inherit_the_submitting_hosts_accelerator(ws, capsys, monkeypatch):
+    # sbatch exports its environment to the job: a login node's DS_ACCELERATOR=cpu put the model on the
+    # CPU on GPU nodes whose trainer used CUDA. The nodes choose their own, as over ssh (remote.NOT_FORWARDED).
+    from mnemo.launch import slurm
+
+    got = {}
+    monkeypatch.setattr(slurm, "find_sbatch", lambda: "/bin/false")
+    monkeypatch.setattr(slurm, "submit", lambda path, sbatch, env=None: got.update(env) or "42")
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    monkeypatch.setenv("NCCL_DEBUG", "INFO")
+    rc, out, err = launch(capsys, "c.yaml", "--slurm")
+    assert rc == 0 and out == "submitted job 42\n", err
+    assert "DS_ACCELERATOR" not in got and got["NCCL_DEBUG"] == "INFO"
+
+
 def test_slurm_replaces_its_own_script(ws, capsys):
     rc, first, _ = launch(capsys, "c.yaml", "--slurm", "--dry-run")
     assert rc == 0
