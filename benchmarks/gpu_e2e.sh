@@ -10,7 +10,8 @@
 #   train_zero2_kill  `mnemo train` of `small` with memory (STM + a kNN layer), bf16, ZeRO 2, SIGKILLed
 #                     between two checkpoints
 #   resume_zero2      the same command again: resumes after the last checkpoint and finishes
-#   train_zero3       the same model at ZeRO 3
+#   train_zero3       the same model at ZeRO 3, compiled (model.compile=true), with passkey episodes and an
+#                     evaluation half-way (no-grad forwards of the compiled model)
 #   eval              `mnemo eval`: loss by position, passkey retrieval
 #   generate, export  `mnemo generate`, `mnemo export`
 #
@@ -40,7 +41,7 @@ else
             --cpu) CPU=1 ;;
             --work) WORK=${2:?--work needs a directory}; shift ;;
             --only) ONLY=,${2:?--only needs step names},; shift ;;
-            -h|--help) sed -n '2,25p' "$SELF" | sed 's/^# \{0,1\}//'; exit 0 ;;
+            -h|--help) sed -n '2,26p' "$SELF" | sed 's/^# \{0,1\}//'; exit 0 ;;
             *) echo "gpu_e2e: unknown argument: $1 (see --help)" >&2; exit 2 ;;
         esac
         shift
@@ -70,6 +71,8 @@ if [ "$CPU" = 1 ]; then
     CONFIG=$REPO/configs/debug.yaml; N_FILES=40; VOCAB=512; WORKERS=2
     STEPS=4; KILL_STEPS=20; KILL_INTERVAL=10; KILL_AT=12
     SIZE_OVERRIDES=(train.device=cpu tracking.enabled=false)  # MLflow's import alone is seconds of CPU
+    # (a CPU run stays eager; the episodes' key sentence needs segments of 128 tokens)
+    ZERO3_OVERRIDES=(model.segment_len=128)
     EVAL_ARGS=(--max-docs 1 --passkey-trials 1 --distances 1 --batch-size 2 --no-ablations --device cpu)
     GEN_ARGS=(--max-tokens 8 --device cpu)
     MFU_CMD=("$REPO/benchmarks/gpu_check.py" --cpu --size debug --vocab 512 --segment-len 32 --steps 1)
@@ -77,6 +80,7 @@ else
     CONFIG=$REPO/configs/small.yaml; N_FILES=400; VOCAB=4096; WORKERS=8
     STEPS=20; KILL_STEPS=60; KILL_INTERVAL=20; KILL_AT=25
     SIZE_OVERRIDES=(train.batch_size=8 train.warmup_steps=5 data.num_workers=2)
+    ZERO3_OVERRIDES=()
     EVAL_ARGS=(--max-docs 8 --passkey-trials 8 --distances 1,4,16 --batch-size 8)
     GEN_ARGS=(--max-tokens 64)
     MFU_CMD=("$REPO/benchmarks/gpu_check.sh" --steps 15)
@@ -191,10 +195,15 @@ step_resume_zero2() {
 
 step_train_zero3() {
     rm -rf "$RUN3"
+    # Compiled: the first forwards without gradients (the episodes' memory-filling segments, the evaluation
+    # half-way and at the end) are where a compiled model with long-term memory once failed.
     mnemo train "$CONFIG" run.dir="$RUN3" zero.stage=3 train.max_steps="$STEPS" checkpoint.interval="$STEPS" \
-        "${COMMON[@]}" >"$WORK/logs/zero3.out" 2>&1 || { tail -n 5 "$WORK/logs/zero3.out" >&2; return 1; }
+        model.compile=true train.passkey.fraction=0.25 train.passkey.max_distance=1 eval.interval=$((STEPS / 2)) \
+        "${COMMON[@]}" "${ZERO3_OVERRIDES[@]}" >"$WORK/logs/zero3.out" 2>&1 || {
+        tail -n 5 "$WORK/logs/zero3.out" >&2; return 1; }
     [ "$(last_step "$RUN3")" = "$STEPS" ] || { echo "did not reach step $STEPS" >&2; return 1; }
-    echo "$STEPS steps; $(train_figure "$RUN3" "$WORK/logs/zero3.out")"
+    grep -q '"kind": "passkey"' "$RUN3/logs/steps.jsonl" || { echo "no passkey episode step" >&2; return 1; }
+    echo "$STEPS steps (compiled, passkey episodes, eval at $((STEPS / 2))); $(train_figure "$RUN3" "$WORK/logs/zero3.out")"
 }
 
 step_eval() {
@@ -307,7 +316,7 @@ run_step() {  # <name> <timeout s> (GPU_E2E_TIMEOUT_S, if set, replaces every st
 
 # Limits on a GPU (twice as long on a CPU, often shared by other jobs); the MFU measurement, the scarcest
 # figure, comes first. The whole run stops starting steps after GPU_E2E_BUDGET_S (GPU: 7.5 minutes).
-STEP_LIMITS=(install:90 mfu:180 prepare:90 train_zero2_kill:120 resume_zero2:120 train_zero3:120 eval:90
+STEP_LIMITS=(install:90 mfu:180 prepare:90 train_zero2_kill:120 resume_zero2:120 train_zero3:240 eval:90
              generate:60 export:60)
 SCALE=$([ "$CPU" = 1 ] && echo 2 || echo 1)
 BUDGET=${GPU_E2E_BUDGET_S:-$([ "$CPU" = 1 ] && echo 1200 || echo 450)}
