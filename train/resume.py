@@ -41,7 +41,7 @@ def check_resume_compatible(
     for key in UNSAFE_KEYS:
         if key in _LTM_ONLY_KEYS and old.get("memory.long.kind") == new.get("memory.long.kind") == "none":
             continue  # how a long-term layer works does not matter to a model that has none
-        if old.get(key) != new.get(key):
+        if not _same(key, old.get(key), new.get(key), old.get("model.size")):
             raise UserError(
                 f"{key}: changed from {old.get(key)!r} to {new.get(key)!r} since checkpoint {path}; "
                 "resuming would be unsafe (use a new run.dir)"
@@ -55,6 +55,18 @@ def check_resume_compatible(
             f"({meta['num_documents']} -> {manifest.get('num_documents')} documents)"
         )
     return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(new) if old.get(k) != new.get(k)]
+
+
+def _same(key: str, old: Any, new: Any, size: Any) -> bool:
+    """Whether an UNSAFE_KEYS value is unchanged: memory.long.layers by the layers it names ([-2] is [2] of 4
+    layers; an unknown size or a value that is not a list of ints compares as written)."""
+    from mnemo.model.sizes import SIZES, ltm_layer_indices
+
+    if key == "memory.long.layers" and size in SIZES:
+        if all(isinstance(v, list) and all(type(i) is int for i in v) for v in (old, new)):
+            n = SIZES[size].n_layers
+            return ltm_layer_indices(n, old) == ltm_layer_indices(n, new)
+    return old == new
 
 
 def check_same_data(old_tree: dict[str, Any], cfg: Config, path: Path) -> None:

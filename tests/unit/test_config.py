@@ -111,6 +111,24 @@ def test_resume_check_reads_a_pre_release_5_config_as_the_gated_unsmeared_layer(
     check(old_tree("none"), "memory.long.kind=none")
 
 
+def test_resume_takes_long_term_layers_by_the_layers_they_name():
+    """[-2] and [2] name one layer of the 4-layer debug size: the resume was refused as "changed ... unsafe"."""
+    from pathlib import Path
+
+    from mnemo.train.errors import UserError
+    from mnemo.train.resume import check_resume_compatible
+
+    old = to_dict(load_config(None, ["model.size=debug", "memory.long.layers=[2]"]))
+
+    def check(layers):
+        cfg = load_config(None, ["model.size=debug", f"memory.long.layers={layers}"])
+        return check_resume_compatible(old, cfg, {}, "sha", {}, Path("ckpt"))
+
+    assert check("[-2]") == ["memory.long.layers: [2] -> [-2]"]  # the spelling changed: said, not refused
+    with pytest.raises(UserError, match=r"memory\.long\.layers: changed from \[2\] to \[-1\]"):
+        check("[-1]")
+
+
 def _numeric_keys() -> list[tuple[str, type]]:
     """(dotted key, int or float) of every number in the config tree, lists of numbers included."""
     import dataclasses
