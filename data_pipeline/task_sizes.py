@@ -17,7 +17,7 @@ import numpy as np
 
 from mnemo.data_pipeline.passkey import DEPTHS, PieceTokenizer, make_multikey_sample, make_passkey_sample
 from mnemo.data_pipeline.task_layout import Pieces, TaskError
-from mnemo.data_pipeline.tasks import NAME_LETTERS, UUID_GROUPS, WORDS, TaskSpec, make_sample, task
+from mnemo.data_pipeline.tasks import NAME_LETTERS, REPEATED_FILLER, UUID_GROUPS, WORDS, TaskSpec, make_sample, task
 
 # family -> the parameter counting the facts a question depends on or is hidden among (the facts curriculum)
 FACTS = {"niah_multikey": "k", "niah_multivalue": "v", "niah_multiquery": "q", "mqar": "n", "variable_tracking": "h"}
@@ -124,3 +124,16 @@ def check_fit(
             for depth in DEPTHS:
                 for seed in range(2):
                     make_sample(spec, tokenizer, filler, T, D, np.random.default_rng(seed), depth, fact_segment=S)
+
+
+def stand_in_filler(tokenizer: PieceTokenizer, n_tokens: int) -> np.ndarray:
+    """REPEATED_FILLER's token ids tiled as ``repeated_filler`` tiles them, without its round-trip check.
+
+    For the pre-flight fits, whose outcome does not depend on the filler's words: documents made with
+    the user's corpus filler (token ids already) need no round trip of this stand-in, so a tokenizer
+    that does not give it back must neither be refused for it nor be told about its text.
+    """
+    unit = np.asarray(tokenizer.encode(REPEATED_FILLER), dtype=np.int64)
+    if unit.size == 0:  # a tokenizer that drops the text: any one id stands in as well
+        unit = np.zeros(1, dtype=np.int64)
+    return np.tile(unit, n_tokens // unit.size + 2)

@@ -400,19 +400,6 @@ def repeated_filler(tokenizer: PieceTokenizer, n_tokens: int) -> np.ndarray:
     return np.tile(unit, n_tokens // unit.size + 2)
 
 
-def stand_in_filler(tokenizer: PieceTokenizer, n_tokens: int) -> np.ndarray:
-    """REPEATED_FILLER's token ids tiled as ``repeated_filler`` tiles them, without its round-trip check.
-
-    For the pre-flight fits, whose outcome does not depend on the filler's words: documents made with
-    the user's corpus filler (token ids already) need no round trip of this stand-in, so a tokenizer
-    that does not give it back must neither be refused for it nor be told about its text.
-    """
-    unit = np.asarray(tokenizer.encode(REPEATED_FILLER), dtype=np.int64)
-    if unit.size == 0:  # a tokenizer that drops the text: any one id stands in as well
-        unit = np.zeros(1, dtype=np.int64)
-    return np.tile(unit, n_tokens // unit.size + 2)
-
-
 def make_sample(
     task: TaskSpec | str,
     tokenizer: PieceTokenizer,

@@ -1115,7 +1115,7 @@ def check_manifest_vocab(cfg: Config, tok: str) -> None:
 def check_episode_fit(cfg: Config, tok: str) -> None:
     """ConfigError naming model.segment_len unless the episodes of train.passkey (fraction > 0) fit its segments
     with the tokenizer ``tok``: task_sizes.check_fit, the check each rank's episode source runs, here with
-    stand-in filler (``tasks.stand_in_filler``: the fit does not depend on the filler's words).
+    stand-in filler (``task_sizes.stand_in_filler``: the fit does not depend on the filler's words).
 
     Before, only the ranks found out, after the run dir's config.yaml, run.lock and data cache were written.
     """
@@ -1124,8 +1124,8 @@ def check_episode_fit(cfg: Config, tok: str) -> None:
         return
     from mnemo.data_pipeline.errors import DataError
     from mnemo.data_pipeline.passkey import RoundTripError
-    from mnemo.data_pipeline.task_sizes import check_fit
-    from mnemo.data_pipeline.tasks import parse_tasks, stand_in_filler
+    from mnemo.data_pipeline.task_sizes import check_fit, stand_in_filler
+    from mnemo.data_pipeline.tasks import parse_tasks
     from mnemo.data_pipeline.tokenizer import Tokenizer
 
     T = cfg.model.segment_len
@@ -1159,7 +1159,7 @@ def check_passkey_eval_fit(cfg: Config, tok: str) -> None:
 
     from mnemo.data_pipeline.errors import DataError
     from mnemo.data_pipeline.passkey import RoundTripError, make_passkey_sample
-    from mnemo.data_pipeline.tasks import stand_in_filler
+    from mnemo.data_pipeline.task_sizes import stand_in_filler
     from mnemo.data_pipeline.tokenizer import Tokenizer
 
     T = cfg.model.segment_len
