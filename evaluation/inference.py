@@ -108,13 +108,17 @@ def with_ltm_search(model: Any, search: str | None, ivf_probe: int | None = None
     return model
 
 
-def available_bytes(device: Any) -> int | None:
+def available_bytes(device: Any, total: bool = False) -> int | None:
     """Bytes that new tensors can still take on ``device``; None when unknown.
 
-    CUDA: the device's free memory plus what PyTorch's caching allocator holds unused. CPU: the host's
-    MemAvailable, lowered to what the cgroup (a container, a SLURM job) still allows.
+    CUDA: the device's free memory plus what PyTorch's caching allocator holds unused; ``total``: the device's
+    whole memory instead, read without creating a CUDA context (a launcher must not hold memory on the device
+    its ranks will use). CPU: the host's MemAvailable, lowered to what the cgroup (a container, a SLURM job)
+    still allows.
     """
     dev = torch.device(device)
+    if dev.type == "cuda" and total:
+        return int(torch.cuda.get_device_properties(dev).total_memory)
     if dev.type == "cuda":
         free, _ = torch.cuda.mem_get_info(dev)
         return int(free + torch.cuda.memory_reserved(dev) - torch.cuda.memory_allocated(dev))
@@ -134,6 +138,16 @@ def available_bytes(device: Any) -> int | None:
     except (OSError, ValueError):
         pass
     return max(0, min(found)) if found else None
+
+
+def memory_shortfall(needs: dict[str, int], total: bool = False) -> tuple[str, int, int] | None:
+    """The first (device, bytes needed, bytes available) of ``needs`` (bytes per device name, e.g. "cpu",
+    "cuda:0") that the device cannot hold (``available_bytes``); None when all fit or the memory is unknown."""
+    for where, need in needs.items():
+        free = available_bytes(where, total=total)
+        if free is not None and need > free:
+            return where, need, free
+    return None
 
 
 def store_bytes(model: Any, slots: int, capacity: int) -> int:
@@ -161,15 +175,15 @@ def check_memory(model: Any, store: int, host: int, what: str, advice: str) -> N
     ``what`` says what needs the memory, ``advice`` which flags lower it.
     """
     dev = model_device(model)
-    needs = {dev.type: store} if dev.type != "cpu" else {}
-    needs["cpu"] = needs.get("cpu", 0) + host + (store if dev.type == "cpu" else 0)
-    for where, need in needs.items():
-        free = available_bytes(dev if where == dev.type else "cpu")
-        if free is not None and need > free:
-            raise EvalError(
-                f"{what} needs at least {need / 2**30:.1f} GiB of memory on {where}, more than the "
-                f"{free / 2**30:.1f} GiB available: {advice}"
-            )
+    needs = {str(dev): store}  # "cpu" on the CPU: the host's share is added to it
+    needs["cpu"] = needs.get("cpu", 0) + host
+    miss = memory_shortfall(needs)
+    if miss:
+        where, need, free = miss
+        raise EvalError(
+            f"{what} needs at least {need / 2**30:.1f} GiB of memory on {torch.device(where).type}, more than the "
+            f"{free / 2**30:.1f} GiB available: {advice}"
+        )
 
 
 @contextlib.contextmanager

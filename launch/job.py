@@ -198,7 +198,7 @@ def launch(req: LaunchRequest) -> int:
     """Validate everything, then start the ranks (or print what would start: ``dry_run``); the exit status."""
     from mnemo.launch import env as launch_env
     from mnemo.launch.torchrun import DEFAULT_MASTER_PORT, NodePlan, check_node_args, default_rdzv_id
-    from mnemo.train.config import check_paths, load_config
+    from mnemo.train.config import check_memory_fit, check_paths, load_config
 
     target = _check_flags(req)
     if req.env_from_stdin:
@@ -219,6 +219,9 @@ def launch(req: LaunchRequest) -> int:
 
         check_train_device(cfg.train.device, req.nproc_per_node or 1)  # not given: one per device
     check_paths(cfg)
+    if target not in ("hostfile", "slurm") and not req.dry_run:
+        # The same machine's memory for all local ranks (hostfile and SLURM nodes: each node's launcher checks).
+        check_memory_fit(cfg, req.nproc_per_node or launch_env.default_nproc_per_node())
     if req.debug:
         os.environ["MNEMO_DEBUG"] = "1"  # ranks print tracebacks too
 

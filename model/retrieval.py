@@ -65,6 +65,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mnemo.model.memory import LayerMemory, fifo_append, gather_rows
+from mnemo.model.sizes import kv_bytes
 
 SEARCHES = ("exact", "blocks", "ivf")
 BLOCK = 256  # stored entries per block summary
@@ -718,4 +719,4 @@ def searcher(
 
 def store_bytes_per_token(n_heads: int, head_dim: int, n_ltm_layers: int, dtype: torch.dtype) -> int:
     """Bytes of long-term store per token read: keys and values of every head in every long-term layer."""
-    return 2 * n_heads * head_dim * n_ltm_layers * torch.empty((), dtype=dtype).element_size()
+    return kv_bytes(1, n_heads * head_dim, n_ltm_layers, torch.empty((), dtype=dtype).element_size())

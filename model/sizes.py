@@ -39,25 +39,35 @@ SIZES: dict[str, Size] = {
 }
 
 
-# The range of each number of ModelArgs (model/transformer.py): (bound, what it means). An int bound: a
-# whole number at least the bound; a float bound: a finite number above it. train/config.py checks the
+# The most a count may be (tokens, entries, slots, widths, layers): a tensor dimension far beyond any
+# machine's memory (2**31 - 1 entries of a 128-wide fp32 store are 2 TiB per slot and layer) that keeps every
+# index within int32 and every product of a few of them within Python's reach of int64. Above it the value
+# crashed inside a rank: torch's "Overflow when unpacking long long" (capacity 99999999999999999999).
+MAX_COUNT = 2**31 - 1
+# The widest multi-token query/key span: a span names a fact by the few tokens before it (docs/many_facts.md
+# tried 6), and each token of span adds 2 d_model**2 weights per long-term layer, so 64 already gives such a
+# layer ~10 blocks' weights (100000 was 3.3 G weights at the debug size, built silently for minutes).
+MAX_QK_SPAN = 64
+
+# The range of each number of ModelArgs (model/transformer.py): (low, high, what it means). An int low: a
+# whole number in [low, high]; a float low: a finite number above it (high None). train/config.py checks the
 # config keys that set these fields with arg_problem too: one set of bounds for a config and a
 # model_args.json (pure Python here: the CLI validates a config without importing torch).
-ARG_RANGES: dict[str, tuple[int | float, str]] = {
-    "vocab_size": (1, ""),
-    "n_layers": (1, ""),
-    "d_model": (1, ""),
-    "n_heads": (1, ""),
-    "d_ff": (1, ""),
-    "stm_length": (0, "0 = off"),
-    "ltm_capacity": (1, ""),  # these two: only with long-term memory (ltm_kind "knn")
-    "ltm_topk": (1, ""),
-    "ltm_qk_span": (1, "1 = each token alone"),
-    "ltm_ivf_probe": (1, "lists searched per query"),
-    "rope_base": (0.0, ""),
-    "init_std": (0.0, ""),
-    "norm_eps": (0.0, ""),
-    "ltm_temperature_init": (0.0, "its log is the initial parameter"),
+ARG_RANGES: dict[str, tuple[int | float, int | None, str]] = {
+    "vocab_size": (1, MAX_COUNT, ""),
+    "n_layers": (1, MAX_COUNT, ""),
+    "d_model": (1, MAX_COUNT, ""),
+    "n_heads": (1, MAX_COUNT, ""),
+    "d_ff": (1, MAX_COUNT, ""),
+    "stm_length": (0, MAX_COUNT, "0 = off"),
+    "ltm_capacity": (1, MAX_COUNT, ""),  # these two: only with long-term memory (ltm_kind "knn")
+    "ltm_topk": (1, MAX_COUNT, ""),
+    "ltm_qk_span": (1, MAX_QK_SPAN, "1 = each token alone"),
+    "ltm_ivf_probe": (1, MAX_COUNT, "lists searched per query"),
+    "rope_base": (0.0, None, ""),
+    "init_std": (0.0, None, ""),
+    "norm_eps": (0.0, None, ""),
+    "ltm_temperature_init": (0.0, None, "its log is the initial parameter"),
 }
 
 
@@ -65,18 +75,32 @@ def _whole(v: object) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+def count_problem(value: object, low: int, high: int, why: str = "") -> str | None:
+    """Why ``value`` is not a whole number in [low, high] (e.g. "must be <= 64 (...), got 100000"); None if it is."""
+    got = repr(value) if len(repr(value)) <= 40 else repr(value)[:40] + "..."  # a file may hold anything
+    if not _whole(value):
+        return f"must be a whole number in [{low}, {high}]{why}, got {got}"
+    if value < low:
+        return f"must be >= {low}{why}, got {got}"
+    return f"must be <= {high}{why}, got {got}" if value > high else None
+
+
 def arg_problem(name: str, value: object) -> str | None:
     """Why ``value`` cannot be ModelArgs' ``name`` (ARG_RANGES), e.g. "must be >= 1, got 0"; None if it can."""
-    bound, means = ARG_RANGES[name]
+    low, high, means = ARG_RANGES[name]
     why = f" ({means})" if means else ""
-    got = repr(value) if len(repr(value)) <= 40 else repr(value)[:40] + "..."  # a file may hold anything
-    if isinstance(bound, int):
-        if not _whole(value):
-            return f"must be a whole number >= {bound}{why}, got {got}"
-        return f"must be >= {bound}{why}, got {got}" if value < bound else None
+    if isinstance(low, int):
+        return count_problem(value, low, high, why)
+    got = repr(value) if len(repr(value)) <= 40 else repr(value)[:40] + "..."
     if not (_whole(value) or isinstance(value, float)) or not math.isfinite(value):
-        return f"must be a finite number > {bound:g}{why}, got {got}"
-    return f"must be > {bound:g}{why}, got {got}" if value <= bound else None
+        return f"must be a finite number > {low:g}{why}, got {got}"
+    return f"must be > {low:g}{why}, got {got}" if value <= low else None
+
+
+def kv_bytes(entries: int, d_model: int, n_layers: int, dtype_bytes: int) -> int:
+    """Bytes of one slot's (key, value) stores of ``entries`` entries in each of ``n_layers`` layers: what
+    init_state allocates per slot for the short-term (entries M) or the long-term memory (entries N)."""
+    return 2 * entries * d_model * n_layers * dtype_bytes
 
 
 def ltm_layer_indices(n_layers: int, layers: list[int] | tuple[int, ...]) -> tuple[int, ...]:

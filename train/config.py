@@ -704,16 +704,26 @@ def _dotted_keys(tree: dict, prefix: str = "") -> list[str]:
     return out
 
 
+# The most segments one optimizer step may read with gradients through memory (memory.bptt_segments): the step
+# holds all k batches and keeps every segment's activations until its backward, so k beyond a thousand is
+# a typo, not a recipe (10**9 grew a rank to 20 GB reading batches, with no error, until the machine was full).
+MAX_BPTT_SEGMENTS = 1024
+
+
 def validate(cfg: Config) -> None:
     """Range and consistency checks that need no files."""
-    from mnemo.model.sizes import SIZES, arg_problem
+    from mnemo.model.sizes import MAX_COUNT, SIZES, arg_problem, count_problem
 
     def need(cond: bool, key: str, msg: str):
         if not cond:
             raise ConfigError(f"{key}: {msg}")
 
+    def count(key: str, value: int, low: int, high: int, why: str = "") -> None:
+        problem = count_problem(value, low, high, why)
+        need(problem is None, key, problem or "")
+
     need(cfg.model.size in SIZES, "model.size", f"unknown size {_brief(cfg.model.size)} (known: {', '.join(SIZES)})")
-    need(cfg.model.segment_len >= 1, "model.segment_len", "must be >= 1")
+    count("model.segment_len", cfg.model.segment_len, 1, MAX_COUNT)
     # The model's numbers: the bounds ModelArgs checks in a model_args.json (model/sizes.py ARG_RANGES).
     lm = cfg.memory.long
     model_args = {
@@ -729,7 +739,7 @@ def validate(cfg: Config) -> None:
     for key, (name, value) in model_args.items():
         problem = arg_problem(name, value)
         need(problem is None, key, problem or "")
-    need(cfg.memory.bptt_segments >= 1, "memory.bptt_segments", "must be >= 1")
+    count("memory.bptt_segments", cfg.memory.bptt_segments, 1, MAX_BPTT_SEGMENTS)
     if lm.kind != "none":
         need(lm.topk <= lm.capacity, "memory.long.topk", "must be <= memory.long.capacity")
         n_layers = SIZES[cfg.model.size].n_layers
@@ -748,7 +758,7 @@ def validate(cfg: Config) -> None:
             )
             seen[layer % n_layers] = i
         need(len(lm.layers) > 0, "memory.long.layers", "must name at least one layer")
-    need(cfg.train.batch_size >= 1, "train.batch_size", "must be >= 1")
+    count("train.batch_size", cfg.train.batch_size, 1, MAX_COUNT)
     # A token budget sets the step count (train/schedule.py total_steps) and max_steps goes unused: 0 is fine.
     need(
         cfg.train.max_steps >= (0 if cfg.train.max_tokens > 0 else 1),
@@ -1033,6 +1043,53 @@ def check_paths(cfg: Config) -> None:
         with path_errors("checkpoint.resume", ConfigError):
             check_checkpoint_files(start)
             read_checkpoint_meta(start, RESUME_META_KEYS)
+
+
+def check_memory_fit(cfg: Config, ranks: int = 1) -> None:
+    """ConfigError naming the key that needs the most memory when ``ranks`` ranks of ``cfg`` cannot fit on this
+    machine: run where the ranks will run on this machine (`mnemo train` alone, `mnemo launch` for its local
+    ranks), before any starts.
+
+    Per rank it counts what training must hold and no more (a lower bound, so a refusal is never wrong): the
+    memory state (the short-term stores of every layer and the long-term stores of the long-term layers, B
+    slots x entries x 2 (key, value) x d_model x dtype bytes), and the memory.bptt_segments segments of
+    model.segment_len tokens one step reads (int64 tokens, and every block's input kept for the backward).
+    On the CPU the ranks share the host's available memory; on CUDA each has a device, of which the whole
+    memory counts (a launcher reads it without taking any). It uses the estimate and the "available" that
+    `mnemo eval` and `mnemo generate` use (evaluation/inference.py). Without it a memory.long.capacity of
+    10**11 failed in each rank with an allocation traceback, a model.segment_len of 10**9 was killed silently.
+    """
+    from mnemo.evaluation.inference import memory_shortfall
+    from mnemo.model.sizes import SIZES, kv_bytes, ltm_layer_indices
+    from mnemo.train.rankenv import uses_cuda
+
+    size, lm = SIZES[cfg.model.size], cfg.memory.long
+    cuda = uses_cuda(cfg.train.device)
+    width = 2 if cfg.model.dtype == "bf16" or (cfg.model.dtype == "auto" and cuda) else 4  # trainer.py: use_bf16
+    B, T, k, d, L = cfg.train.batch_size, cfg.model.segment_len, cfg.memory.bptt_segments, size.d_model, size.n_layers
+    n_ltm = len(ltm_layer_indices(L, lm.layers)) if lm.kind != "none" else 0
+    tokens = B * k * (T + 1) * 8  # the k batches of int64 token ids, on the host
+    segments = "memory.bptt_segments" if k > T else "model.segment_len"
+    parts = {
+        "memory.short.length": B * kv_bytes(cfg.memory.short.length, d, L, width),
+        "memory.long.capacity": B * kv_bytes(lm.capacity, d, n_ltm, width),
+        segments: tokens + B * k * T * d * L * width,
+    }
+    per_rank = sum(parts.values())
+    needs = {f"cuda:{i}": per_rank for i in range(ranks)} if cuda else {}
+    needs["cpu"] = ranks * (tokens if cuda else per_rank)
+    miss = memory_shortfall(needs, total=True)
+    if miss is None:
+        return
+    where, need, free = miss
+    key = max(parts, key=parts.__getitem__) if where != "cpu" or not cuda else segments
+    gib = ", ".join(f"{name} {b / 2**30:.1f} GiB" for name, b in parts.items())
+    each = f"{ranks} ranks x " if ranks > 1 and where == "cpu" else ""
+    raise ConfigError(
+        f"{key}: training needs at least {need / 2**30:.1f} GiB of memory on {where.split(':')[0]} ({each}"
+        f"train.batch_size {B} slots: {gib}), more than the {free / 2**30:.1f} GiB available: lower {key} or "
+        "train.batch_size"
+    )
 
 
 def check_tracking(cfg: Config) -> None:

@@ -27,6 +27,15 @@ def check_flags(rules: list[tuple[str, object, bool, str]]) -> None:
             raise UserError(f"{flag}: {rule}, got {brief(value, 40)}")
 
 
+def count_rule(flag: str, value: int | None, why: str = "") -> tuple[str, object, bool, str]:
+    """The rule of a flag that sets a model count (--ltm-capacity, --ivf-probe; None: not given): >= 1 and within
+    model/sizes.py MAX_COUNT, the range ModelArgs takes (above it the model's check raised a traceback)."""
+    from mnemo.model.sizes import MAX_COUNT
+
+    ok = value is None or 1 <= value <= MAX_COUNT
+    return (flag, value, ok, f"must be >= 1{why}" if value is None or value < 1 else f"must be <= {MAX_COUNT}")
+
+
 def eval_flag_rules(args: argparse.Namespace) -> list[tuple[str, object, bool, str]]:
     """The rules of ``mnemo eval``'s numeric flags (None: the flag's default from the run, not checked)."""
     from mnemo.data_pipeline.passkey import MULTIKEY_MAX
@@ -48,13 +57,8 @@ def eval_flag_rules(args: argparse.Namespace) -> list[tuple[str, object, bool, s
             f"must be in [0, {MULTIKEY_MAX}] (0 = no multi-key variant; one door 1..{MULTIKEY_MAX} per fact)",
         ),
         ("--seed", args.seed, args.seed >= 0, "must be >= 0"),
-        ("--ltm-capacity", args.ltm_capacity, args.ltm_capacity is None or args.ltm_capacity >= 1, "must be >= 1"),
-        (
-            "--ivf-probe",
-            args.ivf_probe,
-            args.ivf_probe is None or args.ivf_probe >= 1,
-            "must be >= 1 (lists searched per query)",
-        ),
+        count_rule("--ltm-capacity", args.ltm_capacity),
+        count_rule("--ivf-probe", args.ivf_probe, " (lists searched per query)"),
         ("--limit", args.limit, args.limit is None or args.limit >= 1, "must be >= 1 (documents per task)"),
     ]
 
@@ -67,7 +71,7 @@ def generate_flag_rules(args: argparse.Namespace) -> list[tuple[str, object, boo
         ("--temperature", t, math.isfinite(t) and t >= 0, "must be a finite number >= 0 (0 = greedy)"),
         ("--top-p", p, math.isfinite(p) and 0.0 < p <= 1.0, "must be in (0, 1]"),
         ("--seed", args.seed, 0 <= args.seed <= _MAX_SEED, "must be in [0, 2**64 - 1]"),
-        ("--ltm-capacity", args.ltm_capacity, args.ltm_capacity is None or args.ltm_capacity >= 1, "must be >= 1"),
+        count_rule("--ltm-capacity", args.ltm_capacity),
     ]
 
 

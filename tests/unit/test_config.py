@@ -668,3 +668,109 @@ def test_a_tokenizer_that_loses_only_the_stand_in_filler_passes_the_pass_key_pre
     base = [f"data.path={data}", f"run.dir={tmp_path}/r", "model.segment_len=256"]  # this tokenizer spells out
     check_paths(load_config(None, [*base, "train.passkey.fraction=0", "eval.passkey_trials=2"]))
     check_paths(load_config(None, [*base, "train.passkey.fraction=0.5", "eval.passkey_trials=0"]))
+
+
+# A huge size passed the checks (lower bounds only) and crashed inside a rank: torch's "Overflow when unpacking
+# long long", an allocation of 93 TiB, numpy's 1.42 PiB, or no error at all while a rank grew to 20 GB.
+@pytest.mark.parametrize(
+    "override,needle",
+    [
+        ("memory.long.capacity=99999999999999999999", "memory.long.capacity: must be <= 2147483647, got 9999"),
+        ("memory.long.capacity=100000000000", "memory.long.capacity: must be <= 2147483647, got 100000000000"),
+        ("memory.short.length=99999999999", "memory.short.length: must be <= 2147483647 (0 = off), got 9999"),
+        ("model.segment_len=99999999999999", "model.segment_len: must be <= 2147483647, got 99999999999999"),
+        ("memory.bptt_segments=1000000000", "memory.bptt_segments: must be <= 1024, got 1000000000"),
+        ("memory.long.qk_span=100000", "memory.long.qk_span: must be <= 64 (1 = each token alone), got 100000"),
+        ("memory.long.topk=2147483648", "memory.long.topk: must be <= 2147483647"),
+        ("memory.long.ivf_probe=2147483648", "memory.long.ivf_probe: must be <= 2147483647"),
+        ("train.batch_size=2147483648", "train.batch_size: must be <= 2147483647"),
+    ],
+)
+def test_a_size_too_large_for_any_tensor_is_refused_naming_the_key(override, needle):
+    with pytest.raises(ConfigError) as e:
+        load_config("configs/debug.yaml", [override])
+    assert needle in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize(
+    "override",
+    ["memory.long.capacity=2147483647", "memory.bptt_segments=1024", "memory.long.qk_span=64", "model.segment_len=2"],
+)
+def test_the_largest_sizes_inside_the_bounds_load(override):
+    load_config("configs/debug.yaml", [override])  # the memory they need is check_memory_fit's to judge
+
+
+@pytest.mark.parametrize(
+    "overrides,key",
+    [
+        (["memory.long.capacity=2147483647"], "memory.long.capacity"),
+        (["memory.short.length=2147483647"], "memory.short.length"),
+        (["model.segment_len=1000000000"], "model.segment_len"),  # was killed (exit 137) with no message
+        (["memory.bptt_segments=1024", "model.segment_len=1000", "train.batch_size=100000"], "memory.bptt_segments"),
+    ],
+)
+def test_a_config_whose_memory_cannot_fit_this_machine_is_refused_naming_the_key(overrides, key):
+    from mnemo.train.config import check_memory_fit
+
+    cfg = load_config("configs/debug.yaml", overrides)
+    with pytest.raises(ConfigError) as e:
+        check_memory_fit(cfg)
+    msg = str(e.value)
+    assert msg.startswith(f"{key}: training needs at least ") and "GiB available: lower " in msg, msg
+    assert "\n" not in msg
+
+
+def test_the_memory_check_counts_the_state_of_every_slot_and_each_local_rank(monkeypatch):
+    import mnemo.evaluation.inference as inference
+    from mnemo.train.config import check_memory_fit
+
+    asked = []
+    monkeypatch.setattr(inference, "available_bytes", lambda where, total=False: asked.append(where) or 2**30)
+    # debug size: 4 layers of d_model 128; fp32 on this CPU-only config. Short-term: 4 slots x 4 layers x
+    # 64 entries x 2 x 128 x 4 bytes = 1 MiB; the long-term store (1 layer) grows with the capacity.
+    cfg = load_config("configs/debug.yaml", ["train.device=cpu", "memory.long.capacity=262144"])  # 1 GiB
+    with pytest.raises(
+        ConfigError, match=r"^memory\.long\.capacity: training needs at least 1\.0 GiB of memory on cpu"
+    ):
+        check_memory_fit(cfg)
+    cfg = load_config("configs/debug.yaml", ["train.device=cpu", "memory.long.capacity=131072"])  # 0.5 GiB
+    check_memory_fit(cfg)
+    with pytest.raises(ConfigError, match=r"needs at least 1\.0 GiB of memory on cpu \(2 ranks x train\.batch_size 4"):
+        check_memory_fit(cfg, ranks=2)  # local ranks share the host
+    assert set(asked) == {"cpu"}
+
+
+@pytest.mark.parametrize("path", [*REPO_CONFIGS, "configs/demo.yaml", "configs/tasks.yaml"])
+def test_the_shipped_configs_fit_the_memory_check(path):
+    from mnemo.train.config import check_memory_fit
+
+    check_memory_fit(load_config(path, ["train.device=cpu"]))
+
+
+def test_mnemo_train_refuses_a_state_too_large_before_writing_anything(tmp_path, capsys):
+    """`memory.long.capacity=100000000000` failed in init_state with a traceback after the run dir was made."""
+    from mnemo.cli import main
+
+    data = _data_dir(tmp_path / "data")
+    run = tmp_path / "run"
+    for argv in (
+        ["train", "configs/debug.yaml"],
+        ["launch", "configs/debug.yaml", "--nproc-per-node", "1"],
+    ):
+        rc = main([*argv, f"data.path={data}", f"run.dir={run}", "train.device=cpu", "memory.long.capacity=2147483647"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1, err
+        assert err[0].startswith("mnemo: error: memory.long.capacity: training needs at least "), err
+        assert not run.exists()
+    # A dry run (its ranks may run elsewhere) checks the bounds only.
+    rc = main(
+        [
+            "launch",
+            "configs/debug.yaml",
+            "--dry-run",
+            f"data.path={data}",
+            f"run.dir={run}",
+            "memory.long.capacity=2147483647",
+        ]
+    )
+    assert rc == 0, capsys.readouterr().err

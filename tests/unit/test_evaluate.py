@@ -337,6 +337,9 @@ def test_evaluate_refuses_a_zero_batch_and_negative_max_docs(tok, corpus, kw, ne
         (["--seed", "-1"], "--seed: must be >= 0, got -1"),
         (["--ltm-capacity", "0"], "--ltm-capacity: must be >= 1, got 0"),
         (["--ivf-probe", "0"], "--ivf-probe: must be >= 1 (lists searched per query), got 0"),
+        # Above the range of a model arg (model/sizes.py MAX_COUNT): ModelArgs refused it with a traceback.
+        (["--ltm-capacity", "99999999999999999999"], "--ltm-capacity: must be <= 2147483647, got 99999999999999999999"),
+        (["--ivf-probe", "2147483648"], "--ivf-probe: must be <= 2147483647, got 2147483648"),
         (["--batch-size", "-" + "9" * 60], "--batch-size: must be >= 1 (documents read in parallel), got -999"),
     ],
 )
@@ -886,14 +889,14 @@ def test_eval_json_and_plots_targets_are_checked_before_loading(tmp_path, lm_eva
 
 
 def test_an_evaluation_that_cannot_fit_in_memory_is_one_line_before_it_starts(tok, tmp_path):
-    """--distances 10**9, --trials 10**9 or --ltm-capacity 10**11 used to fail after the model load with a
+    """--distances 10**9, --trials 10**9 or --ltm-capacity 2**31 - 1 used to fail after the model load with a
     traceback from numpy (477 GiB of passkey filler) or torch (the store); now one line before anything is made."""
     from mnemo.cli import build_parser
     from mnemo.evaluation.inference import memory_errors
 
     exp, data = _tiny_export(tok, tmp_path, 64)
     base = ["eval", str(exp), "--data", str(data), "--max-docs", "1", "--no-ablations", "--device", "cpu"]
-    for flags in (["--distances", "1000000000"], ["--trials", "1000000000"], ["--ltm-capacity", "100000000000"]):
+    for flags in (["--distances", "1000000000"], ["--trials", "1000000000"], ["--ltm-capacity", "2147483647"]):
         args = build_parser().parse_args([*base, *flags])
         with pytest.raises(EvalError, match=r"needs at least [\d.]+ GiB of memory on cpu, more than the") as e:
             args.func(args)

@@ -181,16 +181,16 @@ def test_generate_cli(tmp_path, capsys):
 
 
 def test_generate_refuses_a_store_too_large_for_the_machine_and_takes_ltm_capacity(tmp_path, capsys):
-    """A model_args.json with ltm_capacity 10**12 (a model trained on a bigger machine, or a received one) gave an
+    """A model_args.json with ltm_capacity 2**31 - 1 (a model trained on a bigger machine, or a received one) gave an
     allocation traceback from init_state; --ltm-capacity had no counterpart in generate to lower it."""
     exp = _export_dir(tmp_path)
     a = json.loads((exp / "model_args.json").read_text())
-    (exp / "model_args.json").write_text(json.dumps(dict(a, ltm_capacity=10**12)))
+    (exp / "model_args.json").write_text(json.dumps(dict(a, ltm_capacity=2**31 - 1)))
     prompt = tmp_path / "prompt.txt"
     prompt.write_text("def f(x):\n    return x\n" * 4)
     argv = ["generate", str(exp), "--prompt-file", str(prompt), "--max-tokens", "3", "--temperature", "0"]
     args = build_parser().parse_args(argv)
-    with pytest.raises(EvalError, match=r"^the long-term store \(1000000000000 entries per layer\) needs at least"):
+    with pytest.raises(EvalError, match=r"^the long-term store \(2147483647 entries per layer\) needs at least"):
         args.func(args)
     args = build_parser().parse_args([*argv, "--ltm-capacity", "64"])
     assert args.func(args) == 0 and "(3 tokens generated)" in capsys.readouterr().err
@@ -240,6 +240,7 @@ def test_generate_refuses_a_non_finite_or_negative_temperature(temperature):
         (["--seed", "-1"], "--seed: must be in [0, 2**64 - 1], got -1"),
         (["--seed", str(2**64)], "--seed: must be in [0, 2**64 - 1], got 18446744073709551616"),
         (["--ltm-capacity", "0"], "--ltm-capacity: must be >= 1, got 0"),
+        (["--ltm-capacity", "99999999999999999999"], "--ltm-capacity: must be <= 2147483647, got 99999999999999999999"),
     ],
 )
 def test_generate_cli_checks_sampling_flags_before_loading(tmp_path, flags, needle):

@@ -92,7 +92,7 @@ def test_a_folder_whose_weights_fit_exports(tmp_path):
 
 def test_a_huge_vocab_size_is_refused_without_allocating_it(tmp_path, monkeypatch):
     src = _received(tmp_path / "got")
-    _edit_args(src, vocab_size=10**15)  # 5e17 bytes of embedding, were the model built first
+    _edit_args(src, vocab_size=2**31 - 1)  # 1 TiB of embedding, were the model built first (the most ModelArgs takes)
     built = []
     init = MemoryTransformer.__init__
 
@@ -113,7 +113,11 @@ BAD_ARGS = [
     ("ltm_topk", -3, "ltm_topk: must be >= 1"),
     ("ltm_topk", 0, "ltm_topk: must be >= 1"),
     ("stm_length", -5, r"stm_length: must be >= 0 \(0 = off\), got -5"),
-    ("vocab_size", 1e15, r"vocab_size: must be a whole number >= 1, got 1000000000000000\.0"),
+    ("vocab_size", 1e15, r"vocab_size: must be a whole number in \[1, 2147483647\], got 1000000000000000\.0"),
+    # Above 2**31 - 1 (model/sizes.py MAX_COUNT) torch's size arguments overflowed (a traceback in init_state).
+    ("ltm_capacity", 10**20, r"ltm_capacity: must be <= 2147483647, got 100000000000000000000"),
+    ("vocab_size", 10**15, r"vocab_size: must be <= 2147483647"),
+    ("ltm_qk_span", 100000, r"ltm_qk_span: must be <= 64 \(1 = each token alone\), got 100000"),
     ("d_model", "128", "d_model: must be a whole number"),
     ("norm_eps", float("nan"), "norm_eps: must be a finite number > 0"),
     ("ltm_temperature_init", 0, "ltm_temperature_init: must be > 0"),
