@@ -397,6 +397,15 @@ def _slurm(
     )
     slurm.check_options(opts)
     check_global_batch(cfg, opts.nodes * opts.nproc_per_node)
+    gpu_args = any(a.lstrip("-").startswith(("gres", "gpus", "G")) for a in opts.sbatch_args)
+    # Many clusters give a job only the GPUs it asks for: its ranks would see none, and with train.device=auto
+    # train on the CPU without a word (with cuda: fail in every rank). Said once the job is written.
+    no_gpu = cfg.train.device != "cpu" and req.gpus_per_node is None and not gpu_args
+    warning = (
+        f"mnemo launch: warning: the job asks SLURM for no GPUs (train.device={cfg.train.device}); on a cluster that"
+        " gives a job only the GPUs it asks for, give --gpus-per-node N (or --sbatch-arg=--gres=gpu:N), or"
+        " train.device=cpu for a CPU job"
+    )
     if port is not None and not 1 <= port <= 65535:
         raise UserError(f"--master-port must be in [1, 65535], got {port}")
     if req.dry_run:
@@ -404,6 +413,8 @@ def _slurm(
         path = slurm.write_script(opts)
         sys.stdout.write(slurm.sbatch_script(opts))
         print(f"mnemo launch: wrote {path} (not submitted: --dry-run)", file=sys.stderr)
+        if no_gpu:
+            print(warning, file=sys.stderr)
         return 0
     sbatch = slurm.find_sbatch()
     make_run_dir(run_dir)
@@ -415,4 +426,6 @@ def _slurm(
     job_id = slurm.submit(path, sbatch, env={**env, **secret_env})
     print(f"submitted job {job_id}")
     print(f"mnemo launch: script {path}; log {run_dir / 'logs' / f'slurm-{job_id}.out'}", file=sys.stderr)
+    if no_gpu:
+        print(warning, file=sys.stderr)
     return 0

@@ -358,8 +358,19 @@ def test_slurm_defaults_and_signal_time_from_config(ws, capsys):
     assert "--gpus-per-node" not in out and "--partition" not in out and "--time" not in out
     assert "MASTER_PORT=4000\n" in out and "--nproc-per-node 2 " in out  # CPU default: 2 ranks
     # --gpus-per-node 0 is a CPU job: no GPU request, ranks per node stay at the CPU default
-    rc, out, _ = launch(capsys, "c.yaml", "--slurm", "--dry-run", "--gpus-per-node", "0")
+    rc, out, err = launch(capsys, "c.yaml", "--slurm", "--dry-run", "--gpus-per-node", "0")
     assert rc == 0 and "--gpus-per-node" not in out and "--nproc-per-node 2 " in out
+    assert "warning" not in err  # asked for no GPU on purpose
+
+
+def test_slurm_job_that_asks_for_no_gpu_is_warned_of_unless_it_trains_on_cpu(ws, capsys):
+    """Before: silent, and on a cluster that gives a job only the GPUs it asks for, train.device=auto ranks
+    trained on the CPU without a word."""
+    _, _, err = launch(capsys, "c.yaml", "--slurm", "--dry-run")
+    assert "mnemo launch: warning: the job asks SLURM for no GPUs (train.device=auto)" in err
+    for asked in (["--gpus-per-node", "4"], ["--sbatch-arg=--gres=gpu:2"], ["train.device=cpu"]):
+        rc, _, err = launch(capsys, "c.yaml", "--slurm", "--dry-run", *asked)
+        assert rc == 0 and "warning" not in err, (asked, err)
 
 
 # --------------------------------------------------------------------------- #
