@@ -13,7 +13,7 @@ import argparse
 import os
 import sys
 
-from mnemo.commands import data, evaluate, launch, train
+from mnemo.commands import OneLineParser, data, evaluate, launch, train
 
 # command -> (adds its parser and arguments, handler), in --help order. A group of
 # sub-commands maps to (adds its parser, its own table).
@@ -44,18 +44,8 @@ def _add_commands(sub: argparse._SubParsersAction, table: dict) -> None:
             p.set_defaults(func=handler)
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse with the one-line error every other bad input gets (sub-command parsers are of this class too).
-
-    argparse's own answer to a bad flag value was its usage block and ``mnemo data inspect: error: ...``.
-    """
-
-    def error(self, message: str):
-        self.exit(2, f"mnemo: error: {message} (see: {self.prog} --help)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="mnemo", description="Pretrain transformer language models with memory.")
+    p = OneLineParser(prog="mnemo", description="Pretrain transformer language models with memory.")
     p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True

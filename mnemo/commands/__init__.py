@@ -7,3 +7,35 @@ holds the table of which command runs which. Only argparse and the standard
 library are imported at module level: torch, deepspeed and the rest load in the
 handler that runs, so ``mnemo --help`` and a bad flag answer at once.
 """
+
+from __future__ import annotations
+
+import argparse
+
+_PROG = "_mnemo_prog"  # the namespace attribute naming the deepest (sub-)command parsed
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with the one-line error every other bad input gets; every command's parser is of this class.
+
+    argparse's own answer to a bad flag was its usage block and ``mnemo data inspect: error: ...``, and an
+    unknown flag after a command was blamed on ``mnemo`` itself (the top parser reports leftovers).
+    """
+
+    def error(self, message: str):
+        self.exit(2, f"mnemo: error: {message} (see: {self.prog} --help)\n")
+
+    def parse_known_args(self, args=None, namespace=None):
+        ns, extras = super().parse_known_args(args, namespace)
+        if not hasattr(ns, _PROG):  # a command's parser returns before the parsers above it
+            setattr(ns, _PROG, self.prog)
+        return ns, extras
+
+    def parse_args(self, args=None, namespace=None):
+        ns, extras = self.parse_known_args(args, namespace)
+        prog = getattr(ns, _PROG, self.prog)
+        if hasattr(ns, _PROG):
+            delattr(ns, _PROG)
+        if extras:
+            self.exit(2, f"mnemo: error: unrecognized arguments: {' '.join(extras)} (see: {prog} --help)\n")
+        return ns

@@ -15,8 +15,10 @@ from __future__ import annotations
 import argparse
 from dataclasses import fields
 
+from mnemo.commands import OneLineParser
 
-class _IntermixedParser(argparse.ArgumentParser):
+
+class _IntermixedParser(OneLineParser):
     """Options may come after the config and between overrides.
 
     Plain argparse stops filling the ``overrides`` positional at the first

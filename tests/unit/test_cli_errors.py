@@ -374,3 +374,27 @@ def test_a_failed_atomic_write_names_its_file(tmp_path, monkeypatch):
         atomic_write(tmp_path / "e.json", b"{}")
     assert got.value.filename == str(tmp_path / "e.json")
     assert list(tmp_path.iterdir()) == []  # no temporary file left
+
+
+@pytest.mark.parametrize(
+    "argv, line",
+    [
+        (
+            ["launch", "c.yaml", "--nproc-per-node", "x"],
+            "argument --nproc-per-node: invalid int value: 'x' (see: mnemo launch --help)",
+        ),
+        (["launch", "c.yaml", "--slurm", "--nodes", "abc", "--dry-run"], "(see: mnemo launch --help)"),
+        (["train", "c.yaml", "--x"], "unrecognized arguments: --x (see: mnemo train --help)"),
+        (["eval", "ckpt", "--data", "d", "--bogus"], "unrecognized arguments: --bogus (see: mnemo eval --help)"),
+        (["data", "verify", "d", "--nope"], "unrecognized arguments: --nope (see: mnemo data verify --help)"),
+    ],
+)
+def test_argparse_errors_are_one_line_naming_the_command(capsys, argv, line):
+    """Before: mnemo launch printed argparse's usage block (its parser class replaced the one-line one), and an
+    unknown flag after a command pointed at `mnemo --help` (the top parser reported the leftovers)."""
+    from mnemo.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and err.startswith("mnemo: error: ") and line in err, err
