@@ -51,7 +51,10 @@ def main(argv: list[str] | None = None) -> int:
     from mnemo.train.entry import run_train
     from mnemo.train.errors import exit_status
 
-    return exit_status(lambda: run_train(argv[0], argv[1:]), debug=os.environ.get("MNEMO_DEBUG") == "1")
+    try:
+        return exit_status(lambda: run_train(argv[0], argv[1:]), debug=os.environ.get("MNEMO_DEBUG") == "1")
+    finally:
+        preemption.ignore_late_notices()  # a second notice while this rank exits must not kill it
 
 
 if __name__ == "__main__":

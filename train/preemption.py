@@ -56,6 +56,18 @@ def start_resource_tracker() -> None:
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
+def ignore_late_notices() -> None:
+    """Ignore SIGTERM, SIGUSR1 and SIGHUP from now on in this process: its run is over (saved, or failed).
+
+    SLURM's notice comes from several places (slurmstepd signals every process of the step, and the node
+    launcher and its wrapper pass it on), and a second one can land after the rank has saved: once Python
+    shuts down it has put back the default action of every signal with a Python handler, and the notice
+    killed the rank (the node then failed with torchrun's traceback). An ignored signal stays ignored.
+    """
+    for s in _TRACKER_IGNORES:
+        signal.signal(s, signal.SIG_IGN)
+
+
 def take() -> tuple[int, float] | None:
     """(signal number, time) of the first notice since ``catch``, or None; forgotten here once taken.
 

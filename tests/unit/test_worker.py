@@ -208,3 +208,35 @@ def test_starting_the_resource_tracker_leaves_handlers_and_mask_as_they_were():
     preemption.start_resource_tracker()
     assert {s: signal.getsignal(s) for s in sigs} == before
     assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == mask
+
+
+LATE_NOTICE = """
+import os, signal, sys, threading, time
+sys.path.insert(0, {repo!r})
+import mnemo.train.entry as entry
+
+
+class Slow:
+    def __del__(self):  # collected during interpreter shutdown, after the handlers are gone
+        os.kill(os.getpid(), signal.SIGUSR1)  # the second notice of a SLURM preemption
+        time.sleep(0.2)
+
+
+def run_train(config, overrides):
+    keep = Slow()
+    keep.self = keep  # a cycle: finalized late, at shutdown
+    return 0
+
+entry.run_train = run_train
+from mnemo.launch import worker
+sys.exit(worker.main(["c.yaml"]))
+"""
+
+
+def test_a_second_notice_while_the_rank_exits_does_not_kill_it():
+    """Before: the rank that had saved and returned 0 died of the duplicate notice (exit -10), and the node
+    failed with torchrun's traceback."""
+    r = subprocess.run(
+        [sys.executable, "-c", LATE_NOTICE.format(repo=str(REPO))], capture_output=True, text=True, timeout=120
+    )
+    assert r.returncode == 0, (r.returncode, r.stderr[-2000:])
