@@ -131,6 +131,7 @@ class Preemption:
         self.at = 0.0
         # What a first Ctrl-C does, as its message says: the loop's, until ``finishing`` says the loop is over.
         self._on_interrupt = "saving at the end of this step"
+        self._finishing = False
         # SIGHUP and SIGINT that the parent set to ignored stay so: `nohup mnemo train ... &` (and a job started
         # with & from a script, where SIGINT is ignored) must live past a logout, not stop at it.
         user = [s for s in (signal.SIGHUP, signal.SIGINT) if signal.getsignal(s) is not signal.SIG_IGN]
@@ -146,6 +147,7 @@ class Preemption:
         The message was "saving at the end of this step" during the final evaluation too, which then ran on.
         """
         self._on_interrupt = f"the steps are done; stopping after {what}"
+        self._finishing = True
 
     def release(self) -> None:
         """The handlers from before, back (the run is over: a Ctrl-C in the process that called it is its own)."""
@@ -157,12 +159,11 @@ class Preemption:
             raise KeyboardInterrupt  # the second Ctrl-C: stop now, the checkpoint being written is atomic
         if self.signal is None:
             self.signal, self.at = signum, time.time()
-            if signum == signal.SIGINT:
-                print(
-                    f"mnemo: interrupted: {self._on_interrupt} (Ctrl-C again to stop at once)",
-                    file=sys.stderr,
-                    flush=True,
-                )
+            # A notice during the steps is logged by the loop's save; after them nothing would say why the
+            # run goes on (`mnemo launch` passes a Ctrl-C on to the ranks as SIGTERM).
+            if signum == signal.SIGINT or self._finishing:
+                again = " (Ctrl-C again to stop at once)" if signum in (signal.SIGINT, signal.SIGTERM) else ""
+                print(f"mnemo: interrupted: {self._on_interrupt}{again}", file=sys.stderr, flush=True)
 
 
 def stop_requests(preempt: Preemption, cfg: Config, started: float, device: torch.device) -> tuple[bool, bool]:

@@ -273,9 +273,33 @@ def test_nohup_keeps_sighup_ignored(terminal_signals):
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
         p = Preemption()
         assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
-        assert signal.getsignal(signal.SIGINT) == p._handler and signal.getsignal(signal.SIGTERM) == p._handler
+        handler = signal.getsignal(signal.SIGTERM)  # the step loop's
+        assert callable(handler) and signal.getsignal(signal.SIGINT) == handler
         p.release()
         assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+    finally:
+        for s, h in before.items():
+            signal.signal(s, h)
+
+
+def test_a_notice_after_the_steps_says_the_run_finishes_first(terminal_signals, capsys):
+    """`mnemo launch` passes a Ctrl-C on to the ranks as SIGTERM: after the last step nothing said why the run
+    went on to its final evaluation (`mnemo train` alone, a SIGINT, said so). During the steps the loop's save
+    logs it, so SIGTERM prints nothing then."""
+    from mnemo.train.schedule import Preemption
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGHUP, signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        p = Preemption()
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert p.signal == signal.SIGTERM and capsys.readouterr().err == ""
+        p.release()
+        p = Preemption()
+        p.finishing("the final evaluation")
+        os.kill(os.getpid(), signal.SIGTERM)
+        err = capsys.readouterr().err
+        assert err.startswith("mnemo: interrupted: the steps are done; stopping after the final evaluation"), err
+        p.release()
     finally:
         for s, h in before.items():
             signal.signal(s, h)
