@@ -620,7 +620,7 @@ def _set_dotted(tree: dict, dotted: str, value: str) -> None:
         last = i == len(parts) - 1
         if dataclasses.is_dataclass(tp):
             if last:
-                raise ConfigError(f"'{_clip(dotted)}' is a section; set one of its keys")
+                raise ConfigError(f"override {_clip(dotted)}: is a section; set one of its keys")
             child = node.get(part)
             if child is None:
                 child = node[part] = {}
@@ -630,7 +630,7 @@ def _set_dotted(tree: dict, dotted: str, value: str) -> None:
             cls = tp
         else:
             if not last:
-                raise ConfigError(f"'{_clip('.'.join(parts[: i + 1]))}' is not a section")
+                raise ConfigError(f"override {_clip(dotted)}: '{_clip('.'.join(parts[: i + 1]))}' is not a section")
             node[part] = _Override(value)
 
 

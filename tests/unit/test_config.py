@@ -43,7 +43,8 @@ def test_overrides_are_typed_and_win_over_the_file():
         (["model.size=huge"], "model.size: unknown size 'huge'"),
         (["memory.long.layers=[9]"], "memory.long.layers[0]: layer 9 out of range"),
         (["train.lr"], "not of the form dotted.key=value"),
-        (["train=1"], "'train' is a section"),
+        (["train=1"], "override train: is a section"),
+        (["train.lr.x=1"], "override train.lr.x: 'train.lr' is not a section"),
         (["train.passkey.fraction=1.5"], "train.passkey.fraction: must be in [0, 1]"),
         (
             ["train.passkey.start_distance=4", "train.passkey.max_distance=2"],
