@@ -475,7 +475,7 @@ def test_the_other_path_keys_mean_their_documented_default_when_empty(tmp_path):
 
     cfg = _cfg(tmp_path, tmp_path / "run", **{"init_from": "", "data.tokenizer": "", "tracking.uri": ""})
     _check(cfg)  # from scratch, the dataset's tokenizer, the default tracking store
-    with pytest.raises(ConfigError, match=r"^run.dir: must not be empty$"):
+    with pytest.raises(ConfigError, match=r"^override run\.dir: must not be empty$"):
         load_config(None, ["run.dir="])
     with pytest.raises(ConfigError, match=r"^data.path: not set"):
         _check(_cfg(tmp_path, tmp_path / "run", **{"data.path": ""}))

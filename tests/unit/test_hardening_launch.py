@@ -603,6 +603,14 @@ export SLURM_NODEID=0
 "$@" &
 task=$!
 for _ in $(seq 200); do [ -s "$LAUNCHER_OUT" ] && break; sleep 0.05; done
+# ... and once the wrapper holds the signal: a notice in the instant between its fork of the launcher and its
+# trap is ignored by both (docs/launching.md), and a loaded machine can stretch that instant.
+usr1=$(kill -l USR1)
+for _ in $(seq 200); do
+    m=$(awk '/^SigCgt:/ {print $2}' /proc/$task/status 2>/dev/null)
+    [ -n "$m" ] && (( (0x$m >> (usr1 - 1)) & 1 )) && break
+    sleep 0.05
+done
 kill -USR1 $task $(pgrep -P $task)
 wait $task
 """
@@ -650,7 +658,9 @@ def test_a_preemption_notice_in_the_node_launchers_first_second_reaches_it(tmp_p
     out = (tmp_path / "launcher.out").read_text().splitlines()
     assert r.returncode == 0, (r.stdout, r.stderr, out)
     assert out[0].endswith("--node-rank 0")
-    assert out[1:] == ["usr1 at start ignored", "got SIGUSR1"]
+    # Once, or twice under load: a notice that reaches the launcher after its handlers are in place comes both
+    # from srun and through the wrapper (docs/launching.md: a second one changes nothing).
+    assert out[1] == "usr1 at start ignored" and out[2] in ("got SIGUSR1", "got SIGUSR1 SIGUSR1"), out
 
 
 def test_a_preemption_notice_before_srun_runs_requeues_the_job(tmp_path):
