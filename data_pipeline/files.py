@@ -213,12 +213,12 @@ class NotRegularFile(OSError):
     """
 
 
-def open_regular(path: str | os.PathLike) -> io.BufferedReader:
+def open_regular(path: str | os.PathLike, buffering: int = -1) -> io.BufferedReader:
     """``path`` opened for binary reading when it is a regular file; else NotRegularFile saying what it is.
 
     What it is is looked at before the open (a device is never opened) and again on the open descriptor
     (a file swapped for a FIFO in between); the open does not block (a FIFO without a writer would wait
-    forever). FileNotFoundError, PermissionError...: as open() raises them.
+    forever). FileNotFoundError, PermissionError...: as open() raises them. ``buffering``: as open()'s.
     """
     if not stat.S_ISREG(os.stat(path).st_mode):
         raise NotRegularFile(not_a_regular_file(path) or "not a regular file")
@@ -227,7 +227,7 @@ def open_regular(path: str | os.PathLike) -> io.BufferedReader:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise NotRegularFile("not a regular file (replaced while being opened)")
         os.set_blocking(fd, True)
-        return open(fd, "rb")
+        return open(fd, "rb", buffering=buffering)
     except BaseException:
         os.close(fd)
         raise

@@ -36,6 +36,7 @@ from collections.abc import Iterator, Sequence
 from typing import IO, NamedTuple
 
 from mnemo.data_pipeline.errors import DataError, InputError, first_line
+from mnemo.data_pipeline.files import NotRegularFile, open_regular
 from mnemo.data_pipeline.inputs import Corpus, InputFile, Piece, ReadStats, WorkUnit, byte_order_mark, est_size
 
 # Default of --max-doc-bytes: the most input bytes one document may take.
@@ -90,10 +91,19 @@ def _changed(f: InputFile, now: int) -> DataError:
     )
 
 
+def _open_input(f: InputFile, buffering: int = -1) -> IO[bytes]:
+    """``f`` opened for reading, by every reader: planning saw a regular file, but a FIFO put in its
+    place since would make a plain open() wait for a writer forever (open_regular never blocks)."""
+    try:
+        return open_regular(f.path, buffering)
+    except NotRegularFile as e:
+        raise DataError(f"input {f.path}: {e} (changed since it was planned)") from None
+
+
 def _read_text(f: InputFile, stats: ReadStats, max_doc_bytes: int) -> Iterator[Doc]:
     chunks: list[bytes] = []
     n = 0
-    with open(f.path, "rb") as fh:
+    with _open_input(f) as fh:
         size = os.fstat(fh.fileno()).st_size
         if size != f.size:
             raise _changed(f, size)
@@ -132,15 +142,15 @@ def _read_text(f: InputFile, stats: ReadStats, max_doc_bytes: int) -> Iterator[D
 class _LineNumbers:
     """1-based line number of a byte offset, counted only when an error needs it."""
 
-    def __init__(self, path: str, first_pos: int):
-        self.path, self.first_pos = path, first_pos
+    def __init__(self, file: InputFile, first_pos: int):
+        self.file, self.first_pos = file, first_pos
         self._base: int | None = None
 
     def at(self, k: int) -> int:
         """Line number of the k-th line (0-based) read from ``first_pos``."""
         if self._base is None:
             n, left = 0, self.first_pos
-            with open(self.path, "rb") as fh:
+            with _open_input(self.file) as fh:
                 while left > 0:
                     block = fh.read(min(left, _CHUNK))
                     if not block:
@@ -159,14 +169,15 @@ def _open_stream(f: InputFile) -> IO[bytes]:
     zlib.error, and zstandard's stream reader ends silently at a truncation).
     """
     if f.kind == "jsonl":
-        fh: IO[bytes] = open(f.path, "rb", buffering=_CHUNK)
+        fh: IO[bytes] = _open_input(f, _CHUNK)
         size = os.fstat(fh.fileno()).st_size
     else:
         import pyarrow as pa
 
-        raw = pa.OSFile(f.path)
-        size = raw.size()
-        fh = io.BufferedReader(pa.CompressedInputStream(raw, _CODECS[f.kind]), _CHUNK)
+        # pyarrow reads the file opened here: its own open (pa.OSFile) would block on a FIFO.
+        plain = _open_input(f, 0)
+        size = os.fstat(plain.fileno()).st_size
+        fh = io.BufferedReader(pa.CompressedInputStream(pa.PythonFile(plain, mode="r"), _CODECS[f.kind]), _CHUNK)
     if size != f.size:
         fh.close()
         raise _changed(f, size)
@@ -276,7 +287,7 @@ def _read_jsonl(
             stop = f.size if stop is None else stop
         else:
             stop = None
-        numbers = _LineNumbers(f.path, pos) if f.kind == "jsonl" else None
+        numbers = _LineNumbers(f, pos) if f.kind == "jsonl" else None
         source = _utf8_name(f.path)
 
         def where(k: int) -> str:
@@ -376,8 +387,10 @@ def _parquet_batches(
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    # Opened here, not by pyarrow (whose own open would block on a FIFO); closed with the generator.
+    fh = _open_input(f)
     try:
-        pf = pq.ParquetFile(f.path)
+        pf = pq.ParquetFile(fh)
         if pf.metadata.num_rows != sum(f.group_rows):
             raise DataError(
                 f"input {f.path}: {pf.metadata.num_rows:,} rows now, {sum(f.group_rows):,} when the "
@@ -393,6 +406,8 @@ def _parquet_batches(
         raise DataError(
             f"input {f.path}: corrupt Parquet data in row groups {groups[0]}-{groups[-1]} ({msg})"
         ) from None
+    finally:
+        fh.close()
 
 
 def _read_parquet(

@@ -9,6 +9,8 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import re
+import threading
 import tracemalloc
 from pathlib import Path
 
@@ -437,6 +439,42 @@ def test_input_that_changes_or_vanishes_after_planning_is_an_error(tmp_path):
     (tmp_path / "b.txt").unlink()
     with pytest.raises(DataError, match=r"b.txt: disappeared while reading"):
         list(iter_documents(corpus))
+
+
+@pytest.mark.parametrize("name", ["b.txt", "b.jsonl", "b.jsonl.gz", "b.jsonl.zst", "b.parquet"])
+def test_input_replaced_by_a_fifo_after_planning_is_an_error_not_a_hang(tmp_path, name):
+    """Only planning looked at what each input is: a FIFO put in a file's place afterwards blocked the
+    reader's open() forever (text, JSONL, pyarrow's compressed streams and Parquet alike)."""
+    path = tmp_path / name
+    if name.endswith(".parquet"):
+        pq.write_table(pa.table({"text": ["one", "two"]}), path)
+    elif name.endswith(".gz"):
+        path.write_bytes(gzip.compress(jsonl(3)))
+    elif name.endswith(".zst"):
+        path.write_bytes(zstandard.ZstdCompressor().compress(jsonl(3)))
+    else:
+        path.write_bytes(jsonl(3))
+    corpus = plan_inputs([str(path)])
+    path.unlink()
+    os.mkfifo(path)
+
+    caught: list[BaseException] = []
+
+    def read() -> None:
+        try:
+            list(iter_documents(corpus))
+        except BaseException as e:
+            caught.append(e)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(5)
+    if reader.is_alive():  # blocked in open(): a writer end opened and closed lets it go on to EOF
+        os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+        reader.join(5)
+        pytest.fail(f"reading {name} blocked on the FIFO")
+    assert len(caught) == 1 and isinstance(caught[0], DataError), caught
+    assert re.match(rf"input .*{name}: a FIFO \(named pipe\), not a regular file \(changed", str(caught[0]))
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/cpuinfo"), reason="needs Linux /proc")
