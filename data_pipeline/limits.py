@@ -16,3 +16,6 @@ MAX_VOCAB_SIZE = 1 << 24
 # Fewest: the four reserved pieces (<unk>, <s>, </s>, <pad>); below that SentencePiece's trainer fails on its
 # own internals (insert_id). From 4 up, a size the corpus cannot support gets its "needs at least N" message.
 MIN_VOCAB_SIZE = 4
+# Most bytes --max-doc-bytes takes (4 EiB, past any file): the readers ask for bound + 2 bytes in one
+# readline(), which must fit a C ssize_t (2**63 - 1), or Python raised OverflowError mid-read.
+MAX_DOC_BYTES = 1 << 62

@@ -37,6 +37,7 @@ from typing import IO, NamedTuple
 
 from mnemo.data_pipeline.errors import DataError, InputError, first_line
 from mnemo.data_pipeline.files import NotRegularFile, open_regular
+from mnemo.data_pipeline.limits import MAX_DOC_BYTES
 from mnemo.data_pipeline.inputs import Corpus, InputFile, Piece, ReadStats, WorkUnit, byte_order_mark, est_size
 
 # Default of --max-doc-bytes: the most input bytes one document may take.
@@ -454,6 +455,8 @@ def _read_parquet(
 def check_max_doc_bytes(max_doc_bytes: int) -> int:
     if int(max_doc_bytes) < 1:
         raise DataError(f"--max-doc-bytes must be at least 1, got {max_doc_bytes}")
+    if int(max_doc_bytes) > MAX_DOC_BYTES:
+        raise DataError(f"--max-doc-bytes must be at most {MAX_DOC_BYTES:,} (2**62), got {max_doc_bytes}")
     return int(max_doc_bytes)
 
 

@@ -11,7 +11,8 @@ import math
 import re
 import sys
 
-from mnemo.data_pipeline.limits import MAX_VOCAB_SIZE, MIN_VOCAB_SIZE, PASSKEY_MAX_TOKENS
+from mnemo.data_pipeline.errors import brief
+from mnemo.data_pipeline.limits import MAX_DOC_BYTES, MAX_VOCAB_SIZE, MIN_VOCAB_SIZE, PASSKEY_MAX_TOKENS
 from mnemo.data_pipeline.readers import DEFAULT_MAX_DOC_BYTES
 
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
@@ -20,9 +21,14 @@ _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 def byte_count(text: str) -> int:
     """'65536', '64K', '64MiB', '1g' -> bytes (K/M/G/T are powers of 1024)."""
     m = re.fullmatch(r"\s*(\d+)\s*([kmgt]?)(?:i?b)?\s*", text, re.IGNORECASE)
-    if not m or int(m.group(1)) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive byte count (e.g. 1048576, 512K, 64M, 1G)")
-    return int(m.group(1)) * _UNITS[m.group(2).lower()]
+    digits = m.group(1).lstrip("0") if m else ""
+    if not digits:
+        raise argparse.ArgumentTypeError(f"{brief(text)} is not a positive byte count (e.g. 1048576, 512K, 64M, 1G)")
+    # Length first: int() refuses more than 4300 digits with a ValueError argparse would not explain.
+    n = MAX_DOC_BYTES + 1 if len(digits) > 20 else int(digits) * _UNITS[m.group(2).lower()]
+    if n > MAX_DOC_BYTES:
+        raise argparse.ArgumentTypeError(f"{brief(text)} is over the largest byte count, {MAX_DOC_BYTES:,} (2**62)")
+    return n
 
 
 def _add_input_args(p: argparse.ArgumentParser) -> None:

@@ -578,6 +578,23 @@ def test_max_doc_bytes_flag(model, tmp_path, capsys):
     assert "not a positive byte count" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("value", ["9223372036854775807", "8388608T", "99999999999999999999999G", "9" * 5000])
+@pytest.mark.parametrize("command", ["prepare", "tokenizer train"])
+def test_a_huge_max_doc_bytes_is_one_line_naming_the_flag(tmp_path, capsys, command, value):
+    """It was taken, and a JSONL input then ended in an OverflowError traceback (readline(bound + 2)
+    past a C ssize_t)."""
+    (tmp_path / "a.jsonl").write_bytes(jsonl(3))
+    args = ["--input", str(tmp_path / "a.jsonl"), "--out", str(tmp_path / "out"), "--max-doc-bytes", value]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main([*command.split(), *args, *(["--vocab-size", "300"] if command != "prepare" else [])])
+    line = one_error_line(capsys.readouterr().err)
+    assert e.value.code == 2 and "argument --max-doc-bytes: " in line and "is over the largest byte count" in line
+    assert len(line) < 300 and sorted(p.name for p in tmp_path.iterdir()) == ["a.jsonl"]
+    with pytest.raises(DataError, match=r"--max-doc-bytes must be at most 4,611,686,018,427,387,904"):
+        read([tmp_path / "a.jsonl"], max_doc_bytes=1 << 63)
+
+
 # ----------------------------------------------------------------------------- data verify on damaged metadata
 
 
