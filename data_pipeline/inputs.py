@@ -17,7 +17,10 @@ above is counted as ``symlink_loop``, a second way into a directory as
 above (counted as ``unsupported_file``: images, archives, ``.pyc``...). Files
 a walk cannot read (broken symbolic links, no read permission, FIFOs and
 other non-regular files, unreadable subdirectories) are skipped and counted
-as ``unreadable_file``; named explicitly, they are an error. A file named
+as ``unreadable_file``; named explicitly, they are an error. A file met again
+(named twice, matched by two inputs, or a symbolic or hard link to a file
+taken already: the same device and inode) is read once, the repeat counted as
+``duplicate_file``. A file named
 explicitly is read as text when its extension is unknown unless it looks
 binary (a NUL byte in its first 8 KiB and no byte order mark), which is an
 error. Globs match in sorted order, a matched directory walked as above; a
@@ -169,7 +172,8 @@ class WorkUnit:
 @dataclass
 class Corpus:
     files: list[InputFile]
-    # Files the walk passed over: unsupported_file, unreadable_file, symlink_loop, duplicate_dir (counts, places).
+    # Files the walk passed over: unsupported_file, unreadable_file, symlink_loop, duplicate_dir, duplicate_file
+    # (counts, places).
     file_stats: ReadStats = field(default_factory=ReadStats)
 
     @property
@@ -358,7 +362,7 @@ def expand_inputs(inputs: Sequence[str]) -> tuple[list[tuple[str, str, os.stat_r
         raise DataError("no --input given")
     found: list[tuple[str, str, os.stat_result]] = []
     stats = ReadStats()
-    seen: set[tuple[int, int]] = set()
+    seen: dict[tuple[int, int], str] = {}  # (st_dev, st_ino) of each file taken -> the path it was taken as
 
     def add(path: str, explicit: bool) -> None:
         why = _unreadable_reason(path)
@@ -368,14 +372,17 @@ def expand_inputs(inputs: Sequence[str]) -> tuple[list[tuple[str, str, os.stat_r
             stats.note("unreadable_file", f"{path} ({why})")
             return
         st = os.stat(path)
-        real = (st.st_dev, st.st_ino)  # the same file named twice (or via a link) is read once
+        # The same file (named twice, or through a symbolic or hard link) is read once: its documents are
+        # the same, and a repeated input is not a way to weight it (data.sources weights are). Counted.
+        real = (st.st_dev, st.st_ino)
         if real in seen:
+            stats.note("duplicate_file", f"{path} (same file as {seen[real]})")
             return
         kind = file_kind(path, explicit)
         if kind is None:
             stats.note("unsupported_file", path)
             return
-        seen.add(real)
+        seen[real] = path
         found.append((path, kind, st))
 
     for inp in inputs:

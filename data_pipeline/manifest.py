@@ -23,7 +23,7 @@ FORMAT_VERSION = 1
 # Reasons in ReadStats that mean a document was dropped (the others were repaired and kept).
 SKIP_REASONS = ("empty", "invalid_json", "missing_text_field", "non_string_text", "too_large", "binary_file")
 # Reasons a whole input file was passed over (counted in "skipped" too).
-FILE_REASONS = ("unsupported_file", "unreadable_file", "symlink_loop", "duplicate_dir")
+FILE_REASONS = ("unsupported_file", "unreadable_file", "symlink_loop", "duplicate_dir", "duplicate_file")
 
 
 def columns(token_dtype: str) -> dict[str, str]:

@@ -60,6 +60,9 @@ def test_mixed_inputs_keep_the_given_order_and_dedupe(tmp_path):
         [str(tmp_path / "y.txt"), str(tmp_path / "g" / "*.py"), str(tmp_path / "x.txt"), str(tmp_path / "y.txt")]
     )
     assert texts(corpus) == ["y", "one", "two", "x"]
+    # The repeat was dropped without a word; now counted and named like every other skip.
+    assert corpus.file_stats.counts == {"duplicate_file": 1}
+    assert corpus.file_stats.examples == [f"{tmp_path / 'y.txt'} (same file as {tmp_path / 'y.txt'}): duplicate_file"]
 
 
 def test_explicit_unknown_extension_text_is_read_binary_is_an_error(tmp_path):

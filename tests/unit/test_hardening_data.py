@@ -477,6 +477,24 @@ def test_input_replaced_by_a_fifo_after_planning_is_an_error_not_a_hang(tmp_path
     assert re.match(rf"input .*{name}: a FIFO \(named pipe\), not a regular file \(changed", str(caught[0]))
 
 
+def test_a_file_met_twice_or_hard_linked_is_read_once_and_counted(model, tmp_path, capsys):
+    """A file given twice, or a hard link to one, was dropped with no count and no name."""
+    d = tmp_path / "in"
+    d.mkdir()
+    (d / "a.jsonl").write_bytes(jsonl(3))
+    os.link(d / "a.jsonl", d / "b.jsonl")
+    out = tmp_path / "out"
+    rc, err = cli(capsys, "prepare", "--input", d / "a.jsonl", d, "--out", out, "--tokenizer", model, "--workers", "1")
+    assert rc == 0, err
+    assert "skipped: duplicate_file=2 (see manifest.json)" in err
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["num_documents"] == 3 and m["skipped"] == {"duplicate_file": 2}
+    assert m["skipped_examples"] == [
+        f"{d / 'a.jsonl'} (same file as {d / 'a.jsonl'}): duplicate_file",
+        f"{d / 'b.jsonl'} (same file as {d / 'a.jsonl'}): duplicate_file",
+    ]
+
+
 @pytest.mark.skipif(not os.path.exists("/proc/cpuinfo"), reason="needs Linux /proc")
 def test_a_proc_file_whose_size_says_zero_is_an_honest_error():
     """It said 'N bytes now, 0 when the inputs were planned (changed while being read); rerun when it no
