@@ -131,6 +131,17 @@ class ReadStats:
         return asdict(self)
 
 
+def format_counts(counts: dict[str, int]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in sorted(counts.items())) or "none"
+
+
+def all_skipped(names: Sequence[str], stats: ReadStats) -> str:
+    """The error of prepare and tokenizer train when no document is left: the inputs (the first 3, and
+    how many more: a shell glob can give thousands) and what was skipped, by reason."""
+    shown = ", ".join(map(str, names[:3])) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    return f"no documents: every document of {shown} was skipped ({format_counts(stats.counts)})"
+
+
 @dataclass(frozen=True)
 class InputFile:
     path: str  # as the user named it (joined under a directory)

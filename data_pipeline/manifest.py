@@ -13,7 +13,7 @@ import time
 
 from mnemo.data_pipeline.errors import DataError, InputError
 from mnemo.data_pipeline.files import atomic_write
-from mnemo.data_pipeline.inputs import Corpus, ReadStats
+from mnemo.data_pipeline.inputs import Corpus, ReadStats, all_skipped
 from mnemo.data_pipeline.outputs import OutLocation
 from mnemo.data_pipeline.progress import note
 from mnemo.data_pipeline.readers import DEFAULT_MAX_DOC_BYTES, iter_documents
@@ -46,8 +46,14 @@ def mnemo_version() -> str:
         return "0.1.0"
 
 
-def format_counts(counts: dict[str, int]) -> str:
-    return ", ".join(f"{k}={v}" for k, v in sorted(counts.items())) or "none"
+def skipped_and_repaired(stats: ReadStats) -> dict[str, dict[str, int]]:
+    """``{"skipped": {reason: count}, "repaired": {...}}``: manifest.json's keys, and what the summary line
+    of prepare and tokenizer train says (mnemo.commands.data.skip_summary)."""
+    dropped = SKIP_REASONS + FILE_REASONS
+    return {
+        "skipped": {k: v for k, v in sorted(stats.counts.items()) if k in dropped},
+        "repaired": {k: v for k, v in sorted(stats.counts.items()) if k not in dropped},
+    }
 
 
 # ----------------------------------------------------------------------------- tokenizer.model
@@ -79,13 +85,11 @@ def train_tokenizer_on_sample(
         return Tokenizer(dest)
     note(f"training a {model_type} tokenizer (vocab {vocab_size}) on up to {sample_docs} sampled documents")
     stats = ReadStats()
+    stats.merge(corpus.file_stats)  # counted in the error as prepare's own check counts them
     texts = (d.text for d in iter_documents(corpus, text_field, id_field, strict, stats, max_doc_bytes))
     sample = reservoir_sample(texts, sample_docs, seed, 16_384)
     if not sample:
-        names = ", ".join(str(f.path) for f in corpus.files[:3]) if getattr(corpus, "files", None) else "the inputs"
-        raise InputError(
-            f"no documents: every document of {names} is empty or was skipped ({format_counts(stats.counts)})"
-        )
+        raise InputError(all_skipped([f.path for f in corpus.files], stats))
     # Trained inside the state dir (its temp file too), then moved into place whole.
     staged = os.path.join(loc.state, "tokenizer.model")
     try:
@@ -159,8 +163,7 @@ def build_manifest(
         "num_shards": sum(p["shards"] for p in parts),
         "parts": parts,
         "max_doc_bytes": spec.get("max_doc_bytes", DEFAULT_MAX_DOC_BYTES),
-        "skipped": {k: v for k, v in sorted(stats.counts.items()) if k in SKIP_REASONS or k in FILE_REASONS},
-        "repaired": {k: v for k, v in sorted(stats.counts.items()) if k not in SKIP_REASONS and k not in FILE_REASONS},
+        **skipped_and_repaired(stats),
         "skipped_examples": stats.examples,
         "passkey": spec["passkey"],
     }

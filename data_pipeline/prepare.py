@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from mnemo.data_pipeline.errors import DataError, InputError
-from mnemo.data_pipeline.inputs import Corpus, ReadStats, WorkUnit, plan_inputs, split_units
+from mnemo.data_pipeline.inputs import Corpus, ReadStats, WorkUnit, all_skipped, plan_inputs, split_units
 from mnemo.data_pipeline.lean_imports import import_streaming
 from mnemo.data_pipeline.limits import PASSKEY_MAX_TOKENS
 from mnemo.data_pipeline.manifest import (
@@ -48,7 +48,6 @@ from mnemo.data_pipeline.manifest import (
     build_manifest,
     columns,
     copy_tokenizer,
-    format_counts,
     train_tokenizer_on_sample,
 )
 from mnemo.data_pipeline.out_lock import OutLock, close_inherited_locks
@@ -520,10 +519,7 @@ def prepare(
             stats = _read_stats(corpus, units, results)
             num_corpus = sum(results[u.name]["documents"] for u in units)
             if num_corpus == 0:
-                raise InputError(
-                    f"no documents: every document of {', '.join(map(str, inputs))} was skipped "
-                    f"({format_counts(stats.counts)})"
-                )
+                raise InputError(all_skipped(inputs, stats))
         except InputError as e:
             record_failure(loc, fingerprint, e)
             raise

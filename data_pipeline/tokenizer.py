@@ -50,6 +50,7 @@ import sys
 from collections.abc import Iterable, Iterator, Sequence
 from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import sentencepiece as spm
@@ -58,6 +59,9 @@ from mnemo.data_pipeline.errors import DataError, brief, first_line
 from mnemo.data_pipeline.files import MAX_JSON_BYTES, not_a_regular_file, open_regular, read_bounded
 from mnemo.data_pipeline.limits import MAX_VOCAB_SIZE, MIN_VOCAB_SIZE
 from mnemo.data_pipeline.tokenizer_out import check_model_out, write_model_file
+
+if TYPE_CHECKING:
+    from mnemo.data_pipeline.inputs import ReadStats
 
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
 # SentencePiece's whitespace marker; see the module docstring.
@@ -499,15 +503,17 @@ def train_tokenizer(
     num_threads: int | None = None,
     max_doc_bytes: int | None = None,
     overwrite: bool = False,
+    stats: ReadStats | None = None,
 ) -> SentencePieceTokenizer:
     """`mnemo tokenizer train`: sample documents from ``inputs`` and train SentencePiece.
 
     Memory is bounded by ``sample_docs * max_doc_chars`` characters whatever
     the corpus size (one pass over the corpus picks the sample); reading one
     document takes at most about ``max_doc_bytes`` (bigger ones are skipped).
-    ``out``: a new file, or with ``overwrite`` a model mnemo wrote (checked first).
+    ``out``: a new file, or with ``overwrite`` a model mnemo wrote (checked first). ``stats``: filled
+    with what was skipped or repaired (files and documents), for the summary line prepare prints too.
     """
-    from mnemo.data_pipeline.inputs import ReadStats, plan_inputs
+    from mnemo.data_pipeline.inputs import ReadStats, all_skipped, plan_inputs
     from mnemo.data_pipeline.readers import DEFAULT_MAX_DOC_BYTES, iter_documents
 
     if sample_docs < 1:
@@ -516,7 +522,8 @@ def train_tokenizer(
     check_special_tokens(special_tokens)  # before the corpus is read
     out = check_model_out(out, overwrite)
     files = plan_inputs(inputs, text_field=text_field, id_field=id_field)
-    stats = ReadStats()
+    stats = stats if stats is not None else ReadStats()
+    stats.merge(files.file_stats)
     texts = (
         d.text
         for d in iter_documents(
@@ -530,5 +537,5 @@ def train_tokenizer(
     )
     sample = reservoir_sample(texts, sample_docs, seed, max_doc_chars)
     if not sample:
-        raise DataError(f"no non-empty documents in {', '.join(map(str, inputs))}")
+        raise DataError(all_skipped(inputs, stats))
     return train_from_texts(sample, out, vocab_size, model_type, special_tokens, num_threads)

@@ -11,7 +11,7 @@ import math
 import re
 import sys
 
-from mnemo.data_pipeline.errors import brief
+from mnemo.data_pipeline.errors import brief, clip
 from mnemo.data_pipeline.limits import MAX_DOC_BYTES, MAX_VOCAB_SIZE, MIN_VOCAB_SIZE, PASSKEY_MAX_TOKENS
 from mnemo.data_pipeline.readers import DEFAULT_MAX_DOC_BYTES
 
@@ -101,8 +101,12 @@ def add_tokenizer_train(sub: argparse._SubParsersAction, name: str) -> argparse.
 
 
 def cmd_tokenizer_train(args: argparse.Namespace) -> int:
+    from mnemo.data_pipeline.inputs import ReadStats
+    from mnemo.data_pipeline.manifest import skipped_and_repaired
     from mnemo.data_pipeline.tokenizer import train_tokenizer
+    from mnemo.train.errors import visible
 
+    stats = ReadStats()
     tok = train_tokenizer(
         args.input,
         args.out,
@@ -114,8 +118,14 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> int:
         seed=args.seed,
         max_doc_bytes=args.max_doc_bytes,
         overwrite=args.overwrite,
+        stats=stats,
     )
     print(f"wrote {tok.path}: {tok.vocab_size} pieces, eos_id={tok.eos_id}, sha256={tok.sha256}")
+    # No manifest to point to: the first place skipped or repaired is named instead (escaped: a file name).
+    first = f" (first: {visible(clip(stats.examples[0], 200))})" if stats.examples else ""
+    summary = skip_summary({**skipped_and_repaired(stats), "max_doc_bytes": args.max_doc_bytes}, first)
+    if summary:
+        print(summary, file=sys.stderr)
     return 0
 
 
@@ -203,8 +213,8 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
-def skip_summary(m: dict) -> str:
-    """One line: what was skipped and what was repaired, by reason ("" when nothing was)."""
+def skip_summary(m: dict, tail: str = " (see manifest.json)") -> str:
+    """One line: what was skipped and what was repaired, by reason ("" when nothing was), then ``tail``."""
     parts = []
     skipped, repaired = m.get("skipped") or {}, m.get("repaired") or {}
     if skipped:
@@ -217,7 +227,7 @@ def skip_summary(m: dict) -> str:
         parts.append(text)
     if repaired:
         parts.append("repaired: " + ", ".join(f"{k}={v}" for k, v in repaired.items()))
-    return "; ".join(parts) + " (see manifest.json)" if parts else ""
+    return "; ".join(parts) + tail if parts else ""
 
 
 def add_data(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:

@@ -159,8 +159,47 @@ def test_trains_from_jsonl_text_field(tmp_path):
     p.write_text("".join(json.dumps({"body": PROSE + str(i)}) + "\n" for i in range(30)))
     t = train_tokenizer([str(p)], tmp_path / "j.model", vocab_size=400, text_field="body")
     assert t.decode(t.encode(PROSE)) == PROSE
-    with pytest.raises(DataError, match="no non-empty documents"):
+    with pytest.raises(DataError, match=r"every document of .*c.jsonl was skipped \(missing_text_field=30\)"):
         train_tokenizer([str(p)], tmp_path / "k.model", vocab_size=400)  # field "text" is missing everywhere
+
+
+def test_tokenizer_train_reports_what_it_skipped_as_prepare_does(tmp_path, capsys):
+    """It counted the skipped documents and dropped the counts: nothing was said of them, and an all-bad
+    corpus gave 'no non-empty documents in DIR' where prepare gives the counts."""
+    from mnemo.cli import main
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "empty.txt").write_text("")
+    (bad / "png.txt").write_bytes(b"\x89PNG\0\0" * 10)
+    (bad / "j.jsonl").write_text('{"text": 5}\n')
+    capsys.readouterr()
+    rc = main(["tokenizer", "train", "--input", str(bad), "--vocab-size", "300", "--out", str(tmp_path / "a.model")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err == (
+        f"mnemo: error: no documents: every document of {bad} was skipped (binary_file=1, empty=1, non_string_text=1)"
+    )
+    good = tmp_path / "good.jsonl"
+    good.write_text("".join(json.dumps({"text": PROSE + str(i)}) + "\n" for i in range(30)))
+    files = [str(bad / n) for n in ("empty.txt", "png.txt", "j.jsonl", "empty.txt")]
+    with pytest.raises(DataError, match=r"every document of .*empty.txt, .*png.txt, .*j.jsonl and 1 more was skipped"):
+        train_tokenizer(files, tmp_path / "b.model", vocab_size=300)
+    rc = main(
+        [
+            "tokenizer",
+            "train",
+            "--input",
+            str(bad),
+            str(good),
+            "--vocab-size",
+            "400",
+            "--out",
+            str(tmp_path / "c.model"),
+        ]
+    )
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    assert f"skipped: binary_file=1, empty=1, non_string_text=1 (first: {bad / 'empty.txt'}: empty)\n" in err
 
 
 def test_missing_input_is_an_error(tmp_path):
