@@ -32,6 +32,7 @@ def describe(environ: Mapping[str, str]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    entry = argv is None  # the rank process itself (python -m mnemo.launch.worker), not a caller in Python
     argv = list(sys.argv[1:] if argv is None else argv)
     # Before anything uses shared memory: srun signals every process of the step, and a tracker started with
     # the default action for SIGUSR1 died on each preemption (tracebacks from every rank in the log).
@@ -54,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return exit_status(lambda: run_train(argv[0], argv[1:]), debug=os.environ.get("MNEMO_DEBUG") == "1")
     finally:
-        preemption.ignore_late_notices()  # a second notice while this rank exits must not kill it
+        if entry:  # a second notice while this rank exits must not kill it (not set in a caller's process)
+            preemption.ignore_late_notices()
 
 
 if __name__ == "__main__":

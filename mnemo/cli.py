@@ -56,10 +56,17 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from mnemo.train.errors import exit_status
 
+    entry = argv is None  # the process's own entry point (the `mnemo` command), not a caller in Python
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("MNEMO_DEBUG") == "1"
     args = build_parser().parse_args(argv)
-    return exit_status(lambda: args.func(args), debug)
+    try:
+        return exit_status(lambda: args.func(args), debug)
+    finally:
+        if entry:  # the command is over and the process exits: a late SIGTERM/SIGHUP must not kill it now
+            from mnemo.train.preemption import ignore_late_notices
+
+            ignore_late_notices()
 
 
 if __name__ == "__main__":

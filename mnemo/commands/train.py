@@ -19,12 +19,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     # tracker started later (by the data loaders' shared memory) with the default action died of it.
     start_resource_tracker()
     from mnemo.train.entry import run_train
-    from mnemo.train.preemption import ignore_late_notices
 
-    try:
-        return run_train(args.config, args.overrides)
-    finally:
-        ignore_late_notices()  # the run is over: a second SIGTERM/SIGHUP while it exits must not kill it
+    return run_train(args.config, args.overrides)
 
 
 def add_export(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:

@@ -229,7 +229,8 @@ def run_train(config, overrides):
 
 entry.run_train = run_train
 from mnemo.launch import worker
-sys.exit(worker.main(["c.yaml"]))
+sys.argv = ["worker", "c.yaml"]  # as torchrun starts it: the process's own entry point
+sys.exit(worker.main())
 """
 
 
@@ -240,3 +241,29 @@ def test_a_second_notice_while_the_rank_exits_does_not_kill_it():
         [sys.executable, "-c", LATE_NOTICE.format(repo=str(REPO))], capture_output=True, text=True, timeout=120
     )
     assert r.returncode == 0, (r.returncode, r.stderr[-2000:])
+
+
+LATE_NOTICE_IN_CALLER = """
+import signal, sys
+sys.path.insert(0, {repo!r})
+import mnemo.train.entry as entry
+
+entry.run_train = lambda config, overrides: 0
+from mnemo.cli import main
+from mnemo.launch import worker
+assert main(["train", "c.yaml"]) == 0 and worker.main(["c.yaml"]) == 0
+print(signal.getsignal(signal.SIGTERM) is not signal.SIG_IGN, signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN)
+"""
+
+
+def test_a_caller_in_python_keeps_its_signal_handlers():
+    """main(argv) called from Python (tests, scripts) must not leave the caller ignoring SIGTERM and SIGHUP: a
+    pytest run did, after its first in-process `mnemo train`, and its later subprocesses inherited that."""
+    r = subprocess.run(
+        [sys.executable, "-c", LATE_NOTICE_IN_CALLER.format(repo=str(REPO))],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        preexec_fn=lambda: [signal.signal(s, signal.SIG_DFL) for s in (signal.SIGTERM, signal.SIGHUP)],
+    )
+    assert r.returncode == 0 and r.stdout.split()[-2:] == ["True", "True"], (r.stdout, r.stderr[-2000:])
