@@ -37,6 +37,9 @@ first byte), Parquet by row-group ranges. Compressed JSONL cannot be split
 (not seekable) and a text file is one document. Consecutive small pieces are
 packed into one unit. The plan depends only on the inputs (never on the
 number of workers), so the output is the same whatever ``--workers`` is.
+
+Over 500 lines: discovery (walks, globs, special files) and the skips it counts are one pass over the
+inputs, kept with the work units it produces so that the plan is made in one place.
 """
 
 from __future__ import annotations

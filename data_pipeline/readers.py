@@ -25,6 +25,9 @@ about ``max_doc_bytes`` plus one chunk of one document (a Parquet record batch
 is read whole: Parquet has no smaller unit). A compressed stream that is
 truncated or corrupt, or a plain file that shrinks while it is read, is a
 ``DataError`` naming the file: never a silent partial read.
+
+Over 500 lines: one reader per input kind (text, JSONL plain and compressed, Parquet) and the bounded,
+non-blocking reads and counts they share; split, each kind would import the same helpers back.
 """
 
 from __future__ import annotations

@@ -617,7 +617,8 @@ wait $task
 # scontrol: what the script asks it; "hostnames" notes that the script runs, then takes half a second.
 SCONTROL = """#!/bin/bash
 echo "$*" >> "$SCONTROL_LOG"
-case "$2" in hostnames) sleep 0.5; echo node-a ;; node) echo "NodeName=node-a NodeAddr=10.0.0.5 x" ;; esac
+case "$2" in hostnames) sleep 0.5; while [ -n "${SCONTROL_GO:-}" ] && [ ! -e "$SCONTROL_GO" ]; do sleep 0.05; done
+    echo node-a ;; node) echo "NodeName=node-a NodeAddr=10.0.0.5 x" ;; esac
 """
 
 
@@ -666,13 +667,17 @@ def test_a_preemption_notice_in_the_node_launchers_first_second_reaches_it(tmp_p
 def test_a_preemption_notice_before_srun_runs_requeues_the_job(tmp_path):
     # Was: the batch shell set its trap only after starting srun; a notice before that killed it (job FAILED).
     script, env = _early_notice_job(tmp_path)
-    p = subprocess.Popen(["bash", str(script)], cwd=tmp_path, env=env, stdout=subprocess.PIPE, text=True)
+    go = tmp_path / "go"  # scontrol holds the script until the notice is sent (a loaded machine is slow to send)
+    p = subprocess.Popen(
+        ["bash", str(script)], cwd=tmp_path, env={**env, "SCONTROL_GO": str(go)}, stdout=subprocess.PIPE, text=True
+    )
     log = tmp_path / "scontrol.log"
     deadline = time.time() + 30
     while not (log.is_file() and log.read_text()):
         assert time.time() < deadline, "the script did not start"
         time.sleep(0.02)
     p.send_signal(signal.SIGUSR1)
+    go.touch()
     out, _ = p.communicate(timeout=60)
     assert p.returncode == 0, out
     assert "mnemo: got SIGUSR1 before training started; requeueing job 77" in out
