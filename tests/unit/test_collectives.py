@@ -21,12 +21,10 @@ tensors and the group refuses them; each worker checks that too.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
+
+from tests.unit.gloo_ranks import run_ranks
 
 import pytest
 
@@ -135,27 +133,7 @@ WORKER = textwrap.dedent('''
 
 
 def _run_ranks(tmp_path: Path, world: int = 2) -> list[dict]:
-    script = tmp_path / "worker.py"
-    script.write_text(WORKER)
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(script), str(r), str(world), str(tmp_path / "rendezvous")],
-            cwd=tmp_path,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for r in range(world)
-    ]
-    results = []
-    for p in procs:
-        out, err = p.communicate(timeout=120)
-        lines = [ln for ln in out.splitlines() if ln.startswith("RESULT ")]
-        assert p.returncode == 0 and lines, f"worker failed ({p.returncode}):\n{out[-2000:]}\n{err[-4000:]}"
-        results.append(json.loads(lines[-1][len("RESULT ") :]))
-    return results
+    return run_ranks(tmp_path, WORKER, world)
 
 
 def test_stop_flags_agree_on_a_group_without_a_cpu_backend(tmp_path):

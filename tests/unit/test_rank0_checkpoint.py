@@ -8,11 +8,10 @@ ranks in subprocesses; rank 1's listing is stale (it does not see step 4 yet).
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
+
+from tests.unit.gloo_ranks import run_ranks
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -22,7 +21,7 @@ WORKER = textwrap.dedent("""
 
     import torch.distributed as dist
 
-    rank, rendezvous, run = int(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
+    rank, rendezvous, run = int(sys.argv[1]), sys.argv[3], Path(sys.argv[4])
     dist.init_process_group("gloo", init_method="file://" + rendezvous, rank=rank, world_size=2)
     from mnemo.train import checkpoint, rundir, spikes
     from mnemo.train.config import SpikeConfig
@@ -74,26 +73,7 @@ def test_every_rank_takes_rank_0s_checkpoint_whatever_its_own_listing(tmp_path):
         (ck / "COMPLETE").write_text("")
         for r in (0, 1):
             (ck / f"rank_{r:05d}.pt").write_bytes(b"")
-    script = tmp_path / "worker.py"
-    script.write_text(WORKER)
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(script), str(r), str(tmp_path / "rendezvous"), str(run)],
-            cwd=tmp_path,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for r in range(2)
-    ]
-    results = []
-    for p in procs:
-        out, err = p.communicate(timeout=120)
-        lines = [ln for ln in out.splitlines() if ln.startswith("RESULT ")]
-        assert p.returncode == 0 and lines, f"worker failed ({p.returncode}):\n{out[-2000:]}\n{err[-4000:]}"
-        results.append(json.loads(lines[-1][len("RESULT ") :]))
+    results = run_ranks(tmp_path, WORKER, 2, (str(run),))
     for r in results:
         assert (r["resume"], r["rollback"]) == ("step_00000004", "step_00000004"), r
     assert results[0]["unseen"] == "step_00000004"
