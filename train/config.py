@@ -1061,11 +1061,11 @@ def check_memory_fit(cfg: Config, ranks: int = 1) -> None:
     """
     from mnemo.evaluation.inference import memory_shortfall
     from mnemo.model.sizes import SIZES, kv_bytes, ltm_layer_indices
-    from mnemo.train.rankenv import uses_cuda
+    from mnemo.train.rankenv import uses_bf16, uses_cuda
 
     size, lm = SIZES[cfg.model.size], cfg.memory.long
     cuda = uses_cuda(cfg.train.device)
-    width = 2 if cfg.model.dtype == "bf16" or (cfg.model.dtype == "auto" and cuda) else 4  # trainer.py: use_bf16
+    width = 2 if uses_bf16(cfg.model.dtype, cuda) else 4
     B, T, k, d, L = cfg.train.batch_size, cfg.model.segment_len, cfg.memory.bptt_segments, size.d_model, size.n_layers
     n_ltm = len(ltm_layer_indices(L, lm.layers)) if lm.kind != "none" else 0
     tokens = B * k * (T + 1) * 8  # the k batches of int64 token ids, on the host

@@ -26,6 +26,11 @@ def uses_cuda(device: str) -> bool:
     return device == "cuda" or (device == "auto" and cuda_available())
 
 
+def uses_bf16(dtype: str, cuda: bool) -> bool:
+    """Whether a rank with ``model.dtype`` = ``dtype`` trains in bf16 (auto: on CUDA), ``cuda`` from ``uses_cuda``."""
+    return dtype == "bf16" or (dtype == "auto" and cuda)
+
+
 def check_train_device(device: str, ranks: int = 1) -> None:
     """train.device=cuda on a machine without a usable CUDA device, or ``ranks`` ranks on this machine that
     will use CUDA (cuda, or auto with a device) and fewer devices than ranks: a UserError.

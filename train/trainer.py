@@ -123,7 +123,7 @@ class Trainer:
         import deepspeed
 
         from mnemo.train.collectives import process_group_backend
-        from mnemo.train.rankenv import check_train_device, uses_cuda
+        from mnemo.train.rankenv import check_train_device, uses_bf16, uses_cuda
 
         cfg, info = self.cfg, self.info
         # A UserError, not torch's "Found no NVIDIA driver" or "invalid device ordinal"
@@ -132,7 +132,7 @@ class Trainer:
         if self.use_cuda:
             torch.cuda.set_device(info.local_rank)
         self.device = torch.device("cuda", info.local_rank) if self.use_cuda else torch.device("cpu")
-        self.use_bf16 = cfg.model.dtype == "bf16" or (cfg.model.dtype == "auto" and self.use_cuda)
+        self.use_bf16 = uses_bf16(cfg.model.dtype, self.use_cuda)
         self.dtype = torch.bfloat16 if self.use_bf16 else torch.float32
         # Both device types: the trainer's own collectives may run on either (train/collectives.py).
         deepspeed.init_distributed(
