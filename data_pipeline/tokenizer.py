@@ -58,6 +58,7 @@ import sentencepiece as spm
 from mnemo.data_pipeline.errors import DataError, brief, first_line
 from mnemo.data_pipeline.files import MAX_JSON_BYTES, not_a_regular_file, open_regular, read_bounded
 from mnemo.data_pipeline.limits import MAX_VOCAB_SIZE, MIN_VOCAB_SIZE
+from mnemo.data_pipeline.progress import note
 from mnemo.data_pipeline.tokenizer_out import check_model_out, write_model_file
 
 if TYPE_CHECKING:
@@ -223,6 +224,9 @@ class SentencePieceTokenizer(Tokenizer):
 EOS_NAMES = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>")
 BOS_NAMES = ("<s>", "<|begin_of_text|>", "<bos>", "<|startoftext|>")
 PAD_NAMES = ("<pad>", "<|pad|>", "[PAD]", "<|padding|>")
+# The tokenizer.json files (by sha256) whose ignored encoding settings this process has noted already:
+# one note per file, not one per load (prepare opens the file, then its copy in the dataset).
+_NOTED_SETTINGS: set[str] = set()
 
 
 class HFTokenizer(Tokenizer):
@@ -253,6 +257,7 @@ class HFTokenizer(Tokenizer):
             first = first_line(e)
             raise DataError(f"tokenizer {self.path}: not a Hugging Face tokenizer.json ({first})") from None
         self.tk.encode_special_tokens = True
+        self._drop_encoding_settings()
         vocab = self.tk.get_vocab(with_added_tokens=True)
         self.vocab_size = max(self.tk.get_vocab_size(with_added_tokens=True), max(vocab.values(), default=-1) + 1)
         special = {t.content: i for i, t in self.tk.get_added_tokens_decoder().items() if t.special}
@@ -268,6 +273,22 @@ class HFTokenizer(Tokenizer):
         unk = getattr(self.tk.model, "unk_token", None)
         unk_id = self.tk.token_to_id(unk) if isinstance(unk, str) else None
         self.unk_id = -1 if unk_id is None else int(unk_id)
+
+    def _drop_encoding_settings(self) -> None:
+        """Turn off the truncation a tokenizer.json may carry (``enable_truncation`` before ``save``).
+
+        It is a setting of how a model is fed, not part of the vocabulary: kept, it cut every
+        document to max_length tokens, silently (data verify then blamed the normalizer).
+        mnemo encodes whole documents and packs them itself.
+        """
+        dropped = []
+        if self.tk.truncation:
+            dropped.append(f"truncation (max_length {self.tk.truncation.get('max_length')})")
+            self.tk.no_truncation()
+        if dropped and self.sha256 not in _NOTED_SETTINGS:
+            _NOTED_SETTINGS.add(self.sha256)
+            settings = " and ".join(dropped)
+            note(f"note: tokenizer {self.path}: its {settings} setting is ignored: mnemo encodes whole documents")
 
     def encode_batch(self, texts: list[str], num_threads: int = 1) -> list[np.ndarray]:
         """Token ids (int32 arrays, no BOS/EOS) of each text, in order.

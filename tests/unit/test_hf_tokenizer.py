@@ -137,6 +137,40 @@ def test_normalizing_tokenizer_is_reported_not_fatal(corpus, tmp_path):
     assert part["documents"] == 4 and not part["complete"]
 
 
+# ----------------------------------------------------------------------------- encoding settings saved in the file
+
+
+def prepared_texts(tok_path: Path, text: str, tmp_path: Path) -> list[list[int]]:
+    """The token ids of each sample `mnemo prepare --tokenizer tok_path` stores for a one-document corpus."""
+    from mnemo.data_pipeline.prepare import prepare
+    from mnemo.data_pipeline.verify import iter_shard_samples, read_json_file
+
+    (tmp_path / "doc.txt").write_text(text)
+    out = tmp_path / "mds"
+    prepare([str(tmp_path / "doc.txt")], str(out), tokenizer=str(tok_path), workers=1, progress=False)
+    index = read_json_file(str(out / "index.json"), "index")
+    return [s["tokens"].tolist() for _, _, s in iter_shard_samples(str(out), index)]
+
+
+def test_truncation_saved_in_the_file_is_ignored_with_one_note(hf_json, tmp_path, capsys):
+    tk = tokenizers.Tokenizer.from_file(str(hf_json))
+    tk.enable_truncation(max_length=8)
+    tk.save(str(tmp_path / "trunc.json"))
+    text = stdlib_texts(1)[0][:2000]
+    tok = Tokenizer(tmp_path / "trunc.json")
+    assert len(tok.encode(text)) > 8 and tok.decode(tok.encode(text)) == text
+    samples = prepared_texts(tmp_path / "trunc.json", text, tmp_path)
+    assert len(samples) == 1 and samples[0][-1] == tok.eos_id and tok.decode(samples[0][:-1]) == text
+    err = capsys.readouterr().err
+    notes = [line for line in err.splitlines() if "truncation" in line]
+    assert notes == [
+        f"mnemo: note: tokenizer {tmp_path / 'trunc.json'}: its truncation (max_length 8) setting is "
+        "ignored: mnemo encodes whole documents"
+    ], err
+    Tokenizer(hf_json)  # a file without the setting: no note
+    assert "note" not in capsys.readouterr().err
+
+
 # ----------------------------------------------------------------------------- prepare, verify, train, export
 
 
