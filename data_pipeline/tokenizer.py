@@ -275,20 +275,25 @@ class HFTokenizer(Tokenizer):
         self.unk_id = -1 if unk_id is None else int(unk_id)
 
     def _drop_encoding_settings(self) -> None:
-        """Turn off the truncation a tokenizer.json may carry (``enable_truncation`` before ``save``).
+        """Turn off the truncation and padding a tokenizer.json may carry (``enable_truncation`` or
+        ``enable_padding`` before ``save``).
 
-        It is a setting of how a model is fed, not part of the vocabulary: kept, it cut every
-        document to max_length tokens, silently (data verify then blamed the normalizer).
-        mnemo encodes whole documents and packs them itself.
+        They are settings of how a model is fed, not part of the vocabulary: kept, truncation cut every
+        document to max_length tokens, silently (data verify then blamed the normalizer), and fixed
+        padding put pad ids inside every document. mnemo encodes whole documents and packs them itself.
         """
         dropped = []
         if self.tk.truncation:
             dropped.append(f"truncation (max_length {self.tk.truncation.get('max_length')})")
             self.tk.no_truncation()
+        if self.tk.padding:  # fixed-length padding put pad ids inside every document, before its EOS
+            pad = self.tk.padding
+            dropped.append(f"padding (length {pad.get('length')})" if pad.get("length") else "padding")
+            self.tk.no_padding()
         if dropped and self.sha256 not in _NOTED_SETTINGS:
             _NOTED_SETTINGS.add(self.sha256)
             settings = " and ".join(dropped)
-            note(f"note: tokenizer {self.path}: its {settings} setting is ignored: mnemo encodes whole documents")
+            note(f"note: tokenizer {self.path}: ignoring the {settings} saved in it: mnemo encodes whole documents")
 
     def encode_batch(self, texts: list[str], num_threads: int = 1) -> list[np.ndarray]:
         """Token ids (int32 arrays, no BOS/EOS) of each text, in order.

@@ -164,11 +164,28 @@ def test_truncation_saved_in_the_file_is_ignored_with_one_note(hf_json, tmp_path
     err = capsys.readouterr().err
     notes = [line for line in err.splitlines() if "truncation" in line]
     assert notes == [
-        f"mnemo: note: tokenizer {tmp_path / 'trunc.json'}: its truncation (max_length 8) setting is "
-        "ignored: mnemo encodes whole documents"
+        f"mnemo: note: tokenizer {tmp_path / 'trunc.json'}: ignoring the truncation (max_length 8) "
+        "saved in it: mnemo encodes whole documents"
     ], err
     Tokenizer(hf_json)  # a file without the setting: no note
     assert "note" not in capsys.readouterr().err
+
+
+def test_fixed_padding_saved_in_the_file_is_ignored_with_one_note(hf_json, tmp_path, capsys):
+    tk = tokenizers.Tokenizer.from_file(str(hf_json))
+    tk.enable_padding(length=64, pad_id=tk.token_to_id("<pad>"), pad_token="<pad>")
+    tk.save(str(tmp_path / "pad.json"))
+    text = "a short document"
+    tok = Tokenizer(tmp_path / "pad.json")
+    ids = Tokenizer(hf_json).encode(text)
+    assert tok.encode(text) == ids and len(ids) < 64
+    samples = prepared_texts(tmp_path / "pad.json", text, tmp_path)
+    assert samples == [ids + [tok.eos_id]]  # the real tokens and EOS, no pad id
+    notes = [line for line in capsys.readouterr().err.splitlines() if "padding" in line]
+    assert notes == [
+        f"mnemo: note: tokenizer {tmp_path / 'pad.json'}: ignoring the padding (length 64) saved "
+        "in it: mnemo encodes whole documents"
+    ]
 
 
 # ----------------------------------------------------------------------------- prepare, verify, train, export
