@@ -71,7 +71,7 @@ from mnemo.data_pipeline.outputs import (
 from mnemo.data_pipeline.processes import die_with_parent
 from mnemo.data_pipeline.progress import Counters, Progress, note
 from mnemo.data_pipeline.readers import DEFAULT_MAX_DOC_BYTES, Doc, check_max_doc_bytes, iter_unit
-from mnemo.data_pipeline.tokenizer import Tokenizer, check_vocab_size
+from mnemo.data_pipeline.tokenizer import Tokenizer, check_vocab_size, encode_docs
 
 SHARD_SIZE_LIMIT = 1 << 26  # bytes of uncompressed samples per shard (64 MiB)
 SHARD_HASHES = ["sha1"]
@@ -145,7 +145,7 @@ def _corpus_samples(ctx: UnitContext, unit: WorkUnit, stats: ReadStats, counters
     dtype = np.dtype(ctx.token_dtype)
     eos = tok.eos_id
     for batch in _batches(iter_unit(unit, ctx.text_field, ctx.id_field, ctx.strict, stats, ctx.max_doc_bytes)):
-        ids = tok.encode_batch([d.text for d in batch])
+        ids = encode_docs(tok, batch)
         ntok = 0
         for d, arr in zip(batch, ids):
             tokens = np.empty(arr.shape[0] + 1, dtype=dtype)  # [n + 1]: the document, then EOS

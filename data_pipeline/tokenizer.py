@@ -55,7 +55,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import sentencepiece as spm
 
-from mnemo.data_pipeline.errors import DataError, brief, first_line
+from mnemo.data_pipeline.errors import DataError, InputError, brief, first_line
 from mnemo.data_pipeline.files import MAX_JSON_BYTES, not_a_regular_file, open_regular, read_bounded
 from mnemo.data_pipeline.limits import MAX_VOCAB_SIZE, MIN_VOCAB_SIZE
 from mnemo.data_pipeline.progress import note
@@ -63,6 +63,7 @@ from mnemo.data_pipeline.tokenizer_out import check_model_out, write_model_file
 
 if TYPE_CHECKING:
     from mnemo.data_pipeline.inputs import ReadStats
+    from mnemo.data_pipeline.readers import Doc
 
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
 # SentencePiece's whitespace marker; see the module docstring.
@@ -79,6 +80,27 @@ def file_sha256(path: str | os.PathLike) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+class EncodeError(DataError):
+    """A text the tokenizer cannot encode; ``index``: its place in the batch given (None: not found again)."""
+
+    def __init__(self, message: str, index: int | None):
+        super().__init__(message)
+        self.index = index
+
+
+def encode_docs(tok: Tokenizer, docs: Sequence[Doc]) -> list[np.ndarray]:
+    """``tok.encode_batch`` of the documents' texts; a document the tokenizer cannot encode is an
+    InputError naming the tokenizer and the document (its file, and line, row or id)."""
+    try:
+        return tok.encode_batch([d.text for d in docs])
+    except EncodeError as e:
+        if e.index is None:
+            raise InputError(f"{e} in one of {docs[0].source} ... {docs[-1].source}") from None
+        d = docs[e.index]
+        where = d.doc_id if d.doc_id.startswith(d.source) else f"{d.source} (doc_id {brief(d.doc_id)})"
+        raise InputError(f"{e} in {where}") from None
 
 
 class Tokenizer:
@@ -270,8 +292,15 @@ class HFTokenizer(Tokenizer):
         self.eos_id = int(eos)
         self.bos_id = int(next((special[n] for n in BOS_NAMES if n in special), -1))
         self.pad_id = int(next((special[n] for n in PAD_NAMES if n in special), -1))
+        # A model may have no unknown token (byte-level BPE needs none: unk_token null); one that names an
+        # unk_token its vocabulary lacks fails on the first word it does not know, mid-prepare: refused here.
         unk = getattr(self.tk.model, "unk_token", None)
-        unk_id = self.tk.token_to_id(unk) if isinstance(unk, str) else None
+        unk_id = self.tk.model.token_to_id(unk) if isinstance(unk, str) else None
+        if isinstance(unk, str) and unk_id is None:
+            raise DataError(
+                f"tokenizer {self.path}: the unknown token {brief(unk)} of its {type(self.tk.model).__name__} model "
+                f"is not in its vocabulary (any word the vocabulary lacks could not be encoded); add it there"
+            )
         self.unk_id = -1 if unk_id is None else int(unk_id)
 
     def _drop_encoding_settings(self) -> None:
@@ -302,12 +331,26 @@ class HFTokenizer(Tokenizer):
         the library's own thread pool, which a prepare worker (one per core)
         must not start.
         """
-        if num_threads == 1:
-            encs = [self.tk.encode(t, add_special_tokens=False) for t in texts]
-        else:
-            batch = getattr(self.tk, "encode_batch_fast", self.tk.encode_batch)  # _fast (no offsets): 0.21+
-            encs = batch(list(texts), add_special_tokens=False)
+        try:
+            if num_threads == 1:
+                encs = [self.tk.encode(t, add_special_tokens=False) for t in texts]
+            else:
+                batch = getattr(self.tk, "encode_batch_fast", self.tk.encode_batch)  # _fast (no offsets): 0.21+
+                encs = batch(list(texts), add_special_tokens=False)
+        except Exception as e:  # the Rust side raises plain Exception (a Unigram model without unk_id, ...)
+            raise self._encode_error(texts, e) from None
         return [np.asarray(e.ids, dtype=np.int32) for e in encs]
+
+    def _encode_error(self, texts: list[str], e: Exception) -> EncodeError:
+        """The error of a batch that did not encode, with the place of the first text that does not."""
+        index = None
+        for i, t in enumerate(texts):
+            try:
+                self.tk.encode(t, add_special_tokens=False)
+            except Exception:
+                index = i
+                break
+        return EncodeError(f"tokenizer {self.path}: cannot encode a document ({first_line(e)})", index)
 
     def decode(self, ids: Sequence[int] | np.ndarray) -> str:
         if isinstance(ids, np.ndarray):
@@ -357,8 +400,8 @@ def corpus_round_trip(
         if not batch:  # the corpus is done, or max_docs are checked: are there more?
             complete = room > 0 or next(docs, None) is None
             break
-        for doc, ok in zip(batch, round_trip(tok, [d.text for d in batch])):
-            if not ok:
+        for doc, ids in zip(batch, encode_docs(tok, batch)):
+            if tok.decode(ids) != doc.text:
                 failed += 1
                 if len(examples) < max_examples:
                     examples.append(doc.doc_id)

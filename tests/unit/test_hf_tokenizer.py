@@ -188,6 +188,63 @@ def test_fixed_padding_saved_in_the_file_is_ignored_with_one_note(hf_json, tmp_p
     ]
 
 
+# ----------------------------------------------------------------------------- unknown tokens
+
+
+def test_unknown_token_missing_from_the_vocabulary_is_refused_on_load(tmp_path):
+    from tokenizers import models, pre_tokenizers
+
+    from mnemo.cli import main
+
+    tk = tokenizers.Tokenizer(models.WordLevel({"hello": 0, "</s>": 1}, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tk.add_special_tokens(["</s>"])
+    tk.save(str(tmp_path / "wl.json"))
+    with pytest.raises(DataError, match=r"wl\.json: the unknown token '\[UNK\]' of its WordLevel model is not in"):
+        Tokenizer(tmp_path / "wl.json")
+    (tmp_path / "a.txt").write_text("hello world")
+    out = tmp_path / "out"
+    assert (
+        main(
+            ["prepare", "--input", str(tmp_path / "a.txt"), "--out", str(out), "--tokenizer", str(tmp_path / "wl.json")]
+        )
+        == 2
+    )
+    assert not out.exists()  # refused before any output
+    # With the unknown token in the vocabulary, or none at all (byte-level BPE: unk_token null), it loads.
+    tk = tokenizers.Tokenizer(models.WordLevel({"hello": 0, "</s>": 1, "[UNK]": 2}, unk_token="[UNK]"))
+    tk.add_special_tokens(["</s>"])
+    tk.save(str(tmp_path / "wl2.json"))
+    assert Tokenizer(tmp_path / "wl2.json").unk_id == 2
+
+
+def test_a_document_the_tokenizer_cannot_encode_is_a_one_line_error_naming_it(tmp_path):
+    from tokenizers import models
+
+    from mnemo.data_pipeline.errors import InputError
+    from mnemo.data_pipeline.prepare import prepare
+
+    # A Unigram model without unk_id and without byte fallback: a character it lacks raises in the Rust code.
+    tk = tokenizers.Tokenizer(models.Unigram([("a", -1.0), (" ", -1.0), ("</s>", -2.0)]))
+    tk.add_special_tokens(["</s>"])
+    tk.save(str(tmp_path / "uni.json"))
+    tok = Tokenizer(tmp_path / "uni.json")
+    with pytest.raises(DataError, match=r"uni\.json: cannot encode a document \(.*unk_id"):
+        tok.encode_batch(["a a", "a b"], num_threads=2)
+    (tmp_path / "c.jsonl").write_text('{"text": "a a"}\n{"text": "a b"}\n')
+    with pytest.raises(
+        InputError, match=r"mds/tokenizer\.json: cannot encode a document \(.*unk_id.*\) in .*c\.jsonl:2\Z"
+    ) as e:
+        prepare(
+            [str(tmp_path / "c.jsonl")],
+            str(tmp_path / "mds"),
+            tokenizer=str(tmp_path / "uni.json"),
+            workers=1,
+            progress=False,
+        )
+    assert "\n" not in str(e.value)
+
+
 # ----------------------------------------------------------------------------- prepare, verify, train, export
 
 
