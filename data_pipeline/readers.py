@@ -240,11 +240,11 @@ def _int_or_digits(digits: str) -> int | str:
         return digits
 
 
-def _loads(data: bytes | str) -> object:
+def _loads(data: str) -> object:
     """json.loads, but an integer too long for Python's int() is kept as its digit string, not an error."""
     try:
         return json.loads(data)
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except json.JSONDecodeError:
         raise
     except ValueError:  # "Exceeds the limit (4300 digits) for integer string conversion": valid JSON all the same
         return json.loads(data, parse_int=_int_or_digits)
@@ -252,20 +252,20 @@ def _loads(data: bytes | str) -> object:
 
 def _parse(line: bytes) -> tuple[object, str | None, bool]:
     """(record, what is wrong with the line or None, whether invalid UTF-8 was replaced)."""
+    # Decoded here, strictly: json.loads of bytes decodes with "surrogatepass", so UTF-8-encoded
+    # surrogates (ED A0 80 ED B0 80) became a valid astral character instead of U+FFFD per byte, as
+    # text and Parquet inputs give. utf-8-sig: a byte order mark at a line's start is dropped, as
+    # json.loads of bytes did.
     try:
-        return _loads(line), None, False
+        text, replaced = line.decode("utf-8-sig"), False
     except UnicodeDecodeError:
-        pass
-    except RecursionError:
-        return None, "JSON nested deeper than the parser's recursion limit", False
-    except ValueError:
-        return None, "not valid JSON", False
+        text, replaced = line.decode("utf-8-sig", errors="replace"), True
     try:
-        return _loads(line.decode("utf-8", errors="replace")), None, True
+        return _loads(text), None, replaced
     except RecursionError:
-        return None, "JSON nested deeper than the parser's recursion limit", True
+        return None, "JSON nested deeper than the parser's recursion limit", replaced
     except ValueError:
-        return None, "not valid JSON", True
+        return None, "not valid JSON", replaced
 
 
 def _read_jsonl(

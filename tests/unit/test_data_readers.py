@@ -222,6 +222,18 @@ def test_lone_surrogate_escapes_are_replaced_and_counted(tmp_path):
     assert stats.counts == {"invalid_utf8": 1}
 
 
+def test_utf8_encoded_surrogates_in_jsonl_are_replaced_per_byte_as_in_text_files(tmp_path):
+    # ED A0 80 ED B0 80: a surrogate pair written as UTF-8 (CESU-8), not valid UTF-8. json.loads of the bytes
+    # decoded it with "surrogatepass" into U+10000; a text file (and Parquet) gives U+FFFD per byte.
+    bad = b"\xed\xa0\x80\xed\xb0\x80"
+    (tmp_path / "s.txt").write_bytes(b"a " + bad)
+    (tmp_path / "s.jsonl").write_bytes(b'{"text": "a ' + bad + b'"}\n\xef\xbb\xbf{"text": "bom"}\n')
+    stats = ReadStats()
+    got = texts(plan_inputs([str(tmp_path / "s.txt"), str(tmp_path / "s.jsonl")]), stats=stats)
+    assert got[0] == got[1] == "a " + "\ufffd" * 6 and got[2] == "bom"
+    assert stats.counts == {"invalid_utf8": 2}
+
+
 def test_empty_and_whitespace_documents_are_skipped_and_counted(tmp_path):
     (tmp_path / "empty.txt").write_text("")
     (tmp_path / "ws.md").write_text(" \n\t \r\n")
