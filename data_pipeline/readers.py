@@ -66,8 +66,16 @@ def _decode(raw: bytes, where: str, stats: ReadStats, codec: str = "utf-8", labe
         return raw.decode(codec, errors="replace")
 
 
+# Unicode's White_Space characters. str.isspace() also counts U+001C..U+001F (the information separators,
+# not White_Space): a document of them alone was dropped as empty.
+_WHITE_SPACE = (
+    "\t\n\x0b\x0c\r \x85\xa0\u1680" + "".join(map(chr, range(0x2000, 0x200B))) + "\u2028\u2029\u202f\u205f\u3000"
+)
+
+
 def _is_blank(text: str) -> bool:
-    return not text or text.isspace()
+    """Empty, or only Unicode White_Space."""
+    return not text.strip(_WHITE_SPACE)
 
 
 def _utf8_name(path: str) -> str:

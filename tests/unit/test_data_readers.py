@@ -242,6 +242,12 @@ def test_empty_and_whitespace_documents_are_skipped_and_counted(tmp_path):
     stats = ReadStats()
     assert texts(plan_inputs([str(tmp_path)]), stats=stats) == ["fine", " ok "]
     assert stats.counts == {"empty": 4}
+    # Blank is Unicode White_Space: U+001C..U+001F (str.isspace() says yes) are text, U+3000 and NBSP are not.
+    (tmp_path / "sep.txt").write_bytes(b"\x1c\x1d\x1e\x1f")
+    (tmp_path / "ideo.txt").write_text("\u3000\xa0\u2028 \x85")
+    stats = ReadStats()
+    got = texts(plan_inputs([str(tmp_path / "sep.txt"), str(tmp_path / "ideo.txt")]), stats=stats)
+    assert got == ["\x1c\x1d\x1e\x1f"] and stats.counts == {"empty": 1}
 
 
 BAD_LINES = [
