@@ -142,6 +142,8 @@ def all_skipped(names: Sequence[str], stats: ReadStats) -> str:
     """The error of prepare and tokenizer train when no document is left: the inputs (the first 3, and
     how many more: a shell glob can give thousands) and what was skipped, by reason."""
     shown = ", ".join(map(str, names[:3])) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    if not stats.counts:  # nothing skipped: there was nothing to skip (a zero-row Parquet, an empty JSONL)
+        return f"no documents: {shown} {'holds' if len(names) == 1 else 'hold'} none (no lines, rows or text)"
     return f"no documents: every document of {shown} was skipped ({format_counts(stats.counts)})"
 
 

@@ -337,7 +337,7 @@ def _read_jsonl(
                 continue
             text = rec[text_field]
             if not isinstance(text, str):
-                bad(k, "non_string_text", f"field {text_field!r} is {type(text).__name__}, not a string")
+                bad(k, "non_string_text", f"field {text_field!r} is {_json_type(text)}, not a string")
                 continue
             if replaced:
                 stats.note("invalid_utf8", where(k))
@@ -348,6 +348,21 @@ def _read_jsonl(
                 continue
             doc_id = _doc_id(rec.get(id_field) if id_field else None, id_field, where(k), stats)
             yield Doc(text, doc_id, source, len(line))
+
+
+# JSON's names for the types json.loads gives: the user wrote JSON, not Python ("null", not "NoneType").
+_JSON_TYPES = {
+    type(None): "null",
+    bool: "a boolean",
+    int: "a number",
+    float: "a number",
+    list: "an array",
+    dict: "an object",
+}
+
+
+def _json_type(value: object) -> str:
+    return _JSON_TYPES.get(type(value), type(value).__name__)
 
 
 def _fix_surrogates(text: str, where: str, stats: ReadStats | None) -> str:

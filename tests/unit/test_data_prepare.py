@@ -555,3 +555,15 @@ def test_cli_prepare_verify_inspect(corpus, tmp_path, capsys):
     rc = main(["prepare", "--input", str(tmp_path / "absent"), "--out", str(tmp_path / "o2")])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and err.startswith("mnemo: error: input") and "\n" not in err
+
+
+def test_inputs_without_any_document_say_so_not_that_every_document_was_skipped(corpus, tmp_path):
+    """A zero-row Parquet (or an empty JSONL) gave 'every document of F was skipped (none)'."""
+    pq.write_table(pa.table({"text": pa.array([], pa.string())}), tmp_path / "zero.parquet")
+    (tmp_path / "empty.jsonl").write_text("")
+    tok = corpus[2]
+    with pytest.raises(DataError, match=r"\Ano documents: .*zero\.parquet holds none \(no lines, rows or text\)\Z"):
+        prepare([str(tmp_path / "zero.parquet")], str(tmp_path / "a"), tokenizer=tok, workers=1, progress=False)
+    with pytest.raises(DataError, match=r"\Ano documents: .*zero\.parquet, .*empty\.jsonl hold none"):
+        files = [str(tmp_path / "zero.parquet"), str(tmp_path / "empty.jsonl")]
+        prepare(files, str(tmp_path / "b"), tokenizer=tok, workers=1, progress=False)

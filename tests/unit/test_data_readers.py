@@ -291,11 +291,22 @@ def test_line_numbers_are_right_inside_later_byte_ranges(tmp_path):
             list(iter_unit(u, strict=True))
 
 
-@pytest.mark.parametrize("line_no,needle", [(2, "not valid JSON"), (4, "no field 'text'"), (6, "is int")])
+@pytest.mark.parametrize("line_no,needle", [(2, "not valid JSON"), (4, "no field 'text'"), (6, "is a number, not")])
 def test_strict_makes_bad_lines_fatal_naming_file_and_line(tmp_path, line_no, needle):
     p = tmp_path / "c.jsonl"
     write_jsonl(p, ['{"text": "ok"}'] * (line_no - 1) + [BAD_LINES[line_no - 1], '{"text": "after"}'])
     with pytest.raises(DataError, match=rf"{p}:{line_no}: .*{needle}"):
+        texts(plan_inputs([str(p)]), strict=True)
+
+
+@pytest.mark.parametrize(
+    "value,name",
+    [("null", "null"), ("true", "a boolean"), ("4.5", "a number"), ("[1]", "an array"), ("{}", "an object")],
+)
+def test_strict_names_the_json_type_of_a_non_string_text(tmp_path, value, name):
+    p = tmp_path / "c.jsonl"
+    p.write_text(f'{{"text": {value}}}\n')
+    with pytest.raises(DataError, match=rf"{p}:1: field 'text' is {name}, not a string \(--strict\)\Z"):
         texts(plan_inputs([str(p)]), strict=True)
 
 
