@@ -94,13 +94,23 @@ def op_cache_env(environ: Mapping[str, str], prefix: str, torch_version: str) ->
     rebuilds what the other just built, and ranks waiting on the build lock
     were seen stuck for 10 minutes. A directory per interpreter prefix and
     torch version keeps each environment's build its own.
+
+    The ninja that builds it is part of the key too: torch runs the first
+    ``ninja`` on PATH, and a venv's pip ninja (1.13: log format v7) and a
+    system one (1.11) each read the other's build log as foreign and rebuild
+    everything, so processes of one environment with and without the venv's
+    bin on PATH rebuilt the op in turn (seen: every 1.5 min, ranks waiting on
+    its lock for 5 min, under `mnemo launch` and the tests alike).
     """
     if environ.get("TORCH_EXTENSIONS_DIR"):
         return {}
     import hashlib
+    import shutil
 
     cache = environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    tag = hashlib.sha256(f"{prefix}\0{torch_version}".encode()).hexdigest()[:10]
+    ninja = shutil.which("ninja", path=environ.get("PATH", os.defpath))
+    ninja = os.path.realpath(ninja) if ninja else ""
+    tag = hashlib.sha256(f"{prefix}\0{torch_version}\0{ninja}".encode()).hexdigest()[:10]
     name = f"py{sys.version_info.major}{sys.version_info.minor}-mnemo-{tag}"
     return {"TORCH_EXTENSIONS_DIR": os.path.join(cache, "torch_extensions", name)}
 

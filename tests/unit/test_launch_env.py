@@ -43,6 +43,20 @@ def test_each_environment_builds_deepspeed_ops_into_its_own_cache():
     assert op_cache_env({"TORCH_EXTENSIONS_DIR": "/mine"}, "/p", "1") == {}  # the user's choice wins
 
 
+def test_each_ninja_builds_deepspeed_ops_into_its_own_cache(tmp_path):
+    # A venv's ninja and the system's read each other's build log as foreign and rebuild: processes of one
+    # environment with and without the venv's bin on PATH rebuilt the op in turn, each waiting on the other.
+    for d in ("venv_bin", "sys_bin"):
+        (tmp_path / d).mkdir()
+        (tmp_path / d / "ninja").write_text("#!/bin/sh\n")
+        (tmp_path / d / "ninja").chmod(0o755)
+    venv, system = str(tmp_path / "venv_bin"), str(tmp_path / "sys_bin")
+    a = op_cache_env({"PATH": f"{venv}:{system}"}, "/p", "1")["TORCH_EXTENSIONS_DIR"]
+    b = op_cache_env({"PATH": system}, "/p", "1")["TORCH_EXTENSIONS_DIR"]
+    assert a != b
+    assert a == op_cache_env({"PATH": venv}, "/p", "1")["TORCH_EXTENSIONS_DIR"]  # the ninja run, not PATH
+
+
 def test_deepspeed_launcher_local_size_becomes_local_world_size():
     env = rank_env({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_SIZE": "2"}, use_cuda=True)
     assert env == {"LOCAL_WORLD_SIZE": "2"}
