@@ -66,6 +66,9 @@ def _check_flags(req: LaunchRequest) -> str:
         "--gpus-per-node": req.gpus_per_node,
         "--sbatch-arg": req.sbatch_args or None,
     }
+    if req.hostfile is not None and not req.hostfile.strip():
+        # An unset variable in a script (--hostfile "$HOSTS") must not quietly make a multi-node job local.
+        raise UserError(f"--hostfile: empty path ({req.hostfile!r})")
     if req.hostfile and req.slurm:
         raise UserError("--hostfile and --slurm are different targets; give one")
     if not req.hostfile:

@@ -604,6 +604,16 @@ def test_malformed_hostfile_names_line(ws, capsys):
     assert "bad:3: malformed line 'worker-1 slots='" in _fails(capsys, "c.yaml", "--hostfile", "bad", "--dry-run")
 
 
+@pytest.mark.parametrize("value", ["", " "])
+def test_empty_hostfile_path_is_refused_not_a_local_job(ws, capsys, value):
+    # Was: --hostfile '' (a script's unset "$HOSTS") ran the job on this machine alone, and with --include
+    # said "--include needs --hostfile".
+    assert _fails(capsys, "c.yaml", "--hostfile", value, "--dry-run") == (
+        f"mnemo: error: --hostfile: empty path ({value!r})\n"
+    )
+    assert "--hostfile: empty path" in _fails(capsys, "c.yaml", "--hostfile", value, "--include", "a", "--dry-run")
+
+
 def test_sbatch_missing_tells_to_use_dry_run(ws, capsys, monkeypatch):
     monkeypatch.setenv("PATH", str(ws))  # no sbatch here
     err = _fails(capsys, "c.yaml", "--slurm")
