@@ -92,7 +92,10 @@ def parse_hostfile(path: str | Path) -> list[Host]:
     p = Path(path)
     try:
         # utf-8-sig: a byte order mark (Notepad and other editors write one) is not part of the first name.
-        text = p.read_text(encoding="utf-8-sig")
+        # newline="": a lone CR stays in its line (the docs: lines end at LF or CRLF, nothing else), not the
+        # universal-newline translation that made "a # spare\rb" two hosts.
+        with open(p, encoding="utf-8-sig", newline="") as f:
+            text = f.read()
     except FileNotFoundError:
         raise UserError(f"hostfile not found: {p}") from None
     except (OSError, UnicodeDecodeError) as e:

@@ -85,6 +85,16 @@ def test_only_a_newline_ends_a_hostfile_line(sep):
         parse_hostfile_text(f"node-a slots=1\nnode-b{sep}node-c slots=1\n", "hf")
 
 
+def test_a_lone_carriage_return_does_not_end_a_hostfile_line(tmp_path):
+    # Was: read_text's universal newlines made "# spare\rnode-b" two lines, node-b a host (docs: LF or CRLF).
+    hf = tmp_path / "hf"
+    hf.write_bytes(b"node-a slots=1 # spare\rnode-b slots=1\r\nnode-c slots=2\n")
+    assert parse_hostfile(hf) == [Host("node-a", 1, 1), Host("node-c", 2, 2)]
+    hf.write_bytes(b"node-a slots=1\rnode-b slots=1\n")
+    with pytest.raises(UserError, match=r"hf:1: malformed line"):
+        parse_hostfile(hf)
+
+
 def test_ordinary_host_names_are_kept_verbatim():
     names = ["worker-0", "node_1.cluster.local", "alice@gpu-3", "10.0.0.7", "[fe80::1]", "fe80::2"]
     hosts = parse_hostfile_text("".join(f"{n} slots=1\n" for n in names), "hf")
