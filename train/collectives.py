@@ -19,7 +19,7 @@ process, e.g. ``mnemo eval``) they are the identity: one rank agrees with itself
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -122,6 +122,16 @@ def decided_by_rank0(choose: Callable[[], Any], errors: tuple[type[Exception], .
     return value
 
 
+def differences_from_rank0(values: Mapping[str, str], device: torch.device | str) -> tuple[dict[str, tuple], bool]:
+    """Where this rank's ``values`` differ from rank 0's, ``{key: (this rank's, rank 0's)}`` (None: absent),
+    and whether any rank found a difference. Every rank calls it: one broadcast, one reduction, so a rank
+    that differs and the ranks that do not stop together instead of meeting in different collectives."""
+    theirs = broadcast_object(dict(values))
+    keys = sorted(set(values) | set(theirs))
+    diff = {k: (values.get(k), theirs.get(k)) for k in keys if values.get(k) != theirs.get(k)}
+    return diff, any_true([bool(diff)], device)[0]
+
+
 def barrier() -> None:
     """Wait for every rank (torch picks the device: the one bound at init on a GPU, else the CPU backend)."""
     dist = _dist()
@@ -138,6 +148,7 @@ __all__ = [
     "barrier",
     "broadcast_object",
     "decided_by_rank0",
+    "differences_from_rank0",
     "process_group_backend",
     "sum_",
     "world_size",

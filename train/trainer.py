@@ -73,6 +73,26 @@ def read_manifest(cfg: Config) -> dict[str, Any]:
     return read_data_manifest(data_dir)
 
 
+# Config keys a node may set for itself: where its copy of the data and tokenizer lies (compared by
+# content instead), its prefetch threads and its local cache. Everything else must be rank 0's.
+NODE_LOCAL_KEYS = ("data.path", "data.tokenizer", "data.num_workers", "data.cache_dir")
+
+
+def job_identity(cfg: Config, tok_sha: str, manifest: dict[str, Any]) -> dict[str, str]:
+    """What every rank of one job must share, as text per key: the resolved config (less NODE_LOCAL_KEYS,
+    and the sources' paths) and the content of the data and tokenizer."""
+    out = {}
+    for k, v in flatten(cfg).items():
+        if k in NODE_LOCAL_KEYS:
+            continue
+        if k == "data.sources":
+            v = [{f: x for f, x in src.items() if f != "path"} for src in v]
+        out[k] = json.dumps(v, sort_keys=True, default=str)
+    out["the tokenizer (sha256)"] = tok_sha
+    out["the data (its manifest.json)"] = json.dumps(manifest, sort_keys=True, default=str)
+    return out
+
+
 def weights_origin(cfg: Config, resume_path: Path | None) -> str:
     """Where a run's weights come from, for its start-up line: "resume from CKPT", "init_from SRC" or "from scratch"."""
     if resume_path is not None:
@@ -139,6 +159,33 @@ class Trainer:
             dist_backend=process_group_backend(self.use_cuda),
             timeout=datetime.timedelta(seconds=cfg.checkpoint.collective_timeout_s),
         )
+        self._check_same_job()
+
+    def _check_same_job(self) -> None:
+        """Every rank runs rank 0's config on the same data, or every rank stops with one line.
+
+        Nodes started by hand (``--nnodes``) or a hostfile edited between starts can differ: with another
+        train.batch_size or dataset a node trained silently wrong; with another model shape DeepSpeed's first
+        broadcast hung until the collective timeout. Checked before any other collective of the job.
+        """
+        from mnemo.data_pipeline.errors import clip
+        from mnemo.train.collectives import differences_from_rank0
+        from mnemo.train.redact import redact_uri
+
+        diff, anyone = differences_from_rank0(job_identity(self.cfg, self.tok_sha, self.manifest), self.device)
+        rule = "every node must run the same config file, overrides and data"
+        if diff:
+            shown = [  # config values as JSON text (credentials in URIs hidden); the data's digests say nothing
+                f"{k} differs"
+                if k.startswith("the ")
+                else f"{k} {clip(redact_uri(str(mine)))} here, {clip(redact_uri(str(rank0)))} on rank 0"
+                for k, (mine, rank0) in list(diff.items())[:3]
+            ]
+            more = f" (and {len(diff) - 3} more)" if len(diff) > 3 else ""
+            who = f"rank {self.info.rank} (node {self.info.node_rank})"
+            raise UserError(f"{who} differs from rank 0: {'; '.join(shown)}{more}: {rule}")
+        if anyone:
+            raise UserError(f"another rank's config or data differs from rank 0's (its error names them): {rule}")
 
     def setup(self) -> None:
         """Everything before the first step; the caller holds run.dir (train/runlock.py)."""
