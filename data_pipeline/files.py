@@ -128,6 +128,30 @@ def not_a_regular_file(path: str | os.PathLike) -> str | None:
     return None
 
 
+def open_own_file(path: str | os.PathLike, flags: int, mode: int = 0o644) -> int:
+    """A descriptor of the regular file at ``path`` opened with ``flags`` (``O_CREAT``: made with ``mode``
+    if missing), never through a symbolic link: NotRegularFile ("a symbolic link", "not a regular file")
+    when ``path`` is a link, a FIFO, a device, a socket or a directory. Other OSErrors as os.open raises them.
+
+    For files mnemo writes in place at a fixed name (a lock file, a node log): O_NOFOLLOW, since a link
+    put there would have mnemo's text written into its target, wherever it points; O_NONBLOCK for the
+    open, since a FIFO there would block it for ever (it is then refused on the descriptor).
+    """
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, mode)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise NotRegularFile("a symbolic link") from None
+        if e.errno == errno.ENXIO:  # a FIFO opened to write, without a reader
+            raise NotRegularFile("not a regular file") from None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise NotRegularFile("not a regular file")
+    os.set_blocking(fd, True)
+    return fd
+
+
 class LockBusy(Exception):
     """Another process holds the lock; ``holder``: who, as its lock file says (host, pid, since)."""
 
@@ -147,15 +171,17 @@ def _holder_text(raw: str) -> str:
 def take_flock(path: str | Path) -> int:
     """An exclusive ``fcntl.flock`` on ``path`` (made if missing), held by the returned descriptor; the
     file then says who holds it (host, pid, start time). LockBusy when another process holds it;
-    OSError when it cannot be opened or locked.
+    NotRegularFile when ``path`` is a symbolic link or not a regular file (``open_own_file``); OSError
+    when it cannot be opened or locked.
 
     The kernel releases the lock when the process exits, however it exits (SIGKILL included), so a
     rerun after a crash is never blocked by its own earlier self and there is no stale lock to clean up
     (train/runlock.py: the run directory's lock; data_pipeline/outputs.py: --out's). The descriptor is
     not inherited by programs the process starts (Python opens it non-inheritable), but a fork shares it.
     """
-    # O_RDWR without O_TRUNC: a process that finds the lock held must still read who holds it.
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    # O_RDWR without O_TRUNC: a process that finds the lock held must still read who holds it. Never
+    # through a link: the holder's text would be written over the link's target, wherever it points.
+    fd = open_own_file(path, os.O_RDWR | os.O_CREAT)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:
@@ -206,7 +232,8 @@ MAX_JSON_BYTES = 256 << 20
 
 
 class NotRegularFile(OSError):
-    """A file that was not read: a directory, FIFO, device or socket, or bigger than the caller's bound.
+    """A file that was not read or written: a directory, FIFO, device, socket or symbolic link (where
+    ``open_own_file`` refuses one), or bigger than the caller's bound.
 
     An OSError, so that callers already handling a file that cannot be read handle this one too; its
     message is the reason ("a FIFO (named pipe), not a regular file").

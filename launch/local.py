@@ -34,13 +34,11 @@ torchrun's copies of the ranks' output (its --tee) live in a temporary folder
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import re
 import selectors
 import shutil
 import signal
-import stat
 import subprocess
 import sys
 import tempfile
@@ -54,6 +52,7 @@ from typing import IO
 import psutil
 
 from mnemo.data_pipeline.errors import storage_error
+from mnemo.data_pipeline.files import NotRegularFile, open_own_file
 from mnemo.data_pipeline.processes import die_with_parent
 from mnemo.launch.torchrun import NodePlan, node_env, torchrun_command
 from mnemo.train.errors import UserError
@@ -99,24 +98,17 @@ def _kill_tree(pid: int) -> None:
 def open_node_log(plan: NodePlan) -> IO[str]:
     """``<run.dir>/logs/node{i}.log`` opened to append; UserError naming it if it is a link or not a file.
 
-    O_NOFOLLOW: a symbolic link there would have the log appended to its
-    target, wherever it points; O_NONBLOCK: a FIFO there would block the
-    open (it is then refused as not a regular file).
+    Opened with ``open_own_file``: a symbolic link there would have the log
+    appended to its target, wherever it points, and a FIFO would block the open.
     """
     path = plan.log_path
-    only_own = "mnemo launch appends its node log only to a file of its own"
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
+        fd = open_own_file(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    except NotRegularFile as e:
+        raise UserError(f"{path} is {e}; mnemo launch appends its node log only to a file of its own") from None
     except OSError as e:
-        if e.errno == errno.ELOOP:
-            raise UserError(f"{path} is a symbolic link; {only_own}") from None
-        if e.errno == errno.ENXIO:  # a FIFO without a reader
-            raise UserError(f"{path} is not a regular file; {only_own}") from None
         raise UserError(f"run.dir: cannot write {e.filename or path}: {e.strerror or e}") from None
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise UserError(f"{path} is not a regular file; {only_own}")
     return open(fd, "a", buffering=1, errors="replace")
 
 

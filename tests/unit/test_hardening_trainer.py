@@ -125,6 +125,25 @@ def test_run_lock_names_its_holder_and_dies_with_it(tmp_path):
     RunLock(tmp_path / "run").acquire()  # released on exit of the with block
 
 
+def test_run_lock_that_is_a_link_or_not_a_file_is_refused_and_its_target_untouched(tmp_path):
+    # Was: os.open(run.lock, O_RDWR | O_CREAT) followed the link and the holder's JSON overwrote its target.
+    from mnemo.train.errors import UserError
+    from mnemo.train.runlock import take_run_dir
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("notes\n")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "run.lock").symlink_to("../victim.txt")
+    with pytest.raises(UserError, match=rf"^run\.dir: cannot lock {run_dir}/run\.lock: a symbolic link"):
+        take_run_dir(run_dir, 0)
+    assert victim.read_text() == "notes\n"
+    (run_dir / "run.lock").unlink()
+    os.mkfifo(run_dir / "run.lock")  # would block the open for ever
+    with pytest.raises(UserError, match=rf"^run\.dir: cannot lock {run_dir}/run\.lock: not a regular file"):
+        take_run_dir(run_dir, 0)
+
+
 def test_second_job_on_a_held_run_dir_fails_before_writing_anything(world1, data, tmp_path):
     """While another job holds run.dir, train() stops with a one-line error naming the holder and writes
     nothing there; once the holder is SIGKILLed, the same command runs."""
