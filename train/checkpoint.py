@@ -60,6 +60,7 @@ from mnemo.train.rundir import (
     is_interrupted_save,
     newest_checkpoint,
     read_checkpoint_meta,
+    stray_entries,
 )
 
 __all__ = ["COMPLETE", "STEP_RE", "is_complete"]  # names of train/rundir.py that importers take from here
@@ -298,6 +299,7 @@ class CheckpointManager:
         # waiting there until the collective's timeout.
         self._any_failed = any_failed or bool
         self.protected: set[str] = set()  # never deleted: the checkpoint this run resumed from
+        self.kept_for_strays: set[str] = set()  # not pruned, as they hold files that mnemo did not write
         self.states: dict[str, Stateful] = dict(states or {})
 
     # ------------------------------------------------------------------ find
@@ -399,8 +401,20 @@ class CheckpointManager:
         if self.keep_every:
             keep |= {p.name for p in done if int(STEP_RE.match(p.name).group(1)) % self.keep_every == 0}
         for p in done:
-            if p.name not in keep:
+            if p.name in keep:
+                continue
+            # Only a folder holding nothing but what a save writes is mnemo's to delete: an eval.json that
+            # `mnemo eval CKPT --json CKPT/eval.json` put there, or a user's notes, are not.
+            stray = stray_entries(p)
+            if not stray:
                 shutil.rmtree(p, ignore_errors=True)
+            elif p.name not in self.kept_for_strays:  # once: every later save would find it again
+                self.kept_for_strays.add(p.name)
+                log.warning(
+                    "retention: keeping %s: it holds %s, which mnemo did not write there (delete it yourself)",
+                    p,
+                    stray[0],
+                )
 
     # ------------------------------------------------------------------ load
     def rank_states(self, path: Path) -> list[dict[str, Any]]:

@@ -7,7 +7,9 @@ only what it can show it wrote there:
 - ``config.yaml`` (train/config.py: ``wrote_run_config``);
 - ``.tmp-step_XXXXXXXX`` directories holding only the names a save writes
   (``SAVE_ENTRIES``, ``rank_XXXXX.pt``): an interrupted save;
-- complete checkpoints (``COMPLETE`` and ``meta.json``), by retention.
+- complete checkpoints (``COMPLETE`` and ``meta.json``) holding only what a
+  save writes, by retention (one holding anything else, an ``eval.json`` of
+  `mnemo eval --json`, is kept, with a warning naming it).
 
 Anything else under a mnemo name (a ``step_*`` folder without ``COMPLETE``, a
 ``.tmp-step_*`` holding other files) is left alone, and a run that would have
@@ -151,11 +153,17 @@ def find_checkpoint(path: Path) -> Path | None:
     return newest_checkpoint(root if root.is_dir() else path)
 
 
+def stray_entries(path: Path) -> list[str]:
+    """The entries of folder ``path`` (a checkpoint, a save, one being deleted) that a save does not write,
+    by name: an ``eval.json`` that `mnemo eval --json` put there, a user's notes."""
+    return sorted(e.name for e in path.iterdir() if not (e.name in SAVE_ENTRIES or RANK_FILE_RE.match(e.name)))
+
+
 def is_interrupted_save(path: Path) -> bool:
     """Whether ``path`` is the .tmp-step_* directory of a save mnemo began and did not finish."""
     if not (TMP_RE.match(path.name) and path.is_dir() and not path.is_symlink()):
         return False
-    return all(e.name in SAVE_ENTRIES or RANK_FILE_RE.match(e.name) for e in path.iterdir())
+    return not stray_entries(path)
 
 
 def foreign_entries(root: Path) -> list[Path]:

@@ -102,6 +102,19 @@ def test_retention_keeps_newest_k_multiples_and_the_resumed_one(tmp_path):
     assert kept == ["step_00000010", "step_00000030", "step_00000060", "step_00000070", "step_00000080"]
 
 
+def test_retention_keeps_a_checkpoint_holding_files_mnemo_did_not_write(tmp_path, caplog):
+    """Was: shutil.rmtree of the whole folder, an eval.json that `mnemo eval CKPT --json CKPT/eval.json`
+    put there with it. Now such a checkpoint is kept, with one warning naming the file."""
+    mgr = CheckpointManager(tmp_path, keep=1)
+    old = save(mgr, 10)
+    (old / "eval.json").write_text("{}")
+    save(mgr, 20)
+    save(mgr, 30)
+    assert (old / "eval.json").read_text() == "{}" and is_complete(old)
+    assert sorted(p.name for p in mgr.complete_checkpoints()) == ["step_00000010", "step_00000030"]
+    assert caplog.text.count(f"retention: keeping {old}: it holds eval.json, which mnemo did not write") == 1
+
+
 def test_resolve_rejects_non_checkpoints(tmp_path):
     with pytest.raises(UserError, match="not a mnemo checkpoint"):
         resolve_checkpoint(tmp_path)
