@@ -34,6 +34,7 @@ import os
 import pickle
 import re
 import shutil
+import sys
 import time
 from pathlib import Path
 from collections.abc import Iterator
@@ -59,8 +60,10 @@ from mnemo.train.rundir import (
     is_complete,
     is_interrupted_save,
     newest_checkpoint,
+    is_deletion_leftover,
     read_checkpoint_meta,
     stray_entries,
+    trash_name,
 )
 
 __all__ = ["COMPLETE", "STEP_RE", "is_complete"]  # names of train/rundir.py that importers take from here
@@ -270,6 +273,43 @@ def rank_file_of(states: dict[str, Stateful]) -> dict[str, Any]:
     return out
 
 
+def discard(path: Path) -> None:
+    """Delete ``path``, a checkpoint or interrupted save holding only what a save writes (the caller checked).
+
+    Renamed to ``.trash-step_XXXXXXXX`` (rundir.trash_name) first, then deleted: a deletion cut off
+    halfway (a file that cannot be unlinked, an NFS .nfsXXXX, a kill) leaves a folder that is recognisably
+    mnemo's, which the next start removes (clean_partials), where deleting in place left a step_* folder
+    without COMPLETE, which every relaunch refused as not mnemo's. A failure is a one-line warning.
+    """
+    trash = trash_name(path)
+    if is_deletion_leftover(trash):  # of the same step, by an earlier deletion cut off halfway
+        remove_trash(trash)
+    try:
+        os.rename(path, trash)  # fails on anything else at that name (not empty): nothing is deleted then
+        fsync_path(path.parent)
+    except OSError as e:
+        log.warning("could not delete %s (%s); it stays", path, e.strerror or e)
+        return
+    remove_trash(trash)
+
+
+def remove_trash(trash: Path) -> None:
+    """Delete ``trash`` (a folder ``discard`` moved there), as much of it as can be; a one-line warning if not all."""
+    failed: list[tuple[str, BaseException]] = []
+
+    def note(_func, where, exc) -> None:  # exc: the exception (onexc) or sys.exc_info() (onerror, Python < 3.12)
+        failed.append((where, exc[1] if isinstance(exc, tuple) else exc))
+
+    if sys.version_info >= (3, 12):
+        shutil.rmtree(trash, onexc=note)
+    else:
+        shutil.rmtree(trash, onerror=note)
+    if failed:
+        where, e = failed[0]
+        why = getattr(e, "strerror", None) or e
+        log.warning("could not delete all of %s (%s: %s); the next start removes the rest", trash, where, why)
+
+
 class CheckpointManager:
     """Saves and finds checkpoints; saves and restores this rank's ``states`` (named Stateful parts).
 
@@ -317,13 +357,18 @@ class CheckpointManager:
         return newest_checkpoint(self.root)
 
     def clean_partials(self) -> list[Path]:
-        """Rank 0: delete leftovers of interrupted saves, warning with their names."""
+        """Rank 0: delete leftovers of interrupted saves and of deletions cut off halfway, warning with their names."""
         removed = []
         if self.rank == 0:
             for p in self.partial_checkpoints():
                 log.warning("removing incomplete checkpoint %s (interrupted save)", p)
-                shutil.rmtree(p, ignore_errors=True)
+                discard(p)
                 removed.append(p)
+            for p in sorted(self.root.iterdir()) if self.root.is_dir() else []:
+                if is_deletion_leftover(p):
+                    log.warning("removing the rest of deleted checkpoint %s", p)
+                    remove_trash(p)
+                    removed.append(p)
         return removed
 
     # ------------------------------------------------------------------ save
@@ -343,7 +388,7 @@ class CheckpointManager:
         tmp = self.root / f".tmp-{name}"
         if self.rank == 0:
             if is_interrupted_save(tmp):  # of this step, by an earlier attempt (anything else there: see below)
-                shutil.rmtree(tmp)
+                discard(tmp)
             tmp.mkdir(parents=True)  # fails on what mnemo did not write (the start refuses such a run dir)
         self._barrier()
         # A full disk (quota, read-only file system) is one line naming the checkpoint: torch.save to a path
@@ -389,7 +434,10 @@ class CheckpointManager:
         (tmp / COMPLETE).write_text(f"{time.time()}\n")
         fsync_path(tmp / COMPLETE)
         if is_complete(final):  # a stale copy of the same step from an earlier attempt
-            shutil.rmtree(final)
+            stray = stray_entries(final)
+            if stray:
+                raise UserError(f"{final} holds {stray[0]}, which mnemo did not write there; move it away")
+            discard(final)
         os.replace(tmp, final)
         fsync_path(self.root)
         atomic_write_text(self.root / "latest", final.name + "\n")
@@ -407,7 +455,7 @@ class CheckpointManager:
             # `mnemo eval CKPT --json CKPT/eval.json` put there, or a user's notes, are not.
             stray = stray_entries(p)
             if not stray:
-                shutil.rmtree(p, ignore_errors=True)
+                discard(p)
             elif p.name not in self.kept_for_strays:  # once: every later save would find it again
                 self.kept_for_strays.add(p.name)
                 log.warning(

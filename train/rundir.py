@@ -9,7 +9,11 @@ only what it can show it wrote there:
   (``SAVE_ENTRIES``, ``rank_XXXXX.pt``): an interrupted save;
 - complete checkpoints (``COMPLETE`` and ``meta.json``) holding only what a
   save writes, by retention (one holding anything else, an ``eval.json`` of
-  `mnemo eval --json`, is kept, with a warning naming it).
+  `mnemo eval --json`, is kept, with a warning naming it);
+- ``.trash-step_XXXXXXXX`` directories holding only what a save writes: a
+  checkpoint or interrupted save is renamed so before it is deleted, so that
+  a deletion cut off halfway (a file that cannot be unlinked, a kill) is
+  recognisably mnemo's, and the next start removes the rest.
 
 Anything else under a mnemo name (a ``step_*`` folder without ``COMPLETE``, a
 ``.tmp-step_*`` holding other files) is left alone, and a run that would have
@@ -36,6 +40,10 @@ from mnemo.train.errors import UserError
 
 STEP_RE = re.compile(r"^step_(\d{8})\Z")  # \Z: "$" also matches before a final newline
 TMP_RE = re.compile(r"^\.tmp-step_\d{8}\Z")
+# A checkpoint (or interrupted save) being deleted is first renamed to this: a deletion cut off halfway
+# (a file that cannot be unlinked, a kill) then leaves a folder that is recognisably mnemo's, not a
+# step_* folder without COMPLETE, which a relaunch would refuse as not mnemo's.
+TRASH_RE = re.compile(r"^\.trash-step_\d{8}\Z")
 COMPLETE = "COMPLETE"
 # What a save writes into its .tmp-step_* directory besides rank_XXXXX.pt and the tokenizer copy
 # (tokenizer.model or tokenizer.json): DeepSpeed's folder, meta.json, then COMPLETE.
@@ -162,6 +170,19 @@ def stray_entries(path: Path) -> list[str]:
 def is_interrupted_save(path: Path) -> bool:
     """Whether ``path`` is the .tmp-step_* directory of a save mnemo began and did not finish."""
     if not (TMP_RE.match(path.name) and path.is_dir() and not path.is_symlink()):
+        return False
+    return not stray_entries(path)
+
+
+def trash_name(path: Path) -> Path:
+    """Where a checkpoint or interrupted save is moved before it is deleted: ``.trash-step_XXXXXXXX``."""
+    return path.with_name(".trash-" + path.name.removeprefix(".tmp-"))
+
+
+def is_deletion_leftover(path: Path) -> bool:
+    """Whether ``path`` is a ``.trash-step_*`` folder of mnemo's (trash_name) holding only what a save writes:
+    a deletion that failed halfway (a file that could not be unlinked, a kill), removed at the next start."""
+    if not (TRASH_RE.match(path.name) and path.is_dir() and not path.is_symlink()):
         return False
     return not stray_entries(path)
 

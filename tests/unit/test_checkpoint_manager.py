@@ -115,6 +115,38 @@ def test_retention_keeps_a_checkpoint_holding_files_mnemo_did_not_write(tmp_path
     assert caplog.text.count(f"retention: keeping {old}: it holds eval.json, which mnemo did not write") == 1
 
 
+def test_a_deletion_cut_off_halfway_leaves_a_resumable_run_dir_and_is_cleaned_next_start(tmp_path, monkeypatch, caplog):
+    """Was: retention's rmtree(ignore_errors=True) in place; a file that could not be unlinked (an NFS
+    .nfsXXXX, an immutable file, a kill mid-delete) left step_* without COMPLETE, and every relaunch was
+    refused as "named like a checkpoint but not one mnemo wrote". Now the folder is renamed
+    .trash-step_* first: the failure is one warning, the run dir resumes, the next start removes the rest."""
+    import errno
+
+    from mnemo.train.rundir import check_run_dir
+
+    mgr = CheckpointManager(tmp_path, keep=1)
+    save(mgr, 10)
+    unlink = os.unlink
+
+    def stuck(path, *args, **kwargs):  # as chattr +i on one file (shutil.rmtree unlinks by name and dir_fd)
+        if os.path.basename(path) == "rank_00000.pt":
+            raise PermissionError(errno.EPERM, "Operation not permitted")
+        return unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "unlink", stuck)
+    newest = save(mgr, 20)
+    monkeypatch.undo()
+    assert "could not delete all of" in caplog.text and "Operation not permitted" in caplog.text
+    assert sorted(p.name for p in mgr.root.iterdir()) == [".trash-step_00000010", "latest", "step_00000020"]
+    assert check_run_dir(tmp_path, "auto")[0] == newest  # resumable
+    (mgr.root / ".trash-step_00000005").mkdir()  # a trash name holding a file no save writes: not mnemo's
+    (mgr.root / ".trash-step_00000005" / "notes.txt").write_text("mine")
+    removed = CheckpointManager(tmp_path, keep=1).clean_partials()  # the next start
+    assert [p.name for p in removed] == [".trash-step_00000010"]
+    assert "removing the rest of deleted checkpoint" in caplog.text
+    assert sorted(p.name for p in mgr.root.iterdir()) == [".trash-step_00000005", "latest", "step_00000020"]
+
+
 def test_resolve_rejects_non_checkpoints(tmp_path):
     with pytest.raises(UserError, match="not a mnemo checkpoint"):
         resolve_checkpoint(tmp_path)
