@@ -1000,6 +1000,7 @@ def check_paths(cfg: Config) -> None:
         check_checkpoint_files,
         check_run_dir,
         find_checkpoint,
+        foreign_run_files,
         read_checkpoint_meta,
     )
 
@@ -1034,6 +1035,11 @@ def check_paths(cfg: Config) -> None:
             raise ConfigError(
                 f"run.dir: {conf} exists and mnemo did not write it (mnemo keeps each run's resolved config "
                 "there); use another run.dir or move that file"
+            )
+        for path, what in foreign_run_files(Path(cfg.run.dir)):  # mnemo replaces them too, at the run's end
+            raise ConfigError(
+                f"run.dir: {path} exists and mnemo did not write it (mnemo writes {what} there); "
+                "use another run.dir or move that file"
             )
         try:  # what this run would write over, or mix its checkpoints with (train/rundir.py)
             start, _ = check_run_dir(Path(cfg.run.dir), r, resume)

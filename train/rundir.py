@@ -4,7 +4,8 @@ A run writes ``<run.dir>/config.yaml`` (its resolved config) and saves into
 ``<run.dir>/checkpoints/`` (train/checkpoint.py). mnemo deletes or replaces
 only what it can show it wrote there:
 
-- ``config.yaml`` (train/config.py: ``wrote_run_config``);
+- ``config.yaml`` (train/config.py: ``wrote_run_config``), ``summary.json`` and
+  ``PREEMPTED`` (``wrote_run_file``), each replaced by an atomic rename;
 - ``.tmp-step_XXXXXXXX`` directories holding only the names a save writes
   (``SAVE_ENTRIES``, ``rank_XXXXX.pt``): an interrupted save;
 - complete checkpoints (``COMPLETE`` and ``meta.json``) holding only what a
@@ -35,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from mnemo.data_pipeline.errors import brief
-from mnemo.data_pipeline.files import load_json, not_a_regular_file
+from mnemo.data_pipeline.files import load_json, not_a_regular_file, read_bounded
 from mnemo.train.errors import UserError
 
 STEP_RE = re.compile(r"^step_(\d{8})\Z")  # \Z: "$" also matches before a final newline
@@ -159,6 +160,38 @@ def find_checkpoint(path: Path) -> Path | None:
         return path
     root = path / "checkpoints"
     return newest_checkpoint(root if root.is_dir() else path)
+
+
+# What a run writes at the top of its run directory besides config.yaml, and what each says there. Both are
+# replaced only when mnemo wrote them (wrote_run_file): the summary of the run's end (train/trainer.py, its
+# keys since the first version), and the marker of a preempted run that the SLURM script requeues (the step).
+SUMMARY = "summary.json"
+SUMMARY_KEYS = ("step", "exit", "run_id", "checkpoint", "run_dir")
+PREEMPTED = "PREEMPTED"
+RUN_FILES = {SUMMARY: "the summary of the run's end", PREEMPTED: "the marker of a preempted run"}
+
+
+def wrote_run_file(path: Path) -> bool:
+    """Whether ``path``, a run directory's summary.json or PREEMPTED, is a regular file as mnemo writes it."""
+    if path.is_symlink() or not path.is_file():
+        return False
+    try:
+        if path.name == PREEMPTED:
+            return re.fullmatch(rb"\d+\n?", read_bounded(path, 64)) is not None
+        tree = load_json(path, limit=1 << 20)  # the eval results are a few dozen numbers
+    except (OSError, ValueError):
+        return False
+    return isinstance(tree, dict) and all(k in tree for k in SUMMARY_KEYS)
+
+
+def foreign_run_files(run_dir: Path) -> list[tuple[Path, str]]:
+    """(path, what mnemo writes there) for each file of RUN_FILES in ``run_dir`` that mnemo did not write."""
+    out = []
+    for name, what in RUN_FILES.items():
+        path = run_dir / name
+        if os.path.lexists(path) and not wrote_run_file(path):
+            out.append((path, what))
+    return out
 
 
 def stray_entries(path: Path) -> list[str]:

@@ -47,7 +47,7 @@ from mnemo.train.errors import UserError
 from mnemo.train.eval_hook import run_eval
 from mnemo.train.loop import StepLog, TrainLoop, dist_info
 from mnemo.train.resume import check_resume_compatible, reads_universal, universal_tag
-from mnemo.train.rundir import RESUME_META_KEYS, check_checkpoint_files
+from mnemo.train.rundir import PREEMPTED, RESUME_META_KEYS, SUMMARY, check_checkpoint_files, wrote_run_file
 from mnemo.train.schedule import (
     Preemption,
     after_step,
@@ -598,8 +598,8 @@ class Trainer:
                 self.preempt.finishing("the final checkpoint and evaluation")
                 self.save(exit_reason)
             if exit_reason in ("completed", "time_limit", "data_used_up"):
-                if info.rank == 0 and (self.run_dir / "PREEMPTED").exists():
-                    (self.run_dir / "PREEMPTED").unlink()
+                if info.rank == 0 and wrote_run_file(self.run_dir / PREEMPTED):
+                    (self.run_dir / PREEMPTED).unlink()
                 self.preempt.finishing("the final evaluation")
                 eval_result = self.evaluate()
         finally:
@@ -615,7 +615,8 @@ class Trainer:
     def _mark_preempted(self) -> None:
         """<run.dir>/PREEMPTED (rank 0): the sbatch script requeues the job when it finds it (launch/slurm.py)."""
         if self.info.rank == 0:
-            (self.run_dir / "PREEMPTED").write_text(f"{self.counters.step}\n")
+            # Atomic: a link put there is replaced, not written through (check_paths refused one of the user's).
+            atomic_write_text(self.run_dir / PREEMPTED, f"{self.counters.step}\n")
 
     # ------------------------------------------------------------------ the end
     def _shut_down(self, exit_reason: str) -> None:
@@ -646,7 +647,7 @@ class Trainer:
         if self.episodes is not None:
             summary["passkey_curriculum"] = self.episodes.summary()
         if self.info.rank == 0:
-            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+            atomic_write_text(self.run_dir / SUMMARY, json.dumps(summary, indent=1, default=str))
             log.info("done: %s", json.dumps({k: v for k, v in summary.items() if k != "eval"}, default=str))
         return summary
 

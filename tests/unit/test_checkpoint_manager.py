@@ -393,6 +393,34 @@ def test_config_yaml_mnemo_did_not_write_is_refused(tmp_path):
     assert not wrote_config(run / "config.yaml")
 
 
+@pytest.mark.parametrize("name", ["summary.json", "PREEMPTED"])
+def test_summary_or_preempted_mnemo_did_not_write_is_refused(tmp_path, name):
+    """run.dir/summary.json (at the end) and PREEMPTED (on a stop request) were written with write_text,
+    without a look and through a link. Now a start refuses a file of those names that mnemo did not write,
+    as it refuses such a config.yaml; mnemo's own are replaced by an atomic rename (never written through)."""
+    from mnemo.train.config import ConfigError
+    from mnemo.train.rundir import wrote_run_file
+
+    run = tmp_path / "proj"
+    run.mkdir()
+    victim = tmp_path / "victim.txt"
+    victim.write_text("notes\n")
+    for theirs in ("my notes\n", "[1, 2]", None):  # None: a link to the victim
+        (run / name).unlink(missing_ok=True)
+        if theirs is None:
+            (run / name).symlink_to(victim)
+        else:
+            (run / name).write_text(theirs)
+        with pytest.raises(ConfigError, match=rf"^run\.dir: {run}/{name} exists and mnemo did not write it \(mnemo"):
+            _check(_cfg(tmp_path, run))
+    assert victim.read_text() == "notes\n"
+    (run / name).unlink()
+    mine = '{"step": 5, "exit": "completed", "run_id": null, "checkpoint": "c", "run_dir": "r"}'
+    (run / name).write_text(mine if name == "summary.json" else "5\n")  # what mnemo writes
+    assert wrote_run_file(run / name)
+    _check(_cfg(tmp_path, run))
+
+
 def test_run_dir_that_is_a_file_is_refused_before_start(tmp_path):
     from mnemo.train.config import ConfigError
 
