@@ -55,6 +55,7 @@ from mnemo.data_pipeline.errors import storage_error
 from mnemo.data_pipeline.files import NotRegularFile, open_own_file
 from mnemo.data_pipeline.processes import die_with_parent
 from mnemo.launch.torchrun import NodePlan, node_env, torchrun_command
+from mnemo.train.runlock import check_run_dir_free
 from mnemo.train.errors import UserError
 
 _IGNORED_IN_TORCHRUN = (signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP)
@@ -276,6 +277,11 @@ class NodeRunner:
 
     def run(self) -> int:
         plan = self.plan
+        if plan.node_rank == 0:
+            # A job already on run.dir: refused now, before the node log or any rank (train/runlock.py). Node 0
+            # only: it serves the rendezvous, so no rank of this job can hold the lock yet, whereas another
+            # node's launcher may start after this job's rank 0 took it.
+            check_run_dir_free(plan.run_dir)
         with open_node_log(plan) as log, torchrun_log_dir(plan.node_rank) as torchrun_logs:
             stamp = time.strftime("%Y-%m-%d %H:%M:%S")
             slurm = os.environ.get("SLURM_JOB_ID")

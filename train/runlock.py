@@ -44,15 +44,18 @@ class RunLock:
         self.fd: int | None = None
 
     def acquire(self) -> None:
-        """Take the lock or raise RunDirBusy naming the holder. Creates run_dir if needed."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        """Take the lock or raise RunDirBusy naming the holder; UserError naming the lock file when it cannot
+        be made or locked (a symbolic link there, a read-only folder). Creates run_dir if needed."""
         try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
             fd = take_flock(self.path)
         except LockBusy as e:
             raise RunDirBusy(
                 f"run.dir: {self.path.parent} is in use by another job ({e.holder}); "
                 "wait for it to end, stop it, or use another run.dir"
             ) from None
+        except OSError as e:
+            raise UserError(f"run.dir: cannot lock {self.path}: {e.strerror or e}") from None
         self.fd = fd
 
     def release(self) -> None:
@@ -84,8 +87,8 @@ def take_run_dir(run_dir: str | Path, rank: int) -> RunLock | None:
             lock.acquire()
         except RunDirBusy as e:
             lock, error = None, (True, str(e))
-        except OSError as e:  # every rank must hear of it, or the others wait out the collective timeout
-            lock, error = None, (False, f"run.dir: cannot lock {lock.path}: {e.strerror or e}")
+        except UserError as e:  # every rank must hear of it, or the others wait out the collective timeout
+            lock, error = None, (False, str(e))
     error = broadcast_object(error, src=0)
     if error is not None:
         busy, msg = error
@@ -93,4 +96,20 @@ def take_run_dir(run_dir: str | Path, rank: int) -> RunLock | None:
     return lock
 
 
-__all__ = ["LOCK_NAME", "RunDirBusy", "RunLock", "take_run_dir"]
+def check_run_dir_free(run_dir: str | Path) -> None:
+    """RunDirBusy (or UserError, as ``RunLock.acquire``) unless the run directory's lock can be taken now; it is
+    released again at once.
+
+    For a launcher, before it starts any rank: a second job on a busy run.dir then stops at once, having
+    written nothing there (no node log), instead of after every rank's start-up. The ranks take the lock
+    themselves (``take_run_dir``); the launcher's copy is released before they start, and its descriptor
+    is not inherited by them.
+    """
+    lock = RunLock(run_dir)
+    if not os.path.lexists(lock.path):  # no job has held it: nothing to check, and nothing is made here
+        return
+    lock.acquire()
+    lock.release()
+
+
+__all__ = ["LOCK_NAME", "RunDirBusy", "RunLock", "check_run_dir_free", "take_run_dir"]

@@ -756,6 +756,26 @@ def test_torchruns_rank_copies_are_kept_off_the_run_dir_in_a_folder_removed_at_t
     assert sorted(os.listdir(plan.run_dir)) == ["logs"] and os.listdir(plan.run_dir / "logs") == ["node0.log"]
 
 
+def test_a_second_launch_on_a_busy_run_dir_is_refused_before_writing_anything(tmp_path, monkeypatch):
+    # Was: the launcher made logs/node0.log in the busy run dir and started torchrun; the refusal came from
+    # rank 0 after a full start-up, with torchrun's traceback in that log.
+    from mnemo.launch.local import NodeRunner, run_node
+    from mnemo.launch.torchrun import NodePlan
+    from mnemo.train.runlock import RunDirBusy, RunLock
+
+    def no_start(self, log_dir):
+        raise AssertionError("started")
+
+    monkeypatch.setattr(NodeRunner, "_spawn", no_start)
+    plan = NodePlan(config=str(tmp_path / "c.yaml"), overrides=[], run_dir=tmp_path / "run", nproc_per_node=1)
+    with RunLock(plan.run_dir):  # the running job's flock (another open file: held against this process too)
+        with pytest.raises(RunDirBusy, match=rf"^run\.dir: {plan.run_dir} is in use by another job \(host .*pid"):
+            run_node(plan)
+        assert os.listdir(plan.run_dir) == ["run.lock"]  # no logs/node0.log
+    with pytest.raises(AssertionError, match="started"):  # free again: the launcher goes on to start torchrun
+        run_node(plan)
+
+
 def test_node_log_is_never_appended_through_a_symlink(tmp_path, monkeypatch):
     # Was: open(log, "a") followed the link and appended the node's output to its target.
     from mnemo.launch.local import NodeRunner, run_node
