@@ -36,6 +36,7 @@ import re
 import shutil
 import sys
 import time
+import traceback
 from pathlib import Path
 from collections.abc import Iterator
 from typing import Any, Protocol
@@ -189,10 +190,32 @@ DS_READ_ERRORS = (RuntimeError, EOFError, ValueError, FileNotFoundError)
 
 def unreadable_ds_state(where: Any, e: BaseException) -> BaseException:
     """UserError for ``e``, raised while DeepSpeed read the state of checkpoint ``where``; ``e`` itself when
-    it is not the checkpoint's fault (out of memory, a failed collective: RuntimeErrors too)."""
+    it is not the checkpoint's fault (out of memory, a failed collective: RuntimeErrors too).
+
+    It names the file that failed where it can be found, and gives torch's first sentence only: its message
+    for a truncated file is a paragraph (miniz, "likelihood that your checkpoint file is corrupted"...).
+    """
     if isinstance(e, (torch.OutOfMemoryError, torch.distributed.DistError)):
         return e
-    return UserError(f"{where}: cannot read the DeepSpeed state ({first_line(e)})")
+    path = failed_torch_file(e) or getattr(e, "filename", None)
+    reason = e.strerror if isinstance(e, OSError) and e.strerror else first_line(e)
+    reason = re.split(r"\.\s+(?=[A-Z])", reason, maxsplit=1)[0]  # its first sentence
+    return UserError(f"{where}: cannot read the DeepSpeed state ({f'{path}: ' if path else ''}{reason})")
+
+
+def failed_torch_file(e: BaseException) -> str | None:
+    """The file torch.load was reading when ``e`` was raised (DeepSpeed does not say), or None.
+
+    Found on the traceback: the ``f`` argument of the innermost torch.serialization.load among its frames.
+    """
+    found = None
+    for frame, _ in traceback.walk_tb(e.__traceback__):
+        if frame.f_code.co_name == "load" and frame.f_globals.get("__name__") == "torch.serialization":
+            f = frame.f_locals.get("f")
+            name = f if isinstance(f, (str, os.PathLike)) else getattr(f, "name", None)
+            if isinstance(name, (str, os.PathLike)):
+                found = os.fspath(name)
+    return found
 
 
 def load_engine_state(engine, ckpt: Path, tag: str, where: str) -> None:

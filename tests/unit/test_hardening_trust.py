@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -350,6 +351,8 @@ def test_a_damaged_checkpoint_is_one_line_error(crafted, tmp_path, capsys, damag
     rc = main(["export", str(crafted), "--out", str(tmp_path / "exported")])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and err[-1].startswith("mnemo: error:") and needle in err[-1], err
+    if damage == "pt_truncated":  # the file that failed, and torch's first sentence only
+        assert re.search(rf"\({states}/\S+\.pt: PytorchStreamReader failed [^.]*\)$", err[-1]), err
 
 
 def test_a_damaged_export_folder_is_one_line_error(two_models, tmp_path, capsys):
