@@ -22,11 +22,18 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import re
 import struct
 import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeVar
 
+from mnemo.data_pipeline.errors import DataError
+from mnemo.data_pipeline.files import LockBusy, take_flock
 from mnemo.data_pipeline.lean_imports import import_streaming
 from mnemo.data_pipeline.paths import is_inside
 
@@ -34,6 +41,16 @@ log = logging.getLogger(__name__)
 
 SHM_DIR = Path("/dev/shm")
 _LOCALS = re.compile(r"^(\d{6})_locals$")
+# A StreamingDataset picks the first free prefix, then creates its ``_locals`` segment: two processes
+# starting at the same moment can pick the same one, and the second's create fails (FileExistsError).
+PREFIX_RACE = re.compile(r"\d{6}_locals")
+PREFIX_TRIES = 5
+# How long a job's local leader waits for another's (one StreamingDataset construction, ~a second) before
+# going on without the lock: two multi-node jobs could otherwise wait for each other's lock at a barrier.
+PREFIX_LOCK_WAIT_S = 60.0
+PREFIX_LOCK = "mnemo-streaming-prefix.lock"
+
+T = TypeVar("T")
 
 
 def registered_locals(data: bytes) -> list[str]:
@@ -88,3 +105,66 @@ def release_stale_shm(owned_dir: str | os.PathLike, shm_dir: Path = SHM_DIR) -> 
     if removed:
         log.info("released shared memory leaked by an earlier job of this run: %s", ", ".join(removed))
     return removed
+
+
+def _dist():
+    import torch.distributed as dist
+
+    return dist if dist.is_available() and dist.is_initialized() else None
+
+
+@contextmanager
+def _prefix_lock(wait_s: float) -> Iterator[None]:
+    """Held by each job's local leader (LOCAL_RANK 0, or a lone process) while its StreamingDataset picks
+    and creates its prefix; mnemo's jobs on one machine then never pick the same one. Without the lock
+    (another user's lock file, a lock held for ``wait_s``) the caller goes on unlocked."""
+    if os.environ.get("LOCAL_RANK", "0") != "0":
+        yield
+        return
+    fd = None
+    deadline = time.monotonic() + wait_s
+    while fd is None:
+        try:
+            fd = take_flock(os.path.join(tempfile.gettempdir(), PREFIX_LOCK))
+        except LockBusy:
+            if time.monotonic() > deadline:
+                break
+            time.sleep(random.uniform(0.02, 0.1))
+        except OSError:  # another user's lock file (a sticky /tmp), a read-only temp folder
+            break
+    try:
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+def streaming_dataset(make: Callable[[], T], key: str, wait_s: float = PREFIX_LOCK_WAIT_S) -> T:
+    """``make()`` (a StreamingDataset construction) safe against another one starting on this machine
+    at the same moment; DataError naming ``key`` when streaming's shared-memory prefix stays taken.
+
+    Each job's local leader picks its prefix under a machine-wide lock (the other local ranks wait at a
+    barrier until it holds it, since they look up the prefix too), which settles the race between mnemo's
+    jobs. Against any other process a lone process (evaluation, a benchmark, no process group) tries again
+    after a short random back-off; a rank of a process group cannot: streaming's prefix choice pairs
+    barriers between the local ranks, and one rank trying again alone would pair them wrongly.
+    """
+    dist = _dist()
+    tries = PREFIX_TRIES if dist is None or dist.get_world_size() == 1 else 1
+    err: FileExistsError | None = None
+    for attempt in range(tries):
+        if attempt:
+            time.sleep(random.uniform(0.05, 0.25) * attempt)
+        try:
+            with _prefix_lock(wait_s):
+                if dist is not None:
+                    dist.barrier()
+                return make()
+        except FileExistsError as e:
+            if not PREFIX_RACE.search(str(e.filename or e)):
+                raise
+            err = e
+    raise DataError(
+        f"{key}: the shared-memory segment {err.filename or err} that mosaicml-streaming chose for this dataset"
+        f" was created by another process starting at the same moment ({tries} tries): start this job again"
+    ) from None

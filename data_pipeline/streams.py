@@ -57,6 +57,7 @@ from mnemo.data_pipeline.lean_imports import import_streaming
 from mnemo.data_pipeline.mixture import WeightedSource, check_same_sources, choose, shares, source_names
 from mnemo.data_pipeline.partition import SourceQueue, epoch_order, rank_block  # noqa: F401 (epoch_order, rank_block: this module's API since before partition.py)
 from mnemo.data_pipeline.paths import is_remote, local_path
+from mnemo.data_pipeline.shm import streaming_dataset
 
 STATE_VERSION = 1
 
@@ -145,7 +146,9 @@ class MDSSource:
             if cache_dir and any(shard.get("zip_data") for shard in shards):
                 remote, local = local, decompress_cache(local, cache_dir)
         try:
-            self.ds = StreamingDataset(remote=remote, local=local, shuffle=False, batch_size=1)
+            self.ds = streaming_dataset(
+                lambda: StreamingDataset(remote=remote, local=local, shuffle=False, batch_size=1), key
+            )
         except FileNotFoundError as e:
             raise DataError(f"{key}: cannot open MDS dataset at {path}: {e}") from None
         except ValueError as e:

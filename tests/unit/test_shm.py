@@ -136,3 +136,65 @@ def test_only_registrations_wholly_inside_the_owned_folder_go(tmp_path, monkeypa
         "psm_other",
     ]
     assert not (tmp / "000007_cache_filelock").exists()
+
+
+class _FakeDataset:
+    num_samples = 3
+    samples_per_shard = [3]
+    shards: list = []
+
+
+def _streaming_racing(monkeypatch, fails: int) -> list[int]:
+    """streaming.StreamingDataset whose first ``fails`` constructions lose the prefix race; returns the call count."""
+    from mnemo.data_pipeline.lean_imports import import_streaming
+
+    import_streaming()
+    import streaming
+
+    calls = [0]
+
+    def make(**kw):
+        calls[0] += 1
+        if calls[0] <= fails:
+            raise FileExistsError(17, "File exists", "/001472_locals")
+        return _FakeDataset()
+
+    monkeypatch.setattr(streaming, "StreamingDataset", make)
+    return calls
+
+
+def test_a_prefix_taken_at_the_same_moment_is_tried_again(monkeypatch, tmp_path):
+    """Two jobs starting at once picked the same shared-memory prefix: the loser tries again (a raw
+    FileExistsError traceback before)."""
+    from mnemo.data_pipeline.streams import MDSSource
+
+    calls = _streaming_racing(monkeypatch, fails=1)
+    src = MDSSource(str(tmp_path))
+    assert calls[0] == 2 and src.num_samples == 3
+
+
+def test_a_prefix_always_taken_is_one_line_naming_the_key(monkeypatch, tmp_path):
+    from mnemo.data_pipeline.errors import DataError
+    from mnemo.data_pipeline.shm import PREFIX_TRIES
+    from mnemo.data_pipeline.streams import MDSSource
+
+    calls = _streaming_racing(monkeypatch, fails=100)
+    with pytest.raises(DataError) as e:
+        MDSSource(str(tmp_path), key="data.sources[0].path")
+    msg = str(e.value)
+    assert calls[0] == PREFIX_TRIES and "\n" not in msg
+    assert msg.startswith("data.sources[0].path: ") and "/001472_locals" in msg and "start this job again" in msg
+
+
+def test_other_file_exists_errors_are_not_retried(monkeypatch):
+    from mnemo.data_pipeline.shm import streaming_dataset
+
+    calls = [0]
+
+    def make():
+        calls[0] += 1
+        raise FileExistsError(17, "File exists", "/tmp/x")
+
+    with pytest.raises(FileExistsError):
+        streaming_dataset(make, "data.path")
+    assert calls[0] == 1
