@@ -241,10 +241,20 @@ def side_by_side(summary: dict[str, Any]) -> str:
     mem, base = summary["memory"], summary["baseline"]
     ab = mem.get("ablations", {})
     cols = [("memory", mem)] + [(n, ab[n]) for n in ("no_ltm", "no_stm", "no_memory") if n in ab] + [("baseline", base)]
+    steps = summary.get("steps", {})
+    sm, sb = steps.get("memory", "?"), steps.get("baseline", "?")
     lines = [
         f"loss by position on {mem.get('num_docs', '?')} held-out documents (nats/token, T={T}; "
-        f"memory model as trained and with memory switched off; baseline = no-memory model, same steps)"
+        f"memory model as trained ({sm} steps) and with memory switched off; baseline = no-memory model, "
+        f"{sb} steps)"
     ]
+    # A time cap can stop the baseline before the memory model's step count (532 vs 191 on a loaded machine):
+    # the comparison is then not like for like, and the reader must not have to find that in summary.json.
+    if sm != sb:
+        lines.append(
+            f"warning: the runs made different numbers of steps (memory {sm}, baseline {sb}): "
+            "the baseline is not the same-steps comparison"
+        )
     table = loss_table(cols, T, mem.get("tokens_by_position", {}), label_width=18, count_width=8)
     interval_columns(table, mem, sorted({int(k) for _, e in cols for k in e["loss_by_position"]}))
     lines += table
