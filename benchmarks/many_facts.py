@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*", metavar="dotted.key=value", help="config overrides for both runs")
     args = p.parse_args(argv)
 
-    from mnemo.demo import DemoSettings, prepare_data, train_run
+    from mnemo.demo import DemoSettings, prepare_data, train_run, user_errors
     from mnemo.train.config import load_config
     from mnemo.train.errors import UserError
 
@@ -209,11 +209,13 @@ def main(argv: list[str] | None = None) -> int:
     budget = 60.0 * args.minutes
     out = Path(args.out).resolve()
     runs = {"memory": out / "memory", "baseline": out / "baseline"}
-    (out / "logs").mkdir(parents=True, exist_ok=True)
-    mem_cfg = load_config(str(REPO / args.memory_config), args.overrides)
-    T = mem_cfg.model.segment_len
     seconds: dict[str, float] = {}
     try:
+        # Inside the try: a bad override or --memory-config is a ConfigError, one line like the demo's.
+        mem_cfg = load_config(str(REPO / args.memory_config), args.overrides)
+        T = mem_cfg.model.segment_len
+        load_config(str(REPO / args.baseline_config), args.overrides)  # refused now, not after the memory run
+        (out / "logs").mkdir(parents=True, exist_ok=True)
         t0 = time.time()
         if args.data:
             data = Path(args.data).resolve()
@@ -270,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.time()
         cells, eval_seconds = evaluate_runs(runs, data, plan, args.trials, args.seed)
         seconds["evaluate"] = time.time() - t0
-    except UserError as e:
+    except user_errors() as e:
         print(f"many_facts: error: {str(e).strip().splitlines()[0]}", file=sys.stderr)
         return 2
 

@@ -365,6 +365,15 @@ def run_demo(
     return summary
 
 
+def user_errors() -> tuple[type[Exception], ...]:
+    """What the demo and benchmarks/many_facts.py report as one line (exit 2): a bad option, config, data
+    set or evaluation input."""
+    from mnemo.data_pipeline.errors import DataError
+    from mnemo.evaluation.errors import EvalError
+
+    return (UserError, DataError, EvalError)
+
+
 def main(argv: list[str] | None = None) -> int:
     d = DemoSettings()
     from mnemo.commands.evaluate import int_list
@@ -383,9 +392,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keep", action="store_true", help="keep earlier runs in OUT (training resumes from them)")
     p.add_argument("overrides", nargs="*", metavar="dotted.key=value", help="config overrides for both runs")
     args = p.parse_args(argv)
-    from mnemo.data_pipeline.errors import DataError
-    from mnemo.evaluation.errors import EvalError
-
     try:
         run_demo(
             args.out,
@@ -399,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
             overrides=list(args.overrides),
             fresh=not args.keep,
         )
-    except (UserError, DataError, EvalError) as e:
+    except user_errors() as e:
         print(f"mnemo demo: error: {str(e).strip().splitlines()[0]}", file=sys.stderr)
         return 2
     return 0
