@@ -198,10 +198,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--memory-config", default=MEMORY_CONFIG)
     p.add_argument("--baseline-config", default=BASELINE_CONFIG)
     p.add_argument("--eval-only", action="store_true", help="score the checkpoints already in OUT")
+    p.add_argument("--keep", action="store_true", help="keep earlier runs in OUT (training resumes from them)")
     p.add_argument("overrides", nargs="*", metavar="dotted.key=value", help="config overrides for both runs")
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = p.parse_args(argv)
 
-    from mnemo.demo import DemoSettings, prepare_data, train_run, user_errors
+    from mnemo.demo import DemoSettings, continue_command, prepare_data, train_run, user_errors
     from mnemo.train.config import load_config
     from mnemo.train.errors import UserError
 
@@ -229,8 +231,9 @@ def main(argv: list[str] | None = None) -> int:
 
         steps: dict[str, Any] = {}
         if not args.eval_only:
-            for d in runs.values():
-                shutil.rmtree(d, ignore_errors=True)
+            if not args.keep:
+                for d in runs.values():
+                    shutil.rmtree(d, ignore_errors=True)
             uri = f"sqlite:///{out / 'mlflow.db'}"
             common = [f"data.path={data}", f"tracking.uri={uri}", *args.overrides]
             max_steps = args.max_steps or mem_cfg.train.max_steps
@@ -275,6 +278,13 @@ def main(argv: list[str] | None = None) -> int:
     except user_errors() as e:
         print(f"many_facts: error: {str(e).strip().splitlines()[0]}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # train_run waited for its ranks to save
+        print(
+            f"many_facts: interrupted; what the runs saved is kept in {args.out}; continue with: "
+            + continue_command("python benchmarks/many_facts.py", argv),
+            file=sys.stderr,
+        )
+        return 130
 
     seconds["total"] = time.time() - t_start
     rows = check_targets(cells)

@@ -34,6 +34,7 @@ import glob
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -167,15 +168,24 @@ def train_run(
         log.write(" ".join(cmd) + "\n")
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, bufsize=1)
         assert proc.stdout is not None
-        for line in proc.stdout:
-            log.write(line)
-            e = _ERROR_LINE.search(line)
-            if e and e.group(0) not in errors and "ChildFailedError" not in line:
-                errors.append(e.group(0))
-            m = _STEP_LINE.search(line)
-            if m:
-                echo(f"  [{name}] {m.group(1)}")
-        rc = proc.wait()
+
+        def follow() -> int:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                log.write(line)
+                e = _ERROR_LINE.search(line)
+                if e and e.group(0) not in errors and "ChildFailedError" not in line:
+                    errors.append(e.group(0))
+                m = _STEP_LINE.search(line)
+                if m:
+                    echo(f"  [{name}] {m.group(1)}")
+            return proc.wait()
+
+        try:
+            rc = follow()
+        except KeyboardInterrupt:
+            stop_child(proc, follow)
+            raise
     if rc != 0:
         for e in errors[:3]:
             echo(f"  [{name}] {e}")
@@ -185,6 +195,33 @@ def train_run(
     if not summary.is_file():
         raise UserError(f"demo: {name} run finished without {summary}; log: {log_file}")
     return json.loads(summary.read_text())
+
+
+def stop_child(proc: subprocess.Popen, follow: Callable[[], int]) -> None:
+    """After a Ctrl-C: have the `mnemo launch` child save and stop, and wait until it has exited.
+
+    Ctrl-C reaches the whole process group, so its ranks are already saving a preempted checkpoint;
+    returning the prompt then would leave them writing (and holding run.lock) while the user reruns.
+    SIGTERM asks the same of the launcher when the interrupt reached only this process (a second SIGTERM
+    is a no-op for it and its ranks, unlike a second SIGINT). ``follow`` keeps reading the child's output
+    (a child blocked on a full pipe would never finish saving); a second Ctrl-C has the launcher kill its
+    ranks at once, and that is waited for too.
+    """
+    try:
+        proc.terminate()
+    except OSError:  # exited meanwhile
+        pass
+    while True:
+        try:
+            follow()
+            return
+        except KeyboardInterrupt:
+            continue
+
+
+def continue_command(prog: str, argv: list[str]) -> str:
+    """The command the user ran (``prog`` and its arguments, quoted for a shell) with ``--keep``."""
+    return shlex.join([*shlex.split(prog), *argv, *([] if "--keep" in argv else ["--keep"])])
 
 
 def _override_value(overrides: list[str], key: str) -> str:
@@ -391,6 +428,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--keep", action="store_true", help="keep earlier runs in OUT (training resumes from them)")
     p.add_argument("overrides", nargs="*", metavar="dotted.key=value", help="config overrides for both runs")
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = p.parse_args(argv)
     try:
         run_demo(
@@ -408,6 +446,13 @@ def main(argv: list[str] | None = None) -> int:
     except user_errors() as e:
         print(f"mnemo demo: error: {str(e).strip().splitlines()[0]}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # train_run waited for its ranks to save
+        print(
+            f"mnemo demo: interrupted; what the runs saved is kept in {args.out}; continue with: "
+            + continue_command("python -m mnemo.demo", argv),
+            file=sys.stderr,
+        )
+        return 130
     return 0
 
 

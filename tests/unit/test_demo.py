@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 EV = {
     "loss_by_position": {"0": 3.0, "64": 2.0},
     "tokens_by_position": {"0": 10, "64": 10},
@@ -26,7 +28,6 @@ def test_header_gives_both_step_counts_and_warns_when_they_differ():
 
 def test_many_facts_bad_override_or_config_is_one_line(tmp_path, capsys):
     """A bad override or --memory-config was a ConfigError traceback (load_config ran before the try)."""
-    import pytest
 
     from benchmarks.many_facts import main
 
@@ -43,3 +44,75 @@ def test_many_facts_bad_override_or_config_is_one_line(tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert rc == 2 and err.startswith("many_facts: error: ") and "\n" not in err and names in err, err
         assert not out.exists()  # nothing made for a refused command
+
+
+FAKE_LAUNCH = r"""
+import signal, sys, time
+stop = []
+signal.signal(signal.SIGTERM, lambda *a: stop.append(1))
+signal.signal(signal.SIGINT, lambda *a: stop.append(1))
+print("mnemo.train: step 1/100 loss 9.0", flush=True)
+while not stop:
+    time.sleep(0.02)
+time.sleep(1.0)  # saving
+open(sys.argv[1], "w").write("saved")
+print("mnemo.train: saved checkpoint step_00000001", flush=True)
+"""
+
+
+def test_ctrl_c_waits_for_the_launch_child_to_save(tmp_path, monkeypatch):
+    """Ctrl-C during a run: a raw KeyboardInterrupt traceback and the prompt back while the ranks were saving.
+    Now train_run has the child stop, waits for it, then lets the interrupt go on."""
+    import subprocess
+
+    import mnemo.demo as demo
+
+    saved = tmp_path / "saved"
+    (tmp_path / "fake.py").write_text(FAKE_LAUNCH)
+    procs = []
+    real_popen = subprocess.Popen
+
+    def popen(cmd, **kw):
+        procs.append(real_popen([demo.sys.executable, str(tmp_path / "fake.py"), str(saved)], **kw))
+        return procs[0]
+
+    monkeypatch.setattr(demo.subprocess, "Popen", popen)
+    echoed = []
+
+    def echo(line):  # the user presses Ctrl-C once the first step shows
+        echoed.append(line)
+        if "step 1/" in line:
+            raise KeyboardInterrupt
+
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            demo.train_run("memory", "configs/demo.yaml", [f"run.dir={tmp_path}/m"], 1, tmp_path / "memory.log", echo)
+        assert procs[0].poll() is not None, "returned while the child was still running"
+        assert saved.read_text() == "saved"
+        assert "saved checkpoint" in (tmp_path / "memory.log").read_text()
+    finally:
+        if procs and procs[0].poll() is None:
+            procs[0].kill()
+            procs[0].wait()
+
+
+@pytest.mark.parametrize("module", ["mnemo.demo", "benchmarks.many_facts"])
+def test_ctrl_c_is_one_line_with_the_command_to_continue(module, tmp_path, monkeypatch, capsys):
+    import importlib
+
+    import mnemo.demo as demo
+
+    mod = importlib.import_module(module)
+
+    def interrupted(*a, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(demo, "run_demo", interrupted)
+    monkeypatch.setattr(demo, "prepare_data", interrupted)
+    out = tmp_path / "a b"
+    rc = mod.main(["--out", str(out), "--max-steps", "5", "model.segment_len=64"])
+    err = capsys.readouterr().err.strip()
+    prog = "python -m mnemo.demo" if module == "mnemo.demo" else "python benchmarks/many_facts.py"
+    assert rc == 130 and "\n" not in err and "Traceback" not in err
+    assert err.startswith("mnemo demo: interrupted; " if module == "mnemo.demo" else "many_facts: interrupted; ")
+    assert err.endswith(f"continue with: {prog} --out '{out}' --max-steps 5 model.segment_len=64 --keep"), err
