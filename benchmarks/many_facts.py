@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -204,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from mnemo.demo import DemoSettings, continue_command, prepare_data, train_run, user_errors
+    from mnemo.demo_out import check_options, claim_out_dir
     from mnemo.train.config import load_config
     from mnemo.train.errors import UserError
 
@@ -217,6 +217,13 @@ def main(argv: list[str] | None = None) -> int:
         mem_cfg = load_config(str(REPO / args.memory_config), args.overrides)
         T = mem_cfg.model.segment_len
         load_config(str(REPO / args.baseline_config), args.overrides)  # refused now, not after the memory run
+        check_options(
+            ("--nproc-per-node", args.nproc_per_node, 1),
+            ("--max-steps", args.max_steps, 1),
+            ("--trials", args.trials, 1),
+            minutes=args.minutes,
+        )
+        claim_out_dir(out, runs, not (args.keep or args.eval_only), "many_facts")
         (out / "logs").mkdir(parents=True, exist_ok=True)
         t0 = time.time()
         if args.data:
@@ -231,9 +238,6 @@ def main(argv: list[str] | None = None) -> int:
 
         steps: dict[str, Any] = {}
         if not args.eval_only:
-            if not args.keep:
-                for d in runs.values():
-                    shutil.rmtree(d, ignore_errors=True)
             uri = f"sqlite:///{out / 'mlflow.db'}"
             common = [f"data.path={data}", f"tracking.uri={uri}", *args.overrides]
             max_steps = args.max_steps or mem_cfg.train.max_steps

@@ -35,7 +35,6 @@ import json
 import os
 import re
 import shlex
-import shutil
 import subprocess
 import sys
 import time
@@ -43,6 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from mnemo.demo_out import check_options, claim_out_dir
 from mnemo.demo_report import evaluate_runs, log_to_mlflow, side_by_side, targets
 from mnemo.train.errors import UserError
 
@@ -231,6 +231,23 @@ def _override_value(overrides: list[str], key: str) -> str:
     raise KeyError(key)
 
 
+# ------------------------------------------------------------------ options
+
+
+def check_settings(s: DemoSettings) -> None:
+    """Every option, before anything in OUT is touched (UserError naming the option)."""
+    check_options(
+        ("--nproc-per-node", s.nproc_per_node, 1),
+        ("--max-steps", s.max_steps, 1),
+        ("--passkey-trials", s.passkey_trials, 1),
+        ("--passkey-docs", s.passkey_docs, 0),
+        ("--multikey", s.multikey, 0),
+        minutes=s.minutes,
+    )
+    if not s.distances or min(s.distances) < 1:
+        raise UserError(f"--distances: must be one or more distances >= 1, not {','.join(map(str, s.distances))}")
+
+
 # ------------------------------------------------------------------ the demo
 
 
@@ -252,6 +269,7 @@ def run_demo(
     from mnemo.train.config import load_config
 
     s = DemoSettings(out_dir=out_dir, minutes=minutes, **kw)
+    check_settings(s)
     t_start = time.time()
     budget = 60.0 * s.minutes
     out = Path(s.out_dir).resolve()
@@ -264,13 +282,7 @@ def run_demo(
     if base_cfg.model.segment_len != T:
         raise UserError(f"demo: {s.baseline_config} and {s.memory_config} differ in model.segment_len")
     max_steps = s.max_steps or mem_cfg.train.max_steps
-    out.mkdir(parents=True, exist_ok=True)
-    if s.fresh:
-        for d in runs.values():
-            shutil.rmtree(d, ignore_errors=True)
-        for f in (out / "mlflow.db", out / "summary.json"):
-            if f.exists():
-                f.unlink()
+    claim_out_dir(out, runs, s.fresh, "the demo")
 
     echo(f"mnemo demo: {out} (budget {s.minutes:g} min on {os.cpu_count()} CPU cores)")
     t0 = time.time()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 EV = {
@@ -116,3 +118,87 @@ def test_ctrl_c_is_one_line_with_the_command_to_continue(module, tmp_path, monke
     assert rc == 130 and "\n" not in err and "Traceback" not in err
     assert err.startswith("mnemo demo: interrupted; " if module == "mnemo.demo" else "many_facts: interrupted; ")
     assert err.endswith(f"continue with: {prog} --out '{out}' --max-steps 5 model.segment_len=64 --keep"), err
+
+
+def _user_out(out):
+    """An --out holding what the user put there under the demo's names."""
+    (out / "memory").mkdir(parents=True)
+    (out / "memory" / "thesis.tex").write_text("mine")
+    (out / "mlflow.db").write_text("my experiments")
+    (out / "summary.json").write_text('{"mine": 1}')
+    (out / "logs").mkdir()
+    (out / "logs" / "memory.log").write_text("my log")
+    return sorted(str(p.relative_to(out)) for p in out.rglob("*"))
+
+
+def _demo_out(out, marker=True):
+    """An --out as an earlier demo left it."""
+    from mnemo.demo_out import MARKER
+    from mnemo.train.config import CONFIG_HEADER
+
+    for name in ("memory", "baseline"):
+        (out / name / "checkpoints").mkdir(parents=True)
+        (out / name / "config.yaml").write_text(CONFIG_HEADER + "\nmodel: {}\n")
+    (out / name / "mlartifacts").mkdir()
+    (out / "mlflow.db").write_text("runs")
+    (out / "logs").mkdir()
+    (out / "logs" / "memory.log").write_text("old")
+    if marker:
+        (out / MARKER).write_text("{}")
+
+
+@pytest.mark.parametrize("module", ["mnemo.demo", "benchmarks.many_facts"])
+def test_out_that_is_not_the_demos_is_refused_and_kept(module, tmp_path, capsys):
+    """--out was rmtree'd (memory/, baseline/, mlflow.db, summary.json) without checking they were the demo's,
+    and before the options were checked."""
+    import importlib
+
+    main = importlib.import_module(module).main
+    out = tmp_path / "out"
+    before = _user_out(out)
+    prog = "mnemo demo" if module == "mnemo.demo" else "many_facts"
+
+    assert main(["--out", str(out), "--nproc-per-node", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"{prog}: error: --nproc-per-node: must be >= 1, not 0"
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == before
+
+    assert main(["--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"{prog}: error: --out: {out / 'memory'} is not a run directory") and "\n" not in err
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == before
+
+    (out / "memory" / "thesis.tex").unlink()  # an empty run dir is left as it is; mlflow.db is then the user's
+    assert main(["--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"--out: {out / 'logs' / 'memory.log'} was not written by" in err
+    assert (out / "mlflow.db").read_text() == "my experiments" and (out / "logs" / "memory.log").read_text() == "my log"
+
+
+@pytest.mark.parametrize("module", ["mnemo.demo", "benchmarks.many_facts"])
+@pytest.mark.parametrize("marker", [True, False])
+def test_a_rerun_deletes_the_earlier_demos_runs_with_their_mlflow_db(module, marker, tmp_path, monkeypatch):
+    """many_facts kept mlflow.db while deleting OUT/memory, which held the experiment's artifact root
+    (memory/mlartifacts): the database listed runs whose artifacts were gone. Both now delete the two together;
+    an earlier demo's output is recognised by the marker, or (from before it) by its summary.json."""
+    import importlib
+
+    import mnemo.demo as demo
+    from mnemo.demo_out import MARKER
+
+    class Stop(Exception):
+        pass
+
+    def stop(*a, **kw):
+        raise Stop
+
+    monkeypatch.setattr(demo, "prepare_data", stop)
+    out = tmp_path / "out"
+    _demo_out(out, marker)
+    if not marker:
+        (out / "summary.json").write_text(json.dumps({"segment_len": 64, "runs": {}, "steps": {}, "targets": {}}))
+    with pytest.raises(Stop):
+        importlib.import_module(module).main(["--out", str(out)])
+    assert not (out / "memory").exists() and not (out / "baseline").exists()
+    assert not (out / "mlflow.db").exists() and not (out / "summary.json").exists()
+    assert (out / MARKER).is_file()
