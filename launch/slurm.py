@@ -340,7 +340,11 @@ def sbatch_script(o: SlurmOptions) -> str:
         ),
         'echo "mnemo: job $SLURM_JOB_ID, SLURM_RESTART_COUNT=${SLURM_RESTART_COUNT:-0}, $SLURM_JOB_NUM_NODES node(s): $SLURM_JOB_NODELIST, rendezvous $MASTER_ADDR:$MASTER_PORT"',  # noqa: E501
         "",
-        f'rm -f "$RUN_DIR/{PREEMPTED_MARKER}"  # stale marker of an earlier job',
+        "# The trainer's marker of a stop request: a regular file holding a step number. Any other file of",
+        "# that name is the user's: never removed, never read as a preemption (it would requeue forever).",
+        f'preempted() {{ [ -f "$RUN_DIR/{PREEMPTED_MARKER}" ] && [ ! -L "$RUN_DIR/{PREEMPTED_MARKER}" ] &&'
+        f' grep -qxE "[0-9]+" "$RUN_DIR/{PREEMPTED_MARKER}"; }}',
+        f'if preempted; then rm -f "$RUN_DIR/{PREEMPTED_MARKER}"; fi  # stale marker of an earlier job',
         'if [ -n "$NOTICE" ]; then',
         '    echo "mnemo: got SIGUSR1 before training started; requeueing job $SLURM_JOB_ID"',
         '    scontrol requeue "$SLURM_JOB_ID"',
@@ -365,7 +369,7 @@ def sbatch_script(o: SlurmOptions) -> str:
         'wait "$SRUN_PID"',
         "RC=$?",
         "",
-        f'if [ -f "$RUN_DIR/{PREEMPTED_MARKER}" ]; then',
+        "if preempted; then",
         '    echo "mnemo: training stopped on a preemption signal (steps done are saved); requeueing'
         ' job $SLURM_JOB_ID"',
         f'    rm -f "$RUN_DIR/{PREEMPTED_MARKER}"',

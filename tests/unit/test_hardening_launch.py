@@ -400,7 +400,7 @@ def test_sbatch_script_with_hostile_values_parses_back_exactly(tmp_path, capsys,
     assert "--requeue" in opts and opts[-1] == "--comment=a b#c\"d'e", "a directive was cut or lost"
 
     # Run the script itself with srun/scontrol stand-ins: bash reads back every value.
-    (ws / run_dir / "PREEMPTED").write_text("stale\n")  # the script deletes it through $RUN_DIR
+    (ws / run_dir / "PREEMPTED").write_text("12\n")  # a stale marker: the script deletes it through $RUN_DIR
     env = {
         "PATH": f"{_stubs(tmp_path)}:/usr/bin:/bin",
         "SRUN_ARGV": str(tmp_path / "argv"),
@@ -1058,3 +1058,40 @@ def test_cli_errors_never_print_credentials(capsys):
     rc = cli_main(["train", "configs/debug.yaml", "tracking.enabled=http://u:S3CRET@127.0.0.1:1"])
     err = capsys.readouterr().err
     assert rc == 2 and "tracking.enabled" in err and "S3CRET" not in err and "http://***@127.0.0.1:1" in err
+
+
+@pytest.mark.parametrize("content", ["my notes\n", "12 steps\n", None])
+def test_sbatch_script_keeps_a_users_preempted_file_and_does_not_requeue_on_it(tmp_path, capsys, monkeypatch, content):
+    # Was: the script's `rm -f "$RUN_DIR/PREEMPTED"` deleted any file of that name, and a file there after the
+    # run (one the trainer refused to start beside) would requeue the job for ever. Only the trainer's marker
+    # (a regular file holding a step number) counts; None: a symbolic link to a user's file.
+    monkeypatch.chdir(tmp_path)
+    clear_forwarded_env(monkeypatch)
+    data = stub_data_dir(tmp_path / "data")
+    (tmp_path / "c.yaml").write_text(f"data:\n  path: {data}\n")
+    rc, _, err = launch(capsys, "c.yaml", "--slurm", "--dry-run", "run.dir=runs/p")
+    assert rc == 0, err
+    marker = tmp_path / "runs/p/PREEMPTED"
+    if content is None:
+        (tmp_path / "mine.txt").write_text("7\n")
+        marker.symlink_to(tmp_path / "mine.txt")
+    else:
+        marker.write_text(content)
+    stubs = _stubs(tmp_path)
+    (stubs / "scontrol").write_text(
+        '#!/bin/bash\ncase "$1 $2" in "show hostnames") echo node-a ;; "show node") echo "NodeAddr=10.0.0.5" ;;'
+        ' requeue*) touch "$SRUN_ARGV.requeued" ;; esac\n'
+    )
+    env = {
+        "PATH": f"{stubs}:/usr/bin:/bin",
+        "SRUN_ARGV": str(tmp_path / "argv"),
+        "SLURM_JOB_ID": "78",
+        "SLURM_JOB_NUM_NODES": "1",
+        "SLURM_JOB_NODELIST": "node-a",
+    }
+    script = tmp_path / "runs/p/slurm/job.sbatch"
+    r = subprocess.run(["bash", str(script)], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert os.path.lexists(marker) and (content is None or marker.read_text() == content)
+    assert "requeueing" not in r.stdout and not (tmp_path / "argv.requeued").exists()
+    assert content is not None or (tmp_path / "mine.txt").read_text() == "7\n"

@@ -119,7 +119,10 @@ MASTER_ADDR=${HEAD_ADDR:-$HEAD_NODE}
 MASTER_PORT=$((10000 + SLURM_JOB_ID % 20000))
 echo "mnemo: job $SLURM_JOB_ID, SLURM_RESTART_COUNT=${SLURM_RESTART_COUNT:-0}, $SLURM_JOB_NUM_NODES node(s): $SLURM_JOB_NODELIST, rendezvous $MASTER_ADDR:$MASTER_PORT"
 
-rm -f "$RUN_DIR/PREEMPTED"  # stale marker of an earlier job
+# The trainer's marker of a stop request: a regular file holding a step number. Any other file of
+# that name is the user's: never removed, never read as a preemption (it would requeue forever).
+preempted() { [ -f "$RUN_DIR/PREEMPTED" ] && [ ! -L "$RUN_DIR/PREEMPTED" ] && grep -qxE "[0-9]+" "$RUN_DIR/PREEMPTED"; }
+if preempted; then rm -f "$RUN_DIR/PREEMPTED"; fi  # stale marker of an earlier job
 if [ -n "$NOTICE" ]; then
     echo "mnemo: got SIGUSR1 before training started; requeueing job $SLURM_JOB_ID"
     scontrol requeue "$SLURM_JOB_ID"
@@ -175,7 +178,7 @@ while kill -0 "$SRUN_PID" 2>/dev/null; do wait "$SRUN_PID"; done
 wait "$SRUN_PID"
 RC=$?
 
-if [ -f "$RUN_DIR/PREEMPTED" ]; then
+if preempted; then
     echo "mnemo: training stopped on a preemption signal (steps done are saved); requeueing job $SLURM_JOB_ID"
     rm -f "$RUN_DIR/PREEMPTED"
     scontrol requeue "$SLURM_JOB_ID"
