@@ -27,6 +27,12 @@ A rank that stops on a user error prints one line, ``[rankN]: mnemo: error:
 traceback of its own (ChildFailedError) and exits 1. After such a line,
 torchrun's own lines go to the node log only (the ranks' lines still reach
 the console), and the node exits 2, as `mnemo train` does for the same error.
+When every worker of this node has exited 0 (each leaves its exit code in a folder of this launcher:
+launch/worker.py report_exit), torchrun waits in its exit barrier for the other nodes' agents, 300 s for a
+node that is gone (torch's exit_barrier_timeout, which torchrun does not expose). After EXIT_BARRIER_GRACE_S
+the launcher says ``another node left the job; not waiting for its exit barrier``, stops torchrun (SIGINT,
+then SIGKILL) and exits 0, the workers' outcome; torchrun's own lines from then on go to the node log only.
+
 torchrun's copies of the ranks' output (its --tee) live in a temporary folder
 (torchrun_log_dir), not in run.dir: a full disk there would swallow that line.
 """
@@ -54,7 +60,7 @@ import psutil
 from mnemo.data_pipeline.errors import storage_error
 from mnemo.data_pipeline.files import NotRegularFile, open_own_file
 from mnemo.data_pipeline.processes import die_with_parent
-from mnemo.launch.torchrun import NodePlan, node_env, torchrun_command
+from mnemo.launch.torchrun import WORKER_EXITS_ENV, NodePlan, node_env, torchrun_command
 from mnemo.train.runlock import check_run_dir_free
 from mnemo.train.errors import UserError
 
@@ -62,6 +68,13 @@ _IGNORED_IN_TORCHRUN = (signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP)
 # A rank's user error as its line reaches the launcher (torchrun's --log-line-prefix-template "[rank${rank}]: ").
 _RANK_USER_ERROR = re.compile(r"\[rank\d+\]: mnemo: error: ")
 _RANK_LINE = re.compile(r"\[rank\d+\]: ")
+# How long torchrun may wait in its exit barrier once every worker of this node exited 0. torchrun waits there
+# for every other node's agent, 300 s (exit_barrier_timeout, which torchrun has no option for), then logs a
+# traceback and exits 0: an agent killed with its node (SIGKILL, power) never comes. The workers' outcome is
+# final by then; the agents of live nodes reach the barrier within a second of their workers.
+EXIT_BARRIER_GRACE_S = 30.0
+# How long torchrun has to stop on SIGINT (it ignores SIGTERM: see _IGNORED_IN_TORCHRUN) before SIGKILL.
+STOP_GRACE_S = 5.0
 
 
 def _worker_pids(torchrun_pid: int) -> list[int]:
@@ -82,6 +95,15 @@ def _catches(pid: int, sig: signal.Signals) -> bool:
     except (OSError, ValueError, IndexError):
         pass
     return True
+
+
+def _worker_exit(exits_dir: str, pid: int) -> int | None:
+    """The exit code worker ``pid`` left in ``exits_dir`` (launch/worker.py: report_exit), or None."""
+    try:
+        with open(os.path.join(exits_dir, str(pid))) as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return None
 
 
 def _kill_tree(pid: int) -> None:
@@ -149,6 +171,11 @@ class NodeRunner:
         # A preemption notice that came before torchrun started its workers, and when they first showed up.
         self._held: signal.Signals | None = None
         self._held_sent: set[int] = set()  # the workers that got it
+        # Workers of the current group (torchrun's children seen), and since when all of them exited 0.
+        self._exits_dir = ""
+        self._group: set[int] = set()
+        self._done_since: float | None = None
+        self._stop_at: float | None = None  # torchrun stopped in its exit barrier: when SIGKILL follows
 
     # -- signals ---------------------------------------------------------- #
 
@@ -243,7 +270,15 @@ class NodeRunner:
         rank's user error (its failure report, a traceback that says nothing the error line did not)."""
         if _RANK_USER_ERROR.match(line):
             self._user_error = True
-        self._emit(log, line, console=not self._user_error or bool(_RANK_LINE.match(line)))
+        rank = bool(_RANK_LINE.match(line))
+        if not rank and self._group:
+            self._see_workers(time.monotonic())  # a barrier that fails at once (node 0's store gone) beats the tick
+        if not rank and self._done_since is not None and "Error waiting on exit barrier" in line:
+            self._note(log, "another node left the job; its exit barrier failed (torchrun's report is in the node log)")
+        # Once every worker exited 0, torchrun's own lines (its exit barrier's socket warnings and traceback when
+        # another node is gone) say nothing about the outcome: the node log only.
+        quiet = self._user_error or self._done_since is not None
+        self._emit(log, line, console=not quiet or rank)
 
     def _note(self, log: IO[str], text: str) -> None:
         self._emit(log, f"[launch node{self.plan.node_rank}] {text}")
@@ -253,6 +288,8 @@ class NodeRunner:
     def _spawn(self, log_dir: str) -> subprocess.Popen:
         env = dict(os.environ)
         env.update(node_env(self.plan, os.environ))
+        if self._exits_dir:
+            env[WORKER_EXITS_ENV] = self._exits_dir
         # Ignored dispositions survive exec, handlers do not: torchrun (which
         # does not register these) starts with them ignored.
         old = {s: signal.signal(s, signal.SIG_IGN) for s in _IGNORED_IN_TORCHRUN}
@@ -291,6 +328,8 @@ class NodeRunner:
                 f"start {stamp}: node {plan.node_rank} of {plan.nnodes}, "
                 f"{plan.nproc_per_node} rank(s), max restarts {plan.max_restarts}{where}",
             )
+            self._exits_dir = os.path.join(torchrun_logs, "exits")  # the workers' exit codes (report_exit)
+            os.mkdir(self._exits_dir)
             self.proc = self._spawn(torchrun_logs)
             handled = (signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP, signal.SIGINT)
             old = {s: signal.signal(s, self._on_signal) for s in handled}
@@ -306,6 +345,10 @@ class NodeRunner:
                     signal.signal(s, h)
             self._flush_notes(log)
             self._note(log, f"torchrun exited with code {rc}")
+            if self._stop_at is not None:
+                # Stopped by this launcher in its exit barrier: every worker had exited 0, which is what torchrun
+                # returns after the barrier's timeout too.
+                return 0
             if rc != 0 and self._user_error:
                 where = "was not logged (see above)" if self._log_lost else f"is in {plan.log_path}"
                 self._note(log, f"a rank stopped on the error above; torchrun's report of it {where}")
@@ -315,6 +358,44 @@ class NodeRunner:
     def _flush_notes(self, log: IO[str]) -> None:
         while self._pending:
             self._note(log, self._pending.pop(0))
+
+    def _see_workers(self, now: float) -> None:
+        """Note the workers torchrun runs now; when they are gone, whether each left 0 (``_done_since``)."""
+        assert self.proc is not None
+        if self.plan.nnodes == 1 or not self._exits_dir:
+            return  # --standalone: a barrier of one agent, passed at once
+        pids = _worker_pids(self.proc.pid)
+        if pids:
+            self._group.update(pids)
+            self._done_since = None
+        elif self._group:
+            codes = [_worker_exit(self._exits_dir, pid) for pid in self._group]
+            self._group.clear()
+            self._done_since = now if all(c == 0 for c in codes) else None
+
+    def _watch_exit_barrier(self, log: IO[str]) -> None:
+        """Stop torchrun when it waits in its exit barrier longer than EXIT_BARRIER_GRACE_S.
+
+        torchrun enters that barrier only when every worker of this node exited 0 (after a failure it restarts
+        them or exits), so it is entered when the workers of the last group seen are gone and each left 0
+        (launch/worker.py: report_exit). Between restarts, no worker has left 0: torchrun waits as long as it
+        needs there (its rendezvous for the next group).
+        """
+        assert self.proc is not None
+        now = time.monotonic()
+        if self._stop_at is not None:
+            if now >= self._stop_at:
+                self._stop_at = float("inf")
+                _kill_tree(self.proc.pid)
+            return
+        self._see_workers(now)
+        if self._done_since is not None and now - self._done_since >= EXIT_BARRIER_GRACE_S:
+            self._note(log, "another node left the job; not waiting for its exit barrier")
+            try:
+                os.kill(self.proc.pid, signal.SIGINT)  # the signal torchrun handles; SIGKILL after STOP_GRACE_S
+            except ProcessLookupError:
+                pass
+            self._stop_at = now + STOP_GRACE_S
 
     def _pump(self, log: IO[str]) -> int:
         assert self.proc is not None and self.proc.stdout is not None
@@ -335,6 +416,7 @@ class NodeRunner:
         while True:
             ready = [key.fd for key, _ in sel.select(0.5)]
             self._pass_on_held()
+            self._watch_exit_barrier(log)
             self._flush_notes(log)
             if out_fd in ready:
                 data = os.read(out_fd, 65536)

@@ -32,6 +32,11 @@ TORCHRUN_HANDLED_SIGNALS = "SIGINT,SIGQUIT"
 
 DEFAULT_MASTER_PORT = 29500
 
+# Where each rank's worker (launch/worker.py) leaves its exit code, one file named by its pid, for the node
+# launcher (local.py): the only way it learns that its workers succeeded, which is when torchrun waits in its
+# exit barrier for the other nodes' agents (not on a failure, after which torchrun restarts or exits).
+WORKER_EXITS_ENV = "MNEMO_WORKER_EXITS"
+
 # torchrun's --log-dir as the dry run shows it: the node launcher makes a temporary folder for each run
 # (local.py: torchrun_log_dir) and removes it when torchrun exits.
 DRY_RUN_LOG_DIR = "<temporary folder>"

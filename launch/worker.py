@@ -14,7 +14,9 @@ import signal
 import sys
 from typing import Mapping
 
+from mnemo.data_pipeline.files import atomic_write_text
 from mnemo.data_pipeline.processes import die_with_parent
+from mnemo.launch.torchrun import WORKER_EXITS_ENV
 from mnemo.train import preemption
 
 
@@ -59,5 +61,21 @@ def main(argv: list[str] | None = None) -> int:
             preemption.ignore_late_notices()
 
 
+def report_exit(code: int, environ: Mapping[str, str]) -> None:
+    """Leave this rank's exit code where its node launcher looks (WORKER_EXITS_ENV), named by this pid.
+
+    Best effort: a rank that cannot write it is taken for a failed one, whose node launcher then waits for
+    torchrun as before.
+    """
+    where = environ.get(WORKER_EXITS_ENV)
+    if where:
+        try:
+            atomic_write_text(os.path.join(where, str(os.getpid())), str(code))
+        except OSError:
+            pass
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    status = main()
+    report_exit(status, os.environ)
+    sys.exit(status)
