@@ -27,6 +27,11 @@ A rank that stops on a user error prints one line, ``[rankN]: mnemo: error:
 traceback of its own (ChildFailedError) and exits 1. After such a line,
 torchrun's own lines go to the node log only (the ranks' lines still reach
 the console), and the node exits 2, as `mnemo train` does for the same error.
+With several nodes, torchrun's own lines before the first worker starts are held off the console (they are
+in the node log at once): a rendezvous that fails (node 0 not reachable: RendezvousConnectionError; not
+every node joined: RendezvousTimeoutError) ends in a traceback whose last line says what failed, and the
+launcher stops with one line saying it instead (UserError, exit 2).
+
 When every worker of this node has exited 0 (each leaves its exit code in a folder of this launcher:
 launch/worker.py report_exit), torchrun waits in its exit barrier for the other nodes' agents, 300 s for a
 node that is gone (torch's exit_barrier_timeout, which torchrun does not expose). After EXIT_BARRIER_GRACE_S
@@ -60,7 +65,7 @@ import psutil
 from mnemo.data_pipeline.errors import storage_error
 from mnemo.data_pipeline.files import NotRegularFile, open_own_file
 from mnemo.data_pipeline.processes import die_with_parent
-from mnemo.launch.torchrun import WORKER_EXITS_ENV, NodePlan, node_env, torchrun_command
+from mnemo.launch.torchrun import WORKER_EXITS_ENV, NodePlan, node_env, rdzv_endpoint, torchrun_command
 from mnemo.train.runlock import check_run_dir_free
 from mnemo.train.errors import UserError
 
@@ -176,6 +181,11 @@ class NodeRunner:
         self._group: set[int] = set()
         self._done_since: float | None = None
         self._stop_at: float | None = None  # torchrun stopped in its exit barrier: when SIGKILL follows
+        # Until the first worker starts (several nodes), torchrun's own lines are held off the console: a failed
+        # rendezvous ends in a traceback whose last line says what failed (rendezvous_failure).
+        self._started = plan.nnodes == 1
+        self._held_lines: list[str] = []
+        self._rdzv_failure = ""  # "connect" or "timeout", from torchrun's lines before any worker
 
     # -- signals ---------------------------------------------------------- #
 
@@ -271,6 +281,13 @@ class NodeRunner:
         if _RANK_USER_ERROR.match(line):
             self._user_error = True
         rank = bool(_RANK_LINE.match(line))
+        if rank:
+            self._release_held()
+        if not self._started:
+            self._read_rendezvous_line(line)
+            self._emit(log, line, console=False)
+            self._held_lines.append(line)
+            return
         if not rank and self._group:
             self._see_workers(time.monotonic())  # a barrier that fails at once (node 0's store gone) beats the tick
         if not rank and self._done_since is not None and "Error waiting on exit barrier" in line:
@@ -279,6 +296,38 @@ class NodeRunner:
         # another node is gone) say nothing about the outcome: the node log only.
         quiet = self._user_error or self._done_since is not None
         self._emit(log, line, console=not quiet or rank)
+
+    def _read_rendezvous_line(self, line: str) -> None:
+        """What a line of torchrun's before any worker says about its rendezvous (c10d backend)."""
+        if "RendezvousConnectionError" in line and not self._rdzv_failure:
+            self._rdzv_failure = "connect"
+        elif "RendezvousTimeoutError" in line:
+            self._rdzv_failure = "timeout"
+
+    def _release_held(self) -> None:
+        """The workers started: torchrun's lines held until then reach the console (they are in the log)."""
+        self._started = True
+        for line in self._held_lines:
+            self._console_line(line)
+        self._held_lines.clear()
+
+    def rendezvous_failure(self) -> str | None:
+        """The one-line error for a rendezvous that failed before any worker started, or None."""
+        plan = self.plan
+        where = rdzv_endpoint(plan.master_addr, plan.master_port)
+        if self._started or not self._rdzv_failure:
+            return None
+        if self._rdzv_failure == "timeout":
+            return (
+                f"the rendezvous at {where} timed out before all {plan.nnodes} nodes joined (is every node "
+                "started, with the same --nnodes, --master-addr and --master-port?)"
+            )
+        if plan.node_rank == 0:
+            return f"cannot host the rendezvous at {where} on this host (torchrun's report is in {plan.log_path})"
+        return (
+            f"cannot reach the rendezvous of node 0 at {where} "
+            "(is node 0 started, with the same --master-addr and --master-port?)"
+        )
 
     def _note(self, log: IO[str], text: str) -> None:
         self._emit(log, f"[launch node{self.plan.node_rank}] {text}")
@@ -344,6 +393,14 @@ class NodeRunner:
                 for s, h in old.items():
                     signal.signal(s, h)
             self._flush_notes(log)
+            failure = self.rendezvous_failure() if rc != 0 else None
+            if failure is None:
+                self._release_held()
+            if failure is not None:
+                # One line on the console (the CLI's, from the UserError); torchrun's traceback is in the log.
+                self._emit(log, f"[launch node{plan.node_rank}] torchrun exited with code {rc}", console=False)
+                self._emit(log, f"mnemo: error: {failure}", console=False)
+                raise UserError(failure)
             self._note(log, f"torchrun exited with code {rc}")
             if self._stop_at is not None:
                 # Stopped by this launcher in its exit barrier: every worker had exited 0, which is what torchrun
@@ -366,6 +423,8 @@ class NodeRunner:
             return  # --standalone: a barrier of one agent, passed at once
         pids = _worker_pids(self.proc.pid)
         if pids:
+            if not self._started:
+                self._release_held()
             self._group.update(pids)
             self._done_since = None
         elif self._group:

@@ -102,7 +102,8 @@ def check_node_args(nnodes: int, node_rank: int, master_port: int, max_restarts:
         raise UserError(f"--max-restarts must be >= 0, got {max_restarts}")
 
 
-def _endpoint(addr: str, port: int) -> str:
+def rdzv_endpoint(addr: str, port: int) -> str:
+    """``ADDR:PORT`` as torchrun's --rdzv-endpoint takes it (an IPv6 address in brackets)."""
     host = f"[{addr}]" if ":" in addr and not addr.startswith("[") else addr
     return f"{host}:{port}"
 
@@ -125,7 +126,7 @@ def torchrun_command(plan: NodePlan, log_dir: str) -> list[str]:
             "--rdzv-backend",
             "c10d",
             "--rdzv-endpoint",
-            _endpoint(plan.master_addr, plan.master_port),
+            rdzv_endpoint(plan.master_addr, plan.master_port),
             "--rdzv-id",
             plan.rdzv_id,
             # On one host several agents would each think they are the host;

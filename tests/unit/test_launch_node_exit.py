@@ -90,3 +90,82 @@ def test_one_node_has_no_exit_barrier_to_cut(tmp_path, monkeypatch, nnodes):
     console = io.StringIO()
     assert NodeRunner(plan, console=console).run() == 0
     assert "another node" not in console.getvalue()
+
+
+# torchrun of node 1 started without node 0 (its last lines; 86 in all with the C++ frames).
+NO_NODE0 = """
+import sys
+for line in [
+    "[E1205 09:16:47.785086839 socket.cpp:1028] [c10d] The client socket has timed out after 60000ms",
+    "Traceback (most recent call last):",
+    '  File "torch/distributed/elastic/rendezvous/c10d_rendezvous_backend.py", line 156, in _create_tcp_store',
+    "torch.distributed.DistNetworkError: The client socket has timed out after 60000ms while trying to connect",
+    "torch.distributed.elastic.rendezvous.api.RendezvousConnectionError: The connection to the C10d store has "
+    "failed. See inner exception for details.",
+]:
+    print(line, flush=True)
+sys.exit(1)
+"""
+RDZV_TIMEOUT = """
+import sys
+print("Traceback (most recent call last):", flush=True)
+print("torch.distributed.elastic.rendezvous.api.RendezvousTimeoutError", flush=True)
+sys.exit(1)
+"""
+STARTS = """
+import sys
+print("W1205 torch/distributed/run.py:1 a warning of torchrun's", flush=True)
+print("[rank1]: training", flush=True)
+print("RendezvousConnectionError in a later re-rendezvous", flush=True)
+sys.exit(1)
+"""
+
+
+def _node(tmp_path, monkeypatch, script: str, node_rank: int):
+    from mnemo.train.errors import UserError
+
+    monkeypatch.setattr(local, "torchrun_command", lambda plan, log_dir: [sys.executable, "-c", script])
+    plan = NodePlan(
+        config=str(tmp_path / "c.yaml"),
+        overrides=[],
+        run_dir=tmp_path / "run",
+        nproc_per_node=1,
+        nnodes=2,
+        node_rank=node_rank,
+        master_addr="10.0.0.1",
+        master_port=29641,
+    )
+    console = io.StringIO()
+    try:
+        rc = NodeRunner(plan, console=console).run()
+    except UserError as e:
+        rc = e
+    return rc, console.getvalue().splitlines(), plan.log_path.read_text()
+
+
+def test_a_node_that_cannot_reach_node_0_says_so_in_one_line(tmp_path, monkeypatch):
+    # Was: 86 lines of C++ frames and tracebacks ending in RendezvousConnectionError, exit 1, no mnemo: error.
+    err, shown, log = _node(tmp_path, monkeypatch, NO_NODE0, 1)
+    assert str(err) == (
+        "cannot reach the rendezvous of node 0 at 10.0.0.1:29641 "
+        "(is node 0 started, with the same --master-addr and --master-port?)"
+    )
+    assert [line for line in shown if not line.startswith("[launch node1] start ")] == []
+    assert "RendezvousConnectionError" in log and "Traceback" in log and f"mnemo: error: {err}" in log
+
+
+def test_a_rendezvous_that_times_out_says_so_in_one_line(tmp_path, monkeypatch):
+    err, shown, log = _node(tmp_path, monkeypatch, RDZV_TIMEOUT, 0)
+    assert str(err).startswith("the rendezvous at 10.0.0.1:29641 timed out before all 2 nodes joined")
+    assert len(shown) == 1 and "RendezvousTimeoutError" in log
+
+
+def test_torchruns_lines_before_the_workers_reach_the_console_once_they_start(tmp_path, monkeypatch):
+    rc, shown, log = _node(tmp_path, monkeypatch, STARTS, 1)
+    assert rc == 1  # a failure after the workers started is torchrun's to report, as before
+    assert shown[1:] == [
+        "W1205 torch/distributed/run.py:1 a warning of torchrun's",
+        "[rank1]: training",
+        "RendezvousConnectionError in a later re-rendezvous",
+        "[launch node1] torchrun exited with code 1",
+    ]
