@@ -45,11 +45,13 @@ torchrun's copies of the ranks' output (its --tee) live in a temporary folder
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import selectors
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -109,6 +111,27 @@ def _worker_exit(exits_dir: str, pid: int) -> int | None:
             return int(f.read())
     except (OSError, ValueError):
         return None
+
+
+def port_in_use(port: int) -> str:
+    return f"--master-port {port} is already in use on this host"
+
+
+def check_port_free(port: int) -> None:
+    """UserError when ``port`` cannot be listened on here, as node 0's torchrun is about to (its c10d store).
+
+    Bound on every address with SO_REUSEADDR, as torch's TCPStore binds its server socket: a connection of an
+    earlier job left in TIME_WAIT on that port does not stop the store, and must not stop this check either.
+    Only EADDRINUSE is an answer; anything else is left to torchrun (which says it in its own words).
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("", port))
+            s.listen(1)
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise UserError(port_in_use(port)) from None
 
 
 def _kill_tree(pid: int) -> None:
@@ -185,7 +208,7 @@ class NodeRunner:
         # rendezvous ends in a traceback whose last line says what failed (rendezvous_failure).
         self._started = plan.nnodes == 1
         self._held_lines: list[str] = []
-        self._rdzv_failure = ""  # "connect" or "timeout", from torchrun's lines before any worker
+        self._rdzv_failure = ""  # "connect", "timeout" or "port in use", from torchrun's lines before any worker
 
     # -- signals ---------------------------------------------------------- #
 
@@ -299,7 +322,9 @@ class NodeRunner:
 
     def _read_rendezvous_line(self, line: str) -> None:
         """What a line of torchrun's before any worker says about its rendezvous (c10d backend)."""
-        if "RendezvousConnectionError" in line and not self._rdzv_failure:
+        if "EADDRINUSE" in line:  # node 0's store: "The server socket has failed to listen ... EADDRINUSE"
+            self._rdzv_failure = "port in use"  # taken between check_port_free and torchrun's store
+        elif "RendezvousConnectionError" in line and not self._rdzv_failure:
             self._rdzv_failure = "connect"
         elif "RendezvousTimeoutError" in line:
             self._rdzv_failure = "timeout"
@@ -317,6 +342,8 @@ class NodeRunner:
         where = rdzv_endpoint(plan.master_addr, plan.master_port)
         if self._started or not self._rdzv_failure:
             return None
+        if self._rdzv_failure == "port in use":
+            return port_in_use(plan.master_port)
         if self._rdzv_failure == "timeout":
             return (
                 f"the rendezvous at {where} timed out before all {plan.nnodes} nodes joined (is every node "
@@ -368,6 +395,10 @@ class NodeRunner:
             # only: it serves the rendezvous, so no rank of this job can hold the lock yet, whereas another
             # node's launcher may start after this job's rank 0 took it.
             check_run_dir_free(plan.run_dir)
+            if plan.nnodes > 1:
+                # This node's torchrun serves the rendezvous (is_host): a port already taken was two tracebacks
+                # (DistNetworkError EADDRINUSE, RendezvousConnectionError) and exit 1.
+                check_port_free(plan.master_port)
         with open_node_log(plan) as log, torchrun_log_dir(plan.node_rank) as torchrun_logs:
             stamp = time.strftime("%Y-%m-%d %H:%M:%S")
             slurm = os.environ.get("SLURM_JOB_ID")

@@ -125,6 +125,7 @@ def _node(tmp_path, monkeypatch, script: str, node_rank: int):
     from mnemo.train.errors import UserError
 
     monkeypatch.setattr(local, "torchrun_command", lambda plan, log_dir: [sys.executable, "-c", script])
+    monkeypatch.setattr(local, "check_port_free", lambda port: None)  # port 29641 may be taken here
     plan = NodePlan(
         config=str(tmp_path / "c.yaml"),
         overrides=[],
@@ -169,3 +170,68 @@ def test_torchruns_lines_before_the_workers_reach_the_console_once_they_start(tm
         "RendezvousConnectionError in a later re-rendezvous",
         "[launch node1] torchrun exited with code 1",
     ]
+
+
+PORT_TAKEN = """
+import sys
+print("Traceback (most recent call last):", flush=True)
+print("torch.distributed.DistNetworkError: The server socket has failed to listen on any local network address. "
+      "port: 29641, useIpv6: false, code: -98, name: EADDRINUSE, message: address already in use", flush=True)
+print("torch.distributed.elastic.rendezvous.api.RendezvousConnectionError: The connection to the C10d store has "
+      "failed. See inner exception for details.", flush=True)
+sys.exit(1)
+"""
+
+
+def test_node_0_refuses_a_master_port_in_use_before_starting_torchrun(tmp_path, monkeypatch):
+    # Was: two tracebacks (DistNetworkError ... EADDRINUSE, RendezvousConnectionError) and exit 1.
+    import socket
+
+    from mnemo.launch.local import run_node
+    from mnemo.train.errors import UserError
+
+    def no_start(self, log_dir):
+        raise AssertionError("started")
+
+    monkeypatch.setattr(NodeRunner, "_spawn", no_start)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        plan = NodePlan(
+            config=str(tmp_path / "c.yaml"),
+            overrides=[],
+            run_dir=tmp_path / "run",
+            nproc_per_node=1,
+            nnodes=2,
+            master_port=port,
+        )
+        with pytest.raises(UserError, match=rf"^--master-port {port} is already in use on this host$"):
+            run_node(plan)
+        assert not plan.log_path.exists()
+        plan.node_rank = 1  # not the rendezvous host: its port is node 0's
+        with pytest.raises(AssertionError, match="started"):
+            run_node(plan)
+
+
+def test_a_port_left_in_time_wait_is_not_in_use(tmp_path):
+    import socket
+
+    from mnemo.launch.local import check_port_free
+
+    with socket.socket() as server:
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        port = server.getsockname()[1]
+        client = socket.create_connection(("127.0.0.1", port))
+        conn, _ = server.accept()
+        conn.close()  # the server's side closes first: its end of the connection stays in TIME_WAIT
+        client.close()
+    check_port_free(port)
+
+
+def test_a_master_port_taken_after_the_check_is_one_line_too(tmp_path, monkeypatch):
+    err, shown, log = _node(tmp_path, monkeypatch, PORT_TAKEN, 0)
+    assert str(err) == "--master-port 29641 is already in use on this host"
+    assert len(shown) == 1 and "EADDRINUSE" in log
