@@ -1,5 +1,8 @@
 """Run one node's share of a job: torchrun as a child, its output teed to a log.
 
+Over 500 lines: one class, NodeRunner, whose signal forwarding, output pump, rendezvous and exit-barrier
+handling read and write the same state of one torchrun child; split, they would pass it all around.
+
 The node launcher (this module, inside ``mnemo launch``) starts torchrun in a
 new session with SIGTERM, SIGUSR1 and SIGHUP ignored, copies every output line
 to the console and to ``<run.dir>/logs/node{i}.log``, and turns signals it
