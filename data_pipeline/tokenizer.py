@@ -90,31 +90,17 @@ class EncodeError(DataError):
         self.index = index
 
 
-def _doc_place(d: Doc) -> str:
-    """Where a document is, for an error: its file and line, row or id."""
-    return d.doc_id if d.doc_id.startswith(d.source) else f"{d.source} (doc_id {brief(d.doc_id)})"
-
-
 def encode_docs(tok: Tokenizer, docs: Sequence[Doc]) -> list[np.ndarray]:
-    """``tok.encode_batch`` of the documents' texts; a document the tokenizer cannot encode, or whose text
-    it encodes as its end-of-document id, is an InputError naming the tokenizer and the document (its
-    file, and line, row or id)."""
+    """``tok.encode_batch`` of the documents' texts; a document the tokenizer cannot encode is an
+    InputError naming the tokenizer and the document (its file, and line, row or id)."""
     try:
-        out = tok.encode_batch([d.text for d in docs])
+        return tok.encode_batch([d.text for d in docs])
     except EncodeError as e:
         if e.index is None:
             raise InputError(f"{e} in one of {docs[0].source} ... {docs[-1].source}") from None
-        raise InputError(f"{e} in {_doc_place(docs[e.index])}") from None
-    # A document ends at its EOS id (the trainer resets memory there): text must never become it. Special
-    # tokens stay text, but a model whose own vocabulary holds the EOS name as a word (a WordLevel model
-    # with a whitespace-only pre-tokenizer) still maps the word to that id, which would split a document.
-    for d, ids in zip(docs, out):
-        if ids.size and bool((ids == tok.eos_id).any()):
-            raise InputError(
-                f"tokenizer {tok.path}: encodes text of {_doc_place(d)} as its end-of-document id {tok.eos_id}"
-                " (the EOS token is also a word of its vocabulary): the document would be cut in two there"
-            )
-    return out
+        d = docs[e.index]
+        where = d.doc_id if d.doc_id.startswith(d.source) else f"{d.source} (doc_id {brief(d.doc_id)})"
+        raise InputError(f"{e} in {where}") from None
 
 
 class Tokenizer:
