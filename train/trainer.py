@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from mnemo.data_pipeline.files import atomic_write_text
-from mnemo.data_pipeline.paths import local_path
+from mnemo.data_pipeline.paths import is_remote, local_path
 from mnemo.data_pipeline.tokenizer import Tokenizer, file_sha256
 from mnemo.data_pipeline.verify import other_tokenizer, read_manifest as read_data_manifest
 from mnemo.train import checkpoint as ckpt
@@ -78,9 +78,26 @@ def read_manifest(cfg: Config) -> dict[str, Any]:
 NODE_LOCAL_KEYS = ("data.path", "data.tokenizer", "data.num_workers", "data.cache_dir")
 
 
-def job_identity(cfg: Config, tok_sha: str, manifest: dict[str, Any]) -> dict[str, str]:
+def data_identity(cfg: Config) -> dict[str, str]:
+    """What each dataset of the run holds, by config key: the sha256 of a local dataset's index.json (its
+    shards' names, sizes and sha1 hashes: the same for a node's own copy, or the same corpus prepared on each
+    node, unlike manifest.json's paths and times), a remote source's URL (every node fetches it from there)."""
+    out = {}
+    for key, path in data_paths(cfg):
+        if is_remote(path):
+            out[key] = path
+            continue
+        index = Path(local_path(path)) / "index.json"
+        try:
+            out[key] = file_sha256(index)
+        except OSError as e:  # the data checks name a missing dataset in their own words; this is a backstop
+            raise UserError(f"{key}: cannot read {index} ({e.strerror or e})") from None
+    return out
+
+
+def job_identity(cfg: Config, tok_sha: str, data: dict[str, str]) -> dict[str, str]:
     """What every rank of one job must share, as text per key: the resolved config (less NODE_LOCAL_KEYS,
-    and the sources' paths) and the content of the data and tokenizer."""
+    and the sources' paths), the tokenizer's sha256 and each dataset's content (``data_identity``)."""
     out = {}
     for k, v in flatten(cfg).items():
         if k in NODE_LOCAL_KEYS:
@@ -89,7 +106,8 @@ def job_identity(cfg: Config, tok_sha: str, manifest: dict[str, Any]) -> dict[st
             v = [{f: x for f, x in src.items() if f != "path"} for src in v]
         out[k] = json.dumps(v, sort_keys=True, default=str)
     out["the tokenizer (sha256)"] = tok_sha
-    out["the data (its manifest.json)"] = json.dumps(manifest, sort_keys=True, default=str)
+    for key, digest in data.items():
+        out[f"the data of {key}"] = digest
     return out
 
 
@@ -172,7 +190,8 @@ class Trainer:
         from mnemo.train.collectives import differences_from_rank0
         from mnemo.train.redact import redact_uri
 
-        diff, anyone = differences_from_rank0(job_identity(self.cfg, self.tok_sha, self.manifest), self.device)
+        ident = job_identity(self.cfg, self.tok_sha, data_identity(self.cfg))
+        diff, anyone = differences_from_rank0(ident, self.device)
         rule = "every node must run the same config file, overrides and data"
         if diff:
             shown = [  # config values as JSON text (credentials in URIs hidden); the data's digests say nothing
