@@ -342,8 +342,8 @@ def sbatch_script(o: SlurmOptions) -> str:
         "",
         "# The trainer's marker of a stop request: a regular file holding a step number. Any other file of",
         "# that name is the user's: never removed, never read as a preemption (it would requeue forever).",
-        f'preempted() {{ [ -f "$RUN_DIR/{PREEMPTED_MARKER}" ] && [ ! -L "$RUN_DIR/{PREEMPTED_MARKER}" ] &&'
-        f' grep -qxE "[0-9]+" "$RUN_DIR/{PREEMPTED_MARKER}"; }}',
+        f'preempted() {{ local f="$RUN_DIR/{PREEMPTED_MARKER}"; [ -f "$f" ] && [ ! -L "$f" ] &&'
+        ' [ "$(grep -c "" "$f")" = 1 ] && grep -qxE "[0-9]+" "$f"; }',
         f'if preempted; then rm -f "$RUN_DIR/{PREEMPTED_MARKER}"; fi  # stale marker of an earlier job',
         'if [ -n "$NOTICE" ]; then',
         '    echo "mnemo: got SIGUSR1 before training started; requeueing job $SLURM_JOB_ID"',

@@ -1060,7 +1060,7 @@ def test_cli_errors_never_print_credentials(capsys):
     assert rc == 2 and "tracking.enabled" in err and "S3CRET" not in err and "http://***@127.0.0.1:1" in err
 
 
-@pytest.mark.parametrize("content", ["my notes\n", "12 steps\n", None])
+@pytest.mark.parametrize("content", ["my notes\n", "12 steps\n", "notes on job 77\n1200\n", "1200\nnotes", None])
 def test_sbatch_script_keeps_a_users_preempted_file_and_does_not_requeue_on_it(tmp_path, capsys, monkeypatch, content):
     # Was: the script's `rm -f "$RUN_DIR/PREEMPTED"` deleted any file of that name, and a file there after the
     # run (one the trainer refused to start beside) would requeue the job for ever. Only the trainer's marker

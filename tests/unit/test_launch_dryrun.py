@@ -121,7 +121,7 @@ echo "mnemo: job $SLURM_JOB_ID, SLURM_RESTART_COUNT=${SLURM_RESTART_COUNT:-0}, $
 
 # The trainer's marker of a stop request: a regular file holding a step number. Any other file of
 # that name is the user's: never removed, never read as a preemption (it would requeue forever).
-preempted() { [ -f "$RUN_DIR/PREEMPTED" ] && [ ! -L "$RUN_DIR/PREEMPTED" ] && grep -qxE "[0-9]+" "$RUN_DIR/PREEMPTED"; }
+preempted() { local f="$RUN_DIR/PREEMPTED"; [ -f "$f" ] && [ ! -L "$f" ] && [ "$(grep -c "" "$f")" = 1 ] && grep -qxE "[0-9]+" "$f"; }
 if preempted; then rm -f "$RUN_DIR/PREEMPTED"; fi  # stale marker of an earlier job
 if [ -n "$NOTICE" ]; then
     echo "mnemo: got SIGUSR1 before training started; requeueing job $SLURM_JOB_ID"
