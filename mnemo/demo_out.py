@@ -52,6 +52,8 @@ def claim_out_dir(out: Path, runs: dict[str, Path], fresh: bool, prog: str) -> N
                 continue
             if d.is_symlink() or not d.is_dir() or not wrote_run_config(d / "config.yaml"):
                 raise UserError(f"--out: {d} is not a run directory {prog} wrote (no mnemo config.yaml): {how}")
+            if not ours:  # every `mnemo train` run has that config.yaml: a user's own run in OUT/memory too
+                raise UserError(f"--out: {d} is a run directory {prog} did not write (no {out / MARKER}): {how}")
             doomed.append(d)
         files.append(out / "mlflow.db")
     for f in files:

@@ -202,3 +202,22 @@ def test_a_rerun_deletes_the_earlier_demos_runs_with_their_mlflow_db(module, mar
     assert not (out / "memory").exists() and not (out / "baseline").exists()
     assert not (out / "mlflow.db").exists() and not (out / "summary.json").exists()
     assert (out / MARKER).is_file()
+
+
+@pytest.mark.parametrize("module", ["mnemo.demo", "benchmarks.many_facts"])
+def test_a_users_own_run_in_out_memory_is_refused_and_kept(module, tmp_path, capsys):
+    """A run the user trained into OUT/memory (mnemo's config.yaml, as every `mnemo train` run has) was deleted
+    with its checkpoints and notes: only the marker (or an earlier demo's summary.json) shows OUT is the demo's."""
+    import importlib
+
+    from mnemo.train.config import CONFIG_HEADER
+
+    out = tmp_path / "out"
+    (out / "memory" / "checkpoints").mkdir(parents=True)
+    (out / "memory" / "config.yaml").write_text(CONFIG_HEADER + "\nmodel: {}\n")
+    (out / "memory" / "notes.txt").write_text("mine")
+    prog = "mnemo demo" if module == "mnemo.demo" else "many_facts"
+    assert importlib.import_module(module).main(["--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"{prog}: error: --out: {out / 'memory'} is a run directory ") and "did not write" in err
+    assert (out / "memory" / "notes.txt").read_text() == "mine" and (out / "memory" / "checkpoints").is_dir()
