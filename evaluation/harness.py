@@ -41,11 +41,14 @@ from mnemo.evaluation.inference import (
     check_memory,
     core_model,
     eval_mode,
+    ltm_capacity_of,
+    memory_errors,
     model_device,
     resolve_device,
     sized_ltm,
     store_bytes,
 )
+from mnemo.model.sizes import MAX_COUNT
 from mnemo.evaluation.report import json_ready
 from mnemo.evaluation.scoring import continuation_scores
 
@@ -69,14 +72,17 @@ def split_tasks(tasks: str | Sequence[str]) -> list[str]:
     return names
 
 
-def _positive(name: str, value: Any) -> int:
-    """An integer >= 1 from lm-eval's string arguments (--batch_size, --model_args KEY=N); EvalError naming it."""
+def _positive(name: str, value: Any, high: int | None = None) -> int:
+    """An integer in [1, high] from lm-eval's string arguments (--batch_size, --model_args KEY=N); EvalError
+    naming it."""
     try:
         n = int(str(value).strip())
     except ValueError:
         n = 0
     if n < 1:
         raise EvalError(f"{name}: must be an integer >= 1, got {brief(value, 40)}")
+    if high is not None and n > high:
+        raise EvalError(f"{name}: must be <= {high}, got {brief(value, 40)}")
     return n
 
 
@@ -114,7 +120,10 @@ class MnemoLM(TemplateLM):
         # Checked before a checkpoint loads.
         auto = batch_size is None or str(batch_size).strip().lower().startswith("auto")  # lm-eval's "auto[:N]"
         self.batch_size = 8 if auto else _positive("--batch_size", batch_size)
-        self.ltm_capacity = None if ltm_capacity in (None, "") else _positive("ltm_capacity", ltm_capacity)
+        # The bound of `mnemo eval --ltm-capacity` and ModelArgs (model/sizes.py): above it the store's resize
+        # raised ModelArgs' ValueError as a traceback at the first request.
+        cap = None if ltm_capacity in (None, "") else _positive("ltm_capacity", ltm_capacity, MAX_COUNT)
+        self.ltm_capacity = cap
         self.max_gen_toks = _positive("max_gen_toks", max_gen_toks)
         if model is None:
             if checkpoint is None:
@@ -130,6 +139,19 @@ class MnemoLM(TemplateLM):
         self.model, self.tok, self.T = model, tokenizer, int(segment_len)
         self._device = model_device(model)
         self.reads: list[dict[str, list[int]]] = []
+        # Which flags lower the memory a batch needs (`mnemo eval --lm-eval` sets its own).
+        self.advice = "lower --batch_size or ltm_capacity in --model_args"
+        if checkpoint is not None:  # loaded here (`mnemo lm-eval`): refuse a store that cannot fit, before a request
+            self.check_memory_fit()
+
+    def check_memory_fit(self) -> None:
+        """EvalError when ``batch_size`` slots of the long-term store (``ltm_capacity`` or the model's) cannot
+        fit in the memory available now (``inference.check_memory``): the stores are allocated per batch, and
+        a 2**31 - 1 capacity failed in torch's allocator with a traceback, 4,000,000 x 64 slots was killed."""
+        cap = self.ltm_capacity or ltm_capacity_of(self.model)
+        if cap:
+            what = f"the long-term store ({cap} entries per layer, {self.batch_size} slots)"
+            check_memory(self.model, store_bytes(self.model, self.batch_size, cap), 0, what, self.advice)
 
     # ------------------------------------------------------------ tokens
     @property
@@ -158,7 +180,7 @@ class MnemoLM(TemplateLM):
             if starts[i] >= len(seqs[i]):
                 out[i] = (0.0, True)  # nothing to score
         bar = tqdm(total=len(todo), desc="mnemo: reading requests", disable=not progress)
-        with eval_mode(self.model), sized_ltm(self.model, self.ltm_capacity):
+        with eval_mode(self.model), sized_ltm(self.model, self.ltm_capacity), memory_errors(self.advice):
             for c in range(0, len(todo), self.batch_size):
                 chunk = todo[c : c + self.batch_size]
                 bar.update(len(chunk))
@@ -199,7 +221,7 @@ class MnemoLM(TemplateLM):
         groups: dict[str, list[int]] = {}  # the same generation settings share a batch
         for i, req in enumerate(requests):
             groups.setdefault(json.dumps(req.args[1], sort_keys=True, default=str), []).append(i)
-        with eval_mode(self.model), sized_ltm(self.model, self.ltm_capacity):
+        with eval_mode(self.model), sized_ltm(self.model, self.ltm_capacity), memory_errors(self.advice):
             for idx in groups.values():
                 kw = dict(requests[idx[0]].args[1] or {})
                 until = kw.get("until") or []
@@ -291,13 +313,11 @@ def run_lm_eval(
     names = split_tasks(tasks)
     if limit is not None and limit <= 0:
         raise EvalError(f"--limit: must be > 0, got {limit}")
-    lm = MnemoLM(model=model, tokenizer=tokenizer, segment_len=segment_len, batch_size=batch_size)
-    lm.ltm_capacity = ltm_capacity
-    if ltm_capacity is not None:  # the store is allocated per batch: refuse one that cannot fit now
-        what = f"--ltm-capacity {ltm_capacity} ({batch_size} slots)"
-        check_memory(
-            model, store_bytes(model, batch_size, ltm_capacity), 0, what, "lower --batch-size or --ltm-capacity"
-        )
+    lm = MnemoLM(
+        model=model, tokenizer=tokenizer, segment_len=segment_len, batch_size=batch_size, ltm_capacity=ltm_capacity
+    )
+    lm.advice = "lower --batch-size or --ltm-capacity"
+    lm.check_memory_fit()  # the store is allocated per batch: refuse one that cannot fit now
     tm = task_manager(names, include_path)
     try:
         results = lm_eval.simple_evaluate(

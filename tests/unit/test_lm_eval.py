@@ -286,3 +286,48 @@ def test_model_args_are_checked_before_the_checkpoint_loads(kw, needle):
     with pytest.raises(EvalError) as e:
         harness.MnemoLM(checkpoint="/nonexistent/ckpt", **kw)  # no loader is called: checked first
     assert str(e.value) == needle
+
+
+@pytest.mark.parametrize(
+    "cap,needle",
+    [
+        ("99999999999", "ltm_capacity: must be <= 2147483647, got 99999999999"),  # was ModelArgs' ValueError
+        ("2147483647", "the long-term store (2147483647 entries per layer, 2 slots) needs at least"),  # was 2 TB alloc
+    ],
+)
+def test_lm_eval_cli_refuses_a_store_that_cannot_fit(env, capsys, cap, needle):
+    """`mnemo lm-eval run --model mnemo --model_args checkpoint=CKPT,ltm_capacity=N`: a capacity above the bound
+    or beyond the memory available is one `mnemo: error:` line (exit 2), not a traceback or an OOM kill."""
+    from mnemo.cli import main
+
+    exp, tasks, *_ = env
+    argv = ["lm-eval", "run", "--model", "mnemo", "--model_args", f"checkpoint={exp},ltm_capacity={cap}"]
+    argv += ["--tasks", "mnemo_mc", "--include_path", str(tasks), "--batch_size", "2", "--device", "cpu"]
+    assert main(argv) == 2
+    text = capsys.readouterr().err
+    err = [line for line in text.splitlines() if line.startswith("mnemo: error:")]
+    # (rc 2 is exit_status's for an EvalError; lm-eval's own log handler may hold an earlier test's stream)
+    assert len(err) == 1 and needle in err[0], text[-2000:]
+
+
+def test_request_loop_out_of_memory_is_one_line(env, monkeypatch):
+    """An allocation failure the pre-flight did not foresee, inside lm-eval's requests, is one EvalError."""
+    from mnemo.evaluation import harness as h
+    from mnemo.evaluation.errors import EvalError
+
+    _, _, model, tok, harness, texts = env
+
+    def boom(*a, **k):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory")
+
+    monkeypatch.setattr(h, "continuation_scores", boom)
+    monkeypatch.setattr(h, "generate_batch", boom)
+    lm = harness.MnemoLM(model=model, tokenizer=tok, segment_len=T)
+    with pytest.raises(EvalError, match="out of memory.*lower --batch_size or ltm_capacity"):
+        lm.score_tokens([tok.encode(texts[0][:50])], [3])
+
+    class Req:
+        args = ("def f():", {"until": ["\n"], "max_gen_toks": 2})
+
+    with pytest.raises(EvalError, match="out of memory"):
+        lm.generate_until([Req()])
