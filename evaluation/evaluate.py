@@ -99,7 +99,7 @@ def check_eval_memory(
     for m in (model, baseline):
         if m is not None and ltm_capacity_of(m):
             cap = max(ltm_capacity_of(m), longest * T) if grow_ltm else ltm_capacity_of(m)
-            store = max(store, store_bytes(m, slots, cap))
+            store = max(store, store_bytes(m, slots, cap, T))
     what = f"the evaluation ({slots} slot(s); documents of up to {(longest + 1) * T:,} tokens)"
     check_memory(model, store, host, what, MEMORY_ADVICE)
 

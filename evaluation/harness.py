@@ -151,7 +151,7 @@ class MnemoLM(TemplateLM):
         cap = self.ltm_capacity or ltm_capacity_of(self.model)
         if cap:
             what = f"the long-term store ({cap} entries per layer, {self.batch_size} slots)"
-            check_memory(self.model, store_bytes(self.model, self.batch_size, cap), 0, what, self.advice)
+            check_memory(self.model, store_bytes(self.model, self.batch_size, cap, self.T), 0, what, self.advice)
 
     # ------------------------------------------------------------ tokens
     @property

@@ -150,9 +150,19 @@ def memory_shortfall(needs: dict[str, int], total: bool = False) -> tuple[str, i
     return None
 
 
-def store_bytes(model: Any, slots: int, capacity: int) -> int:
-    """Bytes of the long-term stores ``init_state`` allocates for ``slots`` slots of ``capacity`` entries."""
-    from mnemo.model.retrieval import store_bytes_per_token
+def store_bytes(model: Any, slots: int, capacity: int, segment_len: int) -> int:
+    """Bytes the long-term stores of ``slots`` slots of ``capacity`` entries take at most while the model reads
+    segments of ``segment_len`` tokens without gradients (evaluation, generation).
+
+    Not the stores once (what ``init_state`` allocates): ``fifo_append`` grows a full store into a fresh
+    buffer while the input state still holds the old one (``memory.fifo_peak_entries``: 2.5 N + 2 T entries
+    of keys and values), and with the ivf search the index fields (``retrieval.ivf_index_bytes``) are held
+    twice at a rebuild (the old state's and the rebuilt copies) and their list ids grow as the keys do.
+    Counting the stores once let a capacity needing 40-100% of the memory through, to be killed at the
+    first forward (measured: 2.0x the estimate for exact, 2.55x for ivf).
+    """
+    from mnemo.model.memory import fifo_peak_entries
+    from mnemo.model.retrieval import ivf_index_bytes, store_bytes_per_token
 
     core = core_model(model)
     args = getattr(core, "args", None)
@@ -162,15 +172,23 @@ def store_bytes(model: Any, slots: int, capacity: int) -> int:
         dtype = next(core.parameters()).dtype
     except StopIteration:
         return 0
-    per_token = store_bytes_per_token(args.n_heads, args.head_dim, len(args.active_ltm_layers), dtype)
-    return int(slots) * int(capacity) * per_token
+    N, layers = int(capacity), len(args.active_ltm_layers)
+    peak = fifo_peak_entries(N, int(segment_len))
+    per_slot = peak * store_bytes_per_token(args.n_heads, args.head_dim, layers, dtype)
+    if getattr(args, "ltm_search", "exact") == "ivf":
+        # ltm_c (int32 list ids) grows as the keys do and a rebuild clones it: peak + N entries, 2 N of them in
+        # the index fields counted twice below.
+        list_ids = (peak - N) * args.n_heads * 4
+        per_slot += layers * (2 * ivf_index_bytes(args.n_heads, args.head_dim, N, dtype) + list_ids)
+    return int(slots) * per_slot
 
 
 def check_memory(model: Any, store: int, host: int, what: str, advice: str) -> None:
     """EvalError when ``store`` bytes (long-term stores, on the model's device) and ``host`` bytes (documents
     made on the host) exceed the memory available, before any of it is allocated.
 
-    Both are lower bounds of what the evaluation needs, so a refusal is never wrong: an evaluation asked
+    ``store`` is what the stores hold at their peak (``store_bytes``), ``host`` a lower bound: the model, the
+    activations and the rest are not counted, so a refusal is never wrong: an evaluation asked
     for D = 10**9 used to fail after the model load, in numpy (hundreds of GiB) or torch, with a traceback.
     ``what`` says what needs the memory, ``advice`` which flags lower it.
     """

@@ -242,6 +242,17 @@ def fifo_append(store: Tensor, new: Tensor) -> Tensor:
     return out
 
 
+def fifo_peak_entries(N: int, T: int) -> int:
+    """Entries per slot and head that a store of N entries takes at most while a no-grad read appends
+    T entries a segment (``fifo_append``), the input state being alive until the forward returns.
+
+    When the room runs out the input's buffer (N + N // 4 + T entries, after an earlier growth) and the
+    fresh one of the same size are both held: 2.5 N + 2 T, not N (the memory pre-flight of evaluation
+    and generation counts this). T >= N: the input store and the T new entries it keeps a view of.
+    """
+    return N + T if T >= N else 2 * (N + N // 4 + T)
+
+
 def gather_rows(store: Tensor, flat: Tensor) -> Tensor:
     """Rows store[b, h, n] [len(flat), Dh] for flat = (b H + h) N + n, store [B, H, N, Dh].
 

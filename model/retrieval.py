@@ -720,3 +720,10 @@ def searcher(
 def store_bytes_per_token(n_heads: int, head_dim: int, n_ltm_layers: int, dtype: torch.dtype) -> int:
     """Bytes of long-term store per token read: keys and values of every head in every long-term layer."""
     return kv_bytes(1, n_heads * head_dim, n_ltm_layers, torch.empty((), dtype=dtype).element_size())
+
+
+def ivf_index_bytes(n_heads: int, head_dim: int, capacity: int, dtype: torch.dtype) -> int:
+    """Bytes of one slot's IVF fields in one long-term layer: ``ivf_state``'s tensors, sized on the meta
+    device (nothing allocated), so the count follows their shapes (~1.5x the keys and values at ``debug``)."""
+    fields = ivf_state(1, n_heads, capacity, head_dim, device="meta", dtype=dtype)
+    return sum(t.numel() * t.element_size() for t in fields.values())

@@ -443,7 +443,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     # trained on a bigger one, or a received model_args.json) is one line now, not an allocation traceback.
     advice = "lower --ltm-capacity (the newest entries are kept)"
     cap = ltm_capacity_of(model)
-    check_memory(model, store_bytes(model, 1, cap), 0, f"the long-term store ({cap} entries per layer)", advice)
+    check_memory(model, store_bytes(model, 1, cap, T), 0, f"the long-term store ({cap} entries per layer)", advice)
 
     def progress(i: int, n: int) -> None:
         if sys.stderr.isatty():

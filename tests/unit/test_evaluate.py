@@ -927,7 +927,7 @@ def test_the_memory_check_counts_the_slots_the_longest_documents_use(tok, tmp_pa
     ev.check_eval_memory(model, None, 64, 32, [6000], 5, [10], 3, grow_ltm=True)
     ev.check_eval_memory(model, None, 64, 4, [6000], 5, [], 0, grow_ltm=True)
     cap = 6000 * 64
-    assert [s for s, _ in seen] == [store_bytes(model, n, cap) for n in (1, 5, 4)]
+    assert [s for s, _ in seen] == [store_bytes(model, n, cap, 64) for n in (1, 5, 4)]
     assert "(1 slot(s); documents of up to 384,064 tokens)" in seen[0][1]
 
 
@@ -1165,3 +1165,50 @@ def test_plots_that_cannot_be_written_leave_no_folder_they_made(tmp_path, monkey
     with pytest.raises(OSError, match="No space left on device"):
         plots(result, mine / "plots")
     assert os.listdir(tmp_path) == ["mine"] and os.listdir(mine) == []  # the user's folder stays
+
+
+@pytest.mark.parametrize("search", ["exact", "ivf"])
+def test_store_bytes_covers_what_a_no_grad_read_really_holds(search, monkeypatch):
+    """The pre-flight counted the stores once, but a no-grad read holds ~2x (exact: fifo_append grows a full
+    store into a fresh buffer while the input state holds the old one) and ~2.55x (ivf: and its index):
+    a capacity needing 40-100% of the memory passed and was killed. store_bytes must cover the peak of the
+    long-term fields held by the input and the output state of every forward, and not by much (<= 1.3x)."""
+    import mnemo.model.retrieval as retrieval
+    from mnemo.evaluation.inference import store_bytes
+    from mnemo.model import MemoryTransformer, ModelArgs
+
+    # Small enough to fit and rebuild the index within the read (at 16,384 / 8,192 entries otherwise).
+    monkeypatch.setattr(retrieval, "IVF_TRAIN_AT", 256)
+    monkeypatch.setattr(retrieval, "IVF_REBUILD", 160)
+    B, N, T = 2, 1024, 32
+    torch.manual_seed(0)
+    args = ModelArgs(
+        vocab_size=64, n_layers=2, d_model=32, n_heads=2, d_ff=64, stm_length=T, ltm_kind="knn",
+        ltm_capacity=N, ltm_topk=4, ltm_layers=(0, 1), ltm_search=search,
+    )  # fmt: skip
+    model = MemoryTransformer(args).eval()
+
+    def held(*states) -> int:  # bytes of the distinct storages behind the long-term fields of these states
+        seen = {}
+        for st in states:
+            for layer in st.layers:
+                for name in ("ltm_k", "ltm_v", "ltm_c", "ltm_cen", "ltm_inv", "ltm_off", "ltm_since", "ltm_fit"):
+                    t = getattr(layer, name)
+                    if t is not None:
+                        s = t.untyped_storage()
+                        seen[s.data_ptr()] = s.nbytes()
+                t = layer.ltm_kl
+                if t is not None:
+                    seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return sum(seen.values())
+
+    state, peak = model.init_state(B), 0
+    with torch.no_grad():
+        for _ in range(4 * N // T):  # several growths of the buffer (every N / 4 + T entries) and rebuilds
+            _, new = model(torch.randint(0, 64, (B, T)), state, logits=False)
+            peak = max(peak, held(state, new))  # the caller holds the input state until the forward returns
+            state = new
+    assert search != "ivf" or int(state.layers[0].ltm_fit[0]) > 0  # the index was fit and rebuilt
+    est = store_bytes(model, B, N, T)
+    print(f"{search}: store_bytes {est:,} B, peak held {peak:,} B ({est / peak:.2f}x), stores once {held(state):,}")
+    assert peak <= est <= 1.3 * peak
