@@ -4,6 +4,8 @@ Reading is the work (a D = 1024 pass key reads 1,025 segments per document,
 half an hour on 2 CPU cores), so the unit is the slot-segment: one slot of a
 batch reading one segment of T tokens. On a terminal a tqdm bar; in a log
 (stderr not a terminal: SLURM, nohup, CI) a line at most every minute.
+`mnemo generate` reads a long prompt with it too (a 128K-token prompt is
+minutes of reading).
 """
 
 from __future__ import annotations
@@ -12,13 +14,17 @@ import sys
 import time
 from collections.abc import Sequence
 
+LOG_EVERY = 60.0  # seconds between two lines of LineProgress (a log is read, not watched)
+
 
 class LineProgress:
     """Progress for a log (stderr not a terminal): a line at most every ``every`` seconds, the first after
-    ``every`` (short evaluations stay silent), with the time so far and the time left at the rate so far."""
+    ``every`` (short evaluations stay silent; None: LOG_EVERY), with the time so far and the time left at the
+    rate so far; ``prog`` starts the line (the command)."""
 
-    def __init__(self, total: int, desc: str, unit: str, every: float = 60.0):
-        self.total, self.desc, self.unit, self.every = max(int(total), 1), desc, unit, every
+    def __init__(self, total: int, desc: str, unit: str, every: float | None = None, prog: str = "mnemo eval"):
+        self.total, self.desc, self.unit = max(int(total), 1), desc, unit
+        self.every, self.prog = LOG_EVERY if every is None else every, prog
         self.n, self.t0 = 0, time.monotonic()
         self.last = self.t0
 
@@ -30,7 +36,7 @@ class LineProgress:
         self.last, el = now, now - self.t0
         left = el * (self.total - self.n) / max(self.n, 1)
         print(
-            f"mnemo eval: {self.desc}: {self.n:,}/{self.total:,} {self.unit} ({100 * self.n / self.total:.0f}%),"
+            f"{self.prog}: {self.desc}: {self.n:,}/{self.total:,} {self.unit} ({100 * self.n / self.total:.0f}%),"
             f" {el / 60:.1f} min, ~{left / 60:.1f} min left",
             file=sys.stderr,
             flush=True,
@@ -40,7 +46,7 @@ class LineProgress:
         pass
 
 
-def progress_bar(total: int, desc: str, enabled: bool, unit: str = "segments"):
+def progress_bar(total: int, desc: str, enabled: bool, unit: str = "segments", prog: str = "mnemo eval"):
     """A tqdm bar on a terminal, log lines otherwise (``LineProgress``); None when not ``enabled``.
 
     Units are slot-segments (one slot reading one segment of T tokens) wherever the work is reading."""
@@ -50,7 +56,7 @@ def progress_bar(total: int, desc: str, enabled: bool, unit: str = "segments"):
         from tqdm import tqdm
 
         return tqdm(total=total, desc=desc, unit=unit.rstrip("s"), leave=False, file=sys.stderr)
-    return LineProgress(total, desc, unit)
+    return LineProgress(total, desc, unit, prog=prog)
 
 
 def segments_to_read(lengths: Sequence[int], segment_len: int) -> int:

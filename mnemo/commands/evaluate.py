@@ -445,9 +445,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
     cap = ltm_capacity_of(model)
     check_memory(model, store_bytes(model, 1, cap, T), 0, f"the long-term store ({cap} entries per layer)", advice)
 
+    from mnemo.evaluation.progress import progress_bar
+
+    bar = None
+
     def progress(i: int, n: int) -> None:
-        if sys.stderr.isatty():
-            print(f"\rreading prompt: segment {i + 1}/{n}", end="" if i + 1 < n else "\n", file=sys.stderr, flush=True)
+        # mnemo eval's reporter: a bar on a terminal, else a line at most every minute (in a log a 128K-token
+        # prompt was read for 7 minutes without a word).
+        nonlocal bar
+        if bar is None:
+            bar = progress_bar(n, "reading prompt", True, prog="mnemo generate")
+        bar.update(1)
+        if i + 1 >= n:
+            bar.close()
 
     print(f"prompt: {len(ids)} tokens = {-(-len(ids) // T)} segments of {T}", file=sys.stderr)
     streamer = TextStreamer(tokenizer)

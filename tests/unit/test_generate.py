@@ -180,6 +180,27 @@ def test_generate_cli(tmp_path, capsys):
         args.func(args)
 
 
+def test_generate_reports_reading_a_long_prompt_in_a_log(tmp_path, capsys, monkeypatch):
+    """With stderr not a terminal (a log, nohup, SLURM) `mnemo generate` said nothing while it read the prompt
+    (a 128K-token prompt: 7 min 23 s): it now writes mnemo eval's progress lines (LineProgress; here one per
+    segment, the interval set to 0 instead of a minute)."""
+    import mnemo.evaluation.progress as progress
+
+    monkeypatch.setattr(progress, "LOG_EVERY", 0.0)
+    exp = _export_dir(tmp_path)
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("def fibonacci(n):\n    a, b = 0, 1\n" * 12)  # > 8 segments of 16 tokens
+    argv = ["generate", str(exp), "--prompt-file", str(prompt), "--max-tokens", "2", "--temperature", "0"]
+    args = build_parser().parse_args(argv)
+    assert not __import__("sys").stderr.isatty()
+    assert args.func(args) == 0
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("mnemo generate: reading prompt: ")]
+    n = int(err.split("tokens = ")[1].split()[0])  # "prompt: N tokens = S segments of T"
+    assert n > 8 and len(lines) >= n - 1, err
+    assert "segments (100%)" in lines[-1] and "min left" in lines[-1]
+
+
 def test_generate_refuses_a_store_too_large_for_the_machine_and_takes_ltm_capacity(tmp_path, capsys):
     """A model_args.json with ltm_capacity 2**31 - 1 (a model trained on a bigger machine, or a received one) gave an
     allocation traceback from init_state; --ltm-capacity had no counterpart in generate to lower it."""
