@@ -8,6 +8,7 @@ same inputs (ZeRO-3 gathers parameters collectively).
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -27,7 +28,7 @@ from mnemo.evaluation.inference import (
 from mnemo.evaluation.report import format_table, json_ready, passkey_result, plots
 from mnemo.evaluation.scoring import ABLATIONS, ablation_table, passkey_samples
 from mnemo.evaluation.stats import bootstrap_ratio_interval
-from mnemo.evaluation.task_eval import longest_document, score_tasks, task_samples
+from mnemo.evaluation.task_eval import longest_document, score_tasks, store_warnings, task_samples
 
 # Resamples of the documents behind each bootstrap interval of a loss (fixed seed: the same result every run).
 N_BOOT = 1000
@@ -256,6 +257,8 @@ def evaluate(
                 )
             )
         if samples:
+            for line in store_warnings(samples, ltm_capacity_of(model)):  # a store given smaller than the tasks
+                print(line, file=sys.stderr, flush=True)
             t0 = time.perf_counter()
             result["tasks"] = score_tasks(model, samples, T, B, progress=progress)
             seconds["tasks"] = time.perf_counter() - t0

@@ -1212,3 +1212,23 @@ def test_store_bytes_covers_what_a_no_grad_read_really_holds(search, monkeypatch
     est = store_bytes(model, B, N, T)
     print(f"{search}: store_bytes {est:,} B, peak held {peak:,} B ({est / peak:.2f}x), stores once {held(state):,}")
     assert peak <= est <= 1.3 * peak
+
+
+def test_a_store_smaller_than_the_task_documents_is_warned_about(tok, tmp_path, capsys):
+    """`--tasks passkey,mqar:n=16 --distances 8 --ltm-capacity 128` scored 0 without a word: the store was
+    smaller than the documents (D x T plus the facts). One warning line per task and distance, not an error."""
+    from mnemo.cli import build_parser
+
+    T = 64
+    exp, data = _tiny_export(tok, tmp_path, T)
+    argv = ["eval", str(exp), "--data", str(data), "--max-docs", "1", "--no-ablations", "--device", "cpu"]
+    argv += ["--trials", "1", "--tasks", "passkey,mqar_n16", "--distances", "1,3", "--ltm-capacity", "128"]
+    args = build_parser().parse_args(argv)
+    assert args.func(args) == 0
+    warned = [line for line in capsys.readouterr().err.splitlines() if "warning:" in line]
+    # D = 1 documents (2 segments and the question) exceed 128 entries only if longer than 128 tokens.
+    assert {w.split(":")[2].strip() for w in warned} >= {"task passkey at D=3", "task mqar_n16 at D=3"}, warned
+    assert all("--ltm-capacity 128 entries" in w and "forgotten" in w for w in warned)
+    args = build_parser().parse_args([a if a != "128" else "100000" for a in argv])
+    assert args.func(args) == 0
+    assert "warning:" not in capsys.readouterr().err
