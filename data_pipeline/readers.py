@@ -73,7 +73,7 @@ _WHITE_SPACE = (
 )
 
 
-def _is_blank(text: str) -> bool:
+def is_blank(text: str) -> bool:
     """Empty, or only Unicode White_Space."""
     return not text.strip(_WHITE_SPACE)
 
@@ -144,7 +144,7 @@ def _read_text(f: InputFile, stats: ReadStats, max_doc_bytes: int) -> Iterator[D
     else:
         k, codec, label = bom
         text = _decode(raw[k:], f.path, stats, codec, label)
-    if _is_blank(text):
+    if is_blank(text):
         stats.note("empty", f.path)
         return
     name = _utf8_name(f.path)
@@ -343,7 +343,7 @@ def _read_jsonl(
                 stats.note("invalid_utf8", where(k))
             if not text.isascii():
                 text = _fix_surrogates(text, where(k), stats)
-            if _is_blank(text):
+            if is_blank(text):
                 stats.note("empty", where(k))
                 continue
             doc_id = _doc_id(rec.get(id_field) if id_field else None, id_field, where(k), stats)
@@ -472,7 +472,7 @@ def _read_parquet(
             elif _utf8_len(text) > max_doc_bytes:
                 stats.note("too_large", where)
                 continue
-            if _is_blank(text):
+            if is_blank(text):
                 stats.note("empty", where)
                 continue
             yield Doc(text, _doc_id(ident, id_field, where, stats), source, len(text))

@@ -530,7 +530,9 @@ def train_from_texts(
     """Train on already sampled documents and write the model to ``out`` atomically."""
     check_vocab_size(vocab_size)
     opts = trainer_options(vocab_size, model_type, special_tokens, num_threads)
-    sentences = trainer_sentences(t for t in texts if t.strip())
+    from mnemo.data_pipeline.readers import is_blank  # prepare's rule: a document of U+001C..U+001F is not blank
+
+    sentences = trainer_sentences(t for t in texts if not is_blank(t))
     model = io.BytesIO()
     try:
         spm.SentencePieceTrainer.train(sentence_iterator=sentences, model_writer=model, **opts)

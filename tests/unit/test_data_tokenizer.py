@@ -132,6 +132,16 @@ def test_a_corpus_without_spaces_still_gives_a_lossless_tokenizer(tmp_path, mode
         assert t.decode(t.encode(text)) == text
 
 
+def test_documents_of_information_separators_train_a_tokenizer(tmp_path):
+    """prepare keeps a document of U+001C..U+001F (not Unicode White_Space), but the trainer's own filter
+    (str.strip) dropped them all: 'the corpus holds no non-empty documents'."""
+    from mnemo.data_pipeline.tokenizer import train_from_texts
+
+    texts = ["\x1c\x1d\x1e\x1f" * 50 + "\n" for _ in range(20)]
+    t = train_from_texts(texts, tmp_path / "sep.model", vocab_size=300, model_type="bpe", num_threads=1)
+    assert t.decode(t.encode("\x1c\x1d")) == "\x1c\x1d"
+
+
 def test_special_tokens_are_reserved_control_symbols(tmp_path):
     t = train_tokenizer(
         [str(_corpus(tmp_path, 10))], tmp_path / "s.model", vocab_size=500, special_tokens=["<mask>", "<sep>"]
