@@ -113,6 +113,16 @@ def _dist():
     return dist if dist.is_available() and dist.is_initialized() else None
 
 
+def prefix_lock_path(shm_dir: Path = SHM_DIR) -> str:
+    """The lock file of streaming's prefix choice, in the shared memory folder whose names it guards.
+
+    Not the temp folder: nodes that share one (several nodes of a job on one host, each with a /dev/shm of
+    its own) then took one lock, and a leader holding it waited in streaming's job-wide barrier for the
+    other node's leader, which waited for the lock: 60 s (PREFIX_LOCK_WAIT_S) at every start. Jobs that share
+    a /dev/shm, the ones whose prefixes can clash, share the lock; others never meet in it."""
+    return str(shm_dir / PREFIX_LOCK) if shm_dir.is_dir() else os.path.join(tempfile.gettempdir(), PREFIX_LOCK)
+
+
 @contextmanager
 def _prefix_lock(wait_s: float) -> Iterator[None]:
     """Held by each job's local leader (LOCAL_RANK 0, or a lone process) while its StreamingDataset picks
@@ -125,7 +135,7 @@ def _prefix_lock(wait_s: float) -> Iterator[None]:
     deadline = time.monotonic() + wait_s
     while fd is None:
         try:
-            fd = take_flock(os.path.join(tempfile.gettempdir(), PREFIX_LOCK))
+            fd = take_flock(prefix_lock_path())
         except LockBusy:
             if time.monotonic() > deadline:
                 break

@@ -198,3 +198,15 @@ def test_other_file_exists_errors_are_not_retried(monkeypatch):
     with pytest.raises(FileExistsError):
         streaming_dataset(make, "data.path")
     assert calls[0] == 1
+
+
+def test_the_prefix_lock_lives_in_the_shared_memory_folder_it_guards(tmp_path):
+    # Was $TMPDIR for every node: nodes on one host with a /dev/shm each (the test clusters) took one lock,
+    # and a leader holding it waited in streaming's job-wide barrier for the other, which waited for the lock.
+    from mnemo.data_pipeline.shm import PREFIX_LOCK, prefix_lock_path
+
+    a, b = tmp_path / "shm_a", tmp_path / "shm_b"
+    a.mkdir()
+    b.mkdir()
+    assert prefix_lock_path(a) == str(a / PREFIX_LOCK) and prefix_lock_path(b) == str(b / PREFIX_LOCK)
+    assert prefix_lock_path(tmp_path / "none").endswith(PREFIX_LOCK)  # no such folder: the temp folder's
