@@ -127,7 +127,9 @@ class MemoryState:
         keep = ~mask
 
         def clear(t: Tensor) -> Tensor:  # t [B, ...], of any rank and dtype
-            return t * keep.view(-1, *(1,) * (t.dim() - 1)).to(t.dtype)
+            # A select, not t * keep: NaN * 0 is NaN, and a slot left NaN by an overflowed step
+            # (train.nan_policy=skip resets it) would stay NaN for every later step.
+            return torch.where(keep.view(-1, *(1,) * (t.dim() - 1)), t, torch.zeros((), dtype=t.dtype, device=t.device))
 
         zero = torch.zeros_like(self.pos)
         return MemoryState(

@@ -183,6 +183,23 @@ def test_after_reset_a_slot_equals_a_fresh_one():
     assert not close(after_reset[1], from_fresh[1])  # slot 1 kept its memory
 
 
+def test_reset_clears_a_slot_poisoned_with_nan_and_inf():
+    # train.nan_policy=skip resets the slots after an overflowed step: a reset that multiplied by
+    # zero kept NaN (NaN * 0 = NaN), and every later step of the run was skipped as NaN too.
+    model = make(capacity=20)
+    with torch.no_grad():
+        _, state = run(model, tokens(2, 4))
+        sd = state.state_dict()
+        floats = [name for name, t in sd.items() if t.is_floating_point()]
+        for i, name in enumerate(floats):  # [B, ...] stored keys, values, tails: NaN and inf in turn
+            sd[name] = sd[name] * (float("nan") if i % 2 == 0 else float("inf"))
+        poisoned = MemoryState.from_state_dict(sd, len(state.layers))
+        reset = poisoned.reset(torch.tensor([True, True]))
+        assert reset.equal(model.init_state(2))
+        out, _ = run(model, tokens(2, 1, seed=3), reset)
+    assert torch.isfinite(out).all()
+
+
 def test_reset_leaves_the_state_it_was_given_untouched():
     model = make()
     with torch.no_grad():
