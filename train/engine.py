@@ -20,13 +20,20 @@ def lr_lambda(cfg: Config, total_steps: int | None = None):
     warm, floor = cfg.train.warmup_steps, cfg.train.min_lr_ratio
     total = cfg.train.max_steps if total_steps is None else total_steps
 
-    def f(step: int) -> float:
+    def f(step: int) -> float:  # step: optimizer steps taken before this one (0 for the run's first)
         if step < warm:
             return (step + 1) / warm
-        progress = min(1.0, (step - warm) / max(1, total - warm))
+        # The last step of the run (step total - 1) takes the floor.
+        progress = min(1.0, (step - warm) / max(1, total - 1 - warm))
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return f
+
+
+def applied_lr(engine) -> float:
+    """The learning rate the optimizer step just taken used (train/lr): the scheduler has already moved on."""
+    sched = engine.lr_scheduler
+    return sched.base_lrs[0] * sched.lr_lambdas[0](max(0, sched.last_epoch - 1))
 
 
 def model_args_from_config(cfg: Config, vocab_size: int):

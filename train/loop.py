@@ -27,6 +27,7 @@ import torch
 
 from mnemo.train.bptt import bptt_window_loss
 from mnemo.train.config import Config
+from mnemo.train.engine import applied_lr
 from mnemo.train.faults import INF_GRAD, SPIKE, SPIKE_FACTOR, InfGradient, fault_step
 from mnemo.train.flops import device_peak_flops
 from mnemo.train.losses import lm_loss
@@ -482,7 +483,7 @@ class TrainLoop:
         tps = w["tokens"] / dt
         grad_norm = engine.get_global_grad_norm()
         metrics = {
-            "train/lr": engine.get_lr()[0],
+            "train/lr": applied_lr(engine),
             "train/grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
             "train/tokens_seen": float(self.counters.tokens_seen),
             "train/epoch": float(self.streams.epoch),

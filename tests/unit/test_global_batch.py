@@ -165,12 +165,34 @@ def test_max_tokens_sets_the_step_count_and_the_lr_schedule_ends_there():
     assert total_steps(cfg_of("train.max_steps=30"), 8) == 30
     f, plain = lr_lambda(cfg, steps), lr_lambda(cfg)
     floor = cfg.train.min_lr_ratio
-    assert f(steps) == pytest.approx(floor) and f(steps - 1) > floor  # cosine ends at the budget's last step
-    assert plain(100) == pytest.approx(floor) and f(100) > floor + 0.3  # not at train.max_steps
+    # f(i) is the factor of the run's step i + 1: the budget's last step (i = steps - 1) takes the floor.
+    assert f(steps - 1) == pytest.approx(floor) and f(steps - 2) > floor
+    assert plain(99) == pytest.approx(floor) and f(99) > floor + 0.3  # not at train.max_steps
     assert after_step(cfg_of("eval.interval=50", "checkpoint.interval=0"), 150, False, False, steps) == ("eval",)
     assert (
         after_step(cfg_of("eval.interval=50", "checkpoint.interval=0"), 150, False, False) == ()
     )  # past train.max_steps=30
+
+
+def test_the_logged_lr_is_the_one_each_step_used_and_the_last_step_takes_the_floor():
+    # train/lr was read after the scheduler had moved on: each point was the next step's LR, and
+    # the floor it showed last was never applied.
+    from types import SimpleNamespace
+
+    from mnemo.train.engine import applied_lr
+
+    cfg = cfg_of("train.max_steps=6", "train.warmup_steps=2", "train.lr=0.003")
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.train.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
+    engine = SimpleNamespace(lr_scheduler=sched)
+    used, logged = [], []
+    for _ in range(cfg.train.max_steps):
+        used.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+        logged.append(applied_lr(engine))
+    assert logged == used
+    assert used[0] == pytest.approx(0.0015) and used[-1] == pytest.approx(cfg.train.lr * cfg.train.min_lr_ratio)
 
 
 def test_start_lines_state_the_batch_what_it_was_and_the_budget():
