@@ -153,7 +153,16 @@ class SourceQueue:
         epoch -> sample ids in an old slot and not finished.
         """
         old_world = len(olds)
-        excluded = {int(e): np.asarray(v) for e, v in olds[0]["excluded"].items()}
+        # An epoch's exclusions (from an earlier reshape) are the same on every old rank that holds them, but
+        # a rank drops them once it moves past the epoch (next_doc): take them from any rank still holding
+        # them, not from old rank 0 alone, or the old cursors index an order without them and finished
+        # documents are queued again. No rank holds them only when all have passed the epoch, and then all
+        # its blocks are consumed whatever the order.
+        excluded: dict[int, np.ndarray] = {}
+        for s in olds:
+            for e, v in s["excluded"].items():
+                e = int(e)
+                excluded[e] = np.union1d(excluded[e], v).astype(np.int64) if e in excluded else np.asarray(v)
         first_epoch = min(min(int(s["epoch"]) for s in olds), min(in_flight) if in_flight else 1 << 62)
         last_epoch = max(int(s["epoch"]) for s in olds)
         new_excluded: dict[int, np.ndarray] = {}

@@ -202,6 +202,62 @@ def test_resume_on_other_world_size_loses_nothing_repeats_no_finished(old_world,
         assert toks[: min(len(toks), len(docs[d]))] == docs[d][: len(toks)].tolist()  # restarted from the start
 
 
+def finished_per_epoch(docs, phases, T=8, upto_epoch=0, max_batches=5_000) -> dict[tuple[int, int], int]:
+    """(epoch, doc) -> how often it was trained to its end, over ``phases`` of (world, B, batches): every
+    rank takes ``batches`` steps, then all states go to a loader of the next shape (a re-partition); the
+    last phase runs until every rank is past ``upto_epoch``."""
+    src = ArraySource(docs, shard_size=10)
+    finished: dict[tuple[int, int], int] = {}
+    states = None
+    for i, (world, B, n) in enumerate(phases):
+        ss = [streams(src, rank=r, world=world, B=B, T=T) for r in range(world)]
+        for s in ss:
+            if states is not None:
+                s.load_state_dict(states)
+        last = i == len(phases) - 1
+        for _ in range(max_batches if last else n):
+            if last and all(
+                s.queues[0].epoch > upto_epoch and all(sl.epoch > upto_epoch for sl in s.slots) for s in ss
+            ):
+                break
+            for s in ss:
+                bt = next(s)
+                for b in range(B):
+                    d, m = int(bt.doc_ids[b]), int(bt.mask[b].sum())
+                    if d >= 0 and m and int(bt.positions[b]) + m >= len(docs[d]) - 1:  # its last target
+                        key = (int(bt.epochs[b]), d)
+                        finished[key] = finished.get(key, 0) + 1
+        else:
+            assert not last, "the last phase did not finish the epoch"
+        states = [copy.deepcopy(s.state_dict()) for s in ss]
+    return finished
+
+
+def assert_each_once(finished, n_docs, epoch=0):
+    twice = sorted(d for (e, d), c in finished.items() if e == epoch and c > 1)
+    assert not twice, f"epoch-{epoch} documents finished twice: {twice}"
+    assert {d for (e, d) in finished if e == epoch} == set(range(n_docs)), "a document was skipped"
+
+
+def test_several_reshapes_repeat_no_finished_document():
+    # Old rank 0 moves on to epoch 1 (dropping epoch 0's exclusions from the first reshape) while old
+    # rank 2 is still in epoch 0: the third reshape must take epoch 0's exclusions from rank 2.
+    rng = random.Random(0)
+    docs = [np.arange(1, rng.randint(5, 400) + 1) for _ in range(57)]
+    finished = finished_per_epoch(docs, [(3, 4, 56), (4, 4, 6), (3, 3, 18), (2, 1, 0)], T=16)
+    assert_each_once(finished, len(docs))
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_random_reshape_sequences_repeat_and_skip_nothing(seed):
+    rng = random.Random(seed)
+    docs = make_docs(40, seed=seed, lo=2, hi=200)
+    phases = [(rng.randint(1, 4), rng.randint(1, 4), rng.randint(1, 40)) for _ in range(rng.randint(3, 5))]
+    finished = finished_per_epoch(docs, phases, upto_epoch=1)
+    assert_each_once(finished, len(docs), epoch=0)
+    assert_each_once(finished, len(docs), epoch=1)
+
+
 def test_fewer_documents_than_ranks_is_a_clear_error():
     from mnemo.data_pipeline.errors import DataError
 
