@@ -936,11 +936,23 @@ def wrote_run_config(path: Path) -> bool:
     except yaml.YAMLError:
         return False
     # A dump (dataclasses.asdict) has init_from at the top, which hand-written configs leave out, and
-    # (allowing for keys added since) most of today's keys.
+    # (allowing for keys added since) most of today's keys ...
     if not isinstance(tree, dict) or "init_from" not in tree:
         return False
     keys = set(flatten(to_dict(Config())))
-    return len(keys & set(flatten(tree))) >= 0.8 * len(keys)
+    if len(keys & set(flatten(tree))) >= 0.8 * len(keys):
+        return True
+    # ... or, from an older mnemo with far fewer keys than today's, the very config that a checkpoint of
+    # this run recorded (mnemo wrote both from one resolved config).
+    from mnemo.train.rundir import complete_checkpoints, read_checkpoint_meta
+
+    for ckpt in complete_checkpoints(path.parent / "checkpoints"):
+        try:
+            if read_checkpoint_meta(ckpt).get("config") == tree:
+                return True
+        except UserError:
+            continue
+    return False
 
 
 def check_paths(cfg: Config) -> None:
@@ -1034,7 +1046,7 @@ def check_paths(cfg: Config) -> None:
         if conf.exists() and not wrote_run_config(conf):
             raise ConfigError(
                 f"run.dir: {conf} exists and mnemo did not write it (mnemo keeps each run's resolved config "
-                "there); use another run.dir or move that file"
+                "there); use another run.dir or move that file (a resume does not need it)"
             )
         for path, what in foreign_run_files(Path(cfg.run.dir)):  # mnemo replaces them too, at the run's end
             raise ConfigError(

@@ -393,6 +393,39 @@ def test_config_yaml_mnemo_did_not_write_is_refused(tmp_path):
     assert not wrote_config(run / "config.yaml")
 
 
+def test_an_older_mnemos_config_dump_is_known_by_the_runs_checkpoints(tmp_path):
+    """A run of an older mnemo (its config.yaml a dump without the header, holding fewer keys than
+    today's 80%) could not be resumed: 'config.yaml exists and mnemo did not write it'. Such a dump is
+    mnemo's when a complete checkpoint of the run recorded that very config."""
+    import json
+
+    import yaml
+
+    from mnemo.train.config import wrote_run_config
+
+    run = tmp_path / "old_run"
+    run.mkdir()
+    # An older version's dump: init_from at the top and its own (fewer) keys.
+    old = {
+        "run": {"dir": str(run), "name": ""},
+        "data": {"path": "d", "val_fraction": 0.05},
+        "model": {"size": "debug", "segment_len": 64},
+        "train": {"batch_size": 4, "max_steps": 20, "lr": 0.003},
+        "init_from": "",
+    }
+    (run / "config.yaml").write_text(yaml.safe_dump(old, sort_keys=False))
+    assert not wrote_run_config(run / "config.yaml")  # no checkpoint vouches for it
+    ckpt = run / "checkpoints" / "step_00000010"
+    ckpt.mkdir(parents=True)
+    (ckpt / "meta.json").write_text(json.dumps({"step": 10, "config": {**old, "train": {**old["train"], "lr": 1}}}))
+    (ckpt / "COMPLETE").write_text("")
+    assert not wrote_run_config(run / "config.yaml")  # another config
+    (ckpt / "meta.json").write_text(json.dumps({"step": 10, "config": old}))
+    assert wrote_run_config(run / "config.yaml")
+    (ckpt / "COMPLETE").unlink()
+    assert not wrote_run_config(run / "config.yaml")  # an interrupted save vouches for nothing
+
+
 @pytest.mark.parametrize("name", ["summary.json", "PREEMPTED"])
 def test_summary_or_preempted_mnemo_did_not_write_is_refused(tmp_path, name):
     """run.dir/summary.json (at the end) and PREEMPTED (on a stop request) were written with write_text,
