@@ -17,6 +17,7 @@ from mnemo.data_pipeline.inputs import Corpus, ReadStats, all_skipped
 from mnemo.data_pipeline.outputs import OutLocation
 from mnemo.data_pipeline.progress import note
 from mnemo.data_pipeline.readers import DEFAULT_MAX_DOC_BYTES, iter_documents
+from mnemo.data_pipeline.split import FILLER_KEY
 from mnemo.data_pipeline.tokenizer import Tokenizer, file_sha256, reservoir_sample, train_from_texts
 
 FORMAT_VERSION = 1
@@ -165,5 +166,6 @@ def build_manifest(
         "max_doc_bytes": spec.get("max_doc_bytes", DEFAULT_MAX_DOC_BYTES),
         **skipped_and_repaired(stats),
         "skipped_examples": stats.examples,
-        "passkey": spec["passkey"],
+        # With the documents its filler was drawn from (the first ones), which the split never holds out.
+        "passkey": ({**spec["passkey"], FILLER_KEY: int(results[names[-1]][FILLER_KEY])} if spec["passkey"] else None),
     }

@@ -121,22 +121,35 @@ def read_json(path: str) -> dict | None:
         raise DataError(f"{path}: unreadable ({e})") from None
 
 
-def _fetch_remote_json(loc: OutLocation, name: str) -> dict | None:
-    """A small JSON file of the remote dataset, or None if it has none."""
-    url = loc.remote_join(name)
-    assert url is not None
+def fetch_remote_json(url: str) -> dict | None:
+    """The small JSON file at remote ``url`` (or a plain path), None when there is no such file.
+
+    Other failures (network, credentials: each cloud raises its own type) are the caller's to word.
+    """
     if urllib.parse.urlparse(url).scheme == "":
         return read_json(url)
     import_streaming()  # without transformers (lean_imports.py)
     from streaming.base.storage.download import CloudDownloader
 
     with tempfile.TemporaryDirectory(prefix="mnemo-") as tmp:  # never inside the staging dir
-        dest = os.path.join(tmp, name)
+        dest = os.path.join(tmp, os.path.basename(urllib.parse.urlparse(url).path) or "fetched.json")
         try:
             CloudDownloader.direct_download(url, dest, 60)
-        except Exception:  # no such object (each cloud raises its own type)
+        except FileNotFoundError:  # streaming's word for a missing object, on every cloud
             return None
         return read_json(dest)
+
+
+def _fetch_remote_json(loc: OutLocation, name: str) -> dict | None:
+    """A small JSON file of the remote dataset, or None if it has none (or it cannot be fetched)."""
+    url = loc.remote_join(name)
+    assert url is not None
+    try:
+        return fetch_remote_json(url)
+    except DataError:
+        raise
+    except Exception:  # no such object (each cloud raises its own type)
+        return None
 
 
 def lock_paths(loc: OutLocation) -> list[str]:

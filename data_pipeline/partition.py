@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from mnemo.data_pipeline.errors import DataError
-from mnemo.data_pipeline.split import heldout_mask
+from mnemo.data_pipeline.split import source_heldout_mask
 
 # ----------------------------------------------------------------- ordering
 
@@ -67,7 +67,7 @@ class SourceQueue:
     ):
         self.source, self.rank, self.world, self.seed = source, rank, world, seed
         self.label, self.stream, self.max_epochs = label, stream, max_epochs
-        self.train_mask = ~heldout_mask(source.num_samples, val_fraction)
+        self.train_mask = ~source_heldout_mask(source, val_fraction)
         n_train = int(self.train_mask.sum())
         if n_train < world:
             raise DataError(  # world: the slot groups (train/slots.py), W ranks x A accumulation micro-steps
@@ -135,6 +135,7 @@ class SourceQueue:
     def state(self) -> dict[str, Any]:
         return {
             "num_samples": self.source.num_samples,
+            "train_only": int(getattr(self.source, "train_only", 0)),
             "epoch": self.epoch,
             "cursor": self.cursor,
             "excluded": {int(e): np.asarray(v).copy() for e, v in self.excluded.items()},

@@ -71,6 +71,7 @@ from mnemo.data_pipeline.outputs import (
 from mnemo.data_pipeline.processes import die_with_parent
 from mnemo.data_pipeline.progress import Counters, Progress, note
 from mnemo.data_pipeline.readers import DEFAULT_MAX_DOC_BYTES, Doc, check_max_doc_bytes, iter_unit
+from mnemo.data_pipeline.split import FILLER_KEY
 from mnemo.data_pipeline.tokenizer import Tokenizer, check_vocab_size, encode_docs
 
 SHARD_SIZE_LIMIT = 1 << 26  # bytes of uncompressed samples per shard (64 MiB)
@@ -357,19 +358,24 @@ def _run_units(ctx: UnitContext, pending: list[WorkUnit], workers: int, progress
 # ----------------------------------------------------------------------------- passkey documents
 
 
-def _filler_tokens(ctx: UnitContext, units: Sequence[WorkUnit], need: int) -> np.ndarray:
-    """The first ``need`` corpus tokens (documents concatenated in input order, with their EOS)."""
+def _filler_tokens(ctx: UnitContext, units: Sequence[WorkUnit], need: int, max_docs: int) -> tuple[np.ndarray, int]:
+    """(the first ``need`` tokens of the first corpus documents, those documents' count): the documents in input
+    order, with their EOS, at most ``max_docs`` of them (fewer tokens then: the passkey filler wraps).
+
+    Those documents are the dataset's first samples, and the count goes into manifest.json
+    (``passkey.filler_documents``): the split never holds them out (split.py), whatever val_fraction.
+    """
     got: list[np.ndarray] = []
     n = 0
     for u in units:
         for s in _corpus_samples(ctx, u, ReadStats(), None):
             got.append(s["tokens"])
             n += s["tokens"].shape[0]
-            if n >= need:
-                return np.concatenate(got)[:need]
+            if n >= need or len(got) >= max_docs:
+                return np.concatenate(got)[:need], len(got)
     if not got:
         raise DataError("--passkey-docs: the corpus has no documents to draw filler from")
-    return np.concatenate(got)
+    return np.concatenate(got), len(got)
 
 
 def _passkey_samples(
@@ -525,7 +531,11 @@ def prepare(
             raise
         names = [u.name for u in units]
         if passkey_docs:
-            names.append(_passkey_part(ctx, tok, units, passkey_docs, passkey_max_distance, passkey_segment_len, seed))
+            names.append(
+                _passkey_part(
+                    ctx, tok, units, num_corpus, passkey_docs, passkey_max_distance, passkey_segment_len, seed
+                )
+            )
             results[names[-1]] = read_json(ctx.marker(names[-1])) or {}
 
         merge_parts(loc, names)
@@ -590,11 +600,23 @@ def _read_stats(corpus: Corpus, units: list[WorkUnit], results: dict[str, dict])
 
 
 def _passkey_part(
-    ctx: UnitContext, tok: Tokenizer, units: list[WorkUnit], n: int, max_distance: int, segment_len: int, seed: int
+    ctx: UnitContext,
+    tok: Tokenizer,
+    units: list[WorkUnit],
+    num_corpus: int,
+    n: int,
+    max_distance: int,
+    segment_len: int,
+    seed: int,
 ) -> str:
     """The part of synthetic passkey documents, after the corpus parts (written once)."""
     name = passkey_part_name(units)
-    if read_json(ctx.marker(name)) is None:
-        filler = _filler_tokens(ctx, units, max(1 << 16, 4 * segment_len * (max_distance + 1)))
-        _write_unit(ctx, name, _passkey_samples(ctx, tok, filler, n, max_distance, segment_len, seed), dict)
+    done = read_json(ctx.marker(name))
+    if done is None or FILLER_KEY not in done:  # not done, or by an older mnemo that did not count its filler
+        # At most half the corpus documents (one at least), so that a small corpus keeps documents to hold out.
+        filler, docs = _filler_tokens(
+            ctx, units, max(1 << 16, 4 * segment_len * (max_distance + 1)), max(1, num_corpus // 2)
+        )
+        samples = _passkey_samples(ctx, tok, filler, n, max_distance, segment_len, seed)
+        _write_unit(ctx, name, samples, lambda: {FILLER_KEY: docs})
     return name

@@ -67,6 +67,8 @@ class DocumentSource(Protocol):
 
     num_samples: int
     samples_per_shard: np.ndarray  # [num_shards] int
+    # Leading samples never held out (the passkey filler's documents; split.source_heldout_mask), 0 if none.
+    train_only: int
 
     def get(self, idx: int) -> dict[str, Any]:
         """{'tokens': 1-D int array (EOS last), 'answer_start': int, 'answer_len': int}"""
@@ -76,9 +78,14 @@ class ArraySource:
     """In-memory documents (tests, synthetic data)."""
 
     def __init__(
-        self, docs: Sequence[np.ndarray], shard_size: int = 0, answers: Sequence[tuple[int, int]] | None = None
+        self,
+        docs: Sequence[np.ndarray],
+        shard_size: int = 0,
+        answers: Sequence[tuple[int, int]] | None = None,
+        train_only: int = 0,
     ):
         self.docs = [np.asarray(d) for d in docs]
+        self.train_only = train_only
         self.num_samples = len(self.docs)
         n, s = self.num_samples, shard_size or max(1, self.num_samples)
         self.samples_per_shard = np.array([min(s, n - i) for i in range(0, n, s)] or [0], dtype=np.int64)
@@ -161,6 +168,7 @@ class MDSSource:
             ) from None
         if remote is not None:
             _check_index(key, local)
+        self.train_only = _train_only(path, key)
         self.num_samples = int(self.ds.num_samples)
         self.samples_per_shard = np.asarray(self.ds.samples_per_shard, dtype=np.int64)
         self.has_answers = "answer_start" in getattr(self.ds.shards[0], "column_names", []) if self.ds.shards else False
@@ -173,6 +181,31 @@ class MDSSource:
             "answer_len": int(s.get("answer_len", 0)),
             "source": s.get("source", ""),
         }
+
+
+def _train_only(path: str, key: str) -> int:
+    """The training-only samples of dataset ``path`` (split.py), from its manifest.json; a remote one's is
+    fetched (none there: 0). Every rank must get the same answer, so a failed fetch stops the run."""
+    from mnemo.data_pipeline.split import train_only_from
+    from mnemo.data_pipeline.verify import dataset_train_only
+
+    if not is_remote(path):
+        try:
+            return dataset_train_only(local_path(path))
+        except DataError as e:
+            raise DataError(f"{key}: {e}") from None
+    from mnemo.data_pipeline.outputs import fetch_remote_json
+
+    where = f"{key}: the remote dataset's manifest.json"  # not its URL: it may hold a secret
+    try:
+        manifest = fetch_remote_json(path.rstrip("/") + "/manifest.json")
+    except DataError as e:
+        raise DataError(f"{where}: {e}") from None
+    except Exception as e:  # network, credentials (each cloud raises its own type)
+        raise DataError(f"{where} cannot be fetched ({type(e).__name__}); rerun when the store answers") from None
+    if manifest is not None and not isinstance(manifest, dict):
+        raise DataError(f"{where} is not a JSON object")
+    return train_only_from(manifest, where)
 
 
 def open_sources(entries: Sequence[Any], cache_dir: str) -> list[WeightedSource]:
@@ -437,6 +470,12 @@ class DocumentStreams:
                 raise DataError(
                     f"{q.label}: the checkpoint was made on a dataset of {old['num_samples']} documents, "
                     f"this one has {q.source.num_samples}"
+                )
+            was, now = int(old.get("train_only", 0)), int(getattr(q.source, "train_only", 0))  # absent: older runs
+            if was != now:  # the dataset was prepared again: its held-out documents are others
+                raise DataError(
+                    f"{q.label}: the checkpoint's split kept the first {was} documents out of the held-out set "
+                    f"(passkey filler), this dataset keeps {now}: it was prepared again since"
                 )
         for key, mine in (("seed", self.seed), ("val_fraction", self.val_fraction)):
             if sd[key] != mine:

@@ -22,6 +22,7 @@ import numpy as np
 from mnemo.data_pipeline.errors import DataError, brief
 from mnemo.data_pipeline.files import MAX_JSON_BYTES, NotRegularFile, load_json, not_a_regular_file, open_regular
 from mnemo.data_pipeline.lean_imports import import_streaming
+from mnemo.data_pipeline.split import filler_documents, train_only_from
 
 
 def read_json_file(path: str, what: str, limit: int = MAX_JSON_BYTES) -> dict:
@@ -62,6 +63,15 @@ def read_manifest(data_dir: str) -> dict:
         if key not in m:
             raise DataError(f"{data_dir}/manifest.json: no {key!r} (not written by mnemo prepare?)")
     return m
+
+
+def dataset_train_only(data_dir: str) -> int:
+    """The samples of local dataset ``data_dir`` never held out (split.train_only_from its manifest.json; 0
+    without one: an MDS dir not written by mnemo prepare holds no passkey documents of ours)."""
+    path = os.path.join(data_dir, "manifest.json")
+    if not os.path.lexists(path):  # a manifest that is no regular file is read_json_file's one-line error
+        return 0
+    return train_only_from(read_json_file(path, "the dataset's manifest"), path)
 
 
 def other_tokenizer(manifest: dict, tokenizer_sha256: str | None) -> str | None:
@@ -274,6 +284,7 @@ def _verify(data_dir: str) -> dict:
         raise DataError(f"{data_dir}: {docs} samples in the shards, manifest.json says {manifest['num_documents']}")
     if tokens != manifest["num_tokens"]:
         raise DataError(f"{data_dir}: {tokens} tokens in the shards, manifest.json says {manifest['num_tokens']}")
+    filler_documents(manifest, os.path.join(data_dir, "manifest.json"))  # the split reads it: a bad one is refused
     tok_path = find_tokenizer_file(data_dir)
     why = not_a_regular_file(tok_path)
     if why == "no such file":

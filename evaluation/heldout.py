@@ -1,7 +1,8 @@
 """The one reader of held-out (or training) corpus documents of an MDS dataset.
 
-Which documents are held out is ``data_pipeline.split.heldout_mask`` (a hash
-of the sample index; the same on every rank and in every run of a dataset).
+Which documents are held out is ``data_pipeline.split.source_heldout_mask`` (a
+hash of the sample index, never the documents the dataset's passkey filler was
+drawn from; the same on every rank and in every run of a dataset).
 Synthetic passkey documents (``data_pipeline.passkey.is_synthetic``) are
 never corpus text: they are skipped, both where documents are scored and
 where they serve as passkey filler.
@@ -19,7 +20,7 @@ import numpy as np
 from mnemo.data_pipeline.errors import DataError, first_line
 from mnemo.data_pipeline.passkey import is_synthetic
 from mnemo.data_pipeline.paths import not_a_dataset_dir
-from mnemo.data_pipeline.split import heldout_mask
+from mnemo.data_pipeline.split import source_heldout_mask
 from mnemo.evaluation.errors import EvalError
 
 # Held-out tokens read for passkey filler at least (more documents than --max-docs if need be).
@@ -45,7 +46,7 @@ def read_docs(
     (None = no limit) holding at least ``min_tokens`` tokens together (passkey
     filler wants variety even when few documents are scored). May be empty.
     """
-    held = heldout_mask(source.num_samples, val_fraction)
+    held = source_heldout_mask(source, val_fraction)
     idx = np.arange(source.num_samples) if order is None else np.asarray(order)
     docs: list[np.ndarray] = []
     n_tokens = 0
@@ -77,7 +78,7 @@ class LocalMDS:
     """
 
     def __init__(self, data_dir: str):
-        from mnemo.data_pipeline.verify import read_json_file
+        from mnemo.data_pipeline.verify import dataset_train_only, read_json_file
 
         self.data_dir = data_dir
         try:
@@ -86,6 +87,10 @@ class LocalMDS:
         except (DataError, KeyError, TypeError, ValueError) as e:
             raise self._error(e) from None
         self.num_samples = int(self.samples_per_shard.sum())
+        try:
+            self.train_only = dataset_train_only(data_dir)  # the passkey filler's documents: never held out
+        except DataError as e:
+            raise self._error(e) from None
         self._ends = np.cumsum(self.samples_per_shard)  # [num_shards]: one past each shard's last sample index
         self._held: tuple[int, list[dict[str, Any]]] = (-1, [])  # (shard, its decoded samples)
 

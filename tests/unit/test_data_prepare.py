@@ -496,6 +496,97 @@ def test_passkey_documents_are_appended(corpus, tmp_path):
     ]
 
 
+@pytest.fixture(scope="module")
+def word_corpus(tmp_path_factory):
+    """40 documents, each one word of its own repeated: a document's text is found by its word."""
+    pytest.importorskip("mnemo.data_pipeline.passkey")
+    root = tmp_path_factory.mktemp("words")
+    words = [f"w{i:02d}q" for i in range(40)]
+    (root / "c.jsonl").write_text("".join(json.dumps({"text": " ".join([w] * 20)}) + "\n" for w in words))
+    train_tokenizer([str(root / "c.jsonl")], root / "tok.model", vocab_size=300)
+    out = root / "out"
+    m = prepare(
+        [str(root / "c.jsonl")],
+        str(out),
+        tokenizer=str(root / "tok.model"),
+        workers=1,
+        passkey_docs=30,
+        passkey_max_distance=2,
+        passkey_segment_len=128,
+    )
+    return out, m, words
+
+
+@pytest.mark.parametrize("val_fraction", [0.05, 0.3, 0.7])
+def test_passkey_filler_holds_no_heldout_text(word_corpus, val_fraction):
+    """The passkey documents' filler was the first corpus tokens whatever the split made later: held-out
+    documents' text was trained on through the training split's passkey documents (and in-run evaluation
+    scores the first held-out documents, those most likely in the filler)."""
+    from mnemo.data_pipeline.partition import SourceQueue
+    from mnemo.evaluation.heldout import LocalMDS, read_docs
+
+    out, m, words = word_corpus
+    src = LocalMDS(str(out))
+    tok = Tokenizer(out / "tokenizer.model")
+    # the filler's documents are the first ones, half the corpus at most (it has fewer tokens than it wants)
+    assert m["passkey"]["filler_documents"] == 20 and src.train_only == 20
+    held = {tok.decode(d[:-1].tolist()).split()[0] for d in read_docs(src, val_fraction)}  # what evaluation reads
+    assert held and held <= set(words[20:])
+    queue = SourceQueue(src, rank=0, world=1, seed=0, val_fraction=val_fraction, label="data.path")  # training's
+    trained = [i for i in np.flatnonzero(queue.train_mask) if src.get(int(i))["source"] == "passkey"]
+    assert trained
+    for i in trained:
+        text = tok.decode(src.get(int(i))["tokens"].tolist())
+        assert not [w for w in held if w in text], f"passkey document {i} holds held-out text"
+
+
+def test_split_without_passkey_documents_is_the_plain_hash(corpus, tmp_path):
+    from mnemo.data_pipeline.split import heldout_mask, source_heldout_mask
+    from mnemo.evaluation.heldout import LocalMDS
+
+    run(corpus, tmp_path / "out")
+    src = LocalMDS(str(tmp_path / "out"))
+    assert src.train_only == 0
+    n = src.num_samples
+    assert np.flatnonzero(heldout_mask(10, 0.5)).tolist() == [3, 4, 5, 7]  # pinned: the split of every run so far
+    for v in (0.0, 0.01, 0.3):
+        assert (source_heldout_mask(src, v) == heldout_mask(n, v)).all()
+
+
+def test_older_passkey_dataset_keeps_its_split_with_a_warning(word_corpus, tmp_path, caplog):
+    """A dataset prepared before passkey.filler_documents loads as before, with one warning."""
+    import shutil
+
+    import mnemo.data_pipeline.split as split
+    from mnemo.evaluation.heldout import LocalMDS
+
+    old = tmp_path / "old"
+    shutil.copytree(word_corpus[0], old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    del manifest["passkey"]["filler_documents"]
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    with caplog.at_level("WARNING", logger=split.__name__):
+        a, b = LocalMDS(str(old)), LocalMDS(str(old))
+    assert a.train_only == b.train_only == 0
+    assert (split.source_heldout_mask(a, 0.3) == split.heldout_mask(a.num_samples, 0.3)).all()
+    warned = [r for r in caplog.records if "older mnemo" in r.getMessage()]
+    assert len(warned) == 1 and "manifest.json" in warned[0].getMessage()
+    verify(str(old))  # still a valid dataset
+
+
+@pytest.mark.parametrize("value", ["20", -1, 41, True, 2.5])
+def test_verify_refuses_a_bad_filler_count(word_corpus, tmp_path, value):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(word_corpus[0], bad)
+    manifest = json.loads((bad / "manifest.json").read_text())
+    manifest["passkey"]["filler_documents"] = value
+    (bad / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match=r"manifest.json: passkey.filler_documents is"):
+        verify(str(bad))
+
+
 @pytest.mark.parametrize(
     "flags, error",
     [

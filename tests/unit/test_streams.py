@@ -295,3 +295,22 @@ def test_a_tokenizer_without_a_pad_token_pads_with_a_valid_id():
         assert tokens.min() >= 0
         padded += int((~np.asarray(bt.mask)).sum())
     assert padded > 0  # documents did end inside segments
+
+
+def test_training_only_documents_are_never_held_out_and_a_changed_split_is_refused():
+    """A dataset's passkey filler documents (its first ``train_only`` samples) are training documents at any
+    val_fraction; a checkpoint made on another split of the dataset (prepared again) is refused on resume."""
+    from mnemo.data_pipeline.errors import DataError
+
+    docs = make_docs(30)
+    for val in (0.2, 0.9):
+        s = streams(ArraySource(docs, shard_size=4, train_only=12), val=val)
+        held = ~s.queues[0].train_mask
+        assert held.any() and not held[:12].any()
+        assert (held[12:] == heldout_mask(30, val)[12:]).all()  # the others: the plain hash
+    state = copy.deepcopy(streams(ArraySource(docs, train_only=12), val=0.2).state_dict())
+    assert state["train_only"] == 12
+    with pytest.raises(DataError, match="the checkpoint's split kept the first 12 documents"):
+        streams(ArraySource(docs), val=0.2).load_state_dict(state)
+    del state["train_only"]  # a checkpoint from before: the plain split
+    assert streams(ArraySource(docs), val=0.2).load_state_dict(state) is True
