@@ -156,6 +156,11 @@ class InputFile:
     # Parquet only: bytes and rows of each row group.
     group_bytes: tuple[int, ...] = ()
     group_rows: tuple[int, ...] = ()
+    # The file's identity (st_dev, st_ino) when planned, which the readers compare with the file they open:
+    # another file moved into its place keeps the size and may keep the mtime. 0: not recorded. Not in
+    # the fingerprint, so that the outputs and resume states made before it was recorded stay current.
+    dev: int = 0
+    ino: int = 0
 
     def fingerprint(self) -> dict:
         return {"path": os.path.abspath(self.path), "size": self.size, "mtime_ns": self.mtime_ns}
@@ -455,7 +460,7 @@ def plan_inputs(inputs: Sequence[str], text_field: str = "text", id_field: str |
         gr: tuple[int, ...] = ()
         if kind == "parquet":
             gb, gr = _parquet_meta(path, text_field, id_field)
-        files.append(InputFile(path, kind, st.st_size, st.st_mtime_ns, gb, gr))
+        files.append(InputFile(path, kind, st.st_size, st.st_mtime_ns, gb, gr, st.st_dev, st.st_ino))
     return Corpus(files, file_stats)
 
 

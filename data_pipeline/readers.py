@@ -23,8 +23,10 @@ Bigger ones are skipped whole and counted as ``too_large``; text files and
 JSONL lines are read in bounded chunks, so a reader never holds more than
 about ``max_doc_bytes`` plus one chunk of one document (a Parquet record batch
 is read whole: Parquet has no smaller unit). A compressed stream that is
-truncated or corrupt, or a plain file that shrinks while it is read, is a
-``DataError`` naming the file: never a silent partial read.
+truncated or corrupt, or an input that changes while it is read (its size,
+its mtime, or its identity, device and inode, differ from the plan at the open
+or after the last read), is a ``DataError`` naming the file: never a silent
+partial read or a mix of two versions.
 
 Over 500 lines: one reader per input kind (text, JSONL plain and compressed, Parquet) and the bounded,
 non-blocking reads and counts they share; split, each kind would import the same helpers back.
@@ -103,6 +105,24 @@ def _changed(f: InputFile, now: int) -> DataError:
     )
 
 
+def _check_unchanged(f: InputFile, fd: int) -> None:
+    """DataError unless the file open at ``fd`` is still the one planned: its size, its mtime and, where the
+    plan recorded it, its identity (device, inode).
+
+    Checked at the open and again after the last read. The size alone let through another file of the
+    same size moved into the input's place (a reader opening it later read the new version, the manifest
+    described the old one) and a file rewritten in place while read (a silent mix of two versions).
+    """
+    st = os.fstat(fd)
+    if st.st_size != f.size:
+        raise _changed(f, st.st_size)
+    if st.st_mtime_ns != f.mtime_ns or (f.ino and (st.st_dev, st.st_ino) != (f.dev, f.ino)):
+        raise DataError(
+            f"input {f.path}: changed while being read (modified or replaced since the inputs were planned); "
+            f"rerun when it no longer changes"
+        )
+
+
 def _open_input(f: InputFile, buffering: int = -1) -> IO[bytes]:
     """``f`` opened for reading, by every reader: planning saw a regular file, but a FIFO put in its
     place since would make a plain open() wait for a writer forever (open_regular never blocks)."""
@@ -116,10 +136,8 @@ def _read_text(f: InputFile, stats: ReadStats, max_doc_bytes: int) -> Iterator[D
     chunks: list[bytes] = []
     n = 0
     with _open_input(f) as fh:
-        size = os.fstat(fh.fileno()).st_size
-        if size != f.size:
-            raise _changed(f, size)
-        if size > max_doc_bytes:
+        _check_unchanged(f, fh.fileno())
+        if f.size > max_doc_bytes:
             stats.note("too_large", f.path)
             return
         # Bounded reads: a file that grows past the bound while open is not read whole either.
@@ -131,8 +149,9 @@ def _read_text(f: InputFile, stats: ReadStats, max_doc_bytes: int) -> Iterator[D
             n += len(block)
             if n > max_doc_bytes:
                 raise _changed(f, n)
-    if n != f.size:
-        raise _changed(f, n)
+        if n != f.size:
+            raise _changed(f, n)
+        _check_unchanged(f, fh.fileno())  # rewritten in place while read: same size, a new mtime
     raw = b"".join(chunks)
     del chunks
     bom = byte_order_mark(raw[:4])
@@ -173,8 +192,8 @@ class _LineNumbers:
         return self._base + k
 
 
-def _open_stream(f: InputFile) -> IO[bytes]:
-    """Buffered bytes of a JSONL file, decompressed for .gz/.zst.
+def _open_stream(f: InputFile) -> tuple[IO[bytes], int]:
+    """Buffered bytes of a JSONL file, decompressed for .gz/.zst, and the descriptor of the file itself.
 
     Compressed streams go through pyarrow, which raises OSError on a stream
     that ends early or does not decode (Python's gzip raises EOFError or
@@ -182,18 +201,20 @@ def _open_stream(f: InputFile) -> IO[bytes]:
     """
     if f.kind == "jsonl":
         fh: IO[bytes] = _open_input(f, _CHUNK)
-        size = os.fstat(fh.fileno()).st_size
+        fd = fh.fileno()
     else:
         import pyarrow as pa
 
         # pyarrow reads the file opened here: its own open (pa.OSFile) would block on a FIFO.
         plain = _open_input(f, 0)
-        size = os.fstat(plain.fileno()).st_size
+        fd = plain.fileno()
         fh = io.BufferedReader(pa.CompressedInputStream(pa.PythonFile(plain, mode="r"), _CODECS[f.kind]), _CHUNK)
-    if size != f.size:
+    try:
+        _check_unchanged(f, fd)
+    except DataError:
         fh.close()
-        raise _changed(f, size)
-    return fh
+        raise
+    return fh, fd
 
 
 def _readline(f: InputFile, fh: IO[bytes], size: int) -> bytes:
@@ -286,7 +307,7 @@ def _read_jsonl(
     stats: ReadStats,
     max_doc_bytes: int,
 ) -> Iterator[Doc]:
-    fh = _open_stream(f)
+    fh, fd = _open_stream(f)
     with fh:
         pos = 0
         if f.kind == "jsonl":
@@ -348,6 +369,7 @@ def _read_jsonl(
                 continue
             doc_id = _doc_id(rec.get(id_field) if id_field else None, id_field, where(k), stats)
             yield Doc(text, doc_id, source, len(line))
+        _check_unchanged(f, fd)  # rewritten in place while read: same size, a new mtime
 
 
 # JSON's names for the types json.loads gives: the user wrote JSON, not Python ("null", not "NoneType").
@@ -417,6 +439,7 @@ def _parquet_batches(
     # Opened here, not by pyarrow (whose own open would block on a FIFO); closed with the generator.
     fh = _open_input(f)
     try:
+        _check_unchanged(f, fh.fileno())
         pf = pq.ParquetFile(fh)
         if pf.metadata.num_rows != sum(f.group_rows):
             raise DataError(
@@ -426,6 +449,7 @@ def _parquet_batches(
         for batch in pf.iter_batches(batch_size=1024, row_groups=groups, columns=cols):
             texts = _as_bytes(batch.column(cols[0])).to_pylist()
             yield texts, _as_bytes(batch.column(id_field)).to_pylist() if id_field else [None] * len(texts)
+        _check_unchanged(f, fh.fileno())  # rewritten in place while read: same size, a new mtime
     except FileNotFoundError:
         raise
     except (pa.ArrowException, OSError, ValueError) as e:

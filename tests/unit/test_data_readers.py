@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import io
 import json
 import os
 
@@ -329,3 +330,77 @@ def test_missing_id_falls_back_to_position_and_is_counted(tmp_path):
     docs = list(iter_piece(Piece(plan_inputs([str(p)]).files[0]), id_field="id", stats=stats))
     assert [d.doc_id for d in docs] == ["A", f"{p}:2"]
     assert stats.counts == {"missing_id": 1}
+
+
+# ----------------------------------------------------------------------------- inputs that change while read
+
+_OLD_NS = 1_000_000_000 * 10**9  # an mtime in the past: any later write gives the file a new one
+
+
+def _same_size_input(path, kind: str, upper: bool = False) -> None:
+    """An input of ``kind`` whose bytes have the same size whether ``upper`` or not (the texts differ)."""
+    words = [f"document {i} lorem ipsum" for i in range(3000)]
+    words = [w.upper() for w in words] if upper else words
+    if kind == "parquet":
+        pq.write_table(pa.table({"text": words}), path, row_group_size=1000, compression="none")
+    elif kind == "txt":
+        path.write_text("\n".join(words))
+    elif kind == "jsonl.gz":  # stored, not deflated: the size does not depend on the letters
+        path.write_bytes(gzip.compress("".join(json.dumps({"text": w}) + "\n" for w in words).encode(), 0, mtime=0))
+    else:
+        write_jsonl(path, [{"text": w} for w in words], compress=kind.partition(".")[2] or None)
+    os.utime(path, ns=(_OLD_NS, _OLD_NS))
+
+
+@pytest.mark.parametrize("kind", ["txt", "jsonl", "jsonl.gz", "parquet"])
+def test_an_input_replaced_by_another_of_the_same_size_and_mtime_is_an_error(tmp_path, kind):
+    """Readers compared only the size with the plan: a file of the same size moved into an input's place
+    (cp + mv) between planning and reading was read, the manifest describing the old one."""
+    path, new = tmp_path / f"g.{kind}", tmp_path / f"new.{kind}"
+    _same_size_input(path, kind)
+    _same_size_input(new, kind, upper=True)
+    assert new.stat().st_size == path.stat().st_size
+    corpus = plan_inputs([str(path)])
+    os.replace(new, path)  # the same size and mtime: only the identity (device, inode) tells
+    with pytest.raises(DataError, match=rf"^input {path}: changed while being read .*rerun when it no longer"):
+        texts(corpus)
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "jsonl.zst", "parquet"])
+def test_an_input_rewritten_in_place_while_read_is_an_error(tmp_path, kind):
+    """A file rewritten in place (same size, same inode) while a reader was in it gave a silent mix of
+    both versions: its new mtime is now checked after the last read."""
+    path = tmp_path / f"g.{kind}"
+    _same_size_input(path, kind)
+    docs = iter_documents(plan_inputs([str(path)]))
+    assert next(docs).text == "document 0 lorem ipsum"
+    with open(path, "r+b") as fh:  # in place: no truncation, the same inode and size
+        fh.write(path.read_bytes())
+    with pytest.raises(DataError, match=rf"^input {path}: changed while being read .*rerun when it no longer"):
+        list(docs)
+
+
+def test_a_text_input_rewritten_in_place_while_read_is_an_error(tmp_path, monkeypatch):
+    """The text reader reads a file whole before its document comes out: the rewrite happens in its read loop."""
+    import mnemo.data_pipeline.readers as readers
+
+    path = tmp_path / "g.txt"
+    _same_size_input(path, "txt")
+    corpus = plan_inputs([str(path)])
+    real_open = readers.open_regular
+
+    class Rewritten(io.BufferedReader):
+        def read(self, size=-1):
+            block = super().read(size)
+            if self.tell() == len(block):  # after the first chunk, another process rewrites the file
+                with open(path, "r+b") as out:
+                    out.write(path.read_bytes().upper())
+            return block
+
+    def open_rewritten(p, buffering=-1):
+        return Rewritten(real_open(p, 0))
+
+    monkeypatch.setattr(readers, "_CHUNK", 4096)
+    monkeypatch.setattr(readers, "open_regular", open_rewritten)
+    with pytest.raises(DataError, match=rf"^input {path}: changed while being read .*rerun when it no longer"):
+        texts(corpus)

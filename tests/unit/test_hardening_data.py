@@ -436,6 +436,8 @@ def test_input_that_changes_or_vanishes_after_planning_is_an_error(tmp_path):
     with pytest.raises(DataError, match=r"a.jsonl: .* bytes now, .* when the inputs were planned"):
         list(iter_documents(corpus))
     (tmp_path / "a.jsonl").write_bytes(jsonl(50))
+    mtime = corpus.files[0].mtime_ns  # a.jsonl as planned again: its old bytes and mtime
+    os.utime(tmp_path / "a.jsonl", ns=(mtime, mtime))
     (tmp_path / "b.txt").unlink()
     with pytest.raises(DataError, match=r"b.txt: disappeared while reading"):
         list(iter_documents(corpus))
