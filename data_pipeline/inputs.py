@@ -413,8 +413,18 @@ def expand_inputs(inputs: Sequence[str]) -> tuple[list[tuple[str, str, os.stat_r
         if os.path.isdir(inp):
             for p in _walk(inp, stats):
                 add(p, explicit=False)
-        elif os.path.lexists(inp):
+            continue
+        # os.path.lexists says False on any error: a file in a folder without search permission was
+        # "no such file or directory". The real error is told, unless the path is simply not there.
+        try:
+            os.lstat(inp)
+            missing = None
+        except OSError as e:
+            missing = e
+        if missing is None:
             add(inp, explicit=True)
+        elif not isinstance(missing, FileNotFoundError):
+            raise DataError(f"input {inp}: {missing.strerror or missing}")
         elif any(c in inp for c in "*?["):
             matches = _glob(inp, stats)
             if not matches:

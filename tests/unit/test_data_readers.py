@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import re
 import os
 
 import pyarrow as pa
@@ -321,6 +322,43 @@ def test_missing_inputs_fail_before_reading(tmp_path):
     (tmp_path / "d" / "x.png").write_bytes(b"\0")
     with pytest.raises(DataError, match="no supported input files"):
         plan_inputs([str(tmp_path / "d")])
+
+
+def test_an_input_that_cannot_be_looked_at_names_the_real_error_not_a_missing_file(tmp_path, monkeypatch):
+    """A file in a folder without search (x) permission was "no such file or directory": os.path.lexists
+    and isdir say False on any error. Faked (CI runs as root, whom permissions do not stop)."""
+    (tmp_path / "d").mkdir()
+    locked = tmp_path / "d" / "a.txt"
+    locked.write_text("hello")
+    real_lstat, real_stat = os.lstat, os.stat
+
+    def denied(real):
+        def look(path, *args, **kwargs):
+            if os.fspath(path).startswith(str(locked)):
+                raise PermissionError(13, os.strerror(13), os.fspath(path))
+            return real(path, *args, **kwargs)
+
+        return look
+
+    monkeypatch.setattr(os, "lstat", denied(real_lstat))
+    monkeypatch.setattr(os, "stat", denied(real_stat))
+    for given in (str(locked), str(locked) + "*"):
+        with pytest.raises(DataError, match=rf"^input {re.escape(given)}: Permission denied$"):
+            plan_inputs([given])
+    with pytest.raises(DataError, match="nope.txt: no such file or directory"):
+        plan_inputs([str(tmp_path / "d" / "nope.txt")])
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root searches any folder")
+def test_an_input_in_a_folder_without_search_permission_is_permission_denied(tmp_path):
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "a.txt").write_text("hello")
+    (tmp_path / "d").chmod(0o644)
+    try:
+        with pytest.raises(DataError, match=r"a.txt: Permission denied$"):
+            plan_inputs([str(tmp_path / "d" / "a.txt")])
+    finally:
+        (tmp_path / "d").chmod(0o755)
 
 
 def test_missing_id_falls_back_to_position_and_is_counted(tmp_path):
