@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
 from pathlib import Path
 
 from typing import Any
@@ -243,6 +244,22 @@ def origin_of(checkpoint: Path) -> str | None:
     return origin if isinstance(origin, str) else None
 
 
+def run_dir_unusable(run_dir: Path) -> str | None:
+    """Why ``run_dir`` cannot hold a run, or None: a directory, or nothing yet (the run makes it).
+
+    os.stat's own error when it cannot be looked at: pathlib's exists() says False for a loop of symbolic
+    links and mkdir(exist_ok=True) then raised "File exists", so the run stopped late (after the ranks'
+    start-up) with an error that named neither the link nor the loop.
+    """
+    try:
+        st = os.stat(run_dir)
+    except FileNotFoundError:
+        return f"{run_dir} is a symbolic link to a missing path" if os.path.islink(run_dir) else None
+    except OSError as e:
+        return f"{run_dir}: {e.strerror or e}"
+    return None if stat.S_ISDIR(st.st_mode) else f"{run_dir} is not a directory"
+
+
 def check_run_dir(run_dir: Path, resume: str, resume_from: Path | None = None) -> tuple[Path | None, str]:
     """Where a run with ``checkpoint.resume = resume`` starts in ``run_dir``: (checkpoint or None, origin).
 
@@ -253,8 +270,9 @@ def check_run_dir(run_dir: Path, resume: str, resume_from: Path | None = None) -
     starting over from X; a run started fresh (``never``) has no such mark of its own, and a restart of it
     is refused like any fresh run beside checkpoints (``auto`` goes on).
     """
-    if run_dir.exists() and not run_dir.is_dir():
-        raise ValueError(f"{run_dir} is not a directory")
+    why = run_dir_unusable(run_dir)
+    if why is not None:
+        raise ValueError(why)
     root = run_dir / "checkpoints"
     foreign = foreign_entries(root)
     if foreign:

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from mnemo.data_pipeline.files import LockBusy, take_flock
 from mnemo.train.errors import UserError
+from mnemo.train.rundir import run_dir_unusable
 
 LOCK_NAME = "run.lock"
 
@@ -46,6 +47,9 @@ class RunLock:
     def acquire(self) -> None:
         """Take the lock or raise RunDirBusy naming the holder; UserError naming the lock file when it cannot
         be made or locked (a symbolic link there, a read-only folder). Creates run_dir if needed."""
+        why = run_dir_unusable(self.path.parent)
+        if why is not None:
+            raise UserError(f"run.dir: {why}")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fd = take_flock(self.path)
@@ -106,6 +110,9 @@ def check_run_dir_free(run_dir: str | Path) -> None:
     is not inherited by them.
     """
     lock = RunLock(run_dir)
+    why = run_dir_unusable(lock.path.parent)  # lexists below says False for a loop of links too
+    if why is not None:
+        raise UserError(f"run.dir: {why}")
     if not os.path.lexists(lock.path):  # no job has held it: nothing to check, and nothing is made here
         return
     lock.acquire()

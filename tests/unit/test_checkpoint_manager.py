@@ -463,6 +463,29 @@ def test_run_dir_that_is_a_file_is_refused_before_start(tmp_path):
         _check(_cfg(tmp_path, f))
 
 
+def test_run_dir_that_is_a_loop_of_links_is_refused_before_start_naming_the_loop(tmp_path):
+    """pathlib's exists() says False for a loop of links: it passed the checks, and the run stopped after
+    the ranks' start-up with 'cannot lock a/run.lock: File exists'. The lock (taken by rank 0, and by the
+    launcher's early check) says the same."""
+    from mnemo.train.config import ConfigError
+    from mnemo.train.errors import UserError
+    from mnemo.train.runlock import RunLock, check_run_dir_free
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.symlink_to(b)
+    b.symlink_to(a)
+    with pytest.raises(ConfigError, match=rf"^run\.dir: {a}: Too many levels of symbolic links$"):
+        _check(_cfg(tmp_path, a))
+    for take in (check_run_dir_free, lambda d: RunLock(d).acquire()):
+        with pytest.raises(UserError, match=rf"^run\.dir: {a}: Too many levels of symbolic links$"):
+            take(a)
+    missing = tmp_path / "gone"
+    missing.symlink_to(tmp_path / "nowhere")
+    with pytest.raises(ConfigError, match=rf"^run\.dir: {missing} is a symbolic link to a missing path$"):
+        _check(_cfg(tmp_path, missing))
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_symlink()) == ["a", "b", "gone"]
+
+
 def test_resume_from_a_folder_that_is_not_a_checkpoint_is_refused_before_start(tmp_path):
     from mnemo.train.config import ConfigError
 
