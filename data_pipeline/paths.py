@@ -47,6 +47,20 @@ def is_inside(path: str | os.PathLike, root: str | os.PathLike) -> bool:
     return os.path.commonpath([path, root]) == root
 
 
+def not_a_directory(path: str | os.PathLike) -> str | None:
+    """Why local ``path`` is no directory ("no such directory: PATH", "PATH is not a directory ..."), or None.
+
+    OSError other than "not there" (a name too long, no permission) as os.stat raises it.
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return f"no such directory: {path}"
+    if not stat.S_ISDIR(mode):  # a file given where the dataset's folder goes: say so, not "no such"
+        return f"{path} is not a directory (give the folder that `mnemo prepare --out` wrote)"
+    return None
+
+
 def not_a_dataset_dir(path: str | os.PathLike) -> str | None:
     """Why local ``path`` is no dataset directory of `mnemo prepare` ("no such directory: PATH", "PATH is not a
     directory ...", "PATH holds no MDS shards (index.json missing); run `mnemo prepare`"), or None when it
@@ -56,14 +70,9 @@ def not_a_dataset_dir(path: str | os.PathLike) -> str | None:
     it says what it is (data_pipeline/verify.read_json_file), rather than "missing". OSError other
     than "not there" (a name too long, no permission) as os.stat raises it.
     """
-    try:
-        mode = os.stat(path).st_mode
-    except (FileNotFoundError, NotADirectoryError):
-        mode = None  # other OSErrors (a name too long, no permission) are the caller's to report
-    if mode is None:
-        return f"no such directory: {path}"
-    if not stat.S_ISDIR(mode):  # a file given where the dataset's folder goes: say so, not "no such"
-        return f"{path} is not a directory (give the folder that `mnemo prepare --out` wrote)"
+    why = not_a_directory(path)
+    if why is not None:
+        return why
     if not os.path.lexists(os.path.join(path, "index.json")):
         return f"{path} holds no MDS shards (index.json missing); run `mnemo prepare`"
     return None

@@ -22,6 +22,7 @@ import numpy as np
 from mnemo.data_pipeline.errors import DataError, brief
 from mnemo.data_pipeline.files import MAX_JSON_BYTES, NotRegularFile, load_json, not_a_regular_file, open_regular
 from mnemo.data_pipeline.lean_imports import import_streaming
+from mnemo.data_pipeline.paths import not_a_directory
 from mnemo.data_pipeline.split import filler_documents, train_only_from
 
 
@@ -56,8 +57,13 @@ def _well_formed(data_dir: str) -> Iterator[None]:
 
 def read_manifest(data_dir: str) -> dict:
     """manifest.json of a dataset written by `mnemo prepare` (DataError if absent)."""
-    if not os.path.isdir(data_dir):
-        raise DataError(f"data dir {data_dir}: no such directory")
+    # os.path.isdir says False for a file, a FIFO or a folder it may not look into: all were "no such directory".
+    try:
+        why = not_a_directory(data_dir)
+    except OSError as e:
+        why = f"data dir {data_dir}: {e.strerror or e}"
+    if why is not None:
+        raise DataError(why)
     m = read_json_file(os.path.join(data_dir, "manifest.json"), "dataset manifest (written by mnemo prepare)")
     for key in ("tokenizer_sha256", "vocab_size", "eos_id", "token_dtype", "num_documents", "num_tokens"):
         if key not in m:

@@ -113,6 +113,16 @@ def test_a_file_given_as_the_dataset_is_named_as_a_file(tmp_path):
     assert not_a_dataset_dir(tmp_path / "nope") == f"no such directory: {tmp_path / 'nope'}"
 
 
+def test_verify_of_a_file_fifo_or_device_says_not_a_directory(tmp_path):
+    """`mnemo data verify FILE` said "data dir FILE: no such directory" (os.path.isdir is False for it)."""
+    f = tmp_path / "corpus.jsonl"
+    f.write_text("{}")
+    os.mkfifo(tmp_path / "fifo")
+    for path in (f, tmp_path / "fifo", "/dev/null"):
+        with pytest.raises(DataError, match=rf"^{path} is not a directory \(give the folder that `mnemo prepare"):
+            verify(str(path))
+
+
 def test_other_tokenizer(dataset):
     m = read_manifest(str(dataset))
     assert other_tokenizer(m, m["tokenizer_sha256"]) is None
