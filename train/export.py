@@ -80,7 +80,7 @@ def _recover_export_leftovers(out: Path) -> None:
     import glob
 
     for d in sorted(out.parent.glob(f".{glob.escape(out.name)}.mnemo-export-*")):
-        if not d.is_dir():
+        if d.is_symlink() or not d.is_dir():  # never mnemo's (it makes folders): nothing through a link
             continue
         old = d.name.startswith(f".{out.name}.mnemo-export-old-")
         if old and not out.exists() and export_manifest(d) is not None:
@@ -89,6 +89,16 @@ def _recover_export_leftovers(out: Path) -> None:
         elif all(p.name in EXPORT_NAMES for p in d.iterdir()):
             log.warning("removing %s (left by an interrupted export)", d)
             _remove_export_files(d, [p.name for p in d.iterdir()])
+
+
+def _refuse_link(out: Path) -> None:
+    """UserError when ``out`` is a symbolic link (broken or not).
+
+    The export is moved in by renaming folders at ``out``: a link there would be replaced by a folder
+    (the user's link gone) or swapped aside with its target emptied, or the rename fails (a traceback).
+    """
+    if out.is_symlink():
+        raise UserError(f"--out {out}: is a symbolic link; give the folder itself (or a new name)")
 
 
 # What --format writes: mnemo's own folder (read back by mnemo eval/generate/export), or a
@@ -117,6 +127,7 @@ def export(path: str | Path, out: str | Path, overwrite: bool = False, format: s
         if is_inside(out, src):
             raise UserError(f"--out {out}: is or is inside the checkpoint being exported ({src}); export elsewhere")
     with path_errors("--out"):  # a name too long, a folder without permission: one line, before the weights load
+        _refuse_link(out)
         if out.exists() and not out.is_dir():
             raise UserError(f"--out {out}: exists and is not a directory")
         made = make_dirs(out.parent)  # the lock file's folder
@@ -235,6 +246,7 @@ def _export_locked(ckpt: Path, out: Path, overwrite: bool, format: str) -> Path:
             manifest = {"format": EXPORT_FORMAT, "files": files, "source": source}
             (tmp / EXPORT_MANIFEST).write_text(json.dumps(manifest, indent=1))
             fsync_tree(tmp)
+            _refuse_link(out)  # made during the export: the checks above saw a folder or nothing there
             if not present:
                 os.replace(tmp, out)  # rename(2) also replaces an empty directory
             elif not foreign:  # an earlier export, nothing else: swap the folders, then delete the old files

@@ -306,6 +306,62 @@ def test_an_export_killed_between_its_renames_is_restored(two_models, tmp_path):
     assert _bytes(out) == before and not list(tmp_path.glob(".out.*"))
 
 
+@pytest.mark.parametrize("target", ["nowhere", "empty folder", "an export"])
+def test_export_refuses_a_symbolic_link_as_out_before_loading(two_models, tmp_path, capsys, monkeypatch, target):
+    """--out LINK was renamed over: a traceback (NotADirectoryError) after the weights loaded, or, with
+    --overwrite over a link to an earlier export, the user's link became a folder, its target was emptied
+    and a stray link was left beside it. Now one line before the weights load; link and target untouched."""
+    a, b = two_models
+    dest = tmp_path / "dest"
+    if target == "empty folder":
+        dest.mkdir()
+    elif target == "an export":
+        export_mod.export(a, dest)
+    before = _bytes(dest) if dest.is_dir() else None
+    link = tmp_path / "link"
+    link.symlink_to(dest.name)
+    loaded = []
+    load = export_mod.consolidated_state_dict
+    monkeypatch.setattr(export_mod, "consolidated_state_dict", lambda *a: loaded.append(a) or load(*a))
+    rc = main(["export", str(b), "--out", str(link), "--overwrite"])
+    err = capsys.readouterr().err.strip().splitlines()
+    want = f"mnemo: error: --out {link}: is a symbolic link; give the folder itself (or a new name)"
+    assert rc == 2 and err == [want], err
+    assert not loaded
+    assert link.is_symlink() and os.readlink(link) == dest.name
+    assert (_bytes(dest) if dest.is_dir() else None) == before
+    left = ["link", "model_a", "model_b"] + ([] if before is None else ["dest"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(left)
+
+
+def test_export_refuses_a_symbolic_link_made_at_out_while_it_ran(two_models, tmp_path, monkeypatch):
+    a, _ = two_models
+    out = tmp_path / "out"
+    load = export_mod.consolidated_state_dict
+
+    def user_links(*args):
+        out.symlink_to("model_a")
+        return load(*args)
+
+    monkeypatch.setattr(export_mod, "consolidated_state_dict", user_links)
+    before = _bytes(a)
+    with pytest.raises(UserError, match=r"--out .*out: is a symbolic link"):
+        export_mod.export(a, out)
+    assert out.is_symlink() and _bytes(a) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model_a", "model_b", "out"]
+
+
+def test_export_leaves_a_link_named_as_its_leftovers_and_its_target_alone(two_models, tmp_path):
+    """The old code left `.LINK.mnemo-export-new-PID -> TARGET` beside a replaced link; the clean-up of
+    leftovers then emptied TARGET through it. Only folders are mnemo's leftovers."""
+    a, _ = two_models
+    dest = export_mod.export(a, tmp_path / "dest")
+    before = _bytes(dest)
+    (tmp_path / ".out.mnemo-export-new-999").symlink_to("dest")
+    export_mod.export(a, tmp_path / "out")
+    assert _bytes(dest) == before and (tmp_path / ".out.mnemo-export-new-999").is_symlink()
+
+
 @pytest.mark.parametrize("where", ["same", "inside"])
 def test_export_out_inside_the_source_is_one_line_error(two_models, where, capsys):
     a, _ = two_models
