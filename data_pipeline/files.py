@@ -70,14 +70,84 @@ def new_file_mode() -> int:
     return 0o666 & ~mask
 
 
-def atomic_write(path: str | Path, data: bytes, tmp_dir: str | Path | None = None, mode: int | None = None) -> None:
+class OutputTaken(FileExistsError):
+    """``publish`` found at ``path`` a file it may not replace, put there while the output was being made
+    (the command's start-up check had found nothing there, or a file mnemo wrote). ``kept``: where the new
+    file was kept instead (``kept_note``), or None when it was discarded."""
+
+    def __init__(self, path: str | Path, kept: Path | None):
+        super().__init__(errno.EEXIST, "exists and is not mnemo's to replace", str(path))
+        self.kept = kept
+
+    def kept_note(self, what: str) -> str:
+        """The caller's one-line error's part saying so: "the new WHAT is in KEPT" or "... was discarded"."""
+        return f"the new {what} is in {self.kept}" if self.kept is not None else f"the new {what} was discarded"
+
+
+# link(2) errors of a file system without hard links (some FUSE and SMB/CIFS mounts, vfat).
+_NO_HARD_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS}
+
+
+def publish(tmp: str | Path, path: str | Path, may_replace: Callable[[Path], bool] | None = None) -> None:
+    """Move the finished file ``tmp`` to ``path`` (same file system).
+
+    ``may_replace`` None: renamed over whatever is at ``path`` (files only mnemo writes: a run or state
+    dir's). Otherwise ``path`` is a user's output, checked when the command started, minutes or hours ago:
+    what is there now is replaced only if ``may_replace(path)`` (e.g. "mnemo wrote it") says so, asked
+    again just before the rename; where nothing is there, the file is hard-linked in, since link(2), unlike
+    a rename, fails when the name was taken meanwhile (a user's file, a second mnemo writing the same
+    output). A name taken is OutputTaken, the new file kept beside it under a name of its own (never
+    replacing anything) or else removed.
+    """
+    tmp, path = Path(tmp), Path(path)
+    if may_replace is not None and not os.path.lexists(path):
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            pass  # taken since the look above: judged below like a file found there
+        except OSError as e:
+            if e.errno not in _NO_HARD_LINKS:
+                raise
+            # No hard links on this file system: the rename, the name looked at just before it (a file
+            # made in between is replaced, as before this check existed; nothing better is portable).
+            if not os.path.lexists(path):
+                os.replace(tmp, path)
+                return
+        else:
+            os.unlink(tmp)
+            return
+    if may_replace is not None and not may_replace(path):
+        raise OutputTaken(path, _keep_aside(tmp, path))
+    os.replace(tmp, path)
+
+
+def _keep_aside(tmp: Path, path: Path) -> Path | None:
+    """``tmp`` linked in as ``STEM.mnemo-new-PID.SUFFIX`` beside ``path`` when that name is free (then
+    returned), else removed (None)."""
+    kept = path.with_name(f"{path.stem}.mnemo-new-{os.getpid()}{path.suffix}")
+    try:
+        os.link(tmp, kept)
+    except OSError:
+        kept = None
+    tmp.unlink(missing_ok=True)
+    return kept
+
+
+def atomic_write(
+    path: str | Path,
+    data: bytes,
+    tmp_dir: str | Path | None = None,
+    mode: int | None = None,
+    may_replace: Callable[[Path], bool] | None = None,
+) -> None:
     """Write ``path`` whole or not at all, durably (data and rename fsynced).
 
     The temporary file goes into ``tmp_dir`` (default: beside ``path``, hidden);
     it must be on the same file system as ``path``. ``mode``: the file's
     permissions, set before the rename (a chmod of ``path`` afterwards would
     follow a link put there meanwhile). The rename replaces a symbolic link
-    at ``path``; it never writes through it.
+    at ``path``; it never writes through it. ``may_replace``: for a user's
+    output, what ``publish`` may replace (OutputTaken otherwise).
     """
     path = Path(path)
     tmp = Path(tmp_dir or path.parent) / f".{path.name}.tmp{os.getpid()}"
@@ -88,7 +158,7 @@ def atomic_write(path: str | Path, data: bytes, tmp_dir: str | Path | None = Non
                 os.fchmod(f.fileno(), mode)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        publish(tmp, path, may_replace)
     except BaseException as e:  # a full disk, a target that is a directory, Ctrl-C: no temp file left behind
         tmp.unlink(missing_ok=True)
         if isinstance(e, OSError) and e.filename is None:  # a failed write or fsync names no file: name the target

@@ -526,8 +526,11 @@ def train_from_texts(
     model_type: str = "bpe",
     special_tokens: Sequence[str] = (),
     num_threads: int | None = None,
+    overwrite: bool | None = None,
 ) -> SentencePieceTokenizer:
-    """Train on already sampled documents and write the model to ``out`` atomically."""
+    """Train on already sampled documents and write the model to ``out`` atomically.
+
+    ``overwrite``: None when ``out`` is mnemo's alone, else --overwrite (``write_model_file``)."""
     check_vocab_size(vocab_size)
     opts = trainer_options(vocab_size, model_type, special_tokens, num_threads)
     from mnemo.data_pipeline.readers import is_blank  # prepare's rule: a document of U+001C..U+001F is not blank
@@ -550,7 +553,7 @@ def train_from_texts(
         raise DataError(f"tokenizer training failed: {msg.splitlines()[-1].strip()}") from None
     except ValueError as e:  # an option SentencePiece cannot parse ("cannot parse ... as int"): the settings' fault
         raise DataError(f"tokenizer training: SentencePiece refused the settings ({first_line(e)})") from None
-    write_model_file(Path(out), model.getvalue())
+    write_model_file(Path(out), model.getvalue(), overwrite)
     tok = SentencePieceTokenizer(out)
     if tok.vocab_size < vocab_size:
         print(
@@ -609,4 +612,4 @@ def train_tokenizer(
     sample = reservoir_sample(texts, sample_docs, seed, max_doc_chars)
     if not sample:
         raise DataError(all_skipped(inputs, stats))
-    return train_from_texts(sample, out, vocab_size, model_type, special_tokens, num_threads)
+    return train_from_texts(sample, out, vocab_size, model_type, special_tokens, num_threads, overwrite)

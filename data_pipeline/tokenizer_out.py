@@ -3,6 +3,9 @@
 mnemo never replaces a file it cannot tell it wrote (``mnemo prepare`` and
 ``mnemo export`` refuse alike): an existing ``--out`` is replaced only with
 ``--overwrite`` and only if it is a SentencePiece model as mnemo trains them.
+The same holds for a file put at ``--out`` while the tokenizer trained (by
+you, or by a second ``mnemo tokenizer train`` into it): checked again as the
+model is moved into place.
 """
 
 from __future__ import annotations
@@ -14,22 +17,37 @@ from pathlib import Path
 import sentencepiece as spm
 
 from mnemo.data_pipeline.errors import DataError
-from mnemo.data_pipeline.files import new_file_mode, not_a_regular_file, open_regular
+from mnemo.data_pipeline.files import OutputTaken, new_file_mode, not_a_regular_file, open_regular, publish
 
 
-def write_model_file(out: Path, data: bytes) -> None:
+def write_model_file(out: Path, data: bytes, overwrite: bool | None = None) -> None:
     """``data`` into ``out`` atomically: a temporary file of our own beside it (O_EXCL, so never
-    someone else's), renamed into place; on any failure or interrupt the temporary file is removed.
-    An OSError is a DataError naming the file."""
+    someone else's), moved into place (``publish``); on any failure or interrupt the temporary file is
+    removed. An OSError is a DataError naming the file.
+
+    ``overwrite``: ``--overwrite`` of an ``out`` that ``check_model_out`` accepted before training. A
+    file put at ``out`` since then is replaced only where that check would replace it now (with
+    ``overwrite``, a model mnemo wrote); otherwise the check's own error, saying where the new model was
+    kept. None: ``out`` is mnemo's alone (prepare's state dir), replaced whatever is there.
+    """
     tmp = None
+    may_replace = None if overwrite is None else is_mnemo_sentencepiece if overwrite else _nothing
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             os.fchmod(f.fileno(), new_file_mode())  # mkstemp made it 0600: read like the files beside it
-        os.replace(tmp, out)
+        publish(tmp, out, may_replace)
         tmp = None
+    except OutputTaken as e:
+        tmp = None  # kept aside or removed by publish
+        try:
+            check_model_out(out, bool(overwrite))
+            why = f"--out {out}: exists"  # gone again since publish looked: the file it found is what counts
+        except DataError as refused:
+            why = str(refused)
+        raise DataError(f"{why} (it appeared while the tokenizer trained: {e.kept_note('model')})") from None
     except OSError as e:
         raise DataError(f"--out {out}: cannot write the model ({e.strerror or e})") from None
     finally:
@@ -38,6 +56,11 @@ def write_model_file(out: Path, data: bytes) -> None:
                 os.unlink(tmp)
             except OSError:
                 pass
+
+
+def _nothing(path: Path) -> bool:
+    """``publish``'s may_replace without --overwrite: no file at --out is replaced."""
+    return False
 
 
 def is_mnemo_sentencepiece(path: str | os.PathLike) -> bool:

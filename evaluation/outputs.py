@@ -4,7 +4,9 @@ mnemo never replaces a file it cannot tell it wrote (see data_pipeline/tokenizer
 evaluation JSON carries ``"written_by": "mnemo eval"`` and a plot a PNG text chunk
 ``Software: mnemo eval``, so a later ``mnemo eval`` may replace them and nothing else. Both are
 written whole (a temporary file beside them, renamed over), so a symbolic link at the path is
-never written through. Light on purpose: the CLI checks --json/--plots before the model loads.
+never written through. Light on purpose: the CLI checks --json/--plots before the model loads; a
+file put there while the model evaluated is judged again as it is moved into place
+(data_pipeline/files.publish): a user's is never replaced, the new file is kept beside it.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 from mnemo.data_pipeline.errors import storage_error
-from mnemo.data_pipeline.files import atomic_write, load_json, make_dirs, remove_made_dirs
+from mnemo.data_pipeline.files import OutputTaken, atomic_write, load_json, make_dirs, remove_made_dirs
 from mnemo.evaluation.errors import EvalError
 
 # The marker of a mnemo evaluation JSON (both `mnemo eval` paths: --data and --lm-eval).
@@ -35,7 +37,8 @@ def write_eval_json(path: str | os.PathLike, doc: dict[str, Any], **dumps: Any) 
     text = json.dumps({**doc, "written_by": WRITTEN_BY}, indent=2, allow_nan=False, **dumps) + "\n"
     made = make_dirs(Path(path).parent)
     try:
-        atomic_write(path, text.encode())
+        # Checked before the model loaded; what is there now is replaced only if it is mnemo's too.
+        atomic_write(path, text.encode(), may_replace=is_eval_json)
     except BaseException:
         remove_made_dirs(made)
         raise
@@ -54,6 +57,12 @@ def write_then_show(
     if path is not None:
         try:
             write_eval_json(path, doc(), **dumps)
+        except OutputTaken as e:  # put there while the model evaluated: the start-up check's refusal, now
+            show()
+            raise EvalError(
+                f"--json: {path}: exists and is not an evaluation JSON mnemo wrote; not replacing it (it appeared "
+                f"while mnemo evaluated: {e.kept_note('evaluation JSON')}; the results were printed)"
+            ) from None
         except OSError as e:
             err = storage_error(e)
             if err is None:

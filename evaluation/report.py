@@ -16,9 +16,10 @@ from typing import Any
 
 import numpy as np
 
-from mnemo.data_pipeline.files import atomic_write, make_dirs, remove_made_dirs
+from mnemo.data_pipeline.files import OutputTaken, atomic_write, make_dirs, remove_made_dirs
 from mnemo.data_pipeline.passkey import DEPTHS
-from mnemo.evaluation.outputs import PLOT_NAMES, plot_metadata
+from mnemo.evaluation.errors import EvalError
+from mnemo.evaluation.outputs import PLOT_NAMES, is_mnemo_plot, plot_metadata
 from mnemo.evaluation.scoring import passkey_report
 from mnemo.evaluation.stats import wilson_interval
 from mnemo.evaluation.task_eval import metric_name
@@ -309,7 +310,13 @@ def _plots_into(result: dict[str, Any], out: Path) -> list[str]:
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=100, metadata=plot_metadata())  # marked: mnemo may replace it
         plt.close(fig)
-        atomic_write(out / name, buf.getvalue())  # whole, and never through a link put at the name
+        try:  # whole, never through a link put at the name, and only over a plot mnemo wrote
+            atomic_write(out / name, buf.getvalue(), may_replace=is_mnemo_plot)
+        except OutputTaken as e:  # put there since the start-up check (foreign_plot)
+            raise EvalError(
+                f"{out / name}: is not a plot mnemo wrote (it appeared while mnemo evaluated); not replacing it "
+                f"({e.kept_note('plot')})"
+            ) from None
         paths.append(str(out / name))
 
     ab = result.get("ablations") or {"memory": result}

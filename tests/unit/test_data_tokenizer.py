@@ -402,6 +402,7 @@ def test_a_failed_write_leaves_no_temporary_file(tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(tk.os, "replace", fail)
+    monkeypatch.setattr(tk.os, "link", fail)  # a new --out is linked into place (files.publish)
     out = tmp_path / "out" / "t.model"
     with pytest.raises(DataError, match=r"--out .*t\.model: cannot write the model \(No space left on device\)"):
         train_tokenizer([str(_corpus(tmp_path, 5))], out, vocab_size=400)
@@ -426,6 +427,42 @@ def test_existing_out_file_is_replaced_only_if_it_is_a_mnemo_model_and_overwrite
     rc, err = _cli(capsys, "--input", corpus, "--vocab-size", "400", "--out", str(model), "--overwrite")
     assert rc == 0 and Tokenizer(model).vocab_size <= 400 and model.read_bytes() != Path(tok.path).read_bytes()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus", "mytok.model", "tok.model"]
+
+
+@pytest.mark.parametrize("start", ["absent", "a mnemo model"])
+@pytest.mark.parametrize("appears", ["user file", "mnemo model"])
+def test_a_file_put_at_out_while_training_is_judged_as_at_start(tok, tmp_path, capsys, monkeypatch, start, appears):
+    """--out was checked at start only, then os.replace'd over whatever was there at the end: a user's file
+    written meanwhile was lost (rc 0), and of parallel runs into one new --out the last silently won. The
+    file there now is judged as at start (a new name: nothing replaced; --overwrite: a model mnemo wrote),
+    the refusal the start-up one, with the new model kept beside it."""
+    from mnemo.data_pipeline import tokenizer as tk
+
+    corpus = str(_corpus(tmp_path, 5))
+    out = tmp_path / "usr.model"
+    theirs = b"my own precious file\n" if appears == "user file" else Path(tok.path).read_bytes()
+    if start == "a mnemo model":
+        out.write_bytes(Path(tok.path).read_bytes())
+    train = tk.spm.SentencePieceTrainer.train
+
+    def meanwhile(**kw):
+        train(**kw)
+        out.unlink(missing_ok=True)
+        out.write_bytes(theirs)
+
+    monkeypatch.setattr(tk.spm.SentencePieceTrainer, "train", meanwhile)
+    extra = ["--overwrite"] if start == "a mnemo model" else []
+    rc, err = _cli(capsys, "--input", corpus, "--vocab-size", "400", "--out", str(out), *extra)
+    if extra and appears == "mnemo model":  # what --overwrite allows at start: replaced
+        assert rc == 0 and out.read_bytes() != theirs and Tokenizer(out).vocab_size <= 400
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus", "usr.model"]
+        return
+    kept = tmp_path / f"usr.mnemo-new-{os.getpid()}.model"
+    why = "is not a SentencePiece model mnemo wrote" if extra else "exists; pass --overwrite"
+    assert rc == 2 and err.count("\n") == 1 and err.startswith(f"mnemo: error: --out {out}: exists"), err
+    assert why in err and f"the new model is in {kept})" in err, err
+    assert out.read_bytes() == theirs and Tokenizer(kept).vocab_size <= 400
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["corpus", "usr.model", kept.name])
 
 
 @pytest.mark.parametrize(

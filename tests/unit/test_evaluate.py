@@ -958,6 +958,8 @@ def test_eval_outputs_never_replace_a_file_mnemo_did_not_write(tok, tmp_path, mo
     and not atomically; --plots replaced a user's loss_by_position.png. Now an existing --json must be an
     evaluation JSON mnemo wrote (marked "written_by"), a link is refused, --plots DIR may hold no file named
     as a plot that mnemo did not write (marked PNG), and both are written whole (temp file + rename)."""
+    import os
+
     from mnemo.commands.evaluate import check_output
     from mnemo.evaluation.evaluate import evaluate_data_dir
     from mnemo.evaluation.outputs import is_eval_json, write_eval_json
@@ -1029,11 +1031,56 @@ def test_eval_outputs_never_replace_a_file_mnemo_did_not_write(tok, tmp_path, mo
     assert ours.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
     monkeypatch.undo()
-    # A link put at the name after the check is replaced, never written through.
+    # A link put at the name after the check is never written through, nor replaced (files.publish).
     late = tmp_path / "late.json"
     late.symlink_to(mine)
-    run(late)
-    assert mine.read_text() == "my notes" and is_eval_json(late)
+    with pytest.raises(EvalError, match=f"^--json: {late}: exists and is not an evaluation JSON mnemo wrote"):
+        run(late)
+    assert mine.read_text() == "my notes" and late.is_symlink()
+    assert is_eval_json(tmp_path / f"late.mnemo-new-{os.getpid()}.json")
+
+
+@pytest.mark.parametrize("there", ["a user's file", "mnemo's"])
+def test_eval_outputs_put_in_place_while_evaluating_are_judged_again(tmp_path, capsys, there):
+    """--json and --plots were checked before the model loaded, then renamed over whatever was there at
+    the end: a user's file written meanwhile was silently lost. Now what is there is replaced only if
+    mnemo wrote it; else the start-up check's refusal, after the table, with the new file kept beside it."""
+    import os
+
+    from mnemo.evaluation.outputs import is_eval_json, is_mnemo_plot, write_eval_json, write_then_show
+
+    result = {"segment_len": 64, "loss_by_position": {"0": 2.0, "64": 1.5}}
+    js, pl = tmp_path / "ev.json", tmp_path / "plots"
+    plots(result, pl)  # mnemo's plot, at start or written by a parallel eval
+    mine = b"my own precious file\n"
+
+    def doc():  # the evaluation ran; meanwhile the file appeared
+        if there == "mnemo's":
+            write_eval_json(js, {"segment_len": 1})
+        else:
+            js.write_bytes(mine)
+            (pl / "loss_by_position.png").write_bytes(mine)
+        return {"segment_len": 64}
+
+    kept = tmp_path / f"ev.mnemo-new-{os.getpid()}.json"
+    if there == "mnemo's":
+        write_then_show(str(js), doc, lambda: print("the table"))
+        plots(result, pl)
+        assert json.loads(js.read_text())["segment_len"] == 64 and is_mnemo_plot(pl / "loss_by_position.png")
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["ev.json", "plots"]
+        return
+    with pytest.raises(EvalError) as e:
+        write_then_show(str(js), doc, lambda: print("the table"))
+    assert str(e.value) == (
+        f"--json: {js}: exists and is not an evaluation JSON mnemo wrote; not replacing it (it appeared while "
+        f"mnemo evaluated: the new evaluation JSON is in {kept}; the results were printed)"
+    )
+    assert capsys.readouterr().out == "the table\n" and js.read_bytes() == mine and is_eval_json(kept)
+    png = pl / "loss_by_position.png"
+    with pytest.raises(EvalError, match=f"^{png}: is not a plot mnemo wrote .*not replacing it") as e:
+        plots(result, pl)
+    assert png.read_bytes() == mine and is_mnemo_plot(pl / f"loss_by_position.mnemo-new-{os.getpid()}.png")
+    assert str(e.value).endswith(f"(the new plot is in {pl / f'loss_by_position.mnemo-new-{os.getpid()}.png'})")
 
 
 def test_eval_outputs_through_a_broken_link_or_empty_are_refused_before_loading(tmp_path):
@@ -1152,7 +1199,7 @@ def test_plots_that_cannot_be_written_leave_no_folder_they_made(tmp_path, monkey
 
     from mnemo.evaluation import report
 
-    def full(path, data):
+    def full(path, data, **kw):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
 
     monkeypatch.setattr(report, "atomic_write", full)

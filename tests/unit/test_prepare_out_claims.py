@@ -253,3 +253,52 @@ def test_atomic_write_leaves_no_temp_file_when_it_fails(tmp_path):
         atomic_write(tmp_path / "target", b"data")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["target"]
     assert (tmp_path / "target" / "x").read_text() == "keep"
+
+
+def test_publish_never_replaces_a_name_taken_meanwhile_and_falls_back_without_hard_links(tmp_path, monkeypatch):
+    """A user's output (may_replace given) was renamed over whatever its name held by then. It is now linked
+    in (link(2) fails on a name taken), the new file kept beside a name taken; where the file system has
+    no hard links (EPERM, ENOTSUP: some FUSE or SMB mounts), renamed as before when the name is free."""
+    import errno
+
+    from mnemo.data_pipeline import files
+    from mnemo.data_pipeline.files import OutputTaken, atomic_write
+
+    def nothing(path):
+        return False
+
+    out = tmp_path / "r.json"
+    link = os.link
+
+    def taken_first(src, dst):  # a second writer (or the user) takes the name between look and link
+        if Path(dst) == out:
+            out.write_text("theirs")
+        link(src, dst)
+
+    monkeypatch.setattr(files.os, "link", taken_first)
+    with pytest.raises(OutputTaken) as e:
+        atomic_write(out, b"ours", may_replace=nothing)
+    monkeypatch.undo()
+    kept = tmp_path / f"r.mnemo-new-{os.getpid()}.json"
+    assert e.value.kept == kept and e.value.kept_note("JSON") == f"the new JSON is in {kept}"
+    assert out.read_text() == "theirs" and kept.read_text() == "ours"
+    with pytest.raises(OutputTaken) as e:  # the keeping name taken too: discarded, nothing else touched
+        atomic_write(out, b"ours again", may_replace=nothing)
+    assert e.value.kept is None and e.value.kept_note("JSON") == "the new JSON was discarded"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["r.json", kept.name]) and kept.read_text() == "ours"
+    atomic_write(out, b"replaced", may_replace=lambda p: p.read_text() == "theirs")  # what may_replace allows
+    assert out.read_text() == "replaced"
+
+    for code in (errno.EPERM, errno.ENOTSUP):
+
+        def no_hard_links(src, dst, code=code):
+            raise OSError(code, os.strerror(code))
+
+        monkeypatch.setattr(files.os, "link", no_hard_links)
+        new = tmp_path / f"new{code}.json"
+        atomic_write(new, b"ours", may_replace=nothing)
+        assert new.read_text() == "ours"
+        with pytest.raises(OutputTaken):
+            atomic_write(new, b"again", may_replace=nothing)
+        assert new.read_text() == "ours"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
