@@ -192,16 +192,18 @@ def _export_locked(ckpt: Path, out: Path, overwrite: bool, format: str) -> Path:
             f"{EXPORT_MANIFEST} records); mnemo will not replace or delete it: move it away or export elsewhere"
         )
     foreign = [n for n in present if old is None or (n not in old["files"] and n != EXPORT_MANIFEST)]
-    if foreign and not overwrite:
-        raise UserError(
-            f"--out {out}: holds files mnemo export did not write ({', '.join(foreign[:3])}"
-            f"{', ...' if len(foreign) > 3 else ''}); pass --overwrite to export beside them"
-        )
+    # A file named like an export's is refused, --overwrite or not: checked first, or the advice to pass
+    # --overwrite (which cannot help) came before it. An older mnemo's export (no export.json) is one.
     clash = [n for n in foreign if n in EXPORT_NAMES]
     if clash:
         raise UserError(
             f"--out {out}: holds {clash[0]} that mnemo export did not write (no {EXPORT_MANIFEST} "
-            f"lists it); remove it or export elsewhere"
+            f"lists it: not an export, or one by a mnemo older than {EXPORT_MANIFEST}); remove it or export elsewhere"
+        )
+    if foreign and not overwrite:
+        raise UserError(
+            f"--out {out}: holds files mnemo export did not write ({', '.join(foreign[:3])}"
+            f"{', ...' if len(foreign) > 3 else ''}); pass --overwrite to export beside them"
         )
     if old is not None and old.get("source", {}).get("checkpoint") != source["checkpoint"] and not overwrite:
         raise UserError(

@@ -226,8 +226,9 @@ def test_reexport_over_an_hf_export_deletes_only_listed_files(source, tmp_path):
     other = tmp_path / "other"
     other.mkdir()
     (other / "modeling_mnemo.py").write_text("# someone's own code\n")
+    # And the refusal says so at once: it advised --overwrite first, which was then refused too.
     for overwrite in (False, True):
-        with pytest.raises(UserError, match="--out"):
+        with pytest.raises(UserError, match="holds modeling_mnemo.py that mnemo export did not write"):
             export_mod.export(source, other, format="hf", overwrite=overwrite)
     assert (other / "modeling_mnemo.py").read_text() == "# someone's own code\n"
 
