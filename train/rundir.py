@@ -255,6 +255,12 @@ def run_dir_unusable(run_dir: Path) -> str | None:
         st = os.stat(run_dir)
     except FileNotFoundError:
         return f"{run_dir} is a symbolic link to a missing path" if os.path.islink(run_dir) else None
+    except NotADirectoryError:
+        # Under a file: name it (the nearest part of the path that exists).
+        up = next((p for p in Path(run_dir).parents if os.path.lexists(p)), None)
+        if up is not None and not os.path.isdir(up):
+            return f"{run_dir}: {up} is not a directory"
+        return f"{run_dir}: Not a directory"
     except OSError as e:
         return f"{run_dir}: {e.strerror or e}"
     return None if stat.S_ISDIR(st.st_mode) else f"{run_dir} is not a directory"
