@@ -23,7 +23,11 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from mnemo.data_pipeline.files import NotRegularFile, read_bounded
 from mnemo.train.errors import UserError
+
+# The most bytes a hostfile may have: some 20 per host line, so over 50,000 hosts (a bigger file is not one).
+MAX_HOSTFILE_BYTES = 1 << 20
 
 # Used with fullmatch: a pattern ending in "$" would also match before a final newline.
 _LINE = re.compile(r"(?P<host>\S+)\s+slots\s*=\s*(?P<slots>\S+)")
@@ -91,13 +95,17 @@ def parse_hostfile(path: str | Path) -> list[Host]:
     """Parse a hostfile; raise UserError naming the file and line at fault."""
     p = Path(path)
     try:
+        # read_bounded: a device (/dev/zero) or FIFO is refused before any open (it would fill memory or
+        # wait forever), and a regular file over the bound is not read whole.
+        raw = read_bounded(p, MAX_HOSTFILE_BYTES)
         # utf-8-sig: a byte order mark (Notepad and other editors write one) is not part of the first name.
-        # newline="": a lone CR stays in its line (the docs: lines end at LF or CRLF, nothing else), not the
-        # universal-newline translation that made "a # spare\rb" two hosts.
-        with open(p, encoding="utf-8-sig", newline="") as f:
-            text = f.read()
+        # Bytes decoded as they are: a lone CR stays in its line (the docs: lines end at LF or CRLF, nothing
+        # else), not the universal-newline translation that made "a # spare\rb" two hosts.
+        text = raw.decode("utf-8-sig")
     except FileNotFoundError:
         raise UserError(f"hostfile not found: {p}") from None
+    except NotRegularFile as e:
+        raise UserError(f"hostfile {p}: {e}") from None
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"hostfile {p}: cannot read ({e})") from None
     return parse_hostfile_text(text, str(p))

@@ -199,3 +199,33 @@ def test_ssh_connect_timeout_from_environment(monkeypatch):
     assert "ConnectTimeout=3" in remote.ssh_options()
     monkeypatch.delenv("MNEMO_SSH_CONNECT_TIMEOUT")
     assert "ConnectTimeout=10" in remote.ssh_options()
+
+
+@pytest.mark.timeout(20)  # the old code waited for ever on the FIFO
+@pytest.mark.parametrize("kind", ["fifo", "device", "directory"])
+def test_a_hostfile_that_is_no_regular_file_is_refused_unopened(tmp_path, kind):
+    # Was: open().read() of /dev/zero filled memory (an OOM kill), of a FIFO or /dev/urandom never returned.
+    # /dev/null here: the old code read it as empty ("no hosts listed"), where /dev/zero would fill memory.
+    import os
+
+    if kind == "fifo":
+        path = tmp_path / "hf"
+        os.mkfifo(path)  # no writer: an open() of it would block this test for ever
+        what = "a FIFO (named pipe), not a regular file"
+    elif kind == "device":
+        path, what = "/dev/null", "a character device, not a regular file"
+    else:
+        path, what = tmp_path, "a directory, not a file"
+    with pytest.raises(UserError) as e:
+        parse_hostfile(path)
+    assert str(e.value) == f"hostfile {path}: {what}"
+
+
+def test_a_huge_hostfile_is_not_read_whole(tmp_path):
+    from mnemo.launch.hostfile import MAX_HOSTFILE_BYTES
+
+    hf = tmp_path / "hf"
+    with open(hf, "wb") as f:
+        f.truncate(MAX_HOSTFILE_BYTES + 1)  # sparse: no disk used
+    with pytest.raises(UserError, match=r"^hostfile .*hf: 1,048,577 bytes, over the 1,048,576-byte bound"):
+        parse_hostfile(hf)
