@@ -50,7 +50,11 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generato
     """
     if temperature <= 0:
         return int(logits.argmax())
-    probs = torch.softmax(logits.double() / temperature, dim=-1).cpu()  # [V], float64: stable cumsum
+    # The max subtracted before the division: a subnormal temperature (1e-310) made logits / temperature
+    # overflow to inf, softmax then NaN and torch.multinomial fail. Now the top logit is 0 and every other
+    # one finite or -inf at any temperature > 0 (the limit: greedy). float64: a stable cumsum.
+    scaled = logits.double()
+    probs = torch.softmax((scaled - scaled.max()) / temperature, dim=-1).cpu()  # [V]
     if top_p < 1.0:
         sorted_p, order = probs.sort(descending=True)
         before = sorted_p.cumsum(0) - sorted_p  # mass of the tokens ranked above each token

@@ -73,6 +73,18 @@ def test_sample_next():
     assert len({sample_next(logits, 2.0, 1.0, g) for _ in range(200)}) >= 3
 
 
+@pytest.mark.parametrize("temperature", [1e-300, 1e-310, 1e-320, 5e-324])
+def test_sample_next_with_a_subnormal_temperature_is_greedy(temperature):
+    # Was: logits / 1e-310 overflowed to inf, softmax gave NaN and torch.multinomial raised "invalid
+    # multinomial distribution (sum of probabilities <= 0)" (mnemo generate --temperature 1e-310: exit 1).
+    g = torch.Generator().manual_seed(0)
+    logits = torch.tensor([0.0, 3.0, 1.0, -1.0, float("-inf")])
+    assert {sample_next(logits, temperature, 1.0, g) for _ in range(20)} == {1}
+    assert {sample_next(logits, temperature, 0.5, g) for _ in range(20)} == {1}
+    assert {sample_next(logits - 5.0, temperature, 1.0, g) for _ in range(20)} == {1}  # all < 0
+    assert {sample_next(torch.tensor([2.0, 0.0, 2.0]), temperature, 1.0, g) for _ in range(40)} == {0, 2}  # a tie
+
+
 def test_generate_long_prompt_deterministic():
     m = _model(300)
     prompt = torch.randint(4, 300, (9 * T + 5,), generator=torch.Generator().manual_seed(2)).tolist()  # 10 segments
