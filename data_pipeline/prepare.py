@@ -72,7 +72,7 @@ from mnemo.data_pipeline.processes import die_with_parent
 from mnemo.data_pipeline.progress import Counters, Progress, note
 from mnemo.data_pipeline.readers import DEFAULT_MAX_DOC_BYTES, Doc, check_max_doc_bytes, iter_unit
 from mnemo.data_pipeline.split import FILLER_KEY
-from mnemo.data_pipeline.tokenizer import Tokenizer, check_vocab_size, encode_docs
+from mnemo.data_pipeline.tokenizer import Tokenizer, check_sample_docs, check_vocab_size, encode_docs
 
 SHARD_SIZE_LIMIT = 1 << 26  # bytes of uncompressed samples per shard (64 MiB)
 SHARD_HASHES = ["sha1"]
@@ -452,6 +452,7 @@ def prepare(
         )
     if seed < 0:  # numpy's default_rng (passkey documents) takes no negative seed
         raise DataError(f"--seed must be >= 0, got {seed}")
+    check_sample_docs(sample_docs)  # with --tokenizer too: a value no run could use is an error, not ignored
     if not tokenizer:
         check_vocab_size(vocab_size)
     max_doc_bytes = check_max_doc_bytes(max_doc_bytes)

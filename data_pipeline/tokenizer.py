@@ -516,6 +516,14 @@ def check_vocab_size(vocab_size: int) -> int:
     return int(vocab_size)
 
 
+def check_sample_docs(sample_docs: int) -> int:
+    """``sample_docs`` when it is >= 1; else a DataError naming --sample-docs (before any work: a sample of
+    no documents trains nothing, and prepare then blamed the corpus, "no documents")."""
+    if sample_docs < 1:
+        raise DataError(f"--sample-docs must be positive, got {sample_docs}")
+    return int(sample_docs)
+
+
 _TOO_SMALL = re.compile(r"Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)")
 
 
@@ -590,8 +598,7 @@ def train_tokenizer(
     from mnemo.data_pipeline.inputs import ReadStats, all_skipped, plan_inputs
     from mnemo.data_pipeline.readers import DEFAULT_MAX_DOC_BYTES, iter_documents
 
-    if sample_docs < 1:
-        raise DataError(f"--sample-docs must be positive, got {sample_docs}")
+    check_sample_docs(sample_docs)
     check_vocab_size(vocab_size)
     check_special_tokens(special_tokens)  # before the corpus is read
     out = check_model_out(out, overwrite)

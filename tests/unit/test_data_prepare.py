@@ -658,3 +658,18 @@ def test_inputs_without_any_document_say_so_not_that_every_document_was_skipped(
     with pytest.raises(DataError, match=r"\Ano documents: .*zero\.parquet, .*empty\.jsonl hold none"):
         files = [str(tmp_path / "zero.parquet"), str(tmp_path / "empty.jsonl")]
         prepare(files, str(tmp_path / "b"), tokenizer=tok, workers=1, progress=False)
+
+
+@pytest.mark.parametrize("value", ["0", "-1"])
+@pytest.mark.parametrize("given", [False, True])
+def test_prepare_refuses_a_sample_docs_below_one(tmp_path, capsys, value, given):
+    """--sample-docs 0 said 'no documents: ... hold none', blaming the corpus; with --tokenizer, -1 was
+    accepted and ignored. Now the check `mnemo tokenizer train` makes, before any work."""
+    from mnemo.cli import main
+
+    (tmp_path / "doc.txt").write_text("hello world\n")
+    out = tmp_path / "out"
+    tok = ["--tokenizer", str(tmp_path / "tok.model")] if given else []
+    rc = main(["prepare", "--input", str(tmp_path / "doc.txt"), "--out", str(out), "--sample-docs", value, *tok])
+    assert rc == 2 and capsys.readouterr().err == f"mnemo: error: --sample-docs must be positive, got {value}\n"
+    assert not out.exists()
