@@ -178,22 +178,23 @@ def table(cells: dict[str, dict[str, dict[str, Any]]], segment_len: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from mnemo.commands import int_arg
     from mnemo.commands.evaluate import int_list
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/many_facts", help="output directory (default runs/many_facts)")
     p.add_argument("--data", default=None, help="a prepared data dir to use as it is (default: prepare OUT/data)")
     p.add_argument("--minutes", type=float, default=20.0, help="wall-clock budget of everything (default 20)")
-    p.add_argument("--max-steps", type=int, default=None, help="steps of both runs (default: configs/tasks.yaml)")
-    p.add_argument("--nproc-per-node", type=int, default=2, help="ranks per training run (default 2)")
+    p.add_argument("--max-steps", type=int_arg, default=None, help="steps of both runs (default: configs/tasks.yaml)")
+    p.add_argument("--nproc-per-node", type=int_arg, default=2, help="ranks per training run (default 2)")
     p.add_argument(
         "--tasks", default=None, help=f"tasks evaluated at every --distances (default: the targets' cells; {TASKS})"
     )
     p.add_argument(
         "--distances", type=int_list, default=None, help="distances D evaluated (default: the targets' cells; 8,32)"
     )
-    p.add_argument("--trials", type=int, default=100, help="documents per task and distance (default 100)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the evaluation documents (default 0)")
+    p.add_argument("--trials", type=int_arg, default=100, help="documents per task and distance (default 100)")
+    p.add_argument("--seed", type=int_arg, default=0, help="seed of the evaluation documents (default 0)")
     p.add_argument("--memory-config", default=MEMORY_CONFIG)
     p.add_argument("--baseline-config", default=BASELINE_CONFIG)
     p.add_argument("--eval-only", action="store_true", help="score the checkpoints already in OUT")

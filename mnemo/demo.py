@@ -425,18 +425,19 @@ def user_errors() -> tuple[type[Exception], ...]:
 
 def main(argv: list[str] | None = None) -> int:
     d = DemoSettings()
+    from mnemo.commands import int_arg
     from mnemo.commands.evaluate import int_list
 
     p = argparse.ArgumentParser(prog="python -m mnemo.demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=d.out_dir, help=f"output directory (default {d.out_dir})")
     p.add_argument("--minutes", type=float, default=d.minutes, help=f"wall-clock budget (default {d.minutes:g})")
-    p.add_argument("--max-steps", type=int, default=None, help="steps of both runs (default: configs/demo.yaml)")
-    p.add_argument("--nproc-per-node", type=int, default=d.nproc_per_node, help="ranks per run (default 2)")
-    p.add_argument("--passkey-docs", type=int, default=d.passkey_docs)
-    p.add_argument("--passkey-trials", type=int, default=d.passkey_trials, help="evaluation documents per distance")
+    p.add_argument("--max-steps", type=int_arg, default=None, help="steps of both runs (default: configs/demo.yaml)")
+    p.add_argument("--nproc-per-node", type=int_arg, default=d.nproc_per_node, help="ranks per run (default 2)")
+    p.add_argument("--passkey-docs", type=int_arg, default=d.passkey_docs)
+    p.add_argument("--passkey-trials", type=int_arg, default=d.passkey_trials, help="evaluation documents per distance")
     p.add_argument("--distances", type=int_list, default=list(d.distances), help="passkey distances (segments)")
     p.add_argument(
-        "--multikey", type=int, default=d.multikey, metavar="K", help="also evaluate K keys per document (0 = off)"
+        "--multikey", type=int_arg, default=d.multikey, metavar="K", help="also evaluate K keys per document (0 = off)"
     )
     p.add_argument("--keep", action="store_true", help="keep earlier runs in OUT (training resumes from them)")
     p.add_argument("overrides", nargs="*", metavar="dotted.key=value", help="config overrides for both runs")

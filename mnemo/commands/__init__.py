@@ -3,14 +3,18 @@
 Each module gives, per command, a function that adds its parser (help text and
 arguments) to the sub-command list, and a handler ``cmd_*`` that converts the
 parsed arguments and calls one public function of a part below. mnemo/cli.py
-holds the table of which command runs which. Only argparse and the standard
-library are imported at module level: torch, deepspeed and the rest load in the
-handler that runs, so ``mnemo --help`` and a bad flag answer at once.
+holds the table of which command runs which. Only argparse, the standard
+library and mnemo's light error helpers are imported at module level: torch,
+deepspeed and the rest load in the handler that runs, so ``mnemo --help`` and a
+bad flag answer at once.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
+
+from mnemo.data_pipeline.errors import clip
 
 _PROG = "_mnemo_prog"  # the namespace attribute naming the deepest (sub-)command parsed
 
@@ -39,3 +43,24 @@ class OneLineParser(argparse.ArgumentParser):
         if extras:
             self.exit(2, f"mnemo: error: unrecognized arguments: {' '.join(extras)} (see: {prog} --help)\n")
         return ns
+
+
+# An integer as a flag's value: ASCII digits and one optional sign, as config overrides read one. int() also
+# reads other scripts' digits ("١٢" is 12), "1_000" and surrounding blanks; and over 4,300 digits it raises.
+# 30 digits hold every value any flag takes (2**64 has 20); more is a slip, not a number.
+_DECIMAL = re.compile(r"[+-]?[0-9]{1,30}", re.ASCII)
+
+
+def decimal(text: str) -> int | None:
+    """The integer ``text`` writes in ASCII decimal digits (one optional sign, at most 30 digits), else None."""
+    return int(text) if _DECIMAL.fullmatch(text) else None
+
+
+def int_arg(text: str) -> int:
+    """The argparse type of every integer flag of mnemo's commands: ``decimal``'s integer, else argparse's
+    one-line error naming the flag ("argument --seed: expected an integer ..."). Ranges are the commands' own
+    checks, beside the rules that depend on other flags."""
+    value = decimal(text)
+    if value is None:
+        raise argparse.ArgumentTypeError(f"expected an integer in ASCII digits (at most 30), got {clip(text, 40)!r}")
+    return value

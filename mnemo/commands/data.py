@@ -11,6 +11,7 @@ import math
 import re
 import sys
 
+from mnemo.commands import int_arg
 from mnemo.data_pipeline.errors import brief, clip
 from mnemo.data_pipeline.limits import MAX_DOC_BYTES, MAX_VOCAB_SIZE, MIN_VOCAB_SIZE, PASSKEY_MAX_TOKENS
 from mnemo.data_pipeline.readers import DEFAULT_MAX_DOC_BYTES
@@ -66,7 +67,7 @@ def add_tokenizer_train(sub: argparse._SubParsersAction, name: str) -> argparse.
     _add_input_args(t)
     t.add_argument(
         "--vocab-size",
-        type=int,
+        type=int_arg,
         required=True,
         metavar="N",
         help=f"pieces of the model, {MIN_VOCAB_SIZE}..{MAX_VOCAB_SIZE:,}",
@@ -85,7 +86,7 @@ def add_tokenizer_train(sub: argparse._SubParsersAction, name: str) -> argparse.
     t.add_argument("--model-type", choices=("bpe", "unigram"), default="bpe")
     t.add_argument(
         "--sample-docs",
-        type=int,
+        type=int_arg,
         default=10_000,
         metavar="N",
         help="train on a uniform random sample of N documents (bounded memory; default 10000)",
@@ -96,7 +97,7 @@ def add_tokenizer_train(sub: argparse._SubParsersAction, name: str) -> argparse.
         metavar="TOK",
         help="extra reserved tokens (control symbols, never produced from text)",
     )
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--seed", type=int_arg, default=0)
     return t
 
 
@@ -144,38 +145,44 @@ def add_prepare(sub: argparse._SubParsersAction, name: str) -> argparse.Argument
         help="existing SentencePiece model or Hugging Face tokenizer.json, a local file "
         "(default: train one into DATA_DIR/tokenizer.model)",
     )
-    p.add_argument("--workers", type=int, default=None, metavar="N", help="processes (default: all cores)")
+    p.add_argument("--workers", type=int_arg, default=None, metavar="N", help="processes (default: all cores)")
     p.add_argument("--id-field", default=None, metavar="NAME", help="JSONL key / Parquet column with document ids")
     p.add_argument("--strict", action="store_true", help="a bad JSONL line is an error (default: skip and count)")
     p.add_argument("--overwrite", action="store_true", help="replace a different dataset already in DATA_DIR")
     p.add_argument(
         "--vocab-size",
-        type=int,
+        type=int_arg,
         default=8192,
         metavar="N",
         help="vocabulary of the tokenizer trained when --tokenizer is not given "
         f"({MIN_VOCAB_SIZE}..{MAX_VOCAB_SIZE:,}; default 8192)",
     )
     p.add_argument("--model-type", choices=("bpe", "unigram"), default="bpe")
-    p.add_argument("--sample-docs", type=int, default=10_000, metavar="N")
+    p.add_argument("--sample-docs", type=int_arg, default=10_000, metavar="N")
     p.add_argument(
-        "--passkey-docs", type=int, default=0, metavar="N", help="append N synthetic passkey documents after the corpus"
+        "--passkey-docs",
+        type=int_arg,
+        default=0,
+        metavar="N",
+        help="append N synthetic passkey documents after the corpus",
     )
     p.add_argument(
         "--passkey-max-distance",
-        type=int,
+        type=int_arg,
         default=8,
         metavar="D",
         help="passkey question 0..D segments after the key (uniform)",
     )
     p.add_argument(
         "--segment-len",
-        type=int,
+        type=int_arg,
         default=128,
         metavar="T",
         help=f"segment length of passkey documents ((D + 1) x T at most {PASSKEY_MAX_TOKENS:,} tokens)",
     )
-    p.add_argument("--seed", type=int, default=0, metavar="S", help="seed (>= 0) of the tokenizer sample and passkeys")
+    p.add_argument(
+        "--seed", type=int_arg, default=0, metavar="S", help="seed (>= 0) of the tokenizer sample and passkeys"
+    )
     return p
 
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import re
 import sys
 from pathlib import Path
+
+from mnemo.commands import decimal, int_arg
+from mnemo.data_pipeline.errors import clip
 
 # A generator seed: torch.Generator.manual_seed takes at most 64 bits.
 _MAX_SEED = 2**64 - 1
@@ -127,14 +129,13 @@ def check_output(flag: str, out: str | None, folder: bool) -> None:
 def int_list(text: str) -> list[int]:
     """argparse type: "1,8,32" -> [1, 8, 32]; empty ("1,,2"), negative or non-integer items are errors.
 
-    ASCII digits only: int() also reads other scripts' digits ("٤" is 4), which nobody means here.
+    Each item as ``decimal`` reads it (ASCII digits: int() also reads "٤" as 4), as every integer flag is read.
     """
-    items = [x.strip() for x in text.split(",")]
-    if not all(re.fullmatch(r"-?[0-9]+", x) for x in items):
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers (no empty items), got {text!r}")
-    out = [int(x) for x in items]
+    out = [decimal(x.strip()) for x in text.split(",")]
+    if None in out:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers (no empty items), got {clip(text)!r}")
     if any(x < 0 for x in out):
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 0, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 0, got {clip(text)!r}")
     return out
 
 
@@ -155,7 +156,7 @@ def add_eval(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentPar
     p.add_argument("--plots", default=None, metavar="DIR", help="write PNG plots into DIR")
     p.add_argument(
         "--max-docs",
-        type=int,
+        type=int_arg,
         default=None,
         help="held-out documents for loss by position, >= 0 (default: eval.max_docs of the run; 0: none, "
         "e.g. for the passkey or --tasks alone)",
@@ -164,7 +165,7 @@ def add_eval(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentPar
         "--passkey-trials",
         "--trials",
         dest="passkey_trials",
-        type=int,
+        type=int_arg,
         default=None,
         help="documents per distance, of the passkey (0 = skip; default: eval.passkey_trials or 30) and of "
         "each --tasks task (default: eval.task_trials)",
@@ -191,17 +192,19 @@ def add_eval(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentPar
     )
     p.add_argument(
         "--multikey",
-        type=int,
+        type=int_arg,
         default=0,
         metavar="K",
         help="also run the multi-key variant with K door facts per document",
     )
-    p.add_argument("--batch-size", type=int, default=32, help="documents read in parallel (slots; >= 1, default 32)")
+    p.add_argument(
+        "--batch-size", type=int_arg, default=32, help="documents read in parallel (slots; >= 1, default 32)"
+    )
     p.add_argument("--no-ablations", action="store_true", help="only the memory as trained")
-    p.add_argument("--seed", type=int, default=0, help="seed (>= 0) of the passkey and task documents")
+    p.add_argument("--seed", type=int_arg, default=0, help="seed (>= 0) of the passkey and task documents")
     p.add_argument(
         "--ltm-capacity",
-        type=int,
+        type=int_arg,
         default=None,
         metavar="N",
         help="long-term store entries per slot and layer (default: the trained size, or "
@@ -216,7 +219,7 @@ def add_eval(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentPar
     )
     p.add_argument(
         "--ivf-probe",
-        type=int,
+        type=int_arg,
         default=None,
         metavar="N",
         help="with the ivf search: lists each query searches (default: as trained, memory.long.ivf_probe; "
@@ -231,7 +234,7 @@ def add_eval(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentPar
         "--lm-eval-include), every request read through memory (docs/lm_eval.md); --batch-size slots",
     )
     p.add_argument("--lm-eval-include", default=None, metavar="DIR", help="a folder of lm-eval task YAML files")
-    p.add_argument("--limit", type=int, default=None, help="with --lm-eval: at most N (>= 1) documents per task")
+    p.add_argument("--limit", type=int_arg, default=None, help="with --lm-eval: at most N (>= 1) documents per task")
     return p
 
 
@@ -255,7 +258,7 @@ def add_generate(sub: argparse._SubParsersAction, name: str) -> argparse.Argumen
     )
     p.add_argument("checkpoint", help="checkpoint step dir, run dir (latest checkpoint) or export dir")
     p.add_argument("--prompt-file", required=True, help="UTF-8 text file with the prompt")
-    p.add_argument("--max-tokens", type=int, default=200, help="tokens to generate at most, >= 0 (default 200)")
+    p.add_argument("--max-tokens", type=int_arg, default=200, help="tokens to generate at most, >= 0 (default 200)")
     p.add_argument(
         "--temperature",
         type=float,
@@ -263,7 +266,7 @@ def add_generate(sub: argparse._SubParsersAction, name: str) -> argparse.Argumen
         help="sampling temperature, a finite number >= 0; 0 = greedy: always the most likely token (default 0.8)",
     )
     p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass, in (0, 1] (default 0.95)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the sampling, in [0, 2**64 - 1] (default 0)")
+    p.add_argument("--seed", type=int_arg, default=0, help="seed of the sampling, in [0, 2**64 - 1] (default 0)")
     p.add_argument(
         "--decode",
         choices=("segment", "step"),
@@ -273,7 +276,7 @@ def add_generate(sub: argparse._SubParsersAction, name: str) -> argparse.Argumen
     )
     p.add_argument(
         "--ltm-capacity",
-        type=int,
+        type=int_arg,
         default=None,
         metavar="N",
         help="long-term store entries per layer (default: as trained); a prompt longer than the store keeps "
@@ -400,7 +403,6 @@ def cmd_lm_eval(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     from mnemo.train.errors import UserError, path_errors
 
-    from mnemo.data_pipeline.errors import clip
     from mnemo.data_pipeline.files import not_a_regular_file
     from mnemo.data_pipeline.inputs import byte_order_mark
 

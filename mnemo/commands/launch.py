@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import fields
 
-from mnemo.commands import OneLineParser
+from mnemo.commands import OneLineParser, int_arg
 
 
 class _IntermixedParser(OneLineParser):
@@ -49,25 +49,25 @@ def add_launch(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentP
     p.add_argument("overrides", nargs="*", metavar="dotted.key=value", help="config overrides")
     p.add_argument(
         "--nproc-per-node",
-        type=int,
+        type=int_arg,
         default=None,
         help="ranks per node (default: GPUs per node, or 2 on CPU; hostfile: the slots)",
     )
     p.add_argument(
         "--max-restarts",
-        type=int,
+        type=int_arg,
         default=0,
         help="restarts of failed workers (torchrun elastic agent); training auto-resumes",
     )
     p.add_argument("--dry-run", action="store_true", help="print the exact commands or script, start nothing")
 
     g = p.add_argument_group("one node of a multi-node job")
-    g.add_argument("--nnodes", type=int, default=None, help="number of nodes of the job")
-    g.add_argument("--node-rank", type=int, default=None, help="this node's index, 0..nnodes-1")
+    g.add_argument("--nnodes", type=int_arg, default=None, help="number of nodes of the job")
+    g.add_argument("--node-rank", type=int_arg, default=None, help="this node's index, 0..nnodes-1")
     g.add_argument("--master-addr", default=None, help="address of node 0 (the rendezvous)")
     g.add_argument(
         "--master-port",
-        type=int,
+        type=int_arg,
         default=None,
         help="rendezvous port (default 29500; --slurm: 10000 + job id %% 20000)",
     )
@@ -81,7 +81,7 @@ def add_launch(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentP
     h.add_argument("--exclude", default=None, help="comma-separated hostfile names to leave out")
     h.add_argument(
         "--min-nodes",
-        type=int,
+        type=int_arg,
         default=None,
         help="elastic shrink: after losing a node, go on with the surviving nodes while at least this many "
         "are left (needs train.global_batch_size; default: the hosts' count, no shrink)",
@@ -89,12 +89,12 @@ def add_launch(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentP
 
     s = p.add_argument_group("SLURM (write an sbatch script into the run dir and submit it)")
     s.add_argument("--slurm", action="store_true", help="submit as a SLURM batch job")
-    s.add_argument("--nodes", type=int, default=None, help="nodes to allocate, >= 1 (default 1)")
+    s.add_argument("--nodes", type=int_arg, default=None, help="nodes to allocate, >= 1 (default 1)")
     s.add_argument("--partition", default=None)
     s.add_argument("--account", default=None)
     s.add_argument("--time", default=None, help="time limit, e.g. 2-00:00:00")
     s.add_argument(
-        "--gpus-per-node", type=int, default=None, help="GPUs per node, also the default ranks per node (0: no GPU)"
+        "--gpus-per-node", type=int_arg, default=None, help="GPUs per node, also the default ranks per node (0: no GPU)"
     )
     s.add_argument(
         "--sbatch-arg",

@@ -381,7 +381,8 @@ def test_a_failed_atomic_write_names_its_file(tmp_path, monkeypatch):
     [
         (
             ["launch", "c.yaml", "--nproc-per-node", "x"],
-            "argument --nproc-per-node: invalid int value: 'x' (see: mnemo launch --help)",
+            "argument --nproc-per-node: expected an integer in ASCII digits (at most 30), got 'x' "
+            "(see: mnemo launch --help)",
         ),
         (["launch", "c.yaml", "--slurm", "--nodes", "abc", "--dry-run"], "(see: mnemo launch --help)"),
         (["train", "c.yaml", "--x"], "unrecognized arguments: --x (see: mnemo train --help)"),

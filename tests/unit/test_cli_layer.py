@@ -15,6 +15,8 @@ import sys
 import tomllib
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 
 # Modules below the CLI layer that may import argparse: path -> why. launch/worker.py
@@ -83,3 +85,58 @@ print(sorted({{m.split(".")[0] for m in sys.modules}} & set({HEAVY!r})))
     res = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "[]", "mnemo --help imports " + res.stdout
+
+
+def _all_actions(parser) -> list[tuple[str, object]]:
+    """(command, action) for every option of ``parser`` and of its sub-commands, however deep."""
+    import argparse
+
+    found = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                found += _all_actions(sub)
+        else:
+            found.append((parser.prog, action))
+    return found
+
+
+def test_every_integer_flag_reads_ascii_digits_only():
+    """int() read '١٢' (Arabic-Indic digits) as 12, and '1_000' and ' 12' too: --nproc-per-node ١٢, --seed ١٢,
+    --max-tokens ١٢ and --trials ١٢ ran with 12, where config overrides and --distances refuse them."""
+    from mnemo.cli import build_parser
+
+    plain = [f"{prog} {'/'.join(a.option_strings)}" for prog, a in _all_actions(build_parser()) if a.type is int]
+    assert not plain, f"type=int reads non-ASCII digits; use mnemo.commands.int_arg: {plain}"
+
+
+@pytest.mark.parametrize("value", ["\u0661\u0662", "1_000", " 12", "+-1", "9" * 31, ""])
+@pytest.mark.parametrize(
+    "argv, flag",
+    [
+        (["launch", "c.yaml", "--nproc-per-node"], "--nproc-per-node"),
+        (["launch", "c.yaml", "--slurm", "--nodes"], "--nodes"),
+        (["generate", "ckpt", "--prompt-file", "p", "--max-tokens"], "--max-tokens"),
+        (["generate", "ckpt", "--prompt-file", "p", "--seed"], "--seed"),
+        (["eval", "ckpt", "--trials"], "--passkey-trials/--trials"),
+        (["prepare", "--input", "i", "--out", "o", "--workers"], "--workers"),
+        (["tokenizer", "train", "--input", "i", "--out", "o", "--vocab-size"], "--vocab-size"),
+    ],
+)
+def test_a_non_ascii_or_odd_integer_is_one_line_naming_the_flag(capsys, argv, flag, value):
+    from mnemo.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main([*argv, value])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"mnemo: error: argument {flag}: expected an integer in ASCII digits (at most 30), got ")
+
+
+def test_ascii_integers_still_parse():
+    from mnemo.cli import build_parser
+    from mnemo.commands import decimal
+
+    assert [decimal(t) for t in ("12", "-3", "+4", "0", "9" * 30)] == [12, -3, 4, 0, int("9" * 30)]
+    args = build_parser().parse_args(["launch", "c.yaml", "--nproc-per-node", "12", "--max-restarts", "-1"])
+    assert (args.nproc_per_node, args.max_restarts) == (12, -1)  # a range is the command's own check

@@ -340,7 +340,8 @@ def test_evaluate_refuses_a_zero_batch_and_negative_max_docs(tok, corpus, kw, ne
         # Above the range of a model arg (model/sizes.py MAX_COUNT): ModelArgs refused it with a traceback.
         (["--ltm-capacity", "99999999999999999999"], "--ltm-capacity: must be <= 2147483647, got 99999999999999999999"),
         (["--ivf-probe", "2147483648"], "--ivf-probe: must be <= 2147483647, got 2147483648"),
-        (["--batch-size", "-" + "9" * 60], "--batch-size: must be >= 1 (documents read in parallel), got -999"),
+        # 30 digits at most (int_arg; more is argparse's one line, test_cli_layer.py)
+        (["--batch-size", "-" + "9" * 30], "--batch-size: must be >= 1 (documents read in parallel), got -999"),
     ],
 )
 def test_eval_cli_checks_numeric_flags_before_loading(tmp_path, flags, needle):
