@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mnemo.data_pipeline.files import NotRegularFile, read_bounded
+from mnemo.launch.torchrun import MAX_PROCS_PER_NODE
 from mnemo.train.errors import UserError
 
 # The most bytes a hostfile may have: some 20 per host line, so over 50,000 hosts (a bigger file is not one).
@@ -128,6 +129,10 @@ def parse_hostfile_text(text: str, name: str = "hostfile") -> list[Host]:
         if not _SLOTS.fullmatch(slots_s) or int(slots_s) < 1:
             shown = slots_s if len(slots_s) <= 40 else slots_s[:40] + "..."
             raise UserError(f"{name}:{lineno}: slots must be a positive integer, got {shown!r}")
+        if int(slots_s) > MAX_PROCS_PER_NODE:  # the ranks a host starts when --nproc-per-node is not given
+            raise UserError(
+                f"{name}:{lineno}: slots must be <= {MAX_PROCS_PER_NODE} (ranks on one machine), got {slots_s}"
+            )
         check_host_name(host, f"{name}:{lineno}")
         if host in seen:
             raise UserError(f"{name}:{lineno}: host {host!r} already listed on line {seen[host]}")

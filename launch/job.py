@@ -20,6 +20,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mnemo.launch.torchrun import MAX_NODES, MAX_PROCS_PER_NODE, check_count
 from mnemo.train.errors import UserError
 
 
@@ -81,10 +82,9 @@ def _check_flags(req: LaunchRequest) -> str:
                 raise UserError(f"{flag} needs --slurm")
     if req.max_restarts < 0:
         raise UserError(f"--max-restarts must be >= 0, got {req.max_restarts}")
-    if req.nproc_per_node is not None and req.nproc_per_node < 1:
-        raise UserError(f"--nproc-per-node must be >= 1, got {req.nproc_per_node}")
-    if req.nnodes is not None and req.nnodes < 1:
-        raise UserError(f"--nnodes must be >= 1, got {req.nnodes}")
+    # First: a huge --nproc-per-node was otherwise refused by the memory check, with advice about the config.
+    check_count("--nproc-per-node", req.nproc_per_node, 1, MAX_PROCS_PER_NODE, "ranks on one machine")
+    check_count("--nnodes", req.nnodes, 1, MAX_NODES, "nodes of one job")
     if req.hostfile or req.slurm:
         which = "--hostfile" if req.hostfile else "--slurm"
         for flag, v in (("--nnodes", req.nnodes), ("--node-rank", req.node_rank)):

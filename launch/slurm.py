@@ -41,7 +41,7 @@ from pathlib import Path
 
 from mnemo.data_pipeline.files import atomic_write_text
 from mnemo.launch.env import mnemo_installed, package_root
-from mnemo.launch.torchrun import check_line_safe
+from mnemo.launch.torchrun import MAX_NODES, MAX_PROCS_PER_NODE, check_count, check_line_safe
 from mnemo.train.errors import UserError
 
 # Used with fullmatch: a pattern ending in "$" would also match before a final newline.
@@ -151,10 +151,8 @@ def time_limit_s(text: str) -> int | None:
 
 
 def check_options(o: SlurmOptions) -> None:
-    if o.nodes < 1:
-        raise UserError(f"--nodes must be >= 1, got {o.nodes}")
-    if o.gpus_per_node is not None and o.gpus_per_node < 0:
-        raise UserError(f"--gpus-per-node must be >= 0, got {o.gpus_per_node}")
+    check_count("--nodes", o.nodes, 1, MAX_NODES, "nodes of one job")
+    check_count("--gpus-per-node", o.gpus_per_node, 0, MAX_PROCS_PER_NODE, "GPUs of one machine")
     if o.time is not None:
         limit = time_limit_s(o.time)
         if limit is not None and limit <= o.signal_s:

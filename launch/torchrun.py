@@ -91,9 +91,25 @@ def check_line_safe(key: str, value: str) -> str:
     return value
 
 
+# The most nodes of a job and ranks (or GPUs) of one node that mnemo launch takes: far above any machine or
+# cluster (a node holds up to 8 or 16 GPUs), far below what a slip of the keyboard gives (10**23), which went
+# into torchrun's command line and the sbatch script as it was, or was blamed on the config's memory settings.
+MAX_NODES = 100_000
+MAX_PROCS_PER_NODE = 1024
+
+
+def check_count(flag: str, value: int | None, low: int, high: int, what: str) -> None:
+    """UserError naming ``flag`` unless ``value`` (None: not given) is in [low, high]; ``what`` says what it counts."""
+    if value is None:
+        return
+    if value < low:
+        raise UserError(f"{flag} must be >= {low}, got {value}")
+    if value > high:
+        raise UserError(f"{flag} must be <= {high} ({what}), got {value}")
+
+
 def check_node_args(nnodes: int, node_rank: int, master_port: int, max_restarts: int) -> None:
-    if nnodes < 1:
-        raise UserError(f"--nnodes must be >= 1, got {nnodes}")
+    check_count("--nnodes", nnodes, 1, MAX_NODES, "nodes of one job")
     if not 0 <= node_rank < nnodes:
         raise UserError(f"--node-rank must be in [0, {nnodes - 1}], got {node_rank}")
     if not 1 <= master_port <= 65535:

@@ -507,6 +507,31 @@ def test_bad_flags(ws, capsys, argv, msg):
     assert msg in _fails(capsys, "c.yaml", "--dry-run", *argv)
 
 
+BIG = "9" * 23
+
+
+@pytest.mark.parametrize(
+    "argv, msg",
+    [
+        (["--dry-run", "--slurm", "--nodes", BIG], f"--nodes must be <= 100000 (nodes of one job), got {BIG}"),
+        (["--dry-run", "--slurm", "--nodes", "100001"], "--nodes must be <= 100000 (nodes of one job), got 100001"),
+        (["--dry-run", "--slurm", "--gpus-per-node", "1025"], "--gpus-per-node must be <= 1024 (GPUs of one machine)"),
+        (["--dry-run", "--slurm", "--nproc-per-node", BIG], "--nproc-per-node must be <= 1024 (ranks on one machine)"),
+        # Not a dry run: checked before the memory check, which blamed memory.long.capacity and train.batch_size.
+        ([f"--nproc-per-node={BIG}"], f"--nproc-per-node must be <= 1024 (ranks on one machine), got {BIG}"),
+        (["--nproc-per-node", "1025", "--hostfile", "hosts"], "--nproc-per-node must be <= 1024"),
+        (
+            ["--dry-run", "--nnodes", BIG, "--node-rank", "0", "--master-addr", "h"],
+            f"--nnodes must be <= 100000 (nodes of one job), got {BIG}",
+        ),
+    ],
+)
+def test_huge_node_and_rank_counts_are_refused(ws, capsys, argv, msg):
+    """They went into the sbatch script (#SBATCH --nodes=10**23, --gpus-per-node) and torchrun's command line
+    as given; --nproc-per-node 10**23 without --dry-run was refused with advice to lower memory.long.capacity."""
+    assert _fails(capsys, "c.yaml", *argv).startswith(f"mnemo: error: {msg}")
+
+
 @pytest.mark.parametrize(
     ("arg", "flag", "hint"),
     [

@@ -229,3 +229,11 @@ def test_a_huge_hostfile_is_not_read_whole(tmp_path):
         f.truncate(MAX_HOSTFILE_BYTES + 1)  # sparse: no disk used
     with pytest.raises(UserError, match=r"^hostfile .*hf: 1,048,577 bytes, over the 1,048,576-byte bound"):
         parse_hostfile(hf)
+
+
+def test_slots_above_the_ranks_of_one_machine_are_refused():
+    # Was: 'a slots=999999999' started 999999999 ranks per host without --nproc-per-node.
+    assert parse_hostfile_text("a slots=1024\n", "hf") == [Host("a", 1024, 1)]
+    with pytest.raises(UserError) as e:
+        parse_hostfile_text("a slots=8\nb slots=999999999\n", "hf")
+    assert str(e.value) == "hf:2: slots must be <= 1024 (ranks on one machine), got 999999999"
