@@ -931,9 +931,9 @@ def wrote_run_config(path: Path) -> bool:
             text = first + "\n" + f.read()
     except (OSError, UnicodeDecodeError):
         return False
-    try:
-        tree = yaml.safe_load(text)
-    except yaml.YAMLError:
+    try:  # the config loader's reading: an alias bomb or deep nesting is refused at once, not expanded
+        tree = _load_yaml(text, file=True)
+    except (yaml.YAMLError, ConfigError, RecursionError):
         return False
     # A dump (dataclasses.asdict) has init_from at the top, which hand-written configs leave out, and
     # (allowing for keys added since) most of today's keys ...

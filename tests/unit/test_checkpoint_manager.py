@@ -393,6 +393,27 @@ def test_config_yaml_mnemo_did_not_write_is_refused(tmp_path):
     assert not wrote_config(run / "config.yaml")
 
 
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("kind", ["alias bomb", "deep nesting"])
+def test_a_run_config_yaml_that_is_an_alias_bomb_or_nested_deep_is_refused_at_once(tmp_path, kind):
+    """run.dir/config.yaml was read with plain yaml.safe_load: a 1 KB alias bomb (10 levels of 10 aliases,
+    init_from at the top) hung the start in flatten, 5000-deep nesting was a RecursionError traceback. It is
+    read as config files are (train/config.py _load_yaml): refused at once, so not mnemo's: one line."""
+    from mnemo.train.config import ConfigError
+
+    run = tmp_path / "run"
+    run.mkdir()
+    if kind == "alias bomb":
+        lines = ['init_from: ""', "a0: &a0 {" + ", ".join(f"k{j}: lol" for j in range(10)) + "}"]
+        lines += [f"a{i}: &a{i} {{" + ", ".join(f"k{j}: *a{i - 1}" for j in range(10)) + "}" for i in range(1, 10)]
+        text = "\n".join(lines) + "\n"
+    else:
+        text = 'init_from: ""\nx: ' + "[" * 5000 + "]" * 5000 + "\n"
+    (run / "config.yaml").write_text(text)
+    with pytest.raises(ConfigError, match=r"config.yaml exists and mnemo did not write it"):
+        _check(_cfg(tmp_path, run))
+
+
 def test_an_older_mnemos_config_dump_is_known_by_the_runs_checkpoints(tmp_path):
     """A run of an older mnemo (its config.yaml a dump without the header, holding fewer keys than
     today's 80%) could not be resumed: 'config.yaml exists and mnemo did not write it'. Such a dump is
