@@ -982,6 +982,13 @@ def check_paths(cfg: Config) -> None:
             if why:
                 raise ConfigError(f"{key}: {why}")
             check_shards(key, local)
+    if cfg.data.cache_dir:  # made by each rank at start-up (<cache_dir>/node-<host>): a file there was a traceback
+        from mnemo.train.rundir import run_dir_unusable
+
+        with path_errors("data.cache_dir", ConfigError):
+            why = run_dir_unusable(Path(cfg.data.cache_dir))
+        if why:
+            raise ConfigError(f"data.cache_dir: {_clip(why)}")
     if cfg.data.sources:
         from mnemo.data_pipeline.errors import DataError
         from mnemo.data_pipeline.mixture import check_same_tokenizer

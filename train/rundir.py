@@ -245,7 +245,8 @@ def origin_of(checkpoint: Path) -> str | None:
 
 
 def run_dir_unusable(run_dir: Path) -> str | None:
-    """Why ``run_dir`` cannot hold a run, or None: a directory, or nothing yet (the run makes it).
+    """Why ``run_dir`` cannot hold a run, or None: a directory, or nothing yet (the run makes it). Also the
+    check of data.cache_dir, another folder a run makes (train/config.py check_paths).
 
     os.stat's own error when it cannot be looked at: pathlib's exists() says False for a loop of symbolic
     links and mkdir(exist_ok=True) then raised "File exists", so the run stopped late (after the ranks'

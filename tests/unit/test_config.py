@@ -328,6 +328,23 @@ def test_a_remote_data_tokenizer_is_refused_and_a_file_url_is_its_path(tmp_path)
     assert tokenizer_path(load_config(None, [f"data.path=file://{data}"])) == f"{data}/tokenizer.model"
 
 
+def test_a_data_cache_dir_that_cannot_be_a_folder_is_refused_before_any_rank(tmp_path):
+    """data.cache_dir was never checked: a regular file there was each rank's NotADirectoryError traceback
+    ('cachefile/node-HOST'), after run.dir's config.yaml and run.lock were written; launch --dry-run took it."""
+    from mnemo.train.config import check_paths
+
+    data = _data_dir(tmp_path / "data")
+    (tmp_path / "cachefile").write_text("mine\n")
+    base = [f"data.path={data}", f"run.dir={tmp_path}/r"]
+    for cache, needle in [("cachefile", "is not a directory"), ("cachefile/sub", "Not a directory")]:
+        with pytest.raises(ConfigError) as e:
+            check_paths(load_config(None, [*base, f"data.cache_dir={tmp_path / cache}"]))
+        assert str(e.value).startswith(f"data.cache_dir: {tmp_path / cache}") and needle in str(e.value), str(e.value)
+    assert (tmp_path / "cachefile").read_text() == "mine\n" and not (tmp_path / "r").exists()
+    check_paths(load_config(None, [*base, f"data.cache_dir={tmp_path}/new/cache"]))  # made by the ranks
+    check_paths(load_config(None, [*base, f"data.cache_dir={tmp_path}"]))
+
+
 # --------------------------------------------------------------------------- #
 # The shards index.json lists: checked before any rank starts
 
