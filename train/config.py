@@ -844,6 +844,15 @@ def validate(cfg: Config) -> None:
     need(bool(cfg.run.dir), "run.dir", "must not be empty")
     need(all(d >= 1 for d in cfg.eval.passkey_distances), "eval.passkey_distances", "must be >= 1")
     need(all(d >= 0 for d in cfg.eval.task_distances), "eval.task_distances", "must be >= 0")
+    # Each distance D in use builds whole documents of (D + 1) x T tokens or more (check_passkey_eval_fit builds
+    # one before any rank starts): 10**30 was numpy's "maximum allowed dimension exceeded", 10**8 asked for 95 GiB.
+    ev = cfg.eval
+    in_use = [("train.passkey.max_distance", pk.max_distance)] if pk.fraction > 0 else []  # start_distance: no more
+    if ev.passkey_trials > 0:
+        in_use += [(f"eval.passkey_distances[{i}]", d) for i, d in enumerate(ev.passkey_distances)]
+    if ev.tasks:
+        in_use += [(f"eval.task_distances[{i}]", d) for i, d in enumerate(ev.task_distances)]
+    document_fits(in_use, cfg.model.segment_len)
     need(cfg.eval.task_trials >= 1, "eval.task_trials", "must be >= 1")
     if cfg.eval.tasks:  # the task generators (numpy): imported only when tasks are named
         from mnemo.data_pipeline.errors import DataError
@@ -856,6 +865,22 @@ def validate(cfg: Config) -> None:
             except DataError as e:
                 raise ConfigError(f"eval.tasks[{i}]: {_clip(str(e).splitlines()[0])}") from None
             refuse_repeated_task(names, f"eval.tasks[{i}]")
+
+
+def document_fits(distances: list[tuple[str, int]], segment_len: int) -> None:
+    """ConfigError naming the key of the first (key, D) of ``distances`` whose documents, (D + 1) x segment_len
+    tokens or more, would be over the PASSKEY_MAX_TOKENS of `mnemo prepare --passkey-max-distance`: a passkey
+    or task document is built whole in memory (int64, from as much filler again)."""
+    from mnemo.data_pipeline.limits import PASSKEY_MAX_TOKENS
+
+    for key, d in distances:
+        tokens = (d + 1) * segment_len
+        if tokens > PASSKEY_MAX_TOKENS:
+            raise ConfigError(
+                f"{key}: D = {_brief(d)} with model.segment_len {segment_len} needs documents of (D + 1) x T ="
+                f" {_brief(tokens)} tokens, over the {PASSKEY_MAX_TOKENS:,} a document may hold: lower it or"
+                " model.segment_len"
+            )
 
 
 def refuse_repeated_task(names: list[str], key: str) -> None:

@@ -461,6 +461,41 @@ def test_a_store_that_just_holds_max_distance_segments_is_accepted():
     )
 
 
+@pytest.mark.parametrize(
+    "overrides,key",
+    [
+        (
+            ["eval.passkey_trials=1", "eval.passkey_distances=[1, 1000000000000000000000000000000]"],
+            "eval.passkey_distances[1]",
+        ),
+        (["eval.passkey_trials=1", "eval.passkey_distances=[100000000]"], "eval.passkey_distances[0]"),
+        (["eval.passkey_trials=1", "eval.passkey_distances=[131072]"], "eval.passkey_distances[0]"),
+        (["eval.tasks=[passkey]", "eval.task_distances=[1000000]"], "eval.task_distances[0]"),
+        (
+            ["train.passkey.fraction=0.5", "memory.long.kind=none", "train.passkey.max_distance=1000000"],
+            "train.passkey.max_distance",
+        ),
+    ],
+)
+def test_distances_whose_documents_cannot_be_built_are_refused_before_any_is_built(overrides, key):
+    """eval.passkey_distances had no upper bound: 10**30 was numpy's "Maximum allowed dimension exceeded"
+    traceback (launch --dry-run and train), 10**8 asked numpy for 95 GiB, 10**6 took 29 s and 2 GB, in the
+    pre-flight that builds a whole document. A distance in use is now bounded by (D + 1) x T <= 2**24 tokens,
+    the limit of `mnemo prepare`'s passkey documents, in validate()."""
+    over = ["model.segment_len=128", *overrides]
+    with pytest.raises(ConfigError) as e:
+        load_config("configs/debug.yaml", over)
+    msg = str(e.value)
+    assert msg.startswith(f"override {key}: D = ") and "16,777,216" in msg and "\n" not in msg, msg
+
+
+def test_distances_whose_documents_fit_or_are_not_used_are_accepted():
+    base = ["model.segment_len=128"]
+    load_config("configs/debug.yaml", [*base, "eval.passkey_trials=1", "eval.passkey_distances=[131071]"])
+    load_config("configs/debug.yaml", [*base, "eval.passkey_trials=0", "eval.passkey_distances=[1000000]"])
+    load_config("configs/debug.yaml", [*base, "eval.task_distances=[1000000]"])  # no eval.tasks
+
+
 def test_max_steps_may_be_0_when_a_token_budget_sets_the_steps():
     """Before: 'train.max_steps: must be >= 1', though max_tokens > 0 leaves it unused (train/schedule.py)."""
     from mnemo.train.schedule import total_steps
