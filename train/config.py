@@ -345,9 +345,13 @@ def _field_types(cls) -> dict[str, Any]:
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
-# An integer as the command line writes it: ASCII digits, one optional sign (str.isdigit() also
-# takes "²" and other digits int() refuses; lstrip("+-") took "+-5").
-_INT_TEXT = re.compile(r"[+-]?[0-9]+", re.ASCII)
+# An integer as the command line writes it: ASCII digits, maybe grouped by "_" (as YAML and int() read them),
+# one optional sign (str.isdigit() also takes "²" and other digits int() refuses; lstrip("+-") took "+-5").
+_INT_TEXT = re.compile(r"[+-]?[0-9]+(_[0-9]+)*", re.ASCII)
+# Number text that YAML 1.1 reads in another base, which int()/float() on the command line read otherwise or
+# not at all: 010 (octal 8; int("010") is 10), 0b11, 0x10, 0o10, and base 60 (1:30 is 90, 1:30.0 is 90.0).
+# Refused in a number field wherever written, so that one text has one meaning.
+_NOT_DECIMAL = re.compile(r"[+-]?(0[0-9_]+|0[bBoOxX][0-9a-fA-F_]*|[0-9][0-9_]*(:[0-9_]*)+(\.[0-9_]*)?)", re.ASCII)
 
 
 def _number(value: Any) -> float | None:
@@ -536,6 +540,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
             return False
         raise ConfigError(f"{key}: expected true/false, got {_brief(value)}")
+    text = getattr(value, "text", value)  # a YAML number's text as written, or a command-line value
+    if tp in (int, float) and isinstance(text, str) and _NOT_DECIMAL.fullmatch(text.strip()):
+        raise ConfigError(
+            f"{key}: {_brief(text)} is not a decimal number (YAML 1.1 reads a leading 0 as octal, 0b/0x as binary/"
+            "hex and 1:30 as base 60): write the number in decimal"
+        )
     if tp is int:
         if isinstance(value, bool):
             raise ConfigError(f"{key}: expected an integer, got {_brief(value)}")

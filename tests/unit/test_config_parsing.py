@@ -244,10 +244,39 @@ def test_a_number_written_unquoted_for_a_string_field_stays_the_text_written(tmp
 
 def test_numbers_for_number_fields_are_still_numbers(tmp_path):
     p = tmp_path / "c.yaml"
-    p.write_text("train:\n  seed: 0x10\n  lr: 1.5e-3\n  max_steps: 1_000\n")
+    p.write_text("train:\n  seed: 16\n  lr: 1.5e-3\n  max_steps: 1_000\n")
     tc = load_config(p).train
     assert (tc.seed, tc.lr, tc.max_steps) == (16, 1.5e-3, 1000)
     assert type(tc.seed) is int and type(tc.lr) is float  # plain numbers: the config dumps as YAML
+
+
+_IN_FILE = {
+    "train.max_steps": "train:\n  max_steps: {}\n",
+    "train.lr": "train:\n  lr: {}\n",
+    "memory.long.layers": "memory:\n  long:\n    layers: [{}]\n",
+}
+
+
+@pytest.mark.parametrize("text", ["010", "0123", "09", "00", "1:30", "1:30.0", "0b11", "0x10", "0o10", "-010"])
+@pytest.mark.parametrize("key", list(_IN_FILE))
+def test_number_text_yaml_reads_in_another_base_is_refused_in_the_file_and_on_the_command_line(tmp_path, text, key):
+    """YAML 1.1 read max_steps: 010 in a file as 8 (octal), train.max_steps=010 on the command line was 10; the
+    file also took 1:30 (90, base 60), 0b11, 0x10, 0123, the command line refused some of them, and a list
+    override memory.long.layers=[010] read 8. One text, one meaning: a number field takes decimal text only."""
+    p = tmp_path / "c.yaml"
+    p.write_text(_IN_FILE[key].format(text))
+    value = f"[{text}]" if key == "memory.long.layers" else text
+    where = f"{key}[0]" if key == "memory.long.layers" else key
+    for msg in (_error(path=p), _error([f"{key}={value}"])):
+        assert f"{where}: {text!r} is not a decimal number" in msg and "write the number in decimal" in msg, msg
+
+
+@pytest.mark.parametrize("text,number", [("10", 10), ("+10", 10), ("1_000", 1000), ("0", 0), ("-0", 0)])
+def test_decimal_number_text_reads_the_same_in_the_file_and_on_the_command_line(tmp_path, text, number):
+    p = tmp_path / "c.yaml"
+    p.write_text(f"eval:\n  max_docs: {text}\n  task_distances: [{text}]\n")
+    for cfg in (load_config(p), load_config(None, [f"eval.max_docs={text}", f"eval.task_distances=[{text}]"])):
+        assert (cfg.eval.max_docs, cfg.eval.task_distances) == (number, [number])
 
 
 @pytest.mark.parametrize("text", ["yes", "no", "on", "off", "true", "False"])
