@@ -720,6 +720,32 @@ def _dotted_keys(tree: dict, prefix: str = "") -> list[str]:
 MAX_BPTT_SEGMENTS = 1024
 
 
+# The largest whole number any key takes (train.seed aside: [0, 2**64)): a C int64, what torch, numpy and the
+# schedule's float arithmetic take. 1 followed by 400 zeros passed validation and was an OverflowError in a rank
+# (train.max_tokens in the schedule, train.spike.window as a float), after run.dir was written to.
+MAX_INT = 2**63 - 1
+
+
+def int_values(cfg: Any, prefix: str = "") -> list[tuple[str, int]]:
+    """(dotted key, value) of every whole number of ``cfg`` (a Config or one of its sections), list items and
+    the items of lists of sections (data.sources) included: ``memory.long.layers[0]``."""
+    out: list[tuple[str, int]] = []
+    for name, tp in _field_types(type(cfg)).items():
+        key, value = f"{prefix}{name}", getattr(cfg, name)
+        if dataclasses.is_dataclass(tp):
+            out += int_values(value, key + ".")
+        elif tp is int:
+            out.append((key, value))
+        elif typing.get_origin(tp) is list:
+            (item_tp,) = typing.get_args(tp)
+            for i, item in enumerate(value):
+                if dataclasses.is_dataclass(item_tp):
+                    out += int_values(item, f"{key}[{i}].")
+                elif item_tp is int:
+                    out.append((f"{key}[{i}]", item))
+    return out
+
+
 def validate(cfg: Config) -> None:
     """Range and consistency checks that need no files."""
     from mnemo.model.sizes import MAX_COUNT, SIZES, arg_problem, count_problem
@@ -732,6 +758,10 @@ def validate(cfg: Config) -> None:
         problem = count_problem(value, low, high, why)
         need(problem is None, key, problem or "")
 
+    # First: the checks below compute with these and quote them (a key's own, tighter bound is named from there up).
+    for key, value in int_values(cfg):
+        if key != "train.seed":  # its own range, below
+            count(key, value, -MAX_INT, MAX_INT)
     need(cfg.model.size in SIZES, "model.size", f"unknown size {_brief(cfg.model.size)} (known: {', '.join(SIZES)})")
     count("model.segment_len", cfg.model.segment_len, 1, MAX_COUNT)
     # The model's numbers: the bounds ModelArgs checks in a model_args.json (model/sizes.py ARG_RANGES).

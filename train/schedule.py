@@ -4,7 +4,6 @@ many steps a run makes (train.max_steps or train.max_tokens) of what global batc
 from __future__ import annotations
 
 import dataclasses
-import math
 import signal
 import sys
 import time
@@ -110,7 +109,7 @@ def total_steps(cfg: Config, global_batch: int) -> int:
     """The run's optimizer steps: ceil(train.max_tokens / tokens per step) when a token budget is set,
     else train.max_steps. The LR schedule ends there and so does the loop."""
     if cfg.train.max_tokens > 0:
-        return max(1, math.ceil(cfg.train.max_tokens / tokens_per_step(cfg, global_batch)))
+        return max(1, -(-cfg.train.max_tokens // tokens_per_step(cfg, global_batch)))  # exact: no float to overflow
     return cfg.train.max_steps
 
 

@@ -465,7 +465,7 @@ def test_a_store_that_just_holds_max_distance_segments_is_accepted():
     "overrides,key",
     [
         (
-            ["eval.passkey_trials=1", "eval.passkey_distances=[1, 1000000000000000000000000000000]"],
+            ["eval.passkey_trials=1", "eval.passkey_distances=[1, 1000000000000000000]"],
             "eval.passkey_distances[1]",
         ),
         (["eval.passkey_trials=1", "eval.passkey_distances=[100000000]"], "eval.passkey_distances[0]"),
@@ -494,6 +494,36 @@ def test_distances_whose_documents_fit_or_are_not_used_are_accepted():
     load_config("configs/debug.yaml", [*base, "eval.passkey_trials=1", "eval.passkey_distances=[131071]"])
     load_config("configs/debug.yaml", [*base, "eval.passkey_trials=0", "eval.passkey_distances=[1000000]"])
     load_config("configs/debug.yaml", [*base, "eval.task_distances=[1000000]"])  # no eval.tasks
+
+
+_HUGE = "1" + "0" * 400
+
+
+@pytest.mark.parametrize("key", [k for k, tp in NUMERIC_KEYS if tp is int or tp == list[int]])
+def test_a_whole_number_past_int64_is_refused_for_every_integer_key(key):
+    """1 followed by 400 zeros passed validation: train.max_tokens was an OverflowError in the schedule
+    (train/schedule.py), train.spike.window one in train/spikes.py, in a rank, after run.dir was written to."""
+    is_list = key in {k for k, tp in NUMERIC_KEYS if tp == list[int]}
+    for sign in ("", "-"):
+        value = f"[{sign}{_HUGE}]" if is_list else f"{sign}{_HUGE}"
+        with pytest.raises(ConfigError) as e:
+            load_config("configs/debug.yaml", [f"{key}={value}"])
+        msg = str(e.value)
+        where = f"{key}[0]" if is_list else key
+        bound = "must be in [0, 2**64)" if key == "train.seed" else f"must be {'<' if not sign else '>'}= "
+        assert msg.startswith(f"override {where}: {bound}") and len(msg) < 200, msg
+
+
+def test_int64_whole_numbers_are_accepted_and_a_token_budget_of_one_is_exact():
+    from mnemo.train.config import MAX_INT
+    from mnemo.train.schedule import total_steps
+
+    cfg = load_config("configs/debug.yaml", [f"train.max_tokens={MAX_INT}", f"train.spike.window={MAX_INT}"])
+    assert total_steps(cfg, 1) == -(-MAX_INT // (cfg.model.segment_len * cfg.memory.bptt_segments))
+    cfg.train.max_tokens = int(_HUGE)  # past validation's bound: the step count is still exact, not a float
+    assert total_steps(cfg, 1) == -(-int(_HUGE) // (cfg.model.segment_len * cfg.memory.bptt_segments))
+    with pytest.raises(ConfigError, match=r"^override train\.max_tokens: must be <= 9223372036854775807, got 9"):
+        load_config("configs/debug.yaml", [f"train.max_tokens={MAX_INT + 1}"])
 
 
 def test_max_steps_may_be_0_when_a_token_budget_sets_the_steps():
@@ -728,7 +758,8 @@ def test_a_tokenizer_that_loses_only_the_stand_in_filler_passes_the_pass_key_pre
 @pytest.mark.parametrize(
     "override,needle",
     [
-        ("memory.long.capacity=99999999999999999999", "memory.long.capacity: must be <= 2147483647, got 9999"),
+        # Past int64: the bound of every integer key (train/config.py MAX_INT) is named first.
+        ("memory.long.capacity=99999999999999999999", "memory.long.capacity: must be <= 9223372036854775807, got 9999"),
         ("memory.long.capacity=100000000000", "memory.long.capacity: must be <= 2147483647, got 100000000000"),
         ("memory.short.length=99999999999", "memory.short.length: must be <= 2147483647 (0 = off), got 9999"),
         ("model.segment_len=99999999999999", "model.segment_len: must be <= 2147483647, got 99999999999999"),
