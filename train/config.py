@@ -577,7 +577,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, (str, int, float)):
             raise ConfigError(f"{key}: expected a string, got {_brief(value)}")
         # A number written unquoted in the file stays the text written (run.dir: 1:30 is "1:30", not "90").
-        return str(getattr(value, "text", value))
+        text = str(getattr(value, "text", value))
+        if "\0" in text:  # no path, URI or name holds one: os.stat raised a bare "embedded null byte" ValueError
+            raise ConfigError(f"{key}: {_brief(text)} contains a NUL character")
+        return text
     raise ConfigError(f"{key}: unsupported type {tp}")
 
 

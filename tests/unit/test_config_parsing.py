@@ -250,6 +250,49 @@ def test_numbers_for_number_fields_are_still_numbers(tmp_path):
     assert type(tc.seed) is int and type(tc.lr) is float  # plain numbers: the config dumps as YAML
 
 
+def _string_keys() -> list[str]:
+    """Dotted key of every string field (lists of strings included) of the config tree, data.sources' too."""
+    import dataclasses
+    import typing
+
+    from mnemo.train.config import Config
+
+    out = []
+
+    def walk(cls, prefix):
+        for f in dataclasses.fields(cls):
+            tp = typing.get_type_hints(cls)[f.name]
+            if dataclasses.is_dataclass(tp):
+                walk(tp, f"{prefix}{f.name}.")
+            elif typing.get_args(tp) and dataclasses.is_dataclass(typing.get_args(tp)[0]):
+                walk(typing.get_args(tp)[0], f"{prefix}{f.name}[0].")
+            elif tp in (str, list[str]):
+                out.append(f"{prefix}{f.name}")
+
+    walk(Config, "")
+    return out
+
+
+@pytest.mark.parametrize("key", _string_keys())
+def test_a_nul_character_in_any_string_is_refused_naming_the_key(tmp_path, key):
+    """data.path: "a\\0b" was a ValueError traceback (embedded null byte, from os.stat in data_pipeline/paths.py)
+    in launch --dry-run; run.dir alone gave one line. Refused where every string is read, naming the key."""
+    import json
+
+    assert {"data.path", "run.dir", "tracking.uri", "data.sources[0].path", "eval.tasks"} <= set(_string_keys())
+    text = "a\0b"
+    *sections, name = key.replace("[0]", "").split(".")
+    value: object = [text] if key in ("eval.tasks", "train.passkey.tasks") else text
+    tree: dict = {name: value}
+    for section in reversed(sections):
+        tree = {section: [tree] if section == "sources" else tree}
+    p = tmp_path / "c.yaml"
+    p.write_text(json.dumps(tree))  # JSON is YAML: "\u0000" is the NUL
+    msg = _error(path=p)
+    where = f"{key}[0]" if isinstance(value, list) else key
+    assert msg.startswith(f"{p}: {where}: 'a\\x00b' contains a NUL character"), msg
+
+
 _IN_FILE = {
     "train.max_steps": "train:\n  max_steps: {}\n",
     "train.lr": "train:\n  lr: {}\n",
