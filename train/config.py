@@ -24,6 +24,7 @@ from typing import Any, Literal
 import yaml
 
 from mnemo.data_pipeline.errors import brief, clip
+from mnemo.data_pipeline.files import open_regular
 from mnemo.data_pipeline.paths import is_remote, local_path, not_a_dataset_dir
 from mnemo.train.errors import UserError, path_errors
 from mnemo.train.redact import redact_uri
@@ -662,12 +663,12 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
     tree: dict = {}
     if path is not None:
         p = Path(path)
-        with path_errors("config file", ConfigError):
-            if not p.is_file():
-                raise ConfigError(f"config file not found: {p}")
-        try:
-            raw = p.read_bytes()
-        except OSError as e:
+        try:  # open_regular looks first: a directory, FIFO (never waited on) or device (/dev/zero) is named as such
+            with open_regular(p) as f:
+                raw = f.read()
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {p}") from None
+        except OSError as e:  # NotRegularFile's message says what it is ("a directory, not a file")
             raise ConfigError(f"{p}: cannot read: {e.strerror or e}") from None
         try:
             text = raw.decode("utf-8")  # YAML is UTF-8 here, whatever the locale says
@@ -677,13 +678,15 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
                 f"{p}: not UTF-8 text (line {line}: byte 0x{raw[e.start]:02x} at offset {e.start})"
             ) from None
         try:
-            tree = _load_yaml(text, file=True) or {}
+            tree = _load_yaml(text, file=True)
         except yaml.YAMLError as e:
             raise ConfigError(f"{p}: invalid YAML ({_yaml_problem(e, text, file=True)})") from None
         except ConfigError as e:
             raise ConfigError(f"{p}: {e}") from None
+        if tree is None:  # an empty (or comments-only) file: all defaults. 0, false, [] and "" are not empty.
+            tree = {}
         if not isinstance(tree, dict):
-            raise ConfigError(f"{p}: top level must be a mapping")
+            raise ConfigError(f"{p}: top level must be a mapping (section: key: value), got {_brief(tree)}")
     file_keys = set(_dotted_keys(tree))
     given = parse_overrides(overrides or [])
     for k, v in given:

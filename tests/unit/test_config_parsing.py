@@ -106,6 +106,37 @@ def test_an_unreadable_config_is_named(tmp_path):
         p.chmod(0o644)
 
 
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("what", ["a directory", "a FIFO", "/dev/zero"])
+def test_a_config_path_that_is_no_regular_file_says_what_it_is_without_reading_it(tmp_path, what):
+    """A directory, a FIFO or /dev/zero as the config was "config file not found" (is_file() is False for
+    them); it says what it is now, without opening a FIFO (no writer: it would wait for ever)."""
+    p = tmp_path / "c.yaml"
+    if what == "a directory":
+        p.mkdir()
+    elif what == "a FIFO":
+        os.mkfifo(p)
+    else:
+        p = "/dev/zero"
+    needle = {"a directory": "a directory, not a file", "a FIFO": "a FIFO (named pipe), not a regular file"}
+    assert _error(path=p) == f"{p}: cannot read: {needle.get(what, 'a character device, not a regular file')}"
+
+
+@pytest.mark.parametrize("text", ["0", "false", "[]", '""', "42", "some text", "[train]"])
+def test_a_config_file_whose_top_level_is_not_a_mapping_is_refused(tmp_path, text):
+    """0, false, [] and "" were read as an empty config (all defaults, silently) while 42 was refused."""
+    p = tmp_path / "c.yaml"
+    p.write_text(text + "\n")
+    assert _error(path=p).startswith(f"{p}: top level must be a mapping")
+
+
+@pytest.mark.parametrize("text", ["", "\n", "# nothing set yet\n", "---\n"])
+def test_an_empty_or_comments_only_config_file_is_all_defaults(tmp_path, text):
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    assert load_config(p) == load_config(None)
+
+
 def test_a_repeated_section_is_refused_not_merged_or_replaced(tmp_path):
     # Appending "train:\n  max_steps: 7" to a config silently dropped the file's earlier batch_size and lr.
     p = tmp_path / "c.yaml"
