@@ -1059,7 +1059,8 @@ def check_paths(cfg: Config) -> None:
         with path_errors("data.cache_dir", ConfigError):
             why = run_dir_unusable(Path(cfg.data.cache_dir))
         if why:
-            raise ConfigError(f"data.cache_dir: {_clip(why)}")
+            # Cut longer than _clip's 120: the reason comes after the path (two paths when under a file).
+            raise ConfigError(f"data.cache_dir: {clip(redact_uri(why), 600)}")
     if cfg.data.sources:
         from mnemo.data_pipeline.errors import DataError
         from mnemo.data_pipeline.mixture import check_same_tokenizer
