@@ -669,7 +669,8 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
         except FileNotFoundError:
             raise ConfigError(f"config file not found: {p}") from None
         except OSError as e:  # NotRegularFile's message says what it is ("a directory, not a file")
-            raise ConfigError(f"{p}: cannot read: {e.strerror or e}") from None
+            # Named as the key, the path cut (a name too long is the reason: printing it whole buries that).
+            raise ConfigError(f"config file: {clip(redact_uri(str(p)))}: cannot read: {e.strerror or e}") from None
         try:
             text = raw.decode("utf-8")  # YAML is UTF-8 here, whatever the locale says
         except UnicodeDecodeError as e:

@@ -119,7 +119,8 @@ def test_a_config_path_that_is_no_regular_file_says_what_it_is_without_reading_i
     else:
         p = "/dev/zero"
     needle = {"a directory": "a directory, not a file", "a FIFO": "a FIFO (named pipe), not a regular file"}
-    assert _error(path=p) == f"{p}: cannot read: {needle.get(what, 'a character device, not a regular file')}"
+    reason = needle.get(what, "a character device, not a regular file")
+    assert _error(path=p) == f"config file: {p}: cannot read: {reason}"
 
 
 @pytest.mark.parametrize("text", ["0", "false", "[]", '""', "42", "some text", "[train]"])
