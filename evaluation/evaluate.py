@@ -141,7 +141,9 @@ def evaluate(
     the longest passkey or task document for the evaluation (D * T entries for
     a passkey at D) when the trained size is smaller; the size is restored after.
     baseline: a second model (e.g. without memory, segment length
-    ``baseline_segment_len``, default T) read on the same documents.
+    ``baseline_segment_len``, default T) read on the same documents; its
+    losses are bucketed by T (the memory model's buckets), whatever its own
+    segment length.
     Keys: segment_len, num_docs, loss_by_position {bucket: loss},
     loss_by_position_lo/_hi (bootstrap over documents), tokens_by_position,
     loss, bits_per_token, ablations {name: {...}}, memory_minus {"no_ltm" |
@@ -149,7 +151,7 @@ def evaluate(
     passkey_hi (Wilson), passkey_by_depth, passkey_digit_accuracy,
     passkey_answer_loss, passkey_trials, passkey_multikey (when multikey > 0),
     tasks {name: {D: {exact, lo, hi, trials, token_acc, tokens}}}, baseline
-    {loss_by_position, loss, bits_per_token, tasks} (with a baseline),
+    {loss_by_position, loss, bits_per_token, segment_len, tasks} (with a baseline),
     ltm_capacity, seconds; with ``doc_losses`` also doc_loss_sums and
     doc_token_counts {bucket: [per document]} of the memory column (lists:
     for a paired difference against a model evaluated elsewhere). With
@@ -267,10 +269,13 @@ def evaluate(
         t0 = time.perf_counter()
         base_cap = max(ltm_capacity_of(baseline), need) if grow_ltm and ltm_capacity_of(baseline) else None
         with eval_mode(baseline), sized_ltm(baseline, base_cap):
-            base = ablation_table(baseline, docs, Tb, B, ["memory"], progress=progress)["memory"]
+            # Read in its own segments but bucketed by T: its bucket "0" is then the memory model's
+            # [0, T) too (bucketed by Tb it was [0, Tb), printed in the row of [0, T)).
+            base = ablation_table(baseline, docs, Tb, B, ["memory"], progress=progress, bucket_len=T)["memory"]
             result["baseline"] = {k: base[k] for k in ("loss_by_position", "loss", "bits_per_token")}
-            if Tb == T:  # the same buckets: a paired difference per bucket
-                result.setdefault("memory_minus", {})["baseline"] = paired_difference(main, base)
+            result["baseline"]["segment_len"] = Tb
+            # The same documents in the same buckets: a paired difference per bucket, whatever Tb.
+            result.setdefault("memory_minus", {})["baseline"] = paired_difference(main, base)
             if samples:
                 result["baseline"]["tasks"] = score_tasks(baseline, samples, Tb, B, progress=progress)
         seconds["baseline"] = time.perf_counter() - t0

@@ -80,8 +80,14 @@ def _position_losses(
     stm: bool,
     ltm: bool,
     progress: bool = False,
+    bucket_len: int | None = None,
 ) -> tuple[dict[int, float], dict[int, int], dict[int, np.ndarray], dict[int, np.ndarray]]:
     """Summed loss and token count per bucket lower bound, in all and per document ([n_docs] each).
+
+    The documents are read in segments of ``segment_len``; the buckets are those of
+    ``bucket_len`` (default ``segment_len``): a baseline read with another segment
+    length is bucketed by the memory model's, so that a bucket is the same token
+    positions in both (``ablation_table``).
 
     B slots read documents in order; a slot that finishes its document takes
     the next one and its memory is reset. The tail segment of a document is
@@ -141,7 +147,7 @@ def _position_losses(
             .cpu()
             .numpy()
         )
-        lower = bucket_lower(pos[valid], T)
+        lower = bucket_lower(pos[valid], int(bucket_len or T))
         vals = nll[valid]
         which = np.broadcast_to(np.asarray(slot_doc, dtype=np.int64)[:, None], (B, T))[valid]  # document of each
         for lo in np.unique(lower):
@@ -201,13 +207,16 @@ def ablation_table(
     batch_size: int,
     names: Sequence[str] = tuple(ABLATIONS),
     progress: bool = False,
+    bucket_len: int | None = None,
 ) -> dict[str, dict[str, Any]]:
     """{ablation: {"loss_by_position", "tokens_by_position", "loss", "bits_per_token", "tokens",
     "doc_loss_sums", "doc_token_counts"}}: the last two {bucket: [n_docs] array} per document (not JSON).
 
     Memory the architecture does not have cannot be switched off, so
     configurations that coincide (e.g. "no_ltm" of a model without LTM) are
-    computed once and share the result.
+    computed once and share the result. ``bucket_len`` (default ``segment_len``):
+    the segment length whose buckets the positions fall in, e.g. the memory
+    model's for a baseline read with another segment length.
     """
     has_stm, has_ltm = _has_memory(model)
     done: dict[tuple[bool, bool], dict[str, Any]] = {}
@@ -216,7 +225,9 @@ def ablation_table(
         stm, ltm = ABLATIONS[name]
         key = (stm and has_stm, ltm and has_ltm)
         if key not in done:
-            done[key] = _summarize(*_position_losses(model, docs, segment_len, batch_size, key[0], key[1], progress))
+            done[key] = _summarize(
+                *_position_losses(model, docs, segment_len, batch_size, key[0], key[1], progress, bucket_len)
+            )
         out[name] = done[key]
     return out
 

@@ -422,6 +422,47 @@ def test_evaluate_tasks_intervals_and_baseline(tok, corpus, tmp_path):
     assert [Path(p).name for p in plots(res, tmp_path)][-1] == "tasks_accuracy.png"
 
 
+class SegmentOnlyCounting(CountingModel):
+    """CountingModel without memory whatever the flags: loss = 1 + (p mod its segment length)."""
+
+    def init_state(self, batch_size, stm=True, ltm=True, device=None, dtype=None):
+        return super().init_state(batch_size, stm=False, ltm=False)
+
+
+@pytest.mark.parametrize("Tb", [2, 8])
+def test_a_baseline_of_another_segment_length_is_bucketed_by_the_models(Tb):
+    """A baseline read in segments of Tb != T was bucketed by Tb: its bucket "0" ([0, Tb)) was printed in the
+    row of [0, T) and its other keys were rows of their own (the JSON's keys meant other positions for it)."""
+    T = 4
+    docs = [np.arange(n) % V for n in (33, 21, 14)]  # predictions at p = 0..n-2
+    res = evaluate(
+        CountingModel(),
+        None,
+        docs,
+        _cfg(T),
+        passkey=False,
+        baseline=SegmentOnlyCounting(),
+        baseline_segment_len=Tb,
+    )
+    base = res["baseline"]
+    assert base["segment_len"] == Tb
+    assert list(base["loss_by_position"]) == list(res["loss_by_position"]) == ["0", "4", "8", "16"]
+    for k, v in base["loss_by_position"].items():  # hand-computed: the tokens at p in T's bucket k
+        p = np.concatenate([np.arange(n - 1) for n in (33, 21, 14)])
+        p = p[bucket_lower(p, T) == int(k)]
+        assert v == pytest.approx(float(np.mean(1 + p % Tb)), abs=LOSS_TOL)
+    # The same documents and tokens per bucket: a paired difference in every bucket.
+    diff = res["memory_minus"]["baseline"]
+    assert list(diff) == list(res["loss_by_position"])
+    for k, d in diff.items():
+        assert d["diff"] == pytest.approx(res["loss_by_position"][k] - base["loss_by_position"][k], abs=LOSS_TOL)
+    rows = [line.split() for line in format_table(res).splitlines()[2:6]]
+    assert [r[:2] for r in rows] == [["[0,", "4)"], ["[4,", "8)"], ["[8,", "16)"], ["[16,", "32)"]]
+    assert [float(r[7]) for r in rows] == pytest.approx(  # the baseline column
+        [base["loss_by_position"][k] for k in ("0", "4", "8", "16")], abs=1e-4
+    )
+
+
 def test_task_documents_are_seeded_per_task(tok, corpus):
     from mnemo.evaluation.task_eval import task_rng, task_samples, task_specs
 
