@@ -198,9 +198,11 @@ def rows_of(entries: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def format_rows(rows: list[dict[str, Any]], label) -> list[str]:
+    from mnemo.evaluation.report import interval_text
+
     def ci(v: float, lo: float | None, hi: float | None, signed: bool = False) -> str:
         f = "{:+.3f}" if signed else "{:.3f}"
-        return f"{f.format(v)} [{f.format(lo)}, {f.format(hi)}]" if lo is not None else f.format(v)
+        return f"{f.format(v)} {interval_text(lo, hi, f)}" if lo is not None else f.format(v)
 
     out = []
     for r in rows:
@@ -303,7 +305,9 @@ def main(argv: list[str] | None = None) -> int:
             "seconds": {"total": wall, "ablation_table": t_table, "token_kinds": t_kinds},
         }
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
+        from mnemo.evaluation.report import json_ready
+
+        Path(args.json).write_text(json.dumps(json_ready(out), indent=1) + "\n")  # no interval: null
         print(f"wrote {args.json}")
     return 0
 

@@ -35,11 +35,17 @@ N_BOOT = 1000
 
 
 def loss_intervals(entry: dict[str, Any]) -> tuple[dict[str, float], dict[str, float]]:
-    """({bucket: lo}, {bucket: hi}): 95 % bootstrap interval of each bucket's loss, resampling documents."""
+    """({bucket: lo}, {bucket: hi}): 95 % bootstrap interval of each bucket's loss, resampling documents;
+    NaN bounds (no interval) for a bucket with fewer than ``stats.MIN_BOOTSTRAP_UNITS`` documents."""
     lo, hi = {}, {}
     for k, sums in entry.get("doc_loss_sums", {}).items():
         lo[k], hi[k] = bootstrap_ratio_interval(sums, entry["doc_token_counts"][k], n_boot=N_BOOT)
     return lo, hi
+
+
+def docs_by_position(entry: dict[str, Any]) -> dict[str, int]:
+    """{bucket: documents with a token in it}: how many documents each bucket's interval resamples."""
+    return {k: int(np.count_nonzero(v)) for k, v in entry.get("doc_token_counts", {}).items()}
 
 
 def pooled_buckets(entry: dict[str, Any], min_tokens: int, key: str) -> dict[str, Any]:
@@ -55,8 +61,9 @@ def pooled_buckets(entry: dict[str, Any], min_tokens: int, key: str) -> dict[str
 
 
 def paired_difference(a: dict[str, Any], b: dict[str, Any]) -> dict[str, dict[str, float]]:
-    """{bucket: {diff, lo, hi}}: loss of ``a`` minus loss of ``b`` on the same documents, with a paired
-    bootstrap interval (the same resampled documents for both); negative = ``a`` predicts better."""
+    """{bucket: {diff, lo, hi, docs}}: loss of ``a`` minus loss of ``b`` on the same documents, with a paired
+    bootstrap interval (the same resampled documents for both); negative = ``a`` predicts better. ``docs``:
+    the documents in the bucket; lo and hi are NaN (no interval) below ``stats.MIN_BOOTSTRAP_UNITS``."""
     out = {}
     for k, sums in a.get("doc_loss_sums", {}).items():
         sums, counts = np.asarray(sums, dtype=np.float64), np.asarray(a["doc_token_counts"][k], dtype=np.float64)
@@ -66,7 +73,7 @@ def paired_difference(a: dict[str, Any], b: dict[str, Any]) -> dict[str, dict[st
             continue  # not the same tokens in this bucket: no pairing
         diff = sums - other
         lo, hi = bootstrap_ratio_interval(diff, counts, n_boot=N_BOOT)
-        out[k] = {"diff": float(diff.sum() / counts.sum()), "lo": lo, "hi": hi}
+        out[k] = {"diff": float(diff.sum() / counts.sum()), "lo": lo, "hi": hi, "docs": int(np.count_nonzero(counts))}
     return out
 
 
@@ -145,9 +152,10 @@ def evaluate(
     losses are bucketed by T (the memory model's buckets), whatever its own
     segment length.
     Keys: segment_len, num_docs, loss_by_position {bucket: loss},
-    loss_by_position_lo/_hi (bootstrap over documents), tokens_by_position,
+    loss_by_position_lo/_hi (bootstrap over documents; NaN with fewer than 2
+    documents in the bucket), docs_by_position, tokens_by_position,
     loss, bits_per_token, ablations {name: {...}}, memory_minus {"no_ltm" |
-    "baseline": {bucket: {diff, lo, hi}}}, passkey {D: acc}, passkey_lo,
+    "baseline": {bucket: {diff, lo, hi, docs}}}, passkey {D: acc}, passkey_lo,
     passkey_hi (Wilson), passkey_by_depth, passkey_digit_accuracy,
     passkey_answer_loss, passkey_trials, passkey_multikey (when multikey > 0),
     tasks {name: {D: {exact, lo, hi, trials, token_acc, tokens}}}, baseline
@@ -229,6 +237,7 @@ def evaluate(
             loss_by_position=main["loss_by_position"],
             loss_by_position_lo=lo,
             loss_by_position_hi=hi,
+            docs_by_position=docs_by_position(main),
             tokens_by_position=main["tokens_by_position"],
             loss=main["loss"],
             bits_per_token=main["bits_per_token"],

@@ -94,7 +94,8 @@ def passkey_result(
 def flat_metrics(result: dict[str, Any], prefix: str = "eval/") -> dict[str, float]:
     """MLflow-style scalars: eval/loss, eval/loss_pos_512 (+ _lo, _hi), eval/passkey_d8 (+ _lo, _hi),
     eval/no_ltm/loss, eval/no_ltm/diff_pos_512 (+ _lo, _hi: memory - no_ltm), eval/task/<name>/d<D>/exact
-    (+ _lo, _hi), ..."""
+    (+ _lo, _hi), ... A value that is not a finite number is left out (a bucket with too few documents for
+    an interval has no _lo, _hi)."""
     m: dict[str, float] = {}
     for k in ("loss", "bits_per_token"):
         if k in result:
@@ -103,12 +104,12 @@ def flat_metrics(result: dict[str, Any], prefix: str = "eval/") -> dict[str, flo
         m[f"{prefix}loss_pos_{k}"] = float(v)
     for side in ("lo", "hi"):
         for k, v in result.get(f"loss_by_position_{side}", {}).items():
-            m[f"{prefix}loss_pos_{k}_{side}"] = float(v)
+            m[f"{prefix}loss_pos_{k}_{side}"] = float("nan") if v is None else float(v)
     for other, by_bucket in result.get("memory_minus", {}).items():
-        for k, d in by_bucket.items():
+        for k, d in by_bucket.items():  # lo/hi None (JSON) or NaN: no interval, left out below
             m[f"{prefix}{other}/diff_pos_{k}"] = float(d["diff"])
-            m[f"{prefix}{other}/diff_pos_{k}_lo"] = float(d["lo"])
-            m[f"{prefix}{other}/diff_pos_{k}_hi"] = float(d["hi"])
+            m[f"{prefix}{other}/diff_pos_{k}_lo"] = float("nan") if d["lo"] is None else float(d["lo"])
+            m[f"{prefix}{other}/diff_pos_{k}_hi"] = float("nan") if d["hi"] is None else float(d["hi"])
     for name, ab in result.get("ablations", {}).items():
         if name != "memory":
             m[f"{prefix}{name}/loss"] = float(ab["loss"])
@@ -159,19 +160,37 @@ def loss_table(
     return lines
 
 
+def interval_text(lo: float | None, hi: float | None, fmt: str = "{:.3f}") -> str:
+    """ "[lo, hi]" in ``fmt``, or "-" where there is no interval (None or NaN bounds: too few documents)."""
+    if lo is None or hi is None or not (math.isfinite(lo) and math.isfinite(hi)):
+        return "-"
+    return f"[{fmt.format(lo)}, {fmt.format(hi)}]"
+
+
+def _docs_note(n: int | None) -> str:
+    return "" if n is None else f" ({n} doc{'' if n == 1 else 's'})"
+
+
 def interval_columns(table: list[str], result: dict[str, Any], buckets: Sequence[int]) -> None:
     """Append interval columns to the lines of ``loss_table`` (header, then one row per bucket of ``buckets``).
 
     The memory column's 95 % bootstrap interval over documents, then each paired
     difference memory - other of result["memory_minus"] (negative: the memory predicts
-    better; whether the interval excludes 0 says whether these documents show it).
+    better; whether the interval excludes 0 says whether these documents show it). A bucket with
+    too few documents for an interval (``stats.MIN_BOOTSTRAP_UNITS``) shows "-" and its document count.
     """
     extra: list[tuple[str, dict[str, str]]] = []
     lo, hi = result.get("loss_by_position_lo", {}), result.get("loss_by_position_hi", {})
+    docs = result.get("docs_by_position", {})
+
+    def ci(lo: float | None, hi: float | None, n: int | None, fmt: str) -> str:
+        text = interval_text(lo, hi, fmt)
+        return text + _docs_note(n) if text == "-" else text
+
     if lo:
-        extra.append(("memory 95% CI", {k: f"[{lo[k]:.3f}, {hi[k]:.3f}]" for k in lo}))
+        extra.append(("memory 95% CI", {k: ci(lo[k], hi.get(k), docs.get(k), "{:.3f}") for k in lo}))
     for other, by_bucket in result.get("memory_minus", {}).items():
-        cells = {k: f"{d['diff']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}]" for k, d in by_bucket.items()}
+        cells = {k: f"{d['diff']:+.3f} {ci(d['lo'], d['hi'], d.get('docs'), '{:+.3f}')}" for k, d in by_bucket.items()}
         extra.append((f"mem - {other} [95% CI]", cells))
     if not extra:
         return

@@ -4,7 +4,10 @@ An accuracy of k right out of n trials is reported with its Wilson score
 interval, which stays inside [0, 1] and is not degenerate at 0 or n right
 (the normal approximation gives [0, 0] for 0/100; Wilson gives [0, 0.037]).
 A mean of per-sample values that are not 0/1 (answer loss, fraction of answer
-tokens right) gets a percentile bootstrap interval.
+tokens right) gets a percentile bootstrap interval; with fewer than
+MIN_BOOTSTRAP_UNITS units it gets none (NaN bounds): every resample of one
+unit is that unit, a zero-width "interval" that would read as certainty
+(a difference of one document "excluding 0").
 """
 
 from __future__ import annotations
@@ -13,6 +16,11 @@ import math
 from collections.abc import Sequence
 
 import numpy as np
+
+# The fewest units (documents, samples) a bootstrap interval is given for; below it the bounds are NaN.
+MIN_BOOTSTRAP_UNITS = 2
+
+NO_INTERVAL = (float("nan"), float("nan"))
 
 
 def wilson_interval(successes: int, trials: int, z: float = 1.96) -> tuple[float, float]:
@@ -39,7 +47,8 @@ def bootstrap_mean_interval(
     """(lo, hi) percentile bootstrap interval of the mean of ``values``: deterministic for a seed.
 
     ``n_boot`` resamples with replacement, each as large as ``values``; the
-    bounds are the (1 - level) / 2 and (1 + level) / 2 quantiles of their means.
+    bounds are the (1 - level) / 2 and (1 + level) / 2 quantiles of their means;
+    (nan, nan) for fewer than MIN_BOOTSTRAP_UNITS values (no interval).
     Raises ValueError for no values, a non-finite value, n_boot < 1 or level outside (0, 1).
     """
     x = np.asarray(values, dtype=np.float64).reshape(-1)
@@ -51,6 +60,8 @@ def bootstrap_mean_interval(
         raise ValueError(f"bootstrap_mean_interval: n_boot must be >= 1, got {n_boot}")
     if not 0.0 < level < 1.0:
         raise ValueError(f"bootstrap_mean_interval: level must be in (0, 1), got {level}")
+    if x.size < MIN_BOOTSTRAP_UNITS:
+        return NO_INTERVAL
     rng = np.random.default_rng(seed)
     means = np.empty(n_boot)
     rows = max(1, 4_000_000 // x.size)  # resamples per block: at most ~32 MB of indices at once
@@ -74,7 +85,8 @@ def bootstrap_ratio_interval(
     tokens / the document's token count): whole units are resampled, so the
     interval reflects the variation between documents, not between tokens.
     A paired difference of two such means over the same units is the ratio
-    of the numerator differences. Units with a zero denominator are dropped.
+    of the numerator differences. Units with a zero denominator are dropped;
+    fewer than MIN_BOOTSTRAP_UNITS units left gives (nan, nan) (no interval).
     Raises ValueError for mismatched lengths, no unit left, a non-finite
     value, n_boot < 1 or level outside (0, 1).
     """
@@ -92,6 +104,8 @@ def bootstrap_ratio_interval(
         raise ValueError(f"bootstrap_ratio_interval: n_boot must be >= 1, got {n_boot}")
     if not 0.0 < level < 1.0:
         raise ValueError(f"bootstrap_ratio_interval: level must be in (0, 1), got {level}")
+    if num.size < MIN_BOOTSTRAP_UNITS:
+        return NO_INTERVAL
     rng = np.random.default_rng(seed)
     ratios = np.empty(n_boot)
     rows = max(1, 4_000_000 // num.size)  # resamples per block, as bootstrap_mean_interval

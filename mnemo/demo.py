@@ -381,7 +381,9 @@ def run_demo(
     summary["targets"] = targets(summary)
     summary["seconds"]["total"] = time.time() - t_start
     path = out / "summary.json"
-    path.write_text(json.dumps(summary, indent=1) + "\n")
+    from mnemo.evaluation.report import json_ready
+
+    path.write_text(json.dumps(json_ready(summary), indent=1) + "\n")  # strict JSON: no interval is null
 
     echo("")
     echo(side_by_side(summary))

@@ -235,7 +235,7 @@ def targets(summary: dict[str, Any]) -> dict[str, Any]:
 
 def side_by_side(summary: dict[str, Any]) -> str:
     """The demo's table: loss by position (memory ablations and baseline), passkey accuracy by D."""
-    from mnemo.evaluation.report import interval_columns, loss_table
+    from mnemo.evaluation.report import interval_columns, interval_text, loss_table
 
     T = summary["segment_len"]
     mem, base = summary["memory"], summary["baseline"]
@@ -262,7 +262,8 @@ def side_by_side(summary: dict[str, Any]) -> str:
     row = f"{f'>= {4 * T} (4T)':<18}{'':>8}{lm:>11.4f}" + f"{'':>11}" * (len(cols) - 2) + f"{lb:>11.4f}"
     d = mem.get("loss_ge_4T_minus_baseline")
     if d:
-        row += f"   memory - baseline {d['diff']:+.4f} [95% CI {d['lo']:+.4f}, {d['hi']:+.4f}]"
+        ci = interval_text(d["lo"], d["hi"], "{:+.4f}")  # "-": too few documents for an interval
+        row += f"   memory - baseline {d['diff']:+.4f} 95% CI {ci}"
     lines.append(row)
     if mem.get("passkey"):
         cap = mem.get("ltm_capacity", "?")

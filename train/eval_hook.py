@@ -46,7 +46,7 @@ def run_eval(cfg: Config, module, source, tok_file: str, tracker, step: int, ran
     from mnemo.data_pipeline.errors import DataError
     from mnemo.data_pipeline.tokenizer import Tokenizer
     from mnemo.evaluation.evaluate import evaluate
-    from mnemo.evaluation.report import flat_metrics, plots
+    from mnemo.evaluation.report import flat_metrics, json_ready, plots
     from mnemo.evaluation.task_eval import task_specs
 
     docs = heldout_docs(source, cfg)
@@ -87,7 +87,8 @@ def run_eval(cfg: Config, module, source, tok_file: str, tracker, step: int, ran
             log.warning("eval.tasks: %s left out: %s", name, why)
         out = Path(cfg.run.dir) / "eval" / f"step_{step:08d}"
         out.mkdir(parents=True, exist_ok=True)
-        (out / "eval.json").write_text(json.dumps(result, indent=1))
+        # Strict JSON: a bucket with too few documents for an interval has NaN bounds (null here).
+        (out / "eval.json").write_text(json.dumps(json_ready(result), indent=1))
         tracker.log_artifact(str(out / "eval.json"), f"eval/step_{step:08d}")
         try:
             for png in plots(result, str(out)):

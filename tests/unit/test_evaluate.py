@@ -408,7 +408,7 @@ def test_evaluate_tasks_intervals_and_baseline(tok, corpus, tmp_path):
     assert set(res["memory_minus"]) == {"no_ltm", "baseline"}
     later = res["memory_minus"]["baseline"][str(T)]  # [T, 2T): the copier with memory sees the first segment
     assert later["lo"] <= later["diff"] <= later["hi"] < 0
-    assert res["memory_minus"]["baseline"]["0"] == {"diff": 0.0, "lo": 0.0, "hi": 0.0}  # segment 0: no memory yet
+    assert res["memory_minus"]["baseline"]["0"] == {"diff": 0.0, "lo": 0.0, "hi": 0.0, "docs": 4}  # no memory yet
     text = format_table(res)
     lo, hi = yes
     assert f"1.000 [{lo:.3f}, {hi:.3f}]" in text and f"0.000 [{no[0]:.3f}, {no[1]:.3f}]" in text
@@ -461,6 +461,37 @@ def test_a_baseline_of_another_segment_length_is_bucketed_by_the_models(Tb):
     assert [float(r[7]) for r in rows] == pytest.approx(  # the baseline column
         [base["loss_by_position"][k] for k in ("0", "4", "8", "16")], abs=1e-4
     )
+
+
+def test_a_bucket_of_one_document_has_no_interval(tmp_path):
+    """A bucket only one document reaches had a zero-width "95% CI" ([4.023, 4.023]) and paired differences with
+    lo == hi == diff ("excludes 0"): now no interval (NaN; null in JSON, "-" and the document count in the table,
+    no MLflow _lo/_hi), the other buckets as before."""
+    from mnemo.evaluation.report import json_ready
+
+    docs = [np.arange(n) % V for n in (33, 9, 9)]  # p = 0..31 in the first, 0..7 in the others; T = 4
+    res = evaluate(CountingModel(), None, docs, _cfg(4), passkey=False, baseline=SegmentOnlyCounting())
+    assert res["docs_by_position"] == {"0": 3, "4": 3, "8": 1, "16": 1}
+    for k in ("0", "4"):
+        assert res["loss_by_position_lo"][k] <= res["loss_by_position"][k] <= res["loss_by_position_hi"][k]
+    for k in ("8", "16"):
+        assert math.isnan(res["loss_by_position_lo"][k]) and math.isnan(res["loss_by_position_hi"][k])
+        for other in ("no_ltm", "baseline"):
+            d = res["memory_minus"][other][k]
+            assert d["docs"] == 1 and math.isnan(d["lo"]) and math.isnan(d["hi"]) and math.isfinite(d["diff"])
+    assert res["memory_minus"]["baseline"]["4"]["docs"] == 3
+    strict = json.loads(json.dumps(json_ready(res), allow_nan=False))
+    assert strict["loss_by_position_hi"]["16"] is None and strict["memory_minus"]["baseline"]["16"]["lo"] is None
+    text = format_table(res)
+    assert "nan" not in text
+    row = next(line for line in text.splitlines() if line.startswith("[16, 32)"))
+    assert row.count("- (1 doc)") == 3  # the memory interval and both differences
+    assert next(line for line in text.splitlines() if line.startswith("[4, 8)")).count("[") == 4
+    for r in (res, strict):  # a result, or its JSON read back
+        m = flat_metrics(r)
+        assert "eval/loss_pos_16" in m and "eval/loss_pos_16_lo" not in m and "eval/baseline/diff_pos_16_hi" not in m
+        assert "eval/loss_pos_4_lo" in m and "eval/baseline/diff_pos_4_lo" in m
+    assert [Path(p).name for p in plots(res, tmp_path)] == ["loss_by_position.png"]
 
 
 def test_task_documents_are_seeded_per_task(tok, corpus):
@@ -809,12 +840,16 @@ def test_paired_difference_of_pooled_buckets_across_processes():
         "doc_token_counts": mem["doc_token_counts"],
     }
     d = paired_difference(mem, base)
-    assert d["0"] == {"diff": 0.0, "lo": 0.0, "hi": 0.0}
-    assert d["128"]["diff"] == pytest.approx(-0.5) and d["128"]["lo"] == pytest.approx(-0.5)  # -1 per token in both
+    assert d["0"] == {"diff": 0.0, "lo": 0.0, "hi": 0.0, "docs": 3}
+    assert (
+        d["128"]["docs"] == 2 and d["128"]["diff"] == pytest.approx(-0.5) and d["128"]["lo"] == pytest.approx(-0.5)
+    )  # -1 per token in both
     pooled = pooled_buckets(mem, 512, "512")
     assert pooled["doc_token_counts"]["512"].tolist() == [7, 4, 4]
     both = paired_difference(pooled, pooled_buckets(base, 512, "512"))["512"]
-    assert both == pytest.approx({"diff": -1.0, "lo": -1.0, "hi": -1.0})  # (30 - 45) / 15, -1 in every document
+    assert both == pytest.approx(
+        {"diff": -1.0, "lo": -1.0, "hi": -1.0, "docs": 3}
+    )  # (30 - 45) / 15, -1 in every document
     # The demo: the difference goes into the memory result, the per-document figures are left out of it.
     res = merge_results([{**mem, "passkey": {"1": 1.0}, "passkey_lo": {"1": 0.5}, "loss_by_position": {}}], [1])
     assert res["passkey_lo"] == {"1": 0.5}

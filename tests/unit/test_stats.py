@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
-from mnemo.evaluation.stats import bootstrap_mean_interval, bootstrap_ratio_interval, wilson_interval
+from mnemo.evaluation.stats import (
+    MIN_BOOTSTRAP_UNITS,
+    bootstrap_mean_interval,
+    bootstrap_ratio_interval,
+    wilson_interval,
+)
 
 
 @pytest.mark.parametrize(
@@ -60,7 +67,7 @@ def test_bootstrap_deterministic_and_edge_cases():
     assert bootstrap_mean_interval(x, seed=3) == bootstrap_mean_interval(list(x), seed=3)
     assert bootstrap_mean_interval(x, seed=3) != bootstrap_mean_interval(x, seed=4)
     assert bootstrap_mean_interval([2.5] * 10) == (2.5, 2.5)
-    assert bootstrap_mean_interval([1.0]) == (1.0, 1.0)
+    assert all(math.isnan(b) for b in bootstrap_mean_interval([1.0]))  # one value: no interval (was (1, 1))
     # blocks of resamples (a long input) give the same interval as one block would
     big = np.random.default_rng(5).random(50_000)
     lo, hi = bootstrap_mean_interval(big, n_boot=200)
@@ -107,6 +114,17 @@ def test_bootstrap_ratio_weights_units_by_size_and_drops_empty_ones():
     assert bootstrap_ratio_interval(num, den, n_boot=500) == (lo, hi)  # deterministic for a seed
     # paired differences of two losses over the same units: a constant shift is exact
     assert bootstrap_ratio_interval(num - (num - 0.5 * den), den) == pytest.approx((0.5, 0.5), abs=1e-12)
+
+
+def test_bootstrap_ratio_of_one_unit_is_no_interval():
+    """One document was a zero-width "95 % CI" ([4.023, 4.023] for a bucket only one document reaches; a paired
+    difference of one document had lo == hi == diff, which reads as "excludes 0"): now NaN bounds."""
+    assert MIN_BOOTSTRAP_UNITS == 2
+    for num, den in (([30.0], [10.0]), ([30.0, 5.0], [10.0, 0.0])):  # one unit, or one left with tokens
+        lo, hi = bootstrap_ratio_interval(num, den)
+        assert math.isnan(lo) and math.isnan(hi)
+    lo, hi = bootstrap_ratio_interval([30.0, 10.0], [10.0, 10.0])  # two units: an interval
+    assert 1.0 <= lo < hi <= 3.0
 
 
 @pytest.mark.parametrize(
