@@ -273,12 +273,14 @@ def format_table(result: dict[str, Any]) -> str:
 
 def task_table(tasks: dict[str, dict[str, dict]], baseline: dict[str, dict[str, dict]] | None = None) -> list[str]:
     """Long-context tasks as text lines: task, D, tokens (longest document), exact match [95 % Wilson
-    interval] and per-token accuracy of the memory model, and of the baseline when given."""
+    interval] and token accuracy (each document's fraction of answer tokens right, averaged over the documents:
+    a document counts once whatever its answer's length) of the memory model, and of the baseline when given."""
     trials = sorted({c["trials"] for by_d in tasks.values() for c in by_d.values()})
     width = max([len("task"), *(len(n) for n in tasks)]) + 2
     lines = [
         f"long-context tasks: exact match of greedy decoding [95% Wilson interval] "
-        f"({'/'.join(map(str, trials))} trials per cell; tok acc = per-token argmax accuracy)",
+        f"({'/'.join(map(str, trials))} trials per cell; tok acc = fraction of answer tokens whose argmax is right, "
+        f"averaged over documents)",
         f"{'task':<{width}}{'D':>5}{'tokens':>8}{'memory exact [lo, hi]':>26}{'tok acc':>9}"
         + (f"{'baseline exact [lo, hi]':>26}{'tok acc':>9}" if baseline else ""),
     ]

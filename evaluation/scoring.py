@@ -364,7 +364,8 @@ def score_teacher_forced(
 
 
 def cell_stats(samples: Sequence[dict], preds: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """(exact match [n] bool, fraction of answer tokens right [n])."""
+    """(exact match [n] bool, fraction of answer tokens right [n]): per document; callers average them over the
+    documents (each counts once, whatever its answer's length)."""
     exact, digit = [], []
     for s, p in zip(samples, preds):
         a0, n = int(s["answer_start"]), int(s["answer_len"])
@@ -426,8 +427,8 @@ def passkey_report(
     it in one pass over each document (see score_teacher_forced), "greedy"
     runs the decoding loop (slower; same exact match).
     Returns {"accuracy": {D: acc}, "by_depth": {D: {depth: acc}},
-    "digit_accuracy": {D: fraction of answer tokens whose argmax is right
-    (teacher-forced; chance 0.1)}, "answer_loss": {D: nats per answer token}
+    "digit_accuracy": {D: fraction of answer tokens whose argmax is right, per
+    document, averaged over the documents (teacher-forced; chance 0.1)}, "answer_loss": {D: nats per answer token}
     (teacher-forced only), "trials": n, "exact_count": {D: documents answered exactly}}.
     """
     if decode not in ("teacher_forced", "greedy"):

@@ -4,8 +4,10 @@ Each task draws its documents from its own generator, seeded by (seed, D,
 crc32 of the task name): adding or removing a task never changes another's
 documents, and a memory model and its baseline read the same ones. Exact
 match is that of greedy decoding, computed teacher-forced in one pass
-(``scoring.score_teacher_forced``); ``token_acc`` is the fraction of answer
-tokens whose argmax is right.
+(``scoring.score_teacher_forced``); ``token_acc`` is each document's fraction
+of answer tokens whose argmax is right, averaged over the documents (a
+document counts once whatever its answer's length; not the pooled fraction
+of all answer tokens).
 """
 
 from __future__ import annotations
@@ -120,7 +122,8 @@ def score_tasks(
 ) -> dict[str, dict[str, dict[str, float]]]:
     """{task: {D: {exact, lo, hi, trials, token_acc, tokens}}}.
 
-    lo, hi: the 95 % Wilson interval of exact; tokens: the longest document. ``progress``: a bar over the
+    lo, hi: the 95 % Wilson interval of exact; token_acc: the mean over documents of each one's fraction of
+    answer tokens right (``scoring.cell_stats``); tokens: the longest document. ``progress``: a bar over the
     segments to read (log lines when stderr is not a terminal).
     """
     out: dict[str, dict[str, dict[str, float]]] = {}

@@ -494,6 +494,21 @@ def test_a_bucket_of_one_document_has_no_interval(tmp_path):
     assert [Path(p).name for p in plots(res, tmp_path)] == ["loss_by_position.png"]
 
 
+def test_token_accuracy_is_a_mean_over_documents_and_says_so():
+    """token_acc averages each document's fraction of answer tokens right (a one-token answer right and a
+    three-token one wrong: 0.5, pooled it would be 0.25); the table legend called it per-token accuracy."""
+    from mnemo.evaluation.report import task_table
+    from mnemo.evaluation.scoring import cell_stats
+
+    samples = [_sample(list(range(8)), 5, 1), _sample(list(range(8)), 4, 3)]
+    exact, frac = cell_stats(samples, [np.array([5]), np.array([0, 0, 0])])
+    assert exact.tolist() == [True, False] and frac.tolist() == [1.0, 0.0] and frac.mean() == 0.5
+    cell = {"exact": 0.5, "lo": 0.1, "hi": 0.9, "trials": 2, "token_acc": float(frac.mean()), "tokens": 8}
+    header = task_table({"mqar_n16": {"1": cell}})[0]
+    assert "tok acc = fraction of answer tokens whose argmax is right, averaged over documents" in header
+    assert "per-token argmax accuracy" not in header
+
+
 def test_task_documents_are_seeded_per_task(tok, corpus):
     from mnemo.evaluation.task_eval import task_rng, task_samples, task_specs
 
