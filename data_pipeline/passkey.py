@@ -14,12 +14,13 @@ alone, and the answer span is exactly the tokens of the key's digits. The same
 function feeds `mnemo prepare --passkey-docs N` (training data) and
 `mnemo eval` (fresh held-out samples), so training and evaluation share one
 format. Its building blocks (filler_stream, take_filler, encode_piece,
-encode_value, count_run, depth_fraction) also build the long-context tasks of
+encode_value, count_run, filler_mentions, depth_fraction) also build the long-context tasks of
 ``mnemo.data_pipeline.tasks``.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Any, Protocol
 
@@ -143,6 +144,21 @@ def count_run(haystack: np.ndarray, needle: np.ndarray) -> int:
     return int((windows == needle).all(axis=1).sum())
 
 
+def filler_mentions(tokenizer: PieceTokenizer, tokens: np.ndarray, busy: np.ndarray, texts: list[str]) -> bool:
+    """Whether the filler (the tokens not ``busy``), decoded run by run, holds any of ``texts`` as a word or number.
+
+    count_run compares token runs, and a value encoded on its own ("lemon") is often not the tokens the same
+    word has in running text (" lemon" is another token of a BPE vocabulary): only the filler's text shows
+    those copies. Whole words only ("lemonade" is no copy of "lemon"). The check draws nothing: a document
+    whose filler text holds no copy that its tokens do not is the same as without it.
+    """
+    if not texts:
+        return False
+    word = re.compile("(?<!\\w)(?:" + "|".join(re.escape(t) for t in texts) + ")(?!\\w)")
+    edges = np.flatnonzero(np.diff(np.concatenate(([0], (~busy).astype(np.int8), [0]))))
+    return any(word.search(tokenizer.decode(tokens[lo:hi].tolist())) for lo, hi in zip(edges[::2], edges[1::2]))
+
+
 def _offset(room: int, length: int, depth: str | float, what: str) -> int:
     """Start offset of a piece of ``length`` tokens placed at ``depth`` in ``room`` tokens."""
     if length > room:
@@ -189,8 +205,11 @@ def make_passkey_sample(
         tokens = take_filler(stream, n, rng, tokenizer.eos_id)
         tokens[key_off : key_off + key_sent.size] = key_sent
         tokens[n - tail.size :] = tail
-        # The key's digits must occur exactly twice: in the fact and in the answer.
-        if count_run(tokens, digits) == 2:
+        # The key's digits must occur exactly twice: in the fact and in the answer, not in the filler's
+        # tokens nor in its text (" 71432" may be other tokens than the key's).
+        busy = np.zeros(n, dtype=bool)
+        busy[key_off : key_off + key_sent.size] = busy[n - tail.size :] = True
+        if count_run(tokens, digits) == 2 and not filler_mentions(tokenizer, tokens, busy, [key]):
             break
     else:
         raise DataError("passkey: could not draw a key absent from the filler in 100 tries")
@@ -272,8 +291,8 @@ def make_multikey_sample(
         for i, lo in placed.items():
             tokens[lo : lo + facts[i].size] = facts[i]
         tokens[n - tail.size :] = tail
-        # The asked key's digits: once in its fact, once in the answer.
-        if count_run(tokens, digits[asked]) == 2:
+        # The asked key's digits: once in its fact, once in the answer, not in the filler's text either.
+        if count_run(tokens, digits[asked]) == 2 and not filler_mentions(tokenizer, tokens, busy, [keys[asked]]):
             break
     else:
         raise DataError("passkey: could not draw filler free of the key in 100 tries")

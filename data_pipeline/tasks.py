@@ -62,7 +62,10 @@ and over, as Mohtashami & Jaggi), ``needles`` (niah_multikey only, above).
 
 Uniqueness. Each answer item and the whole answer occur in the document only
 where the task puts them (in its facts and after the question): not in the
-filler, not across a piece boundary. A draw that breaks this is redrawn.
+filler, not across a piece boundary. A draw that breaks this is redrawn. The
+filler is checked as tokens and as text (passkey.filler_mentions): a value
+encoded on its own is often other tokens than the same word in running text
+("lemon" and " lemon").
 
 Naming tasks. ``TASKS`` holds ready names (``niah_single_number``,
 ``niah_multikey_k16``, ``mqar_n256``, ``variable_tracking_h2``, ...); a
@@ -90,6 +93,7 @@ from mnemo.data_pipeline.passkey import (
     RoundTripError,
     count_run,
     depth_fraction,
+    filler_mentions,
     encode_piece,
     filler_stream,
     make_passkey_sample,
@@ -464,7 +468,13 @@ def make_sample(
             tokens[lo : lo + f.size] = f
         tokens[n - tail.size :] = tail
         if all(count_run(tokens, run) == c + count_run(tail, run) for run, c in end.checks):
-            break
+            # The filler's text too: in running text a value is often other tokens (" lemon", not "lemon").
+            busy = np.zeros(n, dtype=bool)
+            busy[n - tail.size :] = True
+            for lo, f in placed.items():
+                busy[lo : lo + f.size] = True
+            if not filler_mentions(tokenizer, tokens, busy, [tokenizer.decode(run.tolist()) for run, _ in end.checks]):
+                break
     else:
         raise DataError(f"{what}: could not draw a document whose answer is unique in 100 tries")
     spans = [[block_at[i], block_at[i] + draft.block[i].size] for i in end.relevant]

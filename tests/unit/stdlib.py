@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sysconfig
 from pathlib import Path
 
@@ -25,3 +26,26 @@ def stdlib_filler(tok) -> np.ndarray:
     """Filler tokens [n]: real code with its digits (distractors), EOS between documents."""
     docs = [np.append(np.asarray(tok.encode(t), dtype=np.int64), tok.eos_id) for t in stdlib_texts(12)[3:9]]
     return np.concatenate(docs)
+
+
+class WordTokenizer:
+    """A word-level tokenizer whose words carry their leading space, as BPE's do: "lemon" alone and " lemon"
+    in running text are different tokens. Lossless (every character is in some token); ids grow as words come."""
+
+    eos_id = 0
+    _split = re.compile(r"\s?\w+|\s|[^\w\s]")
+
+    def __init__(self) -> None:
+        self.words: list[str] = ["</s>"]
+        self.ids: dict[str, int] = {}
+
+    def encode(self, text: str) -> list[int]:
+        return [self.ids[w] if w in self.ids else self._add(w) for w in self._split.findall(text)]
+
+    def _add(self, word: str) -> int:
+        self.ids[word] = len(self.words)
+        self.words.append(word)
+        return self.ids[word]
+
+    def decode(self, ids: list[int]) -> str:
+        return "".join(self.words[i] for i in ids)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 
 import numpy as np
 import pytest
@@ -9,7 +11,7 @@ import pytest
 from mnemo.data_pipeline.errors import DataError
 from mnemo.data_pipeline.passkey import KEY_PREFIX, KEY_SUFFIX, QUESTION, make_multikey_sample, make_passkey_sample
 from mnemo.data_pipeline.tokenizer import Tokenizer
-from tests.unit.stdlib import stdlib_filler, stdlib_tokenizer
+from tests.unit.stdlib import WordTokenizer, stdlib_filler, stdlib_tokenizer
 
 T = 128
 
@@ -116,6 +118,31 @@ def test_multikey_layout(tok, filler, distance, n_keys):
     assert a0 + alen == len(toks) - 1 and tok.decode(toks[a0 : a0 + alen]) == key
     assert text.endswith(f"What is the pass key of door {door}? The pass key of door {door} is {key}")
     assert (a0 - 1) // T == distance
+
+
+@pytest.mark.parametrize("multikey", [False, True])
+def test_key_in_the_filler_as_other_tokens_is_redrawn(multikey):
+    """Before: only the key's own tokens ("71432") were looked for in the filler, and a tokenizer that keeps
+    numbers whole writes " 71432" in running text as another token: the key stood in the filler's text."""
+    tok = WordTokenizer()
+    clean = np.asarray(tok.encode(" the cat and" * 200), dtype=np.int64)
+
+    def sample(filler, seed):
+        rng = np.random.default_rng(seed)
+        if multikey:
+            return make_multikey_sample(tok, filler, 1, 1, 64, rng)
+        return make_passkey_sample(tok, filler, 1, "start", 64, rng)
+
+    for seed in range(6):
+        key = sample(clean, seed)["key"]  # the key this seed draws first
+        # The key all over the filler (passkey: a new key is drawn), or in half of it (multikey, whose keys
+        # are fixed: new filler is taken).
+        with_key = np.asarray(tok.encode(f" the {key} and" * 200), dtype=np.int64)
+        s = sample(np.concatenate((with_key, clean)) if multikey else with_key, seed)
+        text = tok.decode(s["tokens"][:-1].tolist())
+        assert len(re.findall(rf"\b{s['key']}\b", text)) == 2, text
+        assert len(_find(s["tokens"], tok.encode(s["key"]))) == 2
+        assert (s["key"] == key) == multikey
 
 
 def test_multikey_too_many_facts(tok, filler):

@@ -12,6 +12,7 @@ from mnemo.data_pipeline.task_sizes import FACTS, fact_segments, with_facts
 from mnemo.data_pipeline.tasks import (
     REPEATED_FILLER,
     TASKS,
+    WORDS,
     TaskError,
     get_task,
     make_sample,
@@ -19,7 +20,7 @@ from mnemo.data_pipeline.tasks import (
     repeated_filler,
 )
 from mnemo.data_pipeline.tokenizer import Tokenizer
-from tests.unit.stdlib import stdlib_filler, stdlib_tokenizer
+from tests.unit.stdlib import WordTokenizer, stdlib_filler, stdlib_tokenizer
 
 T = 256  # the test tokenizer is small (600 pieces): a fact takes ~35 tokens
 
@@ -219,6 +220,28 @@ def test_filler_full_of_digits_never_holds_the_answer(tok, name):
     for seed in range(4):
         s = make_sample(name, tok, noise, T, 2, np.random.default_rng(seed))
         _check(tok, s, parse_tasks(name)[0], 2)
+
+
+@pytest.mark.parametrize(
+    "name,words",
+    [("niah_single_word", list(WORDS)), ("niah_single:digits=2", [str(i) for i in range(10, 100)])],
+)
+def test_filler_copies_that_are_other_tokens_are_redrawn(name, words):
+    """Before: a value is encoded on its own ("lemon") and only its token run was looked for, while in running
+    text the same word is another token (" lemon", as in BPE): answers stood in the filler too, 4 times in the
+    text instead of 2. Here the filler is every possible value, so most draws hold the answer."""
+    tok = WordTokenizer()
+    rng = np.random.default_rng(0)
+    filler = np.concatenate([tok.encode(" " + w) for w in rng.permutation(words * 4)])
+    hit = 0
+    for seed in range(8):
+        s = make_sample(name, tok, filler, 64, 3, np.random.default_rng(seed))
+        text = tok.decode(s["tokens"][:-1].tolist())
+        value = s["answer_text"]
+        assert len(re.findall(rf"\b{value}\b", text)) == 2, (value, text)
+        assert count_run(s["tokens"], _enc(tok, value)) == 2 and _enc(tok, " " + value).size == 1
+        hit += count_run(filler[: s["tokens"].size], _enc(tok, " " + value))
+    assert hit, "the filler's words are the values"
 
 
 def test_variable_tracking_hops(tok, filler):
