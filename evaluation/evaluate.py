@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from mnemo.evaluation.errors import EvalError
+from mnemo.evaluation.heldout import filler_docs
 from mnemo.evaluation.outputs import write_then_show
 from mnemo.evaluation.inference import (
     check_memory,
@@ -140,8 +141,9 @@ def evaluate(
 
     heldout_docs: held-out corpus documents (no passkey documents); the
     first ``max_docs`` (default cfg.eval.max_docs), cut to
-    cfg.eval.max_doc_tokens, are read for loss by position; all of them serve
-    as passkey and task filler. Defaults come from cfg.eval; cfg.model.segment_len is T.
+    cfg.eval.max_doc_tokens, are read for loss by position; the first ones
+    holding heldout.FILLER_TOKENS tokens (heldout.filler_docs, whatever
+    max_docs) serve as passkey and task filler. Defaults come from cfg.eval; cfg.model.segment_len is T.
     tasks: ``data_pipeline.tasks.TaskSpec``s scored at ``task_distances``
     (default cfg.eval.task_distances) with ``task_trials`` documents each
     (default cfg.eval.task_trials). grow_ltm: size the long-term store for
@@ -174,6 +176,7 @@ def evaluate(
     if max_docs < 0:  # a negative slice bound would drop documents from the end
         raise EvalError(f"--max-docs: must be >= 0, got {max_docs}")
     docs = [np.asarray(d, dtype=np.int64)[: cfg.eval.max_doc_tokens] for d in list(heldout_docs)[:max_docs]]
+    filler = filler_docs(heldout_docs)
     trials = cfg.eval.passkey_trials if passkey_trials is None else passkey_trials
     dists = list(cfg.eval.passkey_distances if distances is None else distances)
     result: dict[str, Any] = {"segment_len": T, "num_docs": len(docs)}
@@ -198,7 +201,7 @@ def evaluate(
         if not heldout_docs:
             raise EvalError("task evaluation needs held-out documents for filler; none given")
         t0 = time.perf_counter()
-        samples = task_samples(tasks, tokenizer, list(heldout_docs), T, t_dists, t_trials, seed, skipped)
+        samples = task_samples(tasks, tokenizer, filler, T, t_dists, t_trials, seed, skipped)
         seconds["task_documents"] = time.perf_counter() - t0
         if skipped:
             result["tasks_skipped"] = skipped
@@ -215,7 +218,7 @@ def evaluate(
         try:
             for n_keys in (1, multikey) if multikey > 0 else (1,):
                 for D in sorted(set(dists)):
-                    passkey_samples(tokenizer, list(heldout_docs), T, D, trials=1, seed=seed, n_keys=n_keys)
+                    passkey_samples(tokenizer, filler, T, D, trials=1, seed=seed, n_keys=n_keys)
         except RoundTripError:
             raise  # says its own way out
         except DataError as e:  # a pass key too long for the segment: the rest of the evaluation can still run
@@ -256,7 +259,7 @@ def evaluate(
                 passkey_result(
                     model,
                     tokenizer,
-                    list(heldout_docs),
+                    filler,
                     T,
                     dists,
                     trials=trials,

@@ -61,6 +61,25 @@ def read_docs(
     return docs
 
 
+def filler_docs(docs: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """The passkey and task filler of held-out documents (in reading order): the first ones holding
+    FILLER_TOKENS tokens together, all of them when they hold fewer.
+
+    Not all the documents given: those are read up to max(--max-docs, FILLER_TOKENS' worth), so a filler of
+    all of them grew with --max-docs, and two runs evaluated with different eval.max_docs were scored on
+    different documents for the same (seed, D, n_keys). The first ones covering FILLER_TOKENS are the same
+    whatever --max-docs, as ``read_docs`` with ``min_tokens=FILLER_TOKENS`` reads them at least.
+    """
+    out: list[np.ndarray] = []
+    n_tokens = 0
+    for d in docs:
+        if n_tokens >= FILLER_TOKENS:
+            break
+        out.append(d)
+        n_tokens += len(d)
+    return out
+
+
 class LocalMDS:
     """Read-only random access to the samples of a local MDS dir (a ``streams.DocumentSource``), no shared memory.
 

@@ -1371,3 +1371,50 @@ def test_a_store_smaller_than_the_task_documents_is_warned_about(tok, tmp_path, 
     args = build_parser().parse_args([a if a != "128" else "100000" for a in argv])
     assert args.func(args) == 0
     assert "warning:" not in capsys.readouterr().err
+
+
+def test_the_filler_does_not_depend_on_max_docs(tok, tmp_path, monkeypatch):
+    """Before: the filler was every document read, up to max(--max-docs, FILLER_TOKENS' worth), so once the
+    held-out text exceeded FILLER_TOKENS, --max-docs 1 and --max-docs 100 made other passkey and task documents
+    (same keys, other tokens), and two runs with different eval.max_docs were scored on different documents."""
+    import mnemo.evaluation.evaluate as ev
+    from mnemo.evaluation import heldout
+    from mnemo.evaluation.task_eval import task_specs
+
+    data = _write_mds(tmp_path / "data", tok, [t[:3000] for t in stdlib_texts(10)])
+    cfg = _cfg(64)
+    cfg.data.val_fraction = 0.5
+    held = heldout.read_heldout_docs(str(data), 0.5)
+    assert len(held) >= 4
+    monkeypatch.setattr(heldout, "FILLER_TOKENS", held[0].size + 1)  # the first two documents' worth
+    seen: dict[str, list] = {}
+
+    def spy(name, real):
+        def call(*args, **kw):
+            seen.setdefault(name, []).append([d.tolist() for d in args[2]])  # (model|tasks, tokenizer, filler, ...)
+            return real(*args, **kw)
+
+        return call
+
+    monkeypatch.setattr(ev, "passkey_result", spy("passkey", ev.passkey_result))
+    monkeypatch.setattr(ev, "task_samples", spy("tasks", ev.task_samples))
+    results = []
+    for max_docs in (1, len(held)):
+        res = ev.evaluate_data_dir(
+            InductionModel(tok.vocab_size),
+            tok,
+            cfg,
+            str(data),
+            max_docs=max_docs,
+            passkey_trials=2,
+            distances=[1],
+            tasks=task_specs(["niah_single_number"]),
+            ablations=False,
+            echo=lambda line: None,
+        )
+        results.append(res)
+    assert [r["num_docs"] for r in results] == [1, len(held)]
+    for name in ("passkey", "tasks"):
+        first, second = seen[name]
+        assert first == second == [d.tolist() for d in held[:2]], name
+    assert results[0]["passkey_answer_loss"] == results[1]["passkey_answer_loss"]
