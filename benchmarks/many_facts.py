@@ -162,8 +162,9 @@ def check_targets(cells: dict[str, dict[str, dict[str, Any]]]) -> list[dict[str,
     return rows
 
 
-def table(cells: dict[str, dict[str, dict[str, Any]]], segment_len: int) -> str:
-    """Task, D, memory exact [95% CI], baseline exact [95% CI], trials."""
+def table(cells: dict[str, dict[str, dict[str, Any]]]) -> str:
+    """Task, D, tokens (the longest document, as `mnemo eval` shows it), memory exact [95% CI], baseline
+    exact [95% CI], trials."""
 
     def fmt(c: dict[str, Any] | None) -> str:
         return "-" if c is None else f"{c['exact']:.2f} [{c['lo']:.2f}, {c['hi']:.2f}]"
@@ -173,7 +174,9 @@ def table(cells: dict[str, dict[str, dict[str, Any]]], segment_len: int) -> str:
         for D in sorted(by_d, key=int):
             mem, base = by_d[D].get("memory"), by_d[D].get("baseline")
             n = (mem or base or {}).get("trials", 0)
-            lines.append(f"{task:<24}{D:>5}{int(D) * segment_len:>8}  {fmt(mem):<20}{fmt(base):<20}{n:>7}")
+            # The cell's own length: (S + D + 1) x T with the facts' segments S, not D x T.
+            tokens = (mem or base or {}).get("tokens", "-")
+            lines.append(f"{task:<24}{D:>5}{tokens:>8}  {fmt(mem):<20}{fmt(base):<20}{n:>7}")
     return "\n".join(lines)
 
 
@@ -308,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     print("")
-    print(table(cells, T))
+    print(table(cells))
     print("")
     for r in rows:
         bound = f" (lower bound >= {r['memory_lo_ge']})" if r["memory_lo_ge"] is not None else ""

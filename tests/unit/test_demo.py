@@ -221,3 +221,20 @@ def test_a_users_own_run_in_out_memory_is_refused_and_kept(module, tmp_path, cap
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"{prog}: error: --out: {out / 'memory'} is a run directory ") and "did not write" in err
     assert (out / "memory" / "notes.txt").read_text() == "mine" and (out / "memory" / "checkpoints").is_dir()
+
+
+def test_many_facts_table_shows_each_cells_document_length():
+    """Before: the tokens column was D x the config's T, not the documents' length ((S + D + 1) x T: an MQAR
+    cell whose pairs fill 3 segments at D = 8 and T = 128 is 1536 tokens, not 1024); now the cell's own
+    ``tokens``, as `mnemo eval` shows it."""
+    from benchmarks.many_facts import table
+
+    def cell(tokens):
+        return {"exact": 0.5, "lo": 0.4, "hi": 0.6, "trials": 100, "token_acc": 0.7, "tokens": tokens}
+
+    cells = {
+        "mqar_n64": {"8": {"memory": cell(1536), "baseline": cell(1536)}},
+        "niah_single_number": {"1": {"baseline": cell(257)}},
+    }
+    rows = [line.split() for line in table(cells).splitlines()[1:]]
+    assert [r[:3] for r in rows] == [["mqar_n64", "8", "1536"], ["niah_single_number", "1", "257"]]
