@@ -21,7 +21,8 @@ _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
 def byte_count(text: str) -> int:
     """'65536', '64K', '64MiB', '1g' -> bytes (K/M/G/T are powers of 1024)."""
-    m = re.fullmatch(r"\s*(\d+)\s*([kmgt]?)(?:i?b)?\s*", text, re.IGNORECASE)
+    # ASCII only: \d and \s also match other scripts' digits and spaces ("١٢K" was 12K).
+    m = re.fullmatch(r"\s*([0-9]+)\s*([kmgt]?)(?:i?b)?\s*", text, re.IGNORECASE | re.ASCII)
     digits = m.group(1).lstrip("0") if m else ""
     if not digits:
         raise argparse.ArgumentTypeError(f"{brief(text)} is not a positive byte count (e.g. 1048576, 512K, 64M, 1G)")
@@ -283,9 +284,11 @@ def roundtrip_line(rt: dict) -> str:
 def _count(text: str) -> int:
     """argparse type: a token count >= 0, also as 1e9 or 2_000_000 (not inf or nan)."""
     try:
+        if not re.fullmatch(r"[0-9_.eE+-]{1,40}", text):  # float() also reads other scripts' digits, any length
+            raise ValueError(text)
         n = float(text.replace("_", ""))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a token count, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected a token count, got {clip(text, 40)!r}") from None
     if not (math.isfinite(n) and n >= 0 and n == int(n)):  # int(inf) would raise OverflowError
         raise argparse.ArgumentTypeError(f"expected a whole token count >= 0, got {text!r}")
     return int(n)
@@ -293,10 +296,7 @@ def _count(text: str) -> int:
 
 def _at_least_zero(text: str) -> int:
     """argparse type: a whole number >= 0 (--samples, --roundtrip-docs)."""
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}") from None
+    n = int_arg(text)  # ASCII digits: int() also read '١٢' and ' 1', and any length
     if n < 0:
         raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
     return n

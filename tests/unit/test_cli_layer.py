@@ -133,6 +133,28 @@ def test_a_non_ascii_or_odd_integer_is_one_line_naming_the_flag(capsys, argv, fl
     assert err.startswith(f"mnemo: error: argument {flag}: expected an integer in ASCII digits (at most 30), got ")
 
 
+@pytest.mark.parametrize("value", ["\u0661\u0662", " \u0661", "\u0661\u0662K", "9" * 5000])
+@pytest.mark.parametrize(
+    "argv, flag",
+    [
+        (["data", "verify", "d", "--roundtrip-docs"], "--roundtrip-docs"),
+        (["data", "inspect", "d", "--samples"], "--samples"),
+        (["data", "inspect", "d", "--tokens"], "--tokens"),
+        (["prepare", "--input", "i", "--out", "o", "--max-doc-bytes"], "--max-doc-bytes"),
+    ],
+)
+def test_counts_of_the_data_commands_read_ascii_digits_only(capsys, argv, flag, value):
+    # Their own types (not int_arg) used int(), float() or a \d regex: '١٢' read as 12, '١٢K' as 12 KiB,
+    # and 5,000 digits made a 5,110-character error line.
+    from mnemo.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main([*argv, value])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and len(err) < 300, err
+    assert err.startswith(f"mnemo: error: argument {flag}: "), err
+
+
 def test_ascii_integers_still_parse():
     from mnemo.cli import build_parser
     from mnemo.commands import decimal
