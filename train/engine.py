@@ -24,7 +24,8 @@ def lr_lambda(cfg: Config, total_steps: int | None = None):
         if step < warm:
             return (step + 1) / warm
         # The last step of the run (step total - 1) takes the floor.
-        progress = min(1.0, (step - warm) / max(1, total - 1 - warm))
+        # (A run of warmup + 1 steps: its one step after the warmup is the last.)
+        progress = 1.0 if total - 1 - warm <= 0 else min(1.0, (step - warm) / (total - 1 - warm))
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return f

@@ -36,6 +36,16 @@ from mnemo.train.state import Counters, MemoryPart
 log = logging.getLogger("mnemo.train")
 
 
+def eta_text(seconds: float) -> str:
+    """'HH:MM:SS', with days in front past 24 h ('11d 13:30:10'): time.gmtime wrapped at 24 h (an 11-day
+    run said 13:30:10) and raised OverflowError/OSError past ~1e16 s (a rank's traceback at the first log)."""
+    if not math.isfinite(seconds) or seconds >= 1e7 * 86400:  # 27,000 years: say so, not the number
+        return "> 10,000,000d"
+    days, rest = divmod(int(max(0.0, seconds)), 86400)
+    hms = "%02d:%02d:%02d" % (rest // 3600, rest // 60 % 60, rest % 60)
+    return f"{days}d {hms}" if days else hms
+
+
 @dataclasses.dataclass
 class DistInfo:
     rank: int
@@ -567,7 +577,7 @@ class TrainLoop:
             if w["n"]:
                 busy = max(1e-9, w["data"] + w["fwd_bwd"] + w["optim"])
                 msg += " tok/s %.0f data %.0f%%" % (metrics["train/tokens_per_s"], 100 * w["data"] / busy)
-            msg += " eta %s" % time.strftime("%H:%M:%S", time.gmtime(eta))
+            msg += " eta %s" % eta_text(eta)
             if "passkey/max_distance" in metrics:
                 msg += " | passkey loss %.3f exact@maxD %.2f max D %d" % (
                     metrics.get("passkey/loss", float("nan")),

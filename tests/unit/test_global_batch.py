@@ -193,6 +193,19 @@ def test_the_logged_lr_is_the_one_each_step_used_and_the_last_step_takes_the_flo
         logged.append(applied_lr(engine))
     assert logged == used
     assert used[0] == pytest.approx(0.0015) and used[-1] == pytest.approx(cfg.train.lr * cfg.train.min_lr_ratio)
+    # warmup + 1 steps: the one step after the warmup is the last, at the floor (it was at the peak).
+    f = lr_lambda(cfg_of("train.max_steps=2", "train.warmup_steps=1"))
+    assert f(0) == 1.0 and f(1) == pytest.approx(cfg.train.min_lr_ratio)
+
+
+def test_the_eta_counts_days_and_never_overflows():
+    # time.gmtime wrapped at 24 h (an 11-day run said 13:30:10) and raised past ~1e16 s: a rank's
+    # traceback at the first log line of train.max_steps=10**18.
+    from mnemo.train.loop import eta_text
+
+    assert eta_text(59) == "00:00:59" and eta_text(3600 * 25 + 61) == "1d 01:01:01"
+    assert eta_text(11 * 86400 + 13 * 3600) == "11d 13:00:00"
+    assert eta_text(6.7e16) == eta_text(float("inf")) == "> 10,000,000d"
 
 
 def test_start_lines_state_the_batch_what_it_was_and_the_budget():
