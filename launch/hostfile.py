@@ -23,6 +23,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from mnemo.data_pipeline.errors import brief
 from mnemo.data_pipeline.files import NotRegularFile, read_bounded
 from mnemo.launch.torchrun import MAX_PROCS_PER_NODE
 from mnemo.train.errors import UserError
@@ -30,6 +31,8 @@ from mnemo.train.errors import UserError
 # The most bytes a hostfile may have: some 20 per host line, so over 50,000 hosts (a bigger file is not one).
 MAX_HOSTFILE_BYTES = 1 << 20
 
+# The longest host name (RFC 1035's 253 characters); a "user@" in front is not counted.
+MAX_HOST_NAME = 253
 # Used with fullmatch: a pattern ending in "$" would also match before a final newline.
 _LINE = re.compile(r"(?P<host>\S+)\s+slots\s*=\s*(?P<slots>\S+)")
 # ASCII digits only: str.isdigit also takes '²' (int() then fails) and '٨' (int() reads 8); and few enough
@@ -43,23 +46,27 @@ _HOST_PORT = re.compile(r"(\[[^\[\]]*\]|[^:\[\]]+):[0-9]*")
 def check_host_name(host: str, where: str) -> str:
     """``host`` if ssh may be given it; else UserError naming ``where`` (file:line or flag)."""
     if host.startswith("-"):
-        raise UserError(f"{where}: host name {host!r} starts with '-' (ssh would read it as an option)")
+        raise UserError(f"{where}: host name {brief(host)} starts with '-' (ssh would read it as an option)")
+    if len(host.rpartition("@")[2]) > MAX_HOST_NAME:  # and an error line of its length (a 1 MiB hostfile line)
+        raise UserError(
+            f"{where}: host name {brief(host)} is longer than {MAX_HOST_NAME} characters (a DNS name's most)"
+        )
     if not _HOST.fullmatch(host):
         raise UserError(
-            f"{where}: host name {host!r} is not a host name (letters, digits, '.', '-', '_', an IPv6 address "
+            f"{where}: host name {brief(host)} is not a host name (letters, digits, '.', '-', '_', an IPv6 address "
             "and an optional 'user@' only)"
         )
     addr = host.rpartition("@")[2]
     if _HOST_PORT.fullmatch(addr):
         raise UserError(
-            f"{where}: host name {host!r} holds a port, which ssh does not take from a host name: set the ssh "
+            f"{where}: host name {brief(host)} holds a port, which ssh does not take from a host name: set the ssh "
             "port in ~/.ssh/config ('Host NAME' then 'Port N'); the rendezvous port is --master-port"
         )
     bare = address_of(host)
     bracketed = bare != addr
     if "[" in bare or "]" in bare or ((bracketed or ":" in bare) and not _is_ipv6(bare)):
         raise UserError(
-            f"{where}: host name {host!r} is not a host name: ':' and brackets belong to an IPv6 address "
+            f"{where}: host name {brief(host)} is not a host name: ':' and brackets belong to an IPv6 address "
             "only ('fe80::1' or '[fe80::1]')"
         )
     return host
@@ -124,7 +131,7 @@ def parse_hostfile_text(text: str, name: str = "hostfile") -> list[Host]:
             continue
         m = _LINE.fullmatch(line)
         if m is None:
-            raise UserError(f"{name}:{lineno}: malformed line {raw.strip()!r} (expected 'HOST slots=N')")
+            raise UserError(f"{name}:{lineno}: malformed line {brief(raw.strip())} (expected 'HOST slots=N')")
         host, slots_s = m.group("host"), m.group("slots")
         if not _SLOTS.fullmatch(slots_s) or int(slots_s) < 1:
             shown = slots_s if len(slots_s) <= 40 else slots_s[:40] + "..."

@@ -237,3 +237,16 @@ def test_slots_above_the_ranks_of_one_machine_are_refused():
     with pytest.raises(UserError) as e:
         parse_hostfile_text("a slots=8\nb slots=999999999\n", "hf")
     assert str(e.value) == "hf:2: slots must be <= 1024 (ranks on one machine), got 999999999"
+
+
+def test_a_long_line_or_host_name_is_a_short_error():
+    # A 1 MiB line was quoted whole in the "one-line" error (1,000,064 characters; 4.2 MB for NUL bytes),
+    # and a 500,000-character host name was taken into ssh's command line.
+    for text in ("x" * 1_000_000 + "\n", "\0" * 300_000 + "\n"):
+        with pytest.raises(UserError, match=r"hf:1: malformed line") as e:
+            parse_hostfile_text(text, "hf")
+        assert len(str(e.value)) < 300
+    with pytest.raises(UserError, match=r"hf:1: host name .* is longer than 253 characters") as e:
+        parse_hostfile_text("a" * 500_000 + " slots=1\n", "hf")
+    assert len(str(e.value)) < 300
+    assert parse_hostfile_text("user@" + "a" * 253 + " slots=1\n", "hf")[0].slots == 1
