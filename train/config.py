@@ -1059,6 +1059,10 @@ def check_paths(cfg: Config) -> None:
 
         with path_errors("data.cache_dir", ConfigError):
             why = run_dir_unusable(Path(cfg.data.cache_dir))
+            if why is None and not os.path.lexists(cfg.data.cache_dir):  # the ranks make it: may they?
+                up = next(p for p in Path(cfg.data.cache_dir).absolute().parents if os.path.lexists(p))
+                if not os.access(up, os.W_OK | os.X_OK):
+                    why = f"{cfg.data.cache_dir}: cannot be made in {up} (Permission denied)"
         if why:
             # Cut longer than _clip's 120: the reason comes after the path (two paths when under a file).
             raise ConfigError(f"data.cache_dir: {clip(redact_uri(why), 600)}")

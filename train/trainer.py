@@ -19,6 +19,7 @@ import dataclasses
 import datetime
 import json
 import logging
+import os
 import random
 import sys
 import time
@@ -43,7 +44,7 @@ from mnemo.train.engine import (
     param_groups,
     quiet_library_deprecations,
 )
-from mnemo.train.errors import UserError
+from mnemo.train.errors import UserError, path_errors
 from mnemo.train.eval_hook import run_eval
 from mnemo.train.loop import StepLog, TrainLoop, dist_info
 from mnemo.train.resume import check_resume_compatible, reads_universal, universal_tag
@@ -346,6 +347,9 @@ class Trainer:
             release_stale_shm(cache_dir)
         barrier()
         cache_dir = node_cache_dir(cache_dir)  # one folder per machine: nothing coordinates two on a shared one
+        if cfg.data.cache_dir:  # made here, so that a failure names the key (streaming's named data.path, or nothing)
+            with path_errors("data.cache_dir"):
+                os.makedirs(cache_dir, exist_ok=True)
         self.mixture = open_sources(cfg.data.sources, cache_dir)  # data.sources (WeightedSource each), else []
         self.source = self.mixture[0].source if self.mixture else MDSSource(cfg.data.path, cache_dir=cache_dir)
         # Slot group g of G = world x accum is a partition of its own (train/slots.py); A = 1: g = rank.

@@ -348,6 +348,25 @@ def test_a_data_cache_dir_that_cannot_be_a_folder_is_refused_before_any_rank(tmp
     check_paths(load_config(None, [*base, f"data.cache_dir={tmp_path}"]))
 
 
+def test_a_data_cache_dir_the_ranks_may_not_make_is_refused_before_any_rank(tmp_path, monkeypatch):
+    """A data.cache_dir under a folder nobody may write passed the pre-flight (launch --dry-run said
+    nothing) and failed in the ranks with a line naming no key."""
+    import os
+    from pathlib import Path
+
+    from mnemo.train.config import check_paths
+
+    data = _data_dir(tmp_path / "data")
+    base = [f"data.path={data}", f"run.dir={tmp_path}/r"]
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if Path(p) == locked else real(p, mode))
+    with pytest.raises(ConfigError, match=rf"^data.cache_dir: {locked}/cache: cannot be made in {locked}"):
+        check_paths(load_config(None, [*base, f"data.cache_dir={locked}/cache"]))
+    check_paths(load_config(None, [*base, f"data.cache_dir={tmp_path}/free/cache"]))
+
+
 # --------------------------------------------------------------------------- #
 # The shards index.json lists: checked before any rank starts
 
