@@ -12,6 +12,7 @@ Over 500 lines: the whole tree, its defaults and every check are one place on pu
 from __future__ import annotations
 
 import dataclasses
+import decimal
 import math
 import os
 import re
@@ -512,6 +513,20 @@ def _yaml_value(text: str, key: str) -> Any:
         raise ConfigError(f"{key}: invalid YAML {_brief(text)} ({_clip(_yaml_problem(e, text))})") from None
 
 
+def _whole_decimal(text: str) -> int | None:
+    """The whole number a decimal text like '1e3' or '9007199254740993.0' writes, exactly (float() rounds
+    past 2**53); None for anything else (other forms, fractions, more than 40 digits before the point)."""
+    if not re.fullmatch(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?", text.strip(), re.ASCII):
+        return None
+    try:
+        d = decimal.Decimal(text.strip())
+    except decimal.InvalidOperation:
+        return None
+    if not d.is_finite() or d.adjusted() > 40 or d != d.to_integral_value():
+        return None
+    return int(d)
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Convert a YAML/CLI value to the declared type, or raise naming the key."""
     origin = typing.get_origin(tp)
@@ -551,12 +566,18 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, bool):
             raise ConfigError(f"{key}: expected an integer, got {_brief(value)}")
         if isinstance(value, int):
+            # The file's text by the command line's rule: YAML 1.1 also reads 1_ and 1__0 (as 1 and 10).
+            if isinstance(text, str) and not _INT_TEXT.fullmatch(text.strip()):
+                raise ConfigError(f"{key}: expected an integer, got {_brief(text)}")
             return int(value)  # a plain int, not the _YamlInt read from the file
         if isinstance(value, str) and _INT_TEXT.fullmatch(value.strip()):
             try:
                 return int(value)  # exactly: float() would round past 2**53
             except ValueError:  # more digits than int() reads (4300)
                 raise ConfigError(f"{key}: expected an integer, got {_brief(value)}") from None
+        exact = _whole_decimal(text) if isinstance(text, str) else None  # 9007199254740993.0, 1e3: exactly
+        if exact is not None:
+            return exact
         f = _number(value)
         if f is None or not math.isfinite(f) or f != int(f):
             raise ConfigError(f"{key}: expected an integer, got {_brief(value)}")

@@ -354,6 +354,25 @@ def test_decimal_number_text_reads_the_same_in_the_file_and_on_the_command_line(
         assert (cfg.eval.max_docs, cfg.eval.task_distances) == (number, [number])
 
 
+@pytest.mark.parametrize("text", ["1_", "1__0", "_1"])
+def test_underscores_the_command_line_refuses_are_refused_in_the_file_too(tmp_path, text):
+    # YAML 1.1 read max_steps: 1_ as 1 and 1__0 as 10; train.max_steps=1_ was refused.
+    p = tmp_path / "c.yaml"
+    p.write_text(f"train:\n  max_steps: {text}\n")
+    for msg in (_error(path=p), _error([f"train.max_steps={text}"])):
+        assert "train.max_steps: expected an integer" in msg, msg
+
+
+def test_a_whole_number_written_with_a_point_is_read_exactly(tmp_path):
+    # float() rounded 9007199254740993.0 to ...992 without a word.
+    p = tmp_path / "c.yaml"
+    p.write_text("train:\n  max_tokens: 9007199254740993.0\n")
+    for cfg in (load_config(p), load_config(None, ["train.max_tokens=9007199254740993.0"])):
+        assert cfg.train.max_tokens == 9007199254740993
+    assert load_config(None, ["train.max_tokens=1e3"]).train.max_tokens == 1000
+    assert "expected an integer" in _error(["train.max_tokens=1.5"])
+
+
 @pytest.mark.parametrize("text", ["yes", "no", "on", "off", "true", "False"])
 def test_a_boolean_where_a_string_is_expected_is_refused(tmp_path, text):
     # run.name: no was the run name "False".
