@@ -151,7 +151,7 @@ def generate_batch(
     max_new_tokens: int,
     temperature: float = 1.0,
     top_p: float = 1.0,
-    seed: int = 0,
+    seed: int | Sequence[int] = 0,
     eos_id: int | None = None,
     should_stop: Callable[[int, list[int]], bool] | None = None,
     on_prompt_segment: Callable[[int, int], None] | None = None,
@@ -168,7 +168,8 @@ def generate_batch(
     should_stop(slot, its new ids) is true (called after each chosen token;
     that token is kept); a stopped slot reads padding (its own last token),
     which comes after everything it returns. Slot r samples with its own
-    generator seeded ``seed``: the same tokens as ``generate`` with that seed.
+    generator seeded ``seed`` (or ``seed[r]``, one seed per prompt: independent samples of one prompt
+    given twice): the same tokens as ``generate`` with that seed.
     """
     ids = [[int(t) for t in p] for p in prompts]
     if not ids or any(not p for p in ids):
@@ -177,7 +178,10 @@ def generate_batch(
     B, T = len(ids), int(segment_len)
     device = model_device(model)
     with eval_mode(model):
-        gens = [torch.Generator().manual_seed(int(seed)) for _ in range(B)]
+        seeds = [int(seed)] * B if isinstance(seed, int) else [int(x) for x in seed]
+        if len(seeds) != B:
+            raise EvalError(f"generate: {len(seeds)} seeds for {B} prompts")
+        gens = [torch.Generator().manual_seed(x) for x in seeds]
         p0 = min(len(p) for p in ids)
         common = torch.tensor([p[:p0] for p in ids], dtype=torch.long, device=device)  # [B, p0]
         reader = SegmentReader(model, core_model(model).init_state(B, device=device), T, mode)

@@ -125,6 +125,11 @@ class MnemoLM(TemplateLM):
         cap = None if ltm_capacity in (None, "") else _positive("ltm_capacity", ltm_capacity, MAX_COUNT)
         self.ltm_capacity = cap
         self.max_gen_toks = _positive("max_gen_toks", max_gen_toks)
+        import torch
+
+        # Sampled generations: request i draws from seed + i. lm-eval seeds torch with its --seed (default 1234)
+        # before it builds the model, so that flag sets the samples; the same at any batch size.
+        self.seed = torch.initial_seed() % (1 << 31)
         if model is None:
             if checkpoint is None:
                 raise EvalError("lm_eval --model mnemo: give --model_args checkpoint=PATH")
@@ -223,13 +228,12 @@ class MnemoLM(TemplateLM):
             groups.setdefault(json.dumps(req.args[1], sort_keys=True, default=str), []).append(i)
         with eval_mode(self.model), sized_ltm(self.model, self.ltm_capacity), memory_errors(self.advice):
             for idx in groups.values():
-                kw = dict(requests[idx[0]].args[1] or {})
+                kw = generation_settings(requests[idx[0]].args[1], self.max_gen_toks)
                 until = kw.get("until") or []
                 until = [until] if isinstance(until, str) else [str(u) for u in until]
-                sample = bool(kw.get("do_sample", False))
-                temperature = float(kw.get("temperature", 0.0) or 0.0) if sample else 0.0
-                top_p = float(kw.get("top_p", 1.0) or 1.0)
-                max_new = int(kw.get("max_gen_toks", self.max_gen_toks))
+                temperature = kw["temperature"] if kw["do_sample"] else 0.0
+                top_p = kw["top_p"]
+                max_new = kw["max_gen_toks"]
                 prompts = {i: self.tok_encode(requests[i].args[0]) or [self.eot_token_id] for i in idx}
                 order = sorted(idx, key=lambda i: -len(prompts[i]))
                 for c in range(0, len(order), self.batch_size):
@@ -245,6 +249,9 @@ class MnemoLM(TemplateLM):
                         max_new,
                         temperature=temperature,
                         top_p=top_p,
+                        # One seed per request (its place in lm-eval's list, the same at any batch size):
+                        # a task's repeats of one prompt are independent samples, not one sample 4 times.
+                        seed=[self.seed + i for i in chunk],
                         eos_id=self.eot_token_id,
                         should_stop=stop if until else None,
                     )
@@ -252,6 +259,26 @@ class MnemoLM(TemplateLM):
                         out[i] = cut_at_stop(self.tok_decode(ids), until)
                         self.cache_hook.add_partial("generate_until", requests[i].args, out[i])
         return out  # type: ignore[return-value]
+
+
+def generation_settings(raw: Any, default_max: int) -> dict[str, Any]:
+    """A task's generation_kwargs as lm-eval's own models read them (lm_eval.models.utils.normalize_gen_kwargs:
+    max_new_tokens, max_tokens, max_completion_tokens as aliases of max_gen_toks; sampling on when do_sample
+    is not given and temperature > 0), checked: EvalError naming the key, not a traceback or empty answers."""
+    from lm_eval.models.utils import normalize_gen_kwargs
+
+    if raw is not None and not isinstance(raw, dict):
+        raise EvalError(f"generation_kwargs: a mapping expected, got {brief(raw)}")
+    try:
+        kw = normalize_gen_kwargs(dict(raw or {}), default_max)
+        kw["temperature"] = float(kw.get("temperature", 0.0) or 0.0)
+        kw["top_p"] = float(kw.get("top_p", 1.0) or 1.0)
+    except (TypeError, ValueError):
+        bad = {k: raw.get(k) for k in ("max_gen_toks", "max_new_tokens", "max_tokens", "temperature", "top_p")}
+        raise EvalError(f"generation_kwargs: not numbers where lm-eval needs them: {brief(bad)}") from None
+    if not isinstance(kw["max_gen_toks"], int) or kw["max_gen_toks"] < 0:
+        raise EvalError(f"generation_kwargs: max_gen_toks must be a whole number >= 0, got {brief(kw['max_gen_toks'])}")
+    return kw
 
 
 def cut_at_stop(text: str, until: Sequence[str]) -> str:

@@ -331,3 +331,39 @@ def test_request_loop_out_of_memory_is_one_line(env, monkeypatch):
 
     with pytest.raises(EvalError, match="out of memory"):
         lm.generate_until([Req()])
+
+
+def test_generate_until_reads_generation_kwargs_as_lm_eval_does(env, monkeypatch):
+    """generate_until read only max_gen_toks, do_sample and temperature: a task's max_new_tokens: 3 gave
+    256 tokens, temperature: 1.0 without do_sample decoded greedily, every request sampled from seed 0 (a
+    task's repeats were one sample 4 times), and max_gen_toks: abc was a traceback, -5 empty answers."""
+    from mnemo.evaluation.errors import EvalError
+
+    _, _, model, tok, harness, _ = env
+    lm = harness.MnemoLM(model=model, tokenizer=tok, segment_len=T, batch_size=2)
+
+    class Req:
+        def __init__(self, kw):
+            self.args = ("def f(a, b):\n    return", kw)
+
+    asked = []
+    real = harness.generate_batch
+
+    def spy(*a, **k):
+        out = real(*a, **k)
+        asked.append((a[3], [len(ids) for ids in out]))  # (max_new_tokens, new tokens per prompt)
+        return out
+
+    monkeypatch.setattr(harness, "generate_batch", spy)
+    lm.generate_until([Req({"until": ["QQQ"], "max_new_tokens": 3})])
+    assert asked == [(3, [3])]
+    sampled = lm.generate_until([Req({"until": ["QQQ"], "max_gen_toks": 12, "temperature": 1.0})] * 4)
+    greedy = lm.generate_until([Req({"until": ["QQQ"], "max_gen_toks": 12})])[0]
+    assert len(set(sampled)) > 1 and any(s != greedy for s in sampled)
+    # The same samples at another batch size: request i draws from seed + i.
+    lm1 = harness.MnemoLM(model=model, tokenizer=tok, segment_len=T, batch_size=1)
+    lm1.seed = lm.seed
+    assert lm1.generate_until([Req({"until": ["QQQ"], "max_gen_toks": 12, "temperature": 1.0})] * 4) == sampled
+    for bad in ({"max_gen_toks": "abc"}, {"max_gen_toks": -5}, {"temperature": "hot"}):
+        with pytest.raises(EvalError, match="generation_kwargs"):
+            lm.generate_until([Req({"until": ["QQQ"], **bad})])
