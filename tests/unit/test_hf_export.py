@@ -122,6 +122,9 @@ LOAD_SCRIPT = textwrap.dedent(
     greedy = model.generate(prompt, max_new_tokens=n_new, do_sample=False)
     torch.manual_seed(0)
     sampled = model.generate(prompt, max_new_tokens=n_new, do_sample=True, temperature=0.8, top_p=0.95)
+    # The usual idiom: the tokenizer's whole output into generate() (token_type_ids made it refuse).
+    inputs = tok(job["text"][:40], return_tensors="pt")
+    model.generate(**inputs, max_new_tokens=2, do_sample=False)
     save_file({"logits": logits.contiguous()}, out + "/logits.safetensors")
     res = dict(
         tokenizer_class=type(tok).__name__,
@@ -130,6 +133,7 @@ LOAD_SCRIPT = textwrap.dedent(
         decoded=tok.decode(ids[0]),
         greedy=greedy[0, n_prompt:].tolist(),
         sampled=sampled[0, n_prompt:].tolist(),
+        input_names=sorted(inputs),
         mnemo_modules=sorted(m for m in sys.modules if m == "mnemo" or m.startswith("mnemo.")),
     )
     with open(out + "/result.json", "w") as f:
@@ -169,6 +173,7 @@ def test_transformers_loads_the_export_and_computes_what_mnemo_computes(source, 
     got = _load_in_transformers(out, tmp_path / "work")
     assert got["mnemo_modules"] == []
     assert got["tokenizer_class"] == "PreTrainedTokenizerFast" and got["model_class"] == "MnemoForCausalLM"
+    assert got["input_names"] == ["attention_mask", "input_ids"]
 
     model, tok, mcfg = load_for_inference(source)
     assert mcfg.model.segment_len == T

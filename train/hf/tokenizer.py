@@ -167,6 +167,9 @@ def tokenizer_config(tok: Any) -> dict[str, Any]:
         "clean_up_tokenization_spaces": False,
         # The memory reads any length, segment by segment.
         "model_max_length": 1 << 60,
+        # What the model takes: PreTrainedTokenizerFast also returned token_type_ids, which generate()
+        # refuses, so model.generate(**tok(text, return_tensors="pt")) failed.
+        "model_input_names": ["input_ids", "attention_mask"],
     }
 
 
