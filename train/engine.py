@@ -114,7 +114,7 @@ def apply_optimizer_config(engine: Any, cfg: Config) -> None:
     base_lrs with their state, so a resume with train.lr changed, logged as a safe change, went on at the
     checkpoint's values. Groups are ``param_groups``' two (decay, then no decay), edited in place (every
     ZeRO wrapper's param_groups are the torch optimizer's own dicts); a value the config did not change
-    is left as loaded (an unchanged resume stays bit-exact). The current lr is the new base lr times the
+    is left as loaded (an unchanged resume stays bit-exact). The current lr is the base lr times this run's
     schedule at the restored step.
     """
     groups = engine.optimizer.param_groups
@@ -127,9 +127,13 @@ def apply_optimizer_config(engine: Any, cfg: Config) -> None:
     sched = engine.lr_scheduler
     if list(sched.base_lrs) != [cfg.train.lr] * len(sched.base_lrs):
         sched.base_lrs = [cfg.train.lr] * len(sched.base_lrs)
-        for g, lam in zip(groups, sched.lr_lambdas):
+        for g in groups:
             g["initial_lr"] = cfg.train.lr
-            g["lr"] = cfg.train.lr * lam(sched.last_epoch)
+    # The next step's lr from this run's schedule, not the one the checkpoint's run had: a resume with another
+    # train.max_steps (or max_tokens, warmup) took its first step at the old schedule's value (a 5-step run
+    # saved its floor, and step 6 of its 7-step continuation ran at it). Unchanged: the same value, bit for bit.
+    for g, base, lam in zip(groups, sched.base_lrs, sched.lr_lambdas):
+        g["lr"] = base * lam(sched.last_epoch)
 
 
 def init_weights_from(model, path: str, zero3: bool) -> str | None:

@@ -321,3 +321,28 @@ def test_one_update_per_step_over_both_micro_steps_and_a_nan_micro_step_skips_it
     stop = accum_loop(cfg, engine, tmp_path / "stop", "stop")
     nan_at_call(monkeypatch, 2)
     assert stop.train_step(0) is False and stop.nonfinite == "loss"
+
+
+def test_a_resume_takes_its_first_step_at_this_runs_schedule():
+    # The param groups' lr came back from the checkpoint, set by the saved run's schedule: a 5-step run
+    # (warmup 5) saved its floor, and step 6 of its 7-step continuation ran at it, not at this schedule's.
+    from types import SimpleNamespace
+
+    from mnemo.train.engine import apply_optimizer_config
+
+    cfg = cfg_of("train.max_steps=7", "train.warmup_steps=5", "train.lr=0.003")
+    opt = torch.optim.AdamW(
+        [{"params": [torch.nn.Parameter(torch.zeros(2, 2))]}, {"params": [torch.nn.Parameter(torch.zeros(1))]}],
+        lr=cfg.train.lr,
+        weight_decay=cfg.train.weight_decay,
+        betas=(cfg.train.beta1, cfg.train.beta2),
+    )
+    opt.param_groups[1]["weight_decay"] = 0.0
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
+    for _ in range(5):
+        opt.step()
+        sched.step()
+    for g in opt.param_groups:
+        g["lr"] = 0.0003  # as the checkpoint of the 5-step run left it
+    apply_optimizer_config(SimpleNamespace(optimizer=opt, lr_scheduler=sched), cfg)
+    assert [g["lr"] for g in opt.param_groups] == [cfg.train.lr * lr_lambda(cfg)(5)] * 2 == [cfg.train.lr] * 2
