@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from mnemo.train.config import ConfigError, flatten, from_dict, load_config, to_dict, to_yaml
+from tests.unit.config_keys import leaf_types
 
 REPO_CONFIGS = ["configs/debug.yaml", "configs/small.yaml", "configs/medium.yaml", "configs/large.yaml"]
 
@@ -131,24 +132,15 @@ def test_resume_takes_long_term_layers_by_the_layers_they_name():
 
 
 def _numeric_keys() -> list[tuple[str, type]]:
-    """(dotted key, int or float) of every number in the config tree, lists of numbers included."""
-    import dataclasses
+    """(dotted key, int or float) of every number in the config tree, lists of numbers included (not those
+    of data.sources' items)."""
     import typing
 
-    from mnemo.train.config import Config
-
-    out = []
-
-    def walk(cls, prefix):
-        for f in dataclasses.fields(cls):
-            tp = typing.get_type_hints(cls)[f.name]
-            if dataclasses.is_dataclass(tp):
-                walk(tp, f"{prefix}{f.name}.")
-            elif tp in (int, float) or typing.get_args(tp) in ((int,), (float,)):
-                out.append((f"{prefix}{f.name}", tp))
-
-    walk(Config, "")
-    return out
+    return [
+        (key, tp)
+        for key, tp in leaf_types()
+        if "[0]" not in key and (tp in (int, float) or typing.get_args(tp) in ((int,), (float,)))
+    ]
 
 
 NUMERIC_KEYS = _numeric_keys()

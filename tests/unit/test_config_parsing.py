@@ -8,6 +8,7 @@ import time
 import pytest
 
 from mnemo.train.config import ConfigError, load_config
+from tests.unit.config_keys import leaf_types
 
 BASE = "configs/debug.yaml"
 
@@ -284,25 +285,7 @@ def test_numbers_for_number_fields_are_still_numbers(tmp_path):
 
 def _string_keys() -> list[str]:
     """Dotted key of every string field (lists of strings included) of the config tree, data.sources' too."""
-    import dataclasses
-    import typing
-
-    from mnemo.train.config import Config
-
-    out = []
-
-    def walk(cls, prefix):
-        for f in dataclasses.fields(cls):
-            tp = typing.get_type_hints(cls)[f.name]
-            if dataclasses.is_dataclass(tp):
-                walk(tp, f"{prefix}{f.name}.")
-            elif typing.get_args(tp) and dataclasses.is_dataclass(typing.get_args(tp)[0]):
-                walk(typing.get_args(tp)[0], f"{prefix}{f.name}[0].")
-            elif tp in (str, list[str]):
-                out.append(f"{prefix}{f.name}")
-
-    walk(Config, "")
-    return out
+    return [key for key, tp in leaf_types() if tp in (str, list[str])]
 
 
 @pytest.mark.parametrize("key", _string_keys())
