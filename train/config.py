@@ -1006,6 +1006,29 @@ def data_paths(cfg: Config) -> list[tuple[str, str]]:
     return [("data.path", cfg.data.path)]
 
 
+def _local_path_keys(cfg: Config) -> list[tuple[str, str]]:
+    """(config key, value) of every key that names a file or folder on this machine's filesystem."""
+    keys = [*data_paths(cfg), ("data.tokenizer", cfg.data.tokenizer), ("data.cache_dir", cfg.data.cache_dir)]
+    keys += [("init_from", cfg.init_from), ("run.dir", cfg.run.dir)]
+    if cfg.checkpoint.resume not in ("auto", "never"):
+        keys.append(("checkpoint.resume", cfg.checkpoint.resume))
+    return keys
+
+
+def refuse_tilde(key: str, path: str) -> None:
+    """A path that starts with ``~`` or ``~user``: no shell reads a config file, so it would name a folder
+    called ``~`` under the working directory (``run.dir: ~/runs/x`` made ./~/runs/x). Refused, with the
+    expanded path to write instead (where this machine knows it)."""
+    m = re.match(r"~[\w.-]*(?=/|$)", path)
+    if m:
+        home = os.path.expanduser(path)
+        hint = f", such as {_clip(home)}" if home != path else ""
+        raise ConfigError(
+            f"{key}: {_clip(path)} starts with {_clip(m.group())!r}, which mnemo does not expand (it would name a "
+            f"folder {_clip(m.group())!r} in the working directory): write the full path{hint}"
+        )
+
+
 # The first line of <run.dir>/config.yaml, the resolved config each start of `mnemo train` writes: the mark
 # by which mnemo knows the file is its own to replace (train/rundir.py says what else it writes there).
 CONFIG_HEADER = "# mnemo: the resolved config of this run (written by `mnemo train` at each start)"
@@ -1064,6 +1087,8 @@ def check_paths(cfg: Config) -> None:
         raise ConfigError("checkpoint.resume: empty; use auto, never or a path")
     if not cfg.data.path and not cfg.data.sources:
         raise ConfigError("data.path: not set (a data dir written by `mnemo prepare`)")
+    for key, path in _local_path_keys(cfg):
+        refuse_tilde(key, path)
     for i, (key, path) in enumerate(data_paths(cfg)):
         if is_remote(path):  # streamed shard by shard at train time; the first dataset must be local
             if i == 0:

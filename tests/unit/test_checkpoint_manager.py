@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import types
 from pathlib import Path
 
@@ -618,6 +619,27 @@ def test_an_empty_checkpoint_resume_is_refused_not_read_as_the_working_directory
     monkeypatch.chdir(other)
     with pytest.raises(ConfigError, match=r"^checkpoint.resume: empty; use auto, never or a path$"):
         _check(_cfg(tmp_path, tmp_path / "run", **{"checkpoint.resume": ""}))
+
+
+@pytest.mark.parametrize(
+    "key", ["run.dir", "data.path", "data.tokenizer", "data.cache_dir", "init_from", "checkpoint.resume"]
+)
+def test_a_path_key_starting_with_a_tilde_is_refused_not_made_a_folder_named_tilde(tmp_path, monkeypatch, key):
+    """No shell reads a config file: `run.dir: ~/runs/x` made ./~/runs/x and trained there. Every local path
+    key starting with ~ or ~user is refused before anything is made, with the expanded path to write."""
+    from mnemo.train.config import ConfigError
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    for value, shown in (("~/x", "'~'"), ("~", "'~'"), ("~some.user-1/x", "'~some.user-1'")):
+        with pytest.raises(ConfigError, match=rf"^{re.escape(key)}: {re.escape(value)} starts with {shown}, which"):
+            _check(_cfg(tmp_path, tmp_path / "run", **{key: value}))
+    with pytest.raises(ConfigError, match=rf"write the full path, such as {re.escape(str(tmp_path))}/home/x$"):
+        _check(_cfg(tmp_path, tmp_path / "run", **{key: "~/x"}))
+    assert not (tmp_path / "~").exists()
+    if key == "run.dir":  # a ~ inside a path, or a name that only starts with ~-like text, is a plain name
+        _check(_cfg(tmp_path, tmp_path / "run" / "~" / "x"))
+        _check(_cfg(tmp_path, tmp_path / "run" / "~x~"))
 
 
 def test_the_other_path_keys_mean_their_documented_default_when_empty(tmp_path):
