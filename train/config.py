@@ -439,6 +439,16 @@ class _ConfigLoader(yaml.SafeLoader):
         for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
     }
 
+    composed = 0
+
+    def compose_node(self, parent, index):
+        # A literal list of millions of items took minutes to parse before _check counted it. Each value
+        # has at most one key beside it, so more than twice the limit composed is more than it expanded.
+        self.composed += 1
+        if self.composed > 2 * _MAX_YAML_NODES:
+            self._refuse(self.peek_event().start_mark.line + 1, f"more than {_MAX_YAML_NODES} values")
+        return super().compose_node(parent, index)
+
     def construct_document(self, node):
         self._check(node)
         return super().construct_document(node)
