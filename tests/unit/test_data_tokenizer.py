@@ -116,6 +116,25 @@ def test_unigram_is_lossless_too(tmp_path):
         assert t.decode(t.encode(text)) == text
 
 
+def test_the_same_corpus_gives_the_same_model_bytes_on_machines_of_any_core_count(tmp_path, monkeypatch):
+    """The trainer ran one thread per core and saved that count in the model: the same corpus gave another
+    tokenizer.model (another sha256, refused by eval, resume and init_from) on a machine with other cores,
+    and the unigram pieces themselves changed with the count."""
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    corpus = str(_corpus(tmp_path, 20))
+    made = {}
+    for cores in (1, 3):
+        monkeypatch.setattr(os, "cpu_count", lambda cores=cores: cores)
+        out = tmp_path / f"u{cores}.model"
+        train_tokenizer([corpus], out, vocab_size=500, model_type="unigram")
+        made[cores] = out.read_bytes()
+    assert made[1] == made[3]
+    m = pb.ModelProto()
+    m.ParseFromString(made[1])
+    assert m.trainer_spec.num_threads == 16
+
+
 @pytest.mark.parametrize("model_type", ["bpe", "unigram"])
 def test_a_corpus_without_spaces_still_gives_a_lossless_tokenizer(tmp_path, model_type):
     """Chinese, Japanese or Thai text has no spaces: the space mark never entered the vocabulary, byte fallback
