@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from mnemo.evaluation.errors import EvalError
-from mnemo.evaluation.inference import core_model, eval_mode, model_device
+from mnemo.evaluation.inference import core_model, eval_mode, model_device, torch_seed
 
 
 def check_sampling(temperature: float, top_p: float) -> None:
@@ -181,7 +181,7 @@ def generate_batch(
         seeds = [int(seed)] * B if isinstance(seed, int) else [int(x) for x in seed]
         if len(seeds) != B:
             raise EvalError(f"generate: {len(seeds)} seeds for {B} prompts")
-        gens = [torch.Generator().manual_seed(x) for x in seeds]
+        gens = [torch.Generator().manual_seed(torch_seed(x)) for x in seeds]
         p0 = min(len(p) for p in ids)
         common = torch.tensor([p[:p0] for p in ids], dtype=torch.long, device=device)  # [B, p0]
         reader = SegmentReader(model, core_model(model).init_state(B, device=device), T, mode)

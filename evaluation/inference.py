@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -26,6 +27,15 @@ def model_device(model: Any) -> torch.device:
         return next(core_model(model).parameters()).device
     except (StopIteration, AttributeError):
         return torch.device("cpu")
+
+
+def torch_seed(seed: int) -> int:
+    """The seed to give torch for a seed in [0, 2**64): torch's CPU generator reads only its low 32 bits,
+    so seeds that differed above them (1 and 2**32 + 1) drew the same numbers. Seeds below 2**32 are
+    given as they are (the streams they always drew); larger ones are hashed to 32 bits."""
+    if seed < 1 << 32:
+        return seed
+    return int.from_bytes(hashlib.blake2b(seed.to_bytes(8, "little"), digest_size=4).digest(), "little")
 
 
 def resolve_device(name: str) -> str:

@@ -44,6 +44,7 @@ from mnemo.train.engine import (
     param_groups,
     quiet_library_deprecations,
 )
+from mnemo.evaluation.inference import torch_seed
 from mnemo.train.errors import UserError, path_errors
 from mnemo.train.eval_hook import run_eval
 from mnemo.train.loop import StepLog, TrainLoop, dist_info
@@ -272,7 +273,7 @@ class Trainer:
 
     def _seed(self) -> None:
         seed, rank = self.cfg.train.seed, self.info.rank
-        torch.manual_seed(seed)
+        torch.manual_seed(torch_seed(seed))  # torch reads 32 bits of a seed on CPU
         random.seed(seed + rank)
         np.random.seed((seed + rank) % (1 << 32))
 

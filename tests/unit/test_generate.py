@@ -7,6 +7,7 @@ import os
 import io
 import json
 import sysconfig
+import types
 from pathlib import Path
 
 import pytest
@@ -83,6 +84,37 @@ def test_sample_next_with_a_subnormal_temperature_is_greedy(temperature):
     assert {sample_next(logits, temperature, 0.5, g) for _ in range(20)} == {1}
     assert {sample_next(logits - 5.0, temperature, 1.0, g) for _ in range(20)} == {1}  # all < 0
     assert {sample_next(torch.tensor([2.0, 0.0, 2.0]), temperature, 1.0, g) for _ in range(40)} == {0, 2}  # a tie
+
+
+def test_seeds_that_differ_only_above_32_bits_draw_different_samples():
+    """torch's CPU generator reads 32 bits of a seed: --seed 1, 2**32 + 1 and 2**64 - 2**32 + 1 printed the
+    same text. Seeds below 2**32 keep the streams they drew before."""
+    from mnemo.evaluation.inference import torch_seed
+
+    m = _model(300)
+    prompt = list(range(4, 4 + T + 3))
+    out = {s: generate(m, _Tok(), prompt, T, 16, temperature=1.0, seed=s, stop_at_eos=False) for s in (1, 2**32 + 1)}
+    out[2**64 - 2**32 + 1] = generate(
+        m, _Tok(), prompt, T, 16, temperature=1.0, seed=2**64 - 2**32 + 1, stop_at_eos=False
+    )
+    assert len({tuple(v) for v in out.values()}) == 3
+    assert [torch_seed(s) for s in (0, 1, 2**32 - 1)] == [0, 1, 2**32 - 1]
+    assert len({torch_seed(s) for s in (2**32, 2**32 + 1, 2**33, 2**64 - 1)}) == 4
+    assert all(0 <= torch_seed(s) < 2**32 for s in (2**32, 2**64 - 1))
+
+
+def test_training_seeds_that_differ_only_above_32_bits_init_different_weights(monkeypatch):
+    """train.seed took [0, 2**64), but 1 and 2**32 + 1 gave the same initial weights (torch reads 32 bits)."""
+    from mnemo.train.trainer import Trainer
+
+    weights = []
+    for seed in (1, 2**32 + 1):
+        t = Trainer.__new__(Trainer)
+        t.cfg = types.SimpleNamespace(train=types.SimpleNamespace(seed=seed))
+        t.info = types.SimpleNamespace(rank=0)
+        t._seed()
+        weights.append(torch.randn(8))
+    assert not torch.equal(weights[0], weights[1])
 
 
 def test_generate_long_prompt_deterministic():
