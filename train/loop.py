@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from mnemo.evaluation.report import json_ready
 from mnemo.train.bptt import bptt_window_loss
 from mnemo.train.config import Config
 from mnemo.train.engine import applied_lr
@@ -86,7 +87,7 @@ class StepLog:
 
     def write(self, rec: dict[str, Any]) -> None:
         if self.f:
-            self.f.write(json.dumps(rec) + "\n")
+            self.f.write(json.dumps(json_ready(rec)) + "\n")  # strict JSON: a NaN is null
 
     def close(self):
         if self.f:

@@ -45,6 +45,7 @@ from mnemo.train.engine import (
     quiet_library_deprecations,
 )
 from mnemo.evaluation.inference import torch_seed
+from mnemo.evaluation.report import json_ready
 from mnemo.train.errors import UserError, path_errors
 from mnemo.train.eval_hook import run_eval
 from mnemo.train.loop import StepLog, TrainLoop, dist_info
@@ -671,7 +672,7 @@ class Trainer:
         if self.episodes is not None:
             summary["passkey_curriculum"] = self.episodes.summary()
         if self.info.rank == 0:
-            atomic_write_text(self.run_dir / SUMMARY, json.dumps(summary, indent=1, default=str))
+            atomic_write_text(self.run_dir / SUMMARY, json.dumps(json_ready(summary), indent=1, default=str))
             log.info("done: %s", json.dumps({k: v for k, v in summary.items() if k != "eval"}, default=str))
         return summary
 

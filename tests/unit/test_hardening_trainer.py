@@ -205,6 +205,22 @@ def test_stop_request_on_an_evaluation_step_saves_at_once(world1, data, tmp_path
     assert (run_dir / "PREEMPTED").read_text().strip() == "2"
 
 
+def test_summary_json_is_strict_json_with_a_nan_as_null(world1, data, tmp_path, monkeypatch):
+    """summary.json held bare NaN (an empty bucket's loss interval), which strict JSON readers (jq,
+    JavaScript's JSON.parse) refuse; eval.json and `mnemo eval --json` write null."""
+    from mnemo.train import trainer
+
+    monkeypatch.setattr(trainer, "run_eval", lambda *a, **k: {"loss_by_position_lo": {"512": float("nan")}})
+    run_dir = tmp_path / "run"
+    trainer.train(config(data, run_dir, "train.max_steps=2", "eval.interval=2", "checkpoint.interval=0"))
+
+    def refuse(name):
+        raise ValueError(f"{name} in summary.json")
+
+    summary = json.loads((run_dir / "summary.json").read_text(), parse_constant=refuse)
+    assert summary["eval"] == {"loss_by_position_lo": {"512": None}}
+
+
 @pytest.fixture
 def terminal_signals():
     """SIGHUP and SIGINT as in a terminal, whatever this test run inherited: started in the background (nohup, or
