@@ -2,7 +2,7 @@
 
 Layout of DATA_DIR::
 
-    index.json        merged index (streaming.base.util.merge_index)
+    index.json        merged index (the parts' shard lists, as streaming.base.util.merge_index writes it)
     part-00000/       one MDS sub-dataset per work unit, in input order
     part-00001/ ...
     tokenizer.model   copy of the tokenizer used
@@ -408,7 +408,7 @@ def check_out_apart(loc: OutLocation, corpus: Corpus) -> None:
 
 @contextmanager
 def _quiet_root_logger() -> Iterator[None]:
-    """merge_index calls logging.warning(...) for its temp dir; keep that off the terminal."""
+    """streaming's uploaders log through the root logger; keep that off the terminal."""
     root = logging.getLogger()
     h = logging.NullHandler()
     root.addHandler(h)
@@ -418,13 +418,15 @@ def _quiet_root_logger() -> Iterator[None]:
         root.removeHandler(h)
 
 
-def part_present(loc: OutLocation, name: str) -> bool:
-    """Whether part ``name``'s index.json is there for the merge (a true remote's: fetched into the staging dir)."""
-    if loc.remote is None or loc.target is not None:
-        return os.path.isfile(os.path.join(loc.target or loc.local, name, "index.json"))
+def _part_index(loc: OutLocation, name: str) -> str | None:
+    """The local path of part ``name``'s index.json (a true remote's: fetched into the staging dir), or None
+    when it is not there."""
     local = os.path.join(loc.local, name, "index.json")
-    if os.path.isfile(local):
-        return True
+    if loc.remote is None or os.path.isfile(local):
+        return local if os.path.isfile(local) else None
+    if loc.target is not None:
+        path = os.path.join(loc.target, name, "index.json")
+        return path if os.path.isfile(path) else None
     import_streaming()  # without transformers (lean_imports.py)
     from streaming.base.storage.download import CloudDownloader
 
@@ -432,30 +434,46 @@ def part_present(loc: OutLocation, name: str) -> bool:
     try:
         CloudDownloader.direct_download(loc.remote_join(name + "/index.json"), local, 60)
     except Exception:  # no such object (each cloud raises its own type), or the store is unreachable: redo it
-        return False
-    return os.path.isfile(local)
+        return None
+    return local if os.path.isfile(local) else None
+
+
+def part_present(loc: OutLocation, name: str) -> bool:
+    """Whether part ``name``'s index.json is there for the merge (a true remote's: fetched into the staging dir)."""
+    return _part_index(loc, name) is not None
+
+
+_SHARD_FILE_KEYS = ("raw_data", "zip_data", "raw_meta", "zip_meta")
 
 
 def merge_parts(loc: OutLocation, names: list[str]) -> None:
-    import_streaming()  # without transformers (lean_imports.py)
-    from streaming.base.util import merge_index
+    """Write DATA_DIR/index.json: the parts' shard lists in order, each shard file named ``part-NNNNN/<name>``.
 
-    idx = os.path.join(loc.local, "index.json")
-    if os.path.exists(idx):
-        os.remove(idx)  # merge_index moves its result into place and refuses to replace a file
-    if loc.remote is None:
-        urls: list = [os.path.join(loc.local, n, "index.json") for n in names]
-        out: str | tuple[str, str] = loc.local
-    else:
-        urls = [(os.path.join(loc.local, n, "index.json"), loc.remote_join(n + "/index.json")) for n in names]
-        out = (loc.local, loc.remote)
-    try:
-        with _quiet_root_logger():
-            merge_index(urls, out, keep_local=True)
-    except Exception as e:  # a part's index.json gone or unreadable since it was checked, an upload failed
-        raise remote_failure(
-            loc.url, "merging the parts' index.json failed; rerun the same command to redo missing parts", e
-        ) from None
+    The same bytes as streaming.base.util.merge_index writes, built here because merge_index reads its
+    arguments as URLs: a ``?`` or ``#`` anywhere in a local path cut it short, and every part's shards were
+    listed under the cwd's parent's name (a dataset that verify then found broken).
+    """
+    shards: list = []
+    for name in names:
+        path = _part_index(loc, name)
+        obj = read_json(path) if path is not None else None
+        if obj is None:  # removed since it was checked, or the store is unreachable
+            raise DataError(f"--out {loc.url}: {name}/index.json is missing; rerun the same command to redo it")
+        part = obj.get("shards") if isinstance(obj, dict) else None
+        try:
+            for shard in part:
+                for key in _SHARD_FILE_KEYS:
+                    if shard.get(key):  # merge_index's rule: a file the shard has (zip_data is null uncompressed)
+                        shard[key]["basename"] = name + "/" + shard[key]["basename"]
+        except (AttributeError, KeyError, TypeError):  # hand-edited: not the MDS writer's index
+            raise DataError(f"{path}: not an MDS index (a shard without its files); rerun with --overwrite") from None
+        shards += part
+    # json.dump's default separators and no newline, as merge_index: old and new datasets are the same bytes
+    atomic_write(
+        os.path.join(loc.local, "index.json"), json.dumps({"version": 2, "shards": shards}).encode(), loc.state
+    )
+    if loc.remote is not None:
+        upload(loc, ["index.json"])
 
 
 def upload(loc: OutLocation, names: Sequence[str]) -> None:

@@ -496,6 +496,27 @@ def test_passkey_documents_are_appended(corpus, tmp_path):
     ]
 
 
+def test_question_mark_and_hash_in_the_out_path_give_the_plain_named_index(corpus, tmp_path):
+    """streaming's merge_index read local paths as URLs: a ? or # anywhere in --out listed every part's
+    shards under the cwd's parent's name (one part twice, the passkey part lost) and verify failed."""
+    from streaming.base.util import merge_index
+
+    kw = dict(passkey_docs=4, passkey_max_distance=2, passkey_segment_len=64, seed=3)
+    plain = tmp_path / "plain"
+    run(corpus, plain, **kw)
+    names = sorted(p.name for p in plain.iterdir() if p.name.startswith("part-"))
+    assert len(names) > 2  # corpus parts and the passkey part
+    # the same bytes as streaming's own merge of the same parts: old and new datasets are alike
+    merged = tmp_path / "merged"
+    merge_index([str(plain / n / "index.json") for n in names], str(merged), keep_local=True)
+    assert (plain / "index.json").read_bytes() == (merged / "index.json").read_bytes()
+    for odd in (tmp_path / "p?q" / "d#1", tmp_path / "q?x", tmp_path / "a#b?c"):
+        odd.parent.mkdir(exist_ok=True)
+        run(corpus, odd, **kw)
+        assert (odd / "index.json").read_bytes() == (plain / "index.json").read_bytes(), odd
+        verify(str(odd))
+
+
 @pytest.fixture(scope="module")
 def word_corpus(tmp_path_factory):
     """40 documents, each one word of its own repeated: a document's text is found by its word."""

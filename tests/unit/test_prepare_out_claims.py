@@ -191,13 +191,16 @@ def test_a_done_part_that_is_gone_is_redone(model, corpus, tmp_path, monkeypatch
 
 
 def test_merge_failure_is_a_data_error(model, corpus, tmp_path, monkeypatch):
-    def fails(*a, **k):
-        raise RuntimeError("Failed to download index.json: x")
+    import mnemo.data_pipeline.prepare as prep
 
-    import streaming.base.util as su
+    merge = prep.merge_parts
 
-    monkeypatch.setattr(su, "merge_index", fails)
-    with pytest.raises(DataError, match=r"--out .*index.json"):
+    def part_gone(loc, names):  # a part's index.json removed after the check that it is there
+        os.remove(tmp_path / "out" / names[0] / "index.json")
+        merge(loc, names)
+
+    monkeypatch.setattr(prep, "merge_parts", part_gone)
+    with pytest.raises(DataError, match=r"--out .*part-00000/index.json is missing; rerun"):
         prepare([str(corpus)], str(tmp_path / "out"), tokenizer=model, workers=1)
 
 
