@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import stat
 import urllib.parse
 import urllib.request
@@ -10,9 +11,22 @@ import urllib.request
 from mnemo.data_pipeline.errors import DataError, brief
 
 
+# A URL's scheme (RFC 3986) and its "//", or Databricks' dbfs:/ (streaming's only URL without the "//"):
+# any other name is a path, "data:v1" a directory (urlparse alone reads "data" as a scheme there).
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://|dbfs:/")
+
+
 def is_remote(uri: str) -> bool:
-    """True for a URL streaming downloads from; False for a plain path or a ``file://`` URL."""
-    return "://" in uri and not uri.startswith("file://")
+    """True for a URL streaming downloads from; False for a plain path or a ``file://`` URL.
+
+    The one reading of a name for every command: `mnemo prepare --out`, `mnemo data verify`, data.path.
+    """
+    return _URL.match(uri) is not None and not is_file_url(uri)
+
+
+def is_file_url(uri: str) -> bool:
+    """A ``file:`` URL, read by ``file_url_path`` (which refuses ``file:relative/x``, not a dir named "file:")."""
+    return uri.startswith("file:")
 
 
 def file_url_path(url: str, what: str) -> str:
@@ -38,7 +52,7 @@ def local_path(uri: str, what: str = "path") -> str:
     The same reading as ``mnemo prepare --out``'s: a dataset written to file://localhost/x or
     file:///a%20b is read back from /x and /a b.
     """
-    return file_url_path(uri, what) if uri.startswith("file://") else uri
+    return file_url_path(uri, what) if is_file_url(uri) else uri
 
 
 def is_inside(path: str | os.PathLike, root: str | os.PathLike) -> bool:

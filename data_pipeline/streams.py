@@ -151,7 +151,8 @@ class MDSSource:
         if remote is None and os.path.exists(os.path.join(local, "index.json")):
             shards = _check_index(key, local)
             if cache_dir and any(shard.get("zip_data") for shard in shards):
-                remote, local = local, decompress_cache(local, cache_dir)
+                # an absolute path: streaming reads a remote as a URL, and "data:v1" has a scheme for it
+                remote, local = os.path.abspath(local), decompress_cache(local, cache_dir)
         try:
             self.ds = streaming_dataset(
                 lambda: StreamingDataset(remote=remote, local=local, shuffle=False, batch_size=1), key

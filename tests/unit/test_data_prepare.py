@@ -517,6 +517,25 @@ def test_question_mark_and_hash_in_the_out_path_give_the_plain_named_index(corpu
         verify(str(odd))
 
 
+def test_a_colon_in_the_first_component_is_a_local_dir_to_prepare_verify_and_train(corpus, tmp_path, monkeypatch):
+    """prepare refused --out data:v1 ("unsupported remote scheme 'data'") that verify and data.path read as a
+    directory, and a training rank crashed on it (streaming got it as its remote: "Unsupported remote path")."""
+    from mnemo.data_pipeline.paths import is_remote, local_path
+    from mnemo.data_pipeline.streams import MDSSource
+
+    names = ("data:v1", "a/b://c", "file:///x", "s3://b/x", "dbfs:/Volumes/x")
+    assert [is_remote(u) for u in names] == [False, False, False, True, True]
+    with pytest.raises(DataError, match=r"^data\.path 'file:v1': a file URL names an absolute path"):
+        local_path("file:v1", "data.path")  # as prepare --out reads it: a file URL, refused, not a dir "file:"
+    monkeypatch.chdir(tmp_path)
+    m = run(corpus, "data:v1")
+    assert (tmp_path / "data:v1" / "index.json").is_file()
+    verify("data:v1")
+    src = MDSSource("data:v1", cache_dir="cache")  # compressed shards: the dataset dir is streaming's remote
+    assert src.num_samples == m["num_documents"] == len(corpus[1])
+    assert src.get(0)["tokens"][-1] == m["eos_id"]
+
+
 @pytest.fixture(scope="module")
 def word_corpus(tmp_path_factory):
     """40 documents, each one word of its own repeated: a document's text is found by its word."""
