@@ -55,6 +55,18 @@ def local_path(uri: str, what: str = "path") -> str:
     return file_url_path(uri, what) if is_file_url(uri) else uri
 
 
+def not_utf8(path: str | os.PathLike) -> str | None:
+    """Why ``path`` cannot be used where a dependency takes only text ("PATH is not valid UTF-8 (rename it)"),
+    or None. A name with a byte such as \\xff comes to Python surrogate-escaped; mosaicml-streaming (its
+    shared memory names the folders) and MLflow encode paths as UTF-8, and failed on it with a traceback."""
+    text = os.fspath(path)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return f"{brief(text, 200)} is not valid UTF-8 (rename it)"
+    return None
+
+
 def is_inside(path: str | os.PathLike, root: str | os.PathLike) -> bool:
     """``path`` is ``root`` or lies under it (symbolic links resolved)."""
     path, root = os.path.realpath(path), os.path.realpath(root)

@@ -56,7 +56,7 @@ from mnemo.data_pipeline.errors import DataError
 from mnemo.data_pipeline.lean_imports import import_streaming
 from mnemo.data_pipeline.mixture import WeightedSource, check_same_sources, choose, shares, source_names
 from mnemo.data_pipeline.partition import SourceQueue, epoch_order, rank_block  # noqa: F401 (epoch_order, rank_block: this module's API since before partition.py)
-from mnemo.data_pipeline.paths import is_remote, local_path
+from mnemo.data_pipeline.paths import is_remote, local_path, not_utf8
 from mnemo.data_pipeline.shm import streaming_dataset
 
 STATE_VERSION = 1
@@ -146,6 +146,9 @@ class MDSSource:
         self.path = "" if is_remote(path) else path  # named by errors about its data (a URL may hold a secret)
         remote = path if is_remote(path) else None
         local = cache_dir if remote else local_path(path)
+        for folder in (local, cache_dir):  # streaming's shared memory names them (as UTF-8)
+            if folder and (why := not_utf8(folder)) is not None:
+                raise DataError(f"{key}: {why}")
         # streaming opens (and decompresses into) the files index.json names, and a FIFO index.json would
         # hang it: a dataset dir is data someone may have sent. A remote's index is checked once fetched.
         if remote is None and os.path.exists(os.path.join(local, "index.json")):

@@ -196,10 +196,14 @@ class SentencePieceTokenizer(Tokenizer):
     def __init__(self, path: str | os.PathLike):
         self.path = str(path)
         self.sp = spm.SentencePieceProcessor()
+        try:  # read here, not by LoadFromFile: its binding takes only a UTF-8 path (a name with byte \xff failed)
+            proto = Path(self.path).read_bytes()
+        except OSError as e:
+            raise DataError(f"tokenizer {self.path}: cannot read it ({e.strerror or e})") from None
         try:
-            self.sp.LoadFromFile(self.path)
-        except (OSError, RuntimeError) as e:
-            raise DataError(f"tokenizer {self.path}: not a SentencePiece model ({str(e).splitlines()[0]})") from None
+            self.sp.LoadFromSerializedProto(proto)
+        except RuntimeError as e:
+            raise DataError(f"tokenizer {self.path}: not a SentencePiece model ({first_line(e)})") from None
         self.vocab_size: int = int(self.sp.get_piece_size())
         self.eos_id: int = int(self.sp.eos_id())
         self.bos_id: int = int(self.sp.bos_id())
@@ -273,8 +277,12 @@ class HFTokenizer(Tokenizer):
             raise DataError(
                 f"tokenizer {self.path}: a tokenizer.json needs the tokenizers package: pip install 'mnemo[hf]'"
             ) from None
+        try:  # read here, not by from_file: it takes only a UTF-8 path
+            data = Path(self.path).read_bytes()
+        except OSError as e:
+            raise DataError(f"tokenizer {self.path}: cannot read it ({e.strerror or e})") from None
         try:
-            self.tk = tokenizers.Tokenizer.from_file(self.path)
+            self.tk = tokenizers.Tokenizer.from_buffer(data)
         except Exception as e:  # the Rust side raises plain Exception for any parse error
             first = first_line(e)
             raise DataError(f"tokenizer {self.path}: not a Hugging Face tokenizer.json ({first})") from None

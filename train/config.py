@@ -26,7 +26,7 @@ import yaml
 
 from mnemo.data_pipeline.errors import brief, clip
 from mnemo.data_pipeline.files import open_regular
-from mnemo.data_pipeline.paths import is_remote, local_path, not_a_dataset_dir
+from mnemo.data_pipeline.paths import is_remote, local_path, not_a_dataset_dir, not_utf8
 from mnemo.train.errors import UserError, path_errors
 from mnemo.train.redact import redact_uri
 
@@ -1099,6 +1099,8 @@ def check_paths(cfg: Config) -> None:
         raise ConfigError("data.path: not set (a data dir written by `mnemo prepare`)")
     for key, path in _local_path_keys(cfg):
         refuse_tilde(key, path)
+        if path and (why := not_utf8(path)) is not None:
+            raise ConfigError(f"{key}: {why}")
     for i, (key, path) in enumerate(data_paths(cfg)):
         if is_remote(path):  # streamed shard by shard at train time; the first dataset must be local
             if i == 0:

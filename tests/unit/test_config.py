@@ -279,6 +279,20 @@ def _data_dir(path):
     return stub_data_dir(path)
 
 
+@pytest.mark.parametrize("key", ["run.dir", "data.path", "data.cache_dir", "data.tokenizer", "init_from"])
+def test_a_path_key_that_is_not_utf8_is_refused_naming_the_key(tmp_path, key):
+    """run.dir=r<byte \\xff> was a UnicodeEncodeError traceback from streaming's shared memory, in the rank."""
+    import os
+
+    from mnemo.train.config import check_paths
+
+    odd = os.fsdecode(b"r\xff")
+    over = {"data.path": str(tmp_path), "run.dir": str(tmp_path / "run"), key: odd}
+    cfg = load_config(None, [f"{k}={v}" for k, v in over.items()])
+    with pytest.raises(ConfigError, match=rf"^{key}: 'r\\udcff' is not valid UTF-8 \(rename it\)$"):
+        check_paths(cfg)
+
+
 @pytest.mark.parametrize("url", [f"https://alice:{SECRET}@example.com/ds", "s3://bucket/ds", "gs://b/ds/"])
 def test_a_remote_data_path_is_refused_naming_data_path_with_credentials_hidden(tmp_path, url):
     from mnemo.train.config import check_paths

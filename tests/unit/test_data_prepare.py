@@ -536,6 +536,25 @@ def test_a_colon_in_the_first_component_is_a_local_dir_to_prepare_verify_and_tra
     assert src.get(0)["tokens"][-1] == m["eos_id"]
 
 
+def test_paths_that_are_not_utf8_are_written_or_refused_naming_the_key(corpus, tmp_path):
+    """A tokenizer or --out named with byte \\xff was a TypeError traceback (SentencePiece takes only UTF-8
+    paths); a dataset or cache folder so named, a UnicodeEncodeError in streaming's shared memory."""
+    from mnemo.data_pipeline.streams import MDSSource
+
+    tok = tmp_path / os.fsdecode(b"tok\xff.model")
+    tok.write_bytes(Path(corpus[2]).read_bytes())
+    out = tmp_path / os.fsdecode(b"dd\xff")
+    m = run(corpus, out, tokenizer=str(tok))
+    verify(str(out))
+    assert decoded(out) == corpus[1]
+    assert run(corpus, tmp_path / "trained", tokenizer=None, vocab_size=400)["num_documents"] == m["num_documents"]
+    with pytest.raises(DataError, match=r"^data\.path: '.*dd\\udcff' is not valid UTF-8 \(rename it\)$"):
+        MDSSource(str(out))
+    cache = tmp_path / os.fsdecode(b"c\xff")
+    with pytest.raises(DataError, match=r"^data\.path: '.*c\\udcff' is not valid UTF-8 \(rename it\)$"):
+        MDSSource(str(tmp_path / "trained"), cache_dir=str(cache))
+
+
 @pytest.fixture(scope="module")
 def word_corpus(tmp_path_factory):
     """40 documents, each one word of its own repeated: a document's text is found by its word."""

@@ -244,6 +244,17 @@ def test_bad_model_file_is_an_error(tmp_path):
         Tokenizer(tmp_path / "absent.model")
 
 
+def test_a_model_path_that_is_not_utf8_is_written_and_loaded(tok, tmp_path):
+    """SentencePiece's LoadFromFile takes only a UTF-8 path: a name with byte \\xff was a TypeError traceback,
+    after tokenizer train had written the model (so the rerun said it exists)."""
+    odd = tmp_path / os.fsdecode(b"t\xff.model")
+    trained = train_tokenizer([str(_corpus(tmp_path, 5))], odd, vocab_size=400)
+    assert odd.is_file() and trained.vocab_size == Tokenizer(odd).vocab_size == 400
+    copy = tmp_path / os.fsdecode(b"c\xfe.model")
+    copy.write_bytes(Path(tok.path).read_bytes())
+    assert Tokenizer(copy).encode(PROSE) == tok.encode(PROSE)
+
+
 @pytest.mark.parametrize("what", ["fifo", "directory", "device", "broken link"])
 def test_a_tokenizer_path_that_is_no_regular_file_is_refused_without_opening_it(tmp_path, what):
     """A FIFO used to hang forever (opened to sniff its kind); a directory or /dev/zero said 'no such file'."""
