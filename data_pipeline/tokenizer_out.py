@@ -16,7 +16,7 @@ from pathlib import Path
 
 import sentencepiece as spm
 
-from mnemo.data_pipeline.errors import DataError
+from mnemo.data_pipeline.errors import DataError, clip
 from mnemo.data_pipeline.files import OutputTaken, new_file_mode, not_a_regular_file, open_regular, publish
 
 
@@ -87,6 +87,14 @@ def check_model_out(out: str | os.PathLike, overwrite: bool = False) -> Path:
     if not str(out):  # Path("") is ".", the current directory
         raise DataError("--out is empty; give the model file to write, e.g. tokenizer.model")
     out = Path(out)
+    try:
+        _check_new_model_file(out, overwrite)
+    except OSError as e:  # pathlib's checks raise for a name too long, a folder without search permission
+        raise DataError(f"--out {clip(str(out), 200)}: {e.strerror or e}") from None
+    return out
+
+
+def _check_new_model_file(out: Path, overwrite: bool) -> None:
     if out.is_dir():
         raise DataError(f"--out {out}: is a directory; give the model file to write, e.g. {out / 'tokenizer.model'}")
     for parent in out.parents:
@@ -105,4 +113,3 @@ def check_model_out(out: str | os.PathLike, overwrite: bool = False) -> Path:
                 f"--out {out}: exists and is not a SentencePiece model mnemo wrote; mnemo will not replace it "
                 f"(remove it yourself or choose another --out)"
             )
-    return out

@@ -347,6 +347,15 @@ def _cli(capsys, *argv: str) -> tuple[int, str]:
     return rc, capsys.readouterr().err
 
 
+@pytest.mark.parametrize("name", ["a" * 256, "d" * 256 + "/t.model"])
+def test_out_name_too_long_is_one_line_before_training(tmp_path, capsys, name):
+    """A 256-byte --out was an OSError (File name too long) traceback from out.is_dir()."""
+    rc, err = _cli(capsys, "--input", str(_corpus(tmp_path, 3)), "--vocab-size", "300", "--out", str(tmp_path / name))
+    assert rc == 2 and err.count("\n") == 1 and err.startswith("mnemo: error: --out "), err
+    assert err.rstrip().endswith(": File name too long") and len(err) < 300, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus"]
+
+
 def test_out_directory_is_refused_before_training_and_leaves_nothing(tmp_path, capsys):
     """--out an existing directory: was an IsADirectoryError after training, with tokdir.tmp<pid> left behind."""
     (tmp_path / "tokdir").mkdir()
