@@ -71,8 +71,9 @@ def is_mnemo_sentencepiece(path: str | os.PathLike) -> bool:
         with open_regular(path) as f:  # never open() a FIFO: it waits for a writer forever
             if f.read(1) != b"\x0a":  # a model protocol buffer starts with field 1 (its pieces)
                 return False
+            data = b"\x0a" + f.read()
         sp = spm.SentencePieceProcessor()
-        sp.LoadFromFile(str(path))
+        sp.LoadFromSerializedProto(data)  # not LoadFromFile: it takes only a UTF-8 path
         reserved = [sp.id_to_piece(i) for i in range(4)] if sp.get_piece_size() > 4 else []
         return reserved == ["<unk>", "<s>", "</s>", "<pad>"] and sp.piece_to_id("<0x00>") != sp.unk_id()
     except (OSError, RuntimeError):

@@ -250,6 +250,8 @@ def test_a_model_path_that_is_not_utf8_is_written_and_loaded(tok, tmp_path):
     odd = tmp_path / os.fsdecode(b"t\xff.model")
     trained = train_tokenizer([str(_corpus(tmp_path, 5))], odd, vocab_size=400)
     assert odd.is_file() and trained.vocab_size == Tokenizer(odd).vocab_size == 400
+    again = train_tokenizer([str(tmp_path / "corpus")], odd, vocab_size=450, overwrite=True)  # a model mnemo wrote
+    assert again.vocab_size == Tokenizer(odd).vocab_size == 450
     copy = tmp_path / os.fsdecode(b"c\xfe.model")
     copy.write_bytes(Path(tok.path).read_bytes())
     assert Tokenizer(copy).encode(PROSE) == tok.encode(PROSE)
