@@ -45,8 +45,22 @@ def make_dirs(folder: str | Path) -> list[Path]:
     while not p.exists() and not p.is_symlink() and p != p.parent:
         missing.append(p)
         p = p.parent
-    folder.mkdir(parents=True, exist_ok=True)
-    return missing[::-1]
+    # One at a time, each recorded: mkdir(parents=True) failing deeper down (a name too long) left the
+    # parents it had made, which no caller knew of. On a failure the ones made here are removed again.
+    made: list[Path] = []
+    try:
+        for d in reversed(missing):
+            try:
+                d.mkdir()
+            except FileExistsError:
+                if not d.is_dir():
+                    raise
+                continue  # made meanwhile by someone else: not ours to remove
+            made.append(d)
+    except BaseException:
+        remove_made_dirs(made)
+        raise
+    return made
 
 
 def remove_made_dirs(made: list[Path]) -> None:

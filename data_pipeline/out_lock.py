@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import os
 
-from mnemo.data_pipeline.errors import DataError
-from mnemo.data_pipeline.files import LockBusy, take_flock_at
+from mnemo.data_pipeline.errors import DataError, clip
+from mnemo.data_pipeline.files import LockBusy, make_dirs, take_flock_at
 
 # In the state dir of --out (of the staging dir, and of a file:// target): held by the run that owns them.
 LOCK_NAME = "lock"
@@ -61,23 +61,18 @@ class OutLock:
         return self
 
     def _makedirs(self, path: str) -> None:
-        missing = []
-        p = path
-        while not os.path.lexists(p):
-            missing.append(p)
-            p = os.path.dirname(p)
-        os.makedirs(path, exist_ok=True)
-        self.created += reversed(missing)
+        self.created += [str(d) for d in make_dirs(path)]  # none left behind when it fails part way
 
     def _take(self, path: str) -> None:
         try:
             fd = take_flock_at(path, before=lambda: self._makedirs(os.path.dirname(path)))
         except LockBusy as e:
             raise DataError(
-                f"--out {self.url}: another mnemo prepare is running on it ({e.holder}); wait for it to end or stop it"
+                f"--out {clip(self.url, 200)}: another mnemo prepare is running on it ({e.holder}); wait for it to "
+                f"end or stop it"
             ) from None
-        except OSError as e:
-            raise DataError(f"--out {self.url}: cannot lock {path} ({e.strerror or e})") from None
+        except OSError as e:  # paths clipped: one over PATH_MAX made an 8 KB line
+            raise DataError(f"--out {clip(self.url, 200)}: cannot lock {clip(path, 200)} ({e.strerror or e})") from None
         self.held.append((fd, path))
         _held_fds.add(fd)
 

@@ -234,6 +234,29 @@ def test_a_refused_out_is_left_as_it_was(model, corpus, tmp_path):
     assert os.listdir(foreign) == ["thesis.tex"]
 
 
+def test_an_out_over_path_max_is_a_short_line_and_leaves_no_folders(model, corpus, tmp_path, capsys):
+    """The lock's folders were made with os.makedirs before the lock failed (File name too long): 16 nested
+    empty folders stayed, and the error line quoted the whole 5 KB path twice."""
+    before = sorted(os.listdir(tmp_path))
+    long = tmp_path / "/".join(["x" * 250] * 20)
+    rc, err = cli(capsys, "prepare", "--input", corpus, "--tokenizer", model, "--out", long, "--workers", 1)
+    line = one_error_line(err)
+    assert rc == 2 and "File name too long" in line and len(line) < 600, line
+    assert sorted(os.listdir(tmp_path)) == before
+
+
+def test_folders_made_for_an_output_are_removed_when_a_deeper_one_fails(tmp_path):
+    """mkdir(parents=True) failing part way (a 256-byte name) left the parents it made: `mnemo export R
+    --out newparent/sub/<256 bytes>/x` left newparent/sub behind. Folders that were there stay."""
+    from mnemo.data_pipeline.files import make_dirs
+
+    (tmp_path / "old").mkdir()
+    with pytest.raises(OSError, match="File name too long"):
+        make_dirs(tmp_path / "old" / "new" / "sub" / ("a" * 256) / "x")
+    assert os.listdir(tmp_path) == ["old"] and os.listdir(tmp_path / "old") == []
+    assert make_dirs(tmp_path / "old" / "n" / "m") == [tmp_path / "old" / "n", tmp_path / "old" / "n" / "m"]
+
+
 def test_training_reads_a_file_url_where_prepare_wrote_it():
     """prepare --out file://localhost/x wrote /x, but data.path=file://localhost/x was read as the relative
     path 'localhost/x' (the prefix cut off); file:///a%20b likewise as '/a%20b'. One reading for both now."""
