@@ -122,7 +122,8 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         stats=stats,
     )
-    print(f"wrote {tok.path}: {tok.vocab_size} pieces, eos_id={tok.eos_id}, sha256={tok.sha256}")
+    # escaped as the error lines are: a file name with a newline or an escape sequence
+    print(visible(f"wrote {tok.path}: {tok.vocab_size} pieces, eos_id={tok.eos_id}, sha256={tok.sha256}"))
     # No manifest to point to: the first place skipped or repaired is named instead (escaped: a file name).
     first = f" (first: {visible(clip(stats.examples[0], 200))})" if stats.examples else ""
     summary = skip_summary({**skipped_and_repaired(stats), "max_doc_bytes": args.max_doc_bytes}, first)
@@ -189,6 +190,7 @@ def add_prepare(sub: argparse._SubParsersAction, name: str) -> argparse.Argument
 
 def cmd_prepare(args: argparse.Namespace) -> int:
     from mnemo.data_pipeline.prepare import prepare
+    from mnemo.train.errors import visible
 
     m = prepare(
         args.input,
@@ -214,7 +216,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     )
     if m.get("num_passkey_documents"):
         line += f", {m['num_passkey_documents']} passkey documents"
-    print(line)
+    print(visible(line))  # --out may hold a newline or an escape sequence
     summary = skip_summary(m)
     if summary:
         print(summary, file=sys.stderr)

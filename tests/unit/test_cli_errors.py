@@ -211,6 +211,8 @@ def test_exit_status_escapes_every_control_character():
 
     assert visible("a\tb\nc\rd\x00e\x7ff\x9bg ü 日") == "a\\tb\\nc\\rd\\x00e\\x7ff\\x9bg ü 日"
     assert visible("a\tb\nc\x1b", keep="\n\t") == "a\tb\nc\\x1b"
+    # a file name's bytes that are not UTF-8 (surrogate-escaped): the bytes, which any stdout can encode
+    assert visible("dd\udcff \ud800") == "dd\\xff \\ud800"
     # Bidi overrides, isolates, marks and line separators reorder or break what a terminal shows ("n\u202etxt.exe"
     # reads as "nexe.txt"): escaped too; letters of right-to-left scripts are text and stay.
     assert visible("n\u202etxt.exe \u2066x\u2069 \u200f\u061c \u2028\u2029 مرحبا") == (

@@ -257,6 +257,22 @@ def test_folders_made_for_an_output_are_removed_when_a_deeper_one_fails(tmp_path
     assert make_dirs(tmp_path / "old" / "n" / "m") == [tmp_path / "old" / "n", tmp_path / "old" / "n" / "m"]
 
 
+@pytest.mark.parametrize("command", ["prepare", "tokenizer"])
+def test_success_lines_escape_the_control_characters_of_names(model, corpus, tmp_path, capsys, command):
+    """`wrote t<ESC>[31mRED<newline>.model: ...` went to the terminal raw (error lines were escaped); a name
+    with byte \\xff could not be printed where stdout is strict UTF-8."""
+    name = "o\x1b[31mRED\n\u202e" + os.fsdecode(b"\xff")
+    if command == "prepare":
+        argv = ["prepare", "--input", corpus, "--tokenizer", model, "--out", tmp_path / name, "--workers", 1]
+    else:
+        argv = ["tokenizer", "train", "--input", corpus, "--vocab-size", 300, "--out", tmp_path / name]
+    capsys.readouterr()
+    assert main([str(a) for a in argv]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"wrote {tmp_path}/o\\x1b[31mRED\\n\\u202e\\xff: ") and out.count("\n") == 1, out
+    out.encode("utf-8")  # strict: no surrogate left
+
+
 def test_training_reads_a_file_url_where_prepare_wrote_it():
     """prepare --out file://localhost/x wrote /x, but data.path=file://localhost/x was read as the relative
     path 'localhost/x' (the prefix cut off); file:///a%20b likewise as '/a%20b'. One reading for both now."""
