@@ -11,8 +11,8 @@ Two kinds of secret:
 - credentials inside a URI, ``scheme://user:password@host/...`` (an MLflow
   tracking URI with basic auth, a data URL): ``redact_uri`` replaces the whole
   userinfo with ``***`` (a user name alone can be a token, as in
-  ``https://TOKEN@host``; a password may hold an unencoded '@', '/', '?' or
-  '#'), and the value of every query parameter whose name
+  ``https://TOKEN@host``; a password may hold an unencoded '@', '/', '?',
+  '#' or blank), and the value of every query parameter whose name
   says it holds a credential (``?token=...``, ``&access_token=``,
   ``&password=``, a presigned URL's ``X-Amz-Signature=``, a SAS ``sig=``);
 - credential environment variables (``MLFLOW_TRACKING_PASSWORD``,
@@ -50,18 +50,27 @@ _SECRET_NAME = re.compile(r"PASSWORD|PASSWD|SECRET|TOKEN|CREDENTIAL|API_?KEY|ACC
 # blank; the userinfo is everything in it up to its last '@' (an unencoded '@'
 # in a password is common, and urllib splits at the last one too).
 # Failing that, ``scheme://user:pass@host`` whose password holds an unencoded
-# '/', '?' or '#' (they end the authority above, so the URI looked like one
-# without credentials): a ':' before any of them (and before any '[', which
+# '/', '?', '#' or a blank (they end the authority above, so the URI looked like
+# one without credentials): a ':' before any of them (and before any '[', which
 # opens an IPv6 host), not followed by a port (digits, then '/', '?', '#' or the
-# end: http://host:8080/a@b is a path), makes all up to the last '@' before a
-# blank the userinfo. Hiding a little more than the password in a rare case (an
-# '@' in the path too) beats showing part of it. A password of digits then '/'
-# reads as a port (http://u:1234/x@h cannot be told from http://host:1234/x@h),
-# and one with an '@' before its first '/' as a host and path (http://u:p@ss/x@h: as
-# http://u:p@host/path@v2, where the path is kept readable).
+# end, or digits then a blank: http://host:8080/a@b is a path), makes all up to
+# the last '@' before a blank the userinfo, else (a blank, tab, newline or
+# no-break space in the password: ``uri_problem`` refuses such a tracking URI,
+# but a data URL or a message may still hold one) all up to the last '@',
+# line breaks included. Neither reaches past the next ``://`` (another URI), which
+# also keeps the scan linear: from each ``scheme://`` it stops at the next one.
+# Hiding a little more than the password in a rare case (an '@' in the path or
+# later in the text too) beats showing part of it. A password of digits then
+# '/' or a blank reads as a port (http://u:1234/x@h cannot be told from
+# http://host:1234/x@h), and one with an '@' before its first '/' as a host and
+# path (http://u:p@ss/x@h: as http://u:p@host/path@v2, where the path is kept
+# readable). A scheme starts where no scheme character precedes it (not
+# ``\b``, which let every letter of ``a.b.c...`` start a scan: quadratic).
 _USERINFO = re.compile(
-    r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.\-]*://)"
-    r"(?:[^/?#\s]*@|[^/?#@:\[\s]*:(?!\d*(?:[/?#]|$))\S*@)"
+    r"(?<![A-Za-z0-9+.\-])(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)"
+    r"(?:[^/?#\s]*@"
+    r"|[^/?#@:\[\s]*:(?!\d*(?:[/?#]|$)|\d+\s)"
+    r"(?:(?:(?:(?!://)[^\s@])*@)+|(?:(?:(?!://)[^@])*@)+))"
 )
 
 # A query parameter, ``?name=value`` or ``&name=value``, also without a scheme

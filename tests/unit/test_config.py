@@ -619,6 +619,22 @@ def test_the_tracking_defaults_from_the_environment_are_checked_too_and_a_passwo
     check_paths(cfg)  # the config's own value wins over the environment's
 
 
+@pytest.mark.parametrize("blank", [" ", "\t", "\n", "\xa0", "\u2028", "\x7f"])
+def test_a_tracking_uri_with_a_blank_or_control_character_is_refused_without_its_password(tmp_path, blank):
+    # Before: a password with a blank escaped redaction, so it was shown in warnings and saved in config.yaml,
+    # meta.json, MLflow params, SLURM scripts and ssh command lines; now such a URI never gets that far.
+    from mnemo.train.config import check_paths
+
+    data = _data_dir(tmp_path / "data")
+    uri = f"http://alice:PW{blank}{SECRET}@127.0.0.1:1"
+    cfg = load_config(None, [f"data.path={data}", f"run.dir={tmp_path / 'run'}", f"tracking.uri={uri}"])
+    with pytest.raises(ConfigError) as e:
+        check_paths(cfg)
+    why = str(e.value)
+    assert why.startswith("tracking.uri: 'http://***@127.0.0.1:1': holds a blank or control character (U+"), why
+    assert "percent-encode it as %" in why and SECRET not in why and "PW" not in why and "\n" not in why
+
+
 @pytest.mark.parametrize(
     "uri",
     [

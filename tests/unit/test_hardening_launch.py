@@ -1017,6 +1017,39 @@ def test_redact_uri():
     assert not is_secret_env("MLFLOW_TRACKING_URI", "http://h:5000") and not is_secret_env("NCCL_DEBUG", "INFO")
 
 
+def test_redact_uri_hides_a_password_with_blanks():
+    # Before: the userinfo stopped at a blank, so the URI was shown as given, and has_credentials said no (so
+    # launch put it on command lines).
+    from mnemo.train.redact import has_credentials, redact_tree, redact_uri
+
+    for blank in (" ", "\t", "\n", "\xa0", " x y\t"):
+        for text, shown in {
+            f"http://alice:PW{blank}{SECRET}@127.0.0.1:1": "http://***@127.0.0.1:1",
+            f"see http://alice:PW{blank}{SECRET}@h:1/p and http://u:{SECRET}@g": "see http://***@h:1/p and http://***@g",
+            f"https://:{blank}{SECRET}@h/x?a=1": "https://***@h/x?a=1",
+            f"'http://a:{SECRET}/x{blank}y@h'": "'http://***@h'",
+        }.items():
+            assert redact_uri(text) == shown and has_credentials(text), repr(text)
+            assert redact_uri(shown) == shown
+    assert redact_tree({"a": [f"http://a:P W{SECRET}@h"]}) == {"a": ["http://***@h"]}
+    # a port before a blank, an e-mail address after a URI stay readable
+    for plain in ("http://h:5000 is down; write to admin@example.com", "http://h:5000\nadmin@example.com"):
+        assert redact_uri(plain) == plain and not has_credentials(plain), plain
+
+
+def test_redact_uri_takes_linear_time():
+    # Every letter of "a.b.c..." (\b) and every "scheme://u:" started a scan to the end of the text: a
+    # 200 kB config value took seconds to report.
+    import time
+
+    from mnemo.train.redact import redact_uri
+
+    for text in ("a." * 100_000, "http://a:b" * 20_000, "http://a:b?" * 20_000, "=http://:" * 20_000):
+        start = time.perf_counter()
+        assert redact_uri(text) == text
+        assert time.perf_counter() - start < 1.0, text[:20]
+
+
 def test_config_yaml_meta_json_and_export_hold_no_secret(tmp_path):
     from mnemo.train.checkpoint import CheckpointManager, read_meta
     from mnemo.train.config import load_config, to_dict, to_yaml

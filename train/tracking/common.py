@@ -30,7 +30,7 @@ import sys
 import unicodedata
 from collections.abc import Callable
 from pathlib import Path
-from urllib.parse import urlparse
+from urllib.parse import quote, urlparse
 
 DEFAULT_EXPERIMENT = "mnemo"
 PARENT_RUN_TAG = "mnemo.parent_run_id"
@@ -82,9 +82,22 @@ MAX_EXPERIMENT_NAME = 500
 URI_FORMS = "http(s)://HOST[:PORT], sqlite:///PATH, postgresql|mysql|mssql[+DRIVER]://..., databricks[://PROFILE]"
 
 
+# Unicode categories of what a URI never holds unencoded: controls, format characters, blanks, line breaks.
+_BLANK_OR_CONTROL = ("Cc", "Cf", "Zs", "Zl", "Zp")
+
+
 def uri_problem(uri: str) -> str | None:
     """Why MLflow could not open tracking store ``uri`` (None: it can), from the URI alone: no store is contacted
     and mlflow is not imported. Mirrors how MLflow picks a store (mlflow.utils.uri.get_uri_scheme)."""
+    # A blank or control character is never part of a URI (RFC 3986): MLflow and requests would send it
+    # mangled or refuse it late, and in a password it also defeated redaction (train/redact.py). The
+    # character is named, not the URI or its position: it may be in the password.
+    if bad := next((ch for ch in uri if ch.isspace() or unicodedata.category(ch) in _BLANK_OR_CONTROL), None):
+        name = unicodedata.name(bad, repr(bad))
+        return (
+            f"holds a blank or control character (U+{ord(bad):04X} {name}), which a URI cannot: "
+            f"percent-encode it as {quote(bad)} (in a user name or password too)"
+        )
     # MLflow takes these whole values as schemes, not as paths.
     scheme = uri if uri in DATABRICKS_SCHEMES + REFUSED_SCHEMES else urlparse(uri).scheme  # lower-cased, as MLflow
     if len(scheme) == 1 and scheme.isalpha():  # a Windows drive, C:\..., which MLflow reads as a path
