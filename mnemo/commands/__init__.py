@@ -27,7 +27,16 @@ class OneLineParser(argparse.ArgumentParser):
     """
 
     def error(self, message: str):
-        self.exit(2, f"mnemo: error: {message} (see: {self.prog} --help)\n")
+        self.fail(message, self.prog)
+
+    def fail(self, message: str, prog: str):
+        """Exit 2 with ``message`` on one line. It quotes the arguments, which may be a URI with credentials
+        (``--tracking-uri http://u:pass@h``, a URI given to an integer flag): hidden as every other error
+        hides them, control characters escaped (train/errors.py exit_status)."""
+        from mnemo.train.errors import visible
+        from mnemo.train.redact import redact_uri
+
+        self.exit(2, f"mnemo: error: {visible(redact_uri(message))} (see: {prog} --help)\n")
 
     def parse_known_args(self, args=None, namespace=None):
         ns, extras = super().parse_known_args(args, namespace)
@@ -41,7 +50,7 @@ class OneLineParser(argparse.ArgumentParser):
         if hasattr(ns, _PROG):
             delattr(ns, _PROG)
         if extras:
-            self.exit(2, f"mnemo: error: unrecognized arguments: {' '.join(extras)} (see: {prog} --help)\n")
+            self.fail(f"unrecognized arguments: {' '.join(extras)}", prog)
         return ns
 
 

@@ -401,3 +401,29 @@ def test_argparse_errors_are_one_line_naming_the_command(capsys, argv, line):
         main(argv)
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1 and err.startswith("mnemo: error: ") and line in err, err
+
+
+@pytest.mark.parametrize(
+    "argv, line",
+    [
+        (
+            ["train", "c.yaml", "--tracking-uri", "http://alice:SECH1@mlflow.example:5000"],
+            "unrecognized arguments: --tracking-uri http://***@mlflow.example:5000 (see: mnemo train --help)",
+        ),
+        (
+            ["launch", "c.yaml", "--master-port", "http://u:SECF1@h"],
+            "argument --master-port: expected an integer in ASCII digits (at most 30), got 'http://***@h' "
+            "(see: mnemo launch --help)",
+        ),
+        (["train", "c.yaml", "--x", "a\nb"], "unrecognized arguments: --x a\\nb (see: mnemo train --help)"),
+    ],
+)
+def test_argparse_errors_hide_credentials_and_stay_on_one_line(capsys, argv, line):
+    """Before: argparse's message quoted the arguments as given, a URI's password (and a newline) included."""
+    from mnemo.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err == f"mnemo: error: {line}\n", err
+    assert "SEC" not in err
