@@ -28,7 +28,7 @@ from mnemo.data_pipeline.errors import brief, clip
 from mnemo.data_pipeline.files import open_regular
 from mnemo.data_pipeline.paths import is_remote, local_path, not_a_dataset_dir, not_utf8
 from mnemo.train.errors import UserError, path_errors
-from mnemo.train.redact import redact_uri
+from mnemo.train.redact import redact_uri, redact_uri_value
 
 
 class ConfigError(UserError):
@@ -1264,14 +1264,15 @@ def check_tracking(cfg: Config) -> None:
     # Not at module level: the tracking package imports this module.
     from mnemo.train.tracking.common import experiment_problem, uri_problem
 
-    for key, env, value, problem in (
-        ("tracking.uri", "MLFLOW_TRACKING_URI", cfg.tracking.uri, uri_problem),
-        ("tracking.experiment", "MLFLOW_EXPERIMENT_NAME", cfg.tracking.experiment, experiment_problem),
+    for key, env, value, problem, hide in (
+        # The URI is shown as one: alice:PASS@host (no http://) hides its password too.
+        ("tracking.uri", "MLFLOW_TRACKING_URI", cfg.tracking.uri, uri_problem, redact_uri_value),
+        ("tracking.experiment", "MLFLOW_EXPERIMENT_NAME", cfg.tracking.experiment, experiment_problem, redact_uri),
     ):
         where = key if value else f"{key} (empty: ${env})"
         value = value or os.environ.get(env, "")
         if value and (why := problem(value)):
-            raise ConfigError(f"{where}: {_brief(value)}: {why}")
+            raise ConfigError(f"{where}: {brief(value, hide=hide)}: {why}")
 
 
 def check_shards(key: str, data_dir: Path) -> None:

@@ -12,7 +12,8 @@ Two kinds of secret:
   tracking URI with basic auth, a data URL): ``redact_uri`` replaces the whole
   userinfo with ``***`` (a user name alone can be a token, as in
   ``https://TOKEN@host``; a password may hold an unencoded '@', '/', '?',
-  '#' or blank), and the value of every query parameter whose name
+  '#' or blank), also in a URI that lost a slash (``https:/user:pass@host``,
+  as pathlib writes it), and the value of every query parameter whose name
   says it holds a credential (``?token=...``, ``&access_token=``,
   ``&password=``, a presigned URL's ``X-Amz-Signature=``, a SAS ``sig=``);
 - credential environment variables (``MLFLOW_TRACKING_PASSWORD``,
@@ -72,6 +73,14 @@ _USERINFO = re.compile(
     r"|[^/?#@:\[\s]*:(?!\d*(?:[/?#]|$)|\d+\s)"
     r"(?:(?:(?:(?!://)[^\s@])*@)+|(?:(?:(?!://)[^@])*@)+))"
 )
+# A URI that lost one or both slashes (pathlib makes ``https:/u:p@h/x`` of
+# ``https://u:p@h/x``; ``https:u:p@h`` was mistyped): ``word:/`` or ``word:``
+# right before ``user:`` in a run of non-blanks, whose userinfo then ends at the
+# run's last '@' (``_hide_lost_slash``). The ':' after the user is required, so
+# ``mailto:a@b`` and ``file:/tmp/a@b`` stay readable; the word must not continue
+# a word, path or URI.
+_LOST_SLASH = re.compile(r"(?<![\w+.\-/:%])(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*:/?)(?=[^/])[^/?#@:\[]+:")
+_NON_BLANK = re.compile(r"\S+")
 
 # A query parameter, ``?name=value`` or ``&name=value``, also without a scheme
 # in front (an HTTP library's error quotes the request path only). The value
@@ -91,6 +100,20 @@ def _hide_query_value(m: re.Match) -> str:
     return f"{m['lead']}{REDACTED}" if _secret_query_name(m["name"]) else m[0]
 
 
+def _lost_slash(run: str) -> re.Match | None:
+    """The ``word:/user:`` or ``word:user:`` that starts a userinfo in ``run`` (no blanks), or None."""
+    at = run.rfind("@")
+    return _LOST_SLASH.search(run, 0, at) if at > 0 else None
+
+
+def _hide_lost_slash(m: re.Match) -> str:
+    run = m[0]
+    lost = _lost_slash(run)
+    if lost is None:
+        return run
+    return f"{run[: lost.start()]}{lost['scheme']}{REDACTED}{run[run.rfind('@') :]}"
+
+
 def redact_uri(text: str) -> str:
     """``text`` with the credentials of every URI in it replaced by ``***``.
 
@@ -100,12 +123,24 @@ def redact_uri(text: str) -> str:
     any string (a URI, a log line, an override ``key=value``); text without
     credentials comes back unchanged, and redacting twice changes nothing more.
     """
-    return _QUERY_PARAM.sub(_hide_query_value, _USERINFO.sub(lambda m: f"{m['scheme']}{REDACTED}@", text))
+    text = _NON_BLANK.sub(_hide_lost_slash, _USERINFO.sub(lambda m: f"{m['scheme']}{REDACTED}@", text))
+    return _QUERY_PARAM.sub(_hide_query_value, text)
+
+
+def redact_uri_value(uri: str) -> str:
+    """``redact_uri`` of a value known to be one URI (``tracking.uri``), where a userinfo without a ``//``
+    before it is one too: in ``alice:PASS@host:5000`` (``http://`` forgotten) or ``TOKEN@host`` all before
+    the last '@' is hidden (``***@host:5000``), a scheme or path with it. In free text ``a:b@c`` or
+    ``user@host`` is no credential, so ``redact_uri`` keeps them."""
+    shown = redact_uri(uri)
+    if shown == uri and "//" not in uri and "@" in uri:
+        shown = REDACTED + uri[uri.rfind("@") :]
+    return shown
 
 
 def has_credentials(text: str) -> bool:
     """Does ``text`` hold a URI with a userinfo part or a query parameter named like a credential?"""
-    if _USERINFO.search(text) is not None:
+    if _USERINFO.search(text) is not None or any(_lost_slash(m[0]) for m in _NON_BLANK.finditer(text)):
         return True
     return any(_secret_query_name(m["name"]) for m in _QUERY_PARAM.finditer(text))
 

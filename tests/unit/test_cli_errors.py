@@ -427,3 +427,30 @@ def test_argparse_errors_hide_credentials_and_stay_on_one_line(capsys, argv, lin
     err = capsys.readouterr().err
     assert e.value.code == 2 and err == f"mnemo: error: {line}\n", err
     assert "SEC" not in err
+
+
+@pytest.mark.parametrize(
+    "argv, line",
+    [
+        (["eval", "run1", "--data", "https://alice:SECP1@data.example/ds"], "--data: no such directory: https:/***@"),
+        (["train", "https://alice:SECP2@cfg.example/debug.yaml"], "config file not found: https:/***@cfg.example"),
+        (["generate", "run1", "--prompt-file", "https://alice:SECP3@x.example/p"], "--prompt-file: https:/***@x."),
+    ],
+)
+def test_a_uri_that_pathlib_took_a_slash_from_is_shown_redacted(tmp_path, monkeypatch, capsys, argv, line):
+    """Before: Path("https://u:p@h/x") is https:/u:p@h/x, which redact_uri did not take for a URI."""
+    from mnemo.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "c.yaml").write_text("run:\n  dir: r\n")
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("mnemo: error: ") and line in err and "SECP" not in err, err
+
+
+def test_a_hostfile_uri_is_shown_redacted(capsys):
+    from mnemo.launch.hostfile import parse_hostfile
+    from mnemo.train.errors import exit_status
+
+    assert exit_status(lambda: parse_hostfile("https://alice:SECP4@x.example/hosts")) == 2
+    assert capsys.readouterr().err == "mnemo: error: hostfile not found: https:/***@x.example/hosts\n"

@@ -619,6 +619,29 @@ def test_the_tracking_defaults_from_the_environment_are_checked_too_and_a_passwo
     check_paths(cfg)  # the config's own value wins over the environment's
 
 
+@pytest.mark.parametrize(
+    "uri, shown, why",
+    [
+        (f"alice:{SECRET}@mlflow.example:5000", "'***@mlflow.example:5000'", "no scheme:// before its user:password@"),
+        (f"https:/alice:{SECRET}@mlflow.example", "'https:/***@mlflow.example'", "no host after https://"),
+        (f"https:{SECRET}@mlflow.example", "'***@mlflow.example'", "no host after https://"),
+    ],
+)
+def test_a_tracking_uri_without_its_slashes_is_refused_without_its_password(tmp_path, monkeypatch, uri, shown, why):
+    # Before: 'alice:PASS@host' was "unknown scheme 'alice'" with the URI shown whole (no scheme:// to redact).
+    from mnemo.train.config import check_paths
+
+    data = _data_dir(tmp_path / "data")
+    cfg = load_config(None, [f"data.path={data}", f"run.dir={tmp_path / 'run'}", f"tracking.uri={uri}"])
+    with pytest.raises(ConfigError) as e:
+        check_paths(cfg)
+    assert str(e.value).startswith(f"tracking.uri: {shown}: {why}") and SECRET not in str(e.value), str(e.value)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    with pytest.raises(ConfigError) as e:
+        check_paths(load_config(None, [f"data.path={data}", f"run.dir={tmp_path / 'run'}"]))
+    assert str(e.value).startswith(f"tracking.uri (empty: $MLFLOW_TRACKING_URI): {shown}: {why}"), str(e.value)
+
+
 @pytest.mark.parametrize("blank", [" ", "\t", "\n", "\xa0", "\u2028", "\x7f"])
 def test_a_tracking_uri_with_a_blank_or_control_character_is_refused_without_its_password(tmp_path, blank):
     # Before: a password with a blank escaped redaction, so it was shown in warnings and saved in config.yaml,

@@ -1037,6 +1037,33 @@ def test_redact_uri_hides_a_password_with_blanks():
         assert redact_uri(plain) == plain and not has_credentials(plain), plain
 
 
+def test_redact_uri_hides_credentials_of_a_uri_that_lost_a_slash():
+    # Before: only scheme://user:pass@ counted, so pathlib's copy of a URI (https:/u:p@h/x: `--data: no such
+    # directory: ...`, `config file not found: ...`) and https:u:p@h were shown as given.
+    from mnemo.train.redact import has_credentials, redact_uri, redact_uri_value
+
+    for text, shown in {
+        f"https:/alice:{SECRET}@data.example/ds": "https:/***@data.example/ds",
+        f"--data: no such directory: s3:/u:{SECRET}@b/x": "--data: no such directory: s3:/***@b/x",
+        f"tracking.uri=https:alice:{SECRET}@h:5000": "tracking.uri=https:***@h:5000",
+        f"x@https:/u:p@ss{SECRET}@h 'https:/a:{SECRET}@g'": "x@https:/***@h 'https:/***@g'",
+    }.items():
+        assert redact_uri(text) == shown and has_credentials(text), text
+        assert redact_uri(shown) == shown
+    for plain in ("file:/tmp/a@b", "mailto:a@b", "http://host/a:b:c@d", "C:/x/a:b@c", "error: a:b@c", "x@y:z"):
+        assert redact_uri(plain) == plain and not has_credentials(plain), plain
+    # A value known to be a URI: a userinfo with no // before it is one too (http:// forgotten, a token user).
+    for uri, shown in {
+        f"alice:{SECRET}@mlflow.example:5000": "***@mlflow.example:5000",
+        f"{SECRET}@mlflow.example": "***@mlflow.example",
+        f"https:{SECRET}@h": "***@h",
+        f"https:/a:{SECRET}@h": "https:/***@h",
+        "http://h:5000": "http://h:5000",
+        "sqlite:////tmp/a@b/x.db": "sqlite:////tmp/a@b/x.db",
+    }.items():
+        assert redact_uri_value(uri) == shown, uri
+
+
 def test_redact_uri_takes_linear_time():
     # Every letter of "a.b.c..." (\b) and every "scheme://u:" started a scan to the end of the text: a
     # 200 kB config value took seconds to report.

@@ -121,6 +121,8 @@ def uri_problem(uri: str) -> str | None:
         return f"{scheme!r} is a Unity Catalog model registry, not a tracking store ({URI_FORMS})"
     if scheme in store_plugin_schemes():
         return None
+    if "//" not in uri and "@" in uri:  # the "scheme" of alice:PASS@host is the user name: not shown
+        return f"no scheme:// before its user:password@ ({URI_FORMS})"
     return f"unknown scheme {scheme!r}: MLflow cannot open it as a tracking store ({URI_FORMS})"
 
 
