@@ -48,7 +48,7 @@ from mnemo.data_pipeline.files import MAX_JSON_BYTES, atomic_write, read_bounded
 from mnemo.data_pipeline.inputs import Corpus, WorkUnit
 from mnemo.data_pipeline.lean_imports import import_streaming
 from mnemo.data_pipeline.out_lock import LOCK_NAME
-from mnemo.data_pipeline.paths import file_url_path, is_file_url, is_remote
+from mnemo.data_pipeline.paths import file_url_path, is_file_url, is_remote, parse_url
 from mnemo.data_pipeline.progress import note
 
 STATE_DIR = ".mnemo-prepare"
@@ -89,7 +89,7 @@ def resolve_out(out: str, staging: str | None = None) -> OutLocation:
         raise DataError("--out is empty; give the output directory")
     if not is_file_url(out) and not is_remote(out):  # as data.path reads it: "data:v1" is a directory
         return OutLocation(out, os.path.abspath(os.path.expanduser(out)), None)
-    scheme = urllib.parse.urlparse(out).scheme
+    scheme = parse_url(out, "--out").scheme
     if scheme == "file":
         remote = file_url_path(out, "--out")
     else:

@@ -29,6 +29,15 @@ def is_file_url(uri: str) -> bool:
     return uri.startswith("file:")
 
 
+def parse_url(url: str, what: str) -> urllib.parse.ParseResult:
+    """``urllib.parse.urlparse`` of a URL the user gave as ``what`` (a flag or key): one it cannot split (an
+    unbalanced '[' or ']' in the host: "Invalid IPv6 URL") is a DataError naming ``what``, not a traceback."""
+    try:
+        return urllib.parse.urlparse(url)
+    except ValueError as e:
+        raise DataError(f"{what} {brief(url, 200)}: not a valid URL ({e})") from None
+
+
 def file_url_path(url: str, what: str) -> str:
     """The absolute local path a ``file://`` URL names: ``file:///ABS/PATH`` or ``file://localhost/ABS/PATH``
     (percent-escapes decoded).
@@ -37,7 +46,7 @@ def file_url_path(url: str, what: str) -> str:
     fragment would be dropped or misread, so they are a DataError naming ``what`` (the flag or key)
     rather than a read of, or a write to, another directory.
     """
-    u = urllib.parse.urlparse(url)
+    u = parse_url(url, what)
     if u.netloc not in ("", "localhost") or not u.path.startswith("/") or u.params or u.query or u.fragment:
         raise DataError(
             f"{what} {brief(url, 200)}: a file URL names an absolute path of this machine, file:///ABS/PATH "

@@ -578,6 +578,8 @@ def test_max_steps_may_be_0_when_a_token_budget_sets_the_steps():
         ("tracking.uri=Sqlite:///x.db", "lower case"),
         ("tracking.uri=postgresql+a+b://h/db", "unknown database scheme"),
         ("tracking.uri=databricks-uc", "Unity Catalog"),
+        ("tracking.uri=http://[fe80::1%eth0:5000", "not a valid URI (Invalid IPv6 URL)"),  # was a traceback
+        ("tracking.uri=http://mlflow.example:5000]", "not a valid URI (Invalid IPv6 URL)"),
         ("tracking.experiment=" + "e" * 501, "501 characters, over MLflow's limit of 500"),
         ("tracking.experiment=a\tb", "control character"),  # an override's string is taken as written
         ("tracking.experiment=a\nb", "control character"),
@@ -609,6 +611,10 @@ def test_the_tracking_defaults_from_the_environment_are_checked_too_and_a_passwo
     cfg = load_config(None, [f"data.path={data}", f"run.dir={tmp_path / 'run'}"])
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"foo://alice:{SECRET}@host")
     with pytest.raises(ConfigError, match=r"^tracking\.uri \(empty: \$MLFLOW_TRACKING_URI\): 'foo://\*\*\*@host'") as e:
+        check_paths(cfg)
+    assert SECRET not in str(e.value)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://u:{SECRET}@mlflow.example:5000]")
+    with pytest.raises(ConfigError, match=r"^tracking\.uri \(empty: \$MLFLOW_TRACKING_URI\): .*not a valid URI") as e:
         check_paths(cfg)
     assert SECRET not in str(e.value)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///x.db")

@@ -105,6 +105,18 @@ def test_a_file_url_must_name_an_absolute_path_of_this_machine(url):
         resolve_out(url, staging="/tmp/unused")
 
 
+@pytest.mark.parametrize("url", ["http://[x/y", "file://[x/y", "s3://b]/x", "file://h]/x"])
+def test_an_out_url_urllib_cannot_split_is_one_line_not_a_traceback(url):
+    # Before: urlparse's ValueError("Invalid IPv6 URL") went up as a traceback.
+    from mnemo.data_pipeline.paths import local_path
+
+    with pytest.raises(DataError, match=r"^--out '.*': not a valid URL \(Invalid IPv6 URL\)$"):
+        resolve_out(url, staging="/tmp/unused")
+    if url.startswith("file:"):
+        with pytest.raises(DataError, match=r"^data\.path '.*': not a valid URL \(Invalid IPv6 URL\)$"):
+            local_path(url, "data.path")
+
+
 def test_file_url_with_localhost_is_the_local_path(tmp_path):
     assert resolve_out(f"file://localhost{tmp_path}/x", staging="/tmp/s").remote == f"{tmp_path}/x"
     assert resolve_out(f"file://{tmp_path}/x", staging="/tmp/s").remote == f"{tmp_path}/x"

@@ -98,12 +98,16 @@ def uri_problem(uri: str) -> str | None:
             f"holds a blank or control character (U+{ord(bad):04X} {name}), which a URI cannot: "
             f"percent-encode it as {quote(bad)} (in a user name or password too)"
         )
+    try:  # an unbalanced '[' or ']' in the host part: urllib's ValueError, a traceback before
+        parsed = urlparse(uri)
+    except ValueError as e:
+        return f"not a valid URI ({e})"
     # MLflow takes these whole values as schemes, not as paths.
-    scheme = uri if uri in DATABRICKS_SCHEMES + REFUSED_SCHEMES else urlparse(uri).scheme  # lower-cased, as MLflow
+    scheme = uri if uri in DATABRICKS_SCHEMES + REFUSED_SCHEMES else parsed.scheme  # lower-cased, as MLflow
     if len(scheme) == 1 and scheme.isalpha():  # a Windows drive, C:\..., which MLflow reads as a path
         scheme = ""
     if scheme in SERVER_SCHEMES:
-        host = urlparse(uri).netloc.rpartition("@")[2]  # not the user:password@ before it
+        host = parsed.netloc.rpartition("@")[2]  # not the user:password@ before it
         return None if host else f"no host after {scheme}:// ({URI_FORMS})"
     if any(scheme.startswith(db) for db in DB_SCHEMES):
         engine, _, driver = scheme.partition("+")
