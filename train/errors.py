@@ -112,8 +112,9 @@ def exit_status(command: Callable[[], int | None], debug: bool = False) -> int:
     A user error (UserError, DataError, EvalError, a missing file; a full disk or quota, a read-only
     file system or a refused path, also inside a library's own error: data_pipeline.errors.storage_error)
     is one line ``mnemo: error: ...`` on stderr (control characters in it, such as a
-    newline in a file name, written as escapes: ``visible``) and status 2 (with ``debug``: raised, so
-    the traceback shows); Ctrl-C is ``mnemo: interrupted`` and 130. The CLI
+    newline in a file name, written as escapes: ``visible``) and status 2; with ``debug`` every error's
+    traceback is printed instead, credentials in it redacted (``redact_uri``), and the status is 2 for a
+    user error, 1 for any other; Ctrl-C is ``mnemo: interrupted`` and 130. The CLI
     and the launcher's worker (a rank under torchrun) both run commands so.
     """
     from mnemo.data_pipeline.errors import DataError, storage_error
@@ -125,11 +126,21 @@ def exit_status(command: Callable[[], int | None], debug: bool = False) -> int:
         print("mnemo: interrupted", file=sys.stderr)
         return 130
     except Exception as e:
+        from mnemo.train.redact import redact_uri
+
         user = (UserError, DataError, EvalError, FileNotFoundError)
         storage = None if isinstance(e, user) else storage_error(e)
-        if debug or not (isinstance(e, user) or storage is not None):
+        known = isinstance(e, user) or storage is not None
+        if debug:
+            # The traceback, printed here rather than raised: the error and the frames' lines quote the bad
+            # value, which may be a URI with credentials, hidden as on the one line. The status is the one
+            # the error gets without --debug (2), or Python's for an uncaught exception (1).
+            import traceback
+
+            print(redact_uri("".join(traceback.format_exception(e))), end="", file=sys.stderr, flush=True)
+            return 2 if known else 1
+        if not known:
             raise
-        from mnemo.train.redact import redact_uri
 
         if storage is None:
             msg = str(e).strip() or type(e).__name__

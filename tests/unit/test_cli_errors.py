@@ -454,3 +454,20 @@ def test_a_hostfile_uri_is_shown_redacted(capsys):
 
     assert exit_status(lambda: parse_hostfile("https://alice:SECP4@x.example/hosts")) == 2
     assert capsys.readouterr().err == "mnemo: error: hostfile not found: https:/***@x.example/hosts\n"
+
+
+@pytest.mark.parametrize("user, rc", [(True, 2), (False, 1)])
+def test_debug_prints_the_traceback_with_credentials_hidden(capsys, user, rc):
+    """Before: --debug (and MNEMO_DEBUG=1 on the ranks) re-raised, and Python printed the URI's password."""
+    from mnemo.train.errors import UserError, exit_status
+
+    error = UserError if user else ValueError
+
+    def command():
+        raise error("https://alice:SECD9@models.example/ck: not a mnemo checkpoint")
+
+    assert exit_status(command, debug=True) == rc
+    err = capsys.readouterr().err
+    assert err.startswith("Traceback (most recent call last):\n") and "in command\n" in err, err
+    assert err.endswith(f"{error.__name__}: https://***@models.example/ck: not a mnemo checkpoint\n"), err
+    assert "SECD9" not in err
