@@ -87,9 +87,14 @@ _NON_BLANK = re.compile(r"\S+")
 # ends at the next parameter, the fragment, a blank or a quote.
 _QUERY_PARAM = re.compile(r"(?P<lead>[?&](?P<name>[^=&#?/\s'\"]+)=)(?P<value>[^&#\s'\"<>]+)")
 # Query names that hold a credential beyond _SECRET_NAME's (token, password,
-# secret, credential, api key...): a bare key, a signature (``sig`` of an
-# Azure SAS, ``X-Amz-Signature`` of a presigned S3 URL), as the name's last word.
-_SECRET_QUERY_NAME = re.compile(r"(?:^|[^A-Za-z])(?:KEY|SIG|SIGNATURE)$", re.I)
+# passwd, secret, credential, api key...), as the name's last word: a bare key,
+# a signature (``sig`` of an Azure SAS, ``X-Amz-Signature`` of a presigned S3
+# URL), the short forms of a password (``pwd``, ``pass``, ``passphrase``) and
+# of an authorization (``auth``, ``authorization``, ``bearer``, a ``jwt``).
+# ``bypass`` or ``oauth_state`` stay readable (not the last word, or a longer one).
+_SECRET_QUERY_NAME = re.compile(
+    r"(?:^|[^A-Za-z])(?:KEY|SIG|SIGNATURE|PWD|PASS|PASSPHRASE|AUTH|AUTHORIZATION|BEARER|JWT)$", re.I
+)
 
 
 def _secret_query_name(name: str) -> bool:

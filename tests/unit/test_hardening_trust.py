@@ -441,6 +441,21 @@ TOKEN_URI = f"http://127.0.0.1:1/mlflow?user=bob&token={TOKEN}"
 TOKEN_URI_SHOWN = "http://127.0.0.1:1/mlflow?user=bob&token=***"
 
 
+@pytest.mark.parametrize(
+    "name",
+    ["pwd", "pass", "passwd", "passphrase", "auth", "x-auth", "Authorization", "bearer", "jwt", "id_jwt"]
+    + ["apikey", "api_key", "access_token", "sig", "signature"],
+)
+def test_redact_uri_hides_the_short_names_of_a_password_or_authorization(name):
+    # Before: ?pwd=, ?pass=, ?auth=, ?jwt= (and the other short forms) were shown.
+    from mnemo.train.redact import has_credentials, redact_uri
+
+    text = f"https://h/x?user=bob&{name}={TOKEN}&a=1"
+    assert redact_uri(text) == f"https://h/x?user=bob&{name}=***&a=1" and has_credentials(text)
+    for plain in ("https://h/x?bypass=1&compass=2&oauth_state=3&passes=4&author=5",):
+        assert redact_uri(plain) == plain and not has_credentials(plain)
+
+
 def test_redact_uri_hides_query_credentials_and_keeps_the_rest():
     from mnemo.train.redact import has_credentials, redact_tree, redact_uri
 
