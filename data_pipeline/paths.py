@@ -38,6 +38,23 @@ def parse_url(url: str, what: str) -> urllib.parse.ParseResult:
         raise DataError(f"{what} {brief(url, 200)}: not a valid URL ({e})") from None
 
 
+def remote_output_problem(path: str | os.PathLike, kind: str = "folder") -> str | None:
+    """Why mnemo cannot write its output (``kind``: "folder" or "file") to ``path``, or None for a plain path.
+
+    A URL (``s3://``, ``https://``: ``is_remote``) or a ``file://`` one: pathlib made a local folder named
+    ``s3:`` of it (``s3:/bucket/x``, a password in its name too). Only `mnemo prepare --out` writes to
+    remote stores (data_pipeline/outputs.py); every other output (an export, a tokenizer model, the
+    evaluation's JSON and plots, run.dir, data.cache_dir) is local. Checked on the string as given,
+    before any Path() drops a slash.
+    """
+    path = str(path)
+    if path.startswith("file://"):
+        return f"a file:// URL; give the plain path of the local {kind}"
+    if is_remote(path):
+        return f"a local {kind} is needed (mnemo does not write to remote stores)"
+    return None
+
+
 def file_url_path(url: str, what: str) -> str:
     """The absolute local path a ``file://`` URL names: ``file:///ABS/PATH`` or ``file://localhost/ABS/PATH``
     (percent-escapes decoded).

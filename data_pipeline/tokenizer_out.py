@@ -18,6 +18,7 @@ import sentencepiece as spm
 
 from mnemo.data_pipeline.errors import DataError, clip
 from mnemo.data_pipeline.files import OutputTaken, new_file_mode, not_a_regular_file, open_regular, publish
+from mnemo.data_pipeline.paths import remote_output_problem
 
 
 def write_model_file(out: Path, data: bytes, overwrite: bool | None = None) -> None:
@@ -87,6 +88,8 @@ def check_model_out(out: str | os.PathLike, overwrite: bool = False) -> Path:
     replaces a file it cannot tell it wrote (``mnemo prepare`` and ``mnemo export`` refuse alike)."""
     if not str(out):  # Path("") is ".", the current directory
         raise DataError("--out is empty; give the model file to write, e.g. tokenizer.model")
+    if why := remote_output_problem(out, "file"):
+        raise DataError(f"--out {out}: {why}")
     out = Path(out)
     try:
         _check_new_model_file(out, overwrite)

@@ -26,7 +26,7 @@ import yaml
 
 from mnemo.data_pipeline.errors import brief, clip
 from mnemo.data_pipeline.files import open_regular
-from mnemo.data_pipeline.paths import is_remote, local_path, not_a_dataset_dir, not_utf8
+from mnemo.data_pipeline.paths import is_remote, local_path, not_a_dataset_dir, not_utf8, remote_output_problem
 from mnemo.train.errors import UserError, path_errors
 from mnemo.train.redact import redact_uri, redact_uri_value
 
@@ -1101,6 +1101,9 @@ def check_paths(cfg: Config) -> None:
         refuse_tilde(key, path)
         if path and (why := not_utf8(path)) is not None:
             raise ConfigError(f"{key}: {why}")
+    for key, path in (("run.dir", cfg.run.dir), ("data.cache_dir", cfg.data.cache_dir)):  # what the run writes
+        if why := remote_output_problem(path):
+            raise ConfigError(f"{key}: {_clip(path)}: {why}")
     for i, (key, path) in enumerate(data_paths(cfg)):
         if is_remote(path):  # streamed shard by shard at train time; the first dataset must be local
             if i == 0:

@@ -88,6 +88,7 @@ def check_output(flag: str, out: str | None, folder: bool) -> None:
     write (evaluation/outputs.py). A symbolic link as --json is refused: the write replaces the
     link, it does not write through it. A broken link on the way and an empty value are refused too.
     """
+    from mnemo.data_pipeline.paths import remote_output_problem
     from mnemo.evaluation.outputs import PLOT_NAMES, foreign_plot, is_eval_json
     from mnemo.train.errors import UserError, path_errors
 
@@ -95,6 +96,8 @@ def check_output(flag: str, out: str | None, folder: bool) -> None:
         return
     if not out:  # "" was taken as no flag: the evaluation ran and wrote nothing
         raise UserError(f"{flag}: empty; give a {'folder' if folder else 'file'} or leave the flag out")
+    if why := remote_output_problem(out, "folder" if folder else "file"):
+        raise UserError(f"{flag}: {out}: {why}")
     path = Path(out)
     with path_errors(flag):
         if path.is_symlink() and not folder:

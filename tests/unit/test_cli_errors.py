@@ -471,3 +471,28 @@ def test_debug_prints_the_traceback_with_credentials_hidden(capsys, user, rc):
     assert err.startswith("Traceback (most recent call last):\n") and "in command\n" in err, err
     assert err.endswith(f"{error.__name__}: https://***@models.example/ck: not a mnemo checkpoint\n"), err
     assert "SECD9" not in err
+
+
+@pytest.mark.parametrize(
+    "argv, line",
+    [
+        (["export", "run1", "--out", "s3://u:SECB6@b/x"], "--out s3://***@b/x: a local folder is needed"),
+        (["tokenizer", "train", "--input", "c", "--vocab-size", "320", "--out", "https://u:SECB7@h/x"], "a local file"),
+        (["eval", "run1", "--data", "d", "--json", "s3://u:SECB8@b/r.json"], "--json: s3://***@b/r.json: a local file"),
+        (["eval", "run1", "--data", "d", "--plots", "gs://u:SECB9@b/p"], "--plots: gs://***@b/p: a local folder"),
+        (["eval", "run1", "--data", "d", "--plots", "file:///tmp/p"], "--plots: file:///tmp/p: a file:// URL"),
+        (["train", "c.yaml", "run.dir=https://u:SECC1@h/run"], "run.dir: https://***@h/run: a local folder"),
+        (["train", "c.yaml", "data.cache_dir=s3://u:SECC2@h/c"], "data.cache_dir: s3://***@h/c: a local folder"),
+    ],
+)
+def test_an_output_path_with_a_url_scheme_is_refused_not_made_a_local_folder(tmp_path, monkeypatch, capsys, argv, line):
+    """Before: each made a local folder named after the URL (s3:/u:SECB6@b/x), and printed it."""
+    from mnemo.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "c.yaml").write_text("data:\n  path: data\n")
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("mnemo: error: ") and line in err and "SEC" not in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.yaml", "data"]
