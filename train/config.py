@@ -25,7 +25,7 @@ from typing import Any, Literal
 import yaml
 
 from mnemo.data_pipeline.errors import brief, clip
-from mnemo.data_pipeline.files import open_regular
+from mnemo.data_pipeline.files import not_a_regular_file, open_regular
 from mnemo.data_pipeline.paths import is_remote, local_path, not_a_dataset_dir, not_utf8, remote_output_problem
 from mnemo.train.errors import UserError, path_errors
 from mnemo.train.redact import redact_uri, redact_uri_value
@@ -1048,13 +1048,14 @@ def wrote_run_config(path: Path) -> bool:
     """Whether ``path`` (a run's config.yaml) is one mnemo wrote: ``CONFIG_HEADER`` first, or (written before
     that header) a dump of the whole config tree, which a hand-written config is not."""
     try:
-        with open(path, encoding="utf-8") as f:
-            first = f.readline().rstrip("\n")
-            if first == CONFIG_HEADER:
+        # open_regular: a FIFO there would block the open for ever, /dev/zero's one endless line fill memory.
+        with open_regular(path) as f:
+            first = f.readline(len(CONFIG_HEADER) + 2)
+            if first.rstrip(b"\n") == CONFIG_HEADER.encode():
                 return True
-            if path.stat().st_size > 1 << 20:  # no full dump is this big
+            if os.fstat(f.fileno()).st_size > 1 << 20:  # no full dump is this big
                 return False
-            text = first + "\n" + f.read()
+            text = (first + f.read(1 << 20)).decode("utf-8")
     except (OSError, UnicodeDecodeError):
         return False
     try:  # the config loader's reading: an alias bomb or deep nesting is refused at once, not expanded
@@ -1188,6 +1189,9 @@ def check_paths(cfg: Config) -> None:
             raise ConfigError(f"checkpoint.resume: {r} is not a mnemo checkpoint or run directory")
     with path_errors("run.dir", ConfigError):
         conf = Path(cfg.run.dir) / "config.yaml"
+        why = not_a_regular_file(conf) if conf.exists() else None  # a FIFO blocked the start, /dev/zero filled memory
+        if why and why != "permission denied":  # one that cannot be read is refused below, as not mnemo's
+            raise ConfigError(f"run.dir: {_clip(str(conf))}: {why}")
         if conf.exists() and not wrote_run_config(conf):
             raise ConfigError(
                 f"run.dir: {conf} exists and mnemo did not write it (mnemo keeps each run's resolved config "

@@ -415,6 +415,31 @@ def test_a_run_config_yaml_that_is_an_alias_bomb_or_nested_deep_is_refused_at_on
         _check(_cfg(tmp_path, run))
 
 
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("kind", ["fifo", "dev-zero", "long line"])
+def test_a_run_config_yaml_that_is_not_a_regular_file_is_refused_at_once(tmp_path, kind):
+    """run.dir/config.yaml as a FIFO hung `mnemo train` and `mnemo launch --dry-run` (the open waited for a
+    writer); a link to /dev/zero was a MemoryError traceback (readline of an endless line). Now a FIFO or a
+    device is refused with one line saying what it is, and a regular file is read with a bound."""
+    from mnemo.train.config import ConfigError, wrote_run_config
+
+    run = tmp_path / "run"
+    run.mkdir()
+    conf = run / "config.yaml"
+    if kind == "fifo":
+        os.mkfifo(conf)
+        why = r"a FIFO \(named pipe\), not a regular file"
+    elif kind == "dev-zero":
+        conf.symlink_to("/dev/zero")
+        why = r"a character device, not a regular file"
+    else:  # 2 MB without a newline: read no further than the header's length, then refused by its size
+        conf.write_bytes(b"x" * (2 << 20))
+        why = r"exists and mnemo did not write it"
+    assert not wrote_run_config(conf)
+    with pytest.raises(ConfigError, match=rf"^run\.dir: .*config\.yaml: {why}" if kind != "long line" else why):
+        _check(_cfg(tmp_path, run))
+
+
 def test_an_older_mnemos_config_dump_is_known_by_the_runs_checkpoints(tmp_path):
     """A run of an older mnemo (its config.yaml a dump without the header, holding fewer keys than
     today's 80%) could not be resumed: 'config.yaml exists and mnemo did not write it'. Such a dump is
