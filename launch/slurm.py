@@ -39,6 +39,7 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mnemo.data_pipeline.errors import brief
 from mnemo.data_pipeline.files import atomic_write_text
 from mnemo.launch.env import mnemo_installed, package_root
 from mnemo.launch.torchrun import MAX_NODES, MAX_PROCS_PER_NODE, check_count, check_line_safe
@@ -46,8 +47,16 @@ from mnemo.train.errors import UserError
 
 # Used with fullmatch: a pattern ending in "$" would also match before a final newline.
 # re.ASCII: \d would also take other scripts' digits, which SLURM does not read.
-# minutes | minutes:seconds | hours:minutes:seconds | days-hours[:minutes[:seconds]]
-_TIME = re.compile(r"(\d+|\d+:\d{1,2}|\d+:\d{1,2}:\d{1,2}|\d+-\d+(:\d{1,2}){0,2}|UNLIMITED|INFINITE)", re.ASCII)
+# minutes | minutes:seconds | hours:minutes:seconds | days-hours[:minutes[:seconds]]; at most 10 digits a field,
+# which holds every time up to MAX_TIME_S (int() of over 4,300 digits raised ValueError).
+_TIME = re.compile(
+    r"(\d{1,10}|\d{1,10}:\d{1,2}|\d{1,10}:\d{1,2}:\d{1,2}|\d{1,10}-\d{1,10}(:\d{1,2}){0,2}|UNLIMITED|INFINITE)",
+    re.ASCII,
+)
+# SLURM reads a time into a signed 32-bit count of seconds (parse_time.c time_str2secs), then rounds it up to
+# minutes: past 24,855 days (2**31 s) it overflows into some other limit, or none. So that is the most.
+MAX_TIME_DAYS = 24855
+MAX_TIME_S = MAX_TIME_DAYS * 86400
 _SAFE_VALUE = re.compile(r"[A-Za-z0-9_.,:@%+=/\-\[\]]+")
 
 PREEMPTED_MARKER = "PREEMPTED"
@@ -134,7 +143,10 @@ def time_limit_s(text: str) -> int | None:
     round up to a whole minute; 0, UNLIMITED and INFINITE set no limit.
     """
     if not _TIME.fullmatch(text):
-        raise UserError(f"--time {text!r} is not a SLURM time (MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS)")
+        raise UserError(
+            f"--time {brief(text)} is not a SLURM time (MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS; "
+            "at most 10 digits a field)"
+        )
     if text in ("UNLIMITED", "INFINITE"):
         return None
     days, _, rest = text.rpartition("-")
@@ -147,6 +159,11 @@ def time_limit_s(text: str) -> int | None:
     else:  # MM[:SS]
         h, m, sec = 0, parts[0], (parts + [0])[1]
     minutes = -(-((h * 60 + m) * 60 + sec) // 60)
+    if minutes * 60 > MAX_TIME_S:
+        raise UserError(
+            f"--time {brief(text)} is over SLURM's longest time limit, {MAX_TIME_DAYS} days ({MAX_TIME_S} s, "
+            "as much as its 32-bit count of seconds holds); use UNLIMITED for no limit"
+        )
     return None if minutes == 0 else minutes * 60
 
 

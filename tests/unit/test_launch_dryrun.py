@@ -578,6 +578,27 @@ def test_slurm_time_above_the_grace_period_or_unlimited_is_written(ws, capsys, t
     assert f"#SBATCH --time={time}\n" in out
 
 
+@pytest.mark.parametrize(
+    "time, msg",
+    [
+        ("1-" + "2" * 4400, "is not a SLURM time"),  # int() of over 4,300 digits: a ValueError traceback
+        ("9" * 20, "is not a SLURM time"),  # was written into #SBATCH --time= as it was
+        ("24856-0", "is over SLURM's longest time limit, 24855 days"),  # past SLURM's 32-bit seconds
+        ("35791681", "is over SLURM's longest time limit"),  # minutes
+        ("596524:00:00", "is over SLURM's longest time limit"),  # hours
+    ],
+)
+def test_slurm_time_past_what_slurm_holds_is_refused(ws, capsys, time, msg):
+    err = _fails(capsys, "c.yaml", "--slurm", "--dry-run", "--time", time)
+    assert err.startswith("mnemo: error: --time ") and msg in err and len(err) < 400, err
+
+
+def test_slurm_longest_time_is_written(ws, capsys):
+    rc, out, err = launch(capsys, "c.yaml", "--slurm", "--dry-run", "--time", "24855-0")
+    assert rc == 0, err
+    assert "#SBATCH --time=24855-0\n" in out
+
+
 def test_slurm_time_formats_in_seconds():
     from mnemo.launch.slurm import time_limit_s
 
