@@ -134,15 +134,14 @@ def parse_hostfile_text(text: str, name: str = "hostfile") -> list[Host]:
             raise UserError(f"{name}:{lineno}: malformed line {brief(raw.strip())} (expected 'HOST slots=N')")
         host, slots_s = m.group("host"), m.group("slots")
         if not _SLOTS.fullmatch(slots_s) or int(slots_s) < 1:
-            shown = slots_s if len(slots_s) <= 40 else slots_s[:40] + "..."
-            raise UserError(f"{name}:{lineno}: slots must be a positive integer, got {shown!r}")
+            raise UserError(f"{name}:{lineno}: slots must be a positive integer, got {brief(slots_s, 40)}")
         if int(slots_s) > MAX_PROCS_PER_NODE:  # the ranks a host starts when --nproc-per-node is not given
             raise UserError(
                 f"{name}:{lineno}: slots must be <= {MAX_PROCS_PER_NODE} (ranks on one machine), got {slots_s}"
             )
         check_host_name(host, f"{name}:{lineno}")
         if host in seen:
-            raise UserError(f"{name}:{lineno}: host {host!r} already listed on line {seen[host]}")
+            raise UserError(f"{name}:{lineno}: host {brief(host)} already listed on line {seen[host]}")
         seen[host] = lineno
         hosts.append(Host(host, int(slots_s), lineno))
     if not hosts:
@@ -159,8 +158,7 @@ def _split_names(flag: str, spec: str | None) -> list[str]:
         return []
     names = [h.strip() for h in spec.split(",")]
     if "" in names:
-        shown = spec if len(spec) <= 60 else spec[:60] + "..."
-        raise UserError(f"{flag}: {shown!r} has an empty host name (expected comma-separated hostfile names)")
+        raise UserError(f"{flag}: {brief(spec, 60)} has an empty host name (expected comma-separated hostfile names)")
     return names
 
 
@@ -173,7 +171,7 @@ def select_hosts(hosts: list[Host], include: str | None, exclude: str | None) ->
     for flag, names in (("--include", inc), ("--exclude", exc)):
         unknown = [n for n in names if n not in known]
         if unknown:
-            raise UserError(f"{flag}: host {unknown[0]!r} is not in the hostfile")
+            raise UserError(f"{flag}: host {brief(unknown[0])} is not in the hostfile")
     if include is not None:
         chosen = [h for h in hosts if h.name in inc]
     else:
@@ -196,7 +194,7 @@ def procs_per_node(hosts: list[Host], nproc_per_node: int | None) -> int:
     for h in hosts:
         if nproc_per_node > h.slots:
             raise UserError(
-                f"--nproc-per-node {nproc_per_node} is more than the {h.slots} slot(s) of host {h.name!r} "
+                f"--nproc-per-node {nproc_per_node} is more than the {h.slots} slot(s) of host {brief(h.name)} "
                 f"(hostfile line {h.line})"
             )
     return nproc_per_node

@@ -20,6 +20,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mnemo.data_pipeline.errors import brief
 from mnemo.launch.torchrun import MAX_NODES, MAX_PROCS_PER_NODE, check_count
 from mnemo.train.errors import UserError
 
@@ -69,7 +70,7 @@ def _check_flags(req: LaunchRequest) -> str:
     }
     if req.hostfile is not None and not req.hostfile.strip():
         # An unset variable in a script (--hostfile "$HOSTS") must not quietly make a multi-node job local.
-        raise UserError(f"--hostfile: empty path ({req.hostfile!r})")
+        raise UserError(f"--hostfile: empty path ({brief(req.hostfile)})")
     if req.hostfile and req.slurm:
         raise UserError("--hostfile and --slurm are different targets; give one")
     if not req.hostfile:
@@ -132,7 +133,7 @@ def secret_overrides(overrides: list[str]) -> tuple[list[str], dict[str, str]]:
             public.append("tracking.uri=")
         else:
             raise UserError(
-                f"{key}: {redact_uri(value)!r} carries credentials, which mnemo launch keeps off "
+                f"{key}: {brief(value, hide=redact_uri)} carries credentials, which mnemo launch keeps off "
                 "command lines; put them in the config file or the environment"
             )
     return public, env
@@ -157,13 +158,13 @@ def _check_values(req: LaunchRequest, cfg, run_dir: Path, cwd: str) -> None:
     if req.master_addr is not None:
         check_host_name(req.master_addr, "--master-addr")
         if "@" in req.master_addr:
-            raise UserError(f"--master-addr: {req.master_addr!r} is an address, not an ssh destination")
+            raise UserError(f"--master-addr: {brief(req.master_addr)} is an address, not an ssh destination")
     if req.rdzv_id is not None:
         if not req.rdzv_id.strip():  # '' would fall back to the default id, silently
             raise UserError("--rdzv-id: empty; give an id or leave the flag out (default: one derived from run.dir)")
         check_line_safe("--rdzv-id", req.rdzv_id)
         if req.rdzv_id.startswith("-"):
-            raise UserError(f"--rdzv-id {req.rdzv_id!r} starts with '-' (it would be read as an option)")
+            raise UserError(f"--rdzv-id {brief(req.rdzv_id)} starts with '-' (it would be read as an option)")
 
 
 def make_run_dir(run_dir: Path) -> None:

@@ -54,6 +54,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
+from mnemo.data_pipeline.errors import brief
 from mnemo.launch.hostfile import Host, ssh_destination
 from mnemo.launch.torchrun import check_line_safe
 from mnemo.train.errors import UserError
@@ -84,8 +85,7 @@ def connect_timeout_s() -> int:
         return DEFAULT_CONNECT_TIMEOUT_S
     # ASCII digits only: int() would also take ' 10', '+10', '1_0' and other scripts' digits.
     if not re.fullmatch(r"[0-9]{1,6}", raw) or int(raw) < 1:
-        shown = raw if len(raw) <= 40 else raw[:40] + "..."
-        raise UserError(f"{CONNECT_TIMEOUT_ENV}: {shown!r} is not a whole number of seconds >= 1")
+        raise UserError(f"{CONNECT_TIMEOUT_ENV}: {brief(raw, 40)} is not a whole number of seconds >= 1")
     return int(raw)
 
 
@@ -181,7 +181,7 @@ def remote_command(
     """
     for k, v in env.items():
         if not _ENV_NAME.fullmatch(k):
-            raise UserError(f"environment variable name {k!r} cannot be forwarded")
+            raise UserError(f"environment variable name {brief(k)} cannot be forwarded")
         check_line_safe(k, v)
     for key, v in (("working directory", cwd), ("python", python), *(("argument", a) for a in launch_args)):
         check_line_safe(key, v)
@@ -301,14 +301,14 @@ def check_reachable(hosts: list[Host], ssh: str) -> None:
     probes = _probe_all(hosts, ssh)
     for h, (err, _) in zip(hosts, probes):
         if err is not None:
-            raise UserError(f"host {h.name!r} (hostfile line {h.line}) is unreachable over ssh: {err}")
+            raise UserError(f"host {brief(h.name)} (hostfile line {h.line}) is unreachable over ssh: {err}")
     seen: dict[str, Host] = {}
     for h, (_, machine) in zip(hosts, probes):
         if machine is not None and machine in seen:
             first = seen[machine]
             raise UserError(
-                f"hosts {first.name!r} (hostfile line {first.line}) and {h.name!r} (line {h.line}) are one machine "
-                "sharing one /dev/shm, where the nodes' data loaders would collide: list it once with slots=N"
+                f"hosts {brief(first.name)} (hostfile line {first.line}) and {brief(h.name)} (line {h.line}) are one "
+                "machine sharing one /dev/shm, where the nodes' data loaders would collide: list it once with slots=N"
             )
         if machine is not None:
             seen[machine] = h
@@ -454,7 +454,7 @@ def run_elastic(
         for h, (err, _) in zip(left, probes):
             if err is not None:
                 gone.append(h)
-                _say(f"node {h.name!r} (hostfile line {h.line}) no longer answers over ssh: {err}")
+                _say(f"node {brief(h.name)} (hostfile line {h.line}) no longer answers over ssh: {err}")
         left = [h for h, (err, _) in zip(left, probes) if err is None]
         names = ", ".join(repr(h.name) for h in gone)
         if len(left) < min_nodes:

@@ -174,16 +174,16 @@ def check_options(o: SlurmOptions) -> None:
         limit = time_limit_s(o.time)
         if limit is not None and limit <= o.signal_s:
             raise UserError(
-                f"--time {o.time!r} ({limit} s) is not above checkpoint.grace_period_s ({o.signal_s} s), how long "
+                f"--time {brief(o.time)} ({limit} s) is not above checkpoint.grace_period_s ({o.signal_s} s), how long "
                 "before the limit SLURM sends the preemption notice: it would come at once, and every run of the "
                 "job be requeued again"
             )
     for flag, v in (("--partition", o.partition), ("--account", o.account)):
         if v is not None and not _SAFE_VALUE.fullmatch(v):
-            raise UserError(f"{flag} {v!r} contains characters SLURM does not allow")
+            raise UserError(f"{flag} {brief(v)} contains characters SLURM does not allow")
     for a in o.sbatch_args:
         if not a.startswith("-"):
-            raise UserError(f"--sbatch-arg {a!r} must be one sbatch option such as --qos=high")
+            raise UserError(f"--sbatch-arg {brief(a)} must be one sbatch option such as --qos=high")
         check_line_safe("--sbatch-arg", a)
         check_not_ours(a)
     for key, v in (
@@ -198,7 +198,7 @@ def check_options(o: SlurmOptions) -> None:
         check_line_safe(ov.partition("=")[0], ov)
     if "\\" in str(o.run_dir):
         # In an --output pattern a backslash turns off %j: the log name would be literal.
-        raise UserError(f"run.dir: {str(o.run_dir)!r} contains a backslash, which SLURM's --output cannot hold")
+        raise UserError(f"run.dir: {brief(str(o.run_dir))} contains a backslash, which SLURM's --output cannot hold")
 
 
 _LOG = "the job's log is <run.dir>/logs/slurm-%j.out (set run.dir)"
@@ -253,7 +253,9 @@ def check_not_ours(arg: str) -> None:
                 break
     if hits:
         opt = hits[0]
-        raise UserError(f"--sbatch-arg {arg!r}: --{opt} is for mnemo launch to set, not --sbatch-arg; {_OURS[opt]}")
+        raise UserError(
+            f"--sbatch-arg {brief(arg)}: --{opt} is for mnemo launch to set, not --sbatch-arg; {_OURS[opt]}"
+        )
 
 
 def _directives(o: SlurmOptions) -> list[str]:

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
+from mnemo.data_pipeline.errors import brief
 from mnemo.train.errors import UserError
 
 # Signals torchrun itself handles (and forwards to workers by stopping them).
@@ -85,7 +86,7 @@ def check_line_safe(key: str, value: str) -> str:
             from mnemo.train.redact import redact_uri
 
             raise UserError(
-                f"{key}: {redact_uri(value)!r} contains the control character {ch!r}; "
+                f"{key}: {brief(value, hide=redact_uri)} contains the control character {ch!r}; "
                 "it cannot go into a command line or a generated script"
             )
     return value

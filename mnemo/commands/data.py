@@ -292,7 +292,7 @@ def _count(text: str) -> int:
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a token count, got {clip(text, 40)!r}") from None
     if not (math.isfinite(n) and n >= 0 and n == int(n)):  # int(inf) would raise OverflowError
-        raise argparse.ArgumentTypeError(f"expected a whole token count >= 0, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected a whole token count >= 0, got {brief(text, 40)}")
     return int(n)
 
 
@@ -300,7 +300,7 @@ def _at_least_zero(text: str) -> int:
     """argparse type: a whole number >= 0 (--samples, --roundtrip-docs)."""
     n = int_arg(text)  # ASCII digits: int() also read '١٢' and ' 1', and any length
     if n < 0:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {brief(text, 40)}")
     return n
 
 
@@ -308,18 +308,18 @@ def _weights(text: str) -> list[float]:
     """argparse type: "0.8,0.2" -> [0.8, 0.2] (mixture.shares: each finite and >= 0, one > 0, each share > 0)."""
     fields = text.split(",")
     if not all(x.strip() for x in fields):  # "1,,2": a weight left out would shift the rest onto other datasets
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r} (an empty field)")
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {brief(text)} (an empty field)")
     try:
         out = [float(x) for x in fields]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {brief(text)}") from None
     from mnemo.data_pipeline.errors import DataError
     from mnemo.data_pipeline.mixture import shares
 
     try:  # the check of data.sources' weights in training
         shares(out, "--weights")
     except DataError as e:
-        raise argparse.ArgumentTypeError(f"{text!r}: {str(e).removeprefix('--weights: ')}") from None
+        raise argparse.ArgumentTypeError(f"{brief(text)}: {str(e).removeprefix('--weights: ')}") from None
     return out
 
 

@@ -593,6 +593,28 @@ def test_slurm_time_past_what_slurm_holds_is_refused(ws, capsys, time, msg):
     assert err.startswith("mnemo: error: --time ") and msg in err and len(err) < 400, err
 
 
+@pytest.mark.parametrize(
+    "argv, msg",
+    [
+        (["--hostfile", "hosts", "--exclude", "a" * 50_000 + ",,"], "--exclude: 'aaa"),
+        (["--hostfile", "hosts", "--include", "a" * 50_000], "--include: host 'aaa"),
+        (["--hostfile", "hosts", "--exclude", "u" * 50_000 + "@worker-0"], "--exclude: host 'uuu"),
+        (["--slurm", "--time", "x" * 100_000], "--time 'xxx"),
+        (["--slurm", "--partition", "a;" * 50_000], "--partition 'a;a;"),
+        (["--slurm", "--sbatch-arg", "q" * 50_000], "--sbatch-arg 'qqq"),
+        (["--slurm", "--sbatch-arg=--nodes=" + "3" * 50_000], "--sbatch-arg '--nodes=333"),
+        (["--master-addr", "u" * 50_000 + "@h", "--nnodes", "2", "--node-rank", "0"], "--master-addr: 'uuu"),
+        (["--nnodes", "2", "--node-rank", "0", "--master-addr", "h", "--rdzv-id=" + "-" * 50_000], "--rdzv-id '---"),
+        (["--hostfile", " " * 50_000], "--hostfile: empty path"),
+        (["run.name=" + "n" * 50_000 + "\x07"], "override run.name: 'nnn"),  # a control character
+    ],
+)
+def test_a_huge_flag_value_is_quoted_cut(ws, capsys, argv, msg):
+    """The error line quoted the value whole: 50,000 characters of --exclude, 100,000 of --time."""
+    err = _fails(capsys, "c.yaml", "--dry-run", *argv)
+    assert err.startswith(f"mnemo: error: {msg}") and len(err) < 400, err[:300]
+
+
 def test_slurm_longest_time_is_written(ws, capsys):
     rc, out, err = launch(capsys, "c.yaml", "--slurm", "--dry-run", "--time", "24855-0")
     assert rc == 0, err
