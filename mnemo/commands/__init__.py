@@ -73,3 +73,30 @@ def int_arg(text: str) -> int:
     if value is None:
         raise argparse.ArgumentTypeError(f"expected an integer in ASCII digits (at most 30), got {clip(text, 40)!r}")
     return value
+
+
+# A real number as a flag's value: ASCII digits, one optional sign, point and exponent (or inf, nan: the commands'
+# range checks name them). float() also reads other scripts' digits ("٢" is 2.0), "1_0" (10.0) and surrounding
+# blanks; 40 characters are plenty.
+_DECIMAL_FLOAT = re.compile(
+    r"[+-]?(([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]{1,4})?|inf|infinity|nan)", re.ASCII | re.IGNORECASE
+)
+
+
+def decimal_float(text: str) -> float | None:
+    """The number ``text`` writes in ASCII decimal (``0.5``, ``-2``, ``1e-3``, or inf, nan; at most 40 characters),
+    else None.
+
+    Past the float range it is inf or 0.0, as float() reads it: the commands' range checks answer that."""
+    return float(text) if len(text) <= 40 and _DECIMAL_FLOAT.fullmatch(text) else None
+
+
+def float_arg(text: str) -> float:
+    """The argparse type of every real-number flag of mnemo's commands: ``decimal_float``'s number, else
+    argparse's one-line error naming the flag, as ``int_arg``. Ranges are the commands' own checks."""
+    value = decimal_float(text)
+    if value is None:
+        raise argparse.ArgumentTypeError(
+            f"expected a number in ASCII digits (such as 0.5 or 1e-3; at most 40 characters), got {clip(text, 40)!r}"
+        )
+    return value

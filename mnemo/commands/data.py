@@ -11,7 +11,7 @@ import math
 import re
 import sys
 
-from mnemo.commands import int_arg
+from mnemo.commands import decimal_float, int_arg
 from mnemo.data_pipeline.errors import brief, clip
 from mnemo.data_pipeline.limits import MAX_DOC_BYTES, MAX_VOCAB_SIZE, MIN_VOCAB_SIZE, PASSKEY_MAX_TOKENS
 from mnemo.data_pipeline.readers import DEFAULT_MAX_DOC_BYTES
@@ -309,10 +309,9 @@ def _weights(text: str) -> list[float]:
     fields = text.split(",")
     if not all(x.strip() for x in fields):  # "1,,2": a weight left out would shift the rest onto other datasets
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {brief(text)} (an empty field)")
-    try:
-        out = [float(x) for x in fields]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {brief(text)}") from None
+    out = [decimal_float(x.strip()) for x in fields]  # float() also read "٢" and "1_0"
+    if None in out:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers in ASCII digits, got {brief(text)}")
     from mnemo.data_pipeline.errors import DataError
     from mnemo.data_pipeline.mixture import shares
 

@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from mnemo.commands import decimal, int_arg
+from mnemo.commands import decimal, float_arg, int_arg
 from mnemo.data_pipeline.errors import clip
 
 # A generator seed: torch.Generator.manual_seed takes at most 64 bits.
@@ -264,11 +264,11 @@ def add_generate(sub: argparse._SubParsersAction, name: str) -> argparse.Argumen
     p.add_argument("--max-tokens", type=int_arg, default=200, help="tokens to generate at most, >= 0 (default 200)")
     p.add_argument(
         "--temperature",
-        type=float,
+        type=float_arg,
         default=0.8,
         help="sampling temperature, a finite number >= 0; 0 = greedy: always the most likely token (default 0.8)",
     )
-    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass, in (0, 1] (default 0.95)")
+    p.add_argument("--top-p", type=float_arg, default=0.95, help="nucleus sampling mass, in (0, 1] (default 0.95)")
     p.add_argument("--seed", type=int_arg, default=0, help="seed of the sampling, in [0, 2**64 - 1] (default 0)")
     p.add_argument(
         "--decode",

@@ -10,6 +10,7 @@ its own argv: list it in SCRIPTS with the reason.
 from __future__ import annotations
 
 import ast
+import math
 import subprocess
 import sys
 import tomllib
@@ -153,6 +154,53 @@ def test_counts_of_the_data_commands_read_ascii_digits_only(capsys, argv, flag, 
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1 and len(err) < 300, err
     assert err.startswith(f"mnemo: error: argument {flag}: "), err
+
+
+def test_every_real_number_flag_reads_ascii_digits_only():
+    """float() read '٢' (Arabic-Indic digits) as 2.0 and '1_0' as 10.0: --temperature ٢, --top-p ٠.٥ and
+    --weights ٢,١ ran, where every integer flag refuses them. Every real-number flag takes float_arg."""
+    from mnemo.cli import build_parser
+
+    plain = [f"{prog} {'/'.join(a.option_strings)}" for prog, a in _all_actions(build_parser()) if a.type is float]
+    assert not plain, f"type=float reads non-ASCII digits; use mnemo.commands.float_arg: {plain}"
+
+
+@pytest.mark.parametrize("value", ["\u0662", "\u0660.\u0665", "1_0", " 1", "1e", "in f", "1" * 41, ""])
+@pytest.mark.parametrize(
+    "argv, flag",
+    [
+        (["generate", "ckpt", "--prompt-file", "p", "--temperature"], "--temperature"),
+        (["generate", "ckpt", "--prompt-file", "p", "--top-p"], "--top-p"),
+        (["data", "inspect", "d", "d", "--weights"], "--weights"),
+    ],
+)
+def test_a_non_ascii_or_odd_real_number_is_one_line_naming_the_flag(capsys, argv, flag, value):
+    from mnemo.cli import main
+
+    if flag == "--weights":
+        if value == " 1":
+            pytest.skip("--weights takes blanks around its commas")
+        value = f"{value},1" if value else "\u0662,\u0661"
+    with pytest.raises(SystemExit) as e:
+        main([*argv, value])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and len(err) < 300, err
+    assert err.startswith(f"mnemo: error: argument {flag}: expected "), err
+    assert "in ASCII digits" in err, err
+
+
+def test_ascii_real_numbers_still_parse():
+    from mnemo.cli import build_parser
+    from mnemo.commands import decimal_float
+
+    texts = ("0.5", "-2", "+.5", "1.", "1e-3", "2E+10", "0", "9" * 40, "inf", "-Infinity")
+    want = [0.5, -2.0, 0.5, 1.0, 1e-3, 2e10, 0.0, float("9" * 40), math.inf, -math.inf]
+    assert [decimal_float(t) for t in texts] == want  # inf and nan: the commands' range checks name them
+    assert math.isnan(decimal_float("nan"))
+    args = build_parser().parse_args(["generate", "c", "--prompt-file", "p", "--temperature", "0", "--top-p", "1e-1"])
+    assert (args.temperature, args.top_p) == (0.0, 0.1)
+    args = build_parser().parse_args(["data", "inspect", "d", "d", "--weights", "0.8, 0.2"])
+    assert args.weights == [0.8, 0.2]
 
 
 def test_ascii_integers_still_parse():
