@@ -33,9 +33,9 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from mnemo.data_pipeline.errors import brief
+from mnemo.data_pipeline.errors import brief, clip
 from mnemo.evaluation.errors import EvalError
-from mnemo.evaluation.generate import generate_batch
+from mnemo.evaluation.generate import check_sampling, generate_batch
 from mnemo.evaluation.outputs import write_then_show
 from mnemo.evaluation.inference import (
     check_memory,
@@ -228,7 +228,8 @@ class MnemoLM(TemplateLM):
             groups.setdefault(json.dumps(req.args[1], sort_keys=True, default=str), []).append(i)
         with eval_mode(self.model), sized_ltm(self.model, self.ltm_capacity), memory_errors(self.advice):
             for idx in groups.values():
-                kw = generation_settings(requests[idx[0]].args[1], self.max_gen_toks)
+                first = requests[idx[0]]
+                kw = generation_settings(first.args[1], self.max_gen_toks, getattr(first, "task_name", None))
                 until = kw.get("until") or []
                 until = [until] if isinstance(until, str) else [str(u) for u in until]
                 temperature = kw["temperature"] if kw["do_sample"] else 0.0
@@ -261,23 +262,31 @@ class MnemoLM(TemplateLM):
         return out  # type: ignore[return-value]
 
 
-def generation_settings(raw: Any, default_max: int) -> dict[str, Any]:
+def generation_settings(raw: Any, default_max: int, task: str | None = None) -> dict[str, Any]:
     """A task's generation_kwargs as lm-eval's own models read them (lm_eval.models.utils.normalize_gen_kwargs:
     max_new_tokens, max_tokens, max_completion_tokens as aliases of max_gen_toks; sampling on when do_sample
-    is not given and temperature > 0), checked: EvalError naming the key, not a traceback or empty answers."""
+    is not given and temperature > 0), checked: EvalError naming generation_kwargs (of ``task``, when known)
+    and the key, not a traceback or empty answers."""
     from lm_eval.models.utils import normalize_gen_kwargs
 
+    where = f"generation_kwargs (task {clip(task, 60)})" if task else "generation_kwargs"
     if raw is not None and not isinstance(raw, dict):
-        raise EvalError(f"generation_kwargs: a mapping expected, got {brief(raw)}")
+        raise EvalError(f"{where}: a mapping expected, got {brief(raw)}")
     try:
         kw = normalize_gen_kwargs(dict(raw or {}), default_max)
-        kw["temperature"] = float(kw.get("temperature", 0.0) or 0.0)
-        kw["top_p"] = float(kw.get("top_p", 1.0) or 1.0)
+        # Not "x or default": top_p: 0 became 1.0, sampling from every token where the task asked for none.
+        kw["temperature"] = float(kw.get("temperature", 0.0))
+        top_p = kw.get("top_p")
+        kw["top_p"] = 1.0 if top_p is None else float(top_p)
     except (TypeError, ValueError):
         bad = {k: raw.get(k) for k in ("max_gen_toks", "max_new_tokens", "max_tokens", "temperature", "top_p")}
-        raise EvalError(f"generation_kwargs: not numbers where lm-eval needs them: {brief(bad)}") from None
+        raise EvalError(f"{where}: not numbers where lm-eval needs them: {brief(bad)}") from None
     if not isinstance(kw["max_gen_toks"], int) or kw["max_gen_toks"] < 0:
-        raise EvalError(f"generation_kwargs: max_gen_toks must be a whole number >= 0, got {brief(kw['max_gen_toks'])}")
+        raise EvalError(f"{where}: max_gen_toks must be a whole number >= 0, got {brief(kw['max_gen_toks'])}")
+    try:  # generate_batch's own check, here to name the task's generation_kwargs
+        check_sampling(kw["temperature"], kw["top_p"])
+    except EvalError as e:
+        raise EvalError(f"{where}: {e}") from None
     return kw
 
 

@@ -333,6 +333,43 @@ def test_request_loop_out_of_memory_is_one_line(env, monkeypatch):
         lm.generate_until([Req()])
 
 
+@pytest.mark.parametrize(
+    "kw, msg",
+    [
+        ({"top_p": 0}, "top_p: must be in (0, 1], got 0.0"),  # was read as 1.0: sampling from every token
+        ({"top_p": 0.0, "do_sample": True, "temperature": 1}, "top_p: must be in (0, 1]"),
+        ({"top_p": -0.5}, "top_p: must be in (0, 1], got -0.5"),
+        ({"top_p": 1.5}, "top_p: must be in (0, 1]"),
+        ({"temperature": -1}, "temperature: must be a finite number >= 0"),
+        ({"temperature": float("nan"), "do_sample": True}, "temperature: must be a finite number >= 0"),
+        ({"top_p": "x"}, "not numbers where lm-eval needs them"),
+        ({"max_gen_toks": -5}, "max_gen_toks must be a whole number >= 0"),
+    ],
+)
+def test_generation_kwargs_out_of_range_are_one_error_naming_the_task(kw, msg):
+    """top_p: 0 became 1.0 (float(top_p or 1.0)), where -0.5 was refused; an out-of-range top_p or temperature
+    was refused by generate_batch without naming generation_kwargs, which docs/lm_eval.md says errors name."""
+    from mnemo.evaluation.errors import EvalError
+    from mnemo.evaluation.harness import generation_settings
+
+    with pytest.raises(EvalError) as e:
+        generation_settings(kw, 256, "my_task")
+    assert str(e.value).startswith("generation_kwargs (task my_task): ") and msg in str(e.value), str(e.value)
+    with pytest.raises(EvalError, match=r"^generation_kwargs: "):
+        generation_settings(kw, 256)
+
+
+def test_generation_kwargs_defaults_and_values_in_range():
+    from mnemo.evaluation.harness import generation_settings
+
+    kw = generation_settings({}, 256)
+    assert (kw["temperature"], kw["top_p"], kw["max_gen_toks"], kw["do_sample"]) == (0.0, 1.0, 256, False)
+    kw = generation_settings({"top_p": None, "temperature": 0}, 256)
+    assert (kw["temperature"], kw["top_p"]) == (0.0, 1.0)
+    kw = generation_settings({"top_p": 0.5, "temperature": 0.7, "max_new_tokens": 3}, 256)
+    assert (kw["temperature"], kw["top_p"], kw["max_gen_toks"], kw["do_sample"]) == (0.7, 0.5, 3, True)
+
+
 def test_generate_until_reads_generation_kwargs_as_lm_eval_does(env, monkeypatch):
     """generate_until read only max_gen_toks, do_sample and temperature: a task's max_new_tokens: 3 gave
     256 tokens, temperature: 1.0 without do_sample decoded greedily, every request sampled from seed 0 (a
@@ -367,3 +404,7 @@ def test_generate_until_reads_generation_kwargs_as_lm_eval_does(env, monkeypatch
     for bad in ({"max_gen_toks": "abc"}, {"max_gen_toks": -5}, {"temperature": "hot"}):
         with pytest.raises(EvalError, match="generation_kwargs"):
             lm.generate_until([Req({"until": ["QQQ"], **bad})])
+    named = Req({"until": ["QQQ"], "top_p": 0})
+    named.task_name = "t1"  # as lm-eval's Instance has it
+    with pytest.raises(EvalError, match=r"^generation_kwargs \(task t1\): top_p: must be in \(0, 1\]"):
+        lm.generate_until([named])
