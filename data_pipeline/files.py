@@ -212,6 +212,23 @@ def not_a_regular_file(path: str | os.PathLike) -> str | None:
     return None
 
 
+def unwritable_dir(folder: str | os.PathLike) -> str | None:
+    """Why no file can be made in the existing directory ``folder`` ("Read-only file system", "Permission
+    denied"), or None.
+
+    Asked ahead of a write that comes later (in another process, after other files were written). access()
+    answers EROFS and EACCES alike (and root passes permission bits), so a read-only mount is told by statvfs.
+    """
+    if os.access(folder, os.W_OK | os.X_OK):
+        return None
+    try:
+        if os.statvfs(folder).f_flag & os.ST_RDONLY:
+            return os.strerror(errno.EROFS)
+    except OSError:
+        pass
+    return os.strerror(errno.EACCES)
+
+
 def open_own_file(path: str | os.PathLike, flags: int, mode: int = 0o644) -> int:
     """A descriptor of the regular file at ``path`` opened with ``flags`` (``O_CREAT``: made with ``mode``
     if missing), never through a symbolic link: NotRegularFile ("a symbolic link", "not a regular file")

@@ -373,6 +373,38 @@ def test_a_data_cache_dir_the_ranks_may_not_make_is_refused_before_any_rank(tmp_
     check_paths(load_config(None, [*base, f"data.cache_dir={tmp_path}/free/cache"]))
 
 
+def test_an_existing_data_cache_dir_the_ranks_may_not_write_is_refused_before_any_rank(tmp_path, monkeypatch):
+    """Writability was asked only of a data.cache_dir still to be made: an existing one that could not be
+    written passed, and the ranks failed after config.yaml and run.lock were written. And a folder to make
+    on a read-only mount was said to be '(Permission denied)'. Now both are asked, and the reason told."""
+    import os
+    import types
+    from pathlib import Path
+
+    from mnemo.train.config import check_paths
+
+    data = _data_dir(tmp_path / "data")
+    base = [f"data.path={data}", f"run.dir={tmp_path}/r"]
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    if os.geteuid() != 0:  # root passes permission bits: then access() is what the test sets
+        locked.chmod(0o555)
+    real_access, real_statvfs = os.access, os.statvfs
+    monkeypatch.setattr(os, "access", lambda p, mode: False if Path(p) == locked else real_access(p, mode))
+    with pytest.raises(ConfigError, match=rf"^data.cache_dir: {locked}: cannot be written \(Permission denied\)"):
+        check_paths(load_config(None, [*base, f"data.cache_dir={locked}"]))
+    assert not (tmp_path / "r").exists()
+    # A read-only mount: access() says no to root too; statvfs tells it from a permission.
+    ro = types.SimpleNamespace(f_flag=os.ST_RDONLY)
+    monkeypatch.setattr(os, "statvfs", lambda p: ro if Path(p) == locked else real_statvfs(p))
+    with pytest.raises(ConfigError, match=rf"^data.cache_dir: {locked}: cannot be written \(Read-only file system\)"):
+        check_paths(load_config(None, [*base, f"data.cache_dir={locked}"]))
+    with pytest.raises(ConfigError, match=rf"^data.cache_dir: {locked}/sub: cannot be made in {locked} \(Read-only"):
+        check_paths(load_config(None, [*base, f"data.cache_dir={locked}/sub"]))
+    locked.chmod(0o755)
+    check_paths(load_config(None, [*base, f"data.cache_dir={tmp_path}"]))  # an existing folder that may be written
+
+
 # --------------------------------------------------------------------------- #
 # The shards index.json lists: checked before any rank starts
 
