@@ -378,6 +378,29 @@ def _filler_tokens(ctx: UnitContext, units: Sequence[WorkUnit], need: int, max_d
     return np.concatenate(got), len(got)
 
 
+def _check_passkey_fit(tok: Tokenizer, segment_len: int, error: type[DataError] = DataError) -> None:
+    """``error`` naming --segment-len unless passkey documents fit its segments with ``tok``: one at D = 0 (the
+    tightest: the key sentence shares segment 0 with the question), with stand-in filler (the fit does not
+    depend on the filler's words), as train/config.py checks train.passkey and eval.passkey_trials.
+
+    Run before the corpus is converted: the passkey part comes last, and a misfit found there, after hours,
+    left an unfinished conversion that a rerun with another --segment-len was refused to replace.
+    """
+    from mnemo.data_pipeline.passkey import RoundTripError, make_passkey_sample
+    from mnemo.data_pipeline.task_sizes import stand_in_filler
+
+    try:
+        make_passkey_sample(tok, stand_in_filler(tok, segment_len), 0, "start", segment_len, np.random.default_rng(0))
+    except RoundTripError as e:  # no segment length helps: its message says what does
+        raise error(f"--passkey-docs: {str(e).removeprefix('passkey: ')}") from None
+    except DataError as e:
+        why = str(e).removeprefix("passkey: ").removesuffix(" (increase the segment length)")  # said below
+        raise error(
+            f"--segment-len {segment_len}: {why} (a passkey document at distance 0 holds the key sentence and the "
+            "question in one segment): raise --segment-len, or --passkey-docs 0"
+        ) from None
+
+
 def _passkey_samples(
     ctx: UnitContext, tok: Tokenizer, filler: np.ndarray, n: int, max_distance: int, segment_len: int, seed: int
 ) -> Iterator[dict]:
@@ -459,6 +482,8 @@ def prepare(
     # Everything a user can get wrong is checked here, before any work.
     corpus = plan_inputs(inputs, text_field, id_field)
     given = Tokenizer(tokenizer) if tokenizer else None
+    if given is not None and passkey_docs:
+        _check_passkey_fit(given, passkey_segment_len)
     # Read now: --overwrite may clear OUT, and the model given may be OUT/tokenizer.model itself.
     given_bytes = Path(given.path).read_bytes() if given else b""
     loc = resolve_out(out, staging)
@@ -511,6 +536,8 @@ def prepare(
                 tok = train_tokenizer_on_sample(
                     loc, corpus, text_field, id_field, strict, vocab_size, model_type, sample_docs, seed, max_doc_bytes
                 )
+            if given is None and passkey_docs:  # with the tokenizer just trained: recorded as a failure
+                _check_passkey_fit(tok, passkey_segment_len, InputError)
             ctx = UnitContext(
                 os.path.join(loc.local, tok.file_name),
                 tok.token_dtype.name,

@@ -555,6 +555,29 @@ def test_paths_that_are_not_utf8_are_written_or_refused_naming_the_key(corpus, t
         MDSSource(str(tmp_path / "trained"), cache_dir=str(cache))
 
 
+@pytest.mark.parametrize("given", [True, False])
+def test_a_segment_too_short_for_passkey_documents_is_refused_before_converting(corpus, tmp_path, monkeypatch, given):
+    """The misfit ('passkey: the key sentence needs 36 tokens but the segment has room for 21') was found in the
+    passkey part, after the whole corpus was converted; the rerun with a longer --segment-len was then refused
+    ('--out holds an unfinished conversion of other inputs or settings; rerun that command'), advice that could
+    not work. Now it is found once the tokenizer is known, before any document is converted; with a given
+    tokenizer before --out is touched, and with one trained there the failure is recorded, so the fixed rerun
+    starts over."""
+    pytest.importorskip("mnemo.data_pipeline.passkey")
+    out = tmp_path / "out"
+    converted = []
+    real = prep._convert
+    monkeypatch.setattr(prep, "_convert", lambda *a, **k: converted.append(1) or real(*a, **k))
+    tok = {} if given else {"tokenizer": None, "vocab_size": 400}
+    with pytest.raises(DataError, match=r"^--segment-len 40: .* but the segment has room for .*raise --segment-len"):
+        run(corpus, out, passkey_docs=4, passkey_max_distance=2, passkey_segment_len=40, **tok)
+    assert converted == []
+    if given:
+        assert not out.exists() or not any(out.iterdir())
+    m = run(corpus, out, passkey_docs=4, passkey_max_distance=2, passkey_segment_len=128, **tok)
+    assert m["num_passkey_documents"] == 4 and converted == [1]
+
+
 @pytest.fixture(scope="module")
 def word_corpus(tmp_path_factory):
     """40 documents, each one word of its own repeated: a document's text is found by its word."""
