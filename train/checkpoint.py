@@ -35,6 +35,7 @@ import pickle
 import re
 import shutil
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -188,19 +189,56 @@ def load_torch_file(path: str | Path) -> Any:
 DS_READ_ERRORS = (RuntimeError, EOFError, ValueError, FileNotFoundError)
 
 
-def unreadable_ds_state(where: Any, e: BaseException) -> BaseException:
+def unreadable_ds_state(where: Any, e: BaseException, alias: tuple[str, str] | None = None) -> BaseException:
     """UserError for ``e``, raised while DeepSpeed read the state of checkpoint ``where``; ``e`` itself when
     it is not the checkpoint's fault (out of memory, a failed collective: RuntimeErrors too).
 
     It names the file that failed where it can be found, and gives torch's first sentence only: its message
     for a truncated file is a paragraph (miniz, "likelihood that your checkpoint file is corrupted"...).
+    ``alias``: (the glob-safe name DeepSpeed was given, the real folder; glob_safe_dir), so the message names
+    the user's folder, not a temporary link.
     """
     if isinstance(e, (torch.OutOfMemoryError, torch.distributed.DistError)):
         return e
     path = failed_torch_file(e) or getattr(e, "filename", None)
     reason = e.strerror if isinstance(e, OSError) and e.strerror else first_line(e)
     reason = re.split(r"\.\s+(?=[A-Z])", reason, maxsplit=1)[0]  # its first sentence
-    return UserError(f"{where}: cannot read the DeepSpeed state ({f'{path}: ' if path else ''}{reason})")
+    text = f"{f'{path}: ' if path else ''}{reason}"
+    if alias is not None and alias[0] != alias[1]:
+        text = text.replace(alias[0], alias[1])
+    return UserError(f"{where}: cannot read the DeepSpeed state ({text})")
+
+
+# DeepSpeed finds a checkpoint's files with glob patterns built from the folder it is given
+# (engine._get_all_ckpt_names, zero_to_fp32.get_checkpoint_files): a run dir named "g[1]" is read as
+# a character class and matches nothing (its bare AssertionError on resume, "can't find
+# *_model_states.pt files" in export). Such a folder is handed over as a link without them.
+GLOB_CHARS = frozenset("[]*?")
+
+
+@contextlib.contextmanager
+def glob_safe_dir(folder: Path) -> Iterator[str]:
+    """``folder`` under a name without glob characters, for DeepSpeed's readers: itself when it has none,
+    else a link to it in a fresh temporary folder, both removed on the way out (nothing else is)."""
+    text = os.fspath(folder)
+    if not GLOB_CHARS.intersection(text):
+        yield text
+        return
+    parent = tempfile.mkdtemp(prefix="mnemo-ds-")
+    if GLOB_CHARS.intersection(parent):
+        os.rmdir(parent)
+        raise UserError(
+            f"{folder}: DeepSpeed cannot read a folder whose path holds [ ] * or ?, and the temporary folder "
+            f"{parent} for a link to it holds them too: set TMPDIR to a folder without them"
+        )
+    link = os.path.join(parent, "ds")
+    try:
+        os.symlink(os.path.abspath(text), link, target_is_directory=True)
+        yield link
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(link)
+        os.rmdir(parent)
 
 
 def failed_torch_file(e: BaseException) -> str | None:
@@ -225,13 +263,13 @@ def load_engine_state(engine, ckpt: Path, tag: str, where: str) -> None:
     damaged one is a UserError starting with ``where``, as in `mnemo export` (consolidated_state_dict).
     """
     ds_dir = Path(ckpt) / "ds"
-    with weights_only_loads(ds_dir):
+    with weights_only_loads(ds_dir), glob_safe_dir(ds_dir) as name:
         try:
             load_path, _ = engine.load_checkpoint(
-                str(ds_dir), tag=tag, load_module_strict=True, load_optimizer_states=True, load_lr_scheduler_states=True
+                name, tag=tag, load_module_strict=True, load_optimizer_states=True, load_lr_scheduler_states=True
             )
         except DS_READ_ERRORS as e:
-            raise unreadable_ds_state(where, e) from None
+            raise unreadable_ds_state(where, e, (name, str(ds_dir))) from None
     if load_path is None:
         raise UserError(f"{where}: DeepSpeed could not load {ds_dir}/{tag}")
 
@@ -564,11 +602,11 @@ def consolidated_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         # DeepSpeed's consolidation reads its files with weights_only=False: forced to True here.
-        with weights_only_loads(ckpt):
+        with weights_only_loads(ckpt), glob_safe_dir(ckpt / "ds") as name:
             try:
-                sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt / "ds"), tag=DS_TAG)
+                sd = get_fp32_state_dict_from_zero_checkpoint(name, tag=DS_TAG)
             except DS_READ_ERRORS as e:  # truncated, missing or foreign
-                raise unreadable_ds_state(ckpt, e) from None
+                raise unreadable_ds_state(ckpt, e, (name, str(ckpt / "ds"))) from None
     return {k: v.float().contiguous() for k, v in sd.items()}
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -529,6 +530,39 @@ def test_a_truncated_deepspeed_file_is_one_line_error_on_resume(engine, tmp_path
     )
     with pytest.raises(UserError, match=needle):
         trainer._resume()
+
+
+def test_a_run_dir_named_with_glob_characters_saves_resumes_and_exports(engine, tmp_path, monkeypatch):
+    """DeepSpeed finds a checkpoint's files with glob patterns built from the folder: in a run dir named
+    'g[1]' the resume was DeepSpeed's bare AssertionError (`assert len(self.ckpt_list) > 0`) and export,
+    eval and generate "can't find *_model_states.pt files". Now DeepSpeed reads it through a link in a
+    temporary folder, removed afterwards."""
+    import tempfile
+
+    from mnemo.train import checkpoint as ckpt
+    from mnemo.train.errors import UserError
+
+    links = tmp_path / "tmp"
+    links.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(links))
+    path = ckpt.CheckpointManager(tmp_path / "g[1]*?").save(2, engine, {"step": 2}, {"step": 2})
+    assert ckpt.is_complete(path) and (path / "ds" / ckpt.DS_TAG).is_dir()
+    saved = weights(engine)
+    with torch.no_grad():
+        for p in engine.module.parameters():
+            p.add_(1.0)
+    ckpt.load_engine_state(engine, path, ckpt.DS_TAG, f"checkpoint {path}")  # what a resume does
+    assert all(torch.equal(a, b) for a, b in zip(saved, weights(engine)))
+    sd = ckpt.consolidated_state_dict(path)  # what export, eval and generate read
+    names = [n for n, _ in engine.module.named_parameters()]
+    assert all(torch.equal(sd[n], w.float()) for n, w in zip(names, saved))
+    assert not any(links.iterdir()), "the link DeepSpeed read through was left behind"
+    # A damaged file is named under the run dir, not under the temporary link.
+    shard = path / "ds" / ckpt.DS_TAG / "mp_rank_00_model_states.pt"
+    shard.write_bytes(shard.read_bytes()[:1000])
+    with pytest.raises(UserError, match=rf"\({re.escape(str(shard))}: PytorchStreamReader"):
+        ckpt.load_engine_state(engine, path, ckpt.DS_TAG, f"checkpoint {path}")
+    assert not any(links.iterdir())
 
 
 # ----------------------------------------------------------------------------- what the loop does after a step
