@@ -76,11 +76,12 @@ def make_universal(path: Path) -> str:
     src, out, tmp = ds_dir / DS_TAG, ds_dir / UNIVERSAL_TAG, ds_dir / f".tmp-{UNIVERSAL_TAG}"
     if is_universal_complete(path):
         return UNIVERSAL_TAG
+    # Errors say what failed, not which checkpoint: universal_tag names it.
     if not src.is_dir():
-        raise UserError(f"checkpoint {path}: no DeepSpeed engine state in {src}")
+        raise UserError(f"no DeepSpeed engine state in {src}")
     t0 = time.time()
     shutil.rmtree(tmp, ignore_errors=True)  # leftover of an interrupted conversion
-    _run_converter(src, tmp, path)
+    _run_converter(src, tmp)
     normalize_universal(tmp)
     fsync_tree(tmp)
     (tmp / COMPLETE).write_text(FORMAT + "\n")
@@ -112,13 +113,22 @@ def finish_universal_load(engine) -> None:
             st["step"] = step.clone()
 
 
+# argv: the DeepSpeed folder, then ds_to_universal's arguments with folders relative to it. The converter
+# builds glob patterns and a regular expression (re.compile(f"{prefix_path}\\.([0-9]+)")) from its folders'
+# paths unescaped: a run dir named "exp (1)" or "g[1]" failed with "Cannot parse dp_rank". It runs inside
+# that folder on relative names, so no path of the user's reaches them. sys.path is made absolute first:
+# its "" (the starting directory) would otherwise become the checkpoint folder, whose files a later
+# import could pick up.
 _CONVERTER = """
-import runpy, sys
+import os, runpy, sys
+sys.path[:] = [os.path.abspath(p) for p in sys.path]
+folder = sys.argv.pop(1)
 import deepspeed  # before weights_only_loads: its allowlist names DeepSpeed's types
 from mnemo.train.checkpoint import weights_only_loads
 from mnemo.train.errors import UserError
 try:
-    with weights_only_loads(sys.argv[sys.argv.index("--input_folder") + 1]):
+    with weights_only_loads(os.path.join(folder, sys.argv[sys.argv.index("--input_folder") + 1])):
+        os.chdir(folder)
         runpy.run_module("deepspeed.checkpoint.ds_to_universal", run_name="__main__", alter_sys=True)
 except UserError as e:
     print(f"UserError: {e}", file=sys.stderr)
@@ -126,7 +136,9 @@ except UserError as e:
 """
 
 
-def _run_converter(src: Path, dst: Path, ckpt: Path) -> None:
+def _run_converter(src: Path, dst: Path) -> None:
+    """Run ds_to_universal from ``src`` (a DeepSpeed tag folder) into ``dst``, a sibling of it; UserError
+    with the converter's reason (universal_tag names the checkpoint)."""
     # A subprocess: the converter holds every shard in memory at once and uses
     # module-level state; neither should outlive the conversion in a training rank.
     # The converter reads with weights_only=False: it runs inside weights_only_loads, so a
@@ -135,10 +147,11 @@ def _run_converter(src: Path, dst: Path, ckpt: Path) -> None:
         sys.executable,
         "-c",
         _CONVERTER,
+        str(src.parent.absolute()),
         "--input_folder",
-        str(src),
+        src.name,
         "--output_folder",
-        str(dst),
+        dst.name,
         "--inject_missing_state",
         "--num_extract_workers",
         "1",
@@ -153,7 +166,7 @@ def _run_converter(src: Path, dst: Path, ckpt: Path) -> None:
         errors = [ln for ln in lines if re.match(r"^[\w.]*(Error|Exception)\b", ln)]
         why = (errors or lines or [f"exit code {res.returncode}"])[-1]
         why = re.sub(r"^[\w.]*UserError: ", "", why)  # a refusal of _CONVERTER: the message alone
-        raise UserError(f"checkpoint {ckpt}: conversion to a universal checkpoint failed: {why}")
+        raise UserError(f"ds_to_universal: {why}")
 
 
 # ---------------------------------------------------------------------------- normalization

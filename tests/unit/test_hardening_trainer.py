@@ -565,6 +565,50 @@ def test_a_run_dir_named_with_glob_characters_saves_resumes_and_exports(engine, 
     assert not any(links.iterdir())
 
 
+def test_a_run_dir_named_with_regex_characters_resumes_through_the_universal_form(engine, data, tmp_path):
+    """ds_to_universal builds glob patterns and a regular expression from its folders' paths: in a run dir
+    named 'exp (1)' a resume on another world size failed with "ValueError: Cannot parse dp_rank from ...",
+    under the checkpoint's name twice. It now runs in the DeepSpeed folder on relative names, and the
+    checkpoint is named once."""
+    import deepspeed
+
+    from mnemo.model import MemoryTransformer
+    from mnemo.train import checkpoint as ckpt
+    from mnemo.train import engine as build
+    from mnemo.train.errors import UserError
+    from mnemo.train.resume import universal_tag
+    from mnemo.train.universal import UNIVERSAL_TAG, finish_universal_load, is_universal_complete
+
+    path = tmp_path / "exp (1)[x]+$" / "checkpoints" / "step_00000002"
+    engine.save_checkpoint(str(path / "ds"), tag=ckpt.DS_TAG)
+    assert universal_tag(path, 0) == UNIVERSAL_TAG and is_universal_complete(path)
+    assert not (path / "ds" / f".tmp-{UNIVERSAL_TAG}").exists()
+    # ... and an engine that reads the universal form gets the saved weights back.
+    cfg = config(data, tmp_path / "unused")
+    model = MemoryTransformer(build.model_args_from_config(cfg, VOCAB))
+    opt = torch.optim.AdamW(build.param_groups(model, 0.1), lr=cfg.train.lr)
+    ds_cfg = dict(build.deepspeed_config(cfg, False, False), checkpoint={"load_universal": True})
+    other, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds_cfg)
+    ckpt.load_engine_state(other, path, UNIVERSAL_TAG, f"checkpoint {path}")
+    finish_universal_load(other)
+    assert all(torch.equal(a, b) for a, b in zip(weights(engine), weights(other)))
+
+    # A failed conversion names the checkpoint once, then the converter's reason.
+    broken = tmp_path / "exp (2)" / "checkpoints" / "step_00000002"
+    (broken / "ds" / ckpt.DS_TAG).mkdir(parents=True)
+    with pytest.raises(UserError) as e:
+        universal_tag(broken, 0)
+    msg = str(e.value)
+    assert msg.startswith(f"checkpoint {broken}: conversion to a universal checkpoint failed: ds_to_universal: "), msg
+    assert msg.count("conversion") == 1 and "\n" not in msg, msg
+    assert not (broken / "ds" / f".tmp-{UNIVERSAL_TAG}").exists()
+    (broken / "ds" / ckpt.DS_TAG).rmdir()
+    with pytest.raises(UserError) as e:
+        universal_tag(broken, 0)
+    want = f"checkpoint {broken}: conversion to a universal checkpoint failed: no DeepSpeed engine state in"
+    assert str(e.value) == f"{want} {broken / 'ds' / ckpt.DS_TAG}"
+
+
 # ----------------------------------------------------------------------------- what the loop does after a step
 
 
