@@ -45,6 +45,7 @@ from typing import Any, Callable
 from mnemo.demo_out import check_options, claim_out_dir
 from mnemo.demo_report import evaluate_runs, log_to_mlflow, side_by_side, targets
 from mnemo.train.errors import UserError
+from mnemo.train.tracking.common import sqlite_uri
 
 REPO = Path(__file__).resolve().parent.parent
 MEMORY_CONFIG = "configs/demo.yaml"
@@ -275,7 +276,7 @@ def run_demo(
     out = Path(s.out_dir).resolve()
     data_dir = out / "data"
     runs = {"memory": out / "memory", "baseline": out / "baseline"}
-    uri = f"sqlite:///{out / 'mlflow.db'}"
+    uri = sqlite_uri(out / "mlflow.db")
     mem_cfg = load_config(_resolve_config(s.memory_config), s.overrides)
     base_cfg = load_config(_resolve_config(s.baseline_config), s.overrides)
     T = mem_cfg.model.segment_len

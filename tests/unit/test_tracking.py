@@ -56,7 +56,7 @@ def test_uri_and_experiment_precedence(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
     rel = Path("some/run")
-    assert resolve_uri("", rel) == "sqlite:///" + str(rel.resolve() / "mlflow.db")
+    assert resolve_uri("", rel) == "sqlite:///" + str(rel.resolve() / "mlflow.db")  # nothing to encode
     assert resolve_experiment("") == DEFAULT_EXPERIMENT
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://env:5000")
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "env-exp")
@@ -64,6 +64,29 @@ def test_uri_and_experiment_precedence(tmp_path, monkeypatch):
     assert resolve_experiment("") == "env-exp"
     assert resolve_uri("http://explicit:1", rel) == "http://explicit:1"
     assert resolve_experiment("explicit") == "explicit"
+
+
+def test_the_default_store_and_artifacts_stay_in_a_run_dir_of_any_name(tmp_path, monkeypatch):
+    """The default URI was "sqlite:///" + the run dir's path as it is: SQLAlchemy decodes %XX and cuts
+    the path at "?", so run.dir z%41z put mlflow.db into the folder zAz and q?x wrote the database as a
+    file q. The path is percent-encoded now: the database and the artifacts are the run dir's."""
+    from mlflow import MlflowClient
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    (tmp_path / "zAz q").mkdir()
+    run_dir = tmp_path / "z%41z q?x#y é"
+    run_dir.mkdir()
+    (tmp_path / "report.txt").write_text("hello")
+    t = Tracker(run_dir=str(run_dir), experiment="unit-names")
+    assert t.run_id
+    t.log_artifact(str(tmp_path / "report.txt"))
+    t.close()
+    files = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
+    assert files[0] == "report.txt" and all(f.startswith(run_dir.name + "/") for f in files[1:]), files
+    assert (run_dir / "mlflow.db").is_file()
+    assert [p.name for p in (run_dir / "mlartifacts").rglob("*") if p.is_file()] == ["report.txt"]
+    run = MlflowClient(t.uri).get_run(t.run_id)
+    assert [a.path for a in MlflowClient(t.uri).list_artifacts(run.info.run_id)] == ["report.txt"]
 
 
 def test_params_metrics_tags_artifacts_land_and_log_metrics_is_fast(store, client, tmp_path):

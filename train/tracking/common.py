@@ -56,7 +56,16 @@ def resolve_uri(uri: str, run_dir: str | os.PathLike) -> str:
         return uri
     if env := os.environ.get("MLFLOW_TRACKING_URI"):
         return env
-    return "sqlite:///" + str(Path(run_dir).resolve() / "mlflow.db")
+    return sqlite_uri(Path(run_dir) / "mlflow.db")
+
+
+def sqlite_uri(path: str | os.PathLike) -> str:
+    """The URI of sqlite database file ``path`` (made absolute) for MLflow and SQLAlchemy.
+
+    Percent-encoded: SQLAlchemy decodes %XX in it and cuts it at "?" (its query), so a run.dir "z%41z" put
+    the database into "zAz" and "q?x" into a file "q".
+    """
+    return "sqlite:///" + quote(str(Path(path).resolve()))
 
 
 def resolve_experiment(experiment: str) -> str:
