@@ -89,6 +89,34 @@ def test_the_default_store_and_artifacts_stay_in_a_run_dir_of_any_name(tmp_path,
     assert [a.path for a in MlflowClient(t.uri).list_artifacts(run.info.run_id)] == ["report.txt"]
 
 
+def test_a_working_directory_whose_path_holds_both_quotes_does_not_stop_tracking(tmp_path, monkeypatch):
+    """MLflow makes a fresh database's Default experiment with an INSERT writing its artifact location,
+    <working directory>/mlruns, with repr(): started in a folder q'd"c, every tracked run failed with
+    'tracking.uri ...: (sqlite3.OperationalError) near "d": syntax error'. The store is now opened first
+    with the run dir's artifact root (a percent-encoded file URI); a resume reopens the same run."""
+    from mlflow import MlflowClient
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cwd = tmp_path / "q'd\"c"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    run_dir = tmp_path / 'run\'s "dir"'
+    (tmp_path / "report.txt").write_text("hello")
+    t = Tracker(run_dir=str(run_dir), experiment="unit-quotes")
+    t.log_artifact(str(tmp_path / "report.txt"))
+    t.close("KILLED")
+    t2 = Tracker(run_dir=str(run_dir), experiment="unit-quotes", resume_run_id=t.run_id, resume_step=0)
+    assert t2.run_id == t.run_id
+    t2.log_metrics({"train/loss": 1.0}, step=1)
+    t2.close()
+    c = MlflowClient(t.uri)
+    assert c.get_experiment("0").artifact_location == (run_dir / "mlartifacts" / "0").as_uri()
+    assert c.get_experiment_by_name("unit-quotes").artifact_location == (run_dir / "mlartifacts").as_uri()
+    assert [a.path for a in c.list_artifacts(t.run_id)] == ["report.txt"]
+    assert [m.step for m in c.get_metric_history(t.run_id, "train/loss")] == [1]
+    assert not any(cwd.iterdir()), "MLflow wrote into the working directory"
+
+
 def test_params_metrics_tags_artifacts_land_and_log_metrics_is_fast(store, client, tmp_path):
     t = Tracker(run_dir=str(tmp_path), uri=store, experiment="unit", run_name="land", interval=0.1)
     assert t.run_id

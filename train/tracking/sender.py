@@ -41,10 +41,11 @@ import time
 from collections import deque
 from pathlib import Path
 from typing import Any, Callable
+from urllib.parse import urlparse
 
 from mnemo.data_pipeline.errors import storage_error
 from mnemo.train.redact import has_credentials, redact_uri
-from mnemo.train.tracking.common import FALLBACK_FILE, PARENT_RUN_TAG, FallbackFile, system_tags
+from mnemo.train.tracking.common import DB_SCHEMES, FALLBACK_FILE, PARENT_RUN_TAG, FallbackFile, system_tags
 
 _MAX_METRICS_PER_BATCH = 1000
 _MAX_PARAMS_TAGS_PER_BATCH = 100
@@ -54,6 +55,27 @@ _MAX_REJECTS = 3  # a request the live server refuses this many times is dropped
 # Imported by mlflow at its import for its dataset classes (mlflow.data), never used here: 1.3 s of CPU of
 # the sender's ~5 s import, measured, at every tracked job's start.
 HELD_OFF = ("pandas",)
+
+
+def open_database_store(uri: str, artifact_root: str) -> None:
+    """Create (or open) MLflow's tables in database store ``uri``, with default artifact root ``artifact_root``.
+
+    Done before MlflowClient opens the store with MLflow's default root, ``<working directory>/mlruns``: a
+    fresh database's Default experiment (id 0) is made by an SQL INSERT that writes that location with
+    Python's repr(), so a working directory whose path holds both ' and " made it invalid SQL (sqlite: 'near
+    "d": syntax error') and no run could start. ``artifact_root``, a percent-encoded file URI, holds no
+    quotes. A database that has its tables is left as it is. MLflow keeps one engine per URI: the client
+    then reuses this one.
+    """
+    from mlflow.environment_variables import MLFLOW_ENABLE_WORKSPACES
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    store_class = SqlAlchemyStore
+    if MLFLOW_ENABLE_WORKSPACES.get():  # the class MLflow's client would open it with
+        from mlflow.store.tracking.sqlalchemy_workspace_store import WorkspaceAwareSqlAlchemyStore
+
+        store_class = WorkspaceAwareSqlAlchemyStore
+    store_class(uri, artifact_root)
 
 
 def import_mlflow_client():
@@ -199,6 +221,8 @@ class _Sender:
         logging.getLogger(STORE_TRACEBACK_LOGGER).setLevel(logging.CRITICAL)
 
         try:
+            if urlparse(self.uri).scheme.partition("+")[0] in DB_SCHEMES:
+                open_database_store(self.uri, self._artifact_root())
             self._client = MlflowClient(tracking_uri=self.uri)
         except Exception as e:  # unknown scheme, malformed URI
             return (str(e).strip().splitlines() or [type(e).__name__])[0]
@@ -527,6 +551,13 @@ class _Sender:
         run = self._client.create_run(self._experiment_id(), run_name=self._s["run_name"], tags=tags)
         self.run_id = run.info.run_id
 
+    def _artifact_root(self) -> str:
+        """Where a local store keeps artifacts: ``<run_dir>/mlartifacts`` as a percent-encoded file URI.
+
+        MLflow's default would be the current directory (./mlruns); a server decides itself (not asked).
+        """
+        return (self.run_dir / "mlartifacts").as_uri()
+
     def _experiment_id(self) -> str:
         from mlflow.exceptions import MlflowException
 
@@ -541,9 +572,7 @@ class _Sender:
                     "to another name"
                 )
             return exp.experiment_id
-        # A local store would put artifacts under the current directory
-        # (./mlruns); keep them in the run directory instead. A server decides itself.
-        location = None if self._http else (self.run_dir / "mlartifacts").as_uri()
+        location = None if self._http else self._artifact_root()
         try:
             return c.create_experiment(self.experiment, artifact_location=location)
         except MlflowException as e:
