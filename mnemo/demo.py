@@ -108,7 +108,7 @@ def stdlib_corpus(n_files: int, min_bytes: int, max_bytes: int) -> list[str]:
     import sysconfig
 
     root = sysconfig.get_paths()["stdlib"]
-    files = sorted(glob.glob(os.path.join(root, "*.py")))
+    files = sorted(glob.glob(os.path.join(glob.escape(root), "*.py")))  # a [ in the install path is a name
     files = [f for f in files if min_bytes <= os.path.getsize(f) <= max_bytes][:n_files]
     if len(files) < 4:
         raise UserError(f"demo corpus: only {len(files)} .py files of {min_bytes}..{max_bytes} bytes in {root}")

@@ -238,3 +238,17 @@ def test_many_facts_table_shows_each_cells_document_length():
     }
     rows = [line.split() for line in table(cells).splitlines()[1:]]
     assert [r[:3] for r in rows] == [["mqar_n64", "8", "1536"], ["niah_single_number", "1", "257"]]
+
+
+def test_the_demo_corpus_is_found_in_a_python_installed_under_a_path_with_glob_characters(tmp_path, monkeypatch):
+    """The stdlib folder was globbed unescaped: Python installed under 'py[3]' gave no corpus at all."""
+    import sysconfig
+
+    from mnemo.demo import stdlib_corpus
+
+    root = tmp_path / "py[3]" / "lib"
+    root.mkdir(parents=True)
+    for name in "abcde":
+        (root / f"{name}.py").write_text("x = 1\n" * 20)
+    monkeypatch.setattr(sysconfig, "get_paths", lambda: {"stdlib": str(root)})
+    assert stdlib_corpus(5, 1, 10_000) == [str(root / f"{n}.py") for n in "abcde"]
