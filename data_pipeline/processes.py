@@ -33,3 +33,15 @@ def die_with_parent(parent: int | None = None, sig: int = signal.SIGKILL) -> Non
         return
     if os.getppid() != parent if parent is not None else os.getppid() == 1:
         os._exit(1)
+
+
+# `python -m MODULE` and `python -c CODE` put the working directory first on sys.path, before the standard
+# library and site-packages: a yaml.py, json.py or random.py lying where the user starts `mnemo launch` (or in a
+# checkpoint folder the converter runs in) would be imported, and so run, in torchrun and in every rank. -P
+# (Python 3.11+; PYTHONSAFEPATH=1 for the processes those start, which inherit it) leaves it off the path.
+SAFE_PATH_ENV = {"PYTHONSAFEPATH": "1"}
+
+
+def python_command(python: str) -> list[str]:
+    """The start of a command line that runs ``python`` with ``-m`` or ``-c``: the interpreter and ``-P``."""
+    return [python, "-P"] if sys.version_info >= (3, 11) else [python]

@@ -55,6 +55,7 @@ from dataclasses import dataclass
 from typing import Callable, Mapping
 
 from mnemo.data_pipeline.errors import brief
+from mnemo.data_pipeline.processes import python_command
 from mnemo.launch.hostfile import Host, ssh_destination
 from mnemo.launch.torchrun import check_line_safe
 from mnemo.train.errors import UserError
@@ -191,7 +192,8 @@ def remote_command(
         # env takes every word holding '=' as an assignment, '--' or not: a python under '/v=1/' would be
         # set as a variable and '-m' run as the command. /bin/sh runs it instead, as its "$1".
         words += ["/bin/sh", "-c", shlex.quote('exec "$@"'), "sh"]
-    words += [shlex.quote(w) for w in [python, "-m", "mnemo", "launch", *launch_args]]
+    # -P: the remote shell starts in ``cwd``, whose modules must not shadow what mnemo imports.
+    words += [shlex.quote(w) for w in [*python_command(python), "-m", "mnemo", "launch", *launch_args]]
     return f"cd {shlex.quote(cwd)} && " + " ".join(words)
 
 

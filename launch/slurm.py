@@ -41,6 +41,7 @@ from pathlib import Path
 
 from mnemo.data_pipeline.errors import brief
 from mnemo.data_pipeline.files import atomic_write_text
+from mnemo.data_pipeline.processes import python_command
 from mnemo.launch.env import mnemo_installed, package_root
 from mnemo.launch.torchrun import MAX_NODES, MAX_PROCS_PER_NODE, check_count, check_line_safe
 from mnemo.train.errors import UserError
@@ -308,7 +309,7 @@ def _quote_directive(opt: str) -> str:
 
 def sbatch_script(o: SlurmOptions) -> str:
     q = shlex.quote
-    launch = [o.python, "-m", "mnemo", "launch", o.config, *o.overrides]
+    launch = [*python_command(o.python), "-m", "mnemo", "launch", o.config, *o.overrides]
     launch_words = " ".join(q(w) for w in launch)
     lines = [
         SHEBANG,

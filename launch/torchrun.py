@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Mapping
 
 from mnemo.data_pipeline.errors import brief
+from mnemo.data_pipeline.processes import SAFE_PATH_ENV, python_command
 from mnemo.train.errors import UserError
 
 # Signals torchrun itself handles (and forwards to workers by stopping them).
@@ -133,7 +134,7 @@ def worker_args(plan: NodePlan) -> list[str]:
 def torchrun_command(plan: NodePlan, log_dir: str) -> list[str]:
     """The command line; ``log_dir`` holds torchrun's per-rank copies of the output (--tee needs them to
     prefix each line with its rank): never under run.dir (see local.py: torchrun_log_dir)."""
-    cmd = [plan.python, "-m", "torch.distributed.run"]
+    cmd = [*python_command(plan.python), "-m", "torch.distributed.run"]
     if plan.nnodes == 1:
         cmd += ["--standalone", "--nnodes", "1"]
     else:
@@ -178,6 +179,9 @@ def node_env(plan: NodePlan, environ: Mapping[str, str]) -> dict[str, str]:
         "PATH": path_with_venv(environ, plan.python),
         **({"PYTHONPATH": pythonpath} if pythonpath else {}),
         "PYTHONUNBUFFERED": "1",
+        # torchrun starts each rank as `python -m mnemo.launch.worker`: without it a module of the working
+        # directory named like one the rank imports (yaml.py) would run in every rank (processes.py).
+        **SAFE_PATH_ENV,
         # With the rendezvous store shared with the workers (torch's default),
         # a restarted worker group reads the previous attempt's addresses and
         # fails to connect: give each attempt its own.

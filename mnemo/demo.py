@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from mnemo.data_pipeline.processes import python_command
 from mnemo.demo_out import check_options, claim_out_dir
 from mnemo.demo_report import evaluate_runs, log_to_mlflow, side_by_side, targets
 from mnemo.train.errors import UserError
@@ -159,7 +160,8 @@ def train_run(
 
     Every output line goes to ``log_file``; step lines are echoed with the run's name.
     """
-    cmd = [sys.executable, "-m", "mnemo", "launch", _resolve_config(config), "--nproc-per-node", str(nproc), *overrides]
+    launch = ["-m", "mnemo", "launch", _resolve_config(config), "--nproc-per-node", str(nproc), *overrides]
+    cmd = [*python_command(sys.executable), *launch]
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     env.setdefault("PYTHONUNBUFFERED", "1")

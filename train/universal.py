@@ -41,6 +41,7 @@ from typing import Any
 import torch
 
 from mnemo.data_pipeline.files import atomic_write_text, fsync_path, fsync_tree
+from mnemo.data_pipeline.processes import python_command
 from mnemo.train.checkpoint import COMPLETE, DS_TAG, load_torch_file
 from mnemo.train.errors import UserError
 
@@ -116,9 +117,10 @@ def finish_universal_load(engine) -> None:
 # argv: the DeepSpeed folder, then ds_to_universal's arguments with folders relative to it. The converter
 # builds glob patterns and a regular expression (re.compile(f"{prefix_path}\\.([0-9]+)")) from its folders'
 # paths unescaped: a run dir named "exp (1)" or "g[1]" failed with "Cannot parse dp_rank". It runs inside
-# that folder on relative names, so no path of the user's reaches them. sys.path is made absolute first:
-# its "" (the starting directory) would otherwise become the checkpoint folder, whose files a later
-# import could pick up.
+# that folder on relative names, so no path of the user's reaches them. -P keeps the starting directory off
+# sys.path (python_command: its yaml.py would be imported with deepspeed); the rest is made absolute first:
+# a relative entry (of PYTHONPATH, or "" where -P is missing) would otherwise point into the checkpoint
+# folder, whose files a later import could pick up.
 _CONVERTER = """
 import os, runpy, sys
 sys.path[:] = [os.path.abspath(p) for p in sys.path]
@@ -144,7 +146,7 @@ def _run_converter(src: Path, dst: Path) -> None:
     # The converter reads with weights_only=False: it runs inside weights_only_loads, so a
     # crafted file is refused instead of unpickled (one worker each: no process pool).
     cmd = [
-        sys.executable,
+        *python_command(sys.executable),
         "-c",
         _CONVERTER,
         str(src.parent.absolute()),

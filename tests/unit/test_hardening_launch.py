@@ -453,7 +453,7 @@ def test_hostfile_commands_with_hostile_values_run_exactly(tmp_path, capsys, mon
     )
     cwd, tag, *argv = (tmp_path / "argv").read_text().split("\0")[:-1]
     assert (cwd, tag) == (str(ws), HOSTILE)
-    assert argv[:5] == ["-m", "mnemo", "launch", str(config), f"run.dir=runs/{HOSTILE}"]
+    assert argv[:6] == ["-P", "-m", "mnemo", "launch", str(config), f"run.dir=runs/{HOSTILE}"]
     assert not list(tmp_path.rglob("PWNED*")), "a value was executed"
 
 

@@ -56,19 +56,19 @@ def launch(capsys, *argv: str) -> tuple[int, str, str]:
 
 GOLDEN_LOCAL = """\
 # node 0 of 1: 2 rank(s), log <TMP>/runs/g/logs/node0.log
-PATH=/usr/local/bin:/usr/bin:/bin:<BIN> PYTHONUNBUFFERED=1 TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 MNEMO_NODE_RANK=0 MNEMO_NNODES=1 <PYTHON> -m torch.distributed.run --standalone --nnodes 1 --nproc-per-node 2 --max-restarts 0 --signals-to-handle SIGINT,SIGQUIT --tee 3 --log-dir '<temporary folder>' --log-line-prefix-template '[rank${rank}]: ' -m mnemo.launch.worker <TMP>/c.yaml train.lr=0.01
+PATH=/usr/local/bin:/usr/bin:/bin:<BIN> PYTHONUNBUFFERED=1 PYTHONSAFEPATH=1 TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 MNEMO_NODE_RANK=0 MNEMO_NNODES=1 <PYTHON> -P -m torch.distributed.run --standalone --nnodes 1 --nproc-per-node 2 --max-restarts 0 --signals-to-handle SIGINT,SIGQUIT --tee 3 --log-dir '<temporary folder>' --log-line-prefix-template '[rank${rank}]: ' -m mnemo.launch.worker <TMP>/c.yaml train.lr=0.01
 """
 
 GOLDEN_NODE = """\
 # node 1 of 2: 2 rank(s), log <TMP>/runs/g/logs/node1.log
-PATH=/usr/local/bin:/usr/bin:/bin:<BIN> PYTHONUNBUFFERED=1 TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 MNEMO_NODE_RANK=1 MNEMO_NNODES=2 <PYTHON> -m torch.distributed.run --nnodes 2 --rdzv-backend c10d --rdzv-endpoint 10.0.0.1:29400 --rdzv-id mnemo-5dcd9b41fb --rdzv-conf is_host=false --nproc-per-node 2 --max-restarts 1 --signals-to-handle SIGINT,SIGQUIT --tee 3 --log-dir '<temporary folder>' --log-line-prefix-template '[rank${rank}]: ' -m mnemo.launch.worker <TMP>/c.yaml
+PATH=/usr/local/bin:/usr/bin:/bin:<BIN> PYTHONUNBUFFERED=1 PYTHONSAFEPATH=1 TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 MNEMO_NODE_RANK=1 MNEMO_NNODES=2 <PYTHON> -P -m torch.distributed.run --nnodes 2 --rdzv-backend c10d --rdzv-endpoint 10.0.0.1:29400 --rdzv-id mnemo-5dcd9b41fb --rdzv-conf is_host=false --nproc-per-node 2 --max-restarts 1 --signals-to-handle SIGINT,SIGQUIT --tee 3 --log-dir '<temporary folder>' --log-line-prefix-template '[rank${rank}]: ' -m mnemo.launch.worker <TMP>/c.yaml
 """
 
 GOLDEN_HOSTFILE = """\
 # node 0: worker-0
-ssh -o BatchMode=yes -o ConnectTimeout=10 -o ServerAliveInterval=5 -o ServerAliveCountMax=3 -- worker-0 'cd <TMP> && exec env MNEMO_TAG='"'"'a b'"'"' NCCL_DEBUG=INFO PATH=/usr/local/bin:/usr/bin:/bin:<BIN> <PYTHON> -m mnemo launch <TMP>/c.yaml train.lr=0.01 --nnodes 2 --node-rank 0 --nproc-per-node 2 --master-addr worker-0 --master-port 29500 --rdzv-id mnemo-5dcd9b41fb --max-restarts 0 --stop-on-stdin-eof'
+ssh -o BatchMode=yes -o ConnectTimeout=10 -o ServerAliveInterval=5 -o ServerAliveCountMax=3 -- worker-0 'cd <TMP> && exec env MNEMO_TAG='"'"'a b'"'"' NCCL_DEBUG=INFO PATH=/usr/local/bin:/usr/bin:/bin:<BIN> <PYTHON> -P -m mnemo launch <TMP>/c.yaml train.lr=0.01 --nnodes 2 --node-rank 0 --nproc-per-node 2 --master-addr worker-0 --master-port 29500 --rdzv-id mnemo-5dcd9b41fb --max-restarts 0 --stop-on-stdin-eof'
 # node 1: worker-1
-ssh -o BatchMode=yes -o ConnectTimeout=10 -o ServerAliveInterval=5 -o ServerAliveCountMax=3 -- worker-1 'cd <TMP> && exec env MNEMO_TAG='"'"'a b'"'"' NCCL_DEBUG=INFO PATH=/usr/local/bin:/usr/bin:/bin:<BIN> <PYTHON> -m mnemo launch <TMP>/c.yaml train.lr=0.01 --nnodes 2 --node-rank 1 --nproc-per-node 2 --master-addr worker-0 --master-port 29500 --rdzv-id mnemo-5dcd9b41fb --max-restarts 0 --stop-on-stdin-eof'
+ssh -o BatchMode=yes -o ConnectTimeout=10 -o ServerAliveInterval=5 -o ServerAliveCountMax=3 -- worker-1 'cd <TMP> && exec env MNEMO_TAG='"'"'a b'"'"' NCCL_DEBUG=INFO PATH=/usr/local/bin:/usr/bin:/bin:<BIN> <PYTHON> -P -m mnemo launch <TMP>/c.yaml train.lr=0.01 --nnodes 2 --node-rank 1 --nproc-per-node 2 --master-addr worker-0 --master-port 29500 --rdzv-id mnemo-5dcd9b41fb --max-restarts 0 --stop-on-stdin-eof'
 """
 
 GOLDEN_SLURM = """\
@@ -166,7 +166,7 @@ wait "$pid"
 srun --nodes="$SLURM_JOB_NUM_NODES" --ntasks="$SLURM_JOB_NUM_NODES" --ntasks-per-node=1 \\
     ${SLURM_CPUS_PER_TASK:+--cpus-per-task=$SLURM_CPUS_PER_TASK} --kill-on-bad-exit=1 \\
     bash -c "$NODE_WRAPPER" mnemo-node \\
-    <PYTHON> -m mnemo launch <TMP>/c.yaml train.lr=0.01 \\
+    <PYTHON> -P -m mnemo launch <TMP>/c.yaml train.lr=0.01 \\
     --nnodes "$SLURM_JOB_NUM_NODES" --nproc-per-node 4 \\
     --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT" --rdzv-id "mnemo-$SLURM_JOB_ID" \\
     --max-restarts 0 &
@@ -428,7 +428,7 @@ def test_remote_command_with_a_python_path_holding_equals(ws):
     cmd = remote_command(cwd=str(ws), python=str(stub), env=env, launch_args=["c.yaml", "x=$(y)"])
     r = subprocess.run(["bash", "-c", cmd], cwd="/", env={"PATH": "/usr/bin:/bin", "OUT": str(ws / "out")})
     assert r.returncode == 0
-    assert (ws / "out").read_text().splitlines() == ["a=b c", "-m", "mnemo", "launch", "c.yaml", "x=$(y)"]
+    assert (ws / "out").read_text().splitlines() == ["a=b c", "-P", "-m", "mnemo", "launch", "c.yaml", "x=$(y)"]
     # The real interpreter, through a link to its venv named with '=': the command runs mnemo.
     venv = ws / "venv=2"
     venv.symlink_to(Path(sys.prefix))

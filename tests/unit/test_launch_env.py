@@ -189,3 +189,42 @@ def test_train_device_cpu_on_a_gpu_machine_sets_deepspeed_to_the_cpu(monkeypatch
     except Stop:
         pass
     assert seen == ["cpu"]
+
+
+HOSTILE_MODULE = "import pathlib\npathlib.Path(__file__).with_name('PWNED').write_text('ran')\n"
+
+
+def test_no_process_mnemo_starts_imports_from_the_working_directory(tmp_path, monkeypatch):
+    # `python -m` puts the working directory first on sys.path: a json.py or yaml.py where `mnemo launch` ran
+    # was imported, so run, by torchrun and in every rank (ssh nodes and SLURM jobs start in the job's folder).
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from mnemo.data_pipeline.processes import python_command
+    from mnemo.launch import torchrun
+    from mnemo.launch.remote import remote_command
+    from mnemo.launch.slurm import SlurmOptions, sbatch_script
+    from mnemo.train import universal
+
+    plan = torchrun.NodePlan(config="/c.yaml", overrides=[], run_dir=Path("/r"), nproc_per_node=2)
+    assert torchrun.node_env(plan, {})["PYTHONSAFEPATH"] == "1"  # the ranks torchrun starts inherit it
+    assert torchrun.torchrun_command(plan, "/l")[:4] == [sys.executable, "-P", "-m", "torch.distributed.run"]
+    remote = remote_command(cwd="/w", python="/v/python", env={}, launch_args=["c.yaml"])
+    assert "/v/python -P -m mnemo launch c.yaml" in remote
+    opts = SlurmOptions(config="/c.yaml", overrides=[], run_dir=Path("/r"), cwd="/w", python="/v/python", job_name="j")
+    assert "/v/python -P -m mnemo launch /c.yaml" in sbatch_script(opts)
+    seen = []
+    with monkeypatch.context() as m:  # universal.subprocess is the subprocess module itself
+        m.setattr(
+            universal.subprocess, "run", lambda cmd, **kw: seen.append(cmd) or subprocess.CompletedProcess(cmd, 0)
+        )
+        universal._run_converter(tmp_path / "ds" / "tag", tmp_path / "ds" / "out")
+    assert seen[0][:3] == [sys.executable, "-P", "-c"]
+    # What those two mean to Python: a rank as torchrun starts it (json: the worker imports it) and a -P command.
+    (tmp_path / "json.py").write_text(HOSTILE_MODULE)
+    env = {**os.environ, **torchrun.node_env(plan, os.environ)}
+    r = subprocess.run([sys.executable, "-m", "mnemo.launch.worker"], cwd=tmp_path, env=env, capture_output=True)
+    assert r.returncode == 2 and b"usage:" in r.stderr, r.stderr
+    r = subprocess.run([*python_command(sys.executable), "-c", "import json"], cwd=tmp_path)
+    assert r.returncode == 0 and not (tmp_path / "PWNED").exists()
