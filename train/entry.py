@@ -6,16 +6,20 @@ from __future__ import annotations
 def run_train(config: str, overrides: list[str]) -> int:
     """Train one rank (alone, or under a launcher: the worker calls this); the exit status."""
     import os
+    import sys
 
     from mnemo.train.config import check_memory_fit, check_paths, load_config
 
-    from mnemo.train.rankenv import check_train_device
+    from mnemo.train.rankenv import alone, check_dist_env, check_train_device
 
+    waiting = check_dist_env(os.environ)  # before anything slow: a bad WORLD_SIZE, RANK, ... is one line
     cfg = load_config(config, overrides)
     check_train_device(cfg.train.device)  # imports torch only for train.device=cuda
     check_paths(cfg)
-    if "WORLD_SIZE" not in os.environ:  # alone: no launcher checked this machine's memory for it (`mnemo launch` does)
+    if alone(os.environ):  # no launcher checked this machine's memory for it (`mnemo launch` does)
         check_memory_fit(cfg)
+    if waiting:  # WORLD_SIZE > 1 with no launcher: likely left in the shell; joining waits for the store's timeout
+        print(waiting, file=sys.stderr, flush=True)
     # The rank's environment (DS_ACCELERATOR, LOCAL_WORLD_SIZE, ...) must be set
     # before deepspeed or streaming are imported.
     from mnemo.train.rankenv import apply_rank_env

@@ -60,19 +60,23 @@ class DistInfo:
 
 
 def dist_info() -> DistInfo:
+    """This rank's place in the job, from the launcher's variables (a UserError naming one that is not a whole
+    number: rankenv.env_int)."""
+    from mnemo.train.rankenv import env_int
+
     env = os.environ
-    world = int(env.get("WORLD_SIZE", "1"))
-    local_world = int(env.get("LOCAL_WORLD_SIZE", "1"))
-    rank = int(env.get("RANK", "0"))
+    world = env_int(env, "WORLD_SIZE", 1)
+    local_world = env_int(env, "LOCAL_WORLD_SIZE", 1)
+    rank = env_int(env, "RANK", 0)
     return DistInfo(
         rank=rank,
         world_size=world,
-        local_rank=int(env.get("LOCAL_RANK", "0")),
+        local_rank=env_int(env, "LOCAL_RANK", 0),
         local_world_size=local_world,
-        node_rank=int(env.get("GROUP_RANK", rank // max(1, local_world))),
+        node_rank=env_int(env, "GROUP_RANK", rank // max(1, local_world)),
         num_nodes=max(1, world // max(1, local_world)),
-        restart=int(env.get("TORCHELASTIC_RESTART_COUNT", "0") or 0),
-        requeue=int(env.get("SLURM_RESTART_COUNT", "0") or 0),
+        restart=env_int(env, "TORCHELASTIC_RESTART_COUNT", 0),
+        requeue=env_int(env, "SLURM_RESTART_COUNT", 0),
     )
 
 

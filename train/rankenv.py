@@ -59,6 +59,74 @@ def check_train_device(device: str, ranks: int = 1) -> None:
         )
 
 
+# Whole numbers a launcher (torchrun, the deepspeed launcher, SLURM) hands a rank, with their least value. A
+# leftover or mistyped one in the shell was int()'s traceback ("invalid literal for int()") or torch's.
+DIST_INT_ENV = {
+    "WORLD_SIZE": 1,
+    "RANK": 0,
+    "LOCAL_RANK": 0,
+    "LOCAL_WORLD_SIZE": 1,
+    "LOCAL_SIZE": 1,
+    "GROUP_RANK": 0,
+    "TORCHELASTIC_RESTART_COUNT": 0,
+    "SLURM_RESTART_COUNT": 0,
+}
+
+# Set in a rank's environment by the launchers that start several: torchrun (mnemo launch's too), mnemo
+# launch's node launcher, the deepspeed launcher. Without one, a WORLD_SIZE > 1 is most likely left over in
+# the shell, and `mnemo train` would wait for ranks nobody starts.
+LAUNCHER_MARKERS = ("TORCHELASTIC_RUN_ID", "MNEMO_NODE_RANK", "LOCAL_SIZE")
+
+
+def env_int(environ: Mapping[str, str], name: str, default: int) -> int:
+    """The whole number in ``environ[name]`` (unset or blank: ``default``); a UserError naming ``name`` for
+    anything else, or for one below its least value in DIST_INT_ENV (a MASTER_PORT: outside [1, 65535])."""
+    from mnemo.data_pipeline.errors import brief
+    from mnemo.train.errors import UserError
+
+    raw = environ.get(name, "").strip()
+    if not raw:
+        return default
+    low, high = (1, 65535) if name == "MASTER_PORT" else (DIST_INT_ENV.get(name, 0), None)
+    try:
+        value = int(raw, 10)
+    except ValueError:
+        value = None
+    if value is None or value < low or (high is not None and value > high):
+        bound = f"in [{low}, {high}]" if high is not None else f">= {low}"
+        raise UserError(f"{name}={brief(raw)} in the environment: not a whole number {bound} (unset it to train alone)")
+    return value
+
+
+def alone(environ: Mapping[str, str]) -> bool:
+    """Whether this rank is a job of its own: no WORLD_SIZE in the environment (a bare `mnemo train`)."""
+    return not environ.get("WORLD_SIZE", "").strip()
+
+
+def check_dist_env(environ: Mapping[str, str]) -> str | None:
+    """Check the launcher variables this rank reads (UserError naming one that is wrong); the line to print
+    before waiting for the other ranks when WORLD_SIZE > 1 comes from the environment with no launcher (else None).
+
+    Alone, MASTER_ADDR and MASTER_PORT are not read: the rank serves its own store on a free port (rank_env).
+    """
+    from mnemo.train.errors import UserError, visible
+
+    values = {name: env_int(environ, name, 0) for name in DIST_INT_ENV}
+    if alone(environ):
+        return None
+    world, rank = values["WORLD_SIZE"], values["RANK"]
+    if rank >= world:
+        raise UserError(f"RANK={rank} in the environment: not below WORLD_SIZE={world} (unset them to train alone)")
+    port = env_int(environ, "MASTER_PORT", 0)
+    if world == 1 or any(environ.get(k) for k in LAUNCHER_MARKERS):
+        return None
+    where = visible(f"{environ.get('MASTER_ADDR', '')}:{port or ''}")
+    return (
+        f"mnemo train: waiting for {world} ranks at {where} (WORLD_SIZE={world} RANK={rank} from the environment;"
+        " unset them to train alone, or start the others with mnemo launch)"
+    )
+
+
 def rank_env(environ: Mapping[str, str], use_cuda: bool) -> dict[str, str]:
     """Variables to add for one rank, given what the launcher already set."""
     out: dict[str, str] = {}
@@ -67,21 +135,31 @@ def rank_env(environ: Mapping[str, str], use_cuda: bool) -> dict[str, str]:
         out["DS_ACCELERATOR"] = "cpu"
     # The deepspeed launcher sets LOCAL_SIZE, torchrun LOCAL_WORLD_SIZE;
     # mosaicml-streaming needs the latter to lay out its shared memory.
-    if "LOCAL_WORLD_SIZE" not in environ:
-        if "LOCAL_SIZE" in environ:
-            out["LOCAL_WORLD_SIZE"] = environ["LOCAL_SIZE"]
-        elif "WORLD_SIZE" not in environ:
-            out["LOCAL_WORLD_SIZE"] = "1"
-    if "WORLD_SIZE" not in environ:
-        # A bare `mnemo train` is a one-rank job.
-        out.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
-        if "MASTER_PORT" not in environ:
-            out["MASTER_PORT"] = str(_free_port())
+    if "LOCAL_WORLD_SIZE" not in environ and "LOCAL_SIZE" in environ:
+        out["LOCAL_WORLD_SIZE"] = environ["LOCAL_SIZE"]
+    if alone(environ):
+        # A bare `mnemo train` is a one-rank job, which serves its own store: on a free port, not on a
+        # MASTER_PORT left over in the shell (in use: EADDRINUSE, a traceback).
+        out.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
+        out.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
     # Avoid oversubscribing CPU cores: each local rank gets its share.
     if not use_cuda and "OMP_NUM_THREADS" not in environ:
-        local = int(environ.get("LOCAL_WORLD_SIZE") or out.get("LOCAL_WORLD_SIZE") or 1)
+        local = int(out.get("LOCAL_WORLD_SIZE") or env_int(environ, "LOCAL_WORLD_SIZE", 1))
         out["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // max(1, local)))
     return out
+
+
+def rendezvous_error(environ: Mapping[str, str], error: Exception) -> str:
+    """One line for torch's DistNetworkError / DistStoreError while the ranks meet (a port in use, a peer
+    that never came: a traceback after the store's timeout), naming MASTER_ADDR:MASTER_PORT."""
+    from mnemo.data_pipeline.errors import clip, first_line
+    from mnemo.train.errors import visible
+
+    g = environ.get
+    return visible(
+        f"cannot meet the other ranks at MASTER_ADDR:MASTER_PORT {g('MASTER_ADDR', '')}:{g('MASTER_PORT', '')}"
+        f" (WORLD_SIZE={g('WORLD_SIZE', '1')} RANK={g('RANK', '0')}): {clip(first_line(error).strip(), 240)}"
+    )
 
 
 def op_cache_env(environ: Mapping[str, str], prefix: str, torch_version: str) -> dict[str, str]:

@@ -164,7 +164,7 @@ class Trainer:
         import deepspeed
 
         from mnemo.train.collectives import process_group_backend
-        from mnemo.train.rankenv import check_train_device, uses_bf16, uses_cuda
+        from mnemo.train.rankenv import check_train_device, rendezvous_error, uses_bf16, uses_cuda
 
         cfg, info = self.cfg, self.info
         # A UserError, not torch's "Found no NVIDIA driver" or "invalid device ordinal"
@@ -176,10 +176,14 @@ class Trainer:
         self.use_bf16 = uses_bf16(cfg.model.dtype, self.use_cuda)
         self.dtype = torch.bfloat16 if self.use_bf16 else torch.float32
         # Both device types: the trainer's own collectives may run on either (train/collectives.py).
-        deepspeed.init_distributed(
-            dist_backend=process_group_backend(self.use_cuda),
-            timeout=datetime.timedelta(seconds=cfg.checkpoint.collective_timeout_s),
-        )
+        try:
+            deepspeed.init_distributed(
+                dist_backend=process_group_backend(self.use_cuda),
+                timeout=datetime.timedelta(seconds=cfg.checkpoint.collective_timeout_s),
+            )
+        except (torch.distributed.DistNetworkError, torch.distributed.DistStoreError) as e:
+            # A MASTER_PORT in use, a peer that never came (after the store's timeout): torch's traceback.
+            raise UserError(rendezvous_error(os.environ, e)) from None
         self._check_same_job()
 
     def _check_same_job(self) -> None:

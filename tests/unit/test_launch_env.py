@@ -228,3 +228,77 @@ def test_no_process_mnemo_starts_imports_from_the_working_directory(tmp_path, mo
     assert r.returncode == 2 and b"usage:" in r.stderr, r.stderr
     r = subprocess.run([*python_command(sys.executable), "-c", "import json"], cwd=tmp_path)
     assert r.returncode == 0 and not (tmp_path / "PWNED").exists()
+
+
+def test_leftover_launcher_variables_are_one_line_or_ignored_when_alone():
+    # Were int()'s "invalid literal" traceback, EADDRINUSE on a leftover MASTER_PORT, or a silent
+    # 10-minute wait for ranks nobody starts followed by torch's traceback.
+    import socket
+
+    import pytest
+
+    from mnemo.train.errors import UserError
+    from mnemo.train.rankenv import check_dist_env
+
+    for env, named in (
+        ({"WORLD_SIZE": "abc"}, "WORLD_SIZE='abc'"),
+        ({"LOCAL_WORLD_SIZE": "x"}, "LOCAL_WORLD_SIZE='x'"),
+        ({"SLURM_RESTART_COUNT": "abc"}, "SLURM_RESTART_COUNT='abc'"),
+        ({"WORLD_SIZE": "0"}, "WORLD_SIZE='0'"),
+        ({"WORLD_SIZE": "2", "RANK": "1", "MASTER_PORT": "notaport"}, "MASTER_PORT='notaport'"),
+        ({"WORLD_SIZE": "2", "RANK": "0", "MASTER_PORT": "70000"}, "MASTER_PORT='70000'"),
+        ({"WORLD_SIZE": "2", "RANK": "2"}, "RANK=2 in the environment: not below WORLD_SIZE=2"),
+    ):
+        with pytest.raises(UserError, match=named.replace("[", r"\[")):
+            check_dist_env(env)
+    # Alone (no WORLD_SIZE): a leftover MASTER_PORT, in use or not a port, is not read; the rank serves its own.
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = str(busy.getsockname()[1])
+        for leftover in (port, "notaport"):
+            assert check_dist_env({"MASTER_PORT": leftover}) is None
+            env = rank_env({"MASTER_PORT": leftover, "LOCAL_WORLD_SIZE": "4"}, use_cuda=False)
+            assert env["MASTER_PORT"] not in (port, leftover) and env["LOCAL_WORLD_SIZE"] == "1"
+    # WORLD_SIZE > 1 with no launcher: said before the wait; under one (torchrun, mnemo launch), nothing.
+    left = {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}
+    assert check_dist_env(left) == (
+        "mnemo train: waiting for 2 ranks at 127.0.0.1:1 (WORLD_SIZE=2 RANK=1 from the environment; unset them"
+        " to train alone, or start the others with mnemo launch)"
+    )
+    assert check_dist_env({**left, "TORCHELASTIC_RUN_ID": "x"}) is None
+    assert check_dist_env({**left, "WORLD_SIZE": "1", "RANK": "0"}) is None
+
+
+def test_a_rendezvous_that_fails_is_one_line_naming_master_addr_and_port(monkeypatch):
+    import socket
+    import types
+
+    import deepspeed
+    import pytest
+    import torch
+
+    from mnemo.train.errors import UserError
+    from mnemo.train.trainer import Trainer
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+
+        def init_distributed(**kw):  # torch's own error for a store on a port in use
+            torch.distributed.TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False)
+
+        monkeypatch.setattr(deepspeed, "init_distributed", init_distributed)
+        monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+        monkeypatch.setenv("MASTER_PORT", str(port))
+        monkeypatch.setenv("WORLD_SIZE", "1")
+        monkeypatch.setenv("RANK", "0")
+        ns = types.SimpleNamespace
+        cfg = ns(train=ns(device="cpu"), model=ns(dtype="fp32"), checkpoint=ns(collective_timeout_s=5))
+        me = ns(cfg=cfg, info=ns(local_world_size=1, local_rank=0))
+        with pytest.raises(UserError) as e:
+            Trainer._init_distributed(me)
+    msg = str(e.value)
+    assert msg.startswith(f"cannot meet the other ranks at MASTER_ADDR:MASTER_PORT 127.0.0.1:{port} (WORLD_SIZE=1")
+    assert "\n" not in msg and "address already in use" in msg, msg
