@@ -18,6 +18,7 @@ from mnemo.data_pipeline.files import atomic_write_text
 from mnemo.data_pipeline.processes import die_with_parent
 from mnemo.launch.torchrun import WORKER_EXITS_ENV
 from mnemo.train import preemption
+from mnemo.train.errors import tolerant_stdout
 
 
 def describe(environ: Mapping[str, str]) -> str:
@@ -47,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     preemption.catch()
     signal.signal(signal.SIGHUP, signal.SIG_DFL)
     die_with_parent()
+    if entry:
+        tolerant_stdout()
     print(describe(os.environ), flush=True)
     if not argv:
         print("usage: python -m mnemo.launch.worker CONFIG [dotted.key=value ...]", file=sys.stderr)

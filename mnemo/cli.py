@@ -54,9 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mnemo.train.errors import exit_status
+    from mnemo.train.errors import exit_status, tolerant_stdout
 
     entry = argv is None  # the process's own entry point (the `mnemo` command), not a caller in Python
+    if entry:
+        tolerant_stdout()  # the process's stdout, not a caller's
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("MNEMO_DEBUG") == "1"
     args = build_parser().parse_args(argv)

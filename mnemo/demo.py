@@ -45,7 +45,7 @@ from typing import Any, Callable
 from mnemo.data_pipeline.processes import python_command
 from mnemo.demo_out import check_options, claim_out_dir
 from mnemo.demo_report import evaluate_runs, log_to_mlflow, side_by_side, targets
-from mnemo.train.errors import UserError
+from mnemo.train.errors import UserError, tolerant_stdout
 from mnemo.train.tracking.common import sqlite_uri
 
 REPO = Path(__file__).resolve().parent.parent
@@ -475,4 +475,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    tolerant_stdout()
     sys.exit(main())

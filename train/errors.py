@@ -106,6 +106,18 @@ def _storage_reason(e: BaseException, path: str | os.PathLike, hidden: tuple[typ
     return None
 
 
+def tolerant_stdout() -> None:
+    """Have stdout write what its encoding cannot hold as escapes (``t\\xf6k.model``), as stderr already does.
+
+    Under PYTHONIOENCODING=ascii, or a C locale without UTF-8 mode, a file name, a sample or generated text
+    with a non-ASCII character was a UnicodeEncodeError after the work was done (exit 1). A UTF-8 stdout
+    is unchanged: every character encodes. Called by the entry points (the CLI, a rank, the demo).
+    """
+    reconfigure = getattr(sys.stdout, "reconfigure", None)  # not a TextIOWrapper: a caller's stand-in
+    if reconfigure is not None:
+        reconfigure(errors="backslashreplace")
+
+
 def exit_status(command: Callable[[], int | None], debug: bool = False) -> int:
     """Run one command; its exit status.
 

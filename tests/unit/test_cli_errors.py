@@ -496,3 +496,24 @@ def test_an_output_path_with_a_url_scheme_is_refused_not_made_a_local_folder(tmp
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("mnemo: error: ") and line in err and "SEC" not in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.yaml", "data"]
+
+
+def test_a_stdout_that_cannot_encode_a_character_gets_an_escape_not_a_traceback(tmp_path):
+    # PYTHONIOENCODING=ascii (or a C locale without UTF-8 mode): a success line naming t\xf6k.model was a
+    # UnicodeEncodeError after the work was done (exit 1); so was a rank's first line.
+    (tmp_path / "c.txt").write_text("".join(f"line {i} caf\u00e9 na\u00efve \u00fcber {i * 7}\n" for i in range(300)))
+    env = {"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "PYTHONIOENCODING": "ascii"}
+    out = tmp_path / "t\u00f6k.model"
+    res = subprocess.run(
+        [sys.executable, "-m", "mnemo", "tokenizer", "train", "--input", "c.txt", "--vocab-size", "300", "--out", out],
+        cwd=tmp_path,
+        capture_output=True,
+        env=env,
+        timeout=120,
+    )
+    assert res.returncode == 0, res.stderr.decode()
+    assert res.stdout.startswith(f"wrote {tmp_path}/t\\xf6k.model: 300 pieces".encode()), res.stdout
+    res = subprocess.run(
+        [sys.executable, "-m", "mnemo.launch.worker"], capture_output=True, env={**env, "MNEMO_NODE_RANK": "\u00e9"}
+    )
+    assert res.returncode == 2 and res.stdout.startswith(b"mnemo worker: node \\xe9/1"), res.stderr.decode()
