@@ -130,9 +130,12 @@ def check_dist_env(environ: Mapping[str, str]) -> str | None:
 def rank_env(environ: Mapping[str, str], use_cuda: bool) -> dict[str, str]:
     """Variables to add for one rank, given what the launcher already set."""
     out: dict[str, str] = {}
-    if not use_cuda and "DS_ACCELERATOR" not in environ:
-        # DeepSpeed would otherwise probe for CUDA and fail on a CPU machine.
-        out["DS_ACCELERATOR"] = "cpu"
+    # DeepSpeed follows train.device: told cpu (it would otherwise probe for CUDA, and on a machine with GPUs
+    # move the model there), and a DS_ACCELERATOR left in the shell for the other device is replaced (cuda on
+    # a machine without a GPU was "Found no NVIDIA driver" with train.device=cpu). On CUDA, unset stays unset.
+    accel = "cuda" if use_cuda else "cpu"
+    if environ.get("DS_ACCELERATOR", accel if use_cuda else "") != accel:
+        out["DS_ACCELERATOR"] = accel
     # The deepspeed launcher sets LOCAL_SIZE, torchrun LOCAL_WORLD_SIZE;
     # mosaicml-streaming needs the latter to lay out its shared memory.
     if "LOCAL_WORLD_SIZE" not in environ and "LOCAL_SIZE" in environ:

@@ -302,3 +302,14 @@ def test_a_rendezvous_that_fails_is_one_line_naming_master_addr_and_port(monkeyp
     msg = str(e.value)
     assert msg.startswith(f"cannot meet the other ranks at MASTER_ADDR:MASTER_PORT 127.0.0.1:{port} (WORLD_SIZE=1")
     assert "\n" not in msg and "address already in use" in msg, msg
+
+
+def test_a_ds_accelerator_left_for_the_other_device_is_replaced_by_train_device():
+    # DS_ACCELERATOR=cuda on a machine without a GPU was "RuntimeError: Found no NVIDIA driver" with
+    # train.device=cpu: the rank kept any value it found.
+    ranks = {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "OMP_NUM_THREADS": "1"}
+    assert rank_env({**ranks, "DS_ACCELERATOR": "cuda"}, use_cuda=False) == {"DS_ACCELERATOR": "cpu"}
+    assert rank_env({**ranks, "DS_ACCELERATOR": "cpu"}, use_cuda=True) == {"DS_ACCELERATOR": "cuda"}
+    assert rank_env({**ranks, "DS_ACCELERATOR": "cpu"}, use_cuda=False) == {}
+    assert rank_env({**ranks, "DS_ACCELERATOR": "cuda"}, use_cuda=True) == {}
+    assert rank_env(ranks, use_cuda=True) == {}  # DeepSpeed finds CUDA itself
