@@ -25,7 +25,7 @@ from typing import Any, Literal
 import yaml
 
 from mnemo.data_pipeline.errors import brief, clip
-from mnemo.data_pipeline.files import not_a_regular_file, open_regular, unwritable_dir
+from mnemo.data_pipeline.files import not_a_regular_file, open_regular
 from mnemo.data_pipeline.paths import is_remote, local_path, not_a_dataset_dir, not_utf8, remote_output_problem
 from mnemo.train.errors import UserError, path_errors
 from mnemo.train.redact import redact_uri, redact_uri_value
@@ -1117,18 +1117,10 @@ def check_paths(cfg: Config) -> None:
                 raise ConfigError(f"{key}: {why}")
             check_shards(key, local)
     if cfg.data.cache_dir:  # made by each rank at start-up (<cache_dir>/node-<host>): a file there was a traceback
-        from mnemo.train.rundir import run_dir_unusable
+        from mnemo.train.rundir import folder_unwritable
 
         with path_errors("data.cache_dir", ConfigError):
-            cache = Path(cfg.data.cache_dir)
-            why = run_dir_unusable(cache)
-            if why is None and os.path.lexists(cache):  # the ranks write there: may they?
-                denied = unwritable_dir(cache)
-                why = denied and f"{cache}: cannot be written ({denied})"
-            elif why is None:  # the ranks make it: may they?
-                up = next(p for p in cache.absolute().parents if os.path.lexists(p))
-                denied = unwritable_dir(up)
-                why = denied and f"{cache}: cannot be made in {up} ({denied})"
+            why = folder_unwritable(Path(cfg.data.cache_dir))
         if why:
             # Cut longer than _clip's 120: the reason comes after the path (two paths when under a file).
             raise ConfigError(f"data.cache_dir: {clip(redact_uri(why), 600)}")

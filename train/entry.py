@@ -10,12 +10,13 @@ def run_train(config: str, overrides: list[str]) -> int:
 
     from mnemo.train.config import check_memory_fit, check_paths, load_config
 
-    from mnemo.train.rankenv import alone, check_dist_env, check_train_device
+    from mnemo.train.rankenv import alone, check_dist_env, check_op_cache, check_train_device
 
     waiting = check_dist_env(os.environ)  # before anything slow: a bad WORLD_SIZE, RANK, ... is one line
     cfg = load_config(config, overrides)
     check_train_device(cfg.train.device)  # imports torch only for train.device=cuda
     check_paths(cfg)
+    check_op_cache(os.environ)
     if alone(os.environ):  # no launcher checked this machine's memory for it (`mnemo launch` does)
         check_memory_fit(cfg)
     if waiting:  # WORLD_SIZE > 1 with no launcher: likely left in the shell; joining waits for the store's timeout

@@ -196,6 +196,26 @@ def op_cache_env(environ: Mapping[str, str], prefix: str, torch_version: str) ->
     return {"TORCH_EXTENSIONS_DIR": os.path.join(cache, "torch_extensions", name)}
 
 
+def check_op_cache(environ: Mapping[str, str]) -> None:
+    """A UserError naming the variable it comes from when the folder torch builds DeepSpeed's ops in
+    (``op_cache_env``) cannot be made or written: a TORCH_EXTENSIONS_DIR or XDG_CACHE_HOME that is a file
+    was torch's NotADirectoryError traceback in every rank, after its start-up."""
+    from pathlib import Path
+
+    from mnemo.train.errors import UserError, path_errors
+    from mnemo.train.rundir import folder_unwritable
+
+    folder = (
+        environ.get("TORCH_EXTENSIONS_DIR")
+        or op_cache_env(environ, sys.prefix, _torch_version())["TORCH_EXTENSIONS_DIR"]
+    )
+    var = next((v for v in ("TORCH_EXTENSIONS_DIR", "XDG_CACHE_HOME") if environ.get(v)), "HOME")
+    with path_errors(var):
+        why = folder_unwritable(Path(folder))
+    if why:
+        raise UserError(f"{var}={environ.get(var, '')}: {why} (torch builds DeepSpeed's ops there)")
+
+
 def _torch_version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 

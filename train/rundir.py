@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from mnemo.data_pipeline.errors import brief
-from mnemo.data_pipeline.files import load_json, not_a_regular_file, read_bounded
+from mnemo.data_pipeline.files import load_json, not_a_regular_file, read_bounded, unwritable_dir
 from mnemo.train.errors import UserError
 
 STEP_RE = re.compile(r"^step_(\d{8})\Z")  # \Z: "$" also matches before a final newline
@@ -265,6 +265,20 @@ def run_dir_unusable(run_dir: Path) -> str | None:
     except OSError as e:
         return f"{run_dir}: {e.strerror or e}"
     return None if stat.S_ISDIR(st.st_mode) else f"{run_dir} is not a directory"
+
+
+def folder_unwritable(folder: Path) -> str | None:
+    """Why a folder that a later process writes into, or makes, cannot be: ``run_dir_unusable``, or the
+    permission to write into it (when it exists) or to make it in the nearest existing folder above."""
+    why = run_dir_unusable(folder)
+    if why is None and os.path.lexists(folder):  # written there: may it be?
+        denied = unwritable_dir(folder)
+        why = denied and f"{folder}: cannot be written ({denied})"
+    elif why is None:  # made there: may it be?
+        up = next(p for p in folder.absolute().parents if os.path.lexists(p))
+        denied = unwritable_dir(up)
+        why = denied and f"{folder}: cannot be made in {up} ({denied})"
+    return why
 
 
 def check_run_dir(run_dir: Path, resume: str, resume_from: Path | None = None) -> tuple[Path | None, str]:

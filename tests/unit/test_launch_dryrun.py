@@ -729,3 +729,28 @@ def test_unreachable_host_with_real_ssh(ws, capsys):
     err = _fails(capsys, "c.yaml", "--hostfile", "one")
     assert "host 'nonexistent-host.invalid' (hostfile line 1) is unreachable over ssh" in err
     assert time.time() - t0 < 20
+
+
+@pytest.mark.parametrize("var", ["XDG_CACHE_HOME", "TORCH_EXTENSIONS_DIR"])
+def test_an_op_cache_folder_that_is_a_file_is_one_line_before_any_rank(ws, capsys, monkeypatch, var):
+    # Was torch's NotADirectoryError traceback (cpp_extension._get_build_directory) in every rank.
+    from mnemo.train.rankenv import check_op_cache
+
+    (ws / "afile").write_text("")
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
+    monkeypatch.setenv(var, str(ws / "afile"))
+    for command in ("train", "launch"):
+        rc = main([command, "c.yaml"])
+        err = capsys.readouterr().err
+        assert rc == 2 and err.startswith(f"mnemo: error: {var}={ws}/afile: {ws}/afile"), err
+        assert err.rstrip().endswith("is not a directory (torch builds DeepSpeed's ops there)"), err
+    assert not (ws / "runs").exists()
+    monkeypatch.setenv(var, str(ws / "cache"))  # made by torch: fine
+    check_op_cache(os.environ)
+    from mnemo.train.errors import UserError
+
+    real = os.access  # a folder the ranks may not write (root passes permission bits: access() says it)
+    monkeypatch.setattr(os, "access", lambda p, mode: False if Path(p) == ws / "cache" else real(p, mode))
+    (ws / "cache").mkdir()
+    with pytest.raises(UserError, match=rf"^{var}={ws}/cache/ops: {ws}/cache/ops\S*: cannot be made in {ws}/cache \("):
+        check_op_cache({var: str(ws / "cache" / "ops")})
