@@ -53,12 +53,33 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def utf8_mode_or_reexec() -> None:
+    """Run this command again in Python's UTF-8 mode (PYTHONUTF8=1) if it runs without it in a locale whose
+    encoding is not UTF-8 (``LC_ALL=C PYTHONUTF8=0``); return when there is nothing to do.
+
+    Python decodes the command line, the environment and file names with the locale's encoding: in an ASCII
+    one ``--text-field tëxt`` became 'tÃ«xt' in surrogates and silently matched nothing, and ``data.path=dCé``
+    was "not valid UTF-8". Corpora, configs and mnemo's outputs are UTF-8, so the same bytes are read as
+    UTF-8 instead; what mnemo starts (torchrun, its ranks) inherits the mode. Once: a Python that already has
+    PYTHONUTF8=1 and still no UTF-8 mode goes on as it is.
+    """
+    if sys.flags.utf8_mode or sys.getfilesystemencoding().lower().replace("-", "") == "utf8":
+        return
+    if os.environ.get("PYTHONUTF8") == "1" or not sys.executable or not getattr(sys, "orig_argv", None):
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # The same interpreter, options and arguments (each back to the bytes it was given), in the same process.
+    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], {**os.environ, "PYTHONUTF8": "1"})
+
+
 def main(argv: list[str] | None = None) -> int:
     from mnemo.train.errors import exit_status, tolerant_stdout
 
     entry = argv is None  # the process's own entry point (the `mnemo` command), not a caller in Python
-    if entry:
-        tolerant_stdout()  # the process's stdout, not a caller's
+    if entry:  # the process's own decoding and stdout, not a caller's
+        utf8_mode_or_reexec()
+        tolerant_stdout()
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("MNEMO_DEBUG") == "1"
     args = build_parser().parse_args(argv)

@@ -517,3 +517,33 @@ def test_a_stdout_that_cannot_encode_a_character_gets_an_escape_not_a_traceback(
         [sys.executable, "-m", "mnemo.launch.worker"], capture_output=True, env={**env, "MNEMO_NODE_RANK": "\u00e9"}
     )
     assert res.returncode == 2 and res.stdout.startswith(b"mnemo worker: node \\xe9/1"), res.stderr.decode()
+
+
+def test_a_locale_that_is_not_utf8_reads_the_command_line_as_utf8(tmp_path):
+    # LC_ALL=C PYTHONUTF8=0: Python decoded argv as ASCII, so data.path=dC\u00e9 was "not valid UTF-8 (rename it)"
+    # and --text-field t\u00ebxt silently matched nothing. mnemo now runs itself again in UTF-8 mode.
+    env = {"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "LC_ALL": "C", "PYTHONUTF8": "0"}
+    missing = tmp_path / "dC\u00e9"
+    res = subprocess.run(
+        [sys.executable, "-m", "mnemo", "data", "verify", str(missing)], capture_output=True, env=env, timeout=120
+    )
+    assert res.returncode == 2, res.stderr
+    assert res.stderr.decode() == f"mnemo: error: no such directory: {missing}\n"
+
+
+def test_the_utf8_restart_happens_once(monkeypatch):
+    import types
+
+    from mnemo import cli
+
+    started = []
+    monkeypatch.setattr(sys, "flags", types.SimpleNamespace(utf8_mode=0))
+    monkeypatch.setattr(sys, "getfilesystemencoding", lambda: "ascii")
+    monkeypatch.setattr(os, "execve", lambda path, argv, env: started.append((argv, env["PYTHONUTF8"])))
+    monkeypatch.setattr(sys, "orig_argv", ["python", "-m", "mnemo", "data", "verify", "x"])
+    monkeypatch.setenv("PYTHONUTF8", "0")
+    cli.utf8_mode_or_reexec()
+    assert started == [([sys.executable, "-m", "mnemo", "data", "verify", "x"], "1")]
+    monkeypatch.setenv("PYTHONUTF8", "1")  # the restarted process, were it still without UTF-8 mode
+    cli.utf8_mode_or_reexec()
+    assert len(started) == 1
