@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import re
+import signal
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -118,6 +119,19 @@ def tolerant_stdout() -> None:
         reconfigure(errors="backslashreplace")
 
 
+def stdout_gone() -> bool:
+    """Whether stdout is a pipe whose reader has gone: polling its write end reports an error (POLLERR).
+    (A flush does not tell: the failed write already dropped what was buffered.)"""
+    import select
+
+    try:
+        poll = select.poll()
+        poll.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poll.poll(0))
+    except (OSError, ValueError, AttributeError):  # no file descriptor (a caller's StringIO), or closed
+        return False
+
+
 def exit_status(command: Callable[[], int | None], debug: bool = False) -> int:
     """Run one command; its exit status.
 
@@ -140,6 +154,11 @@ def exit_status(command: Callable[[], int | None], debug: bool = False) -> int:
     except Exception as e:
         from mnemo.train.redact import redact_uri
 
+        if isinstance(e, BrokenPipeError) and stdout_gone():
+            # `mnemo data inspect D | head`: the reader has what it wanted. Quiet, as a Unix tool is; stdout goes
+            # to /dev/null so that Python's own flush at exit does not print the error again.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 128 + signal.SIGPIPE
         user = (UserError, DataError, EvalError, FileNotFoundError)
         storage = None if isinstance(e, user) else storage_error(e)
         known = isinstance(e, user) or storage is not None

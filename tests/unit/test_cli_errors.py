@@ -547,3 +547,35 @@ def test_the_utf8_restart_happens_once(monkeypatch):
     monkeypatch.setenv("PYTHONUTF8", "1")  # the restarted process, were it still without UTF-8 mode
     cli.utf8_mode_or_reexec()
     assert len(started) == 1
+
+
+def test_a_reader_that_leaves_the_pipe_early_ends_the_command_quietly(tmp_path):
+    """`mnemo data inspect D | head` ended in a BrokenPipeError traceback (and Python's own 'Exception
+    ignored' at exit). Now it is quiet, status 128 + SIGPIPE as a Unix tool's; a broken pipe that is not
+    stdout's (a socket) is still an error."""
+    import signal
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\nfrom mnemo.train.errors import exit_status\n"
+        "def run():\n    for _ in range(2000):\n        print('x' * 1000)\n"
+        "sys.exit(exit_status(run))\n"
+    )
+    p = subprocess.run(
+        f'{sys.executable} -c "$CODE" | head -c 10 > /dev/null; echo "${{PIPESTATUS[0]}}" >&2',
+        shell=True,
+        executable="/bin/bash",
+        env={**os.environ, "CODE": code},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert p.stderr.strip() == str(128 + signal.SIGPIPE), p.stderr
+    from mnemo.train.errors import exit_status
+
+    def socket_broke():
+        raise BrokenPipeError(32, "Broken pipe")
+
+    with pytest.raises(BrokenPipeError):
+        exit_status(socket_broke)
