@@ -363,6 +363,36 @@ def test_bad_uri_is_a_user_error(tmp_path):
         Tracker(run_dir=str(tmp_path), uri="nosuchscheme://x")
 
 
+@pytest.mark.parametrize("failing", ["mnemo-tracking-feed", "mnemo-tracking-read"])
+def test_a_thread_that_cannot_start_stops_the_sender_and_the_error_propagates(store, tmp_path, monkeypatch, failing):
+    """Under `ulimit -u` a thread start raised after the sender process had started: the sender, which ignores
+    SIGTERM and waited for the ops pipe to close, stayed, and the rank hung at exit (multiprocessing joins
+    its children). Now a failed start stops the sender before the error goes on."""
+    import multiprocessing
+    import threading
+
+    real_start = threading.Thread.start
+
+    def start(self):
+        if self.name == failing:
+            raise RuntimeError("can't start new thread")
+        real_start(self)
+
+    monkeypatch.setattr(threading.Thread, "start", start)
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(RuntimeError, match="can't start new thread"):
+            Tracker(run_dir=str(tmp_path), uri=store, experiment="unit", interval=30)
+        senders = [p for p in multiprocessing.active_children() if p.name == "mnemo-tracking"]
+        assert not senders, "the sender process outlived the failed start"
+        assert time.monotonic() - t0 < 30
+    finally:
+        for p in multiprocessing.active_children():  # the old code's sender: else the test run hangs at exit
+            if p.name == "mnemo-tracking":
+                p.kill()
+                p.join(5)
+
+
 # ---------------------------------------------------------------------------
 # Credentials in tracking.uri: used to connect, never logged or reported
 

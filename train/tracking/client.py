@@ -135,13 +135,20 @@ class Tracker:
             target=sender_main, args=(settings, ops_recv, reply_send), name="mnemo-tracking", daemon=True
         )
         self._proc.start()
-        ops_recv.close()
-        reply_send.close()  # so that the reader sees EOF when the sender exits
-        self._wait_ready(startup_timeout)
-        self._feeder = threading.Thread(target=self._feed, name="mnemo-tracking-feed", daemon=True)
-        self._reader = threading.Thread(target=self._read, name="mnemo-tracking-read", daemon=True)
-        self._feeder.start()
-        self._reader.start()
+        # From here the start is all or nothing. The sender ignores the trainer's signals and ends only when
+        # the ops pipe closes: a failure below (a thread that cannot start under `ulimit -u`, Ctrl-C, a bad
+        # uri) that left it running hung the process at exit, where multiprocessing joins its children.
+        try:
+            ops_recv.close()
+            reply_send.close()  # so that the reader sees EOF when the sender exits
+            self._wait_ready(startup_timeout)
+            self._feeder = threading.Thread(target=self._feed, name="mnemo-tracking-feed", daemon=True)
+            self._reader = threading.Thread(target=self._read, name="mnemo-tracking-read", daemon=True)
+            self._feeder.start()
+            self._reader.start()
+        except BaseException:
+            self._abandon_start()
+            raise
         atexit.register(self._atexit)
 
     @property
@@ -228,6 +235,24 @@ class Tracker:
         self.close("FAILED")
 
     # ---- plumbing ----
+
+    def _abandon_start(self) -> None:
+        """Stop the sender of a start that failed half-way: mark its run FAILED if it opened one, close the
+        pipes, and kill it if it is still there after a while (it ignores SIGTERM)."""
+        self._off = self._closed = self._child_dead = True  # a feeder already running stops at "stop", sends nothing
+        self._buf.append(("stop",))
+        self._feed_now.set()
+        try:
+            self._ops.send([("terminate", "FAILED"), ("stop",)])
+        except (OSError, ValueError):
+            pass  # already gone (a bad uri: it exited after saying so)
+        self._ops.close()
+        self._replies.close()
+        self._proc.join(timeout=10)
+        if self._proc.is_alive():
+            self._proc.kill()
+            self._proc.join(timeout=10)
+        self._close_fallback()
 
     def _wait_ready(self, timeout: float) -> None:
         """Receive the sender's startup messages until it reports the run opened (or deferred)."""
