@@ -386,6 +386,9 @@ def load_json(path: str | os.PathLike, limit: int = MAX_JSON_BYTES, depth: int =
     return tree
 
 
+_GROWTH_CHUNK = 1 << 20  # bytes read at a time from a file that grew while read_bounded read it
+
+
 def read_bounded(path: str | os.PathLike, limit: int) -> bytes:
     """The bytes of regular file ``path`` (open_regular), NotRegularFile when it holds more than ``limit``.
 
@@ -394,7 +397,20 @@ def read_bounded(path: str | os.PathLike, limit: int) -> bytes:
     """
     with open_regular(path) as f:
         size = os.fstat(f.fileno()).st_size
-        data = f.read(limit + 1) if size <= limit else b""
+        parts: list[bytes] = []
+        got = 0
+        # read(n) allocates its n bytes up front: asking for the bound (256 MiB) for every small JSON file
+        # reserved that much address space, and `ulimit -v` refused it. Ask for the size (and a byte to see
+        # the file grow), then, if it grew, go on in chunks up to one byte past the bound.
+        want = size + 1
+        while size <= limit and got <= limit:
+            chunk = f.read(min(want, limit + 1 - got))
+            if not chunk:
+                break
+            parts.append(chunk)
+            got += len(chunk)
+            want = _GROWTH_CHUNK
+        data = b"".join(parts)
     if size > limit:
         raise NotRegularFile(f"{size:,} bytes, over the {limit:,}-byte bound for this file")
     if len(data) > limit:

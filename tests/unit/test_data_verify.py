@@ -274,6 +274,44 @@ def test_a_json_file_over_the_bound_is_not_read(tmp_path):
         read_json_file(str(tmp_path / "index.json"), "idx", limit=100)
 
 
+def test_reading_a_small_json_file_reserves_no_more_than_its_size(tmp_path):
+    """read_bounded asked read() for the bound plus one byte, which Python allocates up front: 256 MiB for a
+    3-byte file, which a `ulimit -v` of 4 GB refused in mnemo prepare."""
+    import tracemalloc
+
+    from mnemo.data_pipeline.files import MAX_JSON_BYTES, load_json
+
+    (tmp_path / "a.json").write_text("[1]")
+    tracemalloc.start()
+    try:
+        assert load_json(tmp_path / "a.json") == [1]
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < MAX_JSON_BYTES // 100, f"{peak:,} bytes allocated to read 3"
+
+
+@pytest.mark.parametrize("size, grew_past", [(50, False), (100, False), (101, True), (3000, True)])
+def test_a_file_that_grows_while_read_is_bounded_exactly(tmp_path, monkeypatch, size, grew_past):
+    """The size read_bounded sees first may be stale: what the file holds then is read to one byte past the bound."""
+    from mnemo.data_pipeline import files
+
+    path = tmp_path / "a.json"
+    path.write_bytes(b"x" * size)
+    real_fstat = os.fstat
+
+    def fstat(fd):  # the file held 3 bytes when its size was looked at
+        st = real_fstat(fd)
+        return os.stat_result((st.st_mode, *st[1:6], 3, *st[7:]))
+
+    monkeypatch.setattr(files.os, "fstat", fstat)
+    if grew_past:
+        with pytest.raises(files.NotRegularFile, match="grew past the 100-byte bound"):
+            files.read_bounded(path, 100)
+    else:
+        assert files.read_bounded(path, 100) == b"x" * size
+
+
 @pytest.mark.parametrize(
     "name", ["/etc/hostname", "../../../../etc/passwd", "part-00000/../../x", "part-00000//x", ".hidden", ""]
 )
