@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import errno
 import reprlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 
@@ -33,14 +33,76 @@ def storage_error(e: BaseException | None) -> OSError | None:
 
     Libraries wrap it: torch.save's "unexpected pos" RuntimeError has it as its context.
     """
+    for err in error_chain(e):
+        if isinstance(err, OSError) and err.errno in STORAGE_ERRNOS:
+            if err.errno not in _NEEDS_PATH or err.filename is not None:
+                return err
+    return None
+
+
+def error_chain(e: BaseException | None) -> Iterator[BaseException]:
+    """``e`` and the exceptions it was raised from or while handling (``__cause__``, else ``__context__``
+    unless suppressed), each once."""
     seen: set[int] = set()
     while e is not None and id(e) not in seen:
         seen.add(id(e))
-        if isinstance(e, OSError) and e.errno in STORAGE_ERRNOS:
-            if e.errno not in _NEEDS_PATH or e.filename is not None:
-                return e
+        yield e
         e = e.__cause__ if e.__cause__ is not None or e.__suppress_context__ else e.__context__
+
+
+def limit_reached(e: BaseException | None) -> str | None:
+    """The one-line reason when ``e`` or what it was raised from is the machine or a limit of this process
+    running out: open files (``ulimit -n``), memory (``ulimit -v``), threads and processes (``ulimit -u``);
+    else None. Libraries wrap these (streaming's shared memory, DeepSpeed importing torch), and they
+    are not bugs: the CLI and a rank print this line, not a traceback."""
+    for err in error_chain(e):
+        if isinstance(err, MemoryError):
+            return out_of_host_memory(err, host_memory_advice())
+        if isinstance(err, OSError) and err.errno == errno.EMFILE:
+            return f"too many open files (ulimit -n is {_soft_limit('RLIMIT_NOFILE')}; raise it)"
+        if isinstance(err, OSError) and err.errno == errno.ENFILE:
+            return "too many open files on this machine (its limit, sysctl fs.file-max, is reached)"
+        thread = isinstance(err, RuntimeError) and str(err).startswith(
+            ("can't start new thread", "can't create new thread")
+        )
+        if thread or (isinstance(err, OSError) and err.errno == errno.EAGAIN and _starting_a_process(err)):
+            return f"cannot start a thread or process (ulimit -u is {_soft_limit('RLIMIT_NPROC')}; raise it)"
     return None
+
+
+def out_of_host_memory(e: MemoryError, advice: str) -> str:
+    """The one wording of a MemoryError: "out of host memory (its message): ``advice``"."""
+    return f"out of host memory ({first_line(e)}): {advice}"
+
+
+def host_memory_advice() -> str:
+    """What to do about host memory that ran out, the address-space limit named where one is set."""
+    limit = _soft_limit("RLIMIT_AS", 1024)
+    if limit != "unlimited":
+        return f"ulimit -v is {limit} (KiB); raise it, or free memory"
+    return "free memory, or use a machine with more"
+
+
+def _soft_limit(name: str, unit: int = 1) -> str:
+    """This process's soft limit ``resource.NAME`` in ``unit``s, as ``ulimit`` shows it: a number or "unlimited"."""
+    import resource
+
+    soft = resource.getrlimit(getattr(resource, name))[0]
+    return "unlimited" if soft == resource.RLIM_INFINITY else str(soft // unit)
+
+
+def _starting_a_process(e: OSError) -> bool:
+    """Whether ``e`` (EAGAIN) came from a fork, clone or spawn (the line that raised it says so): the same errno
+    from a non-blocking read is not a process limit."""
+    import linecache
+
+    tb = e.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    line = linecache.getline(tb.tb_frame.f_code.co_filename, tb.tb_lineno)
+    return any(word in line for word in ("fork", "spawn", "clone"))
 
 
 def first_line(e: BaseException) -> str:

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from mnemo.data_pipeline.errors import out_of_host_memory
 from mnemo.evaluation.errors import EvalError
 
 
@@ -223,9 +224,7 @@ def memory_errors(advice: str) -> Iterator[None]:
     try:
         yield
     except MemoryError as e:
-        raise EvalError(
-            f"out of host memory ({str(e).splitlines()[0] if str(e) else 'MemoryError'}): {advice}"
-        ) from None
+        raise EvalError(out_of_host_memory(e, advice)) from None
     except RuntimeError as e:
         text = str(e)
         oom = isinstance(e, torch.cuda.OutOfMemoryError) or "can't allocate memory" in text or "out of memory" in text

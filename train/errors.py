@@ -136,14 +136,15 @@ def exit_status(command: Callable[[], int | None], debug: bool = False) -> int:
     """Run one command; its exit status.
 
     A user error (UserError, DataError, EvalError, a missing file; a full disk or quota, a read-only
-    file system or a refused path, also inside a library's own error: data_pipeline.errors.storage_error)
-    is one line ``mnemo: error: ...`` on stderr (control characters in it, such as a
+    file system or a refused path, also inside a library's own error: data_pipeline.errors.storage_error;
+    too many open files, no memory left, no thread or process to be had: limit_reached) is one line
+    ``mnemo: error: ...`` on stderr (control characters in it, such as a
     newline in a file name, written as escapes: ``visible``) and status 2; with ``debug`` every error's
     traceback is printed instead, credentials in it redacted (``redact_uri``), and the status is 2 for a
     user error, 1 for any other; Ctrl-C is ``mnemo: interrupted`` and 130. The CLI
     and the launcher's worker (a rank under torchrun) both run commands so.
     """
-    from mnemo.data_pipeline.errors import DataError, storage_error
+    from mnemo.data_pipeline.errors import DataError, limit_reached, storage_error
     from mnemo.evaluation.errors import EvalError
 
     try:
@@ -161,7 +162,8 @@ def exit_status(command: Callable[[], int | None], debug: bool = False) -> int:
             return 128 + signal.SIGPIPE
         user = (UserError, DataError, EvalError, FileNotFoundError)
         storage = None if isinstance(e, user) else storage_error(e)
-        known = isinstance(e, user) or storage is not None
+        limit = None if isinstance(e, user) or storage is not None else limit_reached(e)
+        known = isinstance(e, user) or storage is not None or limit is not None
         if debug:
             # The traceback, printed here rather than raised: the error and the frames' lines quote the bad
             # value, which may be a URI with credentials, hidden as on the one line. The status is the one
@@ -173,7 +175,9 @@ def exit_status(command: Callable[[], int | None], debug: bool = False) -> int:
         if not known:
             raise
 
-        if storage is None:
+        if limit is not None:
+            msg = limit
+        elif storage is None:
             msg = str(e).strip() or type(e).__name__
         else:  # the file at fault where the OSError names it (a write's own error does not)
             reason = storage.strerror or str(storage)

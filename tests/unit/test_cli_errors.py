@@ -351,6 +351,85 @@ def test_other_errors_are_not_taken_for_a_full_disk(error):
         exit_status(_raise(error))
 
 
+def _under_a_limit(limit: str, value: int, body: str) -> subprocess.CompletedProcess:
+    """``body`` run as a command of exit_status in a Python whose soft ``resource.LIMIT`` is ``value``."""
+    code = (
+        "import os, resource, sys\n"
+        "from mnemo.train.errors import exit_status\n"
+        "def command():\n"
+        f"    resource.setrlimit(resource.{limit}, ({value}, resource.getrlimit(resource.{limit})[1]))\n"
+        + "".join(f"    {line}\n" for line in body.splitlines())
+        + "sys.exit(exit_status(command))\n"
+    )
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+
+
+def test_too_many_open_files_is_one_line_naming_ulimit_n():
+    """`ulimit -n 64` with 4 data.sources: streaming's shared memory raised EMFILE, a traceback; prepare's
+    os.pipe() at `ulimit -n 16` too. Now one line, status 2, that names the limit."""
+    opened = "files = [open(os.devnull) for _ in range(100)]"
+    wrapped = "try:\n    os.pipe()\nexcept OSError as e:\n    raise RuntimeError('shared memory') from e"
+    for body in (opened, "files = [open(os.devnull) for _ in range(100)]\n" + wrapped):
+        done = _under_a_limit("RLIMIT_NOFILE", 32, body)
+        assert done.returncode == 2 and done.stderr == "mnemo: error: too many open files (ulimit -n is 32; raise it)\n"
+
+
+def test_no_memory_left_is_one_line_naming_ulimit_v():
+    """`ulimit -v 4000000`: a MemoryError while DeepSpeed imported torch._inductor was a traceback."""
+    done = _under_a_limit("RLIMIT_AS", 2 << 30, "b = bytearray(4 << 30)")
+    assert done.returncode == 2, done.stderr
+    assert (
+        done.stderr
+        == "mnemo: error: out of host memory (MemoryError): ulimit -v is 2097152 (KiB); raise it, or free memory\n"
+    )
+
+
+def _fork_refused(monkeypatch):
+    import multiprocessing
+
+    def fork():  # os.fork under `ulimit -u`: its EAGAIN shows at the line that called fork, as this one's does
+        raise BlockingIOError(errno.EAGAIN, os.strerror(errno.EAGAIN))  # fork(2) refused
+
+    monkeypatch.setattr(os, "fork", fork)
+    multiprocessing.get_context("fork").Process(target=print).start()
+
+
+def _thread_refused():
+    raise RuntimeError("can't start new thread")
+
+
+@pytest.mark.parametrize("command", [_thread_refused, _fork_refused])
+def test_no_thread_or_process_to_be_had_is_one_line_naming_ulimit_u(capsys, monkeypatch, command):
+    """`ulimit -u 20`: a DataLoader's thread that could not start (RuntimeError), `-u 4`: a fork refused with
+    EAGAIN (BlockingIOError) were tracebacks; now one line, status 2, naming the limit."""
+    import resource
+
+    from mnemo.train.errors import exit_status
+
+    soft = resource.getrlimit(resource.RLIMIT_NPROC)[0]
+    shown = "unlimited" if soft == resource.RLIM_INFINITY else soft
+    assert exit_status(lambda: command(monkeypatch) if command is _fork_refused else command()) == 2
+    assert (
+        capsys.readouterr().err == f"mnemo: error: cannot start a thread or process (ulimit -u is {shown}; raise it)\n"
+    )
+
+
+def test_a_non_blocking_read_that_would_block_is_not_taken_for_a_process_limit():
+    from mnemo.train.errors import exit_status
+
+    def command():
+        r, w = os.pipe()
+        os.set_blocking(r, False)
+        try:
+            os.read(r, 1)  # BlockingIOError EAGAIN: a bug of the reader, not the machine's limit
+        finally:
+            os.close(r)
+            os.close(w)
+
+    with pytest.raises(BlockingIOError):
+        exit_status(command)
+
+
 def test_a_suppressed_context_is_not_taken_for_the_cause():
     from mnemo.train.errors import exit_status
 
