@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from mnemo.data_pipeline.errors import out_of_host_memory
+from mnemo.data_pipeline.errors import host_memory_advice, out_of_host_memory
 from mnemo.evaluation.errors import EvalError
 
 
@@ -220,17 +220,30 @@ def memory_errors(advice: str) -> Iterator[None]:
     """Running out of memory inside (numpy's MemoryError, torch's CPU or CUDA allocation error) as one EvalError.
 
     ``check_memory`` refuses what cannot fit up front; this catches what its lower bound did not foresee.
+    A MemoryError while a module was imported (a library's lazy import under `ulimit -v`) is not the
+    evaluation's size: its advice is the general one, not ``advice``'s flags.
     """
     try:
         yield
     except MemoryError as e:
-        raise EvalError(out_of_host_memory(e, advice)) from None
+        raise EvalError(out_of_host_memory(e, host_memory_advice() if _while_importing(e) else advice)) from None
     except RuntimeError as e:
         text = str(e)
         oom = isinstance(e, torch.cuda.OutOfMemoryError) or "can't allocate memory" in text or "out of memory" in text
         if not oom:
             raise
         raise EvalError(f"out of memory ({text.splitlines()[0][:160]}): {advice}") from None
+
+
+def _while_importing(e: BaseException) -> bool:
+    """Whether ``e`` was raised while a module was being imported: a module's body (``<module>``) among the
+    frames of its traceback (importlib takes its own frames out of it)."""
+    tb = e.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_name == "<module>":
+            return True
+        tb = tb.tb_next
+    return False
 
 
 def ltm_capacity_of(model: Any) -> int:

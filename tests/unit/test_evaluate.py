@@ -1004,6 +1004,26 @@ def test_an_evaluation_that_cannot_fit_in_memory_is_one_line_before_it_starts(to
             raise RuntimeError("other")
 
 
+def test_running_out_of_memory_names_only_the_flags_that_apply(tmp_path, monkeypatch):
+    """`ulimit -v 4000000; mnemo eval r --data d` failed in a library's import and was told to lower --tasks
+    and --ltm-capacity, though no task was asked and the model had no long-term store. The advice names
+    the flags that apply, and a MemoryError while a module is imported gets the general advice."""
+    import sys
+
+    from mnemo.evaluation.evaluate import memory_advice
+    from mnemo.evaluation.inference import memory_errors
+
+    assert memory_advice(tasks=False, ltm=False) == "lower --distances, --trials or --batch-size"
+    assert memory_advice(tasks=True, ltm=True) == "lower --distances, --trials, --tasks, --batch-size or --ltm-capacity"
+    (tmp_path / "mnemo_big_module.py").write_text("raise MemoryError\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(EvalError) as e:
+        with memory_errors("lower --x"):
+            import mnemo_big_module  # noqa: F401
+    assert str(e.value).startswith("out of host memory (MemoryError): ") and "--x" not in str(e.value)
+    sys.modules.pop("mnemo_big_module", None)
+
+
 def test_the_memory_check_counts_the_slots_the_longest_documents_use(tok, tmp_path, monkeypatch):
     """It counted --batch-size slots of the grown store: `--distances 6000 --trials 1` was refused as 32
     slots' worth (23.4 GiB) though one slot reads the single document (0.73 GiB)."""
