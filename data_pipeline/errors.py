@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import os
 import reprlib
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -62,12 +63,25 @@ def limit_reached(e: BaseException | None) -> str | None:
             return f"too many open files (ulimit -n is {_soft_limit('RLIMIT_NOFILE')}; raise it)"
         if isinstance(err, OSError) and err.errno == errno.ENFILE:
             return "too many open files on this machine (its limit, sysctl fs.file-max, is reached)"
-        thread = isinstance(err, RuntimeError) and str(err).startswith(
-            ("can't start new thread", "can't create new thread")
+        # Python's own words, and a C++ library's std::thread refused (std::system_error: sentencepiece's
+        # encoding threads under `ulimit -v`, whose stacks did not fit).
+        thread = isinstance(err, RuntimeError) and (
+            str(err).startswith(("can't start new thread", "can't create new thread"))
+            or str(err) == os.strerror(errno.EAGAIN)
         )
         if thread or (isinstance(err, OSError) and err.errno == errno.EAGAIN and _starting_a_process(err)):
-            return f"cannot start a thread or process (ulimit -u is {_soft_limit('RLIMIT_NPROC')}; raise it)"
+            return f"cannot start a thread or process ({_thread_limits()})"
     return None
+
+
+def _thread_limits() -> str:
+    """The limits that refuse a thread or process: ``ulimit -u``, and ``ulimit -v`` where set (a thread's
+    stack is address space)."""
+    limits = [f"ulimit -u is {_soft_limit('RLIMIT_NPROC')}"]
+    space = _soft_limit("RLIMIT_AS", 1024)
+    if space != "unlimited":
+        limits.append(f"ulimit -v is {space} (KiB)")
+    return f"{', '.join(limits)}; raise {'it' if len(limits) == 1 else 'the one that is low'}"
 
 
 def out_of_host_memory(e: MemoryError, advice: str) -> str:

@@ -414,6 +414,19 @@ def test_no_thread_or_process_to_be_had_is_one_line_naming_ulimit_u(capsys, monk
     )
 
 
+def test_a_cpp_thread_refused_under_ulimit_v_names_both_limits():
+    """`ulimit -v 4000000; mnemo eval`: sentencepiece's encoding thread could not get its stack, and C++'s
+    std::system_error came as RuntimeError "Resource temporarily unavailable", a traceback."""
+    body = "resource.setrlimit(resource.RLIMIT_NPROC, (500, resource.getrlimit(resource.RLIMIT_NPROC)[1]))\n"
+    body += "raise RuntimeError(os.strerror(11))"
+    done = _under_a_limit("RLIMIT_AS", 2 << 30, body)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr == (
+        "mnemo: error: cannot start a thread or process "
+        "(ulimit -u is 500, ulimit -v is 2097152 (KiB); raise the one that is low)\n"
+    )
+
+
 def test_a_non_blocking_read_that_would_block_is_not_taken_for_a_process_limit():
     from mnemo.train.errors import exit_status
 
