@@ -84,9 +84,10 @@ def _thread_limits() -> str:
     return f"{', '.join(limits)}; raise {'it' if len(limits) == 1 else 'the one that is low'}"
 
 
-def out_of_host_memory(e: MemoryError, advice: str) -> str:
-    """The one wording of a MemoryError: "out of host memory (its message): ``advice``"."""
-    return f"out of host memory ({first_line(e)}): {advice}"
+def out_of_host_memory(e: MemoryError, advice: str, where: str = "") -> str:
+    """The one wording of a MemoryError: "out of host memory{where} (its message): ``advice``", ``where`` saying
+    when (" at step 3")."""
+    return f"out of host memory{where} ({first_line(e)}): {advice}"
 
 
 def host_memory_advice() -> str:

@@ -216,23 +216,26 @@ def check_memory(model: Any, store: int, host: int, what: str, advice: str) -> N
 
 
 @contextlib.contextmanager
-def memory_errors(advice: str) -> Iterator[None]:
-    """Running out of memory inside (numpy's MemoryError, torch's CPU or CUDA allocation error) as one EvalError.
+def memory_errors(advice: str, error: type[Exception] = EvalError, where: str = "") -> Iterator[None]:
+    """Running out of memory inside (numpy's MemoryError, torch's CPU or CUDA allocation error) as one ``error``:
+    "out of memory{where} (the allocator's first line): {advice}", ``where`` saying when (" at step 3").
 
     ``check_memory`` refuses what cannot fit up front; this catches what its lower bound did not foresee.
     A MemoryError while a module was imported (a library's lazy import under `ulimit -v`) is not the
     evaluation's size: its advice is the general one, not ``advice``'s flags.
+    Training (train/trainer.py) runs its set-up and steps in it too, with its own error class.
     """
     try:
         yield
     except MemoryError as e:
-        raise EvalError(out_of_host_memory(e, host_memory_advice() if _while_importing(e) else advice)) from None
+        raise error(out_of_host_memory(e, host_memory_advice() if _while_importing(e) else advice, where)) from None
     except RuntimeError as e:
         text = str(e)
         oom = isinstance(e, torch.cuda.OutOfMemoryError) or "can't allocate memory" in text or "out of memory" in text
         if not oom:
             raise
-        raise EvalError(f"out of memory ({text.splitlines()[0][:160]}): {advice}") from None
+        first = text.splitlines()[0][:160] if text else type(e).__name__
+        raise error(f"out of memory{where} ({first}): {advice}") from None
 
 
 def _while_importing(e: BaseException) -> bool:

@@ -1213,46 +1213,102 @@ def check_memory_fit(cfg: Config, ranks: int = 1) -> None:
     machine: run where the ranks will run on this machine (`mnemo train` alone, `mnemo launch` for its local
     ranks), before any starts.
 
-    Per rank it counts what training must hold and no more (a lower bound, so a refusal is never wrong): the
-    memory state (the short-term stores of every layer and the long-term stores of the long-term layers, B
-    slots x entries x 2 (key, value) x d_model x dtype bytes), and the memory.bptt_segments segments of
-    model.segment_len tokens one step reads (int64 tokens, and every block's input kept for the backward).
-    On the CPU the ranks share the host's available memory; on CUDA each has a device, of which the whole
-    memory counts (a launcher reads it without taking any). It uses the estimate and the "available" that
-    `mnemo eval` and `mnemo generate` use (evaluation/inference.py). Without it a memory.long.capacity of
-    10**11 failed in each rank with an allocation traceback, a model.segment_len of 10**9 was killed silently.
+    Per rank it counts what one training step must hold at once and no more (a lower bound, so a refusal is
+    never wrong; ``training_step_parts``). On the CPU the ranks share the host's available memory; on CUDA
+    each has a device, of which the whole memory counts (a launcher reads it without taking any). It uses the
+    "available" that `mnemo eval` and `mnemo generate` use (evaluation/inference.py). Without it a
+    memory.long.capacity of 10**11 failed in each rank with an allocation traceback, a model.segment_len of
+    10**9 was killed silently, and segments and a short-term memory of 4096 tokens at train.batch_size 64
+    were an allocation traceback from the attention scores (32 GiB) at the first step.
     """
     from mnemo.evaluation.inference import memory_shortfall
-    from mnemo.model.sizes import SIZES, kv_bytes, ltm_layer_indices
-    from mnemo.train.rankenv import uses_bf16, uses_cuda
+    from mnemo.train.rankenv import uses_cuda
 
-    size, lm = SIZES[cfg.model.size], cfg.memory.long
     cuda = uses_cuda(cfg.train.device)
-    width = 2 if uses_bf16(cfg.model.dtype, cuda) else 4
-    B, T, k, d, L = cfg.train.batch_size, cfg.model.segment_len, cfg.memory.bptt_segments, size.d_model, size.n_layers
-    n_ltm = len(ltm_layer_indices(L, lm.layers)) if lm.kind != "none" else 0
-    tokens = B * k * (T + 1) * 8  # the k batches of int64 token ids, on the host
-    segments = "memory.bptt_segments" if k > T else "model.segment_len"
-    parts = {
-        "memory.short.length": B * kv_bytes(cfg.memory.short.length, d, L, width),
-        "memory.long.capacity": B * kv_bytes(lm.capacity, d, n_ltm, width),
-        segments: tokens + B * k * T * d * L * width,
-    }
+    B = cfg.train.batch_size
+    parts, blame, host = training_step_parts(cfg, manifest_vocab(cfg))
     per_rank = sum(parts.values())
     needs = {f"cuda:{i}": per_rank for i in range(ranks)} if cuda else {}
-    needs["cpu"] = ranks * (tokens if cuda else per_rank)
+    needs["cpu"] = ranks * (host if cuda else per_rank)
     miss = memory_shortfall(needs, total=True)
     if miss is None:
         return
     where, need, free = miss
-    key = max(parts, key=parts.__getitem__) if where != "cpu" or not cuda else segments
-    gib = ", ".join(f"{name} {b / 2**30:.1f} GiB" for name, b in parts.items())
+    # On the host of a CUDA run only the token ids count: the segments' key.
+    worst = max(parts, key=parts.__getitem__) if where != "cpu" or not cuda else "model.segment_len"
+    key = blame.get(worst, worst)
+    gib = ", ".join(f"{name} {b / 2**30:.1f} GiB" for name, b in parts.items() if b)
     each = f"{ranks} ranks x " if ranks > 1 and where == "cpu" else ""
     raise ConfigError(
         f"{key}: training needs at least {need / 2**30:.1f} GiB of memory on {where.split(':')[0]} ({each}"
         f"train.batch_size {B} slots: {gib}), more than the {free / 2**30:.1f} GiB available: lower {key} or "
         "train.batch_size"
     )
+
+
+def manifest_vocab(cfg: Config) -> int:
+    """The vocab_size of the first dataset's manifest (the model's vocabulary); 0 when it cannot be read
+    (check_paths names the problem; a memory estimate then leaves the logits out)."""
+    from mnemo.data_pipeline.errors import DataError
+    from mnemo.data_pipeline.verify import read_manifest
+
+    key, path = data_paths(cfg)[0]
+    if is_remote(path):
+        return 0
+    try:
+        vocab = read_manifest(local_path(path, key))["vocab_size"]
+    except (DataError, ConfigError, OSError, ValueError):
+        return 0
+    return vocab if type(vocab) is int and vocab > 0 else 0
+
+
+def training_step_parts(cfg: Config, vocab: int) -> tuple[dict[str, int], dict[str, str], int]:
+    """A lower bound of the bytes one rank holds at once in a training step of ``cfg``, in parts:
+    (bytes by part, the config key that sizes each part not named by one, bytes of it on the host).
+
+    What the model's forward (model/transformer.py) and the loss (train/losses.py) must hold, with B slots of
+    T tokens, M short-term entries, H heads, k = memory.bptt_segments segments in one backward
+    (train/bptt.py), d_model d, L layers:
+    - the memory state: per slot, the short-term stores of every layer and the long-term stores of the
+      long-term layers (entries x 2 (key, value) x d x dtype bytes);
+    - the k segments' int64 token ids (on the host) and every block's input, kept for the backward;
+    - attention scores: a joint long-term layer (``_joint``) scores every query against [memory ; segment]
+      in fp32, B x H x T x (M+T) x 4 bytes, and its softmax holds input and output at once; without
+      activation checkpointing each segment's probabilities stay for the backward. The mask over
+      [memory ; segment] (B x T x (M+T), or T x T) lives through the forward. Other layers use SDPA, which
+      need not hold the scores: not counted;
+    - the loss: fp32 log-probabilities B x T x V per segment, kept for the backward, beside the logits.
+    The peak is when the last segment of the window computes the larger of its softmax and its loss, with
+    what the earlier segments keep. Activations of the MLP, q/k/v and the optimizer are not counted.
+    """
+    from mnemo.model.sizes import SIZES, kv_bytes, ltm_layer_indices
+    from mnemo.train.rankenv import uses_bf16, uses_cuda
+
+    size, lm = SIZES[cfg.model.size], cfg.memory.long
+    width = 2 if uses_bf16(cfg.model.dtype, uses_cuda(cfg.train.device)) else 4
+    B, T, k, d, L = cfg.train.batch_size, cfg.model.segment_len, cfg.memory.bptt_segments, size.d_model, size.n_layers
+    M, H = cfg.memory.short.length, size.n_heads
+    n_ltm = len(ltm_layer_indices(L, lm.layers)) if lm.kind != "none" else 0
+    n_joint = n_ltm if lm.mix == "joint" else 0
+    tokens = B * k * (T + 1) * 8  # the k batches of int64 token ids, on the host
+    segments = "memory.bptt_segments" if k > T else "model.segment_len"
+    scores = B * H * T * (M + T) * 4 if n_joint else 0  # one joint layer's fp32 scores of one segment
+    mask = B * T * (M + T) * width if M else (T * T * width if n_joint else 0)
+    kept = 0 if cfg.model.activation_checkpointing else n_joint * scores  # a segment's probabilities, kept
+    log_probs = B * T * vocab * 4
+    softmax, loss = mask + 2 * scores, log_probs + B * T * vocab * width  # the last segment's two peaks
+    parts = {
+        "memory.short.length": B * kv_bytes(M, d, L, width),
+        "memory.long.capacity": B * kv_bytes(lm.capacity, d, n_ltm, width),
+        segments: tokens + B * k * T * d * L * width,
+        "attention scores": (k - 1) * kept + (softmax if softmax >= loss else 0),
+        "logits": (k - 1) * log_probs + (loss if loss > softmax else 0),
+    }
+    # What lowers a part most: the window's length where what it keeps dominates, else the longer of the
+    # short-term memory and the segment.
+    longer = "memory.short.length" if M > T else "model.segment_len"
+    blame = {"attention scores": segments if (k - 1) * kept > softmax else longer, "logits": segments}
+    return parts, blame, tokens
 
 
 def check_tracking(cfg: Config) -> None:

@@ -44,7 +44,7 @@ from mnemo.train.engine import (
     param_groups,
     quiet_library_deprecations,
 )
-from mnemo.evaluation.inference import torch_seed
+from mnemo.evaluation.inference import memory_errors, torch_seed
 from mnemo.evaluation.report import json_ready
 from mnemo.train.errors import UserError, path_errors
 from mnemo.train.eval_hook import run_eval
@@ -64,6 +64,10 @@ from mnemo.train.schedule import (
 from mnemo.train.slots import MemoryGroups, SlotGroups
 from mnemo.train.spikes import spike_detector
 from mnemo.train.state import Counters, RNGState
+
+# What lowers the memory a step needs: check_memory_fit (train/config.py) refuses what cannot fit before the
+# start, from a lower bound; an allocation that fails anyway is this advice, not a traceback.
+MEMORY_ADVICE = "lower train.batch_size, model.segment_len, memory.short.length or memory.long.capacity"
 
 log = logging.getLogger("mnemo.train")
 
@@ -215,6 +219,10 @@ class Trainer:
 
     def setup(self) -> None:
         """Everything before the first step; the caller holds run.dir (train/runlock.py)."""
+        with memory_errors(MEMORY_ADVICE, UserError, " while setting up training"):
+            self._setup()
+
+    def _setup(self) -> None:
         self._choose_checkpoint()
         self._seed()
         self._build_engine()
@@ -597,7 +605,8 @@ class Trainer:
                             c.step,
                         )
                     break
-                ok = self.train_step(c.step)
+                with memory_errors(MEMORY_ADVICE, UserError, f" at step {c.step + 1}"):
+                    ok = self.train_step(c.step)
                 c.step += 1
                 if self.spikes is not None and self.spikes.roll_back_if_due(self.engine, self.ckpt.states):
                     continue  # c.step is the checkpoint's again; nothing of this step was saved (train/spikes.py)

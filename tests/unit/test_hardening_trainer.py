@@ -386,6 +386,53 @@ def test_a_used_up_mixture_ends_the_run_like_its_last_step(world1, data, tmp_pat
     assert again["exit"] == "data_used_up" and again["step"] == summary["step"]
 
 
+# ----------------------------------------------------------------------------- out of memory
+
+CPU_OOM = (
+    "[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: you tried to "
+    "allocate 34359738368 bytes. Error code 12 (Cannot allocate memory)"
+)
+
+
+@pytest.mark.parametrize(
+    "error", [RuntimeError(CPU_OOM), torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 32.00 GiB")]
+)
+def test_running_out_of_memory_in_a_step_is_one_line(world1, data, tmp_path, monkeypatch, capsys, error):
+    """An allocation that failed in a step (what check_memory_fit's lower bound did not foresee) was torch's
+    traceback through model/transformer.py, exit 1. Now one line naming the step and the keys to lower, exit 2."""
+    from mnemo.train import loop, trainer
+    from mnemo.train.errors import exit_status
+
+    step_once = loop.TrainLoop.train_step
+
+    def second_step_fails(self, step):
+        if step == 1:
+            raise error
+        return step_once(self, step)
+
+    monkeypatch.setattr(loop.TrainLoop, "train_step", second_step_fails)
+    cfg = config(data, tmp_path / "run", "train.max_steps=4", "checkpoint.interval=0", "eval.interval=0")
+    assert exit_status(lambda: trainer.train(cfg)) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("mnemo: error: out of memory at step 2 (") and err.endswith(
+        "): lower train.batch_size, model.segment_len, memory.short.length or memory.long.capacity"
+    ), err
+    assert str(error).split(". ")[0] in err
+
+
+def test_running_out_of_memory_while_setting_up_is_one_line(world1, data, tmp_path, monkeypatch):
+    from mnemo.train import trainer
+    from mnemo.train.errors import UserError
+
+    def no_memory(self):
+        raise RuntimeError(CPU_OOM)
+
+    monkeypatch.setattr(trainer.Trainer, "_build_engine", no_memory)
+    cfg = config(data, tmp_path / "run", "train.max_steps=2")
+    with pytest.raises(UserError, match=r"^out of memory while setting up training \(\[enforce fail .*: lower "):
+        trainer.train(cfg)
+
+
 # ----------------------------------------------------------------------------- NaN/inf gradients
 
 
