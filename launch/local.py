@@ -304,7 +304,8 @@ class NodeRunner:
     def _output_line(self, log: IO[str], line: str) -> None:
         """One line of torchrun's output: to the log, and to the console unless it is torchrun's own after a
         rank's user error (its failure report, a traceback that says nothing the error line did not)."""
-        if _RANK_USER_ERROR.match(line):
+        # search, not match: a rank's line cut short (a full disk) comes glued before the next rank's error.
+        if _RANK_USER_ERROR.search(line):
             self._user_error = True
         rank = bool(_RANK_LINE.match(line))
         if rank:

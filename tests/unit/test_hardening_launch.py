@@ -776,6 +776,35 @@ def test_a_second_launch_on_a_busy_run_dir_is_refused_before_writing_anything(tm
         run_node(plan)
 
 
+def fake_torchrun(monkeypatch, script: str, given: list | None = None) -> None:
+    """torchrun replaced by ``python -c script`` (its log dir in sys.argv[1])."""
+    from mnemo.launch import local
+
+    def command(plan, log_dir):
+        if given is not None:
+            given.append(log_dir)
+        return [sys.executable, "-c", script, log_dir]
+
+    monkeypatch.setattr(local, "torchrun_command", command)
+
+
+def test_a_ranks_error_glued_to_a_cut_line_still_ends_the_node_with_2(tmp_path, monkeypatch):
+    # Was: _RANK_USER_ERROR.match; rank 0's line cut short by a full disk came with rank 1's error glued to it,
+    # the launcher missed it, printed torchrun's ChildFailedError traceback and exited 1.
+    from mnemo.launch.local import NodeRunner
+    from mnemo.launch.torchrun import NodePlan
+
+    glued = "[rank0]: [rank0] 2026-12-05 INFO mnemo.train: step [rank1]: mnemo: error: checkpoint: No space left"
+    script = f"print({glued!r}); print('Traceback (most recent call last):'); print('ChildFailedError'); exit(1)"
+    fake_torchrun(monkeypatch, script)
+    plan = NodePlan(config=str(tmp_path / "c.yaml"), overrides=[], run_dir=tmp_path / "run", nproc_per_node=2)
+    console = io.StringIO()
+    assert NodeRunner(plan, console=console).run() == 2
+    shown = console.getvalue()
+    assert glued in shown and "ChildFailedError" not in shown, shown
+    assert "ChildFailedError" in plan.log_path.read_text()
+
+
 def test_node_log_is_never_appended_through_a_symlink(tmp_path, monkeypatch):
     # Was: open(log, "a") followed the link and appended the node's output to its target.
     from mnemo.launch.local import NodeRunner, run_node
