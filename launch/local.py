@@ -43,6 +43,11 @@ then SIGKILL) and exits 0, the workers' outcome; torchrun's own lines from then 
 
 torchrun's copies of the ranks' output (its --tee) live in a temporary folder
 (torchrun_log_dir), not in run.dir: a full disk there would swallow that line.
+The ranks write their output through it, so a full temporary folder would
+swallow every line after it, silently: one with less than TEE_MIN_FREE free
+is refused before the start, and the launcher says so once when it runs low
+(and, when a rank then fails with no error line seen, says why in one line,
+exit 2).
 """
 
 from __future__ import annotations
@@ -166,6 +171,21 @@ def open_node_log(plan: NodePlan) -> IO[str]:
     return open(fd, "a", buffering=1, errors="replace")
 
 
+# Free space the temp folder must have for a launch to start (the ranks' output goes through it), and below
+# which the launcher says that the ranks' output will soon be lost (NodeRunner._watch_tee_space).
+TEE_MIN_FREE = 16 << 20
+TEE_LOW_FREE = 1 << 20
+
+
+def free_bytes(path: str) -> int | None:
+    """Bytes an unprivileged process may still write on ``path``'s file system; None when unknown."""
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
+
+
 @contextlib.contextmanager
 def torchrun_log_dir(node_rank: int) -> Iterator[str]:
     """A temporary folder of this launcher for torchrun's per-rank copies of the output; removed at the end.
@@ -174,13 +194,22 @@ def torchrun_log_dir(node_rank: int) -> Iterator[str]:
     ``[rankN]: ``, to its own output. Under run.dir (as it was), a full disk there took every rank's last
     lines, its one-line error among them, and torchrun answered with its ChildFailedError traceback (exit
     1). Nothing is lost by removing it: the node log holds every line.
+
+    A temp folder with less than TEE_MIN_FREE bytes free is refused (a full one swallowed the ranks' output,
+    silently, and the run exited 0); NodeRunner watches it while the ranks run.
     """
+    tmp = tempfile.gettempdir()
+    free = free_bytes(tmp)
+    if free is not None and free < TEE_MIN_FREE:
+        raise UserError(
+            f"the temporary folder {tmp} has {free >> 10} KiB free: mnemo launch needs at least "
+            f"{TEE_MIN_FREE >> 20} MiB there for torchrun's copies of the ranks' output (set TMPDIR to a folder "
+            "with room)"
+        )
     try:
         path = tempfile.mkdtemp(prefix=f"mnemo-torchrun-node{node_rank}-")
     except OSError as e:
-        raise UserError(
-            f"cannot make a folder for torchrun's logs in {tempfile.gettempdir()}: {e.strerror or e} (set TMPDIR)"
-        ) from None
+        raise UserError(f"cannot make a folder for torchrun's logs in {tmp}: {e.strerror or e} (set TMPDIR)") from None
     try:
         yield path
     finally:
@@ -212,6 +241,8 @@ class NodeRunner:
         self._started = plan.nnodes == 1
         self._held_lines: list[str] = []
         self._rdzv_failure = ""  # "connect", "timeout" or "port in use", from torchrun's lines before any worker
+        self._tee_dir = ""  # torchrun's copies of the ranks' output (torchrun_log_dir)
+        self._tee_low = False  # its file system had less than TEE_LOW_FREE bytes free: said once
 
     # -- signals ---------------------------------------------------------- #
 
@@ -412,6 +443,7 @@ class NodeRunner:
                 f"start {stamp}: node {plan.node_rank} of {plan.nnodes}, "
                 f"{plan.nproc_per_node} rank(s), max restarts {plan.max_restarts}{where}",
             )
+            self._tee_dir = torchrun_logs
             self._exits_dir = os.path.join(torchrun_logs, "exits")  # the workers' exit codes (report_exit)
             os.mkdir(self._exits_dir)
             self.proc = self._spawn(torchrun_logs)
@@ -437,6 +469,15 @@ class NodeRunner:
                 self._emit(log, f"mnemo: error: {failure}", console=False)
                 raise UserError(failure)
             self._note(log, f"torchrun exited with code {rc}")
+            if rc != 0 and not self._user_error and self._tee_low:
+                # The rank's one-line error, if it printed one, went the way of its other output.
+                lost = (
+                    f"a rank failed after the temporary folder {os.path.dirname(self._tee_dir)} filled up: its "
+                    f"output was lost from then on, its error among it (torchrun's report is in {plan.log_path}); "
+                    "set TMPDIR to a folder with room"
+                )
+                self._emit(log, f"mnemo: error: {lost}", console=False)  # the console's is the CLI's
+                raise UserError(lost)
             if self._stop_at is not None:
                 # Stopped by this launcher in its exit barrier: every worker had exited 0, which is what torchrun
                 # returns after the barrier's timeout too.
@@ -491,6 +532,22 @@ class NodeRunner:
                 pass
             self._stop_at = now + STOP_GRACE_S
 
+    def _watch_tee_space(self, log: IO[str]) -> None:
+        """Say once, on the console and in the node log, when the file system of torchrun's copies of the ranks'
+        output runs out of space: the ranks write their output there, and torchrun copies to this launcher only
+        what was written, so from then on their lines were lost without a word (and the run exited 0)."""
+        if self._tee_low or not self._tee_dir:
+            return
+        free = free_bytes(self._tee_dir)
+        if free is not None and free < TEE_LOW_FREE:
+            self._tee_low = True
+            self._note(
+                log,
+                f"the temporary folder {os.path.dirname(self._tee_dir)} has {free >> 10} KiB left: the ranks' "
+                "output goes through files there (torchrun's --tee) and is lost once it is full; training goes "
+                "on (set TMPDIR to a folder with room)",
+            )
+
     def _pump(self, log: IO[str]) -> int:
         assert self.proc is not None and self.proc.stdout is not None
         out_fd = self.proc.stdout.fileno()
@@ -511,6 +568,7 @@ class NodeRunner:
             ready = [key.fd for key, _ in sel.select(0.5)]
             self._pass_on_held()
             self._watch_exit_barrier(log)
+            self._watch_tee_space(log)
             self._flush_notes(log)
             if out_fd in ready:
                 data = os.read(out_fd, 65536)

@@ -805,6 +805,45 @@ def test_a_ranks_error_glued_to_a_cut_line_still_ends_the_node_with_2(tmp_path, 
     assert "ChildFailedError" in plan.log_path.read_text()
 
 
+def test_a_temp_folder_without_room_is_refused_before_torchrun_starts(tmp_path, monkeypatch):
+    # Was: TMPDIR on a 32 KiB tmpfs; the ranks' output went through files there and stopped at step 150 of 300,
+    # without a word, and the launch exited 0.
+    from mnemo.launch import local
+    from mnemo.launch.local import NodeRunner
+    from mnemo.launch.torchrun import NodePlan
+    from mnemo.train.errors import UserError
+
+    monkeypatch.setattr(local.tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(local, "free_bytes", lambda path: 32 << 10)
+    fake_torchrun(monkeypatch, "raise SystemExit('started')")
+    plan = NodePlan(config=str(tmp_path / "c.yaml"), overrides=[], run_dir=tmp_path / "run", nproc_per_node=1)
+    with pytest.raises(UserError) as e:
+        NodeRunner(plan, console=io.StringIO()).run()
+    msg = str(e.value)
+    assert msg.startswith(f"the temporary folder {tmp_path} has 32 KiB free: mnemo launch needs at least ")
+    assert msg.endswith("(set TMPDIR to a folder with room)") and "\n" not in msg
+    assert not [n for n in os.listdir(tmp_path) if n.startswith("mnemo-torchrun")]
+
+
+def test_a_temp_folder_that_fills_up_while_the_ranks_run_is_said_and_a_lost_error_is_one_line(tmp_path, monkeypatch):
+    from mnemo.launch import local
+    from mnemo.launch.local import NodeRunner
+    from mnemo.launch.torchrun import NodePlan
+    from mnemo.train.errors import UserError
+
+    room = iter([1 << 30])  # the check before the start; then none
+    monkeypatch.setattr(local, "free_bytes", lambda path: next(room, 0))
+    script = "import time; print('[rank0]: step 1', flush=True); time.sleep(1); print('ChildFailedError'); exit(1)"
+    fake_torchrun(monkeypatch, script)
+    plan = NodePlan(config=str(tmp_path / "c.yaml"), overrides=[], run_dir=tmp_path / "run", nproc_per_node=1)
+    console = io.StringIO()
+    with pytest.raises(UserError, match=r"^a rank failed after the temporary folder .* filled up: its output was"):
+        NodeRunner(plan, console=console).run()
+    said = [line for line in console.getvalue().splitlines() if "KiB left" in line]
+    assert len(said) == 1 and said[0].startswith("[launch node0] the temporary folder "), console.getvalue()
+    assert "is lost once it is full; training goes on" in said[0]
+
+
 def test_node_log_is_never_appended_through_a_symlink(tmp_path, monkeypatch):
     # Was: open(log, "a") followed the link and appended the node's output to its target.
     from mnemo.launch.local import NodeRunner, run_node
