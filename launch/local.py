@@ -47,7 +47,8 @@ The ranks write their output through it, so a full temporary folder would
 swallow every line after it, silently: one with less than TEE_MIN_FREE free
 is refused before the start, and the launcher says so once when it runs low
 (and, when a rank then fails with no error line seen, says why in one line,
-exit 2).
+exit 2). A launcher killed with SIGKILL leaves its folder; the next launch on
+this host removes it (sweep_torchrun_leftovers).
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ import selectors
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -171,6 +173,10 @@ def open_node_log(plan: NodePlan) -> IO[str]:
     return open(fd, "a", buffering=1, errors="replace")
 
 
+# The folders torchrun_log_dir makes in the temp folder (mkdtemp's suffix: 8 of [a-z0-9_]), and the file in each
+# that says which launcher made it: what sweep_torchrun_leftovers may remove once that launcher is gone.
+TORCHRUN_DIR_RE = re.compile(r"^mnemo-torchrun-node\d+-[a-z0-9_]{8}\Z")
+TORCHRUN_MARKER = "mnemo-launcher.json"
 # Free space the temp folder must have for a launch to start (the ranks' output goes through it), and below
 # which the launcher says that the ranks' output will soon be lost (NodeRunner._watch_tee_space).
 TEE_MIN_FREE = 16 << 20
@@ -186,6 +192,57 @@ def free_bytes(path: str) -> int | None:
     return st.f_bavail * st.f_frsize
 
 
+def _launcher_identity(pid: int) -> dict | None:
+    """Who process ``pid`` is (host, pid, start time: a pid reused by another process differs); None if gone."""
+    try:
+        started = psutil.Process(pid).create_time()
+    except psutil.Error:
+        return None
+    return {"host": socket.gethostname(), "pid": pid, "started": started}
+
+
+def sweep_torchrun_leftovers(tmp: str | None = None) -> list[str]:
+    """Remove the torchrun_log_dir folders of launchers of this host and user that are gone (SIGKILL, the OOM
+    killer, a power cut): their ``finally`` never ran, and each held full copies of every rank's output.
+
+    Only a folder mnemo provably made: a directory (not a link) of this user under torchrun_log_dir's name,
+    holding the marker it writes first, which names a launcher of this host that no longer runs (its pid gone,
+    or reused by a process started at another time). Returns the paths removed.
+    """
+    import json
+
+    tmp = tmp or tempfile.gettempdir()
+    removed = []
+    try:
+        names = sorted(os.listdir(tmp))
+    except OSError:
+        return removed
+    me = socket.gethostname()
+    for name in names:
+        if not TORCHRUN_DIR_RE.match(name):
+            continue
+        path = os.path.join(tmp, name)
+        try:
+            st = os.lstat(path)
+            if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+                continue
+            with open(os.path.join(path, TORCHRUN_MARKER), "rb", opener=_no_follow) as f:
+                owner = json.loads(f.read(4096))
+        except (OSError, ValueError):
+            continue
+        if not isinstance(owner, dict) or owner.get("host") != me or type(owner.get("pid")) is not int:
+            continue
+        if _launcher_identity(owner["pid"]) == owner:
+            continue  # that launcher still runs
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
+
+
+def _no_follow(path: str, flags: int) -> int:
+    return os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK)
+
+
 @contextlib.contextmanager
 def torchrun_log_dir(node_rank: int) -> Iterator[str]:
     """A temporary folder of this launcher for torchrun's per-rank copies of the output; removed at the end.
@@ -196,9 +253,14 @@ def torchrun_log_dir(node_rank: int) -> Iterator[str]:
     1). Nothing is lost by removing it: the node log holds every line.
 
     A temp folder with less than TEE_MIN_FREE bytes free is refused (a full one swallowed the ranks' output,
-    silently, and the run exited 0); NodeRunner watches it while the ranks run.
+    silently, and the run exited 0); NodeRunner watches it while the ranks run. Its marker file names this
+    launcher, so a folder left by one killed with SIGKILL is removed at the next launch on this host
+    (sweep_torchrun_leftovers).
     """
+    import json
+
     tmp = tempfile.gettempdir()
+    sweep_torchrun_leftovers(tmp)
     free = free_bytes(tmp)
     if free is not None and free < TEE_MIN_FREE:
         raise UserError(
@@ -211,6 +273,11 @@ def torchrun_log_dir(node_rank: int) -> Iterator[str]:
     except OSError as e:
         raise UserError(f"cannot make a folder for torchrun's logs in {tmp}: {e.strerror or e} (set TMPDIR)") from None
     try:
+        try:
+            with open(os.path.join(path, TORCHRUN_MARKER), "x") as f:
+                json.dump(_launcher_identity(os.getpid()), f)
+        except OSError as e:
+            raise UserError(f"cannot write in {path} (torchrun's logs): {e.strerror or e} (set TMPDIR)") from None
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)  # mkdtemp's own folder: only torchrun's copies are in it

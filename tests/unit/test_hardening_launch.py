@@ -844,6 +844,53 @@ def test_a_temp_folder_that_fills_up_while_the_ranks_run_is_said_and_a_lost_erro
     assert "is lost once it is full; training goes on" in said[0]
 
 
+def test_torchrun_folders_of_launchers_killed_on_this_host_are_swept_at_the_next_launch(tmp_path, monkeypatch):
+    # Was: a launcher killed with SIGKILL left $TMPDIR/mnemo-torchrun-node0-XXXX (full copies of every rank's
+    # output) there for good: only its `finally` removed it.
+    import socket
+
+    from mnemo.launch import local
+    from mnemo.launch.local import TORCHRUN_MARKER, NodeRunner
+    from mnemo.launch.torchrun import NodePlan
+
+    monkeypatch.setattr(local.tempfile, "tempdir", str(tmp_path))
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    me = psutil_identity(os.getpid())
+    host = socket.gethostname()
+    folders = {
+        "mnemo-torchrun-node0-dead0000": {"host": host, "pid": gone.pid, "started": 1.0},  # its launcher is gone
+        "mnemo-torchrun-node0-reused00": {**me, "started": me["started"] - 100},  # its pid now another process's
+        "mnemo-torchrun-node0-alive000": me,  # a launcher that still runs
+        "mnemo-torchrun-node1-otherhst": {"host": host + "-other", "pid": gone.pid, "started": 1.0},  # elsewhere
+        "mnemo-torchrun-node0-nomarker": None,  # not provably mnemo's
+        "mnemo-torchrun-node0-tooLong99": {"host": host, "pid": gone.pid, "started": 1.0},  # not mkdtemp's name
+    }
+    for name, owner in folders.items():
+        (tmp_path / name / "exits").mkdir(parents=True)
+        if owner is not None:
+            (tmp_path / name / TORCHRUN_MARKER).write_text(json.dumps(owner))
+    given: list[str] = []
+    script = f"import os, sys; print('[rank0]: marker', open(os.path.join(sys.argv[1], {TORCHRUN_MARKER!r})).read())"
+    fake_torchrun(monkeypatch, script, given)
+    plan = NodePlan(config=str(tmp_path / "c.yaml"), overrides=[], run_dir=tmp_path / "run", nproc_per_node=1)
+    console = io.StringIO()
+    assert NodeRunner(plan, console=console).run() == 0
+    left = sorted(n for n in os.listdir(tmp_path) if n.startswith("mnemo-torchrun"))
+    assert left == sorted(set(folders) - {"mnemo-torchrun-node0-dead0000", "mnemo-torchrun-node0-reused00"})
+    [marker] = [line for line in console.getvalue().splitlines() if line.startswith("[rank0]: marker")]
+    assert json.loads(marker.removeprefix("[rank0]: marker ")) == me  # this launcher's folder names it
+    assert not os.path.lexists(given[0])
+
+
+def psutil_identity(pid: int) -> dict:
+    import socket
+
+    import psutil
+
+    return {"host": socket.gethostname(), "pid": pid, "started": psutil.Process(pid).create_time()}
+
+
 def test_node_log_is_never_appended_through_a_symlink(tmp_path, monkeypatch):
     # Was: open(log, "a") followed the link and appended the node's output to its target.
     from mnemo.launch.local import NodeRunner, run_node
