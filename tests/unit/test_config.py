@@ -680,6 +680,18 @@ def test_a_tracking_uri_without_its_slashes_is_refused_without_its_password(tmp_
     assert str(e.value).startswith(f"tracking.uri (empty: $MLFLOW_TRACKING_URI): {shown}: {why}"), str(e.value)
 
 
+def test_a_sqlite_uri_may_hold_a_blank_in_its_path(tmp_path):
+    """A blank in sqlite:///PATH is read as written by SQLAlchemy and by MLflow (which makes the folder): the
+    blank check for passwords refused sqlite:////data/my runs/x.db, and its advice (%20) failed."""
+    from mnemo.train.config import check_paths
+    from mnemo.train.tracking.common import uri_problem
+
+    data = _data_dir(tmp_path / "data")
+    uri = f"sqlite:///{tmp_path}/my runs\u00a0x/x.db"
+    check_paths(load_config(None, [f"data.path={data}", f"run.dir={tmp_path / 'run'}", f"tracking.uri={uri}"]))
+    assert uri_problem(f"sqlite:///{tmp_path}/a\nb/x.db").startswith("holds a blank or control character (U+000A")
+
+
 @pytest.mark.parametrize("blank", [" ", "\t", "\n", "\xa0", "\u2028", "\x7f"])
 def test_a_tracking_uri_with_a_blank_or_control_character_is_refused_without_its_password(tmp_path, blank):
     # Before: a password with a blank escaped redaction, so it was shown in warnings and saved in config.yaml,

@@ -85,8 +85,17 @@ def test_the_default_store_and_artifacts_stay_in_a_run_dir_of_any_name(tmp_path,
     assert files[0] == "report.txt" and all(f.startswith(run_dir.name + "/") for f in files[1:]), files
     assert (run_dir / "mlflow.db").is_file()
     assert [p.name for p in (run_dir / "mlartifacts").rglob("*") if p.is_file()] == ["report.txt"]
-    run = MlflowClient(t.uri).get_run(t.run_id)
+    # MLflow makes the database's folder from the URI's text, not decoded: no second folder "z%2541z q%3Fx..."
+    # (nor "my%20run" for a plain blank) beside the run dir.
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["zAz q", run_dir.name, "report.txt"])
+    run = MlflowClient(t.uri).get_run(t.run_id)  # (this client of the test makes that folder: checked above)
     assert [a.path for a in MlflowClient(t.uri).list_artifacts(run.info.run_id)] == ["report.txt"]
+    for name in ("my run é", "p%25x"):  # a blank or accent is not encoded at all; a % is, and its folder removed
+        before = set(tmp_path.iterdir())
+        t = Tracker(run_dir=str(tmp_path / name), experiment="unit-names")
+        assert t.run_id and (tmp_path / name / "mlflow.db").is_file()
+        t.close()
+        assert set(tmp_path.iterdir()) - before == {tmp_path / name}
 
 
 def test_a_working_directory_whose_path_holds_both_quotes_does_not_stop_tracking(tmp_path, monkeypatch):

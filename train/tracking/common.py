@@ -62,10 +62,12 @@ def resolve_uri(uri: str, run_dir: str | os.PathLike) -> str:
 def sqlite_uri(path: str | os.PathLike) -> str:
     """The URI of sqlite database file ``path`` (made absolute) for MLflow and SQLAlchemy.
 
-    Percent-encoded: SQLAlchemy decodes %XX in it and cuts it at "?" (its query), so a run.dir "z%41z" put
-    the database into "zAz" and "q?x" into a file "q".
+    SQLAlchemy decodes %XX in it and cuts it at "?" (its query), so a run.dir "z%41z" put the database into
+    "zAz" and "q?x" into a file "q": those two characters are percent-encoded, and only those. MLflow
+    makes the database's folder from the URI's text as it is (not decoded): every other character kept as
+    written (a blank, an accent) leaves it the real folder, not a second one beside it ("my%20run").
     """
-    return "sqlite:///" + quote(str(Path(path).resolve()))
+    return "sqlite:///" + str(Path(path).resolve()).replace("%", "%25").replace("?", "%3F")
 
 
 def resolve_experiment(experiment: str) -> str:
@@ -101,7 +103,11 @@ def uri_problem(uri: str) -> str | None:
     # A blank or control character is never part of a URI (RFC 3986): MLflow and requests would send it
     # mangled or refuse it late, and in a password it also defeated redaction (train/redact.py). The
     # character is named, not the URI or its position: it may be in the password.
-    if bad := next((ch for ch in uri if ch.isspace() or unicodedata.category(ch) in _BLANK_OR_CONTROL), None):
+    # sqlite:///PATH holds no user, password or host, and a blank in its path is read as written (SQLAlchemy,
+    # and MLflow making the folder): "sqlite:////data/my runs/x.db" is fine, %20 there is not.
+    blank_ok = uri.partition(":")[0].partition("+")[0].lower() == "sqlite"
+    blanks = (ch for ch in uri if not (blank_ok and unicodedata.category(ch) == "Zs"))
+    if bad := next((ch for ch in blanks if ch.isspace() or unicodedata.category(ch) in _BLANK_OR_CONTROL), None):
         name = unicodedata.name(bad, repr(bad))
         return (
             f"holds a blank or control character (U+{ord(bad):04X} {name}), which a URI cannot: "

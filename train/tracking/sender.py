@@ -32,6 +32,7 @@ Over 500 lines: one state machine (send, spill, replay, outage) that reads best 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -40,6 +41,7 @@ import signal
 import time
 from collections import deque
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any, Callable
 from urllib.parse import urlparse
 
@@ -76,6 +78,38 @@ def open_database_store(uri: str, artifact_root: str) -> None:
 
         store_class = WorkspaceAwareSqlAlchemyStore
     store_class(uri, artifact_root)
+
+
+@contextlib.contextmanager
+def no_stray_sqlite_folder(uri: str) -> Iterator[None]:
+    """Remove the folders MLflow makes from a sqlite URI's text when that text is not the database's path.
+
+    MLflow makes the folder of ``sqlite:///PATH`` from PATH as written, where SQLAlchemy opens PATH decoded:
+    a run.dir "z%41z" (its URI holds "z%2541z") got a second, empty folder "z%2541z" beside it, and
+    training failed where that name could not be made. The folders missing before the store was opened,
+    made by it and still empty, are removed; a folder that is the database's own is never touched.
+    """
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    from sqlalchemy.engine import make_url
+
+    written = Path(uri.removeprefix("sqlite:///")).parent
+    made = []  # what mkdir(parents=True) of the written folder would make, deepest first
+    at = written
+    while not os.path.lexists(at) and at != at.parent:
+        made.append(at)
+        at = at.parent
+    try:
+        yield
+    finally:
+        real = make_url(uri).database or ""
+        if made and written != Path(real).parent:
+            for folder in made:
+                try:
+                    os.rmdir(folder)  # only an empty folder: never what something else put there
+                except OSError:
+                    break
 
 
 def import_mlflow_client():
@@ -220,6 +254,10 @@ class _Sender:
         MlflowClient = import_mlflow_client()
         logging.getLogger(STORE_TRACEBACK_LOGGER).setLevel(logging.CRITICAL)
 
+        with no_stray_sqlite_folder(self.uri):  # the store's engines are made in these first requests
+            return self._open(MlflowClient)
+
+    def _open(self, MlflowClient) -> str | None:
         try:
             if urlparse(self.uri).scheme.partition("+")[0] in DB_SCHEMES:
                 open_database_store(self.uri, self._artifact_root())
