@@ -98,14 +98,23 @@ def env_int(environ: Mapping[str, str], name: str, default: int) -> int:
     return value
 
 
+# What deepspeed.init_distributed reads from a launcher: without any one of them it falls back to MPI
+# discovery (a traceback: "No module named 'mpi4py'").
+DIST_REQUIRED_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
 def alone(environ: Mapping[str, str]) -> bool:
-    """Whether this rank is a job of its own: no WORLD_SIZE in the environment (a bare `mnemo train`)."""
-    return not environ.get("WORLD_SIZE", "").strip()
+    """Whether this rank is a job of its own (a bare `mnemo train`): no WORLD_SIZE in the environment, or
+    WORLD_SIZE=1 with no launcher around (left over in the shell: the rank needs no other, so the other
+    launcher variables there are ignored rather than read)."""
+    world = environ.get("WORLD_SIZE", "").strip()
+    return not world or (world == "1" and not any(environ.get(k) for k in LAUNCHER_MARKERS))
 
 
 def check_dist_env(environ: Mapping[str, str]) -> str | None:
     """Check the launcher variables this rank reads (UserError naming one that is wrong); the line to print
     before waiting for the other ranks when WORLD_SIZE > 1 comes from the environment with no launcher (else None).
+    Not alone, every one of DIST_REQUIRED_ENV must be set (a UserError naming those missing).
 
     Alone, MASTER_ADDR and MASTER_PORT are not read: the rank serves its own store on a free port (rank_env).
     """
@@ -118,7 +127,13 @@ def check_dist_env(environ: Mapping[str, str]) -> str | None:
     if rank >= world:
         raise UserError(f"RANK={rank} in the environment: not below WORLD_SIZE={world} (unset them to train alone)")
     port = env_int(environ, "MASTER_PORT", 0)
-    if world == 1 or any(environ.get(k) for k in LAUNCHER_MARKERS):
+    missing = [k for k in DIST_REQUIRED_ENV if not environ.get(k, "").strip()]
+    if missing:
+        raise UserError(
+            f"WORLD_SIZE={world} in the environment without {', '.join(missing)}: a launcher sets all of"
+            f" {', '.join(DIST_REQUIRED_ENV)} (unset WORLD_SIZE to train alone, or start the ranks with mnemo launch)"
+        )
+    if any(environ.get(k) for k in LAUNCHER_MARKERS):
         return None
     where = visible(f"{environ.get('MASTER_ADDR', '')}:{port or ''}")
     return (

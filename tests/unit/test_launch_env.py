@@ -182,6 +182,7 @@ def test_train_device_cpu_on_a_gpu_machine_sets_deepspeed_to_the_cpu(monkeypatch
     cfg = types.SimpleNamespace(train=types.SimpleNamespace(device="cpu"))
     monkeypatch.setattr(config, "load_config", lambda path, overrides: cfg)
     monkeypatch.setattr(config, "check_paths", lambda c: None)
+    monkeypatch.setattr(config, "check_memory_fit", lambda c: None)  # WORLD_SIZE=1 alone: checked here
     monkeypatch.setattr(rankenv, "check_train_device", lambda *a: None)
     monkeypatch.setattr(rankenv, "apply_rank_env", apply)
     try:
@@ -268,6 +269,32 @@ def test_leftover_launcher_variables_are_one_line_or_ignored_when_alone():
     )
     assert check_dist_env({**left, "TORCHELASTIC_RUN_ID": "x"}) is None
     assert check_dist_env({**left, "WORLD_SIZE": "1", "RANK": "0"}) is None
+
+
+def test_leftover_world_size_1_trains_alone_and_a_partial_launcher_env_is_one_line():
+    # WORLD_SIZE=1 (or 2) without MASTER_ADDR/MASTER_PORT was deepspeed's MPI discovery traceback ("No module
+    # named 'mpi4py'"), after a "waiting for 2 ranks at :" line with an empty address.
+    import pytest
+
+    from mnemo.train.errors import UserError
+    from mnemo.train.rankenv import alone, check_dist_env
+
+    for env in ({"WORLD_SIZE": "1"}, {"WORLD_SIZE": " 1 ", "RANK": "0", "MASTER_ADDR": "127.0.0.1"}):
+        assert alone(env) and check_dist_env(env) is None
+        added = rank_env(env, use_cuda=False)
+        assert added["WORLD_SIZE"] == "1" and added["MASTER_ADDR"] == "127.0.0.1" and added["MASTER_PORT"]
+    assert not alone({"WORLD_SIZE": "1", "TORCHELASTIC_RUN_ID": "x"})
+    full = {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}
+    for env, missing in (
+        ({"WORLD_SIZE": "2", "RANK": "1"}, "without LOCAL_RANK, MASTER_ADDR, MASTER_PORT:"),
+        ({"WORLD_SIZE": " 2"}, "without RANK, LOCAL_RANK, MASTER_ADDR, MASTER_PORT:"),
+        ({**full, "MASTER_PORT": ""}, "without MASTER_PORT:"),
+        ({**full, "MASTER_ADDR": " ", "TORCHELASTIC_RUN_ID": "x"}, "without MASTER_ADDR:"),
+        ({**full, "WORLD_SIZE": "1", "RANK": "0", "LOCAL_RANK": "", "LOCAL_SIZE": "1"}, "without LOCAL_RANK:"),
+    ):
+        with pytest.raises(UserError, match=missing) as e:
+            check_dist_env(env)
+        assert "unset WORLD_SIZE to train alone" in str(e.value) and "\n" not in str(e.value)
 
 
 def test_a_rendezvous_that_fails_is_one_line_naming_master_addr_and_port(monkeypatch):
