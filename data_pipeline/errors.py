@@ -4,9 +4,34 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import reprlib
 from collections.abc import Callable, Iterator
 from typing import Any
+
+# Unicode category Cc: C0 controls, DEL and C1 controls (U+009B is a CSI to some terminals); and the format
+# characters that reorder or break a line on a terminal: bidi embeddings, overrides and isolates (U+202A-202E,
+# U+2066-2069; a file name "n\u202etxt.exe" displays reversed), the directional marks (U+200E, U+200F,
+# U+061C) and the line/paragraph separators (U+2028, U+2029).
+# Also lone surrogates: a file name's bytes that are not UTF-8 come to Python as U+DC80..U+DCFF, which a
+# UTF-8 terminal's stdout cannot encode (a UnicodeEncodeError after the work was done): shown as \xNN.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069\ud800-\udfff]")
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def visible(text: str, keep: str = "") -> str:
+    """``text`` with its control characters written as escapes (``\\n``, ``\\x1b``, ``\\u202e``), except ``keep``'s.
+
+    So a value from a file name, a corpus or a dataset can neither break a
+    one-line message nor send escape sequences to the terminal.
+    """
+    return _CONTROL.sub(lambda m: m[0] if m[0] in keep else _NAMED.get(m[0], _escape(m[0])), text)
+
+
+def _escape(ch: str) -> str:
+    if 0xDC80 <= ord(ch) <= 0xDCFF:  # the byte a surrogate-escaped file name held
+        return f"\\x{ord(ch) - 0xDC00:02x}"
+    return f"\\x{ord(ch):02x}" if ord(ch) < 0x100 else f"\\u{ord(ch):04x}"
 
 
 class DataError(Exception):

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from mnemo.data_pipeline.errors import visible
 from mnemo.evaluation.errors import EvalError
 from mnemo.evaluation.heldout import filler_docs
 from mnemo.evaluation.outputs import write_then_show
@@ -379,9 +380,10 @@ def evaluate_data_dir(
 
     # The JSON first (a table or plot that fails must not lose the evaluation); on a full disk, the table anyway.
     write_then_show(json_out or None, lambda: json_ready(result), show)
+    # The names come from --json / --plots: an escape sequence or a byte that is not UTF-8 is shown escaped.
     if json_out:
-        echo(f"wrote {json_out}")
+        echo(visible(f"wrote {json_out}"))
     if plots_dir:
         for p in plots(result, plots_dir):
-            echo(f"wrote {p}")
+            echo(visible(f"wrote {p}"))
     return result

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from mnemo.data_pipeline.errors import brief
 from mnemo.launch.torchrun import MAX_NODES, MAX_PROCS_PER_NODE, check_count
-from mnemo.train.errors import UserError
+from mnemo.train.errors import UserError, visible
 
 
 @dataclass
@@ -417,7 +417,7 @@ def _slurm(
         make_run_dir(run_dir)
         path = slurm.write_script(opts)
         sys.stdout.write(slurm.sbatch_script(opts))
-        print(f"mnemo launch: wrote {path} (not submitted: --dry-run)", file=sys.stderr)
+        print(visible(f"mnemo launch: wrote {path} (not submitted: --dry-run)"), file=sys.stderr)
         if no_gpu:
             print(warning, file=sys.stderr)
         return 0
@@ -430,7 +430,7 @@ def _slurm(
     env = {k: v for k, v in os.environ.items() if k not in NOT_FORWARDED}
     job_id = slurm.submit(path, sbatch, env={**env, **secret_env})
     print(f"submitted job {job_id}")
-    print(f"mnemo launch: script {path}; log {run_dir / 'logs' / f'slurm-{job_id}.out'}", file=sys.stderr)
+    print(visible(f"mnemo launch: script {path}; log {run_dir / 'logs' / f'slurm-{job_id}.out'}"), file=sys.stderr)
     if no_gpu:
         print(warning, file=sys.stderr)
     return 0

@@ -44,8 +44,9 @@ def add_export(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentP
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from mnemo.train.errors import visible
     from mnemo.train.export import export
 
     out = export(args.checkpoint, args.out, overwrite=args.overwrite, format=args.format)
-    print(f"exported to {out}")
+    print(visible(f"exported to {out}"))  # --out may hold an escape sequence or a byte that is not UTF-8
     return 0

@@ -671,3 +671,17 @@ def test_a_reader_that_leaves_the_pipe_early_ends_the_command_quietly(tmp_path):
 
     with pytest.raises(BrokenPipeError):
         exit_status(socket_broke)
+
+
+def test_the_export_line_escapes_the_control_characters_of_its_name(monkeypatch, capsys):
+    """`mnemo export RUN --out $'e\\x1b[31mRED'` printed the escape sequence raw; `--out $'ex\\xff'` printed a
+    surrogate (`exported to ex\\udcff`) that strict UTF-8 stdout cannot encode."""
+    import mnemo.train.export as export_mod
+    from mnemo.cli import main
+
+    out = Path("e\x1b[31mRED\n" + os.fsdecode(b"\xff"))
+    monkeypatch.setattr(export_mod, "export", lambda *a, **kw: out)
+    assert main(["export", "RUN", "--out", str(out)]) == 0
+    line = capsys.readouterr().out
+    assert line == "exported to e\\x1b[31mRED\\n\\xff\n", line
+    line.encode("utf-8")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -1438,3 +1439,28 @@ def test_the_filler_does_not_depend_on_max_docs(tok, tmp_path, monkeypatch):
         first, second = seen[name]
         assert first == second == [d.tolist() for d in held[:2]], name
     assert results[0]["passkey_answer_loss"] == results[1]["passkey_answer_loss"]
+
+
+def test_the_wrote_lines_escape_the_control_characters_of_names(tok, tmp_path):
+    """`mnemo eval --json $'j\\x1b[31m.json'` printed `wrote j<ESC>[31m.json` raw (an escape sequence to the
+    terminal; a byte \\xff a surrogate that strict UTF-8 stdout cannot print)."""
+    import mnemo.evaluation.evaluate as ev
+
+    data = _write_mds(tmp_path / "data", tok, [t[:3000] for t in stdlib_texts(6)])
+    cfg = _cfg(64)
+    cfg.data.val_fraction = 0.5
+    name = tmp_path / ("j\x1b[31m\n" + os.fsdecode(b"\xff") + ".json")
+    lines: list[str] = []
+    ev.evaluate_data_dir(
+        InductionModel(tok.vocab_size),
+        tok,
+        cfg,
+        str(data),
+        max_docs=1,
+        passkey_trials=0,
+        ablations=False,
+        json_out=str(name),
+        echo=lines.append,
+    )
+    assert name.exists() and lines[-1] == f"wrote {tmp_path}/j\\x1b[31m\\n\\xff.json", lines[-1]
+    lines[-1].encode("utf-8")  # strict: no surrogate left
