@@ -14,6 +14,11 @@ from mnemo.data_pipeline.errors import DataError, brief
 # A URL's scheme (RFC 3986) and its "//", or Databricks' dbfs:/ (streaming's only URL without the "//"):
 # any other name is a path, "data:v1" a directory (urlparse alone reads "data" as a scheme there).
 _URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://|dbfs:/")
+# A URL with credentials that lost a slash (``s3:/alice:PW@bucket/x``, as pathlib writes ``s3://...``): a first
+# component ``word:``, then ``/user:`` and an '@' further on, the form redact_uri hides as ``s3:/***@bucket/x``
+# (train/redact.py, _LOST_SLASH: a ':' after the user, so ``a:/b@c`` is no credential). Local names with a
+# colon (``runs/a:b``, ``ex:1``, ``mydata:v1``) have no ``:/`` after their first word.
+_LOST_SLASH_CREDENTIALS = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*:)/(?!/)[^/?#@:\[\s]+:[^@]*@")
 
 
 def is_remote(uri: str) -> bool:
@@ -52,6 +57,11 @@ def remote_output_problem(path: str | os.PathLike, kind: str = "folder") -> str 
         return f"a file:// URL; give the plain path of the local {kind}"
     if is_remote(path):
         return f"a local {kind} is needed (mnemo does not write to remote stores)"
+    if m := _LOST_SLASH_CREDENTIALS.match(path):  # a folder of that name would keep the password on disk
+        return (
+            f"looks like a URL with credentials ({m['scheme']}/ with a slash lost; shown redacted);"
+            f" a local {kind} is needed (mnemo does not write to remote stores)"
+        )
     return None
 
 

@@ -575,6 +575,14 @@ def test_debug_prints_the_traceback_with_credentials_hidden(capsys, user, rc):
         (["eval", "run1", "--data", "d", "--plots", "file:///tmp/p"], "--plots: file:///tmp/p: a file:// URL"),
         (["train", "c.yaml", "run.dir=https://u:SECC1@h/run"], "run.dir: https://***@h/run: a local folder"),
         (["train", "c.yaml", "data.cache_dir=s3://u:SECC2@h/c"], "data.cache_dir: s3://***@h/c: a local folder"),
+        # A slash lost (as pathlib writes s3://): still a URL with credentials, not a folder named s3:.
+        (["export", "run1", "--out", "s3:/u:SECC3@b/x"], "--out s3:/***@b/x: looks like a URL with credentials"),
+        (
+            ["tokenizer", "train", "--input", "c", "--vocab-size", "320", "--out", "s3:/u:SEC/C4@b/t.model"],
+            "a local file",
+        ),
+        (["eval", "run1", "--data", "d", "--json", "https:/u:SECC5@h/r.json"], "--json: https:/***@h/r.json: looks"),
+        (["train", "c.yaml", "data.cache_dir=s3:/u:SECC6@h/c"], "data.cache_dir: s3:/***@h/c: looks like a URL"),
     ],
 )
 def test_an_output_path_with_a_url_scheme_is_refused_not_made_a_local_folder(tmp_path, monkeypatch, capsys, argv, line):
@@ -685,3 +693,10 @@ def test_the_export_line_escapes_the_control_characters_of_its_name(monkeypatch,
     line = capsys.readouterr().out
     assert line == "exported to e\\x1b[31mRED\\n\\xff\n", line
     line.encode("utf-8")
+
+
+def test_local_output_names_with_a_colon_are_no_url():
+    from mnemo.data_pipeline.paths import remote_output_problem
+
+    for name in ("runs/a:b", "ex:1", "t:v.model", "mydata:v1", "a:b.json", "a:/b@c", "x:/y:z", "./s3:/u:p@b"):
+        assert remote_output_problem(name) is None, name
