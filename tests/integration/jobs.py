@@ -144,9 +144,15 @@ def worker_pids(proc: subprocess.Popen) -> list[int]:
     """PIDs of the training ranks (children of torchrun) of a job started with start()."""
     import psutil
 
-    return [
-        c.pid for c in psutil.Process(proc.pid).children(recursive=True) if "-m mnemo train" in " ".join(c.cmdline())
-    ]
+    def cmdline(c: psutil.Process) -> str:
+        # A child that has just exited (a zombie until its parent reaps it) has no command line to read:
+        # psutil.ZombieProcess failed a whole module's fixture in CI.
+        try:
+            return " ".join(c.cmdline())
+        except psutil.Error:
+            return ""
+
+    return [c.pid for c in psutil.Process(proc.pid).children(recursive=True) if "-m mnemo train" in cmdline(c)]
 
 
 def launch_worker_pid(launcher: subprocess.Popen, rank: int) -> int:
