@@ -422,8 +422,10 @@ def _part_index(loc: OutLocation, name: str) -> str | None:
     """The local path of part ``name``'s index.json (a true remote's: fetched into the staging dir), or None
     when it is not there."""
     local = os.path.join(loc.local, name, "index.json")
-    if loc.remote is None or os.path.isfile(local):
-        return local if os.path.isfile(local) else None
+    if os.path.isfile(local):
+        return local
+    if loc.remote is None:
+        return None
     if loc.target is not None:
         path = os.path.join(loc.target, name, "index.json")
         return path if os.path.isfile(path) else None

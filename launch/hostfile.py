@@ -47,7 +47,8 @@ def check_host_name(host: str, where: str) -> str:
     """``host`` if ssh may be given it; else UserError naming ``where`` (file:line or flag)."""
     if host.startswith("-"):
         raise UserError(f"{where}: host name {brief(host)} starts with '-' (ssh would read it as an option)")
-    if len(host.rpartition("@")[2]) > MAX_HOST_NAME:  # and an error line of its length (a 1 MiB hostfile line)
+    addr = host.rpartition("@")[2]  # without the user@
+    if len(addr) > MAX_HOST_NAME:  # and an error line of its length (a 1 MiB hostfile line)
         raise UserError(
             f"{where}: host name {brief(host)} is longer than {MAX_HOST_NAME} characters (a DNS name's most)"
         )
@@ -56,7 +57,6 @@ def check_host_name(host: str, where: str) -> str:
             f"{where}: host name {brief(host)} is not a host name (letters, digits, '.', '-', '_', an IPv6 address "
             "and an optional 'user@' only)"
         )
-    addr = host.rpartition("@")[2]
     if _HOST_PORT.fullmatch(addr):
         raise UserError(
             f"{where}: host name {brief(host)} holds a port, which ssh does not take from a host name: set the ssh "

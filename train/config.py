@@ -1185,10 +1185,11 @@ def check_paths(cfg: Config) -> None:
             raise ConfigError(f"checkpoint.resume: {r} is not a mnemo checkpoint or run directory")
     with path_errors("run.dir", ConfigError):
         conf = Path(cfg.run.dir) / "config.yaml"
-        why = not_a_regular_file(conf) if conf.exists() else None  # a FIFO blocked the start, /dev/zero filled memory
+        exists = conf.exists()
+        why = not_a_regular_file(conf) if exists else None  # a FIFO blocked the start, /dev/zero filled memory
         if why and why != "permission denied":  # one that cannot be read is refused below, as not mnemo's
             raise ConfigError(f"run.dir: {_clip(str(conf))}: {why}")
-        if conf.exists() and not wrote_run_config(conf):
+        if exists and not wrote_run_config(conf):
             raise ConfigError(
                 f"run.dir: {conf} exists and mnemo did not write it (mnemo keeps each run's resolved config "
                 "there); use another run.dir or move that file (a resume does not need it)"
