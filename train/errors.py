@@ -118,10 +118,10 @@ def exit_status(command: Callable[[], int | None], debug: bool = False) -> int:
     A user error (UserError, DataError, EvalError, a missing file; a full disk or quota, a read-only
     file system or a refused path, also inside a library's own error: data_pipeline.errors.storage_error;
     too many open files, no memory left, no thread or process to be had: limit_reached) is one line
-    ``mnemo: error: ...`` on stderr (control characters in it, such as a
-    newline in a file name, written as escapes: ``visible``) and status 2; with ``debug`` every error's
-    traceback is printed instead, credentials in it redacted (``redact_uri``), and the status is 2 for a
-    user error, 1 for any other; Ctrl-C is ``mnemo: interrupted`` and 130. The CLI
+    ``mnemo: error: ...`` on stderr (control characters in it, such as a newline in a file name, written
+    as escapes: ``visible``) and status 2. Any other error (a bug) prints its traceback, credentials in it
+    redacted (``redact_uri``), and status 1; with ``debug`` every error's traceback is printed so, and the
+    status is 2 for a user error, 1 for any other. Ctrl-C is ``mnemo: interrupted`` and 130. The CLI
     and the launcher's worker (a rank under torchrun) both run commands so.
     """
     from mnemo.data_pipeline.errors import DataError, limit_reached, storage_error
@@ -144,16 +144,15 @@ def exit_status(command: Callable[[], int | None], debug: bool = False) -> int:
         storage = None if isinstance(e, user) else storage_error(e)
         limit = None if isinstance(e, user) or storage is not None else limit_reached(e)
         known = isinstance(e, user) or storage is not None or limit is not None
-        if debug:
-            # The traceback, printed here rather than raised: the error and the frames' lines quote the bad
-            # value, which may be a URI with credentials, hidden as on the one line. The status is the one
-            # the error gets without --debug (2), or Python's for an uncaught exception (1).
+        if debug or not known:
+            # The traceback (asked for, or a bug's), printed here rather than raised: the error and the
+            # frames' lines may quote a value that is a URI with credentials (a bug in code that was
+            # handed a tracking.uri), hidden as on the one line. The status is the one the error gets
+            # without --debug (2), or Python's for an uncaught exception (1).
             import traceback
 
             print(redact_uri("".join(traceback.format_exception(e))), end="", file=sys.stderr, flush=True)
             return 2 if known else 1
-        if not known:
-            raise
 
         if limit is not None:
             msg = limit
