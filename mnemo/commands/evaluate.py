@@ -322,6 +322,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     model, tokenizer, cfg = load_for_inference(args.checkpoint, device=device)
     baseline = load_for_inference(args.baseline, device=device) if args.baseline else None
+    check_ltm_capacity(args.ltm_capacity, [model] if baseline is None else [model, baseline[0]])
     if args.ltm_search or args.ivf_probe is not None:
         search_models(args, [model] if baseline is None else [model, baseline[0]])
     labels = {"checkpoint": str(args.checkpoint), "data": str(args.data)}
@@ -371,6 +372,15 @@ def search_models(args: argparse.Namespace, models: list) -> None:
         with_ltm_search(m, args.ltm_search or m.args.ltm_search, args.ivf_probe)
 
 
+def check_ltm_capacity(capacity: int | None, models: list) -> None:
+    """An error where --ltm-capacity is given but no model read has a long-term store to size, rather than a flag
+    silently without effect (as --ltm-search is)."""
+    from mnemo.train.errors import UserError
+
+    if capacity is not None and all(m.args.ltm_kind == "none" for m in models):
+        raise UserError("--ltm-capacity: the checkpoint has no long-term memory (memory.long.kind: none) to size")
+
+
 def lm_eval_checkpoint(args: argparse.Namespace) -> int:
     """``mnemo eval CKPT --lm-eval TASKS``: lm-eval's tasks on the checkpoint (evaluation.harness.run_lm_eval)."""
     from mnemo.train.checkpoint import load_for_inference
@@ -378,6 +388,7 @@ def lm_eval_checkpoint(args: argparse.Namespace) -> int:
 
     device = resolve_device(args.device)
     model, tokenizer, cfg = load_for_inference(args.checkpoint, device=device)
+    check_ltm_capacity(args.ltm_capacity, [model])
     from mnemo.evaluation.harness import run_lm_eval  # imports lm_eval: seconds, only here
     from mnemo.evaluation.inference import memory_errors
 
@@ -444,6 +455,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if not ids:
         raise UserError(f"--prompt-file: {path} is empty")
     T = int(cfg.model.segment_len)
+    check_ltm_capacity(args.ltm_capacity, [model])
     with_ltm_capacity(model, args.ltm_capacity)
     # The store is allocated whole before the first segment: a capacity too large for this machine (a model
     # trained on a bigger one, or a received model_args.json) is one line now, not an allocation traceback.

@@ -1464,3 +1464,28 @@ def test_the_wrote_lines_escape_the_control_characters_of_names(tok, tmp_path):
     )
     assert name.exists() and lines[-1] == f"wrote {tmp_path}/j\\x1b[31m\\n\\xff.json", lines[-1]
     lines[-1].encode("utf-8")  # strict: no surrogate left
+
+
+@pytest.mark.parametrize("command", ["generate", "lm-eval"])
+def test_ltm_capacity_is_refused_on_a_model_without_long_term_memory(tmp_path, monkeypatch, capsys, command):
+    """`mnemo generate/eval CKPT --ltm-capacity 4` on a checkpoint without a long-term store ran, the flag
+    silently without effect, where --ltm-search is refused so."""
+    import types
+
+    import mnemo.train.checkpoint as checkpoint
+    from mnemo.cli import main
+
+    none = types.SimpleNamespace(args=types.SimpleNamespace(ltm_kind="none", ltm_capacity=0, ltm_topk=8))
+    tokenizer = types.SimpleNamespace(encode=lambda text: [5, 6])
+    cfg = types.SimpleNamespace(model=types.SimpleNamespace(segment_len=8))
+    monkeypatch.setattr(checkpoint, "load_for_inference", lambda path, device="cpu": (none, tokenizer, cfg))
+    prompt = tmp_path / "p.txt"
+    prompt.write_text("hello")
+    argv = {
+        "generate": ["generate", str(tmp_path), "--prompt-file", str(prompt), "--ltm-capacity", "4"],
+        "lm-eval": ["eval", str(tmp_path), "--lm-eval", "hellaswag", "--ltm-capacity", "4"],
+    }[command]
+    assert main(argv) == 2
+    assert capsys.readouterr().err == (
+        "mnemo: error: --ltm-capacity: the checkpoint has no long-term memory (memory.long.kind: none) to size\n"
+    )
