@@ -13,6 +13,7 @@ import argparse
 import os
 import sys
 
+from mnemo.data_pipeline.processes import SAFE_PATH_ENV
 from mnemo.commands import OneLineParser, data, evaluate, launch, train
 
 # command -> (adds its parser and arguments, handler), in --help order. A group of
@@ -80,6 +81,10 @@ def main(argv: list[str] | None = None) -> int:
     if entry:  # the process's own decoding and stdout, not a caller's
         utf8_mode_or_reexec()
         tolerant_stdout()
+        # Every Python this command starts, however (multiprocessing's resource tracker and spawned children run
+        # `python -c`, which puts the working directory first on sys.path), leaves the working directory off the
+        # path: a multiprocessing.py where the user typed `mnemo train` was imported, and run, by both.
+        os.environ.update(SAFE_PATH_ENV)
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("MNEMO_DEBUG") == "1"
     args = build_parser().parse_args(argv)

@@ -701,3 +701,22 @@ def test_local_output_names_with_a_colon_are_no_url():
 
     for name in ("runs/a:b", "ex:1", "t:v.model", "mydata:v1", "a:b.json", "a:/b@c", "x:/y:z", "./s3:/u:p@b"):
         assert remote_output_problem(name) is None, name
+
+
+def test_the_pythons_a_command_starts_leave_the_working_directory_off_their_path(tmp_path):
+    """`mnemo train` started multiprocessing's resource tracker and a spawned child (`python -c ...`, the working
+    directory first on sys.path): a multiprocessing.py where the user typed the command ran in both. The CLI now
+    sets PYTHONSAFEPATH=1 for every process it starts."""
+    (tmp_path / "multiprocessing.py").write_text("open('PWNED', 'w').close()\n")
+    code = (
+        "import subprocess, sys\n"
+        "sys.argv = ['mnemo', 'data', 'verify', 'no-such-dataset']\n"
+        "from mnemo.cli import main\n"
+        "main()\n"
+    )
+    child = "import multiprocessing.resource_tracker"  # what the tracker's `python -c` imports first
+    code += f"subprocess.run([sys.executable, '-c', {child!r}], check=True)\n"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONSAFEPATH"}
+    p = subprocess.run([sys.executable, "-P", "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert "no-such-dataset" in p.stderr, p.stderr
+    assert not (tmp_path / "PWNED").exists()
