@@ -61,7 +61,6 @@ import selectors
 import shutil
 import signal
 import socket
-import stat
 import subprocess
 import sys
 import tempfile
@@ -77,6 +76,7 @@ import psutil
 from mnemo.data_pipeline.errors import storage_error
 from mnemo.data_pipeline.files import NotRegularFile, open_own_file
 from mnemo.data_pipeline.processes import die_with_parent
+from mnemo.data_pipeline.tmp_dirs import mark_owner, mkdtemp_name_re, sweep_leftovers
 from mnemo.launch.torchrun import WORKER_EXITS_ENV, NodePlan, node_env, rdzv_endpoint, torchrun_command
 from mnemo.train.runlock import check_run_dir_free
 from mnemo.train.errors import UserError
@@ -175,7 +175,7 @@ def open_node_log(plan: NodePlan) -> IO[str]:
 
 # The folders torchrun_log_dir makes in the temp folder (mkdtemp's suffix: 8 of [a-z0-9_]), and the file in each
 # that says which launcher made it: what sweep_torchrun_leftovers may remove once that launcher is gone.
-TORCHRUN_DIR_RE = re.compile(r"^mnemo-torchrun-node\d+-[a-z0-9_]{8}\Z")
+TORCHRUN_DIR_RE = mkdtemp_name_re(r"mnemo-torchrun-node\d+-")
 TORCHRUN_MARKER = "mnemo-launcher.json"
 # Free space the temp folder must have for a launch to start (the ranks' output goes through it), and below
 # which the launcher says that the ranks' output will soon be lost (NodeRunner._watch_tee_space).
@@ -192,55 +192,15 @@ def free_bytes(path: str) -> int | None:
     return st.f_bavail * st.f_frsize
 
 
-def _launcher_identity(pid: int) -> dict | None:
-    """Who process ``pid`` is (host, pid, start time: a pid reused by another process differs); None if gone."""
-    try:
-        started = psutil.Process(pid).create_time()
-    except psutil.Error:
-        return None
-    return {"host": socket.gethostname(), "pid": pid, "started": started}
-
-
 def sweep_torchrun_leftovers(tmp: str | None = None) -> list[str]:
     """Remove the torchrun_log_dir folders of launchers of this host and user that are gone (SIGKILL, the OOM
     killer, a power cut): their ``finally`` never ran, and each held full copies of every rank's output.
 
     Only a folder mnemo provably made: a directory (not a link) of this user under torchrun_log_dir's name,
     holding the marker it writes first, which names a launcher of this host that no longer runs (its pid gone,
-    or reused by a process started at another time). Returns the paths removed.
+    or reused by a process started at another time): data_pipeline/tmp_dirs.py. Returns the paths removed.
     """
-    import json
-
-    tmp = tmp or tempfile.gettempdir()
-    removed = []
-    try:
-        names = sorted(os.listdir(tmp))
-    except OSError:
-        return removed
-    me = socket.gethostname()
-    for name in names:
-        if not TORCHRUN_DIR_RE.match(name):
-            continue
-        path = os.path.join(tmp, name)
-        try:
-            st = os.lstat(path)
-            if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
-                continue
-            with open(os.path.join(path, TORCHRUN_MARKER), "rb", opener=_no_follow) as f:
-                owner = json.loads(f.read(4096))
-        except (OSError, ValueError):
-            continue
-        if not isinstance(owner, dict) or owner.get("host") != me or type(owner.get("pid")) is not int:
-            continue
-        if _launcher_identity(owner["pid"]) == owner:
-            continue  # that launcher still runs
-        shutil.rmtree(path, ignore_errors=True)
-        removed.append(path)
-    return removed
-
-
-def _no_follow(path: str, flags: int) -> int:
-    return os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK)
+    return sweep_leftovers(tmp or tempfile.gettempdir(), TORCHRUN_DIR_RE, TORCHRUN_MARKER)
 
 
 @contextlib.contextmanager
@@ -257,8 +217,6 @@ def torchrun_log_dir(node_rank: int) -> Iterator[str]:
     launcher, so a folder left by one killed with SIGKILL is removed at the next launch on this host
     (sweep_torchrun_leftovers).
     """
-    import json
-
     tmp = tempfile.gettempdir()
     sweep_torchrun_leftovers(tmp)
     free = free_bytes(tmp)
@@ -274,8 +232,7 @@ def torchrun_log_dir(node_rank: int) -> Iterator[str]:
         raise UserError(f"cannot make a folder for torchrun's logs in {tmp}: {e.strerror or e} (set TMPDIR)") from None
     try:
         try:
-            with open(os.path.join(path, TORCHRUN_MARKER), "x") as f:
-                json.dump(_launcher_identity(os.getpid()), f)
+            mark_owner(path, TORCHRUN_MARKER)
         except OSError as e:
             raise UserError(f"cannot write in {path} (torchrun's logs): {e.strerror or e} (set TMPDIR)") from None
         yield path

@@ -47,6 +47,7 @@ import torch
 
 from mnemo.data_pipeline.errors import first_line
 from mnemo.data_pipeline.files import atomic_write_text, fsync_path, fsync_tree, load_json, open_regular
+from mnemo.data_pipeline.tmp_dirs import mark_owner, mkdtemp_name_re, sweep_leftovers
 from mnemo.train.collectives import decided_by_rank0
 from mnemo.train.errors import UserError, path_errors, write_errors
 from mnemo.train.faults import maybe_crash_in_save
@@ -212,32 +213,47 @@ def unreadable_ds_state(where: Any, e: BaseException, alias: tuple[str, str] | N
 # DeepSpeed finds a checkpoint's files with glob patterns built from the folder it is given
 # (engine._get_all_ckpt_names, zero_to_fp32.get_checkpoint_files): a run dir named "g[1]" is read as
 # a character class and matches nothing (its bare AssertionError on resume, "can't find
-# *_model_states.pt files" in export). Such a folder is handed over as a link without them.
+# *_model_states.pt files" in export). Such a folder is handed over as a link without them, in a folder
+# GLOB_LINK_PREFIX + mkdtemp's suffix of the temp folder that holds the link and a marker naming this process
+# (data_pipeline/tmp_dirs.py), so that one left by a killed command is removed by the next glob_safe_dir.
 GLOB_CHARS = frozenset("[]*?")
+GLOB_LINK_PREFIX = "mnemo-ds-"
+GLOB_LINK_DIR_RE = mkdtemp_name_re(GLOB_LINK_PREFIX)
+GLOB_LINK_MARKER = "mnemo-owner.json"
+GLOB_LINK = "ds"
 
 
 @contextlib.contextmanager
 def glob_safe_dir(folder: Path) -> Iterator[str]:
     """``folder`` under a name without glob characters, for DeepSpeed's readers: itself when it has none,
-    else a link to it in a fresh temporary folder, both removed on the way out (nothing else is)."""
+    else a link to it in a fresh temporary folder, removed on the way out with that folder (nothing else is).
+
+    Such folders left by a command killed meanwhile (SIGKILL, SIGTERM, SIGHUP: no ``finally`` ran) are removed
+    first, those of processes of this host and user that are gone (sweep_leftovers): each holds nothing but its
+    marker and the link (never followed).
+    """
     text = os.fspath(folder)
     if not GLOB_CHARS.intersection(text):
         yield text
         return
-    parent = tempfile.mkdtemp(prefix="mnemo-ds-")
+    tmp = tempfile.gettempdir()
+    sweep_leftovers(tmp, GLOB_LINK_DIR_RE, GLOB_LINK_MARKER, frozenset({GLOB_LINK}))
+    parent = tempfile.mkdtemp(prefix=GLOB_LINK_PREFIX)
     if GLOB_CHARS.intersection(parent):
         os.rmdir(parent)
         raise UserError(
             f"{folder}: DeepSpeed cannot read a folder whose path holds [ ] * or ?, and the temporary folder "
             f"{parent} for a link to it holds them too: set TMPDIR to a folder without them"
         )
-    link = os.path.join(parent, "ds")
+    link = os.path.join(parent, GLOB_LINK)
     try:
+        mark_owner(parent, GLOB_LINK_MARKER)  # first: a folder without it is never swept
         os.symlink(os.path.abspath(text), link, target_is_directory=True)
         yield link
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(link)
+        for name in (link, os.path.join(parent, GLOB_LINK_MARKER)):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(name)
         os.rmdir(parent)
 
 

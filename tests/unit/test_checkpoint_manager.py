@@ -962,3 +962,68 @@ def test_a_save_that_fails_on_one_rank_stops_every_rank_at_once_uncommitted(tmp_
                 == "UserError: checkpoint of step 5: another rank could not write it (its error names the cause)"
             )
     assert not (root / "step_00000005").exists() and not (root / "latest").exists()
+
+
+def test_glob_safe_links_left_by_killed_commands_are_swept_by_the_next_one(tmp_path, monkeypatch):
+    # Was: `mnemo generate/eval/export` (or a resume) on a checkpoint whose path holds [ ] * ? killed while
+    # DeepSpeed read it (SIGKILL, SIGTERM, SIGHUP: no `finally`) left $TMPDIR/mnemo-ds-XXXX and its link for good.
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import tempfile
+
+    import psutil
+
+    from mnemo.train.checkpoint import GLOB_LINK_MARKER, glob_safe_dir
+
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    ckpt = tmp_path / "g[1]" / "ds"
+    ckpt.mkdir(parents=True)
+    (ckpt / "weights.pt").write_bytes(b"w")
+    code = (
+        "import sys, tempfile, time; from pathlib import Path; tempfile.tempdir = sys.argv[1]\n"
+        "from mnemo.train.checkpoint import glob_safe_dir\n"
+        "with glob_safe_dir(Path(sys.argv[2])) as name:\n    print(name, flush=True); time.sleep(60)\n"
+    )
+    child = subprocess.Popen([sys.executable, "-c", code, str(tmp), str(ckpt)], stdout=subprocess.PIPE, text=True)
+    killed = Path(child.stdout.readline().strip()).parent
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    child.stdout.close()
+    assert (killed / "ds").is_symlink()  # what the killed command left
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    host = socket.gethostname()
+    me = {"host": host, "pid": os.getpid(), "started": psutil.Process().create_time()}
+    dead = {"host": host, "pid": gone.pid, "started": 1.0}
+    swept = {"mnemo-ds-reused00": ({**me, "started": me["started"] - 100}, "link")}  # pid now another process's
+    others = {
+        "mnemo-ds-alive000": (me, "link"),  # a command that still runs
+        "mnemo-ds-otherhst": ({**dead, "host": host + "-other"}, "link"),  # another host's (a shared TMPDIR)
+        "mnemo-ds-nomarker": (None, "link"),  # not provably mnemo's
+        "mnemo-ds-tooLong99": (dead, "link"),  # not mkdtemp's name
+        "mnemo-ds-afile000": (dead, "file"),  # holds something mnemo never puts there
+        "mnemo-ds-realdir0": (dead, "dir"),  # its ds is a folder, not mnemo's link
+    }
+    for name, (owner, ds) in {**swept, **others}.items():
+        (tmp / name).mkdir()
+        if owner is not None:
+            (tmp / name / GLOB_LINK_MARKER).write_text(json.dumps(owner))
+        if ds == "link":
+            (tmp / name / "ds").symlink_to(ckpt)
+        elif ds == "file":
+            (tmp / name / "ds").symlink_to(ckpt)
+            (tmp / name / "notes.txt").write_text("mine")
+        else:
+            (tmp / name / "ds").mkdir()
+    with glob_safe_dir(ckpt) as name:
+        assert os.listdir(name) == ["weights.pt"]
+        left = sorted(os.listdir(tmp))
+        assert left == sorted([*others, Path(name).parent.name]), left  # the killed command's folder is gone
+        assert json.loads((Path(name).parent / GLOB_LINK_MARKER).read_text()) == me  # this one names us
+    assert sorted(os.listdir(tmp)) == sorted(others)
+    assert (ckpt / "weights.pt").read_bytes() == b"w"  # the link was removed, not followed
+    assert not killed.exists()
