@@ -26,10 +26,14 @@ and tokenizer at the end. The directory a ``file://`` --out names
 (``OutLocation.target``) is a local directory, under every rule above: it gets
 its own ``.mnemo-outputs.json``, is refused when it holds anything else, and
 --overwrite removes its listed entries only.
+
+Over 500 lines: everything mnemo may delete in --out is decided here, on the one list of outputs and its
+checks (claiming --out, --overwrite, the clean-up of a finished conversion: finish_out).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -309,6 +313,32 @@ def claim_out(loc: OutLocation, fingerprint: str, overwrite: bool, names: Sequen
         if failed:  # the same conversion again (its input as it was): resumed, not failed until it fails
             write_json(os.path.join(loc.state, "plan.json"), {"fingerprint": fingerprint})
     return None
+
+
+def finish_out(loc: OutLocation) -> None:
+    """Remove what a finished conversion leaves nothing of: the state dir of --out (and of a file:// target's
+    directory), and all of the staging dir of a remote --out.
+
+    At the end of a conversion, and when a rerun finds the dataset complete: a run cut off in this clean-up
+    (after manifest.json was written) left them, and "nothing to do" left them for good. Only in a directory
+    whose list of outputs (.mnemo-outputs.json, or a manifest of before the list) names the state dir, as
+    every run writes it: mnemo's own; in the staging dir, the listed entries and the list, unless a listed
+    part holds a file mnemo did not write there. The lock file inside goes with its state dir (out_lock.py).
+    """
+    for d in [loc.local] + ([loc.target] if loc.target is not None else []):
+        try:
+            owned = _read_outputs(d)
+        except (DataError, OSError):  # a list edited by hand: nothing is deleted on its word
+            continue
+        if owned is None or STATE_DIR not in owned:
+            continue
+        if d != loc.local or loc.remote is None:
+            shutil.rmtree(os.path.join(d, STATE_DIR), ignore_errors=True)
+        elif _not_ours_inside(d, owned) is None:  # the staging dir, uploaded
+            for name in [*sorted(owned), OUTPUTS_FILE]:  # the list last: a rerun goes on on its word
+                _remove(d, name)
+            with contextlib.suppress(OSError):
+                os.rmdir(d)
 
 
 def record_failure(loc: OutLocation, fingerprint: str, error: InputError) -> None:

@@ -56,6 +56,7 @@ from mnemo.data_pipeline.outputs import (
     OutLocation,
     check_out_apart,
     claim_out,
+    finish_out,
     lock_paths,
     merge_parts,
     out_entries,
@@ -525,6 +526,7 @@ def prepare(
         complete = claim_out(loc, fingerprint, overwrite, entries)
         if complete is not None:
             note(f"{loc.url} is already complete for these inputs (manifest.json); nothing to do")
+            finish_out(loc)  # what a run cut off in its own finish_out left
             return complete
 
         # Reading the corpus: an input that fails it (InputError) is recorded, so that the rerun with the
@@ -571,11 +573,7 @@ def prepare(
         write_json(os.path.join(loc.local, "manifest.json"), manifest, tmp_dir=loc.state)
         if loc.remote is not None:
             upload(loc, [tok.file_name, "manifest.json"])
-            shutil.rmtree(loc.local, ignore_errors=True)
-            if loc.target is not None:
-                shutil.rmtree(os.path.join(loc.target, STATE_DIR), ignore_errors=True)
-        else:
-            shutil.rmtree(loc.state, ignore_errors=True)
+        finish_out(loc)
         return manifest
 
 

@@ -322,6 +322,58 @@ def test_rerun_of_a_complete_dataset_is_a_no_op(corpus, tmp_path, capsys):
     assert "already complete" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("remote", [False, True], ids=["local", "file-url"])
+def test_a_rerun_removes_the_state_dir_a_run_cut_off_in_its_clean_up_left(
+    corpus, tmp_path, monkeypatch, capsys, remote
+):
+    # Was: Ctrl-C (or kill) after manifest.json was written, while the state dir was removed, left
+    # DATA_DIR/.mnemo-prepare/ (and, for a remote --out, the staging dir); the rerun said "already complete ...
+    # nothing to do" and left them for good.
+    import shutil
+
+    from mnemo.data_pipeline.outputs import OUTPUTS_FILE, STATE_DIR
+
+    data, staging = tmp_path / "out", tmp_path / "staging"
+    out = f"file://{data}" if remote else str(data)
+    rmtree = shutil.rmtree
+
+    def cut_off(path, *a, **kw):
+        if os.fspath(path) == str(staging) or os.fspath(path).endswith(STATE_DIR):  # what the clean-up removes
+            raise KeyboardInterrupt
+        rmtree(path, *a, **kw)
+
+    monkeypatch.setattr(shutil, "rmtree", cut_off)
+    with pytest.raises(KeyboardInterrupt):
+        run(corpus, out, staging=str(staging))
+    monkeypatch.setattr(shutil, "rmtree", rmtree)
+    assert (data / "manifest.json").is_file()
+    left = [d for d in (data, staging) if (d / STATE_DIR).is_dir()]
+    assert left, "the clean-up was not cut off"
+    shard = next(data.glob("part-00000/shard.*"))
+    before = shard.stat().st_mtime_ns
+    capsys.readouterr()
+    run(corpus, out, staging=str(staging))
+    assert "already complete" in capsys.readouterr().err
+    assert not (data / STATE_DIR).exists() and not staging.exists()
+    assert shard.stat().st_mtime_ns == before and (data / OUTPUTS_FILE).is_file()
+    assert decoded(data) == corpus[1]
+    verify(str(data))
+
+
+def test_nothing_but_mnemo_s_own_state_dir_is_removed_by_a_rerun(corpus, tmp_path):
+    # The state dir of a complete dataset is removed only where the dataset's list of outputs names it.
+    from mnemo.data_pipeline.outputs import OUTPUTS_FILE, STATE_DIR
+
+    out = tmp_path / "out"
+    run(corpus, out)
+    (out / STATE_DIR).mkdir()
+    (out / STATE_DIR / "plan.json").write_text("{}")
+    listed = json.loads((out / OUTPUTS_FILE).read_text())
+    (out / OUTPUTS_FILE).write_text(json.dumps({**listed, "entries": "edited"}))  # not a list mnemo wrote
+    run(corpus, out)
+    assert (out / STATE_DIR / "plan.json").is_file()
+
+
 def test_refuses_an_out_dir_with_a_different_dataset_unless_overwrite(corpus, tmp_path):
     inputs, expected, model = corpus
     out = tmp_path / "out"
