@@ -222,7 +222,8 @@ class TextStreamer:
     SentencePiece decodes whole sequences (a character can span several byte
     tokens), so the text is re-decoded and only the new suffix is written;
     when a later token changes the tail (an incomplete UTF-8 byte run), the
-    unstable tail is held back until it settles.
+    unstable tail is held back until it settles. Used as a context manager around the generation, it ends
+    the line of text when an exception leaves it (end_line).
     """
 
     def __init__(self, tokenizer: Any, stream=None):
@@ -237,6 +238,24 @@ class TextStreamer:
             self.stream.write(stable[len(self.printed) :])
             self.stream.flush()
             self.printed = stable
+
+    def end_line(self) -> None:
+        """End the line the text stopped on, when generation stops short (Ctrl-C, an error): the message that
+        follows on stderr ("mnemo: interrupted", on the same terminal) then starts on a line of its own instead
+        of after the text. On the way out of an error: a stream that cannot be written is left as it is."""
+        if self.printed and not self.printed.endswith("\n"):
+            try:
+                self.stream.write("\n")
+                self.stream.flush()
+            except (OSError, ValueError):  # a closed pipe, a closed stream: the error on the way out says it
+                pass
+
+    def __enter__(self) -> TextStreamer:
+        return self
+
+    def __exit__(self, kind, *_) -> None:
+        if kind is not None:  # generation stopped short
+            self.end_line()
 
     def finish(self) -> None:
         text = self.tok.decode(self.ids)

@@ -479,7 +479,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     print(f"prompt: {len(ids)} tokens = {-(-len(ids) // T)} segments of {T}", file=sys.stderr)
     streamer = TextStreamer(tokenizer)
-    with memory_errors(advice):
+    with memory_errors(advice), streamer:  # Ctrl-C or an error: its line on stderr starts on a line of its own
         out = generate(
             model,
             tokenizer,

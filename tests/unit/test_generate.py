@@ -182,6 +182,46 @@ def test_text_streamer_holds_incomplete_characters():
     assert out.getvalue() == "hé!\n"
 
 
+def test_text_streamer_ends_the_line_of_text_cut_short_only():
+    class ByteTok:
+        def decode(self, ids):
+            return bytes(ids).decode("utf-8", errors="replace")
+
+    for text, shown in [("ab", "ab\n"), ("ab\n", "ab\n"), ("", "")]:
+        out = io.StringIO()
+        s = TextStreamer(ByteTok(), out)
+        for b in text.encode("utf-8"):
+            s(b)
+        s.end_line()
+        assert out.getvalue() == shown
+
+
+def test_generate_interrupted_says_so_on_a_line_of_its_own(tmp_path, capsys, monkeypatch):
+    # Was: Ctrl-C during `mnemo generate` printed "mnemo: interrupted" after the streamed text, on its line
+    # (`...sh ikpognmnemo: interrupted`): the text did not end with a newline.
+    import mnemo.evaluation.generate as gen
+    from mnemo.train.errors import exit_status
+
+    exp = _export_dir(tmp_path)
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("def fibonacci(n):\n    a, b = 0, 1\n")
+    sample, calls = gen.sample_next, []
+
+    def interrupted(*a, **kw):
+        calls.append(1)
+        if len(calls) > 6:
+            raise KeyboardInterrupt
+        return 65 + len(calls)  # printable text without a newline
+
+    monkeypatch.setattr(gen, "sample_next", interrupted)
+    argv = ["generate", str(exp), "--prompt-file", str(prompt), "--max-tokens", "50", "--temperature", "0"]
+    args = build_parser().parse_args(argv)
+    assert exit_status(lambda: args.func(args)) == 130
+    got = capsys.readouterr()
+    assert sample is not interrupted and got.err.endswith("mnemo: interrupted\n")
+    assert got.out.endswith("\n") and got.out.rstrip("\n") and not got.out[:-1].endswith("\n"), repr(got.out)
+
+
 def _export_dir(root: Path) -> Path:
     """A random-init debug model as an export dir that load_for_inference reads."""
     from safetensors.torch import save_file
