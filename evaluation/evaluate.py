@@ -29,19 +29,29 @@ from mnemo.evaluation.inference import (
 )
 from mnemo.evaluation.report import format_table, json_ready, passkey_result, plots
 from mnemo.evaluation.scoring import ABLATIONS, ablation_table, passkey_samples
-from mnemo.evaluation.stats import bootstrap_ratio_interval
+from mnemo.evaluation.stats import NO_INTERVAL, bootstrap_ratio_interval
 from mnemo.evaluation.task_eval import longest_document, score_tasks, store_warnings, task_samples
 
 # Resamples of the documents behind each bootstrap interval of a loss (fixed seed: the same result every run).
 N_BOOT = 1000
 
 
+def _ratio_interval(sums: Any, counts: Any) -> tuple[float, float]:
+    """bootstrap_ratio_interval of per-document loss sums over token counts; (nan, nan) when a sum is NaN or
+    infinite (a diverged model's loss: the loss itself is reported NaN/inf, no interval), where the interval
+    code, strict about its input, raised and ended a training run's final evaluation with a traceback."""
+    if not np.isfinite(np.asarray(sums, dtype=np.float64)).all():
+        return NO_INTERVAL
+    return bootstrap_ratio_interval(sums, counts, n_boot=N_BOOT)
+
+
 def loss_intervals(entry: dict[str, Any]) -> tuple[dict[str, float], dict[str, float]]:
     """({bucket: lo}, {bucket: hi}): 95 % bootstrap interval of each bucket's loss, resampling documents;
-    NaN bounds (no interval) for a bucket with fewer than ``stats.MIN_BOOTSTRAP_UNITS`` documents."""
+    NaN bounds (no interval) for a bucket with fewer than ``stats.MIN_BOOTSTRAP_UNITS`` documents or a loss
+    that is not finite."""
     lo, hi = {}, {}
     for k, sums in entry.get("doc_loss_sums", {}).items():
-        lo[k], hi[k] = bootstrap_ratio_interval(sums, entry["doc_token_counts"][k], n_boot=N_BOOT)
+        lo[k], hi[k] = _ratio_interval(sums, entry["doc_token_counts"][k])
     return lo, hi
 
 
@@ -74,7 +84,7 @@ def paired_difference(a: dict[str, Any], b: dict[str, Any]) -> dict[str, dict[st
         if other is None or other.shape != sums.shape or not np.array_equal(counts, b["doc_token_counts"][k]):
             continue  # not the same tokens in this bucket: no pairing
         diff = sums - other
-        lo, hi = bootstrap_ratio_interval(diff, counts, n_boot=N_BOOT)
+        lo, hi = _ratio_interval(diff, counts)
         out[k] = {"diff": float(diff.sum() / counts.sum()), "lo": lo, "hi": hi, "docs": int(np.count_nonzero(counts))}
     return out
 

@@ -46,8 +46,16 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generato
     """One token id from logits [V]: greedy when temperature is 0, else nucleus sampling (check_sampling's values).
 
     top_p keeps the smallest set of most likely tokens whose probability
-    reaches top_p (the most likely token is always kept).
+    reaches top_p (the most likely token is always kept). A logit of -inf is a
+    token never chosen; EvalError for a NaN or +inf logit, or all -inf: a
+    diverged model's output, which made torch.multinomial fail with a traceback
+    (and greedy decoding pick token 0 silently).
     """
+    if bool(logits.isnan().any() or logits.isposinf().any() or logits.isneginf().all()):
+        raise EvalError(
+            "the model's output holds NaN or infinity: its weights are not finite or too large "
+            "(a run that diverged; use an earlier checkpoint)"
+        )
     if temperature <= 0:
         return int(logits.argmax())
     # The max subtracted before the division: a subnormal temperature (1e-310) made logits / temperature

@@ -742,6 +742,17 @@ def load_weights(model: torch.nn.Module, sd: dict[str, torch.Tensor], source: st
     model.load_state_dict(sd, strict=True)
 
 
+def check_finite_weights(sd: dict[str, torch.Tensor], source: str) -> None:
+    """UserError naming the first tensor of ``sd`` that holds NaN or infinity: a run that diverged (an
+    update beyond the float range) can save such weights, which evaluation scored as NaN and generation
+    fed to torch.multinomial (a traceback). Huge finite weights pass: their NaN output is caught there."""
+    for name, t in sd.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise UserError(
+                f"{source}: the weights hold NaN or infinity ({name}): the run diverged; use an earlier checkpoint"
+            )
+
+
 def check_weights_fit(args, sd: dict[str, torch.Tensor], source: str) -> None:
     """UserError unless ``sd``'s names and shapes are exactly those of a model of ``args`` (the tied LM head
     may be left out): load_weights' check, before anything is built from or written with a model_args.json
@@ -791,6 +802,7 @@ def load_for_inference(path: str | Path, device: str = "cpu"):
     # Before the model is built: sizes someone wrote into model_args.json (vocab_size 10**15) are refused
     # unless the weights (as large as their file) hold them, instead of being allocated.
     check_weights_fit(args, sd, str(ckpt))
+    check_finite_weights(sd, str(ckpt))
     model = MemoryTransformer(args)
     load_weights(model, sd, str(ckpt))
     model.to(device).eval()

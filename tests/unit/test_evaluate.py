@@ -495,6 +495,24 @@ def test_a_bucket_of_one_document_has_no_interval(tmp_path):
     assert [Path(p).name for p in plots(res, tmp_path)] == ["loss_by_position.png"]
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_diverged_models_losses_are_reported_without_an_interval(bad):
+    """A model whose output is NaN (a run that diverged: train.lr=1e25 under train.nan_policy=skip) ended the
+    run's final evaluation and mnemo eval with bootstrap_ratio_interval's ValueError traceback, and no
+    summary.json: now its losses are NaN (null in JSON) with no interval, the finite model's as before."""
+    from mnemo.evaluation.report import json_ready
+
+    docs = [np.arange(n) % V for n in (33, 9, 9)]
+    res = evaluate(CountingModel(lambda c: bad), None, docs, _cfg(4), passkey=False, baseline=SegmentOnlyCounting())
+    for k in ("0", "4", "8", "16"):
+        assert not math.isfinite(res["loss_by_position"][k])
+        assert math.isnan(res["loss_by_position_lo"][k]) and math.isnan(res["loss_by_position_hi"][k])
+        d = res["memory_minus"]["baseline"][k]
+        assert math.isnan(d["lo"]) and math.isnan(d["hi"])
+    strict = json.loads(json.dumps(json_ready(res), allow_nan=False))
+    assert strict["loss"] is None and strict["loss_by_position_lo"]["0"] is None
+
+
 def test_token_accuracy_is_a_mean_over_documents_and_says_so():
     """token_acc averages each document's fraction of answer tokens right (a one-token answer right and a
     three-token one wrong: 0.5, pooled it would be 0.25); the table legend called it per-token accuracy."""

@@ -411,3 +411,20 @@ def test_prompt_file_that_is_not_a_file_or_is_empty_is_named_before_loading(tmp_
         with pytest.raises(UserError) as e:
             args.func(args)
         assert str(e.value).startswith(f"--prompt-file: {prompt}") and needle in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("bad", ["nan", "inf", "all -inf"])
+@pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 0.9), (0.0, 1.0)])
+def test_sample_next_refuses_a_diverged_models_logits(bad, temperature, top_p):
+    """Logits of a run that diverged (train.lr=1e25: weights near 1e25, the forward NaN) made torch.multinomial
+    raise "invalid multinomial distribution" (mnemo generate: a traceback, exit 1), and greedy decoding pick
+    token 0 silently: now an EvalError (one line, exit 2). -inf on some tokens stays a token never chosen."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.tensor([0.0, 3.0, 1.0, -1.0])
+    if bad == "all -inf":
+        logits = torch.full((4,), float("-inf"))
+    else:
+        logits[2] = float(bad)
+    with pytest.raises(EvalError, match="NaN or infinity"):
+        sample_next(logits, temperature, top_p, g)
+    assert sample_next(torch.tensor([0.0, 3.0, float("-inf")]), temperature, top_p, g) == 1

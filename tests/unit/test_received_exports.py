@@ -84,6 +84,19 @@ def test_loading_refuses_weights_that_do_not_fit_model_args(tmp_path, edit):
         ckpt.load_for_inference(src)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_loading_refuses_weights_that_are_not_finite(tmp_path, bad):
+    """Weights of a run that diverged were loaded: mnemo eval scored NaN, mnemo generate ended in torch's
+    "invalid multinomial distribution" traceback. Now one line naming the folder and the tensor."""
+    src = _received(tmp_path / "got")
+    sd = load_file(str(src / "model.safetensors"))
+    sd["blocks.2.mlp.up.weight"][3, 5] = bad
+    save_file(sd, str(src / "model.safetensors"))
+    with pytest.raises(UserError, match=r"the weights hold NaN or infinity \(blocks\.2\.mlp\.up\.weight\)") as e:
+        ckpt.load_for_inference(src)
+    assert str(src) in str(e.value)
+
+
 def test_a_folder_whose_weights_fit_exports(tmp_path):
     src = _received(tmp_path / "got")
     out = export_mod.export(src, tmp_path / "ex")
