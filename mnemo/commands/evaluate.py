@@ -127,6 +127,13 @@ def check_output(flag: str, out: str | None, folder: bool) -> None:
             raise UserError(f"{flag}: {path}: {existing} is not a directory")
         if not os.access(existing, os.W_OK):
             raise UserError(f"{flag}: {path}: {existing} is not writable (permission denied)")
+        # The names still to be made: the kernel says "no such file" for the first missing folder before it
+        # looks at a longer name after it, so a name too long deeper down failed only at the write, after the
+        # whole evaluation (an OSError traceback).
+        limit = os.pathconf(existing, "PC_NAME_MAX")
+        for name in path.parts[len(existing.parts) :]:
+            if len(os.fsencode(name)) > limit:
+                raise UserError(f"{flag}: {clip(str(path))}: a name in it is longer than {limit} bytes")
 
 
 def int_list(text: str) -> list[int]:

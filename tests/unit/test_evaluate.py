@@ -1507,3 +1507,18 @@ def test_ltm_capacity_is_refused_on_a_model_without_long_term_memory(tmp_path, m
     assert capsys.readouterr().err == (
         "mnemo: error: --ltm-capacity: the checkpoint has no long-term memory (memory.long.kind: none) to size\n"
     )
+
+
+@pytest.mark.parametrize("flag, folder", [("--json", False), ("--plots", True)])
+def test_an_output_name_too_long_below_a_missing_folder_is_refused_before_the_evaluation(tmp_path, flag, folder):
+    """--json md/np/<256 bytes>/x.json passed the check (the kernel says "no such file" for md first) and was an
+    OSError traceback from the write, after the whole evaluation."""
+    from mnemo.commands.evaluate import check_output
+
+    long = "x" * 256
+    with pytest.raises(UserError, match=rf"^{flag}: .*: a name in it is longer than 255 bytes$"):
+        check_output(flag, str(tmp_path / "md" / "np" / long / "x.json"), folder=folder)
+    with pytest.raises(UserError, match=r"(?i)name too long|longer than 255 bytes"):  # stat says so here
+        check_output(flag, str(tmp_path / ("y" * 300)), folder=folder)
+    check_output(flag, str(tmp_path / "md" / "np" / ("x" * 255) / "x.json"), folder=folder)
+    assert list(tmp_path.iterdir()) == []
