@@ -15,7 +15,8 @@ receives into signals to the training workers:
                          first step, and the job is requeued)
     SIGHUP, SIGINT,   -> SIGTERM to each worker (save and stop); a second
     EOF on stdin         SIGINT kills the whole process tree
-    (hostfile target)
+    (hostfile target)    before any worker started: SIGINT to torchrun, exit
+                         130 for SIGINT (128 + N else)
     SIGKILL, a crash  -> torchrun gets SIGINT from the kernel (or from the
                          launcher's last act) and stops its workers: no
                          process of the job outlives its launcher
@@ -250,6 +251,9 @@ class NodeRunner:
         self.proc: subprocess.Popen | None = None
         self._pending: list[str] = []  # notes from signal handlers, written by the main loop
         self._interrupts = 0
+        # The signal on which this launcher stopped torchrun itself (not its workers, which save and exit 0):
+        # torchrun's exit is then the interrupt's, and its own lines from then on go to the node log only.
+        self._stopped_by: signal.Signals | None = None
         self._log_lost = False  # the node log could not be written (a full disk): console only from then
         self._user_error = False  # a rank printed "mnemo: error: ..." (see the module's docstring)
         # A preemption notice that came before torchrun started its workers, and when they first showed up.
@@ -270,7 +274,8 @@ class NodeRunner:
 
     # -- signals ---------------------------------------------------------- #
 
-    def _forward(self, sig: signal.Signals, why: str) -> None:
+    def _forward(self, sig: signal.Signals, why: str, cause: signal.Signals | None = None) -> None:
+        """Pass ``sig`` on to the workers; ``cause``: the signal the launcher got (``sig`` when not given)."""
         assert self.proc is not None
         pids = _worker_pids(self.proc.pid)
         for pid in pids:
@@ -285,11 +290,18 @@ class NodeRunner:
             self._pending.append(f"{why}: no worker started yet; passing {sig.name} on when they start")
             return
         if not pids:
-            # Between restarts or during rendezvous: nothing to save, stop torchrun.
+            # torchrun starting, between restarts or in its rendezvous: nothing to save, stop torchrun. Its
+            # exit is then the interrupt's (run): torchrun stopped while it still imports torch prints a
+            # KeyboardInterrupt traceback and exits 1. In case it started its workers all the same (the
+            # signal came as it did, or its imports swallowed it), they get ``sig`` as soon as they catch it.
+            self._stopped_by = cause or sig
+            self._held = sig
             try:
                 os.kill(self.proc.pid, signal.SIGINT)
             except ProcessLookupError:
                 pass
+            self._pending.append(f"{why}: no worker started yet; stopping torchrun")
+            return
         self._pending.append(f"{why}: sent {sig.name} to {len(pids)} worker(s)")
 
     def _pass_on_held(self) -> None:
@@ -321,7 +333,7 @@ class NodeRunner:
                 _kill_tree(self.proc.pid)
                 return
         fwd = sig if sig in (signal.SIGTERM, signal.SIGUSR1) else signal.SIGTERM
-        self._forward(fwd, f"got {sig.name}")
+        self._forward(fwd, f"got {sig.name}", sig)
 
     # -- output ----------------------------------------------------------- #
 
@@ -376,7 +388,7 @@ class NodeRunner:
             self._note(log, "another node left the job; its exit barrier failed (torchrun's report is in the node log)")
         # Once every worker exited 0, torchrun's own lines (its exit barrier's socket warnings and traceback when
         # another node is gone) say nothing about the outcome: the node log only.
-        quiet = self._user_error or self._done_since is not None
+        quiet = self._user_error or self._done_since is not None or self._stopped_by is not None
         self._emit(log, line, console=not quiet or rank)
 
     def _read_rendezvous_line(self, line: str) -> None:
@@ -484,6 +496,14 @@ class NodeRunner:
                 for s, h in old.items():
                     signal.signal(s, h)
             self._flush_notes(log)
+            if self._stopped_by is not None:
+                # Stopped by this launcher on a signal (before any worker started): what torchrun then says and
+                # returns (a traceback from its imports, exit 1 or 130) is the interrupt's doing, not a failure
+                # of its own. The node log has it.
+                self._emit(log, f"[launch node{plan.node_rank}] torchrun exited with code {rc}", console=False)
+                if self._stopped_by == signal.SIGINT:
+                    raise KeyboardInterrupt  # the CLI's "mnemo: interrupted", exit 130
+                return 128 + self._stopped_by
             failure = self.rendezvous_failure() if rc != 0 else None
             if failure is None:
                 self._release_held()
@@ -614,5 +634,7 @@ class NodeRunner:
 
 
 def run_node(plan: NodePlan, stop_on_stdin_eof: bool = False) -> int:
-    """Start this node's torchrun and supervise it; returns its exit code."""
+    """Start this node's torchrun and supervise it; returns its exit code. KeyboardInterrupt when a SIGINT had
+    the launcher stop torchrun itself (before any worker started): the CLI's ``mnemo:
+    interrupted``, exit 130."""
     return NodeRunner(plan, stop_on_stdin_eof).run()

@@ -49,11 +49,13 @@ import sys
 from pathlib import Path
 from mnemo.launch.torchrun import NodePlan
 from mnemo.launch.local import run_node
+from mnemo.train.errors import exit_status
 nnodes, node_rank, port, restarts, nproc = (int(a) for a in sys.argv[1:6])
 plan = NodePlan(config="c.yaml", overrides=[], run_dir=Path(sys.argv[6]), nproc_per_node=nproc, nnodes=nnodes,
                 node_rank=node_rank, master_addr="127.0.0.1", master_port=port, rdzv_id="fake",
                 max_restarts=restarts, worker_module="fakeworker")
-sys.exit(run_node(plan, stop_on_stdin_eof="--stdin" in sys.argv))
+# As `mnemo launch` runs it (the CLI's exit_status: a Ctrl-C that stopped the job is "mnemo: interrupted", 130).
+sys.exit(exit_status(lambda: run_node(plan, stop_on_stdin_eof="--stdin" in sys.argv)))
 """
 
 

@@ -1,0 +1,71 @@
+"""Ctrl-C to the node launcher (launch/local.py) at the moments a terminal's user hits: stand-ins for torchrun.
+
+The launcher gets the signals itself (os.kill of this process, as a terminal signals its foreground group);
+torchrun is a stand-in started by the launcher's own _spawn, in a session of its own as the real one is.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import sys
+import threading
+import time
+
+import pytest
+
+from mnemo.launch import local
+from mnemo.launch.local import NodeRunner
+from mnemo.launch.torchrun import NodePlan
+
+# torchrun still importing torch when its SIGINT comes: its traceback, "Fatal Python error" and exit 1.
+IMPORTING = """
+import signal, sys, time
+def stop(s, f):
+    print("Traceback (most recent call last):", flush=True)
+    print("KeyboardInterrupt", flush=True)
+    print("Fatal Python error: init_import_site: Failed to import the site module", flush=True)
+    sys.exit(1)
+signal.signal(signal.SIGINT, stop)
+open(sys.argv[1], "w").close()
+time.sleep(20)
+"""
+
+
+def _runner(tmp_path, monkeypatch, script: str, flag) -> tuple[NodeRunner, io.StringIO]:
+    monkeypatch.setattr(local, "torchrun_command", lambda plan, log_dir: [sys.executable, "-c", script, str(flag)])
+    plan = NodePlan(config=str(tmp_path / "c.yaml"), overrides=[], run_dir=tmp_path / "run", nproc_per_node=1)
+    console = io.StringIO()
+    return NodeRunner(plan, console=console), console
+
+
+def _signal_self_when(flag, *delays: float) -> threading.Thread:
+    """SIGINT to this process once ``flag`` exists, then once more after each of ``delays``."""
+
+    def send():
+        deadline = time.monotonic() + 20
+        while not flag.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        os.kill(os.getpid(), signal.SIGINT)
+        for d in delays:
+            time.sleep(d)
+            os.kill(os.getpid(), signal.SIGINT)
+
+    t = threading.Thread(target=send, daemon=True)
+    t.start()
+    return t
+
+
+def test_a_ctrl_c_while_torchrun_imports_is_one_line_and_an_interrupt(tmp_path, monkeypatch):
+    # Was: torchrun's KeyboardInterrupt traceback (10-23 lines), "Fatal Python error: init_import_site" and
+    # "torchrun exited with code 1" on the console, exit 1.
+    flag = tmp_path / "importing"
+    runner, console = _runner(tmp_path, monkeypatch, IMPORTING, flag)
+    _signal_self_when(flag)
+    with pytest.raises(KeyboardInterrupt):
+        runner.run()
+    shown = console.getvalue().splitlines()
+    assert shown[1:] == ["[launch node0] got SIGINT: no worker started yet; stopping torchrun"], shown
+    log = runner.plan.log_path.read_text()
+    assert "Fatal Python error" in log and "[launch node0] torchrun exited with code 1" in log  # kept there
