@@ -14,9 +14,9 @@ receives into signals to the training workers:
                          on to them when they start (they stop before their
                          first step, and the job is requeued)
     SIGHUP, SIGINT,   -> SIGTERM to each worker (save and stop); a second
-    EOF on stdin         SIGINT kills the whole process tree
-    (hostfile target)    before any worker started: SIGINT to torchrun, exit
-                         130 for SIGINT (128 + N else)
+    EOF on stdin         SIGINT kills the whole process tree (then "mnemo:
+    (hostfile target)    interrupted", exit 130); before any worker started:
+                         SIGINT to torchrun, exit 130 for SIGINT (128 + N else)
     SIGKILL, a crash  -> torchrun gets SIGINT from the kernel (or from the
                          launcher's last act) and stops its workers: no
                          process of the job outlives its launcher
@@ -330,6 +330,7 @@ class NodeRunner:
             self._interrupts += 1
             if self._interrupts > 1 and self.proc is not None:
                 self._pending.append("second SIGINT: killing torchrun and its workers")
+                self._stopped_by = signal.SIGINT
                 _kill_tree(self.proc.pid)
                 return
         fwd = sig if sig in (signal.SIGTERM, signal.SIGUSR1) else signal.SIGTERM
@@ -497,9 +498,9 @@ class NodeRunner:
                     signal.signal(s, h)
             self._flush_notes(log)
             if self._stopped_by is not None:
-                # Stopped by this launcher on a signal (before any worker started): what torchrun then says and
-                # returns (a traceback from its imports, exit 1 or 130) is the interrupt's doing, not a failure
-                # of its own. The node log has it.
+                # Stopped by this launcher on a signal (before any worker started, or a second SIGINT): what
+                # torchrun then says and returns (a traceback from its imports, exit 1 or 130, or 137 after
+                # SIGKILL) is the interrupt's doing, not a failure of its own. The node log has it.
                 self._emit(log, f"[launch node{plan.node_rank}] torchrun exited with code {rc}", console=False)
                 if self._stopped_by == signal.SIGINT:
                     raise KeyboardInterrupt  # the CLI's "mnemo: interrupted", exit 130
@@ -635,6 +636,6 @@ class NodeRunner:
 
 def run_node(plan: NodePlan, stop_on_stdin_eof: bool = False) -> int:
     """Start this node's torchrun and supervise it; returns its exit code. KeyboardInterrupt when a SIGINT had
-    the launcher stop torchrun itself (before any worker started): the CLI's ``mnemo:
+    the launcher stop torchrun itself (before any worker started, or a second SIGINT): the CLI's ``mnemo:
     interrupted``, exit 130."""
     return NodeRunner(plan, stop_on_stdin_eof).run()

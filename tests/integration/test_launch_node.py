@@ -154,6 +154,7 @@ def test_two_quick_sigints_stop_everything_without_a_traceback(fake):
     out, _ = p.communicate(timeout=60)
     assert "Traceback" not in out, out
     assert "got SIGINT: sent SIGTERM to 2 worker(s)" in out
+    assert p.returncode == 130 and out.endswith("mnemo: interrupted\n"), out  # was 137, no such line
     gone, alive = psutil.wait_procs(workers, timeout=30)
     assert not alive, f"left running: {alive}"
 

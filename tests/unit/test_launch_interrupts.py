@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 
+import psutil
 import pytest
 
 from mnemo.launch import local
@@ -30,6 +31,16 @@ def stop(s, f):
 signal.signal(signal.SIGINT, stop)
 open(sys.argv[1], "w").close()
 time.sleep(20)
+"""
+
+
+# torchrun with one worker that goes on (SIGTERM ignored, as torchrun's own disposition leaves it before the
+# trainer's handler), waiting for it; SIGINT, which torchrun handles, does not stop it either.
+WITH_A_WORKER = """
+import signal, subprocess, sys
+signal.signal(signal.SIGINT, lambda s, f: None)
+sys.exit(subprocess.call([sys.executable, "-c", "import sys, time; open(sys.argv[1], 'w').close(); time.sleep(20)",
+                          sys.argv[1]]))
 """
 
 
@@ -69,3 +80,21 @@ def test_a_ctrl_c_while_torchrun_imports_is_one_line_and_an_interrupt(tmp_path, 
     assert shown[1:] == ["[launch node0] got SIGINT: no worker started yet; stopping torchrun"], shown
     log = runner.plan.log_path.read_text()
     assert "Fatal Python error" in log and "[launch node0] torchrun exited with code 1" in log  # kept there
+
+
+def test_a_second_ctrl_c_kills_the_job_and_is_an_interrupt(tmp_path, monkeypatch):
+    # Was: "torchrun exited with code 137" and exit 137, where Ctrl-C is "mnemo: interrupted" and 130.
+    flag = tmp_path / "worker"
+    runner, console = _runner(tmp_path, monkeypatch, WITH_A_WORKER, flag)
+    _signal_self_when(flag, 0.5)
+    start = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        runner.run()
+    assert time.monotonic() - start < 10
+    shown = console.getvalue().splitlines()
+    assert shown[1:] == [
+        "[launch node0] got SIGINT: sent SIGTERM to 1 worker(s)",
+        "[launch node0] second SIGINT: killing torchrun and its workers",
+    ], shown
+    assert "torchrun exited with code 137" in runner.plan.log_path.read_text()
+    assert not psutil.pid_exists(runner.proc.pid) or psutil.Process(runner.proc.pid).status() == "zombie"
