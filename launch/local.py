@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import os
 import re
 import selectors
@@ -157,6 +158,21 @@ def _kill_tree(pid: int) -> None:
             pass
 
 
+def _torchrun_child(launcher: int) -> None:
+    """Between fork and exec of torchrun (Popen's preexec_fn): its signal dispositions and its end with the launcher.
+
+    Ignored dispositions survive exec, handlers do not: torchrun (which does not register these) starts with
+    _IGNORED_IN_TORCHRUN ignored. Set here, in the child: set in the launcher around the fork (as they were), a
+    SIGTERM, SIGUSR1 or SIGHUP to the launcher in that instant was lost. The launcher killed (SIGKILL, the OOM
+    killer): torchrun, in a session of its own, would go on with nobody reading it (and holding run.lock).
+    SIGINT, which torchrun handles (it ignores SIGTERM), has it pass SIGINT to its workers, which save and stop
+    as on a Ctrl-C (within torchrun's 30 s before its SIGKILL). The request survives the exec of torchrun.
+    """
+    for s in _IGNORED_IN_TORCHRUN:
+        signal.signal(s, signal.SIG_IGN)
+    die_with_parent(launcher, signal.SIGINT)
+
+
 def open_node_log(plan: NodePlan) -> IO[str]:
     """``<run.dir>/logs/node{i}.log`` opened to append; UserError naming it if it is a link or not a file.
 
@@ -251,6 +267,7 @@ class NodeRunner:
         self.proc: subprocess.Popen | None = None
         self._pending: list[str] = []  # notes from signal handlers, written by the main loop
         self._interrupts = 0
+        self._early: list[signal.Signals] = []  # signals that came before torchrun was started
         # The signal on which this launcher stopped torchrun itself (not its workers, which save and exit 0):
         # torchrun's exit is then the interrupt's, and its own lines from then on go to the node log only.
         self._stopped_by: signal.Signals | None = None
@@ -326,9 +343,12 @@ class NodeRunner:
 
     def _on_signal(self, signum: int, frame) -> None:
         sig = signal.Signals(signum)
+        if self.proc is None:
+            self._early.append(sig)  # torchrun not started yet: see _start_and_pump
+            return
         if sig == signal.SIGINT:
             self._interrupts += 1
-            if self._interrupts > 1 and self.proc is not None:
+            if self._interrupts > 1:
                 self._pending.append("second SIGINT: killing torchrun and its workers")
                 self._stopped_by = signal.SIGINT
                 _kill_tree(self.proc.pid)
@@ -438,27 +458,15 @@ class NodeRunner:
         env.update(node_env(self.plan, os.environ))
         if self._exits_dir:
             env[WORKER_EXITS_ENV] = self._exits_dir
-        # Ignored dispositions survive exec, handlers do not: torchrun (which
-        # does not register these) starts with them ignored.
-        old = {s: signal.signal(s, signal.SIG_IGN) for s in _IGNORED_IN_TORCHRUN}
-        me = os.getpid()
-        try:
-            return subprocess.Popen(
-                torchrun_command(self.plan, log_dir),
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # a terminal's Ctrl-C reaches the launcher only
-                # This launcher killed (SIGKILL, the OOM killer): torchrun, in a session of its own, would go on
-                # with nobody reading it (and holding run.lock). SIGINT, which torchrun handles (it ignores
-                # SIGTERM), has it pass SIGINT to its workers, which save and stop as on a Ctrl-C (within
-                # torchrun's 30 s before its SIGKILL). The request survives the exec of torchrun.
-                preexec_fn=lambda: die_with_parent(me, signal.SIGINT),
-            )
-        finally:
-            for s, h in old.items():
-                signal.signal(s, h)
+        return subprocess.Popen(
+            torchrun_command(self.plan, log_dir),
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # a terminal's Ctrl-C reaches the launcher only
+            preexec_fn=functools.partial(_torchrun_child, os.getpid()),
+        )
 
     def run(self) -> int:
         plan = self.plan
@@ -483,15 +491,20 @@ class NodeRunner:
             self._tee_dir = torchrun_logs
             self._exits_dir = os.path.join(torchrun_logs, "exits")  # the workers' exit codes (report_exit)
             os.mkdir(self._exits_dir)
-            self.proc = self._spawn(torchrun_logs)
-            handled = (signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP, signal.SIGINT)
-            old = {s: signal.signal(s, self._on_signal) for s in handled}
+            # The handlers come before torchrun: a signal at any moment from here on is seen, and acted upon
+            # once torchrun exists. Installed after the fork (as they were), a Ctrl-C in it raised Python's
+            # KeyboardInterrupt inside logging's at-fork callback, where Python ignores it: the job trained
+            # to its end and exited 0. SIGINT first: after it, no KeyboardInterrupt can cut this short.
+            old: dict[signal.Signals, object] = {}
             try:
-                rc = self._pump(log)
+                for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP):
+                    old[s] = signal.signal(s, self._on_signal)
+                rc = self._start_and_pump(log, torchrun_logs)
             except BaseException:
                 # torchrun runs in its own session: whatever stops this launcher must stop it too, or the
                 # ranks go on training (and writing checkpoints) with nobody reading their output.
-                _kill_tree(self.proc.pid)
+                if self.proc is not None:
+                    _kill_tree(self.proc.pid)
                 raise
             finally:
                 for s, h in old.items():
@@ -501,7 +514,8 @@ class NodeRunner:
                 # Stopped by this launcher on a signal (before any worker started, or a second SIGINT): what
                 # torchrun then says and returns (a traceback from its imports, exit 1 or 130, or 137 after
                 # SIGKILL) is the interrupt's doing, not a failure of its own. The node log has it.
-                self._emit(log, f"[launch node{plan.node_rank}] torchrun exited with code {rc}", console=False)
+                if self.proc is not None:
+                    self._emit(log, f"[launch node{plan.node_rank}] torchrun exited with code {rc}", console=False)
                 if self._stopped_by == signal.SIGINT:
                     raise KeyboardInterrupt  # the CLI's "mnemo: interrupted", exit 130
                 return 128 + self._stopped_by
@@ -532,6 +546,27 @@ class NodeRunner:
                 self._note(log, f"a rank stopped on the error above; torchrun's report of it {where}")
                 return 2
         return rc
+
+    def _start_and_pump(self, log: IO[str], torchrun_logs: str) -> int:
+        """Start torchrun unless a signal already asked to stop, pass on the signals that came meanwhile, and
+        pump its output to its end; its exit code (0 when not started: run ends as interrupted then)."""
+        if self._stop_before_start():
+            return 0
+        self.proc = self._spawn(torchrun_logs)
+        early, self._early = self._early, []
+        for sig in early:  # came while torchrun was being started: acted upon now that it exists
+            self._on_signal(sig, None)
+        return self._pump(log)
+
+    def _stop_before_start(self) -> bool:
+        """Whether a signal that stops the job (any but SIGUSR1, held for the workers) came before torchrun
+        was started: it is not started then (and the job ends as interrupted: run)."""
+        stop = next((s for s in self._early if s != signal.SIGUSR1), None)
+        if stop is None:
+            return False
+        self._stopped_by = stop
+        self._pending.append(f"got {stop.name} before torchrun started: not starting it")
+        return True
 
     def _flush_notes(self, log: IO[str]) -> None:
         while self._pending:

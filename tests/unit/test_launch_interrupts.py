@@ -20,6 +20,13 @@ from mnemo.launch import local
 from mnemo.launch.local import NodeRunner
 from mnemo.launch.torchrun import NodePlan
 
+# torchrun that trains to its end unless stopped: leaves a file when it got there.
+TRAINS_TO_THE_END = """
+import sys, time
+time.sleep(3)
+open(sys.argv[1], "w").close()
+print("[rank0]: trained to the end", flush=True)
+"""
 # torchrun still importing torch when its SIGINT comes: its traceback, "Fatal Python error" and exit 1.
 IMPORTING = """
 import signal, sys, time
@@ -32,8 +39,6 @@ signal.signal(signal.SIGINT, stop)
 open(sys.argv[1], "w").close()
 time.sleep(20)
 """
-
-
 # torchrun with one worker that goes on (SIGTERM ignored, as torchrun's own disposition leaves it before the
 # trainer's handler), waiting for it; SIGINT, which torchrun handles, does not stop it either.
 WITH_A_WORKER = """
@@ -66,6 +71,54 @@ def _signal_self_when(flag, *delays: float) -> threading.Thread:
     t = threading.Thread(target=send, daemon=True)
     t.start()
     return t
+
+
+_ARMED: list[bool] = []
+
+
+def _interrupt_at_fork() -> None:
+    # Where the tester's Ctrl-C landed: in the launcher's fork of torchrun (Popen with a preexec_fn runs the
+    # at-fork callbacks, logging's among them), where a KeyboardInterrupt is printed and ignored by Python.
+    if _ARMED:
+        _ARMED.clear()
+        os.kill(os.getpid(), signal.SIGINT)
+
+
+os.register_at_fork(after_in_parent=_interrupt_at_fork)
+
+
+def test_a_ctrl_c_as_torchrun_is_forked_stops_the_job(tmp_path, monkeypatch):
+    # Was: "Exception ignored in: <function _releaseLock ...> KeyboardInterrupt", the signal handlers were
+    # installed after the fork, and the job trained to its end and exited 0.
+    flag = tmp_path / "trained"
+    runner, console = _runner(tmp_path, monkeypatch, TRAINS_TO_THE_END, flag)
+    _ARMED.append(True)
+    try:
+        with pytest.raises(KeyboardInterrupt):  # the CLI's "mnemo: interrupted", exit 130
+            runner.run()
+    finally:
+        _ARMED.clear()
+    assert not flag.exists()
+    assert "[launch node0] got SIGINT: no worker started yet; stopping torchrun" in console.getvalue()
+    assert runner.proc is not None and runner.proc.returncode is not None
+
+
+def test_a_signal_before_torchrun_is_started_does_not_start_it(tmp_path, monkeypatch):
+    runner, console = _runner(tmp_path, monkeypatch, TRAINS_TO_THE_END, tmp_path / "trained")
+
+    def spawn(log_dir):
+        raise AssertionError("torchrun started after a SIGTERM")
+
+    real = runner._stop_before_start
+
+    def stop_before_start():
+        runner._on_signal(signal.SIGTERM, None)  # as if it came just before
+        return real()
+
+    monkeypatch.setattr(runner, "_spawn", spawn)
+    monkeypatch.setattr(runner, "_stop_before_start", stop_before_start)
+    assert runner.run() == 128 + signal.SIGTERM
+    assert "got SIGTERM before torchrun started: not starting it" in console.getvalue()
 
 
 def test_a_ctrl_c_while_torchrun_imports_is_one_line_and_an_interrupt(tmp_path, monkeypatch):
