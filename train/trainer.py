@@ -580,75 +580,85 @@ class Trainer:
 
     def fit(self) -> dict[str, Any]:
         """Train to the last step (train.max_steps or train.max_tokens), a stop request, the time limit or a NaN;
-        returns the summary."""
-        cfg, info, c = self.cfg, self.info, self.counters
-        started = time.time()
-        last_saved = c.step if self.resume_path is not None else -1
-        exit_reason = "completed"
-        eval_result: dict[str, Any] = {}
+        returns the summary.
+
+        An exception out of the steps (a truncated shard, a second Ctrl-C's KeyboardInterrupt) shuts down with
+        "failed": MLflow's FAILED, what the tracker's own __exit__ and atexit record (it was FINISHED).
+        """
+        exit_reason, eval_result = "failed", {}  # unless the steps return
         try:
-            # A notice that came during start-up (train/preemption.py) on any rank: stop before the first step.
-            # Every step done is in the checkpoint resumed from, if any: nothing to save.
-            stop, _ = stop_requests(self.preempt, cfg, started, self.device)
-            if stop:
-                exit_reason = "preempted"
-                if info.rank == 0:
-                    log.info("a preemption signal came during start-up: stopping at step %d, before training", c.step)
-                self._mark_preempted()
-            while not stop and c.step < self.max_steps:
-                if self._data_used_up():
-                    exit_reason = "data_used_up"
-                    if info.rank == 0:
-                        log.info(
-                            "step %d: every source of data.sources with a weight > 0 reached its max_epochs "
-                            "on some rank; the run ends here (docs/streams.md)",
-                            c.step,
-                        )
-                    break
-                with memory_errors(MEMORY_ADVICE, UserError, f" at step {c.step + 1}"):
-                    ok = self.train_step(c.step)
-                c.step += 1
-                if self.spikes is not None and self.spikes.roll_back_if_due(self.engine, self.ckpt.states):
-                    continue  # c.step is the checkpoint's again; nothing of this step was saved (train/spikes.py)
-                if not ok:
-                    exit_reason = "nan"
-                    break
-                # All ranks agree on stopping: a signal or the time limit on any rank stops everyone.
-                stop, time_up = stop_requests(self.preempt, cfg, started, self.device)
-                actions = after_step(cfg, c.step, stop, time_up, self.max_steps)
-                if "eval" in actions:
-                    eval_result = self.evaluate()
-                    # A signal that came during the evaluation: save now, not after one more step.
-                    stop, time_up = stop_requests(self.preempt, cfg, started, self.device)
-                    if stop:
-                        actions = after_step(cfg, c.step, stop, time_up, self.max_steps)
-                if "save" in actions:
-                    self.save("preempted" if stop else "interval")
-                    last_saved = c.step
-                if stop:
-                    exit_reason = "preempted"
-                    self._mark_preempted()
-                    break
-                if time_up:
-                    exit_reason = "time_limit"
-                    break
-            if exit_reason in ("completed", "time_limit", "data_used_up") and last_saved != c.step:
-                self.preempt.finishing("the final checkpoint and evaluation")
-                self.save(exit_reason)
-            if exit_reason in ("completed", "time_limit", "data_used_up"):
-                if info.rank == 0 and wrote_run_file(self.run_dir / PREEMPTED):
-                    (self.run_dir / PREEMPTED).unlink()
-                self.preempt.finishing("the final evaluation")
-                eval_result = self.evaluate()
+            exit_reason, eval_result = self._steps()
         finally:
             self.preempt.release()
             self._shut_down(exit_reason)
         if exit_reason == "nan":
             raise UserError(
-                f"{self.loop.nonfinite or 'loss'} became NaN/inf at step {c.step} (train.nan_policy=stop); "
-                f"nothing of that step was saved, last checkpoint in {self.ckpt.root}"
+                f"{self.loop.nonfinite or 'loss'} became NaN/inf at step {self.counters.step} "
+                f"(train.nan_policy=stop); nothing of that step was saved, last checkpoint in {self.ckpt.root}"
             )
         return self._summary(exit_reason, eval_result)
+
+    def _steps(self) -> tuple[str, dict[str, Any]]:
+        """The steps, the final checkpoint and evaluation: (why they ended, the last evaluation's result)."""
+        cfg, info, c = self.cfg, self.info, self.counters
+        started = time.time()
+        last_saved = c.step if self.resume_path is not None else -1
+        exit_reason = "completed"
+        eval_result: dict[str, Any] = {}
+        # A notice that came during start-up (train/preemption.py) on any rank: stop before the first step.
+        # Every step done is in the checkpoint resumed from, if any: nothing to save.
+        stop, _ = stop_requests(self.preempt, cfg, started, self.device)
+        if stop:
+            exit_reason = "preempted"
+            if info.rank == 0:
+                log.info("a preemption signal came during start-up: stopping at step %d, before training", c.step)
+            self._mark_preempted()
+        while not stop and c.step < self.max_steps:
+            if self._data_used_up():
+                exit_reason = "data_used_up"
+                if info.rank == 0:
+                    log.info(
+                        "step %d: every source of data.sources with a weight > 0 reached its max_epochs "
+                        "on some rank; the run ends here (docs/streams.md)",
+                        c.step,
+                    )
+                break
+            with memory_errors(MEMORY_ADVICE, UserError, f" at step {c.step + 1}"):
+                ok = self.train_step(c.step)
+            c.step += 1
+            if self.spikes is not None and self.spikes.roll_back_if_due(self.engine, self.ckpt.states):
+                continue  # c.step is the checkpoint's again; nothing of this step was saved (train/spikes.py)
+            if not ok:
+                exit_reason = "nan"
+                break
+            # All ranks agree on stopping: a signal or the time limit on any rank stops everyone.
+            stop, time_up = stop_requests(self.preempt, cfg, started, self.device)
+            actions = after_step(cfg, c.step, stop, time_up, self.max_steps)
+            if "eval" in actions:
+                eval_result = self.evaluate()
+                # A signal that came during the evaluation: save now, not after one more step.
+                stop, time_up = stop_requests(self.preempt, cfg, started, self.device)
+                if stop:
+                    actions = after_step(cfg, c.step, stop, time_up, self.max_steps)
+            if "save" in actions:
+                self.save("preempted" if stop else "interval")
+                last_saved = c.step
+            if stop:
+                exit_reason = "preempted"
+                self._mark_preempted()
+                break
+            if time_up:
+                exit_reason = "time_limit"
+                break
+        if exit_reason in ("completed", "time_limit", "data_used_up") and last_saved != c.step:
+            self.preempt.finishing("the final checkpoint and evaluation")
+            self.save(exit_reason)
+        if exit_reason in ("completed", "time_limit", "data_used_up"):
+            if info.rank == 0 and wrote_run_file(self.run_dir / PREEMPTED):
+                (self.run_dir / PREEMPTED).unlink()
+            self.preempt.finishing("the final evaluation")
+            eval_result = self.evaluate()
+        return exit_reason, eval_result
 
     def _mark_preempted(self) -> None:
         """<run.dir>/PREEMPTED (rank 0): the sbatch script requeues the job when it finds it (launch/slurm.py)."""
@@ -669,7 +679,7 @@ class Trainer:
             logs = self.run_dir / "logs"
             for f in sorted(logs.glob("node*.log")) if logs.is_dir() else []:
                 self.tracker.log_artifact(str(f), "logs")
-        status = {"nan": "FAILED", "preempted": "KILLED"}.get(exit_reason, "FINISHED")
+        status = {"nan": "FAILED", "failed": "FAILED", "preempted": "KILLED"}.get(exit_reason, "FINISHED")
         self.tracker.close(status)
 
     def _summary(self, exit_reason: str, eval_result: dict[str, Any]) -> dict[str, Any]:

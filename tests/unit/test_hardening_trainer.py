@@ -299,6 +299,35 @@ def test_ctrl_c_during_the_final_evaluation_says_what_happens(
     assert "saving at the end of this step" not in err
 
 
+@pytest.mark.parametrize("fault", ["error", "ctrl_c_twice"])
+def test_a_run_that_dies_on_an_exception_is_closed_failed(world1, data, tmp_path, monkeypatch, fault, terminal_signals):
+    """A step that raised (a truncated shard) or a second Ctrl-C during a step: the trainer closed the run
+    FINISHED in MLflow, as if it had completed (docs/tracking.md promises FAILED for an exception)."""
+    from mnemo.train import trainer
+    from mnemo.train.tracking import Tracker
+
+    step_once = trainer.Trainer.train_step
+
+    def fails_at_step_2(self, step):
+        ok = step_once(self, step)
+        if step + 1 == 2:
+            if fault == "error":
+                raise ValueError("shard.00000.mds.zstd: Src size is incorrect")
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+        return ok
+
+    monkeypatch.setattr(trainer.Trainer, "train_step", fails_at_step_2)
+    closed: list[str] = []
+    close = Tracker.close
+    monkeypatch.setattr(Tracker, "close", lambda self, status="FINISHED": closed.append(status) or close(self, status))
+    run_dir = tmp_path / "run"
+    with pytest.raises(ValueError if fault == "error" else KeyboardInterrupt):
+        trainer.train(config(data, run_dir, "train.max_steps=4", "checkpoint.interval=0"))
+    assert closed == ["FAILED"]
+    assert not (run_dir / "summary.json").exists()
+
+
 def test_nohup_keeps_sighup_ignored(terminal_signals):
     """`nohup mnemo train ... &` sets SIGHUP (and a script's `&` SIGINT) to ignored: the step loop's handler
     took them over, and the run stopped at logout."""
