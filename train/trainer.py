@@ -583,20 +583,25 @@ class Trainer:
         returns the summary.
 
         An exception out of the steps (a truncated shard, a second Ctrl-C's KeyboardInterrupt) shuts down with
-        "failed": MLflow's FAILED, what the tracker's own __exit__ and atexit record (it was FINISHED).
+        "failed": MLflow's FAILED, what the tracker's own __exit__ and atexit record (it was FINISHED). The step
+        loop's signal handling (schedule.Preemption) stays until summary.json is written: released before the
+        shutdown, a first Ctrl-C while the tracker closed (after the final evaluation's log line) ended a
+        finished run with "mnemo: interrupted" and no summary.
         """
         exit_reason, eval_result = "failed", {}  # unless the steps return
         try:
-            exit_reason, eval_result = self._steps()
+            try:
+                exit_reason, eval_result = self._steps()
+            finally:
+                self._shut_down(exit_reason)
+            if exit_reason == "nan":
+                raise UserError(
+                    f"{self.loop.nonfinite or 'loss'} became NaN/inf at step {self.counters.step} "
+                    f"(train.nan_policy=stop); nothing of that step was saved, last checkpoint in {self.ckpt.root}"
+                )
+            return self._summary(exit_reason, eval_result)
         finally:
             self.preempt.release()
-            self._shut_down(exit_reason)
-        if exit_reason == "nan":
-            raise UserError(
-                f"{self.loop.nonfinite or 'loss'} became NaN/inf at step {self.counters.step} "
-                f"(train.nan_policy=stop); nothing of that step was saved, last checkpoint in {self.ckpt.root}"
-            )
-        return self._summary(exit_reason, eval_result)
 
     def _steps(self) -> tuple[str, dict[str, Any]]:
         """The steps, the final checkpoint and evaluation: (why they ended, the last evaluation's result)."""

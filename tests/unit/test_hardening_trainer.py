@@ -328,6 +328,31 @@ def test_a_run_that_dies_on_an_exception_is_closed_failed(world1, data, tmp_path
     assert not (run_dir / "summary.json").exists()
 
 
+def test_ctrl_c_while_the_run_shuts_down_lets_it_finish(world1, data, tmp_path, monkeypatch, capsys, terminal_signals):
+    """A first Ctrl-C after the final evaluation's log line, while the tracker closed and uploaded the logs: the
+    step loop's handler had already been given back, and a finished run ended with "mnemo: interrupted", exit
+    130 and no summary.json. Now it finishes (the README: after the last step a first Ctrl-C lets it end)."""
+    from mnemo.train import trainer
+
+    before = signal.getsignal(signal.SIGINT)
+    shut_down = trainer.Trainer._shut_down
+
+    def interrupted(self, exit_reason):
+        os.kill(os.getpid(), signal.SIGINT)
+        shut_down(self, exit_reason)
+
+    monkeypatch.setattr(trainer.Trainer, "_shut_down", interrupted)
+    run_dir = tmp_path / "run"
+    try:
+        summary = trainer.train(config(data, run_dir, "train.max_steps=2", "checkpoint.interval=0"))
+    except KeyboardInterrupt:
+        pytest.fail("the Ctrl-C during the shutdown stopped the run")
+    assert summary["exit"] == "completed" and summary["step"] == 2
+    assert json.loads((run_dir / "summary.json").read_text())["exit"] == "completed"
+    assert "mnemo: interrupted: the steps are done" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGINT) is before
+
+
 def test_nohup_keeps_sighup_ignored(terminal_signals):
     """`nohup mnemo train ... &` sets SIGHUP (and a script's `&` SIGINT) to ignored: the step loop's handler
     took them over, and the run stopped at logout."""
