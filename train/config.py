@@ -1269,20 +1269,29 @@ def training_step_parts(cfg: Config, vocab: int) -> tuple[dict[str, int], dict[s
 
     What the model's forward (model/transformer.py) and the loss (train/losses.py) must hold, with B slots of
     T tokens, M short-term entries, H heads, k = memory.bptt_segments segments in one backward
-    (train/bptt.py), d_model d, L layers:
+    (train/bptt.py), d_model d, MLP width h, L layers:
     - the memory state: per slot, the short-term stores of every layer and the long-term stores of the
       long-term layers (entries x 2 (key, value) x d x dtype bytes);
-    - the k segments' int64 token ids (on the host) and every block's input, kept for the backward;
+    - the k segments' int64 token ids (on the host);
+    - the activations autograd keeps for the backward of each of the k segments, per token of every block:
+      its input, the attention norm's output, q, k, v, the attention output and the copy the output
+      projection reads, the MLP norm's input and output (9 d), the MLP's hidden activations (2 h for GELU,
+      4 h for SwiGLU), the keys and values over [memory ; segment] SDPA keeps (2 d x M/T more), a gated
+      long-term layer's top-k retrieved keys and values, its queries and its read (2 d x topk + 2 d), and
+      the final norm's input and output (2 d). Measured (torch 2.14, CPU) autograd keeps about 1.2 to 1.5
+      times this: SDPA's flash kernel (with a mask or causal) holds no B x H x T x (M+T) scores, forward or
+      backward, so the activations grow with B x T, not with T squared;
+    - the mask over [memory ; segment] (B x T x (M+T), or T x T): SDPA keeps it for the backward, one per
+      segment of the window;
     - attention scores: a joint long-term layer (``_joint``) scores every query against [memory ; segment]
       in fp32, B x H x T x (M+T) x 4 bytes, and its softmax holds input and output at once; without
-      activation checkpointing each segment's probabilities stay for the backward. The mask over
-      [memory ; segment] (B x T x (M+T), or T x T) lives through the forward. Other layers use SDPA, which
-      need not hold the scores: not counted;
+      activation checkpointing each segment's probabilities stay for the backward;
     - the loss: fp32 log-probabilities B x T x V per segment, kept for the backward, beside the logits.
     The peak is when the last segment of the window computes the larger of its softmax and its loss, with
-    what the earlier segments keep. Activations of the MLP, q/k/v and the optimizer are not counted.
+    what the earlier segments keep. With activation checkpointing only the blocks' inputs are kept (the
+    activations of one block are recomputed at a time). The optimizer and gradients are not counted.
     """
-    from mnemo.model.sizes import SIZES, kv_bytes, ltm_layer_indices
+    from mnemo.model.sizes import SIZES, kv_bytes, ltm_layer_indices, mlp_hidden
     from mnemo.train.rankenv import uses_bf16, uses_cuda
 
     size, lm = SIZES[cfg.model.size], cfg.memory.long
@@ -1293,22 +1302,31 @@ def training_step_parts(cfg: Config, vocab: int) -> tuple[dict[str, int], dict[s
     n_joint = n_ltm if lm.mix == "joint" else 0
     tokens = B * k * (T + 1) * 8  # the k batches of int64 token ids, on the host
     segments = "memory.bptt_segments" if k > T else "model.segment_len"
+    stm_copies = 0  # the keys and values over [memory ; segment] SDPA keeps: the short-term part
+    if cfg.model.activation_checkpointing:
+        kept_acts = B * T * d * L * width  # the blocks' inputs
+    else:
+        hidden = mlp_hidden(dataclasses.replace(size, mlp=cfg.model.mlp)) * (2 if cfg.model.mlp == "gelu" else 4)
+        per_layer = B * T * (9 * d + hidden)
+        stm_copies = k * L * B * 2 * M * d * width
+        gated = (n_ltm - n_joint) * B * T * d * (2 * lm.topk + 2)
+        kept_acts = (L * per_layer + gated + B * T * 2 * d) * width
     scores = B * H * T * (M + T) * 4 if n_joint else 0  # one joint layer's fp32 scores of one segment
-    mask = B * T * (M + T) * width if M else (T * T * width if n_joint else 0)
+    mask = B * T * (M + T) * width if M else (T * T * width if n_joint else 0)  # kept by SDPA for the backward
     kept = 0 if cfg.model.activation_checkpointing else n_joint * scores  # a segment's probabilities, kept
     log_probs = B * T * vocab * 4
-    softmax, loss = mask + 2 * scores, log_probs + B * T * vocab * width  # the last segment's two peaks
+    softmax, loss = 2 * scores, log_probs + B * T * vocab * width  # the last segment's two peaks
     parts = {
-        "memory.short.length": B * kv_bytes(M, d, L, width),
+        "memory.short.length": B * kv_bytes(M, d, L, width) + stm_copies,
         "memory.long.capacity": B * kv_bytes(lm.capacity, d, n_ltm, width),
-        segments: tokens + B * k * T * d * L * width,
-        "attention scores": (k - 1) * kept + (softmax if softmax >= loss else 0),
+        segments: tokens + k * kept_acts,
+        "attention scores": k * mask + (k - 1) * kept + (softmax if softmax >= loss else 0),
         "logits": (k - 1) * log_probs + (loss if loss > softmax else 0),
     }
     # What lowers a part most: the window's length where what it keeps dominates, else the longer of the
     # short-term memory and the segment.
     longer = "memory.short.length" if M > T else "model.segment_len"
-    blame = {"attention scores": segments if (k - 1) * kept > softmax else longer, "logits": segments}
+    blame = {"attention scores": segments if (k - 1) * (kept + mask) > softmax + mask else longer, "logits": segments}
     return parts, blame, tokens
 
 
