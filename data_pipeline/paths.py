@@ -16,7 +16,7 @@ from mnemo.data_pipeline.errors import DataError, brief
 _URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://|dbfs:/")
 # A URL with credentials that lost a slash (``s3:/alice:PW@bucket/x``, as pathlib writes ``s3://...``): a first
 # component ``word:``, then ``/user:`` and an '@' further on, the form redact_uri hides as ``s3:/***@bucket/x``
-# (train/redact.py, _LOST_SLASH: a ':' after the user, so ``a:/b@c`` is no credential). Local names with a
+# (data_pipeline/redact.py, _LOST_SLASH: a ':' after the user, so ``a:/b@c`` is no credential). Local names with a
 # colon (``runs/a:b``, ``ex:1``, ``mydata:v1``) have no ``:/`` after their first word.
 _LOST_SLASH_CREDENTIALS = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*:)/(?!/)[^/?#@:\[\s]+:[^@]*@")
 

@@ -122,7 +122,7 @@ def secret_overrides(overrides: list[str]) -> tuple[list[str], dict[str, str]]:
     Any other override holding credentials has no such channel and is refused.
     """
     from mnemo.train.config import parse_overrides
-    from mnemo.train.redact import has_credentials, redact_uri
+    from mnemo.data_pipeline.redact import has_credentials, redact_uri
 
     public, env = [], {}
     for raw, (key, value) in zip(overrides, parse_overrides(overrides)):

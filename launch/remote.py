@@ -15,7 +15,7 @@ Before starting anything, every host is checked with ``ssh ... true`` in
 parallel (bounded by ConnectTimeout), so an unreachable host fails fast and
 by name.
 
-Secrets (``mnemo.train.redact.is_secret_env``: MLFLOW_TRACKING_PASSWORD,
+Secrets (``mnemo.data_pipeline.redact.is_secret_env``: MLFLOW_TRACKING_PASSWORD,
 AWS_SECRET_ACCESS_KEY, a tracking URI with ``user:pass@``, ...) never go on
 the ssh command line, where ``ps`` on both hosts and ``--dry-run`` would show
 them. The remote launcher gets ``--env-from-stdin`` and the orchestrator
@@ -59,7 +59,7 @@ from mnemo.data_pipeline.processes import python_command
 from mnemo.launch.hostfile import Host, ssh_destination
 from mnemo.launch.torchrun import check_line_safe
 from mnemo.train.errors import UserError
-from mnemo.train.redact import SECRET_ENV_NAMES, is_secret_env
+from mnemo.data_pipeline.redact import SECRET_ENV_NAMES, is_secret_env
 
 # Environment forwarded to every node: names with these prefixes, plus these
 # names (the credential variables of MLflow's artifact stores among them).

@@ -84,7 +84,7 @@ def check_line_safe(key: str, value: str) -> str:
     """
     for ch in value:
         if unicodedata.category(ch) == "Cc":
-            from mnemo.train.redact import redact_uri
+            from mnemo.data_pipeline.redact import redact_uri
 
             raise UserError(
                 f"{key}: {brief(value, hide=redact_uri)} contains the control character {ch!r}; "

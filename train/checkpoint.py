@@ -52,7 +52,7 @@ from mnemo.train.collectives import decided_by_rank0
 from mnemo.train.errors import UserError, path_errors, write_errors
 from mnemo.train.faults import maybe_crash_in_save
 from mnemo.train.hf.folder import HF_FILES, WRAPPER_SOURCES
-from mnemo.train.redact import redact_tree
+from mnemo.data_pipeline.redact import redact_tree
 from mnemo.train.rundir import (
     COMPLETE,
     STEP_RE,

@@ -28,7 +28,7 @@ from mnemo.data_pipeline.errors import brief, clip
 from mnemo.data_pipeline.files import not_a_regular_file, open_regular
 from mnemo.data_pipeline.paths import is_remote, local_path, not_a_dataset_dir, not_utf8, remote_output_problem
 from mnemo.train.errors import UserError, path_errors
-from mnemo.train.redact import redact_uri, redact_uri_value
+from mnemo.data_pipeline.redact import redact_uri, redact_uri_value
 
 
 class ConfigError(UserError):
@@ -1542,7 +1542,7 @@ def to_dict(cfg: Config) -> dict:
 
 def to_yaml(cfg: Config) -> str:
     """The YAML written into run directories: credentials in URIs (tracking.uri) redacted."""
-    from mnemo.train.redact import redact_tree
+    from mnemo.data_pipeline.redact import redact_tree
 
     return yaml.safe_dump(redact_tree(to_dict(cfg)), sort_keys=False)
 

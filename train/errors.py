@@ -33,7 +33,7 @@ def path_errors(what: str, error: type[UserError] = UserError) -> Iterator[None]
         yield
     except OSError as e:
         from mnemo.data_pipeline.errors import clip
-        from mnemo.train.redact import redact_uri
+        from mnemo.data_pipeline.redact import redact_uri
 
         where = f"{clip(redact_uri(str(e.filename)))}: " if e.filename is not None else ""
         raise error(f"{what}: {where}{e.strerror or e}") from None
@@ -57,7 +57,7 @@ def write_errors(what: str, path: str | os.PathLike, hidden: tuple[type[BaseExce
         if reason is None:
             raise
         from mnemo.data_pipeline.errors import clip
-        from mnemo.train.redact import redact_uri
+        from mnemo.data_pipeline.redact import redact_uri
 
         raise UserError(f"{what}: {clip(redact_uri(str(path)))}: {reason}") from e
 
@@ -133,7 +133,7 @@ def exit_status(command: Callable[[], int | None], debug: bool = False) -> int:
         print("mnemo: interrupted", file=sys.stderr)
         return 130
     except Exception as e:
-        from mnemo.train.redact import redact_uri
+        from mnemo.data_pipeline.redact import redact_uri
 
         if isinstance(e, BrokenPipeError) and stdout_gone():
             # `mnemo data inspect D | head`: the reader has what it wanted. Quiet, as a Unix tool is; stdout goes

@@ -41,7 +41,7 @@ from mnemo.train.checkpoint import (
     resolve_checkpoint,
 )
 from mnemo.train.errors import UserError, path_errors, write_errors
-from mnemo.train.redact import redact_tree
+from mnemo.data_pipeline.redact import redact_tree
 
 log = logging.getLogger("mnemo.checkpoint")
 

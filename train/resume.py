@@ -9,7 +9,7 @@ from mnemo.data_pipeline.errors import first_line
 from mnemo.train.checkpoint import DS_TAG, saved_config_tree
 from mnemo.train.config import Config, data_paths, flatten, to_dict
 from mnemo.train.errors import UserError
-from mnemo.train.redact import redact_tree
+from mnemo.data_pipeline.redact import redact_tree
 
 # Config keys whose change makes a resume unsafe (model shapes, data order).
 UNSAFE_KEYS = (

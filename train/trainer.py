@@ -199,7 +199,7 @@ class Trainer:
         """
         from mnemo.data_pipeline.errors import clip
         from mnemo.train.collectives import differences_from_rank0
-        from mnemo.train.redact import redact_uri
+        from mnemo.data_pipeline.redact import redact_uri
 
         ident = job_identity(self.cfg, self.tok_sha, data_identity(self.cfg))
         diff, anyone = differences_from_rank0(ident, self.device)

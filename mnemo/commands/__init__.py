@@ -34,7 +34,7 @@ class OneLineParser(argparse.ArgumentParser):
         (``--tracking-uri http://u:pass@h``, a URI given to an integer flag): hidden as every other error
         hides them, control characters escaped (train/errors.py exit_status)."""
         from mnemo.train.errors import visible
-        from mnemo.train.redact import redact_uri
+        from mnemo.data_pipeline.redact import redact_uri
 
         self.exit(2, f"mnemo: error: {visible(redact_uri(message))} (see: {prog} --help)\n")
 

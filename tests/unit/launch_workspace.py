@@ -10,7 +10,7 @@ import tempfile
 from pathlib import Path
 
 from mnemo.launch.remote import FORWARD_NAMES, FORWARD_PREFIXES
-from mnemo.train.redact import is_secret_env
+from mnemo.data_pipeline.redact import is_secret_env
 
 
 def clear_forwarded_env(monkeypatch) -> None:

@@ -1090,7 +1090,7 @@ def test_node_reads_exactly_the_secret_line_then_leaves_stdin(ws, capsys, monkey
 
 
 def test_redact_uri():
-    from mnemo.train.redact import has_credentials, is_secret_env, redact_tree, redact_uri
+    from mnemo.data_pipeline.redact import has_credentials, is_secret_env, redact_tree, redact_uri
 
     assert redact_uri(SECRET_URI) == "http://***@127.0.0.1:1"
     assert redact_uri(f"https://tok{SECRET}@h/x?a=b") == "https://***@h/x?a=b"
@@ -1135,7 +1135,7 @@ def test_redact_uri():
 def test_redact_uri_hides_a_password_with_blanks():
     # Before: the userinfo stopped at a blank, so the URI was shown as given, and has_credentials said no (so
     # launch put it on command lines).
-    from mnemo.train.redact import has_credentials, redact_tree, redact_uri
+    from mnemo.data_pipeline.redact import has_credentials, redact_tree, redact_uri
 
     for blank in (" ", "\t", "\n", "\xa0", " x y\t"):
         for text, shown in {
@@ -1155,7 +1155,7 @@ def test_redact_uri_hides_a_password_with_blanks():
 def test_redact_uri_hides_credentials_of_a_uri_that_lost_a_slash():
     # Before: only scheme://user:pass@ counted, so pathlib's copy of a URI (https:/u:p@h/x: `--data: no such
     # directory: ...`, `config file not found: ...`) and https:u:p@h were shown as given.
-    from mnemo.train.redact import has_credentials, redact_uri, redact_uri_value
+    from mnemo.data_pipeline.redact import has_credentials, redact_uri, redact_uri_value
 
     for text, shown in {
         f"https:/alice:{SECRET}@data.example/ds": "https:/***@data.example/ds",
@@ -1184,7 +1184,7 @@ def test_redact_uri_takes_linear_time():
     # 200 kB config value took seconds to report.
     import time
 
-    from mnemo.train.redact import redact_uri
+    from mnemo.data_pipeline.redact import redact_uri
 
     for text in ("a." * 100_000, "http://a:b" * 20_000, "http://a:b?" * 20_000, "=http://:" * 20_000):
         start = time.perf_counter()

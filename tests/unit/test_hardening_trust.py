@@ -448,7 +448,7 @@ TOKEN_URI_SHOWN = "http://127.0.0.1:1/mlflow?user=bob&token=***"
 )
 def test_redact_uri_hides_the_short_names_of_a_password_or_authorization(name):
     # Before: ?pwd=, ?pass=, ?auth=, ?jwt= (and the other short forms) were shown.
-    from mnemo.train.redact import has_credentials, redact_uri
+    from mnemo.data_pipeline.redact import has_credentials, redact_uri
 
     text = f"https://h/x?user=bob&{name}={TOKEN}&a=1"
     assert redact_uri(text) == f"https://h/x?user=bob&{name}=***&a=1" and has_credentials(text)
@@ -457,7 +457,7 @@ def test_redact_uri_hides_the_short_names_of_a_password_or_authorization(name):
 
 
 def test_redact_uri_hides_query_credentials_and_keeps_the_rest():
-    from mnemo.train.redact import has_credentials, redact_tree, redact_uri
+    from mnemo.data_pipeline.redact import has_credentials, redact_tree, redact_uri
 
     assert redact_uri(TOKEN_URI) == TOKEN_URI_SHOWN
     shown = {
@@ -510,7 +510,7 @@ def test_a_query_token_is_not_saved_in_config_yaml_or_checkpoint_meta(tmp_path):
 
 def test_launch_keeps_a_query_token_off_command_lines():
     from mnemo.launch.job import secret_overrides
-    from mnemo.train.redact import is_secret_env
+    from mnemo.data_pipeline.redact import is_secret_env
 
     public, env = secret_overrides([f"tracking.uri={TOKEN_URI}", "train.lr=0.1"])
     assert public == ["tracking.uri=", "train.lr=0.1"] and env == {"MLFLOW_TRACKING_URI": TOKEN_URI}

@@ -41,7 +41,7 @@ from collections import deque
 from pathlib import Path
 
 from mnemo.train.config import flatten
-from mnemo.train.redact import redact_uri
+from mnemo.data_pipeline.redact import redact_uri
 from mnemo.train.tracking.common import FALLBACK_FILE, FallbackFile, resolve_experiment, resolve_uri
 from mnemo.train.tracking.sender import sender_main
 

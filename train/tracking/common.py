@@ -101,7 +101,7 @@ def uri_problem(uri: str) -> str | None:
     """Why MLflow could not open tracking store ``uri`` (None: it can), from the URI alone: no store is contacted
     and mlflow is not imported. Mirrors how MLflow picks a store (mlflow.utils.uri.get_uri_scheme)."""
     # A blank or control character is never part of a URI (RFC 3986): MLflow and requests would send it
-    # mangled or refuse it late, and in a password it also defeated redaction (train/redact.py). The
+    # mangled or refuse it late, and in a password it also defeated redaction (data_pipeline/redact.py). The
     # character is named, not the URI or its position: it may be in the password.
     # sqlite:///PATH holds no user, password or host, and a blank in its path is read as written (SQLAlchemy,
     # and MLflow making the folder): "sqlite:////data/my runs/x.db" is fine, %20 there is not.

@@ -46,7 +46,7 @@ from typing import Any, Callable
 from urllib.parse import urlparse
 
 from mnemo.data_pipeline.errors import storage_error
-from mnemo.train.redact import has_credentials, redact_uri
+from mnemo.data_pipeline.redact import has_credentials, redact_uri
 from mnemo.train.tracking.common import DB_SCHEMES, FALLBACK_FILE, PARENT_RUN_TAG, FallbackFile, system_tags
 
 _MAX_METRICS_PER_BATCH = 1000

@@ -3,7 +3,9 @@
 One place for both questions. launch/ uses it for what it prints (``--dry-run``),
 puts on command lines (ssh, torchrun, sbatch scripts) and forwards to nodes;
 train/ for what it writes (``config.yaml``, checkpoint ``meta.json``, exported
-``config.json``), logs (MLflow params and tags, warnings) and reports (errors).
+``config.json``), logs (MLflow params and tags, warnings) and reports (errors);
+data_pipeline/ for the output paths it refuses (``paths.remote_output_problem``),
+which is why it lives here, in the lowest layer that needs it.
 The real values stay in memory and in the environment of the processes that
 use them: only their printed, logged and saved copies are redacted.
 
