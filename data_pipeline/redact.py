@@ -15,9 +15,11 @@ Two kinds of secret:
   userinfo with ``***`` (a user name alone can be a token, as in
   ``https://TOKEN@host``; a password may hold an unencoded '@', '/', '?',
   '#' or blank), also in a URI that lost a slash (``https:/user:pass@host``,
-  as pathlib writes it), and the value of every query parameter whose name
-  says it holds a credential (``?token=...``, ``&access_token=``,
-  ``&password=``, a presigned URL's ``X-Amz-Signature=``, a SAS ``sig=``);
+  as pathlib writes it), and the value of every parameter whose name says it
+  holds a credential, in a query, a fragment or a path (``?token=...``,
+  ``&access_token=``, ``#access_token=``, ``;password=``, ``?pw=``,
+  ``&AccountKey=``, an OAuth ``?code=``, a presigned URL's
+  ``X-Amz-Signature=``, a SAS ``sig=``);
 - credential environment variables (``MLFLOW_TRACKING_PASSWORD``,
   ``AWS_SECRET_ACCESS_KEY``, ...): ``is_secret_env`` says which ones launch
   must send to nodes by a channel ``ps`` does not show.
@@ -26,6 +28,7 @@ Two kinds of secret:
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from typing import Any
 
 REDACTED = "***"
@@ -84,27 +87,60 @@ _USERINFO = re.compile(
 _LOST_SLASH = re.compile(r"(?<![\w+.\-/:%])(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*:/?)(?=[^/])[^/?#@:\[]+:")
 _NON_BLANK = re.compile(r"\S+")
 
-# A query parameter, ``?name=value`` or ``&name=value``, also without a scheme
-# in front (an HTTP library's error quotes the request path only). The value
-# ends at the next parameter, the fragment, a blank or a quote.
-_QUERY_PARAM = re.compile(r"(?P<lead>[?&](?P<name>[^=&#?/\s'\"]+)=)(?P<value>[^&#\s'\"<>]+)")
-# Query names that hold a credential beyond _SECRET_NAME's (token, password,
-# passwd, secret, credential, api key...), as the name's last word: a bare key,
-# a signature (``sig`` of an Azure SAS, ``X-Amz-Signature`` of a presigned S3
-# URL), the short forms of a password (``pwd``, ``pass``, ``passphrase``) and
-# of an authorization (``auth``, ``authorization``, ``bearer``, a ``jwt``).
-# ``bypass`` or ``oauth_state`` stay readable (not the last word, or a longer one).
-_SECRET_QUERY_NAME = re.compile(
-    r"(?:^|[^A-Za-z])(?:KEY|SIG|SIGNATURE|PWD|PASS|PASSPHRASE|AUTH|AUTHORIZATION|BEARER|JWT)$", re.I
+# A parameter, ``name=value`` after a ``?`` or ``&`` (a query), a ``#`` (a fragment: OAuth's implicit flow
+# returns ``#access_token=...``) or a ``;`` (a path's matrix parameter, ``/x;password=...``), also without a
+# scheme in front (an HTTP library's error quotes the request path only). The name holds none of those
+# leads, a '=', '/' or blank (so each try stops at the next lead: linear).
+_PARAM = re.compile(r"[?&#;](?P<name>[^=?&#;/\s'\"]+)=")
+# A secret value ends at the next parameter, the fragment, a blank or a quote (``;`` and ``?`` do not end it:
+# hiding a little more beats showing the part of a password after a ';').
+_VALUE_END = re.compile(r"[&#\s'\"<>]")
+# Query names that hold a credential beyond _SECRET_NAME's (token, password, passwd, secret, credential,
+# api key...): a name whose last word (split at '_', '-', '.', digits and camelCase: ``AccountKey``) is a
+# key, a signature (``sig`` of an Azure SAS, ``X-Amz-Signature`` of a presigned S3 URL), a short form of a
+# password (``pw``, ``pwd``, ``pass``, ``passphrase``), of a credential (``cred``, ``creds``) or of an
+# authorization (``auth``, ``authorization``, ``bearer``, a ``jwt``); a name that is _SECRET_NAME's once
+# its separators are dropped (``pass_word``); and ``code`` alone or after ``auth`` (an OAuth authorization
+# code, as good as a token until it is redeemed). ``bypass``, ``monkey``, ``oauth_state`` or
+# ``country_code`` stay readable (not the last word, or a longer one).
+_SECRET_LAST_WORDS = frozenset(
+    {"key", "sig", "signature", "pw", "pwd", "pass", "passphrase", "cred", "creds"}
+    | {"auth", "authorization", "bearer", "jwt"}
 )
+_WORD = re.compile(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+")
+_SEPARATORS = re.compile(r"[^A-Za-z0-9]")
 
 
 def _secret_query_name(name: str) -> bool:
-    return _SECRET_NAME.search(name) is not None or _SECRET_QUERY_NAME.search(name) is not None
+    if _SECRET_NAME.search(name) is not None or _SECRET_NAME.search(_SEPARATORS.sub("", name)) is not None:
+        return True
+    words = [w.lower() for w in _WORD.findall(name)]
+    if not words:
+        return False
+    if words[-1] == "code":
+        return len(words) == 1 or words[-2] in ("auth", "authorization", "oauth")
+    return words[-1] in _SECRET_LAST_WORDS
 
 
-def _hide_query_value(m: re.Match) -> str:
-    return f"{m['lead']}{REDACTED}" if _secret_query_name(m["name"]) else m[0]
+def _secret_values(text: str) -> Iterator[tuple[int, int]]:
+    """The (start, end) of the value of every parameter in ``text`` whose name says it holds a credential."""
+    pos = 0
+    while (m := _PARAM.search(text, pos)) is not None:
+        pos = m.end()
+        if _secret_query_name(m["name"]):
+            end = _VALUE_END.search(text, pos)
+            end = len(text) if end is None else end.start()
+            if end > pos:
+                yield pos, end
+                pos = end
+
+
+def _hide_params(text: str) -> str:
+    parts, done = [], 0
+    for start, end in _secret_values(text):
+        parts += [text[done:start], REDACTED]
+        done = end
+    return "".join(parts) + text[done:] if parts else text
 
 
 def _lost_slash(run: str) -> re.Match | None:
@@ -124,14 +160,15 @@ def _hide_lost_slash(m: re.Match) -> str:
 def redact_uri(text: str) -> str:
     """``text`` with the credentials of every URI in it replaced by ``***``.
 
-    The userinfo of ``scheme://user:pass@host`` and the values of query
-    parameters named like a credential (``?token=``, ``&password=``, ``&sig=``;
-    see ``_secret_query_name``) are hidden; the rest stays readable. Works on
+    The userinfo of ``scheme://user:pass@host`` and the values of query,
+    fragment and matrix parameters named like a credential (``?token=``,
+    ``&password=``, ``&sig=``, ``#access_token=``, ``;password=``; see
+    ``_secret_query_name``) are hidden; the rest stays readable. Works on
     any string (a URI, a log line, an override ``key=value``); text without
     credentials comes back unchanged, and redacting twice changes nothing more.
     """
     text = _NON_BLANK.sub(_hide_lost_slash, _USERINFO.sub(lambda m: f"{m['scheme']}{REDACTED}@", text))
-    return _QUERY_PARAM.sub(_hide_query_value, text)
+    return _hide_params(text)
 
 
 def redact_uri_value(uri: str) -> str:
@@ -146,10 +183,10 @@ def redact_uri_value(uri: str) -> str:
 
 
 def has_credentials(text: str) -> bool:
-    """Does ``text`` hold a URI with a userinfo part or a query parameter named like a credential?"""
+    """Does ``text`` hold a URI with a userinfo part or a parameter named like a credential?"""
     if _USERINFO.search(text) is not None or any(_lost_slash(m[0]) for m in _NON_BLANK.finditer(text)):
         return True
-    return any(_secret_query_name(m["name"]) for m in _QUERY_PARAM.finditer(text))
+    return next(_secret_values(text), None) is not None
 
 
 def redact_tree(obj: Any) -> Any:

@@ -483,6 +483,53 @@ def test_redact_uri_hides_query_credentials_and_keeps_the_rest():
     assert redact_tree({"a": [TOKEN_URI]}) == {"a": [TOKEN_URI_SHOWN]}
 
 
+@pytest.mark.parametrize(
+    "text, shown",
+    [
+        (f"http://h:5000/#access_token={TOKEN}", "http://h:5000/#access_token=***"),
+        (f"http://h/cb#state=1&access_token={TOKEN}&x=1", "http://h/cb#state=1&access_token=***&x=1"),
+        (f"http://h:5000/;password={TOKEN}", "http://h:5000/;password=***"),
+        (f"http://h/x;a=1;password={TOKEN};b=2", "http://h/x;a=1;password=***"),
+        (f"http://h/x?a=1;pw={TOKEN}", "http://h/x?a=1;pw=***"),
+    ],
+)
+def test_redact_uri_hides_fragment_and_matrix_parameters(text, shown):
+    # Before: only a parameter after '?' or '&' was looked at, so #access_token= (an OAuth implicit flow's
+    # answer) and ;password= were saved in config.yaml and meta.json and put on the SLURM command line.
+    from mnemo.data_pipeline.redact import has_credentials, redact_uri
+
+    assert redact_uri(text) == shown and TOKEN not in shown and has_credentials(text)
+    assert redact_uri(shown) == shown
+    for plain in ("http://h/#top", "http://h/x;v=1#a=b", "http://host#f:x@y"):
+        assert redact_uri(plain) == plain and not has_credentials(plain)
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["pw", "new_pw", "cred", "creds", "credential", "credentials", "pass_word", "AccountKey", "sharedKey"]
+    + ["code", "auth_code", "authCode"],
+)
+def test_redact_uri_hides_more_names_of_a_credential(name):
+    # Before: ?pw=, ?cred=, ?pass_word=, ?AccountKey= and an OAuth authorization ?code= were shown.
+    from mnemo.data_pipeline.redact import has_credentials, redact_uri
+
+    text = f"https://h/x?user=bob&{name}={TOKEN}&a=1"
+    assert redact_uri(text) == f"https://h/x?user=bob&{name}=***&a=1" and has_credentials(text)
+    for plain in ("https://h/x?country_code=1&zip_code=2&monkey=3&keyword=4&opw=5&decode=6",):
+        assert redact_uri(plain) == plain and not has_credentials(plain)
+
+
+def test_a_fragment_token_is_not_saved_in_config_yaml_or_put_on_a_command_line():
+    from mnemo.launch.job import secret_overrides
+    from mnemo.train.config import to_yaml
+
+    uri = f"http://h:5000/#access_token={TOKEN}"
+    text = to_yaml(load_config(None, [f"tracking.uri={uri}", "run.dir=r"]))
+    assert TOKEN not in text and "http://h:5000/#access_token=***" in text
+    public, env = secret_overrides([f"tracking.uri={uri}"])
+    assert public == ["tracking.uri="] and env == {"MLFLOW_TRACKING_URI": uri}
+
+
 def test_a_query_token_never_reaches_the_cli_error_line(capsys):
     rc = main(["train", "configs/debug.yaml", f"tracking.enabled={TOKEN_URI}"])
     err = capsys.readouterr().err
