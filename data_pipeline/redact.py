@@ -15,9 +15,10 @@ Two kinds of secret:
   userinfo with ``***`` (a user name alone can be a token, as in
   ``https://TOKEN@host``; a password may hold an unencoded '@', '/', '?',
   '#' or blank), also in a URI that lost a slash (``https:/user:pass@host``,
-  as pathlib writes it), and the value of every parameter whose name says it
-  holds a credential, in a query, a fragment or a path (``?token=...``,
-  ``&access_token=``, ``#access_token=``, ``;password=``, ``?pw=``,
+  ``https:/TOKEN@host``, as pathlib writes it), got a third one
+  (``s3:///user:pass@bucket``) or lost its scheme (``//user:pass@host``),
+  and the value of every parameter whose name says it holds a credential,
+  in a query, a fragment or a path (``?token=...``, ``&access_token=``, ``#access_token=``, ``;password=``, ``?pw=``,
   ``&AccountKey=``, an OAuth ``?code=``, a presigned URL's
   ``X-Amz-Signature=``, a SAS ``sig=``);
 - credential environment variables (``MLFLOW_TRACKING_PASSWORD``,
@@ -72,19 +73,28 @@ _SECRET_NAME = re.compile(r"PASSWORD|PASSWD|SECRET|TOKEN|CREDENTIAL|API_?KEY|ACC
 # path (http://u:p@ss/x@h: as http://u:p@host/path@v2, where the path is kept
 # readable). A scheme starts where no scheme character precedes it (not
 # ``\b``, which let every letter of ``a.b.c...`` start a scan: quadratic).
+# A ``//`` with no scheme (a protocol-relative URI, or what is left of one a
+# message split at its ':', as in ``'//alice:PW@h' is not a param=value of
+# http``) starts one too, where no word, path or URI character precedes it
+# (``runs//a:b@c`` stays readable).
 _USERINFO = re.compile(
-    r"(?<![A-Za-z0-9+.\-])(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)"
+    r"(?P<scheme>(?<![A-Za-z0-9+.\-])[A-Za-z][A-Za-z0-9+.\-]*://|(?<![\w+.\-/:%~])//)"
     r"(?:[^/?#\s]*@"
     r"|[^/?#@:\[\s]*:(?!\d*(?:[/?#]|$)|\d+\s)"
     r"(?:(?:(?:(?!://)[^\s@])*@)+|(?:(?:(?!://)[^@])*@)+))"
 )
 # A URI that lost one or both slashes (pathlib makes ``https:/u:p@h/x`` of
-# ``https://u:p@h/x``; ``https:u:p@h`` was mistyped): ``word:/`` or ``word:``
-# right before ``user:`` in a run of non-blanks, whose userinfo then ends at the
-# run's last '@' (``_hide_lost_slash``). The ':' after the user is required, so
-# ``mailto:a@b`` and ``file:/tmp/a@b`` stay readable; the word must not continue
-# a word, path or URI.
-_LOST_SLASH = re.compile(r"(?<![\w+.\-/:%])(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*:/?)(?=[^/])[^/?#@:\[]+:")
+# ``https://u:p@h/x``; ``https:u:p@h`` was mistyped) or got a third one
+# (``s3:///u:p@b/x``, whose authority is empty): ``word:/`` or ``word:///``
+# right before ``user:`` or ``TOKEN@`` (a first path component holding a ':'
+# or an '@'), or ``word:`` right before ``user:``, in a run of non-blanks, whose
+# userinfo then ends at the run's last '@' (``_hide_lost_slash``). Without a
+# slash the ':' after the user is required, so ``mailto:a@b`` stays readable,
+# as does ``file:/tmp/a@b`` (no '@' before the first '/'); the word must not
+# continue a word, path or URI.
+_LOST_SLASH = re.compile(
+    r"(?<![\w+.\-/:%])(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*:(?P<slash>/(?://)?)?)(?=[^/])[^/?#@:\[]+(?(slash)[:@]|:)"
+)
 _NON_BLANK = re.compile(r"\S+")
 
 # A parameter, ``name=value`` after a ``?`` or ``&`` (a query), a ``#`` (a fragment: OAuth's implicit flow
@@ -144,9 +154,10 @@ def _hide_params(text: str) -> str:
 
 
 def _lost_slash(run: str) -> re.Match | None:
-    """The ``word:/user:`` or ``word:user:`` that starts a userinfo in ``run`` (no blanks), or None."""
+    """The ``word:/user:``, ``word:/TOKEN@``, ``word:///user:`` or ``word:user:`` that starts a userinfo in
+    ``run`` (no blanks), or None."""
     at = run.rfind("@")
-    return _LOST_SLASH.search(run, 0, at) if at > 0 else None
+    return _LOST_SLASH.search(run, 0, at + 1) if at > 0 else None
 
 
 def _hide_lost_slash(m: re.Match) -> str:

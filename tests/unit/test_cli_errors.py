@@ -540,6 +540,34 @@ def test_a_uri_that_pathlib_took_a_slash_from_is_shown_redacted(tmp_path, monkey
     assert err.count("\n") == 1 and err.startswith("mnemo: error: ") and line in err and "SECP" not in err, err
 
 
+@pytest.mark.parametrize(
+    "argv, line",
+    [
+        # a message that quotes the part after the scheme's ':' (parse_tasks splits a task at ':')
+        (["train", "c.yaml", "eval.tasks=[http://alice:SECT1@h]"], "'//***@h' is not a new param=value of http"),
+        (["train", "c.yaml", "train.passkey.tasks=[http://SECT2@h]"], "'//***@h' is not a new param=value"),
+        # a token-only userinfo after pathlib took a slash
+        (["eval", "run1", "--data", "https://SECT3@h/x"], "--data: no such directory: https:/***@h/x"),
+        # three slashes: the authority is empty, the userinfo follows
+        (["export", "run1", "--out", "s3:///alice:SECT4@bucket/x"], "--out s3:///***@bucket/x: a local folder"),
+        (["train", "c.yaml", "run.dir=s3:///alice:SECT5@bucket/x"], "run.dir: s3:///***@bucket/x: a local folder"),
+    ],
+)
+def test_a_userinfo_without_its_scheme_after_a_lost_or_extra_slash_is_shown_redacted(
+    tmp_path, monkeypatch, capsys, argv, line
+):
+    """Before: redact_uri took only scheme://userinfo@ and scheme:/user:pass@ for credentials, so each of
+    these printed its password or token."""
+    from mnemo.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "c.yaml").write_text("data:\n  path: data\n")
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("mnemo: error: ") and line in err and "SECT" not in err, err
+
+
 def test_a_hostfile_uri_is_shown_redacted(capsys):
     from mnemo.launch.hostfile import parse_hostfile
     from mnemo.train.errors import exit_status

@@ -1162,10 +1162,16 @@ def test_redact_uri_hides_credentials_of_a_uri_that_lost_a_slash():
         f"--data: no such directory: s3:/u:{SECRET}@b/x": "--data: no such directory: s3:/***@b/x",
         f"tracking.uri=https:alice:{SECRET}@h:5000": "tracking.uri=https:***@h:5000",
         f"x@https:/u:p@ss{SECRET}@h 'https:/a:{SECRET}@g'": "x@https:/***@h 'https:/***@g'",
+        # a token alone after a lost slash, three slashes, no scheme (Before: shown)
+        f"no such directory: https:/{SECRET}@h/x": "no such directory: https:/***@h/x",
+        f"s3:///alice:{SECRET}@bucket/x and s3:///{SECRET}@b": "s3:///***@bucket/x and s3:///***@b",
+        f"tasks: '//alice:{SECRET}@h' is not": "tasks: '//***@h' is not",
+        f"//{SECRET}@h/x": "//***@h/x",
     }.items():
         assert redact_uri(text) == shown and has_credentials(text), text
         assert redact_uri(shown) == shown
-    for plain in ("file:/tmp/a@b", "mailto:a@b", "http://host/a:b:c@d", "C:/x/a:b@c", "error: a:b@c", "x@y:z"):
+    plains = ("file:/tmp/a@b", "mailto:a@b", "http://host/a:b:c@d", "C:/x/a:b@c", "error: a:b@c", "x@y:z")
+    for plain in (*plains, "file:///tmp/a@b", "runs//a:b@c", "x/ //h:80/a@b"):
         assert redact_uri(plain) == plain and not has_credentials(plain), plain
     # A value known to be a URI: a userinfo with no // before it is one too (http:// forgotten, a token user).
     for uri, shown in {
