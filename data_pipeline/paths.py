@@ -9,16 +9,12 @@ import urllib.parse
 import urllib.request
 
 from mnemo.data_pipeline.errors import DataError, brief
+from mnemo.data_pipeline.redact import redact_uri
 
 
 # A URL's scheme (RFC 3986) and its "//", or Databricks' dbfs:/ (streaming's only URL without the "//"):
 # any other name is a path, "data:v1" a directory (urlparse alone reads "data" as a scheme there).
 _URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://|dbfs:/")
-# A URL with credentials that lost a slash (``s3:/alice:PW@bucket/x``, as pathlib writes ``s3://...``): a first
-# component ``word:``, then ``/user:`` and an '@' further on, the form redact_uri hides as ``s3:/***@bucket/x``
-# (data_pipeline/redact.py, _LOST_SLASH: a ':' after the user, so ``a:/b@c`` is no credential). Local names with a
-# colon (``runs/a:b``, ``ex:1``, ``mydata:v1``) have no ``:/`` after their first word.
-_LOST_SLASH_CREDENTIALS = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*:)/(?!/)[^/?#@:\[\s]+:[^@]*@")
 
 
 def is_remote(uri: str) -> bool:
@@ -49,17 +45,19 @@ def remote_output_problem(path: str | os.PathLike, kind: str = "folder") -> str 
     A URL (``s3://``, ``https://``: ``is_remote``) or a ``file://`` one: pathlib made a local folder named
     ``s3:`` of it (``s3:/bucket/x``, a password in its name too). Only `mnemo prepare --out` writes to
     remote stores (data_pipeline/outputs.py); every other output (an export, a tokenizer model, the
-    evaluation's JSON and plots, run.dir, data.cache_dir) is local. Checked on the string as given,
-    before any Path() drops a slash.
+    evaluation's JSON and plots, run.dir, data.cache_dir) is local. And any path that holds what
+    ``redact_uri`` hides (a URL with credentials anywhere in it: ``s3:/u:p@b/x`` with a slash lost,
+    ``s3:u:p@b/x``, ``./s3://u:p@b/x``, ``out/x?token=...``): a folder of that name would keep the secret
+    on disk and in every message naming it. Checked on the string as given, before any Path() drops a slash.
     """
     path = str(path)
     if path.startswith("file://"):
         return f"a file:// URL; give the plain path of the local {kind}"
     if is_remote(path):
         return f"a local {kind} is needed (mnemo does not write to remote stores)"
-    if m := _LOST_SLASH_CREDENTIALS.match(path):  # a folder of that name would keep the password on disk
+    if redact_uri(path) != path:  # the one rule of what is a credential, as every message shows it
         return (
-            f"looks like a URL with credentials ({m['scheme']}/ with a slash lost; shown redacted);"
+            "looks like a URL with credentials (shown redacted);"
             f" a local {kind} is needed (mnemo does not write to remote stores)"
         )
     return None

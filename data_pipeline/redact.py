@@ -90,10 +90,12 @@ _USERINFO = re.compile(
 # or an '@'), or ``word:`` right before ``user:``, in a run of non-blanks, whose
 # userinfo then ends at the run's last '@' (``_hide_lost_slash``). Without a
 # slash the ':' after the user is required, so ``mailto:a@b`` stays readable,
-# as does ``file:/tmp/a@b`` (no '@' before the first '/'); the word must not
-# continue a word, path or URI.
+# as do ``file:/tmp/a@b`` (no '@' before the first '/') and ``C:/a@b`` or
+# ``a:/b@c`` (a token alone needs a scheme of two characters or more: one is a
+# drive letter or a local name); the word must not continue a word, path or URI.
 _LOST_SLASH = re.compile(
-    r"(?<![\w+.\-/:%])(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*:(?P<slash>/(?://)?)?)(?=[^/])[^/?#@:\[]+(?(slash)[:@]|:)"
+    r"(?<![\w+.\-/:%])(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*:(?P<slash>/(?://)?)?)(?=[^/])"
+    r"(?(slash)(?:[^/?#@:\[]+:|(?<=[\w+.\-]{2}:/)[^/?#@:\[]+@|(?<=[\w+.\-]{2}:///)[^/?#@:\[]+@)|[^/?#@:\[]+:)"
 )
 _NON_BLANK = re.compile(r"\S+")
 

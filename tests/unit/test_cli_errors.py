@@ -612,6 +612,13 @@ def test_debug_prints_the_traceback_with_credentials_hidden(capsys, user, rc, de
         ),
         (["eval", "run1", "--data", "d", "--json", "https:/u:SECC5@h/r.json"], "--json: https:/***@h/r.json: looks"),
         (["train", "c.yaml", "data.cache_dir=s3:/u:SECC6@h/c"], "data.cache_dir: s3:/***@h/c: looks like a URL"),
+        # Any path redact_uri would change (Before: a local folder with the password in its name, exit 0):
+        # no slash, a URL after a path prefix, a query token; the one rule of what is a credential.
+        (["export", "run1", "--out", "s3:alice:SECC7@bucket/x"], "--out s3:***@bucket/x: looks like a URL"),
+        (["export", "run1", "--out", "./s3://alice:SECC8@bucket/x"], "--out ./s3://***@bucket/x: looks like"),
+        (["export", "run1", "--out", "out/s3://alice:SECC9@b/x"], "--out out/s3://***@b/x: looks like a URL"),
+        (["eval", "run1", "--data", "d", "--json", "r/x?token=SECD1"], "--json: r/x?token=*** looks like a URL"),
+        (["train", "c.yaml", "run.dir=out/s3://alice:SECD2@b/x"], "run.dir: out/s3://***@b/x: looks like a URL"),
     ],
 )
 def test_an_output_path_with_a_url_scheme_is_refused_not_made_a_local_folder(tmp_path, monkeypatch, capsys, argv, line):

@@ -1171,7 +1171,7 @@ def test_redact_uri_hides_credentials_of_a_uri_that_lost_a_slash():
         assert redact_uri(text) == shown and has_credentials(text), text
         assert redact_uri(shown) == shown
     plains = ("file:/tmp/a@b", "mailto:a@b", "http://host/a:b:c@d", "C:/x/a:b@c", "error: a:b@c", "x@y:z")
-    for plain in (*plains, "file:///tmp/a@b", "runs//a:b@c", "x/ //h:80/a@b"):
+    for plain in (*plains, "file:///tmp/a@b", "runs//a:b@c", "x/ //h:80/a@b", "C:/a@b"):
         assert redact_uri(plain) == plain and not has_credentials(plain), plain
     # A value known to be a URI: a userinfo with no // before it is one too (http:// forgotten, a token user).
     for uri, shown in {
