@@ -1025,17 +1025,18 @@ def _local_path_keys(cfg: Config) -> list[tuple[str, str]]:
     return keys
 
 
-def refuse_tilde(key: str, path: str) -> None:
+def refuse_tilde(key: str, path: str, prefix: str = "") -> None:
     """A path that starts with ``~`` or ``~user``: no shell reads a config file, so it would name a folder
     called ``~`` under the working directory (``run.dir: ~/runs/x`` made ./~/runs/x). Refused, with the
-    expanded path to write instead (where this machine knows it)."""
+    expanded path to write instead (where this machine knows it). ``prefix``: what the value holds before
+    the path (``sqlite:///`` of a tracking.uri), shown with it."""
     m = re.match(r"~[\w.-]*(?=/|$)", path)
     if m:
         home = os.path.expanduser(path)
-        hint = f", such as {_clip(home)}" if home != path else ""
+        hint = f", such as {_clip(prefix + home)}" if home != path else ""
         raise ConfigError(
-            f"{key}: {_clip(path)} starts with {_clip(m.group())!r}, which mnemo does not expand (it would name a "
-            f"folder {_clip(m.group())!r} in the working directory): write the full path{hint}"
+            f"{key}: {_clip(prefix + path)} starts with {_clip(m.group())!r}, which mnemo does not expand (it would "
+            f"name a folder {_clip(m.group())!r} in the working directory): write the full path{hint}"
         )
 
 
@@ -1351,6 +1352,9 @@ def check_tracking(cfg: Config) -> None:
         value = value or os.environ.get(env, "")
         if value and (why := problem(value)):
             raise ConfigError(f"{where}: {brief(value, hide=hide)}: {why}")
+        # sqlite:///~/m.db: SQLAlchemy and MLflow take ~/m.db relative to the working directory (a folder "~")
+        if key == "tracking.uri" and (m := re.match(r"(sqlite(?:\+\w+)?:///)(?!/)", value)):
+            refuse_tilde(where, value[m.end() :], m[1])
 
 
 def check_shards(key: str, data_dir: Path) -> None:

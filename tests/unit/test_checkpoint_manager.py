@@ -667,6 +667,23 @@ def test_a_path_key_starting_with_a_tilde_is_refused_not_made_a_folder_named_til
         _check(_cfg(tmp_path, tmp_path / "run" / "~x~"))
 
 
+def test_a_sqlite_tracking_uri_starting_with_a_tilde_is_refused(tmp_path, monkeypatch):
+    """Before: tracking.uri=sqlite:///~/m.db made a folder named ~ in the working directory (SQLAlchemy and
+    MLflow read the path after sqlite:/// as relative). Refused as the path keys are, with the full URI."""
+    from mnemo.train.config import ConfigError
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    for uri in ("sqlite:///~/m.db", "sqlite+pysqlite:///~/m.db"):
+        with pytest.raises(ConfigError, match=rf"^tracking.uri: {re.escape(uri)} starts with '~', which .* such as "):
+            _check(_cfg(tmp_path, tmp_path / "run", **{"tracking.enabled": True, "tracking.uri": uri}))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///~/m.db")
+    with pytest.raises(ConfigError, match=rf"such as sqlite:///{re.escape(str(tmp_path))}/home/m.db$"):
+        _check(_cfg(tmp_path, tmp_path / "run", **{"tracking.enabled": True, "tracking.uri": ""}))
+    assert not (tmp_path / "~").exists()
+    _check(_cfg(tmp_path, tmp_path / "run", **{"tracking.enabled": True, "tracking.uri": "sqlite:///m~/x.db"}))
+
+
 def test_the_other_path_keys_mean_their_documented_default_when_empty(tmp_path):
     from mnemo.train.config import ConfigError, load_config
 
