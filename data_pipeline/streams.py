@@ -42,6 +42,7 @@ part of the state, so resume stays exact. docs/streams.md.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import re
 import socket
@@ -52,7 +53,7 @@ from typing import Any, Protocol, Sequence
 import numpy as np
 import torch
 
-from mnemo.data_pipeline.errors import DataError
+from mnemo.data_pipeline.errors import DataError, first_line, limit_reached, storage_error
 from mnemo.data_pipeline.lean_imports import import_streaming
 from mnemo.data_pipeline.mixture import WeightedSource, check_same_sources, choose, shares, source_names
 from mnemo.data_pipeline.partition import SourceQueue, epoch_order, rank_block  # noqa: F401 (epoch_order, rank_block: this module's API since before partition.py)
@@ -60,6 +61,8 @@ from mnemo.data_pipeline.paths import is_remote, local_path, not_utf8
 from mnemo.data_pipeline.shm import streaming_dataset
 
 STATE_VERSION = 1
+
+log = logging.getLogger(__name__)
 
 
 class DocumentSource(Protocol):
@@ -137,22 +140,37 @@ def decompress_cache(data_dir: str, cache_dir: str) -> str:
 
 
 class MDSSource:
-    """Documents of an MDS dataset written by ``mnemo prepare``."""
+    """Documents of an MDS dataset written by ``mnemo prepare``.
+
+    Read through a cache folder (a remote dataset; a local one with compressed shards and a ``cache_dir``),
+    streaming copies each shard there when it is first read, decompresses it, and reuses what it finds
+    there in any later run on the same folder. A copy that does not match the dataset is never reused:
+    at start-up each cached file whose size is not the one index.json records is dropped (a stat per
+    shard, nothing read), each compressed copy is checked against index.json's hash when it is
+    decompressed (streaming's ``validate_hash``: the copy is read then anyway), and a shard that fails to
+    read has its copy dropped, the dataset's file checked as ``mnemo data verify`` checks it (a damaged one
+    is a one-line DataError naming it), and is read once more from a fresh copy. docs/data.md.
+    """
 
     def __init__(self, path: str, cache_dir: str | None = None, key: str = "data.path"):
         import_streaming()  # without transformers (lean_imports.py)
         from streaming import StreamingDataset
 
+        self.key = key
         self.path = "" if is_remote(path) else path  # named by errors about its data (a URL may hold a secret)
         remote = path if is_remote(path) else None
         local = cache_dir if remote else local_path(path)
         for folder in (local, cache_dir):  # streaming's shared memory names them (as UTF-8)
             if folder and (why := not_utf8(folder)) is not None:
                 raise DataError(f"{key}: {why}")
+        # A local dataset's folder and the shard entries of its index.json: the diagnosis of a shard that fails
+        # to read (verify's checks of its file).
+        self.data_dir = local or ""
+        self.index: list[dict[str, Any]] = []
         # streaming opens (and decompresses into) the files index.json names, and a FIFO index.json would
         # hang it: a dataset dir is data someone may have sent. A remote's index is checked once fetched.
         if remote is None and os.path.exists(os.path.join(local, "index.json")):
-            shards = _check_index(key, local)
+            shards = self.index = _check_index(key, local)
             if cache_dir and any(shard.get("zip_data") for shard in shards):
                 # an absolute path: streaming reads a remote as a URL, and "data:v1" has a scheme for it
                 remote, local = os.path.abspath(local), decompress_cache(local, cache_dir)
@@ -172,19 +190,121 @@ class MDSSource:
             ) from None
         if remote is not None:
             _check_index(key, local)
+        # The folder of streaming's copies of the shards (never the dataset's own: nothing is dropped there).
+        self.cache = local if remote is not None else None
+        if self.cache is not None:
+            algo = _hash_to_check(self.ds.shards)
+            for stream in self.ds.streams:  # read when a copy is decompressed (or downloaded raw), not before
+                stream.validate_hash = algo
+            self._drop_copies_of_another_size()
         self.train_only = _train_only(path, key)
         self.num_samples = int(self.ds.num_samples)
         self.samples_per_shard = np.asarray(self.ds.samples_per_shard, dtype=np.int64)
         self.has_answers = "answer_start" in getattr(self.ds.shards[0], "column_names", []) if self.ds.shards else False
 
     def get(self, idx: int) -> dict[str, Any]:
-        s = self.ds.get_item(int(idx))
+        try:
+            s = self.ds.get_item(int(idx))
+        except Exception as e:  # zstd's, streaming's (a checksum, a retry), an OSError, a decoder's: any of them
+            # First the copy goes: streaming leaves a shard whose preparation failed marked as in preparation,
+            # and every other reader of it (a prefetch thread, another local rank) would wait for it forever.
+            shard_id = int(self.ds.spanner[int(idx)][0])
+            if self.cache is not None:
+                self._drop_copy(shard_id)
+            if storage_error(e) is not None or limit_reached(e) is not None:
+                raise  # the machine, not the data: exit_status says which in one line
+            s = self._read_again(int(idx), shard_id, e)
         return {
             "tokens": s["tokens"],
             "answer_start": int(s.get("answer_start", -1)),
             "answer_len": int(s.get("answer_len", 0)),
             "source": s.get("source", ""),
         }
+
+    def _shard_name(self, shard_id: int) -> str:
+        """The file name (as in index.json) of shard ``shard_id``: its compressed file, else its raw one."""
+        raw, zipped = self.ds.shards[shard_id].file_pairs[0]
+        return (zipped or raw).basename
+
+    def _drop_copy(self, shard_id: int) -> None:
+        """Drop the cache's copies of shard ``shard_id`` (streaming's eviction: it then copies the shard again
+        when it is next read). Only ever the cache folder's files: a dataset read in place has none."""
+        assert self.cache is not None
+        try:
+            self.ds.evict_shard(shard_id)
+        except RuntimeError as e:  # a copy whose decompression failed was never counted: no cache_limit is set
+            if "Negative cache usage" not in str(e):
+                raise
+
+    def _drop_copies_of_another_size(self) -> None:
+        """Drop each shard whose copy (compressed or decompressed) in the cache has another size than
+        index.json records: a copy of another version of the dataset, or one cut short. A stat per file; the
+        contents of a compressed copy are checked by hash when it is decompressed (``validate_hash``), and a
+        decompressed copy is only ever made from a compressed one so checked."""
+        for i, shard in enumerate(self.ds.shards):
+            for raw, zipped in shard.file_pairs:
+                wrong = [f for f in (raw, zipped) if f is not None and _size(shard, f.basename) not in (None, f.bytes)]
+                if wrong:
+                    log.warning(
+                        "%s: the cached copy of shard %s has another size than index.json records: copying it again",
+                        self.key,
+                        self._shard_name(i),
+                    )
+                    self._drop_copy(i)
+                    break
+
+    def _read_again(self, idx: int, shard_id: int, err: Exception) -> dict[str, Any]:
+        """Sample ``idx`` of shard ``shard_id`` after streaming failed to read it (``err``; the cache's copy is
+        dropped): a damaged shard of a local dataset is a DataError naming it, found as ``mnemo data verify``
+        finds it; else the sample is read once more, from a fresh copy; else a DataError naming the shard."""
+        from mnemo.data_pipeline.verify import read_shard
+
+        name = self._shard_name(shard_id)
+        where = f"{self.key}: {self.path}" if self.path else f"{self.key}: the remote dataset"
+        if self.index:
+            try:
+                read_shard(self.data_dir, self.index[shard_id])
+            except DataError as e:
+                raise DataError(
+                    f"{self.key}: {self.path}: {e}; repair the dataset or prepare it again "
+                    f"(`mnemo data verify {self.path}` checks every shard)"
+                ) from err
+        why = f"{type(err).__name__}: {first_line(err)}"
+        if self.cache is None:
+            raise DataError(f"{where}: shard {name} cannot be read ({why})") from err
+        log.warning("%s: shard %s: its cached copy cannot be read (%s): copying it again", where, name, why)
+        try:
+            return self.ds.get_item(idx)
+        except Exception as again:
+            if storage_error(again) is not None or limit_reached(again) is not None:
+                raise
+            self._drop_copy(shard_id)
+            why = f"{type(again).__name__}: {first_line(again)}"
+            checked = " (its file there checks out against index.json)" if self.index else ""
+            raise DataError(f"{where}: shard {name}{checked} cannot be read from a fresh copy ({why})") from again
+
+
+def _size(shard: Any, basename: str) -> int | None:
+    """The size of file ``basename`` of a streaming shard reader in its folder; None if there is none."""
+    try:
+        return os.stat(os.path.join(shard.dirname, shard.split, basename)).st_size
+    except OSError:  # not copied yet
+        return None
+
+
+def _hash_to_check(shards: Sequence[Any]) -> str | None:
+    """The algorithm streaming checks each shard's copy with when it decompresses (or downloads) it: one that
+    index.json records for the file streaming reads of every shard (its compressed file, else its raw one),
+    sha1 (what prepare records) where it can; None when there is none (a dataset written without hashes)."""
+    from streaming.base.hashing import get_hashes
+
+    common: set[str] | None = None
+    for shard in shards:
+        for raw, zipped in shard.file_pairs:
+            algos = set((zipped or raw).hashes or {})
+            common = algos if common is None else common & algos
+    usable = (common or set()) & get_hashes()
+    return "sha1" if "sha1" in usable else min(usable, default=None)
 
 
 def _train_only(path: str, key: str) -> int:

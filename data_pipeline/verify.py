@@ -92,8 +92,11 @@ def other_tokenizer(manifest: dict, tokenizer_sha256: str | None) -> str | None:
     return None
 
 
-def _shard_bytes(data_dir: str, shard: dict) -> tuple[str, bytes]:
-    """(name, raw bytes) of one shard after the size/hash/decompression checks."""
+def read_shard(data_dir: str, shard: dict) -> tuple[str, bytes]:
+    """(name, raw bytes) of one shard after the size/hash/decompression checks; DataError naming the shard.
+
+    Also training's diagnosis of a shard that streaming failed to read (streams.MDSSource).
+    """
     import_streaming()  # without transformers (lean_imports.py)
     from streaming.base.compression import decompress
     from streaming.base.hashing import get_hash
@@ -213,7 +216,7 @@ def iter_shard_samples(data_dir: str, index: dict) -> Iterator[tuple[str, int, d
     from streaming.base.format.mds.reader import MDSReader
 
     for shard in index.get("shards", []):
-        name, raw = _shard_bytes(data_dir, shard)
+        name, raw = read_shard(data_dir, shard)
         refuse_code_columns(f"shard {name}", shard.get("column_names"), shard.get("column_encodings"))
         if len(raw) < 4:
             raise DataError(f"shard {name}: too short to hold a sample count")

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import shutil
 import signal
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -404,3 +406,110 @@ def test_each_machine_decompresses_into_its_own_cache_folder(copy, tmp_path, mon
     monkeypatch.setattr(socket, "gethostname", lambda: "../../x y")
     odd = node_cache_dir(str(cache))
     assert os.path.dirname(odd) == str(cache) and os.path.basename(odd).startswith("node-h")
+
+
+def _samples_of_shard(src, k: int) -> list[int]:
+    """The sample ids of shard ``k`` of an MDSSource."""
+    start = int(src.samples_per_shard[:k].sum())
+    return list(range(start, start + int(src.samples_per_shard[k])))
+
+
+def _docs(src) -> list[list[int]]:
+    return [src.get(i)["tokens"].tolist() for i in range(src.num_samples)]
+
+
+def _closed(src) -> None:
+    """Let go of an MDSSource: its cache folder may be opened again (streaming refuses one registered by a live one)."""
+    del src
+    gc.collect()
+
+
+def test_a_damaged_shard_at_training_time_is_one_line_and_its_copy_is_not_reused(copy, tmp_path):
+    """A truncated .zstd was a zstd.Error traceback in the rank; and its copy stayed in the cache folder, named
+    by index.json's hash (the same once the dataset was repaired), so every later run there failed the same way."""
+    from mnemo.data_pipeline.streams import MDSSource
+
+    name, path = _shard(copy)
+    good = path.read_bytes()
+    path.write_bytes(good[: len(good) // 2])
+    cache = tmp_path / "cache"
+    src = MDSSource(str(copy), cache_dir=str(cache))
+    with pytest.raises(DataError) as e:
+        src.get(_samples_of_shard(src, 1)[0])
+    assert str(e.value) == (
+        f"data.path: {copy}: shard {name}: {len(good) // 2} bytes, index.json says {len(good)} (truncated or "
+        f"replaced); repair the dataset or prepare it again (`mnemo data verify {copy}` checks every shard)"
+    )
+    _closed(src)
+    path.write_bytes(good)  # repaired: `mnemo data verify` is content, and so is training on the same cache
+    verify(str(copy), roundtrip_docs=0)
+    want = _docs(MDSSource(str(copy), cache_dir=str(tmp_path / "fresh")))
+    assert _docs(MDSSource(str(copy), cache_dir=str(cache))) == want
+
+
+def test_a_same_size_damage_is_found_by_the_hash_index_json_records(copy, tmp_path):
+    """A flipped byte keeps the size: streaming checked no hash, and a frame that still decompressed was read."""
+    from mnemo.data_pipeline.streams import MDSSource
+
+    name, path = _shard(copy)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    src = MDSSource(str(copy), cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(DataError, match=rf"^data.path: {copy}: shard {name}: sha1 does not match index.json"):
+        src.get(_samples_of_shard(src, 1)[-1])
+
+
+@pytest.mark.parametrize("bad", ["short zstd", "flipped zstd", "short mds"])
+def test_a_cached_copy_that_does_not_match_the_dataset_is_copied_again(copy, tmp_path, bad):
+    """A copy left in the cache folder (by a run that stopped on a damaged shard, or killed while copying, or cut
+    short since) was reused as it was: a decompression error, or documents read short, at every run."""
+    from mnemo.data_pipeline.streams import MDSSource, decompress_cache
+
+    name, path = _shard(copy)
+    cache = tmp_path / "cache"
+    want = _docs(MDSSource(str(copy), cache_dir=str(cache)))
+    gc.collect()
+    zipped = Path(decompress_cache(str(copy), str(cache))) / name
+    raw = zipped.with_suffix("")  # shard.00001.mds, decompressed
+    assert raw.is_file() and not zipped.exists()
+    if bad == "short mds":
+        raw.write_bytes(raw.read_bytes()[:-10])
+    else:
+        raw.unlink()
+        data = bytearray(path.read_bytes())
+        if bad == "short zstd":
+            data = data[: len(data) // 2]
+        else:
+            data[len(data) // 2] ^= 0xFF
+        zipped.write_bytes(bytes(data))
+    assert _docs(MDSSource(str(copy), cache_dir=str(cache))) == want
+    index = json.loads((copy / "index.json").read_text())
+    assert raw.stat().st_size == index["shards"][1]["raw_data"]["bytes"]  # decompressed again, whole
+
+
+def test_readers_waiting_for_a_damaged_shard_are_not_left_waiting(copy, tmp_path):
+    """streaming marks a shard as in preparation while it copies and decompresses it; when that failed, the mark
+    stayed, and every other reader of the shard (a prefetch thread, another local rank) waited forever."""
+    from mnemo.data_pipeline.streams import MDSSource
+
+    _, path = _shard(copy)
+    path.write_bytes(path.read_bytes()[:100])
+    src = MDSSource(str(copy), cache_dir=str(tmp_path / "cache"))
+    ids = _samples_of_shard(src, 1)[:3]
+    assert len(ids) >= 2
+    got: dict[int, str] = {}
+
+    def read(i: int) -> None:
+        try:
+            src.get(i)
+            got[i] = "read"
+        except Exception as e:
+            got[i] = type(e).__name__
+
+    threads = [threading.Thread(target=read, args=(i,), daemon=True) for i in ids]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert got == {i: "DataError" for i in ids}
