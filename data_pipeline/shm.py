@@ -13,7 +13,8 @@ memory of other live jobs too (another user's run, an evaluation starting at the
 same moment). mnemo unlinks a prefix only when every folder it registers lies
 inside a folder this job owns exclusively (the trainer: its run directory's
 download cache, the run directory being held under ``run.lock``): no live process
-can be using it.
+can be using it. A run that ends removes its own prefix's lock files in the temp folder
+(``release_lock_files``), which streaming never removes.
 
 Linux keeps POSIX shared memory under /dev/shm; elsewhere nothing is released.
 """
@@ -75,7 +76,7 @@ def release_stale_shm(owned_dir: str | os.PathLike, shm_dir: Path = SHM_DIR) -> 
     in the temp folder go too. Returns the names unlinked.
     """
     import_streaming()  # without transformers (lean_imports.py)
-    from streaming.base.constant import BARRIER_FILELOCK, CACHE_FILELOCK, SHM_TO_CLEAN
+    from streaming.base.constant import SHM_TO_CLEAN
 
     if not shm_dir.is_dir():
         return []
@@ -92,10 +93,8 @@ def release_stale_shm(owned_dir: str | os.PathLike, shm_dir: Path = SHM_DIR) -> 
         if not folders or not all(is_inside(f, owned_dir) for f in folders):
             continue
         prefix = m.group(1)
-        # Its segments, then its file locks in the temp folder (streaming skips a prefix whose lock files exist:
-        # left behind, they would retire the number for good).
-        files = [shm_dir / f"{prefix}_{kind}" for kind in SHM_TO_CLEAN]
-        files += [Path(tempfile.gettempdir()) / f"{prefix}_{kind}" for kind in (BARRIER_FILELOCK, CACHE_FILELOCK)]
+        # Its segments, then its file locks in the temp folder (lock_files).
+        files = [shm_dir / f"{prefix}_{kind}" for kind in SHM_TO_CLEAN] + lock_files(int(prefix))
         for f in files:
             try:
                 f.unlink()
@@ -104,6 +103,40 @@ def release_stale_shm(owned_dir: str | os.PathLike, shm_dir: Path = SHM_DIR) -> 
                 pass
     if removed:
         log.info("released shared memory leaked by an earlier job of this run: %s", ", ".join(removed))
+    return removed
+
+
+def lock_files(prefix: int) -> list[Path]:
+    """streaming's file locks of shared-memory prefix ``prefix`` in the temp folder, present or not.
+
+    streaming skips a prefix whose lock files exist when it picks one: left behind, they retire the number
+    for good (and pile up in the temp folder, one per job).
+    """
+    import_streaming()  # without transformers (lean_imports.py)
+    from streaming.base.constant import BARRIER_FILELOCK, CACHE_FILELOCK
+
+    return [Path(tempfile.gettempdir()) / f"{prefix:06d}_{kind}" for kind in (BARRIER_FILELOCK, CACHE_FILELOCK)]
+
+
+def release_lock_files(dataset: object) -> list[str]:
+    """Remove the file locks that streaming made in the temp folder for ``dataset`` (a StreamingDataset): the
+    names removed.
+
+    They are this job's: streaming picked the dataset's prefix only because no lock file of it existed, and
+    no other process picks it while the dataset's ``_locals`` segment registers it. Call once every process
+    of the job on this machine is done reading the dataset (after a barrier, from one of them): one that
+    still took the lock would make a new file, and two holders of two files would not exclude each other.
+    """
+    prefix = getattr(dataset, "_shm_prefix_int", None)  # streaming's own record of the prefix it picked
+    if type(prefix) is not int:
+        return []
+    removed = []
+    for f in lock_files(prefix):
+        try:
+            f.unlink()
+            removed.append(f.name)
+        except OSError:  # never made (the barrier's, unless iterated), or gone already
+            pass
     return removed
 
 

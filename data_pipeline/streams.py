@@ -58,7 +58,7 @@ from mnemo.data_pipeline.lean_imports import import_streaming
 from mnemo.data_pipeline.mixture import WeightedSource, check_same_sources, choose, shares, source_names
 from mnemo.data_pipeline.partition import SourceQueue, epoch_order, rank_block  # noqa: F401 (epoch_order, rank_block: this module's API since before partition.py)
 from mnemo.data_pipeline.paths import is_remote, local_path, not_utf8
-from mnemo.data_pipeline.shm import streaming_dataset
+from mnemo.data_pipeline.shm import release_lock_files, streaming_dataset
 
 STATE_VERSION = 1
 
@@ -220,6 +220,11 @@ class MDSSource:
             "answer_len": int(s.get("answer_len", 0)),
             "source": s.get("source", ""),
         }
+
+    def release_lock_files(self) -> list[str]:
+        """Remove streaming's lock files of this dataset in the temp folder (shm.release_lock_files: when every
+        process of the job on this machine is done reading it, from one of them)."""
+        return release_lock_files(self.ds)
 
     def _shard_name(self, shard_id: int) -> str:
         """The file name (as in index.json) of shard ``shard_id``: its compressed file, else its raw one."""

@@ -594,6 +594,8 @@ class Trainer:
                 exit_reason, eval_result = self._steps()
             finally:
                 self._shut_down(exit_reason)
+            if exit_reason != "nan":  # every rank stopped here, by a collective decision
+                self._release_data_lock_files()
             if exit_reason == "nan":
                 raise UserError(
                     f"{self.loop.nonfinite or 'loss'} became NaN/inf at step {self.counters.step} "
@@ -686,6 +688,18 @@ class Trainer:
                 self.tracker.log_artifact(str(f), "logs")
         status = {"nan": "FAILED", "failed": "FAILED", "preempted": "KILLED"}.get(exit_reason, "FINISHED")
         self.tracker.close(status)
+
+    def _release_data_lock_files(self) -> None:
+        """Collective: once every rank is done reading the data, each machine's local rank 0 removes streaming's
+        lock files of this job's datasets in the temp folder (one per dataset, per run; they retired their
+        prefix numbers for good and piled up there: data_pipeline/shm.py release_lock_files)."""
+        from mnemo.train.collectives import barrier
+
+        barrier()
+        if self.info.local_rank == 0:
+            for source in [m.source for m in self.mixture] or [self.source]:
+                if hasattr(source, "release_lock_files"):
+                    source.release_lock_files()
 
     def _summary(self, exit_reason: str, eval_result: dict[str, Any]) -> dict[str, Any]:
         summary = {

@@ -206,6 +206,30 @@ def test_stop_request_on_an_evaluation_step_saves_at_once(world1, data, tmp_path
     assert (run_dir / "PREEMPTED").read_text().strip() == "2"
 
 
+def test_a_finished_run_leaves_no_streaming_lock_file_in_the_temp_folder(world1, data, tmp_path, monkeypatch):
+    """Every training run left one empty /tmp/NNNNNN_cache_filelock (streaming's, made when it first copies a
+    shard), and streaming skips a prefix whose lock file exists: the numbers climbed and the files piled up."""
+    import tempfile
+
+    from mnemo.data_pipeline import streams
+    from mnemo.train import trainer
+
+    opened = []
+    init = streams.MDSSource.__init__
+
+    def remember(self, *a, **k):
+        init(self, *a, **k)
+        opened.append(self)
+
+    monkeypatch.setattr(streams.MDSSource, "__init__", remember)
+    cfg = config(data, tmp_path / "run", "train.max_steps=2", "checkpoint.interval=0", "eval.max_docs=1")
+    assert trainer.train(cfg)["exit"] == "completed"
+    (source,) = opened
+    assert source.cache is not None and list((tmp_path / "run" / "data_cache").rglob("*.mds")), "shards were copied"
+    lock = Path(tempfile.gettempdir()) / f"{source.ds._shm_prefix_int:06d}_cache_filelock"
+    assert not lock.exists()
+
+
 def test_summary_json_is_strict_json_with_a_nan_as_null(world1, data, tmp_path, monkeypatch):
     """summary.json held bare NaN (an empty bucket's loss interval), which strict JSON readers (jq,
     JavaScript's JSON.parse) refuse; eval.json and `mnemo eval --json` write null."""

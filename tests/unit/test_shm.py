@@ -210,3 +210,25 @@ def test_the_prefix_lock_lives_in_the_shared_memory_folder_it_guards(tmp_path):
     b.mkdir()
     assert prefix_lock_path(a) == str(a / PREFIX_LOCK) and prefix_lock_path(b) == str(b / PREFIX_LOCK)
     assert prefix_lock_path(tmp_path / "none").endswith(PREFIX_LOCK)  # no such folder: the temp folder's
+
+
+@needs_shm
+def test_a_readers_lock_file_goes_when_it_is_done(tmp_path):
+    """streaming makes /tmp/NNNNNN_cache_filelock when it first copies a shard and never removes it; it skips a
+    prefix whose lock file exists, so every training run retired a number for good and left a file (12 runs,
+    12 files). Done reading, the job removes its own: the one of the prefix its dataset picked."""
+    from streaming import MDSWriter
+
+    from mnemo.data_pipeline.streams import MDSSource
+
+    data = tmp_path / "data"
+    with MDSWriter(out=str(data), columns={"tokens": "ndarray:uint16"}, size_limit=4096, compression="zstd") as w:
+        for i in range(30):
+            w.write({"tokens": np.arange(i + 5, dtype=np.uint16)})
+    src = MDSSource(str(data), cache_dir=str(tmp_path / "cache"))
+    assert src.get(3)["tokens"].tolist() == list(range(8))  # a shard copied: its cache lock taken
+    mine = Path(tempfile.gettempdir()) / f"{src.ds._shm_prefix_int:06d}_cache_filelock"
+    assert mine.is_file()
+    assert src.release_lock_files() == [mine.name]
+    assert not mine.exists()
+    assert src.release_lock_files() == []  # nothing else is ever removed
