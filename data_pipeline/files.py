@@ -45,6 +45,8 @@ def make_dirs(folder: str | Path) -> list[Path]:
     while not p.exists() and not p.is_symlink() and p != p.parent:
         missing.append(p)
         p = p.parent
+    if not missing and not folder.is_dir():  # as mkdir(exist_ok=True): a file there is no folder
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(folder))
     # One at a time, each recorded: mkdir(parents=True) failing deeper down (a name too long) left the
     # parents it had made, which no caller knew of. On a failure the ones made here are removed again.
     made: list[Path] = []

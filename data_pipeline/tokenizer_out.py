@@ -17,7 +17,15 @@ from pathlib import Path
 import sentencepiece as spm
 
 from mnemo.data_pipeline.errors import DataError, clip
-from mnemo.data_pipeline.files import OutputTaken, new_file_mode, not_a_regular_file, open_regular, publish
+from mnemo.data_pipeline.files import (
+    OutputTaken,
+    make_dirs,
+    new_file_mode,
+    not_a_regular_file,
+    open_regular,
+    publish,
+    remove_made_dirs,
+)
 from mnemo.data_pipeline.paths import remote_output_problem
 
 
@@ -30,17 +38,21 @@ def write_model_file(out: Path, data: bytes, overwrite: bool | None = None) -> N
     file put at ``out`` since then is replaced only where that check would replace it now (with
     ``overwrite``, a model mnemo wrote); otherwise the check's own error, saying where the new model was
     kept. None: ``out`` is mnemo's alone (prepare's state dir), replaced whatever is there.
+
+    The folders made for ``out`` go again when the model is not written (only those, and only while
+    empty): a name too long for the file system left its new parent folders behind.
     """
     tmp = None
+    made: list[Path] = []
     may_replace = None if overwrite is None else is_mnemo_sentencepiece if overwrite else _nothing
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
+        made = make_dirs(out.parent)
         fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             os.fchmod(f.fileno(), new_file_mode())  # mkstemp made it 0600: read like the files beside it
         publish(tmp, out, may_replace)
-        tmp = None
+        tmp, made = None, []  # written: the folders stay
     except OutputTaken as e:
         tmp = None  # kept aside or removed by publish
         try:
@@ -57,6 +69,8 @@ def write_model_file(out: Path, data: bytes, overwrite: bool | None = None) -> N
                 os.unlink(tmp)
             except OSError:
                 pass
+        if made:
+            remove_made_dirs(made)  # after the temporary file: only empty folders go
 
 
 def _nothing(path: Path) -> bool:

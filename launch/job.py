@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mnemo.data_pipeline.errors import brief
+from mnemo.data_pipeline.files import make_dirs, remove_made_dirs
 from mnemo.launch.torchrun import MAX_NODES, MAX_PROCS_PER_NODE, check_count
 from mnemo.train.errors import UserError, visible
 
@@ -167,12 +168,14 @@ def _check_values(req: LaunchRequest, cfg, run_dir: Path, cwd: str) -> None:
             raise UserError(f"--rdzv-id {brief(req.rdzv_id)} starts with '-' (it would be read as an option)")
 
 
-def make_run_dir(run_dir: Path) -> None:
+def make_run_dir(run_dir: Path) -> list[Path]:
     """Create ``run_dir`` (absolute) for the first file launch writes there; UserError naming run.dir if it cannot be.
+    The folders made (``make_dirs``), for ``remove_made_dirs`` when the launch fails before writing into them.
 
     A path through an existing file is refused before anything is created
     (it would be a NotADirectoryError from deep inside); any other failure
-    to create it (no permission, a file system such as /proc) says why.
+    to create it (no permission, a file system such as /proc, a name too
+    long) says why, and leaves none of the folders made on the way.
     """
     existing = run_dir
     while not existing.exists() and existing != existing.parent:  # exists(): False under a file too
@@ -181,9 +184,19 @@ def make_run_dir(run_dir: Path) -> None:
         where = "" if existing == run_dir else f"{run_dir}: "
         raise UserError(f"run.dir: {where}{existing} is not a directory")
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        return make_dirs(run_dir)
     except OSError as e:
         raise UserError(f"run.dir: cannot create {run_dir}: {e.strerror or e}") from None
+
+
+def _write_slurm_script(slurm, opts, run_dir: Path) -> Path:
+    """``slurm.write_script`` into ``run_dir``, made here if missing; the folders made go again if it fails."""
+    made = make_run_dir(run_dir)
+    try:
+        return slurm.write_script(opts)
+    except BaseException:
+        remove_made_dirs(made)  # only while empty
+        raise
 
 
 def _job_name(cfg, run_dir: Path) -> str:
@@ -267,9 +280,13 @@ def launch(req: LaunchRequest) -> int:
         return 0
     from mnemo.launch.local import run_node
 
-    make_run_dir(run_dir)  # the node's log goes there first
+    made = make_run_dir(run_dir)  # the node's log goes there first
     os.environ.update(secret_env)  # torchrun and the ranks inherit it
-    return run_node(plan, stop_on_stdin_eof=req.stop_on_stdin_eof)
+    try:
+        return run_node(plan, stop_on_stdin_eof=req.stop_on_stdin_eof)
+    except BaseException:
+        remove_made_dirs(made)  # only while empty: a node log written keeps them
+        raise
 
 
 def _hostfile(
@@ -414,16 +431,14 @@ def _slurm(
     if port is not None and not 1 <= port <= 65535:
         raise UserError(f"--master-port must be in [1, 65535], got {port}")
     if req.dry_run:
-        make_run_dir(run_dir)
-        path = slurm.write_script(opts)
+        path = _write_slurm_script(slurm, opts, run_dir)
         sys.stdout.write(slurm.sbatch_script(opts))
         print(visible(f"mnemo launch: wrote {path} (not submitted: --dry-run)"), file=sys.stderr)
         if no_gpu:
             print(warning, file=sys.stderr)
         return 0
     sbatch = slurm.find_sbatch()
-    make_run_dir(run_dir)
-    path = slurm.write_script(opts)
+    path = _write_slurm_script(slurm, opts, run_dir)
     from mnemo.launch.remote import NOT_FORWARDED
 
     # sbatch hands the job its whole environment: the nodes choose their own accelerator, as over ssh.

@@ -68,6 +68,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import IO
 
 # At import, never inside a signal handler: a second signal landing while a handler imported it (Ctrl-C
@@ -76,7 +77,7 @@ from typing import IO
 import psutil
 
 from mnemo.data_pipeline.errors import storage_error
-from mnemo.data_pipeline.files import NotRegularFile, open_own_file
+from mnemo.data_pipeline.files import NotRegularFile, make_dirs, open_own_file, remove_made_dirs
 from mnemo.data_pipeline.processes import die_with_parent
 from mnemo.data_pipeline.tmp_dirs import mark_owner, mkdtemp_name_re, sweep_leftovers
 from mnemo.launch.torchrun import WORKER_EXITS_ENV, NodePlan, node_env, rdzv_endpoint, torchrun_command
@@ -180,9 +181,14 @@ def open_node_log(plan: NodePlan) -> IO[str]:
     appended to its target, wherever it points, and a FIFO would block the open.
     """
     path = plan.log_path
+    made: list[Path] = []
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = open_own_file(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+        try:
+            made = make_dirs(path.parent)
+            fd = open_own_file(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+        except BaseException:
+            remove_made_dirs(made)  # the logs folder made for a log that could not be opened
+            raise
     except NotRegularFile as e:
         raise UserError(f"{path} is {e}; mnemo launch appends its node log only to a file of its own") from None
     except OSError as e:

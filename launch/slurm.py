@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mnemo.data_pipeline.errors import brief
-from mnemo.data_pipeline.files import atomic_write_text
+from mnemo.data_pipeline.files import atomic_write_text, make_dirs, remove_made_dirs
 from mnemo.data_pipeline.processes import python_command
 from mnemo.launch.env import mnemo_installed, package_root
 from mnemo.launch.torchrun import MAX_NODES, MAX_PROCS_PER_NODE, check_count, check_line_safe
@@ -436,14 +436,18 @@ def write_script(o: SlurmOptions) -> Path:
     """
     path = o.script_path
     text = sbatch_script(o)
+    made: list[Path] = []  # folders made here: removed again (while empty) when the script is not written
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        made += make_dirs(path.parent)
         # SLURM does not create the output file's directory; without it the job's log is lost.
-        (o.run_dir / "logs").mkdir(parents=True, exist_ok=True)
+        made += make_dirs(o.run_dir / "logs")
         check_replaceable(path)
         atomic_write_text(path, text, mode=0o755)
-    except OSError as e:
-        raise UserError(f"run.dir: cannot write {e.filename or path}: {e.strerror or e}") from None
+    except BaseException as e:
+        remove_made_dirs(made)
+        if isinstance(e, OSError):
+            raise UserError(f"run.dir: cannot write {e.filename or path}: {e.strerror or e}") from None
+        raise
     return path
 
 

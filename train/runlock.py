@@ -26,7 +26,7 @@ import fcntl
 import os
 from pathlib import Path
 
-from mnemo.data_pipeline.files import LockBusy, take_flock
+from mnemo.data_pipeline.files import LockBusy, make_dirs, remove_made_dirs, take_flock
 from mnemo.train.errors import UserError
 from mnemo.train.rundir import run_dir_unusable
 
@@ -46,13 +46,19 @@ class RunLock:
 
     def acquire(self) -> None:
         """Take the lock or raise RunDirBusy naming the holder; UserError naming the lock file when it cannot
-        be made or locked (a symbolic link there, a read-only folder). Creates run_dir if needed."""
+        be made or locked (a symbolic link there, a read-only folder). Creates run_dir if needed; the folders
+        made for it are removed again when the lock is not taken (a name too long left its parents behind)."""
         why = run_dir_unusable(self.path.parent)
         if why is not None:
             raise UserError(f"run.dir: {why}")
+        made: list[Path] = []
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd = take_flock(self.path)
+            try:
+                made = make_dirs(self.path.parent)
+                fd = take_flock(self.path)
+            except BaseException:
+                remove_made_dirs(made)  # only empty ones: a lock file made before the failure keeps its folder
+                raise
         except LockBusy as e:
             raise RunDirBusy(
                 f"run.dir: {self.path.parent} is in use by another job ({e.holder}); "

@@ -358,6 +358,16 @@ def test_out_name_too_long_is_one_line_before_training(tmp_path, capsys, name):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus"]
 
 
+def test_out_name_too_long_below_new_folders_leaves_no_folders(tmp_path, capsys):
+    """A 256-byte model name under folders that did not exist: the write failed after training and left
+    md/np/sub behind."""
+    out = tmp_path / "md" / "np" / "sub" / ("x" * 256 + ".model")
+    rc, err = _cli(capsys, "--input", str(_corpus(tmp_path, 3)), "--vocab-size", "400", "--out", str(out))
+    assert rc == 2 and err.count("\n") == 1 and err.startswith("mnemo: error: --out "), err
+    assert "File name too long" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus"]
+
+
 def test_out_directory_is_refused_before_training_and_leaves_nothing(tmp_path, capsys):
     """--out an existing directory: was an IsADirectoryError after training, with tokdir.tmp<pid> left behind."""
     (tmp_path / "tokdir").mkdir()
@@ -447,7 +457,7 @@ def test_a_failed_write_leaves_no_temporary_file(tmp_path, monkeypatch):
     out = tmp_path / "out" / "t.model"
     with pytest.raises(DataError, match=r"--out .*t\.model: cannot write the model \(No space left on device\)"):
         train_tokenizer([str(_corpus(tmp_path, 5))], out, vocab_size=400)
-    assert os.listdir(out.parent) == []
+    assert sorted(os.listdir(tmp_path)) == ["corpus"]  # no temporary file, nor the folder made for it
 
 
 def test_existing_out_file_is_replaced_only_if_it_is_a_mnemo_model_and_overwrite(tok, tmp_path, capsys):

@@ -126,6 +126,20 @@ def test_run_lock_names_its_holder_and_dies_with_it(tmp_path):
     RunLock(tmp_path / "run").acquire()  # released on exit of the with block
 
 
+def test_run_lock_that_cannot_be_made_leaves_no_folders(tmp_path):
+    # Was: mkdir(parents=True) made md/np/sub, failed on the 256-byte name below it, and left them behind.
+    from mnemo.train.errors import UserError
+    from mnemo.train.runlock import RunLock
+
+    with pytest.raises(UserError, match="run.dir: cannot lock .*: File name too long"):
+        RunLock(tmp_path / "md" / "np" / "sub" / ("x" * 256) / "r").acquire()
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "kept").mkdir()  # a folder there before stays
+    with pytest.raises(UserError):
+        RunLock(tmp_path / "kept" / ("x" * 256)).acquire()
+    assert [p.name for p in tmp_path.iterdir()] == ["kept"] and list((tmp_path / "kept").iterdir()) == []
+
+
 def test_run_lock_that_is_a_link_or_not_a_file_is_refused_and_its_target_untouched(tmp_path):
     # Was: os.open(run.lock, O_RDWR | O_CREAT) followed the link and the holder's JSON overwrote its target.
     from mnemo.train.errors import UserError

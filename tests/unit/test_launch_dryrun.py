@@ -670,6 +670,35 @@ def test_local_run_dir_that_cannot_be_a_directory_fails_before_start(ws, capsys,
     assert err == "mnemo: error: run.dir: cannot create /proc/mnemo-x: No such file or directory\n"
 
 
+@pytest.mark.parametrize("target", [["--slurm", "--dry-run"], ["--nproc-per-node", "1"]])
+def test_run_dir_name_too_long_leaves_no_folders(ws, capsys, monkeypatch, target):
+    # Was: run_dir.mkdir(parents=True) made md/np/sub, then failed on the 256-byte name below it, and
+    # left them behind.
+    def no_start(*a, **k):
+        raise AssertionError("started")
+
+    monkeypatch.setattr("mnemo.launch.local.run_node", no_start)
+    before = sorted(p.name for p in ws.iterdir())
+    err = _fails(capsys, "c.yaml", *target, f"run.dir=md/np/sub/{'x' * 256}/r")
+    assert err.startswith("mnemo: error: run.dir: cannot create ") and err.endswith(": File name too long\n"), err
+    assert sorted(p.name for p in ws.iterdir()) == before
+
+
+def test_slurm_script_not_written_leaves_no_folders(ws, capsys, monkeypatch):
+    """The run dir and logs folder made for a script that could not be written go again (only while empty)."""
+
+    def refused(*a, **k):
+        raise OSError(28, "No space left on device", str(ws / "md" / "r" / "slurm" / "x.sbatch"))
+
+    monkeypatch.setattr("mnemo.launch.slurm.atomic_write_text", refused)
+    err = _fails(capsys, "c.yaml", "--slurm", "--dry-run", "run.dir=md/r")
+    assert err.endswith(": No space left on device\n"), err
+    assert not (ws / "md").exists()
+    (ws / "kept").mkdir()  # a folder that was there before stays
+    _fails(capsys, "c.yaml", "--slurm", "--dry-run", "run.dir=kept/r")
+    assert list((ws / "kept").iterdir()) == []
+
+
 def test_malformed_hostfile_names_line(ws, capsys):
     (ws / "bad").write_text("# ok\nworker-0 slots=2\nworker-1 slots=\n")
     assert "bad:3: malformed line 'worker-1 slots='" in _fails(capsys, "c.yaml", "--hostfile", "bad", "--dry-run")
