@@ -7,6 +7,7 @@ import re
 import stat
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 
 from mnemo.data_pipeline.errors import DataError, brief
 from mnemo.data_pipeline.redact import redact_uri
@@ -30,13 +31,14 @@ def is_file_url(uri: str) -> bool:
     return uri.startswith("file:")
 
 
-def parse_url(url: str, what: str) -> urllib.parse.ParseResult:
+def parse_url(url: str, what: str, hide: Callable[[str], str] | None = None) -> urllib.parse.ParseResult:
     """``urllib.parse.urlparse`` of a URL the user gave as ``what`` (a flag or key): one it cannot split (an
-    unbalanced '[' or ']' in the host: "Invalid IPv6 URL") is a DataError naming ``what``, not a traceback."""
+    unbalanced '[' or ']' in the host: "Invalid IPv6 URL") is a DataError naming ``what``, not a traceback.
+    ``hide``: as ``brief``'s, for the URL shown (a caller's redaction of credentials)."""
     try:
         return urllib.parse.urlparse(url)
     except ValueError as e:
-        raise DataError(f"{what} {brief(url, 200)}: not a valid URL ({e})") from None
+        raise DataError(f"{what} {brief(url, 200, hide=hide)}: not a valid URL ({e})") from None
 
 
 def remote_output_problem(path: str | os.PathLike, kind: str = "folder") -> str | None:

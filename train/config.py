@@ -24,9 +24,16 @@ from typing import Any, Literal
 
 import yaml
 
-from mnemo.data_pipeline.errors import brief, clip
+from mnemo.data_pipeline.errors import DataError, brief, clip
 from mnemo.data_pipeline.files import not_a_regular_file, open_regular
-from mnemo.data_pipeline.paths import is_remote, local_path, not_a_dataset_dir, not_utf8, remote_output_problem
+from mnemo.data_pipeline.paths import (
+    is_remote,
+    local_path,
+    not_a_dataset_dir,
+    not_utf8,
+    parse_url,
+    remote_output_problem,
+)
 from mnemo.train.errors import UserError, path_errors
 from mnemo.data_pipeline.redact import redact_uri, redact_uri_value
 
@@ -933,7 +940,6 @@ def validate(cfg: Config) -> None:
     document_fits(in_use, cfg.model.segment_len)
     need(cfg.eval.task_trials >= 1, "eval.task_trials", "must be >= 1")
     if cfg.eval.tasks:  # the task generators (numpy): imported only when tasks are named
-        from mnemo.data_pipeline.errors import DataError
         from mnemo.data_pipeline.tasks import parse_tasks
 
         names: list[str] = []
@@ -973,7 +979,6 @@ def refuse_repeated_task(names: list[str], key: str) -> None:
 
 def validate_sources(cfg: Config) -> None:
     """data.path xor data.sources; each source's weight, name and max_epochs (no filesystem)."""
-    from mnemo.data_pipeline.errors import DataError
     from mnemo.data_pipeline.mixture import name_problem, shares, source_names
 
     src = cfg.data.sources
@@ -1108,6 +1113,10 @@ def check_paths(cfg: Config) -> None:
             raise ConfigError(f"{key}: {_clip(path)}: {why}")
     for i, (key, path) in enumerate(data_paths(cfg)):
         if is_remote(path):  # streamed shard by shard at train time; the first dataset must be local
+            try:  # a URL streaming cannot split ("s3://[b/x") was its traceback when the ranks opened it
+                parse_url(path, key, hide=redact_uri)
+            except DataError as e:
+                raise ConfigError(str(e)) from None
             if i == 0:
                 _refuse_remote_first_dataset(cfg, key, path)
             continue
@@ -1126,7 +1135,6 @@ def check_paths(cfg: Config) -> None:
             # Cut longer than _clip's 120: the reason comes after the path (two paths when under a file).
             raise ConfigError(f"data.cache_dir: {clip(redact_uri(why), 600)}")
     if cfg.data.sources:
-        from mnemo.data_pipeline.errors import DataError
         from mnemo.data_pipeline.mixture import check_same_tokenizer
 
         try:
@@ -1140,7 +1148,6 @@ def check_paths(cfg: Config) -> None:
         if not Path(tok).is_file():
             raise ConfigError(f"data.tokenizer: no such file: {tok}")
         if cfg.data.tokenizer:  # one found in the data dir was checked by `mnemo prepare`
-            from mnemo.data_pipeline.errors import DataError
             from mnemo.data_pipeline.tokenizer import Tokenizer
 
             try:
@@ -1251,7 +1258,6 @@ def check_memory_fit(cfg: Config, ranks: int = 1) -> None:
 def manifest_vocab(cfg: Config) -> int:
     """The vocab_size of the first dataset's manifest (the model's vocabulary); 0 when it cannot be read
     (check_paths names the problem; a memory estimate then leaves the logits out)."""
-    from mnemo.data_pipeline.errors import DataError
     from mnemo.data_pipeline.verify import read_manifest
 
     key, path = data_paths(cfg)[0]
@@ -1364,7 +1370,6 @@ def check_shards(key: str, data_dir: Path) -> None:
     Checked before any rank starts: a missing shard was streaming's "path to remote dataset must be
     provided" traceback in every rank. Stat only, no hashing (`mnemo data verify` hashes).
     """
-    from mnemo.data_pipeline.errors import DataError
     from mnemo.data_pipeline.verify import check_index
 
     try:
@@ -1386,7 +1391,6 @@ def check_manifest_vocab(cfg: Config, tok: str) -> None:
     Trusted, "abc" was a ValueError in every rank, 0 a RuntimeError, one below the tokens' ids an
     IndexError, 10000000 a model of a billion parameters.
     """
-    from mnemo.data_pipeline.errors import DataError
     from mnemo.data_pipeline.tokenizer import Tokenizer
     from mnemo.data_pipeline.verify import read_manifest
 
@@ -1422,7 +1426,6 @@ def check_episode_fit(cfg: Config, tok: str) -> None:
     pk = cfg.train.passkey
     if pk.fraction <= 0:
         return
-    from mnemo.data_pipeline.errors import DataError
     from mnemo.data_pipeline.passkey import RoundTripError
     from mnemo.data_pipeline.task_sizes import check_fit, stand_in_filler
     from mnemo.data_pipeline.tasks import parse_tasks
@@ -1457,7 +1460,6 @@ def check_passkey_eval_fit(cfg: Config, tok: str) -> None:
         return
     import numpy as np
 
-    from mnemo.data_pipeline.errors import DataError
     from mnemo.data_pipeline.passkey import RoundTripError, make_passkey_sample
     from mnemo.data_pipeline.task_sizes import stand_in_filler
     from mnemo.data_pipeline.tokenizer import Tokenizer

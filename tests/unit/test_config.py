@@ -322,6 +322,21 @@ def test_a_mixture_may_stream_its_later_sources_but_not_the_first(tmp_path):
     check_paths(cfg)
 
 
+@pytest.mark.parametrize("url", ["s3://[b/x", f"s3://u:{SECRET}@[b/x", "https://h]/ds"])
+def test_a_later_source_url_that_cannot_be_split_is_one_line_naming_it(tmp_path, url):
+    # Was: accepted here, then streaming's urlparse raised "ValueError: Invalid IPv6 URL" as a traceback in
+    # every rank (the first source and data.path were refused as remote, a file:// one by its own check).
+    from mnemo.train.config import check_paths
+
+    local = _data_dir(tmp_path / "local")
+    cfg = load_config(None, [f"data.sources=[{{path: {local}}}, {{path: '{url}'}}]", f"run.dir={tmp_path}/r"])
+    with pytest.raises(
+        ConfigError, match=r"^data\.sources\[1\]\.path '.*': not a valid URL \(Invalid IPv6 URL\)$"
+    ) as e:
+        check_paths(cfg)
+    assert SECRET not in str(e.value)
+
+
 def test_a_remote_data_tokenizer_is_refused_and_a_file_url_is_its_path(tmp_path):
     from mnemo.train.config import check_paths, tokenizer_path
 
