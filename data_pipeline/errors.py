@@ -66,6 +66,23 @@ def storage_error(e: BaseException | None) -> OSError | None:
     return None
 
 
+def storage_error_path(err: OSError) -> str | None:
+    """The file a ``storage_error`` is about, for its one line; None when it names none.
+
+    A copy or move names two (shutil.copy: ``filename`` the source, ``filename2`` the target): a full disk
+    or quota or a read-only file system is the target's, which is named alone (a full data.cache_dir was
+    reported as the dataset's own index.json or shard: "data/base/index.json: No space left on device");
+    a refused path may be either's, and both are named ("SRC -> DST").
+    """
+    if err.filename is None:
+        return None
+    if err.filename2 is None:
+        return str(err.filename)
+    if err.errno in _NEEDS_PATH:
+        return f"{err.filename} -> {err.filename2}"
+    return str(err.filename2)
+
+
 def error_chain(e: BaseException | None) -> Iterator[BaseException]:
     """``e`` and the exceptions it was raised from or while handling (``__cause__``, else ``__context__``
     unless suppressed), each once."""

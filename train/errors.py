@@ -124,7 +124,7 @@ def exit_status(command: Callable[[], int | None], debug: bool = False) -> int:
     status is 2 for a user error, 1 for any other. Ctrl-C is ``mnemo: interrupted`` and 130. The CLI
     and the launcher's worker (a rank under torchrun) both run commands so.
     """
-    from mnemo.data_pipeline.errors import DataError, limit_reached, storage_error
+    from mnemo.data_pipeline.errors import DataError, limit_reached, storage_error, storage_error_path
     from mnemo.evaluation.errors import EvalError
 
     try:
@@ -160,7 +160,8 @@ def exit_status(command: Callable[[], int | None], debug: bool = False) -> int:
             msg = str(e).strip() or type(e).__name__
         else:  # the file at fault where the OSError names it (a write's own error does not)
             reason = storage.strerror or str(storage)
-            msg = f"{storage.filename}: {reason}" if storage.filename is not None else reason
+            where = storage_error_path(storage)
+            msg = f"{where}: {reason}" if where is not None else reason
         # A bad value may be a URI with credentials (tracking.uri, a data URL): never print them. A value
         # holding a newline or an escape sequence (a file name) is shown escaped, on the one line.
         print(f"mnemo: error: {visible(redact_uri(msg))}", file=sys.stderr)

@@ -315,6 +315,39 @@ def _raise(e: BaseException):
     return command
 
 
+def _copy_into_a_full_cache(tmp):
+    """shutil.copy (streaming's copy of a local dataset's file into data.cache_dir) on a full disk: its
+    OSError names the source as ``filename`` and the target as ``filename2``."""
+
+    def command():
+        import shutil
+        from unittest import mock
+
+        (tmp / "data").mkdir()
+        (tmp / "data" / "index.json").write_text("{}" * 100)
+        (tmp / "cache").mkdir()
+
+        def full(*a, **k):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        with mock.patch("os.sendfile", full), mock.patch("shutil._USE_CP_SENDFILE", True):
+            shutil.copy(tmp / "data" / "index.json", tmp / "cache" / "index.json.tmp")
+
+    return command
+
+
+def test_a_full_target_of_a_copy_is_named_not_its_source(capsys, tmp_path):
+    """data.cache_dir on a full disk was "mnemo: error: .../data/base/index.json: No space left on device",
+    the dataset's own file: the copy's target (in the cache folder) is named now; a refused path, both."""
+    from mnemo.train.errors import exit_status
+
+    assert exit_status(_copy_into_a_full_cache(tmp_path)) == 2
+    assert capsys.readouterr().err == f"mnemo: error: {tmp_path}/cache/index.json.tmp: No space left on device\n"
+    for code, line in ((errno.EROFS, "b: Read-only file system"), (errno.EACCES, "a -> b: Permission denied")):
+        assert exit_status(_raise(OSError(code, os.strerror(code), "a", None, "b"))) == 2
+        assert capsys.readouterr().err == f"mnemo: error: {line}\n"
+
+
 @pytest.mark.parametrize(
     "command, line",
     [
