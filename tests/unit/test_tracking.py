@@ -98,6 +98,40 @@ def test_the_default_store_and_artifacts_stay_in_a_run_dir_of_any_name(tmp_path,
         assert set(tmp_path.iterdir()) - before == {tmp_path / name}
 
 
+def test_a_user_sqlite_uri_with_a_percent_escape_in_a_missing_folder_works_at_once(tmp_path):
+    """MLflow made the folder "p%41q" from the URI's text, SQLAlchemy opened "pAq/m.db": unable to open database
+    file, after MLflow's 10 tries (101 s of sleeps). The decoded folder is made now, as SQLAlchemy reads it."""
+    start = time.monotonic()
+    t = Tracker(run_dir=str(tmp_path / "run"), uri=f"sqlite:///{tmp_path}/sq/p%41q/m.db", experiment="unit-pct")
+    assert t.run_id
+    t.close()
+    assert (tmp_path / "sq" / "pAq" / "m.db").is_file()
+    assert [p.name for p in (tmp_path / "sq").iterdir()] == ["pAq"]  # no empty "p%41q" beside it
+    assert time.monotonic() - start < 60
+
+
+def test_a_user_sqlite_file_that_cannot_be_made_fails_at_once_and_leaves_no_folders(tmp_path):
+    """A database whose folder cannot be made (under a file) or file cannot be opened (a folder there, a name
+    too long) was MLflow's 10 tries, 101 s of sleeps, before one line; the folders made for it go again."""
+    from mnemo.train.errors import UserError
+
+    (tmp_path / "afile").write_text("keep")
+    (tmp_path / "db").mkdir()
+    long = "x" * 256
+    for path, why in (
+        ("afile/p%41q/m.db", "afile/pAq: Not a directory"),
+        ("d%62", "db: unable to open database file"),  # d%62 is db, a folder
+        (f"n%41w/{long}.db", f"nAw/{long}.db: unable to open database file"),  # nAw made, then removed
+    ):
+        start = time.monotonic()
+        with pytest.raises(UserError, match="^tracking.uri ") as e:
+            Tracker(run_dir=str(tmp_path / "run"), uri=f"sqlite:///{tmp_path}/{path}", experiment="unit-bad")
+        assert str(e.value).endswith(f"): {tmp_path}/{why}"), str(e.value)
+        assert time.monotonic() - start < 30
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "db", "run"]
+    assert not any((tmp_path / "db").iterdir())
+
+
 def test_a_working_directory_whose_path_holds_both_quotes_does_not_stop_tracking(tmp_path, monkeypatch):
     """MLflow makes a fresh database's Default experiment with an INSERT writing its artifact location,
     <working directory>/mlruns, with repr(): started in a folder q'd"c, every tracked run failed with

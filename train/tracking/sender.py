@@ -38,6 +38,7 @@ import json
 import logging
 import os
 import signal
+import sqlite3
 import time
 from collections import deque
 from pathlib import Path
@@ -46,6 +47,7 @@ from typing import Any, Callable
 from urllib.parse import urlparse
 
 from mnemo.data_pipeline.errors import storage_error
+from mnemo.data_pipeline.files import make_dirs, remove_made_dirs
 from mnemo.data_pipeline.redact import has_credentials, redact_uri
 from mnemo.train.tracking.common import DB_SCHEMES, FALLBACK_FILE, PARENT_RUN_TAG, FallbackFile, system_tags
 
@@ -78,6 +80,33 @@ def open_database_store(uri: str, artifact_root: str) -> None:
 
         store_class = WorkspaceAwareSqlAlchemyStore
     store_class(uri, artifact_root)
+
+
+def sqlite_file_problem(uri: str) -> str | None:
+    """Make the folder of sqlite store ``uri``'s database file and open the file once (sqlite3 creates it);
+    why that failed ("PATH: Permission denied", "PATH: unable to open database file"), or None.
+
+    The path is SQLAlchemy's, decoded (``%41`` is ``A``): where MLflow's engine opens the database. MLflow
+    makes the folder from the URI's text as written (``p%41q``), so a missing folder with a percent-escape
+    in its name was never made: the database could not be opened, and MLflow's
+    create_sqlalchemy_engine_with_retry tried 10 times, sleeping 101 s in all, before "unable to open
+    database file". The folders made here go again when the file cannot be opened (only those, while empty).
+    """
+    from sqlalchemy.engine import make_url
+
+    database = make_url(uri).database
+    if not database or database == ":memory:" or database.startswith("file:"):  # no file, or SQLite's own URI
+        return None
+    made: list[Path] = []
+    try:
+        made = make_dirs(Path(database).parent)
+        sqlite3.connect(database).close()
+    except (OSError, sqlite3.Error) as e:
+        remove_made_dirs(made)
+        if isinstance(e, OSError):
+            return f"{e.filename or database}: {e.strerror or e}"
+        return f"{database}: {e}"
+    return None
 
 
 @contextlib.contextmanager
@@ -259,7 +288,10 @@ class _Sender:
 
     def _open(self, MlflowClient) -> str | None:
         try:
-            if urlparse(self.uri).scheme.partition("+")[0] in DB_SCHEMES:
+            engine = urlparse(self.uri).scheme.partition("+")[0]
+            if engine == "sqlite" and (why := sqlite_file_problem(self.uri)):
+                return why
+            if engine in DB_SCHEMES:
                 open_database_store(self.uri, self._artifact_root())
             self._client = MlflowClient(tracking_uri=self.uri)
         except Exception as e:  # unknown scheme, malformed URI
