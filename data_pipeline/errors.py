@@ -99,7 +99,7 @@ def limit_reached(e: BaseException | None) -> str | None:
     else None. Libraries wrap these (streaming's shared memory, DeepSpeed importing torch), and they
     are not bugs: the CLI and a rank print this line, not a traceback."""
     for err in error_chain(e):
-        if isinstance(err, MemoryError):
+        if isinstance(err, MemoryError) or _library_unmapped(err):
             return out_of_host_memory(err, host_memory_advice())
         if isinstance(err, OSError) and err.errno == errno.EMFILE:
             return f"too many open files (ulimit -n is {_soft_limit('RLIMIT_NOFILE')}; raise it)"
@@ -116,6 +116,16 @@ def limit_reached(e: BaseException | None) -> str | None:
     return None
 
 
+def _library_unmapped(e: BaseException) -> bool:
+    """Whether ``e`` is a shared library (torch's libtorch_cpu.so, some 1-3 GB of address space) that the
+    dynamic loader could not map under this process's ``ulimit -v``: an ImportError whose message is the
+    loader's "failed to map segment from shared object" or "cannot allocate memory"."""
+    if not isinstance(e, ImportError) or _soft_limit("RLIMIT_AS") == "unlimited":
+        return False
+    text = str(e).lower()
+    return "failed to map segment" in text or os.strerror(errno.ENOMEM).lower() in text
+
+
 def _thread_limits() -> str:
     """The limits that refuse a thread or process: ``ulimit -u``, and ``ulimit -v`` where set (a thread's
     stack is address space)."""
@@ -126,9 +136,9 @@ def _thread_limits() -> str:
     return f"{', '.join(limits)}; raise {'it' if len(limits) == 1 else 'the one that is low'}"
 
 
-def out_of_host_memory(e: MemoryError, advice: str, where: str = "") -> str:
-    """The one wording of a MemoryError: "out of host memory{where} (its message): ``advice``", ``where`` saying
-    when (" at step 3")."""
+def out_of_host_memory(e: BaseException, advice: str, where: str = "") -> str:
+    """The one wording of a MemoryError (or a shared library that could not be mapped): "out of host
+    memory{where} (its message): ``advice``", ``where`` saying when (" at step 3")."""
     return f"out of host memory{where} ({first_line(e)}): {advice}"
 
 

@@ -407,6 +407,21 @@ def test_too_many_open_files_is_one_line_naming_ulimit_n():
         assert done.returncode == 2 and done.stderr == "mnemo: error: too many open files (ulimit -n is 32; raise it)\n"
 
 
+def test_a_library_that_cannot_be_mapped_under_ulimit_v_is_one_line():
+    """`ulimit -v 2000000; mnemo data verify D` (prepare, eval, export at 1-3 GB): importing torch was the loader's
+    ImportError "libtorch_cpu.so: failed to map segment from shared object", a traceback. Now the line of
+    `ulimit -v`, status 2; the same words without an address-space limit stay a traceback (not a limit)."""
+    done = _under_a_limit("RLIMIT_AS", 1 << 30, "import torch")
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith("mnemo: error: out of host memory (libtorch"), done.stderr
+    assert done.stderr.endswith(
+        "failed to map segment from shared object): ulimit -v is 1048576 (KiB); raise it, or free memory\n"
+    )
+    unlimited = "raise ImportError('libx.so: failed to map segment from shared object')"
+    done = _under_a_limit("RLIMIT_AS", -1, unlimited)  # resource.RLIM_INFINITY
+    assert done.returncode == 1 and "Traceback" in done.stderr, done.stderr
+
+
 def test_no_memory_left_is_one_line_naming_ulimit_v():
     """`ulimit -v 4000000`: a MemoryError while DeepSpeed imported torch._inductor was a traceback."""
     done = _under_a_limit("RLIMIT_AS", 2 << 30, "b = bytearray(4 << 30)")
