@@ -101,9 +101,10 @@ def limit_reached(e: BaseException | None) -> str | None:
     for err in error_chain(e):
         if isinstance(err, MemoryError) or _library_unmapped(err):
             return out_of_host_memory(err, host_memory_advice())
-        if isinstance(err, OSError) and err.errno == errno.EMFILE:
+        code = err.errno if isinstance(err, OSError) else _quoted_errno(err)
+        if code == errno.EMFILE:
             return f"too many open files (ulimit -n is {_soft_limit('RLIMIT_NOFILE')}; raise it)"
-        if isinstance(err, OSError) and err.errno == errno.ENFILE:
+        if code == errno.ENFILE:
             return "too many open files on this machine (its limit, sysctl fs.file-max, is reached)"
         # Python's own words, and a C++ library's std::thread refused (std::system_error: sentencepiece's
         # encoding threads under `ulimit -v`, whose stacks did not fit).
@@ -114,6 +115,16 @@ def limit_reached(e: BaseException | None) -> str | None:
         if thread or (isinstance(err, OSError) and err.errno == errno.EAGAIN and _starting_a_process(err)):
             return f"cannot start a thread or process ({_thread_limits()})"
     return None
+
+
+def _quoted_errno(e: BaseException) -> int | None:
+    """EMFILE or ENFILE where a C++ library's RuntimeError quotes it in words only (gloo's "[enforce fail at
+    .../loop.cc:48] ... pipe: Too many open files", c10d's "(errno: 24 - Too many open files)"), else None."""
+    if not isinstance(e, RuntimeError):
+        return None
+    text = str(e)
+    # ENFILE's words ("Too many open files in system") hold EMFILE's: looked for first.
+    return next((code for code in (errno.ENFILE, errno.EMFILE) if os.strerror(code) in text), None)
 
 
 def _library_unmapped(e: BaseException) -> bool:

@@ -232,9 +232,12 @@ def launch(req: LaunchRequest) -> int:
     if target not in ("hostfile", "slurm") and not req.dry_run:
         # The ranks start here: a device this machine lacks is one line now, not an error per rank.
         # (Hostfile and SLURM ranks run elsewhere; each node's own launcher checks there.)
-        from mnemo.train.rankenv import check_op_cache, check_train_device
+        from mnemo.train.rankenv import check_op_cache, check_open_files, check_train_device
 
         check_train_device(cfg.train.device, req.nproc_per_node or 1)  # not given: one per device
+        # The limit the launcher raised to its hard one (mnemo.cli), which torchrun and the ranks inherit.
+        local = req.nproc_per_node or launch_env.default_nproc_per_node()
+        check_open_files(local * (req.nnodes or 1))
         check_op_cache(os.environ)
     check_paths(cfg)
     if target not in ("hostfile", "slurm") and not req.dry_run:

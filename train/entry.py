@@ -10,9 +10,17 @@ def run_train(config: str, overrides: list[str]) -> int:
 
     from mnemo.train.config import check_memory_fit, check_paths, load_config
 
-    from mnemo.train.rankenv import alone, check_dist_env, check_op_cache, check_train_device
+    from mnemo.train.rankenv import (
+        alone,
+        check_dist_env,
+        check_op_cache,
+        check_open_files,
+        check_train_device,
+        env_int,
+    )
 
     waiting = check_dist_env(os.environ)  # before anything slow: a bad WORLD_SIZE, RANK, ... is one line
+    check_open_files(env_int(os.environ, "WORLD_SIZE", 1))  # below it a rank hung in c10d's store for 600 s
     cfg = load_config(config, overrides)
     check_train_device(cfg.train.device)  # imports torch only for train.device=cuda
     check_paths(cfg)

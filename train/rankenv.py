@@ -231,6 +231,43 @@ def check_op_cache(environ: Mapping[str, str]) -> None:
         raise UserError(f"{var}={environ.get(var, '')}: {why} (torch builds DeepSpeed's ops there)")
 
 
+# The open files (ulimit -n) each process of a run needs at least, with ``ranks`` ranks in all: its sockets
+# to the store and to every other rank, pipes, shared memory, shard and log files. Measured on the debug size
+# (segment_len 32, batch 2, one data worker): `mnemo train` failed at 120 and ran at 128; a 2-rank
+# `mnemo launch` failed at 128 and ran at 144. A bigger run (more ranks, workers or data.sources) needs more.
+_OPEN_FILES_ONE_RANK = 128
+_OPEN_FILES_PER_PEER = 16
+
+
+def open_files_needed(ranks: int = 1) -> int:
+    """The fewest open files a process of a run with ``ranks`` ranks can do with (measured; each rank connects
+    to every other)."""
+    return _OPEN_FILES_ONE_RANK + _OPEN_FILES_PER_PEER * (max(ranks, 1) - 1)
+
+
+def check_open_files(ranks: int = 1) -> None:
+    """Make sure this process may open the files a run with ``ranks`` ranks in all needs (``open_files_needed``):
+    its soft limit is raised to that where the hard one allows (mnemo.cli raised it to 4096 at most; what this
+    process starts inherits it), else a UserError naming `ulimit -n`. Below it the run hung in c10d's store for
+    600 s (`ulimit -n 16`) or stopped on a gloo traceback after its start-up."""
+    import resource
+
+    from mnemo.train.errors import UserError
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = open_files_needed(ranks)
+    if soft == resource.RLIM_INFINITY or soft >= need:
+        return
+    if hard == resource.RLIM_INFINITY or hard >= need:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
+        return
+    run = "a run" if ranks <= 1 else f"a run of {ranks} ranks"
+    raise UserError(
+        f"ulimit -n is {soft} (its hard limit, ulimit -Hn, is {hard}); {run} needs at least {need} open "
+        "files per process: raise the hard limit"
+    )
+
+
 def _torch_version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 

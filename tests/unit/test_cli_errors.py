@@ -407,6 +407,86 @@ def test_too_many_open_files_is_one_line_naming_ulimit_n():
         assert done.returncode == 2 and done.stderr == "mnemo: error: too many open files (ulimit -n is 32; raise it)\n"
 
 
+def _nofile(soft: int, hard: int | None = None):
+    """A preexec_fn: the child's open-files limit (``ulimit -n``) ``soft``, and ``hard`` where given."""
+    import resource
+
+    def limit():
+        resource.setrlimit(
+            resource.RLIMIT_NOFILE, (soft, resource.getrlimit(resource.RLIMIT_NOFILE)[1] if hard is None else hard)
+        )
+
+    return limit
+
+
+def test_the_cli_raises_a_low_open_files_limit_toward_its_hard_one():
+    """`ulimit -n 16; mnemo train`: c10d's store client retried for 600 s on EMFILE (24: a gloo traceback). The
+    mnemo command raises its soft limit to min(hard, 4096), which what it starts inherits; the hard one stays."""
+    import resource
+
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    code = (
+        "import resource, sys\n"
+        "from mnemo import cli\n"
+        "sys.argv = ['mnemo', 'data', 'verify', '/nonexistent']\n"
+        "rc = cli.main()\n"
+        "print(rc, *resource.getrlimit(resource.RLIMIT_NOFILE))\n"
+    )
+    env = {"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "PYTHONUTF8": "1"}
+    for soft, cap, want in ((16, None, min(hard, 4096)), (16, 64, 64)):
+        done = subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=env,
+            preexec_fn=_nofile(soft, cap),
+        )
+        assert done.stdout.split() == ["2", str(want), str(hard if cap is None else cap)], done.stderr
+
+
+@pytest.mark.parametrize(
+    "args,need",
+    [
+        (["train", "configs/debug.yaml"], "a run needs at least 128"),
+        (["launch", "configs/debug.yaml", "--nproc-per-node", "2"], "a run of 2 ranks needs at least 144"),
+    ],
+)
+def test_a_hard_open_files_limit_below_what_a_run_needs_is_one_line_before_starting(tmp_path, args, need):
+    """`ulimit -n 16` (soft and hard): the CLI cannot raise it, and the run hung in c10d's store for 600 s; now one
+    line naming `ulimit -n` before anything starts."""
+    env = {"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}
+    res = subprocess.run(
+        [sys.executable, "-m", "mnemo", *args, f"run.dir={tmp_path / 'run'}"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        preexec_fn=_nofile(16, 16),
+    )
+    assert_one_line_error(res, "ulimit -n is 16 (its hard limit, ulimit -Hn, is 16)", need, "raise the hard limit")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_run_of_many_ranks_raises_the_soft_limit_past_4096_where_the_hard_one_allows():
+    body = "from mnemo.train.rankenv import check_open_files, open_files_needed\ncheck_open_files(300)\n"
+    body += "print(resource.getrlimit(resource.RLIMIT_NOFILE)[0] == open_files_needed(300) > 4096)"
+    done = _under_a_limit("RLIMIT_NOFILE", 4096, body)
+    assert done.returncode == 0 and done.stdout == "True\n", done.stderr
+
+
+def test_too_many_open_files_in_a_cpp_librarys_words_is_the_same_line():
+    """`ulimit -n 24; mnemo train`: gloo's RuntimeError "[enforce fail at .../loop.cc:48] ... pipe: Too many open
+    files" (no errno, the words only) was a traceback; ENFILE's words, which hold EMFILE's, keep their own line."""
+    gloo = "[enforce fail at gloo/transport/tcp/loop.cc:48] rv != -1. -1 vs -1. pipe: Too many open files"
+    done = _under_a_limit("RLIMIT_NOFILE", 32, f"raise RuntimeError({gloo!r})")
+    assert done.returncode == 2 and done.stderr == "mnemo: error: too many open files (ulimit -n is 32; raise it)\n"
+    done = _under_a_limit("RLIMIT_NOFILE", 32, "raise RuntimeError('socket: Too many open files in system')")
+    assert done.returncode == 2, done.stderr
+    assert "(its limit, sysctl fs.file-max, is reached)" in done.stderr
+
+
 def test_a_library_that_cannot_be_mapped_under_ulimit_v_is_one_line():
     """`ulimit -v 2000000; mnemo data verify D` (prepare, eval, export at 1-3 GB): importing torch was the loader's
     ImportError "libtorch_cpu.so: failed to map segment from shared object", a traceback. Now the line of
