@@ -883,3 +883,17 @@ def test_the_pythons_a_command_starts_leave_the_working_directory_off_their_path
     p = subprocess.run([sys.executable, "-P", "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert "no-such-dataset" in p.stderr, p.stderr
     assert not (tmp_path / "PWNED").exists()
+
+
+def test_a_hard_open_files_limit_below_a_large_jobs_extrapolated_need_is_a_warning_not_a_refusal():
+    """The per-peer figure is measured at 2 ranks: a 300-rank job under `ulimit -Hn 4096` is warned, not refused."""
+    code = (
+        "import resource\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (1024, 4096))\n"
+        "from mnemo.train.rankenv import check_open_files\n"
+        "check_open_files(300)\n"
+        "print(resource.getrlimit(resource.RLIMIT_NOFILE))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout == "(4096, 4096)\n", done.stderr
+    assert done.stderr.startswith("mnemo: warning: ulimit -Hn is 4096; a run of 300 ranks may need about "), done.stderr
