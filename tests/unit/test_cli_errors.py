@@ -448,7 +448,7 @@ def test_the_cli_raises_a_low_open_files_limit_toward_its_hard_one():
 @pytest.mark.parametrize(
     "args,need",
     [
-        (["train", "configs/debug.yaml"], "a run needs at least 128"),
+        (["train", "configs/debug.yaml"], "a run needs at least 64"),
         (["launch", "configs/debug.yaml", "--nproc-per-node", "2"], "a run of 2 ranks needs at least 144"),
     ],
 )
