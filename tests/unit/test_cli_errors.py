@@ -470,8 +470,8 @@ def test_a_hard_open_files_limit_below_what_a_run_needs_is_one_line_before_start
 
 
 def test_a_run_of_many_ranks_raises_the_soft_limit_past_4096_where_the_hard_one_allows():
-    body = "from mnemo.train.rankenv import check_open_files, open_files_needed\ncheck_open_files(300)\n"
-    body += "print(resource.getrlimit(resource.RLIMIT_NOFILE)[0] == open_files_needed(300) > 4096)"
+    body = "from mnemo.train.rankenv import check_open_files, open_files_needed\ncheck_open_files(200)\n"
+    body += "print(resource.getrlimit(resource.RLIMIT_NOFILE)[0] == open_files_needed(200) > 4096)"
     done = _under_a_limit("RLIMIT_NOFILE", 4096, body)
     assert done.returncode == 0 and done.stdout == "True\n", done.stderr
 
