@@ -79,24 +79,6 @@ def utf8_mode_or_reexec() -> None:
 OPEN_FILES_FLOOR = 4096
 
 
-def raise_open_files_limit() -> None:
-    """Raise this process's soft limit of open files to ``OPEN_FILES_FLOOR`` (at most its hard limit) where it
-    is lower; what the command starts (torchrun, its ranks, data workers) inherits it.
-
-    A shell's `ulimit -n 16` or 24 left a run hanging in c10d's store for 600 s, or a gloo traceback; the
-    hard limit is the user's ceiling and stays as it is (a run that needs more says so: check_open_files).
-    """
-    import resource
-
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = OPEN_FILES_FLOOR if hard == resource.RLIM_INFINITY else min(hard, OPEN_FILES_FLOOR)
-    if soft != resource.RLIM_INFINITY and soft < want:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
-        except (ValueError, OSError):  # a system that caps it lower (macOS's OPEN_MAX): go on with what there is
-            pass
-
-
 def main(argv: list[str] | None = None) -> int:
     from mnemo.train.errors import exit_status, tolerant_stdout
 
@@ -108,7 +90,9 @@ def main(argv: list[str] | None = None) -> int:
         # `python -c`, which puts the working directory first on sys.path), leaves the working directory off the
         # path: a multiprocessing.py where the user typed `mnemo train` was imported, and run, by both.
         os.environ.update(SAFE_PATH_ENV)
-        raise_open_files_limit()
+        from mnemo.train.rankenv import raise_open_files_limit
+
+        raise_open_files_limit(OPEN_FILES_FLOOR)  # what the command starts inherits it (check_open_files: runs)
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("MNEMO_DEBUG") == "1"
     args = build_parser().parse_args(argv)

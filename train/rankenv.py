@@ -247,6 +247,21 @@ def open_files_needed(ranks: int = 1) -> int:
     return _OPEN_FILES_ONE_RANK + _OPEN_FILES_PER_PEER * (max(ranks, 1) - 1)
 
 
+def raise_open_files_limit(want: int) -> None:
+    """Raise this process's soft limit of open files to ``want`` (at most its hard limit) where it is lower; what
+    the process starts (torchrun, its ranks, data workers) inherits it. The hard limit is the user's ceiling and
+    stays as it is; a system that caps it lower (macOS's OPEN_MAX) leaves it as it was."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= want:
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want if hard == resource.RLIM_INFINITY else min(hard, want), hard))
+    except (ValueError, OSError):
+        pass
+
+
 def check_open_files(ranks: int = 1) -> None:
     """Make sure this process may open the files a run with ``ranks`` ranks in all needs (``open_files_needed``):
     its soft limit is raised to that where the hard one allows (mnemo.cli raised it to 4096 at most; what this
@@ -261,7 +276,7 @@ def check_open_files(ranks: int = 1) -> None:
     if soft == resource.RLIM_INFINITY or soft >= need:
         return
     if hard == resource.RLIM_INFINITY or hard >= need:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
+        raise_open_files_limit(need)
         return
     run = "a run" if ranks <= 1 else f"a run of {ranks} ranks"
     # Measured on one machine with 1 and 2 ranks: below a few ranks' need a run surely fails, so it is refused;
@@ -271,7 +286,7 @@ def check_open_files(ranks: int = 1) -> None:
             f"ulimit -n is {soft} (its hard limit, ulimit -Hn, is {hard}); {run} needs at least {need} open "
             "files per process: raise the hard limit"
         )
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    raise_open_files_limit(hard)
     print(
         f"mnemo: warning: ulimit -Hn is {hard}; {run} may need about {need} open files per process (raise the hard "
         "limit if ranks fail with 'Too many open files')",
