@@ -53,7 +53,7 @@ def remote_output_problem(path: str | os.PathLike, kind: str = "folder") -> str 
     on disk and in every message naming it. Checked on the string as given, before any Path() drops a slash.
     """
     path = str(path)
-    if path.startswith("file://"):
+    if is_file_url(path):  # file:/x too, the reading of every dataset path: not a local folder named "file:"
         return f"a file:// URL; give the plain path of the local {kind}"
     if is_remote(path):
         return f"a local {kind} is needed (mnemo does not write to remote stores)"

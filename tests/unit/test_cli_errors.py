@@ -730,6 +730,9 @@ def test_debug_prints_the_traceback_with_credentials_hidden(capsys, user, rc, de
         (["eval", "run1", "--data", "d", "--json", "s3://u:SECB8@b/r.json"], "--json: s3://***@b/r.json: a local file"),
         (["eval", "run1", "--data", "d", "--plots", "gs://u:SECB9@b/p"], "--plots: gs://***@b/p: a local folder"),
         (["eval", "run1", "--data", "d", "--plots", "file:///tmp/p"], "--plots: file:///tmp/p: a file:// URL"),
+        # file:/x is a file URL wherever a dataset path is read (is_file_url); as an output it made a folder "file:".
+        (["train", "c.yaml", "run.dir=file:/tmp/r"], "run.dir: file:/tmp/r: a file:// URL"),
+        (["export", "run1", "--out", "file:x"], "--out file:x: a file:// URL"),
         (["train", "c.yaml", "run.dir=https://u:SECC1@h/run"], "run.dir: https://***@h/run: a local folder"),
         (["train", "c.yaml", "data.cache_dir=s3://u:SECC2@h/c"], "data.cache_dir: s3://***@h/c: a local folder"),
         # A slash lost (as pathlib writes s3://): still a URL with credentials, not a folder named s3:.
