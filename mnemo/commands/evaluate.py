@@ -92,6 +92,7 @@ def check_output(flag: str, out: str | None, folder: bool) -> None:
     write (evaluation/outputs.py). A symbolic link as --json is refused: the write replaces the
     link, it does not write through it. A broken link on the way and an empty value are refused too.
     """
+    from mnemo.data_pipeline.files import unwritable_dir
     from mnemo.data_pipeline.paths import remote_output_problem
     from mnemo.evaluation.outputs import PLOT_NAMES, foreign_plot, is_eval_json
     from mnemo.train.errors import UserError, path_errors
@@ -129,8 +130,10 @@ def check_output(flag: str, out: str | None, folder: bool) -> None:
             existing = existing.parent
         if not existing.is_dir() and existing != path:
             raise UserError(f"{flag}: {path}: {existing} is not a directory")
-        if not os.access(existing, os.W_OK):
-            raise UserError(f"{flag}: {path}: {existing} is not writable (permission denied)")
+        # An existing file is replaced by a temporary file renamed over it: its folder must take new files.
+        folder_made_in = existing if existing.is_dir() else existing.parent
+        if denied := unwritable_dir(folder_made_in):  # "Read-only file system" or "Permission denied"
+            raise UserError(f"{flag}: {path}: {folder_made_in} is not writable ({denied})")
         # The names still to be made: the kernel says "no such file" for the first missing folder before it
         # looks at a longer name after it, so a name too long deeper down failed only at the write, after the
         # whole evaluation (an OSError traceback).

@@ -1522,3 +1522,23 @@ def test_an_output_name_too_long_below_a_missing_folder_is_refused_before_the_ev
         check_output(flag, str(tmp_path / ("y" * 300)), folder=folder)
     check_output(flag, str(tmp_path / "md" / "np" / ("x" * 255) / "x.json"), folder=folder)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_eval_output_on_a_read_only_mount_says_so(tmp_path, monkeypatch):
+    """--json/--plots under a folder mnemo cannot write: the reason is the one every other output check gives
+    (files.unwritable_dir), "Read-only file system" on a read-only mount. Before: "permission denied" there."""
+    import types
+
+    from mnemo.commands.evaluate import check_output
+
+    locked = tmp_path / "ro"
+    locked.mkdir()
+    real_access, real_statvfs = os.access, os.statvfs
+    monkeypatch.setattr(os, "access", lambda p, mode: False if Path(p) == locked else real_access(p, mode))
+    with pytest.raises(UserError, match=r"^--json: .*/ro/r.json: .*/ro is not writable \(Permission denied\)$"):
+        check_output("--json", str(locked / "r.json"), folder=False)
+    ro = types.SimpleNamespace(f_flag=os.ST_RDONLY)
+    monkeypatch.setattr(os, "statvfs", lambda p: ro if Path(p) == locked else real_statvfs(p))
+    with pytest.raises(UserError, match=r"^--plots: .*/ro/p: .*/ro is not writable \(Read-only file system\)$"):
+        check_output("--plots", str(locked / "p"), folder=True)
+    check_output("--plots", str(tmp_path / "p"), folder=True)  # a folder that may be written: no error
