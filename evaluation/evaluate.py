@@ -89,11 +89,11 @@ def paired_difference(a: dict[str, Any], b: dict[str, Any]) -> dict[str, dict[st
     return out
 
 
-def memory_advice(tasks: bool, ltm: bool) -> str:
+def memory_advice(tasks: bool, models: Sequence[Any]) -> str:
     """What lowers the memory an evaluation needs (check_eval_memory, the CLI's memory_errors): --tasks only
-    where tasks are scored, --ltm-capacity only where a model has a long-term store (``ltm``)."""
+    where tasks are scored, --ltm-capacity only where one of ``models`` (None: not read) has a long-term store."""
     flags = ["--distances", "--trials", *(["--tasks"] if tasks else []), "--batch-size"]
-    flags += ["--ltm-capacity"] if ltm else []
+    flags += ["--ltm-capacity"] if any(m is not None and ltm_capacity_of(m) for m in models) else []
     return f"lower {', '.join(flags[:-1])} or {flags[-1]}"
 
 
@@ -120,13 +120,12 @@ def check_eval_memory(
     longest = max([0, *distances, *task_distances])
     slots = max(1, min(B, max(trials if distances else 0, task_docs if task_distances else 0)))
     store = 0
-    ltm = any(m is not None and ltm_capacity_of(m) for m in (model, baseline))
     for m in (model, baseline):
         if m is not None and ltm_capacity_of(m):
             cap = max(ltm_capacity_of(m), longest * T) if grow_ltm else ltm_capacity_of(m)
             store = max(store, store_bytes(m, slots, cap, T))
     what = f"the evaluation ({slots} slot(s); documents of up to {(longest + 1) * T:,} tokens)"
-    check_memory(model, store, host, what, memory_advice(bool(task_distances), ltm))
+    check_memory(model, store, host, what, memory_advice(bool(task_distances), (model, baseline)))
 
 
 def evaluate(

@@ -329,7 +329,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     # After the checks above: these import torch (seconds), which a mistyped flag should not wait for.
     from mnemo.train.checkpoint import load_for_inference
     from mnemo.evaluation.evaluate import evaluate_data_dir, memory_advice
-    from mnemo.evaluation.inference import ltm_capacity_of, memory_errors, resolve_device
+    from mnemo.evaluation.inference import memory_errors, resolve_device
     from mnemo.evaluation.task_eval import task_specs
 
     tasks = task_specs([args.tasks]) if args.tasks is not None else []
@@ -342,8 +342,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     labels = {"checkpoint": str(args.checkpoint), "data": str(args.data)}
     if args.baseline:
         labels["baseline_checkpoint"] = str(args.baseline)
-    ltm = any(ltm_capacity_of(m) for m in ([model] if baseline is None else [model, baseline[0]]))
-    with memory_errors(memory_advice(bool(tasks), ltm)):
+    with memory_errors(memory_advice(bool(tasks), [model] if baseline is None else [model, baseline[0]])):
         evaluate_data_dir(
             model,
             tokenizer,

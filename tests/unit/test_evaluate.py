@@ -1032,8 +1032,16 @@ def test_running_out_of_memory_names_only_the_flags_that_apply(tmp_path, monkeyp
     from mnemo.evaluation.evaluate import memory_advice
     from mnemo.evaluation.inference import memory_errors
 
-    assert memory_advice(tasks=False, ltm=False) == "lower --distances, --trials or --batch-size"
-    assert memory_advice(tasks=True, ltm=True) == "lower --distances, --trials, --tasks, --batch-size or --ltm-capacity"
+    import types
+
+    no_ltm, ltm = (
+        types.SimpleNamespace(args=types.SimpleNamespace(ltm_kind=k, ltm_capacity=64)) for k in ("none", "joint")
+    )
+    assert memory_advice(tasks=False, models=[no_ltm, None]) == "lower --distances, --trials or --batch-size"
+    assert (
+        memory_advice(tasks=True, models=[no_ltm, ltm])
+        == "lower --distances, --trials, --tasks, --batch-size or --ltm-capacity"
+    )
     (tmp_path / "mnemo_big_module.py").write_text("raise MemoryError\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     with pytest.raises(EvalError) as e:
