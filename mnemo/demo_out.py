@@ -1,10 +1,11 @@
 """What the demo (mnemo/demo.py) and benchmarks/many_facts.py may delete or replace in their --out, and
 their option checks, both run before anything there is touched.
 
-OUT holds the two training runs (``memory/``, ``baseline/``), ``mlflow.db`` (whose experiment keeps its
-artifacts inside the first run dir, ``memory/mlartifacts``), ``summary.json``, ``logs/`` and ``data/``
-(``mnemo prepare``'s own claims). A fresh run deletes the earlier runs, mlflow.db and summary.json together,
-and only when it can show the demo wrote them; anything else under those names is refused in one line.
+OUT holds the two training runs (``memory/``, ``baseline/``), ``mlflow.db`` with its runs' artifacts beside
+it in ``mlartifacts/`` (from before 2026-12-05: inside the first run dir, ``memory/mlartifacts``),
+``summary.json``, ``logs/`` and ``data/`` (``mnemo prepare``'s own claims). A fresh run deletes the earlier
+runs, mlflow.db, its mlartifacts and summary.json together, and only when it can show the demo wrote them;
+anything else under those names is refused in one line.
 """
 
 from __future__ import annotations
@@ -33,10 +34,15 @@ def _wrote_out_files(out: Path) -> bool:
     return isinstance(summary, dict) and {"segment_len", "runs", "steps", "targets"} <= set(summary)
 
 
+def _mlflow_artifacts(folder: Path) -> bool:
+    """Whether ``folder`` is as MLflow makes an artifact root: folders named by experiment ids only."""
+    return folder.is_dir() and all(p.is_dir() and not p.is_symlink() and p.name.isdigit() for p in folder.iterdir())
+
+
 def claim_out_dir(out: Path, runs: dict[str, Path], fresh: bool, prog: str) -> None:
     """Make OUT the demo's (or many_facts'): with ``fresh``, delete its earlier runs (a run dir holding the
-    config.yaml mnemo writes into each run), and its mlflow.db and summary.json (the MLflow runs listed there
-    keep their artifacts inside the run dirs, so the database goes with them); the logs are replaced.
+    config.yaml mnemo writes into each run), and its mlflow.db, the artifacts of its runs beside it
+    (``mlartifacts/``: folders of experiment ids only) and summary.json; the logs are replaced.
     Whatever it cannot show it wrote is refused first (UserError naming the path; nothing deleted)."""
     from mnemo.train.config import wrote_run_config
 
@@ -56,6 +62,11 @@ def claim_out_dir(out: Path, runs: dict[str, Path], fresh: bool, prog: str) -> N
                 raise UserError(f"--out: {d} is a run directory {prog} did not write (no {out / MARKER}): {how}")
             doomed.append(d)
         files.append(out / "mlflow.db")
+        arts = out / "mlartifacts"
+        if arts.exists() or arts.is_symlink():
+            if not ours or arts.is_symlink() or not _mlflow_artifacts(arts):
+                raise UserError(f"--out: {arts} was not written by {prog} (no {out / MARKER}): {how}")
+            doomed.append(arts)
     for f in files:
         if f.exists() or f.is_symlink():
             if not ours or f.is_symlink() or not f.is_file():
@@ -69,7 +80,10 @@ def claim_out_dir(out: Path, runs: dict[str, Path], fresh: bool, prog: str) -> N
             d.unlink()
     out.mkdir(parents=True, exist_ok=True)
     if not (out / MARKER).exists() and (ours or not any((out / n).exists() for n in ("mlflow.db", "summary.json"))):
-        marker = {"written_by": prog, "files": ["mlflow.db", "summary.json", *(f"logs/{n}" for n in LOGS)]}
+        marker = {
+            "written_by": prog,
+            "files": ["mlflow.db", "mlartifacts", "summary.json", *(f"logs/{n}" for n in LOGS)],
+        }
         (out / MARKER).write_text(json.dumps(marker) + "\n")
 
 

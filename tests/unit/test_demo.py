@@ -140,6 +140,7 @@ def _demo_out(out, marker=True):
         (out / name / "checkpoints").mkdir(parents=True)
         (out / name / "config.yaml").write_text(CONFIG_HEADER + "\nmodel: {}\n")
     (out / name / "mlartifacts").mkdir()
+    (out / "mlartifacts" / "1" / "RUNID" / "artifacts").mkdir(parents=True)  # beside mlflow.db since 2026-12-05
     (out / "mlflow.db").write_text("runs")
     (out / "logs").mkdir()
     (out / "logs" / "memory.log").write_text("old")
@@ -201,7 +202,29 @@ def test_a_rerun_deletes_the_earlier_demos_runs_with_their_mlflow_db(module, mar
         importlib.import_module(module).main(["--out", str(out)])
     assert not (out / "memory").exists() and not (out / "baseline").exists()
     assert not (out / "mlflow.db").exists() and not (out / "summary.json").exists()
+    assert not (out / "mlartifacts").exists()
     assert (out / MARKER).is_file()
+
+
+@pytest.mark.parametrize("module", ["mnemo.demo", "benchmarks.many_facts"])
+def test_a_folder_named_mlartifacts_the_demo_did_not_make_is_refused_and_kept(module, tmp_path, capsys, monkeypatch):
+    """OUT/mlartifacts goes with mlflow.db only when it is as MLflow makes it (experiment-id folders only) in
+    an OUT the demo marked: a user's own folder of that name is refused, not deleted."""
+    import importlib
+
+    import mnemo.demo as demo
+
+    def stop(*a, **kw):
+        raise AssertionError("the demo went on past its --out checks")
+
+    monkeypatch.setattr(demo, "prepare_data", stop)
+    out = tmp_path / "out"
+    _demo_out(out)
+    (out / "mlartifacts" / "notes.txt").write_text("mine")
+    assert importlib.import_module(module).main(["--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"--out: {out / 'mlartifacts'} was not written by" in err and "\n" not in err
+    assert (out / "mlartifacts" / "notes.txt").read_text() == "mine" and (out / "memory").is_dir()
 
 
 @pytest.mark.parametrize("module", ["mnemo.demo", "benchmarks.many_facts"])

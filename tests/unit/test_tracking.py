@@ -66,6 +66,31 @@ def test_uri_and_experiment_precedence(tmp_path, monkeypatch):
     assert resolve_experiment("explicit") == "explicit"
 
 
+def test_runs_sharing_a_sqlite_store_keep_their_artifacts_beside_it(tmp_path):
+    """An experiment keeps the artifact location it was made with: with one sqlite tracking.uri for several run
+    dirs, it was the first run dir's mlartifacts, so deleting that run dir lost every later run's artifacts.
+    Artifacts now go beside the database file (the default store, <run.dir>/mlflow.db: <run.dir>/mlartifacts)."""
+    import shutil
+
+    from mlflow import MlflowClient
+
+    shared = tmp_path / "team%41 db"
+    uri = "sqlite:///" + str(shared / "m.db").replace("%", "%25")
+    (tmp_path / "report.txt").write_text("hello")
+    ids = []
+    for name in ("first", "second"):
+        t = Tracker(run_dir=str(tmp_path / name), uri=uri, experiment="unit-shared")
+        t.log_artifact(str(tmp_path / "report.txt"))
+        t.close()
+        ids.append(t.run_id)
+    c = MlflowClient(uri)
+    assert c.get_experiment_by_name("unit-shared").artifact_location == (shared / "mlartifacts").as_uri()
+    assert c.get_experiment("0").artifact_location == (shared / "mlartifacts" / "0").as_uri()
+    shutil.rmtree(tmp_path / "first")
+    assert [a.path for a in c.list_artifacts(ids[1])] == ["report.txt"]
+    assert not (tmp_path / "second" / "mlartifacts").exists()
+
+
 def test_the_default_store_and_artifacts_stay_in_a_run_dir_of_any_name(tmp_path, monkeypatch):
     """The default URI was "sqlite:///" + the run dir's path as it is: SQLAlchemy decodes %XX and cuts
     the path at "?", so run.dir z%41z put mlflow.db into the folder zAz and q?x wrote the database as a

@@ -82,6 +82,19 @@ def open_database_store(uri: str, artifact_root: str) -> None:
     store_class(uri, artifact_root)
 
 
+def sqlite_database(uri: str) -> str | None:
+    """The path of the database file of sqlite store ``uri`` as SQLAlchemy opens it (decoded: ``%41`` is ``A``),
+    or None where it names no file (``:memory:``, SQLite's own ``file:`` URI) or is no sqlite URI."""
+    from sqlalchemy.engine import make_url
+
+    if not uri.startswith("sqlite"):
+        return None
+    database = make_url(uri).database
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return None
+    return database
+
+
 def sqlite_file_problem(uri: str) -> str | None:
     """Make the folder of sqlite store ``uri``'s database file and open the file once (sqlite3 creates it);
     why that failed ("PATH: Permission denied", "PATH: unable to open database file"), or None.
@@ -92,10 +105,8 @@ def sqlite_file_problem(uri: str) -> str | None:
     create_sqlalchemy_engine_with_retry tried 10 times, sleeping 101 s in all, before "unable to open
     database file". The folders made here go again when the file cannot be opened (only those, while empty).
     """
-    from sqlalchemy.engine import make_url
-
-    database = make_url(uri).database
-    if not database or database == ":memory:" or database.startswith("file:"):  # no file, or SQLite's own URI
+    database = sqlite_database(uri)
+    if database is None:  # no file, or SQLite's own URI
         return None
     made: list[Path] = []
     try:
@@ -622,11 +633,17 @@ class _Sender:
         self.run_id = run.info.run_id
 
     def _artifact_root(self) -> str:
-        """Where a local store keeps artifacts: ``<run_dir>/mlartifacts`` as a percent-encoded file URI.
+        """Where a local store keeps artifacts, as a percent-encoded file URI: ``mlartifacts`` beside a sqlite
+        database file (the default store, ``<run_dir>/mlflow.db``: ``<run_dir>/mlartifacts``), else
+        ``<run_dir>/mlartifacts`` (another database store).
 
-        MLflow's default would be the current directory (./mlruns); a server decides itself (not asked).
+        MLflow's default would be the current directory (./mlruns); a server decides itself (not asked). An
+        experiment keeps the location it was made with, so with one sqlite tracking.uri shared by several run
+        dirs, the first run dir held every later run's artifacts: deleting it lost theirs.
         """
-        return (self.run_dir / "mlartifacts").as_uri()
+        database = sqlite_database(self.uri)
+        folder = Path(os.path.abspath(database)).parent if database else self.run_dir
+        return (folder / "mlartifacts").as_uri()
 
     def _experiment_id(self) -> str:
         from mlflow.exceptions import MlflowException
