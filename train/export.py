@@ -25,7 +25,7 @@ from mnemo.data_pipeline.files import (
     remove_made_dirs,
     take_flock_at,
 )
-from mnemo.data_pipeline.paths import is_inside, remote_output_problem
+from mnemo.data_pipeline.paths import is_inside, not_utf8, remote_output_problem
 from mnemo.data_pipeline.tokenizer import TOKENIZER_FILES, file_sha256
 from mnemo.train.checkpoint import (
     EXPORT_FORMAT,
@@ -123,6 +123,8 @@ def export(path: str | Path, out: str | Path, overwrite: bool = False, format: s
         raise UserError(f"--format {format!r}: choose {' or '.join(EXPORT_FORMATS)}")
     if why := remote_output_problem(out):  # before Path(), which made s3:/bucket of s3://bucket
         raise UserError(f"--out {out}: {why}")
+    if why := not_utf8(out):  # safetensors and transformers take only UTF-8 paths: the export could not be loaded
+        raise UserError(f"--out: {why}")
     ckpt = resolve_checkpoint(path)
     out = Path(out)
     for src in dict.fromkeys((Path(path), ckpt)):

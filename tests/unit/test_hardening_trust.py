@@ -334,6 +334,23 @@ def test_export_refuses_a_symbolic_link_as_out_before_loading(two_models, tmp_pa
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(left)
 
 
+@pytest.mark.parametrize("format", ["mnemo", "hf"])
+def test_export_refuses_an_out_that_is_not_utf8_before_loading(two_models, tmp_path, capsys, monkeypatch, format):
+    """--out named with a byte that is not UTF-8 was exported (exit 0) into a folder that safetensors and
+    transformers cannot load from ("Path ... is not valid UTF-8"). Now the line data.path gets, before any work."""
+    _, b = two_models
+    out = os.fsdecode(os.fsencode(tmp_path) + b"/out\xff")
+    loaded = []
+    load = export_mod.consolidated_state_dict
+    monkeypatch.setattr(export_mod, "consolidated_state_dict", lambda *a: loaded.append(a) or load(*a))
+    rc = main(["export", str(b), "--out", out, "--format", format])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1, err
+    assert re.fullmatch(r"mnemo: error: --out: '.*/out\\udcff' is not valid UTF-8 \(rename it\)", err[0]), err
+    assert not loaded
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model_a", "model_b"]
+
+
 def test_export_refuses_a_symbolic_link_made_at_out_while_it_ran(two_models, tmp_path, monkeypatch):
     a, _ = two_models
     out = tmp_path / "out"
