@@ -193,6 +193,12 @@ def clip(text: str, limit: int = 120) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+# A byte that is not UTF-8 in a name (U+DC80..U+DCFF, surrogate-escaped) as repr() writes it: a backslash and
+# "udcNN" after an even run of backslashes (repr doubles each backslash of the value: the text "\\udcff" is
+# written "\\\\udcff", which is no escape).
+_REPR_SURROGATE = re.compile(r"(?<!\\)((?:\\\\)*)\\udc([89a-f][0-9a-f])")
+
+
 class _Repr(reprlib.Repr):
     """reprlib's bounded repr, with a function applied to each string before it is cut (``brief``'s hide)."""
 
@@ -212,9 +218,11 @@ def brief(value: Any, limit: int = 120, hide: Callable[[str], str] | None = None
     reprlib looks only at what it shows, so a huge value (a pasted 5000-digit number, a "billion laughs"
     of YAML aliases, whose whole repr was 39 MB and 9 s) costs no time. ``hide``: applied to every string
     before it is cut (credentials in a URI: a cut that dropped the "@" of user:token@host would leave
-    the token for a redaction of the message to miss).
+    the token for a redaction of the message to miss). A byte that is not UTF-8 in a file name (which
+    comes to Python surrogate-escaped) is shown as the byte, ``\\xff``, as ``visible`` shows it.
     """
     try:
-        return clip(_Repr(hide).repr(value), limit)
+        # the byte a surrogate-escaped name held as visible() shows it ('out\\xff', not 'out\\udcff')
+        return clip(_REPR_SURROGATE.sub(r"\1\\x\2", _Repr(hide).repr(value)), limit)
     except Exception:  # a repr that fails (an int past str()'s digit limit): name the type
         return f"<{type(value).__name__}>"

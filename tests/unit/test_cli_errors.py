@@ -228,6 +228,18 @@ def test_exit_status_escapes_every_control_character():
     assert err.getvalue() == "mnemo: error: line one\\nline two\\t\\x1b[2J\n"
 
 
+def test_brief_shows_a_byte_that_is_not_utf8_as_the_byte():
+    """run.dir or data.path named with byte 0xff was quoted as 'r\\udcff' (Python's surrogate escape, which
+    names no byte the user typed), while visible() writes the same name r\\xff: now brief() writes \\xff too."""
+    from mnemo.data_pipeline.errors import brief
+
+    assert brief("r\udcff") == r"'r\xff'"
+    assert brief(["a\udc80", Path("b\udcfe")]) == r"['a\x80', PosixPath('b\xfe')]"
+    # a backslash of the value followed by the letters "udcff" is no escape and stays; other escapes stay
+    assert brief("a\\udcff \\\udcff") == r"'a\\udcff \\\xff'"
+    assert brief("\ud800 \udc7f \x85") == r"'\ud800 \udc7f \x85'"
+
+
 # A path component over 255 bytes: pathlib's exists/is_dir/is_file raise ENAMETOOLONG (as they do
 # EACCES), which was a traceback wherever mnemo looked at a path the user gave.
 LONG = "a" * 300

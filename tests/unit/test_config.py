@@ -289,7 +289,7 @@ def test_a_path_key_that_is_not_utf8_is_refused_naming_the_key(tmp_path, key):
     odd = os.fsdecode(b"r\xff")
     over = {"data.path": str(tmp_path), "run.dir": str(tmp_path / "run"), key: odd}
     cfg = load_config(None, [f"{k}={v}" for k, v in over.items()])
-    with pytest.raises(ConfigError, match=rf"^{key}: 'r\\udcff' is not valid UTF-8 \(rename it\)$"):
+    with pytest.raises(ConfigError, match=rf"^{key}: 'r\\xff' is not valid UTF-8 \(rename it\)$"):
         check_paths(cfg)
 
 

@@ -600,10 +600,10 @@ def test_paths_that_are_not_utf8_are_written_or_refused_naming_the_key(corpus, t
     verify(str(out))
     assert decoded(out) == corpus[1]
     assert run(corpus, tmp_path / "trained", tokenizer=None, vocab_size=400)["num_documents"] == m["num_documents"]
-    with pytest.raises(DataError, match=r"^data\.path: '.*dd\\udcff' is not valid UTF-8 \(rename it\)$"):
+    with pytest.raises(DataError, match=r"^data\.path: '.*dd\\xff' is not valid UTF-8 \(rename it\)$"):
         MDSSource(str(out))
     cache = tmp_path / os.fsdecode(b"c\xff")
-    with pytest.raises(DataError, match=r"^data\.path: '.*c\\udcff' is not valid UTF-8 \(rename it\)$"):
+    with pytest.raises(DataError, match=r"^data\.path: '.*c\\xff' is not valid UTF-8 \(rename it\)$"):
         MDSSource(str(tmp_path / "trained"), cache_dir=str(cache))
 
 
