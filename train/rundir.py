@@ -255,7 +255,14 @@ def run_dir_unusable(run_dir: Path) -> str | None:
     try:
         st = os.stat(run_dir)
     except FileNotFoundError:
-        return f"{run_dir} is a symbolic link to a missing path" if os.path.islink(run_dir) else None
+        if os.path.islink(run_dir):
+            return f"{run_dir} is a symbolic link to a missing path"
+        # Under one (the nearest part of the path that exists): nothing can be made through it (os.access on
+        # it said "Permission denied", which sent the user looking at permissions).
+        up = next((p for p in Path(run_dir).parents if os.path.lexists(p)), None)
+        if up is not None and os.path.islink(up) and not os.path.exists(up):
+            return f"{run_dir}: {up} is a symbolic link to a missing path"
+        return None
     except NotADirectoryError:
         # Under a file: name it (the nearest part of the path that exists).
         up = next((p for p in Path(run_dir).parents if os.path.lexists(p)), None)

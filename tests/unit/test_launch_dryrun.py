@@ -783,3 +783,28 @@ def test_an_op_cache_folder_that_is_a_file_is_one_line_before_any_rank(ws, capsy
     (ws / "cache").mkdir()
     with pytest.raises(UserError, match=rf"^{var}={ws}/cache/ops: {ws}/cache/ops\S*: cannot be made in {ws}/cache \("):
         check_op_cache({var: str(ws / "cache" / "ops")})
+
+
+@pytest.mark.parametrize(
+    "var, value", [("XDG_CACHE_HOME", "gone"), ("TORCH_EXTENSIONS_DIR", "gone"), ("TORCH_EXTENSIONS_DIR", "gone/ops")]
+)
+def test_an_op_cache_folder_under_a_dangling_link_is_named_as_one(tmp_path, var, value):
+    """XDG_CACHE_HOME (or a TORCH_EXTENSIONS_DIR under it) a symbolic link to a missing folder was reported as
+    "cannot be made in LINK (Permission denied)", which sent the user to the permissions: now the line that a
+    file there gets, naming the link."""
+    from mnemo.train.errors import UserError
+    from mnemo.train.rankenv import check_op_cache
+    from mnemo.train.rundir import run_dir_unusable
+
+    link = tmp_path / "gone"
+    link.symlink_to("missing")
+    with pytest.raises(UserError) as e:
+        check_op_cache({var: str(tmp_path / value)})
+    msg = str(e.value)
+    assert msg.startswith(f"{var}={tmp_path / value}: "), msg
+    assert msg.endswith(f"{link} is a symbolic link to a missing path (torch builds DeepSpeed's ops there)"), msg
+    assert "Permission denied" not in msg
+    assert run_dir_unusable(link / "run" / "x") == f"{link}/run/x: {link} is a symbolic link to a missing path"
+    (tmp_path / "missing").mkdir()  # the link's folder made: the op cache goes there
+    check_op_cache({var: str(tmp_path / value)})
+    assert run_dir_unusable(link / "run") is None
