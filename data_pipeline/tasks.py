@@ -83,7 +83,7 @@ from typing import Any
 
 import numpy as np
 
-from mnemo.data_pipeline.errors import DataError
+from mnemo.data_pipeline.errors import DataError, brief, clip
 from mnemo.data_pipeline.task_layout import Draft, Ending, Pieces, TaskError, layout
 from mnemo.data_pipeline.passkey import (
     KEY_PREFIX,
@@ -160,35 +160,36 @@ class TaskSpec:
 def task(family: str, name: str | None = None, **params: Any) -> TaskSpec:
     """A checked TaskSpec of ``family`` with ``params`` over the family's defaults (strings are converted)."""
     if family not in FAMILIES:
-        raise TaskError(f"unknown task {family!r} (tasks: {', '.join(dict.fromkeys([*FAMILIES, *TASKS]))})")
+        raise TaskError(f"unknown task {brief(family)} (tasks: {', '.join(dict.fromkeys([*FAMILIES, *TASKS]))})")
     full = dict(FAMILIES[family])
     for key, raw in params.items():
         if key not in full:
-            raise TaskError(f"{family}: unknown parameter {key!r} (known: {', '.join(full)})")
+            raise TaskError(f"{family}: unknown parameter {brief(key)} (known: {', '.join(full)})")
         if isinstance(full[key], int):
             # ASCII digits only: int() also reads other scripts' digits ("٤" is 4), which nobody means here.
             if isinstance(raw, str) and not re.fullmatch(r"\s*-?[0-9]+\s*", raw):
-                raise TaskError(f"{family}: parameter {key} must be an integer, got {raw!r}")
+                raise TaskError(f"{family}: parameter {key} must be an integer, got {brief(raw)}")
             try:
                 raw = int(raw)
             except (TypeError, ValueError):
-                raise TaskError(f"{family}: parameter {key} must be an integer, got {raw!r}") from None
+                raise TaskError(f"{family}: parameter {key} must be an integer, got {brief(raw)}") from None
             if raw < _AT_LEAST[key]:
-                raise TaskError(f"{family}: parameter {key} must be >= {_AT_LEAST[key]}, got {raw}")
+                raise TaskError(f"{family}: parameter {key} must be >= {_AT_LEAST[key]}, got {brief(raw)}")
         full[key] = raw
-    if "value" in full and full["value"] not in VALUE_KINDS:
-        raise TaskError(f"{family}: parameter value must be one of {', '.join(VALUE_KINDS)}, got {full['value']!r}")
-    kinds = HAYSTACKS if family == "niah_multikey" else HAYSTACKS[:2]
-    if full["haystack"] not in kinds:
-        raise TaskError(f"{family}: parameter haystack must be one of {', '.join(kinds)}, got {full['haystack']!r}")
+    for key, kinds in (("value", VALUE_KINDS), ("haystack", HAYSTACKS if family == "niah_multikey" else HAYSTACKS[:2])):
+        if key in full and full[key] not in kinds:
+            raise TaskError(f"{family}: parameter {key} must be one of {', '.join(kinds)}, got {brief(full[key])}")
     if full.get("digits", 1) > 18:
-        raise TaskError(f"{family}: parameter digits must be <= 18, got {full['digits']}")
+        raise TaskError(f"{family}: parameter digits must be <= 18, got {brief(full['digits'])}")
     if family == "mqar" and full["q"] > full["n"]:
-        raise TaskError(f"mqar: parameter q (queries) must be <= n (pairs), got q={full['q']} n={full['n']}")
+        raise TaskError(
+            f"mqar: parameter q (queries) must be <= n (pairs), got q={brief(full['q'])} n={brief(full['n'])}"
+        )
     n_keys = full[_KEYS[family]] if family in _KEYS else int(family.startswith("niah"))
-    words = n_keys + (n_keys * full.get("v", 1) if full.get("value") == "word" else 0)
-    if words > len(WORDS):
-        raise TaskError(f"{family}: {words} distinct words needed (keys and values), the word list has {len(WORDS)}")
+    if (words := n_keys + (n_keys * full.get("v", 1) if full.get("value") == "word" else 0)) > len(WORDS):
+        raise TaskError(
+            f"{family}: {brief(words)} distinct words needed (keys and values), the word list has {len(WORDS)}"
+        )
     if name is None:
         name = family + (":" + ",".join(f"{k}={full[k]}" for k in params) if params else "")
     return TaskSpec(name, family, tuple(full.items()))
@@ -223,7 +224,7 @@ def parse_tasks(text: str) -> list[TaskSpec]:
     found: list[tuple[str, dict[str, str]]] = []
     for item in (s.strip() for s in text.split(",")):
         if not item:
-            raise TaskError(f"tasks {text!r}: an empty item")
+            raise TaskError(f"tasks {brief(text)}: an empty item")
         head, colon, rest = item.partition(":")
         if colon or "=" not in item:
             found.append((head.strip(), {}))
@@ -231,10 +232,10 @@ def parse_tasks(text: str) -> list[TaskSpec]:
             if not item:
                 continue
         if not found:
-            raise TaskError(f"tasks {text!r}: parameter {item!r} comes before any task name")
+            raise TaskError(f"tasks {brief(text)}: parameter {brief(item)} comes before any task name")
         key, eq, value = item.partition("=")
         if not eq or key.strip() in found[-1][1]:
-            raise TaskError(f"tasks {text!r}: {item!r} is not a new param=value of {found[-1][0]}")
+            raise TaskError(f"tasks {brief(text)}: {brief(item)} is not a new param=value of {clip(found[-1][0])}")
         found[-1][1][key.strip()] = value.strip()
     return [get_task(name, **params) for name, params in found]
 

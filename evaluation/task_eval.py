@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from mnemo.data_pipeline.errors import brief
 from mnemo.data_pipeline.passkey import DEPTHS, filler_stream
 from mnemo.data_pipeline.tasks import TaskSpec, make_sample, parse_tasks
 from mnemo.evaluation.errors import EvalError
@@ -39,12 +40,12 @@ def task_specs(names: Sequence[str], what: str = "--tasks") -> list[TaskSpec]:
     seen = [s.name for s in specs]
     dup = sorted({n for n in seen if seen.count(n) > 1})
     if dup:
-        raise EvalError(f"{what}: task {dup[0]!r} named twice")
+        raise EvalError(f"{what}: task {brief(dup[0])} named twice")
     same: dict[tuple, str] = {}  # another name for the same task (niah_multikey_k16, niah_multikey:k=16)
     for s in specs:
         other = same.setdefault((s.family, s.params), s.name)
         if other != s.name:
-            raise EvalError(f"{what}: {other!r} and {s.name!r} are the same task; name it once")
+            raise EvalError(f"{what}: {brief(other)} and {brief(s.name)} are the same task; name it once")
     return specs
 
 

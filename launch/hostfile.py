@@ -23,7 +23,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from mnemo.data_pipeline.errors import brief
+from mnemo.data_pipeline.errors import brief, clip
 from mnemo.data_pipeline.files import NotRegularFile, read_bounded
 from mnemo.launch.torchrun import MAX_PROCS_PER_NODE
 from mnemo.train.errors import UserError
@@ -102,6 +102,7 @@ class Host:
 def parse_hostfile(path: str | Path) -> list[Host]:
     """Parse a hostfile; raise UserError naming the file and line at fault."""
     p = Path(path)
+    shown = clip(str(p), 200)  # a path of thousands of characters is cut in every line naming it, as config errors cut
     try:
         # read_bounded: a device (/dev/zero) or FIFO is refused before any open (it would fill memory or
         # wait forever), and a regular file over the bound is not read whole.
@@ -111,12 +112,14 @@ def parse_hostfile(path: str | Path) -> list[Host]:
         # else), not the universal-newline translation that made "a # spare\rb" two hosts.
         text = raw.decode("utf-8-sig")
     except FileNotFoundError:
-        raise UserError(f"hostfile not found: {p}") from None
+        raise UserError(f"hostfile not found: {shown}") from None
     except NotRegularFile as e:
-        raise UserError(f"hostfile {p}: {e}") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"hostfile {p}: cannot read ({e})") from None
-    return parse_hostfile_text(text, str(p))
+        raise UserError(f"hostfile {shown}: {e}") from None
+    except OSError as e:  # its str() holds the whole path again
+        raise UserError(f"hostfile {shown}: cannot read ({e.strerror or e})") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"hostfile {shown}: cannot read ({e})") from None
+    return parse_hostfile_text(text, shown)
 
 
 def parse_hostfile_text(text: str, name: str = "hostfile") -> list[Host]:

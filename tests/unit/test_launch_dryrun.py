@@ -606,6 +606,8 @@ def test_slurm_time_past_what_slurm_holds_is_refused(ws, capsys, time, msg):
         (["--master-addr", "u" * 50_000 + "@h", "--nnodes", "2", "--node-rank", "0"], "--master-addr: 'uuu"),
         (["--nnodes", "2", "--node-rank", "0", "--master-addr", "h", "--rdzv-id=" + "-" * 50_000], "--rdzv-id '---"),
         (["--hostfile", " " * 50_000], "--hostfile: empty path"),
+        (["--hostfile", "x/" * 2_000 + "hosts"], "hostfile not found: x/x/x/"),  # the whole path was quoted
+        (["--hostfile", "h" * 5_000], "hostfile hhh"),  # "File name too long": its str() the path again
         (["run.name=" + "n" * 50_000 + "\x07"], "override run.name: 'nnn"),  # a control character
     ],
 )

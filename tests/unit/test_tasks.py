@@ -308,6 +308,42 @@ def test_bad_task_names_and_parameters(text, match):
         parse_tasks(text)
 
 
+LONG = "x" * 5000
+
+
+@pytest.mark.parametrize(
+    "text, msg",
+    [
+        (LONG, "--tasks: unknown task 'xxx"),
+        ("passkey," + LONG, "--tasks: unknown task 'xxx"),
+        (",," + LONG, "--tasks: tasks ',,xxx"),
+        (LONG + "=1", "--tasks: tasks 'xxx"),
+        ("passkey:" + LONG + "=1", "--tasks: passkey: unknown parameter 'xxx"),
+        ("passkey:haystack=" + LONG, "--tasks: passkey: parameter haystack must be one of corpus, repeat, got 'xxx"),
+        ("mqar:n=" + LONG, "--tasks: mqar: parameter n must be an integer, got 'xxx"),
+        ("niah_single:value=" + LONG, "--tasks: niah_single: parameter value must be one of"),
+        (LONG + ":a=1,a=2", "--tasks: tasks 'xxx"),
+        (",".join(["mqar_n16:q=" + "0" * 3000 + "4"] * 2), "--tasks: task 'mqar_n16:q=000"),  # named as given
+        # numbers the user gave, or made of them (the words needed: keys and values)
+        ("mqar:n=1" + "6" * 3000, "--tasks: mqar: 1666"),
+        ("mqar:n=-" + "6" * 3000, "--tasks: mqar: parameter n must be >= 1, got -666"),
+        ("niah_single:digits=" + "9" * 3000, "--tasks: niah_single: parameter digits must be <= 18, got 999"),
+        ("mqar:n=16,q=" + "9" * 3000, "--tasks: mqar: parameter q (queries) must be <= n (pairs), got q=999"),
+        ("niah_multivalue:v=" + "9" * 3000 + ",value=word", "--tasks: niah_multivalue: 1000"),
+    ],
+)
+def test_a_huge_tasks_value_is_quoted_cut(text, msg):
+    """mnemo eval --tasks quoted a bad value whole: 5,000 characters of task name in the error line."""
+    from mnemo.evaluation.errors import EvalError
+    from mnemo.evaluation.task_eval import task_specs
+
+    with pytest.raises(EvalError) as e:
+        task_specs([text])
+    line = str(e.value)
+    assert len(line) < 600 and "\n" not in line, line[:300]
+    assert msg is None or line.startswith(msg), line[:300]
+
+
 def test_what_cannot_fit_is_refused(tok, filler):
     rng = np.random.default_rng(0)
     with pytest.raises(ValueError, match="distance"):
