@@ -1,16 +1,18 @@
 """Preemption signals (SIGTERM, SIGUSR1): remembered from a rank's first moments, acted upon by the step loop.
 
-The worker (launch/worker.py) calls ``catch`` before anything slow (imports,
-rendezvous, data, model), so that a notice arriving during start-up is kept
-rather than killing the rank (the default action): the job would then fail
-instead of being requeued. schedule.Preemption takes the flag over
+The worker (launch/worker.py) and ``mnemo train`` alone (``caught_during_run``) call ``catch`` before
+anything slow (imports, rendezvous, data, model, the MLflow run), so that a notice arriving during start-up is
+kept rather than killing the rank (the default action): the job would then fail instead of being requeued,
+and the MLflow run opened by then stayed RUNNING for ever. schedule.Preemption takes the flag over
 (``take``) when the step loop is built. No torch here: this module is imported first thing.
 """
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import time
+from collections.abc import Iterator
 from multiprocessing import resource_tracker
 
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -28,10 +30,29 @@ def _remember(signum: int, frame) -> None:
         _first = (signum, time.time())
 
 
-def catch() -> None:
-    """From now on SIGTERM and SIGUSR1 only set the flag (the first one's number and time)."""
-    for s in SIGNALS:
-        signal.signal(s, _remember)
+def catch(hang_up: bool = False) -> dict[int, object]:
+    """From now on SIGTERM and SIGUSR1 (and SIGHUP with ``hang_up``, unless it is ignored: ``nohup``) only set
+    the flag (the first one's number and time); the handlers they had before."""
+    sigs = [*SIGNALS, signal.SIGHUP] if hang_up and signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN else SIGNALS
+    return {s: signal.signal(s, _remember) for s in sigs}
+
+
+@contextlib.contextmanager
+def caught_during_run() -> Iterator[None]:
+    """``catch`` (SIGHUP too) for one run of ``mnemo train`` alone, from its first moments; afterwards the
+    handlers from before and no notice left over (one that start-up never took is not a later run's).
+
+    SIGHUP as well: the step loop (schedule.Preemption) treats a closed terminal as a stop request in
+    ``mnemo train``, and before the loop the default action killed the process with its MLflow run RUNNING.
+    Under ``mnemo launch`` the worker leaves SIGHUP to its node launcher.
+    """
+    before = catch(hang_up=True)
+    try:
+        yield
+    finally:
+        for s, h in before.items():
+            signal.signal(s, h)
+        take()
 
 
 def start_resource_tracker() -> None:

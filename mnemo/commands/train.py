@@ -13,14 +13,18 @@ def add_train(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentPa
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from mnemo.train.preemption import start_resource_tracker
+    from mnemo.train.preemption import caught_during_run, start_resource_tracker
 
     # First, as the launcher's worker does: a terminal's hang-up reaches its whole process group, and a
     # tracker started later (by the data loaders' shared memory) with the default action died of it.
     start_resource_tracker()
-    from mnemo.train.entry import run_train
+    # Then a stop request (SIGTERM, SIGUSR1, SIGHUP) during start-up is kept for the step loop, which stops
+    # before its first step and closes the MLflow run KILLED: the default action killed the process and left
+    # the run RUNNING for ever.
+    with caught_during_run():
+        from mnemo.train.entry import run_train
 
-    return run_train(args.config, args.overrides)
+        return run_train(args.config, args.overrides)
 
 
 def add_export(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:

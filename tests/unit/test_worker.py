@@ -175,12 +175,13 @@ def run_train(config, overrides):
     os.kill(tracker.pid, signal.{sig})  # a terminal's hang-up reaches its whole process group
     time.sleep(0.5)
     print("tracker", "alive" if tracker.status() != psutil.STATUS_ZOMBIE else "died", flush=True)
-    print("handler", signal.getsignal(signal.{sig}) is signal.SIG_DFL, flush=True)
     return 0
 
 entry.run_train = run_train
 from mnemo.cli import main
-sys.exit(main(["train", "c.yaml"]))
+status = main(["train", "c.yaml"])
+print("handler", signal.getsignal(signal.{sig}) is signal.SIG_DFL, flush=True)
+sys.exit(status)
 """
 
 
@@ -195,8 +196,50 @@ def test_the_resource_tracker_of_mnemo_train_alone_outlives_a_hang_up(sig):
         timeout=120,
     )
     assert r.returncode == 0, r.stderr[-2000:]
-    # The tracker lives; this process's own disposition is what it was.
+    # The tracker lives; this process's own disposition is what it was (after the run: during it the notice
+    # is kept for the step loop, test_a_stop_request_during_the_start_up_of_mnemo_train_alone_is_kept).
     assert r.stdout.splitlines()[-2:] == ["tracker alive", "handler True"]
+
+
+# `mnemo train` alone, as in a terminal, with run_train replaced: a stop request comes during start-up (after
+# the MLflow run was opened, say), then the step loop's Preemption is built.
+TRAIN_EARLY_SIGNAL = """
+import os, signal, sys
+sys.path.insert(0, {repo!r})
+signal.signal(signal.SIGHUP, signal.SIG_DFL)  # whatever this test run inherited (nohup: ignored)
+import mnemo.train.entry as entry
+
+def run_train(config, overrides):
+    os.kill(os.getpid(), signal.{sig})
+    from mnemo.train.schedule import Preemption
+
+    p = Preemption()
+    p.release()
+    print("flag", signal.Signals(p.signal).name, flush=True)
+    return 0
+
+entry.run_train = run_train
+from mnemo.cli import main
+status = main(["train", "c.yaml"])
+print("after", all(signal.getsignal(s) is signal.SIG_DFL for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1)))
+sys.exit(status)
+"""
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGHUP", "SIGUSR1"])
+def test_a_stop_request_during_the_start_up_of_mnemo_train_alone_is_kept(sig):
+    """Was: `mnemo train` without a launcher left these signals their default action until the step loop: one
+    during start-up killed it (exit 143 or 129), with its MLflow run (opened by then) RUNNING for ever. Now
+    the step loop takes the notice (it stops before the first step, closing the run KILLED) and afterwards
+    the handlers are the caller's again."""
+    r = subprocess.run(
+        [sys.executable, "-c", TRAIN_EARLY_SIGNAL.format(repo=str(REPO), sig=sig)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 0, (r.returncode, r.stderr[-2000:])
+    assert r.stdout.splitlines()[-2:] == [f"flag {sig}", "after True"]
 
 
 def test_starting_the_resource_tracker_leaves_handlers_and_mask_as_they_were():
