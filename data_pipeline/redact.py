@@ -20,7 +20,8 @@ Two kinds of secret:
   and the value of every parameter whose name says it holds a credential,
   in a query, a fragment or a path (``?token=...``, ``&access_token=``, ``#access_token=``, ``;password=``, ``?pw=``,
   ``&AccountKey=``, an OAuth ``?code=``, a presigned URL's
-  ``X-Amz-Signature=``, a SAS ``sig=``);
+  ``X-Amz-Signature=``, a SAS ``sig=``, a session's ``?session_id=``, an
+  ``?otp=`` or ``?pin=``; a name percent-encoded, ``?pass%77ord=``, too);
 - credential environment variables (``MLFLOW_TRACKING_PASSWORD``,
   ``AWS_SECRET_ACCESS_KEY``, ...): ``is_secret_env`` says which ones launch
   must send to nodes by a channel ``ps`` does not show.
@@ -31,6 +32,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from typing import Any
+from urllib.parse import unquote
 
 REDACTED = "***"
 
@@ -113,24 +115,41 @@ _VALUE_END = re.compile(r"[&#\s'\"<>]")
 # password (``pw``, ``pwd``, ``pass``, ``passphrase``), of a credential (``cred``, ``creds``) or of an
 # authorization (``auth``, ``authorization``, ``bearer``, a ``jwt``); a name that is _SECRET_NAME's once
 # its separators are dropped (``pass_word``); and ``code`` alone or after ``auth`` (an OAuth authorization
-# code, as good as a token until it is redeemed). ``bypass``, ``monkey``, ``oauth_state`` or
-# ``country_code`` stay readable (not the last word, or a longer one).
+# code, as good as a token until it is redeemed). A session (``session``, ``sessionid``, ``session_id``,
+# ``sid``, ``JSESSIONID``) or a one-time code or PIN (``otp``, ``pin``) logs one in as well. The name is read
+# percent-decoded too (``pass%77ord`` is ``password`` to the server). ``bypass``, ``monkey``, ``oauth_state``,
+# ``country_code``, ``spin`` or ``user_id`` stay readable (not the last word, or a longer one).
 _SECRET_LAST_WORDS = frozenset(
     {"key", "sig", "signature", "pw", "pwd", "pass", "passphrase", "cred", "creds"}
     | {"auth", "authorization", "bearer", "jwt"}
+    | {"session", "sessionid", "sessid", "jsessionid", "phpsessid", "sid", "otp", "pin"}
 )
 _WORD = re.compile(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+")
 _SEPARATORS = re.compile(r"[^A-Za-z0-9]")
 
 
 def _secret_query_name(name: str) -> bool:
+    # Decoded until nothing changes (a twice-encoded ``%2577``), a few rounds at most.
+    for _ in range(3):
+        if _secret_word(name):
+            return True
+        decoded = unquote(name)
+        if decoded == name:
+            return False
+        name = decoded
+    return _secret_word(name)
+
+
+def _secret_word(name: str) -> bool:
     if _SECRET_NAME.search(name) is not None or _SECRET_NAME.search(_SEPARATORS.sub("", name)) is not None:
         return True
     words = [w.lower() for w in _WORD.findall(name)]
     if not words:
         return False
     if words[-1] == "code":
-        return len(words) == 1 or words[-2] in ("auth", "authorization", "oauth")
+        return len(words) == 1 or words[-2] in ("auth", "authorization", "oauth", "otp")
+    if words[-1] == "id" and len(words) > 1:
+        return words[-2] in ("session", "sess")
     return words[-1] in _SECRET_LAST_WORDS
 
 

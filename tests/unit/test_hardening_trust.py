@@ -536,6 +536,22 @@ def test_redact_uri_hides_more_names_of_a_credential(name):
         assert redact_uri(plain) == plain and not has_credentials(plain)
 
 
+@pytest.mark.parametrize(
+    "name",
+    ["pass%77ord", "%70assword", "pass%2577ord", "access%5Ftoken", "api%4Bey", "%73id"]
+    + ["session_id", "sessionid", "sessionId", "session", "session_token", "JSESSIONID", "PHPSESSID"]
+    + ["sid", "otp", "otp_code", "pin", "user_pin"],
+)
+def test_redact_uri_hides_encoded_names_sessions_one_time_codes_and_pins(name):
+    # Before: a name the server decodes to a secret one (?pass%77ord=), a session id, an OTP or a PIN was shown.
+    from mnemo.data_pipeline.redact import has_credentials, redact_uri
+
+    text = f"https://h/x?user=bob&{name}={TOKEN}&a=1"
+    assert redact_uri(text) == f"https://h/x?user=bob&{name}=***&a=1" and has_credentials(text)
+    plain = "https://h/x?page=2&spin=1&user_id=3&id=4&side=5&sidebar=6&pinned=7&opinion=8&%70age=9&a%20b=10"
+    assert redact_uri(plain) == plain and not has_credentials(plain)
+
+
 def test_a_fragment_token_is_not_saved_in_config_yaml_or_put_on_a_command_line():
     from mnemo.launch.job import secret_overrides
     from mnemo.train.config import to_yaml
