@@ -21,6 +21,7 @@ Linux keeps POSIX shared memory under /dev/shm; elsewhere nothing is released.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import random
@@ -118,24 +119,79 @@ def lock_files(prefix: int) -> list[Path]:
     return [Path(tempfile.gettempdir()) / f"{prefix:06d}_{kind}" for kind in (BARRIER_FILELOCK, CACHE_FILELOCK)]
 
 
-def release_lock_files(dataset: object) -> list[str]:
-    """Remove the file locks that streaming made in the temp folder for ``dataset`` (a StreamingDataset): the
-    names removed.
+# mnemo's own file beside a prefix's lock files: every process of the job on this machine that reads the
+# dataset holds a shared flock on it (``hold_lock_files``), so that the last one done can tell it is the last.
+READERS_FILE = "mnemo_readers"
+
+
+def _prefix(dataset: object) -> int | None:
+    prefix = getattr(dataset, "_shm_prefix_int", None)  # streaming's own record of the prefix it picked
+    return prefix if type(prefix) is int else None
+
+
+def hold_lock_files(dataset: object) -> int | None:
+    """Say that this process reads ``dataset`` (a StreamingDataset) until ``release_lock_files(dataset,
+    held)``: a shared flock on its prefix's readers file in the temp folder (made if missing), held by the
+    returned descriptor. None when there is no prefix or the file cannot be opened (another user's)."""
+    prefix = _prefix(dataset)
+    if prefix is None:
+        return None
+    try:
+        fd = os.open(_readers_path(prefix), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)  # a last reader holds it exclusively only while it removes the files
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def _readers_path(prefix: int) -> Path:
+    return Path(tempfile.gettempdir()) / f"{prefix:06d}_{READERS_FILE}"
+
+
+def release_lock_files(dataset: object, held: int | None = None) -> list[str]:
+    """Remove the file locks that streaming made in the temp folder for ``dataset`` (a StreamingDataset), and
+    its readers file: the names removed.
 
     They are this job's: streaming picked the dataset's prefix only because no lock file of it existed, and
-    no other process picks it while the dataset's ``_locals`` segment registers it. Call once every process
-    of the job on this machine is done reading the dataset (after a barrier, from one of them): one that
-    still took the lock would make a new file, and two holders of two files would not exclude each other.
+    no other process picks it while the dataset's ``_locals`` segment registers it. No other process of the
+    job on this machine may still read the dataset: one that still took the lock would make a new file, and
+    two holders of two files would not exclude each other. Either the caller knows (after a barrier, from
+    one process), or it passes what ``hold_lock_files`` returned (``held``), with no collective (a run that
+    ends on an exception): its hold ends, and the files go only when no other reader holds one (the last
+    one done removes them; an earlier one removes nothing).
     """
-    prefix = getattr(dataset, "_shm_prefix_int", None)  # streaming's own record of the prefix it picked
-    if type(prefix) is not int:
+    prefix = _prefix(dataset)
+    if prefix is None:
         return []
+    if held is not None:
+        os.close(held)  # this process is done reading
+        try:  # never made again here: a reader that found it gone would hold a file no one else sees
+            fd = os.open(_readers_path(prefix), os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:  # removed by the last reader already (or not ours)
+            return []
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # another reader still holds it: the last one removes the files
+            os.close(fd)
+            return []
+        try:
+            return _remove_lock_files(prefix)
+        finally:
+            os.close(fd)
+    return _remove_lock_files(prefix)
+
+
+def _remove_lock_files(prefix: int) -> list[str]:
     removed = []
-    for f in lock_files(prefix):
+    for f in [*lock_files(prefix), _readers_path(prefix)]:
         try:
             f.unlink()
             removed.append(f.name)
-        except OSError:  # never made (the barrier's, unless iterated), or gone already
+        except OSError:  # never made (the barrier's, unless iterated; no readers file), or gone already
             pass
     return removed
 

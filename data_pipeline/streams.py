@@ -58,7 +58,7 @@ from mnemo.data_pipeline.lean_imports import import_streaming
 from mnemo.data_pipeline.mixture import WeightedSource, check_same_sources, choose, shares, source_names
 from mnemo.data_pipeline.partition import SourceQueue, epoch_order, rank_block  # noqa: F401 (epoch_order, rank_block: this module's API since before partition.py)
 from mnemo.data_pipeline.paths import is_remote, local_path, not_utf8
-from mnemo.data_pipeline.shm import release_lock_files, streaming_dataset
+from mnemo.data_pipeline.shm import hold_lock_files, release_lock_files, streaming_dataset
 
 STATE_VERSION = 1
 
@@ -198,6 +198,7 @@ class MDSSource:
                 stream.validate_hash = algo
             self._drop_copies_of_another_size()
         self.train_only = _train_only(path, key)
+        self._readers: int | None = None  # hold_lock_files' descriptor
         self.num_samples = int(self.ds.num_samples)
         self.samples_per_shard = np.asarray(self.ds.samples_per_shard, dtype=np.int64)
         self.has_answers = "answer_start" in getattr(self.ds.shards[0], "column_names", []) if self.ds.shards else False
@@ -221,10 +222,24 @@ class MDSSource:
             "source": s.get("source", ""),
         }
 
-    def release_lock_files(self) -> list[str]:
-        """Remove streaming's lock files of this dataset in the temp folder (shm.release_lock_files: when every
-        process of the job on this machine is done reading it, from one of them)."""
-        return release_lock_files(self.ds)
+    def hold_lock_files(self) -> None:
+        """This process reads the dataset until ``release_lock_files(last_reader=True)`` (shm.hold_lock_files):
+        the last reader of the job on this machine then removes streaming's lock files, with no collective."""
+        if self._readers is None:
+            self._readers = hold_lock_files(self.ds)
+
+    def release_lock_files(self, last_reader: bool = False) -> list[str]:
+        """Remove streaming's lock files of this dataset in the temp folder (shm.release_lock_files): when every
+        process of the job on this machine is done reading it, from one of them; with ``last_reader``, from
+        each one that held them (``hold_lock_files``), as it is done: the last one removes them."""
+        held, self._readers = self._readers, None
+        if not last_reader:
+            if held is not None:
+                os.close(held)
+            return release_lock_files(self.ds)
+        if held is None:
+            return []  # never held (or released already): not known to be the last
+        return release_lock_files(self.ds, held)
 
     def _shard_name(self, shard_id: int) -> str:
         """The file name (as in index.json) of shard ``shard_id``: its compressed file, else its raw one."""

@@ -366,6 +366,9 @@ class Trainer:
                 os.makedirs(cache_dir, exist_ok=True)
         self.mixture = open_sources(cfg.data.sources, cache_dir)  # data.sources (WeightedSource each), else []
         self.source = self.mixture[0].source if self.mixture else MDSSource(cfg.data.path, cache_dir=cache_dir)
+        for source in self._data_sources():  # this rank reads them: on an exception the last reader cleans up
+            if hasattr(source, "hold_lock_files"):
+                source.hold_lock_files()
         # Slot group g of G = world x accum is a partition of its own (train/slots.py); A = 1: g = rank.
         self.streams = SlotGroups(
             lambda g, G: self._document_streams(g, G), info.rank, self.batching.accum, info.world_size
@@ -594,8 +597,7 @@ class Trainer:
                 exit_reason, eval_result = self._steps()
             finally:
                 self._shut_down(exit_reason)
-            if exit_reason != "nan":  # every rank stopped here, by a collective decision
-                self._release_data_lock_files()
+            self._release_data_lock_files()  # every rank stopped here, by a collective decision (a NaN's too)
             if exit_reason == "nan":
                 raise UserError(
                     f"{self.loop.nonfinite or 'loss'} became NaN/inf at step {self.counters.step} "
@@ -689,6 +691,11 @@ class Trainer:
         status = {"nan": "FAILED", "failed": "FAILED", "preempted": "KILLED"}.get(exit_reason, "FINISHED")
         self.tracker.close(status)
 
+    def _data_sources(self) -> list[Any]:
+        """The datasets this rank reads (none before the data is built)."""
+        mixture = getattr(self, "mixture", None)
+        return [m.source for m in mixture] if mixture else [s for s in [getattr(self, "source", None)] if s]
+
     def _release_data_lock_files(self) -> None:
         """Collective: once every rank is done reading the data, each machine's local rank 0 removes streaming's
         lock files of this job's datasets in the temp folder (one per dataset, per run; they retired their
@@ -696,10 +703,20 @@ class Trainer:
         from mnemo.train.collectives import barrier
 
         barrier()
-        if self.info.local_rank == 0:
-            for source in [m.source for m in self.mixture] or [self.source]:
-                if hasattr(source, "release_lock_files"):
-                    source.release_lock_files()
+        for source in self._data_sources():
+            if hasattr(source, "release_lock_files"):  # the others only let go of their hold
+                source.release_lock_files(last_reader=self.info.local_rank != 0)
+
+    def release_data_lock_files_alone(self) -> None:
+        """No collective (the run ended on an exception, on this rank at least): this rank is done reading, and
+        the last rank of the job on this machine to be done removes the lock files (MDSSource.hold_lock_files).
+        Before, a run that failed (a damaged shard mid-run) left them, retiring a streaming prefix for good."""
+        for source in self._data_sources():
+            if hasattr(source, "release_lock_files"):
+                try:
+                    source.release_lock_files(last_reader=True)
+                except OSError as e:  # the error that ended the run is the one to report
+                    log.warning("could not remove streaming's lock files in the temp folder: %s", e)
 
     def _summary(self, exit_reason: str, eval_result: dict[str, Any]) -> dict[str, Any]:
         summary = {
@@ -730,6 +747,9 @@ def train(cfg: Config) -> dict[str, Any]:
     try:
         trainer.setup()
         return trainer.fit()
+    except BaseException:
+        trainer.release_data_lock_files_alone()  # the readers' streams are closed (fit's shutdown) or never ran
+        raise
     finally:
         if lock is not None:
             lock.release()

@@ -244,6 +244,46 @@ def test_a_finished_run_leaves_no_streaming_lock_file_in_the_temp_folder(world1,
     assert not lock.exists()
 
 
+@pytest.mark.parametrize("end", ["error", "nan"])
+def test_a_failed_run_leaves_no_streaming_lock_file_in_the_temp_folder(world1, data, tmp_path, monkeypatch, end):
+    """A run that ended on an exception (a damaged shard mid-run) or a NaN stop (train.nan_policy=stop) left its
+    /tmp/NNNNNN_cache_filelock, retiring that streaming prefix for good; only the other ends removed it."""
+    import tempfile
+
+    from mnemo.data_pipeline import streams
+    from mnemo.train import trainer
+    from mnemo.train.errors import UserError
+
+    opened = []
+    init = streams.MDSSource.__init__
+
+    def remember(self, *a, **k):
+        init(self, *a, **k)
+        opened.append(self)
+
+    monkeypatch.setattr(streams.MDSSource, "__init__", remember)
+    if end == "error":
+        step_once = trainer.Trainer.train_step
+
+        def fails_at_step_2(self, step):
+            ok = step_once(self, step)
+            if step + 1 == 2:
+                raise ValueError("shard.00000.mds.zstd: Src size is incorrect")
+            return ok
+
+        monkeypatch.setattr(trainer.Trainer, "train_step", fails_at_step_2)
+    else:
+        monkeypatch.setenv("MNEMO_FAULT_INF_GRAD", "2:0")  # every gradient of step 2 is NaN/inf
+    cfg = config(data, tmp_path / "run", "train.max_steps=4", "checkpoint.interval=0", "train.nan_policy=stop")
+    with pytest.raises(ValueError if end == "error" else UserError):
+        trainer.train(cfg)
+    (source,) = opened
+    assert list((tmp_path / "run" / "data_cache").rglob("*.mds")), "shards were copied: the cache lock was taken"
+    prefix = source.ds._shm_prefix_int
+    left = [p.name for p in Path(tempfile.gettempdir()).glob(f"{prefix:06d}_*")]
+    assert left == []
+
+
 def test_summary_json_is_strict_json_with_a_nan_as_null(world1, data, tmp_path, monkeypatch):
     """summary.json held bare NaN (an empty bucket's loss interval), which strict JSON readers (jq,
     JavaScript's JSON.parse) refuse; eval.json and `mnemo eval --json` write null."""

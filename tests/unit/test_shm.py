@@ -232,3 +232,32 @@ def test_a_readers_lock_file_goes_when_it_is_done(tmp_path):
     assert src.release_lock_files() == [mine.name]
     assert not mine.exists()
     assert src.release_lock_files() == []  # nothing else is ever removed
+
+
+@needs_shm
+def test_the_last_reader_on_the_machine_removes_the_lock_files_with_no_collective(tmp_path):
+    """A run that ends on an exception cannot wait for its other ranks: each one lets go of its hold as it is
+    done, and the last one removes streaming's lock files (and mnemo's readers file); an earlier one removes
+    nothing, so a rank still reading keeps its lock."""
+    from streaming import MDSWriter
+
+    from mnemo.data_pipeline import shm
+    from mnemo.data_pipeline.streams import MDSSource
+
+    data = tmp_path / "data"
+    with MDSWriter(out=str(data), columns={"tokens": "ndarray:uint16"}, size_limit=4096, compression="zstd") as w:
+        for i in range(30):
+            w.write({"tokens": np.arange(i + 5, dtype=np.uint16)})
+    src = MDSSource(str(data), cache_dir=str(tmp_path / "cache"))
+    src.hold_lock_files()  # this rank
+    other = shm.hold_lock_files(src.ds)  # another local rank of the job (flock: one holder per descriptor)
+    assert src.get(3)["tokens"].tolist() == list(range(8))
+    prefix = src.ds._shm_prefix_int
+    mine = Path(tempfile.gettempdir()) / f"{prefix:06d}_cache_filelock"
+    readers = Path(tempfile.gettempdir()) / f"{prefix:06d}_{shm.READERS_FILE}"
+    assert mine.is_file() and readers.is_file()
+    assert src.release_lock_files(last_reader=True) == []  # the other still reads
+    assert mine.is_file()
+    assert shm.release_lock_files(src.ds, other) == [mine.name, readers.name]
+    assert not mine.exists() and not readers.exists()
+    assert src.release_lock_files(last_reader=True) == []  # nothing held, nothing removed
