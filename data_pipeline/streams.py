@@ -695,5 +695,8 @@ class DocumentStreams:
         self._refresh_active()
 
     def close(self) -> None:
+        """Stop reading ahead: documents not yet being read are dropped; one being read is finished first (a
+        read in flight may still take streaming's lock file of its shard, which the trainer removes next:
+        a read after that removal would make the file again, for good)."""
         if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool.shutdown(wait=True, cancel_futures=True)

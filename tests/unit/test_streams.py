@@ -314,3 +314,30 @@ def test_training_only_documents_are_never_held_out_and_a_changed_split_is_refus
         streams(ArraySource(docs), val=0.2).load_state_dict(state)
     del state["train_only"]  # a checkpoint from before: the plain split
     assert streams(ArraySource(docs), val=0.2).load_state_dict(state) is True
+
+
+def test_close_waits_for_a_read_in_flight():
+    """close() dropped the read-ahead without waiting (shutdown(wait=False)): a read still running could take
+    streaming's lock file of its shard after the trainer had removed it, making it again for good. Reads not
+    begun are dropped; one begun is finished before close() returns."""
+    import threading
+    import time
+
+    started, finished = [], []
+
+    class Slow(ArraySource):
+        def get(self, idx):
+            started.append(idx)
+            time.sleep(0.3)
+            finished.append(idx)
+            return super().get(idx)
+
+    src = Slow([np.arange(1, 40) for _ in range(64)])
+    s = DocumentStreams(src, batch_size=2, segment_len=8, num_workers=2, prefetch=16)
+    next(iter(s))
+    deadline = time.monotonic() + 10
+    while len(started) == len(finished) and time.monotonic() < deadline:  # until the read-ahead has one in flight
+        time.sleep(0.01)
+    s.close()
+    assert len(finished) == len(started) and len(started) < 64, (started, finished)
+    assert not any(t.name.startswith("mnemo-prefetch") for t in threading.enumerate())
