@@ -51,7 +51,8 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generato
     diverged model's output, which made torch.multinomial fail with a traceback
     (and greedy decoding pick token 0 silently).
     """
-    if bool(logits.isnan().any() or logits.isposinf().any() or logits.isneginf().all()):
+    # One reduction, one host sync per token on CUDA (`a.any() or b.any()` synced for each test).
+    if bool(logits.isnan().any() | logits.isposinf().any() | logits.isneginf().all()):
         raise EvalError(
             "the model's output holds NaN or infinity: its weights are not finite or too large "
             "(a run that diverged; use an earlier checkpoint)"
