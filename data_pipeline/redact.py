@@ -235,3 +235,32 @@ def redact_tree(obj: Any) -> Any:
 def is_secret_env(name: str, value: str = "") -> bool:
     """Must this environment variable stay off command lines and out of printed output?"""
     return name in SECRET_ENV_NAMES or _SECRET_NAME.search(name) is not None or has_credentials(value)
+
+
+def print_traceback(error: BaseException, header: str = "") -> None:
+    """Print ``error``'s traceback (after ``header``) to stderr with every credential in it hidden
+    (``redact_uri``): the error and the frames' source lines may quote a URI handed to the code that failed."""
+    import sys
+    import traceback
+
+    text = header + "".join(traceback.format_exception(error))
+    print(redact_uri(text), end="", file=sys.stderr, flush=True)
+
+
+def redact_uncaught_errors() -> None:
+    """Route the tracebacks Python prints by itself for an uncaught error (of a thread, or of the main thread
+    outside the command's own handling) through ``print_traceback``, as the CLI prints a bug's."""
+    import sys
+    import threading
+
+    def thread_hook(args: Any) -> None:
+        if args.exc_type is SystemExit or args.exc_value is None:  # as Python's own hook: silent
+            return
+        name = args.thread.name if args.thread is not None else "?"
+        print_traceback(args.exc_value, f"Exception in thread {name}:\n")
+
+    def main_hook(exc_type: Any, value: BaseException, tb: Any) -> None:
+        print_traceback(value.with_traceback(tb))
+
+    threading.excepthook = thread_hook
+    sys.excepthook = main_hook

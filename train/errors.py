@@ -127,14 +127,15 @@ def exit_status(command: Callable[[], int | None], debug: bool = False) -> int:
     from mnemo.data_pipeline.errors import DataError, limit_reached, storage_error, storage_error_path
     from mnemo.evaluation.errors import EvalError
 
+    from mnemo.data_pipeline.redact import print_traceback, redact_uncaught_errors, redact_uri
+
+    redact_uncaught_errors()  # a thread's error, printed by Python, is shown as redacted as the command's own
     try:
         rc = command()
     except KeyboardInterrupt:
         print("mnemo: interrupted", file=sys.stderr)
         return 130
     except Exception as e:
-        from mnemo.data_pipeline.redact import redact_uri
-
         if isinstance(e, BrokenPipeError) and stdout_gone():
             # `mnemo data inspect D | head`: the reader has what it wanted. Quiet, as a Unix tool is; stdout goes
             # to /dev/null so that Python's own flush at exit does not print the error again.
@@ -149,9 +150,7 @@ def exit_status(command: Callable[[], int | None], debug: bool = False) -> int:
             # frames' lines may quote a value that is a URI with credentials (a bug in code that was
             # handed a tracking.uri), hidden as on the one line. The status is the one the error gets
             # without --debug (2), or Python's for an uncaught exception (1).
-            import traceback
-
-            print(redact_uri("".join(traceback.format_exception(e))), end="", file=sys.stderr, flush=True)
+            print_traceback(e)
             return 2 if known else 1
 
         if limit is not None:

@@ -734,6 +734,47 @@ def test_debug_prints_the_traceback_with_credentials_hidden(capsys, user, rc, de
     assert "SECD9" not in err
 
 
+def test_a_threads_error_and_the_mlflow_senders_are_printed_with_credentials_hidden(capsys, monkeypatch):
+    """Python (a thread's uncaught error) and multiprocessing (the MLflow sender process's) print tracebacks
+    themselves, as they are: a tracking.uri's password quoted in the error was shown. Both go through the
+    redaction of the CLI's own traceback now."""
+    import threading
+
+    import mnemo.train.tracking.sender as sender_mod
+    from mnemo.train.errors import exit_status
+
+    monkeypatch.setattr(threading, "excepthook", threading.excepthook)  # restored after the test
+    monkeypatch.setattr(sys, "excepthook", sys.excepthook)
+
+    def fail():
+        raise RuntimeError("cannot reach https://alice:SECT1@mlflow.example/")
+
+    def command():
+        t = threading.Thread(target=fail, name="reader")
+        t.start()
+        t.join()
+        return 0
+
+    assert exit_status(command) == 0
+    err = capsys.readouterr().err
+    assert err.startswith("Exception in thread reader:\nTraceback") and "in fail\n" in err, err
+    assert err.endswith("RuntimeError: cannot reach https://***@mlflow.example/\n") and "SECT1" not in err, err
+
+    class Broken:
+        def __init__(self, settings, emit):
+            raise ValueError(f"bad store {settings['uri']}")
+
+    monkeypatch.setattr(sender_mod, "_Sender", Broken)
+    monkeypatch.setattr(sender_mod, "quiet_url_printing", lambda uri: None)
+    monkeypatch.setattr(sender_mod.signal, "signal", lambda *a: None)
+    with pytest.raises(SystemExit) as e:
+        sender_mod.sender_main({"uri": "https://alice:SECT2@mlflow.example/"}, None, None)
+    assert e.value.code == 1
+    err = capsys.readouterr().err
+    assert err.startswith("mnemo: the MLflow sender failed:\nTraceback") and "SECT2" not in err, err
+    assert err.endswith("ValueError: bad store https://***@mlflow.example/\n"), err
+
+
 @pytest.mark.parametrize(
     "argv, line",
     [

@@ -48,7 +48,7 @@ from urllib.parse import urlparse
 
 from mnemo.data_pipeline.errors import storage_error
 from mnemo.data_pipeline.files import make_dirs, remove_made_dirs
-from mnemo.data_pipeline.redact import has_credentials, redact_uri
+from mnemo.data_pipeline.redact import has_credentials, print_traceback, redact_uncaught_errors, redact_uri
 from mnemo.train.tracking.common import DB_SCHEMES, FALLBACK_FILE, PARENT_RUN_TAG, FallbackFile, system_tags
 
 _MAX_METRICS_PER_BATCH = 1000
@@ -218,11 +218,16 @@ def sender_main(settings: dict, ops, replies) -> None:
         except (OSError, ValueError):
             pass  # the trainer is gone; keep sending what we hold
 
-    sender = _Sender(settings, emit)
-    error = sender.start()
-    emit(("ready", sender.run_id, error))
-    if error is None:
-        sender.serve(ops)
+    redact_uncaught_errors()  # its threads' errors
+    try:
+        sender = _Sender(settings, emit)
+        error = sender.start()
+        emit(("ready", sender.run_id, error))
+        if error is None:
+            sender.serve(ops)
+    except Exception as e:  # a bug: multiprocessing would print its traceback as it is, the URI's password too
+        print_traceback(e, "mnemo: the MLflow sender failed:\n")
+        raise SystemExit(1) from None
 
 
 @dataclasses.dataclass
