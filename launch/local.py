@@ -41,6 +41,7 @@ launch/worker.py report_exit), torchrun waits in its exit barrier for the other 
 node that is gone (torch's exit_barrier_timeout, which torchrun does not expose). After EXIT_BARRIER_GRACE_S
 the launcher says ``another node left the job; not waiting for its exit barrier``, stops torchrun (SIGINT,
 then SIGKILL) and exits 0, the workers' outcome; torchrun's own lines from then on go to the node log only.
+A signal in that wait (a Ctrl-C, SLURM's SIGTERM) ends it the same way, exit 0: the job is done.
 
 torchrun's copies of the ranks' output (its --tee) live in a temporary folder
 (torchrun_log_dir), not in run.dir: a full disk there would swallow that line.
@@ -306,6 +307,14 @@ class NodeRunner:
                 os.kill(pid, sig)
             except ProcessLookupError:
                 pass
+        if not pids and self._done_since is not None:
+            # Every worker already exited 0 and torchrun waits in its exit barrier (several nodes): the job is
+            # done, and a signal only ends that wait, as _watch_exit_barrier does after its grace (run: exit 0).
+            # Stopping the job instead recorded a finished one as interrupted (130) or failed (143 under SLURM).
+            if self._stop_at is None:
+                self._pending.append(f"{why}: every worker already exited 0; stopping torchrun in its exit barrier")
+                self._stop_in_exit_barrier(time.monotonic())
+            return
         if not pids and sig == signal.SIGUSR1:
             # A preemption notice (SLURM) while torchrun starts: stopping torchrun would fail the job
             # instead of requeueing it. The workers get it once they start (pass_on_held).
@@ -356,7 +365,10 @@ class NodeRunner:
             self._interrupts += 1
             if self._interrupts > 1:
                 self._pending.append("second SIGINT: killing torchrun and its workers")
-                self._stopped_by = signal.SIGINT
+                if self._done_since is None:
+                    self._stopped_by = signal.SIGINT
+                else:
+                    self._stop_at = float("inf")  # killed in its exit barrier: the job is done all the same (run)
                 _kill_tree(self.proc.pid)
                 return
         fwd = sig if sig in (signal.SIGTERM, signal.SIGUSR1) else signal.SIGTERM
@@ -612,11 +624,17 @@ class NodeRunner:
         self._see_workers(now)
         if self._done_since is not None and now - self._done_since >= EXIT_BARRIER_GRACE_S:
             self._note(log, "another node left the job; not waiting for its exit barrier")
-            try:
-                os.kill(self.proc.pid, signal.SIGINT)  # the signal torchrun handles; SIGKILL after STOP_GRACE_S
-            except ProcessLookupError:
-                pass
-            self._stop_at = now + STOP_GRACE_S
+            self._stop_in_exit_barrier(now)
+
+    def _stop_in_exit_barrier(self, now: float) -> None:
+        """Stop torchrun waiting in its exit barrier: SIGINT, the signal it handles; SIGKILL after STOP_GRACE_S
+        (_watch_exit_barrier). The job then ends as its workers did, 0 (run)."""
+        assert self.proc is not None
+        try:
+            os.kill(self.proc.pid, signal.SIGINT)
+        except ProcessLookupError:
+            pass
+        self._stop_at = now + STOP_GRACE_S
 
     def _watch_tee_space(self, log: IO[str]) -> None:
         """Say once, on the console and in the node log, when the file system of torchrun's copies of the ranks'

@@ -49,24 +49,29 @@ sys.exit(subprocess.call([sys.executable, "-c", "import sys, time; open(sys.argv
 """
 
 
-def _runner(tmp_path, monkeypatch, script: str, flag) -> tuple[NodeRunner, io.StringIO]:
+def _runner(tmp_path, monkeypatch, script: str, flag, nnodes: int = 1) -> tuple[NodeRunner, io.StringIO]:
     monkeypatch.setattr(local, "torchrun_command", lambda plan, log_dir: [sys.executable, "-c", script, str(flag)])
-    plan = NodePlan(config=str(tmp_path / "c.yaml"), overrides=[], run_dir=tmp_path / "run", nproc_per_node=1)
+    plan = NodePlan(
+        config=str(tmp_path / "c.yaml"), overrides=[], run_dir=tmp_path / "run", nproc_per_node=1, nnodes=nnodes
+    )
     console = io.StringIO()
     return NodeRunner(plan, console=console), console
 
 
-def _signal_self_when(flag, *delays: float) -> threading.Thread:
-    """SIGINT to this process once ``flag`` exists, then once more after each of ``delays``."""
+def _signal_self_when(
+    flag, *delays: float, sig: signal.Signals = signal.SIGINT, after: float = 0.0
+) -> threading.Thread:
+    """``sig`` to this process ``after`` seconds once ``flag`` exists, then once more after each of ``delays``."""
 
     def send():
         deadline = time.monotonic() + 20
         while not flag.exists() and time.monotonic() < deadline:
             time.sleep(0.02)
-        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(after)
+        os.kill(os.getpid(), sig)
         for d in delays:
             time.sleep(d)
-            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), sig)
 
     t = threading.Thread(target=send, daemon=True)
     t.start()
@@ -151,3 +156,57 @@ def test_a_second_ctrl_c_kills_the_job_and_is_an_interrupt(tmp_path, monkeypatch
     ], shown
     assert "torchrun exited with code 137" in runner.plan.log_path.read_text()
     assert not psutil.pid_exists(runner.proc.pid) or psutil.Process(runner.proc.pid).status() == "zombie"
+
+
+# torchrun of a two-node job: its worker leaves exit code 0 (as launch/worker.py does) and exits, then torchrun
+# waits in its exit barrier for the other node's agent (up to 300 s in torch); the flag once it waits there.
+IN_ITS_EXIT_BARRIER = """
+import signal, subprocess, sys, time
+worker = "import os, sys, time; from mnemo.launch.worker import report_exit; time.sleep(1); report_exit(0, os.environ)"
+code = subprocess.call([sys.executable, "-c", worker])
+if len(sys.argv) > 2:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a torchrun that does not stop on SIGINT
+print("torchrun: waiting in the exit barrier", flush=True)
+open(sys.argv[1], "w").close()
+time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_once_every_worker_exited_0_ends_the_job_as_done(tmp_path, monkeypatch, sig):
+    # Was: "got SIGINT: no worker started yet; stopping torchrun", then "mnemo: interrupted" (exit 130), or exit
+    # 143 for SLURM's SIGTERM: a finished job (its summary.json written) recorded as interrupted or failed.
+    flag = tmp_path / "barrier"
+    runner, console = _runner(tmp_path, monkeypatch, IN_ITS_EXIT_BARRIER, flag, nnodes=2)
+    _signal_self_when(flag, sig=sig, after=1.0)  # the launcher has read torchrun's line by then
+    start = time.monotonic()
+    try:
+        rc = runner.run()
+    except KeyboardInterrupt:
+        pytest.fail("the finished job ended as interrupted")
+    assert rc == 0  # the workers' outcome
+    assert time.monotonic() - start < 20  # torchrun stopped in its barrier (SIGINT, SIGKILL after STOP_GRACE_S)
+    shown = console.getvalue().splitlines()
+    assert f"[launch node0] got {sig.name}: every worker already exited 0; stopping torchrun in its exit barrier" in (
+        shown
+    ), shown
+    assert not [line for line in shown if "no worker started" in line], shown
+
+
+def test_a_second_ctrl_c_in_the_exit_barrier_kills_torchrun_and_the_job_is_done(tmp_path, monkeypatch):
+    monkeypatch.setattr(local, "STOP_GRACE_S", 60.0)  # only the second Ctrl-C ends this torchrun in time
+    flag = tmp_path / "barrier"
+    runner, console = _runner(tmp_path, monkeypatch, IN_ITS_EXIT_BARRIER, flag, nnodes=2)
+    monkeypatch.setattr(
+        local, "torchrun_command", lambda plan, log_dir: [sys.executable, "-c", IN_ITS_EXIT_BARRIER, str(flag), "deaf"]
+    )
+    _signal_self_when(flag, 0.5, after=1.0)
+    start = time.monotonic()
+    try:
+        rc = runner.run()
+    except KeyboardInterrupt:
+        pytest.fail("the finished job ended as interrupted")
+    assert rc == 0
+    assert time.monotonic() - start < 20
+    shown = console.getvalue().splitlines()
+    assert "[launch node0] second SIGINT: killing torchrun and its workers" in shown, shown
