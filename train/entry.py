@@ -20,7 +20,10 @@ def run_train(config: str, overrides: list[str]) -> int:
     )
 
     waiting = check_dist_env(os.environ)  # before anything slow: a bad WORLD_SIZE, RANK, ... is one line
-    check_open_files(env_int(os.environ, "WORLD_SIZE", 1))  # below it a rank hung in c10d's store for 600 s
+    # Below it a rank hung in c10d's store for 600 s. Every rank raises its limit; rank 0 alone warns of a hard
+    # limit below a large job's need (64 ranks printed 64 copies of the line, and the launcher its own).
+    first = alone(os.environ) or env_int(os.environ, "RANK", 0) == 0
+    check_open_files(env_int(os.environ, "WORLD_SIZE", 1), warn=first)
     cfg = load_config(config, overrides)
     check_train_device(cfg.train.device)  # imports torch only for train.device=cuda
     check_paths(cfg)

@@ -262,11 +262,12 @@ def raise_open_files_limit(want: int) -> None:
         pass
 
 
-def check_open_files(ranks: int = 1) -> None:
+def check_open_files(ranks: int = 1, warn: bool = True) -> None:
     """Make sure this process may open the files a run with ``ranks`` ranks in all needs (``open_files_needed``):
     its soft limit is raised to that where the hard one allows (mnemo.cli raised it to 4096 at most; what this
     process starts inherits it), else a UserError naming `ulimit -n`. Below it the run hung in c10d's store for
-    600 s (`ulimit -n 16`) or stopped on a gloo traceback after its start-up."""
+    600 s (`ulimit -n 16`) or stopped on a gloo traceback after its start-up. ``warn``: whether to print the
+    warning for a hard limit below a large job's extrapolated need (one rank of a job says it, not each)."""
     import resource
 
     from mnemo.train.errors import UserError
@@ -287,6 +288,8 @@ def check_open_files(ranks: int = 1) -> None:
             "files per process: raise the hard limit"
         )
     raise_open_files_limit(hard)
+    if not warn:
+        return
     print(
         f"mnemo: warning: ulimit -Hn is {hard}; {run} may need about {need} open files per process (raise the hard "
         "limit if ranks fail with 'Too many open files')",

@@ -953,3 +953,25 @@ def test_a_hard_open_files_limit_below_a_large_jobs_extrapolated_need_is_a_warni
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and done.stdout == "(4096, 4096)\n", done.stderr
     assert done.stderr.startswith("mnemo: warning: ulimit -Hn is 4096; a run of 300 ranks may need about "), done.stderr
+
+
+@pytest.mark.parametrize("rank", ["0", "5"])
+def test_only_rank_0_of_a_job_warns_of_its_open_files(tmp_path, rank):
+    """Was: every rank printed the extrapolated warning (64 ranks: 65 copies with the launcher's). Every rank still
+    raises its soft limit; rank 0 alone says so (the launcher warns for its node)."""
+    code = (
+        "import resource, sys\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (1024, 4096))\n"
+        "from mnemo.train.entry import run_train\n"
+        "from mnemo.train.errors import UserError\n"
+        "try:\n"
+        f"    run_train({str(tmp_path / 'missing.yaml')!r}, [])\n"
+        "except UserError:\n"
+        "    print(resource.getrlimit(resource.RLIMIT_NOFILE))\n"
+    )
+    env = dict(os.environ, WORLD_SIZE="300", RANK=rank, LOCAL_RANK=rank, MASTER_ADDR="127.0.0.1", MASTER_PORT="29500")
+    env["TORCHELASTIC_RUN_ID"] = "test"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env)
+    assert done.returncode == 0 and done.stdout == "(4096, 4096)\n", done.stderr
+    warned = "mnemo: warning: ulimit -Hn is 4096; a run of 300 ranks may need about " in done.stderr
+    assert warned == (rank == "0"), done.stderr
