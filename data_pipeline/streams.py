@@ -157,7 +157,8 @@ class MDSSource:
         from streaming import StreamingDataset
 
         self.key = key
-        self.path = "" if is_remote(path) else path  # named by errors about its data (a URL may hold a secret)
+        self.remote = is_remote(path)
+        self.path = "" if self.remote else path  # named by errors about its data (a URL may hold a secret)
         remote = path if is_remote(path) else None
         local = cache_dir if remote else local_path(path)
         for folder in (local, cache_dir):  # streaming's shared memory names them (as UTF-8)
@@ -206,7 +207,7 @@ class MDSSource:
     def get(self, idx: int) -> dict[str, Any]:
         try:
             s = self.ds.get_item(int(idx))
-        except Exception as e:  # zstd's, streaming's (a checksum, a retry), an OSError, a decoder's: any of them
+        except Exception as e:  # zstd's, streaming's (a checksum, a retry), an OSError, a decoder's; or a bug
             # First the copy goes: streaming leaves a shard whose preparation failed marked as in preparation,
             # and every other reader of it (a prefetch thread, another local rank) would wait for it forever.
             shard_id = int(self.ds.spanner[int(idx)][0])
@@ -214,6 +215,8 @@ class MDSSource:
                 self._drop_copy(shard_id)
             if storage_error(e) is not None or limit_reached(e) is not None:
                 raise  # the machine, not the data: exit_status says which in one line
+            if not _unreadable(e, self.remote):
+                raise  # a bug (a KeyError in mnemo or streaming): its traceback, exit 1 (exit_status)
             s = self._read_again(int(idx), shard_id, e)
         return {
             "tokens": s["tokens"],
@@ -299,9 +302,31 @@ class MDSSource:
             if storage_error(again) is not None or limit_reached(again) is not None:
                 raise
             self._drop_copy(shard_id)
+            if not _unreadable(again, self.remote):
+                raise
             why = f"{type(again).__name__}: {first_line(again)}"
             checked = " (its file there checks out against index.json)" if self.index else ""
             raise DataError(f"{where}: shard {name}{checked} cannot be read from a fresh copy ({why})") from again
+
+
+# What a damaged shard (or copy) raises as streaming reads it: measured by damaging shards (truncated, bytes
+# flipped; tests/unit/test_data_verify.py): a checksum failure, a decoder's ValueError (UnicodeDecodeError, "buffer
+# size must be a multiple of element size"), an IndexError (a sample's offsets past its end), zstd.Error; a missing
+# file is an OSError. The modules of the decompressors streaming may use raise their own types.
+_DAMAGE = (OSError, ValueError, IndexError, EOFError)
+_DECOMPRESSORS = frozenset({"zstd", "zlib", "bz2", "gzip", "lzma", "brotli", "snappy"})
+# Where a bug's exception comes from (a KeyError, TypeError, AttributeError raised by their code or Python's).
+_OWN_CODE = frozenset({"builtins", "mnemo", "streaming", "numpy"})
+
+
+def _unreadable(e: BaseException, remote: bool) -> bool:
+    """Whether ``e``, raised by streaming reading a shard, says that the shard cannot be read (damaged, missing,
+    or a remote store's failure: each cloud's client raises its own type), not a bug, which must show its
+    traceback (exit_status: exit 1) rather than be told as a damaged shard."""
+    if isinstance(e, _DAMAGE):
+        return True
+    module = type(e).__module__.split(".")[0]
+    return module in _DECOMPRESSORS or (remote and module not in _OWN_CODE)
 
 
 def _size(shard: Any, basename: str) -> int | None:

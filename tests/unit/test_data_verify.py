@@ -513,3 +513,55 @@ def test_readers_waiting_for_a_damaged_shard_are_not_left_waiting(copy, tmp_path
     for t in threads:
         t.join(timeout=60)
     assert got == {i: "DataError" for i in ids}
+
+
+@pytest.mark.parametrize("cache", [True, False])
+@pytest.mark.parametrize("when", ["first", "again"])
+def test_a_bug_while_reading_a_shard_is_its_own_error_not_a_damaged_shard(copy, tmp_path, monkeypatch, cache, when):
+    """A KeyError of a bug (in mnemo or streaming) while streaming read a sound shard was `mnemo: error: data.path:
+    DIR: shard NAME cannot be read (KeyError: ...)`, exit 2, no traceback: it goes on (exit_status: a traceback)."""
+    from mnemo.data_pipeline.streams import MDSSource
+
+    src = MDSSource(str(copy), cache_dir=str(tmp_path / "cache") if cache else None)
+    real = src.ds.get_item
+    calls: list[int] = []
+
+    def get_item(i):
+        calls.append(i)
+        if when == "again" and len(calls) == 1:
+            raise ValueError("Checksum failure: a copy damaged in the cache")  # then read again from a fresh copy
+        raise KeyError("column_sizes")
+
+    monkeypatch.setattr(src.ds, "get_item", get_item)
+    i = _samples_of_shard(src, 1)[0]
+    if when == "again" and not cache:
+        with pytest.raises(DataError, match=r"cannot be read \(ValueError: Checksum failure"):
+            src.get(i)  # read in place: nothing to read again
+        return
+    with pytest.raises(KeyError, match="column_sizes"):
+        src.get(i)
+    monkeypatch.setattr(src.ds, "get_item", real)
+    assert src.get(i)["tokens"].size  # its copy dropped (cache), read afresh
+
+
+@pytest.mark.parametrize("bad", ["a text byte", "an offset"])
+def test_a_damaged_decompressed_copy_is_read_again_from_the_dataset(copy, tmp_path, bad):
+    """What a same-size damage of a decompressed copy in the cache raises (a UnicodeDecodeError, an IndexError:
+    streaming's decoders) is a damaged copy: dropped, copied again from the sound dataset, read."""
+    import struct
+
+    from mnemo.data_pipeline.streams import MDSSource, decompress_cache
+
+    name, _ = _shard(copy)
+    cache = tmp_path / "cache"
+    want = _docs(MDSSource(str(copy), cache_dir=str(cache)))
+    gc.collect()
+    raw = (Path(decompress_cache(str(copy), str(cache))) / name).with_suffix("")
+    data = bytearray(raw.read_bytes())
+    if bad == "a text byte":
+        at = data.index(b".py")  # the source column: a lone continuation byte is no UTF-8
+        data[at] = 0x80
+    else:
+        data[8:12] = struct.pack("<I", len(data) + 100)  # sample 0 begins past the end: nothing there to read
+    raw.write_bytes(bytes(data))
+    assert _docs(MDSSource(str(copy), cache_dir=str(cache))) == want
