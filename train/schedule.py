@@ -162,7 +162,10 @@ class Preemption:
             # run goes on (`mnemo launch` passes a Ctrl-C on to the ranks as SIGTERM).
             if signum == signal.SIGINT or self._finishing:
                 again = " (Ctrl-C again to stop at once)" if signum in (signal.SIGINT, signal.SIGTERM) else ""
-                print(f"mnemo: interrupted: {self._on_interrupt}{again}", file=sys.stderr, flush=True)
+                # One write, its newline in it: print writes the two apart, and a second Ctrl-C between them
+                # (its KeyboardInterrupt) glued the CLI's "mnemo: interrupted" to this line.
+                sys.stderr.write(f"mnemo: interrupted: {self._on_interrupt}{again}\n")
+                sys.stderr.flush()
 
 
 def stop_requests(preempt: Preemption, cfg: Config, started: float, device: torch.device) -> tuple[bool, bool]:

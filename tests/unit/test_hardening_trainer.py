@@ -473,6 +473,39 @@ def test_a_notice_after_the_steps_says_the_run_finishes_first(terminal_signals, 
             signal.signal(s, h)
 
 
+def test_a_second_ctrl_c_during_the_first_ones_message_leaves_it_a_whole_line(terminal_signals, monkeypatch):
+    """The second Ctrl-C came while the first one's message was written: print writes the text and its newline
+    apart, the KeyboardInterrupt came between them and the CLI's "mnemo: interrupted" was glued to the line."""
+    from mnemo.train.schedule import Preemption
+
+    written: list[str] = []
+
+    class Terminal:
+        def write(self, text):
+            written.append(text)
+            if len(written) == 1:
+                os.kill(os.getpid(), signal.SIGINT)  # the second Ctrl-C, as the first write is done
+            return len(text)
+
+        def flush(self):
+            pass
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGHUP, signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        p = Preemption()
+        monkeypatch.setattr(sys, "stderr", Terminal())
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            for _ in range(100):  # a few bytecodes, for the handlers to run
+                pass
+        monkeypatch.undo()
+        p.release()
+    finally:
+        for s, h in before.items():
+            signal.signal(s, h)
+    assert "".join(written).endswith("(Ctrl-C again to stop at once)\n"), written
+
+
 def test_a_notice_during_start_up_stops_before_the_first_step(world1, data, tmp_path, monkeypatch):
     """SIGUSR1 while the rank starts (the worker's handler, train/preemption.py): no step is trained, nothing
     saved (nothing done), PREEMPTED written for the sbatch script to requeue; was: the rank was killed."""
