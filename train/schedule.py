@@ -143,7 +143,9 @@ class Preemption:
         """The steps are over and ``what`` (the final checkpoint, evaluation) comes next: a first Ctrl-C now says
         that (there is no step end to save at, and the run ends after it by itself); a second stops at once.
 
-        The message was "saving at the end of this step" during the final evaluation too, which then ran on.
+        The message was "saving at the end of this step" during the final evaluation too, which then ran on, and
+        during the last step's interval save (the loop calls this as soon as the last step's stop request said
+        go on).
         """
         self._on_interrupt = f"the steps are done; stopping after {what}"
         self._finishing = True

@@ -642,6 +642,11 @@ class Trainer:
                 break
             # All ranks agree on stopping: a signal or the time limit on any rank stops everyone.
             stop, time_up = stop_requests(self.preempt, cfg, started, self.device)
+            if not stop and (time_up or c.step >= self.max_steps):
+                # The last step, and the ranks agreed to go on: what comes (this step's interval save, the final
+                # checkpoint and evaluation) runs to its end whatever signal comes now, and a first Ctrl-C's
+                # message must say so from here, not "saving at the end of this step".
+                self.preempt.finishing("the final checkpoint and evaluation")
             actions = after_step(cfg, c.step, stop, time_up, self.max_steps)
             if "eval" in actions:
                 eval_result = self.evaluate()

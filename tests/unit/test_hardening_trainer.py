@@ -506,6 +506,30 @@ def test_a_second_ctrl_c_during_the_first_ones_message_leaves_it_a_whole_line(te
     assert "".join(written).endswith("(Ctrl-C again to stop at once)\n"), written
 
 
+def test_ctrl_c_during_the_last_interval_save_says_the_run_finishes(
+    world1, data, tmp_path, monkeypatch, capsys, terminal_signals
+):
+    """A Ctrl-C after the last step's stop request, while its interval checkpoint was written: the message said
+    "saving at the end of this step", and the run went on to its final evaluation and completed. Now the
+    message says what happens: the steps are done, the final checkpoint and evaluation finish."""
+    from mnemo.train import trainer
+
+    save = trainer.Trainer.save
+
+    def interrupted(self, reason):
+        if reason == "interval" and self.counters.step == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        save(self, reason)
+
+    monkeypatch.setattr(trainer.Trainer, "save", interrupted)
+    run_dir = tmp_path / "run"
+    summary = trainer.train(config(data, run_dir, "train.max_steps=2", "checkpoint.interval=2", "eval.interval=0"))
+    assert summary["exit"] == "completed" and summary["step"] == 2
+    err = capsys.readouterr().err
+    assert "mnemo: interrupted: the steps are done; stopping after the final checkpoint and evaluation" in err, err
+    assert "saving at the end of this step" not in err
+
+
 def test_a_notice_during_start_up_stops_before_the_first_step(world1, data, tmp_path, monkeypatch):
     """SIGUSR1 while the rank starts (the worker's handler, train/preemption.py): no step is trained, nothing
     saved (nothing done), PREEMPTED written for the sbatch script to requeue; was: the rank was killed."""
