@@ -424,6 +424,67 @@ def test_the_sender_ignores_the_trainers_signals_and_what_it_held_when_killed_is
     assert sorted(r["step"] for r in recs) == [2, 3, 4, 5] and {r["run_id"] for r in recs} == {t.run_id}
 
 
+def signal_bits(pid: int | str, field: str) -> int:
+    """A signal set of /proc/PID/status (SigBlk, SigIgn) as a bit mask: signal n is bit n - 1."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1], 16)
+    raise AssertionError(f"no {field} in /proc/{pid}/status")
+
+
+def sender_seen_at_start(settings, ops, replies):
+    """The sender's entry point, recording the signals blocked when it is reached (spawned: module level)."""
+    from mnemo.train.tracking.sender import sender_main
+
+    Path(settings["run_dir"], "sigblk_at_start").write_text(str(signal_bits("self", "SigBlk")))
+    sender_main(settings, ops, replies)
+
+
+# Run in a fresh interpreter: the first process it spawns starts multiprocessing's resource tracker too, which
+# unblocked SIGINT and SIGTERM in the trainer on the way (resource_tracker.ensure_running).
+_SENDER_MASK_SCRIPT = """
+import signal, sys
+from mnemo.train.tracking import Tracker, client
+from tests.unit.test_tracking import sender_seen_at_start, signal_bits
+
+before = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+client.sender_main = sender_seen_at_start
+t = Tracker(run_dir=sys.argv[1], experiment="unit")
+print(signal_bits(t.sender_pid, "SigBlk"), signal_bits(t.sender_pid, "SigIgn"),
+      signal.pthread_sigmask(signal.SIG_BLOCK, []) == before)
+t.close()
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc")
+def test_the_sender_starts_with_the_trainers_signals_blocked(tmp_path):
+    """A Ctrl-C to the process group while the spawned sender re-imported the CLI's __main__, before sender_main
+    ignored the trainer's signals, printed a KeyboardInterrupt traceback from it. It now starts with them
+    blocked and unblocks them once they are ignored; the trainer's own mask is as it was."""
+    import os
+    import subprocess
+    import sys
+
+    from mnemo.train.tracking.sender import TRAINERS_SIGNALS
+
+    repo = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, PYTHONPATH=str(repo), OMP_NUM_THREADS="1")
+    out = subprocess.run(
+        [sys.executable, "-c", _SENDER_MASK_SCRIPT, str(tmp_path)],
+        cwd=repo,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    blocked_now, ignored_now, parents_mask_kept = out.stdout.split()
+    bits = sum(1 << (int(s) - 1) for s in TRAINERS_SIGNALS)
+    assert int((tmp_path / "sigblk_at_start").read_text()) & bits == bits
+    assert int(blocked_now) & bits == 0 and int(ignored_now) & bits == bits
+    assert parents_mask_kept == "True"
+
+
 def test_bad_uri_is_a_user_error(tmp_path):
     from mnemo.train.errors import UserError
 

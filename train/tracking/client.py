@@ -35,15 +35,17 @@ import itertools
 import logging
 import multiprocessing
 import os
+import signal
 import threading
 import time
 from collections import deque
+from multiprocessing import resource_tracker
 from pathlib import Path
 
 from mnemo.train.config import flatten
 from mnemo.data_pipeline.redact import redact_uri
 from mnemo.train.tracking.common import FALLBACK_FILE, FallbackFile, resolve_experiment, resolve_uri
-from mnemo.train.tracking.sender import sender_main
+from mnemo.train.tracking.sender import TRAINERS_SIGNALS, sender_main
 
 # The package's one logger (its name is what users filter on), also for the sender's messages.
 log = logging.getLogger(__package__)
@@ -134,11 +136,24 @@ class Tracker:
         self._proc = ctx.Process(
             target=sender_main, args=(settings, ops_recv, reply_send), name="mnemo-tracking", daemon=True
         )
-        self._proc.start()
+        # The child is in the user's process group and, spawned, imports the CLI's __main__ again before
+        # sender_main ignores the trainer's signals: a Ctrl-C in that window printed a KeyboardInterrupt
+        # traceback from it. It starts with them blocked (the mask goes through fork and exec); sender_main
+        # unblocks them once they are ignored. The parent's mask is back right after the start. The start runs
+        # multiprocessing's resource tracker first if it is not yet running, which unblocks SIGINT and SIGTERM
+        # after starting it (resource_tracker.ensure_running): it runs before the mask is set.
+        resource_tracker.ensure_running()
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, TRAINERS_SIGNALS)
+        try:
+            self._proc.start()
+        except BaseException:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+            raise
         # From here the start is all or nothing. The sender ignores the trainer's signals and ends only when
         # the ops pipe closes: a failure below (a thread that cannot start under `ulimit -u`, Ctrl-C, a bad
         # uri) that left it running hung the process at exit, where multiprocessing joins its children.
         try:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # a Ctrl-C held meanwhile is raised here
             ops_recv.close()
             reply_send.close()  # so that the reader sees EOF when the sender exits
             self._wait_ready(startup_timeout)

@@ -210,6 +210,9 @@ def sender_main(settings: dict, ops, replies) -> None:
     # process ends when the trainer closes the pipe (or dies), after sending what it holds.
     for sig in TRAINERS_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
+    # The Tracker starts this process with them blocked (its start-up, before the line above, is Python's
+    # own: a Ctrl-C there was a traceback); one held meanwhile is dropped, ignored.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, TRAINERS_SIGNALS)
     quiet_url_printing(settings["uri"])
 
     def emit(msg: tuple) -> None:
