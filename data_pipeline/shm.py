@@ -14,7 +14,8 @@ same moment). mnemo unlinks a prefix only when every folder it registers lies
 inside a folder this job owns exclusively (the trainer: its run directory's
 download cache, the run directory being held under ``run.lock``): no live process
 can be using it. A run that ends removes its own prefix's lock files in the temp folder
-(``release_lock_files``), which streaming never removes.
+(``release_lock_files``), which streaming never removes; a run's start removes those of
+dead mnemo jobs (``release_dead_jobs_lock_files``: a readers file that no live process holds).
 
 Linux keeps POSIX shared memory under /dev/shm; elsewhere nothing is released.
 """
@@ -26,6 +27,7 @@ import logging
 import os
 import random
 import re
+import stat
 import struct
 import tempfile
 import time
@@ -141,6 +143,9 @@ def hold_lock_files(dataset: object) -> int | None:
     except OSError:
         return None
     try:
+        # Freshened before it is locked: a file of an earlier job found here is young again, and
+        # release_dead_jobs_lock_files, which checks the time after taking the lock, leaves it.
+        os.utime(fd)
         fcntl.flock(fd, fcntl.LOCK_SH)  # a last reader holds it exclusively only while it removes the files
     except OSError:
         os.close(fd)
@@ -150,6 +155,55 @@ def hold_lock_files(dataset: object) -> int | None:
 
 def _readers_path(prefix: int) -> Path:
     return Path(tempfile.gettempdir()) / f"{prefix:06d}_{READERS_FILE}"
+
+
+_READERS = re.compile(rf"^(\d{{6}})_{READERS_FILE}$")
+# A readers file younger than this may be one that a job has just made (or found and freshened) and not yet
+# locked (hold_lock_files): not swept.
+DEAD_READERS_AGE_S = 60.0
+
+
+def release_dead_jobs_lock_files(min_age_s: float = DEAD_READERS_AGE_S) -> list[str]:
+    """Remove the temp folder's lock files of prefixes whose mnemo job is dead: the names removed.
+
+    A rank killed with SIGKILL leaves its prefix's lock files (and streaming then skips that number for good).
+    A prefix is swept only when its readers file (``hold_lock_files``) proves a mnemo job used it and that no
+    process reads it: a regular file of this user (not a link), older than ``min_age_s``, that a
+    non-blocking exclusive flock gets (every live reader holds a shared one). Its lock files and the readers
+    file go; a lock file with no readers file (another program's job, an older mnemo's) stays. Only in the
+    temp folder that streaming uses (``tempfile.gettempdir()``).
+    """
+    folder = Path(tempfile.gettempdir())
+    try:
+        names = sorted(os.listdir(folder))
+    except OSError:
+        return []
+    removed: list[str] = []
+    for name in names:
+        m = _READERS.match(name)
+        if m is None:
+            continue
+        path = folder / name
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+        except OSError:  # a link, another user's, gone meanwhile
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            st = os.fstat(fd)  # after the lock: a job that freshened it before locking shows a new mtime
+            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid() or time.time() - st.st_mtime < min_age_s:
+                continue
+            now = os.stat(path, follow_symlinks=False)
+            if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):  # removed and made again meanwhile
+                continue
+            removed += _remove_lock_files(int(m.group(1)))
+        except OSError:  # a live reader holds it (BlockingIOError), or it went meanwhile
+            continue
+        finally:
+            os.close(fd)
+    if removed:
+        log.info("removed the temp folder's lock files of mnemo jobs that were killed: %s", ", ".join(removed))
+    return removed
 
 
 def release_lock_files(dataset: object, held: int | None = None) -> list[str]:

@@ -348,7 +348,7 @@ class Trainer:
     def _build_data(self) -> None:
         """This rank's document streams and (train.passkey.fraction > 0) passkey episodes."""
         from mnemo.data_pipeline.paths import is_inside
-        from mnemo.data_pipeline.shm import release_stale_shm
+        from mnemo.data_pipeline.shm import release_dead_jobs_lock_files, release_stale_shm
         from mnemo.data_pipeline.streams import MDSSource, node_cache_dir, open_sources
         from mnemo.train.collectives import barrier
 
@@ -359,6 +359,8 @@ class Trainer:
         # no live job's; a data.cache_dir elsewhere may be shared, and a leak there is a one-line DataError.
         if info.local_rank == 0 and is_inside(cache_dir, self.run_dir):
             release_stale_shm(cache_dir)
+        if info.local_rank == 0:  # and the temp folder's lock files of any dead mnemo job (SIGKILLed ranks)
+            release_dead_jobs_lock_files()
         barrier()
         cache_dir = node_cache_dir(cache_dir)  # one folder per machine: nothing coordinates two on a shared one
         if cfg.data.cache_dir:  # made here, so that a failure names the key (streaming's named data.path, or nothing)

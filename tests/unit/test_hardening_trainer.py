@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -528,6 +529,27 @@ def test_ctrl_c_during_the_last_interval_save_says_the_run_finishes(
     err = capsys.readouterr().err
     assert "mnemo: interrupted: the steps are done; stopping after the final checkpoint and evaluation" in err, err
     assert "saving at the end of this step" not in err
+
+
+def test_a_run_removes_the_lock_files_a_killed_job_left(world1, data, tmp_path, monkeypatch):
+    """A rank killed with SIGKILL left streaming's lock files in the temp folder for good, a resume of its run
+    too. A run's start now removes those of a prefix whose readers file no live process holds."""
+    import tempfile
+
+    from mnemo.data_pipeline import shm
+    from mnemo.train import trainer
+
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    old = time.time() - 3600  # an hour ago
+    left = [tmp / f"000777_{kind}" for kind in ("cache_filelock", "barrier_filelock", shm.READERS_FILE)]
+    for f in left:
+        f.write_bytes(b"")
+        os.utime(f, (old, old))
+    summary = trainer.train(config(data, tmp_path / "run", "train.max_steps=1", "checkpoint.interval=0"))
+    assert summary["exit"] == "completed"
+    assert not any(f.exists() for f in left)
 
 
 def test_a_notice_during_start_up_stops_before_the_first_step(world1, data, tmp_path, monkeypatch):

@@ -261,3 +261,39 @@ def test_the_last_reader_on_the_machine_removes_the_lock_files_with_no_collectiv
     assert shm.release_lock_files(src.ds, other) == [mine.name, readers.name]
     assert not mine.exists() and not readers.exists()
     assert src.release_lock_files(last_reader=True) == []  # nothing held, nothing removed
+
+
+def test_the_lock_files_of_a_dead_jobs_prefix_go_and_a_live_ones_stay(tmp_path, monkeypatch):
+    """A rank killed with SIGKILL left its prefix's lock files in the temp folder for good (streaming then skips
+    that number), a resume of the run too. A prefix whose readers file no process holds is a dead mnemo job's:
+    its files go at the next run's start; one held by a live reader, a young one (made, not yet locked), a
+    link and another program's lock files without a readers file stay."""
+    import fcntl
+    import os
+
+    from mnemo.data_pipeline import shm
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    old = time.time() - 2 * shm.DEAD_READERS_AGE_S
+
+    def prefix(n: int, readers: bool = True, age: float = old) -> list[Path]:
+        files = [tmp_path / f"{n:06d}_cache_filelock", tmp_path / f"{n:06d}_barrier_filelock"]
+        if readers:
+            files.append(tmp_path / f"{n:06d}_{shm.READERS_FILE}")
+        for f in files:
+            f.write_bytes(b"")
+            os.utime(f, (age, age))
+        return files
+
+    live, dead, young, foreign = prefix(1), prefix(2), prefix(3, age=time.time()), prefix(4, readers=False)
+    linked = prefix(5, readers=False)
+    (tmp_path / f"000005_{shm.READERS_FILE}").symlink_to(tmp_path / "elsewhere")
+    fd = os.open(live[-1], os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)  # a live reader (another open file: flock tells them apart)
+        removed = shm.release_dead_jobs_lock_files()
+    finally:
+        os.close(fd)
+    assert sorted(removed) == sorted(f.name for f in dead)
+    assert not any(f.exists() for f in dead)
+    assert all(f.exists() for f in [*live, *young, *foreign, *linked])
