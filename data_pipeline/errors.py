@@ -103,7 +103,7 @@ def limit_reached(e: BaseException | None) -> str | None:
             return out_of_host_memory(err, host_memory_advice())
         code = err.errno if isinstance(err, OSError) else _quoted_errno(err)
         if code == errno.EMFILE:
-            return f"too many open files (ulimit -n is {_soft_limit('RLIMIT_NOFILE')}; raise it)"
+            return f"too many open files ({_open_files_limits()})"
         if code == errno.ENFILE:
             return "too many open files on this machine (its limit, sysctl fs.file-max, is reached)"
         # Python's own words, and a C++ library's std::thread refused (std::system_error: sentencepiece's
@@ -159,6 +159,18 @@ def host_memory_advice() -> str:
     if limit != "unlimited":
         return f"ulimit -v is {limit} (KiB); raise it, or free memory"
     return "free memory, or use a machine with more"
+
+
+def _open_files_limits() -> str:
+    """What to raise when the files run out: the soft limit (mnemo raises it only so far) up to the hard one
+    where that is higher, else the hard one."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
+        most = "unlimited" if hard == resource.RLIM_INFINITY else str(hard)
+        return f"ulimit -n is {soft}; raise it, up to its hard limit {most}: ulimit -n {most}"
+    return f"ulimit -n is {_soft_limit('RLIMIT_NOFILE')}, its hard limit too; raise the hard limit (ulimit -Hn)"
 
 
 def _soft_limit(name: str, unit: int = 1) -> str:

@@ -292,6 +292,48 @@ def _prefix_lock(wait_s: float) -> Iterator[None]:
             os.close(fd)
 
 
+@contextmanager
+def _attached_segments() -> Iterator[list]:
+    """The shared-memory segments streaming attaches to (opens, not creates) while a StreamingDataset is built
+    in the block, for ``_close_walked`` after it."""
+    prefix_mod = import_streaming().base.shared.prefix
+    original = prefix_mod.SharedMemory
+    opened: list = []
+
+    def attach(*args, **kwargs):
+        shm = original(*args, **kwargs)
+        opened.append(shm)
+        return shm
+
+    prefix_mod.SharedMemory = attach
+    try:
+        yield opened
+    finally:
+        prefix_mod.SharedMemory = original
+
+
+def _close_walked(opened: list, kept: object) -> None:
+    """Close the segments streaming opened only to look at them while it picked a prefix.
+
+    To pick a prefix, a StreamingDataset opens every existing prefix's segments (``_locals``, ``_barrier``, ...)
+    and registers each one's cleanup with atexit, which keeps it and its file open until the process exits. A
+    process that builds several datasets (a ``data.sources`` mixture) so held sources x (prefixes on the
+    machine) x 6 files: 2,527 open files for 20 sources here, and "too many open files" at ~25 sources among
+    other jobs' datasets. Each segment it attached to (not created) other than ``kept`` (the dataset's own
+    ``_locals_shm``) is closed and its atexit entry dropped; a segment it created is never touched.
+    """
+    import atexit
+
+    for shm in opened:
+        if shm is kept or getattr(shm, "created_shms", True):
+            continue
+        atexit.unregister(shm.cleanup)
+        try:
+            shm.cleanup()  # closes the attached segment; never unlinks it (not this process's)
+        except (OSError, BufferError):  # still mapped by a view: left open, as before
+            pass
+
+
 def streaming_dataset(make: Callable[[], T], key: str, wait_s: float = PREFIX_LOCK_WAIT_S) -> T:
     """``make()`` (a StreamingDataset construction) safe against another one starting on this machine
     at the same moment; DataError naming ``key`` when streaming's shared-memory prefix stays taken.
@@ -309,10 +351,16 @@ def streaming_dataset(make: Callable[[], T], key: str, wait_s: float = PREFIX_LO
         if attempt:
             time.sleep(random.uniform(0.05, 0.25) * attempt)
         try:
-            with _prefix_lock(wait_s):
+            with _prefix_lock(wait_s), _attached_segments() as opened:
                 if dist is not None:
                     dist.barrier()
-                return make()
+                try:
+                    dataset = make()
+                except BaseException:
+                    _close_walked(opened, None)
+                    raise
+            _close_walked(opened, getattr(dataset, "_locals_shm", None))
+            return dataset
         except FileExistsError as e:
             if not PREFIX_RACE.search(str(e.filename or e)):
                 raise

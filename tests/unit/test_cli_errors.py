@@ -409,6 +409,16 @@ def _under_a_limit(limit: str, value: int, body: str) -> subprocess.CompletedPro
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
 
 
+def _emfile_line(soft: int) -> str:
+    """The line for open files run out at soft limit ``soft`` under this machine's hard limit."""
+    import resource
+
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    most = "unlimited" if hard == resource.RLIM_INFINITY else str(hard)
+    limit = f"ulimit -n is {soft}; raise it, up to its hard limit {most}: ulimit -n {most}"
+    return f"mnemo: error: too many open files ({limit})\n"
+
+
 def test_too_many_open_files_is_one_line_naming_ulimit_n():
     """`ulimit -n 64` with 4 data.sources: streaming's shared memory raised EMFILE, a traceback; prepare's
     os.pipe() at `ulimit -n 16` too. Now one line, status 2, that names the limit."""
@@ -416,7 +426,12 @@ def test_too_many_open_files_is_one_line_naming_ulimit_n():
     wrapped = "try:\n    os.pipe()\nexcept OSError as e:\n    raise RuntimeError('shared memory') from e"
     for body in (opened, "files = [open(os.devnull) for _ in range(100)]\n" + wrapped):
         done = _under_a_limit("RLIMIT_NOFILE", 32, body)
-        assert done.returncode == 2 and done.stderr == "mnemo: error: too many open files (ulimit -n is 32; raise it)\n"
+        assert done.returncode == 2 and done.stderr == _emfile_line(32)
+    # Where the soft limit is the hard one, the hard one is what to raise (before: "raise it" either way; and
+    # where mnemo had raised the soft one only so far, the user's hard limit was higher than the one named).
+    done = _under_a_limit("RLIMIT_NOFILE", 32, "resource.setrlimit(resource.RLIMIT_NOFILE, (32, 32))\n" + opened)
+    line = "mnemo: error: too many open files (ulimit -n is 32, its hard limit too; raise the hard limit (ulimit -Hn))"
+    assert done.returncode == 2 and done.stderr == line + "\n", done.stderr
 
 
 def _nofile(soft: int, hard: int | None = None):
@@ -493,7 +508,7 @@ def test_too_many_open_files_in_a_cpp_librarys_words_is_the_same_line():
     files" (no errno, the words only) was a traceback; ENFILE's words, which hold EMFILE's, keep their own line."""
     gloo = "[enforce fail at gloo/transport/tcp/loop.cc:48] rv != -1. -1 vs -1. pipe: Too many open files"
     done = _under_a_limit("RLIMIT_NOFILE", 32, f"raise RuntimeError({gloo!r})")
-    assert done.returncode == 2 and done.stderr == "mnemo: error: too many open files (ulimit -n is 32; raise it)\n"
+    assert done.returncode == 2 and done.stderr == _emfile_line(32)
     done = _under_a_limit("RLIMIT_NOFILE", 32, "raise RuntimeError('socket: Too many open files in system')")
     assert done.returncode == 2, done.stderr
     assert "(its limit, sysctl fs.file-max, is reached)" in done.stderr
