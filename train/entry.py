@@ -11,12 +11,15 @@ def run_train(config: str, overrides: list[str]) -> int:
     from mnemo.train.config import check_memory_fit, check_paths, load_config
 
     from mnemo.train.rankenv import (
+        OPEN_FILES_PER_SOURCE,
         alone,
         check_dist_env,
         check_op_cache,
         check_open_files,
         check_train_device,
         env_int,
+        open_files_needed,
+        raise_open_files_limit,
     )
 
     waiting = check_dist_env(os.environ)  # before anything slow: a bad WORLD_SIZE, RANK, ... is one line
@@ -25,6 +28,10 @@ def run_train(config: str, overrides: list[str]) -> int:
     first = alone(os.environ) or env_int(os.environ, "RANK", 0) == 0
     check_open_files(env_int(os.environ, "WORLD_SIZE", 1), warn=first)
     cfg = load_config(config, overrides)
+    # A large data.sources mixture: more files than the CLI's floor, as far as the hard limit allows.
+    raise_open_files_limit(
+        open_files_needed(env_int(os.environ, "WORLD_SIZE", 1)) + OPEN_FILES_PER_SOURCE * len(cfg.data.sources)
+    )
     check_train_device(cfg.train.device)  # imports torch only for train.device=cuda
     check_paths(cfg)
     check_op_cache(os.environ)

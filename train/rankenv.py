@@ -247,6 +247,11 @@ def open_files_needed(ranks: int = 1) -> int:
     return _OPEN_FILES_ONE_RANK + _OPEN_FILES_PER_PEER * (max(ranks, 1) - 1)
 
 
+# Files a data.sources entry keeps open in each rank (measured: its dataset's 6 shared-memory segments, 2 files
+# each, and its shards' files): a mixture of 500 sources needs ~6,000 beyond the CLI's 4,096.
+OPEN_FILES_PER_SOURCE = 16
+
+
 def raise_open_files_limit(want: int) -> None:
     """Raise this process's soft limit of open files to ``want`` (at most its hard limit) where it is lower; what
     the process starts (torchrun, its ranks, data workers) inherits it. The hard limit is the user's ceiling and
