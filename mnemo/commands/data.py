@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import re
 import sys
 
@@ -284,14 +283,18 @@ def roundtrip_line(rt: dict) -> str:
 
 
 def _count(text: str) -> int:
-    """argparse type: a token count >= 0, also as 1e9 or 2_000_000 (not inf or nan)."""
+    """argparse type: a token count >= 0, also as 1e9 or 2_000_000 (not inf or nan), read exactly (a float
+    made 12345678901234567 ...568)."""
+    import decimal
+
     try:
-        if not re.fullmatch(r"[0-9_.eE+-]{1,40}", text):  # float() also reads other scripts' digits, any length
+        if not re.fullmatch(r"[0-9_.eE+-]{1,40}", text):  # other scripts' digits, any length: no
             raise ValueError(text)
-        n = float(text.replace("_", ""))
-    except ValueError:
+        n = decimal.Decimal(text.replace("_", ""))
+    except (ValueError, decimal.InvalidOperation):
         raise argparse.ArgumentTypeError(f"expected a token count, got {clip(text, 40)!r}") from None
-    if not (math.isfinite(n) and n >= 0 and n == int(n)):  # int(inf) would raise OverflowError
+    # At most 309 digits, as a float held (1e99999 would be an int of 100,000 digits).
+    if not (n.is_finite() and n >= 0 and n == n.to_integral_value() and n.adjusted() <= 308):
         raise argparse.ArgumentTypeError(f"expected a whole token count >= 0, got {brief(text, 40)}")
     return int(n)
 

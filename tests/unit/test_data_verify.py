@@ -211,6 +211,21 @@ def test_cli_inspect_numeric_flags_are_checked(dataset, capsys, args, needle):
     assert err.rstrip().endswith("(see: mnemo data inspect --help)"), err  # before: argparse's usage block
 
 
+def test_a_token_count_is_read_exactly():
+    """--tokens went through float(): 12345678901234567 became ...568, and 30 nines a budget of
+    1,000,000,000,000,000,019,884,624,838,656 tokens."""
+    import argparse
+
+    from mnemo.commands.data import _count
+
+    assert _count("12345678901234567") == 12345678901234567
+    assert _count("9" * 30) == int("9" * 30)
+    assert _count("1e9") == 10**9 and _count("2_000_000") == 2_000_000 and _count("1.5e3") == 1500
+    for bad in ("1e400", "1e99999", "1.5", "-1", "nan", "inf", "1e-3"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            _count(bad)
+
+
 def test_cli_verify_roundtrip_docs_below_zero_is_an_error(dataset, capsys):
     from mnemo.cli import main
 
