@@ -275,17 +275,18 @@ def claim_out(loc: OutLocation, fingerprint: str, overwrite: bool, names: Sequen
     owned = {d: _owned_entries(loc.url, d) for d in dirs}
     plan = read_json(os.path.join(loc.state, "plan.json")) if owned[loc.local] is not None else None
     failed = plan.get("failed") if isinstance(plan, dict) else None
-    if plan is not None and plan.get("fingerprint") != fingerprint and not overwrite:
-        if not failed:
-            raise DataError(
-                f"--out {loc.url} holds an unfinished conversion of other inputs or settings; "
-                f"rerun that command to finish it, or pass --overwrite"
-            )
-        # It stopped on bad input: rerunning it cannot finish it, and fixing the input changes the
-        # fingerprint, so this is the fixed rerun. Its parts are mnemo's (listed): start over.
+    if plan is not None and plan.get("fingerprint") != fingerprint and not overwrite and not failed:
+        raise DataError(
+            f"--out {loc.url} holds an unfinished conversion of other inputs or settings; "
+            f"rerun that command to finish it, or pass --overwrite"
+        )
+    if plan is not None and failed and not overwrite:
+        # It stopped on bad input: rerunning it cannot finish it (the same input fails again: it is read again
+        # from the start, not resumed), and fixing the input changes the fingerprint, so this is the fixed
+        # rerun. Its parts are mnemo's (listed): start over.
         why = clip(str(failed), 300)
         note(f"note: --out {loc.url} held an unfinished conversion that failed on bad input ({why}); starting over")
-    if overwrite or plan is None or plan.get("fingerprint") != fingerprint:
+    if overwrite or plan is None or failed or plan.get("fingerprint") != fingerprint:
         if cu is not None and done is None:
             _refuse_foreign_objects(loc, cu)
         for d in dirs:  # every check before anything is removed

@@ -424,6 +424,12 @@ def test_a_conversion_that_failed_on_bad_input_gives_way_to_the_fixed_rerun(corp
     needle = "truncated or corrupt gzip data" if bad == "gzip" else "not valid JSON (--strict)"
     with pytest.raises(DataError, match=re.escape(needle)):
         prepare(inputs, str(out), tokenizer=model, workers=workers, strict=True)
+    # The same command again starts over too (it said "resuming: 1 of 1 parts already done", then failed).
+    capsys.readouterr()
+    with pytest.raises(DataError, match=re.escape(needle)):
+        prepare(inputs, str(out), tokenizer=model, workers=workers, strict=True)
+    err = capsys.readouterr().err
+    assert "resuming" not in err and "failed on bad input (" in err and "starting over" in err, err
     # Fixed: the bad file left out, the bad line removed.
     good.write_text('{"text": "ok"}\n' * 3)
     capsys.readouterr()
