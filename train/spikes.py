@@ -65,11 +65,14 @@ class RunningStats:
         self.n, self.mean, self.var = 0, 0.0, 0.0
 
     def score(self, x: float) -> tuple[float, float]:
-        """(z-score, ratio to the mean) of ``x`` against the statistics so far."""
+        """(z-score, ratio to the mean) of ``x`` against the statistics so far. One value has no spread: z is
+        0 then (it was (x - mean) / 1e-12, logged as spike/loss_z = -3.8e11 at step 2)."""
         if self.n == 0:
             return 0.0, 1.0
-        std = max(math.sqrt(max(self.var, 0.0)), 1e-12)
         ratio = x / self.mean if self.mean > 0 else math.inf
+        if self.n == 1:
+            return 0.0, ratio
+        std = max(math.sqrt(max(self.var, 0.0)), 1e-12)
         return (x - self.mean) / std, ratio
 
     def update(self, x: float) -> None:

@@ -282,3 +282,16 @@ def test_a_rollback_keeps_the_lr_a_resume_changed(world1, data, tmp_path, monkey
     assert [s for s, _ in lrs] == [5, 6, 5, 6, 7, 8], caplog.text
     assert lrs[2:4] == lrs[0:2]  # steps 5 and 6 redone after the rollback: the same lr as before it
     assert all(lr <= 3e-5 for _, lr in lrs)
+
+
+def test_one_value_has_no_spread_so_no_z_score():
+    """After the first step the variance is 0: the z of the second was (x - mean) / 1e-12, logged as
+    spike/loss_z = -3.8e11. With one value z is 0; from two on it is the usual score."""
+    from mnemo.train.spikes import RunningStats
+
+    st = RunningStats(window=5)
+    st.update(4.0)
+    assert st.score(3.9) == (0.0, 3.9 / 4.0)
+    st.update(3.8)
+    z, ratio = st.score(3.7)
+    assert -10 < z < 0 and ratio == pytest.approx(3.7 / st.mean)
