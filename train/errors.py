@@ -112,6 +112,29 @@ def stdout_gone() -> bool:
         return False
 
 
+# What a collective says when another rank of the job went away (its process died or stopped on its own
+# error): gloo's socket errors, NCCL's aborted communicator.
+_PEER_LOST = re.compile(
+    r"Connection (?:closed|reset) by peer|NCCL communicator was aborted|remote process exited or there was a"
+    r" network error"
+)
+
+
+def peer_lost(e: BaseException) -> str | None:
+    """The one-line reason when ``e`` is a collective of this rank failing because another rank left the job
+    (a rank on another node failed: every other rank then printed a 30-line gloo traceback under the first
+    rank's own one-line error), else None."""
+    from mnemo.data_pipeline.errors import clip, error_chain, first_line
+
+    for err in error_chain(e):
+        if isinstance(err, RuntimeError) and (m := _PEER_LOST.search(str(err))):
+            return (
+                f"another rank of this job stopped ({m[0]}): this rank stops too; the other rank's error, "
+                f"or its node's, tells why ({clip(first_line(err), 200)})"
+            )
+    return None
+
+
 def exit_status(command: Callable[[], int | None], debug: bool = False) -> int:
     """Run one command; its exit status.
 
@@ -145,6 +168,10 @@ def exit_status(command: Callable[[], int | None], debug: bool = False) -> int:
         storage = None if isinstance(e, user) else storage_error(e)
         limit = None if isinstance(e, user) or storage is not None else limit_reached(e)
         known = isinstance(e, user) or storage is not None or limit is not None
+        lost = None if known or debug else peer_lost(e)
+        if lost is not None:  # not this rank's fault: one line, the other rank's own error tells the cause
+            print(f"mnemo: error: {visible(redact_uri(lost))}", file=sys.stderr)
+            return 1
         if debug or not known:
             # The traceback (asked for, or a bug's), printed here rather than raised: the error and the
             # frames' lines may quote a value that is a URI with credentials (a bug in code that was

@@ -990,3 +990,25 @@ def test_only_rank_0_of_a_job_warns_of_its_open_files(tmp_path, rank):
     assert done.returncode == 0 and done.stdout == "(4096, 4096)\n", done.stderr
     warned = "mnemo: warning: ulimit -Hn is 4096; a run of 300 ranks may need about " in done.stderr
     assert warned == (rank == "0"), done.stderr
+
+
+def test_a_rank_whose_peer_left_says_so_in_one_line(capsys):
+    """A rank failing on one node made every other rank print a 30-line gloo traceback ("Connection closed by
+    peer") under its own one-line error. The others now say in one line that another rank stopped; exit 1."""
+    from mnemo.train.errors import exit_status
+
+    gloo = "[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer [10.0.0.3]:36514"
+
+    def command():
+        try:
+            raise RuntimeError(gloo)
+        except RuntimeError as e:
+            raise RuntimeError("streaming barrier failed") from e
+
+    assert exit_status(command) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("mnemo: error: another rank of this job stopped (Connection"), err
+    assert "pair.cc:534] Connection closed by peer" in err
+    # Any other RuntimeError is still a bug's traceback.
+    assert exit_status(lambda: (_ for _ in ()).throw(RuntimeError("CUDA error: an illegal memory access"))) == 1
+    assert capsys.readouterr().err.startswith("Traceback (most recent call last):")
