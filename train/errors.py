@@ -159,6 +159,13 @@ def exit_status(command: Callable[[], int | None], debug: bool = False) -> int:
         print("mnemo: interrupted", file=sys.stderr)
         return 130
     except Exception as e:
+        from mnemo.data_pipeline.errors import error_chain
+
+        if any(isinstance(err, KeyboardInterrupt) for err in error_chain(e)):
+            # A Ctrl-C that a library's clean-up turned into its own error: torch.save's zip writer finishes
+            # the file in __exit__ while the KeyboardInterrupt unwinds ("unexpected pos ..."): an interrupt.
+            print("mnemo: interrupted", file=sys.stderr)
+            return 130
         if isinstance(e, BrokenPipeError) and stdout_gone():
             # `mnemo data inspect D | head`: the reader has what it wanted. Quiet, as a Unix tool is; stdout goes
             # to /dev/null so that Python's own flush at exit does not print the error again.

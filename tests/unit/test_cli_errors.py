@@ -1012,3 +1012,19 @@ def test_a_rank_whose_peer_left_says_so_in_one_line(capsys):
     # Any other RuntimeError is still a bug's traceback.
     assert exit_status(lambda: (_ for _ in ()).throw(RuntimeError("CUDA error: an illegal memory access"))) == 1
     assert capsys.readouterr().err.startswith("Traceback (most recent call last):")
+
+
+def test_a_ctrl_c_a_library_turned_into_its_own_error_is_an_interrupt(capsys):
+    """A second Ctrl-C inside a checkpoint's torch.save: its zip writer finishes the file while the
+    KeyboardInterrupt unwinds and raises RuntimeError("unexpected pos ...") with the interrupt as its context:
+    a traceback and exit 1 ("a bug"). It is `mnemo: interrupted`, 130."""
+    from mnemo.train.errors import exit_status
+
+    def command():
+        try:
+            raise KeyboardInterrupt
+        finally:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 338688 vs 338576")
+
+    assert exit_status(command) == 130
+    assert capsys.readouterr().err == "mnemo: interrupted\n"
