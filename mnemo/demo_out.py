@@ -64,8 +64,13 @@ def claim_out_dir(out: Path, runs: dict[str, Path], fresh: bool, prog: str) -> N
         files.append(out / "mlflow.db")
         arts = out / "mlartifacts"
         if arts.exists() or arts.is_symlink():
-            if not ours or arts.is_symlink() or not _mlflow_artifacts(arts):
+            if not ours:
                 raise UserError(f"--out: {arts} was not written by {prog} (no {out / MARKER}): {how}")
+            if arts.is_symlink() or not _mlflow_artifacts(arts):
+                raise UserError(
+                    f"--out: {arts} is not as MLflow writes an artifact folder (a symbolic link, or other than "
+                    f"folders of experiment ids in it): {how}"
+                )
             doomed.append(arts)
     for f in files:
         if f.exists() or f.is_symlink():

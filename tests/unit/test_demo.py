@@ -223,7 +223,7 @@ def test_a_folder_named_mlartifacts_the_demo_did_not_make_is_refused_and_kept(mo
     (out / "mlartifacts" / "notes.txt").write_text("mine")
     assert importlib.import_module(module).main(["--out", str(out)]) == 2
     err = capsys.readouterr().err.strip()
-    assert f"--out: {out / 'mlartifacts'} was not written by" in err and "\n" not in err
+    assert f"--out: {out / 'mlartifacts'} is not as MLflow writes an artifact folder" in err and "\n" not in err
     assert (out / "mlartifacts" / "notes.txt").read_text() == "mine" and (out / "memory").is_dir()
 
 
