@@ -726,11 +726,12 @@ class Trainer:
                     log.warning("could not remove streaming's lock files in the temp folder: %s", e)
 
     def _summary(self, exit_reason: str, eval_result: dict[str, Any]) -> dict[str, Any]:
+        latest = self.ckpt.latest()  # None (JSON null) when the run stopped before any save; it read "None"
         summary = {
             "step": self.counters.step,
             "exit": exit_reason,
             "run_id": self.run_id,
-            "checkpoint": str(self.ckpt.latest()),
+            "checkpoint": None if latest is None else str(latest),
             "run_dir": str(self.run_dir),
             "eval": eval_result,
             "tokens_seen": self.counters.tokens_seen,

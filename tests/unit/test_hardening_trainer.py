@@ -567,6 +567,9 @@ def test_a_notice_during_start_up_stops_before_the_first_step(world1, data, tmp_
     assert (summary["exit"], summary["step"], steps) == ("preempted", 0, [])
     assert (run_dir / "PREEMPTED").read_text().strip() == "0"
     assert not list((run_dir / "checkpoints").glob("step_*"))
+    # No checkpoint: null in summary.json (was the string "None", a path to nowhere for its readers).
+    assert summary["checkpoint"] is None
+    assert json.loads((run_dir / "summary.json").read_text())["checkpoint"] is None
 
 
 def test_a_used_up_mixture_ends_the_run_like_its_last_step(world1, data, tmp_path, caplog):
