@@ -4,8 +4,9 @@ A run writes ``<run.dir>/config.yaml`` (its resolved config) and saves into
 ``<run.dir>/checkpoints/`` (train/checkpoint.py). mnemo deletes or replaces
 only what it can show it wrote there:
 
-- ``config.yaml`` (train/config.py: ``wrote_run_config``), ``summary.json`` and
-  ``PREEMPTED`` (``wrote_run_file``), each replaced by an atomic rename;
+- ``config.yaml`` (train/config.py: ``wrote_run_config``), ``summary.json``,
+  ``PREEMPTED`` and ``mlflow_run.json`` (``wrote_run_file``), each replaced by
+  an atomic rename;
 - ``.tmp-step_XXXXXXXX`` directories holding only the names a save writes
   (``SAVE_ENTRIES``, ``rank_XXXXX.pt``): an interrupted save;
 - complete checkpoints (``COMPLETE`` and ``meta.json``) holding only what a
@@ -37,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from mnemo.data_pipeline.errors import brief
-from mnemo.data_pipeline.files import load_json, not_a_regular_file, read_bounded, unwritable_dir
+from mnemo.data_pipeline.files import atomic_write_text, load_json, not_a_regular_file, read_bounded, unwritable_dir
 from mnemo.train.errors import UserError
 
 STEP_RE = re.compile(r"^step_(\d{8})\Z")  # \Z: "$" also matches before a final newline
@@ -163,17 +164,25 @@ def find_checkpoint(path: Path) -> Path | None:
     return newest_checkpoint(root if root.is_dir() else path)
 
 
-# What a run writes at the top of its run directory besides config.yaml, and what each says there. Both are
+# What a run writes at the top of its run directory besides config.yaml, and what each says there. Each is
 # replaced only when mnemo wrote them (wrote_run_file): the summary of the run's end (train/trainer.py, its
-# keys since the first version), and the marker of a preempted run that the SLURM script requeues (the step).
+# keys since the first version), the marker of a preempted run that the SLURM script requeues (the step), and
+# the MLflow run of a run stopped before its first checkpoint ({"mlflow_run_id": ID}), which the next start
+# of the run directory without a checkpoint reopens (one MLflow run per job; a checkpoint holds it after).
 SUMMARY = "summary.json"
 SUMMARY_KEYS = ("step", "exit", "run_id", "checkpoint", "run_dir")
 PREEMPTED = "PREEMPTED"
-RUN_FILES = {SUMMARY: "the summary of the run's end", PREEMPTED: "the marker of a preempted run"}
+MLFLOW_RUN = "mlflow_run.json"
+RUN_FILES = {
+    SUMMARY: "the summary of the run's end",
+    PREEMPTED: "the marker of a preempted run",
+    MLFLOW_RUN: "the MLflow run of a run stopped before its first checkpoint",
+}
+MLFLOW_RUN_ID_RE = re.compile(r"[0-9a-f]{32}")  # what MLflow's stores make: uuid4().hex
 
 
 def wrote_run_file(path: Path) -> bool:
-    """Whether ``path``, a run directory's summary.json or PREEMPTED, is a regular file as mnemo writes it."""
+    """Whether ``path``, a run directory's file of RUN_FILES, is a regular file as mnemo writes it."""
     if path.is_symlink() or not path.is_file():
         return False
     try:
@@ -182,7 +191,29 @@ def wrote_run_file(path: Path) -> bool:
         tree = load_json(path, limit=1 << 20)  # the eval results are a few dozen numbers
     except (OSError, ValueError):
         return False
+    if path.name == MLFLOW_RUN:
+        run_id = tree.get("mlflow_run_id") if isinstance(tree, dict) else None
+        return isinstance(run_id, str) and MLFLOW_RUN_ID_RE.fullmatch(run_id) is not None
     return isinstance(tree, dict) and all(k in tree for k in SUMMARY_KEYS)
+
+
+def kept_mlflow_run_id(run_dir: Path) -> str | None:
+    """The MLflow run id a run of ``run_dir`` stopped before its first checkpoint kept there (keep_mlflow_run_id),
+    or None: none kept, or a file mnemo did not write (check_paths refuses a start over one)."""
+    path = run_dir / MLFLOW_RUN
+    return load_json(path, limit=1 << 20)["mlflow_run_id"] if wrote_run_file(path) else None
+
+
+def keep_mlflow_run_id(run_dir: Path, run_id: str) -> None:
+    """Keep ``run_id`` in ``run_dir`` for the next start: this run stops with no checkpoint to hold it."""
+    atomic_write_text(run_dir / MLFLOW_RUN, json.dumps({"mlflow_run_id": run_id}) + "\n")
+
+
+def forget_mlflow_run_id(run_dir: Path) -> None:
+    """Remove the kept run id once a checkpoint holds it (only mnemo's file: wrote_run_file)."""
+    path = run_dir / MLFLOW_RUN
+    if wrote_run_file(path):
+        path.unlink(missing_ok=True)
 
 
 def foreign_run_files(run_dir: Path) -> list[tuple[Path, str]]:

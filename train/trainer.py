@@ -50,7 +50,16 @@ from mnemo.train.errors import UserError, path_errors
 from mnemo.train.eval_hook import run_eval
 from mnemo.train.loop import StepLog, TrainLoop, dist_info
 from mnemo.train.resume import check_resume_compatible, reads_universal, universal_tag
-from mnemo.train.rundir import PREEMPTED, RESUME_META_KEYS, SUMMARY, check_checkpoint_files, wrote_run_file
+from mnemo.train.rundir import (
+    PREEMPTED,
+    RESUME_META_KEYS,
+    SUMMARY,
+    check_checkpoint_files,
+    forget_mlflow_run_id,
+    keep_mlflow_run_id,
+    kept_mlflow_run_id,
+    wrote_run_file,
+)
 from mnemo.train.schedule import (
     Preemption,
     after_step,
@@ -229,8 +238,14 @@ class Trainer:
         self._build_data()
         self.ckpt.states = self._rank_parts()
         self.run_id = None
+        self.run_id_kept = False  # whether run_id is the one a start stopped before any checkpoint kept in run.dir
         if self.resume_path is not None:
             self._resume()
+        elif self.cfg.checkpoint.resume != "never" and self.info.rank == 0:
+            # No checkpoint to hold the MLflow run: the one an earlier start of this run directory stopped
+            # during start-up kept there (_steps), reopened as a resume would (one MLflow run per job).
+            self.run_id = kept_mlflow_run_id(self.run_dir)
+            self.run_id_kept = self.run_id is not None
         self._start_tracking()
         self._build_loop()
 
@@ -455,6 +470,7 @@ class Trainer:
                 enabled=cfg.tracking.enabled,
                 rank=info.rank,
                 resume_run_id=self.run_id,
+                resume_kept=self.run_id_kept,
                 parent_run_id=self.parent_run_id,
                 resume_step=self.counters.step,
             )
@@ -580,6 +596,7 @@ class Trainer:
         )
         path = self.ckpt.save(step, self.engine, None, meta, extra_files={self.tok_name: self.tok_file})
         if self.info.rank == 0:
+            forget_mlflow_run_id(self.run_dir)  # the checkpoint holds the run id from now on
             log.info("saved checkpoint %s (%s) in %.1fs", path, reason, time.time() - t0)
         return path
 
@@ -624,6 +641,10 @@ class Trainer:
             if info.rank == 0:
                 log.info("a preemption signal came during start-up: stopping at step %d, before training", c.step)
             self._mark_preempted()
+            run_id = self.tracker.run_id or self.run_id
+            if info.rank == 0 and self.resume_path is None and run_id:
+                # No checkpoint will hold this MLflow run: the next start of run.dir reopens it from here.
+                keep_mlflow_run_id(self.run_dir, run_id)
         while not stop and c.step < self.max_steps:
             if self._data_used_up():
                 exit_reason = "data_used_up"

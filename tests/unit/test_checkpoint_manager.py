@@ -473,7 +473,7 @@ def test_an_older_mnemos_config_dump_is_known_by_the_runs_checkpoints(tmp_path):
     assert not wrote_run_config(run / "config.yaml")  # an interrupted save vouches for nothing
 
 
-@pytest.mark.parametrize("name", ["summary.json", "PREEMPTED"])
+@pytest.mark.parametrize("name", ["summary.json", "PREEMPTED", "mlflow_run.json"])
 def test_summary_or_preempted_mnemo_did_not_write_is_refused(tmp_path, name):
     """run.dir/summary.json (at the end) and PREEMPTED (on a stop request) were written with write_text,
     without a look and through a link. Now a start refuses a file of those names that mnemo did not write,
@@ -496,9 +496,27 @@ def test_summary_or_preempted_mnemo_did_not_write_is_refused(tmp_path, name):
     assert victim.read_text() == "notes\n"
     (run / name).unlink()
     mine = '{"step": 5, "exit": "completed", "run_id": null, "checkpoint": "c", "run_dir": "r"}'
-    (run / name).write_text(mine if name == "summary.json" else "5\n")  # what mnemo writes
+    mine = {"summary.json": mine, "PREEMPTED": "5\n", "mlflow_run.json": '{"mlflow_run_id": "%s"}' % ("0a" * 16)}
+    (run / name).write_text(mine[name])  # what mnemo writes
     assert wrote_run_file(run / name)
     _check(_cfg(tmp_path, run))
+
+
+def test_only_an_mlflow_run_id_of_mlflows_form_kept_in_the_run_dir_is_read(tmp_path):
+    """A start stopped before its first checkpoint keeps its MLflow run id in run.dir/mlflow_run.json for the
+    next start to reopen; only a run id of MLflow's form (32 hex digits) that mnemo wrote there is read."""
+    from mnemo.train.rundir import forget_mlflow_run_id, keep_mlflow_run_id, kept_mlflow_run_id
+
+    assert kept_mlflow_run_id(tmp_path) is None
+    keep_mlflow_run_id(tmp_path, "0123456789abcdef" * 2)
+    assert kept_mlflow_run_id(tmp_path) == "0123456789abcdef" * 2
+    forget_mlflow_run_id(tmp_path)
+    assert not (tmp_path / "mlflow_run.json").exists()
+    for bad in ("../../other", "0123456789ABCDEF" * 2, "0" * 31, 7):
+        (tmp_path / "mlflow_run.json").write_text(json.dumps({"mlflow_run_id": bad}))
+        assert kept_mlflow_run_id(tmp_path) is None
+        forget_mlflow_run_id(tmp_path)  # not mnemo's: left where it is
+        assert (tmp_path / "mlflow_run.json").exists()
 
 
 def test_run_dir_that_is_a_file_is_refused_before_start(tmp_path):

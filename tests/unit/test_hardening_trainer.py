@@ -572,6 +572,30 @@ def test_a_notice_during_start_up_stops_before_the_first_step(world1, data, tmp_
     assert json.loads((run_dir / "summary.json").read_text())["checkpoint"] is None
 
 
+def test_a_run_stopped_during_start_up_and_started_again_is_one_mlflow_run(world1, data, tmp_path, monkeypatch):
+    """Was: the start stopped during start-up closed its MLflow run KILLED with no checkpoint to hold its id,
+    and the requeued job (the same command) opened a second run. The id is kept in run.dir/mlflow_run.json
+    until the first checkpoint; the next start reopens that run, which ends FINISHED."""
+    from mlflow import MlflowClient
+
+    from mnemo.train import preemption, trainer
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # the sqlite store in run.dir
+    run_dir = tmp_path / "run"
+    cfg = config(data, run_dir, "train.max_steps=2", "eval.interval=0", "tracking.enabled=true")
+    preemption.catch()
+    os.kill(os.getpid(), signal.SIGUSR1)
+    first = trainer.train(cfg)
+    assert (first["exit"], first["checkpoint"]) == ("preempted", None)
+    assert json.loads((run_dir / "mlflow_run.json").read_text()) == {"mlflow_run_id": first["run_id"]}
+    again = trainer.train(cfg)
+    assert (again["exit"], again["run_id"]) == ("completed", first["run_id"])
+    assert not (run_dir / "mlflow_run.json").exists()  # the checkpoint holds it now
+    client = MlflowClient(f"sqlite:///{run_dir / 'mlflow.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert [(r.info.run_id, r.info.status) for r in runs] == [(first["run_id"], "FINISHED")]
+
+
 def test_a_used_up_mixture_ends_the_run_like_its_last_step(world1, data, tmp_path, caplog):
     """Every source with a weight > 0 at its max_epochs: the loader raised in the rank (on 2 ranks the other
     died in a gloo collective), nothing since the last checkpoint was saved, and a resume crashed the same

@@ -309,6 +309,24 @@ def test_missing_resume_run_starts_new_run_with_parent_tag(store, client, tmp_pa
     assert "not in" in caplog.text
 
 
+def test_a_run_id_kept_in_the_run_dir_that_cannot_be_reopened_starts_a_new_run_without_parent(
+    store, client, tmp_path, caplog
+):
+    """The run id a start stopped before its first checkpoint kept in run.dir (resume_kept): reopened when
+    the store has it; when it does not (another tracking.uri), a new run with a warning, no child of it."""
+    t1 = Tracker(run_dir=str(tmp_path), uri=store, experiment="unit")
+    t1.close("KILLED")
+    t2 = Tracker(run_dir=str(tmp_path), uri=store, experiment="unit", resume_run_id=t1.run_id, resume_kept=True)
+    t2.close()
+    assert t2.run_id == t1.run_id and client.get_run(t1.run_id).info.status == "FINISHED"
+    gone = "fedcba9876543210" * 2
+    with caplog.at_level(logging.WARNING, logger="mnemo.train.tracking"):
+        t3 = Tracker(run_dir=str(tmp_path), uri=store, experiment="unit", resume_run_id=gone, resume_kept=True)
+    t3.close()
+    assert t3.run_id != gone and PARENT_RUN_TAG not in client.get_run(t3.run_id).data.tags
+    assert f"run {gone} kept in {tmp_path} by a start stopped early is not in" in caplog.text
+
+
 def test_other_ranks_and_disabled_are_noops(tmp_path):
     for t in (Tracker(run_dir=str(tmp_path / "r1"), rank=1), Tracker(run_dir=str(tmp_path / "r0"), enabled=False)):
         assert t.run_id is None

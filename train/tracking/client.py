@@ -62,6 +62,8 @@ class Tracker:
         run_name: name of a new run (ignored on resume).
         rank: global rank; only 0 logs.
         resume_run_id: continue this run (id stored in the checkpoint).
+        resume_kept: resume_run_id is the one a start stopped before its first checkpoint kept in the run
+            directory (train/rundir.py MLFLOW_RUN): if it cannot be reopened, the new run is no child of it.
         parent_run_id: for a new run started from another run's checkpoint (fine-tune).
         resume_step: the step the trainer resumes from (recorded as a tag).
         interval: seconds between sends; retry_interval: seconds between probes
@@ -79,6 +81,7 @@ class Tracker:
         enabled: bool = True,
         rank: int = 0,
         resume_run_id: str | None = None,
+        resume_kept: bool = False,
         parent_run_id: str | None = None,
         resume_step: int = 0,
         interval: float = 1.0,
@@ -102,6 +105,7 @@ class Tracker:
             experiment=self.experiment,
             run_name=run_name or None,
             resume_run_id=resume_run_id,
+            resume_kept=resume_kept,
             parent_run_id=parent_run_id,
             resume_step=int(resume_step),
             interval=interval,

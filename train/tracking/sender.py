@@ -3,7 +3,7 @@
 ``sender_main(settings, ops, replies)`` is the process's entry point, started
 by ``client.Tracker`` with the spawn start method (so it must stay a
 module-level function of an importable module). ``settings`` is a dict
-(run_dir, uri, experiment, run_name, resume_run_id, parent_run_id,
+(run_dir, uri, experiment, run_name, resume_run_id, resume_kept, parent_run_id,
 resume_step, interval, retry_interval, probe_timeout, max_buffer); ``ops``
 and ``replies`` are the two pipe ends whose message tuples
 ``mnemo.train.tracking.client`` describes. The process ignores SIGINT and
@@ -543,35 +543,33 @@ class _Sender:
         from mlflow.exceptions import MlflowException
 
         c, run_id = self._client, self._s["resume_run_id"]
+        # From a checkpoint: a new run continues its steps, tagged as its child. Kept in the run directory (a
+        # run stopped before its first checkpoint, train/rundir.py MLFLOW_RUN): it holds no steps, no tag.
+        kept = self._s.get("resume_kept", False)
+        where = f"kept in {self._s['run_dir']} by a start stopped early" if kept else "from the checkpoint"
+        new_run = "starting a new run" if kept else f"starting a new run tagged {PARENT_RUN_TAG}={run_id}"
         try:
             run = c.get_run(run_id)
         except MlflowException as e:
             if e.error_code != "RESOURCE_DOES_NOT_EXIST":
                 raise
-            self._log(
-                logging.WARNING,
-                "tracking: run %s from the checkpoint is not in %s; starting a new run tagged %s=%s",
-                run_id,
-                self.uri,
-                PARENT_RUN_TAG,
-                run_id,
-            )
-            self._parent_run_id = run_id
+            self._log(logging.WARNING, "tracking: run %s %s is not in %s; %s", run_id, where, self.uri, new_run)
+            self._parent_run_id = self._parent_run_id if kept else run_id
             return None
         if run.info.lifecycle_stage == "deleted":
             # MLflow refuses to reopen it ("must be in the 'active' state"). Deleted is not gone: it stays in
             # the store, restorable, until `mlflow gc`; leave it so and go on as for a missing run.
             self._log(
                 logging.WARNING,
-                "tracking: run %s from the checkpoint was deleted from %s; starting a new run tagged %s=%s"
-                " (the old one can still be restored: mlflow runs restore --run-id %s)",
+                "tracking: run %s %s was deleted from %s; %s (the old one can still be restored: mlflow runs"
+                " restore --run-id %s)",
                 run_id,
+                where,
                 self.uri,
-                PARENT_RUN_TAG,
-                run_id,
+                new_run,
                 run_id,
             )
-            self._parent_run_id = run_id
+            self._parent_run_id = self._parent_run_id if kept else run_id
             return None
         self.run_id = run.info.run_id
         if run.info.status != "RUNNING":
