@@ -43,6 +43,10 @@ the launcher says ``another node left the job; not waiting for its exit barrier`
 then SIGKILL) and exits 0, the workers' outcome; torchrun's own lines from then on go to the node log only.
 A signal in that wait (a Ctrl-C, SLURM's SIGTERM) ends it the same way, exit 0: the job is done.
 
+A signal once a worker has failed (none running: torchrun reports the failure and exits 1, or restarts the group)
+stops torchrun (``got SIGTERM: a worker already failed; stopping torchrun``) and the job ends as failed: exit 1
+(2 after a rank's user error), not the interrupt's 128 + N.
+
 torchrun's copies of the ranks' output (its --tee) live in a temporary folder
 (torchrun_log_dir), not in run.dir: a full disk there would swallow that line.
 The ranks write their output through it, so a full temporary folder would
@@ -287,6 +291,9 @@ class NodeRunner:
         self._exits_dir = ""
         self._group: set[int] = set()
         self._done_since: float | None = None
+        self._failed = False  # a worker of the last group ended did not exit 0 (torchrun restarts the group or exits)
+        # This launcher stopped torchrun after a worker had failed: the job's outcome is that failure (run).
+        self._stopped_after_failure = False
         self._stop_at: float | None = None  # torchrun stopped in its exit barrier: when SIGKILL follows
         # Until the first worker starts (several nodes), torchrun's own lines are held off the console: a failed
         # rendezvous ends in a traceback whose last line says what failed (rendezvous_failure).
@@ -307,10 +314,12 @@ class NodeRunner:
                 os.kill(pid, sig)
             except ProcessLookupError:
                 pass
-        if not pids and self._done_since is not None:
-            # Every worker already exited 0 and torchrun waits in its exit barrier (several nodes): the job is
-            # done, and a signal only ends that wait, as _watch_exit_barrier does after its grace (run: exit 0).
-            # Stopping the job instead recorded a finished one as interrupted (130) or failed (143 under SLURM).
+        ended_ok = None if pids else self._ended_group_ok()
+        if ended_ok:
+            # Every worker already exited 0 and torchrun waits in its exit barrier (several nodes; with one, it
+            # is exiting): the job is done, and a signal only ends that wait, as _watch_exit_barrier does after
+            # its grace (run: exit 0). Stopping the job instead recorded a finished one as interrupted (130) or
+            # failed (143 under SLURM).
             if self._stop_at is None:
                 self._pending.append(f"{why}: every worker already exited 0; stopping torchrun in its exit barrier")
                 self._stop_in_exit_barrier(time.monotonic())
@@ -320,6 +329,21 @@ class NodeRunner:
             # instead of requeueing it. The workers get it once they start (pass_on_held).
             self._held = sig
             self._pending.append(f"{why}: no worker started yet; passing {sig.name} on when they start")
+            return
+        if ended_ok is False:
+            # A worker failed: torchrun reports it and exits 1, or restarts the group (a rendezvous that may take
+            # long). The job failed; stopped here as "not started", it read as interrupted (128 + N: under SLURM's
+            # --kill-on-bad-exit, srun's SIGTERM to the other nodes made a failed job read as cancelled, 143).
+            # torchrun is stopped (no restart) and the job ends as failed (run); a group it starts all the same
+            # gets ``sig`` as soon as its workers catch it.
+            if not self._stopped_after_failure:
+                self._stopped_after_failure = True
+                self._held = sig
+                try:
+                    os.kill(self.proc.pid, signal.SIGINT)
+                except ProcessLookupError:
+                    pass
+                self._pending.append(f"{why}: a worker already failed; stopping torchrun")
             return
         if not pids:
             # torchrun starting, between restarts or in its rendezvous: nothing to save, stop torchrun. Its
@@ -365,10 +389,10 @@ class NodeRunner:
             self._interrupts += 1
             if self._interrupts > 1:
                 self._pending.append("second SIGINT: killing torchrun and its workers")
-                if self._done_since is None:
-                    self._stopped_by = signal.SIGINT
-                else:
+                if self._stop_at is not None or self._done_since is not None:
                     self._stop_at = float("inf")  # killed in its exit barrier: the job is done all the same (run)
+                elif not self._stopped_after_failure:  # else the job failed all the same (run)
+                    self._stopped_by = signal.SIGINT
                 _kill_tree(self.proc.pid)
                 return
         fwd = sig if sig in (signal.SIGTERM, signal.SIGUSR1) else signal.SIGTERM
@@ -545,7 +569,13 @@ class NodeRunner:
                 self._emit(log, f"[launch node{plan.node_rank}] torchrun exited with code {rc}", console=False)
                 self._emit(log, f"mnemo: error: {failure}", console=False)
                 raise UserError(failure)
-            self._note(log, f"torchrun exited with code {rc}")
+            if self._stopped_after_failure and rc != 1:
+                # Stopped by this launcher after a worker failed (its SIGINT in torchrun's report or in its
+                # rendezvous for a restart: a traceback, exit 1 or 130): the failure's code, torchrun's for it.
+                self._note(log, f"torchrun exited with code {rc}; a worker had failed before: exit 1")
+                rc = 1
+            else:
+                self._note(log, f"torchrun exited with code {rc}")
             if rc != 0 and not self._user_error and self._tee_low:
                 # The rank's one-line error, if it printed one, went the way of its other output.
                 lost = (
@@ -591,20 +621,42 @@ class NodeRunner:
             self._note(log, self._pending.pop(0))
 
     def _see_workers(self, now: float) -> None:
-        """Note the workers torchrun runs now; when they are gone, whether each left 0 (``_done_since``)."""
+        """Note the workers torchrun runs now; when they are gone, whether each left 0 (``_done_since``) or not
+        (``_failed``). The group is forgotten last: a signal handler in between reads the same outcome from it
+        (_ended_group_ok)."""
         assert self.proc is not None
-        if self.plan.nnodes == 1 or not self._exits_dir:
-            return  # --standalone: a barrier of one agent, passed at once
+        if not self._exits_dir:
+            return
         pids = _worker_pids(self.proc.pid)
         if pids:
             if not self._started:
                 self._release_held()
             self._group.update(pids)
             self._done_since = None
+            self._failed = False
         elif self._group:
-            codes = [_worker_exit(self._exits_dir, pid) for pid in self._group]
+            ok = all(_worker_exit(self._exits_dir, pid) == 0 for pid in self._group)
+            self._failed = not ok
+            self._done_since = now if ok else None
             self._group.clear()
-            self._done_since = now if all(c == 0 for c in codes) else None
+
+    def _ended_group_ok(self) -> bool | None:
+        """With no worker running: whether every worker of the last group exited 0 (True), one did not (False), or
+        none ever ran (None). Read in a signal handler, so also from a group that ended since the main loop last
+        looked, and from the exits folder for workers that came and went between two of its looks."""
+        if self._group:
+            return all(_worker_exit(self._exits_dir, pid) == 0 for pid in self._group)
+        if self._done_since is not None:
+            return True
+        if self._failed:
+            return False
+        try:
+            names = os.listdir(self._exits_dir) if self._exits_dir else []
+        except OSError:
+            names = []
+        if any(_worker_exit(self._exits_dir, int(name)) != 0 for name in names if name.isdigit()):
+            return False
+        return None
 
     def _watch_exit_barrier(self, log: IO[str]) -> None:
         """Stop torchrun when it waits in its exit barrier longer than EXIT_BARRIER_GRACE_S.
@@ -622,7 +674,9 @@ class NodeRunner:
                 _kill_tree(self.proc.pid)
             return
         self._see_workers(now)
-        if self._done_since is not None and now - self._done_since >= EXIT_BARRIER_GRACE_S:
+        if self._done_since is None or self.plan.nnodes == 1:
+            return  # --standalone: a barrier of one agent, passed at once
+        if now - self._done_since >= EXIT_BARRIER_GRACE_S:
             self._note(log, "another node left the job; not waiting for its exit barrier")
             self._stop_in_exit_barrier(now)
 

@@ -210,3 +210,42 @@ def test_a_second_ctrl_c_in_the_exit_barrier_kills_torchrun_and_the_job_is_done(
     assert time.monotonic() - start < 20
     shown = console.getvalue().splitlines()
     assert "[launch node0] second SIGINT: killing torchrun and its workers" in shown, shown
+
+
+# torchrun whose worker failed (killed: it left no exit code) reporting that failure: exit 1 after its report, or
+# (argv[2] "restarts") waiting in the rendezvous of the next group until stopped; the flag once the worker is gone.
+AFTER_A_FAILED_WORKER = """
+import subprocess, sys, time
+worker = "import os, signal, time; time.sleep(1.5); os.kill(os.getpid(), signal.SIGKILL)"
+subprocess.call([sys.executable, "-c", worker])
+open(sys.argv[1], "w").close()
+if len(sys.argv) > 2:
+    time.sleep(60)
+time.sleep(3)
+print("torchrun: ChildFailedError: worker 0 failed (exitcode: -9)", flush=True)
+sys.exit(1)
+"""
+
+
+@pytest.mark.parametrize(
+    ("nnodes", "sig", "restarts"),
+    [(1, signal.SIGTERM, False), (2, signal.SIGTERM, True), (1, signal.SIGINT, True), (2, signal.SIGINT, False)],
+)
+def test_a_signal_after_a_worker_failed_ends_the_job_as_failed(tmp_path, monkeypatch, nnodes, sig, restarts):
+    # Was: "got SIGTERM: no worker started yet; stopping torchrun" and exit 143 (130 for SIGINT): under SLURM
+    # (--kill-on-bad-exit) srun's SIGTERM to the other nodes made a failed job read as cancelled.
+    flag = tmp_path / "failed"
+    runner, console = _runner(tmp_path, monkeypatch, AFTER_A_FAILED_WORKER, flag, nnodes=nnodes)
+    argv = [sys.executable, "-c", AFTER_A_FAILED_WORKER, str(flag)] + (["restarts"] if restarts else [])
+    monkeypatch.setattr(local, "torchrun_command", lambda plan, log_dir: argv)
+    _signal_self_when(flag, sig=sig, after=0.1)
+    start = time.monotonic()
+    try:
+        rc = runner.run()
+    except KeyboardInterrupt:
+        pytest.fail("the failed job ended as interrupted")
+    assert rc == 1  # torchrun's code for a failed worker group
+    assert time.monotonic() - start < 20  # a torchrun about to restart is stopped
+    shown = console.getvalue().splitlines()
+    assert f"[launch node0] got {sig.name}: a worker already failed; stopping torchrun" in shown, shown
+    assert not [line for line in shown if "no worker started" in line], shown
