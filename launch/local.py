@@ -41,6 +41,8 @@ launch/worker.py report_exit), torchrun waits in its exit barrier for the other 
 node that is gone (torch's exit_barrier_timeout, which torchrun does not expose). After EXIT_BARRIER_GRACE_S
 the launcher says ``another node left the job; not waiting for its exit barrier``, stops torchrun (SIGINT,
 then SIGKILL) and exits 0, the workers' outcome; torchrun's own lines from then on go to the node log only.
+When the workers exited on a stop signal, after STOPPED_BARRIER_GRACE_S already: SLURM's KillWait after its
+SIGTERM is 30 s too.
 A signal in that wait (a Ctrl-C, SLURM's SIGTERM) ends it the same way, exit 0: the job is done.
 
 A signal once a worker has failed (none running: torchrun reports the failure and exits 1, or restarts the group)
@@ -98,6 +100,11 @@ _RANK_LINE = re.compile(r"\[rank\d+\]: ")
 # traceback and exits 0: an agent killed with its node (SIGKILL, power) never comes. The workers' outcome is
 # final by then; the agents of live nodes reach the barrier within a second of their workers.
 EXIT_BARRIER_GRACE_S = 30.0
+# That wait once a signal asked the job to stop (SLURM's SIGTERM, a preemption notice, a Ctrl-C) and the workers
+# saved and exited 0 on it: SLURM SIGKILLs what is left after its KillWait (30 s by default, EXIT_BARRIER_GRACE_S),
+# and a node still waiting there for a lost one died with no last line, its temporary folder left behind. A few
+# seconds, not none: node 0's torchrun serves the store the other nodes' agents (and workers) may still use.
+STOPPED_BARRIER_GRACE_S = 3.0
 # How long torchrun has to stop on SIGINT (it ignores SIGTERM: see _IGNORED_IN_TORCHRUN) before SIGKILL.
 STOP_GRACE_S = 5.0
 
@@ -294,6 +301,7 @@ class NodeRunner:
         self._failed = False  # a worker of the last group ended did not exit 0 (torchrun restarts the group or exits)
         # This launcher stopped torchrun after a worker had failed: the job's outcome is that failure (run).
         self._stopped_after_failure = False
+        self._asked_to_stop = False  # a signal (or EOF on stdin) asked the job to stop: see _watch_exit_barrier
         self._stop_at: float | None = None  # torchrun stopped in its exit barrier: when SIGKILL follows
         # Until the first worker starts (several nodes), torchrun's own lines are held off the console: a failed
         # rendezvous ends in a traceback whose last line says what failed (rendezvous_failure).
@@ -308,6 +316,7 @@ class NodeRunner:
     def _forward(self, sig: signal.Signals, why: str, cause: signal.Signals | None = None) -> None:
         """Pass ``sig`` on to the workers; ``cause``: the signal the launcher got (``sig`` when not given)."""
         assert self.proc is not None
+        self._asked_to_stop = True
         pids = _worker_pids(self.proc.pid)
         for pid in pids:
             try:
@@ -659,7 +668,8 @@ class NodeRunner:
         return None
 
     def _watch_exit_barrier(self, log: IO[str]) -> None:
-        """Stop torchrun when it waits in its exit barrier longer than EXIT_BARRIER_GRACE_S.
+        """Stop torchrun when it waits in its exit barrier longer than EXIT_BARRIER_GRACE_S (STOPPED_BARRIER_GRACE_S
+        once a signal asked the job to stop).
 
         torchrun enters that barrier only when every worker of this node exited 0 (after a failure it restarts
         them or exits), so it is entered when the workers of the last group seen are gone and each left 0
@@ -676,7 +686,10 @@ class NodeRunner:
         self._see_workers(now)
         if self._done_since is None or self.plan.nnodes == 1:
             return  # --standalone: a barrier of one agent, passed at once
-        if now - self._done_since >= EXIT_BARRIER_GRACE_S:
+        if self._asked_to_stop and now - self._done_since >= STOPPED_BARRIER_GRACE_S:
+            self._note(log, "every worker saved and exited 0 on the stop signal; not waiting for the exit barrier")
+            self._stop_in_exit_barrier(now)
+        elif now - self._done_since >= EXIT_BARRIER_GRACE_S:
             self._note(log, "another node left the job; not waiting for its exit barrier")
             self._stop_in_exit_barrier(now)
 

@@ -249,3 +249,41 @@ def test_a_signal_after_a_worker_failed_ends_the_job_as_failed(tmp_path, monkeyp
     shown = console.getvalue().splitlines()
     assert f"[launch node0] got {sig.name}: a worker already failed; stopping torchrun" in shown, shown
     assert not [line for line in shown if "no worker started" in line], shown
+
+
+# torchrun of a two-node job whose worker trains until a SIGTERM, then saves and exits 0 (leaving its code as
+# launch/worker.py does); torchrun then waits in its exit barrier for a node that is gone.
+STOPPED_THEN_IN_ITS_EXIT_BARRIER = """
+import subprocess, sys, time
+worker = '''
+import os, signal, sys, time
+from mnemo.launch.worker import report_exit
+stop = []
+signal.signal(signal.SIGTERM, lambda s, f: stop.append(s))
+open(sys.argv[1], "w").close()
+while not stop:
+    time.sleep(0.05)
+report_exit(0, os.environ)
+'''
+subprocess.call([sys.executable, "-c", worker, sys.argv[1]])
+print("torchrun: waiting in the exit barrier", flush=True)
+time.sleep(60)
+"""
+
+
+def test_workers_stopped_by_a_signal_do_not_wait_out_the_exit_barrier_grace(tmp_path, monkeypatch):
+    # Was: under SLURM, after srun's SIGTERM the workers saved and exited 0, and the launcher waited in torchrun's
+    # exit barrier for a lost node for EXIT_BARRIER_GRACE_S (30 s), SLURM's KillWait: SIGKILLed before its end,
+    # its log with no last line and its temporary folder left behind.
+    monkeypatch.setattr(local, "EXIT_BARRIER_GRACE_S", 20.0)
+    flag = tmp_path / "training"
+    runner, console = _runner(tmp_path, monkeypatch, STOPPED_THEN_IN_ITS_EXIT_BARRIER, flag, nnodes=2)
+    _signal_self_when(flag, sig=signal.SIGTERM, after=0.5)
+    start = time.monotonic()
+    assert runner.run() == 0  # the workers' outcome
+    assert time.monotonic() - start < 15
+    shown = console.getvalue().splitlines()
+    assert "[launch node0] got SIGTERM: sent SIGTERM to 1 worker(s)" in shown, shown
+    assert (
+        "[launch node0] every worker saved and exited 0 on the stop signal; not waiting for the exit barrier" in shown
+    ), shown
