@@ -484,6 +484,10 @@ class Trainer:
         self.run_id = self.tracker.run_id
         if info.rank != 0:
             return
+        if self.resume_path is None and self.run_id:
+            # No checkpoint holds this MLflow run until the first save: a start killed before it (SIGKILL, an
+            # exception, a stop signal) is reopened from here by the next start of run.dir (one run per job).
+            keep_mlflow_run_id(self.run_dir, self.run_id)
         # On resume too: params are write-once in MLflow, the tracker records changed ones as tags.
         params = flatten(cfg)
         params.update(

@@ -596,6 +596,35 @@ def test_a_run_stopped_during_start_up_and_started_again_is_one_mlflow_run(world
     assert [(r.info.run_id, r.info.status) for r in runs] == [(first["run_id"], "FINISHED")]
 
 
+def test_a_run_that_crashed_before_its_first_checkpoint_is_reopened_by_the_next_start(
+    world1, data, tmp_path, monkeypatch
+):
+    """A crash (an exception here; a SIGKILL alike) before the first checkpoint left no record of the MLflow run:
+    the next start of the run dir opened a second one. The id is kept from the run's creation."""
+    from mlflow import MlflowClient
+
+    from mnemo.train import trainer
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # the sqlite store in run.dir
+    run_dir = tmp_path / "run"
+    cfg = config(data, run_dir, "train.max_steps=2", "eval.interval=0", "tracking.enabled=true")
+
+    def crash(self, *a, **kw):
+        raise RuntimeError("disk controller on fire")
+
+    with monkeypatch.context() as m:
+        m.setattr(trainer.Trainer, "save", crash)
+        with pytest.raises(RuntimeError, match="on fire"):
+            trainer.train(cfg)
+    kept = json.loads((run_dir / "mlflow_run.json").read_text())["mlflow_run_id"]
+    again = trainer.train(cfg)
+    assert (again["exit"], again["run_id"]) == ("completed", kept)
+    assert not (run_dir / "mlflow_run.json").exists()  # the checkpoint holds it now
+    client = MlflowClient(f"sqlite:///{run_dir / 'mlflow.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert [(r.info.run_id, r.info.status) for r in runs] == [(kept, "FINISHED")]
+
+
 def test_a_used_up_mixture_ends_the_run_like_its_last_step(world1, data, tmp_path, caplog):
     """Every source with a weight > 0 at its max_epochs: the loader raised in the rank (on 2 ranks the other
     died in a gloo collective), nothing since the last checkpoint was saved, and a resume crashed the same
