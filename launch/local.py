@@ -348,10 +348,7 @@ class NodeRunner:
             if not self._stopped_after_failure:
                 self._stopped_after_failure = True
                 self._held = sig
-                try:
-                    os.kill(self.proc.pid, signal.SIGINT)
-                except ProcessLookupError:
-                    pass
+                self._interrupt_torchrun()
                 self._pending.append(f"{why}: a worker already failed; stopping torchrun")
             return
         if not pids:
@@ -361,10 +358,7 @@ class NodeRunner:
             # signal came as it did, or its imports swallowed it), they get ``sig`` as soon as they catch it.
             self._stopped_by = cause or sig
             self._held = sig
-            try:
-                os.kill(self.proc.pid, signal.SIGINT)
-            except ProcessLookupError:
-                pass
+            self._interrupt_torchrun()
             self._pending.append(f"{why}: no worker started yet; stopping torchrun")
             return
         self._pending.append(f"{why}: sent {sig.name} to {len(pids)} worker(s)")
@@ -644,17 +638,21 @@ class NodeRunner:
             self._done_since = None
             self._failed = False
         elif self._group:
-            ok = all(_worker_exit(self._exits_dir, pid) == 0 for pid in self._group)
+            ok = self._group_exited_0()
             self._failed = not ok
             self._done_since = now if ok else None
             self._group.clear()
+
+    def _group_exited_0(self) -> bool:
+        """Whether every worker of the group noted last left exit code 0 in the exits folder."""
+        return all(_worker_exit(self._exits_dir, pid) == 0 for pid in self._group)
 
     def _ended_group_ok(self) -> bool | None:
         """With no worker running: whether every worker of the last group exited 0 (True), one did not (False), or
         none ever ran (None). Read in a signal handler, so also from a group that ended since the main loop last
         looked, and from the exits folder for workers that came and went between two of its looks."""
         if self._group:
-            return all(_worker_exit(self._exits_dir, pid) == 0 for pid in self._group)
+            return self._group_exited_0()
         if self._done_since is not None:
             return True
         if self._failed:
@@ -696,12 +694,16 @@ class NodeRunner:
     def _stop_in_exit_barrier(self, now: float) -> None:
         """Stop torchrun waiting in its exit barrier: SIGINT, the signal it handles; SIGKILL after STOP_GRACE_S
         (_watch_exit_barrier). The job then ends as its workers did, 0 (run)."""
+        self._interrupt_torchrun()
+        self._stop_at = now + STOP_GRACE_S
+
+    def _interrupt_torchrun(self) -> None:
+        """SIGINT to torchrun, the signal it handles (it may have exited already)."""
         assert self.proc is not None
         try:
             os.kill(self.proc.pid, signal.SIGINT)
         except ProcessLookupError:
             pass
-        self._stop_at = now + STOP_GRACE_S
 
     def _watch_tee_space(self, log: IO[str]) -> None:
         """Say once, on the console and in the node log, when the file system of torchrun's copies of the ranks'
