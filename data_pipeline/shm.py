@@ -184,12 +184,10 @@ def release_dead_jobs_lock_files(min_age_s: float = DEAD_READERS_AGE_S) -> list[
         if m is None:
             continue
         path = folder / name
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
-        except OSError:  # a link, another user's, gone meanwhile
+        fd = _lock_alone(path)
+        if fd is None:  # a link, another user's, gone meanwhile, or a live reader holds it
             continue
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             st = os.fstat(fd)  # after the lock: a job that freshened it before locking shows a new mtime
             if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid() or time.time() - st.st_mtime < min_age_s:
                 continue
@@ -197,7 +195,7 @@ def release_dead_jobs_lock_files(min_age_s: float = DEAD_READERS_AGE_S) -> list[
             if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):  # removed and made again meanwhile
                 continue
             removed += _remove_lock_files(int(m.group(1)))
-        except OSError:  # a live reader holds it (BlockingIOError), or it went meanwhile
+        except OSError:  # it went meanwhile
             continue
         finally:
             os.close(fd)
@@ -223,20 +221,30 @@ def release_lock_files(dataset: object, held: int | None = None) -> list[str]:
         return []
     if held is not None:
         os.close(held)  # this process is done reading
-        try:  # never made again here: a reader that found it gone would hold a file no one else sees
-            fd = os.open(_readers_path(prefix), os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except OSError:  # removed by the last reader already (or not ours)
-            return []
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:  # another reader still holds it: the last one removes the files
-            os.close(fd)
+        # Never made again here: a reader that found it gone would hold a file no one else sees.
+        fd = _lock_alone(_readers_path(prefix))
+        if fd is None:  # removed by the last reader already (or not ours), or another reader still holds it
             return []
         try:
             return _remove_lock_files(prefix)
         finally:
             os.close(fd)
     return _remove_lock_files(prefix)
+
+
+def _lock_alone(readers: Path) -> int | None:
+    """A descriptor holding an exclusive flock on the existing readers file ``readers`` (never through a link),
+    or None: it is missing or not ours, or a live reader holds its shared lock."""
+    try:
+        fd = os.open(readers, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
 
 
 def _remove_lock_files(prefix: int) -> list[str]:
