@@ -26,12 +26,11 @@ def run_train(config: str, overrides: list[str]) -> int:
     # Below it a rank hung in c10d's store for 600 s. Every rank raises its limit; rank 0 alone warns of a hard
     # limit below a large job's need (64 ranks printed 64 copies of the line, and the launcher its own).
     first = alone(os.environ) or env_int(os.environ, "RANK", 0) == 0
-    check_open_files(env_int(os.environ, "WORLD_SIZE", 1), warn=first)
+    world = env_int(os.environ, "WORLD_SIZE", 1)
+    check_open_files(world, warn=first)
     cfg = load_config(config, overrides)
     # A large data.sources mixture: more files than the CLI's floor, as far as the hard limit allows.
-    raise_open_files_limit(
-        open_files_needed(env_int(os.environ, "WORLD_SIZE", 1)) + OPEN_FILES_PER_SOURCE * len(cfg.data.sources)
-    )
+    raise_open_files_limit(open_files_needed(world) + OPEN_FILES_PER_SOURCE * len(cfg.data.sources))
     check_train_device(cfg.train.device)  # imports torch only for train.device=cuda
     check_paths(cfg)
     check_op_cache(os.environ)

@@ -147,10 +147,9 @@ def exit_status(command: Callable[[], int | None], debug: bool = False) -> int:
     status is 2 for a user error, 1 for any other. Ctrl-C is ``mnemo: interrupted`` and 130. The CLI
     and the launcher's worker (a rank under torchrun) both run commands so.
     """
-    from mnemo.data_pipeline.errors import DataError, limit_reached, storage_error, storage_error_path
-    from mnemo.evaluation.errors import EvalError
-
+    from mnemo.data_pipeline.errors import DataError, error_chain, limit_reached, storage_error, storage_error_path
     from mnemo.data_pipeline.redact import print_traceback, redact_uncaught_errors, redact_uri
+    from mnemo.evaluation.errors import EvalError
 
     redact_uncaught_errors()  # a thread's error, printed by Python, is shown as redacted as the command's own
     try:
@@ -159,8 +158,6 @@ def exit_status(command: Callable[[], int | None], debug: bool = False) -> int:
         print("mnemo: interrupted", file=sys.stderr)
         return 130
     except Exception as e:
-        from mnemo.data_pipeline.errors import error_chain
-
         if any(isinstance(err, KeyboardInterrupt) for err in error_chain(e)):
             # A Ctrl-C that a library's clean-up turned into its own error: torch.save's zip writer finishes
             # the file in __exit__ while the KeyboardInterrupt unwinds ("unexpected pos ..."): an interrupt.

@@ -242,8 +242,8 @@ class Trainer:
         if self.resume_path is not None:
             self._resume()
         elif self.cfg.checkpoint.resume != "never" and self.info.rank == 0:
-            # No checkpoint to hold the MLflow run: the one an earlier start of this run directory stopped
-            # during start-up kept there (_steps), reopened as a resume would (one MLflow run per job).
+            # No checkpoint to hold the MLflow run: the one an earlier start of this run directory kept there
+            # before its first checkpoint (_start_tracking), reopened as a resume would (one MLflow run per job).
             self.run_id = kept_mlflow_run_id(self.run_dir)
             self.run_id_kept = self.run_id is not None
         self._start_tracking()
@@ -644,11 +644,7 @@ class Trainer:
             exit_reason = "preempted"
             if info.rank == 0:
                 log.info("a preemption signal came during start-up: stopping at step %d, before training", c.step)
-            self._mark_preempted()
-            run_id = self.tracker.run_id or self.run_id
-            if info.rank == 0 and self.resume_path is None and run_id:
-                # No checkpoint will hold this MLflow run: the next start of run.dir reopens it from here.
-                keep_mlflow_run_id(self.run_dir, run_id)
+            self._mark_preempted()  # (its MLflow run id stays kept in run.dir: _start_tracking)
         while not stop and c.step < self.max_steps:
             if self._data_used_up():
                 exit_reason = "data_used_up"

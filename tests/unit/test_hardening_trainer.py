@@ -221,13 +221,9 @@ def test_stop_request_on_an_evaluation_step_saves_at_once(world1, data, tmp_path
     assert (run_dir / "PREEMPTED").read_text().strip() == "2"
 
 
-def test_a_finished_run_leaves_no_streaming_lock_file_in_the_temp_folder(world1, data, tmp_path, monkeypatch):
-    """Every training run left one empty /tmp/NNNNNN_cache_filelock (streaming's, made when it first copies a
-    shard), and streaming skips a prefix whose lock file exists: the numbers climbed and the files piled up."""
-    import tempfile
-
+def _remember_sources(monkeypatch) -> list:
+    """The MDSSources built from here on, in order (to read the streaming prefix each picked)."""
     from mnemo.data_pipeline import streams
-    from mnemo.train import trainer
 
     opened = []
     init = streams.MDSSource.__init__
@@ -237,6 +233,17 @@ def test_a_finished_run_leaves_no_streaming_lock_file_in_the_temp_folder(world1,
         opened.append(self)
 
     monkeypatch.setattr(streams.MDSSource, "__init__", remember)
+    return opened
+
+
+def test_a_finished_run_leaves_no_streaming_lock_file_in_the_temp_folder(world1, data, tmp_path, monkeypatch):
+    """Every training run left one empty /tmp/NNNNNN_cache_filelock (streaming's, made when it first copies a
+    shard), and streaming skips a prefix whose lock file exists: the numbers climbed and the files piled up."""
+    import tempfile
+
+    from mnemo.train import trainer
+
+    opened = _remember_sources(monkeypatch)
     cfg = config(data, tmp_path / "run", "train.max_steps=2", "checkpoint.interval=0", "eval.max_docs=1")
     assert trainer.train(cfg)["exit"] == "completed"
     (source,) = opened
@@ -251,18 +258,10 @@ def test_a_failed_run_leaves_no_streaming_lock_file_in_the_temp_folder(world1, d
     /tmp/NNNNNN_cache_filelock, retiring that streaming prefix for good; only the other ends removed it."""
     import tempfile
 
-    from mnemo.data_pipeline import streams
     from mnemo.train import trainer
     from mnemo.train.errors import UserError
 
-    opened = []
-    init = streams.MDSSource.__init__
-
-    def remember(self, *a, **k):
-        init(self, *a, **k)
-        opened.append(self)
-
-    monkeypatch.setattr(streams.MDSSource, "__init__", remember)
+    opened = _remember_sources(monkeypatch)
     if end == "error":
         step_once = trainer.Trainer.train_step
 
