@@ -118,12 +118,19 @@ def mlp_params(size: Size) -> int:
 
 
 def param_count(
-    size: Size, vocab_size: int, n_ltm_layers: int = 0, gated: bool = True, smeared: bool = False, qk_span: int = 1
+    size: Size,
+    vocab_size: int,
+    n_ltm_layers: int = 0,
+    gated: bool = True,
+    smeared: bool = False,
+    qk_span: int = 1,
+    qk_tied: bool = False,
 ) -> int:
     """Exact number of trainable parameters of MemoryTransformer.
 
     gated: long-term layers have a per-head gate; smeared: and a per-head key-smear weight;
-    qk_span: their queries and keys also see the qk_span - 1 tokens before (two [(span-1) d, d] projections).
+    qk_span: their queries and keys also see the qk_span - 1 tokens before (two [(span-1) d, d] projections,
+    one when qk_tied).
     """
     d, h = size.d_model, size.n_heads
     per_layer = (
@@ -133,7 +140,7 @@ def param_count(
         + mlp_params(size)  # SwiGLU: gate, up, down; GELU: up, down
     )
     ltm = n_ltm_layers * (1 + int(gated) + int(smeared)) * h  # per-head temperature (gate, smear)
-    ltm += n_ltm_layers * 2 * (qk_span - 1) * d * d
+    ltm += n_ltm_layers * (1 if qk_tied else 2) * (qk_span - 1) * d * d
     emb = vocab_size * d
     head = 0 if size.tie_embeddings else vocab_size * d
     return size.n_layers * per_layer + ltm + emb + d + head  # + final norm

@@ -89,6 +89,14 @@ class ModelArgs:
     # digit is 3-4 tokens after the key's name), in the layer itself, without
     # earlier layers first moving the name into the value's positions.
     ltm_qk_span: int = 1
+    # With a span: one projection P of the span's inputs makes both the query
+    # and the key, the query from the span ending at its token and the key from
+    # the span ending just before it (q_t = Wq x_t + P[x_t .. x_{t-S+2}],
+    # k_t = Wk x_t + P[x_{t-1} .. x_{t-S+1}]), P random at the start. A question
+    # ending in the same few tokens as the context that preceded a fact then
+    # scores that fact's next token highest before any training (an induction
+    # match in the layer itself), so only copying it has to be learned.
+    ltm_qk_tied: bool = False
     # Long-term store search: "exact" (every stored key scored), "blocks" (model/retrieval.py:
     # score per-block summaries, then the best blocks exactly) or "ivf" (an inverted file in the state).
     ltm_search: str = "exact"
@@ -103,7 +111,7 @@ class ModelArgs:
                 problem = arg_problem(name, getattr(self, name))
                 if problem:
                     raise ValueError(f"{name}: {problem}")
-        for name in ("tie_embeddings", "ltm_smear_keys"):
+        for name in ("tie_embeddings", "ltm_smear_keys", "ltm_qk_tied"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}: must be true or false, got a {type(getattr(self, name)).__name__}")
         if not isinstance(self.ltm_layers, tuple) or not all(type(i) is int for i in self.ltm_layers):
@@ -112,6 +120,8 @@ class ModelArgs:
             raise ValueError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
         if (self.d_model // self.n_heads) % 2:
             raise ValueError("head dim must be even for RoPE")
+        if self.ltm_qk_tied and self.ltm_qk_span < 2:
+            raise ValueError("ltm_qk_tied: needs ltm_qk_span >= 2 (a query and key of one token have nothing to tie)")
         if self.init not in ("scaled", "fan_in"):
             raise ValueError(f"unknown init {self.init!r}")
         if self.mlp not in ("swiglu", "gelu"):
@@ -332,7 +342,13 @@ class Attention(nn.Module):
             # Per-head logit of the previous key's weight in each key (0 -> half).
             self.key_smear = nn.Parameter(torch.zeros(args.n_heads))
         self.span = args.ltm_qk_span if self.has_ltm else 1
-        if self.span > 1:
+        self.tied = self.span > 1 and args.ltm_qk_tied
+        if self.tied:
+            # One [(span-1) D] -> D projection of a window of span - 1 inputs for both q and k, random at
+            # the start (std 1/sqrt(D): a window's share of q and k outweighs Wq x and Wk x), so equal
+            # windows make equal vectors from the first step.
+            self.qk_shared = Linear(d * (self.span - 1), d, d**-0.5)
+        elif self.span > 1:
             # q and k from the inputs of the span - 1 tokens before each token: [(span-1) D] -> D,
             # zero at the start (the layer starts as a span of 1 and learns what to look back at).
             self.q_prev = Linear(d * (self.span - 1), d, 0.0)
@@ -342,12 +358,24 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         return x.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, Dh]
 
-    def forward(self, x: Tensor, ctx: SegmentContext, mem: LayerMemory) -> tuple[Tensor, LayerMemory]:
-        B, T, D = x.shape
+    def project_qk(self, x: Tensor, mem: LayerMemory) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Queries and keys [B, T, D] of the layer inputs x [B, T, D] (before heads, smearing and
+        normalization), and the memory's next x_tail (spans > 1; None where the memory carries none)."""
+        D = x.shape[-1]
         qx, kx, x_tail = self.q(x), self.k(x), None
         if self.span > 1:
-            prev, x_tail = self._previous_inputs(x, mem)  # [B, T, (span-1) D]
-            qx, kx = qx + self.q_prev(prev), kx + self.k_prev(prev)
+            prev, x_tail = self._previous_inputs(x, mem)  # [B, T, (span-1) D]: x_{t-1} .. x_{t-span+1}
+            if self.tied:
+                # The query's window ends at its token: x_t .. x_{t-span+2} [B, T, (span-1) D].
+                here = torch.cat((x, prev[..., : (self.span - 2) * D]), dim=-1)
+                qx, kx = qx + self.qk_shared(here), kx + self.qk_shared(prev)
+            else:
+                qx, kx = qx + self.q_prev(prev), kx + self.k_prev(prev)
+        return qx, kx, x_tail
+
+    def forward(self, x: Tensor, ctx: SegmentContext, mem: LayerMemory) -> tuple[Tensor, LayerMemory]:
+        B, T, D = x.shape
+        qx, kx, x_tail = self.project_qk(x, mem)
         q, k, v = self._heads(qx), self._heads(kx), self._heads(self.v(x))  # [B, H, T, Dh]
         new_tail = None
         if self.smear:
@@ -597,6 +625,7 @@ class MemoryTransformer(nn.Module):
             gated=a.ltm_mix == "gate",
             smeared=a.ltm_smear_keys,
             qk_span=a.ltm_qk_span,
+            qk_tied=a.ltm_qk_tied,
         )
 
     def flops_per_token(self, segment_len: int) -> float:

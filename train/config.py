@@ -114,6 +114,11 @@ class LongMemoryConfig:
     # token and the qk_span - 1 before it (1 = the token alone), so a fact is
     # found by the few tokens that name it (docs/many_facts.md).
     qk_span: int = 1
+    # With qk_span >= 2: one projection of the span makes both queries and
+    # keys, a key from the tokens just before its own, random at the start, so
+    # a question ending as a fact's context did finds the fact's next token
+    # before any training (docs/memory.md, docs/many_facts.md).
+    qk_tied: bool = False
     # How the store is searched: "exact" (every stored key scored per query),
     # "blocks" (approximate: per-block summaries first, then the best blocks
     # exactly; cost per query ~ N/256 + 2048 keys) or "ivf" (an inverted file kept
@@ -824,6 +829,11 @@ def validate(cfg: Config) -> None:
     for key, (name, value) in model_args.items():
         problem = arg_problem(name, value)
         need(problem is None, key, problem or "")
+    need(
+        not lm.qk_tied or lm.qk_span >= 2,
+        "memory.long.qk_tied",
+        f"needs memory.long.qk_span >= 2 (it is {lm.qk_span}: one token's query and key have no span to share)",
+    )
     count("memory.bptt_segments", cfg.memory.bptt_segments, 1, MAX_BPTT_SEGMENTS)
     if lm.kind != "none":
         need(lm.topk <= lm.capacity, "memory.long.topk", "must be <= memory.long.capacity")

@@ -24,10 +24,11 @@ UNSAFE_KEYS = (
     "memory.long.mix",
     "memory.long.smear_keys",
     "memory.long.qk_span",
+    "memory.long.qk_tied",
     "data.val_fraction",
     "train.seed",
 )
-_LTM_ONLY_KEYS = ("memory.long.mix", "memory.long.smear_keys", "memory.long.qk_span")
+_LTM_ONLY_KEYS = ("memory.long.mix", "memory.long.smear_keys", "memory.long.qk_span", "memory.long.qk_tied")
 
 
 def check_resume_compatible(

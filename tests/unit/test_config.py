@@ -1054,3 +1054,18 @@ def test_mnemo_train_refuses_a_state_too_large_before_writing_anything(tmp_path,
         ]
     )
     assert rc == 0, capsys.readouterr().err
+
+
+def test_tied_queries_and_keys_need_a_span():
+    """memory.long.qk_tied shares the span's projection between queries and keys: without a span
+    (qk_span 1) there is nothing to share, refused naming both keys; with one it reaches the model."""
+    with pytest.raises(ConfigError) as e:
+        load_config("configs/debug.yaml", ["memory.long.kind=knn", "memory.long.qk_tied=true"])
+    assert "memory.long.qk_tied: needs memory.long.qk_span >= 2 (it is 1" in str(e.value) and "\n" not in str(e.value)
+    tied = ["memory.long.kind=knn", "memory.long.qk_tied=true", "memory.long.qk_span=5"]
+    cfg = load_config("configs/debug.yaml", tied)
+    assert cfg.memory.long.qk_tied is True and cfg.memory.long.qk_span == 5
+    from mnemo.train.engine import model_args_from_config
+
+    args = model_args_from_config(cfg, 4096)
+    assert args.ltm_qk_tied is True and args.ltm_qk_span == 5

@@ -31,6 +31,7 @@ def make(
     mix: str = "gate",
     smear: bool = False,
     span: int = 1,
+    tied: bool = False,
     search: str = "exact",
     probe: int = 32,
 ) -> MemoryTransformer:
@@ -54,11 +55,12 @@ def make(
         ltm_mix=mix,
         ltm_smear_keys=smear,
         ltm_qk_span=span,
+        ltm_qk_tied=tied,
         ltm_search=search,
         ltm_ivf_probe=probe,
     )
     model = MemoryTransformer(args).eval()
-    if span > 1:
+    if span > 1 and not tied:
         with torch.no_grad():
             model.blocks[1].attn.q_prev.weight.normal_(0.0, init_std)
             model.blocks[1].attn.k_prev.weight.normal_(0.0, init_std)
@@ -113,14 +115,22 @@ def close(got: torch.Tensor, ref: torch.Tensor) -> bool:
 
 
 @pytest.mark.parametrize(
-    "mix,smear,span",
-    [("gate", False, 1), ("joint", False, 1), ("joint", True, 1), ("gate", True, 1), ("joint", True, 3)],
+    "mix,smear,span,tied",
+    [
+        ("gate", False, 1, False),
+        ("joint", False, 1, False),
+        ("joint", True, 1, False),
+        ("gate", True, 1, False),
+        ("joint", True, 3, False),
+        ("joint", False, 4, True),
+        ("gate", False, 3, True),
+    ],
 )
 @pytest.mark.parametrize("stm,capacity", [(T, 64), (2 * T, 64), (T // 2, 12), (0, 64)])
-def test_no_output_depends_on_a_later_token(stm, capacity, mix, smear, span):
+def test_no_output_depends_on_a_later_token(stm, capacity, mix, smear, span, tied):
     """Perturbing token j changes nothing before j: within a segment, through
     the short-term memory and through the long-term store (FIFO or not)."""
-    model = make(stm=stm, capacity=capacity, mix=mix, smear=smear, span=span)
+    model = make(stm=stm, capacity=capacity, mix=mix, smear=smear, span=span, tied=tied)
     x = tokens(2, 5)
     with torch.no_grad():
         ref, _ = run(model, x)
@@ -252,8 +262,13 @@ def sliding_window_reference(
         q, k, v = (proj(z).view(B, L, H, Dh).transpose(1, 2) for proj in (at.q, at.k, at.v))
         if at.span > 1:  # q and k also project the span - 1 inputs before (zero before the document's first)
             prev = torch.cat([F.pad(z, (0, 0, j, 0))[:, :L] for j in range(1, at.span)], dim=-1)  # [B, L, (span-1) D]
-            q = q + at.q_prev(prev).view(B, L, H, Dh).transpose(1, 2)
-            k = k + at.k_prev(prev).view(B, L, H, Dh).transpose(1, 2)
+            if at.tied:  # one projection: q's window ends at its token, k's just before it
+                here = torch.cat((z, prev[..., : (at.span - 2) * z.shape[-1]]), dim=-1)
+                q = q + at.qk_shared(here).view(B, L, H, Dh).transpose(1, 2)
+                k = k + at.qk_shared(prev).view(B, L, H, Dh).transpose(1, 2)
+            else:
+                q = q + at.q_prev(prev).view(B, L, H, Dh).transpose(1, 2)
+                k = k + at.k_prev(prev).view(B, L, H, Dh).transpose(1, 2)
         if at.joint:
             if at.smear:  # each key mixes in the previous token's (none before the document's first)
                 prev = torch.cat((torch.zeros_like(k[:, :, :1]), k[:, :, :-1]), dim=2)
@@ -370,16 +385,18 @@ def test_model_with_searched_window_equals_model_searching_the_whole_store(monke
     assert torch.equal(a, b) and sa.equal(sb)
 
 
-@pytest.mark.parametrize("smear,span", [(False, 1), (True, 1), (True, 3), (False, T + 2)])
+@pytest.mark.parametrize(
+    "smear,span,tied", [(False, 1, False), (True, 1, False), (True, 3, False), (False, T + 2, False), (False, 4, True)]
+)
 @pytest.mark.parametrize("stm", [T, 2 * T, T // 2, 0])
-def test_joint_layer_with_k_covering_the_store_is_full_causal_attention(stm, smear, span):
+def test_joint_layer_with_k_covering_the_store_is_full_causal_attention(stm, smear, span, tied):
     """A joint long-term layer that retrieves every stored key attends over the
     whole document once: the store (less what the short-term memory holds, so
     no key counts twice), the short-term memory and the segment, all without
     RoPE. Read segment by segment it equals one pass of that attention; the
     other layers stay block-sliding windows of M."""
     capacity = 64
-    model = make(stm=stm, capacity=capacity, topk=capacity, mix="joint", smear=smear, span=span)
+    model = make(stm=stm, capacity=capacity, topk=capacity, mix="joint", smear=smear, span=span, tied=tied)
     with torch.no_grad():
         model.blocks[1].attn.ltm_log_temp.copy_(torch.log(torch.tensor([1.0, 3.0, 10.0, 30.0])))
         if smear:
@@ -456,6 +473,38 @@ def test_multi_token_queries_and_keys_carry_the_last_inputs_across_segments_and_
         layers[1] = replace(layers[1], x_tail=torch.zeros_like(layers[1].x_tail))
         b, _ = model(x[:, 2 * T :], replace(state, layers=tuple(layers)))
     assert not close(a[:, :2], b[:, :2])  # the first two tokens saw the carried inputs
+
+
+def test_tied_queries_and_keys_match_a_repeated_context_before_any_training():
+    """qk_tied: at init, the query of the last token of a repeated run of span - 1
+    tokens scores highest, in every head, the key of the token that followed the
+    run's first occurrence seven segments earlier: an induction match made by the
+    layer itself, from the inputs the model really gives it. Untied span
+    projections (zero at the start, as in training) do not make it."""
+    span, run_at, ask_at = 4, 2, 7 * T + 3
+    x = tokens(1, 8)  # [1, 8T]
+    x[0, ask_at - (span - 2) : ask_at + 1] = x[0, run_at : run_at + span - 1]  # the run x[2:5] again
+    best = {}
+    for tied in (True, False):
+        model = make(stm=0, capacity=8 * T, mix="joint", span=span, tied=tied, init_std=0.02)
+        at = model.blocks[1].attn
+        if not tied:
+            with torch.no_grad():
+                at.q_prev.weight.zero_()
+                at.k_prev.weight.zero_()
+        inputs = []  # the layer's inputs, segment by segment: [1, T, D] each
+        hook = at.register_forward_pre_hook(lambda m, args, seen=inputs: seen.append(args[0]))
+        with torch.no_grad():
+            run(model, x)
+            hook.remove()
+            z = torch.cat(inputs, dim=1)  # [1, 8T, D]
+            empty = model.init_state(1, stm=False, ltm=False).layers[1]  # no carried inputs: the document's start
+            q, k, _ = at.project_qk(z, empty)  # [1, 8T, D]
+            qn = F.normalize(q[0, ask_at].view(4, 8), dim=-1)  # [H, Dh]
+            kn = F.normalize(k[0, :ask_at].view(ask_at, 4, 8), dim=-1)  # [t, H, Dh]
+            best[tied] = torch.einsum("hd,thd->ht", qn, kn).argmax(-1)  # [H]
+    assert (best[True] == run_at + span - 1).all(), best[True]
+    assert not (best[False] == run_at + span - 1).any(), best[False]
 
 
 def replace_tail(state: MemoryState, tail: torch.Tensor) -> MemoryState:
