@@ -488,6 +488,12 @@ def test_tied_queries_and_keys_match_a_repeated_context_before_any_training():
     for tied in (True, False):
         model = make(stm=0, capacity=8 * T, mix="joint", span=span, tied=tied, init_std=0.02)
         at = model.blocks[1].attn
+        # One [(span-1) D, D] projection when tied, two untied.
+        assert (
+            model.num_params()
+            == model.expected_num_params()
+            == make(mix="joint").num_params() + (1 if tied else 2) * (span - 1) * 32 * 32
+        )
         if not tied:
             with torch.no_grad():
                 at.q_prev.weight.zero_()
