@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import json
 import logging
 import os
@@ -461,6 +462,13 @@ class Trainer:
 
         cfg, info, run_dir = self.cfg, self.info, self.run_dir
         refused = None
+        # No checkpoint holds the MLflow run of a start from scratch until its first save: its id is kept in
+        # run.dir the moment the sender reports the run opened (during the start-up wait, or later if the store
+        # was down at start), so a start stopped before that save in any way (SIGKILL, an exception, a Ctrl-C
+        # while the run was being opened, a stop signal) is reopened by the next start of run.dir.
+        keep = None
+        if self.resume_path is None and info.rank == 0:
+            keep = functools.partial(keep_mlflow_run_id, self.run_dir)
         try:
             self.tracker = Tracker(
                 run_dir=str(run_dir),
@@ -473,6 +481,7 @@ class Trainer:
                 resume_kept=self.run_id_kept,
                 parent_run_id=self.parent_run_id,
                 resume_step=self.counters.step,
+                on_run_id=keep,
             )
         except UserError as e:  # a store that answers and refuses (a deleted experiment): rank 0 only knows
             refused = str(e)
@@ -484,10 +493,6 @@ class Trainer:
         self.run_id = self.tracker.run_id
         if info.rank != 0:
             return
-        if self.resume_path is None and self.run_id:
-            # No checkpoint holds this MLflow run until the first save: a start killed before it (SIGKILL, an
-            # exception, a stop signal) is reopened from here by the next start of run.dir (one run per job).
-            keep_mlflow_run_id(self.run_dir, self.run_id)
         # On resume too: params are write-once in MLflow, the tracker records changed ones as tags.
         params = flatten(cfg)
         params.update(

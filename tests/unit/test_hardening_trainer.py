@@ -624,6 +624,39 @@ def test_a_run_that_crashed_before_its_first_checkpoint_is_reopened_by_the_next_
     assert [(r.info.run_id, r.info.status) for r in runs] == [(kept, "FINISHED")]
 
 
+def test_a_ctrl_c_while_the_mlflow_run_is_being_opened_keeps_its_id_for_the_next_start(
+    world1, data, tmp_path, monkeypatch
+):
+    """A Ctrl-C during start-up once the sender had created the MLflow run, while the Tracker waited for its
+    "ready" (the id was kept only after the Tracker returned): the run ended FAILED with no mlflow_run.json and
+    the next start made a second run. The id is kept as soon as the sender reports the run opened."""
+    from mlflow import MlflowClient
+
+    from mnemo.train import trainer
+    from mnemo.train.tracking import Tracker
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # the sqlite store in run.dir
+    run_dir = tmp_path / "run"
+    cfg = config(data, run_dir, "train.max_steps=2", "eval.interval=0", "tracking.enabled=true")
+
+    def interrupted(self, timeout):
+        raise KeyboardInterrupt  # before the sender's "run_id" and "ready" are read
+
+    with monkeypatch.context() as m:
+        m.setattr(Tracker, "_wait_ready", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            trainer.train(cfg)
+    client = MlflowClient(f"sqlite:///{run_dir / 'mlflow.db'}")
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    [first] = client.search_runs(experiments)
+    assert first.info.status == "FAILED"
+    assert json.loads((run_dir / "mlflow_run.json").read_text()) == {"mlflow_run_id": first.info.run_id}
+    again = trainer.train(cfg)
+    assert (again["exit"], again["run_id"]) == ("completed", first.info.run_id)
+    runs = client.search_runs(experiments)
+    assert [(r.info.run_id, r.info.status) for r in runs] == [(first.info.run_id, "FINISHED")]
+
+
 def test_a_used_up_mixture_ends_the_run_like_its_last_step(world1, data, tmp_path, caplog):
     """Every source with a weight > 0 at its max_epochs: the loader raised in the rank (on 2 ranks the other
     died in a gloo collective), nothing since the last checkpoint was saved, and a resume crashed the same

@@ -600,7 +600,7 @@ class _FakeMlflowServer:
     """Just enough of MLflow's REST API for one run (experiment lookup, create, log-batch, get, update),
     in a thread of this process: a real `mlflow server` takes seconds to start."""
 
-    def __init__(self) -> None:
+    def __init__(self, port: int = 0) -> None:
         import threading
         from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -633,13 +633,57 @@ class _FakeMlflowServer:
             def log_message(self, *args) -> None:
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self.port = self.server.server_address[1]
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+def test_a_run_opened_late_reaches_on_run_id_at_once(tmp_path):
+    """A server down at start that comes back: the sender opens the run then and says so ("run_id"), and the
+    trainer kept nothing of it (it kept the id only once the Tracker returned): a SIGKILL before the first
+    checkpoint, and the next start opened a second run. on_run_id now hears of it from the reader thread."""
+    import threading
+
+    port = _free_port()
+    kept: list[tuple[str, str]] = []
+    t = Tracker(
+        run_dir=str(tmp_path),
+        uri=f"http://127.0.0.1:{port}",
+        interval=0.05,
+        retry_interval=0.1,
+        on_run_id=lambda run_id: kept.append((run_id, threading.current_thread().name)),
+    )
+    assert t.run_id is None and not kept
+    server = _FakeMlflowServer(port)
+    try:
+        deadline = time.monotonic() + 30
+        while t.run_id is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert t.run_id == "r1"
+        assert kept == [("r1", "mnemo-tracking-read")]
+        t.close()
+    finally:
+        server.close()
+
+
+def test_a_run_opened_while_the_start_is_interrupted_reaches_on_run_id(store, client, tmp_path, monkeypatch):
+    """A Ctrl-C while the Tracker waits for the sender's "ready": the sender still opens the run, then marks it
+    FAILED; on_run_id hears of it before the KeyboardInterrupt goes on (the next start reopens it)."""
+
+    def interrupted(self, timeout):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Tracker, "_wait_ready", interrupted)
+    kept: list[str] = []
+    with pytest.raises(KeyboardInterrupt):
+        Tracker(run_dir=str(tmp_path), uri=store, experiment="unit", on_run_id=kept.append)
+    [run_id] = kept
+    run = client.get_run(run_id)
+    assert (run.info.status, run.data.tags["mnemo.run_dir"]) == ("FAILED", str(tmp_path.resolve()))
 
 
 def test_the_end_of_a_run_prints_no_credentials(tmp_path, capfd):

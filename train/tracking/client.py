@@ -41,6 +41,7 @@ import time
 from collections import deque
 from multiprocessing import resource_tracker
 from pathlib import Path
+from typing import Callable
 
 from mnemo.train.config import flatten
 from mnemo.data_pipeline.redact import redact_uri
@@ -66,6 +67,9 @@ class Tracker:
             directory (train/rundir.py MLFLOW_RUN): if it cannot be reopened, the new run is no child of it.
         parent_run_id: for a new run started from another run's checkpoint (fine-tune).
         resume_step: the step the trainer resumes from (recorded as a tag).
+        on_run_id: called with the run id as soon as the sender reports the run opened (in this process: during
+            the start-up wait, from the reader thread for a run opened later, or while a failed start winds down),
+            before ``run_id`` returns it. The trainer keeps the id in the run directory with it.
         interval: seconds between sends; retry_interval: seconds between probes
         while the server is away; max_buffer: metric points the sender keeps in
         memory; startup_timeout: how long to wait for the run to be opened.
@@ -84,6 +88,7 @@ class Tracker:
         resume_kept: bool = False,
         parent_run_id: str | None = None,
         resume_step: int = 0,
+        on_run_id: Callable[[str], None] | None = None,
         interval: float = 1.0,
         retry_interval: float = 5.0,
         probe_timeout: float = 2.0,
@@ -113,6 +118,7 @@ class Tracker:
             probe_timeout=probe_timeout,
             max_buffer=max_buffer,
         )
+        self._on_run_id = on_run_id
         self._closed = False
         self._child_dead = False
         self._owner_pid = os.getpid()  # a forked child (DataLoader worker) must not close our sender
@@ -266,12 +272,26 @@ class Tracker:
         except (OSError, ValueError):
             pass  # already gone (a bad uri: it exited after saying so)
         self._ops.close()
+        deadline = time.monotonic() + 10
+        reader = getattr(self, "_reader", None)
+        if reader is None or not reader.is_alive():
+            self._drain_replies(deadline)
         self._replies.close()
-        self._proc.join(timeout=10)
+        self._proc.join(timeout=max(0.0, deadline - time.monotonic()))
         if self._proc.is_alive():
             self._proc.kill()
             self._proc.join(timeout=10)
         self._close_fallback()
+
+    def _drain_replies(self, deadline: float) -> None:
+        """What the sender of a failed start still says, until it exits (end of file) or ``deadline``: a run it
+        opened meanwhile (a Ctrl-C while it created the run) reaches ``on_run_id``, so the next start reopens it
+        rather than making a second run."""
+        try:
+            while (left := deadline - time.monotonic()) > 0 and self._replies.poll(left):
+                self._handle(self._replies.recv())
+        except (EOFError, OSError):
+            pass  # it exited
 
     def _wait_ready(self, timeout: float) -> None:
         """Receive the sender's startup messages until it reports the run opened (or deferred)."""
@@ -346,7 +366,7 @@ class Tracker:
         if kind == "log":
             log.log(msg[1], "%s", msg[2])  # the sender's warnings, through this process's logging
         elif kind == "run_id":
-            self._run_id = msg[1]
+            self._opened(msg[1])
         elif kind == "held":
             with self._unheld_lock:
                 while self._unheld and self._unheld[0][0] <= msg[1]:
@@ -354,6 +374,19 @@ class Tracker:
         elif kind == "flushed":
             if ev := self._flushes.get(msg[1]):
                 ev.set()
+
+    def _opened(self, run_id: str) -> None:
+        """The sender opened ``run_id``: ``on_run_id`` first, then ``run_id`` says it. In that order a reader of
+        ``run_id`` (the trainer's save, which then drops the kept id: the checkpoint holds it) never comes before
+        the callback's write. A callback that fails is a warning: tracking never stops training, and this runs in
+        the reader thread too."""
+        try:
+            if self._on_run_id is not None:
+                self._on_run_id(run_id)
+        except Exception as e:
+            log.warning("tracking: MLflow run %s opened, but its id could not be kept: %s", run_id, e)
+        finally:
+            self._run_id = run_id
 
     def _on_child_death(self, why: str) -> None:
         if self._child_dead:
