@@ -599,7 +599,8 @@ def test_a_run_that_crashed_before_its_first_checkpoint_is_reopened_by_the_next_
     world1, data, tmp_path, monkeypatch
 ):
     """A crash (an exception here; a SIGKILL alike) before the first checkpoint left no record of the MLflow run:
-    the next start of the run dir opened a second one. The id is kept from the run's creation."""
+    the next start of the run dir opened a second one. The id is kept from the run's creation. (Here in the
+    first step, before any point: a kept run that holds steps is left for a new one, the test after next.)"""
     from mlflow import MlflowClient
 
     from mnemo.train import trainer
@@ -612,7 +613,7 @@ def test_a_run_that_crashed_before_its_first_checkpoint_is_reopened_by_the_next_
         raise RuntimeError("disk controller on fire")
 
     with monkeypatch.context() as m:
-        m.setattr(trainer.Trainer, "save", crash)
+        m.setattr(trainer.Trainer, "train_step", crash)
         with pytest.raises(RuntimeError, match="on fire"):
             trainer.train(cfg)
     kept = json.loads((run_dir / "mlflow_run.json").read_text())["mlflow_run_id"]
@@ -655,6 +656,35 @@ def test_a_ctrl_c_while_the_mlflow_run_is_being_opened_keeps_its_id_for_the_next
     assert (again["exit"], again["run_id"]) == ("completed", first.info.run_id)
     runs = client.search_runs(experiments)
     assert [(r.info.run_id, r.info.status) for r in runs] == [(first.info.run_id, "FINISHED")]
+
+
+def test_a_start_from_scratch_after_a_nan_stop_before_any_checkpoint_logs_into_a_new_mlflow_run(
+    world1, data, tmp_path, monkeypatch
+):
+    """A NaN stop (or a SIGKILL) after some steps but before the first checkpoint kept the run's id; the next start
+    began at step 0 again but reopened that run, whose points at steps <= its old maximum made the new points be
+    dropped: train/loss showed the old start's values. A kept run that holds steps is left; a new run starts."""
+    from mlflow import MlflowClient
+
+    from mnemo.train import trainer
+    from mnemo.train.errors import UserError
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # the sqlite store in run.dir
+    run_dir = tmp_path / "run"
+    args = ("train.max_steps=4", "checkpoint.interval=0", "eval.interval=0", "train.log_interval=1")
+    with monkeypatch.context() as m:
+        m.setenv("MNEMO_FAULT_INF_GRAD", "3:0")  # every gradient of step 3 is NaN/inf
+        cfg = config(data, run_dir, *args, "train.nan_policy=stop", "train.lr=0.5", "tracking.enabled=true")
+        with pytest.raises(UserError, match="NaN/inf at step 3"):
+            trainer.train(cfg)
+    old = json.loads((run_dir / "mlflow_run.json").read_text())["mlflow_run_id"]
+    again = trainer.train(config(data, run_dir, *args, "tracking.enabled=true"))
+    assert again["exit"] == "completed" and again["run_id"] != old
+    client = MlflowClient(f"sqlite:///{run_dir / 'mlflow.db'}")
+    new_loss = client.get_metric_history(again["run_id"], "train/loss")
+    assert sorted(m.step for m in new_loss) == [1, 2, 3, 4]
+    assert sorted(m.step for m in client.get_metric_history(old, "train/loss")) == [1, 2]
+    assert client.get_run(old).info.status == "FAILED" and client.get_run(again["run_id"]).info.status == "FINISHED"
 
 
 def test_a_used_up_mixture_ends_the_run_like_its_last_step(world1, data, tmp_path, caplog):

@@ -327,6 +327,42 @@ def test_a_run_id_kept_in_the_run_dir_that_cannot_be_reopened_starts_a_new_run_w
     assert f"run {gone} kept in {tmp_path} by a start stopped early is not in" in caplog.text
 
 
+def test_a_kept_run_is_reopened_only_when_it_is_this_run_dirs_and_holds_no_steps(store, client, tmp_path, caplog):
+    """A kept run that holds steps (its start died before its first checkpoint; this one starts from step 0) would
+    have this start's points at those steps dropped; one of another run dir or experiment (a hand-edited
+    mlflow_run.json) was reopened silently. Both now start a new run, with one warning."""
+    here, there = tmp_path / "here", tmp_path / "there"
+    t1 = Tracker(run_dir=str(here), uri=store, experiment="unit", interval=0.05)
+    t1.log_metrics({"train/loss": 9.0}, step=3)
+    t1.close()
+    client.update_run(t1.run_id, status="RUNNING")  # as a SIGKILLed start leaves it
+    with caplog.at_level(logging.WARNING, logger="mnemo.train.tracking"):
+        t2 = Tracker(run_dir=str(here), uri=store, experiment="unit", resume_run_id=t1.run_id, resume_kept=True)
+        t2.log_metrics({"train/loss": 1.0}, step=1)
+        t2.close()
+    assert t2.run_id != t1.run_id and PARENT_RUN_TAG not in client.get_run(t2.run_id).data.tags
+    assert (_steps(client, t1.run_id, "train/loss"), _steps(client, t2.run_id, "train/loss")) == ([3], [1])
+    assert client.get_run(t1.run_id).info.status == "FAILED"
+    assert f"the kept MLflow run {t1.run_id} already holds steps from a start that saved no checkpoint" in caplog.text
+
+    t3 = Tracker(run_dir=str(there), uri=store, experiment="unit")  # no steps
+    t3.close("KILLED")
+    t4 = Tracker(run_dir=str(tmp_path / "other"), uri=store, experiment="unit2")
+    t4.close("KILLED")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="mnemo.train.tracking"):
+        t5 = Tracker(run_dir=str(here), uri=store, experiment="unit", resume_run_id=t3.run_id, resume_kept=True)
+        t5.close()
+        t6 = Tracker(
+            run_dir=str(tmp_path / "other"), uri=store, experiment="unit", resume_run_id=t4.run_id, resume_kept=True
+        )
+        t6.close()
+    assert t5.run_id not in (t3.run_id, None) and t6.run_id not in (t4.run_id, None)
+    assert f"was made for run dir {str(there.resolve())!r}; starting a new run" in caplog.text
+    assert "not in 'unit'; starting a new run" in caplog.text
+    assert client.get_run(t3.run_id).info.status == client.get_run(t4.run_id).info.status == "KILLED"
+
+
 def test_other_ranks_and_disabled_are_noops(tmp_path):
     for t in (Tracker(run_dir=str(tmp_path / "r1"), rank=1), Tracker(run_dir=str(tmp_path / "r0"), enabled=False)):
         assert t.run_id is None

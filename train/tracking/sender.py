@@ -27,7 +27,10 @@ Over 500 lines: one state machine (send, spill, replay, outage) that reads best 
   it returns; every message goes back as ``("log", level, text)``, redacted.
 - Resume: points at a step <= the step the run already holds for that key
   are dropped (a bit-exact resume repeats values already logged), and points
-  of that run that only reached the fallback file are replayed first.
+  of that run that only reached the fallback file are replayed first. A run
+  kept in the run directory (``resume_kept``) is reopened only when it is
+  this run directory's (tag, experiment) and holds no step past
+  ``resume_step``; else a new run, with one warning.
 """
 
 from __future__ import annotations
@@ -544,7 +547,8 @@ class _Sender:
 
         c, run_id = self._client, self._s["resume_run_id"]
         # From a checkpoint: a new run continues its steps, tagged as its child. Kept in the run directory (a
-        # run stopped before its first checkpoint, train/rundir.py MLFLOW_RUN): it holds no steps, no tag.
+        # run stopped before its first checkpoint, train/rundir.py MLFLOW_RUN): reopened only if it is this run
+        # directory's and holds no steps this start does again; a new run otherwise, no tag.
         kept = self._s.get("resume_kept", False)
         where = f"kept in {self._s['run_dir']} by a start stopped early" if kept else "from the checkpoint"
         new_run = "starting a new run" if kept else f"starting a new run tagged {PARENT_RUN_TAG}={run_id}"
@@ -571,12 +575,40 @@ class _Sender:
             )
             self._parent_run_id = self._parent_run_id if kept else run_id
             return None
+        if kept and (why := self._someone_elses(run)):
+            # A hand-edited or copied mlflow_run.json: reopening would log this run into another run dir's run.
+            self._log(logging.WARNING, "tracking: run %s %s %s; %s", run_id, where, why, new_run)
+            return None
         self.run_id = run.info.run_id
+        self._baseline = self._max_steps(run)
+        replay = self._replay_ops()
+        if kept and any(step > self._s["resume_step"] for step in self._baseline.values()):
+            # Steps of a start that died or stopped (NaN) before its first checkpoint: this start does them again
+            # from its checkpoint (from scratch), and the resume filter would drop its points at those steps, the
+            # old start's values standing in for them. Its own run then; the old one, whose start is gone (this
+            # job holds run.dir), is not left RUNNING.
+            self._log(
+                logging.WARNING,
+                "tracking: the kept MLflow run %s already holds steps from a start that saved no checkpoint; %s",
+                run_id,
+                new_run,
+            )
+            if run.info.status == "RUNNING":
+                c.set_terminated(run_id, status="FAILED")
+            self.run_id, self._baseline = None, {}
+            return None
         if run.info.status != "RUNNING":
             c.update_run(self.run_id, status="RUNNING")
         self._params = dict(run.data.params)
-        self._baseline = self._max_steps(run)
-        self._pending.extendleft(reversed(self._replay_ops()))
+        if replay:
+            self._log(
+                logging.WARNING,
+                "tracking: replaying %d metric points of run %s from %s",
+                sum(op.n_points() for op in replay),
+                self.run_id,
+                self.fallback_path,
+            )
+        self._pending.extendleft(reversed(replay))
         self._pending_points = sum(op.n_points() for op in self._pending)
         resumes = int(run.data.tags.get("mnemo.resume_count", "0")) + 1
         self._send_tags(
@@ -619,15 +651,17 @@ class _Sender:
         for (step, _ts), vals in by_step.items():  # so re-done steps after the resume are dropped
             for key in vals:
                 self._baseline[key] = max(self._baseline.get(key, -1), step)
-        if ops:
-            self._log(
-                logging.WARNING,
-                "tracking: replaying %d metric points of run %s from %s",
-                len(seen),
-                self.run_id,
-                self.fallback_path,
-            )
         return ops
+
+    def _someone_elses(self, run) -> str | None:
+        """Why a run kept in the run directory is not provably this run directory's (its ``mnemo.run_dir`` tag,
+        which every run mnemo creates carries, and this job's experiment), or None."""
+        made_for = run.data.tags.get("mnemo.run_dir")
+        if made_for != str(self.run_dir):
+            return f"was made for run dir {made_for!r}" if made_for else "has no mnemo.run_dir tag"
+        if run.info.experiment_id != self._experiment_id():
+            return f"is in experiment id {run.info.experiment_id}, not in {self.experiment!r}"
+        return None
 
     def _create(self) -> None:
         from mlflow.tracking.context.registry import resolve_tags
