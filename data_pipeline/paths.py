@@ -14,8 +14,13 @@ from mnemo.data_pipeline.redact import redact_uri
 
 
 # A URL's scheme (RFC 3986) and its "//", or Databricks' dbfs:/ (streaming's only URL without the "//"):
-# any other name is a path, "data:v1" a directory (urlparse alone reads "data" as a scheme there).
-_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://|dbfs:/")
+# any other name is a path, "data:v1" a directory (urlparse alone reads "data" as a scheme there). Schemes
+# are case-insensitive (RFC 3986 3.1): DBFS:/x and File:///x are URLs as their lower-case spellings are.
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://|dbfs:/", re.IGNORECASE)
+# What an output path must not start with: a scheme of two or more characters and ":/" (hdfs:/x, s3:/bucket/x
+# with a slash lost), the form RFC 3986 gives a URL without an authority. A one-letter "scheme" is a
+# drive-like folder name ("a:/b"), and a colon with no slash after it a plain name ("notes:v1.json").
+_URL_LIKE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]+:/")
 
 
 def is_remote(uri: str) -> bool:
@@ -27,8 +32,9 @@ def is_remote(uri: str) -> bool:
 
 
 def is_file_url(uri: str) -> bool:
-    """A ``file:`` URL, read by ``file_url_path`` (which refuses ``file:relative/x``, not a dir named "file:")."""
-    return uri.startswith("file:")
+    """A ``file:`` URL, in any case (``FILE:x``), read by ``file_url_path`` (which refuses ``file:relative/x``, not a
+    dir named "file:")."""
+    return uri[:5].lower() == "file:"
 
 
 def parse_url(url: str, what: str, hide: Callable[[str], str] | None = None) -> urllib.parse.ParseResult:
@@ -50,7 +56,9 @@ def remote_output_problem(path: str | os.PathLike, kind: str = "folder") -> str 
     evaluation's JSON and plots, run.dir, data.cache_dir) is local. And any path that holds what
     ``redact_uri`` hides (a URL with credentials anywhere in it: ``s3:/u:p@b/x`` with a slash lost,
     ``s3:u:p@b/x``, ``./s3://u:p@b/x``, ``out/x?token=...``): a folder of that name would keep the secret
-    on disk and in every message naming it. Checked on the string as given, before any Path() drops a slash.
+    on disk and in every message naming it. And a name that starts as a URL without its "//" (``hdfs:/x``:
+    ``_URL_LIKE``). Schemes in any case (``FILE:x``, ``S3://b``), as URLs spell them. Checked on the string as
+    given, before any Path() drops a slash.
     """
     path = str(path)
     if is_file_url(path):  # file:/x too, the reading of every dataset path: not a local folder named "file:"
@@ -62,6 +70,8 @@ def remote_output_problem(path: str | os.PathLike, kind: str = "folder") -> str 
             "looks like a URL with credentials (shown redacted);"
             f" a local {kind} is needed (mnemo does not write to remote stores)"
         )
+    if _URL_LIKE.match(path):  # hdfs:/x made a local folder "hdfs:"
+        return f"looks like a URL; a local {kind} is needed (mnemo does not write to remote stores)"
     return None
 
 

@@ -818,6 +818,13 @@ def test_a_threads_error_and_the_mlflow_senders_are_printed_with_credentials_hid
         (["export", "run1", "--out", "out/s3://alice:SECC9@b/x"], "--out out/s3://***@b/x: looks like a URL"),
         (["eval", "run1", "--data", "d", "--json", "r/x?token=SECD1"], "--json: r/x?token=*** looks like a URL"),
         (["train", "c.yaml", "run.dir=out/s3://alice:SECD2@b/x"], "run.dir: out/s3://***@b/x: looks like a URL"),
+        # URL schemes are case-insensitive: these made local folders "FILE:", "File:" and "hdfs:".
+        (["eval", "run1", "--data", "d", "--json", "FILE:ev3.json"], "--json: FILE:ev3.json: a file:// URL"),
+        (["export", "run1", "--out", "FILE:exq"], "--out FILE:exq: a file:// URL"),
+        (["train", "c.yaml", "run.dir=File:rq"], "run.dir: File:rq: a file:// URL"),
+        (["eval", "run1", "--data", "d", "--json", "hdfs:/x.json"], "--json: hdfs:/x.json: looks like a URL"),
+        (["export", "run1", "--out", "S3:/bucket/x"], "--out S3:/bucket/x: looks like a URL"),
+        (["train", "c.yaml", "data.cache_dir=DBFS:/c"], "data.cache_dir: DBFS:/c: a local folder is needed"),
     ],
 )
 def test_an_output_path_with_a_url_scheme_is_refused_not_made_a_local_folder(tmp_path, monkeypatch, capsys, argv, line):
@@ -933,7 +940,18 @@ def test_the_export_line_escapes_the_control_characters_of_its_name(monkeypatch,
 def test_local_output_names_with_a_colon_are_no_url():
     from mnemo.data_pipeline.paths import remote_output_problem
 
-    for name in ("runs/a:b", "ex:1", "t:v.model", "mydata:v1", "a:b.json", "a:/b@c", "x:/y:z", "./s3:/u:p@b"):
+    names = (
+        "runs/a:b",
+        "ex:1",
+        "t:v.model",
+        "mydata:v1",
+        "a:b.json",
+        "a:/b@c",
+        "x:/y:z",
+        "./s3:/u:p@b",
+        "notes:v1.json",
+    )
+    for name in names:
         assert remote_output_problem(name) is None, name
 
 
