@@ -921,6 +921,15 @@ def validate(cfg: Config) -> None:
         f"{_brief(pk.task_weights)}: one weight > 0 per task of train.passkey.tasks ({len(specs)}), or empty",
     )
     need(cfg.zero.stage in (1, 2, 3), "zero.stage", f"must be 1, 2 or 3, got {cfg.zero.stage}")
+    # A resume from a named checkpoint loads its weights, optimizer and step: init_from went unread. With auto,
+    # init_from starts the run and a relaunch goes on from the run's own checkpoints (its weights are in them).
+    need(
+        not cfg.init_from or cfg.checkpoint.resume in ("auto", "never", ""),  # "": refused by check_paths
+        "init_from",
+        f"{_brief(cfg.init_from)} with checkpoint.resume={_brief(cfg.checkpoint.resume)}: a resume loads that"
+        " checkpoint's weights, so init_from would go unread; use one of them (checkpoint.resume=never or auto"
+        " with init_from, or init_from= to resume)",
+    )
     need(cfg.checkpoint.interval >= 0, "checkpoint.interval", "must be >= 0")
     need(cfg.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
     need(cfg.checkpoint.keep_every >= 0, "checkpoint.keep_every", "must be >= 0")

@@ -1069,3 +1069,18 @@ def test_tied_queries_and_keys_need_a_span():
 
     args = model_args_from_config(cfg, 4096)
     assert args.ltm_qk_tied is True and args.ltm_qk_span == 5
+
+
+def test_init_from_with_a_named_checkpoint_to_resume_is_refused_naming_both_keys():
+    """`init_from=A checkpoint.resume=B` resumed from B and never read A (the trainer runs init_from only when
+    nothing is resumed): refused in validate(), before any process starts. With auto (a relaunch goes on from
+    the run's own checkpoints) or never, init_from is what starts the run."""
+    with pytest.raises(ConfigError) as e:
+        load_config("configs/debug.yaml", ["init_from=runs/base", "checkpoint.resume=runs/other/checkpoints/step_5"])
+    msg = str(e.value)
+    assert msg.startswith("override init_from: 'runs/base' with checkpoint.resume='runs/other/checkpoints/step_5'")
+    assert "\n" not in msg, msg
+    for resume in ("auto", "never"):
+        cfg = load_config("configs/debug.yaml", ["init_from=runs/base", f"checkpoint.resume={resume}"])
+        assert (cfg.init_from, cfg.checkpoint.resume) == ("runs/base", resume)
+    load_config("configs/debug.yaml", ["init_from=", "checkpoint.resume=runs/other/checkpoints/step_5"])
