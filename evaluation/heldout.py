@@ -51,13 +51,15 @@ def read_docs(
     docs: list[np.ndarray] = []
     n_tokens = 0
     for i in idx[held[idx] == heldout]:
+        # Tested before reading the next one: with max_docs 0 (and no min_tokens) none is read, where testing
+        # after the append returned one (an in-run eval with eval.max_docs 0 scored filler for a NaN loss).
+        if max_docs is not None and len(docs) >= max_docs and n_tokens >= min_tokens:
+            break
         item = source.get(int(i))
         if is_synthetic(item):
             continue
         docs.append(np.asarray(item["tokens"], dtype=np.int64)[:max_doc_tokens])
         n_tokens += docs[-1].size
-        if max_docs is not None and len(docs) >= max_docs and n_tokens >= min_tokens:
-            break
     return docs
 
 

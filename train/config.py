@@ -307,7 +307,8 @@ class TrackingConfig:
 class EvalConfig:
     # Evaluate every N steps during training (0 = only at the end).
     interval: int = 0
-    # Held-out documents read for loss-by-position.
+    # Held-out documents read for loss-by-position (0 = none: the in-run evaluation is skipped with a warning,
+    # passkey and tasks too, which take their filler from these documents).
     max_docs: int = 32
     # Tokens per held-out document at most (longer ones are cut).
     max_doc_tokens: int = 8192

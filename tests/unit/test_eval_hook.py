@@ -37,6 +37,27 @@ def test_no_heldout_documents_is_said_once_on_rank_0(tmp_path, caplog, monkeypat
     assert "eval.passkey_trials and eval.tasks, which takes its filler from them" in lines[0], lines[0]
 
 
+def test_eval_max_docs_0_reads_no_document_and_skips_the_evaluation_as_documented(tmp_path, caplog, monkeypatch):
+    """read_docs tested max_docs after appending a document, so eval.max_docs=0 read one: the in-run eval
+    scored none of it ("eval at step N: loss nan", summary.json "eval" full of empty tables) and fed it to the
+    passkey and task evaluations as filler. docs/evaluation.md: nothing to score, one warning, "eval": {}."""
+    import mnemo.train.eval_hook as hook
+
+    monkeypatch.setattr(hook, "_warned_no_heldout", False)
+    cfg = load_config(
+        "configs/debug.yaml",
+        ["data.val_fraction=0.5", "eval.max_docs=0", "eval.passkey_trials=3", f"run.dir={tmp_path}"],
+    )
+    assert hook.heldout_docs(Source(), cfg) == []
+    assert len(hook.heldout_docs(Source(), load_config("configs/debug.yaml", ["data.val_fraction=0.5"]))) > 0
+    with caplog.at_level("WARNING", logger="mnemo.train"):
+        assert hook.run_eval(cfg, None, Source(), "", None, 5, 0) == {}
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("eval: no held-out documents (data.val_fraction 0.5, eval.max_docs 0)"), lines[0]
+    assert "and so is the evaluation of eval.passkey_trials" in lines[0], lines[0]
+
+
 def test_an_evaluation_whose_documents_cannot_be_built_is_skipped_not_fatal(tmp_path, caplog, monkeypatch):
     """Before: the DataError went up through the trainer, which evaluates before it saves the step's
     checkpoint: the run stopped and lost every step since the last checkpoint (and a relaunch did again).
