@@ -949,6 +949,17 @@ def validate(cfg: Config) -> None:
     need(bool(cfg.run.dir), "run.dir", "must not be empty")
     need(all(d >= 1 for d in cfg.eval.passkey_distances), "eval.passkey_distances", "must be >= 1")
     need(all(d >= 0 for d in cfg.eval.task_distances), "eval.task_distances", "must be >= 0")
+    # An empty list scored nothing without a word (the tasks' accuracy plot drawn empty, with a warning).
+    need(
+        cfg.eval.passkey_trials == 0 or bool(cfg.eval.passkey_distances),
+        "eval.passkey_distances",
+        "must name at least one distance while eval.passkey_trials > 0 (0 = no passkey evaluation)",
+    )
+    need(
+        not cfg.eval.tasks or bool(cfg.eval.task_distances),
+        "eval.task_distances",
+        "must name at least one distance while eval.tasks names tasks (empty = no task evaluation)",
+    )
     # Each distance D in use builds whole documents of (D + 1) x T tokens or more (check_passkey_eval_fit builds
     # one before any rank starts): 10**30 was numpy's "maximum allowed dimension exceeded", 10**8 asked for 95 GiB.
     ev = cfg.eval

@@ -1084,3 +1084,22 @@ def test_init_from_with_a_named_checkpoint_to_resume_is_refused_naming_both_keys
         cfg = load_config("configs/debug.yaml", ["init_from=runs/base", f"checkpoint.resume={resume}"])
         assert (cfg.init_from, cfg.checkpoint.resume) == ("runs/base", resume)
     load_config("configs/debug.yaml", ["init_from=", "checkpoint.resume=runs/other/checkpoints/step_5"])
+
+
+@pytest.mark.parametrize(
+    "overrides,key",
+    [
+        (["eval.passkey_trials=3", "eval.passkey_distances=[]"], "eval.passkey_distances"),
+        (["eval.tasks=[mqar]", "eval.task_distances=[]"], "eval.task_distances"),
+    ],
+)
+def test_an_empty_distance_list_of_an_evaluation_in_use_is_refused(overrides, key):
+    """eval.passkey_distances=[] with passkey trials, or eval.task_distances=[] with eval.tasks, was accepted
+    and scored nothing (the tasks' accuracy plot was drawn empty, with a matplotlib warning). Refused in one
+    line, as an empty train.passkey.tasks or memory.long.layers is; an empty list of an evaluation that is
+    off is fine."""
+    with pytest.raises(ConfigError) as e:
+        load_config("configs/debug.yaml", overrides)
+    msg = str(e.value)
+    assert msg.startswith(f"override {key}: must name at least one distance while ") and "\n" not in msg, msg
+    load_config("configs/debug.yaml", ["eval.passkey_trials=0", "eval.passkey_distances=[]", "eval.task_distances=[]"])
