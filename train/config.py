@@ -574,9 +574,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is bool:
         if isinstance(value, bool):
             return value
-        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on"):
+        # The words YAML reads as booleans, in any case; not 0/1, which the file reads as numbers (refused
+        # above): tracking.enabled=0 on the command line was false where `enabled: 0` in the file was an error.
+        if isinstance(value, str) and value.lower() in ("true", "yes", "on"):
             return True
-        if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
+        if isinstance(value, str) and value.lower() in ("false", "no", "off"):
             return False
         raise ConfigError(f"{key}: expected true/false, got {_brief(value)}")
     text = getattr(value, "text", value)  # a YAML number's text as written, or a command-line value

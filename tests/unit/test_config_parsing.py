@@ -367,6 +367,24 @@ def test_a_boolean_where_a_string_is_expected_is_refused(tmp_path, text):
     assert load_config(p).run.name == text
 
 
+@pytest.mark.parametrize(
+    "text,value",
+    [("true", True), ("False", False), ("yes", True), ("no", False), ("on", True), ("OFF", False)]
+    + [(t, None) for t in ("0", "1", "2", "y", "n", "''")],
+)
+def test_a_boolean_key_reads_the_same_text_alike_in_the_file_and_on_the_command_line(tmp_path, text, value):
+    """tracking.enabled=0 on the command line was false, `enabled: 0` in the file "expected true/false, got 0".
+    Both now take the words YAML reads as true/false (README: values are plain YAML) and refuse 0 and 1."""
+    p = tmp_path / "c.yaml"
+    p.write_text(f"tracking:\n  enabled: {text}\n")
+    if value is None:
+        assert _error(path=p).startswith(f"{p}: tracking.enabled: expected true/false, got ")
+        assert _error([f"tracking.enabled={text}"]).startswith("override tracking.enabled: expected true/false, got ")
+    else:
+        assert load_config(p).tracking.enabled is value
+        assert load_config(None, [f"tracking.enabled={text}"]).tracking.enabled is value
+
+
 @pytest.mark.parametrize("value", ["[a]", "{a: 1}"])
 def test_a_list_or_mapping_where_a_string_is_expected_is_refused(tmp_path, value):
     p = tmp_path / "c.yaml"
