@@ -1075,3 +1075,29 @@ def test_a_changed_lr_weight_decay_or_betas_takes_effect_on_resume(world1, data,
     assert [g[1:] for g in same] == [(old.train.weight_decay, (old.train.beta1, old.train.beta2)), (0.0, (0.9, 0.95))]
     lr = 0.0005 * lr_lambda(cfg, 6)(step)
     assert step == 4 and changed == [(lr, 0.5, (0.5, 0.99)), (lr, 0.0, (0.5, 0.99))]
+
+
+def test_train_loss_at_a_log_step_is_the_mean_over_the_interval(world1, data, tmp_path, caplog):
+    """docs/tracking.md said `train/loss` was the loss "of the step"; with train.log_interval > 1 it is (and
+    stays: a smoother curve) the mean of the interval's step losses, which logs/steps.jsonl holds one by one.
+    The console line prints the same figure as the metric."""
+    import logging
+    import re
+
+    from mnemo.train import trainer
+
+    run_dir = tmp_path / "run"
+    cfg = config(data, run_dir, "train.max_steps=4", "train.log_interval=2", "eval.interval=0", "checkpoint.interval=0")
+    with caplog.at_level(logging.INFO, logger="mnemo.train"):
+        assert trainer.train(cfg)["exit"] == "completed"
+    logged = {
+        int(m[1]): float(m[2])
+        for r in caplog.records
+        if (m := re.match(r"step (\d+)/4 loss ([0-9.]+)", r.getMessage()))
+    }
+    steps = [json.loads(line) for line in (run_dir / "logs" / "steps.jsonl").read_text().splitlines()]
+    losses = {s["step"]: s["loss"] for s in steps}
+    assert sorted(logged) == [2, 4] and sorted(losses) == [1, 2, 3, 4], (logged, losses)
+    assert losses[1] != losses[2] and losses[3] != losses[4]
+    for step in (2, 4):
+        assert logged[step] == pytest.approx((losses[step - 1] + losses[step]) / 2, abs=6e-5)
