@@ -151,6 +151,8 @@ def evaluate(
     baseline_segment_len: int | None = None,
     doc_losses: bool = False,
     skip_unfit_tasks: bool = False,
+    capacity_key: str = "--ltm-capacity",
+    warn: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """The evaluation of one model, as a JSON-ready dict.
 
@@ -181,7 +183,9 @@ def evaluate(
     doc_token_counts {bucket: [per document]} of the memory column (lists:
     for a paired difference against a model evaluated elsewhere). With
     ``skip_unfit_tasks`` a task that does not fit T (EvalError otherwise) is
-    left out, its reason in tasks_skipped {name: message}.
+    left out, its reason in tasks_skipped {name: message}. A task document longer than the long-term store is
+    one line to ``warn`` (default: `mnemo eval: warning: ...` on stderr) naming ``capacity_key``, what sized the
+    store (the in-run evaluation: memory.long.capacity).
     """
     T = int(cfg.model.segment_len)
     B = int(cfg.train.batch_size if batch_size is None else batch_size)
@@ -286,8 +290,11 @@ def evaluate(
                 )
             )
         if samples:
-            for line in store_warnings(samples, ltm_capacity_of(model)):  # a store given smaller than the tasks
-                print(line, file=sys.stderr, flush=True)
+            for line in store_warnings(samples, ltm_capacity_of(model), capacity_key):  # a store smaller than the tasks
+                if warn is None:
+                    print(f"mnemo eval: warning: {line}", file=sys.stderr, flush=True)
+                else:
+                    warn(line)
             t0 = time.perf_counter()
             result["tasks"] = score_tasks(model, samples, T, B, progress=progress)
             seconds["tasks"] = time.perf_counter() - t0

@@ -101,19 +101,19 @@ def longest_document(samples: dict[str, dict[str, list[dict]]]) -> int:
     return max((len(s["tokens"]) for by_d in samples.values() for ss in by_d.values() for s in ss), default=0)
 
 
-def store_warnings(samples: dict[str, dict[str, list[dict]]], capacity: int) -> list[str]:
+def store_warnings(samples: dict[str, dict[str, list[dict]]], capacity: int, capacity_key: str) -> list[str]:
     """One line per task and distance whose longest document has more tokens than a long-term store of
     ``capacity`` entries holds (0: no long-term memory, none): its early facts are gone when the question
     comes, so the task scores ~0 for the store's size, not for retrieval (`--ltm-capacity 128` did so
-    without a word)."""
+    without a word). ``capacity_key`` names what set the size: `mnemo eval`'s flag, the run's config key."""
     out = []
     for name, by_d in samples.items():
         for D, ss in by_d.items():
             n = max((len(s["tokens"]) for s in ss), default=0)
             if capacity and n > capacity:
                 out.append(
-                    f"mnemo eval: warning: task {name} at D={D}: documents of up to {n:,} tokens, more than the "
-                    f"--ltm-capacity {capacity:,} entries the store holds: facts older than the store are forgotten"
+                    f"task {name} at D={D}: documents of up to {n:,} tokens, more than the {capacity_key}"
+                    f" {capacity:,} entries the store holds: facts older than the store are forgotten"
                 )
     return out
 

@@ -70,6 +70,8 @@ def run_eval(cfg: Config, module, source, tok_file: str, tracker, step: int, ran
             seed=cfg.train.seed,
             tasks=tasks,
             skip_unfit_tasks=True,  # a task too long for model.segment_len: a warning, not a failed run
+            capacity_key="memory.long.capacity",  # the store keeps the trained size (above)
+            warn=lambda line: log.warning("eval.tasks: %s", line) if rank == 0 else None,
         )
     except DataError as e:
         # A passkey document that cannot be built (the pre-flight, check_passkey_eval_fit, refuses the known

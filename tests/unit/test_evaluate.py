@@ -1420,6 +1420,46 @@ def test_a_store_smaller_than_the_task_documents_is_warned_about(tok, tmp_path, 
     assert "warning:" not in capsys.readouterr().err
 
 
+def test_the_in_run_evaluation_names_memory_long_capacity_for_a_store_smaller_than_the_tasks(
+    tok, corpus, tmp_path, caplog, capsys
+):
+    """Inside `mnemo train` the warning said `mnemo eval: warning: ... more than the --ltm-capacity 128 entries`,
+    naming the eval CLI's flag, printed by every rank. The run's store is memory.long.capacity: rank 0 logs it."""
+    import logging
+
+    import mnemo.train.eval_hook as hook
+    from mnemo.model import MemoryTransformer
+    from mnemo.train.config import load_config
+    from mnemo.train.engine import model_args_from_config
+
+    class Source:  # the corpus, every document held out at data.val_fraction 0.99
+        num_samples = len(corpus)
+
+        def get(self, i):
+            return {"tokens": corpus[i], "source": "f.py", "answer_len": 0}
+
+    class Tracker:
+        def log_metrics(self, metrics, step):
+            pass
+
+        def log_artifact(self, path, where):
+            pass
+
+    over = ["model.segment_len=64", "memory.long.capacity=128", "eval.tasks=[mqar_n16]", "eval.task_distances=[3]"]
+    over += ["eval.task_trials=1", "eval.max_docs=1", "data.val_fraction=0.99", f"run.dir={tmp_path}"]
+    cfg = load_config("configs/debug.yaml", over)
+    torch.manual_seed(0)
+    model = MemoryTransformer(model_args_from_config(cfg, tok.vocab_size))
+    with caplog.at_level(logging.WARNING, logger="mnemo.train"):
+        for rank in (1, 0):
+            assert "tasks" in hook.run_eval(cfg, model, Source(), str(tok.path), Tracker(), 5, rank)
+    warned = [r.getMessage() for r in caplog.records if "entries the store holds" in r.getMessage()]
+    assert len(warned) == 1, warned  # rank 0 alone
+    assert warned[0].startswith("eval.tasks: task mqar_n16 at D=3: documents of up to "), warned[0]
+    assert "more than the memory.long.capacity 128 entries" in warned[0], warned[0]
+    assert "ltm-capacity" not in capsys.readouterr().err
+
+
 def test_the_filler_does_not_depend_on_max_docs(tok, tmp_path, monkeypatch):
     """Before: the filler was every document read, up to max(--max-docs, FILLER_TOKENS' worth), so once the
     held-out text exceeded FILLER_TOKENS, --max-docs 1 and --max-docs 100 made other passkey and task documents
