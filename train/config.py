@@ -574,11 +574,14 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is bool:
         if isinstance(value, bool):
             return value
-        # The words YAML reads as booleans, in any case; not 0/1, which the file reads as numbers (refused
-        # above): tracking.enabled=0 on the command line was false where `enabled: 0` in the file was an error.
-        if isinstance(value, str) and value.lower() in ("true", "yes", "on"):
+        # The words YAML reads as booleans, in any case, and 1 / 0 as written (the command line took "0" while
+        # `enabled: 0` in the file, a YAML number, was an error): the same text means the same in both places.
+        text = getattr(value, "text", value)  # a YAML number's text as written
+        if isinstance(text, int) and not isinstance(text, bool):
+            text = str(text)
+        if isinstance(text, str) and text.lower() in ("true", "yes", "on", "1"):
             return True
-        if isinstance(value, str) and value.lower() in ("false", "no", "off"):
+        if isinstance(text, str) and text.lower() in ("false", "no", "off", "0"):
             return False
         raise ConfigError(f"{key}: expected true/false, got {_brief(value)}")
     text = getattr(value, "text", value)  # a YAML number's text as written, or a command-line value

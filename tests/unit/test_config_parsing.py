@@ -370,11 +370,12 @@ def test_a_boolean_where_a_string_is_expected_is_refused(tmp_path, text):
 @pytest.mark.parametrize(
     "text,value",
     [("true", True), ("False", False), ("yes", True), ("no", False), ("on", True), ("OFF", False)]
-    + [(t, None) for t in ("0", "1", "2", "y", "n", "''")],
+    + [("1", True), ("0", False)]
+    + [(t, None) for t in ("2", "y", "n", "''", "1.0", "-1")],
 )
 def test_a_boolean_key_reads_the_same_text_alike_in_the_file_and_on_the_command_line(tmp_path, text, value):
     """tracking.enabled=0 on the command line was false, `enabled: 0` in the file "expected true/false, got 0".
-    Both now take the words YAML reads as true/false (README: values are plain YAML) and refuse 0 and 1."""
+    Both now take the words YAML reads as true/false and 1 / 0, and refuse other numbers alike."""
     p = tmp_path / "c.yaml"
     p.write_text(f"tracking:\n  enabled: {text}\n")
     if value is None:
