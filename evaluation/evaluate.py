@@ -333,6 +333,7 @@ def evaluate_data_dir(
     seed: int = 0,
     ltm_capacity: int | None = None,
     baseline: tuple[Any, Any, Any] | None = None,
+    task_trials: int | None = None,
     json_out: str | None = None,
     plots_dir: str | None = None,
     labels: dict[str, str] | None = None,
@@ -342,7 +343,7 @@ def evaluate_data_dir(
 
     passkey_trials: passkey documents per distance (None: cfg.eval.passkey_trials
     or 30; 0 skips the passkey), also the documents per (task, distance)
-    (None: cfg.eval.task_trials). ltm_capacity: the long-term store size
+    (None: cfg.eval.task_trials) unless ``task_trials`` counts those. ltm_capacity: the long-term store size
     (None: the trained size, grown for the longest passkey or task document).
     baseline: (model, tokenizer, cfg) of a second checkpoint read on the same documents
     and task samples. labels: extra string keys of the JSON (checkpoint,
@@ -360,8 +361,11 @@ def evaluate_data_dir(
     if trials is None:
         trials = cfg.eval.passkey_trials or 30
     n_task = cfg.eval.task_trials if passkey_trials is None else passkey_trials
+    n_task = n_task if task_trials is None else task_trials
     if tasks and n_task < 1:
-        raise EvalError(f"--trials: must be >= 1 with --tasks, got {n_task}")
+        raise EvalError(
+            f"--{'task-' if task_trials is not None else ''}trials: must be >= 1 with --tasks, got {n_task}"
+        )
     with_ltm_capacity(model, ltm_capacity)
     if base_model is not None:
         with_ltm_capacity(base_model, ltm_capacity)

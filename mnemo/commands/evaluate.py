@@ -46,16 +46,20 @@ def eval_flag_rules(args: argparse.Namespace) -> list[tuple[str, object, bool, s
     """The rules of ``mnemo eval``'s numeric flags (None: the flag's default from the run, not checked)."""
     from mnemo.data_pipeline.passkey import MULTIKEY_MAX
 
-    trials_rule = "must be >= 1 with --tasks" if args.tasks else "must be >= 0 (0 = no passkey)"
+    # With --tasks, --trials also counts their documents, so 0 is refused unless --task-trials counts them.
+    tasks_need = bool(args.tasks) and args.task_trials is None
+    trials_rule = "must be >= 1 with --tasks (or give --task-trials)" if tasks_need else "must be >= 0 (0 = no passkey)"
     return [
         ("--batch-size", args.batch_size, args.batch_size >= 1, "must be >= 1 (documents read in parallel)"),
         ("--max-docs", args.max_docs, args.max_docs is None or args.max_docs >= 0, "must be >= 0"),
         (
             "--passkey-trials (--trials)",
             args.passkey_trials,
-            args.passkey_trials is None or args.passkey_trials >= (1 if args.tasks else 0),
+            args.passkey_trials is None or args.passkey_trials >= (1 if tasks_need else 0),
             trials_rule,
         ),
+        count_rule("--task-trials", args.task_trials, " (documents per task and distance)"),
+        ("--task-trials", args.task_trials, args.task_trials is None or bool(args.tasks), "applies to --tasks only"),
         (
             "--multikey",
             args.multikey,
@@ -186,6 +190,12 @@ def add_eval(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentPar
         default=None,
         help="documents per distance, of the passkey (0 = skip; default: eval.passkey_trials or 30) and of "
         "each --tasks task (default: eval.task_trials)",
+    )
+    p.add_argument(
+        "--task-trials",
+        type=int_arg,
+        default=None,
+        help="documents per distance of each --tasks task (default: --trials); with --trials 0, the tasks alone",
     )
     p.add_argument(
         "--distances",
@@ -353,6 +363,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             distances=args.distances,
             multikey=args.multikey,
             tasks=tasks,
+            task_trials=args.task_trials,
             batch_size=args.batch_size,
             ablations=not args.no_ablations,
             seed=args.seed,

@@ -332,7 +332,10 @@ def test_evaluate_refuses_a_zero_batch_and_negative_max_docs(tok, corpus, kw, ne
         (["--batch-size", "-4"], "--batch-size: must be >= 1 (documents read in parallel), got -4"),
         (["--max-docs", "-1"], "--max-docs: must be >= 0, got -1"),
         (["--passkey-trials", "-1"], "--passkey-trials (--trials): must be >= 0 (0 = no passkey), got -1"),
-        (["--trials", "0", "--tasks", "mqar"], "--passkey-trials (--trials): must be >= 1 with --tasks, got 0"),
+        (
+            ["--trials", "0", "--tasks", "mqar"],
+            "--passkey-trials (--trials): must be >= 1 with --tasks (or give --task-trials), got 0",
+        ),
         (["--multikey", "-2"], "--multikey: must be in [0, 99] (0 = no multi-key variant; one door 1..99 per fact)"),
         (["--multikey", "100"], "--multikey: must be in [0, 99] (0 = no multi-key variant; one door 1..99 per fact)"),
         (["--seed", "-1"], "--seed: must be >= 0, got -1"),
@@ -1590,3 +1593,26 @@ def test_an_eval_output_on_a_read_only_mount_says_so(tmp_path, monkeypatch):
     with pytest.raises(UserError, match=r"^--plots: .*/ro/p: .*/ro is not writable \(Read-only file system\)$"):
         check_output("--plots", str(locked / "p"), folder=True)
     check_output("--plots", str(tmp_path / "p"), folder=True)  # a folder that may be written: no error
+
+
+def test_eval_cli_task_trials_scores_the_tasks_alone(tok, tmp_path, capsys):
+    """--trials counts the passkey's documents and the tasks': 0 with --tasks was refused, so a task could not
+    be scored without the standalone passkey. --task-trials counts the tasks' alone; --trials 0 then skips the
+    passkey. Without --tasks it is a one-line error."""
+    from mnemo.cli import build_parser, main
+
+    exp, data = _tiny_export(tok, tmp_path, 64)
+    out = tmp_path / "res.json"
+    argv = ["eval", str(exp), "--data", str(data), "--max-docs", "0", "--no-ablations", "--device", "cpu"]
+    args = build_parser().parse_args(
+        [*argv, "--json", str(out), "--trials", "0", "--task-trials", "3", "--distances", "1", "--tasks", "mqar_n16"]
+    )
+    assert args.func(args) == 0
+    res = json.loads(out.read_text())
+    assert res["tasks"]["mqar_n16"]["1"]["trials"] == 3 and not res.get("passkey")
+    assert main([*argv, "--task-trials", "3"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert err[-1] == "mnemo: error: --task-trials: applies to --tasks only, got 3", err
+    assert main([*argv, "--tasks", "mqar_n16", "--task-trials", "0"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert err[-1].startswith("mnemo: error: --task-trials: must be >= 1"), err
