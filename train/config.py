@@ -583,7 +583,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return True
         if isinstance(text, str) and text.lower() in ("false", "no", "off", "0"):
             return False
-        raise ConfigError(f"{key}: expected true/false, got {_brief(value)}")
+        raise ConfigError(f"{key}: expected true/false, got {_brief(text)}")
     text = getattr(value, "text", value)  # a YAML number's text as written, or a command-line value
     if tp in (int, float) and isinstance(text, str) and _NOT_DECIMAL.fullmatch(text.strip()):
         raise ConfigError(
@@ -749,6 +749,7 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
         raise ConfigError(f"{path}: {e}" if path else str(e)) from None
     try:
         validate(cfg)
+        validate_start(cfg)
     except ConfigError as e:  # say where the key at fault was given, as the type errors above do
         msg = str(e)
         key = re.sub(r"\[\d+\]$", "", msg.split(":", 1)[0])
@@ -802,6 +803,36 @@ def int_values(cfg: Any, prefix: str = "") -> list[tuple[str, int]]:
     return out
 
 
+def validate_start(cfg: Config) -> None:
+    """Rules of key pairs that hold for a run being started (`load_config`), not for a checkpoint's saved config
+    (``from_dict``): a checkpoint whose config breaks one, saved before the rule, still loads for eval or export."""
+
+    def need(cond: bool, key: str, msg: str):
+        if not cond:
+            raise ConfigError(f"{key}: {msg}")
+
+    # A resume from a named checkpoint loads its weights, optimizer and step: init_from went unread. With auto,
+    # init_from starts the run and a relaunch goes on from the run's own checkpoints (its weights are in them).
+    need(
+        not cfg.init_from or cfg.checkpoint.resume in ("auto", "never", ""),  # "": refused by check_paths
+        "init_from",
+        f"{_brief(cfg.init_from)} with checkpoint.resume={_brief(cfg.checkpoint.resume)}: a resume loads that"
+        " checkpoint's weights, so init_from would go unread; use one of them (checkpoint.resume=never or auto"
+        " with init_from, or init_from= to resume)",
+    )
+    # An empty list scored nothing without a word (the tasks' accuracy plot drawn empty, with a warning).
+    need(
+        cfg.eval.passkey_trials == 0 or bool(cfg.eval.passkey_distances),
+        "eval.passkey_distances",
+        "must name at least one distance while eval.passkey_trials > 0 (0 = no passkey evaluation)",
+    )
+    need(
+        not cfg.eval.tasks or bool(cfg.eval.task_distances),
+        "eval.task_distances",
+        "must name at least one distance while eval.tasks names tasks (empty = no task evaluation)",
+    )
+
+
 def validate(cfg: Config) -> None:
     """Range and consistency checks that need no files."""
     from mnemo.model.sizes import MAX_COUNT, SIZES, arg_problem, count_problem
@@ -839,6 +870,14 @@ def validate(cfg: Config) -> None:
         not lm.qk_tied or lm.qk_span >= 2,
         "memory.long.qk_tied",
         f"needs memory.long.qk_span >= 2 (it is {lm.qk_span}: one token's query and key have no span to share)",
+    )
+    # A smeared key mixes in the previous token's key, whose window is one token older: the match the tie makes
+    # at the start was lost in 3 heads of 4 (docs/memory.md).
+    need(
+        not lm.qk_tied or not lm.smear_keys,
+        "memory.long.qk_tied",
+        "needs memory.long.smear_keys: false (a smeared key mixes in the previous token's window and blurs the"
+        " tied match)",
     )
     count("memory.bptt_segments", cfg.memory.bptt_segments, 1, MAX_BPTT_SEGMENTS)
     if lm.kind != "none":
@@ -927,15 +966,6 @@ def validate(cfg: Config) -> None:
         f"{_brief(pk.task_weights)}: one weight > 0 per task of train.passkey.tasks ({len(specs)}), or empty",
     )
     need(cfg.zero.stage in (1, 2, 3), "zero.stage", f"must be 1, 2 or 3, got {cfg.zero.stage}")
-    # A resume from a named checkpoint loads its weights, optimizer and step: init_from went unread. With auto,
-    # init_from starts the run and a relaunch goes on from the run's own checkpoints (its weights are in them).
-    need(
-        not cfg.init_from or cfg.checkpoint.resume in ("auto", "never", ""),  # "": refused by check_paths
-        "init_from",
-        f"{_brief(cfg.init_from)} with checkpoint.resume={_brief(cfg.checkpoint.resume)}: a resume loads that"
-        " checkpoint's weights, so init_from would go unread; use one of them (checkpoint.resume=never or auto"
-        " with init_from, or init_from= to resume)",
-    )
     need(cfg.checkpoint.interval >= 0, "checkpoint.interval", "must be >= 0")
     need(cfg.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
     need(cfg.checkpoint.keep_every >= 0, "checkpoint.keep_every", "must be >= 0")
@@ -954,17 +984,6 @@ def validate(cfg: Config) -> None:
     need(bool(cfg.run.dir), "run.dir", "must not be empty")
     need(all(d >= 1 for d in cfg.eval.passkey_distances), "eval.passkey_distances", "must be >= 1")
     need(all(d >= 0 for d in cfg.eval.task_distances), "eval.task_distances", "must be >= 0")
-    # An empty list scored nothing without a word (the tasks' accuracy plot drawn empty, with a warning).
-    need(
-        cfg.eval.passkey_trials == 0 or bool(cfg.eval.passkey_distances),
-        "eval.passkey_distances",
-        "must name at least one distance while eval.passkey_trials > 0 (0 = no passkey evaluation)",
-    )
-    need(
-        not cfg.eval.tasks or bool(cfg.eval.task_distances),
-        "eval.task_distances",
-        "must name at least one distance while eval.tasks names tasks (empty = no task evaluation)",
-    )
     # Each distance D in use builds whole documents of (D + 1) x T tokens or more (check_passkey_eval_fit builds
     # one before any rank starts): 10**30 was numpy's "maximum allowed dimension exceeded", 10**8 asked for 95 GiB.
     ev = cfg.eval

@@ -1063,6 +1063,10 @@ def test_tied_queries_and_keys_need_a_span():
         load_config("configs/debug.yaml", ["memory.long.kind=knn", "memory.long.qk_tied=true"])
     assert "memory.long.qk_tied: needs memory.long.qk_span >= 2 (it is 1" in str(e.value) and "\n" not in str(e.value)
     tied = ["memory.long.kind=knn", "memory.long.qk_tied=true", "memory.long.qk_span=5"]
+    with pytest.raises(ConfigError) as e:  # smear_keys defaults to true
+        load_config("configs/debug.yaml", tied)
+    assert "memory.long.qk_tied: needs memory.long.smear_keys: false" in str(e.value), str(e.value)
+    tied.append("memory.long.smear_keys=false")
     cfg = load_config("configs/debug.yaml", tied)
     assert cfg.memory.long.qk_tied is True and cfg.memory.long.qk_span == 5
     from mnemo.train.engine import model_args_from_config
@@ -1103,3 +1107,18 @@ def test_an_empty_distance_list_of_an_evaluation_in_use_is_refused(overrides, ke
     msg = str(e.value)
     assert msg.startswith(f"override {key}: must name at least one distance while ") and "\n" not in msg, msg
     load_config("configs/debug.yaml", ["eval.passkey_trials=0", "eval.passkey_distances=[]", "eval.task_distances=[]"])
+
+
+def test_a_checkpoint_config_breaking_a_start_rule_still_loads():
+    """init_from with checkpoint.resume=PATH, and an empty distance list of an evaluation in use, are refused
+    when a run starts (load_config); a checkpoint's saved config (from_dict, as eval/generate/export read it)
+    that a run of before those rules wrote still loads."""
+    from mnemo.train.config import from_dict
+
+    cfg = load_config("configs/debug.yaml")
+    tree = to_dict(cfg)
+    tree["init_from"], tree["checkpoint"]["resume"] = "runs/base", "runs/a/checkpoints/step_00000004"
+    tree["eval"]["passkey_trials"], tree["eval"]["passkey_distances"] = 3, []
+    tree["eval"]["tasks"], tree["eval"]["task_distances"] = ["mqar"], []
+    got = from_dict(tree)
+    assert got.init_from == "runs/base" and got.eval.passkey_distances == [] and got.eval.task_distances == []

@@ -371,7 +371,7 @@ def test_a_boolean_where_a_string_is_expected_is_refused(tmp_path, text):
     "text,value",
     [("true", True), ("False", False), ("yes", True), ("no", False), ("on", True), ("OFF", False)]
     + [("1", True), ("0", False)]
-    + [(t, None) for t in ("2", "y", "n", "''", "1.0", "-1")],
+    + [(t, None) for t in ("2", "y", "n", "''", "1.0", "-1", "01", "+1")],
 )
 def test_a_boolean_key_reads_the_same_text_alike_in_the_file_and_on_the_command_line(tmp_path, text, value):
     """tracking.enabled=0 on the command line was false, `enabled: 0` in the file "expected true/false, got 0".
@@ -380,6 +380,8 @@ def test_a_boolean_key_reads_the_same_text_alike_in_the_file_and_on_the_command_
     p.write_text(f"tracking:\n  enabled: {text}\n")
     if value is None:
         assert _error(path=p).startswith(f"{p}: tracking.enabled: expected true/false, got ")
+        if text in ("01", "+1"):  # the text as written, not the 1 that is accepted
+            assert _error(path=p).endswith(f"got '{text}'"), _error(path=p)
         assert _error([f"tracking.enabled={text}"]).startswith("override tracking.enabled: expected true/false, got ")
     else:
         assert load_config(p).tracking.enabled is value
