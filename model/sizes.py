@@ -146,17 +146,21 @@ def param_count(
     return size.n_layers * per_layer + ltm + emb + d + head  # + final norm
 
 
-def flops_per_token(size: Size, vocab_size: int, context: int, n_ltm_layers: int = 0, topk: int = 0) -> float:
+def flops_per_token(
+    size: Size, vocab_size: int, context: int, n_ltm_layers: int = 0, topk: int = 0, qk_span: int = 1
+) -> float:
     """Training FLOPs per token (forward + backward = 3x forward).
 
     Matmul FLOPs only (2 per multiply-add), as in the PaLM/Chinchilla MFU
     convention: 6 * (non-embedding params + LM head) plus attention scores and
     weighted sums over ``context`` keys (local segment + short-term memory),
-    plus ``topk`` retrieved keys in the long-term-memory layers. The kNN
-    search itself (a no-grad matmul over the store) is not counted: it is
-    overhead, not model FLOPs.
+    plus ``topk`` retrieved keys in the long-term-memory layers, whose queries and
+    keys with a ``qk_span`` S > 1 also project S - 1 inputs each ([(S-1) d, d],
+    twice, tied or not). The kNN search itself (a no-grad matmul over the
+    store) is not counted: it is overhead, not model FLOPs.
     """
     d = size.d_model
     dense = size.n_layers * (4 * d * d + mlp_params(size)) + vocab_size * d  # LM head matmul
+    dense += n_ltm_layers * 2 * (qk_span - 1) * d * d
     attn = size.n_layers * 2 * d * context + n_ltm_layers * 2 * d * topk  # QK^T and AV per token
     return 6.0 * dense + 6.0 * attn

@@ -631,7 +631,8 @@ class MemoryTransformer(nn.Module):
     def flops_per_token(self, segment_len: int) -> float:
         a = self.args
         context = segment_len / 2 + a.stm_length  # mean keys per query: causal half + memory
-        return flops_per_token(a.size(), a.vocab_size, context, len(a.active_ltm_layers), a.ltm_topk)
+        n_ltm = len(a.active_ltm_layers)
+        return flops_per_token(a.size(), a.vocab_size, context, n_ltm, a.ltm_topk, a.ltm_qk_span if n_ltm else 1)
 
     # ------------------------------------------------------------- what a trainer logs
     def memory_scalars(self) -> dict[str, float]:

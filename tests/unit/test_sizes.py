@@ -117,3 +117,15 @@ def test_fan_in_init_uses_each_layers_fan_in():
     scaled = meta_model("small")
     assert scaled.args.linear_std(d) == 0.02
     assert scaled.args.linear_std(d, residual_out=True) == pytest.approx(0.02 / (2 * 12) ** 0.5)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_flops_count_the_span_projections_of_queries_and_keys(tied):
+    """qk_span S: the long-term layers' q and k each also project S - 1 inputs (tied: one matrix used twice),
+    matmuls the MFU's FLOPs left out."""
+    kw = dict(stm_length=64, ltm_kind="knn", ltm_capacity=256, ltm_topk=8, ltm_layers=(2,), ltm_smear_keys=False)
+    plain, span = meta_model("debug", **kw), meta_model("debug", **kw, ltm_qk_span=5, ltm_qk_tied=tied)
+    c0, c1 = counted_forward(plain, T), counted_forward(span, T)
+    extra = 3 * (c1["aten.mm"] - c0["aten.mm"]) / T
+    assert extra == 3 * 2 * 2 * 4 * SIZES["debug"].d_model ** 2  # 3x forward, 2 FLOPs, q and k, [4d, d]
+    assert within(span.flops_per_token(T) - plain.flops_per_token(T), extra)
