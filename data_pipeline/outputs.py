@@ -52,7 +52,8 @@ from mnemo.data_pipeline.files import MAX_JSON_BYTES, atomic_write, read_bounded
 from mnemo.data_pipeline.inputs import Corpus, WorkUnit
 from mnemo.data_pipeline.lean_imports import import_streaming
 from mnemo.data_pipeline.out_lock import LOCK_NAME
-from mnemo.data_pipeline.paths import file_url_path, is_file_url, is_remote, parse_url
+from mnemo.data_pipeline.paths import file_url_path, is_file_url, is_remote, looks_like_url, parse_url
+from mnemo.data_pipeline.redact import redact_uri
 from mnemo.data_pipeline.progress import note
 
 STATE_DIR = ".mnemo-prepare"
@@ -92,6 +93,18 @@ def resolve_out(out: str, staging: str | None = None) -> OutLocation:
     if not out:  # abspath("") is the current directory
         raise DataError("--out is empty; give the output directory")
     if not is_file_url(out) and not is_remote(out):  # as data.path reads it: "data:v1" is a directory
+        # A URL that lost a "/" (s3:/u:PW@b/x, hdfs:/x) made a local folder of that name, the password in it and
+        # in the "wrote" line: refused, as every other output is (paths.remote_output_problem).
+        if redact_uri(out) != out:
+            raise DataError(
+                f"--out {redact_uri(out)}: holds credentials (shown redacted) and is no URL mnemo can write to;"
+                " give a store's credentials to its client (environment), not in --out"
+            )
+        if looks_like_url(out):
+            raise DataError(
+                f"--out {out}: looks like a URL without its '//' (a remote store: SCHEME://BUCKET/PATH;"
+                f" a local folder of that name: ./{out})"
+            )
         return OutLocation(out, os.path.abspath(os.path.expanduser(out)), None)
     scheme = parse_url(out, "--out").scheme
     if scheme == "file":

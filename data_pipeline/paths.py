@@ -47,6 +47,12 @@ def parse_url(url: str, what: str, hide: Callable[[str], str] | None = None) -> 
         raise DataError(f"{what} {brief(url, 200, hide=hide)}: not a valid URL ({e})") from None
 
 
+def looks_like_url(path: str) -> bool:
+    """Whether ``path`` starts as a URL with its "//" lost (``hdfs:/x``, ``S3:/b/x``): a scheme of two or more
+    characters, then ":/". One-letter schemes (``a:/b``) and names with a colon later (``notes:v1``) are not."""
+    return bool(_URL_LIKE.match(path))
+
+
 def remote_output_problem(path: str | os.PathLike, kind: str = "folder") -> str | None:
     """Why mnemo cannot write its output (``kind``: "folder" or "file") to ``path``, or None for a plain path.
 
@@ -70,7 +76,7 @@ def remote_output_problem(path: str | os.PathLike, kind: str = "folder") -> str 
             "looks like a URL with credentials (shown redacted);"
             f" a local {kind} is needed (mnemo does not write to remote stores)"
         )
-    if _URL_LIKE.match(path):  # hdfs:/x made a local folder "hdfs:"
+    if looks_like_url(path):  # hdfs:/x made a local folder "hdfs:"
         return f"looks like a URL; a local {kind} is needed (mnemo does not write to remote stores)"
     return None
 

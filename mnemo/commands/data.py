@@ -189,6 +189,7 @@ def add_prepare(sub: argparse._SubParsersAction, name: str) -> argparse.Argument
 
 def cmd_prepare(args: argparse.Namespace) -> int:
     from mnemo.data_pipeline.prepare import prepare
+    from mnemo.data_pipeline.redact import redact_uri
     from mnemo.train.errors import visible
 
     m = prepare(
@@ -210,7 +211,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         max_doc_bytes=args.max_doc_bytes,
     )
     line = (
-        f"wrote {args.out}: {m['num_documents']:,} documents, {m['num_tokens']:,} tokens "
+        f"wrote {redact_uri(args.out)}: {m['num_documents']:,} documents, {m['num_tokens']:,} tokens "
         f"({m['token_dtype']}, vocab {m['vocab_size']}), {m['num_shards']} shards"
     )
     if m.get("num_passkey_documents"):

@@ -356,3 +356,27 @@ def test_publish_never_replaces_a_name_taken_meanwhile_and_falls_back_without_ha
             atomic_write(new, b"again", may_replace=nothing)
         assert new.read_text() == "ours"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.parametrize(
+    "out,needle",
+    [
+        ("s3:/alice:SECP1@bucket/y", "--out s3:/***@bucket/y: holds credentials (shown redacted)"),
+        ("s3:alice:SECP2@bucket/y", "--out s3:***@bucket/y: holds credentials"),
+        ("hdfs:/x", "--out hdfs:/x: looks like a URL without its '//'"),
+        ("Hdfs:/x", "--out Hdfs:/x: looks like a URL without its '//'"),
+        ("Gs:/b/x", "--out Gs:/b/x: looks like a URL without its '//'"),
+    ],
+)
+def test_prepare_refuses_an_out_that_lost_its_url_slashes(tmp_path, monkeypatch, out, needle):
+    """`mnemo prepare --out s3:/alice:PW@bucket/y` wrote a local folder "s3:/alice:PW@bucket/y" and printed
+    it, password included (exit 0), where every other output refuses such a name: refused, redacted."""
+    from mnemo.data_pipeline.outputs import resolve_out
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError) as e:
+        resolve_out(out)
+    assert str(e.value).startswith(needle) and "SEC" not in str(e.value), str(e.value)
+    assert not any(tmp_path.iterdir())
+    for local in ("notes:v1", "data:v1", "runs/a:b", "a:/b"):  # local names with a colon stay local
+        assert resolve_out(local).remote is None
