@@ -436,6 +436,10 @@ def _construct_number(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> Any:
     return out
 
 
+# The tags whose scalars PyYAML's constructors parse (a text that does not fit raised from inside them).
+_TYPED_TAGS = frozenset(_YAML + t for t in ("bool", "int", "float", "null"))
+
+
 class _ConfigLoader(yaml.SafeLoader):
     """PyYAML's SafeLoader, refusing what a config never means: a key given twice in one mapping
     (at any depth; plain YAML keeps the last, so a second ``train:`` section would silently
@@ -500,13 +504,22 @@ class _ConfigLoader(yaml.SafeLoader):
                     stack.append((v, dotted))
 
     def _check_tag(self, node: yaml.Node, path: str) -> None:
+        tag = "!!" + node.tag.removeprefix(_YAML) if node.tag.startswith(_YAML) else node.tag
         if node.tag not in _PLAIN_TAGS:
-            tag = "!!" + node.tag.removeprefix(_YAML) if node.tag.startswith(_YAML) else node.tag
             self._refuse(
                 node.start_mark.line + 1,
                 f"{_clip(path) or 'top level'}: YAML tag {_brief(tag)} is not allowed in a config "
                 "(values are strings, numbers, true/false, null, lists and mappings)",
             )
+        if isinstance(node, yaml.ScalarNode) and node.tag in _TYPED_TAGS:
+            # An explicit tag on text it does not fit (`!!bool 1`, `!!int x`) was a KeyError or ValueError
+            # traceback from PyYAML's constructors. A whole number may be tagged !!float.
+            found = self.resolve(yaml.ScalarNode, node.value, (True, False))
+            if found != node.tag and (node.tag, found) != (_YAML + "float", _YAML + "int"):
+                self._refuse(
+                    node.start_mark.line + 1,
+                    f"{_clip(path) or 'top level'}: {_brief(node.value)} is not a value of YAML tag {tag}",
+                )
 
     def _refuse(self, line: int, msg: str) -> None:
         raise ConfigError(f"line {line}: {msg}" if self.file else msg)

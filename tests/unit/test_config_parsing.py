@@ -517,3 +517,17 @@ def test_an_error_in_the_file_names_the_file_also_beside_overrides(tmp_path):
     assert load_config(p, ["train.batch_size=2"]).train.batch_size == 2  # an override replaces the bad value
     assert "secret" not in _error(["train.lr=https://u:secret@host"])  # still redacted
     assert "x" * 500 not in _error(["train.lr=" + "x" * 5000])  # still bounded
+
+
+@pytest.mark.parametrize("value", ["!!bool 1", "!!int x", "!!float x", "!!null 3", "!!bool yes please"])
+def test_an_explicit_yaml_tag_on_text_it_does_not_fit_is_one_line(tmp_path, value):
+    """`enabled: !!bool 1` (or `!!int x`, `!!float x`) was a KeyError or ValueError traceback from PyYAML's
+    constructors, in a file and inside a command-line list; a tag that fits (!!float 1) still reads."""
+    p = tmp_path / "c.yaml"
+    p.write_text(f"tracking:\n  enabled: {value}\n")
+    assert "is not a value of YAML tag !!" in _error(path=p) and "\n" not in _error(path=p)
+    err = _error([f"eval.task_distances=[{value}]"])
+    assert err.startswith("override eval.task_distances[0]: ") and "is not a value of YAML tag" in err, err
+    p.write_text("tracking:\n  enabled: !!bool true\ntrain:\n  lr: !!float 1\n  max_steps: !!int 5\n")
+    cfg = load_config(p)
+    assert cfg.tracking.enabled is True and cfg.train.lr == 1.0 and cfg.train.max_steps == 5
