@@ -239,12 +239,13 @@ class Trainer:
         self._build_data()
         self.ckpt.states = self._rank_parts()
         self.run_id = None
-        self.run_id_kept = False  # whether run_id is the one a start stopped before any checkpoint kept in run.dir
+        self.run_id_kept = False  # whether run_id is the one kept in run.dir (no checkpoint held it)
         if self.resume_path is not None:
             self._resume()
-        elif self.cfg.checkpoint.resume != "never" and self.info.rank == 0:
-            # No checkpoint to hold the MLflow run: the one an earlier start of this run directory kept there
-            # before its first checkpoint (_start_tracking), reopened as a resume would (one MLflow run per job).
+        if self.run_id is None and self.cfg.checkpoint.resume != "never" and self.info.rank == 0:
+            # No checkpoint, or one that holds no MLflow run (its run opened during or after that save: a tracking
+            # store down at start): the run an earlier start of this run directory kept there (_start_tracking),
+            # reopened as a resume would if it is provably this run dir's (one MLflow run per job).
             self.run_id = kept_mlflow_run_id(self.run_dir)
             self.run_id_kept = self.run_id is not None
         self._start_tracking()
@@ -462,12 +463,13 @@ class Trainer:
 
         cfg, info, run_dir = self.cfg, self.info, self.run_dir
         refused = None
-        # No checkpoint holds the MLflow run of a start from scratch until its first save: its id is kept in
-        # run.dir the moment the sender reports the run opened (during the start-up wait, or later if the store
-        # was down at start), so a start stopped before that save in any way (SIGKILL, an exception, a Ctrl-C
-        # while the run was being opened, a stop signal) is reopened by the next start of run.dir.
+        # No checkpoint holds the MLflow run of a start from scratch (or from a checkpoint that holds none) until
+        # a save reads its id: it is kept in run.dir the moment the sender reports the run opened (during the
+        # start-up wait, or later if the store was down at start), so a start stopped before that save in any
+        # way (SIGKILL, an exception, a Ctrl-C while the run was being opened, a stop signal) is reopened by the
+        # next start of run.dir.
         keep = None
-        if self.resume_path is None and info.rank == 0:
+        if (self.run_id is None or self.run_id_kept) and info.rank == 0:
             keep = functools.partial(keep_mlflow_run_id, self.run_dir)
         try:
             self.tracker = Tracker(
@@ -605,7 +607,10 @@ class Trainer:
         )
         path = self.ckpt.save(step, self.engine, None, meta, extra_files={self.tok_name: self.tok_file})
         if self.info.rank == 0:
-            forget_mlflow_run_id(self.run_dir)  # the checkpoint holds the run id from now on
+            # The checkpoint holds the run id from now on, but only if it is the kept one: a run that opened after
+            # the id was read above (during this save) is kept by now and is in no checkpoint yet.
+            if meta["mlflow_run_id"] is not None and meta["mlflow_run_id"] == kept_mlflow_run_id(self.run_dir):
+                forget_mlflow_run_id(self.run_dir)
             log.info("saved checkpoint %s (%s) in %.1fs", path, reason, time.time() - t0)
         return path
 
@@ -756,7 +761,7 @@ class Trainer:
         summary = {
             "step": self.counters.step,
             "exit": exit_reason,
-            "run_id": self.run_id,
+            "run_id": self.tracker.run_id or self.run_id,  # a run opened after start-up (store down then) too
             "checkpoint": None if latest is None else str(latest),
             "run_dir": str(self.run_dir),
             "eval": eval_result,

@@ -687,6 +687,90 @@ def test_a_start_from_scratch_after_a_nan_stop_before_any_checkpoint_logs_into_a
     assert client.get_run(old).info.status == "FAILED" and client.get_run(again["run_id"]).info.status == "FINISHED"
 
 
+def _mlflow_run_opened_late(m, when: str) -> None:
+    """The Tracker says no run id (a tracking store down at start) until the first checkpoint's save has read
+    it: ``when`` "during" that save (the sender's reader thread keeps the id meanwhile) or "after" it."""
+    from mnemo.train.checkpoint import CheckpointManager
+    from mnemo.train.tracking import Tracker
+
+    opened, run_id, save = [False], Tracker.run_id, CheckpointManager.save
+
+    def saving(self, *a, **kw):
+        opened[0] = opened[0] or when == "during"
+        try:
+            return save(self, *a, **kw)
+        finally:
+            opened[0] = True
+
+    m.setattr(Tracker, "run_id", property(lambda self: run_id.fget(self) if opened[0] else None))
+    m.setattr(CheckpointManager, "save", saving)
+
+
+def test_an_mlflow_run_opened_while_the_first_checkpoint_is_saved_is_reopened_after_a_crash(
+    world1, data, tmp_path, monkeypatch
+):
+    """The store was down at start and the run opened while the first checkpoint was saved: the checkpoint holds
+    no run id, and the save then removed mlflow_run.json, which the reader thread had just written; a restart
+    from that checkpoint (which never read the file either) opened a second MLflow run, the first left behind.
+    The file stays until a checkpoint holds its id; a resume from a checkpoint that holds none reopens it, as
+    it would the checkpoint's own run (not as a start from step 0, for which a kept run with steps is left)."""
+    from mlflow import MlflowClient
+
+    from mnemo.train import trainer
+    from mnemo.train.checkpoint import read_meta
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # the sqlite store in run.dir
+    run_dir = tmp_path / "run"
+    args = ("train.max_steps=4", "checkpoint.interval=2", "eval.interval=0", "train.log_interval=1")
+    args += ("tracking.enabled=true",)
+    train_step = trainer.Trainer.train_step
+
+    def crash_at_4(self, step):
+        if step == 3:  # the fourth step (0-based)
+            raise RuntimeError("killed")  # a SIGKILL alike: step 3 logged, nothing saved after step 2
+        return train_step(self, step)
+
+    with monkeypatch.context() as m:
+        _mlflow_run_opened_late(m, "during")
+        m.setattr(trainer.Trainer, "train_step", crash_at_4)
+        with pytest.raises(RuntimeError, match="killed"):
+            trainer.train(config(data, run_dir, *args))
+    [ckpt] = (run_dir / "checkpoints").glob("step_*")
+    assert read_meta(ckpt)["mlflow_run_id"] is None
+    kept = json.loads((run_dir / "mlflow_run.json").read_text())["mlflow_run_id"]
+    again = trainer.train(config(data, run_dir, *args))
+    assert (again["exit"], again["run_id"]) == ("completed", kept)
+    assert not (run_dir / "mlflow_run.json").exists()  # the step-4 checkpoint holds it now
+    client = MlflowClient(f"sqlite:///{run_dir / 'mlflow.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert [(r.info.run_id, r.info.status) for r in runs] == [(kept, "FINISHED")]
+    # Resumed as from a checkpoint that held it: step 3, done again, is not logged twice.
+    assert sorted(m.step for m in client.get_metric_history(kept, "train/loss")) == [1, 2, 3, 4]
+
+
+def test_an_mlflow_run_opened_after_the_first_checkpoint_is_in_the_summary_and_the_next_checkpoint(
+    world1, data, tmp_path, monkeypatch
+):
+    """A run opened after start-up (the store was down then): summary.json's run_id was the start-up value,
+    null. It is the run's id; the next checkpoint holds it and mlflow_run.json goes then, not before."""
+    from mnemo.train import trainer
+    from mnemo.train.checkpoint import read_meta
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # the sqlite store in run.dir
+    run_dir = tmp_path / "run"
+    cfg = config(
+        data, run_dir, "train.max_steps=2", "checkpoint.interval=1", "eval.interval=0", "tracking.enabled=true"
+    )
+    with monkeypatch.context() as m:
+        _mlflow_run_opened_late(m, "after")
+        summary = trainer.train(cfg)
+    first, last = sorted((run_dir / "checkpoints").glob("step_*"))
+    assert read_meta(first)["mlflow_run_id"] is None and summary["run_id"] is not None
+    assert read_meta(last)["mlflow_run_id"] == summary["run_id"]
+    assert json.loads((run_dir / "summary.json").read_text())["run_id"] == summary["run_id"]
+    assert not (run_dir / "mlflow_run.json").exists()
+
+
 def test_a_used_up_mixture_ends_the_run_like_its_last_step(world1, data, tmp_path, caplog):
     """Every source with a weight > 0 at its max_epochs: the loader raised in the rank (on 2 ranks the other
     died in a gloo collective), nothing since the last checkpoint was saved, and a resume crashed the same

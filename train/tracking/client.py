@@ -63,8 +63,9 @@ class Tracker:
         run_name: name of a new run (ignored on resume).
         rank: global rank; only 0 logs.
         resume_run_id: continue this run (id stored in the checkpoint).
-        resume_kept: resume_run_id is the one a start stopped before its first checkpoint kept in the run
-            directory (train/rundir.py MLFLOW_RUN): if it cannot be reopened, the new run is no child of it.
+        resume_kept: resume_run_id is the one kept in the run directory (train/rundir.py MLFLOW_RUN) by a start
+            stopped before a checkpoint held it: reopened only if it is this run directory's (and, from step 0,
+            holds no steps); if not, the new run is no child of it.
         parent_run_id: for a new run started from another run's checkpoint (fine-tune).
         resume_step: the step the trainer resumes from (recorded as a tag).
         on_run_id: called with the run id as soon as the sender reports the run opened (in this process: during

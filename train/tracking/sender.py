@@ -29,8 +29,8 @@ Over 500 lines: one state machine (send, spill, replay, outage) that reads best 
   are dropped (a bit-exact resume repeats values already logged), and points
   of that run that only reached the fallback file are replayed first. A run
   kept in the run directory (``resume_kept``) is reopened only when it is
-  this run directory's (tag, experiment) and holds no step past
-  ``resume_step``; else a new run, with one warning.
+  this run directory's (tag, experiment) and, for a start from step 0,
+  holds no step past 0; else a new run, with one warning.
 """
 
 from __future__ import annotations
@@ -582,11 +582,13 @@ class _Sender:
         self.run_id = run.info.run_id
         self._baseline = self._max_steps(run)
         replay = self._replay_ops()
-        if kept and any(step > self._s["resume_step"] for step in self._baseline.values()):
+        if kept and not self._s["resume_step"] and any(step > 0 for step in self._baseline.values()):
             # Steps of a start that died or stopped (NaN) before its first checkpoint: this start does them again
-            # from its checkpoint (from scratch), and the resume filter would drop its points at those steps, the
-            # old start's values standing in for them. Its own run then; the old one, whose start is gone (this
-            # job holds run.dir), is not left RUNNING.
+            # from step 0 (from scratch), and the resume filter would drop its points at those steps, the old
+            # start's values standing in for them. Its own run then; the old one, whose start is gone (this job
+            # holds run.dir), is not left RUNNING. (Kept by a start whose checkpoint holds no run id, its run
+            # opened during or after that save: this start resumes from that checkpoint, as for the checkpoint's
+            # own run, and the resume filter drops the steps it does again, bit-exact.)
             self._log(
                 logging.WARNING,
                 "tracking: the kept MLflow run %s already holds steps from a start that saved no checkpoint; %s",
