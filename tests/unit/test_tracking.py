@@ -634,10 +634,10 @@ def test_a_query_token_in_the_uri_is_never_logged_or_reported(store, client, tmp
 
 class _FakeMlflowServer:
     """Just enough of MLflow's REST API for one run (experiment lookup, create, log-batch, get, update),
-    in a thread of this process: a real `mlflow server` takes seconds to start."""
+    in a thread of this process: a real `mlflow server` takes seconds to start. ``up=False``: its port is bound
+    (known, and no other socket can take it) but nothing listens (a connection is refused) until ``start()``."""
 
-    def __init__(self, port: int = 0) -> None:
-        import threading
+    def __init__(self, up: bool = True) -> None:
         from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
         info = {"run_id": "r1", "run_uuid": "r1", "experiment_id": "1", "run_name": "fake", "status": "RUNNING"}
@@ -669,13 +669,43 @@ class _FakeMlflowServer:
             def log_message(self, *args) -> None:
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        class Server(ThreadingHTTPServer):
+            allow_reuse_address = False  # bound alone: no other socket binds the port before start() listens
+
+        self.server = Server(("127.0.0.1", 0), Handler, bind_and_activate=False)
+        self.server.server_bind()
         self.port = self.server.server_address[1]
+        self.up = False
+        if up:
+            self.start()
+
+    def start(self) -> None:
+        import threading
+
+        self.server.server_activate()  # listen
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.up = True
 
     def close(self) -> None:
-        self.server.shutdown()
+        if self.up:  # shutdown() waits for serve_forever() to return: for ever if it never ran
+            self.server.shutdown()
         self.server.server_close()
+
+
+def test_the_fake_server_holds_its_port_before_it_comes_up():
+    """The test below took a free port and bound it only when the server came up: another process could take
+    it in between (a flaky failure). The fake server binds its port at once and listens only on start()."""
+    server = _FakeMlflowServer(up=False)
+    try:
+        with socket.socket() as other, pytest.raises(OSError):
+            other.bind(("127.0.0.1", server.port))
+        with socket.socket() as c, pytest.raises(ConnectionRefusedError):
+            c.connect(("127.0.0.1", server.port))  # down: as when nothing listens there
+        server.start()
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5):
+            pass
+    finally:
+        server.close()
 
 
 def test_a_run_opened_late_reaches_on_run_id_at_once(tmp_path):
@@ -684,17 +714,17 @@ def test_a_run_opened_late_reaches_on_run_id_at_once(tmp_path):
     checkpoint, and the next start opened a second run. on_run_id now hears of it from the reader thread."""
     import threading
 
-    port = _free_port()
+    server = _FakeMlflowServer(up=False)  # its port, held from now on: it was a free one taken, then bound later
     kept: list[tuple[str, str]] = []
     t = Tracker(
         run_dir=str(tmp_path),
-        uri=f"http://127.0.0.1:{port}",
+        uri=f"http://127.0.0.1:{server.port}",
         interval=0.05,
         retry_interval=0.1,
         on_run_id=lambda run_id: kept.append((run_id, threading.current_thread().name)),
     )
     assert t.run_id is None and not kept
-    server = _FakeMlflowServer(port)
+    server.start()
     try:
         deadline = time.monotonic() + 30
         while t.run_id is None and time.monotonic() < deadline:
