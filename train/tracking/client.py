@@ -52,6 +52,8 @@ from mnemo.train.tracking.sender import TRAINERS_SIGNALS, sender_main
 log = logging.getLogger(__package__)
 
 _FEED_PERIOD = 0.1  # seconds between hand-overs from the trainer process to the sender
+# How long a failed start waits for its sender to finish (mark the run FAILED, close the store) before killing it.
+ABANDON_WAIT_S = 60.0
 
 
 class Tracker:
@@ -264,7 +266,7 @@ class Tracker:
 
     def _abandon_start(self) -> None:
         """Stop the sender of a start that failed half-way: mark its run FAILED if it opened one, close the
-        pipes, and kill it if it is still there after a while (it ignores SIGTERM)."""
+        pipes, and kill it if it is still there after ABANDON_WAIT_S (it ignores SIGTERM)."""
         self._off = self._closed = self._child_dead = True  # a feeder already running stops at "stop", sends nothing
         self._buf.append(("stop",))
         self._feed_now.set()
@@ -273,7 +275,9 @@ class Tracker:
         except (OSError, ValueError):
             pass  # already gone (a bad uri: it exited after saying so)
         self._ops.close()
-        deadline = time.monotonic() + 10
+        # Long enough for a sender still creating a new sqlite store's tables (seconds, more on a loaded machine):
+        # killed half-way once in a test, it left a store MLflow then refused ("table ... already exists").
+        deadline = time.monotonic() + ABANDON_WAIT_S
         reader = getattr(self, "_reader", None)
         if reader is None or not reader.is_alive():
             self._drain_replies(deadline)
