@@ -209,11 +209,11 @@ def keep_mlflow_run_id(run_dir: Path, run_id: str) -> None:
     atomic_write_text(run_dir / MLFLOW_RUN, json.dumps({"mlflow_run_id": run_id}) + "\n")
 
 
-def forget_mlflow_run_id(run_dir: Path) -> None:
-    """Remove the kept run id once a checkpoint holds it (only mnemo's file: wrote_run_file)."""
-    path = run_dir / MLFLOW_RUN
-    if wrote_run_file(path):
-        path.unlink(missing_ok=True)
+def forget_mlflow_run_id(run_dir: Path, run_id: str | None) -> None:
+    """Remove the kept run id once a checkpoint holds it: only when the kept one is ``run_id`` (a run opened
+    during the save that read ``run_id`` is kept and in no checkpoint yet), and only mnemo's file."""
+    if run_id is not None and kept_mlflow_run_id(run_dir) == run_id:
+        (run_dir / MLFLOW_RUN).unlink(missing_ok=True)
 
 
 def foreign_run_files(run_dir: Path) -> list[tuple[Path, str]]:

@@ -609,8 +609,7 @@ class Trainer:
         if self.info.rank == 0:
             # The checkpoint holds the run id from now on, but only if it is the kept one: a run that opened after
             # the id was read above (during this save) is kept by now and is in no checkpoint yet.
-            if meta["mlflow_run_id"] is not None and meta["mlflow_run_id"] == kept_mlflow_run_id(self.run_dir):
-                forget_mlflow_run_id(self.run_dir)
+            forget_mlflow_run_id(self.run_dir, meta["mlflow_run_id"])
             log.info("saved checkpoint %s (%s) in %.1fs", path, reason, time.time() - t0)
         return path
 

@@ -510,12 +510,15 @@ def test_only_an_mlflow_run_id_of_mlflows_form_kept_in_the_run_dir_is_read(tmp_p
     assert kept_mlflow_run_id(tmp_path) is None
     keep_mlflow_run_id(tmp_path, "0123456789abcdef" * 2)
     assert kept_mlflow_run_id(tmp_path) == "0123456789abcdef" * 2
-    forget_mlflow_run_id(tmp_path)
+    forget_mlflow_run_id(tmp_path, "f" * 32)  # a checkpoint holding another run: the kept one stays
+    forget_mlflow_run_id(tmp_path, None)
+    assert kept_mlflow_run_id(tmp_path) == "0123456789abcdef" * 2
+    forget_mlflow_run_id(tmp_path, "0123456789abcdef" * 2)
     assert not (tmp_path / "mlflow_run.json").exists()
     for bad in ("../../other", "0123456789ABCDEF" * 2, "0" * 31, 7):
         (tmp_path / "mlflow_run.json").write_text(json.dumps({"mlflow_run_id": bad}))
         assert kept_mlflow_run_id(tmp_path) is None
-        forget_mlflow_run_id(tmp_path)  # not mnemo's: left where it is
+        forget_mlflow_run_id(tmp_path, bad)  # not mnemo's: left where it is
         assert (tmp_path / "mlflow_run.json").exists()
 
 
