@@ -816,14 +816,16 @@ def int_values(cfg: Any, prefix: str = "") -> list[tuple[str, int]]:
     return out
 
 
+def _need(cond: bool, key: str, msg: str) -> None:
+    """A rule of ``validate`` / ``validate_start``: ConfigError "KEY: MSG" unless ``cond``."""
+    if not cond:
+        raise ConfigError(f"{key}: {msg}")
+
+
 def validate_start(cfg: Config) -> None:
     """Rules of key pairs that hold for a run being started (`load_config`), not for a checkpoint's saved config
     (``from_dict``): a checkpoint whose config breaks one, saved before the rule, still loads for eval or export."""
-
-    def need(cond: bool, key: str, msg: str):
-        if not cond:
-            raise ConfigError(f"{key}: {msg}")
-
+    need = _need
     # A resume from a named checkpoint loads its weights, optimizer and step: init_from went unread. With auto,
     # init_from starts the run and a relaunch goes on from the run's own checkpoints (its weights are in them).
     need(
@@ -850,9 +852,7 @@ def validate(cfg: Config) -> None:
     """Range and consistency checks that need no files."""
     from mnemo.model.sizes import MAX_COUNT, SIZES, arg_problem, count_problem
 
-    def need(cond: bool, key: str, msg: str):
-        if not cond:
-            raise ConfigError(f"{key}: {msg}")
+    need = _need
 
     def count(key: str, value: int, low: int, high: int, why: str = "") -> None:
         problem = count_problem(value, low, high, why)
