@@ -2,8 +2,17 @@
 
 from __future__ import annotations
 
-# Dense bf16 peak FLOP/s by a substring of torch.cuda.get_device_name(); the first match wins.
-PEAK_BF16_FLOPS = (("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("L40S", 362e12), ("A10", 125e12))
+# Dense bf16 peak FLOP/s by a substring of torch.cuda.get_device_name(); the first match wins, so the PCIe
+# and NVL H100s (lower clocks: "NVIDIA H100 PCIe", "NVIDIA H100 NVL") come before the SXM one.
+PEAK_BF16_FLOPS = (
+    ("H200", 989e12),
+    ("H100 PCIe", 756e12),
+    ("H100 NVL", 835e12),
+    ("H100", 989e12),
+    ("A100", 312e12),
+    ("L40S", 362e12),
+    ("A10", 125e12),
+)
 
 
 def device_peak_flops(use_cuda: bool) -> float:
