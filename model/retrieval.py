@@ -470,7 +470,7 @@ def exact_top(q: Tensor, mem_k: Tensor, valid: Tensor | None, k: int, W: int) ->
     with torch.no_grad():
         qf = q.reshape(B * H, T, Dh)
         keys_t = mem_k[:, :, N - W :].reshape(B * H, W, Dh).transpose(1, 2)  # [BH, Dh, W], a view of the store
-        invalid = None if valid is None else (~valid).repeat_interleave(H, dim=0)[:, None, :]  # [BH, 1, W]
+        invalid = None if valid is None else (~valid)[:, None, :]  # [B, 1, W]: the H heads of a slot share it
         idx = torch.empty(B * H, T, k, dtype=torch.long, device=q.device)
         vals = torch.empty(B * H, T, k, dtype=q.dtype, device=q.device)
         rows = min(T, max(1, _score_tile(q.device) // W))
@@ -479,10 +479,26 @@ def exact_top(q: Tensor, mem_k: Tensor, valid: Tensor | None, k: int, W: int) ->
             for t0 in range(0, T, rows):
                 s = torch.bmm(qf[h0 : h0 + heads, t0 : t0 + rows], keys_t[h0 : h0 + heads])  # [heads, rows, W]
                 if invalid is not None:
-                    s.masked_fill_(invalid[h0 : h0 + heads], neg)  # in place on a fresh temporary
+                    _mask_heads(s, invalid, h0, H, neg)  # in place on a fresh temporary
                 tile = (slice(h0, h0 + heads), slice(t0, t0 + rows))
                 torch.topk(s, k, dim=-1, out=(vals[tile], idx[tile]))
     return vals, idx + (N - W)
+
+
+def _mask_heads(s: Tensor, invalid: Tensor, h0: int, H: int, value: float) -> None:
+    """Set s [n, rows, W], the scores of flat heads h0 .. h0+n-1 (head h of slot b is b H + h), to
+    ``value`` where their slot's row of invalid [B, 1, W] is True, in place.
+
+    Each slot's mask row is broadcast over its heads (at most three fills: the partial slots at the
+    tile's ends and the whole ones between), so no [B H, W] copy of the mask is made per call.
+    """
+    h1 = h0 + s.shape[0]
+    a, c = -(-h0 // H) * H, h1 // H * H  # the whole slots' heads: a .. c-1
+    for lo, hi in ((h0, min(a, h1)), (max(a, c), h1)):  # partial slots at the ends (a tile inside one: once)
+        if lo < hi:
+            s[lo - h0 : hi - h0].masked_fill_(invalid[lo // H], value)
+    if a < c:
+        s[a - h0 : c - h0].view(-1, H, *s.shape[1:]).masked_fill_(invalid[a // H : c // H, None], value)
 
 
 def _unfindable(inv: Tensor, n_idx: int, age0: int, W: int, valid: Tensor | None) -> Tensor | None:
@@ -609,13 +625,18 @@ def ivf_retrieve(
     P = min(IVF_PROBE if probe is None else probe, C)
     neg = torch.finfo(q.dtype).min
     n_idx = off[:, :, -1]  # [B, H] entries indexed
+    # One host sync for what the plan below needs: any entry indexed, the most lists in use, the most
+    # entries pushed since a build (on a GPU each read back is a wait for the device).
+    indexed, most_lists, most_since = torch.stack(
+        ((n_idx > 0).any().long(), ivf_lists_at(fitted, C).max(), since.max())
+    ).tolist()
     # No slot fit yet (every entry is recent), or every list in use probed (every entry a candidate):
     # the exact search finds the same entries, and one dense product is the cheaper way to score them.
-    if exact is not None and (not bool((n_idx > 0).any()) or P >= int(ivf_lists_at(fitted, C).max())):
+    if exact is not None and (not indexed or P >= most_lists):
         return exact(q, mem_k, mem_v, valid, topk, window=window)
     with torch.no_grad():
         # ---- entries pushed since the last build: the newest since[b] of the window, scored densely
-        tail = min(W, int(since.max()))  # host sync
+        tail = min(W, most_since)
         parts = []
         if tail:
             tail = min(W, -(-max(tail, k) // 64) * 64)  # a few distinct shapes
@@ -623,7 +644,7 @@ def ivf_retrieve(
             tv = recent if valid is None else recent & valid[:, W - tail :]
             parts.append(exact_top(q, mem_k, tv, min(k, tail), tail))
         # ---- indexed entries of the probed lists
-        if bool((n_idx > 0).any()):
+        if indexed:
             lists = ivf_list_scores(q, cen, fitted).topk(P, dim=-1, sorted=False).indices  # [B, H, T, P], any order
             if IVF_RUNS and q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64):
                 vals = torch.empty(BH, T, k, dtype=q.dtype, device=q.device)  # every row set below
@@ -641,10 +662,14 @@ def ivf_retrieve(
                 size = torch.gather(offs, 2, lst + 1) - start
                 ends = size.cumsum(-1)  # [BH, T, P]
                 total = ends[..., -1]  # [BH, T] candidates per query
-                Lmax = max(int(total.max()), 1)
-                invf = inv.reshape(BH * N).long()
+                # The longest candidate list of each query position, read back at once (one host sync,
+                # not one per tile of rows: at GPU sizes a tile is often a single row).
+                longest = total.amax(0).tolist()  # [T]
+                Lmax = max(max(longest), 1)
+                invf = inv.reshape(BH * N)  # int32; only the entries a tile uses are made long
                 age0 = since.repeat_interleave(H)[:, None, None]  # [BH, 1, 1]
-                vflat = None if valid is None else valid.repeat_interleave(H, dim=0)  # [BH, W]
+                # valid [B, W] seen as [B, H, W]: a view, the heads of a slot share its row
+                vheads = None if valid is None else valid[:, None, :].expand(B, H, W)
                 vals = torch.full((BH, T, k), neg, dtype=q.dtype, device=q.device)
                 pos = torch.zeros(BH, T, k, dtype=torch.long, device=q.device)
                 qf = q.reshape(BH, T, Dh)
@@ -653,18 +678,18 @@ def ivf_retrieve(
                 for t0 in range(0, T, rows):
                     sl = slice(t0, t0 + rows)
                     r = ends[:, sl].shape[1]
-                    Lt = max(int(total[:, sl].max()), 1)  # this tile's longest candidate list (lists are unbalanced)
+                    Lt = max(max(longest[sl]), 1)  # this tile's longest candidate list (lists are unbalanced)
                     jj = j[:Lt].expand(BH, r, Lt).contiguous()
                     p = torch.searchsorted(ends[:, sl].contiguous(), jj, right=True).clamp_(max=P - 1)  # [BH, r, Lmax]
                     slot = torch.gather(start[:, sl], 2, p) + jj - torch.gather(ends[:, sl] - size[:, sl], 2, p)
                     ok = jj < total[:, sl, None]
                     slot = slot.clamp_(max=N - 1) + (torch.arange(BH, device=q.device) * N).view(BH, 1, 1)
-                    age = invf[slot.view(-1)].view(BH, r, Lt) + age0
+                    age = invf[slot.view(-1)].view(BH, r, Lt).long() + age0
                     where = N - 1 - age  # store position
                     ok &= where >= N - W
                     where.clamp_(min=N - W)
-                    if vflat is not None:
-                        ok &= torch.gather(vflat, 1, (where - (N - W)).view(BH, -1)).view(BH, r, Lt)
+                    if vheads is not None:
+                        ok &= torch.gather(vheads, 2, (where - (N - W)).view(B, H, -1)).view(BH, r, Lt)
                     flat = (where + (torch.arange(BH, device=q.device) * N).view(BH, 1, 1)).view(-1)
                     cand = gather_rows(mem_k, flat).view(BH * r, Lt, Dh)
                     s = torch.bmm(cand, qf[:, sl].reshape(BH * r, Dh, 1)).view(BH, r, Lt)

@@ -3,9 +3,13 @@ in-place store append of no-grad forwards (model/memory.py ``fifo_append``)."""
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 import mnemo.model.retrieval as rt
 from mnemo.model.memory import LayerMemory, fifo_append
@@ -132,6 +136,85 @@ def test_runs_top_in_tiles_of_rows_equals_one_tile(small_ivf, monkeypatch):
         got.append(ivf_retrieve(q, mem.ltm_k, mem.ltm_v, None, 7, index=mem.ivf_index(), probe=5))
     (ak, av, af), (bk, bv, bf) = got
     assert af.any() and torch.equal(af, bf) and torch.equal(ak, bk) and torch.equal(av, bv)
+
+
+@contextlib.contextmanager
+def host_reads():
+    """A list to which each call of a Tensor method that reads a value back to Python (on a GPU a wait
+    for the device) is appended while the block runs."""
+    reads: list[str] = []
+    names = ("item", "tolist", "__int__", "__bool__", "__float__", "__index__")
+    saved = {name: getattr(torch.Tensor, name) for name in names}
+
+    def counting(name):
+        def read(self, *a, **kw):
+            reads.append(name)
+            return saved[name](self, *a, **kw)
+
+        return read
+
+    try:
+        for name in names:
+            setattr(torch.Tensor, name, counting(name))
+        yield reads
+    finally:
+        for name, fn in saved.items():
+            setattr(torch.Tensor, name, fn)
+
+
+class LargestMade(TorchDispatchMode):
+    """The largest storage (bytes) that an op's output holds, per dtype, while the mode is on."""
+
+    def __init__(self):
+        super().__init__()
+        self.bytes: dict[torch.dtype, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.bytes[t.dtype] = max(self.bytes.get(t.dtype, 0), t.untyped_storage().nbytes())
+        return out
+
+
+def test_gathered_rows_read_back_once_per_call_whatever_the_tiles(small_ivf, monkeypatch):
+    """The path for GPUs and bf16 (rows gathered from the store) in tiles of one query row each (what
+    GPU sizes come to): the values it reads back to the host (each a wait for the device) are as many
+    for 40 queries as for 4, where a read back of each tile's longest list made one per row; and the
+    entries found are those of one tile holding every row."""
+    monkeypatch.setattr(rt, "IVF_RUNS", False)
+    B, H, N, Dh = 2, 2, 2800, 16
+    mem = _filled(B, H, N, Dh, 375, 8)
+    valid = torch.rand(B, 2560, generator=torch.Generator().manual_seed(7)) > 0.2
+    reads, found = {}, {}
+    for S in (4, 40):
+        q = F.normalize(torch.randn(B, H, S, Dh, generator=torch.Generator().manual_seed(6)), dim=-1)
+        for tile in (1, 1 << 30):  # 1: one row per tile
+            monkeypatch.setattr(rt, "_ivf_tile", lambda device, tile=tile: tile)
+            with host_reads() as counted:
+                found[S, tile] = ivf_retrieve(q, mem.ltm_k, mem.ltm_v, valid, 6, 2560, mem.ivf_index(), 3, knn_retrieve)
+            reads[S, tile] = len(counted)
+        for x, y in zip(found[S, 1], found[S, 1 << 30]):
+            assert torch.equal(x, y)
+    assert found[40, 1][2].any()
+    assert reads[4, 1] == reads[40, 1] == reads[40, 1 << 30] <= 2, reads
+
+
+def test_gathered_rows_copy_neither_the_index_nor_the_mask_per_head(small_ivf, monkeypatch):
+    """A read through gathered rows made an int64 copy of the whole index ([B H N], 8 bytes an entry)
+    and a [B H, window] copy of the valid mask (one per head) on every call: the index is read where
+    the tiles use it, and the mask of a slot serves its heads as a view."""
+    monkeypatch.setattr(rt, "IVF_RUNS", False)
+    monkeypatch.setattr(rt, "_ivf_tile", lambda device: 1)  # one row per tile: small temporaries
+    B, H, N, Dh, S = 2, 4, 2800, 16, 9
+    mem = _filled(B, H, N, Dh, 375, 8)
+    valid = torch.rand(B, N, generator=torch.Generator().manual_seed(7)) > 0.2
+    q = F.normalize(torch.randn(B, H, S, Dh, generator=torch.Generator().manual_seed(6)), dim=-1)
+    with LargestMade() as made:
+        _, _, found = ivf_retrieve(q, mem.ltm_k, mem.ltm_v, valid, 6, None, mem.ivf_index(), 1, knn_retrieve)
+    assert found.any()
+    assert made.bytes[torch.int64] < B * H * N * 8, made.bytes
+    assert made.bytes[torch.bool] < B * H * N, made.bytes
 
 
 def test_evicted_entries_are_never_found(small_ivf):

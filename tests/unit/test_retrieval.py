@@ -11,6 +11,7 @@ import mnemo.model.retrieval as rt
 import mnemo.model.transformer as mt
 from mnemo.model.retrieval import block_retrieve
 from mnemo.model.transformer import knn_retrieve
+from tests.unit.test_ivf import LargestMade
 from tests.unit.test_model import V, close, make, run, tokens
 
 
@@ -140,3 +141,23 @@ def test_evaluation_can_switch_a_trained_model_to_the_block_search(monkeypatch):
         got, _ = run(switched, x)
     assert switched.args.ltm_search == "blocks"
     assert torch.equal(got, want) and not torch.equal(got, exact)
+
+
+@pytest.mark.parametrize("heads", [1, 3, 4, 6, 12])
+def test_exact_top_masks_each_slot_in_tiles_of_any_heads(monkeypatch, heads):
+    """The exact search's tiles of ``heads`` heads (3 and 6 begin and end inside slots of 4 heads) mask
+    each head's scores with its own slot's invalid entries: the same scores and positions as one tile
+    of all 12 heads, and no [B H, window] copy of the mask (one per head) is made for it."""
+    B, H, N, Dh, T, W = 3, 4, 300, 8, 5, 256
+    q, k, _, valid = _store(B, H, N, Dh, T, [256, 100, 30])
+    valid = valid[:, N - W :] & (torch.rand(B, W, generator=torch.Generator().manual_seed(1)) > 0.3)
+    want = rt.exact_top(q, k, valid, 6, W)  # the CPU tile holds every head
+    monkeypatch.setattr(rt, "_score_tile", lambda device: heads * T * W)  # rows: all T; heads: ``heads``
+    with LargestMade() as made:
+        got = rt.exact_top(q, k, valid, 6, W)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert (got[0] > torch.finfo(q.dtype).min).any(-1).all()
+    for b in range(B):  # nothing found outside a slot's valid entries
+        found = got[0][b * H : (b + 1) * H] > torch.finfo(q.dtype).min
+        assert valid[b, got[1][b * H : (b + 1) * H][found] - (N - W)].all()
+    assert made.bytes[torch.bool] < B * H * W, made.bytes
