@@ -92,6 +92,24 @@ IVF_ITERS = 8  # k-means rounds
 IVF_FIT_SAMPLE = 64  # k-means fits on at most this many entries per centroid (evenly spaced)
 
 
+def never_traced(fn: Callable) -> Callable:
+    """fn, run eagerly inside code that torch.compile traces (its calls are graph breaks).
+
+    Outside torch.compile, a plain call: torch._dynamo is not imported for it (importing it takes about
+    as long as importing torch). Traced, the call goes to torch._disable_dynamo's wrapper of fn (it
+    imports torch._dynamo at its first call, and dynamo never traces torch's own wrapper).
+    """
+    wrapped = torch._disable_dynamo(fn)
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        if torch.compiler.is_compiling():
+            return wrapped(*args, **kwargs)
+        return fn(*args, **kwargs)
+
+    return call
+
+
 def _candidate_tile(device: torch.device) -> int:
     """Elements of one gathered [rows, probe * block, Dh] tile of candidate keys."""
     return 1 << 21 if device.type == "cpu" else 1 << 27
@@ -116,6 +134,7 @@ def block_summaries(keys: Tensor, valid: Tensor | None, block: int) -> tuple[Ten
     return F.normalize(sums.float(), dim=-1).to(keys.dtype), nonempty
 
 
+@never_traced  # see knn_retrieve (model/transformer.py)
 def block_retrieve(
     q: Tensor,
     mem_k: Tensor,
@@ -394,8 +413,20 @@ def ltm_push(mem: LayerMemory, kn: Tensor, v: Tensor) -> dict[str, Tensor]:
     build, which fits the centroids) or IVF_REBUILD entries since their last build.
     """
     out = dict(ltm_k=fifo_append(mem.ltm_k, kn), ltm_v=fifo_append(mem.ltm_v, v))
-    if mem.ltm_cen is None:
-        return out
+    if mem.ltm_cen is not None:
+        out.update(_ivf_push(mem, kn, out["ltm_k"]))
+    return out
+
+
+@never_traced
+def _ivf_push(mem: LayerMemory, kn: Tensor, store: Tensor) -> dict[str, Tensor]:
+    """``ltm_push``'s IVF fields: ``mem``'s index after pushing keys kn [B, H, T, Dh] into its store (``store``,
+    the store after the push).
+
+    Never traced by torch.compile (it runs eagerly inside a compiled model): which slots rebuild and
+    at what fill are read back to Python and shape the work, so a traced copy would be recompiled at
+    every new fill (silently falling back to eager for the whole layer stack after 8).
+    """
     c, cen, inv, off, since, fitted, kl = mem.ivf_index()
     B, H, N, _ = mem.ltm_k.shape
     T = kn.shape[2]
@@ -412,7 +443,7 @@ def ltm_push(mem: LayerMemory, kn: Tensor, v: Tensor) -> dict[str, Tensor]:
             ids = torch.zeros(kn.shape[:3], dtype=torch.int32, device=kn.device)
         c = fifo_append(c, ids)
         if any_due:
-            keys = out["ltm_k"].detach()
+            keys = store.detach()
             c, cen, inv, off, kl = c.clone(), cen.clone(), inv.clone(), off.clone(), kl.clone()
             since, fitted = since.clone(), fitted.clone()
             for b in due.nonzero().flatten().tolist():
@@ -420,8 +451,7 @@ def ltm_push(mem: LayerMemory, kn: Tensor, v: Tensor) -> dict[str, Tensor]:
                 since[b] = 0
                 if fit[b]:
                     fitted[b] = fill[b]
-    out.update(ltm_c=c, ltm_cen=cen, ltm_inv=inv, ltm_off=off, ltm_since=since, ltm_fit=fitted, ltm_kl=kl)
-    return out
+    return dict(ltm_c=c, ltm_cen=cen, ltm_inv=inv, ltm_off=off, ltm_since=since, ltm_fit=fitted, ltm_kl=kl)
 
 
 def ivf_index_store(ltm_k: Tensor, fill: Tensor) -> dict[str, Tensor]:
@@ -592,6 +622,7 @@ def _ivf_tile(device: torch.device) -> int:
     return 1 << 22 if device.type == "cpu" else 1 << 27
 
 
+@never_traced  # see knn_retrieve (model/transformer.py)
 def ivf_retrieve(
     q: Tensor,
     mem_k: Tensor,

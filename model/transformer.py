@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mnemo.model.memory import LayerMemory, MemoryState, gather_rows
-from mnemo.model.retrieval import IVF_PROBE, SEARCHES, exact_top, ivf_state, ltm_push, searcher
+from mnemo.model.retrieval import IVF_PROBE, SEARCHES, exact_top, ivf_state, ltm_push, never_traced, searcher
 from mnemo.model.sizes import (
     ARG_RANGES,
     SIZES,
@@ -273,6 +273,12 @@ def ltm_search_window(max_len: int, capacity: int, topk: int) -> int:
     return min(capacity, window)
 
 
+# Never traced by torch.compile (it runs eagerly inside a compiled model), nor are the other searches
+# (model/retrieval.py): the window is a shape read back to Python once per forward and it grows with
+# the store, so a traced search was recompiled at every new window, and after 8 the whole layer
+# stack silently ran eagerly. Outside it, the compiled layers see the window only as the length of
+# the valid mask, which the compiler makes a dynamic size at its first change (one recompile).
+@never_traced
 def knn_retrieve(
     q: Tensor, mem_k: Tensor, mem_v: Tensor, valid: Tensor | None, topk: int, window: int | None = None
 ) -> tuple[Tensor, Tensor, Tensor]:

@@ -8,16 +8,21 @@ from __future__ import annotations
 import io
 from dataclasses import replace
 import math
+from pathlib import Path
+import subprocess
+import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+import mnemo.model.retrieval as rt
 import mnemo.model.transformer as mt
 from mnemo.model import MemoryState, MemoryTransformer, ModelArgs
 from mnemo.model.transformer import SegmentContext, knn_retrieve
 
 V, T = 61, 8  # vocabulary, segment length
+REPO = Path(__file__).resolve().parents[2]
 
 
 def make(
@@ -658,3 +663,53 @@ def test_compiled_model_equals_eager_with_and_without_gradients():
         assert close(got.detach(), ref.detach()), grad
         for name, t in got_state.state_dict().items():
             assert close(t.float(), ref_state.state_dict()[name].float()), name
+
+
+@pytest.mark.parametrize(
+    "mix,search,grad", [("gate", "exact", 0), ("joint", "exact", 1), ("joint", "ivf", 0), ("gate", "ivf", 1)]
+)
+def test_a_compiled_model_is_not_recompiled_as_its_store_grows(monkeypatch, mix, search, grad):
+    """model.compile=true: the search window (a shape, read back once per forward) grows with the store,
+    here by 8 entries a segment, and an IVF index rebuilds at fills that grow too. Traced into the
+    compiled graph, the searches and the index update made it recompile at every new window or fill,
+    and after 8 (dynamo's recompile_limit) the layer stack silently ran eagerly for the rest of the run.
+    They run outside the graph: once the first two segments compiled (a fresh state, then a grown one),
+    15 more with 15 new windows compile nothing (a recompile is made an error), and the output is eager's."""
+    if search == "ivf":  # 4 lists, fit at 16 entries (refit at 32, 64, 128), re-sorted every 16; 2 probed
+        for name, value in (("IVF_MAX_LISTS", 4), ("IVF_LIST_SIZE", 1), ("IVF_TRAIN_AT", 16), ("IVF_REBUILD", 16)):
+            monkeypatch.setattr(rt, name, value)
+    model = make(n_layers=2, capacity=128, mix=mix, search=search, probe=2)
+    x = tokens(2, 17)
+    torch._dynamo.reset()  # no cache entries of earlier tests' models count
+    try:
+        compiled = torch.compile(model, backend="eager")
+        with torch.set_grad_enabled(bool(grad)):
+            ref, ref_state = run(model, x)
+            first, state = run(compiled, x[:, : 2 * T])
+            with torch._dynamo.config.patch(error_on_recompile=True):
+                rest, got_state = run(compiled, x[:, 2 * T :], state)
+    finally:
+        torch._dynamo.reset()
+    assert close(torch.cat((first, rest), dim=1).detach(), ref.detach())
+    for name, t in got_state.state_dict().items():
+        assert close(t.float(), ref_state.state_dict()[name].float()), name
+
+
+def test_an_eager_model_does_not_import_the_compiler():
+    """The searches are kept out of torch.compile's graphs without importing torch._dynamo (about as long
+    as importing torch) in a process that never compiles: building the model and reading with each
+    search imports nothing of it."""
+    code = """
+import sys
+from mnemo.model import MemoryTransformer, ModelArgs
+for search in ("exact", "blocks", "ivf"):
+    m = MemoryTransformer(ModelArgs(vocab_size=61, n_layers=2, d_model=32, n_heads=4, d_ff=64, stm_length=8,
+                                    ltm_kind="knn", ltm_capacity=64, ltm_topk=4, ltm_layers=(1,), ltm_search=search))
+    state = m.init_state(2)
+    for _ in range(3):
+        _, state = m(__import__("torch").randint(0, 61, (2, 8)), state)
+print("torch._dynamo" in sys.modules)
+"""
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split() == ["False"]
