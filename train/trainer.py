@@ -90,6 +90,11 @@ def read_manifest(cfg: Config) -> dict[str, Any]:
     return read_data_manifest(data_dir)
 
 
+# How long a checkpoint's save waits for MLflow's sender to confirm the points logged so far (Tracker.flush): it
+# sends them (a healthy store: well under a second) or, the store down, spills them to the fallback file at once
+# (within its 2 s probe); what a slow store has not taken by then the trainer appends to that file itself.
+TRACKING_FLUSH_S = 10.0
+
 # Config keys a node may set for itself: where its copy of the data and tokenizer lies (compared by
 # content instead), its prefetch threads and its local cache. Everything else must be rank 0's.
 NODE_LOCAL_KEYS = ("data.path", "data.tokenizer", "data.num_workers", "data.cache_dir")
@@ -596,6 +601,11 @@ class Trainer:
     def save(self, reason: str) -> Path:
         """A checkpoint of the steps done so far (counters.step)."""
         t0, step = time.time(), self.counters.step
+        # Every metric point of those steps on the MLflow store or in the fallback file before the checkpoint can
+        # be the newest: a resume re-does (and logs) only the steps after it, so points that were only in the
+        # sender's memory when the whole process group was SIGKILLed (timeout -s KILL, a container stop) were
+        # lost for good. Rank 0 only (the others return at once); bounded (TRACKING_FLUSH_S).
+        self.tracker.flush(timeout=TRACKING_FLUSH_S)
         # Read the run id now: if the tracking server was down at start-up, the run exists only later.
         meta = dict(
             self.meta_base,

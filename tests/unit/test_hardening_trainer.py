@@ -687,6 +687,58 @@ def test_a_start_from_scratch_after_a_nan_stop_before_any_checkpoint_logs_into_a
     assert client.get_run(old).info.status == "FAILED" and client.get_run(again["run_id"]).info.status == "FINISHED"
 
 
+# `mnemo train` whose job is SIGKILLed, the whole process group (`timeout -s KILL`, a container stop, SLURM's last
+# KILL), right after its first checkpoint is committed. Its sender sends every 30 s: before the kill, only what
+# the checkpoint's save made it send can be in the store.
+KILLED_AFTER_A_CHECKPOINT = """
+import os, signal, sys
+from mnemo.train import trainer
+from mnemo.train.entry import run_train
+from mnemo.train.tracking import Tracker
+
+Tracker.__init__.__kwdefaults__["interval"] = 30.0
+save = trainer.Trainer.save
+
+def save_then_die(self, reason):
+    save(self, reason)
+    os.killpg(0, signal.SIGKILL)  # this job's process group: the trainer and its MLflow sender
+
+trainer.Trainer.save = save_then_die
+sys.exit(run_train(sys.argv[1], sys.argv[2:]))
+"""
+
+
+def test_the_points_before_a_checkpoint_survive_a_sigkill_of_the_process_group(world1, data, tmp_path, monkeypatch):
+    """The trainer hands metric points to its sender process, which sends them every second, and the checkpoint
+    did not wait for them: a SIGKILL of the process group (the sender with it) after a checkpoint lost the points
+    of the steps before it that the sender still held, and the resume re-does only the steps after it: train/loss
+    had step 5 alone. A save now makes sure they are on the store (or in the fallback file) first."""
+    from mlflow import MlflowClient
+
+    from mnemo.train import trainer
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # the sqlite store in run.dir
+    run_dir = tmp_path / "run"
+    args = [f"data.path={data}", f"run.dir={run_dir}", "tracking.enabled=true", "train.log_interval=1"]
+    args += ["train.max_steps=5", "checkpoint.interval=4", "eval.interval=0", "eval.max_docs=0"]  # no evaluation
+    job = subprocess.run(
+        [sys.executable, "-c", KILLED_AFTER_A_CHECKPOINT, str(DEBUG), *args],
+        env=dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1"),
+        start_new_session=True,  # its own process group, which it kills
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert job.returncode == -signal.SIGKILL, job.stderr[-3000:]
+    assert [p.name for p in (run_dir / "checkpoints").glob("step_*")] == ["step_00000004"]
+    again = trainer.train(config(data, run_dir, *args[2:]))
+    assert again["exit"] == "completed"
+    client = MlflowClient(f"sqlite:///{run_dir / 'mlflow.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert [r.info.run_id for r in runs] == [again["run_id"]]
+    assert sorted(m.step for m in client.get_metric_history(again["run_id"], "train/loss")) == [1, 2, 3, 4, 5]
+
+
 def _mlflow_run_opened_late(m, when: str) -> None:
     """The Tracker says no run id (a tracking store down at start) until the first checkpoint's save has read
     it: ``when`` "during" that save (the sender's reader thread keeps the id meanwhile) or "after" it."""

@@ -635,9 +635,11 @@ def test_a_query_token_in_the_uri_is_never_logged_or_reported(store, client, tmp
 class _FakeMlflowServer:
     """Just enough of MLflow's REST API for one run (experiment lookup, create, log-batch, get, update),
     in a thread of this process: a real `mlflow server` takes seconds to start. ``up=False``: its port is bound
-    (known, and no other socket can take it) but nothing listens (a connection is refused) until ``start()``."""
+    (known, and no other socket can take it) but nothing listens (a connection is refused) until ``start()``.
+    ``stall()``: a log-batch request waits (a server that is up but slow) until ``resume()``."""
 
     def __init__(self, up: bool = True) -> None:
+        import threading
         from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
         info = {"run_id": "r1", "run_uuid": "r1", "experiment_id": "1", "run_name": "fake", "status": "RUNNING"}
@@ -645,12 +647,16 @@ class _FakeMlflowServer:
         run = {"info": info, "data": {}}
         self.paths: list[str] = []
         paths = self.paths
+        self.stalled, self.resumed = threading.Event(), threading.Event()
+        stalled, resumed = self.stalled, self.resumed
 
         class Handler(BaseHTTPRequestHandler):
             def _reply(self) -> None:
                 self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 path = self.path.split("?")[0]
                 paths.append(path)
+                if path.endswith("runs/log-batch") and stalled.is_set():
+                    resumed.wait(60)
                 if path.endswith("experiments/get-by-name"):
                     out = {"experiment": {"experiment_id": "1", "name": "mnemo", "lifecycle_stage": "active"}}
                 elif path.endswith(("runs/create", "runs/get", "runs/update")):
@@ -686,7 +692,16 @@ class _FakeMlflowServer:
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
         self.up = True
 
+    def stall(self) -> None:
+        self.resumed.clear()
+        self.stalled.set()
+
+    def resume(self) -> None:
+        self.stalled.clear()
+        self.resumed.set()
+
     def close(self) -> None:
+        self.resume()
         if self.up:  # shutdown() waits for serve_forever() to return: for ever if it never ran
             self.server.shutdown()
         self.server.server_close()
@@ -731,6 +746,41 @@ def test_a_run_opened_late_reaches_on_run_id_at_once(tmp_path):
             time.sleep(0.05)
         assert t.run_id == "r1"
         assert kept == [("r1", "mnemo-tracking-read")]
+        t.close()
+    finally:
+        server.close()
+
+
+def test_a_flush_a_slow_server_does_not_confirm_in_time_leaves_the_points_in_the_fallback_file(tmp_path, caplog):
+    """A checkpoint's save flushes before it commits (a SIGKILL of the whole process group loses what only the
+    sender held). A server that answers but takes its time made flush() wait its whole timeout and return with
+    the points still in the sender alone; they are in the fallback file now, which the next start replays."""
+    server = _FakeMlflowServer()
+    try:
+        t = Tracker(run_dir=str(tmp_path), uri=f"http://127.0.0.1:{server.port}", interval=0.05)
+        assert t.run_id == "r1"
+        server.stall()
+        with caplog.at_level(logging.WARNING, logger="mnemo.train.tracking"):
+            for step in (1, 2, 3):
+                t.log_metrics({"train/loss": 1.0 / step, "train/lr": 0.1}, step=step)
+            t0 = time.perf_counter()
+            t.flush(timeout=1.0)
+            elapsed = time.perf_counter() - t0
+        assert elapsed < 3, f"the flush took {elapsed:.1f} s"
+        fallback = tmp_path / "logs" / "metrics_fallback.jsonl"
+        recs = [json.loads(line) for line in open(fallback)]
+        assert sorted((r["run_id"], r["step"], r["key"]) for r in recs) == [
+            ("r1", step, key) for step in (1, 2, 3) for key in ("train/loss", "train/lr")
+        ]
+        warned = [r.getMessage() for r in caplog.records if "flush" in r.getMessage()]
+        assert warned == [
+            "tracking: MLflow's sender did not confirm a flush within 1 s; the 6 metric points it had not confirmed "
+            f"were appended to {fallback}"
+        ]
+        server.resume()
+        t.log_metrics({"train/loss": 0.25}, step=4)
+        t.flush(timeout=10)  # confirmed: nothing more in the file
+        assert len(open(fallback).readlines()) == 6
         t.close()
     finally:
         server.close()

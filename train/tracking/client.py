@@ -25,7 +25,10 @@ pipe), appends the metric points it handed over but the sender had not yet
 reported held to the fallback file, and from then on appends metric points
 there itself (``common.append_points``), so nothing logged is lost. (A point
 the sender sent just before dying may be in both; replay skips the steps a
-run already holds.)
+run already holds.) ``flush`` writes there too the points that the sender has
+not reported held when it gives up waiting, so that a checkpoint's save
+(which flushes first) never leaves points only in the sender, which a SIGKILL
+of the whole process group kills too.
 """
 
 from __future__ import annotations
@@ -132,6 +135,7 @@ class Tracker:
         self._buf: deque[tuple] = deque()
         self._feed_now = threading.Event()
         self._flushes: dict[int, threading.Event] = {}
+        self._flush_numbers: dict[int, int] = {}  # flush token -> its message's number in the pipe
         self._tokens = itertools.count()
         self._fallback = FallbackFile(self.fallback_path, log.warning)  # used here only if the sender dies
         # Metric messages in the pipe or in the sender, not yet reported held: (number, message).
@@ -220,16 +224,34 @@ class Tracker:
         self._buf.append(("artifact", str(Path(path).resolve()), artifact_path))
 
     def flush(self, timeout: float = 30) -> None:
-        """Wait until everything logged so far is on the server, or (server away) in the fallback file."""
-        if self._off or self._closed or self._child_dead:
+        """Make sure that every metric point logged so far is on the server or in the fallback file, which the next
+        start replays: a SIGKILL of the whole process group (the sender with it) right after this loses none.
+
+        Waits up to ``timeout`` s for the sender to say it sent or spilled everything before this flush (the
+        points of a server that is down it spills at once); the metric points it has not confirmed by then (a
+        slow server, a request it refused and will retry) are appended to the fallback file from here. Params,
+        tags and artifacts are only waited for.
+        """
+        if self._off or self._closed:
+            return
+        if self._child_dead:  # the feeder writes the points to the file every 0.1 s: those of now, at once
+            self._keep_queued()
             return
         token = next(self._tokens)
         done = self._flushes[token] = threading.Event()
         self._buf.append(("flush", token))
         self._feed_now.set()
-        if not done.wait(timeout):
-            log.warning("tracking: flush did not finish within %.0f s", timeout)
+        finished = done.wait(timeout)
         self._flushes.pop(token, None)
+        kept = self._keep_unconfirmed(token)
+        if not finished:
+            log.warning(
+                "tracking: MLflow's sender did not confirm a flush within %.0f s; the %d metric points it had not "
+                "confirmed were appended to %s",
+                timeout,
+                kept,
+                self.fallback_path,
+            )
 
     def close(self, status: str = "FINISHED") -> None:
         """Send what is left, mark the run `status` (FINISHED | FAILED | KILLED), stop the sender."""
@@ -336,16 +358,21 @@ class Tracker:
             self._feed_now.wait(_FEED_PERIOD)
             self._feed_now.clear()
             batch = []
-            while self._buf:
-                batch.append(self._buf.popleft())
-            if not batch:
-                continue
-            if not self._child_dead:
-                with self._unheld_lock:
+            # Taken from the buffer and put in _unheld under the lock: a flush that writes out what is unconfirmed
+            # sees every message in one of the two.
+            with self._unheld_lock:
+                while self._buf:
+                    batch.append(self._buf.popleft())
+                if batch and not self._child_dead:
                     for msg in batch:
                         self._piped += 1
                         if msg[0] == "metrics":
                             self._unheld.append((self._piped, msg))
+                        elif msg[0] == "flush" and msg[1] in self._flushes:  # (not one that gave up waiting)
+                            self._flush_numbers[msg[1]] = self._piped
+            if not batch:
+                continue
+            if not self._child_dead:
                 try:
                     self._ops.send(batch)
                 except (OSError, ValueError):
@@ -403,6 +430,36 @@ class Tracker:
                 self._keep_here(self._unheld.popleft()[1])
         for ev in list(self._flushes.values()):
             ev.set()
+
+    def _keep_unconfirmed(self, token: int) -> int:
+        """Append to the fallback file the metric points logged before flush ``token`` that the sender has not
+        reported held (none once it answered the flush, unless the store refused a request it retries); they
+        count as held from now on. The number of points appended."""
+        kept = 0
+        with self._unheld_lock:
+            number = self._flush_numbers.pop(token, None)  # None: the flush is still in the buffer
+            while self._unheld and (number is None or self._unheld[0][0] < number):
+                msg = self._unheld.popleft()[1]
+                kept += len(msg[3])
+                self._keep_here(msg)
+            if number is None:
+                for msg in list(self._buf):  # (list() of a deque is one step for other threads)
+                    if msg == ("flush", token):
+                        break
+                    if msg[0] == "metrics":  # still sent later: points then in both places, as after an outage
+                        kept += len(msg[3])
+                        self._keep_here(msg)
+        return kept
+
+    def _keep_queued(self) -> None:
+        """Sender gone: append the metric points still in the buffer to the fallback file now."""
+        with self._unheld_lock:
+            while self._buf:
+                msg = self._buf.popleft()
+                if msg[0] == "stop":  # (not after close(): for the feeder, which ends at it)
+                    self._buf.appendleft(msg)
+                    return
+                self._keep_here(msg)
 
     def _keep_here(self, msg: tuple) -> None:
         """Sender gone: append metric points to the fallback file from this process."""

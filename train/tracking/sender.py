@@ -340,6 +340,7 @@ class _Sender:
                 self._log(logging.ERROR, "tracking: unexpected error in the sender: %r", e)
             held = self._held()
             if held != self._reported_held:  # the trainer may forget what it kept of messages up to here
+                self._fallback.flush()  # what was spilled is in the file before the trainer forgets it
                 self._reported_held = held
                 self._emit(("held", held))
             for token in flushes:
