@@ -14,8 +14,10 @@ U+FFFD replacement (the document is kept and counted as ``invalid_utf8``);
 empty and whitespace-only documents are skipped (``empty``); a JSONL line that
 is not a JSON object (``invalid_json``), lacks the text field
 (``missing_text_field``) or holds a non-string there (``non_string_text``) is
-skipped, and with ``strict=True`` raises ``DataError`` naming file:line. A text
-file that looks binary is skipped (``binary_file``).
+skipped, as is a Parquet text cell that is null or not a string, and a text
+file that looks binary (``binary_file``); with ``strict=True`` each of these
+records that holds no text where its format says it should raises ``DataError``
+naming file:line (file:row N, the file) instead.
 
 Memory: no document may take more than ``max_doc_bytes`` input bytes (a text
 file's size, a JSONL line without its newline, a Parquet cell's UTF-8 size).
@@ -132,7 +134,15 @@ def _open_input(f: InputFile, buffering: int = -1) -> IO[bytes]:
         raise DataError(f"input {f.path}: {e} (changed since it was planned)") from None
 
 
-def _read_text(f: InputFile, stats: ReadStats, max_doc_bytes: int) -> Iterator[Doc]:
+def _bad_record(reason: str, where: str, detail: str, strict: bool, stats: ReadStats) -> None:
+    """A record that holds no text where its format says it should (a JSONL line, a Parquet cell, a text file):
+    with --strict an error naming ``where``, else skipped and counted under ``reason``."""
+    if strict:
+        raise DataError(f"{where}: {detail} (--strict)")
+    stats.note(reason, where)
+
+
+def _read_text(f: InputFile, strict: bool, stats: ReadStats, max_doc_bytes: int) -> Iterator[Doc]:
     chunks: list[bytes] = []
     n = 0
     with _open_input(f) as fh:
@@ -157,7 +167,8 @@ def _read_text(f: InputFile, stats: ReadStats, max_doc_bytes: int) -> Iterator[D
     bom = byte_order_mark(raw[:4])
     if bom is None:
         if b"\0" in raw[:8192]:
-            stats.note("binary_file", f.path)
+            detail = "a NUL byte in its first 8 KiB: a binary file, or UTF-16 without a byte order mark"
+            _bad_record("binary_file", f.path, detail, strict, stats)
             return
         text = _decode(raw, f.path, stats)
     else:
@@ -327,9 +338,7 @@ def _read_jsonl(
             return f"{source}:{numbers.at(k) if numbers else k + 1}"
 
         def bad(k: int, reason: str, detail: str) -> None:
-            if strict:
-                raise DataError(f"{where(k)}: {detail} (--strict)")
-            stats.note(reason, where(k))
+            _bad_record(reason, where(k), detail, strict, stats)
 
         for k, line in enumerate(_lines(f, fh, pos, stop, max_doc_bytes)):
             if line is None:
@@ -467,6 +476,7 @@ def _read_parquet(
     stop: int | None,
     text_field: str,
     id_field: str | None,
+    strict: bool,
     stats: ReadStats,
     max_doc_bytes: int,
 ) -> Iterator[Doc]:
@@ -483,7 +493,7 @@ def _read_parquet(
             where = f"{source}:row {row}"
             row += 1
             if text is None:
-                stats.note("missing_text_field", where)
+                _bad_record("missing_text_field", where, f"column {text_field!r} is null, not a string", strict, stats)
                 continue
             if isinstance(text, bytes):
                 if len(text) > max_doc_bytes:
@@ -491,7 +501,8 @@ def _read_parquet(
                     continue
                 text = _decode(text, where, stats)
             elif not isinstance(text, str):
-                stats.note("non_string_text", where)
+                detail = f"column {text_field!r} is {_json_type(text)}, not a string"
+                _bad_record("non_string_text", where, detail, strict, stats)
                 continue
             elif _utf8_len(text) > max_doc_bytes:
                 stats.note("too_large", where)
@@ -524,9 +535,9 @@ def iter_piece(
     f = piece.file
     try:
         if f.kind == "text":
-            yield from _read_text(f, stats, max_doc_bytes)
+            yield from _read_text(f, strict, stats, max_doc_bytes)
         elif f.kind == "parquet":
-            yield from _read_parquet(f, piece.start, piece.stop, text_field, id_field, stats, max_doc_bytes)
+            yield from _read_parquet(f, piece.start, piece.stop, text_field, id_field, strict, stats, max_doc_bytes)
         else:
             yield from _read_jsonl(f, piece.start, piece.stop, text_field, id_field, strict, stats, max_doc_bytes)
     except FileNotFoundError:

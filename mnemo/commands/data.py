@@ -148,7 +148,13 @@ def add_prepare(sub: argparse._SubParsersAction, name: str) -> argparse.Argument
     )
     p.add_argument("--workers", type=int_arg, default=None, metavar="N", help="processes (default: all cores)")
     p.add_argument("--id-field", default=None, metavar="NAME", help="JSONL key / Parquet column with document ids")
-    p.add_argument("--strict", action="store_true", help="a bad JSONL line is an error (default: skip and count)")
+    p.add_argument(
+        "--strict",
+        action="store_true",
+        help="a record with no text where its format says (a JSONL line that is no object with a string --text-field,"
+        " a null or non-string Parquet text cell, a text file that looks binary) is an error naming it"
+        " (default: skip and count)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace a different dataset already in DATA_DIR")
     p.add_argument(
         "--vocab-size",

@@ -442,3 +442,32 @@ def test_a_text_input_rewritten_in_place_while_read_is_an_error(tmp_path, monkey
     monkeypatch.setattr(readers, "open_regular", open_rewritten)
     with pytest.raises(DataError, match=rf"^input {path}: changed while being read .*rerun when it no longer"):
         texts(corpus)
+
+
+@pytest.mark.parametrize(
+    "column,row,needle",
+    [
+        (pa.array(["a", None, "c"]), 1, "column 'text' is null, not a string"),
+        (pa.array([b"a", b"b", None], pa.binary()), 2, "column 'text' is null, not a string"),
+        (pa.array([1, 2, 3]), 0, "column 'text' is a number, not a string"),
+    ],
+)
+def test_strict_makes_a_parquet_cell_without_text_fatal_naming_file_and_row(tmp_path, column, row, needle):
+    """--strict was silently ignored for Parquet: a null or non-string text cell was only counted, exit 0."""
+    p = tmp_path / "c.parquet"
+    pq.write_table(pa.table({"text": column}), p)
+    with pytest.raises(DataError, match=rf"{re.escape(str(p))}:row {row}: {needle} \(--strict\)\Z"):
+        texts(plan_inputs([str(p)]), strict=True)
+    stats = ReadStats()
+    texts(plan_inputs([str(p)]), stats=stats)  # without --strict: skipped and counted
+    assert sum(stats.counts.values()) == (3 if needle.endswith("a number, not a string") else 1)
+
+
+def test_strict_makes_a_binary_text_file_fatal_naming_it(tmp_path):
+    (tmp_path / "ok.txt").write_text("fine")
+    (tmp_path / "bin.txt").write_bytes(b"ab\0c")
+    with pytest.raises(DataError, match=rf"{re.escape(str(tmp_path / 'bin.txt'))}: a NUL byte .* \(--strict\)\Z"):
+        texts(plan_inputs([str(tmp_path)]), strict=True)
+    stats = ReadStats()
+    assert texts(plan_inputs([str(tmp_path)]), stats=stats) == ["fine"]
+    assert stats.counts == {"binary_file": 1}
