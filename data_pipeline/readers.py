@@ -13,11 +13,12 @@ Bad input is counted in ``ReadStats`` (reason -> count, plus the first few
 U+FFFD replacement (the document is kept and counted as ``invalid_utf8``);
 empty and whitespace-only documents are skipped (``empty``); a JSONL line that
 is not a JSON object (``invalid_json``), lacks the text field
-(``missing_text_field``) or holds a non-string there (``non_string_text``) is
-skipped, as is a Parquet text cell that is null or not a string, and a text
-file that looks binary (``binary_file``); with ``strict=True`` each of these
-records that holds no text where its format says it should raises ``DataError``
-naming file:line (file:row N, the file) instead.
+(``missing_text_field``) or holds a non-string there, null included
+(``non_string_text``), is skipped, as is a Parquet text cell that is null or
+not a string (``non_string_text`` too), and a text file that looks binary
+(``binary_file``); with ``strict=True`` each of these records that holds no
+text where its format says it should raises ``DataError`` naming file:line
+(file:row N, the file) instead.
 
 Memory: no document may take more than ``max_doc_bytes`` input bytes (a text
 file's size, a JSONL line without its newline, a Parquet cell's UTF-8 size).
@@ -492,8 +493,8 @@ def _read_parquet(
         for text, ident in zip(texts, ids):
             where = f"{source}:row {row}"
             row += 1
-            if text is None:
-                _bad_record("missing_text_field", where, f"column {text_field!r} is null, not a string", strict, stats)
+            if text is None:  # as a JSONL "text": null (the column is there: planning checks it)
+                _bad_record("non_string_text", where, f"column {text_field!r} is null, not a string", strict, stats)
                 continue
             if isinstance(text, bytes):
                 if len(text) > max_doc_bytes:

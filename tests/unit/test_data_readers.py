@@ -209,7 +209,7 @@ def test_invalid_utf8_in_a_parquet_string_column_is_replaced_and_counted(tmp_pat
         ("bad \ufffd doc", "b\ufffd"),
         ("good doc", "d"),
     ]
-    assert stats.counts == {"invalid_utf8": 1, "missing_text_field": 1}
+    assert stats.counts == {"invalid_utf8": 1, "non_string_text": 1}  # the null cell, as a JSONL null
     assert stats.examples[0] == f"{p}:row 1: invalid_utf8"
     # A binary id column is decoded alike (it was json.dumps'ed, failed, and counted as invalid_id).
     pq.write_table(pa.table({"text": ["x"], "id": pa.array([b"i\xfed"], pa.binary())}), p)
@@ -471,3 +471,17 @@ def test_strict_makes_a_binary_text_file_fatal_naming_it(tmp_path):
     stats = ReadStats()
     assert texts(plan_inputs([str(tmp_path)]), stats=stats) == ["fine"]
     assert stats.counts == {"binary_file": 1}
+
+
+def test_a_null_text_is_counted_alike_in_jsonl_and_parquet(tmp_path):
+    """A null text value was non_string_text in JSONL but missing_text_field in Parquet."""
+    write_jsonl(tmp_path / "a.jsonl", [{"text": "x"}, {"text": None}, {"id": 3}])
+    pq.write_table(pa.table({"text": ["y", None]}), tmp_path / "b.parquet")
+    stats = ReadStats()
+    texts(plan_inputs([str(tmp_path / "a.jsonl"), str(tmp_path / "b.parquet")]), stats=stats)
+    assert stats.counts == {"non_string_text": 2, "missing_text_field": 1}
+    assert stats.examples == [
+        f"{tmp_path / 'a.jsonl'}:2: non_string_text",
+        f"{tmp_path / 'a.jsonl'}:3: missing_text_field",
+        f"{tmp_path / 'b.parquet'}:row 1: non_string_text",
+    ]
