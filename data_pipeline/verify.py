@@ -346,7 +346,8 @@ def _inspect(data_dir: str, num_samples: int, max_chars: int) -> dict:
                 }
             )
     arr = np.asarray(lengths, dtype=np.int64)
-    pct = {f"p{q}": (int(np.percentile(arr, q)) if arr.size else 0) for q in (0, 10, 50, 90, 99, 100)}
+    # To one decimal, as the mean: int() cut p50 of documents of 2 and 7 tokens to 4 beside a mean of 4.5.
+    pct = {f"p{q}": (round(float(np.percentile(arr, q)), 1) if arr.size else 0.0) for q in (0, 10, 50, 90, 99, 100)}
     hist: list[tuple[int, int, int]] = []
     if arr.size:
         top = int(np.ceil(np.log2(max(2, arr.max() + 1))))
@@ -381,7 +382,9 @@ def format_inspect(rep: dict) -> str:
         lines.append("repaired: " + ", ".join(f"{k}={v}" for k, v in rep["repaired"].items()))
     p = rep["length_percentiles"]
     lines.append(
-        "tokens per document: " + " ".join(f"{k}={v}" for k, v in p.items()) + f" mean={rep['length_mean']:.1f}"
+        "tokens per document: "
+        + " ".join(f"{k}={v:.1f}".removesuffix(".0") for k, v in p.items())
+        + f" mean={rep['length_mean']:.1f}"
     )
     if rep["length_histogram"]:
         peak = max(c for _, _, c in rep["length_histogram"])

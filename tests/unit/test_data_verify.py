@@ -142,6 +142,23 @@ def test_inspect_report(dataset):
     assert [s["text"][:9] for s in rep["samples"]] == ["def f0():", "def f1():"]
 
 
+def test_inspect_percentiles_are_not_cut_to_whole_tokens(dataset, monkeypatch):
+    """int(np.percentile(...)) printed p50=4 for documents of 2 and 7 tokens, beside mean=4.5."""
+    import numpy as np
+
+    from mnemo.data_pipeline import verify as verify_module
+
+    eos = read_manifest(str(dataset))["eos_id"]
+    docs = [np.array([5] * (n - 1) + [eos], np.int64) for n in (2, 7)]
+    samples = [("s", i, {"tokens": t, "doc_id": f"d{i}", "source": "x"}) for i, t in enumerate(docs)]
+    monkeypatch.setattr(verify_module, "iter_shard_samples", lambda data_dir, index: iter(samples))
+    rep = inspect(str(dataset), num_samples=0)
+    assert rep["length_percentiles"]["p50"] == 4.5 and rep["length_mean"] == 4.5
+    assert rep["length_percentiles"]["p0"] == 2 and rep["length_percentiles"]["p10"] == 2.5
+    line = next(x for x in verify_module.format_inspect(rep).splitlines() if x.startswith("tokens per document"))
+    assert line == "tokens per document: p0=2 p10=2.5 p50=4.5 p90=6.5 p99=7 p100=7 mean=4.5", line
+
+
 def test_cli_verify_names_the_bad_shard(copy, capsys):
     from mnemo.cli import main
 
