@@ -50,7 +50,7 @@ import glob
 import os
 import stat
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 from mnemo.data_pipeline.errors import DataError
 
@@ -97,6 +97,9 @@ JSONL_SUFFIXES = {
     ".ndjson.zst": "jsonl.zst",
 }
 PARQUET_SUFFIXES = (".parquet", ".pq")
+# Places kept in ReadStats.examples (manifest.json's skipped_examples): the first EXAMPLES_PER_REASON of each
+# reason, MAX_EXAMPLES in all, except that the first place of every reason counted is always kept.
+EXAMPLES_PER_REASON = 5
 MAX_EXAMPLES = 20
 PYCACHE = "__pycache__"  # bytecode folders: skipped by directory walks and glob matches alike
 # Byte order marks, longest first (the UTF-32 LE mark starts with the UTF-16 LE one): mark, codec, label.
@@ -111,27 +114,51 @@ _BOMS = (
 _COMPRESSION_GUESS = 4
 
 
+def _reason_of(example: str) -> str:
+    """The reason of an example "where: reason" (``where`` may hold ": " too, a reason never does)."""
+    return example.rpartition(": ")[2]
+
+
 @dataclass
 class ReadStats:
-    """What was skipped or repaired, by reason, with the first few places."""
+    """What was skipped or repaired, by reason, with the first few places of each reason (in input order).
+
+    The first 20 places of all reasons together were kept: 16 repairs of one reason (``missing_id``) hid the
+    ``binary_file`` and ``empty`` skips that the counts name. Now up to EXAMPLES_PER_REASON per reason,
+    MAX_EXAMPLES in all, and the first place of every reason counted always.
+    """
 
     counts: dict[str, int] = field(default_factory=dict)
     examples: list[str] = field(default_factory=list)
+    # reason -> examples of it kept (derived from ``examples``: not in to_json)
+    kept: dict[str, int] = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        for example in self.examples:
+            reason = _reason_of(example)
+            self.kept[reason] = self.kept.get(reason, 0) + 1
 
     def note(self, reason: str, where: str) -> None:
         self.counts[reason] = self.counts.get(reason, 0) + 1
-        if len(self.examples) < MAX_EXAMPLES:
-            self.examples.append(f"{where}: {reason}")
+        self._keep(reason, f"{where}: {reason}")
 
     def merge(self, other: ReadStats | dict) -> None:
+        """Add ``other``'s counts and, after this one's, its examples: the same examples as one reader that
+        noted this one's places and then ``other``'s would have kept."""
         other = other if isinstance(other, ReadStats) else ReadStats(**other)
         for k, v in other.counts.items():
             self.counts[k] = self.counts.get(k, 0) + v
-        room = MAX_EXAMPLES - len(self.examples)
-        self.examples.extend(other.examples[: max(0, room)])
+        for example in other.examples:
+            self._keep(_reason_of(example), example)
+
+    def _keep(self, reason: str, example: str) -> None:
+        kept = self.kept.get(reason, 0)
+        if kept < EXAMPLES_PER_REASON and (kept == 0 or len(self.examples) < MAX_EXAMPLES):
+            self.examples.append(example)
+            self.kept[reason] = kept + 1
 
     def to_json(self) -> dict:
-        return asdict(self)
+        return {"counts": dict(self.counts), "examples": list(self.examples)}
 
 
 def format_counts(counts: dict[str, int]) -> str:

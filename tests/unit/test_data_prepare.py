@@ -813,3 +813,22 @@ def test_prepare_refuses_a_sample_docs_below_one(tmp_path, capsys, value, given)
     rc = main(["prepare", "--input", str(tmp_path / "doc.txt"), "--out", str(out), "--sample-docs", value, *tok])
     assert rc == 2 and capsys.readouterr().err == f"mnemo: error: --sample-docs must be positive, got {value}\n"
     assert not out.exists()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_skipped_examples_name_every_reason_counted(corpus, tmp_path, workers):
+    """manifest.json kept the first 20 places of all reasons together: 16 missing_id repairs hid the binary_file
+    and empty skips that `skipped` counts. Now the first few places of each reason, the same for any split."""
+    d = tmp_path / "in"
+    d.mkdir()
+    (d / "a.jsonl").write_text("".join(json.dumps({"text": f"document number {i}"}) + "\n" for i in range(40)))
+    (d / "b.txt").write_bytes(b"ab\0c")
+    (d / "c.txt").write_text(" \n")
+    m = prepare([str(d)], str(tmp_path / "out"), tokenizer=corpus[2], workers=workers, id_field="id", unit_bytes=400)
+    assert (m["skipped"], m["repaired"]) == ({"binary_file": 1, "empty": 1}, {"missing_id": 40})
+    assert m["skipped_examples"] == [
+        *(f"{d / 'a.jsonl'}:{line}: missing_id" for line in (1, 2, 3, 4, 5)),
+        f"{d / 'b.txt'}: binary_file",
+        f"{d / 'c.txt'}: empty",
+    ]
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["skipped_examples"] == m["skipped_examples"]

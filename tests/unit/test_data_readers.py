@@ -485,3 +485,29 @@ def test_a_null_text_is_counted_alike_in_jsonl_and_parquet(tmp_path):
         f"{tmp_path / 'a.jsonl'}:3: missing_text_field",
         f"{tmp_path / 'b.parquet'}:row 1: non_string_text",
     ]
+
+
+def test_read_stats_keep_a_few_places_of_every_reason_and_merge_as_one_reader_would():
+    from mnemo.data_pipeline.inputs import EXAMPLES_PER_REASON, MAX_EXAMPLES
+
+    notes = [("missing_id", f"g.jsonl: x:{i}") for i in range(30)]  # (a place may hold ": ")
+    notes += [(f"r{k}", f"f{k}.jsonl:{i}") for k in range(12) for i in range(1, 9)] + [("binary_file", "h.txt")]
+    one = ReadStats()
+    for reason, where in notes:
+        one.note(reason, where)
+    assert set(one.counts) == {e.rpartition(": ")[2] for e in one.examples}  # every reason counted has a place
+    assert one.examples[:EXAMPLES_PER_REASON] == [f"g.jsonl: x:{i}: missing_id" for i in range(EXAMPLES_PER_REASON)]
+    assert one.examples[EXAMPLES_PER_REASON] == "f0.jsonl:1: r0"
+    # 5 places each of missing_id, r0, r1 and r2 reach the bound; then the first place of each reason only.
+    assert len(one.examples) == MAX_EXAMPLES + 10  # r3..r11 and binary_file
+    assert one.examples[-1] == "h.txt: binary_file"
+    for cut in (5, 33, 47, 100):  # the same from parts noted apart (worker processes) and merged in order
+        merged, a, b = ReadStats(), ReadStats(), ReadStats()
+        for reason, where in notes[:cut]:
+            a.note(reason, where)
+        for reason, where in notes[cut:]:
+            b.note(reason, where)
+        merged.merge(a.to_json())
+        merged.merge(b)
+        assert (merged.counts, merged.examples) == (one.counts, one.examples)
+        assert ReadStats(**merged.to_json()) == merged
