@@ -385,6 +385,7 @@ def _plots_into(result: dict[str, Any], out: Path) -> list[str]:
         # Accuracy vs distance, one colour per task: memory solid, baseline dashed, Wilson bands.
         fig, ax = plt.subplots(figsize=(7, 4))
         base = (result.get("baseline") or {}).get("tasks") or {}
+        plotted: set[int] = set()  # the distances drawn: the ticks (symlog's own are the powers of 10 only)
         for i, (name, by_d) in enumerate(result["tasks"].items()):
             color = f"C{i % 10}"
             for what, cells, style in (("memory", by_d, "-"), ("baseline", base.get(name), "--")):
@@ -392,9 +393,13 @@ def _plots_into(result: dict[str, Any], out: Path) -> list[str]:
                     continue
                 ds = sorted(cells, key=int)
                 x = [int(d) for d in ds]
+                plotted.update(x)
                 ax.plot(x, [cells[d]["exact"] for d in ds], style, marker="o", color=color, label=f"{name} ({what})")
                 ax.fill_between(x, [cells[d]["lo"] for d in ds], [cells[d]["hi"] for d in ds], color=color, alpha=0.15)
         ax.set_xscale("symlog", linthresh=1)
+        # Distances within one decade (2 and 4) had no tick label at all.
+        ax.set_xticks(sorted(plotted), [str(d) for d in sorted(plotted)])
+        ax.minorticks_off()
         ax.set_ylim(-0.02, 1.02)
         ax.set_xlabel("distance D (segments) between the last fact and the question")
         ax.set_ylabel("exact match")

@@ -1616,3 +1616,20 @@ def test_eval_cli_task_trials_scores_the_tasks_alone(tok, tmp_path, capsys):
     assert main([*argv, "--tasks", "mqar_n16", "--task-trials", "0"]) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert err[-1].startswith("mnemo: error: --task-trials: must be >= 1"), err
+
+
+def test_the_tasks_plot_labels_each_distance_even_within_one_decade(tmp_path, monkeypatch):
+    """Distances 2 and 4 (one decade of the symlog axis) showed no tick label at all."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figs = []
+    close = plt.close
+    monkeypatch.setattr(plt, "close", lambda fig=None: (figs.append(fig), close(fig)))
+    cell = {"exact": 0.5, "lo": 0.2, "hi": 0.8, "trials": 4}
+    res = {"segment_len": 8, "loss_by_position": {"0": 2.0}, "tasks": {"mqar_n4": {"2": cell, "4": cell}}}
+    assert [Path(p).name for p in plots(res, tmp_path)][-1] == "tasks_accuracy.png"
+    ax = figs[-1].axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["2", "4"]
