@@ -72,6 +72,9 @@ Naming tasks. ``TASKS`` holds ready names (``niah_single_number``,
 family name or a ready name takes parameters as ``name:param=value,...``.
 ``parse_tasks("niah_multikey:k=4,mqar:n=16,q=8,passkey")`` reads a list: an
 item with ``=`` and no ``:`` is a parameter of the task before it.
+
+Over 500 lines: the families' parameters, their checks and their drafts are read together (a draft relies
+on what task() bounds), and they share the private piece helpers.
 """
 
 from __future__ import annotations
@@ -238,6 +241,21 @@ def parse_tasks(text: str) -> list[TaskSpec]:
             raise TaskError(f"tasks {brief(text)}: {brief(item)} is not a new param=value of {clip(found[-1][0])}")
         found[-1][1][key.strip()] = value.strip()
     return [get_task(name, **params) for name, params in found]
+
+
+def repeated_task(specs: list[TaskSpec]) -> str | None:
+    """Why ``specs`` hold one task twice, or None: a name twice, or two names of one (family, parameters)
+    ("niah_multikey_k16" and "niah_multikey:k=16"); each task's documents, metrics and curriculum are its own."""
+    seen: dict[tuple, str] = {}
+    names: set[str] = set()
+    for s in specs:
+        if s.name in names:
+            return f"task {brief(s.name)} named twice"
+        names.add(s.name)
+        other = seen.setdefault((s.family, s.params), s.name)
+        if other != s.name:
+            return f"{brief(other)} and {brief(s.name)} are the same task; name it once"
+    return None
 
 
 # ------------------------------------------------------------------ pieces

@@ -18,9 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from mnemo.data_pipeline.errors import brief
 from mnemo.data_pipeline.passkey import DEPTHS, filler_stream
-from mnemo.data_pipeline.tasks import TaskSpec, make_sample, parse_tasks
+from mnemo.data_pipeline.tasks import TaskSpec, make_sample, parse_tasks, repeated_task
 from mnemo.evaluation.errors import EvalError
 from mnemo.evaluation.progress import progress_bar, teacher_forced_segments
 from mnemo.evaluation.scoring import cell_stats, score_teacher_forced
@@ -37,15 +36,9 @@ def task_specs(names: Sequence[str], what: str = "--tasks") -> list[TaskSpec]:
             specs += parse_tasks(item)
         except DataError as e:
             raise EvalError(f"{what}: {str(e).splitlines()[0]}") from None
-    seen = [s.name for s in specs]
-    dup = sorted({n for n in seen if seen.count(n) > 1})
-    if dup:
-        raise EvalError(f"{what}: task {brief(dup[0])} named twice")
-    same: dict[tuple, str] = {}  # another name for the same task (niah_multikey_k16, niah_multikey:k=16)
-    for s in specs:
-        other = same.setdefault((s.family, s.params), s.name)
-        if other != s.name:
-            raise EvalError(f"{what}: {brief(other)} and {brief(s.name)} are the same task; name it once")
+    why = repeated_task(specs)
+    if why:
+        raise EvalError(f"{what}: {why}")
     return specs
 
 

@@ -962,7 +962,7 @@ def validate(cfg: Config) -> None:
     except ValueError as e:
         raise ConfigError(f"train.passkey.tasks: {_brief(pk.tasks)}: {_clip(str(e))}") from None
     need(bool(specs), "train.passkey.tasks", "must name at least one task")
-    refuse_repeated_task([spec.name for spec in specs], "train.passkey.tasks")
+    refuse_repeated_task(specs, "train.passkey.tasks")
     if pk.fraction > 0 and lm.kind != "none":
         # An episode's question segment reads a key written (S + D) segments before it, S >= 0 (0 for the
         # pass key: docs/memory.md); a FIFO store of fewer than D x T entries has always evicted it.
@@ -1010,13 +1010,13 @@ def validate(cfg: Config) -> None:
     if cfg.eval.tasks:  # the task generators (numpy): imported only when tasks are named
         from mnemo.data_pipeline.tasks import parse_tasks
 
-        names: list[str] = []
+        seen: list = []
         for i, item in enumerate(cfg.eval.tasks):
             try:
-                names += [spec.name for spec in parse_tasks(str(item))]
+                seen += parse_tasks(str(item))
             except DataError as e:
                 raise ConfigError(f"eval.tasks[{i}]: {_clip(str(e).splitlines()[0])}") from None
-            refuse_repeated_task(names, f"eval.tasks[{i}]")
+            refuse_repeated_task(seen, f"eval.tasks[{i}]")
 
 
 def document_fits(distances: list[tuple[str, int]], segment_len: int) -> None:
@@ -1035,14 +1035,15 @@ def document_fits(distances: list[tuple[str, int]], segment_len: int) -> None:
             )
 
 
-def refuse_repeated_task(names: list[str], key: str) -> None:
-    """ConfigError naming ``key`` when a task name occurs twice in ``names``: each task's curriculum, metrics,
-    summary entry and resume state are keyed by its name, so two of one name would overwrite each other."""
-    seen: set[str] = set()
-    for name in names:
-        if name in seen:
-            raise ConfigError(f"{key}: task {_brief(name)} named twice")
-        seen.add(name)
+def refuse_repeated_task(specs: list, key: str) -> None:
+    """ConfigError naming ``key`` when ``specs`` (TaskSpecs) hold one task twice, under one name or two (the check
+    of `mnemo eval --tasks`, data_pipeline.tasks.repeated_task): each task's curriculum, metrics, summary entry
+    and resume state are keyed by its name, and evaluation refuses the repeat mid-run."""
+    from mnemo.data_pipeline.tasks import repeated_task
+
+    why = repeated_task(specs)
+    if why:
+        raise ConfigError(f"{key}: {_clip(why)}")
 
 
 def validate_sources(cfg: Config) -> None:

@@ -201,9 +201,18 @@ def test_non_finite_numbers_are_refused_everywhere(key, value):
         ("eval.tasks=[niah_single_number, bogus]", "eval.tasks[1]: unknown task 'bogus'"),
         ("eval.tasks=[mqar:n=0]", "eval.tasks[0]: mqar: parameter n must be >= 1"),
         ("eval.tasks=[passkey, passkey]", "eval.tasks[1]: task 'passkey' named twice"),
+        (
+            'eval.tasks=[niah_multikey_k16, "niah_multikey:k=16"]',
+            "eval.tasks[1]: 'niah_multikey_k16' and 'niah_multikey:k=16' are the same task",
+        ),
+        ('eval.tasks=["mqar:n=4,q=2", "mqar:q=2,n=4"]', "eval.tasks[1]: 'mqar:n=4,q=2' and 'mqar:q=2,n=4' are the"),
         ("eval.task_trials=0", "eval.task_trials: must be >= 1"),
         ("train.passkey.tasks=[passkey, passkey]", "train.passkey.tasks: task 'passkey' named twice"),
         ("train.passkey.tasks=[passkey, mqar, passkey]", "train.passkey.tasks: task 'passkey' named twice"),
+        (
+            'train.passkey.tasks=["mqar:n=4,q=2", "mqar:q=2,n=4"]',
+            "train.passkey.tasks: 'mqar:n=4,q=2' and 'mqar:q=2,n=4' are the same task",
+        ),
         ("eval.task_distances=[1,-1]", "eval.task_distances: must be >= 0"),
         ("tracking.peak_flops=-1", "tracking.peak_flops: must be >= 0"),
         ("data.val_fraction=nan", "data.val_fraction: expected a finite number"),
