@@ -92,6 +92,55 @@ def fact_segments(spec: TaskSpec, tokenizer: PieceTokenizer, segment_len: int, d
     )
 
 
+def least_tokens(spec: TaskSpec) -> tuple[int, int, int]:
+    """(question + answer, all facts + question + answer, block facts): lower bounds of the tokens from the
+    parameters alone, no tokenizer and nothing drawn. Every piece (template text, key, value) is encoded on its
+    own and a non-empty piece takes a token or more (passkey.encode_piece and encode_value refuse less)."""
+    fam = spec.family
+    if fam == "mqar":
+        n, q = spec["n"], spec["q"]
+        return 5 * (q - 1) + 4, 5 * n + 5 * (q - 1) + 4, n  # " ", key, ": ", value, "." per pair and query
+    if fam == "variable_tracking":
+        h, c = spec["h"], spec["c"]
+        tail = 3 + 2 * (h + 1) - 1  # the question's 3 pieces; h + 1 names and their separators
+        return tail, 5 * (c + 1) * (h + 1) + tail, h + 1
+    n_keys = spec["k"] if fam == "niah_multikey" else spec["q"] if fam == "niah_multiquery" else 1
+    if fam == "niah_multiquery":
+        tail = 4 * n_keys  # lead, q names, q - 1 separators, end; q values and q - 1 separators
+    else:
+        items = spec["v"] if fam == "niah_multivalue" else 1
+        tail = 5 + 2 * items - 1  # "What is ... for", key, "? The ... for", key, " is: "; the answer's items
+    block = spec["v"] if fam == "niah_multivalue" else n_keys if fam == "niah_multiquery" else 1
+    facts = 5 * n_keys * (spec["v"] if fam == "niah_multivalue" else 1)
+    return tail, facts + tail, block
+
+
+def refuse_unfit(spec: TaskSpec, segment_len: int, distance: int) -> None:
+    """TaskError naming ``spec`` and its parameter when, from its parameters alone, its documents cannot fit
+    segments of ``segment_len`` at distances up to ``distance`` (``least_tokens``): its question and answer
+    more than one segment, or its facts more than the (block facts + D) segments a document of
+    ``make_sample`` (fact_segment=None) has. Before drawing: ``niah_multivalue:v=2000000`` drew for 91 s and
+    3 GB before the layout said so, v=100000000 ran on for good."""
+    if spec.family == "passkey":
+        return
+    T, D = int(segment_len), int(distance)
+    tail, total, block = least_tokens(spec)
+    fam = spec.family
+    if tail > T:
+        key = {"niah_multivalue": "v", "niah_multiquery": "q", "mqar": "q", "variable_tracking": "h"}.get(fam)
+        raise TaskError(
+            f"{spec.name}: {f'parameter {key}={spec[key]}: ' if key else ''}the question and answer take {tail:,}"
+            f" tokens or more, more than segment_len {T}"
+        )
+    if total > (block + D) * T:
+        key = {"mqar": "n", "variable_tracking": "c"}.get(fam, FACTS.get(fam))
+        raise TaskError(
+            f"{spec.name}: {f'parameter {key}={spec[key]}: ' if key else ''}its facts, question and answer take"
+            f" {total:,} tokens or more, more than the {block + D} segment(s) of {T} tokens its documents have at"
+            f" distance {D}"
+        )
+
+
 def corpus_passkey(spec: TaskSpec) -> bool:
     """The plain pass key over corpus filler: episodes draw it as make_passkey_sample does (and as
     ``train.passkey.max_keys`` says), draw for draw, not through make_sample."""

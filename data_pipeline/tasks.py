@@ -133,6 +133,7 @@ VALUE_KINDS = ("number", "word", "uuid")
 HAYSTACKS = ("corpus", "repeat", "needles")
 UUID_GROUPS = (8, 4, 4, 4, 12)
 NAME_LETTERS = 5  # variable names: 5 random capitals, as RULER
+_CAPS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 # family -> its parameters and their defaults (the order the names print in)
 FAMILIES: dict[str, dict[str, Any]] = {
@@ -193,9 +194,33 @@ def task(family: str, name: str | None = None, **params: Any) -> TaskSpec:
         raise TaskError(
             f"{family}: {brief(words)} distinct words needed (keys and values), the word list has {len(WORDS)}"
         )
+    refuse_too_many(family, full, n_keys)
     if name is None:
         name = family + (":" + ",".join(f"{k}={full[k]}" for k in params) if params else "")
     return TaskSpec(name, family, tuple(full.items()))
+
+
+def refuse_too_many(family: str, full: dict[str, Any], n_keys: int) -> None:
+    """TaskError naming the parameter when a task asks for more distinct numbers or variable names than exist
+    (before, drawing them looped for minutes: ``niah_multivalue:v=100000000``)."""
+    if family == "variable_tracking":
+        count, names = full["c"] + 1, (full["c"] + 1) * (full["h"] + 1)
+        if names > len(_CAPS) ** NAME_LETTERS:
+            raise TaskError(
+                f"{family}: parameters c={brief(full['c'])}, h={brief(full['h'])}: {brief(names)} distinct variable"
+                f" names needed, only {len(_CAPS) ** NAME_LETTERS:,} of {NAME_LETTERS} capitals exist"
+            )
+    elif "digits" not in full or full.get("value", "number") != "number":
+        return
+    else:
+        count = n_keys * full.get("v", 1)
+    exist = 9 * 10 ** (full["digits"] - 1)
+    if count > exist:
+        key = {"variable_tracking": "c", "niah_multivalue": "v"}.get(family) or _KEYS[family]
+        raise TaskError(
+            f"{family}: parameter {key}={brief(full[key])}: {brief(count)} distinct {full['digits']}-digit values"
+            f" needed, only {exist:,} exist (use fewer, or more digits)"
+        )
 
 
 TASKS: dict[str, TaskSpec] = {
@@ -392,7 +417,7 @@ def _draft_mqar(spec: TaskSpec, P: Pieces, rng: np.random.Generator) -> Draft:
 def _draft_vt(spec: TaskSpec, P: Pieces, rng: np.random.Generator) -> Draft:
     hops, chains, digits = spec["h"], spec["c"] + 1, spec["digits"]
     taken: set[str] = set()
-    caps = np.array(list("ABCDEFGHIJKLMNOPQRSTUVWXYZ"))
+    caps = np.array(list(_CAPS))
 
     def name() -> str:
         return "".join(rng.choice(caps, size=NAME_LETTERS))

@@ -64,6 +64,7 @@ def task_samples(
     goes into ``skipped[name]``.
     """
     from mnemo.data_pipeline.errors import DataError
+    from mnemo.data_pipeline.task_sizes import refuse_unfit
 
     stream = filler_stream(filler_docs)
     depths = list(DEPTHS)
@@ -71,6 +72,10 @@ def task_samples(
     for spec in specs:
         by_d: dict[str, list[dict]] = {}
         try:
+            try:  # from the parameters alone, before anything is drawn (a huge v drew for minutes)
+                refuse_unfit(spec, segment_len, max(distances, default=0))
+            except DataError as e:
+                raise EvalError(f"task {str(e).splitlines()[0]}") from None
             for D in distances:
                 rng = task_rng(seed, D, spec.name)
                 try:

@@ -963,6 +963,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.passkey.tasks: {_brief(pk.tasks)}: {_clip(str(e))}") from None
     need(bool(specs), "train.passkey.tasks", "must name at least one task")
     refuse_repeated_task(specs, "train.passkey.tasks")
+    refuse_unfit_tasks(specs, "train.passkey.tasks", cfg.model.segment_len, pk.max_distance)
     if pk.fraction > 0 and lm.kind != "none":
         # An episode's question segment reads a key written (S + D) segments before it, S >= 0 (0 for the
         # pass key: docs/memory.md); a FIFO store of fewer than D x T entries has always evicted it.
@@ -1012,11 +1013,15 @@ def validate(cfg: Config) -> None:
 
         seen: list = []
         for i, item in enumerate(cfg.eval.tasks):
+            n_before = len(seen)
             try:
                 seen += parse_tasks(str(item))
             except DataError as e:
                 raise ConfigError(f"eval.tasks[{i}]: {_clip(str(e).splitlines()[0])}") from None
             refuse_repeated_task(seen, f"eval.tasks[{i}]")
+            refuse_unfit_tasks(
+                seen[n_before:], f"eval.tasks[{i}]", cfg.model.segment_len, max(ev.task_distances, default=0)
+            )
 
 
 def document_fits(distances: list[tuple[str, int]], segment_len: int) -> None:
@@ -1044,6 +1049,19 @@ def refuse_repeated_task(specs: list, key: str) -> None:
     why = repeated_task(specs)
     if why:
         raise ConfigError(f"{key}: {_clip(why)}")
+
+
+def refuse_unfit_tasks(specs: list, key: str, segment_len: int, distance: int) -> None:
+    """ConfigError naming ``key`` when a task of ``specs`` cannot fit segments of model.segment_len at distances up
+    to ``distance`` from its parameters alone (data_pipeline.task_sizes.refuse_unfit, the check of `mnemo eval`):
+    before, niah_multivalue:v=100000000 passed and the evaluation drew values for good."""
+    from mnemo.data_pipeline.task_sizes import refuse_unfit
+
+    for spec in specs:
+        try:
+            refuse_unfit(spec, segment_len, distance)
+        except DataError as e:
+            raise ConfigError(f"{key}: {_clip(str(e))}") from None
 
 
 def validate_sources(cfg: Config) -> None:

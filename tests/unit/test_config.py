@@ -206,6 +206,18 @@ def test_non_finite_numbers_are_refused_everywhere(key, value):
             "eval.tasks[1]: 'niah_multikey_k16' and 'niah_multikey:k=16' are the same task",
         ),
         ('eval.tasks=["mqar:n=4,q=2", "mqar:q=2,n=4"]', "eval.tasks[1]: 'mqar:n=4,q=2' and 'mqar:q=2,n=4' are the"),
+        (
+            'eval.tasks=[passkey, "niah_multivalue:v=2000000"]',
+            "eval.tasks[1]: niah_multivalue:v=2000000: parameter v=2000000: the question and answer take 4,000,004",
+        ),
+        (
+            'train.passkey.tasks=["variable_tracking:c=50000,digits=9"]',
+            "train.passkey.tasks: variable_tracking:c=50000,digits=9: parameter c=50000: its facts, question and",
+        ),
+        (
+            'eval.tasks=["niah_multivalue:v=100000000"]',
+            "eval.tasks[0]: niah_multivalue: parameter v=100000000: 100000000 distinct",
+        ),
         ("eval.task_trials=0", "eval.task_trials: must be >= 1"),
         ("train.passkey.tasks=[passkey, passkey]", "train.passkey.tasks: task 'passkey' named twice"),
         ("train.passkey.tasks=[passkey, mqar, passkey]", "train.passkey.tasks: task 'passkey' named twice"),

@@ -390,3 +390,45 @@ def test_mqar_queries_are_zoology_pairs(tok, filler):
     assert len(s["answer_spans"]) == 4 and s["answer_spans"][-1] == (s["answer_start"], s["answer_len"])
     # Each value right after its key; only the last one is the scored answer.
     assert tail.endswith(s["answer_text"]) and s["values"] == [s["answer_text"]]
+
+
+@pytest.mark.parametrize(
+    "text, needle",
+    [
+        ("niah_multivalue:v=100000000", "niah_multivalue: parameter v=100000000: 100000000 distinct 7-digit values"),
+        ("niah_multikey:k=10,digits=1", "niah_multikey: parameter k=10: 10 distinct 1-digit values needed, only 9"),
+        ("mqar:n=10,digits=1", "mqar: parameter n=10: 10 distinct 1-digit values needed, only 9 exist"),
+        ("variable_tracking:c=9,digits=1", "variable_tracking: parameter c=9: 10 distinct 1-digit values"),
+        ("variable_tracking:c=100000000,digits=18", "variable_tracking: parameters c=100000000, h=4: 500000005"),
+    ],
+)
+def test_more_distinct_values_than_exist_are_refused_when_parsed(text, needle):
+    """_distinct drew up to 50n + 100 values one at a time from 9 x 10^(digits-1): v=100000000 ran for good."""
+    with pytest.raises(TaskError) as e:
+        parse_tasks(text)
+    assert str(e.value).startswith(needle) and "\n" not in str(e.value), str(e.value)
+    assert parse_tasks("mqar:n=9,q=2,digits=1,niah_multikey:k=9,digits=1,variable_tracking:c=8,digits=1")  # room
+
+
+@pytest.mark.parametrize(
+    "text, needle",
+    [
+        ("niah_multivalue:v=2000000", "parameter v=2000000: the question and answer take 4,000,004 tokens or more"),
+        ("variable_tracking:c=50000,digits=9", "parameter c=50000: its facts, question and answer take 1,250,037"),
+    ],
+)
+def test_a_task_too_big_for_its_segments_is_refused_before_drawing(tok, filler, text, needle):
+    """niah_multivalue:v=2000000 drew for 91 s and 3 GB before the layout found the answer longer than a segment."""
+    import time
+
+    from mnemo.evaluation.errors import EvalError
+    from mnemo.evaluation.task_eval import task_samples
+
+    specs = parse_tasks(text)
+    start = time.monotonic()
+    with pytest.raises(EvalError) as e:
+        task_samples(specs, tok, filler, T, [1, 2], 1)
+    assert str(e.value).startswith(f"task {text}: {needle}") and "\n" not in str(e.value), str(e.value)
+    skipped: dict[str, str] = {}
+    assert task_samples(specs, tok, filler, T, [1, 2], 1, skipped=skipped) == {} and needle in skipped[text]
+    assert time.monotonic() - start < 2
