@@ -121,12 +121,16 @@ def export(path: str | Path, out: str | Path, overwrite: bool = False, format: s
     """
     if format not in EXPORT_FORMATS:
         raise UserError(f"--format {format!r}: choose {' or '.join(EXPORT_FORMATS)}")
+    if not str(out):  # as `mnemo eval --json ""`: Path("") is the working folder, which nobody meant by it
+        raise UserError("--out: empty; give a folder to write")
     if why := remote_output_problem(out):  # before Path(), which made s3:/bucket of s3://bucket
         raise UserError(f"--out {out}: {why}")
     if why := not_utf8(out):  # safetensors and transformers take only UTF-8 paths: the export could not be loaded
         raise UserError(f"--out: {why}")
     ckpt = resolve_checkpoint(path)
     out = Path(out)
+    if out.name in ("", ".."):  # "." or "a/..": the lock beside it and the rename need the folder's own name
+        out = out.resolve()
     for src in dict.fromkeys((Path(path), ckpt)):
         if is_inside(out, src):
             raise UserError(f"--out {out}: is or is inside the checkpoint being exported ({src}); export elsewhere")
@@ -253,9 +257,12 @@ def _export_locked(ckpt: Path, out: Path, overwrite: bool, format: str) -> Path:
             (tmp / EXPORT_MANIFEST).write_text(json.dumps(manifest, indent=1))
             fsync_tree(tmp)
             _refuse_link(out)  # made during the export: the checks above saw a folder or nothing there
-            if not present:
+            # --out . (or a folder holding the working one): a folder renamed in would leave the shell in a deleted
+            # folder, so the files go in one by one instead.
+            here = out.is_dir() and is_inside(os.getcwd(), out)
+            if not present and not here:
                 os.replace(tmp, out)  # rename(2) also replaces an empty directory
-            elif not foreign:  # an earlier export, nothing else: swap the folders, then delete the old files
+            elif not foreign and not here:  # an earlier export, nothing else: swap the folders, delete the old files
                 if not _exchange(tmp, out):
                     aside = out.parent / f".{out.name}.mnemo-export-old-{os.getpid()}"
                     os.replace(out, aside)  # a kill here is undone by the next export (_recover_export_leftovers)

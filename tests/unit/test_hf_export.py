@@ -401,3 +401,20 @@ def test_every_export_file_has_the_same_permissions_as_the_umask_gives(source, t
             assert set(modes.values()) == {0o640}, modes
     finally:
         os.umask(old)
+
+
+def test_out_dot_is_the_working_folder_and_an_empty_out_is_refused(source, tmp_path, monkeypatch):
+    """`mnemo export RUN --out .` (or '') was refused for mnemo's own lock file: Path('.').name is '', so the
+    lock, ``..mnemo-export.lock``, went inside the target and counted as a file mnemo did not write."""
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    with pytest.raises(UserError, match=r"^--out: empty; give a folder"):
+        export_mod.export(source, "")
+    assert not list(here.iterdir())
+    export_mod.export(source, ".")
+    assert (here / "export.json").is_file() and not list(here.glob("*.lock"))
+    assert not list(tmp_path.glob(".*.lock")) and Path.cwd() == here
+    monkeypatch.chdir(here / "..")
+    export_mod.export(source, "here/..//here/.")  # again: the same export, replaced
+    assert (here / "export.json").is_file()
