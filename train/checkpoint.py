@@ -28,6 +28,7 @@ Over 500 lines: what a checkpoint or export holds is written, found, checked and
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -45,7 +46,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from mnemo.data_pipeline.errors import first_line
+from mnemo.data_pipeline.errors import brief, first_line
 from mnemo.data_pipeline.files import atomic_write_text, fsync_path, fsync_tree, load_json, open_regular
 from mnemo.data_pipeline.tmp_dirs import mark_owner, mkdtemp_name_re, sweep_leftovers
 from mnemo.train.collectives import decided_by_rank0
@@ -690,8 +691,19 @@ def model_args_of(ckpt: Path):
                 )
             raise UserError(f"{src}: missing (a mnemo export holds the model arguments of its weights there)")
         src = ckpt / "meta.json"
-    d = read_json(src)
-    d = d if src.name == "model_args.json" else d.get("model_args") if isinstance(d, dict) else None
+    # One line naming the file and the entry: {} or [] was "('NoneType' object is not subscriptable)".
+    d = read_json(src) if src.name == "model_args.json" else read_meta(ckpt, ("model_args",))["model_args"]
+    at = "" if src.name == "model_args.json" else "model_args: "
+    if not isinstance(d, dict):
+        raise UserError(
+            f"{src}: not the model arguments of a mnemo model (a JSON object expected, not {type(d).__name__})"
+        )
+    for key in ("vocab_size", "ltm_layers"):
+        if key not in d:
+            raise UserError(f"{src}: {at}no {key!r} entry (not the model arguments of a mnemo model, or edited)")
+    unknown = sorted(set(d) - {f.name for f in dataclasses.fields(ModelArgs)})
+    if unknown:
+        raise UserError(f"{src}: {at}unknown entry {brief(unknown[0])} (not the model arguments of a mnemo model)")
     try:
         layers = d["ltm_layers"]
         d = dict(d, ltm_layers=tuple(layers) if isinstance(layers, list) else layers)  # ModelArgs says what is wrong

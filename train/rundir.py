@@ -119,6 +119,7 @@ _META_TYPES: dict[tuple[str, ...], tuple[Any, str]] = {
     ("zero_stage",): _whole(0, 3),
     ("mlflow_run_id",): (lambda v: v is None or isinstance(v, str), "a string or null"),
     ("config",): _OBJECT,
+    ("model_args",): _OBJECT,
     ("config", "train"): _OBJECT,
     ("config", "train", "batch_size"): _whole(1),
     ("config", "train", "global_batch_size"): (lambda v: v is None or _whole(0)[0](v), "a whole number >= 0"),

@@ -209,6 +209,26 @@ def test_an_export_folder_is_read_without_unpickling(tmp_path, monkeypatch):
     assert ckpt.config_of(src).model.segment_len == 16
 
 
+@pytest.mark.parametrize(
+    "meta, needle",
+    [
+        ({}, "meta.json: no 'model_args' entry"),
+        ([1, 2], "meta.json: not a checkpoint's meta.json (a JSON object expected, not list)"),
+        (None, "meta.json: not a checkpoint's meta.json (a JSON object expected, not NoneType)"),
+        ({"model_args": []}, "meta.json: model_args is [], not a JSON object"),
+        ({"model_args": {}}, "meta.json: model_args: no 'vocab_size' entry"),
+        ({"model_args": {"vocab_size": 64}}, "meta.json: model_args: no 'ltm_layers' entry"),
+        ({"model_args": {"vocab_size": 64, "ltm_layers": [], "x": 1}}, "meta.json: model_args: unknown entry 'x'"),
+    ],
+)
+def test_a_bad_meta_json_names_the_file_and_the_entry(tmp_path, meta, needle):
+    """An edited meta.json gave "('NoneType' object is not subscriptable)" or "('ltm_layers')"."""
+    (tmp_path / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(UserError) as e:
+        ckpt.model_args_of(tmp_path)
+    assert str(e.value).startswith(f"{tmp_path}/{needle}") and "\n" not in str(e.value), str(e.value)
+
+
 # --------------------------------------------------------------------------- export
 
 
@@ -400,7 +420,7 @@ def test_export_out_inside_the_run_dir_is_refused(crafted, tmp_path):
     "damage,needle",
     [
         ("meta_not_json", "meta.json: not valid JSON"),
-        ("model_args_foreign", "meta.json: not the model arguments of a mnemo model"),
+        ("model_args_foreign", "meta.json: model_args: unknown entry 'n_experts'"),
         ("pt_garbage", "refused to load a torch file"),
         ("pt_truncated", "cannot read the DeepSpeed state"),
     ],
