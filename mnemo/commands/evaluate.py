@@ -200,7 +200,7 @@ def add_eval(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentPar
     p.add_argument(
         "--distances",
         type=int_list,
-        default=[1, 2, 4, 8, 16, 32],
+        default=list(DEFAULT_DISTANCES),
         help="passkey and --tasks distances D in segments (default 1,2,4,8,16,32)",
     )
     p.add_argument(
@@ -396,6 +396,23 @@ def search_models(args: argparse.Namespace, models: list) -> None:
         with_ltm_search(m, args.ltm_search or m.args.ltm_search, args.ivf_probe)
 
 
+# Passkey and --tasks distances when --distances is not given.
+DEFAULT_DISTANCES = (1, 2, 4, 8, 16, 32)
+# `mnemo eval`'s flags of the evaluation on --data: (flag, args attribute, value when not given).
+DATA_EVAL_FLAGS = (
+    ("--plots", "plots", None),
+    ("--max-docs", "max_docs", None),
+    ("--trials", "passkey_trials", None),
+    ("--task-trials", "task_trials", None),
+    ("--distances", "distances", list(DEFAULT_DISTANCES)),
+    ("--tasks", "tasks", None),
+    ("--baseline", "baseline", None),
+    ("--multikey", "multikey", 0),
+    ("--no-ablations", "no_ablations", False),
+    ("--seed", "seed", 0),
+)
+
+
 def check_ltm_capacity(capacity: int | None, models: list) -> None:
     """An error where --ltm-capacity is given but no model read has a long-term store to size, rather than a flag
     silently without effect (as --ltm-search is)."""
@@ -408,11 +425,19 @@ def check_ltm_capacity(capacity: int | None, models: list) -> None:
 def lm_eval_checkpoint(args: argparse.Namespace) -> int:
     """``mnemo eval CKPT --lm-eval TASKS``: lm-eval's tasks on the checkpoint (evaluation.harness.run_lm_eval)."""
     from mnemo.train.checkpoint import load_for_inference
+    from mnemo.train.errors import UserError
     from mnemo.evaluation.inference import resolve_device
 
+    # The held-out evaluation's flags (and their values other than the defaults) meant nothing here: they
+    # were silently without effect.
+    for flag, dest, default in DATA_EVAL_FLAGS:
+        if getattr(args, dest) != default:
+            raise UserError(f"{flag} applies to the evaluation on --data only, not to --lm-eval; leave it out")
     device = resolve_device(args.device)
     model, tokenizer, cfg = load_for_inference(args.checkpoint, device=device)
     check_ltm_capacity(args.ltm_capacity, [model])
+    if args.ltm_search or args.ivf_probe is not None:  # were ignored with --lm-eval
+        search_models(args, [model])
     from mnemo.evaluation.harness import run_lm_eval  # imports lm_eval: seconds, only here
     from mnemo.evaluation.inference import memory_errors
 

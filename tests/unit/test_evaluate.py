@@ -1633,3 +1633,55 @@ def test_the_tasks_plot_labels_each_distance_even_within_one_decade(tmp_path, mo
     assert [Path(p).name for p in plots(res, tmp_path)][-1] == "tasks_accuracy.png"
     ax = figs[-1].axes[0]
     assert [t.get_text() for t in ax.get_xticklabels()] == ["2", "4"]
+
+
+@pytest.mark.parametrize(
+    "extra, needle",
+    [
+        (["--tasks", "mqar_n16"], "--tasks applies to the evaluation on --data only, not to --lm-eval"),
+        (["--baseline", "b"], "--baseline applies to the evaluation on --data only"),
+        (["--distances", "1,2"], "--distances applies to the evaluation on --data only"),
+        (["--trials", "5"], "--trials applies to the evaluation on --data only"),
+        (["--no-ablations"], "--no-ablations applies to the evaluation on --data only"),
+        (["--ltm-search", "ivf"], "--ltm-search: the checkpoint has no long-term memory"),
+        (["--ivf-probe", "3"], "--ivf-probe: the checkpoint has no long-term memory"),
+    ],
+)
+def test_flags_that_mean_nothing_with_lm_eval_are_refused_not_ignored(tmp_path, monkeypatch, capsys, extra, needle):
+    """`mnemo eval CKPT --lm-eval T --ltm-search ivf --ivf-probe 3` (and --tasks, --baseline, ...) ran with
+    the flags silently without effect, exit 0; without --lm-eval the same search flags are checked."""
+    import types
+
+    import mnemo.train.checkpoint as checkpoint
+    from mnemo.cli import main
+
+    none = types.SimpleNamespace(args=types.SimpleNamespace(ltm_kind="none", ltm_capacity=0, ltm_topk=8))
+    cfg = types.SimpleNamespace(model=types.SimpleNamespace(segment_len=8))
+    monkeypatch.setattr(checkpoint, "load_for_inference", lambda path, device="cpu": (none, None, cfg))
+    assert main(["eval", str(tmp_path), "--lm-eval", "hellaswag", *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"mnemo: error: {needle}") and err.count("\n") == 1, err
+
+
+def test_the_search_flags_reach_the_model_read_by_lm_eval(tmp_path, monkeypatch):
+    """--ltm-search / --ivf-probe with --lm-eval: the model lm-eval reads searches as asked."""
+    import mnemo.commands.evaluate as ev
+    import mnemo.evaluation.harness as harness
+    import mnemo.train.checkpoint as checkpoint
+    from mnemo.cli import main
+    from mnemo.model import MemoryTransformer, ModelArgs
+
+    model = MemoryTransformer(ModelArgs(vocab_size=32, stm_length=8, ltm_kind="knn", ltm_capacity=64, ltm_layers=(2,)))
+    cfg = types_ns(model=types_ns(segment_len=8))
+    monkeypatch.setattr(checkpoint, "load_for_inference", lambda path, device="cpu": (model, None, cfg))
+    seen = {}
+    monkeypatch.setattr(harness, "run_lm_eval", lambda m, *a, **k: seen.update(search=m.args.ltm_search))
+    assert main(["eval", str(tmp_path), "--lm-eval", "hellaswag", "--ltm-search", "ivf", "--ivf-probe", "3"]) == 0
+    assert seen == {"search": "ivf"} and model.args.ltm_ivf_probe == 3
+    assert ev.DATA_EVAL_FLAGS  # the flags the test above refuses
+
+
+def types_ns(**kw):
+    import types
+
+    return types.SimpleNamespace(**kw)
