@@ -337,19 +337,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if why:
             raise UserError(f"--data: {why}")
     # After the checks above: these import torch (seconds), which a mistyped flag should not wait for.
-    from mnemo.train.checkpoint import load_for_inference
+    from mnemo.train.checkpoint import load_for_inference, resolve_checkpoint
     from mnemo.evaluation.evaluate import evaluate_data_dir, memory_advice
     from mnemo.evaluation.inference import memory_errors, resolve_device
     from mnemo.evaluation.task_eval import task_specs
 
     tasks = task_specs([args.tasks]) if args.tasks is not None else []
     device = resolve_device(args.device)
-    model, tokenizer, cfg = load_for_inference(args.checkpoint, device=device)
+    # Resolved once: a run dir's latest checkpoint while its training goes on is the one read and named.
+    ckpt = resolve_checkpoint(args.checkpoint)
+    model, tokenizer, cfg = load_for_inference(ckpt, device=device)
     baseline = load_for_inference(args.baseline, device=device) if args.baseline else None
     check_ltm_capacity(args.ltm_capacity, [model] if baseline is None else [model, baseline[0]])
     if args.ltm_search or args.ivf_probe is not None:
         search_models(args, [model] if baseline is None else [model, baseline[0]])
-    labels = {"checkpoint": str(args.checkpoint), "data": str(args.data)}
+    labels = {"checkpoint": str(args.checkpoint), "checkpoint_dir": str(ckpt), "data": str(args.data)}
     if args.baseline:
         labels["baseline_checkpoint"] = str(args.baseline)
     with memory_errors(memory_advice(bool(tasks), [model] if baseline is None else [model, baseline[0]])):

@@ -814,6 +814,7 @@ def test_eval_cli_tasks_json_baseline(tok, tmp_path, capsys):
     longest = max(c["tokens"] for by_d in res["tasks"].values() for c in by_d.values())
     assert longest > 3 * T and res["ltm_capacity"] == max(512, longest)
     assert res["baseline_checkpoint"] == str(exp)
+    assert res["checkpoint_dir"] == res["checkpoint"] == str(exp)  # the folder read (an export: itself)
     printed = capsys.readouterr().out
     assert "long-context tasks" in printed and "baseline exact [lo, hi]" in printed
     assert (tmp_path / "plots" / "tasks_accuracy.png").is_file()
