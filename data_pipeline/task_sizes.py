@@ -115,17 +115,27 @@ def least_tokens(spec: TaskSpec) -> tuple[int, int, int]:
     return tail, facts + tail, block
 
 
-def refuse_unfit(spec: TaskSpec, segment_len: int, distance: int) -> None:
+def refuse_unfit(spec: TaskSpec, segment_len: int, distance: int, episodes: bool = False) -> None:
     """TaskError naming ``spec`` and its parameter when, from its parameters alone, its documents cannot fit
     segments of ``segment_len`` at distances up to ``distance`` (``least_tokens``): its question and answer
     more than one segment, or its facts more than the (block facts + D) segments a document of
     ``make_sample`` (fact_segment=None) has. Before drawing: ``niah_multivalue:v=2000000`` drew for 91 s and
-    3 GB before the layout said so, v=100000000 ran on for good."""
+    3 GB before the layout said so, v=100000000 ran on for good.
+
+    ``episodes``: training's documents, whose facts may spread over the most segments ``fact_segments``
+    tries (block facts + 2 x distractors + 1, then D): a task that trains is never refused."""
     if spec.family == "passkey":
         return
     T, D = int(segment_len), int(distance)
     tail, total, block = least_tokens(spec)
     fam = spec.family
+    if episodes:
+        others = 0
+        if fam == "niah_multikey" and spec["haystack"] != "needles":
+            others = spec["k"] - 1
+        elif fam == "variable_tracking":
+            others = spec["c"] * (spec["h"] + 1)
+        block += 2 * others + 1
     if tail > T:
         key = {"niah_multivalue": "v", "niah_multiquery": "q", "mqar": "q", "variable_tracking": "h"}.get(fam)
         raise TaskError(

@@ -963,7 +963,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.passkey.tasks: {_brief(pk.tasks)}: {_clip(str(e))}") from None
     need(bool(specs), "train.passkey.tasks", "must name at least one task")
     refuse_repeated_task(specs, "train.passkey.tasks")
-    refuse_unfit_tasks(specs, "train.passkey.tasks", cfg.model.segment_len, pk.max_distance)
+    refuse_unfit_tasks(specs, "train.passkey.tasks", cfg.model.segment_len, pk.max_distance, episodes=True)
     if pk.fraction > 0 and lm.kind != "none":
         # An episode's question segment reads a key written (S + D) segments before it, S >= 0 (0 for the
         # pass key: docs/memory.md); a FIFO store of fewer than D x T entries has always evicted it.
@@ -1051,15 +1051,16 @@ def refuse_repeated_task(specs: list, key: str) -> None:
         raise ConfigError(f"{key}: {_clip(why)}")
 
 
-def refuse_unfit_tasks(specs: list, key: str, segment_len: int, distance: int) -> None:
+def refuse_unfit_tasks(specs: list, key: str, segment_len: int, distance: int, episodes: bool = False) -> None:
     """ConfigError naming ``key`` when a task of ``specs`` cannot fit segments of model.segment_len at distances up
-    to ``distance`` from its parameters alone (data_pipeline.task_sizes.refuse_unfit, the check of `mnemo eval`):
-    before, niah_multivalue:v=100000000 passed and the evaluation drew values for good."""
+    to ``distance`` from its parameters alone (data_pipeline.task_sizes.refuse_unfit, the check of `mnemo eval`;
+    ``episodes``: training's layouts): before, niah_multivalue:v=100000000 passed and the evaluation drew values
+    for good."""
     from mnemo.data_pipeline.task_sizes import refuse_unfit
 
     for spec in specs:
         try:
-            refuse_unfit(spec, segment_len, distance)
+            refuse_unfit(spec, segment_len, distance, episodes=episodes)
         except DataError as e:
             raise ConfigError(f"{key}: {_clip(str(e))}") from None
 
