@@ -94,6 +94,9 @@ def read_manifest(cfg: Config) -> dict[str, Any]:
 # sends them (a healthy store: well under a second) or, the store down, spills them to the fallback file at once
 # (within its 2 s probe); what a slow store has not taken by then the trainer appends to that file itself.
 TRACKING_FLUSH_S = 10.0
+# The same wait for a save under a deadline (a stop signal's grace period, the time limit): short, as what is
+# not confirmed by then goes to the fallback file all the same (the wait only spares duplicates there).
+URGENT_FLUSH_S = 2.0
 
 # Config keys a node may set for itself: where its copy of the data and tokenizer lies (compared by
 # content instead), its prefetch threads and its local cache. Everything else must be rank 0's.
@@ -605,7 +608,7 @@ class Trainer:
         # be the newest: a resume re-does (and logs) only the steps after it, so points that were only in the
         # sender's memory when the whole process group was SIGKILLed (timeout -s KILL, a container stop) were
         # lost for good. Rank 0 only (the others return at once); bounded (TRACKING_FLUSH_S).
-        self.tracker.flush(timeout=TRACKING_FLUSH_S)
+        self.tracker.flush(timeout=URGENT_FLUSH_S if reason in ("preempted", "time_limit") else TRACKING_FLUSH_S)
         # Read the run id now: if the tracking server was down at start-up, the run exists only later.
         meta = dict(
             self.meta_base,

@@ -1237,3 +1237,27 @@ def test_train_loss_at_a_log_step_is_the_mean_over_the_interval(world1, data, tm
     assert losses[1] != losses[2] and losses[3] != losses[4]
     for step in (2, 4):
         assert logged[step] == pytest.approx((losses[step - 1] + losses[step]) / 2, abs=6e-5)
+
+
+def test_a_save_under_a_deadline_waits_for_mlflows_sender_briefly():
+    """The flush before a checkpoint waited up to 10 s on a slow store in a stop signal's grace period too; what
+    is not confirmed goes to the fallback file anyway, so a save under a deadline waits 2 s."""
+    import types
+
+    from mnemo.train import trainer as tr
+
+    class Flushed(Exception):
+        pass
+
+    waits = []
+
+    class Tracker:
+        def flush(self, timeout):
+            waits.append(timeout)
+            raise Flushed  # what follows in save is not this test's
+
+    fake = types.SimpleNamespace(tracker=Tracker(), counters=types.SimpleNamespace(step=3))
+    for reason in ("preempted", "time_limit", "interval", "completed"):
+        with pytest.raises(Flushed):
+            tr.Trainer.save(fake, reason)
+    assert waits == [tr.URGENT_FLUSH_S, tr.URGENT_FLUSH_S, tr.TRACKING_FLUSH_S, tr.TRACKING_FLUSH_S] == [2, 2, 10, 10]
