@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 # Dense bf16 peak FLOP/s by a substring of torch.cuda.get_device_name(); the first match wins, so the PCIe
-# and NVL H100s (lower clocks: "NVIDIA H100 PCIe", "NVIDIA H100 NVL") come before the SXM one.
+# and NVL parts (lower clocks: "NVIDIA H100 PCIe", "NVIDIA H100 NVL", "NVIDIA H200 NVL") come before the SXM ones.
 PEAK_BF16_FLOPS = (
+    ("H200 NVL", 835e12),
     ("H200", 989e12),
     ("H100 PCIe", 756e12),
     ("H100 NVL", 835e12),

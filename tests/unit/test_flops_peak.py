@@ -15,6 +15,7 @@ from mnemo.train.flops import device_peak_flops
         ("NVIDIA H100 PCIe", 756e12),  # was given the SXM peak: MFU understated by a quarter
         ("NVIDIA H100 NVL", 835e12),
         ("NVIDIA H200", 989e12),
+        ("NVIDIA H200 NVL", 835e12),
         ("NVIDIA A100-SXM4-80GB", 312e12),
         ("NVIDIA A10", 125e12),
         ("NVIDIA GeForce RTX 4090", 0.0),  # unknown: MFU not logged
