@@ -279,6 +279,7 @@ def _export_locked(ckpt: Path, out: Path, overwrite: bool, format: str) -> Path:
                         (out / name).unlink(missing_ok=True)
                 os.replace(tmp / EXPORT_MANIFEST, out / EXPORT_MANIFEST)
                 tmp.rmdir()
+                fsync_path(out)  # the names moved into it (the parent's entry for out did not change)
             fsync_path(out.parent)
     finally:
         if tmp.is_dir():
