@@ -346,8 +346,9 @@ def _inspect(data_dir: str, num_samples: int, max_chars: int) -> dict:
                 }
             )
     arr = np.asarray(lengths, dtype=np.int64)
-    # To one decimal, as the mean: int() cut p50 of documents of 2 and 7 tokens to 4 beside a mean of 4.5.
-    pct = {f"p{q}": (round(float(np.percentile(arr, q)), 1) if arr.size else 0.0) for q in (0, 10, 50, 90, 99, 100)}
+    # To one decimal, as the mean: int() cut p50 of documents of 2 and 7 tokens to 4 beside a mean of 4.5. A whole
+    # value stays an int in --json, as before.
+    pct = {f"p{q}": _whole_or_tenth(np.percentile(arr, q)) if arr.size else 0 for q in (0, 10, 50, 90, 99, 100)}
     hist: list[tuple[int, int, int]] = []
     if arr.size:
         top = int(np.ceil(np.log2(max(2, arr.max() + 1))))
@@ -369,6 +370,12 @@ def _inspect(data_dir: str, num_samples: int, max_chars: int) -> dict:
         "length_histogram": hist,
         "samples": samples,
     }
+
+
+def _whole_or_tenth(x: float) -> int | float:
+    """x to one decimal: an int when that is whole (a token count), else a float."""
+    r = round(float(x), 1)
+    return int(r) if r.is_integer() else r
 
 
 def format_inspect(rep: dict) -> str:

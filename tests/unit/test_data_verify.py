@@ -155,6 +155,7 @@ def test_inspect_percentiles_are_not_cut_to_whole_tokens(dataset, monkeypatch):
     rep = inspect(str(dataset), num_samples=0)
     assert rep["length_percentiles"]["p50"] == 4.5 and rep["length_mean"] == 4.5
     assert rep["length_percentiles"]["p0"] == 2 and rep["length_percentiles"]["p10"] == 2.5
+    assert type(rep["length_percentiles"]["p0"]) is int  # a whole count stays an int in --json
     line = next(x for x in verify_module.format_inspect(rep).splitlines() if x.startswith("tokens per document"))
     assert line == "tokens per document: p0=2 p10=2.5 p50=4.5 p90=6.5 p99=7 p100=7 mean=4.5", line
 
