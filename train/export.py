@@ -138,6 +138,8 @@ def export(path: str | Path, out: str | Path, overwrite: bool = False, format: s
         _refuse_link(out)
         if out.exists() and not out.is_dir():
             raise UserError(f"--out {out}: exists and is not a directory")
+        if os.path.ismount(out):  # the export is written beside out, then moved in: across file systems, EXDEV
+            raise UserError(f"--out {out}: a mount point; export into a folder inside it")
         made = make_dirs(out.parent)  # the lock file's folder
     try:
         with export_lock(out):

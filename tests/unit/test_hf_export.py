@@ -418,3 +418,19 @@ def test_out_dot_is_the_working_folder_and_an_empty_out_is_refused(source, tmp_p
     monkeypatch.chdir(here / "..")
     export_mod.export(source, "here/..//here/.")  # again: the same export, replaced
     assert (here / "export.json").is_file()
+
+
+def test_a_mount_point_as_out_is_refused_before_the_weights_load(source, tmp_path, monkeypatch):
+    """The export is written beside --out and moved in: into a mount point (docker -v $PWD:/workspace) that
+    was an EXDEV traceback after every weight was written, leaving an export marked unfinished."""
+    import os
+
+    out = tmp_path / "mnt"
+    out.mkdir()
+    real = os.path.ismount
+    monkeypatch.setattr(os.path, "ismount", lambda p: Path(p) == out or real(p))
+    with pytest.raises(UserError, match=r"^--out .*/mnt: a mount point; export into a folder inside it$"):
+        export_mod.export(source, out)
+    assert list(out.iterdir()) == []
+    export_mod.export(source, out / "inside")
+    assert (out / "inside" / "export.json").is_file()
