@@ -69,11 +69,7 @@ def fact_segments(spec: TaskSpec, tokenizer: PieceTokenizer, segment_len: int, d
         listed = sum(P(t).size for t in texts) + n * word + n * sep
         tail = max(asked, listed) + n * value + n * sep
     # Distractor facts: they go anywhere before the question, each inside a free run of one segment.
-    others = 0  # needles (haystack=needles) fill what room is left: the k - 1 keys among them
-    if fam == "niah_multikey" and spec["haystack"] != "needles":
-        others = spec["k"] - 1
-    elif fam == "variable_tracking":
-        others = spec["c"] * n
+    others = distractor_facts(spec)
     D = int(distance)
     last_room = T - (tail if D == 0 else 0)
     for m in range(1, n + 2 * others + 2):
@@ -90,6 +86,17 @@ def fact_segments(spec: TaskSpec, tokenizer: PieceTokenizer, segment_len: int, d
         + f" do not fit in segment_len {T}"
         + (" beside the question (distance 0)" if D == 0 else "")
     )
+
+
+def distractor_facts(spec: TaskSpec) -> int:
+    """Facts of ``spec`` that go anywhere before the question, each in a free run of one segment: the other
+    k - 1 keys of niah_multikey, the c other chains' facts of variable_tracking, else none (needles, with
+    haystack=needles, fill what room is left)."""
+    if spec.family == "niah_multikey" and spec["haystack"] != "needles":
+        return spec["k"] - 1
+    if spec.family == "variable_tracking":
+        return spec["c"] * (spec["h"] + 1)
+    return 0
 
 
 def least_tokens(spec: TaskSpec) -> tuple[int, int, int]:
@@ -130,12 +137,7 @@ def refuse_unfit(spec: TaskSpec, segment_len: int, distance: int, episodes: bool
     tail, total, block = least_tokens(spec)
     fam = spec.family
     if episodes:
-        others = 0
-        if fam == "niah_multikey" and spec["haystack"] != "needles":
-            others = spec["k"] - 1
-        elif fam == "variable_tracking":
-            others = spec["c"] * (spec["h"] + 1)
-        block += 2 * others + 1
+        block += 2 * distractor_facts(spec) + 1
     if tail > T:
         key = {"niah_multivalue": "v", "niah_multiquery": "q", "mqar": "q", "variable_tracking": "h"}.get(fam)
         raise TaskError(
