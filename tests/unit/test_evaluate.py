@@ -1536,19 +1536,27 @@ def test_the_wrote_lines_escape_the_control_characters_of_names(tok, tmp_path):
     lines[-1].encode("utf-8")  # strict: no surrogate left
 
 
+def _stand_in_checkpoint(monkeypatch, model=None):
+    """Every checkpoint loads as ``model`` (default: a stand-in without long-term memory), with a tokenizer
+    of two tokens a text and segments of 8 tokens: for the flag checks of `mnemo eval` and `mnemo generate`."""
+    import types
+
+    import mnemo.train.checkpoint as checkpoint
+
+    if model is None:
+        model = types.SimpleNamespace(args=types.SimpleNamespace(ltm_kind="none", ltm_capacity=0, ltm_topk=8))
+    tokenizer = types.SimpleNamespace(encode=lambda text: [5, 6])
+    cfg = types.SimpleNamespace(model=types.SimpleNamespace(segment_len=8))
+    monkeypatch.setattr(checkpoint, "load_for_inference", lambda path, device="cpu": (model, tokenizer, cfg))
+
+
 @pytest.mark.parametrize("command", ["generate", "lm-eval"])
 def test_ltm_capacity_is_refused_on_a_model_without_long_term_memory(tmp_path, monkeypatch, capsys, command):
     """`mnemo generate/eval CKPT --ltm-capacity 4` on a checkpoint without a long-term store ran, the flag
     silently without effect, where --ltm-search is refused so."""
-    import types
-
-    import mnemo.train.checkpoint as checkpoint
     from mnemo.cli import main
 
-    none = types.SimpleNamespace(args=types.SimpleNamespace(ltm_kind="none", ltm_capacity=0, ltm_topk=8))
-    tokenizer = types.SimpleNamespace(encode=lambda text: [5, 6])
-    cfg = types.SimpleNamespace(model=types.SimpleNamespace(segment_len=8))
-    monkeypatch.setattr(checkpoint, "load_for_inference", lambda path, device="cpu": (none, tokenizer, cfg))
+    _stand_in_checkpoint(monkeypatch)
     prompt = tmp_path / "p.txt"
     prompt.write_text("hello")
     argv = {
@@ -1651,14 +1659,9 @@ def test_the_tasks_plot_labels_each_distance_even_within_one_decade(tmp_path, mo
 def test_flags_that_mean_nothing_with_lm_eval_are_refused_not_ignored(tmp_path, monkeypatch, capsys, extra, needle):
     """`mnemo eval CKPT --lm-eval T --ltm-search ivf --ivf-probe 3` (and --tasks, --baseline, ...) ran with
     the flags silently without effect, exit 0; without --lm-eval the same search flags are checked."""
-    import types
-
-    import mnemo.train.checkpoint as checkpoint
     from mnemo.cli import main
 
-    none = types.SimpleNamespace(args=types.SimpleNamespace(ltm_kind="none", ltm_capacity=0, ltm_topk=8))
-    cfg = types.SimpleNamespace(model=types.SimpleNamespace(segment_len=8))
-    monkeypatch.setattr(checkpoint, "load_for_inference", lambda path, device="cpu": (none, None, cfg))
+    _stand_in_checkpoint(monkeypatch)
     assert main(["eval", str(tmp_path), "--lm-eval", "hellaswag", *extra]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"mnemo: error: {needle}") and err.count("\n") == 1, err
@@ -1668,21 +1671,13 @@ def test_the_search_flags_reach_the_model_read_by_lm_eval(tmp_path, monkeypatch)
     """--ltm-search / --ivf-probe with --lm-eval: the model lm-eval reads searches as asked."""
     import mnemo.commands.evaluate as ev
     import mnemo.evaluation.harness as harness
-    import mnemo.train.checkpoint as checkpoint
     from mnemo.cli import main
     from mnemo.model import MemoryTransformer, ModelArgs
 
     model = MemoryTransformer(ModelArgs(vocab_size=32, stm_length=8, ltm_kind="knn", ltm_capacity=64, ltm_layers=(2,)))
-    cfg = types_ns(model=types_ns(segment_len=8))
-    monkeypatch.setattr(checkpoint, "load_for_inference", lambda path, device="cpu": (model, None, cfg))
+    _stand_in_checkpoint(monkeypatch, model)
     seen = {}
     monkeypatch.setattr(harness, "run_lm_eval", lambda m, *a, **k: seen.update(search=m.args.ltm_search))
     assert main(["eval", str(tmp_path), "--lm-eval", "hellaswag", "--ltm-search", "ivf", "--ivf-probe", "3"]) == 0
     assert seen == {"search": "ivf"} and model.args.ltm_ivf_probe == 3
     assert ev.DATA_EVAL_FLAGS  # the flags the test above refuses
-
-
-def types_ns(**kw):
-    import types
-
-    return types.SimpleNamespace(**kw)
