@@ -4,6 +4,7 @@ import atexit
 import os
 import shutil
 import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -47,3 +48,46 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+# Disk: a run of the whole suite writes several GB of checkpoints, shards and MLflow stores, and CI's disk
+# may hold far less. A passed test's tmp_path goes at its teardown (pyproject: tmp_path_retention_policy =
+# "failed"); what module-scoped fixtures and tmp_path_factory made goes at the end of the module below,
+# unless a test of the module failed (kept to debug). Session fixtures make theirs through session_tmp.
+_SESSION_DIRS: set[Path] = set()
+_FAILED_MODULES = pytest.StashKey[set]()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    if report.failed:
+        item.session.stash.setdefault(_FAILED_MODULES, set()).add(item.nodeid.split("::")[0])
+    return report
+
+
+@pytest.fixture(scope="session")
+def session_tmp(tmp_path_factory):
+    """``make(name)``: a new folder kept for the whole session (the module-end cleanup leaves it alone)."""
+
+    def make(name: str) -> Path:
+        path = tmp_path_factory.mktemp(name)
+        _SESSION_DIRS.add(path)
+        return path
+
+    return make
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _free_module_disk(request, tmp_path_factory):
+    """Remove the folders made under the base temp folder during this module, once its fixtures are gone.
+
+    Autouse and module-scoped: set up before, so torn down after, every module fixture of the module."""
+    base = tmp_path_factory.getbasetemp()
+    before = set(base.iterdir())
+    yield
+    if request.node.nodeid in request.session.stash.get(_FAILED_MODULES, set()):
+        return
+    for path in set(base.iterdir()) - before - _SESSION_DIRS:
+        if not path.is_symlink():  # mktemp's NAMEcurrent links: pytest drops the dangling ones at the end
+            shutil.rmtree(path, ignore_errors=True)

@@ -11,9 +11,9 @@ from tests.integration.jobs import PY, reference_overrides, run, train_cmd
 
 
 @pytest.fixture(scope="session")
-def tiny_corpus(tmp_path_factory):
+def tiny_corpus(session_tmp):
     """~40 real stdlib source files (the built-in demo corpus, small)."""
-    d = tmp_path_factory.mktemp("corpus")
+    d = session_tmp("corpus")
     files = sorted(glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "*.py")))
     files = [f for f in files if 2_000 < os.path.getsize(f) < 60_000][:40]
     for f in files:
@@ -22,9 +22,9 @@ def tiny_corpus(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def tiny_data(tmp_path_factory, tiny_corpus):
+def tiny_data(session_tmp, tiny_corpus):
     """An MDS data dir written by `mnemo prepare` (vocab 512)."""
-    out = tmp_path_factory.mktemp("data") / "mds"
+    out = session_tmp("data") / "mds"
     run(
         [
             PY,
@@ -46,7 +46,7 @@ def tiny_data(tmp_path_factory, tiny_corpus):
 
 
 @pytest.fixture(scope="session")
-def reference_run(tiny_data, tmp_path_factory):
+def reference_run(tiny_data, session_tmp):
     """stage -> run dir of an uninterrupted 2-rank run (jobs.reference_overrides), built once per session.
 
     Tests read it and copy it; none may write into it.
@@ -55,7 +55,7 @@ def reference_run(tiny_data, tmp_path_factory):
 
     def get(stage: int):
         if stage not in runs:
-            run_dir = tmp_path_factory.mktemp(f"ref{stage}") / "run"
+            run_dir = session_tmp(f"ref{stage}") / "run"
             run(train_cmd(2, reference_overrides(tiny_data, run_dir, stage)), timeout=400)
             runs[stage] = run_dir
         return runs[stage]

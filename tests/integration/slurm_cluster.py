@@ -314,9 +314,9 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 
 
 @pytest.fixture(scope="session")
-def slurm_cluster(tmp_path_factory):
+def slurm_cluster(session_tmp):
     """A started two-node cluster; skips the test when SLURM cannot run here."""
-    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm"), netns=True)
+    cluster = SlurmCluster(session_tmp("slurm"), netns=True)
     try:
         cluster.install()
         cluster.start_munge()
