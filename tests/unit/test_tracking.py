@@ -649,6 +649,7 @@ class _FakeMlflowServer:
         paths = self.paths
         self.stalled, self.resumed = threading.Event(), threading.Event()
         stalled, resumed = self.stalled, self.resumed
+        self.busy = busy = threading.Event()  # set: 503 to every request (a proxy whose MLflow restarts)
 
         class Handler(BaseHTTPRequestHandler):
             def _reply(self) -> None:
@@ -657,6 +658,11 @@ class _FakeMlflowServer:
                 paths.append(path)
                 if path.endswith("runs/log-batch") and stalled.is_set():
                     resumed.wait(60)
+                if busy.is_set():
+                    self.send_response(503)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 if path.endswith("experiments/get-by-name"):
                     out = {"experiment": {"experiment_id": "1", "name": "mnemo", "lifecycle_stage": "active"}}
                 elif path.endswith(("runs/create", "runs/get", "runs/update")):
@@ -746,6 +752,40 @@ def test_a_run_opened_late_reaches_on_run_id_at_once(tmp_path):
             time.sleep(0.05)
         assert t.run_id == "r1"
         assert kept == [("r1", "mnemo-tracking-read")]
+        t.close()
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize("when", ["at start", "later"])
+def test_a_server_answering_503_is_an_outage_not_a_refusal(tmp_path, monkeypatch, caplog, when):
+    """A 503 (a proxy whose MLflow restarts, a busy server) made the job's start fail ("too many 503 error
+    responses") and, later, dropped points as refused. It is an outage: training goes on, the points are kept
+    and sent once the server serves again."""
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    server = _FakeMlflowServer()
+    if when == "at start":
+        server.busy.set()
+    try:
+        with caplog.at_level(logging.WARNING, logger="mnemo.train.tracking"):
+            t = Tracker(run_dir=str(tmp_path), uri=f"http://127.0.0.1:{server.port}", interval=0.05, retry_interval=0.1)
+            assert t.run_id == (None if when == "at start" else "r1")
+            server.busy.set()
+            for step in range(1, 11):
+                t.log_metrics({"train/loss": 1.0 / step}, step=step)
+            time.sleep(1.0)  # several send cycles, each answered 503
+            server.paths.clear()
+            server.busy.clear()
+            deadline = time.monotonic() + 30
+            while not any(p.endswith("runs/log-batch") for p in server.paths) and time.monotonic() < deadline:
+                time.sleep(0.05)
+        assert t.run_id == "r1"
+        assert any(p.endswith("runs/log-batch") for p in list(server.paths)), server.paths
+        warned = [r.getMessage() for r in caplog.records]
+        # Said once each way (a 503 answers the health probe too: it is not "back" until a request succeeds).
+        down = f"tracking: MLflow at http://127.0.0.1:{server.port} is not serving (too many 503 error responses)"
+        assert [m.startswith(down) for m in warned] == [True, False], warned
+        assert "serves again; sending 10 buffered metric points" in warned[1], warned
         t.close()
     finally:
         server.close()

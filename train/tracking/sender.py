@@ -40,6 +40,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import signal
 import sqlite3
 import time
@@ -175,6 +176,28 @@ STORE_TRACEBACK_LOGGER = "mlflow.store.db.utils"
 _STORE_FULL_WORDS = ("database or disk is full", "attempt to write a readonly database", "disk I/O error")
 
 
+# "Not now" answers: a busy or restarting server, or a proxy in front of one (502 while the MLflow behind it
+# restarts). MLflow's client raises them once its retries are spent as urllib3's "too many 503 error
+# responses", as "error code 503 != 200" (a body that is not MLflow's JSON), or as a RestException with the
+# error code that MLflow maps to the status. An outage like no answer at all, not a refusal.
+_UNAVAILABLE_RE = re.compile(r"too many (?:429|502|503|504) error responses|error code (?:429|502|503|504) != 200")
+_UNAVAILABLE_CODES = ("TEMPORARILY_UNAVAILABLE", "DEADLINE_EXCEEDED", "REQUEST_LIMIT_EXCEEDED", "RESOURCE_EXHAUSTED")
+
+
+def server_unavailable(e: BaseException) -> str | None:
+    """What said the server cannot serve the request now (429, 502, 503, 504) in ``e`` or the exceptions it
+    was raised from, or None."""
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if getattr(e, "error_code", None) in _UNAVAILABLE_CODES:
+            return str(e.error_code)
+        if (m := _UNAVAILABLE_RE.search(str(e))) is not None:
+            return m.group(0)
+        e = e.__cause__ if e.__cause__ is not None else e.__context__
+    return None
+
+
 def store_full(e: BaseException) -> str | None:
     """Why the store cannot keep what it is sent (its disk is full, over quota or read-only), or None.
 
@@ -252,11 +275,12 @@ class _Op:
 
 
 class _Outage(Exception):
-    """The store could not be reached, or cannot store more (``full``): keep the op and retry later."""
+    """The store could not be reached, cannot store more (``full``) or answers "not now" (``busy``, a 503):
+    keep the op and retry later."""
 
-    def __init__(self, reason: str, full: bool = False) -> None:
+    def __init__(self, reason: str, full: bool = False, busy: bool = False) -> None:
         super().__init__(reason)
-        self.full = full
+        self.full, self.busy = full, busy
 
 
 class _DeletedExperiment(Exception):
@@ -285,6 +309,7 @@ class _Sender:
         self._params: dict[str, str] = {}  # params the run holds (MLflow params are write-once)
         self._up = True
         self._full = False  # down because the store cannot store more (its disk): up again only once it does
+        self._busy = False  # down because the server answered "not now" (503): up again only once it serves
         self._ready = False  # run created/reopened
         self._broken = False  # setup failed for good: fallback file only
         self._next_try = 0.0
@@ -324,7 +349,7 @@ class _Sender:
         try:
             self._setup()
         except _Outage as e:
-            self._mark_down(str(e), e.full)
+            self._mark_down(str(e), e.full, e.busy)
         except Exception as e:
             return (str(e).strip().splitlines() or [type(e).__name__])[0]
         return None
@@ -411,7 +436,8 @@ class _Sender:
             self._mark_down("no answer from " + self._health_url)
             return
         try:
-            if not self._ready:
+            set_up = not self._ready
+            if set_up:
                 try:
                     self._setup()
                 except _Outage:
@@ -426,7 +452,8 @@ class _Sender:
                         self.fallback_path,
                     )
                     return
-            if not self._full:  # answering is not enough for a full store: one request has to succeed
+            # Answering is not enough for a full store or a busy server: one request has to succeed.
+            if set_up or not (self._full or self._busy):
                 self._mark_up()
             while self._pending:
                 op = self._pending[0]
@@ -437,7 +464,7 @@ class _Sender:
                 for _ in group:
                     self._pending_points -= self._pending.popleft().n_points()
         except _Outage as e:
-            self._mark_down(str(e), e.full)
+            self._mark_down(str(e), e.full, e.busy)
 
     def _metric_group(self) -> list[_Op]:
         """Leading metric ops that fit one log_batch."""
@@ -457,8 +484,8 @@ class _Sender:
         except Exception as e:
             if (full := store_full(e)) is not None:
                 raise _Outage(full, full=True) from e
-            if not self._probe():
-                raise _Outage(str(e)) from e
+            if (busy := server_unavailable(e)) is not None or not self._probe():
+                raise _Outage(busy or str(e), busy=busy is not None) from e
             group[0].rejects += 1
             if group[0].rejects < _MAX_REJECTS:
                 return False
@@ -537,8 +564,8 @@ class _Sender:
         except Exception as e:
             if (full := store_full(e)) is not None:
                 raise _Outage(full, full=True) from e
-            if self._http and not self._probe():
-                raise _Outage(str(e)) from e
+            if self._http and ((busy := server_unavailable(e)) is not None or not self._probe()):
+                raise _Outage(busy or str(e), busy=busy is not None) from e
             raise  # the store answered: a real error (bad URI, deleted experiment, ...)
         self._ready = True
         self._emit(("run_id", self.run_id))
@@ -724,8 +751,8 @@ class _Sender:
         except requests.RequestException:
             return False
 
-    def _mark_down(self, reason: str, full: bool = False) -> None:
-        self._full = full
+    def _mark_down(self, reason: str, full: bool = False, busy: bool = False) -> None:
+        self._full, self._busy = full, busy
         if self._up:
             self._up = False
             self._log(
@@ -733,10 +760,10 @@ class _Sender:
                 "tracking: MLflow at %s %s (%s); training continues, "
                 "metrics are buffered and appended to %s until it %s",
                 self.uri,
-                "cannot store more" if full else "is unreachable",
+                "cannot store more" if full else "is not serving" if busy else "is unreachable",
                 reason[:200],
                 self.fallback_path,
-                "can" if full else "is back",
+                "can" if full else "serves" if busy else "is back",
             )
 
     def _mark_up(self) -> None:
@@ -746,10 +773,10 @@ class _Sender:
                 logging.WARNING,
                 "tracking: MLflow at %s %s; sending %d buffered metric points",
                 self.uri,
-                "stores again" if self._full else "is reachable again",
+                "stores again" if self._full else "serves again" if self._busy else "is reachable again",
                 self._pending_points,
             )
-            self._full = False
+            self._full = self._busy = False
 
     def _spill_all(self) -> None:
         for op in self._pending:
