@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import json
 import logging
 import os
@@ -182,13 +183,23 @@ def load_torch_file(path: str | Path) -> Any:
     with f, weights_only_loads(path):
         try:
             return torch.load(f, map_location="cpu", weights_only=True)
-        except (RuntimeError, EOFError) as e:  # truncated or not a torch file at all
-            raise UserError(f"{path}: cannot read ({first_line(e)})") from None
+        except (RuntimeError, EOFError, OSError) as e:  # truncated or not a torch file at all
+            raise UserError(f"{path}: cannot read ({torch_read_error(e)})") from None
+
+
+def torch_read_error(e: BaseException) -> str:
+    """Why torch.load failed, in a few words: its first sentence (a truncated zip is a paragraph about
+    miniz); the EINVAL some truncated files raise ("Invalid argument") says what it means."""
+    if isinstance(e, OSError) and e.errno == errno.EINVAL:
+        return "damaged or truncated file"
+    reason = e.strerror if isinstance(e, OSError) and e.strerror else first_line(e)
+    return re.split(r"\.\s+(?=[A-Z])", reason, maxsplit=1)[0]
 
 
 # What a damaged DeepSpeed state raises as DeepSpeed reads it: a truncated torch file ("PytorchStreamReader
-# failed reading zip archive"), an empty one, a missing one, one of another layout.
-DS_READ_ERRORS = (RuntimeError, EOFError, ValueError, FileNotFoundError)
+# failed reading zip archive", or OSError EINVAL for some lengths), an empty one, a missing one, one of
+# another layout.
+DS_READ_ERRORS = (RuntimeError, EOFError, ValueError, OSError)
 
 
 def unreadable_ds_state(where: Any, e: BaseException, alias: tuple[str, str] | None = None) -> BaseException:
@@ -203,9 +214,7 @@ def unreadable_ds_state(where: Any, e: BaseException, alias: tuple[str, str] | N
     if isinstance(e, (torch.OutOfMemoryError, torch.distributed.DistError)):
         return e
     path = failed_torch_file(e) or getattr(e, "filename", None)
-    reason = e.strerror if isinstance(e, OSError) and e.strerror else first_line(e)
-    reason = re.split(r"\.\s+(?=[A-Z])", reason, maxsplit=1)[0]  # its first sentence
-    text = f"{f'{path}: ' if path else ''}{reason}"
+    text = f"{f'{path}: ' if path else ''}{torch_read_error(e)}"
     if alias is not None and alias[0] != alias[1]:
         text = text.replace(alias[0], alias[1])
     return UserError(f"{where}: cannot read the DeepSpeed state ({text})")

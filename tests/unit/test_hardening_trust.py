@@ -423,6 +423,9 @@ def test_export_out_inside_the_run_dir_is_refused(crafted, tmp_path):
         ("model_args_foreign", "meta.json: model_args: unknown entry 'n_experts'"),
         ("pt_garbage", "refused to load a torch file"),
         ("pt_truncated", "cannot read the DeepSpeed state"),
+        # Cut half way through its tensor data: torch raised OSError EINVAL, a traceback (exit 1) in export,
+        # eval, generate, resume and init_from.
+        ("pt_cut_in_data", "cannot read the DeepSpeed state"),
     ],
 )
 def test_a_damaged_checkpoint_is_one_line_error(crafted, tmp_path, capsys, damage, needle):
@@ -438,6 +441,9 @@ def test_a_damaged_checkpoint_is_one_line_error(crafted, tmp_path, capsys, damag
         for f in states.glob("*.pt"):
             if damage == "pt_garbage":
                 f.write_bytes(bytes(range(256)) * 4)
+            elif damage == "pt_cut_in_data":
+                torch.save({"w": torch.zeros(8000)}, f)
+                f.write_bytes(f.read_bytes()[:16000])
             else:  # a real torch file cut short (a copy that stopped half way)
                 torch.save({"w": torch.zeros(1000)}, f)
                 f.write_bytes(f.read_bytes()[:1500])
@@ -446,6 +452,21 @@ def test_a_damaged_checkpoint_is_one_line_error(crafted, tmp_path, capsys, damag
     assert rc == 2 and err[-1].startswith("mnemo: error:") and needle in err[-1], err
     if damage == "pt_truncated":  # the file that failed, and torch's first sentence only
         assert re.search(rf"\({states}/\S+\.pt: PytorchStreamReader failed [^.]*\)$", err[-1]), err
+    if damage == "pt_cut_in_data":
+        assert re.search(rf"\({states}/\S+\.pt: damaged or truncated file\)$", err[-1]), err
+
+
+def test_a_rank_file_cut_in_its_data_is_one_line_error(tmp_path):
+    """torch.load of a file cut inside its tensor data raised OSError EINVAL ("Invalid argument"), which
+    load_torch_file let through: a traceback on resume (rank_XXXXX.pt). And its message for a file cut
+    elsewhere was torch's whole paragraph; both are a few words now."""
+    path = tmp_path / "rank_00000.pt"
+    for cut, reason in ((16000, "damaged or truncated file"), (1000, "PytorchStreamReader failed reading zip archive")):
+        torch.save({"w": torch.zeros(8000)}, path)
+        path.write_bytes(path.read_bytes()[:cut])
+        with pytest.raises(UserError) as e:
+            ckpt.load_torch_file(path)
+        assert re.fullmatch(rf"{path}: cannot read \({reason}[^.]*\)", str(e.value)), str(e.value)
 
 
 def test_a_damaged_export_folder_is_one_line_error(two_models, tmp_path, capsys):
