@@ -226,6 +226,7 @@ def _export_locked(ckpt: Path, out: Path, overwrite: bool, format: str) -> Path:
     # The weights must be those model_args.json describes (someone may have edited either): otherwise the
     # export would be another model, or one transformers fills with random tensors, with only a warning.
     check_weights_fit(args, sd, str(ckpt))
+    tok_path = source_tokenizer(ckpt, meta, required=format == "hf")
     if args.tie_embeddings:
         sd.pop("lm_head.weight", None)  # safetensors refuses shared storage; re-tied on load
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -247,9 +248,8 @@ def _export_locked(ckpt: Path, out: Path, overwrite: bool, format: str) -> Path:
                     (tmp / "source.json").write_text(json.dumps(source, indent=1))
                 elif (ckpt / "config.json").is_file():  # an export's: never copied verbatim, credentials and all
                     (tmp / "config.json").write_text(json.dumps(redact_tree(read_json(ckpt / "config.json")), indent=1))
-                for name in TOKENIZER_FILES:  # the one the run used (tokenizer.model or tokenizer.json)
-                    if (ckpt / name).is_file():
-                        shutil.copy(ckpt / name, tmp / name)
+                if tok_path is not None:  # the one the run used
+                    shutil.copy(tok_path, tmp / tok_path.name)
             # safetensors creates its file 0600, open() 0666 less the umask: every file of the export alike.
             mode = new_file_mode()
             for p in tmp.iterdir():
@@ -289,15 +289,41 @@ def _export_locked(ckpt: Path, out: Path, overwrite: bool, format: str) -> Path:
     return out
 
 
+def source_tokenizer(ckpt: Path, meta: dict, required: bool = True) -> Path | None:
+    """The tokenizer file of checkpoint or mnemo export ``ckpt`` (tokenizer.model or tokenizer.json), checked:
+    it is the file the model was trained with (the sha256 its meta.json, or its export.json, recorded) and
+    it loads. A damaged or missing one was copied (or left out) and vouched for by the new export.json: an
+    export that generate then refused, its run perhaps deleted meanwhile. None only when not ``required`` and
+    ``ckpt`` is a folder of weights that never had one (no meta.json, no tokenizer in its export.json)."""
+    from mnemo.data_pipeline.tokenizer import Tokenizer
+
+    listed = {} if meta else ((export_manifest(ckpt) or {}).get("files") or {})
+    tok_path = next((ckpt / n for n in TOKENIZER_FILES if (ckpt / n).is_file()), None)
+    if tok_path is None:
+        if required or meta or any(n in listed for n in TOKENIZER_FILES):
+            raise UserError(f"{ckpt}: no {' or '.join(TOKENIZER_FILES)} to export with the model")
+        return None
+    if meta:
+        want, where = meta.get("tokenizer_sha256"), "meta.json"
+    else:
+        want, where = listed.get(tok_path.name), EXPORT_MANIFEST
+    if isinstance(want, str) and (got := file_sha256(tok_path)) != want:
+        raise UserError(
+            f"{tok_path}: not the tokenizer the model was trained with (sha256 {got[:12]} != {want[:12]} "
+            f"recorded in {where}): damaged or replaced"
+        )
+    Tokenizer(str(tok_path))  # a file that is not a tokenizer: one line naming it
+    return tok_path
+
+
 def _write_hf(ckpt: Path, tmp: Path, args, sd: dict, meta: dict) -> None:
     """The hf export's files (train/hf/folder.py) of checkpoint or mnemo export ``ckpt`` into ``tmp``."""
     from mnemo.data_pipeline.tokenizer import Tokenizer
     from mnemo.train.checkpoint import config_of
     from mnemo.train.hf.folder import write_hf_files
 
-    tok_path = next((ckpt / n for n in TOKENIZER_FILES if (ckpt / n).is_file()), None)
-    if tok_path is None:
-        raise UserError(f"{ckpt}: no {' or '.join(TOKENIZER_FILES)} to export with the model")
+    tok_path = source_tokenizer(ckpt, meta)
+    assert tok_path is not None
     segment_len = config_of(ckpt).model.segment_len  # a source without a config is a one-line error here
     tree = meta["config"] if meta else read_json(ckpt / "config.json")
     write_hf_files(tmp, args, segment_len, sd, Tokenizer(str(tok_path)), redact_tree(tree))

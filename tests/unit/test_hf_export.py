@@ -434,3 +434,43 @@ def test_a_mount_point_as_out_is_refused_before_the_weights_load(source, tmp_pat
     assert list(out.iterdir()) == []
     export_mod.export(source, out / "inside")
     assert (out / "inside" / "export.json").is_file()
+
+
+@pytest.mark.parametrize("fmt", ["mnemo", "hf"])
+def test_an_export_with_a_damaged_or_missing_tokenizer_is_refused(source, tmp_path, fmt, capsys):
+    """A damaged tokenizer was copied and vouched for by the new export.json (exit 0), a missing one left out:
+    an export that generate then refused. The file the model was trained with is checked, named if not."""
+    from mnemo.cli import main
+
+    first = tmp_path / "first"
+    export_mod.export(source, first)  # its export.json records the tokenizer's sha256
+    tok = first / "tokenizer.model"
+    good = tok.read_bytes()
+    tok.write_bytes(good[:3000])
+    rc = main(["export", str(first), "--out", str(tmp_path / "again"), "--format", fmt])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1, err
+    assert err[0].startswith(f"mnemo: error: {tok}: not the tokenizer the model was trained with (sha256 "), err
+    tok.unlink()
+    rc = main(["export", str(first), "--out", str(tmp_path / "again"), "--format", fmt])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err == [f"mnemo: error: {first}: no tokenizer.model or tokenizer.json to export with the model"]
+    assert not (tmp_path / "again").exists()
+
+
+def test_a_checkpoint_tokenizer_is_checked_against_its_meta_json(source, tmp_path):
+    """A checkpoint's meta.json records the sha256 of the tokenizer it trained with: another file is refused,
+    and a checkpoint always has one (a missing one is refused even for the mnemo format)."""
+    from mnemo.data_pipeline.tokenizer import file_sha256
+    from mnemo.train.errors import UserError
+
+    tok = source / "tokenizer.model"
+    meta = {"tokenizer_sha256": file_sha256(tok)}
+    assert export_mod.source_tokenizer(source, meta, required=False) == tok
+    with pytest.raises(UserError, match=r"not the tokenizer the model was trained with .* recorded in meta\.json"):
+        export_mod.source_tokenizer(source, {"tokenizer_sha256": "0" * 64}, required=False)
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    with pytest.raises(UserError, match="no tokenizer.model or tokenizer.json"):
+        export_mod.source_tokenizer(bare, meta, required=False)
+    assert export_mod.source_tokenizer(bare, {}, required=False) is None  # weights that never had one
