@@ -86,6 +86,23 @@ def _positive(name: str, value: Any, high: int | None = None) -> int:
     return n
 
 
+def lm_eval_device(device: str | None) -> str:
+    """The torch device for lm_eval's --device (free text: cpu, cuda, cuda:1, auto); EvalError naming it when it
+    is none of those (foo, mps, meta were torch's traceback) or names a CUDA device this host does not have."""
+    import torch
+
+    text = str(device or "auto")
+    base, colon, index = text.partition(":")
+    if base not in ("auto", "cpu", "cuda") or (colon and (base != "cuda" or not index.isdecimal())):
+        raise EvalError(f"--device {brief(text)}: not a device mnemo runs on (auto, cpu, cuda or cuda:N)")
+    dev = resolve_device(base)
+    if colon:
+        if not int(index) < torch.cuda.device_count():
+            raise EvalError(f"--device {brief(text)}: this host has {torch.cuda.device_count()} CUDA devices")
+        dev += f":{int(index)}"
+    return dev
+
+
 @register_model("mnemo")
 class MnemoLM(TemplateLM):
     """lm-eval's view of a mnemo model: every request read as its own document, through memory.
@@ -135,8 +152,7 @@ class MnemoLM(TemplateLM):
                 raise EvalError("lm_eval --model mnemo: give --model_args checkpoint=PATH")
             if MnemoLM.loader is None:
                 raise EvalError("lm_eval --model mnemo: run it as `mnemo lm-eval ...` (it loads checkpoints)")
-            base, _, index = str(device or "auto").partition(":")  # lm_eval's --device: cpu, cuda, cuda:1
-            dev = resolve_device(base) + (f":{index}" if index else "")
+            dev = lm_eval_device(device)
             model, tokenizer, cfg = MnemoLM.loader(str(checkpoint), dev)
             segment_len = segment_len or cfg.model.segment_len
         if tokenizer is None or not segment_len:

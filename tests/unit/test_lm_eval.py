@@ -408,3 +408,26 @@ def test_generate_until_reads_generation_kwargs_as_lm_eval_does(env, monkeypatch
     named.task_name = "t1"  # as lm-eval's Instance has it
     with pytest.raises(EvalError, match=r"^generation_kwargs \(task t1\): top_p: must be in \(0, 1\]"):
         lm.generate_until([named])
+
+
+@pytest.mark.parametrize("device", ["foo", "mps", "meta", "cuda:x", "cpu:0", "cuda:99"])
+def test_lm_eval_cli_refuses_a_device_mnemo_does_not_run_on(env, capsys, device):
+    """lm_eval's --device is free text: foo, mps and meta were torch's traceback (exit 1) once the model loaded."""
+    from mnemo.cli import main
+
+    exp, tasks, *_ = env
+    argv = ["lm-eval", "run", "--model", "mnemo", "--model_args", f"checkpoint={exp}", "--device", device]
+    argv += ["--tasks", "mnemo_mc", "--include_path", str(tasks), "--limit", "2"]
+    assert main(argv) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("mnemo: error:")]
+    want = "this host has" if device == "cuda:99" and torch.cuda.is_available() else "not a device mnemo runs on"
+    if device == "cuda:99" and not torch.cuda.is_available():
+        want = "--device cuda: no CUDA device available"
+    assert len(err) == 1 and err[0].startswith("mnemo: error: --device ") and want in err[0], err
+
+
+def test_lm_eval_device_names():
+    from mnemo.evaluation.harness import lm_eval_device
+
+    assert lm_eval_device(None) == lm_eval_device("auto") in ("cpu", "cuda")
+    assert lm_eval_device("cpu") == "cpu"
