@@ -141,7 +141,7 @@ def tokenizer_sha256(path: str) -> str | None:
     from mnemo.data_pipeline.tokenizer import file_sha256
 
     if is_remote(path):
-        return None  # checked against the manifest by the trainer once the data is fetched
+        return None  # known once its manifest is fetched: open_sources (streams.py) passes it to check_same_tokenizer
     local = local_path(path)
     try:  # a FIFO there is refused, never waited on
         sha = json.loads(read_bounded(os.path.join(local, "manifest.json"), MAX_JSON_BYTES)).get("tokenizer_sha256")
@@ -153,19 +153,24 @@ def tokenizer_sha256(path: str) -> str | None:
     return file_sha256(tok) if os.path.isfile(tok) else None
 
 
-def check_same_tokenizer(paths: Sequence[str]) -> None:
-    """DataError naming both datasets when two of ``paths`` were made with different tokenizers."""
+def check_same_tokenizer(paths: Sequence[str], known: Sequence[str | None] = ()) -> None:
+    """DataError naming both datasets when two of ``paths`` were made with different tokenizers. ``known``: the
+    sha256 of each path's tokenizer where the caller has it (a remote dataset's, from its fetched manifest);
+    a None there, or a path past its end, is looked up (``tokenizer_sha256``). A URL is named without its
+    credentials."""
+    from mnemo.data_pipeline.redact import redact_uri
+
     first: tuple[str, str] | None = None
-    for p in paths:
-        sha = tokenizer_sha256(p)
+    for i, p in enumerate(paths):
+        sha = (known[i] if i < len(known) else None) or tokenizer_sha256(p)
         if sha is None:
             continue
         if first is None:
-            first = (p, sha)
+            first = (redact_uri(p), sha)
         elif sha != first[1]:
             raise DataError(
-                f"{first[0]} and {p} were made with different tokenizers (sha256 {first[1][:12]} != {sha[:12]}); "
-                "a mixture needs one tokenizer"
+                f"{first[0]} and {redact_uri(p)} were made with different tokenizers (sha256 {first[1][:12]} != "
+                f"{sha[:12]}); a mixture needs one tokenizer"
             )
 
 

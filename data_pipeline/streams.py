@@ -55,7 +55,14 @@ import torch
 
 from mnemo.data_pipeline.errors import DataError, first_line, limit_reached, storage_error
 from mnemo.data_pipeline.lean_imports import import_streaming
-from mnemo.data_pipeline.mixture import WeightedSource, check_same_sources, choose, shares, source_names
+from mnemo.data_pipeline.mixture import (
+    WeightedSource,
+    check_same_sources,
+    check_same_tokenizer,
+    choose,
+    shares,
+    source_names,
+)
 from mnemo.data_pipeline.partition import SourceQueue, epoch_order, rank_block  # noqa: F401 (epoch_order, rank_block: this module's API since before partition.py)
 from mnemo.data_pipeline.paths import is_remote, local_path, not_utf8
 from mnemo.data_pipeline.shm import hold_lock_files, release_lock_files, streaming_dataset
@@ -198,7 +205,11 @@ class MDSSource:
             for stream in self.ds.streams:  # read when a copy is decompressed (or downloaded raw), not before
                 stream.validate_hash = algo
             self._drop_copies_of_another_size()
-        self.train_only = _train_only(path, key)
+        manifest = _manifest(path, key)
+        self.train_only = _train_only(manifest, path, key)
+        # The tokenizer a remote dataset was made with (its fetched manifest's; None: unknown, or a local dataset,
+        # which the config's checks compare): open_sources checks it against the other sources'.
+        self.tokenizer_sha256: str | None = str(manifest.get("tokenizer_sha256") or "") or None if manifest else None
         self._readers: int | None = None  # hold_lock_files' descriptor
         self.num_samples = int(self.ds.num_samples)
         self.samples_per_shard = np.asarray(self.ds.samples_per_shard, dtype=np.int64)
@@ -352,17 +363,11 @@ def _hash_to_check(shards: Sequence[Any]) -> str | None:
     return "sha1" if "sha1" in usable else min(usable, default=None)
 
 
-def _train_only(path: str, key: str) -> int:
-    """The training-only samples of dataset ``path`` (split.py), from its manifest.json; a remote one's is
-    fetched (none there: 0). Every rank must get the same answer, so a failed fetch stops the run."""
-    from mnemo.data_pipeline.split import train_only_from
-    from mnemo.data_pipeline.verify import dataset_train_only
-
+def _manifest(path: str, key: str) -> dict[str, Any] | None:
+    """The manifest.json of remote dataset ``path``, fetched (None: it has none); None for a local one (its
+    manifest is read where needed). Every rank must get the same answer, so a failed fetch stops the run."""
     if not is_remote(path):
-        try:
-            return dataset_train_only(local_path(path))
-        except DataError as e:
-            raise DataError(f"{key}: {e}") from None
+        return None
     from mnemo.data_pipeline.outputs import fetch_remote_json
 
     where = f"{key}: the remote dataset's manifest.json"  # not its URL: it may hold a secret
@@ -374,14 +379,28 @@ def _train_only(path: str, key: str) -> int:
         raise DataError(f"{where} cannot be fetched ({type(e).__name__}); rerun when the store answers") from None
     if manifest is not None and not isinstance(manifest, dict):
         raise DataError(f"{where} is not a JSON object")
-    return train_only_from(manifest, where)
+    return manifest
+
+
+def _train_only(manifest: dict[str, Any] | None, path: str, key: str) -> int:
+    """The training-only samples of dataset ``path`` (split.py), from its manifest.json: a local one's is read
+    here, a remote one's is ``manifest`` (``_manifest``; None: it has none, 0)."""
+    from mnemo.data_pipeline.split import train_only_from
+    from mnemo.data_pipeline.verify import dataset_train_only
+
+    if not is_remote(path):
+        try:
+            return dataset_train_only(local_path(path))
+        except DataError as e:
+            raise DataError(f"{key}: {e}") from None
+    return train_only_from(manifest, f"{key}: the remote dataset's manifest.json")
 
 
 def open_sources(entries: Sequence[Any], cache_dir: str) -> list[WeightedSource]:
     """The mixture of ``data.sources`` (items with path, weight, name, max_epochs): each an MDSSource with its
     own cache folder ``<cache_dir>/<name>`` (remote sources). [] for no entries (a single data.path)."""
     names = source_names([e.path for e in entries], [e.name for e in entries])
-    return [
+    sources = [
         WeightedSource(
             MDSSource(e.path, cache_dir=os.path.join(cache_dir, n), key=f"data.sources[{i}].path"),
             weight=float(e.weight),
@@ -390,6 +409,13 @@ def open_sources(entries: Sequence[Any], cache_dir: str) -> list[WeightedSource]
         )
         for i, (e, n) in enumerate(zip(entries, names))
     ]
+    # The config's check compared the local sources' tokenizers; a remote source's is known only now, from its
+    # fetched manifest (the same on every rank: each stops with this line).
+    try:
+        check_same_tokenizer([e.path for e in entries], [getattr(w.source, "tokenizer_sha256", None) for w in sources])
+    except DataError as e:
+        raise DataError(f"data.sources: {e}") from None
+    return sources
 
 
 @dataclass
