@@ -53,7 +53,7 @@ from mnemo.data_pipeline.inputs import Corpus, WorkUnit
 from mnemo.data_pipeline.lean_imports import import_streaming
 from mnemo.data_pipeline.out_lock import LOCK_NAME
 from mnemo.data_pipeline.paths import file_url_path, is_file_url, is_remote, looks_like_url, parse_url
-from mnemo.data_pipeline.redact import redact_uri
+from mnemo.data_pipeline.redact import redact_quoted, redact_uri
 from mnemo.data_pipeline.progress import note
 
 STATE_DIR = ".mnemo-prepare"
@@ -361,12 +361,18 @@ def record_failure(loc: OutLocation, fingerprint: str, error: InputError) -> Non
         write_json(os.path.join(loc.state, "plan.json"), {"fingerprint": fingerprint, "failed": str(error)})
 
 
-def remote_failure(url: str, what: str, e: BaseException) -> DataError:
-    """One line for a remote store's error: ``--out URL: WHAT (Type: first line of its message)``."""
-    lines = str(e).strip().splitlines()
-    first = lines[0].strip() if lines else ""
-    first = first if len(first) <= 300 else first[:297] + "..."
-    return DataError(f"--out {url}: {what} ({type(e).__name__}{': ' + first if first else ''})")
+def remote_failure(url: str, what: str, e: BaseException, key: str = "--out") -> DataError:
+    """One line for a remote store's error: ``--out URL: WHAT (Type: its reason)``, or ``KEY: URL: ...`` for a
+    config key (``data.sources[1].path``). Credentials are hidden, the URL's also where the reason quotes them
+    without its scheme (``redact_quoted``). The reason is the message's first line, and the next one when that
+    ends in ':' (botocore's "Parameter validation failed:" says why on the next)."""
+    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+    first = lines[0] if lines else ""
+    if first.endswith(":") and len(lines) > 1:
+        first = f"{first} {lines[1]}"
+    first = clip(redact_quoted(first, url), 300)
+    lead = key if key.startswith("-") else f"{key}:"
+    return DataError(f"{lead} {redact_uri(url)}: {what} ({type(e).__name__}{': ' + first if first else ''})")
 
 
 def _uploader(loc: OutLocation):

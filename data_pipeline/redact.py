@@ -203,6 +203,33 @@ def redact_uri(text: str) -> str:
     return _hide_params(text)
 
 
+def redact_quoted(text: str, uri: str) -> str:
+    """``redact_uri`` of ``text`` (an error about ``uri``), and the credentials of ``uri`` hidden wherever
+    ``text`` quotes them without their scheme: botocore refuses ``s3://user:pw@bucket/x`` with 'Invalid bucket
+    name "user:pw@bucket"', which in free text reads as no credential (``redact_uri`` keeps ``a:b@c``)."""
+    text = redact_uri(text)
+    for secret in sorted(_userinfos(uri), key=len, reverse=True):
+        text = text.replace(secret, REDACTED)
+    return text
+
+
+def _userinfos(uri: str) -> set[str]:
+    """The userinfo (``user:pw``, ``TOKEN``) of each URI in ``uri`` as ``redact_uri`` finds it, and each one's
+    password when it is 4 characters or more (a shorter one would hide letters all over a message)."""
+    found = [m[0][len(m["scheme"]) : -1] for m in _USERINFO.finditer(uri)]
+    for run in _NON_BLANK.finditer(uri):
+        lost = _lost_slash(run[0])
+        if lost is not None:
+            found.append(run[0][lost.end("scheme") : run[0].rfind("@")])
+    out = set()
+    for info in filter(None, found):
+        out.add(info)
+        password = info.partition(":")[2]
+        if len(password) >= 4:
+            out.add(password)
+    return out
+
+
 def redact_uri_value(uri: str) -> str:
     """``redact_uri`` of a value known to be one URI (``tracking.uri``), where a userinfo without a ``//``
     before it is one too: in ``alice:PASS@host:5000`` (``http://`` forgotten) or ``TOKEN@host`` all before

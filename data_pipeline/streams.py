@@ -65,6 +65,7 @@ from mnemo.data_pipeline.mixture import (
 )
 from mnemo.data_pipeline.partition import SourceQueue, epoch_order, rank_block  # noqa: F401 (epoch_order, rank_block: this module's API since before partition.py)
 from mnemo.data_pipeline.paths import is_remote, local_path, not_utf8
+from mnemo.data_pipeline.redact import redact_quoted, redact_uri
 from mnemo.data_pipeline.shm import hold_lock_files, release_lock_files, streaming_dataset
 
 STATE_VERSION = 1
@@ -186,16 +187,26 @@ class MDSSource:
             self.ds = streaming_dataset(
                 lambda: StreamingDataset(remote=remote, local=local, shuffle=False, batch_size=1), key
             )
+        except DataError:
+            raise
         except FileNotFoundError as e:
-            raise DataError(f"{key}: cannot open MDS dataset at {path}: {e}") from None
+            raise DataError(
+                f"{key}: cannot open MDS dataset at {redact_uri(path)}: {redact_quoted(str(e), path)}"
+            ) from None
         except ValueError as e:
             if "Reused local directory" not in str(e):
+                if self.remote:
+                    raise _unreadable_remote(path, key, e) from None
                 raise
             raise DataError(
-                f"{key}: the cache folder {local!r} of {path} is registered in shared memory by another job (a live"
-                " one, or one killed without cleanup): give this job its own data.cache_dir, or, when no job uses"
-                " it, remove the /dev/shm/NNNNNN_* segments whose NNNNNN_locals names it"
+                f"{key}: the cache folder {local!r} of {redact_uri(path)} is registered in shared memory by another"
+                " job (a live one, or one killed without cleanup): give this job its own data.cache_dir, or, when no"
+                " job uses it, remove the /dev/shm/NNNNNN_* segments whose NNNNNN_locals names it"
             ) from None
+        except Exception as e:  # a remote store's: credentials, bucket, a missing object (each its own types)
+            if not self.remote or storage_error(e) is not None or limit_reached(e) is not None:
+                raise  # a local dataset's is a bug (its traceback); the machine's is exit_status's one line
+            raise _unreadable_remote(path, key, e) from None
         if remote is not None:
             _check_index(key, local)
         # The folder of streaming's copies of the shards (never the dataset's own: nothing is dropped there).
@@ -361,6 +372,14 @@ def _hash_to_check(shards: Sequence[Any]) -> str | None:
             common = algos if common is None else common & algos
     usable = (common or set()) & get_hashes()
     return "sha1" if "sha1" in usable else min(usable, default=None)
+
+
+def _unreadable_remote(path: str, key: str, e: Exception) -> DataError:
+    """The one line for remote dataset ``path`` that streaming could not open (``e``): ``KEY: URL: cannot read
+    it (Type: reason)``, credentials hidden (outputs.remote_failure, as ``mnemo prepare --out`` words it)."""
+    from mnemo.data_pipeline.outputs import remote_failure
+
+    return remote_failure(path, "cannot read it", e, key)
 
 
 def _manifest(path: str, key: str) -> dict[str, Any] | None:

@@ -95,3 +95,48 @@ def test_a_remote_source_made_with_another_tokenizer_is_refused(dataset, fake_s3
         f"data.sources: {dataset} and s3://bkt/other were made with different tokenizers "
         f"(sha256 {sha[:12]} != 7be587899e37); a mixture needs one tokenizer"
     )
+
+
+SECRET = "SECRETPW9"
+
+
+@pytest.mark.parametrize(
+    "url,no_credentials,want",
+    [
+        ("s3://nobucket-mnemo-test/x", True, "s3://nobucket-mnemo-test/x: cannot read it (NoCredentialsError: "),
+        ("s3://bkt/nothere", False, "s3://bkt/nothere: cannot read it (ClientError: Object s3://bkt/nothere/index"),
+        # botocore quotes the bucket without its scheme: 'Invalid bucket name "user:PW@nobucket-mnemo-test"'
+        (
+            f"s3://user:{SECRET}@nobucket-mnemo-test/x",
+            False,
+            "s3://***@nobucket-mnemo-test/x: cannot read it (ParamValidationError: Parameter validation failed: "
+            'Invalid bucket name "***@nobucket-mnemo-test"',
+        ),
+    ],
+)
+def test_a_remote_source_that_cannot_be_read_is_one_line_naming_it(
+    dataset, fake_s3, tmp_path, monkeypatch, url, no_credentials, want
+):
+    """Each was a traceback of botocore's (exit 1), the last one printing the password in clear."""
+    if no_credentials:  # botocore finds none before any network access (instance metadata lookup off)
+        monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+        monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    with pytest.raises(DataError) as e:
+        open_sources(_entries(str(dataset), url), str(tmp_path / "c"))
+    line = str(e.value)
+    assert line.startswith(f"data.sources[1].path: {want}"), line
+    assert "\n" not in line and SECRET not in line and e.value.__cause__ is None
+
+
+def test_redact_quoted_hides_a_uris_credentials_quoted_without_its_scheme():
+    from mnemo.data_pipeline.redact import redact_quoted
+
+    uri = f"s3://alice:{SECRET}@bucket/x"
+    said = f'Invalid bucket name "alice:{SECRET}@bucket"; password {SECRET}; {uri}; user alice, mail a:b@c'
+    assert (
+        redact_quoted(said, uri)
+        == 'Invalid bucket name "***@bucket"; password ***; s3://***@bucket/x; user alice, mail a:b@c'
+    )
+    assert redact_quoted(said, "s3://bucket/x") == said.replace(uri, "s3://***@bucket/x")  # nothing else known
+    assert redact_quoted("a 'TOKEN9@host' and a:x@h", "s3:///TOKEN9@host/x") == "a '***@host' and a:x@h"
+    assert redact_quoted("u:pw@b", "s3://u:pw@b/x") == "***@b"  # a short password is hidden with its user only
