@@ -120,6 +120,8 @@ class ModelArgs:
             raise ValueError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
         if (self.d_model // self.n_heads) % 2:
             raise ValueError("head dim must be even for RoPE")
+        if knn and self.ltm_topk > self.ltm_capacity:  # as memory.long.topk is checked: more than the store holds
+            raise ValueError(f"ltm_topk: must be <= ltm_capacity ({self.ltm_capacity}), got {self.ltm_topk}")
         if self.ltm_qk_tied and self.ltm_qk_span < 2:
             raise ValueError("ltm_qk_tied: needs ltm_qk_span >= 2 (a query and key of one token have nothing to tie)")
         if self.init not in ("scaled", "fan_in"):

@@ -192,7 +192,15 @@ def rank_parts(episodes: bool = True):
     from mnemo.train.state import Counters, MemoryPart, RNGState
 
     args = ModelArgs(
-        vocab_size=16, n_layers=2, d_model=16, n_heads=2, d_ff=32, stm_length=4, ltm_kind="knn", ltm_capacity=8
+        vocab_size=16,
+        n_layers=2,
+        d_model=16,
+        n_heads=2,
+        d_ff=32,
+        stm_length=4,
+        ltm_kind="knn",
+        ltm_capacity=8,
+        ltm_topk=4,
     )
     memory = MemoryPart(MemoryTransformer(args).init_state(2), torch.device("cpu"))
     parts = {"streams": StandInStreams(), "memory": memory, "rng": RNGState(), "counters": Counters()}
