@@ -184,6 +184,7 @@ class TrainLoop:
             "fwd_bwd": 0.0,
             "optim": 0.0,
             "t0": time.time(),
+            "last": 0,  # the last step the window holds (0: none)
             "ep_s": 0.0,
             "ep_loss": 0.0,
             "ep_n": 0,
@@ -277,6 +278,7 @@ class TrainLoop:
                     cur.current,
                 )
         w = self._window
+        w["last"] = step + 1
         w["ep_s"] += time.time() - t0
         w["ep_loss"] += loss
         w["ep_n"] += 1
@@ -311,6 +313,18 @@ class TrainLoop:
     def _maybe_log(self, step: int) -> None:
         if step % self.cfg.train.log_interval == 0 or step == self.max_steps:
             self._log(step)
+
+    def log_last_window(self) -> None:
+        """Log the steps since the last log (every rank: the metrics take collectives), at the last of them.
+
+        The trainer calls it when the steps end before train.max_steps (the time limit, a used-up mixture, a stop
+        signal, a NaN stop), before the checkpoint's tracker flush: their metrics were in no point and no console
+        line (a run that ended at step 12 with train.log_interval=5 had its last points at step 10). Nothing when
+        every step was logged. The checkpoint holds this step, so a resume logs only steps after it; after a
+        NaN stop (no checkpoint) the resume filter (docs/tracking.md) drops the re-done steps up to it.
+        """
+        if self._window["last"]:
+            self._log(self._window["last"])
 
     def _corpus_step(self, step: int) -> bool:
         from mnemo.train.collectives import sum_
@@ -362,6 +376,7 @@ class TrainLoop:
         step_tokens = B * T * k * A * self.info.world_size  # every micro-batch of every rank
         self.counters.tokens_seen += step_tokens
         w = self._window
+        w["last"] = step + 1
         w["loss"] += loss
         w["n"] += 1
         w["tokens"] += step_tokens

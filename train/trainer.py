@@ -699,6 +699,8 @@ class Trainer:
                 stop, time_up = stop_requests(self.preempt, cfg, started, self.device)
                 if stop:
                     actions = after_step(cfg, c.step, stop, time_up, self.max_steps)
+            if stop:  # the steps since the last log, before the save's tracker flush
+                self.loop.log_last_window()
             if "save" in actions:
                 self.save("preempted" if stop else "interval")
                 last_saved = c.step
@@ -709,6 +711,8 @@ class Trainer:
             if time_up:
                 exit_reason = "time_limit"
                 break
+        # Steps that ended off the log interval (the time limit, a used-up mixture, a NaN stop): their metrics.
+        self.loop.log_last_window()
         if exit_reason in ("completed", "time_limit", "data_used_up") and last_saved != c.step:
             self.preempt.finishing("the final checkpoint and evaluation")
             self.save(exit_reason)

@@ -158,9 +158,10 @@ def test_slurm_job_trains_on_two_nodes_then_preempts_requeues_and_resumes(slurm_
     assert records[len(first) :] == list(range(k + 1, MAX_STEPS + 1)), "the requeued start resumed right after it"
     assert (run_dir / "checkpoints" / "latest").exists()
 
-    # MLflow: the requeued start continued the first start's run; every logged step once (log_interval 5).
+    # MLflow: the requeued start continued the first start's run; every logged step once (log_interval 5, and
+    # the preempted step k: the stop logs the steps since the last log before its checkpoint).
     client, runs = mlflow_runs(run_dir)
     assert len(runs) == 1, [r.info.run_id for r in runs]
     hist = client.get_metric_history(runs[0].info.run_id, "train/loss")
-    assert sorted(m.step for m in hist) == list(range(5, MAX_STEPS + 1, 5))
+    assert sorted(m.step for m in hist) == sorted(set(range(5, MAX_STEPS + 1, 5)) | {k})
     assert runs[0].info.status == "FINISHED"

@@ -1239,6 +1239,53 @@ def test_train_loss_at_a_log_step_is_the_mean_over_the_interval(world1, data, tm
         assert logged[step] == pytest.approx((losses[step - 1] + losses[step]) / 2, abs=6e-5)
 
 
+@pytest.mark.parametrize("end", ["time_limit", "data_used_up", "preempted"])
+def test_steps_that_end_off_the_log_interval_log_their_last_window(world1, data, tmp_path, monkeypatch, end):
+    """A run that ended before train.max_steps off train.log_interval (the time limit after step 1, a used-up
+    mixture, SIGTERM during step 3) logged nothing of the steps since the last log: MLflow held no train/*
+    point at all, or its last at step 10 of a run that ended at step 12. Now that window is logged at the last
+    step, before the checkpoint; the resume of the preempted run logs after it, no step twice."""
+    from mlflow import MlflowClient
+
+    from mnemo.train import trainer
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # the sqlite store in run.dir
+    run_dir = tmp_path / "run"
+    args = ["tracking.enabled=true", "train.log_interval=5", "eval.interval=0", "checkpoint.interval=0"]
+    args += ["train.max_steps=10"]
+    args += {
+        "time_limit": ["train.max_time_s=1e-9"],
+        "data_used_up": ["data.path=", f"data.sources=[{{path: {data}, max_epochs: 1}}]", "data.val_fraction=0.5"],
+        "preempted": [],
+    }[end]
+    args += ["train.max_steps=200", "train.log_interval=100"] if end == "data_used_up" else []
+    step_once = trainer.Trainer.train_step
+
+    def step_then_sigterm(self, step):
+        ok = step_once(self, step)
+        if end == "preempted" and step + 1 == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return ok
+
+    monkeypatch.setattr(trainer.Trainer, "train_step", step_then_sigterm)
+    summary = trainer.train(config(data, run_dir, *args))
+    interval = 100 if end == "data_used_up" else 5
+    assert summary["exit"] == end and summary["step"] % interval != 0, summary
+    client = MlflowClient(f"sqlite:///{run_dir / 'mlflow.db'}")
+
+    def steps(key: str) -> list[int]:
+        return sorted(m.step for m in client.get_metric_history(summary["run_id"], key))
+
+    last = summary["step"]
+    assert steps("train/loss")[-1] == last and steps("train/tokens_seen")[-1] == last
+    tokens = client.get_metric_history(summary["run_id"], "train/tokens_seen")
+    assert max(tokens, key=lambda m: m.step).value == summary["tokens_seen"]
+    if end == "preempted":
+        again = trainer.train(config(data, run_dir, *args))
+        assert again["exit"] == "completed" and again["run_id"] == summary["run_id"]
+        assert steps("train/loss") == [3, 5, 10]
+
+
 def test_a_save_under_a_deadline_waits_for_mlflows_sender_briefly():
     """The flush before a checkpoint waited up to 10 s on a slow store in a stop signal's grace period too; what
     is not confirmed goes to the fallback file anyway, so a save under a deadline waits 2 s."""
