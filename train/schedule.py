@@ -66,17 +66,24 @@ def batching_of(meta: dict) -> Batching:
     return Batching(world, b, gb // (world * b) if gb and gb % (world * b) == 0 else 1)
 
 
-def repartition_note(old: Batching, batch_size: int, world_size: int) -> str:
+def repartition_note(old: Batching, now: Batching) -> str:
     """What a resume that re-partitions the streams logs, e.g. 're-partitioned from 2 to 1 ranks: ...'.
 
-    Either the world size or the slots per rank changed (the slot groups did not survive). The documents in
-    flight restart from their first segment with empty memory, so the first steps' loss is that of every
-    slot reading a document's opening at once: higher than the running loss, not a damaged conversion.
+    It names each of the world size, the slots per rank and the slot groups (accumulation micro-steps,
+    train.global_batch_size) that changed: the slot groups did not survive. The documents in flight restart from
+    their first segment with empty memory, so the first steps' loss is that of every slot reading a document's
+    opening at once: higher than the running loss, not a damaged conversion.
     """
-    if old.world_size != world_size:
-        what = f"from {old.world_size} to {world_size} ranks"
-    else:
-        what = f"from {old.batch_size} to {batch_size} slots per rank"
+    changed = [
+        f"from {a} to {b} {what}"
+        for a, b, what in (
+            (old.world_size, now.world_size, "ranks"),
+            (old.batch_size, now.batch_size, "slots per rank"),
+            (old.accum, now.accum, "slot groups (accumulation steps) per rank"),
+        )
+        if a != b
+    ]
+    what = ", ".join(changed) or "the stream slots (their saved shape differs)"
     return f"re-partitioned {what}; documents in flight restart from their beginning with empty memory"
 
 

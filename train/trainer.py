@@ -461,7 +461,7 @@ class Trainer:
                 "resumed from %s at step %d (%s)",
                 path,
                 meta["step"],
-                "exact" if exact else repartition_note(self.old_batching, self.cfg.train.batch_size, info.world_size),
+                "exact" if exact else repartition_note(self.old_batching, self.batching),
             )
 
     def _start_tracking(self) -> None:

@@ -222,11 +222,25 @@ def test_start_lines_state_the_batch_what_it_was_and_the_budget():
 def test_repartition_note_names_what_changed():
     # A batch-size-only change used to read "re-partitioned from 1 to 1 ranks".
     old = batching_of({"world_size": 1, "config": {"train": {"batch_size": 4}}})
-    note = repartition_note(old, 2, 1)
+    note = repartition_note(old, Batching(1, 2, 1))
     assert note.startswith("re-partitioned from 4 to 2 slots per rank;")
     assert "restart from their beginning" in note
-    assert repartition_note(batching_of({"world_size": 2, "config": {"train": {"batch_size": 4}}}), 4, 1).startswith(
-        "re-partitioned from 2 to 1 ranks;"
+    assert repartition_note(
+        batching_of({"world_size": 2, "config": {"train": {"batch_size": 4}}}), Batching(1, 4, 1)
+    ).startswith("re-partitioned from 2 to 1 ranks;")
+
+
+def test_repartition_note_names_a_changed_global_batch_size():
+    """Only train.global_batch_size changed (8 -> 4 on one rank of 2 slots: slot groups 4 -> 2): the note read
+    "re-partitioned from 2 to 2 slots per rank". It names the slot groups now, and each part that changed."""
+    old = batching_of({"world_size": 1, "config": {"train": {"batch_size": 2, "global_batch_size": 8}}})
+    assert old == Batching(1, 2, 4)
+    assert repartition_note(old, Batching(1, 2, 2)).startswith(
+        "re-partitioned from 4 to 2 slot groups (accumulation steps) per rank;"
+    )
+    assert repartition_note(old, Batching(2, 1, 2)).startswith(
+        "re-partitioned from 1 to 2 ranks, from 2 to 1 slots per rank, from 4 to 2 slot groups "
+        "(accumulation steps) per rank;"
     )
 
 
