@@ -765,7 +765,8 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
         validate_start(cfg)
     except ConfigError as e:  # say where the key at fault was given, as the type errors above do
         msg = str(e)
-        key = re.sub(r"\[\d+\]$", "", msg.split(":", 1)[0])
+        # The key the value was given as: a list's item or its field is given with the list (data.sources[0].weight)
+        key = re.sub(r"\[\d+\].*$", "", msg.split(":", 1)[0])
         if key in {k for k, _ in given}:
             msg = f"override {msg}"
         elif path is not None and key in file_keys:

@@ -209,6 +209,16 @@ def test_an_empty_section_is_all_defaults(tmp_path, content):
     assert cfg.train.max_steps == 5 and cfg.train.lr == 1e-3 and cfg.memory.long.capacity == 4096
 
 
+def test_a_bad_field_of_a_data_source_says_where_it_was_given(tmp_path):
+    """A validation error on a field of a list item (data.sources[0].weight) named neither `override` nor the
+    file: the origin was looked up by the key with only a trailing [i] stripped, and no key matched."""
+    bad = "[{path: a, weight: -1}]"
+    assert _error(["data.path=", f"data.sources={bad}"]) == "override data.sources[0].weight: must be >= 0, got -1.0"
+    p = tmp_path / "c.yaml"
+    p.write_text(f"data:\n  path: ''\n  sources: {bad}\n")
+    assert _error(path=p) == f"{p}: data.sources[0].weight: must be >= 0, got -1.0"
+
+
 def test_a_list_item_that_is_not_a_mapping_is_named(tmp_path):
     p = tmp_path / "c.yaml"
     p.write_text("data:\n  sources:\n    - {path: a}\n    - 3\n")
