@@ -314,7 +314,7 @@ class TrainLoop:
         if step % self.cfg.train.log_interval == 0 or step == self.max_steps:
             self._log(step)
 
-    def log_last_window(self) -> None:
+    def log_last_window(self) -> bool:
         """Log the steps since the last log (every rank: the metrics take collectives), at the last of them.
 
         The trainer calls it when the steps end before train.max_steps (the time limit, a used-up mixture, a stop
@@ -322,9 +322,12 @@ class TrainLoop:
         line (a run that ended at step 12 with train.log_interval=5 had its last points at step 10). Nothing when
         every step was logged. The checkpoint holds this step, so a resume logs only steps after it; after a
         NaN stop (no checkpoint) the resume filter (docs/tracking.md) drops the re-done steps up to it.
+        True when it logged.
         """
-        if self._window["last"]:
-            self._log(self._window["last"])
+        if not self._window["last"]:
+            return False
+        self._log(self._window["last"])
+        return True
 
     def _corpus_step(self, step: int) -> bool:
         from mnemo.train.collectives import sum_

@@ -711,8 +711,11 @@ class Trainer:
             if time_up:
                 exit_reason = "time_limit"
                 break
-        # Steps that ended off the log interval (the time limit, a used-up mixture, a NaN stop): their metrics.
-        self.loop.log_last_window()
+        # Steps that ended off the log interval (the time limit, a used-up mixture, a NaN stop): their metrics. When
+        # this step's checkpoint is already saved (an interval save, then the mixture ran out), on the store now as
+        # its save's flush would have made them: a resume from it does not log this step again.
+        if self.loop.log_last_window() and last_saved == c.step:
+            self.tracker.flush(timeout=TRACKING_FLUSH_S)
         if exit_reason in ("completed", "time_limit", "data_used_up") and last_saved != c.step:
             self.preempt.finishing("the final checkpoint and evaluation")
             self.save(exit_reason)

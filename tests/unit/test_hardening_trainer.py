@@ -1239,26 +1239,42 @@ def test_train_loss_at_a_log_step_is_the_mean_over_the_interval(world1, data, tm
         assert logged[step] == pytest.approx((losses[step - 1] + losses[step]) / 2, abs=6e-5)
 
 
-@pytest.mark.parametrize("end", ["time_limit", "data_used_up", "preempted"])
+@pytest.mark.parametrize("end", ["time_limit", "data_used_up", "data_used_up after a save", "preempted"])
 def test_steps_that_end_off_the_log_interval_log_their_last_window(world1, data, tmp_path, monkeypatch, end):
     """A run that ended before train.max_steps off train.log_interval (the time limit after step 1, a used-up
     mixture, SIGTERM during step 3) logged nothing of the steps since the last log: MLflow held no train/*
     point at all, or its last at step 10 of a run that ended at step 12. Now that window is logged at the last
-    step, before the checkpoint; the resume of the preempted run logs after it, no step twice."""
+    step, and flushed to the store like the checkpoint of that step (its save's flush, or one of its own when
+    an interval save came first); the resume of the preempted run logs after it, no step twice."""
     from mlflow import MlflowClient
 
-    from mnemo.train import trainer
+    from mnemo.train import loop, trainer
+    from mnemo.train.tracking import Tracker
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # the sqlite store in run.dir
     run_dir = tmp_path / "run"
-    args = ["tracking.enabled=true", "train.log_interval=5", "eval.interval=0", "checkpoint.interval=0"]
-    args += ["train.max_steps=10"]
+    used_up = end.startswith("data_used_up")
+    args = ["tracking.enabled=true", "train.log_interval=5", "eval.interval=0"]
+    args += ["train.max_steps=10", f"checkpoint.interval={1 if end == 'data_used_up after a save' else 0}"]
     args += {
         "time_limit": ["train.max_time_s=1e-9"],
-        "data_used_up": ["data.path=", f"data.sources=[{{path: {data}, max_epochs: 1}}]", "data.val_fraction=0.5"],
         "preempted": [],
-    }[end]
-    args += ["train.max_steps=200", "train.log_interval=100"] if end == "data_used_up" else []
+    }.get(end, ["data.path=", f"data.sources=[{{path: {data}, max_epochs: 1}}]", "data.val_fraction=0.5"])
+    args += ["train.max_steps=200", "train.log_interval=100"] if used_up else []
+    events: list[str] = []  # "log": the last window logged; "flush": the tracker's points made safe
+    flush, log_last = Tracker.flush, loop.TrainLoop.log_last_window
+
+    def flushing(self, *a, **k):
+        events.append("flush")
+        return flush(self, *a, **k)
+
+    def logging_last(self):
+        logged = log_last(self)
+        events.extend(["log"] if logged else [])
+        return logged
+
+    monkeypatch.setattr(Tracker, "flush", flushing)
+    monkeypatch.setattr(loop.TrainLoop, "log_last_window", logging_last)
     step_once = trainer.Trainer.train_step
 
     def step_then_sigterm(self, step):
@@ -1269,8 +1285,9 @@ def test_steps_that_end_off_the_log_interval_log_their_last_window(world1, data,
 
     monkeypatch.setattr(trainer.Trainer, "train_step", step_then_sigterm)
     summary = trainer.train(config(data, run_dir, *args))
-    interval = 100 if end == "data_used_up" else 5
-    assert summary["exit"] == end and summary["step"] % interval != 0, summary
+    interval = 100 if used_up else 5
+    assert summary["exit"] == end.split()[0] and summary["step"] % interval != 0, summary
+    assert "flush" in events[events.index("log") :], events
     client = MlflowClient(f"sqlite:///{run_dir / 'mlflow.db'}")
 
     def steps(key: str) -> list[int]:
