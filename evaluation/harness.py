@@ -162,6 +162,12 @@ class MnemoLM(TemplateLM):
         self.reads: list[dict[str, list[int]]] = []
         # Which flags lower the memory a batch needs (`mnemo eval --lm-eval` sets its own).
         self.advice = "lower --batch_size or ltm_capacity in --model_args"
+        args = getattr(core_model(model), "args", None)
+        if cap is not None and args is not None:  # before any task is built (a late one was glued to its bar)
+            if args.ltm_kind == "none":
+                raise EvalError("ltm_capacity: the checkpoint has no long-term memory (memory.long.kind: none) to size")
+            if cap < args.ltm_topk:
+                raise EvalError(f"ltm_capacity {cap}: must be >= the model's top-k ({args.ltm_topk})")
         if checkpoint is not None:  # loaded here (`mnemo lm-eval`): refuse a store that cannot fit, before a request
             self.check_memory_fit()
 

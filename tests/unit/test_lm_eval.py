@@ -431,3 +431,20 @@ def test_lm_eval_device_names():
 
     assert lm_eval_device(None) == lm_eval_device("auto") in ("cpu", "cuda")
     assert lm_eval_device("cpu") == "cpu"
+
+
+def test_an_ltm_capacity_the_model_cannot_use_is_refused_before_any_task(env):
+    """ltm_capacity=64 on a model without long-term memory was silently ignored (exit 0), and one below the top-k
+    was caught only at the first request, after the tasks were built (its line glued to the progress bar)."""
+    import dataclasses
+
+    from mnemo.evaluation.errors import EvalError
+    from mnemo.model import MemoryTransformer
+
+    _, _, model, tok, harness, _ = env
+    with pytest.raises(EvalError, match=r"^ltm_capacity 1: must be >= the model's top-k \(4\)$"):
+        harness.MnemoLM(model=model, tokenizer=tok, segment_len=T, ltm_capacity=1)
+    none = MemoryTransformer(dataclasses.replace(model.args, ltm_kind="none", ltm_layers=()))
+    with pytest.raises(EvalError, match="no long-term memory"):
+        harness.MnemoLM(model=none, tokenizer=tok, segment_len=T, ltm_capacity=64)
+    assert harness.MnemoLM(model=model, tokenizer=tok, segment_len=T, ltm_capacity=4).ltm_capacity == 4
