@@ -746,6 +746,8 @@ def config_of(ckpt: Path):
     ckpt = Path(ckpt)
     if (ckpt / "config.json").is_file():
         tree = read_json(ckpt / "config.json")
+    elif (ckpt / "model.safetensors").is_file() and not (ckpt / "meta.json").exists():  # an export folder
+        raise UserError(f"{ckpt / 'config.json'}: missing (a mnemo export holds the config of its model there)")
     else:
         tree = read_meta(ckpt).get("config")
     if not isinstance(tree, dict):

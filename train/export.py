@@ -32,6 +32,7 @@ from mnemo.train.checkpoint import (
     EXPORT_MANIFEST,
     EXPORT_NAMES,
     check_weights_fit,
+    config_of,
     consolidated_state_dict,
     export_manifest,
     is_complete,
@@ -222,6 +223,7 @@ def _export_locked(ckpt: Path, out: Path, overwrite: bool, format: str) -> Path:
         )
 
     args = model_args_of(ckpt)  # the small JSON first: a foreign folder fails before the weights load
+    config_of(ckpt)  # what eval and generate need beside the weights (an export without it: refused here)
     sd = consolidated_state_dict(ckpt)
     # The weights must be those model_args.json describes (someone may have edited either): otherwise the
     # export would be another model, or one transformers fills with random tensors, with only a warning.
@@ -319,7 +321,6 @@ def source_tokenizer(ckpt: Path, meta: dict, required: bool = True) -> Path | No
 def _write_hf(ckpt: Path, tmp: Path, args, sd: dict, meta: dict) -> None:
     """The hf export's files (train/hf/folder.py) of checkpoint or mnemo export ``ckpt`` into ``tmp``."""
     from mnemo.data_pipeline.tokenizer import Tokenizer
-    from mnemo.train.checkpoint import config_of
     from mnemo.train.hf.folder import write_hf_files
 
     tok_path = source_tokenizer(ckpt, meta)

@@ -722,7 +722,7 @@ def test_the_other_path_keys_mean_their_documented_default_when_empty(tmp_path):
         load_config(None, ["run.dir="])
     with pytest.raises(ConfigError, match=r"^data.path: not set"):
         _check(_cfg(tmp_path, tmp_path / "run", **{"data.path": ""}))
-    with pytest.raises(ConfigError, match=r"^data.sources\[0\].path: not set"):
+    with pytest.raises(ConfigError, match=r"^override data.sources\[0\].path: not set"):
         load_config(None, ["data.sources=[{path: ''}]"])
 
 

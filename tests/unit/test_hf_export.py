@@ -474,3 +474,26 @@ def test_a_checkpoint_tokenizer_is_checked_against_its_meta_json(source, tmp_pat
     with pytest.raises(UserError, match="no tokenizer.model or tokenizer.json"):
         export_mod.source_tokenizer(bare, meta, required=False)
     assert export_mod.source_tokenizer(bare, {}, required=False) is None  # weights that never had one
+
+
+def test_an_export_without_its_config_is_refused_naming_the_file(source, tmp_path, capsys):
+    """An export folder without config.json exported (exit 0) into another that generate refused, naming a
+    meta.json exports never have. Both now name the missing config.json."""
+    import shutil
+
+    from mnemo.cli import main
+
+    bare = tmp_path / "bare"
+    shutil.copytree(source, bare)
+    (bare / "config.json").unlink()
+    (tmp_path / "p.txt").write_text("a prompt")
+    generate = ["generate", str(bare), "--prompt-file", str(tmp_path / "p.txt")]
+    for argv in (["export", str(bare), "--out", str(tmp_path / "again")], generate):
+        rc = main(argv)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert (
+            rc == 2
+            and err[-1]
+            == f"mnemo: error: {bare / 'config.json'}: missing (a mnemo export holds the config of its model there)"
+        ), err
+    assert not (tmp_path / "again").exists()

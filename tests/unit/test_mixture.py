@@ -302,10 +302,12 @@ def test_a_name_too_long_for_a_folder_or_a_metric_is_refused(tmp_path):
     load_config(None, [f"data.sources=[{{path: a, name: {'n' * 200}}}]"])  # the bound: 200 bytes
     load_config(None, [f"data.sources=[{{path: a, name: {'я' * 100}}}]"])
     for name, key in (("n" * 201, "name"), ("я" * 101, "name"), ("n" * 300, "name")):
-        with pytest.raises(ConfigError, match=rf"^data.sources\[0\].{key}: '.*' is \d+ bytes long") as e:
+        with pytest.raises(ConfigError, match=rf"^override data.sources\[0\].{key}: '.*' is \d+ bytes long") as e:
             load_config(None, [f"data.sources=[{{path: a, name: {name}}}]"])
         assert "at most 200" in str(e.value) and "\n" not in str(e.value)
-    with pytest.raises(ConfigError, match=r"^data.sources\[0\].path: .* gives the source no usable name .*300 bytes"):
+    with pytest.raises(
+        ConfigError, match=r"^override data.sources\[0\].path: .* gives the source no usable name .*300 bytes"
+    ):
         load_config(None, [f"data.sources=[{{path: {tmp_path / ('d' * 300)}}}]"])
 
 
