@@ -46,6 +46,16 @@ def rank_block(order: np.ndarray, rank: int, world: int) -> np.ndarray:
 # ------------------------------------------------------------------ per-source queues
 
 
+def check_partitions(label: str, n_train: int, world: int) -> None:
+    """DataError naming ``label`` unless its ``n_train`` training documents give each of the ``world``
+    partitions one: checked by each rank's queue, and by ``mnemo launch`` before any rank starts."""
+    if n_train < world:
+        raise DataError(  # world: the slot groups (train/slots.py), W ranks x A accumulation micro-steps
+            f"{label}: {n_train} training documents, fewer than the {world} partitions it is split into "
+            "(one per rank and gradient-accumulation micro-step: the global batch / train.batch_size)"
+        )
+
+
 class SourceQueue:
     """This rank's walk over one source: epoch order, its block, cursor, exclusions, prefetched documents.
 
@@ -68,12 +78,7 @@ class SourceQueue:
         self.source, self.rank, self.world, self.seed = source, rank, world, seed
         self.label, self.stream, self.max_epochs = label, stream, max_epochs
         self.train_mask = ~source_heldout_mask(source, val_fraction)
-        n_train = int(self.train_mask.sum())
-        if n_train < world:
-            raise DataError(  # world: the slot groups (train/slots.py), W ranks x A accumulation micro-steps
-                f"{label}: {n_train} training documents, fewer than the {world} partitions it is split into "
-                "(one per rank and gradient-accumulation micro-step: the global batch / train.batch_size)"
-            )
+        check_partitions(label, int(self.train_mask.sum()), world)
         self.epoch, self.cursor = 0, 0
         self.excluded: dict[int, np.ndarray] = {}  # epoch -> sample ids finished before a reshape
         self._block_cache: tuple[int, np.ndarray] | None = None

@@ -23,7 +23,7 @@ from mnemo.data_pipeline.errors import DataError, brief
 from mnemo.data_pipeline.files import MAX_JSON_BYTES, NotRegularFile, load_json, not_a_regular_file, open_regular
 from mnemo.data_pipeline.lean_imports import import_streaming
 from mnemo.data_pipeline.paths import not_a_directory
-from mnemo.data_pipeline.split import filler_documents, train_only_from
+from mnemo.data_pipeline.split import filler_documents, heldout_mask, train_only_from
 
 
 def read_json_file(path: str, what: str, limit: int = MAX_JSON_BYTES) -> dict:
@@ -78,6 +78,13 @@ def dataset_train_only(data_dir: str) -> int:
     if not os.path.lexists(path):  # a manifest that is no regular file is read_json_file's one-line error
         return 0
     return train_only_from(read_json_file(path, "the dataset's manifest"), path)
+
+
+def dataset_train_documents(data_dir: str, val_fraction: float) -> int:
+    """The training documents of local dataset ``data_dir`` at ``val_fraction``: the samples of its index.json
+    less those the split holds out (split.heldout_mask, as the training streams count them)."""
+    num_samples = sum(shard["samples"] for shard in check_index(data_dir))
+    return int((~heldout_mask(num_samples, val_fraction, dataset_train_only(data_dir))).sum())
 
 
 def other_tokenizer(manifest: dict, tokenizer_sha256: str | None) -> str | None:

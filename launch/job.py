@@ -205,17 +205,20 @@ def _job_name(cfg, run_dir: Path) -> str:
 
 
 def check_global_batch(cfg, world_size: int) -> None:
-    """train.global_batch_size divides world size x train.batch_size (ConfigError naming it, before any start)."""
+    """train.global_batch_size divides world size x train.batch_size, and each dataset has a training document
+    for each of the partitions that makes (ConfigError naming the key, before any start)."""
+    from mnemo.train.config import check_partitions_fit
     from mnemo.train.schedule import batching  # torch: imported only once a launch is decided
 
-    batching(cfg, world_size)
+    check_partitions_fit(cfg, world_size * batching(cfg, world_size).accum)
 
 
 def launch(req: LaunchRequest) -> int:
     """Validate everything, then start the ranks (or print what would start: ``dry_run``); the exit status."""
     from mnemo.launch import env as launch_env
     from mnemo.launch.torchrun import DEFAULT_MASTER_PORT, NodePlan, check_node_args, default_rdzv_id
-    from mnemo.train.config import check_memory_fit, check_paths, load_config
+    from mnemo.train.config import check_memory_fit, load_config
+    from mnemo.train.resume import check_before_start  # torch only once a resume or init_from is checked
 
     target = _check_flags(req)
     if req.env_from_stdin:
@@ -239,7 +242,7 @@ def launch(req: LaunchRequest) -> int:
         local = req.nproc_per_node or launch_env.default_nproc_per_node()
         check_open_files(local * (req.nnodes or 1))
         check_op_cache(os.environ)
-    check_paths(cfg)
+    check_before_start(cfg)
     if target not in ("hostfile", "slurm") and not req.dry_run:
         # The same machine's memory for all local ranks (hostfile and SLURM nodes: each node's launcher checks).
         check_memory_fit(cfg, req.nproc_per_node or launch_env.default_nproc_per_node())

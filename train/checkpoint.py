@@ -792,6 +792,20 @@ def check_weights_fit(args, sd: dict[str, torch.Tensor], source: str) -> None:
     _check_fit(own, sd, args.tie_embeddings, source, model="the model its model arguments describe")
 
 
+def check_source_fits(args, theirs, src: Path) -> None:
+    """UserError naming ``src`` unless the weights of a model of ``theirs`` (its model_args_of) load into a model
+    of ``args`` (load_weights' check by name and shape, both models built on the meta device: no memory):
+    init_from's, before any rank starts (a model.size other than the source's failed in each rank, after the
+    run dir was made)."""
+    from mnemo.model import MemoryTransformer
+
+    if theirs.n_layers != args.n_layers:  # and a meta model of 10**9 layers (an edited file) takes hours
+        raise UserError(f"{src}: weights of {theirs.n_layers} layers do not fit this model ({args.n_layers} layers)")
+    with torch.device("meta"):
+        own, sd = MemoryTransformer(args).state_dict(), MemoryTransformer(theirs).state_dict()
+    _check_fit(own, sd, theirs.tie_embeddings, str(src))
+
+
 def _check_fit(own: dict, sd: dict, tied: bool, source: str, model: str = "") -> None:
     """UserError unless ``sd`` has ``own``'s names and shapes. ``model``: what ``own`` is, where it is not
     the run's own model (whose vocabulary is its tokenizer's: a mismatch there is another tokenizer)."""

@@ -1177,13 +1177,13 @@ def wrote_run_config(path: Path) -> bool:
     return False
 
 
-def check_paths(cfg: Config) -> None:
+def check_paths(cfg: Config) -> Path | None:
     """Checks that need the filesystem (data dir, tokenizer, init_from and its tokenizer) or the environment
     (``check_tracking``).
 
-    Run by `mnemo train` and `mnemo launch` before any rank is spawned. A path
-    that cannot even be looked at (a name too long, no permission) is a
-    ConfigError naming its key (``path_errors``), as a missing one is.
+    Run by `mnemo train` and `mnemo launch` before any rank is spawned (train/resume.py check_before_start). A
+    path that cannot even be looked at (a name too long, no permission) is a ConfigError naming its key
+    (``path_errors``), as a missing one is. Returns the checkpoint this run would resume (None: none found here).
     """
     check_tracking(cfg)
     # Path("") is the working directory: `checkpoint.resume=` resumed from wherever mnemo ran. Checked here,
@@ -1304,6 +1304,7 @@ def check_paths(cfg: Config) -> None:
         with path_errors("checkpoint.resume", ConfigError):
             check_checkpoint_files(start)
             read_checkpoint_meta(start, RESUME_META_KEYS)
+    return start
 
 
 def check_memory_fit(cfg: Config, ranks: int = 1) -> None:
@@ -1342,6 +1343,28 @@ def check_memory_fit(cfg: Config, ranks: int = 1) -> None:
         f"train.batch_size {B} slots: {gib}), more than the {free / 2**30:.1f} GiB available: lower {key} or "
         "train.batch_size"
     )
+
+
+def check_partitions_fit(cfg: Config, groups: int) -> None:
+    """ConfigError naming the dataset (data.path, data.sources[i]) that has fewer training documents than the
+    job's ``groups`` partitions (world size x accumulation micro-steps: train/slots.py), as each rank's streams
+    would find (data_pipeline/partition.py check_partitions); a dataset not readable here (remote, or only on
+    the nodes) is left to the ranks."""
+    from mnemo.data_pipeline.partition import check_partitions
+    from mnemo.data_pipeline.verify import dataset_train_documents
+
+    named = [(f"data.sources[{i}]", s.path) for i, s in enumerate(cfg.data.sources)] or [("data.path", cfg.data.path)]
+    for label, path in named:
+        if is_remote(path):
+            continue
+        try:
+            n_train = dataset_train_documents(local_path(path, label), cfg.data.val_fraction)
+        except (DataError, OSError, ValueError):  # check_paths names what is wrong with a dataset it can see
+            continue
+        try:
+            check_partitions(label, n_train, groups)
+        except DataError as e:
+            raise ConfigError(str(e)) from None
 
 
 def manifest_vocab(cfg: Config) -> int:

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from mnemo.train.config import Config
+from mnemo.train.errors import UserError
 
 
 def lr_lambda(cfg: Config, total_steps: int | None = None):
@@ -135,6 +136,27 @@ def apply_optimizer_config(engine: Any, cfg: Config) -> None:
     # saved its floor, and step 6 of its 7-step continuation ran at it). Unchanged: the same value, bit for bit.
     for g, base, lam in zip(groups, sched.base_lrs, sched.lr_lambdas):
         g["lr"] = base * lam(sched.last_epoch)
+
+
+def check_init_from_fits(cfg: Config) -> None:
+    """ConfigError naming init_from unless the weights it names fit this run's model (model.size, memory.long.*:
+    shapes, as init_weights_from loads them), checked before any rank starts; skipped where the vocabulary or
+    the source's model arguments cannot be read here (check_paths, or the ranks' load, names the problem)."""
+    from mnemo.train import checkpoint as ckpt
+    from mnemo.train.config import ConfigError, manifest_vocab
+
+    vocab = manifest_vocab(cfg)
+    if not vocab:
+        return
+    try:
+        src = ckpt.resolve_checkpoint(cfg.init_from)
+        theirs = ckpt.model_args_of(src)
+    except (UserError, OSError):
+        return
+    try:
+        ckpt.check_source_fits(model_args_from_config(cfg, vocab), theirs, src)
+    except UserError as e:
+        raise ConfigError(f"init_from: {e}") from None
 
 
 def init_weights_from(model, path: str, zero3: bool) -> str | None:

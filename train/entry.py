@@ -8,7 +8,7 @@ def run_train(config: str, overrides: list[str]) -> int:
     import os
     import sys
 
-    from mnemo.train.config import check_memory_fit, check_paths, load_config
+    from mnemo.train.config import check_memory_fit, load_config
 
     from mnemo.train.rankenv import (
         OPEN_FILES_PER_SOURCE,
@@ -32,7 +32,9 @@ def run_train(config: str, overrides: list[str]) -> int:
     # A large data.sources mixture: more files than the CLI's floor, as far as the hard limit allows.
     raise_open_files_limit(open_files_needed(world) + OPEN_FILES_PER_SOURCE * len(cfg.data.sources))
     check_train_device(cfg.train.device)  # imports torch only for train.device=cuda
-    check_paths(cfg)
+    from mnemo.train.resume import check_before_start  # after load_config: a typo is answered before torch loads
+
+    check_before_start(cfg)
     check_op_cache(os.environ)
     if alone(os.environ):  # no launcher checked this machine's memory for it (`mnemo launch` does)
         check_memory_fit(cfg)

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from mnemo.data_pipeline.errors import first_line
-from mnemo.train.checkpoint import DS_TAG, saved_config_tree
+from mnemo.data_pipeline.paths import local_path
 from mnemo.train.config import Config, data_paths, flatten, to_dict
 from mnemo.train.errors import UserError
 from mnemo.data_pipeline.redact import redact_tree
@@ -35,6 +35,8 @@ def check_resume_compatible(
     old_cfg: dict[str, Any], cfg: Config, meta: dict[str, Any], tok_sha: str, manifest: dict[str, Any], path: Path
 ) -> list[str]:
     """The safe config changes since checkpoint ``path`` (UserError on an unsafe one, another tokenizer or dataset)."""
+    from mnemo.train.checkpoint import saved_config_tree  # torch: once a resume is decided
+
     # Checkpoints hold the config with credentials redacted (tracking.uri):
     # compare, and report changes, in that form on both sides, so a password
     # is neither a "change" nor printed.
@@ -56,6 +58,31 @@ def check_resume_compatible(
             f"({meta['num_documents']} -> {manifest.get('num_documents')} documents)"
         )
     return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(new) if old.get(k) != new.get(k)]
+
+
+def check_before_start(cfg: Config) -> None:
+    """What `mnemo train` and `mnemo launch` check before any rank starts: ``check_paths``, then whether the
+    checkpoint it found may be resumed (``check_resume_compatible``, with this host's tokenizer and first
+    dataset's manifest; the trainer checks again what it loads) and whether init_from's weights fit the model.
+
+    Under `mnemo launch` an unsafe resume or an init_from of another model shape was found by each rank, each
+    printing it, after the ranks had started (init_from: after config.yaml and run.lock were written).
+    """
+    from mnemo.train.config import check_paths, tokenizer_path
+
+    start = check_paths(cfg)
+    if start is not None:
+        from mnemo.data_pipeline.tokenizer import file_sha256
+        from mnemo.data_pipeline.verify import read_manifest
+        from mnemo.train.rundir import RESUME_META_KEYS, read_checkpoint_meta
+
+        meta = read_checkpoint_meta(start, RESUME_META_KEYS)  # check_paths read it: it is readable
+        manifest = read_manifest(local_path(data_paths(cfg)[0][1]))  # the first dataset is local (check_paths)
+        check_resume_compatible(meta["config"], cfg, meta, file_sha256(tokenizer_path(cfg)), manifest, start)
+    elif cfg.init_from:  # a resume loads the checkpoint's weights: init_from goes unread
+        from mnemo.train.engine import check_init_from_fits  # torch
+
+        check_init_from_fits(cfg)
 
 
 def _same(key: str, old: Any, new: Any, size: Any) -> bool:
@@ -93,6 +120,8 @@ def check_same_data(old_tree: dict[str, Any], cfg: Config, path: Path) -> None:
 
 def reads_universal(cfg: Config, meta: dict[str, Any], path: Path, world_size: int, use_bf16: bool) -> bool:
     """Whether checkpoint ``path`` is loaded through DeepSpeed's universal form (checkpoint.load_universal)."""
+    from mnemo.train.checkpoint import DS_TAG
+
     reshaped = meta["world_size"] != world_size or meta["zero_stage"] != cfg.zero.stage
     # A bf16 run's optimizer shards are DeepSpeed's bf16_* files, an fp32 run's are not: a checkpoint
     # resumed at the other precision is read through the universal (fp32, layout-free) form.

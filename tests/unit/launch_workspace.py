@@ -13,6 +13,9 @@ from mnemo.launch.remote import FORWARD_NAMES, FORWARD_PREFIXES
 from mnemo.data_pipeline.redact import is_secret_env
 
 
+STUB_DOCUMENTS = 4096
+
+
 def clear_forwarded_env(monkeypatch) -> None:
     """Remove every variable launch would forward or treat as a secret, and SLURM's, so outputs are exact."""
     for k in list(os.environ):
@@ -31,10 +34,13 @@ def stub_tokenizer_bytes() -> bytes:
 
 
 def stub_data_dir(path: Path) -> Path:
-    """A data dir that passes launch's pre-start checks (index.json, tokenizer.model, manifest.json); no
-    shard: nothing reads it."""
+    """A data dir that passes launch's pre-start checks (index.json, tokenizer.model, manifest.json): its one
+    shard an empty file (nothing reads it) that index.json says holds STUB_DOCUMENTS documents, a training
+    document for each partition of any job the tests launch."""
     path.mkdir(parents=True)
-    (path / "index.json").write_text('{"shards": []}')
+    shard = {"raw_data": {"basename": "shard.00000.mds", "bytes": 0}, "samples": STUB_DOCUMENTS}
+    (path / "index.json").write_text(json.dumps({"shards": [shard]}))
+    (path / "shard.00000.mds").write_bytes(b"")
     tok = stub_tokenizer_bytes()
     (path / "tokenizer.model").write_bytes(tok)
     from mnemo.data_pipeline.tokenizer import Tokenizer
@@ -44,7 +50,7 @@ def stub_data_dir(path: Path) -> Path:
         "vocab_size": Tokenizer(str(path / "tokenizer.model")).vocab_size,
         "eos_id": 0,
         "token_dtype": "uint16",
-        "num_documents": 0,
+        "num_documents": STUB_DOCUMENTS,
         "num_tokens": 0,
     }
     (path / "manifest.json").write_text(json.dumps(manifest))

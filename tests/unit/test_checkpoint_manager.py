@@ -23,8 +23,11 @@ class FakeEngine:
 
 
 def save(mgr, step, **meta):
-    """A checkpoint of ``step`` whose meta.json holds what a resume reads (RESUME_META_KEYS), and ``meta``."""
-    meta = {"step": step, "world_size": 1, "zero_stage": 2, "config": {}, **meta}
+    """A checkpoint of ``step`` whose meta.json holds what a resume reads (RESUME_META_KEYS): the default
+    config, which a resume in check_paths compares with the run's), and ``meta``."""
+    from mnemo.train.config import load_config, to_dict
+
+    meta = {"step": step, "world_size": 1, "zero_stage": 2, "config": to_dict(load_config(None, [])), **meta}
     return mgr.save(step, FakeEngine(), {"step": step}, meta)
 
 
