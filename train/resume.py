@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from mnemo.data_pipeline.errors import first_line
-from mnemo.data_pipeline.paths import local_path
+from mnemo.data_pipeline.paths import is_remote, local_path
 from mnemo.train.config import Config, data_paths, flatten, to_dict
 from mnemo.train.errors import UserError
 from mnemo.data_pipeline.redact import redact_tree
@@ -57,6 +57,7 @@ def check_resume_compatible(
             f"{data_paths(cfg)[0][0]}: the dataset changed since checkpoint {path} "
             f"({meta['num_documents']} -> {manifest.get('num_documents')} documents)"
         )
+    check_same_digests(meta, cfg, path)
     return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(new) if old.get(k) != new.get(k)]
 
 
@@ -83,6 +84,41 @@ def check_before_start(cfg: Config) -> None:
         from mnemo.train.engine import check_init_from_fits  # torch
 
         check_init_from_fits(cfg)
+
+
+def data_digests(cfg: Config) -> dict[str, str]:
+    """The sha256 of each local dataset's index.json, by config key (data.path, data.sources[i].path): its
+    shards' names, sizes, sample counts and hashes, which identify the data wherever the folder lies, unlike
+    manifest.json (its creation time, paths and worker parts change on a re-run of `mnemo prepare`).
+    A remote dataset has none (not fetched); an index that cannot be read here has none either."""
+    from mnemo.data_pipeline.tokenizer import file_sha256
+
+    out = {}
+    for key, uri in data_paths(cfg):
+        if is_remote(uri):
+            continue
+        try:
+            out[key] = file_sha256(Path(local_path(uri)) / "index.json")
+        except (OSError, ValueError):  # the data checks name a missing or unreadable dataset in their own words
+            continue
+    return out
+
+
+def check_same_digests(meta: dict[str, Any], cfg: Config, path: Path) -> None:
+    """UserError unless every dataset of this run that checkpoint ``path`` recorded (meta.json's data_sha256;
+    none in checkpoints older than it) holds the same shards: another dataset of the same document count was
+    resumed as an exact continuation, its stream positions pointing into other documents."""
+    saved = meta.get("data_sha256")
+    if not isinstance(saved, dict):
+        return
+    now = data_digests(cfg)
+    for key, digest in now.items():
+        if saved.get(key) not in (None, digest):
+            raise UserError(
+                f"{key}: holds other data than checkpoint {path} was trained on (its index.json differs: another"
+                " dataset, or one prepared again differently); resuming would be unsafe "
+                f"(use a new run.dir, with init_from={path} to fine-tune from it)"
+            )
 
 
 def _same(key: str, old: Any, new: Any, size: Any) -> bool:

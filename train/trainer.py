@@ -50,7 +50,7 @@ from mnemo.evaluation.report import json_ready
 from mnemo.train.errors import UserError, path_errors
 from mnemo.train.eval_hook import run_eval
 from mnemo.train.loop import StepLog, TrainLoop, dist_info
-from mnemo.train.resume import check_resume_compatible, reads_universal, universal_tag
+from mnemo.train.resume import check_resume_compatible, data_digests, reads_universal, universal_tag
 from mnemo.train.rundir import (
     PREEMPTED,
     RESUME_META_KEYS,
@@ -104,19 +104,18 @@ NODE_LOCAL_KEYS = ("data.path", "data.tokenizer", "data.num_workers", "data.cach
 
 
 def data_identity(cfg: Config) -> dict[str, str]:
-    """What each dataset of the run holds, by config key: the sha256 of a local dataset's index.json (its
-    shards' names, sizes and sha1 hashes: the same for a node's own copy, or the same corpus prepared on each
-    node, unlike manifest.json's paths and times), a remote source's URL (every node fetches it from there)."""
+    """What each dataset of the run holds, by config key: a local dataset's ``data_digests`` (the same for a
+    node's own copy, or the same corpus prepared on each node), a remote source's URL (every node fetches it
+    from there)."""
+    digests = data_digests(cfg)
     out = {}
     for key, path in data_paths(cfg):
         if is_remote(path):
             out[key] = path
-            continue
-        index = Path(local_path(path)) / "index.json"
-        try:
-            out[key] = file_sha256(index)
-        except OSError as e:  # the data checks name a missing dataset in their own words; this is a backstop
-            raise UserError(f"{key}: cannot read {index} ({e.strerror or e})") from None
+        elif key in digests:
+            out[key] = digests[key]
+        else:  # the data checks name a missing dataset in their own words; this is a backstop
+            raise UserError(f"{key}: cannot read {Path(local_path(path)) / 'index.json'}")
     return out
 
 
@@ -571,6 +570,7 @@ class Trainer:
             "tokenizer_sha256": self.tok_sha,
             "manifest_sha256": file_sha256(Path(local_path(data_paths(cfg)[0][1])) / "manifest.json"),
             "num_documents": self.manifest.get("num_documents"),
+            "data_sha256": data_digests(cfg),  # what a resume compares (train/resume.py check_same_digests)
             "model_args": dataclasses.asdict(self.model_args),
             "num_params": self.n_params,
             # Where this run's chain of saves began (train/rundir.py): "" from scratch, else a checkpoint outside

@@ -1325,3 +1325,31 @@ def test_a_save_under_a_deadline_waits_for_mlflows_sender_briefly():
         with pytest.raises(Flushed):
             tr.Trainer.save(fake, reason)
     assert waits == [tr.URGENT_FLUSH_S, tr.URGENT_FLUSH_S, tr.TRACKING_FLUSH_S, tr.TRACKING_FLUSH_S] == [2, 2, 10, 10]
+
+
+def test_a_checkpoint_records_its_data_and_a_resume_onto_other_data_of_that_size_is_refused(world1, data, tmp_path):
+    """data.path=dcS1, then dcS2 (300 documents each) resumed as a "safe" change and an "exact" resume: meta.json's
+    manifest_sha256 was never compared (and a manifest's time and paths change with a re-run of prepare). Now a
+    checkpoint records each local dataset's index.json sha256 (data_sha256) and a resume compares it: the same
+    dataset moved elsewhere resumes, other shards are one line naming data.path and the checkpoint."""
+    import shutil
+
+    from mnemo.data_pipeline.tokenizer import file_sha256
+    from mnemo.train import trainer
+    from mnemo.train.checkpoint import read_meta
+    from mnemo.train.errors import UserError
+
+    run_dir = tmp_path / "run"
+    args = ("checkpoint.interval=2", "eval.interval=0")
+    trainer.train(config(data, run_dir, "train.max_steps=2", *args))
+    ckpt = run_dir / "checkpoints" / "step_00000002"
+    assert read_meta(ckpt)["data_sha256"] == {"data.path": file_sha256(data / "index.json")}
+    other, moved = tmp_path / "other", tmp_path / "moved"
+    shutil.copytree(data, other)
+    index = json.loads((other / "index.json").read_text())
+    index["shards"][0]["raw_data"]["hashes"] = {"sha1": "0" * 40}  # other shards, as many documents
+    (other / "index.json").write_text(json.dumps(index))
+    with pytest.raises(UserError, match=rf"^data.path: holds other data than checkpoint {ckpt} was trained on "):
+        trainer.train(config(other, run_dir, "train.max_steps=4", *args))
+    shutil.copytree(data, moved)
+    assert trainer.train(config(moved, run_dir, "train.max_steps=4", *args))["step"] == 4

@@ -1,5 +1,5 @@
 """What `mnemo launch` (and `mnemo train`) refuse before any rank starts: an unsafe resume, a dataset with fewer
-training documents than the job's partitions, init_from weights of another shape.
+training documents than the job's partitions, init_from weights of another shape, a resume onto other data.
 
 Each was found by every rank after torchrun had started them, and printed once per rank; the init_from one left
 config.yaml and run.lock in a new run dir.
@@ -53,6 +53,7 @@ def _save(run_dir: str, cfg, **meta) -> Path:
     """A checkpoint of ``cfg`` in ``run_dir`` whose meta.json holds what a resume and init_from read."""
     from mnemo.train.config import manifest_vocab, to_dict
     from mnemo.train.engine import model_args_from_config
+    from mnemo.data_pipeline.tokenizer import file_sha256
 
     meta = {
         "step": 3,
@@ -60,6 +61,7 @@ def _save(run_dir: str, cfg, **meta) -> Path:
         "zero_stage": 2,
         "config": to_dict(cfg),
         "model_args": dataclasses.asdict(model_args_from_config(cfg, manifest_vocab(cfg))),
+        "data_sha256": {"data.path": file_sha256(Path(cfg.data.path) / "index.json")},  # what a save records
         **meta,
     }
     tok = {"tokenizer.model": str(Path(cfg.data.path) / "tokenizer.model")}  # as a save copies it
@@ -126,3 +128,29 @@ def test_init_from_weights_of_another_shape_are_one_line_before_any_rank(ws, cap
     from mnemo.train.resume import check_before_start
 
     check_before_start(_cfg("run.dir=runs/new", "init_from=runs/base"))  # the same model: fine
+
+
+def test_a_resume_onto_other_data_of_the_same_size_is_refused_and_a_moved_dataset_resumes(ws, capsys):
+    """data.path=dcS1 then dcS2 (300 documents each) resumed as "(safe)" and "(exact)": the stream positions
+    of one dataset read in another. meta.json's data_sha256 (index.json: shards' names, sizes and hashes) is
+    compared; the same dataset in another folder, or prepared again alike, has the same index.json."""
+    from mnemo.train.resume import check_before_start
+
+    ckpt = _save("runs/base", _cfg())
+    other = stub_data_dir(ws / "other")
+    index = json.loads((other / "index.json").read_text())
+    index["shards"][0]["raw_data"]["hashes"] = {"sha1": "0" * 40}
+    (other / "index.json").write_text(json.dumps(index))
+    rc, out = _launch(capsys, f"data.path={other}")
+    assert rc == 2
+    assert out == (
+        f"mnemo: error: data.path: holds other data than checkpoint {ckpt} was trained on (its index.json differs:"
+        " another dataset, or one prepared again differently); resuming would be unsafe (use a new run.dir, with"
+        f" init_from={ckpt} to fine-tune from it)\n"
+    )
+    (ws / "data").rename(ws / "moved")
+    check_before_start(_cfg(f"data.path={ws / 'moved'}"))  # the same shards elsewhere: resumes
+    meta = json.loads((ckpt / "meta.json").read_text())
+    del meta["data_sha256"]  # a checkpoint older than the entry: nothing to compare
+    (ckpt / "meta.json").write_text(json.dumps(meta))
+    check_before_start(_cfg(f"data.path={other}"))
