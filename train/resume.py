@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from mnemo.data_pipeline.errors import first_line
-from mnemo.data_pipeline.paths import is_remote, local_path
+from mnemo.data_pipeline.paths import is_inside, is_remote, local_path
 from mnemo.train.config import Config, data_paths, flatten, to_dict
 from mnemo.train.errors import UserError
 from mnemo.data_pipeline.redact import redact_tree
@@ -47,7 +47,7 @@ def check_resume_compatible(
         if not _same(key, old.get(key), new.get(key), old.get("model.size")):
             raise UserError(
                 f"{key}: changed from {old.get(key)!r} to {new.get(key)!r} since checkpoint {path}; "
-                "resuming would be unsafe (use a new run.dir)"
+                f"resuming would be unsafe ({_how_to_go_on(cfg, path)})"
             )
     if meta.get("tokenizer_sha256") and meta["tokenizer_sha256"] != tok_sha:
         raise UserError(f"data.tokenizer: differs from the tokenizer of checkpoint {path} (sha256 mismatch)")
@@ -59,6 +59,15 @@ def check_resume_compatible(
         )
     check_same_digests(meta, cfg, path)
     return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(new) if old.get(k) != new.get(k)]
+
+
+def _how_to_go_on(cfg: Config, path: Path, fine_tune: bool = False) -> str:
+    """What to do instead of resuming checkpoint ``path``: a new run.dir when it is this run dir's own (``fine_tune``:
+    with init_from naming it); for another run's checkpoint (checkpoint.resume naming it) the run dir is new
+    already: fine-tune from it."""
+    if is_inside(path, cfg.run.dir):
+        return f"use a new run.dir, with init_from={path} to fine-tune from it" if fine_tune else "use a new run.dir"
+    return f"to fine-tune from it use init_from={path} without checkpoint.resume, or drop checkpoint.resume"
 
 
 def check_before_start(cfg: Config) -> None:
@@ -117,7 +126,7 @@ def check_same_digests(meta: dict[str, Any], cfg: Config, path: Path) -> None:
             raise UserError(
                 f"{key}: holds other data than checkpoint {path} was trained on (its index.json differs: another"
                 " dataset, or one prepared again differently); resuming would be unsafe "
-                f"(use a new run.dir, with init_from={path} to fine-tune from it)"
+                f"({_how_to_go_on(cfg, path, True)})"
             )
 
 

@@ -91,6 +91,25 @@ def test_an_unsafe_resume_is_one_line_before_any_rank_starts(ws, capsys):
     assert _files(ws / "runs") == before  # no log, no run dir
 
 
+def test_an_unsafe_resume_of_another_runs_checkpoint_advises_init_from(ws, capsys):
+    """run.dir=runs/new checkpoint.resume=runs/base model.segment_len=64 was told to "use a new run.dir", which
+    it was: resuming another run's checkpoint, the way on is to fine-tune from it (or not to resume it)."""
+    ckpt = _save("runs/base", _cfg())
+    rc, out = _launch(capsys, "run.dir=runs/new", "checkpoint.resume=runs/base", "model.segment_len=64")
+    assert rc == 2
+    assert out == (
+        f"mnemo: error: model.segment_len: changed from 128 to 64 since checkpoint {ckpt}; resuming would be unsafe"
+        f" (to fine-tune from it use init_from={ckpt} without checkpoint.resume, or drop checkpoint.resume)\n"
+    )
+    other = stub_data_dir(ws / "other")
+    (other / "index.json").write_text((other / "index.json").read_text().replace("4096", "4096, " + '"size_limit": 1'))
+    rc, out = _launch(capsys, "run.dir=runs/new", "checkpoint.resume=runs/base", f"data.path={other}")
+    assert rc == 2 and out.endswith(
+        f"(to fine-tune from it use init_from={ckpt} without checkpoint.resume, or drop checkpoint.resume)\n"
+    )
+    assert not (ws / "runs" / "new").exists()
+
+
 def test_a_dataset_with_fewer_training_documents_than_partitions_is_one_line_before_any_rank(ws, capsys):
     """data.path with 1 training document on 2 ranks: each rank printed it; the run dir got logs/node0.log."""
     tiny = ws / "tiny"
