@@ -9,7 +9,8 @@ Layout of DATA_DIR::
     manifest.json     counts, tokenizer hash, input fingerprints, skipped docs
     .mnemo-outputs.json  the names above, written before any of them is created
     .mnemo-prepare/   only while unfinished: plan, done markers, every temp file, and the lock
-                      (``lock``) a running prepare holds (one run per --out at a time)
+                      (``lock``) a running prepare holds (one run per --out at a time); a file put
+                      there by hand is kept (with a note), and --overwrite refuses it as below
 
 mnemo deletes only what it can prove it wrote: the entries listed in
 ``.mnemo-outputs.json``, a list it writes (atomically) before creating any of
@@ -234,11 +235,49 @@ def _write_outputs(local: str, names: Iterable[str]) -> None:
 _PART_FILE_RE = re.compile(r"^(index\.json|shard\.\d+\.mds(\.[a-z0-9]+)?)\Z")
 
 
+# What mnemo writes in a state dir: the lock, the plan, the done markers (done/), the writers' temp dirs (tmp/),
+# the tokenizer it trains, and the hidden temp files of atomic writes (.NAME.tmpPID, and .NAME.XXXXXXXX.tmp).
+_STATE_FILE_RE = re.compile(r"^(lock|plan\.json|tokenizer\.model|done|tmp|\..+\.tmp\d*)\Z")
+
+
+def _state_strays(local: str) -> list[str]:
+    """The entries of ``local``'s state dir that mnemo did not write there (a user's file put inside)."""
+    try:
+        entries = os.listdir(os.path.join(local, STATE_DIR))
+    except OSError:  # none (or not a directory: the list check refuses that)
+        return []
+    return sorted(n for n in entries if not _STATE_FILE_RE.match(n))
+
+
+def _clear_state(local: str, keep: Iterable[str] = ()) -> None:
+    """Remove what mnemo writes in ``local``'s state dir (but ``keep``), and the dir itself when that empties it.
+
+    Anything else there is kept, with one note naming it: mnemo never deletes files it did not write."""
+    state = os.path.join(local, STATE_DIR)
+    if os.path.islink(state) or not os.path.isdir(state):
+        return
+    for name in sorted(set(os.listdir(state)) - set(keep)):
+        if _STATE_FILE_RE.match(name):
+            _remove(state, name)
+    strays = _state_strays(local)
+    if strays:
+        more = f" (and {len(strays) - 1} more)" if len(strays) > 1 else ""
+        note(f"note: kept {os.path.join(state, strays[0])}{more}: mnemo did not write it; move it away yourself")
+    elif not keep:
+        with contextlib.suppress(OSError):
+            os.rmdir(state)
+
+
 def _not_ours_inside(local: str, names: Iterable[str]) -> str | None:
-    """A path inside a listed directory (a part; the state dir is mnemo's own) that mnemo did not write there."""
+    """A path inside a listed directory (a part, or the state dir) that mnemo did not write there."""
     for name in sorted(names):
         p = os.path.join(local, name)
-        if name == STATE_DIR or os.path.islink(p) or not os.path.isdir(p):
+        if name == STATE_DIR:
+            strays = _state_strays(local)
+            if strays:
+                return os.path.join(STATE_DIR, strays[0])
+            continue
+        if os.path.islink(p) or not os.path.isdir(p):
             continue
         for e in sorted(os.scandir(p), key=lambda e: e.name):
             if not (_PART_FILE_RE.match(e.name) and e.is_file(follow_symlinks=False)):
@@ -316,9 +355,7 @@ def claim_out(loc: OutLocation, fingerprint: str, overwrite: bool, names: Sequen
             _write_outputs(d, names)
             # Listed now, so ours: start it empty (a run killed before listing may have left temp files),
             # all but the lock this run holds.
-            state = os.path.join(d, STATE_DIR)
-            for name in sorted(set(os.listdir(state)) - {LOCK_NAME}):
-                _remove(state, name)
+            _clear_state(d, keep=[LOCK_NAME])
         write_json(os.path.join(loc.state, "plan.json"), {"fingerprint": fingerprint})
     else:
         for d in dirs:
@@ -347,7 +384,8 @@ def finish_out(loc: OutLocation) -> None:
         if owned is None or STATE_DIR not in owned:
             continue
         if d != loc.local or loc.remote is None:
-            shutil.rmtree(os.path.join(d, STATE_DIR), ignore_errors=True)
+            with contextlib.suppress(OSError):  # as much as can be: the dataset is complete either way
+                _clear_state(d)
         elif _not_ours_inside(d, owned) is None:  # the staging dir, uploaded
             for name in [*sorted(owned), OUTPUTS_FILE]:  # the list last: a rerun goes on on its word
                 _remove(d, name)

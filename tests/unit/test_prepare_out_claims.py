@@ -380,3 +380,19 @@ def test_prepare_refuses_an_out_that_lost_its_url_slashes(tmp_path, monkeypatch,
     assert not any(tmp_path.iterdir())
     for local in ("notes:v1", "data:v1", "runs/a:b", "a:/b"):  # local names with a colon stay local
         assert resolve_out(local).remote is None
+
+
+def test_a_users_file_in_the_state_dir_is_kept_on_a_rerun_and_refused_by_overwrite(model, corpus, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = ["prepare", "--input", corpus, "--out", out, "--tokenizer", model, "--workers", "1"]
+    assert cli(capsys, *args)[0] == 0 and not (out / STATE_DIR).exists()
+    (out / STATE_DIR).mkdir()
+    (out / STATE_DIR / "user.txt").write_text("mine")
+    (out / STATE_DIR / "plan.json").write_text("{}")  # mnemo's own (a run cut off in its clean-up left it)
+    rc, err = cli(capsys, *args)  # the dataset is complete: only the clean-up runs
+    assert rc == 0 and (out / STATE_DIR / "user.txt").read_text() == "mine", err
+    assert os.listdir(out / STATE_DIR) == ["user.txt"]
+    assert err.count("user.txt") == 1 and "mnemo did not write it" in err, err
+    rc, err = cli(capsys, *args, "--overwrite")  # would start over: refused before anything is removed
+    assert rc != 0 and f"{STATE_DIR}/user.txt" in one_error_line(err), err
+    assert (out / STATE_DIR / "user.txt").read_text() == "mine" and (out / "manifest.json").exists()
