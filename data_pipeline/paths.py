@@ -23,6 +23,23 @@ _URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://|dbfs:/", re.IGNORECASE)
 _URL_LIKE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]+:/")
 
 
+# The URL schemes streaming downloads a dataset from: the keys of streaming.base.storage.download's
+# DOWNLOADER_MAPPINGS (0.13; dbfs:/Volumes is its "dbfs-uc", a dbfs: URL here). A copy, because importing
+# streaming costs about a second of CPU on top of torch, in every config check (`mnemo launch --dry-run` too);
+# tests/unit/test_data_paths.py keeps it equal to streaming's.
+STREAMED_SCHEMES = ("alipan", "azure", "azure-dl", "dbfs", "gs", "hf", "oci", "s3", "sftp")
+
+
+def unstreamed_scheme(uri: str) -> str | None:
+    """Why streaming cannot read the remote dataset ``uri`` (``is_remote``): its scheme has no downloader
+    there (``https://``, ``foo://``), else None. Training only found out at rank start-up, as a ValueError
+    quoting the whole URL."""
+    scheme = uri.split(":", 1)[0].lower()
+    if scheme in STREAMED_SCHEMES:
+        return None
+    return f"streaming cannot read a {scheme}:// dataset (it reads {', '.join(s + '://' for s in STREAMED_SCHEMES)})"
+
+
 def is_remote(uri: str) -> bool:
     """True for a URL streaming downloads from; False for a plain path or a ``file://`` URL.
 

@@ -33,6 +33,7 @@ from mnemo.data_pipeline.paths import (
     not_utf8,
     parse_url,
     remote_output_problem,
+    unstreamed_scheme,
 )
 from mnemo.train.errors import UserError, path_errors
 from mnemo.data_pipeline.redact import redact_uri, redact_uri_value
@@ -1208,6 +1209,8 @@ def check_paths(cfg: Config) -> Path | None:
                 raise ConfigError(str(e)) from None
             if i == 0:
                 _refuse_remote_first_dataset(cfg, key, path)
+            if why := unstreamed_scheme(path):  # was a ValueError traceback in every rank at start-up
+                raise ConfigError(f"{key}: {_clip(path)}: {why}")
             continue
         with path_errors(key, ConfigError):
             local = Path(local_path(path, key))

@@ -334,7 +334,7 @@ def test_a_mixture_may_stream_its_later_sources_but_not_the_first(tmp_path):
     from mnemo.train.config import check_paths
 
     local = _data_dir(tmp_path / "local")
-    remote = f"https://u:{SECRET}@example.com/ds"
+    remote = f"s3://u:{SECRET}@bucket/ds"
     cfg = load_config(None, [f"data.sources=[{{path: '{remote}'}}, {{path: {local}}}]", f"run.dir={tmp_path}/r"])
     with pytest.raises(ConfigError, match=r"^data\.sources\[0\]\.path: .* is remote.*list a local source first") as e:
         check_paths(cfg)
@@ -356,6 +356,34 @@ def test_a_later_source_url_that_cannot_be_split_is_one_line_naming_it(tmp_path,
     ) as e:
         check_paths(cfg)
     assert SECRET not in str(e.value)
+
+
+@pytest.mark.parametrize("url", ["foo://host/ds", f"https://u:{SECRET}@example.com/ds", "HTTP://h/ds"])
+def test_a_later_source_streaming_cannot_read_is_one_line_naming_it(tmp_path, url):
+    # Was: accepted here and by `mnemo launch --dry-run`, then "ValueError: Unsupported remote path" as a
+    # traceback in every rank at start-up.
+    from mnemo.train.config import check_paths
+
+    local = _data_dir(tmp_path / "local")
+    cfg = load_config(None, [f"data.sources=[{{path: {local}}}, {{path: '{url}'}}]", f"run.dir={tmp_path}/r"])
+    scheme = url.split(":")[0].lower()
+    with pytest.raises(
+        ConfigError,
+        match=rf"^data\.sources\[1\]\.path: .*: streaming cannot read a {scheme}:// dataset \(it reads .*s3://",
+    ) as e:
+        check_paths(cfg)
+    assert SECRET not in str(e.value) and "\n" not in str(e.value)
+
+
+def test_the_streamed_schemes_are_streaming_s_own():
+    # A copy (importing streaming costs a second of each config check): equal to the downloaders it has.
+    from mnemo.data_pipeline.lean_imports import import_streaming
+    from mnemo.data_pipeline.paths import STREAMED_SCHEMES
+
+    import_streaming()
+    from streaming.base.storage.download import DOWNLOADER_MAPPINGS
+
+    assert set(STREAMED_SCHEMES) == set(DOWNLOADER_MAPPINGS) - {"", "dbfs-uc"}
 
 
 def test_a_remote_data_tokenizer_is_refused_and_a_file_url_is_its_path(tmp_path):
