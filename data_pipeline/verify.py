@@ -217,6 +217,64 @@ def refuse_code_columns(where: str, names: Any, encodings: Any) -> None:
             raise DataError(f"{where}: column {name!r} is encoded as {enc!r}, which runs code when read: refused")
 
 
+def check_sample_count(name: str, n: int, shard: dict, index_path: str = "index.json") -> None:
+    """DataError naming shard ``name`` unless the ``n`` samples its file holds are the count its index entry
+    (``shard``, of ``index_path``) records: training takes that count on trust (fewer lost documents silently,
+    0 was streaming's "Stream contains no samples", 10**12 an allocation of its sample table)."""
+    if n != shard["samples"]:
+        raise DataError(f"shard {name}: holds {n} samples, {index_path} says {shard['samples']}")
+
+
+def _header_stream(f, compression: str):
+    """A reader of the decompressed bytes of the open compressed shard ``f``, or None for an algorithm read only
+    whole (br, snappy). Decoded as a stream: the sample count comes first, so one block is decompressed."""
+    algo = compression.split(":")[0]
+    if algo == "zstd":
+        import zstandard
+
+        return zstandard.ZstdDecompressor().stream_reader(f)
+    if algo == "gz":
+        import gzip
+
+        return gzip.GzipFile(fileobj=f)
+    if algo == "bz2":
+        import bz2
+
+        return bz2.BZ2File(f)
+    return None
+
+
+def check_shard_header(data_dir: str, shard: dict, index_path: str = "index.json") -> None:
+    """``check_sample_count`` of one shard (checked by check_shard_entry) of local ``data_dir`` without reading it
+    whole: the count in its MDS header (the first 4 bytes) of the file training reads, its compressed one
+    (decompressed as a stream) where index.json lists one, else its raw one. Nothing is checked for a file that
+    is missing (the caller names it) or compressed with br or snappy (read only whole). DataError naming the
+    shard for a file that ends before its header or does not decompress."""
+    zinfo, rinfo = shard.get("zip_data"), shard["raw_data"]
+    for info in (zinfo, rinfo):
+        if info is None:
+            continue
+        name = info["basename"]
+        try:
+            with open_regular(os.path.join(data_dir, name)) as f:
+                reader = _header_stream(f, str(shard.get("compression") or "")) if info is zinfo else f
+                if reader is None:
+                    return
+                head = b""
+                while len(head) < 4 and (more := reader.read(4 - len(head))):
+                    head += more
+        except FileNotFoundError:
+            continue
+        except NotRegularFile as e:
+            raise DataError(f"shard {name}: {e}") from None
+        except Exception as e:  # zstd/gzip/bz2 each raise their own error type; an OSError
+            raise DataError(f"shard {name}: does not decompress or cannot be read ({e}) (corrupted)") from None
+        if len(head) < 4:
+            raise DataError(f"shard {name}: too short to hold a sample count")
+        check_sample_count(name, int.from_bytes(head, "little"), shard, index_path)
+        return
+
+
 def iter_shard_samples(data_dir: str, index: dict) -> Iterator[tuple[str, int, dict[str, Any]]]:
     """(shard name, part, sample dict) of every sample in index order, checking each shard first."""
     import_streaming()  # without transformers (lean_imports.py)
@@ -228,8 +286,7 @@ def iter_shard_samples(data_dir: str, index: dict) -> Iterator[tuple[str, int, d
         if len(raw) < 4:
             raise DataError(f"shard {name}: too short to hold a sample count")
         n = int(np.frombuffer(raw, np.uint32, 1)[0])
-        if n != shard["samples"]:
-            raise DataError(f"shard {name}: holds {n} samples, index.json says {shard['samples']}")
+        check_sample_count(name, n, shard)
         offsets = np.frombuffer(raw, np.uint32, n + 1, offset=4).astype(np.int64)
         if offsets[-1] != len(raw) or (np.diff(offsets) < 0).any():
             raise DataError(f"shard {name}: sample offsets are inconsistent (corrupted)")

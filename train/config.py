@@ -1483,9 +1483,11 @@ def check_shards(key: str, data_dir: Path) -> None:
     reader may open) and every shard it lists is there (its zip_data file, or its raw_data one).
 
     Checked before any rank starts: a missing shard was streaming's "path to remote dataset must be
-    provided" traceback in every rank. Stat only, no hashing (`mnemo data verify` hashes).
+    provided" traceback in every rank. And each shard holds the sample count index.json records
+    (verify.check_shard_header: its header, 4 bytes, one block decompressed): training trusted it. No
+    hashing (`mnemo data verify` hashes).
     """
-    from mnemo.data_pipeline.verify import check_index
+    from mnemo.data_pipeline.verify import check_index, check_shard_header
 
     try:
         shards = check_index(str(data_dir))
@@ -1495,6 +1497,10 @@ def check_shards(key: str, data_dir: Path) -> None:
         names = [info["basename"] for info in (shard.get("zip_data"), shard["raw_data"]) if info is not None]
         if not any((data_dir / name).is_file() for name in names):
             raise ConfigError(f"{key}: shard {names[0]}: missing (listed in {data_dir / 'index.json'})")
+        try:
+            check_shard_header(str(data_dir), shard, str(data_dir / "index.json"))
+        except DataError as e:
+            raise ConfigError(f"{key}: {e}") from None
 
 
 def check_manifest_vocab(cfg: Config, tok: str) -> None:

@@ -494,8 +494,51 @@ def test_a_missing_shard_is_a_config_error_before_any_rank_starts(tmp_path):
         f"data.path: shard part-00000/shard.00000.mds.zstd: missing (listed in {data / 'index.json'})"
     )
     (data / "part-00000").mkdir()
-    (data / "part-00000" / "shard.00000.mds").write_bytes(b"abcd")  # the raw file alone will do
+    (data / "part-00000" / "shard.00000.mds").write_bytes((1).to_bytes(4, "little"))  # the raw file alone will do
     check_paths(cfg)
+
+
+@pytest.mark.parametrize("compression", [None, "zstd", "zstd:7", "gz"])
+@pytest.mark.parametrize("says", [5, 0, 10**12])
+def test_a_shard_whose_sample_count_is_not_index_json_s_is_refused_before_any_rank(tmp_path, compression, says):
+    # Was: trusted. 5 for a shard of 6 trained on 5 documents silently, 0 was streaming's "Stream contains no
+    # samples" naming the run's cache, 10**12 an "out of host memory ... lower train.batch_size" blaming the
+    # config. The count in the shard's header is read (one block decompressed), as `mnemo eval --data` checks it.
+    import gzip
+    import json
+
+    import zstandard
+
+    from mnemo.train.config import check_paths
+
+    data = _data_dir(tmp_path / "data")
+    raw = (6).to_bytes(4, "little") + bytes(100)  # an MDS header: the sample count first
+    name = "part-00000/shard.00000.mds"
+    entry = {"raw_data": {"basename": name, "bytes": len(raw)}, "samples": 6, "compression": compression}
+    (data / "part-00000").mkdir()
+    if compression is None:
+        (data / name).write_bytes(raw)
+    else:
+        algo = compression.split(":")[0]
+        packed = zstandard.ZstdCompressor().compress(raw) if algo == "zstd" else gzip.compress(raw)
+        entry["zip_data"] = {"basename": f"{name}.{algo}", "bytes": len(packed)}
+        (data / entry["zip_data"]["basename"]).write_bytes(packed)
+    shown = entry["zip_data"]["basename"] if compression else name
+
+    def index(samples):
+        (data / "index.json").write_text(json.dumps({"version": 2, "shards": [{**entry, "samples": samples}]}))
+
+    cfg = load_config(None, [f"data.path={data}", f"run.dir={tmp_path}/r"])
+    index(6)
+    check_paths(cfg)
+    index(says)
+    with pytest.raises(ConfigError) as e:
+        check_paths(cfg)
+    assert str(e.value) == f"data.path: shard {shown}: holds 6 samples, {data / 'index.json'} says {says}"
+    if compression:  # a file that is not what index.json says it is: one line naming the shard
+        (data / shown).write_bytes(b"not compressed at all")
+        with pytest.raises(ConfigError, match=rf"^data\.path: shard {shown}: does not decompress .*\(corrupted\)$"):
+            check_paths(cfg)
 
 
 def test_an_index_naming_a_file_outside_the_shard_names_is_refused_before_any_rank_starts(tmp_path):
