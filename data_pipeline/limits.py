@@ -19,3 +19,8 @@ MIN_VOCAB_SIZE = 4
 # Most bytes --max-doc-bytes takes (4 EiB, past any file): the readers ask for bound + 2 bytes in one
 # readline(), which must fit a C ssize_t (2**63 - 1), or Python raised OverflowError mid-read.
 MAX_DOC_BYTES = 1 << 62
+# Most bytes of a tokenizer file mnemo reads (a SentencePiece model, a tokenizer.json), checked before it is read
+# whole into memory: a 3 GiB file that was not a tokenizer cost 3 GiB of memory before its "not a SentencePiece
+# model". Real ones are far smaller: a 256K-piece SentencePiece model is about 5 MB, a big-vocabulary
+# tokenizer.json 20-40 MB, and a model of MAX_VOCAB_SIZE pieces (the most mnemo trains) some 350 MB.
+MAX_TOKENIZER_BYTES = 1 << 30

@@ -56,8 +56,14 @@ import numpy as np
 import sentencepiece as spm
 
 from mnemo.data_pipeline.errors import DataError, InputError, brief, first_line
-from mnemo.data_pipeline.files import MAX_JSON_BYTES, not_a_regular_file, open_regular, read_bounded
-from mnemo.data_pipeline.limits import MAX_VOCAB_SIZE, MIN_VOCAB_SIZE
+from mnemo.data_pipeline.files import (
+    MAX_JSON_BYTES,
+    NotRegularFile,
+    not_a_regular_file,
+    open_regular,
+    read_bounded,
+)
+from mnemo.data_pipeline.limits import MAX_TOKENIZER_BYTES, MAX_VOCAB_SIZE, MIN_VOCAB_SIZE
 from mnemo.data_pipeline.progress import note
 from mnemo.data_pipeline.tokenizer_out import check_model_out, write_model_file
 
@@ -161,6 +167,17 @@ def tokenizer_kind(path: str | os.PathLike) -> str:
     return HFTokenizer.kind if head.lstrip().startswith(b"{") else SentencePieceTokenizer.kind
 
 
+def read_tokenizer_file(path: str) -> bytes:
+    """The bytes of tokenizer file ``path``; a DataError naming it when it cannot be read or holds more than
+    MAX_TOKENIZER_BYTES (checked before it is read: a huge file that is no tokenizer was read whole first)."""
+    try:
+        return read_bounded(path, MAX_TOKENIZER_BYTES)
+    except NotRegularFile as e:
+        raise DataError(f"tokenizer {path}: {e} (not a tokenizer: one is at most a few hundred MB)") from None
+    except OSError as e:
+        raise DataError(f"tokenizer {path}: cannot read it ({e.strerror or e})") from None
+
+
 # The names a dataset, checkpoint or export folder keeps its tokenizer under.
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")
 
@@ -196,10 +213,8 @@ class SentencePieceTokenizer(Tokenizer):
     def __init__(self, path: str | os.PathLike):
         self.path = str(path)
         self.sp = spm.SentencePieceProcessor()
-        try:  # read here, not by LoadFromFile: its binding takes only a UTF-8 path (a name with byte \xff failed)
-            proto = Path(self.path).read_bytes()
-        except OSError as e:
-            raise DataError(f"tokenizer {self.path}: cannot read it ({e.strerror or e})") from None
+        # Read here, not by LoadFromFile: its binding takes only a UTF-8 path (a name with byte \xff failed).
+        proto = read_tokenizer_file(self.path)
         try:
             self.sp.LoadFromSerializedProto(proto)
         except RuntimeError as e:
@@ -277,10 +292,7 @@ class HFTokenizer(Tokenizer):
             raise DataError(
                 f"tokenizer {self.path}: a tokenizer.json needs the tokenizers package: pip install 'mnemo[hf]'"
             ) from None
-        try:  # read here, not by from_file: it takes only a UTF-8 path
-            data = Path(self.path).read_bytes()
-        except OSError as e:
-            raise DataError(f"tokenizer {self.path}: cannot read it ({e.strerror or e})") from None
+        data = read_tokenizer_file(self.path)  # read here, not by from_file: it takes only a UTF-8 path
         try:
             self.tk = tokenizers.Tokenizer.from_buffer(data)
         except Exception as e:  # the Rust side raises plain Exception for any parse error

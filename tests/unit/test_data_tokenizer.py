@@ -537,3 +537,21 @@ def test_special_tokens_that_would_break_the_tokenizer_are_refused_first(tmp_pat
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"mnemo: error: --special-tokens: {bad!r} {why}") and "\n" not in err, err
     assert not (tmp_path / "t.model").exists()
+
+
+@pytest.mark.parametrize("head", [b"\x0a", b"{"])  # read as a SentencePiece model, and as a tokenizer.json
+def test_a_huge_tokenizer_file_is_refused_before_it_is_read(tmp_path, head):
+    # Was: read whole first (a 3 GiB file cost 3.1 GB of memory), then "not a SentencePiece model".
+    import resource
+
+    path = tmp_path / "huge.model"
+    path.write_bytes(head)
+    os.truncate(path, 3 << 30)  # sparse: nothing on disk
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(DataError) as e:
+        Tokenizer(path)
+    assert str(e.value) == (
+        f"tokenizer {path}: 3,221,225,472 bytes, over the 1,073,741,824-byte bound for this file (not a tokenizer: "
+        "one is at most a few hundred MB)"
+    )
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 100_000  # KiB: never read
