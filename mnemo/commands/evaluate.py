@@ -17,6 +17,10 @@ from mnemo.data_pipeline.errors import clip
 
 # A generator seed: torch.Generator.manual_seed takes at most 64 bits.
 _MAX_SEED = 2**64 - 1
+# Most bytes of `mnemo generate --prompt-file`, checked before it is read: some 4 million tokens, hours of reading
+# through memory (a 128K-token prompt took minutes). Its token ids and SentencePiece's own work took some 55
+# bytes of memory per byte of prompt: a 200 MB file reached 11 GB, a 2 GiB one aborted (std::bad_alloc).
+_MAX_PROMPT_BYTES = 16 << 20
 
 
 def check_flags(rules: list[tuple[str, object, bool, str]]) -> None:
@@ -469,7 +473,7 @@ def cmd_lm_eval(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     from mnemo.train.errors import UserError, path_errors
 
-    from mnemo.data_pipeline.files import not_a_regular_file
+    from mnemo.data_pipeline.files import NotRegularFile, not_a_regular_file, read_bounded
     from mnemo.data_pipeline.inputs import byte_order_mark
 
     check_flags(generate_flag_rules(args))  # before the prompt is read and torch imported
@@ -478,7 +482,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         why = not_a_regular_file(path)  # a FIFO or /dev/stdin would be waited on, a directory unreadable
         if why:
             raise UserError(f"--prompt-file: {clip(str(path))}: {why}")
-        raw = path.read_bytes()
+        try:
+            raw = read_bounded(path, _MAX_PROMPT_BYTES)
+        except NotRegularFile as e:  # its size, before any byte is read
+            raise UserError(f"--prompt-file: {clip(str(path))}: {e} (16 MiB, some 4 million tokens)") from None
         # A byte order mark is read as `mnemo prepare` reads one (Notepad writes them): dropped, not three
         # tokens training never saw; UTF-16/32 with their mark decoded.
         bom = byte_order_mark(raw[:4])

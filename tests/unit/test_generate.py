@@ -413,6 +413,24 @@ def test_prompt_file_that_is_not_a_file_or_is_empty_is_named_before_loading(tmp_
         assert str(e.value).startswith(f"--prompt-file: {prompt}") and needle in str(e.value), str(e.value)
 
 
+def test_a_huge_prompt_file_is_refused_before_it_is_read(tmp_path):
+    """A 2 GiB prompt was read whole and tokenized (std::bad_alloc, SIGABRT exit 134; 200 MB reached 11 GB)."""
+    import resource
+
+    prompt = tmp_path / "huge.txt"
+    prompt.write_text("a")
+    os.truncate(prompt, 2 << 30)  # sparse: nothing on disk
+    args = build_parser().parse_args(["generate", str(tmp_path / "no-ckpt"), "--prompt-file", str(prompt)])
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(UserError) as e:
+        args.func(args)
+    assert str(e.value) == (
+        f"--prompt-file: {prompt}: 2,147,483,648 bytes, over the 16,777,216-byte bound for this file (16 MiB, some "
+        "4 million tokens)"
+    )
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 100_000  # KiB: never read
+
+
 @pytest.mark.parametrize("bad", ["nan", "inf", "all -inf"])
 @pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 0.9), (0.0, 1.0)])
 def test_sample_next_refuses_a_diverged_models_logits(bad, temperature, top_p):
