@@ -35,12 +35,12 @@ def stub_tokenizer_bytes() -> bytes:
 
 def stub_data_dir(path: Path) -> Path:
     """A data dir that passes launch's pre-start checks (index.json, tokenizer.model, manifest.json): its one
-    shard an empty file (nothing reads it) that index.json says holds STUB_DOCUMENTS documents, a training
-    document for each partition of any job the tests launch."""
+    shard only the header (the sample count the config check reads; nothing reads further) of STUB_DOCUMENTS
+    documents, a training document for each partition of any job the tests launch."""
     path.mkdir(parents=True)
-    shard = {"raw_data": {"basename": "shard.00000.mds", "bytes": 0}, "samples": STUB_DOCUMENTS}
+    shard = {"raw_data": {"basename": "shard.00000.mds", "bytes": 4}, "samples": STUB_DOCUMENTS}
     (path / "index.json").write_text(json.dumps({"shards": [shard]}))
-    (path / "shard.00000.mds").write_bytes(b"")
+    (path / "shard.00000.mds").write_bytes(STUB_DOCUMENTS.to_bytes(4, "little"))
     tok = stub_tokenizer_bytes()
     (path / "tokenizer.model").write_bytes(tok)
     from mnemo.data_pipeline.tokenizer import Tokenizer

@@ -500,7 +500,9 @@ def test_a_missing_shard_is_a_config_error_before_any_rank_starts(tmp_path):
 
 @pytest.mark.parametrize("compression", [None, "zstd", "zstd:7", "gz"])
 @pytest.mark.parametrize("says", [5, 0, 10**12])
-def test_a_shard_whose_sample_count_is_not_index_json_s_is_refused_before_any_rank(tmp_path, compression, says):
+def test_a_shard_whose_sample_count_is_not_index_json_s_is_refused_before_any_rank(
+    tmp_path, compression, says, monkeypatch
+):
     # Was: trusted. 5 for a shard of 6 trained on 5 documents silently, 0 was streaming's "Stream contains no
     # samples" naming the run's cache, 10**12 an "out of host memory ... lower train.batch_size" blaming the
     # config. The count in the shard's header is read (one block decompressed), as `mnemo eval --data` checks it.
@@ -535,6 +537,9 @@ def test_a_shard_whose_sample_count_is_not_index_json_s_is_refused_before_any_ra
     with pytest.raises(ConfigError) as e:
         check_paths(cfg)
     assert str(e.value) == f"data.path: shard {shown}: holds 6 samples, {data / 'index.json'} says {says}"
+    monkeypatch.setenv("LOCAL_RANK", "1")  # a host's other ranks: its local rank 0 (or the launcher) read them
+    check_paths(cfg)
+    monkeypatch.setenv("LOCAL_RANK", "0")
     if compression:  # a file that is not what index.json says it is: one line naming the shard
         (data / shown).write_bytes(b"not compressed at all")
         with pytest.raises(ConfigError, match=rf"^data\.path: shard {shown}: does not decompress .*\(corrupted\)$"):
