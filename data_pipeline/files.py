@@ -271,11 +271,28 @@ def _holder_text(raw: str) -> str:
         return "holder unknown"
 
 
+_HOLDER_KEYS = {"host", "pid", "started"}
+
+
+def _wrote_holder(raw: bytes) -> bool:
+    """Whether ``raw``, a lock file's first bytes, is what ``take_flock`` writes there: nothing yet (made, not
+    written), or a holder's JSON line (a longer earlier holder's rest may follow it, when a kill came between
+    the write and the cut)."""
+    if not raw:
+        return True
+    try:
+        h = json.loads(raw.split(b"\n", 1)[0])
+    except ValueError:  # JSONDecodeError, UnicodeDecodeError
+        return False
+    return isinstance(h, dict) and set(h) == _HOLDER_KEYS
+
+
 def take_flock(path: str | Path) -> int:
     """An exclusive ``fcntl.flock`` on ``path`` (made if missing), held by the returned descriptor; the
     file then says who holds it (host, pid, start time). LockBusy when another process holds it;
-    NotRegularFile when ``path`` is a symbolic link or not a regular file (``open_own_file``); OSError
-    when it cannot be opened or locked.
+    NotRegularFile when ``path`` is a symbolic link or not a regular file (``open_own_file``), or a file
+    holding other text than a holder's (a user's file: never written over); OSError when it cannot be
+    opened or locked.
 
     The kernel releases the lock when the process exits, however it exits (SIGKILL included), so a
     rerun after a crash is never blocked by its own earlier self and there is no stale lock to clean up
@@ -293,6 +310,9 @@ def take_flock(path: str | Path) -> int:
         if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
             raise
         raise LockBusy(_holder_text(raw)) from None
+    if not _wrote_holder(os.pread(fd, 4096, 0)):
+        os.close(fd)  # the lock goes with it: nothing was written
+        raise NotRegularFile("a file mnemo did not write (not a lock file of its own); not writing over it")
     info = {
         "host": socket.gethostname(),
         "pid": os.getpid(),

@@ -333,10 +333,10 @@ def _plots_into(result: dict[str, Any], out: Path) -> list[str]:
         plt.close(fig)
         try:  # whole, never through a link put at the name, and only over a plot mnemo wrote
             atomic_write(out / name, buf.getvalue(), may_replace=is_mnemo_plot)
-        except OutputTaken as e:  # put there since the start-up check (foreign_plot)
+        except OutputTaken as e:  # `mnemo eval --plots`: put there since its start-up check (foreign_plot)
+            # No word on when it came: an in-run eval (train/eval_hook.py) has no start-up check of its folder.
             raise EvalError(
-                f"{out / name}: is not a plot mnemo wrote (it appeared while mnemo evaluated); not replacing it "
-                f"({e.kept_note('plot')})"
+                f"{out / name}: is not a plot mnemo wrote; not replacing it ({e.kept_note('plot')})"
             ) from None
         paths.append(str(out / name))
 

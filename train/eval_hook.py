@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -45,7 +44,9 @@ def run_eval(cfg: Config, module, source, tok_file: str, tracker, step: int, ran
     """Held-out evaluation on every rank (identical forwards, as ZeRO-3 needs), logged by rank 0."""
     from mnemo.data_pipeline.errors import DataError
     from mnemo.data_pipeline.tokenizer import Tokenizer
+    from mnemo.data_pipeline.files import OutputTaken
     from mnemo.evaluation.evaluate import evaluate
+    from mnemo.evaluation.outputs import write_eval_json
     from mnemo.evaluation.report import flat_metrics, json_ready, plots
     from mnemo.evaluation.task_eval import task_specs
 
@@ -89,9 +90,19 @@ def run_eval(cfg: Config, module, source, tok_file: str, tracker, step: int, ran
             log.warning("eval.tasks: %s left out: %s", name, why)
         out = Path(cfg.run.dir) / "eval" / f"step_{step:08d}"
         out.mkdir(parents=True, exist_ok=True)
-        # Strict JSON: a bucket with too few documents for an interval has NaN bounds (null here).
-        (out / "eval.json").write_text(json.dumps(json_ready(result), indent=1))
-        tracker.log_artifact(str(out / "eval.json"), f"eval/step_{step:08d}")
+        # Strict JSON: a bucket with too few documents for an interval has NaN bounds (null here). Written whole,
+        # never through a link put there, and only over an evaluation JSON mnemo wrote (a relaunch's same step).
+        try:
+            write_eval_json(out / "eval.json", json_ready(result))
+        except OutputTaken as e:
+            log.warning(
+                "eval at step %d: %s exists and is not an evaluation JSON mnemo wrote; not replacing it (%s)",
+                step,
+                out / "eval.json",
+                e.kept_note("evaluation JSON"),
+            )
+        else:
+            tracker.log_artifact(str(out / "eval.json"), f"eval/step_{step:08d}")
         try:
             for png in plots(result, str(out)):
                 tracker.log_artifact(png, f"eval/step_{step:08d}")

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from mnemo.data_pipeline.files import NotRegularFile, open_own_file
 from mnemo.evaluation.report import json_ready
 from mnemo.train.bptt import bptt_window_loss
 from mnemo.train.config import Config
@@ -87,7 +88,12 @@ class StepLog:
         self.f = None
         if enabled:
             path.parent.mkdir(parents=True, exist_ok=True)
-            self.f = open(path, "a", buffering=1)
+            try:  # never through a link put there: the lines would be appended to its target, wherever it points
+                fd = open_own_file(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+            except NotRegularFile as e:  # a warning, not a stop: rank 0 alone opens it, the others go on
+                log.warning("%s is %s; mnemo appends its step log only to a file of its own: not writing it", path, e)
+                return
+            self.f = open(fd, "a", buffering=1)
 
     def write(self, rec: dict[str, Any]) -> None:
         if self.f:

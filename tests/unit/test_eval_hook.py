@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 
 from mnemo.train.config import load_config
@@ -89,3 +91,60 @@ def test_an_evaluation_whose_documents_cannot_be_built_is_skipped_not_fatal(tmp_
         assert hook.run_eval(cfg, None, Source(), "t.model", None, 5, 0) == {}
     lines = [r.getMessage() for r in caplog.records]
     assert lines == ["eval at step 5 skipped: passkey: the question needs 44 tokens, more than the segment length 8"]
+
+
+def test_in_run_eval_json_is_never_written_through_a_link_or_over_a_users_file(tmp_path, caplog, monkeypatch):
+    """Was: ``write_text`` followed a link put at eval/step_*/eval.json (its target got the results) and replaced
+    a user's file there. Now the JSON is written whole with mnemo's marker, over mnemo's own JSON only; a plot
+    there that mnemo did not write is refused without saying it appeared during the evaluation."""
+    import mnemo.data_pipeline.tokenizer as tokenizer
+    import mnemo.evaluation.evaluate as evaluate
+    import mnemo.train.eval_hook as hook
+
+    class Tracker:
+        artifacts: list = []
+
+        def log_metrics(self, metrics, step):
+            pass
+
+        def log_artifact(self, path, where):
+            self.artifacts.append(path)
+
+    result = {"segment_len": 8, "loss": 2.5, "loss_by_position": {"0": 2.5}}
+    monkeypatch.setattr(tokenizer, "Tokenizer", lambda path: None)
+    monkeypatch.setattr(evaluate, "evaluate", lambda *a, **kw: dict(result))
+    monkeypatch.setattr(hook, "heldout_docs", lambda source, cfg: [np.arange(3, 40)])
+    cfg = load_config("configs/debug.yaml", [f"run.dir={tmp_path / 'run'}"])
+    out = tmp_path / "run" / "eval" / "step_00000005"
+    out.mkdir(parents=True)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("victim\n")
+    (out / "eval.json").symlink_to(victim)
+    with caplog.at_level("WARNING", logger="mnemo.train"):
+        hook.run_eval(cfg, None, Source(), "t.model", Tracker(), 5, 0)
+    assert victim.read_text() == "victim\n" and (out / "eval.json").is_symlink()  # not mnemo's: left as it is
+    assert [r.getMessage().split(" exists ")[0] for r in caplog.records] == [f"eval at step 5: {out / 'eval.json'}"]
+    for p in out.iterdir():
+        p.unlink()
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="mnemo.train"):
+        hook.run_eval(cfg, None, Source(), "t.model", Tracker(), 5, 0)
+        assert json.loads((out / "eval.json").read_text())["loss"] == 2.5
+        hook.run_eval(cfg, None, Source(), "t.model", Tracker(), 5, 0)  # a relaunch's same step: mnemo's, replaced
+    assert not caplog.records
+
+    (out / "eval.json").write_text("my notes\n")
+    (out / "loss_by_position.png").write_text("my plot\n")
+    Tracker.artifacts = []
+    with caplog.at_level("WARNING", logger="mnemo.train"):
+        hook.run_eval(cfg, None, Source(), "t.model", Tracker(), 5, 0)
+    assert (out / "eval.json").read_text() == "my notes\n"
+    assert (out / "loss_by_position.png").read_text() == "my plot\n"
+    assert str(out / "eval.json") not in Tracker.artifacts
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[0].startswith(
+        f"eval at step 5: {out / 'eval.json'} exists and is not an evaluation JSON mnemo wrote; not replacing it "
+        f"(the new evaluation JSON is in {out}/eval.mnemo-new-"
+    ), lines
+    assert lines[1].startswith(f"eval plots failed: {out / 'loss_by_position.png'}: is not a plot mnemo wrote; "), lines
+    assert "appeared" not in lines[1], lines

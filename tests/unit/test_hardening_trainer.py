@@ -160,6 +160,55 @@ def test_run_lock_that_is_a_link_or_not_a_file_is_refused_and_its_target_untouch
         take_run_dir(run_dir, 0)
 
 
+def test_run_lock_that_a_user_wrote_is_refused_and_kept(tmp_path):
+    # Was: the holder's JSON replaced whatever a regular file at run.lock held (a user's notes).
+    from mnemo.train.errors import UserError
+    from mnemo.train.runlock import take_run_dir
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "run.lock").write_text("my notes\n")
+    with pytest.raises(UserError, match=rf"^run\.dir: cannot lock {run_dir}/run\.lock: a file mnemo did not write"):
+        take_run_dir(run_dir, 0)
+    assert (run_dir / "run.lock").read_text() == "my notes\n"
+    # mnemo's own: empty (made, not written yet), or a holder's line with an earlier, longer holder's rest
+    (run_dir / "run.lock").write_text('{"host": "h", "pid": 1, "started": "now"}\n"started": "then"}\n')
+    take_run_dir(run_dir, 0).release()
+    assert json.loads((run_dir / "run.lock").read_text())["pid"] == os.getpid()
+
+
+def test_step_log_and_metrics_fallback_file_are_never_appended_through_a_link(tmp_path, caplog):
+    # Was: open(path, "a") followed a link put at logs/steps.jsonl or logs/metrics_fallback.jsonl.
+    from mnemo.train.loop import StepLog
+    from mnemo.train.tracking.common import FallbackFile
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("victim\n")
+    (tmp_path / "steps.jsonl").symlink_to(victim)
+    (tmp_path / "fallback.jsonl").symlink_to(victim)
+    with caplog.at_level("WARNING", logger="mnemo.train"):
+        steplog = StepLog(tmp_path / "steps.jsonl", True)
+        steplog.write({"step": 1})
+        steplog.close()
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{tmp_path}/steps.jsonl is a symbolic link; mnemo appends its step log only to a file of its own: "
+        "not writing it"
+    ]
+    warned: list[str] = []
+    fallback = FallbackFile(tmp_path / "fallback.jsonl", warned.append)
+    assert not fallback.append("r", 1, 0, {"train/loss": 1.0})
+    fallback.close()
+    assert warned == [
+        f"tracking: cannot write {tmp_path}/fallback.jsonl (a symbolic link); metric points that do not reach MLflow "
+        "are lost from now on"
+    ]
+    assert victim.read_text() == "victim\n"
+    steplog = StepLog(tmp_path / "logs" / "steps.jsonl", True)  # a file of its own: appended to
+    steplog.write({"step": 1})
+    steplog.close()
+    assert json.loads((tmp_path / "logs" / "steps.jsonl").read_text()) == {"step": 1}
+
+
 def test_second_job_on_a_held_run_dir_fails_before_writing_anything(world1, data, tmp_path):
     """While another job holds run.dir, train() stops with a one-line error naming the holder and writes
     nothing there; once the holder is SIGKILLed, the same command runs."""

@@ -32,6 +32,8 @@ from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import quote, urlparse
 
+from mnemo.data_pipeline.files import open_own_file
+
 DEFAULT_EXPERIMENT = "mnemo"
 PARENT_RUN_TAG = "mnemo.parent_run_id"
 FALLBACK_FILE = "logs/metrics_fallback.jsonl"
@@ -286,7 +288,8 @@ class FallbackFile:
         try:
             if self._f is None:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
-                self._f = open(self.path, "a")
+                # Never through a link put there (NotRegularFile, an OSError: given up, said once below).
+                self._f = open(open_own_file(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT), "a")
             append_points(self._f, run_id, step, ts, values)
         except OSError as e:
             self._give_up(e)
