@@ -519,7 +519,8 @@ class Trainer:
         self.tracker.log_params(params)
         self.tracker.log_artifact(str(run_dir / "config.yaml"))
         self.tracker.log_artifact(self.tok_file)
-        self.tracker.log_artifact(str(Path(local_path(data_paths(cfg)[0][1])) / "manifest.json"))
+        # Its input paths may be URLs with a password or ?token= (prepare read them): uploaded as a redacted copy.
+        self.tracker.log_artifact(str(Path(local_path(data_paths(cfg)[0][1])) / "manifest.json"), redact=True)
         self.tracker.set_tags(
             {
                 "mnemo.restart": str(info.restart),

@@ -265,14 +265,17 @@ def add_verify(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentP
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    from mnemo.data_pipeline.redact import redact_uri
     from mnemo.data_pipeline.verify import verify
     from mnemo.train.errors import visible
 
     rep = verify(args.data_dir, roundtrip_docs=args.roundtrip_docs)
     line = f"{args.data_dir}: OK ({rep['shards']} shards, {rep['documents']:,} documents, {rep['tokens']:,} tokens)"
-    print(visible(line))
+    print(visible(redact_uri(line)))
     if "roundtrip" in rep:
-        print(visible(roundtrip_line(rep["roundtrip"])))  # its examples name corpus files: no raw escapes
+        # It names the manifest's inputs (a URL with a password or ?token=, as prepare read it) and the corpus
+        # files of its examples: credentials hidden, no raw escapes.
+        print(visible(redact_uri(roundtrip_line(rep["roundtrip"]))))
     return 0
 
 

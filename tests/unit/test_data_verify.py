@@ -598,3 +598,19 @@ def test_a_damaged_decompressed_copy_is_read_again_from_the_dataset(copy, tmp_pa
         data[8:12] = struct.pack("<I", len(data) + 100)  # sample 0 begins past the end: nothing there to read
     raw.write_bytes(bytes(data))
     assert _docs(MDSSource(str(copy), cache_dir=str(cache))) == want
+
+
+def test_verify_hides_the_credentials_of_a_manifest_input_it_names(monkeypatch, capsys):
+    """Was: `round trip: not checked (input https://u:inspPW@h/x.txt?token=inspTOK is gone)`, in clear."""
+    import mnemo.data_pipeline.verify as verify_module
+    from mnemo.cli import main
+    from mnemo.data_pipeline.tokenizer import corpus_round_trip
+
+    url = "https://u:inspPW@h/x.txt?token=inspTOK"
+    roundtrip = corpus_round_trip(None, [{"path": url, "size": 3, "mtime_ns": 1}])
+    rep = {"shards": 1, "documents": 1, "tokens": 2, "roundtrip": roundtrip}
+    monkeypatch.setattr(verify_module, "verify", lambda data_dir, roundtrip_docs: rep)
+    assert main(["data", "verify", "d"]) == 0
+    out = capsys.readouterr().out
+    assert "round trip: not checked (input https://***@h/x.txt?token=*** is gone)" in out, out
+    assert "inspPW" not in out and "inspTOK" not in out

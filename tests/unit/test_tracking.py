@@ -594,6 +594,24 @@ def test_params_and_tags_hold_no_credentials(store, client, tmp_path):
     assert SECRET not in json.dumps([run.data.params, run.data.tags])
 
 
+def test_run_and_experiment_names_and_a_manifest_artifact_hold_no_credentials(store, client, tmp_path):
+    """Was: run.name and tracking.experiment went to MLflow verbatim (the run name, its mlflow.runName tag, the
+    experiment's name), and a dataset's manifest.json was uploaded as it is, its input URLs' tokens with it."""
+    url = f"https://u:{SECRET}@h/?token=T0KEN"
+    manifest = tmp_path / "data" / "manifest.json"
+    manifest.parent.mkdir()
+    manifest.write_text(json.dumps({"inputs": [{"path": f"https://u:{SECRET}@h/x.txt?token=T0KEN", "size": 3}]}))
+    t = Tracker(run_dir=str(tmp_path / "run"), uri=store, experiment=url, run_name=url, interval=0.1)
+    t.log_artifact(str(manifest), redact=True)
+    t.close()
+    run = client.get_run(t.run_id)
+    assert run.info.run_name == run.data.tags["mlflow.runName"] == "https://***@h/?token=***"
+    assert client.get_experiment(run.info.experiment_id).name == "https://***@h/?token=***"
+    uploaded = Path(client.download_artifacts(t.run_id, "manifest.json", str(tmp_path / "dl")))
+    assert json.loads(uploaded.read_text()) == {"inputs": [{"path": "https://***@h/x.txt?token=***", "size": 3}]}
+    assert SECRET in manifest.read_text()  # the dataset's own file is left as it is
+
+
 def test_unreachable_server_warnings_hide_the_password(tmp_path, caplog):
     uri = f"http://alice:{SECRET}@127.0.0.1:{_free_port()}"  # nothing listens there
     with caplog.at_level(logging.WARNING, logger="mnemo.train.tracking"):

@@ -8,9 +8,11 @@ spawned, not forked) and talks to it through two one-way pipes:
   thread sends what gathered every 0.1 s (at once for a flush or a close).
   Messages: ``("params", {name: str})``, ``("tags", {name: str})``,
   ``("metrics", step, timestamp_ms, {key: float})``,
-  ``("artifact", absolute_path, artifact_path | None)``, ``("flush", token)``,
+  ``("artifact", absolute_path, artifact_path | None, redact)``, ``("flush", token)``,
   ``("terminate", status)``, ``("stop",)``. Params and tag values are
-  redacted (``redact_uri``) before they are queued.
+  redacted (``redact_uri``) before they are queued; so are the run and experiment
+  names, which every MLflow reader shows; an artifact with ``redact`` (a JSON file)
+  is uploaded as a copy with its strings redacted (``redact_tree``).
 - replies (sender -> trainer), one tuple each, read by a reader thread:
   ``("ready", run_id | None, error | None)`` once at start-up (an error is the
   user's to fix and becomes a ``UserError`` here), ``("run_id", run_id)``
@@ -107,14 +109,16 @@ class Tracker:
             return
         self.run_dir = Path(run_dir).resolve()
         self.uri = resolve_uri(uri, self.run_dir)
-        self.experiment = resolve_experiment(experiment)
+        # Names every MLflow reader shows (the run's name is its mlflow.runName tag too): never a credential,
+        # as config.yaml and the params hide the same value (a URL with a password given as run.name).
+        self.experiment = redact_uri(resolve_experiment(experiment))
         self.fallback_path = self.run_dir / FALLBACK_FILE
         self.run_dir.mkdir(parents=True, exist_ok=True)
         settings = dict(
             run_dir=str(self.run_dir),
             uri=self.uri,
             experiment=self.experiment,
-            run_name=run_name or None,
+            run_name=redact_uri(run_name) or None,
             resume_run_id=resume_run_id,
             resume_kept=resume_kept,
             parent_run_id=parent_run_id,
@@ -214,14 +218,16 @@ class Tracker:
         ts = int(time.time() * 1000)
         self._buf.append(("metrics", int(step), ts, {k: float(v) for k, v in metrics.items()}))
 
-    def log_artifact(self, path: str, artifact_path: str | None = None) -> None:
-        """Upload a file or directory. It is read later by the sender: keep it until flush()."""
+    def log_artifact(self, path: str, artifact_path: str | None = None, redact: bool = False) -> None:
+        """Upload a file or directory. It is read later by the sender: keep it until flush(). ``redact``: ``path``
+        is a JSON file whose strings may hold credentials (a dataset manifest's input URLs): the sender uploads
+        a copy of it with them hidden (``redact_tree``), and the file is left as it is."""
         if self._off:
             return
         if not os.path.exists(path):
             log.warning("tracking: artifact %s does not exist; not logged", path)
             return
-        self._buf.append(("artifact", str(Path(path).resolve()), artifact_path))
+        self._buf.append(("artifact", str(Path(path).resolve()), artifact_path, redact))
 
     def flush(self, timeout: float = 30) -> None:
         """Make sure that every metric point logged so far is on the server or in the fallback file, which the next

@@ -51,8 +51,14 @@ from typing import Any, Callable
 from urllib.parse import urlparse
 
 from mnemo.data_pipeline.errors import storage_error
-from mnemo.data_pipeline.files import make_dirs, remove_made_dirs
-from mnemo.data_pipeline.redact import has_credentials, print_traceback, redact_uncaught_errors, redact_uri
+from mnemo.data_pipeline.files import load_json, make_dirs, remove_made_dirs
+from mnemo.data_pipeline.redact import (
+    has_credentials,
+    print_traceback,
+    redact_tree,
+    redact_uncaught_errors,
+    redact_uri,
+)
 from mnemo.train.tracking.common import DB_SCHEMES, FALLBACK_FILE, PARENT_RUN_TAG, FallbackFile, system_tags
 
 _MAX_METRICS_PER_BATCH = 1000
@@ -535,15 +541,32 @@ class _Sender:
         elif op.kind == "tags":
             self._send_tags(op.payload)
         elif op.kind == "artifact":
-            path, artifact_path = op.payload
+            path, artifact_path, redact = op.payload
             if os.path.isdir(path):
                 c.log_artifacts(run_id, path, artifact_path)
+            elif os.path.exists(path) and redact:
+                self._log_redacted_json(run_id, path, artifact_path)
             elif os.path.exists(path):
                 c.log_artifact(run_id, path, artifact_path)
             else:
                 self._log(logging.WARNING, "tracking: artifact %s vanished before upload; skipped", path)
         elif op.kind == "terminate":
             c.set_terminated(run_id, status=op.payload)
+
+    def _log_redacted_json(self, run_id: str, path: str, artifact_path: str | None) -> None:
+        """Upload a copy of the JSON file ``path``, under its own name, with the credentials in its strings hidden
+        (``redact_tree``): the file itself is the user's (a dataset's manifest.json), left as it is."""
+        import tempfile
+
+        try:
+            tree = load_json(path)
+        except (OSError, ValueError) as e:  # read a while ago by the trainer; changed since: not uploaded as it is
+            self._log(logging.WARNING, "tracking: artifact %s cannot be read (%s); skipped", path, e)
+            return
+        with tempfile.TemporaryDirectory(prefix="mnemo-artifact-") as tmp:
+            copy = Path(tmp) / Path(path).name
+            copy.write_text(json.dumps(redact_tree(tree), indent=1) + "\n")
+            self._client.log_artifact(run_id, str(copy), artifact_path)
 
     def _send_tags(self, tags: dict[str, str]) -> None:
         from mlflow.entities import RunTag
