@@ -1220,7 +1220,7 @@ def test_eval_outputs_put_in_place_while_evaluating_are_judged_again(tmp_path, c
     )
     assert capsys.readouterr().out == "the table\n" and js.read_bytes() == mine and is_eval_json(kept)
     png = pl / "loss_by_position.png"
-    with pytest.raises(EvalError, match=f"^{png}: is not a plot mnemo wrote .*not replacing it") as e:
+    with pytest.raises(EvalError, match=f"^{png}: is not a plot mnemo wrote.*not replacing it") as e:
         plots(result, pl)
     assert png.read_bytes() == mine and is_mnemo_plot(pl / f"loss_by_position.mnemo-new-{os.getpid()}.png")
     assert str(e.value).endswith(f"(the new plot is in {pl / f'loss_by_position.mnemo-new-{os.getpid()}.png'})")
