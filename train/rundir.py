@@ -88,9 +88,21 @@ def check_checkpoint_files(ckpt: Path) -> None:
     device, a socket, a broken link), saying what it is.
 
     Looked at without opening anything, before torch or DeepSpeed open the files: opening a FIFO waits
-    for a writer, so a resume (or an export) hung forever. Links to folders are not followed.
+    for a writer, so a resume (or an export) hung forever. Links to folders are followed, as torch and
+    DeepSpeed follow them (a ``ds`` linked elsewhere hid a FIFO from this check), each folder once (a
+    link to an ancestor is not walked again); a loop of links is refused as what it is.
     """
-    for folder, _, files in os.walk(ckpt):
+    seen: set[tuple[int, int]] = set()
+    for folder, dirs, files in os.walk(ckpt, followlinks=True):
+        try:
+            st = os.stat(folder)
+        except OSError:
+            continue
+        if (st.st_dev, st.st_ino) in seen:
+            dirs[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        dirs.sort()
         for name in sorted(files):
             why = not_a_regular_file(Path(folder) / name)
             if why is not None:

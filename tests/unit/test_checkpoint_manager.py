@@ -595,6 +595,30 @@ def test_a_fifo_in_a_checkpoint_is_refused_not_waited_on(tmp_path, name):
             mgr.rank_state(p, 0)
 
 
+@pytest.mark.timeout(60)
+def test_a_fifo_under_a_linked_ds_folder_is_refused_not_waited_on(tmp_path):
+    """A checkpoint whose ds/ was a link to a folder elsewhere hid a FIFO there from the check (os.walk
+    did not follow the link): eval, export and resume then hung forever in its open. Links to folders
+    are now followed (each folder once: a link back to an ancestor does not loop the walk)."""
+    from mnemo.train.checkpoint import DS_TAG, consolidated_state_dict
+
+    run = tmp_path / "run"
+    p = save(CheckpointManager(run), 4)
+    elsewhere = tmp_path / "fake_ds"
+    (p / "ds").rename(elsewhere)
+    (p / "ds").symlink_to(elsewhere)
+    (elsewhere / "up").symlink_to("..")  # an ancestor (the checkpoint's parent): walked once, not forever
+    fifo = elsewhere / DS_TAG / "mp_rank_00_model_states.pt"
+    fifo.unlink()
+    os.mkfifo(fifo)
+    shown = p / "ds" / DS_TAG / "mp_rank_00_model_states.pt"
+    why = rf"{shown}: a FIFO \(named pipe\), not a regular file"
+    with pytest.raises(UserError, match=rf"^checkpoint {p}: {why}$"):
+        _check(_cfg(tmp_path, run))
+    with pytest.raises(UserError, match=rf"^checkpoint {p}: {why}$"):
+        consolidated_state_dict(p)
+
+
 @pytest.mark.parametrize(
     "edit,needle",
     [
