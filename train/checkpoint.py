@@ -57,6 +57,7 @@ from mnemo.train.hf.folder import HF_FILES, WRAPPER_SOURCES
 from mnemo.data_pipeline.redact import redact_tree
 from mnemo.train.rundir import (
     COMPLETE,
+    DS_TAG,
     STEP_RE,
     check_checkpoint_files,
     check_run_dir,
@@ -71,11 +72,9 @@ from mnemo.train.rundir import (
     trash_name,
 )
 
-__all__ = ["COMPLETE", "STEP_RE", "is_complete"]  # names of train/rundir.py that importers take from here
+__all__ = ["COMPLETE", "DS_TAG", "STEP_RE", "is_complete"]  # names of train/rundir.py that importers take from here
 
 log = logging.getLogger("mnemo.checkpoint")
-
-DS_TAG = "state"
 
 
 # ------------------------------------------------------------------ loading torch files without running code

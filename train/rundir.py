@@ -8,7 +8,8 @@ only what it can show it wrote there:
   ``PREEMPTED`` and ``mlflow_run.json`` (``wrote_run_file``), each replaced by
   an atomic rename;
 - ``.tmp-step_XXXXXXXX`` directories holding only the names a save writes
-  (``SAVE_ENTRIES``, ``rank_XXXXX.pt``): an interrupted save;
+  (``SAVE_ENTRIES``, ``rank_XXXXX.pt``, inside ``ds/`` what DeepSpeed and the
+  universal conversion write: ``stray_entries``): an interrupted save;
 - complete checkpoints (``COMPLETE`` and ``meta.json``) holding only what a
   save writes, by retention (one holding anything else, an ``eval.json`` of
   `mnemo eval --json`, is kept, with a warning naming it);
@@ -52,6 +53,19 @@ COMPLETE = "COMPLETE"
 # (tokenizer.model or tokenizer.json): DeepSpeed's folder, meta.json, then COMPLETE.
 SAVE_ENTRIES = ("ds", "meta.json", COMPLETE, "tokenizer.model", "tokenizer.json")
 RANK_FILE_RE = re.compile(r"^rank_\d{5}\.pt\Z")
+# What a save's ``ds/`` folder holds: DeepSpeed's engine.save_checkpoint(tag=DS_TAG, save_latest=True)
+# writes the tag folder, ``latest`` and its recovery scripts (_copy_recovery_script); mnemo's universal
+# conversion (train/universal.py) adds UNIVERSAL_TAG, its unfinished ``.tmp-`` copy and ``latest_universal``.
+# Anything else (a zero_to_fp32.py output written there, a user's notes) is not mnemo's to delete.
+DS_TAG = "state"
+UNIVERSAL_TAG = "universal_" + DS_TAG
+DS_FILES = ("latest", "zero_to_fp32.py", "zero_to_torch.py", "latest_universal")
+DS_FOLDERS = (UNIVERSAL_TAG, ".tmp-" + UNIVERSAL_TAG)  # written whole by the conversion: not looked into
+# In the tag folder, per ZeRO stage and precision: mp_rank_00_model_states.pt (1/2),
+# zero_pp_rank_N_mp_rank_00_model_states.pt (3), [bf16_]zero_pp_rank_N_mp_rank_00_optim_states.pt.
+DS_STATE_FILE_RE = re.compile(
+    r"^(?:(?:zero_pp_rank_\d+_)?mp_rank_\d{2}_model|(?:bf16_)?zero_pp_rank_\d+_mp_rank_\d{2}_optim)_states\.pt\Z"
+)
 
 
 def is_complete(path: Path) -> bool:
@@ -241,8 +255,27 @@ def foreign_run_files(run_dir: Path) -> list[tuple[Path, str]]:
 
 def stray_entries(path: Path) -> list[str]:
     """The entries of folder ``path`` (a checkpoint, a save, one being deleted) that a save does not write,
-    by name: an ``eval.json`` that `mnemo eval --json` put there, a user's notes."""
-    return sorted(e.name for e in path.iterdir() if not (e.name in SAVE_ENTRIES or RANK_FILE_RE.match(e.name)))
+    by path relative to it: an ``eval.json`` that `mnemo eval --json` put there, a user's notes, and inside
+    ``ds/`` what DeepSpeed and mnemo do not write there (``ds/pytorch_model.bin`` of a zero_to_fp32.py run)."""
+    out = [e.name for e in path.iterdir() if not (e.name in SAVE_ENTRIES or RANK_FILE_RE.match(e.name))]
+    if os.path.lexists(path / "ds"):
+        out += _ds_strays(path / "ds")
+    return sorted(out)
+
+
+def _ds_strays(ds: Path) -> list[str]:
+    """stray_entries inside a save's ``ds/``, as ``ds/NAME``; a link or an entry of the wrong kind is one
+    (a save writes no links: a ``ds`` linked elsewhere is not its folder)."""
+    if ds.is_symlink() or not ds.is_dir():
+        return ["ds"]
+    out = []
+    for e in ds.iterdir():
+        if e.name == DS_TAG and e.is_dir() and not e.is_symlink():
+            bad = (f for f in e.iterdir() if f.is_symlink() or not DS_STATE_FILE_RE.match(f.name))
+            out += [f"ds/{DS_TAG}/{f.name}" for f in bad]
+        elif e.is_symlink() or not (e.name in DS_FILES and not e.is_dir() or e.name in DS_FOLDERS and e.is_dir()):
+            out.append(f"ds/{e.name}")
+    return out
 
 
 def is_interrupted_save(path: Path) -> bool:

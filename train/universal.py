@@ -43,11 +43,11 @@ import torch
 from mnemo.data_pipeline.files import atomic_write_text, fsync_path, fsync_tree
 from mnemo.data_pipeline.processes import python_command
 from mnemo.train.checkpoint import COMPLETE, DS_TAG, load_torch_file
+from mnemo.train.rundir import UNIVERSAL_TAG
 from mnemo.train.errors import UserError
 
 log = logging.getLogger("mnemo.checkpoint")
 
-UNIVERSAL_TAG = "universal_" + DS_TAG
 # Written into COMPLETE. A conversion marked otherwise (by an older mnemo, which
 # left a layout only some stages load) is redone instead of being trusted.
 FORMAT = "mnemo-universal 2"

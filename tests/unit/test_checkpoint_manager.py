@@ -119,6 +119,62 @@ def test_retention_keeps_a_checkpoint_holding_files_mnemo_did_not_write(tmp_path
     assert caplog.text.count(f"retention: keeping {old}: it holds eval.json, which mnemo did not write") == 1
 
 
+class FullEngine(FakeEngine):
+    """Writes into ds/ every name DeepSpeed (ZeRO 1/2/3, fp32 and bf16) and mnemo's universal conversion do."""
+
+    def save_checkpoint(self, save_dir, tag, save_latest=True):
+        super().save_checkpoint(save_dir, tag, save_latest)
+        ds = Path(save_dir)
+        for name in ("latest", "zero_to_fp32.py", "zero_to_torch.py", "latest_universal"):
+            (ds / name).write_text("x")
+        for name in (
+            "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+            "bf16_zero_pp_rank_12_mp_rank_00_optim_states.pt",
+            "zero_pp_rank_3_mp_rank_00_model_states.pt",
+        ):
+            (ds / tag / name).write_bytes(b"w")
+        for name in ("universal_state/zero/w", ".tmp-universal_state/zero/w"):
+            (ds / name).mkdir(parents=True)
+
+
+@pytest.mark.parametrize(
+    "theirs",
+    ["ds/pytorch_model.bin", "ds/fp32", "ds/state/notes.txt", "ds/state/mp_rank_00_model_states.pt.bak", "ds"],
+)
+def test_retention_and_start_keep_a_checkpoint_holding_user_files_inside_ds(tmp_path, caplog, theirs):
+    """Was: only a checkpoint's top-level names were checked, so retention (and the start's removal of an
+    interrupted .tmp-step_*) deleted what a user wrote inside ds/, e.g. the output of DeepSpeed's
+    zero_to_fp32.py run there, without a word. Inside ds/ only what DeepSpeed and mnemo write is theirs:
+    a checkpoint holding anything else (or a ds/ linked elsewhere) is kept, with one warning naming it."""
+    mgr = CheckpointManager(tmp_path, keep=1)
+    meta = {"step": 1, "world_size": 1, "zero_stage": 2, "config": {}}
+    mine = mgr.save(1, FullEngine(), {}, meta)
+    old = mgr.save(10, FullEngine(), {}, meta)
+    assert not mine.exists()  # all of DeepSpeed's and mnemo's names: deleted
+    where = old / theirs
+    if theirs == "ds/fp32":
+        where.mkdir()
+        (where / "NOTES.txt").write_text("n")
+    elif theirs == "ds":
+        (old / "ds").rename(tmp_path / "elsewhere")
+        where.symlink_to(tmp_path / "elsewhere")
+    else:
+        where.write_text("mine")
+    tmp = mgr.root / ".tmp-step_00000015"  # an interrupted save holding it
+    if theirs == "ds":
+        tmp.mkdir()
+        (tmp / "ds").symlink_to(tmp_path / "elsewhere")
+    else:
+        (tmp / "ds" / "state").mkdir(parents=True)
+        (tmp / theirs).write_text("mine")
+    assert CheckpointManager(tmp_path, keep=1).clean_partials() == [] and tmp.is_dir()
+    mgr.save(20, FullEngine(), {}, meta)
+    mgr.save(30, FullEngine(), {}, meta)
+    assert is_complete(old) and os.path.lexists(where)
+    assert sorted(p.name for p in mgr.complete_checkpoints()) == ["step_00000010", "step_00000030"]
+    assert caplog.text.count(f"retention: keeping {old}: it holds {theirs}, which mnemo did not write") == 1
+
+
 def test_a_deletion_cut_off_halfway_leaves_a_resumable_run_dir_and_is_cleaned_next_start(tmp_path, monkeypatch, caplog):
     """Was: retention's rmtree(ignore_errors=True) in place; a file that could not be unlinked (an NFS
     .nfsXXXX, an immutable file, a kill mid-delete) left step_* without COMPLETE, and every relaunch was
