@@ -426,6 +426,7 @@ class CheckpointManager:
         self._any_failed = any_failed or bool
         self.protected: set[str] = set()  # never deleted: the checkpoint this run resumed from
         self.kept_for_strays: set[str] = set()  # not pruned, as they hold files that mnemo did not write
+        self.latest_warned = False  # once: a folder at checkpoints/latest (_write_latest)
         self.states: dict[str, Stateful] = dict(states or {})
 
     # ------------------------------------------------------------------ find
@@ -526,8 +527,26 @@ class CheckpointManager:
             discard(final)
         os.replace(tmp, final)
         fsync_path(self.root)
-        atomic_write_text(self.root / "latest", final.name + "\n")
+        self._write_latest(final.name)
         self._prune()
+
+    def _write_latest(self, name: str) -> None:
+        """Point ``latest`` (for people and tools; mnemo never reads it) at ``name``, unless a folder is there.
+
+        A folder at ``latest`` is not mnemo's (it writes a file): the rename over it raised IsADirectoryError
+        and every save stopped the run, where the docs promise that whatever ``latest`` holds cannot. It is
+        left as it is (not provably mnemo's, so not replaced even when empty), with one warning.
+        """
+        latest = self.root / "latest"
+        if not (latest.is_dir() and not latest.is_symlink()):
+            atomic_write_text(latest, name + "\n")
+        elif not self.latest_warned:
+            self.latest_warned = True
+            log.warning(
+                "%s is a folder, which mnemo did not write: it is left as it is and not updated (mnemo never "
+                "reads it; move it away to have it name the newest checkpoint)",
+                latest,
+            )
 
     def _prune(self) -> None:
         done = self.complete_checkpoints()

@@ -106,6 +106,23 @@ def test_retention_keeps_newest_k_multiples_and_the_resumed_one(tmp_path):
     assert kept == ["step_00000010", "step_00000030", "step_00000060", "step_00000070", "step_00000080"]
 
 
+@pytest.mark.parametrize("holding", [None, "notes.txt"])
+def test_a_folder_at_latest_does_not_stop_saves_and_is_left_alone(tmp_path, caplog, holding):
+    """A folder named checkpoints/latest (empty or not) made every save an IsADirectoryError traceback
+    (the rename over it), though the docs promise that whatever latest holds cannot stop a run. Now the
+    saves go on, the folder is left as it is (not provably mnemo's), with one warning naming it."""
+    mgr = CheckpointManager(tmp_path, keep=2)
+    latest = mgr.root / "latest"
+    latest.mkdir(parents=True)
+    if holding:
+        (latest / holding).write_text("mine")
+    for step in (2, 4, 6):
+        assert is_complete(save(mgr, step))
+    assert [p.name for p in mgr.complete_checkpoints()] == ["step_00000004", "step_00000006"]
+    assert sorted(os.listdir(latest)) == ([holding] if holding else [])
+    assert caplog.text.count(f"{latest} is a folder, which mnemo did not write: it is left as it is") == 1
+
+
 def test_retention_keeps_a_checkpoint_holding_files_mnemo_did_not_write(tmp_path, caplog):
     """Was: shutil.rmtree of the whole folder, an eval.json that `mnemo eval CKPT --json CKPT/eval.json`
     put there with it. Now such a checkpoint is kept, with one warning naming the file."""
