@@ -53,7 +53,7 @@ from typing import Any, Protocol, Sequence
 import numpy as np
 import torch
 
-from mnemo.data_pipeline.errors import DataError, first_line, limit_reached, storage_error
+from mnemo.data_pipeline.errors import DataError, brief, first_line, limit_reached, storage_error
 from mnemo.data_pipeline.lean_imports import import_streaming
 from mnemo.data_pipeline.mixture import (
     WeightedSource,
@@ -465,6 +465,10 @@ class _Slot:
         return self.tokens is None or self.offset >= len(self.tokens) - 1
 
 
+def _whole(v: Any) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
 class DocumentStreams:
     """B stream slots over this rank's partition of one dataset or a weighted mixture; an infinite iterator
     of SegmentBatch.
@@ -696,7 +700,11 @@ class DocumentStreams:
                 raise DataError(f"stream state: {key} {sd[key]} differs from this run's {mine}")
 
     def same_shape(self, state: dict[str, Any]) -> bool:
-        """Was ``state`` saved by a loader of this world size, batch size and segment length?"""
+        """Was ``state`` saved by a loader of this world size, batch size and segment length?
+
+        DataError for a state of another version (its keys may differ)."""
+        if state.get("version") != STATE_VERSION:
+            raise DataError(f"stream state version {state.get('version')} is not {STATE_VERSION}")
         return state["world_size"] == self.world and state["batch_size"] == self.B and state["segment_len"] == self.T
 
     def exact_resume_possible(self, states: list[dict[str, Any]]) -> bool:
@@ -721,6 +729,7 @@ class DocumentStreams:
         else:
             self._reshape(states)
             return False
+        self._check_slots(mine["slots"])
         for q, st in zip(self.queues, self._queue_states(mine)):
             q.load_state(st)
         if self.mixture:
@@ -738,6 +747,27 @@ class DocumentStreams:
             else:
                 slot.tokens = None
         return True
+
+    def _check_slots(self, slots: list[dict[str, Any]]) -> None:
+        """DataError ``slots[i].FIELD: what is wrong`` for a slot state this loader cannot continue from (a
+        crafted or damaged rank file): a document index past its dataset was an IndexError traceback, a
+        negative offset or epoch was accepted and read the document from the wrong place."""
+        if len(slots) != self.B:
+            raise DataError(f"slots: {len(slots)} slots, not this loader's {self.B}")
+        for i, slot in enumerate(slots):
+            src = slot.get("source", 0)
+            checks = {
+                "source": (src, 0, len(self.queues) - 1),
+                "doc": (slot.get("doc"), -1, None),
+                "epoch": (slot.get("epoch"), -1, None),
+                "offset": (slot.get("offset"), 0, None),
+            }
+            if _whole(src) and 0 <= src < len(self.queues):
+                checks["doc"] = (slot.get("doc"), -1, self.queues[src].source.num_samples - 1)
+            for key, (v, low, high) in checks.items():
+                if not _whole(v) or v < low or (high is not None and v > high):
+                    allowed = f"a whole number from {low}" + ("" if high is None else f" to {high}")
+                    raise DataError(f"slots[{i}].{key}: {brief(v)} is not {allowed}")
 
     def _reshape(self, states: list[dict[str, Any]]) -> None:
         """Re-partition every source after a change of world size (SourceQueue.reshape, per source)."""

@@ -171,7 +171,19 @@ class MemoryState:
         return cls(layers=layers, stm_len=sd["stm_len"], ltm_len=sd["ltm_len"], pos=sd["pos"])
 
     def load_state_dict(self, sd: dict[str, Tensor]) -> "MemoryState":
-        """Return a state holding ``sd`` with this state's structure, checking shapes."""
+        """Return a state holding ``sd`` with this state's structure, checking shapes and the fills.
+
+        ValueError ``FIELD: what is wrong`` (FIELD a key of ``sd``) for a missing or non-tensor entry, a
+        shape other than this state's, or a fill (``stm_len``, ``ltm_len``) outside 0 .. the store's
+        capacity or a negative ``pos``: the reads index the stores with them, so a crafted value was
+        accepted and read other slots' entries or past the store.
+        """
+        for key in ("stm_len", "ltm_len", "pos"):
+            if key not in sd:
+                raise ValueError(f"{key}: missing")
+        for key, t in sd.items():
+            if not isinstance(t, Tensor):
+                raise ValueError(f"{key}: a {type(t).__name__}, not a tensor")
         other = MemoryState.from_state_dict(sd, len(self.layers))
         # The search is not a weight (memory.long.search may change at resume): an IVF index this
         # state carries and ``sd`` lacks starts empty, all entries not yet indexed (ltm_since = the
@@ -193,9 +205,21 @@ class MemoryState:
                 if (ta is None) != (tb is None) or (ta is not None and ta.shape != tb.shape):
                     got = None if tb is None else tuple(tb.shape)
                     want = None if ta is None else tuple(ta.shape)
-                    raise ValueError(f"memory state layers.{i}.{name}: shape {got} does not match {want}")
+                    raise ValueError(f"layers.{i}.{name}: shape {got} does not match {want}")
         if other.pos.shape != self.pos.shape:
-            raise ValueError(f"memory state: batch size {other.pos.shape[0]} does not match {self.pos.shape[0]}")
+            got = other.pos.shape[0] if other.pos.dim() == 1 else tuple(other.pos.shape)
+            raise ValueError(f"pos: batch size {got} does not match {self.pos.shape[0]}")
+        for key, cap in (("pos", None), ("stm_len", self.stm_capacity), ("ltm_len", self.ltm_capacity)):
+            t = getattr(other, key)
+            if t.shape != self.pos.shape or t.is_floating_point() or t.is_complex():
+                raise ValueError(
+                    f"{key}: {t.dtype} {tuple(t.shape)}, not whole numbers of shape {tuple(self.pos.shape)}"
+                )
+            bad = (t < 0) | (t > cap) if cap is not None else t < 0
+            if bool(bad.any()):
+                slot = int(bad.nonzero()[0, 0])
+                allowed = "below 0" if cap is None else f"outside 0 to {cap}"
+                raise ValueError(f"{key}: {int(t[slot])} (slot {slot}) is {allowed}")
         # Keys/values take this state's dtype: a bf16 run's state resumed in fp32 (or back) must
         # match the model's activations (exact for bf16 -> fp32; rounded for fp32 -> bf16).
         fields = (getattr(layer, f) for layer in self.layers for f in _FIELDS)

@@ -47,7 +47,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from mnemo.data_pipeline.errors import brief, first_line
+from mnemo.data_pipeline.errors import DataError, brief, first_line
 from mnemo.data_pipeline.files import atomic_write_text, fsync_path, fsync_tree, load_json, open_regular
 from mnemo.data_pipeline.tmp_dirs import mark_owner, mkdtemp_name_re, sweep_leftovers
 from mnemo.train.collectives import decided_by_rank0
@@ -592,21 +592,52 @@ class CheckpointManager:
         """
         parts = self.states
         own = self.rank_state(path, self.rank) if meta["world_size"] == self.world else None
-        every = None if own is not None and parts["streams"].same_shape(own["streams"]) else self.rank_states(path)
-        exact = parts["streams"].load_state_dict(own["streams"] if every is None else [s["streams"] for s in every])
+        mine = f"rank_{self.rank:05d}.pt"
+        with rank_file_part(path, mine, "streams"):
+            same = own is not None and parts["streams"].same_shape(own["streams"])
+        every = None if same else self.rank_states(path)
+        with rank_file_part(path, mine if every is None else "rank_*.pt", "streams"):
+            exact = parts["streams"].load_state_dict(own["streams"] if every is None else [s["streams"] for s in every])
         if exact and every is None:
-            parts["memory"].load_state_dict(own["memory"])
-            parts["rng"].load_state_dict(own["rng"])
+            with rank_file_part(path, mine, "memory"):
+                parts["memory"].load_state_dict(own["memory"])
+            with rank_file_part(path, mine, "rng"):
+                parts["rng"].load_state_dict(own["rng"])
         elif exact:  # same slot groups, other world size: memory rows follow their group (RNG stays fresh)
-            parts["memory"].load_regrouped([s["memory"] for s in every], self.rank)
+            with rank_file_part(path, "rank_*.pt", "memory"):
+                parts["memory"].load_regrouped([s["memory"] for s in every], self.rank)
+        first = mine if own is not None else "rank_00000.pt"
         if "episodes" in parts:
             saved = own if own is not None else self.rank_state(path, 0)
             if "episodes" in saved:
-                parts["episodes"].load_state_dict(saved["episodes"], own_rank=own is not None)
+                with rank_file_part(path, first, "episodes"):
+                    parts["episodes"].load_state_dict(saved["episodes"], own_rank=own is not None)
         if "spikes" in parts and "spikes" in (saved := own if own is not None else self.rank_state(path, 0)):
-            parts["spikes"].load_state_dict(saved["spikes"])  # the same on every rank: rank 0's serves any world size
+            with rank_file_part(path, first, "spikes"):  # the same on every rank: rank 0's serves any world size
+                parts["spikes"].load_state_dict(saved["spikes"])
         parts["counters"].load_state_dict({"step": int(meta["step"]), "tokens_seen": int(meta.get("tokens_seen", 0))})
         return exact
+
+
+@contextlib.contextmanager
+def rank_file_part(ckpt: Path, file: str, part: str) -> Iterator[None]:
+    """UserError ``checkpoint CKPT: FILE: PART: what is wrong`` for an entry ``part`` of a rank file that its
+    Stateful cannot load (a damaged or crafted file): each part's load_state_dict checks what it takes and
+    raises ValueError (DataError: the streams) ``FIELD: what is wrong``; a missing entry or one of another
+    type than the load expects (KeyError, TypeError, IndexError...) is named the same way, not a traceback."""
+    try:
+        yield
+    except torch.OutOfMemoryError:
+        raise
+    except (ValueError, DataError) as e:
+        field, sep, why = first_line(e).partition(": ")
+        where = f"{part}.{field}: {why}" if sep and " " not in field else f"{part}: {first_line(e)}"
+        raise UserError(f"checkpoint {ckpt}: {file}: {where}") from None
+    except KeyError as e:
+        raise UserError(f"checkpoint {ckpt}: {file}: {part}: no {brief(e.args[0])} entry") from None
+    except (TypeError, IndexError, AttributeError, RuntimeError) as e:
+        why = f"not as mnemo saves it ({type(e).__name__}: {first_line(e)})"
+        raise UserError(f"checkpoint {ckpt}: {file}: {part}: {why}") from None
 
 
 # ------------------------------------------------------------------ consolidated weights

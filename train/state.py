@@ -31,8 +31,24 @@ def rng_state(device: torch.device | str = "cpu") -> dict[str, Any]:
 
 
 def set_rng_state(st: dict[str, Any], device: torch.device | str = "cpu") -> None:
-    random.setstate(st["python"])
-    np.random.set_state(st["numpy"])
+    """Set this rank's RNG states from ``st`` (rng_state); ValueError ``KEY: what is wrong`` for one that is
+    missing or that its generator refuses (a crafted or damaged rank file), before any is set."""
+    for key in ("python", "numpy", "torch"):
+        if key not in st:
+            raise ValueError(f"{key}: missing")
+    if not (isinstance(st["torch"], torch.Tensor) and st["torch"].dtype == torch.uint8):
+        raise ValueError(f"torch: a {type(st['torch']).__name__}, not a byte tensor")
+    want = torch.get_rng_state().numel()
+    if st["torch"].numel() != want:
+        raise ValueError(f"torch: {st['torch'].numel()} bytes, not {want}")
+    was = random.getstate(), np.random.get_state()
+    for key, setter in (("python", random.setstate), ("numpy", np.random.set_state)):
+        try:
+            setter(st[key])
+        except (TypeError, ValueError, IndexError, KeyError) as e:
+            random.setstate(was[0])
+            np.random.set_state(was[1])
+            raise ValueError(f"{key}: not a state of its generator ({e})") from None
     torch.set_rng_state(st["torch"])
     device = torch.device(device)
     cuda = st.get("cuda")

@@ -9,6 +9,7 @@ import types
 from pathlib import Path
 
 import pytest
+import torch
 
 from mnemo.train.checkpoint import CheckpointManager, is_complete, resolve_checkpoint
 from mnemo.train.errors import UserError
@@ -324,6 +325,78 @@ def test_rank_file_of_the_parts_has_exactly_the_keys_of_a_rank_file(tmp_path):
     p = mgr.save(4, FakeEngine(), None, {"step": 4})
     saved = mgr.rank_state(p, 0)
     assert sorted(saved) == sorted(old_rank_file(4, 400, 0.0)) and (saved["step"], saved["tokens_seen"]) == (4, 400)
+
+
+def _real_stream_parts():
+    from mnemo.data_pipeline.streams import ArraySource
+    from tests.unit.test_streams import make_docs, streams
+
+    parts = rank_parts(episodes=False)
+    parts["streams"] = streams(ArraySource(make_docs(20)), B=2, T=8)
+    return parts
+
+
+def _slot0(d, **edit):
+    d["streams"]["slots"][0].update(edit)
+
+
+def _memory(d, key, value):
+    d["memory"][key] = value
+
+
+@pytest.mark.parametrize(
+    "edit,needle",
+    [
+        (
+            lambda d: _slot0(d, doc=10**12),
+            r"streams\.slots\[0\]\.doc: 1000000000000 is not a whole number from -1 to 19",
+        ),
+        (lambda d: _slot0(d, offset=-5), r"streams\.slots\[0\]\.offset: -5 is not a whole number from 0"),
+        (lambda d: _slot0(d, doc="3"), r"streams\.slots\[0\]\.doc: '3' is not a whole number"),
+        (lambda d: d.update(streams={"version": 99}), r"streams: stream state version 99 is not 1"),
+        (
+            lambda d: _memory(d, "layers.0.stm_k", torch.zeros(2, 2, 3, 8)),
+            r"memory\.layers\.0\.stm_k: shape \(2, 2, 3, 8\) does not match \(2, 2, 4, 8\)",
+        ),
+        (lambda d: _memory(d, "stm_len", torch.tensor([-3, 4])), r"memory\.stm_len: -3 \(slot 0\) is outside 0 to 4"),
+        (
+            lambda d: _memory(d, "stm_len", torch.tensor([1, 10**9])),
+            r"memory\.stm_len: 1000000000 \(slot 1\) is outside",
+        ),
+        (lambda d: _memory(d, "pos", torch.tensor([-100, 0])), r"memory\.pos: -100 \(slot 0\) is below 0"),
+        (
+            lambda d: _memory(d, "ltm_len", torch.tensor([0.5, 1.0])),
+            r"memory\.ltm_len: torch\.float32 \(2,\), not whole",
+        ),
+        (lambda d: d.update(memory={}), r"memory\.stm_len: missing"),
+        (lambda d: d.pop("memory"), r"memory: no 'memory' entry"),
+        (lambda d: d["rng"].update(torch=torch.zeros(3, dtype=torch.uint8)), r"rng\.torch: 3 bytes, not \d+"),
+        (lambda d: d["rng"].update(numpy=("MT19937", [1, 2])), r"rng\.numpy: not a state of its generator"),
+        (lambda d: d["rng"].update(python=(3, (1, 2))), r"rng\.python: not a state of its generator"),
+        (lambda d: d.pop("rng"), r"rng: no 'rng' entry"),
+    ],
+)
+def test_a_damaged_or_crafted_rank_file_is_one_line_naming_the_field(tmp_path, edit, needle):
+    """A rank file whose entries were damaged or crafted was a traceback (IndexError for a document past
+    the dataset, ValueError from the memory's shape check, RuntimeError for a torch RNG state of 3 bytes,
+    KeyError for a missing part or key) or was accepted silently (a negative or too large fill of the
+    short-term store, a negative position or slot offset: read as an index). Each part's load checks
+    what it takes; the error is one line: checkpoint CKPT: rank_00000.pt: FIELD: what is wrong."""
+    import random
+
+    meta = {"step": 4, "tokens_seen": 0, "world_size": 1}
+    mgr = CheckpointManager(tmp_path, states=_real_stream_parts())
+    next(mgr.states["streams"])
+    p = mgr.save(4, FakeEngine(), None, meta)
+    d = torch.load(p / "rank_00000.pt", weights_only=False)
+    edit(d)
+    torch.save(d, p / "rank_00000.pt")
+    random.seed(99)  # not the saved state: a refused RNG state sets none of the generators
+    state = random.getstate()
+    with pytest.raises(UserError, match=rf"^checkpoint {p}: rank_00000\.pt: {needle}"):
+        CheckpointManager(tmp_path, states=_real_stream_parts()).restore(p, meta)
+    assert random.getstate() == state
+    assert CheckpointManager(tmp_path, states=_real_stream_parts()).restore(mgr.save(6, FakeEngine(), None, meta), meta)
 
 
 def test_a_rank_file_written_before_stateful_parts_resumes_into_them(tmp_path):

@@ -135,8 +135,9 @@ def test_two_ranks_read_what_one_rank_with_two_micro_steps_reads_and_resume_move
 
 def memory(B: int, fill: float) -> MemoryState:
     stm = torch.arange(B * 4, dtype=torch.float32).view(B, 1, 2, 2) + fill  # [B, H=1, M=2, Dh=2]
-    n = torch.full((B,), int(fill), dtype=torch.long)
-    return MemoryState(layers=(LayerMemory(stm_k=stm, stm_v=stm + 0.5),), stm_len=n, ltm_len=n, pos=n)
+    n = torch.full((B,), int(fill), dtype=torch.long)  # fills within the store (2 entries; no long-term store)
+    full, empty = torch.full((B,), int(fill) // 10, dtype=torch.long), torch.zeros(B, dtype=torch.long)
+    return MemoryState(layers=(LayerMemory(stm_k=stm, stm_v=stm + 0.5),), stm_len=full, ltm_len=empty, pos=n)
 
 
 def test_memory_groups_one_state_dict_of_all_slots_and_regroup_on_another_world_size():
@@ -147,7 +148,7 @@ def test_memory_groups_one_state_dict_of_all_slots_and_regroup_on_another_world_
     two.load_regrouped([a.state_dict(), b.state_dict()], rank=0)  # old ranks 0, 1 -> this rank's groups 0, 1
     assert two.states[0].equal(a) and two.states[1].equal(b)
     sd = two.state_dict()
-    assert sd["stm_len"].tolist() == [10, 10, 20, 20]  # group i = rows [iB, (i+1)B)
+    assert sd["pos"].tolist() == [10, 10, 20, 20]  # group i = rows [iB, (i+1)B)
     back = [MemoryGroups([memory(2, 0.0)], "cpu") for _ in range(2)]
     for r, m in enumerate(back):
         m.load_regrouped([sd], rank=r)
