@@ -109,6 +109,59 @@ def release_stale_shm(owned_dir: str | os.PathLike, shm_dir: Path = SHM_DIR) -> 
     return removed
 
 
+# A StreamingDataset makes its prefix's other segments right after its ``_locals`` one: a ``_locals`` alone
+# after this long belongs to a process killed in between (a SIGKILL while its dataset started, seen here).
+UNFINISHED_AFTER_S = 10.0
+
+
+def retire_unfinished_prefixes(shm_dir: Path = SHM_DIR, now: float | None = None) -> list[int]:
+    """Retire each prefix whose ``_locals`` segment is there (older than UNFINISHED_AFTER_S) without the
+    prefix's other segments: its creator died in between. streaming picks the first prefix free of each
+    segment name, so it kept choosing that one (its other names free) and failed to create the ``_locals``
+    that is there: every StreamingDataset on the machine failed ("created by another process starting at the
+    same moment") until someone removed it.
+
+    Nothing is deleted (the segment is not provably mnemo's): the prefix's file locks in the temp folder are
+    made, which streaming reads as a prefix in use and skips (``lock_files``). Returns the prefixes retired.
+    """
+    import_streaming()  # without transformers (lean_imports.py)
+    from streaming.base.constant import BARRIER, CACHE_USAGE, NEXT_EPOCH, SHARD_ACCESS_TIMES, SHARD_STATES
+
+    if not shm_dir.is_dir():
+        return []
+    now = time.time() if now is None else now
+    retired = []
+    for entry in sorted(shm_dir.iterdir()):
+        m = _LOCALS.match(entry.name)
+        if m is None:
+            continue
+        try:
+            st = entry.stat()
+            if now - st.st_mtime < UNFINISHED_AFTER_S or not stat.S_ISREG(st.st_mode):
+                continue
+            # The segments its constructor makes with the ``_locals`` one (the others come later, or never).
+            made = (BARRIER, NEXT_EPOCH, CACHE_USAGE, SHARD_STATES, SHARD_ACCESS_TIMES)
+            others = [shm_dir / f"{m.group(1)}_{kind}" for kind in made]
+            if all(os.path.lexists(f) for f in others):
+                continue  # a prefix streaming skips anyway: every name of it is taken
+            locks = lock_files(int(m.group(1)))
+            if all(f.exists() for f in locks):
+                continue
+            for f in locks:
+                f.touch(exist_ok=True)
+        except OSError:  # another user's segment or temp folder, or gone meanwhile
+            continue
+        retired.append(int(m.group(1)))
+    if retired:
+        log.warning(
+            "shared memory: %s left alone by a process killed while it made its segments: "
+            "mosaicml-streaming skips %s from now on",
+            ", ".join(f"{shm_dir}/{p:06d}_locals" for p in retired),
+            "that prefix" if len(retired) == 1 else "those prefixes",
+        )
+    return retired
+
+
 def lock_files(prefix: int) -> list[Path]:
     """streaming's file locks of shared-memory prefix ``prefix`` in the temp folder, present or not.
 
@@ -360,6 +413,8 @@ def streaming_dataset(make: Callable[[], T], key: str, wait_s: float = PREFIX_LO
             time.sleep(random.uniform(0.05, 0.25) * attempt)
         try:
             with _prefix_lock(wait_s), _attached_segments() as opened:
+                if os.environ.get("LOCAL_RANK", "0") == "0":  # the one that picks the prefix, under the lock
+                    retire_unfinished_prefixes()
                 if dist is not None:
                     dist.barrier()
                 try:

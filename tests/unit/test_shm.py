@@ -331,3 +331,48 @@ def test_a_mixtures_datasets_hold_shared_memory_files_in_proportion_to_their_num
     # of every earlier prefix: 78 per source for 12.
     assert per_source <= 16, per_source
     assert [s.get(2)["tokens"].tolist() for s in sources[:2]] == [list(range(7))] * 2
+
+
+def test_a_prefix_whose_maker_died_between_its_segments_is_retired_not_deleted(tmp_path, monkeypatch, caplog):
+    """A process SIGKILLed while its StreamingDataset started left a lone, unwritten <prefix>_locals: streaming
+    chose that prefix again and again (its other names free) and failed to create it, so every dataset on the
+    machine failed ("created by another process starting at the same moment", seen after a killed test run).
+    The prefix is retired by its temp-folder locks, which streaming skips; no segment is deleted."""
+    import logging
+    import os
+
+    from mnemo.data_pipeline import shm
+
+    shm_dir, tmp = tmp_path / "shm", tmp_path / "tmp"
+    shm_dir.mkdir(), tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    now = time.time()
+    old = now - 2 * shm.UNFINISHED_AFTER_S
+    made = ("barrier", "next_epoch", "cache_usage", "shard_states", "shard_access_times")
+
+    def segment(name: str, age: float = old) -> None:
+        (shm_dir / name).write_bytes(bytes(75))
+        os.utime(shm_dir / name, (age, age))
+
+    segment("000004_locals")  # alone, old: its maker died in between
+    segment("000005_locals", age=now)  # alone, but being made right now
+    for name in ("locals", *made):  # a whole prefix (a live job's, or one leaked whole): streaming skips it
+        segment(f"000006_{name}")
+    segment("000007_locals")  # alone, already retired
+    for kind in ("barrier_filelock", "cache_filelock"):
+        (tmp / f"000007_{kind}").write_bytes(b"")
+    before = sorted(p.name for p in shm_dir.iterdir())
+    with caplog.at_level(logging.WARNING, logger="mnemo.data_pipeline.shm"):
+        assert shm.retire_unfinished_prefixes(shm_dir, now=now) == [4]
+    assert sorted(p.name for p in tmp.iterdir()) == [
+        "000004_barrier_filelock",
+        "000004_cache_filelock",
+        "000007_barrier_filelock",
+        "000007_cache_filelock",
+    ]
+    assert sorted(p.name for p in shm_dir.iterdir()) == before  # nothing deleted
+    assert [r.getMessage() for r in caplog.records] == [
+        f"shared memory: {shm_dir}/000004_locals left alone by a process killed while it made its segments: "
+        "mosaicml-streaming skips that prefix from now on"
+    ]
+    assert shm.retire_unfinished_prefixes(shm_dir, now=now) == []  # once
