@@ -95,7 +95,7 @@ _SHARED: list[MlflowServer] = []
 
 
 @pytest.fixture
-def mlflow_server(tmp_path_factory) -> MlflowServer:
+def mlflow_server(session_tmp) -> MlflowServer:
     """The test session's one `mlflow server`, up.
 
     Started on first use (its start-up, ~10-30 s on 2 cores, is paid once per
@@ -104,7 +104,8 @@ def mlflow_server(tmp_path_factory) -> MlflowServer:
     it down gets it restarted here. Each test logs to its own experiment.
     """
     if not _SHARED:
-        _SHARED.append(MlflowServer(tmp_path_factory.mktemp("mlflow_server")))
+        # A session folder: a module's made-folders go at its end (tests/conftest.py), and the server outlives it.
+        _SHARED.append(MlflowServer(session_tmp("mlflow_server")))
         atexit.register(_SHARED[0].stop)
     server = _SHARED[0]
     if server.proc is None or server.proc.poll() is not None:
