@@ -561,17 +561,20 @@ def test_a_thread_that_cannot_start_stops_the_sender_and_the_error_propagates(st
             raise RuntimeError("can't start new thread")
         real_start(self)
 
+    def senders() -> set[int]:
+        return {p.pid for p in multiprocessing.active_children() if p.name == "mnemo-tracking"}
+
+    earlier = senders()  # an earlier test's sender may still be on its way out: not this start's
     monkeypatch.setattr(threading.Thread, "start", start)
     t0 = time.monotonic()
     try:
         with pytest.raises(RuntimeError, match="can't start new thread"):
             Tracker(run_dir=str(tmp_path), uri=store, experiment="unit", interval=30)
-        senders = [p for p in multiprocessing.active_children() if p.name == "mnemo-tracking"]
-        assert not senders, "the sender process outlived the failed start"
+        assert not senders() - earlier, "the sender process outlived the failed start"
         assert time.monotonic() - t0 < 30
     finally:
         for p in multiprocessing.active_children():  # the old code's sender: else the test run hangs at exit
-            if p.name == "mnemo-tracking":
+            if p.name == "mnemo-tracking" and p.pid not in earlier:
                 p.kill()
                 p.join(5)
 
