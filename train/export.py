@@ -223,7 +223,7 @@ def _export_locked(ckpt: Path, out: Path, overwrite: bool, format: str) -> Path:
         )
 
     args = model_args_of(ckpt)  # the small JSON first: a foreign folder fails before the weights load
-    config_of(ckpt)  # what eval and generate need beside the weights (an export without it: refused here)
+    cfg = config_of(ckpt)  # what eval and generate need beside the weights (an export without it: refused here)
     sd = consolidated_state_dict(ckpt)
     # The weights must be those model_args.json describes (someone may have edited either): otherwise the
     # export would be another model, or one transformers fills with random tensors, with only a warning.
@@ -239,7 +239,8 @@ def _export_locked(ckpt: Path, out: Path, overwrite: bool, format: str) -> Path:
         # below frees the space (safetensors' own error does not chain the OSError: write_errors asks the disk).
         with write_errors("--out", out, hidden=(SafetensorError,)):
             if format == "hf":
-                _write_hf(ckpt, tmp, args, sd, meta)
+                assert tok_path is not None  # required for hf
+                _write_hf(ckpt, tmp, args, sd, meta, tok_path, cfg.model.segment_len)
                 if meta:
                     (tmp / "source.json").write_text(json.dumps(source, indent=1))
             else:
@@ -318,13 +319,10 @@ def source_tokenizer(ckpt: Path, meta: dict, required: bool = True) -> Path | No
     return tok_path
 
 
-def _write_hf(ckpt: Path, tmp: Path, args, sd: dict, meta: dict) -> None:
+def _write_hf(ckpt: Path, tmp: Path, args, sd: dict, meta: dict, tok_path: Path, segment_len: int) -> None:
     """The hf export's files (train/hf/folder.py) of checkpoint or mnemo export ``ckpt`` into ``tmp``."""
     from mnemo.data_pipeline.tokenizer import Tokenizer
     from mnemo.train.hf.folder import write_hf_files
 
-    tok_path = source_tokenizer(ckpt, meta)
-    assert tok_path is not None
-    segment_len = config_of(ckpt).model.segment_len  # a source without a config is a one-line error here
     tree = meta["config"] if meta else read_json(ckpt / "config.json")
     write_hf_files(tmp, args, segment_len, sd, Tokenizer(str(tok_path)), redact_tree(tree))
