@@ -50,7 +50,7 @@ from collections.abc import Iterator
 from typing import Any, Callable
 from urllib.parse import urlparse
 
-from mnemo.data_pipeline.errors import storage_error
+from mnemo.data_pipeline.errors import error_chain, storage_error
 from mnemo.data_pipeline.files import load_json, make_dirs, remove_made_dirs
 from mnemo.data_pipeline.redact import (
     has_credentials,
@@ -193,14 +193,11 @@ _UNAVAILABLE_CODES = ("TEMPORARILY_UNAVAILABLE", "DEADLINE_EXCEEDED", "REQUEST_L
 def server_unavailable(e: BaseException) -> str | None:
     """What said the server cannot serve the request now (429, 502, 503, 504) in ``e`` or the exceptions it
     was raised from, or None."""
-    seen: set[int] = set()
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        if getattr(e, "error_code", None) in _UNAVAILABLE_CODES:
-            return str(e.error_code)
-        if (m := _UNAVAILABLE_RE.search(str(e))) is not None:
+    for link in error_chain(e):
+        if getattr(link, "error_code", None) in _UNAVAILABLE_CODES:
+            return str(link.error_code)
+        if (m := _UNAVAILABLE_RE.search(str(link))) is not None:
             return m.group(0)
-        e = e.__cause__ if e.__cause__ is not None else e.__context__
     return None
 
 
