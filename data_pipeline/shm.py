@@ -71,6 +71,14 @@ def registered_locals(data: bytes) -> list[str]:
     return text.split("\0")[:-1]  # the last field is the prefix number
 
 
+def _locals_segments(shm_dir: Path) -> Iterator[tuple[Path, str]]:
+    """(path, prefix) of each streaming ``<prefix>_locals`` segment in ``shm_dir``, in name order."""
+    for entry in sorted(shm_dir.iterdir()):
+        m = _LOCALS.match(entry.name)
+        if m is not None:
+            yield entry, m.group(1)
+
+
 def release_stale_shm(owned_dir: str | os.PathLike, shm_dir: Path = SHM_DIR) -> list[str]:
     """Unlink streaming's shared memory whose registered local folders all lie inside ``owned_dir``.
 
@@ -84,10 +92,7 @@ def release_stale_shm(owned_dir: str | os.PathLike, shm_dir: Path = SHM_DIR) -> 
     if not shm_dir.is_dir():
         return []
     removed = []
-    for entry in sorted(shm_dir.iterdir()):
-        m = _LOCALS.match(entry.name)
-        if m is None:
-            continue
+    for entry, prefix in _locals_segments(shm_dir):
         try:
             with open(entry, "rb") as fh:
                 folders = registered_locals(fh.read(1 << 20))  # a few paths; never a whole hostile file
@@ -95,7 +100,6 @@ def release_stale_shm(owned_dir: str | os.PathLike, shm_dir: Path = SHM_DIR) -> 
             continue
         if not folders or not all(is_inside(f, owned_dir) for f in folders):
             continue
-        prefix = m.group(1)
         # Its segments, then its file locks in the temp folder (lock_files).
         files = [shm_dir / f"{prefix}_{kind}" for kind in SHM_TO_CLEAN] + lock_files(int(prefix))
         for f in files:
@@ -131,27 +135,24 @@ def retire_unfinished_prefixes(shm_dir: Path = SHM_DIR, now: float | None = None
         return []
     now = time.time() if now is None else now
     retired = []
-    for entry in sorted(shm_dir.iterdir()):
-        m = _LOCALS.match(entry.name)
-        if m is None:
-            continue
+    for entry, prefix in _locals_segments(shm_dir):
         try:
             st = entry.stat()
             if now - st.st_mtime < UNFINISHED_AFTER_S or not stat.S_ISREG(st.st_mode):
                 continue
             # The segments its constructor makes with the ``_locals`` one (the others come later, or never).
             made = (BARRIER, NEXT_EPOCH, CACHE_USAGE, SHARD_STATES, SHARD_ACCESS_TIMES)
-            others = [shm_dir / f"{m.group(1)}_{kind}" for kind in made]
+            others = [shm_dir / f"{prefix}_{kind}" for kind in made]
             if all(os.path.lexists(f) for f in others):
                 continue  # a prefix streaming skips anyway: every name of it is taken
-            locks = lock_files(int(m.group(1)))
+            locks = lock_files(int(prefix))
             if all(f.exists() for f in locks):
                 continue
             for f in locks:
                 f.touch(exist_ok=True)
         except OSError:  # another user's segment or temp folder, or gone meanwhile
             continue
-        retired.append(int(m.group(1)))
+        retired.append(int(prefix))
     if retired:
         log.warning(
             "shared memory: %s left alone by a process killed while it made its segments: "
