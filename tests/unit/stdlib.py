@@ -49,3 +49,19 @@ class WordTokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return "".join(self.words[i] for i in ids)
+
+
+def small_code_dataset(root: Path, files: int, vocab_size: int, **prepare_kw) -> Path:
+    """``root/data``: a dataset `mnemo prepare` made of ``files`` small generated .py files (``root/src``), with
+    a tokenizer of their own (``root/t.model``); ``prepare_kw`` go to prepare (workers=1 unless given)."""
+    from mnemo.data_pipeline.prepare import prepare
+    from mnemo.data_pipeline.tokenizer import train_tokenizer
+
+    src = root / "src"
+    src.mkdir()
+    for i in range(files):
+        (src / f"f{i:02d}.py").write_text(f"def f{i}():\n    return {i}\n" * (1 + i))
+    train_tokenizer([str(src)], root / "t.model", vocab_size=vocab_size)
+    out = root / "data"
+    prepare([str(src)], str(out), tokenizer=str(root / "t.model"), **{"workers": 1, **prepare_kw})
+    return out

@@ -15,21 +15,13 @@ import pytest
 
 from mnemo.data_pipeline.errors import DataError
 from mnemo.data_pipeline.prepare import prepare
-from mnemo.data_pipeline.tokenizer import train_tokenizer
 from mnemo.data_pipeline.verify import inspect, other_tokenizer, read_manifest, verify
+from tests.unit.stdlib import small_code_dataset
 
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("v")
-    src = root / "src"
-    src.mkdir()
-    for i in range(30):
-        (src / f"f{i:02d}.py").write_text(f"def f{i}():\n    return {i}\n" * (1 + i))
-    train_tokenizer([str(src)], root / "t.model", vocab_size=400)
-    out = root / "data"
-    prepare([str(src)], str(out), tokenizer=str(root / "t.model"), workers=1, unit_bytes=2000)
-    return out
+    return small_code_dataset(tmp_path_factory.mktemp("v"), 30, vocab_size=400, unit_bytes=2000)
 
 
 @pytest.fixture

@@ -13,22 +13,13 @@ from types import SimpleNamespace
 import pytest
 
 from mnemo.data_pipeline.errors import DataError
-from mnemo.data_pipeline.prepare import prepare
 from mnemo.data_pipeline.streams import open_sources
-from mnemo.data_pipeline.tokenizer import train_tokenizer
+from tests.unit.stdlib import small_code_dataset
 
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("r")
-    src = root / "src"
-    src.mkdir()
-    for i in range(12):
-        (src / f"f{i:02d}.py").write_text(f"def f{i}():\n    return {i}\n" * (1 + i))
-    train_tokenizer([str(src)], root / "t.model", vocab_size=300)
-    out = root / "data"
-    prepare([str(src)], str(out), tokenizer=str(root / "t.model"), workers=1)
-    return out
+    return small_code_dataset(tmp_path_factory.mktemp("r"), 12, vocab_size=300)
 
 
 @pytest.fixture
