@@ -103,11 +103,10 @@ URGENT_FLUSH_S = 2.0
 NODE_LOCAL_KEYS = ("data.path", "data.tokenizer", "data.num_workers", "data.cache_dir")
 
 
-def data_identity(cfg: Config) -> dict[str, str]:
-    """What each dataset of the run holds, by config key: a local dataset's ``data_digests`` (the same for a
-    node's own copy, or the same corpus prepared on each node), a remote source's URL (every node fetches it
-    from there)."""
-    digests = data_digests(cfg)
+def data_identity(cfg: Config, digests: dict[str, str]) -> dict[str, str]:
+    """What each dataset of the run holds, by config key: a local dataset's ``data_digests`` (``digests``: the
+    same for a node's own copy, or the same corpus prepared on each node), a remote source's URL (every node
+    fetches it from there)."""
     out = {}
     for key, path in data_paths(cfg):
         if is_remote(path):
@@ -218,7 +217,9 @@ class Trainer:
         from mnemo.train.collectives import differences_from_rank0
         from mnemo.data_pipeline.redact import redact_uri
 
-        ident = job_identity(self.cfg, self.tok_sha, data_identity(self.cfg))
+        # Read once: every save records them (meta.json's data_sha256), and the data does not change under a run.
+        self.data_sha256 = data_digests(self.cfg)
+        ident = job_identity(self.cfg, self.tok_sha, data_identity(self.cfg, self.data_sha256))
         diff, anyone = differences_from_rank0(ident, self.device)
         rule = "every node must run the same config file, overrides and data"
         if diff:
@@ -571,7 +572,7 @@ class Trainer:
             "tokenizer_sha256": self.tok_sha,
             "manifest_sha256": file_sha256(Path(local_path(data_paths(cfg)[0][1])) / "manifest.json"),
             "num_documents": self.manifest.get("num_documents"),
-            "data_sha256": data_digests(cfg),  # what a resume compares (train/resume.py check_same_digests)
+            "data_sha256": self.data_sha256,  # what a resume compares (train/resume.py check_same_digests)
             "model_args": dataclasses.asdict(self.model_args),
             "num_params": self.n_params,
             # Where this run's chain of saves began (train/rundir.py): "" from scratch, else a checkpoint outside
