@@ -15,6 +15,13 @@ def note(msg: str) -> None:
     print(f"mnemo: {msg}", file=sys.stderr, flush=True)
 
 
+# How long an update waits for the counters' lock. A worker ended inside an update (a --strict stop
+# terminates the pool; the OOM killer) never releases it: the main process then waited for ever in the bar's
+# last refresh (a test run hung there). The counters are for display only: an update that cannot get the
+# lock in this time is dropped, and reads take no lock.
+COUNTERS_LOCK_WAIT_S = 2.0
+
+
 class Counters:
     """bytes, documents, tokens done; shared with worker processes when ``shared``."""
 
@@ -24,17 +31,24 @@ class Counters:
 
     def add(self, nbytes: int, docs: int, tokens: int) -> None:
         if self.shared:
-            with self.arr.get_lock():
-                self.arr[0] += nbytes
-                self.arr[1] += docs
-                self.arr[2] += tokens
+            lock = self.arr.get_lock()
+            if not lock.acquire(timeout=COUNTERS_LOCK_WAIT_S):
+                return
+            try:
+                raw = self.arr.get_obj()
+                raw[0] += nbytes
+                raw[1] += docs
+                raw[2] += tokens
+            finally:
+                lock.release()
         else:
             self.arr[0] += nbytes
             self.arr[1] += docs
             self.arr[2] += tokens
 
     def get(self) -> tuple[int, int, int]:
-        return int(self.arr[0]), int(self.arr[1]), int(self.arr[2])
+        raw = self.arr.get_obj() if self.shared else self.arr  # no lock: see COUNTERS_LOCK_WAIT_S
+        return int(raw[0]), int(raw[1]), int(raw[2])
 
 
 class Progress:
