@@ -107,6 +107,20 @@ def start_lines(cfg: Config, now: Batching, old: Batching | None, max_steps: int
     return lines
 
 
+def warmup_note(cfg: Config, max_steps: int) -> str | None:
+    """The warning rank 0 logs at start when the warmup is not shorter than the run, else None: the run
+    ends in its warmup (engine.lr_lambda: warmup step i takes (i + 1) / warmup of train.lr), so the rate
+    peaks at max_steps / warmup of train.lr on the last step and never decays."""
+    warm = cfg.train.warmup_steps
+    if warm < max_steps:
+        return None
+    return (
+        f"train.warmup_steps={warm} is not below the run's {max_steps} steps: the run ends in its warmup, the"
+        f" learning rate peaks at {cfg.train.lr * max_steps / warm:.3g} (train.lr={cfg.train.lr:g}) on its last"
+        " step and never decays (lower train.warmup_steps)"
+    )
+
+
 def tokens_per_step(cfg: Config, global_batch: int) -> int:
     """Tokens one optimizer step reads (train/state tokens_seen counts these): slots x T x bptt segments."""
     return global_batch * cfg.model.segment_len * cfg.memory.bptt_segments

@@ -68,6 +68,7 @@ from mnemo.train.schedule import (
     batching_of,
     repartition_note,
     start_lines,
+    warmup_note,
     stop_requests,
     total_steps,
 )
@@ -541,6 +542,9 @@ class Trainer:
         )
         for line in start_lines(cfg, self.batching, self.old_batching, self.max_steps):
             log.info("%s", line)
+        note = warmup_note(cfg, self.max_steps)
+        if note:
+            log.warning("%s", note)
 
     def _build_loop(self) -> None:
         cfg, info = self.cfg, self.info

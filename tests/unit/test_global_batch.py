@@ -27,6 +27,7 @@ from mnemo.train.schedule import (
     repartition_note,
     start_lines,
     total_steps,
+    warmup_note,
 )
 from mnemo.train.slots import MemoryGroups, SlotGroups
 from tests.unit.test_hardening_trainer import VOCAB, Metrics, StandInStreams, config, world1  # noqa: F401 (fixture)
@@ -218,6 +219,18 @@ def test_start_lines_state_the_batch_what_it_was_and_the_budget():
     assert start_lines(cfg_of(), batching(cfg_of(), 2), None, 30) == [
         "global batch 8 = 2 ranks x 4 slots x 1 accumulation"
     ]
+
+
+def test_a_warmup_not_shorter_than_the_run_is_warned_with_the_rate_it_peaks_at():
+    """train.warmup_steps >= the run's steps: the run ends in its warmup, which nothing said."""
+    assert warmup_note(cfg_of("train.warmup_steps=10", "train.max_steps=11"), 11) is None
+    f = lr_lambda(cfg_of("train.warmup_steps=20", "train.max_steps=10", "train.lr=1e-3"))
+    assert max(f(i) for i in range(10)) == f(9) == 0.5  # the rate it logs: 5e-4 on the last step, no decay
+    note = warmup_note(cfg_of("train.warmup_steps=20", "train.max_steps=10", "train.lr=1e-3"), 10)
+    assert note.startswith("train.warmup_steps=20 is not below the run's 10 steps: the run ends in its warmup")
+    assert "peaks at 0.0005 (train.lr=0.001)" in note
+    # A token budget sets the step count the note compares with.
+    assert "the run's 10 steps" in warmup_note(cfg_of("train.warmup_steps=10", "train.max_tokens=5000"), 10)
 
 
 def test_repartition_note_names_what_changed():
