@@ -31,12 +31,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
 from mnemo.data_pipeline.errors import brief, clip
 from mnemo.evaluation.errors import EvalError
 from mnemo.evaluation.generate import check_sampling, generate_batch
 from mnemo.evaluation.outputs import write_then_show
+from mnemo.evaluation.progress import progress_bar
 from mnemo.evaluation.inference import (
     check_memory,
     core_model,
@@ -206,11 +206,13 @@ class MnemoLM(TemplateLM):
         for i in order:
             if starts[i] >= len(seqs[i]):
                 out[i] = (0.0, True)  # nothing to score
-        bar = tqdm(total=len(todo), desc="mnemo: reading requests", disable=not progress)
+        # A bar on a terminal, a line a minute in a log (lm-eval's own bars go to the same stderr).
+        bar = progress_bar(len(todo), "reading requests", progress, unit="requests", prog="mnemo lm-eval")
         with eval_mode(self.model), sized_ltm(self.model, self.ltm_capacity), memory_errors(self.advice):
             for c in range(0, len(todo), self.batch_size):
                 chunk = todo[c : c + self.batch_size]
-                bar.update(len(chunk))
+                if bar is not None:
+                    bar.update(len(chunk))
                 am, nll, state = continuation_scores(
                     self.model, [seqs[i] for i in chunk], [starts[i] for i in chunk], self.T, pad_id=self.eot_token_id
                 )
@@ -224,7 +226,8 @@ class MnemoLM(TemplateLM):
                 for r, i in enumerate(chunk):
                     truth = np.asarray(seqs[i][starts[i] :], dtype=np.int64)
                     out[i] = (-float(nll[r].sum()), bool((am[r] == truth).all()))
-        bar.close()
+        if bar is not None:
+            bar.close()
         return out  # type: ignore[return-value]
 
     def _loglikelihood_tokens(self, requests: list, disable_tqdm: bool = False, **kwargs: Any) -> list:
