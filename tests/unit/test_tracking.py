@@ -671,6 +671,8 @@ class _FakeMlflowServer:
         self.stalled, self.resumed = threading.Event(), threading.Event()
         stalled, resumed = self.stalled, self.resumed
         self.busy = busy = threading.Event()  # set: 503 to every request (a proxy whose MLflow restarts)
+        self.retry_after = ""  # with busy: the Retry-After header of the 503 (a maintenance page's "come back in N s")
+        owner = self
 
         class Handler(BaseHTTPRequestHandler):
             def _reply(self) -> None:
@@ -681,6 +683,8 @@ class _FakeMlflowServer:
                     resumed.wait(60)
                 if busy.is_set():
                     self.send_response(503)
+                    if owner.retry_after:
+                        self.send_header("Retry-After", owner.retry_after)
                     self.send_header("Content-Length", "0")
                     self.end_headers()
                     return
@@ -808,6 +812,32 @@ def test_a_server_answering_503_is_an_outage_not_a_refusal(tmp_path, monkeypatch
         assert [m.startswith(down) for m in warned] == [True, False], warned
         assert "serves again; sending 10 buffered metric points" in warned[1], warned
         t.close()
+    finally:
+        server.close()
+
+
+def test_a_503_asking_to_come_back_later_does_not_hold_a_request_that_long(monkeypatch):
+    """A proxy's 503 (or a 429) with "Retry-After: N": MLflow's client slept N s before each of its retries, so
+    one request held the sender for 2 N s (hours for a maintenance page's N), and every checkpoint's flush
+    waited its whole timeout. With the environment a rank starts with, the sender's own cadence decides."""
+    from mlflow.utils.rest_utils import MlflowHostCreds, http_request
+
+    from mnemo.train.tracking import HTTP_ENV_DEFAULTS
+
+    for k, v in HTTP_ENV_DEFAULTS.items():  # what train/rankenv.py puts in a rank's environment
+        monkeypatch.setenv(k, v)
+    server = _FakeMlflowServer()
+    server.busy.set()
+    server.retry_after = "20"
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(Exception, match="too many 503 error responses"):
+            http_request(
+                MlflowHostCreds(f"http://127.0.0.1:{server.port}"), "/api/2.0/mlflow/experiments/get-by-name", "GET"
+            )
+        elapsed = time.monotonic() - t0
+        assert elapsed < 15, f"one request took {elapsed:.0f} s"  # 3 tries, backoff 1 s doubling: ~3 s
+        assert len(server.paths) == 3  # it still retried, as MLFLOW_HTTP_REQUEST_MAX_RETRIES says
     finally:
         server.close()
 

@@ -44,11 +44,14 @@ FALLBACK_FILE = "logs/metrics_fallback.jsonl"
 # so a rank applies them at start-up (train/rankenv.py). Without them the sender's health probe
 # still catches a dead server; they bound the rare request that is already in
 # flight when the server dies (default: 7 retries, backoff 2 s doubling up to
-# 120 s, 120 s timeout = minutes of a stuck sender, with points piling up).
+# 120 s, 120 s timeout = minutes of a stuck sender, with points piling up). A 503 or 429 with
+# "Retry-After: N" (a proxy's maintenance page, a rate limit) made the client sleep N s before each retry
+# (urllib3 honours up to 6 h): the sender's own cadence (every 5 s while the server is not serving) decides.
 HTTP_ENV_DEFAULTS: dict[str, str] = {
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
+    "MLFLOW_HTTP_RESPECT_RETRY_AFTER_HEADER": "false",
 }
 
 
