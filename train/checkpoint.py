@@ -619,6 +619,18 @@ class CheckpointManager:
         return exact
 
 
+# RuntimeErrors that are no fault of a file: out of memory, an accelerator's fault, a collective's failure.
+DEVICE_ERRORS: tuple[type[BaseException], ...] = tuple(
+    t
+    for t in (
+        torch.OutOfMemoryError,
+        getattr(torch, "AcceleratorError", None),
+        getattr(torch.distributed, "DistError", None),
+    )
+    if t is not None
+)
+
+
 @contextlib.contextmanager
 def rank_file_part(ckpt: Path, file: str, part: str) -> Iterator[None]:
     """UserError ``checkpoint CKPT: FILE: PART: what is wrong`` for an entry ``part`` of a rank file that its
@@ -627,7 +639,9 @@ def rank_file_part(ckpt: Path, file: str, part: str) -> Iterator[None]:
     type than the load expects (KeyError, TypeError, IndexError...) is named the same way, not a traceback."""
     try:
         yield
-    except torch.OutOfMemoryError:
+    except DEVICE_ERRORS:
+        # The device or the process group failed while a part was put on it (a CUDA fault, a lost peer): not
+        # the file's doing; as "not as mnemo saves it" a user might delete a good checkpoint.
         raise
     except (ValueError, DataError) as e:
         field, sep, why = first_line(e).partition(": ")

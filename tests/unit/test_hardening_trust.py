@@ -684,3 +684,18 @@ def test_data_verify_and_the_training_source_refuse_a_pickled_column(pickled_sha
     with pytest.raises((DataError, ValueError), match="pkl"):
         MDSSource(str(d)).get(0)
     assert not marker.exists()
+
+
+def test_a_device_fault_while_a_rank_file_part_loads_is_not_blamed_on_the_file(tmp_path):
+    """A part's load puts tensors on the device (the memory state, the CUDA RNG): a CUDA fault or a lost peer
+    there (RuntimeError subclasses) read "rank_00000.pt: memory: not as mnemo saves it", and a user might
+    delete a good checkpoint. They pass through now; what a damaged file raises is still one line."""
+    import torch.distributed as dist
+
+    for fault in (torch.AcceleratorError("CUDA error: an illegal memory access"), dist.DistError("peer lost")):
+        with pytest.raises(type(fault)):
+            with ckpt.rank_file_part(tmp_path, "rank_00000.pt", "memory"):
+                raise fault
+    with pytest.raises(UserError, match=r"rank_00000\.pt: memory: not as mnemo saves it \(RuntimeError: size"):
+        with ckpt.rank_file_part(tmp_path, "rank_00000.pt", "memory"):
+            raise RuntimeError("size mismatch for ltm_k")
