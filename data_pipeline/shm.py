@@ -44,7 +44,8 @@ from mnemo.data_pipeline.paths import is_inside
 log = logging.getLogger(__name__)
 
 SHM_DIR = Path("/dev/shm")
-_LOCALS = re.compile(r"^(\d{6})_locals$")
+# A streaming segment: ``<prefix:06d>_<kind>`` (``_locals``, ``_barrier``, ...).
+_SEGMENT = re.compile(r"^(\d{6})_([a-z_]+)$")
 # A StreamingDataset picks the first free prefix, then creates its ``_locals`` segment: two processes
 # starting at the same moment can pick the same one, and the second's create fails (FileExistsError).
 PREFIX_RACE = re.compile(r"\d{6}_locals")
@@ -71,12 +72,18 @@ def registered_locals(data: bytes) -> list[str]:
     return text.split("\0")[:-1]  # the last field is the prefix number
 
 
-def _locals_segments(shm_dir: Path) -> Iterator[tuple[Path, str]]:
-    """(path, prefix) of each streaming ``<prefix>_locals`` segment in ``shm_dir``, in name order."""
-    for entry in sorted(shm_dir.iterdir()):
-        m = _LOCALS.match(entry.name)
-        if m is not None:
-            yield entry, m.group(1)
+def _segments_by_prefix(shm_dir: Path, kinds: set[str]) -> dict[int, dict[str, Path]]:
+    """streaming's segments in ``shm_dir`` (the names in ``kinds``): {prefix: {kind: path}}."""
+    found: dict[int, dict[str, Path]] = {}
+    try:
+        names = os.listdir(shm_dir)
+    except OSError:
+        return found
+    for name in names:
+        m = _SEGMENT.match(name)
+        if m is not None and m.group(2) in kinds:
+            found.setdefault(int(m.group(1)), {})[m.group(2)] = shm_dir / name
+    return found
 
 
 def release_stale_shm(owned_dir: str | os.PathLike, shm_dir: Path = SHM_DIR) -> list[str]:
@@ -87,21 +94,21 @@ def release_stale_shm(owned_dir: str | os.PathLike, shm_dir: Path = SHM_DIR) -> 
     in the temp folder go too. Returns the names unlinked.
     """
     import_streaming()  # without transformers (lean_imports.py)
-    from streaming.base.constant import SHM_TO_CLEAN
+    from streaming.base.constant import LOCALS, SHM_TO_CLEAN
 
     if not shm_dir.is_dir():
         return []
     removed = []
-    for entry, prefix in _locals_segments(shm_dir):
+    for prefix, segments in sorted(_segments_by_prefix(shm_dir, {LOCALS}).items()):
         try:
-            with open(entry, "rb") as fh:
+            with open(segments[LOCALS], "rb") as fh:
                 folders = registered_locals(fh.read(1 << 20))  # a few paths; never a whole hostile file
         except OSError:  # another user's segment, or gone meanwhile
             continue
         if not folders or not all(is_inside(f, owned_dir) for f in folders):
             continue
         # Its segments, then its file locks in the temp folder (lock_files).
-        files = [shm_dir / f"{prefix}_{kind}" for kind in SHM_TO_CLEAN] + lock_files(int(prefix))
+        files = [shm_dir / f"{prefix:06d}_{kind}" for kind in SHM_TO_CLEAN] + lock_files(prefix)
         for f in files:
             try:
                 f.unlink()
@@ -116,51 +123,87 @@ def release_stale_shm(owned_dir: str | os.PathLike, shm_dir: Path = SHM_DIR) -> 
 # A StreamingDataset makes its prefix's other segments right after its ``_locals`` one: a ``_locals`` alone
 # after this long belongs to a process killed in between (a SIGKILL while its dataset started, seen here).
 UNFINISHED_AFTER_S = 10.0
+# A live prefix has its ``_locals`` segment: its leader makes it before any other and, atexit undoing in
+# reverse, unlinks it last. Segments without it, all made this long ago, are a killed process's leftovers (or,
+# for the moment its other ranks take to exit, an ending job's: retired, its number is lost, nothing else).
+ORPHANED_AFTER_S = 60.0
 
 
 def retire_unfinished_prefixes(shm_dir: Path = SHM_DIR, now: float | None = None) -> list[int]:
-    """Retire each prefix whose ``_locals`` segment is there (older than UNFINISHED_AFTER_S) without the
-    prefix's other segments: its creator died in between. streaming picks the first prefix free of each
-    segment name, so it kept choosing that one (its other names free) and failed to create the ``_locals``
-    that is there: every StreamingDataset on the machine failed ("created by another process starting at the
-    same moment") until someone removed it.
+    """Retire the leftover prefixes that make streaming pick a prefix whose ``_locals`` is there; the ones retired.
 
-    Nothing is deleted (the segment is not provably mnemo's): the prefix's file locks in the temp folder are
-    made, which streaming reads as a prefix in use and skips (``lock_files``). Returns the prefixes retired.
+    streaming picks the highest of one search per segment name (``_locals``, ``_barrier``, ``_resume``, ...),
+    each the first prefix without that name (and without lock files), then creates the ``_locals`` of the one
+    picked. The ``_locals`` search goes past every prefix that has one, so a ``_locals`` alone is never picked
+    by itself; but when a lower prefix q has a name X and no ``_locals``, the X search picks a higher prefix p
+    that has a ``_locals`` and lacks X: the create fails, and every StreamingDataset on the machine failed
+    ("created by another process starting at the same moment") until someone removed q. Retired:
+
+    - a prefix with streaming segments, no ``_locals``, all older than ORPHANED_AFTER_S: a killed process's
+      leftovers, never a live prefix (q: the ``_resume`` or ``_epoch_*`` of a killed job of another program,
+      which mnemo's datasets never make, below a live job's p; the ``_barrier``, ... a killed rank made);
+    - a prefix with a ``_locals`` older than UNFINISHED_AFTER_S without the segments made with it: its maker
+      was killed in between (a p whose q may be too young for the first rule yet).
+
+    Nothing is deleted (the segments are not provably mnemo's): the prefix's file locks in the temp folder are
+    made (``lock_files``), never through a link planted there; streaming skips a prefix whose lock file
+    exists, and its ``_locals`` search then goes past q, to a prefix free of every name.
     """
     import_streaming()  # without transformers (lean_imports.py)
-    from streaming.base.constant import BARRIER, CACHE_USAGE, NEXT_EPOCH, SHARD_ACCESS_TIMES, SHARD_STATES
+    from streaming.base import constant as sc
 
+    # The segments its constructor makes with the ``_locals`` one (the others come later, or never).
+    made_with_locals = (sc.BARRIER, sc.NEXT_EPOCH, sc.CACHE_USAGE, sc.SHARD_STATES, sc.SHARD_ACCESS_TIMES)
     if not shm_dir.is_dir():
         return []
     now = time.time() if now is None else now
-    retired = []
-    for entry, prefix in _locals_segments(shm_dir):
+    unfinished, orphaned = [], []
+    for prefix, segments in sorted(_segments_by_prefix(shm_dir, set(sc.SHM_TO_CLEAN)).items()):
         try:
-            st = entry.stat()
-            if now - st.st_mtime < UNFINISHED_AFTER_S or not stat.S_ISREG(st.st_mode):
-                continue
-            # The segments its constructor makes with the ``_locals`` one (the others come later, or never).
-            made = (BARRIER, NEXT_EPOCH, CACHE_USAGE, SHARD_STATES, SHARD_ACCESS_TIMES)
-            others = [shm_dir / f"{prefix}_{kind}" for kind in made]
-            if all(os.path.lexists(f) for f in others):
-                continue  # a prefix streaming skips anyway: every name of it is taken
-            locks = lock_files(int(prefix))
-            if all(f.exists() for f in locks):
-                continue
-            for f in locks:
-                f.touch(exist_ok=True)
-        except OSError:  # another user's segment or temp folder, or gone meanwhile
+            stats = {kind: os.stat(path, follow_symlinks=False) for kind, path in segments.items()}
+        except OSError:  # gone meanwhile
             continue
-        retired.append(int(prefix))
-    if retired:
+        if not all(stat.S_ISREG(st.st_mode) for st in stats.values()):
+            continue
+        if sc.LOCALS in stats:
+            if now - stats[sc.LOCALS].st_mtime < UNFINISHED_AFTER_S or all(k in stats for k in made_with_locals):
+                continue  # being made, or a prefix streaming skips anyway (every name of it taken)
+            kept = unfinished
+        elif all(now - st.st_mtime >= ORPHANED_AFTER_S for st in stats.values()):
+            kept = orphaned
+        else:
+            continue
+        if _make_lock_files(prefix):
+            kept.append(prefix)
+    if unfinished:
         log.warning(
             "shared memory: %s left alone by a process killed while it made its segments: "
             "mosaicml-streaming skips %s from now on",
-            ", ".join(f"{shm_dir}/{p:06d}_locals" for p in retired),
-            "that prefix" if len(retired) == 1 else "those prefixes",
+            ", ".join(f"{shm_dir}/{p:06d}_locals" for p in unfinished),
+            "that prefix" if len(unfinished) == 1 else "those prefixes",
         )
-    return retired
+    if orphaned:
+        log.warning(
+            "shared memory: %s without a _locals segment, left by a killed process: "
+            "mosaicml-streaming skips %s from now on",
+            ", ".join(f"{shm_dir}/{p:06d}_*" for p in orphaned),
+            "that prefix" if len(orphaned) == 1 else "those prefixes",
+        )
+    return sorted(unfinished + orphaned)
+
+
+def _make_lock_files(prefix: int) -> bool:
+    """Make the lock files of ``prefix`` (``lock_files``), which retires it: whether it was retired now (not
+    when streaming skips it already: one of them exists)."""
+    locks = lock_files(prefix)
+    if any(os.path.exists(f) for f in locks):  # streaming's own test
+        return False
+    try:
+        for f in locks:
+            f.touch(exist_ok=True)
+    except OSError:  # another user's temp folder, not writable
+        return False
+    return True
 
 
 def lock_files(prefix: int) -> list[Path]:

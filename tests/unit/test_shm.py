@@ -13,6 +13,7 @@ import multiprocessing
 import struct
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -333,11 +334,18 @@ def test_a_mixtures_datasets_hold_shared_memory_files_in_proportion_to_their_num
     assert [s.get(2)["tokens"].tolist() for s in sources[:2]] == [list(range(7))] * 2
 
 
+def _import_streaming_first() -> None:
+    """Import streaming before the temp folder is a test's: importing it makes ``torchinductor_<user>`` there."""
+    from mnemo.data_pipeline.lean_imports import import_streaming
+
+    import_streaming()
+
+
 def test_a_prefix_whose_maker_died_between_its_segments_is_retired_not_deleted(tmp_path, monkeypatch, caplog):
-    """A process SIGKILLed while its StreamingDataset started left a lone, unwritten <prefix>_locals: streaming
-    chose that prefix again and again (its other names free) and failed to create it, so every dataset on the
-    machine failed ("created by another process starting at the same moment", seen after a killed test run).
-    The prefix is retired by its temp-folder locks, which streaming skips; no segment is deleted."""
+    """A process SIGKILLed while its StreamingDataset started left a lone, unwritten <prefix>_locals: below a
+    prefix that a killed rank left without its ``_locals``, streaming chose it again and again and failed to
+    create it, so every dataset on the machine failed ("created by another process starting at the same
+    moment"). The prefix is retired by its temp-folder locks, which streaming skips; no segment is deleted."""
     import logging
     import os
 
@@ -345,6 +353,7 @@ def test_a_prefix_whose_maker_died_between_its_segments_is_retired_not_deleted(t
 
     shm_dir, tmp = tmp_path / "shm", tmp_path / "tmp"
     shm_dir.mkdir(), tmp.mkdir()
+    _import_streaming_first()
     monkeypatch.setattr(tempfile, "tempdir", str(tmp))
     now = time.time()
     old = now - 2 * shm.UNFINISHED_AFTER_S
@@ -376,3 +385,98 @@ def test_a_prefix_whose_maker_died_between_its_segments_is_retired_not_deleted(t
         "mosaicml-streaming skips that prefix from now on"
     ]
     assert shm.retire_unfinished_prefixes(shm_dir, now=now) == []  # once
+
+
+def _pick_prefix(monkeypatch, shm_dir: Path) -> int:
+    """The prefix that streaming's own chooser (``get_shm_prefix``, as a dataset's local leader) picks and
+    registers among the segments in ``shm_dir``, a folder standing for /dev/shm (the real one holds other
+    jobs'): FileExistsError, as streaming's, when the ``_locals`` it picked is there."""
+    from types import SimpleNamespace
+
+    from mnemo.data_pipeline.lean_imports import import_streaming
+
+    prefix_mod = import_streaming().base.shared.prefix
+
+    def shared_memory(name: str, create: bool | None = None, size: int = 0, auto_cleanup: bool = True):
+        path = shm_dir / name.lstrip("/")
+        if create:
+            with open(path, "xb") as fh:  # FileExistsError, as shm_open(O_CREAT | O_EXCL)
+                fh.write(bytes(size))
+        return SimpleNamespace(buf=memoryview(bytearray(path.read_bytes())))  # FileNotFoundError when missing
+
+    monkeypatch.setattr(prefix_mod, "SharedMemory", shared_memory)
+    prefix, _ = prefix_mod.get_shm_prefix(["/mine"], [None], SimpleNamespace(is_local_leader=True))
+    return prefix
+
+
+_MADE = ("barrier", "next_epoch", "cache_usage", "shard_states", "shard_access_times")
+_LONG_AGO = 3600.0  # an age past every threshold of shm.py
+
+
+def _fake_machine(tmp_path, monkeypatch) -> tuple[Path, Path, Callable[..., None]]:
+    """A shared-memory folder and a temp folder (streaming's and mnemo's), and a maker of aged segments."""
+    import os
+
+    shm_dir, tmp = tmp_path / "shm", tmp_path / "tmp"
+    shm_dir.mkdir(), tmp.mkdir()
+    _import_streaming_first()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+
+    def segment(name: str, age: float, data: bytes = bytes(75)) -> None:
+        (shm_dir / name).write_bytes(data)
+        os.utime(shm_dir / name, (time.time() - age, time.time() - age))
+
+    return shm_dir, tmp, segment
+
+
+def test_a_killed_programs_segments_below_a_live_job_are_retired_and_streaming_picks_a_free_prefix(
+    tmp_path, monkeypatch, caplog
+):
+    """A killed job of another program (LLM Foundry) left ``000000_resume`` alone, and a live job holds prefix 1
+    (no ``_resume``: mnemo never makes one). streaming's ``_resume`` search picked 1, whose ``_locals`` is
+    there: every new dataset on the machine failed. retire_unfinished_prefixes looked only at prefixes with a
+    ``_locals`` and retired nothing. Now the leftover is retired (nothing deleted) and streaming picks 2."""
+    import logging
+
+    from mnemo.data_pipeline import shm
+
+    shm_dir, tmp, segment = _fake_machine(tmp_path, monkeypatch)
+    old = _LONG_AGO
+    segment("000000_resume", old)  # the killed job's
+    segment("000001_locals", old, _registration("/live/cache", prefix=1))  # a live job's, running for a while
+    for name in _MADE:
+        segment(f"000001_{name}", old)
+    segment("000003_epoch_shape", 1.0)  # without a _locals but made just now: not provably a leftover
+    before = sorted(p.name for p in shm_dir.iterdir())
+    with pytest.raises(FileExistsError, match="000001_locals"):
+        _pick_prefix(monkeypatch, shm_dir)  # streaming's own choice, on this machine as it is
+
+    with caplog.at_level(logging.WARNING, logger="mnemo.data_pipeline.shm"):
+        assert shm.retire_unfinished_prefixes(shm_dir) == [0]
+    assert sorted(p.name for p in shm_dir.iterdir()) == before  # nothing deleted
+    assert sorted(p.name for p in tmp.iterdir()) == ["000000_barrier_filelock", "000000_cache_filelock"]
+    assert [r.getMessage() for r in caplog.records] == [
+        f"shared memory: {shm_dir}/000000_* without a _locals segment, left by a killed process: "
+        "mosaicml-streaming skips that prefix from now on"
+    ]
+    assert _pick_prefix(monkeypatch, shm_dir) == 2  # registered: the live job's prefix untouched
+    assert (shm_dir / "000002_locals").is_file()
+    assert shm.retire_unfinished_prefixes(shm_dir) == []  # once
+
+
+@pytest.mark.parametrize("maker_killed", [True, False], ids=["maker-killed", "a-job-starting-now"])
+def test_a_killed_ranks_segments_below_a_lone_locals_are_retired(tmp_path, monkeypatch, maker_killed):
+    """A killed rank left ``000000_barrier``, ... without a ``_locals``; prefix 1 has a ``_locals`` alone (its
+    maker killed in between, or a job making its segments right now). streaming's ``_barrier`` search picked 1
+    and failed to create its ``_locals``. Only an old lone ``_locals`` was retired: with one being made, every
+    dataset failed. Now prefix 0 is retired (and an old lone ``_locals`` too): streaming picks 2."""
+    from mnemo.data_pipeline import shm
+
+    shm_dir, tmp, segment = _fake_machine(tmp_path, monkeypatch)
+    for name in _MADE:
+        segment(f"000000_{name}", _LONG_AGO)
+    segment("000001_locals", _LONG_AGO if maker_killed else 1.0)
+    with pytest.raises(FileExistsError, match="000001_locals"):
+        _pick_prefix(monkeypatch, shm_dir)
+    assert shm.retire_unfinished_prefixes(shm_dir) == ([0, 1] if maker_killed else [0])
+    assert _pick_prefix(monkeypatch, shm_dir) == 2
