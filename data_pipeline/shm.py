@@ -194,16 +194,32 @@ def retire_unfinished_prefixes(shm_dir: Path = SHM_DIR, now: float | None = None
 
 def _make_lock_files(prefix: int) -> bool:
     """Make the lock files of ``prefix`` (``lock_files``), which retires it: whether it was retired now (not
-    when streaming skips it already: one of them exists)."""
+    when streaming skips it already: one of them exists).
+
+    Only new files, never through a link: the temp folder is everyone's, and a link planted at such a name
+    would make this process create or change the file it points to. A link found there is left alone, with
+    a warning."""
     locks = lock_files(prefix)
-    if any(os.path.exists(f) for f in locks):  # streaming's own test
+    if any(os.path.exists(f) for f in locks):  # streaming's own test (a link counts by its target)
         return False
-    try:
-        for f in locks:
-            f.touch(exist_ok=True)
-    except OSError:  # another user's temp folder, not writable
-        return False
-    return True
+    made, links = False, []
+    for f in locks:
+        try:
+            os.close(os.open(f, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644))
+            made = True
+        except FileExistsError:  # a link to nothing, or made meanwhile
+            if f.is_symlink():
+                links.append(str(f))
+        except OSError:  # another user's temp folder, not writable
+            pass
+    if links:
+        log.warning(
+            "shared memory: %s left alone, a symbolic link (never followed): prefix %06d %s",
+            ", ".join(links),
+            prefix,
+            "retired by its other lock file" if made else "not retired",
+        )
+    return made
 
 
 def lock_files(prefix: int) -> list[Path]:

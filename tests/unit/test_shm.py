@@ -480,3 +480,38 @@ def test_a_killed_ranks_segments_below_a_lone_locals_are_retired(tmp_path, monke
         _pick_prefix(monkeypatch, shm_dir)
     assert shm.retire_unfinished_prefixes(shm_dir) == ([0, 1] if maker_killed else [0])
     assert _pick_prefix(monkeypatch, shm_dir) == 2
+
+
+def test_a_link_planted_at_a_lock_files_name_is_never_followed(tmp_path, monkeypatch, caplog):
+    """Retiring a prefix made its lock files with ``Path.touch``, which follows a link: one planted at
+    ``/tmp/NNNNNN_barrier_filelock`` (the temp folder is everyone's) made this user create, or touch, the file
+    it names. The link is left alone now, with a warning; the prefix is retired by its other lock file, or not
+    at all."""
+    import logging
+    import os
+
+    from mnemo.data_pipeline import shm
+
+    shm_dir, tmp, segment = _fake_machine(tmp_path, monkeypatch)
+    segment("000004_locals", _LONG_AGO)  # alone, its maker killed
+    segment("000005_locals", _LONG_AGO)
+    victim = tmp_path / "victim"
+    os.symlink(victim / "a", tmp / "000004_barrier_filelock")
+    os.symlink(victim / "b", tmp / "000005_barrier_filelock")
+    os.symlink(victim / "c", tmp / "000005_cache_filelock")
+    victim.mkdir()
+    with caplog.at_level(logging.WARNING, logger="mnemo.data_pipeline.shm"):
+        retired = shm.retire_unfinished_prefixes(shm_dir)
+    assert list(victim.iterdir()) == []  # nothing made through a link
+    assert retired == [4]
+    assert (tmp / "000004_cache_filelock").is_file() and not (tmp / "000004_cache_filelock").is_symlink()
+    assert all((tmp / n).is_symlink() for n in ("000004_barrier_filelock", "000005_barrier_filelock"))
+    messages = [r.getMessage() for r in caplog.records]
+    assert (
+        f"shared memory: {tmp}/000004_barrier_filelock left alone, a symbolic link (never followed): prefix 000004"
+        " retired by its other lock file" in messages
+    )
+    assert (
+        f"shared memory: {tmp}/000005_barrier_filelock, {tmp}/000005_cache_filelock left alone, a symbolic link"
+        " (never followed): prefix 000005 not retired" in messages
+    )
