@@ -87,11 +87,16 @@ def repartition_note(old: Batching, now: Batching) -> str:
     return f"re-partitioned {what}; documents in flight restart from their beginning with empty memory"
 
 
-def start_lines(cfg: Config, now: Batching, old: Batching | None, max_steps: int) -> list[str]:
+def start_lines(
+    cfg: Config, now: Batching, old: Batching | None, max_steps: int, done: tuple[int, int] | None = None
+) -> list[str]:
     """What rank 0 logs at start about the batch and the step count, e.g.
 
     global batch 8 = 1 rank x 4 slots x 2 accumulation (was 2 ranks x 4 x 1)
     token budget: train.max_tokens=100000 -> 49 steps of 2048 tokens (train.max_steps=100 not used)
+
+    ``done``: (steps, tokens) the resumed checkpoint had read, said when the budget was read at another
+    tokens per step (``resumed_total_steps``).
     """
     line = now.describe()
     if old is not None and old != now:
@@ -100,11 +105,28 @@ def start_lines(cfg: Config, now: Batching, old: Batching | None, max_steps: int
             line += f"; the global batch changed from {old.global_batch}"
     lines = [line]
     if cfg.train.max_tokens > 0:
+        tps = tokens_per_step(cfg, now.global_batch)
+        if done is not None and old is not None and old.global_batch != now.global_batch:
+            step, tokens = done
+            budget = f"{max_steps} steps ({tokens} tokens read in {step} steps, then {max_steps - step} of {tps})"
+        else:
+            budget = f"{max_steps} steps of {tps} tokens"
         lines.append(
-            f"token budget: train.max_tokens={cfg.train.max_tokens} -> {max_steps} steps of "
-            f"{tokens_per_step(cfg, now.global_batch)} tokens (train.max_steps={cfg.train.max_steps} not used)"
+            f"token budget: train.max_tokens={cfg.train.max_tokens} -> {budget}"
+            f" (train.max_steps={cfg.train.max_steps} not used)"
         )
     return lines
+
+
+def resumed_total_steps(cfg: Config, global_batch: int, old_global_batch: int, step: int, tokens_seen: int) -> int:
+    """The last step of a run resumed at ``step`` with ``tokens_seen`` tokens read: ``total_steps``, except for a
+    token budget read at another global batch (a resume on another world size without train.global_batch_size, or
+    another train.batch_size): the tokens already read count, then steps of this batch's tokens (ceil, as
+    total_steps). Counted afresh from the new batch, 1,200 tokens read 128 per step then 64 per step ran 1,856."""
+    if cfg.train.max_tokens <= 0 or old_global_batch == global_batch:
+        return total_steps(cfg, global_batch)
+    left = max(0, cfg.train.max_tokens - tokens_seen)
+    return step + -(-left // tokens_per_step(cfg, global_batch))
 
 
 def warmup_note(cfg: Config, max_steps: int) -> str | None:

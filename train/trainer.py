@@ -67,9 +67,11 @@ from mnemo.train.schedule import (
     batching,
     batching_of,
     repartition_note,
+    resumed_total_steps,
     start_lines,
     warmup_note,
     stop_requests,
+    tokens_per_step,
     total_steps,
 )
 from mnemo.train.slots import MemoryGroups, SlotGroups
@@ -163,6 +165,7 @@ class Trainer:
         self.batching = batching(cfg, self.info.world_size)
         self.max_steps = total_steps(cfg, self.batching.global_batch)
         self.old_batching = None  # the checkpoint's, on resume
+        self.done_before: tuple[int, int] | None = None  # on resume: the checkpoint's (step, tokens_seen)
         self._init_distributed()
 
     # ------------------------------------------------------------------ set-up
@@ -361,6 +364,11 @@ class Trainer:
             if self.info.rank == 0 and changes:
                 log.info("config changes since %s (safe): %s", path.name, "; ".join(changes))
             self.old_meta = meta
+            # A token budget counts the tokens the checkpoint read when its global batch was another.
+            old_gb, step = batching_of(meta).global_batch, int(meta["step"])
+            tokens = int(meta.get("tokens_seen", step * tokens_per_step(cfg, old_gb)))
+            self.max_steps = resumed_total_steps(cfg, self.batching.global_batch, old_gb, step, tokens)
+            self.done_before = (step, tokens)
             self.universal = reads_universal(cfg, meta, path, self.info.world_size, self.use_bf16)
             if self.universal:
                 ds_cfg["checkpoint"] = {"load_universal": True}
@@ -540,7 +548,7 @@ class Trainer:
             weights_origin(cfg, self.resume_path),
             info.restart,
         )
-        for line in start_lines(cfg, self.batching, self.old_batching, self.max_steps):
+        for line in start_lines(cfg, self.batching, self.old_batching, self.max_steps, self.done_before):
             log.info("%s", line)
         note = warmup_note(cfg, self.max_steps)
         if note:

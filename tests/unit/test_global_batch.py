@@ -25,6 +25,7 @@ from mnemo.train.schedule import (
     batching,
     batching_of,
     repartition_note,
+    resumed_total_steps,
     start_lines,
     total_steps,
     warmup_note,
@@ -219,6 +220,25 @@ def test_start_lines_state_the_batch_what_it_was_and_the_budget():
     assert start_lines(cfg_of(), batching(cfg_of(), 2), None, 30) == [
         "global batch 8 = 2 ranks x 4 slots x 1 accumulation"
     ]
+
+
+def test_a_token_budget_counts_what_was_read_before_a_resume_at_another_global_batch():
+    """max_tokens 1,200 at 128 tokens a step (2 ranks x 2 slots x T 32) is 10 steps. Relaunched on 1 rank (64 a
+    step), the count was made afresh: 19 steps, 1,856 tokens read, 55% over; preempted at step 14 on 1 rank
+    (896 tokens) then relaunched on 2 ranks, 10 steps: it stopped at once with a quarter of the budget unread."""
+    cfg = cfg_of("model.segment_len=32", "train.batch_size=2", "train.max_tokens=1200")
+    assert total_steps(cfg, 4) == 10 and total_steps(cfg, 2) == 19
+    assert resumed_total_steps(cfg, 2, 4, step=10, tokens_seen=1280) == 10  # the budget is spent: done
+    assert resumed_total_steps(cfg, 4, 2, step=14, tokens_seen=896) == 14 + 3  # 304 tokens left: 3 steps of 128
+    assert resumed_total_steps(cfg, 2, 4, step=5, tokens_seen=640) == 5 + 9  # 560 left: 9 steps of 64
+    assert resumed_total_steps(cfg, 4, 4, step=5, tokens_seen=640) == 10  # the same batch: as before
+    assert resumed_total_steps(cfg_of("train.max_steps=7"), 2, 4, step=5, tokens_seen=640) == 7  # no budget
+    old = Batching(1, 2, 1)
+    lines = start_lines(cfg, Batching(2, 2, 1), old, 17, done=(14, 896))
+    assert lines[1] == (
+        "token budget: train.max_tokens=1200 -> 17 steps (896 tokens read in 14 steps, then 3 of 128)"
+        " (train.max_steps=30 not used)"
+    )
 
 
 def test_a_warmup_not_shorter_than_the_run_is_warned_with_the_rate_it_peaks_at():
