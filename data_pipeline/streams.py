@@ -218,6 +218,9 @@ class MDSSource:
             self._drop_copies_of_another_size()
         manifest = _manifest(path, key)
         self.train_only = _train_only(manifest, path, key)
+        # A remote dataset's fetched manifest (its document and token counts, logged as params); None for a
+        # local one, whose manifest.json the trainer reads itself.
+        self.remote_manifest: dict[str, Any] | None = manifest
         # The tokenizer a remote dataset was made with (its fetched manifest's; None: unknown, or a local dataset,
         # which the config's checks compare): open_sources checks it against the other sources'.
         self.tokenizer_sha256: str | None = str(manifest.get("tokenizer_sha256") or "") or None if manifest else None

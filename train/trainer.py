@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from mnemo.data_pipeline.errors import DataError
 from mnemo.data_pipeline.files import atomic_write_text
 from mnemo.data_pipeline.paths import is_remote, local_path
 from mnemo.data_pipeline.tokenizer import Tokenizer, file_sha256
@@ -83,6 +84,14 @@ from mnemo.train.state import Counters, RNGState
 MEMORY_ADVICE = "lower train.batch_size, model.segment_len, memory.short.length or memory.long.capacity"
 
 log = logging.getLogger("mnemo.train")
+
+
+def read_manifest_at(path: str) -> dict[str, Any] | None:
+    """The manifest.json of local dataset ``path`` (None: unreadable; the data checks name it elsewhere)."""
+    try:
+        return read_data_manifest(local_path(path))
+    except (OSError, ValueError, DataError):
+        return None
 
 
 def read_manifest(cfg: Config) -> dict[str, Any]:
@@ -520,8 +529,7 @@ class Trainer:
                 "num_nodes": info.num_nodes,
                 "zero_stage": cfg.zero.stage,
                 "model.num_params": self.n_params,
-                "data.num_documents": self.manifest.get("num_documents"),
-                "data.num_tokens": self.manifest.get("num_tokens"),
+                **self._data_counts(),
                 "data.tokenizer_sha256": self.tok_sha,
                 "model.flops_per_token": self.model_flops,
             }
@@ -761,6 +769,25 @@ class Trainer:
                 self.tracker.log_artifact(str(f), "logs")
         status = {"nan": "FAILED", "failed": "FAILED", "preempted": "KILLED"}.get(exit_reason, "FINISHED")
         self.tracker.close(status)
+
+    def _data_counts(self) -> dict[str, Any]:
+        """The params data.num_documents and data.num_tokens: of the whole mixture (the sum over data.sources;
+        a remote source's from its fetched manifest), or None where a dataset's manifest does not say."""
+        if not self.mixture:
+            return {
+                "data.num_documents": self.manifest.get("num_documents"),
+                "data.num_tokens": self.manifest.get("num_tokens"),
+            }
+        manifests = [
+            m.source.remote_manifest if is_remote(path) else read_manifest_at(path)
+            for m, (_, path) in zip(self.mixture, data_paths(self.cfg))
+        ]
+        out = {}
+        for field in ("num_documents", "num_tokens"):
+            values = [(man or {}).get(field) for man in manifests]
+            ok = all(isinstance(v, int) and not isinstance(v, bool) for v in values)
+            out[f"data.{field}"] = sum(values) if ok else None
+        return out
 
     def _data_sources(self) -> list[Any]:
         """The datasets this rank reads (none before the data is built)."""

@@ -433,3 +433,34 @@ def test_data_inspect_of_several_datasets_prints_expected_epochs(tmp_path, monke
     assert main(["data", "inspect", str(a), str(c)]) != 0
     err = capsys.readouterr().err.strip()
     assert "made with different tokenizers" in err and str(a) in err and str(c) in err and "\n" not in err
+
+
+def test_the_data_count_params_are_those_of_the_whole_mixture(tmp_path):
+    """MLflow's data.num_documents / data.num_tokens described data.sources[0] alone (48 of 96 documents);
+    they are the mixture's sums now, a remote source's from its fetched manifest, None where one is unknown."""
+    from types import SimpleNamespace
+
+    from mnemo.train.config import load_config
+    from mnemo.train.trainer import Trainer
+
+    counts = {"a": (48, 7676), "b": (48, 16179)}
+    for name, (docs, tokens) in counts.items():
+        (tmp_path / name).mkdir()
+        manifest = {"tokenizer_sha256": "0" * 64, "vocab_size": 400, "eos_id": 1, "token_dtype": "uint16"}
+        (tmp_path / name / "manifest.json").write_text(
+            json.dumps({**manifest, "num_documents": docs, "num_tokens": tokens})
+        )
+    sources = f"data.sources=[{{path: {tmp_path / 'a'}}}, {{path: {tmp_path / 'b'}}}]"
+    cfg = load_config("configs/debug.yaml", ["data.path=", sources])
+    local = SimpleNamespace(remote_manifest=None)
+    me = SimpleNamespace(cfg=cfg, manifest={"num_documents": 48, "num_tokens": 7676})
+    me.mixture = [SimpleNamespace(source=local), SimpleNamespace(source=local)]
+    assert Trainer._data_counts(me) == {"data.num_documents": 96, "data.num_tokens": 23855}
+    remote = f"data.sources=[{{path: {tmp_path / 'a'}}}, {{path: 's3://bucket/b'}}]"
+    me.cfg = load_config("configs/debug.yaml", ["data.path=", remote])
+    me.mixture[1] = SimpleNamespace(source=SimpleNamespace(remote_manifest={"num_documents": 2, "num_tokens": 10}))
+    assert Trainer._data_counts(me) == {"data.num_documents": 50, "data.num_tokens": 7686}
+    me.mixture[1] = SimpleNamespace(source=SimpleNamespace(remote_manifest=None))  # a remote dataset without one
+    assert Trainer._data_counts(me) == {"data.num_documents": None, "data.num_tokens": None}
+    me.mixture = []  # data.path: its manifest's
+    assert Trainer._data_counts(me) == {"data.num_documents": 48, "data.num_tokens": 7676}
