@@ -61,6 +61,8 @@ DS_TAG = "state"
 UNIVERSAL_TAG = "universal_" + DS_TAG
 DS_FILES = ("latest", "zero_to_fp32.py", "zero_to_torch.py", "latest_universal")
 DS_FOLDERS = (UNIVERSAL_TAG, ".tmp-" + UNIVERSAL_TAG)  # written whole by the conversion: not looked into
+# The conversion's atomic write of ds/latest_universal, killed before its rename (files.atomic_write's name).
+DS_TMP_FILE_RE = re.compile(r"^\.latest_universal\.tmp\d+\Z")
 # In the tag folder, per ZeRO stage and precision: mp_rank_00_model_states.pt (1/2),
 # zero_pp_rank_N_mp_rank_00_model_states.pt (3), [bf16_]zero_pp_rank_N_mp_rank_00_optim_states.pt.
 DS_STATE_FILE_RE = re.compile(
@@ -273,8 +275,10 @@ def _ds_strays(ds: Path) -> list[str]:
         if e.name == DS_TAG and e.is_dir() and not e.is_symlink():
             bad = (f for f in e.iterdir() if f.is_symlink() or not DS_STATE_FILE_RE.match(f.name))
             out += [f"ds/{DS_TAG}/{f.name}" for f in bad]
-        elif e.is_symlink() or not (e.name in DS_FILES and not e.is_dir() or e.name in DS_FOLDERS and e.is_dir()):
-            out.append(f"ds/{e.name}")
+        else:
+            file_ok = (e.name in DS_FILES or DS_TMP_FILE_RE.match(e.name) is not None) and not e.is_dir()
+            if e.is_symlink() or not (file_ok or e.name in DS_FOLDERS and e.is_dir()):
+                out.append(f"ds/{e.name}")
     return out
 
 

@@ -143,7 +143,8 @@ class FullEngine(FakeEngine):
     def save_checkpoint(self, save_dir, tag, save_latest=True):
         super().save_checkpoint(save_dir, tag, save_latest)
         ds = Path(save_dir)
-        for name in ("latest", "zero_to_fp32.py", "zero_to_torch.py", "latest_universal"):
+        # .latest_universal.tmpPID: the conversion's atomic write of latest_universal, killed before its rename.
+        for name in ("latest", "zero_to_fp32.py", "zero_to_torch.py", "latest_universal", ".latest_universal.tmp4242"):
             (ds / name).write_text("x")
         for name in (
             "zero_pp_rank_0_mp_rank_00_optim_states.pt",
