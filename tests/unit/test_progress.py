@@ -3,6 +3,7 @@
 import multiprocessing as mp
 import os
 import signal
+import threading
 import time
 
 from mnemo.data_pipeline import progress
@@ -26,8 +27,18 @@ def test_a_worker_killed_inside_an_update_does_not_hang_the_bar(monkeypatch):
     p.join(30)
     assert p.exitcode == -signal.SIGKILL
     t0 = time.monotonic()
-    bar = Progress(total=100, initial=0, counters=counters, enabled=False)
-    bar.close()  # reads the counters
-    counters.add(1, 1, 1)  # dropped after the wait: display only
-    assert counters.get() == (10, 1, 5)
+    got: list = []
+
+    def read_and_add() -> None:
+        bar = Progress(total=100, initial=0, counters=counters, enabled=False)
+        bar.close()  # reads the counters
+        counters.add(1, 1, 1)  # dropped after the wait: display only
+        got.append(counters.get())
+
+    # In a thread: were the hang back, this test fails in 10 s instead of holding the suite until its timeout.
+    t = threading.Thread(target=read_and_add, daemon=True)
+    t.start()
+    t.join(10)
+    assert not t.is_alive(), "the bar's read or an update waited on the dead worker's lock"
+    assert got == [(10, 1, 5)]
     assert time.monotonic() - t0 < 5
