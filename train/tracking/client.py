@@ -79,7 +79,8 @@ class Tracker:
             the start-up wait, from the reader thread for a run opened later, or while a failed start winds down),
             before ``run_id`` returns it. The trainer keeps the id in the run directory with it.
         interval: seconds between sends; retry_interval: seconds between probes
-        while the server is away; max_buffer: metric points the sender keeps in
+        while the server is away; down_reminder: seconds between two warnings
+        that it still is; max_buffer: metric points the sender keeps in
         memory; startup_timeout: how long to wait for the run to be opened.
     """
 
@@ -100,6 +101,7 @@ class Tracker:
         interval: float = 1.0,
         retry_interval: float = 5.0,
         probe_timeout: float = 2.0,
+        down_reminder: float = 600.0,
         max_buffer: int = 200_000,
         startup_timeout: float = 120.0,
     ) -> None:
@@ -126,6 +128,7 @@ class Tracker:
             interval=interval,
             retry_interval=retry_interval,
             probe_timeout=probe_timeout,
+            down_reminder=down_reminder,
             max_buffer=max_buffer,
         )
         self._on_run_id = on_run_id

@@ -4,7 +4,7 @@
 by ``client.Tracker`` with the spawn start method (so it must stay a
 module-level function of an importable module). ``settings`` is a dict
 (run_dir, uri, experiment, run_name, resume_run_id, resume_kept, parent_run_id,
-resume_step, interval, retry_interval, probe_timeout, max_buffer); ``ops``
+resume_step, interval, retry_interval, probe_timeout, down_reminder, max_buffer); ``ops``
 and ``replies`` are the two pipe ends whose message tuples
 ``mnemo.train.tracking.client`` describes. The process ignores SIGINT and
 SIGTERM (they are the trainer's) and ends when the trainer sends ``("stop",)``,
@@ -64,6 +64,10 @@ from mnemo.train.tracking.common import DB_SCHEMES, FALLBACK_FILE, PARENT_RUN_TA
 _MAX_METRICS_PER_BATCH = 1000
 _MAX_PARAMS_TAGS_PER_BATCH = 100
 _MAX_REJECTS = 3  # a request the live server refuses this many times is dropped
+# A request answered "not now" (a 503, 502...) this many times while the server's /health answers 200 is one the
+# server (or a proxy before it) will never take, e.g. an upload that times out a proxy each time: dropped as
+# refused, so it does not hold everything queued behind it for the rest of the run.
+_MAX_BUSY_WHILE_SERVING = 12
 
 
 # Imported by mlflow at its import for its dataset classes (mlflow.data), never used here: 1.3 s of CPU of
@@ -272,6 +276,7 @@ class _Op:
     seq: int = 0  # its message's number in the trainer's stream (1, 2, ...; 0: read back from the file)
     replay: bool = False  # points read back from the fallback file: skip the resume filter
     rejects: int = 0
+    busy_while_serving: int = 0  # "not now" answers while /health answered 200
 
     def n_points(self) -> int:
         return len(self.payload[2]) if self.kind == "metrics" else 0
@@ -311,6 +316,7 @@ class _Sender:
         self._baseline: dict[str, int] = {}  # key -> max step the resumed run already holds
         self._params: dict[str, str] = {}  # params the run holds (MLflow params are write-once)
         self._up = True
+        self._down_since = self._down_said = 0.0  # monotonic time the store went down, and last said so
         self._full = False  # down because the store cannot store more (its disk): up again only once it does
         self._busy = False  # down because the server answered "not now" (503): up again only once it serves
         self._ready = False  # run created/reopened
@@ -487,21 +493,27 @@ class _Sender:
         except Exception as e:
             if (full := store_full(e)) is not None:
                 raise _Outage(full, full=True) from e
-            if (busy := server_unavailable(e)) is not None or not self._probe():
+            busy = server_unavailable(e)
+            if busy is not None and self._serving():
+                group[0].busy_while_serving += 1
+                if group[0].busy_while_serving >= _MAX_BUSY_WHILE_SERVING:
+                    n, kind = _MAX_BUSY_WHILE_SERVING, group[0].kind
+                    why = f"answered a {kind} request 'not now' {n} times ({busy}) while its /health answered 200"
+                    self._drop(group, why)
+                    return True
+            if busy is not None or not self._probe():
                 raise _Outage(busy or str(e), busy=busy is not None) from e
             group[0].rejects += 1
             if group[0].rejects < _MAX_REJECTS:
                 return False
-            for op in group:
-                self._spill(op)
-            self._log(
-                logging.WARNING,
-                "tracking: MLflow refused a %s request %d times, dropped it (%s)",
-                group[0].kind,
-                _MAX_REJECTS,
-                e,
-            )
+            self._drop(group, f"refused a {group[0].kind} request {_MAX_REJECTS} times ({e})")
             return True
+
+    def _drop(self, group: list[_Op], why: str) -> None:
+        """Give up a request the server will not take: its metric points go to the fallback file."""
+        for op in group:
+            self._spill(op)
+        self._log(logging.WARNING, "tracking: MLflow %s; dropped it", why)
 
     def _send(self, group: list[_Op]) -> None:
         from mlflow.entities import Metric, Param
@@ -771,10 +783,37 @@ class _Sender:
         except requests.RequestException:
             return False
 
+    def _serving(self) -> bool:
+        """Does the server's /health answer 200 (an HTTP store)? A busy server or a proxy whose MLflow is down
+        answers it 503 or 502 too."""
+        if not self._http:
+            return False
+        import requests
+
+        try:
+            return requests.get(self._health_url, timeout=self._s["probe_timeout"]).status_code == 200
+        except requests.RequestException:
+            return False
+
     def _mark_down(self, reason: str, full: bool = False, busy: bool = False) -> None:
         self._full, self._busy = full, busy
+        now = time.monotonic()
+        if not self._up and now - self._down_said >= self._s.get("down_reminder", 600.0):
+            self._down_said = now
+            self._log(
+                logging.WARNING,
+                "tracking: MLflow at %s still %s (%s) after %.0f min; %d metric points buffered, also in %s%s",
+                self.uri,
+                "cannot store more" if full else "is not serving" if busy else "is unreachable",
+                reason[:200],
+                (now - self._down_since) / 60,
+                self._pending_points,
+                self.fallback_path,
+                "" if self._ready else "; no MLflow run is open yet",
+            )
         if self._up:
             self._up = False
+            self._down_since = self._down_said = now
             self._log(
                 logging.WARNING,
                 "tracking: MLflow at %s %s (%s); training continues, "
