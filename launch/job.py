@@ -242,7 +242,8 @@ def launch(req: LaunchRequest) -> int:
         local = req.nproc_per_node or launch_env.default_nproc_per_node()
         check_open_files(local * (req.nnodes or 1))
         check_op_cache(os.environ)
-    check_before_start(cfg)
+    # Hostfile and SLURM ranks read their nodes' own data and tokenizer: this host's copy does not decide.
+    check_before_start(cfg, data_here=target not in ("hostfile", "slurm"))
     if target not in ("hostfile", "slurm") and not req.dry_run:
         # The same machine's memory for all local ranks (hostfile and SLURM nodes: each node's launcher checks).
         check_memory_fit(cfg, req.nproc_per_node or launch_env.default_nproc_per_node())

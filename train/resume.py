@@ -32,9 +32,18 @@ _LTM_ONLY_KEYS = ("memory.long.mix", "memory.long.smear_keys", "memory.long.qk_s
 
 
 def check_resume_compatible(
-    old_cfg: dict[str, Any], cfg: Config, meta: dict[str, Any], tok_sha: str, manifest: dict[str, Any], path: Path
+    old_cfg: dict[str, Any],
+    cfg: Config,
+    meta: dict[str, Any],
+    tok_sha: str | None,
+    manifest: dict[str, Any] | None,
+    path: Path,
 ) -> list[str]:
-    """The safe config changes since checkpoint ``path`` (UserError on an unsafe one, another tokenizer or dataset)."""
+    """The safe config changes since checkpoint ``path`` (UserError on an unsafe one, another tokenizer or dataset).
+
+    ``tok_sha`` and ``manifest`` None: the tokenizer and datasets of this host are not the ones the ranks read
+    (a launch onto other nodes, whose data.path and data.tokenizer are their own: NODE_LOCAL_KEYS), and only
+    the config is compared here; each rank compares its own copy when it loads."""
     from mnemo.train.checkpoint import saved_config_tree  # torch: once a resume is decided
 
     # Checkpoints hold the config with credentials redacted (tracking.uri):
@@ -49,15 +58,16 @@ def check_resume_compatible(
                 f"{key}: changed from {old.get(key)!r} to {new.get(key)!r} since checkpoint {path}; "
                 f"resuming would be unsafe ({_how_to_go_on(cfg, path)})"
             )
-    if meta.get("tokenizer_sha256") and meta["tokenizer_sha256"] != tok_sha:
+    if tok_sha is not None and meta.get("tokenizer_sha256") and meta["tokenizer_sha256"] != tok_sha:
         raise UserError(f"data.tokenizer: differs from the tokenizer of checkpoint {path} (sha256 mismatch)")
     check_same_data(saved_config_tree(old_cfg), cfg, path)
-    if meta.get("num_documents") not in (None, manifest.get("num_documents")):
+    if manifest is not None and meta.get("num_documents") not in (None, manifest.get("num_documents")):
         raise UserError(  # num_documents: of data.path, or of the first source
             f"{data_paths(cfg)[0][0]}: the dataset changed since checkpoint {path} "
             f"({meta['num_documents']} -> {manifest.get('num_documents')} documents)"
         )
-    check_same_digests(meta, cfg, path)
+    if manifest is not None:
+        check_same_digests(meta, cfg, path)
     return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(new) if old.get(k) != new.get(k)]
 
 
@@ -70,10 +80,14 @@ def _how_to_go_on(cfg: Config, path: Path, fine_tune: bool = False) -> str:
     return f"to fine-tune from it use init_from={path} without checkpoint.resume, or drop checkpoint.resume"
 
 
-def check_before_start(cfg: Config) -> None:
+def check_before_start(cfg: Config, data_here: bool = True) -> None:
     """What `mnemo train` and `mnemo launch` check before any rank starts: ``check_paths``, then whether the
     checkpoint it found may be resumed (``check_resume_compatible``, with this host's tokenizer and first
     dataset's manifest; the trainer checks again what it loads) and whether init_from's weights fit the model.
+
+    ``data_here`` False (a launch onto a hostfile's nodes or SLURM's): the ranks read their nodes' own copies
+    of the data and tokenizer, so a stale copy on this host does not refuse the resume: the config alone is
+    compared here, the data by each rank.
 
     Under `mnemo launch` an unsafe resume or an init_from of another model shape was found by each rank, each
     printing it, after the ranks had started (init_from: after config.yaml and run.lock were written).
@@ -87,8 +101,11 @@ def check_before_start(cfg: Config) -> None:
         from mnemo.train.rundir import RESUME_META_KEYS, read_checkpoint_meta
 
         meta = read_checkpoint_meta(start, RESUME_META_KEYS)  # check_paths read it: it is readable
-        manifest = read_manifest(local_path(data_paths(cfg)[0][1]))  # the first dataset is local (check_paths)
-        check_resume_compatible(meta["config"], cfg, meta, file_sha256(tokenizer_path(cfg)), manifest, start)
+        if data_here:
+            manifest = read_manifest(local_path(data_paths(cfg)[0][1]))  # the first dataset is local (check_paths)
+            check_resume_compatible(meta["config"], cfg, meta, file_sha256(tokenizer_path(cfg)), manifest, start)
+        else:
+            check_resume_compatible(meta["config"], cfg, meta, None, None, start)
     elif cfg.init_from:  # a resume loads the checkpoint's weights: init_from goes unread
         from mnemo.train.engine import check_init_from_fits  # torch
 

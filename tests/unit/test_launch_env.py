@@ -181,7 +181,7 @@ def test_train_device_cpu_on_a_gpu_machine_sets_deepspeed_to_the_cpu(monkeypatch
 
     cfg = types.SimpleNamespace(train=types.SimpleNamespace(device="cpu"), data=types.SimpleNamespace(sources=[]))
     monkeypatch.setattr(config, "load_config", lambda path, overrides: cfg)
-    monkeypatch.setattr("mnemo.train.resume.check_before_start", lambda c: None)
+    monkeypatch.setattr("mnemo.train.resume.check_before_start", lambda c, **kw: None)
     monkeypatch.setattr(config, "check_memory_fit", lambda c: None)  # WORLD_SIZE=1 alone: checked here
     monkeypatch.setattr(rankenv, "check_train_device", lambda *a: None)
     monkeypatch.setattr(rankenv, "apply_rank_env", apply)

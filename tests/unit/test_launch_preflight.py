@@ -174,3 +174,25 @@ def test_a_resume_onto_other_data_of_the_same_size_is_refused_and_a_moved_datase
     del meta["data_sha256"]  # a checkpoint older than the entry: nothing to compare
     (ckpt / "meta.json").write_text(json.dumps(meta))
     check_before_start(_cfg(f"data.path={other}"))
+
+
+def test_a_launch_onto_other_nodes_does_not_judge_their_data_by_this_hosts_copy(ws, capsys):
+    """data.path and data.tokenizer are each node's own (NODE_LOCAL_KEYS); a launch onto a hostfile's nodes or
+    SLURM's refused a resume because this host's copy was stale, though the nodes' were right. There only the
+    config is compared; an unsafe config change is refused all the same."""
+    from mnemo.train.errors import UserError
+    from mnemo.train.resume import check_before_start
+
+    _save("runs/base", _cfg())
+    stale = stub_data_dir(ws / "stale")
+    index = json.loads((stale / "index.json").read_text())
+    index["shards"][0]["raw_data"]["hashes"] = {"sha1": "0" * 40}
+    (stale / "index.json").write_text(json.dumps(index))
+    with pytest.raises(UserError, match="holds other data than checkpoint"):
+        check_before_start(_cfg(f"data.path={stale}"))  # the ranks start here: this copy is theirs
+    check_before_start(_cfg(f"data.path={stale}"), data_here=False)
+    (ws / "hosts").write_text("node-a slots=2\nnode-b slots=2\n")
+    rc, out = _launch(capsys, "--hostfile", str(ws / "hosts"), "--dry-run", f"data.path={stale}")
+    assert rc == 0, out  # the launch onto the nodes: their copies decide
+    with pytest.raises(UserError, match="train.seed: changed from"):
+        check_before_start(_cfg(f"data.path={stale}", "train.seed=99"), data_here=False)
