@@ -71,6 +71,43 @@ def check_resume_compatible(
     return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(new) if old.get(k) != new.get(k)]
 
 
+# Config keys whose change leaves every value a resumed step logs as it was: where the run is kept, tracked and
+# checkpointed, the download cache, how many threads prefetch, when the run stops early, and init_from (a resume
+# does not read it). Any other change (train.lr, train.max_steps through the LR schedule, train.log_interval
+# through what a step's train/* point means, eval settings, ...) makes the steps a resume does again log other
+# values than the attempt that did them first.
+_SAME_VALUES_KEYS = (
+    "run.",
+    "tracking.",
+    "checkpoint.",
+    "data.cache_dir",
+    "data.num_workers",
+    "train.max_time_s",
+    "init_from",
+)
+
+
+def _keeps_values(key: str) -> bool:
+    return any(key == k or (k.endswith(".") and key.startswith(k)) for k in _SAME_VALUES_KEYS)
+
+
+def redo_changes(changes: list[str], meta: dict[str, Any], world_size: int, universal: bool) -> list[str]:
+    """What of a resume makes the steps after the checkpoint log other values than the attempt that did them first.
+
+    ``changes`` are ``check_resume_compatible``'s ("train.lr: 0.003 -> 0.001"), less those of ``_SAME_VALUES_KEYS``;
+    then another world size (the gradients are reduced in another order; with no train.global_batch_size the
+    streams are re-partitioned too) and an engine read through the universal form (another precision, or
+    checkpoint.load_universal=always). Empty: the resume is bit-exact (on CPU) and a step it does again logs
+    the values its MLflow run already holds (train/tracking/sender.py keeps one point per step then).
+    """
+    out = [change for change in changes if not _keeps_values(change.partition(":")[0])]
+    if meta["world_size"] != world_size:
+        out.append(f"world size: {meta['world_size']} -> {world_size}")
+    elif universal:
+        out.append("engine state read through the universal checkpoint form")
+    return out
+
+
 def _how_to_go_on(cfg: Config, path: Path, fine_tune: bool = False) -> str:
     """What to do instead of resuming checkpoint ``path``: a new run.dir when it is this run dir's own (``fine_tune``:
     with init_from naming it); for another run's checkpoint (checkpoint.resume naming it) the run dir is new

@@ -51,7 +51,7 @@ from mnemo.evaluation.report import json_ready
 from mnemo.train.errors import UserError, path_errors
 from mnemo.train.eval_hook import run_eval
 from mnemo.train.loop import StepLog, TrainLoop, dist_info
-from mnemo.train.resume import check_resume_compatible, data_digests, reads_universal, universal_tag
+from mnemo.train.resume import check_resume_compatible, data_digests, reads_universal, redo_changes, universal_tag
 from mnemo.train.rundir import (
     PREEMPTED,
     RESUME_META_KEYS,
@@ -366,6 +366,7 @@ class Trainer:
 
         self.old_meta: dict[str, Any] | None = None
         self.universal = False
+        self.redo_changes: list[str] = []  # what makes the steps after the checkpoint log other values (tracking)
         if self.resume_path is not None:
             check_checkpoint_files(self.resume_path)  # as check_paths did: the files may have changed since
             meta, path = ckpt.read_meta(self.resume_path, RESUME_META_KEYS), self.resume_path
@@ -381,6 +382,7 @@ class Trainer:
             self.universal = reads_universal(cfg, meta, path, self.info.world_size, self.use_bf16)
             if self.universal:
                 ds_cfg["checkpoint"] = {"load_universal": True}
+            self.redo_changes = redo_changes(changes, meta, self.info.world_size, self.universal)
         quiet_library_deprecations()
         self.engine, _, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg
@@ -509,6 +511,7 @@ class Trainer:
                 resume_kept=self.run_id_kept,
                 parent_run_id=self.parent_run_id,
                 resume_step=self.counters.step,
+                resume_changes=self.redo_changes,
                 on_run_id=keep,
             )
         except UserError as e:  # a store that answers and refuses (a deleted experiment): rank 0 only knows

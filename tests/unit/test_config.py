@@ -131,6 +131,29 @@ def test_resume_takes_long_term_layers_by_the_layers_they_name():
         check("[-1]")
 
 
+def test_a_resume_redoes_steps_with_other_values_for_every_change_but_where_it_is_kept_and_tracked():
+    """What the tracker is told makes the steps after a checkpoint log other values (train/tracking/sender.py logs
+    them again then, else it keeps MLflow's points of them)."""
+    from pathlib import Path
+
+    from mnemo.train.resume import check_resume_compatible, redo_changes
+
+    old = to_dict(load_config(None, ["model.size=debug"]))
+
+    def redo(*overrides, world_size=2, universal=False):
+        cfg = load_config(None, ["model.size=debug", *overrides])
+        changes = check_resume_compatible(old, cfg, {}, "sha", {}, Path("ckpt"))
+        return redo_changes(changes, {"world_size": 2}, world_size, universal)
+
+    kept = ("run.name=b", "tracking.experiment=e", "checkpoint.interval=7", "data.num_workers=0", "train.max_time_s=9")
+    assert redo(*kept) == []
+    assert redo(*kept, "train.lr=0.5") == ["train.lr: 0.001 -> 0.5"]
+    assert redo("train.max_steps=7", "eval.max_docs=3") == ["eval.max_docs: 32 -> 3", "train.max_steps: 100 -> 7"]
+    assert redo(world_size=1) == ["world size: 2 -> 1"]
+    assert redo(world_size=1, universal=True) == ["world size: 2 -> 1"]
+    assert redo(universal=True) == ["engine state read through the universal checkpoint form"]
+
+
 def _numeric_keys() -> list[tuple[str, type]]:
     """(dotted key, int or float) of every number in the config tree, lists of numbers included (not those
     of data.sources' items)."""

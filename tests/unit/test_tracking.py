@@ -17,6 +17,7 @@ import pytest
 from mnemo.train.tracking import (
     DEFAULT_EXPERIMENT,
     PARENT_RUN_TAG,
+    REDONE_STEPS_TAG,
     Tracker,
     memory_stats,
     resolve_experiment,
@@ -290,6 +291,62 @@ def test_resume_replays_points_only_in_fallback_file(store, client, tmp_path):
         t2.log_metrics({"train/loss": float(step)}, step=step)
     t2.close()
     assert sorted(_steps(client, t1.run_id, "train/loss")) == [1, 2, 3, 4, 5, 6, 7]
+
+
+def test_a_resume_with_other_settings_logs_the_steps_it_does_again_with_one_warning(store, client, tmp_path, caplog):
+    """Steps 5-8 logged, checkpoint at 4, a crash; the relaunch changed train.lr, so its steps 5-8 have other
+    values. The run's highest step was the baseline: MLflow kept the discarded attempt's values for them, silently."""
+    t1 = Tracker(run_dir=str(tmp_path), uri=store, experiment="unit", interval=0.1)
+    for step in range(1, 9):
+        t1.log_metrics({"train/lr": 0.003, "data/dA/tokens": 100.0 * step}, step=step)
+    t1.close("KILLED")  # the crash in the save at step 8
+    fallback = tmp_path / "logs" / "metrics_fallback.jsonl"  # a point of that attempt that reached only the file
+    fallback.parent.mkdir(exist_ok=True)
+    fallback.write_text(
+        json.dumps({"run_id": t1.run_id, "key": "train/lr", "value": 0.003, "step": 9, "timestamp": 1}) + "\n"
+    )
+
+    with caplog.at_level(logging.WARNING, logger="mnemo.train.tracking"):
+        t2 = Tracker(
+            run_dir=str(tmp_path),
+            uri=store,
+            experiment="unit",
+            resume_run_id=t1.run_id,
+            resume_step=4,
+            resume_changes=["train.lr: 0.003 -> 0.001"],
+            interval=0.1,
+        )
+        t2.log_metrics({"train/lr": 0.001, "data/dA/tokens": 390.0}, step=4)  # a step the checkpoint holds
+        for step in range(5, 11):
+            t2.log_metrics({"train/lr": 0.001, "data/dA/tokens": 400.0 + 90 * (step - 4)}, step=step)
+        t2.close()
+
+    hist = client.get_metric_history(t1.run_id, "train/lr")
+    assert sorted(m.step for m in hist) == [1, 2, 3, 4, 5, 5, 6, 6, 7, 7, 8, 8, 9, 10]
+    newest = {m.step: m.value for m in sorted(hist, key=lambda m: (m.step, m.timestamp))}
+    assert newest == {**{s: 0.003 for s in range(1, 5)}, **{s: 0.001 for s in range(5, 11)}}
+    tokens = sorted(client.get_metric_history(t1.run_id, "data/dA/tokens"), key=lambda m: (m.step, m.timestamp))
+    assert {m.step: m.value for m in tokens}[8] == 760.0  # the newer count, not the discarded attempt's 800
+    run = client.get_run(t1.run_id)
+    assert run.data.tags[REDONE_STEPS_TAG] == "5-8"
+    warnings = [r.getMessage() for r in caplog.records if "saved no checkpoint" in r.getMessage()]
+    assert len(warnings) == 1
+    assert "steps 5-8" in warnings[0] and "from step 4" in warnings[0] and "train.lr: 0.003 -> 0.001" in warnings[0]
+
+    # Another such resume of the same steps (unchanged ones: test_resume_continues_run_without_duplicate_steps).
+    t3 = Tracker(
+        run_dir=str(tmp_path),
+        uri=store,
+        experiment="unit",
+        resume_run_id=t1.run_id,
+        resume_step=4,
+        resume_changes=["train.lr: 0.003 -> 0.002"],
+        interval=0.1,
+    )
+    t3.log_metrics({"train/lr": 0.002}, step=5)
+    t3.close()
+    assert client.get_run(t1.run_id).data.tags[REDONE_STEPS_TAG] == "5-8,5-10"  # both ranges
+    assert sorted(_steps(client, t1.run_id, "train/lr")).count(5) == 3
 
 
 def test_new_run_from_checkpoint_gets_parent_tag(store, client, tmp_path):

@@ -44,6 +44,7 @@ import signal
 import threading
 import time
 from collections import deque
+from collections.abc import Sequence
 from multiprocessing import resource_tracker
 from pathlib import Path
 from typing import Callable
@@ -75,6 +76,11 @@ class Tracker:
             holds no steps); if not, the new run is no child of it.
         parent_run_id: for a new run started from another run's checkpoint (fine-tune).
         resume_step: the step the trainer resumes from (recorded as a tag).
+        resume_changes: what of this resume makes the steps after resume_step log other values than the attempt
+            that did them first and saved no checkpoint (train/resume.py redo_changes, e.g. "train.lr: 0.003 ->
+            0.001"). Empty (a bit-exact resume): a reopened run's points at steps it holds are not logged again.
+            Else they are, as the checkpoint's step is then the baseline, with one warning naming those steps and
+            these changes, and the tag mnemo.redone_steps.
         on_run_id: called with the run id as soon as the sender reports the run opened (in this process: during
             the start-up wait, from the reader thread for a run opened later, or while a failed start winds down),
             before ``run_id`` returns it. The trainer keeps the id in the run directory with it.
@@ -97,6 +103,7 @@ class Tracker:
         resume_kept: bool = False,
         parent_run_id: str | None = None,
         resume_step: int = 0,
+        resume_changes: Sequence[str] = (),
         on_run_id: Callable[[str], None] | None = None,
         interval: float = 1.0,
         retry_interval: float = 5.0,
@@ -125,6 +132,7 @@ class Tracker:
             resume_kept=resume_kept,
             parent_run_id=parent_run_id,
             resume_step=int(resume_step),
+            resume_changes=list(resume_changes),
             interval=interval,
             retry_interval=retry_interval,
             probe_timeout=probe_timeout,

@@ -7,7 +7,7 @@
 - ``system_tags`` (host, git commit, library versions) and ``memory_stats``
   (host RSS, CUDA peak), which the trainer and the sender put on the run;
 - the constants of the user interface: ``DEFAULT_EXPERIMENT``,
-  ``PARENT_RUN_TAG``, ``FALLBACK_FILE`` and ``HTTP_ENV_DEFAULTS``;
+  ``PARENT_RUN_TAG``, ``REDONE_STEPS_TAG``, ``FALLBACK_FILE`` and ``HTTP_ENV_DEFAULTS``;
 - ``append_points``, the one writer of the fallback file format (one JSON
   line per metric point), and ``FallbackFile``, the file it appends to, used
   by the sender while the server is away and by the trainer side once the
@@ -36,6 +36,8 @@ from mnemo.data_pipeline.files import open_own_file
 
 DEFAULT_EXPERIMENT = "mnemo"
 PARENT_RUN_TAG = "mnemo.parent_run_id"
+# The steps a resume with other settings logged again over an attempt that saved no checkpoint ("5-8", comma-joined).
+REDONE_STEPS_TAG = "mnemo.redone_steps"
 FALLBACK_FILE = "logs/metrics_fallback.jsonl"
 
 # What each rank puts in its own environment (with setdefault, so a

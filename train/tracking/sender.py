@@ -4,7 +4,7 @@
 by ``client.Tracker`` with the spawn start method (so it must stay a
 module-level function of an importable module). ``settings`` is a dict
 (run_dir, uri, experiment, run_name, resume_run_id, resume_kept, parent_run_id,
-resume_step, interval, retry_interval, probe_timeout, down_reminder, max_buffer); ``ops``
+resume_step, resume_changes, interval, retry_interval, probe_timeout, down_reminder, max_buffer); ``ops``
 and ``replies`` are the two pipe ends whose message tuples
 ``mnemo.train.tracking.client`` describes. The process ignores SIGINT and
 SIGTERM (they are the trainer's) and ends when the trainer sends ``("stop",)``,
@@ -27,7 +27,10 @@ Over 500 lines: one state machine (send, spill, replay, outage) that reads best 
   it returns; every message goes back as ``("log", level, text)``, redacted.
 - Resume: points at a step <= the step the run already holds for that key
   are dropped (a bit-exact resume repeats values already logged), and points
-  of that run that only reached the fallback file are replayed first. A run
+  of that run that only reached the fallback file are replayed first. A
+  resume with other settings (``resume_changes``: its steps after the
+  checkpoint log other values) drops only points at steps <= the checkpoint's,
+  replays none past it, and warns once naming the steps logged again. A run
   kept in the run directory (``resume_kept``) is reopened only when it is
   this run directory's (tag, experiment) and, for a start from step 0,
   holds no step past 0; else a new run, with one warning.
@@ -59,7 +62,14 @@ from mnemo.data_pipeline.redact import (
     redact_uncaught_errors,
     redact_uri,
 )
-from mnemo.train.tracking.common import DB_SCHEMES, FALLBACK_FILE, PARENT_RUN_TAG, FallbackFile, system_tags
+from mnemo.train.tracking.common import (
+    DB_SCHEMES,
+    FALLBACK_FILE,
+    PARENT_RUN_TAG,
+    REDONE_STEPS_TAG,
+    FallbackFile,
+    system_tags,
+)
 
 _MAX_METRICS_PER_BATCH = 1000
 _MAX_PARAMS_TAGS_PER_BATCH = 100
@@ -640,7 +650,8 @@ class _Sender:
             self._log(logging.WARNING, "tracking: run %s %s %s; %s", run_id, where, why, new_run)
             return None
         self.run_id = run.info.run_id
-        self._baseline = self._max_steps(run)
+        held = self._max_steps(run)
+        self._baseline = dict(held)
         replay = self._replay_ops()
         if kept and not self._s["resume_step"] and any(step > 0 for step in self._baseline.values()):
             # Steps of a start that died or stopped (NaN) before its first checkpoint: this start does them again
@@ -662,6 +673,9 @@ class _Sender:
         if run.info.status != "RUNNING":
             c.update_run(self.run_id, status="RUNNING")
         self._params = dict(run.data.params)
+        redone = self._redone_steps(held)
+        if redone is not None:
+            replay = [op for op in replay if op.payload[0] <= self._s["resume_step"]]  # the same attempt's points
         if replay:
             self._log(
                 logging.WARNING,
@@ -673,10 +687,39 @@ class _Sender:
         self._pending.extendleft(reversed(replay))
         self._pending_points = sum(op.n_points() for op in self._pending)
         resumes = int(run.data.tags.get("mnemo.resume_count", "0")) + 1
-        self._send_tags(
-            {"mnemo.resume_count": str(resumes), "mnemo.last_resume_step": str(self._s["resume_step"]), **system_tags()}
-        )
+        tags = {"mnemo.resume_count": str(resumes), "mnemo.last_resume_step": str(self._s["resume_step"])}
+        if redone:
+            earlier = run.data.tags.get(REDONE_STEPS_TAG)
+            tags[REDONE_STEPS_TAG] = f"{earlier},{redone}" if earlier else redone
+        self._send_tags({**tags, **system_tags()})
+        if redone:  # after the last request: an outage before here has _setup reopen the run, and come here, again
+            self._log(
+                logging.WARNING,
+                "tracking: run %s holds points at steps %s from an attempt that saved no checkpoint, and this start"
+                " goes on from step %d with other settings (%s): those steps are logged again, so MLflow holds"
+                " both values at each of them (the newer by timestamp); the run is tagged %s=%s",
+                self.run_id,
+                redone,
+                self._s["resume_step"],
+                "; ".join(self._s["resume_changes"]),
+                REDONE_STEPS_TAG,
+                tags[REDONE_STEPS_TAG],
+            )
         return run
+
+    def _redone_steps(self, held: dict[str, int]) -> str | None:
+        """A resume with other settings (``resume_changes``): its baseline is the checkpoint's step, so the steps
+        after it are logged again, their values not those of the attempt that did them first (which saved no
+        checkpoint: MLflow cannot delete its points). The steps the run holds past the checkpoint ("5-8"), or
+        "" if none; None for a bit-exact resume."""
+        if not self._s.get("resume_changes"):
+            return None
+        start = self._s["resume_step"]
+        self._baseline = {key: min(step, start) for key, step in self._baseline.items()}
+        last = max(held.values(), default=-1)
+        if last <= start:
+            return ""
+        return str(last) if last == start + 1 else f"{start + 1}-{last}"
 
     def _max_steps(self, run) -> dict[str, int]:
         """Per metric key, the highest step the run holds."""
