@@ -1,5 +1,9 @@
 """Shared memory that mosaicml-streaming leaked for this run's own cache folder, and only that.
 
+Over 500 lines: one naming scheme (streaming's ``NNNNNN_*`` segments and their lock files) and every rule
+about it: what a job may release, what it retires, and how its ranks pick a prefix at start
+(``streaming_dataset``), each relying on the others' invariants.
+
 A StreamingDataset registers its local folders in POSIX shared memory named
 ``<prefix:06d>_locals`` (the folders, NUL-separated, after an int32 byte count)
 next to ``<prefix>_barrier``, ``_next_epoch`` and ``_cache_usage``; a process
@@ -455,40 +459,168 @@ def _close_walked(opened: list, kept: object) -> None:
             pass
 
 
+# A rank of a job that looks for its local leader's prefix and finds another (another process's segments came or
+# went between their scans of /dev/shm): streaming's get_shm_prefix raises one of these two.
+PREFIX_MISMATCH = re.compile(
+    r"shared memory prefix=\d+ was not registered by local leader|shared memory registered does not match local leader"
+)
+# The barriers of one StreamingDataset construction in a process group (streaming 0.13, its ``local`` given): two
+# in get_shm_prefix, one at the end of its constructor. A rank whose construction stopped on a prefix race calls
+# the ones it missed, so that every rank of the job calls the same collectives (none is left waiting in one).
+STREAMING_BARRIERS = 3
+
+
+def _lost_prefix_race(e: BaseException) -> bool:
+    """Whether ``e``, raised by a StreamingDataset construction, says its prefix was taken (FileExistsError on
+    ``<prefix>_locals``) or that this rank and its local leader picked different prefixes."""
+    if isinstance(e, FileExistsError):
+        return PREFIX_RACE.search(str(e.filename or e)) is not None
+    return isinstance(e, RuntimeError) and PREFIX_MISMATCH.search(str(e)) is not None
+
+
+class _CountedBarriers:
+    """``torch.distributed`` as streaming's modules see it while a dataset is built: its barriers counted."""
+
+    def __init__(self, dist) -> None:
+        self.dist, self.count = dist, 0
+
+    def barrier(self, *args, **kwargs):
+        self.count += 1
+        return self.dist.barrier(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        return getattr(self.dist, name)
+
+
+@contextmanager
+def _counted_barriers() -> Iterator[_CountedBarriers]:
+    """The barriers that streaming calls in the block, counted (its modules' ``dist`` swapped for the block)."""
+    import importlib
+
+    import torch.distributed
+
+    import_streaming()  # without transformers (lean_imports.py)
+    counted = _CountedBarriers(torch.distributed)
+    modules = [
+        m
+        for m in map(importlib.import_module, ("streaming.base.shared.prefix", "streaming.base.dataset"))
+        if getattr(m, "dist", None) is torch.distributed
+    ]
+    for m in modules:
+        m.dist = counted
+    try:
+        yield counted
+    finally:
+        for m in modules:
+            m.dist = torch.distributed
+
+
+def _any_rank(flag: bool, dist) -> bool:
+    """Whether ``flag`` is set on any rank of the process group (``dist``, or None: this process alone): one MAX
+    all-reduce on the group's device (the CPU where it has gloo, else this rank's CUDA device)."""
+    if dist is None:
+        return flag
+    import torch
+
+    device = "cpu" if "gloo" in str(dist.get_backend()) else torch.device("cuda", torch.cuda.current_device())
+    t = torch.tensor([float(flag)], device=device)  # [1]
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def _dispose(dataset: object) -> None:
+    """Undo what a StreamingDataset built in an attempt that its job gives up made: its prefix's lock files
+    removed (``release_lock_files``), the shared-memory segments this process created for it unlinked (its own:
+    made with O_EXCL), the ones it attached to closed, none left for atexit. Called after a collective: no rank
+    of the job reads it any more."""
+    import atexit
+
+    streaming_memory = import_streaming().base.shared.memory.SharedMemory
+    seen: set[int] = set()
+
+    def segments(obj: object, depth: int) -> Iterator:
+        if id(obj) in seen:
+            return
+        seen.add(id(obj))
+        if isinstance(obj, streaming_memory):
+            yield obj
+        elif depth and type(obj).__module__.startswith("streaming.") and hasattr(obj, "__dict__"):
+            for value in vars(obj).values():  # SharedScalar -> SharedArray -> SharedMemory, SharedBarrier -> ...
+                yield from segments(value, depth - 1)
+
+    # Its lock files first: while its ``_locals`` segment exists no other process picks its prefix and makes them.
+    release_lock_files(dataset)
+    for shm in list(segments(dataset, 3)):
+        atexit.unregister(shm.cleanup)
+        for made in shm.created_shms:
+            try:
+                made.unlink()
+            except FileNotFoundError:
+                pass
+        for seg in shm.created_shms + shm.opened_shms:
+            try:
+                seg.close()
+            except (OSError, BufferError):  # still mapped by a view: unmapped at exit
+                pass
+
+
+def _one_try(make: Callable[[], T], dist, wait_s: float) -> tuple[T | None, BaseException | None]:
+    """One StreamingDataset construction (``make()``): (the dataset, None), or (None, the error) when it lost
+    the prefix race (``_lost_prefix_race``), after the barriers of streaming's constructor it missed; any other
+    error is raised."""
+    lost: BaseException | None = None
+    with _prefix_lock(wait_s), _attached_segments() as opened:
+        if os.environ.get("LOCAL_RANK", "0") == "0":  # the one that picks the prefix, under the lock
+            retire_unfinished_prefixes()
+        if dist is not None:
+            dist.barrier()
+        with _counted_barriers() as barriers:
+            try:
+                dataset = make()
+            except BaseException as e:
+                _close_walked(opened, None)
+                if not _lost_prefix_race(e):
+                    raise
+                lost = e
+        if lost is not None:
+            for _ in range(STREAMING_BARRIERS - barriers.count if dist is not None else 0):
+                dist.barrier()
+            return None, lost
+    _close_walked(opened, getattr(dataset, "_locals_shm", None))
+    return dataset, None
+
+
 def streaming_dataset(make: Callable[[], T], key: str, wait_s: float = PREFIX_LOCK_WAIT_S) -> T:
-    """``make()`` (a StreamingDataset construction) safe against another one starting on this machine
+    """``make()`` (a StreamingDataset construction) safe against another one starting or ending on this machine
     at the same moment; DataError naming ``key`` when streaming's shared-memory prefix stays taken.
 
     Each job's local leader picks its prefix under a machine-wide lock (the other local ranks wait at a
     barrier until it holds it, since they look up the prefix too), which settles the race between mnemo's
-    jobs. Against any other process a lone process (evaluation, a benchmark, no process group) tries again
-    after a short random back-off; a rank of a process group cannot: streaming's prefix choice pairs
-    barriers between the local ranks, and one rank trying again alone would pair them wrongly.
+    jobs. Against any other process, and against a job that ends (unlinks its segments) between the scans of
+    /dev/shm of two local ranks (they then pick different prefixes), every rank of the job learns after each
+    construction whether any lost such a race (one collective), and then all try again together after a short
+    random back-off, up to PREFIX_TRIES times: each rank first removes the segments it created for the attempt
+    given up (``_dispose``). A rank whose construction stopped calls the barriers of streaming's constructor it
+    missed, so the ranks' collectives pair in every case.
     """
     dist = _dist()
-    tries = PREFIX_TRIES if dist is None or dist.get_world_size() == 1 else 1
-    err: FileExistsError | None = None
-    for attempt in range(tries):
+    err: BaseException | None = None
+    for attempt in range(PREFIX_TRIES):
         if attempt:
             time.sleep(random.uniform(0.05, 0.25) * attempt)
-        try:
-            with _prefix_lock(wait_s), _attached_segments() as opened:
-                if os.environ.get("LOCAL_RANK", "0") == "0":  # the one that picks the prefix, under the lock
-                    retire_unfinished_prefixes()
-                if dist is not None:
-                    dist.barrier()
-                try:
-                    dataset = make()
-                except BaseException:
-                    _close_walked(opened, None)
-                    raise
-            _close_walked(opened, getattr(dataset, "_locals_shm", None))
-            return dataset
-        except FileExistsError as e:
-            if not PREFIX_RACE.search(str(e.filename or e)):
-                raise
-            err = e
+        dataset, err = _one_try(make, dist, wait_s)
+        if not _any_rank(err is not None, dist):
+            return dataset  # type: ignore[return-value]  # no rank failed: this one has its dataset
+        if dataset is not None:
+            _dispose(dataset)  # another rank lost the race: this attempt is given up by all
+    if isinstance(err, FileExistsError):
+        raise DataError(
+            f"{key}: the shared-memory segment {err.filename or err} that mosaicml-streaming chose for this dataset"
+            f" was created by another process starting at the same moment ({PREFIX_TRIES} tries): start this job"
+            " again"
+        ) from None
     raise DataError(
-        f"{key}: the shared-memory segment {err.filename or err} that mosaicml-streaming chose for this dataset"
-        f" was created by another process starting at the same moment ({tries} tries): start this job again"
+        f"{key}: the ranks of this job on one machine picked different mosaicml-streaming shared-memory prefixes"
+        f" for this dataset, as another process's segments came or went while they looked ({PREFIX_TRIES} tries):"
+        " start this job again"
     ) from None

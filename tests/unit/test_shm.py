@@ -515,3 +515,123 @@ def test_a_link_planted_at_a_lock_files_name_is_never_followed(tmp_path, monkeyp
         f"shared memory: {tmp}/000005_barrier_filelock, {tmp}/000005_cache_filelock left alone, a symbolic link"
         " (never followed): prefix 000005 not retired" in messages
     )
+
+
+# Two local ranks of one job (gloo, a file rendezvous) build one StreamingDataset through streaming_dataset; the
+# race is forced: ``shift`` makes rank 1's scan of /dev/shm see a prefix other than rank 0's (another job's
+# segments came or went between the two scans) in the first N attempts, ``taken`` makes rank 0's create of its
+# ``_locals`` fail as if another process had made it first. Each rank prints the prefixes rank 0 registered,
+# which of them still exist, the barriers each rank called, and the dataset read or the one-line error.
+_RACE_WORKER = """
+import datetime, json, os, sys, tempfile
+rank, world, rendezvous, case, data, tmp = sys.argv[1:3] + sys.argv[3:]
+rank, world = int(rank), int(world)
+os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+os.environ["TMPDIR"] = tmp  # streaming's lock files and the retired prefixes' ones: the test's own
+tempfile.tempdir = None
+import torch.distributed as dist
+# A rank left waiting in a barrier that the other never calls fails in seconds, not in gloo's 30 minutes.
+dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world,
+                        timeout=datetime.timedelta(seconds=10))
+from mnemo.data_pipeline.errors import DataError
+from mnemo.data_pipeline.lean_imports import import_streaming
+from mnemo.data_pipeline.shm import SHM_DIR, streaming_dataset
+streaming = import_streaming()
+from streaming import StreamingDataset
+import streaming.base.dataset as dataset_mod
+prefix_mod = streaming.base.shared.prefix
+kind, _, times = case.partition(":")
+times = 99 if times == "always" else int(times)
+import mnemo.data_pipeline.shm as shm_mod
+shm_mod.PREFIX_TRIES = 3  # the give-up case in fewer seconds
+attempts = [0]
+
+# Each attempt's prefix as this rank's StreamingDataset got it (rank 0 only: rank 1 fails in the shifted ones).
+registered = []
+get_shm_prefix = dataset_mod.get_shm_prefix
+def counted_get_shm_prefix(*args, **kwargs):
+    attempts[0] += 1
+    prefix, shm = get_shm_prefix(*args, **kwargs)
+    registered.append(prefix)
+    return prefix, shm
+dataset_mod.get_shm_prefix = counted_get_shm_prefix
+
+scan = prefix_mod._check_and_find_retrying
+def shifted_scan(*args, **kwargs):
+    # attempts[0] counts this rank's calls of get_shm_prefix, the current one included (incremented above)
+    shift = rank == 1 and kind == "shift" and attempts[0] <= times
+    return scan(*args, **kwargs) + (1 if shift else 0)
+prefix_mod._check_and_find_retrying = shifted_scan
+
+shared_memory = prefix_mod.SharedMemory
+def taken_locals(name=None, create=None, size=0, auto_cleanup=True):
+    if rank == 0 and kind == "taken" and create and name.endswith("_locals") and attempts[0] <= times:
+        raise FileExistsError(17, "File exists", "/" + name)
+    return shared_memory(name, create, size, auto_cleanup)
+prefix_mod.SharedMemory = taken_locals
+
+barriers = [0]
+barrier = dist.barrier
+def counted_barrier(*args, **kwargs):
+    barriers[0] += 1
+    return barrier(*args, **kwargs)
+dist.barrier = counted_barrier
+
+out = {}
+try:
+    ds = streaming_dataset(lambda: StreamingDataset(local=data, shuffle=False, batch_size=1), "data.path")
+    out["tokens"] = [int(t) for t in ds[3]["tokens"]]
+    out["prefix"] = ds._shm_prefix_int
+except DataError as e:
+    out["error"] = str(e)
+out["registered"] = registered
+out["alive"] = [(SHM_DIR / f"{p:06d}_locals").exists() for p in registered]
+out["barriers"] = barriers[0]
+dist.barrier()  # both ranks done looking before either exits (its atexit unlinks its segments)
+print("RESULT " + json.dumps(out), flush=True)
+"""
+
+
+def _race(tmp_path: Path, case: str) -> list[dict]:
+    from tests.unit.gloo_ranks import run_ranks
+
+    data, tmp = tmp_path / "data", tmp_path / "tmp"
+    _write_mds(data)
+    tmp.mkdir()
+    return run_ranks(tmp_path, _RACE_WORKER, 2, (case, str(data), str(tmp)))
+
+
+@needs_shm
+def test_local_ranks_that_saw_different_prefixes_try_again_together(tmp_path):
+    """Another job ended (its segments unlinked) between the scans of /dev/shm of rank 0 and rank 1: rank 1 looked
+    for a prefix rank 0 never registered, and stopped with streaming's raw multi-line RuntimeError ("... was not
+    registered by local leader") while rank 0 waited in a barrier. Now every rank learns of it and all try again;
+    rank 0's segments of the failed attempt are gone."""
+    r0, r1 = _race(tmp_path, "shift:1")
+    assert r0["tokens"] == r1["tokens"] == list(range(8))
+    first, second = r0["registered"]
+    assert r0["prefix"] == r1["prefix"] == second and r0["alive"][1]
+    # The first attempt's segments were removed: its number was free again (or another process took it since).
+    assert first == second or not r0["alive"][0]
+    # Every rank called the same barriers: ours and streaming's, in each attempt.
+    from mnemo.data_pipeline.shm import STREAMING_BARRIERS
+
+    assert r0["barriers"] == r1["barriers"] == 2 * (1 + STREAMING_BARRIERS)
+
+
+@needs_shm
+def test_a_locals_segment_taken_in_a_process_group_is_tried_again_by_every_rank(tmp_path):
+    """In a process group the local leader that lost the race for its ``_locals`` stopped alone (one try),
+    its other ranks left in streaming's barrier."""
+    r0, r1 = _race(tmp_path, "taken:2")
+    assert r0["tokens"] == r1["tokens"] == list(range(8))
+    assert r0["prefix"] == r1["prefix"] and r0["alive"] == [True]
+
+
+@needs_shm
+def test_ranks_that_keep_seeing_different_prefixes_stop_with_one_line_naming_the_key(tmp_path):
+    r0, r1 = _race(tmp_path, "shift:always")  # PREFIX_TRIES is 3 there
+    for r in (r0, r1):
+        assert r["error"].startswith("data.path: ") and "\n" not in r["error"]
+        assert r["error"].endswith("(3 tries): start this job again")
+    assert len(r0["registered"]) == 3 and not any(r0["alive"])  # none of its attempts left behind
