@@ -229,6 +229,28 @@ def test_params_metrics_tags_artifacts_land_and_log_metrics_is_fast(store, clien
     assert not Path("mlruns").exists()
 
 
+def test_a_param_changed_back_to_its_first_value_loses_its_changed_tag(store, client, tmp_path):
+    """world_size 2, then 3 (tag mnemo.param_changed.world_size=3), then 2 again: the tag still said 3 while the
+    run went on at 2. It goes when the value is the run's first again, and says the newest value otherwise."""
+    t = Tracker(run_dir=str(tmp_path), uri=store, experiment="unit", interval=0.1)
+    t.log_params({"world_size": 2, "train.lr": 0.1})
+    t.close("KILLED")
+    run_id = t.run_id
+    for world, lr, want in (
+        (3, 0.1, {"world_size": "3"}),
+        (4, 0.2, {"world_size": "4", "train.lr": "0.2"}),
+        (2, 0.2, {"train.lr": "0.2"}),
+        (2, 0.1, {}),
+    ):
+        t = Tracker(run_dir=str(tmp_path), uri=store, experiment="unit", resume_run_id=run_id, interval=0.1)
+        t.log_params({"world_size": world, "train.lr": lr})
+        t.close("KILLED")
+        tags = client.get_run(run_id).data.tags
+        got = {k.removeprefix("mnemo.param_changed."): v for k, v in tags.items() if k.startswith("mnemo.param_")}
+        assert got == want, (world, lr)
+    assert client.get_run(run_id).data.params == {"world_size": "2", "train.lr": "0.1"}
+
+
 def test_resume_continues_run_without_duplicate_steps(store, client, tmp_path):
     params = {"train.lr": 0.001, "train.max_steps": 20}
     t1 = Tracker(run_dir=str(tmp_path), uri=store, experiment="unit", interval=0.1)

@@ -74,6 +74,7 @@ from mnemo.train.tracking.common import (
 _MAX_METRICS_PER_BATCH = 1000
 _MAX_PARAMS_TAGS_PER_BATCH = 100
 _MAX_REJECTS = 3  # a request the live server refuses this many times is dropped
+_CHANGED = "mnemo.param_changed."  # + a param's key: the value a later start logged for it (params are write-once)
 # A request answered "not now" (a 503, 502...) this many times while the server's /health answers 200 is one the
 # server (or a proxy before it) will never take, e.g. an upload that times out a proxy each time: dropped as
 # refused, so it does not hold everything queued behind it for the rest of the run.
@@ -325,6 +326,7 @@ class _Sender:
         self._pending_points = 0
         self._baseline: dict[str, int] = {}  # key -> max step the resumed run already holds
         self._params: dict[str, str] = {}  # params the run holds (MLflow params are write-once)
+        self._changed: dict[str, str] = {}  # their mnemo.param_changed.<key> tags: the value a later start logged
         self._up = True
         self._down_since = self._down_said = 0.0  # monotonic time the store went down, and last said so
         self._full = False  # down because the store cannot store more (its disk): up again only once it does
@@ -549,6 +551,12 @@ class _Sender:
             for i in range(0, len(items), _MAX_PARAMS_TAGS_PER_BATCH):
                 c.log_batch(run_id, params=items[i : i + _MAX_PARAMS_TAGS_PER_BATCH])
             self._params.update(new)
+            # A value changed back to the first one: its tag no longer says what the run has (it said 3 ranks
+            # while the run went on with 2 again).
+            for k in [k for k in self._changed if k in params and k not in changed]:
+                c.delete_tag(run_id, _CHANGED + k)
+                del self._changed[k]
+            self._changed.update(changed)
             if changed:
                 # MLflow params are write-once: record the new values as tags instead.
                 self._log(
@@ -556,7 +564,7 @@ class _Sender:
                     "tracking: params changed since the run began, logged as mnemo.param_changed.* tags: %s",
                     ", ".join(sorted(changed)),
                 )
-                self._send_tags({f"mnemo.param_changed.{k}": v for k, v in changed.items()})
+                self._send_tags({_CHANGED + k: v for k, v in changed.items()})
         elif op.kind == "tags":
             self._send_tags(op.payload)
         elif op.kind == "artifact":
@@ -673,6 +681,7 @@ class _Sender:
         if run.info.status != "RUNNING":
             c.update_run(self.run_id, status="RUNNING")
         self._params = dict(run.data.params)
+        self._changed = {k[len(_CHANGED) :]: v for k, v in run.data.tags.items() if k.startswith(_CHANGED)}
         redone = self._redone_steps(held)
         if redone is not None:
             replay = [op for op in replay if op.payload[0] <= self._s["resume_step"]]  # the same attempt's points
