@@ -1224,3 +1224,31 @@ def test_a_store_and_a_fallback_file_on_a_full_disk_are_one_warning_each_and_the
         "(No space left on device)"
     ]
     assert replies[-1] == ("held", 6)  # every message: the trainer need not keep points nothing will take
+
+
+def test_the_code_version_tags_write_nothing_into_the_checkout(tmp_path):
+    """`git status` refreshed the index under .git/index.lock at every start: a commit in that checkout at the
+    same moment failed ("index.lock exists"). The tags read the checkout without writing to it."""
+    import os
+    import subprocess
+
+    from mnemo.train.tracking import common
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    env = {
+        **os.environ,
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@t",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@t",
+    }
+    for cmd in (["init", "-q"], ["add", "f"], ["commit", "-qm", "f"]):
+        if cmd[0] == "add":
+            (repo / "f").write_text("x")
+        subprocess.run(["git", *cmd], cwd=repo, check=True, env=env)
+    index = repo / ".git" / "index"
+    os.utime(repo / "f", ns=(1, 1))  # its stat info no longer the index's: a refresh would rewrite the index
+    before = (index.stat().st_mtime_ns, index.read_bytes())
+    assert common.git_read(["status", "--porcelain", "--untracked-files=no"], repo) == ""
+    assert (index.stat().st_mtime_ns, index.read_bytes()) == before

@@ -206,9 +206,12 @@ def experiment_problem(name: str) -> str | None:
     return None
 
 
-def _git(args: list[str], cwd: Path) -> str | None:
+def git_read(args: list[str], cwd: Path) -> str | None:
+    """The output of ``git ARGS`` run in ``cwd`` (None: no git, not a checkout, an error), writing nothing there."""
+    # --no-optional-locks: `git status` refreshes the index under .git/index.lock, so a run starting while a
+    # developer commits in the same checkout made their commit fail ("index.lock exists"); a read writes nothing.
     try:
-        out = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=5)
+        out = subprocess.run(["git", "--no-optional-locks", *args], cwd=cwd, capture_output=True, text=True, timeout=5)
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() if out.returncode == 0 else None
@@ -235,11 +238,11 @@ def system_tags() -> dict[str, str]:
         "mnemo.version": _dist_version("mnemo"),
     }
     code_dir = Path(__file__).resolve().parent
-    commit = _git(["rev-parse", "HEAD"], code_dir)
+    commit = git_read(["rev-parse", "HEAD"], code_dir)
     if commit:
         tags["mnemo.git_commit"] = commit
         tags["mlflow.source.git.commit"] = commit  # shown by the MLflow UI
-        dirty = _git(["status", "--porcelain", "--untracked-files=no"], code_dir)
+        dirty = git_read(["status", "--porcelain", "--untracked-files=no"], code_dir)
         if dirty is not None:
             tags["mnemo.git_dirty"] = "true" if dirty else "false"
     return tags
