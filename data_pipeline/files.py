@@ -7,6 +7,7 @@ from collections.abc import Callable
 import datetime
 import errno
 import fcntl
+import hashlib
 import io
 import json
 import os
@@ -86,6 +87,51 @@ def new_file_mode() -> int:
     return 0o666 & ~mask
 
 
+# The most bytes in one name (a path component) on Linux's file systems (ext4, xfs, btrfs, tmpfs, NFS).
+NAME_MAX = 255
+# The most bytes mnemo adds after a user's name in a name of its own beside it (``sibling``'s tag:
+# ".mnemo-export-new-PID" with a 7-digit pid is 25, mkstemp's ".XXXXXXXX.tmp" 13).
+SIBLING_TAG_ROOM = 32
+
+
+def fit_name(name: str, room: int) -> str:
+    """``name`` as the start of a longer name of mnemo's (a temporary file, a lock), leaving ``room``
+    bytes of NAME_MAX for what is added: ``name`` itself when it fits, else its start cut (whole
+    characters) and ``~`` + 8 hex digits of its sha256, so two long names cut alike still differ.
+
+    A legal name of up to 255 bytes plus mnemo's few bytes was over NAME_MAX: the temporary file could
+    not be made ("File name too long"), after the work it was to hold had been done.
+    """
+    raw = os.fsencode(name)
+    if len(raw) + room <= NAME_MAX:
+        return name
+    mark = "~" + hashlib.sha256(raw).hexdigest()[:8]
+    cut = name
+    while len(os.fsencode(cut)) > NAME_MAX - room - len(mark):
+        cut = cut[:-1]
+    return cut + mark
+
+
+def sibling(path: str | os.PathLike, tag: str) -> Path:
+    """The hidden name mnemo makes beside ``path`` for a file or folder of its own: ``.NAME`` + ``tag``
+    (``tag``: ".tmp1234", ".mnemo-export.lock"...), NAME cut by ``fit_name`` where the whole would be
+    over NAME_MAX. All the siblings of one ``path`` start alike (the cut does not depend on ``tag``), so
+    ``sibling(path, "")`` + a pattern finds them."""
+    if len(os.fsencode(tag)) > SIBLING_TAG_ROOM:
+        raise ValueError(f"sibling tag {tag!r}: longer than {SIBLING_TAG_ROOM} bytes")
+    path = Path(path)
+    return path.parent / f".{fit_name(path.name, 1 + SIBLING_TAG_ROOM)}{tag}"
+
+
+def remove_quietly(path: str | os.PathLike) -> None:
+    """Remove the file ``path`` if there, ignoring every OSError: a clean-up that must not hide the error
+    being raised (unlink(missing_ok=True) still raises for a name too long or a folder without permission)."""
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
 class OutputTaken(FileExistsError):
     """``publish`` found at ``path`` a file it may not replace, put there while the output was being made
     (the command's start-up check had found nothing there, or a file mnemo wrote). ``kept``: where the new
@@ -140,12 +186,16 @@ def publish(tmp: str | Path, path: str | Path, may_replace: Callable[[Path], boo
 def _keep_aside(tmp: Path, path: Path) -> Path | None:
     """``tmp`` linked in as ``STEM.mnemo-new-PID.SUFFIX`` beside ``path`` when that name is free (then
     returned), else removed (None)."""
-    kept = path.with_name(f"{path.stem}.mnemo-new-{os.getpid()}{path.suffix}")
+    tag = f".mnemo-new-{os.getpid()}"
+    name = f"{path.stem}{tag}{path.suffix}"
+    if len(os.fsencode(name)) > NAME_MAX:  # a long name: its start and a hash, then the tag (no suffix)
+        name = fit_name(path.name, len(tag)) + tag
+    kept: Path | None = path.with_name(name)
     try:
         os.link(tmp, kept)
     except OSError:
         kept = None
-    tmp.unlink(missing_ok=True)
+    remove_quietly(tmp)
     return kept
 
 
@@ -166,7 +216,7 @@ def atomic_write(
     output, what ``publish`` may replace (OutputTaken otherwise).
     """
     path = Path(path)
-    tmp = Path(tmp_dir or path.parent) / f".{path.name}.tmp{os.getpid()}"
+    tmp = Path(tmp_dir or path.parent) / sibling(path, f".tmp{os.getpid()}").name
     try:
         with open(tmp, "wb") as f:
             f.write(data)
@@ -176,7 +226,7 @@ def atomic_write(
             os.fsync(f.fileno())
         publish(tmp, path, may_replace)
     except BaseException as e:  # a full disk, a target that is a directory, Ctrl-C: no temp file left behind
-        tmp.unlink(missing_ok=True)
+        remove_quietly(tmp)  # never raising itself: the error to report is e
         if isinstance(e, OSError) and e.filename is None:  # a failed write or fsync names no file: name the target
             e.filename = str(path)
         raise
