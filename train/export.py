@@ -23,6 +23,7 @@ from mnemo.data_pipeline.files import (
     make_dirs,
     new_file_mode,
     remove_made_dirs,
+    sibling,
     take_flock_at,
 )
 from mnemo.data_pipeline.paths import is_inside, not_utf8, remote_output_problem
@@ -80,10 +81,11 @@ def _recover_export_leftovers(out: Path) -> None:
     """Undo what a killed export left beside ``out``: restore a replaced export, drop temporary folders."""
     import glob
 
-    for d in sorted(out.parent.glob(f".{glob.escape(out.name)}.mnemo-export-*")):
+    base = sibling(out, ".mnemo-export-").name  # a long name's siblings start with its cut form (sibling)
+    for d in sorted(out.parent.glob(f"{glob.escape(base)}*")):
         if d.is_symlink() or not d.is_dir():  # never mnemo's (it makes folders): nothing through a link
             continue
-        old = d.name.startswith(f".{out.name}.mnemo-export-old-")
+        old = d.name.startswith(f"{base}old-")
         if old and not out.exists() and export_manifest(d) is not None:
             os.replace(d, out)  # killed between moving the old export aside and moving the new one in
             log.warning("restored %s from %s (an interrupted export)", out, d)
@@ -161,7 +163,7 @@ def export_lock(out: Path) -> Iterator[None]:
     included); a lock file left by one is mnemo's own and reused. As in data_pipeline/out_lock.py, a
     lock taken on a file that its holder removed meanwhile is taken again on the file at the path.
     """
-    path = out.parent / f".{out.name}{EXPORT_LOCK_SUFFIX}"
+    path = sibling(out, EXPORT_LOCK_SUFFIX)
     try:
         fd = take_flock_at(path)
     except LockBusy as e:
@@ -231,9 +233,10 @@ def _export_locked(ckpt: Path, out: Path, overwrite: bool, format: str) -> Path:
     tok_path = source_tokenizer(ckpt, meta, required=format == "hf")
     if args.tie_embeddings:
         sd.pop("lm_head.weight", None)  # safetensors refuses shared storage; re-tied on load
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.mnemo-export-new-{os.getpid()}"
-    tmp.mkdir()
+    tmp = sibling(out, f".mnemo-export-new-{os.getpid()}")
+    with path_errors("--out"):  # out.parent was made for the lock (export); a failure: one line naming the folder
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
     try:
         # A full disk (quota, read-only file system): one line naming --out, decided before the finally
         # below frees the space (safetensors' own error does not chain the OSError: write_errors asks the disk).
@@ -269,7 +272,7 @@ def _export_locked(ckpt: Path, out: Path, overwrite: bool, format: str) -> Path:
                 os.replace(tmp, out)  # rename(2) also replaces an empty directory
             elif not foreign and not here:  # an earlier export, nothing else: swap the folders, delete the old files
                 if not _exchange(tmp, out):
-                    aside = out.parent / f".{out.name}.mnemo-export-old-{os.getpid()}"
+                    aside = sibling(out, f".mnemo-export-old-{os.getpid()}")
                     os.replace(out, aside)  # a kill here is undone by the next export (_recover_export_leftovers)
                     os.replace(tmp, out)
                     tmp = aside

@@ -326,6 +326,27 @@ def test_an_export_killed_between_its_renames_is_restored(two_models, tmp_path):
     assert _bytes(out) == before and not list(tmp_path.glob(".out.*"))
 
 
+@pytest.mark.parametrize("length", [234, 250, 255])
+def test_export_takes_a_legal_long_out_name(two_models, tmp_path, length):
+    """--out of 232-236 bytes: a traceback from mkdir of `.NAME.mnemo-export-new-PID` (too long); of 237-255
+    bytes: "cannot lock .NAME.mnemo-export.lock", naming the lock, not the problem. Any legal name works now,
+    replacing an earlier export, and an export killed between its renames is still restored."""
+    from mnemo.data_pipeline.files import sibling
+
+    a, b = two_models
+    out = tmp_path / ("e" * length)
+    export_mod.export(a, out)
+    assert (out / "model.safetensors").read_bytes() == (a / "model.safetensors").read_bytes()
+    export_mod.export(b, out, overwrite=True)  # the old export swapped aside, then deleted
+    before = _bytes(out)
+    assert before["model.safetensors"] == (b / "model.safetensors").read_bytes()
+    os.replace(out, sibling(out, ".mnemo-export-old-4242"))  # moved aside, then a kill
+    with pytest.raises(UserError, match="another checkpoint"):
+        export_mod.export(a, out)
+    assert _bytes(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["model_a", "model_b", out.name])
+
+
 @pytest.mark.parametrize("target", ["nowhere", "empty folder", "an export"])
 def test_export_refuses_a_symbolic_link_as_out_before_loading(two_models, tmp_path, capsys, monkeypatch, target):
     """--out LINK was renamed over: a traceback (NotADirectoryError) after the weights loaded, or, with
