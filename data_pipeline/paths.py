@@ -136,6 +136,26 @@ def not_utf8(path: str | os.PathLike) -> str | None:
     return None
 
 
+def name_over_limit(path: str | os.PathLike) -> int | None:
+    """The file system's longest name (bytes) when a name in local ``path`` is longer, else None.
+
+    For outputs checked before long work: a path whose folders do not exist yet was answered "no such file"
+    for the first missing one (the kernel looks no further), so a name too long after it failed only at the
+    write, after the training or evaluation. The limit is that of the nearest existing folder (255 if unknown).
+    """
+    path = os.path.abspath(path)
+    existing = path
+    while not os.path.isdir(existing) and os.path.dirname(existing) != existing:  # isdir: False for a name too long
+        existing = os.path.dirname(existing)
+    try:
+        limit = os.pathconf(existing, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        limit = 255
+    if any(len(os.fsencode(name)) > limit for name in path.split(os.sep)):
+        return limit
+    return None
+
+
 def is_inside(path: str | os.PathLike, root: str | os.PathLike) -> bool:
     """``path`` is ``root`` or lies under it (symbolic links resolved)."""
     path, root = os.path.realpath(path), os.path.realpath(root)

@@ -25,8 +25,10 @@ from mnemo.data_pipeline.files import (
     open_regular,
     publish,
     remove_made_dirs,
+    remove_quietly,
+    sibling,
 )
-from mnemo.data_pipeline.paths import remote_output_problem
+from mnemo.data_pipeline.paths import name_over_limit, remote_output_problem
 
 
 def write_model_file(out: Path, data: bytes, overwrite: bool | None = None) -> None:
@@ -47,7 +49,8 @@ def write_model_file(out: Path, data: bytes, overwrite: bool | None = None) -> N
     may_replace = None if overwrite is None else is_mnemo_sentencepiece if overwrite else _nothing
     try:
         made = make_dirs(out.parent)
-        fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+        # .NAME.XXXXXXXX.tmp, NAME cut where that would be over NAME_MAX (sibling): a legal --out failed here
+        fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=sibling(out, ".").name, suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             os.fchmod(f.fileno(), new_file_mode())  # mkstemp made it 0600: read like the files beside it
@@ -65,10 +68,7 @@ def write_model_file(out: Path, data: bytes, overwrite: bool | None = None) -> N
         raise DataError(f"--out {out}: cannot write the model ({e.strerror or e})") from None
     finally:
         if tmp is not None:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
+            remove_quietly(tmp)
         if made:
             remove_made_dirs(made)  # after the temporary file: only empty folders go
 
@@ -109,6 +109,8 @@ def check_model_out(out: str | os.PathLike, overwrite: bool = False) -> Path:
         _check_new_model_file(out, overwrite)
     except OSError as e:  # pathlib's checks raise for a name too long, a folder without search permission
         raise DataError(f"--out {clip(str(out), 200)}: {e.strerror or e}") from None
+    if (limit := name_over_limit(out)) is not None:  # below a folder still to be made: found only after training
+        raise DataError(f"--out {clip(str(out), 200)}: a name in it is longer than {limit} bytes")
     return out
 
 

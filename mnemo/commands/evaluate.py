@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 from pathlib import Path
 
@@ -101,7 +100,7 @@ def check_output(flag: str, out: str | None, folder: bool) -> None:
     link, it does not write through it. A broken link on the way and an empty value are refused too.
     """
     from mnemo.data_pipeline.files import unwritable_dir
-    from mnemo.data_pipeline.paths import remote_output_problem
+    from mnemo.data_pipeline.paths import name_over_limit, remote_output_problem
     from mnemo.evaluation.outputs import PLOT_NAMES, foreign_plot, is_eval_json
     from mnemo.train.errors import UserError, path_errors
 
@@ -142,13 +141,9 @@ def check_output(flag: str, out: str | None, folder: bool) -> None:
         folder_made_in = existing if existing.is_dir() else existing.parent
         if denied := unwritable_dir(folder_made_in):  # "Read-only file system" or "Permission denied"
             raise UserError(f"{flag}: {path}: {folder_made_in} is not writable ({denied})")
-        # The names still to be made: the kernel says "no such file" for the first missing folder before it
-        # looks at a longer name after it, so a name too long deeper down failed only at the write, after the
-        # whole evaluation (an OSError traceback).
-        limit = os.pathconf(existing, "PC_NAME_MAX")
-        for name in path.parts[len(existing.parts) :]:
-            if len(os.fsencode(name)) > limit:
-                raise UserError(f"{flag}: {clip(str(path))}: a name in it is longer than {limit} bytes")
+        # A name too long below a folder still to be made failed only at the write, after the whole evaluation.
+        if (limit := name_over_limit(path)) is not None:
+            raise UserError(f"{flag}: {clip(str(path))}: a name in it is longer than {limit} bytes")
 
 
 def int_list(text: str) -> list[int]:

@@ -358,14 +358,31 @@ def test_out_name_too_long_is_one_line_before_training(tmp_path, capsys, name):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus"]
 
 
-def test_out_name_too_long_below_new_folders_leaves_no_folders(tmp_path, capsys):
-    """A 256-byte model name under folders that did not exist: the write failed after training and left
-    md/np/sub behind."""
+def test_out_name_too_long_below_new_folders_is_refused_before_training(tmp_path, capsys, monkeypatch):
+    """A 256-byte model name under folders that did not exist: the write failed after training ("cannot write
+    the model (File name too long)"; md/np/sub were left behind until that was fixed). Refused before now."""
+    import mnemo.data_pipeline.tokenizer as tokenizer_mod
+
+    def trains(*args, **kw):
+        raise AssertionError("trained")
+
+    monkeypatch.setattr(tokenizer_mod, "train_from_texts", trains)
     out = tmp_path / "md" / "np" / "sub" / ("x" * 256 + ".model")
     rc, err = _cli(capsys, "--input", str(_corpus(tmp_path, 3)), "--vocab-size", "400", "--out", str(out))
     assert rc == 2 and err.count("\n") == 1 and err.startswith("mnemo: error: --out "), err
-    assert "File name too long" in err
+    assert err.rstrip().endswith(": a name in it is longer than 255 bytes"), err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus"]
+
+
+@pytest.mark.parametrize("length", [242, 250, 255])
+def test_a_legal_long_out_name_gets_its_model(tmp_path, capsys, length):
+    """A 242-255 byte --out: the temporary file `.NAME.XXXXXXXX.tmp` (mkstemp) was over 255 bytes, so the
+    model trained and was then lost: "cannot write the model (File name too long)"."""
+    out = tmp_path / ("t" * length)
+    rc, err = _cli(capsys, "--input", str(_corpus(tmp_path, 3)), "--vocab-size", "400", "--out", str(out))
+    assert rc == 0, err
+    assert Tokenizer(out).vocab_size == 400
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["corpus", out.name])
 
 
 def test_out_directory_is_refused_before_training_and_leaves_nothing(tmp_path, capsys):
