@@ -53,7 +53,7 @@ from mnemo.data_pipeline.files import MAX_JSON_BYTES, atomic_write, read_bounded
 from mnemo.data_pipeline.inputs import Corpus, WorkUnit
 from mnemo.data_pipeline.lean_imports import import_streaming
 from mnemo.data_pipeline.out_lock import LOCK_NAME
-from mnemo.data_pipeline.paths import file_url_path, is_file_url, is_remote, looks_like_url, parse_url
+from mnemo.data_pipeline.paths import file_url_path, is_file_url, is_remote, looks_like_url, not_utf8, parse_url
 from mnemo.data_pipeline.redact import redact_quoted, redact_uri
 from mnemo.data_pipeline.progress import note
 
@@ -93,6 +93,8 @@ def resolve_out(out: str, staging: str | None = None) -> OutLocation:
     out = str(out)
     if not out:  # abspath("") is the current directory
         raise DataError("--out is empty; give the output directory")
+    if why := not_utf8(out):  # data.path (training, eval) refuses such a folder: found before any work, as export does
+        raise DataError(f"--out: {why}")
     if not is_file_url(out) and not is_remote(out):  # as data.path reads it: "data:v1" is a directory
         # A URL that lost a "/" (s3:/u:PW@b/x, hdfs:/x) made a local folder of that name, the password in it and
         # in the "wrote" line: refused, as every other output is (paths.remote_output_problem).

@@ -28,7 +28,7 @@ from mnemo.data_pipeline.files import (
     remove_quietly,
     sibling,
 )
-from mnemo.data_pipeline.paths import name_over_limit, remote_output_problem
+from mnemo.data_pipeline.paths import name_over_limit, not_utf8, remote_output_problem
 
 
 def write_model_file(out: Path, data: bytes, overwrite: bool | None = None) -> None:
@@ -104,6 +104,8 @@ def check_model_out(out: str | os.PathLike, overwrite: bool = False) -> Path:
         raise DataError("--out is empty; give the model file to write, e.g. tokenizer.model")
     if why := remote_output_problem(out, "file"):
         raise DataError(f"--out {out}: {why}")
+    if why := not_utf8(out):  # data.tokenizer (training) refuses such a file: before training, as export does
+        raise DataError(f"--out: {why}")
     out = Path(out)
     try:
         _check_new_model_file(out, overwrite)

@@ -595,18 +595,25 @@ def test_a_colon_in_the_first_component_is_a_local_dir_to_prepare_verify_and_tra
     assert src.get(0)["tokens"][-1] == m["eos_id"]
 
 
-def test_paths_that_are_not_utf8_are_written_or_refused_naming_the_key(corpus, tmp_path):
+def test_paths_that_are_not_utf8_are_read_or_refused_naming_the_key(corpus, tmp_path):
     """A tokenizer or --out named with byte \\xff was a TypeError traceback (SentencePiece takes only UTF-8
-    paths); a dataset or cache folder so named, a UnicodeEncodeError in streaming's shared memory."""
+    paths); a dataset or cache folder so named, a UnicodeEncodeError in streaming's shared memory. Such a
+    --out was then written whole, for training and eval to refuse as data.path: refused up front now, as
+    `mnemo export --out` is, before anything is read or made."""
     from mnemo.data_pipeline.streams import MDSSource
 
     tok = tmp_path / os.fsdecode(b"tok\xff.model")
     tok.write_bytes(Path(corpus[2]).read_bytes())
-    out = tmp_path / os.fsdecode(b"dd\xff")
-    m = run(corpus, out, tokenizer=str(tok))
+    bad = tmp_path / os.fsdecode(b"b\xffz") / "d"
+    with pytest.raises(DataError, match=r"^--out: '.*b\\xffz/d' is not valid UTF-8 \(rename it\)$"):
+        run(corpus, bad, tokenizer=str(tok))
+    assert not os.path.lexists(bad.parent)
+    out = tmp_path / "dd"
+    m = run(corpus, out, tokenizer=str(tok))  # a tokenizer so named is only read: it works
     verify(str(out))
     assert decoded(out) == corpus[1]
     assert run(corpus, tmp_path / "trained", tokenizer=None, vocab_size=400)["num_documents"] == m["num_documents"]
+    out = out.rename(tmp_path / os.fsdecode(b"dd\xff"))  # renamed since
     with pytest.raises(DataError, match=r"^data\.path: '.*dd\\xff' is not valid UTF-8 \(rename it\)$"):
         MDSSource(str(out))
     cache = tmp_path / os.fsdecode(b"c\xff")

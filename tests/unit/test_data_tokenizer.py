@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import signal
 from pathlib import Path
 
@@ -244,14 +245,17 @@ def test_bad_model_file_is_an_error(tmp_path):
         Tokenizer(tmp_path / "absent.model")
 
 
-def test_a_model_path_that_is_not_utf8_is_written_and_loaded(tok, tmp_path):
-    """SentencePiece's LoadFromFile takes only a UTF-8 path: a name with byte \\xff was a TypeError traceback,
-    after tokenizer train had written the model (so the rerun said it exists)."""
-    odd = tmp_path / os.fsdecode(b"t\xff.model")
-    trained = train_tokenizer([str(_corpus(tmp_path, 5))], odd, vocab_size=400)
-    assert odd.is_file() and trained.vocab_size == Tokenizer(odd).vocab_size == 400
-    again = train_tokenizer([str(tmp_path / "corpus")], odd, vocab_size=450, overwrite=True)  # a model mnemo wrote
-    assert again.vocab_size == Tokenizer(odd).vocab_size == 450
+def test_a_model_path_that_is_not_utf8_is_loaded_and_refused_as_out(tok, tmp_path, capsys):
+    """SentencePiece's LoadFromFile takes only a UTF-8 path: a model named with byte \\xff was a TypeError
+    traceback; it loads now. As --out such a name was trained and written, for training to refuse it then
+    (data.tokenizer: ... is not valid UTF-8): refused before the corpus is read now, as export --out is."""
+    odd = tmp_path / os.fsdecode(b"b\xffz") / "t.model"
+    rc, err = _cli(capsys, "--input", str(_corpus(tmp_path, 5)), "--vocab-size", "400", "--out", str(odd))
+    assert rc == 2 and err.count("\n") == 1, err
+    assert re.fullmatch(r"mnemo: error: --out: '.*/b\\xffz/t\.model' is not valid UTF-8 \(rename it\)\n", err), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus"]
+    with pytest.raises(DataError, match="is not valid UTF-8"):
+        train_tokenizer([str(tmp_path / "corpus")], tmp_path / os.fsdecode(b"t\xff.model"), vocab_size=400)
     copy = tmp_path / os.fsdecode(b"c\xfe.model")
     copy.write_bytes(Path(tok.path).read_bytes())
     assert Tokenizer(copy).encode(PROSE) == tok.encode(PROSE)
