@@ -176,7 +176,7 @@ def all_skipped(names: Sequence[str], stats: ReadStats) -> str:
 
 @dataclass(frozen=True)
 class InputFile:
-    path: str  # as the user named it (joined under a directory)
+    path: str  # as the user named it (joined under a directory); prepare converts under its absolute path
     kind: str  # text | jsonl | jsonl.gz | jsonl.zst | parquet
     size: int
     mtime_ns: int

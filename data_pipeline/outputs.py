@@ -295,8 +295,15 @@ def _remove(local: str, name: str) -> None:
         os.remove(p)
 
 
-def claim_out(loc: OutLocation, fingerprint: str, overwrite: bool, names: Sequence[str]) -> dict | None:
-    """Make ``loc`` ours for this dataset (entries ``names``). Returns the manifest when it is already complete.
+def claim_out(
+    loc: OutLocation, fingerprints: Sequence[str], overwrite: bool, names: Sequence[str]
+) -> tuple[dict | None, str]:
+    """Make ``loc`` ours for this dataset (entries ``names``). Returns the manifest when it is already complete
+    (else None), and the fingerprint the conversion goes on under.
+
+    ``fingerprints``: this conversion's, then the ones an older mnemo gave the same conversion; a dataset or an
+    unfinished conversion under one of those is this one (complete, or resumed under that fingerprint). A new
+    conversion is planned under the first.
 
     DATA_DIR must be new, empty, or hold nothing but what .mnemo-outputs.json
     lists (a state dir alone is the leftover of a run killed before it wrote
@@ -315,9 +322,10 @@ def claim_out(loc: OutLocation, fingerprint: str, overwrite: bool, names: Sequen
     )
     if not (isinstance(done, dict) and done.get("format") == "mnemo-mds"):
         done = None  # no dataset there (a manifest.json of something else is the user's file)
+    fingerprint = fingerprints[0]
     if done is not None:
-        if done.get("fingerprint") == fingerprint and not overwrite:
-            return done
+        if done.get("fingerprint") in fingerprints and not overwrite:
+            return done, done["fingerprint"]
         if not overwrite:
             raise DataError(
                 f"--out {loc.url} already holds a dataset made from other inputs or settings; "
@@ -329,6 +337,8 @@ def claim_out(loc: OutLocation, fingerprint: str, overwrite: bool, names: Sequen
     owned = {d: _owned_entries(loc.url, d) for d in dirs}
     plan = read_json(os.path.join(loc.state, "plan.json")) if owned[loc.local] is not None else None
     failed = plan.get("failed") if isinstance(plan, dict) else None
+    if isinstance(plan, dict) and plan.get("fingerprint") in fingerprints and not (overwrite or failed):
+        fingerprint = plan["fingerprint"]  # an older mnemo's name of this conversion: resumed under it
     if plan is not None and plan.get("fingerprint") != fingerprint and not overwrite and not failed:
         raise DataError(
             f"--out {loc.url} holds an unfinished conversion of other inputs or settings; "
@@ -365,7 +375,7 @@ def claim_out(loc: OutLocation, fingerprint: str, overwrite: bool, names: Sequen
                 _write_outputs(d, (owned[d] or set()) | set(names))
         if failed:  # the same conversion again (its input as it was): resumed, not failed until it fails
             write_json(os.path.join(loc.state, "plan.json"), {"fingerprint": fingerprint})
-    return None
+    return None, fingerprint
 
 
 def finish_out(loc: OutLocation) -> None:

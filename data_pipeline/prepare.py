@@ -34,7 +34,7 @@ import os
 import shutil
 import signal
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -489,14 +489,12 @@ def prepare(
     given_bytes = Path(given.path).read_bytes() if given else b""
     loc = resolve_out(out, staging)
     check_out_apart(loc, corpus)
-    units = split_units(corpus.files, unit_bytes)
     spec = {
         "format_version": FORMAT_VERSION,
         "inputs": [f.fingerprint() for f in corpus.files],
         "text_field": text_field,
         "id_field": id_field,
         "unit_bytes": unit_bytes,
-        "units": [u.describe() for u in units],
         "tokenizer": (
             {"sha256": given.sha256}
             if given
@@ -517,13 +515,23 @@ def prepare(
     }
     if max_doc_bytes != DEFAULT_MAX_DOC_BYTES:  # absent at the default: older datasets keep their fingerprint
         spec["max_doc_bytes"] = max_doc_bytes
-    fingerprint = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
+    # The conversion names each input by its absolute path, in its fingerprint and in the `source` and
+    # position `doc_id` columns: `big`, `./big` and `/home/me/big`, from any working directory, are one
+    # conversion (resumed, or complete) with the same shard bytes. mnemo before 2026-12-06 named them as
+    # typed: a dataset or unfinished conversion under that fingerprint is this one, and its resumed parts
+    # name the inputs as its first parts did.
+    plans = {}
+    for files in (corpus.files, [replace(f, path=os.path.abspath(f.path)) for f in corpus.files]):
+        units = split_units(files, unit_bytes)
+        plans[_fingerprint({**spec, "units": [u.describe() for u in units]})] = (replace(corpus, files=files), units)
     entries = out_entries(units, passkey_docs > 0)
     if given is not None and given.file_name not in entries:  # OUT/tokenizer.json
         entries.append(given.file_name)
     # One run per --out at a time: held from the claim to the end, released however this ends.
     with OutLock(loc.url, lock_paths(loc)):
-        complete = claim_out(loc, fingerprint, overwrite, entries)
+        complete, fingerprint = claim_out(loc, list(reversed(plans)), overwrite, entries)
+        corpus, units = plans[fingerprint]
+        spec["units"] = [u.describe() for u in units]
         if complete is not None:
             note(f"{loc.url} is already complete for these inputs (manifest.json); nothing to do")
             finish_out(loc)  # what a run cut off in its own finish_out left
@@ -575,6 +583,10 @@ def prepare(
             upload(loc, [tok.file_name, "manifest.json"])
         finish_out(loc)
         return manifest
+
+
+def _fingerprint(spec: dict) -> str:
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
 
 
 def _forget_lost_parts(loc: OutLocation, ctx: UnitContext, names: Sequence[str]) -> None:

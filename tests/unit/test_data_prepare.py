@@ -840,3 +840,61 @@ def test_skipped_examples_name_every_reason_counted(corpus, tmp_path, workers):
         f"{d / 'c.txt'}: empty",
     ]
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["skipped_examples"] == m["skipped_examples"]
+
+
+def test_an_input_spelled_another_way_is_the_same_conversion(corpus, tmp_path, monkeypatch):
+    """`code`, `./code` and its absolute path, from any working directory, name one conversion: an unfinished
+    one is resumed, a complete one is complete, and the shards (`source`, `doc_id`) are the same bytes."""
+    inputs, expected, model = corpus
+    root = Path(inputs[0]).parent
+    monkeypatch.chdir(root)
+    rel = [os.path.relpath(p) for p in inputs]
+    out = tmp_path / "out"
+    with monkeypatch.context() as m:  # stopped before any unit ran
+
+        def interrupted(*a, **k):
+            raise KeyboardInterrupt
+
+        m.setattr(prep, "_run_units", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            prepare(rel, str(out), tokenizer=model, unit_bytes=UNIT, workers=1)
+    dotted = [os.path.join(".", p) for p in rel]
+    m1 = prepare(dotted, str(out), tokenizer=model, unit_bytes=UNIT, workers=1)  # resumed, not refused
+    assert decoded(out) == expected
+    (root / "sub").mkdir()
+    monkeypatch.chdir(root / "sub")
+    up = [os.path.join("..", p) for p in rel]
+    assert prepare(up, str(out), tokenizer=model, unit_bytes=UNIT, workers=1) == m1  # complete: nothing to do
+    other = tmp_path / "other"
+    assert prepare(inputs, str(other), tokenizer=model, unit_bytes=UNIT, workers=1)["fingerprint"] == m1["fingerprint"]
+    shards = sorted(p.relative_to(out) for p in out.rglob("shard.*"))
+    assert shards and all((out / s).read_bytes() == (other / s).read_bytes() for s in shards)
+    assert {s["source"] for s in read_samples(out)} <= {os.path.abspath(os.path.join(root, p)) for p in rel} | {
+        str(p) for p in (root / "code").rglob("*.py")
+    }
+
+
+def test_a_conversion_begun_before_absolute_input_names_keeps_its_names(corpus, tmp_path, monkeypatch):
+    """A conversion that mnemo before 2026-12-06 began (its fingerprint and `source` column name the inputs as
+    typed) is resumed under that fingerprint, its new parts naming the inputs as its first ones did."""
+    inputs, expected, model = corpus
+    monkeypatch.chdir(Path(inputs[0]).parent)
+    rel = [os.path.relpath(p) for p in inputs]
+    out = tmp_path / "out"
+    run_units, claim = prep._run_units, prep.claim_out
+
+    def one_unit(ctx, pending, *a):
+        run_units(ctx, pending[:1], *a)
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:  # the old planning: the fingerprint of the inputs as typed, one part done
+        m.setattr(prep, "claim_out", lambda loc, fps, *a: claim(loc, fps[-1:], *a))
+        m.setattr(prep, "_run_units", one_unit)
+        with pytest.raises(KeyboardInterrupt):
+            prepare(rel, str(out), tokenizer=model, unit_bytes=UNIT, workers=1)
+    m1 = prepare(rel, str(out), tokenizer=model, unit_bytes=UNIT, workers=1)
+    assert decoded(out) == expected
+    assert {os.path.isabs(s["source"]) for s in read_samples(out)} == {False}
+    assert prepare(rel, str(out), tokenizer=model, unit_bytes=UNIT, workers=1) == m1  # complete
+    m2 = prepare(inputs, str(tmp_path / "new"), tokenizer=model, unit_bytes=UNIT, workers=1)
+    assert m2["fingerprint"] != m1["fingerprint"]
