@@ -9,7 +9,7 @@ import urllib.parse
 import urllib.request
 from collections.abc import Callable
 
-from mnemo.data_pipeline.errors import DataError, brief
+from mnemo.data_pipeline.errors import DataError, brief, clip
 from mnemo.data_pipeline.redact import redact_uri
 
 
@@ -122,6 +122,31 @@ def local_path(uri: str, what: str = "path") -> str:
     file:///a%20b is read back from /x and /a b.
     """
     return file_url_path(uri, what) if is_file_url(uri) else uri
+
+
+# A leading ``~`` or ``~user``, as a shell expands it.
+_TILDE = re.compile(r"~[\w.-]*(?=/|$)")
+
+
+def tilde_problem(path: str, prefix: str = "") -> str | None:
+    """Why ``path`` is refused, when it starts with ``~`` or ``~user``, with the expanded path to write instead
+    (where this machine knows it); else None. ``prefix``: what the value holds before the path (``sqlite:///``
+    of a tracking.uri), shown with it.
+
+    Config path keys (train/config.py refuse_tilde) and every path argument of the CLI (mnemo/commands
+    path_arg). No shell reads a config file, and a ``~`` that reaches mnemo from a command line is one the
+    shell left alone (quoted, or ``--out=~/x``): expanding it in some places and not in others wrote
+    ``./~/x`` where ``~/x`` was meant, saying "wrote ~/x" either way. It is the same error everywhere instead.
+    """
+    m = _TILDE.match(path)
+    if not m:
+        return None
+    home = os.path.expanduser(path)
+    hint = f", such as {clip(redact_uri(prefix + home))}" if home != path else ""
+    return (
+        f"{clip(redact_uri(prefix + path))} starts with {clip(m.group())!r}, which mnemo does not expand (it would "
+        f"name a folder {clip(m.group())!r} in the working directory): write the full path{hint}"
+    )
 
 
 def not_utf8(path: str | os.PathLike) -> str | None:

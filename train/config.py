@@ -33,6 +33,7 @@ from mnemo.data_pipeline.paths import (
     not_utf8,
     parse_url,
     remote_output_problem,
+    tilde_problem,
     unstreamed_scheme,
 )
 from mnemo.train.errors import UserError, path_errors
@@ -1123,16 +1124,10 @@ def _local_path_keys(cfg: Config) -> list[tuple[str, str]]:
 def refuse_tilde(key: str, path: str, prefix: str = "") -> None:
     """A path that starts with ``~`` or ``~user``: no shell reads a config file, so it would name a folder
     called ``~`` under the working directory (``run.dir: ~/runs/x`` made ./~/runs/x). Refused, with the
-    expanded path to write instead (where this machine knows it). ``prefix``: what the value holds before
-    the path (``sqlite:///`` of a tracking.uri), shown with it."""
-    m = re.match(r"~[\w.-]*(?=/|$)", path)
-    if m:
-        home = os.path.expanduser(path)
-        hint = f", such as {_clip(prefix + home)}" if home != path else ""
-        raise ConfigError(
-            f"{key}: {_clip(prefix + path)} starts with {_clip(m.group())!r}, which mnemo does not expand (it would "
-            f"name a folder {_clip(m.group())!r} in the working directory): write the full path{hint}"
-        )
+    expanded path to write instead (``tilde_problem``, the CLI's rule too)."""
+    problem = tilde_problem(path, prefix)
+    if problem is not None:
+        raise ConfigError(f"{key}: {problem}")
 
 
 # The first line of <run.dir>/config.yaml, the resolved config each start of `mnemo train` writes: the mark

@@ -15,6 +15,7 @@ import argparse
 import re
 
 from mnemo.data_pipeline.errors import clip
+from mnemo.data_pipeline.paths import tilde_problem
 
 _PROG = "_mnemo_prog"  # the namespace attribute naming the deepest (sub-)command parsed
 
@@ -52,6 +53,18 @@ class OneLineParser(argparse.ArgumentParser):
         if extras:
             self.fail(f"unrecognized arguments: {' '.join(extras)}", prog)
         return ns
+
+
+def path_arg(text: str) -> str:
+    """The argparse type of every argument of mnemo's commands that names a file or folder (or URL): ``text`` as
+    given, but one that starts with ``~`` or ``~user`` is argparse's one-line error naming the flag, with the
+    expanded path to write instead, as a config path key gets (``tilde_problem``). The shell expands a ``~`` it
+    sees; one that reaches mnemo was left alone on purpose or by accident (quoted, ``--out=~/x``), and some
+    flags expanded it and others wrote ``./~/x``."""
+    problem = tilde_problem(text)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(problem)
+    return text
 
 
 # An integer as a flag's value: ASCII digits and one optional sign, as config overrides read one. int() also

@@ -10,7 +10,7 @@ import json
 import re
 import sys
 
-from mnemo.commands import decimal_float, int_arg
+from mnemo.commands import decimal_float, int_arg, path_arg
 from mnemo.data_pipeline.errors import brief, clip
 from mnemo.data_pipeline.limits import MAX_DOC_BYTES, MAX_VOCAB_SIZE, MIN_VOCAB_SIZE, PASSKEY_MAX_TOKENS
 from mnemo.data_pipeline.readers import DEFAULT_MAX_DOC_BYTES
@@ -35,6 +35,7 @@ def byte_count(text: str) -> int:
 def _add_input_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--input",
+        type=path_arg,
         nargs="+",
         action="extend",
         required=True,
@@ -74,6 +75,7 @@ def add_tokenizer_train(sub: argparse._SubParsersAction, name: str) -> argparse.
     )
     t.add_argument(
         "--out",
+        type=path_arg,
         required=True,
         metavar="F",
         help="model file to write (e.g. tokenizer.model); must not exist, unless --overwrite",
@@ -136,12 +138,14 @@ def add_prepare(sub: argparse._SubParsersAction, name: str) -> argparse.Argument
     _add_input_args(p)
     p.add_argument(
         "--out",
+        type=path_arg,
         required=True,
         metavar="DATA_DIR",
         help="output dir, or a remote streaming can write to (s3://..., gs://..., file://...)",
     )
     p.add_argument(
         "--tokenizer",
+        type=path_arg,
         metavar="F",
         help="existing SentencePiece model or Hugging Face tokenizer.json, a local file "
         "(default: train one into DATA_DIR/tokenizer.model)",
@@ -252,7 +256,7 @@ def add_data(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentPar
 
 def add_verify(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:
     v = sub.add_parser(name, help="check every shard against index.json and manifest.json")
-    v.add_argument("data_dir", metavar="DATA_DIR")
+    v.add_argument("data_dir", type=path_arg, metavar="DATA_DIR")
     v.add_argument(
         "--roundtrip-docs",
         type=_at_least_zero,
@@ -341,7 +345,7 @@ def add_inspect(sub: argparse._SubParsersAction, name: str) -> argparse.Argument
         help="counts, token-length histogram and a few decoded documents; of several datasets, also the "
         "expected epochs per source of a mixture (--tokens, --weights)",
     )
-    i.add_argument("data_dir", metavar="DATA_DIR", nargs="+")
+    i.add_argument("data_dir", type=path_arg, metavar="DATA_DIR", nargs="+")
     i.add_argument(
         "--samples",
         type=_at_least_zero,

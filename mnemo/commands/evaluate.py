@@ -11,7 +11,7 @@ import math
 import sys
 from pathlib import Path
 
-from mnemo.commands import decimal, float_arg, int_arg
+from mnemo.commands import decimal, float_arg, int_arg, path_arg
 from mnemo.data_pipeline.errors import clip
 
 # A generator seed: torch.Generator.manual_seed takes at most 64 bits.
@@ -166,14 +166,15 @@ def add_eval(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentPar
         description="Loss by position (with memory ablations) on held-out documents and "
         "passkey retrieval across D segments, and long-context tasks (--tasks).",
     )
-    p.add_argument("checkpoint", help="checkpoint step dir, run dir (latest checkpoint) or export dir")
+    p.add_argument("checkpoint", type=path_arg, help="checkpoint step dir, run dir (latest checkpoint) or export dir")
     p.add_argument(
         "--data",
+        type=path_arg,
         default=None,
         help="MDS data dir from `mnemo prepare` (held-out documents are read); required unless --lm-eval",
     )
-    p.add_argument("--json", default=None, help="write the results as JSON to this file")
-    p.add_argument("--plots", default=None, metavar="DIR", help="write PNG plots into DIR")
+    p.add_argument("--json", type=path_arg, default=None, help="write the results as JSON to this file")
+    p.add_argument("--plots", type=path_arg, default=None, metavar="DIR", help="write PNG plots into DIR")
     p.add_argument(
         "--max-docs",
         type=int_arg,
@@ -211,6 +212,7 @@ def add_eval(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentPar
     )
     p.add_argument(
         "--baseline",
+        type=path_arg,
         default=None,
         metavar="CKPT",
         help="a second checkpoint (e.g. without memory) read on the same documents: its loss by position, "
@@ -259,7 +261,9 @@ def add_eval(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentPar
         help="instead: lm-evaluation-harness tasks (e.g. hellaswag,lambada_openai or a task of "
         "--lm-eval-include), every request read through memory (docs/lm_eval.md); --batch-size slots",
     )
-    p.add_argument("--lm-eval-include", default=None, metavar="DIR", help="a folder of lm-eval task YAML files")
+    p.add_argument(
+        "--lm-eval-include", type=path_arg, default=None, metavar="DIR", help="a folder of lm-eval task YAML files"
+    )
     p.add_argument("--limit", type=int_arg, default=None, help="with --lm-eval: at most N (>= 1) documents per task")
     return p
 
@@ -282,8 +286,8 @@ def add_generate(sub: argparse._SubParsersAction, name: str) -> argparse.Argumen
         description="Read a prompt of any length through memory, segment by segment, "
         "then sample a continuation, printing tokens as they come.",
     )
-    p.add_argument("checkpoint", help="checkpoint step dir, run dir (latest checkpoint) or export dir")
-    p.add_argument("--prompt-file", required=True, help="UTF-8 text file with the prompt")
+    p.add_argument("checkpoint", type=path_arg, help="checkpoint step dir, run dir (latest checkpoint) or export dir")
+    p.add_argument("--prompt-file", type=path_arg, required=True, help="UTF-8 text file with the prompt")
     p.add_argument("--max-tokens", type=int_arg, default=200, help="tokens to generate at most, >= 0 (default 200)")
     p.add_argument(
         "--temperature",

@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import fields
 
-from mnemo.commands import OneLineParser, int_arg
+from mnemo.commands import OneLineParser, int_arg, path_arg
 
 
 class _IntermixedParser(OneLineParser):
@@ -45,7 +45,7 @@ def add_launch(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentP
         "hostfile (ssh), or a SLURM batch job. The config is validated before anything starts.",
     )
     p.__class__ = _IntermixedParser
-    p.add_argument("config", help="config YAML")
+    p.add_argument("config", type=path_arg, help="config YAML")
     p.add_argument("overrides", nargs="*", metavar="dotted.key=value", help="config overrides")
     p.add_argument(
         "--nproc-per-node",
@@ -76,7 +76,7 @@ def add_launch(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentP
     g.add_argument("--env-from-stdin", action="store_true", help=argparse.SUPPRESS)
 
     h = p.add_argument_group("hostfile (one launcher per host over ssh)")
-    h.add_argument("--hostfile", default=None, help="DeepSpeed-format hostfile: 'HOST slots=N' per line")
+    h.add_argument("--hostfile", type=path_arg, default=None, help="DeepSpeed-format hostfile: 'HOST slots=N' per line")
     h.add_argument("--include", default=None, help="comma-separated hostfile names to use")
     h.add_argument("--exclude", default=None, help="comma-separated hostfile names to leave out")
     h.add_argument(

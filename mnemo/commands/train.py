@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 
+from mnemo.commands import path_arg
+
 
 def add_train(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:
     p = sub.add_parser(name, help="train one rank (alone, or under a launcher)")
-    p.add_argument("config", help="YAML config (configs/*.yaml)")
+    p.add_argument("config", type=path_arg, help="YAML config (configs/*.yaml)")
     p.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
     return p
 
@@ -29,8 +31,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def add_export(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:
     p = sub.add_parser(name, help="consolidated weights + config + tokenizer, loadable without DeepSpeed")
-    p.add_argument("checkpoint", help="checkpoint dir, run dir (latest checkpoint) or export dir")
-    p.add_argument("--out", required=True, help="folder to write (created; must not be inside the checkpoint)")
+    p.add_argument("checkpoint", type=path_arg, help="checkpoint dir, run dir (latest checkpoint) or export dir")
+    p.add_argument(
+        "--out", type=path_arg, required=True, help="folder to write (created; must not be inside the checkpoint)"
+    )
     p.add_argument(
         "--overwrite",
         action="store_true",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import errno
 import io
@@ -1046,3 +1047,59 @@ def test_a_ctrl_c_a_library_turned_into_its_own_error_is_an_interrupt(capsys):
 
     assert exit_status(command) == 130
     assert capsys.readouterr().err == "mnemo: interrupted\n"
+
+
+@pytest.mark.parametrize(
+    "argv, flag",
+    [
+        (["tokenizer", "train", "--input", "c.txt", "~/c2.txt", "--vocab-size", "300", "--out", "t.model"], "--input"),
+        (["tokenizer", "train", "--input", "c.txt", "--vocab-size", "300", "--out", "~/t.model"], "--out"),
+        (["prepare", "--input", "~/c.txt", "--out", "d"], "--input"),
+        (["prepare", "--input", "c.txt", "--out=~/d"], "--out"),
+        (["prepare", "--input", "c.txt", "--out", "d", "--tokenizer", "~/t.model"], "--tokenizer"),
+        (["data", "verify", "~/d"], "DATA_DIR"),
+        (["data", "inspect", "d", "~/d"], "DATA_DIR"),
+        (["train", "~/c.yaml"], "config"),
+        (["export", "~/ckpt", "--out", "e"], "checkpoint"),
+        (["export", "ckpt", "--out", "~/x"], "--out"),
+        (["eval", "~/ckpt", "--data", "d"], "checkpoint"),
+        (["eval", "ckpt", "--data", "~/x"], "--data"),
+        (["eval", "ckpt", "--data", "d", "--json", "~/x"], "--json"),
+        (["eval", "ckpt", "--data", "d", "--plots", "~/x"], "--plots"),
+        (["eval", "ckpt", "--data", "d", "--baseline", "~/x"], "--baseline"),
+        (["eval", "ckpt", "--lm-eval", "hellaswag", "--lm-eval-include", "~/x"], "--lm-eval-include"),
+        (["generate", "~/ckpt", "--prompt-file", "p.txt"], "checkpoint"),
+        (["generate", "ckpt", "--prompt-file", "~/x"], "--prompt-file"),
+        (["launch", "~/c.yaml", "--dry-run"], "config"),
+        (["launch", "c.yaml", "--hostfile", "~/x", "--dry-run"], "--hostfile"),
+    ],
+)
+def test_a_path_argument_starting_with_a_tilde_is_refused_by_every_command(argv, flag, capsys, tmp_path, monkeypatch):
+    """Before: `prepare --out '~/d'` wrote $HOME/d while `export --out '~/x'` (and tokenizer train --out, eval
+    --json/--plots) wrote ./~/x, both saying "wrote ~/x"; reads were mixed too. Every path argument now gets
+    the one rule of the config path keys: one line naming the flag and the expanded path to write instead."""
+    from mnemo.cli import main
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err
+    home = tmp_path / "home"
+    assert e.value.code == 2 and err.count("\n") == 1, err
+    assert (
+        err.startswith(f"mnemo: error: argument {flag}: ~/") and "starts with '~', which mnemo does not expand" in err
+    )
+    assert f"write the full path, such as {home}/" in err, err
+    assert list(tmp_path.iterdir()) == []  # nothing written, no ./~ folder
+
+
+def test_a_tilde_inside_a_path_or_of_an_unknown_user_is_not_expanded(capsys, tmp_path, monkeypatch):
+    """Only a leading ~ or ~user is the shell's; `a~/b` is a name. `~nobody-such/x` has no expansion to give."""
+    from mnemo.commands import path_arg
+
+    assert path_arg("a~/b") == "a~/b" and path_arg("./~x") == "./~x"
+    with pytest.raises(
+        argparse.ArgumentTypeError, match=r"^~no-such-user-xyz/x starts with '~no-such-user-xyz'.*full path$"
+    ):
+        path_arg("~no-such-user-xyz/x")
