@@ -79,6 +79,28 @@ def utf8_mode_or_reexec() -> None:
 OPEN_FILES_FLOOR = 4096
 
 
+def check_working_dir() -> None:
+    """A one-line error when the working directory is gone (``mkdir g; cd g; rmdir ../g``): every relative path
+    and every command's own os.getcwd() failed on it as ``[Errno 2] No such file or directory``, naming no path,
+    and train, export and eval died inside torch's import before mnemo could speak. Checked once, before any
+    command's work (and its imports)."""
+    from mnemo.train.errors import UserError
+
+    try:
+        os.getcwd()
+    except FileNotFoundError:
+        raise UserError(
+            "the working directory no longer exists (deleted, or moved away since the shell entered it): "
+            "cd to a directory that exists and run the command again"
+        ) from None
+
+
+def run_command(args: argparse.Namespace) -> int | None:
+    """The parsed command's handler, in a working directory that exists."""
+    check_working_dir()
+    return args.func(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     from mnemo.train.errors import exit_status, tolerant_stdout
 
@@ -97,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in argv or os.environ.get("MNEMO_DEBUG") == "1"
     args = build_parser().parse_args(argv)
     try:
-        return exit_status(lambda: args.func(args), debug)
+        return exit_status(lambda: run_command(args), debug)
     finally:
         if entry:  # the command is over and the process exits: a late SIGTERM/SIGHUP must not kill it now
             from mnemo.train.preemption import ignore_late_notices

@@ -1103,3 +1103,30 @@ def test_a_tilde_inside_a_path_or_of_an_unknown_user_is_not_expanded(capsys, tmp
         argparse.ArgumentTypeError, match=r"^~no-such-user-xyz/x starts with '~no-such-user-xyz'.*full path$"
     ):
         path_arg("~no-such-user-xyz/x")
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["prepare", "--input", str(REPO / "README.md"), "--out", "d", "--workers", "1"],
+        ["train", str(REPO / "configs" / "debug.yaml")],
+        ["launch", str(REPO / "configs" / "debug.yaml"), "--slurm", "--dry-run"],
+        ["data", "verify", "d"],
+    ],
+)
+def test_a_deleted_working_directory_is_one_line_saying_so(tmp_path, args):
+    """Before: `mkdir g; cd g; rmdir ../g; mnemo prepare --out d ...` (or launch --slurm --dry-run) printed
+    `mnemo: error: [Errno 2] No such file or directory`, naming no path; train, export and eval died inside
+    torch's import. The CLI checks the working directory once, before any command's work."""
+    gone = tmp_path / "g"
+    gone.mkdir()
+    res = subprocess.run(
+        ["sh", "-c", 'cd "$1" && rmdir "$1" && shift && exec "$@"', "sh", str(gone), sys.executable, "-m", "mnemo"]
+        + args,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"},
+    )
+    assert_one_line_error(res, "the working directory no longer exists", "cd to a directory that exists")
+    assert list(tmp_path.iterdir()) == []
