@@ -515,15 +515,23 @@ def prepare(
     }
     if max_doc_bytes != DEFAULT_MAX_DOC_BYTES:  # absent at the default: older datasets keep their fingerprint
         spec["max_doc_bytes"] = max_doc_bytes
-    # The conversion names each input by its absolute path, in its fingerprint and in the `source` and
-    # position `doc_id` columns: `big`, `./big` and `/home/me/big`, from any working directory, are one
-    # conversion (resumed, or complete) with the same shard bytes. mnemo before 2026-12-06 named them as
-    # typed: a dataset or unfinished conversion under that fingerprint is this one, and its resumed parts
-    # name the inputs as its first parts did.
+    # A conversion is named (its fingerprint) by each input's absolute path: `big`, `./big` and `/home/me/big`,
+    # from any working directory, are one conversion (resumed, or complete). Its `source` and position `doc_id`
+    # columns hold the path as typed, normalized (`./big/x` is `big/x`): no machine's folder layout goes into a
+    # dataset given as relative paths (a conversion resumed under another spelling names the inputs of the parts
+    # it does as that one). mnemo before 2026-12-06 named the conversion by the paths as typed: a dataset or
+    # unfinished conversion under that fingerprint is this one too.
+    typed = list(corpus.files)
     plans = {}
-    for files in (corpus.files, [replace(f, path=os.path.abspath(f.path)) for f in corpus.files]):
-        units = split_units(files, unit_bytes)
-        plans[_fingerprint({**spec, "units": [u.describe() for u in units]})] = (replace(corpus, files=files), units)
+    old_units = split_units(typed, unit_bytes)
+    plans[_fingerprint({**spec, "units": [u.describe() for u in old_units]})] = (corpus, old_units)
+    absolute = split_units([replace(f, path=os.path.abspath(f.path)) for f in typed], unit_bytes)
+    normal = [replace(f, path=os.path.normpath(f.path)) for f in typed]
+    plans[_fingerprint({**spec, "units": [u.describe() for u in absolute]})] = (
+        replace(corpus, files=normal),
+        split_units(normal, unit_bytes),
+    )
+    units = plans[next(reversed(plans))][1]
     entries = out_entries(units, passkey_docs > 0)
     if given is not None and given.file_name not in entries:  # OUT/tokenizer.json
         entries.append(given.file_name)
