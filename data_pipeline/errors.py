@@ -48,7 +48,8 @@ class InputError(DataError):
 
 # The machine's state, not bad input nor a bug: a full disk or quota, a read-only file system, and a
 # permission refused on a named path (found after the checks before a command, or changed since).
-STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
+# EFBIG: a file over this process's size limit (`ulimit -f`, RLIMIT_FSIZE) or the file system's largest file.
+STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG})
 _NEEDS_PATH = frozenset({errno.EACCES, errno.EPERM})  # without one, EPERM is e.g. a signal to another user's process
 
 

@@ -84,6 +84,13 @@ def _storage_reason(e: BaseException, path: str | os.PathLike, hidden: tuple[typ
         return os.strerror(errno.EROFS)
     if fs.f_bavail == 0:  # nothing left for this user (root's reserve included when root: then f_bfree is 0)
         return os.strerror(errno.ENOSPC)
+    import resource
+
+    # A per-process file size limit (`ulimit -f`), which the file system's numbers do not show; Python ignores
+    # SIGXFSZ, so the write failed with EFBIG inside the library.
+    soft = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if soft != resource.RLIM_INFINITY:
+        return f"{os.strerror(errno.EFBIG)} (this process writes files of at most {soft:,} bytes: ulimit -f)"
     return None
 
 

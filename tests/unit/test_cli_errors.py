@@ -410,6 +410,27 @@ def _under_a_limit(limit: str, value: int, body: str) -> subprocess.CompletedPro
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
 
 
+def test_a_file_over_the_size_limit_is_one_line_not_a_traceback(tmp_path):
+    """`ulimit -f`: a checkpoint's torch.save ("unexpected pos", no OSError chained), an export's safetensors
+    ("File too large (os error 27)") and eval's --json (OSError EFBIG) were tracebacks, exit 1, where a full
+    disk is one line: the file system's numbers do not show a per-process limit."""
+    torch_save = (
+        "import torch\nfrom mnemo.train.errors import write_errors\n"
+        f"with write_errors('checkpoint of step 2', {str(tmp_path)!r}, hidden=(RuntimeError,)):\n"
+        f"    torch.save({{'w': torch.zeros(100_000)}}, {str(tmp_path / 'rank.pt')!r})"
+    )
+    done = _under_a_limit("RLIMIT_FSIZE", 65536, torch_save)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr == (
+        f"mnemo: error: checkpoint of step 2: {tmp_path}: File too large (this process writes files of at most"
+        " 65,536 bytes: ulimit -f)\n"
+    )
+    json_out = tmp_path / "e.json"
+    atomic = f"from mnemo.data_pipeline.files import atomic_write\natomic_write({str(json_out)!r}, b'x' * 100_000)"
+    done = _under_a_limit("RLIMIT_FSIZE", 65536, atomic)
+    assert done.returncode == 2 and done.stderr == f"mnemo: error: {json_out}: File too large\n", done.stderr
+
+
 def _emfile_line(soft: int) -> str:
     """The line for open files run out at soft limit ``soft`` under this machine's hard limit."""
     import resource
