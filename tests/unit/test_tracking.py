@@ -1252,3 +1252,52 @@ def test_the_code_version_tags_write_nothing_into_the_checkout(tmp_path):
     before = (index.stat().st_mtime_ns, index.read_bytes())
     assert common.git_read(["status", "--porcelain", "--untracked-files=no"], repo) == ""
     assert (index.stat().st_mtime_ns, index.read_bytes()) == before
+
+
+def test_a_moved_run_dir_keeps_its_artifacts_and_writes_nothing_where_it_was(tmp_path, monkeypatch, caplog):
+    """The default store keeps the absolute artifact location the experiment was made with: after mv runA runB,
+    a resume into runB wrote its artifacts to runA/mlartifacts, made again. They go to runB/mlartifacts now,
+    with one warning, and no file at runA's place is written."""
+    from mlflow import MlflowClient
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    (tmp_path / "report.txt").write_text("hello")
+    t = Tracker(run_dir=str(tmp_path / "runA"), experiment="unit-moved")
+    t.log_artifact(str(tmp_path / "report.txt"))
+    t.log_metrics({"train/loss": 1.0}, step=1)
+    t.close()
+    (tmp_path / "runA").rename(tmp_path / "runB")
+    with caplog.at_level(logging.WARNING, logger="mnemo.train.tracking"):
+        t2 = Tracker(run_dir=str(tmp_path / "runB"), experiment="unit-moved", resume_run_id=t.run_id, resume_step=1)
+        t2.log_artifact(str(tmp_path / "report.txt"), "later")
+        t2.log_metrics({"train/loss": 0.5}, step=2)
+        t2.close()
+    assert t2.run_id == t.run_id
+    assert not (tmp_path / "runA").exists()
+    here = tmp_path / "runB" / "mlartifacts" / t.run_id / "artifacts"
+    assert sorted(str(p.relative_to(here)) for p in here.rglob("*.txt")) == ["later/report.txt", "report.txt"]
+    assert caplog.text.count(f"outside run.dir {tmp_path / 'runB'} (moved since?); they go to {here}") == 1
+    assert _steps(MlflowClient(t2.uri), t.run_id, "train/loss") == [1, 2]
+
+
+def test_an_artifact_refused_does_not_hold_back_the_metrics(tmp_path, monkeypatch, caplog):
+    """An artifact whose folder could not be made (a file in its way) held every request behind it: a short
+    run's metrics all went to the fallback file only, with 'N metric points never reached MLflow'. The metrics
+    reach the store now, and the artifact is named with why it was not uploaded."""
+    from mlflow import MlflowClient
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "mlartifacts").write_text("in the way")
+    (tmp_path / "report.txt").write_text("hello")
+    with caplog.at_level(logging.WARNING, logger="mnemo.train.tracking"):
+        t = Tracker(run_dir=str(run_dir), experiment="unit-refused", interval=30)
+        t.log_artifact(str(tmp_path / "report.txt"))
+        for step in (1, 2, 3):
+            t.log_metrics({"train/loss": float(step)}, step=step)
+        t.close()
+    assert _steps(MlflowClient(t.uri), t.run_id, "train/loss") == [1, 2, 3]
+    assert "never reached" not in caplog.text
+    assert f"tracking: artifact {tmp_path / 'report.txt'} not uploaded: MLflow refused it (" in caplog.text
+    assert not (run_dir / "logs" / "metrics_fallback.jsonl").exists()

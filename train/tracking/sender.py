@@ -52,6 +52,7 @@ from pathlib import Path
 from collections.abc import Iterator
 from typing import Any, Callable
 from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 from mnemo.data_pipeline.errors import error_chain, storage_error
 from mnemo.data_pipeline.files import load_json, make_dirs, remove_made_dirs
@@ -287,6 +288,7 @@ class _Op:
     seq: int = 0  # its message's number in the trainer's stream (1, 2, ...; 0: read back from the file)
     replay: bool = False  # points read back from the fallback file: skip the resume filter
     rejects: int = 0
+    refused: str = ""  # why the store refused it last (an artifact still waiting at the end is said with it)
     busy_while_serving: int = 0  # "not now" answers while /health answered 200
 
     def n_points(self) -> int:
@@ -337,6 +339,8 @@ class _Sender:
         self._overflow_warned = False
         self._fallback = FallbackFile(self.fallback_path, lambda text: self._log(logging.WARNING, "%s", text))
         self._client = None
+        # The run's artifacts, when they are not where the run records them (a moved run dir): None = the client's.
+        self._artifacts = None
 
     def _log(self, level: int, fmt: str, *args: Any) -> None:
         # Every message of the sender: the URI and MLflow's errors (which
@@ -439,6 +443,14 @@ class _Sender:
         if final or not self._up or not self._ready:
             self._spill_all()
         self._bound_buffer()
+        for op in self._pending if final else ():
+            if op.kind == "artifact" and op.refused:  # refused, its retry still due
+                self._log(
+                    logging.WARNING,
+                    "tracking: artifact %s not uploaded: MLflow refused it (%s)",
+                    op.payload[0],
+                    op.refused,
+                )
         if final and self._pending_points:
             self._fallback.flush()
             self._log(
@@ -476,14 +488,24 @@ class _Sender:
             # Answering is not enough for a full store or a busy server: one request has to succeed.
             if set_up or not (self._full or self._busy):
                 self._mark_up()
-            while self._pending:
-                op = self._pending[0]
-                group = self._metric_group() if op.kind == "metrics" else [op]
-                if not self._send_group(group):
-                    return  # refused: retried next cycle
-                self._mark_up()
-                for _ in group:
-                    self._pending_points -= self._pending.popleft().n_points()
+            # An artifact the store refused waits for its retry aside: nothing else depends on it, and it held the
+            # metrics behind it (an artifact folder that could not be made: all of a short run's metrics went only
+            # to the fallback file, said as if MLflow had been away).
+            refused: list[_Op] = []
+            try:
+                while self._pending:
+                    op = self._pending[0]
+                    group = self._metric_group() if op.kind == "metrics" else [op]
+                    if not self._send_group(group):
+                        if op.kind != "artifact":
+                            return  # refused: retried next cycle
+                        refused.append(self._pending.popleft())
+                        continue
+                    self._mark_up()
+                    for _ in group:
+                        self._pending_points -= self._pending.popleft().n_points()
+            finally:
+                self._pending.extendleft(reversed(refused))
         except _Outage as e:
             self._mark_down(str(e), e.full, e.busy)
 
@@ -503,7 +525,9 @@ class _Sender:
             self._send(group)
             return True
         except Exception as e:
-            if (full := store_full(e)) is not None:
+            # A local artifact folder the disk refuses says nothing of the store's database: refused, not an outage
+            # that holds the metrics back.
+            if (full := store_full(e)) is not None and not (group[0].kind == "artifact" and storage_error(e)):
                 raise _Outage(full, full=True) from e
             busy = server_unavailable(e)
             if busy is not None and self._serving():
@@ -516,6 +540,7 @@ class _Sender:
             if busy is not None or not self._probe():
                 raise _Outage(busy or str(e), busy=busy is not None) from e
             group[0].rejects += 1
+            group[0].refused = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             if group[0].rejects < _MAX_REJECTS:
                 return False
             self._drop(group, f"refused a {group[0].kind} request {_MAX_REJECTS} times ({e})")
@@ -569,18 +594,29 @@ class _Sender:
             self._send_tags(op.payload)
         elif op.kind == "artifact":
             path, artifact_path, redact = op.payload
-            if os.path.isdir(path):
-                c.log_artifacts(run_id, path, artifact_path)
-            elif os.path.exists(path) and redact:
-                self._log_redacted_json(run_id, path, artifact_path)
+            if os.path.exists(path) and redact and not os.path.isdir(path):
+                self._log_redacted_json(path, artifact_path)
             elif os.path.exists(path):
-                c.log_artifact(run_id, path, artifact_path)
+                self._upload(path, artifact_path)
             else:
                 self._log(logging.WARNING, "tracking: artifact %s vanished before upload; skipped", path)
         elif op.kind == "terminate":
             c.set_terminated(run_id, status=op.payload)
 
-    def _log_redacted_json(self, run_id: str, path: str, artifact_path: str | None) -> None:
+    def _upload(self, path: str, artifact_path: str | None) -> None:
+        """Log file or folder ``path`` as an artifact of the run: where ``_run_dir_artifacts`` says, else where
+        the run records its artifacts."""
+        if self._artifacts is None:
+            if os.path.isdir(path):
+                self._client.log_artifacts(self.run_id, path, artifact_path)
+            else:
+                self._client.log_artifact(self.run_id, path, artifact_path)
+        elif os.path.isdir(path):
+            self._artifacts.log_artifacts(path, artifact_path)
+        else:
+            self._artifacts.log_artifact(path, artifact_path)
+
+    def _log_redacted_json(self, path: str, artifact_path: str | None) -> None:
         """Upload a copy of the JSON file ``path``, under its own name, with the credentials in its strings hidden
         (``redact_tree``): the file itself is the user's (a dataset's manifest.json), left as it is."""
         import tempfile
@@ -593,7 +629,7 @@ class _Sender:
         with tempfile.TemporaryDirectory(prefix="mnemo-artifact-") as tmp:
             copy = Path(tmp) / Path(path).name
             copy.write_text(json.dumps(redact_tree(tree), indent=1) + "\n")
-            self._client.log_artifact(run_id, str(copy), artifact_path)
+            self._upload(str(copy), artifact_path)
 
     def _send_tags(self, tags: dict[str, str]) -> None:
         from mlflow.entities import RunTag
@@ -610,7 +646,8 @@ class _Sender:
         try:
             run = self._reopen() if self._s["resume_run_id"] else None
             if run is None:
-                self._create()
+                run = self._create()
+            self._artifacts = self._run_dir_artifacts(run.info)
         except Exception as e:
             if (full := store_full(e)) is not None:
                 raise _Outage(full, full=True) from e
@@ -777,7 +814,7 @@ class _Sender:
             return f"is in experiment id {run.info.experiment_id}, not in {self.experiment!r}"
         return None
 
-    def _create(self) -> None:
+    def _create(self):
         from mlflow.tracking.context.registry import resolve_tags
 
         tags = resolve_tags({**system_tags(), "mnemo.run_dir": str(self.run_dir)})
@@ -785,6 +822,37 @@ class _Sender:
             tags[PARENT_RUN_TAG] = self._parent_run_id
         run = self._client.create_run(self._experiment_id(), run_name=self._s["run_name"], tags=tags)
         self.run_id = run.info.run_id
+        return run
+
+    def _run_dir_artifacts(self, info):
+        """The artifact repository of the run in this run dir's ``mlartifacts`` when the run records another
+        place for them (None: the run's own), said once.
+
+        A sqlite store keeps the absolute location an experiment was made with, and each run's under it: after
+        ``mv runA runB``, a resume into runB wrote its artifacts to runA/mlartifacts (made again), or, with a
+        file at runA, had every upload refused. MLflow offers no way to change a run's artifact location, so
+        with the default store (the database in the run dir: the artifacts are the run dir's) they go to
+        ``<run.dir>/mlartifacts/<run id>/artifacts``, beside the ones the run logged before the move.
+        """
+        database = sqlite_database(self.uri)
+        if database is None or Path(os.path.abspath(database)).parent != self.run_dir.resolve():
+            return None
+        here = self.run_dir.resolve() / "mlartifacts" / info.run_id / "artifacts"
+        recorded = urlparse(info.artifact_uri)
+        if recorded.scheme != "file" or Path(url2pathname(recorded.path)) == here:
+            return None
+        from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+        self._log(
+            logging.WARNING,
+            "tracking: run %s records its artifacts at %s, outside run.dir %s (moved since?); they go to %s (MLflow"
+            " cannot change where a run records them: its UI looks in the old place)",
+            info.run_id,
+            url2pathname(recorded.path),
+            self.run_dir,
+            here,
+        )
+        return get_artifact_repository(here.as_uri())
 
     def _artifact_root(self) -> str:
         """Where a local store keeps artifacts, as a percent-encoded file URI: ``mlartifacts`` beside a sqlite
