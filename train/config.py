@@ -1457,7 +1457,7 @@ def check_tracking(cfg: Config) -> None:
     if not cfg.tracking.enabled:
         return
     # Not at module level: the tracking package imports this module.
-    from mnemo.train.tracking.common import experiment_problem, uri_problem
+    from mnemo.train.tracking.common import experiment_problem, resolve_uri, sqlite_path_problem, uri_problem
 
     for key, env, value, problem, hide in (
         # The URI is shown as one: alice:PASS@host (no http://) hides its password too.
@@ -1471,6 +1471,14 @@ def check_tracking(cfg: Config) -> None:
         # sqlite:///~/m.db: SQLAlchemy and MLflow take ~/m.db relative to the working directory (a folder "~")
         if key == "tracking.uri" and (m := re.match(r"(sqlite(?:\+\w+)?:///)(?!/)", value)):
             refuse_tilde(where, value[m.end() :], m[1])
+    # The default store, sqlite:///<run.dir>/mlflow.db: a run.dir too long for SQLite failed at start-up ("unable to
+    # open database file"), after config.yaml, run.lock and the data cache were written.
+    default = resolve_uri(cfg.tracking.uri, cfg.run.dir)
+    if not cfg.tracking.uri and not os.environ.get("MLFLOW_TRACKING_URI") and (why := sqlite_path_problem(default)):
+        raise ConfigError(
+            f"run.dir: {_clip(cfg.run.dir)}: the default tracking store <run.dir>/mlflow.db: {why}; use a shorter "
+            "run.dir, set tracking.uri to a store elsewhere, or tracking.enabled=false"
+        )
 
 
 def check_shards(key: str, data_dir: Path) -> None:

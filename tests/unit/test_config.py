@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from mnemo.train.config import ConfigError, flatten, from_dict, load_config, to_dict, to_yaml
@@ -825,6 +827,48 @@ def test_a_sqlite_uri_may_hold_a_blank_in_its_path(tmp_path):
     uri = f"sqlite:///{tmp_path}/my runs\u00a0x/x.db"
     check_paths(load_config(None, [f"data.path={data}", f"run.dir={tmp_path / 'run'}", f"tracking.uri={uri}"]))
     assert uri_problem(f"sqlite:///{tmp_path}/a\nb/x.db").startswith("holds a blank or control character (U+000A")
+
+
+def test_a_sqlite_store_whose_path_is_too_long_for_sqlite_is_refused_before_anything_is_written(tmp_path, monkeypatch):
+    """SQLite opens no database whose absolute path is over 504 bytes (512 with room for "-journal"): a run.dir
+    of ~500 bytes failed at start-up with "unable to open database file", after config.yaml, run.lock and the
+    data cache were written. Refused now by the pre-flight, naming the cause and the ways out."""
+    import sqlite3
+
+    from mnemo.train.config import check_paths
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    data = _data_dir(tmp_path / "data")
+
+    def run_dir_of(n: int) -> Path:  # a run dir whose mlflow.db is an n-byte path (names of <= 200 bytes)
+        d, left = tmp_path / "r", n - len(str(tmp_path / "r")) - len("/mlflow.db")
+        while left > 0:
+            d, left = d / ("d" * min(200, left - 1)), left - min(200, left - 1) - 1
+        assert len(str(d / "mlflow.db")) == n, (left, len(str(d / "mlflow.db")))
+        return d
+
+    fits, run_dir = run_dir_of(504), run_dir_of(505)
+    fits.mkdir(parents=True)
+    sqlite3.connect(fits / "mlflow.db").execute("create table t(x)")  # the longest path SQLite takes
+    check_paths(load_config(None, [f"data.path={data}", f"run.dir={fits}"]))
+    run_dir.mkdir(parents=True)
+    with pytest.raises(sqlite3.OperationalError, match="unable to open database file"):  # one byte more
+        sqlite3.connect(run_dir / "mlflow.db")
+    run_dir.rmdir()
+    with pytest.raises(ConfigError) as e:
+        check_paths(load_config(None, [f"data.path={data}", f"run.dir={run_dir}"]))
+    why = str(e.value)
+    assert why.startswith("run.dir: ") and "\n" not in why, why
+    assert "absolute path is 505 bytes long, over SQLite's limit of 504" in why, why
+    assert why.endswith("use a shorter run.dir, set tracking.uri to a store elsewhere, or tracking.enabled=false")
+    assert not run_dir.exists()
+    uri = f"sqlite:///{run_dir}/mlflow.db"
+    with pytest.raises(ConfigError, match=r"^tracking\.uri: .*505 bytes long.*use a shorter path"):
+        check_paths(load_config(None, [f"data.path={data}", f"run.dir={tmp_path / 'run'}", f"tracking.uri={uri}"]))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:1")  # the run dir's database is not used
+    check_paths(load_config(None, [f"data.path={data}", f"run.dir={run_dir}"]))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    check_paths(load_config(None, [f"data.path={data}", f"run.dir={run_dir}", "tracking.enabled=false"]))
 
 
 @pytest.mark.parametrize("blank", [" ", "\t", "\n", "\xa0", "\u2028", "\x7f"])

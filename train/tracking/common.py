@@ -4,6 +4,8 @@
   environment > default); ``uri_problem`` / ``experiment_problem``: what is
   wrong with a URI MLflow cannot open or an experiment name it (or a reader)
   cannot use, said before any rank starts (train/config.py ``check_tracking``);
+- ``sqlite_database`` / ``sqlite_path_problem``: the file of a sqlite store (as
+  SQLAlchemy opens it), and a path too long for SQLite to open;
 - ``system_tags`` (host, git commit, library versions) and ``memory_stats``
   (host RSS, CUDA peak), which the trainer and the sender put on the run;
 - the constants of the user interface: ``DEFAULT_EXPERIMENT``,
@@ -138,6 +140,8 @@ def uri_problem(uri: str) -> str | None:
             return f"unknown database scheme {scheme!r} (MLflow's: {engines}, each with an optional +DRIVER)"
         if not uri.startswith(scheme):  # SQLAlchemy loads the dialect by the scheme as written: "Sqlite" has none
             return f"write the scheme {scheme!r} in lower case"
+        if why := sqlite_path_problem(uri):
+            return f"{why}; use a shorter path, or tracking.enabled=false"
         return db_driver_problem(uri)
     if scheme in FILE_SCHEMES:
         return file_store_problem()
@@ -170,6 +174,39 @@ def db_driver_problem(uri: str) -> str | None:
     except (sqlalchemy.exc.ArgumentError, ValueError) as e:
         return f"not a database URL SQLAlchemy can read ({type(e).__name__})"
     return None
+
+
+def sqlite_database(uri: str) -> str | None:
+    """The path of the database file of sqlite store ``uri`` as SQLAlchemy opens it (decoded: ``%41`` is ``A``),
+    or None where it names no file (``:memory:``, SQLite's own ``file:`` URI) or is no sqlite URI."""
+    from sqlalchemy.engine import make_url
+
+    if not uri.startswith("sqlite"):
+        return None
+    database = make_url(uri).database
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return None
+    return database
+
+
+# SQLite's longest file name (its unix VFS's mxPathname, SQLITE_MAX_PATHNAME), which must leave room for the
+# "-journal" its journal's name adds: a longer database path is "unable to open database file".
+SQLITE_MAX_PATH = 512 - len("-journal")
+
+
+def sqlite_path_problem(uri: str) -> str | None:
+    """Why SQLite cannot open the database file of sqlite store ``uri``: its absolute path (symbolic links
+    followed, as SQLite does) longer than ``SQLITE_MAX_PATH`` bytes; None otherwise."""
+    database = sqlite_database(uri)
+    if database is None:
+        return None
+    n = len(os.fsencode(os.path.realpath(database)))
+    if n <= SQLITE_MAX_PATH:
+        return None
+    return (
+        f"its database file's absolute path is {n} bytes long, over SQLite's limit of {SQLITE_MAX_PATH} "
+        "(512, less room for its journal's name): SQLite cannot open it"
+    )
 
 
 def store_plugin_schemes() -> set[str]:

@@ -69,6 +69,7 @@ from mnemo.train.tracking.common import (
     PARENT_RUN_TAG,
     REDONE_STEPS_TAG,
     FallbackFile,
+    sqlite_database,
     system_tags,
 )
 
@@ -106,19 +107,6 @@ def open_database_store(uri: str, artifact_root: str) -> None:
 
         store_class = WorkspaceAwareSqlAlchemyStore
     store_class(uri, artifact_root)
-
-
-def sqlite_database(uri: str) -> str | None:
-    """The path of the database file of sqlite store ``uri`` as SQLAlchemy opens it (decoded: ``%41`` is ``A``),
-    or None where it names no file (``:memory:``, SQLite's own ``file:`` URI) or is no sqlite URI."""
-    from sqlalchemy.engine import make_url
-
-    if not uri.startswith("sqlite"):
-        return None
-    database = make_url(uri).database
-    if not database or database == ":memory:" or database.startswith("file:"):
-        return None
-    return database
 
 
 def sqlite_file_problem(uri: str) -> str | None:
