@@ -1504,7 +1504,9 @@ def check_shards(key: str, data_dir: Path) -> None:
     for shard in shards:
         names = [info["basename"] for info in (shard.get("zip_data"), shard["raw_data"]) if info is not None]
         if not any((data_dir / name).is_file() for name in names):
-            raise ConfigError(f"{key}: shard {names[0]}: missing (listed in {data_dir / 'index.json'})")
+            # A FIFO or a folder in its place is named as such (as `mnemo data verify` does), not "missing".
+            why = next((w for w in (not_a_regular_file(data_dir / n) for n in names) if w != "no such file"), None)
+            raise ConfigError(f"{key}: shard {names[0]}: {why or 'missing'} (listed in {data_dir / 'index.json'})")
         if headers:
             try:
                 check_shard_header(str(data_dir), shard, str(data_dir / "index.json"))

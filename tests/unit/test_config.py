@@ -519,6 +519,13 @@ def test_a_missing_shard_is_a_config_error_before_any_rank_starts(tmp_path):
         f"data.path: shard part-00000/shard.00000.mds.zstd: missing (listed in {data / 'index.json'})"
     )
     (data / "part-00000").mkdir()
+    # A FIFO (or a folder) in the shard's place was called "missing" too; data verify names it.
+    import os
+
+    os.mkfifo(data / "part-00000" / "shard.00000.mds.zstd")
+    with pytest.raises(ConfigError, match=r"mds\.zstd: a FIFO \(named pipe\), not a regular file \(listed"):
+        check_paths(cfg)
+    os.remove(data / "part-00000" / "shard.00000.mds.zstd")
     (data / "part-00000" / "shard.00000.mds").write_bytes((1).to_bytes(4, "little"))  # the raw file alone will do
     check_paths(cfg)
 
