@@ -212,6 +212,13 @@ def unreadable_ds_state(where: Any, e: BaseException, alias: tuple[str, str] | N
     """
     if isinstance(e, (torch.OutOfMemoryError, torch.distributed.DistError)):
         return e
+    if alias is not None and not os.path.lexists(alias[1]):
+        # Its files were checked before the read: the folder went meanwhile, e.g. a running job's retention
+        # (checkpoint.keep) deleted the checkpoint an export or evaluation of its run dir had chosen.
+        return UserError(
+            f"{where}: removed while it was read (a running job's retention keeps only its newest checkpoints):"
+            " run the command again, or name a checkpoint that is kept (checkpoint.keep_every)"
+        )
     path = failed_torch_file(e) or getattr(e, "filename", None)
     text = f"{f'{path}: ' if path else ''}{torch_read_error(e)}"
     if alias is not None and alias[0] != alias[1]:

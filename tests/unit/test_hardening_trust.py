@@ -720,3 +720,19 @@ def test_a_device_fault_while_a_rank_file_part_loads_is_not_blamed_on_the_file(t
     with pytest.raises(UserError, match=r"rank_00000\.pt: memory: not as mnemo saves it \(RuntimeError: size"):
         with ckpt.rank_file_part(tmp_path, "rank_00000.pt", "memory"):
             raise RuntimeError("size mismatch for ltm_k")
+
+
+def test_a_checkpoint_removed_while_it_was_read_says_so_not_that_it_is_damaged(tmp_path):
+    """An export or evaluation of a run dir chose its newest checkpoint, which the running job's retention then
+    deleted: "cannot read the DeepSpeed state (Directory ... doesn't exist)" read as a damaged checkpoint."""
+    gone = tmp_path / "step_00000010"
+    err = ckpt.unreadable_ds_state(
+        gone, FileNotFoundError("Directory '/tmp/x/ds/state' doesn't exist"), ("x", str(gone / "ds"))
+    )
+    assert str(err) == (
+        f"{gone}: removed while it was read (a running job's retention keeps only its newest checkpoints): run the"
+        " command again, or name a checkpoint that is kept (checkpoint.keep_every)"
+    )
+    (gone / "ds").mkdir(parents=True)  # still there: the file's own fault, as before
+    err = ckpt.unreadable_ds_state(gone, EOFError("Ran out of input"), ("x", str(gone / "ds")))
+    assert str(err) == f"{gone}: cannot read the DeepSpeed state (Ran out of input)"
