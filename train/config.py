@@ -1473,8 +1473,13 @@ def check_tracking(cfg: Config) -> None:
             refuse_tilde(where, value[m.end() :], m[1])
     # The default store, sqlite:///<run.dir>/mlflow.db: a run.dir too long for SQLite failed at start-up ("unable to
     # open database file"), after config.yaml, run.lock and the data cache were written.
-    default = resolve_uri(cfg.tracking.uri, cfg.run.dir)
-    if not cfg.tracking.uri and not os.environ.get("MLFLOW_TRACKING_URI") and (why := sqlite_path_problem(default)):
+    if cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI"):
+        return
+    try:
+        why = sqlite_path_problem(resolve_uri(cfg.tracking.uri, cfg.run.dir))
+    except (OSError, RuntimeError):  # a run.dir that cannot be resolved (a loop of links): the run.dir checks name it
+        return
+    if why:
         raise ConfigError(
             f"run.dir: {_clip(cfg.run.dir)}: the default tracking store <run.dir>/mlflow.db: {why}; use a shorter "
             "run.dir, set tracking.uri to a store elsewhere, or tracking.enabled=false"
