@@ -89,6 +89,12 @@ def ignore_late_notices() -> None:
         signal.signal(s, signal.SIG_IGN)
 
 
+def pending() -> tuple[int, float] | None:
+    """(signal number, time) of the first notice since ``catch`` that no step loop took yet (``take``): one that
+    came during start-up, still going on; else None. Nothing is taken here."""
+    return _first
+
+
 def take() -> tuple[int, float] | None:
     """(signal number, time) of the first notice since ``catch``, or None; forgotten here once taken.
 

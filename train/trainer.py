@@ -35,7 +35,7 @@ from mnemo.data_pipeline.files import atomic_write_text
 from mnemo.data_pipeline.paths import is_remote, local_path
 from mnemo.data_pipeline.tokenizer import Tokenizer, file_sha256
 from mnemo.data_pipeline.verify import other_tokenizer, read_manifest as read_data_manifest
-from mnemo.train import checkpoint as ckpt
+from mnemo.train import checkpoint as ckpt, preemption
 from mnemo.train.config import CONFIG_HEADER, Config, check_paths, data_paths, flatten, tokenizer_path, to_dict, to_yaml
 from mnemo.train.engine import (
     apply_optimizer_config,
@@ -52,6 +52,7 @@ from mnemo.train.errors import UserError, path_errors
 from mnemo.train.eval_hook import run_eval
 from mnemo.train.loop import StepLog, TrainLoop, dist_info
 from mnemo.train.resume import check_resume_compatible, data_digests, reads_universal, redo_changes, universal_tag
+from mnemo.train.runlock import RunLock
 from mnemo.train.rundir import (
     PREEMPTED,
     RESUME_META_KEYS,
@@ -843,15 +844,64 @@ def train(cfg: Config) -> dict[str, Any]:
     from mnemo.train.runlock import take_run_dir
 
     check_paths(cfg)
-    trainer = Trainer(cfg)
-    # The run directory is this job's before anything is written into it (train/runlock.py).
-    lock = take_run_dir(trainer.run_dir, trainer.info.rank)
+    trainer: Trainer | None = None
+    lock = None
     try:
-        trainer.setup()
+        try:
+            trainer = Trainer(cfg)
+            # The run directory is this job's before anything is written into it (train/runlock.py).
+            lock = take_run_dir(trainer.run_dir, trainer.info.rank)
+            trainer.setup()
+        except Exception as e:
+            if preemption.pending() is None:
+                raise
+            lock = _stopped_during_start_up(cfg, trainer, lock, e)
+            return {"exit": "preempted", "step": None}
         return trainer.fit()
     except BaseException:
-        trainer.release_data_lock_files_alone()  # the readers' streams are closed (fit's shutdown) or never ran
+        if trainer is not None:  # the readers' streams are closed (fit's shutdown) or never ran
+            trainer.release_data_lock_files_alone()
         raise
     finally:
         if lock is not None:
             lock.release()
+
+
+def _stopped_during_start_up(
+    cfg: Config, trainer: Trainer | None, lock: RunLock | None, error: Exception
+) -> RunLock | None:
+    """A start-up that failed while a stop signal was pending (train/preemption.py): that preemption, as one that
+    came at any other moment of start-up (``Trainer._steps``): a log line saying so, ``<run.dir>/PREEMPTED``
+    (rank 0; the SLURM script requeues the job), the MLflow run, if open, closed KILLED; the lock now held on
+    run.dir (taken here on rank 0 if start-up failed before it was, alone: no collective after a failure).
+
+    The error is most likely the signal's own doing: srun and ``kill`` signal every process of the group, and a
+    child the start-up was waiting for died of it (``ninja`` building DeepSpeed's shm op: "Ninja is required to
+    load C++ extensions", exit 1 with a traceback instead of 0 and a requeue). It is named on the log line.
+    """
+    from mnemo.data_pipeline.errors import clip, first_line
+
+    info = dist_info()
+    tracker = getattr(trainer, "tracker", None)  # opened by _start_tracking, if start-up got so far
+    if tracker is not None:
+        tracker.close("KILLED")
+    if trainer is not None:
+        trainer.release_data_lock_files_alone()
+    if info.rank != 0:
+        return lock
+    log.info(
+        "a preemption signal came during start-up: stopping before training (start-up then failed: %s: %s)",
+        type(error).__name__,
+        clip(first_line(error), 200),
+    )
+    if lock is None:
+        try:
+            lock = RunLock(cfg.run.dir)
+            lock.acquire()
+        except UserError as e:  # another job's run.dir (RunDirBusy), or no lock file to be had: not ours to mark
+            log.warning("%s: not marked PREEMPTED", e)
+            return None
+    counters = getattr(trainer, "counters", None)  # the step resumed from, once the checkpoint is read
+    # Atomic: a link put there is replaced, not written through (as Trainer._mark_preempted).
+    atomic_write_text(Path(cfg.run.dir) / PREEMPTED, f"{counters.step if counters is not None else 0}\n")
+    return lock

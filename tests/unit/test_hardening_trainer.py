@@ -1402,3 +1402,36 @@ def test_a_checkpoint_records_its_data_and_a_resume_onto_other_data_of_that_size
         trainer.train(config(other, run_dir, "train.max_steps=4", *args))
     shutil.copytree(data, moved)
     assert trainer.train(config(moved, run_dir, "train.max_steps=4", *args))["step"] == 4
+
+
+@pytest.mark.parametrize("where", ["_init_distributed", "_build_data"])
+def test_an_error_while_a_stop_signal_is_pending_in_start_up_is_that_preemption(
+    world1, data, tmp_path, monkeypatch, caplog, where
+):
+    """SIGTERM to the process group while DeepSpeed ran `ninja` to build its shm op: ninja died of it too, and the
+    start-up's RuntimeError ("Unable to JIT load the deepspeed_shm_comm op due to ninja not being installed") was
+    a traceback and exit 1, where a notice at any other moment of start-up stops before the first step, writes
+    PREEMPTED (the SLURM script requeues the job on it) and exits 0. Before run.dir's lock was taken, and after."""
+    from mnemo.train import preemption, trainer
+
+    def killed_child(self):
+        raise RuntimeError("Unable to JIT load the deepspeed_shm_comm op due to ninja not being installed.")
+
+    monkeypatch.setattr(trainer.Trainer, where, killed_child)
+    run_dir = tmp_path / "run"
+    cfg = config(data, run_dir, "train.max_steps=2")
+    with caplog.at_level("INFO", logger="mnemo.train"), preemption.caught_during_run():
+        os.kill(os.getpid(), signal.SIGTERM)  # remembered: start-up goes on
+        assert trainer.train(cfg)["exit"] == "preempted"
+    assert (run_dir / "PREEMPTED").read_text() == "0\n"
+    assert (
+        "a preemption signal came during start-up: stopping before training (start-up then failed: RuntimeError:"
+        in (caplog.text)
+    )
+    with trainer.RunLock(run_dir):  # released: the next start of run.dir may take it
+        pass
+    # No signal pending: the same error is the bug it is, not a preemption.
+    (run_dir / "PREEMPTED").unlink()
+    with preemption.caught_during_run(), pytest.raises(RuntimeError, match="ninja"):
+        trainer.train(config(data, tmp_path / "run2", "train.max_steps=2"))
+    assert not (tmp_path / "run2" / "PREEMPTED").exists()
