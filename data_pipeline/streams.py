@@ -238,7 +238,12 @@ class MDSSource:
             shard_id = int(self.ds.spanner[int(idx)][0])
             if self.cache is not None:
                 self._drop_copy(shard_id)
-            if storage_error(e) is not None or limit_reached(e) is not None:
+            full = storage_error(e)
+            if full is not None and full.filename is None and self.cache is not None:
+                # streaming's write of a copy into the cache (a decompressed shard: out.write) names no file, and
+                # the one line was a bare "No space left on device": the cache folder it was filling is named.
+                raise OSError(full.errno, full.strerror, self.cache) from e
+            if full is not None or limit_reached(e) is not None:
                 raise  # the machine, not the data: exit_status says which in one line
             if not _unreadable(e, self.remote):
                 raise  # a bug (a KeyError in mnemo or streaming): its traceback, exit 1 (exit_status)

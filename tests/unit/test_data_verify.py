@@ -569,6 +569,36 @@ def test_a_bug_while_reading_a_shard_is_its_own_error_not_a_damaged_shard(copy, 
     assert src.get(i)["tokens"].size  # its copy dropped (cache), read afresh
 
 
+def test_a_full_cache_folder_is_named_on_the_one_line(copy, tmp_path, monkeypatch, capsys):
+    """A data.cache_dir on a full disk: streaming's write of the decompressed shard (out.write) raises an OSError
+    naming no file, and the one line was a bare `mnemo: error: No space left on device` (README: FILE: reason)."""
+    import errno
+    import io
+
+    import streaming.base.stream as stream_module
+
+    from mnemo.data_pipeline.streams import MDSSource, decompress_cache
+    from mnemo.train.errors import exit_status
+
+    class FullDisk(io.BytesIO):
+        def write(self, data):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # what a write() to a full file system raises
+
+    real_open = open
+    monkeypatch.setattr(
+        stream_module,
+        "open",
+        lambda f, mode="r", *a, **k: FullDisk() if "w" in mode else real_open(f, mode, *a, **k),
+        raising=False,
+    )
+    cache = tmp_path / "cache"
+    src = MDSSource(str(copy), cache_dir=str(cache))
+    assert exit_status(lambda: src.get(0)) == 2
+    assert (
+        capsys.readouterr().err == f"mnemo: error: {decompress_cache(str(copy), str(cache))}: No space left on device\n"
+    )
+
+
 @pytest.mark.parametrize("bad", ["a text byte", "an offset"])
 def test_a_damaged_decompressed_copy_is_read_again_from_the_dataset(copy, tmp_path, bad):
     """What a same-size damage of a decompressed copy in the cache raises (a UnicodeDecodeError, an IndexError:
