@@ -264,6 +264,15 @@ def not_a_regular_file(path: str | os.PathLike) -> str | None:
     return None
 
 
+def free_bytes(path: str | os.PathLike) -> int | None:
+    """Bytes an unprivileged process may still write on ``path``'s file system; None when unknown."""
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
+
+
 def unwritable_dir(folder: str | os.PathLike) -> str | None:
     """Why no file can be made in the existing directory ``folder`` ("Read-only file system", "Permission
     denied"), or None.

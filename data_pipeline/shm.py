@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import fcntl
 import logging
+import mmap
 import os
 import random
 import re
@@ -41,7 +42,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from mnemo.data_pipeline.errors import DataError
-from mnemo.data_pipeline.files import LockBusy, take_flock
+from mnemo.data_pipeline.files import LockBusy, free_bytes, take_flock
 from mnemo.data_pipeline.lean_imports import import_streaming
 from mnemo.data_pipeline.paths import is_inside
 
@@ -516,16 +517,60 @@ def _counted_barriers() -> Iterator[_CountedBarriers]:
 
 
 def _any_rank(flag: bool, dist) -> bool:
-    """Whether ``flag`` is set on any rank of the process group (``dist``, or None: this process alone): one MAX
-    all-reduce on the group's device (the CPU where it has gloo, else this rank's CUDA device)."""
+    """Whether ``flag`` is set on any rank of the process group (``dist``, or None: this process alone)."""
+    return _max_over_ranks(float(flag), dist) > 0
+
+
+def _max_over_ranks(value: float, dist) -> float:
+    """The largest of the ranks' ``value`` (``dist``, or None: this process alone): one MAX all-reduce on the
+    group's device (the CPU where it has gloo, else this rank's CUDA device), in float64 (a byte count stays
+    exact)."""
     if dist is None:
-        return flag
+        return value
     import torch
 
     device = "cpu" if "gloo" in str(dist.get_backend()) else torch.device("cuda", torch.cuda.current_device())
-    t = torch.tensor([float(flag)], device=device)  # [1]
+    t = torch.tensor([value], dtype=torch.float64, device=device)  # [1]
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0)
+    return float(t.item())
+
+
+# What a StreamingDataset's shared memory takes in /dev/shm (streaming 0.13, read with get_item as mnemo does):
+# four segments of a page each (``_locals``, ``_barrier``, ``_next_epoch``, ``_cache_usage``) and two arrays of
+# one entry per shard (``_shard_states``, a byte; ``_shard_access_times``, 8 bytes). A tmpfs gives each written
+# page on demand: when it has none left, the process writing it gets SIGBUS and dies with no message.
+SHM_PAGE_SEGMENTS = 4
+# On top of that, room for the rest that passes through /dev/shm: torch's data loader workers hand their
+# batches over in it, a path of a few KiB in ``_locals``, another job starting. A machine's /dev/shm has tens of
+# MiB at least (docker's default: 64 MiB).
+SHM_HEADROOM = 1 << 20
+
+
+def shm_bytes_needed(shards: int) -> int:
+    """The free bytes /dev/shm must have for one StreamingDataset of ``shards`` shards (0: not known yet)."""
+
+    def pages(n: int) -> int:
+        return -(-n // mmap.PAGESIZE) * mmap.PAGESIZE
+
+    return SHM_PAGE_SEGMENTS * mmap.PAGESIZE + pages(shards) + pages(8 * shards) + SHM_HEADROOM
+
+
+def _check_shm_room(key: str, shards: int, dist, shm_dir: Path = SHM_DIR) -> None:
+    """DataError on every rank of the job when the /dev/shm of any of its machines has less free space than a
+    StreamingDataset of ``shards`` shards needs (``shm_bytes_needed``): its segments would get pages there only
+    when written, and a rank killed by SIGBUS says nothing. One collective; every rank calls it."""
+    need = shm_bytes_needed(shards)
+    free = free_bytes(shm_dir) if shm_dir.is_dir() else None  # no /dev/shm: not Linux, nothing to check
+    short_here = free is not None and free < need
+    worst = _max_over_ranks(float(free) if short_here else -1.0, dist)  # the short machine's free bytes
+    if worst < 0:
+        return
+    where = str(shm_dir) if short_here else f"the {shm_dir} of another machine of this job"
+    raise DataError(
+        f"{key}: {where} has {int(worst) >> 10} KiB free and mosaicml-streaming's shared memory for this dataset"
+        f" needs {need >> 10} KiB: remove what fills {shm_dir}, or give the machine a bigger one (docker run"
+        " --shm-size=1g; a tmpfs mounted there with a larger size=)"
+    )
 
 
 def _dispose(dataset: object) -> None:
@@ -590,9 +635,13 @@ def _one_try(make: Callable[[], T], dist, wait_s: float) -> tuple[T | None, Base
     return dataset, None
 
 
-def streaming_dataset(make: Callable[[], T], key: str, wait_s: float = PREFIX_LOCK_WAIT_S) -> T:
+def streaming_dataset(
+    make: Callable[[], T], key: str, wait_s: float = PREFIX_LOCK_WAIT_S, shards: int = 0, shm_dir: Path = SHM_DIR
+) -> T:
     """``make()`` (a StreamingDataset construction) safe against another one starting or ending on this machine
-    at the same moment; DataError naming ``key`` when streaming's shared-memory prefix stays taken.
+    at the same moment; DataError naming ``key`` when streaming's shared-memory prefix stays taken, or, before
+    anything is made, when /dev/shm has no room for the dataset's segments (``shards``: its number of shards, 0
+    when not known yet; ``_check_shm_room``, in ``shm_dir``).
 
     Each job's local leader picks its prefix under a machine-wide lock (the other local ranks wait at a
     barrier until it holds it, since they look up the prefix too), which settles the race between mnemo's
@@ -604,6 +653,7 @@ def streaming_dataset(make: Callable[[], T], key: str, wait_s: float = PREFIX_LO
     missed, so the ranks' collectives pair in every case.
     """
     dist = _dist()
+    _check_shm_room(key, shards, dist, shm_dir)
     err: BaseException | None = None
     for attempt in range(PREFIX_TRIES):
         if attempt:

@@ -185,7 +185,9 @@ class MDSSource:
                 remote, local = os.path.abspath(local), decompress_cache(local, cache_dir)
         try:
             self.ds = streaming_dataset(
-                lambda: StreamingDataset(remote=remote, local=local, shuffle=False, batch_size=1), key
+                lambda: StreamingDataset(remote=remote, local=local, shuffle=False, batch_size=1),
+                key,
+                shards=len(self.index),
             )
         except DataError:
             raise

@@ -84,7 +84,7 @@ from typing import IO
 import psutil
 
 from mnemo.data_pipeline.errors import storage_error
-from mnemo.data_pipeline.files import NotRegularFile, make_dirs, open_own_file, remove_made_dirs
+from mnemo.data_pipeline.files import NotRegularFile, free_bytes, make_dirs, open_own_file, remove_made_dirs
 from mnemo.data_pipeline.processes import die_with_parent
 from mnemo.data_pipeline.tmp_dirs import mark_owner, mkdtemp_name_re, sweep_leftovers
 from mnemo.launch.torchrun import WORKER_EXITS_ENV, NodePlan, node_env, rdzv_endpoint, torchrun_command
@@ -216,15 +216,6 @@ TORCHRUN_MARKER = "mnemo-launcher.json"
 # which the launcher says that the ranks' output will soon be lost (NodeRunner._watch_tee_space).
 TEE_MIN_FREE = 16 << 20
 TEE_LOW_FREE = 1 << 20
-
-
-def free_bytes(path: str) -> int | None:
-    """Bytes an unprivileged process may still write on ``path``'s file system; None when unknown."""
-    try:
-        st = os.statvfs(path)
-    except OSError:
-        return None
-    return st.f_bavail * st.f_frsize
 
 
 def sweep_torchrun_leftovers(tmp: str | None = None) -> list[str]:

@@ -201,6 +201,35 @@ def test_other_file_exists_errors_are_not_retried(monkeypatch):
     assert calls[0] == 1
 
 
+def test_a_full_dev_shm_is_one_line_before_any_segment_is_made(monkeypatch, tmp_path):
+    """A /dev/shm without room for streaming's segments killed the rank with SIGBUS when it wrote one (exit 135,
+    no message; torchrun's ChildFailedError under mnemo launch). Now: one line naming /dev/shm, its free space
+    and the way out, before streaming makes anything."""
+    import mnemo.data_pipeline.shm as shm
+    from mnemo.data_pipeline.errors import DataError
+
+    shm_dir = tmp_path / "shm"
+    shm_dir.mkdir()
+    free = {"bytes": 12 << 10}
+    monkeypatch.setattr(shm, "free_bytes", lambda path: free["bytes"] if Path(path) == shm_dir else None)
+    calls = []
+
+    def make():
+        calls.append(1)
+        return "dataset"
+
+    with pytest.raises(DataError) as e:
+        shm.streaming_dataset(make, "data.sources[1].path", shards=3, shm_dir=shm_dir)
+    msg = str(e.value)
+    assert calls == [] and "\n" not in msg
+    assert msg.startswith(f"data.sources[1].path: {shm_dir} has 12 KiB free and ") and "--shm-size" in msg
+    # A normal machine's /dev/shm (docker's default, 64 MiB, nearly full) is never refused, even for a dataset
+    # of 100,000 shards.
+    assert shm.shm_bytes_needed(100_000) < 8 << 20
+    free["bytes"] = 8 << 20
+    assert shm.streaming_dataset(make, "data.path", shards=100_000, shm_dir=shm_dir) == "dataset"
+
+
 def test_the_prefix_lock_lives_in_the_shared_memory_folder_it_guards(tmp_path):
     # Was $TMPDIR for every node: nodes on one host with a /dev/shm each (the test clusters) took one lock,
     # and a leader holding it waited in streaming's job-wide barrier for the other, which waited for the lock.
@@ -544,6 +573,8 @@ kind, _, times = case.partition(":")
 times = 99 if times == "always" else int(times)
 import mnemo.data_pipeline.shm as shm_mod
 shm_mod.PREFIX_TRIES = 3  # the give-up case in fewer seconds
+if kind == "full" and rank == 0:  # this rank's machine has a full /dev/shm, the other rank's has room
+    shm_mod.free_bytes = lambda path: 8192
 attempts = [0]
 
 # Each attempt's prefix as this rank's StreamingDataset got it (rank 0 only: rank 1 fails in the shifted ones).
@@ -635,3 +666,13 @@ def test_ranks_that_keep_seeing_different_prefixes_stop_with_one_line_naming_the
         assert r["error"].startswith("data.path: ") and "\n" not in r["error"]
         assert r["error"].endswith("(3 tries): start this job again")
     assert len(r0["registered"]) == 3 and not any(r0["alive"])  # none of its attempts left behind
+
+
+@needs_shm
+def test_a_full_dev_shm_on_one_machine_stops_every_rank_with_one_line(tmp_path):
+    """The rank whose /dev/shm is full names it; every other rank stops with the same line (no rank left waiting
+    in a collective), and none makes a segment."""
+    r0, r1 = _race(tmp_path, "full:0")
+    assert r0["error"].startswith("data.path: /dev/shm has 8 KiB free and ")
+    assert r1["error"].startswith("data.path: the /dev/shm of another machine of this job has 8 KiB free and ")
+    assert r0["error"].endswith(r1["error"].partition(" has ")[2]) and r0["registered"] == r1["registered"] == []
