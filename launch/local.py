@@ -88,7 +88,7 @@ from mnemo.data_pipeline.files import NotRegularFile, free_bytes, make_dirs, ope
 from mnemo.data_pipeline.processes import die_with_parent
 from mnemo.data_pipeline.tmp_dirs import mark_owner, mkdtemp_name_re, sweep_leftovers
 from mnemo.launch.torchrun import WORKER_EXITS_ENV, NodePlan, node_env, rdzv_endpoint, torchrun_command
-from mnemo.train.runlock import check_run_dir_free
+from mnemo.train.runlock import LaunchLock
 from mnemo.train.errors import UserError
 
 _IGNORED_IN_TORCHRUN = (signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP)
@@ -505,16 +505,21 @@ class NodeRunner:
         )
 
     def run(self) -> int:
+        if self.plan.node_rank != 0:
+            return self._run()
+        # A job already on run.dir: refused now, before the node log or any rank; and run.dir held for this job's
+        # life, so that a second launch is refused the same way until this job's rank 0 has taken run.lock, and
+        # after (train/runlock.py LaunchLock). Node 0 only: it serves the rendezvous, so no rank of this job can
+        # hold run.lock yet, whereas another node's launcher may start after this job's rank 0 took it.
+        with LaunchLock(self.plan.run_dir):
+            return self._run()
+
+    def _run(self) -> int:
         plan = self.plan
-        if plan.node_rank == 0:
-            # A job already on run.dir: refused now, before the node log or any rank (train/runlock.py). Node 0
-            # only: it serves the rendezvous, so no rank of this job can hold the lock yet, whereas another
-            # node's launcher may start after this job's rank 0 took it.
-            check_run_dir_free(plan.run_dir)
-            if plan.nnodes > 1:
-                # This node's torchrun serves the rendezvous (is_host): a port already taken was two tracebacks
-                # (DistNetworkError EADDRINUSE, RendezvousConnectionError) and exit 1.
-                check_port_free(plan.master_port)
+        if plan.node_rank == 0 and plan.nnodes > 1:
+            # This node's torchrun serves the rendezvous (is_host): a port already taken was two tracebacks
+            # (DistNetworkError EADDRINUSE, RendezvousConnectionError) and exit 1.
+            check_port_free(plan.master_port)
         with open_node_log(plan) as log, torchrun_log_dir(plan.node_rank) as torchrun_logs:
             stamp = time.strftime("%Y-%m-%d %H:%M:%S")
             slurm = os.environ.get("SLURM_JOB_ID")

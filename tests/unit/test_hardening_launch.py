@@ -21,6 +21,7 @@ import errno
 import io
 import json
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -774,6 +775,46 @@ def test_a_second_launch_on_a_busy_run_dir_is_refused_before_writing_anything(tm
         assert os.listdir(plan.run_dir) == ["run.lock"]  # no logs/node0.log
     with pytest.raises(AssertionError, match="started"):  # free again: the launcher goes on to start torchrun
         run_node(plan)
+
+
+def test_a_second_launch_during_the_first_jobs_rank_start_up_is_refused_before_writing_anything(tmp_path, monkeypatch):
+    # Was: the first launcher let go of run.lock at once, and the run dir was nobody's until its rank 0 took the
+    # lock after its start-up (~6 s): a second launch then passed the check, appended its lines to the running
+    # job's logs/node0.log and started torchrun and its ranks, which stopped on "run.dir: ... is in use".
+    from mnemo.launch import local
+    from mnemo.launch.local import run_node
+    from mnemo.launch.torchrun import NodePlan
+    from mnemo.train.runlock import RunDirBusy
+
+    plan = NodePlan(config=str(tmp_path / "c.yaml"), overrides=[], run_dir=tmp_path / "run", nproc_per_node=1)
+    started, refused = [], []
+
+    def command(plan_, log_dir):
+        # The first job's torchrun about to start: no rank of it holds run.lock yet.
+        started.append(log_dir)
+        if len(started) == 1:
+            log = plan.run_dir / "logs" / "node0.log"
+            before = log.read_bytes()
+            try:
+                run_node(plan)
+            except RunDirBusy as e:
+                refused.append(str(e))
+            assert log.read_bytes() == before  # nothing appended to the running job's node log
+        return [sys.executable, "-c", "print('[rank0]: trained')"]
+
+    monkeypatch.setattr(local, "torchrun_command", command)
+    assert run_node(plan) == 0
+    assert len(started) == 1 and len(refused) == 1  # the second launcher started no torchrun
+    assert re.match(rf"^run\.dir: {plan.run_dir} is in use by another job \(host \S+, pid {os.getpid()},", refused[0])
+    # The job over, its launcher's lock file is gone, and the next launch (a relaunch, a SLURM requeue) starts.
+    assert os.listdir(plan.run_dir) == ["logs"]
+    assert run_node(plan) == 0 and len(started) == 2
+    # A launch that wrote nothing (refused by its ranks' checks, a port taken) leaves no run dir of its own.
+    other = NodePlan(config=str(tmp_path / "c.yaml"), overrides=[], run_dir=tmp_path / "new", nproc_per_node=1)
+    monkeypatch.setattr(local, "open_node_log", lambda plan_: (_ for _ in ()).throw(OSError("no log")))
+    with pytest.raises(OSError, match="no log"):
+        run_node(other)
+    assert not os.path.lexists(other.run_dir)
 
 
 def fake_torchrun(monkeypatch, script: str, given: list | None = None) -> None:
