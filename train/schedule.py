@@ -106,7 +106,7 @@ def start_lines(
     lines = [line]
     if cfg.train.max_tokens > 0:
         tps = tokens_per_step(cfg, now.global_batch)
-        if done is not None and old is not None and old.global_batch != now.global_batch:
+        if done is not None and max_steps != total_steps(cfg, now.global_batch):
             step, tokens = done
             budget = f"{max_steps} steps ({tokens} tokens read in {step} steps, then {max_steps - step} of {tps})"
         else:
@@ -118,12 +118,13 @@ def start_lines(
     return lines
 
 
-def resumed_total_steps(cfg: Config, global_batch: int, old_global_batch: int, step: int, tokens_seen: int) -> int:
-    """The last step of a run resumed at ``step`` with ``tokens_seen`` tokens read: ``total_steps``, except for a
-    token budget read at another global batch (a resume on another world size without train.global_batch_size, or
-    another train.batch_size): the tokens already read count, then steps of this batch's tokens (ceil, as
-    total_steps). Counted afresh from the new batch, 1,200 tokens read 128 per step then 64 per step ran 1,856."""
-    if cfg.train.max_tokens <= 0 or old_global_batch == global_batch:
+def resumed_total_steps(cfg: Config, global_batch: int, step: int, tokens_seen: int) -> int:
+    """The last step of a run resumed at ``step`` with ``tokens_seen`` tokens read: train.max_steps, or for a
+    token budget the tokens already read, then steps of this batch's tokens (ceil, as ``total_steps``). At the
+    tokens per step the checkpoint was read at this is ``total_steps``; at others (another world size without
+    train.global_batch_size, another train.batch_size or memory.bptt_segments, now or at an earlier resume) a
+    count made afresh from the new batch read 1,856 of a 1,200-token budget, or left a quarter unread."""
+    if cfg.train.max_tokens <= 0:
         return total_steps(cfg, global_batch)
     left = max(0, cfg.train.max_tokens - tokens_seen)
     return step + -(-left // tokens_per_step(cfg, global_batch))

@@ -378,7 +378,7 @@ class Trainer:
             # A token budget counts the tokens the checkpoint read when its global batch was another.
             old_gb, step = batching_of(meta).global_batch, int(meta["step"])
             tokens = int(meta.get("tokens_seen", step * tokens_per_step(cfg, old_gb)))
-            self.max_steps = resumed_total_steps(cfg, self.batching.global_batch, old_gb, step, tokens)
+            self.max_steps = resumed_total_steps(cfg, self.batching.global_batch, step, tokens)
             self.done_before = (step, tokens)
             self.universal = reads_universal(cfg, meta, path, self.info.world_size, self.use_bf16)
             if self.universal:

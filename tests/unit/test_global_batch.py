@@ -228,11 +228,14 @@ def test_a_token_budget_counts_what_was_read_before_a_resume_at_another_global_b
     (896 tokens) then relaunched on 2 ranks, 10 steps: it stopped at once with a quarter of the budget unread."""
     cfg = cfg_of("model.segment_len=32", "train.batch_size=2", "train.max_tokens=1200")
     assert total_steps(cfg, 4) == 10 and total_steps(cfg, 2) == 19
-    assert resumed_total_steps(cfg, 2, 4, step=10, tokens_seen=1280) == 10  # the budget is spent: done
-    assert resumed_total_steps(cfg, 4, 2, step=14, tokens_seen=896) == 14 + 3  # 304 tokens left: 3 steps of 128
-    assert resumed_total_steps(cfg, 2, 4, step=5, tokens_seen=640) == 5 + 9  # 560 left: 9 steps of 64
-    assert resumed_total_steps(cfg, 4, 4, step=5, tokens_seen=640) == 10  # the same batch: as before
-    assert resumed_total_steps(cfg_of("train.max_steps=7"), 2, 4, step=5, tokens_seen=640) == 7  # no budget
+    assert resumed_total_steps(cfg, 2, step=10, tokens_seen=1280) == 10  # the budget is spent: done
+    assert resumed_total_steps(cfg, 4, step=14, tokens_seen=896) == 14 + 3  # 304 tokens left: 3 steps of 128
+    assert resumed_total_steps(cfg, 2, step=5, tokens_seen=640) == 5 + 9  # 560 left: 9 steps of 64
+    # Resumed again at 64 a step (its step-10 checkpoint, 960 read): still 14, not a count made afresh (19).
+    assert resumed_total_steps(cfg, 2, step=10, tokens_seen=960) == 14
+    for step in range(11):  # at the tokens per step it was read at: the same as a run never stopped
+        assert resumed_total_steps(cfg, 4, step=step, tokens_seen=step * 128) == total_steps(cfg, 4) == 10
+    assert resumed_total_steps(cfg_of("train.max_steps=7"), 2, step=5, tokens_seen=640) == 7  # no budget
     old = Batching(1, 2, 1)
     lines = start_lines(cfg, Batching(2, 2, 1), old, 17, done=(14, 896))
     assert lines[1] == (
