@@ -751,23 +751,28 @@ class _FakeMlflowServer:
         stalled, resumed = self.stalled, self.resumed
         self.busy = busy = threading.Event()  # set: 503 to every request (a proxy whose MLflow restarts)
         self.busy_suffix = ""  # 503 to the requests whose path ends so, 200 to the rest (/health too)
+        self.busy_body = b""  # with busy_suffix: only to those whose body holds these bytes
+        self.taken: list[bytes] = []  # the bodies of the requests answered 200
         self.retry_after = ""  # with busy: the Retry-After header of the 503 (a maintenance page's "come back in N s")
         owner = self
 
         class Handler(BaseHTTPRequestHandler):
             def _reply(self) -> None:
-                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 path = self.path.split("?")[0]
                 paths.append(path)
                 if path.endswith("runs/log-batch") and stalled.is_set():
                     resumed.wait(60)
-                if busy.is_set() or (owner.busy_suffix and path.endswith(owner.busy_suffix)):
+                if busy.is_set() or (
+                    owner.busy_suffix and path.endswith(owner.busy_suffix) and owner.busy_body in body
+                ):
                     self.send_response(503)
                     if owner.retry_after:
                         self.send_header("Retry-After", owner.retry_after)
                     self.send_header("Content-Length", "0")
                     self.end_headers()
                     return
+                owner.taken.append(body)
                 if path.endswith("experiments/get-by-name"):
                     out = {"experiment": {"experiment_id": "1", "name": "mnemo", "lifecycle_stage": "active"}}
                 elif path.endswith(("runs/create", "runs/get", "runs/update")):
@@ -898,39 +903,39 @@ def test_a_server_answering_503_is_an_outage_not_a_refusal(tmp_path, monkeypatch
 
 def test_a_request_answered_503_while_the_server_serves_is_dropped_not_retried_for_ever(tmp_path, monkeypatch, caplog):
     """A busy answer was never counted against its request: one the server (or a proxy) answers 502 or 503 each
-    time, while it serves everything else, was retried for the rest of the run and held every request queued
-    behind it (metrics, params, the run's end). After 12 such answers with /health at 200 it is dropped, its
-    points kept in the fallback file, and what follows goes through."""
+    time, while /health answers, was retried for the rest of the run and held every request queued behind it
+    (metrics, the run's end). A params, tags or artifact request is dropped after 12 such answers; metric points
+    wait (a server taking no writes for a while is an outage), and are sent once it takes them."""
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     server = _FakeMlflowServer()
     try:
         uri = f"http://127.0.0.1:{server.port}"
         t = Tracker(run_dir=str(tmp_path), uri=uri, interval=0.05, retry_interval=0.05, down_reminder=0.2)
         assert t.run_id == "r1"
-        server.busy_suffix = "runs/log-batch"
+        server.busy_suffix, server.busy_body = "runs/log-batch", b'"params": [{'
         with caplog.at_level(logging.WARNING, logger="mnemo.train.tracking"):
+            t.log_params({"train.lr": 0.1})
             for step in (1, 2, 3):
                 t.log_metrics({"train/loss": 1.0 / step}, step=step)
             deadline = time.monotonic() + 30
-            while "dropped it" not in caplog.text and time.monotonic() < deadline:
+            while not any(p.endswith("runs/log-batch") for p in list(server.paths)[1:]) and time.monotonic() < deadline:
                 time.sleep(0.05)
-            server.busy_suffix = ""
             server.paths.clear()
+            server.busy_body = b""  # now every write: metric points wait, never dropped
             t.log_metrics({"train/loss": 0.25}, step=4)
-            deadline = time.monotonic() + 30
-            while not any(p.endswith("runs/log-batch") for p in list(server.paths)) and time.monotonic() < deadline:
-                time.sleep(0.05)
+            time.sleep(2.0)  # > 12 tries at 0.05 s
+            assert not any("dropped it" in r.getMessage() and "metrics" in r.getMessage() for r in caplog.records)
+            server.busy_suffix = ""
+            t.close()
         warned = [r.getMessage() for r in caplog.records]
         dropped = [m for m in warned if "dropped it" in m]
         assert dropped == [
-            "tracking: MLflow answered a metrics request 'not now' 12 times (too many 503 error responses) while its"
+            "tracking: MLflow answered a params request 'not now' 12 times (too many 503 error responses) while its"
             " /health answered 200; dropped it"
         ], warned
         assert any("still is not serving" in m and "metric points buffered" in m for m in warned), warned
-        assert any(p.endswith("runs/log-batch") for p in list(server.paths)), server.paths  # step 4 went through
-        fallback = tmp_path / "logs" / "metrics_fallback.jsonl"
-        assert sorted(json.loads(line)["step"] for line in open(fallback)) == [1, 2, 3]
-        t.close()
+        sent = [m for b in server.taken if b.startswith(b"{") for m in json.loads(b).get("metrics", [])]
+        assert sorted(int(m["step"]) for m in sent) == [1, 2, 3, 4]  # every point reached the server, none dropped
     finally:
         server.close()
 

@@ -77,9 +77,11 @@ _MAX_METRICS_PER_BATCH = 1000
 _MAX_PARAMS_TAGS_PER_BATCH = 100
 _MAX_REJECTS = 3  # a request the live server refuses this many times is dropped
 _CHANGED = "mnemo.param_changed."  # + a param's key: the value a later start logged for it (params are write-once)
-# A request answered "not now" (a 503, 502...) this many times while the server's /health answers 200 is one the
-# server (or a proxy before it) will never take, e.g. an upload that times out a proxy each time: dropped as
-# refused, so it does not hold everything queued behind it for the rest of the run.
+# A params, tags or artifact request answered "not now" (a 503, 502...) this many times while the server's
+# /health answers 200 is one the server (or a proxy before it) will never take, e.g. an upload that times out a
+# proxy each time: dropped as refused, so it does not hold everything queued behind it for the rest of the run.
+# Metric points are never dropped so: a server that takes no write for a while (its database in maintenance
+# behind a healthy proxy) is an outage, and they wait for it.
 _MAX_BUSY_WHILE_SERVING = 12
 
 
@@ -518,7 +520,7 @@ class _Sender:
             if (full := store_full(e)) is not None and not (group[0].kind == "artifact" and storage_error(e)):
                 raise _Outage(full, full=True) from e
             busy = server_unavailable(e)
-            if busy is not None and self._serving():
+            if busy is not None and group[0].kind != "metrics" and self._serving():
                 group[0].busy_while_serving += 1
                 if group[0].busy_while_serving >= _MAX_BUSY_WHILE_SERVING:
                     n, kind = _MAX_BUSY_WHILE_SERVING, group[0].kind
