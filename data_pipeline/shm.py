@@ -593,9 +593,14 @@ def _dispose(dataset: object) -> None:
             for value in vars(obj).values():  # SharedScalar -> SharedArray -> SharedMemory, SharedBarrier -> ...
                 yield from segments(value, depth - 1)
 
-    # Its lock files first: while its ``_locals`` segment exists no other process picks its prefix and makes them.
-    release_lock_files(dataset)
-    for shm in list(segments(dataset, 3)):
+    # Its lock files first, by the process that made its ``_locals`` segment (the local leader), before it unlinks
+    # it: while that exists no other process picks the prefix and makes them. The other ranks remove nothing (the
+    # leader may have unlinked it already, and another job taken the prefix and made its own).
+    shms = list(segments(dataset, 3))
+    locals_shm = getattr(dataset, "_locals_shm", None)
+    if any(locals_shm is shm and shm.created_shms for shm in shms):
+        release_lock_files(dataset)
+    for shm in shms:
         atexit.unregister(shm.cleanup)
         for made in shm.created_shms:
             try:
