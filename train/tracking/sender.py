@@ -544,6 +544,7 @@ class _Sender:
 
     def _send(self, group: list[_Op]) -> None:
         from mlflow.entities import Metric, Param
+        from mlflow.exceptions import MlflowException
         from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 
         op = group[0]
@@ -569,9 +570,12 @@ class _Sender:
             # A value changed back to the first one: its tag no longer says what the run has (it said 3 ranks
             # while the run went on with 2 again).
             for k in [k for k in self._changed if k in params and k not in changed]:
-                c.delete_tag(run_id, _CHANGED + k)
+                try:
+                    c.delete_tag(run_id, _CHANGED + k)
+                except MlflowException as e:  # gone already (deleted by a user, or never sent): nothing to undo
+                    if e.error_code != "RESOURCE_DOES_NOT_EXIST":
+                        raise
                 del self._changed[k]
-            self._changed.update(changed)
             if changed:
                 # MLflow params are write-once: record the new values as tags instead.
                 self._log(
@@ -580,6 +584,7 @@ class _Sender:
                     ", ".join(sorted(changed)),
                 )
                 self._send_tags({_CHANGED + k: v for k, v in changed.items()})
+                self._changed.update(changed)  # once sent
         elif op.kind == "tags":
             self._send_tags(op.payload)
         elif op.kind == "artifact":
@@ -825,11 +830,12 @@ class _Sender:
         ``<run.dir>/mlartifacts/<run id>/artifacts``, beside the ones the run logged before the move.
         """
         database = sqlite_database(self.uri)
-        if database is None or Path(os.path.abspath(database)).parent != self.run_dir.resolve():
+        # Compared with links followed on both sides: a run.dir under a linked folder (/scratch -> /lustre).
+        if database is None or Path(os.path.realpath(database)).parent != self.run_dir.resolve():
             return None
         here = self.run_dir.resolve() / "mlartifacts" / info.run_id / "artifacts"
         recorded = urlparse(info.artifact_uri)
-        if recorded.scheme != "file" or Path(url2pathname(recorded.path)) == here:
+        if recorded.scheme != "file" or Path(os.path.realpath(url2pathname(recorded.path))) == here:
             return None
         from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
