@@ -517,21 +517,14 @@ def prepare(
         spec["max_doc_bytes"] = max_doc_bytes
     # A conversion is named (its fingerprint) by each input's absolute path: `big`, `./big` and `/home/me/big`,
     # from any working directory, are one conversion (resumed, or complete). Its `source` and position `doc_id`
-    # columns hold the path as typed, normalized (`./big/x` is `big/x`): no machine's folder layout goes into a
-    # dataset given as relative paths (a conversion resumed under another spelling names the inputs of the parts
-    # it does as that one). mnemo before 2026-12-06 named the conversion by the paths as typed: a dataset or
-    # unfinished conversion under that fingerprint is this one too.
-    typed = list(corpus.files)
-    plans = {}
-    old_units = split_units(typed, unit_bytes)
-    plans[_fingerprint({**spec, "units": [u.describe() for u in old_units]})] = (corpus, old_units)
-    absolute = split_units([replace(f, path=os.path.abspath(f.path)) for f in typed], unit_bytes)
-    normal = [replace(f, path=os.path.normpath(f.path)) for f in typed]
-    plans[_fingerprint({**spec, "units": [u.describe() for u in absolute]})] = (
-        replace(corpus, files=normal),
-        split_units(normal, unit_bytes),
-    )
-    units = plans[next(reversed(plans))][1]
+    # columns hold the path as typed, normalized as text (`./big/x` is `big/x`, readers.py): no machine's folder
+    # layout goes into a dataset given as relative paths (a conversion resumed under another spelling names the
+    # inputs of the parts it does as that one). The files are read under the paths as typed. mnemo before
+    # 2026-12-06 named the conversion by the paths as typed: a dataset or unfinished conversion under that
+    # fingerprint is this one too.
+    units = split_units(corpus.files, unit_bytes)
+    absolute = split_units([replace(f, path=os.path.abspath(f.path)) for f in corpus.files], unit_bytes)
+    plans = {_fingerprint({**spec, "units": [u.describe() for u in us]}): (corpus, units) for us in (units, absolute)}
     entries = out_entries(units, passkey_docs > 0)
     if given is not None and given.file_name not in entries:  # OUT/tokenizer.json
         entries.append(given.file_name)

@@ -83,6 +83,15 @@ def is_blank(text: str) -> bool:
     return not text.strip(_WHITE_SPACE)
 
 
+def _column_name(path: str) -> str:
+    """An input's name in the ``source`` and position ``doc_id`` columns: ``path`` as typed without its ``.``
+    and empty parts (``./big//a.txt`` is ``big/a.txt``: spellings of one path give the same shards), in UTF-8
+    (``_utf8_name``). ``..`` is kept: ``link/../x`` may be another file than ``x`` (the kernel follows the link
+    first), and the file is read at ``path`` itself."""
+    parts = [p for p in path.split("/") if p not in ("", ".")]
+    return _utf8_name(("/" if path.startswith("/") else "") + "/".join(parts) if parts else path)
+
+
 def _utf8_name(path: str) -> str:
     """``path`` as a string that encodes to UTF-8 (undecodable bytes of a file name become U+FFFD).
 
@@ -178,7 +187,7 @@ def _read_text(f: InputFile, strict: bool, stats: ReadStats, max_doc_bytes: int)
     if is_blank(text):
         stats.note("empty", f.path)
         return
-    name = _utf8_name(f.path)
+    name = _column_name(f.path)
     yield Doc(text, name, name, n)
 
 
@@ -333,7 +342,7 @@ def _read_jsonl(
         else:
             stop = None
         numbers = _LineNumbers(f, pos) if f.kind == "jsonl" else None
-        source = _utf8_name(f.path)
+        source = _column_name(f.path)
 
         def where(k: int) -> str:
             return f"{source}:{numbers.at(k) if numbers else k + 1}"
@@ -487,7 +496,7 @@ def _read_parquet(
         return
     row = sum(f.group_rows[:lo])
     cols = [text_field] + ([id_field] if id_field and id_field != text_field else [])
-    source = _utf8_name(f.path)
+    source = _column_name(f.path)
     # One record batch in memory at a time, never the whole file.
     for texts, ids in _parquet_batches(f, list(range(lo, hi)), cols, id_field):
         for text, ident in zip(texts, ids):

@@ -902,3 +902,20 @@ def test_a_conversion_begun_before_absolute_input_names_keeps_its_names(corpus, 
     assert prepare(rel, str(out), tokenizer=model, unit_bytes=UNIT, workers=1) == m1  # complete
     m2 = prepare(inputs, str(tmp_path / "new"), tokenizer=model, unit_bytes=UNIT, workers=1)
     assert m2["fingerprint"] != m1["fingerprint"]
+
+
+def test_an_input_is_read_where_the_kernel_finds_it_and_named_as_typed_normalized(corpus, tmp_path, monkeypatch):
+    """`link/../a.txt` is the file beside the link's target, not ./a.txt: it is read there, and named so in the
+    `source` column, only its `.` and empty parts gone (a lexical `..` collapse would name the other file)."""
+    _, _, model = corpus
+    (tmp_path / "real" / "sub").mkdir(parents=True)
+    (tmp_path / "real" / "a.txt").write_text("def beside_the_target():\n    return 'read through the link'\n")
+    (tmp_path / "a.txt").write_text("def beside_the_link():\n    return 'a lexical collapse read this one'\n")
+    (tmp_path / "link").symlink_to(tmp_path / "real" / "sub")
+    monkeypatch.chdir(tmp_path)
+    prepare(["./link/../a.txt"], str(tmp_path / "out"), tokenizer=model, workers=1)
+    texts = decoded(tmp_path / "out")
+    assert len(texts) == 1 and "beside_the_target" in texts[0], texts
+    assert [s["source"] for s in read_samples(tmp_path / "out")] == ["link/../a.txt"]
+    prepare([".//real/./a.txt"], str(tmp_path / "out2"), tokenizer=model, workers=1)
+    assert [s["source"] for s in read_samples(tmp_path / "out2")] == ["real/a.txt"]
