@@ -596,7 +596,10 @@ class TrainLoop:
         metrics = self.metrics()
         w = self._window
         if self.info.rank == 0:
-            self.tracker.log_metrics(metrics, step)
+            from mnemo.train.tracking import memory_stats
+
+            # Memory with every window (not only at the end: a run killed or out of memory never got there).
+            self.tracker.log_metrics({**metrics, **memory_stats()}, step)
             step_s = (time.time() - w["t0"]) / max(1, w["n"] + w["ep_n"])
             eta = step_s * (self.max_steps - step)
             msg = "step %d/%d" % (step, self.max_steps)

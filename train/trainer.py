@@ -760,14 +760,11 @@ class Trainer:
 
     # ------------------------------------------------------------------ the end
     def _shut_down(self, exit_reason: str) -> None:
-        from mnemo.train.tracking import memory_stats
-
         if self.loop.bar is not None:
             self.loop.bar.close()
         self.steplog.close()
         self.streams.close()
         if self.info.rank == 0:
-            self.tracker.log_metrics(memory_stats(), self.counters.step)
             logs = self.run_dir / "logs"
             for f in sorted(logs.glob("node*.log")) if logs.is_dir() else []:
                 self.tracker.log_artifact(str(f), "logs")

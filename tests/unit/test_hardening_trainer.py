@@ -1262,7 +1262,7 @@ def test_a_changed_lr_weight_decay_or_betas_takes_effect_on_resume(world1, data,
     assert step == 4 and changed == [(lr, 0.5, (0.5, 0.99)), (lr, 0.0, (0.5, 0.99))]
 
 
-def test_train_loss_at_a_log_step_is_the_mean_over_the_interval(world1, data, tmp_path, caplog):
+def test_train_loss_at_a_log_step_is_the_mean_over_the_interval(world1, data, tmp_path, caplog, monkeypatch):
     """docs/tracking.md said `train/loss` was the loss "of the step"; with train.log_interval > 1 it is (and
     stays: a smoother curve) the mean of the interval's step losses, which logs/steps.jsonl holds one by one.
     The console line prints the same figure as the metric."""
@@ -1271,10 +1271,16 @@ def test_train_loss_at_a_log_step_is_the_mean_over_the_interval(world1, data, tm
 
     from mnemo.train import trainer
 
+    from mnemo.train.tracking import Tracker
+
     run_dir = tmp_path / "run"
     cfg = config(data, run_dir, "train.max_steps=4", "train.log_interval=2", "eval.interval=0", "checkpoint.interval=0")
+    sent: list[tuple[int, list[str]]] = []
+    monkeypatch.setattr(Tracker, "log_metrics", lambda self, metrics, step: sent.append((step, sorted(metrics))))
     with caplog.at_level(logging.INFO, logger="mnemo.train"):
         assert trainer.train(cfg)["exit"] == "completed"
+    # sys/host_rss_gb with every window, as docs/tracking.md says (it was logged once, at the job's end).
+    assert [step for step, keys in sent if "sys/host_rss_gb" in keys] == [2, 4], sent
     logged = {
         int(m[1]): float(m[2])
         for r in caplog.records
