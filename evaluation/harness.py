@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from mnemo.data_pipeline.errors import brief, clip
+from mnemo.data_pipeline.errors import brief, clip, first_line
 from mnemo.evaluation.errors import EvalError
 from mnemo.evaluation.generate import check_sampling, generate_batch
 from mnemo.evaluation.outputs import write_then_show
@@ -419,9 +419,25 @@ def cli_main(argv: Sequence[str], loader: Loader) -> int:
     sys.argv = ["lm_eval", *argv]
     try:
         cli_evaluate()
+    except ValueError as e:
+        # lm-eval checks its arguments by raising ValueError ("Tasks not found: x", "Need to specify task to
+        # evaluate."): a user's mistake, one line. A ValueError from anywhere else stays a traceback (a bug).
+        if not _raised_by_lm_eval_argument_checks(e):
+            raise
+        raise EvalError(f"lm-eval: {clip(first_line(e), 300)}") from None
     finally:
         sys.argv = old
     return 0
+
+
+def _raised_by_lm_eval_argument_checks(e: BaseException) -> bool:
+    """Whether ``e`` was raised in lm-eval's command line or its evaluation config (argument checks)."""
+    tb = e.__traceback__
+    last = None
+    while tb is not None:
+        last, tb = tb.tb_frame.f_code.co_filename, tb.tb_next
+    where = (last or "").replace(os.sep, "/")
+    return "/lm_eval/_cli/" in where or where.endswith("/lm_eval/config/evaluate_config.py")
 
 
 def offline_datasets(cache_dir: str | os.PathLike) -> None:

@@ -313,6 +313,19 @@ def test_lm_eval_cli_refuses_a_store_that_cannot_fit(env, capsys, cap, needle):
     assert len(err) == 1 and needle in err[0], text[-2000:]
 
 
+def test_lm_eval_cli_argument_mistakes_are_one_line(env, capsys):
+    """`mnemo lm-eval run ... --tasks nosuchtask` was lm-eval's ValueError "Tasks not found" under a traceback, exit
+    1 (a bug's), where `mnemo eval --lm-eval nosuchtask` is one line, exit 2."""
+    from mnemo.cli import main
+
+    exp, tasks, *_ = env
+    argv = ["lm-eval", "run", "--model", "mnemo", "--model_args", f"checkpoint={exp}", "--device", "cpu"]
+    assert main([*argv, "--tasks", "nosuchtask", "--include_path", str(tasks)]) == 2
+    text = capsys.readouterr().err
+    err = [line for line in text.splitlines() if line.startswith("mnemo: error:")]
+    assert err == ["mnemo: error: lm-eval: Tasks not found: nosuchtask"] and "Traceback" not in text, text[-2000:]
+
+
 def test_request_loop_out_of_memory_is_one_line(env, monkeypatch):
     """An allocation failure the pre-flight did not foresee, inside lm-eval's requests, is one EvalError."""
     from mnemo.evaluation import harness as h
