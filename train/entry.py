@@ -47,7 +47,15 @@ def run_train(config: str, overrides: list[str]) -> int:
     apply_rank_env(cfg.train.device)
     from mnemo.train.trainer import train
 
-    summary = train(cfg)
+    if alone(os.environ):
+        # A `mnemo train` is its own launcher: it holds <run.dir>/launch.lock for its life as a launcher does, so
+        # a `mnemo launch` whose ranks are still starting (run.lock not yet theirs) refuses it, and it them.
+        from mnemo.train.runlock import LaunchLock
+
+        with LaunchLock(cfg.run.dir):
+            summary = train(cfg)
+    else:
+        summary = train(cfg)
     if summary.get("exit") == "preempted":
         return 0
     return 0

@@ -127,6 +127,43 @@ def test_run_lock_names_its_holder_and_dies_with_it(tmp_path):
     RunLock(tmp_path / "run").acquire()  # released on exit of the with block
 
 
+LAUNCH_HOLDER = """
+import sys, time
+from mnemo.train.runlock import LaunchLock
+LaunchLock(sys.argv[1]).acquire()
+print("held", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_plain_train_is_refused_while_a_launch_holds_the_run_dir(data, tmp_path, monkeypatch):
+    """A `mnemo launch` holds <run.dir>/launch.lock from its start, and its rank 0 takes run.lock only after
+    seconds of imports: a `mnemo train` started meanwhile took run.lock, trained, and the launch's ranks stopped
+    on the busy run dir. A plain `mnemo train` holds launch.lock for its life too, and is refused while another
+    holds it."""
+    from mnemo.train.entry import run_train
+    from mnemo.train.runlock import RunDirBusy
+
+    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID"):
+        monkeypatch.delenv(k, raising=False)  # alone: no launcher
+    run_dir = tmp_path / "run"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", LAUNCH_HOLDER, str(run_dir)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=str(REPO)),
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        overrides = [f"data.path={data}", f"run.dir={run_dir}", "tracking.enabled=false", "train.max_steps=1"]
+        with pytest.raises(RunDirBusy, match=rf"is in use by another job \(host \S+, pid {holder.pid},"):
+            run_train(str(DEBUG), overrides)
+        assert not (run_dir / "run.lock").exists() or "pid" not in (run_dir / "run.lock").read_text()
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def test_run_lock_that_cannot_be_made_leaves_no_folders(tmp_path):
     # Was: mkdir(parents=True) made md/np/sub, failed on the 256-byte name below it, and left them behind.
     from mnemo.train.errors import UserError
