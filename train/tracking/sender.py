@@ -889,27 +889,21 @@ class _Sender:
 
     def _probe(self) -> bool:
         """Is the server answering at all? Any HTTP status counts; local stores always answer."""
-        if not self._http:
-            return True
-        import requests
-
-        try:
-            requests.get(self._health_url, timeout=self._s["probe_timeout"])
-            return True
-        except requests.RequestException:
-            return False
+        return not self._http or self._health_status() is not None
 
     def _serving(self) -> bool:
         """Does the server's /health answer 200 (an HTTP store)? A busy server or a proxy whose MLflow is down
         answers it 503 or 502 too."""
-        if not self._http:
-            return False
+        return self._http and self._health_status() == 200
+
+    def _health_status(self) -> int | None:
+        """The HTTP status the server's /health answers (None: no answer within the probe timeout)."""
         import requests
 
         try:
-            return requests.get(self._health_url, timeout=self._s["probe_timeout"]).status_code == 200
+            return requests.get(self._health_url, timeout=self._s["probe_timeout"]).status_code
         except requests.RequestException:
-            return False
+            return None
 
     def _mark_down(self, reason: str, full: bool = False, busy: bool = False) -> None:
         self._full, self._busy = full, busy
