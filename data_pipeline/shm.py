@@ -180,20 +180,17 @@ def retire_unfinished_prefixes(shm_dir: Path = SHM_DIR, now: float | None = None
             continue
         if _make_lock_files(prefix):
             kept.append(prefix)
-    if unfinished:
-        log.warning(
-            "shared memory: %s left alone by a process killed while it made its segments: "
-            "mosaicml-streaming skips %s from now on",
-            ", ".join(f"{shm_dir}/{p:06d}_locals" for p in unfinished),
-            "that prefix" if len(unfinished) == 1 else "those prefixes",
-        )
-    if orphaned:
-        log.warning(
-            "shared memory: %s without a _locals segment, left by a killed process: "
-            "mosaicml-streaming skips %s from now on",
-            ", ".join(f"{shm_dir}/{p:06d}_*" for p in orphaned),
-            "that prefix" if len(orphaned) == 1 else "those prefixes",
-        )
+    for retired, names, why in (
+        (unfinished, "_locals", "left alone by a process killed while it made its segments"),
+        (orphaned, "_*", "without a _locals segment, left by a killed process"),
+    ):
+        if retired:
+            log.warning(
+                "shared memory: %s %s: mosaicml-streaming skips %s from now on",
+                ", ".join(f"{shm_dir}/{p:06d}{names}" for p in retired),
+                why,
+                "that prefix" if len(retired) == 1 else "those prefixes",
+            )
     return sorted(unfinished + orphaned)
 
 
