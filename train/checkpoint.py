@@ -201,16 +201,28 @@ def torch_read_error(e: BaseException) -> str:
 DS_READ_ERRORS = (RuntimeError, EOFError, ValueError, OSError)
 
 
+# RuntimeErrors that are no fault of a file: out of memory, an accelerator's fault, a collective's failure.
+DEVICE_ERRORS: tuple[type[BaseException], ...] = tuple(
+    t
+    for t in (
+        torch.OutOfMemoryError,
+        getattr(torch, "AcceleratorError", None),
+        getattr(torch.distributed, "DistError", None),
+    )
+    if t is not None
+)
+
+
 def unreadable_ds_state(where: Any, e: BaseException, alias: tuple[str, str] | None = None) -> BaseException:
     """UserError for ``e``, raised while DeepSpeed read the state of checkpoint ``where``; ``e`` itself when
-    it is not the checkpoint's fault (out of memory, a failed collective: RuntimeErrors too).
+    it is not the checkpoint's fault (DEVICE_ERRORS: out of memory, a CUDA fault, a failed collective).
 
     It names the file that failed where it can be found, and gives torch's first sentence only: its message
     for a truncated file is a paragraph (miniz, "likelihood that your checkpoint file is corrupted"...).
     ``alias``: (the glob-safe name DeepSpeed was given, the real folder; glob_safe_dir), so the message names
     the user's folder, not a temporary link.
     """
-    if isinstance(e, (torch.OutOfMemoryError, torch.distributed.DistError)):
+    if isinstance(e, DEVICE_ERRORS):
         return e
     if alias is not None and not os.path.lexists(alias[1]):
         # Its files were checked before the read: the folder went meanwhile, e.g. a running job's retention
@@ -624,18 +636,6 @@ class CheckpointManager:
                 parts["spikes"].load_state_dict(saved["spikes"])
         parts["counters"].load_state_dict({"step": int(meta["step"]), "tokens_seen": int(meta.get("tokens_seen", 0))})
         return exact
-
-
-# RuntimeErrors that are no fault of a file: out of memory, an accelerator's fault, a collective's failure.
-DEVICE_ERRORS: tuple[type[BaseException], ...] = tuple(
-    t
-    for t in (
-        torch.OutOfMemoryError,
-        getattr(torch, "AcceleratorError", None),
-        getattr(torch.distributed, "DistError", None),
-    )
-    if t is not None
-)
 
 
 @contextlib.contextmanager

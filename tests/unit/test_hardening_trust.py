@@ -722,6 +722,23 @@ def test_a_device_fault_while_a_rank_file_part_loads_is_not_blamed_on_the_file(t
             raise RuntimeError("size mismatch for ltm_k")
 
 
+def test_a_device_fault_while_deepspeed_reads_its_state_is_not_blamed_on_the_checkpoint(tmp_path):
+    """A CUDA fault while DeepSpeed put a checkpoint's state on the GPU read "cannot read the DeepSpeed state": the
+    same rule as a rank file's parts (DEVICE_ERRORS) passes it through; a damaged file is still one line."""
+    import torch.distributed as dist
+
+    where = tmp_path / "step_00000010"
+    (where / "ds").mkdir(parents=True)
+    for fault in (
+        torch.AcceleratorError("CUDA error: an illegal memory access"),
+        torch.OutOfMemoryError("CUDA out of memory"),
+        dist.DistError("peer lost"),
+    ):
+        assert ckpt.unreadable_ds_state(where, fault, ("x", str(where / "ds"))) is fault
+    err = ckpt.unreadable_ds_state(where, RuntimeError("PytorchStreamReader failed"), ("x", str(where / "ds")))
+    assert isinstance(err, UserError) and "cannot read the DeepSpeed state" in str(err)
+
+
 def test_a_checkpoint_removed_while_it_was_read_says_so_not_that_it_is_damaged(tmp_path):
     """An export or evaluation of a run dir chose its newest checkpoint, which the running job's retention then
     deleted: "cannot read the DeepSpeed state (Directory ... doesn't exist)" read as a damaged checkpoint."""
