@@ -415,6 +415,7 @@ def cli_main(argv: Sequence[str], loader: Loader) -> int:
     from lm_eval.__main__ import cli_evaluate
 
     use_loader(loader)
+    check_device_first(argv)
     old = sys.argv
     sys.argv = ["lm_eval", *argv]
     try:
@@ -428,6 +429,17 @@ def cli_main(argv: Sequence[str], loader: Loader) -> int:
     finally:
         sys.argv = old
     return 0
+
+
+def check_device_first(argv: Sequence[str]) -> None:
+    """EvalError for a ``--device`` that ``--model mnemo`` cannot run on, before lm-eval starts: it indexes every
+    task it knows (seconds) before it builds the model, where ``MnemoLM`` checks the device as well."""
+    args = list(argv)
+    pairs = [(a, b) for a, b in zip(args, [*args[1:], None])]
+    values = {a.split("=", 1)[0]: a.split("=", 1)[1] for a in args if a.startswith(("--model=", "--device="))}
+    values.update({a: b for a, b in pairs if a in ("--model", "--device") and b is not None})
+    if values.get("--model") == "mnemo" and "--device" in values:
+        lm_eval_device(values["--device"])
 
 
 def _raised_by_lm_eval_argument_checks(e: BaseException) -> bool:

@@ -442,6 +442,25 @@ def test_lm_eval_cli_refuses_a_device_mnemo_does_not_run_on(env, capsys, device)
     assert len(err) == 1 and err[0].startswith("mnemo: error: --device ") and want in err[0], err
 
 
+def test_a_bad_device_is_refused_before_lm_eval_starts_and_by_the_model_itself(env, monkeypatch):
+    """lm-eval indexes every task it knows (~4 s) before it builds the model: `--device foo` is refused first
+    (both argument forms, --model mnemo only); the model's own check stays for a device given another way."""
+    import lm_eval.__main__
+
+    from mnemo.evaluation import harness
+    from mnemo.evaluation.errors import EvalError
+
+    monkeypatch.setattr(lm_eval.__main__, "cli_evaluate", lambda: pytest.fail("lm-eval started"))
+    monkeypatch.setattr(harness.MnemoLM, "loader", harness.MnemoLM.loader)  # cli_main sets it: restored after
+    for argv in (["run", "--model", "mnemo", "--device", "foo"], ["run", "--model=mnemo", "--device=mps"]):
+        with pytest.raises(EvalError, match=r"^--device '(foo|mps)': not a device mnemo runs on"):
+            harness.cli_main(argv, loader=lambda *a, **k: None)
+    harness.check_device_first(["run", "--model", "hf", "--device", "mps"])  # another model's business
+    exp = env[0]
+    with pytest.raises(EvalError, match=r"^--device 'meta': not a device mnemo runs on"):
+        harness.MnemoLM(checkpoint=str(exp), device="meta")
+
+
 def test_lm_eval_device_names():
     from mnemo.evaluation.harness import lm_eval_device
 
