@@ -624,8 +624,10 @@ class Trainer:
         return any_true([self.streams.used_up], self.device)[0]
 
     def evaluate(self) -> dict[str, Any]:
-        cfg, module = self.cfg, self.engine.module
-        return run_eval(cfg, module, self.source, self.tok_file, self.tracker, self.counters.step, self.info.rank)
+        cfg, module, step = self.cfg, self.engine.module, self.counters.step
+        # Gradients and optimizer state stay allocated meanwhile: on a GPU, the likeliest place to run out.
+        with memory_errors(MEMORY_ADVICE, UserError, f" in the evaluation at step {step}"):
+            return run_eval(cfg, module, self.source, self.tok_file, self.tracker, step, self.info.rank)
 
     def save(self, reason: str) -> Path:
         """A checkpoint of the steps done so far (counters.step)."""
@@ -644,7 +646,8 @@ class Trainer:
             reason=reason,
             time=time.time(),
         )
-        path = self.ckpt.save(step, self.engine, None, meta, extra_files={self.tok_name: self.tok_file})
+        with memory_errors(MEMORY_ADVICE, UserError, f" while saving the checkpoint of step {step}"):
+            path = self.ckpt.save(step, self.engine, None, meta, extra_files={self.tok_name: self.tok_file})
         if self.info.rank == 0:
             # The checkpoint holds the run id from now on, but only if it is the kept one: a run that opened after
             # the id was read above (during this save) is kept by now and is in no checkpoint yet.

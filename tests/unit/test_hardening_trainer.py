@@ -971,6 +971,27 @@ def test_running_out_of_memory_in_a_step_is_one_line(world1, data, tmp_path, mon
     assert str(error).split(". ")[0] in err
 
 
+@pytest.mark.parametrize("where", ["evaluation", "save"])
+def test_running_out_of_memory_in_an_evaluation_or_a_save_is_one_line(world1, data, tmp_path, monkeypatch, where):
+    """Only set-up and steps were read for running out of memory: a CUDA OOM in the in-run evaluation or a save
+    (where a GPU is likeliest to run out: gradients and optimizer state stay allocated) was a traceback, exit 1."""
+    from mnemo.train import checkpoint, trainer
+    from mnemo.train.errors import UserError
+
+    def no_memory(*a, **k):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    if where == "evaluation":
+        monkeypatch.setattr(trainer, "run_eval", no_memory)
+        want = r"^out of memory in the evaluation at step 2 \(CUDA out of memory\. Tried .*\): lower train\.batch_size"
+    else:
+        monkeypatch.setattr(checkpoint.CheckpointManager, "save", no_memory)
+        want = r"^out of memory while saving the checkpoint of step 2 \(CUDA out of memory\. .*\): lower train\."
+    cfg = config(data, tmp_path / "run", "train.max_steps=2", "checkpoint.interval=0", "eval.interval=0")
+    with pytest.raises(UserError, match=want):
+        trainer.train(cfg)
+
+
 def test_running_out_of_memory_while_setting_up_is_one_line(world1, data, tmp_path, monkeypatch):
     from mnemo.train import trainer
     from mnemo.train.errors import UserError
