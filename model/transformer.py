@@ -490,10 +490,11 @@ class Attention(nn.Module):
             qn, mem.ltm_k, mem.ltm_v, ctx.ltm_valid, self.topk, window=ctx.ltm_window, index=mem.ivf_index()
         )  # [B, H, T, k, Dh], found [B, H, T, k]
         temp = self.ltm_log_temp.exp().view(1, -1, 1, 1)
-        scores = torch.einsum("bhtd,bhtkd->bhtk", qn, sel_k) * temp  # [B, H, T, k]
+        # Scores and softmax in fp32, as _joint's: at temperature 20, bf16 logits step by 0.125.
+        scores = torch.einsum("bhtd,bhtkd->bhtk", qn.float(), sel_k.float()) * temp.float()  # [B, H, T, k]
         scores = scores.masked_fill(~found, float("-inf"))
         any_found = found.any(-1, keepdim=True)  # [B, H, T, 1]
-        p = torch.softmax(scores.masked_fill(~any_found, 0.0), dim=-1)  # no NaN rows
+        p = torch.softmax(scores.masked_fill(~any_found, 0.0), dim=-1).to(sel_v.dtype)  # no NaN rows
         return torch.einsum("bhtk,bhtkd->bhtd", p, sel_v), any_found
 
 

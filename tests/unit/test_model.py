@@ -355,6 +355,30 @@ def test_knn_attention_with_k_equal_to_the_store_is_full_attention():
     assert found[:2].all() and not found[2].any()  # slot 2 has an empty store
 
 
+def test_gated_memory_attention_scores_in_fp32_in_a_bf16_model():
+    """The gated layer's retrieval softmax ran in bf16 (every CUDA run's dtype) where the joint layer's runs in
+    fp32: at temperature 20 bf16 logits step by 0.125, so near-equal keys were weighted by rounding."""
+    B, H, N, Dh, topk = 2, 4, 40, 8, 16
+    q, k, v, valid = _store(B, H, N, Dh, lengths=[40, 40])
+    model = make(capacity=N, topk=topk).to(torch.bfloat16)
+    attn = model.blocks[1].attn
+    with torch.no_grad():
+        attn.ltm_log_temp.fill_(math.log(20.0))
+    ctx = SegmentContext(cos=None, sin=None, stm_mask=None, ltm_window=N, ltm_valid=valid)
+    qb, kb, vb = q.bfloat16(), k.bfloat16(), v.bfloat16()
+    with torch.no_grad():
+        out, _ = attn._read_ltm(qb, mt.LayerMemory(ltm_k=kb, ltm_v=vb), ctx)
+    # The same bf16 inputs, everything after them in fp64: only the output's bf16 rounding may differ.
+    scores = qb.double() @ kb.double().transpose(-1, -2)  # [B, H, T, N]
+    top, idx = scores.topk(topk, dim=-1)  # [B, H, T, topk]
+    picked = torch.gather(
+        vb.double()[:, :, None].expand(-1, -1, T, -1, -1), 3, idx[..., None].expand(-1, -1, -1, -1, Dh)
+    )
+    ref = torch.einsum("bhtk,bhtkd->bhtd", torch.softmax(top * 20.0, dim=-1), picked)
+    err = (out.double() - ref).abs().max().item()
+    assert err < 0.03, err
+
+
 def test_knn_attention_attends_over_the_top_k_keys():
     B, H, N, Dh, topk = 2, 4, 40, 8, 5
     q, k, v, valid = _store(B, H, N, Dh, lengths=[40, 17])
