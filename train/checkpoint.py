@@ -169,11 +169,15 @@ class weights_only_loads:
         return False
 
 
-def load_torch_file(path: str | Path) -> Any:
+def load_torch_file(path: str | Path, mmap: bool = False) -> Any:
     """A torch file mnemo or DeepSpeed wrote, on CPU, without unpickling code (weights_only_loads).
 
     Opened with open_regular: a FIFO in its place (a plain open waits for a writer forever), a device or a
-    folder is a UserError naming it.
+    folder is a UserError naming it. ``mmap``: the tensors are mapped from the file (copy-on-write) and
+    read from disk only where they are read, for a reader that needs a small part of a large file (the
+    old ranks' memory at a resume on another world size); it keeps copies of what it needs, not the
+    tensors themselves. A file that is not a zip archive (only torch's zip format can be mapped: an
+    empty or damaged file) is read whole, as without ``mmap``, and fails with the same words.
     """
     try:
         f = open_regular(path)
@@ -181,6 +185,13 @@ def load_torch_file(path: str | Path) -> Any:
         raise UserError(f"{path}: cannot read ({e.strerror or e})") from None
     with f, weights_only_loads(path):
         try:
+            if mmap and f.read(4) == b"PK\x03\x04":
+                # torch maps a file by its name: that of the descriptor open_regular checked (Linux), so a
+                # file swapped for a FIFO after the check is not the one read.
+                fd_path = f"/proc/self/fd/{f.fileno()}"
+                source = fd_path if os.path.exists(fd_path) else path
+                return torch.load(source, mmap=True, map_location="cpu", weights_only=True)
+            f.seek(0)
             return torch.load(f, map_location="cpu", weights_only=True)
         except (RuntimeError, EOFError, OSError) as e:  # truncated or not a torch file at all
             raise UserError(f"{path}: cannot read ({torch_read_error(e)})") from None
@@ -590,11 +601,14 @@ class CheckpointManager:
 
     # ------------------------------------------------------------------ load
     def rank_states(self, path: Path) -> list[dict[str, Any]]:
+        """Every old rank's file, mapped (load_torch_file's mmap): a new rank reads every old rank's streams
+        but only the memory rows it gets (MemoryGroups.load_regrouped), so the rest of each file (the memory
+        of the slots other ranks get, GBs at scale) is never read into memory."""
         files = sorted(Path(path).glob("rank_*.pt"))
-        return [load_torch_file(f) for f in files]
+        return [load_torch_file(f, mmap=True) for f in files]
 
-    def rank_state(self, path: Path, rank: int) -> dict[str, Any]:
-        return load_torch_file(Path(path) / f"rank_{rank:05d}.pt")
+    def rank_state(self, path: Path, rank: int, mmap: bool = False) -> dict[str, Any]:
+        return load_torch_file(Path(path) / f"rank_{rank:05d}.pt", mmap=mmap)
 
     def restore(self, path: Path, meta: dict[str, Any]) -> bool:
         """Load this rank's ``states`` from checkpoint ``path``; True when it continues exactly.
@@ -626,12 +640,13 @@ class CheckpointManager:
             with rank_file_part(path, "rank_*.pt", "memory"):
                 parts["memory"].load_regrouped([s["memory"] for s in every], self.rank)
         first = mine if own is not None else "rank_00000.pt"
-        if "episodes" in parts:
-            saved = own if own is not None else self.rank_state(path, 0)
-            if "episodes" in saved:
-                with rank_file_part(path, first, "episodes"):
-                    parts["episodes"].load_state_dict(saved["episodes"], own_rank=own is not None)
-        if "spikes" in parts and "spikes" in (saved := own if own is not None else self.rank_state(path, 0)):
+        if "episodes" in parts or "spikes" in parts:
+            # A rank the checkpoint has no file of: rank 0's, mapped (its memory is not read)
+            saved = own if own is not None else self.rank_state(path, 0, mmap=True)
+        if "episodes" in parts and "episodes" in saved:
+            with rank_file_part(path, first, "episodes"):
+                parts["episodes"].load_state_dict(saved["episodes"], own_rank=own is not None)
+        if "spikes" in parts and "spikes" in saved:
             with rank_file_part(path, first, "spikes"):  # the same on every rank: rank 0's serves any world size
                 parts["spikes"].load_state_dict(saved["spikes"])
         parts["counters"].load_state_dict({"step": int(meta["step"]), "tokens_seen": int(meta.get("tokens_seen", 0))})

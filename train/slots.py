@@ -134,7 +134,23 @@ class MemoryGroups:
             self.states[i] = s.load_state_dict(part).to(self.device)
 
     def load_regrouped(self, old: list[dict[str, Any]], rank: int) -> None:
-        """This rank's groups from every old rank's memory (old rank files in rank order: groups in order)."""
-        every = concat_memory(old)
+        """This rank's groups from every old rank's memory (old rank files in rank order: groups in order).
+
+        The rows of this rank's slots in concat_memory(old), copied from the old ranks that hold them only:
+        the others' tensors are not read (from mapped rank files, CheckpointManager.rank_states, they are
+        never read from disk), so a new rank holds its own slots' memory, not every old rank's.
+        """
         n = sum(s.batch_size for s in self.states)
-        self.load_state_dict({k: v[rank * n : (rank + 1) * n] for k, v in every.items()})
+        self.load_state_dict({k: concat_rows([sd[k] for sd in old], rank * n, (rank + 1) * n) for k in old[0]})
+
+
+def concat_rows(tensors: list[torch.Tensor], start: int, stop: int) -> torch.Tensor:
+    """Rows ``start .. stop - 1`` of ``torch.cat(tensors)`` (fewer where it has fewer), a new tensor made of
+    those rows only: a tensor none of whose rows are taken is not read."""
+    parts, at = [], 0
+    for t in tensors:
+        lo, hi = max(start, at), min(stop, at + len(t))
+        if lo < hi:
+            parts.append(t[lo - at : hi - at])
+        at += len(t)
+    return torch.cat(parts) if parts else tensors[0][:0].clone()

@@ -439,6 +439,51 @@ def test_after_a_world_size_change_streams_are_repartitioned_and_memory_and_rng_
     assert (parts["counters"].step, parts["counters"].tokens_seen) == (30, 30000)
 
 
+class RegroupedStreams(StandInStreams):
+    """Streams of the same slot groups at another world size: every group resumes exactly from the old states."""
+
+    def load_state_dict(self, sd):
+        self.loaded = sd
+        return True
+
+
+def peak_memory_mb() -> int:
+    """This process's peak resident memory (VmHWM) in MB."""
+    return int(re.search(r"VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) // 1024
+
+
+@pytest.mark.skipif(not os.access("/proc/self/clear_refs", os.W_OK), reason="needs Linux's resettable peak RSS")
+def test_a_new_rank_at_another_world_size_reads_only_its_own_memory_rows(tmp_path):
+    """8 old ranks -> 4, the same slot groups: new rank 1 gets old ranks 2 and 3's memory rows (32 MB here).
+
+    Every new rank read every old rank's whole file and concatenated them all before taking its rows: 8 x
+    its share (16 -> 8 GPUs of configs/medium.yaml: ~340 GB a node, and the kernel killed the ranks). The old
+    files are mapped now and only this rank's rows are copied: the restore's peak resident memory is about
+    twice its share (the mapped pages it read and its copy), below 4 x with room; it was 8 x (measured)."""
+    from mnemo.model.memory import LayerMemory, MemoryState
+    from mnemo.train.slots import MemoryGroups
+    from mnemo.train.state import Counters
+
+    def memory(fill: float) -> MemoryState:  # 2 slots, 16 MB
+        stm, n = torch.full((2, 1, 1024, 1024), fill), torch.zeros(2, dtype=torch.long)
+        return MemoryState(layers=(LayerMemory(stm_k=stm, stm_v=stm + 0.5),), stm_len=n, ltm_len=n, pos=n + int(fill))
+
+    mgr = CheckpointManager(tmp_path)
+    p = save(mgr, 3)
+    for r in range(8):
+        torch.save({"streams": {"slots": 2}, "memory": memory(float(r)).state_dict()}, p / f"rank_{r:05d}.pt")
+    mgr = CheckpointManager(tmp_path, rank=1, world_size=4)
+    groups = MemoryGroups([memory(-1.0), memory(-1.0)], "cpu")  # 2 groups (micro-steps) of 2 slots
+    mgr.states = {"streams": RegroupedStreams(), "memory": groups, "counters": Counters()}
+    Path("/proc/self/clear_refs").write_text("5")  # the peak from here on
+    before = peak_memory_mb()
+    assert mgr.restore(p, {"step": 3, "tokens_seen": 0, "world_size": 8}) is True
+    grown = peak_memory_mb() - before
+    assert groups.states[0].equal(memory(2.0)) and groups.states[1].equal(memory(3.0))
+    print(f"restore of 32 MB of memory rows from 128 MB of rank files: peak resident memory +{grown} MB")
+    assert grown < 4 * 32
+
+
 # ----------------------------------------------------------------------------- what a run may write over
 
 

@@ -30,7 +30,7 @@ from mnemo.train.schedule import (
     total_steps,
     warmup_note,
 )
-from mnemo.train.slots import MemoryGroups, SlotGroups
+from mnemo.train.slots import MemoryGroups, SlotGroups, concat_memory
 from tests.unit.test_hardening_trainer import VOCAB, Metrics, StandInStreams, config, world1  # noqa: F401 (fixture)
 
 DEBUG = "configs/debug.yaml"
@@ -155,6 +155,33 @@ def test_memory_groups_one_state_dict_of_all_slots_and_regroup_on_another_world_
     for r, m in enumerate(back):
         m.load_regrouped([sd], rank=r)
     assert back[0].state.equal(a) and back[1].state.equal(b)
+
+
+def test_regroup_reads_only_the_old_ranks_that_hold_this_ranks_rows():
+    """A new rank took every old rank's memory, concatenated, then its rows: at 16 -> 8 GPUs of
+    configs/medium.yaml (~1.3 GB of memory a rank file) ~340 GB of host memory a node, and the kernel
+    killed the ranks. Now only the rows it gets are copied: the old ranks it gets none of are on the meta
+    device here (no data: any read of them fails), and it still gets exactly concat_memory(old)'s rows."""
+    old = [memory(2, 10.0 + r) for r in range(4)]  # old ranks 0..3 x 2 slots: rows 0..7
+    sds = [s.state_dict() for s in old]
+    every = concat_memory(sds)
+    meta = [{k: v.to("meta") for k, v in sd.items()} for sd in sds]
+    # 4 ranks -> 2 ranks x 2 groups of 2: new rank 1 gets old ranks 2 and 3 (rows 4..7), whole.
+    two = MemoryGroups([memory(2, 0.0), memory(2, 0.0)], "cpu")
+    two.load_regrouped([meta[0], meta[1], sds[2], sds[3]], rank=1)
+    assert two.states[0].equal(old[2]) and two.states[1].equal(old[3])
+    # 4 ranks -> 3 ranks x 3 slots (in part): new rank 1 gets rows 3..5, the second of old rank 1, old rank 2's.
+    three = MemoryGroups([memory(3, 0.0)], "cpu")
+    three.load_regrouped([meta[0], sds[1], sds[2], meta[3]], rank=1)
+    assert all(torch.equal(v, every[k][3:6]) for k, v in three.state_dict().items())
+    # One old rank of 4 slots -> 2 ranks: its rows are copied, not views that keep the whole (mapped) file's
+    # tensors alive in the new rank.
+    one = MemoryGroups([memory(2, 0.0)], "cpu")
+    one.load_regrouped([every], rank=1)
+    assert one.state.pos.tolist() == every["pos"][2:4].tolist()
+    held = [one.state.pos, one.state.stm_len, one.state.ltm_len, one.state.layers[0].stm_k, one.state.layers[0].stm_v]
+    saved = {v.untyped_storage().data_ptr() for v in every.values()}
+    assert not saved & {t.untyped_storage().data_ptr() for t in held}
 
 
 # ------------------------------------------------------------------ token budget and the LR schedule

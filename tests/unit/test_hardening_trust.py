@@ -477,16 +477,22 @@ def test_a_damaged_checkpoint_is_one_line_error(crafted, tmp_path, capsys, damag
         assert re.search(rf"\({states}/\S+\.pt: damaged or truncated file\)$", err[-1]), err
 
 
-def test_a_rank_file_cut_in_its_data_is_one_line_error(tmp_path):
+@pytest.mark.parametrize("mmap", [False, True])
+def test_a_rank_file_cut_in_its_data_is_one_line_error(tmp_path, mmap):
     """torch.load of a file cut inside its tensor data raised OSError EINVAL ("Invalid argument"), which
     load_torch_file let through: a traceback on resume (rank_XXXXX.pt). And its message for a file cut
-    elsewhere was torch's whole paragraph; both are a few words now."""
+    elsewhere was torch's whole paragraph; both are a few words now. Mapped (the old ranks' files at a
+    resume on another world size) the same words: an empty file is no zip archive torch can map."""
     path = tmp_path / "rank_00000.pt"
-    for cut, reason in ((16000, "damaged or truncated file"), (1000, "PytorchStreamReader failed reading zip archive")):
+    for cut, reason in (
+        (16000, "damaged or truncated file"),
+        (1000, "PytorchStreamReader failed reading zip archive"),
+        (0, "EOFError"),  # an empty file
+    ):
         torch.save({"w": torch.zeros(8000)}, path)
         path.write_bytes(path.read_bytes()[:cut])
         with pytest.raises(UserError) as e:
-            ckpt.load_torch_file(path)
+            ckpt.load_torch_file(path, mmap=mmap)
         assert re.fullmatch(rf"{path}: cannot read \({reason}[^.]*\)", str(e.value)), str(e.value)
 
 
