@@ -9,11 +9,12 @@ best blocks and runs the exact top-k inside them only: per query
 N / block + probe * block key scores instead of N.
 
 No hidden state: the summaries are derived from the stored keys in each
-forward (one pass over the window per layer and segment, the same order of
-work as the FIFO push that already copies the store), so the memory state,
-its checkpoints and its per-document reset are exactly those of the exact
-search. Windows up to ``EXACT_UP_TO`` entries (or that ``probe`` blocks
-cover) are searched exactly, so short documents pay nothing.
+forward (one pass over the window per layer and segment, read in place: no
+copy of it is made; the same order of work as the FIFO push that already
+copies the store), so the memory state, its checkpoints and its
+per-document reset are exactly those of the exact search. Windows up to
+``EXACT_UP_TO`` entries (or that ``probe`` blocks cover) are searched
+exactly, so short documents pay nothing.
 
 Measured on a trained model's real keys (docs/memory.md): fast, but recall
 is poor (a query's nearest keys are scattered tokens, which a block's mean
@@ -115,23 +116,28 @@ def _candidate_tile(device: torch.device) -> int:
     return 1 << 21 if device.type == "cpu" else 1 << 27
 
 
-def block_summaries(keys: Tensor, valid: Tensor | None, block: int) -> tuple[Tensor, Tensor]:
-    """Per-block unit summaries [BH, nb, Dh] of keys [BH, nb * block, Dh] and which blocks hold a key [BH, nb].
+def block_summaries(blocks: Tensor, valid: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Per-block unit summaries [BH, nb, Dh] of blocks [BH, nb, block, Dh] and which blocks hold a key [BH, nb].
 
-    valid [BH, nb * block] or None (all valid). The summary is the normalized
-    sum of the block's valid keys: the direction a query must point to score
-    the block's keys highly on average.
+    valid [B, nb, block] (each slot's mask, shared by its BH // B heads) or None (all valid). The
+    summary is the normalized sum of the block's valid keys: the direction a query must point to score
+    the block's keys highly on average. ``blocks`` may be a view of the store (any strides): it is read,
+    never copied whole; the masked keys are summed in tiles of ``_candidate_tile`` elements.
     """
-    BH, L, Dh = keys.shape
-    nb = L // block
+    BH, nb, block, Dh = blocks.shape
     if valid is None:
-        sums = keys.view(BH, nb, block, Dh).sum(2)
-        nonempty = torch.ones(BH, nb, dtype=torch.bool, device=keys.device)
+        sums = blocks.sum(2)
+        nonempty = torch.ones(BH, nb, dtype=torch.bool, device=blocks.device)
     else:
-        v = valid.view(BH, nb, block)
-        sums = (keys.view(BH, nb, block, Dh) * v[..., None].to(keys.dtype)).sum(2)
-        nonempty = v.any(-1)
-    return F.normalize(sums.float(), dim=-1).to(keys.dtype), nonempty
+        B = valid.shape[0]
+        sums = blocks.new_empty(BH, nb, Dh)
+        step = max(1, _candidate_tile(blocks.device) // (BH * block * Dh))
+        for a in range(0, nb, step):
+            part = blocks[:, a : a + step].unflatten(0, (B, BH // B))  # [B, H, n, block, Dh]
+            v = valid[:, None, a : a + step, :, None].to(blocks.dtype)
+            sums[:, a : a + step] = (part * v).sum(3).flatten(0, 1)
+        nonempty = valid.any(-1).repeat_interleave(BH // B, dim=0)
+    return F.normalize(sums.float(), dim=-1).to(blocks.dtype), nonempty
 
 
 @never_traced  # see knn_retrieve (model/transformer.py)
@@ -172,34 +178,46 @@ def block_retrieve(
     BH = B * H
     neg = torch.finfo(q.dtype).min
     with torch.no_grad():
+        # Views of the store, never a copy of the window (tens of GiB at a million entries): reshape only
+        # merges B and H (a store is a view of a [B, H, R, Dh] buffer); the blocks are an unflatten of
+        # the newest W // block * block rows; the oldest block, when partial, is the one small copy.
         keys = mem_k[:, :, N - W :].reshape(BH, W, Dh)
+        full = W // block
+        blocks = keys[:, W - full * block :].unflatten(1, (full, block))  # [BH, full, block, Dh]
         if valid is None and pad:
             valid = torch.ones(B, W, dtype=torch.bool, device=q.device)
         vmask = None
         if valid is not None:
-            vmask = F.pad(valid, (pad, 0), value=False).repeat_interleave(H, dim=0)  # [BH, nb * block]
-        if pad:
-            keys = F.pad(keys, (0, 0, pad, 0))  # [BH, nb * block, Dh]
-        summ, nonempty = block_summaries(keys, vmask, block)  # [BH, nb, Dh], [BH, nb]
+            vmask = F.pad(valid, (pad, 0), value=False).view(B, nb, block)  # [B, nb, block], per slot
+        summ, nonempty = block_summaries(blocks, None if vmask is None else vmask[:, nb - full :])
+        first = None
+        if pad:  # the oldest block, padded in front with invalid entries: [BH, 1, block, Dh]
+            first = F.pad(keys[:, : block - pad], (0, 0, pad, 0))[:, None]
+            s0, e0 = block_summaries(first, vmask[:, :1])
+            summ, nonempty = torch.cat((s0, summ), 1), torch.cat((e0, nonempty), 1)  # [BH, nb, Dh], [BH, nb]
         qf = q.reshape(BH, T, Dh)
         bs = torch.bmm(qf, summ.transpose(1, 2))  # [BH, T, nb]
         bs.masked_fill_(~nonempty[:, None, :], neg)
         blk = torch.topk(bs, probe, dim=-1).indices.sort(dim=-1).values  # [BH, T, probe], oldest first
         del bs
-        fid = blk + (torch.arange(BH, device=q.device) * nb).view(BH, 1, 1)  # rows of [BH * nb, block, Dh]
-        kb = keys.reshape(BH * nb, block, Dh)
-        vb = None if vmask is None else vmask.reshape(BH * nb, block)
+        bh = torch.arange(BH, device=q.device).view(BH, 1, 1)
         C = probe * block
         top_vals = torch.empty(BH, T, k, dtype=q.dtype, device=q.device)
         pos = torch.empty(BH, T, k, dtype=torch.long, device=q.device)
         rows = min(T, max(1, _candidate_tile(q.device) // (BH * C * Dh)))
         for t0 in range(0, T, rows):
-            f = fid[:, t0 : t0 + rows].reshape(-1)  # [BH * r * probe]
-            r = f.numel() // (BH * probe)
-            cand = kb.index_select(0, f).view(BH * r, C, Dh)
-            s = torch.bmm(cand, qf[:, t0 : t0 + rows].reshape(BH * r, Dh, 1)).view(BH, r, C)
-            if vb is not None:
-                s.masked_fill_(~vb.index_select(0, f).view(BH, r, C), neg)
+            b = blk[:, t0 : t0 + rows]  # [BH, r, probe] blocks of the padded window
+            r = b.shape[1]
+            if first is None:
+                cand = blocks[bh, b]  # [BH, r, probe, block, Dh]: only the probed blocks' rows
+            elif full == 0:  # the window is one partial block
+                cand = first[:, None].expand(BH, r, probe, block, Dh)
+            else:  # blk is sorted: the padded block 0 can only be a row's first probed block
+                cand = blocks[bh, (b - 1).clamp(min=0)]
+                cand[:, :, 0] = torch.where((b[:, :, :1] == 0)[..., None], first, cand[:, :, 0])
+            s = torch.bmm(cand.reshape(BH * r, C, Dh), qf[:, t0 : t0 + rows].reshape(BH * r, Dh, 1)).view(BH, r, C)
+            if vmask is not None:
+                s.masked_fill_(~vmask[bh // H, b].view(BH, r, C), neg)
             torch.topk(s, k, dim=-1, out=(top_vals[:, t0 : t0 + rows], pos[:, t0 : t0 + rows]))
         found = (top_vals > neg).view(B, H, T, k)
         # Candidate position -> entry of the padded window -> entry of the store.

@@ -163,7 +163,8 @@ def host_reads():
 
 
 class LargestMade(TorchDispatchMode):
-    """The largest storage (bytes) that an op's output holds, per dtype, while the mode is on."""
+    """The largest storage (bytes) that an op's output holds, per dtype, while the mode is on; an output
+    that shares an input's storage (a view of the store, an out= or in-place result) is not made."""
 
     def __init__(self):
         super().__init__()
@@ -171,8 +172,9 @@ class LargestMade(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        given = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
         for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in given:
                 self.bytes[t.dtype] = max(self.bytes.get(t.dtype, 0), t.untyped_storage().nbytes())
         return out
 

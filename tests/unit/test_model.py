@@ -690,7 +690,8 @@ def test_compiled_model_equals_eager_with_and_without_gradients():
 
 
 @pytest.mark.parametrize(
-    "mix,search,grad", [("gate", "exact", 0), ("joint", "exact", 1), ("joint", "ivf", 0), ("gate", "ivf", 1)]
+    "mix,search,grad",
+    [("gate", "exact", 0), ("joint", "exact", 1), ("joint", "ivf", 0), ("gate", "ivf", 1), ("joint", "blocks", 0)],
 )
 def test_a_compiled_model_is_not_recompiled_as_its_store_grows(monkeypatch, mix, search, grad):
     """model.compile=true: the search window (a shape, read back once per forward) grows with the store,
@@ -701,6 +702,9 @@ def test_a_compiled_model_is_not_recompiled_as_its_store_grows(monkeypatch, mix,
     15 more with 15 new windows compile nothing (a recompile is made an error), and the output is eager's."""
     if search == "ivf":  # 4 lists, fit at 16 entries (refit at 32, 64, 128), re-sorted every 16; 2 probed
         for name, value in (("IVF_MAX_LISTS", 4), ("IVF_LIST_SIZE", 1), ("IVF_TRAIN_AT", 16), ("IVF_REBUILD", 16)):
+            monkeypatch.setattr(rt, name, value)
+    if search == "blocks":  # blocks of 3 (the oldest one partial at most windows), 2 probed: two levels
+        for name, value in (("BLOCK", 3), ("EXACT_UP_TO", 0), ("PROBE", 2)):
             monkeypatch.setattr(rt, name, value)
     model = make(n_layers=2, capacity=128, mix=mix, search=search, probe=2)
     x = tokens(2, 17)

@@ -114,6 +114,29 @@ def test_state_round_trip_and_reset_are_those_of_the_exact_search(monkeypatch):
         assert torch.equal(after[:1], fresh)
 
 
+@pytest.mark.parametrize("W, masked", [(4096, False), (4000, True), (4000, False), (40, True)])
+def test_the_search_copies_no_window_of_a_store_with_spare_rows(monkeypatch, W, masked):
+    """An evaluation store is a view of a buffer with spare rows after each head's entries (the no-grad
+    append): the search reshaped its window to [B H nb, block, Dh], a copy of the whole window in every
+    layer and segment (32 GiB at a million entries), and a valid mask made a second one (keys times mask).
+    Now the probed blocks are gathered from views of the store: nothing made is a tenth of the window
+    (the oldest, partial block is copied alone), and the result is the contiguous store's, bit for bit.
+    40 entries: one partial block."""
+    monkeypatch.setattr(rt, "_candidate_tile", lambda device: 1 << 12)
+    B, H, N, Dh, T, room = 1, 2, 4096, 16, 3, 100
+    q, k, v, valid = _store(B, H, N, Dh, T, [W - 30])
+    buf_k, buf_v = torch.zeros(B, H, N + room, Dh), torch.zeros(B, H, N + room, Dh)
+    buf_k[:, :, :N], buf_v[:, :, :N] = k, v
+    vw = valid[:, N - W :] if masked else None
+    with LargestMade() as made:
+        got = block_retrieve(q, buf_k[:, :, :N], buf_v[:, :, :N], vw, 6, window=W, block=64, probe=4)
+    for a, b in zip(got, block_retrieve(q, k, v, vw, 6, window=W, block=64, probe=4)):
+        assert torch.equal(a, b)
+    assert got[2].all()
+    if W > 64:
+        assert made.bytes[torch.float32] < B * H * W * Dh * 4 / 10, made.bytes
+
+
 def test_bf16_and_gradients_reach_the_queries():
     B, H, N, Dh, T = 1, 2, 2048, 16, 4
     q, k, v, valid = _store(B, H, N, Dh, T, [1500])
