@@ -121,10 +121,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return exit_status(lambda: run_command(args), debug)
     finally:
-        if entry:  # the command is over and the process exits: a late SIGTERM/SIGHUP must not kill it now
-            from mnemo.train.preemption import ignore_late_notices
+        if entry:  # the command is over and the process exits: a late SIGTERM/SIGHUP must not kill it now, nor a
+            # late Ctrl-C print a traceback
+            from mnemo.train.preemption import exit_at_next_interrupt, ignore_late_notices
 
             ignore_late_notices()
+            exit_at_next_interrupt()
 
 
 if __name__ == "__main__":

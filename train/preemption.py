@@ -10,6 +10,7 @@ and the MLflow run opened by then stayed RUNNING for ever. schedule.Preemption t
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import time
 from collections.abc import Iterator
@@ -87,6 +88,14 @@ def ignore_late_notices() -> None:
     """
     for s in _TRACKER_IGNORES:
         signal.signal(s, signal.SIG_IGN)
+
+
+def exit_at_next_interrupt() -> None:
+    """A Ctrl-C from now on ends this process at once, status 130: its command is over (``mnemo: interrupted``
+    or its result printed), and a second Ctrl-C that lands while Python shuts down (a process pool's threads
+    joined, a library's exit hooks) printed Python's "Exception ignored ... KeyboardInterrupt" traceback from
+    wherever it landed. The process's own entry point only (a handler of the whole process)."""
+    signal.signal(signal.SIGINT, lambda *_: os._exit(130))
 
 
 def pending() -> tuple[int, float] | None:

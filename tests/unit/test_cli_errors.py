@@ -1070,6 +1070,21 @@ def test_a_ctrl_c_a_library_turned_into_its_own_error_is_an_interrupt(capsys):
     assert capsys.readouterr().err == "mnemo: interrupted\n"
 
 
+def test_a_ctrl_c_while_the_process_shuts_down_ends_it_quietly(tmp_path):
+    """A second Ctrl-C that landed in Python's shutdown (a process pool's threads joined, a library's exit hook)
+    printed "Exception ignored ... KeyboardInterrupt" with a traceback after `mnemo: interrupted`. The command is
+    over by then: the process ends at once, status 130, nothing more printed."""
+    code = (
+        "import atexit, os, signal, sys, time\n"
+        "atexit.register(lambda: (os.kill(os.getpid(), signal.SIGINT), time.sleep(5)))  # a late Ctrl-C\n"
+        "from mnemo import cli\n"
+        "sys.exit(cli.main())\n"
+    )
+    cmd = [sys.executable, "-X", "utf8", "-c", code, "data", "inspect", str(tmp_path / "none")]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert p.returncode == 130 and p.stderr.startswith("mnemo: error: ") and p.stderr.count("\n") == 1, p.stderr
+
+
 @pytest.mark.parametrize(
     "argv, flag",
     [
