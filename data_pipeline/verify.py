@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from mnemo.data_pipeline.errors import DataError, brief
+from mnemo.data_pipeline.errors import DataError, brief, visible
 from mnemo.data_pipeline.files import MAX_JSON_BYTES, NotRegularFile, load_json, not_a_regular_file, open_regular
 from mnemo.data_pipeline.lean_imports import import_streaming
 from mnemo.data_pipeline.paths import not_a_directory
@@ -462,6 +462,7 @@ def format_inspect(rep: dict) -> str:
         for lo, hi, c in rep["length_histogram"]:
             lines.append(f"  [{lo:>8}, {hi:>8}) {c:>9,} {'#' * max(1, round(40 * c / peak))}")
     for s in rep["samples"]:
-        lines.append(f"--- {s['doc_id']} ({s['source']}, {s['tokens']} tokens)")
+        # One line: a newline in a file name or an id would forge a header of its own (the text keeps its own).
+        lines.append(f"--- {visible(str(s['doc_id']))} ({visible(str(s['source']))}, {s['tokens']} tokens)")
         lines.append(s["text"])
     return "\n".join(lines)

@@ -190,6 +190,24 @@ def test_cli_inspect_shows_control_characters_escaped(dataset, tmp_path, capsys)
     assert not _has_controls(printed) and json.loads(printed)["samples"][0]["text"] == doc
 
 
+def test_cli_inspect_sample_headers_are_one_line_each(dataset, tmp_path, capsys):
+    """A newline in a file name went into its sample's `--- id (source, N tokens)` header raw: the name could
+    forge a header of its own. The header's id and source are escaped whole; the document keeps its lines."""
+    from mnemo.cli import main
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a\n--- evil (evil, 1 tokens)\nFAKE.txt").write_text("real text\nline two\n")
+    out = tmp_path / "data"
+    prepare([str(src)], str(out), tokenizer=str(dataset.parent / "t.model"), workers=1)
+    capsys.readouterr()
+    assert main(["data", "inspect", str(out), "--samples", "1"]) == 0
+    printed = capsys.readouterr().out
+    headers = [line for line in printed.splitlines() if line.startswith("--- ")]
+    assert len(headers) == 1 and "a\\n--- evil (evil, 1 tokens)\\nFAKE.txt" in headers[0], printed
+    assert "real text\nline two" in printed
+
+
 @pytest.mark.parametrize(
     "args,needle",
     [
