@@ -106,8 +106,11 @@ def name_problem(name: str) -> str:
         return "is empty"
     if name in (".", ".."):
         return "is not a name of its own ('.' and '..' name folders)"
-    if not all(c.isalnum() or c in "_-." for c in name):
-        return "may hold only letters, digits, '_', '-', '.'"
+    bad = next((c for c in name if not (c.isalnum() or c in "_-.")), None)
+    if bad is not None:
+        # Named as an escape: a combining mark (a name in decomposed Unicode, as macOS writes file names) or a
+        # space is invisible in the quoted name.
+        return f"may hold only letters, digits, '_', '-', '.', not {ascii(bad)}"
     size = len(name.encode("utf-8"))
     if size > MAX_NAME_BYTES:
         return f"is {size} bytes long (UTF-8); at most {MAX_NAME_BYTES} (it is a folder name and part of metric names)"

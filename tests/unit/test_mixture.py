@@ -311,6 +311,18 @@ def test_a_name_too_long_for_a_folder_or_a_metric_is_refused(tmp_path):
         load_config(None, [f"data.sources=[{{path: {tmp_path / ('d' * 300)}}}]"])
 
 
+def test_a_name_with_a_character_it_may_not_hold_names_that_character():
+    """A folder name in decomposed Unicode ('donne' + U+0301 + 'es', as macOS writes names) was refused as holding
+    something other than letters, with the name shown as if it held only letters: the character is named."""
+    from mnemo.train.config import ConfigError, load_config
+
+    nfd = "donne\u0301es"
+    with pytest.raises(ConfigError, match=r"no usable name .* not '\\u0301'\); set data.sources\[0\].name"):
+        load_config(None, [f"data.sources=[{{path: d/{nfd}}}]"])
+    with pytest.raises(ConfigError, match=r"^override data.sources\[0\].name: 'a b' may hold .*, not ' '$"):
+        load_config(None, ["data.sources=[{path: d/x, name: a b}]"])
+
+
 def test_default_name_is_the_last_part_of_the_normalised_path():
     assert [default_name(p) for p in ("d/web", "d/web/", "d_en/.", "d_en/./", "a/b/..", "s3://bucket/web")] == [
         "web",
