@@ -124,6 +124,18 @@ def local_path(uri: str, what: str = "path") -> str:
     return file_url_path(uri, what) if is_file_url(uri) else uri
 
 
+def local_dataset_dir(name: str, what: str) -> str:
+    """The folder of a local dataset named as data.path names one: a plain path, or a ``file://`` URL
+    (``local_path``). A remote URL is a DataError naming ``what`` (the command or flag): it reads local datasets
+    only (training reads remote ones through data.path)."""
+    if is_remote(name):
+        raise DataError(
+            f"{what} {redact_uri(brief(name, 200))}: a remote dataset; this reads a local one (a path or a"
+            " file:///ABS/PATH URL): copy the dataset to this machine first"
+        )
+    return local_path(name, what)
+
+
 # A leading ``~`` or ``~user``, as a shell expands it.
 _TILDE = re.compile(r"~[\w.-]*(?=/|$)")
 

@@ -270,10 +270,11 @@ def add_verify(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentP
 
 def cmd_verify(args: argparse.Namespace) -> int:
     from mnemo.data_pipeline.redact import redact_uri
+    from mnemo.data_pipeline.paths import local_dataset_dir
     from mnemo.data_pipeline.verify import verify
     from mnemo.train.errors import visible
 
-    rep = verify(args.data_dir, roundtrip_docs=args.roundtrip_docs)
+    rep = verify(local_dataset_dir(args.data_dir, "mnemo data verify"), roundtrip_docs=args.roundtrip_docs)
     line = f"{args.data_dir}: OK ({rep['shards']} shards, {rep['documents']:,} documents, {rep['tokens']:,} tokens)"
     print(visible(redact_uri(line)))
     if "roundtrip" in rep:
@@ -370,9 +371,11 @@ def add_inspect(sub: argparse._SubParsersAction, name: str) -> argparse.Argument
 def cmd_inspect(args: argparse.Namespace) -> int:
     from mnemo.data_pipeline.errors import DataError
     from mnemo.data_pipeline.mixture import check_same_tokenizer, expected_epochs, format_mixture
+    from mnemo.data_pipeline.paths import local_dataset_dir
     from mnemo.data_pipeline.verify import format_inspect, inspect
     from mnemo.train.errors import visible
 
+    args.data_dir = [local_dataset_dir(d, "mnemo data inspect") for d in args.data_dir]  # file:// as data.path reads it
     weights = args.weights or [1.0] * len(args.data_dir)
     if len(weights) != len(args.data_dir):
         raise DataError(f"--weights: {len(weights)} weights for {len(args.data_dir)} datasets")

@@ -317,7 +317,7 @@ def add_generate(sub: argparse._SubParsersAction, name: str) -> argparse.Argumen
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from mnemo.data_pipeline.paths import not_a_dataset_dir
+    from mnemo.data_pipeline.paths import local_dataset_dir, not_a_dataset_dir
     from mnemo.train.errors import UserError, path_errors
 
     check_flags(eval_flag_rules(args))  # every numeric flag, before anything heavy
@@ -334,8 +334,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise UserError(f"{flag} applies to --lm-eval TASKS only; add --lm-eval or leave {flag} out")
     if args.data is None:
         raise UserError("mnemo eval: give --data DATA_DIR (or --lm-eval TASKS)")
-    data = Path(args.data)
     with path_errors("--data"):
+        data = Path(local_dataset_dir(args.data, "--data"))  # a file:// URL as data.path reads it
         why = not_a_dataset_dir(data)  # before the (slower) model load
         if why:
             raise UserError(f"--data: {why}")
@@ -362,7 +362,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             model,
             tokenizer,
             cfg,
-            args.data,
+            str(data),
             max_docs=args.max_docs,
             passkey_trials=args.passkey_trials,
             distances=args.distances,

@@ -162,6 +162,23 @@ def test_cli_verify_names_the_bad_shard(copy, capsys):
     assert err.startswith("mnemo: error: shard ") and name in err and "\n" not in err
 
 
+def test_verify_inspect_and_eval_read_a_file_url_as_data_path_does(dataset, tmp_path, capsys):
+    """`mnemo prepare --out file:///x` and data.path=file:///x work; `mnemo data verify/inspect file:///x` and
+    `mnemo eval --data file:///x` said "no such directory". A remote URL is refused in one line naming it."""
+    from mnemo.cli import main
+
+    url = dataset.resolve().as_uri()  # file:///...
+    assert main(["data", "verify", url, "--roundtrip-docs", "0"]) == 0
+    assert capsys.readouterr().out.startswith(f"{url}: OK (")
+    assert main(["data", "inspect", url, "--samples", "0"]) == 0
+    capsys.readouterr()
+    for argv in (["data", "verify", "s3://user:pw@bucket/x"], ["eval", str(tmp_path), "--data", "s3://bucket/x"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("mnemo: error: ") and "a remote dataset; this reads a local one" in err, err
+        assert "pw" not in err and err.count("\n") == 1
+
+
 def _has_controls(text: str, keep: str = "\n") -> bool:
     return any((ord(c) < 32 or 0x7F <= ord(c) <= 0x9F) and c not in keep for c in text)
 
