@@ -259,24 +259,41 @@ def stray_entries(path: Path) -> list[str]:
     """The entries of folder ``path`` (a checkpoint, a save, one being deleted) that a save does not write,
     by path relative to it: an ``eval.json`` that `mnemo eval --json` put there, a user's notes, and inside
     ``ds/`` what DeepSpeed and mnemo do not write there (``ds/pytorch_model.bin`` of a zero_to_fp32.py run)."""
-    out = [e.name for e in path.iterdir() if not (e.name in SAVE_ENTRIES or RANK_FILE_RE.match(e.name))]
+    out = [e.name for e in path.iterdir() if e.name != "ds" and not _is_save_file(e)]
     if os.path.lexists(path / "ds"):
         out += _ds_strays(path / "ds")
     return sorted(out)
 
 
+def _is_save_file(entry: Path) -> bool:
+    """Whether ``entry`` of a save's folder is a file a save writes there: its name (SAVE_ENTRIES but ``ds``,
+    ``rank_XXXXX.pt``) and a regular file. A save writes these as files, never as folders or links: a folder
+    ``meta.json/`` or ``rank_00009.pt/`` holding a user's notes was deleted with the save by its name alone."""
+    named = entry.name in SAVE_ENTRIES and entry.name != "ds" or RANK_FILE_RE.match(entry.name) is not None
+    return named and _is_regular(entry)
+
+
+def _is_regular(path: Path) -> bool:
+    """Whether ``path`` itself (not what a link names) is a regular file."""
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
 def _ds_strays(ds: Path) -> list[str]:
     """stray_entries inside a save's ``ds/``, as ``ds/NAME``; a link or an entry of the wrong kind is one
-    (a save writes no links: a ``ds`` linked elsewhere is not its folder)."""
+    (a save writes no links: a ``ds`` linked elsewhere is not its folder; a file's name must be a regular
+    file, a folder's a folder)."""
     if ds.is_symlink() or not ds.is_dir():
         return ["ds"]
     out = []
     for e in ds.iterdir():
         if e.name == DS_TAG and e.is_dir() and not e.is_symlink():
-            bad = (f for f in e.iterdir() if f.is_symlink() or not DS_STATE_FILE_RE.match(f.name))
+            bad = (f for f in e.iterdir() if not (DS_STATE_FILE_RE.match(f.name) and _is_regular(f)))
             out += [f"ds/{DS_TAG}/{f.name}" for f in bad]
         else:
-            file_ok = (e.name in DS_FILES or DS_TMP_FILE_RE.match(e.name) is not None) and not e.is_dir()
+            file_ok = (e.name in DS_FILES or DS_TMP_FILE_RE.match(e.name) is not None) and _is_regular(e)
             if e.is_symlink() or not (file_ok or e.name in DS_FOLDERS and e.is_dir()):
                 out.append(f"ds/{e.name}")
     return out

@@ -194,6 +194,52 @@ def test_retention_and_start_keep_a_checkpoint_holding_user_files_inside_ds(tmp_
     assert caplog.text.count(f"retention: keeping {old}: it holds {theirs}, which mnemo did not write") == 1
 
 
+@pytest.mark.parametrize(
+    "theirs",
+    ["meta.json", "rank_00009.pt", "tokenizer.model", "COMPLETE", "ds/latest", "ds/state/mp_rank_00_model_states.pt"],
+)
+def test_a_folder_or_link_under_a_name_a_save_writes_as_a_file_is_kept_not_deleted(tmp_path, caplog, theirs):
+    """Was: only the names in a save's folder were checked, so a user's FOLDER named like a file a save writes
+    (``.tmp-step_*/meta.json/thesis.txt``, ``step_*/rank_00009.pt/notes.txt``, ``.trash-step_*/tokenizer.model/``)
+    made the folder mnemo's: the start removed it as an interrupted save, retention deleted it, without a
+    word. A save writes these as regular files: a folder (or link) there is kept, with retention's warning."""
+    from mnemo.train.rundir import stray_entries
+
+    mgr = CheckpointManager(tmp_path, keep=1)
+    meta = {"step": 1, "world_size": 1, "zero_stage": 2, "config": {}}
+    old = mgr.save(3, FullEngine(), {}, meta)
+
+    def plant(folder: Path, link: bool = False) -> Path:
+        where = folder / theirs
+        if where.is_file():
+            where.unlink()
+        if link:
+            (tmp_path / "outside.txt").write_text("only-copy")
+            where.symlink_to(tmp_path / "outside.txt")
+        else:
+            where.mkdir(parents=True)
+            (where / "thesis.txt").write_text("only-copy")
+        return where
+
+    tmp, trash = mgr.root / ".tmp-step_00000099", mgr.root / ".trash-step_00000098"
+    planted = [plant(old)]
+    for folder in (tmp, trash):
+        (folder / "ds" / "state").mkdir(parents=True)
+        (folder / "rank_00000.pt").write_bytes(b"x")
+        planted.append(plant(folder))
+    linked = mgr.root / ".tmp-step_00000097"
+    (linked / "ds" / "state").mkdir(parents=True)
+    planted.append(plant(linked, link=True))
+    assert all(stray_entries(p) == [theirs] for p in (old, tmp, trash, linked))
+    assert CheckpointManager(tmp_path, keep=1).clean_partials() == []
+    if theirs not in ("COMPLETE", "meta.json"):  # else no checkpoint (is_complete): never pruned
+        mgr.save(6, FullEngine(), {}, meta)
+        mgr.save(12, FullEngine(), {}, meta)
+        assert caplog.text.count(f"retention: keeping {old}: it holds {theirs}, which mnemo did not write") == 1
+    assert all(os.path.lexists(w) for w in planted)
+    assert all((w / "thesis.txt").read_text() == "only-copy" for w in planted[:-1])
+
+
 def test_a_deletion_cut_off_halfway_leaves_a_resumable_run_dir_and_is_cleaned_next_start(tmp_path, monkeypatch, caplog):
     """Was: retention's rmtree(ignore_errors=True) in place; a file that could not be unlinked (an NFS
     .nfsXXXX, an immutable file, a kill mid-delete) left step_* without COMPLETE, and every relaunch was
