@@ -31,6 +31,7 @@ runs' checkpoints would be mixed and the older ones deleted.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import stat
@@ -41,6 +42,8 @@ from typing import Any
 from mnemo.data_pipeline.errors import brief
 from mnemo.data_pipeline.files import atomic_write_text, load_json, not_a_regular_file, read_bounded, unwritable_dir
 from mnemo.train.errors import UserError
+
+log = logging.getLogger("mnemo.checkpoint")
 
 STEP_RE = re.compile(r"^step_(\d{8})\Z")  # \Z: "$" also matches before a final newline
 TMP_RE = re.compile(r"^\.tmp-step_\d{8}\Z")
@@ -79,11 +82,18 @@ def step_of(path: Path) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def is_checkpoint_folder(path: Path) -> bool:
+    """Whether ``path``, an entry of a run's checkpoints/ folder, is a complete checkpoint mnemo wrote there:
+    named ``step_XXXXXXXX``, complete, and a folder itself (a save renames its folder into place: a symbolic
+    link there, to a step folder elsewhere, is not one of the run's checkpoints)."""
+    return STEP_RE.match(path.name) is not None and path.is_dir() and not path.is_symlink() and is_complete(path)
+
+
 def complete_checkpoints(root: Path) -> list[Path]:
     """The complete checkpoints in ``root`` (a run's checkpoints/ folder), oldest step first."""
     if not root.is_dir():
         return []
-    return sorted((p for p in root.iterdir() if STEP_RE.match(p.name) and is_complete(p)), key=step_of)
+    return sorted((p for p in root.iterdir() if is_checkpoint_folder(p)), key=step_of)
 
 
 def newest_checkpoint(root: Path) -> Path | None:
@@ -96,7 +106,13 @@ def newest_checkpoint(root: Path) -> Path | None:
     eval, resume=auto and init_from use a checkpoint outside the run directory.
     """
     done = complete_checkpoints(root)
-    return done[-1] if done else None
+    newest = done[-1] if done else None
+    # A link named like a newer checkpoint (to a step folder elsewhere) was taken by export, eval, generate and
+    # init_from, which then used a checkpoint outside the run directory that `mnemo train` there refuses.
+    for p in sorted(root.iterdir()) if root.is_dir() else []:
+        if STEP_RE.match(p.name) and p.is_symlink() and (newest is None or step_of(p) > step_of(newest)):
+            log.warning("skipping %s: a symbolic link, not a checkpoint mnemo wrote (name it to use it)", p)
+    return newest
 
 
 def check_checkpoint_files(ckpt: Path) -> None:
@@ -325,7 +341,7 @@ def foreign_entries(root: Path) -> list[Path]:
         return []
     out = []
     for p in sorted(root.iterdir()):
-        if STEP_RE.match(p.name) and not (p.is_dir() and not p.is_symlink() and is_complete(p)):
+        if STEP_RE.match(p.name) and not is_checkpoint_folder(p):
             out.append(p)
         elif TMP_RE.match(p.name) and not is_interrupted_save(p):
             out.append(p)

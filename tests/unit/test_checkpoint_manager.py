@@ -272,6 +272,31 @@ def test_a_deletion_cut_off_halfway_leaves_a_resumable_run_dir_and_is_cleaned_ne
     assert sorted(p.name for p in mgr.root.iterdir()) == [".trash-step_00000005", "latest", "step_00000020"]
 
 
+def test_a_step_folder_linked_from_elsewhere_is_not_the_runs_newest_checkpoint(tmp_path, caplog):
+    """Was: ``ln -s /elsewhere/step_00000009 run/checkpoints/step_00000009`` made export, eval, generate and
+    init_from of the run dir use the folder outside it (rundir.complete_checkpoints took links), while
+    `mnemo train` there refused the link as not mnemo's. Now readers skip it too, with a warning naming
+    it; named itself, it is still used."""
+    from mnemo.train.rundir import check_run_dir, find_checkpoint
+
+    run = tmp_path / "run"
+    mgr = CheckpointManager(run, keep=3)
+    own = save(mgr, 3)
+    elsewhere = save(CheckpointManager(tmp_path / "other", keep=3), 9)
+    link = mgr.root / "step_00000009"
+    link.symlink_to(elsewhere)
+    for given in (run, mgr.root):
+        assert resolve_checkpoint(given) == own and find_checkpoint(given) == own
+    assert f"skipping {link}: a symbolic link, not a checkpoint mnemo wrote" in caplog.text
+    assert resolve_checkpoint(link) == link  # named explicitly: used
+    assert mgr.complete_checkpoints() == [own]
+    with pytest.raises(ValueError, match="holds step_00000009, named like a checkpoint but not one mnemo wrote"):
+        check_run_dir(run, "auto")  # what train says of it: unchanged
+    own.rename(tmp_path / "moved")
+    with pytest.raises(UserError, match="not a mnemo checkpoint"):
+        resolve_checkpoint(run)
+
+
 def test_resolve_rejects_non_checkpoints(tmp_path):
     with pytest.raises(UserError, match="not a mnemo checkpoint"):
         resolve_checkpoint(tmp_path)
