@@ -350,11 +350,14 @@ def foreign_entries(root: Path) -> list[Path]:
 
 def origin_of(checkpoint: Path) -> str | None:
     """Where the chain of saves that ``checkpoint`` ends began ("" from scratch, else a checkpoint's resolved
-    path outside the run directory); None when its meta.json does not say (an older mnemo) or cannot be read."""
+    path outside the run directory); None when its meta.json does not say (an older mnemo) or cannot be read:
+    the resume's read_checkpoint_meta then says why in one line. Read as every meta.json is (load_json: bounded
+    in size and depth): a meta.json nested 100000 deep was a RecursionError traceback, a 4 GiB one read whole."""
     try:
-        origin = json.loads((checkpoint / "meta.json").read_text()).get("origin")
-    except (OSError, ValueError, AttributeError):
+        meta = load_json(checkpoint / "meta.json")
+    except (OSError, ValueError):
         return None
+    origin = meta.get("origin") if isinstance(meta, dict) else None
     return origin if isinstance(origin, str) else None
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import tracemalloc
 import types
 from pathlib import Path
 
@@ -916,6 +917,37 @@ def test_an_edited_meta_json_is_refused_before_start_in_one_line(tmp_path, edit,
     (p / "meta.json").write_text("[]")
     with pytest.raises(UserError, match=where + r"not a checkpoint's meta.json \(a JSON object expected, not list\)"):
         _check(_cfg(tmp_path, run))
+
+
+@pytest.mark.parametrize("kind", ["nested", "huge"])
+def test_a_nested_or_huge_newest_meta_json_is_refused_before_start_in_one_line(tmp_path, kind):
+    """Was: the start's look for the run's origin (rundir.origin_of) read the newest checkpoint's meta.json
+    with an unbounded read_text() and json.loads: one nested 100000 deep was a RecursionError traceback
+    (`mnemo train`, `mnemo launch`), a 4 GiB sparse one was read whole. Now it is read as every meta.json is
+    (files.load_json: 256 MiB, 100 levels), and the start refuses it in one line naming the file."""
+    from mnemo.train.rundir import check_run_dir, origin_of
+
+    run = tmp_path / "run"
+    p = save(CheckpointManager(run), 6)
+    meta = p / "meta.json"
+    if kind == "nested":
+        meta.write_text("[" * 100000 + "]" * 100000)
+        why = r"not valid JSON \(JSON nested more than 100 levels deep\)"
+    else:
+        with open(meta, "r+b") as f:
+            f.truncate(300 << 20)  # sparse: no disk used; over load_json's 256 MiB (the tester's was 4 GiB)
+        why = "cannot read"
+    tracemalloc.start()
+    try:
+        assert origin_of(p) is None
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 << 20  # not read whole
+    assert check_run_dir(run, "auto") == (p, "")
+    with pytest.raises(UserError, match=rf"^{meta}: {why}") as e:
+        _check(_cfg(tmp_path, run))
+    assert "\n" not in str(e.value)
 
 
 def test_resume_from_an_export_is_refused_before_start_pointing_to_init_from(tmp_path):
