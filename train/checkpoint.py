@@ -955,10 +955,22 @@ EXPORT_NAMES = (
 
 
 def export_manifest(folder: Path) -> dict[str, Any] | None:
-    """The manifest of a folder `mnemo export` wrote, or None (no folder, no manifest, not ours)."""
-    try:
-        m = read_json(Path(folder) / EXPORT_MANIFEST)
-    except (OSError, UserError):
-        return None
+    """The manifest of a folder `mnemo export` wrote; None only where there is no export.json (no folder, a
+    checkpoint, an export by a mnemo older than manifests).
+
+    An export.json that is there but unreadable or not a manifest of mnemo export's (cut short, padded,
+    nested too deep, edited) is a UserError naming it: read as "no manifest" it silently turned off the
+    sha256 checks of the very files it vouches for (verify_export), a damaged export loading as a good one.
+    """
+    path = Path(folder) / EXPORT_MANIFEST
+    with path_errors("export"):  # a folder without permission, a name too long: one line
+        if not os.path.lexists(path):
+            return None
+    m = read_json(path)
     ok = isinstance(m, dict) and m.get("format") == EXPORT_FORMAT and isinstance(m.get("files"), dict)
-    return m if ok and all(n in EXPORT_NAMES for n in m["files"]) else None
+    if not ok or not all(isinstance(n, str) and n in EXPORT_NAMES for n in m["files"]):
+        raise UserError(
+            f"{path}: not the manifest `mnemo export` writes ({EXPORT_FORMAT!r} with its files): damaged or "
+            "edited; remove the folder and export the checkpoint again"
+        )
+    return m

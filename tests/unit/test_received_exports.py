@@ -188,11 +188,45 @@ def test_json_nested_too_deep_is_one_line(tmp_path, name):
         ckpt.load_for_inference(src)
 
 
-def test_an_export_json_nested_too_deep_is_no_manifest(tmp_path, capsys):
-    src = _received(tmp_path / "got")
-    (src / "export.json").write_text(DEEP)
-    assert ckpt.export_manifest(src) is None  # not a manifest of mnemo's: a folder whose files are checked
-    assert main(["export", str(src), "--out", str(tmp_path / "ex")]) == 0, capsys.readouterr().err
+@pytest.mark.parametrize(
+    "damage",
+    {
+        "cut short": lambda b: b[:-40],
+        "padded with NULs": lambda b: b + b"\0" * 64,
+        "nested too deep": lambda b: DEEP.encode(),
+        "another format": lambda b: b.replace(b"mnemo-export 1", b"mnemo-export 9"),
+        "a file not an export's": lambda b: b.replace(b'"files": {', b'"files": {"evil.py": "00", '),
+        "a directory": None,
+    }.items(),
+    ids=lambda d: d if isinstance(d, str) else "",
+)
+def test_a_damaged_export_json_is_refused_never_read_as_none(tmp_path, capsys, damage):
+    """A present export.json that is not mnemo's manifest read as "no export.json": the sha256 checks of
+    every file it lists were off, and a changed model.safetensors generated (exit 0). Only an absent one is none."""
+    name, edit = damage
+    tok = stdlib_tokenizer(tmp_path, 3, vocab_size=400)
+    src = _received(tmp_path / "got", vocab=tok.vocab_size)
+    shutil.copy(tmp_path / "t.model", src / "tokenizer.model")
+    assert ckpt.export_manifest(src) is None  # no export.json at all: a folder of weights, as before
+    out = export_mod.export(src, tmp_path / "ex")
+    sd = load_file(str(out / "model.safetensors"))
+    sd["tok_emb.weight"] = sd["tok_emb.weight"] * 1.5  # changed since the export: its sha256 check refuses it
+    save_file(sd, str(out / "model.safetensors"))
+    manifest = out / "export.json"
+    if edit is None:
+        manifest.unlink()
+        manifest.mkdir()
+    else:
+        manifest.write_bytes(edit(manifest.read_bytes()))
+    with pytest.raises(UserError, match=rf"^{re.escape(str(manifest))}: ") as e:
+        ckpt.export_manifest(out)
+    assert "\n" not in str(e.value)
+    (tmp_path / "prompt.txt").write_text("def f(x):\n")
+    generate = ["generate", str(out), "--prompt-file", str(tmp_path / "prompt.txt"), "--max-tokens", "2"]
+    for argv in (generate, ["export", str(out), "--out", str(tmp_path / "again")]):
+        assert main(argv) == 2, name
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"mnemo: error: {manifest}: "), err
 
 
 def test_an_hf_export_given_to_mnemo_says_what_it_is(tmp_path, capsys):
