@@ -919,6 +919,7 @@ def load_for_inference(path: str | Path, device: str = "cpu"):
 
     ckpt = resolve_checkpoint(path)
     verify_export(ckpt, ["model_args.json", "config.json", *TOKENIZER_FILES])  # the weights: when read, below
+    check_tokenizer_file(ckpt)  # another tokenizer than the model's: refused before the weights load
     args = model_args_of(ckpt)
     cfg = config_of(ckpt)
     sd = consolidated_state_dict(ckpt)
@@ -933,6 +934,39 @@ def load_for_inference(path: str | Path, device: str = "cpu"):
     if not tok_path.is_file():
         raise UserError(f"{ckpt}: tokenizer not found (looked for {' and '.join(TOKENIZER_FILES)})")
     return model, Tokenizer(str(tok_path)), cfg
+
+
+def check_tokenizer_file(ckpt: Path, tok_path: Path | None = None, meta: dict[str, Any] | None = None) -> None:
+    """UserError unless ``tok_path`` (the tokenizer file of checkpoint or mnemo export ``ckpt``; by default the
+    one it keeps, if any) is the one its model was trained with: the sha256 its ``meta`` (a checkpoint's
+    meta.json, read when not given) records, or for an export (``meta`` empty) the one its export.json
+    lists. Nothing where neither records one.
+
+    Every load (generate, eval, lm-eval, init_from) and `mnemo export` check here: a checkpoint whose
+    tokenizer.model was replaced by another valid one generated with it (exit 0), and eval blamed the data.
+    """
+    from mnemo.data_pipeline.tokenizer import file_sha256, find_tokenizer_file
+
+    ckpt = Path(ckpt)
+    tok_path = Path(find_tokenizer_file(ckpt)) if tok_path is None else tok_path
+    with path_errors("checkpoint"):
+        if not tok_path.is_file():
+            return
+    if meta is None:
+        meta = read_meta(ckpt) if is_complete(ckpt) else {}
+    if meta:
+        want, where = meta.get("tokenizer_sha256"), "meta.json"
+    else:
+        want, where = ((export_manifest(ckpt) or {}).get("files") or {}).get(tok_path.name), EXPORT_MANIFEST
+    if not isinstance(want, str):
+        return
+    with path_errors("checkpoint"):
+        got = file_sha256(tok_path)
+    if got != want:
+        raise UserError(
+            f"{tok_path}: not the tokenizer the model was trained with (sha256 {got[:12]} != {want[:12]} "
+            f"recorded in {where}): damaged or replaced"
+        )
 
 
 # ------------------------------------------------------------------ export

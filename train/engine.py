@@ -154,6 +154,7 @@ def check_init_from_fits(cfg: Config) -> None:
     except (UserError, OSError):
         return
     try:
+        ckpt.check_tokenizer_file(src)  # the tokenizer check_paths compared is the one its weights were trained with
         ckpt.check_source_fits(model_args_from_config(cfg, vocab), theirs, src)
     except UserError as e:
         raise ConfigError(f"init_from: {e}") from None
@@ -164,6 +165,7 @@ def init_weights_from(model, path: str, zero3: bool) -> str | None:
     from mnemo.train import checkpoint as ckpt
 
     src = ckpt.resolve_checkpoint(path)
+    ckpt.check_tokenizer_file(src)
     sd = ckpt.consolidated_state_dict(src)
     # An export of a tied model leaves out lm_head.weight (its embedding): an untied model takes it from
     # tok_emb.weight, as it does from a checkpoint of that model, which holds the shared tensor under both names.

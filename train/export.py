@@ -32,6 +32,7 @@ from mnemo.train.checkpoint import (
     EXPORT_FORMAT,
     EXPORT_MANIFEST,
     EXPORT_NAMES,
+    check_tokenizer_file,
     check_weights_fit,
     config_of,
     consolidated_state_dict,
@@ -309,15 +310,7 @@ def source_tokenizer(ckpt: Path, meta: dict, required: bool = True) -> Path | No
         if required or meta or any(n in listed for n in TOKENIZER_FILES):
             raise UserError(f"{ckpt}: no {' or '.join(TOKENIZER_FILES)} to export with the model")
         return None
-    if meta:
-        want, where = meta.get("tokenizer_sha256"), "meta.json"
-    else:
-        want, where = listed.get(tok_path.name), EXPORT_MANIFEST
-    if isinstance(want, str) and (got := file_sha256(tok_path)) != want:
-        raise UserError(
-            f"{tok_path}: not the tokenizer the model was trained with (sha256 {got[:12]} != {want[:12]} "
-            f"recorded in {where}): damaged or replaced"
-        )
+    check_tokenizer_file(ckpt, tok_path, meta)
     Tokenizer(str(tok_path))  # a file that is not a tokenizer: one line naming it
     return tok_path
 

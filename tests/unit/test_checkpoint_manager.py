@@ -1094,6 +1094,35 @@ def test_init_from_weights_of_another_tokenizer_is_refused_before_start(tmp_path
         _check(_cfg(tmp_path, run, init_from=str(same), **{"data.tokenizer": str(tmp_path / "mine.model")}))
 
 
+def test_a_checkpoint_whose_tokenizer_was_replaced_is_refused_by_every_loader(tmp_path, capsys):
+    """A checkpoint's tokenizer.model replaced by another valid one: generate ran with it (exit 0), eval
+    blamed the data, init_from compared the replaced file with the run's and loaded; only export refused.
+    Now every load compares it with the sha256 meta.json records (check_tokenizer_file, as export does)."""
+    from mnemo.cli import main
+    from mnemo.data_pipeline.tokenizer import file_sha256
+    from mnemo.train.checkpoint import load_for_inference
+    from mnemo.train.engine import init_weights_from
+
+    ours = stub_tokenizer_bytes()  # the tokenizer of _cfg's data dir: init_from's own check passes it
+    (tmp_path / "orig.model").write_bytes(b"the tokenizer the weights were trained with")
+    trained = file_sha256(tmp_path / "orig.model")
+    ck = _trained_with(tmp_path, "swapped", ours, trained)
+    tok = ck / "tokenizer.model"
+    want = (
+        rf"^{re.escape(str(tok))}: not the tokenizer the model was trained with "
+        rf"\(sha256 {file_sha256(tok)[:12]} != {trained[:12]} recorded in meta\.json\): damaged or replaced$"
+    )
+    with pytest.raises(UserError, match=want):
+        load_for_inference(ck)  # generate, eval, lm-eval
+    (tmp_path / "p.txt").write_text("hi\n")
+    assert main(["generate", str(ck), "--prompt-file", str(tmp_path / "p.txt"), "--max-tokens", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.match(want.replace("^", "^mnemo: error: ", 1), err[0]), err
+    _check(_cfg(tmp_path, tmp_path / "run", init_from=str(ck)))  # the file it keeps is the run's tokenizer...
+    with pytest.raises(UserError, match=want):
+        init_weights_from(None, str(ck), zero3=False)  # ...but not its weights': refused before they load
+
+
 def test_init_from_weights_that_record_no_tokenizer_is_refused_saying_so(tmp_path):
     from mnemo.data_pipeline.tokenizer import file_sha256
     from mnemo.train.config import ConfigError
