@@ -826,18 +826,30 @@ def saved_config_tree(tree: dict[str, Any]) -> dict[str, Any]:
 
 
 def config_of(ckpt: Path):
-    from mnemo.train.config import from_dict
+    """The config a checkpoint (its meta.json's ``config``) or export (its config.json) was trained with.
+
+    A value the config checks refuse (an unknown model.size, model.segment_len 1e12: the file edited or
+    damaged) is a UserError naming the file and the entry: "model.size: unknown size" alone read as a
+    mistake in the user's own config or command line."""
+    from mnemo.train.config import ConfigError, from_dict
 
     ckpt = Path(ckpt)
     if (ckpt / "config.json").is_file():
-        tree = read_json(ckpt / "config.json")
+        src, at = ckpt / "config.json", ""
+        tree = read_json(src)
     elif (ckpt / "model.safetensors").is_file() and not (ckpt / "meta.json").exists():  # an export folder
         raise UserError(f"{ckpt / 'config.json'}: missing (a mnemo export holds the config of its model there)")
     else:
+        src, at = ckpt / "meta.json", "config."
         tree = read_meta(ckpt).get("config")
     if not isinstance(tree, dict):
         raise UserError(f"{ckpt}: no config tree in its config.json or meta.json")
-    return from_dict(saved_config_tree(tree))
+    try:
+        return from_dict(saved_config_tree(tree))
+    except ConfigError as e:
+        field, sep, why = first_line(e).partition(": ")
+        where = f"{at}{field}: {why}" if sep and " " not in field else first_line(e)
+        raise UserError(f"{src}: {where}") from None
 
 
 def load_weights(model: torch.nn.Module, sd: dict[str, torch.Tensor], source: str, tied_source: bool = False) -> None:

@@ -1123,6 +1123,29 @@ def test_a_checkpoint_whose_tokenizer_was_replaced_is_refused_by_every_loader(tm
         init_weights_from(None, str(ck), zero3=False)  # ...but not its weights': refused before they load
 
 
+@pytest.mark.parametrize(
+    "key, value, why",
+    [("size", "huge", r"unknown size 'huge' \(known: debug"), ("segment_len", 10**12, r"must be <= 2147483647")],
+)
+def test_a_bad_config_in_a_checkpoint_names_its_meta_json(tmp_path, key, value, why):
+    """An edited meta.json (model.size unknown, model.segment_len 1e12) was "model.size: unknown size ...":
+    a mistake in the user's own config, as it read. Now the file and its entry are named (an export: config.json)."""
+    from mnemo.train.checkpoint import config_of
+    from mnemo.train.config import load_config, to_dict
+
+    tree = to_dict(load_config(None, []))
+    tree["model"][key] = value
+    p = save(CheckpointManager(tmp_path / "run"), 5, config=tree)
+    with pytest.raises(UserError, match=rf"^{re.escape(str(p / 'meta.json'))}: config\.model\.{key}: {why}") as e:
+        config_of(p)
+    assert "\n" not in str(e.value)
+    export = tmp_path / "export"
+    export.mkdir()
+    (export / "config.json").write_text(json.dumps(tree))
+    with pytest.raises(UserError, match=rf"^{re.escape(str(export / 'config.json'))}: model\.{key}: {why}"):
+        config_of(export)
+
+
 def test_init_from_weights_that_record_no_tokenizer_is_refused_saying_so(tmp_path):
     from mnemo.data_pipeline.tokenizer import file_sha256
     from mnemo.train.config import ConfigError
