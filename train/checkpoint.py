@@ -1016,7 +1016,6 @@ def export_manifest(folder: Path) -> dict[str, Any] | None:
     ok = isinstance(m, dict) and m.get("format") == EXPORT_FORMAT and isinstance(m.get("files"), dict)
     if not ok or not all(isinstance(n, str) and n in EXPORT_NAMES for n in m["files"]):
         raise UserError(
-            f"{path}: not the manifest `mnemo export` writes ({EXPORT_FORMAT!r} with its files): damaged or "
-            "edited; remove the folder and export the checkpoint again"
+            f"{path}: not the manifest `mnemo export` writes ({EXPORT_FORMAT!r} with its files): damaged or edited"
         )
     return m

@@ -193,7 +193,12 @@ def _export_locked(ckpt: Path, out: Path, overwrite: bool, format: str) -> Path:
 
     with path_errors("--out"):
         _recover_export_leftovers(out)
-        old = export_manifest(out)
+        try:
+            old = export_manifest(out)
+        except UserError as e:  # nothing there can be shown to be an export's: never replaced or deleted
+            raise UserError(
+                f"--out {e}; mnemo will not replace or delete files there: move the folder away or export elsewhere"
+            ) from None
         present = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
         # A listed file whose bytes are no longer those recorded was edited (or damaged) since: it is no
         # longer provably mnemo's, so it counts as the user's, never replaced or deleted.

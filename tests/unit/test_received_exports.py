@@ -227,6 +227,11 @@ def test_a_damaged_export_json_is_refused_never_read_as_none(tmp_path, capsys, d
         assert main(argv) == 2, name
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith(f"mnemo: error: {manifest}: "), err
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in out.iterdir())
+    assert main(["export", str(src), "--out", str(out), "--overwrite"]) == 2  # over it: nothing replaced
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"mnemo: error: --out {manifest}: "), err
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in out.iterdir()) == before
 
 
 def test_an_hf_export_given_to_mnemo_says_what_it_is(tmp_path, capsys):
