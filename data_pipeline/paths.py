@@ -124,6 +124,14 @@ def local_path(uri: str, what: str = "path") -> str:
     return file_url_path(uri, what) if is_file_url(uri) else uri
 
 
+def names_a_folder(text: str | os.PathLike) -> bool:
+    """Whether ``text``, as typed, can only name a folder: it ends in a separator, ``/.`` or ``/..`` (or is ``.``
+    or ``..``). A path object drops a trailing ``/``: a file output given as ``out/`` was written as a file
+    named ``out``."""
+    t = os.fspath(text)
+    return t.endswith(("/", os.sep)) or t in (".", "..") or t.endswith(("/.", "/.."))
+
+
 def local_dataset_dir(name: str, what: str) -> str:
     """The folder of a local dataset named as data.path names one: a plain path, or a ``file://`` URL
     (``local_path``). A remote URL is a DataError naming ``what`` (the command or flag): it reads local datasets

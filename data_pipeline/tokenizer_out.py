@@ -28,7 +28,7 @@ from mnemo.data_pipeline.files import (
     remove_quietly,
     sibling,
 )
-from mnemo.data_pipeline.paths import name_over_limit, not_utf8, remote_output_problem
+from mnemo.data_pipeline.paths import name_over_limit, names_a_folder, not_utf8, remote_output_problem
 
 
 def write_model_file(out: Path, data: bytes, overwrite: bool | None = None) -> None:
@@ -106,6 +106,10 @@ def check_model_out(out: str | os.PathLike, overwrite: bool = False) -> Path:
         raise DataError(f"--out {out}: {why}")
     if why := not_utf8(out):  # data.tokenizer (training) refuses such a file: before training, as export does
         raise DataError(f"--out: {why}")
+    if names_a_folder(out):
+        raise DataError(
+            f"--out {out}: names a folder; give the model file to write, e.g. {os.path.join(out, 'tokenizer.model')}"
+        )
     out = Path(out)
     try:
         _check_new_model_file(out, overwrite)

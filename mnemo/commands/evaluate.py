@@ -100,7 +100,7 @@ def check_output(flag: str, out: str | None, folder: bool) -> None:
     link, it does not write through it. A broken link on the way and an empty value are refused too.
     """
     from mnemo.data_pipeline.files import unwritable_dir
-    from mnemo.data_pipeline.paths import name_over_limit, remote_output_problem
+    from mnemo.data_pipeline.paths import name_over_limit, names_a_folder, remote_output_problem
     from mnemo.evaluation.outputs import PLOT_NAMES, foreign_plot, is_eval_json
     from mnemo.train.errors import UserError, path_errors
 
@@ -110,6 +110,8 @@ def check_output(flag: str, out: str | None, folder: bool) -> None:
         raise UserError(f"{flag}: empty; give a {'folder' if folder else 'file'} or leave the flag out")
     if why := remote_output_problem(out, "folder" if folder else "file"):
         raise UserError(f"{flag}: {out}: {why}")
+    if not folder and names_a_folder(out):
+        raise UserError(f"{flag}: {out}: names a folder; give the file to write")
     path = Path(out)
     with path_errors(flag):
         if path.is_symlink() and not folder:

@@ -405,6 +405,15 @@ def test_out_directory_is_refused_before_training_and_leaves_nothing(tmp_path, c
     assert rc == 2 and "is not a directory" in err and "--out" in err
 
 
+@pytest.mark.parametrize("out", ["tok/", "tok/.", "."])
+def test_out_that_names_a_folder_not_made_yet_is_refused(tmp_path, capsys, monkeypatch, out):
+    """`--out tok/` (no such folder yet) trained and wrote a FILE named tok: the trailing '/' names a folder."""
+    monkeypatch.chdir(tmp_path)
+    rc, err = _cli(capsys, "--input", str(_corpus(tmp_path, 3)), "--vocab-size", "300", "--out", out)
+    assert rc == 2 and err.startswith(f"mnemo: error: --out {out}: names a folder; give the model file to write, e.g.")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus"]
+
+
 @pytest.mark.parametrize("overwrite", [[], ["--overwrite"]])
 def test_out_fifo_is_refused_without_opening_it(tmp_path, capsys, overwrite):
     """--out FIFO --overwrite hung forever: the check for a mnemo model opened the FIFO to read it."""

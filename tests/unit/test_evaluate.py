@@ -1129,6 +1129,8 @@ def test_eval_outputs_never_replace_a_file_mnemo_did_not_write(tok, tmp_path, mo
         assert str(e.value).startswith(f"--json: {path}: ") and "\n" not in str(e.value)
     assert (data / "index.json").read_bytes() == index and mine.read_text() == "my notes"
     check_output("--json", str(ours), folder=False)  # mnemo's own: replaced
+    with pytest.raises(UserError, match=r"^--json: .*/new/: names a folder; give the file to write$"):
+        check_output("--json", f"{tmp_path}/new/", folder=False)  # was written as a file named "new"
 
     theirs = tmp_path / "theirs"
     theirs.mkdir()
