@@ -701,7 +701,8 @@ def test_argparse_errors_hide_credentials_and_stay_on_one_line(capsys, argv, lin
 @pytest.mark.parametrize(
     "argv, line",
     [
-        (["eval", "run1", "--data", "https://alice:SECP1@data.example/ds"], "--data: no such directory: https:/***@"),
+        # (a URL as --data is refused as remote before any path is made of it; still redacted)
+        (["eval", "run1", "--data", "https://alice:SECP1@data.example/ds"], "--data 'https://***@data.example/ds': a"),
         (["train", "https://alice:SECP2@cfg.example/debug.yaml"], "config file not found: https:/***@cfg.example"),
         (["generate", "run1", "--prompt-file", "https://alice:SECP3@x.example/p"], "--prompt-file: https:/***@x."),
     ],
@@ -724,7 +725,7 @@ def test_a_uri_that_pathlib_took_a_slash_from_is_shown_redacted(tmp_path, monkey
         (["train", "c.yaml", "eval.tasks=[http://alice:SECT1@h]"], "'//***@h' is not a new param=value of http"),
         (["train", "c.yaml", "train.passkey.tasks=[http://SECT2@h]"], "'//***@h' is not a new param=value"),
         # a token-only userinfo after pathlib took a slash
-        (["eval", "run1", "--data", "https://SECT3@h/x"], "--data: no such directory: https:/***@h/x"),
+        (["eval", "run1", "--data", "https://SECT3@h/x"], "--data 'https://***@h/x': a remote dataset"),
         # three slashes: the authority is empty, the userinfo follows
         (["export", "run1", "--out", "s3:///alice:SECT4@bucket/x"], "--out s3:///***@bucket/x: a local folder"),
         (["train", "c.yaml", "run.dir=s3:///alice:SECT5@bucket/x"], "run.dir: s3:///***@bucket/x: a local folder"),
