@@ -197,6 +197,7 @@ def check_index(data_dir: str) -> list[dict[str, Any]]:
         raise DataError(f"{path}: 'shards' is {brief(shards)}, not a list (not an MDS index)")
     for shard in shards:
         check_shard_entry(shard, path)
+        check_columns(f"{path}: shard {shard['raw_data']['basename']}", shard)
     return shards
 
 
@@ -215,6 +216,17 @@ def refuse_code_columns(where: str, names: Any, encodings: Any) -> None:
     for name, enc in zip(names or [], encodings or []):
         if str(enc).split(":")[0] in CODE_ENCODINGS:
             raise DataError(f"{where}: column {name!r} is encoded as {enc!r}, which runs code when read: refused")
+
+
+def check_columns(where: str, shard: dict) -> None:
+    """DataError naming a shard (``where``) whose columns (of its index entry ``shard``) would run code when read
+    (refuse_code_columns) or hold no ``tokens`` column, the one every reader of a sample reads (was a KeyError
+    traceback in each training rank and in `mnemo eval --data`). Checked before any sample is decoded; an entry
+    without column_names (no MDS writer's) is left to its reader."""
+    names, encodings = shard.get("column_names"), shard.get("column_encodings")
+    refuse_code_columns(where, names, encodings)
+    if names is not None and (not isinstance(names, list) or "tokens" not in names):
+        raise DataError(f"{where}: no 'tokens' column (columns: {brief(names)}; not written by mnemo prepare?)")
 
 
 def check_sample_count(name: str, n: int, shard: dict, index_path: str = "index.json") -> None:
@@ -282,7 +294,7 @@ def iter_shard_samples(data_dir: str, index: dict) -> Iterator[tuple[str, int, d
 
     for shard in index.get("shards", []):
         name, raw = read_shard(data_dir, shard)
-        refuse_code_columns(f"shard {name}", shard.get("column_names"), shard.get("column_encodings"))
+        check_columns(f"shard {name}", shard)
         if len(raw) < 4:
             raise DataError(f"shard {name}: too short to hold a sample count")
         n = int(np.frombuffer(raw, np.uint32, 1)[0])

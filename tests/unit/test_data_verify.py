@@ -671,3 +671,23 @@ def test_verify_hides_the_credentials_of_a_manifest_input_it_names(monkeypatch, 
     out = capsys.readouterr().out
     assert "round trip: not checked (input https://***@h/x.txt?token=*** is gone)" in out, out
     assert "inspPW" not in out and "inspTOK" not in out
+
+
+def test_shards_without_a_tokens_column_are_one_line_for_every_reader(copy):
+    """index.json naming the token column "toks": training (check_index, its pre-start check) and evaluation's
+    reader raised KeyError: 'tokens' tracebacks; each names the shard and its columns now."""
+    from mnemo.data_pipeline.verify import check_index
+    from mnemo.evaluation.errors import EvalError
+    from mnemo.evaluation.heldout import open_mds
+
+    for index in copy.rglob("index.json"):
+        obj = json.loads(index.read_text())
+        for shard in obj["shards"]:
+            shard["column_names"] = ["toks" if c == "tokens" else c for c in shard["column_names"]]
+        index.write_text(json.dumps(obj))
+    with pytest.raises(DataError, match=r"index\.json: shard \S+: no 'tokens' column \(columns: \[.*'toks'"):
+        check_index(str(copy))
+    with pytest.raises(EvalError, match=r"--data: cannot read .*: shard \S+: no 'tokens' column"):
+        open_mds(str(copy)).get(0)
+    with pytest.raises(DataError, match=r"shard \S+: no 'tokens' column"):
+        verify(str(copy))

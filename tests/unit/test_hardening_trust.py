@@ -759,3 +759,19 @@ def test_a_checkpoint_removed_while_it_was_read_says_so_not_that_it_is_damaged(t
     (gone / "ds").mkdir(parents=True)  # still there: the file's own fault, as before
     err = ckpt.unreadable_ds_state(gone, EOFError("Ran out of input"), ("x", str(gone / "ds")))
     assert str(err) == f"{gone}: cannot read the DeepSpeed state (Ran out of input)"
+
+
+def test_the_training_pre_start_check_refuses_a_pickled_column(tmp_path):
+    """check_index (train's pre-start check, MDSSource) refused no pkl column: streaming's own ValueError was then a
+    traceback in every rank. A pkl column beside the tokens is a one-line DataError naming shard and column."""
+    from streaming import MDSWriter
+
+    from mnemo.data_pipeline.errors import DataError
+    from mnemo.data_pipeline.verify import check_index
+
+    d, marker = tmp_path / "hostile", tmp_path / "ran"
+    with MDSWriter(out=str(d), columns={"tokens": "ndarray:uint16", "source": "pkl"}) as w:
+        w.write({"tokens": np.array([5, 2], dtype=np.uint16), "source": _RunsCode(str(marker))})
+    with pytest.raises(DataError, match=r"index\.json: shard shard\.00000\.mds: column 'source' is encoded as 'pkl'"):
+        check_index(str(d))
+    assert not marker.exists()
