@@ -147,6 +147,26 @@ def decompress_cache(data_dir: str, cache_dir: str) -> str:
     return os.path.join(cache_dir, f"local-{digest}")
 
 
+def check_token_ids(where: str, source: DocumentSource, doc: int, tokens: np.ndarray, vocab_size: int) -> None:
+    """DataError naming ``where`` (the dataset, ending ": "), the shard and sample ``doc`` of ``source`` of a document
+    (``tokens``) with a token id outside [0, vocab_size); nothing is checked with a ``vocab_size`` <= 0.
+
+    An embedding lookup would fail on it (an IndexError on CPU, a device-side assert on GPU) without saying
+    which data: training's streams and `mnemo eval --data` check each document they read. One max (and min)
+    over the document: negligible beside reading it.
+    """
+    if vocab_size <= 0 or tokens.size == 0:
+        return
+    hi, lo = int(tokens.max()), int(tokens.min())
+    if hi < vocab_size and lo >= 0:
+        return
+    shard = int(np.searchsorted(np.cumsum(source.samples_per_shard), doc, side="right"))
+    raise DataError(
+        f"{where}shard {shard}, sample {doc}: token id {hi if hi >= vocab_size else lo} is outside the vocabulary "
+        f"(0..{vocab_size - 1}); the data was not made with this tokenizer, or is corrupted (`mnemo data verify`)"
+    )
+
+
 class MDSSource:
     """Documents of an MDS dataset written by ``mnemo prepare``.
 
@@ -578,24 +598,10 @@ class DocumentStreams:
         ]
 
     def _check_token_ids(self, src: int, doc: int, tokens: np.ndarray) -> None:
-        """DataError naming the dataset, shard and sample of a document with a token id outside [0, vocab_size).
-
-        An embedding lookup would fail on it in the rank (an IndexError on CPU, a device-side assert on
-        GPU) without saying which data. One max (and min) over the document: negligible beside reading it.
-        """
-        if self.vocab_size <= 0 or tokens.size == 0:
-            return
-        hi, lo = int(tokens.max()), int(tokens.min())
-        if hi < self.vocab_size and lo >= 0:
-            return
+        """check_token_ids of a document of source ``src``, naming its queue's label and dataset."""
         queue = self.queues[src]
-        shard = int(np.searchsorted(np.cumsum(queue.source.samples_per_shard), doc, side="right"))
         where = getattr(queue.source, "path", "")
-        raise DataError(
-            f"{queue.label}: {where + ': ' if where else ''}shard {shard}, sample {doc}: token id "
-            f"{hi if hi >= self.vocab_size else lo} is outside the vocabulary (0..{self.vocab_size - 1}); "
-            "the data was not made with this tokenizer, or is corrupted (`mnemo data verify`)"
-        )
+        check_token_ids(f"{queue.label}: {where + ': ' if where else ''}", queue.source, doc, tokens, self.vocab_size)
 
     # ---------------------------------------------------------------- batches
     def __iter__(self):

@@ -356,7 +356,9 @@ def evaluate_data_dir(
     if base_model is not None and getattr(base_tok, "sha256", None) != getattr(tokenizer, "sha256", None):
         raise EvalError("--baseline: its tokenizer is not the checkpoint's (the same documents need the same tokens)")
     max_docs = cfg.eval.max_docs if max_docs is None else max_docs
-    docs = read_heldout_docs(data_dir, cfg.data.val_fraction, max_docs, min_tokens=FILLER_TOKENS)
+    docs = read_heldout_docs(
+        data_dir, cfg.data.val_fraction, max_docs, min_tokens=FILLER_TOKENS, vocab_size=tokenizer.vocab_size
+    )
     trials = passkey_trials
     if trials is None:
         trials = cfg.eval.passkey_trials or 30

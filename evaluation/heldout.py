@@ -36,6 +36,7 @@ def read_docs(
     max_docs: int | None = None,
     max_doc_tokens: int | None = None,
     min_tokens: int = 0,
+    vocab_size: int = 0,
 ) -> list[np.ndarray]:
     """Corpus documents of ``source`` (anything with ``num_samples`` and ``get(i)``), int64 token arrays.
 
@@ -45,7 +46,11 @@ def read_docs(
     ``max_doc_tokens``. Reading stops once there are ``max_docs`` documents
     (None = no limit) holding at least ``min_tokens`` tokens together (passkey
     filler wants variety even when few documents are scored). May be empty.
+    vocab_size > 0: a document with a token id outside [0, vocab_size) is a DataError naming the shard, the
+    sample and the id (streams.check_token_ids), not the model's IndexError.
     """
+    from mnemo.data_pipeline.streams import check_token_ids
+
     held = source_heldout_mask(source, val_fraction)
     idx = np.arange(source.num_samples) if order is None else np.asarray(order)
     docs: list[np.ndarray] = []
@@ -58,7 +63,9 @@ def read_docs(
         item = source.get(int(i))
         if is_synthetic(item):
             continue
-        docs.append(np.asarray(item["tokens"], dtype=np.int64)[:max_doc_tokens])
+        tokens = np.asarray(item["tokens"], dtype=np.int64)
+        check_token_ids(f"{getattr(source, 'data_dir', '')}: ", source, int(i), tokens, vocab_size)
+        docs.append(tokens[:max_doc_tokens])
         n_tokens += docs[-1].size
     return docs
 
@@ -147,11 +154,15 @@ def open_mds(data_dir: str) -> LocalMDS:
 
 
 def read_heldout_docs(
-    data_dir: str, val_fraction: float, max_docs: int | None = None, min_tokens: int = 0
+    data_dir: str, val_fraction: float, max_docs: int | None = None, min_tokens: int = 0, vocab_size: int = 0
 ) -> list[np.ndarray]:
-    """Held-out corpus documents of an MDS dir, in index order (``read_docs``); EvalError when there are none."""
+    """Held-out corpus documents of an MDS dir, in index order (``read_docs``, which checks their token ids
+    against ``vocab_size``); EvalError when there are none or one is outside the vocabulary."""
     src = open_mds(data_dir)
-    docs = read_docs(src, val_fraction, max_docs=max_docs, min_tokens=min_tokens)
+    try:
+        docs = read_docs(src, val_fraction, max_docs=max_docs, min_tokens=min_tokens, vocab_size=vocab_size)
+    except DataError as e:
+        raise EvalError(f"--data: {first_line(e)}") from None
     if not docs:
         raise EvalError(
             f"--data: {Path(data_dir)} has no held-out corpus documents (data.val_fraction={val_fraction} "

@@ -691,3 +691,16 @@ def test_shards_without_a_tokens_column_are_one_line_for_every_reader(copy):
         open_mds(str(copy)).get(0)
     with pytest.raises(DataError, match=r"shard \S+: no 'tokens' column"):
         verify(str(copy))
+
+
+def test_eval_data_with_token_ids_outside_the_model_vocabulary_is_one_line(dataset):
+    """`mnemo eval --data` on ids >= the model's vocabulary was torch's IndexError traceback in the embedding;
+    the held-out reader checks each document as training's streams do, naming the shard, sample and id."""
+    from mnemo.evaluation.errors import EvalError
+    from mnemo.evaluation.heldout import read_heldout_docs
+
+    assert read_heldout_docs(str(dataset), 0.2, vocab_size=400)
+    with pytest.raises(
+        EvalError, match=r"^--data: \S+: shard \d+, sample \d+: token id \d+ is outside the vocabulary \(0\.\.2\)"
+    ):
+        read_heldout_docs(str(dataset), 0.2, vocab_size=3)
