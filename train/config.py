@@ -1232,8 +1232,9 @@ def check_paths(cfg: Config) -> Path | None:
         tok = tokenizer_path(cfg)
         if is_remote(tok):
             raise ConfigError(f"data.tokenizer: {_clip(tok)}: give a local file (a tokenizer is not downloaded)")
-        if not Path(tok).is_file():
-            raise ConfigError(f"data.tokenizer: no such file: {tok}")
+        why = not_a_regular_file(tok)  # a FIFO, a device (/dev/zero) or a folder was "no such file"
+        if why is not None:
+            raise ConfigError(f"data.tokenizer: {why}: {_clip(tok)}")
         if cfg.data.tokenizer:  # one found in the data dir was checked by `mnemo prepare`
             from mnemo.data_pipeline.tokenizer import Tokenizer
 

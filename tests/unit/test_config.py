@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import re
 from pathlib import Path
 
 import pytest
@@ -421,6 +423,28 @@ def test_a_remote_data_tokenizer_is_refused_and_a_file_url_is_its_path(tmp_path)
     cfg = load_config(None, [f"data.path={data}", f"data.tokenizer=file://{tmp_path}/my%20tok.model"])
     assert tokenizer_path(cfg) == f"{tmp_path}/my tok.model"  # what the trainer opens
     assert tokenizer_path(load_config(None, [f"data.path=file://{data}"])) == f"{data}/tokenizer.model"
+
+
+@pytest.mark.parametrize(
+    "what, why",
+    [
+        ("fifo", "a FIFO (named pipe), not a regular file"),
+        ("dir", "a directory, not a file"),
+        ("missing", "no such file"),
+    ],
+)
+def test_a_data_tokenizer_that_is_no_regular_file_is_named_as_such(tmp_path, what, why):
+    """data.tokenizer a FIFO, /dev/zero or a folder said "no such file" (Path.is_file); named as verify names them."""
+    from mnemo.train.config import check_paths
+
+    data, tok = _data_dir(tmp_path / "data"), tmp_path / "t.model"
+    if what == "fifo":
+        os.mkfifo(tok)
+    elif what == "dir":
+        tok.mkdir()
+    cfg = load_config(None, [f"data.path={data}", f"data.tokenizer={tok}", f"run.dir={tmp_path}/r"])
+    with pytest.raises(ConfigError, match=rf"^data\.tokenizer: {re.escape(why)}: {re.escape(str(tok))}$"):
+        check_paths(cfg)
 
 
 def test_a_data_cache_dir_that_cannot_be_a_folder_is_refused_before_any_rank(tmp_path):
