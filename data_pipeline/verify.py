@@ -350,13 +350,9 @@ def _verify(data_dir: str) -> dict:
     docs = tokens = 0
     per_part: dict[str, int] = {}
     for name, i, s in iter_shard_samples(data_dir, index):
-        t = s.get("tokens")
-        if not isinstance(t, np.ndarray) or t.dtype != dtype or t.ndim != 1 or t.size == 0:
-            raise DataError(f"shard {name}: sample {i} has no 1-D {dtype} tokens")
+        t = _sample_tokens(name, i, s, dtype, vocab)
         if int(t[-1]) != eos:
             raise DataError(f"shard {name}: sample {i} does not end with EOS ({eos})")
-        if int(t.max()) >= vocab:
-            raise DataError(f"shard {name}: sample {i} has token id {int(t.max())} >= vocab size {vocab}")
         docs += 1
         tokens += t.size
         part = name.split("/")[0]
@@ -391,6 +387,17 @@ def _verify(data_dir: str) -> dict:
     }
 
 
+def _sample_tokens(name: str, i: int, sample: dict[str, Any], dtype: np.dtype, vocab: int) -> np.ndarray:
+    """The tokens of sample ``i`` of shard ``name``: 1-D, of ``dtype``, not empty, each id below ``vocab``; else
+    DataError naming the shard, the sample and the id (inspect decoded them: the tokenizer's IndexError)."""
+    t = sample.get("tokens")
+    if not isinstance(t, np.ndarray) or t.dtype != dtype or t.ndim != 1 or t.size == 0:
+        raise DataError(f"shard {name}: sample {i} has no 1-D {dtype} tokens")
+    if int(t.max()) >= vocab:
+        raise DataError(f"shard {name}: sample {i} has token id {int(t.max())} >= vocab size {vocab}")
+    return t
+
+
 def inspect(data_dir: str, num_samples: int = 3, max_chars: int = 300) -> dict:
     """Counts, token-length percentiles and histogram, and a few decoded documents."""
     with _well_formed(data_dir):
@@ -406,8 +413,9 @@ def _inspect(data_dir: str, num_samples: int, max_chars: int) -> dict:
     lengths: list[int] = []
     samples: list[dict] = []
     passkey = 0
-    for _name, _i, s in iter_shard_samples(data_dir, index):
-        t = s["tokens"]
+    dtype, vocab = np.dtype(manifest["token_dtype"]), int(manifest["vocab_size"])
+    for name, i, s in iter_shard_samples(data_dir, index):
+        t = _sample_tokens(name, i, s, dtype, vocab)
         lengths.append(int(t.size))
         if s.get("source") == "passkey":
             passkey += 1

@@ -140,8 +140,8 @@ def test_inspect_percentiles_are_not_cut_to_whole_tokens(dataset, monkeypatch):
 
     from mnemo.data_pipeline import verify as verify_module
 
-    eos = read_manifest(str(dataset))["eos_id"]
-    docs = [np.array([5] * (n - 1) + [eos], np.int64) for n in (2, 7)]
+    m = read_manifest(str(dataset))
+    docs = [np.array([5] * (n - 1) + [m["eos_id"]], m["token_dtype"]) for n in (2, 7)]  # as inspect checks them
     samples = [("s", i, {"tokens": t, "doc_id": f"d{i}", "source": "x"}) for i, t in enumerate(docs)]
     monkeypatch.setattr(verify_module, "iter_shard_samples", lambda data_dir, index: iter(samples))
     rep = inspect(str(dataset), num_samples=0)
@@ -704,3 +704,20 @@ def test_eval_data_with_token_ids_outside_the_model_vocabulary_is_one_line(datas
         EvalError, match=r"^--data: \S+: shard \d+, sample \d+: token id \d+ is outside the vocabulary \(0\.\.2\)"
     ):
         read_heldout_docs(str(dataset), 0.2, vocab_size=3)
+
+
+def test_inspect_names_the_shard_and_a_token_id_outside_the_vocabulary(dataset, tmp_path):
+    """`mnemo data inspect` decoded an id >= the vocabulary with the tokenizer: "index.json or manifest.json is
+    malformed (IndexError: OUT_OF_RANGE: piece id is out of range.)". It names the shard, sample and id now."""
+    import numpy as np
+    from streaming import MDSWriter
+
+    d = tmp_path / "oov"
+    manifest = json.loads((dataset / "manifest.json").read_text())
+    with MDSWriter(out=str(d), columns=manifest["columns"]) as w:
+        tokens = np.array([5, 60000, manifest["eos_id"]], dtype=manifest["token_dtype"])
+        w.write({"tokens": tokens, "doc_id": "a", "source": "x", "answer_start": -1, "answer_len": 0})
+    shutil.copy(dataset / "manifest.json", d / "manifest.json")
+    shutil.copy(dataset / "tokenizer.model", d / "tokenizer.model")
+    with pytest.raises(DataError, match=r"^shard shard\.00000\.mds: sample 0 has token id 60000 >= vocab size \d+$"):
+        inspect(str(d))
