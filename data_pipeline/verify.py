@@ -340,8 +340,28 @@ def _round_trip(data_dir: str, max_docs: int) -> dict:
     )
 
 
-def _verify(data_dir: str) -> dict:
+def _tokenizer_copy(data_dir: str, manifest: dict) -> str:
+    """The path of the tokenizer copy of ``data_dir``, a regular file whose sha256 is ``manifest``'s; else
+    DataError naming it. What verify checks, and inspect before it decodes with it (a copy swapped for
+    another tokenizer printed garbage, exit 0)."""
     from mnemo.data_pipeline.tokenizer import file_sha256, find_tokenizer_file
+
+    tok_path = find_tokenizer_file(data_dir)
+    why = not_a_regular_file(tok_path)
+    if why == "no such file":
+        raise DataError(f"{tok_path}: missing (the tokenizer copy)")
+    if why is not None:  # a directory; a FIFO, never opened (it would wait forever)
+        raise DataError(f"tokenizer {tok_path}: {why}")
+    try:
+        sha = file_sha256(tok_path)
+    except OSError as e:  # replaced since the look above, or unreadable
+        raise DataError(f"tokenizer {tok_path}: cannot be read ({e.strerror or e})") from None
+    if sha != manifest["tokenizer_sha256"]:
+        raise DataError(f"{tok_path}: sha256 differs from manifest.json")
+    return tok_path
+
+
+def _verify(data_dir: str) -> dict:
 
     manifest = read_manifest(data_dir)
     index = read_json_file(os.path.join(data_dir, "index.json"), "the merged shard index")
@@ -366,18 +386,7 @@ def _verify(data_dir: str) -> dict:
     if tokens != manifest["num_tokens"]:
         raise DataError(f"{data_dir}: {tokens} tokens in the shards, manifest.json says {manifest['num_tokens']}")
     filler_documents(manifest, os.path.join(data_dir, "manifest.json"))  # the split reads it: a bad one is refused
-    tok_path = find_tokenizer_file(data_dir)
-    why = not_a_regular_file(tok_path)
-    if why == "no such file":
-        raise DataError(f"{tok_path}: missing (the tokenizer copy)")
-    if why is not None:  # a directory; a FIFO, never opened (it would wait forever)
-        raise DataError(f"tokenizer {tok_path}: {why}")
-    try:
-        sha = file_sha256(tok_path)
-    except OSError as e:  # replaced since the look above, or unreadable
-        raise DataError(f"tokenizer {tok_path}: cannot be read ({e.strerror or e})") from None
-    if sha != manifest["tokenizer_sha256"]:
-        raise DataError(f"{tok_path}: sha256 differs from manifest.json")
+    _tokenizer_copy(data_dir, manifest)
     return {
         "data_dir": data_dir,
         "ok": True,
@@ -405,11 +414,11 @@ def inspect(data_dir: str, num_samples: int = 3, max_chars: int = 300) -> dict:
 
 
 def _inspect(data_dir: str, num_samples: int, max_chars: int) -> dict:
-    from mnemo.data_pipeline.tokenizer import Tokenizer, find_tokenizer_file
+    from mnemo.data_pipeline.tokenizer import Tokenizer
 
     manifest = read_manifest(data_dir)
     index = read_json_file(os.path.join(data_dir, "index.json"), "the merged shard index")
-    tok = Tokenizer(find_tokenizer_file(data_dir))
+    tok = Tokenizer(_tokenizer_copy(data_dir, manifest))
     lengths: list[int] = []
     samples: list[dict] = []
     passkey = 0

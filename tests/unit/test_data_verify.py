@@ -90,6 +90,15 @@ def test_tokenizer_copy_must_match(copy):
         verify(str(copy))
 
 
+def test_inspect_refuses_a_tokenizer_copy_that_is_not_the_manifests(copy):
+    """inspect decoded the samples with whatever tokenizer.model was there (another one: garbage, exit 0)."""
+    from tests.unit.launch_workspace import stub_tokenizer_bytes
+
+    (copy / "tokenizer.model").write_bytes(stub_tokenizer_bytes())  # another tokenizer, a working one
+    with pytest.raises(DataError, match=r"tokenizer\.model: sha256 differs from manifest\.json$"):
+        inspect(str(copy))
+
+
 def test_not_a_dataset(tmp_path):
     with pytest.raises(DataError, match="no such directory"):
         verify(str(tmp_path / "nothing"))
