@@ -7,6 +7,10 @@ the index, and every sample decodes to tokens of the manifest's dtype that
 end with EOS and stay below the vocabulary size. Then the totals (documents
 per part, tokens) are checked against manifest.json and the tokenizer copy
 against its sha256. The first problem raises DataError naming the shard.
+
+Over 500 lines: verify, inspect, evaluation's reader and training's pre-start check share one set of
+checks of a dataset dir (shard entries, columns, samples, totals, the tokenizer copy); kept in one module
+so that each check has one implementation the readers cannot drift from.
 """
 
 from __future__ import annotations
@@ -199,6 +203,23 @@ def check_index(data_dir: str) -> list[dict[str, Any]]:
         check_shard_entry(shard, path)
         check_columns(f"{path}: shard {shard['raw_data']['basename']}", shard)
     return shards
+
+
+def check_sample_total(data_dir: str, shards: list[dict[str, Any]]) -> None:
+    """DataError unless the samples of ``shards`` (data_dir's index.json entries, checked by check_index) add up
+    to manifest.json's num_documents, where data_dir has a manifest that records it (an MDS dir of another
+    writer has none). No shard is read: a shard listed twice had training read each of its documents twice
+    per epoch, which only verify's full read found."""
+    path = os.path.join(data_dir, "manifest.json")
+    if not os.path.lexists(path):  # a manifest that is no regular file is read_json_file's one-line error
+        return
+    want = read_json_file(path, "the dataset's manifest").get("num_documents")
+    got = sum(shard["samples"] for shard in shards)
+    if type(want) is int and got != want:
+        raise DataError(
+            f"{os.path.join(data_dir, 'index.json')}: its shards hold {got} samples, manifest.json says {want} "
+            "documents (a shard listed twice, or the index of another dataset)"
+        )
 
 
 # MDS column encodings whose decoder runs code from the file (streaming's "pkl" unpickles each value).

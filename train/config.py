@@ -1493,10 +1493,11 @@ def check_shards(key: str, data_dir: Path) -> None:
 
     Checked before any rank starts: a missing shard was streaming's "path to remote dataset must be
     provided" traceback in every rank. And each shard holds the sample count index.json records
-    (verify.check_shard_header: its header, 4 bytes, one block decompressed): training trusted it. No
-    hashing (`mnemo data verify` hashes).
+    (verify.check_shard_header: its header, 4 bytes, one block decompressed): training trusted it. And the
+    samples index.json records add up to manifest.json's num_documents (verify.check_sample_total: a shard
+    listed twice was read twice per epoch). No hashing (`mnemo data verify` hashes).
     """
-    from mnemo.data_pipeline.verify import check_index, check_shard_header
+    from mnemo.data_pipeline.verify import check_index, check_sample_total, check_shard_header
 
     # A shard's header is a read (a block of a compressed one, up to ~128 KB): once per host, not per rank (the
     # launcher's pre-flight, a lone rank and each node's local rank 0; a launcher whose host cannot see the
@@ -1518,6 +1519,10 @@ def check_shards(key: str, data_dir: Path) -> None:
                 check_shard_header(str(data_dir), shard, str(data_dir / "index.json"))
             except DataError as e:
                 raise ConfigError(f"{key}: {e}") from None
+    try:  # after each shard's own count: a shard listed twice agrees with its header
+        check_sample_total(str(data_dir), shards)
+    except DataError as e:
+        raise ConfigError(f"{key}: {e}") from None
 
 
 def check_manifest_vocab(cfg: Config, tok: str) -> None:

@@ -528,6 +528,8 @@ def _index_with_one_shard(data, basename="part-00000/shard.00000.mds"):
     entry = {"raw_data": {"basename": basename, "bytes": 4}, "samples": 1}
     entry["zip_data"] = {"basename": basename + ".zstd", "bytes": 3}
     (data / "index.json").write_text(json.dumps({"version": 2, "shards": [entry]}))
+    manifest = json.loads((data / "manifest.json").read_text())
+    (data / "manifest.json").write_text(json.dumps({**manifest, "num_documents": 1}))  # the one sample listed
 
 
 def test_a_missing_shard_is_a_config_error_before_any_rank_starts(tmp_path):
@@ -582,6 +584,8 @@ def test_a_shard_whose_sample_count_is_not_index_json_s_is_refused_before_any_ra
         entry["zip_data"] = {"basename": f"{name}.{algo}", "bytes": len(packed)}
         (data / entry["zip_data"]["basename"]).write_bytes(packed)
     shown = entry["zip_data"]["basename"] if compression else name
+    manifest = json.loads((data / "manifest.json").read_text())
+    (data / "manifest.json").write_text(json.dumps({**manifest, "num_documents": 6}))  # what the shard holds
 
     def index(samples):
         (data / "index.json").write_text(json.dumps({"version": 2, "shards": [{**entry, "samples": samples}]}))
@@ -594,6 +598,7 @@ def test_a_shard_whose_sample_count_is_not_index_json_s_is_refused_before_any_ra
         check_paths(cfg)
     assert str(e.value) == f"data.path: shard {shown}: holds 6 samples, {data / 'index.json'} says {says}"
     monkeypatch.setenv("LOCAL_RANK", "1")  # a host's other ranks: its local rank 0 (or the launcher) read them
+    (data / "manifest.json").write_text(json.dumps({**manifest, "num_documents": says}))  # only the header differs
     check_paths(cfg)
     monkeypatch.setenv("LOCAL_RANK", "0")
     if compression:  # a file that is not what index.json says it is: one line naming the shard
@@ -627,7 +632,11 @@ def sp_tokenizer(tmp_path_factory):
 
 def _manifest(**fields) -> dict:
     """The fields the trainer reads from a dataset's manifest.json (verify.read_manifest), with ``fields``."""
-    base = dict(tokenizer_sha256="", vocab_size=300, eos_id=2, token_dtype="uint16", num_documents=1, num_tokens=9)
+    from tests.unit.launch_workspace import STUB_DOCUMENTS
+
+    # num_documents: the samples of stub_data_dir's index.json (the pre-start check compares them)
+    base = dict(tokenizer_sha256="", vocab_size=300, eos_id=2, token_dtype="uint16", num_documents=STUB_DOCUMENTS)
+    base["num_tokens"] = 9
     return {**base, **fields}
 
 
@@ -1325,3 +1334,22 @@ def test_a_checkpoint_config_breaking_a_start_rule_still_loads():
     tree["eval"]["tasks"], tree["eval"]["task_distances"] = ["mqar"], []
     got = from_dict(tree)
     assert got.init_from == "runs/base" and got.eval.passkey_distances == [] and got.eval.task_distances == []
+
+
+def test_an_index_listing_a_shard_twice_is_refused_before_any_rank(tmp_path):
+    """index.json listing its one shard twice: training read each document twice per epoch, no error (only
+    `mnemo data verify` counted). The pre-start check compares its samples with manifest.json's num_documents."""
+    import json
+
+    from mnemo.train.config import check_paths
+
+    data = _data_dir(tmp_path / "data")
+    cfg = load_config(None, [f"data.path={data}", f"run.dir={tmp_path}/r"])
+    check_paths(cfg)
+    index = json.loads((data / "index.json").read_text())
+    (data / "index.json").write_text(json.dumps({**index, "shards": index["shards"] * 2}))
+    with pytest.raises(
+        ConfigError,
+        match=r"^data\.path: \S+index\.json: its shards hold 8192 samples, manifest\.json says 4096 documents",
+    ):
+        check_paths(cfg)

@@ -118,6 +118,8 @@ def test_a_dataset_with_fewer_training_documents_than_partitions_is_one_line_bef
     index["shards"][0]["samples"] = 1
     (tiny / "index.json").write_text(json.dumps(index))
     (tiny / "shard.00000.mds").write_bytes((1).to_bytes(4, "little"))  # its header says so too
+    manifest = json.loads((tiny / "manifest.json").read_text())
+    (tiny / "manifest.json").write_text(json.dumps({**manifest, "num_documents": 1}))  # and its manifest
     rc, out = _launch(capsys, f"data.path={tiny}")
     assert rc == 2
     assert re.fullmatch(
