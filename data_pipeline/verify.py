@@ -1,12 +1,13 @@
 """`mnemo data verify` and `mnemo data inspect`: check and look at a prepared dataset.
 
-verify opens every shard named by index.json and checks, in order: the file
+verify first checks the tokenizer copy against manifest.json's sha256 and the
+manifest's vocab_size against that tokenizer (check_vocab_size, training's
+check too). Then it opens every shard named by index.json and checks, in order: the file
 exists and has the size index.json records, its hashes match, it decompresses
 to the recorded raw size and hashes, its sample count and offsets agree with
 the index, and every sample decodes to tokens of the manifest's dtype that
 end with EOS and stay below the vocabulary size. Then the totals (documents
-per part, tokens) are checked against manifest.json and the tokenizer copy
-against its sha256. The first problem raises DataError naming the shard.
+per part, tokens) are checked against manifest.json. The first problem raises DataError naming the shard.
 
 Over 500 lines: verify, inspect, evaluation's reader and training's pre-start check share one set of
 checks of a dataset dir (shard entries, columns, samples, totals, the tokenizer copy); kept in one module
@@ -73,6 +74,21 @@ def read_manifest(data_dir: str) -> dict:
         if key not in m:
             raise DataError(f"{data_dir}/manifest.json: no {key!r} (not written by mnemo prepare?)")
     return m
+
+
+def check_vocab_size(manifest: dict, manifest_path: str, tokenizer_vocab: int, tokenizer: str) -> int:
+    """``manifest``'s vocab_size (the model's vocabulary: the trainer sizes its embedding by it) when it is a whole
+    number >= 1 equal to ``tokenizer_vocab``, the vocab size of ``tokenizer`` (the run's, or the dataset's copy);
+    else DataError naming ``manifest_path``. The one check of train's pre-start check and of verify and inspect
+    (which said OK for 10**12 and 1e3, where training refused both)."""
+    vocab = manifest["vocab_size"]
+    if isinstance(vocab, bool) or not isinstance(vocab, int) or vocab < 1:
+        raise DataError(f"{manifest_path}: vocab_size is {brief(vocab)}, not a whole number >= 1")
+    if vocab != tokenizer_vocab:
+        raise DataError(
+            f"{manifest_path}: vocab_size {vocab} is not the vocab size {tokenizer_vocab} of the tokenizer {tokenizer}"
+        )
+    return vocab
 
 
 def dataset_train_only(data_dir: str) -> int:
@@ -382,12 +398,21 @@ def _tokenizer_copy(data_dir: str, manifest: dict) -> str:
     return tok_path
 
 
-def _verify(data_dir: str) -> dict:
+def _dataset_tokenizer(data_dir: str, manifest: dict) -> tuple[Any, int]:
+    """(the tokenizer copy of ``data_dir``, loaded; manifest.json's vocab_size): the copy the one the manifest
+    names (_tokenizer_copy), the vocab size its (check_vocab_size). DataError naming the file otherwise."""
+    from mnemo.data_pipeline.tokenizer import Tokenizer
 
+    path = _tokenizer_copy(data_dir, manifest)
+    tok = Tokenizer(path)
+    return tok, check_vocab_size(manifest, os.path.join(data_dir, "manifest.json"), tok.vocab_size, path)
+
+
+def _verify(data_dir: str) -> dict:
     manifest = read_manifest(data_dir)
     index = read_json_file(os.path.join(data_dir, "index.json"), "the merged shard index")
     dtype = np.dtype(manifest["token_dtype"])
-    eos, vocab = int(manifest["eos_id"]), int(manifest["vocab_size"])
+    eos, vocab = int(manifest["eos_id"]), _dataset_tokenizer(data_dir, manifest)[1]
     docs = tokens = 0
     per_part: dict[str, int] = {}
     for name, i, s in iter_shard_samples(data_dir, index):
@@ -407,7 +432,6 @@ def _verify(data_dir: str) -> dict:
     if tokens != manifest["num_tokens"]:
         raise DataError(f"{data_dir}: {tokens} tokens in the shards, manifest.json says {manifest['num_tokens']}")
     filler_documents(manifest, os.path.join(data_dir, "manifest.json"))  # the split reads it: a bad one is refused
-    _tokenizer_copy(data_dir, manifest)
     return {
         "data_dir": data_dir,
         "ok": True,
@@ -435,15 +459,13 @@ def inspect(data_dir: str, num_samples: int = 3, max_chars: int = 300) -> dict:
 
 
 def _inspect(data_dir: str, num_samples: int, max_chars: int) -> dict:
-    from mnemo.data_pipeline.tokenizer import Tokenizer
-
     manifest = read_manifest(data_dir)
     index = read_json_file(os.path.join(data_dir, "index.json"), "the merged shard index")
-    tok = Tokenizer(_tokenizer_copy(data_dir, manifest))
+    tok, vocab = _dataset_tokenizer(data_dir, manifest)
     lengths: list[int] = []
     samples: list[dict] = []
     passkey = 0
-    dtype, vocab = np.dtype(manifest["token_dtype"]), int(manifest["vocab_size"])
+    dtype = np.dtype(manifest["token_dtype"])
     for name, i, s in iter_shard_samples(data_dir, index):
         t = _sample_tokens(name, i, s, dtype, vocab)
         lengths.append(int(t.size))

@@ -1535,28 +1535,25 @@ def check_manifest_vocab(cfg: Config, tok: str) -> None:
     IndexError, 10000000 a model of a billion parameters.
     """
     from mnemo.data_pipeline.tokenizer import Tokenizer
-    from mnemo.data_pipeline.verify import read_manifest
+    from mnemo.data_pipeline.verify import check_vocab_size, read_manifest
 
     key, path = data_paths(cfg)[0]
     if is_remote(path):
         return  # refused above: the first dataset must be local
     with path_errors(key, ConfigError):
         data_dir = local_path(path, key)
-        manifest = os.path.join(data_dir, "manifest.json")
         try:
-            vocab = read_manifest(data_dir)["vocab_size"]
+            manifest = read_manifest(data_dir)
         except DataError as e:
             raise ConfigError(f"{key}: {e}") from None
-        if isinstance(vocab, bool) or not isinstance(vocab, int) or vocab < 1:
-            raise ConfigError(f"{key}: {manifest}: vocab_size is {brief(vocab)}, not a whole number >= 1")
         try:
             theirs = Tokenizer(tok).vocab_size
         except DataError as e:
             raise ConfigError(f"data.tokenizer: {e}") from None
-        if vocab != theirs:
-            raise ConfigError(
-                f"{key}: {manifest}: vocab_size {vocab} is not the vocab size {theirs} of the tokenizer {tok}"
-            )
+        try:
+            check_vocab_size(manifest, os.path.join(data_dir, "manifest.json"), theirs, tok)
+        except DataError as e:
+            raise ConfigError(f"{key}: {e}") from None
 
 
 def check_episode_fit(cfg: Config, tok: str) -> None:

@@ -730,3 +730,20 @@ def test_inspect_names_the_shard_and_a_token_id_outside_the_vocabulary(dataset, 
     shutil.copy(dataset / "tokenizer.model", d / "tokenizer.model")
     with pytest.raises(DataError, match=r"^shard shard\.00000\.mds: sample 0 has token id 60000 >= vocab size \d+$"):
         inspect(str(d))
+
+
+@pytest.mark.parametrize(
+    "vocab, says",
+    [
+        (10**12, r"vocab_size 1000000000000 is not the vocab size \d+ of the tokenizer \S+tokenizer\.model"),
+        (1e3, r"vocab_size is 1000\.0, not a whole number >= 1"),
+    ],
+)
+def test_verify_and_inspect_check_the_manifest_vocab_size_as_training_does(copy, vocab, says):
+    """verify said OK for manifest.json vocab_size 10**12 or 1e3 (training refused both): one check now,
+    verify.check_vocab_size, against the dataset's tokenizer copy."""
+    manifest = json.loads((copy / "manifest.json").read_text())
+    (copy / "manifest.json").write_text(json.dumps({**manifest, "vocab_size": vocab}))
+    for look in (verify, inspect):
+        with pytest.raises(DataError, match=rf"manifest\.json: {says}$"):
+            look(str(copy))
