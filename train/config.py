@@ -25,7 +25,7 @@ from typing import Any, Literal
 import yaml
 
 from mnemo.data_pipeline.errors import DataError, brief, clip
-from mnemo.data_pipeline.files import not_a_regular_file, open_regular
+from mnemo.data_pipeline.files import not_a_regular_file, open_regular, read_bounded
 from mnemo.data_pipeline.paths import (
     is_remote,
     local_path,
@@ -722,14 +722,17 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, str]]:
     return out
 
 
+# The most bytes of a config file read: the largest recipe is a few KiB; every other file mnemo reads has a bound.
+MAX_CONFIG_BYTES = 16 << 20
+
+
 def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None) -> Config:
     """Load YAML (if given), apply dotted overrides, validate. Raises ConfigError."""
     tree: dict = {}
     if path is not None:
         p = Path(path)
-        try:  # open_regular looks first: a directory, FIFO (never waited on) or device (/dev/zero) is named as such
-            with open_regular(p) as f:
-                raw = f.read()
+        try:  # read_bounded looks first: a directory, FIFO (never waited on) or device (/dev/zero) is named as such
+            raw = read_bounded(p, MAX_CONFIG_BYTES)  # a 3 GiB file was read whole (6.3 GB resident) before its error
         except FileNotFoundError:
             raise ConfigError(f"config file not found: {p}") from None
         except OSError as e:  # NotRegularFile's message says what it is ("a directory, not a file")

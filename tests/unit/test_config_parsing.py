@@ -541,3 +541,18 @@ def test_an_explicit_yaml_tag_on_text_it_does_not_fit_is_one_line(tmp_path, valu
     p.write_text("tracking:\n  enabled: !!bool true\ntrain:\n  lr: !!float 1\n  max_steps: !!int 5\n")
     cfg = load_config(p)
     assert cfg.tracking.enabled is True and cfg.train.lr == 1.0 and cfg.train.max_steps == 5
+
+
+def test_a_config_file_over_the_bound_is_not_read(tmp_path):
+    """The user's config file had no size bound (every other file mnemo reads has one): `mnemo launch --dry-run`
+    on a 3 GiB one reached 6.3 GB resident before its error. It is refused from its size, naming it."""
+    from mnemo.train.config import MAX_CONFIG_BYTES, ConfigError, load_config
+
+    big = tmp_path / "big.yaml"
+    with open(big, "wb") as f:
+        f.write(b"run:\n  dir: r\n")
+        f.truncate(MAX_CONFIG_BYTES + 1)  # sparse: no disk used
+    with pytest.raises(ConfigError, match=rf"^config file: {re.escape(str(big))}: cannot read: 16,777,217 bytes, over"):
+        load_config(big)
+    big.write_bytes(b"run:\n  dir: r\n")
+    assert load_config(big).run.dir == "r"
