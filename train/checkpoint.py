@@ -190,7 +190,10 @@ def load_torch_file(path: str | Path, mmap: bool = False) -> Any:
                 # file swapped for a FIFO after the check is not the one read.
                 fd_path = f"/proc/self/fd/{f.fileno()}"
                 source = fd_path if os.path.exists(fd_path) else path
-                return torch.load(source, mmap=True, map_location="cpu", weights_only=True)
+                try:
+                    return torch.load(source, mmap=True, map_location="cpu", weights_only=True)
+                except (RuntimeError, OSError):
+                    pass  # a file system that cannot map files (some FUSE mounts), or a damaged archive: read whole
             f.seek(0)
             return torch.load(f, map_location="cpu", weights_only=True)
         except (RuntimeError, EOFError, OSError) as e:  # truncated or not a torch file at all

@@ -496,6 +496,22 @@ def test_a_rank_file_cut_in_its_data_is_one_line_error(tmp_path, mmap):
         assert re.fullmatch(rf"{path}: cannot read \({reason}[^.]*\)", str(e.value)), str(e.value)
 
 
+def test_a_rank_file_that_cannot_be_mapped_is_read_whole(tmp_path, monkeypatch):
+    """Some file systems (FUSE mounts) cannot map a file: the resume at another world size maps the old ranks'
+    files, and a failed map was "cannot read" for a good file. It is read whole then."""
+    path = tmp_path / "rank_00000.pt"
+    torch.save({"w": torch.arange(8.0)}, path)
+    load = torch.load
+
+    def no_mmap(*a, **k):
+        if k.get("mmap"):
+            raise RuntimeError("unable to mmap 1234 bytes from file </proc/self/fd/9>: No such device (19)")
+        return load(*a, **k)
+
+    monkeypatch.setattr(torch, "load", no_mmap)
+    assert torch.equal(ckpt.load_torch_file(path, mmap=True)["w"], torch.arange(8.0))
+
+
 def test_a_damaged_export_folder_is_one_line_error(two_models, tmp_path, capsys):
     a, _ = two_models
     (a / "model.safetensors").write_bytes(b"not safetensors")
