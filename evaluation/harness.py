@@ -20,13 +20,19 @@ whole, through memory.
   EOS, ``max_gen_toks`` or the first ``until`` string, which is cut off.
 
 Importing this module imports lm_eval (seconds): only the harness path does.
+
+Over 500 lines: the model lm-eval calls and what both lm-eval commands need around it (its generation
+settings, the device and argument checks before lm-eval starts, the rule that tells lm-eval's user errors
+from mnemo's bugs) are one adapter over one import of lm_eval.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from collections.abc import Callable, Sequence
+import traceback
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -180,6 +186,18 @@ class MnemoLM(TemplateLM):
             what = f"the long-term store ({cap} entries per layer, {self.batch_size} slots)"
             check_memory(self.model, store_bytes(self.model, self.batch_size, cap, self.T), 0, what, self.advice)
 
+    def chat_template(self, chat_template: bool | str = False) -> str | None:
+        """No chat template: ``--apply_chat_template`` is refused in one line (lm-eval's base class raised its
+        NotImplementedError under a traceback, while building the requests)."""
+        if chat_template:
+            raise EvalError(
+                "--apply_chat_template: mnemo's models have no chat template (a base language model); leave it out"
+            )
+        return ""
+
+    def apply_chat_template(self, chat_history: list, add_generation_prompt: bool = True) -> str:
+        return self.chat_template(True) or ""
+
     # ------------------------------------------------------------ tokens
     @property
     def eot_token_id(self) -> int:
@@ -291,23 +309,31 @@ def generation_settings(raw: Any, default_max: int, task: str | None = None) -> 
     """A task's generation_kwargs as lm-eval's own models read them (lm_eval.models.utils.normalize_gen_kwargs:
     max_new_tokens, max_tokens, max_completion_tokens as aliases of max_gen_toks; sampling on when do_sample
     is not given and temperature > 0), checked: EvalError naming generation_kwargs (of ``task``, when known)
-    and the key, not a traceback or empty answers."""
+    and the key, not a traceback or empty answers. The raw
+    values are checked, before normalize_gen_kwargs converts them."""
     from lm_eval.models.utils import normalize_gen_kwargs
 
     where = f"generation_kwargs (task {clip(task, 60)})" if task else "generation_kwargs"
     if raw is not None and not isinstance(raw, dict):
         raise EvalError(f"{where}: a mapping expected, got {brief(raw)}")
+    raw = dict(raw or {})
+    for key in ("temperature", "top_p"):
+        value = raw.get(key)
+        try:
+            float(0.0 if value is None else value)
+        except (TypeError, ValueError):
+            raise EvalError(f"{where}: {key}: not a number, got {brief(value)}") from None
     try:
-        kw = normalize_gen_kwargs(dict(raw or {}), default_max)
-        # Not "x or default": top_p: 0 became 1.0, sampling from every token where the task asked for none.
-        kw["temperature"] = float(kw.get("temperature", 0.0))
-        top_p = kw.get("top_p")
-        kw["top_p"] = 1.0 if top_p is None else float(top_p)
+        kw = normalize_gen_kwargs(raw, default_max)
     except (TypeError, ValueError):
-        bad = {k: raw.get(k) for k in ("max_gen_toks", "max_new_tokens", "max_tokens", "temperature", "top_p")}
+        bad = {k: raw.get(k) for k in ("max_gen_toks", "max_new_tokens", "max_tokens", "max_completion_tokens")}
         raise EvalError(f"{where}: not numbers where lm-eval needs them: {brief(bad)}") from None
     if not isinstance(kw["max_gen_toks"], int) or kw["max_gen_toks"] < 0:
         raise EvalError(f"{where}: max_gen_toks must be a whole number >= 0, got {brief(kw['max_gen_toks'])}")
+    # Not "x or default": top_p: 0 became 1.0, sampling from every token where the task asked for none.
+    kw["temperature"] = float(kw.get("temperature", 0.0))
+    top_p = kw.get("top_p")
+    kw["top_p"] = 1.0 if top_p is None else float(top_p)
     try:  # generate_batch's own check, here to name the task's generation_kwargs
         check_sampling(kw["temperature"], kw["top_p"])
     except EvalError as e:
@@ -381,15 +407,16 @@ def run_lm_eval(
     lm.check_memory_fit()  # the store is allocated per batch: refuse one that cannot fit now
     tm = task_manager(names, include_path)
     try:
-        results = lm_eval.simple_evaluate(
-            model=lm,
-            tasks=names,
-            num_fewshot=num_fewshot,
-            limit=limit,
-            task_manager=tm,
-            log_samples=log_samples,
-            bootstrap_iters=bootstrap_iters,  # lm-eval's default; 0 skips stderrs of non-mean metrics
-        )
+        with lm_eval_user_errors():
+            results = lm_eval.simple_evaluate(
+                model=lm,
+                tasks=names,
+                num_fewshot=num_fewshot,
+                limit=limit,
+                task_manager=tm,
+                log_samples=log_samples,
+                bootstrap_iters=bootstrap_iters,  # lm-eval's default; 0 skips stderrs of non-mean metrics
+            )
     except FileNotFoundError as e:  # a task's data_files that are not there
         raise EvalError(f"--lm-eval: {e}") from None
     if results is None:
@@ -419,13 +446,8 @@ def cli_main(argv: Sequence[str], loader: Loader) -> int:
     old = sys.argv
     sys.argv = ["lm_eval", *argv]
     try:
-        cli_evaluate()
-    except ValueError as e:
-        # lm-eval checks its arguments by raising ValueError ("Tasks not found: x", "Need to specify task to
-        # evaluate."): a user's mistake, one line. A ValueError from anywhere else stays a traceback (a bug).
-        if not _raised_by_lm_eval_argument_checks(e):
-            raise
-        raise EvalError(f"lm-eval: {clip(first_line(e), 300)}") from None
+        with lm_eval_user_errors():
+            cli_evaluate()
     finally:
         sys.argv = old
     return 0
@@ -442,14 +464,64 @@ def check_device_first(argv: Sequence[str]) -> None:
         lm_eval_device(values["--device"])
 
 
-def _raised_by_lm_eval_argument_checks(e: BaseException) -> bool:
-    """Whether ``e`` was raised in lm-eval's command line or its evaluation config (argument checks)."""
-    tb = e.__traceback__
-    last = None
-    while tb is not None:
-        last, tb = tb.tb_frame.f_code.co_filename, tb.tb_next
-    where = (last or "").replace(os.sep, "/")
-    return "/lm_eval/_cli/" in where or where.endswith("/lm_eval/config/evaluate_config.py")
+@contextlib.contextmanager
+def lm_eval_user_errors() -> Iterator[None]:
+    """lm-eval's own errors, and those of the ``datasets`` it reads task data with, as one EvalError line: raised
+    while lm-eval checks its arguments, builds the tasks and reads their documents ("Tasks not found", "No tasks
+    specified", --limit 0 or -1, a task file's value or data set lm-eval cannot use), they are the user's. The
+    rule is where the error was raised: the innermost frame of lm-eval's, datasets' or mnemo's own code in its
+    traceback. One of mnemo's (the model answering a request, a check of mnemo's) stays as it is: a bug's
+    traceback, or mnemo's own one-line error. OSError and MemoryError pass as they are (exit_status tells a
+    missing file, a full disk, no memory left). The original error is the EvalError's cause: --debug shows its
+    traceback."""
+    try:
+        yield
+    except (EvalError, OSError, MemoryError):
+        raise
+    except Exception as e:
+        if not _raised_by_lm_eval(e):
+            raise
+        raise EvalError(_user_error_line(e)) from e
+
+
+def _raised_by_lm_eval(e: BaseException) -> bool:
+    """Whether the innermost frame of lm-eval's, datasets' or mnemo's code in ``e``'s traceback is lm-eval's or
+    datasets' (frames of other code, the standard library's or jinja2's, are passed over)."""
+    theirs = False
+    for frame, _ in traceback.walk_tb(e.__traceback__):
+        package = str(frame.f_globals.get("__name__", "")).split(".")[0]
+        if package in ("lm_eval", "datasets"):
+            theirs = True
+        elif package == "mnemo":
+            theirs = False
+    return theirs
+
+
+def _user_error_line(e: BaseException) -> str:
+    """``e``'s message, naming the task lm-eval was building or reading when ``e`` was raised (a frame of its
+    TaskConfig or Task in the traceback); the task's generation_kwargs' own error where they are at fault
+    (lm-eval's TaskConfig runs float() on temperature as it builds the task: ``generation_settings`` says which
+    key of which task). A data set's error adds its cause (datasets' own line names no file or reason)."""
+    from lm_eval.api.task import Task
+    from lm_eval.config.task import TaskConfig
+
+    config = None
+    for frame, _ in traceback.walk_tb(e.__traceback__):
+        obj = frame.f_locals.get("self")
+        obj = getattr(obj, "_config", obj) if isinstance(obj, Task) else obj
+        config = obj if isinstance(obj, TaskConfig) else config
+    msg = first_line(e)
+    if e.__cause__ is not None and first_line(e.__cause__) not in msg:
+        msg += f" ({first_line(e.__cause__)})"
+    if config is None:
+        return f"lm-eval: {clip(msg, 300)}"
+    name = clip(str(config.task), 60)
+    if isinstance(config.generation_kwargs, dict):
+        try:
+            generation_settings(config.generation_kwargs, 1, name)
+        except EvalError as at_fault:  # naming the key
+            return str(at_fault)
+    return f"lm-eval: task {name}: {clip(msg, 300)}"
 
 
 def offline_datasets(cache_dir: str | os.PathLike) -> None:

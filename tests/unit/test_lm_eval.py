@@ -358,8 +358,9 @@ def test_request_loop_out_of_memory_is_one_line(env, monkeypatch):
         ({"top_p": 1.5}, "top_p: must be in (0, 1]"),
         ({"temperature": -1}, "temperature: must be a finite number >= 0"),
         ({"temperature": float("nan"), "do_sample": True}, "temperature: must be a finite number >= 0"),
-        ({"top_p": "x"}, "not numbers where lm-eval needs them"),
-        ({"max_gen_toks": -5}, "max_gen_toks must be a whole number >= 0"),
+        ({"top_p": "x"}, "top_p: not a number, got 'x'"),
+        ({"temperature": "abc"}, "temperature: not a number, got 'abc'"),  # named the key no more than top_p's
+        ({"max_gen_toks": -5}, "max_gen_toks must be a whole number >= 0, got -5"),
     ],
 )
 def test_generation_kwargs_out_of_range_are_one_error_naming_the_task(kw, msg):
@@ -483,3 +484,89 @@ def test_an_ltm_capacity_the_model_cannot_use_is_refused_before_any_task(env):
     with pytest.raises(EvalError, match="no long-term memory"):
         harness.MnemoLM(model=none, tokenizer=tok, segment_len=T, ltm_capacity=64)
     assert harness.MnemoLM(model=model, tokenizer=tok, segment_len=T, ltm_capacity=4).ltm_capacity == 4
+
+
+def _gen_task(tasks: Path, name: str, generation_kwargs: str) -> None:
+    """A generate_until task over mc.jsonl (its contexts as prompts) with the given generation_kwargs line."""
+    body = "output_type: generate_until\ndoc_to_text: '{{context}}'\ndoc_to_target: '{{label}}'\n"
+    (tasks / f"{name}.yaml").write_text(
+        _yaml(name, tasks / "mc.jsonl", body + f"generation_kwargs: {generation_kwargs}\n")
+    )
+
+
+@pytest.mark.parametrize(
+    "extra, line",
+    [
+        # lm-eval's TaskConfig ran float() on it while building the task: a traceback, exit 1
+        (["--tasks", "mnemo_hot"], "generation_kwargs (task mnemo_hot): temperature: not a number, got 'abc'"),
+        ([], "lm-eval: No tasks specified, or no tasks found."),  # lm-eval's evaluator, not its _cli
+        (
+            ["--tasks", "mnemo_mc", "--limit", "0"],
+            "lm-eval: task mnemo_mc: task.build_requests() did not find any docs",
+        ),
+    ],
+)
+def test_lm_eval_cli_user_mistakes_in_lm_eval_itself_are_one_line(env, capsys, extra, line):
+    """Only ValueErrors of lm-eval's _cli and evaluate_config were one line: a task's temperature: abc, no --tasks
+    or --limit 0 (raised while lm-eval builds the tasks or their requests) were tracebacks, exit 1."""
+    from mnemo.cli import main
+
+    exp, tasks, *_ = env
+    _gen_task(tasks, "mnemo_hot", '{until: ["\\n"], max_gen_toks: 4, temperature: abc}')
+    argv = ["lm-eval", "run", "--model", "mnemo", "--model_args", f"checkpoint={exp}", "--device", "cpu"]
+    try:
+        assert main([*argv, *extra, "--include_path", str(tasks)]) == 2
+    finally:
+        (tasks / "mnemo_hot.yaml").unlink()
+    text = capsys.readouterr().err
+    err = [ln for ln in text.splitlines() if ln.startswith("mnemo: error:")]
+    # (rc 2, not a bug's 1; no "Traceback" check: lm-eval's log handler may hold an earlier test's closed stream)
+    assert len(err) == 1 and line in err[0], text[-2000:]
+
+
+def test_lm_eval_user_errors_name_the_task_and_keep_the_cause(env):
+    """`mnemo eval --lm-eval`: a task's temperature: abc was lm-eval's ValueError under a traceback; the rule
+    (raised in lm-eval's or datasets' code: the user's) keeps the original as the cause, which --debug shows."""
+    from mnemo.evaluation.errors import EvalError
+
+    _, tasks, model, tok, harness, _ = env
+    _gen_task(tasks, "mnemo_hot", '{until: ["\\n"], max_gen_toks: 4, temperature: abc}')
+    try:
+        with pytest.raises(EvalError) as e:
+            harness.run_lm_eval(model, tok, T, "mnemo_hot", include_path=str(tasks), print_table=False)
+    finally:
+        (tasks / "mnemo_hot.yaml").unlink()
+    assert str(e.value) == "generation_kwargs (task mnemo_hot): temperature: not a number, got 'abc'"
+    assert isinstance(e.value.__cause__, ValueError)  # lm-eval's own, under the line (exit_status's --debug)
+
+
+def test_an_error_raised_in_mnemo_under_lm_eval_stays_a_bug(env, monkeypatch):
+    """The rule is where the error was raised: mnemo's own code answering lm-eval's requests is a bug's traceback."""
+    _, tasks, model, tok, harness, _ = env
+
+    def broken(*args, **kwargs):
+        raise ValueError("a bug in mnemo")
+
+    monkeypatch.setattr(harness, "continuation_scores", broken)  # called by MnemoLM.score_tokens
+    with pytest.raises(ValueError, match="a bug in mnemo"):
+        harness.run_lm_eval(model, tok, T, "mnemo_mc", include_path=str(tasks), limit=1, print_table=False)
+
+
+def test_apply_chat_template_is_refused_in_one_line(env):
+    """lm-eval's base class raised NotImplementedError ("please implement 'apply_chat_template'") under a
+    traceback: mnemo's models have no chat template, and --apply_chat_template says so."""
+    import lm_eval
+
+    from mnemo.evaluation.errors import EvalError
+
+    _, tasks, model, tok, harness, _ = env
+    lm = harness.MnemoLM(model=model, tokenizer=tok, segment_len=T)
+    assert lm.chat_template(False) == ""
+    with pytest.raises(EvalError, match=r"^--apply_chat_template: mnemo's models have no chat template"):
+        lm_eval.simple_evaluate(
+            model=lm,
+            tasks=["mnemo_mc"],
+            task_manager=harness.task_manager(["mnemo_mc"], str(tasks)),
+            apply_chat_template=True,
+            limit=1,
+        )
