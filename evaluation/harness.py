@@ -305,31 +305,33 @@ class MnemoLM(TemplateLM):
         return out  # type: ignore[return-value]
 
 
+# lm-eval's names of max_gen_toks (normalize_gen_kwargs reads the first one given, in this order).
+MAX_TOKEN_KEYS = ("max_gen_toks", "max_new_tokens", "max_tokens", "max_completion_tokens")
+
+
 def generation_settings(raw: Any, default_max: int, task: str | None = None) -> dict[str, Any]:
     """A task's generation_kwargs as lm-eval's own models read them (lm_eval.models.utils.normalize_gen_kwargs:
     max_new_tokens, max_tokens, max_completion_tokens as aliases of max_gen_toks; sampling on when do_sample
     is not given and temperature > 0), checked: EvalError naming generation_kwargs (of ``task``, when known)
-    and the key, not a traceback or empty answers. The raw
-    values are checked, before normalize_gen_kwargs converts them."""
+    and the key, not a traceback, empty answers or a value lm-eval silently truncates (max_gen_toks: 2.5 was
+    2). The raw values are checked, before normalize_gen_kwargs converts them."""
     from lm_eval.models.utils import normalize_gen_kwargs
 
     where = f"generation_kwargs (task {clip(task, 60)})" if task else "generation_kwargs"
     if raw is not None and not isinstance(raw, dict):
         raise EvalError(f"{where}: a mapping expected, got {brief(raw)}")
     raw = dict(raw or {})
+    for key in MAX_TOKEN_KEYS:
+        value = raw.get(key)
+        if value is not None and not _whole_number(value):
+            raise EvalError(f"{where}: {key} must be a whole number >= 0, got {brief(value)}")
     for key in ("temperature", "top_p"):
         value = raw.get(key)
         try:
             float(0.0 if value is None else value)
         except (TypeError, ValueError):
             raise EvalError(f"{where}: {key}: not a number, got {brief(value)}") from None
-    try:
-        kw = normalize_gen_kwargs(raw, default_max)
-    except (TypeError, ValueError):
-        bad = {k: raw.get(k) for k in ("max_gen_toks", "max_new_tokens", "max_tokens", "max_completion_tokens")}
-        raise EvalError(f"{where}: not numbers where lm-eval needs them: {brief(bad)}") from None
-    if not isinstance(kw["max_gen_toks"], int) or kw["max_gen_toks"] < 0:
-        raise EvalError(f"{where}: max_gen_toks must be a whole number >= 0, got {brief(kw['max_gen_toks'])}")
+    kw = normalize_gen_kwargs(raw, default_max)
     # Not "x or default": top_p: 0 became 1.0, sampling from every token where the task asked for none.
     kw["temperature"] = float(kw.get("temperature", 0.0))
     top_p = kw.get("top_p")
@@ -339,6 +341,15 @@ def generation_settings(raw: Any, default_max: int, task: str | None = None) -> 
     except EvalError as e:
         raise EvalError(f"{where}: {e}") from None
     return kw
+
+
+def _whole_number(value: Any) -> bool:
+    """Whether a task's max_gen_toks is an integer >= 0 (an int, 4.0, or a string of one), which int() keeps."""
+    if isinstance(value, str):
+        return value.strip().isdecimal()
+    if isinstance(value, float):
+        return value.is_integer() and value >= 0
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def cut_at_stop(text: str, until: Sequence[str]) -> str:

@@ -361,6 +361,8 @@ def test_request_loop_out_of_memory_is_one_line(env, monkeypatch):
         ({"top_p": "x"}, "top_p: not a number, got 'x'"),
         ({"temperature": "abc"}, "temperature: not a number, got 'abc'"),  # named the key no more than top_p's
         ({"max_gen_toks": -5}, "max_gen_toks must be a whole number >= 0, got -5"),
+        ({"max_gen_toks": 2.5}, "max_gen_toks must be a whole number >= 0, got 2.5"),  # was truncated to 2
+        ({"max_new_tokens": "2.5"}, "max_new_tokens must be a whole number >= 0, got '2.5'"),
     ],
 )
 def test_generation_kwargs_out_of_range_are_one_error_naming_the_task(kw, msg):
@@ -385,6 +387,8 @@ def test_generation_kwargs_defaults_and_values_in_range():
     assert (kw["temperature"], kw["top_p"]) == (0.0, 1.0)
     kw = generation_settings({"top_p": 0.5, "temperature": 0.7, "max_new_tokens": 3}, 256)
     assert (kw["temperature"], kw["top_p"], kw["max_gen_toks"], kw["do_sample"]) == (0.7, 0.5, 3, True)
+    assert generation_settings({"max_gen_toks": 4.0}, 256)["max_gen_toks"] == 4  # a whole number, as 4
+    assert generation_settings({"max_tokens": "7"}, 256)["max_gen_toks"] == 7
 
 
 def test_generate_until_reads_generation_kwargs_as_lm_eval_does(env, monkeypatch):
