@@ -466,13 +466,23 @@ def cli_main(argv: Sequence[str], loader: Loader) -> int:
 
 def check_device_first(argv: Sequence[str]) -> None:
     """EvalError for a ``--device`` that ``--model mnemo`` cannot run on, before lm-eval starts: it indexes every
-    task it knows (seconds) before it builds the model, where ``MnemoLM`` checks the device as well."""
+    task it knows (seconds) before it builds the model, where ``MnemoLM`` checks the device as well. Without
+    ``--device`` (or a ``--config`` that may set it) lm-eval asks for cuda: on a host without CUDA that is
+    refused here as a flag not given, not as ``--device cuda``, which the user never typed."""
     args = list(argv)
     pairs = [(a, b) for a, b in zip(args, [*args[1:], None])]
     values = {a.split("=", 1)[0]: a.split("=", 1)[1] for a in args if a.startswith(("--model=", "--device="))}
-    values.update({a: b for a, b in pairs if a in ("--model", "--device") and b is not None})
-    if values.get("--model") == "mnemo" and "--device" in values:
+    values.update({a: b for a, b in pairs if a in ("--model", "-M", "--device") and b is not None})
+    if values.get("--model", values.get("-M")) != "mnemo":
+        return
+    if "--device" in values:
         lm_eval_device(values["--device"])
+        return
+    import torch
+
+    configured = any(a in ("--config", "-C") or a.startswith(("--config=", "-C=")) for a in args)
+    if not configured and not torch.cuda.is_available():
+        raise EvalError("--device not given: lm-eval then asks for cuda, and this host has none; add --device cpu")
 
 
 @contextlib.contextmanager

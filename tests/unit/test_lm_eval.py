@@ -574,3 +574,21 @@ def test_apply_chat_template_is_refused_in_one_line(env):
             apply_chat_template=True,
             limit=1,
         )
+
+
+def test_no_device_given_on_a_host_without_cuda_names_the_missing_flag(monkeypatch):
+    """lm-eval asks for cuda when --device is not given: `mnemo lm-eval run --model mnemo ...` without it failed
+    with "--device cuda: no CUDA device available", naming a flag the user never gave."""
+    import lm_eval.__main__
+
+    from mnemo.evaluation import harness
+    from mnemo.evaluation.errors import EvalError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(lm_eval.__main__, "cli_evaluate", lambda: pytest.fail("lm-eval started"))
+    monkeypatch.setattr(harness.MnemoLM, "loader", harness.MnemoLM.loader)  # cli_main sets it: restored after
+    for argv in (["run", "--model", "mnemo", "--tasks", "t"], ["run", "-M", "mnemo"]):
+        with pytest.raises(EvalError, match=r"^--device not given: lm-eval then asks for cuda.*add --device cpu$"):
+            harness.cli_main(argv, loader=lambda *a, **k: None)
+    harness.check_device_first(["run", "--model", "mnemo", "--config", "c.yaml"])  # may set the device
+    harness.check_device_first(["run", "--model", "hf"])  # another model's business
