@@ -381,6 +381,29 @@ def task_manager(tasks: Sequence[str], include_path: str | None):
     return tm
 
 
+# datasets' builders of local files: without data_files (or data_dir) they read the matching files of the
+# current directory as the task's data.
+LOCAL_FILE_BUILDERS = ("json", "csv", "parquet", "text", "arrow")
+
+
+def check_local_data_sets(tm: Any, tasks: Sequence[str]) -> None:
+    """EvalError for a task whose dataset_path is a local file format (json, csv, ...) without
+    dataset_kwargs data_files or data_dir, before lm-eval reads anything: datasets read the *.jsonl files of
+    the current directory as its documents (and failed on them with DatasetGenerationError)."""
+    for name in tasks:
+        entry = tm.task_index.get(name)
+        cfg = getattr(entry, "cfg", None) or {}
+        kwargs = cfg.get("dataset_kwargs") or {}
+        if cfg.get("dataset_path") in LOCAL_FILE_BUILDERS and not (
+            isinstance(kwargs, dict) and (kwargs.get("data_files") or kwargs.get("data_dir"))
+        ):
+            where = f" ({entry.yaml_path})" if getattr(entry, "yaml_path", None) else ""
+            raise EvalError(
+                f"--lm-eval: task {clip(name, 60)}{where}: dataset_path {cfg['dataset_path']} needs dataset_kwargs: "
+                "data_files (without them datasets reads the files of the current directory)"
+            )
+
+
 def run_lm_eval(
     model: Any,
     tokenizer: Any,
@@ -417,6 +440,7 @@ def run_lm_eval(
     lm.advice = "lower --batch-size or --ltm-capacity"
     lm.check_memory_fit()  # the store is allocated per batch: refuse one that cannot fit now
     tm = task_manager(names, include_path)
+    check_local_data_sets(tm, names)
     try:
         with lm_eval_user_errors():
             results = lm_eval.simple_evaluate(

@@ -592,3 +592,22 @@ def test_no_device_given_on_a_host_without_cuda_names_the_missing_flag(monkeypat
             harness.cli_main(argv, loader=lambda *a, **k: None)
     harness.check_device_first(["run", "--model", "mnemo", "--config", "c.yaml"])  # may set the device
     harness.check_device_first(["run", "--model", "hf"])  # another model's business
+
+
+def test_a_local_format_task_without_data_files_is_refused_before_reading(env, tmp_path, monkeypatch):
+    """`dataset_path: json` without data_files: datasets read the *.jsonl files of the current directory as the
+    task's documents, and failed on them with DatasetGenerationError under a traceback."""
+    from mnemo.evaluation.errors import EvalError
+
+    _, tasks, model, tok, harness, _ = env
+    (tmp_path / "notes.jsonl").write_text("not json\n")
+    monkeypatch.chdir(tmp_path)
+    (tasks / "nofiles.yaml").write_text("task: mnemo_nofiles\ndataset_path: json\n")
+    try:
+        with pytest.raises(EvalError) as e:
+            harness.run_lm_eval(model, tok, T, "mnemo_nofiles", include_path=str(tasks), print_table=False)
+    finally:
+        (tasks / "nofiles.yaml").unlink()
+    assert str(e.value).startswith(
+        f"--lm-eval: task mnemo_nofiles ({tasks / 'nofiles.yaml'}): dataset_path json needs dataset_kwargs: data_files"
+    ), str(e.value)
