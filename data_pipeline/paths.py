@@ -138,7 +138,7 @@ def local_dataset_dir(name: str, what: str) -> str:
     only (training reads remote ones through data.path)."""
     if is_remote(name):
         raise DataError(
-            f"{what} {redact_uri(brief(name, 200))}: a remote dataset; this reads a local one (a path or a"
+            f"{what} {brief(name, 200, hide=redact_uri)}: a remote dataset; this reads a local one (a path or a"
             " file:///ABS/PATH URL): copy the dataset to this machine first"
         )
     return local_path(name, what)

@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 
 from mnemo.data_pipeline.errors import brief, clip, first_line
+from mnemo.data_pipeline.redact import redact_uri
 from mnemo.evaluation.errors import EvalError
 from mnemo.evaluation.generate import check_sampling, generate_batch
 from mnemo.evaluation.outputs import write_then_show
@@ -555,9 +556,11 @@ def _user_error_line(e: BaseException) -> str:
         obj = frame.f_locals.get("self")
         obj = getattr(obj, "_config", obj) if isinstance(obj, Task) else obj
         config = obj if isinstance(obj, TaskConfig) else config
-    msg = first_line(e)
-    if e.__cause__ is not None and first_line(e.__cause__) not in msg:
-        msg += f" ({first_line(e.__cause__)})"
+    # Credentials hidden before any cut: a cut inside user:token@host would leave the token for exit_status's
+    # redaction of the whole line to miss (datasets' errors quote the URLs they read).
+    msg = redact_uri(first_line(e))
+    if e.__cause__ is not None and redact_uri(first_line(e.__cause__)) not in msg:
+        msg += f" ({redact_uri(first_line(e.__cause__))})"
     if config is None:
         return f"lm-eval: {clip(msg, 300)}"
     name = clip(str(config.task), 60)

@@ -186,6 +186,11 @@ def test_verify_inspect_and_eval_read_a_file_url_as_data_path_does(dataset, tmp_
         err = capsys.readouterr().err
         assert err.startswith("mnemo: error: ") and "a remote dataset; this reads a local one" in err, err
         assert "pw" not in err and err.count("\n") == 1
+    # A token longer than the quoted part: hidden before the cut (a cut inside user:token@ left its start).
+    long = f"https://user:{'SECRETTOKEN' * 20}@host/{'p' * 300}"
+    assert main(["data", "verify", long]) == 2
+    err = capsys.readouterr().err
+    assert "SECRET" not in err and "a remote dataset" in err, err
 
 
 def _has_controls(text: str, keep: str = "\n") -> bool:
