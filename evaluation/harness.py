@@ -45,6 +45,7 @@ from mnemo.evaluation.generate import check_sampling, generate_batch
 from mnemo.evaluation.outputs import write_then_show
 from mnemo.evaluation.progress import progress_bar
 from mnemo.evaluation.inference import (
+    DEVICE_ERRORS,
     check_memory,
     core_model,
     eval_mode,
@@ -518,11 +519,13 @@ def lm_eval_user_errors() -> Iterator[None]:
     rule is where the error was raised: the innermost frame of lm-eval's, datasets' or mnemo's own code in its
     traceback. One of mnemo's (the model answering a request, a check of mnemo's) stays as it is: a bug's
     traceback, or mnemo's own one-line error. OSError and MemoryError pass as they are (exit_status tells a
-    missing file, a full disk, no memory left). The original error is the EvalError's cause: --debug shows its
-    traceback."""
+    missing file, a full disk, no memory left), and so do DEVICE_ERRORS. The original error is the EvalError's
+    cause: --debug shows its traceback."""
     try:
         yield
-    except (EvalError, OSError, MemoryError):
+    except (EvalError, OSError, MemoryError, *DEVICE_ERRORS):
+        # Nor a device's fault (out of memory, a CUDA error: an asynchronous one of mnemo's own kernel surfaces at
+        # lm-eval's next synchronizing call): not the user's task file, and memory_errors says what to lower.
         raise
     except Exception as e:
         if not _raised_by_lm_eval(e):

@@ -215,6 +215,19 @@ def check_memory(model: Any, store: int, host: int, what: str, advice: str) -> N
         )
 
 
+# RuntimeErrors that are no fault of a file or of the user's input: out of memory, an accelerator's fault, a
+# collective's failure (train/checkpoint.py: not blamed on a checkpoint; harness.py: not on a task file).
+DEVICE_ERRORS: tuple[type[BaseException], ...] = tuple(
+    t
+    for t in (
+        torch.OutOfMemoryError,
+        getattr(torch, "AcceleratorError", None),
+        getattr(torch.distributed, "DistError", None),
+    )
+    if t is not None
+)
+
+
 @contextlib.contextmanager
 def memory_errors(advice: str, error: type[Exception] = EvalError, where: str = "") -> Iterator[None]:
     """Running out of memory inside (numpy's MemoryError, torch's CPU or CUDA allocation error) as one ``error``:

@@ -47,6 +47,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from mnemo.evaluation.inference import DEVICE_ERRORS
 from mnemo.data_pipeline.errors import DataError, brief, first_line
 from mnemo.data_pipeline.files import atomic_write_text, fsync_path, fsync_tree, load_json, open_regular
 from mnemo.data_pipeline.tmp_dirs import mark_owner, mkdtemp_name_re, sweep_leftovers
@@ -213,18 +214,6 @@ def torch_read_error(e: BaseException) -> str:
 # failed reading zip archive", or OSError EINVAL for some lengths), an empty one, a missing one, one of
 # another layout.
 DS_READ_ERRORS = (RuntimeError, EOFError, ValueError, OSError)
-
-
-# RuntimeErrors that are no fault of a file: out of memory, an accelerator's fault, a collective's failure.
-DEVICE_ERRORS: tuple[type[BaseException], ...] = tuple(
-    t
-    for t in (
-        torch.OutOfMemoryError,
-        getattr(torch, "AcceleratorError", None),
-        getattr(torch.distributed, "DistError", None),
-    )
-    if t is not None
-)
 
 
 def unreadable_ds_state(where: Any, e: BaseException, alias: tuple[str, str] | None = None) -> BaseException:

@@ -556,6 +556,21 @@ def test_an_error_raised_in_mnemo_under_lm_eval_stays_a_bug(env, monkeypatch):
         harness.run_lm_eval(model, tok, T, "mnemo_mc", include_path=str(tasks), limit=1, print_table=False)
 
 
+def test_a_device_error_raised_in_lm_eval_is_not_the_users(env, monkeypatch):
+    """A CUDA error of mnemo's own kernel surfaces at lm-eval's next synchronizing call, in lm-eval's code: read
+    by where it was raised, it was "lm-eval: CUDA error: ..." as if the task file were at fault."""
+    import lm_eval.evaluator
+
+    _, tasks, model, tok, harness, _ = env
+
+    def fault(*args, **kwargs):
+        raise torch.AcceleratorError("CUDA error: device-side assert triggered")
+
+    monkeypatch.setattr(lm_eval.evaluator, "evaluate", fault)  # called by lm-eval's simple_evaluate
+    with pytest.raises(torch.AcceleratorError, match="device-side assert"):
+        harness.run_lm_eval(model, tok, T, "mnemo_mc", include_path=str(tasks), limit=1, print_table=False)
+
+
 def test_apply_chat_template_is_refused_in_one_line(env):
     """lm-eval's base class raised NotImplementedError ("please implement 'apply_chat_template'") under a
     traceback: mnemo's models have no chat template, and --apply_chat_template says so."""
