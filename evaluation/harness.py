@@ -396,6 +396,8 @@ def check_local_data_sets(tm: Any, tasks: Sequence[str]) -> None:
         entry = tm.task_index.get(name)
         cfg = getattr(entry, "cfg", None) or {}
         kwargs = cfg.get("dataset_kwargs") or {}
+        if cfg.get("custom_dataset"):
+            continue  # its own reader: dataset_path unread
         if cfg.get("dataset_path") in LOCAL_FILE_BUILDERS and not (
             isinstance(kwargs, dict) and (kwargs.get("data_files") or kwargs.get("data_dir"))
         ):
@@ -496,6 +498,8 @@ def check_device_first(argv: Sequence[str]) -> None:
     ``--device`` (or a ``--config`` that may set it) lm-eval asks for cuda: on a host without CUDA that is
     refused here as a flag not given, not as ``--device cuda``, which the user never typed."""
     args = list(argv)
+    if any(a in ("-h", "--help") for a in args):
+        return  # lm-eval's help, whatever else the line holds
     pairs = [(a, b) for a, b in zip(args, [*args[1:], None])]
     values = {a.split("=", 1)[0]: a.split("=", 1)[1] for a in args if a.startswith(("--model=", "--device="))}
     values.update({a: b for a, b in pairs if a in ("--model", "-M", "--device") and b is not None})
@@ -551,8 +555,11 @@ def _user_error_line(e: BaseException) -> str:
     TaskConfig or Task in the traceback); the task's generation_kwargs' own error where they are at fault
     (lm-eval's TaskConfig runs float() on temperature as it builds the task: ``generation_settings`` says which
     key of which task). A data set's error adds its cause (datasets' own line names no file or reason)."""
-    from lm_eval.api.task import Task
-    from lm_eval.config.task import TaskConfig
+    try:  # lm-eval's internals: a version that moved them still gets the plain line, not an ImportError
+        from lm_eval.api.task import Task
+        from lm_eval.config.task import TaskConfig
+    except ImportError:
+        return f"lm-eval: {clip(redact_uri(first_line(e)), 300)}"
 
     config = None
     for frame, _ in traceback.walk_tb(e.__traceback__):

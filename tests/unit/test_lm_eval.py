@@ -607,6 +607,7 @@ def test_no_device_given_on_a_host_without_cuda_names_the_missing_flag(monkeypat
             harness.cli_main(argv, loader=lambda *a, **k: None)
     harness.check_device_first(["run", "--model", "mnemo", "--config", "c.yaml"])  # may set the device
     harness.check_device_first(["run", "--model", "hf"])  # another model's business
+    harness.check_device_first(["run", "--model", "mnemo", "--help"])  # lm-eval's help, not a refusal
 
 
 def test_a_local_format_task_without_data_files_is_refused_before_reading(env, tmp_path, monkeypatch):
@@ -626,3 +627,6 @@ def test_a_local_format_task_without_data_files_is_refused_before_reading(env, t
     assert str(e.value).startswith(
         f"--lm-eval: task mnemo_nofiles ({tasks / 'nofiles.yaml'}): dataset_path json needs dataset_kwargs: data_files"
     ), str(e.value)
+    # A task with its own reader (custom_dataset) never reads dataset_path: not refused for it.
+    entry = type("Entry", (), {"cfg": {"dataset_path": "json", "custom_dataset": "reader"}, "yaml_path": None})
+    harness.check_local_data_sets(type("TM", (), {"task_index": {"t": entry}}), ["t"])
