@@ -1005,6 +1005,11 @@ def export_manifest(folder: Path) -> dict[str, Any] | None:
         if not os.path.lexists(path):
             return None
     m = read_json(path)
+    if isinstance(m, dict) and isinstance(m.get("format"), str) and m["format"] != EXPORT_FORMAT:
+        raise UserError(
+            f"{path}: format {brief(m['format'], 60)}, not {EXPORT_FORMAT!r}: written by another version of mnemo or "
+            "another tool"
+        )
     ok = isinstance(m, dict) and m.get("format") == EXPORT_FORMAT and isinstance(m.get("files"), dict)
     if not ok or not all(isinstance(n, str) and n in EXPORT_NAMES for n in m["files"]):
         raise UserError(

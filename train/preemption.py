@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import sys
 import time
 from collections.abc import Iterator
 from multiprocessing import resource_tracker
@@ -95,7 +96,17 @@ def exit_at_next_interrupt() -> None:
     or its result printed), and a second Ctrl-C that lands while Python shuts down (a process pool's threads
     joined, a library's exit hooks) printed Python's "Exception ignored ... KeyboardInterrupt" traceback from
     wherever it landed. The process's own entry point only (a handler of the whole process)."""
-    signal.signal(signal.SIGINT, lambda *_: os._exit(130))
+    signal.signal(signal.SIGINT, _exit_now)
+
+
+def _exit_now(*_: object) -> None:
+    """Status 130 at once; what the command printed is flushed first (a result piped to another program)."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:  # a closed or broken pipe: nothing more to give it
+            pass
+    os._exit(130)
 
 
 def pending() -> tuple[int, float] | None:

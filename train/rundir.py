@@ -96,6 +96,10 @@ def complete_checkpoints(root: Path) -> list[Path]:
     return sorted((p for p in root.iterdir() if is_checkpoint_folder(p)), key=step_of)
 
 
+# The linked step folders newest_checkpoint has warned about in this process.
+_LINKS_SAID: set[str] = set()
+
+
 def newest_checkpoint(root: Path) -> Path | None:
     """The newest complete checkpoint in ``root`` by step (its name), or None.
 
@@ -111,7 +115,9 @@ def newest_checkpoint(root: Path) -> Path | None:
     # init_from, which then used a checkpoint outside the run directory that `mnemo train` there refuses.
     for p in sorted(root.iterdir()) if root.is_dir() else []:
         if STEP_RE.match(p.name) and p.is_symlink() and (newest is None or step_of(p) > step_of(newest)):
-            log.warning("skipping %s: a symbolic link, not a checkpoint mnemo wrote (name it to use it)", p)
+            if str(p) not in _LINKS_SAID:  # once per process: a command looks for the newest checkpoint often
+                _LINKS_SAID.add(str(p))
+                log.warning("skipping %s: a symbolic link, not a checkpoint mnemo wrote (name it to use it)", p)
     return newest
 
 

@@ -289,6 +289,7 @@ def test_a_step_folder_linked_from_elsewhere_is_not_the_runs_newest_checkpoint(t
     for given in (run, mgr.root):
         assert resolve_checkpoint(given) == own and find_checkpoint(given) == own
     assert f"skipping {link}: a symbolic link, not a checkpoint mnemo wrote" in caplog.text
+    assert caplog.text.count(f"skipping {link}") == 1  # said once, however often a command looks
     assert resolve_checkpoint(link) == link  # named explicitly: used
     assert mgr.complete_checkpoints() == [own]
     with pytest.raises(ValueError, match="holds step_00000009, named like a checkpoint but not one mnemo wrote"):

@@ -503,13 +503,17 @@ def test_a_rank_file_that_cannot_be_mapped_is_read_whole(tmp_path, monkeypatch):
     torch.save({"w": torch.arange(8.0)}, path)
     load = torch.load
 
+    tried = []
+
     def no_mmap(*a, **k):
+        tried.append(bool(k.get("mmap")))
         if k.get("mmap"):
             raise RuntimeError("unable to mmap 1234 bytes from file </proc/self/fd/9>: No such device (19)")
         return load(*a, **k)
 
     monkeypatch.setattr(torch, "load", no_mmap)
     assert torch.equal(ckpt.load_torch_file(path, mmap=True)["w"], torch.arange(8.0))
+    assert tried == [True, False]  # mapped first, then read whole
 
 
 def test_a_damaged_export_folder_is_one_line_error(two_models, tmp_path, capsys):

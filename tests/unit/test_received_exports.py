@@ -234,6 +234,13 @@ def test_a_damaged_export_json_is_refused_never_read_as_none(tmp_path, capsys, d
     assert sorted((p.name, p.stat().st_mtime_ns) for p in out.iterdir()) == before
 
 
+def test_an_export_json_of_another_format_says_so(tmp_path):
+    """An export.json whose format is not this mnemo's (a newer one, another tool's) read "damaged or edited"."""
+    (tmp_path / "export.json").write_text(json.dumps({"format": "mnemo-export 2", "files": {}}))
+    with pytest.raises(UserError, match=r"format 'mnemo-export 2', not 'mnemo-export 1': written by another version"):
+        ckpt.export_manifest(tmp_path)
+
+
 def test_an_hf_export_given_to_mnemo_says_what_it_is(tmp_path, capsys):
     tok = stdlib_tokenizer(tmp_path, 3, vocab_size=400)
     src = _received(tmp_path / "got", vocab=tok.vocab_size)
