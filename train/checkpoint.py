@@ -592,15 +592,23 @@ class CheckpointManager:
                 )
 
     # ------------------------------------------------------------------ load
-    def rank_states(self, path: Path) -> list[dict[str, Any]]:
-        """Every old rank's file, mapped (load_torch_file's mmap): a new rank reads every old rank's streams
-        but only the memory rows it gets (MemoryGroups.load_regrouped), so the rest of each file (the memory
-        of the slots other ranks get, GBs at scale) is never read into memory."""
-        files = sorted(Path(path).glob("rank_*.pt"))
-        return [load_torch_file(f, mmap=True) for f in files]
+    def rank_states(self, path: Path, meta: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+        """Every old rank's file in rank order, mapped (load_torch_file's mmap): a new rank reads every old
+        rank's streams but only the memory rows it gets (MemoryGroups.load_regrouped), so the rest of each
+        file (the memory of the slots other ranks get, GBs at scale) is never read into memory. With ``meta``
+        (the checkpoint's meta.json) each is checked against it (check_rank_file)."""
+        meta = read_meta(path) if meta is None else meta
+        return [self.rank_state(path, r, mmap=True, meta=meta) for r in range(len(check_rank_files(path, meta)))]
 
-    def rank_state(self, path: Path, rank: int, mmap: bool = False) -> dict[str, Any]:
-        return load_torch_file(Path(path) / f"rank_{rank:05d}.pt", mmap=mmap)
+    def rank_state(
+        self, path: Path, rank: int, mmap: bool = False, meta: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """Old rank ``rank``'s file; with ``meta``, checked to be that rank's of this checkpoint (check_rank_file)."""
+        name = rank_file_name(rank)
+        sd = load_torch_file(Path(path) / name, mmap=mmap)
+        if meta is not None:
+            check_rank_file(path, name, sd, meta)
+        return sd
 
     def restore(self, path: Path, meta: dict[str, Any]) -> bool:
         """Load this rank's ``states`` from checkpoint ``path``; True when it continues exactly.
@@ -616,11 +624,12 @@ class CheckpointManager:
         ``counters`` come from meta.json (the same on every rank, at any world size).
         """
         parts = self.states
-        own = self.rank_state(path, self.rank) if meta["world_size"] == self.world else None
+        check_rank_files(path, meta)  # before anything is loaded, at any world size
+        own = self.rank_state(path, self.rank, meta=meta) if meta["world_size"] == self.world else None
         mine = f"rank_{self.rank:05d}.pt"
         with rank_file_part(path, mine, "streams"):
             same = own is not None and parts["streams"].same_shape(own["streams"])
-        every = None if same else self.rank_states(path)
+        every = None if same else self.rank_states(path, meta)
         with rank_file_part(path, mine if every is None else "rank_*.pt", "streams"):
             exact = parts["streams"].load_state_dict(own["streams"] if every is None else [s["streams"] for s in every])
         if exact and every is None:
@@ -634,7 +643,7 @@ class CheckpointManager:
         first = mine if own is not None else "rank_00000.pt"
         if "episodes" in parts or "spikes" in parts:
             # A rank the checkpoint has no file of: rank 0's, mapped (its memory is not read)
-            saved = own if own is not None else self.rank_state(path, 0, mmap=True)
+            saved = own if own is not None else self.rank_state(path, 0, mmap=True, meta=meta)
         if "episodes" in parts and "episodes" in saved:
             with rank_file_part(path, first, "episodes"):
                 parts["episodes"].load_state_dict(saved["episodes"], own_rank=own is not None)
@@ -643,6 +652,53 @@ class CheckpointManager:
                 parts["spikes"].load_state_dict(saved["spikes"])
         parts["counters"].load_state_dict({"step": int(meta["step"]), "tokens_seen": int(meta.get("tokens_seen", 0))})
         return exact
+
+
+def rank_file_name(rank: int) -> str:
+    """The name of rank ``rank``'s file in a checkpoint (rundir.RANK_FILE_RE)."""
+    return f"rank_{rank:05d}.pt"
+
+
+def check_rank_files(ckpt: Path, meta: dict[str, Any]) -> list[str]:
+    """The names of checkpoint ``ckpt``'s rank files, rank_00000.pt to that of rank W - 1 (W: the world size
+    its ``meta`` records); UserError ``checkpoint CKPT: NAME: what is wrong`` naming one that is missing or a
+    ``rank_*.pt`` that is not one of them (an extra rank's, or misnamed: rank_1.pt). Every resume checks
+    them, at any world size: at another one every file is read, and a listing in name order took whatever
+    files it found as the old ranks' (a missing one was "got 1 rank states for an old world size of 2")."""
+    world = int(meta["world_size"])
+    want = [rank_file_name(r) for r in range(world)]
+    which = f"meta.json records a world size of {world}: {want[0]}" + (f" to {want[-1]}" if world > 1 else "")
+    with path_errors("checkpoint"):
+        found = {p.name for p in Path(ckpt).glob("rank_*.pt")}
+    for name in sorted(found - set(want)):
+        raise UserError(f"checkpoint {ckpt}: {name}: not one of its rank files ({which}); move it away")
+    for name in want:
+        if name not in found:
+            raise UserError(f"checkpoint {ckpt}: {name}: missing ({which})")
+    return want
+
+
+def check_rank_file(ckpt: Path, name: str, sd: Any, meta: dict[str, Any]) -> None:
+    """UserError ``checkpoint CKPT: NAME: FIELD: what is wrong`` unless rank file ``name`` (its contents ``sd``)
+    is that rank's of the checkpoint ``meta`` (its meta.json) describes: its ``step`` and ``tokens_seen`` are
+    meta's, its streams those of rank NAME's slot groups (slots.check_saved_groups: rank, world size, batch
+    size). A field the file does not hold is not compared (the part that reads it refuses it)."""
+    from mnemo.train.schedule import batching_of
+    from mnemo.train.slots import check_saved_groups
+
+    if not isinstance(sd, dict):
+        raise UserError(f"checkpoint {ckpt}: {name}: not as mnemo saves it (a {type(sd).__name__}, not a dict)")
+    for key in ("step", "tokens_seen"):
+        if key in sd and key in meta and sd[key] != meta[key]:
+            raise UserError(
+                f"checkpoint {ckpt}: {name}: {key}: {brief(sd[key])}, not meta.json's {meta[key]}: a rank file of"
+                " another step or run"
+            )
+    if isinstance(sd.get("streams"), dict):
+        old, recorded = batching_of(meta), "batch_size" in (meta.get("config") or {}).get("train", {})
+        with rank_file_part(ckpt, name, "streams"):
+            rank = int(name[len("rank_") : -len(".pt")])
+            check_saved_groups(sd["streams"], rank, old.world_size, old.accum, old.batch_size if recorded else None)
 
 
 @contextlib.contextmanager

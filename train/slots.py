@@ -34,6 +34,23 @@ def group_states(entry: dict[str, Any]) -> list[dict[str, Any]]:
     return list(entry["groups"]) if "groups" in entry else [entry]
 
 
+def check_saved_groups(entry: dict[str, Any], rank: int, world_size: int, accum: int, batch_size: int | None) -> None:
+    """ValueError ``FIELD: what is wrong`` unless the ``streams`` entry of old rank ``rank``'s file is that of
+    the slot groups its checkpoint says that rank read: world size ``world_size``, ``accum`` groups a rank of
+    ``batch_size`` slots (None: not compared), group ``rank x accum + i`` of ``world_size x accum``. A rank
+    file copied, swapped or renamed into another's place, or of another run or step, was taken as that rank's
+    (documents read twice or never, memory in another group's slots). A field a state does not hold is the
+    loader's to refuse."""
+    states = group_states(entry)
+    if len(states) != accum:
+        raise ValueError(f"groups: {len(states)} slot groups, not the checkpoint's {accum} a rank")
+    for i, st in enumerate(states):
+        at = f"groups[{i}]." if "groups" in entry else ""
+        for key, want in (("rank", rank * accum + i), ("world_size", world_size * accum), ("batch_size", batch_size)):
+            if key in st and want is not None and st[key] != want:
+                raise ValueError(f"{at}{key}: {st[key]!r}, not {want}: not this rank's state in this checkpoint")
+
+
 class SlotGroups:
     """The A DocumentStreams (slot groups) one rank reads in turn; Stateful as the rank file's ``streams``."""
 

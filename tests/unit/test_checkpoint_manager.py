@@ -381,7 +381,7 @@ def write_old_checkpoint(mgr, step: int, world_size: int) -> Path:
     """A checkpoint of ``world_size`` ranks, rank files holding today's keys, written the old way (torch.save)."""
     import torch
 
-    p = save(mgr, step)
+    p = save(mgr, step, world_size=world_size)
     for r in range(world_size):
         torch.save(old_rank_file(step, 1000 * step, float(r + 1)), p / f"rank_{r:05d}.pt")
     return p
@@ -461,6 +461,7 @@ def test_a_damaged_or_crafted_rank_file_is_one_line_naming_the_field(tmp_path, e
     meta = {"step": 4, "tokens_seen": 0, "world_size": 1}
     mgr = CheckpointManager(tmp_path, states=_real_stream_parts())
     next(mgr.states["streams"])
+    mgr.states["counters"].step = 4  # what meta.json records
     p = mgr.save(4, FakeEngine(), None, meta)
     d = torch.load(p / "rank_00000.pt", weights_only=False)
     edit(d)

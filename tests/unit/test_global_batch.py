@@ -9,6 +9,7 @@ count and LR schedule of a token budget, the start-up lines. The real 2-rank vs 
 from __future__ import annotations
 
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +31,7 @@ from mnemo.train.schedule import (
     total_steps,
     warmup_note,
 )
+from mnemo.train.errors import UserError
 from mnemo.train.slots import MemoryGroups, SlotGroups, concat_memory
 from tests.unit.test_hardening_trainer import VOCAB, Metrics, StandInStreams, config, world1  # noqa: F401 (fixture)
 
@@ -424,3 +426,98 @@ def test_a_resume_takes_its_first_step_at_this_runs_schedule():
         g["lr"] = 0.0003  # as the checkpoint of the 5-step run left it
     apply_optimizer_config(SimpleNamespace(optimizer=opt, lr_scheduler=sched), cfg)
     assert [g["lr"] for g in opt.param_groups] == [cfg.train.lr * lr_lambda(cfg)(5)] * 2 == [cfg.train.lr] * 2
+
+
+# ------------------------------------------------------------------ a resume takes only the checkpoint's own rank files
+
+
+def two_rank_checkpoint(folder: Path, step: int = 6) -> tuple[Path, dict]:
+    """A checkpoint of 2 ranks x 2 slots (global batch 4) after ``step`` steps, its rank files as the trainer
+    writes them (streams, memory: rank r's rows filled with 10 (r + 1), counters); and its meta.json."""
+    from mnemo.train.checkpoint import rank_file_of
+    from mnemo.train.state import Counters, RNGState
+
+    config = {"train": {"batch_size": 2, "global_batch_size": 4}}
+    meta = {"step": step, "tokens_seen": 32 * step, "world_size": 2, "config": config}
+    ranks = [groups(ArraySource(docs()), r, 1, 2) for r in range(2)]
+    for _ in range(step):
+        for g in ranks:
+            next(g)
+    p = folder / "checkpoints" / f"step_{step:08d}"
+    p.mkdir(parents=True)
+    for r, g in enumerate(ranks):
+        mem = MemoryGroups([memory(2, 10.0 * (r + 1))])
+        parts = {"streams": g, "memory": mem, "rng": RNGState(), "counters": Counters(step, 32 * step)}
+        torch.save(rank_file_of(parts), p / f"rank_{r:05d}.pt")
+    return p, meta
+
+
+def resume(p: Path, meta: dict, rank: int, world: int) -> tuple[bool, MemoryGroups]:
+    """Restore rank ``rank`` of ``world`` (global batch 4, 2 slots) from checkpoint ``p``: (exact, its memory)."""
+    from mnemo.train.checkpoint import CheckpointManager
+    from mnemo.train.state import Counters
+
+    accum = 4 // (2 * world)
+    mgr = CheckpointManager(p.parent.parent, rank=rank, world_size=world)
+    mem = MemoryGroups([memory(2, 0.0) for _ in range(accum)])
+    mgr.states = {"streams": groups(ArraySource(docs()), rank, accum, world), "memory": mem, "counters": Counters()}
+    if world == meta["world_size"]:
+        from mnemo.train.state import RNGState
+
+        mgr.states["rng"] = RNGState()
+    return mgr.restore(p, meta), mem
+
+
+def _swap(p: Path) -> None:
+    a, b = p / "rank_00000.pt", p / "rank_00001.pt"
+    a.rename(p / "t")
+    b.rename(a)
+    (p / "t").rename(b)
+
+
+def _edit_streams(p: Path, **fields) -> None:
+    d = torch.load(p / "rank_00001.pt", weights_only=False)
+    d["streams"].update(fields)
+    torch.save(d, p / "rank_00001.pt")
+
+
+@pytest.mark.parametrize(
+    "damage,needle",
+    [
+        (
+            lambda p, q: shutil.copy(p / "rank_00000.pt", p / "rank_00001.pt"),
+            r"rank_00001\.pt: streams\.rank: 0, not 1",
+        ),
+        (lambda p, q: _swap(p), r"rank_00000\.pt: streams\.rank: 1, not 0"),
+        (lambda p, q: shutil.copy(q / "rank_00001.pt", p), r"rank_00001\.pt: step: 9, not meta\.json's 6"),
+        (lambda p, q: _edit_streams(p, rank=3, world_size=4), r"rank_00001\.pt: streams\.rank: 3, not 1"),
+        (lambda p, q: _edit_streams(p, world_size=4), r"rank_00001\.pt: streams\.world_size: 4, not 2"),
+        (lambda p, q: _edit_streams(p, batch_size=4), r"rank_00001\.pt: streams\.batch_size: 4, not 2"),
+        (
+            lambda p, q: (p / "rank_00001.pt").unlink(),
+            r"rank_00001\.pt: missing \(meta\.json records a world size of 2: rank_00000\.pt to rank_00001\.pt\)",
+        ),
+        (
+            lambda p, q: shutil.copy(q / "rank_00001.pt", p / "rank_00002.pt"),
+            r"rank_00002\.pt: not one of its rank files",
+        ),
+        (lambda p, q: (p / "rank_00001.pt").rename(p / "rank_1.pt"), r"rank_1\.pt: not one of its rank files"),
+    ],
+)
+@pytest.mark.parametrize("world", [1, 2])
+def test_a_resume_refuses_rank_files_that_are_not_the_checkpoints_own(tmp_path, damage, needle, world):
+    """At another world size every rank_*.pt in the folder was taken, in name order, as the old ranks' files: a
+    duplicated, swapped, stale (a later step's), foreign (another world size's or batch's) or misnamed one resumed
+    '(exact)' with documents read twice or never and memory rows in another group's slots (streams were matched by
+    their rank field, memory by file order). Now the names must be exactly rank_00000.pt .. those of meta.json's
+    world size, and each file's step and stream record its name's and meta.json's: one line naming the file, at
+    any world size (the same world size let a stale file through, and said 'got 1 rank states' for a swap)."""
+    p, meta = two_rank_checkpoint(tmp_path / "run")
+    q, _ = two_rank_checkpoint(tmp_path / "later", step=9)
+    resumed = [resume(p, meta, r, world) for r in range(world)]  # the clean checkpoint: exact, every group's rows
+    assert all(exact for exact, _ in resumed)
+    assert all(m.equal(memory(2, 10.0 * g)) for g, m in enumerate((s for _, mem in resumed for s in mem.states), 1))
+    damage(p, q)
+    with pytest.raises(UserError, match=rf"^checkpoint {p}: {needle}"):
+        for r in range(world):  # each rank reads its own file at the same world size: one of them refuses
+            resume(p, meta, r, world)
