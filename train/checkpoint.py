@@ -638,8 +638,16 @@ class CheckpointManager:
             with rank_file_part(path, mine, "rng"):
                 parts["rng"].load_state_dict(own["rng"])
         elif exact:  # same slot groups, other world size: memory rows follow their group (RNG stays fresh)
+            from mnemo.train.schedule import batching_of
+            from mnemo.train.slots import check_slot_rows
+
+            old = batching_of(meta)
+            rows = old.batch_size * old.accum  # each old file's slots: rows are taken by offset across files
+            for r, s in enumerate(every):
+                with rank_file_part(path, rank_file_name(r), "memory"):
+                    check_slot_rows(s["memory"], rows)
             with rank_file_part(path, "rank_*.pt", "memory"):
-                parts["memory"].load_regrouped([s["memory"] for s in every], self.rank)
+                parts["memory"].load_regrouped([s["memory"] for s in every], self.rank, rows)
         first = mine if own is not None else "rank_00000.pt"
         if "episodes" in parts or "spikes" in parts:
             # A rank the checkpoint has no file of: rank 0's, mapped (its memory is not read)

@@ -51,6 +51,17 @@ def check_saved_groups(entry: dict[str, Any], rank: int, world_size: int, accum:
                 raise ValueError(f"{at}{key}: {st[key]!r}, not {want}: not this rank's state in this checkpoint")
 
 
+def check_slot_rows(sd: dict[str, Any], rows: int) -> None:
+    """ValueError ``KEY: what is wrong`` unless every tensor of the memory state dict ``sd`` holds ``rows`` slots
+    (its first dimension): an old rank file's memory at a resume on another world size, whose rows are taken
+    by offset across files (concat_rows), so a longer tensor gave the next group another group's rows."""
+    for k, t in sd.items():
+        n = len(t) if isinstance(t, torch.Tensor) and t.dim() > 0 else None
+        if n != rows:
+            shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"{k}: shape {shape} does not hold the rank file's {rows} slots")
+
+
 class SlotGroups:
     """The A DocumentStreams (slot groups) one rank reads in turn; Stateful as the rank file's ``streams``."""
 
@@ -150,13 +161,21 @@ class MemoryGroups:
             part = sd if len(self.states) == 1 else {k: v[i * B : (i + 1) * B] for k, v in sd.items()}
             self.states[i] = s.load_state_dict(part).to(self.device)
 
-    def load_regrouped(self, old: list[dict[str, Any]], rank: int) -> None:
+    def load_regrouped(self, old: list[dict[str, Any]], rank: int, rows: int | None = None) -> None:
         """This rank's groups from every old rank's memory (old rank files in rank order: groups in order).
+
+        ``rows``: the slots of each old rank file (its batch size x accumulation steps), which every tensor
+        of each must hold (check_slot_rows; ValueError ``old rank R: KEY: ...``).
 
         The rows of this rank's slots in concat_memory(old), copied from the old ranks that hold them only:
         the others' tensors are not read (from mapped rank files, CheckpointManager.rank_states, they are
         never read from disk), so a new rank holds its own slots' memory, not every old rank's.
         """
+        for r, sd in enumerate(old if rows is not None else ()):
+            try:
+                check_slot_rows(sd, rows)
+            except ValueError as e:
+                raise ValueError(f"old rank {r}: {e}") from None
         n = sum(s.batch_size for s in self.states)
         self.load_state_dict({k: concat_rows([sd[k] for sd in old], rank * n, (rank + 1) * n) for k in old[0]})
 

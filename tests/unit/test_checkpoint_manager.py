@@ -551,7 +551,8 @@ def test_a_new_rank_at_another_world_size_reads_only_its_own_memory_rows(tmp_pat
     mgr.states = {"streams": RegroupedStreams(), "memory": groups, "counters": Counters()}
     Path("/proc/self/clear_refs").write_text("5")  # the peak from here on
     before = peak_memory_mb()
-    assert mgr.restore(p, {"step": 3, "tokens_seen": 0, "world_size": 8}) is True
+    meta = {"step": 3, "tokens_seen": 0, "world_size": 8, "config": {"train": {"batch_size": 2}}}  # 2 slots a file
+    assert mgr.restore(p, meta) is True
     grown = peak_memory_mb() - before
     assert groups.states[0].equal(memory(2.0)) and groups.states[1].equal(memory(3.0))
     print(f"restore of 32 MB of memory rows from 128 MB of rank files: peak resident memory +{grown} MB")

@@ -521,3 +521,21 @@ def test_a_resume_refuses_rank_files_that_are_not_the_checkpoints_own(tmp_path, 
     with pytest.raises(UserError, match=rf"^checkpoint {p}: {needle}"):
         for r in range(world):  # each rank reads its own file at the same world size: one of them refuses
             resume(p, meta, r, world)
+
+
+def test_an_old_rank_files_memory_must_hold_its_slots_at_another_world_size(tmp_path):
+    """Memory rows are taken by offset across the old rank files: a tensor of rank_00000.pt twice its slots
+    gave group 1 rows of group 0 ('(exact)', a wrong loss), where the same file at the same world size was
+    refused. Now each old file's tensors must hold its slots (batch size x accumulation): one line naming the
+    file and the entry, at either world size."""
+    p, meta = two_rank_checkpoint(tmp_path / "run")
+    f = p / "rank_00000.pt"
+    d = torch.load(f, weights_only=False)
+    d["memory"]["layers.0.stm_k"] = torch.cat([d["memory"]["layers.0.stm_k"]] * 2)
+    torch.save(d, f)
+    with pytest.raises(UserError, match=rf"^checkpoint {p}: rank_00000\.pt: memory\.layers\.0\.stm_k: shape \(4, 1"):
+        resume(p, meta, 0, 1)
+    with pytest.raises(UserError, match=rf"^checkpoint {p}: rank_00000\.pt: memory\.layers\.0\.stm_k: shape \(4, 1"):
+        resume(p, meta, 0, 2)
+    with pytest.raises(ValueError, match=r"^old rank 0: layers\.0\.stm_k: shape \(4, 1, 2, 2\) does not hold"):
+        MemoryGroups([memory(2, 0.0), memory(2, 0.0)]).load_regrouped([d["memory"], memory(2, 1.0).state_dict()], 0, 2)
