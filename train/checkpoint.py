@@ -697,7 +697,7 @@ def check_rank_file(ckpt: Path, name: str, sd: Any, meta: dict[str, Any]) -> Non
     if not isinstance(sd, dict):
         raise UserError(f"checkpoint {ckpt}: {name}: not as mnemo saves it (a {type(sd).__name__}, not a dict)")
     for key in ("step", "tokens_seen"):
-        if key in sd and key in meta and sd[key] != meta[key]:
+        if key in sd and key in meta and not (type(sd[key]) is int and sd[key] == meta[key]):
             raise UserError(
                 f"checkpoint {ckpt}: {name}: {key}: {brief(sd[key])}, not meta.json's {meta[key]}: a rank file of"
                 " another step or run"

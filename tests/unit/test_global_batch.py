@@ -475,6 +475,12 @@ def _swap(p: Path) -> None:
     (p / "t").rename(b)
 
 
+def _edit_top(p: Path, **fields) -> None:
+    d = torch.load(p / "rank_00001.pt", weights_only=False)
+    d.update(fields)
+    torch.save(d, p / "rank_00001.pt")
+
+
 def _edit_streams(p: Path, **fields) -> None:
     d = torch.load(p / "rank_00001.pt", weights_only=False)
     d["streams"].update(fields)
@@ -491,6 +497,7 @@ def _edit_streams(p: Path, **fields) -> None:
         (lambda p, q: _swap(p), r"rank_00000\.pt: streams\.rank: 1, not 0"),
         (lambda p, q: shutil.copy(q / "rank_00001.pt", p), r"rank_00001\.pt: step: 9, not meta\.json's 6"),
         (lambda p, q: _edit_streams(p, rank=3, world_size=4), r"rank_00001\.pt: streams\.rank: 3, not 1"),
+        (lambda p, q: _edit_top(p, step=torch.tensor([6, 6])), r"rank_00001\.pt: step: .*, not meta\.json's 6"),
         (lambda p, q: _edit_streams(p, world_size=4), r"rank_00001\.pt: streams\.world_size: 4, not 2"),
         (lambda p, q: _edit_streams(p, batch_size=4), r"rank_00001\.pt: streams\.batch_size: 4, not 2"),
         (
