@@ -11,11 +11,18 @@ from mnemo.train.config import Config
 log = logging.getLogger("mnemo.train")
 
 
-def heldout_docs(source, cfg: Config) -> list:
-    """The held-out corpus documents a run scores: the first eval.max_docs, each cut to eval.max_doc_tokens."""
+def heldout_docs(source, cfg: Config, vocab_size: int = 0) -> list:
+    """The held-out corpus documents a run scores: the first eval.max_docs, each cut to eval.max_doc_tokens;
+    with ``vocab_size`` > 0 a token id outside the vocabulary is a DataError naming the shard (read_docs)."""
     from mnemo.evaluation.heldout import read_docs
 
-    return read_docs(source, cfg.data.val_fraction, max_docs=cfg.eval.max_docs, max_doc_tokens=cfg.eval.max_doc_tokens)
+    return read_docs(
+        source,
+        cfg.data.val_fraction,
+        max_docs=cfg.eval.max_docs,
+        max_doc_tokens=cfg.eval.max_doc_tokens,
+        vocab_size=vocab_size,
+    )
 
 
 _warned_no_heldout = False  # one warning per process, not one per eval.interval
@@ -50,7 +57,16 @@ def run_eval(cfg: Config, module, source, tok_file: str, tracker, step: int, ran
     from mnemo.evaluation.report import flat_metrics, json_ready, plots
     from mnemo.evaluation.task_eval import task_specs
 
-    docs = heldout_docs(source, cfg)
+    # Training checks each document it reads against the vocabulary; held-out ones it never reads. One past it
+    # was torch's IndexError (a device-side assert on a GPU) in the middle of a run: the evaluation is skipped
+    # instead, as for a passkey document that cannot be built below (the same documents on every rank).
+    vocab = getattr(getattr(module, "args", None), "vocab_size", 0)
+    try:
+        docs = heldout_docs(source, cfg, vocab_size=vocab if isinstance(vocab, int) else 0)
+    except DataError as e:
+        if rank == 0:
+            log.warning("eval at step %d skipped: %s", step, e)
+        return {}
     if not docs:
         if rank == 0:
             warn_no_heldout(cfg)

@@ -83,7 +83,7 @@ def test_an_evaluation_whose_documents_cannot_be_built_is_skipped_not_fatal(tmp_
 
     monkeypatch.setattr(tokenizer, "Tokenizer", lambda path: Tok())
     monkeypatch.setattr(evaluate, "evaluate", passkey_evaluation)
-    monkeypatch.setattr(hook, "heldout_docs", lambda source, cfg: [np.arange(3, 40)])
+    monkeypatch.setattr(hook, "heldout_docs", lambda source, cfg, **kw: [np.arange(3, 40)])
     cfg = load_config("configs/debug.yaml", ["eval.passkey_trials=3", f"run.dir={tmp_path}"])
     with caplog.at_level("WARNING", logger="mnemo.train"):
         assert hook.run_eval(cfg, None, Source(), "t.model", None, 5, 1) == {}
@@ -113,7 +113,7 @@ def test_in_run_eval_json_is_never_written_through_a_link_or_over_a_users_file(t
     result = {"segment_len": 8, "loss": 2.5, "loss_by_position": {"0": 2.5}}
     monkeypatch.setattr(tokenizer, "Tokenizer", lambda path: None)
     monkeypatch.setattr(evaluate, "evaluate", lambda *a, **kw: dict(result))
-    monkeypatch.setattr(hook, "heldout_docs", lambda source, cfg: [np.arange(3, 40)])
+    monkeypatch.setattr(hook, "heldout_docs", lambda source, cfg, **kw: [np.arange(3, 40)])
     cfg = load_config("configs/debug.yaml", [f"run.dir={tmp_path / 'run'}"])
     out = tmp_path / "run" / "eval" / "step_00000005"
     out.mkdir(parents=True)
@@ -148,3 +148,30 @@ def test_in_run_eval_json_is_never_written_through_a_link_or_over_a_users_file(t
     ), lines
     assert lines[1].startswith(f"eval plots failed: {out / 'loss_by_position.png'}: is not a plot mnemo wrote; "), lines
     assert "appeared" not in lines[1], lines
+
+
+def test_a_heldout_document_outside_the_vocabulary_skips_the_evaluation_not_the_run(tmp_path, caplog, monkeypatch):
+    """Training checks every document it reads against the vocabulary, but never reads the held-out ones: a token
+    id past it there was torch's IndexError (a device-side assert on a GPU) in the middle of a run. The
+    evaluation is skipped with one warning naming the shard, on rank 0, and the run goes on."""
+    import mnemo.train.eval_hook as hook
+
+    class Bad(Source):
+        samples_per_shard = [20]
+        data_dir = "data"
+
+        def get(self, i):
+            return {"tokens": np.array([3, 4, 999]), "source": "f.txt", "answer_len": 0}
+
+    class Model:  # what run_eval reads of the module before the evaluation
+        class args:
+            vocab_size = 100
+
+    cfg = load_config("configs/debug.yaml", ["data.val_fraction=0.5", f"run.dir={tmp_path}"])
+    with caplog.at_level("WARNING", logger="mnemo.train"):
+        assert hook.run_eval(cfg, Model(), Bad(), "t.model", None, 5, 1) == {}
+        assert not caplog.records  # rank 1: rank 0 says it
+        assert hook.run_eval(cfg, Model(), Bad(), "t.model", None, 5, 0) == {}
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1 and lines[0].startswith("eval at step 5 skipped: data: shard 0, sample "), lines
+    assert "token id 999 is outside the vocabulary (0..99)" in lines[0]
