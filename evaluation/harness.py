@@ -569,8 +569,9 @@ def _user_error_line(e: BaseException) -> str:
     # Credentials hidden before any cut: a cut inside user:token@host would leave the token for exit_status's
     # redaction of the whole line to miss (datasets' errors quote the URLs they read).
     msg = redact_uri(first_line(e))
-    if e.__cause__ is not None and redact_uri(first_line(e.__cause__)) not in msg:
-        msg += f" ({redact_uri(first_line(e.__cause__))})"
+    cause = "" if e.__cause__ is None else redact_uri(first_line(e.__cause__))
+    if cause and cause not in msg:
+        msg += f" ({cause})"
     if config is None:
         return f"lm-eval: {clip(msg, 300)}"
     name = clip(str(config.task), 60)

@@ -510,7 +510,7 @@ class CheckpointManager:
         failed = None
         try:
             with write_errors(what, self.root, hidden=(RuntimeError,)):
-                rank_file = tmp / f"rank_{self.rank:05d}.pt"
+                rank_file = tmp / rank_file_name(self.rank)
                 with open(rank_file, "wb") as f:
                     torch.save(rank_state, f)
                     f.flush()
@@ -604,10 +604,9 @@ class CheckpointManager:
         self, path: Path, rank: int, mmap: bool = False, meta: dict[str, Any] | None = None
     ) -> dict[str, Any]:
         """Old rank ``rank``'s file; with ``meta``, checked to be that rank's of this checkpoint (check_rank_file)."""
-        name = rank_file_name(rank)
-        sd = load_torch_file(Path(path) / name, mmap=mmap)
+        sd = load_torch_file(Path(path) / rank_file_name(rank), mmap=mmap)
         if meta is not None:
-            check_rank_file(path, name, sd, meta)
+            check_rank_file(path, rank, sd, meta)
         return sd
 
     def restore(self, path: Path, meta: dict[str, Any]) -> bool:
@@ -626,7 +625,7 @@ class CheckpointManager:
         parts = self.states
         check_rank_files(path, meta)  # before anything is loaded, at any world size
         own = self.rank_state(path, self.rank, meta=meta) if meta["world_size"] == self.world else None
-        mine = f"rank_{self.rank:05d}.pt"
+        mine = rank_file_name(self.rank)
         with rank_file_part(path, mine, "streams"):
             same = own is not None and parts["streams"].same_shape(own["streams"])
         every = None if same else self.rank_states(path, meta)
@@ -646,9 +645,9 @@ class CheckpointManager:
             for r, s in enumerate(every):
                 with rank_file_part(path, rank_file_name(r), "memory"):
                     check_slot_rows(s["memory"], rows)
-            with rank_file_part(path, "rank_*.pt", "memory"):
-                parts["memory"].load_regrouped([s["memory"] for s in every], self.rank, rows)
-        first = mine if own is not None else "rank_00000.pt"
+            with rank_file_part(path, "rank_*.pt", "memory"):  # each file's rows checked just above, naming it
+                parts["memory"].load_regrouped([s["memory"] for s in every], self.rank)
+        first = mine if own is not None else rank_file_name(0)
         if "episodes" in parts or "spikes" in parts:
             # A rank the checkpoint has no file of: rank 0's, mapped (its memory is not read)
             saved = own if own is not None else self.rank_state(path, 0, mmap=True, meta=meta)
@@ -686,14 +685,15 @@ def check_rank_files(ckpt: Path, meta: dict[str, Any]) -> list[str]:
     return want
 
 
-def check_rank_file(ckpt: Path, name: str, sd: Any, meta: dict[str, Any]) -> None:
-    """UserError ``checkpoint CKPT: NAME: FIELD: what is wrong`` unless rank file ``name`` (its contents ``sd``)
+def check_rank_file(ckpt: Path, rank: int, sd: Any, meta: dict[str, Any]) -> None:
+    """UserError ``checkpoint CKPT: NAME: FIELD: what is wrong`` unless rank ``rank``'s file (its contents ``sd``)
     is that rank's of the checkpoint ``meta`` (its meta.json) describes: its ``step`` and ``tokens_seen`` are
     meta's, its streams those of rank NAME's slot groups (slots.check_saved_groups: rank, world size, batch
     size). A field the file does not hold is not compared (the part that reads it refuses it)."""
     from mnemo.train.schedule import batching_of
     from mnemo.train.slots import check_saved_groups
 
+    name = rank_file_name(rank)
     if not isinstance(sd, dict):
         raise UserError(f"checkpoint {ckpt}: {name}: not as mnemo saves it (a {type(sd).__name__}, not a dict)")
     for key in ("step", "tokens_seen"):
@@ -705,7 +705,6 @@ def check_rank_file(ckpt: Path, name: str, sd: Any, meta: dict[str, Any]) -> Non
     if isinstance(sd.get("streams"), dict):
         old, recorded = batching_of(meta), "batch_size" in (meta.get("config") or {}).get("train", {})
         with rank_file_part(ckpt, name, "streams"):
-            rank = int(name[len("rank_") : -len(".pt")])
             check_saved_groups(sd["streams"], rank, old.world_size, old.accum, old.batch_size if recorded else None)
 
 

@@ -91,9 +91,16 @@ def is_checkpoint_folder(path: Path) -> bool:
 
 def complete_checkpoints(root: Path) -> list[Path]:
     """The complete checkpoints in ``root`` (a run's checkpoints/ folder), oldest step first."""
-    if not root.is_dir():
-        return []
-    return sorted((p for p in root.iterdir() if is_checkpoint_folder(p)), key=step_of)
+    return _complete_among(_entries(root))
+
+
+def _entries(root: Path) -> list[Path]:
+    """The entries of folder ``root``, in name order; none where it is no folder."""
+    return sorted(root.iterdir()) if root.is_dir() else []
+
+
+def _complete_among(entries: list[Path]) -> list[Path]:
+    return sorted((p for p in entries if is_checkpoint_folder(p)), key=step_of)
 
 
 # The linked step folders newest_checkpoint has warned about in this process.
@@ -109,11 +116,12 @@ def newest_checkpoint(root: Path) -> Path | None:
     UnicodeDecodeError traceback, and a path (``/elsewhere/step_00000099``, ``../..``) made export,
     eval, resume=auto and init_from use a checkpoint outside the run directory.
     """
-    done = complete_checkpoints(root)
+    entries = _entries(root)  # one listing for both
+    done = _complete_among(entries)
     newest = done[-1] if done else None
     # A link named like a newer checkpoint (to a step folder elsewhere) was taken by export, eval, generate and
     # init_from, which then used a checkpoint outside the run directory that `mnemo train` there refuses.
-    for p in sorted(root.iterdir()) if root.is_dir() else []:
+    for p in entries:
         if STEP_RE.match(p.name) and p.is_symlink() and (newest is None or step_of(p) > step_of(newest)):
             if str(p) not in _LINKS_SAID:  # once per process: a command looks for the newest checkpoint often
                 _LINKS_SAID.add(str(p))

@@ -161,13 +161,13 @@ class SpikeDetector:
     def usable_checkpoint(self) -> Path | None:
         """The newest complete checkpoint of this run that loads as it is (same world size, ZeRO stage, dtype),
         as rank 0 sees the checkpoints: UserError on a rank that does not see it."""
-        from mnemo.train.checkpoint import LAGGING_LISTING
+        from mnemo.train.checkpoint import LAGGING_LISTING, rank_file_name
         from mnemo.train.collectives import decided_by_rank0
 
         if self.manager is None:
             return None
         path = decided_by_rank0(self._newest_usable)  # each rank's own listing may lag (checkpoint.resume_point)
-        own = None if path is None else path / f"rank_{self.manager.rank:05d}.pt"
+        own = None if path is None else path / rank_file_name(self.manager.rank)
         if own is not None and not own.is_file():
             raise UserError(
                 f"train.spike.policy=rollback: rank {self.manager.rank} does not see {own} of the checkpoint "
@@ -176,13 +176,13 @@ class SpikeDetector:
         return path
 
     def _newest_usable(self) -> Path | None:
-        from mnemo.train.checkpoint import read_meta
+        from mnemo.train.checkpoint import rank_file_name, read_meta
 
         path = self.manager.latest()
         if path is None:
             return None
         meta = read_meta(path)
-        if meta.get("world_size") != self.manager.world or not (path / f"rank_{self.manager.rank:05d}.pt").is_file():
+        if meta.get("world_size") != self.manager.world or not (path / rank_file_name(self.manager.rank)).is_file():
             return None
         # The checkpoint a run resumed from may be of another ZeRO stage or precision (a universal conversion).
         saved = meta.get("config") or {}
