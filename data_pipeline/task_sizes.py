@@ -17,7 +17,16 @@ import numpy as np
 
 from mnemo.data_pipeline.passkey import DEPTHS, PieceTokenizer, make_multikey_sample, make_passkey_sample
 from mnemo.data_pipeline.task_layout import Pieces, TaskError
-from mnemo.data_pipeline.tasks import NAME_LETTERS, REPEATED_FILLER, UUID_GROUPS, WORDS, TaskSpec, make_sample, task
+from mnemo.data_pipeline.tasks import (
+    NAME_LETTERS,
+    REPEATED_FILLER,
+    UUID_GROUPS,
+    VT_QUESTION,
+    WORDS,
+    TaskSpec,
+    make_sample,
+    task,
+)
 
 # family -> the parameter counting the facts a question depends on or is hidden among (the facts curriculum)
 FACTS = {"niah_multikey": "k", "niah_multivalue": "v", "niah_multiquery": "q", "mqar": "n", "variable_tracking": "h"}
@@ -56,7 +65,7 @@ def fact_segments(spec: TaskSpec, tokenizer: PieceTokenizer, segment_len: int, d
     elif fam == "variable_tracking":
         n, name, value = spec["h"] + 1, NAME_LETTERS, spec["digits"]
         fact = P(" VAR ").size + name + max(P(" = ").size + value, P(" = VAR ").size + name) + P(". ").size
-        lead = P(" Which variables hold the value ").size + P("? In order of assignment, they are: ").size
+        lead = sum(P(t).size for t in VT_QUESTION)
         tail = lead + value + n * name + (n - 1) * sep
     else:
         kind = spec["value"]

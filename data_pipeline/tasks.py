@@ -53,8 +53,8 @@ FAMILIES (k, v, q = 4; n = 16; h = 4 hops, c = 1 distractor chain; values of
   counts from there); ``answer_spans`` lists every query's value (trained).
 * ``variable_tracking`` (RULER VT): a chain of ``h`` hops "VAR QWERT = 41523.
   VAR ASDFG = VAR QWERT. ..." and ``c`` distractor chains of the same length
-  (other names and values). "Which variables hold the value 41523? In order of
-  assignment, they are:" QWERT, ASDFG, ... (all h + 1 names).
+  (other names and values). "In order of assignment, which variables hold the
+  value 41523?" QWERT, ASDFG, ... (all h + 1 names).
 
 Haystack (``haystack``): ``corpus`` (the filler given: held-out corpus tokens
 at random offsets, see passkey.take_filler), ``repeat`` (REPEATED_FILLER over
@@ -133,6 +133,11 @@ VALUE_KINDS = ("number", "word", "uuid")
 HAYSTACKS = ("corpus", "repeat", "needles")
 UUID_GROUPS = (8, 4, 4, 4, 12)
 NAME_LETTERS = 5  # variable names: 5 random capitals, as RULER
+# The variable-tracking question around its value; the answer's first name follows "? " at once, as each
+# later name follows ", ": both end as an assignment does (". "), so the window of tokens before each name
+# is the window its fact ends with (the value's, or the previous name's), as a question and its fact's
+# context are in the other tasks.
+VT_QUESTION = (" Which variables hold the following value, in order of assignment? It is ", ". ")
 _CAPS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 # family -> its parameters and their defaults (the order the names print in)
@@ -430,7 +435,7 @@ def _draft_vt(spec: TaskSpec, P: Pieces, rng: np.random.Generator) -> Draft:
         facts[-1] += [P(" VAR ", b, " = VAR ", a, ". ") for a, b in zip(chain, chain[1:])]
         names.append(chain)
         values.append(value)
-    question = P(" Which variables hold the value ", values[0], "? In order of assignment, they are: ")
+    question = P(VT_QUESTION[0], values[0], VT_QUESTION[1])
     answer = P.join(names[0])
     # A name is in its own assignment and in the next one's; the value in the first assignment only.
     checks = [(P("", nm), 1 if j == hops else 2) for j, nm in enumerate(names[0])]

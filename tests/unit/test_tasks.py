@@ -140,7 +140,7 @@ def _check(tok, s: dict, spec, D: int) -> None:
         assert len(told) == len(facts) == spec["q"]
         assert [told[k] for k in _question_keys(question)] == s["values"], "in the order of the question"
     else:  # variable_tracking: an interpreter of the VAR lines (distractor chains included) agrees
-        value = re.search(r"the value (\d+)\?", question).group(1)
+        value = re.search(r" It is (\d+)\. $", question).group(1)
         env = _run_program(text)
         assert [n for n, v in env.items() if v == value] == s["values"]
         assert len(s["values"]) == spec["h"] + 1 and len(env) == (spec["h"] + 1) * (spec["c"] + 1)
@@ -250,6 +250,19 @@ def test_variable_tracking_hops(tok, filler):
             s = make_sample(f"variable_tracking:h={h},c=2", tok, filler, T, 3, np.random.default_rng(seed))
             _check(tok, s, get_task("variable_tracking", h=h, c=2), 3)
             assert len(s["values"]) == h + 1 and s["n_facts"] == 3 * (h + 1)
+            # What the long-term layer's tied span matches (docs/memory.md): the question ends as the first
+            # fact does (its value and ". "), and each later name of the answer follows the previous name
+            # as the ". " closing its own assignment does (", " there): the windows before them agree.
+            toks, a0, spans = s["tokens"], s["answer_start"], s["fact_spans"]
+            value = re.search(r"= (\d+)\. $", tok.decode(toks[spans[0][0] : spans[0][1]].tolist())).group(1)
+            tail = len(_enc(tok, value)) + len(_enc(tok, ". "))
+            assert toks[a0 - tail : a0].tolist() == toks[spans[0][1] - tail : spans[0][1]].tolist()
+            at, stop = a0, len(_enc(tok, ". "))
+            for name, (_, end) in zip(s["values"], spans[1:]):
+                ids = _enc(tok, name).tolist()
+                n = len(ids)
+                assert toks[at : at + n].tolist() == toks[end - stop - n : end - stop].tolist() == ids
+                at += n + len(_enc(tok, ", "))
 
 
 def test_repeated_haystack(tok, filler):
