@@ -15,8 +15,8 @@ Layout (B = stream slots, H = heads, Dh = head dim):
                                   raw key of the last token read (the next
                                   segment's first key mixes it in)
   x_tail         [B, 1, S-1, D]  per long-term layer with multi-token queries
-                                  and keys (span S > 1): the layer inputs of
-                                  the last S-1 tokens read
+                                  and keys or values (S = the longer span > 1):
+                                  the layer inputs of the last S-1 tokens read
   stm_len, ltm_len  [B]          valid entries; they are always the newest,
                                   i.e. the last ``len`` positions (right-aligned)
   pos            [B]             tokens of the current document already read

@@ -63,6 +63,7 @@ ARG_RANGES: dict[str, tuple[int | float, int | None, str]] = {
     "ltm_capacity": (1, MAX_COUNT, ""),  # these two: only with long-term memory (ltm_kind "knn")
     "ltm_topk": (1, MAX_COUNT, ""),
     "ltm_qk_span": (1, MAX_QK_SPAN, "1 = each token alone"),
+    "ltm_value_span": (1, MAX_QK_SPAN, "1 = each token alone"),
     "ltm_ivf_probe": (1, MAX_COUNT, "lists searched per query"),
     "rope_base": (0.0, None, ""),
     "init_std": (0.0, None, ""),
@@ -125,12 +126,13 @@ def param_count(
     smeared: bool = False,
     qk_span: int = 1,
     qk_tied: bool = False,
+    value_span: int = 1,
 ) -> int:
     """Exact number of trainable parameters of MemoryTransformer.
 
     gated: long-term layers have a per-head gate; smeared: and a per-head key-smear weight;
     qk_span: their queries and keys also see the qk_span - 1 tokens before (two [(span-1) d, d] projections,
-    one when qk_tied).
+    one when qk_tied); value_span: their values mix in the value_span - 1 values before (a weight per head each).
     """
     d, h = size.d_model, size.n_heads
     per_layer = (
@@ -141,13 +143,19 @@ def param_count(
     )
     ltm = n_ltm_layers * (1 + int(gated) + int(smeared)) * h  # per-head temperature (gate, smear)
     ltm += n_ltm_layers * (1 if qk_tied else 2) * (qk_span - 1) * d * d
+    ltm += n_ltm_layers * (value_span - 1) * h  # per-head weights of the earlier values
     emb = vocab_size * d
     head = 0 if size.tie_embeddings else vocab_size * d
     return size.n_layers * per_layer + ltm + emb + d + head  # + final norm
 
 
 def flops_per_token(
-    size: Size, vocab_size: int, context: int, n_ltm_layers: int = 0, topk: int = 0, qk_span: int = 1
+    size: Size,
+    vocab_size: int,
+    context: int,
+    n_ltm_layers: int = 0,
+    topk: int = 0,
+    qk_span: int = 1,
 ) -> float:
     """Training FLOPs per token (forward + backward = 3x forward).
 
@@ -156,8 +164,8 @@ def flops_per_token(
     weighted sums over ``context`` keys (local segment + short-term memory),
     plus ``topk`` retrieved keys in the long-term-memory layers, whose queries and
     keys with a ``qk_span`` S > 1 also project S - 1 inputs each ([(S-1) d, d],
-    twice, tied or not). The kNN search itself (a no-grad matmul over the
-    store) is not counted: it is overhead, not model FLOPs.
+    twice, tied or not). The kNN search itself (a no-grad matmul over the store)
+    is not counted: it is overhead, not model FLOPs.
     """
     d = size.d_model
     dense = size.n_layers * (4 * d * d + mlp_params(size)) + vocab_size * d  # LM head matmul

@@ -97,6 +97,14 @@ class ModelArgs:
     # scores that fact's next token highest before any training (an induction
     # match in the layer itself), so only copying it has to be learned.
     ltm_qk_tied: bool = False
+    # Multi-token values in the long-term layers: a token's value mixes in the
+    # values of the ``ltm_value_span - 1`` tokens before it with a learned
+    # weight per head and offset, zero at the start
+    # (v_t = W_v x_t + sum_j a_hj W_v x_{t-j}). A fact read backwards needs
+    # it: "VAR QNHIB = 86556." is found by its value's digits, but what must
+    # be returned is the name 14 tokens before the key found, which a
+    # one-token value does not hold.
+    ltm_value_span: int = 1
     # Long-term store search: "exact" (every stored key scored), "blocks" (model/retrieval.py:
     # score per-block summaries, then the best blocks exactly) or "ivf" (an inverted file in the state).
     ltm_search: str = "exact"
@@ -324,6 +332,13 @@ class SegmentContext:
     causal_mask: Tensor | None = None  # [T, T] additive causal mask (joint layers without STM); else None
 
 
+# The weight of an earlier value is this x its parameter: Adam moves a parameter by about the learning rate
+# per step whatever its gradient's size, so a weight that must grow from 0 to ~1 (copy an earlier token's
+# value whole) took ~300 steps at lr 3e-3 and takes ~30 at 10x (measured on variable tracking: the weights
+# had reached only 0.26-0.39 after 500 steps, their retrieval right from the start).
+VALUE_MIX_GAIN = 10.0
+
+
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs, layer: int):
         super().__init__()
@@ -350,6 +365,9 @@ class Attention(nn.Module):
             # Per-head logit of the previous key's weight in each key (0 -> half).
             self.key_smear = nn.Parameter(torch.zeros(args.n_heads))
         self.span = args.ltm_qk_span if self.has_ltm else 1
+        self.value_span = args.ltm_value_span if self.has_ltm else 1
+        # Earlier inputs the layer reads per token (its memory's x_tail holds as many).
+        self.lookback = max(self.span, self.value_span) - 1
         self.tied = self.span > 1 and args.ltm_qk_tied
         if self.tied:
             # One [(span-1) D] -> D projection of a window of span - 1 inputs for both q and k, random at
@@ -361,30 +379,60 @@ class Attention(nn.Module):
             # zero at the start (the layer starts as a span of 1 and learns what to look back at).
             self.q_prev = Linear(d * (self.span - 1), d, 0.0)
             self.k_prev = Linear(d * (self.span - 1), d, 0.0)
+        if self.value_span > 1:
+            # Per head, the weight of the value j = 1 .. value_span - 1 tokens back in each value, zero at the
+            # start (the layer starts with one-token values and learns which earlier ones to carry): [S'-1, H].
+            self.value_mix = nn.Parameter(torch.zeros(self.value_span - 1, args.n_heads))
 
     def _heads(self, x: Tensor) -> Tensor:
         B, T, _ = x.shape
         return x.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, Dh]
 
-    def project_qk(self, x: Tensor, mem: LayerMemory) -> tuple[Tensor, Tensor, Tensor | None]:
-        """Queries and keys [B, T, D] of the layer inputs x [B, T, D] (before heads, smearing and
+    def project_qkv(self, x: Tensor, mem: LayerMemory) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """Queries, keys and values [B, T, D] of the layer inputs x [B, T, D] (before heads, smearing and
         normalization), and the memory's next x_tail (spans > 1; None where the memory carries none)."""
         D = x.shape[-1]
-        qx, kx, x_tail = self.q(x), self.k(x), None
-        if self.span > 1:
-            prev, x_tail = self._previous_inputs(x, mem)  # [B, T, (span-1) D]: x_{t-1} .. x_{t-span+1}
-            if self.tied:
-                # The query's window ends at its token: x_t .. x_{t-span+2} [B, T, (span-1) D].
-                here = torch.cat((x, prev[..., : (self.span - 2) * D]), dim=-1)
-                qx, kx = qx + self.qk_shared(here), kx + self.qk_shared(prev)
-            else:
-                qx, kx = qx + self.q_prev(prev), kx + self.k_prev(prev)
-        return qx, kx, x_tail
+        qx, kx, vx, x_tail = self.q(x), self.k(x), self.v(x), None
+        if self.lookback:
+            S = self.lookback
+            tail = mem.x_tail[:, 0] if mem.x_tail is not None else x.new_zeros(x.shape[0], S, D)  # [B, S, D]
+            xx = torch.cat((tail, x), dim=1)  # [B, S+T, D]: the inputs read so far, token t at S + t
+            x_tail = None if mem.x_tail is None else xx[:, None, x.shape[1] :]
+            if self.span > 1:
+                prev = self._previous_inputs(xx, self.span - 1)  # [B, T, (span-1) D]: x_{t-1} .. x_{t-span+1}
+                if self.tied:
+                    # The query's window ends at its token: x_t .. x_{t-span+2} [B, T, (span-1) D].
+                    here = torch.cat((x, prev[..., : (self.span - 2) * D]), dim=-1)
+                    qx, kx = qx + self.qk_shared(here), kx + self.qk_shared(prev)
+                else:
+                    qx, kx = qx + self.q_prev(prev), kx + self.k_prev(prev)
+            if self.value_span > 1:
+                vx = self._mix_values(xx, vx, mem.x_tail is not None)
+        return qx, kx, vx, x_tail
+
+    def _mix_values(self, xx: Tensor, vx: Tensor, carried: bool) -> Tensor:
+        """Values [B, T, D] with the earlier tokens' values mixed in: v_t + sum_j a_hj v_{t-j} per head h.
+
+        xx [B, S+T, D]: the carried inputs then the segment's (_previous_inputs). The earlier tokens'
+        values are the same W_v x that a one-token value is, so what the layer has learned to copy out
+        of a found value (a token's identity) reads an earlier token the same way. Without carried
+        inputs (a document's start, or a state without memory) the tokens before the segment add nothing.
+        """
+        B, T, D = vx.shape
+        n, S = self.value_span - 1, xx.shape[1] - T
+        before = self.v(xx[:, S - n : S]) if carried else vx.new_zeros(B, n, D)  # [B, S'-1, D]
+        vv = torch.cat((before, vx), dim=1)  # [B, S'-1+T, D]: token t at S'-1+t
+        # [S'-1, D]: head h's weight on its channels, VALUE_MIX_GAIN x the parameter (why: at its definition).
+        w = (VALUE_MIX_GAIN * self.value_mix).repeat_interleave(self.head_dim, dim=1)
+        out = vx
+        for j in range(1, n + 1):
+            out = out + w[j - 1] * vv[:, n - j : n - j + T]
+        return out
 
     def forward(self, x: Tensor, ctx: SegmentContext, mem: LayerMemory) -> tuple[Tensor, LayerMemory]:
         B, T, D = x.shape
-        qx, kx, x_tail = self.project_qk(x, mem)
-        q, k, v = self._heads(qx), self._heads(kx), self._heads(self.v(x))  # [B, H, T, Dh]
+        qx, kx, vx, x_tail = self.project_qkv(x, mem)
+        q, k, v = self._heads(qx), self._heads(kx), self._heads(vx)  # [B, H, T, Dh]
         new_tail = None
         if self.smear:
             k, new_tail = self._smear(k, mem)
@@ -420,19 +468,15 @@ class Attention(nn.Module):
         y = self.o(out.transpose(1, 2).reshape(B, T, D))
         return y, LayerMemory(new_stm_k, new_stm_v, k_tail=new_tail, x_tail=x_tail, **new_ltm)
 
-    def _previous_inputs(self, x: Tensor, mem: LayerMemory) -> tuple[Tensor, Tensor | None]:
-        """The inputs 1 .. span-1 tokens before each token, [B, T, (span-1) D], and the memory's next x_tail.
+    def _previous_inputs(self, xx: Tensor, n: int) -> Tensor:
+        """The inputs 1 .. n tokens before each token of the segment, [B, T, n D].
 
-        Offset j fills channels [(j-1) D, j D). Before the segment they come from the memory's x_tail
-        [B, 1, span-1, D] (the last inputs read); without one (a document's start, or a state that
-        carries no memory) they are zero, as at a document's start.
+        xx [B, S+T, D]: the S inputs the memory carries (x_tail; zero without one: a document's start, or
+        a state that carries no memory), then the segment's T. Offset j fills channels [(j-1) D, j D).
         """
-        B, T, D = x.shape
-        S = self.span - 1
-        tail = mem.x_tail[:, 0] if mem.x_tail is not None else x.new_zeros(B, S, D)  # [B, S, D]
-        xx = torch.cat((tail, x), dim=1)  # [B, S+T, D]: token t is at S + t
-        prev = torch.cat([xx[:, S - j : S - j + T] for j in range(1, S + 1)], dim=-1)  # [B, T, S D]
-        return prev, (None if mem.x_tail is None else xx[:, None, T:])
+        S = self.lookback
+        T = xx.shape[1] - S
+        return torch.cat([xx[:, S - j : S - j + T] for j in range(1, n + 1)], dim=-1)  # [B, T, n D]
 
     def _smear(self, k: Tensor, mem: LayerMemory) -> tuple[Tensor, Tensor | None]:
         """Smeared keys [B, H, T, Dh] and the raw key of the segment's last token (the memory's next k_tail).
@@ -562,8 +606,9 @@ class MemoryTransformer(nn.Module):
             carries = i in a.active_ltm_layers and (stm_k is not None or ltm_k is not None)
             if a.ltm_smear_keys and carries:
                 k_tail = torch.zeros(B, H, 1, Dh, device=device, dtype=dtype)
-            if a.ltm_qk_span > 1 and carries:
-                x_tail = torch.zeros(B, 1, a.ltm_qk_span - 1, a.d_model, device=device, dtype=dtype)
+            lookback = max(a.ltm_qk_span, a.ltm_value_span) - 1
+            if lookback and carries:
+                x_tail = torch.zeros(B, 1, lookback, a.d_model, device=device, dtype=dtype)
             ivf = {}  # an inverted file's fields (model/retrieval.py), only where it searches
             if ltm_k is not None and a.ltm_search == "ivf":
                 ivf = ivf_state(B, H, a.ltm_capacity, Dh, device, dtype)
@@ -635,13 +680,16 @@ class MemoryTransformer(nn.Module):
             smeared=a.ltm_smear_keys,
             qk_span=a.ltm_qk_span,
             qk_tied=a.ltm_qk_tied,
+            value_span=a.ltm_value_span,
         )
 
     def flops_per_token(self, segment_len: int) -> float:
         a = self.args
         context = segment_len / 2 + a.stm_length  # mean keys per query: causal half + memory
         n_ltm = len(a.active_ltm_layers)
-        return flops_per_token(a.size(), a.vocab_size, context, n_ltm, a.ltm_topk, a.ltm_qk_span if n_ltm else 1)
+        flops = flops_per_token(a.size(), a.vocab_size, context, n_ltm, a.ltm_topk, a.ltm_qk_span if n_ltm else 1)
+        # A value span S' also projects the values of the S' - 1 carried inputs, once per segment.
+        return flops + 6.0 * n_ltm * (a.ltm_value_span - 1) * a.d_model**2 / segment_len
 
     # ------------------------------------------------------------- what a trainer logs
     def memory_scalars(self) -> dict[str, float]:

@@ -121,6 +121,12 @@ class LongMemoryConfig:
     # a question ending as a fact's context did finds the fact's next token
     # before any training (docs/memory.md, docs/many_facts.md).
     qk_tied: bool = False
+    # Tokens whose values each value of a long-term layer mixes in: the token
+    # and the value_span - 1 before it, a learned weight per head and offset
+    # (1 = the token alone; the weights start at zero), so a fact found by its
+    # last tokens can return what came before them ("VAR QNHIB = 86556.": the
+    # name, found by the value; docs/memory.md).
+    value_span: int = 1
     # How the store is searched: "exact" (every stored key scored per query),
     # "blocks" (approximate: per-block summaries first, then the best blocks
     # exactly; cost per query ~ N/256 + 2048 keys) or "ivf" (an inverted file kept
@@ -876,6 +882,7 @@ def validate(cfg: Config) -> None:
         "memory.short.length": ("stm_length", cfg.memory.short.length),
         "memory.long.temperature_init": ("ltm_temperature_init", lm.temperature_init),
         "memory.long.qk_span": ("ltm_qk_span", lm.qk_span),
+        "memory.long.value_span": ("ltm_value_span", lm.value_span),
         "memory.long.ivf_probe": ("ltm_ivf_probe", lm.ivf_probe),
     }
     if lm.kind != "none":  # unused without long-term memory

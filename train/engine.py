@@ -56,6 +56,7 @@ def model_args_from_config(cfg: Config, vocab_size: int):
         ltm_smear_keys=m.long.smear_keys,
         ltm_qk_span=m.long.qk_span,
         ltm_qk_tied=m.long.qk_tied,
+        ltm_value_span=m.long.value_span,
         ltm_search=m.long.search,
         ltm_ivf_probe=m.long.ivf_probe,
         mlp=cfg.model.mlp,

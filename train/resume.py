@@ -25,10 +25,17 @@ UNSAFE_KEYS = (
     "memory.long.smear_keys",
     "memory.long.qk_span",
     "memory.long.qk_tied",
+    "memory.long.value_span",
     "data.val_fraction",
     "train.seed",
 )
-_LTM_ONLY_KEYS = ("memory.long.mix", "memory.long.smear_keys", "memory.long.qk_span", "memory.long.qk_tied")
+_LTM_ONLY_KEYS = (
+    "memory.long.mix",
+    "memory.long.smear_keys",
+    "memory.long.qk_span",
+    "memory.long.qk_tied",
+    "memory.long.value_span",
+)
 
 
 def check_resume_compatible(

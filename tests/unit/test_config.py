@@ -117,6 +117,26 @@ def test_resume_check_reads_a_pre_release_5_config_as_the_gated_unsmeared_layer(
     check(old_tree("none"), "memory.long.kind=none")
 
 
+def test_a_value_span_changed_at_resume_is_refused_and_one_older_than_it_reads_as_none():
+    """memory.long.value_span adds weights (and carried inputs) to the long-term layers: another one at resume
+    is refused naming it; a checkpoint written before the key existed had none (1), and resumes as such."""
+    from pathlib import Path
+
+    from mnemo.train.errors import UserError
+    from mnemo.train.resume import check_resume_compatible
+
+    knn = ["memory.long.kind=knn"]
+    old = to_dict(load_config(None, knn))
+    del old["memory"]["long"]["value_span"]
+
+    def check(*overrides):
+        return check_resume_compatible(old, load_config(None, [*knn, *overrides]), {}, "sha", {}, Path("ckpt"))
+
+    check()
+    with pytest.raises(UserError, match=r"memory\.long\.value_span: changed from 1 to 17"):
+        check("memory.long.value_span=17")
+
+
 def test_resume_takes_long_term_layers_by_the_layers_they_name():
     """[-2] and [2] name one layer of the 4-layer debug size: the resume was refused as "changed ... unsafe"."""
     from pathlib import Path
@@ -1101,6 +1121,8 @@ def test_a_tokenizer_that_loses_only_the_stand_in_filler_passes_the_pass_key_pre
         ("model.segment_len=99999999999999", "model.segment_len: must be <= 2147483647, got 99999999999999"),
         ("memory.bptt_segments=1000000000", "memory.bptt_segments: must be <= 1024, got 1000000000"),
         ("memory.long.qk_span=100000", "memory.long.qk_span: must be <= 64 (1 = each token alone), got 100000"),
+        ("memory.long.value_span=65", "memory.long.value_span: must be <= 64 (1 = each token alone), got 65"),
+        ("memory.long.value_span=0", "memory.long.value_span: must be >= 1 (1 = each token alone), got 0"),
         ("memory.long.topk=2147483648", "memory.long.topk: must be <= 2147483647"),
         ("memory.long.ivf_probe=2147483648", "memory.long.ivf_probe: must be <= 2147483647"),
         ("train.batch_size=2147483648", "train.batch_size: must be <= 2147483647"),
@@ -1285,6 +1307,13 @@ def test_tied_queries_and_keys_need_a_span():
 
     args = model_args_from_config(cfg, 4096)
     assert args.ltm_qk_tied is True and args.ltm_qk_span == 5
+
+
+def test_a_value_span_reaches_the_model():
+    cfg = load_config("configs/debug.yaml", ["memory.long.kind=knn", "memory.long.value_span=17"])
+    from mnemo.train.engine import model_args_from_config
+
+    assert cfg.memory.long.value_span == 17 and model_args_from_config(cfg, 4096).ltm_value_span == 17
 
 
 def test_init_from_with_a_named_checkpoint_to_resume_is_refused_naming_both_keys():

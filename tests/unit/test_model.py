@@ -39,11 +39,12 @@ def make(
     tied: bool = False,
     search: str = "exact",
     probe: int = 32,
+    vspan: int = 1,
 ) -> MemoryTransformer:
     """3 layers, d=32, 4 heads; long-term memory in layer 1. init_std 0.1 (not 0.02) so that
     attention is far from uniform and a wrong mask shows in the logits. span > 1: multi-token
     queries and keys in layer 1, their earlier-token projections drawn like the others (they
-    start at zero in training, which would hide a wrong offset)."""
+    start at zero in training, which would hide a wrong offset); vspan > 1 likewise for the values."""
     torch.manual_seed(seed)
     args = ModelArgs(
         vocab_size=V,
@@ -63,12 +64,15 @@ def make(
         ltm_qk_tied=tied,
         ltm_search=search,
         ltm_ivf_probe=probe,
+        ltm_value_span=vspan,
     )
     model = MemoryTransformer(args).eval()
-    if span > 1 and not tied:
-        with torch.no_grad():
+    with torch.no_grad():
+        if span > 1 and not tied:
             model.blocks[1].attn.q_prev.weight.normal_(0.0, init_std)
             model.blocks[1].attn.k_prev.weight.normal_(0.0, init_std)
+        if vspan > 1:
+            model.blocks[1].attn.value_mix.normal_(0.0, 0.5 / mt.VALUE_MIX_GAIN)  # weights ~0.5
     return model
 
 
@@ -129,13 +133,17 @@ def close(got: torch.Tensor, ref: torch.Tensor) -> bool:
         ("joint", True, 3, False),
         ("joint", False, 4, True),
         ("gate", False, 3, True),
+        ("joint", False, (4, T + 3), True),
+        ("gate", False, (1, 3), False),
     ],
 )
 @pytest.mark.parametrize("stm,capacity", [(T, 64), (2 * T, 64), (T // 2, 12), (0, 64)])
 def test_no_output_depends_on_a_later_token(stm, capacity, mix, smear, span, tied):
     """Perturbing token j changes nothing before j: within a segment, through
-    the short-term memory and through the long-term store (FIFO or not)."""
-    model = make(stm=stm, capacity=capacity, mix=mix, smear=smear, span=span, tied=tied)
+    the short-term memory and through the long-term store (FIFO or not).
+    span (S, S'): query/key span S, value span S'."""
+    span, vspan = span if isinstance(span, tuple) else (span, 1)
+    model = make(stm=stm, capacity=capacity, mix=mix, smear=smear, span=span, tied=tied, vspan=vspan)
     x = tokens(2, 5)
     with torch.no_grad():
         ref, _ = run(model, x)
@@ -265,6 +273,10 @@ def sliding_window_reference(
     for blk in model.blocks:
         at, z = blk.attn, blk.attn_norm(h)
         q, k, v = (proj(z).view(B, L, H, Dh).transpose(1, 2) for proj in (at.q, at.k, at.v))
+        if at.value_span > 1:  # v mixes in the value_span - 1 values before, per head (none before the first)
+            a_hj = (mt.VALUE_MIX_GAIN * at.value_mix).T[None, :, :, None, None]  # [1, H, S'-1, 1, 1]
+            earlier = torch.stack([F.pad(v, (0, 0, j, 0))[:, :, :L] for j in range(1, at.value_span)], dim=2)
+            v = v + (a_hj * earlier).sum(2)  # earlier: [B, H, S'-1, L, Dh]
         if at.span > 1:  # q and k also project the span - 1 inputs before (zero before the document's first)
             prev = torch.cat([F.pad(z, (0, 0, j, 0))[:, :L] for j in range(1, at.span)], dim=-1)  # [B, L, (span-1) D]
             if at.tied:  # one projection: q's window ends at its token, k's just before it
@@ -415,7 +427,16 @@ def test_model_with_searched_window_equals_model_searching_the_whole_store(monke
 
 
 @pytest.mark.parametrize(
-    "smear,span,tied", [(False, 1, False), (True, 1, False), (True, 3, False), (False, T + 2, False), (False, 4, True)]
+    "smear,span,tied",
+    [
+        (False, 1, False),
+        (True, 1, False),
+        (True, 3, False),
+        (False, T + 2, False),
+        (False, 4, True),
+        (False, (4, 2 * T + 3), True),
+        (True, (T + 2, 3), False),
+    ],
 )
 @pytest.mark.parametrize("stm", [T, 2 * T, T // 2, 0])
 def test_joint_layer_with_k_covering_the_store_is_full_causal_attention(stm, smear, span, tied):
@@ -423,9 +444,11 @@ def test_joint_layer_with_k_covering_the_store_is_full_causal_attention(stm, sme
     whole document once: the store (less what the short-term memory holds, so
     no key counts twice), the short-term memory and the segment, all without
     RoPE. Read segment by segment it equals one pass of that attention; the
-    other layers stay block-sliding windows of M."""
+    other layers stay block-sliding windows of M. span (S, S'): a value span S' too, shorter or longer
+    than the query/key span (the inputs carried across segments are the longer of the two)."""
     capacity = 64
-    model = make(stm=stm, capacity=capacity, topk=capacity, mix="joint", smear=smear, span=span, tied=tied)
+    span, vspan = span if isinstance(span, tuple) else (span, 1)
+    model = make(stm=stm, capacity=capacity, topk=capacity, mix="joint", smear=smear, span=span, tied=tied, vspan=vspan)
     with torch.no_grad():
         model.blocks[1].attn.ltm_log_temp.copy_(torch.log(torch.tensor([1.0, 3.0, 10.0, 30.0])))
         if smear:
@@ -534,7 +557,7 @@ def test_tied_queries_and_keys_match_a_repeated_context_before_any_training():
             hook.remove()
             z = torch.cat(inputs, dim=1)  # [1, 8T, D]
             empty = model.init_state(1, stm=False, ltm=False).layers[1]  # no carried inputs: the document's start
-            q, k, _ = at.project_qk(z, empty)  # [1, 8T, D]
+            q, k, _, _ = at.project_qkv(z, empty)  # [1, 8T, D]
             qn = F.normalize(q[0, ask_at].view(4, 8), dim=-1)  # [H, Dh]
             kn = F.normalize(k[0, :ask_at].view(ask_at, 4, 8), dim=-1)  # [t, H, Dh]
             best[tied] = torch.einsum("hd,thd->ht", qn, kn).argmax(-1)  # [H]
