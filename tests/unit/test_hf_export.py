@@ -47,13 +47,16 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _train_source(d: Path) -> Path:
-    """A mnemo export folder of a debug-size memory model trained 20 steps (Adam) on CYCLE."""
+    """A mnemo export folder of a debug-size memory model trained 20 steps (Adam) on CYCLE, its long-term layer
+    with tied query/key spans and a value span (both carry inputs across segments: the export must too)."""
     from safetensors.torch import save_file
 
     tok = stdlib_tokenizer(d / "tok", 10)
+    spans = ["memory.long.qk_span=4", "memory.long.qk_tied=true", "memory.long.smear_keys=false"]
     cfg = load_config(
         "configs/debug.yaml",
-        [f"model.segment_len={T}", f"memory.short.length={T}", "memory.long.capacity=128", "memory.long.topk=4"],
+        [f"model.segment_len={T}", f"memory.short.length={T}", "memory.long.capacity=128", "memory.long.topk=4"]
+        + [*spans, "memory.long.value_span=5"],
     )
     m = cfg.memory  # what the trainer builds from this config (train/engine.py), without importing DeepSpeed
     args = ModelArgs.from_size(
@@ -64,6 +67,10 @@ def _train_source(d: Path) -> Path:
         ltm_capacity=m.long.capacity,
         ltm_topk=m.long.topk,
         ltm_layers=tuple(m.long.layers),
+        ltm_smear_keys=m.long.smear_keys,
+        ltm_qk_span=m.long.qk_span,
+        ltm_qk_tied=m.long.qk_tied,
+        ltm_value_span=m.long.value_span,
     )
     torch.manual_seed(0)
     m = MemoryTransformer(args)
