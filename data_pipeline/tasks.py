@@ -53,8 +53,8 @@ FAMILIES (k, v, q = 4; n = 16; h = 4 hops, c = 1 distractor chain; values of
   counts from there); ``answer_spans`` lists every query's value (trained).
 * ``variable_tracking`` (RULER VT): a chain of ``h`` hops "VAR QWERT = 41523.
   VAR ASDFG = VAR QWERT. ..." and ``c`` distractor chains of the same length
-  (other names and values). "In order of assignment, which variables hold the
-  value 41523?" QWERT, ASDFG, ... (all h + 1 names).
+  (other names and values). "Which variables hold the following value, in
+  order of assignment? It is 41523." QWERT, ASDFG, ... (all h + 1 names).
 
 Haystack (``haystack``): ``corpus`` (the filler given: held-out corpus tokens
 at random offsets, see passkey.take_filler), ``repeat`` (REPEATED_FILLER over
@@ -133,10 +133,10 @@ VALUE_KINDS = ("number", "word", "uuid")
 HAYSTACKS = ("corpus", "repeat", "needles")
 UUID_GROUPS = (8, 4, 4, 4, 12)
 NAME_LETTERS = 5  # variable names: 5 random capitals, as RULER
-# The variable-tracking question around its value; the answer's first name follows "? " at once, as each
-# later name follows ", ": both end as an assignment does (". "), so the window of tokens before each name
-# is the window its fact ends with (the value's, or the previous name's), as a question and its fact's
-# context are in the other tasks.
+# The variable-tracking question around its value. The answer's first name follows its ". " at once, and
+# each later name follows ", ": both end as an assignment does (the value and ". ", or the previous name and
+# ". "), so the window of tokens before each name is the window its fact ends with (all of it, or all but
+# the punctuation), as a question and its fact's context are in the other tasks.
 VT_QUESTION = (" Which variables hold the following value, in order of assignment? It is ", ". ")
 _CAPS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 

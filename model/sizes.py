@@ -150,12 +150,7 @@ def param_count(
 
 
 def flops_per_token(
-    size: Size,
-    vocab_size: int,
-    context: int,
-    n_ltm_layers: int = 0,
-    topk: int = 0,
-    qk_span: int = 1,
+    size: Size, vocab_size: int, context: int, n_ltm_layers: int = 0, topk: int = 0, qk_span: int = 1
 ) -> float:
     """Training FLOPs per token (forward + backward = 3x forward).
 
@@ -164,8 +159,8 @@ def flops_per_token(
     weighted sums over ``context`` keys (local segment + short-term memory),
     plus ``topk`` retrieved keys in the long-term-memory layers, whose queries and
     keys with a ``qk_span`` S > 1 also project S - 1 inputs each ([(S-1) d, d],
-    twice, tied or not). The kNN search itself (a no-grad matmul over the store)
-    is not counted: it is overhead, not model FLOPs.
+    twice, tied or not). The kNN search itself (a no-grad matmul over the
+    store) is not counted: it is overhead, not model FLOPs.
     """
     d = size.d_model
     dense = size.n_layers * (4 * d * d + mlp_params(size)) + vocab_size * d  # LM head matmul

@@ -172,6 +172,11 @@ class ModelArgs:
     def active_ltm_layers(self) -> tuple[int, ...]:
         return self.ltm_layers if self.ltm_kind != "none" else ()
 
+    @property
+    def ltm_lookback(self) -> int:
+        """Earlier inputs a long-term layer reads per token (the longer span's), which its memory's x_tail holds."""
+        return max(self.ltm_qk_span, self.ltm_value_span) - 1
+
     def size(self) -> Size:
         return Size(self.n_layers, self.d_model, self.n_heads, self.d_ff, self.tie_embeddings, self.mlp)
 
@@ -366,8 +371,7 @@ class Attention(nn.Module):
             self.key_smear = nn.Parameter(torch.zeros(args.n_heads))
         self.span = args.ltm_qk_span if self.has_ltm else 1
         self.value_span = args.ltm_value_span if self.has_ltm else 1
-        # Earlier inputs the layer reads per token (its memory's x_tail holds as many).
-        self.lookback = max(self.span, self.value_span) - 1
+        self.lookback = args.ltm_lookback if self.has_ltm else 0
         self.tied = self.span > 1 and args.ltm_qk_tied
         if self.tied:
             # One [(span-1) D] -> D projection of a window of span - 1 inputs for both q and k, random at
@@ -407,20 +411,21 @@ class Attention(nn.Module):
                 else:
                     qx, kx = qx + self.q_prev(prev), kx + self.k_prev(prev)
             if self.value_span > 1:
-                vx = self._mix_values(xx, vx, mem.x_tail is not None)
+                vx = self._mix_values(xx, vx)
         return qx, kx, vx, x_tail
 
-    def _mix_values(self, xx: Tensor, vx: Tensor, carried: bool) -> Tensor:
+    def _mix_values(self, xx: Tensor, vx: Tensor) -> Tensor:
         """Values [B, T, D] with the earlier tokens' values mixed in: v_t + sum_j a_hj v_{t-j} per head h.
 
         xx [B, S+T, D]: the carried inputs then the segment's (_previous_inputs). The earlier tokens'
         values are the same W_v x that a one-token value is, so what the layer has learned to copy out
         of a found value (a token's identity) reads an earlier token the same way. Without carried
-        inputs (a document's start, or a state without memory) the tokens before the segment add nothing.
+        inputs (a document's start, or a state without memory) those before the segment are zero, and so
+        are their values (W_v has no bias): they add nothing.
         """
-        B, T, D = vx.shape
+        T = vx.shape[1]
         n, S = self.value_span - 1, xx.shape[1] - T
-        before = self.v(xx[:, S - n : S]) if carried else vx.new_zeros(B, n, D)  # [B, S'-1, D]
+        before = self.v(xx[:, S - n : S])  # [B, S'-1, D]
         vv = torch.cat((before, vx), dim=1)  # [B, S'-1+T, D]: token t at S'-1+t
         # [S'-1, D]: head h's weight on its channels, VALUE_MIX_GAIN x the parameter (why: at its definition).
         w = (VALUE_MIX_GAIN * self.value_mix).repeat_interleave(self.head_dim, dim=1)
@@ -606,9 +611,8 @@ class MemoryTransformer(nn.Module):
             carries = i in a.active_ltm_layers and (stm_k is not None or ltm_k is not None)
             if a.ltm_smear_keys and carries:
                 k_tail = torch.zeros(B, H, 1, Dh, device=device, dtype=dtype)
-            lookback = max(a.ltm_qk_span, a.ltm_value_span) - 1
-            if lookback and carries:
-                x_tail = torch.zeros(B, 1, lookback, a.d_model, device=device, dtype=dtype)
+            if a.ltm_lookback and carries:
+                x_tail = torch.zeros(B, 1, a.ltm_lookback, a.d_model, device=device, dtype=dtype)
             ivf = {}  # an inverted file's fields (model/retrieval.py), only where it searches
             if ltm_k is not None and a.ltm_search == "ivf":
                 ivf = ivf_state(B, H, a.ltm_capacity, Dh, device, dtype)
