@@ -105,6 +105,17 @@ class ModelArgs:
     # be returned is the name 14 tokens before the key found, which a
     # one-token value does not hold.
     ltm_value_span: int = 1
+    # How those weights are chosen: "fixed" (one per head and offset) or
+    # "input" (plus a linear function of the token's key, RMS-normalized so
+    # its rate does not hang on the key's scale, zero at the start:
+    # with a query/key span the key is made from the window before its token,
+    # so which earlier tokens a value carries depends on the fact's shape).
+    # Variable tracking needs it: its two kinds of fact are found by the same
+    # kind of window ("... 86556." and "... VAR QNHIB.") but hold the name to
+    # return 14 ("VAR QNHIB = 86556.") or 16 ("VAR BAEVQ = VAR QNHIB.")
+    # tokens back, and one weight per offset reads the wrong token of the
+    # other kind.
+    ltm_value_mix: str = "fixed"
     # Long-term store search: "exact" (every stored key scored), "blocks" (model/retrieval.py:
     # score per-block summaries, then the best blocks exactly) or "ivf" (an inverted file in the state).
     ltm_search: str = "exact"
@@ -136,6 +147,10 @@ class ModelArgs:
             raise ValueError(f"unknown init {self.init!r}")
         if self.mlp not in ("swiglu", "gelu"):
             raise ValueError(f"unknown MLP kind {self.mlp!r}")
+        if self.ltm_value_mix not in ("fixed", "input"):
+            raise ValueError(f"unknown long-term value mix {self.ltm_value_mix!r}")
+        if self.ltm_value_mix == "input" and self.ltm_value_span < 2:
+            raise ValueError("ltm_value_mix 'input': needs ltm_value_span >= 2 (one token's value has nothing to mix)")
         if self.ltm_mix not in ("gate", "joint"):
             raise ValueError(f"unknown long-term memory mix {self.ltm_mix!r}")
         if self.ltm_kind not in ("none", "knn"):
@@ -387,6 +402,11 @@ class Attention(nn.Module):
             # Per head, the weight of the value j = 1 .. value_span - 1 tokens back in each value, zero at the
             # start (the layer starts with one-token values and learns which earlier ones to carry): [S'-1, H].
             self.value_mix = nn.Parameter(torch.zeros(self.value_span - 1, args.n_heads))
+        self.value_mix_input = self.value_span > 1 and args.ltm_value_mix == "input"
+        if self.value_mix_input:
+            # The weights' part that each token's key chooses: rms_norm(k_t) [D] (before heads) -> [(S'-1) H],
+            # zero at the start.
+            self.value_select = Linear(d, (self.value_span - 1) * args.n_heads, 0.0)
 
     def _heads(self, x: Tensor) -> Tensor:
         B, T, _ = x.shape
@@ -411,22 +431,34 @@ class Attention(nn.Module):
                 else:
                     qx, kx = qx + self.q_prev(prev), kx + self.k_prev(prev)
             if self.value_span > 1:
-                vx = self._mix_values(xx, vx)
+                vx = self._mix_values(xx, vx, kx)
         return qx, kx, vx, x_tail
 
-    def _mix_values(self, xx: Tensor, vx: Tensor) -> Tensor:
+    def _mix_values(self, xx: Tensor, vx: Tensor, kx: Tensor) -> Tensor:
         """Values [B, T, D] with the earlier tokens' values mixed in: v_t + sum_j a_hj v_{t-j} per head h.
 
-        xx [B, S+T, D]: the carried inputs then the segment's (_previous_inputs). The earlier tokens'
-        values are the same W_v x that a one-token value is, so what the layer has learned to copy out
-        of a found value (a token's identity) reads an earlier token the same way. Without carried
-        inputs (a document's start, or a state without memory) those before the segment are zero, and so
-        are their values (W_v has no bias): they add nothing.
+        xx [B, S+T, D]: the carried inputs then the segment's (_previous_inputs). kx [B, T, D]: the
+        segment's keys (before heads and smearing), which add their own part to the weights with
+        ltm_value_mix "input" (a_hjt = a_hj + (U rms_norm(k_t))_hj): a key made from the window before its
+        token tells the fact's shape, and so which earlier token its value must carry. The earlier tokens'
+        values are the same W_v x that a one-token value is, so what the layer has learned to copy out of a
+        found value (a token's identity) reads an earlier token the same way.
+        Without carried inputs (a document's start, or a state without memory) those before the segment
+        are zero, and so are their values (W_v has no bias): they add nothing.
         """
-        T = vx.shape[1]
+        B, T, D = vx.shape
         n, S = self.value_span - 1, xx.shape[1] - T
         before = self.v(xx[:, S - n : S])  # [B, S'-1, D]
         vv = torch.cat((before, vx), dim=1)  # [B, S'-1+T, D]: token t at S'-1+t
+        if self.value_mix_input:
+            H, Dh = self.n_heads, self.head_dim
+            chosen = self.value_select(F.rms_norm(kx, (D,))).view(B, T, n, H)
+            a = VALUE_MIX_GAIN * self.value_mix + chosen  # [B, T, S'-1, H]
+            vh = vv.view(B, n + T, H, Dh)
+            out = vx.view(B, T, H, Dh)
+            for j in range(1, n + 1):  # one shifted view at a time: no [B, T, S'-1, D] copy of the window
+                out = out + a[:, :, j - 1, :, None] * vh[:, n - j : n - j + T]
+            return out.reshape(B, T, D)
         # [S'-1, D]: head h's weight on its channels, VALUE_MIX_GAIN x the parameter (why: at its definition).
         w = (VALUE_MIX_GAIN * self.value_mix).repeat_interleave(self.head_dim, dim=1)
         out = vx
@@ -685,6 +717,7 @@ class MemoryTransformer(nn.Module):
             qk_span=a.ltm_qk_span,
             qk_tied=a.ltm_qk_tied,
             value_span=a.ltm_value_span,
+            value_mix=a.ltm_value_mix,
         )
 
     def flops_per_token(self, segment_len: int) -> float:
@@ -692,8 +725,12 @@ class MemoryTransformer(nn.Module):
         context = segment_len / 2 + a.stm_length  # mean keys per query: causal half + memory
         n_ltm = len(a.active_ltm_layers)
         flops = flops_per_token(a.size(), a.vocab_size, context, n_ltm, a.ltm_topk, a.ltm_qk_span if n_ltm else 1)
-        # A value span S' also projects the values of the S' - 1 carried inputs, once per segment.
-        return flops + 6.0 * n_ltm * (a.ltm_value_span - 1) * a.d_model**2 / segment_len
+        # A value span S' also projects the values of the S' - 1 carried inputs, once per segment; with value
+        # mix "input" each key chooses its S' - 1 weights per head ([D, (S'-1) H]).
+        flops += 6.0 * n_ltm * (a.ltm_value_span - 1) * a.d_model**2 / segment_len
+        if a.ltm_value_mix == "input" and a.ltm_value_span > 1:
+            flops += 6.0 * n_ltm * a.d_model * (a.ltm_value_span - 1) * a.n_heads
+        return flops
 
     # ------------------------------------------------------------- what a trainer logs
     def memory_scalars(self) -> dict[str, float]:

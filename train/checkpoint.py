@@ -878,6 +878,7 @@ def saved_config_tree(tree: dict[str, Any]) -> dict[str, Any]:
     long.setdefault("qk_span", 1)  # newer than some checkpoints; 1 is what they did
     long.setdefault("qk_tied", False)  # likewise
     long.setdefault("value_span", 1)  # likewise
+    long.setdefault("value_mix", "fixed")  # likewise
     return tree
 
 

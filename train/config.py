@@ -127,6 +127,11 @@ class LongMemoryConfig:
     # last tokens can return what came before them ("VAR QNHIB = 86556.": the
     # name, found by the value; docs/memory.md).
     value_span: int = 1
+    # How those weights are chosen: "fixed" (one per head and offset) or
+    # "input" (plus a linear function of each token's input, zero at the
+    # start), so facts of different shapes can each carry their own earlier
+    # tokens (needs value_span >= 2; docs/memory.md).
+    value_mix: Literal["fixed", "input"] = "fixed"
     # How the store is searched: "exact" (every stored key scored per query),
     # "blocks" (approximate: per-block summaries first, then the best blocks
     # exactly; cost per query ~ N/256 + 2048 keys) or "ivf" (an inverted file kept
@@ -904,6 +909,12 @@ def validate(cfg: Config) -> None:
         "memory.long.qk_tied",
         "needs memory.long.smear_keys: false (a smeared key mixes in the previous token's window and blurs the"
         " tied match)",
+    )
+    need(
+        lm.value_mix == "fixed" or lm.value_span >= 2,
+        "memory.long.value_mix",
+        f"{lm.value_mix!r} needs memory.long.value_span >= 2 (it is {lm.value_span}: one token's value has nothing"
+        " to mix)",
     )
     count("memory.bptt_segments", cfg.memory.bptt_segments, 1, MAX_BPTT_SEGMENTS)
     if lm.kind != "none":

@@ -26,6 +26,7 @@ UNSAFE_KEYS = (
     "memory.long.qk_span",
     "memory.long.qk_tied",
     "memory.long.value_span",
+    "memory.long.value_mix",
     "data.val_fraction",
     "train.seed",
 )
@@ -35,6 +36,7 @@ _LTM_ONLY_KEYS = (
     "memory.long.qk_span",
     "memory.long.qk_tied",
     "memory.long.value_span",
+    "memory.long.value_mix",
 )
 
 

@@ -137,6 +137,26 @@ def test_a_value_span_changed_at_resume_is_refused_and_one_older_than_it_reads_a
         check("memory.long.value_span=17")
 
 
+def test_a_value_mix_changed_at_resume_is_refused_and_one_older_than_it_reads_as_fixed():
+    """memory.long.value_mix "input" adds a projection to the long-term layers: another mix at resume is refused
+    naming it; a checkpoint written before the key existed had one weight per head and offset ("fixed")."""
+    from pathlib import Path
+
+    from mnemo.train.errors import UserError
+    from mnemo.train.resume import check_resume_compatible
+
+    spanned = ["memory.long.kind=knn", "memory.long.value_span=5"]
+    old = to_dict(load_config(None, spanned))
+    del old["memory"]["long"]["value_mix"]
+
+    def check(*overrides):
+        return check_resume_compatible(old, load_config(None, [*spanned, *overrides]), {}, "sha", {}, Path("ckpt"))
+
+    check()
+    with pytest.raises(UserError, match=r"memory\.long\.value_mix: changed from 'fixed' to 'input'"):
+        check("memory.long.value_mix=input")
+
+
 def test_resume_takes_long_term_layers_by_the_layers_they_name():
     """[-2] and [2] name one layer of the 4-layer debug size: the resume was refused as "changed ... unsafe"."""
     from pathlib import Path
@@ -1314,6 +1334,23 @@ def test_a_value_span_reaches_the_model():
     from mnemo.train.engine import model_args_from_config
 
     assert cfg.memory.long.value_span == 17 and model_args_from_config(cfg, 4096).ltm_value_span == 17
+
+
+def test_a_value_mix_reaches_the_model_and_needs_a_value_span():
+    """value_mix "input" chooses the weights of a value span's earlier values per token: without a span (1) it
+    has nothing to choose, which is one line naming both keys before any process starts."""
+    from mnemo.train.engine import model_args_from_config
+
+    knn = ["memory.long.kind=knn"]
+    with pytest.raises(ConfigError) as e:
+        load_config("configs/debug.yaml", [*knn, "memory.long.value_mix=input"])
+    assert "memory.long.value_mix: 'input' needs memory.long.value_span >= 2 (it is 1" in str(e.value)
+    assert "\n" not in str(e.value)
+    with pytest.raises(ConfigError, match="memory.long.value_mix"):
+        load_config("configs/debug.yaml", [*knn, "memory.long.value_span=5", "memory.long.value_mix=learned"])
+    cfg = load_config("configs/debug.yaml", [*knn, "memory.long.value_span=5", "memory.long.value_mix=input"])
+    assert model_args_from_config(cfg, 4096).ltm_value_mix == "input"
+    assert model_args_from_config(load_config("configs/debug.yaml", knn), 4096).ltm_value_mix == "fixed"
 
 
 def test_init_from_with_a_named_checkpoint_to_resume_is_refused_naming_both_keys():

@@ -40,11 +40,13 @@ def make(
     search: str = "exact",
     probe: int = 32,
     vspan: int = 1,
+    vmix: str = "fixed",
 ) -> MemoryTransformer:
     """3 layers, d=32, 4 heads; long-term memory in layer 1. init_std 0.1 (not 0.02) so that
     attention is far from uniform and a wrong mask shows in the logits. span > 1: multi-token
     queries and keys in layer 1, their earlier-token projections drawn like the others (they
-    start at zero in training, which would hide a wrong offset); vspan > 1 likewise for the values."""
+    start at zero in training, which would hide a wrong offset); vspan > 1 likewise for the values, and
+    vmix "input" for the part of their weights that each token's key chooses."""
     torch.manual_seed(seed)
     args = ModelArgs(
         vocab_size=V,
@@ -65,6 +67,7 @@ def make(
         ltm_search=search,
         ltm_ivf_probe=probe,
         ltm_value_span=vspan,
+        ltm_value_mix=vmix,
     )
     model = MemoryTransformer(args).eval()
     with torch.no_grad():
@@ -73,6 +76,8 @@ def make(
             model.blocks[1].attn.k_prev.weight.normal_(0.0, init_std)
         if vspan > 1:
             model.blocks[1].attn.value_mix.normal_(0.0, 0.5 / mt.VALUE_MIX_GAIN)  # weights ~0.5
+        if vmix == "input":
+            model.blocks[1].attn.value_select.weight.normal_(0.0, 0.1)  # +-0.5 per token: a key of norm ~5
     return model
 
 
@@ -135,15 +140,17 @@ def close(got: torch.Tensor, ref: torch.Tensor) -> bool:
         ("gate", False, 3, True),
         ("joint", False, (4, T + 3), True),
         ("gate", False, (1, 3), False),
+        ("joint", False, (4, T + 3, "input"), True),
+        ("gate", True, (3, 5, "input"), False),
     ],
 )
 @pytest.mark.parametrize("stm,capacity", [(T, 64), (2 * T, 64), (T // 2, 12), (0, 64)])
 def test_no_output_depends_on_a_later_token(stm, capacity, mix, smear, span, tied):
     """Perturbing token j changes nothing before j: within a segment, through
     the short-term memory and through the long-term store (FIFO or not).
-    span (S, S'): query/key span S, value span S'."""
-    span, vspan = span if isinstance(span, tuple) else (span, 1)
-    model = make(stm=stm, capacity=capacity, mix=mix, smear=smear, span=span, tied=tied, vspan=vspan)
+    span (S, S'[, value mix]): query/key span S, value span S' (weights chosen by the key with "input")."""
+    span, vspan, vmix = (*span, "fixed")[:3] if isinstance(span, tuple) else (span, 1, "fixed")
+    model = make(stm=stm, capacity=capacity, mix=mix, smear=smear, span=span, tied=tied, vspan=vspan, vmix=vmix)
     x = tokens(2, 5)
     with torch.no_grad():
         ref, _ = run(model, x)
@@ -273,10 +280,6 @@ def sliding_window_reference(
     for blk in model.blocks:
         at, z = blk.attn, blk.attn_norm(h)
         q, k, v = (proj(z).view(B, L, H, Dh).transpose(1, 2) for proj in (at.q, at.k, at.v))
-        if at.value_span > 1:  # v mixes in the value_span - 1 values before, per head (none before the first)
-            a_hj = (mt.VALUE_MIX_GAIN * at.value_mix).T[None, :, :, None, None]  # [1, H, S'-1, 1, 1]
-            earlier = torch.stack([F.pad(v, (0, 0, j, 0))[:, :, :L] for j in range(1, at.value_span)], dim=2)
-            v = v + (a_hj * earlier).sum(2)  # earlier: [B, H, S'-1, L, Dh]
         if at.span > 1:  # q and k also project the span - 1 inputs before (zero before the document's first)
             prev = torch.cat([F.pad(z, (0, 0, j, 0))[:, :L] for j in range(1, at.span)], dim=-1)  # [B, L, (span-1) D]
             if at.tied:  # one projection: q's window ends at its token, k's just before it
@@ -286,6 +289,13 @@ def sliding_window_reference(
             else:
                 q = q + at.q_prev(prev).view(B, L, H, Dh).transpose(1, 2)
                 k = k + at.k_prev(prev).view(B, L, H, Dh).transpose(1, 2)
+        if at.value_span > 1:  # v mixes in the value_span - 1 values before, per head (none before the first)
+            a_hj = (mt.VALUE_MIX_GAIN * at.value_mix).T[None, :, :, None, None]  # [1, H, S'-1, 1, 1]
+            if at.value_mix_input:  # plus each token's own, from its RMS-normalized key (before smearing) [B, L, D]
+                kx = F.rms_norm(k.transpose(1, 2).reshape(B, L, -1), (a.d_model,))
+                a_hj = a_hj + at.value_select(kx).view(B, L, -1, H).permute(0, 3, 2, 1)[..., None]  # [B, H, S'-1, L, 1]
+            earlier = torch.stack([F.pad(v, (0, 0, j, 0))[:, :, :L] for j in range(1, at.value_span)], dim=2)
+            v = v + (a_hj * earlier).sum(2)  # earlier: [B, H, S'-1, L, Dh]
         if at.joint:
             if at.smear:  # each key mixes in the previous token's (none before the document's first)
                 prev = torch.cat((torch.zeros_like(k[:, :, :1]), k[:, :, :-1]), dim=2)
@@ -436,6 +446,8 @@ def test_model_with_searched_window_equals_model_searching_the_whole_store(monke
         (False, 4, True),
         (False, (4, 2 * T + 3), True),
         (True, (T + 2, 3), False),
+        (False, (4, 2 * T + 3, "input"), True),
+        (True, (3, T + 2, "input"), False),
     ],
 )
 @pytest.mark.parametrize("stm", [T, 2 * T, T // 2, 0])
@@ -445,10 +457,21 @@ def test_joint_layer_with_k_covering_the_store_is_full_causal_attention(stm, sme
     no key counts twice), the short-term memory and the segment, all without
     RoPE. Read segment by segment it equals one pass of that attention; the
     other layers stay block-sliding windows of M. span (S, S'): a value span S' too, shorter or longer
-    than the query/key span (the inputs carried across segments are the longer of the two)."""
+    than the query/key span (the inputs carried across segments are the longer of the two), its weights
+    chosen per token by the key with value mix "input"."""
     capacity = 64
-    span, vspan = span if isinstance(span, tuple) else (span, 1)
-    model = make(stm=stm, capacity=capacity, topk=capacity, mix="joint", smear=smear, span=span, tied=tied, vspan=vspan)
+    span, vspan, vmix = (*span, "fixed")[:3] if isinstance(span, tuple) else (span, 1, "fixed")
+    model = make(
+        stm=stm,
+        capacity=capacity,
+        topk=capacity,
+        mix="joint",
+        smear=smear,
+        span=span,
+        tied=tied,
+        vspan=vspan,
+        vmix=vmix,
+    )
     with torch.no_grad():
         model.blocks[1].attn.ltm_log_temp.copy_(torch.log(torch.tensor([1.0, 3.0, 10.0, 30.0])))
         if smear:
@@ -461,6 +484,30 @@ def test_joint_layer_with_k_covering_the_store_is_full_causal_attention(stm, sme
         if stm:
             twice = sliding_window_reference(model, x, stm, stm_twice=True)
             assert not close(seg, twice)
+
+
+def test_a_value_mix_chosen_by_the_keys_starts_as_the_fixed_one_and_learns_from_the_first_step():
+    """value_mix "input": its projection U starts at zero, so the model computes what "fixed" does with the same
+    weights, bit for bit; U gets a gradient at once (the layer can start telling facts apart by their keys), and
+    once it is not zero, tokens with different keys mix their earlier values differently: outputs change."""
+    fixed, chosen = make(stm=T, vspan=9), make(stm=T, vspan=9, vmix="input")
+    missing, unexpected = chosen.load_state_dict(fixed.state_dict(), strict=False)
+    assert missing == ["blocks.1.attn.value_select.weight"] and not unexpected
+    with torch.no_grad():
+        chosen.blocks[1].attn.value_select.weight.zero_()
+    x = tokens(2, 3)
+    with torch.no_grad():
+        ref, _ = run(fixed, x)
+        out, _ = run(chosen, x)
+    assert torch.equal(out, ref)
+    logits, _ = run(chosen, x)
+    F.cross_entropy(logits.reshape(-1, V), x.reshape(-1)).backward()
+    assert chosen.blocks[1].attn.value_select.weight.grad.abs().max() > 0
+    with torch.no_grad():
+        chosen.blocks[1].attn.value_select.weight.normal_(0.0, 0.1)
+        moved, _ = run(chosen, x)
+    assert torch.equal(moved[:, :1], ref[:, :1])  # the first token has no earlier values to mix
+    assert not close(moved[:, T:], ref[:, T:])
 
 
 def test_joint_layer_sees_what_its_fifo_store_holds():
