@@ -458,5 +458,8 @@ def test_a_training_task_whose_distractors_spread_over_more_segments_is_not_refu
     with pytest.raises(TaskError):
         refuse_unfit(spec, 128, 1)  # an evaluation document at D = 1 has too few segments
     refuse_unfit(spec, 128, 1, episodes=True)
-    cfg = load_config("configs/tasks.yaml", [f'train.passkey.tasks=["{text}"]', "train.passkey.max_distance=1"])
+    cfg = load_config(
+        "configs/tasks.yaml",
+        [f'train.passkey.tasks=["{text}"]', "train.passkey.task_weights=[]", "train.passkey.max_distance=1"],
+    )
     assert cfg.train.passkey.tasks == [text]
