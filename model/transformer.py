@@ -450,21 +450,16 @@ class Attention(nn.Module):
         n, S = self.value_span - 1, xx.shape[1] - T
         before = self.v(xx[:, S - n : S])  # [B, S'-1, D]
         vv = torch.cat((before, vx), dim=1)  # [B, S'-1+T, D]: token t at S'-1+t
+        # [S'-1, H]: VALUE_MIX_GAIN x the parameter (why: at its definition); with value mix "input" each
+        # token's key adds its own part: [B, T, S'-1, H].
+        a = VALUE_MIX_GAIN * self.value_mix
         if self.value_mix_input:
-            H, Dh = self.n_heads, self.head_dim
-            chosen = self.value_select(F.rms_norm(kx, (D,))).view(B, T, n, H)
-            a = VALUE_MIX_GAIN * self.value_mix + chosen  # [B, T, S'-1, H]
-            vh = vv.view(B, n + T, H, Dh)
-            out = vx.view(B, T, H, Dh)
-            for j in range(1, n + 1):  # one shifted view at a time: no [B, T, S'-1, D] copy of the window
-                out = out + a[:, :, j - 1, :, None] * vh[:, n - j : n - j + T]
-            return out.reshape(B, T, D)
-        # [S'-1, D]: head h's weight on its channels, VALUE_MIX_GAIN x the parameter (why: at its definition).
-        w = (VALUE_MIX_GAIN * self.value_mix).repeat_interleave(self.head_dim, dim=1)
-        out = vx
-        for j in range(1, n + 1):
-            out = out + w[j - 1] * vv[:, n - j : n - j + T]
-        return out
+            a = a + self.value_select(F.rms_norm(kx, (D,))).view(B, T, n, self.n_heads)
+        vh = vv.view(B, n + T, self.n_heads, self.head_dim)
+        out = vx.view(B, T, self.n_heads, self.head_dim)
+        for j in range(1, n + 1):  # one shifted view at a time: no [B, T, S'-1, D] copy of the window
+            out = out + a[..., j - 1, :, None] * vh[:, n - j : n - j + T]  # [B, T, H, Dh]
+        return out.reshape(B, T, D)
 
     def forward(self, x: Tensor, ctx: SegmentContext, mem: LayerMemory) -> tuple[Tensor, LayerMemory]:
         B, T, D = x.shape
@@ -728,7 +723,7 @@ class MemoryTransformer(nn.Module):
         # A value span S' also projects the values of the S' - 1 carried inputs, once per segment; with value
         # mix "input" each key chooses its S' - 1 weights per head ([D, (S'-1) H]).
         flops += 6.0 * n_ltm * (a.ltm_value_span - 1) * a.d_model**2 / segment_len
-        if a.ltm_value_mix == "input" and a.ltm_value_span > 1:
+        if a.ltm_value_mix == "input":
             flops += 6.0 * n_ltm * a.d_model * (a.ltm_value_span - 1) * a.n_heads
         return flops
 

@@ -128,9 +128,9 @@ class LongMemoryConfig:
     # name, found by the value; docs/memory.md).
     value_span: int = 1
     # How those weights are chosen: "fixed" (one per head and offset) or
-    # "input" (plus a linear function of each token's input, zero at the
-    # start), so facts of different shapes can each carry their own earlier
-    # tokens (needs value_span >= 2; docs/memory.md).
+    # "input" (plus a learned linear function of each token's key, zero at
+    # the start), so facts of different shapes can each carry their own
+    # earlier tokens (needs value_span >= 2; docs/memory.md).
     value_mix: Literal["fixed", "input"] = "fixed"
     # How the store is searched: "exact" (every stored key scored per query),
     # "blocks" (approximate: per-block summaries first, then the best blocks
