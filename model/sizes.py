@@ -128,13 +128,15 @@ def param_count(
     qk_tied: bool = False,
     value_span: int = 1,
     value_mix: str = "fixed",
+    value_gate: bool = False,
 ) -> int:
     """Exact number of trainable parameters of MemoryTransformer.
 
     gated: long-term layers have a per-head gate; smeared: and a per-head key-smear weight;
     qk_span: their queries and keys also see the qk_span - 1 tokens before (two [(span-1) d, d] projections,
     one when qk_tied); value_span: their values mix in the value_span - 1 values before (a weight per head each);
-    value_mix "input": and each key chooses its own part of those weights ([d, (value_span - 1) h]).
+    value_mix "input": and each key chooses its own part of those weights ([d, (value_span - 1) h]);
+    value_gate: and each earlier token scales its own share ([d, h]).
     """
     d, h = size.d_model, size.n_heads
     per_layer = (
@@ -148,6 +150,8 @@ def param_count(
     ltm += n_ltm_layers * (value_span - 1) * h  # per-head weights of the earlier values
     if value_mix == "input":
         ltm += n_ltm_layers * d * (value_span - 1) * h  # the keys' part of those weights
+    if value_gate:
+        ltm += n_ltm_layers * d * h  # each earlier token's factor on its share
     emb = vocab_size * d
     head = 0 if size.tie_embeddings else vocab_size * d
     return size.n_layers * per_layer + ltm + emb + d + head  # + final norm

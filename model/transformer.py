@@ -116,6 +116,14 @@ class ModelArgs:
     # tokens back, and one weight per offset reads the wrong token of the
     # other kind.
     ltm_value_mix: str = "fixed"
+    # Each earlier token's own share of the value span, per head: its weight
+    # scaled by 1 + G rms_norm(x_{t-j}) (G a learned [D, H] projection of that
+    # token's layer input, zero at the start). The offset of what must be
+    # returned hangs on how many tokens the words between tokenize into
+    # ("VAR VEWPC = 86556.": the name is 4 tokens, "VE W P C", and its first is
+    # 13 back; "VAR UMYXW = ...": 5 tokens, 14 back), which neither an offset
+    # nor the key can know; the token itself can tell that it starts a name.
+    ltm_value_gate: bool = False
     # Long-term store search: "exact" (every stored key scored), "blocks" (model/retrieval.py:
     # score per-block summaries, then the best blocks exactly) or "ivf" (an inverted file in the state).
     ltm_search: str = "exact"
@@ -130,7 +138,7 @@ class ModelArgs:
                 problem = arg_problem(name, getattr(self, name))
                 if problem:
                     raise ValueError(f"{name}: {problem}")
-        for name in ("tie_embeddings", "ltm_smear_keys", "ltm_qk_tied"):
+        for name in ("tie_embeddings", "ltm_smear_keys", "ltm_qk_tied", "ltm_value_gate"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}: must be true or false, got a {type(getattr(self, name)).__name__}")
         if not isinstance(self.ltm_layers, tuple) or not all(type(i) is int for i in self.ltm_layers):
@@ -151,6 +159,8 @@ class ModelArgs:
             raise ValueError(f"unknown long-term value mix {self.ltm_value_mix!r}")
         if self.ltm_value_mix == "input" and self.ltm_value_span < 2:
             raise ValueError("ltm_value_mix 'input': needs ltm_value_span >= 2 (one token's value has nothing to mix)")
+        if self.ltm_value_gate and self.ltm_value_span < 2:
+            raise ValueError("ltm_value_gate: needs ltm_value_span >= 2 (one token's value has nothing to mix)")
         if self.ltm_mix not in ("gate", "joint"):
             raise ValueError(f"unknown long-term memory mix {self.ltm_mix!r}")
         if self.ltm_kind not in ("none", "knn"):
@@ -407,6 +417,11 @@ class Attention(nn.Module):
             # The weights' part that each token's key chooses: rms_norm(k_t) [D] (before heads) -> [(S'-1) H],
             # zero at the start.
             self.value_select = Linear(d, (self.value_span - 1) * args.n_heads, 0.0)
+        self.value_gate = None
+        if self.value_span > 1 and args.ltm_value_gate:
+            # Each earlier token's own factor on its share, per head: rms_norm(x) [D] -> [H], zero at the start
+            # (a factor of 1: the layer starts as it would without).
+            self.value_gate = Linear(d, args.n_heads, 0.0)
 
     def _heads(self, x: Tensor) -> Tensor:
         B, T, _ = x.shape
@@ -443,6 +458,9 @@ class Attention(nn.Module):
         token tells the fact's shape, and so which earlier token its value must carry. The earlier tokens'
         values are the same W_v x that a one-token value is, so what the layer has learned to copy out of a
         found value (a token's identity) reads an earlier token the same way.
+        With ltm_value_gate each earlier token's share is also scaled by its own 1 + (G rms_norm(x))_h:
+        where what must be returned begins hangs on how many tokens the words before it took, and a token
+        can tell from its input that it begins a name (a weight per offset cannot, nor can the key).
         Without carried inputs (a document's start, or a state without memory) those before the segment
         are zero, and so are their values (W_v has no bias): they add nothing.
         """
@@ -456,6 +474,9 @@ class Attention(nn.Module):
         if self.value_mix_input:
             a = a + self.value_select(F.rms_norm(kx, (D,))).view(B, T, n, self.n_heads)
         vh = vv.view(B, n + T, self.n_heads, self.head_dim)
+        if self.value_gate is not None:
+            # [B, S'-1+T, H]: the factor of each token the span reads (the carried ones and the segment's).
+            vh = vh * (1.0 + self.value_gate(F.rms_norm(xx[:, S - n :], (D,))))[..., None]
         out = vx.view(B, T, self.n_heads, self.head_dim)
         for j in range(1, n + 1):  # one shifted view at a time: no [B, T, S'-1, D] copy of the window
             out = out + a[..., j - 1, :, None] * vh[:, n - j : n - j + T]  # [B, T, H, Dh]
@@ -713,6 +734,7 @@ class MemoryTransformer(nn.Module):
             qk_tied=a.ltm_qk_tied,
             value_span=a.ltm_value_span,
             value_mix=a.ltm_value_mix,
+            value_gate=a.ltm_value_gate,
         )
 
     def flops_per_token(self, segment_len: int) -> float:
@@ -725,6 +747,9 @@ class MemoryTransformer(nn.Module):
         flops += 6.0 * n_ltm * (a.ltm_value_span - 1) * a.d_model**2 / segment_len
         if a.ltm_value_mix == "input":
             flops += 6.0 * n_ltm * a.d_model * (a.ltm_value_span - 1) * a.n_heads
+        # The value gate: one [D, H] projection per token the span reads (the S' - 1 carried ones once per segment).
+        if a.ltm_value_gate:
+            flops += 6.0 * n_ltm * a.d_model * a.n_heads * (1 + (a.ltm_value_span - 1) / segment_len)
         return flops
 
     # ------------------------------------------------------------- what a trainer logs

@@ -879,6 +879,7 @@ def saved_config_tree(tree: dict[str, Any]) -> dict[str, Any]:
     long.setdefault("qk_tied", False)  # likewise
     long.setdefault("value_span", 1)  # likewise
     long.setdefault("value_mix", "fixed")  # likewise
+    long.setdefault("value_gate", False)  # likewise
     return tree
 
 

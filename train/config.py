@@ -132,6 +132,12 @@ class LongMemoryConfig:
     # the start), so facts of different shapes can each carry their own
     # earlier tokens (needs value_span >= 2; docs/memory.md).
     value_mix: Literal["fixed", "input"] = "fixed"
+    # Each earlier token scales its own share of the value span (a learned
+    # function of its input, zero at the start): where a fact's name begins
+    # hangs on how many tokens the words before it took, which an offset
+    # cannot know but the token itself can (needs value_span >= 2;
+    # docs/memory.md).
+    value_gate: bool = False
     # How the store is searched: "exact" (every stored key scored per query),
     # "blocks" (approximate: per-block summaries first, then the best blocks
     # exactly; cost per query ~ N/256 + 2048 keys) or "ivf" (an inverted file kept
@@ -915,6 +921,11 @@ def validate(cfg: Config) -> None:
         "memory.long.value_mix",
         f"{lm.value_mix!r} needs memory.long.value_span >= 2 (it is {lm.value_span}: one token's value has nothing"
         " to mix)",
+    )
+    need(
+        not lm.value_gate or lm.value_span >= 2,
+        "memory.long.value_gate",
+        f"needs memory.long.value_span >= 2 (it is {lm.value_span}: one token's value has nothing to mix)",
     )
     count("memory.bptt_segments", cfg.memory.bptt_segments, 1, MAX_BPTT_SEGMENTS)
     if lm.kind != "none":

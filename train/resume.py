@@ -27,6 +27,7 @@ UNSAFE_KEYS = (
     "memory.long.qk_tied",
     "memory.long.value_span",
     "memory.long.value_mix",
+    "memory.long.value_gate",
     "data.val_fraction",
     "train.seed",
 )
@@ -37,6 +38,7 @@ _LTM_ONLY_KEYS = (
     "memory.long.qk_tied",
     "memory.long.value_span",
     "memory.long.value_mix",
+    "memory.long.value_gate",
 )
 
 

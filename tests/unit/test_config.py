@@ -137,9 +137,14 @@ def test_a_value_span_changed_at_resume_is_refused_and_one_older_than_it_reads_a
         check("memory.long.value_span=17")
 
 
-def test_a_value_mix_changed_at_resume_is_refused_and_one_older_than_it_reads_as_fixed():
-    """memory.long.value_mix "input" adds a projection to the long-term layers: another mix at resume is refused
-    naming it; a checkpoint written before the key existed had one weight per head and offset ("fixed")."""
+@pytest.mark.parametrize(
+    "key,value,changed",
+    [("value_mix", "input", "from 'fixed' to 'input'"), ("value_gate", "true", "from False to True")],
+)
+def test_a_value_mix_or_gate_changed_at_resume_is_refused_and_one_older_than_it_reads_as_without(key, value, changed):
+    """memory.long.value_mix "input" and value_gate each add a projection to the long-term layers: another
+    setting at resume is refused naming the key; a checkpoint written before the key existed had neither (one
+    weight per head and offset, "fixed"; no gate)."""
     from pathlib import Path
 
     from mnemo.train.errors import UserError
@@ -147,14 +152,14 @@ def test_a_value_mix_changed_at_resume_is_refused_and_one_older_than_it_reads_as
 
     spanned = ["memory.long.kind=knn", "memory.long.value_span=5"]
     old = to_dict(load_config(None, spanned))
-    del old["memory"]["long"]["value_mix"]
+    del old["memory"]["long"][key]
 
     def check(*overrides):
         return check_resume_compatible(old, load_config(None, [*spanned, *overrides]), {}, "sha", {}, Path("ckpt"))
 
     check()
-    with pytest.raises(UserError, match=r"memory\.long\.value_mix: changed from 'fixed' to 'input'"):
-        check("memory.long.value_mix=input")
+    with pytest.raises(UserError, match=rf"memory\.long\.{key}: changed {changed}"):
+        check(f"memory.long.{key}={value}")
 
 
 def test_resume_takes_long_term_layers_by_the_layers_they_name():
@@ -1351,6 +1356,23 @@ def test_a_value_mix_reaches_the_model_and_needs_a_value_span():
     cfg = load_config("configs/debug.yaml", [*knn, "memory.long.value_span=5", "memory.long.value_mix=input"])
     assert model_args_from_config(cfg, 4096).ltm_value_mix == "input"
     assert model_args_from_config(load_config("configs/debug.yaml", knn), 4096).ltm_value_mix == "fixed"
+
+
+def test_a_value_gate_reaches_the_model_and_needs_a_value_span():
+    """value_gate scales each earlier token's share of a value span: without a span (1) there is none, which is
+    one line naming both keys before any process starts; a non-boolean is refused naming the key."""
+    from mnemo.train.engine import model_args_from_config
+
+    knn = ["memory.long.kind=knn"]
+    with pytest.raises(ConfigError) as e:
+        load_config("configs/debug.yaml", [*knn, "memory.long.value_gate=true"])
+    assert "memory.long.value_gate: needs memory.long.value_span >= 2 (it is 1" in str(e.value)
+    assert "\n" not in str(e.value)
+    with pytest.raises(ConfigError, match="memory.long.value_gate"):
+        load_config("configs/debug.yaml", [*knn, "memory.long.value_span=5", "memory.long.value_gate=2"])
+    cfg = load_config("configs/debug.yaml", [*knn, "memory.long.value_span=5", "memory.long.value_gate=true"])
+    assert model_args_from_config(cfg, 4096).ltm_value_gate is True
+    assert model_args_from_config(load_config("configs/debug.yaml", knn), 4096).ltm_value_gate is False
 
 
 def test_init_from_with_a_named_checkpoint_to_resume_is_refused_naming_both_keys():

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 from dataclasses import replace
+import copy
 import math
 from pathlib import Path
 import subprocess
@@ -41,12 +42,14 @@ def make(
     probe: int = 32,
     vspan: int = 1,
     vmix: str = "fixed",
+    vgate: bool = False,
 ) -> MemoryTransformer:
     """3 layers, d=32, 4 heads; long-term memory in layer 1. init_std 0.1 (not 0.02) so that
     attention is far from uniform and a wrong mask shows in the logits. span > 1: multi-token
     queries and keys in layer 1, their earlier-token projections drawn like the others (they
     start at zero in training, which would hide a wrong offset); vspan > 1 likewise for the values, and
-    vmix "input" for the part of their weights that each token's key chooses."""
+    vmix "input" for the part of their weights that each token's key chooses, vgate for the factor each
+    earlier token puts on its own share."""
     torch.manual_seed(seed)
     args = ModelArgs(
         vocab_size=V,
@@ -68,6 +71,7 @@ def make(
         ltm_ivf_probe=probe,
         ltm_value_span=vspan,
         ltm_value_mix=vmix,
+        ltm_value_gate=vgate,
     )
     model = MemoryTransformer(args).eval()
     with torch.no_grad():
@@ -78,7 +82,15 @@ def make(
             model.blocks[1].attn.value_mix.normal_(0.0, 0.5 / mt.VALUE_MIX_GAIN)  # weights ~0.5
         if vmix == "input":
             model.blocks[1].attn.value_select.weight.normal_(0.0, 0.1)  # +-0.5 per token: a key of norm ~5
+        if vgate:
+            model.blocks[1].attn.value_gate.weight.normal_(0.0, 0.1)  # factors 1 +- ~0.6
     return model
+
+
+def spans(span: int | tuple) -> tuple[int, int, str, bool]:
+    """(query/key span, value span, value mix, value gate) of a test's span parameter: S, or (S, S'[, mix[, gate]])."""
+    given = span if isinstance(span, tuple) else (span,)
+    return given + (1, 1, "fixed", False)[len(given) :]
 
 
 @pytest.fixture(autouse=True)
@@ -142,6 +154,8 @@ def close(got: torch.Tensor, ref: torch.Tensor) -> bool:
         ("gate", False, (1, 3), False),
         ("joint", False, (4, T + 3, "input"), True),
         ("gate", True, (3, 5, "input"), False),
+        ("joint", False, (4, T + 3, "input", True), True),
+        ("gate", True, (3, 5, "fixed", True), False),
     ],
 )
 @pytest.mark.parametrize("stm,capacity", [(T, 64), (2 * T, 64), (T // 2, 12), (0, 64)])
@@ -149,8 +163,10 @@ def test_no_output_depends_on_a_later_token(stm, capacity, mix, smear, span, tie
     """Perturbing token j changes nothing before j: within a segment, through
     the short-term memory and through the long-term store (FIFO or not).
     span (S, S'[, value mix]): query/key span S, value span S' (weights chosen by the key with "input")."""
-    span, vspan, vmix = (*span, "fixed")[:3] if isinstance(span, tuple) else (span, 1, "fixed")
-    model = make(stm=stm, capacity=capacity, mix=mix, smear=smear, span=span, tied=tied, vspan=vspan, vmix=vmix)
+    span, vspan, vmix, vgate = spans(span)
+    model = make(
+        stm=stm, capacity=capacity, mix=mix, smear=smear, span=span, tied=tied, vspan=vspan, vmix=vmix, vgate=vgate
+    )
     x = tokens(2, 5)
     with torch.no_grad():
         ref, _ = run(model, x)
@@ -294,7 +310,12 @@ def sliding_window_reference(
             if at.value_mix_input:  # plus each token's own, from its RMS-normalized key (before smearing) [B, L, D]
                 kx = F.rms_norm(k.transpose(1, 2).reshape(B, L, -1), (a.d_model,))
                 a_hj = a_hj + at.value_select(kx).view(B, L, -1, H).permute(0, 3, 2, 1)[..., None]  # [B, H, S'-1, L, 1]
-            earlier = torch.stack([F.pad(v, (0, 0, j, 0))[:, :, :L] for j in range(1, at.value_span)], dim=2)
+            if at.value_gate is not None:  # each token's factor on its share, from its RMS-normalized input
+                g = 1.0 + at.value_gate(F.rms_norm(z, (a.d_model,))).transpose(1, 2)[..., None]  # [B, H, L, 1]
+                v_src = v * g
+            else:
+                v_src = v
+            earlier = torch.stack([F.pad(v_src, (0, 0, j, 0))[:, :, :L] for j in range(1, at.value_span)], dim=2)
             v = v + (a_hj * earlier).sum(2)  # earlier: [B, H, S'-1, L, Dh]
         if at.joint:
             if at.smear:  # each key mixes in the previous token's (none before the document's first)
@@ -448,6 +469,7 @@ def test_model_with_searched_window_equals_model_searching_the_whole_store(monke
         (True, (T + 2, 3), False),
         (False, (4, 2 * T + 3, "input"), True),
         (True, (3, T + 2, "input"), False),
+        (False, (4, 2 * T + 3, "input", True), True),
     ],
 )
 @pytest.mark.parametrize("stm", [T, 2 * T, T // 2, 0])
@@ -460,7 +482,7 @@ def test_joint_layer_with_k_covering_the_store_is_full_causal_attention(stm, sme
     than the query/key span (the inputs carried across segments are the longer of the two), its weights
     chosen per token by the key with value mix "input"."""
     capacity = 64
-    span, vspan, vmix = (*span, "fixed")[:3] if isinstance(span, tuple) else (span, 1, "fixed")
+    span, vspan, vmix, vgate = spans(span)
     model = make(
         stm=stm,
         capacity=capacity,
@@ -471,6 +493,7 @@ def test_joint_layer_with_k_covering_the_store_is_full_causal_attention(stm, sme
         tied=tied,
         vspan=vspan,
         vmix=vmix,
+        vgate=vgate,
     )
     with torch.no_grad():
         model.blocks[1].attn.ltm_log_temp.copy_(torch.log(torch.tensor([1.0, 3.0, 10.0, 30.0])))
@@ -508,6 +531,49 @@ def test_a_value_mix_chosen_by_the_keys_starts_as_the_fixed_one_and_learns_from_
         moved, _ = run(chosen, x)
     assert torch.equal(moved[:, :1], ref[:, :1])  # the first token has no earlier values to mix
     assert not close(moved[:, T:], ref[:, T:])
+
+
+def test_a_value_gate_starts_as_no_gate_and_learns_from_the_first_step():
+    """value_gate: its projection G starts at zero, so each earlier token's factor is 1 and the model computes what
+    it does without a gate, bit for bit; G gets a gradient at once, and once it is not zero, earlier tokens weigh
+    their own shares: outputs change (not the first token's, which has no earlier values)."""
+    plain, gated = make(stm=T, vspan=9, vmix="input"), make(stm=T, vspan=9, vmix="input", vgate=True)
+    missing, unexpected = gated.load_state_dict(plain.state_dict(), strict=False)
+    assert missing == ["blocks.1.attn.value_gate.weight"] and not unexpected
+    with torch.no_grad():
+        gated.blocks[1].attn.value_gate.weight.zero_()
+    x = tokens(2, 3)
+    with torch.no_grad():
+        ref, _ = run(plain, x)
+        out, _ = run(gated, x)
+    assert torch.equal(out, ref)
+    logits, _ = run(gated, x)
+    F.cross_entropy(logits.reshape(-1, V), x.reshape(-1)).backward()
+    assert gated.blocks[1].attn.value_gate.weight.grad.abs().max() > 0
+    with torch.no_grad():
+        gated.blocks[1].attn.value_gate.weight.normal_(0.0, 0.1)
+        moved, _ = run(gated, x)
+    assert torch.equal(moved[:, :1], ref[:, :1])
+    assert not close(moved[:, T:], ref[:, T:])
+    assert gated.num_params() == gated.expected_num_params() == plain.num_params() + 32 * 4  # [D, H]
+
+
+def test_a_value_span_chosen_by_the_keys_and_gated_runs_in_bf16():
+    """Every CUDA run is bf16: the value span's mix (weights chosen by the keys, each token's gate) in a bf16 model
+    reads segment by segment as the fp32 one does, up to bf16 rounding (~1e-2 of the logits' scale; a wrong
+    offset or a dropped gate moves them by far more), and its projections get bf16 gradients."""
+    model = make(stm=T, vspan=9, vmix="input", vgate=True)
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    x = tokens(2, 3)
+    with torch.no_grad():
+        ref, _ = run(model, x)
+    out, _ = run(half, x)
+    assert out.dtype == torch.bfloat16
+    assert (out.float() - ref).abs().max() < 0.05 * ref.abs().max()
+    F.cross_entropy(out.float().reshape(-1, V), x.reshape(-1)).backward()
+    attn = half.blocks[1].attn
+    for w in (attn.value_gate.weight, attn.value_select.weight, attn.value_mix):
+        assert w.grad.dtype == torch.bfloat16 and w.grad.abs().max() > 0
 
 
 def test_joint_layer_sees_what_its_fifo_store_holds():

@@ -135,6 +135,7 @@ BAD_ARGS = [
     ("norm_eps", float("nan"), "norm_eps: must be a finite number > 0"),
     ("ltm_temperature_init", 0, "ltm_temperature_init: must be > 0"),
     ("tie_embeddings", 1, "tie_embeddings: must be true or false"),
+    ("ltm_value_gate", "yes", "ltm_value_gate: must be true or false"),
     ("ltm_layers", 3, "ltm_layers: must be a list of whole numbers"),
     # More neighbours than the store holds: accepted (and read otherwise) where memory.long.topk is refused.
     ("ltm_topk", 100000, r"ltm_topk: must be <= ltm_capacity \(\d+\), got 100000"),

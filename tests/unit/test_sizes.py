@@ -132,23 +132,35 @@ def test_flops_count_the_span_projections_of_queries_and_keys(tied):
 
 
 @pytest.mark.parametrize(
-    "qk_span,tied,mix", [(1, False, "fixed"), (5, True, "fixed"), (3, False, "fixed"), (5, True, "input")]
+    "qk_span,tied,mix,gate",
+    [
+        (1, False, "fixed", False),
+        (5, True, "fixed", False),
+        (3, False, "fixed", False),
+        (5, True, "input", False),
+        (5, True, "input", True),
+        (3, False, "fixed", True),
+    ],
 )
-def test_a_value_span_is_counted_in_params_and_flops(qk_span, tied, mix):
+def test_a_value_span_is_counted_in_params_and_flops(qk_span, tied, mix, gate):
     """value_span S': the long-term layers' values mix in the S' - 1 values before (a weight per head and
     offset), and project the values of the S' - 1 inputs carried from the last segment (W_v on S' - 1 more
     rows per segment): both counted exactly, beside a query/key span of any kind. Value mix "input" adds
-    the keys' part of the weights ([d, (S'-1) H] per layer, one row of it per token)."""
+    the keys' part of the weights ([d, (S'-1) H] per layer, one row of it per token); the value gate each token's
+    factor ([d, H] per layer, one row per token read: the segment's and the S' - 1 carried)."""
     kw = dict(stm_length=64, ltm_kind="knn", ltm_capacity=256, ltm_topk=8, ltm_layers=(1, 2), ltm_smear_keys=False)
     kw.update(ltm_qk_span=qk_span, ltm_qk_tied=tied)
-    plain, spanned = meta_model("debug", **kw), meta_model("debug", **kw, ltm_value_span=7, ltm_value_mix=mix)
+    plain = meta_model("debug", **kw)
+    spanned = meta_model("debug", **kw, ltm_value_span=7, ltm_value_mix=mix, ltm_value_gate=gate)
     d, h = SIZES["debug"].d_model, SIZES["debug"].n_heads
     chosen = d * 6 * h if mix == "input" else 0
+    gated = d * h if gate else 0
     for m in (plain, spanned):
         assert sum(p.numel() for p in m.parameters()) == m.expected_num_params()
-    assert spanned.expected_num_params() - plain.expected_num_params() == 2 * (6 * h + chosen)  # 2 layers
+    assert spanned.expected_num_params() - plain.expected_num_params() == 2 * (6 * h + chosen + gated)  # 2 layers
     c0, c1 = counted_forward(plain, T), counted_forward(spanned, T)
     extra = 3 * (c1["aten.mm"] - c0["aten.mm"]) / T
-    # 3x forward, 2 FLOPs, 2 layers: 6 rows of [d, d] per segment, and [d, 6 H] per token with "input".
-    assert extra == 3 * 2 * 2 * (6 * d**2 / T + chosen)
+    # 3x forward, 2 FLOPs, 2 layers: 6 rows of [d, d] per segment, and [d, 6 H] per token with "input"; with the
+    # gate [d, H] per token and per carried row.
+    assert extra == 3 * 2 * 2 * (6 * d**2 / T + chosen + gated * (T + 6) / T)
     assert within(spanned.flops_per_token(T) - plain.flops_per_token(T), extra)
