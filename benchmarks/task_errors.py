@@ -1,0 +1,85 @@
+"""Where the wrong answers of a long-context task go wrong first.
+
+    python benchmarks/task_errors.py CHECKPOINT --data DATA [--task variable_tracking:h=2] [--distance 8]
+        [--trials 200] [--seed 0]
+
+The documents are those of ``mnemo eval CHECKPOINT --data DATA --tasks TASK --distances D`` (held-out filler,
+seeded by (seed, D, task)), scored as it scores them: teacher-forced argmax at every answer token, exact when
+all are right. A list answer ("QRXPU, VFBHH, WXAMV": variable tracking's names, multi-value NIAH's values) is
+split into its items at the separator's tokens, and each wrong document is counted by the item and the token
+within it where its first wrong argmax is. For a first token read wrong, it also counts whether the token the
+model chose occurs anywhere in the document before the question (not at all: a blurred read, no copy of a
+wrong token).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import Counter
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("checkpoint")
+    p.add_argument("--data", required=True, help="the prepared data dir (held-out documents give the filler)")
+    p.add_argument("--task", default="variable_tracking:h=2")
+    p.add_argument("--distance", type=int, default=8)
+    p.add_argument("--trials", type=int, default=200)
+    p.add_argument("--seed", type=int, default=0, help="seed of the documents (mnemo eval's default: 0)")
+    args = p.parse_args(argv)
+
+    import numpy as np
+
+    from mnemo.data_pipeline.task_layout import Pieces
+    from mnemo.evaluation.heldout import FILLER_TOKENS, filler_docs, read_heldout_docs
+    from mnemo.evaluation.inference import with_ltm_capacity
+    from mnemo.evaluation.scoring import score_teacher_forced
+    from mnemo.evaluation.stats import wilson_interval
+    from mnemo.evaluation.task_eval import longest_document, task_samples, task_specs
+    from mnemo.train.checkpoint import load_for_inference
+
+    model, tok, cfg = load_for_inference(args.checkpoint, device="cpu")
+    model.eval()
+    T = cfg.model.segment_len
+    docs = read_heldout_docs(args.data, cfg.data.val_fraction, min_tokens=FILLER_TOKENS, vocab_size=tok.vocab_size)
+    spec = task_specs([args.task])[0]
+    samples = task_samples([spec], tok, filler_docs(docs), T, [args.distance], args.trials, args.seed)
+    with_ltm_capacity(model, max(cfg.memory.long.capacity, longest_document(samples)))
+    ss = samples[spec.name][str(args.distance)]
+    preds, _ = score_teacher_forced(model, ss, T, 16)
+
+    sep = Pieces(tok)(", ")  # the list answer's separator, encoded on its own as the generators do
+    firsts: Counter = Counter()
+    blurred = copied = 0
+    for s, pred in zip(ss, preds):
+        a = s["tokens"][s["answer_start"] : s["answer_start"] + s["answer_len"]]
+        wrong = np.flatnonzero(pred != a)
+        if wrong.size == 0:
+            continue
+        t = int(wrong[0])
+        # Item starts: 0 and each token after a separator [answer_len].
+        starts = [0] + [i + sep.size for i in range(a.size - sep.size + 1) if np.array_equal(a[i : i + sep.size], sep)]
+        item = max(k for k, st in enumerate(starts) if st <= t)
+        firsts[(item, t - starts[item])] += 1
+        if t == starts[item]:
+            if np.any(s["tokens"][: s["answer_start"]] == pred[t]):
+                copied += 1
+            else:
+                blurred += 1
+    n, k = len(ss), len(ss) - sum(firsts.values())
+    lo, hi = wilson_interval(k, n)
+    print(f"{spec.name} D={args.distance}: exact {k / n:.2f} [{lo:.2f}, {hi:.2f}] of {n} (teacher-forced)")
+    print("first wrong token (item, token in item): documents")
+    for (item, pos), c in sorted(firsts.items(), key=lambda kv: (-kv[1], kv[0])):
+        print(f"  ({item}, {pos}): {c}")
+    print(f"a first token read wrong: {copied} chose a token of the document, {blurred} one it does not hold")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
