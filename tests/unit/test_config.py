@@ -1341,38 +1341,33 @@ def test_a_value_span_reaches_the_model():
     assert cfg.memory.long.value_span == 17 and model_args_from_config(cfg, 4096).ltm_value_span == 17
 
 
-def test_a_value_mix_reaches_the_model_and_needs_a_value_span():
-    """value_mix "input" chooses the weights of a value span's earlier values per token: without a span (1) it
-    has nothing to choose, which is one line naming both keys before any process starts."""
+@pytest.mark.parametrize(
+    "key,on,bad,field,want,default,needs",
+    [
+        # value_mix "input" chooses the weights of a value span's earlier values per token.
+        ("value_mix", "input", "learned", "ltm_value_mix", "input", "fixed", "'input' needs"),
+        # value_gate scales each earlier token's share of a value span; a non-boolean is refused.
+        ("value_gate", "true", "2", "ltm_value_gate", True, False, "needs"),
+    ],
+)
+def test_a_value_mix_or_gate_reaches_the_model_and_needs_a_value_span(key, on, bad, field, want, default, needs):
+    """Without a value span (1) there is nothing to choose or scale, which is one line naming both keys before
+    any process starts; a bad value is refused naming the key; the setting reaches the model's arguments."""
     from mnemo.train.engine import model_args_from_config
 
     knn = ["memory.long.kind=knn"]
     with pytest.raises(ConfigError) as e:
-        load_config("configs/debug.yaml", [*knn, "memory.long.value_mix=input"])
-    assert "memory.long.value_mix: 'input' needs memory.long.value_span >= 2 (it is 1" in str(e.value)
+        load_config("configs/debug.yaml", [*knn, f"memory.long.{key}={on}"])
+    assert f"memory.long.{key}: {needs} memory.long.value_span >= 2 (it is 1" in str(e.value)
     assert "\n" not in str(e.value)
-    with pytest.raises(ConfigError, match="memory.long.value_mix"):
-        load_config("configs/debug.yaml", [*knn, "memory.long.value_span=5", "memory.long.value_mix=learned"])
-    cfg = load_config("configs/debug.yaml", [*knn, "memory.long.value_span=5", "memory.long.value_mix=input"])
-    assert model_args_from_config(cfg, 4096).ltm_value_mix == "input"
-    assert model_args_from_config(load_config("configs/debug.yaml", knn), 4096).ltm_value_mix == "fixed"
-
-
-def test_a_value_gate_reaches_the_model_and_needs_a_value_span():
-    """value_gate scales each earlier token's share of a value span: without a span (1) there is none, which is
-    one line naming both keys before any process starts; a non-boolean is refused naming the key."""
-    from mnemo.train.engine import model_args_from_config
-
-    knn = ["memory.long.kind=knn"]
-    with pytest.raises(ConfigError) as e:
-        load_config("configs/debug.yaml", [*knn, "memory.long.value_gate=true"])
-    assert "memory.long.value_gate: needs memory.long.value_span >= 2 (it is 1" in str(e.value)
-    assert "\n" not in str(e.value)
-    with pytest.raises(ConfigError, match="memory.long.value_gate"):
-        load_config("configs/debug.yaml", [*knn, "memory.long.value_span=5", "memory.long.value_gate=2"])
-    cfg = load_config("configs/debug.yaml", [*knn, "memory.long.value_span=5", "memory.long.value_gate=true"])
-    assert model_args_from_config(cfg, 4096).ltm_value_gate is True
-    assert model_args_from_config(load_config("configs/debug.yaml", knn), 4096).ltm_value_gate is False
+    with pytest.raises(ConfigError, match=f"memory.long.{key}"):
+        load_config("configs/debug.yaml", [*knn, "memory.long.value_span=5", f"memory.long.{key}={bad}"])
+    cfg = load_config("configs/debug.yaml", [*knn, "memory.long.value_span=5", f"memory.long.{key}={on}"])
+    for got, expected in (
+        (getattr(model_args_from_config(cfg, 4096), field), want),
+        (getattr(model_args_from_config(load_config("configs/debug.yaml", knn), 4096), field), default),
+    ):
+        assert got == expected and type(got) is type(expected)
 
 
 def test_init_from_with_a_named_checkpoint_to_resume_is_refused_naming_both_keys():

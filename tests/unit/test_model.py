@@ -509,53 +509,42 @@ def test_joint_layer_with_k_covering_the_store_is_full_causal_attention(stm, sme
             assert not close(seg, twice)
 
 
-def test_a_value_mix_chosen_by_the_keys_starts_as_the_fixed_one_and_learns_from_the_first_step():
-    """value_mix "input": its projection U starts at zero, so the model computes what "fixed" does with the same
-    weights, bit for bit; U gets a gradient at once (the layer can start telling facts apart by their keys), and
-    once it is not zero, tokens with different keys mix their earlier values differently: outputs change."""
-    fixed, chosen = make(stm=T, vspan=9), make(stm=T, vspan=9, vmix="input")
-    missing, unexpected = chosen.load_state_dict(fixed.state_dict(), strict=False)
-    assert missing == ["blocks.1.attn.value_select.weight"] and not unexpected
+@pytest.mark.parametrize(
+    "before,added,param,count",
+    [
+        # value_mix "input": the keys' projection U [D, (S'-1) H] (the layer can start telling facts apart by their
+        # keys; tokens with different keys then mix their earlier values differently).
+        ({}, {"vmix": "input"}, "value_select", 32 * 8 * 4),
+        # value_gate: each earlier token's factor G [D, H] (earlier tokens then weigh their own shares).
+        ({"vmix": "input"}, {"vgate": True}, "value_gate", 32 * 4),
+    ],
+)
+def test_a_value_span_projection_starts_as_the_span_without_it_and_learns_from_the_first_step(
+    before, added, param, count
+):
+    """A projection that value_mix "input" or value_gate adds to a value span starts at zero, so the model computes
+    what it does without it with the same weights, bit for bit; it gets a gradient at once, and once it is not
+    zero, outputs change (not the first token's, which has no earlier values to mix). Its weights are counted."""
+    plain, extended = make(stm=T, vspan=9, **before), make(stm=T, vspan=9, **before, **added)
+    missing, unexpected = extended.load_state_dict(plain.state_dict(), strict=False)
+    assert missing == [f"blocks.1.attn.{param}.weight"] and not unexpected
+    weight = getattr(extended.blocks[1].attn, param).weight
     with torch.no_grad():
-        chosen.blocks[1].attn.value_select.weight.zero_()
-    x = tokens(2, 3)
-    with torch.no_grad():
-        ref, _ = run(fixed, x)
-        out, _ = run(chosen, x)
-    assert torch.equal(out, ref)
-    logits, _ = run(chosen, x)
-    F.cross_entropy(logits.reshape(-1, V), x.reshape(-1)).backward()
-    assert chosen.blocks[1].attn.value_select.weight.grad.abs().max() > 0
-    with torch.no_grad():
-        chosen.blocks[1].attn.value_select.weight.normal_(0.0, 0.1)
-        moved, _ = run(chosen, x)
-    assert torch.equal(moved[:, :1], ref[:, :1])  # the first token has no earlier values to mix
-    assert not close(moved[:, T:], ref[:, T:])
-
-
-def test_a_value_gate_starts_as_no_gate_and_learns_from_the_first_step():
-    """value_gate: its projection G starts at zero, so each earlier token's factor is 1 and the model computes what
-    it does without a gate, bit for bit; G gets a gradient at once, and once it is not zero, earlier tokens weigh
-    their own shares: outputs change (not the first token's, which has no earlier values)."""
-    plain, gated = make(stm=T, vspan=9, vmix="input"), make(stm=T, vspan=9, vmix="input", vgate=True)
-    missing, unexpected = gated.load_state_dict(plain.state_dict(), strict=False)
-    assert missing == ["blocks.1.attn.value_gate.weight"] and not unexpected
-    with torch.no_grad():
-        gated.blocks[1].attn.value_gate.weight.zero_()
+        weight.zero_()
     x = tokens(2, 3)
     with torch.no_grad():
         ref, _ = run(plain, x)
-        out, _ = run(gated, x)
+        out, _ = run(extended, x)
     assert torch.equal(out, ref)
-    logits, _ = run(gated, x)
+    logits, _ = run(extended, x)
     F.cross_entropy(logits.reshape(-1, V), x.reshape(-1)).backward()
-    assert gated.blocks[1].attn.value_gate.weight.grad.abs().max() > 0
+    assert weight.grad.abs().max() > 0
     with torch.no_grad():
-        gated.blocks[1].attn.value_gate.weight.normal_(0.0, 0.1)
-        moved, _ = run(gated, x)
-    assert torch.equal(moved[:, :1], ref[:, :1])
+        weight.normal_(0.0, 0.1)
+        moved, _ = run(extended, x)
+    assert torch.equal(moved[:, :1], ref[:, :1])  # the first token has no earlier values to mix
     assert not close(moved[:, T:], ref[:, T:])
-    assert gated.num_params() == gated.expected_num_params() == plain.num_params() + 32 * 4  # [D, H]
+    assert extended.num_params() == extended.expected_num_params() == plain.num_params() + count
 
 
 def test_a_value_span_chosen_by_the_keys_and_gated_runs_in_bf16():
