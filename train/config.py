@@ -214,6 +214,11 @@ class PasskeyTrainConfig:
     tasks: list[str] = field(default_factory=lambda: ["passkey"])
     # Their relative frequencies, one > 0 per task (empty = equal).
     task_weights: list[float] = field(default_factory=list)
+    # A task whose curriculum has ended (its max D is max_distance and its
+    # facts all of its spec's) is drawn this fraction as often as its weight
+    # says (1 = no change): the episodes it no longer needs go to the tasks
+    # still climbing, while it keeps a share that holds what it learned.
+    done_weight: float = 1.0
 
 
 @dataclass
@@ -1014,6 +1019,7 @@ def validate(cfg: Config) -> None:
         "train.passkey.task_weights",
         f"{_brief(pk.task_weights)}: one weight > 0 per task of train.passkey.tasks ({len(specs)}), or empty",
     )
+    need(0 < pk.done_weight <= 1, "train.passkey.done_weight", f"must be in (0, 1], got {pk.done_weight}")
     need(cfg.zero.stage in (1, 2, 3), "zero.stage", f"must be 1, 2 or 3, got {cfg.zero.stage}")
     need(cfg.checkpoint.interval >= 0, "checkpoint.interval", "must be >= 0")
     need(cfg.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")

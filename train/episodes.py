@@ -112,6 +112,11 @@ class PasskeyCurriculum:
         # No rank in the seed: identical on all ranks.
         self.rng = np.random.default_rng([int(seed), 0x9A55] + ([int(stream)] if stream else []))
 
+    @property
+    def finished(self) -> bool:
+        """Whether it has nothing left to raise: max D at max_distance and all the task's facts."""
+        return self.current >= self.max_distance and self.facts >= self.max_facts
+
     def next_distance(self) -> tuple[int, bool]:
         """(D of the next episode batch, whether it is a max-D batch)."""
         self.episodes += 1
@@ -286,8 +291,10 @@ class Episodes:
         ltm_only_at_max: bool = False,
         seed: int = 0,
         weights: Any = (),
+        done_weight: float = 1.0,
     ):
-        """curriculum  one per task of ``source.tasks``; seed, weights  the task draw (train.seed, task_weights)."""
+        """curriculum  one per task of ``source.tasks``; seed, weights  the task draw (train.seed, task_weights);
+        done_weight  the factor on a finished curriculum's weight (train.passkey.done_weight)."""
         self.source, self.fraction = source, fraction
         self.curricula = list(curriculum) if isinstance(curriculum, (list, tuple)) else [curriculum]
         if len(self.curricula) != len(source.tasks):
@@ -295,6 +302,7 @@ class Episodes:
         self.ltm_only_at_max = ltm_only_at_max
         self.seed = int(seed)
         self.weights = task_weights(weights, len(source.tasks))
+        self.done_weight = float(done_weight)
         self.names = [metric_name(t.name) for t in source.tasks]  # as in the eval/task/<name>/... metrics
 
     @property
@@ -312,7 +320,12 @@ class Episodes:
         if step is None:
             raise ValueError("Episodes.forward: a mixture of tasks needs the optimizer step")
         rng = np.random.default_rng([self.seed, int(step), 0x7A5C])
-        return int(rng.choice(len(self.curricula), p=self.weights))
+        p = self.weights
+        if self.done_weight != 1.0 and any(c.finished for c in self.curricula):
+            # The curricula are the same on every rank (they decide on rank means), so is p.
+            p = p * np.array([self.done_weight if c.finished else 1.0 for c in self.curricula])
+            p = p / p.sum()
+        return int(rng.choice(len(self.curricula), p=p))
 
     def forward(
         self, model: Any, device: torch.device, dtype: torch.dtype, has_memory: bool, step: int | None = None
@@ -424,7 +437,15 @@ def build_episodes(
         )
         for i in range(len(src.tasks))
     ]
-    return Episodes(src, curricula, pk.fraction, ltm_only_at_max=pk.ltm_only_at_max, seed=seed, weights=pk.task_weights)
+    return Episodes(
+        src,
+        curricula,
+        pk.fraction,
+        ltm_only_at_max=pk.ltm_only_at_max,
+        seed=seed,
+        weights=pk.task_weights,
+        done_weight=pk.done_weight,
+    )
 
 
 def training_filler(source: Any, val_fraction: float, max_docs: int, seed: int) -> np.ndarray:

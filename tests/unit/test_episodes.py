@@ -270,10 +270,17 @@ def test_default_tasks_give_the_batches_of_before(tok, filler, max_keys, digest)
     assert _digest(src, PasskeyCurriculum(1, 4, 0.7, 2, seed=7, max_facts=1, stream=0)) == digest
 
 
-def _mixture(tok, filler, rank: int, tasks=MIX, weights=()) -> Episodes:
+def _mixture(tok, filler, rank: int, tasks=MIX, weights=(), done_weight=1.0) -> Episodes:
     from mnemo.train.config import PasskeyTrainConfig
 
-    pk = PasskeyTrainConfig(fraction=1.0, start_distance=1, max_distance=4, tasks=list(tasks), task_weights=weights)
+    pk = PasskeyTrainConfig(
+        fraction=1.0,
+        start_distance=1,
+        max_distance=4,
+        tasks=list(tasks),
+        task_weights=weights,
+        done_weight=done_weight,
+    )
     return build_episodes(pk, tok, filler, TT, 2, 5.0, 1.0, seed=3, rank=rank)
 
 
@@ -294,6 +301,34 @@ def test_mixture_draws_the_same_tasks_and_segments_on_every_rank(tok, filler):
     assert _mixture(tok, filler, 0, tasks=["mqar:n=4"]).pick(None) == 0
     with pytest.raises(ValueError, match="step"):
         a.pick(None)
+
+
+def test_a_finished_curriculum_is_drawn_done_weight_as_often(tok, filler):
+    """train.passkey.done_weight: a task whose curriculum has ended gives most of its draws to the others."""
+    steps = range(1000)
+    plain = _mixture(tok, filler, 0, tasks=MIX[:2])
+    ranks = [_mixture(tok, filler, r, tasks=MIX[:2], done_weight=0.25) for r in (0, 1)]
+    before = [plain.pick(s) for s in steps]
+    # Nothing finished: the draws of before the key, draw for draw.
+    assert [ranks[0].pick(s) for s in steps] == before
+    for m in (plain, *ranks):
+        c = m.curricula[0]  # niah_multikey k=4: D 1 -> 4 and facts 1 -> 4 (2 promotions of 5 max-D steps each)
+        step = 0
+        while not c.finished:
+            assert step < 100, "the curriculum never ended"
+            step += 1
+            c.update(1.0, step)
+        assert (c.current, c.facts) == (4, 4) and not m.curricula[1].finished
+    # done_weight 1: unchanged; 0.25: the finished task is drawn 1 / (1 + 4) of the time, the same on every rank.
+    assert [plain.pick(s) for s in steps] == before
+    after = [ranks[0].pick(s) for s in steps]
+    assert after == [ranks[1].pick(s) for s in steps]
+    share = after.count(0) / len(after)
+    assert 0.15 < share < 0.25 and before.count(0) / len(before) > 0.4, share
+    # The weights follow the curricula, which a checkpoint holds: a resumed mixture draws the same.
+    resumed = _mixture(tok, filler, 0, tasks=MIX[:2], done_weight=0.25)
+    resumed.load_state_dict(ranks[0].state_dict())
+    assert [resumed.pick(s) for s in steps] == after
 
 
 @pytest.mark.parametrize("name", [*MIX, "mqar:n=64", "passkey:haystack=repeat", "niah_single_word"])
@@ -390,6 +425,9 @@ def test_mixture_state_round_trip_and_old_state(tok, filler):
         ("train.passkey.tasks=[]", r"train\.passkey\.tasks: must name"),
         ("train.passkey.task_weights=[1, 2]", r"train\.passkey\.task_weights: \[1\.0, 2\.0\]"),
         ("train.passkey.task_weights=[0]", r"train\.passkey\.task_weights"),
+        ("train.passkey.done_weight=0", r"train\.passkey\.done_weight: must be in \(0, 1\], got 0"),
+        ("train.passkey.done_weight=1.5", r"train\.passkey\.done_weight: must be in \(0, 1\], got 1\.5"),
+        ("train.passkey.done_weight=nan", r"train\.passkey\.done_weight"),
     ],
 )
 def test_task_config_is_checked(override, match):
