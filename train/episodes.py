@@ -327,6 +327,20 @@ class Episodes:
             p = p / p.sum()
         return int(rng.choice(len(self.curricula), p=p))
 
+    def promotion_message(self, task: int, step: int, exact: float, distance: int, window: int) -> str:
+        """The log line of task ``task``'s promotion at ``step`` (its curriculum already raised): what passed
+        (``exact`` over ``window`` max-D steps at ``distance``), where it goes, and whether it has now ended."""
+        cur = self.curricula[task]
+        msg = (
+            f"step {step}: {self.names[task]} exact match {exact:.2f} at D={distance} (mean of the last {window} "
+            f"max-D steps); curriculum max D -> {cur.current}"
+        )
+        if cur.max_facts > 1:
+            msg += f", facts -> {cur.facts}"
+        if cur.finished and len(self.curricula) > 1 and self.done_weight != 1.0:
+            msg += f"; finished: drawn x{self.done_weight:g} from now (train.passkey.done_weight)"
+        return msg
+
     def forward(
         self, model: Any, device: torch.device, dtype: torch.dtype, has_memory: bool, step: int | None = None
     ) -> EpisodeResult:

@@ -273,22 +273,7 @@ class TrainLoop:
         if res.batch.at_max:
             window = (cur.history + [exact])[-cur.promote_window :]
             if cur.update(exact, step + 1) and self.info.rank == 0:
-                log.info(
-                    "step %d: %s exact match %.2f at D=%d (mean of the last %d max-D steps); "
-                    "curriculum max D -> %d"
-                    + (", facts -> %d" % cur.facts if cur.max_facts > 1 else "")
-                    + (
-                        "; finished: drawn x%g from now (train.passkey.done_weight)" % self.episodes.done_weight
-                        if cur.finished and len(self.episodes.curricula) > 1 and self.episodes.done_weight != 1.0
-                        else ""
-                    ),
-                    step + 1,
-                    name,
-                    sum(window) / len(window),
-                    D,
-                    len(window),
-                    cur.current,
-                )
+                log.info("%s", self.episodes.promotion_message(k, step + 1, sum(window) / len(window), D, len(window)))
         w = self._window
         w["last"] = step + 1
         w["ep_s"] += time.time() - t0

@@ -319,6 +319,13 @@ def test_a_finished_curriculum_is_drawn_done_weight_as_often(tok, filler):
             step += 1
             c.update(1.0, step)
         assert (c.current, c.facts) == (4, 4) and not m.curricula[1].finished
+    # The log line of the promotion that ended it says so where the key changes the draw.
+    line = "step 9: niah_multikey_k4 exact match 1.00 at D=3 (mean of the last 5 max-D steps); curriculum max D -> 4"
+    assert plain.promotion_message(0, 9, 1.0, 3, 5) == line + ", facts -> 4"
+    assert ranks[0].promotion_message(0, 9, 1.0, 3, 5) == (
+        line + ", facts -> 4; finished: drawn x0.25 from now (train.passkey.done_weight)"
+    )
+    assert "finished" not in ranks[0].promotion_message(1, 9, 1.0, 3, 5), "mqar has not ended"
     # done_weight 1: unchanged; 0.25: the finished task is drawn 1 / (1 + 4) of the time, the same on every rank.
     assert [plain.pick(s) for s in steps] == before
     after = [ranks[0].pick(s) for s in steps]
