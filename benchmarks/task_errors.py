@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     ss = samples[spec.name][str(args.distance)]
     preds, _ = score_teacher_forced(model, ss, T, 16)
 
-    sep = Pieces(tok)(", ")  # the list answer's separator, encoded on its own as the generators do
+    sep = Pieces(tok).separator()  # the list answer's separator, as the generators encode it
     firsts: Counter = Counter()
     blurred = copied = 0
     for s, pred in zip(ss, preds):

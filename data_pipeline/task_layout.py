@@ -23,6 +23,10 @@ class TaskError(DataError, ValueError):
     """A bad task name or parameter, or a task that does not fit the segment length and distance: names which."""
 
 
+# Between the items of a list answer ("a, b, c"), a text piece of its own.
+LIST_SEPARATOR = ", "
+
+
 class Pieces:
     """Token ids of text pieces, each encoded on its own (so it tokenizes the same wherever it is put)."""
 
@@ -41,7 +45,11 @@ class Pieces:
 
     def join(self, items: list[str]) -> np.ndarray:
         """The list answer "a, b, c": items and separators encoded on their own."""
-        return self("", items[0], *[p for it in items[1:] for p in (", ", it)])
+        return self("", items[0], *[p for it in items[1:] for p in (LIST_SEPARATOR, it)])
+
+    def separator(self) -> np.ndarray:
+        """The token ids between two items of a ``join`` answer."""
+        return self(LIST_SEPARATOR)
 
 
 @dataclass

@@ -131,7 +131,7 @@ class PasskeyCurriculum:
         if len(recent) < self.promote_window or sum(recent) / len(recent) <= self.promote_exact:
             return False
         self.clicked_at = self.clicked_at or step
-        if self.current >= self.max_distance and self.facts >= self.max_facts:
+        if self.finished:
             return False
         self.current = min(self.current + 1, self.max_distance)
         self.facts = min(2 * self.facts, self.max_facts)
