@@ -55,9 +55,13 @@ TARGETS: list[tuple[str, int, float, float | None, float | None]] = [
 ]
 # Per-step cost of the baseline relative to the memory model; splits the training budget so that the
 # baseline can run as many steps. The baseline skips an episode's earlier segments, but they run without
-# gradient, so the question's segment (forward and backward) dominates both: measured 0.43 vs 0.58 s per
-# step (2 ranks x 8, the default mixture), 0.75; the memory model's share keeps its 900 steps in 20 minutes.
-BASELINE_COST_RATIO = 0.7
+# gradient, so the question's segment (forward and backward) dominates both. Measured over nine runs of the
+# default mixture (2 ranks x 8, 900 steps each, 2026-12-06/07): memory 497-563 s, baseline 246-378 s (one
+# outlier; the others 246-281 s), a ratio of ~0.5. It was 0.7, which left the memory run 559 s for its ~550:
+# a machine a few percent slower cut its steps and, with them, the end of its learning-rate decay (a loaded
+# run stopped at 874 of 900 steps scored variable tracking 0.44 against 0.51, docs/many_facts.md). At 0.5
+# the memory run gets ~633 s of a 20-minute budget and the baseline ~317 s.
+BASELINE_COST_RATIO = 0.5
 # Seconds a 2-rank run spends outside its training loop (torchrun, DeepSpeed, MLflow start-up, the final
 # checkpoint and shutdown).
 RUN_OVERHEAD_S = 35.0
