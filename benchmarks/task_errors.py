@@ -9,7 +9,10 @@ all are right. A list answer ("QRXPU, VFBHH, WXAMV": variable tracking's names, 
 split into its items at the separator's tokens, and each wrong document is counted by the item and the token
 within it where its first wrong argmax is. For a first token read wrong, it also counts whether the token the
 model chose occurs anywhere in the document before the question (not at all: a blurred read, no copy of a
-wrong token).
+wrong token). For a later token of an item read wrong, whether the token before it (right: teacher-forced)
+occurs elsewhere before the question followed by another token, and whether the model chose such a follower:
+a copy that went on from the wrong occurrence (names that begin with the same token, "VE W P C" and
+"VE Q K": the window before the second token, " VAR VE", is the same in both facts).
 """
 
 from __future__ import annotations
@@ -23,6 +26,35 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 
+def first_error(before, answer, pred, sep) -> tuple[int, int, str] | None:
+    """Where a list answer's first wrong argmax is, and what kind of miss it is; None when all are right.
+
+    before   [L] the document's tokens before the answer (facts, filler, question)
+    answer   [A] the answer's tokens; pred [A] the model's argmax at each of them (teacher-forced)
+    sep      [S] the separator's tokens between the answer's items (Pieces.separator())
+    Returns (item, token within it, kind). A first token: "copied" (the model chose a token of ``before``) or
+    "blurred" (one ``before`` does not hold). A later token: "went on" (the token before it occurs elsewhere in
+    ``before`` followed by another, and the model chose that follower), "ambiguous" (such followers exist, the
+    model chose none of them) or "unique" (the token before it is followed by the right token wherever it occurs).
+    """
+    import numpy as np
+
+    wrong = np.flatnonzero(pred != answer)
+    if wrong.size == 0:
+        return None
+    t = int(wrong[0])
+    # Item starts: 0 and each token after a separator.
+    n = sep.size
+    starts = [0] + [i + n for i in range(answer.size - n + 1) if np.array_equal(answer[i : i + n], sep)]
+    item = max(k for k, st in enumerate(starts) if st <= t)
+    if t == starts[item]:
+        return item, 0, "copied" if np.any(before == pred[t]) else "blurred"
+    at = np.flatnonzero(before[:-1] == answer[t - 1]) + 1  # where the token before the wrong one is followed
+    others = {int(x) for x in before[at]} - {int(answer[t])}
+    kind = "unique" if not others else ("went on" if int(pred[t]) in others else "ambiguous")
+    return item, t - starts[item], kind
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("checkpoint")
@@ -32,8 +64,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--trials", type=int, default=200)
     p.add_argument("--seed", type=int, default=0, help="seed of the documents (mnemo eval's default: 0)")
     args = p.parse_args(argv)
-
-    import numpy as np
 
     from mnemo.data_pipeline.task_layout import Pieces
     from mnemo.evaluation.heldout import FILLER_TOKENS, filler_docs, read_heldout_docs
@@ -54,30 +84,27 @@ def main(argv: list[str] | None = None) -> int:
     preds, _ = score_teacher_forced(model, ss, T, 16)
 
     sep = Pieces(tok).separator()  # the list answer's separator, as the generators encode it
-    firsts: Counter = Counter()
-    blurred = copied = 0
+    firsts: Counter = Counter()  # (item, token in it) -> documents
+    kinds: Counter = Counter()
     for s, pred in zip(ss, preds):
-        a = s["tokens"][s["answer_start"] : s["answer_start"] + s["answer_len"]]
-        wrong = np.flatnonzero(pred != a)
-        if wrong.size == 0:
-            continue
-        t = int(wrong[0])
-        # Item starts: 0 and each token after a separator [answer_len].
-        starts = [0] + [i + sep.size for i in range(a.size - sep.size + 1) if np.array_equal(a[i : i + sep.size], sep)]
-        item = max(k for k, st in enumerate(starts) if st <= t)
-        firsts[(item, t - starts[item])] += 1
-        if t == starts[item]:
-            if np.any(s["tokens"][: s["answer_start"]] == pred[t]):
-                copied += 1
-            else:
-                blurred += 1
+        start = s["answer_start"]
+        miss = first_error(s["tokens"][:start], s["tokens"][start : start + s["answer_len"]], pred, sep)
+        if miss is not None:
+            firsts[miss[:2]] += 1
+            kinds[miss[2]] += 1
     n, k = len(ss), len(ss) - sum(firsts.values())
     lo, hi = wilson_interval(k, n)
     print(f"{spec.name} D={args.distance}: exact {k / n:.2f} [{lo:.2f}, {hi:.2f}] of {n} (teacher-forced)")
     print("first wrong token (item, token in item): documents")
     for (item, pos), c in sorted(firsts.items(), key=lambda kv: (-kv[1], kv[0])):
         print(f"  ({item}, {pos}): {c}")
+    copied, blurred = kinds["copied"], kinds["blurred"]
     print(f"a first token read wrong: {copied} chose a token of the document, {blurred} one it does not hold")
+    ambiguous = kinds["went on"] + kinds["ambiguous"]
+    print(
+        f"a later token read wrong: {ambiguous + kinds['unique']}; the token before it is followed elsewhere by "
+        f"another in {ambiguous}, and the model chose that follower in {kinds['went on']}"
+    )
     return 0
 
 
