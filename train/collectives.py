@@ -43,13 +43,18 @@ def world_size() -> int:
 
 def any_true(flags: Sequence[bool], device: torch.device | str) -> list[bool]:
     """Per flag: whether it is set on any rank (one MAX all-reduce of a [len(flags)] tensor on ``device``)."""
+    return [v > 0 for v in maxima([float(bool(f)) for f in flags], device)]
+
+
+def maxima(values: Sequence[float], device: torch.device | str) -> list[float]:
+    """Per value: its largest over the ranks (one MAX all-reduce of a [len(values)] float32 tensor on ``device``)."""
     dist = _dist()
     if dist is None:
-        return [bool(f) for f in flags]
-    # Built on the host and copied: no device kernel per flag, one transfer each way.
-    t = torch.tensor([float(bool(f)) for f in flags], dtype=torch.float32).to(device)  # [n]
+        return [float(v) for v in values]
+    # Built on the host and copied: no device kernel per value, one transfer each way.
+    t = torch.tensor(list(values), dtype=torch.float32).to(device)  # [n]
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return [v > 0 for v in t.cpu().tolist()]
+    return t.cpu().tolist()
 
 
 def all_true(flags: Sequence[bool], device: torch.device | str) -> list[bool]:
@@ -149,6 +154,7 @@ __all__ = [
     "broadcast_object",
     "decided_by_rank0",
     "differences_from_rank0",
+    "maxima",
     "process_group_backend",
     "sum_",
     "world_size",

@@ -269,6 +269,12 @@ class TrainConfig:
     # Stop training after this many seconds (0 = no limit); a checkpoint is
     # written before stopping.
     max_time_s: float = 0.0
+    # With train.max_time_s > 0: when the steps left will not fit in the time
+    # left (measured every few steps), the cosine is shortened to end about
+    # where the time limit comes, so a run the limit stops still ends with a
+    # decayed learning rate (train/schedule.py DecayFit). false = the schedule
+    # is the steps' alone; either way a run that fits in its time is unchanged.
+    decay_within_time: bool = False
     # What a NaN/inf loss or gradient norm does: stop the run (nothing of that
     # step is saved), or skip the optimizer step.
     nan_policy: Literal["stop", "skip"] = "stop"

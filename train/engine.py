@@ -10,24 +10,24 @@ import torch
 
 from mnemo.train.config import Config
 from mnemo.train.errors import UserError
+from mnemo.train.schedule import DecayFit
 
 
-def lr_lambda(cfg: Config, total_steps: int | None = None):
+def lr_lambda(cfg: Config, total_steps: int | None = None, fit: DecayFit | None = None):
     """Linear warmup over train.warmup_steps, then cosine down to train.min_lr_ratio at the run's last step.
 
     ``total_steps``: that step (train/schedule.py ``total_steps``: train.max_steps, or the step count of
-    train.max_tokens); None = train.max_steps.
+    train.max_tokens); None = train.max_steps. ``fit``: where the cosine is, read at every call
+    (train.decay_within_time re-plans it during the run); None = the steps' schedule of ``total_steps``.
     """
     warm, floor = cfg.train.warmup_steps, cfg.train.min_lr_ratio
     total = cfg.train.max_steps if total_steps is None else total_steps
+    where = DecayFit(total, warm) if fit is None else fit
 
     def f(step: int) -> float:  # step: optimizer steps taken before this one (0 for the run's first)
         if step < warm:
             return (step + 1) / warm
-        # The last step of the run (step total - 1) takes the floor.
-        # (A run of warmup + 1 steps: its one step after the warmup is the last.)
-        progress = 1.0 if total - 1 - warm <= 0 else min(1.0, (step - warm) / (total - 1 - warm))
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * where.progress_at(step)))
 
     return f
 

@@ -64,6 +64,7 @@ from mnemo.train.rundir import (
     wrote_run_file,
 )
 from mnemo.train.schedule import (
+    DecayFit,
     Preemption,
     after_step,
     batching,
@@ -361,9 +362,10 @@ class Trainer:
             eps=1e-8,
         )
 
-        # A callable: DeepSpeed builds the schedule on its own (ZeRO-wrapped) optimizer.
+        # A callable: DeepSpeed builds the schedule on its own (ZeRO-wrapped) optimizer. Where its cosine is:
+        # self.decay_fit (built below, once the resume has set the run's last step).
         def scheduler(opt):
-            return torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, self.max_steps))
+            return torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, self.max_steps, self.decay_fit))
 
         self.old_meta: dict[str, Any] | None = None
         self.universal = False
@@ -384,6 +386,10 @@ class Trainer:
             if self.universal:
                 ds_cfg["checkpoint"] = {"load_universal": True}
             self.redo_changes = redo_changes(changes, meta, self.info.world_size, self.universal)
+        self.decay_fit = DecayFit(self.max_steps, cfg.train.warmup_steps)
+        if self.old_meta is not None and cfg.train.decay_within_time:
+            # Where the re-planned decay of the run resumed had got to (None: never re-planned).
+            self.decay_fit.load_state_dict(self.old_meta.get("lr_decay"))
         quiet_library_deprecations()
         self.engine, _, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg
@@ -646,6 +652,8 @@ class Trainer:
             reason=reason,
             time=time.time(),
         )
+        if self.decay_fit.state_dict() is not None:  # train.decay_within_time re-planned the decay
+            meta["lr_decay"] = self.decay_fit.state_dict()
         with memory_errors(MEMORY_ADVICE, UserError, f" while saving the checkpoint of step {step}"):
             path = self.ckpt.save(step, self.engine, None, meta, extra_files={self.tok_name: self.tok_file})
         if self.info.rank == 0:
@@ -684,7 +692,7 @@ class Trainer:
     def _steps(self) -> tuple[str, dict[str, Any]]:
         """The steps, the final checkpoint and evaluation: (why they ended, the last evaluation's result)."""
         cfg, info, c = self.cfg, self.info, self.counters
-        started = time.time()
+        started, first_step = time.time(), c.step
         last_saved = c.step if self.resume_path is not None else -1
         exit_reason = "completed"
         eval_result: dict[str, Any] = {}
@@ -716,6 +724,8 @@ class Trainer:
                 break
             # All ranks agree on stopping: a signal or the time limit on any rank stops everyone.
             stop, time_up = stop_requests(self.preempt, cfg, started, self.device)
+            if cfg.train.decay_within_time and cfg.train.max_time_s > 0 and not (stop or time_up):
+                self._fit_decay(c.step, c.step - first_step, started)
             if not stop and (time_up or c.step >= self.max_steps):
                 # The last step, and the ranks agreed to go on: what comes (this step's interval save, the final
                 # checkpoint and evaluation) runs to its end whatever signal comes now, and a first Ctrl-C's
@@ -754,6 +764,29 @@ class Trainer:
             self.preempt.finishing("the final evaluation")
             eval_result = self.evaluate()
         return exit_reason, eval_result
+
+    def _fit_decay(self, step: int, steps_here: int, started: float) -> None:
+        """train.decay_within_time: the learning-rate decay re-planned to end where train.max_time_s will stop the
+        run, when the steps left do not fit in the time left (train/schedule.py DecayFit); every rank the same."""
+        from mnemo.train.collectives import maxima
+
+        fit = self.decay_fit
+        if not fit.due(step, steps_here):
+            return
+        elapsed = maxima([time.time() - started], self.device)[0]  # the slowest rank's
+        before = fit.total if fit.end is None else fit.end
+        stops_at = fit.refit(step, steps_here, elapsed, self.cfg.train.max_time_s)
+        if stops_at is not None and self.info.rank == 0:
+            log.info(
+                "step %d: at %.3g s/step train.max_time_s=%g stops the run at about step %d, not %d: the learning"
+                " rate now decays to its floor by step %d (train.decay_within_time)",
+                step,
+                elapsed / steps_here,
+                self.cfg.train.max_time_s,
+                stops_at,
+                before,
+                fit.end,
+            )
 
     def _mark_preempted(self) -> None:
         """<run.dir>/PREEMPTED (rank 0): the sbatch script requeues the job when it finds it (launch/slurm.py)."""
