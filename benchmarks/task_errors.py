@@ -11,8 +11,8 @@ within it where its first wrong argmax is. For a first token read wrong, it also
 model chose occurs anywhere in the document before the question (not at all: a blurred read, no copy of a
 wrong token). For a later token of an item read wrong, whether the token before it (right: teacher-forced)
 occurs elsewhere before the question followed by another token, and whether the model chose such a follower:
-a copy that went on from the wrong occurrence (names that begin with the same token, "VE W P C" and
-"VE Q K": the window before the second token, " VAR VE", is the same in both facts).
+a copy that went on from the wrong occurrence (names that begin with the same token: "VEWPC" and "VEQKL" are
+VE W P C and VE Q K L, and the window before the second token, " VAR VE", is the same in both facts).
 """
 
 from __future__ import annotations

@@ -203,11 +203,11 @@ class DecayFit:
         same on every rank (the caller's collective for the time runs only then)."""
         return steps_here >= FIT_AFTER and steps_here % FIT_EVERY == 0 and step >= self.warmup
 
-    def refit(self, step: int, steps_here: int, elapsed: float, limit: float) -> int | None:
+    def refit(self, step: int, steps_here: int, elapsed: float, limit: float) -> tuple[int, float] | None:
         """After ``step`` steps, ``steps_here`` of them made by this process in ``elapsed`` seconds of its
         ``limit`` (train.max_time_s): move the end to FIT_MARGIN of the steps the time left allows, when that is
-        earlier than the end now by 5% of the steps left or more. Returns the step the time is measured to stop
-        the run at when the end moved, else None."""
+        earlier than the end now by 5% of the steps left or more. Returns (the step the time is measured to stop
+        the run at, the seconds per step that measure took) when the end moved, else None."""
         if not self.due(step, steps_here) or elapsed <= 0:
             return None
         self.seen.append((steps_here, elapsed))
@@ -223,7 +223,7 @@ class DecayFit:
         if new > end - max(1, (end - step) // 20):
             return None
         self.progress, self.start, self.end = self.progress_at(step), step, new
-        return step + int(allowed)
+        return step + int(allowed), rate
 
     def state_dict(self) -> dict[str, int | float] | None:
         """None when never re-planned (nothing to keep)."""

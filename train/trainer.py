@@ -775,17 +775,17 @@ class Trainer:
             return
         elapsed = maxima([time.time() - started], self.device)[0]  # the slowest rank's
         before = fit.total if fit.end is None else fit.end
-        stops_at = fit.refit(step, steps_here, elapsed, self.cfg.train.max_time_s)
-        if stops_at is not None and self.info.rank == 0:
+        moved = fit.refit(step, steps_here, elapsed, self.cfg.train.max_time_s)
+        if moved is not None and self.info.rank == 0:
             log.info(
-                "step %d: at %.3g s/step train.max_time_s=%g stops the run at about step %d, not %d: the learning"
-                " rate now decays to its floor by step %d (train.decay_within_time)",
+                "step %d: at %.3g s/step train.max_time_s=%g stops the run at about step %d: the learning rate now"
+                " decays to its floor by step %d, not %d (train.decay_within_time)",
                 step,
-                elapsed / steps_here,
+                moved[1],
                 self.cfg.train.max_time_s,
-                stops_at,
-                before,
+                moved[0],
                 fit.end,
+                before,
             )
 
     def _mark_preempted(self) -> None:

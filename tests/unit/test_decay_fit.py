@@ -70,7 +70,7 @@ def test_no_replan_before_the_warmup_ends_nor_within_the_first_steps_of_a_proces
     fit = DecayFit(900, 50)
     assert fit.refit(20, 20, 100.0, 60.0) is None  # in the warmup, however late
     assert fit.refit(100, FIT_AFTER - 1, 100.0, 60.0) is None  # this process's first steps pay its start-up
-    assert fit.refit(100, FIT_AFTER, 20.0, 60.0) == 100 + 20  # 40 s left at 0.5 s/step
+    assert fit.refit(100, FIT_AFTER, 20.0, 60.0) == (100 + 20, 2.0)  # 40 s left at 2 s/step
     assert fit.end == 101 + int(0.95 * 20) and fit.start == 100
 
 
