@@ -183,6 +183,23 @@ _META_TYPES: dict[tuple[str, ...], tuple[Any, str]] = {
     ("config", "train", "global_batch_size"): (lambda v: v is None or _whole(0)[0](v), "a whole number >= 0"),
     ("config", "memory"): _OBJECT,
     ("config", "memory", "long"): _OBJECT,
+    # train.decay_within_time's re-plans (train/schedule.py DecayFit): [[start, progress, end], ...].
+    ("lr_decay",): (
+        lambda v: (
+            isinstance(v, list)
+            and all(
+                isinstance(x, list)
+                and len(x) == 3
+                and _whole(0)[0](x[0])
+                and isinstance(x[1], (int, float))
+                and not isinstance(x[1], bool)
+                and 0 <= x[1] <= 1
+                and _whole(1)[0](x[2])
+                for x in v
+            )
+        ),
+        "a list of [step, progress 0..1, end step] re-plans",
+    ),
 }
 
 

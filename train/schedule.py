@@ -157,84 +157,103 @@ def total_steps(cfg: Config, global_batch: int) -> int:
     return cfg.train.max_steps
 
 
-# DecayFit re-plans only once this process has made this many steps (its first ones pay start-up costs: data
-# prefetch, allocator warm-up, and the time they took would read as the rate of all), then every FIT_EVERY.
+# DecayFit measures this process's rate from its FIT_AFTER-th step on (its first steps pay start-up costs: data
+# prefetch, allocator warm-up, a torch.compile, which would read as the rate of all), and looks every FIT_EVERY.
 FIT_AFTER = 10
 FIT_EVERY = 5
-# The rate it plans with is the slower of this process's mean and its rate over about the last FIT_RECENT steps:
-# the rate drifts (an episode curriculum's documents grow longer), and the mean alone lags a slowdown.
+# The rate it plans with is the slower of that mean and the rate over about the last FIT_RECENT steps: the rate
+# drifts (an episode curriculum's documents grow longer), and the mean alone lags a slowdown.
 FIT_RECENT = 50
 # The re-planned cosine ends at this fraction of the steps the time is measured to allow: a decay that the limit
 # cuts short is what the fit is for.
 FIT_MARGIN = 0.95
 
+# One re-plan: (start, progress, end): from the optimizer step after ``start`` steps (lr_lambda's argument), where
+# the cosine had reached ``progress``, to its floor on lr_lambda's step end - 1 (the run's end-th step).
+Plan = tuple[int, float, int]
+
 
 @dataclasses.dataclass
 class DecayFit:
     """Where the cosine of engine.lr_lambda is: from the warmup's end to the floor on the run's last step, or, once
-    re-planned (train.decay_within_time, ``refit``), from ``start`` (where it had reached ``progress``) to the floor
-    on step ``end`` - 1, about where train.max_time_s stops the run. A re-plan keeps the rate where it is (no jump),
-    only moves the end earlier, and is the same on every rank (``refit`` takes the slowest rank's time). A run
-    whose steps fit in its time is never re-planned: its rates are those of the steps' schedule, bit for bit.
+    re-planned (train.decay_within_time, ``refit``), along its plans, each from its start on, the newest first: a
+    re-plan ends the decay about where train.max_time_s stops the run. A re-plan keeps the rate where it is (no
+    jump), only moves the end earlier, and is the same on every rank (``refit`` takes the slowest rank's time).
+    Steps before a plan's start keep the rates they had, so a spike rollback re-does them at those rates. A run
+    that fits in its time is never re-planned: its rates are those of the steps' schedule, bit for bit.
 
-    Its state (``state_dict``, in the checkpoint's meta.json) lets a resume go on along the re-planned curve.
+    Its state (``state_dict``, meta.json's ``lr_decay``) lets a resume go on from the rate it had (``resume_at``).
     """
 
     total: int  # the run's last step (train.max_steps, or the steps of train.max_tokens)
     warmup: int  # train.warmup_steps
-    start: int = 0  # the step of the last re-plan (end None: none)
-    progress: float = 0.0  # the cosine's progress (0 .. 1) at ``start``
-    end: int | None = None  # the re-planned last step + 1; None: ``total``
-    # (steps_here, elapsed) at each look at the time of this process (not state: a resume measures anew).
+    plans: list[Plan] = dataclasses.field(default_factory=list)
+    # This process's (steps made, seconds) when it began to measure, and at each look since (not state: a resume
+    # measures anew).
+    base: tuple[int, float] | None = dataclasses.field(default=None, repr=False, compare=False)
     seen: list[tuple[int, float]] = dataclasses.field(default_factory=list, repr=False, compare=False)
+
+    @property
+    def end(self) -> int:
+        """The step the floor is reached on (1-based: the run's end-th step), as planned now."""
+        return self.plans[-1][2] if self.plans else self.total
 
     def progress_at(self, step: int) -> float:
         """The cosine's progress (0 .. 1) for the optimizer step after ``step`` steps (lr_lambda's argument);
-        only after the warmup. The step ``end`` - 1 (``total`` - 1) takes the floor."""
-        if self.end is None:
+        only after the warmup. The plan made last among those begun by ``step`` governs; none: the steps'."""
+        plan = next((x for x in reversed(self.plans) if x[0] <= step), None)
+        if plan is None:
             left, done, p0 = self.total - 1 - self.warmup, step - self.warmup, 0.0
         else:
-            left, done, p0 = self.end - 1 - self.start, step - self.start, self.progress
+            left, done, p0 = plan[2] - 1 - plan[0], step - plan[0], plan[1]
         # (A run of warmup + 1 steps: its one step after the warmup is the last.)
         return 1.0 if left <= 0 else max(0.0, min(1.0, p0 + (1.0 - p0) * done / left))
 
     def due(self, step: int, steps_here: int) -> bool:
-        """Whether ``refit`` looks at the time after ``step`` steps, ``steps_here`` of them this process's: the
-        same on every rank (the caller's collective for the time runs only then)."""
+        """Whether ``refit`` looks at the time after ``step`` optimizer steps, ``steps_here`` steps of this
+        process: the same on every rank (the caller's collective for the time runs only then)."""
         return steps_here >= FIT_AFTER and steps_here % FIT_EVERY == 0 and step >= self.warmup
 
     def refit(self, step: int, steps_here: int, elapsed: float, limit: float) -> tuple[int, float] | None:
-        """After ``step`` steps, ``steps_here`` of them made by this process in ``elapsed`` seconds of its
-        ``limit`` (train.max_time_s): move the end to FIT_MARGIN of the steps the time left allows, when that is
-        earlier than the end now by 5% of the steps left or more. Returns (the step the time is measured to stop
-        the run at, the seconds per step that measure took) when the end moved, else None."""
+        """After ``step`` optimizer steps (lr_lambda's count), ``steps_here`` steps made by this process in
+        ``elapsed`` seconds of its ``limit`` (train.max_time_s): a plan whose floor comes FIT_MARGIN of the way
+        to the step the time runs out at, when that is earlier than the end now by 5% of the steps left or more.
+        Returns (the step the time is measured to run out at, the seconds per step of that measure) when it
+        re-planned, else None."""
         if not self.due(step, steps_here) or elapsed <= 0:
             return None
-        self.seen.append((steps_here, elapsed))
-        before = [x for x in self.seen if x[0] <= steps_here - FIT_RECENT]
-        rate = elapsed / steps_here  # seconds per step, this process's mean ...
-        if before:  # ... or the last ~FIT_RECENT steps' where slower
-            s0, e0 = before[-1]
-            rate = max(rate, (elapsed - e0) / (steps_here - s0))
-        self.seen = [x for x in self.seen if x[0] > steps_here - 2 * FIT_RECENT]  # what the next looks need
-        end = self.total if self.end is None else self.end
-        allowed = max(0.0, (limit - elapsed) / rate)  # steps the time left allows
-        new = step + 1 + int(FIT_MARGIN * allowed)  # the cosine's floor on step new - 1
-        if new > end - max(1, (end - step) // 20):
+        if self.base is None or steps_here <= self.base[0]:  # the first look (or one after a rollback past it)
+            self.base, self.seen = (steps_here, elapsed), []
             return None
-        self.progress, self.start, self.end = self.progress_at(step), step, new
+        s0, e0 = self.base
+        rate = (elapsed - e0) / (steps_here - s0)  # seconds per step since the start-up
+        earlier = [x for x in self.seen if x[0] <= steps_here - FIT_RECENT]
+        if earlier:  # the last ~FIT_RECENT steps' rate, where slower
+            s1, e1 = earlier[-1]
+            rate = max(rate, (elapsed - e1) / (steps_here - s1))
+        self.seen = [x for x in self.seen if x[0] > steps_here - 2 * FIT_RECENT] + [(steps_here, elapsed)]
+        if rate <= 0:
+            return None
+        allowed = max(0.0, (limit - elapsed) / rate)  # steps the time left allows
+        new = step + int(FIT_MARGIN * allowed)
+        if new < step + 2 or new > self.end - max(1, (self.end - step) // 20):
+            return None
+        self.plans.append((step, self.progress_at(step), new))
         return step + int(allowed), rate
 
-    def state_dict(self) -> dict[str, int | float] | None:
-        """None when never re-planned (nothing to keep)."""
-        return None if self.end is None else {"start": self.start, "progress": self.progress, "end": self.end}
+    def resume_at(self, step: int) -> None:
+        """A resume at ``step`` of a re-planned run: its time limit is this process's own, so the decay goes on
+        from the rate it had to the floor on the run's last step (this process re-plans if it must)."""
+        if self.plans and step >= self.warmup:
+            self.plans.append((step, self.progress_at(step), self.total))
 
-    def load_state_dict(self, sd: dict[str, int | float] | None) -> None:
-        """A checkpoint's re-plan (None: none). An end beyond this run's last step (train.max_steps lowered since)
-        is the last step."""
-        if sd is not None:
-            self.start, self.progress = int(sd["start"]), float(sd["progress"])
-            self.end = min(int(sd["end"]), self.total)
+    def state_dict(self) -> list[list[int | float]] | None:
+        """The plans, oldest first; None when never re-planned (nothing to keep)."""
+        return [list(x) for x in self.plans] or None
+
+    def load_state_dict(self, sd: list[list[int | float]] | None) -> None:
+        """A checkpoint's plans (None: none)."""
+        self.plans = [(int(a), float(b), int(c)) for a, b, c in sd or []]
 
 
 class Preemption:

@@ -387,9 +387,12 @@ class Trainer:
                 ds_cfg["checkpoint"] = {"load_universal": True}
             self.redo_changes = redo_changes(changes, meta, self.info.world_size, self.universal)
         self.decay_fit = DecayFit(self.max_steps, cfg.train.warmup_steps)
-        if self.old_meta is not None and cfg.train.decay_within_time:
-            # Where the re-planned decay of the run resumed had got to (None: never re-planned).
-            self.decay_fit.load_state_dict(self.old_meta.get("lr_decay"))
+        if self.old_meta is not None and cfg.train.decay_within_time and self.old_meta.get("lr_decay"):
+            # The re-plans of the run resumed: its decay goes on from the rate it had (DecayFit.resume_at), not
+            # as the first attempt planned it for the time it had, so a step done again takes another rate.
+            self.decay_fit.load_state_dict(self.old_meta["lr_decay"])
+            self.decay_fit.resume_at(int(self.old_meta["step"]))
+            self.redo_changes.append("train.decay_within_time: the decay re-planned for this start's time")
         quiet_library_deprecations()
         self.engine, _, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg
@@ -725,7 +728,7 @@ class Trainer:
             # All ranks agree on stopping: a signal or the time limit on any rank stops everyone.
             stop, time_up = stop_requests(self.preempt, cfg, started, self.device)
             if cfg.train.decay_within_time and cfg.train.max_time_s > 0 and not (stop or time_up):
-                self._fit_decay(c.step, c.step - first_step, started)
+                self._fit_decay(c.step - first_step, started)
             if not stop and (time_up or c.step >= self.max_steps):
                 # The last step, and the ranks agreed to go on: what comes (this step's interval save, the final
                 # checkpoint and evaluation) runs to its end whatever signal comes now, and a first Ctrl-C's
@@ -765,22 +768,23 @@ class Trainer:
             eval_result = self.evaluate()
         return exit_reason, eval_result
 
-    def _fit_decay(self, step: int, steps_here: int, started: float) -> None:
+    def _fit_decay(self, steps_here: int, started: float) -> None:
         """train.decay_within_time: the learning-rate decay re-planned to end where train.max_time_s will stop the
         run, when the steps left do not fit in the time left (train/schedule.py DecayFit); every rank the same."""
         from mnemo.train.collectives import maxima
 
         fit = self.decay_fit
-        if not fit.due(step, steps_here):
+        done = self.engine.lr_scheduler.last_epoch  # the schedule's steps: a skipped step (nan_policy) is none
+        if not fit.due(done, steps_here):
             return
         elapsed = maxima([time.time() - started], self.device)[0]  # the slowest rank's
-        before = fit.total if fit.end is None else fit.end
-        moved = fit.refit(step, steps_here, elapsed, self.cfg.train.max_time_s)
+        before = fit.end
+        moved = fit.refit(done, steps_here, elapsed, self.cfg.train.max_time_s)
         if moved is not None and self.info.rank == 0:
             log.info(
                 "step %d: at %.3g s/step train.max_time_s=%g stops the run at about step %d: the learning rate now"
                 " decays to its floor by step %d, not %d (train.decay_within_time)",
-                step,
+                done,
                 moved[1],
                 self.cfg.train.max_time_s,
                 moved[0],
