@@ -655,8 +655,8 @@ class Trainer:
             reason=reason,
             time=time.time(),
         )
-        if self.decay_fit.state_dict() is not None:  # train.decay_within_time re-planned the decay
-            meta["lr_decay"] = self.decay_fit.state_dict()
+        if (plans := self.decay_fit.state_dict()) is not None:  # train.decay_within_time re-planned the decay
+            meta["lr_decay"] = plans
         with memory_errors(MEMORY_ADVICE, UserError, f" while saving the checkpoint of step {step}"):
             path = self.ckpt.save(step, self.engine, None, meta, extra_files={self.tok_name: self.tok_file})
         if self.info.rank == 0:
