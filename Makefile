@@ -3,7 +3,8 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.mnemo-installed
-PYTEST_ARGS ?=
+# The 25 slowest tests are listed at the end of every run: the suite must stay under CI's budget.
+PYTEST_ARGS ?= --durations=25
 
 .PHONY: install demo test test-unit clean
 
