@@ -3,8 +3,9 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.mnemo-installed
-# The 25 slowest tests are listed at the end of every run: the suite must stay under CI's budget.
-PYTEST_ARGS ?= --durations=25
+# Two workers, one per core (tests/conftest.py: the integration tests run in order on one of them); the
+# 25 slowest tests are listed at the end of every run: the suite must stay under CI's budget.
+PYTEST_ARGS ?= --durations=25 -n 2 --dist loadscope --no-loadscope-reorder
 
 .PHONY: install demo test test-unit clean
 

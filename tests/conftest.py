@@ -34,6 +34,25 @@ except ImportError:  # pragma: no cover
     pass
 
 
+# Two pytest-xdist workers (`make test`: -n 2 --dist loadscope), one per core. The real multi-process runs of
+# tests/integration already use both cores and share one SLURM cluster, one sshd and the namespace nodes: they
+# are one unit of work, run in order on one worker, first (--no-loadscope-reorder keeps collection order).
+# Every other module is a unit of its own, so its module fixtures are built once, on the worker that runs it.
+# A scheduler of our own, not xdist_group marks: pytest 9.2 ignores the node ids that loadgroup rewrites.
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    if config.getvalue("dist") != "loadscope":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class IntegrationAsOneUnit(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return "tests/integration" if Path(module).parts[:2] == ("tests", "integration") else module
+
+    return IntegrationAsOneUnit(config, log)
+
+
 @pytest.fixture(autouse=True)
 def _no_leaked_tracking_uri(monkeypatch):
     """MLflow's set_tracking_uri also exports MLFLOW_TRACKING_URI: never let one test's store leak into the next."""
