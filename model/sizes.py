@@ -64,6 +64,7 @@ ARG_RANGES: dict[str, tuple[int | float, int | None, str]] = {
     "ltm_topk": (1, MAX_COUNT, ""),
     "ltm_qk_span": (1, MAX_QK_SPAN, "1 = each token alone"),
     "ltm_value_span": (1, MAX_QK_SPAN, "1 = each token alone"),
+    "ltm_pointer": (0, MAX_QK_SPAN, "0 = off"),
     "ltm_ivf_probe": (1, MAX_COUNT, "lists searched per query"),
     "rope_base": (0.0, None, ""),
     "init_std": (0.0, None, ""),
@@ -129,6 +130,7 @@ def param_count(
     value_span: int = 1,
     value_mix: str = "fixed",
     value_gate: bool = False,
+    pointer: int = 0,
 ) -> int:
     """Exact number of trainable parameters of MemoryTransformer.
 
@@ -136,7 +138,7 @@ def param_count(
     qk_span: their queries and keys also see the qk_span - 1 tokens before (two [(span-1) d, d] projections,
     one when qk_tied); value_span: their values mix in the value_span - 1 values before (a weight per head each);
     value_mix "input": and each key chooses its own part of those weights ([d, (value_span - 1) h]);
-    value_gate: and each earlier token scales its own share ([d, h]).
+    value_gate: and each earlier token scales its own share ([d, h]); pointer: a bias per offset and head.
     """
     d, h = size.d_model, size.n_heads
     per_layer = (
@@ -152,6 +154,8 @@ def param_count(
         ltm += n_ltm_layers * d * (value_span - 1) * h  # the keys' part of those weights
     if value_gate:
         ltm += n_ltm_layers * d * h  # each earlier token's factor on its share
+    if pointer and not gated:  # joint layers only
+        ltm += n_ltm_layers * pointer * h
     emb = vocab_size * d
     head = 0 if size.tie_embeddings else vocab_size * d
     return size.n_layers * per_layer + ltm + emb + d + head  # + final norm

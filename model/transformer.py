@@ -124,6 +124,13 @@ class ModelArgs:
     # 13 back; "VAR UMYXW = ...": 5 tokens, 14 back), which neither an offset
     # nor the key can know; the token itself can tell that it starts a name.
     ltm_value_gate: bool = False
+    # A pointer from each query's read to the next query's, in joint layers: query t's scores also get
+    # w * c_{h, delta} for the entries delta = -(P-2) .. 1 positions from the entry query t-1 read most
+    # (w its weight there; c a learned [P, H] table, zero at the start), and that neighbourhood's store
+    # entries join query t's candidates. Returning a name after finding its fact: the fact's value carries
+    # the name's first token, and what must come next is the entry after it, which no window of the
+    # answer's own tokens tells apart from every other place the same letters follow each other. 0 = off.
+    ltm_pointer: int = 0
     # Long-term store search: "exact" (every stored key scored), "blocks" (model/retrieval.py:
     # score per-block summaries, then the best blocks exactly) or "ivf" (an inverted file in the state).
     ltm_search: str = "exact"
@@ -161,6 +168,8 @@ class ModelArgs:
             raise ValueError("ltm_value_mix 'input': needs ltm_value_span >= 2 (one token's value has nothing to mix)")
         if self.ltm_value_gate and self.ltm_value_span < 2:
             raise ValueError("ltm_value_gate: needs ltm_value_span >= 2 (one token's value has nothing to mix)")
+        if self.ltm_pointer and (self.ltm_pointer < 2 or self.ltm_mix != "joint" or self.ltm_search != "exact"):
+            raise ValueError("ltm_pointer: needs >= 2 offsets, ltm_mix 'joint' and ltm_search 'exact' (or 0: off)")
         if self.ltm_mix not in ("gate", "joint"):
             raise ValueError(f"unknown long-term memory mix {self.ltm_mix!r}")
         if self.ltm_kind not in ("none", "knn"):
@@ -320,8 +329,14 @@ def ltm_search_window(max_len: int, capacity: int, topk: int) -> int:
 # the valid mask, which the compiler makes a dynamic size at its first change (one recompile).
 @never_traced
 def knn_retrieve(
-    q: Tensor, mem_k: Tensor, mem_v: Tensor, valid: Tensor | None, topk: int, window: int | None = None
-) -> tuple[Tensor, Tensor, Tensor]:
+    q: Tensor,
+    mem_k: Tensor,
+    mem_v: Tensor,
+    valid: Tensor | None,
+    topk: int,
+    window: int | None = None,
+    with_index: bool = False,
+) -> tuple[Tensor, ...]:
     """Exact top-k retrieval by cosine similarity over the newest ``window`` store entries.
 
     q       [B, H, T, Dh] unit-norm queries
@@ -329,7 +344,7 @@ def knn_retrieve(
     window  how many of the newest (last) entries to search; None = all N
     valid   [B, window] which searched entries hold real keys; None = all of them
     Returns keys [B, H, T, k, Dh], values [B, H, T, k, Dh], found [B, H, T, k] (bool),
-    with k = min(topk, window).
+    with k = min(topk, window); with_index: and their store positions [B, H, T, k] (long).
 
     The search runs without gradient (an index lookup); the selected keys and
     values are gathered from the store so gradients still reach q (and the
@@ -347,6 +362,8 @@ def knn_retrieve(
     flat = (idx + base).reshape(-1)  # [B*H*T*k]
     sel_k = gather_rows(mem_k, flat).view(B, H, T, k, Dh)  # no copy of a store appended in place
     sel_v = gather_rows(mem_v, flat).view(B, H, T, k, Dh)
+    if with_index:
+        return sel_k, sel_v, found, idx.view(B, H, T, k)
     return sel_k, sel_v, found
 
 
@@ -367,6 +384,9 @@ class SegmentContext:
 # value whole) took ~300 steps at lr 3e-3 and takes ~30 at 10x (measured on variable tracking: the weights
 # had reached only 0.26-0.39 after 500 steps, their retrieval right from the start).
 VALUE_MIX_GAIN = 10.0
+# The pointer's bias is this x its parameter, for the same reason: a bias of a few logits must be reachable
+# in tens of steps.
+POINTER_GAIN = 10.0
 
 
 class Attention(nn.Module):
@@ -422,6 +442,11 @@ class Attention(nn.Module):
             # Each earlier token's own factor on its share, per head: rms_norm(x) [D] -> [H], zero at the start
             # (a factor of 1: the layer starts as it would without).
             self.value_gate = Linear(d, args.n_heads, 0.0)
+
+        self.pointer = args.ltm_pointer if self.joint else 0
+        if self.pointer:
+            # [P, H]: the bias of the entries -(P-2) .. 1 positions from the one the previous query read most.
+            self.pointer_bias = nn.Parameter(torch.zeros(self.pointer, args.n_heads))
 
     def _heads(self, x: Tensor) -> Tensor:
         B, T, _ = x.shape
@@ -568,18 +593,85 @@ class Attention(nn.Module):
             new_stm_k = new_stm_v = None
         scores = [qs @ keys.float().transpose(-1, -2) + mask.float()]  # [B, H, T, M+T]
         new_ltm = {}
+        idx = None
         if mem.ltm_k is not None:
-            sel_k, sel_v, found = self.search(
-                qn, mem.ltm_k, mem.ltm_v, ctx.ltm_valid, self.topk, window=ctx.ltm_window, index=mem.ivf_index()
-            )  # [B, H, T, k, Dh], found [B, H, T, k]
+            if self.pointer:
+                sel_k, sel_v, found, idx = knn_retrieve(
+                    qn, mem.ltm_k, mem.ltm_v, ctx.ltm_valid, self.topk, window=ctx.ltm_window, with_index=True
+                )  # idx [B, H, T, k]: store positions
+            else:
+                sel_k, sel_v, found = self.search(
+                    qn, mem.ltm_k, mem.ltm_v, ctx.ltm_valid, self.topk, window=ctx.ltm_window, index=mem.ivf_index()
+                )  # [B, H, T, k, Dh], found [B, H, T, k]
             scores.append(torch.einsum("bhtd,bhtkd->bhtk", qs, sel_k.float()).masked_fill(~found, float("-inf")))
             new_ltm = ltm_push(mem, kn, v)
-        p = torch.softmax(torch.cat(scores, dim=-1), dim=-1).to(v.dtype)  # every row keeps its own key: no NaN
         L = keys.shape[2]
+        extra_v = None
+        if self.pointer:
+            scores, extra_v = self._point(scores, qs, idx, mem, ctx, L)
+        p = torch.softmax(torch.cat(scores, dim=-1), dim=-1).to(v.dtype)  # every row keeps its own key: no NaN
         out = p[..., :L] @ vals  # [B, H, T, Dh]
         if mem.ltm_k is not None:
-            out = out + torch.einsum("bhtk,bhtkd->bhtd", p[..., L:], sel_v)
+            k = sel_v.shape[3]
+            out = out + torch.einsum("bhtk,bhtkd->bhtd", p[..., L : L + k], sel_v)
+        if extra_v is not None:
+            out = out + torch.einsum("bhtk,bhtkd->bhtd", p[..., -extra_v.shape[3] :], extra_v)
         return out, LayerMemory(new_stm_k, new_stm_v, **new_ltm)
+
+    def _point(
+        self, scores: list[Tensor], qs: Tensor, idx: Tensor | None, mem: LayerMemory, ctx: SegmentContext, L: int
+    ) -> tuple[list[Tensor], Tensor | None]:
+        """The scores with the pointer's bias (ModelArgs.ltm_pointer), and the values of the store entries it adds.
+
+        scores: [local [B, H, T, L]] or [local, store top-k [B, H, T, k]] (L = M + T: short-term memory then
+        segment); idx [B, H, T, k] the top-k's store positions. Positions are relative to the segment's first
+        token: local key j is j - M, store entry i is i - N (the store ends with the token before the segment).
+        The segment's first query has no previous read here: no bias.
+        Returns [local + bias, store top-k without the entries the neighbourhood holds, neighbourhood
+        [B, H, T, P]] and the neighbourhood's values [B, H, T, P, Dh] (None without a store).
+        """
+        P = self.pointer
+        B, H, T, _ = scores[0].shape
+        M = L - T
+        p1 = torch.softmax(torch.cat(scores, dim=-1)[:, :, :-1], dim=-1)  # [B, H, T-1, L(+k)]: queries 0 .. T-2
+        e = p1.detach().argmax(-1)  # [B, H, T-1]: the entry each read most
+        rel = e - M
+        if idx is not None:
+            in_store = idx[:, :, :-1].gather(-1, (e - L).clamp(min=0)[..., None]).squeeze(-1) - mem.ltm_k.shape[2]
+            rel = torch.where(e >= L, in_store, rel)
+        # Its weight there, with gradient, for the next query: [B, H, T] (query 0: 0).
+        w = F.pad(p1.gather(-1, e[..., None]).squeeze(-1), (1, 0))
+        rel = F.pad(rel, (1, 0))  # [B, H, T]
+        c = (POINTER_GAIN * self.pointer_bias).t().float()  # [H, P]: offset delta at column delta + P - 2
+        table = c[None, :, None, :].expand(B, H, T, P)
+
+        def bias(d: Tensor) -> Tensor:  # d [B, H, T, n] offsets from the previous read -> w * c, 0 outside
+            inside = (d >= 2 - P) & (d <= 1)
+            return torch.where(inside, table.gather(-1, (d + P - 2).clamp(0, P - 1)), 0.0) * w[..., None]
+
+        local = torch.arange(L, device=rel.device) - M  # [L]
+        out = [scores[0] + bias(local.view(1, 1, 1, L) - rel[..., None])]
+        if idx is None:
+            return out, None
+        # Store entries of the neighbourhood (those before the short-term memory; the rest are local keys).
+        N, W = mem.ltm_k.shape[2], ctx.ltm_window
+        delta = torch.arange(2 - P, 2, device=rel.device)  # [P]
+        nb = rel[..., None] + delta  # [B, H, T, P] relative positions
+        i = nb + N  # store positions
+        ok = (nb < -M) & (i >= N - W) & (w[..., None] > 0)
+        if ctx.ltm_valid is not None:
+            ok = ok & ctx.ltm_valid.gather(1, (i - (N - W)).clamp(0, W - 1).reshape(B, -1)).view(B, H, T, P)
+        flat = ((torch.arange(B * H, device=rel.device) * N).view(B, H, 1, 1) + i.clamp(0, N - 1)).reshape(-1)
+        Dh = qs.shape[-1]
+        nk = gather_rows(mem.ltm_k, flat).view(B, H, T, P, Dh)
+        nv = gather_rows(mem.ltm_v, flat).view(B, H, T, P, Dh)
+        s_nb = torch.einsum("bhtd,bhtpd->bhtp", qs, nk.float()) + bias(nb - rel[..., None])
+        # A top-k entry inside the neighbourhood is scored there (with its bias), not twice.
+        d_top = (idx - N) - rel[..., None]
+        dup = (d_top >= 2 - P) & (d_top <= 1) & (w[..., None] > 0)
+        out.append(scores[1].masked_fill(dup, float("-inf")))
+        out.append(s_nb.masked_fill(~ok, float("-inf")))
+        return out, nv
 
     def _read_ltm(self, qn: Tensor, mem: LayerMemory, ctx: SegmentContext) -> tuple[Tensor, Tensor]:
         """Attention over each query's top-k stored keys: [B, H, T, Dh] and any_found [B, H, T, 1]."""
@@ -735,6 +827,7 @@ class MemoryTransformer(nn.Module):
             value_span=a.ltm_value_span,
             value_mix=a.ltm_value_mix,
             value_gate=a.ltm_value_gate,
+            pointer=a.ltm_pointer,
         )
 
     def flops_per_token(self, segment_len: int) -> float:

@@ -880,6 +880,7 @@ def saved_config_tree(tree: dict[str, Any]) -> dict[str, Any]:
     long.setdefault("value_span", 1)  # likewise
     long.setdefault("value_mix", "fixed")  # likewise
     long.setdefault("value_gate", False)  # likewise
+    long.setdefault("pointer", 0)  # likewise
     return tree
 
 

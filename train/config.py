@@ -138,6 +138,13 @@ class LongMemoryConfig:
     # cannot know but the token itself can (needs value_span >= 2;
     # docs/memory.md).
     value_gate: bool = False
+    # A pointer from each read to the next, in a joint layer: each query also
+    # favours (a learned bias per head and offset, zero at the start) the
+    # entries -(pointer-2) .. +1 positions from the one the query before it
+    # read most, and those store entries join its candidates, so a name is
+    # returned token after token from the place its first token was found
+    # (needs mix joint and search exact; 0 = off; docs/memory.md).
+    pointer: int = 0
     # How the store is searched: "exact" (every stored key scored per query),
     # "blocks" (approximate: per-block summaries first, then the best blocks
     # exactly; cost per query ~ N/256 + 2048 keys) or "ivf" (an inverted file kept
@@ -905,6 +912,7 @@ def validate(cfg: Config) -> None:
         "memory.long.temperature_init": ("ltm_temperature_init", lm.temperature_init),
         "memory.long.qk_span": ("ltm_qk_span", lm.qk_span),
         "memory.long.value_span": ("ltm_value_span", lm.value_span),
+        "memory.long.pointer": ("ltm_pointer", lm.pointer),
         "memory.long.ivf_probe": ("ltm_ivf_probe", lm.ivf_probe),
     }
     if lm.kind != "none":  # unused without long-term memory
@@ -937,6 +945,11 @@ def validate(cfg: Config) -> None:
         not lm.value_gate or lm.value_span >= 2,
         "memory.long.value_gate",
         f"needs memory.long.value_span >= 2 (it is {lm.value_span}: one token's value has nothing to mix)",
+    )
+    need(
+        lm.pointer != 1 and (lm.pointer == 0 or (lm.mix == "joint" and lm.search == "exact")),
+        "memory.long.pointer",
+        "must be 0 (off), or >= 2 with memory.long.mix joint and memory.long.search exact",
     )
     count("memory.bptt_segments", cfg.memory.bptt_segments, 1, MAX_BPTT_SEGMENTS)
     if lm.kind != "none":

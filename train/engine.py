@@ -59,6 +59,7 @@ def model_args_from_config(cfg: Config, vocab_size: int):
         ltm_value_span=m.long.value_span,
         ltm_value_mix=m.long.value_mix,
         ltm_value_gate=m.long.value_gate,
+        ltm_pointer=m.long.pointer,
         ltm_search=m.long.search,
         ltm_ivf_probe=m.long.ivf_probe,
         mlp=cfg.model.mlp,

@@ -28,6 +28,7 @@ UNSAFE_KEYS = (
     "memory.long.value_span",
     "memory.long.value_mix",
     "memory.long.value_gate",
+    "memory.long.pointer",
     "data.val_fraction",
     "train.seed",
 )
@@ -39,6 +40,7 @@ _LTM_ONLY_KEYS = (
     "memory.long.value_span",
     "memory.long.value_mix",
     "memory.long.value_gate",
+    "memory.long.pointer",
 )
 
 

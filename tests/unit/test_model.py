@@ -43,13 +43,15 @@ def make(
     vspan: int = 1,
     vmix: str = "fixed",
     vgate: bool = False,
+    pointer: int = 0,
 ) -> MemoryTransformer:
     """3 layers, d=32, 4 heads; long-term memory in layer 1. init_std 0.1 (not 0.02) so that
     attention is far from uniform and a wrong mask shows in the logits. span > 1: multi-token
     queries and keys in layer 1, their earlier-token projections drawn like the others (they
     start at zero in training, which would hide a wrong offset); vspan > 1 likewise for the values, and
     vmix "input" for the part of their weights that each token's key chooses, vgate for the factor each
-    earlier token puts on its own share."""
+    earlier token puts on its own share; pointer > 0 a pointer of that many offsets in layer 1 (joint), its
+    biases drawn at a few logits (they start at zero in training)."""
     torch.manual_seed(seed)
     args = ModelArgs(
         vocab_size=V,
@@ -72,6 +74,7 @@ def make(
         ltm_value_span=vspan,
         ltm_value_mix=vmix,
         ltm_value_gate=vgate,
+        ltm_pointer=pointer,
     )
     model = MemoryTransformer(args).eval()
     with torch.no_grad():
@@ -84,6 +87,8 @@ def make(
             model.blocks[1].attn.value_select.weight.normal_(0.0, 0.1)  # +-0.5 per token: a key of norm ~5
         if vgate:
             model.blocks[1].attn.value_gate.weight.normal_(0.0, 0.1)  # factors 1 +- ~0.6
+        if pointer:
+            model.blocks[1].attn.pointer_bias.normal_(0.0, 0.3)  # x POINTER_GAIN: +-3 logits
     return model
 
 
