@@ -152,8 +152,9 @@ def block_retrieve(
     probe: int | None = None,
     exact: Callable[..., tuple[Tensor, Tensor, Tensor]] | None = None,
     index: tuple[Tensor, ...] | None = None,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Approximate top-k retrieval with ``knn_retrieve``'s contract (shapes, found mask, gradients).
+    with_index: bool = False,
+) -> tuple[Tensor, ...]:
+    """Approximate top-k retrieval with ``knn_retrieve``'s contract (shapes, found mask, gradients, with_index).
 
     q [B, H, T, Dh] unit-norm; mem_k, mem_v [B, H, N, Dh]; valid [B, window] or None;
     returns keys [B, H, T, k, Dh], values [B, H, T, k, Dh], found [B, H, T, k],
@@ -172,7 +173,7 @@ def block_retrieve(
     probe = max(probe, -(-k // block))  # enough candidates for k
     nb = -(-W // block)
     if exact is not None and (nb <= probe or W <= EXACT_UP_TO):  # the exact search is as good and cheaper
-        return exact(q, mem_k, mem_v, valid, topk, window=window)
+        return exact(q, mem_k, mem_v, valid, topk, window=window, with_index=with_index)
     probe = min(probe, nb)
     pad = nb * block - W  # the oldest block is partial: pad it in front with invalid entries
     BH = B * H
@@ -227,6 +228,8 @@ def block_retrieve(
     flat = (entry + base).reshape(-1)
     sel_k = gather_rows(mem_k, flat).view(B, H, T, k, Dh)
     sel_v = gather_rows(mem_v, flat).view(B, H, T, k, Dh)
+    if with_index:
+        return sel_k, sel_v, found, entry.view(B, H, T, k)
     return sel_k, sel_v, found
 
 
@@ -651,8 +654,10 @@ def ivf_retrieve(
     index: tuple[Tensor, ...] | None = None,
     probe: int | None = None,
     exact: Callable[..., tuple[Tensor, Tensor, Tensor]] | None = None,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Approximate top-k retrieval through the state's inverted file, with ``knn_retrieve``'s contract.
+    with_index: bool = False,
+) -> tuple[Tensor, ...]:
+    """Approximate top-k retrieval through the state's inverted file, with ``knn_retrieve``'s contract
+    (with_index: and the store positions [B, H, T, k] of what it found).
 
     q [B, H, T, Dh] unit-norm; mem_k, mem_v [B, H, N, Dh]; valid [B, window] or None; index:
     ``LayerMemory.ivf_index()`` (None: the state carries none, the exact search ``exact`` runs).
@@ -663,7 +668,7 @@ def ivf_retrieve(
     outside no_grad, so gradients reach q as with the exact search.
     """
     if index is None:
-        return exact(q, mem_k, mem_v, valid, topk, window=window)
+        return exact(q, mem_k, mem_v, valid, topk, window=window, with_index=with_index)
     c, cen, inv, off, since, fitted, kl = index
     B, H, T, Dh = q.shape
     N = mem_k.shape[2]
@@ -682,7 +687,7 @@ def ivf_retrieve(
     # No slot fit yet (every entry is recent), or every list in use probed (every entry a candidate):
     # the exact search finds the same entries, and one dense product is the cheaper way to score them.
     if exact is not None and (not indexed or P >= most_lists):
-        return exact(q, mem_k, mem_v, valid, topk, window=window)
+        return exact(q, mem_k, mem_v, valid, topk, window=window, with_index=with_index)
     with torch.no_grad():
         # ---- entries pushed since the last build: the newest since[b] of the window, scored densely
         tail = min(W, most_since)
@@ -767,12 +772,14 @@ def ivf_retrieve(
     flat = (entry + base).reshape(-1)
     sel_k = gather_rows(mem_k, flat).view(B, H, T, k, Dh)
     sel_v = gather_rows(mem_v, flat).view(B, H, T, k, Dh)
+    if with_index:
+        return sel_k, sel_v, found, entry.view(B, H, T, k)
     return sel_k, sel_v, found
 
 
-def _exact_search(q, mem_k, mem_v, valid, topk, window=None, index=None, exact=None):
+def _exact_search(q, mem_k, mem_v, valid, topk, window=None, index=None, exact=None, with_index=False):
     """The exact search ``exact`` (knn_retrieve) with the IVF index argument dropped: bit-identical."""
-    return exact(q, mem_k, mem_v, valid, topk, window=window)
+    return exact(q, mem_k, mem_v, valid, topk, window=window, with_index=with_index)
 
 
 def searcher(

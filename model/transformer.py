@@ -168,8 +168,8 @@ class ModelArgs:
             raise ValueError("ltm_value_mix 'input': needs ltm_value_span >= 2 (one token's value has nothing to mix)")
         if self.ltm_value_gate and self.ltm_value_span < 2:
             raise ValueError("ltm_value_gate: needs ltm_value_span >= 2 (one token's value has nothing to mix)")
-        if self.ltm_pointer and (self.ltm_pointer < 2 or self.ltm_mix != "joint" or self.ltm_search != "exact"):
-            raise ValueError("ltm_pointer: needs >= 2 offsets, ltm_mix 'joint' and ltm_search 'exact' (or 0: off)")
+        if self.ltm_pointer and (self.ltm_pointer < 2 or self.ltm_mix != "joint"):
+            raise ValueError("ltm_pointer: needs >= 2 offsets and ltm_mix 'joint' (or 0: off)")
         if self.ltm_mix not in ("gate", "joint"):
             raise ValueError(f"unknown long-term memory mix {self.ltm_mix!r}")
         if self.ltm_kind not in ("none", "knn"):
@@ -595,14 +595,18 @@ class Attention(nn.Module):
         new_ltm = {}
         idx = None
         if mem.ltm_k is not None:
-            if self.pointer:
-                sel_k, sel_v, found, idx = knn_retrieve(
-                    qn, mem.ltm_k, mem.ltm_v, ctx.ltm_valid, self.topk, window=ctx.ltm_window, with_index=True
-                )  # idx [B, H, T, k]: store positions
-            else:
-                sel_k, sel_v, found = self.search(
-                    qn, mem.ltm_k, mem.ltm_v, ctx.ltm_valid, self.topk, window=ctx.ltm_window, index=mem.ivf_index()
-                )  # [B, H, T, k, Dh], found [B, H, T, k]
+            # [B, H, T, k, Dh], found [B, H, T, k]; with the pointer also idx [B, H, T, k]: their store positions
+            sel_k, sel_v, found, *idx = self.search(
+                qn,
+                mem.ltm_k,
+                mem.ltm_v,
+                ctx.ltm_valid,
+                self.topk,
+                window=ctx.ltm_window,
+                index=mem.ivf_index(),
+                with_index=bool(self.pointer),
+            )
+            idx = idx[0] if idx else None
             scores.append(torch.einsum("bhtd,bhtkd->bhtk", qs, sel_k.float()).masked_fill(~found, float("-inf")))
             new_ltm = ltm_push(mem, kn, v)
         L = keys.shape[2]

@@ -143,7 +143,7 @@ class LongMemoryConfig:
     # entries -(pointer-2) .. +1 positions from the one the query before it
     # read most, and those store entries join its candidates, so a name is
     # returned token after token from the place its first token was found
-    # (needs mix joint and search exact; 0 = off; docs/memory.md).
+    # (needs mix joint; 0 = off; docs/memory.md).
     pointer: int = 0
     # How the store is searched: "exact" (every stored key scored per query),
     # "blocks" (approximate: per-block summaries first, then the best blocks
@@ -947,9 +947,9 @@ def validate(cfg: Config) -> None:
         f"needs memory.long.value_span >= 2 (it is {lm.value_span}: one token's value has nothing to mix)",
     )
     need(
-        lm.pointer != 1 and (lm.pointer == 0 or (lm.mix == "joint" and lm.search == "exact")),
+        lm.pointer != 1 and (lm.pointer == 0 or lm.mix == "joint"),
         "memory.long.pointer",
-        "must be 0 (off), or >= 2 with memory.long.mix joint and memory.long.search exact",
+        "must be 0 (off), or >= 2 with memory.long.mix joint",
     )
     count("memory.bptt_segments", cfg.memory.bptt_segments, 1, MAX_BPTT_SEGMENTS)
     if lm.kind != "none":

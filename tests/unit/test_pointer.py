@@ -7,10 +7,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import mnemo.model.retrieval as rt
 import mnemo.model.transformer as mt
 from mnemo.model.memory import LayerMemory
-from mnemo.model.transformer import ModelArgs, SegmentContext
+from mnemo.model.transformer import ModelArgs, SegmentContext, knn_retrieve
 from mnemo.train.config import ConfigError, load_config
+from tests.unit.test_ivf import _filled
 from tests.unit.test_model import T, V, close, make, run, tokens
 
 P = 4  # offsets -2, -1, 0, +1 from the previous read
@@ -79,6 +81,37 @@ def test_the_pointer_biases_the_neighbourhood_of_the_previous_read_and_adds_its_
     assert masked[2][..., 2, 1].eq(inf).all() and torch.equal(masked[2][..., 2, [0, 2, 3]], out[2][..., 2, [0, 2, 3]])
 
 
+@pytest.mark.parametrize("search", ["exact", "blocks", "ivf"])
+def test_every_search_returns_the_store_positions_of_what_it_found(search, monkeypatch):
+    """The pointer places a read by its store position: each search's positions are those of the rows it
+    returned, and asking for them changes nothing else."""
+    monkeypatch.setattr(rt, "IVF_MAX_LISTS", 16)
+    monkeypatch.setattr(rt, "IVF_LIST_SIZE", 1)
+    monkeypatch.setattr(rt, "IVF_TRAIN_AT", 1000)
+    monkeypatch.setattr(rt, "IVF_REBUILD", 512)
+    B, H, N, Dh, W = 2, 2, 3072, 8, 2560
+    mem = _filled(B, H, N, Dh, segments=20, seg=128)
+    q = F.normalize(torch.randn(B, H, 5, Dh, generator=torch.Generator().manual_seed(1)), dim=-1)
+    valid = torch.ones(B, W, dtype=torch.bool)
+    valid[0, -300:] = False
+    fn = {
+        "exact": lambda **kw: knn_retrieve(q, mem.ltm_k, mem.ltm_v, valid, 6, window=W, **kw),
+        "blocks": lambda **kw: rt.block_retrieve(q, mem.ltm_k, mem.ltm_v, valid, 6, W, 64, 4, knn_retrieve, **kw),
+        "ivf": lambda **kw: rt.ivf_retrieve(
+            q, mem.ltm_k, mem.ltm_v, valid, 6, W, mem.ivf_index(), 3, knn_retrieve, **kw
+        ),
+    }[search]
+    sel_k, sel_v, found = fn()
+    k2, v2, f2, idx = fn(with_index=True)
+    assert torch.equal(k2, sel_k) and torch.equal(v2, sel_v) and torch.equal(f2, found) and found.any()
+    assert idx.shape == found.shape and idx.dtype == torch.long
+    at = idx[..., None].expand(*idx.shape, Dh).flatten(2, 3)  # [B, H, T*k, Dh]
+    rows_k = mem.ltm_k.gather(2, at).view_as(sel_k)
+    rows_v = mem.ltm_v.gather(2, at).view_as(sel_v)
+    assert torch.equal(rows_k[found], sel_k[found]) and torch.equal(rows_v[found], sel_v[found])
+    assert ((idx >= N - W) | ~found).all()
+
+
 @pytest.mark.parametrize("stm,capacity", [(T, 64), (2 * T, 64), (T // 2, 12)])
 def test_with_a_pointer_no_output_depends_on_a_later_token(stm, capacity):
     """The pointer reads the previous query's attention: still nothing before token j changes when j does,
@@ -125,15 +158,15 @@ def test_the_pointer_key_is_checked_before_any_process_starts_and_reaches_the_mo
     for overrides, why in (
         ([*joint, "memory.long.pointer=1"], "must be 0 (off), or >= 2"),
         (["memory.long.kind=knn", "memory.long.mix=gate", "memory.long.pointer=17"], "memory.long.mix joint"),
-        ([*joint, "memory.long.search=ivf", "memory.long.pointer=17"], "memory.long.search exact"),
         ([*joint, "memory.long.pointer=-1"], "memory.long.pointer"),
         ([*joint, "memory.long.pointer=65"], "memory.long.pointer"),
     ):
         with pytest.raises(ConfigError) as e:
             load_config("configs/debug.yaml", overrides)
         assert "memory.long.pointer" in str(e.value) and why in str(e.value) and "\n" not in str(e.value), overrides
-    cfg = load_config("configs/debug.yaml", [*joint, "memory.long.pointer=17"])
-    assert model_args_from_config(cfg, 4096).ltm_pointer == 17
+    for search in ("exact", "blocks", "ivf"):  # every search returns the store positions the pointer needs
+        cfg = load_config("configs/debug.yaml", [*joint, "memory.long.pointer=17", f"memory.long.search={search}"])
+        assert model_args_from_config(cfg, 4096).ltm_pointer == 17
     assert model_args_from_config(load_config("configs/debug.yaml", joint), 4096).ltm_pointer == 0
     with pytest.raises(ValueError, match="ltm_pointer"):
         ModelArgs.from_size("debug", V, ltm_kind="knn", ltm_mix="gate", ltm_pointer=P)
