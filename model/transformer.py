@@ -593,10 +593,9 @@ class Attention(nn.Module):
             new_stm_k = new_stm_v = None
         scores = [qs @ keys.float().transpose(-1, -2) + mask.float()]  # [B, H, T, M+T]
         new_ltm = {}
-        idx = None
+        idx = None  # [B, H, T, k]: the store positions of what the search found (read by the pointer only)
         if mem.ltm_k is not None:
-            # [B, H, T, k, Dh], found [B, H, T, k]; with the pointer also idx [B, H, T, k]: their store positions
-            sel_k, sel_v, found, *idx = self.search(
+            found_ = self.search(
                 qn,
                 mem.ltm_k,
                 mem.ltm_v,
@@ -606,7 +605,9 @@ class Attention(nn.Module):
                 index=mem.ivf_index(),
                 with_index=bool(self.pointer),
             )
-            idx = idx[0] if idx else None
+            sel_k, sel_v, found = found_[:3]  # [B, H, T, k, Dh], found [B, H, T, k]
+            if self.pointer:
+                idx = found_[3]
             scores.append(torch.einsum("bhtd,bhtkd->bhtk", qs, sel_k.float()).masked_fill(~found, float("-inf")))
             new_ltm = ltm_push(mem, kn, v)
         L = keys.shape[2]
@@ -649,9 +650,11 @@ class Attention(nn.Module):
         c = (POINTER_GAIN * self.pointer_bias).t().float()  # [H, P]: offset delta at column delta + P - 2
         table = c[None, :, None, :].expand(B, H, T, P)
 
-        def bias(d: Tensor) -> Tensor:  # d [B, H, T, n] offsets from the previous read -> w * c, 0 outside
-            inside = (d >= 2 - P) & (d <= 1)
-            return torch.where(inside, table.gather(-1, (d + P - 2).clamp(0, P - 1)), 0.0) * w[..., None]
+        def near(d: Tensor) -> Tensor:  # d [B, H, T, n] offsets from the previous read -> inside -(P-2) .. 1
+            return (d >= 2 - P) & (d <= 1)
+
+        def bias(d: Tensor) -> Tensor:  # -> w * c at those offsets, 0 outside
+            return torch.where(near(d), table.gather(-1, (d + P - 2).clamp(0, P - 1)), 0.0) * w[..., None]
 
         local = torch.arange(L, device=rel.device) - M  # [L]
         out = [scores[0] + bias(local.view(1, 1, 1, L) - rel[..., None])]
@@ -671,8 +674,7 @@ class Attention(nn.Module):
         nv = gather_rows(mem.ltm_v, flat).view(B, H, T, P, Dh)
         s_nb = torch.einsum("bhtd,bhtpd->bhtp", qs, nk.float()) + bias(nb - rel[..., None])
         # A top-k entry inside the neighbourhood is scored there (with its bias), not twice.
-        d_top = (idx - N) - rel[..., None]
-        dup = (d_top >= 2 - P) & (d_top <= 1) & (w[..., None] > 0)
+        dup = near((idx - N) - rel[..., None]) & (w[..., None] > 0)
         out.append(scores[1].masked_fill(dup, float("-inf")))
         out.append(s_nb.masked_fill(~ok, float("-inf")))
         return out, nv
